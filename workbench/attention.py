@@ -1,0 +1,181 @@
+"""The main variant: block-sparse attention over any pattern, optionally with a ring schedule.
+
+``block_sparse_attention`` is the functional entry point (layout ``[batch, heads, seq,
+head_dim]`` like ``F.scaled_dot_product_attention``); :class:`BlockSparseAttention` is the
+same as an ``nn.Module`` that caches block layouts per sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from .backends import BACKENDS, Problem, resolve_backend, run_backend
+from .layout import BlockLayout
+from .patterns import Pattern
+from .ring import ring_attention
+
+__all__ = ["BlockSparseAttention", "block_sparse_attention", "check_qkv"]
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Validate ``[B, H, S, D]`` query/key/value tensors; raise naming the argument."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"{name} must be [batch, heads, seq, head_dim] (4-D), got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"{name} has an empty sequence or head dimension: {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or not (q.shape[1] == k.shape[1] == v.shape[1]):
+        raise ValueError(
+            "q, k, v must share batch and heads: got q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+
+
+def _check_pattern(pattern: Pattern, num_heads: int) -> None:
+    if not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"pattern must be a workbench Pattern (e.g. wb.patterns.local_window(128)), "
+            f"got {type(pattern).__name__}"
+        )
+    if pattern.num_heads not in (1, num_heads):
+        raise ValueError(
+            f"pattern has {pattern.num_heads} heads but q has {num_heads}; build the pattern with "
+            f"num_heads={num_heads} (or use a head-independent pattern)"
+        )
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern,
+    block_size: int = 64,
+    *,
+    backend: str = "auto",
+    return_lse: bool = False,
+    scale: float | None = None,
+    ring_chunks: int = 1,
+    layout: BlockLayout | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Softmax attention restricted to ``pattern``, computed tile by tile.
+
+    Args:
+        q, k, v: ``[B, H, Sq, D]``, ``[B, H, Sk, D]``, ``[B, H, Sk, Dv]``; any length (no
+            multiple of ``block_size`` needed: padding never changes the result).
+        pattern: which (query, key) pairs may attend (:mod:`workbench.patterns`); 1 head or H.
+        block_size: tile edge in tokens.
+        backend: ``"auto"``, ``"blockwise"``, ``"flex"`` or ``"reference"``
+            (:mod:`workbench.backends`).
+        return_lse: also return the log-sum-exp of each query's scores ``[B, H, Sq]`` (float32,
+            ``-inf`` for a query that attends nothing).
+        scale: score scale, default ``1 / sqrt(D)``.
+        ring_chunks: run the ring schedule over this many K/V chunks (1 = one shot).
+        layout: a precomputed ``pattern.block_structure(Sq, block_size, k_len=Sk)`` to reuse.
+
+    Returns:
+        ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
+        outputs zeros.
+    """
+    check_qkv(q, k, v)
+    _check_pattern(pattern, q.shape[1])
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(ring_chunks, bool) or not isinstance(ring_chunks, int) or ring_chunks < 1:
+        raise ValueError(f"ring_chunks must be a positive int, got {ring_chunks!r}")
+    sq, sk = q.shape[2], k.shape[2]
+    if layout is None:
+        layout = pattern.block_structure(sq, block_size, q.device, k_len=sk)
+    elif (layout.q_len, layout.k_len, layout.block_size) != (sq, sk, block_size):
+        raise ValueError(
+            f"layout is for q_len={layout.q_len}, k_len={layout.k_len}, block_size="
+            f"{layout.block_size} but the inputs need {sq}, {sk}, {block_size}"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    problem = Problem(layout, pattern.allowed, scale)
+    name = resolve_backend(backend, q)
+    if ring_chunks > 1:
+        out, lse = ring_attention(q, k, v, problem, ring_chunks, name, return_lse)
+    else:
+        out, lse = run_backend(name, q, k, v, problem, need_lse=return_lse)
+    return (out, lse) if return_lse else out
+
+
+class BlockSparseAttention(nn.Module):
+    """Block-sparse (ring) attention over a fixed pattern, as an ``nn.Module``.
+
+    Takes ``q, k, v`` ``[B, H, S, D]`` (no projections: see the multi-head module for those) and
+    caches the block layout per (query length, key length, device).
+
+    Example::
+
+        attn = wb.BlockSparseAttention(wb.patterns.local_window(256, causal=True), block_size=64)
+        out = attn(q, k, v)
+    """
+
+    def __init__(
+        self,
+        pattern: Pattern,
+        block_size: int = 64,
+        *,
+        backend: str = "auto",
+        ring_chunks: int = 1,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        _check_pattern(pattern, pattern.num_heads)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.pattern = pattern
+        self.block_size = block_size
+        self.backend = backend
+        self.ring_chunks = ring_chunks
+        self.scale = scale
+        self._layouts: OrderedDict[tuple, BlockLayout] = OrderedDict()
+
+    def layout(self, q_len: int, k_len: int, device: torch.device) -> BlockLayout:
+        """The (cached) block layout for these lengths."""
+        key = (q_len, k_len, str(device))
+        if key not in self._layouts:
+            self._layouts[key] = self.pattern.block_structure(
+                q_len, self.block_size, device, k_len=k_len
+            )
+            if len(self._layouts) > 8:
+                self._layouts.popitem(last=False)
+        self._layouts.move_to_end(key)
+        return self._layouts[key]
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        check_qkv(q, k, v)
+        return block_sparse_attention(
+            q, k, v, self.pattern, self.block_size, backend=self.backend, return_lse=return_lse,
+            scale=self.scale, ring_chunks=self.ring_chunks,
+            layout=self.layout(q.shape[2], k.shape[2], q.device),
+        )
+
+    def extra_repr(self) -> str:
+        return (f"pattern={self.pattern!r}, block_size={self.block_size}, "
+                f"backend={self.backend!r}, ring_chunks={self.ring_chunks}")

@@ -1,0 +1,52 @@
+"""Backends: what computes the tiles of a :class:`~workbench.backends.problem.Problem`.
+
+- ``reference``: dense masked attention in float64, the oracle (small problems only).
+- ``blockwise``: pure PyTorch over active tiles with an online softmax; any device, autograd.
+- ``flex``: FlexAttention with a ``BlockMask`` from the exact layout (compiled; CPU: inference).
+- ``auto``: ``flex`` on CUDA, ``blockwise`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .blockwise import blockwise_attention
+from .flex import flex_attention, flex_available
+from .merge import merge_partials
+from .problem import MaskFn, Problem
+from .reference import reference_attention
+
+__all__ = [
+    "BACKENDS",
+    "MaskFn",
+    "Problem",
+    "blockwise_attention",
+    "merge_partials",
+    "reference_attention",
+    "resolve_backend",
+    "run_backend",
+]
+
+BACKENDS = ("auto", "blockwise", "flex", "reference")
+
+
+def resolve_backend(name: str, q: Tensor) -> str:
+    """The concrete backend ``name`` means for inputs like ``q`` (validates the name)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "flex" if q.is_cuda and flex_available() else "blockwise"
+    return name
+
+
+def run_backend(
+    name: str, q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Compute ``problem`` with backend ``name``; returns ``(out, lse)`` (lse may be None
+    when ``need_lse`` is False)."""
+    name = resolve_backend(name, q)
+    if name == "flex":
+        return flex_attention(q, k, v, problem, need_lse)
+    if name == "reference":
+        return reference_attention(q, k, v, problem)
+    return blockwise_attention(q, k, v, problem)

@@ -1,0 +1,190 @@
+"""Pure-PyTorch block-sparse attention: visits only active tiles, with an online softmax.
+
+The tiles of a layout are listed once, sorted by query row, and processed in chunks: scores
+of a chunk are computed with batched matmuls, the token predicate is evaluated only in tiles
+that are not full, and each query row's running maximum, softmax denominator and weighted sum
+are updated with scatter/index-add (the online-softmax recurrence of FlashAttention, applied to
+a list of tiles instead of a loop). Memory is proportional to the chunk, not to ``S x S``.
+
+The backward pass recomputes each chunk's probabilities from the saved log-sum-exp and also
+propagates gradients that reach the log-sum-exp (used when partial results are merged).
+Runs on any device and dtype; accumulation is float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .problem import Problem
+
+__all__ = ["blockwise_attention"]
+
+_SCORE_BUDGET = 1 << 23  # score elements materialized per chunk (32 MiB in float32)
+
+
+@dataclass(frozen=True)
+class _TilePlan:
+    problem: Problem
+    num_heads: int
+    tiles: Tensor  # int64 [P, 3]: head, query block, key block (sorted by head, query block)
+    needs_mask: Tensor  # bool [P]: tile is partial or touches padding
+    chunk: int  # tiles per chunk
+
+    @property
+    def nq(self) -> int:
+        return self.problem.layout.active.shape[1]
+
+    @property
+    def nk(self) -> int:
+        return self.problem.layout.active.shape[2]
+
+    def chunks(self):
+        for start in range(0, self.tiles.shape[0], self.chunk):
+            t = self.tiles[start : start + self.chunk]
+            yield t, self.needs_mask[start : start + self.chunk], t[:, 0] * self.nq + t[:, 1], (
+                t[:, 0] * self.nk + t[:, 2]
+            )
+
+
+def _plan(problem: Problem, num_heads: int, batch: int, device: torch.device) -> _TilePlan:
+    lay = problem.layout.expand_heads(num_heads).to(device)
+    b = lay.block_size
+    tiles = lay.active.nonzero()
+    needs = ~lay.full[tuple(tiles.T)]
+    if lay.q_len % b:
+        needs |= tiles[:, 1] == lay.active.shape[1] - 1
+    if lay.k_len % b:
+        needs |= tiles[:, 2] == lay.active.shape[2] - 1
+    chunk = max(1, _SCORE_BUDGET // (batch * b * b))
+    return _TilePlan(problem, num_heads, tiles, needs, chunk)
+
+
+def _to_blocks(x: Tensor, n: int, b: int, dtype: torch.dtype) -> Tensor:
+    """``[B, H, S, D]`` -> ``[B, H * n, b, D]`` (zero-padded to ``n * b`` positions)."""
+    bsz, h, s, d = x.shape
+    x = F.pad(x.to(dtype), (0, 0, 0, n * b - s))
+    return x.reshape(bsz, h * n, b, d)
+
+
+def _from_blocks(x: Tensor, h: int, s: int) -> Tensor:
+    bsz, _, b, *rest = x.shape
+    return x.reshape(bsz, h, -1, *rest)[:, :, :s]
+
+
+def _tile_scores(
+    plan: _TilePlan, qb: Tensor, kb: Tensor, t: Tensor, needs: Tensor, rq: Tensor, rk: Tensor
+) -> Tensor:
+    """Scaled, masked scores ``[B, P, b, b]`` of a chunk of tiles."""
+    pr = plan.problem
+    lay = pr.layout
+    b = lay.block_size
+    s = torch.matmul(qb[:, rq], kb[:, rk].transpose(-1, -2)) * pr.scale
+    sel = needs.nonzero().squeeze(1)
+    if sel.numel():
+        tm = t[sel]
+        off = torch.arange(b, device=t.device)
+        qi = tm[:, 1, None, None] * b + off[None, :, None]
+        ki = tm[:, 2, None, None] * b + off[None, None, :]
+        ok = (qi < lay.q_len) & (ki < lay.k_len)
+        ok = ok & pr.allowed(tm[:, 0, None, None], qi + pr.q_offset, ki + pr.k_offset)
+        s[:, sel] = s[:, sel].masked_fill(~ok, -torch.inf)
+    return s
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, Tensor]:
+    lay = plan.problem.layout
+    b, h = lay.block_size, plan.num_heads
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bsz, dv = q.shape[0], v.shape[-1]
+    qb, kb, vb = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk), (v, plan.nk)))
+    rows = h * plan.nq
+    m = torch.full((bsz, rows, b), -torch.inf, dtype=acc, device=q.device)
+    den = torch.zeros((bsz, rows, b), dtype=acc, device=q.device)
+    num = torch.zeros((bsz, rows, b, dv), dtype=acc, device=q.device)
+    for t, needs, rq, rk in plan.chunks():
+        s = _tile_scores(plan, qb, kb, t, needs, rq, rk)
+        urows, inv = torch.unique_consecutive(rq, return_inverse=True)
+        tile_max = s.amax(-1)
+        chunk_max = torch.full((bsz, urows.numel(), b), -torch.inf, dtype=acc, device=q.device)
+        chunk_max.scatter_reduce_(1, inv.view(1, -1, 1).expand_as(tile_max), tile_max, "amax")
+        m_old = m[:, urows]
+        m_new = torch.maximum(m_old, chunk_max)
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        p = torch.exp(s - m_safe[:, inv, :, None])
+        alpha = torch.exp(m_old - m_safe)
+        den_c = torch.zeros_like(m_old).index_add_(1, inv, p.sum(-1))
+        num_c = torch.zeros_like(num[:, urows]).index_add_(1, inv, torch.matmul(p, vb[:, rk]))
+        den[:, urows] = den[:, urows] * alpha + den_c
+        num[:, urows] = num[:, urows] * alpha[..., None] + num_c
+        m[:, urows] = m_new
+    nonempty = den > 0
+    out = num / torch.where(nonempty, den, torch.ones_like(den))[..., None]
+    lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, den, torch.ones_like(den))),
+                      torch.full_like(m, -torch.inf))
+    return _from_blocks(out, h, lay.q_len).to(q.dtype), _from_blocks(lse, h, lay.q_len)
+
+
+def _backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
+    plan: _TilePlan,
+) -> tuple[Tensor, Tensor, Tensor]:
+    lay = plan.problem.layout
+    b, h, scale = lay.block_size, plan.num_heads, plan.problem.scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qb, kb, vb = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk), (v, plan.nk)))
+    dob = _to_blocks(dout, plan.nq, b, acc)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    bsz = q.shape[0]
+    delta = F.pad(delta, (0, plan.nq * b - lay.q_len)).reshape(bsz, h * plan.nq, b)
+    lse_r = F.pad(lse.to(acc), (0, plan.nq * b - lay.q_len), value=-torch.inf)
+    lse_r = lse_r.reshape(bsz, h * plan.nq, b)
+    lse_r = torch.where(torch.isfinite(lse_r), lse_r, torch.zeros_like(lse_r))
+    dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
+    for t, needs, rq, rk in plan.chunks():
+        s = _tile_scores(plan, qb, kb, t, needs, rq, rk)
+        p = torch.exp(s - lse_r[:, rq, :, None])
+        do_t = dob[:, rq]
+        dv.index_add_(1, rk, torch.matmul(p.transpose(-1, -2), do_t))
+        dp = torch.matmul(do_t, vb[:, rk].transpose(-1, -2))
+        ds = p * (dp - delta[:, rq, :, None]) * scale
+        dq.index_add_(1, rq, torch.matmul(ds, kb[:, rk]))
+        dk.index_add_(1, rk, torch.matmul(ds.transpose(-1, -2), qb[:, rq]))
+    return (
+        _from_blocks(dq, h, lay.q_len).to(q.dtype),
+        _from_blocks(dk, h, lay.k_len).to(k.dtype),
+        _from_blocks(dv, h, lay.k_len).to(v.dtype),
+    )
+
+
+class _BlockwiseFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):  # type: ignore[override]
+        out, lse = _forward(q, k, v, plan)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.plan)
+        return dq, dk, dv, None
+
+
+def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> tuple[Tensor, Tensor]:
+    """Block-sparse attention of ``q, k, v`` ``[B, H, S, D]`` over ``problem``'s active tiles.
+
+    Returns ``(out [B, H, Sq, Dv], lse [B, H, Sq])`` (lse float32, float64 for float64
+    inputs); differentiable in q, k, v
+    (including through ``lse``).
+    """
+    plan = _plan(problem, q.shape[1], q.shape[0], q.device)
+    return _BlockwiseFunction.apply(q, k, v, plan)

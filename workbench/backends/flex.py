@@ -1,0 +1,94 @@
+"""FlexAttention backend: a ``BlockMask`` built straight from the exact block layout.
+
+Full tiles go into FlexAttention's ``full_kv_*`` lists (the kernel skips the mask function
+there), partial tiles into ``kv_*`` with the pattern's token predicate as ``mask_mod``; the
+``S x S`` mask is never evaluated. ``flex_attention`` is compiled once per process
+(``dynamic=False``); each new shape or pattern type compiles once and is reported on stderr, so
+that a recompile never happens silently. On the CPU, FlexAttention supports inference only:
+no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .problem import Problem
+
+__all__ = ["build_block_mask", "flex_attention", "flex_available"]
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention as _  # noqa: F401
+    except ImportError:  # pragma: no cover - torch too old
+        return False
+    return True
+
+
+def _sorted_indices(sel: Tensor) -> tuple[Tensor, Tensor]:
+    """(count, column indices with selected ones first, in increasing order) as int32."""
+    count = sel.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count[None], order[None]
+
+
+def build_block_mask(problem: Problem, device: torch.device | str):
+    """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    lay = problem.layout.to(device)
+    b = lay.block_size
+    full = lay.full.clone()
+    if lay.q_len % b:
+        full[:, -1, :] = False  # padded tiles must go through the mask
+    if lay.k_len % b:
+        full[:, :, -1] = False
+    partial = lay.active & ~full
+    kv_n, kv_i = _sorted_indices(partial)
+    f_n, f_i = _sorted_indices(full)
+    allowed, q_off, k_off = problem.allowed, problem.q_offset, problem.k_offset
+    q_len, k_len = lay.q_len, lay.k_len
+
+    def mask_mod(bi, h, qi, ki):
+        return (qi < q_len) & (ki < k_len) & allowed(h, qi + q_off, ki + k_off)
+
+    return BlockMask.from_kv_blocks(
+        kv_n, kv_i, f_n, f_i, BLOCK_SIZE=b, mask_mod=mask_mod, seq_lengths=(q_len, k_len)
+    )
+
+
+@lru_cache(maxsize=1)
+def _compiled():
+    from torch.nn.attention.flex_attention import flex_attention as fa
+
+    return torch.compile(fa, dynamic=False)
+
+
+_seen_shapes: set[tuple] = set()
+
+
+def flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``."""
+    if q.device.type == "cpu" and (need_lse or torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad)):
+        raise NotImplementedError(
+            "FlexAttention on the CPU supports inference only (no gradients, no log-sum-exp); "
+            "use backend='blockwise' for training or return_lse on the CPU"
+        )
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size)
+    if key not in _seen_shapes:
+        _seen_shapes.add(key)
+        print(f"[workbench] compiling FlexAttention for q{tuple(q.shape)} {q.dtype} on "
+              f"{q.device.type} (once per shape)", file=sys.stderr)
+    mask = build_block_mask(problem, q.device)
+    res = _compiled()(q, k, v, block_mask=mask, scale=problem.scale, return_lse=need_lse)
+    if need_lse:
+        out, lse = res
+        return out, lse.float()
+    return res, None

@@ -1,0 +1,55 @@
+"""The unit of work every backend computes: a block layout plus the token predicate behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..layout import BlockLayout
+
+__all__ = ["MaskFn", "Problem"]
+
+MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``allowed(h, q, k) -> bool``: elementwise over int64 head index and absolute positions."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Attention of ``q_len`` queries over ``k_len`` keys restricted to ``allowed`` pairs.
+
+    ``layout`` says which tiles hold allowed pairs (and which are full); ``allowed`` decides
+    pairs inside partial tiles. Positions are absolute: local query ``i`` is position
+    ``q_offset + i`` (a ring schedule works on slices of a longer sequence).
+    """
+
+    layout: BlockLayout
+    allowed: MaskFn
+    scale: float
+    q_offset: int = 0
+    k_offset: int = 0
+
+    @property
+    def num_heads(self) -> int:
+        return self.layout.num_heads
+
+    def dense_mask(self, device: torch.device | str) -> Tensor:
+        """Bool ``[H, q_len, k_len]`` of allowed pairs (small problems only)."""
+        lay = self.layout
+        h = torch.arange(lay.num_heads, device=device)[:, None, None]
+        q = torch.arange(lay.q_len, device=device)[None, :, None] + self.q_offset
+        k = torch.arange(lay.k_len, device=device)[None, None, :] + self.k_offset
+        m = self.allowed(h, q, k)
+        return m.expand(lay.num_heads, lay.q_len, lay.k_len)
+
+    def slice(self, q_blocks: tuple[int, int], k_blocks: tuple[int, int]) -> Problem:
+        """The sub-problem of query blocks ``[q0, q1)`` against key blocks ``[k0, k1)``."""
+        b = self.layout.block_size
+        return replace(
+            self,
+            layout=self.layout.slice(q_blocks, k_blocks),
+            q_offset=self.q_offset + q_blocks[0] * b,
+            k_offset=self.k_offset + k_blocks[0] * b,
+        )

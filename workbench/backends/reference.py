@@ -1,0 +1,33 @@
+"""The oracle: dense masked softmax attention, by default in float64.
+
+It evaluates the token predicate on the whole ``q_len x k_len`` grid, so it is for small
+problems only; every other backend is tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .problem import Problem
+
+__all__ = ["reference_attention"]
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, problem: Problem, *, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """Dense attention restricted to ``problem``'s allowed pairs, computed in ``dtype``.
+
+    Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq] float32, float64 for float64 inputs)``; a query row with no
+    allowed key gives zeros and ``lse = -inf``.
+    """
+    mask = problem.dense_mask(q.device)  # [H or 1, Sq, Sk]
+    s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * problem.scale
+    empty = ~mask.any(-1)  # rows with no allowed key
+    s = s.masked_fill(~mask, -torch.inf).masked_fill(empty[..., None], 0.0)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).masked_fill(empty[..., None], 0.0)
+    out = torch.matmul(p, v.to(dtype))
+    lse = lse.masked_fill(empty, -torch.inf)
+    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

@@ -1,0 +1,114 @@
+"""The figure pipeline: run the notebooks with papermill and check what they declare.
+
+Each notebook in ``notebooks/`` declares, in its metadata under ``"workbench"``::
+
+    {"figures": ["01_pattern_gallery.png", ...],   # files it writes under figures/
+     "data": ["..."],                               # files it writes under data/ (optional)
+     "profiles": {"smoke": {"seq_len": 256}}}       # named parameter sets (optional)
+
+``run_notebooks`` executes notebooks into ``build/notebooks/`` (ignored by git) with their
+default parameters, or a named profile, or explicit overrides, then checks that every declared
+figure was written during the run. Nothing here is notebook-specific.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .viz.save import figures_dir
+
+__all__ = ["NotebookSpec", "REPO", "check_figures", "discover", "run_notebooks"]
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+BUILD = REPO / "build" / "notebooks"
+
+
+@dataclass(frozen=True)
+class NotebookSpec:
+    """A notebook and what it promises to produce."""
+
+    path: Path
+    figures: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def discover(folder: Path = NOTEBOOKS) -> list[NotebookSpec]:
+    """Every ``*.ipynb`` in ``folder`` (sorted by name) with its declared outputs."""
+    specs = []
+    for path in sorted(folder.glob("*.ipynb")):
+        meta = json.loads(path.read_text()).get("metadata", {}).get("workbench", {})
+        specs.append(NotebookSpec(path, list(meta.get("figures", [])), list(meta.get("data", [])),
+                                  dict(meta.get("profiles", {}))))
+    return specs
+
+
+def select(specs: list[NotebookSpec], only: list[str] | None) -> list[NotebookSpec]:
+    """Notebooks whose name starts with one of ``only`` (all when ``only`` is empty)."""
+    if not only:
+        return specs
+    chosen = [s for s in specs if any(s.name.startswith(o) for o in only)]
+    if not chosen:
+        names = ", ".join(s.name for s in specs)
+        raise SystemExit(f"no notebook matches {only}; available: {names}")
+    return chosen
+
+
+def check_figures(specs: list[NotebookSpec], since: float | None = None) -> list[str]:
+    """Declared figures that are missing (or older than ``since``); empty when all are there."""
+    missing = []
+    for spec in specs:
+        for fig in spec.figures:
+            path = figures_dir() / fig
+            if not path.exists() or (since is not None and path.stat().st_mtime < since):
+                missing.append(f"{spec.name}: {path}")
+    return missing
+
+
+def _parameters(spec: NotebookSpec, profile: str | None, overrides: dict[str, Any]) -> dict:
+    params: dict[str, Any] = {}
+    if profile and profile != "default":
+        if profile not in spec.profiles:
+            raise SystemExit(
+                f"{spec.name} has no profile {profile!r}; it has: "
+                f"{', '.join(['default', *spec.profiles]) or 'default'}"
+            )
+        params.update(spec.profiles[profile])
+    params.update(overrides)
+    return params
+
+
+def run_notebooks(
+    specs: list[NotebookSpec],
+    *,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Execute ``specs`` with papermill; returns the declared figures that were not written."""
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    BUILD.mkdir(parents=True, exist_ok=True)
+    start = time.time() - 1.0
+    bar = tqdm(specs, desc="notebooks", unit="nb", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        pm.execute_notebook(
+            str(spec.path),
+            str(BUILD / spec.path.name),
+            parameters=_parameters(spec, profile, overrides or {}),
+            cwd=str(spec.path.parent),
+            kernel_name="python3",
+            progress_bar=False,
+        )
+    return check_figures(specs, since=start)

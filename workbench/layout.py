@@ -1,0 +1,158 @@
+"""Block layouts: which (query block, key block) tiles an attention pattern touches.
+
+A :class:`BlockLayout` is the block-level view of a pattern on a concrete problem: for each
+head, query block ``i`` and key block ``j`` it says whether the tile holds any allowed
+(query, key) pair (``active``) and whether *every* real pair in the tile is allowed (``full``,
+so a kernel may skip evaluating the token predicate there). Blocks are ``block_size`` tokens;
+the last query/key block may be shorter than ``block_size`` when the length is not a multiple
+of it. Positions beyond the length are padding: they never count as allowed pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["BlockLayout", "LayoutStats", "block_extents", "num_blocks"]
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    """Number of blocks of ``block_size`` tokens needed to cover ``length`` tokens."""
+    return -(-length // block_size)
+
+
+def block_extents(length: int, block_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """Token extents of every block: int64 ``[n, 2]`` of (first, last) positions, inclusive."""
+    n = num_blocks(length, block_size)
+    first = torch.arange(n, device=device, dtype=torch.int64) * block_size
+    last = torch.clamp(first + block_size, max=length) - 1
+    return torch.stack([first, last], dim=1)
+
+
+@dataclass(frozen=True)
+class LayoutStats:
+    """What a block layout costs and what it keeps, averaged over heads.
+
+    ``density`` is the fraction of the ``q_len x k_len`` (query, key) pairs a block-sparse
+    kernel computes with this layout (the area of the active tiles). ``block_density`` is the
+    fraction of tiles that are active; ``full_fraction`` the fraction of active tiles that need
+    no token-level mask.
+    """
+
+    q_len: int
+    k_len: int
+    block_size: int
+    num_heads: int
+    active_blocks: int
+    full_blocks: int
+    total_blocks: int
+    density: float
+    block_density: float
+    full_fraction: float
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Block-level structure of an attention pattern on a ``q_len x k_len`` problem.
+
+    Attributes:
+        active: bool ``[H, nq, nk]``; tile has at least one allowed pair. ``H`` is 1 for a
+            pattern that is the same for every head (it broadcasts).
+        full: bool ``[H, nq, nk]``; every real pair of the tile is allowed (subset of active).
+        q_len, k_len: number of real query and key positions.
+        block_size: tile edge in tokens.
+    """
+
+    active: Tensor
+    full: Tensor
+    q_len: int
+    k_len: int
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if self.active.dtype != torch.bool or self.full.dtype != torch.bool:
+            raise TypeError("BlockLayout.active and .full must be bool tensors")
+        if self.active.shape != self.full.shape or self.active.dim() != 3:
+            raise ValueError(
+                f"BlockLayout.active {tuple(self.active.shape)} and .full "
+                f"{tuple(self.full.shape)} must both be [H, nq, nk]"
+            )
+        expect = (num_blocks(self.q_len, self.block_size), num_blocks(self.k_len, self.block_size))
+        if tuple(self.active.shape[1:]) != expect:
+            raise ValueError(
+                f"BlockLayout of shape {tuple(self.active.shape)} does not match q_len={self.q_len}, "
+                f"k_len={self.k_len}, block_size={self.block_size} (expected [H, {expect[0]}, "
+                f"{expect[1]}])"
+            )
+
+    @property
+    def num_heads(self) -> int:
+        return self.active.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.active.shape)  # type: ignore[return-value]
+
+    def block_lengths(self) -> tuple[Tensor, Tensor]:
+        """Real token count of every query block and every key block (int64)."""
+        dev = self.active.device
+        q = block_extents(self.q_len, self.block_size, dev)
+        k = block_extents(self.k_len, self.block_size, dev)
+        return q[:, 1] - q[:, 0] + 1, k[:, 1] - k[:, 0] + 1
+
+    def computed_pairs(self) -> Tensor:
+        """Per head, the number of (query, key) pairs inside active tiles (int64 ``[H]``)."""
+        lq, lk = self.block_lengths()
+        # Sum over tiles of len_q * len_k, done as a row reduction to stay in int64.
+        per_row = (self.active.to(torch.int64) * lk).sum(-1)  # [H, nq]
+        return (per_row * lq).sum(-1)
+
+    def stats(self) -> LayoutStats:
+        """Density and tile counts of this layout (see :class:`LayoutStats`)."""
+        h, nq, nk = self.shape
+        active = int(self.active.sum())
+        full = int(self.full.sum())
+        pairs = float(self.computed_pairs().to(torch.float64).sum())
+        return LayoutStats(
+            q_len=self.q_len,
+            k_len=self.k_len,
+            block_size=self.block_size,
+            num_heads=h,
+            active_blocks=active,
+            full_blocks=full,
+            total_blocks=h * nq * nk,
+            density=pairs / (h * self.q_len * self.k_len),
+            block_density=active / (h * nq * nk),
+            full_fraction=full / active if active else 0.0,
+        )
+
+    def slice(self, q_blocks: tuple[int, int], k_blocks: tuple[int, int]) -> BlockLayout:
+        """The sub-layout of query blocks ``[q0, q1)`` and key blocks ``[k0, k1)``."""
+        (q0, q1), (k0, k1) = q_blocks, k_blocks
+        b = self.block_size
+        return BlockLayout(
+            active=self.active[:, q0:q1, k0:k1],
+            full=self.full[:, q0:q1, k0:k1],
+            q_len=min(q1 * b, self.q_len) - q0 * b,
+            k_len=min(k1 * b, self.k_len) - k0 * b,
+            block_size=b,
+        )
+
+    def expand_heads(self, num_heads: int) -> BlockLayout:
+        """This layout with its head axis broadcast to ``num_heads`` (a view, no copy)."""
+        if self.num_heads == num_heads:
+            return self
+        if self.num_heads != 1:
+            raise ValueError(f"cannot broadcast a {self.num_heads}-head layout to {num_heads} heads")
+        shape = (num_heads, *self.active.shape[1:])
+        return BlockLayout(
+            self.active.expand(shape), self.full.expand(shape), self.q_len, self.k_len,
+            self.block_size,
+        )
+
+    def to(self, device: torch.device | str) -> BlockLayout:
+        return BlockLayout(
+            self.active.to(device), self.full.to(device), self.q_len, self.k_len, self.block_size
+        )

@@ -1,0 +1,46 @@
+"""One way to write figures: stable names, deterministic bytes, one folder.
+
+Figures go to ``figures/`` of the repository by default. The environment variable
+``WORKBENCH_FIGURES_DIR`` redirects them (the test suite points it at a temporary folder so
+that running the notebooks under nbval never rewrites the committed figures).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.rcParams["svg.hashsalt"] = "workbench"  # deterministic SVG ids
+matplotlib.rcParams["path.simplify"] = True
+
+__all__ = ["figures_dir", "save_figure"]
+
+_REPO_FIGURES = Path(__file__).resolve().parents[2] / "figures"
+
+
+def figures_dir() -> Path:
+    """Where figures are written: ``$WORKBENCH_FIGURES_DIR`` or the repository's ``figures/``."""
+    env = os.environ.get("WORKBENCH_FIGURES_DIR")
+    return Path(env) if env else _REPO_FIGURES
+
+
+def save_figure(fig, name: str, *, formats: tuple[str, ...] = ("png",), dpi: int = 110) -> list[Path]:
+    """Save ``fig`` as ``<figures_dir>/<name>.<fmt>`` for each format; returns the paths.
+
+    ``name`` is a stable identifier such as ``"01_pattern_gallery"`` (no extension, no
+    folders). Metadata that changes between runs (dates, software versions) is left out, so
+    the same figure gives the same bytes.
+    """
+    if not name or "/" in name or "." in name:
+        raise ValueError(f"figure name must be a bare stable name like '01_gallery', got {name!r}")
+    out = figures_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out / f"{name}.{fmt}"
+        meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+        fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", metadata=meta)
+        paths.append(path)
+    return paths
