@@ -6,7 +6,7 @@ independent choices: a **pattern** (:mod:`workbench.patterns`), an **ordering**
 (:mod:`workbench.backends`).
 """
 
-from . import backends, layout, orderings, patterns, ring
+from . import backends, layout, orderings, patterns, records, ring, viz
 from .attention import BlockSparseAttention, block_sparse_attention
 from .dilated import dilated_attention
 from .layout import BlockLayout, LayoutStats
@@ -21,7 +21,9 @@ __all__ = [
     "layout",
     "orderings",
     "patterns",
+    "records",
     "ring",
+    "viz",
 ]
 
 __version__ = "0.1.0"

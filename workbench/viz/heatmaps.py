@@ -1,0 +1,144 @@
+"""Pattern heatmaps: token level with the block grid drawn over it, and block level.
+
+Every drawing function takes an optional ``ax`` and returns it, so the same code makes the
+published figures and the panels of interactive explorers. Colours are fixed: allowed pairs
+and full tiles in dark blue, partial tiles in orange, empty tiles in near-white.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
+
+from ..layout import BlockLayout
+from ..patterns import Pattern
+
+__all__ = [
+    "BLOCK_COLORS",
+    "block_legend",
+    "plot_block_layout",
+    "plot_heads",
+    "plot_pattern",
+    "plot_token_mask",
+]
+
+ALLOWED = "#1f3b73"
+PARTIAL = "#f28e2b"
+EMPTY = "#f4f4f4"
+BLOCK_COLORS = ListedColormap([EMPTY, PARTIAL, ALLOWED])  # 0 empty, 1 partial, 2 full
+_TOKEN_CMAP = ListedColormap([EMPTY, ALLOWED])
+
+
+def _axes(ax):
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    return ax
+
+
+def plot_token_mask(
+    pattern: Pattern,
+    seq_len: int,
+    *,
+    head: int = 0,
+    block_size: int | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Token-level mask of ``pattern`` (rows = queries, columns = keys) for one head.
+
+    With ``block_size`` the block grid is drawn over it. Only for small ``seq_len``.
+    """
+    ax = _axes(ax)
+    mask = pattern.token_mask(seq_len)[min(head, pattern.num_heads - 1)].numpy()
+    ax.imshow(mask, cmap=_TOKEN_CMAP, vmin=0, vmax=1, interpolation="nearest")
+    if block_size:
+        for edge in np.arange(block_size, seq_len, block_size) - 0.5:
+            ax.axhline(edge, color="#888888", lw=0.5)
+            ax.axvline(edge, color="#888888", lw=0.5)
+    density = mask.mean()
+    ax.set_title(title if title is not None else f"tokens, head {head}: {density:.1%} allowed",
+                 fontsize=9)
+    ax.set_xlabel("key position")
+    ax.set_ylabel("query position")
+    return ax
+
+
+def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str | None = None):
+    """Block-level layout of one head: full, partial (needs the token mask) and empty tiles."""
+    ax = _axes(ax)
+    h = min(head, layout.num_heads - 1)
+    grid = layout.active[h].to(int).numpy() + layout.full[h].to(int).numpy()
+    ax.imshow(grid, cmap=BLOCK_COLORS, vmin=0, vmax=2, interpolation="nearest")
+    st = layout.stats()
+    per_head_active = int(layout.active[h].sum())
+    frac = per_head_active / grid.size
+    ax.set_title(
+        title if title is not None
+        else f"blocks of {layout.block_size}, head {head}: {frac:.1%} of tiles",
+        fontsize=9,
+    )
+    ax.set_xlabel("key block")
+    ax.set_ylabel("query block")
+    ax.text(0.02, -0.22 if ax.get_xlabel() else -0.1,
+            f"computed density {st.density:.1%} (all heads)", transform=ax.transAxes,
+            fontsize=7, color="#555555")
+    return ax
+
+
+def block_legend(ax) -> None:
+    """Legend for full / partial / empty tiles."""
+    ax.legend(
+        handles=[Patch(color=ALLOWED, label="full tile"), Patch(color=PARTIAL, label="partial tile"),
+                 Patch(facecolor=EMPTY, edgecolor="#bbbbbb", label="skipped tile")],
+        loc="upper right", fontsize=7, frameon=True,
+    )
+
+
+def plot_pattern(pattern: Pattern, seq_len: int, block_size: int, *, head: int = 0, axes=None):
+    """Token view (with block grid) beside block view of one head; returns the figure."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    else:
+        fig = axes[0].figure
+    plot_token_mask(pattern, seq_len, head=head, block_size=block_size, ax=axes[0])
+    plot_block_layout(pattern.block_structure(seq_len, block_size), head=head, ax=axes[1])
+    block_legend(axes[1])
+    fig.suptitle(repr(pattern), fontsize=10)
+    return fig
+
+
+def plot_heads(
+    pattern: Pattern,
+    seq_len: int,
+    block_size: int,
+    *,
+    heads: list[int] | None = None,
+    level: str = "token",
+    ncols: int = 4,
+):
+    """Small multiples, one panel per head, at ``level`` ``"token"`` or ``"block"``."""
+    if level not in ("token", "block"):
+        raise ValueError(f"level must be 'token' or 'block', got {level!r}")
+    heads = list(range(pattern.num_heads)) if heads is None else heads
+    nrows = -(-len(heads) // ncols)
+    fig, axes = plt.subplots(nrows, min(ncols, len(heads)), figsize=(2.6 * min(ncols, len(heads)),
+                                                                    2.6 * nrows), squeeze=False)
+    layout = pattern.block_structure(seq_len, block_size) if level == "block" else None
+    for ax, h in zip(axes.flat, heads):
+        if level == "token":
+            plot_token_mask(pattern, seq_len, head=h, block_size=block_size, ax=ax,
+                            title=f"head {h}")
+        else:
+            plot_block_layout(layout, head=h, ax=ax, title=f"head {h}")
+            ax.texts[-1].remove()
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(heads):]:
+        ax.axis("off")
+    fig.suptitle(f"{pattern!r}: per-head {level} view", fontsize=10)
+    fig.tight_layout()
+    return fig
