@@ -82,7 +82,8 @@ class BlockLayout:
         expect = (num_blocks(self.q_len, self.block_size), num_blocks(self.k_len, self.block_size))
         if tuple(self.active.shape[1:]) != expect:
             raise ValueError(
-                f"BlockLayout of shape {tuple(self.active.shape)} does not match q_len={self.q_len}, "
+                f"BlockLayout of shape {tuple(self.active.shape)} does not match "
+                f"q_len={self.q_len}, "
                 f"k_len={self.k_len}, block_size={self.block_size} (expected [H, {expect[0]}, "
                 f"{expect[1]}])"
             )
@@ -145,7 +146,9 @@ class BlockLayout:
         if self.num_heads == num_heads:
             return self
         if self.num_heads != 1:
-            raise ValueError(f"cannot broadcast a {self.num_heads}-head layout to {num_heads} heads")
+            raise ValueError(
+                f"cannot broadcast a {self.num_heads}-head layout to {num_heads} heads"
+            )
         shape = (num_heads, *self.active.shape[1:])
         return BlockLayout(
             self.active.expand(shape), self.full.expand(shape), self.q_len, self.k_len,

@@ -154,9 +154,6 @@ class Pattern:
     def __and__(self, other: Pattern) -> Pattern:
         return Intersection(self, other)
 
-    def _per_head(self, values: Sequence[int], like: Tensor) -> Tensor:
-        """Per-head int64 parameters on ``like``'s device, indexed by a head tensor."""
-        return torch.tensor(list(values), dtype=torch.int64, device=like.device)
 
 
 def _combined_heads(a: Pattern, b: Pattern) -> int:
@@ -358,11 +355,22 @@ class Dilated(Pattern):
         self.w, self.r, self.s = list(segments), list(dilations), list(offsets)
         self.num_heads = len(self.w)
         self.name = name
+        self._params: dict[torch.device, Tensor] = {}
+
+    def _head_params(self, device: torch.device) -> Tensor:
+        """int64 ``[3, H]`` (segment, dilation, offset) per head, cached per device.
+
+        Created once outside any trace, so FlexAttention captures a real buffer.
+        """
+        if device not in self._params:
+            self._params[device] = torch.tensor([self.w, self.r, self.s], device=device)
+        return self._params[device]
 
     def allowed(self, h, q, k):
-        w, r, s = (self._per_head(v, h)[h] for v in (self.w, self.r, self.s))
+        w, r, s = self._head_params(h.device)[:, h]
         qo, ko = torch.remainder(q, w), torch.remainder(k, w)
-        same_segment = torch.div(q, w, rounding_mode="floor") == torch.div(k, w, rounding_mode="floor")
+        seg_q = torch.div(q, w, rounding_mode="floor")
+        same_segment = seg_q == torch.div(k, w, rounding_mode="floor")
         return same_segment & (torch.remainder(qo, r) == s) & (torch.remainder(ko, r) == s)
 
     def _kept_segments(self, length: int, block_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -584,16 +592,13 @@ def dilated(
     w = [segment_lengths[g] for g in group]
     r = [dilation_rates[g] for g in group]
     s = [j % r[j] for j in range(num_heads)]
-    name = (
-        f"dilated({list(segment_lengths)}, {list(dilation_rates)}, num_heads={num_heads}"
-        f"{', causal=True' if causal else ''})"
-    )
+    name = f"dilated({list(segment_lengths)}, {list(dilation_rates)}, num_heads={num_heads})"
     pat: Pattern = Dilated(w, r, s, name)
     return pat & _causal_band() if causal else pat
 
 
 def dilated_branch(segment_length: int, dilation_rate: int, num_heads: int) -> Pattern:
-    """One LongNet (segment, dilation) branch applied to every head, head ``j`` at offset ``j mod r``.
+    """One LongNet (segment, dilation) branch on every head; head ``j`` takes offset ``j mod r``.
 
     The paper's attention is the log-sum-exp merge of these branches (see
     :func:`workbench.dilated_attention` with ``mode="paper"``).

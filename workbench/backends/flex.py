@@ -3,8 +3,11 @@
 Full tiles go into FlexAttention's ``full_kv_*`` lists (the kernel skips the mask function
 there), partial tiles into ``kv_*`` with the pattern's token predicate as ``mask_mod``; the
 ``S x S`` mask is never evaluated. ``flex_attention`` is compiled once per process
-(``dynamic=False``); each new shape or pattern type compiles once and is reported on stderr, so
-that a recompile never happens silently. On the CPU, FlexAttention supports inference only:
+(``dynamic=False``). Python numbers inside a pattern (a window, a segment length) are baked into
+the kernel, so each new shape or new pattern parameters compile once; every such compile is
+announced on stderr, and calls run with Dynamo told to raise, not to fall back to slow eager
+attention, if its recompile limit is reached (:data:`RECOMPILE_LIMIT` distinct compiles).
+On the CPU, FlexAttention supports inference only:
 no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
 """
 
@@ -68,7 +71,8 @@ def _compiled():
     return torch.compile(fa, dynamic=False)
 
 
-_seen_shapes: set[tuple] = set()
+RECOMPILE_LIMIT = 64
+_seen: set[tuple] = set()
 
 
 def flex_attention(
@@ -81,13 +85,17 @@ def flex_attention(
             "FlexAttention on the CPU supports inference only (no gradients, no log-sum-exp); "
             "use backend='blockwise' for training or return_lse on the CPU"
         )
-    key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size)
-    if key not in _seen_shapes:
-        _seen_shapes.add(key)
-        print(f"[workbench] compiling FlexAttention for q{tuple(q.shape)} {q.dtype} on "
-              f"{q.device.type} (once per shape)", file=sys.stderr)
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size,
+           problem.label, problem.q_offset, problem.k_offset, need_lse)
+    if key not in _seen:
+        _seen.add(key)
+        print(f"[workbench] compiling FlexAttention for {problem.label or 'a pattern'} at "
+              f"q{tuple(q.shape)} {q.dtype} on {q.device.type} (once per shape and pattern)",
+              file=sys.stderr)
     mask = build_block_mask(problem, q.device)
-    res = _compiled()(q, k, v, block_mask=mask, scale=problem.scale, return_lse=need_lse)
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                    fail_on_recompile_limit_hit=True):
+        res = _compiled()(q, k, v, block_mask=mask, scale=problem.scale, return_lse=need_lse)
     if need_lse:
         out, lse = res
         return out, lse.float()

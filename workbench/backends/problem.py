@@ -30,6 +30,7 @@ class Problem:
     scale: float
     q_offset: int = 0
     k_offset: int = 0
+    label: str = ""  # what the pattern is, for messages (e.g. its repr)
 
     @property
     def num_heads(self) -> int:

@@ -19,7 +19,8 @@ def reference_attention(
 ) -> tuple[Tensor, Tensor]:
     """Dense attention restricted to ``problem``'s allowed pairs, computed in ``dtype``.
 
-    Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq] float32, float64 for float64 inputs)``; a query row with no
+    Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq])`` (lse float32, float64 for
+    float64 inputs); a query row with no
     allowed key gives zeros and ``lse = -inf``.
     """
     mask = problem.dense_mask(q.device)  # [H or 1, Sq, Sk]

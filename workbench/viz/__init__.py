@@ -1,14 +1,35 @@
 """Visualizers: patterns at token and block level, per head, with one save function."""
 
-from .heatmaps import block_legend, plot_block_layout, plot_heads, plot_pattern, plot_token_mask
+from .density import plot_density_vs_length, plot_waste_vs_length
+from .dilated import (
+    head_layout,
+    plot_dilation_strips,
+    plot_head_masks,
+    plot_natural_vs_ordered,
+)
+from .heatmaps import (
+    block_legend,
+    figure_legend,
+    plot_block_layout,
+    plot_heads,
+    plot_pattern,
+    plot_token_mask,
+)
 from .save import figures_dir, save_figure
 
 __all__ = [
     "block_legend",
+    "figure_legend",
     "figures_dir",
+    "head_layout",
     "plot_block_layout",
+    "plot_density_vs_length",
+    "plot_dilation_strips",
+    "plot_head_masks",
     "plot_heads",
+    "plot_natural_vs_ordered",
     "plot_pattern",
     "plot_token_mask",
+    "plot_waste_vs_length",
     "save_figure",
 ]

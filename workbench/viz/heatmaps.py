@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from ..layout import BlockLayout
 from ..patterns import Pattern
@@ -18,6 +19,7 @@ from ..patterns import Pattern
 __all__ = [
     "BLOCK_COLORS",
     "block_legend",
+    "figure_legend",
     "plot_block_layout",
     "plot_heads",
     "plot_pattern",
@@ -31,10 +33,31 @@ BLOCK_COLORS = ListedColormap([EMPTY, PARTIAL, ALLOWED])  # 0 empty, 1 partial, 
 _TOKEN_CMAP = ListedColormap([EMPTY, ALLOWED])
 
 
+SEPARATOR_MAX_TILES = 48  # draw thin lines between tiles when a side has at most this many
+
+
 def _axes(ax):
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
     return ax
+
+
+def _head_index(head: int, num_heads: int) -> int:
+    """Index into a ``[H, ...]`` tensor: head-independent patterns (H = 1) broadcast."""
+    if num_heads == 1:
+        return 0
+    if not 0 <= head < num_heads:
+        raise ValueError(f"head={head} is out of range for a {num_heads}-head pattern "
+                         f"(heads 0..{num_heads - 1})")
+    return head
+
+
+def _tile_separators(ax, nq: int, nk: int, color: str = "white", lw: float = 0.8) -> None:
+    """Thin lines between tiles so that neighbouring tiles of one colour stay countable."""
+    for edge in np.arange(1, nq) - 0.5:
+        ax.axhline(edge, color=color, lw=lw)
+    for edge in np.arange(1, nk) - 0.5:
+        ax.axvline(edge, color=color, lw=lw)
 
 
 def plot_token_mask(
@@ -51,7 +74,7 @@ def plot_token_mask(
     With ``block_size`` the block grid is drawn over it. Only for small ``seq_len``.
     """
     ax = _axes(ax)
-    mask = pattern.token_mask(seq_len)[min(head, pattern.num_heads - 1)].numpy()
+    mask = pattern.token_mask(seq_len)[_head_index(head, pattern.num_heads)].numpy()
     ax.imshow(mask, cmap=_TOKEN_CMAP, vmin=0, vmax=1, interpolation="nearest")
     if block_size:
         for edge in np.arange(block_size, seq_len, block_size) - 0.5:
@@ -65,13 +88,28 @@ def plot_token_mask(
     return ax
 
 
-def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str | None = None):
-    """Block-level layout of one head: full, partial (needs the token mask) and empty tiles."""
+def plot_block_layout(
+    layout: BlockLayout,
+    *,
+    head: int = 0,
+    ax=None,
+    title: str | None = None,
+    separators: bool | None = None,
+    annotate: bool = True,
+):
+    """Block-level layout of one head: full, partial (needs the token mask) and empty tiles.
+
+    ``separators`` draws thin lines between tiles (default: when a side has at most
+    ``SEPARATOR_MAX_TILES`` tiles); ``annotate`` writes the computed density under the axes.
+    """
     ax = _axes(ax)
-    h = min(head, layout.num_heads - 1)
+    h = _head_index(head, layout.num_heads)
     grid = layout.active[h].to(int).numpy() + layout.full[h].to(int).numpy()
     ax.imshow(grid, cmap=BLOCK_COLORS, vmin=0, vmax=2, interpolation="nearest")
-    st = layout.stats()
+    if separators is None:
+        separators = max(grid.shape) <= SEPARATOR_MAX_TILES
+    if separators:
+        _tile_separators(ax, *grid.shape)
     per_head_active = int(layout.active[h].sum())
     frac = per_head_active / grid.size
     ax.set_title(
@@ -81,19 +119,38 @@ def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str
     )
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
-    ax.text(0.02, -0.22 if ax.get_xlabel() else -0.1,
-            f"computed density {st.density:.1%} (all heads)", transform=ax.transAxes,
-            fontsize=7, color="#555555")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if annotate:
+        st = layout.stats()
+        ax.text(0.02, -0.22 if ax.get_xlabel() else -0.1,
+                f"computed density {st.density:.1%} (all heads)", transform=ax.transAxes,
+                fontsize=7, color="#555555")
     return ax
 
 
 def block_legend(ax) -> None:
     """Legend for full / partial / empty tiles."""
     ax.legend(
-        handles=[Patch(color=ALLOWED, label="full tile"), Patch(color=PARTIAL, label="partial tile"),
+        handles=[Patch(color=ALLOWED, label="full tile"),
+                 Patch(color=PARTIAL, label="partial tile"),
                  Patch(facecolor=EMPTY, edgecolor="#bbbbbb", label="skipped tile")],
         loc="upper right", fontsize=7, frameon=True,
     )
+
+
+def figure_legend(fig, *, ncol: int = 3, fontsize: float = 10, y: float = 0.0):
+    """One legend for a whole figure of token and block panels, centred below the axes.
+
+    Leave room for it with ``fig.tight_layout(rect=(0, 0.03, 1, 1))`` (or similar).
+    """
+    handles = [
+        Patch(color=ALLOWED, label="allowed pair / full tile"),
+        Patch(color=PARTIAL, label="partial tile (computed, then masked)"),
+        Patch(facecolor=EMPTY, edgecolor="#bbbbbb", label="not allowed / skipped tile"),
+    ]
+    return fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, y), ncol=ncol,
+                      fontsize=fontsize, frameon=False)
 
 
 def plot_pattern(pattern: Pattern, seq_len: int, block_size: int, *, head: int = 0, axes=None):
@@ -131,8 +188,7 @@ def plot_heads(
             plot_token_mask(pattern, seq_len, head=h, block_size=block_size, ax=ax,
                             title=f"head {h}")
         else:
-            plot_block_layout(layout, head=h, ax=ax, title=f"head {h}")
-            ax.texts[-1].remove()
+            plot_block_layout(layout, head=h, ax=ax, title=f"head {h}", annotate=False)
         ax.set_xlabel("")
         ax.set_ylabel("")
         ax.set_xticks([])

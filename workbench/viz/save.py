@@ -26,7 +26,9 @@ def figures_dir() -> Path:
     return Path(env) if env else _REPO_FIGURES
 
 
-def save_figure(fig, name: str, *, formats: tuple[str, ...] = ("png",), dpi: int = 110) -> list[Path]:
+def save_figure(
+    fig, name: str, *, formats: tuple[str, ...] = ("png",), dpi: int = 110
+) -> list[Path]:
     """Save ``fig`` as ``<figures_dir>/<name>.<fmt>`` for each format; returns the paths.
 
     ``name`` is a stable identifier such as ``"01_pattern_gallery"`` (no extension, no

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv and install workbench with everything the figures and the tests need.
+# Idempotent and quick when nothing changed. Source it (it activates .venv) or run it.
+#   WORKBENCH_TORCH=2.13.0  torch version to install when torch is missing (CPU wheel here)
+#   PYTHON=python3          interpreter used to create .venv
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    "${PYTHON:-python3}" -m venv .venv
+fi
+# shellcheck disable=SC1091
+source .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+quiet_pip() {  # pip, without the local-index notices some machines print by the dozen
+    python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file" >&2)
+}
+# torch first and explicitly: a bare 'torch' requirement would pull a multi-GB CUDA build.
+if ! python -c "import torch" 2>/dev/null; then
+    echo "[setup] installing torch==${WORKBENCH_TORCH:-2.13.0}"
+    quiet_pip "torch==${WORKBENCH_TORCH:-2.13.0}"
+fi
+stamp=.venv/.workbench-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[setup] installing workbench[dev] (editable)"
+    quiet_pip -e ".[dev]"
+    echo "$want" > "$stamp"
+fi

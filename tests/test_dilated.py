@@ -1,0 +1,128 @@
+"""LongNet dilated attention: paper mode against a float64 oracle, head-group mode against
+the block-sparse pattern, the dilation-ordering (gather) path against natural order."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import grads, make_qkv
+
+import workbench as wb
+from workbench import patterns as P
+
+CONFIGS = [
+    ([64, 128], [1, 2]),
+    ([50, 120, 300], [1, 3, 4]),  # segments that do not divide S, dilations that do not divide w
+    ([100], [7]),
+]
+
+
+def paper_oracle(q, k, v, segments, dilations, causal):
+    """LongNet in float64: one softmax over every branch's keys, a key counted once per branch
+    that keeps the pair (so each branch weighs by its softmax denominator)."""
+    h, s, d = q.shape[1], q.shape[2], q.shape[3]
+    mult = torch.zeros(h, s, s, dtype=torch.float64)
+    for w, r in zip(segments, dilations):
+        mult += P.dilated_branch(w, r, h).token_mask(s).double()
+    if causal:
+        mult = mult * torch.ones(s, s, dtype=torch.float64).tril()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d) + torch.log(mult)
+    empty = (mult == 0).all(-1)[..., None]
+    p = torch.softmax(scores.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    return p @ v
+
+
+@pytest.mark.parametrize("segments, dilations", CONFIGS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["gather", "blockwise"])
+def test_paper_mode_matches_float64_oracle(segments, dilations, causal, backend):
+    q, k, v = make_qkv(b=2, h=4, s=333, d=8)
+    out = wb.dilated_attention(q, k, v, segments, dilations, mode="paper", causal=causal,
+                               backend=backend, block_size=32)
+    ref = paper_oracle(q, k, v, segments, dilations, causal)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("segments, dilations", CONFIGS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_groups_is_block_sparse_with_the_pattern(segments, dilations, causal):
+    q, k, v = make_qkv(b=2, h=5, s=333, d=8)
+    pattern = P.dilated(segments, dilations, 5, causal=causal)
+    gathered = wb.dilated_attention(q, k, v, segments, dilations, mode="head_groups",
+                                    causal=causal)
+    sparse = wb.block_sparse_attention(q, k, v, pattern, 32)
+    reference = wb.block_sparse_attention(q, k, v, pattern, 32, backend="reference")
+    torch.testing.assert_close(gathered, reference, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(sparse, reference, atol=1e-10, rtol=1e-10)
+    for a, b in zip(grads(gathered, (q, k, v)), grads(reference, (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    # positions a head does not keep output zeros
+    kept = pattern.token_mask(333).any(-1)
+    assert torch.all(gathered[:, ~kept] == 0)
+
+
+def test_head_groups_lse_matches_block_sparse():
+    q, k, v = make_qkv(b=1, h=4, s=200, d=8, requires_grad=False)
+    _, l1 = wb.dilated_attention(q, k, v, [64, 96], [1, 2], mode="head_groups", return_lse=True)
+    _, l2 = wb.block_sparse_attention(q, k, v, P.dilated([64, 96], [1, 2], 4), 16,
+                                      return_lse=True)
+    torch.testing.assert_close(l1, l2, atol=1e-12, rtol=1e-12)
+
+
+def test_modes_differ_and_single_pair_modes_agree():
+    q, k, v = make_qkv(b=1, h=4, s=256, d=8, requires_grad=False)
+    a = wb.dilated_attention(q, k, v, [64, 128], [1, 2], mode="paper")
+    b = wb.dilated_attention(q, k, v, [64, 128], [1, 2], mode="head_groups")
+    assert (a - b).abs().max() > 1e-2
+    a = wb.dilated_attention(q, k, v, [64], [2], mode="paper")
+    b = wb.dilated_attention(q, k, v, [64], [2], mode="head_groups")
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_paper_mode_is_not_the_branch_normalized_variant():
+    """fkodom-style: each branch divided by its sum over the sequence, branches averaged."""
+    q, k, v = make_qkv(b=1, h=2, s=128, d=8, requires_grad=False)
+    segs, dils = [32, 64], [1, 2]
+    ours = wb.dilated_attention(q, k, v, segs, dils, mode="paper")
+    branches = [wb.dilated_attention(q, k, v, [w], [r], mode="paper") for w, r in zip(segs, dils)]
+    other = sum(o / o.sum(dim=2, keepdim=True) for o in branches) / len(branches)
+    assert (ours - other).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kw, a, b", [
+    ("segment_lengths", [32, 64], [48, 64]),
+    ("dilation_rates", [1, 2], [1, 4]),
+])
+@pytest.mark.parametrize("mode", ["paper", "head_groups"])
+def test_knobs_change_the_output(kw, a, b, mode):
+    q, k, v = make_qkv(b=1, h=4, s=256, d=8, requires_grad=False)
+    base = dict(segment_lengths=[32, 64], dilation_rates=[1, 2])
+    oa = wb.dilated_attention(q, k, v, **{**base, kw: a}, mode=mode)
+    ob = wb.dilated_attention(q, k, v, **{**base, kw: b}, mode=mode)
+    assert (oa - ob).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(segment_lengths=[32, 64], dilation_rates=[1]), ValueError, "same length"),
+    (dict(segment_lengths=[8], dilation_rates=[16]), ValueError, "larger than its segment"),
+    (dict(mode="longnet"), ValueError, "mode"),
+    (dict(backend="fast"), ValueError, "backend"),
+    (dict(segment_lengths=[0], dilation_rates=[1]), ValueError, "segment_lengths"),
+    (dict(segments=[8]), TypeError, "segments"),
+])
+def test_bad_arguments(kw, exc, match):
+    q, k, v = make_qkv(b=1, h=2, s=64, d=8, requires_grad=False)
+    args = dict(segment_lengths=[32], dilation_rates=[1])
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        wb.dilated_attention(q, k, v, **args)
+
+
+def test_head_groups_needs_a_head_per_pair():
+    q, k, v = make_qkv(b=1, h=2, s=64, d=8, requires_grad=False)
+    with pytest.raises(ValueError, match="num_heads"):
+        wb.dilated_attention(q, k, v, [8, 16, 32], [1, 2, 4], mode="head_groups")

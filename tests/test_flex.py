@@ -1,0 +1,54 @@
+"""FlexAttention backend: BlockMask from the exact layout, same output as the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_qkv
+
+import workbench as wb
+from workbench import patterns as P
+from workbench.backends import Problem
+from workbench.backends.flex import build_block_mask
+
+
+def test_block_mask_lists_match_the_layout():
+    pattern = (P.local_window(150) | P.global_tokens(4)) & P.causal()
+    lay = pattern.block_structure(300, 64)
+    mask = build_block_mask(Problem(lay, pattern.allowed, 1.0), "cpu")
+    dense = mask.to_dense()[0]  # [H, nq, nk] active tiles as FlexAttention sees them
+    assert torch.equal(dense.bool(), lay.active)
+    # full tiles skip the mask, except the padded last row/column of tiles
+    n_full = int(mask.full_kv_num_blocks.sum())
+    assert 0 < n_full <= int(lay.full.sum())
+
+
+def test_cpu_training_or_lse_is_refused_with_a_pointer():
+    q, k, v = make_qkv(b=1, h=2, s=64, d=8, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="blockwise"):
+        wb.block_sparse_attention(q, k, v, P.causal(), 32, backend="flex")
+
+
+@pytest.mark.slow
+def test_flex_matches_reference_on_cpu():
+    q, k, v = make_qkv(b=1, h=4, s=300, d=32, dtype=torch.float32, requires_grad=False)
+    pattern = P.dilated([64, 128], [1, 2], 4, causal=True) | P.global_tokens(3)
+    out = wb.block_sparse_attention(q, k, v, pattern, 64, backend="flex")
+    ref = wb.block_sparse_attention(q, k, v, pattern, 64, backend="reference")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flex_forward_backward_lse_on_gpu():
+    q, k, v = (x.cuda() for x in make_qkv(b=1, h=4, s=1000, d=64, dtype=torch.float32))
+    pattern = P.local_window(100, causal=True) | P.global_tokens(8)
+    out, lse = wb.block_sparse_attention(q, k, v, pattern, 128, backend="flex", return_lse=True)
+    ref, rlse = wb.block_sparse_attention(q, k, v, pattern, 128, backend="reference",
+                                          return_lse=True)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+    g1 = torch.autograd.grad(out.sum(), (q, k, v))
+    g2 = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)

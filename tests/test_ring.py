@@ -1,0 +1,72 @@
+"""The ring schedule gives the one-shot result and skips chunk pairs with no active tile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import grads, make_qkv, sdpa_oracle
+
+import workbench as wb
+from workbench import patterns as P
+from workbench.ring import chunk_bounds, ring_plan
+
+
+@pytest.mark.parametrize("pattern", [
+    P.causal(),
+    P.local_window(40),
+    P.global_local(3, 17) & P.causal(),
+    P.dilated([64, 200], [1, 4], 4),
+    P.random_blocks(0.3, seed=1, cell=16),
+])
+@pytest.mark.parametrize("chunks", [2, 3, 5])
+def test_ring_equals_one_shot_and_reference(pattern, chunks):
+    q, k, v = make_qkv(b=1, h=4, s=333, d=8)
+    ring = wb.block_sparse_attention(q, k, v, pattern, 32, ring_chunks=chunks)
+    one = wb.block_sparse_attention(q, k, v, pattern, 32)
+    torch.testing.assert_close(ring, one, atol=1e-12, rtol=1e-12)
+    mask = pattern.token_mask(333)
+    rows = mask.any(-1)[None, ..., None]
+    ref = torch.where(rows, sdpa_oracle(q, k, v, mask), 0.0)
+    torch.testing.assert_close(ring, ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(grads(ring, (q, k, v)), grads(one, (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_ring_lse_equals_one_shot_lse():
+    q, k, v = make_qkv(b=2, h=2, s=200, d=8, requires_grad=False)
+    pattern = P.local_window(30, causal=True)
+    _, l1 = wb.block_sparse_attention(q, k, v, pattern, 16, ring_chunks=4, return_lse=True)
+    _, l2 = wb.block_sparse_attention(q, k, v, pattern, 16, return_lse=True)
+    torch.testing.assert_close(l1, l2, atol=1e-12, rtol=1e-12)
+
+
+def test_plan_skips_and_counts():
+    lay = P.local_window(16).block_structure(256, 16)  # reach of one block
+    plan = ring_plan(lay, 4)
+    # each rank needs only its own chunk and its two neighbours' edges
+    assert plan.computed[:, 0].all()
+    assert plan.skipped == 4 * 4 - 4 - 3 - 3  # step 0 + nearest ring neighbours
+    assert int(plan.tiles.sum()) == int(lay.active.sum())
+    causal = ring_plan(P.causal().block_structure(256, 16), 4)
+    # causal: rank p computes steps 0..p only (K/V chunks that are not in its future)
+    assert torch.equal(causal.computed, torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_plan_kv_chunk_rotation():
+    plan = ring_plan(P.full().block_structure(64, 8), 4)
+    assert [plan.kv_chunk(1, t) for t in range(4)] == [1, 0, 3, 2]
+
+
+def test_chunk_bounds_are_even_and_cover():
+    b = chunk_bounds(10, 3)
+    assert b == [(0, 4), (4, 7), (7, 10)]
+    with pytest.raises(ValueError, match="ring_chunks"):
+        chunk_bounds(3, 4)
+
+
+def test_rank_with_no_work_outputs_zeros():
+    q, k, v = make_qkv(b=1, h=1, s=64, d=4, requires_grad=False)
+    pattern = P.global_tokens(1) & P.local_window(1)  # only token 0 attends (itself)
+    out = wb.block_sparse_attention(q, k, v, pattern, 8, ring_chunks=4)
+    assert torch.all(out[:, :, 1:] == 0)
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])

@@ -1,0 +1,165 @@
+"""Drawings for LongNet dilated attention: kept positions per head, and the dilation ordering.
+
+:func:`plot_dilation_strips` draws, for every head (head-group mode) or every (head, branch)
+pair (paper mode), which positions of the sequence the head keeps, segment by segment.
+:func:`plot_natural_vs_ordered` shows one head's pattern in natural token order beside the same
+pattern after the dilation ordering, at token and at block level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import patheffects
+from matplotlib.colors import to_rgb
+from matplotlib.ticker import MaxNLocator
+
+from ..layout import BlockLayout
+from ..orderings import dilation_gather, dilation_permutation, permuted
+from ..patterns import Pattern, check_dilation_pairs, head_groups
+from .heatmaps import block_legend, plot_block_layout, plot_token_mask
+
+__all__ = [
+    "BRANCH_COLORS",
+    "head_layout",
+    "plot_dilation_strips",
+    "plot_head_masks",
+    "plot_natural_vs_ordered",
+]
+
+BRANCH_COLORS = ["#1f3b73", "#2a9d8f", "#e76f51", "#8e5ea2", "#c9a227", "#6c757d"]
+
+
+def head_layout(layout: BlockLayout, head: int) -> BlockLayout:
+    """The one-head :class:`BlockLayout` of ``head`` (its stats are that head's alone)."""
+    h = min(head, layout.num_heads - 1)
+    return BlockLayout(layout.active[h : h + 1], layout.full[h : h + 1], layout.q_len,
+                       layout.k_len, layout.block_size)
+
+
+def _smooth(ax) -> None:
+    """Average pixels when a mask is drawn smaller than its size, so sparse dots stay visible."""
+    for im in ax.images:
+        im.set_interpolation("antialiased")
+        im.set_interpolation_stage("rgba")
+
+
+def plot_head_masks(pattern: Pattern, seq_len: int, block_size: int, axes,
+                    titles: Sequence[str] | None = None) -> None:
+    """Token masks of heads ``0, 1, ...`` in ``axes`` (one per head), small-multiple style."""
+    for j, ax in enumerate(axes):
+        plot_token_mask(pattern, seq_len, head=j, block_size=block_size, ax=ax,
+                        title=titles[j] if titles is not None else f"head {j}")
+        _smooth(ax)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+
+
+def _kept(seq_len: int, w: int, r: int, offset: int) -> np.ndarray:
+    pos, valid = dilation_gather(seq_len, w, r, [offset])
+    kept = np.zeros(seq_len, dtype=bool)
+    kept[pos[valid].numpy()] = True
+    return kept
+
+
+def plot_dilation_strips(
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    num_heads: int,
+    seq_len: int,
+    *,
+    mode: str = "head_groups",
+    ax=None,
+    title: str | None = None,
+):
+    """One strip per head (``mode="head_groups"``) or per (head, branch) (``"paper"``).
+
+    A coloured cell is a position the head keeps for that (segment, dilation) pair; the colour
+    is the pair's, and faint vertical bands alternate with the segments of that pair. Row labels
+    give the pair and the head's offset ``j mod r``.
+    """
+    check_dilation_pairs(segment_lengths, dilation_rates)
+    if mode not in ("head_groups", "paper"):
+        raise ValueError(f"mode must be 'head_groups' or 'paper', got {mode!r}")
+    pairs = list(zip(segment_lengths, dilation_rates))
+    if mode == "head_groups":
+        group = head_groups(num_heads, len(pairs))
+        rows = [(j, group[j]) for j in range(num_heads)]
+    else:
+        rows = [(j, i) for j in range(num_heads) for i in range(len(pairs))]
+    img = np.ones((len(rows), seq_len, 3))
+    labels, bounds = [], []
+    for y, (j, i) in enumerate(rows):
+        w, r = pairs[i]
+        s = j % r
+        base = np.array(to_rgb(BRANCH_COLORS[i % len(BRANCH_COLORS)]))
+        seg_id = np.arange(seq_len) // w
+        shade = np.where(seg_id % 2 == 0, 0.96, 0.90)[:, None] * np.ones(3)
+        kept = _kept(seq_len, w, r, s)
+        img[y] = np.where(kept[:, None], base, shade)
+        labels.append(f"head {j}: w={w}, r={r}, s={s}")
+        bounds.append((y, np.arange(w, seq_len, w) - 0.5))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.0))
+    ax.imshow(img, aspect="auto", interpolation="nearest")
+    for y, xs in bounds:  # segment boundaries of each row's pair
+        ax.vlines(xs, y - 0.5, y + 0.5, color="black", lw=1.0,
+                  path_effects=[patheffects.withStroke(linewidth=2.6, foreground="white")])
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("token position")
+    if mode == "paper":
+        for y in range(len(pairs), len(rows), len(pairs)):
+            ax.axhline(y - 0.5, color="black", lw=0.8)
+    else:
+        for y in range(1, len(rows)):
+            ax.axhline(y - 0.5, color="white", lw=0.6)
+    ax.set_title(title if title is not None else
+                 f"kept positions per {'head' if mode == 'head_groups' else '(head, branch)'} "
+                 f"({mode} mode); black ticks = segment boundaries", fontsize=9)
+    return ax
+
+
+def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, head: int,
+                            segment: int, dilation: int, offset: int):
+    """2 x 2 figure: ``head``'s tokens and tiles in natural order, and after the dilation ordering.
+
+    The ordering is :func:`~workbench.orderings.dilation_permutation` for ``(segment, dilation,
+    offset)``, which must be that head's pair and offset (the permutation is per head).
+    Returns ``(fig, natural_layout, ordered_layout)``, both one-head layouts.
+    """
+    perm = dilation_permutation(seq_len, segment, dilation, offset)
+    ordered = permuted(pattern, perm)
+    nat = head_layout(pattern.block_structure(seq_len, block_size), head)
+    ordl = head_layout(ordered.block_structure(seq_len, block_size), head)
+    fig, axes = plt.subplots(2, 2, figsize=(8.6, 8.8))
+    cap = f"head {head}: w={segment}, r={dilation}, offset {offset}"
+    plot_token_mask(pattern, seq_len, head=head, block_size=block_size, ax=axes[0, 0],
+                    title=f"natural order: tokens ({cap})")
+    plot_token_mask(ordered, seq_len, head=head, block_size=block_size, ax=axes[0, 1],
+                    title="dilation order: kept tokens first in each segment")
+    axes[0, 1].set_xlabel("key position (reordered)")
+    axes[0, 1].set_ylabel("query position (reordered)")
+    plot_block_layout(nat, ax=axes[1, 0], title=f"natural order: tiles of {block_size}")
+    plot_block_layout(ordl, ax=axes[1, 1], title=f"dilation order: tiles of {block_size}")
+    _smooth(axes[0, 0])
+    _smooth(axes[0, 1])
+    for ax, lay in ((axes[1, 0], nat), (axes[1, 1], ordl)):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.texts[-1].remove()
+        st = lay.stats()
+        ax.text(0.02, -0.2, f"{st.active_blocks} active tiles, {st.full_blocks} full; "
+                f"computed density {st.density:.2%}", transform=ax.transAxes, fontsize=8,
+                color="#333333")
+    block_legend(axes[1, 1])
+    useful = int(pattern.token_mask(seq_len)[head].sum()) / seq_len**2
+    fig.suptitle(f"Same pairs, two token orders (useful density {useful:.2%} for this head)",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig, nat, ordl
+
