@@ -38,17 +38,51 @@ def test_flex_matches_reference_on_cpu():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+GPU_PATTERNS = {
+    "causal": P.causal(),
+    "local_global": P.local_window(100, causal=True) | P.global_tokens(8),
+    "random": P.random_blocks(0.3, seed=4, cell=64, num_heads=4) | P.local_window(1),
+    "sparse_transformer": (P.strided(50) | P.local_window(50)) & P.causal(),
+    "dilated_causal": P.dilated([128, 512], [1, 4], 4, causal=True),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_flex_forward_backward_lse_on_gpu():
+@pytest.mark.parametrize("name", list(GPU_PATTERNS))
+@pytest.mark.parametrize("block", [64, 128])
+def test_flex_forward_backward_lse_on_gpu(name, block):
     q, k, v = (x.cuda() for x in make_qkv(b=1, h=4, s=1000, d=64, dtype=torch.float32))
-    pattern = P.local_window(100, causal=True) | P.global_tokens(8)
-    out, lse = wb.block_sparse_attention(q, k, v, pattern, 128, backend="flex", return_lse=True)
-    ref, rlse = wb.block_sparse_attention(q, k, v, pattern, 128, backend="reference",
+    pattern = GPU_PATTERNS[name]
+    out, lse = wb.block_sparse_attention(q, k, v, pattern, block, backend="flex", return_lse=True)
+    ref, rlse = wb.block_sparse_attention(q, k, v, pattern, block, backend="reference",
                                           return_lse=True)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+    blockwise = wb.block_sparse_attention(q, k, v, pattern, block, backend="blockwise")
+    torch.testing.assert_close(blockwise, ref, atol=1e-4, rtol=1e-4)
     g1 = torch.autograd.grad(out.sum(), (q, k, v))
     g2 = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["blockwise", "flex"])
+def test_ring_and_dilated_on_gpu(backend):
+    q, k, v = (x.cuda() for x in make_qkv(b=1, h=4, s=777, d=64, dtype=torch.float32))
+    pattern = P.dilated([128, 512], [1, 4], 4, causal=True)
+    ring = wb.block_sparse_attention(q, k, v, pattern, 128, backend=backend, ring_chunks=3)
+    ref = wb.block_sparse_attention(q, k, v, pattern, 128, backend="reference")
+    torch.testing.assert_close(ring, ref, atol=1e-4, rtol=1e-4)
+    hg = wb.dilated_attention(q, k, v, [128, 512], [1, 4], mode="head_groups", causal=True)
+    torch.testing.assert_close(hg, ref, atol=1e-4, rtol=1e-4)
+    paper = wb.dilated_attention(q, k, v, [128, 512], [1, 4], mode="paper", backend=backend)
+    paper_ref = wb.dilated_attention(q, k, v, [128, 512], [1, 4], mode="paper",
+                                     backend="reference")
+    torch.testing.assert_close(paper, paper_ref, atol=1e-4, rtol=1e-4)
+    g1 = torch.autograd.grad(paper.sum(), (q, k, v))
+    g2 = torch.autograd.grad(paper_ref.sum(), (q, k, v))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)

@@ -179,3 +179,24 @@ def test_layout_stats_on_truncated_last_block():
     lay = wb.patterns.full().block_structure(10, 4)
     assert lay.stats().density == pytest.approx(1.0)
     assert lay.stats().active_blocks == 9
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_coarsen_equals_layout_at_the_larger_block(factor):
+    pattern = (P.local_window(30, causal=True) | P.global_tokens(5)) & P.strided(2) | P.causal()
+    for pat in (pattern, P.dilated([40, 64], [1, 2], 3)):
+        fine = pat.block_structure(301, 16).coarsen(factor)
+        coarse = pat.block_structure(301, 16 * factor)
+        assert torch.equal(fine.active, coarse.active)
+        assert torch.equal(fine.full, coarse.full)
+
+
+@pytest.mark.parametrize("pattern", [
+    P.full(), P.causal(), P.local_window(7), P.local_window(7, causal=True), P.global_tokens(5),
+    P.strided(4), P.strided(1), P.random_blocks(0.4, seed=1, cell=6, num_heads=2),
+    P.dilated([16, 24, 50], [1, 3, 7], 5), P.dilated_branch(13, 4, 3),
+])
+@pytest.mark.parametrize("seq_len", [1, 45, 100])
+def test_closed_form_pair_counts(pattern, seq_len):
+    mask = pattern.token_mask(seq_len).expand(pattern.num_heads, seq_len, seq_len)
+    assert pattern._count_pairs(seq_len) == int(mask.sum())

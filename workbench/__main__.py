@@ -8,6 +8,7 @@ Examples::
     python -m workbench figures --profile smoke # a named parameter set of each notebook
     python -m workbench figures -p seq_len=1000 # override one parameter (JSON value)
     python -m workbench figures --check         # only check that declared figures exist
+    python -m workbench figures --save-outputs  # also store the executed notebooks in notebooks/
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _figures(args: argparse.Namespace) -> int:
     if args.check:
         missing = check_figures(specs)
     else:
-        missing = run_notebooks(specs, profile=args.profile, overrides=dict(args.param or []))
+        missing = run_notebooks(specs, profile=args.profile, overrides=dict(args.param or []),
+                                save_outputs=args.save_outputs)
     if missing:
         print("declared figures not written:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 1
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="override a notebook parameter (value parsed as JSON)")
     fig.add_argument("--check", action="store_true",
                      help="do not run; check that every declared figure exists")
+    fig.add_argument("--save-outputs", action="store_true",
+                     help="replace notebooks/*.ipynb with the executed ones (default parameters)")
     fig.set_defaults(func=_figures)
     args = parser.parse_args(argv)
     return args.func(args)

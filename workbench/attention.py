@@ -111,7 +111,7 @@ def block_sparse_attention(
             f"{layout.block_size} but the inputs need {sq}, {sk}, {block_size}"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    problem = Problem(layout, pattern.allowed, scale, label=repr(pattern))
+    problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern))
     name = resolve_backend(backend, q)
     if ring_chunks > 1:
         out, lse = ring_attention(q, k, v, problem, ring_chunks, name, return_lse)

@@ -14,6 +14,7 @@ figure was written during the run. Nothing here is notebook-specific.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,16 @@ def run_notebooks(
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    save_outputs: bool = False,
 ) -> list[str]:
-    """Execute ``specs`` with papermill; returns the declared figures that were not written."""
+    """Execute ``specs`` with papermill; returns the declared figures that were not written.
+
+    With ``save_outputs`` (default parameters only) the executed notebooks replace the ones in
+    ``notebooks/``, so the committed notebooks carry the outputs nbval checks.
+    """
+    if save_outputs and (overrides or (profile and profile != "default")):
+        raise SystemExit("--save-outputs records the default parameters' outputs only; "
+                         "drop --profile/-p")
     import papermill as pm
     from tqdm.auto import tqdm
 
@@ -111,4 +120,6 @@ def run_notebooks(
             kernel_name="python3",
             progress_bar=False,
         )
+        if save_outputs:
+            shutil.copyfile(BUILD / spec.path.name, spec.path)
     return check_figures(specs, since=start)

@@ -141,6 +141,20 @@ class BlockLayout:
             block_size=b,
         )
 
+    def coarsen(self, factor: int) -> BlockLayout:
+        """The same layout with tiles ``factor`` times larger (any / all over sub-tiles)."""
+        if factor == 1:
+            return self
+        h, nq, nk = self.shape
+        pq, pk = -nq % factor, -nk % factor
+        # Sub-tiles past the end hold no real pair: never active, and no obstacle to "full".
+        act = torch.nn.functional.pad(self.active, (0, pk, 0, pq), value=False)
+        ful = torch.nn.functional.pad(self.full, (0, pk, 0, pq), value=True)
+        shape = (h, (nq + pq) // factor, factor, (nk + pk) // factor, factor)
+        act = act.reshape(shape).any(4).any(2)
+        ful = ful.reshape(shape).all(4).all(2) & act
+        return BlockLayout(act, ful, self.q_len, self.k_len, self.block_size * factor)
+
     def expand_heads(self, num_heads: int) -> BlockLayout:
         """This layout with its head axis broadcast to ``num_heads`` (a view, no copy)."""
         if self.num_heads == num_heads:

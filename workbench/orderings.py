@@ -62,9 +62,12 @@ class _Permuted(Pattern):
         self.num_heads = base.num_heads
 
     def allowed(self, h, q, k):
-        p = self.perm.to(q.device)
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        p, base = self.perm.to(device), self.base.predicate(device)
         n = p.numel()
-        return self.base.allowed(h, p[torch.clamp(q, max=n - 1)], p[torch.clamp(k, max=n - 1)])
+        return lambda h, q, k: base(h, p[torch.clamp(q, max=n - 1)], p[torch.clamp(k, max=n - 1)])
 
     def _tiles(self, q_len, k_len, block_size, device):
         shape = (self.num_heads, num_blocks(q_len, block_size), num_blocks(k_len, block_size))

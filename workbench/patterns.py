@@ -18,16 +18,20 @@ broadcasts against any number of heads.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .layout import BlockLayout, LayoutStats, block_extents, num_blocks
 
+MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
 __all__ = [
     "Pattern",
     "causal",
+    "check_dilation_pairs",
+    "describe",
     "dilated",
     "dilated_branch",
     "full",
@@ -39,7 +43,6 @@ __all__ = [
     "strided",
 ]
 
-_NEG_INF_POS = -(1 << 60)  # stands in for "no lower bound" in band arithmetic
 _TILE_EVAL_BUDGET = 1 << 24  # token pairs evaluated per chunk when refining tiles
 _TOKEN_MASK_LIMIT = 1 << 28  # largest H*S*S element count token_mask() will build
 
@@ -66,6 +69,14 @@ class Pattern:
         serves as a FlexAttention ``mask_mod``.
         """
         raise NotImplementedError
+
+    def predicate(self, device: torch.device | str) -> MaskFn:
+        """:meth:`allowed` with every tensor it needs already on ``device``.
+
+        This is what kernels capture (FlexAttention's ``mask_mod``): it creates no tensor when
+        called, so tracing it never breaks the graph.
+        """
+        return self.allowed
 
     def token_mask(self, seq_len: int, device: torch.device | str = "cpu") -> Tensor:
         """Dense bool mask ``[H, S, S]`` (``H`` = 1 for head-independent patterns).
@@ -134,9 +145,14 @@ class Pattern:
     def allowed_pairs(self, seq_len: int, block_size: int = 64) -> int:
         """Exact number of allowed (head, query, key) triples, summed over heads.
 
-        Counted from the block layout: full tiles by their area, partial tiles token by
-        token, so the cost is proportional to the number of partial tiles.
+        Primitive patterns count in closed form (O(S) or less). Combinations are counted from
+        the block layout: full tiles by their area, partial tiles token by token, so the cost
+        is proportional to the number of partial tiles.
         """
+        _check_int("seq_len", seq_len, 1)
+        exact = self._count_pairs(seq_len)
+        if exact is not None:
+            return exact
         lay = self.block_structure(seq_len, block_size)
         lq, lk = lay.block_lengths()
         area = lq[None, :, None] * lk[None, None, :]
@@ -146,6 +162,10 @@ class Pattern:
             cnt, _, _ = _evaluate_tiles(self, partial, seq_len, seq_len, block_size)
             total += int(cnt.sum())
         return total
+
+    def _count_pairs(self, seq_len: int) -> int | None:
+        """Closed-form allowed-pair count (summed over heads), or None if there is none."""
+        return None
 
     # ----------------------------------------------------------------- algebra
     def __or__(self, other: Pattern) -> Pattern:
@@ -219,7 +239,11 @@ class Union(Pattern):
         self.num_heads = _combined_heads(a, b)
 
     def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return self.a.allowed(h, q, k) | self.b.allowed(h, q, k)
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        fa, fb = self.a.predicate(device), self.b.predicate(device)
+        return lambda h, q, k: fa(h, q, k) | fb(h, q, k)
 
     def _tiles(self, q_len, k_len, block_size, device):
         a_any, a_all = self.a._tiles(q_len, k_len, block_size, device)
@@ -243,7 +267,11 @@ class Intersection(Pattern):
         self.num_heads = _combined_heads(a, b)
 
     def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return self.a.allowed(h, q, k) & self.b.allowed(h, q, k)
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        fa, fb = self.a.predicate(device), self.b.predicate(device)
+        return lambda h, q, k: fa(h, q, k) & fb(h, q, k)
 
     def _tiles(self, q_len, k_len, block_size, device):
         a_any, a_all = self.a._tiles(q_len, k_len, block_size, device)
@@ -278,26 +306,40 @@ class Full(Pattern):
         t = torch.ones(shape, dtype=torch.bool, device=device)
         return t, t.clone()
 
+    def _count_pairs(self, seq_len):
+        return seq_len * seq_len
+
     def __repr__(self) -> str:
         return "full()"
 
 
 class Band(Pattern):
-    """Pairs whose offset ``k - q`` lies in ``[lo, hi]`` (local windows, causality)."""
+    """Pairs whose offset ``k - q`` lies in ``[lo, hi]`` (local windows, causality).
 
-    def __init__(self, lo: int, hi: int, name: str) -> None:
+    ``lo=None`` means no lower bound. (No sentinel number stands in for infinity: kernels
+    evaluate positions in int32, where a large constant would silently wrap.)
+    """
+
+    def __init__(self, lo: int | None, hi: int, name: str) -> None:
         self.lo, self.hi, self.name = lo, hi, name
 
     def allowed(self, h, q, k):
         d = k - q
-        return (d >= self.lo) & (d <= self.hi)
+        return d <= self.hi if self.lo is None else (d >= self.lo) & (d <= self.hi)
 
     def _tiles(self, q_len, k_len, block_size, device):
         qf, ql, kf, kl = _extents(q_len, k_len, block_size, device)
         dmin, dmax = kf - ql, kl - qf  # offsets k - q take every integer in [dmin, dmax]
-        any_ = (dmax >= self.lo) & (dmin <= self.hi)
-        all_ = (dmin >= self.lo) & (dmax <= self.hi)
+        any_, all_ = dmin <= self.hi, dmax <= self.hi
+        if self.lo is not None:
+            any_, all_ = any_ & (dmax >= self.lo), all_ & (dmin >= self.lo)
         return any_, all_
+
+    def _count_pairs(self, seq_len):
+        q = torch.arange(seq_len, dtype=torch.int64)
+        first = torch.zeros_like(q) if self.lo is None else torch.clamp(q + self.lo, min=0)
+        last = torch.clamp(q + self.hi, max=seq_len - 1)
+        return int(torch.clamp(last - first + 1, min=0).sum())
 
     def __repr__(self) -> str:
         return self.name
@@ -315,6 +357,10 @@ class GlobalTokens(Pattern):
     def _tiles(self, q_len, k_len, block_size, device):
         qf, ql, kf, kl = _extents(q_len, k_len, block_size, device)
         return (qf < self.n) | (kf < self.n), (ql < self.n) | (kl < self.n)
+
+    def _count_pairs(self, seq_len):
+        rest = max(seq_len - self.n, 0)
+        return seq_len * seq_len - rest * rest
 
     def __repr__(self) -> str:
         return f"global_tokens({self.n})"
@@ -337,6 +383,10 @@ class Strided(Pattern):
         all_ = (dmin == dmax) & (torch.remainder(dmin, s) == 0) if s > 1 else torch.ones_like(any_)
         return any_, all_
 
+    def _count_pairs(self, seq_len):
+        d = torch.arange(0, seq_len, self.stride, dtype=torch.int64)  # |k - q| multiples
+        return int(2 * (seq_len - d).sum() - seq_len)
+
     def __repr__(self) -> str:
         return f"strided({self.stride})"
 
@@ -355,23 +405,21 @@ class Dilated(Pattern):
         self.w, self.r, self.s = list(segments), list(dilations), list(offsets)
         self.num_heads = len(self.w)
         self.name = name
-        self._params: dict[torch.device, Tensor] = {}
-
-    def _head_params(self, device: torch.device) -> Tensor:
-        """int64 ``[3, H]`` (segment, dilation, offset) per head, cached per device.
-
-        Created once outside any trace, so FlexAttention captures a real buffer.
-        """
-        if device not in self._params:
-            self._params[device] = torch.tensor([self.w, self.r, self.s], device=device)
-        return self._params[device]
 
     def allowed(self, h, q, k):
-        w, r, s = self._head_params(h.device)[:, h]
-        qo, ko = torch.remainder(q, w), torch.remainder(k, w)
-        seg_q = torch.div(q, w, rounding_mode="floor")
-        same_segment = seg_q == torch.div(k, w, rounding_mode="floor")
-        return same_segment & (torch.remainder(qo, r) == s) & (torch.remainder(ko, r) == s)
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        tw, tr, ts = (torch.tensor(x, device=device) for x in (self.w, self.r, self.s))
+
+        def kept_pair(h, q, k):
+            w, r, s = tw[h], tr[h], ts[h]
+            qo, ko = torch.remainder(q, w), torch.remainder(k, w)
+            seg_q = torch.div(q, w, rounding_mode="floor")
+            same_segment = seg_q == torch.div(k, w, rounding_mode="floor")
+            return same_segment & (torch.remainder(qo, r) == s) & (torch.remainder(ko, r) == s)
+
+        return kept_pair
 
     def _kept_segments(self, length: int, block_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """Per head and block: first and last segment holding a kept position, or empty.
@@ -414,12 +462,25 @@ class Dilated(Pattern):
         all_ = (qall[:, :, None] >= 0) & (qall[:, :, None] == kall[:, None, :])
         return any_, all_
 
+    def _count_pairs(self, seq_len):
+        total = 0
+        for w, r, s in zip(self.w, self.r, self.s):
+            starts = torch.arange(0, seq_len, w, dtype=torch.int64)
+            lengths = torch.clamp(seq_len - starts, max=w)
+            kept = torch.clamp(torch.div(lengths - s + r - 1, r, rounding_mode="floor"), min=0)
+            total += int((kept * kept).sum())
+        return total
+
     def __repr__(self) -> str:
         return self.name
 
 
 def _hash_cells(seed: int, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    """Deterministic 24-bit hash of (seed, head, cell row, cell column), elementwise."""
+    """Deterministic 24-bit hash of (seed, head, cell row, cell column), elementwise.
+
+    Computed in int64 whatever the index dtype (kernels pass int32), keeping the low 32 bits.
+    """
+    h, i, j = h.to(torch.int64), i.to(torch.int64), j.to(torch.int64)
     x = (h * 0x9E3779B1 + i * 0x85EBCA77 + j * 0xC2B2AE3D + seed * 0x27D4EB2F) & 0xFFFFFFFF
     for mul in (0x7FEB352D, 0x846CA68B):
         x = x ^ (x >> 16)
@@ -462,6 +523,15 @@ class RandomBlocks(Pattern):
         area = (r1 - r0) * (c1 - c0)
         return cnt > 0, cnt == area
 
+    def _count_pairs(self, seq_len):
+        c = self.cell
+        n = num_blocks(seq_len, c)
+        size = torch.clamp(seq_len - torch.arange(n, dtype=torch.int64) * c, max=c)
+        h = torch.arange(self.num_heads)[:, None, None]
+        cells = torch.arange(n)
+        on = self.allowed(h, cells[None, :, None] * c, cells[None, None, :] * c).to(torch.int64)
+        return int((on * size[None, :, None] * size[None, None, :]).sum())
+
     def __repr__(self) -> str:
         return f"random_blocks(density={self.p}, seed={self.seed}, cell={self.cell})"
 
@@ -478,7 +548,7 @@ def causal() -> Pattern:
 
 
 def _causal_band() -> Pattern:
-    return Band(_NEG_INF_POS, 0, "causal()")
+    return Band(None, 0, "causal()")
 
 
 def local_window(window: int, causal: bool = False) -> Pattern:
@@ -639,9 +709,17 @@ class KeyMask(Pattern):
         self.num_heads = valid.shape[0]
 
     def allowed(self, h, q, k):
-        v = self.valid.to(k.device)
-        hh = h if self.num_heads > 1 else torch.zeros_like(h)
-        return v[hh, torch.clamp(k, max=v.shape[1] - 1)] & (k < v.shape[1]) & (q >= 0)
+        return self.predicate(k.device)(h, q, k)
+
+    def predicate(self, device):
+        v = self.valid.to(device)
+        n, multi_head = v.shape[1], self.num_heads > 1
+
+        def valid_key(h, q, k):
+            hh = h if multi_head else torch.zeros_like(h)
+            return v[hh, torch.clamp(k, max=n - 1)] & (k < n) & (q >= 0)
+
+        return valid_key
 
     def _tiles(self, q_len, k_len, block_size, device):
         v = self.valid.to(device)[:, :k_len]

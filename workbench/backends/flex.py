@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from ..layout import BlockLayout
 from .problem import Problem
 
 __all__ = ["build_block_mask", "flex_attention", "flex_available"]
@@ -39,11 +40,27 @@ def _sorted_indices(sel: Tensor) -> tuple[Tensor, Tensor]:
     return count[None], order[None]
 
 
+KERNEL_TILE = 128  # FlexAttention's Triton kernels on Hopper need sparse blocks of 128k tokens
+
+
+def _kernel_layout(layout: BlockLayout) -> BlockLayout:
+    """On CUDA, tiles smaller than the kernel's are merged into 128-token tiles."""
+    b = layout.block_size
+    if layout.active.device.type != "cuda" or b % KERNEL_TILE == 0:
+        return layout
+    if KERNEL_TILE % b:
+        raise ValueError(
+            f"block_size={b} cannot be used with the flex backend on CUDA: use a divisor of "
+            f"{KERNEL_TILE} (it is merged into {KERNEL_TILE}-token tiles) or a multiple of it"
+        )
+    return layout.coarsen(KERNEL_TILE // b)
+
+
 def build_block_mask(problem: Problem, device: torch.device | str):
     """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    lay = problem.layout.to(device)
+    lay = _kernel_layout(problem.layout.to(device))
     b = lay.block_size
     full = lay.full.clone()
     if lay.q_len % b:
@@ -68,7 +85,7 @@ def build_block_mask(problem: Problem, device: torch.device | str):
 def _compiled():
     from torch.nn.attention.flex_attention import flex_attention as fa
 
-    return torch.compile(fa, dynamic=False)
+    return torch.compile(fa, dynamic=False, fullgraph=True)  # a graph break is an error
 
 
 RECOMPILE_LIMIT = 64

@@ -13,7 +13,9 @@ from ..layout import BlockLayout
 __all__ = ["MaskFn", "Problem"]
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``allowed(h, q, k) -> bool``: elementwise over int64 head index and absolute positions."""
+"""``allowed(h, q, k) -> bool``: elementwise over int64 head index and absolute positions.
+
+Must create no tensor when called (see :meth:`workbench.patterns.Pattern.predicate`)."""
 
 
 @dataclass(frozen=True)

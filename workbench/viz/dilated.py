@@ -144,14 +144,15 @@ def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, hea
                     title="dilation order: kept tokens first in each segment")
     axes[0, 1].set_xlabel("key position (reordered)")
     axes[0, 1].set_ylabel("query position (reordered)")
-    plot_block_layout(nat, ax=axes[1, 0], title=f"natural order: tiles of {block_size}")
-    plot_block_layout(ordl, ax=axes[1, 1], title=f"dilation order: tiles of {block_size}")
+    plot_block_layout(nat, ax=axes[1, 0], title=f"natural order: tiles of {block_size}",
+                      annotate=False)
+    plot_block_layout(ordl, ax=axes[1, 1], title=f"dilation order: tiles of {block_size}",
+                      annotate=False)
     _smooth(axes[0, 0])
     _smooth(axes[0, 1])
     for ax, lay in ((axes[1, 0], nat), (axes[1, 1], ordl)):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.texts[-1].remove()
         st = lay.stats()
         ax.text(0.02, -0.2, f"{st.active_blocks} active tiles, {st.full_blocks} full; "
                 f"computed density {st.density:.2%}", transform=ax.transAxes, fontsize=8,
