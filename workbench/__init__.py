@@ -6,19 +6,39 @@ independent choices: a **pattern** (:mod:`workbench.patterns`), an **ordering**
 (:mod:`workbench.backends`).
 """
 
-from . import backends, layout, orderings, patterns, records, ring, viz
+from . import (
+    adaptive,
+    backends,
+    curves,
+    layout,
+    multihead,
+    orderings,
+    patterns,
+    records,
+    ring,
+    viz,
+)
+from .adaptive import AdaptiveBlockSparseAttention, BlockSelection
 from .attention import BlockSparseAttention, block_sparse_attention
 from .dilated import dilated_attention
 from .layout import BlockLayout, LayoutStats
+from .multihead import BlockSparseMultiheadAttention, BlockSparseWeights
 
 __all__ = [
+    "AdaptiveBlockSparseAttention",
     "BlockLayout",
+    "BlockSelection",
     "BlockSparseAttention",
+    "BlockSparseMultiheadAttention",
+    "BlockSparseWeights",
     "LayoutStats",
+    "adaptive",
     "backends",
+    "curves",
     "block_sparse_attention",
     "dilated_attention",
     "layout",
+    "multihead",
     "orderings",
     "patterns",
     "records",

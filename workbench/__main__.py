@@ -1,4 +1,4 @@
-"""Command line: ``python -m workbench figures ...``.
+"""Command line: ``python -m workbench figures|bench ...``.
 
 Examples::
 
@@ -9,6 +9,10 @@ Examples::
     python -m workbench figures -p seq_len=1000 # override one parameter (JSON value)
     python -m workbench figures --check         # only check that declared figures exist
     python -m workbench figures --save-outputs  # also store the executed notebooks in notebooks/
+
+    python -m workbench bench --study cpu_small --seq-lens 1024 2048     # CPU, small
+    python -m workbench bench --study h100 --seq-lens 16384 65536 \
+        --variants ours flex_natural sdpa_dense --backward              # a GPU study
 """
 
 from __future__ import annotations
@@ -53,6 +57,32 @@ def _figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, layout_build_time, run_bench
+    from .records import write_csv
+
+    cfg = BenchConfig(
+        study=args.study, seq_lens=tuple(args.seq_lens), families=tuple(args.families),
+        variants=tuple(args.variants), batch=args.batch, heads=args.heads,
+        head_dim=args.head_dim, dtype=args.dtype, block_size=args.block_size, reps=args.reps,
+        warmup=args.warmup, backward=args.backward, device=args.device or BenchConfig.device,
+    )
+    rows = run_bench(cfg)
+    for r in rows:
+        print(f"{r['seq_len']:>8} {r['family']:>9} {r['variant']:>13} {r['pass']:>8} "
+              f"{r['ms']:>10} ms {r['useful_tflops']:>8} TFLOP/s {r['peak_mib']:>9} MiB "
+              f"{r['status']}")
+    if args.layout_timing:
+        lay = []
+        for s in args.layout_timing:
+            lay += layout_build_time(s, cfg.block_size, cfg.families, cfg.heads, cfg.device)
+        for r in lay:
+            print(f"layout {r['family']:>9} S={r['seq_len']} block={r['block_size']}: "
+                  f"{r['build_ms']} ms, {r['layout_mib']} MiB")
+        write_csv(lay, f"bench_{cfg.study}_layout", cfg.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +98,25 @@ def main(argv: list[str] | None = None) -> int:
     fig.add_argument("--save-outputs", action="store_true",
                      help="replace notebooks/*.ipynb with the executed ones (default parameters)")
     fig.set_defaults(func=_figures)
+    from .bench import FAMILIES, VARIANTS
+
+    ben = sub.add_parser("bench", help="time variants against baselines, write data/bench_*.csv")
+    ben.add_argument("--study", required=True, help="name of the study (data/bench_<study>.csv)")
+    ben.add_argument("--seq-lens", nargs="+", type=int, required=True)
+    ben.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ben.add_argument("--variants", nargs="+", default=["ours", "sdpa_dense"], choices=VARIANTS)
+    ben.add_argument("--batch", type=int, default=1)
+    ben.add_argument("--heads", type=int, default=16)
+    ben.add_argument("--head-dim", type=int, default=128)
+    ben.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ben.add_argument("--block-size", type=int, default=128)
+    ben.add_argument("--reps", type=int, default=20)
+    ben.add_argument("--warmup", type=int, default=3)
+    ben.add_argument("--backward", action="store_true", help="time forward+backward")
+    ben.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    ben.add_argument("--layout-timing", nargs="*", type=int, metavar="S",
+                     help="also time building each family's block layout at these lengths")
+    ben.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

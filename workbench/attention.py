@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .backends import BACKENDS, Problem, resolve_backend, run_backend
 from .layout import BlockLayout
+from .orderings import check_block_order
 from .patterns import Pattern
 from .ring import ring_attention
 
@@ -74,6 +75,7 @@ def block_sparse_attention(
     scale: float | None = None,
     ring_chunks: int = 1,
     layout: BlockLayout | None = None,
+    block_order: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention restricted to ``pattern``, computed tile by tile.
 
@@ -89,6 +91,11 @@ def block_sparse_attention(
         scale: score scale, default ``1 / sqrt(D)``.
         ring_chunks: run the ring schedule over this many K/V chunks (1 = one shot).
         layout: a precomputed ``pattern.block_structure(Sq, block_size, k_len=Sk)`` to reuse.
+        block_order: order in which the active tiles are visited: ``None`` (natural: by head,
+            query block, key block), ``"hilbert"`` or ``"morton"`` (along that curve over the
+            block grid: the *post-pattern* ordering). The pattern and the result do not change;
+            outputs equal the natural order's up to floating-point summation order (not
+            bitwise). Followed by the ``blockwise`` backend; ``flex`` and ``reference`` ignore it.
 
     Returns:
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
@@ -102,6 +109,7 @@ def block_sparse_attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(ring_chunks, bool) or not isinstance(ring_chunks, int) or ring_chunks < 1:
         raise ValueError(f"ring_chunks must be a positive int, got {ring_chunks!r}")
+    block_order = check_block_order(block_order)
     sq, sk = q.shape[2], k.shape[2]
     if layout is None:
         layout = pattern.block_structure(sq, block_size, q.device, k_len=sk)
@@ -111,7 +119,8 @@ def block_sparse_attention(
             f"{layout.block_size} but the inputs need {sq}, {sk}, {block_size}"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern))
+    problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern),
+                      block_order=block_order)
     name = resolve_backend(backend, q)
     if ring_chunks > 1:
         out, lse = ring_attention(q, k, v, problem, ring_chunks, name, return_lse)
@@ -124,7 +133,8 @@ class BlockSparseAttention(nn.Module):
     """Block-sparse (ring) attention over a fixed pattern, as an ``nn.Module``.
 
     Takes ``q, k, v`` ``[B, H, S, D]`` (no projections: see the multi-head module for those) and
-    caches the block layout per (query length, key length, device).
+    caches the block layout per (query length, key length, device). ``block_order="hilbert"``
+    visits the tiles along a Hilbert curve (see :func:`block_sparse_attention`).
 
     Example::
 
@@ -140,6 +150,7 @@ class BlockSparseAttention(nn.Module):
         backend: str = "auto",
         ring_chunks: int = 1,
         scale: float | None = None,
+        block_order: str | None = None,
     ) -> None:
         super().__init__()
         _check_pattern(pattern, pattern.num_heads)
@@ -147,6 +158,7 @@ class BlockSparseAttention(nn.Module):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.block_order = check_block_order(block_order)
         self.pattern = pattern
         self.block_size = block_size
         self.backend = backend
@@ -172,10 +184,11 @@ class BlockSparseAttention(nn.Module):
         check_qkv(q, k, v)
         return block_sparse_attention(
             q, k, v, self.pattern, self.block_size, backend=self.backend, return_lse=return_lse,
-            scale=self.scale, ring_chunks=self.ring_chunks,
+            scale=self.scale, ring_chunks=self.ring_chunks, block_order=self.block_order,
             layout=self.layout(q.shape[2], k.shape[2], q.device),
         )
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, block_size={self.block_size}, "
-                f"backend={self.backend!r}, ring_chunks={self.ring_chunks}")
+                f"backend={self.backend!r}, ring_chunks={self.ring_chunks}, "
+                f"block_order={self.block_order!r}")

@@ -5,19 +5,48 @@ of its segment; reordering the tokens of each segment so that the kept ones are 
 (the *dilation ordering*) turns the pattern into dense diagonal blocks that any dense kernel
 computes without waste. :func:`dilation_gather` gives the index map used by the fast dilated
 path; :func:`dilation_permutation` and :func:`permuted` let one look at the reordered pattern.
+
+Token grids (images, video) are orderings too: :func:`grid_permutation` lays the cells of a 2-D
+or 3-D grid out in ``raster``, ``morton`` or ``hilbert`` order (:mod:`workbench.curves` states
+the curves and the rule for grids that are not powers of two), and :func:`grid_neighborhood` is
+the local (Chebyshev-window) attention of such a grid seen in that order, with an exact block
+layout. A curve keeps 2-D neighbours close in 1-D, so the window's pairs gather into fewer tiles.
+
+Blocks have an order as well: :func:`block_visit_order` lists the active tiles of any layout
+along a curve over the (query block, key block) grid (the *post-pattern* order: the pattern and
+the result do not change, only the order in which tiles are computed), and
+:func:`cache_model` says how well an LRU cache of blocks serves a visit order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .layout import num_blocks
-from .patterns import Pattern, _refine
+from .curves import CURVES, _check_shape, _raster_coords, curve_order, hilbert_encode, morton_encode
+from .layout import BlockLayout, num_blocks
+from .patterns import Pattern, _check_int, _refine
 
-__all__ = ["dilation_gather", "dilation_permutation", "permuted"]
+__all__ = [
+    "BLOCK_ORDERS",
+    "CURVES",
+    "block_accesses",
+    "block_visit_order",
+    "cache_model",
+    "check_block_order",
+    "dilation_gather",
+    "dilation_permutation",
+    "grid_neighborhood",
+    "grid_permutation",
+    "inverse_permutation",
+    "permuted",
+    "reuse_distances",
+]
+
+BLOCK_ORDERS = (None, "natural", "hilbert", "morton")
 
 
 def dilation_gather(
@@ -88,3 +117,218 @@ def permuted(pattern: Pattern, perm: Tensor) -> Pattern:
     if perm.dim() != 1 or not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
         raise ValueError("perm must be a permutation of range(seq_len)")
     return _Permuted(pattern, perm)
+
+
+# --------------------------------------------------------------------- token grids
+def grid_permutation(shape: Sequence[int], order: str = "hilbert") -> Tensor:
+    """Token order of a 2-D/3-D grid: new position ``i`` holds raster (row-major) token ``perm[i]``.
+
+    ``order`` is ``"raster"`` (the identity), ``"morton"`` or ``"hilbert"``; see
+    :mod:`workbench.curves` for the curves and the rule on non-power-of-two grids.
+    ``x[..., perm, :]`` reorders a raster-ordered sequence; :func:`inverse_permutation` undoes it.
+    """
+    return curve_order(shape, order)
+
+
+def inverse_permutation(perm: Tensor) -> Tensor:
+    """``inv`` with ``inv[perm[i]] = i``, so ``x[perm][inv] == x`` (int64)."""
+    perm = torch.as_tensor(perm, dtype=torch.int64)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), dtype=torch.int64, device=perm.device)
+    return inv
+
+
+class GridNeighborhood(Pattern):
+    """Local attention on a 2-D/3-D token grid, with the tokens laid out in a curve order.
+
+    Token position ``i`` is grid cell ``perm[i]`` (``perm = grid_permutation(shape, order)``);
+    query ``i`` may attend key ``j`` when their cells are within ``radius`` along every axis
+    (Chebyshev distance ``<= radius``: a ``(2r+1)``-wide square/cube window, cut off at the grid
+    border, not shifted inwards as NATTEN does). The pattern is head-independent and is defined
+    for self-attention over exactly ``prod(shape)`` tokens.
+    """
+
+    def __init__(self, shape: Sequence[int], radius: int, order: str = "hilbert") -> None:
+        self.shape = _check_shape(shape)
+        self.radius = _check_int("radius", radius, 0)
+        self.order = order
+        self.perm = grid_permutation(self.shape, order)
+        self.coords = _raster_coords(self.shape)[self.perm]  # [N, dims]: cell of position i
+        self.num_tokens = self.perm.numel()
+        self._pred: dict[str, object] = {}
+
+    def allowed(self, h, q, k):
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        key = str(torch.device(device))
+        if key not in self._pred:
+            cols = [self.coords[:, i].contiguous().to(device) for i in range(len(self.shape))]
+            n, r = self.num_tokens, self.radius
+
+            def allowed(h, q, k):
+                qc, kc = torch.clamp(q, max=n - 1), torch.clamp(k, max=n - 1)
+                ok = (cols[0][qc] - cols[0][kc]).abs() <= r
+                for c in cols[1:]:
+                    ok = ok & ((c[qc] - c[kc]).abs() <= r)
+                return ok
+
+            self._pred[key] = allowed
+        return self._pred[key]
+
+    def _block_boxes(self, length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
+        """Per block, min and max cell coordinate along each axis (int64 ``[n, dims]``)."""
+        c = self.coords[:length].to(device)
+        n = num_blocks(length, block_size)
+        pad = n * block_size - length
+        if pad:  # repeat the last real token: min/max over real tokens are unchanged
+            c = torch.cat([c, c[-1:].expand(pad, -1)])
+        c = c.reshape(n, block_size, -1)
+        return c.amin(1), c.amax(1)
+
+    def _tiles(self, q_len, k_len, block_size, device):
+        n = self.num_tokens
+        if q_len > n or k_len > n:
+            raise ValueError(
+                f"grid_neighborhood over a {self.shape} grid has {n} tokens; got q_len={q_len}, "
+                f"k_len={k_len} (use seq_len = {n})"
+            )
+        qlo, qhi = self._block_boxes(q_len, block_size, device)
+        klo, khi = self._block_boxes(k_len, block_size, device)
+        r = self.radius
+        gap = torch.clamp(torch.maximum(klo[None] - qhi[:, None], qlo[:, None] - khi[None]), min=0)
+        span = torch.maximum(khi[None] - qlo[:, None], qhi[:, None] - klo[None])
+        maybe = (gap <= r).all(-1)[None]  # bounding boxes within reach: a necessary condition
+        full = (span <= r).all(-1)[None]  # every pair within reach along every axis: exact
+        undecided = maybe & ~full
+        r_any, r_all = _refine(self, undecided, q_len, k_len, block_size)
+        return full | r_any, full | r_all
+
+    def _count_pairs(self, seq_len):
+        if seq_len != self.num_tokens:
+            return None
+        total = 1
+        for s in self.shape:  # the window is a product over axes, whatever the token order
+            a = torch.arange(s)
+            total *= int(((a[:, None] - a[None, :]).abs() <= self.radius).sum())
+        return total
+
+    def __repr__(self) -> str:
+        return f"grid_neighborhood({self.shape}, radius={self.radius}, order={self.order!r})"
+
+
+def grid_neighborhood(shape: Sequence[int], radius: int, order: str = "hilbert") -> Pattern:
+    """Chebyshev-window attention on a 2-D/3-D grid whose tokens sit in ``order`` (see
+    :class:`GridNeighborhood`). Its block layout is exact and costs time proportional to the
+    tiles whose blocks' bounding boxes come within ``radius`` of each other, never ``S^2``.
+    """
+    if order not in CURVES:
+        raise ValueError(f"order must be one of {CURVES}, got {order!r}")
+    return GridNeighborhood(shape, radius, order)
+
+
+# --------------------------------------------------------------------- block visit orders
+def check_block_order(block_order: str | None) -> str | None:
+    """Validate a ``block_order`` argument; returns None for the natural order."""
+    if block_order not in BLOCK_ORDERS:
+        raise ValueError(
+            f"block_order must be one of {BLOCK_ORDERS} (None = natural row-major visit), got "
+            f"{block_order!r}"
+        )
+    return None if block_order == "natural" else block_order
+
+
+def block_visit_order(layout: BlockLayout | Tensor, block_order: str | None = "hilbert") -> Tensor:
+    """The active tiles of ``layout`` in visit order: int64 ``[P, 3]`` (head, q-block, k-block).
+
+    ``None``/``"natural"``: sorted by (head, query block, key block), what the blockwise backend
+    does by default. ``"hilbert"``/``"morton"``: head by head, the tiles follow the curve over the
+    ``nq x nk`` block grid (run on the enclosing power-of-two square; see
+    :mod:`workbench.curves`), so consecutive tiles share a query or key block or sit close.
+    Only the order changes: the set of tiles is the pattern's.
+    """
+    order = check_block_order(block_order)
+    active = layout.active if isinstance(layout, BlockLayout) else layout
+    tiles = active.nonzero()
+    if order is None or tiles.shape[0] == 0:
+        return tiles
+    nq, nk = active.shape[1], active.shape[2]
+    bits = max(1, math.ceil(math.log2(max(nq, nk))))
+    encode = hilbert_encode if order == "hilbert" else morton_encode
+    key = encode(tiles[:, 1:], bits) + tiles[:, 0] * (1 << (2 * bits))
+    return tiles[torch.argsort(key)]
+
+
+def block_accesses(tiles: Tensor) -> list[tuple[str, int, int]]:
+    """The blocks a visit touches, in order: per tile ``("q", h, qb)`` then ``("kv", h, kb)``.
+
+    A "q" entry stands for the query block with its running output; a "kv" entry for the key
+    and value blocks together (they are always read together).
+    """
+    out: list[tuple[str, int, int]] = []
+    for h, qb, kb in tiles.tolist():
+        out.append(("q", h, qb))
+        out.append(("kv", h, kb))
+    return out
+
+
+def reuse_distances(accesses: Iterable[Hashable]) -> Tensor:
+    """LRU stack distance of every access: the number of *distinct* other blocks touched since
+    this block's previous access (int64 ``[N]``; ``-1`` for a first touch, a cold miss).
+
+    An LRU cache of ``C`` blocks hits exactly the accesses with ``0 <= distance < C``.
+    Computed with a Fenwick tree over access times (``O(N log N)``).
+    """
+    acc = list(accesses)
+    n = len(acc)
+    tree = [0] * (n + 1)
+
+    def add(i: int, v: int) -> None:
+        i += 1
+        while i <= n:
+            tree[i] += v
+            i += i & -i
+
+    def prefix(i: int) -> int:  # sum over times [0, i)
+        s = 0
+        while i > 0:
+            s += tree[i]
+            i -= i & -i
+        return s
+
+    last: dict[Hashable, int] = {}
+    out = []
+    for t, a in enumerate(acc):
+        p = last.get(a)
+        if p is None:
+            out.append(-1)
+        else:
+            out.append(prefix(t) - prefix(p + 1))  # blocks whose latest touch is in (p, t)
+            add(p, -1)
+        add(t, 1)
+        last[a] = t
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def cache_model(tiles: Tensor, capacities: Sequence[int]) -> list[dict[str, float]]:
+    """LRU cache model of a tile visit order (see :func:`block_accesses`).
+
+    For each capacity ``C`` (in blocks) returns a row with ``capacity``, ``accesses``,
+    ``hits``, ``hit_rate``, ``cold_misses``, and the visit's ``mean_reuse_distance`` and
+    ``median_reuse_distance`` over re-accesses (the same on every row).
+    """
+    d = reuse_distances(block_accesses(tiles))
+    again = d[d >= 0].to(torch.float64)
+    mean = float(again.mean()) if again.numel() else float("nan")
+    median = float(again.median()) if again.numel() else float("nan")
+    rows = []
+    for c in capacities:
+        _check_int("capacity", c, 1)
+        hits = int(((d >= 0) & (d < c)).sum())
+        rows.append({
+            "capacity": c, "accesses": d.numel(), "hits": hits,
+            "hit_rate": hits / d.numel() if d.numel() else float("nan"),
+            "cold_misses": int((d < 0).sum()), "mean_reuse_distance": mean,
+            "median_reuse_distance": median,
+        })
+    return rows

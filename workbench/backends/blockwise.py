@@ -5,6 +5,9 @@ of a chunk are computed with batched matmuls, the token predicate is evaluated o
 that are not full, and each query row's running maximum, softmax denominator and weighted sum
 are updated with scatter/index-add (the online-softmax recurrence of FlashAttention, applied to
 a list of tiles instead of a loop). Memory is proportional to the chunk, not to ``S x S``.
+With ``problem.block_order`` set (e.g. ``"hilbert"``) the tiles are visited along that curve
+over the block grid instead (:func:`workbench.orderings.block_visit_order`); the result is the
+same up to floating-point summation order.
 
 The backward pass recomputes each chunk's probabilities from the saved log-sum-exp and also
 propagates gradients that reach the log-sum-exp (used when partial results are merged).
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..orderings import block_visit_order
 from .problem import Problem
 
 __all__ = ["blockwise_attention"]
@@ -31,9 +35,10 @@ _SCORE_BUDGET = 1 << 23  # score elements materialized per chunk (32 MiB in floa
 class _TilePlan:
     problem: Problem
     num_heads: int
-    tiles: Tensor  # int64 [P, 3]: head, query block, key block (sorted by head, query block)
+    tiles: Tensor  # int64 [P, 3]: head, query block, key block (in visit order)
     needs_mask: Tensor  # bool [P]: tile is partial or touches padding
     chunk: int  # tiles per chunk
+    rows_sorted: bool = True  # tiles sorted by (head, query block): rows are contiguous
 
     @property
     def nq(self) -> int:
@@ -54,14 +59,14 @@ class _TilePlan:
 def _plan(problem: Problem, num_heads: int, batch: int, device: torch.device) -> _TilePlan:
     lay = problem.layout.expand_heads(num_heads).to(device)
     b = lay.block_size
-    tiles = lay.active.nonzero()
+    tiles = block_visit_order(lay.active, problem.block_order)
     needs = ~lay.full[tuple(tiles.T)]
     if lay.q_len % b:
         needs |= tiles[:, 1] == lay.active.shape[1] - 1
     if lay.k_len % b:
         needs |= tiles[:, 2] == lay.active.shape[2] - 1
     chunk = max(1, _SCORE_BUDGET // (batch * b * b))
-    return _TilePlan(problem, num_heads, tiles, needs, chunk)
+    return _TilePlan(problem, num_heads, tiles, needs, chunk, problem.block_order is None)
 
 
 def _to_blocks(x: Tensor, n: int, b: int, dtype: torch.dtype) -> Tensor:
@@ -108,7 +113,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
     num = torch.zeros((bsz, rows, b, dv), dtype=acc, device=q.device)
     for t, needs, rq, rk in plan.chunks():
         s = _tile_scores(plan, qb, kb, t, needs, rq, rk)
-        urows, inv = torch.unique_consecutive(rq, return_inverse=True)
+        if plan.rows_sorted:
+            urows, inv = torch.unique_consecutive(rq, return_inverse=True)
+        else:  # a curve visit order interleaves query rows
+            urows, inv = torch.unique(rq, return_inverse=True)
         tile_max = s.amax(-1)
         chunk_max = torch.full((bsz, urows.numel(), b), -torch.inf, dtype=acc, device=q.device)
         chunk_max.scatter_reduce_(1, inv.view(1, -1, 1).expand_as(tile_max), tile_max, "amax")

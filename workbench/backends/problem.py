@@ -25,6 +25,12 @@ class Problem:
     ``layout`` says which tiles hold allowed pairs (and which are full); ``allowed`` decides
     pairs inside partial tiles. Positions are absolute: local query ``i`` is position
     ``q_offset + i`` (a ring schedule works on slices of a longer sequence).
+
+    ``block_order`` is the order in which a backend visits the active tiles: ``None`` (natural:
+    by head, query block, key block) or a curve name (``"hilbert"``, ``"morton"``; see
+    :func:`workbench.orderings.block_visit_order`). It never changes which pairs are computed,
+    only the floating-point summation order. The ``blockwise`` backend follows it; ``reference``
+    has no tiles and ``flex`` keeps its own order (both ignore it).
     """
 
     layout: BlockLayout
@@ -33,6 +39,7 @@ class Problem:
     q_offset: int = 0
     k_offset: int = 0
     label: str = ""  # what the pattern is, for messages (e.g. its repr)
+    block_order: str | None = None
 
     @property
     def num_heads(self) -> int:

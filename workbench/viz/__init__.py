@@ -1,5 +1,6 @@
 """Visualizers: patterns at token and block level, per head, with one save function."""
 
+from .curves import plot_curve, plot_visit_path
 from .density import plot_density_vs_length, plot_waste_vs_length
 from .dilated import (
     head_layout,
@@ -22,6 +23,7 @@ __all__ = [
     "figure_legend",
     "figures_dir",
     "head_layout",
+    "plot_curve",
     "plot_block_layout",
     "plot_density_vs_length",
     "plot_dilation_strips",
@@ -30,6 +32,7 @@ __all__ = [
     "plot_natural_vs_ordered",
     "plot_pattern",
     "plot_token_mask",
+    "plot_visit_path",
     "plot_waste_vs_length",
     "save_figure",
 ]

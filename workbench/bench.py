@@ -1,0 +1,257 @@
+"""Benchmark harness: time variants against baselines on the same inputs, write tidy CSV.
+
+Each measurement is the median of ``reps`` runs after ``warmup`` runs, timed with CUDA events
+on a GPU (``time.perf_counter`` on the CPU), with peak memory from the CUDA allocator. Rows go
+to ``data/bench_<study>.csv`` with the device, torch/Triton versions and date, so notebooks
+can plot them (``notebooks/06_scaling.ipynb``).
+
+Pattern families (``--families``), each at sequence length ``S``:
+
+- ``dense``: every pair; ``causal``: ``j <= i``;
+- ``random10``: BigBird-style random 128-token tiles at 10% density;
+- ``local``: causal sliding window of ``S / 16`` tokens (at least 256);
+- ``dilated``: LongNet head groups, segments ``S/32, S/16, S/8, S/4`` (at least 64 tokens),
+  dilations 1, 2, 4, 8 (the GPU study uses 2048..16384 at 64K).
+
+Variants (``--variants``):
+
+- ``ours``: the package's default way (``dilated_attention`` with the dilation ordering for
+  ``dilated``, ``block_sparse_attention`` with ``backend="auto"`` otherwise);
+- ``flex_natural``: FlexAttention with a ``BlockMask`` of the pattern in natural token order;
+- ``blockwise``: the pure-PyTorch backend; ``sdpa_dense``: dense SDPA with no mask (the cost
+  of ignoring sparsity); ``sdpa_masked``: SDPA with the dense boolean mask (small S only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import patterns as P
+from .attention import BlockSparseAttention
+from .dilated import dilated_attention
+from .records import environment, write_csv
+
+__all__ = ["BenchConfig", "FAMILIES", "VARIANTS", "family_pattern", "run_bench", "time_fn"]
+
+FAMILIES = ("dense", "causal", "random10", "local", "dilated")
+VARIANTS = ("ours", "flex_natural", "blockwise", "sdpa_dense", "sdpa_masked")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_MASKED_SDPA_LIMIT = 1 << 30  # largest H*S*S the dense-mask baseline may build
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark sweep."""
+
+    study: str
+    seq_lens: tuple[int, ...]
+    families: tuple[str, ...] = FAMILIES
+    variants: tuple[str, ...] = ("ours", "sdpa_dense")
+    batch: int = 1
+    heads: int = 16
+    head_dim: int = 128
+    dtype: str = "bf16"
+    block_size: int = 128
+    reps: int = 20
+    warmup: int = 3
+    backward: bool = False
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad:
+            raise ValueError(f"unknown families {bad}; choose from {FAMILIES}")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if not self.seq_lens or min(self.seq_lens) < 1:
+            raise ValueError(f"seq_lens must be positive lengths, got {self.seq_lens}")
+        if self.reps < 1 or self.warmup < 0:
+            raise ValueError("reps must be >= 1 and warmup >= 0")
+
+
+def dilated_params(seq_len: int) -> tuple[list[int], list[int]]:
+    """LongNet (segments, dilations) used by the ``dilated`` family at ``seq_len``."""
+    segs = [max(64, seq_len // d) for d in (32, 16, 8, 4)]
+    if seq_len == 65536:
+        segs = [2048, 4096, 8192, 16384]
+    return segs, [1, 2, 4, 8]
+
+
+def family_pattern(family: str, seq_len: int, heads: int) -> tuple[P.Pattern, str]:
+    """The pattern of ``family`` at ``seq_len`` and a short description of its parameters."""
+    if family == "dense":
+        return P.full(), "full"
+    if family == "causal":
+        return P.causal(), "causal"
+    if family == "random10":
+        return P.random_blocks(0.1, seed=0, cell=128), "density=0.1 cell=128 seed=0"
+    if family == "local":
+        w = max(256, seq_len // 16)
+        return P.local_window(w, causal=True), f"window={w} causal"
+    if family == "dilated":
+        segs, dils = dilated_params(seq_len)
+        return P.dilated(segs, dils, heads), f"segments={segs} dilations={dils} head_groups"
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def time_fn(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _variant_fn(
+    variant: str, family: str, pattern: P.Pattern, cfg: BenchConfig, seq_len: int,
+    q: Tensor, k: Tensor, v: Tensor,
+) -> Callable[[], Tensor] | None:
+    """A closure computing the forward output, or None if the variant does not apply."""
+    if variant == "ours" and family == "dilated":
+        segs, dils = dilated_params(seq_len)
+        return lambda: dilated_attention(q, k, v, segs, dils, mode="head_groups")
+    if variant in ("ours", "flex_natural", "blockwise"):
+        backend = {"ours": "auto", "flex_natural": "flex", "blockwise": "blockwise"}[variant]
+        if backend == "flex" and q.device.type == "cpu" and cfg.backward:
+            return None  # FlexAttention has no CPU backward
+        module = BlockSparseAttention(pattern, cfg.block_size, backend=backend)
+        module.layout(seq_len, seq_len, q.device)  # built once, outside the timing
+        return lambda: module(q, k, v)
+    if variant == "sdpa_dense":
+        causal = family == "causal"
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if variant == "sdpa_masked":
+        if pattern.num_heads * seq_len * seq_len > _MASKED_SDPA_LIMIT:
+            return None
+        mask = pattern.token_mask(seq_len, q.device)[None]
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    raise ValueError(variant)
+
+
+def _measure(fn: Callable[[], Tensor], cfg: BenchConfig, inputs: tuple[Tensor, ...],
+             device: torch.device) -> tuple[float, float]:
+    """(median ms, peak MiB above the inputs) of ``fn`` (forward, or forward+backward)."""
+    if cfg.backward:
+        grad = None
+
+        def step():
+            nonlocal grad
+            out = fn()
+            if grad is None:
+                grad = torch.randn_like(out)
+            torch.autograd.grad(out, inputs, grad)
+    else:
+        def step():
+            with torch.no_grad():
+                fn()
+    step()  # compile / first-call costs stay out of the timing and the memory peak
+    base = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    ms = time_fn(step, cfg.reps, cfg.warmup, device)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else 0
+    return ms, peak
+
+
+def _versions() -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    return {"triton": triton_version}
+
+
+def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) -> list[dict]:
+    """Run the sweep; returns the rows (and writes ``data/bench_<study>.csv``)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(cfg.device)
+    dtype = _DTYPES[cfg.dtype]
+    env = {**environment(device), **_versions()}
+    jobs = [(s, f, v) for s in cfg.seq_lens for f in cfg.families for v in cfg.variants]
+    rows: list[dict] = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for seq_len, family, variant in tqdm(jobs, desc=f"bench {cfg.study}", disable=not progress):
+        shape = (cfg.batch, cfg.heads, seq_len, cfg.head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen)
+                   .requires_grad_(cfg.backward) for _ in range(3))
+        pattern, params = family_pattern(family, seq_len, cfg.heads)
+        useful = pattern.density(seq_len)
+        computed = pattern.density(seq_len, cfg.block_size)
+        row = {"study": cfg.study, **env, "dtype": cfg.dtype, "batch": cfg.batch,
+               "heads": cfg.heads, "head_dim": cfg.head_dim, "seq_len": seq_len,
+               "family": family, "params": params, "variant": variant,
+               "pass": "fwd+bwd" if cfg.backward else "fwd", "block_size": cfg.block_size,
+               "useful_density": round(useful, 6), "computed_density": round(computed, 6),
+               "reps": cfg.reps}
+        fn = _variant_fn(variant, family, pattern, cfg, seq_len, q, k, v)
+        if fn is None:
+            continue
+        try:
+            ms, peak = _measure(fn, cfg, (q, k, v), device)
+            status = "ok"
+        except torch.OutOfMemoryError:
+            ms, peak, status = math.nan, math.nan, "oom"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        useful_flops = 4 * cfg.batch * cfg.heads * seq_len * seq_len * cfg.head_dim * useful
+        if cfg.backward:
+            useful_flops *= 3.5  # backward does 2.5x the forward's matmul work
+        row.update(status=status, ms=round(ms, 4), peak_mib=round(peak, 1),
+                   useful_tflops=round(useful_flops / ms / 1e9, 2) if status == "ok" else "")
+        rows.append(row)
+    if write and rows:
+        write_csv(rows, f"bench_{cfg.study}", device)
+    return rows
+
+
+def layout_build_time(seq_len: int, block_size: int, families: Iterable[str], heads: int,
+                      device: str) -> list[dict]:
+    """Seconds to build each family's exact block layout at ``seq_len`` (never ``S x S``)."""
+    dev = torch.device(device)
+    rows = []
+    for family in families:
+        pattern, params = family_pattern(family, seq_len, heads)
+        pattern.block_structure(min(seq_len, 4096), block_size, dev)  # warm up kernels
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        lay = pattern.block_structure(seq_len, block_size, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        rows.append({"family": family, "params": params, "seq_len": seq_len,
+                     "block_size": block_size, "build_ms": round((time.perf_counter() - t0) * 1e3,
+                                                                  2),
+                     "layout_mib": round(lay.active.numel() * 2 / 2**20, 1)})
+    return rows
