@@ -195,3 +195,18 @@ def test_dense_mask_layout_is_exact():
         nq, nk = lay.active.shape[1:]
         pad = F.pad(m, (0, nk * bs - 29, 0, nq * bs - 37)).reshape(2, nq, bs, nk, bs)
         assert torch.equal(lay.active, pad.any(4).any(2))
+
+
+def test_block_order_plugs_into_the_multihead_module():
+    torch.manual_seed(0)
+    x = torch.randn(2, 150, 32, dtype=torch.float64)
+    pattern = P.local_window(40) | P.global_tokens(3)
+    plain = BlockSparseMultiheadAttention(32, 4, batch_first=True, pattern=pattern,
+                                             block_size=16, dtype=torch.float64)
+    curve = BlockSparseMultiheadAttention(32, 4, batch_first=True, pattern=pattern,
+                                             block_size=16, block_order="hilbert",
+                                             dtype=torch.float64)
+    curve.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(curve(x, x, x)[0], plain(x, x, x)[0], atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="block_order"):
+        BlockSparseMultiheadAttention(32, 4, block_order="zigzag")

@@ -83,6 +83,32 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        print("  ".join(f"{k}={v}" for k, v in r.items() if k not in ("device", "torch", "date",
+                                                                       "triton")))
+
+
+def _bench_hilbert(args: argparse.Namespace) -> int:
+    from .bench import hilbert_study
+    from .records import write_csv
+
+    rows = hilbert_study(args.grids, args.radii, reps=args.reps, device=args.device)
+    _print_rows(rows)
+    write_csv(rows, "03_hilbert_gpu", args.device)
+    return 0
+
+
+def _bench_adaptive(args: argparse.Namespace) -> int:
+    from .bench import adaptive_cost_study
+    from .records import write_csv
+
+    rows = adaptive_cost_study(args.seq_lens, reps=args.reps, device=args.device)
+    _print_rows(rows)
+    write_csv(rows, "04_selection_cost_gpu", args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     ben.add_argument("--layout-timing", nargs="*", type=int, metavar="S",
                      help="also time building each family's block layout at these lengths")
     ben.set_defaults(func=_bench)
+
+    hil = sub.add_parser("bench-hilbert", help="2-D neighbourhood attention: token and visit "
+                         "orders on the GPU (data/03_hilbert_gpu.csv)")
+    hil.add_argument("--grids", nargs="+", type=int, default=[128, 256])
+    hil.add_argument("--radii", nargs="+", type=int, default=[4, 16])
+    hil.add_argument("--reps", type=int, default=20)
+    hil.add_argument("--device", default="cuda")
+    hil.set_defaults(func=_bench_hilbert)
+
+    ada = sub.add_parser("bench-adaptive", help="adaptive selection cost vs attention "
+                         "(data/04_selection_cost_gpu.csv)")
+    ada.add_argument("--seq-lens", nargs="+", type=int, default=[16384, 65536])
+    ada.add_argument("--reps", type=int, default=20)
+    ada.add_argument("--device", default="cuda")
+    ada.set_defaults(func=_bench_adaptive)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -29,6 +29,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -233,6 +234,77 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
         rows.append(row)
     if write and rows:
         write_csv(rows, f"bench_{cfg.study}", device)
+    return rows
+
+
+def hilbert_study(grids: Iterable[int], radii: Iterable[int], *, heads: int = 16,
+                  head_dim: int = 128, block_size: int = 128, reps: int = 20,
+                  device: str = "cuda") -> list[dict]:
+    """2-D neighbourhood attention on ``g x g`` grids: token order x block visit order.
+
+    FlexAttention forward (bf16 on CUDA, fp32 otherwise) with the grid pattern in raster,
+    Morton and Hilbert token order, each with natural and Hilbert tile visit order.
+    """
+    from .attention import block_sparse_attention
+    from .orderings import grid_neighborhood
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    env = {**environment(dev), **_versions()}
+    rows = []
+    for g in grids:
+        shape = (1, heads, g * g, head_dim)
+        q, k, v = (torch.randn(shape, device=dev, dtype=dtype) for _ in range(3))
+        for r in radii:
+            for token_order in ("raster", "morton", "hilbert"):
+                pattern = grid_neighborhood((g, g), r, token_order)
+                lay = pattern.block_structure(g * g, block_size, dev)
+                for block_order in (None, "hilbert"):
+                    def fn(p=pattern, lay=lay, bo=block_order, q=q, k=k, v=v):
+                        with torch.no_grad():
+                            return block_sparse_attention(q, k, v, p, block_size, backend="flex",
+                                                          layout=lay, block_order=bo)
+                    fn()
+                    rows.append({**env, "grid": f"{g}x{g}", "radius": r,
+                                 "block_size": block_size, "token_order": token_order,
+                                 "block_order": block_order or "natural", "backend": "flex",
+                                 "computed_density": round(lay.stats().density, 5),
+                                 "ms": round(time_fn(fn, reps, 3, dev), 4)})
+    return rows
+
+
+def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: int = 128,
+                        block_size: int = 128, density: float = 0.1, reps: int = 20,
+                        device: str = "cuda") -> list[dict]:
+    """Time of the adaptive block selection against the attention it selects for."""
+    from .adaptive import AdaptiveBlockSparseAttention, fold_batch
+    from .attention import block_sparse_attention
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    env = {**environment(dev), **_versions()}
+    rows = []
+    for s in seq_lens:
+        q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=dtype) for _ in range(3))
+        attn = AdaptiveBlockSparseAttention(block_size, density).to(dev)
+        with torch.no_grad():
+            sel = attn.select(q, k)
+            pattern = sel.pattern()
+            lay = pattern.block_structure(s, block_size, dev)
+            qf, kf, vf = fold_batch(q), fold_batch(k), fold_batch(v)
+            calls = {
+                "select": partial(attn.select, q, k),
+                "attention": partial(block_sparse_attention, qf, kf, vf, pattern, block_size,
+                                     layout=lay),
+                "end_to_end": partial(attn, q, k, v),
+            }
+            select_ms, attend_ms, total_ms = (time_fn(f, reps, 3, dev) for f in calls.values())
+        rows.append({**env, "seq_len": s, "heads": heads, "head_dim": head_dim,
+                     "block_size": block_size, "density": density,
+                     "selected_density": round(float(sel.selected.float().mean()), 5),
+                     "select_ms": round(select_ms, 4), "attention_ms": round(attend_ms, 4),
+                     "end_to_end_ms": round(total_ms, 4),
+                     "select_fraction": round(select_ms / attend_ms, 4)})
     return rows
 
 

@@ -54,6 +54,7 @@ from . import patterns as P
 from .attention import block_sparse_attention
 from .backends import BACKENDS
 from .layout import num_blocks
+from .orderings import check_block_order
 from .patterns import KeyMask, Pattern
 
 __all__ = [
@@ -209,6 +210,8 @@ class BlockSparseMultiheadAttention(nn.Module):
         block_size: tile edge of the block layout.
         backend: ``"auto"``, ``"blockwise"``, ``"flex"`` or ``"reference"``.
         ring_chunks: ring schedule over this many K/V chunks (1 = one shot).
+        block_order: post-pattern tile visit order (``None``, ``"hilbert"``, ``"morton"``); see
+            :func:`~workbench.block_sparse_attention`.
         sub_layer_norm: MAGNETO/LongNet Sub-LN before the output projection (off by default).
         dense_weights_limit: largest ``B * H * S_q * S_k`` for which ``need_weights=True``
             returns dense weights; above it :class:`BlockSparseWeights`.
@@ -238,6 +241,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         block_size: int = 64,
         backend: str = "auto",
         ring_chunks: int = 1,
+        block_order: str | None = None,
         sub_layer_norm: bool = False,
         dense_weights_limit: int = DENSE_WEIGHTS_LIMIT,
     ) -> None:
@@ -289,6 +293,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.block_size = block_size
         self.backend = backend
         self.ring_chunks = ring_chunks
+        self.block_order = check_block_order(block_order)
         self.dense_weights_limit = dense_weights_limit
         self._reset_parameters()
 
@@ -410,7 +415,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         if fold:
             q, k, v = (x.reshape(1, bsz * h, *x.shape[2:]) for x in (q, k, v))
         out = block_sparse_attention(q, k, v, pattern, self.block_size, backend=self.backend,
-                                     ring_chunks=self.ring_chunks)
+                                     ring_chunks=self.ring_chunks, block_order=self.block_order)
         weights = None
         if need_weights:
             weights = self._weights(q, k, pattern, fold, bsz, average_attn_weights)

@@ -2,7 +2,8 @@
 
 Full tiles go into FlexAttention's ``full_kv_*`` lists (the kernel skips the mask function
 there), partial tiles into ``kv_*`` with the pattern's token predicate as ``mask_mod``; the
-``S x S`` mask is never evaluated. ``flex_attention`` is compiled once per process
+``S x S`` mask is never evaluated. A ``block_order`` ("hilbert", "morton") sorts each query
+block's key blocks along the curve. ``flex_attention`` is compiled once per process
 (``dynamic=False``). Python numbers inside a pattern (a window, a segment length) are baked into
 the kernel, so each new shape or new pattern parameters compile once; every such compile is
 announced on stderr, and calls run with Dynamo told to raise, not to fall back to slow eager
@@ -33,11 +34,30 @@ def flex_available() -> bool:
     return True
 
 
-def _sorted_indices(sel: Tensor) -> tuple[Tensor, Tensor]:
-    """(count, column indices with selected ones first, in increasing order) as int32."""
+def _sorted_indices(sel: Tensor, rank: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(count, column indices with selected ones first) as int32.
+
+    Selected columns come in increasing order, or by ``rank`` (int64 ``[H, nq, nk]``, the
+    position of each tile in a visit order) when given.
+    """
     count = sel.sum(-1, dtype=torch.int32)
-    order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return count[None], order[None]
+    if rank is None:
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+    else:
+        order = torch.argsort(torch.where(sel, rank, torch.iinfo(torch.int64).max), dim=-1)
+    return count[None], order.to(torch.int32)[None]
+
+
+def _visit_rank(layout: BlockLayout, block_order: str | None) -> Tensor | None:
+    """Position of every active tile in the ``block_order`` visit (None: natural order)."""
+    if block_order is None:
+        return None
+    from ..orderings import block_visit_order
+
+    tiles = block_visit_order(layout, block_order)
+    rank = torch.zeros(layout.shape, dtype=torch.int64, device=tiles.device)
+    rank[tuple(tiles.T)] = torch.arange(tiles.shape[0], device=tiles.device)
+    return rank
 
 
 KERNEL_TILE = 128  # FlexAttention's Triton kernels on Hopper need sparse blocks of 128k tokens
@@ -68,8 +88,11 @@ def build_block_mask(problem: Problem, device: torch.device | str):
     if lay.k_len % b:
         full[:, :, -1] = False
     partial = lay.active & ~full
-    kv_n, kv_i = _sorted_indices(partial)
-    f_n, f_i = _sorted_indices(full)
+    # A post-pattern visit order reorders each query block's key blocks (FlexAttention's grid
+    # fixes the order of query blocks itself).
+    rank = _visit_rank(lay, problem.block_order)
+    kv_n, kv_i = _sorted_indices(partial, rank)
+    f_n, f_i = _sorted_indices(full, rank)
     allowed, q_off, k_off = problem.allowed, problem.q_offset, problem.k_offset
     q_len, k_len = lay.q_len, lay.k_len
 

@@ -36,7 +36,8 @@ def _families(df, families=None):
 def _variants(df):
     order = list(VARIANT_STYLE)
     present = set(df["variant"])
-    return [v for v in order if v in present] + sorted(present - set(order))
+    return [v for v in order if v in present and v != "ours"] + sorted(present - set(order)) \
+        + (["ours"] if "ours" in present else [])
 
 
 def _style(variant):
@@ -52,6 +53,15 @@ def environment_note(df) -> str:
             if vals:
                 parts.append(prefix + ", ".join(vals))
     return " · ".join(parts)
+
+
+def _line(variant):
+    """Line style of ``variant``; ``ours`` is drawn on top, smaller, so that a baseline it
+    coincides with stays visible underneath."""
+    c, m, _ = _style(variant)
+    if variant == "ours":
+        return dict(color=c, marker=m, ms=4.5, lw=1.5, zorder=4)
+    return dict(color=c, marker=m, ms=7, lw=2.4, alpha=0.85, zorder=3)
 
 
 def _log_length_axis(ax, lengths):
@@ -82,6 +92,8 @@ def _legend(fig, axes, extra_handles=()):
         if h.get_label() not in labels:
             handles.append(h)
             labels.append(h.get_label())
+    order = sorted(range(len(labels)), key=lambda i: labels[i] != "ours")  # ours first
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False,
                bbox_to_anchor=(0.5, -0.005))
 
@@ -95,7 +107,8 @@ def plot_time_vs_length(df, *, floor=None, families=None, passes=("fwd", "fwd+bw
     """
     fams = _families(df, families)
     passes = [p for p in passes if (df["pass"] == p).any()]
-    fig, axes = plt.subplots(len(passes), len(fams), figsize=(3.1 * len(fams), 3.0 * len(passes)),
+    height = 3.0 * len(passes) + (0.9 if len(passes) == 1 else 0.0)
+    fig, axes = plt.subplots(len(passes), len(fams), figsize=(3.1 * len(fams), height),
                              squeeze=False, sharex=True)
     lengths = sorted(df["seq_len"].unique())
     for i, ps in enumerate(passes):
@@ -104,8 +117,8 @@ def plot_time_vs_length(df, *, floor=None, families=None, passes=("fwd", "fwd+bw
             sub = df[(df["family"] == fam) & (df["pass"] == ps) & (df["status"] == "ok")]
             for var in _variants(sub):
                 r = sub[sub["variant"] == var].sort_values("seq_len")
-                c, m, lab = _style(var)
-                ax.plot(r["seq_len"], r["ms"], color=c, marker=m, ms=5, lw=1.6, label=lab)
+                lab = _style(var)[2]
+                ax.plot(r["seq_len"], r["ms"], label=lab, **_line(var))
             if floor is not None:
                 f = floor[(floor["family"] == fam) & (floor["pass"] == ps)].sort_values("seq_len")
                 if len(f):
@@ -148,9 +161,8 @@ def plot_useful_tflops(df, *, families=None, passes=("fwd", "fwd+bwd"), referenc
                             ls=":", lw=1.0, label=f"{target_fraction:.0%} of dense SDPA rate")
             for var in _variants(sub):
                 r = sub[sub["variant"] == var].sort_values("seq_len")
-                c, m, lab = _style(var)
-                ax.plot(r["seq_len"], r["useful_tflops"].astype(float), color=c, marker=m, ms=5,
-                        lw=1.6, label=lab)
+                lab = _style(var)[2]
+                ax.plot(r["seq_len"], r["useful_tflops"].astype(float), label=lab, **_line(var))
             _log_length_axis(ax, lengths)
             ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
@@ -168,7 +180,7 @@ def plot_memory_vs_length(df, *, families=None, pass_="fwd", title="", note=""):
     """Log-log peak memory above the inputs (MiB) vs ``S``, one panel per family."""
     fams = _families(df, families)
     sub_all = df[(df["pass"] == pass_) & (df["status"] == "ok")]
-    fig, axes = plt.subplots(1, len(fams), figsize=(3.1 * len(fams), 3.1), squeeze=False,
+    fig, axes = plt.subplots(1, len(fams), figsize=(3.1 * len(fams), 3.9), squeeze=False,
                              sharey=True)
     lengths = sorted(sub_all["seq_len"].unique())
     for j, fam in enumerate(fams):
@@ -176,8 +188,8 @@ def plot_memory_vs_length(df, *, families=None, pass_="fwd", title="", note=""):
         sub = sub_all[sub_all["family"] == fam]
         for var in _variants(sub):
             r = sub[sub["variant"] == var].sort_values("seq_len")
-            c, m, lab = _style(var)
-            ax.plot(r["seq_len"], r["peak_mib"], color=c, marker=m, ms=5, lw=1.6, label=lab)
+            lab = _style(var)[2]
+            ax.plot(r["seq_len"], r["peak_mib"], label=lab, **_line(var))
         ax.set_yscale("log")
         _log_length_axis(ax, lengths)
         ax.grid(True, which="major", alpha=0.3)
@@ -192,12 +204,12 @@ def plot_memory_vs_length(df, *, families=None, pass_="fwd", title="", note=""):
 def _finish(fig, axes, title, note):
     """Title (with the environment ``note`` on a second, smaller line) on top, legend below."""
     nrows = axes.shape[0]
-    top = {1: 0.83, 2: 0.9}.get(nrows, 0.92)
-    bottom = {1: 0.2, 2: 0.11}.get(nrows, 0.08)
+    top = {1: 0.86, 2: 0.9}.get(nrows, 0.92)
+    bottom = {1: 0.15, 2: 0.1}.get(nrows, 0.08)
     fig.tight_layout(rect=(0, bottom, 1, top))
     _legend(fig, axes)
     if title:
         fig.suptitle(title, fontsize=12, y=0.995, va="top")
     if note:
-        fig.text(0.5, 0.995 - (0.075 if nrows == 1 else 0.04), note, ha="center", va="top",
+        fig.text(0.5, 0.995 - (0.06 if nrows == 1 else 0.04), note, ha="center", va="top",
                  fontsize=8.5, color="0.3")
