@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from . import patterns as P
 from .attention import block_sparse_attention, check_qkv
-from .layout import block_extents, num_blocks
+from .layout import cells_to_tiles, num_blocks
 from .patterns import Pattern
 
 __all__ = [
@@ -110,19 +110,7 @@ class BlockSelection(Pattern):
         if (q_len, k_len) != (self.q_len, self.k_len):
             raise ValueError(f"this selection is for q_len={self.q_len}, k_len={self.k_len}; "
                              f"got {q_len}, {k_len}")
-        sel = self.selected.to(device)
-        c = self.cell
-        if block_size == c:
-            return sel, sel.clone()
-        on = sel.to(torch.int64)
-        pre = F.pad(on.cumsum(1).cumsum(2), (1, 0, 1, 0))
-        qe = block_extents(q_len, block_size, device) // c
-        ke = block_extents(k_len, block_size, device) // c
-        r0, r1 = qe[:, 0][None, :, None], qe[:, 1][None, :, None] + 1
-        c0, c1 = ke[:, 0][None, None, :], ke[:, 1][None, None, :] + 1
-        hh = torch.arange(self.num_heads, device=device)[:, None, None]
-        cnt = pre[hh, r1, c1] - pre[hh, r0, c1] - pre[hh, r1, c0] + pre[hh, r0, c0]
-        return cnt > 0, cnt == (r1 - r0) * (c1 - c0)
+        return cells_to_tiles(self.selected.to(device), self.cell, q_len, k_len, block_size)
 
     def __repr__(self) -> str:
         return f"block_selection({tuple(self.selected.shape)}, block={self.cell})"

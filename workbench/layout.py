@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BlockLayout", "LayoutStats", "block_extents", "num_blocks"]
+__all__ = ["BlockLayout", "LayoutStats", "block_extents", "cells_to_tiles", "num_blocks"]
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -29,6 +29,28 @@ def block_extents(length: int, block_size: int, device: torch.device | str = "cp
     first = torch.arange(n, device=device, dtype=torch.int64) * block_size
     last = torch.clamp(first + block_size, max=length) - 1
     return torch.stack([first, last], dim=1)
+
+
+def cells_to_tiles(
+    on: Tensor, cell: int, q_len: int, k_len: int, block_size: int
+) -> tuple[Tensor, Tensor]:
+    """Exact (any, all) tiles of ``block_size`` from a grid of ``cell x cell`` on/off cells.
+
+    ``on`` is bool ``[H, ceil(q_len / cell), ceil(k_len / cell)]``. A tile is active if a cell
+    it overlaps is on, full if every such cell is on (each overlapping cell holds real pairs of
+    the tile). Uses 2-D prefix sums, so any tile and cell sizes work.
+    """
+    if block_size == cell:
+        return on, on.clone()
+    device = on.device
+    pre = torch.nn.functional.pad(on.to(torch.int64).cumsum(1).cumsum(2), (1, 0, 1, 0))
+    qe = block_extents(q_len, block_size, device) // cell
+    ke = block_extents(k_len, block_size, device) // cell
+    r0, r1 = qe[:, 0][None, :, None], qe[:, 1][None, :, None] + 1
+    c0, c1 = ke[:, 0][None, None, :], ke[:, 1][None, None, :] + 1
+    hh = torch.arange(on.shape[0], device=device)[:, None, None]
+    cnt = pre[hh, r1, c1] - pre[hh, r0, c1] - pre[hh, r1, c0] + pre[hh, r0, c0]
+    return cnt > 0, cnt == (r1 - r0) * (c1 - c0)
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ broadcasts against any number of heads.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .layout import BlockLayout, LayoutStats, block_extents, num_blocks
+from .layout import BlockLayout, LayoutStats, block_extents, cells_to_tiles, num_blocks
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -231,19 +232,35 @@ def _refine(
     return any_, all_
 
 
-class Union(Pattern):
-    """Pairs allowed by either pattern (``a | b``)."""
+class _Combination(Pattern):
+    """Two patterns joined elementwise by ``op`` (written ``symbol``)."""
+
+    symbol = ""
 
     def __init__(self, a: Pattern, b: Pattern) -> None:
         self.a, self.b = a, b
         self.num_heads = _combined_heads(a, b)
 
+    @staticmethod
+    def op(x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
-        fa, fb = self.a.predicate(device), self.b.predicate(device)
-        return lambda h, q, k: fa(h, q, k) | fb(h, q, k)
+        fa, fb, op = self.a.predicate(device), self.b.predicate(device), self.op
+        return lambda h, q, k: op(fa(h, q, k), fb(h, q, k))
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} {self.symbol} {self.b!r})"
+
+
+class Union(_Combination):
+    """Pairs allowed by either pattern (``a | b``)."""
+
+    symbol = "|"
+    op = staticmethod(operator.or_)
 
     def _tiles(self, q_len, k_len, block_size, device):
         a_any, a_all = self.a._tiles(q_len, k_len, block_size, device)
@@ -255,23 +272,12 @@ class Union(Pattern):
         _, r_all = _refine(self, undecided, q_len, k_len, block_size)
         return any_, all_ | r_all
 
-    def __repr__(self) -> str:
-        return f"({self.a!r} | {self.b!r})"
 
-
-class Intersection(Pattern):
+class Intersection(_Combination):
     """Pairs allowed by both patterns (``a & b``)."""
 
-    def __init__(self, a: Pattern, b: Pattern) -> None:
-        self.a, self.b = a, b
-        self.num_heads = _combined_heads(a, b)
-
-    def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return self.predicate(q.device)(h, q, k)
-
-    def predicate(self, device):
-        fa, fb = self.a.predicate(device), self.b.predicate(device)
-        return lambda h, q, k: fa(h, q, k) & fb(h, q, k)
+    symbol = "&"
+    op = staticmethod(operator.and_)
 
     def _tiles(self, q_len, k_len, block_size, device):
         a_any, a_all = self.a._tiles(q_len, k_len, block_size, device)
@@ -282,9 +288,6 @@ class Intersection(Pattern):
         undecided = (a_any & b_any & ~sure).expand(self.num_heads, *sure.shape[1:])
         r_any, _ = _refine(self, undecided, q_len, k_len, block_size)
         return sure | r_any, all_
-
-    def __repr__(self) -> str:
-        return f"({self.a!r} & {self.b!r})"
 
 
 # --------------------------------------------------------------------- primitives
@@ -511,17 +514,8 @@ class RandomBlocks(Pattern):
         h = torch.arange(self.num_heads, device=device)[:, None, None]
         i = torch.arange(nq, device=device)[None, :, None]
         j = torch.arange(nk, device=device)[None, None, :]
-        on = (self.allowed(h, i * c, j * c)).to(torch.int64)  # [H, nq, nk] cell grid
-        # 2-D prefix sums count the active cells under any rectangle of cells.
-        pre = torch.nn.functional.pad(on.cumsum(1).cumsum(2), (1, 0, 1, 0))
-        qe = block_extents(q_len, block_size, device) // c
-        ke = block_extents(k_len, block_size, device) // c
-        r0, r1 = qe[:, 0][None, :, None], qe[:, 1][None, :, None] + 1
-        c0, c1 = ke[:, 0][None, None, :], ke[:, 1][None, None, :] + 1
-        hh = torch.arange(self.num_heads, device=device)[:, None, None]
-        cnt = pre[hh, r1, c1] - pre[hh, r0, c1] - pre[hh, r1, c0] + pre[hh, r0, c0]
-        area = (r1 - r0) * (c1 - c0)
-        return cnt > 0, cnt == area
+        on = self.allowed(h, i * c, j * c)  # [H, nq, nk] cell grid
+        return cells_to_tiles(on, c, q_len, k_len, block_size)
 
     def _count_pairs(self, seq_len):
         c = self.cell
