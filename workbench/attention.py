@@ -95,7 +95,8 @@ def block_sparse_attention(
             query block, key block), ``"hilbert"`` or ``"morton"`` (along that curve over the
             block grid: the *post-pattern* ordering). The pattern and the result do not change;
             outputs equal the natural order's up to floating-point summation order (not
-            bitwise). Followed by the ``blockwise`` backend; ``flex`` and ``reference`` ignore it.
+            bitwise). ``blockwise`` follows it; ``flex`` sorts each query block's key blocks
+            along it (its kernel fixes the order of query blocks); ``reference`` has no tiles.
 
     Returns:
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key

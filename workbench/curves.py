@@ -114,6 +114,21 @@ def morton_decode(index: Tensor, dims: int, bits: int) -> Tensor:
     return torch.stack(_deinterleave(_index(index, dims, bits), dims, bits), dim=-1)
 
 
+def _invert_or_exchange(x: list[Tensor], i: int, q: int) -> None:
+    """Skilling's per-level step on bit ``q`` of axis ``i``, in place (its own inverse).
+
+    Where axis ``i`` has the bit set, the low bits of axis 0 are inverted; elsewhere the low
+    bits of axes 0 and ``i`` are exchanged.
+    """
+    p = q - 1
+    hit = (x[i] & q) != 0
+    t = (x[0] ^ x[i]) & p
+    x0 = torch.where(hit, x[0] ^ p, x[0] ^ t)
+    if i:
+        x[i] = torch.where(hit, x[i], x[i] ^ t)
+    x[0] = x0
+
+
 def hilbert_encode(coords: Tensor, bits: int) -> Tensor:
     """Hilbert index of integer ``coords`` ``[..., dims]`` in a ``2**bits`` square/cube.
 
@@ -126,14 +141,8 @@ def hilbert_encode(coords: Tensor, bits: int) -> Tensor:
         return torch.zeros_like(x[0])
     q = 1 << (bits - 1)
     while q > 1:
-        p = q - 1
         for i in range(n):
-            hit = (x[i] & q) != 0
-            t = (x[0] ^ x[i]) & p
-            x0 = torch.where(hit, x[0] ^ p, x[0] ^ t)
-            if i:
-                x[i] = torch.where(hit, x[i], x[i] ^ t)
-            x[0] = x0
+            _invert_or_exchange(x, i, q)
         q >>= 1
     for i in range(1, n):
         x[i] = x[i] ^ x[i - 1]
@@ -159,14 +168,8 @@ def hilbert_decode(index: Tensor, dims: int, bits: int) -> Tensor:
     x[0] = x[0] ^ t
     q = 2
     while q != (1 << bits):
-        p = q - 1
         for i in range(n - 1, -1, -1):
-            hit = (x[i] & q) != 0
-            t = (x[0] ^ x[i]) & p
-            x0 = torch.where(hit, x[0] ^ p, x[0] ^ t)
-            if i:
-                x[i] = torch.where(hit, x[i], x[i] ^ t)
-            x[0] = x0
+            _invert_or_exchange(x, i, q)
         q <<= 1
     return torch.stack(x, dim=-1)
 

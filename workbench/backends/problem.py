@@ -29,8 +29,9 @@ class Problem:
     ``block_order`` is the order in which a backend visits the active tiles: ``None`` (natural:
     by head, query block, key block) or a curve name (``"hilbert"``, ``"morton"``; see
     :func:`workbench.orderings.block_visit_order`). It never changes which pairs are computed,
-    only the floating-point summation order. The ``blockwise`` backend follows it; ``reference``
-    has no tiles and ``flex`` keeps its own order (both ignore it).
+    only the floating-point summation order. The ``blockwise`` backend follows it; ``flex`` sorts
+    each query block's key blocks along it (its kernel fixes the order of query blocks);
+    ``reference`` has no tiles.
     """
 
     layout: BlockLayout

@@ -98,6 +98,16 @@ def _legend(fig, axes, extra_handles=()):
                bbox_to_anchor=(0.5, -0.005))
 
 
+def _label_panel(ax, top: bool, bottom: bool, left: bool, family: str, ylabel: str) -> None:
+    """Titles on the top row, x labels on the bottom row, y labels on the left column."""
+    if top:
+        ax.set_title(family)
+    if bottom:
+        ax.set_xlabel("sequence length S")
+    if left:
+        ax.set_ylabel(ylabel)
+
+
 def plot_time_vs_length(df, *, floor=None, families=None, passes=("fwd", "fwd+bwd"),
                         title="", note=""):
     """Log-log time vs ``S``: one column per family, one row per pass, lines per variant.
@@ -126,12 +136,7 @@ def plot_time_vs_length(df, *, floor=None, families=None, passes=("fwd", "fwd+bw
             ax.set_yscale("log")
             _log_length_axis(ax, lengths)
             ax.grid(True, which="major", alpha=0.3)
-            if i == 0:
-                ax.set_title(fam)
-            if i == len(passes) - 1:
-                ax.set_xlabel("sequence length S")
-            if j == 0:
-                ax.set_ylabel(f"{ps}: time (ms)")
+            _label_panel(ax, i == 0, i == len(passes) - 1, j == 0, fam, f"{ps}: time (ms)")
     _finish(fig, axes, title, note)
     return fig
 
@@ -166,12 +171,7 @@ def plot_useful_tflops(df, *, families=None, passes=("fwd", "fwd+bwd"), referenc
             _log_length_axis(ax, lengths)
             ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
-            if i == 0:
-                ax.set_title(fam)
-            if i == len(passes) - 1:
-                ax.set_xlabel("sequence length S")
-            if j == 0:
-                ax.set_ylabel(f"{ps}: useful TFLOP/s")
+            _label_panel(ax, i == 0, i == len(passes) - 1, j == 0, fam, f"{ps}: useful TFLOP/s")
     _finish(fig, axes, title, note)
     return fig
 
