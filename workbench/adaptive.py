@@ -127,8 +127,9 @@ def pool_blocks(x: Tensor, block_size: int) -> Tensor:
     possibly short, block averages only its real tokens)."""
     s = x.shape[-2]
     n = num_blocks(s, block_size)
-    xp = F.pad(x, (0, 0, 0, n * block_size - s)).reshape(*x.shape[:-2], n, block_size,
-                                                          x.shape[-1])
+    # Pad only a short last block: padding copies the whole tensor, and pooling is memory-bound.
+    xp = x if s == n * block_size else F.pad(x, (0, 0, 0, n * block_size - s))
+    xp = xp.unflatten(-2, (n, block_size))
     counts = torch.clamp(s - torch.arange(n, device=x.device) * block_size, max=block_size)
     return xp.sum(-2) / counts.to(x.dtype)[:, None]
 
