@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import workbench.patterns as P
+from workbench.adaptive import AdaptiveBlockSparseAttention
+from workbench.attention import block_sparse_attention as wb_attention
 from workbench.multihead import BlockSparseMultiheadAttention, BlockSparseWeights, DenseMask
 
 DT = torch.float64
@@ -173,12 +175,16 @@ def test_sub_layer_norm_and_errors():
         BlockSparseMultiheadAttention(10, 3)
     with pytest.raises(NotImplementedError, match="add_bias_kv"):
         BlockSparseMultiheadAttention(8, 2, add_bias_kv=True)
-    d = BlockSparseMultiheadAttention(8, 2, dropout=0.1, batch_first=True)
+    d = BlockSparseMultiheadAttention(8, 2, dropout=0.1, batch_first=True, backend="flex")
     x = torch.randn(1, 5, 8)
-    with pytest.raises(NotImplementedError, match="dropout"):
+    with pytest.raises(NotImplementedError, match="dropout"):  # flex cannot drop probabilities
         d(x, x, x)
-    d.eval()
-    d(x, x, x)
+    with pytest.raises(ValueError, match="not both"):
+        BlockSparseMultiheadAttention(8, 2, pattern=P.causal(),
+                                      selector=AdaptiveBlockSparseAttention(64))
+    with pytest.raises(ValueError, match="block_size"):
+        BlockSparseMultiheadAttention(8, 2, block_size=32,
+                                      selector=AdaptiveBlockSparseAttention(64))
     with pytest.raises(NotImplementedError, match="additive"):
         m.eval()(torch.randn(1, 9, 16), torch.randn(1, 9, 16), torch.randn(1, 9, 16),
                  attn_mask=torch.full((9, 9), 0.5))
@@ -210,3 +216,36 @@ def test_block_order_plugs_into_the_multihead_module():
     torch.testing.assert_close(curve(x, x, x)[0], plain(x, x, x)[0], atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match="block_order"):
         BlockSparseMultiheadAttention(32, 4, block_order="zigzag")
+
+
+def test_adaptive_selector_at_full_density_matches_mha():
+    sel = AdaptiveBlockSparseAttention(16, density=1.0)
+    ref, mine = _pair(block_size=16, selector=sel)
+    x = _x(2, 45, 24).requires_grad_(True)
+    mask = torch.zeros(2, 45, dtype=torch.bool)
+    mask[1, 40:] = True
+    out_r, _ = ref(x, x, x, key_padding_mask=mask, need_weights=False)
+    out_m, _ = mine(x, x, x, key_padding_mask=mask)
+    torch.testing.assert_close(out_m, out_r, rtol=1e-7, atol=1e-9)
+    _check_grads(ref, mine, out_r, out_m, [x])
+
+
+def test_adaptive_selector_runs_the_selected_layout_per_batch_element():
+    sel = AdaptiveBlockSparseAttention(8, density=0.25, causal=True, head_dim=4, trainable=True,
+                                       straight_through=True)
+    torch.manual_seed(0)  # the gate is a sub-module: an nn.MultiheadAttention state dict lacks it
+    mine = BlockSparseMultiheadAttention(12, 3, batch_first=True, block_size=8, selector=sel,
+                                         dtype=DT, backend="blockwise")
+    sel.to(DT)
+    x = _x(2, 50, 12).requires_grad_(True)
+    out, _ = mine(x, x, x)
+    q, k, v = (t.reshape(2, 50, 3, 4).transpose(1, 2) for t in mine._project(x, x, x))
+    selection = sel.select(q, k)
+    assert not torch.equal(selection.selected[0], selection.selected[1])  # content decides
+    fold = lambda t: t.reshape(1, 6, 50, 4)  # noqa: E731
+    want = wb_attention(fold(q), fold(k), fold(v), selection.pattern(), 8).reshape(2, 3, 50, 4)
+    want = mine.out_proj(want.permute(0, 2, 1, 3).reshape(2, 50, 12))
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
+    gate = [sel.gate_q.weight, sel.gate_k.weight]
+    assert {n for n, _ in mine.named_parameters()} >= {"selector.gate_q.weight"}
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad((out * _x(*out.shape)).sum(), gate))

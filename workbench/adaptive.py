@@ -325,14 +325,19 @@ class AdaptiveBlockSparseAttention(nn.Module):
         out = block_sparse_attention(
             fold_batch(q), fold_batch(k), fold_batch(v), sel.pattern(), self.block_size,
             backend=self.backend, ring_chunks=self.ring_chunks)
-        out = out.reshape(bsz, h, sq, v.shape[-1])
-        if self.straight_through:
-            elig = _eligible(*sel.scores.shape[-2:], self.causal, q.device)
-            soft = torch.softmax(sel.scores.masked_fill(~elig, -torch.inf), -1)
-            m = (soft * sel.selected).sum(-1)  # [B, H, nq]
-            factor = (m / m.detach()).repeat_interleave(self.block_size, -1)[..., :sq]
-            out = out * factor[..., None].to(out.dtype)
+        out = self.straight_through_gradient(out.reshape(bsz, h, sq, v.shape[-1]), sel)
         return (out, sel) if return_selection else out
+
+    def straight_through_gradient(self, out: Tensor, sel: Selection) -> Tensor:
+        """``out [B, H, Sq, Dv]`` times ``m / stopgrad(m)`` per query block (module docs), so
+        the gate learns through the output; ``out`` unchanged unless ``straight_through``."""
+        if not self.straight_through:
+            return out
+        elig = _eligible(*sel.scores.shape[-2:], self.causal, out.device)
+        soft = torch.softmax(sel.scores.masked_fill(~elig, -torch.inf), -1)
+        m = (soft * sel.selected).sum(-1)  # [B, H, nq]
+        factor = (m / m.detach()).repeat_interleave(self.block_size, -1)[..., : sel.q_len]
+        return out * factor[..., None].to(out.dtype)
 
     def extra_repr(self) -> str:
         return (f"block_size={self.block_size}, density={self.density}, causal={self.causal}, "

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from .backends import BACKENDS, Problem, resolve_backend, run_backend
+from .backends import BACKENDS, AttentionDropout, Problem, resolve_backend, run_backend
 from .layout import BlockLayout
 from .orderings import check_block_order
 from .patterns import Pattern
@@ -76,6 +76,8 @@ def block_sparse_attention(
     ring_chunks: int = 1,
     layout: BlockLayout | None = None,
     block_order: str | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention restricted to ``pattern``, computed tile by tile.
 
@@ -97,6 +99,14 @@ def block_sparse_attention(
             outputs equal the natural order's up to floating-point summation order (not
             bitwise). ``blockwise`` follows it; ``flex`` sorts each query block's key blocks
             along it (its kernel fixes the order of query blocks); ``reference`` has no tiles.
+        dropout_p: attention-weight dropout probability (as ``nn.MultiheadAttention``'s): each
+            probability is zeroed with this probability and the rest scaled by
+            ``1 / (1 - p)``; the log-sum-exp is unaffected. Applied whenever ``> 0`` (the
+            caller decides training vs eval). Needs ``blockwise`` or ``reference``
+            (``"auto"`` picks ``blockwise``).
+        dropout_seed: seed of the keep decisions (a hash of batch-head, query and key
+            positions: the same seed gives the same mask); ``None`` draws one from torch's
+            default generator, so ``torch.manual_seed`` makes runs repeatable.
 
     Returns:
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
@@ -121,13 +131,24 @@ def block_sparse_attention(
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern),
-                      block_order=block_order)
-    name = resolve_backend(backend, q)
+                      block_order=block_order, dropout=_dropout(dropout_p, dropout_seed))
+    name = resolve_backend(backend, q, problem.dropout is not None)
     if ring_chunks > 1:
         out, lse = ring_attention(q, k, v, problem, ring_chunks, name, return_lse)
     else:
         out, lse = run_backend(name, q, k, v, problem, need_lse=return_lse)
     return (out, lse) if return_lse else out
+
+
+def _dropout(p: float, seed: int | None) -> AttentionDropout | None:
+    """The dropout of a call (None when ``p == 0``); draws a seed when none is given."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
+    if p == 0.0:
+        return None
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return AttentionDropout(float(p), int(seed))
 
 
 class BlockSparseAttention(nn.Module):

@@ -25,15 +25,28 @@ with the module's pattern:
 Differences from ``nn.MultiheadAttention`` (all documented, none silent):
 
 - A query with no allowed key outputs zeros (``nn.MultiheadAttention`` gives NaN there).
-- Attention-weight dropout is not available in the block-sparse backends: ``dropout > 0`` is
-  accepted (and stored, so state dicts and reprs match) but a *training-mode* forward with it
-  raises ``NotImplementedError``; in eval mode dropout is a no-op in both modules.
+- Attention-weight dropout (``dropout > 0``, training mode only, as there) drops the same
+  fraction of probabilities with the same ``1 / (1 - p)`` scaling, but its keep decisions come
+  from a hash of (batch-head, query, key) seeded from torch's default generator
+  (:mod:`workbench.backends.dropout`), not from ``torch.nn.functional.dropout``'s random stream:
+  the same ``torch.manual_seed`` gives repeatable runs, not the very same mask as
+  ``nn.MultiheadAttention``. It runs on the ``blockwise`` backend (``"auto"`` picks it while
+  dropout is active; FlexAttention cannot drop probabilities). ``need_weights`` returns the
+  probabilities before dropout.
 - ``add_bias_kv`` and ``add_zero_attn`` raise ``NotImplementedError``.
 - ``need_weights=True`` returns the dense ``[B, S_q, S_k]`` (or per head ``[B, H, S_q, S_k]``)
   weights only while ``B * H * S_q * S_k <= dense_weights_limit`` (default ``2**22`` elements,
   e.g. one batch of 8 heads at 724 tokens); above it the weights come back compact as
   :class:`BlockSparseWeights` (one ``block x block`` tile of probabilities per active tile, memory
   proportional to the computed pairs), never as an ``S x S`` tensor.
+
+**Content-adaptive sparsity.** ``selector=AdaptiveBlockSparseAttention(...)`` chooses the
+block layout of every forward call from the projected queries and keys (per batch element and
+head; :mod:`workbench.adaptive`), instead of a fixed ``pattern`` (give one or the other). Masks,
+``is_causal``, dropout and ``need_weights`` apply to it as to a fixed pattern; the selector's own
+``backend`` and ``ring_chunks`` are ignored in favour of the module's, and its trainable gate
+(``trainable=True``) is a sub-module, so its parameters train with the rest (load an
+``nn.MultiheadAttention`` state dict with ``strict=False`` then: the gate's keys are new).
 
 **Sub-layer norm.** ``sub_layer_norm=True`` inserts a ``LayerNorm(embed_dim)`` between the
 attention output and the output projection: the "Sub-LN" of MAGNETO (Wang et al. 2022, arXiv
@@ -51,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import patterns as P
+from .adaptive import AdaptiveBlockSparseAttention
 from .attention import block_sparse_attention
 from .backends import BACKENDS
 from .layout import num_blocks
@@ -212,6 +226,8 @@ class BlockSparseMultiheadAttention(nn.Module):
         ring_chunks: ring schedule over this many K/V chunks (1 = one shot).
         block_order: post-pattern tile visit order (``None``, ``"hilbert"``, ``"morton"``); see
             :func:`~workbench.block_sparse_attention`.
+        selector: an :class:`~workbench.adaptive.AdaptiveBlockSparseAttention` that picks the
+            layout from content at every call (instead of ``pattern``).
         sub_layer_norm: MAGNETO/LongNet Sub-LN before the output projection (off by default).
         dense_weights_limit: largest ``B * H * S_q * S_k`` for which ``need_weights=True``
             returns dense weights; above it :class:`BlockSparseWeights`.
@@ -242,6 +258,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         backend: str = "auto",
         ring_chunks: int = 1,
         block_order: str | None = None,
+        selector: AdaptiveBlockSparseAttention | None = None,
         sub_layer_norm: bool = False,
         dense_weights_limit: int = DENSE_WEIGHTS_LIMIT,
     ) -> None:
@@ -265,6 +282,15 @@ class BlockSparseMultiheadAttention(nn.Module):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if selector is not None:
+            if not isinstance(selector, AdaptiveBlockSparseAttention):
+                raise TypeError("selector must be an AdaptiveBlockSparseAttention, got "
+                                f"{type(selector).__name__}")
+            if pattern is not None:
+                raise ValueError("give either a fixed pattern or an adaptive selector, not both")
+            if selector.block_size != block_size:
+                raise ValueError(f"selector.block_size ({selector.block_size}) must equal "
+                                 f"block_size ({block_size}): the selection is a block layout")
         fk = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.kdim = embed_dim if kdim is None else kdim
@@ -290,6 +316,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.sub_ln = nn.LayerNorm(embed_dim, **fk) if sub_layer_norm else None
         self.pattern = pattern
+        self.selector = selector
         self.block_size = block_size
         self.backend = backend
         self.ring_chunks = ring_chunks
@@ -331,12 +358,17 @@ class BlockSparseMultiheadAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
+        selected: Pattern | None = None,
     ) -> tuple[Pattern, bool]:
-        """The pattern a forward call runs, and whether the batch is folded into the heads."""
+        """The pattern a forward call runs, and whether the batch is folded into the heads.
+
+        ``selected``: a per-batch pattern with ``batch * num_heads`` heads (an adaptive
+        selection) used instead of the module's pattern; it always folds the batch.
+        """
         h = self.num_heads
         pat: Pattern = self.pattern if self.pattern is not None else P.full()
         parts: list[Pattern] = []
-        fold = False
+        fold = selected is not None
         if is_causal:
             parts.append(P.causal())
         if attn_mask is not None:
@@ -363,7 +395,9 @@ class BlockSparseMultiheadAttention(nn.Module):
                 parts.append(KeyMask((~ignore).repeat_interleave(h, 0)))
             else:
                 parts.append(KeyMask(~ignore))
-        if fold and pat.num_heads > 1:
+        if selected is not None:
+            pat = selected
+        elif fold and pat.num_heads > 1:
             pat = TiledHeads(pat, batch)
         for p in parts:
             pat = pat & p
@@ -381,10 +415,6 @@ class BlockSparseMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | BlockSparseWeights | None]:
-        if self.training and self.dropout > 0:
-            raise NotImplementedError(
-                "attention-weight dropout is not available in the block-sparse backends; "
-                "construct with dropout=0.0 or call .eval() (where dropout is a no-op)")
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
@@ -411,11 +441,16 @@ class BlockSparseMultiheadAttention(nn.Module):
             return x.reshape(s, bsz, h, d).permute(1, 2, 0, 3)
 
         q, k, v = heads(q, sq), heads(k, sk), heads(v, sk)
-        pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask, is_causal)
+        selection = self.selector.select(q, k) if self.selector is not None else None
+        pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask, is_causal,
+                                           None if selection is None else selection.pattern())
         if fold:
             q, k, v = (x.reshape(1, bsz * h, *x.shape[2:]) for x in (q, k, v))
         out = block_sparse_attention(q, k, v, pattern, self.block_size, backend=self.backend,
-                                     ring_chunks=self.ring_chunks, block_order=self.block_order)
+                                     ring_chunks=self.ring_chunks, block_order=self.block_order,
+                                     dropout_p=self.dropout if self.training else 0.0)
+        if selection is not None:
+            out = self.selector.straight_through_gradient(out.reshape(bsz, h, sq, d), selection)
         weights = None
         if need_weights:
             weights = self._weights(q, k, pattern, fold, bsz, average_attn_weights)
@@ -450,7 +485,7 @@ class BlockSparseMultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                f"pattern={self.pattern!r}, "
+                f"pattern={self.pattern!r}, selector={self.selector is not None}, "
                 f"block_size={self.block_size}, backend={self.backend!r}, "
                 f"ring_chunks={self.ring_chunks}, batch_first={self.batch_first}")
 

@@ -3,7 +3,7 @@
 - ``reference``: dense masked attention in float64, the oracle (small problems only).
 - ``blockwise``: pure PyTorch over active tiles with an online softmax; any device, autograd.
 - ``flex``: FlexAttention with a ``BlockMask`` from the exact layout (compiled; CPU: inference).
-- ``auto``: ``flex`` on CUDA, ``blockwise`` elsewhere.
+- ``auto``: ``flex`` on CUDA, ``blockwise`` elsewhere and whenever attention dropout is on.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .blockwise import blockwise_attention
+from .dropout import AttentionDropout
 from .flex import flex_attention, flex_available
 from .merge import merge_partials
 from .problem import MaskFn, Problem
@@ -18,6 +19,7 @@ from .reference import reference_attention
 
 __all__ = [
     "BACKENDS",
+    "AttentionDropout",
     "MaskFn",
     "Problem",
     "blockwise_attention",
@@ -30,12 +32,13 @@ __all__ = [
 BACKENDS = ("auto", "blockwise", "flex", "reference")
 
 
-def resolve_backend(name: str, q: Tensor) -> str:
-    """The concrete backend ``name`` means for inputs like ``q`` (validates the name)."""
+def resolve_backend(name: str, q: Tensor, dropout: bool = False) -> str:
+    """The concrete backend ``name`` means for inputs like ``q`` (validates the name);
+    ``dropout``: attention dropout is on (only ``blockwise`` and ``reference`` apply it)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        return "flex" if q.is_cuda and flex_available() else "blockwise"
+        return "flex" if q.is_cuda and flex_available() and not dropout else "blockwise"
     return name
 
 
@@ -44,7 +47,7 @@ def run_backend(
 ) -> tuple[Tensor, Tensor | None]:
     """Compute ``problem`` with backend ``name``; returns ``(out, lse)`` (lse may be None
     when ``need_lse`` is False)."""
-    name = resolve_backend(name, q)
+    name = resolve_backend(name, q, problem.dropout is not None)
     if name == "flex":
         return flex_attention(q, k, v, problem, need_lse)
     if name == "reference":

@@ -11,7 +11,10 @@ same up to floating-point summation order.
 
 The backward pass recomputes each chunk's probabilities from the saved log-sum-exp and also
 propagates gradients that reach the log-sum-exp (used when partial results are merged).
-Runs on any device and dtype; accumulation is float32 (float64 for float64 inputs).
+Attention-weight dropout (``problem.dropout``) scales each tile's probabilities in the
+numerator and in the backward pass by a keep mask regenerated from a hash
+(:mod:`workbench.backends.dropout`). Runs on any device and dtype; accumulation is float32
+(float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -101,6 +104,19 @@ def _tile_scores(
     return s
 
 
+def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
+    """Dropout keep scale ``[B, P, b, b]`` of a chunk of tiles (None without dropout)."""
+    pr = plan.problem
+    if pr.dropout is None:
+        return None
+    b = pr.layout.block_size
+    off = torch.arange(b, device=t.device)
+    qi = t[:, 1, None, None] * b + off[None, :, None] + pr.q_offset
+    ki = t[:, 2, None, None] * b + off[None, None, :] + pr.k_offset
+    bi = torch.arange(batch, device=t.device)[:, None, None, None]
+    return pr.dropout.scale(bi * plan.num_heads + t[None, :, 0, None, None], qi, ki)
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, Tensor]:
     lay = plan.problem.layout
     b, h = lay.block_size, plan.num_heads
@@ -126,7 +142,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
         p = torch.exp(s - m_safe[:, inv, :, None])
         alpha = torch.exp(m_old - m_safe)
         den_c = torch.zeros_like(m_old).index_add_(1, inv, p.sum(-1))
-        num_c = torch.zeros_like(num[:, urows]).index_add_(1, inv, torch.matmul(p, vb[:, rk]))
+        z = _dropout_scale(plan, t, bsz)
+        pv = torch.matmul(p if z is None else p * z.to(acc), vb[:, rk])
+        num_c = torch.zeros_like(num[:, urows]).index_add_(1, inv, pv)
         den[:, urows] = den[:, urows] * alpha + den_c
         num[:, urows] = num[:, urows] * alpha[..., None] + num_c
         m[:, urows] = m_new
@@ -159,8 +177,12 @@ def _backward(
         s = _tile_scores(plan, qb, kb, t, needs, rq, rk)
         p = torch.exp(s - lse_r[:, rq, :, None])
         do_t = dob[:, rq]
-        dv.index_add_(1, rk, torch.matmul(p.transpose(-1, -2), do_t))
+        z = _dropout_scale(plan, t, bsz)
+        pz = p if z is None else p * z.to(acc)
+        dv.index_add_(1, rk, torch.matmul(pz.transpose(-1, -2), do_t))
         dp = torch.matmul(do_t, vb[:, rk].transpose(-1, -2))
+        if z is not None:
+            dp = dp * z.to(acc)
         ds = p * (dp - delta[:, rq, :, None]) * scale
         dq.index_add_(1, rq, torch.matmul(ds, kb[:, rk]))
         dk.index_add_(1, rk, torch.matmul(ds.transpose(-1, -2), qb[:, rq]))

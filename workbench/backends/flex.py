@@ -119,6 +119,11 @@ def flex_attention(
     q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``."""
+    if problem.dropout is not None:
+        raise NotImplementedError(
+            "FlexAttention cannot drop attention probabilities (a score_mod acts before the "
+            "softmax); use backend='blockwise' (or 'auto', which picks it) for dropout"
+        )
     if q.device.type == "cpu" and (need_lse or torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad)):
         raise NotImplementedError(

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
+from .dropout import AttentionDropout
 
 __all__ = ["MaskFn", "Problem"]
 
@@ -32,6 +33,11 @@ class Problem:
     only the floating-point summation order. The ``blockwise`` backend follows it; ``flex`` sorts
     each query block's key blocks along it (its kernel fixes the order of query blocks);
     ``reference`` has no tiles.
+
+    ``dropout`` drops attention probabilities (training), decided by a hash of (batch and head,
+    query position, key position) so every tile and the backward pass regenerate the same
+    decisions (:class:`~workbench.backends.dropout.AttentionDropout`); ``blockwise`` and
+    ``reference`` apply it, ``flex`` cannot.
     """
 
     layout: BlockLayout
@@ -41,6 +47,7 @@ class Problem:
     k_offset: int = 0
     label: str = ""  # what the pattern is, for messages (e.g. its repr)
     block_order: str | None = None
+    dropout: AttentionDropout | None = None
 
     @property
     def num_heads(self) -> int:

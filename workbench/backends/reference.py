@@ -19,6 +19,7 @@ def reference_attention(
 ) -> tuple[Tensor, Tensor]:
     """Dense attention restricted to ``problem``'s allowed pairs, computed in ``dtype``.
 
+    ``problem.dropout`` multiplies the probabilities (not the log-sum-exp) by its keep scale.
     Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq])`` (lse float32, float64 for
     float64 inputs); a query row with no
     allowed key gives zeros and ``lse = -inf``.
@@ -29,6 +30,18 @@ def reference_attention(
     s = s.masked_fill(~mask, -torch.inf).masked_fill(empty[..., None], 0.0)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).masked_fill(empty[..., None], 0.0)
+    if problem.dropout is not None:
+        p = p * _dense_dropout(problem, q.shape[0], p.shape[1], q.device).to(dtype)
     out = torch.matmul(p, v.to(dtype))
     lse = lse.masked_fill(empty, -torch.inf)
     return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def _dense_dropout(problem: Problem, batch: int, heads: int, device: torch.device) -> Tensor:
+    """The dropout keep scale on the whole ``[B, H, Sq, Sk]`` grid."""
+    lay = problem.layout
+    b, h = torch.arange(batch, device=device), torch.arange(heads, device=device)
+    hi = (b[:, None] * heads + h[None, :])[..., None, None]
+    qp = torch.arange(lay.q_len, device=device)[:, None] + problem.q_offset
+    kp = torch.arange(lay.k_len, device=device)[None, :] + problem.k_offset
+    return problem.dropout.scale(hi, qp, kp)
