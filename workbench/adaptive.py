@@ -251,6 +251,9 @@ class AdaptiveBlockSparseAttention(nn.Module):
         fallback: a fixed pattern used when ``adaptive=False`` or fewer than ``min_blocks``
             key blocks.
         backend, ring_chunks: as for :func:`workbench.block_sparse_attention`.
+        process_group, sharding: take this rank's shard of a sequence sharded across the
+            group's ranks; the selection is made from gathered block summaries
+            (:meth:`select_sharded`) and the attention runs as a distributed ring.
 
     ``forward(q, k, v, return_selection=False)`` takes ``[B, H, S, D]``.
     """
@@ -270,6 +273,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
         min_blocks: int = 1,
         backend: str = "auto",
         ring_chunks: int = 1,
+        process_group=None,
+        sharding: str = "contiguous",
     ) -> None:
         super().__init__()
         topk_budget(density, 1)  # validates density
@@ -285,6 +290,10 @@ class AdaptiveBlockSparseAttention(nn.Module):
         self.straight_through, self.always, self.fallback = straight_through, always, fallback
         self.adaptive, self.min_blocks = adaptive, min_blocks
         self.backend, self.ring_chunks = backend, ring_chunks
+        self.process_group, self.sharding = process_group, sharding
+        if process_group is not None and straight_through:
+            raise NotImplementedError("straight_through under a process_group is not supported; "
+                                      "train the gate with distillation_loss instead")
         if trainable:
             self.gate_q = nn.Linear(head_dim, head_dim)
             self.gate_k = nn.Linear(head_dim, head_dim)
@@ -297,34 +306,62 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
     def scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Block scores ``[B, H, nq, nk]`` (through the gate when trainable)."""
-        pq, pk = pool_blocks(q, self.block_size), pool_blocks(k, self.block_size)
+        return self.pooled_scores(pool_blocks(q, self.block_size), pool_blocks(k, self.block_size))
+
+    def pooled_scores(self, pq: Tensor, pk: Tensor) -> Tensor:
+        """Block scores from block summaries ``pq [B, H, nq, D]``, ``pk [B, H, nk, D]``."""
         if self.gate_q is not None:
             pq, pk = self.gate_q(pq), self.gate_k(pk)
-        return torch.matmul(pq, pk.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        return torch.matmul(pq, pk.transpose(-1, -2)) / math.sqrt(pq.shape[-1])
 
     def select(self, q: Tensor, k: Tensor) -> Selection:
         """Selected blocks per batch element and head."""
-        sq, sk = q.shape[2], k.shape[2]
+        return self.select_pooled(pool_blocks(q, self.block_size), pool_blocks(k, self.block_size),
+                                  q.shape[2], k.shape[2])
+
+    def select_sharded(self, q: Tensor, k: Tensor, process_group, sharding: str = "contiguous"
+                       ) -> Selection:
+        """The selection of the whole sequence, from this rank's shard of a sharded sequence.
+
+        Every rank pools its own blocks, the block summaries are gathered
+        (:func:`workbench.distributed.gather_block_summaries`: ``1 / block_size`` of the
+        sequence), and every rank computes the same global selection from them.
+        """
+        from .distributed import gather_block_summaries
+
         b = self.block_size
-        scores = self.scores(q, k)
-        nq, nk = scores.shape[-2:]
+        kw = {"process_group": process_group, "sharding": sharding}
+        pq, s = gather_block_summaries(pool_blocks(q, b), q.shape[2], b, **kw)
+        pk, _ = gather_block_summaries(pool_blocks(k, b), k.shape[2], b, **kw)
+        return self.select_pooled(pq, pk, s, s)
+
+    def select_pooled(self, pq: Tensor, pk: Tensor, q_len: int, k_len: int) -> Selection:
+        """Selected blocks from block summaries (:func:`pool_blocks` of q and k): what a
+        distributed run gathers instead of the sequence."""
+        b = self.block_size
+        scores = self.pooled_scores(pq, pk)
+        bsz, h, nq, nk = scores.shape
         if self.adaptive and nk >= self.min_blocks:
             sel = select_blocks(scores, self.density, causal=self.causal,
-                                keep_diagonal=(sq == sk))
+                                keep_diagonal=(q_len == k_len))
         else:
-            lay = self.fallback.block_structure(sq, b, q.device, k_len=sk).active
-            sel = lay.expand(q.shape[1], nq, nk)[None].expand(q.shape[0], -1, -1, -1).clone()
+            lay = self.fallback.block_structure(q_len, b, pq.device, k_len=k_len).active
+            sel = lay.expand(h, nq, nk)[None].expand(bsz, -1, -1, -1).clone()
         if self.always is not None:
-            sel = sel | self.always.block_structure(sq, b, q.device, k_len=sk).active
-        return Selection(sel, scores, b, sq, sk, self.causal)
+            sel = sel | self.always.block_structure(q_len, b, pq.device, k_len=k_len).active
+        return Selection(sel, scores, b, q_len, k_len, self.causal)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_selection: bool = False):
         check_qkv(q, k, v)
         bsz, h, sq, d = q.shape
-        sel = self.select(q, k)
+        if self.process_group is None:
+            sel = self.select(q, k)
+        else:
+            sel = self.select_sharded(q, k, self.process_group, self.sharding)
         out = block_sparse_attention(
             fold_batch(q), fold_batch(k), fold_batch(v), sel.pattern(), self.block_size,
-            backend=self.backend, ring_chunks=self.ring_chunks)
+            backend=self.backend, ring_chunks=self.ring_chunks, process_group=self.process_group,
+            sharding=self.sharding)
         out = self.straight_through_gradient(out.reshape(bsz, h, sq, v.shape[-1]), sel)
         return (out, sel) if return_selection else out
 

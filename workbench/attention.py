@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from .backends import BACKENDS, AttentionDropout, Problem, resolve_backend, run_backend
+from .distributed import distributed_ring_attention
 from .layout import BlockLayout
 from .orderings import check_block_order
 from .patterns import Pattern
@@ -74,10 +77,12 @@ def block_sparse_attention(
     return_lse: bool = False,
     scale: float | None = None,
     ring_chunks: int = 1,
-    layout: BlockLayout | None = None,
+    layout: BlockLayout | Callable[[int], BlockLayout] | None = None,
     block_order: str | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    process_group=None,
+    sharding: str = "contiguous",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention restricted to ``pattern``, computed tile by tile.
 
@@ -92,7 +97,8 @@ def block_sparse_attention(
             ``-inf`` for a query that attends nothing).
         scale: score scale, default ``1 / sqrt(D)``.
         ring_chunks: run the ring schedule over this many K/V chunks (1 = one shot).
-        layout: a precomputed ``pattern.block_structure(Sq, block_size, k_len=Sk)`` to reuse.
+        layout: a precomputed ``pattern.block_structure(Sq, block_size, k_len=Sk)`` to reuse
+            (under a ``process_group``: the global one, or a function of the global length).
         block_order: order in which the active tiles are visited: ``None`` (natural: by head,
             query block, key block), ``"hilbert"`` or ``"morton"`` (along that curve over the
             block grid: the *post-pattern* ordering). The pattern and the result do not change;
@@ -106,7 +112,14 @@ def block_sparse_attention(
             (``"auto"`` picks ``blockwise``).
         dropout_seed: seed of the keep decisions (a hash of batch-head, query and key
             positions: the same seed gives the same mask); ``None`` draws one from torch's
-            default generator, so ``torch.manual_seed`` makes runs repeatable.
+            default generator, so ``torch.manual_seed`` makes runs repeatable. Under a
+            ``process_group`` every rank uses rank 0's seed.
+        process_group: run the ring across the ranks of this ``torch.distributed`` group (e.g.
+            ``torch.distributed.group.WORLD``): ``q, k, v`` are then this rank's shard of the
+            sequence, cut by ``workbench.distributed.shard_plan(S, world, block_size,
+            sharding).shard(x, rank)``, and the result is this rank's output shard
+            (:mod:`workbench.distributed`). Self-attention only; ``layout`` is the global one.
+        sharding: ``"contiguous"`` or ``"zigzag"`` (balances causal work) under a process group.
 
     Returns:
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
@@ -121,6 +134,14 @@ def block_sparse_attention(
     if isinstance(ring_chunks, bool) or not isinstance(ring_chunks, int) or ring_chunks < 1:
         raise ValueError(f"ring_chunks must be a positive int, got {ring_chunks!r}")
     block_order = check_block_order(block_order)
+    if process_group is not None:
+        if ring_chunks != 1:
+            raise ValueError("ring_chunks simulates a ring on one device; with a process_group "
+                             "the ring runs over its ranks: leave ring_chunks=1")
+        return distributed_ring_attention(
+            q, k, v, pattern, block_size, process_group=process_group, sharding=sharding,
+            backend=backend, scale=scale, return_lse=return_lse, layout=layout,
+            block_order=block_order, dropout=_dropout(dropout_p, dropout_seed))
     sq, sk = q.shape[2], k.shape[2]
     if layout is None:
         layout = pattern.block_structure(sq, block_size, q.device, k_len=sk)
@@ -156,7 +177,9 @@ class BlockSparseAttention(nn.Module):
 
     Takes ``q, k, v`` ``[B, H, S, D]`` (no projections: see the multi-head module for those) and
     caches the block layout per (query length, key length, device). ``block_order="hilbert"``
-    visits the tiles along a Hilbert curve (see :func:`block_sparse_attention`).
+    visits the tiles along a Hilbert curve (see :func:`block_sparse_attention`). With a
+    ``process_group`` it takes this rank's shard and runs the ring across the group's ranks
+    (``sharding``: ``"contiguous"`` or ``"zigzag"``), caching the global layout.
 
     Example::
 
@@ -173,6 +196,8 @@ class BlockSparseAttention(nn.Module):
         ring_chunks: int = 1,
         scale: float | None = None,
         block_order: str | None = None,
+        process_group=None,
+        sharding: str = "contiguous",
     ) -> None:
         super().__init__()
         _check_pattern(pattern, pattern.num_heads)
@@ -186,6 +211,7 @@ class BlockSparseAttention(nn.Module):
         self.backend = backend
         self.ring_chunks = ring_chunks
         self.scale = scale
+        self.process_group, self.sharding = process_group, sharding
         self._layouts: OrderedDict[tuple, BlockLayout] = OrderedDict()
 
     def layout(self, q_len: int, k_len: int, device: torch.device) -> BlockLayout:
@@ -204,11 +230,19 @@ class BlockSparseAttention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         check_qkv(q, k, v)
+        if self.process_group is not None:  # the global length is known only across ranks
+            layout: BlockLayout | Callable[[int], BlockLayout] = partial(
+                self._global_layout, device=q.device)
+        else:
+            layout = self.layout(q.shape[2], k.shape[2], q.device)
         return block_sparse_attention(
             q, k, v, self.pattern, self.block_size, backend=self.backend, return_lse=return_lse,
             scale=self.scale, ring_chunks=self.ring_chunks, block_order=self.block_order,
-            layout=self.layout(q.shape[2], k.shape[2], q.device),
+            layout=layout, process_group=self.process_group, sharding=self.sharding,
         )
+
+    def _global_layout(self, seq_len: int, device: torch.device) -> BlockLayout:
+        return self.layout(seq_len, seq_len, device)
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, block_size={self.block_size}, "

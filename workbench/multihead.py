@@ -228,6 +228,9 @@ class BlockSparseMultiheadAttention(nn.Module):
             :func:`~workbench.block_sparse_attention`.
         selector: an :class:`~workbench.adaptive.AdaptiveBlockSparseAttention` that picks the
             layout from content at every call (instead of ``pattern``).
+        process_group, sharding: inputs are this rank's shard of a sequence sharded across the
+            group's ranks (:func:`workbench.distributed.shard_plan`); attention runs as a
+            distributed ring (:mod:`workbench.distributed`). Self-attention without masks.
         sub_layer_norm: MAGNETO/LongNet Sub-LN before the output projection (off by default).
         dense_weights_limit: largest ``B * H * S_q * S_k`` for which ``need_weights=True``
             returns dense weights; above it :class:`BlockSparseWeights`.
@@ -259,6 +262,8 @@ class BlockSparseMultiheadAttention(nn.Module):
         ring_chunks: int = 1,
         block_order: str | None = None,
         selector: AdaptiveBlockSparseAttention | None = None,
+        process_group=None,
+        sharding: str = "contiguous",
         sub_layer_norm: bool = False,
         dense_weights_limit: int = DENSE_WEIGHTS_LIMIT,
     ) -> None:
@@ -317,6 +322,10 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.sub_ln = nn.LayerNorm(embed_dim, **fk) if sub_layer_norm else None
         self.pattern = pattern
         self.selector = selector
+        self.process_group, self.sharding = process_group, sharding
+        if process_group is not None and selector is not None and selector.straight_through:
+            raise NotImplementedError("a straight-through selector under a process_group is not "
+                                      "supported; train the gate with distillation_loss")
         self.block_size = block_size
         self.backend = backend
         self.ring_chunks = ring_chunks
@@ -441,14 +450,20 @@ class BlockSparseMultiheadAttention(nn.Module):
             return x.reshape(s, bsz, h, d).permute(1, 2, 0, 3)
 
         q, k, v = heads(q, sq), heads(k, sk), heads(v, sk)
-        selection = self.selector.select(q, k) if self.selector is not None else None
+        if self.process_group is not None:
+            _check_sharded_call(key_padding_mask, attn_mask, need_weights)
+            selection = None if self.selector is None else self.selector.select_sharded(
+                q, k, self.process_group, self.sharding)
+        else:
+            selection = self.selector.select(q, k) if self.selector is not None else None
         pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask, is_causal,
                                            None if selection is None else selection.pattern())
         if fold:
             q, k, v = (x.reshape(1, bsz * h, *x.shape[2:]) for x in (q, k, v))
         out = block_sparse_attention(q, k, v, pattern, self.block_size, backend=self.backend,
                                      ring_chunks=self.ring_chunks, block_order=self.block_order,
-                                     dropout_p=self.dropout if self.training else 0.0)
+                                     dropout_p=self.dropout if self.training else 0.0,
+                                     process_group=self.process_group, sharding=self.sharding)
         if selection is not None:
             out = self.selector.straight_through_gradient(out.reshape(bsz, h, sq, d), selection)
         weights = None
@@ -488,6 +503,18 @@ class BlockSparseMultiheadAttention(nn.Module):
                 f"pattern={self.pattern!r}, selector={self.selector is not None}, "
                 f"block_size={self.block_size}, backend={self.backend!r}, "
                 f"ring_chunks={self.ring_chunks}, batch_first={self.batch_first}")
+
+
+def _check_sharded_call(key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+                        need_weights: bool) -> None:
+    """Under a process group masks and weights would need the whole sequence: refuse them."""
+    if key_padding_mask is not None or attn_mask is not None:
+        raise NotImplementedError(
+            "key_padding_mask and attn_mask are not supported under a process_group (they are "
+            "whole-sequence tensors); express the structure as a pattern, e.g. "
+            "patterns.KeyMask or patterns.causal()")
+    if need_weights:
+        raise NotImplementedError("need_weights=True is not supported under a process_group")
 
 
 def _mask_rect(pattern: Pattern, sq: int, sk: int, device) -> Tensor:

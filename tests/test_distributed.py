@@ -1,0 +1,202 @@
+"""The distributed ring across real processes (gloo on the CPU): equivalence and faults.
+
+Each test spawns its ranks with a file-based rendezvous (no ports); every rank checks its own
+shard against the single-process result computed from the same seeded full tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import workbench as wb
+from workbench import distributed as D
+from workbench.adaptive import AdaptiveBlockSparseAttention
+from workbench.multihead import BlockSparseMultiheadAttention
+
+P = wb.patterns
+S, BLOCK = 203, 16  # odd: the last block is partial, shards are uneven
+
+
+def _patterns():
+    return {
+        "causal": P.causal(),
+        "local": P.local_window(20),
+        "dilated": P.dilated([32, 64], [1, 2], num_heads=3),
+        "random": P.random_blocks(0.3, seed=1, cell=16) | P.local_window(8, causal=True),
+        "global_local": P.global_local(5, 12) & P.causal(),
+    }
+
+
+def _spawn(fn, world: int, *args) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(fn, args=(world, os.path.join(d, "rendezvous"), *args), nprocs=world)
+
+
+def _init(rank: int, world: int, path: str, timeout: float = 60.0) -> None:
+    torch.set_num_threads(1)
+    D.init_ring("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                timeout=timeout)
+
+
+def _full(seed: int, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _check_attention(rank, world, sharding, names, dropout=0.0):
+    """Forward, log-sum-exp and gradients of this rank's shard equal the single-process run."""
+    q, k, v = (_full(i, 2, 3, S, 8) for i in range(3))
+    sh = D.shard_plan(S, world, BLOCK, sharding)
+    for name in names:
+        pat = _patterns()[name]
+        kw = dict(dropout_p=dropout, dropout_seed=11) if dropout else {}
+        full = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref, ref_lse = wb.block_sparse_attention(*full, pat, BLOCK, return_lse=True, **kw)
+        g = _full(5, *ref.shape)
+        torch.autograd.backward((ref, ref_lse), (g, _full(6, *ref_lse.shape)))
+        mine = [sh.shard(x, rank).clone().requires_grad_() for x in (q, k, v)]
+        out, lse = wb.block_sparse_attention(*mine, pat, BLOCK, return_lse=True, sharding=sharding,
+                                             process_group=dist.group.WORLD, **kw)
+        torch.autograd.backward((out, lse), (sh.shard(g, rank), sh.shard(_full(6, *ref_lse.shape),
+                                                                          rank)))
+        torch.testing.assert_close(out, sh.shard(ref, rank), msg=f"{name} {sharding} out")
+        torch.testing.assert_close(lse, sh.shard(ref_lse, rank), msg=f"{name} {sharding} lse")
+        for a, b, what in zip(mine, full, "qkv"):
+            torch.testing.assert_close(a.grad, sh.shard(b.grad, rank),
+                                       msg=f"{name} {sharding} d{what}")
+
+
+def _check_modules(rank, world, sharding):
+    """The multi-head module (fixed and adaptive) on shards equals it on the whole sequence."""
+    x = _full(7, 2, S, 12)
+    sh = D.shard_plan(S, world, BLOCK, sharding)
+    for selector in (None, AdaptiveBlockSparseAttention(BLOCK, 0.3, causal=True)):
+        kw = dict(block_size=BLOCK, batch_first=True, dtype=torch.float64, selector=selector,
+                  pattern=None if selector else P.local_window(24, causal=True))
+        torch.manual_seed(0)
+        single = BlockSparseMultiheadAttention(12, 3, **kw)
+        multi = BlockSparseMultiheadAttention(12, 3, process_group=dist.group.WORLD,
+                                              sharding=sharding, **kw)
+        multi.load_state_dict(single.state_dict())
+        xf = x.clone().requires_grad_()
+        ref, _ = single(xf, xf, xf)
+        (ref * _full(8, *ref.shape)).sum().backward()
+        xs = sh.shard(x, rank, dim=1).clone().requires_grad_()
+        out, _ = multi(xs, xs, xs)
+        (out * sh.shard(_full(8, *ref.shape), rank, dim=1)).sum().backward()
+        torch.testing.assert_close(out, sh.shard(ref, rank, dim=1))
+        torch.testing.assert_close(xs.grad, sh.shard(xf.grad, rank, dim=1))
+        w_grad = multi.in_proj_weight.grad.clone()
+        dist.all_reduce(w_grad)  # parameter gradients: the sum over ranks
+        torch.testing.assert_close(w_grad, single.in_proj_weight.grad)
+
+
+def _equivalence_worker(rank, world, path, shardings, names, faults):
+    _init(rank, world, path)
+    for sharding in shardings:
+        _check_attention(rank, world, sharding, names)
+    _check_attention(rank, world, "zigzag", ["local"], dropout=0.3)
+    _check_modules(rank, world, shardings[-1])
+    for mode in faults:  # last: "never_calls" leaves the group unusable
+        _fault(rank, mode)
+    dist.destroy_process_group()
+
+
+def test_world_size_2_equals_single_process_and_faults_are_reported():
+    _spawn(_equivalence_worker, 2, ["contiguous", "zigzag"], sorted(_patterns()),
+           ["mismatched_shapes", "bad_shard_lengths", "never_calls"])
+
+
+def test_world_size_3_equals_single_process():
+    _spawn(_equivalence_worker, 3, ["contiguous", "zigzag"], ["causal", "dilated", "local"], [])
+
+
+# ----------------------------------------------------------------------------- faults
+def _fault(rank, mode):
+    """Run one fault on a healthy group; every rank that calls must get a clear error."""
+    q = k = v = _full(0, 1, 2, 32, 8)
+    if rank == 1 and mode == "never_calls":
+        time.sleep(4)  # longer than rank 0's deadline
+        return
+    if rank == 1 and mode == "dies_mid_ring":
+        D._post_kv = lambda *a, **kw: os._exit(0)  # the process vanishes while the ring runs
+    if rank == 1 and mode == "mismatched_shapes":
+        q = k = v = _full(0, 1, 2, 32, 4)
+    if mode == "bad_shard_lengths":
+        q = k = v = _full(0, 1, 2, 16 * (rank + 1), 8)  # 16 + 32 tokens: not a contiguous split
+    expected = {"never_calls": D.RingTimeoutError, "mismatched_shapes": D.RingPlanError,
+                "bad_shard_lengths": D.RingPlanError,
+                "dies_mid_ring": (D.RingCommunicationError, D.RingTimeoutError)}[mode]
+    t0 = time.perf_counter()
+    with pytest.raises(expected) as err:
+        D.distributed_ring_attention(q, k, v, P.full(), BLOCK, timeout=2.0)
+    assert time.perf_counter() - t0 < 5.0
+    assert f"rank {rank}" in str(err.value)
+    if mode == "mismatched_shapes":
+        assert "head_dim" in str(err.value)
+    if mode == "bad_shard_lengths":
+        assert "shard_plan" in str(err.value)
+
+
+def _dies_worker(rank, world, path):
+    _init(rank, world, path)
+    _fault(rank, "dies_mid_ring")
+
+
+def test_a_rank_dying_mid_ring_ends_the_others_with_an_error():
+    _spawn(_dies_worker, 2)
+
+
+def _never_joins_worker(rank, world, path):
+    if rank == 1:
+        return  # never calls init
+    t0 = time.perf_counter()
+    with pytest.raises(D.RingTimeoutError, match="joined"):
+        _init(rank, world, path, timeout=2.0)
+    assert time.perf_counter() - t0 < 10.0
+
+
+def test_a_rank_that_never_joins_times_out():
+    _spawn(_never_joins_worker, 2)
+
+
+# ----------------------------------------------------------------------------- plans (no processes)
+def test_sharding_round_trip_and_errors():
+    x = torch.arange(S)[None, None, :, None]
+    for kind in D.SHARDINGS:
+        sh = D.shard_plan(S, 3, BLOCK, kind)
+        shards = [sh.shard(x, r) for r in range(3)]
+        assert sum(s.shape[2] for s in shards) == S
+        assert torch.equal(sh.unshard(shards), x)
+    assert D.shard_plan(S, 3, BLOCK, "zigzag").pieces[0] == ((0, 3), (11, 13))
+    with pytest.raises(ValueError, match="needs at least 8 blocks"):
+        D.shard_plan(100, 4, 16, "zigzag")
+    with pytest.raises(ValueError, match="sharding"):
+        D.shard_plan(100, 2, 16, "striped")
+
+
+def test_plan_stops_early_for_short_reach_and_balances_causal_with_zigzag():
+    s, b, world = 4096, 64, 4
+    local = D.distributed_plan(P.local_window(64, causal=True).block_structure(s, b),
+                               D.shard_plan(s, world, b))
+    assert local.last_step() == 1 and local.shards_sent().tolist() == [1, 1, 1, 0]
+    segments = D.distributed_plan(P.dilated([512], [2], num_heads=2).block_structure(s, b),
+                                  D.shard_plan(s, world, b))
+    assert segments.last_step() == 0 and segments.shards_sent().sum() == 0
+    causal = P.causal().block_structure(s, b)
+    work = {kind: D.distributed_plan(causal, D.shard_plan(s, world, b, kind)).tiles.sum(1)
+            for kind in D.SHARDINGS}
+    imbalance = {k: float(w.max() / w.float().mean() - 1) for k, w in work.items()}
+    assert imbalance["contiguous"] > 0.5 and imbalance["zigzag"] < 0.02, imbalance
+
+
+def test_needs_an_initialized_process_group():
+    q = _full(0, 1, 1, 32, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        D.distributed_ring_attention(q, q, q, P.full(), BLOCK)

@@ -1,0 +1,660 @@
+"""The ring over real processes: sequence-sharded block-sparse attention with ``torch.distributed``.
+
+Each rank holds one shard of the sequence (its queries, keys, values and output); the whole
+sequence is never gathered anywhere. The schedule is the ring's: at step ``d`` (``0 .. P-1``)
+rank ``r`` attends its queries to the K/V shard of rank ``r - d`` (mod ``P``), and partial
+results are merged by log-sum-exp (:func:`~workbench.backends.merge_partials`), exactly as the
+simulated :func:`~workbench.ring.ring_attention` does on one device.
+
+**Only what is needed moves.** The global block layout tells every rank, identically and
+without communication, which (query shard, K/V shard) pairs hold an active tile. A shard is sent
+at step ``d`` straight from its owner to rank ``owner + d`` only if that rank's queries attend to
+it, so a local window, a causal band or small dilated segments stop the ring early: nothing is
+sent that nobody needs, and steps where no rank needs anything are skipped. When every pair is
+needed each rank sends ``P - 1`` shards, the classic ring's volume. Sends and receives are
+asynchronous (``batch_isend_irecv``); the transfer for step ``d + 1`` runs while step ``d``
+computes.
+
+**Sharding.** Shards are whole blocks (the last rank's may end in a partial block), so every
+(query shard, K/V shard) pair is a block-aligned slice of the global layout. ``"contiguous"``
+gives rank ``r`` the ``r``-th run of blocks; ``"zigzag"`` cuts the sequence into ``2P`` runs and
+gives rank ``r`` runs ``r`` and ``2P - 1 - r``, which balances causal work (early ranks' queries
+see few keys, late ranks' many; zigzag pairs one of each).
+
+**Backward.** The backward pass is a ring too: each step receives the K/V shard again,
+recomputes that step's partial result with autograd, and turns the gradient of the merged
+output into gradients of the partial (``dO_c = w_c dO``, ``dl_c = w_c (<dO, o_c> - <dO, O>) +
+w_c dL``, with ``w_c = exp(l_c - L)``); the K/V gradients travel back to their owner. Compute is
+one partial forward plus its backward per step (FlashAttention's recomputation, per shard).
+
+**Faults.** Every wait has a deadline (``timeout``): a rank that died or never joined ends the
+others with :class:`RingTimeoutError` naming the peer, the step and the deadline, never a hang.
+Shapes, dtypes and shard lengths are checked across ranks before any K/V moves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .backends import Problem, merge_partials, resolve_backend, run_backend
+from .backends.dropout import AttentionDropout
+from .layout import BlockLayout, num_blocks
+from .patterns import Pattern
+from .ring import chunk_bounds
+
+__all__ = [
+    "SHARDINGS",
+    "RingCommunicationError",
+    "RingPlanError",
+    "RingStats",
+    "RingTimeoutError",
+    "Sharding",
+    "distributed_plan",
+    "distributed_ring_attention",
+    "gather_block_summaries",
+    "init_ring",
+    "shard_plan",
+]
+
+SHARDINGS = ("contiguous", "zigzag")
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class RingTimeoutError(RuntimeError):
+    """A peer did not deliver (or accept) a shard before the deadline."""
+
+
+class RingCommunicationError(RuntimeError):
+    """A transfer failed (e.g. the peer's connection closed)."""
+
+
+class RingPlanError(ValueError):
+    """Ranks disagree on shapes, dtypes, shard lengths or the schedule."""
+
+
+def init_ring(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
+              init_method: str | None = None, rank: int | None = None,
+              world_size: int | None = None) -> None:
+    """``torch.distributed.init_process_group`` with a deadline that reads well.
+
+    ``backend`` defaults to NCCL when CUDA is available, else gloo; ``init_method`` defaults to
+    ``env://`` (what ``torchrun`` sets up). If not every rank joins within ``timeout`` seconds,
+    raises :class:`RingTimeoutError` instead of waiting forever. ``timeout`` also becomes the
+    process group's own deadline for its collectives.
+    """
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    kw = {} if rank is None else {"rank": rank, "world_size": world_size}
+    try:
+        dist.init_process_group(backend, init_method=init_method,
+                                timeout=timedelta(seconds=timeout), **kw)
+    except RuntimeError as e:  # torch raises DistStoreError (a RuntimeError) on its deadline
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "imeout" not in str(e) and "timed out" not in str(e).lower():
+            raise
+        raise RingTimeoutError(
+            f"rank {rank if rank is not None else '?'}: not every rank joined the process group "
+            f"within {timeout:g} s ({first}); a rank may have died before joining") from e
+
+
+# --------------------------------------------------------------------- sharding
+@dataclass(frozen=True)
+class Sharding:
+    """Which block runs of a ``seq_len``-token sequence each of ``world_size`` ranks holds.
+
+    ``pieces[r]`` lists rank ``r``'s runs as ``(first block, end block)``; its shard is their
+    tokens concatenated in that order.
+    """
+
+    seq_len: int
+    block_size: int
+    kind: str
+    pieces: tuple[tuple[tuple[int, int], ...], ...]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.pieces)
+
+    def token_ranges(self, rank: int) -> list[tuple[int, int]]:
+        """Rank ``rank``'s ``(start, end)`` token ranges, in shard order."""
+        b = self.block_size
+        return [(b0 * b, min(b1 * b, self.seq_len)) for b0, b1 in self.pieces[rank]]
+
+    def local_len(self, rank: int) -> int:
+        """Tokens rank ``rank`` holds."""
+        return sum(e - s for s, e in self.token_ranges(rank))
+
+    def owner(self) -> Tensor:
+        """int64 ``[num_blocks]``: the rank holding each block."""
+        own = torch.empty(num_blocks(self.seq_len, self.block_size), dtype=torch.int64)
+        for r, runs in enumerate(self.pieces):
+            for b0, b1 in runs:
+                own[b0:b1] = r
+        return own
+
+    def shard(self, x: Tensor, rank: int, dim: int = 2) -> Tensor:
+        """Rank ``rank``'s shard of a full-sequence tensor ``x`` (sequence along ``dim``)."""
+        if x.shape[dim] != self.seq_len:
+            raise ValueError(f"x has {x.shape[dim]} positions along dim {dim}, the sharding "
+                             f"is for {self.seq_len}")
+        return torch.cat([x.narrow(dim, s, e - s) for s, e in self.token_ranges(rank)], dim)
+
+    def unshard(self, shards: Sequence[Tensor], dim: int = 2) -> Tensor:
+        """Reassemble every rank's shard into the full sequence (single-process use)."""
+        if len(shards) != self.world_size:
+            raise ValueError(f"need {self.world_size} shards, got {len(shards)}")
+        pieces: list[tuple[int, Tensor]] = []
+        for r, x in enumerate(shards):
+            at = 0
+            for s, e in self.token_ranges(r):
+                pieces.append((s, x.narrow(dim, at, e - s)))
+                at += e - s
+        return torch.cat([p for _, p in sorted(pieces, key=lambda t: t[0])], dim)
+
+
+def shard_plan(seq_len: int, world_size: int, block_size: int,
+               kind: str = "contiguous") -> Sharding:
+    """Split ``seq_len`` tokens over ``world_size`` ranks in whole blocks (see module docs)."""
+    for name, val in (("seq_len", seq_len), ("world_size", world_size),
+                      ("block_size", block_size)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if kind not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {kind!r}")
+    nb = num_blocks(seq_len, block_size)
+    runs = 2 * world_size if kind == "zigzag" else world_size
+    if runs > nb:
+        raise ValueError(
+            f"{kind} sharding of {seq_len} tokens over {world_size} ranks needs at least {runs} "
+            f"blocks of {block_size} tokens, the sequence has {nb}; use a smaller block_size "
+            "or fewer ranks")
+    bounds = chunk_bounds(nb, runs)
+    if kind == "zigzag":
+        pieces = tuple((bounds[r], bounds[runs - 1 - r]) for r in range(world_size))
+    else:
+        pieces = tuple((bounds[r],) for r in range(world_size))
+    return Sharding(seq_len, block_size, kind, pieces)
+
+
+def gather_block_summaries(x: Tensor, local_len: int, block_size: int, *, process_group=None,
+                           sharding: str = "contiguous", timeout: float = DEFAULT_TIMEOUT_S
+                           ) -> tuple[Tensor, int]:
+    """Every rank's per-block summaries, in global block order; and the global length.
+
+    ``x [B, H, n_r, D]`` holds one row per block of this rank's shard (``local_len`` tokens, in
+    shard order), e.g. :func:`workbench.adaptive.pool_blocks` of its queries. Returns
+    ``[B, H, num_blocks(S), D]`` on every rank: ``1 / block_size`` of the sequence's size, which
+    is what content-adaptive selection needs, never the sequence itself.
+    """
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    lens = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+    mine = torch.tensor([local_len], dtype=torch.int64, device=x.device)
+    work = dist.all_gather(lens, mine, group=process_group, async_op=True)
+    _wait_all([work], timeout, f"rank {rank}: exchanging shard lengths")
+    seq_len = int(sum(int(t) for t in lens))
+    shards = shard_plan(seq_len, world, block_size, sharding)
+    counts = [sum(b1 - b0 for b0, b1 in runs) for runs in shards.pieces]
+    if x.shape[2] != counts[rank] or [int(t) for t in lens] != [
+            shards.local_len(r) for r in range(world)]:
+        raise RingPlanError(f"rank {rank}: block summaries or shard lengths do not match the "
+                            f"{sharding} sharding of {seq_len} tokens in blocks of {block_size}")
+    padded = torch.nn.functional.pad(x, (0, 0, 0, max(counts) - x.shape[2])).contiguous()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    work = dist.all_gather(parts, padded, group=process_group, async_op=True)
+    _wait_all([work], timeout, f"rank {rank}: gathering block summaries")
+    by_block = Sharding(num_blocks(seq_len, block_size), 1, sharding, shards.pieces)
+    return by_block.unshard([p[:, :, :c] for p, c in zip(parts, counts)]), seq_len
+
+
+# --------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class DistributedPlan:
+    """Which (query rank, K/V rank) pairs compute, from the global layout.
+
+    ``tiles[r, c]``: active tiles (summed over heads) of rank ``r``'s queries against rank
+    ``c``'s keys; zero means rank ``c`` never sends its shard to rank ``r``.
+    """
+
+    sharding: Sharding
+    tiles: Tensor
+
+    def needed(self, rank: int, src: int) -> bool:
+        """Does ``rank``'s query shard attend to ``src``'s K/V shard?"""
+        return bool(self.tiles[rank, src] > 0)
+
+    @property
+    def world_size(self) -> int:
+        return self.sharding.world_size
+
+    def last_step(self) -> int:
+        """The last ring step any rank needs (0: every rank needs only its own shard)."""
+        p = self.world_size
+        return max([d for d in range(p) for r in range(p) if self.needed(r, (r - d) % p)],
+                   default=0)
+
+    def shards_sent(self) -> Tensor:
+        """int64 ``[P]``: K/V shards each rank sends in the forward pass."""
+        need = self.tiles > 0
+        return need.sum(0) - need.diagonal().to(torch.int64)
+
+    def tiles_per_step(self) -> Tensor:
+        """int64 ``[P, P]``: tiles rank ``r`` computes at step ``d``."""
+        p = self.world_size
+        idx = (torch.arange(p)[:, None] - torch.arange(p)[None, :]) % p
+        return self.tiles.gather(1, idx)
+
+
+def distributed_plan(layout: BlockLayout, sharding: Sharding) -> DistributedPlan:
+    """Reduce the global ``layout`` to per-(query rank, K/V rank) tile counts."""
+    if (layout.q_len, layout.k_len, layout.block_size) != (
+            sharding.seq_len, sharding.seq_len, sharding.block_size):
+        raise ValueError("layout and sharding disagree on the sequence length or block size")
+    own = sharding.owner().to(layout.active.device)
+    per_tile = layout.active.sum(0, dtype=torch.int64)  # [nq, nk]
+    p = sharding.world_size
+    rows = torch.zeros(p, per_tile.shape[1], dtype=torch.int64, device=own.device)
+    rows.index_add_(0, own, per_tile)
+    tiles = torch.zeros(p, p, dtype=torch.int64, device=own.device).index_add_(1, own, rows)
+    return DistributedPlan(sharding, tiles.cpu())
+
+
+# --------------------------------------------------------------------- statistics
+@dataclass
+class RingStats:
+    """What one rank did in its forward passes (accumulated over calls given the same object);
+    ``backward`` holds the same counters for the backward passes once one has run.
+
+    ``bytes_sent``/``bytes_received`` count K/V shards (and, backward, their gradients);
+    ``wait_s`` is host time blocked on transfers (on CUDA the wait is stream-ordered, so it
+    counts only host-side blocking unless the caller synchronizes); ``per_step_tiles`` lists
+    the tiles computed at each step this rank took part in.
+    """
+
+    steps: int = 0
+    pairs_computed: int = 0
+    pairs_skipped: int = 0
+    tiles_computed: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+    per_step_tiles: list[int] = field(default_factory=list)
+    backward: RingStats | None = None
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The scalar counters (forward)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("per_step_tiles", "backward")}
+
+
+# --------------------------------------------------------------------- communication
+@dataclass
+class _Transfer:
+    """Posted sends/receives of one step and the buffer being received (if any)."""
+
+    works: list
+    recv: Tensor | None
+    peer_in: int | None
+    peer_out: int | None
+    step: int
+
+
+class _Ring:
+    """Point-to-point transfers of one call, with deadlines and byte counters."""
+
+    def __init__(self, setup: _Setup, device: torch.device, stats: RingStats) -> None:
+        self.group, self.rank, self.timeout = setup.group, setup.rank, setup.timeout
+        self.device, self.stats = device, stats
+
+    def _global(self, r: int) -> int:
+        return dist.get_global_rank(self.group, r) if self.group is not None else r
+
+    def post(self, step: int, send: Tensor | None, send_to: int | None,
+             recv_like: tuple[tuple[int, ...], torch.dtype] | None, recv_from: int | None
+             ) -> _Transfer:
+        ops = []
+        buf = None
+        if send is not None and send_to is not None:
+            ops.append(dist.P2POp(dist.isend, send, self._global(send_to), self.group))
+            self.stats.bytes_sent += send.numel() * send.element_size()
+        if recv_like is not None and recv_from is not None:
+            buf = torch.empty(recv_like[0], dtype=recv_like[1], device=self.device)
+            ops.append(dist.P2POp(dist.irecv, buf, self._global(recv_from), self.group))
+            self.stats.bytes_received += buf.numel() * buf.element_size()
+        works = dist.batch_isend_irecv(ops) if ops else []
+        return _Transfer(works, buf, recv_from, send_to, step)
+
+    def wait(self, tr: _Transfer, what: str) -> Tensor | None:
+        t0 = time.perf_counter()
+        peers = ", ".join(f"{d} rank {p}" for d, p in (("from", tr.peer_in), ("to", tr.peer_out))
+                          if p is not None)
+        _wait_all(tr.works, self.timeout, f"rank {self.rank}: {what} at ring step {tr.step} "
+                  f"({peers})")
+        self.stats.wait_s += time.perf_counter() - t0
+        return tr.recv
+
+
+def _wait_all(works: Sequence, timeout: float, what: str) -> None:
+    """Wait for ``works`` with a deadline; raise a :class:`RingTimeoutError` or
+    :class:`RingCommunicationError` that says ``what`` was being done."""
+    for w in works:
+        try:
+            done = w.wait(timeout=timedelta(seconds=timeout))
+        except RuntimeError as e:  # gloo: the peer's connection closed, or its own deadline
+            first = str(e).splitlines()[0]
+            timed_out = "imeout" in first or "timed out" in first
+            kind = RingTimeoutError if timed_out else RingCommunicationError
+            after = f" after {timeout:g} s" if timed_out else ""
+            raise kind(f"{what} failed{after}; a peer may have died or never joined ({first})"
+                       ) from e
+        if done is False:
+            raise RingTimeoutError(f"{what} did not complete within {timeout:g} s; a peer may "
+                                   "have died or never joined")
+
+
+# --------------------------------------------------------------------- validation
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _exchange_shapes(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None, group,
+                     world: int, rank: int, timeout: float) -> Tensor:
+    """All ranks' ``[B, H, Sq, Sk, D, Dv, dtype, dropout ppm, dropout seed]`` (int64
+    ``[P, 9]``), for validation (and to agree on one dropout seed)."""
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"dtype {q.dtype} is not supported by the distributed ring")
+    drop = (-1, -1) if dropout is None else (round(dropout.p * 1e6), dropout.seed)
+    mine = torch.tensor([q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
+                         _DTYPES.index(q.dtype), *drop], dtype=torch.int64, device=q.device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    work = dist.all_gather(everyone, mine, group=group, async_op=True)
+    _wait_all([work], timeout, f"rank {rank}: exchanging shard shapes with the other {world - 1} "
+              "ranks")
+    return torch.stack(everyone).cpu()
+
+
+def _check_shapes(meta: Tensor, rank: int) -> int:
+    """Raise :class:`RingPlanError` unless ranks agree; return the total sequence length."""
+    names = ("batch", "heads", "q shard length", "k shard length", "head_dim", "value dim",
+             "dtype", "dropout probability (ppm)")
+    for col in (0, 1, 4, 5, 6, 7):
+        vals = meta[:, col].tolist()
+        if len(set(vals)) > 1:
+            shown = [str(_DTYPES[x]) for x in vals] if col == 6 else vals
+            raise RingPlanError(f"rank {rank}: ranks disagree on {names[col]}: "
+                                f"{dict(enumerate(shown))}")
+    if not torch.equal(meta[:, 2], meta[:, 3]):
+        raise RingPlanError(f"rank {rank}: every rank's q and k/v shards must have the same "
+                            f"length (self-attention), got q {meta[:, 2].tolist()} and k "
+                            f"{meta[:, 3].tolist()}")
+    return int(meta[:, 2].sum())
+
+
+# --------------------------------------------------------------------- compute
+@dataclass(frozen=True)
+class _Setup:
+    """Everything one call needs, identical on every rank but ``rank``."""
+
+    rank: int
+    plan: DistributedPlan
+    problem: Problem
+    backend: str
+    group: object
+    timeout: float
+
+    @property
+    def world(self) -> int:
+        return self.plan.world_size
+
+    def pieces(self, rank: int) -> tuple[tuple[int, int], ...]:
+        return self.plan.sharding.pieces[rank]
+
+    def local_offsets(self, rank: int) -> list[tuple[int, int]]:
+        """(start, length) of each run inside rank ``rank``'s shard tensor."""
+        out, at = [], 0
+        for s, e in self.plan.sharding.token_ranges(rank):
+            out.append((at, e - s))
+            at += e - s
+        return out
+
+
+def _pairs(setup: _Setup, src: int):
+    """(query run index, K/V run index, sub-problem) for every active pair of runs."""
+    for i, qr in enumerate(setup.pieces(setup.rank)):
+        for j, kr in enumerate(setup.pieces(src)):
+            sub = setup.problem.slice(qr, kr)
+            if bool(sub.layout.active.any()):
+                yield i, j, sub
+
+
+def _partials(setup: _Setup, q: Tensor, kv: Tensor, src: int, dk: int, stats: RingStats | None
+              ) -> list[tuple[int, Tensor, Tensor]]:
+    """This rank's partial (run, out, lse) against the K/V shard of ``src``."""
+    qo, ko = setup.local_offsets(setup.rank), setup.local_offsets(src)
+    res = []
+    for i, j, sub in _pairs(setup, src):
+        qs = q.narrow(2, *qo[i])
+        ks, vs = kv[..., :dk].narrow(2, *ko[j]), kv[..., dk:].narrow(2, *ko[j])
+        o, lse = run_backend(setup.backend, qs, ks, vs, sub, need_lse=True)
+        res.append((i, o, lse))
+        if stats is not None:
+            stats.pairs_computed += 1
+            stats.tiles_computed += int(sub.layout.active.sum())
+    return res
+
+
+def _steps(setup: _Setup) -> list[int]:
+    """Ring steps in which this rank sends or receives (step 0, the local shard, always)."""
+    p, r, plan = setup.world, setup.rank, setup.plan
+    return [0] + [d for d in range(1, plan.last_step() + 1)
+                  if plan.needed(r, (r - d) % p) or plan.needed((r + d) % p, r)]
+
+
+def _post_kv(ring: _Ring, setup: _Setup, step: int, kv: Tensor) -> _Transfer:
+    """Post step ``step``'s K/V transfers: own shard to ``r + step``, shard of ``r - step`` in."""
+    p, r, plan = setup.world, setup.rank, setup.plan
+    dst, src = (r + step) % p, (r - step) % p
+    shape = (*kv.shape[:2], setup.plan.sharding.local_len(src), kv.shape[3])
+    return ring.post(step, kv if plan.needed(dst, r) else None, dst,
+                     (shape, kv.dtype) if plan.needed(r, src) else None, src)
+
+
+def _merge_runs(setup: _Setup, q: Tensor, dv: int,
+                parts: list[list[tuple[Tensor, Tensor]]]) -> tuple[Tensor, Tensor]:
+    outs, lses = [], []
+    for (_, length), run in zip(setup.local_offsets(setup.rank), parts):
+        if not run:  # these queries attend nothing
+            shape = (q.shape[0], q.shape[1], length)
+            run = [(q.new_zeros(*shape, dv), torch.full(shape, -torch.inf, device=q.device))]
+        o, lse = merge_partials([o for o, _ in run], [lse for _, lse in run])
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingStats
+                  ) -> tuple[Tensor, Tensor]:
+    ring = _Ring(setup, q.device, stats)
+    kv = torch.cat([k, v], -1).contiguous()
+    dk, p = k.shape[-1], setup.world
+    parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in setup.pieces(setup.rank)]
+    steps = _steps(setup)
+    stats.steps += len(steps)
+    pending = _post_kv(ring, setup, steps[1], kv) if len(steps) > 1 else None
+    for n, step in enumerate(steps):
+        if step == 0:
+            held = kv
+        else:
+            held = ring.wait(pending, "receiving a K/V shard")
+            pending = _post_kv(ring, setup, steps[n + 1], kv) if n + 1 < len(steps) else None
+        src = (setup.rank - step) % p
+        if held is None:
+            stats.per_step_tiles.append(0)
+            continue
+        t0 = time.perf_counter()
+        before = stats.tiles_computed
+        for i, o, lse in _partials(setup, q, held, src, dk, stats):
+            parts[i].append((o, lse))
+        stats.compute_s += time.perf_counter() - t0
+        stats.per_step_tiles.append(stats.tiles_computed - before)
+    runs = len(setup.pieces(setup.rank))
+    stats.pairs_skipped += sum(runs * len(setup.pieces(s)) - len(list(_pairs(setup, s)))
+                               for s in range(p))
+    return _merge_runs(setup, q, v.shape[-1], parts)
+
+
+def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   dout: Tensor, dlse: Tensor | None, stats: RingStats
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    ring = _Ring(setup, q.device, stats)
+    kv = torch.cat([k, v], -1).contiguous()
+    dk, p, r = k.shape[-1], setup.world, setup.rank
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros_like(q, dtype=acc)
+    dkv = torch.zeros_like(kv, dtype=acc)
+    qo = setup.local_offsets(r)
+    steps = _steps(setup)
+    stats.steps += len(steps)
+    pending = _post_kv(ring, setup, steps[1], kv) if len(steps) > 1 else None
+    grads_in: list[_Transfer] = []
+    grads_out: list[_Transfer] = []  # keeps each sent gradient buffer alive until delivered
+    for n, step in enumerate(steps):
+        src, dst = (r - step) % p, (r + step) % p
+        if step == 0:
+            held = kv
+        else:
+            held = ring.wait(pending, "receiving a K/V shard")
+            pending = _post_kv(ring, setup, steps[n + 1], kv) if n + 1 < len(steps) else None
+        # gradients for our own K/V come back from the rank we sent it to at this step
+        if step and setup.plan.needed(dst, r):
+            grads_in.append(ring.post(step, None, None, (tuple(kv.shape), acc), dst))
+        if held is None:
+            continue
+        t0 = time.perf_counter()
+        g_kv = dkv if step == 0 else torch.zeros(held.shape, dtype=acc, device=held.device)
+        ko = setup.local_offsets(src)
+        for i, j, sub in _pairs(setup, src):
+            qs = q.narrow(2, *qo[i]).detach().requires_grad_(True)
+            kvs = held.narrow(2, *ko[j]).detach().requires_grad_(True)
+            with torch.enable_grad():
+                o, l_c = run_backend(setup.backend, qs, kvs[..., :dk], kvs[..., dk:], sub,
+                                     need_lse=True)
+                go, gl = _partial_grads(o, l_c, out.narrow(2, *qo[i]), lse.narrow(2, *qo[i]),
+                                        dout.narrow(2, *qo[i]),
+                                        None if dlse is None else dlse.narrow(2, *qo[i]))
+                g_q, g_kvs = torch.autograd.grad((o, l_c), (qs, kvs), (go, gl))
+            dq.narrow(2, *qo[i]).add_(g_q)
+            g_kv.narrow(2, *ko[j]).add_(g_kvs)
+            stats.pairs_computed += 1
+            stats.tiles_computed += int(sub.layout.active.sum())
+        stats.compute_s += time.perf_counter() - t0
+        if step:
+            grads_out.append(ring.post(step, g_kv, src, None, None))
+    for tr in grads_in:
+        dkv += ring.wait(tr, "receiving K/V gradients")
+    for tr in grads_out:
+        ring.wait(tr, "returning K/V gradients")
+    return dq.to(q.dtype), dkv[..., :dk].to(k.dtype), dkv[..., dk:].to(v.dtype)
+
+
+def _partial_grads(o: Tensor, l_c: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                   dlse: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Gradients of one partial ``(o_c, l_c)`` from those of the merged ``(out, lse)``."""
+    acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+    top = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(acc)
+    w = torch.where(torch.isfinite(l_c), torch.exp(l_c.to(acc) - top), torch.zeros_like(top))
+    d_o = dout.to(acc)
+    gl = w * ((d_o * o.detach().to(acc)).sum(-1) - (d_o * out.to(acc)).sum(-1))
+    if dlse is not None:
+        gl = gl + w * dlse.to(acc)
+    return (w[..., None] * d_o).to(o.dtype), gl.to(l_c.dtype)
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, setup, stats):  # type: ignore[override]
+        out, lse = _ring_forward(setup, q, k, v, stats)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.setup, ctx.stats = setup, stats
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        if ctx.stats.backward is None:
+            ctx.stats.backward = RingStats()
+        dq, dk, dv = _ring_backward(ctx.setup, q, k, v, out, lse, dout, dlse,
+                                    ctx.stats.backward)
+        return dq, dk, dv, None, None
+
+
+# --------------------------------------------------------------------- entry point
+def distributed_ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern,
+    block_size: int,
+    *,
+    process_group=None,
+    sharding: str = "contiguous",
+    backend: str = "auto",
+    scale: float | None = None,
+    return_lse: bool = False,
+    layout: BlockLayout | Callable[[int], BlockLayout] | None = None,
+    block_order: str | None = None,
+    dropout: AttentionDropout | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    stats: RingStats | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Block-sparse attention over a sequence sharded across the ranks of ``process_group``.
+
+    Every rank calls it with its own shard ``q, k, v`` ``[B, H, S_r, D]``, as laid out by
+    :func:`shard_plan` (``sharding``) over the ranks of ``process_group`` (``None``: the default
+    group); the total length is the sum of the shards. Returns this rank's ``out`` shard (and
+    its log-sum-exp). Differentiable in ``q, k, v``. ``layout`` is the *global* layout
+    (``pattern.block_structure(S, block_size)``) or a function of ``S`` returning it (e.g. a
+    cache), built here when omitted. ``block_order`` and ``dropout`` act as in
+    :func:`workbench.block_sparse_attention`; dropout decisions use absolute positions and rank
+    0's seed, so they match the single-process result with that seed. ``stats`` (a
+    :class:`RingStats`) accumulates this rank's counters. See the module docs for the schedule.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call "
+                           "torch.distributed.init_process_group first (or run under torchrun)")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    rank = dist.get_rank(process_group)
+    world = dist.get_world_size(process_group)
+    meta = _exchange_shapes(q, k, v, dropout, process_group, world, rank, timeout)
+    seq_len = _check_shapes(meta, rank)
+    if dropout is not None:  # every rank drops the same pairs: rank 0's seed
+        dropout = AttentionDropout(dropout.p, int(meta[0, 8]))
+    shards = shard_plan(seq_len, world, block_size, sharding)
+    expected = [shards.local_len(r) for r in range(world)]
+    if meta[:, 2].tolist() != expected:
+        raise RingPlanError(
+            f"rank {rank}: shard lengths {meta[:, 2].tolist()} do not match the {sharding} "
+            f"sharding of {seq_len} tokens in blocks of {block_size}, which needs {expected}; "
+            "cut the sequence with workbench.distributed.shard_plan(...).shard(x, rank)")
+    if layout is None:
+        layout = pattern.block_structure(seq_len, block_size, q.device)
+    elif callable(layout):
+        layout = layout(seq_len)
+    if (layout.q_len, layout.k_len, layout.block_size) != (seq_len, seq_len, block_size):
+        raise ValueError(f"layout is for {layout.q_len}x{layout.k_len} tokens in blocks of "
+                         f"{layout.block_size}; the sharded sequence has {seq_len} tokens in "
+                         f"blocks of {block_size}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern),
+                      block_order=block_order, dropout=dropout)
+    plan = distributed_plan(layout, shards)
+    setup = _Setup(rank, plan, problem, resolve_backend(backend, q, dropout is not None),
+                   process_group, float(timeout))
+    out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats())
+    return (out, lse) if return_lse else out
