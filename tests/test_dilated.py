@@ -126,3 +126,12 @@ def test_head_groups_needs_a_head_per_pair():
     q, k, v = make_qkv(b=1, h=2, s=64, d=8, requires_grad=False)
     with pytest.raises(ValueError, match="num_heads"):
         wb.dilated_attention(q, k, v, [8, 16, 32], [1, 2, 4], mode="head_groups")
+
+
+@pytest.mark.parametrize("seq_len", [77, 1000, 1024])
+def test_naive_strided_gather_baseline_computes_the_same_output(seq_len):
+    from workbench.bench import strided_gather_dilated
+
+    q, k, v = make_qkv(b=2, h=5, s=seq_len, d=16, requires_grad=False)
+    want = wb.dilated_attention(q, k, v, [64, 128, 256], [1, 2, 4], mode="head_groups")
+    torch.testing.assert_close(strided_gather_dilated(q, k, v, [64, 128, 256], [1, 2, 4]), want)

@@ -200,3 +200,88 @@ def test_coarsen_equals_layout_at_the_larger_block(factor):
 def test_closed_form_pair_counts(pattern, seq_len):
     mask = pattern.token_mask(seq_len).expand(pattern.num_heads, seq_len, seq_len)
     assert pattern._count_pairs(seq_len) == int(mask.sum())
+
+
+def rect_mask(pattern, q_len: int, k_len: int) -> torch.Tensor:
+    """Dense ``[H, q_len, k_len]`` mask of a rectangular problem, from the token predicate."""
+    h = torch.arange(pattern.num_heads)[:, None, None]
+    q, k = torch.arange(q_len)[None, :, None], torch.arange(k_len)[None, None, :]
+    return pattern.allowed(h, q, k).expand(pattern.num_heads, q_len, k_len)
+
+
+def reduce_rect(mask: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, all) of a dense ``[H, Sq, Sk]`` mask over tiles (padding ignored)."""
+    h, sq, sk = mask.shape
+    nq, nk = -(-sq // block), -(-sk // block)
+    m = F.pad(mask, (0, nk * block - sk, 0, nq * block - sq)).view(h, nq, block, nk, block)
+    real = F.pad(torch.ones(sq, sk, dtype=torch.bool), (0, nk * block - sk, 0, nq * block - sq))
+    real = real.view(1, nq, block, nk, block)
+    return m.any(4).any(2), (m | ~real).all(4).all(2)
+
+
+@settings(max_examples=120, deadline=None)
+@given(pattern=patterns_strategy(), q_len=st.integers(1, 90), k_len=st.integers(1, 90),
+       block=st.integers(1, 40))
+def test_rectangular_layout_equals_token_mask_reduced(pattern, q_len, k_len, block):
+    # Toeplitz (offset-only) layouts fix the ragged last row and column separately, and
+    # dilated heads share work: both must stay exact when q_len != k_len.
+    any_, all_ = reduce_rect(rect_mask(pattern, q_len, k_len), block)
+    lay = pattern.block_structure(q_len, block, k_len=k_len)
+    assert torch.equal(lay.active.expand_as(any_), any_)
+    assert torch.equal(lay.full.expand_as(all_), all_)
+
+
+@pytest.mark.parametrize("pattern", [
+    P.strided(7) | P.local_window(5),
+    (P.strided(3) & P.local_window(20, causal=True)) | P.causal(),
+    P.dilated([24, 48], [1, 4], 8, causal=True),
+    P.dilated_branch(32, 4, 6) | P.local_window(3),
+    (P.local_window(9) | P.global_tokens(5)) & P.causal(),
+])
+@pytest.mark.parametrize("q_len, k_len, block", [(203, 203, 8), (203, 150, 8), (97, 260, 16)])
+def test_periodic_and_toeplitz_fast_paths_are_exact(pattern, q_len, k_len, block):
+    # Long enough that many undecided tiles are shifts of one another by the period.
+    any_, all_ = reduce_rect(rect_mask(pattern, q_len, k_len), block)
+    lay = pattern.block_structure(q_len, block, k_len=k_len)
+    assert torch.equal(lay.active.expand_as(any_), any_)
+    assert torch.equal(lay.full.expand_as(all_), all_)
+    assert pattern.allowed_pairs(q_len, block) == int(rect_mask(pattern, q_len, q_len).sum())
+
+
+def test_dilated_heads_sharing_a_block_view_are_copied_exactly():
+    # Offsets a block cannot tell apart give identical layouts, computed once.
+    p = P.dilated([64, 128, 256], [2, 4, 8], 12)
+    lay = p.block_structure(1000, 32)
+    any_, all_ = reduce_rect(rect_mask(p, 1000, 1000), 32)
+    assert torch.equal(lay.active, any_) and torch.equal(lay.full, all_)
+    branch = P.dilated_branch(64, 4, 8).block_structure(500, 16)
+    assert branch.shape == (8, 32, 32)
+    assert torch.equal(branch.active[0], branch.active[7])
+
+
+@given(seed=st.integers(0, 2**31 - 1), heads=st.lists(st.integers(0, 300), min_size=1,
+                                                    max_size=3),
+       rows=st.integers(1, 40), cols=st.integers(1, 40), threshold=st.integers(0, 1 << 24))
+@settings(max_examples=100, deadline=None)
+def test_hash_grid_matches_the_token_hash(seed, heads, rows, cols, threshold):
+    # The int32 grid path (products wrap) must pick exactly the cells the int64 hash picks.
+    h = torch.tensor(heads)[:, None, None]
+    i, j = torch.arange(rows)[None, :, None], torch.arange(cols)[None, None, :]
+    expect = P._hash_cells(seed, h, i, j) < threshold
+    got = P._hash_grid(seed, heads, rows, cols, threshold, torch.device("cpu"))
+    assert torch.equal(got, expect)
+
+
+def test_hash_cells_is_the_recorded_hash():
+    # Pinned values: layouts and recorded densities depend on this exact hash.
+    def reference(seed, h, i, j):
+        m = 0xFFFFFFFF
+        x = (h * 0x9E3779B1 + i * 0x85EBCA77 + j * 0xC2B2AE3D + seed * 0x27D4EB2F) & m
+        for mul in (0x7FEB352D, 0x846CA68B):
+            x ^= x >> 16
+            x = (x * mul) & m
+        return (x ^ (x >> 16)) >> 8
+
+    for seed, h, i, j in [(0, 0, 0, 0), (3, 5, 1000, 77), (2**31 - 1, 300, 2**20, 2**21 - 1)]:
+        got = P._hash_cells(seed, torch.tensor(h), torch.tensor(i), torch.tensor(j))
+        assert int(got) == reference(seed, h, i, j)

@@ -3,20 +3,26 @@
 Every variant is softmax attention restricted to a set of (query, key) pairs, seen through four
 independent choices: a **pattern** (:mod:`workbench.patterns`), an **ordering**
 (:mod:`workbench.orderings`), a **schedule** (:mod:`workbench.ring`) and a **backend**
-(:mod:`workbench.backends`).
+(:mod:`workbench.backends`). :mod:`workbench.distributed` runs the ring across
+``torch.distributed`` ranks.
+
+``workbench.viz`` (matplotlib) is imported on first use, so processes that only compute (the
+ranks of a distributed run) start faster.
 """
+
+import importlib
 
 from . import (
     adaptive,
     backends,
     curves,
+    distributed,
     layout,
     multihead,
     orderings,
     patterns,
     records,
     ring,
-    viz,
 )
 from .adaptive import AdaptiveBlockSparseAttention, BlockSelection
 from .attention import BlockSparseAttention, block_sparse_attention
@@ -36,6 +42,7 @@ __all__ = [
     "backends",
     "curves",
     "block_sparse_attention",
+    "distributed",
     "dilated_attention",
     "layout",
     "multihead",
@@ -47,3 +54,9 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "viz":
+        return importlib.import_module(".viz", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,11 @@ Examples::
     python -m workbench bench --study cpu_small --seq-lens 1024 2048     # CPU, small
     python -m workbench bench --study h100 --seq-lens 16384 65536 \
         --variants ours flex_natural sdpa_dense --backward              # a GPU study
+
+    torchrun --standalone --nproc-per-node=2 -m workbench ring-demo     # distributed ring
+    torchrun --standalone --nproc-per-node=2 -m workbench ring-bench --study cpu2 \
+        --seq-lens 4096 --families causal local --shardings contiguous zigzag
+    python -m workbench ring-plan --study h100 --world 2 --seq-lens 524288   # one GPU
 """
 
 from __future__ import annotations
@@ -158,8 +163,85 @@ def main(argv: list[str] | None = None) -> int:
     ada.add_argument("--reps", type=int, default=20)
     ada.add_argument("--device", default="cuda")
     ada.set_defaults(func=_bench_adaptive)
+    _ring_commands(sub, FAMILIES)
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def _ring_commands(sub, families: tuple[str, ...]) -> None:
+    from .distributed import SHARDINGS
+
+    demo = sub.add_parser("ring-demo", help="distributed ring vs one process, on every rank "
+                          "(run under torchrun)")
+    demo.add_argument("--seq-len", type=int, default=1000)
+    demo.add_argument("--heads", type=int, default=4)
+    demo.add_argument("--head-dim", type=int, default=32)
+    demo.add_argument("--block-size", type=int, default=64)
+    demo.add_argument("--families", nargs="+", default=["causal", "local", "random10", "dilated"],
+                      choices=families)
+    demo.add_argument("--sharding", default="zigzag", choices=SHARDINGS)
+    demo.add_argument("--backend", default=None, choices=["gloo", "nccl"])
+    demo.add_argument("--timeout", type=float, default=120.0, help="seconds before a missing "
+                      "peer is reported")
+    demo.set_defaults(func=lambda a: _ring_demo(a))
+
+    rb = sub.add_parser("ring-bench", help="time the distributed ring (run under torchrun); "
+                        "writes data/ring_<study>.csv")
+    rb.add_argument("--study", required=True)
+    rb.add_argument("--seq-lens", nargs="+", type=int, required=True,
+                    help="total sequence lengths (all ranks together)")
+    rb.add_argument("--families", nargs="+", default=["causal", "local"], choices=families)
+    rb.add_argument("--shardings", nargs="+", default=["contiguous"], choices=SHARDINGS)
+    rb.add_argument("--heads", type=int, default=16)
+    rb.add_argument("--head-dim", type=int, default=128)
+    rb.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    rb.add_argument("--block-size", type=int, default=128)
+    rb.add_argument("--reps", type=int, default=10)
+    rb.add_argument("--warmup", type=int, default=2)
+    rb.add_argument("--backward", action="store_true")
+    rb.add_argument("--backend", default=None, choices=["gloo", "nccl"])
+    rb.add_argument("--timeout", type=float, default=600.0)
+    rb.set_defaults(func=lambda a: _ring_bench(a))
+
+    rp = sub.add_parser("ring-plan", help="per-(rank, step) compute and bytes of a ring, run on "
+                        "one device; writes data/ring_<study>_plan.csv")
+    rp.add_argument("--study", required=True)
+    rp.add_argument("--world", type=int, default=2)
+    rp.add_argument("--seq-lens", nargs="+", type=int, required=True)
+    rp.add_argument("--families", nargs="+", default=["causal", "random10", "local", "dilated"],
+                    choices=families)
+    rp.add_argument("--shardings", nargs="+", default=list(SHARDINGS), choices=SHARDINGS)
+    rp.add_argument("--heads", type=int, default=16)
+    rp.add_argument("--head-dim", type=int, default=128)
+    rp.add_argument("--block-size", type=int, default=128)
+    rp.add_argument("--reps", type=int, default=5)
+    rp.add_argument("--device", default="cuda")
+    rp.set_defaults(func=lambda a: _ring_plan(a))
+
+
+def _ring_demo(a: argparse.Namespace) -> int:
+    from .ring_bench import ring_demo
+
+    rows = ring_demo(a.seq_len, a.heads, a.head_dim, a.block_size, a.families, a.sharding,
+                     a.backend, a.timeout)
+    return 0 if all(r["max_abs_error"] < 1e-3 for r in rows) else 1
+
+
+def _ring_bench(a: argparse.Namespace) -> int:
+    from .ring_bench import ring_bench
+
+    ring_bench(a.study, a.seq_lens, a.families, a.shardings, a.heads, a.head_dim, a.dtype,
+               a.block_size, a.reps, a.warmup, a.backward, a.backend, a.timeout)
+    return 0
+
+
+def _ring_plan(a: argparse.Namespace) -> int:
+    from .ring_bench import ring_plan_study
+
+    rows = ring_plan_study(a.study, a.seq_lens, a.families, a.world, a.shardings, a.heads,
+                           a.head_dim, "bf16", a.block_size, a.reps, a.device)
+    _print_rows(rows)
+    return 0
 
 
 if __name__ == "__main__":

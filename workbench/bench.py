@@ -18,6 +18,8 @@ Variants (``--variants``):
 - ``ours``: the package's default way (``dilated_attention`` with the dilation ordering for
   ``dilated``, ``block_sparse_attention`` with ``backend="auto"`` otherwise);
 - ``flex_natural``: FlexAttention with a ``BlockMask`` of the pattern in natural token order;
+- ``strided_gather`` (``dilated`` only): the naive LongNet implementation, a strided slice per
+  (head group, offset) copied into one SDPA call and copied back (:func:`strided_gather_dilated`);
 - ``blockwise``: the pure-PyTorch backend; ``sdpa_dense``: dense SDPA with no mask (the cost
   of ignoring sparsity); ``sdpa_masked``: SDPA with the dense boolean mask (small S only).
 """
@@ -43,7 +45,7 @@ from .records import environment, write_csv
 __all__ = ["BenchConfig", "FAMILIES", "VARIANTS", "family_pattern", "run_bench", "time_fn"]
 
 FAMILIES = ("dense", "causal", "random10", "local", "dilated")
-VARIANTS = ("ours", "flex_natural", "blockwise", "sdpa_dense", "sdpa_masked")
+VARIANTS = ("ours", "flex_natural", "strided_gather", "blockwise", "sdpa_dense", "sdpa_masked")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MASKED_SDPA_LIMIT = 1 << 30  # largest H*S*S the dense-mask baseline may build
 
@@ -129,6 +131,32 @@ def time_fn(fn: Callable[[], object], reps: int, warmup: int, device: torch.devi
     return statistics.median(times)
 
 
+def strided_gather_dilated(q: Tensor, k: Tensor, v: Tensor, segments: list[int],
+                           dilations: list[int]) -> Tensor:
+    """The naive LongNet baseline: per (head group, offset), a strided slice of every segment
+    copied out, one SDPA call, the result copied back (head-group mode, same output as
+    ``dilated_attention(..., mode="head_groups")``). Lengths are padded to each segment."""
+    bsz, h, s, d = q.shape
+    out = torch.zeros_like(q)
+    group = P.head_groups(h, len(segments))
+    for g, (w, r) in enumerate(zip(segments, dilations)):
+        heads = [j for j in range(h) if group[j] == g]
+        n = -(-s // w)
+        for off in sorted({j % r for j in heads}):
+            hs = [j for j in heads if j % r == off]
+            def strided(x: Tensor, hs=hs, w=w, r=r, off=off, n=n) -> Tensor:
+                x = F.pad(x[:, hs], (0, 0, 0, n * w - s)).unflatten(2, (n, w))
+                return x[:, :, :, off::r].transpose(1, 2).flatten(0, 1)  # [B*n, h, w/r, D]
+            pad_keys = torch.arange(n * w, device=q.device).unflatten(0, (n, w))[:, off::r] < s
+            mask = pad_keys[:, None, None, :].repeat(bsz, 1, 1, 1)  # padded keys never count
+            o = F.scaled_dot_product_attention(strided(q), strided(k), strided(v), attn_mask=mask)
+            o = o.unflatten(0, (bsz, n)).transpose(1, 2)  # [B, h, n, w/r, D]
+            full = torch.zeros(bsz, len(hs), n, w, d, dtype=q.dtype, device=q.device)
+            full[:, :, :, off::r] = o
+            out[:, hs] = full.flatten(2, 3)[:, :, :s]
+    return out
+
+
 def _variant_fn(
     variant: str, family: str, pattern: P.Pattern, cfg: BenchConfig, seq_len: int,
     q: Tensor, k: Tensor, v: Tensor,
@@ -137,6 +165,11 @@ def _variant_fn(
     if variant == "ours" and family == "dilated":
         segs, dils = dilated_params(seq_len)
         return lambda: dilated_attention(q, k, v, segs, dils, mode="head_groups")
+    if variant == "strided_gather":
+        if family != "dilated":
+            return None
+        segs, dils = dilated_params(seq_len)
+        return lambda: strided_gather_dilated(q, k, v, segs, dils)
     if variant in ("ours", "flex_natural", "blockwise"):
         backend = {"ours": "auto", "flex_natural": "flex", "blockwise": "blockwise"}[variant]
         if backend == "flex" and q.device.type == "cpu" and cfg.backward:

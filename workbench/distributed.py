@@ -62,6 +62,7 @@ __all__ = [
     "gather_block_summaries",
     "init_ring",
     "shard_plan",
+    "simulated_steps",
 ]
 
 SHARDINGS = ("contiguous", "zigzag")
@@ -658,3 +659,38 @@ def distributed_ring_attention(
                    process_group, float(timeout))
     out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats())
     return (out, lse) if return_lse else out
+
+
+def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding: str, heads: int,
+                    head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                    backend: str = "auto"):
+    """Every (rank, step) of a ``world``-rank ring as work on one device, to plan a real run.
+
+    Yields ``(rank, step, kv_from, tiles, kv_bytes, fn)``: ``fn()`` computes what that rank
+    computes at that step (forward, random inputs of the shard shapes; None when the step is
+    skipped) and ``kv_bytes`` is what it receives then (0 at step 0: its own shard).
+    """
+    shards = shard_plan(layout.q_len, world, layout.block_size, sharding)
+    plan = distributed_plan(layout, shards)
+    problem = Problem(layout, pattern.predicate(device), 1.0 / math.sqrt(head_dim),
+                      label=repr(pattern))
+    per_step = plan.tiles_per_step()
+
+    def rand(n: int, d: int) -> Tensor:
+        return torch.randn(1, heads, n, d, device=device, dtype=dtype)
+
+    for r in range(world):
+        q = rand(shards.local_len(r), head_dim)
+        setup = _Setup(r, plan, problem, resolve_backend(backend, q), None, DEFAULT_TIMEOUT_S)
+        for d in range(world):
+            src = (r - d) % world
+            if not plan.needed(r, src):
+                yield r, d, src, 0, 0, None
+                continue
+            kv = rand(shards.local_len(src), 2 * head_dim)
+
+            def fn(setup=setup, q=q, kv=kv, src=src) -> None:
+                with torch.no_grad():
+                    _partials(setup, q, kv, src, head_dim, None)
+
+            yield r, d, src, int(per_step[r, d]), kv.numel() * kv.element_size() if d else 0, fn

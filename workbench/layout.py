@@ -40,8 +40,8 @@ def cells_to_tiles(
     it overlaps is on, full if every such cell is on (each overlapping cell holds real pairs of
     the tile). Uses 2-D prefix sums, so any tile and cell sizes work.
     """
-    if block_size == cell:
-        return on, on.clone()
+    if block_size == cell:  # both are ``on`` itself: layouts are read-only
+        return on, on
     device = on.device
     pre = torch.nn.functional.pad(on.to(torch.int64).cumsum(1).cumsum(2), (1, 0, 1, 0))
     qe = block_extents(q_len, block_size, device) // cell

@@ -7,7 +7,13 @@ FlexAttention's ``mask_mod``). Every pattern also has an *exact* block-level lay
 (:meth:`Pattern.block_structure`) computed analytically, in memory proportional to
 ``(seq_len / block_size)**2`` and never ``seq_len**2``. Where an analytic answer is not
 available (unions and intersections of partial tiles) only the undecided tiles are evaluated
-token by token, which costs time proportional to the number of such tiles.
+token by token, and tiles that are shifts of one another by a period of the pattern are evaluated
+once, so the cost is proportional to the number of *distinct* undecided tiles.
+
+Patterns whose predicate depends on the offset ``k - q`` alone (bands, strides and their
+combinations) have Toeplitz layouts: with uniform blocks a tile's status depends only on its
+block diagonal, so the layout is built from one value per diagonal (the ragged last block row
+and column are computed exactly on their own).
 
 Patterns compose: ``a | b`` allows a pair if either does, ``a & b`` if both do.
 
@@ -18,7 +24,6 @@ broadcasts against any number of heads.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,6 +32,7 @@ from torch import Tensor
 from .layout import BlockLayout, LayoutStats, block_extents, cells_to_tiles, num_blocks
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+OffsetFn = Callable[[Tensor], Tensor]  # allowed(k - q) for patterns that depend on it alone
 
 __all__ = [
     "Pattern",
@@ -100,8 +106,31 @@ class Pattern:
     def _tiles(self, q_len: int, k_len: int, block_size: int, device: torch.device) -> tuple[
         Tensor, Tensor
     ]:
-        """Exact (any, all) bool ``[H, nq, nk]`` of this pattern. Subclasses override."""
-        raise NotImplementedError
+        """Exact (any, all) bool ``[H, nq, nk]`` of this pattern (``H`` may be 1).
+
+        "all" must imply "any" (every tile holds a real pair). The results may be views that
+        share storage; callers treat them as read-only. Subclasses override, except patterns
+        with an :meth:`_offset_rule`, whose Toeplitz layout is built here.
+        """
+        rule = self._offset_rule()
+        if rule is None:
+            raise NotImplementedError
+        return _offset_tiles(rule, q_len, k_len, block_size, device)
+
+    def _offset_rule(self) -> OffsetFn | None:
+        """``allowed`` as a function of ``d = k - q`` alone, if the pattern is one (else None).
+
+        Such a pattern is head-independent and the same along every diagonal.
+        """
+        return None
+
+    def _period(self) -> int | None:
+        """A shift ``P`` with ``allowed(h, q + P, k + P) == allowed(h, q, k)`` for all integer
+        ``q, k`` (negative ones included), or None if there is none known.
+
+        Tiles that are shifts of one another by a multiple of ``P`` are then evaluated once.
+        """
+        return None if self._offset_rule() is None else 1
 
     def block_structure(
         self,
@@ -119,8 +148,8 @@ class Pattern:
         _check_int("block_size", block_size, 1)
         k_len = seq_len if k_len is None else _check_int("k_len", k_len, 1)
         dev = torch.device(device)
-        any_, all_ = self._tiles(seq_len, k_len, block_size, dev)
-        return BlockLayout(any_, all_ & any_, seq_len, k_len, block_size)
+        any_, all_ = torch.broadcast_tensors(*self._tiles(seq_len, k_len, block_size, dev))
+        return BlockLayout(any_, all_, seq_len, k_len, block_size)
 
     def block_layout(
         self, seq_len: int, block_size: int, device: torch.device | str = "cpu"
@@ -188,19 +217,55 @@ def _combined_heads(a: Pattern, b: Pattern) -> int:
     )
 
 
+def _canonical_tiles(
+    pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
+) -> tuple[Tensor, Tensor]:
+    """Distinct tiles among ``tiles`` (int64 ``[N, 3]`` of head, row, column) up to a period.
+
+    A tile with no padding moved by ``m`` blocks along its diagonal, ``m * block_size`` a
+    multiple of :meth:`Pattern._period`, holds the same pairs; each is moved back until its
+    smaller block index is below ``m``. Tiles of the ragged last block row or column stay
+    where they are. Returns (distinct tiles ``[U, 3]``, index into them of every input tile).
+    """
+    period = pattern._period()
+    if period is None or tiles.shape[0] < 2:
+        return tiles, torch.arange(tiles.shape[0], device=tiles.device)
+    m = period // math.gcd(period, block_size)  # blocks per period
+    if m * block_size >= max(q_len, k_len):
+        return tiles, torch.arange(tiles.shape[0], device=tiles.device)
+    h, i, j = tiles.unbind(1)
+    ragged = ((i + 1) * block_size > q_len) | ((j + 1) * block_size > k_len)
+    shift = torch.where(ragged, 0, torch.div(torch.minimum(i, j), m, rounding_mode="floor") * m)
+    key = torch.stack([h, i - shift, j - shift, ragged.to(torch.int64)], 1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    return distinct[:, :3], inverse
+
+
 def _evaluate_tiles(
     pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Evaluate ``pattern`` token by token inside the tiles ``tiles`` (int64 ``[N, 3]``).
 
     Returns (allowed-pair count, any, all) per tile; padding positions never count, and
-    "all" means every real pair of the tile is allowed.
+    "all" means every real pair of the tile is allowed. Tiles equal up to the pattern's period
+    are evaluated once (see :func:`_canonical_tiles`).
     """
+    distinct, inverse = _canonical_tiles(pattern, tiles, q_len, k_len, block_size)
+    cnt, any_, all_ = _evaluate_distinct_tiles(pattern, distinct, q_len, k_len, block_size)
+    return cnt[inverse], any_[inverse], all_[inverse]
+
+
+def _evaluate_distinct_tiles(
+    pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_evaluate_tiles` without the deduplication: every tile token by token."""
     b = block_size
     dev = tiles.device
     off = torch.arange(b, device=dev)
     per = max(1, _TILE_EVAL_BUDGET // (b * b))
-    counts, anys, alls = [], [], []
+    counts, anys, alls = [torch.zeros(0, dtype=torch.int64, device=dev)], [], []
+    anys.append(torch.zeros(0, dtype=torch.bool, device=dev))
+    alls.append(anys[0])
     for start in range(0, tiles.shape[0], per):
         t = tiles[start : start + per]
         h = t[:, 0, None, None]
@@ -232,8 +297,17 @@ def _refine(
     return any_, all_
 
 
+def _materialize(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``x`` broadcast to ``shape`` as a tensor of its own (``x`` itself when it has it)."""
+    return x if tuple(x.shape) == shape else x.expand(shape).contiguous()
+
+
 class _Combination(Pattern):
-    """Two patterns joined elementwise by ``op`` (written ``symbol``)."""
+    """Two patterns joined elementwise by ``op`` (written ``symbol``).
+
+    Tile by tile, ``op`` of the parts' (any, all) is exact unless both parts are partial
+    there; those tiles are evaluated token by token.
+    """
 
     symbol = ""
 
@@ -252,6 +326,34 @@ class _Combination(Pattern):
         fa, fb, op = self.a.predicate(device), self.b.predicate(device), self.op
         return lambda h, q, k: op(fa(h, q, k), fb(h, q, k))
 
+    def _offset_rule(self):
+        fa, fb, op = self.a._offset_rule(), self.b._offset_rule(), self.op
+        if fa is None or fb is None:
+            return None
+        return lambda d: op(fa(d), fb(d))
+
+    def _period(self):
+        pa, pb = self.a._period(), self.b._period()
+        return None if pa is None or pb is None else math.lcm(pa, pb)
+
+    def _tiles(self, q_len, k_len, block_size, device):
+        if self._offset_rule() is not None:
+            return super()._tiles(q_len, k_len, block_size, device)
+        a_any, a_all = self.a._tiles(q_len, k_len, block_size, device)
+        b_any, b_all = self.b._tiles(q_len, k_len, block_size, device)
+        shape = (self.num_heads, *a_any.shape[1:])
+        # "all" implies "any", so any ^ all marks the partial tiles.
+        undecided = _materialize(torch.bitwise_xor(a_any, a_all), shape)
+        undecided &= torch.bitwise_xor(b_any, b_all)
+        idx = undecided.nonzero()
+        any_ = self.op(a_any, b_any, out=undecided)  # the buffer is free once idx is taken
+        all_ = _materialize(self.op(a_all, b_all), shape)
+        if idx.numel():
+            _, r_any, r_all = _evaluate_tiles(self, idx, q_len, k_len, block_size)
+            any_[tuple(idx.T)] = r_any
+            all_[tuple(idx.T)] = r_all
+        return any_, all_
+
     def __repr__(self) -> str:
         return f"({self.a!r} {self.symbol} {self.b!r})"
 
@@ -260,37 +362,53 @@ class Union(_Combination):
     """Pairs allowed by either pattern (``a | b``)."""
 
     symbol = "|"
-    op = staticmethod(operator.or_)
-
-    def _tiles(self, q_len, k_len, block_size, device):
-        a_any, a_all = self.a._tiles(q_len, k_len, block_size, device)
-        b_any, b_all = self.b._tiles(q_len, k_len, block_size, device)
-        any_ = a_any | b_any
-        all_ = a_all | b_all
-        # Two partial tiles may still cover a tile together: decide those token by token.
-        undecided = (a_any & b_any & ~all_).expand(self.num_heads, *any_.shape[1:])
-        _, r_all = _refine(self, undecided, q_len, k_len, block_size)
-        return any_, all_ | r_all
+    op = staticmethod(torch.bitwise_or)
 
 
 class Intersection(_Combination):
     """Pairs allowed by both patterns (``a & b``)."""
 
     symbol = "&"
-    op = staticmethod(operator.and_)
-
-    def _tiles(self, q_len, k_len, block_size, device):
-        a_any, a_all = self.a._tiles(q_len, k_len, block_size, device)
-        b_any, b_all = self.b._tiles(q_len, k_len, block_size, device)
-        all_ = a_all & b_all
-        sure = (a_all & b_any) | (a_any & b_all)
-        # Two partial tiles may or may not overlap: decide those token by token.
-        undecided = (a_any & b_any & ~sure).expand(self.num_heads, *sure.shape[1:])
-        r_any, _ = _refine(self, undecided, q_len, k_len, block_size)
-        return sure | r_any, all_
+    op = staticmethod(torch.bitwise_and)
 
 
 # --------------------------------------------------------------------- primitives
+def _toeplitz(diag: Tensor, nq: int, nk: int) -> Tensor:
+    """``[nq, nk]`` matrix whose entry ``(i, j)`` is ``diag[j - i + nq - 1]`` (one copy)."""
+    hankel = diag.contiguous().as_strided((nq, nk), (1, 1))  # entry (i, j) = diag[i + j]
+    return hankel.flip(0)
+
+
+def _offset_tiles(
+    rule: OffsetFn, q_len: int, k_len: int, block_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Exact (any, all) ``[1, nq, nk]`` of a pattern allowing ``(q, k)`` iff ``rule(k - q)``.
+
+    The offsets inside a tile are every integer from ``k_first - q_last`` to ``k_last -
+    q_first``, so a prefix count of ``rule`` over all offsets decides any tile in O(1). Tiles
+    of uniform blocks depend only on their diagonal ``j - i``; the ragged last block row and
+    column are then recomputed from their real extents.
+    """
+    b = block_size
+    nq, nk = num_blocks(q_len, b), num_blocks(k_len, b)
+    d_first = 1 - nq * b  # the smallest offset any (padded) tile reaches
+    ok = rule(torch.arange(d_first, nk * b, device=device))
+    count = torch.nn.functional.pad(ok.to(torch.int64).cumsum(0), (1, 0))
+
+    def status(d_min: Tensor, d_max: Tensor) -> tuple[Tensor, Tensor]:
+        n = count[d_max - d_first + 1] - count[d_min - d_first]
+        return n > 0, n == d_max - d_min + 1
+
+    diag = torch.arange(1 - nq, nk, device=device) * b
+    any_d, all_d = status(diag - (b - 1), diag + (b - 1))
+    any_, all_ = _toeplitz(any_d, nq, nk), _toeplitz(all_d, nq, nk)
+    qe = block_extents(q_len, b, device)
+    ke = block_extents(k_len, b, device)
+    any_[-1], all_[-1] = status(ke[:, 0] - qe[-1, 1], ke[:, 1] - qe[-1, 0])
+    any_[:, -1], all_[:, -1] = status(ke[-1, 0] - qe[:, 1], ke[-1, 1] - qe[:, 0])
+    return any_[None], all_[None]
+
+
 def _extents(q_len: int, k_len: int, block_size: int, device) -> tuple[Tensor, ...]:
     """(q_first, q_last, k_first, k_last) broadcast as ``[1, nq, 1]`` and ``[1, 1, nk]``."""
     qe = block_extents(q_len, block_size, device)
@@ -304,10 +422,13 @@ class Full(Pattern):
     def allowed(self, h, q, k):
         return torch.ones_like(q + k, dtype=torch.bool)
 
+    def _offset_rule(self):
+        return lambda d: torch.ones_like(d, dtype=torch.bool)
+
     def _tiles(self, q_len, k_len, block_size, device):
         shape = (1, num_blocks(q_len, block_size), num_blocks(k_len, block_size))
         t = torch.ones(shape, dtype=torch.bool, device=device)
-        return t, t.clone()
+        return t, t
 
     def _count_pairs(self, seq_len):
         return seq_len * seq_len
@@ -327,16 +448,13 @@ class Band(Pattern):
         self.lo, self.hi, self.name = lo, hi, name
 
     def allowed(self, h, q, k):
-        d = k - q
+        return self._allows_offset(k - q)
+
+    def _allows_offset(self, d: Tensor) -> Tensor:
         return d <= self.hi if self.lo is None else (d >= self.lo) & (d <= self.hi)
 
-    def _tiles(self, q_len, k_len, block_size, device):
-        qf, ql, kf, kl = _extents(q_len, k_len, block_size, device)
-        dmin, dmax = kf - ql, kl - qf  # offsets k - q take every integer in [dmin, dmax]
-        any_, all_ = dmin <= self.hi, dmax <= self.hi
-        if self.lo is not None:
-            any_, all_ = any_ & (dmax >= self.lo), all_ & (dmin >= self.lo)
-        return any_, all_
+    def _offset_rule(self):
+        return self._allows_offset
 
     def _count_pairs(self, seq_len):
         q = torch.arange(seq_len, dtype=torch.int64)
@@ -376,15 +494,13 @@ class Strided(Pattern):
         self.stride = stride
 
     def allowed(self, h, q, k):
-        return torch.remainder(k - q, self.stride) == 0
+        return self._allows_offset(k - q)
 
-    def _tiles(self, q_len, k_len, block_size, device):
-        qf, ql, kf, kl = _extents(q_len, k_len, block_size, device)
-        dmin, dmax = kf - ql, kl - qf
-        s = self.stride
-        any_ = torch.div(dmax, s, rounding_mode="floor") * s >= dmin
-        all_ = (dmin == dmax) & (torch.remainder(dmin, s) == 0) if s > 1 else torch.ones_like(any_)
-        return any_, all_
+    def _allows_offset(self, d: Tensor) -> Tensor:
+        return torch.remainder(d, self.stride) == 0
+
+    def _offset_rule(self):
+        return self._allows_offset
 
     def _count_pairs(self, seq_len):
         d = torch.arange(0, seq_len, self.stride, dtype=torch.int64)  # |k - q| multiples
@@ -392,6 +508,58 @@ class Strided(Pattern):
 
     def __repr__(self) -> str:
         return f"strided({self.stride})"
+
+
+def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], length: int,
+                   block_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per (segment ``w``, dilation ``r``, offset ``s``) triple and block: first and last
+    segment holding a kept position, or empty.
+
+    Returns (lo, hi, all_seg), each int64 ``[T, n]``. A block holding no kept position has
+    ``lo = length`` (above every segment index) and ``hi = -1``, so two blocks share a
+    segment exactly when ``lo_a <= hi_b`` and ``lo_b <= hi_a``. ``all_seg`` is the segment
+    index when every position of the block is kept and lies in that one segment, else -1.
+    """
+    ext = block_extents(length, block_size, device)
+    a, e = ext[None, :, 0], ext[None, :, 1]  # first and last position of each block
+    w = torch.tensor(w_, device=device)[:, None]
+    r = torch.tensor(r_, device=device)[:, None]
+    s = torch.tensor(s_, device=device)[:, None]
+    # First kept position >= a: in a's segment if one is left there, else the next.
+    m = a // w
+    t = a - m * w
+    u = s + r * torch.div(torch.clamp(t - s, min=0) + r - 1, r, rounding_mode="floor")
+    seg_len = torch.clamp(length - m * w, max=w)
+    first = torch.where(u < seg_len, m * w + u, (m + 1) * w + s)
+    # Last kept position <= e: in e's segment if its offset reaches s, else the previous.
+    m2 = e // w
+    t2 = e - m2 * w
+    last_here = m2 * w + s + r * torch.div(t2 - s, r, rounding_mode="floor")
+    last_prev = (m2 - 1) * w + s + r * torch.div(w - 1 - s, r, rounding_mode="floor")
+    last = torch.where(t2 >= s, last_here, last_prev)
+    nonempty = first <= e
+    lo = torch.where(nonempty, first // w, length)
+    hi = torch.where(nonempty, last // w, -1)
+    one_segment = (a // w) == (e // w)
+    all_kept = (r == 1) | ((a == e) & (torch.remainder(a - m * w, r) == s))
+    all_seg = torch.where(one_segment & all_kept & nonempty, m, torch.full_like(m, -1))
+    return lo, hi, all_seg
+
+
+def _segment_tiles(q: Tensor, k: Tensor, any_out: Tensor, all_out: Tensor) -> None:
+    """One head's dilated tiles from per-block (lo, hi, all_seg) rows ``[3, n]`` of q and k.
+
+    Active: the blocks' kept-segment ranges overlap. Full: both blocks are wholly kept in one
+    and the same segment (``all_seg`` of k uses -2 for "no", so it never equals q's -1).
+    Query blocks with the same (lo, hi, all_seg) have the same row: each distinct row is
+    computed once and the rows are gathered into the outputs.
+    """
+    starts = torch.ones_like(q[0], dtype=torch.bool)
+    starts[1:] = (q[:, 1:] != q[:, :-1]).any(0)  # equal neighbouring rows are computed once
+    inverse = starts.cumsum(0) - 1
+    (qlo, qhi, qall), (klo, khi, kall) = q[:, starts, None], k[:, None, :]
+    torch.index_select((qlo <= khi) & (klo <= qhi), 0, inverse, out=any_out)
+    torch.index_select(qall == kall, 0, inverse, out=all_out)
 
 
 class Dilated(Pattern):
@@ -424,46 +592,36 @@ class Dilated(Pattern):
 
         return kept_pair
 
-    def _kept_segments(self, length: int, block_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
-        """Per head and block: first and last segment holding a kept position, or empty.
-
-        Returns (lo, hi, all_seg), each int64 ``[H, n]``; ``lo > hi`` when the block holds no
-        kept position; ``all_seg`` is the segment index when every position of the block is
-        kept and lies in that one segment, else -1.
-        """
-        ext = block_extents(length, block_size, device)
-        a, e = ext[None, :, 0], ext[None, :, 1]  # first and last position of each block
-        w = torch.tensor(self.w, device=device)[:, None]
-        r = torch.tensor(self.r, device=device)[:, None]
-        s = torch.tensor(self.s, device=device)[:, None]
-        # First kept position >= a: in a's segment if one is left there, else the next.
-        m = a // w
-        t = a - m * w
-        u = s + r * torch.div(torch.clamp(t - s, min=0) + r - 1, r, rounding_mode="floor")
-        seg_len = torch.clamp(length - m * w, max=w)
-        first = torch.where(u < seg_len, m * w + u, (m + 1) * w + s)
-        # Last kept position <= e: in e's segment if its offset reaches s, else the previous.
-        m2 = e // w
-        t2 = e - m2 * w
-        last_here = m2 * w + s + r * torch.div(t2 - s, r, rounding_mode="floor")
-        last_prev = (m2 - 1) * w + s + r * torch.div(w - 1 - s, r, rounding_mode="floor")
-        last = torch.where(t2 >= s, last_here, last_prev)
-        nonempty = first <= e
-        lo = torch.where(nonempty, first // w, torch.ones_like(first))
-        hi = torch.where(nonempty, last // w, torch.zeros_like(last))
-        one_segment = (a // w) == (e // w)
-        all_kept = (r == 1) | ((a == e) & (torch.remainder(a - m * w, r) == s))
-        all_seg = torch.where(one_segment & all_kept & nonempty, m, torch.full_like(m, -1))
-        return lo, hi, all_seg
+    def _period(self):
+        return math.lcm(*self.w)
 
     def _tiles(self, q_len, k_len, block_size, device):
-        qlo, qhi, qall = self._kept_segments(q_len, block_size, device)
-        klo, khi, kall = self._kept_segments(k_len, block_size, device)
-        lo = torch.maximum(qlo[:, :, None], klo[:, None, :])
-        hi = torch.minimum(qhi[:, :, None], khi[:, None, :])
-        any_ = lo <= hi
-        all_ = (qall[:, :, None] >= 0) & (qall[:, :, None] == kall[:, None, :])
-        return any_, all_
+        # Heads with the same block-level view (the same triple, or offsets that no block can
+        # tell apart) share one computation: it is done once and copied to the others.
+        triples = list(zip(self.w, self.r, self.s))
+        distinct = list(dict.fromkeys(triples))
+        w, r, s = (list(x) for x in zip(*distinct))
+        q = torch.stack(_kept_segments(w, r, s, q_len, block_size, device), 1)  # [T, 3, nq]
+        k = torch.stack(_kept_segments(w, r, s, k_len, block_size, device), 1)  # [T, 3, nk]
+        k[:, 2] = torch.where(k[:, 2] < 0, -2, k[:, 2])  # "not all kept" never matches q's -1
+        views: list[int] = []  # per distinct triple: the first triple with the same view
+        for t in range(len(distinct)):
+            views.append(next(u for u in range(t + 1) if u == t or (
+                torch.equal(q[u], q[t]) and torch.equal(k[u], k[t]))))
+        src_of = [views[distinct.index(x)] for x in triples]
+        h = len(triples)
+        shape = (h if len(set(views)) > 1 else 1, q.shape[2], k.shape[2])
+        any_ = torch.empty(shape, dtype=torch.bool, device=device)
+        all_ = torch.empty_like(any_)
+        head_of: dict[int, int] = {}  # distinct view -> first head holding it
+        for i in range(shape[0]):
+            src = head_of.setdefault(src_of[i], i)
+            if src < i:
+                any_[i].copy_(any_[src])
+                all_[i].copy_(all_[src])
+            else:
+                _segment_tiles(q[src_of[i]], k[src_of[i]], any_[i], all_[i])
+        return any_.expand(h, *shape[1:]), all_.expand(h, *shape[1:])
 
     def _count_pairs(self, seq_len):
         total = 0
@@ -478,18 +636,62 @@ class Dilated(Pattern):
         return self.name
 
 
+_HASH_HEAD, _HASH_ROW, _HASH_COL, _HASH_SEED = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
+_HASH_MIX = (0x7FEB352D, 0x846CA68B)
+_GRID_CHUNK = 1 << 18  # cells hashed per step when building a cell grid (stays in cache)
+
+
+def _signed32(x: int) -> int:
+    """The int32 (two's complement) value with the same low 32 bits as ``x``."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """The hash's 32-bit finalizer, returning its top 24 bits.
+
+    ``x`` is either int64 holding values in ``[0, 2**32)`` or int32 holding the same bits
+    (two's complement, where products wrap); both give the same result.
+    """
+    wide = x.dtype == torch.int64
+    for mul in _HASH_MIX:
+        x = x ^ ((x >> 16) & 0xFFFF)
+        x = x * _signed32(mul)
+        x = x & 0xFFFFFFFF if wide else x
+    x = x ^ ((x >> 16) & 0xFFFF)
+    return (x >> 8) & 0xFFFFFF
+
+
 def _hash_cells(seed: int, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
     """Deterministic 24-bit hash of (seed, head, cell row, cell column), elementwise.
 
     Computed in int64 whatever the index dtype (kernels pass int32), keeping the low 32 bits.
     """
     h, i, j = h.to(torch.int64), i.to(torch.int64), j.to(torch.int64)
-    x = (h * 0x9E3779B1 + i * 0x85EBCA77 + j * 0xC2B2AE3D + seed * 0x27D4EB2F) & 0xFFFFFFFF
-    for mul in (0x7FEB352D, 0x846CA68B):
-        x = x ^ (x >> 16)
-        x = (x * mul) & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    return x >> 8
+    x = (h * _HASH_HEAD + i * _HASH_ROW + j * _HASH_COL + seed * _HASH_SEED) & 0xFFFFFFFF
+    return _mix32(x)
+
+
+def _hash_grid(seed: int, heads: Sequence[int], rows: int, cols: int, threshold: int,
+               device: torch.device) -> Tensor:
+    """Bool ``[len(heads), rows, cols]``: ``_hash_cells(seed, h, i, j) < threshold``.
+
+    The same hash in int32 (products wrap, which keeps exactly the low 32 bits), a few rows
+    at a time so that the intermediates stay in cache and the memory is the output alone.
+    """
+    def lanes(v: Tensor) -> Tensor:  # int64 in [0, 2**32) -> int32 with the same bits
+        return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
+
+    col = lanes(torch.arange(cols, device=device) * _HASH_COL & 0xFFFFFFFF)
+    out = torch.empty(len(heads), rows, cols, dtype=torch.bool, device=device)
+    step = max(1, _GRID_CHUNK // cols)
+    for n, h in enumerate(heads):
+        base = (h * _HASH_HEAD + seed * _HASH_SEED) & 0xFFFFFFFF
+        for r0 in range(0, rows, step):
+            r = torch.arange(r0, min(r0 + step, rows), device=device)
+            row = lanes((r * _HASH_ROW + base) & 0xFFFFFFFF)
+            torch.lt(_mix32(row[:, None] + col[None, :]), threshold, out=out[n, r0 : r0 + step])
+    return out
 
 
 class RandomBlocks(Pattern):
@@ -511,10 +713,7 @@ class RandomBlocks(Pattern):
     def _tiles(self, q_len, k_len, block_size, device):
         c = self.cell
         nq, nk = num_blocks(q_len, c), num_blocks(k_len, c)
-        h = torch.arange(self.num_heads, device=device)[:, None, None]
-        i = torch.arange(nq, device=device)[None, :, None]
-        j = torch.arange(nk, device=device)[None, None, :]
-        on = self.allowed(h, i * c, j * c)  # [H, nq, nk] cell grid
+        on = _hash_grid(self.seed, range(self.num_heads), nq, nk, self.threshold, device)
         return cells_to_tiles(on, c, q_len, k_len, block_size)
 
     def _count_pairs(self, seq_len):

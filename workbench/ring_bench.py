@@ -1,0 +1,250 @@
+"""The distributed ring from the command line: a demo, a benchmark, and a one-GPU plan.
+
+Under ``torchrun`` (one process per GPU, or CPU processes with gloo)::
+
+    torchrun --standalone --nproc-per-node=2 -m workbench ring-demo
+    torchrun --standalone --nproc-per-node=2 -m workbench ring-bench --study cpu2 \\
+        --seq-lens 4096 8192 --families causal local --shardings contiguous zigzag
+
+``ring-demo`` checks every rank's output and gradients against the single-process result
+(small sizes: every rank builds the full tensors from one seed to compare) and prints what each
+rank computed and sent. ``ring-bench`` times forward (``--backward``: forward+backward) with
+each rank generating only its own shard, and rank 0 writes one row per (rank, case) to
+``data/ring_<study>.csv`` with the device names, world size, torch/NCCL versions and date.
+
+``python -m workbench ring-plan`` needs no second GPU: it runs, on one device, each (rank,
+step) of a ``--world``-rank ring as that rank would (same shards, same sub-problems) and records
+the compute time and the bytes that step moves, to plan a multi-GPU run
+(``data/ring_<study>_plan.csv``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import distributed as D
+from .attention import block_sparse_attention
+from .bench import _DTYPES, _versions, family_pattern, time_fn
+from .records import environment, write_csv
+
+__all__ = ["check_on_processes", "ring_bench", "ring_demo", "ring_plan_study"]
+
+
+def _start(backend: str | None, timeout: float) -> torch.device:
+    """Join the process group torchrun describes (or a one-rank group), pick this rank's device."""
+    if "RANK" in os.environ:
+        D.init_ring(backend, timeout=timeout)
+    else:  # plain `python -m workbench ...`: a group of one
+        path = os.path.join(tempfile.mkdtemp(prefix="workbench-ring-"), "rendezvous")
+        D.init_ring(backend, timeout=timeout, init_method=f"file://{path}", rank=0, world_size=1)
+    if dist.get_backend() == "nccl":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def _gather_rows(rows: list[dict]) -> list[dict]:
+    everyone: list[list[dict] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, rows)
+    return [r for part in everyone for r in (part or [])]
+
+
+def _env(device: torch.device) -> dict[str, object]:
+    env: dict[str, object] = {**environment(device), **_versions(),
+                              "world_size": dist.get_world_size(),
+                              "backend": dist.get_backend()}
+    if device.type == "cuda":
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    return env
+
+
+def _equivalence_rows(dev: torch.device, seq_len: int, heads: int, head_dim: int,
+                      block_size: int, families: Sequence[str], sharding: str,
+                      timeout: float) -> list[dict]:
+    """This rank's check of the ring against one process, per family (forward and gradients)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = torch.float64 if dev.type == "cpu" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=g, dtype=dtype).to(dev)
+               for _ in range(3))
+    sh = D.shard_plan(seq_len, world, block_size, sharding)
+    rows = []
+    for family in families:
+        pattern, params = family_pattern(family, seq_len, heads)
+        full = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref = block_sparse_attention(*full, pattern, block_size)
+        grad = torch.randn(ref.shape, generator=g, dtype=dtype).to(dev)
+        ref.backward(grad)
+        mine = [sh.shard(x, rank).clone().requires_grad_() for x in (q, k, v)]
+        stats = D.RingStats()
+        out = D.distributed_ring_attention(*mine, pattern, block_size, sharding=sharding,
+                                           stats=stats, timeout=timeout)
+        out.backward(sh.shard(grad, rank))
+        pairs = [(out, ref)] + [(m.grad, f.grad) for m, f in zip(mine, full)]
+        err = max(float((a - sh.shard(b, rank)).abs().max().detach()) for a, b in pairs)
+        rows.append({"family": family, "params": params, "sharding": sharding, "world": world,
+                     "rank": rank, "local_len": sh.local_len(rank), "max_abs_error": err,
+                     **stats.as_dict(), "bwd_bytes_sent": stats.backward.bytes_sent})
+    return rows
+
+
+def ring_demo(seq_len: int = 1000, heads: int = 4, head_dim: int = 32, block_size: int = 64,
+              families: Sequence[str] = ("causal", "local", "random10", "dilated"),
+              sharding: str = "zigzag", backend: str | None = None,
+              timeout: float = 120.0) -> list[dict]:
+    """Check the ring against one process on every rank and report its work (rank 0 prints)."""
+    dev = _start(backend, timeout)
+    rows = _gather_rows(_equivalence_rows(dev, seq_len, heads, head_dim, block_size, families,
+                                          sharding, timeout))
+    if dist.get_rank() == 0:
+        print(f"ring demo: {dist.get_world_size()} ranks ({dist.get_backend()}), S={seq_len}, "
+              f"{heads} heads x {head_dim}, block {block_size}, {sharding} sharding")
+        print(f"{'family':>9} {'rank':>4} {'max|err|':>9} {'steps':>5} {'pairs':>5} "
+              f"{'skipped':>7} {'tiles':>6} {'fwd KiB sent':>12} {'bwd KiB sent':>12}")
+        for r in rows:
+            print(f"{r['family']:>9} {r['rank']:>4} {r['max_abs_error']:>9.1e} {r['steps']:>5} "
+                  f"{r['pairs_computed']:>5} {r['pairs_skipped']:>7} {r['tiles_computed']:>6} "
+                  f"{r['bytes_sent'] / 1024:>12.1f} {r['bwd_bytes_sent'] / 1024:>12.1f}")
+        tol = 1e-9 if dev.type == "cpu" else 1e-3
+        bad = [r for r in rows if r["max_abs_error"] > tol]
+        print("every rank matches the single-process result" if not bad else
+              f"MISMATCH on {len(bad)} (family, rank) pairs")
+    dist.destroy_process_group()
+    return rows
+
+
+def _check_worker(rank: int, world: int, folder: str, kwargs: dict) -> None:
+    torch.set_num_threads(1)
+    D.init_ring("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
+                timeout=kwargs["timeout"])
+    rows = _equivalence_rows(torch.device("cpu"), **kwargs)
+    dist.destroy_process_group()
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump(rows, f)
+
+
+def check_on_processes(world: int = 2, seq_len: int = 1000, heads: int = 4, head_dim: int = 32,
+                       block_size: int = 64,
+                       families: Sequence[str] = ("causal", "local", "random10", "dilated"),
+                       sharding: str = "zigzag", timeout: float = 120.0) -> list[dict]:
+    """Spawn ``world`` CPU processes (gloo, file rendezvous: no ports), run the ring on each and
+    compare with the single-process result; one row per (family, rank), float64."""
+    import torch.multiprocessing as mp
+
+    kwargs = {"seq_len": seq_len, "heads": heads, "head_dim": head_dim,
+              "block_size": block_size, "families": list(families), "sharding": sharding,
+              "timeout": timeout}
+    with tempfile.TemporaryDirectory(prefix="workbench-ring-") as folder:
+        mp.spawn(_check_worker, args=(world, folder, kwargs), nprocs=world)
+        rows = []
+        for r in range(world):
+            with open(os.path.join(folder, f"rank{r}.json")) as f:
+                rows += json.load(f)
+    return rows
+
+
+def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
+               shardings: Sequence[str] = ("contiguous",), heads: int = 16, head_dim: int = 128,
+               dtype: str = "bf16", block_size: int = 128, reps: int = 10, warmup: int = 2,
+               backward: bool = False, backend: str | None = None,
+               timeout: float = 600.0) -> list[dict]:
+    """Time the distributed ring per (total length, family, sharding); rank 0 writes the CSV."""
+    dev = _start(backend, timeout)
+    rank = dist.get_rank()
+    dt = _DTYPES[dtype] if dev.type == "cuda" else torch.float32
+    rows = []
+    for s in seq_lens:
+        for family in families:
+            pattern, params = family_pattern(family, s, heads)
+            layout = pattern.block_structure(s, block_size, dev)
+            for sharding in shardings:
+                row = {"study": study, "family": family, "params": params, "sharding": sharding,
+                       "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim,
+                       "dtype": dtype, "block_size": block_size,
+                       "pass": "fwd+bwd" if backward else "fwd"}
+                row.update(_time_ring(pattern, layout, s, sharding, heads, head_dim, dt,
+                                      block_size, reps, warmup, backward, dev, timeout))
+                rows.append(row)
+                if rank == 0:
+                    print(f"{s:>9} {family:>9} {sharding:>10} {row['status']:>6} "
+                          f"{row.get('ms', float('nan')):>10.2f} ms  rank-0 peak "
+                          f"{row.get('peak_mib', 0):>9.0f} MiB", flush=True)
+    rows = [{**_env(dev), **r} for r in _gather_rows(rows)]
+    if rank == 0:
+        print(f"wrote {write_csv(rows, f'ring_{study}', dev)}")
+    dist.destroy_process_group()
+    return rows
+
+
+def _time_ring(pattern, layout, seq_len, sharding, heads, head_dim, dtype, block_size, reps,
+               warmup, backward, dev, timeout) -> dict[str, object]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = D.shard_plan(seq_len, world, block_size, sharding).local_len(rank)
+    g = torch.Generator(device=dev).manual_seed(rank)
+    q, k, v = (torch.randn(1, heads, local, head_dim, generator=g, device=dev, dtype=dtype)
+               .requires_grad_(backward) for _ in range(3))
+    kw = dict(sharding=sharding, layout=layout, timeout=timeout)
+
+    def step(stats: D.RingStats | None = None) -> None:
+        with torch.set_grad_enabled(backward):
+            out = D.distributed_ring_attention(q, k, v, pattern, block_size, stats=stats, **kw)
+            if backward:
+                out.backward(torch.ones_like(out))
+
+    try:
+        stats = D.RingStats()
+        step(stats)  # compilation and first-call costs, and the counters of one call
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+
+        def timed() -> None:
+            dist.barrier()
+            step()
+
+        ms = time_fn(timed, reps, warmup, dev)
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else 0
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "oom", "local_len": local}
+    back = stats.backward or D.RingStats()
+    return {"status": "ok", "local_len": local, "ms": round(ms, 3), "peak_mib": round(peak, 1),
+            "inputs_mib": round(3 * q.numel() * q.element_size() / 2**20, 1),
+            "steps": stats.steps, "tiles": stats.tiles_computed,
+            "pairs_skipped": stats.pairs_skipped, "bytes_sent": stats.bytes_sent,
+            "bytes_received": stats.bytes_received, "bwd_bytes_sent": back.bytes_sent,
+            "wait_ms": round(1e3 * (stats.wait_s + back.wait_s), 3)}
+
+
+def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str], world: int,
+                    shardings: Sequence[str] = ("contiguous", "zigzag"), heads: int = 16,
+                    head_dim: int = 128, dtype: str = "bf16", block_size: int = 128,
+                    reps: int = 5, device: str = "cuda") -> list[dict]:
+    """Per (rank, step) compute time and bytes of a ``world``-rank ring, run on one device."""
+    from tqdm.auto import tqdm
+
+    dev = torch.device(device)
+    dt = _DTYPES[dtype] if dev.type == "cuda" else torch.float32
+    env = {**environment(dev), **_versions()}
+    cases = [(s, f, sh) for s in seq_lens for f in families for sh in shardings]
+    rows = []
+    for s, family, sharding in tqdm(cases, desc="ring plan", unit="case"):
+        pattern, params = family_pattern(family, s, heads)
+        layout = pattern.block_structure(s, block_size, dev)
+        for r, d, src, tiles, nbytes, fn in D.simulated_steps(
+                pattern, layout, world, sharding, heads, head_dim, dt, dev):
+            ms = time_fn(fn, reps, 1, dev) if fn is not None else 0.0
+            rows.append({**env, "study": study, "family": family, "params": params,
+                         "sharding": sharding, "seq_len": s, "world": world, "rank": r,
+                         "step": d, "kv_from": src, "tiles": tiles, "kv_bytes": nbytes,
+                         "compute_ms": round(ms, 3), "heads": heads, "head_dim": head_dim,
+                         "dtype": dtype, "block_size": block_size})
+    write_csv(rows, f"ring_{study}_plan", dev)
+    return rows

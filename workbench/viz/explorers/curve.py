@@ -1,0 +1,170 @@
+"""Curve explorer: a Hilbert, Morton, gilbert or raster curve over a grid, and its blocks.
+
+:func:`curve_view` is the explorer without widgets (:class:`CurveParams` in, the path and the
+block numbers out); :func:`draw_curve_view` draws the curve with
+:func:`~workbench.viz.plot_curve`, the function of notebook 03's figure, beside the blocks of
+consecutive cells (:func:`plot_curve_blocks`); :func:`curve_explorer` binds them to widgets.
+The readout says how compact a block of ``block`` consecutive cells is in this order, the
+reason a curve order helps block-sparse attention on 2-D data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from ...curves import CURVES, grid_decode
+from ..curves import plot_curve
+from .binding import Explorer
+from .core import check_int
+
+__all__ = [
+    "CurveParams",
+    "CurveView",
+    "curve_explorer",
+    "curve_readout_html",
+    "curve_view",
+    "draw_curve_view",
+    "plot_curve_blocks",
+]
+
+MAX_GRID_SIDE = 64
+NUMBERS_MAX_CELLS = 256  # cell numbers are written up to this many cells
+_BLOCK_COLORS = ListedColormap(
+    ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+     "#9c755f", "#bab0ac"])
+
+
+@dataclass(frozen=True)
+class CurveParams:
+    """A grid of ``rows x cols`` cells in ``curve`` order, cut into blocks of ``block`` cells."""
+
+    rows: int = 8
+    cols: int = 8
+    curve: str = "hilbert"
+    block: int = 4
+    numbers: bool = True
+
+
+@dataclass(frozen=True)
+class CurveView:
+    """The curve over the grid and its blocks.
+
+    ``path`` is int64 ``[rows * cols, 2]``: the (row, column) of the cells in curve order;
+    ``block_ids`` is int64 ``[rows, cols]``: the block (``curve index // block``) of each cell.
+    ``jumps`` counts steps to a cell that is not an edge-neighbour; ``block_box`` is the mean
+    bounding box (rows, columns) of a block, ``raster_block_box`` the same in raster order.
+    """
+
+    params: CurveParams
+    path: np.ndarray
+    block_ids: np.ndarray
+    jumps: int
+    longest_step: int
+    block_box: tuple[float, float]
+    raster_block_box: tuple[float, float]
+
+
+def _check(p: CurveParams) -> None:
+    if p.curve not in CURVES:
+        raise ValueError(f"curve must be one of {', '.join(CURVES)}, got {p.curve!r}")
+    check_int("rows", p.rows, 1, MAX_GRID_SIDE)
+    check_int("cols", p.cols, 1, MAX_GRID_SIDE)
+    check_int("block", p.block, 1, p.rows * p.cols,
+              f"a block holds at most the grid's {p.rows * p.cols} cells")
+
+
+def _mean_block_box(path: np.ndarray, block: int) -> tuple[float, float]:
+    """Mean bounding box (rows, columns) of each run of ``block`` consecutive cells of ``path``."""
+    boxes = [path[i : i + block].max(0) - path[i : i + block].min(0) + 1
+             for i in range(0, len(path), block)]
+    mean = np.mean(boxes, axis=0)
+    return float(mean[0]), float(mean[1])
+
+
+def curve_view(params: CurveParams) -> CurveView:
+    """The explorer's pure function: grid and curve to path, blocks and locality numbers."""
+    _check(params)
+    shape = (params.rows, params.cols)
+    cells = params.rows * params.cols
+    path = grid_decode(torch.arange(cells), shape, params.curve).numpy()
+    block_ids = np.empty(shape, dtype=np.int64)
+    block_ids[path[:, 0], path[:, 1]] = np.arange(cells) // params.block
+    steps = np.abs(np.diff(path, axis=0)).sum(1)
+    raster = grid_decode(torch.arange(cells), shape, "raster").numpy()
+    return CurveView(
+        params=params,
+        path=path,
+        block_ids=block_ids,
+        jumps=int((steps > 1).sum()),
+        longest_step=int(steps.max()) if len(steps) else 0,
+        block_box=_mean_block_box(path, params.block),
+        raster_block_box=_mean_block_box(raster, params.block),
+    )
+
+
+def plot_curve_blocks(block_ids: np.ndarray, *, ax, title: str | None = None):
+    """Cells coloured by block (consecutive cells in curve order), row 0 at the top."""
+    ax.imshow(block_ids % _BLOCK_COLORS.N, cmap=_BLOCK_COLORS, vmin=0, vmax=_BLOCK_COLORS.N - 1,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title if title is not None else f"{int(block_ids.max()) + 1} blocks",
+                 fontsize=9)
+    return ax
+
+
+def draw_curve_view(view: CurveView, figure: Figure) -> None:
+    """The curve beside its blocks, in ``figure`` (its axes are reused)."""
+    axes = figure.axes or list(figure.subplots(1, 2))
+    for ax in axes:
+        ax.clear()
+    p = view.params
+    shape = (p.rows, p.cols)
+    plot_curve(shape, p.curve, ax=axes[0],
+               numbers=p.numbers and p.rows * p.cols <= NUMBERS_MAX_CELLS)
+    plot_curve_blocks(view.block_ids, ax=axes[1],
+                      title=f"blocks of {p.block} consecutive cells ({p.curve} order)")
+
+
+def curve_readout_html(view: CurveView) -> str:
+    """The readout line of a view (HTML)."""
+    p = view.params
+    (br, bc), (rr, rc) = view.block_box, view.raster_block_box
+    return (
+        f"<b>{p.rows * p.cols} cells</b>, each visited once · <b>jumps</b> {view.jumps} "
+        f"(longest step {view.longest_step} cells) · <b>a block of {p.block} cells</b> spans "
+        f"{br:.1f} x {bc:.1f} cells on average (raster order: {rr:.1f} x {rc:.1f})"
+    )
+
+
+def curve_explorer(**params: Any) -> Explorer[CurveView]:
+    """The curve explorer widget, started at ``CurveParams(**params)``."""
+    import ipywidgets as widgets
+
+    p = CurveParams(**params)
+    wide = {"description_width": "initial"}
+    controls = {
+        "curve": widgets.ToggleButtons(options=list(CURVES), value=p.curve, description="curve"),
+        "rows": widgets.IntSlider(value=p.rows, min=1, max=MAX_GRID_SIDE, description="rows",
+                                  continuous_update=False),
+        "cols": widgets.IntSlider(value=p.cols, min=1, max=MAX_GRID_SIDE, description="cols",
+                                  continuous_update=False),
+        "block": widgets.IntSlider(value=p.block, min=1, max=MAX_GRID_SIDE, continuous_update=False,
+                                   description="block (cells)", style=wide),
+        "numbers": widgets.Checkbox(value=p.numbers, description="cell numbers"),
+    }
+    return Explorer(
+        controls=controls,
+        compute=lambda values: curve_view(CurveParams(**values)),
+        draw=draw_curve_view,
+        readout=curve_readout_html,
+        figsize=(8.0, 4.0),
+        name="wb-curve",
+    )
+

@@ -1,0 +1,343 @@
+"""The ring schedule drawn: which K/V chunk every rank holds at every step, and what it computes.
+
+:func:`plot_ring_schedule` draws a :class:`~workbench.ring.RingPlan` as a rank x step grid;
+:func:`plot_ring_step` draws the block layout with the tiles computed at one step outlined per
+rank. :func:`ring_step_regions` and :func:`ring_step_tiles` are the data behind the second
+picture, for tests and for explorers.
+
+The distributed ring (:mod:`workbench.distributed`, real processes, zigzag sharding) has its
+own pair: :func:`plot_distributed_schedule` draws a
+:class:`~workbench.distributed.DistributedPlan` as a rank x step grid (the K/V shard each rank
+holds, tiles computed or the step skipped) and :func:`plot_distributed_layout` colours every
+active tile of the layout by the step that computes it; :func:`distributed_schedule_grid` and
+:func:`distributed_tile_steps` are their data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
+from torch import Tensor
+
+from ..distributed import DistributedPlan
+from ..layout import BlockLayout
+from ..ring import RingPlan
+from .dilated import head_layout
+from .heatmaps import ALLOWED, EMPTY, SEPARATOR_MAX_TILES, plot_block_layout
+
+__all__ = [
+    "RingRegion",
+    "distributed_schedule_grid",
+    "distributed_tile_steps",
+    "merged_heads",
+    "plot_distributed_layout",
+    "plot_distributed_schedule",
+    "plot_ring_schedule",
+    "plot_ring_step",
+    "ring_step_regions",
+    "ring_step_tiles",
+    "step_colors",
+]
+
+RANK_COLORS = plt.get_cmap("tab10").colors
+ANNOTATE_MAX_RANKS = 12  # write the K/V chunk and tile count in each cell up to this many ranks
+_SCHEDULE_CMAP = ListedColormap([EMPTY, ALLOWED])  # 0 skipped, 1 computed
+_DIMMED = 0.7  # opacity of the white veil over tiles that a step does not compute
+
+
+@dataclass(frozen=True)
+class RingRegion:
+    """The block range one rank covers at one step of the ring.
+
+    ``q_blocks`` is the rank's query chunk, ``k_blocks`` the K/V chunk it holds at that step
+    (both ``[start, stop)`` in blocks); ``tiles`` counts the active tiles inside (all heads) and
+    ``computed`` says whether the rank computes anything at that step.
+    """
+
+    rank: int
+    kv_chunk: int
+    q_blocks: tuple[int, int]
+    k_blocks: tuple[int, int]
+    tiles: int
+
+    @property
+    def computed(self) -> bool:
+        return self.tiles > 0
+
+
+def _check_step(plan: RingPlan, step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int, got {step!r}")
+    if not 0 <= step < plan.num_chunks:
+        raise ValueError(f"step={step} is out of range for a ring of {plan.num_chunks} ranks "
+                         f"(steps 0..{plan.num_chunks - 1})")
+    return step
+
+
+def ring_step_regions(plan: RingPlan, step: int) -> list[RingRegion]:
+    """One :class:`RingRegion` per rank at ``step``: the (query chunk, K/V chunk) it works on."""
+    _check_step(plan, step)
+    regions = []
+    for rank, q_blocks in enumerate(plan.q_bounds):
+        chunk = plan.kv_chunk(rank, step)
+        regions.append(RingRegion(rank, chunk, q_blocks, plan.k_bounds[chunk],
+                                  int(plan.tiles[rank, step])))
+    return regions
+
+
+def merged_heads(layout: BlockLayout) -> BlockLayout:
+    """A one-head view of all heads: a tile is active if any head's is, full if every head's is."""
+    if layout.num_heads == 1:
+        return layout
+    return BlockLayout(layout.active.any(0, keepdim=True), layout.full.all(0, keepdim=True),
+                       layout.q_len, layout.k_len, layout.block_size)
+
+
+def _shown(layout: BlockLayout, head: int | None) -> BlockLayout:
+    return merged_heads(layout) if head is None else head_layout(layout, head)
+
+
+def ring_step_tiles(layout: BlockLayout, plan: RingPlan, step: int, *,
+                    head: int | None = None) -> Tensor:
+    """Bool ``[nq, nk]``: the active tiles computed at ``step`` (of ``head``; all heads if None).
+
+    Every active tile is computed at exactly one step, so these masks summed over the steps
+    give the active tiles.
+    """
+    active = _shown(layout, head).active[0]
+    out = torch.zeros_like(active)
+    for region in ring_step_regions(plan, step):
+        if region.computed:
+            (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
+            out[q0:q1, k0:k1] = active[q0:q1, k0:k1]
+    return out
+
+
+def plot_ring_schedule(plan: RingPlan, *, step: int | None = None, ax=None,
+                       title: str | None = None, annotate: bool | None = None):
+    """Rank x step grid of ``plan``: dark where a rank computes, pale where it skips the step.
+
+    Each cell names the K/V chunk the rank holds and the tiles it computes there (``annotate``,
+    default: up to ``ANNOTATE_MAX_RANKS`` ranks); ``step`` outlines that step's column.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    ranks = plan.num_chunks
+    computed = plan.computed.to(torch.int64).numpy()
+    ax.imshow(computed, cmap=_SCHEDULE_CMAP, vmin=0, vmax=1, interpolation="nearest")
+    if annotate is None:
+        annotate = ranks <= ANNOTATE_MAX_RANKS
+    if annotate:
+        for rank in range(ranks):
+            for t in range(ranks):
+                on = bool(computed[rank, t])
+                ax.text(t, rank, f"kv {plan.kv_chunk(rank, t)}\n{int(plan.tiles[rank, t])} tiles",
+                        ha="center", va="center", fontsize=7,
+                        color="white" if on else "#777777")
+    for edge in np.arange(1, ranks) - 0.5:
+        ax.axhline(edge, color="white", lw=1.0)
+        ax.axvline(edge, color="white", lw=1.0)
+    if step is not None:
+        _check_step(plan, step)
+        ax.add_patch(Rectangle((step - 0.5, -0.5), 1, ranks, fill=False, edgecolor="#d62728",
+                               lw=2.5))
+    ax.set_xlabel("step")
+    ax.set_ylabel("rank (query chunk)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title if title is not None else
+                 f"ring of {ranks} ranks: {plan.skipped} of {ranks * ranks} steps skipped",
+                 fontsize=9)
+    return ax
+
+
+def plot_ring_step(layout: BlockLayout, plan: RingPlan, step: int, *, head: int | None = None,
+                   ax=None, title: str | None = None, legend: bool = True):
+    """The block layout with the tiles computed at ``step`` outlined, one colour per rank.
+
+    Solid outlines are (query chunk, K/V chunk) pairs a rank computes at this step, dashed ones
+    pairs it skips (no active tile); tiles outside the computed pairs are veiled. ``head``
+    picks one head; by default all heads are merged (:func:`merged_heads`), as the plan's tile
+    counts are.
+    """
+    shown = _shown(layout, head)
+    ax = plot_block_layout(shown, ax=ax, annotate=False, title="")
+    nq, nk = shown.active.shape[1:]
+    veil = np.ones((nq, nk, 4))
+    veil[..., 3] = _DIMMED
+    regions = ring_step_regions(plan, step)
+    for region in regions:
+        if region.computed:
+            (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
+            veil[q0:q1, k0:k1, 3] = 0.0
+    ax.imshow(veil, interpolation="nearest")
+    for region in regions:
+        (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
+        color = RANK_COLORS[region.rank % len(RANK_COLORS)]
+        ax.add_patch(Rectangle((k0 - 0.5, q0 - 0.5), k1 - k0, q1 - q0, fill=False,
+                               edgecolor=color, lw=2.2 if region.computed else 1.0,
+                               ls="-" if region.computed else "--"))
+        ax.text(k0 - 0.3, q0 - 0.3, f"r{region.rank}", color=color, fontsize=7, va="top",
+                fontweight="bold", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 0.5})
+    for edge in [b for b, _ in plan.q_bounds[1:]]:
+        ax.axhline(edge - 0.5, color="#999999", lw=0.6, ls=":")
+    for edge in [b for b, _ in plan.k_bounds[1:]]:
+        ax.axvline(edge - 0.5, color="#999999", lw=0.6, ls=":")
+    tiles = sum(r.tiles for r in regions)
+    ax.set_title(title if title is not None else
+                 f"step {step}: {sum(r.computed for r in regions)} of {len(regions)} ranks "
+                 f"compute, {tiles} tiles", fontsize=9)
+    if legend:
+        ax.legend(handles=[Patch(facecolor="none", edgecolor="#333333", lw=2.0,
+                                 label="rank computes"),
+                           Patch(facecolor="none", edgecolor="#333333", ls="--",
+                                 label="rank skips")],
+                  loc="upper right", fontsize=7, frameon=True)
+    return ax
+
+
+# --------------------------------------------------------------------- the distributed ring
+def _compact(n: int) -> str:
+    """``1234567`` as ``1.23M``: tile counts that fit in a grid cell."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= 10 * div or (unit != "k" and n >= div):
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def _shard_label(plan: DistributedPlan, rank: int) -> str:
+    runs = ", ".join(f"{b0}-{b1 - 1}" for b0, b1 in plan.sharding.pieces[rank])
+    return f"rank {rank}\nblocks {runs}"
+
+
+def distributed_schedule_grid(plan: DistributedPlan) -> tuple[Tensor, Tensor]:
+    """The data of :func:`plot_distributed_schedule`: int64 ``[P, P]`` ``kv_from`` (the rank
+    whose K/V shard rank ``r`` holds at step ``d``: ``(r - d) mod P``) and ``tiles`` (the active
+    tiles, summed over heads, it computes there; 0 where the step is skipped, i.e. where
+    ``plan.needed(r, kv_from)`` is false)."""
+    p = plan.world_size
+    kv_from = (torch.arange(p)[:, None] - torch.arange(p)[None, :]) % p
+    return kv_from, plan.tiles_per_step()
+
+
+def plot_distributed_schedule(plan: DistributedPlan, *, ax=None, title: str | None = None,
+                              annotate: bool | None = None, shard_labels: bool = True):
+    """Rank x step grid of a :class:`~workbench.distributed.DistributedPlan`.
+
+    Dark cells are computed (the K/V shard was sent to the rank, or is its own at step 0), pale
+    ones skipped (nothing sent). Each cell names the rank whose K/V shard is held and the
+    tiles computed (``annotate``, default: up to ``ANNOTATE_MAX_RANKS`` ranks); steps after
+    :meth:`~workbench.distributed.DistributedPlan.last_step` are not run at all and are
+    hatched. ``shard_labels`` names each rank's block runs on the y axis.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    p = plan.world_size
+    kv_from, tiles = distributed_schedule_grid(plan)
+    computed = (tiles > 0).to(torch.int64).numpy()
+    ax.imshow(computed, cmap=_SCHEDULE_CMAP, vmin=0, vmax=1, interpolation="nearest")
+    if annotate is None:
+        annotate = p <= ANNOTATE_MAX_RANKS
+    if annotate:
+        fs = 7 if p <= 4 else 6 if p <= 8 else 5
+        for r in range(p):
+            for d in range(p):
+                on = bool(computed[r, d])
+                ax.text(d, r, f"kv r{int(kv_from[r, d])}\n{_compact(int(tiles[r, d]))}"
+                        if on else f"kv r{int(kv_from[r, d])}\nskip",
+                        ha="center", va="center", fontsize=fs,
+                        color="white" if on else "#888888")
+    last = plan.last_step()
+    if last < p - 1:
+        ax.add_patch(Rectangle((last + 0.5, -0.5), p - 1 - last, p, fill=False, hatch="///",
+                               edgecolor="#bbbbbb", lw=0))
+    for edge in np.arange(1, p) - 0.5:
+        ax.axhline(edge, color="white", lw=1.0)
+        ax.axvline(edge, color="white", lw=1.0)
+    ax.set_xticks(range(p))
+    ax.set_xlabel("step d (holds K/V of rank r - d)")
+    if shard_labels:
+        ax.set_yticks(range(p), [_shard_label(plan, r) for r in range(p)], fontsize=6)
+        ax.set_ylabel("")
+    else:
+        ax.set_yticks(range(p))
+        ax.set_ylabel("rank r (query shard)")
+    ax.set_title(title if title is not None else
+                 f"{plan.sharding.kind}, {p} ranks: last step {last}, "
+                 f"{int(plan.shards_sent().sum())} shards sent", fontsize=9)
+    return ax
+
+
+def distributed_tile_steps(layout: BlockLayout, plan: DistributedPlan, *,
+                           head: int | None = None) -> Tensor:
+    """int64 ``[nq, nk]``: the ring step at which each active tile is computed (by the rank
+    owning its query block), -1 for inactive tiles; of ``head``, or of any head if None."""
+    if (layout.q_len, layout.block_size) != (plan.sharding.seq_len, plan.sharding.block_size):
+        raise ValueError("layout and plan disagree on the sequence length or block size")
+    own = plan.sharding.owner()
+    step = (own[:, None] - own[None, :]) % plan.world_size
+    active = _shown(layout, head).active[0].cpu()
+    return torch.where(active, step, torch.full_like(step, -1))
+
+
+def step_colors(world_size: int) -> list[tuple[float, float, float, float]]:
+    """One colour per ring step, dark (step 0, the local shard) to light purple: apart from
+    the rank colours (``RANK_COLORS``) and from the pale of skipped tiles."""
+    cmap = plt.get_cmap("Purples")
+    return [cmap(0.95 - 0.55 * d / max(1, world_size - 1)) for d in range(world_size)]
+
+
+def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
+                            head: int | None = None, ax=None, title: str | None = None,
+                            legend: bool = True):
+    """The block layout with each active tile coloured by the step that computes it.
+
+    The rank computing a tile is the owner of its query block: the strip left of the layout
+    gives each query block's rank, the strip above each key block's (rank colours as in
+    :func:`plot_ring_step`); dotted lines separate the shards' runs.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4.5))
+    steps = distributed_tile_steps(layout, plan, head=head)
+    p = plan.world_size
+    nq, nk = steps.shape
+    colors = ListedColormap([EMPTY, *step_colors(p)])
+    ax.imshow(steps.numpy() + 1, cmap=colors, vmin=0, vmax=p, interpolation="nearest")
+    if max(nq, nk) <= SEPARATOR_MAX_TILES:
+        for edge in np.arange(1, nq) - 0.5:
+            ax.axhline(edge, color="white", lw=0.5)
+        for edge in np.arange(1, nk) - 0.5:
+            ax.axvline(edge, color="white", lw=0.5)
+    width = max(1.0, nk / 30)
+    for r, runs in enumerate(plan.sharding.pieces):
+        color = RANK_COLORS[r % len(RANK_COLORS)]
+        for b0, b1 in runs:
+            ax.add_patch(Rectangle((-0.5 - 1.3 * width, b0 - 0.5), width, b1 - b0,
+                                   color=color, clip_on=False, lw=0))
+            ax.add_patch(Rectangle((b0 - 0.5, -0.5 - 1.3 * width), b1 - b0, width,
+                                   color=color, clip_on=False, lw=0))
+            if b0:
+                ax.axhline(b0 - 0.5, color="#666666", lw=0.6, ls=":")
+                ax.axvline(b0 - 0.5, color="#666666", lw=0.6, ls=":")
+    ax.set_xlim(-0.5 - 1.4 * width, nk - 0.5)
+    ax.set_ylim(nq - 0.5, -0.5 - 1.4 * width)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("key block (strip: rank holding it)")
+    ax.set_ylabel("query block (strip: rank computing it)")
+    ax.set_title(title if title is not None else
+                 f"{plan.sharding.kind} sharding over {p} ranks: tile colour = ring step",
+                 fontsize=9)
+    if legend:
+        handles = [Patch(color=c, label=f"step {d}") for d, c in enumerate(step_colors(p))]
+        handles += [Patch(color=RANK_COLORS[r % len(RANK_COLORS)], label=f"rank {r}")
+                    for r in range(p)]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7,
+                  frameon=False)
+    return ax
