@@ -114,6 +114,16 @@ def _bench_adaptive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_longest(args: argparse.Namespace) -> int:
+    from .bench import longest_sequence
+    from .records import write_csv
+
+    rows = longest_sequence(args.families, start=args.start, limit=args.limit,
+                            device=args.device)
+    write_csv(rows, f"bench_{args.study}_longest", args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     ada.add_argument("--reps", type=int, default=20)
     ada.add_argument("--device", default="cuda")
     ada.set_defaults(func=_bench_adaptive)
+    lon = sub.add_parser("bench-longest", help="longest sequence one GPU runs per family "
+                         "(doubling until out of memory; data/bench_<study>_longest.csv)")
+    lon.add_argument("--study", default="h100")
+    lon.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    lon.add_argument("--start", type=int, default=262144)
+    lon.add_argument("--limit", type=int, default=1 << 24)
+    lon.add_argument("--device", default="cuda")
+    lon.set_defaults(func=_bench_longest)
     _ring_commands(sub, FAMILIES)
     args = parser.parse_args(argv)
     return args.func(args)

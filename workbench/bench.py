@@ -270,6 +270,48 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
     return rows
 
 
+def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int = 1 << 24,
+                     heads: int = 16, head_dim: int = 128, block_size: int = 128,
+                     device: str = "cuda") -> list[dict]:
+    """Double ``S`` from ``start`` until ``ours`` (forward, bf16) runs out of memory, per family.
+
+    One row per attempted length: ``status`` ``ok`` (with ms of one call and peak memory, inputs
+    included) or ``oom``; the search stops cleanly at the first out-of-memory or at ``limit``.
+    """
+    dev = torch.device(device)
+    env = {**environment(dev), **_versions()}
+    cfg = BenchConfig("longest", (start,), tuple(families), ("ours",), heads=heads,
+                      head_dim=head_dim, block_size=block_size, device=device)
+    rows = []
+    for family in families:
+        s = start
+        while s <= limit:
+            row = {**env, "family": family, "seq_len": s, "heads": heads, "head_dim": head_dim,
+                   "dtype": "bf16", "block_size": block_size}
+            try:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+                q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16)
+                           for _ in range(3))
+                pattern, params = family_pattern(family, s, heads)
+                fn = _variant_fn("ours", family, pattern, cfg, s, q, k, v)
+                with torch.no_grad():
+                    fn()
+                    ms = time_fn(fn, 1, 0, dev)
+                row.update(params=params, status="ok", ms=round(ms, 2),
+                           peak_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2))
+            except torch.OutOfMemoryError:
+                row.update(status="oom")
+            finally:
+                q = k = v = fn = None
+            rows.append(row)
+            print(row, flush=True)
+            if row["status"] == "oom":
+                break
+            s *= 2
+    return rows
+
+
 def hilbert_study(grids: Iterable[int], radii: Iterable[int], *, heads: int = 16,
                   head_dim: int = 128, block_size: int = 128, reps: int = 20,
                   device: str = "cuda") -> list[dict]:
