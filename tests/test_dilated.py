@@ -135,3 +135,19 @@ def test_naive_strided_gather_baseline_computes_the_same_output(seq_len):
     q, k, v = make_qkv(b=2, h=5, s=seq_len, d=16, requires_grad=False)
     want = wb.dilated_attention(q, k, v, [64, 128, 256], [1, 2, 4], mode="head_groups")
     torch.testing.assert_close(strided_gather_dilated(q, k, v, [64, 128, 256], [1, 2, 4]), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["paper", "head_groups"])
+def test_gather_path_with_lse_on_gpu_matches_float64_cpu(mode):
+    q, k, v = make_qkv(b=1, h=4, s=1000, d=64)
+    want, want_lse = wb.dilated_attention(q, k, v, [128, 256], [1, 2], mode=mode, return_lse=True)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=want.dtype)
+    g = torch.autograd.grad(want, (q, k, v), dout)
+    qc, kc, vc = (x.detach().float().cuda().requires_grad_() for x in (q, k, v))
+    out, lse = wb.dilated_attention(qc, kc, vc, [128, 256], [1, 2], mode=mode, return_lse=True)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(lse.cpu().double(), want_lse.double(), rtol=1e-3, atol=1e-3)
+    for a, b in zip(torch.autograd.grad(out, (qc, kc, vc), dout.float().cuda()), g):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=5e-3, atol=5e-3)

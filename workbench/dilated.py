@@ -43,10 +43,17 @@ from torch import Tensor
 from .attention import block_sparse_attention, check_qkv
 from .backends import BACKENDS, merge_partials
 from .orderings import dilation_gather
-from .patterns import KeyMask, check_dilation_pairs, dilated, dilated_branch, head_groups
+from .patterns import (
+    Dilated,
+    KeyMask,
+    check_dilation_pairs,
+    dilated,
+    dilated_branch,
+    head_groups,
+)
 from .patterns import causal as causal_pattern
 
-__all__ = ["dilated_attention"]
+__all__ = ["dilated_attention", "dilated_pattern_attention"]
 
 MODES = ("paper", "head_groups")
 
@@ -75,9 +82,14 @@ def _branch_gather(
         pat = KeyMask(key_ok)
         if causal:
             pat = pat & causal_pattern()
-        name = "blockwise" if backend == "sdpa" else backend
+        # SDPA returns no log-sum-exp: FlexAttention (CUDA) or blockwise computes the same
+        # dense segments with it; FlexAttention needs 128-token tiles on CUDA.
+        name = backend if backend != "sdpa" else "auto"
+        blk = 128 if q.is_cuda and length >= 128 else min(block_size, length)
+        if name == "auto" and q.is_cuda and length < 128:
+            name = "blockwise"
         og, lse_g = block_sparse_attention(
-            qg, kg, vg, pat, min(block_size, length), backend=name, return_lse=True, scale=scale
+            qg, kg, vg, pat, blk, backend=name, return_lse=True, scale=scale
         )
     else:
         mask = key_ok[None, :, None, :]
@@ -99,6 +111,47 @@ def _branch_gather(
         full = full.scatter(2, dst[None].expand(bsz, h, -1), lse_g.reshape(bsz, h, -1))
         lse = full[:, :, :s]
     return out, lse
+
+
+def _heads_gather(
+    q: Tensor, k: Tensor, v: Tensor, w: list[int], r: list[int], s: list[int], causal: bool,
+    scale: float, need_lse: bool, block_size: int,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-head (segment ``w``, dilation ``r``, offset ``s``) attention by the dilation ordering:
+    each run of consecutive heads with the same (w, r) is one gather -> dense -> scatter."""
+    outs, lses, start = [], [], 0
+    for end in range(1, len(w) + 1):
+        if end < len(w) and (w[end], r[end]) == (w[start], r[start]):
+            continue
+        sl = slice(start, end)
+        o, lse = _branch_gather(q[:, sl], k[:, sl], v[:, sl], w[start], r[start], s[sl], causal,
+                                scale, need_lse, block_size, "sdpa")
+        outs.append(o)
+        lses.append(lse)
+        start = end
+    return torch.cat(outs, 1), torch.cat(lses, 1) if need_lse else None
+
+
+def dilated_pattern_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Dilated, *, scale: float | None = None,
+    block_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """``block_sparse_attention(q, k, v, pattern, return_lse=True)`` for a LongNet
+    :class:`~workbench.patterns.Dilated` pattern, computed by the dilation ordering.
+
+    Positions are local: segments start at 0, so on a window of a longer sequence this is the
+    pattern's attention restricted to the window when the window starts at a multiple of every
+    segment length (what the distributed ring checks before using it).
+    """
+    if not isinstance(pattern, Dilated):
+        raise TypeError(f"pattern must be a Dilated pattern, got {type(pattern).__name__}")
+    check_qkv(q, k, v)
+    if q.shape[1] != pattern.num_heads or q.shape[2] != k.shape[2]:
+        raise ValueError(f"need {pattern.num_heads} heads and q, k of one length, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _heads_gather(q, k, v, pattern.w, pattern.r, pattern.s, False, scale, True,
+                         block_size)
 
 
 def dilated_attention(
@@ -148,16 +201,10 @@ def dilated_attention(
                                       return_lse=return_lse, scale=scale)
     if mode == "head_groups":
         group = head_groups(h, len(pairs))
-        outs, lses = [], []
-        for g, (w, r) in enumerate(pairs):
-            heads = [j for j in range(h) if group[j] == g]
-            sl = slice(heads[0], heads[-1] + 1)
-            o, lse = _branch_gather(q[:, sl], k[:, sl], v[:, sl], w, r, [j % r for j in heads],
-                                    causal, scale, return_lse, block_size, "sdpa")
-            outs.append(o)
-            lses.append(lse)
-        out = torch.cat(outs, dim=1)
-        return (out, torch.cat(lses, dim=1)) if return_lse else out
+        w, r = [pairs[g][0] for g in group], [pairs[g][1] for g in group]
+        out, lse = _heads_gather(q, k, v, w, r, [j % r[j] for j in range(h)], causal, scale,
+                                 return_lse, block_size)
+        return (out, lse) if return_lse else out
 
     # paper mode: every head runs every branch; branches merge by log-sum-exp
     need_lse = return_lse or len(pairs) > 1

@@ -21,6 +21,12 @@ gives rank ``r`` the ``r``-th run of blocks; ``"zigzag"`` cuts the sequence into
 gives rank ``r`` runs ``r`` and ``2P - 1 - r``, which balances causal work (early ranks' queries
 see few keys, late ranks' many; zigzag pairs one of each).
 
+**LongNet on a ring.** For a :class:`~workbench.patterns.Dilated` pattern, a rank's own run
+that starts at a multiple of every segment length is computed by the dilation ordering
+(:func:`workbench.dilated.dilated_pattern_attention`), not tile by tile in natural order; with
+contiguous shards and segments no longer than a shard that is all of the work, and nothing is
+sent.
+
 **Backward.** The backward pass is a ring too: each step receives the K/V shard again,
 recomputes that step's partial result with autograd, and turns the gradient of the merged
 output into gradients of the partial (``dO_c = w_c dO``, ``dl_c = w_c (<dO, o_c> - <dO, O>) +
@@ -47,7 +53,7 @@ from torch import Tensor
 from .backends import Problem, merge_partials, resolve_backend, run_backend
 from .backends.dropout import AttentionDropout
 from .layout import BlockLayout, num_blocks
-from .patterns import Pattern
+from .patterns import Dilated, Pattern
 from .ring import chunk_bounds
 
 __all__ = [
@@ -407,6 +413,7 @@ class _Setup:
     backend: str
     group: object
     timeout: float
+    pattern: Pattern | None = None
 
     @property
     def world(self) -> int:
@@ -441,12 +448,27 @@ def _partials(setup: _Setup, q: Tensor, kv: Tensor, src: int, dk: int, stats: Ri
     for i, j, sub in _pairs(setup, src):
         qs = q.narrow(2, *qo[i])
         ks, vs = kv[..., :dk].narrow(2, *ko[j]), kv[..., dk:].narrow(2, *ko[j])
-        o, lse = run_backend(setup.backend, qs, ks, vs, sub, need_lse=True)
+        o, lse = _run_pair(setup, qs, ks, vs, sub, diagonal=src == setup.rank and i == j)
         res.append((i, o, lse))
         if stats is not None:
             stats.pairs_computed += 1
             stats.tiles_computed += int(sub.layout.active.sum())
     return res
+
+
+def _run_pair(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, sub: Problem, diagonal: bool
+              ) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of one (query run, K/V run) pair. A LongNet pattern on a rank's own run
+    that starts at a multiple of every segment is computed by the dilation ordering (dense
+    gathered segments) instead of tile by tile in natural order: same result, far fewer
+    wasted tiles."""
+    pat = setup.pattern
+    if (diagonal and isinstance(pat, Dilated) and sub.dropout is None
+            and sub.q_offset % math.lcm(*pat.w) == 0):
+        from .dilated import dilated_pattern_attention  # dilated -> attention -> distributed
+
+        return dilated_pattern_attention(q, k, v, pat, scale=sub.scale)
+    return run_backend(setup.backend, q, k, v, sub, need_lse=True)
 
 
 def _steps(setup: _Setup) -> list[int]:
@@ -543,8 +565,8 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
             qs = q.narrow(2, *qo[i]).detach().requires_grad_(True)
             kvs = held.narrow(2, *ko[j]).detach().requires_grad_(True)
             with torch.enable_grad():
-                o, l_c = run_backend(setup.backend, qs, kvs[..., :dk], kvs[..., dk:], sub,
-                                     need_lse=True)
+                o, l_c = _run_pair(setup, qs, kvs[..., :dk], kvs[..., dk:], sub,
+                                   diagonal=src == r and i == j)
                 go, gl = _partial_grads(o, l_c, out.narrow(2, *qo[i]), lse.narrow(2, *qo[i]),
                                         dout.narrow(2, *qo[i]),
                                         None if dlse is None else dlse.narrow(2, *qo[i]))
@@ -656,7 +678,7 @@ def distributed_ring_attention(
                       block_order=block_order, dropout=dropout)
     plan = distributed_plan(layout, shards)
     setup = _Setup(rank, plan, problem, resolve_backend(backend, q, dropout is not None),
-                   process_group, float(timeout))
+                   process_group, float(timeout), pattern)
     out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats())
     return (out, lse) if return_lse else out
 
@@ -681,7 +703,8 @@ def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding:
 
     for r in range(world):
         q = rand(shards.local_len(r), head_dim)
-        setup = _Setup(r, plan, problem, resolve_backend(backend, q), None, DEFAULT_TIMEOUT_S)
+        setup = _Setup(r, plan, problem, resolve_backend(backend, q), None, DEFAULT_TIMEOUT_S,
+                       pattern)
         for d in range(world):
             src = (r - d) % world
             if not plan.needed(r, src):

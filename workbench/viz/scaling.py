@@ -12,8 +12,12 @@ import numpy as np
 
 __all__ = [
     "VARIANT_STYLE",
+    "FAMILY_COLOR",
     "environment_note",
+    "plot_kernel_options",
+    "plot_longest_sequence",
     "plot_memory_vs_length",
+    "plot_rate_bars",
     "plot_time_vs_length",
     "plot_useful_tflops",
 ]
@@ -22,9 +26,18 @@ __all__ = [
 VARIANT_STYLE = {
     "ours": ("tab:blue", "o", "ours"),
     "flex_natural": ("tab:orange", "s", "FlexAttention, natural order"),
+    "strided_gather": ("tab:red", "P", "strided gather (naive LongNet)"),
     "blockwise": ("tab:green", "^", "blockwise (pure PyTorch)"),
     "sdpa_dense": ("tab:gray", "D", "dense SDPA (no sparsity)"),
     "sdpa_masked": ("tab:purple", "v", "SDPA + dense bool mask"),
+}
+#: colour of each pattern family (figures with one line per family).
+FAMILY_COLOR = {
+    "dense": "tab:gray",
+    "causal": "tab:purple",
+    "random10": "tab:green",
+    "local": "tab:orange",
+    "dilated": "tab:blue",
 }
 _FLOOR_STYLE = dict(color="black", ls=":", lw=1.6, marker="_", ms=10)
 
@@ -213,3 +226,144 @@ def _finish(fig, axes, title, note):
     if note:
         fig.text(0.5, 0.995 - (0.06 if nrows == 1 else 0.04), note, ha="center", va="top",
                  fontsize=8.5, color="0.3")
+
+
+def _bar_labels(ax, bars, fmt, fontsize=7.5):
+    for b in bars:
+        h = b.get_height()
+        if np.isfinite(h):
+            ax.annotate(fmt.format(h), (b.get_x() + b.get_width() / 2, h), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=fontsize)
+
+
+def plot_kernel_options(df, *, configs=None, labels=None, families=None, target_fraction=0.85,
+                        title="", note=""):
+    """Grouped bars of ``rel`` (useful TFLOP/s over dense SDPA's) per kernel-option ``config``
+    (x) and ``family`` (one bar each), with dense SDPA (1.0) and ``target_fraction`` drawn.
+
+    ``df``: columns ``family``, ``config``, ``rel``; rows with ``config == "sdpa"`` (the dense
+    reference itself) are left out of the bars. ``labels``: optional ``config -> tick label``.
+    """
+    rows = df[df["config"] != "sdpa"]
+    configs = list(configs) if configs is not None else list(dict.fromkeys(rows["config"]))
+    fams = _families(rows, families)
+    fig, ax = plt.subplots(figsize=(1.35 * len(configs) * max(1, len(fams)) / 2 + 3.0, 4.4))
+    x = np.arange(len(configs))
+    width = 0.8 / len(fams)
+    for i, fam in enumerate(fams):
+        rel = rows[rows["family"] == fam].set_index("config")["rel"].reindex(configs)
+        bars = ax.bar(x + (i - (len(fams) - 1) / 2) * width, rel.to_numpy(dtype=float), width,
+                      color=FAMILY_COLOR.get(fam, f"C{i}"), label=fam, edgecolor="white")
+        _bar_labels(ax, bars, "{:.2f}")
+    ax.axhline(1.0, color="black", ls="--", lw=1.2, label="dense SDPA rate")
+    if target_fraction:
+        ax.axhline(target_fraction, color="black", ls=":", lw=1.2,
+                   label=f"target: {target_fraction:.0%} of dense SDPA")
+    ax.set_xticks(x)
+    ax.set_xticklabels([(labels or {}).get(c, c) for c in configs], fontsize=8.5)
+    ax.set_xlabel("FlexAttention kernel options")
+    ax.set_ylabel("useful TFLOP/s / dense SDPA's")
+    ax.set_ylim(0, 1.12)
+    ax.grid(True, axis="y", alpha=0.3)
+    _finish(fig, np.array([[ax]]), title, note)
+    return fig
+
+
+def plot_rate_bars(df, *, families=None, variants=None, reference=None, target_fraction=None,
+                   title="", note=""):
+    """Useful TFLOP/s as grouped bars: one panel per sequence length, one group per family,
+    one bar per variant (families a variant does not apply to get no bar).
+
+    ``reference``: mapping ``seq_len -> TFLOP/s`` (dense SDPA's rate), drawn dashed, with
+    ``target_fraction`` of it dotted.
+    """
+    ok = df[df["status"] == "ok"]
+    fams = _families(ok, families)
+    lengths = sorted(ok["seq_len"].unique())
+    vars_ = list(variants) if variants is not None else _variants(ok)[::-1]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(1.3 * len(fams) * len(lengths) + 1.5, 4.2),
+                             squeeze=False, sharey=True)
+    width = 0.8 / len(vars_)
+    for j, s in enumerate(lengths):
+        ax = axes[0, j]
+        sub = ok[ok["seq_len"] == s]
+        x = np.arange(len(fams))
+        for xf, fam in zip(x, fams):  # the bars of a family centred on it, no gaps
+            rate = sub[sub["family"] == fam].set_index("variant")["useful_tflops"]
+            present = [v for v in vars_ if v in rate.index]
+            for i, var in enumerate(present):
+                bars = ax.bar(xf + (i - (len(present) - 1) / 2) * width, float(rate[var]), width,
+                              color=_style(var)[0], label=_style(var)[2], edgecolor="white")
+                _bar_labels(ax, bars, "{:.0f}", fontsize=7)
+        if reference is not None and s in reference:
+            ax.axhline(reference[s], color="black", ls="--", lw=1.2,
+                       label="dense SDPA rate (same run)")
+            if target_fraction:
+                ax.axhline(target_fraction * reference[s], color="black", ls=":", lw=1.0,
+                           label=f"{target_fraction:.0%} of dense SDPA rate")
+        ax.set_xticks(x)
+        ax.set_xticklabels(fams)
+        ax.set_title(f"S = {_k(s)}")
+        ax.grid(True, axis="y", alpha=0.3)
+        if j == 0:
+            ax.set_ylabel("useful TFLOP/s")
+    axes[0, 0].set_ylim(0, axes[0, 0].get_ylim()[1] * 1.06)
+    _finish(fig, axes, title, note)
+    return fig
+
+
+def plot_longest_sequence(df, *, families=None, capacity_gib=None, title="", note=""):
+    """The doubling search of ``workbench.bench.longest_sequence``: peak memory (GiB, inputs
+    included) and time of one call against ``S``, one line per family; the first length that
+    ran out of memory is marked with a cross at the top of the memory panel.
+
+    ``capacity_gib``: the card's memory, drawn as a dashed line. A ``useful_tflops`` column,
+    if present, labels each point of the time panel.
+    """
+    fams = _families(df, families)
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.3), squeeze=False)
+    mem_ax, time_ax = axes[0]
+    lengths = sorted(df["seq_len"].unique())
+    oom = df[df["status"] == "oom"]
+    top = capacity_gib if capacity_gib else float(df["peak_gib"].max()) * 1.1
+    for i, fam in enumerate(fams):
+        c = FAMILY_COLOR.get(fam, "tab:brown")
+        r = df[(df["family"] == fam) & (df["status"] == "ok")].sort_values("seq_len")
+        mem_ax.plot(r["seq_len"], r["peak_gib"], color=c, marker="o", lw=2, label=fam)
+        time_ax.plot(r["seq_len"], r["ms"] / 1e3, color=c, marker="o", lw=2, label=fam)
+        if "useful_tflops" in r:
+            for s, ms, tf in zip(r["seq_len"], r["ms"], r["useful_tflops"]):
+                if np.isfinite(tf):
+                    time_ax.annotate(f"{tf:.0f} TFLOP/s", (s, ms / 1e3), xytext=(7, -3),
+                                     textcoords="offset points", fontsize=7.5, color=c,
+                                     va="top")
+        o = oom[oom["family"] == fam]
+        if len(o):  # crosses side by side, so that families failing at one length stay visible
+            x_oom = o["seq_len"].to_numpy() * 2.0 ** (0.09 * (i - (len(fams) - 1) / 2))
+            mem_ax.plot(x_oom, [top * 1.04] * len(o), color=c, marker="x", ms=9, mew=2.5,
+                        ls="none")
+            if len(r):  # dotted: the doubling that failed
+                mem_ax.plot([r["seq_len"].iloc[-1], x_oom.min()],
+                            [r["peak_gib"].iloc[-1], top * 1.04], color=c, ls=":", lw=1.2)
+    if capacity_gib:
+        mem_ax.axhline(capacity_gib, color="black", ls="--", lw=1.2,
+                       label=f"GPU memory ({capacity_gib:g} GiB)")
+    mem_ax.plot([], [], color="0.3", marker="x", ms=9, mew=2.5, ls="none",
+                label="out of memory")
+    ok_lengths = sorted(df.loc[df["status"] == "ok", "seq_len"].unique()) or lengths
+    for ax, lens in ((mem_ax, lengths), (time_ax, ok_lengths)):
+        _log_length_axis(ax, lens)
+        ax.set_xlabel("sequence length S")
+        ax.grid(True, which="major", alpha=0.3)
+    time_ax.set_xlim(min(ok_lengths) / 1.4, max(ok_lengths) * 2.2)  # room for the labels
+    mem_ax.set_ylim(0, top * 1.12)
+    mem_ax.set_ylabel("peak GiB (inputs included)")
+    mem_ax.set_title("memory")
+    time_ax.set_yscale("log")
+    t_ok = df.loc[df["status"] == "ok", "ms"].astype(float) / 1e3
+    if len(t_ok):  # room below the lowest point for its label
+        time_ax.set_ylim(t_ok.min() / 1.8, t_ok.max() * 1.6)
+    time_ax.set_ylabel("one forward call (s)")
+    time_ax.set_title("time of one call (lengths that fit)")
+    _finish(fig, axes, title, note)
+    return fig

@@ -1,0 +1,63 @@
+"""The scaling figures drawn from small frames: one bar or line per recorded value, at its value
+(Agg backend: conftest sets ``MPLBACKEND``)."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+from matplotlib.patches import Rectangle
+
+from workbench.viz import scaling as vs
+
+
+def _bars(ax):
+    return [p for p in ax.patches if isinstance(p, Rectangle) and p.get_width() < 1]
+
+
+def test_kernel_options_one_bar_per_config_and_family():
+    df = pd.DataFrame({"S": 4096, "family": ["dense", "a", "a", "b", "b"],
+                       "config": ["sdpa", "default", "tma", "default", "tma"],
+                       "ms": 1.0, "tflops": 1.0, "rel": [1.0, 0.5, 0.6, 0.7, 0.8]})
+    fig = vs.plot_kernel_options(df, labels={"tma": "USE_TMA"}, title="t", note="n")
+    ax = fig.axes[0]
+    heights = sorted(round(b.get_height(), 6) for b in _bars(ax))
+    assert heights == [0.5, 0.6, 0.7, 0.8]  # the sdpa reference row is a line, not a bar
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["default", "USE_TMA"]
+    assert {round(line.get_ydata()[0], 6) for line in ax.lines} == {1.0, 0.85}
+    plt.close(fig)
+
+
+def test_rate_bars_skip_variants_a_family_lacks():
+    df = pd.DataFrame({"family": ["a", "a", "b", "b", "b"], "seq_len": 1024,
+                       "variant": ["ours", "sdpa_dense", "ours", "strided_gather", "sdpa_dense"],
+                       "status": "ok", "useful_tflops": [10.0, 20.0, 30.0, 40.0, 50.0]})
+    fig = vs.plot_rate_bars(df, variants=["ours", "strided_gather", "sdpa_dense"],
+                            reference={1024: 60.0}, target_fraction=0.5)
+    ax = fig.axes[0]
+    bars = sorted(_bars(ax), key=lambda b: b.get_x())
+    assert [b.get_height() for b in bars] == [10.0, 20.0, 30.0, 40.0, 50.0]
+    # family "a" has two bars centred on x = 0, "b" three centred on x = 1
+    assert sum(b.get_x() + b.get_width() / 2 for b in bars[:2]) / 2 == pytest.approx(0)
+    assert sum(b.get_x() + b.get_width() / 2 for b in bars[2:]) / 3 == pytest.approx(1)
+    assert {line.get_ydata()[0] for line in ax.lines} == {60.0, 30.0}
+    plt.close(fig)
+
+
+def test_longest_sequence_marks_the_oom_and_plots_ok_rows():
+    df = pd.DataFrame({"family": ["x", "x", "x"], "seq_len": [1 << 20, 1 << 21, 1 << 22],
+                       "status": ["ok", "ok", "oom"], "ms": [100.0, 400.0, math.nan],
+                       "peak_gib": [10.0, 20.0, math.nan],
+                       "useful_tflops": [5.0, 6.0, math.nan]})
+    fig = vs.plot_longest_sequence(df, capacity_gib=30.0)
+    mem_ax, time_ax = fig.axes[:2]
+    mem_line = next(line for line in mem_ax.lines if line.get_label() == "x")
+    assert list(mem_line.get_ydata()) == [10.0, 20.0]
+    crosses = [line for line in mem_ax.lines if line.get_marker() == "x" and len(line.get_xdata())]
+    assert [list(c.get_xdata()) for c in crosses] == [[1 << 22]]
+    time_line = next(line for line in time_ax.lines if line.get_label() == "x")
+    assert list(time_line.get_ydata()) == [0.1, 0.4]
+    assert [t.get_text() for t in time_ax.texts] == ["5 TFLOP/s", "6 TFLOP/s"]
+    plt.close(fig)
