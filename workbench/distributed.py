@@ -303,10 +303,10 @@ class RingStats:
 # --------------------------------------------------------------------- communication
 @dataclass
 class _Transfer:
-    """Posted sends/receives of one step and the buffer being received (if any)."""
+    """Posted sends/receives of one step and the buffers being received (None: nothing)."""
 
     works: list
-    recv: Tensor | None
+    recv: list[Tensor] | None
     peer_in: int | None
     peer_out: int | None
     step: int
@@ -322,22 +322,26 @@ class _Ring:
     def _global(self, r: int) -> int:
         return dist.get_global_rank(self.group, r) if self.group is not None else r
 
-    def post(self, step: int, send: Tensor | None, send_to: int | None,
-             recv_like: tuple[tuple[int, ...], torch.dtype] | None, recv_from: int | None
-             ) -> _Transfer:
+    def post(self, step: int, send: Sequence[Tensor] | None, send_to: int | None,
+             recv_like: Sequence[tuple[tuple[int, ...], torch.dtype]] | None,
+             recv_from: int | None) -> _Transfer:
+        """Post the sends of ``send`` to ``send_to`` and receives of tensors shaped like
+        ``recv_like`` from ``recv_from`` (each side optional) as one batch."""
         ops = []
-        buf = None
+        bufs = None
         if send is not None and send_to is not None:
-            ops.append(dist.P2POp(dist.isend, send, self._global(send_to), self.group))
-            self.stats.bytes_sent += send.numel() * send.element_size()
+            for x in send:
+                ops.append(dist.P2POp(dist.isend, x, self._global(send_to), self.group))
+                self.stats.bytes_sent += x.numel() * x.element_size()
         if recv_like is not None and recv_from is not None:
-            buf = torch.empty(recv_like[0], dtype=recv_like[1], device=self.device)
-            ops.append(dist.P2POp(dist.irecv, buf, self._global(recv_from), self.group))
-            self.stats.bytes_received += buf.numel() * buf.element_size()
+            bufs = [torch.empty(shape, dtype=dt, device=self.device) for shape, dt in recv_like]
+            for b in bufs:
+                ops.append(dist.P2POp(dist.irecv, b, self._global(recv_from), self.group))
+                self.stats.bytes_received += b.numel() * b.element_size()
         works = dist.batch_isend_irecv(ops) if ops else []
-        return _Transfer(works, buf, recv_from, send_to, step)
+        return _Transfer(works, bufs, recv_from, send_to, step)
 
-    def wait(self, tr: _Transfer, what: str) -> Tensor | None:
+    def wait(self, tr: _Transfer, what: str) -> list[Tensor] | None:
         t0 = time.perf_counter()
         peers = ", ".join(f"{d} rank {p}" for d, p in (("from", tr.peer_in), ("to", tr.peer_out))
                           if p is not None)
@@ -440,14 +444,14 @@ def _pairs(setup: _Setup, src: int):
                 yield i, j, sub
 
 
-def _partials(setup: _Setup, q: Tensor, kv: Tensor, src: int, dk: int, stats: RingStats | None
-              ) -> list[tuple[int, Tensor, Tensor]]:
+def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
+              stats: RingStats | None) -> list[tuple[int, Tensor, Tensor]]:
     """This rank's partial (run, out, lse) against the K/V shard of ``src``."""
     qo, ko = setup.local_offsets(setup.rank), setup.local_offsets(src)
     res = []
     for i, j, sub in _pairs(setup, src):
         qs = q.narrow(2, *qo[i])
-        ks, vs = kv[..., :dk].narrow(2, *ko[j]), kv[..., dk:].narrow(2, *ko[j])
+        ks, vs = k.narrow(2, *ko[j]), v.narrow(2, *ko[j])
         o, lse = _run_pair(setup, qs, ks, vs, sub, diagonal=src == setup.rank and i == j)
         res.append((i, o, lse))
         if stats is not None:
@@ -478,111 +482,122 @@ def _steps(setup: _Setup) -> list[int]:
                   if plan.needed(r, (r - d) % p) or plan.needed((r + d) % p, r)]
 
 
-def _post_kv(ring: _Ring, setup: _Setup, step: int, kv: Tensor) -> _Transfer:
-    """Post step ``step``'s K/V transfers: own shard to ``r + step``, shard of ``r - step`` in."""
+def _post_kv(ring: _Ring, setup: _Setup, step: int, k: Tensor, v: Tensor) -> _Transfer:
+    """Post step ``step``'s K/V transfers: own shard to ``r + step``, shard of ``r - step`` in
+    (keys and values as two messages: no concatenated copy of either)."""
     p, r, plan = setup.world, setup.rank, setup.plan
     dst, src = (r + step) % p, (r - step) % p
-    shape = (*kv.shape[:2], setup.plan.sharding.local_len(src), kv.shape[3])
-    return ring.post(step, kv if plan.needed(dst, r) else None, dst,
-                     (shape, kv.dtype) if plan.needed(r, src) else None, src)
+    n = setup.plan.sharding.local_len(src)
+    like = [((*x.shape[:2], n, x.shape[3]), x.dtype) for x in (k, v)]
+    return ring.post(step, (k, v) if plan.needed(dst, r) else None, dst,
+                     like if plan.needed(r, src) else None, src)
 
 
-def _merge_runs(setup: _Setup, q: Tensor, dv: int,
-                parts: list[list[tuple[Tensor, Tensor]]]) -> tuple[Tensor, Tensor]:
+def _merge_runs(setup: _Setup, q: Tensor, dv: int, runs: list[tuple[Tensor, Tensor] | None]
+                ) -> tuple[Tensor, Tensor]:
+    """This rank's ``(out, lse)`` from each query run's merged result (None: attends nothing)."""
     outs, lses = [], []
-    for (_, length), run in zip(setup.local_offsets(setup.rank), parts):
-        if not run:  # these queries attend nothing
+    for (_, length), run in zip(setup.local_offsets(setup.rank), runs):
+        if run is None:
             shape = (q.shape[0], q.shape[1], length)
-            run = [(q.new_zeros(*shape, dv), torch.full(shape, -torch.inf, device=q.device))]
-        o, lse = merge_partials([o for o, _ in run], [lse for _, lse in run])
-        outs.append(o)
-        lses.append(lse)
+            run = (q.new_zeros(*shape, dv), torch.full(shape, -torch.inf, device=q.device))
+        outs.append(run[0].to(q.dtype))
+        lses.append(run[1] if run[1].dtype == torch.float64 else run[1].float())
+    if len(outs) == 1:
+        return outs[0], lses[0]
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingStats
                   ) -> tuple[Tensor, Tensor]:
     ring = _Ring(setup, q.device, stats)
-    kv = torch.cat([k, v], -1).contiguous()
-    dk, p = k.shape[-1], setup.world
-    parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in setup.pieces(setup.rank)]
+    k, v, p = k.contiguous(), v.contiguous(), setup.world
+    # running (out, lse) per query run: each step's partial is merged as soon as it exists, so
+    # at most two partials of a run are alive, whatever the world size
+    acc: list[tuple[Tensor, Tensor] | None] = [None for _ in setup.pieces(setup.rank)]
     steps = _steps(setup)
     stats.steps += len(steps)
-    pending = _post_kv(ring, setup, steps[1], kv) if len(steps) > 1 else None
+    pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
     for n, step in enumerate(steps):
         if step == 0:
-            held = kv
+            held: list[Tensor] | None = [k, v]
         else:
             held = ring.wait(pending, "receiving a K/V shard")
-            pending = _post_kv(ring, setup, steps[n + 1], kv) if n + 1 < len(steps) else None
+            pending = _post_kv(ring, setup, steps[n + 1], k, v) if n + 1 < len(steps) else None
         src = (setup.rank - step) % p
         if held is None:
             stats.per_step_tiles.append(0)
             continue
         t0 = time.perf_counter()
         before = stats.tiles_computed
-        for i, o, lse in _partials(setup, q, held, src, dk, stats):
-            parts[i].append((o, lse))
+        for i, o, lse in _partials(setup, q, held[0], held[1], src, stats):
+            acc[i] = (o.to(lse.dtype), lse) if acc[i] is None else merge_partials(
+                [acc[i][0], o], [acc[i][1], lse])  # accumulated in float32 (float64)
+        del held
         stats.compute_s += time.perf_counter() - t0
         stats.per_step_tiles.append(stats.tiles_computed - before)
     runs = len(setup.pieces(setup.rank))
     stats.pairs_skipped += sum(runs * len(setup.pieces(s)) - len(list(_pairs(setup, s)))
                                for s in range(p))
-    return _merge_runs(setup, q, v.shape[-1], parts)
+    return _merge_runs(setup, q, v.shape[-1], acc)
 
 
 def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    dout: Tensor, dlse: Tensor | None, stats: RingStats
                    ) -> tuple[Tensor, Tensor, Tensor]:
     ring = _Ring(setup, q.device, stats)
-    kv = torch.cat([k, v], -1).contiguous()
-    dk, p, r = k.shape[-1], setup.world, setup.rank
+    k, v, p, r = k.contiguous(), v.contiguous(), setup.world, setup.rank
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros_like(q, dtype=acc)
-    dkv = torch.zeros_like(kv, dtype=acc)
+    dk_own, dv_own = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
     qo = setup.local_offsets(r)
     steps = _steps(setup)
     stats.steps += len(steps)
-    pending = _post_kv(ring, setup, steps[1], kv) if len(steps) > 1 else None
+    pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
     grads_in: list[_Transfer] = []
     grads_out: list[_Transfer] = []  # keeps each sent gradient buffer alive until delivered
     for n, step in enumerate(steps):
         src, dst = (r - step) % p, (r + step) % p
         if step == 0:
-            held = kv
+            held: list[Tensor] | None = [k, v]
         else:
             held = ring.wait(pending, "receiving a K/V shard")
-            pending = _post_kv(ring, setup, steps[n + 1], kv) if n + 1 < len(steps) else None
+            pending = _post_kv(ring, setup, steps[n + 1], k, v) if n + 1 < len(steps) else None
         # gradients for our own K/V come back from the rank we sent it to at this step
         if step and setup.plan.needed(dst, r):
-            grads_in.append(ring.post(step, None, None, (tuple(kv.shape), acc), dst))
+            like = [(tuple(x.shape), acc) for x in (k, v)]
+            grads_in.append(ring.post(step, None, None, like, dst))
         if held is None:
             continue
         t0 = time.perf_counter()
-        g_kv = dkv if step == 0 else torch.zeros(held.shape, dtype=acc, device=held.device)
+        g_k, g_v = ((dk_own, dv_own) if step == 0 else
+                    tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in held))
         ko = setup.local_offsets(src)
         for i, j, sub in _pairs(setup, src):
             qs = q.narrow(2, *qo[i]).detach().requires_grad_(True)
-            kvs = held.narrow(2, *ko[j]).detach().requires_grad_(True)
+            ks, vs = (x.narrow(2, *ko[j]).detach().requires_grad_(True) for x in held)
             with torch.enable_grad():
-                o, l_c = _run_pair(setup, qs, kvs[..., :dk], kvs[..., dk:], sub,
-                                   diagonal=src == r and i == j)
+                o, l_c = _run_pair(setup, qs, ks, vs, sub, diagonal=src == r and i == j)
                 go, gl = _partial_grads(o, l_c, out.narrow(2, *qo[i]), lse.narrow(2, *qo[i]),
                                         dout.narrow(2, *qo[i]),
                                         None if dlse is None else dlse.narrow(2, *qo[i]))
-                g_q, g_kvs = torch.autograd.grad((o, l_c), (qs, kvs), (go, gl))
+                g_q, g_ks, g_vs = torch.autograd.grad((o, l_c), (qs, ks, vs), (go, gl))
             dq.narrow(2, *qo[i]).add_(g_q)
-            g_kv.narrow(2, *ko[j]).add_(g_kvs)
+            g_k.narrow(2, *ko[j]).add_(g_ks)
+            g_v.narrow(2, *ko[j]).add_(g_vs)
             stats.pairs_computed += 1
             stats.tiles_computed += int(sub.layout.active.sum())
         stats.compute_s += time.perf_counter() - t0
+        del held
         if step:
-            grads_out.append(ring.post(step, g_kv, src, None, None))
+            grads_out.append(ring.post(step, (g_k, g_v), src, None, None))
     for tr in grads_in:
-        dkv += ring.wait(tr, "receiving K/V gradients")
+        got_k, got_v = ring.wait(tr, "receiving K/V gradients")
+        dk_own += got_k
+        dv_own += got_v
     for tr in grads_out:
         ring.wait(tr, "returning K/V gradients")
-    return dq.to(q.dtype), dkv[..., :dk].to(k.dtype), dkv[..., dk:].to(v.dtype)
+    return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
 
 
 def _partial_grads(o: Tensor, l_c: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
@@ -710,10 +725,11 @@ def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding:
             if not plan.needed(r, src):
                 yield r, d, src, 0, 0, None
                 continue
-            kv = rand(shards.local_len(src), 2 * head_dim)
+            k, v = rand(shards.local_len(src), head_dim), rand(shards.local_len(src), head_dim)
 
-            def fn(setup=setup, q=q, kv=kv, src=src) -> None:
+            def fn(setup=setup, q=q, k=k, v=v, src=src) -> None:
                 with torch.no_grad():
-                    _partials(setup, q, kv, src, head_dim, None)
+                    _partials(setup, q, k, v, src, None)
 
-            yield r, d, src, int(per_step[r, d]), kv.numel() * kv.element_size() if d else 0, fn
+            nbytes = 2 * k.numel() * k.element_size() if d else 0
+            yield r, d, src, int(per_step[r, d]), nbytes, fn
