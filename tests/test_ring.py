@@ -70,3 +70,18 @@ def test_rank_with_no_work_outputs_zeros():
     out = wb.block_sparse_attention(q, k, v, pattern, 8, ring_chunks=4)
     assert torch.all(out[:, :, 1:] == 0)
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+
+
+def test_merge_into_matches_merge_partials_slice_by_slice(monkeypatch):
+    from workbench.backends import merge as M
+
+    monkeypatch.setattr(M, "_MERGE_CHUNK", 40)  # several slices of the sequence
+    g = torch.Generator().manual_seed(3)
+    o1, o2 = (torch.randn(2, 3, 37, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    l1, l2 = (torch.randn(2, 3, 37, generator=g, dtype=torch.float64) for _ in range(2))
+    l1[0, 0, :4] = -torch.inf  # rows where one side (or both) is empty
+    l2[0, 0, 2:6] = -torch.inf
+    want_o, want_l = M.merge_partials([o1, o2], [l1, l2])
+    M.merge_into_(o1, l1, o2, l2)
+    torch.testing.assert_close(o1, want_o)
+    torch.testing.assert_close(l1, want_l)

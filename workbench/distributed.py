@@ -33,6 +33,12 @@ output into gradients of the partial (``dO_c = w_c dO``, ``dl_c = w_c (<dO, o_c>
 w_c dL``, with ``w_c = exp(l_c - L)``); the K/V gradients travel back to their owner. Compute is
 one partial forward plus its backward per step (FlashAttention's recomputation, per shard).
 
+**Memory per rank.** Its q, k, v and output shards; at most two received K/V shards in flight
+(keys and values sent as two messages from their own tensors, never packed into a copy); one
+partial result being merged into the output in place, a slice at a time
+(:func:`~workbench.backends.merge.merge_into_`); and the global block layout, which is
+``O((S / block)^2)`` and not sharded.
+
 **Faults.** Every wait has a deadline (``timeout``): a rank that died or never joined ends the
 others with :class:`RingTimeoutError` naming the peer, the step and the deadline, never a hang.
 Shapes, dtypes and shard lengths are checked across ranks before any K/V moves.
@@ -50,7 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .backends import Problem, merge_partials, resolve_backend, run_backend
+from .backends import Problem, merge_into_, resolve_backend, run_backend
 from .backends.dropout import AttentionDropout
 from .layout import BlockLayout, num_blocks
 from .patterns import Dilated, Pattern
@@ -512,8 +518,8 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
                   ) -> tuple[Tensor, Tensor]:
     ring = _Ring(setup, q.device, stats)
     k, v, p = k.contiguous(), v.contiguous(), setup.world
-    # running (out, lse) per query run: each step's partial is merged as soon as it exists, so
-    # at most two partials of a run are alive, whatever the world size
+    # running (out, lse) per query run: each step's partial is merged into it as soon as it
+    # exists, so at most two partials of a run are alive, whatever the world size
     acc: list[tuple[Tensor, Tensor] | None] = [None for _ in setup.pieces(setup.rank)]
     steps = _steps(setup)
     stats.steps += len(steps)
@@ -531,8 +537,10 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
         t0 = time.perf_counter()
         before = stats.tiles_computed
         for i, o, lse in _partials(setup, q, held[0], held[1], src, stats):
-            acc[i] = (o.to(lse.dtype), lse) if acc[i] is None else merge_partials(
-                [acc[i][0], o], [acc[i][1], lse])  # accumulated in float32 (float64)
+            if acc[i] is None:  # the first partial becomes the running result
+                acc[i] = (o, lse.float() if lse.dtype != torch.float64 else lse)
+            else:  # merged in place, a slice at a time: no full-size temporaries
+                merge_into_(acc[i][0], acc[i][1], o, lse)
         del held
         stats.compute_s += time.perf_counter() - t0
         stats.per_step_tiles.append(stats.tiles_computed - before)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .blockwise import blockwise_attention
 from .dropout import AttentionDropout
 from .flex import flex_attention, flex_available
-from .merge import merge_partials
+from .merge import merge_into_, merge_partials
 from .problem import MaskFn, Problem
 from .reference import reference_attention
 
@@ -23,6 +23,7 @@ __all__ = [
     "MaskFn",
     "Problem",
     "blockwise_attention",
+    "merge_into_",
     "merge_partials",
     "reference_attention",
     "resolve_backend",

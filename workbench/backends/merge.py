@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["merge_partials"]
+__all__ = ["merge_into_", "merge_partials"]
 
 
 def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -39,3 +39,23 @@ def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tens
     out = sum(wi[..., None] * o.to(acc) for wi, o in zip(w, outs)) / safe_total[..., None]
     merged = torch.where(nonempty, top + torch.log(safe_total), torch.full_like(top, -torch.inf))
     return out.to(outs[0].dtype), merged
+
+
+_MERGE_CHUNK = 1 << 24  # elements of an output merged at a time by merge_into_
+
+
+def merge_into_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    """In place: ``(acc_out, acc_lse)`` becomes the merge of itself and ``(out, lse)``.
+
+    The arithmetic is :func:`merge_partials`' (float32, or float64), done a slice of the sequence
+    at a time, so the temporaries stay small however long the sequence; ``acc_out`` keeps its
+    dtype (each merge rounds to it once). No autograd: for forward passes that manage their own
+    backward (the distributed ring).
+    """
+    rows = max(1, _MERGE_CHUNK // max(1, acc_out[..., 0, :].numel()))
+    for start in range(0, acc_out.shape[-2], rows):
+        sl = slice(start, start + rows)
+        o, lse_m = merge_partials([acc_out[..., sl, :], out[..., sl, :]],
+                                  [acc_lse[..., sl], lse[..., sl]])
+        acc_out[..., sl, :].copy_(o)
+        acc_lse[..., sl].copy_(lse_m)
