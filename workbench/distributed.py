@@ -285,9 +285,10 @@ class RingStats:
     ``backward`` holds the same counters for the backward passes once one has run.
 
     ``bytes_sent``/``bytes_received`` count K/V shards (and, backward, their gradients);
-    ``wait_s`` is host time blocked on transfers (on CUDA the wait is stream-ordered, so it
-    counts only host-side blocking unless the caller synchronizes); ``per_step_tiles`` lists
-    the tiles computed at each step this rank took part in.
+    ``wait_s`` is host time blocked on transfers. On CUDA the wait is stream-ordered (the host
+    hardly blocks), so :meth:`gpu_wait_ms` gives the time the compute stream sat waiting for
+    transfers: CUDA events around each wait, i.e. communication not hidden behind compute.
+    ``per_step_tiles`` lists the tiles computed at each step this rank took part in.
     """
 
     steps: int = 0
@@ -300,10 +301,20 @@ class RingStats:
     compute_s: float = 0.0
     per_step_tiles: list[int] = field(default_factory=list)
     backward: RingStats | None = None
+    wait_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(
+        default_factory=list, repr=False)
+
+    def gpu_wait_ms(self) -> float:
+        """Milliseconds the CUDA stream waited on transfers (synchronizes; 0 off CUDA)."""
+        if not self.wait_events:
+            return 0.0
+        self.wait_events[-1][1].synchronize()
+        return float(sum(a.elapsed_time(b) for a, b in self.wait_events))
 
     def as_dict(self) -> dict[str, float | int]:
         """The scalar counters (forward)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("per_step_tiles", "backward")}
+        skip = ("per_step_tiles", "backward", "wait_events")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
 
 # --------------------------------------------------------------------- communication
@@ -351,8 +362,15 @@ class _Ring:
         t0 = time.perf_counter()
         peers = ", ".join(f"{d} rank {p}" for d, p in (("from", tr.peer_in), ("to", tr.peer_out))
                           if p is not None)
+        events = None
+        if self.device.type == "cuda" and tr.works:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         _wait_all(tr.works, self.timeout, f"rank {self.rank}: {what} at ring step {tr.step} "
                   f"({peers})")
+        if events is not None:
+            events[1].record()  # fires once the stream has the transfer: e1 - e0 = exposed wait
+            self.stats.wait_events.append(events)
         self.stats.wait_s += time.perf_counter() - t0
         return tr.recv
 

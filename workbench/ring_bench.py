@@ -199,8 +199,10 @@ def _time_ring(pattern, layout, seq_len, sharding, heads, head_dim, dtype, block
                 out.backward(torch.ones_like(out))
 
     try:
+        step()  # compilation and first-call costs stay out of the timing and the counters
         stats = D.RingStats()
-        step(stats)  # compilation and first-call costs, and the counters of one call
+        dist.barrier()
+        step(stats)  # the counters (bytes, steps, waits) of one warm call
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
@@ -220,7 +222,8 @@ def _time_ring(pattern, layout, seq_len, sharding, heads, head_dim, dtype, block
             "steps": stats.steps, "tiles": stats.tiles_computed,
             "pairs_skipped": stats.pairs_skipped, "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received, "bwd_bytes_sent": back.bytes_sent,
-            "wait_ms": round(1e3 * (stats.wait_s + back.wait_s), 3)}
+            "wait_ms": round(1e3 * (stats.wait_s + back.wait_s), 3),
+            "gpu_wait_ms": round(stats.gpu_wait_ms() + back.gpu_wait_ms(), 3)}
 
 
 def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str], world: int,
