@@ -230,3 +230,22 @@ def test_neighborhood_runs_under_flex_on_cpu():
     out = wb.block_sparse_attention(q, k, v, pat, 32, backend="flex")
     ref = wb.block_sparse_attention(q, k, v, pat, 32, backend="reference")
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_permuted_with_one_order_per_head_moves_each_head_by_its_own():
+    from workbench.orderings import dilation_permutation, permuted
+
+    pattern = P.dilated([16, 32], [2, 4], num_heads=4)
+    perms = torch.stack([dilation_permutation(70, w, r, h % r)
+                         for h, (w, r) in enumerate([(16, 2), (16, 2), (32, 4), (32, 4)])])
+    moved = permuted(pattern, perms)
+    mask = pattern.token_mask(70)
+    for h in range(4):
+        p = perms[h]
+        assert torch.equal(moved.token_mask(70)[h], mask[h][p][:, p])
+    # the per-head dilation ordering packs every head's pairs into fewer tiles
+    assert moved.density(70, 8) < pattern.density(70, 8)
+    with pytest.raises(ValueError, match="rows"):
+        permuted(pattern, perms[:3])
+    with pytest.raises(ValueError, match="permutation"):
+        permuted(pattern, torch.zeros(4, 70, dtype=torch.int64))

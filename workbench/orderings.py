@@ -87,16 +87,21 @@ def dilation_permutation(seq_len: int, segment: int, dilation: int, offset: int 
 
 class _Permuted(Pattern):
     def __init__(self, base: Pattern, perm: Tensor) -> None:
-        self.base, self.perm = base, perm
-        self.num_heads = base.num_heads
+        self.base, self.perm = base, perm  # perm: [H or 1, S]
+        self.num_heads = max(base.num_heads, perm.shape[0])
 
     def allowed(self, h, q, k):
         return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         p, base = self.perm.to(device), self.base.predicate(device)
-        n = p.numel()
-        return lambda h, q, k: base(h, p[torch.clamp(q, max=n - 1)], p[torch.clamp(k, max=n - 1)])
+        n, one = p.shape[1], p.shape[0] == 1
+
+        def moved(h, q, k):
+            row = torch.zeros_like(h) if one else h
+            return base(h, p[row, torch.clamp(q, max=n - 1)], p[row, torch.clamp(k, max=n - 1)])
+
+        return moved
 
     def _tiles(self, q_len, k_len, block_size, device):
         shape = (self.num_heads, num_blocks(q_len, block_size), num_blocks(k_len, block_size))
@@ -110,13 +115,22 @@ class _Permuted(Pattern):
 def permuted(pattern: Pattern, perm: Tensor) -> Pattern:
     """``pattern`` seen in the token order ``perm`` (new position i = old position perm[i]).
 
+    ``perm`` is ``[S]`` (one order for every head) or ``[H, S]`` (one per head, e.g. each
+    head's dilation ordering; ``H`` must match the pattern's heads unless the pattern has one).
     Its block layout is found by evaluating every tile (cost ``O(S^2)``): for inspection at
     small lengths, not for kernels.
     """
     perm = torch.as_tensor(perm, dtype=torch.int64)
-    if perm.dim() != 1 or not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
-        raise ValueError("perm must be a permutation of range(seq_len)")
-    return _Permuted(pattern, perm)
+    rows = perm[None] if perm.dim() == 1 else perm
+    n = rows.shape[-1] if rows.dim() == 2 else 0
+    if rows.dim() != 2 or not torch.equal(torch.sort(rows, -1).values,
+                                          torch.arange(n).expand_as(rows)):
+        raise ValueError("perm must be a permutation of range(seq_len), [S] or one per head "
+                         "[H, S]")
+    if rows.shape[0] > 1 and pattern.num_heads not in (1, rows.shape[0]):
+        raise ValueError(f"perm has {rows.shape[0]} rows but the pattern has "
+                         f"{pattern.num_heads} heads")
+    return _Permuted(pattern, rows)
 
 
 # --------------------------------------------------------------------- token grids
