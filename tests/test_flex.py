@@ -113,3 +113,21 @@ def test_flex_visit_order_on_gpu_gives_the_same_output():
     a = wb.block_sparse_attention(q, k, v, pattern, 128, backend="flex")
     b = wb.block_sparse_attention(q, k, v, pattern, 128, backend="flex", block_order="hilbert")
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_block_mask_cache_reuses_a_layout_and_never_outlives_it():
+    import gc
+
+    from workbench.backends import flex as F
+
+    pattern = P.causal()
+    layout = pattern.block_structure(512, 64)
+    problem = Problem(layout, pattern.predicate("cpu"), 0.1, label=repr(pattern))
+    assert F.cached_block_mask(problem, "cpu") is F.cached_block_mask(problem, "cpu")
+    before = len(F._MASKS)
+    sliced = problem.slice((0, 4), (0, 4))  # a ring's per-call slice: a new layout object
+    F.cached_block_mask(sliced, "cpu")
+    assert len(F._MASKS) == before + 1
+    del sliced
+    gc.collect()
+    assert len(F._MASKS) == before  # its mask went with it

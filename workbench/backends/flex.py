@@ -15,6 +15,7 @@ no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
 from __future__ import annotations
 
 import sys
+import weakref
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -77,21 +78,25 @@ def _kernel_layout(layout: BlockLayout) -> BlockLayout:
     return layout.coarsen(KERNEL_TILE // b)
 
 
-_MASKS: OrderedDict[tuple, tuple[BlockLayout, object]] = OrderedDict()
+_MASKS: OrderedDict[tuple, tuple[weakref.ref, object]] = OrderedDict()
 _MASK_CACHE_SIZE = 4  # a BlockMask at 1M tokens holds ~0.5 GB of indices
 
 
 def cached_block_mask(problem: Problem, device: torch.device | str):
     """:func:`build_block_mask`, reused while the same layout object comes back (a module's
-    cached layout): building one costs milliseconds at long sequences, every call."""
+    cached layout): building one costs milliseconds at long sequences, every call.
+
+    The cache holds its layouts weakly: a mask is dropped as soon as its layout is (e.g. the
+    per-call slices of a ring), so it never keeps GPU memory alive on its own.
+    """
     key = (id(problem.layout), str(device), problem.label, problem.q_offset, problem.k_offset,
            problem.block_order)
     hit = _MASKS.get(key)
-    if hit is not None and hit[0] is problem.layout:  # same object, not a reused id
+    if hit is not None and hit[0]() is problem.layout:  # same object, not a reused id
         _MASKS.move_to_end(key)
         return hit[1]
     mask = build_block_mask(problem, device)
-    _MASKS[key] = (problem.layout, mask)
+    _MASKS[key] = (weakref.ref(problem.layout, lambda _, key=key: _MASKS.pop(key, None)), mask)
     if len(_MASKS) > _MASK_CACHE_SIZE:
         _MASKS.popitem(last=False)
     return mask
