@@ -166,6 +166,34 @@ def test_a_rank_that_never_joins_times_out():
     _spawn(_never_joins_worker, 2)
 
 
+def _longest_worker(rank, world, path):
+    from workbench import ring_bench
+
+    torch.set_num_threads(1)
+    if rank == 1:  # this rank "runs out of memory" from 512 tokens on
+        real = D.distributed_ring_attention
+
+        def short_of_memory(q, *args, **kwargs):
+            if q.shape[2] * world >= 512:
+                raise torch.cuda.OutOfMemoryError("simulated")
+            return real(q, *args, **kwargs)
+
+        D.distributed_ring_attention = short_of_memory
+    t0 = time.perf_counter()
+    rows = ring_bench.ring_bench("test_longest", [128], ["causal", "local"], heads=2, head_dim=8,
+                                 block_size=16, reps=1, warmup=0, timeout=2.0,
+                                 double_until=4096, init=(f"file://{path}", rank, world))
+    assert time.perf_counter() - t0 < 30
+    seen = {(r["seq_len"], r["family"], r["rank"]): r["status"] for r in rows}
+    assert seen[(256, "local", 0)] == seen[(256, "local", 1)] == "ok"
+    assert seen[(512, "causal", 1)] == "oom" and seen[(512, "causal", 0)] == "peer_failed"
+    assert max(s for s, _, _ in seen) == 512 and (512, "local", 0) not in seen  # stopped there
+
+
+def test_longest_sequence_search_stops_cleanly_when_a_rank_runs_out_of_memory():
+    _spawn(_longest_worker, 2)
+
+
 # ----------------------------------------------------------------------------- plans (no processes)
 def test_sharding_round_trip_and_errors():
     x = torch.arange(S)[None, None, :, None]

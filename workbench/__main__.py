@@ -218,7 +218,11 @@ def _ring_commands(sub, families: tuple[str, ...]) -> None:
     rb.add_argument("--warmup", type=int, default=2)
     rb.add_argument("--backward", action="store_true")
     rb.add_argument("--backend", default=None, choices=["gloo", "nccl"])
-    rb.add_argument("--timeout", type=float, default=600.0)
+    rb.add_argument("--timeout", type=float, default=600.0, help="seconds before a rank that "
+                    "stopped answering (e.g. out of memory) is reported")
+    rb.add_argument("--double-until", type=int, default=None, metavar="S_MAX",
+                    help="longest-sequence search: double the first --seq-lens value until a "
+                         "case fails (out of memory) or S_MAX")
     rb.set_defaults(func=lambda a: _ring_bench(a))
 
     rp = sub.add_parser("ring-plan", help="per-(rank, step) compute and bytes of a ring, run on "
@@ -249,7 +253,8 @@ def _ring_bench(a: argparse.Namespace) -> int:
     from .ring_bench import ring_bench
 
     ring_bench(a.study, a.seq_lens, a.families, a.shardings, a.heads, a.head_dim, a.dtype,
-               a.block_size, a.reps, a.warmup, a.backward, a.backend, a.timeout)
+               a.block_size, a.reps, a.warmup, a.backward, a.backend, a.timeout,
+               a.double_until)
     return 0
 
 

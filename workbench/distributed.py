@@ -64,6 +64,7 @@ from .ring import chunk_bounds
 
 __all__ = [
     "SHARDINGS",
+    "barrier",
     "RingCommunicationError",
     "RingPlanError",
     "RingStats",
@@ -115,6 +116,13 @@ def init_ring(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
         raise RingTimeoutError(
             f"rank {rank if rank is not None else '?'}: not every rank joined the process group "
             f"within {timeout:g} s ({first}); a rank may have died before joining") from e
+
+
+def barrier(timeout: float = DEFAULT_TIMEOUT_S, process_group=None) -> None:
+    """``torch.distributed.barrier`` with a deadline: :class:`RingTimeoutError` (or
+    :class:`RingCommunicationError`) instead of waiting forever for a rank that is gone."""
+    work = dist.barrier(group=process_group, async_op=True)
+    _wait_all([work], timeout, f"rank {dist.get_rank(process_group)}: barrier")
 
 
 # --------------------------------------------------------------------- sharding

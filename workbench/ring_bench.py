@@ -36,9 +36,14 @@ from .records import environment, write_csv
 __all__ = ["check_on_processes", "ring_bench", "ring_demo", "ring_plan_study"]
 
 
-def _start(backend: str | None, timeout: float) -> torch.device:
-    """Join the process group torchrun describes (or a one-rank group), pick this rank's device."""
-    if "RANK" in os.environ:
+def _start(backend: str | None, timeout: float,
+           init: tuple[str, int, int] | None = None) -> torch.device:
+    """Join the process group torchrun describes (or ``init`` = (init_method, rank, world), or a
+    one-rank group), and pick this rank's device."""
+    if init is not None:
+        D.init_ring(backend, timeout=timeout, init_method=init[0], rank=init[1],
+                    world_size=init[2])
+    elif "RANK" in os.environ:
         D.init_ring(backend, timeout=timeout)
     else:  # plain `python -m workbench ...`: a group of one
         path = os.path.join(tempfile.mkdtemp(prefix="workbench-ring-"), "rendezvous")
@@ -50,9 +55,9 @@ def _start(backend: str | None, timeout: float) -> torch.device:
     return torch.device("cpu")
 
 
-def _gather_rows(rows: list[dict]) -> list[dict]:
+def _gather_rows(rows: list[dict], group=None) -> list[dict]:
     everyone: list[list[dict] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, rows)
+    dist.all_gather_object(everyone, rows, group=group)
     return [r for part in everyone for r in (part or [])]
 
 
@@ -153,44 +158,71 @@ def check_on_processes(world: int = 2, seq_len: int = 1000, heads: int = 4, head
 def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                shardings: Sequence[str] = ("contiguous",), heads: int = 16, head_dim: int = 128,
                dtype: str = "bf16", block_size: int = 128, reps: int = 10, warmup: int = 2,
-               backward: bool = False, backend: str | None = None,
-               timeout: float = 600.0) -> list[dict]:
-    """Time the distributed ring per (total length, family, sharding); rank 0 writes the CSV."""
-    dev = _start(backend, timeout)
+               backward: bool = False, backend: str | None = None, timeout: float = 600.0,
+               double_until: int | None = None,
+               init: tuple[str, int, int] | None = None) -> list[dict]:
+    """Time the distributed ring per (total length, family, sharding); rank 0 writes the CSV.
+
+    ``double_until``: a longest-sequence search instead: from ``seq_lens[0]``, double the length
+    until a case fails or the length passes ``double_until``. A rank that runs out of memory
+    records ``oom``; its peers time out in the ring (``timeout``) and record ``peer_failed``.
+    Ranks agree on every case's outcome over a separate gloo group, and the sweep ends at the
+    first failure (the data-plane group may hold unmatched transfers then), so it always stops
+    cleanly with every row written.
+    """
+    dev = _start(backend, timeout, init)
     rank = dist.get_rank()
+    control = dist.new_group(backend="gloo")  # outcomes and rows, even if NCCL is stuck
     dt = _DTYPES[dtype] if dev.type == "cuda" else torch.float32
-    rows = []
-    for s in seq_lens:
+    rows: list[dict] = []
+    failed = False
+    for s in _lengths(seq_lens, double_until):
         for family in families:
-            pattern, params = family_pattern(family, s, heads)
-            layout = pattern.block_structure(s, block_size, dev)
             for sharding in shardings:
+                if failed:
+                    break
+                pattern, params = family_pattern(family, s, heads)
                 row = {"study": study, "family": family, "params": params, "sharding": sharding,
                        "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim,
                        "dtype": dtype, "block_size": block_size,
                        "pass": "fwd+bwd" if backward else "fwd"}
-                row.update(_time_ring(pattern, layout, s, sharding, heads, head_dim, dt,
-                                      block_size, reps, warmup, backward, dev, timeout))
+                row.update(_time_ring(pattern, s, sharding, heads, head_dim, dt, block_size,
+                                      reps, warmup, backward, dev, timeout))
                 rows.append(row)
+                outcomes = [r["status"] for r in _gather_rows([row], control)]
+                failed = any(o != "ok" for o in outcomes)
                 if rank == 0:
-                    print(f"{s:>9} {family:>9} {sharding:>10} {row['status']:>6} "
+                    print(f"{s:>9} {family:>9} {sharding:>10} {'/'.join(outcomes):>12} "
                           f"{row.get('ms', float('nan')):>10.2f} ms  rank-0 peak "
                           f"{row.get('peak_mib', 0):>9.0f} MiB", flush=True)
-    rows = [{**_env(dev), **r} for r in _gather_rows(rows)]
+        if failed:
+            break
+    rows = [{**_env(dev), **r} for r in _gather_rows(rows, control)]
     if rank == 0:
         print(f"wrote {write_csv(rows, f'ring_{study}', dev)}")
-    dist.destroy_process_group()
+    if not failed:  # after a failure NCCL may hold unmatched transfers: leave teardown to exit
+        dist.destroy_process_group()
     return rows
 
 
-def _time_ring(pattern, layout, seq_len, sharding, heads, head_dim, dtype, block_size, reps,
-               warmup, backward, dev, timeout) -> dict[str, object]:
+def _lengths(seq_lens: Sequence[int], double_until: int | None):
+    """The lengths of a sweep, or the doubling sequence of a longest-sequence search."""
+    if double_until is None:
+        yield from seq_lens
+        return
+    s = seq_lens[0]
+    while s <= double_until:
+        yield s
+        s *= 2
+
+
+def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, reps, warmup,
+               backward, dev, timeout) -> dict[str, object]:
+    """One case on this rank: ``status`` ok (with times, memory and counters), ``oom`` or
+    ``peer_failed`` (another rank failed and this one timed out waiting for it)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     local = D.shard_plan(seq_len, world, block_size, sharding).local_len(rank)
-    g = torch.Generator(device=dev).manual_seed(rank)
-    q, k, v = (torch.randn(1, heads, local, head_dim, generator=g, device=dev, dtype=dtype)
-               .requires_grad_(backward) for _ in range(3))
-    kw = dict(sharding=sharding, layout=layout, timeout=timeout)
+    q = k = v = None
 
     def step(stats: D.RingStats | None = None) -> None:
         with torch.set_grad_enabled(backward):
@@ -199,9 +231,14 @@ def _time_ring(pattern, layout, seq_len, sharding, heads, head_dim, dtype, block
                 out.backward(torch.ones_like(out))
 
     try:
+        layout = pattern.block_structure(seq_len, block_size, dev)
+        kw = dict(sharding=sharding, layout=layout, timeout=timeout)
+        g = torch.Generator(device=dev).manual_seed(rank)
+        q, k, v = (torch.randn(1, heads, local, head_dim, generator=g, device=dev, dtype=dtype)
+                   .requires_grad_(backward) for _ in range(3))
         step()  # compilation and first-call costs stay out of the timing and the counters
         stats = D.RingStats()
-        dist.barrier()
+        D.barrier(timeout)
         step(stats)  # the counters (bytes, steps, waits) of one warm call
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -209,13 +246,18 @@ def _time_ring(pattern, layout, seq_len, sharding, heads, head_dim, dtype, block
         base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
 
         def timed() -> None:
-            dist.barrier()
+            D.barrier(timeout)
             step()
 
         ms = time_fn(timed, reps, warmup, dev)
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else 0
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom", "local_len": local}
+    except (D.RingTimeoutError, D.RingCommunicationError):
+        return {"status": "peer_failed", "local_len": local}
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     back = stats.backward or D.RingStats()
     return {"status": "ok", "local_len": local, "ms": round(ms, 3), "peak_mib": round(peak, 1),
             "inputs_mib": round(3 * q.numel() * q.element_size() / 2**20, 1),
