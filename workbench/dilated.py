@@ -102,13 +102,14 @@ def _branch_gather(
         )
     # Scatter back; dropped (padding) slots go to a dump position s that is cut off.
     dst = torch.where(valid, pos, torch.full_like(pos, s)).reshape(h, nseg * length)
+    # (in place into fresh buffers: no second full-size copy)
     out = torch.zeros(bsz, h, s + 1, v.shape[-1], dtype=og.dtype, device=q.device)
     idx = dst[None, :, :, None].expand(bsz, h, nseg * length, v.shape[-1])
-    out = out.scatter(2, idx, og.reshape(bsz, h, nseg * length, v.shape[-1]))[:, :, :s]
+    out = out.scatter_(2, idx, og.reshape(bsz, h, nseg * length, v.shape[-1]))[:, :, :s]
     lse = None
     if lse_g is not None:
         full = torch.full((bsz, h, s + 1), -torch.inf, dtype=lse_g.dtype, device=q.device)
-        full = full.scatter(2, dst[None].expand(bsz, h, -1), lse_g.reshape(bsz, h, -1))
+        full = full.scatter_(2, dst[None].expand(bsz, h, -1), lse_g.reshape(bsz, h, -1))
         lse = full[:, :, :s]
     return out, lse
 
@@ -118,18 +119,24 @@ def _heads_gather(
     scale: float, need_lse: bool, block_size: int,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-head (segment ``w``, dilation ``r``, offset ``s``) attention by the dilation ordering:
-    each run of consecutive heads with the same (w, r) is one gather -> dense -> scatter."""
-    outs, lses, start = [], [], 0
+    each run of consecutive heads with the same (w, r) is one gather -> dense -> scatter, written
+    into one preallocated output (only one run's temporaries are alive at a time)."""
+    bsz, h, n, _ = q.shape
+    out = torch.empty(bsz, h, n, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, h, n, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype,
+                      device=q.device) if need_lse else None
+    start = 0
     for end in range(1, len(w) + 1):
         if end < len(w) and (w[end], r[end]) == (w[start], r[start]):
             continue
         sl = slice(start, end)
-        o, lse = _branch_gather(q[:, sl], k[:, sl], v[:, sl], w[start], r[start], s[sl], causal,
-                                scale, need_lse, block_size, "sdpa")
-        outs.append(o)
-        lses.append(lse)
+        o, lse_run = _branch_gather(q[:, sl], k[:, sl], v[:, sl], w[start], r[start], s[sl],
+                                    causal, scale, need_lse, block_size, "sdpa")
+        out[:, sl] = o
+        if lse is not None:
+            lse[:, sl] = lse_run
         start = end
-    return torch.cat(outs, 1), torch.cat(lses, 1) if need_lse else None
+    return out, lse
 
 
 def dilated_pattern_attention(
