@@ -23,6 +23,7 @@ from . import (
     patterns,
     records,
     ring,
+    sharding,
 )
 from .adaptive import AdaptiveBlockSparseAttention, BlockSelection
 from .attention import BlockSparseAttention, block_sparse_attention
@@ -50,6 +51,7 @@ __all__ = [
     "patterns",
     "records",
     "ring",
+    "sharding",
     "viz",
 ]
 

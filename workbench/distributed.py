@@ -15,11 +15,11 @@ needed each rank sends ``P - 1`` shards, the classic ring's volume. Sends and re
 asynchronous (``batch_isend_irecv``); the transfer for step ``d + 1`` runs while step ``d``
 computes.
 
-**Sharding.** Shards are whole blocks (the last rank's may end in a partial block), so every
-(query shard, K/V shard) pair is a block-aligned slice of the global layout. ``"contiguous"``
-gives rank ``r`` the ``r``-th run of blocks; ``"zigzag"`` cuts the sequence into ``2P`` runs and
-gives rank ``r`` runs ``r`` and ``2P - 1 - r``, which balances causal work (early ranks' queries
-see few keys, late ranks' many; zigzag pairs one of each).
+**Sharding** (:mod:`workbench.sharding`). Shards are whole blocks (the last rank's may end in
+a partial block), so every (query shard, K/V shard) pair is a block-aligned slice of the global
+layout. ``"contiguous"`` gives rank ``r`` the ``r``-th run of blocks; ``"zigzag"`` cuts the
+sequence into ``2P`` runs and gives rank ``r`` runs ``r`` and ``2P - 1 - r``, which balances
+causal work (early ranks' queries see few keys, late ranks' many; zigzag pairs one of each).
 
 **LongNet on a ring.** For a :class:`~workbench.patterns.Dilated` pattern, a rank's own run
 that starts at a multiple of every segment length is computed by the dilation ordering
@@ -60,7 +60,7 @@ from .backends import Problem, merge_into_, resolve_backend, run_backend
 from .backends.dropout import AttentionDropout
 from .layout import BlockLayout, num_blocks
 from .patterns import Dilated, Pattern
-from .ring import chunk_bounds
+from .sharding import SHARDINGS, DistributedPlan, Sharding, distributed_plan, shard_plan
 
 __all__ = [
     "SHARDINGS",
@@ -69,6 +69,7 @@ __all__ = [
     "RingPlanError",
     "RingStats",
     "RingTimeoutError",
+    "DistributedPlan",
     "Sharding",
     "distributed_plan",
     "distributed_ring_attention",
@@ -78,7 +79,6 @@ __all__ = [
     "simulated_steps",
 ]
 
-SHARDINGS = ("contiguous", "zigzag")
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -125,85 +125,6 @@ def barrier(timeout: float = DEFAULT_TIMEOUT_S, process_group=None) -> None:
     _wait_all([work], timeout, f"rank {dist.get_rank(process_group)}: barrier")
 
 
-# --------------------------------------------------------------------- sharding
-@dataclass(frozen=True)
-class Sharding:
-    """Which block runs of a ``seq_len``-token sequence each of ``world_size`` ranks holds.
-
-    ``pieces[r]`` lists rank ``r``'s runs as ``(first block, end block)``; its shard is their
-    tokens concatenated in that order.
-    """
-
-    seq_len: int
-    block_size: int
-    kind: str
-    pieces: tuple[tuple[tuple[int, int], ...], ...]
-
-    @property
-    def world_size(self) -> int:
-        return len(self.pieces)
-
-    def token_ranges(self, rank: int) -> list[tuple[int, int]]:
-        """Rank ``rank``'s ``(start, end)`` token ranges, in shard order."""
-        b = self.block_size
-        return [(b0 * b, min(b1 * b, self.seq_len)) for b0, b1 in self.pieces[rank]]
-
-    def local_len(self, rank: int) -> int:
-        """Tokens rank ``rank`` holds."""
-        return sum(e - s for s, e in self.token_ranges(rank))
-
-    def owner(self) -> Tensor:
-        """int64 ``[num_blocks]``: the rank holding each block."""
-        own = torch.empty(num_blocks(self.seq_len, self.block_size), dtype=torch.int64)
-        for r, runs in enumerate(self.pieces):
-            for b0, b1 in runs:
-                own[b0:b1] = r
-        return own
-
-    def shard(self, x: Tensor, rank: int, dim: int = 2) -> Tensor:
-        """Rank ``rank``'s shard of a full-sequence tensor ``x`` (sequence along ``dim``)."""
-        if x.shape[dim] != self.seq_len:
-            raise ValueError(f"x has {x.shape[dim]} positions along dim {dim}, the sharding "
-                             f"is for {self.seq_len}")
-        return torch.cat([x.narrow(dim, s, e - s) for s, e in self.token_ranges(rank)], dim)
-
-    def unshard(self, shards: Sequence[Tensor], dim: int = 2) -> Tensor:
-        """Reassemble every rank's shard into the full sequence (single-process use)."""
-        if len(shards) != self.world_size:
-            raise ValueError(f"need {self.world_size} shards, got {len(shards)}")
-        pieces: list[tuple[int, Tensor]] = []
-        for r, x in enumerate(shards):
-            at = 0
-            for s, e in self.token_ranges(r):
-                pieces.append((s, x.narrow(dim, at, e - s)))
-                at += e - s
-        return torch.cat([p for _, p in sorted(pieces, key=lambda t: t[0])], dim)
-
-
-def shard_plan(seq_len: int, world_size: int, block_size: int,
-               kind: str = "contiguous") -> Sharding:
-    """Split ``seq_len`` tokens over ``world_size`` ranks in whole blocks (see module docs)."""
-    for name, val in (("seq_len", seq_len), ("world_size", world_size),
-                      ("block_size", block_size)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if kind not in SHARDINGS:
-        raise ValueError(f"sharding must be one of {SHARDINGS}, got {kind!r}")
-    nb = num_blocks(seq_len, block_size)
-    runs = 2 * world_size if kind == "zigzag" else world_size
-    if runs > nb:
-        raise ValueError(
-            f"{kind} sharding of {seq_len} tokens over {world_size} ranks needs at least {runs} "
-            f"blocks of {block_size} tokens, the sequence has {nb}; use a smaller block_size "
-            "or fewer ranks")
-    bounds = chunk_bounds(nb, runs)
-    if kind == "zigzag":
-        pieces = tuple((bounds[r], bounds[runs - 1 - r]) for r in range(world_size))
-    else:
-        pieces = tuple((bounds[r],) for r in range(world_size))
-    return Sharding(seq_len, block_size, kind, pieces)
-
-
 def gather_block_summaries(x: Tensor, local_len: int, block_size: int, *, process_group=None,
                            sharding: str = "contiguous", timeout: float = DEFAULT_TIMEOUT_S
                            ) -> tuple[Tensor, int]:
@@ -232,58 +153,6 @@ def gather_block_summaries(x: Tensor, local_len: int, block_size: int, *, proces
     _wait_all([work], timeout, f"rank {rank}: gathering block summaries")
     by_block = Sharding(num_blocks(seq_len, block_size), 1, sharding, shards.pieces)
     return by_block.unshard([p[:, :, :c] for p, c in zip(parts, counts)]), seq_len
-
-
-# --------------------------------------------------------------------- the plan
-@dataclass(frozen=True)
-class DistributedPlan:
-    """Which (query rank, K/V rank) pairs compute, from the global layout.
-
-    ``tiles[r, c]``: active tiles (summed over heads) of rank ``r``'s queries against rank
-    ``c``'s keys; zero means rank ``c`` never sends its shard to rank ``r``.
-    """
-
-    sharding: Sharding
-    tiles: Tensor
-
-    def needed(self, rank: int, src: int) -> bool:
-        """Does ``rank``'s query shard attend to ``src``'s K/V shard?"""
-        return bool(self.tiles[rank, src] > 0)
-
-    @property
-    def world_size(self) -> int:
-        return self.sharding.world_size
-
-    def last_step(self) -> int:
-        """The last ring step any rank needs (0: every rank needs only its own shard)."""
-        p = self.world_size
-        return max([d for d in range(p) for r in range(p) if self.needed(r, (r - d) % p)],
-                   default=0)
-
-    def shards_sent(self) -> Tensor:
-        """int64 ``[P]``: K/V shards each rank sends in the forward pass."""
-        need = self.tiles > 0
-        return need.sum(0) - need.diagonal().to(torch.int64)
-
-    def tiles_per_step(self) -> Tensor:
-        """int64 ``[P, P]``: tiles rank ``r`` computes at step ``d``."""
-        p = self.world_size
-        idx = (torch.arange(p)[:, None] - torch.arange(p)[None, :]) % p
-        return self.tiles.gather(1, idx)
-
-
-def distributed_plan(layout: BlockLayout, sharding: Sharding) -> DistributedPlan:
-    """Reduce the global ``layout`` to per-(query rank, K/V rank) tile counts."""
-    if (layout.q_len, layout.k_len, layout.block_size) != (
-            sharding.seq_len, sharding.seq_len, sharding.block_size):
-        raise ValueError("layout and sharding disagree on the sequence length or block size")
-    own = sharding.owner().to(layout.active.device)
-    per_tile = layout.active.sum(0, dtype=torch.int64)  # [nq, nk]
-    p = sharding.world_size
-    rows = torch.zeros(p, per_tile.shape[1], dtype=torch.int64, device=own.device)
-    rows.index_add_(0, own, per_tile)
-    tiles = torch.zeros(p, p, dtype=torch.int64, device=own.device).index_add_(1, own, rows)
-    return DistributedPlan(sharding, tiles.cpu())
 
 
 # --------------------------------------------------------------------- statistics
