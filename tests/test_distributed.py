@@ -257,3 +257,22 @@ def test_nccl_ring_matches_single_process_on_every_gpu():
     if not torch.cuda.is_available() or not dist.is_nccl_available():
         pytest.skip("needs CUDA and NCCL")
     _spawn(_nccl_worker, torch.cuda.device_count())
+
+
+def test_ring_plan_runs_every_rank_and_step_on_one_device():
+    from workbench.ring_bench import ring_plan_study
+
+    rows = ring_plan_study("test_plan", [1024], ["causal", "local"], world=2, heads=2,
+                           head_dim=8, block_size=64, reps=1, device="cpu")
+    by_case = {(r["family"], r["sharding"], r["rank"], r["step"]): r for r in rows}
+    assert len(by_case) == 2 * 2 * 2 * 2  # families x shardings x ranks x steps
+    # causal, contiguous: rank 0 never needs rank 1's keys; rank 1 needs rank 0's at step 1
+    assert by_case[("causal", "contiguous", 0, 1)]["tiles"] == 0
+    step1 = by_case[("causal", "contiguous", 1, 1)]
+    assert step1["tiles"] > 0 and step1["kv_bytes"] == 2 * 2 * 512 * 8 * 4  # k and v, fp32
+    for sharding in ("contiguous", "zigzag"):
+        plan = D.distributed_plan(P.causal().block_structure(1024, 64),
+                                  D.shard_plan(1024, 2, 64, sharding))
+        for (fam, sh, r, d), row in by_case.items():
+            if fam == "causal" and sh == sharding:
+                assert row["tiles"] == int(plan.tiles_per_step()[r, d])
