@@ -318,7 +318,7 @@ class _Setup:
     backend: str
     group: object
     timeout: float
-    pattern: Pattern | None = None
+    pattern: Pattern
 
     @property
     def world(self) -> int:
@@ -337,12 +337,13 @@ class _Setup:
 
 
 def _pairs(setup: _Setup, src: int):
-    """(query run index, K/V run index, sub-problem) for every active pair of runs."""
+    """(query run index, K/V run index, sub-problem, active tiles) for every pair of runs that
+    holds an active tile (read from the plan, on the host)."""
     for i, qr in enumerate(setup.pieces(setup.rank)):
         for j, kr in enumerate(setup.pieces(src)):
-            sub = setup.problem.slice(qr, kr)
-            if bool(sub.layout.active.any()):
-                yield i, j, sub
+            tiles = setup.plan.pair_tiles(setup.rank, i, src, j)
+            if tiles:
+                yield i, j, setup.problem.slice(qr, kr), tiles
 
 
 def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
@@ -350,14 +351,14 @@ def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
     """This rank's partial (run, out, lse) against the K/V shard of ``src``."""
     qo, ko = setup.local_offsets(setup.rank), setup.local_offsets(src)
     res = []
-    for i, j, sub in _pairs(setup, src):
+    for i, j, sub, tiles in _pairs(setup, src):
         qs = q.narrow(2, *qo[i])
         ks, vs = k.narrow(2, *ko[j]), v.narrow(2, *ko[j])
         o, lse = _run_pair(setup, qs, ks, vs, sub, diagonal=src == setup.rank and i == j)
         res.append((i, o, lse))
         if stats is not None:
             stats.pairs_computed += 1
-            stats.tiles_computed += int(sub.layout.active.sum())
+            stats.tiles_computed += tiles
     return res
 
 
@@ -439,9 +440,9 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
         del held
         stats.compute_s += time.perf_counter() - t0
         stats.per_step_tiles.append(stats.tiles_computed - before)
-    runs = len(setup.pieces(setup.rank))
-    stats.pairs_skipped += sum(runs * len(setup.pieces(s)) - len(list(_pairs(setup, s)))
-                               for s in range(p))
+    sh = setup.plan.sharding
+    mine = [sh.run_index(setup.rank, i) for i in range(len(setup.pieces(setup.rank)))]
+    stats.pairs_skipped += int((setup.plan.run_tiles[mine] == 0).sum())
     return _merge_runs(setup, q, v.shape[-1], acc)
 
 
@@ -476,7 +477,7 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         g_k, g_v = ((dk_own, dv_own) if step == 0 else
                     tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in held))
         ko = setup.local_offsets(src)
-        for i, j, sub in _pairs(setup, src):
+        for i, j, sub, tiles in _pairs(setup, src):
             qs = q.narrow(2, *qo[i]).detach().requires_grad_(True)
             ks, vs = (x.narrow(2, *ko[j]).detach().requires_grad_(True) for x in held)
             with torch.enable_grad():
@@ -489,7 +490,7 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
             g_k.narrow(2, *ko[j]).add_(g_ks)
             g_v.narrow(2, *ko[j]).add_(g_vs)
             stats.pairs_computed += 1
-            stats.tiles_computed += int(sub.layout.active.sum())
+            stats.tiles_computed += tiles
         stats.compute_s += time.perf_counter() - t0
         del held
         if step:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -49,13 +50,25 @@ class Sharding:
         """Tokens rank ``rank`` holds."""
         return sum(e - s for s, e in self.token_ranges(rank))
 
+    def run_index(self, rank: int, run: int) -> int:
+        """Global index of rank ``rank``'s ``run``-th run (runs numbered rank by rank)."""
+        return sum(len(runs) for runs in self.pieces[:rank]) + run
+
+    def run_rank(self) -> Tensor:
+        """int64 ``[number of runs]``: the rank holding each run (by global run index)."""
+        return torch.tensor([r for r, runs in enumerate(self.pieces) for _ in runs],
+                            dtype=torch.int64)
+
+    def run_of_block(self) -> Tensor:
+        """int64 ``[num_blocks]``: the global run index of each block."""
+        run = torch.empty(num_blocks(self.seq_len, self.block_size), dtype=torch.int64)
+        for n, (b0, b1) in enumerate(x for runs in self.pieces for x in runs):
+            run[b0:b1] = n
+        return run
+
     def owner(self) -> Tensor:
         """int64 ``[num_blocks]``: the rank holding each block."""
-        own = torch.empty(num_blocks(self.seq_len, self.block_size), dtype=torch.int64)
-        for r, runs in enumerate(self.pieces):
-            for b0, b1 in runs:
-                own[b0:b1] = r
-        return own
+        return self.run_rank()[self.run_of_block()]
 
     def shard(self, x: Tensor, rank: int, dim: int = 2) -> Tensor:
         """Rank ``rank``'s shard of a full-sequence tensor ``x`` (sequence along ``dim``)."""
@@ -103,14 +116,29 @@ def shard_plan(seq_len: int, world_size: int, block_size: int,
 
 @dataclass(frozen=True)
 class DistributedPlan:
-    """Which (query rank, K/V rank) pairs compute, from the global layout.
+    """Which (query run, K/V run) pairs compute, from the global layout.
 
-    ``tiles[r, c]``: active tiles (summed over heads) of rank ``r``'s queries against rank
-    ``c``'s keys; zero means rank ``c`` never sends its shard to rank ``r``.
+    ``run_tiles[m, n]``: active tiles (summed over heads) of query run ``m`` against key run
+    ``n`` (global run indices, :meth:`Sharding.run_index`); zero means the pair is skipped.
+    ``tiles[r, c]`` sums them per (query rank, K/V rank): zero means rank ``c`` never sends its
+    shard to rank ``r``.
     """
 
     sharding: Sharding
-    tiles: Tensor
+    run_tiles: Tensor
+
+    @cached_property
+    def tiles(self) -> Tensor:
+        rank = self.sharding.run_rank()
+        p = self.world_size
+        rows = torch.zeros(p, rank.numel(), dtype=torch.int64).index_add_(0, rank,
+                                                                             self.run_tiles)
+        return torch.zeros(p, p, dtype=torch.int64).index_add_(1, rank, rows)
+
+    def pair_tiles(self, rank: int, run: int, src: int, src_run: int) -> int:
+        """Active tiles of rank ``rank``'s ``run``-th query run against ``src``'s ``src_run``."""
+        sh = self.sharding
+        return int(self.run_tiles[sh.run_index(rank, run), sh.run_index(src, src_run)])
 
     def needed(self, rank: int, src: int) -> bool:
         """Does ``rank``'s query shard attend to ``src``'s K/V shard?"""
@@ -139,14 +167,15 @@ class DistributedPlan:
 
 
 def distributed_plan(layout: BlockLayout, sharding: Sharding) -> DistributedPlan:
-    """Reduce the global ``layout`` to per-(query rank, K/V rank) tile counts."""
+    """Reduce the global ``layout`` to per-(query run, K/V run) tile counts (one transfer to
+    the host; every later decision of the ring reads them there, with no device sync)."""
     if (layout.q_len, layout.k_len, layout.block_size) != (
             sharding.seq_len, sharding.seq_len, sharding.block_size):
         raise ValueError("layout and sharding disagree on the sequence length or block size")
-    own = sharding.owner().to(layout.active.device)
+    run = sharding.run_of_block().to(layout.active.device)
     per_tile = layout.active.sum(0, dtype=torch.int64)  # [nq, nk]
-    p = sharding.world_size
-    rows = torch.zeros(p, per_tile.shape[1], dtype=torch.int64, device=own.device)
-    rows.index_add_(0, own, per_tile)
-    tiles = torch.zeros(p, p, dtype=torch.int64, device=own.device).index_add_(1, own, rows)
+    n = sum(len(runs) for runs in sharding.pieces)
+    rows = torch.zeros(n, per_tile.shape[1], dtype=torch.int64, device=run.device)
+    rows.index_add_(0, run, per_tile)
+    tiles = torch.zeros(n, n, dtype=torch.int64, device=run.device).index_add_(1, run, rows)
     return DistributedPlan(sharding, tiles.cpu())
