@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from . import patterns as P
 from .attention import block_sparse_attention, check_qkv
 from .layout import cells_to_tiles, num_blocks
-from .patterns import Pattern
+from .patterns import Pattern, check_positive_int
 
 __all__ = [
     "AdaptiveBlockSparseAttention",
@@ -278,8 +278,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
     ) -> None:
         super().__init__()
         topk_budget(density, 1)  # validates density
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        check_positive_int("block_size", block_size)
         if trainable and head_dim is None:
             raise ValueError("trainable=True needs head_dim (the gate's input size)")
         if straight_through and not trainable:

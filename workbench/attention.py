@@ -15,11 +15,17 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .backends import BACKENDS, AttentionDropout, Problem, resolve_backend, run_backend
+from .backends import (
+    AttentionDropout,
+    Problem,
+    check_backend,
+    resolve_backend,
+    run_backend,
+)
 from .distributed import distributed_ring_attention
 from .layout import BlockLayout
 from .orderings import check_block_order
-from .patterns import Pattern
+from .patterns import Pattern, check_positive_int
 from .ring import ring_attention
 
 __all__ = ["BlockSparseAttention", "block_sparse_attention", "check_qkv"]
@@ -127,12 +133,9 @@ def block_sparse_attention(
     """
     check_qkv(q, k, v)
     _check_pattern(pattern, q.shape[1])
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(ring_chunks, bool) or not isinstance(ring_chunks, int) or ring_chunks < 1:
-        raise ValueError(f"ring_chunks must be a positive int, got {ring_chunks!r}")
+    check_positive_int("block_size", block_size)
+    check_backend(backend)
+    check_positive_int("ring_chunks", ring_chunks)
     block_order = check_block_order(block_order)
     if process_group is not None:
         if ring_chunks != 1:
@@ -201,10 +204,8 @@ class BlockSparseAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_pattern(pattern, pattern.num_heads)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_positive_int("block_size", block_size)
+        check_backend(backend)
         self.block_order = check_block_order(block_order)
         self.pattern = pattern
         self.block_size = block_size

@@ -66,10 +66,10 @@ from torch import Tensor, nn
 from . import patterns as P
 from .adaptive import AdaptiveBlockSparseAttention
 from .attention import block_sparse_attention
-from .backends import BACKENDS
+from .backends import check_backend
 from .layout import num_blocks
 from .orderings import check_block_order
-from .patterns import KeyMask, Pattern
+from .patterns import KeyMask, Pattern, check_positive_int
 
 __all__ = [
     "BlockSparseMultiheadAttention",
@@ -283,10 +283,8 @@ class BlockSparseMultiheadAttention(nn.Module):
         if pattern is not None and pattern.num_heads not in (1, num_heads):
             raise ValueError(f"pattern has {pattern.num_heads} heads but num_heads={num_heads}; "
                              "build it with num_heads=num_heads or use a 1-head pattern")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_positive_int("block_size", block_size)
+        check_backend(backend)
         if selector is not None:
             if not isinstance(selector, AdaptiveBlockSparseAttention):
                 raise TypeError("selector must be an AdaptiveBlockSparseAttention, got "

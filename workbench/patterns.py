@@ -38,6 +38,7 @@ __all__ = [
     "Pattern",
     "causal",
     "check_dilation_pairs",
+    "check_positive_int",
     "describe",
     "dilated",
     "dilated_branch",
@@ -52,6 +53,13 @@ __all__ = [
 
 _TILE_EVAL_BUDGET = 1 << 24  # token pairs evaluated per chunk when refining tiles
 _TOKEN_MASK_LIMIT = 1 << 28  # largest H*S*S element count token_mask() will build
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is a positive int (not a bool); otherwise a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .layout import BlockLayout, num_blocks
+from .patterns import check_positive_int
 from .ring import chunk_bounds
 
 __all__ = ["SHARDINGS", "DistributedPlan", "Sharding", "distributed_plan", "shard_plan"]
@@ -95,8 +96,7 @@ def shard_plan(seq_len: int, world_size: int, block_size: int,
     """Split ``seq_len`` tokens over ``world_size`` ranks in whole blocks (see module docs)."""
     for name, val in (("seq_len", seq_len), ("world_size", world_size),
                       ("block_size", block_size)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_positive_int(name, val)
     if kind not in SHARDINGS:
         raise ValueError(f"sharding must be one of {SHARDINGS}, got {kind!r}")
     nb = num_blocks(seq_len, block_size)

@@ -20,6 +20,7 @@ from .reference import reference_attention
 __all__ = [
     "BACKENDS",
     "AttentionDropout",
+    "check_backend",
     "MaskFn",
     "Problem",
     "blockwise_attention",
@@ -33,12 +34,17 @@ __all__ = [
 BACKENDS = ("auto", "blockwise", "flex", "reference")
 
 
+def check_backend(name: str) -> str:
+    """``name`` if it is one of :data:`BACKENDS`; otherwise a ``ValueError`` listing them."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
 def resolve_backend(name: str, q: Tensor, dropout: bool = False) -> str:
     """The concrete backend ``name`` means for inputs like ``q`` (validates the name);
     ``dropout``: attention dropout is on (only ``blockwise`` and ``reference`` apply it)."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "auto":
+    if check_backend(name) == "auto":
         return "flex" if q.is_cuda and flex_available() and not dropout else "blockwise"
     return name
 
