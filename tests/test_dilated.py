@@ -34,11 +34,25 @@ def paper_oracle(q, k, v, segments, dilations, causal):
     return p @ v
 
 
-@pytest.mark.parametrize("segments, dilations", CONFIGS)
+@pytest.fixture(params=["whole_runs", "one_head_at_a_time"])
+def gather_chunks(request, monkeypatch):
+    """The gather path as it runs at small sizes (every head of a run at once) and as it runs
+    at long lengths (a few heads at a time, here one)."""
+    if request.param == "one_head_at_a_time":
+        monkeypatch.setattr(wb.dilated, "GATHER_MIN_BYTES", 0)
+        monkeypatch.setattr(wb.dilated, "GATHER_HEAD_FRACTION", 0.0)
+    return request.param
+
+
+# S = 333: no segment divides it (padded last segments, gathered by index);
+# S = 384 with CONFIGS[0]: every slot is a real position (gathered as strided views)
+@pytest.mark.parametrize("segments, dilations, s", [(*c, 333) for c in CONFIGS]
+                         + [(*CONFIGS[0], 384)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend", ["gather", "blockwise"])
-def test_paper_mode_matches_float64_oracle(segments, dilations, causal, backend):
-    q, k, v = make_qkv(b=2, h=4, s=333, d=8)
+def test_paper_mode_matches_float64_oracle(segments, dilations, s, causal, backend,
+                                           gather_chunks):
+    q, k, v = make_qkv(b=2, h=4, s=s, d=8)
     out = wb.dilated_attention(q, k, v, segments, dilations, mode="paper", causal=causal,
                                backend=backend, block_size=32)
     ref = paper_oracle(q, k, v, segments, dilations, causal)
@@ -47,10 +61,12 @@ def test_paper_mode_matches_float64_oracle(segments, dilations, causal, backend)
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("segments, dilations", CONFIGS)
+@pytest.mark.parametrize("segments, dilations, s", [(*c, 333) for c in CONFIGS]
+                         + [(*CONFIGS[0], 384)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_head_groups_is_block_sparse_with_the_pattern(segments, dilations, causal):
-    q, k, v = make_qkv(b=2, h=5, s=333, d=8)
+def test_head_groups_is_block_sparse_with_the_pattern(segments, dilations, s, causal,
+                                                      gather_chunks):
+    q, k, v = make_qkv(b=2, h=5, s=s, d=8)
     pattern = P.dilated(segments, dilations, 5, causal=causal)
     gathered = wb.dilated_attention(q, k, v, segments, dilations, mode="head_groups",
                                     causal=causal)
@@ -61,15 +77,18 @@ def test_head_groups_is_block_sparse_with_the_pattern(segments, dilations, causa
     for a, b in zip(grads(gathered, (q, k, v)), grads(reference, (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
     # positions a head does not keep output zeros
-    kept = pattern.token_mask(333).any(-1)
+    kept = pattern.token_mask(s).any(-1)
     assert torch.all(gathered[:, ~kept] == 0)
 
 
-def test_head_groups_lse_matches_block_sparse():
-    q, k, v = make_qkv(b=1, h=4, s=200, d=8, requires_grad=False)
-    _, l1 = wb.dilated_attention(q, k, v, [64, 96], [1, 2], mode="head_groups", return_lse=True)
-    _, l2 = wb.block_sparse_attention(q, k, v, P.dilated([64, 96], [1, 2], 4), 16,
-                                      return_lse=True)
+@pytest.mark.parametrize("s", [200, 192])  # padded last segments / strided views
+def test_head_groups_lse_matches_block_sparse(s, gather_chunks):
+    q, k, v = make_qkv(b=1, h=4, s=s, d=8, requires_grad=False)
+    o1, l1 = wb.dilated_attention(q, k, v, [64, 96], [1, 2], mode="head_groups",
+                                  return_lse=True)
+    o2, l2 = wb.block_sparse_attention(q, k, v, P.dilated([64, 96], [1, 2], 4), 16,
+                                       return_lse=True)
+    torch.testing.assert_close(o1, o2, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(l1, l2, atol=1e-12, rtol=1e-12)
 
 

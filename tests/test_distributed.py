@@ -263,9 +263,17 @@ def test_ring_plan_runs_every_rank_and_step_on_one_device():
     from workbench.ring_bench import ring_plan_study
 
     rows = ring_plan_study("test_plan", [1024], ["causal", "local"], world=2, heads=2,
-                           head_dim=8, block_size=64, reps=1, device="cpu")
-    by_case = {(r["family"], r["sharding"], r["rank"], r["step"]): r for r in rows}
-    assert len(by_case) == 2 * 2 * 2 * 2  # families x shardings x ranks x steps
+                           head_dim=8, block_size=64, reps=1, device="cpu",
+                           passes=("fwd", "fwd+bwd"))
+    assert len(rows) == 2 * 2 * 2 * 2 * 2  # families x shardings x passes x ranks x steps
+    both = {}
+    for r in rows:
+        both.setdefault((r["family"], r["sharding"], r["rank"], r["step"]), []).append(r)
+    for fwd, fwdbwd in both.values():  # the backward repeats the forward's tiles and bytes
+        assert (fwd["pass"], fwdbwd["pass"]) == ("fwd", "fwd+bwd")
+        assert (fwd["tiles"], fwd["kv_bytes"]) == (fwdbwd["tiles"], fwdbwd["kv_bytes"])
+        assert (fwd["compute_ms"] > 0) == (fwd["tiles"] > 0) == (fwdbwd["compute_ms"] > 0)
+    by_case = {k: v[0] for k, v in both.items()}
     # causal, contiguous: rank 0 never needs rank 1's keys; rank 1 needs rank 0's at step 1
     assert by_case[("causal", "contiguous", 0, 1)]["tiles"] == 0
     step1 = by_case[("causal", "contiguous", 1, 1)]
@@ -276,3 +284,5 @@ def test_ring_plan_runs_every_rank_and_step_on_one_device():
         for (fam, sh, r, d), row in by_case.items():
             if fam == "causal" and sh == sharding:
                 assert row["tiles"] == int(plan.tiles_per_step()[r, d])
+    with pytest.raises(ValueError, match="passes"):
+        ring_plan_study("test_plan", [1024], ["causal"], world=2, device="cpu", passes=("bwd",))

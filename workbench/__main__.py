@@ -18,6 +18,7 @@ Examples::
     torchrun --standalone --nproc-per-node=2 -m workbench ring-bench --study cpu2 \
         --seq-lens 4096 --families causal local --shardings contiguous zigzag
     python -m workbench ring-plan --study h100 --world 2 --seq-lens 524288   # one GPU
+    python -m workbench copy-bandwidth --study h100                      # roofline memory side
 """
 
 from __future__ import annotations
@@ -124,6 +125,17 @@ def _bench_longest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _copy_bandwidth(args: argparse.Namespace) -> int:
+    from .bench import _versions, copy_bandwidth
+    from .records import environment, write_csv
+
+    env = {**environment(args.device), **_versions()}
+    rows = [{**env, **r} for r in copy_bandwidth(args.device, args.mib, args.reps)]
+    print(f"copy bandwidth: {rows[0]['gb_s']} GB/s (read + write)")
+    write_csv(rows, f"bench_{args.study}_copy", args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     lon.add_argument("--limit", type=int, default=1 << 24)
     lon.add_argument("--device", default="cuda")
     lon.set_defaults(func=_bench_longest)
+    cop = sub.add_parser("copy-bandwidth", help="device-to-device copy bandwidth, the memory "
+                         "side of the roofline (data/bench_<study>_copy.csv)")
+    cop.add_argument("--study", default="h100")
+    cop.add_argument("--mib", type=int, default=1024)
+    cop.add_argument("--reps", type=int, default=20)
+    cop.add_argument("--device", default="cuda")
+    cop.set_defaults(func=_copy_bandwidth)
     _ring_commands(sub, FAMILIES)
     args = parser.parse_args(argv)
     return args.func(args)
@@ -238,6 +257,8 @@ def _ring_commands(sub, families: tuple[str, ...]) -> None:
     rp.add_argument("--block-size", type=int, default=128)
     rp.add_argument("--reps", type=int, default=5)
     rp.add_argument("--device", default="cuda")
+    rp.add_argument("--passes", nargs="+", default=["fwd"], choices=["fwd", "fwd+bwd"],
+                    help="fwd+bwd: each step's forward plus its backward step")
     rp.set_defaults(func=_ring_plan)
 
 
@@ -262,7 +283,7 @@ def _ring_plan(a: argparse.Namespace) -> int:
     from .ring_bench import ring_plan_study
 
     rows = ring_plan_study(a.study, a.seq_lens, a.families, a.world, a.shardings, a.heads,
-                           a.head_dim, "bf16", a.block_size, a.reps, a.device)
+                           a.head_dim, "bf16", a.block_size, a.reps, a.device, a.passes)
     _print_rows(rows)
     return 0
 

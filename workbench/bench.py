@@ -402,3 +402,17 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str], he
                                                                   2),
                      "layout_mib": round(lay.active.numel() * 2 / 2**20, 1)})
     return rows
+
+
+def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 20) -> list[dict]:
+    """Device-to-device copy bandwidth: ``dst.copy_(src)`` of ``mib`` MiB, median of ``reps``.
+
+    ``gb_s`` counts the bytes read plus the bytes written (2 x ``mib``), the traffic a kernel
+    that reads q, k, v once and writes the output once must also move: the memory side of the
+    roofline floor."""
+    dev = torch.device(device)
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=dev).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), reps, 3, dev)
+    return [{"mib": mib, "reps": reps, "ms": round(ms, 4),
+             "gb_s": round(2 * src.numel() / ms / 1e6, 1)}]

@@ -52,65 +52,134 @@ from .patterns import (
     head_groups,
 )
 from .patterns import causal as causal_pattern
+from .patterns import full as full_pattern
 
 __all__ = ["dilated_attention", "dilated_pattern_attention"]
 
 MODES = ("paper", "head_groups")
 
 
+#: Heads are gathered a few at a time: each gathered tensor holds at most this fraction of an
+#: input's heads (or ``GATHER_MIN_BYTES``, whichever is more), so the four temporaries
+#: (gathered q, k, v and their output) stay at about half an input at long lengths.
+GATHER_HEAD_FRACTION = 1 / 8
+GATHER_MIN_BYTES = 64 * 2**20
+
+
+def _heads_at_once(q: Tensor) -> int:
+    """How many heads of ``q`` one gather takes (see ``GATHER_HEAD_FRACTION``)."""
+    h = q.shape[1]
+    per_head = max(1, q[:, :1].numel() * q.element_size())
+    return max(1, min(h, max(math.floor(h * GATHER_HEAD_FRACTION), GATHER_MIN_BYTES // per_head)))
+
+
+class _StridedSlots:
+    """Gathered slots when every one is a real position: head ``j`` keeps a strided view
+    (segment ``m``, slot ``i`` -> position ``m * w + o_j + i * r``), so gathering and putting
+    back are copies of views, with no index tensors."""
+
+    def __init__(self, seq_len: int, segment: int, dilation: int, offsets: list[int]) -> None:
+        self.split = (seq_len // segment, segment // dilation, dilation)
+        self.offsets = offsets
+        self.key_ok: Tensor | None = None  # every key of every gathered segment is real
+
+    def _view(self, x: Tensor, j: int) -> Tensor:  # [B, h, S, *rest] -> [B, nseg, L, *rest]
+        return x[:, j].unflatten(1, self.split).select(3, self.offsets[j])
+
+    def gather(self, x: Tensor) -> Tensor:
+        return torch.stack([self._view(x, j) for j in range(len(self.offsets))], 1).flatten(1, 2)
+
+    def put(self, dst: Tensor, src: Tensor) -> None:
+        src = src.unflatten(1, (len(self.offsets), self.split[0]))
+        for j in range(len(self.offsets)):
+            self._view(dst, j).copy_(src[:, j])
+
+
+class _IndexedSlots:
+    """Gathered slots by index when some are padding (a short last segment): padding slots
+    read position 0, their keys are masked and they are not put back."""
+
+    def __init__(self, seq_len: int, segment: int, dilation: int, offsets: list[int],
+                 device: torch.device) -> None:
+        pos, valid = dilation_gather(seq_len, segment, dilation, offsets, device)
+        h, self.nseg, self.length = pos.shape
+        self.hs = h * seq_len
+        # one row per slot into the [B, h * S, *rest] view of the heads
+        self.rows = (pos + torch.arange(h, device=device)[:, None, None] * seq_len).reshape(-1)
+        self.kept = valid.reshape(-1).nonzero().squeeze(1)
+        key_ok = valid.reshape(h * self.nseg, self.length)
+        # a segment a head keeps nothing of (offset past a short last segment): its padded
+        # queries see one key so nothing is NaN (their outputs are not put back)
+        first = torch.arange(self.length, device=device) == 0
+        self.key_ok = key_ok | (~key_ok.any(-1, keepdim=True) & first)
+
+    def gather(self, x: Tensor) -> Tensor:
+        rest = x.shape[3:]
+        flat = x.reshape(x.shape[0], self.hs, *rest).index_select(1, self.rows)
+        return flat.reshape(x.shape[0], -1, self.length, *rest)
+
+    def put(self, dst: Tensor, src: Tensor) -> None:
+        rest = dst.shape[3:]
+        src = src.reshape(src.shape[0], -1, *rest).index_select(1, self.kept)
+        dst.view(dst.shape[0], self.hs, *rest).index_copy_(1, self.rows[self.kept], src)
+
+
 def _branch_gather(
     q: Tensor, k: Tensor, v: Tensor, segment: int, dilation: int, offsets: list[int],
-    causal: bool, scale: float, need_lse: bool, block_size: int, backend: str,
-) -> tuple[Tensor, Tensor | None]:
-    """One (segment, dilation) branch for heads with ``offsets``, by gather -> dense -> scatter."""
-    bsz, h, s, d = q.shape
-    pos, valid = dilation_gather(s, segment, dilation, offsets, q.device)  # [h, nseg, L]
-    _, nseg, length = pos.shape
-    flat = pos.reshape(h, nseg * length)
+    causal: bool, scale: float, out: Tensor, lse: Tensor | None, block_size: int, chunk: int,
+) -> None:
+    """One (segment, dilation) branch for heads with ``offsets``, by gather -> dense -> put
+    back, written into ``out`` (zeros) and ``lse`` (-inf, or None when not needed) in place:
+    only the positions each head keeps are written. ``chunk`` heads go at a time."""
+    h, s = q.shape[1], q.shape[2]
+    length = -(-segment // dilation)
+    for a in range(0, h, chunk):
+        sl = slice(a, min(a + chunk, h))
+        offs = offsets[sl]
+        strided = s % segment == 0 and all(o + (length - 1) * dilation < segment for o in offs)
+        slots = (_StridedSlots(s, segment, dilation, offs) if strided
+                 else _IndexedSlots(s, segment, dilation, offs, q.device))
+        _attend_slots(slots, q[:, sl], k[:, sl], v[:, sl], causal, scale, out[:, sl],
+                      None if lse is None else lse[:, sl], block_size)
 
-    def gather(x: Tensor) -> Tensor:
-        idx = flat[None, :, :, None].expand(bsz, h, nseg * length, x.shape[-1])
-        return x.gather(2, idx).reshape(bsz, h * nseg, length, x.shape[-1])
 
-    qg, kg, vg = gather(q), gather(k), gather(v)
-    key_ok = valid.reshape(h * nseg, length)
-    # A segment a head keeps nothing of (offset past a short last segment): let its padded
-    # queries see one key so nothing is NaN; their outputs are dropped by the scatter.
-    key_ok = key_ok | (~key_ok.any(-1, keepdim=True) & (torch.arange(length, device=q.device) == 0))
-    lse_g = None
-    if need_lse or backend != "sdpa":
-        pat = KeyMask(key_ok)
-        if causal:
-            pat = pat & causal_pattern()
+def _attend_slots(slots: _StridedSlots | _IndexedSlots, q: Tensor, k: Tensor, v: Tensor,
+                  causal: bool, scale: float, out: Tensor, lse: Tensor | None,
+                  block_size: int) -> None:
+    """Dense attention inside every gathered segment, put back into ``out`` (and ``lse``)."""
+    qg, kg, vg = slots.gather(q), slots.gather(k), slots.gather(v)
+    length = qg.shape[2]
+    if lse is not None:
         # SDPA returns no log-sum-exp: FlexAttention (CUDA) or blockwise computes the same
         # dense segments with it; FlexAttention needs 128-token tiles on CUDA.
-        name = backend if backend != "sdpa" else "auto"
-        blk = 128 if q.is_cuda and length >= 128 else min(block_size, length)
-        if name == "auto" and q.is_cuda and length < 128:
-            name = "blockwise"
-        og, lse_g = block_sparse_attention(
-            qg, kg, vg, pat, blk, backend=name, return_lse=True, scale=scale
-        )
-    else:
-        mask = key_ok[None, :, None, :]
+        pat = full_pattern() if slots.key_ok is None else KeyMask(slots.key_ok)
         if causal:
-            mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        all_keys = bool(key_ok.all())
-        og = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=None if all_keys else mask, is_causal=causal and all_keys,
-            scale=scale,
-        )
-    # Scatter back; dropped (padding) slots go to a dump position s that is cut off.
-    dst = torch.where(valid, pos, torch.full_like(pos, s)).reshape(h, nseg * length)
-    # (in place into fresh buffers: no second full-size copy)
-    out = torch.zeros(bsz, h, s + 1, v.shape[-1], dtype=og.dtype, device=q.device)
-    idx = dst[None, :, :, None].expand(bsz, h, nseg * length, v.shape[-1])
-    out = out.scatter_(2, idx, og.reshape(bsz, h, nseg * length, v.shape[-1]))[:, :, :s]
-    lse = None
-    if lse_g is not None:
-        full = torch.full((bsz, h, s + 1), -torch.inf, dtype=lse_g.dtype, device=q.device)
-        full = full.scatter_(2, dst[None].expand(bsz, h, -1), lse_g.reshape(bsz, h, -1))
-        lse = full[:, :, :s]
+            pat = pat & causal_pattern()
+        name = "blockwise" if q.is_cuda and length < 128 else "auto"
+        blk = 128 if q.is_cuda and length >= 128 else min(block_size, length)
+        og, lse_g = block_sparse_attention(qg, kg, vg, pat, blk, backend=name,
+                                           return_lse=True, scale=scale)
+        slots.put(lse, lse_g.to(lse.dtype))
+    else:
+        mask = None
+        if slots.key_ok is not None:
+            mask = slots.key_ok[None, :, None, :]
+            if causal:
+                mask = mask & torch.ones(length, length, dtype=torch.bool,
+                                         device=q.device).tril()
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
+                                            is_causal=causal and mask is None, scale=scale)
+    del qg, kg, vg
+    slots.put(out, og.to(out.dtype))
+
+
+def _empty_result(q: Tensor, dv: int, need_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """Zeros for the output and -inf for the log-sum-exp: what a position nobody keeps gets."""
+    bsz, h, n, _ = q.shape
+    out = torch.zeros(bsz, h, n, dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((bsz, h, n), -torch.inf, device=q.device,
+                     dtype=torch.float32 if q.dtype != torch.float64 else q.dtype
+                     ) if need_lse else None
     return out, lse
 
 
@@ -119,22 +188,17 @@ def _heads_gather(
     scale: float, need_lse: bool, block_size: int,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-head (segment ``w``, dilation ``r``, offset ``s``) attention by the dilation ordering:
-    each run of consecutive heads with the same (w, r) is one gather -> dense -> scatter, written
-    into one preallocated output (only one run's temporaries are alive at a time)."""
-    bsz, h, n, _ = q.shape
-    out = torch.empty(bsz, h, n, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(bsz, h, n, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype,
-                      device=q.device) if need_lse else None
+    each run of consecutive heads with the same (w, r) is gathered (a few heads at a time),
+    attended densely and put straight back into one preallocated output."""
+    out, lse = _empty_result(q, v.shape[-1], need_lse)
+    chunk = _heads_at_once(q)
     start = 0
     for end in range(1, len(w) + 1):
         if end < len(w) and (w[end], r[end]) == (w[start], r[start]):
             continue
         sl = slice(start, end)
-        o, lse_run = _branch_gather(q[:, sl], k[:, sl], v[:, sl], w[start], r[start], s[sl],
-                                    causal, scale, need_lse, block_size, "sdpa")
-        out[:, sl] = o
-        if lse is not None:
-            lse[:, sl] = lse_run
+        _branch_gather(q[:, sl], k[:, sl], v[:, sl], w[start], r[start], s[sl], causal, scale,
+                       out[:, sl], None if lse is None else lse[:, sl], block_size, chunk)
         start = end
     return out, lse
 
@@ -218,8 +282,9 @@ def dilated_attention(
     outs, lses = [], []
     for w, r in pairs:
         if backend == "gather":
-            o, lse = _branch_gather(q, k, v, w, r, [j % r for j in range(h)], causal, scale,
-                                    need_lse, block_size, "sdpa")
+            o, lse = _empty_result(q, v.shape[-1], need_lse)
+            _branch_gather(q, k, v, w, r, [j % r for j in range(h)], causal, scale, o, lse,
+                           block_size, _heads_at_once(q))
         else:
             pat = dilated_branch(w, r, h)
             if causal:

@@ -454,7 +454,6 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros_like(q, dtype=acc)
     dk_own, dv_own = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
-    qo = setup.local_offsets(r)
     steps = _steps(setup)
     stats.steps += len(steps)
     pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
@@ -476,21 +475,8 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         t0 = time.perf_counter()
         g_k, g_v = ((dk_own, dv_own) if step == 0 else
                     tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in held))
-        ko = setup.local_offsets(src)
-        for i, j, sub, tiles in _pairs(setup, src):
-            qs = q.narrow(2, *qo[i]).detach().requires_grad_(True)
-            ks, vs = (x.narrow(2, *ko[j]).detach().requires_grad_(True) for x in held)
-            with torch.enable_grad():
-                o, l_c = _run_pair(setup, qs, ks, vs, sub, diagonal=src == r and i == j)
-                go, gl = _partial_grads(o, l_c, out.narrow(2, *qo[i]), lse.narrow(2, *qo[i]),
-                                        dout.narrow(2, *qo[i]),
-                                        None if dlse is None else dlse.narrow(2, *qo[i]))
-                g_q, g_ks, g_vs = torch.autograd.grad((o, l_c), (qs, ks, vs), (go, gl))
-            dq.narrow(2, *qo[i]).add_(g_q)
-            g_k.narrow(2, *ko[j]).add_(g_ks)
-            g_v.narrow(2, *ko[j]).add_(g_vs)
-            stats.pairs_computed += 1
-            stats.tiles_computed += tiles
+        _backward_step(setup, q, held[0], held[1], src, out, lse, dout, dlse, dq, g_k, g_v,
+                       stats)
         stats.compute_s += time.perf_counter() - t0
         del held
         if step:
@@ -502,6 +488,31 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     for tr in grads_out:
         ring.wait(tr, "returning K/V gradients")
     return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
+
+
+def _backward_step(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int, out: Tensor,
+                   lse: Tensor, dout: Tensor, dlse: Tensor | None, dq: Tensor, dk: Tensor,
+                   dv: Tensor, stats: RingStats | None) -> None:
+    """One backward ring step: recompute this rank's partials against the K/V shard of ``src``
+    and accumulate their gradients into ``dq`` (this rank's queries) and ``dk, dv`` (that
+    shard's keys and values)."""
+    r = setup.rank
+    qo, ko = setup.local_offsets(r), setup.local_offsets(src)
+    for i, j, sub, tiles in _pairs(setup, src):
+        qs = q.narrow(2, *qo[i]).detach().requires_grad_(True)
+        ks, vs = (x.narrow(2, *ko[j]).detach().requires_grad_(True) for x in (k, v))
+        with torch.enable_grad():
+            o, l_c = _run_pair(setup, qs, ks, vs, sub, diagonal=src == r and i == j)
+            go, gl = _partial_grads(o, l_c, out.narrow(2, *qo[i]), lse.narrow(2, *qo[i]),
+                                    dout.narrow(2, *qo[i]),
+                                    None if dlse is None else dlse.narrow(2, *qo[i]))
+            g_q, g_ks, g_vs = torch.autograd.grad((o, l_c), (qs, ks, vs), (go, gl))
+        dq.narrow(2, *qo[i]).add_(g_q)
+        dk.narrow(2, *ko[j]).add_(g_ks)
+        dv.narrow(2, *ko[j]).add_(g_vs)
+        if stats is not None:
+            stats.pairs_computed += 1
+            stats.tiles_computed += tiles
 
 
 def _partial_grads(o: Tensor, l_c: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
@@ -604,36 +615,64 @@ def distributed_ring_attention(
 
 def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding: str, heads: int,
                     head_dim: int, dtype: torch.dtype, device: torch.device | str,
-                    backend: str = "auto"):
+                    backend: str = "auto", backward: bool = False):
     """Every (rank, step) of a ``world``-rank ring as work on one device, to plan a real run.
 
     Yields ``(rank, step, kv_from, tiles, kv_bytes, fn)``: ``fn()`` computes what that rank
-    computes at that step (forward, random inputs of the shard shapes; None when the step is
-    skipped) and ``kv_bytes`` is what it receives then (0 at step 0: its own shard).
+    computes at that step on random inputs of the shard shapes (the forward partials; with
+    ``backward`` also the backward step that recomputes them and accumulates their gradients),
+    None when the step is skipped; ``kv_bytes`` is what it receives then (0 at step 0: its own
+    shard).
+
+    While a rank's steps are yielded the device holds what that rank holds in the real ring:
+    its q, k, v shards, the running output and log-sum-exp, the K/V shard of the step, the
+    receive buffer of its next step (and with ``backward`` the upstream gradient and the
+    gradient accumulators), so the device's peak memory during ``fn()`` is that rank's peak,
+    less the communication library's own buffers. Drop each ``fn`` before asking for the next.
     """
     shards = shard_plan(layout.q_len, world, layout.block_size, sharding)
     plan = distributed_plan(layout, shards)
     problem = Problem(layout, pattern.predicate(device), 1.0 / math.sqrt(head_dim),
                       label=repr(pattern))
     per_step = plan.tiles_per_step()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
 
-    def rand(n: int, d: int) -> Tensor:
-        return torch.randn(1, heads, n, d, device=device, dtype=dtype)
+    def rand(rank: int) -> Tensor:
+        return torch.randn(1, heads, shards.local_len(rank), head_dim, device=device, dtype=dtype)
 
     for r in range(world):
-        q = rand(shards.local_len(r), head_dim)
+        q, k, v = rand(r), rand(r), rand(r)
+        # the rank's running output and log-sum-exp (a log-sum-exp above any partial's keeps
+        # the merge weights finite: timing only), and with backward the upstream gradient
+        # and the query gradient accumulator
+        rank_state = (q, torch.zeros_like(q), torch.full(q.shape[:3], 60.0, dtype=acc,
+                                                          device=device),
+                      torch.randn_like(q) if backward else None,
+                      torch.zeros_like(q, dtype=acc) if backward else None)
+        own_grads = tuple(torch.zeros_like(x, dtype=acc) for x in (k, v)) if backward else ()
         setup = _Setup(r, plan, problem, resolve_backend(backend, q), None, DEFAULT_TIMEOUT_S,
                        pattern)
+        steps = _steps(setup)
         for d in range(world):
             src = (r - d) % world
             if not plan.needed(r, src):
                 yield r, d, src, 0, 0, None
                 continue
-            k, v = rand(shards.local_len(src), head_dim), rand(shards.local_len(src), head_dim)
+            held = (k, v) if d == 0 else (rand(src), rand(src))
+            later = [e for e in steps if e > d and plan.needed(r, (r - e) % world)]
+            pending = (rand((r - later[0]) % world), rand((r - later[0]) % world)) if later else ()
+            grads = ((own_grads if d == 0 else
+                      tuple(torch.zeros_like(x, dtype=acc) for x in held)) if backward else ())
 
-            def fn(setup=setup, q=q, k=k, v=v, src=src) -> None:
+            def fn(setup=setup, state=rank_state, held=held, src=src, grads=grads) -> None:
+                q_, out, lse, dout, dq = state
                 with torch.no_grad():
-                    _partials(setup, q, k, v, src, None)
+                    _partials(setup, q_, held[0], held[1], src, None)
+                if grads:
+                    _backward_step(setup, q_, held[0], held[1], src, out, lse, dout, None, dq,
+                                   grads[0], grads[1], None)
 
-            nbytes = 2 * k.numel() * k.element_size() if d else 0
+            nbytes = 2 * held[0].numel() * held[0].element_size() if d else 0
             yield r, d, src, int(per_step[r, d]), nbytes, fn
+            del fn, held, pending, grads
+        del q, k, v, rank_state, own_grads

@@ -33,7 +33,9 @@ from .attention import block_sparse_attention
 from .bench import _DTYPES, _versions, family_pattern, time_fn
 from .records import environment, write_csv
 
-__all__ = ["check_on_processes", "ring_bench", "ring_demo", "ring_plan_study"]
+__all__ = ["PASSES", "check_on_processes", "ring_bench", "ring_demo", "ring_plan_study"]
+
+PASSES = ("fwd", "fwd+bwd")
 
 
 def _start(backend: str | None, timeout: float,
@@ -271,25 +273,44 @@ def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, r
 def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str], world: int,
                     shardings: Sequence[str] = ("contiguous", "zigzag"), heads: int = 16,
                     head_dim: int = 128, dtype: str = "bf16", block_size: int = 128,
-                    reps: int = 5, device: str = "cuda") -> list[dict]:
-    """Per (rank, step) compute time and bytes of a ``world``-rank ring, run on one device."""
+                    reps: int = 5, device: str = "cuda",
+                    passes: Sequence[str] = ("fwd",)) -> list[dict]:
+    """Per (rank, step) compute time, bytes received and (on CUDA) peak memory of a
+    ``world``-rank ring, run on one device; ``passes``: ``"fwd"`` and/or ``"fwd+bwd"`` (the
+    step's forward partials plus the backward step's recomputation and gradients)."""
     from tqdm.auto import tqdm
 
+    bad = [p for p in passes if p not in PASSES]
+    if not passes or bad:
+        raise ValueError(f"passes must be drawn from {PASSES}, got {list(passes)!r}")
     dev = torch.device(device)
     dt = _DTYPES[dtype] if dev.type == "cuda" else torch.float32
     env = {**environment(dev), **_versions()}
-    cases = [(s, f, sh) for s in seq_lens for f in families for sh in shardings]
+    cases = [(s, f, sh, p) for s in seq_lens for f in families for sh in shardings for p in passes]
     rows = []
-    for s, family, sharding in tqdm(cases, desc="ring plan", unit="case"):
+    for s, family, sharding, pass_ in tqdm(cases, desc="ring plan", unit="case"):
         pattern, params = family_pattern(family, s, heads)
         layout = pattern.block_structure(s, block_size, dev)
         for r, d, src, tiles, nbytes, fn in D.simulated_steps(
-                pattern, layout, world, sharding, heads, head_dim, dt, dev):
-            ms = time_fn(fn, reps, 1, dev) if fn is not None else 0.0
+                pattern, layout, world, sharding, heads, head_dim, dt, dev,
+                backward=pass_ == "fwd+bwd"):
+            ms, peak = 0.0, float("nan")
+            if fn is not None:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                ms = time_fn(fn, reps, 1, dev)
+                if dev.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(dev) / 2**20
+            del fn  # the step's buffers go before the next step's are made
             rows.append({**env, "study": study, "family": family, "params": params,
                          "sharding": sharding, "seq_len": s, "world": world, "rank": r,
-                         "step": d, "kv_from": src, "tiles": tiles, "kv_bytes": nbytes,
-                         "compute_ms": round(ms, 3), "heads": heads, "head_dim": head_dim,
+                         "step": d, "pass": pass_, "kv_from": src, "tiles": tiles,
+                         "kv_bytes": nbytes, "compute_ms": round(ms, 3),
+                         "peak_mib": round(peak, 1), "heads": heads, "head_dim": head_dim,
                          "dtype": dtype, "block_size": block_size})
+        del layout
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     write_csv(rows, f"ring_{study}_plan", dev)
     return rows
