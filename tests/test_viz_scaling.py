@@ -61,3 +61,51 @@ def test_longest_sequence_marks_the_oom_and_plots_ok_rows():
     assert list(time_line.get_ydata()) == [0.1, 0.4]
     assert [t.get_text() for t in time_ax.texts] == ["5 TFLOP/s", "6 TFLOP/s"]
     plt.close(fig)
+
+
+def _bench_rows(variant, seq_len, ms, peak_mib, tflops, status="ok"):
+    return {"variant": variant, "seq_len": seq_len, "status": status, "ms": ms,
+            "peak_mib": peak_mib, "useful_tflops": tflops, "batch": 1, "heads": 2,
+            "head_dim": 64, "dtype": "bf16"}
+
+
+def test_peak_over_io_counts_the_inputs():
+    # one [1, 2, 1024, 64] bf16 tensor is 0.25 MiB: 3 inputs + 0.25 MiB output = 1.0x
+    df = pd.DataFrame([_bench_rows("a", 1024, 1.0, 0.25, 1.0),
+                       _bench_rows("b", 1024, 1.0, 0.5, 1.0)])
+    assert list(vs.peak_over_io(df)) == [1.0, 1.25]
+
+
+def test_dilated_gather_draws_times_rates_floor_and_memory_bars():
+    s1, s2 = 1024, 4096
+    io1, io2 = 0.25, 1.0  # MiB of one tensor at s1, s2
+    df = pd.DataFrame([
+        _bench_rows("ours", s1, 1.0, io1, 10.0), _bench_rows("ours", s2, 2.0, 1.5 * io2, 40.0),
+        _bench_rows("strided_gather", s1, 3.0, 2 * io1, 3.0),
+        _bench_rows("strided_gather", s2, 6.0, 2 * io2, 13.0),
+        _bench_rows("sdpa_dense", s2, 50.0, 9.0, 1.0, status="oom"),  # not drawn
+    ])
+    earlier = pd.DataFrame([_bench_rows("ours", s2, 2.5, 2 * io2, 30.0)])
+    floor = pd.DataFrame({"seq_len": [s1, s2], "floor_ms": [0.5, 1.5],
+                          "floor_tflops": [20.0, 50.0]})
+    fig = vs.plot_dilated_gather(df, floor=floor, reference={s1: 60.0, s2: 70.0},
+                                 earlier=earlier, memory_target=1.2, earlier_label="old run")
+    time_ax, rate_ax, mem_ax = fig.axes[:3]
+
+    def line(ax, label):
+        return next(ln for ln in ax.lines if ln.get_label() == label)
+
+    assert list(line(time_ax, "ours").get_ydata()) == [1.0, 2.0]
+    assert list(line(time_ax, "strided gather (naive LongNet)").get_ydata()) == [3.0, 6.0]
+    assert "dense SDPA (no sparsity)" not in [ln.get_label() for ln in time_ax.lines]
+    assert list(line(time_ax, "roofline floor").get_ydata()) == [0.5, 1.5]
+    assert list(line(rate_ax, "ours").get_ydata()) == [10.0, 40.0]
+    assert list(line(rate_ax, "roofline floor").get_ydata()) == [20.0, 50.0]
+    assert list(line(rate_ax, "dense SDPA rate (same run)").get_ydata()) == [60.0, 70.0]
+    # memory: ours first in each group, the earlier run hatched right beside it
+    bars = sorted(_bars(mem_ax), key=lambda b: b.get_x())
+    assert [round(b.get_height(), 6) for b in bars] == [1.0, 1.25, 1.125, 1.25, 1.25]
+    assert [bool(b.get_hatch()) for b in bars] == [False, False, False, True, False]
+    assert {ln.get_ydata()[0] for ln in mem_ax.lines} == {1.0, 1.2}
+    assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == "hatched: old run"
+    plt.close(fig)

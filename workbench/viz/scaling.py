@@ -7,13 +7,24 @@ and returns the figure; saving is left to ``workbench.viz.save_figure``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 __all__ = [
+    "DTYPE_BYTES",
     "VARIANT_STYLE",
     "FAMILY_COLOR",
     "environment_note",
+    "peak_over_io",
+    "plot_dilated_gather",
     "plot_kernel_options",
     "plot_longest_sequence",
     "plot_memory_vs_length",
@@ -40,6 +51,8 @@ FAMILY_COLOR = {
     "dilated": "tab:blue",
 }
 _FLOOR_STYLE = dict(color="black", ls=":", lw=1.6, marker="_", ms=10)
+#: bytes per element of the ``dtype`` names the benchmark writes.
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 
 def _families(df, families=None):
@@ -214,13 +227,14 @@ def plot_memory_vs_length(df, *, families=None, pass_="fwd", title="", note=""):
     return fig
 
 
-def _finish(fig, axes, title, note):
-    """Title (with the environment ``note`` on a second, smaller line) on top, legend below."""
+def _finish(fig, axes, title, note, extra_handles=()):
+    """Title (with the environment ``note`` on a second, smaller line) on top, legend below
+    (``extra_handles``: legend entries drawn on no axis, appended at the end)."""
     nrows = axes.shape[0]
     top = {1: 0.86, 2: 0.9}.get(nrows, 0.92)
     bottom = {1: 0.15, 2: 0.1}.get(nrows, 0.08)
     fig.tight_layout(rect=(0, bottom, 1, top))
-    _legend(fig, axes)
+    _legend(fig, axes, extra_handles)
     if title:
         fig.suptitle(title, fontsize=12, y=0.995, va="top")
     if note:
@@ -228,12 +242,13 @@ def _finish(fig, axes, title, note):
                  fontsize=8.5, color="0.3")
 
 
-def _bar_labels(ax, bars, fmt, fontsize=7.5):
+def _bar_labels(ax, bars, fmt, fontsize=7.5, rotation=0):
     for b in bars:
         h = b.get_height()
         if np.isfinite(h):
             ax.annotate(fmt.format(h), (b.get_x() + b.get_width() / 2, h), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=fontsize)
+                        textcoords="offset points", ha="center", va="bottom", fontsize=fontsize,
+                        rotation=rotation)
 
 
 def plot_kernel_options(df, *, configs=None, labels=None, families=None, target_fraction=0.85,
@@ -366,4 +381,104 @@ def plot_longest_sequence(df, *, families=None, capacity_gib=None, title="", not
     time_ax.set_ylabel("one forward call (s)")
     time_ax.set_title("time of one call (lengths that fit)")
     _finish(fig, axes, title, note)
+    return fig
+
+
+def peak_over_io(df: pd.DataFrame) -> pd.Series:
+    """Peak memory *including* the inputs over the bytes of ``q + k + v + out``, per row.
+
+    ``peak_mib`` is the allocator peak above the inputs (what ``run_bench`` records), so the
+    ratio is ``(3 * io + peak_mib) / (4 * io)`` with ``io`` one ``[B, H, S, D]`` tensor in MiB
+    (columns ``batch``, ``heads``, ``seq_len``, ``head_dim``, ``dtype``). 1.0 means nothing
+    beyond the output.
+    """
+    io_mib = (df["batch"] * df["heads"] * df["seq_len"] * df["head_dim"]
+              * df["dtype"].map(DTYPE_BYTES) / 2**20)
+    return (3 * io_mib + df["peak_mib"]) / (4 * io_mib)
+
+
+def plot_dilated_gather(df: pd.DataFrame, *, floor: pd.DataFrame | None = None,
+                        reference: Mapping[int, float] | None = None,
+                        earlier: pd.DataFrame | None = None, memory_target: float | None = 1.2,
+                        earlier_label: str = "earlier run", title: str = "",
+                        note: str = "") -> Figure:
+    """One pattern's variants against ``S`` in three panels: log-log time, useful TFLOP/s
+    (log y) and peak memory including the inputs over ``q + k + v + out`` (bars).
+
+    ``df``: benchmark rows of one run (``variant``, ``seq_len``, ``status``, ``ms``,
+    ``useful_tflops`` and the columns of ``peak_over_io``); only ``status == "ok"`` is drawn.
+    ``floor``: ``seq_len``, ``floor_ms`` and ``floor_tflops`` (the useful rate the floor
+    allows), drawn dotted black in the time and rate panels. ``reference``: ``seq_len ->``
+    dense SDPA's TFLOP/s in the same run, dashed. ``earlier``: rows of an earlier run (same
+    columns), whose memory bars are drawn hatched beside this run's, labelled
+    ``earlier_label``. ``memory_target``: a dotted line in the memory panel.
+    """
+    ok = df[df["status"] == "ok"]
+    old = None if earlier is None else earlier[earlier["status"] == "ok"]
+    fig, axes = plt.subplots(1, 3, figsize=(14.5, 4.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 1.25]})
+    time_ax, rate_ax, mem_ax = axes[0]
+    lengths = sorted(ok["seq_len"].unique())
+    variants = _variants(ok)
+    for var in variants:  # ours last: drawn on top
+        r = ok[ok["variant"] == var].sort_values("seq_len")
+        lab = _style(var)[2]
+        time_ax.plot(r["seq_len"], r["ms"], label=lab, **_line(var))
+        rate_ax.plot(r["seq_len"], r["useful_tflops"].astype(float), label=lab, **_line(var))
+    if reference is not None:
+        ref = sorted((s, float(t)) for s, t in reference.items() if s in set(lengths))
+        rate_ax.plot([s for s, _ in ref], [t for _, t in ref], color="black", ls="--", lw=1.2,
+                     label="dense SDPA rate (same run)", zorder=2)
+    if floor is not None:
+        f = floor[floor["seq_len"].isin(lengths)].sort_values("seq_len")
+        time_ax.plot(f["seq_len"], f["floor_ms"], label="roofline floor", **_FLOOR_STYLE)
+        rate_ax.plot(f["seq_len"], f["floor_tflops"], label="roofline floor", **_FLOOR_STYLE)
+    for ax, ylabel, panel in ((time_ax, "forward time (ms)", "time"),
+                              (rate_ax, "useful TFLOP/s",
+                               "useful throughput (floor: the rate it allows)")):
+        ax.set_yscale("log")
+        _log_length_axis(ax, lengths)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_xlabel("sequence length S")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel)
+
+    # memory: one group per S, this run's bar of each variant with the earlier run's beside it
+    ratio = ok.assign(x=peak_over_io(ok)).set_index(["variant", "seq_len"])["x"]
+    ratio_old = (old.assign(x=peak_over_io(old)).set_index(["variant", "seq_len"])["x"]
+                 if old is not None else None)
+    bars_per_var = 2 if ratio_old is not None else 1
+    width = 0.84 / (len(variants) * bars_per_var)
+    heights = []
+    bar_order = variants[-1:] + variants[:-1] if "ours" in variants else variants  # ours first
+    for xs, s in enumerate(lengths):
+        slots = []
+        for var in bar_order:
+            if (var, s) in ratio.index:
+                slots.append((var, float(ratio[(var, s)]), False))
+            if ratio_old is not None and (var, s) in ratio_old.index:
+                slots.append((var, float(ratio_old[(var, s)]), True))
+        for i, (var, h, is_old) in enumerate(slots):  # centred on the group, no gaps
+            c = _style(var)[0]
+            style = (dict(color="white", edgecolor=c, hatch="////", lw=1.0) if is_old
+                     else dict(color=c, edgecolor="white", label=_style(var)[2]))
+            bars = mem_ax.bar(xs + (i - (len(slots) - 1) / 2) * width, h, width, **style)
+            _bar_labels(mem_ax, bars, "{:.3f}", fontsize=7, rotation=90)
+            heights.append(h)
+    mem_ax.axhline(1.0, color="0.4", lw=1.0, label="q + k + v + out (nothing extra)")
+    if memory_target:
+        mem_ax.axhline(memory_target, color="black", ls=":", lw=1.4,
+                       label=f"target: {memory_target:g}× q + k + v + out")
+        heights.append(memory_target)
+    mem_ax.set_xticks(range(len(lengths)))
+    mem_ax.set_xticklabels([f"S = {_k(s)}" for s in lengths])
+    mem_ax.set_ylim(0.9, max(heights + [1.0]) * 1.1)  # 1.0 is the least possible
+    mem_ax.grid(True, axis="y", alpha=0.3)
+    mem_ax.set_ylabel("peak incl. inputs / (q + k + v + out)")
+    mem_ax.set_title("memory (y axis from 0.9)")
+    extra = ()
+    if ratio_old is not None and len(ratio_old):
+        extra = (Patch(facecolor="white", edgecolor="0.3", hatch="////",
+                       label=f"hatched: {earlier_label}"),)
+    _finish(fig, axes, title, note, extra)
     return fig
