@@ -34,13 +34,17 @@ def paper_oracle(q, k, v, segments, dilations, causal):
     return p @ v
 
 
-@pytest.fixture(params=["whole_runs", "one_head_at_a_time"])
+@pytest.fixture(params=["whole_runs", "one_head_at_a_time", "read_in_place"])
 def gather_chunks(request, monkeypatch):
-    """The gather path as it runs at small sizes (every head of a run at once) and as it runs
-    at long lengths (a few heads at a time, here one)."""
-    if request.param == "one_head_at_a_time":
+    """The gather path as it runs at small sizes (every head of a run at once, strided views
+    copied into one batch) and as it runs at long lengths (a few heads at a time, here one;
+    q, k, v read in place through the views, one call per offset)."""
+    if request.param != "whole_runs":
         monkeypatch.setattr(wb.dilated, "GATHER_MIN_BYTES", 0)
         monkeypatch.setattr(wb.dilated, "GATHER_HEAD_FRACTION", 0.0)
+    if request.param == "read_in_place":
+        monkeypatch.setattr(wb.dilated, "GATHER_HEAD_FRACTION", 0.5)
+        monkeypatch.setattr(wb.dilated, "IN_PLACE_MIN_BYTES", 0)
     return request.param
 
 

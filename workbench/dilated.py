@@ -26,7 +26,9 @@ branch's heads into ``r`` contiguous offset groups). Its result is exactly
 output zeros.
 
 **Backends.** ``"gather"`` (default) is the dilation ordering: each head's kept positions are
-gathered into contiguous segments, attended densely, and scattered back, so no tile is wasted.
+attended densely segment by segment and the result is put back, so no tile is wasted. When every
+segment is full, the kept positions of the heads sharing an offset are a strided view of q, k
+and v, read in place; otherwise they are gathered by index.
 Any block-sparse backend name (``"blockwise"``, ``"flex"``, ``"reference"``, ``"auto"``)
 computes the same pattern in natural token order instead.
 """
@@ -34,7 +36,8 @@ computes the same pattern in natural token order instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,118 +62,167 @@ __all__ = ["dilated_attention", "dilated_pattern_attention"]
 MODES = ("paper", "head_groups")
 
 
-#: Heads are gathered a few at a time: each gathered tensor holds at most this fraction of an
-#: input's heads (or ``GATHER_MIN_BYTES``, whichever is more), so the four temporaries
-#: (gathered q, k, v and their output) stay at about half an input at long lengths.
+#: Heads go a few at a time: one call's temporaries (its output, and gathered copies of q, k, v
+#: where slots must be gathered by index or a kernel wants contiguous inputs) hold at most this
+#: fraction of an input's heads (or ``GATHER_MIN_BYTES``, whichever is more).
 GATHER_HEAD_FRACTION = 1 / 8
 GATHER_MIN_BYTES = 64 * 2**20
+#: From this many bytes per head, SDPA reads q, k, v in place through strided views (one call
+#: per offset); below it the views are copied into one batch for one call, since launches then
+#: cost more than the copies (crossover measured on an H100 between 16K and 64K tokens).
+IN_PLACE_MIN_BYTES = 8 * 2**20
 
 
 def _heads_at_once(q: Tensor) -> int:
-    """How many heads of ``q`` one gather takes (see ``GATHER_HEAD_FRACTION``)."""
+    """How many heads of ``q`` go at a time (see ``GATHER_HEAD_FRACTION``)."""
     h = q.shape[1]
     per_head = max(1, q[:, :1].numel() * q.element_size())
     return max(1, min(h, max(math.floor(h * GATHER_HEAD_FRACTION), GATHER_MIN_BYTES // per_head)))
 
 
-class _StridedSlots:
-    """Gathered slots when every one is a real position: head ``j`` keeps a strided view
-    (segment ``m``, slot ``i`` -> position ``m * w + o_j + i * r``), so gathering and putting
-    back are copies of views, with no index tensors."""
+class _Piece(NamedTuple):
+    """Slots attended by one call: ``gather(x)`` -> ``[B', nseg', L, *rest]`` (q, k, v and the
+    log-sum-exp alike), ``put(dst, src)`` writes a result back; ``key_ok`` [nseg', L] masks
+    padding keys (None: every key is real)."""
 
-    def __init__(self, seq_len: int, segment: int, dilation: int, offsets: list[int]) -> None:
-        self.split = (seq_len // segment, segment // dilation, dilation)
-        self.offsets = offsets
-        self.key_ok: Tensor | None = None  # every key of every gathered segment is real
-
-    def _view(self, x: Tensor, j: int) -> Tensor:  # [B, h, S, *rest] -> [B, nseg, L, *rest]
-        return x[:, j].unflatten(1, self.split).select(3, self.offsets[j])
-
-    def gather(self, x: Tensor) -> Tensor:
-        return torch.stack([self._view(x, j) for j in range(len(self.offsets))], 1).flatten(1, 2)
-
-    def put(self, dst: Tensor, src: Tensor) -> None:
-        src = src.unflatten(1, (len(self.offsets), self.split[0]))
-        for j in range(len(self.offsets)):
-            self._view(dst, j).copy_(src[:, j])
+    gather: Callable[[Tensor], Tensor]
+    put: Callable[[Tensor, Tensor], None]
+    key_ok: Tensor | None
 
 
-class _IndexedSlots:
-    """Gathered slots by index when some are padding (a short last segment): padding slots
+def _progressions(offsets: list[int]) -> list[tuple[slice, int]]:
+    """The heads of each offset as evenly spaced runs ``(head slice, offset)``."""
+    heads: dict[int, list[int]] = {}
+    for j, o in enumerate(offsets):
+        heads.setdefault(o, []).append(j)
+    runs = []
+    for o, js in heads.items():
+        step = js[1] - js[0] if len(js) > 1 else 1
+        if all(b - a == step for a, b in zip(js, js[1:])):
+            runs.append((slice(js[0], js[-1] + 1, step), o))
+        else:
+            runs += [(slice(j, j + 1), o) for j in js]
+    return runs
+
+
+def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int],
+                    in_place: bool) -> list[_Piece]:
+    """When every slot is a real position, the heads sharing an offset ``o`` keep a strided
+    view of the sequence (segment ``m``, slot ``i`` -> position ``m * w + o + i * r``): no
+    index tensors. ``in_place``: one call per offset reads q, k, v through that view, and only
+    its output is copied back (no gathered copies at batch 1). Otherwise the views are copied
+    into one batch and attended by one call (fewer launches: better for short sequences, and
+    for kernels that want contiguous inputs)."""
+    split = (seq_len // segment, segment // dilation, dilation)
+    groups = _progressions(offsets)
+
+    def view(x: Tensor, heads: slice, o: int) -> Tensor:  # -> [B, c, nseg, L, *rest]
+        return x[:, heads].unflatten(2, split).select(4, o)
+
+    if in_place:
+        def piece(heads: slice, o: int) -> _Piece:
+            def gather(x: Tensor) -> Tensor:  # batch and heads as one batch dim
+                return view(x, heads, o).flatten(0, 1)
+
+            def put(dst: Tensor, src: Tensor) -> None:
+                target = view(dst, heads, o)
+                target.copy_(src.reshape(target.shape))
+
+            return _Piece(gather, put, None)
+
+        return [piece(heads, o) for heads, o in groups]
+
+    sizes = [len(range(*heads.indices(len(offsets)))) for heads, _ in groups]
+
+    def gather(x: Tensor) -> Tensor:  # [B, sum(c) * nseg, L, *rest], groups in order
+        return torch.cat([view(x, heads, o) for heads, o in groups], 1).flatten(1, 2)
+
+    def put(dst: Tensor, src: Tensor) -> None:
+        parts = src.unflatten(1, (sum(sizes), split[0])).split(sizes, 1)
+        for (heads, o), part in zip(groups, parts):
+            view(dst, heads, o).copy_(part)
+
+    return [_Piece(gather, put, None)]
+
+
+def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int],
+                   device: torch.device) -> _Piece:
+    """Slots gathered by index when some are padding (a short last segment): padding slots
     read position 0, their keys are masked and they are not put back."""
+    pos, valid = dilation_gather(seq_len, segment, dilation, offsets, device)
+    h, nseg, length = pos.shape
+    hs = h * seq_len
+    # one row per slot into the [B, h * S, *rest] view of the heads
+    rows = (pos + torch.arange(h, device=device)[:, None, None] * seq_len).reshape(-1)
+    kept = valid.reshape(-1).nonzero().squeeze(1)
+    key_ok = valid.reshape(h * nseg, length)
+    # a segment a head keeps nothing of (offset past a short last segment): its padded
+    # queries see one key so nothing is NaN (their outputs are not put back)
+    first = torch.arange(length, device=device) == 0
+    key_ok = key_ok | (~key_ok.any(-1, keepdim=True) & first)
 
-    def __init__(self, seq_len: int, segment: int, dilation: int, offsets: list[int],
-                 device: torch.device) -> None:
-        pos, valid = dilation_gather(seq_len, segment, dilation, offsets, device)
-        h, self.nseg, self.length = pos.shape
-        self.hs = h * seq_len
-        # one row per slot into the [B, h * S, *rest] view of the heads
-        self.rows = (pos + torch.arange(h, device=device)[:, None, None] * seq_len).reshape(-1)
-        self.kept = valid.reshape(-1).nonzero().squeeze(1)
-        key_ok = valid.reshape(h * self.nseg, self.length)
-        # a segment a head keeps nothing of (offset past a short last segment): its padded
-        # queries see one key so nothing is NaN (their outputs are not put back)
-        first = torch.arange(self.length, device=device) == 0
-        self.key_ok = key_ok | (~key_ok.any(-1, keepdim=True) & first)
-
-    def gather(self, x: Tensor) -> Tensor:
+    def gather(x: Tensor) -> Tensor:
         rest = x.shape[3:]
-        flat = x.reshape(x.shape[0], self.hs, *rest).index_select(1, self.rows)
-        return flat.reshape(x.shape[0], -1, self.length, *rest)
+        flat = x.reshape(x.shape[0], hs, *rest).index_select(1, rows)
+        return flat.reshape(x.shape[0], -1, length, *rest)
 
-    def put(self, dst: Tensor, src: Tensor) -> None:
+    def put(dst: Tensor, src: Tensor) -> None:
         rest = dst.shape[3:]
-        src = src.reshape(src.shape[0], -1, *rest).index_select(1, self.kept)
-        dst.view(dst.shape[0], self.hs, *rest).index_copy_(1, self.rows[self.kept], src)
+        src = src.reshape(dst.shape[0], -1, *rest).index_select(1, kept)
+        dst.view(dst.shape[0], hs, *rest).index_copy_(1, rows[kept], src)
+
+    return _Piece(gather, put, key_ok)
 
 
 def _branch_gather(
     q: Tensor, k: Tensor, v: Tensor, segment: int, dilation: int, offsets: list[int],
     causal: bool, scale: float, out: Tensor, lse: Tensor | None, block_size: int, chunk: int,
 ) -> None:
-    """One (segment, dilation) branch for heads with ``offsets``, by gather -> dense -> put
-    back, written into ``out`` (zeros) and ``lse`` (-inf, or None when not needed) in place:
-    only the positions each head keeps are written. ``chunk`` heads go at a time."""
+    """One (segment, dilation) branch for heads with ``offsets``, by the dilation ordering:
+    dense attention inside each head's kept positions of each segment, written into ``out``
+    (zeros) and ``lse`` (-inf, or None when not needed) in place; only the positions each head
+    keeps are written. ``chunk`` heads go at a time."""
     h, s = q.shape[1], q.shape[2]
     length = -(-segment // dilation)
     for a in range(0, h, chunk):
         sl = slice(a, min(a + chunk, h))
         offs = offsets[sl]
         strided = s % segment == 0 and all(o + (length - 1) * dilation < segment for o in offs)
-        slots = (_StridedSlots(s, segment, dilation, offs) if strided
-                 else _IndexedSlots(s, segment, dilation, offs, q.device))
-        _attend_slots(slots, q[:, sl], k[:, sl], v[:, sl], causal, scale, out[:, sl],
-                      None if lse is None else lse[:, sl], block_size)
+        in_place = lse is None and q[:, :1].numel() * q.element_size() >= IN_PLACE_MIN_BYTES
+        pieces = (_strided_pieces(s, segment, dilation, offs, in_place) if strided
+                  else [_indexed_piece(s, segment, dilation, offs, q.device)])
+        for pc in pieces:
+            _attend_piece(pc, q[:, sl], k[:, sl], v[:, sl], causal, scale, out[:, sl],
+                          None if lse is None else lse[:, sl], block_size)
 
 
-def _attend_slots(slots: _StridedSlots | _IndexedSlots, q: Tensor, k: Tensor, v: Tensor,
-                  causal: bool, scale: float, out: Tensor, lse: Tensor | None,
-                  block_size: int) -> None:
-    """Dense attention inside every gathered segment, put back into ``out`` (and ``lse``)."""
-    qg, kg, vg = slots.gather(q), slots.gather(k), slots.gather(v)
+def _attend_piece(pc: _Piece, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                  out: Tensor, lse: Tensor | None, block_size: int) -> None:
+    """Dense attention inside every segment of one piece, put back into ``out`` (and ``lse``)."""
+    qg, kg, vg = pc.gather(q), pc.gather(k), pc.gather(v)
     length = qg.shape[2]
     if lse is not None:
         # SDPA returns no log-sum-exp: FlexAttention (CUDA) or blockwise computes the same
         # dense segments with it; FlexAttention needs 128-token tiles on CUDA.
-        pat = full_pattern() if slots.key_ok is None else KeyMask(slots.key_ok)
+        pat = full_pattern() if pc.key_ok is None else KeyMask(pc.key_ok)
         if causal:
             pat = pat & causal_pattern()
         name = "blockwise" if q.is_cuda and length < 128 else "auto"
         blk = 128 if q.is_cuda and length >= 128 else min(block_size, length)
         og, lse_g = block_sparse_attention(qg, kg, vg, pat, blk, backend=name,
                                            return_lse=True, scale=scale)
-        slots.put(lse, lse_g.to(lse.dtype))
+        pc.put(lse, lse_g.to(lse.dtype))
     else:
         mask = None
-        if slots.key_ok is not None:
-            mask = slots.key_ok[None, :, None, :]
+        if pc.key_ok is not None:
+            mask = pc.key_ok[None, :, None, :]
             if causal:
                 mask = mask & torch.ones(length, length, dtype=torch.bool,
                                          device=q.device).tril()
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
                                             is_causal=causal and mask is None, scale=scale)
     del qg, kg, vg
-    slots.put(out, og.to(out.dtype))
+    pc.put(out, og.to(out.dtype))
 
 
 def _empty_result(q: Tensor, dv: int, need_lse: bool) -> tuple[Tensor, Tensor | None]:
