@@ -61,6 +61,10 @@ def test_paper_mode_matches_float64_oracle(segments, dilations, s, causal, backe
                                backend=backend, block_size=32)
     ref = paper_oracle(q, k, v, segments, dilations, causal)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():  # inference reads strided views where every slot is real
+        again = wb.dilated_attention(q, k, v, segments, dilations, mode="paper", causal=causal,
+                                     backend=backend, block_size=32)
+    torch.testing.assert_close(again, ref, atol=1e-10, rtol=1e-10)
     for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
@@ -78,6 +82,10 @@ def test_head_groups_is_block_sparse_with_the_pattern(segments, dilations, s, ca
     reference = wb.block_sparse_attention(q, k, v, pattern, 32, backend="reference")
     torch.testing.assert_close(gathered, reference, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(sparse, reference, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():  # inference reads strided views where every slot is real
+        again = wb.dilated_attention(q, k, v, segments, dilations, mode="head_groups",
+                                     causal=causal)
+    torch.testing.assert_close(again, reference, atol=1e-10, rtol=1e-10)
     for a, b in zip(grads(gathered, (q, k, v)), grads(reference, (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
     # positions a head does not keep output zeros

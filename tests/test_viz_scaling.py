@@ -109,3 +109,24 @@ def test_dilated_gather_draws_times_rates_floor_and_memory_bars():
     assert {ln.get_ydata()[0] for ln in mem_ax.lines} == {1.0, 1.2}
     assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == "hatched: old run"
     plt.close(fig)
+
+
+def test_dilated_gather_draws_forward_backward_hollow_in_the_time_panel():
+    s1, s2 = 1024, 4096
+    df = pd.DataFrame([_bench_rows("ours", s1, 1.0, 0.25, 10.0),
+                       _bench_rows("ours", s2, 2.0, 1.0, 40.0),
+                       _bench_rows("strided_gather", s2, 6.0, 2.0, 13.0)])
+    bwd = pd.DataFrame([_bench_rows("ours", s2, 8.0, 5.0, 30.0),
+                        _bench_rows("strided_gather", s2, 15.0, 7.0, 12.0),
+                        _bench_rows("strided_gather", 1 << 20, 99.0, 9.0, 1.0),  # not in df
+                        _bench_rows("ours", s1, 4.0, 1.0, 5.0, status="oom")])  # not drawn
+    fig = vs.plot_dilated_gather(df, backward=bwd, backward_label="fwd+bwd", memory_target=None)
+    time_ax, rate_ax = fig.axes[:2]
+    hollow = {ln.get_color(): list(ln.get_ydata()) for ln in time_ax.lines
+              if ln.get_markerfacecolor() == "white"}
+    assert hollow == {"tab:blue": [8.0], "tab:red": [15.0]}
+    assert not any(ln.get_markerfacecolor() == "white" for ln in rate_ax.lines)
+    assert time_ax.get_ylabel() == "time (ms)"
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels.count("hollow: fwd+bwd") == 1 and labels[0] == "ours"
+    plt.close(fig)

@@ -69,7 +69,8 @@ GATHER_HEAD_FRACTION = 1 / 8
 GATHER_MIN_BYTES = 64 * 2**20
 #: From this many bytes per head, SDPA reads q, k, v in place through strided views (one call
 #: per offset); below it the views are copied into one batch for one call, since launches then
-#: cost more than the copies (crossover measured on an H100 between 16K and 64K tokens).
+#: cost more than the copies (on an H100, in place vs batched: 1.77 vs 1.32 ms at 16K tokens,
+#: 1.30 vs 2.45 ms at 64K; forward, 16 heads of 128, bf16).
 IN_PLACE_MIN_BYTES = 8 * 2**20
 
 
@@ -146,20 +147,23 @@ def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int
 
 
 def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int],
-                   device: torch.device) -> _Piece:
-    """Slots gathered by index when some are padding (a short last segment): padding slots
-    read position 0, their keys are masked and they are not put back."""
+                   device: torch.device, full: bool) -> _Piece:
+    """Slots gathered by index: one ``index_select`` per tensor (whose backward is one
+    ``index_add``). ``full``: every slot is a real position. Otherwise padding slots (a short
+    last segment) read position 0, their keys are masked and they are not put back."""
     pos, valid = dilation_gather(seq_len, segment, dilation, offsets, device)
     h, nseg, length = pos.shape
     hs = h * seq_len
     # one row per slot into the [B, h * S, *rest] view of the heads
     rows = (pos + torch.arange(h, device=device)[:, None, None] * seq_len).reshape(-1)
-    kept = valid.reshape(-1).nonzero().squeeze(1)
-    key_ok = valid.reshape(h * nseg, length)
-    # a segment a head keeps nothing of (offset past a short last segment): its padded
-    # queries see one key so nothing is NaN (their outputs are not put back)
-    first = torch.arange(length, device=device) == 0
-    key_ok = key_ok | (~key_ok.any(-1, keepdim=True) & first)
+    key_ok, kept = None, None
+    if not full:
+        kept = valid.reshape(-1).nonzero().squeeze(1)
+        key_ok = valid.reshape(h * nseg, length)
+        # a segment a head keeps nothing of (offset past a short last segment): its padded
+        # queries see one key so nothing is NaN (their outputs are not put back)
+        first = torch.arange(length, device=device) == 0
+        key_ok = key_ok | (~key_ok.any(-1, keepdim=True) & first)
 
     def gather(x: Tensor) -> Tensor:
         rest = x.shape[3:]
@@ -168,8 +172,11 @@ def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int]
 
     def put(dst: Tensor, src: Tensor) -> None:
         rest = dst.shape[3:]
-        src = src.reshape(dst.shape[0], -1, *rest).index_select(1, kept)
-        dst.view(dst.shape[0], hs, *rest).index_copy_(1, rows[kept], src)
+        src = src.reshape(dst.shape[0], -1, *rest)
+        dst_rows = rows
+        if kept is not None:
+            src, dst_rows = src.index_select(1, kept), rows[kept]
+        dst.view(dst.shape[0], hs, *rest).index_copy_(1, dst_rows, src)
 
     return _Piece(gather, put, key_ok)
 
@@ -184,13 +191,16 @@ def _branch_gather(
     keeps are written. ``chunk`` heads go at a time."""
     h, s = q.shape[1], q.shape[2]
     length = -(-segment // dilation)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     for a in range(0, h, chunk):
         sl = slice(a, min(a + chunk, h))
         offs = offsets[sl]
-        strided = s % segment == 0 and all(o + (length - 1) * dilation < segment for o in offs)
+        full = s % segment == 0 and all(o + (length - 1) * dilation < segment for o in offs)
         in_place = lse is None and q[:, :1].numel() * q.element_size() >= IN_PLACE_MIN_BYTES
-        pieces = (_strided_pieces(s, segment, dilation, offs, in_place) if strided
-                  else [_indexed_piece(s, segment, dilation, offs, q.device)])
+        # Under autograd every view would get a gradient buffer of its base's full size in the
+        # backward, one per offset: the index gather costs one per tensor instead.
+        pieces = (_strided_pieces(s, segment, dilation, offs, in_place) if full and not grad
+                  else [_indexed_piece(s, segment, dilation, offs, q.device, full)])
         for pc in pieces:
             _attend_piece(pc, q[:, sl], k[:, sl], v[:, sl], causal, scale, out[:, sl],
                           None if lse is None else lse[:, sl], block_size)

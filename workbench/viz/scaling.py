@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 if TYPE_CHECKING:
@@ -400,7 +401,9 @@ def peak_over_io(df: pd.DataFrame) -> pd.Series:
 def plot_dilated_gather(df: pd.DataFrame, *, floor: pd.DataFrame | None = None,
                         reference: Mapping[int, float] | None = None,
                         earlier: pd.DataFrame | None = None, memory_target: float | None = 1.2,
-                        earlier_label: str = "earlier run", title: str = "",
+                        earlier_label: str = "earlier run",
+                        backward: pd.DataFrame | None = None,
+                        backward_label: str = "forward+backward", title: str = "",
                         note: str = "") -> Figure:
     """One pattern's variants against ``S`` in three panels: log-log time, useful TFLOP/s
     (log y) and peak memory including the inputs over ``q + k + v + out`` (bars).
@@ -411,7 +414,10 @@ def plot_dilated_gather(df: pd.DataFrame, *, floor: pd.DataFrame | None = None,
     allows), drawn dotted black in the time and rate panels. ``reference``: ``seq_len ->``
     dense SDPA's TFLOP/s in the same run, dashed. ``earlier``: rows of an earlier run (same
     columns), whose memory bars are drawn hatched beside this run's, labelled
-    ``earlier_label``. ``memory_target``: a dotted line in the memory panel.
+    ``earlier_label``. ``memory_target``: a dotted line in the memory panel. ``backward``:
+    forward+backward rows (``variant``, ``seq_len``, ``status``, ``ms``; lengths of ``df``
+    only), drawn in the time panel as hollow markers on thin dashed lines of each variant's
+    colour, labelled ``backward_label`` in the legend (keep it short).
     """
     ok = df[df["status"] == "ok"]
     old = None if earlier is None else earlier[earlier["status"] == "ok"]
@@ -425,6 +431,14 @@ def plot_dilated_gather(df: pd.DataFrame, *, floor: pd.DataFrame | None = None,
         lab = _style(var)[2]
         time_ax.plot(r["seq_len"], r["ms"], label=lab, **_line(var))
         rate_ax.plot(r["seq_len"], r["useful_tflops"].astype(float), label=lab, **_line(var))
+    bwd = None if backward is None else backward[(backward["status"] == "ok")
+                                                 & backward["seq_len"].isin(lengths)]
+    if bwd is not None:
+        for var in _variants(bwd):
+            r = bwd[bwd["variant"] == var].sort_values("seq_len")
+            c, m, _ = _style(var)
+            time_ax.plot(r["seq_len"], r["ms"], color=c, marker=m, ms=7, mfc="white", mew=1.6,
+                         ls="--", lw=1.0, zorder=3, label=f"_{var} {backward_label}")
     if reference is not None:
         ref = sorted((s, float(t)) for s, t in reference.items() if s in set(lengths))
         rate_ax.plot([s for s, _ in ref], [t for _, t in ref], color="black", ls="--", lw=1.2,
@@ -433,7 +447,9 @@ def plot_dilated_gather(df: pd.DataFrame, *, floor: pd.DataFrame | None = None,
         f = floor[floor["seq_len"].isin(lengths)].sort_values("seq_len")
         time_ax.plot(f["seq_len"], f["floor_ms"], label="roofline floor", **_FLOOR_STYLE)
         rate_ax.plot(f["seq_len"], f["floor_tflops"], label="roofline floor", **_FLOOR_STYLE)
-    for ax, ylabel, panel in ((time_ax, "forward time (ms)", "time"),
+    has_bwd = bwd is not None and len(bwd) > 0
+    for ax, ylabel, panel in ((time_ax, "time (ms)" if has_bwd else "forward time (ms)",
+                               "time (hollow: forward+backward)" if has_bwd else "time"),
                               (rate_ax, "useful TFLOP/s",
                                "useful throughput (floor: the rate it allows)")):
         ax.set_yscale("log")
@@ -477,8 +493,11 @@ def plot_dilated_gather(df: pd.DataFrame, *, floor: pd.DataFrame | None = None,
     mem_ax.set_ylabel("peak incl. inputs / (q + k + v + out)")
     mem_ax.set_title("memory (y axis from 0.9)")
     extra = ()
+    if has_bwd:
+        extra += (Line2D([], [], color="0.3", marker="o", ms=7, mfc="white", mew=1.6, ls="--",
+                         lw=1.0, label=f"hollow: {backward_label}"),)
     if ratio_old is not None and len(ratio_old):
-        extra = (Patch(facecolor="white", edgecolor="0.3", hatch="////",
-                       label=f"hatched: {earlier_label}"),)
+        extra += (Patch(facecolor="white", edgecolor="0.3", hatch="////",
+                        label=f"hatched: {earlier_label}"),)
     _finish(fig, axes, title, note, extra)
     return fig
