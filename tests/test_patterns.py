@@ -267,7 +267,7 @@ def test_hash_grid_matches_the_token_hash(seed, heads, rows, cols, threshold):
     # The int32 grid path (products wrap) must pick exactly the cells the int64 hash picks.
     h = torch.tensor(heads)[:, None, None]
     i, j = torch.arange(rows)[None, :, None], torch.arange(cols)[None, None, :]
-    expect = P._hash_cells(seed, h, i, j) < threshold
+    expect = P.hash_cells(seed, h, i, j) < threshold
     got = P._hash_grid(seed, heads, rows, cols, threshold, torch.device("cpu"))
     assert torch.equal(got, expect)
 
@@ -283,5 +283,5 @@ def test_hash_cells_is_the_recorded_hash():
         return (x ^ (x >> 16)) >> 8
 
     for seed, h, i, j in [(0, 0, 0, 0), (3, 5, 1000, 77), (2**31 - 1, 300, 2**20, 2**21 - 1)]:
-        got = P._hash_cells(seed, torch.tensor(h), torch.tensor(i), torch.tensor(j))
+        got = P.hash_cells(seed, torch.tensor(h), torch.tensor(i), torch.tensor(j))
         assert int(got) == reference(seed, h, i, j)

@@ -265,18 +265,19 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
         row.update(status=status, ms=round(ms, 4), peak_mib=round(peak, 1),
                    useful_tflops=round(useful_flops / ms / 1e9, 2) if status == "ok" else "")
         rows.append(row)
-    if write and rows:
-        write_csv(rows, f"bench_{cfg.study}", device)
+        if write:  # after every case: a sweep cut short keeps every finished case
+            write_csv(rows, f"bench_{cfg.study}", device)
     return rows
 
 
 def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int = 1 << 24,
                      heads: int = 16, head_dim: int = 128, block_size: int = 128,
-                     device: str = "cuda") -> list[dict]:
+                     device: str = "cuda", study: str | None = None) -> list[dict]:
     """Double ``S`` from ``start`` until ``ours`` (forward, bf16) runs out of memory, per family.
 
     One row per attempted length: ``status`` ``ok`` (with ms of one call and peak memory, inputs
     included) or ``oom``; the search stops cleanly at the first out-of-memory or at ``limit``.
+    With ``study``, ``data/bench_<study>_longest.csv`` is rewritten after every length.
     """
     dev = torch.device(device)
     env = {**environment(dev), **_versions()}
@@ -306,6 +307,8 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
                 q = k = v = fn = None
             rows.append(row)
             print(row, flush=True)
+            if study is not None:
+                write_csv(rows, f"bench_{study}_longest", dev)
             if row["status"] == "oom":
                 break
             s *= 2

@@ -45,6 +45,7 @@ __all__ = [
     "full",
     "global_local",
     "global_tokens",
+    "hash_cells",
     "head_groups",
     "local_window",
     "random_blocks",
@@ -670,8 +671,10 @@ def _mix32(x: Tensor) -> Tensor:
     return (x >> 8) & 0xFFFFFF
 
 
-def _hash_cells(seed: int, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    """Deterministic 24-bit hash of (seed, head, cell row, cell column), elementwise.
+def hash_cells(seed: int, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """Deterministic 24-bit hash of (seed, head, cell row, cell column), elementwise: the
+    random-tile patterns keep a cell below a threshold, attention dropout keeps a (query, key)
+    pair at or above one.
 
     Computed in int64 whatever the index dtype (kernels pass int32), keeping the low 32 bits.
     """
@@ -682,7 +685,7 @@ def _hash_cells(seed: int, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
 
 def _hash_grid(seed: int, heads: Sequence[int], rows: int, cols: int, threshold: int,
                device: torch.device) -> Tensor:
-    """Bool ``[len(heads), rows, cols]``: ``_hash_cells(seed, h, i, j) < threshold``.
+    """Bool ``[len(heads), rows, cols]``: ``hash_cells(seed, h, i, j) < threshold``.
 
     The same hash in int32 (products wrap, which keeps exactly the low 32 bits), a few rows
     at a time so that the intermediates stay in cache and the memory is the output alone.
@@ -716,7 +719,7 @@ class RandomBlocks(Pattern):
     def allowed(self, h, q, k):
         c = self.cell
         hh = h if self.num_heads > 1 else torch.zeros_like(h)
-        return _hash_cells(self.seed, hh, q // c, k // c) < self.threshold
+        return hash_cells(self.seed, hh, q // c, k // c) < self.threshold
 
     def _tiles(self, q_len, k_len, block_size, device):
         c = self.cell

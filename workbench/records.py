@@ -43,7 +43,9 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
 
 def write_csv(rows: Iterable[Mapping[str, object]], name: str,
               device: torch.device | str = "cpu") -> Path:
-    """Write ``rows`` (dicts with the same keys) to ``data/<name>.csv`` with run metadata."""
+    """Write ``rows`` to ``data/<name>.csv`` with run metadata. The columns are every key of
+    every row, in order of first appearance (a failed case may have fewer keys than the rest:
+    its missing cells stay empty)."""
     if not name or "/" in name or name.endswith(".csv"):
         raise ValueError(f"data name must be a bare stable name like '01_density', got {name!r}")
     rows = [dict(r) for r in rows]
@@ -56,7 +58,7 @@ def write_csv(rows: Iterable[Mapping[str, object]], name: str,
     path = data_dir() / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     return path

@@ -190,18 +190,20 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                        "pass": "fwd+bwd" if backward else "fwd"}
                 row.update(_time_ring(pattern, s, sharding, heads, head_dim, dt, block_size,
                                       reps, warmup, backward, dev, timeout))
-                rows.append(row)
-                outcomes = [r["status"] for r in _gather_rows([row], control)]
+                case_rows = _gather_rows([row], control)  # every rank's row of this case
+                rows += [{**_env(dev), **r} for r in case_rows]
+                outcomes = [r["status"] for r in case_rows]
                 failed = any(o != "ok" for o in outcomes)
                 if rank == 0:
                     print(f"{s:>9} {family:>9} {sharding:>10} {'/'.join(outcomes):>12} "
                           f"{row.get('ms', float('nan')):>10.2f} ms  rank-0 peak "
                           f"{row.get('peak_mib', 0):>9.0f} MiB", flush=True)
+                    # after every case: a sweep cut short keeps every finished case
+                    path = write_csv(rows, f"ring_{study}", dev)
         if failed:
             break
-    rows = [{**_env(dev), **r} for r in _gather_rows(rows, control)]
-    if rank == 0:
-        print(f"wrote {write_csv(rows, f'ring_{study}', dev)}")
+    if rank == 0 and rows:
+        print(f"wrote {path}")
     if not failed:  # after a failure NCCL may hold unmatched transfers: leave teardown to exit
         dist.destroy_process_group()
     return rows
@@ -309,8 +311,8 @@ def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str]
                          "kv_bytes": nbytes, "compute_ms": round(ms, 3),
                          "peak_mib": round(peak, 1), "heads": heads, "head_dim": head_dim,
                          "dtype": dtype, "block_size": block_size})
+            write_csv(rows, f"ring_{study}_plan", dev)  # after every step: nothing lost if cut
         del layout
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    write_csv(rows, f"ring_{study}_plan", dev)
     return rows

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..patterns import _hash_cells
+from ..patterns import hash_cells
 
 __all__ = ["AttentionDropout"]
 
-_HASH_BITS = 24  # _hash_cells returns 24-bit values
+_HASH_BITS = 24  # hash_cells returns 24-bit values
 
 
 @dataclass(frozen=True)
@@ -44,5 +44,5 @@ class AttentionDropout:
         ``head_index`` is ``batch * num_heads + head``; ``q`` and ``k`` are absolute positions.
         """
         threshold = int(round(self.p * (1 << _HASH_BITS)))
-        keep = _hash_cells(self.seed, head_index, q, k) >= threshold
+        keep = hash_cells(self.seed, head_index, q, k) >= threshold
         return keep.float() / (1.0 - self.p)

@@ -1,0 +1,64 @@
+"""The benchmark harness on the CPU: rows, files written as a sweep goes, the copy bandwidth."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from workbench import bench, records
+from workbench.bench import BenchConfig, run_bench
+
+
+def _read(name: str) -> list[dict[str, str]]:
+    with (records.data_dir() / f"{name}.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_write_csv_takes_every_key_of_every_row():
+    path = records.write_csv([{"a": 1, "status": "oom"}, {"a": 2, "status": "ok", "ms": 3.5}],
+                             "test_union")
+    rows = _read("test_union")
+    assert path.name == "test_union.csv"
+    assert [r["a"] for r in rows] == ["1", "2"]
+    assert rows[0]["ms"] == "" and rows[1]["ms"] == "3.5"  # the failed case's cell stays empty
+
+
+def _cfg(**kw) -> BenchConfig:
+    return BenchConfig("test_sweep", (128, 192), families=("causal", "local"),
+                       variants=("ours", "sdpa_dense"), heads=2, head_dim=8, dtype="fp32",
+                       block_size=64, reps=1, warmup=0, device="cpu", **kw)
+
+
+def test_run_bench_rows_match_the_cases_and_their_flops():
+    rows = run_bench(_cfg(), progress=False)
+    assert [(r["seq_len"], r["family"], r["variant"]) for r in rows] == [
+        (s, f, v) for s in (128, 192) for f in ("causal", "local") for v in ("ours", "sdpa_dense")]
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
+    r = rows[0]
+    flops = 4 * r["batch"] * r["heads"] * r["seq_len"] ** 2 * r["head_dim"] * r["useful_density"]
+    assert r["useful_tflops"] == pytest.approx(flops / r["ms"] / 1e9, rel=1e-2, abs=0.01)
+    assert len(_read("bench_test_sweep")) == len(rows)
+
+
+def test_a_sweep_cut_short_keeps_every_finished_case(monkeypatch):
+    real, calls = bench._measure, []
+
+    def measure_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user stops the sweep (or a time limit kills it)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_measure", measure_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(_cfg(), progress=False)
+    rows = _read("bench_test_sweep")
+    assert [(r["family"], r["variant"]) for r in rows] == [("causal", "ours"),
+                                                           ("causal", "sdpa_dense")]
+
+
+def test_copy_bandwidth_counts_read_and_write_bytes():
+    (row,) = bench.copy_bandwidth("cpu", mib=4, reps=3)
+    assert row["gb_s"] == pytest.approx(2 * 4 * 2**20 / row["ms"] / 1e6, rel=0.01)
+    assert row["gb_s"] > 0
