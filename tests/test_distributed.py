@@ -31,6 +31,9 @@ def _patterns():
         "dilated": P.dilated([32, 64], [1, 2], num_heads=3),
         "random": P.random_blocks(0.3, seed=1, cell=16) | P.local_window(8, causal=True),
         "global_local": P.global_local(5, 12) & P.causal(),
+        # the first 112 queries attend nothing: a contiguous rank 0, or a zigzag rank's first
+        # run, computes nothing and must output zeros and -inf
+        "late_queries_only": P.random_blocks(0.3, seed=8, cell=64),
     }
 
 

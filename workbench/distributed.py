@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -347,19 +347,18 @@ def _pairs(setup: _Setup, src: int):
 
 
 def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
-              stats: RingStats | None) -> list[tuple[int, Tensor, Tensor]]:
-    """This rank's partial (run, out, lse) against the K/V shard of ``src``."""
+              stats: RingStats | None) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """This rank's partials ``(run, out, lse)`` against the K/V shard of ``src``, one pair of
+    runs at a time (merge each before asking for the next: one partial is alive at a time)."""
     qo, ko = setup.local_offsets(setup.rank), setup.local_offsets(src)
-    res = []
     for i, j, sub, tiles in _pairs(setup, src):
         qs = q.narrow(2, *qo[i])
         ks, vs = k.narrow(2, *ko[j]), v.narrow(2, *ko[j])
         o, lse = _run_pair(setup, qs, ks, vs, sub, diagonal=src == setup.rank and i == j)
-        res.append((i, o, lse))
         if stats is not None:
             stats.pairs_computed += 1
             stats.tiles_computed += tiles
-    return res
+        yield i, o, lse
 
 
 def _run_pair(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, sub: Problem, diagonal: bool
@@ -395,28 +394,32 @@ def _post_kv(ring: _Ring, setup: _Setup, step: int, k: Tensor, v: Tensor) -> _Tr
                      like if plan.needed(r, src) else None, src)
 
 
-def _merge_runs(setup: _Setup, q: Tensor, dv: int, runs: list[tuple[Tensor, Tensor] | None]
-                ) -> tuple[Tensor, Tensor]:
-    """This rank's ``(out, lse)`` from each query run's merged result (None: attends nothing)."""
-    outs, lses = [], []
-    for (_, length), run in zip(setup.local_offsets(setup.rank), runs):
-        if run is None:
-            shape = (q.shape[0], q.shape[1], length)
-            run = (q.new_zeros(*shape, dv), torch.full(shape, -torch.inf, device=q.device))
-        outs.append(run[0].to(q.dtype))
-        lses.append(run[1] if run[1].dtype == torch.float64 else run[1].float())
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    return torch.cat(outs, 2), torch.cat(lses, 2)
+def _lse_dtype(lse: Tensor) -> Tensor:
+    """The log-sum-exp in the ring's accumulation dtype (float32, or float64)."""
+    return lse if lse.dtype == torch.float64 else lse.float()
+
+
+def _empty_partial(q: Tensor, dv: int, n: int) -> tuple[Tensor, Tensor]:
+    """``(zeros, -inf)`` for ``n`` queries: the result of attending nothing."""
+    shape = (q.shape[0], q.shape[1], n)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.new_zeros(*shape, dv),
+            torch.full(shape, -torch.inf, dtype=lse_dtype, device=q.device))
 
 
 def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingStats
                   ) -> tuple[Tensor, Tensor]:
     ring = _Ring(setup, q.device, stats)
     k, v, p = k.contiguous(), v.contiguous(), setup.world
-    # running (out, lse) per query run: each step's partial is merged into it as soon as it
-    # exists, so at most two partials of a run are alive, whatever the world size
-    acc: list[tuple[Tensor, Tensor] | None] = [None for _ in setup.pieces(setup.rank)]
+    # running (out, lse) per query run: each partial is merged into it as soon as it exists, so
+    # one partial is alive besides the running results, whatever the world size. With one run
+    # the first partial becomes the running result; with several (zigzag) each run's result is
+    # a slice of one preallocated output, so nothing is concatenated at the end.
+    runs = setup.local_offsets(setup.rank)
+    acc: list[tuple[Tensor, Tensor] | None] = [None for _ in runs]
+    whole = None
+    if len(runs) > 1:
+        whole = _empty_partial(q, v.shape[-1], q.shape[2])
     steps = _steps(setup)
     stats.steps += len(steps)
     pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
@@ -433,17 +436,26 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
         t0 = time.perf_counter()
         before = stats.tiles_computed
         for i, o, lse in _partials(setup, q, held[0], held[1], src, stats):
-            if acc[i] is None:  # the first partial becomes the running result
-                acc[i] = (o, lse.float() if lse.dtype != torch.float64 else lse)
+            if acc[i] is None and whole is None:  # the first partial becomes the result
+                acc[i] = (o, _lse_dtype(lse))
+            elif acc[i] is None:  # the first partial of a run is copied into its slice
+                acc[i] = (whole[0].narrow(2, *runs[i]), whole[1].narrow(2, *runs[i]))
+                acc[i][0].copy_(o)
+                acc[i][1].copy_(lse)
             else:  # merged in place, a slice at a time: no full-size temporaries
                 merge_into_(acc[i][0], acc[i][1], o, lse)
+            del o, lse
         del held
         stats.compute_s += time.perf_counter() - t0
         stats.per_step_tiles.append(stats.tiles_computed - before)
     sh = setup.plan.sharding
     mine = [sh.run_index(setup.rank, i) for i in range(len(setup.pieces(setup.rank)))]
     stats.pairs_skipped += int((setup.plan.run_tiles[mine] == 0).sum())
-    return _merge_runs(setup, q, v.shape[-1], acc)
+    if whole is not None:  # runs that attend nothing keep zeros and -inf
+        return whole
+    if acc[0] is None:
+        return _empty_partial(q, v.shape[-1], q.shape[2])
+    return acc[0][0].to(q.dtype), acc[0][1]
 
 
 def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -667,7 +679,8 @@ def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding:
             def fn(setup=setup, state=rank_state, held=held, src=src, grads=grads) -> None:
                 q_, out, lse, dout, dq = state
                 with torch.no_grad():
-                    _partials(setup, q_, held[0], held[1], src, None)
+                    for _ in _partials(setup, q_, held[0], held[1], src, None):
+                        pass  # each partial is dropped before the next, as the ring merges
                 if grads:
                     _backward_step(setup, q_, held[0], held[1], src, out, lse, dout, None, dq,
                                    grads[0], grads[1], None)
