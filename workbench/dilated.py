@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import block_sparse_attention, check_qkv
-from .backends import BACKENDS, merge_partials
+from .backends import BACKENDS, empty_partial, merge_partials
 from .orderings import dilation_gather
 from .patterns import (
     Dilated,
@@ -74,10 +74,15 @@ GATHER_MIN_BYTES = 64 * 2**20
 IN_PLACE_MIN_BYTES = 8 * 2**20
 
 
+def _head_bytes(q: Tensor) -> int:
+    """Bytes of one head of ``q`` (all batches)."""
+    return q[:, :1].numel() * q.element_size()
+
+
 def _heads_at_once(q: Tensor) -> int:
     """How many heads of ``q`` go at a time (see ``GATHER_HEAD_FRACTION``)."""
     h = q.shape[1]
-    per_head = max(1, q[:, :1].numel() * q.element_size())
+    per_head = max(1, _head_bytes(q))
     return max(1, min(h, max(math.floor(h * GATHER_HEAD_FRACTION), GATHER_MIN_BYTES // per_head)))
 
 
@@ -192,11 +197,11 @@ def _branch_gather(
     h, s = q.shape[1], q.shape[2]
     length = -(-segment // dilation)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    in_place = lse is None and _head_bytes(q) >= IN_PLACE_MIN_BYTES
     for a in range(0, h, chunk):
         sl = slice(a, min(a + chunk, h))
         offs = offsets[sl]
         full = s % segment == 0 and all(o + (length - 1) * dilation < segment for o in offs)
-        in_place = lse is None and q[:, :1].numel() * q.element_size() >= IN_PLACE_MIN_BYTES
         # Under autograd every view would get a gradient buffer of its base's full size in the
         # backward, one per offset: the index gather costs one per tensor instead.
         pieces = (_strided_pieces(s, segment, dilation, offs, in_place) if full and not grad
@@ -235,16 +240,6 @@ def _attend_piece(pc: _Piece, q: Tensor, k: Tensor, v: Tensor, causal: bool, sca
     pc.put(out, og.to(out.dtype))
 
 
-def _empty_result(q: Tensor, dv: int, need_lse: bool) -> tuple[Tensor, Tensor | None]:
-    """Zeros for the output and -inf for the log-sum-exp: what a position nobody keeps gets."""
-    bsz, h, n, _ = q.shape
-    out = torch.zeros(bsz, h, n, dv, dtype=q.dtype, device=q.device)
-    lse = torch.full((bsz, h, n), -torch.inf, device=q.device,
-                     dtype=torch.float32 if q.dtype != torch.float64 else q.dtype
-                     ) if need_lse else None
-    return out, lse
-
-
 def _heads_gather(
     q: Tensor, k: Tensor, v: Tensor, w: list[int], r: list[int], s: list[int], causal: bool,
     scale: float, need_lse: bool, block_size: int,
@@ -252,7 +247,7 @@ def _heads_gather(
     """Per-head (segment ``w``, dilation ``r``, offset ``s``) attention by the dilation ordering:
     each run of consecutive heads with the same (w, r) is gathered (a few heads at a time),
     attended densely and put straight back into one preallocated output."""
-    out, lse = _empty_result(q, v.shape[-1], need_lse)
+    out, lse = empty_partial(q, v.shape[-1], lse=need_lse)  # what a position nobody keeps gets
     chunk = _heads_at_once(q)
     start = 0
     for end in range(1, len(w) + 1):
@@ -344,7 +339,7 @@ def dilated_attention(
     outs, lses = [], []
     for w, r in pairs:
         if backend == "gather":
-            o, lse = _empty_result(q, v.shape[-1], need_lse)
+            o, lse = empty_partial(q, v.shape[-1], lse=need_lse)
             _branch_gather(q, k, v, w, r, [j % r for j in range(h)], causal, scale, o, lse,
                            block_size, _heads_at_once(q))
         else:

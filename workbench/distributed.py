@@ -56,7 +56,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .backends import Problem, merge_into_, resolve_backend, run_backend
+from .backends import (
+    Problem,
+    accumulation_dtype,
+    empty_partial,
+    merge_into_,
+    resolve_backend,
+    run_backend,
+)
 from .backends.dropout import AttentionDropout
 from .layout import BlockLayout, num_blocks
 from .patterns import Dilated, Pattern
@@ -394,19 +401,6 @@ def _post_kv(ring: _Ring, setup: _Setup, step: int, k: Tensor, v: Tensor) -> _Tr
                      like if plan.needed(r, src) else None, src)
 
 
-def _lse_dtype(lse: Tensor) -> Tensor:
-    """The log-sum-exp in the ring's accumulation dtype (float32, or float64)."""
-    return lse if lse.dtype == torch.float64 else lse.float()
-
-
-def _empty_partial(q: Tensor, dv: int, n: int) -> tuple[Tensor, Tensor]:
-    """``(zeros, -inf)`` for ``n`` queries: the result of attending nothing."""
-    shape = (q.shape[0], q.shape[1], n)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (q.new_zeros(*shape, dv),
-            torch.full(shape, -torch.inf, dtype=lse_dtype, device=q.device))
-
-
 def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingStats
                   ) -> tuple[Tensor, Tensor]:
     ring = _Ring(setup, q.device, stats)
@@ -419,7 +413,7 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
     acc: list[tuple[Tensor, Tensor] | None] = [None for _ in runs]
     whole = None
     if len(runs) > 1:
-        whole = _empty_partial(q, v.shape[-1], q.shape[2])
+        whole = empty_partial(q, v.shape[-1])
     steps = _steps(setup)
     stats.steps += len(steps)
     pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
@@ -437,7 +431,7 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
         before = stats.tiles_computed
         for i, o, lse in _partials(setup, q, held[0], held[1], src, stats):
             if acc[i] is None and whole is None:  # the first partial becomes the result
-                acc[i] = (o, _lse_dtype(lse))
+                acc[i] = (o, lse.to(accumulation_dtype(lse.dtype)))
             elif acc[i] is None:  # the first partial of a run is copied into its slice
                 acc[i] = (whole[0].narrow(2, *runs[i]), whole[1].narrow(2, *runs[i]))
                 acc[i][0].copy_(o)
@@ -454,7 +448,7 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
     if whole is not None:  # runs that attend nothing keep zeros and -inf
         return whole
     if acc[0] is None:
-        return _empty_partial(q, v.shape[-1], q.shape[2])
+        return empty_partial(q, v.shape[-1])
     return acc[0][0].to(q.dtype), acc[0][1]
 
 
@@ -463,7 +457,7 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
                    ) -> tuple[Tensor, Tensor, Tensor]:
     ring = _Ring(setup, q.device, stats)
     k, v, p, r = k.contiguous(), v.contiguous(), setup.world, setup.rank
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)
     dk_own, dv_own = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
     steps = _steps(setup)
@@ -530,7 +524,7 @@ def _backward_step(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int, out
 def _partial_grads(o: Tensor, l_c: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                    dlse: Tensor | None) -> tuple[Tensor, Tensor]:
     """Gradients of one partial ``(o_c, l_c)`` from those of the merged ``(out, lse)``."""
-    acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(o.dtype)
     top = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(acc)
     w = torch.where(torch.isfinite(l_c), torch.exp(l_c.to(acc) - top), torch.zeros_like(top))
     d_o = dout.to(acc)
@@ -647,7 +641,7 @@ def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding:
     problem = Problem(layout, pattern.predicate(device), 1.0 / math.sqrt(head_dim),
                       label=repr(pattern))
     per_step = plan.tiles_per_step()
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
 
     def rand(rank: int) -> Tensor:
         return torch.randn(1, heads, shards.local_len(rank), head_dim, device=device, dtype=dtype)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .blockwise import blockwise_attention
 from .dropout import AttentionDropout
 from .flex import flex_attention, flex_available
-from .merge import merge_into_, merge_partials
+from .merge import accumulation_dtype, empty_partial, merge_into_, merge_partials
 from .problem import MaskFn, Problem
 from .reference import reference_attention
 
@@ -23,7 +23,9 @@ __all__ = [
     "check_backend",
     "MaskFn",
     "Problem",
+    "accumulation_dtype",
     "blockwise_attention",
+    "empty_partial",
     "merge_into_",
     "merge_partials",
     "reference_attention",

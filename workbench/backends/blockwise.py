@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..orderings import block_visit_order
+from .merge import accumulation_dtype
 from .problem import Problem
 
 __all__ = ["blockwise_attention"]
@@ -120,7 +121,7 @@ def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
 def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, Tensor]:
     lay = plan.problem.layout
     b, h = lay.block_size, plan.num_heads
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     bsz, dv = q.shape[0], v.shape[-1]
     qb, kb, vb = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk), (v, plan.nk)))
     rows = h * plan.nq
@@ -161,7 +162,7 @@ def _backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     lay = plan.problem.layout
     b, h, scale = lay.block_size, plan.num_heads, plan.problem.scale
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     qb, kb, vb = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk), (v, plan.nk)))
     dob = _to_blocks(dout, plan.nq, b, acc)
     delta = (dout.to(acc) * out.to(acc)).sum(-1)

@@ -15,7 +15,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["merge_into_", "merge_partials"]
+__all__ = ["accumulation_dtype", "empty_partial", "merge_into_", "merge_partials"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where softmax statistics, merges and gradients accumulate: float64 for float64 inputs,
+    float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_partial(q: Tensor, dv: int, *, lse: bool = True) -> tuple[Tensor, Tensor | None]:
+    """What attending nothing gives the queries of ``q`` ``[B, H, S, D]``: zeros ``[B, H, S,
+    dv]`` in ``q``'s dtype and a log-sum-exp of ``-inf`` (None when ``lse`` is False)."""
+    shape = q.shape[:3]
+    out = q.new_zeros(*shape, dv)
+    if not lse:
+        return out, None
+    return out, torch.full(shape, -torch.inf, dtype=accumulation_dtype(q.dtype), device=q.device)
 
 
 def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .merge import accumulation_dtype
 from .problem import Problem
 
 __all__ = ["reference_attention"]
@@ -34,7 +35,7 @@ def reference_attention(
         p = p * _dense_dropout(problem, q.shape[0], p.shape[1], q.device).to(dtype)
     out = torch.matmul(p, v.to(dtype))
     lse = lse.masked_fill(empty, -torch.inf)
-    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out.to(q.dtype), lse.to(accumulation_dtype(q.dtype))
 
 
 def _dense_dropout(problem: Problem, batch: int, heads: int, device: torch.device) -> Tensor:
