@@ -69,8 +69,8 @@ GATHER_HEAD_FRACTION = 1 / 8
 GATHER_MIN_BYTES = 64 * 2**20
 #: From this many bytes per head, SDPA reads q, k, v in place through strided views (one call
 #: per offset); below it the views are copied into one batch for one call, since launches then
-#: cost more than the copies (on an H100, in place vs batched: 1.77 vs 1.32 ms at 16K tokens,
-#: 1.30 vs 2.45 ms at 64K; forward, 16 heads of 128, bf16).
+#: cost more than the copies (set from trial runs on an H100 at 16K and 64K tokens, forward,
+#: 16 heads of 128, bf16; those runs are not kept in data/).
 IN_PLACE_MIN_BYTES = 8 * 2**20
 
 
