@@ -100,12 +100,66 @@ def _check_modules(rank, world, sharding):
         torch.testing.assert_close(w_grad, single.in_proj_weight.grad)
 
 
+def _record_batches() -> list[list[tuple[str, int]]]:
+    """Record every batch of point-to-point operations this process posts, as
+    ``[(\"isend\" | \"irecv\", peer), ...]`` per batch, in order."""
+    log: list[list[tuple[str, int]]] = []
+    post = dist.batch_isend_irecv
+
+    def recording(ops):
+        log.append([(op.op.__name__, op.peer) for op in ops])
+        return post(ops)
+
+    dist.batch_isend_irecv = recording  # this spawned rank only
+    return log
+
+
+def _deadlock(queues: list[list[list[tuple[str, int]]]]) -> str | None:
+    """Run every rank's batches as NCCL does: one batch at a time per rank, in order; a batch
+    completes only together with the current batches of its peers that hold the matching
+    operations. Returns where the ranks would wait for each other forever, or None."""
+    head = [0] * len(queues)
+    while any(h < len(q) for h, q in zip(head, queues)):
+        ready = {r for r, q in enumerate(queues) if head[r] < len(q)}
+        changed = True
+        while changed:  # drop the batches whose peers are not all at the matching batch
+            changed = False
+            for r in sorted(ready):
+                batch = queues[r][head[r]]
+                for op, peer in batch:
+                    want = ("irecv" if op == "isend" else "isend", r)
+                    if (peer not in ready or batch.count((op, peer))
+                            != queues[peer][head[peer]].count(want)):
+                        ready.discard(r)
+                        changed = True
+                        break
+        if not ready:
+            return "; ".join(f"rank {r} waits in batch {head[r]}: {q[head[r]]}"
+                             for r, q in enumerate(queues) if head[r] < len(q))
+        for r in ready:
+            head[r] += 1
+    return None
+
+
+def test_the_nccl_order_model_catches_a_receive_posted_before_the_send():
+    # both ranks receive first, then send, in separate batches: NCCL would hang
+    hangs = [[[("irecv", 1)], [("isend", 1)]], [[("irecv", 0)], [("isend", 0)]]]
+    assert _deadlock(hangs) is not None
+    assert _deadlock([[[("irecv", 1), ("isend", 1)]], [[("isend", 0), ("irecv", 0)]]]) is None
+
+
 def _equivalence_worker(rank, world, path, shardings, names, faults):
     _init(rank, world, path)
+    batches = _record_batches()
     for sharding in shardings:
         _check_attention(rank, world, sharding, names)
     _check_attention(rank, world, "zigzag", ["local"], dropout=0.3)
     _check_modules(rank, world, shardings[-1])
+    # gloo buffers transfers, so a hang NCCL would hit must be found from the order
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, batches)
+    if rank == 0:
+        assert _deadlock(everyone) is None, _deadlock(everyone)
     for mode in faults:  # last: "never_calls" leaves the group unusable
         _fault(rank, mode)
     dist.destroy_process_group()
@@ -205,6 +259,32 @@ def _longest_worker(rank, world, path):
 
 def test_longest_sequence_search_stops_cleanly_when_a_rank_runs_out_of_memory():
     _spawn(_longest_worker, 2)
+
+
+def _profile_worker(rank, world, path):
+    from workbench import ring_bench
+    from workbench.records import read_csv
+
+    torch.set_num_threads(1)
+    ring_bench.ring_bench("test_profile", [256], ["random10"], heads=2, head_dim=8,
+                          block_size=16, reps=1, warmup=0, profile=3,
+                          init=(f"file://{path}", rank, world))
+    if rank == 0:
+        rows = read_csv("ring_test_profile_profile")
+        for r in range(world):  # per rank: the call's wall time, then the 3 costliest operators
+            mine = [row for row in rows if int(row["rank"]) == r]
+            assert [row["op"] for row in mine][0] == "(call)" and len(mine) == 4
+            assert float(mine[0]["wall_ms"]) > 0 and mine[0]["family"] == "random10"
+            cost = [float(row["self_cpu_ms"]) for row in mine[1:]]
+            assert cost == sorted(cost, reverse=True) and cost[0] > 0
+
+
+def test_ring_bench_profiles_one_call_per_case_and_rank():
+    _spawn(_profile_worker, 2)
+    with pytest.raises(ValueError, match="profile"):
+        from workbench.ring_bench import ring_bench
+
+        ring_bench("x", [256], ["causal"], profile=-1)
 
 
 # ----------------------------------------------------------------------------- plans (no processes)

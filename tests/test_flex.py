@@ -88,6 +88,23 @@ def test_ring_and_dilated_on_gpu(backend):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_building_a_ring_slice_mask_never_waits_for_the_gpu():
+    # The ring builds each (query run, K/V run) mask while the previous pair's kernel runs: a
+    # host-device synchronization there would leave the GPU idle until the mask is built.
+    pattern = P.random_blocks(0.3, seed=4, cell=128) | P.local_window(200, causal=True)
+    layout = pattern.block_structure(4096, 128, "cuda")
+    problem = Problem(layout, pattern.predicate("cuda"), 0.1, label=repr(pattern))
+    build_block_mask(problem.slice((0, 16), (16, 32)), "cuda")  # first-call setup
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        build_block_mask(problem.slice((16, 32), (0, 16)), "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_block_mask_follows_a_visit_order_within_rows():
     from workbench.orderings import block_visit_order
 

@@ -125,10 +125,10 @@ def _bench_longest(args: argparse.Namespace) -> int:
 
 
 def _copy_bandwidth(args: argparse.Namespace) -> int:
-    from .bench import _versions, copy_bandwidth
+    from .bench import copy_bandwidth
     from .records import environment, write_csv
 
-    env = {**environment(args.device), **_versions()}
+    env = environment(args.device)
     rows = [{**env, **r} for r in copy_bandwidth(args.device, args.mib, args.reps)]
     print(f"copy bandwidth: {rows[0]['gb_s']} GB/s (read + write)")
     write_csv(rows, f"bench_{args.study}_copy", args.device)
@@ -243,6 +243,9 @@ def _ring_commands(sub, families: tuple[str, ...]) -> None:
     rb.add_argument("--double-until", type=int, default=None, metavar="S_MAX",
                     help="longest-sequence search: double the first --seq-lens value until a "
                          "case fails (out of memory) or S_MAX")
+    rb.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile one more call per case and write its N most expensive "
+                         "operators per rank to data/ring_<study>_profile.csv")
     rb.set_defaults(func=_ring_bench)
 
     rp = sub.add_parser("ring-plan", help="per-(rank, step) compute and bytes of a ring, run on "
@@ -274,7 +277,7 @@ def _ring_bench(a: argparse.Namespace) -> int:
 
     rows = ring_bench(a.study, a.seq_lens, a.families, a.shardings, a.heads, a.head_dim,
                       a.dtype, a.block_size, a.reps, a.warmup, a.backward, a.backend, a.timeout,
-                      a.double_until)
+                      a.double_until, a.profile)
     if all(r["status"] == "ok" for r in rows):
         return 0
     # A case failed: the data-plane group may hold unmatched transfers, which can abort a

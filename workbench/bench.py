@@ -215,23 +215,13 @@ def _measure(fn: Callable[[], Tensor], cfg: BenchConfig, inputs: tuple[Tensor, .
     return ms, peak
 
 
-def _versions() -> dict[str, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    return {"triton": triton_version}
-
-
 def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) -> list[dict]:
     """Run the sweep; returns the rows (and writes ``data/bench_<study>.csv``)."""
     from tqdm.auto import tqdm
 
     device = torch.device(cfg.device)
     dtype = _DTYPES[cfg.dtype]
-    env = {**environment(device), **_versions()}
+    env = environment(device)
     jobs = [(s, f, v) for s in cfg.seq_lens for f in cfg.families for v in cfg.variants]
     rows: list[dict] = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -280,7 +270,7 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
     With ``study``, ``data/bench_<study>_longest.csv`` is rewritten after every length.
     """
     dev = torch.device(device)
-    env = {**environment(dev), **_versions()}
+    env = environment(dev)
     cfg = BenchConfig("longest", (start,), tuple(families), ("ours",), heads=heads,
                       head_dim=head_dim, block_size=block_size, device=device)
     rows = []
@@ -328,7 +318,7 @@ def hilbert_study(grids: Iterable[int], radii: Iterable[int], *, heads: int = 16
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    env = {**environment(dev), **_versions()}
+    env = environment(dev)
     rows = []
     for g in grids:
         shape = (1, heads, g * g, head_dim)
@@ -360,7 +350,7 @@ def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: i
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    env = {**environment(dev), **_versions()}
+    env = environment(dev)
     rows = []
     for s in seq_lens:
         q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=dtype) for _ in range(3))

@@ -460,39 +460,43 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     acc = accumulation_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)
     dk_own, dv_own = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
-    steps = _steps(setup)
-    stats.steps += len(steps)
-    pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
-    grads_in: list[_Transfer] = []
-    grads_out: list[_Transfer] = []  # keeps each sent gradient buffer alive until delivered
-    for n, step in enumerate(steps):
+    # Every rank posts its transfers in one global order (K/V of step d + 1, then the gradients
+    # of step d, for d = 0, 1, ...): NCCL runs a rank's batches in order, so two ranks that
+    # posted shared transfers in different orders would wait for each other forever. Steps in
+    # which this rank has nothing to do post nothing.
+    last = setup.plan.last_step()
+    stats.steps += len(_steps(setup))
+    pending = _post_kv(ring, setup, 1, k, v) if last else None
+    returns: list[_Transfer] = []  # keeps each sent gradient buffer alive until delivered
+    like = [(tuple(x.shape), acc) for x in (k, v)]
+    for step in range(last + 1):
         src, dst = (r - step) % p, (r + step) % p
         if step == 0:
             held: list[Tensor] | None = [k, v]
         else:
             held = ring.wait(pending, "receiving a K/V shard")
-            pending = _post_kv(ring, setup, steps[n + 1], k, v) if n + 1 < len(steps) else None
-        # gradients for our own K/V come back from the rank we sent it to at this step
-        if step and setup.plan.needed(dst, r):
-            like = [(tuple(x.shape), acc) for x in (k, v)]
-            grads_in.append(ring.post(step, None, None, like, dst))
-        if held is None:
-            continue
-        t0 = time.perf_counter()
-        g_k, g_v = ((dk_own, dv_own) if step == 0 else
-                    tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in held))
-        _backward_step(setup, q, held[0], held[1], src, out, lse, dout, dlse, dq, g_k, g_v,
-                       stats)
-        stats.compute_s += time.perf_counter() - t0
-        del held
-        if step:
-            grads_out.append(ring.post(step, (g_k, g_v), src, None, None))
-    for tr in grads_in:
-        got_k, got_v = ring.wait(tr, "receiving K/V gradients")
-        dk_own += got_k
-        dv_own += got_v
-    for tr in grads_out:
-        ring.wait(tr, "returning K/V gradients")
+            pending = _post_kv(ring, setup, step + 1, k, v) if step < last else None
+        grads = None
+        if held is not None:
+            t0 = time.perf_counter()
+            g_k, g_v = ((dk_own, dv_own) if step == 0 else
+                        tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in held))
+            _backward_step(setup, q, held[0], held[1], src, out, lse, dout, dlse, dq, g_k, g_v,
+                           stats)
+            stats.compute_s += time.perf_counter() - t0
+            grads = (g_k, g_v) if step else None
+            del held
+        # the gradients of the shard of ``src`` go back to it, and those of our own K/V come
+        # back from ``dst``, in ONE batch: NCCL runs a rank's batches in order, so a receive
+        # posted on its own before the send would wait for a peer doing the same (deadlock).
+        back = step > 0 and setup.plan.needed(dst, r)
+        if grads is not None or back:
+            returns.append(ring.post(step, grads, src, like if back else None, dst))
+    for tr in returns:
+        got = ring.wait(tr, "exchanging K/V gradients")
+        if got is not None:
+            dk_own += got[0]
+            dv_own += got[1]
     return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
 
 

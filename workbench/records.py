@@ -28,17 +28,26 @@ def data_dir() -> Path:
 
 
 def environment(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Device name, torch version and today's date (UTC) for a record."""
+    """Device name, torch version and today's date (UTC) for a record; on CUDA also the Triton
+    version, which compiles the kernels there."""
     dev = torch.device(device)
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
     else:
         name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {
+    env = {
         "device": name,
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).date().isoformat(),
     }
+    if dev.type == "cuda":
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = ""
+    return env
 
 
 def write_csv(rows: Iterable[Mapping[str, object]], name: str,

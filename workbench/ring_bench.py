@@ -23,14 +23,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import distributed as D
 from .attention import block_sparse_attention
-from .bench import _DTYPES, _versions, family_pattern, time_fn
+from .bench import _DTYPES, family_pattern, time_fn
 from .records import environment, write_csv
 
 __all__ = ["PASSES", "check_on_processes", "ring_bench", "ring_demo", "ring_plan_study"]
@@ -64,7 +65,7 @@ def _gather_rows(rows: list[dict], group=None) -> list[dict]:
 
 
 def _env(device: torch.device) -> dict[str, object]:
-    env: dict[str, object] = {**environment(device), **_versions(),
+    env: dict[str, object] = {**environment(device),
                               "world_size": dist.get_world_size(),
                               "backend": dist.get_backend()}
     if device.type == "cuda":
@@ -161,9 +162,13 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                shardings: Sequence[str] = ("contiguous",), heads: int = 16, head_dim: int = 128,
                dtype: str = "bf16", block_size: int = 128, reps: int = 10, warmup: int = 2,
                backward: bool = False, backend: str | None = None, timeout: float = 600.0,
-               double_until: int | None = None,
+               double_until: int | None = None, profile: int = 0,
                init: tuple[str, int, int] | None = None) -> list[dict]:
     """Time the distributed ring per (total length, family, sharding); rank 0 writes the CSV.
+
+    ``profile``: after timing a case, run one more call under ``torch.profiler`` and write its
+    ``profile`` most expensive operators per rank (self time on the device, on the CPU without
+    one) to ``data/ring_<study>_profile.csv``, with the call's wall time under the profiler.
 
     ``double_until``: a longest-sequence search instead: from ``seq_lens[0]``, double the length
     until a case fails or the length passes ``double_until``. A rank that runs out of memory
@@ -172,11 +177,14 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     first failure (the data-plane group may hold unmatched transfers then), so it always stops
     cleanly with every row written.
     """
+    if isinstance(profile, bool) or not isinstance(profile, int) or profile < 0:
+        raise ValueError(f"profile must be a number of operators >= 0, got {profile!r}")
     dev = _start(backend, timeout, init)
     rank = dist.get_rank()
     control = dist.new_group(backend="gloo")  # outcomes and rows, even if NCCL is stuck
     dt = _DTYPES[dtype] if dev.type == "cuda" else torch.float32
     rows: list[dict] = []
+    profiles: list[dict] = []
     failed = False
     for s in _lengths(seq_lens, double_until):
         for family in families:
@@ -188,10 +196,14 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                        "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim,
                        "dtype": dtype, "block_size": block_size,
                        "pass": "fwd+bwd" if backward else "fwd"}
-                row.update(_time_ring(pattern, s, sharding, heads, head_dim, dt, block_size,
-                                      reps, warmup, backward, dev, timeout))
+                result = _time_ring(pattern, s, sharding, heads, head_dim, dt, block_size,
+                                    reps, warmup, backward, dev, timeout, profile)
+                ops = [{**row, **op} for op in result.pop("profile", [])]
+                row.update(result)
                 case_rows = _gather_rows([row], control)  # every rank's row of this case
                 rows += [{**_env(dev), **r} for r in case_rows]
+                if profile:
+                    profiles += [{**_env(dev), **r} for r in _gather_rows(ops, control)]
                 outcomes = [r["status"] for r in case_rows]
                 failed = any(o != "ok" for o in outcomes)
                 if rank == 0:
@@ -200,6 +212,8 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                           f"{row.get('peak_mib', 0):>9.0f} MiB", flush=True)
                     # after every case: a sweep cut short keeps every finished case
                     path = write_csv(rows, f"ring_{study}", dev)
+                    if profiles:
+                        write_csv(profiles, f"ring_{study}_profile", dev)
         if failed:
             break
     if rank == 0 and rows:
@@ -221,9 +235,10 @@ def _lengths(seq_lens: Sequence[int], double_until: int | None):
 
 
 def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, reps, warmup,
-               backward, dev, timeout) -> dict[str, object]:
-    """One case on this rank: ``status`` ok (with times, memory and counters), ``oom`` or
-    ``peer_failed`` (another rank failed and this one timed out waiting for it)."""
+               backward, dev, timeout, profile: int = 0) -> dict[str, object]:
+    """One case on this rank: ``status`` ok (with times, memory and counters, and ``profile``:
+    the rows of :func:`_profile_call` when asked for), ``oom`` or ``peer_failed`` (another rank
+    failed and this one timed out waiting for it)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     local = D.shard_plan(seq_len, world, block_size, sharding).local_len(rank)
     q = k = v = None
@@ -255,6 +270,7 @@ def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, r
 
         ms = time_fn(timed, reps, warmup, dev)
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else 0
+        ops = _profile_call(timed, dev, profile) if profile else []
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom", "local_len": local}
     except (D.RingTimeoutError, D.RingCommunicationError):
@@ -269,7 +285,32 @@ def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, r
             "pairs_skipped": stats.pairs_skipped, "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received, "bwd_bytes_sent": back.bytes_sent,
             "wait_ms": round(1e3 * (stats.wait_s + back.wait_s), 3),
-            "gpu_wait_ms": round(stats.gpu_wait_ms() + back.gpu_wait_ms(), 3)}
+            "gpu_wait_ms": round(stats.gpu_wait_ms() + back.gpu_wait_ms(), 3),
+            **({"profile": ops} if profile else {})}
+
+
+def _profile_call(fn: Callable[[], None], dev: torch.device, top: int) -> list[dict]:
+    """One call of ``fn`` under ``torch.profiler``: a ``(call)`` row with its wall time, then
+    the ``top`` operators by self time on ``dev`` (self CPU time on the CPU), in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        wall = time.perf_counter() - t0
+    ops = prof.key_averages()
+    by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = [{"op": "(call)", "calls": 1, "wall_ms": round(wall * 1e3, 3)}]
+    for e in sorted(ops, key=lambda e: getattr(e, by), reverse=True)[:top]:
+        rows.append({"op": e.key, "calls": e.count,
+                     "self_device_ms": round(e.self_device_time_total / 1e3, 3),
+                     "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+                     "cpu_total_ms": round(e.cpu_time_total / 1e3, 3)})
+    return rows
 
 
 def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str], world: int,
@@ -287,7 +328,7 @@ def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str]
         raise ValueError(f"passes must be drawn from {PASSES}, got {list(passes)!r}")
     dev = torch.device(device)
     dt = _DTYPES[dtype] if dev.type == "cuda" else torch.float32
-    env = {**environment(dev), **_versions()}
+    env = environment(dev)
     cases = [(s, f, sh, p) for s in seq_lens for f in families for sh in shardings for p in passes]
     rows = []
     for s, family, sharding, pass_ in tqdm(cases, desc="ring plan", unit="case"):

@@ -121,9 +121,11 @@ def build_block_mask(problem: Problem, device: torch.device | str):
     f_n, f_i = _sorted_indices(full, rank)
     allowed, q_len, k_len = problem.allowed, lay.q_len, lay.k_len
     # Offsets as tensors: the compiled kernel takes them as inputs, so the slices of a ring (same
-    # shape, other offsets) reuse one compilation instead of specializing on each offset.
-    q_off = torch.tensor(problem.q_offset, device=device)
-    k_off = torch.tensor(problem.k_offset, device=device)
+    # shape, other offsets) reuse one compilation instead of specializing on each offset. Filled
+    # on the device: copying a Python number to the GPU (torch.tensor(x, device=...)) waits for
+    # every kernel already queued, so the GPU would idle while the next mask is being built.
+    q_off = torch.full((), problem.q_offset, dtype=torch.int64, device=device)
+    k_off = torch.full((), problem.k_offset, dtype=torch.int64, device=device)
 
     def mask_mod(bi, h, qi, ki):
         return (qi < q_len) & (ki < k_len) & allowed(h, qi + q_off, ki + k_off)
