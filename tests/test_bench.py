@@ -60,5 +60,6 @@ def test_a_sweep_cut_short_keeps_every_finished_case(monkeypatch):
 
 def test_copy_bandwidth_counts_read_and_write_bytes():
     (row,) = bench.copy_bandwidth("cpu", mib=4, reps=3)
-    assert row["gb_s"] == pytest.approx(2 * 4 * 2**20 / row["ms"] / 1e6, rel=0.01)
+    # gb_s is recorded to 0.1 GB/s: a slow (busy) machine must not fail on that rounding
+    assert row["gb_s"] == pytest.approx(2 * 4 * 2**20 / row["ms"] / 1e6, rel=1e-3, abs=0.051)
     assert row["gb_s"] > 0

@@ -75,6 +75,22 @@ def _check_attention(rank, world, sharding, names, dropout=0.0):
                                        msg=f"{name} {sharding} d{what}")
 
 
+def _check_inference(rank, world, sharding):
+    """Without gradients or a requested log-sum-exp, a rank with one partial computes it
+    without one (SDPA for aligned dilated segments): the same output."""
+    s = 128 * world  # contiguous shards of 128 tokens: every segment inside one rank
+    q, k, v = (_full(i, 2, 3, s, 8) for i in range(3))
+    sh = D.shard_plan(s, world, BLOCK, sharding)
+    for pat in (P.dilated([32, 64], [1, 2], num_heads=3), P.local_window(20), P.causal()):
+        ref = wb.block_sparse_attention(q, k, v, pat, BLOCK, backend="reference")
+        stats = D.RingStats()
+        with torch.no_grad():
+            out = D.distributed_ring_attention(*(sh.shard(x, rank) for x in (q, k, v)), pat,
+                                               BLOCK, sharding=sharding, stats=stats)
+        torch.testing.assert_close(out, sh.shard(ref, rank), msg=f"{pat!r} {sharding} no grad")
+        assert out.dtype == q.dtype and stats.pairs_computed >= 1
+
+
 def _check_modules(rank, world, sharding):
     """The multi-head module (fixed and adaptive) on shards equals it on the whole sequence."""
     x = _full(7, 2, S, 12)
@@ -154,6 +170,8 @@ def _equivalence_worker(rank, world, path, shardings, names, faults):
     for sharding in shardings:
         _check_attention(rank, world, sharding, names)
     _check_attention(rank, world, "zigzag", ["local"], dropout=0.3)
+    for sharding in shardings:
+        _check_inference(rank, world, sharding)
     _check_modules(rank, world, shardings[-1])
     # gloo buffers transfers, so a hang NCCL would hit must be found from the order
     everyone: list = [None] * world

@@ -262,10 +262,11 @@ def _heads_gather(
 
 def dilated_pattern_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: Dilated, *, scale: float | None = None,
-    block_size: int = 64,
-) -> tuple[Tensor, Tensor]:
+    block_size: int = 64, need_lse: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """``block_sparse_attention(q, k, v, pattern, return_lse=True)`` for a LongNet
     :class:`~workbench.patterns.Dilated` pattern, computed by the dilation ordering.
+    ``need_lse=False`` returns ``(out, None)`` and lets SDPA compute the segments.
 
     Positions are local: segments start at 0, so on a window of a longer sequence this is the
     pattern's attention restricted to the window when the window starts at a multiple of every
@@ -278,7 +279,7 @@ def dilated_pattern_attention(
         raise ValueError(f"need {pattern.num_heads} heads and q, k of one length, got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _heads_gather(q, k, v, pattern.w, pattern.r, pattern.s, False, scale, True,
+    return _heads_gather(q, k, v, pattern.w, pattern.r, pattern.s, False, scale, need_lse,
                          block_size)
 
 

@@ -326,6 +326,7 @@ class _Setup:
     group: object
     timeout: float
     pattern: Pattern
+    need_lse: bool = True  # False: the caller wants no log-sum-exp and no gradients
 
     @property
     def world(self) -> int:
@@ -354,33 +355,35 @@ def _pairs(setup: _Setup, src: int):
 
 
 def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
-              stats: RingStats | None) -> Iterator[tuple[int, Tensor, Tensor]]:
+              stats: RingStats | None, need_lse: bool = True
+              ) -> Iterator[tuple[int, Tensor, Tensor | None]]:
     """This rank's partials ``(run, out, lse)`` against the K/V shard of ``src``, one pair of
-    runs at a time (merge each before asking for the next: one partial is alive at a time)."""
+    runs at a time (merge each before asking for the next: one partial is alive at a time).
+    ``lse`` may be None when ``need_lse`` is False."""
     qo, ko = setup.local_offsets(setup.rank), setup.local_offsets(src)
     for i, j, sub, tiles in _pairs(setup, src):
         qs = q.narrow(2, *qo[i])
         ks, vs = k.narrow(2, *ko[j]), v.narrow(2, *ko[j])
-        o, lse = _run_pair(setup, qs, ks, vs, sub, diagonal=src == setup.rank and i == j)
+        o, lse = _run_pair(setup, qs, ks, vs, sub, src == setup.rank and i == j, need_lse)
         if stats is not None:
             stats.pairs_computed += 1
             stats.tiles_computed += tiles
         yield i, o, lse
 
 
-def _run_pair(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, sub: Problem, diagonal: bool
-              ) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of one (query run, K/V run) pair. A LongNet pattern on a rank's own run
-    that starts at a multiple of every segment is computed by the dilation ordering (dense
-    gathered segments) instead of tile by tile in natural order: same result, far fewer
-    wasted tiles."""
+def _run_pair(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, sub: Problem, diagonal: bool,
+              need_lse: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``(out, lse)`` of one (query run, K/V run) pair (``lse`` may be None when ``need_lse``
+    is False). A LongNet pattern on a rank's own run that starts at a multiple of every segment
+    is computed by the dilation ordering (dense gathered segments) instead of tile by tile in
+    natural order: same result, far fewer wasted tiles."""
     pat = setup.pattern
     if (diagonal and isinstance(pat, Dilated) and sub.dropout is None
             and sub.q_offset % math.lcm(*pat.w) == 0):
         from .dilated import dilated_pattern_attention  # dilated -> attention -> distributed
 
-        return dilated_pattern_attention(q, k, v, pat, scale=sub.scale)
-    return run_backend(setup.backend, q, k, v, sub, need_lse=True)
+        return dilated_pattern_attention(q, k, v, pat, scale=sub.scale, need_lse=need_lse)
+    return run_backend(setup.backend, q, k, v, sub, need_lse=need_lse)
 
 
 def _steps(setup: _Setup) -> list[int]:
@@ -402,7 +405,7 @@ def _post_kv(ring: _Ring, setup: _Setup, step: int, k: Tensor, v: Tensor) -> _Tr
 
 
 def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingStats
-                  ) -> tuple[Tensor, Tensor]:
+                  ) -> tuple[Tensor, Tensor | None]:
     ring = _Ring(setup, q.device, stats)
     k, v, p = k.contiguous(), v.contiguous(), setup.world
     # running (out, lse) per query run: each partial is merged into it as soon as it exists, so
@@ -410,12 +413,15 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
     # the first partial becomes the running result; with several (zigzag) each run's result is
     # a slice of one preallocated output, so nothing is concatenated at the end.
     runs = setup.local_offsets(setup.rank)
-    acc: list[tuple[Tensor, Tensor] | None] = [None for _ in runs]
+    acc: list[tuple[Tensor, Tensor | None] | None] = [None for _ in runs]
     whole = None
-    if len(runs) > 1:
-        whole = empty_partial(q, v.shape[-1])
     steps = _steps(setup)
     stats.steps += len(steps)
+    # A rank with one partial in all has nothing to merge: without gradients or a requested
+    # log-sum-exp, it computes that partial without one (e.g. SDPA for dilated segments).
+    need_lse = setup.need_lse or sum(1 for src in range(p) for _ in _pairs(setup, src)) > 1
+    if len(runs) > 1:
+        whole = empty_partial(q, v.shape[-1], lse=need_lse)
     pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
     for n, step in enumerate(steps):
         if step == 0:
@@ -429,13 +435,16 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
             continue
         t0 = time.perf_counter()
         before = stats.tiles_computed
-        for i, o, lse in _partials(setup, q, held[0], held[1], src, stats):
+        for i, o, lse in _partials(setup, q, held[0], held[1], src, stats, need_lse):
+            lse = lse if need_lse else None  # (a backend may return one anyway)
             if acc[i] is None and whole is None:  # the first partial becomes the result
-                acc[i] = (o, lse.to(accumulation_dtype(lse.dtype)))
+                acc[i] = (o, None if lse is None else lse.to(accumulation_dtype(lse.dtype)))
             elif acc[i] is None:  # the first partial of a run is copied into its slice
-                acc[i] = (whole[0].narrow(2, *runs[i]), whole[1].narrow(2, *runs[i]))
+                acc[i] = (whole[0].narrow(2, *runs[i]),
+                          None if lse is None else whole[1].narrow(2, *runs[i]))
                 acc[i][0].copy_(o)
-                acc[i][1].copy_(lse)
+                if lse is not None:
+                    acc[i][1].copy_(lse)
             else:  # merged in place, a slice at a time: no full-size temporaries
                 merge_into_(acc[i][0], acc[i][1], o, lse)
             del o, lse
@@ -448,7 +457,7 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
     if whole is not None:  # runs that attend nothing keep zeros and -inf
         return whole
     if acc[0] is None:
-        return empty_partial(q, v.shape[-1])
+        return empty_partial(q, v.shape[-1], lse=need_lse)
     return acc[0][0].to(q.dtype), acc[0][1]
 
 
@@ -617,8 +626,9 @@ def distributed_ring_attention(
     problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern),
                       block_order=block_order, dropout=dropout)
     plan = distributed_plan(layout, shards)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     setup = _Setup(rank, plan, problem, resolve_backend(backend, q, dropout is not None),
-                   process_group, float(timeout), pattern)
+                   process_group, float(timeout), pattern, need_lse=return_lse or grad)
     out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats())
     return (out, lse) if return_lse else out
 
