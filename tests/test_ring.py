@@ -85,3 +85,24 @@ def test_merge_into_matches_merge_partials_slice_by_slice(monkeypatch):
     M.merge_into_(o1, l1, o2, l2)
     torch.testing.assert_close(o1, want_o)
     torch.testing.assert_close(l1, want_l)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_merge_of_low_precision_partials_accumulates_in_float32(dtype):
+    from workbench.backends import merge as M
+
+    g = torch.Generator().manual_seed(5)
+    o1, o2 = (torch.randn(2, 3, 37, 8, generator=g).to(dtype) for _ in range(2))
+    l1, l2 = (4 * torch.randn(2, 3, 37, generator=g) for _ in range(2))
+    l1[0, 0, :3] = -torch.inf
+    # the exact merge of the rounded inputs, rounded once to their dtype
+    w1, w2 = (torch.exp(x.double() - torch.logaddexp(l1, l2).double())[..., None] for x in (l1, l2))
+    want = torch.nan_to_num(w1) * o1.double() + w2 * o2.double()
+    got, lse = M.merge_partials([o1, o2], [l1, l2])
+    assert got.dtype == dtype and lse.dtype == torch.float32
+    tol = max(torch.finfo(dtype).eps, 1e-6)  # one rounding to dtype (or float32's own error)
+    torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=tol, atol=tol)
+    acc_o, acc_l = o1.clone(), l1.clone()
+    M.merge_into_(acc_o, acc_l, o2, l2)
+    torch.testing.assert_close(acc_o, got, rtol=0, atol=0)
+    torch.testing.assert_close(acc_l, torch.logaddexp(l1, l2))

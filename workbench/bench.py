@@ -407,5 +407,5 @@ def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 20) -> lis
     src = torch.empty(mib * 2**20, dtype=torch.uint8, device=dev).random_(0, 255)
     dst = torch.empty_like(src)
     ms = time_fn(lambda: dst.copy_(src), reps, 3, dev)
-    return [{"mib": mib, "reps": reps, "ms": round(ms, 4),
+    return [{"mib": mib, "reps": reps, "ms": round(ms, 6),
              "gb_s": round(2 * src.numel() / ms / 1e6, 1)}]

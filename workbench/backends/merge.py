@@ -42,19 +42,33 @@ def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tens
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError("merge_partials needs one log-sum-exp per partial output (at least one)")
-    acc = torch.float64 if any(x.dtype == torch.float64 for x in lses) else torch.float32
     if len(outs) == 1:
-        return outs[0], lses[0].to(acc)
-    lse = torch.stack([x.to(acc) for x in lses])  # [P, ..., S]
+        return outs[0], lses[0].to(_lse_dtype(lses))
+    out, merged = _weighted_sum(outs, lses)
+    return out.to(outs[0].dtype), merged
+
+
+def _lse_dtype(lses: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in lses) else torch.float32
+
+
+def _weighted_sum(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The merge of two or more partials, its output still in the accumulation dtype."""
+    lse = torch.stack([x.to(_lse_dtype(lses)) for x in lses])  # [P, ..., S]
     top = lse.amax(0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(lse - top)  # -inf parts get weight 0
     total = w.sum(0)
     nonempty = total > 0
     safe_total = torch.where(nonempty, total, torch.ones_like(total))
-    out = sum(wi[..., None] * o.to(acc) for wi, o in zip(w, outs)) / safe_total[..., None]
+    share = (w / safe_total)[..., None]  # each part's share of the denominator, [P, ..., S, 1]
+    # One pass per part over the outputs: the products promote to the accumulation dtype inside
+    # the kernel, so no full-size converted copy of any output is made.
+    out = outs[0] * share[0]
+    for o, sh in zip(outs[1:], share[1:]):
+        out = out.addcmul_(o, sh)
     merged = torch.where(nonempty, top + torch.log(safe_total), torch.full_like(top, -torch.inf))
-    return out.to(outs[0].dtype), merged
+    return out, merged
 
 
 _MERGE_CHUNK = 1 << 24  # elements of an output merged at a time by merge_into_
@@ -71,7 +85,7 @@ def merge_into_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> N
     rows = max(1, _MERGE_CHUNK // max(1, acc_out[..., 0, :].numel()))
     for start in range(0, acc_out.shape[-2], rows):
         sl = slice(start, start + rows)
-        o, lse_m = merge_partials([acc_out[..., sl, :], out[..., sl, :]],
-                                  [acc_lse[..., sl], lse[..., sl]])
-        acc_out[..., sl, :].copy_(o)
+        o, lse_m = _weighted_sum([acc_out[..., sl, :], out[..., sl, :]],
+                                 [acc_lse[..., sl], lse[..., sl]])
+        acc_out[..., sl, :].copy_(o)  # rounds to acc_out's dtype once
         acc_lse[..., sl].copy_(lse_m)
