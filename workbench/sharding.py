@@ -172,10 +172,12 @@ def distributed_plan(layout: BlockLayout, sharding: Sharding) -> DistributedPlan
     if (layout.q_len, layout.k_len, layout.block_size) != (
             sharding.seq_len, sharding.seq_len, sharding.block_size):
         raise ValueError("layout and sharding disagree on the sequence length or block size")
-    run = sharding.run_of_block().to(layout.active.device)
-    per_tile = layout.active.sum(0, dtype=torch.int64)  # [nq, nk]
-    n = sum(len(runs) for runs in sharding.pieces)
-    rows = torch.zeros(n, per_tile.shape[1], dtype=torch.int64, device=run.device)
-    rows.index_add_(0, run, per_tile)
-    tiles = torch.zeros(n, n, dtype=torch.int64, device=run.device).index_add_(1, run, rows)
+    dev = layout.active.device
+    # each run's query blocks summed over heads and rows (one read of the layout, no
+    # [nq, nk] integer copy), then the key blocks folded into runs
+    runs = [r for pieces in sharding.pieces for r in pieces]
+    rows = torch.stack([layout.active[:, b0:b1].sum((0, 1), dtype=torch.int64)
+                        for b0, b1 in runs])  # [n, nk]
+    tiles = torch.zeros(len(runs), len(runs), dtype=torch.int64, device=dev).index_add_(
+        1, sharding.run_of_block().to(dev), rows)
     return DistributedPlan(sharding, tiles.cpu())
