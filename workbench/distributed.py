@@ -211,6 +211,7 @@ class _Transfer:
     peer_in: int | None
     peer_out: int | None
     step: int
+    sent: Sequence[Tensor] | None = None  # held until the transfer is waited for
 
 
 class _Ring:
@@ -240,7 +241,8 @@ class _Ring:
                 ops.append(dist.P2POp(dist.irecv, b, self._global(recv_from), self.group))
                 self.stats.bytes_received += b.numel() * b.element_size()
         works = dist.batch_isend_irecv(ops) if ops else []
-        return _Transfer(works, bufs, recv_from, send_to, step)
+        return _Transfer(works, bufs, recv_from, send_to, step,
+                         send if send_to is not None else None)
 
     def wait(self, tr: _Transfer, what: str) -> list[Tensor] | None:
         t0 = time.perf_counter()
@@ -476,8 +478,15 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     last = setup.plan.last_step()
     stats.steps += len(_steps(setup))
     pending = _post_kv(ring, setup, 1, k, v) if last else None
-    returns: list[_Transfer] = []  # keeps each sent gradient buffer alive until delivered
     like = [(tuple(x.shape), acc) for x in (k, v)]
+    returning: _Transfer | None = None  # the gradient exchange of the last step that had one
+
+    def take(tr: _Transfer) -> None:  # wait for a gradient exchange; add what came back
+        got = ring.wait(tr, "exchanging K/V gradients")
+        if got is not None:
+            dk_own.add_(got[0])
+            dv_own.add_(got[1])
+
     for step in range(last + 1):
         src, dst = (r - step) % p, (r + step) % p
         if step == 0:
@@ -498,14 +507,16 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         # the gradients of the shard of ``src`` go back to it, and those of our own K/V come
         # back from ``dst``, in ONE batch: NCCL runs a rank's batches in order, so a receive
         # posted on its own before the send would wait for a peer doing the same (deadlock).
+        # The previous step's exchange is taken once this one is posted: at most two steps'
+        # gradient buffers are alive, however many ranks.
         back = step > 0 and setup.plan.needed(dst, r)
         if grads is not None or back:
-            returns.append(ring.post(step, grads, src, like if back else None, dst))
-    for tr in returns:
-        got = ring.wait(tr, "exchanging K/V gradients")
-        if got is not None:
-            dk_own += got[0]
-            dv_own += got[1]
+            posted = ring.post(step, grads, src, like if back else None, dst)
+            if returning is not None:
+                take(returning)
+            returning = posted
+    if returning is not None:
+        take(returning)
     return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
 
 
