@@ -279,29 +279,43 @@ def test_longest_sequence_search_stops_cleanly_when_a_rank_runs_out_of_memory():
     _spawn(_longest_worker, 2)
 
 
-def _profile_worker(rank, world, path):
+def _profile_and_baseline_worker(rank, world, path):
     from workbench import ring_bench
     from workbench.records import read_csv
 
     torch.set_num_threads(1)
-    ring_bench.ring_bench("test_profile", [256], ["random10"], heads=2, head_dim=8,
-                          block_size=16, reps=1, warmup=0, profile=3,
-                          init=(f"file://{path}", rank, world))
-    if rank == 0:
-        rows = read_csv("ring_test_profile_profile")
-        for r in range(world):  # per rank: the call's wall time, then the 3 costliest operators
-            mine = [row for row in rows if int(row["rank"]) == r]
-            assert [row["op"] for row in mine][0] == "(call)" and len(mine) == 4
-            assert float(mine[0]["wall_ms"]) > 0 and mine[0]["family"] == "random10"
-            cost = [float(row["self_cpu_ms"]) for row in mine[1:]]
-            assert cost == sorted(cost, reverse=True) and cost[0] > 0
+    rows = ring_bench.ring_bench("test_profile", [256], ["random10", "local"], ["contiguous",
+                                 "zigzag"], heads=2, head_dim=8, block_size=16, reps=1,
+                                 warmup=0, profile=3, baseline=True,
+                                 init=(f"file://{path}", rank, world))
+    if rank != 0:
+        return
+    ops = read_csv("ring_test_profile_profile")
+    for r in range(world):  # per rank and case: the call's wall time, the 3 costliest operators
+        mine = [op for op in ops if int(op["rank"]) == r and op["family"] == "random10"
+                and op["sharding"] == "zigzag"]
+        assert [op["op"] for op in mine][0] == "(call)" and len(mine) == 4
+        assert float(mine[0]["wall_ms"]) > 0
+        cost = [float(op["self_cpu_ms"]) for op in mine[1:]]
+        assert cost == sorted(cost, reverse=True) and cost[0] > 0
+    # every case has its one-rank baseline at S / world, and the efficiency it implies
+    assert len(rows) == 4 * (world + 1)
+    for family in ("random10", "local"):
+        for sharding in ("contiguous", "zigzag"):
+            case = [r for r in rows if (r["family"], r["sharding"]) == (family, sharding)]
+            (one,) = [r for r in case if r["world_size"] == 1]
+            many = [r for r in case if r["world_size"] == world]
+            assert one["seq_len"] == 256 // world and one["rank"] == 0 and len(many) == world
+            want = (sum(r["tiles"] for r in many) / world / max(r["ms"] for r in many)
+                    / (one["tiles"] / one["ms"]))
+            assert one["efficiency"] == pytest.approx(want, rel=1e-3) and one["efficiency"] > 0
 
 
-def test_ring_bench_profiles_one_call_per_case_and_rank():
-    _spawn(_profile_worker, 2)
+def test_ring_bench_profiles_and_measures_efficiency_against_one_rank():
+    _spawn(_profile_and_baseline_worker, 2)
+    from workbench.ring_bench import ring_bench
+
     with pytest.raises(ValueError, match="profile"):
-        from workbench.ring_bench import ring_bench
-
         ring_bench("x", [256], ["causal"], profile=-1)
 
 

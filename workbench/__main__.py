@@ -243,6 +243,9 @@ def _ring_commands(sub, families: tuple[str, ...]) -> None:
     rb.add_argument("--double-until", type=int, default=None, metavar="S_MAX",
                     help="longest-sequence search: double the first --seq-lens value until a "
                          "case fails (out of memory) or S_MAX")
+    rb.add_argument("--baseline", action="store_true",
+                    help="after each case, run rank 0 alone at the per-rank length and record "
+                         "the parallel efficiency")
     rb.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile one more call per case and write its N most expensive "
                          "operators per rank to data/ring_<study>_profile.csv")
@@ -277,7 +280,7 @@ def _ring_bench(a: argparse.Namespace) -> int:
 
     rows = ring_bench(a.study, a.seq_lens, a.families, a.shardings, a.heads, a.head_dim,
                       a.dtype, a.block_size, a.reps, a.warmup, a.backward, a.backend, a.timeout,
-                      a.double_until, a.profile)
+                      a.double_until, a.profile, a.baseline)
     if all(r["status"] == "ok" for r in rows):
         return 0
     # A case failed: the data-plane group may hold unmatched transfers, which can abort a

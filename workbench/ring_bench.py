@@ -162,9 +162,14 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                shardings: Sequence[str] = ("contiguous",), heads: int = 16, head_dim: int = 128,
                dtype: str = "bf16", block_size: int = 128, reps: int = 10, warmup: int = 2,
                backward: bool = False, backend: str | None = None, timeout: float = 600.0,
-               double_until: int | None = None, profile: int = 0,
+               double_until: int | None = None, profile: int = 0, baseline: bool = False,
                init: tuple[str, int, int] | None = None) -> list[dict]:
     """Time the distributed ring per (total length, family, sharding); rank 0 writes the CSV.
+
+    ``baseline``: after each case, rank 0 alone (a one-rank group) runs the same family at the
+    per-rank length ``S / P``, and its row (``world_size`` 1) carries the parallel efficiency
+    ``E = (W(S) / (P T_P)) / (W(S/P) / T_1)``: tiles computed per ms and GPU at ``S`` over
+    ``P`` ranks against one rank at ``S / P``, with ``T_P`` the slowest rank.
 
     ``profile``: after timing a case, run one more call under ``torch.profiler`` and write its
     ``profile`` most expensive operators per rank (self time on the device, on the CPU without
@@ -180,8 +185,12 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     if isinstance(profile, bool) or not isinstance(profile, int) or profile < 0:
         raise ValueError(f"profile must be a number of operators >= 0, got {profile!r}")
     dev = _start(backend, timeout, init)
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     control = dist.new_group(backend="gloo")  # outcomes and rows, even if NCCL is stuck
+    solo = dist.new_group([0]) if baseline else None  # the one-rank baseline
+    if baseline and any(n % world for n in seq_lens):
+        raise ValueError(f"baseline runs S / {world} tokens on one rank: every --seq-lens "
+                         f"value must be a multiple of {world}, got {list(seq_lens)}")
     dt = _DTYPES[dtype] if dev.type == "cuda" else torch.float32
     rows: list[dict] = []
     profiles: list[dict] = []
@@ -206,10 +215,20 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                     profiles += [{**_env(dev), **r} for r in _gather_rows(ops, control)]
                 outcomes = [r["status"] for r in case_rows]
                 failed = any(o != "ok" for o in outcomes)
+                note = ""
+                if solo is not None and not failed:
+                    base = _baseline_row(row, case_rows, s // world, heads, head_dim, dt,
+                                         block_size, reps, warmup, backward, dev, timeout,
+                                         solo) if rank == 0 else None
+                    D.barrier(timeout, control)
+                    if base is not None:
+                        rows.append({**_env(dev), **base})
+                        note = f"  1 rank at S/{world}: {base.get('ms', float('nan')):.2f} ms, " \
+                               f"efficiency {base.get('efficiency', float('nan')):.3f}"
                 if rank == 0:
                     print(f"{s:>9} {family:>9} {sharding:>10} {'/'.join(outcomes):>12} "
                           f"{row.get('ms', float('nan')):>10.2f} ms  rank-0 peak "
-                          f"{row.get('peak_mib', 0):>9.0f} MiB", flush=True)
+                          f"{row.get('peak_mib', 0):>9.0f} MiB{note}", flush=True)
                     # after every case: a sweep cut short keeps every finished case
                     path = write_csv(rows, f"ring_{study}", dev)
                     if profiles:
@@ -221,6 +240,21 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     if not failed:  # after a failure NCCL may hold unmatched transfers: leave teardown to exit
         dist.destroy_process_group()
     return rows
+
+
+def _baseline_row(row: dict, case_rows: list[dict], seq_len: int, heads, head_dim, dtype,
+                  block_size, reps, warmup, backward, dev, timeout, solo) -> dict:
+    """Rank 0 alone at ``seq_len`` (the per-rank length of the case ``case_rows``), with the
+    case's parallel efficiency."""
+    pattern, params = family_pattern(row["family"], seq_len, heads)
+    base = {**row, "params": params, "seq_len": seq_len, "rank": 0, "world_size": 1,
+            **_time_ring(pattern, seq_len, row["sharding"], heads, head_dim, dtype, block_size,
+                         reps, warmup, backward, dev, timeout, group=solo)}
+    if base["status"] == "ok" and base["tiles"]:
+        per_rank = sum(r["tiles"] for r in case_rows) / (len(case_rows)
+                                                          * max(r["ms"] for r in case_rows))
+        base["efficiency"] = round(per_rank / (base["tiles"] / base["ms"]), 4)
+    return base
 
 
 def _lengths(seq_lens: Sequence[int], double_until: int | None):
@@ -235,11 +269,11 @@ def _lengths(seq_lens: Sequence[int], double_until: int | None):
 
 
 def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, reps, warmup,
-               backward, dev, timeout, profile: int = 0) -> dict[str, object]:
-    """One case on this rank: ``status`` ok (with times, memory and counters, and ``profile``:
-    the rows of :func:`_profile_call` when asked for), ``oom`` or ``peer_failed`` (another rank
-    failed and this one timed out waiting for it)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+               backward, dev, timeout, profile: int = 0, group=None) -> dict[str, object]:
+    """One case on this rank of ``group`` (None: every rank): ``status`` ok (with times,
+    memory and counters, and ``profile``: the rows of :func:`_profile_call` when asked for),
+    ``oom`` or ``peer_failed`` (another rank failed and this one timed out waiting for it)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     local = D.shard_plan(seq_len, world, block_size, sharding).local_len(rank)
     q = k = v = None
 
@@ -251,13 +285,13 @@ def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, r
 
     try:
         layout = pattern.block_structure(seq_len, block_size, dev)
-        kw = dict(sharding=sharding, layout=layout, timeout=timeout)
+        kw = dict(sharding=sharding, layout=layout, timeout=timeout, process_group=group)
         g = torch.Generator(device=dev).manual_seed(rank)
         q, k, v = (torch.randn(1, heads, local, head_dim, generator=g, device=dev, dtype=dtype)
                    .requires_grad_(backward) for _ in range(3))
         step()  # compilation and first-call costs stay out of the timing and the counters
         stats = D.RingStats()
-        D.barrier(timeout)
+        D.barrier(timeout, group)
         step(stats)  # the counters (bytes, steps, waits) of one warm call
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -265,7 +299,7 @@ def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, r
         base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
 
         def timed() -> None:
-            D.barrier(timeout)
+            D.barrier(timeout, group)
             step()
 
         ms = time_fn(timed, reps, warmup, dev)
