@@ -192,6 +192,30 @@ def test_world_size_3_equals_single_process():
     _spawn(_equivalence_worker, 3, ["contiguous", "zigzag"], ["causal", "dilated", "local"], [])
 
 
+def _uneven_steps_worker(rank, world, path):
+    _init(rank, world, path)
+    batches = _record_batches()
+    for sharding in ("contiguous", "zigzag"):
+        _check_attention(rank, world, sharding, ["global_local"])
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, batches)
+    if rank == 0:
+        assert _deadlock(everyone) is None, _deadlock(everyone)
+    dist.destroy_process_group()
+
+
+def test_world_size_4_with_ranks_on_different_steps():
+    # global_local & causal over 4 ranks: the ranks take part in different ring steps
+    # ([0, 1, 2, 3], [0, 1], [0, 1, 2], [0, 1, 3] with contiguous shards), the case where
+    # transfers posted in each rank's own order could cross under NCCL
+    plan = D.distributed_plan(_patterns()["global_local"].block_structure(S, BLOCK),
+                              D.shard_plan(S, 4, BLOCK))
+    steps = [[d for d in range(4) if d == 0 or plan.needed(r, (r - d) % 4)
+              or plan.needed((r + d) % 4, r)] for r in range(4)]
+    assert len({tuple(x) for x in steps}) > 2, steps
+    _spawn(_uneven_steps_worker, 4)
+
+
 # ----------------------------------------------------------------------------- faults
 def _fault(rank, mode):
     """Run one fault on a healthy group; every rank that calls must get a clear error."""
