@@ -419,9 +419,12 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
     whole = None
     steps = _steps(setup)
     stats.steps += len(steps)
+    sh = setup.plan.sharding
+    pairs = setup.plan.run_tiles[[sh.run_index(setup.rank, i) for i in range(len(runs))]] > 0
+    stats.pairs_skipped += int((~pairs).sum())
     # A rank with one partial in all has nothing to merge: without gradients or a requested
     # log-sum-exp, it computes that partial without one (e.g. SDPA for dilated segments).
-    need_lse = setup.need_lse or sum(1 for src in range(p) for _ in _pairs(setup, src)) > 1
+    need_lse = setup.need_lse or int(pairs.sum()) > 1
     if len(runs) > 1:
         whole = empty_partial(q, v.shape[-1], lse=need_lse)
     pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
@@ -453,9 +456,6 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
         del held
         stats.compute_s += time.perf_counter() - t0
         stats.per_step_tiles.append(stats.tiles_computed - before)
-    sh = setup.plan.sharding
-    mine = [sh.run_index(setup.rank, i) for i in range(len(setup.pieces(setup.rank)))]
-    stats.pairs_skipped += int((setup.plan.run_tiles[mine] == 0).sum())
     if whole is not None:  # runs that attend nothing keep zeros and -inf
         return whole
     if acc[0] is None:
