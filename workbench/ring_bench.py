@@ -34,7 +34,8 @@ from .attention import block_sparse_attention
 from .bench import _DTYPES, family_pattern, time_fn
 from .records import environment, write_csv
 
-__all__ = ["PASSES", "check_on_processes", "ring_bench", "ring_demo", "ring_plan_study"]
+__all__ = ["PASSES", "check_on_processes", "parallel_efficiency", "ring_bench", "ring_demo",
+           "ring_plan_study"]
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -242,6 +243,13 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     return rows
 
 
+def parallel_efficiency(tiles_many, ms_many, world: int, tiles_one, ms_one):
+    """``E = (W_P / (P T_P)) / (W_1 / T_1)``: tiles computed per ms and device by ``world``
+    ranks (``tiles_many`` in all, ``ms_many`` for the slowest rank) against one rank
+    (``tiles_one`` in ``ms_one``); 1 is perfect scaling. Numbers or arrays (elementwise)."""
+    return tiles_many / (world * ms_many) / (tiles_one / ms_one)
+
+
 def _baseline_row(row: dict, case_rows: list[dict], seq_len: int, heads, head_dim, dtype,
                   block_size, reps, warmup, backward, dev, timeout, solo) -> dict:
     """Rank 0 alone at ``seq_len`` (the per-rank length of the case ``case_rows``), with the
@@ -251,9 +259,10 @@ def _baseline_row(row: dict, case_rows: list[dict], seq_len: int, heads, head_di
             **_time_ring(pattern, seq_len, row["sharding"], heads, head_dim, dtype, block_size,
                          reps, warmup, backward, dev, timeout, group=solo)}
     if base["status"] == "ok" and base["tiles"]:
-        per_rank = sum(r["tiles"] for r in case_rows) / (len(case_rows)
-                                                          * max(r["ms"] for r in case_rows))
-        base["efficiency"] = round(per_rank / (base["tiles"] / base["ms"]), 4)
+        e = parallel_efficiency(sum(r["tiles"] for r in case_rows),
+                                max(r["ms"] for r in case_rows), len(case_rows),
+                                base["tiles"], base["ms"])
+        base["efficiency"] = round(e, 4)
     return base
 
 
