@@ -157,6 +157,14 @@ def _deadlock(queues: list[list[list[tuple[str, int]]]]) -> str | None:
     return None
 
 
+def _check_transfer_order(batches, rank: int, world: int) -> None:
+    """Every rank's recorded batches, replayed as NCCL runs them, never hang."""
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, batches)
+    if rank == 0:
+        assert _deadlock(everyone) is None, _deadlock(everyone)
+
+
 def test_the_nccl_order_model_catches_a_receive_posted_before_the_send():
     # both ranks receive first, then send, in separate batches: NCCL would hang
     hangs = [[[("irecv", 1)], [("isend", 1)]], [[("irecv", 0)], [("isend", 0)]]]
@@ -174,10 +182,7 @@ def _equivalence_worker(rank, world, path, shardings, names, faults):
         _check_inference(rank, world, sharding)
     _check_modules(rank, world, shardings[-1])
     # gloo buffers transfers, so a hang NCCL would hit must be found from the order
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, batches)
-    if rank == 0:
-        assert _deadlock(everyone) is None, _deadlock(everyone)
+    _check_transfer_order(batches, rank, world)
     for mode in faults:  # last: "never_calls" leaves the group unusable
         _fault(rank, mode)
     dist.destroy_process_group()
@@ -197,10 +202,7 @@ def _uneven_steps_worker(rank, world, path):
     batches = _record_batches()
     for sharding in ("contiguous", "zigzag"):
         _check_attention(rank, world, sharding, ["global_local"])
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, batches)
-    if rank == 0:
-        assert _deadlock(everyone) is None, _deadlock(everyone)
+    _check_transfer_order(batches, rank, world)
     dist.destroy_process_group()
 
 
