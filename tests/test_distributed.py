@@ -382,32 +382,42 @@ def test_needs_an_initialized_process_group():
 
 
 # ----------------------------------------------------------------------------- GPU (NCCL)
-def _nccl_worker(rank, world, path):
+def _nccl_worker(rank, world, path, backend):
+    """Forward and gradients of each rank's shard equal a float64 dense reference, through
+    NCCL. The upstream gradient is drawn from a seeded CPU generator: each process's own CUDA
+    generator differs, and a different gradient per rank would fail (as it once did) for a
+    reason that is not the ring's."""
     D.init_ring("nccl", init_method=f"file://{path}", rank=rank, world_size=world, timeout=120)
     torch.cuda.set_device(rank)
     s, b = 4096 + 200, 128
-    q, k, v = (_full(i, 1, 4, s, 64).float().cuda() for i in range(3))
-    sh = D.shard_plan(s, world, b, "zigzag")
+    q, k, v = (_full(i, 1, 4, s, 64).cuda() for i in range(3))
+    g = _full(5, 1, 4, s, 64).cuda()
+    shardings = ("zigzag",) if backend == "flex" else D.SHARDINGS  # flex: compiles are slow
     for pat in (P.causal(), P.random_blocks(0.2, seed=0, cell=128), P.local_window(300)):
         full = [x.clone().requires_grad_() for x in (q, k, v)]
-        ref = wb.block_sparse_attention(*full, pat, b, backend="flex")
-        g = torch.randn_like(ref)
+        ref = wb.block_sparse_attention(*full, pat, b, backend="reference")
         ref.backward(g)
-        mine = [sh.shard(x, rank).clone().requires_grad_() for x in (q, k, v)]
-        out = wb.block_sparse_attention(*mine, pat, b, process_group=dist.group.WORLD,
-                                        sharding="zigzag", backend="flex")
-        out.backward(sh.shard(g, rank))
-        torch.testing.assert_close(out, sh.shard(ref, rank), rtol=2e-3, atol=2e-3)
-        for a, f in zip(mine, full):
-            torch.testing.assert_close(a.grad, sh.shard(f.grad, rank), rtol=5e-3, atol=5e-3)
+        for sharding in shardings:
+            sh = D.shard_plan(s, world, b, sharding)
+            mine = [sh.shard(x, rank).float().requires_grad_() for x in (q, k, v)]
+            out = wb.block_sparse_attention(*mine, pat, b, process_group=dist.group.WORLD,
+                                            sharding=sharding, backend=backend)
+            out.backward(sh.shard(g, rank).float())
+            what = f"{backend} {sharding} {pat!r}"
+            torch.testing.assert_close(out, sh.shard(ref, rank).float(), rtol=2e-3, atol=2e-3,
+                                       msg=f"{what}: out")
+            for a, f, n in zip(mine, full, "qkv"):
+                torch.testing.assert_close(a.grad, sh.shard(f.grad, rank).float(), rtol=5e-3,
+                                           atol=5e-3, msg=f"{what}: d{n}")
     dist.destroy_process_group()
 
 
 @pytest.mark.gpu
-def test_nccl_ring_matches_single_process_on_every_gpu():
+@pytest.mark.parametrize("backend", ["blockwise", "flex"])
+def test_nccl_ring_matches_single_process_on_every_gpu(backend):
     if not torch.cuda.is_available() or not dist.is_nccl_available():
         pytest.skip("needs CUDA and NCCL")
-    _spawn(_nccl_worker, torch.cuda.device_count())
+    _spawn(_nccl_worker, torch.cuda.device_count(), backend)
 
 
 def test_ring_plan_runs_every_rank_and_step_on_one_device():
