@@ -56,6 +56,37 @@ def test_block_layout_equals_token_mask_reduced(pattern, seq_len, block):
     assert torch.equal(pattern.block_layout(seq_len, block).expand_as(any_), any_)
 
 
+@settings(max_examples=150, deadline=None)
+@given(pattern=patterns_strategy(), seq_len=st.integers(1, 90), block=st.integers(1, 40),
+       data=st.data())
+def test_a_range_of_query_rows_equals_those_rows_of_the_token_mask(pattern, seq_len, block,
+                                                                    data):
+    # what one rank of a ring builds: its own query blocks against every key block
+    nq = -(-seq_len // block)
+    r0 = data.draw(st.integers(0, nq - 1), "first row")
+    r1 = data.draw(st.integers(r0 + 1, nq), "end row")
+    any_, all_ = reduce_mask(pattern.token_mask(seq_len), block)
+    lay = pattern.block_structure(seq_len, block, rows=(r0, r1))
+    assert lay.q_len == min(r1 * block, seq_len) - r0 * block
+    assert torch.equal(lay.active.expand_as(any_[:, r0:r1]), any_[:, r0:r1])
+    assert torch.equal(lay.full.expand_as(all_[:, r0:r1]), (all_ & any_)[:, r0:r1])
+
+
+def test_query_rows_must_be_a_range_of_blocks():
+    for rows in [(0, 0), (-1, 2), (3, 2), (0, 5), (1.0, 2)]:
+        with pytest.raises(ValueError, match="rows must be"):
+            P.causal().block_structure(256, 64, rows=rows)
+
+
+def test_a_random_layouts_rows_cost_only_their_memory():
+    # 16 heads at 1M tokens in 128-token cells: 1 GiB of booleans for the whole layout, 1/64
+    # of it for the 128 rows one rank of 64 holds. (The whole one is not built here.)
+    pat = P.random_blocks(0.1, seed=0, cell=128, num_heads=16)
+    lay = pat.block_structure(1 << 20, 128, rows=(4096, 4224))
+    assert lay.active.shape == (16, 128, 8192)
+    assert lay.active.untyped_storage().nbytes() == 16 * 128 * 8192
+
+
 @settings(max_examples=40, deadline=None)
 @given(pattern=patterns_strategy(), seq_len=st.integers(1, 70), block=st.integers(1, 30))
 def test_density_counts_pairs(pattern, seq_len, block):
@@ -261,14 +292,17 @@ def test_dilated_heads_sharing_a_block_view_are_copied_exactly():
 
 @given(seed=st.integers(0, 2**31 - 1), heads=st.lists(st.integers(0, 300), min_size=1,
                                                     max_size=3),
-       rows=st.integers(1, 40), cols=st.integers(1, 40), threshold=st.integers(0, 1 << 24))
+       first=st.integers(0, 1000), rows=st.integers(1, 40), cols=st.integers(1, 40),
+       threshold=st.integers(0, 1 << 24))
 @settings(max_examples=100, deadline=None)
-def test_hash_grid_matches_the_token_hash(seed, heads, rows, cols, threshold):
-    # The int32 grid path (products wrap) must pick exactly the cells the int64 hash picks.
+def test_hash_grid_matches_the_token_hash(seed, heads, first, rows, cols, threshold):
+    # The int32 grid path (products wrap) must pick exactly the cells the int64 hash picks,
+    # for any range of cell rows.
     h = torch.tensor(heads)[:, None, None]
-    i, j = torch.arange(rows)[None, :, None], torch.arange(cols)[None, None, :]
+    i = torch.arange(first, first + rows)[None, :, None]
+    j = torch.arange(cols)[None, None, :]
     expect = P.hash_cells(seed, h, i, j) < threshold
-    got = P._hash_grid(seed, heads, rows, cols, threshold, torch.device("cpu"))
+    got = P._hash_grid(seed, heads, (first, first + rows), cols, threshold, torch.device("cpu"))
     assert torch.equal(got, expect)
 
 

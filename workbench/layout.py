@@ -32,25 +32,29 @@ def block_extents(length: int, block_size: int, device: torch.device | str = "cp
 
 
 def cells_to_tiles(
-    on: Tensor, cell: int, q_len: int, k_len: int, block_size: int
+    on: Tensor, cell: int, q_len: int, k_len: int, block_size: int,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact (any, all) tiles of ``block_size`` from a grid of ``cell x cell`` on/off cells.
 
     ``on`` is bool ``[H, ceil(q_len / cell), ceil(k_len / cell)]``. A tile is active if a cell
     it overlaps is on, full if every such cell is on (each overlapping cell holds real pairs of
-    the tile). Uses 2-D prefix sums, so any tile and cell sizes work.
+    the tile). Uses 2-D prefix sums, so any tile and cell sizes work. With ``rows = (r0, r1)``
+    only those query blocks are returned, and ``on`` holds only the cell rows they overlap
+    (from the cell of token ``r0 * block_size`` on).
     """
+    r0, r1 = (0, num_blocks(q_len, block_size)) if rows is None else rows
     if block_size == cell:  # both are ``on`` itself: layouts are read-only
         return on, on
     device = on.device
     pre = torch.nn.functional.pad(on.to(torch.int64).cumsum(1).cumsum(2), (1, 0, 1, 0))
-    qe = block_extents(q_len, block_size, device) // cell
+    qe = block_extents(q_len, block_size, device)[r0:r1] // cell - r0 * block_size // cell
     ke = block_extents(k_len, block_size, device) // cell
-    r0, r1 = qe[:, 0][None, :, None], qe[:, 1][None, :, None] + 1
+    c_r0, c_r1 = qe[:, 0][None, :, None], qe[:, 1][None, :, None] + 1
     c0, c1 = ke[:, 0][None, None, :], ke[:, 1][None, None, :] + 1
     hh = torch.arange(on.shape[0], device=device)[:, None, None]
-    cnt = pre[hh, r1, c1] - pre[hh, r0, c1] - pre[hh, r1, c0] + pre[hh, r0, c0]
-    return cnt > 0, cnt == (r1 - r0) * (c1 - c0)
+    cnt = pre[hh, c_r1, c1] - pre[hh, c_r0, c1] - pre[hh, c_r1, c0] + pre[hh, c_r0, c0]
+    return cnt > 0, cnt == (c_r1 - c_r0) * (c1 - c0)
 
 
 @dataclass(frozen=True)

@@ -144,8 +144,8 @@ class TiledHeads(Pattern):
         f, n = self.base.predicate(device), self.base.num_heads
         return lambda h, q, k: f(torch.remainder(h, n), q, k)
 
-    def _tiles(self, q_len, k_len, block_size, device):
-        a, f = self.base._tiles(q_len, k_len, block_size, device)
+    def _row_tiles(self, q_len, k_len, block_size, device, rows):
+        a, f = self.base._row_tiles(q_len, k_len, block_size, device, rows)
         shape = (self.base.num_heads, *a.shape[1:])
         return a.expand(shape).repeat(self.copies, 1, 1), f.expand(shape).repeat(self.copies, 1, 1)
 

@@ -118,13 +118,27 @@ class Pattern:
         """Exact (any, all) bool ``[H, nq, nk]`` of this pattern (``H`` may be 1).
 
         "all" must imply "any" (every tile holds a real pair). The results may be views that
-        share storage; callers treat them as read-only. Subclasses override, except patterns
-        with an :meth:`_offset_rule`, whose Toeplitz layout is built here.
+        share storage; callers treat them as read-only. A pattern overrides this or
+        :meth:`_row_tiles` (which builds only some query rows, and is then used for all).
         """
-        rule = self._offset_rule()
-        if rule is None:
+        if type(self)._row_tiles is Pattern._row_tiles and self._offset_rule() is None:
             raise NotImplementedError
-        return _offset_tiles(rule, q_len, k_len, block_size, device)
+        return self._row_tiles(q_len, k_len, block_size, device,
+                               (0, num_blocks(q_len, block_size)))
+
+    def _row_tiles(self, q_len: int, k_len: int, block_size: int, device: torch.device,
+                   rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """:meth:`_tiles` of the query blocks ``rows = (first, end)`` only: ``[H, end - first,
+        nk]``, built without the other rows where the pattern knows how (patterns with an
+        :meth:`_offset_rule`, whose Toeplitz rows are built here, and those overriding this);
+        otherwise every row is built and the range is cut out."""
+        rule = self._offset_rule()
+        if rule is not None:
+            return _offset_tiles(rule, q_len, k_len, block_size, device, rows)
+        if type(self)._tiles is Pattern._tiles:
+            raise NotImplementedError
+        any_, all_ = self._tiles(q_len, k_len, block_size, device)
+        return any_[:, rows[0]:rows[1]], all_[:, rows[0]:rows[1]]
 
     def _offset_rule(self) -> OffsetFn | None:
         """``allowed`` as a function of ``d = k - q`` alone, if the pattern is one (else None).
@@ -148,17 +162,28 @@ class Pattern:
         device: torch.device | str = "cpu",
         *,
         k_len: int | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> BlockLayout:
         """Exact :class:`BlockLayout` (active and full tiles) at ``block_size``.
 
         ``k_len`` defaults to ``seq_len`` (self-attention); give it for a rectangular problem.
+        ``rows = (first, end)`` builds only those query blocks, against every key block: the
+        layout equals ``block_structure(seq_len, block_size).slice(rows, (0, nk))``, at the
+        memory of its rows alone for the patterns a ring shards (what one rank needs).
         """
         _check_int("seq_len", seq_len, 1)
         _check_int("block_size", block_size, 1)
         k_len = seq_len if k_len is None else _check_int("k_len", k_len, 1)
+        nq = num_blocks(seq_len, block_size)
+        r0, r1 = (0, nq) if rows is None else rows
+        if not (isinstance(r0, int) and isinstance(r1, int) and 0 <= r0 < r1 <= nq):
+            raise ValueError(f"rows must be (first, end) query blocks with 0 <= first < end <= "
+                             f"{nq}, got {rows!r}")
         dev = torch.device(device)
-        any_, all_ = torch.broadcast_tensors(*self._tiles(seq_len, k_len, block_size, dev))
-        return BlockLayout(any_, all_, seq_len, k_len, block_size)
+        any_, all_ = torch.broadcast_tensors(
+            *self._row_tiles(seq_len, k_len, block_size, dev, (r0, r1)))
+        return BlockLayout(any_, all_, min(r1 * block_size, seq_len) - r0 * block_size, k_len,
+                           block_size)
 
     def block_layout(
         self, seq_len: int, block_size: int, device: torch.device | str = "cpu"
@@ -345,12 +370,12 @@ class _Combination(Pattern):
         pa, pb = self.a._period(), self.b._period()
         return None if pa is None or pb is None else math.lcm(pa, pb)
 
-    def _tiles(self, q_len, k_len, block_size, device):
+    def _row_tiles(self, q_len, k_len, block_size, device, rows):
         if self._offset_rule() is not None:
-            return super()._tiles(q_len, k_len, block_size, device)
-        a_any, a_all = self.a._tiles(q_len, k_len, block_size, device)
-        b_any, b_all = self.b._tiles(q_len, k_len, block_size, device)
-        shape = (self.num_heads, *a_any.shape[1:])
+            return super()._row_tiles(q_len, k_len, block_size, device, rows)
+        a_any, a_all = self.a._row_tiles(q_len, k_len, block_size, device, rows)
+        b_any, b_all = self.b._row_tiles(q_len, k_len, block_size, device, rows)
+        shape = (self.num_heads, *torch.broadcast_shapes(a_any.shape[1:], b_any.shape[1:]))
         # "all" implies "any", so any ^ all marks the partial tiles.
         undecided = _materialize(torch.bitwise_xor(a_any, a_all), shape)
         undecided &= torch.bitwise_xor(b_any, b_all)
@@ -358,7 +383,8 @@ class _Combination(Pattern):
         any_ = self.op(a_any, b_any, out=undecided)  # the buffer is free once idx is taken
         all_ = _materialize(self.op(a_all, b_all), shape)
         if idx.numel():
-            _, r_any, r_all = _evaluate_tiles(self, idx, q_len, k_len, block_size)
+            at = idx + torch.tensor([0, rows[0], 0], device=idx.device)  # absolute block rows
+            _, r_any, r_all = _evaluate_tiles(self, at, q_len, k_len, block_size)
             any_[tuple(idx.T)] = r_any
             all_[tuple(idx.T)] = r_all
         return any_, all_
@@ -382,16 +408,22 @@ class Intersection(_Combination):
 
 
 # --------------------------------------------------------------------- primitives
-def _toeplitz(diag: Tensor, nq: int, nk: int) -> Tensor:
-    """``[nq, nk]`` matrix whose entry ``(i, j)`` is ``diag[j - i + nq - 1]`` (one copy)."""
-    hankel = diag.contiguous().as_strided((nq, nk), (1, 1))  # entry (i, j) = diag[i + j]
+def _toeplitz(diag: Tensor, nq: int, nk: int, rows: tuple[int, int]) -> Tensor:
+    """Rows ``[r0, r1)`` of the ``[nq, nk]`` matrix whose entry ``(i, j)`` is
+    ``diag[j - i + nq - 1]`` (one copy, of those rows)."""
+    r0, r1 = rows
+    diag = diag.contiguous()
+    # entry (i, j) = diag[nq - r1 + i + j]: rows nq - r1 ... nq - 1 - r0, flipped
+    hankel = diag.as_strided((r1 - r0, nk), (1, 1), diag.storage_offset() + nq - r1)
     return hankel.flip(0)
 
 
 def _offset_tiles(
-    rule: OffsetFn, q_len: int, k_len: int, block_size: int, device: torch.device
+    rule: OffsetFn, q_len: int, k_len: int, block_size: int, device: torch.device,
+    rows: tuple[int, int],
 ) -> tuple[Tensor, Tensor]:
-    """Exact (any, all) ``[1, nq, nk]`` of a pattern allowing ``(q, k)`` iff ``rule(k - q)``.
+    """Exact (any, all) ``[1, r1 - r0, nk]`` (query block rows ``rows = (r0, r1)``) of a
+    pattern allowing ``(q, k)`` iff ``rule(k - q)``.
 
     The offsets inside a tile are every integer from ``k_first - q_last`` to ``k_last -
     q_first``, so a prefix count of ``rule`` over all offsets decides any tile in O(1). Tiles
@@ -410,17 +442,20 @@ def _offset_tiles(
 
     diag = torch.arange(1 - nq, nk, device=device) * b
     any_d, all_d = status(diag - (b - 1), diag + (b - 1))
-    any_, all_ = _toeplitz(any_d, nq, nk), _toeplitz(all_d, nq, nk)
-    qe = block_extents(q_len, b, device)
+    any_, all_ = _toeplitz(any_d, nq, nk, rows), _toeplitz(all_d, nq, nk, rows)
+    qe = block_extents(q_len, b, device)[rows[0]:rows[1]]
     ke = block_extents(k_len, b, device)
-    any_[-1], all_[-1] = status(ke[:, 0] - qe[-1, 1], ke[:, 1] - qe[-1, 0])
+    if rows[1] == nq:  # the ragged last block row
+        any_[-1], all_[-1] = status(ke[:, 0] - qe[-1, 1], ke[:, 1] - qe[-1, 0])
     any_[:, -1], all_[:, -1] = status(ke[-1, 0] - qe[:, 1], ke[-1, 1] - qe[:, 0])
     return any_[None], all_[None]
 
 
-def _extents(q_len: int, k_len: int, block_size: int, device) -> tuple[Tensor, ...]:
-    """(q_first, q_last, k_first, k_last) broadcast as ``[1, nq, 1]`` and ``[1, 1, nk]``."""
-    qe = block_extents(q_len, block_size, device)
+def _extents(q_len: int, k_len: int, block_size: int, device,
+             rows: tuple[int, int]) -> tuple[Tensor, ...]:
+    """(q_first, q_last, k_first, k_last) of the query blocks ``rows`` and every key block,
+    broadcast as ``[1, r1 - r0, 1]`` and ``[1, 1, nk]``."""
+    qe = block_extents(q_len, block_size, device)[rows[0]:rows[1]]
     ke = block_extents(k_len, block_size, device)
     return qe[None, :, 0, None], qe[None, :, 1, None], ke[None, None, :, 0], ke[None, None, :, 1]
 
@@ -434,8 +469,8 @@ class Full(Pattern):
     def _offset_rule(self):
         return lambda d: torch.ones_like(d, dtype=torch.bool)
 
-    def _tiles(self, q_len, k_len, block_size, device):
-        shape = (1, num_blocks(q_len, block_size), num_blocks(k_len, block_size))
+    def _row_tiles(self, q_len, k_len, block_size, device, rows):
+        shape = (1, rows[1] - rows[0], num_blocks(k_len, block_size))
         t = torch.ones(shape, dtype=torch.bool, device=device)
         return t, t
 
@@ -484,8 +519,8 @@ class GlobalTokens(Pattern):
     def allowed(self, h, q, k):
         return (q < self.n) | (k < self.n)
 
-    def _tiles(self, q_len, k_len, block_size, device):
-        qf, ql, kf, kl = _extents(q_len, k_len, block_size, device)
+    def _row_tiles(self, q_len, k_len, block_size, device, rows):
+        qf, ql, kf, kl = _extents(q_len, k_len, block_size, device, rows)
         return (qf < self.n) | (kf < self.n), (ql < self.n) | (kl < self.n)
 
     def _count_pairs(self, seq_len):
@@ -604,13 +639,14 @@ class Dilated(Pattern):
     def _period(self):
         return math.lcm(*self.w)
 
-    def _tiles(self, q_len, k_len, block_size, device):
-        # Heads with the same block-level view (the same triple, or offsets that no block can
-        # tell apart) share one computation: it is done once and copied to the others.
+    def _row_tiles(self, q_len, k_len, block_size, device, rows):
+        # Heads with the same block-level view (the same triple, or offsets that no block of
+        # these rows can tell apart) share one computation: done once, copied to the others.
         triples = list(zip(self.w, self.r, self.s))
         distinct = list(dict.fromkeys(triples))
         w, r, s = (list(x) for x in zip(*distinct))
         q = torch.stack(_kept_segments(w, r, s, q_len, block_size, device), 1)  # [T, 3, nq]
+        q = q[:, :, rows[0]:rows[1]].contiguous()
         k = torch.stack(_kept_segments(w, r, s, k_len, block_size, device), 1)  # [T, 3, nk]
         k[:, 2] = torch.where(k[:, 2] < 0, -2, k[:, 2])  # "not all kept" never matches q's -1
         views: list[int] = []  # per distinct triple: the first triple with the same view
@@ -683,9 +719,10 @@ def hash_cells(seed: int, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
     return _mix32(x)
 
 
-def _hash_grid(seed: int, heads: Sequence[int], rows: int, cols: int, threshold: int,
-               device: torch.device) -> Tensor:
-    """Bool ``[len(heads), rows, cols]``: ``hash_cells(seed, h, i, j) < threshold``.
+def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int,
+               threshold: int, device: torch.device) -> Tensor:
+    """Bool ``[len(heads), r1 - r0, cols]``: ``hash_cells(seed, h, i, j) < threshold`` for the
+    cell rows ``i`` in ``rows = (r0, r1)``.
 
     The same hash in int32 (products wrap, which keeps exactly the low 32 bits), a few rows
     at a time so that the intermediates stay in cache and the memory is the output alone.
@@ -694,14 +731,16 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: int, cols: int, threshold:
         return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
 
     col = lanes(torch.arange(cols, device=device) * _HASH_COL & 0xFFFFFFFF)
-    out = torch.empty(len(heads), rows, cols, dtype=torch.bool, device=device)
+    first, end = rows
+    out = torch.empty(len(heads), end - first, cols, dtype=torch.bool, device=device)
     step = max(1, _GRID_CHUNK // cols)
     for n, h in enumerate(heads):
         base = (h * _HASH_HEAD + seed * _HASH_SEED) & 0xFFFFFFFF
-        for r0 in range(0, rows, step):
-            r = torch.arange(r0, min(r0 + step, rows), device=device)
+        for r0 in range(first, end, step):
+            r = torch.arange(r0, min(r0 + step, end), device=device)
             row = lanes((r * _HASH_ROW + base) & 0xFFFFFFFF)
-            torch.lt(_mix32(row[:, None] + col[None, :]), threshold, out=out[n, r0 : r0 + step])
+            torch.lt(_mix32(row[:, None] + col[None, :]), threshold,
+                     out=out[n, r0 - first : r0 - first + step])
     return out
 
 
@@ -721,11 +760,12 @@ class RandomBlocks(Pattern):
         hh = h if self.num_heads > 1 else torch.zeros_like(h)
         return hash_cells(self.seed, hh, q // c, k // c) < self.threshold
 
-    def _tiles(self, q_len, k_len, block_size, device):
-        c = self.cell
-        nq, nk = num_blocks(q_len, c), num_blocks(k_len, c)
-        on = _hash_grid(self.seed, range(self.num_heads), nq, nk, self.threshold, device)
-        return cells_to_tiles(on, c, q_len, k_len, block_size)
+    def _row_tiles(self, q_len, k_len, block_size, device, rows):
+        c, b = self.cell, block_size
+        cells = (rows[0] * b // c, (min(rows[1] * b, q_len) - 1) // c + 1)  # their cell rows
+        on = _hash_grid(self.seed, range(self.num_heads), cells, num_blocks(k_len, c),
+                        self.threshold, device)
+        return cells_to_tiles(on, c, q_len, k_len, block_size, rows)
 
     def _count_pairs(self, seq_len):
         c = self.cell
