@@ -91,6 +91,28 @@ def _check_inference(rank, world, sharding):
         assert out.dtype == q.dtype and stats.pairs_computed >= 1
 
 
+def _check_layouts(rank, world, sharding):
+    """Each rank builds only its own rows of the layout; the plan the ranks assemble from them
+    equals the one from the global layout, and a global ``layout=`` gives the same output."""
+    q, k, v = (_full(i, 1, 3, S, 8) for i in range(3))
+    sh = D.shard_plan(S, world, BLOCK, sharding)
+    mine = [sh.shard(x, rank) for x in (q, k, v)]
+    for pat in (P.random_blocks(0.3, seed=2, cell=16, num_heads=3),
+                P.dilated([32, 64], [1, 2], num_heads=3, causal=True),
+                _patterns()["global_local"]):
+        whole = pat.block_structure(S, BLOCK)
+        rows = D.row_layouts(pat, S, BLOCK, sh.pieces[rank], "cpu")
+        assert [lay.active.shape[1] for lay in rows] == [b1 - b0 for b0, b1 in sh.pieces[rank]]
+        plan = D._gather_plan(rows, sh, dist.group.WORLD, rank, 30.0)
+        assert torch.equal(plan.run_tiles, D.distributed_plan(whole, sh).run_tiles)
+        with torch.no_grad():
+            out = D.distributed_ring_attention(*mine, pat, BLOCK, sharding=sharding)
+            for given in (whole, lambda n, whole=whole: whole):
+                again = D.distributed_ring_attention(*mine, pat, BLOCK, sharding=sharding,
+                                                     layout=given)
+                assert torch.equal(out, again), f"{pat!r} {sharding}: layout={given!r}"
+
+
 def _check_modules(rank, world, sharding):
     """The multi-head module (fixed and adaptive) on shards equals it on the whole sequence."""
     x = _full(7, 2, S, 12)
@@ -180,6 +202,7 @@ def _equivalence_worker(rank, world, path, shardings, names, faults):
     _check_attention(rank, world, "zigzag", ["local"], dropout=0.3)
     for sharding in shardings:
         _check_inference(rank, world, sharding)
+        _check_layouts(rank, world, sharding)
     _check_modules(rank, world, shardings[-1])
     # gloo buffers transfers, so a hang NCCL would hit must be found from the order
     _check_transfer_order(batches, rank, world)
@@ -373,6 +396,25 @@ def test_plan_stops_early_for_short_reach_and_balances_causal_with_zigzag():
             for kind in D.SHARDINGS}
     imbalance = {k: float(w.max() / w.float().mean() - 1) for k, w in work.items()}
     assert imbalance["contiguous"] > 0.5 and imbalance["zigzag"] < 0.02, imbalance
+
+
+def test_row_layouts_are_cached_per_pattern_object_and_released_with_it():
+    import gc
+
+    pat = P.random_blocks(0.2, seed=1, cell=16, num_heads=2)
+    runs = ((2, 5), (9, 12))
+    lays = D.row_layouts(pat, 1000, 64, runs, "cpu")
+    assert D.row_layouts(pat, 1000, 64, runs, "cpu") is lays  # the next call: no rebuild
+    whole = pat.block_structure(1000, 64)
+    for lay, (b0, b1) in zip(lays, runs):
+        ref = whole.slice((b0, b1), (0, whole.shape[2]))
+        assert torch.equal(lay.active, ref.active) and lay.q_len == ref.q_len
+    other = P.random_blocks(0.2, seed=1, cell=16, num_heads=2)  # equal, but another object
+    assert D.row_layouts(other, 1000, 64, runs, "cpu") is not lays
+    held = len(D._ROWS)
+    del pat, other
+    gc.collect()
+    assert len(D._ROWS) == held - 2
 
 
 def test_needs_an_initialized_process_group():

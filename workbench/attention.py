@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -231,19 +230,14 @@ class BlockSparseAttention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         check_qkv(q, k, v)
-        if self.process_group is not None:  # the global length is known only across ranks
-            layout: BlockLayout | Callable[[int], BlockLayout] = partial(
-                self._global_layout, device=q.device)
-        else:
-            layout = self.layout(q.shape[2], k.shape[2], q.device)
+        # under a process group each rank builds (and caches) only its own rows of the layout
+        layout = (None if self.process_group is not None
+                  else self.layout(q.shape[2], k.shape[2], q.device))
         return block_sparse_attention(
             q, k, v, self.pattern, self.block_size, backend=self.backend, return_lse=return_lse,
             scale=self.scale, ring_chunks=self.ring_chunks, block_order=self.block_order,
             layout=layout, process_group=self.process_group, sharding=self.sharding,
         )
-
-    def _global_layout(self, seq_len: int, device: torch.device) -> BlockLayout:
-        return self.layout(seq_len, seq_len, device)
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, block_size={self.block_size}, "

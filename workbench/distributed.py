@@ -6,8 +6,10 @@ rank ``r`` attends its queries to the K/V shard of rank ``r - d`` (mod ``P``), a
 results are merged by log-sum-exp (:func:`~workbench.backends.merge_partials`), exactly as the
 simulated :func:`~workbench.ring.ring_attention` does on one device.
 
-**Only what is needed moves.** The global block layout tells every rank, identically and
-without communication, which (query shard, K/V shard) pairs hold an active tile. A shard is sent
+**Only what is needed moves.** Each rank builds the block layout of its own query rows,
+reduces it to tile counts per K/V shard, and the ranks exchange those counts (a few integers
+each): then every rank knows, identically, which (query shard, K/V shard) pairs hold an active
+tile. A shard is sent
 at step ``d`` straight from its owner to rank ``owner + d`` only if that rank's queries attend to
 it, so a local window, a causal band or small dilated segments stop the ring early: nothing is
 sent that nobody needs, and steps where no rank needs anything are skipped. When every pair is
@@ -36,8 +38,9 @@ one partial forward plus its backward per step (FlashAttention's recomputation, 
 **Memory per rank.** Its q, k, v and output shards; at most two received K/V shards in flight
 (keys and values sent as two messages from their own tensors, never packed into a copy); one
 partial result being merged into the output in place, a slice at a time
-(:func:`~workbench.backends.merge.merge_into_`); and the global block layout, which is
-``O((S / block)^2)`` and not sharded.
+(:func:`~workbench.backends.merge.merge_into_`); and its rows of the block layout,
+``O(S^2 / (P block^2))`` per head that differs (a global layout passed as ``layout=`` is held
+whole).
 
 **Faults.** Every wait has a deadline (``timeout``): a rank that died or never joined ends the
 others with :class:`RingTimeoutError` naming the peer, the step and the deadline, never a hang.
@@ -48,6 +51,8 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -67,7 +72,14 @@ from .backends import (
 from .backends.dropout import AttentionDropout
 from .layout import BlockLayout, num_blocks
 from .patterns import Dilated, Pattern
-from .sharding import SHARDINGS, DistributedPlan, Sharding, distributed_plan, shard_plan
+from .sharding import (
+    SHARDINGS,
+    DistributedPlan,
+    Sharding,
+    distributed_plan,
+    run_tile_rows,
+    shard_plan,
+)
 
 __all__ = [
     "SHARDINGS",
@@ -323,7 +335,7 @@ class _Setup:
 
     rank: int
     plan: DistributedPlan
-    problem: Problem
+    run_problems: tuple[Problem, ...]  # per query run of this rank: its rows, every key block
     backend: str
     group: object
     timeout: float
@@ -346,14 +358,26 @@ class _Setup:
         return out
 
 
+def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, int]],
+                  pattern: Pattern, device: torch.device | str, scale: float,
+                  block_order: str | None = None, dropout: AttentionDropout | None = None
+                  ) -> tuple[Problem, ...]:
+    """One :class:`Problem` per query run ``(first block, end block)``, from the layout of
+    its rows against every key block (positions absolute, as in the whole problem)."""
+    pred, b = pattern.predicate(device), run_layouts[0].block_size
+    return tuple(Problem(lay, pred, scale, q_offset=r[0] * b, label=repr(pattern),
+                         block_order=block_order, dropout=dropout)
+                 for lay, r in zip(run_layouts, runs))
+
+
 def _pairs(setup: _Setup, src: int):
     """(query run index, K/V run index, sub-problem, active tiles) for every pair of runs that
     holds an active tile (read from the plan, on the host)."""
-    for i, qr in enumerate(setup.pieces(setup.rank)):
+    for i, (q0, q1) in enumerate(setup.pieces(setup.rank)):
         for j, kr in enumerate(setup.pieces(src)):
             tiles = setup.plan.pair_tiles(setup.rank, i, src, j)
             if tiles:
-                yield i, j, setup.problem.slice(qr, kr), tiles
+                yield i, j, setup.run_problems[i].slice((0, q1 - q0), kr), tiles
 
 
 def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
@@ -576,6 +600,49 @@ class _RingFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+# --------------------------------------------------------------------- layouts and plan
+_ROWS: OrderedDict[tuple, tuple[weakref.ref, list[BlockLayout]]] = OrderedDict()
+_ROWS_CACHE_SIZE = 4
+
+
+def row_layouts(pattern: Pattern, seq_len: int, block_size: int,
+                runs: Sequence[tuple[int, int]], device: torch.device | str
+                ) -> list[BlockLayout]:
+    """The layouts of the query runs ``runs`` (``(first block, end block)``) against every key
+    block: what one rank of a ring needs. Cached while the same pattern object comes back
+    (a model calls the ring with one pattern every step); the cache holds the pattern weakly
+    and at most a few entries."""
+    key = (id(pattern), seq_len, block_size, tuple(runs), str(torch.device(device)))
+    hit = _ROWS.get(key)
+    if hit is not None and hit[0]() is pattern:
+        _ROWS.move_to_end(key)
+        return hit[1]
+    lays = [pattern.block_structure(seq_len, block_size, device, rows=r) for r in runs]
+    try:
+        ref = weakref.ref(pattern, lambda _, key=key: _ROWS.pop(key, None))
+    except TypeError:  # not weakly referenceable: not cached
+        return lays
+    _ROWS[key] = (ref, lays)
+    if len(_ROWS) > _ROWS_CACHE_SIZE:
+        _ROWS.popitem(last=False)
+    return lays
+
+
+def _gather_plan(run_layouts: Sequence[BlockLayout], shards: Sharding, group, rank: int,
+                 timeout: float) -> DistributedPlan:
+    """The :class:`DistributedPlan` from every rank's rows: each reduces its own query runs'
+    layouts to tile counts per key run, and the ranks exchange those small rows."""
+    mine = run_tile_rows(run_layouts, shards)  # [runs of this rank, all runs]
+    world = shards.world_size
+    if world == 1:
+        return DistributedPlan(shards, mine.cpu())
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    work = dist.all_gather(everyone, mine, group=group, async_op=True)
+    _wait_all([work], timeout, f"rank {rank}: exchanging the block plan with the other "
+              f"{world - 1} ranks")
+    return DistributedPlan(shards, torch.cat(everyone).cpu())
+
+
 # --------------------------------------------------------------------- entry point
 def distributed_ring_attention(
     q: Tensor,
@@ -600,12 +667,14 @@ def distributed_ring_attention(
     Every rank calls it with its own shard ``q, k, v`` ``[B, H, S_r, D]``, as laid out by
     :func:`shard_plan` (``sharding``) over the ranks of ``process_group`` (``None``: the default
     group); the total length is the sum of the shards. Returns this rank's ``out`` shard (and
-    its log-sum-exp). Differentiable in ``q, k, v``. ``layout`` is the *global* layout
-    (``pattern.block_structure(S, block_size)``) or a function of ``S`` returning it (e.g. a
-    cache), built here when omitted. ``block_order`` and ``dropout`` act as in
-    :func:`workbench.block_sparse_attention`; dropout decisions use absolute positions and rank
-    0's seed, so they match the single-process result with that seed. ``stats`` (a
-    :class:`RingStats`) accumulates this rank's counters. See the module docs for the schedule.
+    its log-sum-exp). Differentiable in ``q, k, v``. When ``layout`` is omitted each rank builds
+    only its own query rows of the pattern's layout (:func:`row_layouts`, cached per pattern
+    object), so no rank holds the whole ``[H, S/b, S/b]`` map; or give the *global* layout
+    (``pattern.block_structure(S, block_size)``) or a function of ``S`` returning it.
+    ``block_order`` and ``dropout`` act as in :func:`workbench.block_sparse_attention`;
+    dropout decisions use absolute positions and rank 0's seed, so they match the
+    single-process result with that seed. ``stats`` (a :class:`RingStats`) accumulates this
+    rank's counters. See the module docs for the schedule.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call "
@@ -625,21 +694,24 @@ def distributed_ring_attention(
             f"rank {rank}: shard lengths {meta[:, 2].tolist()} do not match the {sharding} "
             f"sharding of {seq_len} tokens in blocks of {block_size}, which needs {expected}; "
             "cut the sequence with workbench.distributed.shard_plan(...).shard(x, rank)")
-    if layout is None:
-        layout = pattern.block_structure(seq_len, block_size, q.device)
-    elif callable(layout):
-        layout = layout(seq_len)
-    if (layout.q_len, layout.k_len, layout.block_size) != (seq_len, seq_len, block_size):
-        raise ValueError(f"layout is for {layout.q_len}x{layout.k_len} tokens in blocks of "
-                         f"{layout.block_size}; the sharded sequence has {seq_len} tokens in "
-                         f"blocks of {block_size}")
+    runs = shards.pieces[rank]
+    if layout is None:  # this rank's rows only: 1/P of the global layout
+        run_layouts = row_layouts(pattern, seq_len, block_size, runs, q.device)
+    else:
+        layout = layout(seq_len) if callable(layout) else layout
+        if (layout.q_len, layout.k_len, layout.block_size) != (seq_len, seq_len, block_size):
+            raise ValueError(f"layout is for {layout.q_len}x{layout.k_len} tokens in blocks of "
+                             f"{layout.block_size}; the sharded sequence has {seq_len} tokens in "
+                             f"blocks of {block_size}")
+        run_layouts = [layout.slice(r, (0, layout.shape[2])) for r in runs]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern),
-                      block_order=block_order, dropout=dropout)
-    plan = distributed_plan(layout, shards)
+    plan = _gather_plan(run_layouts, shards, process_group, rank, timeout)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    setup = _Setup(rank, plan, problem, resolve_backend(backend, q, dropout is not None),
-                   process_group, float(timeout), pattern, need_lse=return_lse or grad)
+    setup = _Setup(rank, plan,
+                   _run_problems(run_layouts, runs, pattern, q.device, scale, block_order,
+                                 dropout),
+                   resolve_backend(backend, q, dropout is not None), process_group,
+                   float(timeout), pattern, need_lse=return_lse or grad)
     out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats())
     return (out, lse) if return_lse else out
 
@@ -663,8 +735,6 @@ def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding:
     """
     shards = shard_plan(layout.q_len, world, layout.block_size, sharding)
     plan = distributed_plan(layout, shards)
-    problem = Problem(layout, pattern.predicate(device), 1.0 / math.sqrt(head_dim),
-                      label=repr(pattern))
     per_step = plan.tiles_per_step()
     acc = accumulation_dtype(dtype)
 
@@ -681,7 +751,10 @@ def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding:
                       torch.randn_like(q) if backward else None,
                       torch.zeros_like(q, dtype=acc) if backward else None)
         own_grads = tuple(torch.zeros_like(x, dtype=acc) for x in (k, v)) if backward else ()
-        setup = _Setup(r, plan, problem, resolve_backend(backend, q), None, DEFAULT_TIMEOUT_S,
+        runs = shards.pieces[r]
+        problems = _run_problems([layout.slice(run, (0, layout.shape[2])) for run in runs], runs,
+                                 pattern, device, 1.0 / math.sqrt(head_dim))
+        setup = _Setup(r, plan, problems, resolve_backend(backend, q), None, DEFAULT_TIMEOUT_S,
                        pattern)
         steps = _steps(setup)
         for d in range(world):

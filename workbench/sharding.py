@@ -20,7 +20,8 @@ from .layout import BlockLayout, num_blocks
 from .patterns import check_positive_int
 from .ring import chunk_bounds
 
-__all__ = ["SHARDINGS", "DistributedPlan", "Sharding", "distributed_plan", "shard_plan"]
+__all__ = ["SHARDINGS", "DistributedPlan", "Sharding", "distributed_plan", "run_tile_rows",
+           "shard_plan"]
 
 SHARDINGS = ("contiguous", "zigzag")
 
@@ -166,18 +167,33 @@ class DistributedPlan:
         return self.tiles.gather(1, idx)
 
 
+def run_tile_rows(run_layouts: Sequence[BlockLayout], sharding: Sharding) -> Tensor:
+    """Rows of :attr:`DistributedPlan.run_tiles` (int64 ``[len(run_layouts), runs]``, on the
+    layouts' device) from the layouts of some query runs against every key block (each summed
+    over heads and rows in one read: no ``[nq, nk]`` integer copy; then the key blocks are
+    folded into runs)."""
+    if not run_layouts:
+        raise ValueError("need at least one query run's layout")
+    dev = run_layouts[0].active.device
+    nk = num_blocks(sharding.seq_len, sharding.block_size)
+    for lay in run_layouts:
+        if (lay.k_len, lay.block_size) != (sharding.seq_len, sharding.block_size):
+            raise ValueError("layout and sharding disagree on the sequence length or block size")
+        if lay.active.shape[2] != nk:
+            raise ValueError(f"a run's layout has {lay.active.shape[2]} key blocks, not {nk}")
+    rows = torch.stack([lay.active.sum((0, 1), dtype=torch.int64) for lay in run_layouts])
+    runs = sum(len(p) for p in sharding.pieces)
+    return torch.zeros(len(run_layouts), runs, dtype=torch.int64, device=dev).index_add_(
+        1, sharding.run_of_block().to(dev), rows)
+
+
 def distributed_plan(layout: BlockLayout, sharding: Sharding) -> DistributedPlan:
     """Reduce the global ``layout`` to per-(query run, K/V run) tile counts (one transfer to
     the host; every later decision of the ring reads them there, with no device sync)."""
     if (layout.q_len, layout.k_len, layout.block_size) != (
             sharding.seq_len, sharding.seq_len, sharding.block_size):
         raise ValueError("layout and sharding disagree on the sequence length or block size")
-    dev = layout.active.device
-    # each run's query blocks summed over heads and rows (one read of the layout, no
-    # [nq, nk] integer copy), then the key blocks folded into runs
+    nk = layout.active.shape[2]
     runs = [r for pieces in sharding.pieces for r in pieces]
-    rows = torch.stack([layout.active[:, b0:b1].sum((0, 1), dtype=torch.int64)
-                        for b0, b1 in runs])  # [n, nk]
-    tiles = torch.zeros(len(runs), len(runs), dtype=torch.int64, device=dev).index_add_(
-        1, sharding.run_of_block().to(dev), rows)
-    return DistributedPlan(sharding, tiles.cpu())
+    return DistributedPlan(sharding,
+                           run_tile_rows([layout.slice(r, (0, nk)) for r in runs], sharding).cpu())
