@@ -181,7 +181,7 @@ class BlockSparseAttention(nn.Module):
     caches the block layout per (query length, key length, device). ``block_order="hilbert"``
     visits the tiles along a Hilbert curve (see :func:`block_sparse_attention`). With a
     ``process_group`` it takes this rank's shard and runs the ring across the group's ranks
-    (``sharding``: ``"contiguous"`` or ``"zigzag"``), caching the global layout.
+    (``sharding``: ``"contiguous"`` or ``"zigzag"``), each rank caching its own rows of the layout.
 
     Example::
 
