@@ -446,9 +446,10 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
     sh = setup.plan.sharding
     pairs = setup.plan.run_tiles[[sh.run_index(setup.rank, i) for i in range(len(runs))]] > 0
     stats.pairs_skipped += int((~pairs).sum())
-    # A rank with one partial in all has nothing to merge: without gradients or a requested
-    # log-sum-exp, it computes that partial without one (e.g. SDPA for dilated segments).
-    need_lse = setup.need_lse or int(pairs.sum()) > 1
+    # A query run with one partial has nothing to merge: when no run of this rank has more,
+    # and there are no gradients or requested log-sum-exp, the partials are computed without
+    # one (e.g. SDPA for dilated segments; a zigzag shard's two runs are written apart).
+    need_lse = setup.need_lse or bool((pairs.sum(1) > 1).any())
     if len(runs) > 1:
         whole = empty_partial(q, v.shape[-1], lse=need_lse)
     pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
