@@ -97,10 +97,13 @@ def test_building_a_ring_slice_mask_never_waits_for_the_gpu():
     layout = pattern.block_structure(4096, 128, "cuda")
     problem = Problem(layout, pattern.predicate("cuda"), 0.1, label=repr(pattern))
     build_block_mask(problem.slice((0, 16), (16, 32)), "cuda")  # first-call setup
+    dilated = P.dilated([256, 512], [1, 2], num_heads=4)
+    dilated.predicate("cuda")  # its per-head tables go to the GPU once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         build_block_mask(problem.slice((16, 32), (0, 16)), "cuda")
+        dilated.predicate("cuda")  # what every ring call asks for
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

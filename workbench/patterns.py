@@ -620,12 +620,19 @@ class Dilated(Pattern):
         self.w, self.r, self.s = list(segments), list(dilations), list(offsets)
         self.num_heads = len(self.w)
         self.name = name
+        self._tables: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per device
 
     def allowed(self, h, q, k):
         return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
-        tw, tr, ts = (torch.tensor(x, device=device) for x in (self.w, self.r, self.s))
+        # the per-head tables are copied to a device once: a copy from the host waits for
+        # every kernel queued there, and a ring builds a predicate on every call
+        key = str(torch.device(device))
+        if key not in self._tables:
+            self._tables[key] = tuple(torch.tensor(x, device=device)
+                                      for x in (self.w, self.r, self.s))
+        tw, tr, ts = self._tables[key]
 
         def kept_pair(h, q, k):
             w, r, s = tw[h], tr[h], ts[h]
