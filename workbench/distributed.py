@@ -636,12 +636,18 @@ def _gather_plan(run_layouts: Sequence[BlockLayout], shards: Sharding, group, ra
     mine = run_tile_rows(run_layouts, shards)  # [runs of this rank, all runs]
     world = shards.world_size
     if world == 1:
-        return DistributedPlan(shards, mine.cpu())
+        return _plan_from_rows([mine], shards)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     work = dist.all_gather(everyone, mine, group=group, async_op=True)
     _wait_all([work], timeout, f"rank {rank}: exchanging the block plan with the other "
               f"{world - 1} ranks")
-    return DistributedPlan(shards, torch.cat(everyone).cpu())
+    return _plan_from_rows(everyone, shards)
+
+
+def _plan_from_rows(rows: Sequence[Tensor], shards: Sharding) -> DistributedPlan:
+    """The plan from every rank's :func:`run_tile_rows`, in rank order (runs are numbered
+    rank by rank)."""
+    return DistributedPlan(shards, torch.cat(list(rows)).cpu())
 
 
 # --------------------------------------------------------------------- entry point
@@ -717,8 +723,8 @@ def distributed_ring_attention(
     return (out, lse) if return_lse else out
 
 
-def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding: str, heads: int,
-                    head_dim: int, dtype: torch.dtype, device: torch.device | str,
+def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int, sharding: str,
+                    heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
                     backend: str = "auto", backward: bool = False):
     """Every (rank, step) of a ``world``-rank ring as work on one device, to plan a real run.
 
@@ -730,12 +736,18 @@ def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding:
 
     While a rank's steps are yielded the device holds what that rank holds in the real ring:
     its q, k, v shards, the running output and log-sum-exp, the K/V shard of the step, the
-    receive buffer of its next step (and with ``backward`` the upstream gradient and the
-    gradient accumulators), so the device's peak memory during ``fn()`` is that rank's peak,
-    less the communication library's own buffers. Drop each ``fn`` before asking for the next.
+    receive buffer of its next step, its rows of the block layout (and with ``backward`` the
+    upstream gradient and the gradient accumulators), so the device's peak memory during
+    ``fn()`` is that rank's peak, less the communication library's own buffers. Drop each
+    ``fn`` before asking for the next.
     """
-    shards = shard_plan(layout.q_len, world, layout.block_size, sharding)
-    plan = distributed_plan(layout, shards)
+    shards = shard_plan(seq_len, world, block_size, sharding)
+
+    def rank_layouts(r: int) -> list[BlockLayout]:  # built afresh: one rank's rows at a time
+        return [pattern.block_structure(seq_len, block_size, device, rows=run)
+                for run in shards.pieces[r]]
+
+    plan = _plan_from_rows([run_tile_rows(rank_layouts(r), shards) for r in range(world)], shards)
     per_step = plan.tiles_per_step()
     acc = accumulation_dtype(dtype)
 
@@ -753,8 +765,8 @@ def simulated_steps(pattern: Pattern, layout: BlockLayout, world: int, sharding:
                       torch.zeros_like(q, dtype=acc) if backward else None)
         own_grads = tuple(torch.zeros_like(x, dtype=acc) for x in (k, v)) if backward else ()
         runs = shards.pieces[r]
-        problems = _run_problems([layout.slice(run, (0, layout.shape[2])) for run in runs], runs,
-                                 pattern, device, 1.0 / math.sqrt(head_dim))
+        problems = _run_problems(rank_layouts(r), runs, pattern, device,
+                                 1.0 / math.sqrt(head_dim))
         setup = _Setup(r, plan, problems, resolve_backend(backend, q), None, DEFAULT_TIMEOUT_S,
                        pattern)
         steps = _steps(setup)

@@ -376,9 +376,8 @@ def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str]
     rows = []
     for s, family, sharding, pass_ in tqdm(cases, desc="ring plan", unit="case"):
         pattern, params = family_pattern(family, s, heads)
-        layout = pattern.block_structure(s, block_size, dev)
         for r, d, src, tiles, nbytes, fn in D.simulated_steps(
-                pattern, layout, world, sharding, heads, head_dim, dt, dev,
+                pattern, s, block_size, world, sharding, heads, head_dim, dt, dev,
                 backward=pass_ == "fwd+bwd"):
             ms, peak = 0.0, float("nan")
             if fn is not None:
@@ -396,7 +395,6 @@ def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str]
                          "peak_mib": round(peak, 1), "heads": heads, "head_dim": head_dim,
                          "dtype": dtype, "block_size": block_size})
             write_csv(rows, f"ring_{study}_plan", dev)  # after every step: nothing lost if cut
-        del layout
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return rows
