@@ -36,18 +36,32 @@ def flex_available() -> bool:
     return True
 
 
-def _sorted_indices(sel: Tensor, rank: Tensor | None = None) -> tuple[Tensor, Tensor]:
+_SORT_CHUNK = 1 << 26  # tiles sorted per step: bounds the int64 temporaries of argsort
+
+
+def _sorted_indices(sel: Tensor, rank: Tensor | None = None,
+                    chunk: int = _SORT_CHUNK) -> tuple[Tensor, Tensor]:
     """(count, column indices with selected ones first) as int32.
 
     Selected columns come in increasing order, or by ``rank`` (int64 ``[H, nq, nk]``, the
-    position of each tile in a visit order) when given.
+    position of each tile in a visit order) when given. Rows are sorted ``chunk`` tiles at a
+    time into the int32 result, so the sort's int64 temporaries stay small whatever the length
+    (at 4M tokens in 128-token blocks one head's whole sort would take 8 GiB).
     """
     count = sel.sum(-1, dtype=torch.int32)
-    if rank is None:
-        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
-    else:
-        order = torch.argsort(torch.where(sel, rank, torch.iinfo(torch.int64).max), dim=-1)
-    return count[None], order.to(torch.int32)[None]
+    out = torch.empty(sel.shape, dtype=torch.int32, device=sel.device)
+    flat, out_rows = sel.reshape(-1, sel.shape[-1]), out.view(-1, sel.shape[-1])
+    ranks = None if rank is None else rank.reshape(flat.shape)
+    step = max(1, chunk // max(1, sel.shape[-1]))  # rows (of every head) per sort
+    for r0 in range(0, flat.shape[0], step):
+        part = flat[r0:r0 + step]
+        if ranks is None:
+            order = torch.argsort((~part).to(torch.int8), dim=-1, stable=True)
+        else:
+            order = torch.argsort(torch.where(part, ranks[r0:r0 + step],
+                                              torch.iinfo(torch.int64).max), dim=-1)
+        out_rows[r0:r0 + step] = order
+    return count[None], out[None]
 
 
 def _visit_rank(layout: BlockLayout, block_order: str | None) -> Tensor | None:
