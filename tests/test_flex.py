@@ -172,3 +172,22 @@ def test_block_indices_sorted_in_chunks_equal_one_sort():
                 assert torch.equal(cols, cols.sort().values)
             else:
                 assert bool((r[h, i][cols.long()].diff() > 0).all())
+
+
+def test_a_forward_only_mask_leaves_out_the_backward_lists_and_is_upgraded_when_needed():
+    from workbench.backends import flex as F
+
+    pattern = P.random_blocks(0.4, seed=2, cell=32, num_heads=2) & P.causal()
+    layout = pattern.block_structure(300, 32)
+    problem = Problem(layout, pattern.predicate("cpu"), 0.1, label=repr(pattern))
+    both = build_block_mask(problem, "cpu")
+    fwd = build_block_mask(problem, "cpu", backward=False)
+    assert fwd.q_indices is None and fwd.full_q_indices is None
+    assert both.q_indices is not None
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(fwd, name), getattr(both, name)), name
+    first = F.cached_block_mask(problem, "cpu", backward=False)
+    assert F.cached_block_mask(problem, "cpu", backward=False) is first
+    upgraded = F.cached_block_mask(problem, "cpu", backward=True)  # a backward needs the lists
+    assert upgraded.q_indices is not None
+    assert F.cached_block_mask(problem, "cpu", backward=False) is upgraded  # serves both

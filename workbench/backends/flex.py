@@ -96,9 +96,10 @@ _MASKS: OrderedDict[tuple, tuple[weakref.ref, object]] = OrderedDict()
 _MASK_CACHE_SIZE = 4  # a BlockMask at 1M tokens holds ~0.5 GB of indices
 
 
-def cached_block_mask(problem: Problem, device: torch.device | str):
+def cached_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):
     """:func:`build_block_mask`, reused while the same layout object comes back (a module's
-    cached layout): building one costs milliseconds at long sequences, every call.
+    cached layout): building one costs milliseconds at long sequences, every call. A mask
+    built for the forward only is rebuilt when a backward needs one.
 
     The cache holds its layouts weakly: a mask is dropped as soon as its layout is (e.g. the
     per-call slices of a ring), so it never keeps GPU memory alive on its own.
@@ -106,18 +107,23 @@ def cached_block_mask(problem: Problem, device: torch.device | str):
     key = (id(problem.layout), str(device), problem.label, problem.q_offset, problem.k_offset,
            problem.block_order)
     hit = _MASKS.get(key)
-    if hit is not None and hit[0]() is problem.layout:  # same object, not a reused id
+    if (hit is not None and hit[0]() is problem.layout  # same object, not a reused id
+            and (hit[1].q_indices is not None or not backward)):
         _MASKS.move_to_end(key)
         return hit[1]
-    mask = build_block_mask(problem, device)
+    mask = build_block_mask(problem, device, backward)
     _MASKS[key] = (weakref.ref(problem.layout, lambda _, key=key: _MASKS.pop(key, None)), mask)
     if len(_MASKS) > _MASK_CACHE_SIZE:
         _MASKS.popitem(last=False)
     return mask
 
 
-def build_block_mask(problem: Problem, device: torch.device | str):
-    """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation)."""
+def build_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):
+    """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation).
+
+    ``backward=False`` leaves out the query-major block lists only the backward reads:
+    FlexAttention builds them through a dense ``[H, nk, nq]`` int32 copy and a sort, the
+    largest temporaries of a mask at long lengths."""
     from torch.nn.attention.flex_attention import BlockMask
 
     lay = _kernel_layout(problem.layout.to(device))
@@ -145,7 +151,8 @@ def build_block_mask(problem: Problem, device: torch.device | str):
         return (qi < q_len) & (ki < k_len) & allowed(h, qi + q_off, ki + k_off)
 
     return BlockMask.from_kv_blocks(
-        kv_n, kv_i, f_n, f_i, BLOCK_SIZE=b, mask_mod=mask_mod, seq_lengths=(q_len, k_len)
+        kv_n, kv_i, f_n, f_i, BLOCK_SIZE=b, mask_mod=mask_mod, seq_lengths=(q_len, k_len),
+        compute_q_blocks=backward,
     )
 
 
@@ -191,7 +198,9 @@ def flex_attention(
         print(f"[workbench] compiling FlexAttention for {problem.label or 'a pattern'} at "
               f"q{tuple(q.shape)} {q.dtype} on {q.device.type} (once per shape and pattern)",
               file=sys.stderr)
-    mask = cached_block_mask(problem, q.device)
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                            or v.requires_grad)
+    mask = cached_block_mask(problem, q.device, backward)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
                                     fail_on_recompile_limit_hit=True):
         res = _compiled()(q, k, v, block_mask=mask, scale=problem.scale, return_lse=need_lse,
