@@ -191,3 +191,24 @@ def test_a_forward_only_mask_leaves_out_the_backward_lists_and_is_upgraded_when_
     upgraded = F.cached_block_mask(problem, "cpu", backward=True)  # a backward needs the lists
     assert upgraded.q_indices is not None
     assert F.cached_block_mask(problem, "cpu", backward=False) is upgraded  # serves both
+
+
+@pytest.mark.parametrize("block_order", [None, "hilbert"])
+@pytest.mark.parametrize("pattern, s", [
+    (P.random_blocks(0.3, seed=5, cell=16, num_heads=3) | P.local_window(20), 300),
+    ((P.strided(7) | P.local_window(7)) & P.causal(), 257),
+    (P.dilated([64, 128], [1, 2], num_heads=2), 200),
+])
+def test_query_major_block_lists_equal_flexattentions_own(pattern, s, block_order):
+    # the lists the backward reads, built from the layout, equal the ones FlexAttention derives
+    # from the key-major lists
+    from torch.nn.attention.flex_attention import BlockMask
+
+    lay = pattern.block_structure(s, 32)
+    ours = build_block_mask(Problem(lay, pattern.predicate("cpu"), 0.1, block_order=block_order),
+                            "cpu")
+    theirs = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices,
+                                      ours.full_kv_num_blocks, ours.full_kv_indices,
+                                      BLOCK_SIZE=32, seq_lengths=ours.seq_lengths)
+    for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name

@@ -121,9 +121,10 @@ def cached_block_mask(problem: Problem, device: torch.device | str, backward: bo
 def build_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):
     """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation).
 
-    ``backward=False`` leaves out the query-major block lists only the backward reads:
-    FlexAttention builds them through a dense ``[H, nk, nq]`` int32 copy and a sort, the
-    largest temporaries of a mask at long lengths."""
+    Both block lists are sorted here from the layout, chunk by chunk: the key-major ones the
+    forward reads, and (``backward=True``) the query-major ones only the backward reads.
+    (FlexAttention's ``from_kv_blocks`` would derive the latter through a dense ``[H, nk, nq]``
+    int32 copy and an int64 sort, the largest temporaries of a mask at long lengths.)"""
     from torch.nn.attention.flex_attention import BlockMask
 
     lay = _kernel_layout(problem.layout.to(device))
@@ -150,9 +151,14 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
     def mask_mod(bi, h, qi, ki):
         return (qi < q_len) & (ki < k_len) & allowed(h, qi + q_off, ki + k_off)
 
-    return BlockMask.from_kv_blocks(
-        kv_n, kv_i, f_n, f_i, BLOCK_SIZE=b, mask_mod=mask_mod, seq_lengths=(q_len, k_len),
-        compute_q_blocks=backward,
+    # query-major lists: every query block of a key block, in increasing order (as
+    # FlexAttention's own transpose gives them)
+    q_n, q_i = _sorted_indices(partial.transpose(1, 2)) if backward else (None, None)
+    fq_n, fq_i = _sorted_indices(full.transpose(1, 2)) if backward else (None, None)
+    return BlockMask(
+        seq_lengths=(q_len, k_len), kv_num_blocks=kv_n, kv_indices=kv_i,
+        full_kv_num_blocks=f_n, full_kv_indices=f_i, q_num_blocks=q_n, q_indices=q_i,
+        full_q_num_blocks=fq_n, full_q_indices=fq_i, BLOCK_SIZE=(b, b), mask_mod=mask_mod,
     )
 
 
