@@ -116,12 +116,22 @@ def _check_layouts(rank, world, sharding):
                 P.dilated([32, 64], [1, 2], num_heads=3, causal=True),
                 _patterns()["global_local"]):
         whole = pat.block_structure(S, BLOCK)
+        built: list = []
+
+        def spy(*args, plain=pat.block_structure, built=built, **kw):  # what gets built
+            built.append(kw.get("rows"))
+            return plain(*args, **kw)
+
+        pat.block_structure = spy  # until the ring has run (it reuses these rows)
         rows = D.row_layouts(pat, S, BLOCK, sh.pieces[rank], "cpu")
         assert [lay.active.shape[1] for lay in rows] == [b1 - b0 for b0, b1 in sh.pieces[rank]]
         plan = D._gather_plan(rows, sh, dist.group.WORLD, rank, 30.0)
         assert torch.equal(plan.run_tiles, D.distributed_plan(whole, sh).run_tiles)
         with torch.no_grad():
             out = D.distributed_ring_attention(*mine, pat, BLOCK, sharding=sharding)
+        del pat.block_structure
+        assert built == list(sh.pieces[rank]), built  # this rank's rows, never the whole
+        with torch.no_grad():
             for given in (whole, lambda n, whole=whole: whole):
                 again = D.distributed_ring_attention(*mine, pat, BLOCK, sharding=sharding,
                                                      layout=given)
