@@ -212,3 +212,19 @@ def test_query_major_block_lists_equal_flexattentions_own(pattern, s, block_orde
                                       BLOCK_SIZE=32, seq_lengths=ours.seq_lengths)
     for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
+@pytest.mark.slow
+def test_reaching_the_recompile_limit_says_what_to_do(monkeypatch):
+    from workbench.backends import flex as F
+
+    torch._dynamo.reset()  # count from zero: the first call compiles, the next length may not
+    monkeypatch.setattr(F, "RECOMPILE_LIMIT", 1)
+    try:
+        with pytest.raises(RuntimeError, match="recompile limit.*pad to a few"):
+            for s in (64, 96):
+                q, k, v = make_qkv(b=1, h=1, s=s, d=16, dtype=torch.float32,
+                                   requires_grad=False)
+                wb.block_sparse_attention(q, k, v, P.causal(), 32, backend="flex")
+    finally:
+        torch._dynamo.reset()

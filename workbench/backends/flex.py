@@ -207,10 +207,19 @@ def flex_attention(
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                             or v.requires_grad)
     mask = cached_block_mask(problem, q.device, backward)
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
-                                    fail_on_recompile_limit_hit=True):
-        res = _compiled()(q, k, v, block_mask=mask, scale=problem.scale, return_lse=need_lse,
-                          kernel_options=kernel_options(q.device))
+    try:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                        fail_on_recompile_limit_hit=True):
+            res = _compiled()(q, k, v, block_mask=mask, scale=problem.scale,
+                              return_lse=need_lse, kernel_options=kernel_options(q.device))
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise RuntimeError(
+            f"FlexAttention reached its recompile limit in this process "
+            f"(workbench.backends.flex.RECOMPILE_LIMIT = {RECOMPILE_LIMIT}; {len(_seen)} shape "
+            "and pattern combinations were announced on stderr). Every new sequence length, "
+            "batch or head count, dtype or pattern parameter compiles once. Use fewer distinct "
+            "lengths (pad to a few), raise RECOMPILE_LIMIT, or call torch._dynamo.reset() "
+            "between sweeps") from e
     if need_lse:
         out, lse = res
         return out, lse.float()
