@@ -10,6 +10,7 @@ and gradients flow through both outputs and log-sum-exps.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +50,8 @@ def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tens
 
 
 def _lse_dtype(lses: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in lses) else torch.float32
+    """The accumulation dtype of the widest log-sum-exp among ``lses``."""
+    return accumulation_dtype(functools.reduce(torch.promote_types, (x.dtype for x in lses)))
 
 
 def _weighted_sum(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
