@@ -175,12 +175,9 @@ def run_tile_rows(run_layouts: Sequence[BlockLayout], sharding: Sharding) -> Ten
     if not run_layouts:
         raise ValueError("need at least one query run's layout")
     dev = run_layouts[0].active.device
-    nk = num_blocks(sharding.seq_len, sharding.block_size)
-    for lay in run_layouts:
+    for lay in run_layouts:  # (a BlockLayout's key blocks follow from k_len and block_size)
         if (lay.k_len, lay.block_size) != (sharding.seq_len, sharding.block_size):
             raise ValueError("layout and sharding disagree on the sequence length or block size")
-        if lay.active.shape[2] != nk:
-            raise ValueError(f"a run's layout has {lay.active.shape[2]} key blocks, not {nk}")
     rows = torch.stack([lay.active.sum((0, 1), dtype=torch.int64) for lay in run_layouts])
     runs = sum(len(p) for p in sharding.pieces)
     return torch.zeros(len(run_layouts), runs, dtype=torch.int64, device=dev).index_add_(

@@ -56,7 +56,8 @@ def _lse_dtype(lses: Sequence[Tensor]) -> torch.dtype:
 
 def _weighted_sum(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """The merge of two or more partials, its output still in the accumulation dtype."""
-    lse = torch.stack([x.to(_lse_dtype(lses)) for x in lses])  # [P, ..., S]
+    acc = _lse_dtype(lses)
+    lse = torch.stack([x.to(acc) for x in lses])  # [P, ..., S]
     top = lse.amax(0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(lse - top)  # -inf parts get weight 0
