@@ -154,19 +154,19 @@ def test_block_mask_cache_reuses_a_layout_and_never_outlives_it():
 
 
 def test_block_indices_sorted_in_chunks_equal_one_sort():
-    from workbench.backends.flex import _sorted_indices
+    from workbench.backends.indices import sorted_block_indices
 
     g = torch.Generator().manual_seed(3)
     sel = torch.rand(3, 37, 29, generator=g) < 0.3
     rank = torch.randperm(3 * 37 * 29, generator=g).view(3, 37, 29)
     for r in (None, rank):
-        whole = _sorted_indices(sel, r, chunk=1 << 30)
+        whole = sorted_block_indices(sel, r, chunk=1 << 30)
         for chunk in (1, 29, 100, 29 * 5):  # one row, rows that do not divide 37, ...
-            parts = _sorted_indices(sel, r, chunk=chunk)
+            parts = sorted_block_indices(sel, r, chunk=chunk)
             assert all(torch.equal(a, b) for a, b in zip(whole, parts)), (chunk, r is None)
         n, idx = whole  # the selected columns come first, in increasing (or visit) order
         for h, i in ((0, 0), (2, 36)):
-            cols = idx[0, h, i, : n[0, h, i]]
+            cols = idx[h, i, : n[h, i]]
             assert torch.equal(cols.sort().values, sel[h, i].nonzero().flatten().int())
             if r is None:
                 assert torch.equal(cols, cols.sort().values)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
+from .indices import sorted_block_indices, visit_rank
 from .problem import Problem
 
 __all__ = ["build_block_mask", "flex_attention", "flex_available"]
@@ -34,46 +35,6 @@ def flex_available() -> bool:
     except ImportError:  # pragma: no cover - torch too old
         return False
     return True
-
-
-_SORT_CHUNK = 1 << 26  # tiles sorted per step: bounds the int64 temporaries of argsort
-
-
-def _sorted_indices(sel: Tensor, rank: Tensor | None = None,
-                    chunk: int = _SORT_CHUNK) -> tuple[Tensor, Tensor]:
-    """(count, column indices with selected ones first) as int32.
-
-    Selected columns come in increasing order, or by ``rank`` (int64 ``[H, nq, nk]``, the
-    position of each tile in a visit order) when given. Rows are sorted ``chunk`` tiles at a
-    time into the int32 result, so the sort's int64 temporaries stay small whatever the length
-    (at 4M tokens in 128-token blocks one head's whole sort would take 8 GiB).
-    """
-    count = sel.sum(-1, dtype=torch.int32)
-    out = torch.empty(sel.shape, dtype=torch.int32, device=sel.device)
-    flat, out_rows = sel.reshape(-1, sel.shape[-1]), out.view(-1, sel.shape[-1])
-    ranks = None if rank is None else rank.reshape(flat.shape)
-    step = max(1, chunk // max(1, sel.shape[-1]))  # rows (of every head) per sort
-    for r0 in range(0, flat.shape[0], step):
-        part = flat[r0:r0 + step]
-        if ranks is None:
-            order = torch.argsort((~part).to(torch.int8), dim=-1, stable=True)
-        else:
-            order = torch.argsort(torch.where(part, ranks[r0:r0 + step],
-                                              torch.iinfo(torch.int64).max), dim=-1)
-        out_rows[r0:r0 + step] = order
-    return count[None], out[None]
-
-
-def _visit_rank(layout: BlockLayout, block_order: str | None) -> Tensor | None:
-    """Position of every active tile in the ``block_order`` visit (None: natural order)."""
-    if block_order is None:
-        return None
-    from ..orderings import block_visit_order
-
-    tiles = block_visit_order(layout, block_order)
-    rank = torch.zeros(layout.shape, dtype=torch.int64, device=tiles.device)
-    rank[tuple(tiles.T)] = torch.arange(tiles.shape[0], device=tiles.device)
-    return rank
 
 
 KERNEL_TILE = 128  # FlexAttention's Triton kernels on Hopper need sparse blocks of 128k tokens
@@ -118,6 +79,11 @@ def cached_block_mask(problem: Problem, device: torch.device | str, backward: bo
     return mask
 
 
+def _batched(lists: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """A ``BlockMask``'s leading batch axis (of size 1: every batch element shares it)."""
+    return lists[0][None], lists[1][None]
+
+
 def build_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):
     """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation).
 
@@ -137,9 +103,9 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
     partial = lay.active & ~full
     # A post-pattern visit order reorders each query block's key blocks (FlexAttention's grid
     # fixes the order of query blocks itself).
-    rank = _visit_rank(lay, problem.block_order)
-    kv_n, kv_i = _sorted_indices(partial, rank)
-    f_n, f_i = _sorted_indices(full, rank)
+    rank = visit_rank(lay, problem.block_order)
+    kv_n, kv_i = _batched(sorted_block_indices(partial, rank))
+    f_n, f_i = _batched(sorted_block_indices(full, rank))
     allowed, q_len, k_len = problem.allowed, lay.q_len, lay.k_len
     # Offsets as tensors: the compiled kernel takes them as inputs, so the slices of a ring (same
     # shape, other offsets) reuse one compilation instead of specializing on each offset. Filled
@@ -153,8 +119,10 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
 
     # query-major lists: every query block of a key block, in increasing order (as
     # FlexAttention's own transpose gives them)
-    q_n, q_i = _sorted_indices(partial.transpose(1, 2)) if backward else (None, None)
-    fq_n, fq_i = _sorted_indices(full.transpose(1, 2)) if backward else (None, None)
+    q_n, q_i = (_batched(sorted_block_indices(partial.transpose(1, 2))) if backward
+                else (None, None))
+    fq_n, fq_i = (_batched(sorted_block_indices(full.transpose(1, 2))) if backward
+                  else (None, None))
     return BlockMask(
         seq_lengths=(q_len, k_len), kv_num_blocks=kv_n, kv_indices=kv_i,
         full_kv_num_blocks=f_n, full_kv_indices=f_i, q_num_blocks=q_n, q_indices=q_i,

@@ -1,0 +1,51 @@
+"""Per-row block lists of a layout, the form tile-list kernels read (FlexAttention's
+``BlockMask`` and the triton backend): for each (head, query block) the number of selected key
+blocks and their indices, selected ones first."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..layout import BlockLayout
+
+__all__ = ["sorted_block_indices", "visit_rank"]
+
+SORT_CHUNK = 1 << 26  # tiles sorted per step: bounds the int64 temporaries of argsort
+
+
+def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
+                         chunk: int = SORT_CHUNK) -> tuple[Tensor, Tensor]:
+    """(count ``[H, nq]``, column indices ``[H, nq, nk]`` with selected ones first), int32.
+
+    Selected columns come in increasing order, or by ``rank`` (int64 ``[H, nq, nk]``, the
+    position of each tile in a visit order) when given. Rows are sorted ``chunk`` tiles at a
+    time into the int32 result, so the sort's int64 temporaries stay small whatever the length
+    (at 4M tokens in 128-token blocks one head's whole sort would take 8 GiB).
+    """
+    count = sel.sum(-1, dtype=torch.int32)
+    out = torch.empty(sel.shape, dtype=torch.int32, device=sel.device)
+    flat, out_rows = sel.reshape(-1, sel.shape[-1]), out.view(-1, sel.shape[-1])
+    ranks = None if rank is None else rank.reshape(flat.shape)
+    step = max(1, chunk // max(1, sel.shape[-1]))  # rows (of every head) per sort
+    for r0 in range(0, flat.shape[0], step):
+        part = flat[r0:r0 + step]
+        if ranks is None:
+            order = torch.argsort((~part).to(torch.int8), dim=-1, stable=True)
+        else:
+            order = torch.argsort(torch.where(part, ranks[r0:r0 + step],
+                                              torch.iinfo(torch.int64).max), dim=-1)
+        out_rows[r0:r0 + step] = order
+    return count, out
+
+
+def visit_rank(layout: BlockLayout, block_order: str | None) -> Tensor | None:
+    """Position of every active tile in the ``block_order`` visit (None: natural order)."""
+    if block_order is None:
+        return None
+    from ..orderings import block_visit_order
+
+    tiles = block_visit_order(layout, block_order)
+    rank = torch.zeros(layout.shape, dtype=torch.int64, device=tiles.device)
+    rank[tuple(tiles.T)] = torch.arange(tiles.shape[0], device=tiles.device)
+    return rank
