@@ -3,6 +3,8 @@
 - ``reference``: dense masked attention in float64, the oracle (small problems only).
 - ``blockwise``: pure PyTorch over active tiles with an online softmax; any device, autograd.
 - ``flex``: FlexAttention with a ``BlockMask`` from the exact layout (compiled; CPU: inference).
+- ``triton``: our own Triton kernel over the same tile lists (CUDA, float16/bfloat16; forward
+  only: inference and the log-sum-exp).
 - ``auto``: ``flex`` on CUDA, ``blockwise`` elsewhere and whenever attention dropout is on.
 """
 
@@ -16,6 +18,7 @@ from .flex import flex_attention, flex_available
 from .merge import accumulation_dtype, empty_partial, merge_into_, merge_partials
 from .problem import MaskFn, Problem
 from .reference import reference_attention
+from .triton_sparse import triton_attention
 
 __all__ = [
     "BACKENDS",
@@ -31,9 +34,10 @@ __all__ = [
     "reference_attention",
     "resolve_backend",
     "run_backend",
+    "triton_attention",
 ]
 
-BACKENDS = ("auto", "blockwise", "flex", "reference")
+BACKENDS = ("auto", "blockwise", "flex", "reference", "triton")
 
 
 def check_backend(name: str) -> str:
@@ -61,4 +65,6 @@ def run_backend(
         return flex_attention(q, k, v, problem, need_lse)
     if name == "reference":
         return reference_attention(q, k, v, problem)
+    if name == "triton":
+        return triton_attention(q, k, v, problem, need_lse)
     return blockwise_attention(q, k, v, problem)

@@ -1,0 +1,94 @@
+"""The triton backend: our kernel against the float64 dense reference (under Triton's
+interpreter on the CPU, compiled on a GPU), and the plan it reads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench.backends import Problem
+from workbench.backends.triton_sparse import _pack_bits, build_plan
+
+P = wb.patterns
+def _interpreter_usable() -> str | None:
+    """Why Triton's interpreter cannot run here, or None."""
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return "triton is not installed"
+    version = lambda text: tuple(int(x) for x in text.split(".")[:2])  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return "Triton's interpreter before 3.7 cannot run loops under NumPy 2.4 or newer"
+    return None
+
+
+@pytest.mark.skipif(_interpreter_usable() is not None, reason=str(_interpreter_usable()))
+def test_kernel_matches_reference_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    script = Path(__file__).with_name("triton_cases.py")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+def test_plan_bits_are_the_token_mask_of_the_partial_tiles():
+    pat = (P.local_window(37) | P.global_tokens(3)) & P.causal()
+    s, b = 203, 32
+    lay = pat.block_structure(s, b)
+    plan = build_plan(Problem(lay, pat.predicate("cpu"), 1.0), "cpu")
+    mask = pat.token_mask(s)[0]  # [S, S]
+    padded = torch.zeros(7 * b, 7 * b, dtype=torch.bool)
+    padded[:s, :s] = mask
+    tiles = padded.view(7, b, 7, b).permute(0, 2, 1, 3)  # [nq, nk, b, b]
+    nq = lay.shape[1]
+    seen = 0
+    for i in range(nq):
+        n_full, n_part = int(plan.full_count[i]), int(plan.part_count[i])
+        assert int(plan.part_start[i]) == seen
+        for j in plan.full_index[i, :n_full].tolist():
+            assert bool(tiles[i, j].all())
+        for t, j in enumerate(plan.part_index[i, :n_part].tolist()):
+            assert torch.equal(plan.bits[seen + t], _pack_bits(tiles[i, j][None])[0])
+            assert bool(tiles[i, j].any())
+        assert n_full + n_part == int(lay.active[0, i].sum())
+        seen += n_part
+    assert plan.bits.shape[0] == seen  # one mask per partial tile, nothing for full ones
+
+
+def test_pack_bits_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(5, 64, 64, generator=g) < 0.5
+    words = _pack_bits(m).to(torch.int64) & 0xFFFFFFFF
+    bits = (words[..., None] >> torch.arange(32)) & 1
+    assert torch.equal(bits.reshape(5, 64, 64).bool(), m)
+
+
+def test_triton_backend_errors_name_the_fix():
+    with pytest.raises(ValueError, match="power-of-two block_size"):
+        lay = P.causal().block_structure(100, 24)
+        build_plan(Problem(lay, P.causal().predicate("cpu"), 1.0), "cpu")
+    q = torch.randn(1, 2, 64, 32)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(NotImplementedError, match="backend='blockwise' on the CPU"):
+            wb.block_sparse_attention(q, q, q, P.causal(), 32, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_matches_reference_on_the_gpu():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from triton_cases import check_case, run_all
+
+    run_all("cuda", torch.bfloat16, tol=3e-2)
+    # the shapes the benchmarks use: 128-token tiles, head_dim 128, default launch parameters
+    for name, pat in (("random10", P.random_blocks(0.1, seed=0, cell=128)),
+                      ("causal", P.causal()), ("local", P.local_window(700, causal=True))):
+        check_case(name, pat, 4096 + 77, 4096 + 77, 128, 2, None, "cuda", torch.bfloat16,
+                   d=128, tol=3e-2)

@@ -1,0 +1,93 @@
+"""Cases the triton backend must match the float64 dense reference on, shared by the CPU test
+(Triton's interpreter, in a subprocess: ``python tests/triton_cases.py``) and the GPU test."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import workbench as wb
+from workbench.backends import Problem, reference_attention
+from workbench.backends.triton_sparse import KernelConfig, triton_attention
+
+P = wb.patterns
+
+#: (name, pattern, q_len, k_len, block, heads, kernel config or None)
+CASES = [
+    ("local|global & causal, ragged", (P.local_window(40) | P.global_tokens(5)) & P.causal(),
+     200, 200, 32, 2, None),
+    ("random tiles, exact length", P.random_blocks(0.3, seed=1, cell=32), 128, 128, 32, 2, None),
+    ("dilated heads, rows kept by no head", P.dilated([64, 128], [1, 4], num_heads=3),
+     250, 250, 32, 3, None),
+    ("cross attention, q shorter than k", P.full(), 70, 150, 32, 2, None),
+    ("sub-tiles of the block", P.local_window(50) & P.causal(), 161, 161, 64, 2,
+     KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)),
+    ("TMA loads", (P.local_window(40) | P.global_tokens(5)) & P.causal(),
+     200, 200, 32, 2, KernelConfig(32, 16, 4, 1, use_tma=True)),
+    ("TMA, cross attention, sub-tiles", P.random_blocks(0.5, seed=2, cell=32), 90, 173, 64, 2,
+     KernelConfig(32, 32, 4, 1, use_tma=True)),
+]
+
+
+def _inputs(b: int, h: int, sq: int, sk: int, d: int, dtype, device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g).to(device, dtype) for n in (sq, sk, sk)]
+
+
+def check_case(name, pattern, sq, sk, block, heads, config, device, dtype, d=32, tol=2e-5,
+               grow=0.0):
+    """``grow``: keys grow along the sequence by this factor, so each key tile raises the row
+    maxima a lot (the running rescaling must keep up)."""
+    q, k, v = _inputs(2, heads, sq, sk, d, dtype, device, seed=len(name))
+    k = k * (1 + grow * torch.arange(sk, device=device, dtype=dtype) / sk)[:, None]
+    lay = pattern.block_structure(sq, block, device, k_len=sk)
+    prob = Problem(lay, pattern.predicate(device), d ** -0.5)
+    out, lse = triton_attention(q, k, v, prob, True, config=config)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), prob)
+    err = (out.double() - ref).abs().max().item()
+    assert err < tol, f"{name}: out differs from the reference by {err}"
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), f"{name}: -inf rows differ"
+    fin = torch.isfinite(ref_lse)
+    lerr = (lse.double()[fin] - ref_lse[fin]).abs().max().item()
+    assert lerr < tol, f"{name}: lse differs by {lerr}"
+    assert bool((out[~fin.unsqueeze(-1).expand_as(out)] == 0).all()), f"{name}: empty rows != 0"
+
+
+def check_public_api(device, dtype, tol=2e-5):
+    """Through ``block_sparse_attention``: a ring of 3 chunks (tiles at offsets), a Hilbert
+    visit order, and the errors for what the kernel does not do."""
+    pat = (P.local_window(48) | P.global_tokens(4)) & P.causal()
+    q, k, v = _inputs(1, 2, 300, 300, 32, dtype, device, seed=7)
+    ref = wb.block_sparse_attention(q.double(), k.double(), v.double(), pat, 32,
+                                    backend="reference")
+    for kw in ({"ring_chunks": 3}, {"block_order": "hilbert"}):
+        out = wb.block_sparse_attention(q, k, v, pat, 32, backend="triton", **kw)
+        err = (out.double() - ref).abs().max().item()
+        assert err < tol, f"{kw}: {err}"
+    for bad in ("gradients", "head_dim"):
+        try:
+            if bad == "gradients":
+                wb.block_sparse_attention(q.requires_grad_(), k, v, pat, 32, backend="triton")
+            else:
+                x = q.detach()[..., :24]
+                wb.block_sparse_attention(x, x, x, pat, 32, backend="triton")
+        except NotImplementedError as e:
+            assert ("flex" in str(e)), str(e)
+        else:
+            raise AssertionError(f"no error for {bad}")
+        q = q.detach()
+
+
+def run_all(device: str = "cpu", dtype=torch.float32, tol: float = 2e-5) -> None:
+    for case in CASES:
+        check_case(*case, device=device, dtype=dtype, tol=tol)
+    check_case("growing maxima", P.full(), 64, 256, 32, 1, KernelConfig(32, 16, 4, 1), device,
+               dtype, tol=tol * 10, grow=40.0)
+    check_public_api(device, dtype, tol)
+
+
+if __name__ == "__main__":
+    run_all(*sys.argv[1:2])
+    check_case(*CASES[0], device="cpu", dtype=torch.float16, tol=2e-2)  # half-precision inputs
+    print("ok")

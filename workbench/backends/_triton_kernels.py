@@ -1,0 +1,123 @@
+"""The Triton kernels behind :mod:`workbench.backends.triton_sparse` (imported on first use, so
+that ``TRITON_INTERPRET`` is read when they are defined)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows(X, base, off_b, off_h, start, limit, stride,
+          HEAD_DIM: tl.constexpr, N: tl.constexpr, USE_TMA: tl.constexpr, CHECK: tl.constexpr):
+    """Rows ``start .. start + N`` of head (off_b, off_h) as ``[N, HEAD_DIM]``: through the TMA
+    descriptor ``X`` (rows past the end come back as zeros), or from the pointer ``base`` of the
+    head with row ``stride`` (zeros past ``limit`` when ``CHECK``)."""
+    if USE_TMA:
+        x = X.load([off_b, off_h, start, 0]).reshape(N, HEAD_DIM)
+    else:
+        rows = start + tl.arange(0, N)
+        ptrs = base + rows[:, None].to(tl.int64) * stride + tl.arange(0, HEAD_DIM)[None, :]
+        if CHECK:
+            x = tl.load(ptrs, mask=rows[:, None] < limit, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _tile(acc, m_i, l_i, q, k, v, ok, qk_scale, MASKED: tl.constexpr):
+    """One key tile of the online softmax (base 2): scores, running max ``m_i`` and denominator
+    ``l_i``, accumulator ``acc``; ``ok`` (``MASKED``) says which pairs are allowed."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row with nothing allowed yet keeps m = -inf: shift by 0 instead
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def sparse_forward(
+    Q, K, V, OUT, LSE,
+    F_N, F_I, P_N, P_I, P_START, BITS,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    H, HL, NQ, NK, q_len, k_len, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_Q: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Program (query tile, batch x head): full tiles unmasked, then partial tiles through
+    their bit masks, each layout tile as ``BLOCK / BLOCK_N`` key tiles; writes out (and the
+    natural-log log-sum-exp). ``Q, K, V, OUT`` are pointers, or TMA descriptors of
+    ``[B, H, S, HEAD_DIM]`` when ``USE_TMA``."""
+    SUB_M: tl.constexpr = BLOCK // BLOCK_M
+    SUB_N: tl.constexpr = BLOCK // BLOCK_N
+    WORDS: tl.constexpr = BLOCK // 32
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    qb = pid // SUB_M
+    m0 = qb * BLOCK + (pid % SUB_M) * BLOCK_M  # first query row of this program
+    off_b = bh // H
+    off_h = bh % H
+    row = ((off_h % HL) * NQ + qb).to(tl.int64)  # this program's row of the layout's lists
+    if USE_TMA:
+        q_base, k_base, v_base = Q, K, V
+    else:
+        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
+        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
+        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
+
+    q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for j in range(tl.load(F_N + row)):
+        kb = tl.load(F_I + row * NK + j)
+        for sub in tl.static_range(SUB_N):
+            c0 = kb * BLOCK + sub * BLOCK_N
+            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, False)
+            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, False)
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, None, qk_scale, False)
+
+    start = tl.load(P_START + row).to(tl.int64)
+    word_rows = (m0 - qb * BLOCK + tl.arange(0, BLOCK_M))[:, None] * WORDS
+    for j in range(tl.load(P_N + row)):
+        kb = tl.load(P_I + row * NK + j)
+        tile_bits = BITS + (start + j) * (BLOCK * WORDS) + word_rows
+        for sub in tl.static_range(SUB_N):
+            c = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # columns inside the layout tile
+            c0 = kb * BLOCK + sub * BLOCK_N
+            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, True)
+            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, True)
+            words = tl.load(tile_bits + (c // 32)[None, :])
+            ok = ((words >> (c % 32)[None, :]) & 1) != 0
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
+
+    empty = l_i == 0.0
+    out = (acc / tl.where(empty, 1.0, l_i)[:, None]).to(q.dtype)  # out has the dtype of q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    if USE_TMA:  # the descriptor clips rows past the end of the sequence
+        OUT.store([off_b, off_h, m0, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        o_ptrs = (OUT + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh
+                  + offs_m[:, None].to(tl.int64) * som + tl.arange(0, HEAD_DIM)[None, :])
+        if EVEN_Q:
+            tl.store(o_ptrs, out)
+        else:
+            tl.store(o_ptrs, out, mask=offs_m[:, None] < q_len)
+    if STORE_LSE:
+        log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
+        lse = tl.where(empty, float("-inf"), (m_i + log2_l) * 0.6931471805599453)  # x ln 2
+        lse_ptrs = LSE + bh.to(tl.int64) * q_len + offs_m
+        if EVEN_Q:
+            tl.store(lse_ptrs, lse)
+        else:
+            tl.store(lse_ptrs, lse, mask=offs_m < q_len)

@@ -1,0 +1,246 @@
+"""Triton backend: our own block-sparse flash-attention forward kernel.
+
+One program per (batch x head, query tile). The query tile stays in registers while the program
+walks the key blocks of its row of the exact layout, in two lists built once per layout: *full*
+tiles (every pair allowed: no mask at all) and *partial* tiles, whose allowed pairs come from a
+packed bit mask (one bit per pair, ``block**2 / 8`` bytes per partial tile) evaluated from the
+pattern's token predicate when the plan is built, so memory stays proportional to the active
+tiles and no ``S x S`` object ever exists. Scores go through an online softmax in base 2; the
+output and the log-sum-exp are written once. Rows with no allowed key give zeros and
+``lse = -inf``, as every backend does.
+
+Forward only: it serves inference (and the log-sum-exp the ring merges); the backward stays with
+``flex``. On a machine without CUDA the same kernel runs under Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before Triton is imported (slow; the tests use it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from ..layout import BlockLayout
+from .indices import sorted_block_indices, visit_rank
+from .problem import Problem
+
+__all__ = ["KernelConfig", "SparsePlan", "build_plan", "triton_attention", "triton_available"]
+
+_LOG2E = 1.4426950408889634
+_BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=1)
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """Triton is importable and can run on ``device``: CUDA, or any device under the
+    interpreter (``TRITON_INTERPRET=1``)."""
+    if not _triton_ok():
+        return False
+    if device is None:
+        return torch.cuda.is_available() or _interpreted()
+    return torch.device(device).type == "cuda" or _interpreted()
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters: query and key tile edges (each dividing the layout's block size),
+    warps per program, software-pipelining depth, and TMA loads and stores (Hopper and newer,
+    tensors with 16-byte aligned strides; rows past the end are zero-filled by the copy
+    engine)."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+    use_tma: bool = False
+
+
+def default_config(block: int, head_dim: int) -> KernelConfig:
+    """The launch parameters used when none are given (tile edges clipped to the block): on
+    CUDA the fastest of the sweep recorded in ``data/bench_h200_triton_configs.csv``."""
+    if _interpreted():
+        return KernelConfig(min(block, 32), min(block, 32), 4, 1)
+    return KernelConfig(min(block, 128), min(block, 64 if head_dim > 64 else 128), 8, 2)
+
+
+def _tma_ok(*xs: Tensor) -> bool:
+    """Every tensor can be read by a TMA descriptor: 16-byte aligned base and strides."""
+    return all(x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0
+                                               for st in x.stride()[:-1]) for x in xs)
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """What the kernel reads besides q, k and v: per (layout head, query block) the count and
+    the sorted key blocks of its full tiles and of its partial tiles, where each row's partial
+    tiles start in the bit-mask table, and the table ``[tiles, block, block / 32]`` int32."""
+
+    layout: BlockLayout
+    full_count: Tensor  # int32 [Hl * nq]
+    full_index: Tensor  # int32 [Hl * nq, nk]
+    part_count: Tensor  # int32 [Hl * nq]
+    part_index: Tensor  # int32 [Hl * nq, nk]
+    part_start: Tensor  # int32 [Hl * nq]: first row of this query row's tiles in ``bits``
+    bits: Tensor  # int32 [max(1, partial tiles), block, block // 32]
+
+
+def _pack_bits(allowed: Tensor) -> Tensor:
+    """bool ``[t, b, b]`` -> int32 ``[t, b, b // 32]``: bit ``c % 32`` of word ``c // 32``."""
+    t, b, _ = allowed.shape
+    words = allowed.reshape(t, b, b // 32, 32).to(torch.int64)
+    shifts = torch.arange(32, device=allowed.device, dtype=torch.int64)
+    packed = (words << shifts).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
+    """Bit masks of the allowed pairs of ``tiles`` ``[t, 3]`` (layout head, query block, key
+    block): the token predicate evaluated tile by tile, padding never allowed."""
+    b, dev = lay.block_size, tiles.device
+    out = torch.zeros(max(1, tiles.shape[0]), b, b // 32, dtype=torch.int32, device=dev)
+    ar = torch.arange(b, device=dev)
+    step = max(1, _BITS_BUDGET // (b * b))
+    for t0 in range(0, tiles.shape[0], step):
+        t = tiles[t0:t0 + step]
+        h = t[:, 0, None, None]
+        qi = t[:, 1, None, None] * b + ar[None, :, None]
+        ki = t[:, 2, None, None] * b + ar[None, None, :]
+        ok = (qi < lay.q_len) & (ki < lay.k_len)
+        ok = ok & problem.allowed(h, qi + problem.q_offset, ki + problem.k_offset)
+        out[t0:t0 + t.shape[0]] = _pack_bits(ok.expand(t.shape[0], b, b))
+    return out
+
+
+def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
+    """The kernel's lists for ``problem`` (see :class:`SparsePlan`); ``problem.block_order``
+    orders each row's key blocks along its curve."""
+    lay = problem.layout.to(device)
+    b = lay.block_size
+    if b < 16 or b & (b - 1):
+        raise ValueError(
+            f"the triton backend needs a power-of-two block_size of at least 16, got {b}"
+        )
+    full = lay.full
+    if lay.k_len % b:  # the short last key block goes through the mask (its padding is off)
+        full = full.clone()
+        full[:, :, -1] = False
+    partial = lay.active & ~full
+    rank = visit_rank(lay, problem.block_order)
+    f_n, f_i = sorted_block_indices(full, rank)
+    p_n, p_i = sorted_block_indices(partial, rank)
+    hl, nq, nk = lay.shape
+    p_n, p_i = p_n.reshape(hl * nq), p_i.reshape(hl * nq, nk)
+    start = torch.cumsum(p_n, 0, dtype=torch.int64) - p_n
+    # every partial tile in the order the kernel reads them: row by row, the sorted list
+    cols = torch.arange(nk, device=lay.active.device)
+    valid = cols[None, :] < p_n[:, None]
+    row = torch.arange(hl * nq, device=lay.active.device)[:, None].expand(-1, nk)[valid]
+    tiles = torch.stack([row // nq, row % nq, p_i[valid].to(torch.int64)], 1)
+    bits = _partial_bits(problem, lay, tiles)
+    return SparsePlan(lay, f_n.reshape(-1), f_i.reshape(hl * nq, nk), p_n, p_i,
+                      start.to(torch.int32), bits)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
+    d = q.shape[-1]
+    if d < 16 or d & (d - 1) or v.shape[-1] != d:
+        raise NotImplementedError(
+            f"the triton backend needs a power-of-two head_dim of at least 16 for q, k and v, "
+            f"got {d} and {v.shape[-1]}; use backend='flex'"
+        )
+    if problem.dropout is not None:
+        raise NotImplementedError("the triton backend has no attention dropout; use "
+                                  "backend='blockwise' (or 'auto')")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError(
+            "the triton backend computes the forward only; for gradients use backend='flex' "
+            "(or 'auto', which picks it) or 'blockwise'"
+        )
+    if q.device.type != "cuda" and not _interpreted():
+        raise NotImplementedError(
+            "the triton backend runs on CUDA (or under TRITON_INTERPRET=1 for testing); "
+            "use backend='blockwise' on the CPU"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16) and q.device.type == "cuda":
+        raise NotImplementedError(
+            f"the triton backend takes float16 or bfloat16 on CUDA, got {q.dtype}; use "
+            "backend='flex' or 'blockwise' for other dtypes"
+        )
+
+
+_PLANS: dict[tuple, tuple[object, SparsePlan]] = {}
+
+
+def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
+    """:func:`build_plan`, reused while the same layout object comes back (a module's cached
+    layout); the cache holds one plan and never keeps a layout alive on its own."""
+    import weakref
+
+    key = (id(problem.layout), str(device), problem.q_offset, problem.k_offset,
+           problem.block_order, problem.label)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is problem.layout:
+        return hit[1]
+    plan = build_plan(problem, device)
+    _PLANS.clear()
+    _PLANS[key] = (weakref.ref(problem.layout), plan)
+    return plan
+
+
+def triton_attention(
+    q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool,
+    config: KernelConfig | None = None, plan: SparsePlan | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Our Triton kernel over ``problem``; returns ``(out, lse float32 or None)``."""
+    _check_inputs(q, k, v, problem)
+    plan = cached_plan(problem, q.device) if plan is None else plan
+    lay = plan.layout
+    bsz, h, s_q, d = q.shape
+    hl, nq, nk = lay.shape
+    if hl not in (1, h):
+        raise ValueError(f"layout has {hl} heads, q has {h}")
+    b = lay.block_size
+    cfg = config or default_config(b, d)
+    if b % cfg.block_m or b % cfg.block_n:
+        raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must divide block {b}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(bsz, h, s_q, dtype=torch.float32, device=q.device) if need_lse else out
+    from ._triton_kernels import sparse_forward
+
+    tensors = (q, k, v, out)
+    use_tma = cfg.use_tma and (q.is_cuda or _interpreted()) and _tma_ok(*tensors)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        tensors = tuple(TensorDescriptor.from_tensor(x, [1, 1, n, d]) for x, n in
+                        zip(tensors, (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)))
+    grid = (nq * (b // cfg.block_m), bsz * h)
+    sparse_forward[grid](
+        *tensors, lse,
+        plan.full_count, plan.full_index, plan.part_count, plan.part_index, plan.part_start,
+        plan.bits,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E,
+        HEAD_DIM=d, BLOCK=b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        EVEN_Q=s_q % cfg.block_m == 0, STORE_LSE=need_lse, USE_TMA=use_tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, (lse if need_lse else None)
+
