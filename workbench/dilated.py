@@ -96,57 +96,79 @@ class _Piece(NamedTuple):
     key_ok: Tensor | None
 
 
-def _progressions(offsets: list[int]) -> list[tuple[slice, int]]:
-    """The heads of each offset as evenly spaced runs ``(head slice, offset)``."""
-    heads: dict[int, list[int]] = {}
-    for j, o in enumerate(offsets):
-        heads.setdefault(o, []).append(j)
-    runs = []
-    for o, js in heads.items():
-        step = js[1] - js[0] if len(js) > 1 else 1
-        if all(b - a == step for a, b in zip(js, js[1:])):
-            runs.append((slice(js[0], js[-1] + 1, step), o))
-        else:
-            runs += [(slice(j, j + 1), o) for j in js]
+class _Run(NamedTuple):
+    """``count`` consecutive heads from ``head``, head ``head + t`` at offset
+    ``offset + t * step``."""
+
+    head: int
+    count: int
+    offset: int
+    step: int
+
+
+def _head_runs(offsets: list[int]) -> list[_Run]:
+    """The heads as runs of consecutive heads whose offsets grow by a constant step (0 for
+    heads sharing an offset, 1 for LongNet's ``j mod r`` within a branch of ``r`` heads)."""
+    runs, j = [], 0
+    while j < len(offsets):
+        count, step = 1, 0
+        if j + 1 < len(offsets) and offsets[j + 1] >= offsets[j]:
+            step, count = offsets[j + 1] - offsets[j], 2
+            while j + count < len(offsets) and offsets[j + count] - offsets[j + count - 1] == step:
+                count += 1
+        runs.append(_Run(j, count, offsets[j], step))
+        j += count
     return runs
+
+
+def _run_view(x: Tensor, run: _Run, segment: int, dilation: int) -> Tensor:
+    """The kept positions of a run's heads as one strided view of ``x`` ``[B, H, S, *rest]``:
+    ``[B, count, nseg, L, *rest]``, slot ``i`` of segment ``m`` of head ``head + t`` at position
+    ``m * w + offset + t * step + i * r`` (every segment full). Stepping to the next head moves
+    ``step`` positions further, so one view covers heads with different offsets."""
+    sb, sh, ss, *rest = x.stride()
+    size = (x.shape[0], run.count, x.shape[2] // segment, segment // dilation, *x.shape[3:])
+    stride = (sb, sh + run.step * ss, segment * ss, dilation * ss, *rest)
+    start = x.storage_offset() + run.head * sh + run.offset * ss
+    return x.as_strided(size, stride, start)
 
 
 def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int],
                     in_place: bool) -> list[_Piece]:
-    """When every slot is a real position, the heads sharing an offset ``o`` keep a strided
-    view of the sequence (segment ``m``, slot ``i`` -> position ``m * w + o + i * r``): no
-    index tensors. ``in_place``: one call per offset reads q, k, v through that view, and only
-    its output is copied back (no gathered copies at batch 1). Otherwise the views are copied
-    into one batch and attended by one call (fewer launches: better for short sequences, and
-    for kernels that want contiguous inputs)."""
-    split = (seq_len // segment, segment // dilation, dilation)
-    groups = _progressions(offsets)
+    """When every slot is a real position, each run of heads (:func:`_head_runs`) keeps a
+    strided view of the sequence (:func:`_run_view`): no index tensors. ``in_place``: one call
+    per run reads q, k, v through that view, and only its output is copied back (no gathered
+    copies at batch 1). Otherwise the views are copied into one batch and attended by one call
+    (fewer launches: better for short sequences, and for kernels that want contiguous
+    inputs)."""
+    runs = _head_runs(offsets)
 
-    def view(x: Tensor, heads: slice, o: int) -> Tensor:  # -> [B, c, nseg, L, *rest]
-        return x[:, heads].unflatten(2, split).select(4, o)
+    def view(x: Tensor, run: _Run) -> Tensor:  # -> [B, c, nseg, L, *rest]
+        return _run_view(x, run, segment, dilation)
 
     if in_place:
-        def piece(heads: slice, o: int) -> _Piece:
+        def piece(run: _Run) -> _Piece:
             def gather(x: Tensor) -> Tensor:  # batch and heads as one batch dim
-                return view(x, heads, o).flatten(0, 1)
+                return view(x, run).flatten(0, 1)
 
             def put(dst: Tensor, src: Tensor) -> None:
-                target = view(dst, heads, o)
+                target = view(dst, run)
                 target.copy_(src.reshape(target.shape))
 
             return _Piece(gather, put, None)
 
-        return [piece(heads, o) for heads, o in groups]
+        return [piece(run) for run in runs]
 
-    sizes = [len(range(*heads.indices(len(offsets)))) for heads, _ in groups]
+    sizes = [run.count for run in runs]
+    nseg = seq_len // segment
 
-    def gather(x: Tensor) -> Tensor:  # [B, sum(c) * nseg, L, *rest], groups in order
-        return torch.cat([view(x, heads, o) for heads, o in groups], 1).flatten(1, 2)
+    def gather(x: Tensor) -> Tensor:  # [B, sum(c) * nseg, L, *rest], runs in order
+        return torch.cat([view(x, run) for run in runs], 1).flatten(1, 2)
 
     def put(dst: Tensor, src: Tensor) -> None:
-        parts = src.unflatten(1, (sum(sizes), split[0])).split(sizes, 1)
-        for (heads, o), part in zip(groups, parts):
-            view(dst, heads, o).copy_(part)
+        parts = src.unflatten(1, (sum(sizes), nseg)).split(sizes, 1)
+        for run, part in zip(runs, parts):
+            view(dst, run).copy_(part)
 
     return [_Piece(gather, put, None)]
 
