@@ -168,6 +168,16 @@ def test_naive_strided_gather_baseline_computes_the_same_output(seq_len):
     torch.testing.assert_close(strided_gather_dilated(q, k, v, [64, 128, 256], [1, 2, 4]), want)
 
 
+def test_naive_strided_view_baseline_computes_the_same_output():
+    from workbench.bench import strided_view_dilated
+
+    q, k, v = make_qkv(b=2, h=7, s=1024, d=16, requires_grad=False)
+    want = wb.dilated_attention(q, k, v, [64, 128, 256], [1, 2, 4], mode="head_groups")
+    torch.testing.assert_close(strided_view_dilated(q, k, v, [64, 128, 256], [1, 2, 4]), want)
+    with pytest.raises(ValueError, match="multiple of every segment"):
+        strided_view_dilated(q[:, :, :1000], k, v, [64, 128, 256], [1, 2, 4])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["paper", "head_groups"])

@@ -96,7 +96,7 @@ def test_dilated_gather_draws_times_rates_floor_and_memory_bars():
         return next(ln for ln in ax.lines if ln.get_label() == label)
 
     assert list(line(time_ax, "ours").get_ydata()) == [1.0, 2.0]
-    assert list(line(time_ax, "strided gather (naive LongNet)").get_ydata()) == [3.0, 6.0]
+    assert list(line(time_ax, "contiguous strided gather + SDPA").get_ydata()) == [3.0, 6.0]
     assert "dense SDPA (no sparsity)" not in [ln.get_label() for ln in time_ax.lines]
     assert list(line(time_ax, "roofline floor").get_ydata()) == [0.5, 1.5]
     assert list(line(rate_ax, "ours").get_ydata()) == [10.0, 40.0]

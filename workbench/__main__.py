@@ -19,6 +19,7 @@ Examples::
         --seq-lens 4096 --families causal local --shardings contiguous zigzag
     python -m workbench ring-plan --study h100 --world 2 --seq-lens 524288   # one GPU
     python -m workbench copy-bandwidth --study h100                      # roofline memory side
+    python -m workbench bench-triton --study h200 --seq-len 65536   # kernel launch parameters
 """
 
 from __future__ import annotations
@@ -124,6 +125,18 @@ def _bench_longest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_triton(args: argparse.Namespace) -> int:
+    from .bench import kernel_configs, triton_config_study
+    from .records import write_csv
+
+    rows = triton_config_study(args.seq_len, args.families, reps=args.reps, device=args.device,
+                               configs=kernel_configs(args.space))
+    _print_rows(rows)
+    name = "configs" if args.space == "launch" else args.space
+    write_csv(rows, f"bench_{args.study}_triton_{name}", args.device)
+    return 0
+
+
 def _copy_bandwidth(args: argparse.Namespace) -> int:
     from .bench import copy_bandwidth
     from .records import environment, write_csv
@@ -196,6 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     cop.add_argument("--reps", type=int, default=20)
     cop.add_argument("--device", default="cuda")
     cop.set_defaults(func=_copy_bandwidth)
+    tri = sub.add_parser("bench-triton", help="our Triton kernel under every launch configuration "
+                         "vs FlexAttention and dense SDPA (data/bench_<study>_triton_configs.csv)")
+    tri.add_argument("--study", default="h200")
+    tri.add_argument("--seq-len", type=int, default=65536)
+    tri.add_argument("--families", nargs="+", default=["dense", "random10", "causal", "local"],
+                     choices=FAMILIES)
+    tri.add_argument("--space", choices=["launch", "features"], default="launch",
+                     help="launch: tile edges, warps, stages; features: the best of those with "
+                          "and without TMA (data/bench_<study>_triton_features.csv)")
+    tri.add_argument("--reps", type=int, default=20)
+    tri.add_argument("--device", default="cuda")
+    tri.set_defaults(func=_bench_triton)
     _ring_commands(sub, FAMILIES)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -11,15 +11,22 @@ Pattern families (``--families``), each at sequence length ``S``:
 - ``random10``: BigBird-style random 128-token tiles at 10% density;
 - ``local``: causal sliding window of ``S / 16`` tokens (at least 256);
 - ``dilated``: LongNet head groups, segments ``S/32, S/16, S/8, S/4`` (at least 64 tokens),
-  dilations 1, 2, 4, 8 (the GPU study uses 2048..16384 at 64K).
+  dilations 1, 2, 4, 8 (the GPU study uses 2048..16384 at 64K);
+- ``longnet``: the same with fixed segments 2048, 4096, 8192, 16384 at every length (the
+  configuration the GPU targets are stated for, at 64K and 256K).
 
 Variants (``--variants``):
 
 - ``ours``: the package's default way (``dilated_attention`` with the dilation ordering for
   ``dilated``, ``block_sparse_attention`` with ``backend="auto"`` otherwise);
 - ``flex_natural``: FlexAttention with a ``BlockMask`` of the pattern in natural token order;
-- ``strided_gather`` (``dilated`` only): the naive LongNet implementation, a strided slice per
-  (head group, offset) copied into one SDPA call and copied back (:func:`strided_gather_dilated`);
+- ``strided_view`` (dilated families): the naive LongNet implementation, each (head group,
+  offset)'s kept positions as a strided 5-D view passed straight to SDPA, which runs such
+  inputs in its math kernel (:func:`strided_view_dilated`);
+- ``strided_gather`` (dilated families): a stronger baseline, a strided slice per (head group,
+  offset) copied into one contiguous SDPA call (flash) and copied back
+  (:func:`strided_gather_dilated`);
+- ``triton``: ``block_sparse_attention`` with our Triton kernel (forward only);
 - ``blockwise``: the pure-PyTorch backend; ``sdpa_dense``: dense SDPA with no mask (the cost
   of ignoring sparsity); ``sdpa_masked``: SDPA with the dense boolean mask (small S only).
 """
@@ -44,8 +51,10 @@ from .records import environment, write_csv
 
 __all__ = ["BenchConfig", "FAMILIES", "VARIANTS", "family_pattern", "run_bench", "time_fn"]
 
-FAMILIES = ("dense", "causal", "random10", "local", "dilated")
-VARIANTS = ("ours", "flex_natural", "strided_gather", "blockwise", "sdpa_dense", "sdpa_masked")
+FAMILIES = ("dense", "causal", "random10", "local", "dilated", "longnet")
+DILATED_FAMILIES = ("dilated", "longnet")
+VARIANTS = ("ours", "flex_natural", "triton", "strided_view", "strided_gather", "blockwise",
+            "sdpa_dense", "sdpa_masked")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MASKED_SDPA_LIMIT = 1 << 30  # largest H*S*S the dense-mask baseline may build
 
@@ -83,10 +92,10 @@ class BenchConfig:
             raise ValueError("reps must be >= 1 and warmup >= 0")
 
 
-def dilated_params(seq_len: int) -> tuple[list[int], list[int]]:
-    """LongNet (segments, dilations) used by the ``dilated`` family at ``seq_len``."""
+def dilated_params(seq_len: int, family: str = "dilated") -> tuple[list[int], list[int]]:
+    """LongNet (segments, dilations) of a dilated ``family`` at ``seq_len``."""
     segs = [max(64, seq_len // d) for d in (32, 16, 8, 4)]
-    if seq_len == 65536:
+    if seq_len == 65536 or family == "longnet":
         segs = [2048, 4096, 8192, 16384]
     return segs, [1, 2, 4, 8]
 
@@ -102,8 +111,8 @@ def family_pattern(family: str, seq_len: int, heads: int) -> tuple[P.Pattern, st
     if family == "local":
         w = max(256, seq_len // 16)
         return P.local_window(w, causal=True), f"window={w} causal"
-    if family == "dilated":
-        segs, dils = dilated_params(seq_len)
+    if family in DILATED_FAMILIES:
+        segs, dils = dilated_params(seq_len, family)
         return P.dilated(segs, dils, heads), f"segments={segs} dilations={dils} head_groups"
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
@@ -129,6 +138,32 @@ def time_fn(fn: Callable[[], object], reps: int, warmup: int, device: torch.devi
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def strided_view_dilated(q: Tensor, k: Tensor, v: Tensor, segments: list[int],
+                         dilations: list[int]) -> Tensor:
+    """The naive LongNet implementation: per (head group, offset), the kept positions of every
+    segment as a strided view ``[B, h, n, w/r, D]`` of q, k and v passed straight to SDPA (a 5-D,
+    non-contiguous input, which PyTorch computes in its math kernel), the result written back
+    through the same view of the output. Head-group mode; needs ``S`` a multiple of every
+    segment."""
+    bsz, h, s, d = q.shape
+    if any(s % w for w in segments):
+        raise ValueError(f"strided_view needs the length {s} to be a multiple of every segment "
+                         f"length {segments}")
+    out = torch.zeros_like(q)
+    group = P.head_groups(h, len(segments))
+    for g, (w, r) in enumerate(zip(segments, dilations)):
+        heads = [j for j in range(h) if group[j] == g]
+        for off in sorted({j % r for j in heads}):
+            hs = [j for j in heads if j % r == off]
+            sl = slice(hs[0], hs[-1] + 1, hs[1] - hs[0] if len(hs) > 1 else 1)
+
+            def view(x: Tensor, sl=sl, w=w, r=r, off=off) -> Tensor:
+                return x[:, sl].unflatten(2, (s // w, w // r, r))[..., off, :]
+
+            view(out).copy_(F.scaled_dot_product_attention(view(q), view(k), view(v)))
+    return out
 
 
 def strided_gather_dilated(q: Tensor, k: Tensor, v: Tensor, segments: list[int],
@@ -162,18 +197,23 @@ def _variant_fn(
     q: Tensor, k: Tensor, v: Tensor,
 ) -> Callable[[], Tensor] | None:
     """A closure computing the forward output, or None if the variant does not apply."""
-    if variant == "ours" and family == "dilated":
-        segs, dils = dilated_params(seq_len)
+    dilated_family = family in DILATED_FAMILIES
+    if variant == "ours" and dilated_family:
+        segs, dils = dilated_params(seq_len, family)
         return lambda: dilated_attention(q, k, v, segs, dils, mode="head_groups")
-    if variant == "strided_gather":
-        if family != "dilated":
+    if variant in ("strided_gather", "strided_view"):
+        if not dilated_family:
             return None
-        segs, dils = dilated_params(seq_len)
-        return lambda: strided_gather_dilated(q, k, v, segs, dils)
-    if variant in ("ours", "flex_natural", "blockwise"):
-        backend = {"ours": "auto", "flex_natural": "flex", "blockwise": "blockwise"}[variant]
+        segs, dils = dilated_params(seq_len, family)
+        naive = strided_gather_dilated if variant == "strided_gather" else strided_view_dilated
+        return lambda: naive(q, k, v, segs, dils)
+    if variant in ("ours", "flex_natural", "blockwise", "triton"):
+        backend = {"ours": "auto", "flex_natural": "flex", "blockwise": "blockwise",
+                   "triton": "triton"}[variant]
         if backend == "flex" and q.device.type == "cpu" and cfg.backward:
             return None  # FlexAttention has no CPU backward
+        if backend == "triton" and (cfg.backward or q.device.type != "cuda"):
+            return None  # forward only, on CUDA
         module = BlockSparseAttention(pattern, cfg.block_size, backend=backend)
         module.layout(seq_len, seq_len, q.device)  # built once, outside the timing
         return lambda: module(q, k, v)
@@ -409,3 +449,86 @@ def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 20) -> lis
     ms = time_fn(lambda: dst.copy_(src), reps, 3, dev)
     return [{"mib": mib, "reps": reps, "ms": round(ms, 6),
              "gb_s": round(2 * src.numel() / ms / 1e6, 1)}]
+
+
+def kernel_configs(space: str) -> list[object]:
+    """Launch configurations of our Triton kernel to sweep: ``"launch"`` (tile edges, warps,
+    pipeline depth) or ``"features"`` (the fastest launch parameters of the first sweep, each
+    with and without TMA loads)."""
+    from itertools import product
+
+    from .backends.triton_sparse import KernelConfig
+
+    if space == "launch":
+        return [KernelConfig(m, n, w, st) for m, n, w, st in
+                product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if not (m == 64 and w == 8)]
+    if space == "features":
+        return [KernelConfig(m, n, 8, st, tma) for (m, n, st), tma in
+                product(((128, 64, 2), (128, 64, 3), (128, 128, 3), (128, 128, 4)),
+                        (False, True))]
+    raise ValueError(f"space must be 'launch' or 'features', got {space!r}")
+
+
+def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 16,
+                        head_dim: int = 128, block_size: int = 128, reps: int = 20,
+                        device: str = "cuda", configs: Iterable[object] | None = None,
+                        progress: bool = True) -> list[dict]:
+    """Our Triton kernel under each launch configuration (default: :func:`kernel_configs`
+    ``("launch")``) against FlexAttention (natural order, the package's mask) and dense SDPA,
+    forward, bf16, on the same inputs in one run.
+
+    Each row: one (family, variant, configuration) with its median ms, useful TFLOP/s, the
+    ratio to dense SDPA's useful rate (``vs_dense``: 1.0 means time fell in proportion to
+    density) and, for the kernel, the largest difference from FlexAttention's output.
+    """
+    from tqdm.auto import tqdm
+
+    from .backends import Problem
+    from .backends.triton_sparse import build_plan, triton_attention
+
+    dev = torch.device(device)
+    env = environment(dev)
+    configs = kernel_configs("launch") if configs is None else list(configs)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    shape = (1, heads, seq_len, head_dim)
+    q, k, v = (torch.randn(shape, device=dev, dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    dense_flops = 4.0 * heads * seq_len * seq_len * head_dim
+    sdpa_ms = time_fn(lambda: F.scaled_dot_product_attention(q, k, v), reps, 3, dev)
+    rows = [{**env, "seq_len": seq_len, "family": "dense", "variant": "sdpa_dense",
+             "ms": round(sdpa_ms, 4), "useful_tflops": round(dense_flops / sdpa_ms / 1e9, 1),
+             "vs_dense": 1.0}]
+    jobs = [(f, c) for f in families for c in [None, *configs]]
+    ref = {}
+    for family, cfg in tqdm(jobs, desc="triton configs", disable=not progress):
+        pattern, params = family_pattern(family, seq_len, heads)
+        useful = pattern.density(seq_len)
+        row = {**env, "seq_len": seq_len, "family": family, "params": params,
+               "useful_density": round(useful, 6), "block_size": block_size}
+        with torch.no_grad():
+            if cfg is None:
+                module = BlockSparseAttention(pattern, block_size, backend="flex")
+                module.layout(seq_len, seq_len, dev)
+                ref[family] = module(q, k, v)
+                ms = time_fn(lambda m=module: m(q, k, v), reps, 3, dev)
+                row.update(variant="flex_natural")
+            else:
+                lay = pattern.block_structure(seq_len, block_size, dev)
+                prob = Problem(lay, pattern.predicate(dev), head_dim ** -0.5)
+                plan = build_plan(prob, dev)
+                def fn(c=cfg, prob=prob, plan=plan):
+                    return triton_attention(q, k, v, prob, False, config=c, plan=plan)[0]
+                try:
+                    diff = (fn().float() - ref[family].float()).abs().max().item()
+                    ms = time_fn(fn, reps, 3, dev)
+                except Exception as e:  # a launch configuration the compiler rejects
+                    rows.append({**row, "variant": "triton", **dataclasses.asdict(cfg),
+                                 "status": type(e).__name__})
+                    continue
+                row.update(variant="triton", **dataclasses.asdict(cfg),
+                           max_abs_diff_vs_flex=round(diff, 5))
+        tflops = dense_flops * useful / ms / 1e9
+        row.update(status="ok", ms=round(ms, 4), useful_tflops=round(tflops, 1),
+                   vs_dense=round(tflops / rows[0]["useful_tflops"], 3))
+        rows.append(row)
+    return rows

@@ -38,7 +38,9 @@ __all__ = [
 VARIANT_STYLE = {
     "ours": ("tab:blue", "o", "ours"),
     "flex_natural": ("tab:orange", "s", "FlexAttention, natural order"),
-    "strided_gather": ("tab:red", "P", "strided gather (naive LongNet)"),
+    "triton": ("tab:cyan", "*", "ours, Triton kernel"),
+    "strided_view": ("tab:brown", "X", "strided views into SDPA (naive LongNet)"),
+    "strided_gather": ("tab:red", "P", "contiguous strided gather + SDPA"),
     "blockwise": ("tab:green", "^", "blockwise (pure PyTorch)"),
     "sdpa_dense": ("tab:gray", "D", "dense SDPA (no sparsity)"),
     "sdpa_masked": ("tab:purple", "v", "SDPA + dense bool mask"),
@@ -50,6 +52,7 @@ FAMILY_COLOR = {
     "random10": "tab:green",
     "local": "tab:orange",
     "dilated": "tab:blue",
+    "longnet": "tab:cyan",
 }
 _FLOOR_STYLE = dict(color="black", ls=":", lw=1.6, marker="_", ms=10)
 #: bytes per element of the ``dtype`` names the benchmark writes.
