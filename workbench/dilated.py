@@ -27,8 +27,9 @@ output zeros.
 
 **Backends.** ``"gather"`` (default) is the dilation ordering: each head's kept positions are
 attended densely segment by segment and the result is put back, so no tile is wasted. When every
-segment is full, the kept positions of the heads sharing an offset are a strided view of q, k
-and v, read in place; otherwise they are gathered by index.
+segment is full, the kept positions of a run of consecutive heads whose offsets step evenly
+(LongNet's ``j mod r`` inside a head group) are one strided view of q, k and v, read in place;
+otherwise they are gathered by index.
 Any block-sparse backend name (``"blockwise"``, ``"flex"``, ``"reference"``, ``"auto"``)
 computes the same pattern in natural token order instead.
 """
@@ -68,7 +69,7 @@ MODES = ("paper", "head_groups")
 GATHER_HEAD_FRACTION = 1 / 8
 GATHER_MIN_BYTES = 64 * 2**20
 #: From this many bytes per head, SDPA reads q, k, v in place through strided views (one call
-#: per offset); below it the views are copied into one batch for one call, since launches then
+#: per run of heads); below it the views are copied into one batch for one call, since launches then
 #: cost more than the copies (set from trial runs on an H100 at 16K and 64K tokens, forward,
 #: 16 heads of 128, bf16; those runs are not kept in data/).
 IN_PLACE_MIN_BYTES = 8 * 2**20
