@@ -96,7 +96,7 @@ def block_sparse_attention(
             multiple of ``block_size`` needed: padding never changes the result).
         pattern: which (query, key) pairs may attend (:mod:`workbench.patterns`); 1 head or H.
         block_size: tile edge in tokens.
-        backend: ``"auto"``, ``"blockwise"``, ``"flex"`` or ``"reference"``
+        backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"`` or ``"reference"``
             (:mod:`workbench.backends`).
         return_lse: also return the log-sum-exp of each query's scores ``[B, H, Sq]`` (float32,
             ``-inf`` for a query that attends nothing).

@@ -451,6 +451,16 @@ def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 20) -> lis
              "gb_s": round(2 * src.numel() / ms / 1e6, 1)}]
 
 
+def kernel_source_sha() -> str:
+    """First 12 hex digits of the SHA-256 of the Triton kernels' source: which revision of the
+    kernel a recorded row measured."""
+    import hashlib
+    from pathlib import Path
+
+    src = Path(__file__).with_name("backends") / "_triton_kernels.py"
+    return hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+
+
 def kernel_configs(space: str) -> list[object]:
     """Launch configurations of our Triton kernel to sweep: ``"launch"`` (tile edges, warps,
     pipeline depth) or ``"features"`` (the fastest launch parameters of the first sweep, each
@@ -487,7 +497,7 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
     from .backends.triton_sparse import build_plan, triton_attention
 
     dev = torch.device(device)
-    env = environment(dev)
+    env = {**environment(dev), "kernel_sha": kernel_source_sha()}
     configs = kernel_configs("launch") if configs is None else list(configs)
     gen = torch.Generator(device=dev).manual_seed(0)
     shape = (1, heads, seq_len, head_dim)

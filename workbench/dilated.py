@@ -30,8 +30,8 @@ attended densely segment by segment and the result is put back, so no tile is wa
 segment is full, the kept positions of a run of consecutive heads whose offsets step evenly
 (LongNet's ``j mod r`` inside a head group) are one strided view of q, k and v, read in place;
 otherwise they are gathered by index.
-Any block-sparse backend name (``"blockwise"``, ``"flex"``, ``"reference"``, ``"auto"``)
-computes the same pattern in natural token order instead.
+Any block-sparse backend name (``"blockwise"``, ``"flex"``, ``"triton"``, ``"reference"``,
+``"auto"``) computes the same pattern in natural token order instead.
 """
 
 from __future__ import annotations
@@ -327,8 +327,8 @@ def dilated_attention(
         mode: ``"paper"`` (every head, every pair, log-sum-exp merge) or ``"head_groups"``.
         causal: keys after the query are masked inside each segment.
         backend: ``"gather"`` (dilation ordering, dense per segment; default) or a
-            block-sparse backend (``"auto"``, ``"blockwise"``, ``"flex"``, ``"reference"``)
-            working on the pattern in natural order.
+            block-sparse backend (``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"``,
+            ``"reference"``) working on the pattern in natural order.
         block_size: tile size for block-sparse backends (and for the log-sum-exp path).
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, H, S]`` of the merged softmax.

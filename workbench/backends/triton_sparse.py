@@ -70,12 +70,15 @@ class KernelConfig:
     use_tma: bool = False
 
 
-def default_config(block: int, head_dim: int) -> KernelConfig:
+def default_config(block: int, device: torch.device) -> KernelConfig:
     """The launch parameters used when none are given (tile edges clipped to the block): on
-    CUDA the fastest of the sweep recorded in ``data/bench_h200_triton_configs.csv``."""
-    if _interpreted():
+    CUDA the fastest on every pattern family of the sweeps recorded on an H200
+    (``data/bench_h200_triton_configs.csv``, ``data/bench_h200_triton_features.csv``):
+    128 x 128 tiles, 8 warps, 3 stages, TMA on Hopper and newer."""
+    if device.type != "cuda":  # the interpreter: small tiles are fast to interpret
         return KernelConfig(min(block, 32), min(block, 32), 4, 1)
-    return KernelConfig(min(block, 128), min(block, 64 if head_dim > 64 else 128), 8, 2)
+    tma = torch.cuda.get_device_capability(device) >= (9, 0)
+    return KernelConfig(min(block, 128), min(block, 128), 8, 3, use_tma=tma)
 
 
 def _tma_ok(*xs: Tensor) -> bool:
@@ -215,7 +218,7 @@ def triton_attention(
     if hl not in (1, h):
         raise ValueError(f"layout has {hl} heads, q has {h}")
     b = lay.block_size
-    cfg = config or default_config(b, d)
+    cfg = config or default_config(b, q.device)
     if b % cfg.block_m or b % cfg.block_n:
         raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must divide block {b}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
