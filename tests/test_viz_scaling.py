@@ -111,6 +111,19 @@ def test_dilated_gather_draws_times_rates_floor_and_memory_bars():
     plt.close(fig)
 
 
+def test_dilated_gather_memory_panel_goes_log_when_one_variant_towers():
+    s1, s2 = 1024, 4096
+    df = pd.DataFrame([_bench_rows("ours", s1, 1.0, 0.25, 10.0),
+                       _bench_rows("ours", s2, 2.0, 1.0, 40.0),
+                       _bench_rows("strided_view", s2, 20.0, 50.0, 4.0)])
+    mem_ax = vs.plot_dilated_gather(df, memory_target=None).axes[2]
+    assert mem_ax.get_yscale() == "log" and "log" in mem_ax.get_title()
+    plt.close("all")
+    small = vs.plot_dilated_gather(df[df["variant"] == "ours"], memory_target=None).axes[2]
+    assert small.get_yscale() == "linear"
+    plt.close("all")
+
+
 def test_dilated_gather_draws_forward_backward_hollow_in_the_time_panel():
     s1, s2 = 1024, 4096
     df = pd.DataFrame([_bench_rows("ours", s1, 1.0, 0.25, 10.0),
