@@ -92,3 +92,22 @@ def test_kernel_matches_reference_on_the_gpu():
                       ("causal", P.causal()), ("local", P.local_window(700, causal=True))):
         check_case(name, pat, 4096 + 77, 4096 + 77, 128, 2, None, "cuda", torch.bfloat16,
                    d=128, tol=3e-2)
+
+
+def test_plans_are_cached_per_layout_object_and_dropped_with_it():
+    import gc
+
+    from workbench.backends import triton_sparse as T
+
+    pat = P.local_window(40) & P.causal()
+    lay = pat.block_structure(256, 32)
+    prob = Problem(lay, pat.predicate("cpu"), 1.0)
+    before = len(T._PLANS)
+    plan = T.cached_plan(prob, torch.device("cpu"))
+    assert T.cached_plan(prob, torch.device("cpu")) is plan  # built once
+    other = Problem(pat.block_structure(256, 32), pat.predicate("cpu"), 1.0)  # equal, not same
+    assert T.cached_plan(other, torch.device("cpu")) is not plan
+    assert len(T._PLANS) == before + 2
+    del prob, lay, other
+    gc.collect()
+    assert len(T._PLANS) == before  # the plans went with their layouts

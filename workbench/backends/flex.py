@@ -15,8 +15,6 @@ no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
 from __future__ import annotations
 
 import sys
-import weakref
-from collections import OrderedDict
 from functools import lru_cache
 
 import torch
@@ -24,6 +22,7 @@ from torch import Tensor
 
 from ..layout import BlockLayout
 from .indices import sorted_block_indices, visit_rank
+from .layout_cache import LayoutCache
 from .problem import Problem
 
 __all__ = ["build_block_mask", "flex_attention", "flex_available"]
@@ -53,29 +52,19 @@ def _kernel_layout(layout: BlockLayout) -> BlockLayout:
     return layout.coarsen(KERNEL_TILE // b)
 
 
-_MASKS: OrderedDict[tuple, tuple[weakref.ref, object]] = OrderedDict()
-_MASK_CACHE_SIZE = 4  # a BlockMask at 1M tokens holds ~0.5 GB of indices
+_MASKS = LayoutCache(4)  # a BlockMask at 1M tokens holds ~0.5 GB of indices
 
 
 def cached_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):
     """:func:`build_block_mask`, reused while the same layout object comes back (a module's
-    cached layout): building one costs milliseconds at long sequences, every call. A mask
-    built for the forward only is rebuilt when a backward needs one.
-
-    The cache holds its layouts weakly: a mask is dropped as soon as its layout is (e.g. the
-    per-call slices of a ring), so it never keeps GPU memory alive on its own.
-    """
-    key = (id(problem.layout), str(device), problem.label, problem.q_offset, problem.k_offset,
-           problem.block_order)
-    hit = _MASKS.get(key)
-    if (hit is not None and hit[0]() is problem.layout  # same object, not a reused id
-            and (hit[1].q_indices is not None or not backward)):
-        _MASKS.move_to_end(key)
-        return hit[1]
-    mask = build_block_mask(problem, device, backward)
-    _MASKS[key] = (weakref.ref(problem.layout, lambda _, key=key: _MASKS.pop(key, None)), mask)
-    if len(_MASKS) > _MASK_CACHE_SIZE:
-        _MASKS.popitem(last=False)
+    cached layout; see :class:`~workbench.backends.layout_cache.LayoutCache`): building one
+    costs milliseconds at long sequences, every call. A mask built for the forward only is
+    rebuilt when a backward needs one."""
+    key = (str(device), problem.label, problem.q_offset, problem.k_offset, problem.block_order)
+    mask = _MASKS.get(problem.layout, key)
+    if mask is None or (backward and mask.q_indices is None):
+        mask = build_block_mask(problem, device, backward)
+        _MASKS.put(problem.layout, key, mask)
     return mask
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..layout import BlockLayout
 from .indices import sorted_block_indices, visit_rank
+from .layout_cache import LayoutCache
 from .problem import Problem
 
 __all__ = ["KernelConfig", "SparsePlan", "build_plan", "triton_attention", "triton_available"]
@@ -186,22 +187,17 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
         )
 
 
-_PLANS: dict[tuple, tuple[object, SparsePlan]] = {}
+_PLANS = LayoutCache(4)
 
 
 def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
     """:func:`build_plan`, reused while the same layout object comes back (a module's cached
-    layout); the cache holds one plan and never keeps a layout alive on its own."""
-    import weakref
-
-    key = (id(problem.layout), str(device), problem.q_offset, problem.k_offset,
-           problem.block_order, problem.label)
-    hit = _PLANS.get(key)
-    if hit is not None and hit[0]() is problem.layout:
-        return hit[1]
-    plan = build_plan(problem, device)
-    _PLANS.clear()
-    _PLANS[key] = (weakref.ref(problem.layout), plan)
+    layout; see :class:`~workbench.backends.layout_cache.LayoutCache`)."""
+    key = (str(device), problem.q_offset, problem.k_offset, problem.block_order, problem.label)
+    plan = _PLANS.get(problem.layout, key)
+    if plan is None:
+        plan = build_plan(problem, device)
+        _PLANS.put(problem.layout, key, plan)
     return plan
 
 
