@@ -63,3 +63,15 @@ def test_copy_bandwidth_counts_read_and_write_bytes():
     # gb_s is recorded to 0.1 GB/s: a slow (busy) machine must not fail on that rounding
     assert row["gb_s"] == pytest.approx(2 * 4 * 2**20 / row["ms"] / 1e6, rel=1e-3, abs=0.051)
     assert row["gb_s"] > 0
+
+
+def test_kernel_config_spaces():
+    from workbench.bench import kernel_configs, kernel_source_sha
+
+    launch, features = kernel_configs("launch"), kernel_configs("features")
+    assert len(launch) == 27 and not any(c.use_tma for c in launch)
+    assert all(c.num_warps == 4 for c in launch if c.block_m == 64)  # 8 warps need 128 rows
+    assert sum(c.use_tma for c in features) == len(features) // 2  # each with and without TMA
+    with pytest.raises(ValueError, match="space must be"):
+        kernel_configs("all")
+    assert len(kernel_source_sha()) == 12
