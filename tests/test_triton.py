@@ -16,6 +16,8 @@ from workbench.backends import Problem
 from workbench.backends.triton_sparse import _pack_bits, build_plan
 
 P = wb.patterns
+
+
 def _interpreter_usable() -> str | None:
     """Why Triton's interpreter cannot run here, or None."""
     try:
