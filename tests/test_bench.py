@@ -72,6 +72,9 @@ def test_kernel_config_spaces():
     assert len(launch) == 27 and not any(c.use_tma for c in launch)
     assert all(c.num_warps == 4 for c in launch if c.block_m == 64)  # 8 warps need 128 rows
     assert sum(c.use_tma for c in features) == len(features) // 2  # each with and without TMA
+    backward = kernel_configs("backward")
+    assert len(backward) == 17 and sum(not c.dq.use_tma for c in backward) == 1
+    assert all(c.dkdv.block_n == c.dq.block_m for c in backward)  # the accumulated operand
     with pytest.raises(ValueError, match="space must be"):
         kernel_configs("all")
     assert len(kernel_source_sha()) == 12

@@ -13,7 +13,7 @@ import torch
 
 import workbench as wb
 from workbench.backends import Problem
-from workbench.backends.triton_sparse import _pack_bits, build_plan
+from workbench.backends.triton_sparse import _pack_bits, build_column_plan, build_plan
 
 P = wb.patterns
 
@@ -64,6 +64,36 @@ def test_plan_bits_are_the_token_mask_of_the_partial_tiles():
     assert plan.bits.shape[0] == seen  # one mask per partial tile, nothing for full ones
 
 
+def test_column_plan_lists_each_key_blocks_tiles_with_their_bit_masks():
+    pat = P.dilated([64, 128], [1, 4], num_heads=2) | (P.local_window(30) & P.causal())
+    s, b = 300, 32
+    lay = pat.block_structure(s, b)
+    plan = build_plan(Problem(lay, pat.predicate("cpu"), 1.0), "cpu")
+    cols = build_column_plan(plan)
+    n = 10  # blocks per side
+    padded = torch.zeros(2, n * b, n * b, dtype=torch.bool)
+    padded[:, :s, :s] = pat.token_mask(s)
+    tiles = padded.view(2, n, b, n, b).permute(0, 1, 3, 2, 4)  # [h, nq, nk, b, b]
+    pad_rows = padded.clone()
+    pad_rows[:, s:] = True  # a full tile may hold padded query rows (the kernels skip them)
+    full_ok = pad_rows.view(2, n, b, n, b).permute(0, 1, 3, 2, 4)
+    checked = 0
+    for h in range(2):
+        for j in range(n):
+            c = h * n + j
+            n_full, n_part = int(cols.full_count[c]), int(cols.part_count[c])
+            full = cols.full_index[c, :n_full].tolist()
+            part = cols.part_index[c, :n_part].tolist()
+            assert full == sorted(full) and part == sorted(part)
+            for i in full:
+                assert bool(full_ok[h, i, j].all()) and j < n - 1  # the short last block: partial
+            for i, t in zip(part, cols.part_tile[c, :n_part].tolist()):
+                assert torch.equal(plan.bits[t], _pack_bits(tiles[h, i, j][None])[0])
+                checked += 1
+            assert n_full + n_part == int(lay.active[h, :, j].sum())
+    assert checked == plan.bits.shape[0]  # every partial tile is some column's
+
+
 def test_pack_bits_roundtrip():
     g = torch.Generator().manual_seed(0)
     m = torch.rand(5, 64, 64, generator=g) < 0.5
@@ -86,7 +116,7 @@ def test_triton_backend_errors_name_the_fix():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernel_matches_reference_on_the_gpu():
     sys.path.insert(0, str(Path(__file__).parent))
-    from triton_cases import check_case, run_all
+    from triton_cases import check_case, check_grad_case, run_all
 
     run_all("cuda", torch.bfloat16, tol=3e-2)
     # the shapes the benchmarks use: 128-token tiles, head_dim 128, default launch parameters
@@ -94,6 +124,8 @@ def test_kernel_matches_reference_on_the_gpu():
                       ("causal", P.causal()), ("local", P.local_window(700, causal=True))):
         check_case(name, pat, 4096 + 77, 4096 + 77, 128, 2, None, "cuda", torch.bfloat16,
                    d=128, tol=3e-2)
+        check_grad_case(name, pat, 2048 + 77, 2048 + 77, 128, 2, None, "cuda", torch.bfloat16,
+                        d=128, tol=3e-2)
 
 
 def test_plans_are_cached_per_layout_object_and_dropped_with_it():

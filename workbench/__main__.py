@@ -130,7 +130,8 @@ def _bench_triton(args: argparse.Namespace) -> int:
     from .records import write_csv
 
     rows = triton_config_study(args.seq_len, args.families, reps=args.reps, device=args.device,
-                               configs=kernel_configs(args.space))
+                               configs=kernel_configs(args.space),
+                               backward=args.space == "backward")
     _print_rows(rows)
     name = "configs" if args.space == "launch" else args.space
     write_csv(rows, f"bench_{args.study}_triton_{name}", args.device)
@@ -215,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     tri.add_argument("--seq-len", type=int, default=65536)
     tri.add_argument("--families", nargs="+", default=["dense", "random10", "causal", "local"],
                      choices=FAMILIES)
-    tri.add_argument("--space", choices=["launch", "features"], default="launch",
+    tri.add_argument("--space", choices=["launch", "features", "backward"], default="launch",
                      help="launch: tile edges, warps, stages; features: the best of those with "
-                          "and without TMA (data/bench_<study>_triton_features.csv)")
+                          "and without TMA (data/bench_<study>_triton_features.csv); backward: "
+                          "forward+backward under the backward kernels' launch parameters "
+                          "(data/bench_<study>_triton_backward.csv)")
     tri.add_argument("--reps", type=int, default=20)
     tri.add_argument("--device", default="cuda")
     tri.set_defaults(func=_bench_triton)

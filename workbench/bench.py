@@ -26,7 +26,7 @@ Variants (``--variants``):
 - ``strided_gather`` (dilated families): a stronger baseline, a strided slice per (head group,
   offset) copied into one contiguous SDPA call (flash) and copied back
   (:func:`strided_gather_dilated`);
-- ``triton``: ``block_sparse_attention`` with our Triton kernel (forward only);
+- ``triton``: ``block_sparse_attention`` with our Triton kernels (CUDA);
 - ``blockwise``: the pure-PyTorch backend; ``sdpa_dense``: dense SDPA with no mask (the cost
   of ignoring sparsity); ``sdpa_masked``: SDPA with the dense boolean mask (small S only).
 """
@@ -217,8 +217,8 @@ def _variant_fn(
                    "triton": "triton"}[variant]
         if backend == "flex" and q.device.type == "cpu" and cfg.backward:
             return None  # FlexAttention has no CPU backward
-        if backend == "triton" and (cfg.backward or q.device.type != "cuda"):
-            return None  # forward only, on CUDA
+        if backend == "triton" and q.device.type != "cuda":
+            return None  # compiled on CUDA only (the interpreter is for tests)
         module = BlockSparseAttention(pattern, cfg.block_size, backend=backend)
         module.layout(seq_len, seq_len, q.device)  # built once, outside the timing
         return lambda: module(q, k, v)
@@ -467,12 +467,13 @@ def kernel_source_sha() -> str:
 
 
 def kernel_configs(space: str) -> list[object]:
-    """Launch configurations of our Triton kernel to sweep: ``"launch"`` (tile edges, warps,
-    pipeline depth) or ``"features"`` (the fastest launch parameters of the first sweep, each
-    with and without TMA loads)."""
+    """Launch configurations of our Triton kernels to sweep: ``"launch"`` (forward tile edges,
+    warps, pipeline depth), ``"features"`` (the fastest forward launch parameters of the first
+    sweep, each with and without TMA loads) or ``"backward"`` (:class:`BackwardConfig` s: the
+    two backward kernels' tile edges, warps and depth, with TMA, and the default without)."""
     from itertools import product
 
-    from .backends.triton_sparse import KernelConfig
+    from .backends.triton_sparse import BackwardConfig, KernelConfig
 
     if space == "launch":
         return [KernelConfig(m, n, w, st) for m, n, w, st in
@@ -481,20 +482,36 @@ def kernel_configs(space: str) -> list[object]:
         return [KernelConfig(m, n, 8, st, tma) for (m, n, st), tma in
                 product(((128, 64, 2), (128, 64, 3), (128, 128, 3), (128, 128, 4)),
                         (False, True))]
-    raise ValueError(f"space must be 'launch' or 'features', got {space!r}")
+    if space == "backward":
+        tiles = ((32, 128, 128, 32), (64, 128, 128, 64), (64, 64, 64, 64), (32, 64, 64, 32))
+        out = [BackwardConfig(KernelConfig(a, b, w, st, True), KernelConfig(c, d, w, st, True))
+               for (a, b, c, d), w, st in product(tiles, (4, 8), (2, 3))]
+        return out + [BackwardConfig(KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 2))]
+    raise ValueError(f"space must be 'launch', 'features' or 'backward', got {space!r}")
+
+
+def _fwd_bwd_step(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
+                  grad: Tensor) -> Callable[[], Tensor]:
+    """A closure running ``fn`` and its backward into ``inputs``; returns the first gradient."""
+    def step() -> Tensor:
+        return torch.autograd.grad(fn(), inputs, grad)[0]
+    return step
 
 
 def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 16,
                         head_dim: int = 128, block_size: int = 128, reps: int = 20,
                         device: str = "cuda", configs: Iterable[object] | None = None,
-                        progress: bool = True) -> list[dict]:
-    """Our Triton kernel under each launch configuration (default: :func:`kernel_configs`
-    ``("launch")``) against FlexAttention (natural order, the package's mask) and dense SDPA,
-    forward, bf16, on the same inputs in one run.
+                        backward: bool = False, progress: bool = True) -> list[dict]:
+    """Our Triton kernels under each launch configuration (default: :func:`kernel_configs`
+    ``("launch")``, or ``("backward")`` with ``backward``) against FlexAttention (natural order,
+    the package's mask) and dense SDPA, bf16, on the same inputs in one run: the forward, or
+    with ``backward`` the forward (default launch parameters) and the backward under each
+    :class:`~workbench.backends.triton_sparse.BackwardConfig`.
 
-    Each row: one (family, variant, configuration) with its median ms, useful TFLOP/s, the
-    ratio to dense SDPA's useful rate (``vs_dense``: 1.0 means time fell in proportion to
-    density) and, for the kernel, the largest difference from FlexAttention's output.
+    Each row: one (family, variant, configuration) with its median ms, useful TFLOP/s (the
+    backward counted as 2.5 forwards), the ratio to dense SDPA's useful rate (``vs_dense``: 1.0
+    means time fell in proportion to density) and, for our kernels, the largest difference from
+    FlexAttention's output (forward) or its query gradient (``backward``).
     """
     from tqdm.auto import tqdm
 
@@ -502,17 +519,27 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
     from .backends.triton_sparse import build_plan, triton_attention
 
     dev = torch.device(device)
-    env = {**environment(dev), "kernel_sha": kernel_source_sha()}
-    configs = kernel_configs("launch") if configs is None else list(configs)
+    env = {**environment(dev), "kernel_sha": kernel_source_sha(),
+           "pass": "fwd+bwd" if backward else "fwd"}
+    if configs is None:
+        configs = kernel_configs("backward" if backward else "launch")
+    configs = list(configs)
     gen = torch.Generator(device=dev).manual_seed(0)
     shape = (1, heads, seq_len, head_dim)
     q, k, v = (torch.randn(shape, device=dev, dtype=torch.bfloat16, generator=gen)
-               for _ in range(3))
-    dense_flops = 4.0 * heads * seq_len * seq_len * head_dim
-    sdpa_ms = time_fn(lambda: F.scaled_dot_product_attention(q, k, v), reps, 3, dev)
+               .requires_grad_(backward) for _ in range(3))
+    grad = torch.randn(shape, device=dev, dtype=torch.bfloat16, generator=gen)
+    dense_flops = 4.0 * heads * seq_len * seq_len * head_dim * (3.5 if backward else 1.0)
+
+    def timed(fn: Callable[[], Tensor]) -> tuple[Callable[[], Tensor], float]:
+        step = _fwd_bwd_step(fn, (q, k, v), grad) if backward else fn
+        with torch.set_grad_enabled(backward):
+            return step, time_fn(step, reps, 3, dev)
+
+    _, sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+    dense_rate = dense_flops / sdpa_ms / 1e9
     rows = [{**env, "seq_len": seq_len, "family": "dense", "variant": "sdpa_dense",
-             "ms": round(sdpa_ms, 4), "useful_tflops": round(dense_flops / sdpa_ms / 1e9, 1),
-             "vs_dense": 1.0}]
+             "ms": round(sdpa_ms, 4), "useful_tflops": round(dense_rate, 1), "vs_dense": 1.0}]
     jobs = [(f, c) for f in families for c in [None, *configs]]
     ref, case = {}, {}
     for family, cfg in tqdm(jobs, desc="triton configs", disable=not progress):
@@ -524,27 +551,34 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
         pattern, params, useful, prob, plan = case[family]
         row = {**env, "seq_len": seq_len, "family": family, "params": params,
                "useful_density": round(useful, 6), "block_size": block_size}
-        with torch.no_grad():
-            if cfg is None:
-                module = BlockSparseAttention(pattern, block_size, backend="flex")
-                module.layout(seq_len, seq_len, dev)
-                ref[family] = module(q, k, v)
-                ms = time_fn(lambda m=module: m(q, k, v), reps, 3, dev)
-                row.update(variant="flex_natural")
-            else:
-                def fn(c=cfg, prob=prob, plan=plan):
-                    return triton_attention(q, k, v, prob, False, config=c, plan=plan)[0]
-                try:
-                    diff = (fn().float() - ref[family].float()).abs().max().item()
-                    ms = time_fn(fn, reps, 3, dev)
-                except Exception as e:  # a launch configuration the compiler rejects
-                    rows.append({**row, "variant": "triton", **dataclasses.asdict(cfg),
-                                 "status": type(e).__name__})
-                    continue
-                row.update(variant="triton", **dataclasses.asdict(cfg),
-                           max_abs_diff_vs_flex=round(diff, 5))
+        if cfg is None:
+            module = BlockSparseAttention(pattern, block_size, backend="flex")
+            module.layout(seq_len, seq_len, dev)
+            step, ms = timed(lambda m=module: m(q, k, v))
+            with torch.set_grad_enabled(backward):
+                ref[family] = step().detach()
+            row.update(variant="flex_natural")
+        else:
+            fwd, bwd = (None, cfg) if backward else (cfg, None)
+
+            def fn(fwd=fwd, bwd=bwd, prob=prob, plan=plan) -> Tensor:
+                return triton_attention(q, k, v, prob, False, config=fwd, plan=plan,
+                                        backward_config=bwd)[0]
+            settings = dataclasses.asdict(cfg)
+            if backward:  # one column per field of each kernel's configuration
+                settings = {f"{kernel}_{key}": value for kernel, fields in settings.items()
+                            for key, value in fields.items()}
+            try:
+                step, ms = timed(fn)
+                with torch.set_grad_enabled(backward):
+                    diff = (step().float() - ref[family].float()).abs().max().item()
+            except Exception as e:  # a launch configuration the compiler rejects
+                rows.append({**row, "variant": "triton", **settings,
+                             "status": type(e).__name__})
+                continue
+            row.update(variant="triton", **settings, max_abs_diff_vs_flex=round(diff, 5))
         tflops = dense_flops * useful / ms / 1e9
         row.update(status="ok", ms=round(ms, 4), useful_tflops=round(tflops, 1),
-                   vs_dense=round(tflops / rows[0]["useful_tflops"], 3))
+                   vs_dense=round(tflops / dense_rate, 3))
         rows.append(row)
     return rows

@@ -222,8 +222,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         pattern: a :class:`~workbench.patterns.Pattern` with 1 or ``num_heads`` heads (``None``:
             dense), e.g. ``P.dilated([2048, 4096], [1, 2], num_heads)``.
         block_size: tile edge of the block layout.
-        backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"`` (forward only) or
-            ``"reference"``.
+        backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"`` or ``"reference"``.
         ring_chunks: ring schedule over this many K/V chunks (1 = one shot).
         block_order: post-pattern tile visit order (``None``, ``"hilbert"``, ``"morton"``); see
             :func:`~workbench.block_sparse_attention`.

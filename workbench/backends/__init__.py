@@ -3,8 +3,8 @@
 - ``reference``: dense masked attention in float64, the oracle (small problems only).
 - ``blockwise``: pure PyTorch over active tiles with an online softmax; any device, autograd.
 - ``flex``: FlexAttention with a ``BlockMask`` from the exact layout (compiled; CPU: inference).
-- ``triton``: our own Triton kernel over the same tile lists (CUDA, float16/bfloat16; forward
-  only: inference and the log-sum-exp).
+- ``triton``: our own Triton kernels over the same tile lists (CUDA, float16/bfloat16; forward,
+  log-sum-exp and backward).
 - ``auto``: ``flex`` on CUDA, ``blockwise`` elsewhere and whenever attention dropout is on.
 """
 

@@ -45,6 +45,15 @@ def _tile(acc, m_i, l_i, q, k, v, ok, qk_scale, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _allowed(tile_bits, r, c, WORDS: tl.constexpr):
+    """Which pairs of a partial tile are allowed, from its bit mask (``[block, block / 32]``
+    int32 words, bit ``c % 32`` of word ``c // 32`` of row ``r``), for query rows ``r`` and key
+    columns ``c`` inside the tile, both given as broadcastable 2-D index tensors."""
+    words = tl.load(tile_bits + r * WORDS + c // 32)
+    return ((words >> (c % 32)) & 1) != 0
+
+
+@triton.jit
 def sparse_forward(
     Q, K, V, OUT, LSE,
     F_N, F_I, P_N, P_I, P_START, BITS,
@@ -88,17 +97,16 @@ def sparse_forward(
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, None, qk_scale, False)
 
     start = tl.load(P_START + row).to(tl.int64)
-    word_rows = (m0 - qb * BLOCK + tl.arange(0, BLOCK_M))[:, None] * WORDS
+    r = (m0 - qb * BLOCK + tl.arange(0, BLOCK_M))[:, None]  # query rows inside the layout tile
     for j in range(tl.load(P_N + row)):
         kb = tl.load(P_I + row * NK + j)
-        tile_bits = BITS + (start + j) * (BLOCK * WORDS) + word_rows
+        tile_bits = BITS + (start + j) * (BLOCK * WORDS)
         for sub in tl.static_range(SUB_N):
             c = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # columns inside the layout tile
             c0 = kb * BLOCK + sub * BLOCK_N
             k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, True)
             v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, True)
-            words = tl.load(tile_bits + (c // 32)[None, :])
-            ok = ((words >> (c % 32)[None, :]) & 1) != 0
+            ok = _allowed(tile_bits, r, c[None, :], WORDS)
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
 
     empty = l_i == 0.0
@@ -121,3 +129,181 @@ def sparse_forward(
             tl.store(lse_ptrs, lse)
         else:
             tl.store(lse_ptrs, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _stats(LSE2, DELTA, base, start, limit, N: tl.constexpr, CHECK: tl.constexpr):
+    """Base-2 log-sum-exp (``+inf`` for rows with nothing allowed, and past ``limit``) and
+    ``delta`` of rows ``start .. start + N``."""
+    rows = start + tl.arange(0, N)
+    if CHECK:
+        lse2 = tl.load(LSE2 + base + rows, mask=rows < limit, other=float("inf"))
+        delta = tl.load(DELTA + base + rows, mask=rows < limit, other=0.0)
+    else:
+        lse2 = tl.load(LSE2 + base + rows)
+        delta = tl.load(DELTA + base + rows)
+    return lse2, delta
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, ok, qk_scale, MASKED: tl.constexpr):
+    """One query tile's share of this key tile's gradients, in transposed form ``[keys,
+    queries]``: probabilities recomputed from the saved log-sum-exp, ``dv += p^T do`` and
+    ``dk += (p * (dp - delta))^T q`` (the softmax scale is applied once, at the end)."""
+    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(ok, p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv)
+    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tile(dq, q, do, k, v, lse2, delta, ok, qk_scale, MASKED: tl.constexpr):
+    """One key tile's share of this query tile's gradient: ``dq += (p * (dp - delta)) k``."""
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(ok, p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.jit
+def _store_rows(X, off_b, off_h, start, limit, sb, sh, sm, x,
+                HEAD_DIM: tl.constexpr, N: tl.constexpr, CHECK: tl.constexpr):
+    """Write ``x`` ``[N, HEAD_DIM]`` to rows ``start .. start + N`` of head (off_b, off_h)."""
+    rows = start + tl.arange(0, N)
+    ptrs = (X + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh
+            + rows[:, None].to(tl.int64) * sm + tl.arange(0, HEAD_DIM)[None, :])
+    if CHECK:
+        tl.store(ptrs, x, mask=rows[:, None] < limit)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
+def sparse_backward_dkdv(
+    Q, K, V, DO, DK, DV, LSE2, DELTA,
+    F_N, F_I, P_N, P_I, P_T, BITS,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sgb, sgh, sgn,
+    H, HL, NQ, NK, q_len, k_len, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Program (key tile, batch x head): walks the query blocks of its *column* of the layout
+    (full ones unmasked, partial ones through the same bit masks as the forward, read
+    transposed) and writes ``dk`` and ``dv``. ``sd*`` are the strides of ``do``, ``sg*`` those
+    of ``dk`` and ``dv`` (both contiguous)."""
+    SUB_M: tl.constexpr = BLOCK // BLOCK_M
+    SUB_N: tl.constexpr = BLOCK // BLOCK_N
+    WORDS: tl.constexpr = BLOCK // 32
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    kb = pid // SUB_N
+    n0 = kb * BLOCK + (pid % SUB_N) * BLOCK_N  # first key row of this program
+    off_b = bh // H
+    off_h = bh % H
+    col = ((off_h % HL) * NK + kb).to(tl.int64)  # this program's column of the layout
+    stats = bh.to(tl.int64) * q_len
+    if USE_TMA:
+        q_base, k_base, v_base, do_base = Q, K, V, DO
+    else:
+        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
+        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
+        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
+        do_base = DO + off_b.to(tl.int64) * sdb + off_h.to(tl.int64) * sdh
+
+    k = _rows(K, k_base, off_b, off_h, n0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, not EVEN_K)
+    v = _rows(V, v_base, off_b, off_h, n0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, not EVEN_K)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    for j in range(tl.load(F_N + col)):
+        qb = tl.load(F_I + col * NQ + j)
+        for sub in tl.static_range(SUB_M):
+            m0 = qb * BLOCK + sub * BLOCK_M
+            q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA,
+                      not EVEN_Q)
+            do = _rows(DO, do_base, off_b, off_h, m0, q_len, sdm, HEAD_DIM, BLOCK_M, USE_TMA,
+                       not EVEN_Q)
+            lse2, delta = _stats(LSE2, DELTA, stats, m0, q_len, BLOCK_M, not EVEN_Q)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, None, qk_scale, False)
+
+    c = (n0 - kb * BLOCK) + tl.arange(0, BLOCK_N)  # key columns inside the layout tile
+    for j in range(tl.load(P_N + col)):
+        qb = tl.load(P_I + col * NQ + j)
+        tile_bits = BITS + tl.load(P_T + col * NQ + j).to(tl.int64) * (BLOCK * WORDS)
+        for sub in tl.static_range(SUB_M):
+            m0 = qb * BLOCK + sub * BLOCK_M
+            r = sub * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows inside the layout tile
+            q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA,
+                      not EVEN_Q)
+            do = _rows(DO, do_base, off_b, off_h, m0, q_len, sdm, HEAD_DIM, BLOCK_M, USE_TMA,
+                       not EVEN_Q)
+            lse2, delta = _stats(LSE2, DELTA, stats, m0, q_len, BLOCK_M, not EVEN_Q)
+            ok = _allowed(tile_bits, r[None, :], c[:, None], WORDS)  # [keys, queries]
+            dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, ok, qk_scale, True)
+
+    _store_rows(DK, off_b, off_h, n0, k_len, sgb, sgh, sgn, (dk * sm_scale).to(k.dtype),
+                HEAD_DIM, BLOCK_N, not EVEN_K)
+    _store_rows(DV, off_b, off_h, n0, k_len, sgb, sgh, sgn, dv.to(v.dtype),
+                HEAD_DIM, BLOCK_N, not EVEN_K)
+
+
+@triton.jit
+def sparse_backward_dq(
+    Q, K, V, DO, DQ, LSE2, DELTA,
+    F_N, F_I, P_N, P_I, P_START, BITS,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sgb, sgh, sgm,
+    H, HL, NQ, NK, q_len, k_len, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_Q: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Program (query tile, batch x head) over the forward's row lists: writes ``dq``."""
+    SUB_M: tl.constexpr = BLOCK // BLOCK_M
+    SUB_N: tl.constexpr = BLOCK // BLOCK_N
+    WORDS: tl.constexpr = BLOCK // 32
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    qb = pid // SUB_M
+    m0 = qb * BLOCK + (pid % SUB_M) * BLOCK_M
+    off_b = bh // H
+    off_h = bh % H
+    row = ((off_h % HL) * NQ + qb).to(tl.int64)
+    if USE_TMA:
+        q_base, k_base, v_base, do_base = Q, K, V, DO
+    else:
+        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
+        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
+        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
+        do_base = DO + off_b.to(tl.int64) * sdb + off_h.to(tl.int64) * sdh
+
+    q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
+    do = _rows(DO, do_base, off_b, off_h, m0, q_len, sdm, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
+    lse2, delta = _stats(LSE2, DELTA, bh.to(tl.int64) * q_len, m0, q_len, BLOCK_M, not EVEN_Q)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for j in range(tl.load(F_N + row)):
+        kb = tl.load(F_I + row * NK + j)
+        for sub in tl.static_range(SUB_N):
+            c0 = kb * BLOCK + sub * BLOCK_N
+            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, False)
+            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, False)
+            dq = _dq_tile(dq, q, do, k, v, lse2, delta, None, qk_scale, False)
+
+    start = tl.load(P_START + row).to(tl.int64)
+    r = (m0 - qb * BLOCK + tl.arange(0, BLOCK_M))[:, None]
+    for j in range(tl.load(P_N + row)):
+        kb = tl.load(P_I + row * NK + j)
+        tile_bits = BITS + (start + j) * (BLOCK * WORDS)
+        for sub in tl.static_range(SUB_N):
+            c = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            c0 = kb * BLOCK + sub * BLOCK_N
+            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, True)
+            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, True)
+            ok = _allowed(tile_bits, r, c[None, :], WORDS)
+            dq = _dq_tile(dq, q, do, k, v, lse2, delta, ok, qk_scale, True)
+
+    _store_rows(DQ, off_b, off_h, m0, q_len, sgb, sgh, sgm, (dq * sm_scale).to(q.dtype),
+                HEAD_DIM, BLOCK_M, not EVEN_Q)

@@ -1,4 +1,4 @@
-"""Triton backend: our own block-sparse flash-attention forward kernel.
+"""Triton backend: our own block-sparse flash-attention kernels, forward and backward.
 
 One program per (batch x head, query tile). The query tile stays in registers while the program
 walks the key blocks of its row of the exact layout, in two lists built once per layout: *full*
@@ -14,8 +14,15 @@ as fast as FlexAttention on random and causal layouts, 0.98x / 0.83x of it on de
 ones, 2.2x faster where most tiles are partial (a bit per pair against FlexAttention's
 per-pair predicate).
 
-Forward only: it serves inference (and the log-sum-exp the ring merges); the backward stays with
-``flex``. On a machine without CUDA the same kernel runs under Triton's interpreter when
+The backward (FlashAttention-2's split) recomputes the probabilities from the saved log-sum-exp
+in two kernels: one program per key tile walks the query blocks of its *column* of the layout
+(lists built on the first backward, reading the forward's bit masks transposed) and writes
+``dk`` and ``dv``; one program per query tile walks its row, as the forward does, and writes
+``dq``. A gradient reaching the log-sum-exp (a ring's merge sends one) enters as
+``delta - dlse``. Its speed on a GPU is not measured yet (``python -m workbench bench-triton
+--space backward`` records it).
+
+On a machine without CUDA the same kernels run under Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before Triton is imported (slow; the tests use it).
 """
 
@@ -27,14 +34,15 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..layout import BlockLayout
 from .indices import sorted_block_indices, visit_rank
 from .layout_cache import LayoutCache
 from .problem import Problem
 
-__all__ = ["KernelConfig", "SparsePlan", "build_plan", "cached_plan", "triton_attention",
-           "triton_available"]
+__all__ = ["BackwardConfig", "ColumnPlan", "KernelConfig", "SparsePlan", "build_column_plan",
+           "build_plan", "cached_plan", "triton_attention", "triton_available"]
 
 _LOG2E = 1.4426950408889634
 _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
@@ -88,6 +96,29 @@ def default_config(block: int, device: torch.device) -> KernelConfig:
     return KernelConfig(min(block, 128), min(block, 128), 8, 3, use_tma=tma)
 
 
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Launch parameters of the two backward kernels: ``dkdv`` (a program per ``block_n`` keys,
+    walking ``block_m`` queries at a time) and ``dq`` (a program per ``block_m`` queries,
+    walking ``block_n`` keys at a time)."""
+
+    dkdv: KernelConfig = KernelConfig(64, 128, 8, 2)
+    dq: KernelConfig = KernelConfig(128, 64, 8, 2)
+
+
+def default_backward_config(block: int, device: torch.device) -> BackwardConfig:
+    """The backward's launch parameters when none are given (tile edges clipped to the block):
+    FlashAttention-2's shape on CUDA, the accumulated operand 128 rows and the streamed one 64,
+    with TMA loads on Hopper and newer; small tiles under the interpreter."""
+    if device.type != "cuda":
+        small = KernelConfig(min(block, 32), min(block, 32), 4, 1)
+        return BackwardConfig(small, small)
+    tma = torch.cuda.get_device_capability(device) >= (9, 0)
+    lo, hi = min(block, 64), min(block, 128)
+    return BackwardConfig(KernelConfig(lo, hi, 8, 2, use_tma=tma),
+                          KernelConfig(hi, lo, 8, 2, use_tma=tma))
+
+
 def _tma_ok(*xs: Tensor) -> bool:
     """Every tensor can be read by a TMA descriptor: 16-byte aligned base and strides."""
     return all(x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0
@@ -136,6 +167,16 @@ def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
     return out
 
 
+def _tile_classes(lay: BlockLayout) -> tuple[Tensor, Tensor]:
+    """(full, partial) bool ``[Hl, nq, nk]``: tiles read without a mask and tiles read through
+    their bit mask. The short last key block is always partial (its padding is off)."""
+    full = lay.full
+    if lay.k_len % lay.block_size:
+        full = full.clone()
+        full[:, :, -1] = False
+    return full, lay.active & ~full
+
+
 def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
     """The kernel's lists for ``problem`` (see :class:`SparsePlan`); ``problem.block_order``
     orders each row's key blocks along its curve."""
@@ -145,11 +186,7 @@ def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
         raise ValueError(
             f"the triton backend needs a power-of-two block_size of at least 16, got {b}"
         )
-    full = lay.full
-    if lay.k_len % b:  # the short last key block goes through the mask (its padding is off)
-        full = full.clone()
-        full[:, :, -1] = False
-    partial = lay.active & ~full
+    full, partial = _tile_classes(lay)
     rank = visit_rank(lay, problem.block_order)
     f_n, f_i = sorted_block_indices(full, rank)
     p_n, p_i = sorted_block_indices(partial, rank)
@@ -166,6 +203,42 @@ def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
                       start.to(torch.int32), bits)
 
 
+@dataclass(frozen=True)
+class ColumnPlan:
+    """The backward's ``dk, dv`` kernel reads the layout by *column*: per (layout head, key
+    block) the count and the increasing query blocks of its full tiles and of its partial tiles,
+    and for each partial tile its row in the forward plan's bit-mask table (which it shares)."""
+
+    full_count: Tensor  # int32 [Hl * nk]
+    full_index: Tensor  # int32 [Hl * nk, nq]
+    part_count: Tensor  # int32 [Hl * nk]
+    part_index: Tensor  # int32 [Hl * nk, nq]
+    part_tile: Tensor  # int32 [Hl * nk, nq]: row of ``SparsePlan.bits`` of each partial tile
+
+
+def build_column_plan(plan: SparsePlan) -> ColumnPlan:
+    """The column lists of ``plan``'s layout, one layout head at a time (the temporaries stay
+    the size of one head's block grid)."""
+    lay = plan.layout
+    full, partial = _tile_classes(lay)
+    hl, nq, nk = lay.shape
+    f_n, f_i = sorted_block_indices(full.transpose(1, 2))
+    p_n, p_i = sorted_block_indices(partial.transpose(1, 2))
+    tile = torch.zeros(hl, nk, nq, dtype=torch.int32, device=p_i.device)
+    cols = torch.arange(nk, device=p_i.device)
+    rows = torch.arange(nq, device=p_i.device)[:, None].expand(nq, nk)
+    for h in range(hl):
+        # the bit-table row of partial tile (i, j) is row i's start plus j's place in its list
+        listed = cols[None, :] < plan.part_count.view(hl, nq)[h, :, None]  # [nq, nk]
+        where = torch.zeros(nq, nk, dtype=torch.int32, device=p_i.device)
+        slot = plan.part_start.view(hl, nq)[h, :, None] + cols[None, :]
+        where[rows[listed], plan.part_index.view(hl, nq, nk)[h][listed].to(torch.int64)] = (
+            slot[listed].to(torch.int32))
+        tile[h] = where.T.gather(1, p_i[h].to(torch.int64))
+    return ColumnPlan(f_n.reshape(-1), f_i.reshape(hl * nk, nq), p_n.reshape(-1),
+                      p_i.reshape(hl * nk, nq), tile.reshape(hl * nk, nq))
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
     d = q.shape[-1]
     if d < 16 or d & (d - 1) or v.shape[-1] != d:
@@ -176,11 +249,6 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
     if problem.dropout is not None:
         raise NotImplementedError("the triton backend has no attention dropout; use "
                                   "backend='blockwise' (or 'auto')")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise NotImplementedError(
-            "the triton backend computes the forward only; for gradients use backend='flex' "
-            "(or 'auto', which picks it) or 'blockwise'"
-        )
     if q.device.type != "cuda" and not _interpreted():
         raise NotImplementedError(
             "the triton backend runs on CUDA (or under TRITON_INTERPRET=1 for testing); "
@@ -212,45 +280,149 @@ def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
     return plan
 
 
-def triton_attention(
-    q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool,
-    config: KernelConfig | None = None, plan: SparsePlan | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Our Triton kernel over ``problem``; returns ``(out, lse float32 or None)``."""
-    _check_inputs(q, k, v, problem)
-    plan = cached_plan(problem, q.device) if plan is None else plan
+def cached_column_plan(problem: Problem, plan: SparsePlan) -> ColumnPlan:
+    """:func:`build_column_plan` of ``plan``, cached beside it (built on the first backward)."""
+    key = ("columns", str(plan.bits.device), problem.q_offset, problem.k_offset,
+           problem.block_order, problem.label)
+    cols = _PLANS.get(problem.layout, key)
+    if cols is None:
+        cols = build_column_plan(plan)
+        _PLANS.put(problem.layout, key, cols)
+    return cols
+
+
+def _descriptors(cfg: KernelConfig, *xs: tuple[Tensor, int]) -> tuple[object, ...]:
+    """Each ``(tensor, rows)`` as a TMA descriptor of ``[1, 1, rows, head_dim]`` boxes when
+    ``cfg`` asks for TMA and every tensor allows it; else the tensors themselves."""
+    tensors = tuple(x for x, _ in xs)
+    if not (cfg.use_tma and (tensors[0].is_cuda or _interpreted()) and _tma_ok(*tensors)):
+        return tensors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor.from_tensor(x, [1, 1, n, x.shape[-1]]) for x, n in xs)
+
+
+def _uses_tma(args: tuple[object, ...]) -> bool:
+    return not isinstance(args[0], Tensor)
+
+
+def _check_tiles(cfg: KernelConfig, block: int) -> None:
+    if block % cfg.block_m or block % cfg.block_n:
+        raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must divide block {block}")
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, problem: Problem, plan: SparsePlan,
+             cfg: KernelConfig, need_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """Launch the forward kernel on contiguous-last-dim ``q, k, v``."""
     lay = plan.layout
     bsz, h, s_q, d = q.shape
     hl, nq, nk = lay.shape
-    if hl not in (1, h):
-        raise ValueError(f"layout has {hl} heads, q has {h}")
     b = lay.block_size
-    cfg = config or default_config(b, q.device)
-    if b % cfg.block_m or b % cfg.block_n:
-        raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must divide block {b}")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(bsz, h, s_q, dtype=torch.float32, device=q.device) if need_lse else out
     from ._triton_kernels import sparse_forward
 
-    tensors = (q, k, v, out)
-    use_tma = cfg.use_tma and (q.is_cuda or _interpreted()) and _tma_ok(*tensors)
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        tensors = tuple(TensorDescriptor.from_tensor(x, [1, 1, n, d]) for x, n in
-                        zip(tensors, (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)))
+    args = _descriptors(cfg, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
+                        (out, cfg.block_m))
     grid = (nq * (b // cfg.block_m), bsz * h)
     sparse_forward[grid](
-        *tensors, lse,
+        *args, lse,
         plan.full_count, plan.full_index, plan.part_count, plan.part_index, plan.part_start,
         plan.bits,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E,
         HEAD_DIM=d, BLOCK=b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        EVEN_Q=s_q % cfg.block_m == 0, STORE_LSE=need_lse, USE_TMA=use_tma,
+        EVEN_Q=s_q % cfg.block_m == 0, STORE_LSE=need_lse, USE_TMA=_uses_tma(args),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, (lse if need_lse else None)
 
+
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+              dlse: Tensor | None, problem: Problem, plan: SparsePlan,
+              cfg: BackwardConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the two backward kernels: ``dk, dv`` by key tile over the column lists, ``dq`` by
+    query tile over the forward's row lists. A gradient reaching the log-sum-exp adds
+    ``p * dlse`` to the score gradient, i.e. enters as ``delta - dlse``."""
+    lay = plan.layout
+    bsz, h, s_q, d = q.shape
+    hl, nq, nk = lay.shape
+    b = lay.block_size
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    lse2 = torch.where(torch.isfinite(lse), lse * _LOG2E, torch.full_like(lse, torch.inf))
+    dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    cols = cached_column_plan(problem, plan)
+    from ._triton_kernels import sparse_backward_dkdv, sparse_backward_dq
+
+    scalars = (h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E, problem.scale)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    c = cfg.dkdv
+    args = _descriptors(c, (q, c.block_m), (k, c.block_n), (v, c.block_n), (dout, c.block_m))
+    sparse_backward_dkdv[(nk * (b // c.block_n), bsz * h)](
+        *args, dk, dv, lse2, delta,
+        cols.full_count, cols.full_index, cols.part_count, cols.part_index, cols.part_tile,
+        plan.bits, *strides, *dk.stride()[:3], *scalars,
+        HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        EVEN_Q=s_q % c.block_m == 0, EVEN_K=lay.k_len % c.block_n == 0,
+        USE_TMA=_uses_tma(args), num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    c = cfg.dq
+    args = _descriptors(c, (q, c.block_m), (k, c.block_n), (v, c.block_n), (dout, c.block_m))
+    sparse_backward_dq[(nq * (b // c.block_m), bsz * h)](
+        *args, dq, lse2, delta,
+        plan.full_count, plan.full_index, plan.part_count, plan.part_index, plan.part_start,
+        plan.bits, *strides, *dq.stride()[:3], *scalars,
+        HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        EVEN_Q=s_q % c.block_m == 0, USE_TMA=_uses_tma(args),
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    return dq, dk, dv
+
+
+class _TritonAttention(torch.autograd.Function):
+    """Forward kernel, then the backward kernels; differentiable through out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, problem, plan, cfg, bwd_cfg):  # type: ignore[override]
+        out, lse = _forward(q, k, v, problem, plan, cfg, True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.problem, ctx.plan, ctx.bwd_cfg = problem, plan, bwd_cfg
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.problem, ctx.plan,
+                               ctx.bwd_cfg)
+        return dq, dk, dv, None, None, None, None
+
+
+def triton_attention(
+    q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool,
+    config: KernelConfig | None = None, plan: SparsePlan | None = None,
+    backward_config: BackwardConfig | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Our Triton kernels over ``problem``; returns ``(out, lse float32 or None)``,
+    differentiable in ``q, k, v`` (through ``lse`` too) when any of them requires grad."""
+    _check_inputs(q, k, v, problem)
+    plan = cached_plan(problem, q.device) if plan is None else plan
+    lay = plan.layout
+    hl, h = lay.num_heads, q.shape[1]
+    if hl not in (1, h):
+        raise ValueError(f"layout has {hl} heads, q has {h}")
+    b = lay.block_size
+    cfg = config or default_config(b, q.device)
+    _check_tiles(cfg, b)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        bwd = backward_config or default_backward_config(b, q.device)
+        _check_tiles(bwd.dkdv, b)
+        _check_tiles(bwd.dq, b)
+        out, lse = _TritonAttention.apply(q, k, v, problem, plan, cfg, bwd)
+        return out, (lse if need_lse else None)
+    return _forward(q, k, v, problem, plan, cfg, need_lse)
