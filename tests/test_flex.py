@@ -164,6 +164,9 @@ def test_block_indices_sorted_in_chunks_equal_one_sort():
         for chunk in (1, 29, 100, 29 * 5):  # one row, rows that do not divide 37, ...
             parts = sorted_block_indices(sel, r, chunk=chunk)
             assert all(torch.equal(a, b) for a, b in zip(whole, parts)), (chunk, r is None)
+        if r is None:  # the running-sum placement is the stable sort of "not selected"
+            order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).int()
+            assert torch.equal(whole[1], order)
         n, idx = whole  # the selected columns come first, in increasing (or visit) order
         for h, i in ((0, 0), (2, 36)):
             cols = idx[h, i, : n[h, i]]

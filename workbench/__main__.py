@@ -85,8 +85,10 @@ def _bench(args: argparse.Namespace) -> int:
         for s in args.layout_timing:
             lay += layout_build_time(s, cfg.block_size, cfg.families, cfg.heads, cfg.device)
         for r in lay:
+            kernels = (f"; flex BlockMask {r['flex_mask_ms']} ms, triton plan "
+                       f"{r['triton_plan_ms']} ms" if "flex_mask_ms" in r else "")
             print(f"layout {r['family']:>9} S={r['seq_len']} block={r['block_size']}: "
-                  f"{r['build_ms']} ms, {r['layout_mib']} MiB")
+                  f"{r['build_ms']} ms, {r['layout_mib']} MiB{kernels}")
         write_csv(lay, f"bench_{cfg.study}_layout", cfg.device)
     return 0
 

@@ -34,6 +34,7 @@ Variants (``--variants``):
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import statistics
 import time
@@ -421,24 +422,48 @@ def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: i
     return rows
 
 
+def _timed_ms(fn: Callable[[], object], dev: torch.device) -> tuple[object, float]:
+    """``fn()`` and the wall milliseconds it took (synchronized on CUDA)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return out, round((time.perf_counter() - t0) * 1e3, 2)
+
+
 def layout_build_time(seq_len: int, block_size: int, families: Iterable[str], heads: int,
                       device: str) -> list[dict]:
-    """Seconds to build each family's exact block layout at ``seq_len`` (never ``S x S``)."""
+    """Milliseconds to build each family's exact block layout at ``seq_len`` (never ``S x S``)
+    and, from it, the block structures the kernels read: FlexAttention's forward ``BlockMask``
+    (``flex_mask_ms``) and the triton backend's plan with its bit masks (``triton_plan_ms``).
+    Dilated families get no structure: their path runs SDPA on strided views."""
+    from .backends import Problem
+    from .backends.flex import build_block_mask
+    from .backends.triton_sparse import build_plan
+
     dev = torch.device(device)
     rows = []
     for family in families:
         pattern, params = family_pattern(family, seq_len, heads)
-        pattern.block_structure(min(seq_len, 4096), block_size, dev)  # warm up kernels
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        lay = pattern.block_structure(seq_len, block_size, dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        rows.append({"family": family, "params": params, "seq_len": seq_len,
-                     "block_size": block_size, "build_ms": round((time.perf_counter() - t0) * 1e3,
-                                                                  2),
-                     "layout_mib": round(lay.active.numel() * 2 / 2**20, 1)})
+        small = pattern.block_structure(min(seq_len, 4096), block_size, dev)  # warm up kernels
+        warm = Problem(small, pattern.predicate(dev), 1.0)
+        lay, ms = _timed_ms(lambda p=pattern: p.block_structure(seq_len, block_size, dev), dev)
+        row = {"family": family, "params": params, "seq_len": seq_len,
+               "block_size": block_size, "build_ms": ms,
+               "layout_mib": round(lay.active.numel() * 2 / 2**20, 1)}
+        if family not in DILATED_FAMILIES:
+            prob = Problem(lay, pattern.predicate(dev), 1.0)
+            build_block_mask(warm, dev, backward=False)
+            build_plan(warm, dev)
+            _, row["flex_mask_ms"] = _timed_ms(lambda p=prob: build_block_mask(p, dev, False), dev)
+            plan, row["triton_plan_ms"] = _timed_ms(lambda p=prob: build_plan(p, dev), dev)
+            row["partial_tiles"] = int(plan.part_count.sum())
+            del prob, plan
+        rows.append(row)
+        del lay
+        gc.collect()  # the next family's timing starts without this one's memory
     return rows
 
 
