@@ -78,3 +78,13 @@ def test_kernel_config_spaces():
     with pytest.raises(ValueError, match="space must be"):
         kernel_configs("all")
     assert len(kernel_source_sha()) == 12
+
+
+def test_layout_build_time_times_the_kernels_structures_except_for_dilated():
+    rows = bench.layout_build_time(8192, 64, ["local", "dilated"], 4, "cpu")
+    local, dilated = rows
+    assert local["flex_mask_ms"] > 0 and local["triton_plan_ms"] > 0
+    pat, _ = bench.family_pattern("local", 8192, 4)
+    lay = pat.block_structure(8192, 64)
+    assert local["partial_tiles"] == int((lay.active & ~lay.full).sum())
+    assert "flex_mask_ms" not in dilated and dilated["build_ms"] > 0
