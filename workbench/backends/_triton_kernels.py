@@ -26,6 +26,71 @@ def _rows(X, base, off_b, off_h, start, limit, stride,
 
 
 @triton.jit
+def _program(H, HL, N, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """Where this program works: grid axis 0 walks ``TILE``-row tiles of the ``BLOCK``-row
+    layout blocks (query blocks, or key blocks for the ``dk, dv`` kernel; ``N`` of them per
+    head), axis 1 batch x head. Returns (batch x head, batch, head, layout block, first row of
+    the tile, the block's line in the layout's lists)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    blk = pid // (BLOCK // TILE)
+    first = blk * BLOCK + (pid % (BLOCK // TILE)) * TILE
+    off_b = bh // H
+    off_h = bh % H
+    return bh, off_b, off_h, blk, first, ((off_h % HL) * N + blk).to(tl.int64)
+
+
+@triton.jit
+def _head(X, off_b, off_h, sb, sh, USE_TMA: tl.constexpr):
+    """What :func:`_rows` reads head (off_b, off_h) through: the TMA descriptor itself, or the
+    pointer to the head's first row."""
+    if USE_TMA:
+        return X
+    return X + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh
+
+
+@triton.jit
+def _row_walk(acc, m_i, l_i, q, do, lse2, delta, K, V, k_base, v_base, off_b, off_h,
+              row, qb, m0, F_N, F_I, P_N, P_I, P_START, BITS, skn, svn, NK, k_len, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, GRAD: tl.constexpr):
+    """A query tile's walk along its row of the layout: the full tiles unmasked, then the
+    partial tiles through their bit masks, each layout tile as ``BLOCK / BLOCK_N`` key tiles.
+    Each key tile updates the online softmax (``acc, m_i, l_i``), or with ``GRAD`` adds its
+    share of the query gradient to ``acc`` (``do, lse2, delta``: this tile's output gradient and
+    saved statistics; ``m_i, l_i`` pass through)."""
+    SUB_N: tl.constexpr = BLOCK // BLOCK_N
+    WORDS: tl.constexpr = BLOCK // 32
+    for j in range(tl.load(F_N + row)):
+        kb = tl.load(F_I + row * NK + j)
+        for sub in tl.static_range(SUB_N):
+            c0 = kb * BLOCK + sub * BLOCK_N
+            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, False)
+            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, False)
+            if GRAD:
+                acc = _dq_tile(acc, q, do, k, v, lse2, delta, None, qk_scale, False)
+            else:
+                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, None, qk_scale, False)
+
+    start = tl.load(P_START + row).to(tl.int64)
+    r = (m0 - qb * BLOCK + tl.arange(0, BLOCK_M))[:, None]  # query rows inside the layout tile
+    for j in range(tl.load(P_N + row)):
+        kb = tl.load(P_I + row * NK + j)
+        tile_bits = BITS + (start + j) * (BLOCK * WORDS)
+        for sub in tl.static_range(SUB_N):
+            c = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # columns inside the layout tile
+            c0 = kb * BLOCK + sub * BLOCK_N
+            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, True)
+            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, True)
+            ok = _allowed(tile_bits, r, c[None, :], WORDS)
+            if GRAD:
+                acc = _dq_tile(acc, q, do, k, v, lse2, delta, ok, qk_scale, True)
+            else:
+                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _tile(acc, m_i, l_i, q, k, v, ok, qk_scale, MASKED: tl.constexpr):
     """One key tile of the online softmax (base 2): scores, running max ``m_i`` and denominator
     ``l_i``, accumulator ``acc``; ``ok`` (``MASKED``) says which pairs are allowed."""
@@ -66,48 +131,17 @@ def sparse_forward(
     their bit masks, each layout tile as ``BLOCK / BLOCK_N`` key tiles; writes out (and the
     natural-log log-sum-exp). ``Q, K, V, OUT`` are pointers, or TMA descriptors of
     ``[B, H, S, HEAD_DIM]`` when ``USE_TMA``."""
-    SUB_M: tl.constexpr = BLOCK // BLOCK_M
-    SUB_N: tl.constexpr = BLOCK // BLOCK_N
-    WORDS: tl.constexpr = BLOCK // 32
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    qb = pid // SUB_M
-    m0 = qb * BLOCK + (pid % SUB_M) * BLOCK_M  # first query row of this program
-    off_b = bh // H
-    off_h = bh % H
-    row = ((off_h % HL) * NQ + qb).to(tl.int64)  # this program's row of the layout's lists
-    if USE_TMA:
-        q_base, k_base, v_base = Q, K, V
-    else:
-        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
-        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
-        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
-
-    q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
+    bh, off_b, off_h, qb, m0, row = _program(H, HL, NQ, BLOCK, BLOCK_M)
+    k_base = _head(K, off_b, off_h, skb, skh, USE_TMA)
+    v_base = _head(V, off_b, off_h, svb, svh, USE_TMA)
+    q = _rows(Q, _head(Q, off_b, off_h, sqb, sqh, USE_TMA), off_b, off_h, m0, q_len, sqm,
+              HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
-    for j in range(tl.load(F_N + row)):
-        kb = tl.load(F_I + row * NK + j)
-        for sub in tl.static_range(SUB_N):
-            c0 = kb * BLOCK + sub * BLOCK_N
-            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, False)
-            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, False)
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, None, qk_scale, False)
-
-    start = tl.load(P_START + row).to(tl.int64)
-    r = (m0 - qb * BLOCK + tl.arange(0, BLOCK_M))[:, None]  # query rows inside the layout tile
-    for j in range(tl.load(P_N + row)):
-        kb = tl.load(P_I + row * NK + j)
-        tile_bits = BITS + (start + j) * (BLOCK * WORDS)
-        for sub in tl.static_range(SUB_N):
-            c = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # columns inside the layout tile
-            c0 = kb * BLOCK + sub * BLOCK_N
-            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, True)
-            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, True)
-            ok = _allowed(tile_bits, r, c[None, :], WORDS)
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
+    acc, m_i, l_i = _row_walk(acc, m_i, l_i, q, q, m_i, l_i, K, V, k_base, v_base, off_b, off_h,
+                              row, qb, m0, F_N, F_I, P_N, P_I, P_START, BITS, skn, svn, NK,
+                              k_len, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N, USE_TMA, False)
 
     empty = l_i == 0.0
     out = (acc / tl.where(empty, 1.0, l_i)[:, None]).to(q.dtype)  # out has the dtype of q
@@ -146,10 +180,15 @@ def _stats(LSE2, DELTA, base, start, limit, N: tl.constexpr, CHECK: tl.constexpr
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, ok, qk_scale, MASKED: tl.constexpr):
-    """One query tile's share of this key tile's gradients, in transposed form ``[keys,
-    queries]``: probabilities recomputed from the saved log-sum-exp, ``dv += p^T do`` and
-    ``dk += (p * (dp - delta))^T q`` (the softmax scale is applied once, at the end)."""
+def _dkdv_tile(dk, dv, k, v, Q, DO, q_base, do_base, LSE2, DELTA, stats, off_b, off_h, m0,
+               q_len, sqm, sdm, ok, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+               USE_TMA: tl.constexpr, CHECK: tl.constexpr, MASKED: tl.constexpr):
+    """The query tile at row ``m0``'s share of this key tile's gradients, in transposed form
+    ``[keys, queries]``: probabilities recomputed from the saved log-sum-exp, ``dv += p^T do``
+    and ``dk += (p * (dp - delta))^T q`` (the softmax scale is applied once, at the end)."""
+    q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA, CHECK)
+    do = _rows(DO, do_base, off_b, off_h, m0, q_len, sdm, HEAD_DIM, BLOCK_M, USE_TMA, CHECK)
+    lse2, delta = _stats(LSE2, DELTA, stats, m0, q_len, BLOCK_M, CHECK)
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
     if MASKED:
         p_t = tl.where(ok, p_t, 0.0)
@@ -196,54 +235,35 @@ def sparse_backward_dkdv(
     transposed) and writes ``dk`` and ``dv``. ``sd*`` are the strides of ``do``, ``sg*`` those
     of ``dk`` and ``dv`` (both contiguous)."""
     SUB_M: tl.constexpr = BLOCK // BLOCK_M
-    SUB_N: tl.constexpr = BLOCK // BLOCK_N
     WORDS: tl.constexpr = BLOCK // 32
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    kb = pid // SUB_N
-    n0 = kb * BLOCK + (pid % SUB_N) * BLOCK_N  # first key row of this program
-    off_b = bh // H
-    off_h = bh % H
-    col = ((off_h % HL) * NK + kb).to(tl.int64)  # this program's column of the layout
+    bh, off_b, off_h, kb, n0, col = _program(H, HL, NK, BLOCK, BLOCK_N)  # a column, by key
     stats = bh.to(tl.int64) * q_len
-    if USE_TMA:
-        q_base, k_base, v_base, do_base = Q, K, V, DO
-    else:
-        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
-        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
-        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
-        do_base = DO + off_b.to(tl.int64) * sdb + off_h.to(tl.int64) * sdh
-
-    k = _rows(K, k_base, off_b, off_h, n0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, not EVEN_K)
-    v = _rows(V, v_base, off_b, off_h, n0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, not EVEN_K)
+    q_base = _head(Q, off_b, off_h, sqb, sqh, USE_TMA)
+    do_base = _head(DO, off_b, off_h, sdb, sdh, USE_TMA)
+    k = _rows(K, _head(K, off_b, off_h, skb, skh, USE_TMA), off_b, off_h, n0, k_len, skn,
+              HEAD_DIM, BLOCK_N, USE_TMA, not EVEN_K)
+    v = _rows(V, _head(V, off_b, off_h, svb, svh, USE_TMA), off_b, off_h, n0, k_len, svn,
+              HEAD_DIM, BLOCK_N, USE_TMA, not EVEN_K)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
     for j in range(tl.load(F_N + col)):
         qb = tl.load(F_I + col * NQ + j)
         for sub in tl.static_range(SUB_M):
-            m0 = qb * BLOCK + sub * BLOCK_M
-            q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA,
-                      not EVEN_Q)
-            do = _rows(DO, do_base, off_b, off_h, m0, q_len, sdm, HEAD_DIM, BLOCK_M, USE_TMA,
-                       not EVEN_Q)
-            lse2, delta = _stats(LSE2, DELTA, stats, m0, q_len, BLOCK_M, not EVEN_Q)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, None, qk_scale, False)
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, q_base, do_base, LSE2, DELTA, stats,
+                                off_b, off_h, qb * BLOCK + sub * BLOCK_M, q_len, sqm, sdm, None,
+                                qk_scale, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q, False)
 
     c = (n0 - kb * BLOCK) + tl.arange(0, BLOCK_N)  # key columns inside the layout tile
     for j in range(tl.load(P_N + col)):
         qb = tl.load(P_I + col * NQ + j)
         tile_bits = BITS + tl.load(P_T + col * NQ + j).to(tl.int64) * (BLOCK * WORDS)
         for sub in tl.static_range(SUB_M):
-            m0 = qb * BLOCK + sub * BLOCK_M
             r = sub * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows inside the layout tile
-            q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA,
-                      not EVEN_Q)
-            do = _rows(DO, do_base, off_b, off_h, m0, q_len, sdm, HEAD_DIM, BLOCK_M, USE_TMA,
-                       not EVEN_Q)
-            lse2, delta = _stats(LSE2, DELTA, stats, m0, q_len, BLOCK_M, not EVEN_Q)
             ok = _allowed(tile_bits, r[None, :], c[:, None], WORDS)  # [keys, queries]
-            dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, ok, qk_scale, True)
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, q_base, do_base, LSE2, DELTA, stats,
+                                off_b, off_h, qb * BLOCK + sub * BLOCK_M, q_len, sqm, sdm, ok,
+                                qk_scale, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q, True)
 
     _store_rows(DK, off_b, off_h, n0, k_len, sgb, sgh, sgn, (dk * sm_scale).to(k.dtype),
                 HEAD_DIM, BLOCK_N, not EVEN_K)
@@ -261,49 +281,19 @@ def sparse_backward_dq(
     EVEN_Q: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Program (query tile, batch x head) over the forward's row lists: writes ``dq``."""
-    SUB_M: tl.constexpr = BLOCK // BLOCK_M
-    SUB_N: tl.constexpr = BLOCK // BLOCK_N
-    WORDS: tl.constexpr = BLOCK // 32
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    qb = pid // SUB_M
-    m0 = qb * BLOCK + (pid % SUB_M) * BLOCK_M
-    off_b = bh // H
-    off_h = bh % H
-    row = ((off_h % HL) * NQ + qb).to(tl.int64)
-    if USE_TMA:
-        q_base, k_base, v_base, do_base = Q, K, V, DO
-    else:
-        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
-        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
-        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
-        do_base = DO + off_b.to(tl.int64) * sdb + off_h.to(tl.int64) * sdh
-
-    q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
-    do = _rows(DO, do_base, off_b, off_h, m0, q_len, sdm, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
+    bh, off_b, off_h, qb, m0, row = _program(H, HL, NQ, BLOCK, BLOCK_M)
+    k_base = _head(K, off_b, off_h, skb, skh, USE_TMA)
+    v_base = _head(V, off_b, off_h, svb, svh, USE_TMA)
+    q = _rows(Q, _head(Q, off_b, off_h, sqb, sqh, USE_TMA), off_b, off_h, m0, q_len, sqm,
+              HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
+    do = _rows(DO, _head(DO, off_b, off_h, sdb, sdh, USE_TMA), off_b, off_h, m0, q_len, sdm,
+               HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
     lse2, delta = _stats(LSE2, DELTA, bh.to(tl.int64) * q_len, m0, q_len, BLOCK_M, not EVEN_Q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
-    for j in range(tl.load(F_N + row)):
-        kb = tl.load(F_I + row * NK + j)
-        for sub in tl.static_range(SUB_N):
-            c0 = kb * BLOCK + sub * BLOCK_N
-            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, False)
-            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, False)
-            dq = _dq_tile(dq, q, do, k, v, lse2, delta, None, qk_scale, False)
-
-    start = tl.load(P_START + row).to(tl.int64)
-    r = (m0 - qb * BLOCK + tl.arange(0, BLOCK_M))[:, None]
-    for j in range(tl.load(P_N + row)):
-        kb = tl.load(P_I + row * NK + j)
-        tile_bits = BITS + (start + j) * (BLOCK * WORDS)
-        for sub in tl.static_range(SUB_N):
-            c = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            c0 = kb * BLOCK + sub * BLOCK_N
-            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, True)
-            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, True)
-            ok = _allowed(tile_bits, r, c[None, :], WORDS)
-            dq = _dq_tile(dq, q, do, k, v, lse2, delta, ok, qk_scale, True)
+    dq, lse2, delta = _row_walk(dq, lse2, delta, q, do, lse2, delta, K, V, k_base, v_base,
+                                off_b, off_h, row, qb, m0, F_N, F_I, P_N, P_I, P_START, BITS,
+                                skn, svn, NK, k_len, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N,
+                                USE_TMA, True)
 
     _store_rows(DQ, off_b, off_h, m0, q_len, sgb, sgh, sgm, (dq * sm_scale).to(q.dtype),
                 HEAD_DIM, BLOCK_M, not EVEN_Q)
