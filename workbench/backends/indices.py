@@ -11,11 +11,13 @@ from ..layout import BlockLayout
 
 __all__ = ["sorted_block_indices", "visit_rank"]
 
-SORT_CHUNK = 1 << 20  # tiles placed per step: temporaries stay small and in cache
+SORT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
+"""Tiles placed per step, by device type: on a CPU small steps keep the temporaries in cache;
+on a GPU large ones keep the number of kernel launches down (others use the GPU's)."""
 
 
 def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
-                         chunk: int = SORT_CHUNK) -> tuple[Tensor, Tensor]:
+                         chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """(count ``[H, nq]``, column indices ``[H, nq, nk]`` with selected ones first), int32.
 
     Selected columns come in increasing order, then the others in increasing order; or the
@@ -24,8 +26,10 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
     (or unselected) columns left of it, one running sum per row. A visit order is sorted. Either
     way rows go ``chunk`` tiles at a time into the int32 result, so the int64 temporaries stay
     small whatever the length (at 4M tokens in 128-token blocks one head's whole sort would
-    take 8 GiB).
+    take 8 GiB); ``chunk`` defaults to :data:`SORT_CHUNK` of the device.
     """
+    if chunk is None:
+        chunk = SORT_CHUNK.get(sel.device.type, SORT_CHUNK["cuda"])
     nk = sel.shape[-1]
     out = torch.empty(sel.shape, dtype=torch.int32, device=sel.device)
     count = torch.empty(sel.shape[:-1], dtype=torch.int32, device=sel.device)
