@@ -126,6 +126,18 @@ def test_kernel_matches_reference_on_the_gpu():
                    d=128, tol=3e-2)
         check_grad_case(name, pat, 2048 + 77, 2048 + 77, 128, 2, None, "cuda", torch.bfloat16,
                         d=128, tol=3e-2)
+    # auto's choice for inference on a mostly partial layout (LongNet in natural order)
+    import workbench.backends as B
+
+    pat = P.dilated([512, 1024], [1, 4], num_heads=4)
+    q, k, v = (torch.randn(1, 4, 2048, 128, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    assert B.resolve_backend("auto", q, layout=pat.block_structure(2048, 128, "cuda")) == "triton"
+    with torch.no_grad():
+        out = wb.block_sparse_attention(q, k, v, pat, 128)
+    ref = wb.block_sparse_attention(q.double(), k.double(), v.double(), pat, 128,
+                                    backend="reference")
+    assert (out.double() - ref).abs().max().item() < 3e-2
 
 
 def test_plans_are_cached_per_layout_object_and_dropped_with_it():
@@ -145,3 +157,25 @@ def test_plans_are_cached_per_layout_object_and_dropped_with_it():
     del prob, lay, other
     gc.collect()
     assert len(T._PLANS) == before  # the plans went with their layouts
+
+
+def test_auto_picks_triton_only_for_inference_on_mostly_partial_layouts(monkeypatch):
+    import workbench.backends as B
+
+    longnet = P.dilated([256, 512], [1, 4], num_heads=4).block_structure(2048, 64)
+    local = (P.local_window(300) & P.causal()).block_structure(2048, 64)
+    assert B.partial_share(longnet) >= B.PARTIAL_HEAVY > B.partial_share(local)
+    assert B.partial_share(longnet) is B.partial_share(longnet)  # computed once per layout
+    q = torch.randn(1, 4, 2048, 64)
+    assert B.resolve_backend("auto", q, layout=longnet) == "blockwise"  # not on CUDA
+    # on a GPU (faked: the rule, not a kernel, is under test)
+    monkeypatch.setattr(B, "flex_available", lambda: True)
+    monkeypatch.setattr(B, "triton_unsupported", lambda q, v: None)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert B.resolve_backend("auto", q, layout=longnet) == "triton"
+    assert B.resolve_backend("auto", q, layout=local) == "flex"
+    assert B.resolve_backend("auto", q, layout=longnet, needs_grad=True) == "flex"
+    assert B.resolve_backend("auto", q, True, layout=longnet) == "blockwise"  # dropout
+    assert B.resolve_backend("auto", q) == "flex"  # no layout to judge
+    monkeypatch.setattr(B, "triton_unsupported", lambda q, v: "head_dim 24")
+    assert B.resolve_backend("auto", q, layout=longnet) == "flex"

@@ -42,7 +42,7 @@ from .layout_cache import LayoutCache
 from .problem import Problem
 
 __all__ = ["BackwardConfig", "ColumnPlan", "KernelConfig", "SparsePlan", "build_column_plan",
-           "build_plan", "cached_plan", "triton_attention", "triton_available"]
+           "build_plan", "cached_plan", "triton_attention", "triton_available", "unsupported"]
 
 _LOG2E = 1.4426950408889634
 _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
@@ -245,31 +245,31 @@ def build_column_plan(plan: SparsePlan) -> ColumnPlan:
                       p_i.reshape(hl * nk, nq), tile.reshape(hl * nk, nq))
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
+def unsupported(q: Tensor, v: Tensor, dropout: bool = False) -> str | None:
+    """Why the triton backend cannot compute attention of ``q`` (and values ``v``), with the
+    fix, or None when it can."""
     d = q.shape[-1]
     if d < 16 or d & (d - 1) or v.shape[-1] != d:
-        raise NotImplementedError(
-            f"the triton backend needs a power-of-two head_dim of at least 16 for q, k and v, "
-            f"got {d} and {v.shape[-1]}; use backend='flex'"
-        )
-    if problem.dropout is not None:
-        raise NotImplementedError("the triton backend has no attention dropout; use "
-                                  "backend='blockwise' (or 'auto')")
+        return (f"the triton backend needs a power-of-two head_dim of at least 16 for q, k and "
+                f"v, got {d} and {v.shape[-1]}; use backend='flex'")
+    if dropout:
+        return "the triton backend has no attention dropout; use backend='blockwise' (or 'auto')"
     if q.device.type != "cuda" and not _interpreted():
-        raise NotImplementedError(
-            "the triton backend runs on CUDA (or under TRITON_INTERPRET=1 for testing); "
-            "use backend='blockwise' on the CPU"
-        )
+        return ("the triton backend runs on CUDA (or under TRITON_INTERPRET=1 for testing); "
+                "use backend='blockwise' on the CPU")
     if not triton_available(q.device):
-        raise NotImplementedError(
-            "the triton backend needs the triton package (a CUDA build of torch brings it; "
-            "otherwise pip install triton); or use backend='flex'"
-        )
+        return ("the triton backend needs the triton package (a CUDA build of torch brings it; "
+                "otherwise pip install triton); or use backend='flex'")
     if q.dtype not in (torch.float16, torch.bfloat16) and q.device.type == "cuda":
-        raise NotImplementedError(
-            f"the triton backend takes float16 or bfloat16 on CUDA, got {q.dtype}; use "
-            "backend='flex' or 'blockwise' for other dtypes"
-        )
+        return (f"the triton backend takes float16 or bfloat16 on CUDA, got {q.dtype}; use "
+                "backend='flex' or 'blockwise' for other dtypes")
+    return None
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
+    reason = unsupported(q, v, problem.dropout is not None)
+    if reason is not None:
+        raise NotImplementedError(reason)
 
 
 _PLANS = LayoutCache(4)
