@@ -65,7 +65,14 @@ def test_copy_bandwidth_counts_read_and_write_bytes():
     assert row["gb_s"] > 0
 
 
+class _Cuda:
+    """Stands for a CUDA device where only the type is read."""
+
+    type = "cuda"
+
+
 def test_kernel_config_spaces():
+    from workbench.backends.triton_sparse import default_backward_config
     from workbench.bench import kernel_configs, kernel_source_sha
 
     launch, features = kernel_configs("launch"), kernel_configs("features")
@@ -73,8 +80,8 @@ def test_kernel_config_spaces():
     assert all(c.num_warps == 4 for c in launch if c.block_m == 64)  # 8 warps need 128 rows
     assert sum(c.use_tma for c in features) == len(features) // 2  # each with and without TMA
     backward = kernel_configs("backward")
-    assert len(backward) == 17 and sum(not c.dq.use_tma for c in backward) == 1
-    assert all(c.dkdv.block_n == c.dq.block_m for c in backward)  # the accumulated operand
+    assert len(backward) == 20 and backward[0] == default_backward_config(128, _Cuda(), 128)
+    assert len({c.dkdv for c in backward}) == 5 and len({c.dq for c in backward}) == 4
     with pytest.raises(ValueError, match="space must be"):
         kernel_configs("all")
     assert len(kernel_source_sha()) == 12

@@ -126,6 +126,12 @@ def test_kernel_matches_reference_on_the_gpu():
                    d=128, tol=3e-2)
         check_grad_case(name, pat, 2048 + 77, 2048 + 77, 128, 2, None, "cuda", torch.bfloat16,
                         d=128, tol=3e-2)
+    for d in (64, 256):  # other head widths under the default launch parameters
+        pat = (P.local_window(300) | P.global_tokens(7)) & P.causal()
+        check_case(f"head_dim {d}", pat, 1000, 1000, 128, 2, None, "cuda", torch.bfloat16, d=d,
+                   tol=3e-2)
+        check_grad_case(f"head_dim {d}", pat, 1000, 1000, 128, 2, None, "cuda", torch.bfloat16,
+                        d=d, tol=3e-2)
     # auto's choice for inference on a mostly partial layout (LongNet in natural order)
     import workbench.backends as B
 
@@ -179,3 +185,53 @@ def test_auto_picks_triton_only_for_inference_on_mostly_partial_layouts(monkeypa
     assert B.resolve_backend("auto", q) == "flex"  # no layout to judge
     monkeypatch.setattr(B, "triton_unsupported", lambda q, v: "head_dim 24")
     assert B.resolve_backend("auto", q, layout=longnet) == "flex"
+
+
+def _offline_compiler() -> str | None:
+    """Why our kernels cannot be compiled for a GPU here, or None."""
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed"
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return None if tool.exists() else "this triton has no NVIDIA tools"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_offline_compiler() is not None, reason=str(_offline_compiler()))
+def test_default_launch_parameters_fit_a_hopper_programs_shared_memory(monkeypatch):
+    """Compiled for an H100/H200 without one: a configuration that asks for more shared memory
+    than a program may have fails at launch, so every default must fit."""
+    from workbench.backends.triton_resources import kernel_resources
+    from workbench.backends.triton_sparse import default_backward_config, default_config
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    for d in (128, 256):
+        bwd = default_backward_config(128, cuda, d)
+        for kernel, cfg in (("forward", default_config(128, cuda, d)), ("dkdv", bwd.dkdv),
+                            ("dq", bwd.dq)):
+            res = kernel_resources(kernel, cfg, d)
+            assert res.fits((9, 0)) and res.spill_bytes == 0, (kernel, d, cfg, res)
+    from workbench.backends.triton_sparse import KernelConfig
+
+    too_big = kernel_resources("dkdv", KernelConfig(64, 128, 8, 2, use_tma=True), 128)
+    assert not too_big.fits((9, 0))  # the check can fail: TMA doubles the buffers here
+
+
+@pytest.mark.skipif(_offline_compiler() is not None, reason=str(_offline_compiler()))
+def test_a_launch_the_gpu_cannot_hold_names_the_configuration_and_the_fix():
+    from triton.runtime.errors import OutOfResources
+
+    from workbench.backends import triton_sparse as T
+
+    class TooBig:  # a kernel whose launch asks for more shared memory than there is
+        fn = T.build_plan  # anything with a __name__
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(263200, 232448, "shared memory")
+            return launch
+
+    with pytest.raises(ValueError, match=r"KernelConfig\(block_m=64.*smaller tiles"):
+        T._launch(TooBig(), (1, 1), T.KernelConfig(64, 128, 8, 2, True))

@@ -495,7 +495,8 @@ def kernel_configs(space: str) -> list[object]:
     """Launch configurations of our Triton kernels to sweep: ``"launch"`` (forward tile edges,
     warps, pipeline depth), ``"features"`` (the fastest forward launch parameters of the first
     sweep, each with and without TMA loads) or ``"backward"`` (:class:`BackwardConfig` s: the
-    two backward kernels' tile edges, warps and depth, with TMA, and the default without)."""
+    two backward kernels' tile edges, warps, depth and TMA, every one within a Hopper
+    program's shared memory by :func:`~workbench.backends.triton_resources.kernel_resources`)."""
     from itertools import product
 
     from .backends.triton_sparse import BackwardConfig, KernelConfig
@@ -507,11 +508,13 @@ def kernel_configs(space: str) -> list[object]:
         return [KernelConfig(m, n, 8, st, tma) for (m, n, st), tma in
                 product(((128, 64, 2), (128, 64, 3), (128, 128, 3), (128, 128, 4)),
                         (False, True))]
-    if space == "backward":
-        tiles = ((32, 128, 128, 32), (64, 128, 128, 64), (64, 64, 64, 64), (32, 64, 64, 32))
-        out = [BackwardConfig(KernelConfig(a, b, w, st, True), KernelConfig(c, d, w, st, True))
-               for (a, b, c, d), w, st in product(tiles, (4, 8), (2, 3))]
-        return out + [BackwardConfig(KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 2))]
+    if space == "backward":  # each fits a Hopper program's shared memory at head_dim 128
+        dkdv = (KernelConfig(64, 128, 8, 2), KernelConfig(32, 128, 4, 2),
+                KernelConfig(64, 64, 4, 2), KernelConfig(64, 128, 8, 1, True),
+                KernelConfig(64, 128, 4, 1, True))
+        dq = (KernelConfig(128, 64, 8, 2), KernelConfig(128, 64, 8, 1, True),
+              KernelConfig(64, 64, 4, 1, True), KernelConfig(128, 32, 8, 1, True))
+        return [BackwardConfig(a, b) for a, b in product(dkdv, dq)]
     raise ValueError(f"space must be 'launch', 'features' or 'backward', got {space!r}")
 
 

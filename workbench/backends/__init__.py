@@ -4,7 +4,8 @@
 - ``blockwise``: pure PyTorch over active tiles with an online softmax; any device, autograd.
 - ``flex``: FlexAttention with a ``BlockMask`` from the exact layout (compiled; CPU: inference).
 - ``triton``: our own Triton kernels over the same tile lists (CUDA, float16/bfloat16; forward,
-  log-sum-exp and backward).
+  log-sum-exp and backward); :mod:`~workbench.backends.triton_resources` compiles them offline
+  to tell what a launch configuration uses.
 - ``auto``: ``blockwise`` off CUDA and whenever attention dropout is on; on CUDA ``flex``, or
   ``triton`` for inference on layouts whose tiles are mostly partial (:data:`PARTIAL_HEAVY`).
 """
@@ -83,13 +84,15 @@ def resolve_backend(name: str, q: Tensor, dropout: bool = False, *,
     ``auto``: ``blockwise`` off CUDA or with attention ``dropout`` (only ``blockwise`` and
     ``reference`` apply it); on CUDA ``flex``, or ``triton`` when ``layout`` is given, no
     gradient is needed (``needs_grad``), the kernel takes these inputs (values ``v``, default
-    like ``q``) and at least :data:`PARTIAL_HEAVY` of its active tiles are partial."""
+    like ``q``; heads of at most 128, as measured) and at least :data:`PARTIAL_HEAVY` of its
+    active tiles are partial."""
     if check_backend(name) != "auto":
         return name
     if not q.is_cuda or dropout or not flex_available():
         return "blockwise"
-    if (layout is not None and not needs_grad and triton_unsupported(q, q if v is None else v)
-            is None and partial_share(layout) >= PARTIAL_HEAVY):
+    if (layout is not None and not needs_grad and q.shape[-1] <= 128
+            and triton_unsupported(q, q if v is None else v) is None
+            and partial_share(layout) >= PARTIAL_HEAVY):
         return "triton"
     return "flex"
 

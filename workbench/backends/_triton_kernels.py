@@ -8,16 +8,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _rows(X, base, off_b, off_h, start, limit, stride,
+def _rows(X, head, off_b, off_h, start, limit, stride,
           HEAD_DIM: tl.constexpr, N: tl.constexpr, USE_TMA: tl.constexpr, CHECK: tl.constexpr):
     """Rows ``start .. start + N`` of head (off_b, off_h) as ``[N, HEAD_DIM]``: through the TMA
-    descriptor ``X`` (rows past the end come back as zeros), or from the pointer ``base`` of the
-    head with row ``stride`` (zeros past ``limit`` when ``CHECK``)."""
+    descriptor ``X`` (rows past the end come back as zeros), or from the pointer ``X`` at the
+    head's offset ``head`` (:func:`_head`) with row ``stride`` (zeros past ``limit`` when
+    ``CHECK``)."""
     if USE_TMA:
         x = X.load([off_b, off_h, start, 0]).reshape(N, HEAD_DIM)
     else:
         rows = start + tl.arange(0, N)
-        ptrs = base + rows[:, None].to(tl.int64) * stride + tl.arange(0, HEAD_DIM)[None, :]
+        ptrs = X + head + rows[:, None].to(tl.int64) * stride + tl.arange(0, HEAD_DIM)[None, :]
         if CHECK:
             x = tl.load(ptrs, mask=rows[:, None] < limit, other=0.0)
         else:
@@ -41,16 +42,13 @@ def _program(H, HL, N, BLOCK: tl.constexpr, TILE: tl.constexpr):
 
 
 @triton.jit
-def _head(X, off_b, off_h, sb, sh, USE_TMA: tl.constexpr):
-    """What :func:`_rows` reads head (off_b, off_h) through: the TMA descriptor itself, or the
-    pointer to the head's first row."""
-    if USE_TMA:
-        return X
-    return X + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh
+def _head(off_b, off_h, sb, sh):
+    """Element offset of head (off_b, off_h) from strides ``sb, sh`` (unused through TMA)."""
+    return off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh
 
 
 @triton.jit
-def _row_walk(acc, m_i, l_i, q, do, lse2, delta, K, V, k_base, v_base, off_b, off_h,
+def _row_walk(acc, m_i, l_i, q, do, lse2, delta, K, V, k_head, v_head, off_b, off_h,
               row, qb, m0, F_N, F_I, P_N, P_I, P_START, BITS, skn, svn, NK, k_len, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, GRAD: tl.constexpr):
@@ -65,8 +63,8 @@ def _row_walk(acc, m_i, l_i, q, do, lse2, delta, K, V, k_base, v_base, off_b, of
         kb = tl.load(F_I + row * NK + j)
         for sub in tl.static_range(SUB_N):
             c0 = kb * BLOCK + sub * BLOCK_N
-            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, False)
-            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, False)
+            k = _rows(K, k_head, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, False)
+            v = _rows(V, v_head, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, False)
             if GRAD:
                 acc = _dq_tile(acc, q, do, k, v, lse2, delta, None, qk_scale, False)
             else:
@@ -80,8 +78,8 @@ def _row_walk(acc, m_i, l_i, q, do, lse2, delta, K, V, k_base, v_base, off_b, of
         for sub in tl.static_range(SUB_N):
             c = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # columns inside the layout tile
             c0 = kb * BLOCK + sub * BLOCK_N
-            k = _rows(K, k_base, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, True)
-            v = _rows(V, v_base, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, True)
+            k = _rows(K, k_head, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, True)
+            v = _rows(V, v_head, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, True)
             ok = _allowed(tile_bits, r, c[None, :], WORDS)
             if GRAD:
                 acc = _dq_tile(acc, q, do, k, v, lse2, delta, ok, qk_scale, True)
@@ -132,14 +130,14 @@ def sparse_forward(
     natural-log log-sum-exp). ``Q, K, V, OUT`` are pointers, or TMA descriptors of
     ``[B, H, S, HEAD_DIM]`` when ``USE_TMA``."""
     bh, off_b, off_h, qb, m0, row = _program(H, HL, NQ, BLOCK, BLOCK_M)
-    k_base = _head(K, off_b, off_h, skb, skh, USE_TMA)
-    v_base = _head(V, off_b, off_h, svb, svh, USE_TMA)
-    q = _rows(Q, _head(Q, off_b, off_h, sqb, sqh, USE_TMA), off_b, off_h, m0, q_len, sqm,
+    k_head = _head(off_b, off_h, skb, skh)
+    v_head = _head(off_b, off_h, svb, svh)
+    q = _rows(Q, _head(off_b, off_h, sqb, sqh), off_b, off_h, m0, q_len, sqm,
               HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, m_i, l_i = _row_walk(acc, m_i, l_i, q, q, m_i, l_i, K, V, k_base, v_base, off_b, off_h,
+    acc, m_i, l_i = _row_walk(acc, m_i, l_i, q, q, m_i, l_i, K, V, k_head, v_head, off_b, off_h,
                               row, qb, m0, F_N, F_I, P_N, P_I, P_START, BITS, skn, svn, NK,
                               k_len, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N, USE_TMA, False)
 
@@ -149,8 +147,8 @@ def sparse_forward(
     if USE_TMA:  # the descriptor clips rows past the end of the sequence
         OUT.store([off_b, off_h, m0, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
     else:
-        o_ptrs = (OUT + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh
-                  + offs_m[:, None].to(tl.int64) * som + tl.arange(0, HEAD_DIM)[None, :])
+        o_ptrs = (OUT + _head(off_b, off_h, sob, soh) + offs_m[:, None].to(tl.int64) * som
+                  + tl.arange(0, HEAD_DIM)[None, :])
         if EVEN_Q:
             tl.store(o_ptrs, out)
         else:
@@ -180,14 +178,14 @@ def _stats(LSE2, DELTA, base, start, limit, N: tl.constexpr, CHECK: tl.constexpr
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, q_base, do_base, LSE2, DELTA, stats, off_b, off_h, m0,
+def _dkdv_tile(dk, dv, k, v, Q, DO, q_head, do_head, LSE2, DELTA, stats, off_b, off_h, m0,
                q_len, sqm, sdm, ok, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                USE_TMA: tl.constexpr, CHECK: tl.constexpr, MASKED: tl.constexpr):
     """The query tile at row ``m0``'s share of this key tile's gradients, in transposed form
     ``[keys, queries]``: probabilities recomputed from the saved log-sum-exp, ``dv += p^T do``
     and ``dk += (p * (dp - delta))^T q`` (the softmax scale is applied once, at the end)."""
-    q = _rows(Q, q_base, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA, CHECK)
-    do = _rows(DO, do_base, off_b, off_h, m0, q_len, sdm, HEAD_DIM, BLOCK_M, USE_TMA, CHECK)
+    q = _rows(Q, q_head, off_b, off_h, m0, q_len, sqm, HEAD_DIM, BLOCK_M, USE_TMA, CHECK)
+    do = _rows(DO, do_head, off_b, off_h, m0, q_len, sdm, HEAD_DIM, BLOCK_M, USE_TMA, CHECK)
     lse2, delta = _stats(LSE2, DELTA, stats, m0, q_len, BLOCK_M, CHECK)
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
     if MASKED:
@@ -213,8 +211,8 @@ def _store_rows(X, off_b, off_h, start, limit, sb, sh, sm, x,
                 HEAD_DIM: tl.constexpr, N: tl.constexpr, CHECK: tl.constexpr):
     """Write ``x`` ``[N, HEAD_DIM]`` to rows ``start .. start + N`` of head (off_b, off_h)."""
     rows = start + tl.arange(0, N)
-    ptrs = (X + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh
-            + rows[:, None].to(tl.int64) * sm + tl.arange(0, HEAD_DIM)[None, :])
+    ptrs = (X + _head(off_b, off_h, sb, sh) + rows[:, None].to(tl.int64) * sm
+            + tl.arange(0, HEAD_DIM)[None, :])
     if CHECK:
         tl.store(ptrs, x, mask=rows[:, None] < limit)
     else:
@@ -238,11 +236,11 @@ def sparse_backward_dkdv(
     WORDS: tl.constexpr = BLOCK // 32
     bh, off_b, off_h, kb, n0, col = _program(H, HL, NK, BLOCK, BLOCK_N)  # a column, by key
     stats = bh.to(tl.int64) * q_len
-    q_base = _head(Q, off_b, off_h, sqb, sqh, USE_TMA)
-    do_base = _head(DO, off_b, off_h, sdb, sdh, USE_TMA)
-    k = _rows(K, _head(K, off_b, off_h, skb, skh, USE_TMA), off_b, off_h, n0, k_len, skn,
+    q_head = _head(off_b, off_h, sqb, sqh)
+    do_head = _head(off_b, off_h, sdb, sdh)
+    k = _rows(K, _head(off_b, off_h, skb, skh), off_b, off_h, n0, k_len, skn,
               HEAD_DIM, BLOCK_N, USE_TMA, not EVEN_K)
-    v = _rows(V, _head(V, off_b, off_h, svb, svh, USE_TMA), off_b, off_h, n0, k_len, svn,
+    v = _rows(V, _head(off_b, off_h, svb, svh), off_b, off_h, n0, k_len, svn,
               HEAD_DIM, BLOCK_N, USE_TMA, not EVEN_K)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -250,7 +248,7 @@ def sparse_backward_dkdv(
     for j in range(tl.load(F_N + col)):
         qb = tl.load(F_I + col * NQ + j)
         for sub in tl.static_range(SUB_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, q_base, do_base, LSE2, DELTA, stats,
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, q_head, do_head, LSE2, DELTA, stats,
                                 off_b, off_h, qb * BLOCK + sub * BLOCK_M, q_len, sqm, sdm, None,
                                 qk_scale, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q, False)
 
@@ -261,7 +259,7 @@ def sparse_backward_dkdv(
         for sub in tl.static_range(SUB_M):
             r = sub * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows inside the layout tile
             ok = _allowed(tile_bits, r[None, :], c[:, None], WORDS)  # [keys, queries]
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, q_base, do_base, LSE2, DELTA, stats,
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, q_head, do_head, LSE2, DELTA, stats,
                                 off_b, off_h, qb * BLOCK + sub * BLOCK_M, q_len, sqm, sdm, ok,
                                 qk_scale, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q, True)
 
@@ -282,15 +280,15 @@ def sparse_backward_dq(
 ):
     """Program (query tile, batch x head) over the forward's row lists: writes ``dq``."""
     bh, off_b, off_h, qb, m0, row = _program(H, HL, NQ, BLOCK, BLOCK_M)
-    k_base = _head(K, off_b, off_h, skb, skh, USE_TMA)
-    v_base = _head(V, off_b, off_h, svb, svh, USE_TMA)
-    q = _rows(Q, _head(Q, off_b, off_h, sqb, sqh, USE_TMA), off_b, off_h, m0, q_len, sqm,
+    k_head = _head(off_b, off_h, skb, skh)
+    v_head = _head(off_b, off_h, svb, svh)
+    q = _rows(Q, _head(off_b, off_h, sqb, sqh), off_b, off_h, m0, q_len, sqm,
               HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
-    do = _rows(DO, _head(DO, off_b, off_h, sdb, sdh, USE_TMA), off_b, off_h, m0, q_len, sdm,
+    do = _rows(DO, _head(off_b, off_h, sdb, sdh), off_b, off_h, m0, q_len, sdm,
                HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q)
     lse2, delta = _stats(LSE2, DELTA, bh.to(tl.int64) * q_len, m0, q_len, BLOCK_M, not EVEN_Q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq, lse2, delta = _row_walk(dq, lse2, delta, q, do, lse2, delta, K, V, k_base, v_base,
+    dq, lse2, delta = _row_walk(dq, lse2, delta, q, do, lse2, delta, K, V, k_head, v_head,
                                 off_b, off_h, row, qb, m0, F_N, F_I, P_N, P_I, P_START, BITS,
                                 skn, svn, NK, k_len, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N,
                                 USE_TMA, True)

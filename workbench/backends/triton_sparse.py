@@ -85,13 +85,18 @@ class KernelConfig:
     use_tma: bool = False
 
 
-def default_config(block: int, device: torch.device) -> KernelConfig:
+def default_config(block: int, device: torch.device, head_dim: int = 128) -> KernelConfig:
     """The launch parameters used when none are given (tile edges clipped to the block): on
     CUDA the fastest on every pattern family of the sweeps recorded on an H200
     (``data/bench_h200_triton_configs.csv``, ``data/bench_h200_triton_features.csv``):
-    128 x 128 tiles, 8 warps, 3 stages, TMA on Hopper and newer."""
+    128 x 128 tiles, 8 warps, 3 stages, TMA on Hopper and newer (224 KiB of shared memory at
+    head_dim 128). Heads wider than 128 (not swept) take 64 x 64 tiles, 4 warps, 2 stages and
+    pointer loads (128 KiB at 256; with TMA it would need 320 KiB:
+    :func:`~workbench.backends.triton_resources.kernel_resources`)."""
     if device.type != "cuda":  # the interpreter: small tiles are fast to interpret
         return KernelConfig(min(block, 32), min(block, 32), 4, 1)
+    if head_dim > 128:
+        return KernelConfig(min(block, 64), min(block, 64), 4, 2)
     tma = torch.cuda.get_device_capability(device) >= (9, 0)
     return KernelConfig(min(block, 128), min(block, 128), 8, 3, use_tma=tma)
 
@@ -106,17 +111,22 @@ class BackwardConfig:
     dq: KernelConfig = KernelConfig(128, 64, 8, 2)
 
 
-def default_backward_config(block: int, device: torch.device) -> BackwardConfig:
+def default_backward_config(block: int, device: torch.device,
+                            head_dim: int = 128) -> BackwardConfig:
     """The backward's launch parameters when none are given (tile edges clipped to the block):
-    FlashAttention-2's shape on CUDA, the accumulated operand 128 rows and the streamed one 64,
-    with TMA loads on Hopper and newer; small tiles under the interpreter."""
+    on CUDA FlashAttention-2's shape, the accumulated operand 128 rows and the streamed one 64,
+    8 warps, 2 stages, pointer loads (161 KiB of shared memory per program at head_dim 128;
+    with TMA the same tiles need 257 KiB, more than a Hopper program may have); heads wider
+    than 128 take 32 x 64 (``dkdv``) and 64 x 32 (``dq``) tiles, 4 warps, one stage. Small
+    tiles under the interpreter."""
     if device.type != "cuda":
         small = KernelConfig(min(block, 32), min(block, 32), 4, 1)
         return BackwardConfig(small, small)
-    tma = torch.cuda.get_device_capability(device) >= (9, 0)
+    if head_dim > 128:
+        return BackwardConfig(KernelConfig(min(block, 32), min(block, 64), 4, 1),
+                              KernelConfig(min(block, 64), min(block, 32), 4, 1))
     lo, hi = min(block, 64), min(block, 128)
-    return BackwardConfig(KernelConfig(lo, hi, 8, 2, use_tma=tma),
-                          KernelConfig(hi, lo, 8, 2, use_tma=tma))
+    return BackwardConfig(KernelConfig(lo, hi, 8, 2), KernelConfig(hi, lo, 8, 2))
 
 
 def _tma_ok(*xs: Tensor) -> bool:
@@ -317,6 +327,21 @@ def _check_tiles(cfg: KernelConfig, block: int) -> None:
         raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must divide block {block}")
 
 
+def _launch(kernel, grid: tuple[int, int], cfg: KernelConfig, *args, **constants) -> None:
+    """``kernel[grid](*args, **constants)`` under ``cfg``; a configuration the GPU cannot hold
+    ends in an error that names it and the way out."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        kernel[grid](*args, **constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    except OutOfResources as e:
+        raise ValueError(
+            f"{kernel.fn.__name__} with {cfg} needs more than this GPU has ({e}); pass smaller "
+            "tiles, fewer stages or use_tma=False (config= / backward_config=); "
+            "workbench.backends.triton_resources.kernel_resources says what one uses"
+        ) from e
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, problem: Problem, plan: SparsePlan,
              cfg: KernelConfig, need_lse: bool) -> tuple[Tensor, Tensor | None]:
     """Launch the forward kernel on contiguous-last-dim ``q, k, v``."""
@@ -331,15 +356,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, problem: Problem, plan: SparsePlan
     args = _descriptors(cfg, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
                         (out, cfg.block_m))
     grid = (nq * (b // cfg.block_m), bsz * h)
-    sparse_forward[grid](
-        *args, lse,
+    _launch(
+        sparse_forward, grid, cfg, *args, lse,
         plan.full_count, plan.full_index, plan.part_count, plan.part_index, plan.part_start,
         plan.bits,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E,
         HEAD_DIM=d, BLOCK=b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         EVEN_Q=s_q % cfg.block_m == 0, STORE_LSE=need_lse, USE_TMA=_uses_tma(args),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, (lse if need_lse else None)
 
@@ -367,23 +391,22 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     c = cfg.dkdv
     args = _descriptors(c, (q, c.block_m), (k, c.block_n), (v, c.block_n), (dout, c.block_m))
-    sparse_backward_dkdv[(nk * (b // c.block_n), bsz * h)](
-        *args, dk, dv, lse2, delta,
+    _launch(
+        sparse_backward_dkdv, (nk * (b // c.block_n), bsz * h), c, *args, dk, dv, lse2, delta,
         cols.full_count, cols.full_index, cols.part_count, cols.part_index, cols.part_tile,
         plan.bits, *strides, *dk.stride()[:3], *scalars,
         HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         EVEN_Q=s_q % c.block_m == 0, EVEN_K=lay.k_len % c.block_n == 0,
-        USE_TMA=_uses_tma(args), num_warps=c.num_warps, num_stages=c.num_stages,
+        USE_TMA=_uses_tma(args),
     )
     c = cfg.dq
     args = _descriptors(c, (q, c.block_m), (k, c.block_n), (v, c.block_n), (dout, c.block_m))
-    sparse_backward_dq[(nq * (b // c.block_m), bsz * h)](
-        *args, dq, lse2, delta,
+    _launch(
+        sparse_backward_dq, (nq * (b // c.block_m), bsz * h), c, *args, dq, lse2, delta,
         plan.full_count, plan.full_index, plan.part_count, plan.part_index, plan.part_start,
         plan.bits, *strides, *dq.stride()[:3], *scalars,
         HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         EVEN_Q=s_q % c.block_m == 0, USE_TMA=_uses_tma(args),
-        num_warps=c.num_warps, num_stages=c.num_stages,
     )
     return dq, dk, dv
 
@@ -421,12 +444,12 @@ def triton_attention(
     if hl not in (1, h):
         raise ValueError(f"layout has {hl} heads, q has {h}")
     b = lay.block_size
-    cfg = config or default_config(b, q.device)
+    cfg = config or default_config(b, q.device, q.shape[-1])
     _check_tiles(cfg, b)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        bwd = backward_config or default_backward_config(b, q.device)
+        bwd = backward_config or default_backward_config(b, q.device, q.shape[-1])
         _check_tiles(bwd.dkdv, b)
         _check_tiles(bwd.dq, b)
         out, lse = _TritonAttention.apply(q, k, v, problem, plan, cfg, bwd)

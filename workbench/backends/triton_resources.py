@@ -1,0 +1,120 @@
+"""What a launch configuration of our Triton kernels costs on a GPU, read from an offline
+compile: shared memory per program, registers per thread and bytes spilled to local memory.
+
+Triton compiles for a named target without a GPU present (its wheel ships NVIDIA's assembler
+and ``cuobjdump``), so a configuration can be checked on any machine before it is launched: a
+program asking for more shared memory than the GPU has fails at launch ("out of resources"),
+and spills make a kernel slow. The numbers come from the Triton installed here; another Triton
+version can lay the same kernel out differently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from .triton_sparse import KernelConfig
+
+__all__ = ["KERNELS", "SHARED_LIMIT", "Resources", "kernel_resources"]
+
+SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
+"""Largest shared memory one program may ask for, in bytes, by compute capability (the opt-in
+maximum per block of NVIDIA's tables: A100, consumer Ampere and Ada, H100/H200)."""
+
+_POINTERS = {
+    "forward": ("Q", "K", "V", "OUT", "LSE"),
+    "dkdv": ("Q", "K", "V", "DO", "DK", "DV", "LSE2", "DELTA"),
+    "dq": ("Q", "K", "V", "DO", "DQ", "LSE2", "DELTA"),
+}
+KERNELS = tuple(_POINTERS)
+"""The kernels: ``forward``, the backward's ``dkdv`` (a program per key tile) and ``dq``."""
+
+_STATS = ("LSE", "LSE2", "DELTA")  # float32 per query
+_LISTS = ("F_N", "F_I", "P_N", "P_I", "P_START", "P_T", "BITS")  # the plan's int32 tables
+_FLOATS = ("qk_scale", "sm_scale")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """One program's shared memory (bytes), registers per thread and spilled bytes per thread."""
+
+    shared_bytes: int
+    registers: int
+    spill_bytes: int
+
+    def fits(self, capability: tuple[int, int] = (9, 0)) -> bool:
+        """The program can launch on a GPU of this compute capability (shared memory)."""
+        return self.shared_bytes <= SHARED_LIMIT[capability]
+
+
+def _kernel(name: str):
+    from . import _triton_kernels as k
+
+    return {"forward": k.sparse_forward, "dkdv": k.sparse_backward_dkdv,
+            "dq": k.sparse_backward_dq}[name]
+
+
+def _signature(fn, name: str, dtype: str, cfg: KernelConfig, head_dim: int,
+               constants: dict[str, object]) -> dict[str, str]:
+    """Triton's type of every argument of ``fn`` launched as :mod:`triton_sparse` launches it."""
+    rows = {"Q": cfg.block_m, "DO": cfg.block_m, "OUT": cfg.block_m,
+            "K": cfg.block_n, "V": cfg.block_n}
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in constants:
+            sig[arg] = "constexpr"
+        elif arg in _STATS:
+            sig[arg] = "*fp32"
+        elif arg in _LISTS:
+            sig[arg] = "*i32"
+        elif arg in _POINTERS[name] and cfg.use_tma and arg in rows:
+            sig[arg] = f"tensordesc<{dtype}[1,1,{rows[arg]},{head_dim}]>"
+        elif arg in _POINTERS[name]:
+            sig[arg] = f"*{dtype}"
+        elif arg in _FLOATS:
+            sig[arg] = "fp32"
+        else:
+            sig[arg] = "i32"
+    return sig
+
+
+def kernel_resources(kernel: str, config: KernelConfig, head_dim: int = 128, *,
+                     block: int = 128, capability: tuple[int, int] = (9, 0),
+                     dtype: str = "bf16") -> Resources:
+    """Compile ``kernel`` (one of :data:`KERNELS`) for a GPU of ``capability`` with ``config``
+    and read what one program uses. Takes a few seconds; needs the triton package, no GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    fn = _kernel(kernel)
+    constants: dict[str, object] = {
+        "HEAD_DIM": head_dim, "BLOCK": block, "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n, "EVEN_Q": True, "USE_TMA": config.use_tma}
+    if kernel == "forward":
+        constants["STORE_LSE"] = True
+    if kernel == "dkdv":
+        constants["EVEN_K"] = True
+    src = ASTSource(fn=fn, signature=_signature(fn, kernel, dtype, config, head_dim, constants),
+                    constexprs=constants)
+    major, minor = capability
+    compiled = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
+                              options={"num_warps": config.num_warps,
+                                       "num_stages": config.num_stages})
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+    regs, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
+    if regs is None or local is None:
+        raise RuntimeError(f"cuobjdump gave no resource usage for {kernel}:\n{usage}")
+    return Resources(int(compiled.metadata.shared), int(regs.group(1)), int(local.group(1)))
