@@ -83,9 +83,10 @@ def _signature(fn, name: str, dtype: str, cfg: KernelConfig, head_dim: int,
 
 def kernel_resources(kernel: str, config: KernelConfig, head_dim: int = 128, *,
                      block: int = 128, capability: tuple[int, int] = (9, 0),
-                     dtype: str = "bf16") -> Resources:
+                     dtype: str = "bf16", ragged: bool = False) -> Resources:
     """Compile ``kernel`` (one of :data:`KERNELS`) for a GPU of ``capability`` with ``config``
-    and read what one program uses. Takes a few seconds; needs the triton package, no GPU."""
+    and read what one program uses; ``ragged``: the variant for lengths that are not a multiple
+    of the tiles (masked loads and stores). Takes a few seconds; needs triton, no GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -95,11 +96,11 @@ def kernel_resources(kernel: str, config: KernelConfig, head_dim: int = 128, *,
     fn = _kernel(kernel)
     constants: dict[str, object] = {
         "HEAD_DIM": head_dim, "BLOCK": block, "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n, "EVEN_Q": True, "USE_TMA": config.use_tma}
+        "BLOCK_N": config.block_n, "EVEN_Q": not ragged, "USE_TMA": config.use_tma}
     if kernel == "forward":
         constants["STORE_LSE"] = True
     if kernel == "dkdv":
-        constants["EVEN_K"] = True
+        constants["EVEN_K"] = not ragged
     src = ASTSource(fn=fn, signature=_signature(fn, kernel, dtype, config, head_dim, constants),
                     constexprs=constants)
     major, minor = capability
