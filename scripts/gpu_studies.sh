@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Regenerate the single-GPU recordings in data/ on a CUDA machine that has torch (and triton)
+# installed; run from anywhere, no .venv needed. Each study prints its command, then runs it.
+#   bash scripts/gpu_studies.sh                   # every study below, in this order
+#   bash scripts/gpu_studies.sh longnet copy      # some of them
+#   STUDY=h100 bash scripts/gpu_studies.sh copy   # file prefix (default h200)
+#   PYTHON=python3                                # interpreter (default python3)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=${PYTHON:-python3}
+p=${STUDY:-h200}
+all=(tests copy longnet dilated natural-order triton-launch triton-features triton-backward
+     fwdbwd structures)
+
+run() {
+    echo "[gpu-studies] $*"
+    "$py" "$@"
+}
+
+study() {
+    case "$1" in
+        tests)  # the gpu-marked tests (the notebooks' nbval plugin is not needed here)
+            run -m pytest -o addopts="" -p no:cacheprovider -q -m gpu tests ;;
+        copy)  # data/bench_<p>_copy.csv: the roofline's memory side
+            run -m workbench copy-bandwidth --study "$p" ;;
+        longnet)  # LongNet against its naive baselines
+            run -m workbench bench --study "${p}_longnet" --seq-lens 16384 65536 262144 \
+                --families longnet --variants ours strided_view strided_gather flex_natural \
+                sdpa_dense --reps 20 ;;
+        dilated)
+            run -m workbench bench --study "${p}_dilated" --seq-lens 16384 65536 262144 \
+                --families dilated --variants ours sdpa_dense --reps 10 ;;
+        natural-order)  # LongNet's tiles in natural order: mostly partial
+            run -m workbench bench --study "${p}_natural_order" --seq-lens 65536 \
+                --families longnet dilated --variants triton flex_natural --reps 5 ;;
+        triton-launch)  # our forward kernel's launch parameters
+            run -m workbench bench-triton --study "$p" --seq-len 65536 --reps 10 ;;
+        triton-features)  # the best of those with and without TMA
+            run -m workbench bench-triton --study "$p" --space features --seq-len 65536 \
+                --reps 10 ;;
+        triton-backward)  # forward+backward under the backward kernels' launch parameters
+            run -m workbench bench-triton --study "$p" --space backward --seq-len 65536 \
+                --reps 10 ;;
+        fwdbwd)  # forward+backward of every block-sparse family, both kernels, dense SDPA
+            run -m workbench bench --study "${p}_fwdbwd" --seq-lens 16384 65536 \
+                --families dense causal local random10 --variants ours triton flex_natural \
+                sdpa_dense --backward --reps 10 ;;
+        structures)  # layouts, BlockMasks and triton plans at 1M tokens (and a short run)
+            run -m workbench bench --study "${p}_structures" --seq-lens 16384 \
+                --families dense causal local random10 dilated --variants ours --reps 3 \
+                --layout-timing 1048576 ;;
+        *)
+            echo "unknown study '$1'; choose from: ${all[*]}" >&2
+            return 2 ;;
+    esac
+}
+
+if [ "$#" -eq 0 ]; then
+    set -- "${all[@]}"
+fi
+for name in "$@"; do
+    study "$name"
+done
