@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Regenerate the single-GPU recordings in data/ on a CUDA machine that has torch (and triton)
-# installed; run from anywhere, no .venv needed. Each study prints its command, then runs it.
-#   bash scripts/gpu_studies.sh                   # every study below, in this order
+# Regenerate GPU recordings in data/ on a CUDA machine that has torch (and triton) installed;
+# run from anywhere, no .venv needed. Each study prints its command, then runs it.
+#   bash scripts/gpu_studies.sh                   # every one-GPU study below, in this order
 #   bash scripts/gpu_studies.sh longnet copy      # some of them
+#   bash scripts/gpu_studies.sh ring2-longest-causal   # a two-GPU study (torchrun, 2 ranks)
 #   STUDY=h100 bash scripts/gpu_studies.sh copy   # file prefix (default h200)
 #   PYTHON=python3                                # interpreter (default python3)
 set -euo pipefail
@@ -11,10 +12,16 @@ py=${PYTHON:-python3}
 p=${STUDY:-h200}
 all=(tests copy longnet dilated natural-order triton-launch triton-features triton-backward
      fwdbwd structures)
+two_gpu=(ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
 run() {
     echo "[gpu-studies] $*"
     "$py" "$@"
+}
+
+ring2() {  # the distributed ring over two GPUs, one process each
+    echo "[gpu-studies] torchrun --standalone --nproc-per-node=2 -m workbench ring-bench $*"
+    "$py" -m torch.distributed.run --standalone --nproc-per-node=2 -m workbench ring-bench "$@"
 }
 
 study() {
@@ -49,8 +56,18 @@ study() {
             run -m workbench bench --study "${p}_structures" --seq-lens 16384 \
                 --families dense causal local random10 dilated --variants ours --reps 3 \
                 --layout-timing 1048576 ;;
+        ring2-longest-causal)  # dense causal, both shardings, doubling until out of memory
+            ring2 --study gpu2_longest_causal --seq-lens 1048576 --double-until 4194304 \
+                --families causal --shardings contiguous zigzag --reps 1 --warmup 0 \
+                --timeout 600 ;;
+        ring2-longest-dilated)  # each rank builds only its own layout rows
+            ring2 --study gpu2_longest_dilated --seq-lens 1048576 --double-until 16777216 \
+                --families dilated --shardings contiguous --reps 1 --warmup 0 --timeout 120 ;;
+        ring2-eff-dilated)  # zigzag dilated after the per-query-run log-sum-exp decision
+            ring2 --study gpu2_eff_dilated --seq-lens 524288 --families dilated \
+                --shardings contiguous zigzag --reps 8 --warmup 1 --baseline --timeout 120 ;;
         *)
-            echo "unknown study '$1'; choose from: ${all[*]}" >&2
+            echo "unknown study '$1'; choose from: ${all[*]} ${two_gpu[*]}" >&2
             return 2 ;;
     esac
 }
