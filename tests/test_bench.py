@@ -80,7 +80,8 @@ def test_kernel_config_spaces():
     assert all(c.num_warps == 4 for c in launch if c.block_m == 64)  # 8 warps need 128 rows
     assert sum(c.use_tma for c in features) == len(features) // 2  # each with and without TMA
     backward = kernel_configs("backward")
-    assert len(backward) == 20 and backward[0] == default_backward_config(128, _Cuda(), 128)
+    assert len(backward) == 20 and backward[0] == default_backward_config(128, _Cuda(), 128,
+                                                                          (9, 0))
     assert len({c.dkdv for c in backward}) == 5 and len({c.dq for c in backward}) == 4
     with pytest.raises(ValueError, match="space must be"):
         kernel_configs("all")

@@ -199,39 +199,46 @@ def _offline_compiler() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_offline_compiler() is not None, reason=str(_offline_compiler()))
-def test_default_launch_parameters_fit_a_hopper_programs_shared_memory(monkeypatch):
+def test_default_launch_parameters_fit_a_hopper_programs_shared_memory():
     """Compiled for an H100/H200 without one: a configuration that asks for more shared memory
-    than a program may have fails at launch, so every default must fit."""
+    than a program may have fails at launch, so every first choice must fit."""
     from workbench.backends.triton_resources import kernel_resources
-    from workbench.backends.triton_sparse import default_backward_config, default_config
+    from workbench.backends.triton_sparse import KernelConfig, default_configs
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda")  # only named: the defaults are asked for its type
     for d in (128, 256):
-        bwd = default_backward_config(128, cuda, d)
-        for kernel, cfg in (("forward", default_config(128, cuda, d)), ("dkdv", bwd.dkdv),
-                            ("dq", bwd.dq)):
+        for kernel in ("forward", "dkdv", "dq"):
+            cfg = default_configs(kernel, 128, cuda, d, (9, 0))[0]
             res = kernel_resources(kernel, cfg, d)
             assert res.fits((9, 0)) and res.spill_bytes == 0, (kernel, d, cfg, res)
-    from workbench.backends.triton_sparse import KernelConfig
-
     too_big = kernel_resources("dkdv", KernelConfig(64, 128, 8, 2, use_tma=True), 128)
-    assert not too_big.fits((9, 0))  # the check can fail: TMA doubles the buffers here
+    assert not too_big.fits((9, 0))  # the check can fail: two stages beside 128-row sums
 
 
 @pytest.mark.skipif(_offline_compiler() is not None, reason=str(_offline_compiler()))
-def test_a_launch_the_gpu_cannot_hold_names_the_configuration_and_the_fix():
+def test_launch_steps_down_to_parameters_the_gpu_can_hold_and_names_them_when_none_can():
     from triton.runtime.errors import OutOfResources
 
     from workbench.backends import triton_sparse as T
 
-    class TooBig:  # a kernel whose launch asks for more shared memory than there is
+    class Kernel:
         fn = T.build_plan  # anything with a __name__
 
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise OutOfResources(263200, 232448, "shared memory")
-            return launch
+    tried = []
 
+    def launch(cfg):  # this GPU holds tiles of at most 32 rows
+        tried.append(cfg)
+        if cfg.block_m > 32:
+            raise OutOfResources(263200, 232448, "shared memory")
+
+    chain = T.default_configs("dkdv", 128, torch.device("cuda"), 128, (9, 0))
+    key = ("test", id(tried))
+    with pytest.warns(UserWarning, match="needs more shared memory than this GPU has"):
+        T._launch(Kernel(), chain, launch, key)
+    assert tried == list(chain) and tried[-1].block_m == 32
+    tried.clear()
+    T._launch(Kernel(), chain, launch, key)  # remembered: straight to what fits
+    assert tried == [chain[-1]]
     with pytest.raises(ValueError, match=r"KernelConfig\(block_m=64.*smaller tiles"):
-        T._launch(TooBig(), (1, 1), T.KernelConfig(64, 128, 8, 2, True))
+        T._launch(Kernel(), (chain[0],), launch, ("given", 1))  # a caller's own: no stepping
+    T._CHOSEN.pop(key)

@@ -143,3 +143,21 @@ def test_dilated_gather_draws_forward_backward_hollow_in_the_time_panel():
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels.count("hollow: fwd+bwd") == 1 and labels[0] == "ours"
     plt.close(fig)
+
+
+def test_kernel_resources_one_bar_per_configuration_coloured_by_fit():
+    df = pd.DataFrame({"kernel": ["forward", "forward", "dq"], "head_dim": 128,
+                       "space": ["default", "too_large", "default"], "block_m": 64,
+                       "block_n": 64, "num_warps": 4, "num_stages": [2, 4, 2],
+                       "use_tma": [True, False, False], "shared_bytes": [1024 * 100, 1024 * 300,
+                                                                          1024 * 50],
+                       "shared_limit": 1024 * 227, "fits": [True, False, True]})
+    fig = vs.plot_kernel_resources(df, title="t", note="n")
+    fwd, dq = fig.axes[:2]
+    widths = lambda ax: sorted(round(p.get_width()) for p in ax.patches if p.get_width())  # noqa: E731
+    assert widths(fwd) == [100, 100, 300]  # the TMA bar is drawn twice (colour, then hatch)
+    assert widths(dq) == [50]
+    assert [round(line.get_xdata()[0]) for line in fwd.lines] == [227]
+    red = [p for p in fwd.patches if p.get_width() == 300][0]
+    assert red.get_facecolor()[0] > 0.7  # the one that cannot launch is red
+    plt.close(fig)

@@ -20,6 +20,7 @@ Examples::
     python -m workbench ring-plan --study h100 --world 2 --seq-lens 524288   # one GPU
     python -m workbench copy-bandwidth --study h100                      # roofline memory side
     python -m workbench bench-triton --study h200 --seq-len 65536   # kernel launch parameters
+    python -m workbench triton-resources                 # kernels compiled offline for an H100/H200
 """
 
 from __future__ import annotations
@@ -140,6 +141,20 @@ def _bench_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _triton_resources(args: argparse.Namespace) -> int:
+    from .bench import triton_resource_study
+    from .records import write_csv
+
+    rows = triton_resource_study(args.head_dims, capability=tuple(args.capability))
+    for r in rows:
+        print(f"{r['kernel']:>8} d={r['head_dim']:<3} {r['space']:>8} {r['block_m']}x"
+              f"{r['block_n']} w{r['num_warps']} s{r['num_stages']} tma={r['use_tma']!s:<5} "
+              f"{r['shared_bytes'] / 1024:7.1f} KiB {'fits' if r['fits'] else 'TOO BIG'} "
+              f"{r['registers']} regs {r['spill_bytes']} B spilled")
+    write_csv(rows, f"triton_resources_{args.study}", "cpu")
+    return 0
+
+
 def _copy_bandwidth(args: argparse.Namespace) -> int:
     from .bench import copy_bandwidth
     from .records import environment, write_csv
@@ -226,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     tri.add_argument("--reps", type=int, default=20)
     tri.add_argument("--device", default="cuda")
     tri.set_defaults(func=_bench_triton)
+    res = sub.add_parser("triton-resources", help="our Triton kernels compiled offline for a "
+                         "GPU (no GPU needed): shared memory, registers, spills of every default "
+                         "and swept configuration (data/triton_resources_<study>.csv)")
+    res.add_argument("--study", default="sm90")
+    res.add_argument("--head-dims", nargs="+", type=int, default=[64, 128, 256])
+    res.add_argument("--capability", nargs=2, type=int, default=[9, 0], metavar=("MAJOR", "MINOR"))
+    res.set_defaults(func=_triton_resources)
     _ring_commands(sub, FAMILIES)
     args = parser.parse_args(argv)
     return args.func(args)

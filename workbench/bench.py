@@ -509,11 +509,11 @@ def kernel_configs(space: str) -> list[object]:
                 product(((128, 64, 2), (128, 64, 3), (128, 128, 3), (128, 128, 4)),
                         (False, True))]
     if space == "backward":  # each fits a Hopper program's shared memory at head_dim 128
-        dkdv = (KernelConfig(64, 128, 8, 2), KernelConfig(32, 128, 4, 2),
-                KernelConfig(64, 64, 4, 2), KernelConfig(64, 128, 8, 1, True),
-                KernelConfig(64, 128, 4, 1, True))
-        dq = (KernelConfig(128, 64, 8, 2), KernelConfig(128, 64, 8, 1, True),
-              KernelConfig(64, 64, 4, 1, True), KernelConfig(128, 32, 8, 1, True))
+        dkdv = (KernelConfig(64, 64, 4, 2, True), KernelConfig(64, 64, 4, 2),
+                KernelConfig(64, 128, 8, 1, True), KernelConfig(32, 128, 4, 1, True),
+                KernelConfig(32, 64, 4, 2))
+        dq = (KernelConfig(64, 64, 4, 2, True), KernelConfig(64, 64, 4, 2),
+              KernelConfig(128, 64, 8, 1, True), KernelConfig(64, 32, 4, 2))
         return [BackwardConfig(a, b) for a, b in product(dkdv, dq)]
     raise ValueError(f"space must be 'launch', 'features' or 'backward', got {space!r}")
 
@@ -610,3 +610,47 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
                    vs_dense=round(tflops / dense_rate, 3))
         rows.append(row)
     return rows
+
+
+def triton_resource_study(head_dims: Iterable[int] = (64, 128, 256), *,
+                          capability: tuple[int, int] = (9, 0),
+                          progress: bool = True) -> list[dict]:
+    """Shared memory, registers and spills of our Triton kernels compiled offline for a GPU of
+    ``capability`` (no GPU needed): at head_dim 128 every configuration of the ``features`` and
+    ``backward`` sweeps, at each of ``head_dims`` the defaults' first choices, and
+    (``too_large``) shapes that do not fit a Hopper program. Each row says whether a program
+    fits the GPU's shared memory (``fits``) and which configuration it is."""
+    import triton
+    from tqdm.auto import tqdm
+
+    from .backends.triton_resources import SHARED_LIMIT, kernel_resources
+    from .backends.triton_sparse import KernelConfig, default_backward_config, default_config
+
+    cuda = torch.device("cuda")  # only named: the defaults are asked for its type
+    jobs: list[tuple[str, str, int, object]] = []
+    for d in head_dims:
+        bwd = default_backward_config(128, cuda, d, capability)
+        jobs += [("default", "forward", d, default_config(128, cuda, d, capability)),
+                 ("default", "dkdv", d, bwd.dkdv), ("default", "dq", d, bwd.dq)]
+    swept = kernel_configs("backward")
+    jobs += [("features", "forward", 128, c) for c in kernel_configs("features")]
+    jobs += [("backward", "dkdv", 128, c) for c in dict.fromkeys(b.dkdv for b in swept)]
+    jobs += [("backward", "dq", 128, c) for c in dict.fromkeys(b.dq for b in swept)]
+    # shapes a Hopper program cannot hold: two stages beside 128-row accumulators, and a
+    # two-stage forward of 256-wide heads
+    jobs += [("too_large", "dkdv", 128, KernelConfig(64, 128, 8, 2, True)),
+             ("too_large", "dq", 128, KernelConfig(128, 64, 8, 2, True)),
+             ("too_large", "forward", 256, KernelConfig(64, 64, 4, 2, True))]
+    rows = []
+    limit = SHARED_LIMIT[capability]
+    for space, kernel, d, cfg in tqdm(jobs, desc="compile", disable=not progress):
+        res = kernel_resources(kernel, cfg, d, capability=capability)
+        rows.append({"space": space, "kernel": kernel, "head_dim": d, **dataclasses.asdict(cfg),
+                     "shared_bytes": res.shared_bytes, "shared_limit": limit,
+                     "fits": res.fits(capability), "registers": res.registers,
+                     "spill_bytes": res.spill_bytes,
+                     "target": f"sm_{capability[0]}{capability[1]}",
+                     "compiled_by": f"triton {triton.__version__}",
+                     "kernel_sha": kernel_source_sha()})
+    return rows
+

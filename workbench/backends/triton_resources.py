@@ -81,6 +81,15 @@ def _signature(fn, name: str, dtype: str, cfg: KernelConfig, head_dim: int,
     return sig
 
 
+def _aligned(fn, sig: dict[str, str], odd: tuple[str, ...]) -> dict[tuple[int], list]:
+    """The specialization Triton's launcher gives the arguments of a typical launch (tensors
+    16-byte aligned, strides and block counts multiples of 16): divisibility by 16 for every
+    pointer and integer except the layout's head count and the ``odd`` ones. It changes the
+    layout of the pipelined buffers, so it changes their shared memory."""
+    return {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+            if (sig[arg].startswith("*") or sig[arg] == "i32") and arg not in ("HL", *odd)}
+
+
 def kernel_resources(kernel: str, config: KernelConfig, head_dim: int = 128, *,
                      block: int = 128, capability: tuple[int, int] = (9, 0),
                      dtype: str = "bf16", ragged: bool = False) -> Resources:
@@ -101,8 +110,9 @@ def kernel_resources(kernel: str, config: KernelConfig, head_dim: int = 128, *,
         constants["STORE_LSE"] = True
     if kernel == "dkdv":
         constants["EVEN_K"] = not ragged
-    src = ASTSource(fn=fn, signature=_signature(fn, kernel, dtype, config, head_dim, constants),
-                    constexprs=constants)
+    sig = _signature(fn, kernel, dtype, config, head_dim, constants)
+    src = ASTSource(fn=fn, signature=sig, constexprs=constants,
+                    attrs=_aligned(fn, sig, ("q_len", "k_len") if ragged else ()))
     major, minor = capability
     compiled = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
                               options={"num_warps": config.num_warps,

@@ -29,6 +29,7 @@ On a machine without CUDA the same kernels run under Triton's interpreter when
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,7 +43,8 @@ from .layout_cache import LayoutCache
 from .problem import Problem
 
 __all__ = ["BackwardConfig", "ColumnPlan", "KernelConfig", "SparsePlan", "build_column_plan",
-           "build_plan", "cached_plan", "triton_attention", "triton_available", "unsupported"]
+           "build_plan", "cached_plan", "default_configs", "triton_attention",
+           "triton_available", "unsupported"]
 
 _LOG2E = 1.4426950408889634
 _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
@@ -85,20 +87,44 @@ class KernelConfig:
     use_tma: bool = False
 
 
-def default_config(block: int, device: torch.device, head_dim: int = 128) -> KernelConfig:
-    """The launch parameters used when none are given (tile edges clipped to the block): on
-    CUDA the fastest on every pattern family of the sweeps recorded on an H200
-    (``data/bench_h200_triton_configs.csv``, ``data/bench_h200_triton_features.csv``):
-    128 x 128 tiles, 8 warps, 3 stages, TMA on Hopper and newer (224 KiB of shared memory at
-    head_dim 128). Heads wider than 128 (not swept) take 64 x 64 tiles, 4 warps, 2 stages and
-    pointer loads (128 KiB at 256; with TMA it would need 320 KiB:
-    :func:`~workbench.backends.triton_resources.kernel_resources`)."""
+def default_configs(kernel: str, block: int, device: torch.device, head_dim: int = 128,
+                    capability: tuple[int, int] | None = None) -> tuple[KernelConfig, ...]:
+    """Launch parameters of ``kernel`` (``"forward"``, ``"dkdv"`` or ``"dq"``) when none are
+    given, in the order they are tried: the first that the GPU can hold is used and remembered
+    (tile edges clipped to the block; ``capability`` defaults to ``device``'s).
+
+    The forward's first choice is the fastest of the sweeps recorded on an H200
+    (``data/bench_h200_triton_configs.csv``, ``data/bench_h200_triton_features.csv``): 128 x 128
+    tiles, 8 warps, 3 stages, TMA on Hopper and newer (224 KiB of shared memory at head_dim 128,
+    as :func:`~workbench.backends.triton_resources.kernel_resources` reads it; smaller GPUs
+    step down). The backward's first choice is 64 x 64 tiles, 4 warps, 2 stages (193 KiB): with
+    128-row accumulators two stages need 257 KiB, more than a Hopper program may have. Heads
+    wider than 128 start at one stage (the forward's 64 x 64 tiles need 320 KiB with two)."""
     if device.type != "cuda":  # the interpreter: small tiles are fast to interpret
-        return KernelConfig(min(block, 32), min(block, 32), 4, 1)
+        return (KernelConfig(min(block, 32), min(block, 32), 4, 1),)
+    if kernel not in ("forward", "dkdv", "dq"):
+        raise ValueError(f"kernel must be 'forward', 'dkdv' or 'dq', got {kernel!r}")
+    tma = (capability or torch.cuda.get_device_capability(device)) >= (9, 0)
+
+    def cfg(m: int, n: int, warps: int, stages: int) -> KernelConfig:
+        return KernelConfig(min(block, m), min(block, n), warps, stages, use_tma=tma)
+
     if head_dim > 128:
-        return KernelConfig(min(block, 64), min(block, 64), 4, 2)
-    tma = torch.cuda.get_device_capability(device) >= (9, 0)
-    return KernelConfig(min(block, 128), min(block, 128), 8, 3, use_tma=tma)
+        first = {"forward": cfg(64, 64, 4, 1), "dkdv": cfg(32, 64, 4, 1),
+                 "dq": cfg(64, 32, 4, 1)}[kernel]
+        chain = (first, cfg(32, 32, 4, 1))
+    elif kernel == "forward":
+        chain = (cfg(128, 128, 8, 3), cfg(128, 64, 8, 2), cfg(64, 64, 4, 2), cfg(64, 64, 4, 1),
+                 cfg(32, 32, 4, 1))
+    else:
+        chain = (cfg(64, 64, 4, 2), cfg(64, 64, 4, 1), cfg(32, 32, 4, 1))
+    return tuple(dict.fromkeys(chain))
+
+
+def default_config(block: int, device: torch.device, head_dim: int = 128,
+                   capability: tuple[int, int] | None = None) -> KernelConfig:
+    """The forward's first choice of :func:`default_configs`."""
+    return default_configs("forward", block, device, head_dim, capability)[0]
 
 
 @dataclass(frozen=True)
@@ -107,26 +133,15 @@ class BackwardConfig:
     walking ``block_m`` queries at a time) and ``dq`` (a program per ``block_m`` queries,
     walking ``block_n`` keys at a time)."""
 
-    dkdv: KernelConfig = KernelConfig(64, 128, 8, 2)
-    dq: KernelConfig = KernelConfig(128, 64, 8, 2)
+    dkdv: KernelConfig = KernelConfig(64, 64, 4, 2)
+    dq: KernelConfig = KernelConfig(64, 64, 4, 2)
 
 
-def default_backward_config(block: int, device: torch.device,
-                            head_dim: int = 128) -> BackwardConfig:
-    """The backward's launch parameters when none are given (tile edges clipped to the block):
-    on CUDA FlashAttention-2's shape, the accumulated operand 128 rows and the streamed one 64,
-    8 warps, 2 stages, pointer loads (161 KiB of shared memory per program at head_dim 128;
-    with TMA the same tiles need 257 KiB, more than a Hopper program may have); heads wider
-    than 128 take 32 x 64 (``dkdv``) and 64 x 32 (``dq``) tiles, 4 warps, one stage. Small
-    tiles under the interpreter."""
-    if device.type != "cuda":
-        small = KernelConfig(min(block, 32), min(block, 32), 4, 1)
-        return BackwardConfig(small, small)
-    if head_dim > 128:
-        return BackwardConfig(KernelConfig(min(block, 32), min(block, 64), 4, 1),
-                              KernelConfig(min(block, 64), min(block, 32), 4, 1))
-    lo, hi = min(block, 64), min(block, 128)
-    return BackwardConfig(KernelConfig(lo, hi, 8, 2), KernelConfig(hi, lo, 8, 2))
+def default_backward_config(block: int, device: torch.device, head_dim: int = 128,
+                            capability: tuple[int, int] | None = None) -> BackwardConfig:
+    """The backward kernels' first choices of :func:`default_configs`."""
+    return BackwardConfig(default_configs("dkdv", block, device, head_dim, capability)[0],
+                          default_configs("dq", block, device, head_dim, capability)[0])
 
 
 def _tma_ok(*xs: Tensor) -> bool:
@@ -327,23 +342,37 @@ def _check_tiles(cfg: KernelConfig, block: int) -> None:
         raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must divide block {block}")
 
 
-def _launch(kernel, grid: tuple[int, int], cfg: KernelConfig, *args, **constants) -> None:
-    """``kernel[grid](*args, **constants)`` under ``cfg``; a configuration the GPU cannot hold
-    ends in an error that names it and the way out."""
+_CHOSEN: dict[tuple, KernelConfig] = {}  # the configuration a default chain settled on
+
+
+def _launch(kernel, configs: tuple[KernelConfig, ...], launch, key: tuple) -> None:
+    """``launch(cfg)`` with the first of ``configs`` the GPU can hold (remembered under ``key``
+    when there was a choice, with a warning if it was not the first). When none fits, or the one
+    configuration a caller gave does not, the error names it and the way out."""
     from triton.runtime.errors import OutOfResources
 
-    try:
-        kernel[grid](*args, **constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    except OutOfResources as e:
-        raise ValueError(
-            f"{kernel.fn.__name__} with {cfg} needs more than this GPU has ({e}); pass smaller "
-            "tiles, fewer stages or use_tma=False (config= / backward_config=); "
-            "workbench.backends.triton_resources.kernel_resources says what one uses"
-        ) from e
+    chosen = _CHOSEN.get(key)
+    for i, cfg in enumerate((chosen,) if chosen in configs else configs):
+        try:
+            launch(cfg)
+        except OutOfResources as e:
+            if chosen is None and i + 1 < len(configs):
+                continue
+            raise ValueError(
+                f"{kernel.fn.__name__} with {cfg} needs more than this GPU has ({e}); pass "
+                "smaller tiles, fewer stages (config= / backward_config=); "
+                "workbench.backends.triton_resources.kernel_resources says what one uses"
+            ) from e
+        if len(configs) > 1 and chosen is None:
+            _CHOSEN[key] = cfg
+            if i:
+                warnings.warn(f"{kernel.fn.__name__}: {configs[0]} needs more shared memory "
+                              f"than this GPU has; using {cfg}", stacklevel=4)
+        return
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, problem: Problem, plan: SparsePlan,
-             cfg: KernelConfig, need_lse: bool) -> tuple[Tensor, Tensor | None]:
+             configs: tuple[KernelConfig, ...], need_lse: bool) -> tuple[Tensor, Tensor | None]:
     """Launch the forward kernel on contiguous-last-dim ``q, k, v``."""
     lay = plan.layout
     bsz, h, s_q, d = q.shape
@@ -353,27 +382,32 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, problem: Problem, plan: SparsePlan
     lse = torch.empty(bsz, h, s_q, dtype=torch.float32, device=q.device) if need_lse else out
     from ._triton_kernels import sparse_forward
 
-    args = _descriptors(cfg, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
-                        (out, cfg.block_m))
-    grid = (nq * (b // cfg.block_m), bsz * h)
-    _launch(
-        sparse_forward, grid, cfg, *args, lse,
-        plan.full_count, plan.full_index, plan.part_count, plan.part_index, plan.part_start,
-        plan.bits,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E,
-        HEAD_DIM=d, BLOCK=b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        EVEN_Q=s_q % cfg.block_m == 0, STORE_LSE=need_lse, USE_TMA=_uses_tma(args),
-    )
+    def launch(cfg: KernelConfig) -> None:
+        args = _descriptors(cfg, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
+                            (out, cfg.block_m))
+        sparse_forward[(nq * (b // cfg.block_m), bsz * h)](
+            *args, lse,
+            plan.full_count, plan.full_index, plan.part_count, plan.part_index,
+            plan.part_start, plan.bits,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E,
+            HEAD_DIM=d, BLOCK=b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            EVEN_Q=s_q % cfg.block_m == 0, STORE_LSE=need_lse, USE_TMA=_uses_tma(args),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    _launch(sparse_forward, configs, launch, ("forward", str(q.device), d, b, q.dtype))
     return out, (lse if need_lse else None)
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
               dlse: Tensor | None, problem: Problem, plan: SparsePlan,
-              cfg: BackwardConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the two backward kernels: ``dk, dv`` by key tile over the column lists, ``dq`` by
-    query tile over the forward's row lists. A gradient reaching the log-sum-exp adds
-    ``p * dlse`` to the score gradient, i.e. enters as ``delta - dlse``."""
+              configs: tuple[tuple[KernelConfig, ...], tuple[KernelConfig, ...]],
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the two backward kernels (``configs``: the ``dkdv`` and the ``dq`` kernel's to
+    try): ``dk, dv`` by key tile over the column lists, ``dq`` by query tile over the forward's
+    row lists. A gradient reaching the log-sum-exp adds ``p * dlse`` to the score gradient,
+    i.e. enters as ``delta - dlse``."""
     lay = plan.layout
     bsz, h, s_q, d = q.shape
     hl, nq, nk = lay.shape
@@ -389,25 +423,35 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
 
     scalars = (h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E, problem.scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    c = cfg.dkdv
-    args = _descriptors(c, (q, c.block_m), (k, c.block_n), (v, c.block_n), (dout, c.block_m))
-    _launch(
-        sparse_backward_dkdv, (nk * (b // c.block_n), bsz * h), c, *args, dk, dv, lse2, delta,
-        cols.full_count, cols.full_index, cols.part_count, cols.part_index, cols.part_tile,
-        plan.bits, *strides, *dk.stride()[:3], *scalars,
-        HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        EVEN_Q=s_q % c.block_m == 0, EVEN_K=lay.k_len % c.block_n == 0,
-        USE_TMA=_uses_tma(args),
-    )
-    c = cfg.dq
-    args = _descriptors(c, (q, c.block_m), (k, c.block_n), (v, c.block_n), (dout, c.block_m))
-    _launch(
-        sparse_backward_dq, (nq * (b // c.block_m), bsz * h), c, *args, dq, lse2, delta,
-        plan.full_count, plan.full_index, plan.part_count, plan.part_index, plan.part_start,
-        plan.bits, *strides, *dq.stride()[:3], *scalars,
-        HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        EVEN_Q=s_q % c.block_m == 0, USE_TMA=_uses_tma(args),
-    )
+
+    def operands(c: KernelConfig) -> tuple[object, ...]:
+        return _descriptors(c, (q, c.block_m), (k, c.block_n), (v, c.block_n), (dout, c.block_m))
+
+    def launch_dkdv(c: KernelConfig) -> None:
+        args = operands(c)
+        sparse_backward_dkdv[(nk * (b // c.block_n), bsz * h)](
+            *args, dk, dv, lse2, delta,
+            cols.full_count, cols.full_index, cols.part_count, cols.part_index, cols.part_tile,
+            plan.bits, *strides, *dk.stride()[:3], *scalars,
+            HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            EVEN_Q=s_q % c.block_m == 0, EVEN_K=lay.k_len % c.block_n == 0,
+            USE_TMA=_uses_tma(args), num_warps=c.num_warps, num_stages=c.num_stages,
+        )
+
+    def launch_dq(c: KernelConfig) -> None:
+        args = operands(c)
+        sparse_backward_dq[(nq * (b // c.block_m), bsz * h)](
+            *args, dq, lse2, delta,
+            plan.full_count, plan.full_index, plan.part_count, plan.part_index,
+            plan.part_start, plan.bits, *strides, *dq.stride()[:3], *scalars,
+            HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            EVEN_Q=s_q % c.block_m == 0, USE_TMA=_uses_tma(args),
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )
+
+    key = (str(q.device), d, b, q.dtype)
+    _launch(sparse_backward_dkdv, configs[0], launch_dkdv, ("dkdv", *key))
+    _launch(sparse_backward_dq, configs[1], launch_dq, ("dq", *key))
     return dq, dk, dv
 
 
@@ -415,10 +459,10 @@ class _TritonAttention(torch.autograd.Function):
     """Forward kernel, then the backward kernels; differentiable through out and lse."""
 
     @staticmethod
-    def forward(ctx, q, k, v, problem, plan, cfg, bwd_cfg):  # type: ignore[override]
-        out, lse = _forward(q, k, v, problem, plan, cfg, True)
+    def forward(ctx, q, k, v, problem, plan, configs, bwd_configs):  # type: ignore[override]
+        out, lse = _forward(q, k, v, problem, plan, configs, True)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem, ctx.plan, ctx.bwd_cfg = problem, plan, bwd_cfg
+        ctx.problem, ctx.plan, ctx.bwd_configs = problem, plan, bwd_configs
         return out, lse
 
     @staticmethod
@@ -426,7 +470,7 @@ class _TritonAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.problem, ctx.plan,
-                               ctx.bwd_cfg)
+                               ctx.bwd_configs)
         return dq, dk, dv, None, None, None, None
 
 
@@ -436,22 +480,28 @@ def triton_attention(
     backward_config: BackwardConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Our Triton kernels over ``problem``; returns ``(out, lse float32 or None)``,
-    differentiable in ``q, k, v`` (through ``lse`` too) when any of them requires grad."""
+    differentiable in ``q, k, v`` (through ``lse`` too) when any of them requires grad.
+    ``config`` / ``backward_config`` fix the launch parameters (default: the first of
+    :func:`default_configs` that the GPU can hold)."""
     _check_inputs(q, k, v, problem)
     plan = cached_plan(problem, q.device) if plan is None else plan
     lay = plan.layout
-    hl, h = lay.num_heads, q.shape[1]
+    hl, h, d = lay.num_heads, q.shape[1], q.shape[-1]
     if hl not in (1, h):
         raise ValueError(f"layout has {hl} heads, q has {h}")
     b = lay.block_size
-    cfg = config or default_config(b, q.device, q.shape[-1])
-    _check_tiles(cfg, b)
+    configs = (config,) if config else default_configs("forward", b, q.device, d)
+    for c in configs:
+        _check_tiles(c, b)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        bwd = backward_config or default_backward_config(b, q.device, q.shape[-1])
-        _check_tiles(bwd.dkdv, b)
-        _check_tiles(bwd.dq, b)
-        out, lse = _TritonAttention.apply(q, k, v, problem, plan, cfg, bwd)
+        if backward_config is None:
+            bwd = (default_configs("dkdv", b, q.device, d), default_configs("dq", b, q.device, d))
+        else:
+            bwd = ((backward_config.dkdv,), (backward_config.dq,))
+        for c in (*bwd[0], *bwd[1]):
+            _check_tiles(c, b)
+        out, lse = _TritonAttention.apply(q, k, v, problem, plan, configs, bwd)
         return out, (lse if need_lse else None)
-    return _forward(q, k, v, problem, plan, cfg, need_lse)
+    return _forward(q, k, v, problem, plan, configs, need_lse)

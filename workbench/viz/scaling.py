@@ -333,6 +333,54 @@ def plot_rate_bars(df, *, families=None, variants=None, reference=None, target_f
     return fig
 
 
+def plot_kernel_resources(df, *, title="", note=""):
+    """Shared memory per program of each compiled kernel configuration as horizontal bars (KiB),
+    one panel per kernel, against the GPU's limit (dashed): green when a program fits, red when
+    it cannot launch, hatched when it loads through TMA.
+
+    ``df``: the rows of ``workbench.bench.triton_resource_study`` (``kernel``, ``head_dim``,
+    ``space``, ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, ``use_tma``,
+    ``shared_bytes``, ``shared_limit``, ``fits``)."""
+    kernels = list(dict.fromkeys(df["kernel"]))
+    counts = [int((df["kernel"] == k).sum()) for k in kernels]
+    fig, axes = plt.subplots(1, len(kernels), figsize=(5.2 * len(kernels), 0.32 * max(counts) + 2),
+                             squeeze=False)
+    for ax, kernel in zip(axes[0], kernels):
+        rows = df[df["kernel"] == kernel].iloc[::-1]  # first row on top
+        kib = rows["shared_bytes"].to_numpy(dtype=float) / 1024
+        fits = rows["fits"].astype(str) == "True"
+        tma = rows["use_tma"].astype(str) == "True"
+        y = np.arange(len(rows))
+        ax.barh(y, kib, color=np.where(fits, "#4c9a5b", "#c0392b"), edgecolor="white")
+        for yi, k, t in zip(y, kib, tma):
+            if t:
+                ax.barh(yi, k, color="none", edgecolor="black", hatch="///", lw=0)
+            ax.annotate(f"{k:.0f}", (k, yi), xytext=(2, 0), textcoords="offset points",
+                        va="center", fontsize=7)
+        ax.set_yticks(y)
+        ax.set_yticklabels([f"d={r.head_dim} {r.block_m}x{r.block_n} w{r.num_warps} "
+                            f"s{r.num_stages} ({r.space})" for r in rows.itertuples()],
+                           fontsize=7.5)
+        limit = float(rows["shared_limit"].iloc[0]) / 1024
+        ax.axvline(limit, color="black", ls="--", lw=1.2)
+        ax.set_xlim(0, max(limit, float(kib.max())) * 1.15)
+        ax.set_title(kernel)
+        ax.set_xlabel("shared memory per program (KiB)")
+        ax.grid(True, axis="x", alpha=0.3)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="#4c9a5b", label="fits"), Patch(color="#c0392b", label="cannot launch"),
+               Patch(facecolor="white", edgecolor="black", hatch="///", label="TMA loads"),
+               plt.Line2D([], [], color="black", ls="--", label="limit per program")]
+    fig.tight_layout(rect=(0, 0.08, 1, 0.9))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8.5, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=12, y=0.995, va="top")
+    if note:
+        fig.text(0.5, 0.93, note, ha="center", va="top", fontsize=8.5, color="0.3")
+    return fig
+
+
 def plot_longest_sequence(df, *, families=None, capacity_gib=None, title="", note=""):
     """The doubling search of ``workbench.bench.longest_sequence``: peak memory (GiB, inputs
     included) and time of one call against ``S``, one line per family; the first length that
