@@ -171,7 +171,7 @@ def test_auto_picks_triton_only_for_inference_on_mostly_partial_layouts(monkeypa
     longnet = P.dilated([256, 512], [1, 4], num_heads=4).block_structure(2048, 64)
     local = (P.local_window(300) & P.causal()).block_structure(2048, 64)
     assert B.partial_share(longnet) >= B.PARTIAL_HEAVY > B.partial_share(local)
-    assert B.partial_share(longnet) is B.partial_share(longnet)  # computed once per layout
+    assert B._partial_tiles(longnet) is B._partial_tiles(longnet)  # counted once per layout
     q = torch.randn(1, 4, 2048, 64)
     assert B.resolve_backend("auto", q, layout=longnet) == "blockwise"  # not on CUDA
     # on a GPU (faked: the rule, not a kernel, is under test)
@@ -185,6 +185,11 @@ def test_auto_picks_triton_only_for_inference_on_mostly_partial_layouts(monkeypa
     assert B.resolve_backend("auto", q) == "flex"  # no layout to judge
     monkeypatch.setattr(B, "triton_unsupported", lambda q, v: "head_dim 24")
     assert B.resolve_backend("auto", q, layout=longnet) == "flex"
+    monkeypatch.setattr(B, "triton_unsupported", lambda q, v: None)
+    partial = int((longnet.active & ~longnet.full).sum())
+    assert B.plan_bits_bytes(longnet) == partial * 64 * 64 // 8
+    monkeypatch.setattr(B, "BITS_BUDGET", B.plan_bits_bytes(longnet) - 1)
+    assert B.resolve_backend("auto", q, layout=longnet) == "flex"  # its bit masks too large
 
 
 def _offline_compiler() -> str | None:
@@ -242,3 +247,13 @@ def test_launch_steps_down_to_parameters_the_gpu_can_hold_and_names_them_when_no
     with pytest.raises(ValueError, match=r"KernelConfig\(block_m=64.*smaller tiles"):
         T._launch(Kernel(), (chain[0],), launch, ("given", 1))  # a caller's own: no stepping
     T._CHOSEN.pop(key)
+
+
+def test_a_plan_whose_bit_masks_cannot_fit_says_so_before_allocating(monkeypatch):
+    from workbench.backends import triton_sparse as T
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**31))
+    T._check_bits_fit(8192, 128, torch.device("cuda"))  # 16 MiB: fits
+    with pytest.raises(ValueError, match=r"need 2.0 GiB, more than the 1.0 GiB free.*flex"):
+        T._check_bits_fit(2**20, 128, torch.device("cuda"))
+    T._check_bits_fit(2**20, 128, torch.device("cpu"))  # the CPU is not asked

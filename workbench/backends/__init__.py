@@ -28,6 +28,7 @@ from .triton_sparse import unsupported as triton_unsupported
 
 __all__ = [
     "BACKENDS",
+    "BITS_BUDGET",
     "AttentionDropout",
     "check_backend",
     "MaskFn",
@@ -39,6 +40,7 @@ __all__ = [
     "merge_into_",
     "merge_partials",
     "partial_share",
+    "plan_bits_bytes",
     "reference_attention",
     "resolve_backend",
     "run_backend",
@@ -63,17 +65,33 @@ the token predicate: on an H200 at 64K tokens 2.2x faster on LongNet's pattern i
 (random, causal, local windows; ``data/bench_h200_natural_order.csv``,
 ``data/bench_h200_triton_features.csv``)."""
 
-_PARTIAL_SHARES = LayoutCache(16)
+BITS_BUDGET = 1 << 30
+"""``auto`` keeps ``flex`` when the triton plan's bit masks (``block**2 / 8`` bytes per partial
+tile) would take more than this many bytes: LongNet's 16 heads in natural order need 0.9 GiB
+of them at 64K tokens and 134 GiB at 1M, where FlexAttention's block lists take 8 GiB."""
+
+_PARTIAL = LayoutCache(16)
+
+
+def _partial_tiles(layout: BlockLayout) -> tuple[int, int]:
+    """(partial tiles, active tiles) of ``layout``, counted once per layout object."""
+    counts = _PARTIAL.get(layout, "partial")
+    if counts is None:
+        stats = layout.stats()
+        counts = (stats.active_blocks - stats.full_blocks, stats.active_blocks)
+        _PARTIAL.put(layout, "partial", counts)
+    return counts  # type: ignore[return-value]
 
 
 def partial_share(layout: BlockLayout) -> float:
-    """Share of ``layout``'s active tiles that are partial (need the token predicate), computed
-    once per layout object."""
-    share = _PARTIAL_SHARES.get(layout, "partial_share")
-    if share is None:
-        share = 1.0 - layout.stats().full_fraction if bool(layout.active.any()) else 0.0
-        _PARTIAL_SHARES.put(layout, "partial_share", share)
-    return share  # type: ignore[return-value]
+    """Share of ``layout``'s active tiles that are partial (need the token predicate)."""
+    partial, active = _partial_tiles(layout)
+    return partial / active if active else 0.0
+
+
+def plan_bits_bytes(layout: BlockLayout) -> int:
+    """Bytes of the bit masks the triton plan keeps for ``layout``'s partial tiles."""
+    return _partial_tiles(layout)[0] * layout.block_size ** 2 // 8
 
 
 def resolve_backend(name: str, q: Tensor, dropout: bool = False, *,
@@ -84,15 +102,16 @@ def resolve_backend(name: str, q: Tensor, dropout: bool = False, *,
     ``auto``: ``blockwise`` off CUDA or with attention ``dropout`` (only ``blockwise`` and
     ``reference`` apply it); on CUDA ``flex``, or ``triton`` when ``layout`` is given, no
     gradient is needed (``needs_grad``), the kernel takes these inputs (values ``v``, default
-    like ``q``; heads of at most 128, as measured) and at least :data:`PARTIAL_HEAVY` of its
-    active tiles are partial."""
+    like ``q``; heads of at most 128, as measured), at least :data:`PARTIAL_HEAVY` of its
+    active tiles are partial and their bit masks fit in :data:`BITS_BUDGET`."""
     if check_backend(name) != "auto":
         return name
     if not q.is_cuda or dropout or not flex_available():
         return "blockwise"
     if (layout is not None and not needs_grad and q.shape[-1] <= 128
             and triton_unsupported(q, q if v is None else v) is None
-            and partial_share(layout) >= PARTIAL_HEAVY):
+            and partial_share(layout) >= PARTIAL_HEAVY
+            and plan_bits_bytes(layout) <= BITS_BUDGET):
         return "triton"
     return "flex"
 

@@ -206,6 +206,20 @@ def _tile_classes(lay: BlockLayout) -> tuple[Tensor, Tensor]:
     return full, lay.active & ~full
 
 
+def _check_bits_fit(partial_tiles: int, block: int, device: torch.device) -> None:
+    """A clear error, before allocating, when the bit masks of ``partial_tiles`` tiles would not
+    fit in the GPU's free memory."""
+    need = partial_tiles * block * block // 8
+    if device.type == "cuda" and need > torch.cuda.mem_get_info(device)[0]:
+        free = torch.cuda.mem_get_info(device)[0]
+        raise ValueError(
+            f"the triton plan's bit masks for {partial_tiles} partial tiles need "
+            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}; "
+            "put the tokens in an order that makes the tiles full (for LongNet: "
+            "wb.dilated_attention), or use backend='flex'"
+        )
+
+
 def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
     """The kernel's lists for ``problem`` (see :class:`SparsePlan`); ``problem.block_order``
     orders each row's key blocks along its curve."""
@@ -230,6 +244,7 @@ def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
         valid = cols[None, :] < p_n[:, None]
         row = torch.arange(hl * nq, device=lay.active.device)[:, None].expand(-1, nk)[valid]
         tiles = torch.stack([row // nq, row % nq, p_i[valid].to(torch.int64)], 1)
+    _check_bits_fit(tiles.shape[0], b, lay.active.device)
     bits = _partial_bits(problem, lay, tiles)
     return SparsePlan(lay, f_n.reshape(-1), f_i.reshape(hl * nq, nk), p_n, p_i,
                       start.to(torch.int32), bits)
