@@ -27,6 +27,8 @@ CASES = [
      200, 200, 32, 2, KernelConfig(32, 16, 4, 1, use_tma=True)),
     ("TMA, cross attention, sub-tiles", P.random_blocks(0.5, seed=2, cell=32), 90, 173, 64, 2,
      KernelConfig(32, 32, 4, 1, use_tma=True)),
+    ("two mask words per row of a key tile", (P.local_window(40) | P.strided(9)) & P.causal(),
+     200, 200, 64, 2, KernelConfig(32, 64, 4, 1)),
 ]
 
 
@@ -65,6 +67,8 @@ GRAD_CASES = [
     ("sub-tiles of the block, TMA", P.local_window(50) & P.causal(), 161, 161, 64, 2,
      BackwardConfig(KernelConfig(16, 32, 4, 1, use_tma=True),
                     KernelConfig(32, 16, 4, 1, use_tma=True))),
+    ("two mask words per row of a key tile", (P.local_window(40) | P.strided(9)) & P.causal(),
+     200, 200, 64, 2, BackwardConfig(KernelConfig(32, 64, 4, 1), KernelConfig(32, 64, 4, 1))),
 ]
 
 

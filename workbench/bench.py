@@ -509,11 +509,11 @@ def kernel_configs(space: str) -> list[object]:
                 product(((128, 64, 2), (128, 64, 3), (128, 128, 3), (128, 128, 4)),
                         (False, True))]
     if space == "backward":  # each fits a Hopper program's shared memory at head_dim 128
-        dkdv = (KernelConfig(64, 64, 4, 2, True), KernelConfig(64, 64, 4, 2),
-                KernelConfig(64, 128, 8, 1, True), KernelConfig(32, 128, 4, 1, True),
-                KernelConfig(32, 64, 4, 2))
-        dq = (KernelConfig(64, 64, 4, 2, True), KernelConfig(64, 64, 4, 2),
-              KernelConfig(128, 64, 8, 1, True), KernelConfig(64, 32, 4, 2))
+        dkdv = (KernelConfig(64, 128, 8, 2, True), KernelConfig(64, 128, 8, 2),
+                KernelConfig(32, 128, 4, 2, True), KernelConfig(64, 64, 4, 2, True),
+                KernelConfig(64, 64, 4, 3, True))
+        dq = (KernelConfig(128, 64, 8, 2, True), KernelConfig(128, 64, 8, 2),
+              KernelConfig(128, 32, 8, 2, True), KernelConfig(64, 64, 4, 2, True))
         return [BackwardConfig(a, b) for a, b in product(dkdv, dq)]
     raise ValueError(f"space must be 'launch', 'features' or 'backward', got {space!r}")
 
@@ -636,11 +636,10 @@ def triton_resource_study(head_dims: Iterable[int] = (64, 128, 256), *,
     jobs += [("features", "forward", 128, c) for c in kernel_configs("features")]
     jobs += [("backward", "dkdv", 128, c) for c in dict.fromkeys(b.dkdv for b in swept)]
     jobs += [("backward", "dq", 128, c) for c in dict.fromkeys(b.dq for b in swept)]
-    # shapes a Hopper program cannot hold: two stages beside 128-row accumulators, and a
-    # two-stage forward of 256-wide heads
-    jobs += [("too_large", "dkdv", 128, KernelConfig(64, 128, 8, 2, True)),
-             ("too_large", "dq", 128, KernelConfig(128, 64, 8, 2, True)),
-             ("too_large", "forward", 256, KernelConfig(64, 64, 4, 2, True))]
+    # shapes a Hopper program cannot hold: two stages of 256-wide heads
+    jobs += [("too_large", "forward", 256, KernelConfig(64, 64, 4, 2, True)),
+             ("too_large", "dkdv", 256, KernelConfig(64, 128, 8, 2, True)),
+             ("too_large", "dq", 256, KernelConfig(128, 64, 8, 2, True))]
     rows = []
     limit = SHARED_LIMIT[capability]
     for space, kernel, d, cfg in tqdm(jobs, desc="compile", disable=not progress):

@@ -71,16 +71,15 @@ def _row_walk(acc, m_i, l_i, q, do, lse2, delta, K, V, k_head, v_head, off_b, of
                 acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, None, qk_scale, False)
 
     start = tl.load(P_START + row).to(tl.int64)
-    r = (m0 - qb * BLOCK + tl.arange(0, BLOCK_M))[:, None]  # query rows inside the layout tile
+    r = m0 - qb * BLOCK + tl.arange(0, BLOCK_M)  # query rows inside the layout tile
     for j in range(tl.load(P_N + row)):
         kb = tl.load(P_I + row * NK + j)
         tile_bits = BITS + (start + j) * (BLOCK * WORDS)
         for sub in tl.static_range(SUB_N):
-            c = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # columns inside the layout tile
             c0 = kb * BLOCK + sub * BLOCK_N
             k = _rows(K, k_head, off_b, off_h, c0, k_len, skn, HEAD_DIM, BLOCK_N, USE_TMA, True)
             v = _rows(V, v_head, off_b, off_h, c0, k_len, svn, HEAD_DIM, BLOCK_N, USE_TMA, True)
-            ok = _allowed(tile_bits, r, c[None, :], WORDS)
+            ok = _allowed(tile_bits, r, sub * BLOCK_N, BLOCK_M, BLOCK_N, WORDS, False)
             if GRAD:
                 acc = _dq_tile(acc, q, do, k, v, lse2, delta, ok, qk_scale, True)
             else:
@@ -108,12 +107,35 @@ def _tile(acc, m_i, l_i, q, k, v, ok, qk_scale, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _allowed(tile_bits, r, c, WORDS: tl.constexpr):
+def _allowed(tile_bits, r, c0, M: tl.constexpr, N: tl.constexpr, WORDS: tl.constexpr,
+             KEYS_FIRST: tl.constexpr):
     """Which pairs of a partial tile are allowed, from its bit mask (``[block, block / 32]``
-    int32 words, bit ``c % 32`` of word ``c // 32`` of row ``r``), for query rows ``r`` and key
-    columns ``c`` inside the tile, both given as broadcastable 2-D index tensors."""
-    words = tl.load(tile_bits + r * WORDS + c // 32)
-    return ((words >> (c % 32)) & 1) != 0
+    int32 words, bit ``c % 32`` of word ``c // 32`` of query row ``r``), for the ``M`` query rows
+    ``r`` and the ``N`` key columns from ``c0`` inside the tile: ``[M, N]``, or ``[N, M]`` with
+    ``KEYS_FIRST``. Each row's ``N / 32`` words are loaded once, as ``M``-vectors, and spread over
+    their 32 columns in registers (loading a word per pair would move 32 times the bytes)."""
+    lane = tl.arange(0, N)
+    if N >= 32:
+        if KEYS_FIRST:
+            words = tl.zeros([N, M], dtype=tl.int32)
+        else:
+            words = tl.zeros([M, N], dtype=tl.int32)
+        for j in tl.static_range(N // 32):
+            w = tl.load(tile_bits + r * WORDS + c0 // 32 + j)
+            if KEYS_FIRST:
+                words = tl.where((lane // 32)[:, None] == j, w[None, :], words)
+            else:
+                words = tl.where((lane // 32)[None, :] == j, w[:, None], words)
+    else:  # fewer than 32 columns: part of one word each
+        if KEYS_FIRST:
+            words = tl.load(tile_bits + r[None, :] * WORDS + ((c0 + lane) // 32)[:, None])
+        else:
+            words = tl.load(tile_bits + r[:, None] * WORDS + ((c0 + lane) // 32)[None, :])
+    if KEYS_FIRST:  # one return at the end: a return inside a branch is not one here
+        ok = ((words >> ((c0 + lane) % 32)[:, None]) & 1) != 0
+    else:
+        ok = ((words >> ((c0 + lane) % 32)[None, :]) & 1) != 0
+    return ok
 
 
 @triton.jit
@@ -252,13 +274,13 @@ def sparse_backward_dkdv(
                                 off_b, off_h, qb * BLOCK + sub * BLOCK_M, q_len, sqm, sdm, None,
                                 qk_scale, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q, False)
 
-    c = (n0 - kb * BLOCK) + tl.arange(0, BLOCK_N)  # key columns inside the layout tile
     for j in range(tl.load(P_N + col)):
         qb = tl.load(P_I + col * NQ + j)
         tile_bits = BITS + tl.load(P_T + col * NQ + j).to(tl.int64) * (BLOCK * WORDS)
         for sub in tl.static_range(SUB_M):
             r = sub * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows inside the layout tile
-            ok = _allowed(tile_bits, r[None, :], c[:, None], WORDS)  # [keys, queries]
+            ok = _allowed(tile_bits, r, n0 - kb * BLOCK, BLOCK_M, BLOCK_N, WORDS,
+                          True)  # [keys, queries]
             dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, q_head, do_head, LSE2, DELTA, stats,
                                 off_b, off_h, qb * BLOCK + sub * BLOCK_M, q_len, sqm, sdm, ok,
                                 qk_scale, HEAD_DIM, BLOCK_M, USE_TMA, not EVEN_Q, True)

@@ -95,11 +95,12 @@ def default_configs(kernel: str, block: int, device: torch.device, head_dim: int
 
     The forward's first choice is the fastest of the sweeps recorded on an H200
     (``data/bench_h200_triton_configs.csv``, ``data/bench_h200_triton_features.csv``): 128 x 128
-    tiles, 8 warps, 3 stages, TMA on Hopper and newer (224 KiB of shared memory at head_dim 128,
+    tiles, 8 warps, 3 stages, TMA on Hopper and newer (163 KiB of shared memory at head_dim 128,
     as :func:`~workbench.backends.triton_resources.kernel_resources` reads it; smaller GPUs
-    step down). The backward's first choice is 64 x 64 tiles, 4 warps, 2 stages (193 KiB): with
-    128-row accumulators two stages need 257 KiB, more than a Hopper program may have. Heads
-    wider than 128 start at one stage (the forward's 64 x 64 tiles need 320 KiB with two)."""
+    step down). The backward's is FlashAttention-2's split: 128 accumulated rows (keys for
+    ``dkdv``, queries for ``dq``) against 64 streamed ones, 8 warps, 2 stages (195 KiB). Heads
+    wider than 128 start at one stage (two stages of the forward's 64 x 64 tiles need 290
+    KiB)."""
     if device.type != "cuda":  # the interpreter: small tiles are fast to interpret
         return (KernelConfig(min(block, 32), min(block, 32), 4, 1),)
     if kernel not in ("forward", "dkdv", "dq"):
@@ -117,7 +118,8 @@ def default_configs(kernel: str, block: int, device: torch.device, head_dim: int
         chain = (cfg(128, 128, 8, 3), cfg(128, 64, 8, 2), cfg(64, 64, 4, 2), cfg(64, 64, 4, 1),
                  cfg(32, 32, 4, 1))
     else:
-        chain = (cfg(64, 64, 4, 2), cfg(64, 64, 4, 1), cfg(32, 32, 4, 1))
+        first = cfg(64, 128, 8, 2) if kernel == "dkdv" else cfg(128, 64, 8, 2)
+        chain = (first, cfg(64, 64, 4, 2), cfg(64, 64, 4, 1), cfg(32, 32, 4, 1))
     return tuple(dict.fromkeys(chain))
 
 
@@ -133,8 +135,8 @@ class BackwardConfig:
     walking ``block_m`` queries at a time) and ``dq`` (a program per ``block_m`` queries,
     walking ``block_n`` keys at a time)."""
 
-    dkdv: KernelConfig = KernelConfig(64, 64, 4, 2)
-    dq: KernelConfig = KernelConfig(64, 64, 4, 2)
+    dkdv: KernelConfig = KernelConfig(64, 128, 8, 2)
+    dq: KernelConfig = KernelConfig(128, 64, 8, 2)
 
 
 def default_backward_config(block: int, device: torch.device, head_dim: int = 128,
