@@ -9,10 +9,15 @@ tiles and no ``S x S`` object ever exists. Scores go through an online softmax i
 output and the log-sum-exp are written once. Rows with no allowed key give zeros and
 ``lse = -inf``, as every backend does.
 
-On Hopper the tiles move by TMA. Measured on an H200 at 64K tokens (notebook 06, section 13):
-as fast as FlexAttention on random and causal layouts, 0.98x / 0.83x of it on dense and local
-ones, 2.2x faster where most tiles are partial (a bit per pair against FlexAttention's
-per-pair predicate).
+On Hopper the tiles move by TMA. Measured on an H200 at 64K tokens (notebook 06, section 13;
+kernel revision ae25f40e69d7, which loaded a partial tile's mask a word per pair): as fast as
+FlexAttention on random and causal layouts, 0.98x / 0.83x of it on dense and local ones, 2.2x
+faster where most tiles are partial (a bit per pair against FlexAttention's per-pair
+predicate). Each row's mask words are now loaded once; that revision is not timed yet.
+
+Launch parameters: without ``config=`` each kernel tries :func:`default_configs` in order
+until the GPU can hold one; :mod:`~workbench.backends.triton_resources` compiles a
+configuration offline and says what it uses.
 
 The backward (FlashAttention-2's split) recomputes the probabilities from the saved log-sum-exp
 in two kernels: one program per key tile walks the query blocks of its *column* of the layout
