@@ -234,18 +234,25 @@ def _variant_fn(
     raise ValueError(variant)
 
 
+def _fwd_bwd_step(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
+                  grad: Tensor | None = None) -> Callable[[], Tensor]:
+    """A closure running ``fn`` and its backward into ``inputs`` with output gradient ``grad``
+    (default: random, of the output's shape, drawn at the first call); returns the first
+    input's gradient."""
+    def step() -> Tensor:
+        nonlocal grad
+        out = fn()
+        if grad is None:
+            grad = torch.randn_like(out)
+        return torch.autograd.grad(out, inputs, grad)[0]
+    return step
+
+
 def _measure(fn: Callable[[], Tensor], cfg: BenchConfig, inputs: tuple[Tensor, ...],
              device: torch.device) -> tuple[float, float]:
     """(median ms, peak MiB above the inputs) of ``fn`` (forward, or forward+backward)."""
     if cfg.backward:
-        grad = None
-
-        def step():
-            nonlocal grad
-            out = fn()
-            if grad is None:
-                grad = torch.randn_like(out)
-            torch.autograd.grad(out, inputs, grad)
+        step = _fwd_bwd_step(fn, inputs)
     else:
         def step():
             with torch.no_grad():
@@ -516,14 +523,6 @@ def kernel_configs(space: str) -> list[object]:
               KernelConfig(128, 32, 8, 2, True), KernelConfig(64, 64, 4, 2, True))
         return [BackwardConfig(a, b) for a, b in product(dkdv, dq)]
     raise ValueError(f"space must be 'launch', 'features' or 'backward', got {space!r}")
-
-
-def _fwd_bwd_step(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
-                  grad: Tensor) -> Callable[[], Tensor]:
-    """A closure running ``fn`` and its backward into ``inputs``; returns the first gradient."""
-    def step() -> Tensor:
-        return torch.autograd.grad(fn(), inputs, grad)[0]
-    return step
 
 
 def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 16,

@@ -75,12 +75,11 @@ _PARTIAL = LayoutCache(16)
 
 def _partial_tiles(layout: BlockLayout) -> tuple[int, int]:
     """(partial tiles, active tiles) of ``layout``, counted once per layout object."""
-    counts = _PARTIAL.get(layout, "partial")
-    if counts is None:
+    def count() -> tuple[int, int]:
         stats = layout.stats()
-        counts = (stats.active_blocks - stats.full_blocks, stats.active_blocks)
-        _PARTIAL.put(layout, "partial", counts)
-    return counts  # type: ignore[return-value]
+        return stats.active_blocks - stats.full_blocks, stats.active_blocks
+
+    return _PARTIAL.get_or_build(layout, "partial", count)  # type: ignore[return-value]
 
 
 def partial_share(layout: BlockLayout) -> float:

@@ -139,6 +139,19 @@ def _allowed(tile_bits, r, c0, M: tl.constexpr, N: tl.constexpr, WORDS: tl.const
 
 
 @triton.jit
+def _store_rows(X, off_b, off_h, start, limit, sb, sh, sm, x,
+                HEAD_DIM: tl.constexpr, N: tl.constexpr, CHECK: tl.constexpr):
+    """Write ``x`` ``[N, HEAD_DIM]`` to rows ``start .. start + N`` of head (off_b, off_h)."""
+    rows = start + tl.arange(0, N)
+    ptrs = (X + _head(off_b, off_h, sb, sh) + rows[:, None].to(tl.int64) * sm
+            + tl.arange(0, HEAD_DIM)[None, :])
+    if CHECK:
+        tl.store(ptrs, x, mask=rows[:, None] < limit)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
 def sparse_forward(
     Q, K, V, OUT, LSE,
     F_N, F_I, P_N, P_I, P_START, BITS,
@@ -169,12 +182,8 @@ def sparse_forward(
     if USE_TMA:  # the descriptor clips rows past the end of the sequence
         OUT.store([off_b, off_h, m0, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
     else:
-        o_ptrs = (OUT + _head(off_b, off_h, sob, soh) + offs_m[:, None].to(tl.int64) * som
-                  + tl.arange(0, HEAD_DIM)[None, :])
-        if EVEN_Q:
-            tl.store(o_ptrs, out)
-        else:
-            tl.store(o_ptrs, out, mask=offs_m[:, None] < q_len)
+        _store_rows(OUT, off_b, off_h, m0, q_len, sob, soh, som, out, HEAD_DIM, BLOCK_M,
+                    not EVEN_Q)
     if STORE_LSE:
         log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
         lse = tl.where(empty, float("-inf"), (m_i + log2_l) * 0.6931471805599453)  # x ln 2
@@ -226,19 +235,6 @@ def _dq_tile(dq, q, do, k, v, lse2, delta, ok, qk_scale, MASKED: tl.constexpr):
         p = tl.where(ok, p, 0.0)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq)
-
-
-@triton.jit
-def _store_rows(X, off_b, off_h, start, limit, sb, sh, sm, x,
-                HEAD_DIM: tl.constexpr, N: tl.constexpr, CHECK: tl.constexpr):
-    """Write ``x`` ``[N, HEAD_DIM]`` to rows ``start .. start + N`` of head (off_b, off_h)."""
-    rows = start + tl.arange(0, N)
-    ptrs = (X + _head(off_b, off_h, sb, sh) + rows[:, None].to(tl.int64) * sm
-            + tl.arange(0, HEAD_DIM)[None, :])
-    if CHECK:
-        tl.store(ptrs, x, mask=rows[:, None] < limit)
-    else:
-        tl.store(ptrs, x)
 
 
 @triton.jit

@@ -61,11 +61,9 @@ def cached_block_mask(problem: Problem, device: torch.device | str, backward: bo
     costs milliseconds at long sequences, every call. A mask built for the forward only is
     rebuilt when a backward needs one."""
     key = (str(device), problem.label, problem.q_offset, problem.k_offset, problem.block_order)
-    mask = _MASKS.get(problem.layout, key)
-    if mask is None or (backward and mask.q_indices is None):
-        mask = build_block_mask(problem, device, backward)
-        _MASKS.put(problem.layout, key, mask)
-    return mask
+    return _MASKS.get_or_build(problem.layout, key,
+                               lambda: build_block_mask(problem, device, backward),
+                               reuse=lambda mask: not backward or mask.q_indices is not None)
 
 
 def _batched(lists: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

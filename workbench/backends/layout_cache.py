@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from ..layout import BlockLayout
 
@@ -41,3 +41,13 @@ class LayoutCache:
                                value)
         if len(self._entries) > self.size:
             self._entries.popitem(last=False)
+
+    def get_or_build(self, layout: BlockLayout, key: Hashable, build: Callable[[], object],
+                     reuse: Callable[[object], bool] = lambda value: True) -> object:
+        """The value stored for this layout object and ``key`` when there is one and ``reuse``
+        accepts it; otherwise ``build()``, stored."""
+        value = self.get(layout, key)
+        if value is None or not reuse(value):
+            value = build()
+            self.put(layout, key, value)
+        return value

@@ -326,22 +326,14 @@ def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
     """:func:`build_plan`, reused while the same layout object comes back (a module's cached
     layout; see :class:`~workbench.backends.layout_cache.LayoutCache`)."""
     key = (str(device), problem.q_offset, problem.k_offset, problem.block_order, problem.label)
-    plan = _PLANS.get(problem.layout, key)
-    if plan is None:
-        plan = build_plan(problem, device)
-        _PLANS.put(problem.layout, key, plan)
-    return plan
+    return _PLANS.get_or_build(problem.layout, key, lambda: build_plan(problem, device))
 
 
 def cached_column_plan(problem: Problem, plan: SparsePlan) -> ColumnPlan:
     """:func:`build_column_plan` of ``plan``, cached beside it (built on the first backward)."""
     key = ("columns", str(plan.bits.device), problem.q_offset, problem.k_offset,
            problem.block_order, problem.label)
-    cols = _PLANS.get(problem.layout, key)
-    if cols is None:
-        cols = build_column_plan(plan)
-        _PLANS.put(problem.layout, key, cols)
-    return cols
+    return _PLANS.get_or_build(problem.layout, key, lambda: build_column_plan(plan))
 
 
 def _descriptors(cfg: KernelConfig, *xs: tuple[Tensor, int]) -> tuple[object, ...]:

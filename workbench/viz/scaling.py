@@ -372,12 +372,7 @@ def plot_kernel_resources(df, *, title="", note=""):
     handles = [Patch(color="#4c9a5b", label="fits"), Patch(color="#c0392b", label="cannot launch"),
                Patch(facecolor="white", edgecolor="black", hatch="///", label="TMA loads"),
                plt.Line2D([], [], color="black", ls="--", label="limit per program")]
-    fig.tight_layout(rect=(0, 0.08, 1, 0.9))
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8.5, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=12, y=0.995, va="top")
-    if note:
-        fig.text(0.5, 0.93, note, ha="center", va="top", fontsize=8.5, color="0.3")
+    _finish(fig, axes, title, note, extra_handles=handles)
     return fig
 
 
