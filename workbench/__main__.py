@@ -130,14 +130,13 @@ def _bench_longest(args: argparse.Namespace) -> int:
 
 def _bench_triton(args: argparse.Namespace) -> int:
     from .bench import kernel_configs, triton_config_study
-    from .records import write_csv
 
+    name = "configs" if args.space == "launch" else args.space
     rows = triton_config_study(args.seq_len, args.families, reps=args.reps, device=args.device,
                                configs=kernel_configs(args.space),
-                               backward=args.space == "backward")
+                               backward=args.space == "backward",
+                               csv_name=f"bench_{args.study}_triton_{name}")
     _print_rows(rows)
-    name = "configs" if args.space == "launch" else args.space
-    write_csv(rows, f"bench_{args.study}_triton_{name}", args.device)
     return 0
 
 

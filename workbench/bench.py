@@ -528,7 +528,8 @@ def kernel_configs(space: str) -> list[object]:
 def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 16,
                         head_dim: int = 128, block_size: int = 128, reps: int = 20,
                         device: str = "cuda", configs: Iterable[object] | None = None,
-                        backward: bool = False, progress: bool = True) -> list[dict]:
+                        backward: bool = False, progress: bool = True,
+                        csv_name: str | None = None) -> list[dict]:
     """Our Triton kernels under each launch configuration (default: :func:`kernel_configs`
     ``("launch")``, or ``("backward")`` with ``backward``) against FlexAttention (natural order,
     the package's mask) and dense SDPA, bf16, on the same inputs in one run: the forward, or
@@ -538,7 +539,9 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
     Each row: one (family, variant, configuration) with its median ms, useful TFLOP/s (the
     backward counted as 2.5 forwards), the ratio to dense SDPA's useful rate (``vs_dense``: 1.0
     means time fell in proportion to density) and, for our kernels, the largest difference from
-    FlexAttention's output (forward) or its query gradient (``backward``).
+    FlexAttention's output (forward) or its query gradient (``backward``). With ``csv_name``
+    the rows so far are written to ``data/<csv_name>.csv`` after every case, so a sweep cut
+    short keeps what it finished.
     """
     from tqdm.auto import tqdm
 
@@ -602,12 +605,16 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
             except Exception as e:  # a launch configuration the compiler rejects
                 rows.append({**row, "variant": "triton", **settings,
                              "status": type(e).__name__})
+                if csv_name:
+                    write_csv(rows, csv_name, dev)
                 continue
             row.update(variant="triton", **settings, max_abs_diff_vs_flex=round(diff, 5))
         tflops = dense_flops * useful / ms / 1e9
         row.update(status="ok", ms=round(ms, 4), useful_tflops=round(tflops, 1),
                    vs_dense=round(tflops / dense_rate, 3))
         rows.append(row)
+        if csv_name:
+            write_csv(rows, csv_name, dev)
     return rows
 
 
