@@ -145,12 +145,35 @@ def test_block_mask_cache_reuses_a_layout_and_never_outlives_it():
     problem = Problem(layout, pattern.predicate("cpu"), 0.1, label=repr(pattern))
     assert F.cached_block_mask(problem, "cpu") is F.cached_block_mask(problem, "cpu")
     before = len(F._MASKS)
-    sliced = problem.slice((0, 4), (0, 4))  # a ring's per-call slice: a new layout object
-    F.cached_block_mask(sliced, "cpu")
+    sliced = problem.slice((0, 4), (0, 4))  # a ring slices its problem at every call
+    mask = F.cached_block_mask(sliced, "cpu")
+    assert problem.slice((0, 4), (0, 4)).layout is sliced.layout  # the same slice object
+    assert F.cached_block_mask(problem.slice((0, 4), (0, 4)), "cpu") is mask  # built once
     assert len(F._MASKS) == before + 1
-    del sliced
+    del sliced, mask
     gc.collect()
-    assert len(F._MASKS) == before  # its mask went with it
+    assert len(F._MASKS) == before + 1  # the slice lives as long as its layout
+    del problem, layout
+    gc.collect()
+    assert len(F._MASKS) == before - 1  # the layout's mask and its slice's went with it
+
+
+def test_many_layers_never_evict_each_others_masks(monkeypatch):
+    """A model of more layers than a bounded cache would hold builds each layer's mask once."""
+    from workbench.backends import flex as F
+
+    built = []
+    real = F.build_block_mask
+    monkeypatch.setattr(F, "build_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    pattern = P.local_window(100)
+    layers = [wb.BlockSparseAttention(pattern, 64, backend="flex") for _ in range(6)]
+    problems = [Problem(m.layout(300, 300, torch.device("cpu")), pattern.predicate("cpu"), 0.1)
+                for m in layers]
+    for _ in range(2):  # two training steps through six layers, each its own layout
+        for pr in problems:
+            F.cached_block_mask(pr, "cpu")
+            F.cached_block_mask(pr.slice((0, 2), (0, 3)), "cpu")  # and a ring's slice of it
+    assert len(built) == 12
 
 
 def test_block_indices_sorted_in_chunks_equal_one_sort():

@@ -106,3 +106,25 @@ def test_merge_of_low_precision_partials_accumulates_in_float32(dtype):
     M.merge_into_(acc_o, acc_l, o2, l2)
     torch.testing.assert_close(acc_o, got, rtol=0, atol=0)
     torch.testing.assert_close(acc_l, torch.logaddexp(l1, l2))
+
+
+def test_a_modules_ring_plans_and_slices_once(monkeypatch):
+    """A module's cached layout keeps its ring schedule, and each step's slice is the same
+    layout object at every call, so what a backend derives from it is built once."""
+    import workbench.ring as R
+
+    plans, slices = [], []
+    real_plan, real_run = R.ring_plan, R.run_backend
+    monkeypatch.setattr(R, "ring_plan", lambda *a: plans.append(1) or real_plan(*a))
+
+    def run(name, q, k, v, problem, **kw):
+        slices.append(problem.layout)
+        return real_run(name, q, k, v, problem, **kw)
+
+    monkeypatch.setattr(R, "run_backend", run)
+    q, k, v = make_qkv(b=1, h=2, s=256, d=16, requires_grad=False)
+    attn = wb.BlockSparseAttention(P.local_window(40, causal=True), 64, ring_chunks=2)
+    first = attn(q, k, v)
+    torch.testing.assert_close(attn(q, k, v), first, atol=0, rtol=0)
+    assert len(plans) == 1 and len(slices) == 6  # 3 of the 4 chunk pairs are active
+    assert all(a is b for a, b in zip(slices[:3], slices[3:]))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .backends import Problem, merge_partials, run_backend
+from .backends.layout_cache import LayoutCache
 from .layout import BlockLayout
 
 __all__ = ["RingPlan", "chunk_bounds", "ring_attention", "ring_plan"]
@@ -70,6 +71,15 @@ class RingPlan:
         return int((~self.computed).sum())
 
 
+_PLANS = LayoutCache()
+
+
+def cached_ring_plan(layout: BlockLayout, num_chunks: int) -> RingPlan:
+    """:func:`ring_plan`, built once per layout object (it sums the layout's tiles per chunk
+    pair, a device synchronization each, which a module's cached layout need not repeat)."""
+    return _PLANS.get_or_build(layout, num_chunks, lambda: ring_plan(layout, num_chunks))
+
+
 def ring_plan(layout: BlockLayout, num_chunks: int) -> RingPlan:
     """The ring schedule of ``layout`` over ``num_chunks`` ranks."""
     nq, nk = layout.active.shape[1:]
@@ -90,7 +100,7 @@ def ring_attention(
     need_lse: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Run ``problem`` with the ring schedule over ``num_chunks`` simulated ranks."""
-    plan = ring_plan(problem.layout, num_chunks)
+    plan = cached_ring_plan(problem.layout, num_chunks)
     b = problem.layout.block_size
     outs, lses = [], []
     for p, (q0, q1) in enumerate(plan.q_bounds):

@@ -70,7 +70,7 @@ BITS_BUDGET = 1 << 30
 tile) would take more than this many bytes: LongNet's 16 heads in natural order need 0.9 GiB
 of them at 64K tokens and 134 GiB at 1M, where FlexAttention's block lists take 8 GiB."""
 
-_PARTIAL = LayoutCache(16)
+_PARTIAL = LayoutCache()
 
 
 def _partial_tiles(layout: BlockLayout) -> tuple[int, int]:

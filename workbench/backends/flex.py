@@ -52,7 +52,7 @@ def _kernel_layout(layout: BlockLayout) -> BlockLayout:
     return layout.coarsen(KERNEL_TILE // b)
 
 
-_MASKS = LayoutCache(4)  # a BlockMask at 1M tokens holds ~0.5 GB of indices
+_MASKS = LayoutCache()  # a BlockMask at 1M tokens holds ~0.5 GB of indices
 
 
 def cached_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):

@@ -10,8 +10,11 @@ from torch import Tensor
 
 from ..layout import BlockLayout
 from .dropout import AttentionDropout
+from .layout_cache import LayoutCache
 
 __all__ = ["MaskFn", "Problem"]
+
+_SLICES = LayoutCache()  # views of their layout's tensors: no memory of their own
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``allowed(h, q, k) -> bool``: elementwise over int64 head index and absolute positions.
@@ -63,11 +66,17 @@ class Problem:
         return m.expand(lay.num_heads, lay.q_len, lay.k_len)
 
     def slice(self, q_blocks: tuple[int, int], k_blocks: tuple[int, int]) -> Problem:
-        """The sub-problem of query blocks ``[q0, q1)`` against key blocks ``[k0, k1)``."""
+        """The sub-problem of query blocks ``[q0, q1)`` against key blocks ``[k0, k1)``.
+
+        The same slice of the same layout is the same layout object at every call (a ring
+        slices its problem every call), so what a backend derives from it (a ``BlockMask``, a
+        kernel plan) is built once and lives as long as the whole layout."""
         b = self.layout.block_size
+        bounds = (tuple(q_blocks), tuple(k_blocks))
         return replace(
             self,
-            layout=self.layout.slice(q_blocks, k_blocks),
+            layout=_SLICES.get_or_build(self.layout, bounds,
+                                        lambda: self.layout.slice(*bounds)),
             q_offset=self.q_offset + q_blocks[0] * b,
             k_offset=self.k_offset + k_blocks[0] * b,
         )

@@ -319,7 +319,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
         raise NotImplementedError(reason)
 
 
-_PLANS = LayoutCache(4)
+_PLANS = LayoutCache()
 
 
 def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
