@@ -276,3 +276,17 @@ def test_no_jitted_function_returns_from_inside_a_branch():
         nested = [n for branch in ast.walk(f) if isinstance(branch, (ast.If, ast.For))
                   for n in ast.walk(branch) if isinstance(n, ast.Return)]
         assert not nested, f"{f.name} returns inside a branch or loop (line {nested[0].lineno})"
+
+
+def test_backward_delta_in_chunks_equals_the_whole_rowsum(monkeypatch):
+    from workbench.backends import triton_sparse as T
+
+    g = torch.Generator().manual_seed(5)
+    out, dout = (torch.randn(2, 3, 37, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    dlse = torch.randn(2, 3, 37, generator=g)
+    whole = (dout.double() * out.double()).sum(-1)
+    for chunk in (16, 16 * 5, 1 << 23):  # a row at a time, chunks that do not divide, one
+        monkeypatch.setattr(T, "_DELTA_CHUNK", chunk)
+        torch.testing.assert_close(T._delta(out, dout, None).double(), whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(T._delta(out, dout, dlse).double(), whole - dlse.double(),
+                                   atol=1e-5, rtol=1e-5)

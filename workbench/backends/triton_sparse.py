@@ -427,9 +427,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     hl, nq, nk = lay.shape
     b = lay.block_size
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
+    delta = _delta(out, dout, dlse)
     lse2 = torch.where(torch.isfinite(lse), lse * _LOG2E, torch.full_like(lse, torch.inf))
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     cols = cached_column_plan(problem, plan)
@@ -467,6 +465,23 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     _launch(sparse_backward_dkdv, configs[0], launch_dkdv, ("dkdv", *key))
     _launch(sparse_backward_dq, configs[1], launch_dq, ("dq", *key))
     return dq, dk, dv
+
+
+_DELTA_CHUNK = 1 << 23  # elements of each float32 operand copy while delta is summed
+
+
+def _delta(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:
+    """float32 ``rowsum(dout * out) - dlse`` ``[B, H, S]``, a chunk of rows at a time: float32
+    copies of the whole of ``out`` and ``dout`` would take four times the memory of ``out``
+    at 16 bits (on an H200 at 64K tokens they lifted the backward's peak by 0.75 GiB)."""
+    d = out.shape[-1]
+    o, g = out.reshape(-1, d), dout.reshape(-1, d)
+    delta = torch.empty(o.shape[0], dtype=torch.float32, device=out.device)
+    step = max(1, _DELTA_CHUNK // d)
+    for i in range(0, o.shape[0], step):
+        delta[i:i + step] = (g[i:i + step].float() * o[i:i + step].float()).sum(-1)
+    delta = delta.view(out.shape[:-1])
+    return delta if dlse is None else delta - dlse.float()
 
 
 class _TritonAttention(torch.autograd.Function):
