@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
-all=(tests copy longnet dilated natural-order triton-launch triton-features triton-backward
-     fwdbwd structures)
+all=(tests copy longnet dilated natural-order natural-order-fwdbwd triton-launch triton-features
+     triton-backward fwdbwd structures)
 two_gpu=(ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
 run() {
@@ -40,6 +40,9 @@ study() {
         natural-order)  # LongNet's tiles in natural order: mostly partial
             run -m workbench bench --study "${p}_natural_order" --seq-lens 65536 \
                 --families longnet dilated --variants triton flex_natural --reps 5 ;;
+        natural-order-fwdbwd)  # the same, forward+backward
+            run -m workbench bench --study "${p}_natural_order_fwdbwd" --seq-lens 65536 \
+                --families longnet dilated --variants triton flex_natural --backward --reps 5 ;;
         triton-launch)  # our forward kernel's launch parameters
             run -m workbench bench-triton --study "$p" --seq-len 65536 --reps 10 ;;
         triton-features)  # the best of those with and without TMA
