@@ -126,7 +126,22 @@ def check_public_api(device, dtype, tol=2e-5):
         raise AssertionError("no error for head_dim 24")
 
 
+def check_row_dot(device: str, dtype) -> None:
+    """The backward's ``delta``: rows not a multiple of a program's, and a log-sum-exp gradient."""
+    from workbench.backends.triton_sparse import _delta
+
+    g = torch.Generator().manual_seed(5)
+    out, dout = (torch.randn(2, 3, 37, 16, generator=g).to(device, dtype) for _ in range(2))
+    dlse = torch.randn(2, 3, 37, generator=g).to(device)
+    whole = (dout.double() * out.double()).sum(-1)
+    for lse_grad, want in ((None, whole), (dlse, whole - dlse.double())):
+        got = _delta(out, dout, lse_grad)
+        assert got.dtype == torch.float32 and got.shape == (2, 3, 37)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def run_all(device: str = "cpu", dtype=torch.float32, tol: float = 2e-5) -> None:
+    check_row_dot(device, dtype)
     for case in CASES:
         check_case(*case, device=device, dtype=dtype, tol=tol)
     check_case("growing maxima", P.full(), 64, 256, 32, 1, KernelConfig(32, 16, 4, 1), device,

@@ -155,9 +155,7 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern),
                       block_order=block_order, dropout=_dropout(dropout_p, dropout_seed))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    name = resolve_backend(backend, q, problem.dropout is not None, layout=layout,
-                           needs_grad=needs_grad, v=v)
+    name = resolve_backend(backend, q, problem.dropout is not None, layout=layout, v=v)
     if ring_chunks > 1:
         out, lse = ring_attention(q, k, v, problem, ring_chunks, name, return_lse)
     else:

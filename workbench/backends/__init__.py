@@ -7,12 +7,11 @@
   log-sum-exp and backward); :mod:`~workbench.backends.triton_resources` compiles them offline
   to tell what a launch configuration uses.
 - ``auto``: ``blockwise`` off CUDA and whenever attention dropout is on; on CUDA ``flex``, or
-  ``triton`` for inference on layouts whose tiles are mostly partial (:data:`PARTIAL_HEAVY`).
+  ``triton`` on layouts whose tiles are mostly partial (:data:`PARTIAL_HEAVY`).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
@@ -58,12 +57,13 @@ def check_backend(name: str) -> str:
 
 
 PARTIAL_HEAVY = 0.5
-"""``auto`` picks the ``triton`` kernel for inference on CUDA when at least this share of the
-layout's active tiles are partial. There it reads one bit per pair where FlexAttention evaluates
-the token predicate: on an H200 at 64K tokens 2.2x faster on LongNet's pattern in natural order
-(93% partial), while FlexAttention is as fast or faster on layouts of at most 6% partial tiles
-(random, causal, local windows; ``data/bench_h200_natural_order.csv``,
-``data/bench_h200_triton_features.csv``)."""
+"""``auto`` picks the ``triton`` kernels on CUDA when at least this share of the layout's
+active tiles are partial. There they read one bit per pair where FlexAttention evaluates the
+token predicate: on an H200 at 64K tokens 8.9x faster forward and 6.1x forward+backward on
+LongNet's pattern in natural order (93% partial; ``data/bench_h200_natural_order.csv``,
+``data/bench_h200_natural_order_fwdbwd.csv``), while on layouts of at most 6% partial tiles
+(random, causal, local windows) the two are within a few percent of each other, forward
+and forward+backward (``data/bench_h200_triton_features.csv``, ``data/bench_h200_fwdbwd.csv``)."""
 
 BITS_BUDGET = 1 << 30
 """``auto`` keeps ``flex`` when the triton plan's bit masks (``block**2 / 8`` bytes per partial
@@ -94,8 +94,7 @@ def plan_bits_bytes(layout: BlockLayout) -> int:
 
 
 def resolve_backend(name: str, q: Tensor, dropout: bool = False, *,
-                    layout: BlockLayout | None = None, needs_grad: bool = False,
-                    v: Tensor | None = None) -> str:
+                    layout: BlockLayout | None = None, v: Tensor | None = None) -> str:
     """The concrete backend ``name`` means for inputs like ``q`` (validates the name).
 
     ``auto``: ``blockwise`` off CUDA or with attention ``dropout`` (only ``blockwise`` and
@@ -107,7 +106,7 @@ def resolve_backend(name: str, q: Tensor, dropout: bool = False, *,
         return name
     if not q.is_cuda or dropout or not flex_available():
         return "blockwise"
-    if (layout is not None and not needs_grad and q.shape[-1] <= 128
+    if (layout is not None and q.shape[-1] <= 128
             and triton_unsupported(q, q if v is None else v) is None
             and partial_share(layout) >= PARTIAL_HEAVY
             and plan_bits_bytes(layout) <= BITS_BUDGET):
@@ -120,9 +119,7 @@ def run_backend(
 ) -> tuple[Tensor, Tensor | None]:
     """Compute ``problem`` with backend ``name``; returns ``(out, lse)`` (lse may be None
     when ``need_lse`` is False)."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    name = resolve_backend(name, q, problem.dropout is not None, layout=problem.layout,
-                           needs_grad=needs_grad, v=v)
+    name = resolve_backend(name, q, problem.dropout is not None, layout=problem.layout, v=v)
     if name == "flex":
         return flex_attention(q, k, v, problem, need_lse)
     if name == "reference":

@@ -195,6 +195,19 @@ def sparse_forward(
 
 
 @triton.jit
+def row_dot(X, Y, OUT, n_rows, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """``OUT[i] = sum_d X[i, d] * Y[i, d]`` in float32 for ``ROWS`` rows a program, of
+    row-contiguous ``[n_rows, HEAD_DIM]`` inputs (the backward's ``delta`` from ``dO`` and
+    ``O``)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    ok = rows < n_rows
+    offs = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    x = tl.load(X + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    y = tl.load(Y + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(OUT + rows, tl.sum(x * y, 1), mask=ok)
+
+
+@triton.jit
 def _stats(LSE2, DELTA, base, start, limit, N: tl.constexpr, CHECK: tl.constexpr):
     """Base-2 log-sum-exp (``+inf`` for rows with nothing allowed, and past ``limit``) and
     ``delta`` of rows ``start .. start + N``."""

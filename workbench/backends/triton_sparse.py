@@ -9,11 +9,12 @@ tiles and no ``S x S`` object ever exists. Scores go through an online softmax i
 output and the log-sum-exp are written once. Rows with no allowed key give zeros and
 ``lse = -inf``, as every backend does.
 
-On Hopper the tiles move by TMA. Measured on an H200 at 64K tokens (notebook 06, section 13;
-kernel revision ae25f40e69d7, which loaded a partial tile's mask a word per pair): as fast as
-FlexAttention on random and causal layouts, 0.98x / 0.83x of it on dense and local ones, 2.2x
-faster where most tiles are partial (a bit per pair against FlexAttention's per-pair
-predicate). Each row's mask words are now loaded once; that revision is not timed yet.
+On Hopper the tiles move by TMA. Measured on an H200 at 64K tokens (notebook 06, sections 13b
+and 13d): forward 1.09x / 1.10x / 1.02x / 0.985x FlexAttention's rate on random, local, causal
+and dense layouts, and 8.9x faster where most tiles are partial (a bit per pair against
+FlexAttention's per-pair predicate; kernel revision 2aea81d796a3); forward+backward 1.04x /
+1.05x / 1.04x / 0.996x (d5a7972c9c8f, which adds ``row_dot``), and 6.1x on mostly partial
+tiles (2aea81d796a3).
 
 Launch parameters: without ``config=`` each kernel tries :func:`default_configs` in order
 until the GPU can hold one; :mod:`~workbench.backends.triton_resources` compiles a
@@ -24,8 +25,9 @@ in two kernels: one program per key tile walks the query blocks of its *column* 
 (lists built on the first backward, reading the forward's bit masks transposed) and writes
 ``dk`` and ``dv``; one program per query tile walks its row, as the forward does, and writes
 ``dq``. A gradient reaching the log-sum-exp (a ring's merge sends one) enters as
-``delta - dlse``. Its speed on a GPU is not measured yet (``python -m workbench bench-triton
---space backward`` records it).
+``delta - dlse``; ``delta = rowsum(dO * O)`` is one small kernel (:func:`_delta`).
+``python -m workbench bench-triton --space backward`` sweeps the two kernels' launch
+parameters.
 
 On a machine without CUDA the same kernels run under Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before Triton is imported (slow; the tests use it).
@@ -467,20 +469,18 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     return dq, dk, dv
 
 
-_DELTA_CHUNK = 1 << 23  # elements of each float32 operand copy while delta is summed
-
-
 def _delta(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:
-    """float32 ``rowsum(dout * out) - dlse`` ``[B, H, S]``, a chunk of rows at a time: float32
-    copies of the whole of ``out`` and ``dout`` would take four times the memory of ``out``
-    at 16 bits (on an H200 at 64K tokens they lifted the backward's peak by 0.75 GiB)."""
+    """float32 ``rowsum(dout * out) - dlse`` ``[B, H, S]`` of contiguous ``out, dout``, in one
+    launch that reads them at 16 bits (float32 copies of both would take four times the memory
+    of ``out``: on an H200 at 64K tokens they lifted the backward's peak by 0.75 GiB, and summing
+    them a chunk at a time cost launches that showed at 16K)."""
+    from ._triton_kernels import row_dot
+
     d = out.shape[-1]
-    o, g = out.reshape(-1, d), dout.reshape(-1, d)
-    delta = torch.empty(o.shape[0], dtype=torch.float32, device=out.device)
-    step = max(1, _DELTA_CHUNK // d)
-    for i in range(0, o.shape[0], step):
-        delta[i:i + step] = (g[i:i + step].float() * o[i:i + step].float()).sum(-1)
-    delta = delta.view(out.shape[:-1])
+    n = out.numel() // d
+    delta = torch.empty(out.shape[:-1], dtype=torch.float32, device=out.device)
+    rows = max(1, 8192 // d)
+    row_dot[(-(-n // rows),)](out, dout, delta, n, HEAD_DIM=d, ROWS=rows, num_warps=4)
     return delta if dlse is None else delta - dlse.float()
 
 
