@@ -165,9 +165,9 @@ def test_many_layers_never_evict_each_others_masks(monkeypatch):
     built = []
     real = F.build_block_mask
     monkeypatch.setattr(F, "build_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
-    pattern = P.local_window(100)
-    layers = [wb.BlockSparseAttention(pattern, 64, backend="flex") for _ in range(6)]
-    problems = [Problem(m.layout(300, 300, torch.device("cpu")), pattern.predicate("cpu"), 0.1)
+    layers = [wb.BlockSparseAttention(P.local_window(100), 64, backend="flex")
+              for _ in range(6)]  # a pattern object each: a layout each
+    problems = [Problem(m.layout(300, 300, torch.device("cpu")), m.pattern.predicate("cpu"), 0.1)
                 for m in layers]
     for _ in range(2):  # two training steps through six layers, each its own layout
         for pr in problems:

@@ -8,7 +8,6 @@ same as an ``nn.Module`` that caches block layouts per sequence length.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -23,6 +22,7 @@ from .backends import (
 )
 from .distributed import distributed_ring_attention
 from .layout import BlockLayout
+from .layout_memo import LayoutMemo
 from .orderings import check_block_order
 from .patterns import Pattern, check_positive_int
 from .ring import ring_attention
@@ -178,7 +178,8 @@ class BlockSparseAttention(nn.Module):
     """Block-sparse (ring) attention over a fixed pattern, as an ``nn.Module``.
 
     Takes ``q, k, v`` ``[B, H, S, D]`` (no projections: see the multi-head module for those) and
-    caches the block layout per (query length, key length, device). ``block_order="hilbert"``
+    caches the block layout per (query length, key length, device), shared by modules of one
+    pattern object (:mod:`workbench.layout_memo`). ``block_order="hilbert"``
     visits the tiles along a Hilbert curve (see :func:`block_sparse_attention`). With a
     ``process_group`` it takes this rank's shard and runs the ring across the group's ranks
     (``sharding``: ``"contiguous"`` or ``"zigzag"``), each rank caching its own rows of the layout.
@@ -212,19 +213,12 @@ class BlockSparseAttention(nn.Module):
         self.ring_chunks = ring_chunks
         self.scale = scale
         self.process_group, self.sharding = process_group, sharding
-        self._layouts: OrderedDict[tuple, BlockLayout] = OrderedDict()
+        self._layouts = LayoutMemo()
 
     def layout(self, q_len: int, k_len: int, device: torch.device) -> BlockLayout:
-        """The (cached) block layout for these lengths."""
-        key = (q_len, k_len, str(device))
-        if key not in self._layouts:
-            self._layouts[key] = self.pattern.block_structure(
-                q_len, self.block_size, device, k_len=k_len
-            )
-            if len(self._layouts) > 8:
-                self._layouts.popitem(last=False)
-        self._layouts.move_to_end(key)
-        return self._layouts[key]
+        """The block layout for these lengths, kept for the next call (the last 8 kept) and
+        shared with every module of the same pattern object (:mod:`workbench.layout_memo`)."""
+        return self._layouts.get(self.pattern, q_len, k_len, self.block_size, device)
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False

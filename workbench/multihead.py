@@ -68,6 +68,7 @@ from .adaptive import AdaptiveBlockSparseAttention
 from .attention import block_sparse_attention
 from .backends import check_backend
 from .layout import num_blocks
+from .layout_memo import LayoutMemo, shared
 from .orderings import check_block_order
 from .patterns import KeyMask, Pattern, check_positive_int
 
@@ -77,6 +78,8 @@ __all__ = [
     "DenseMask",
     "TiledHeads",
 ]
+
+_NO_PATTERN = P.full()  # what shares the unmasked patterns of modules built without one
 
 DENSE_WEIGHTS_LIMIT = 1 << 22
 
@@ -328,6 +331,8 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.backend = backend
         self.ring_chunks = ring_chunks
         self.block_order = check_block_order(block_order)
+        self._layouts = LayoutMemo()  # of calls without masks: see _fixed_pattern
+        self._fixed: dict[bool, tuple[Pattern | None, Pattern]] = {}
         self.dense_weights_limit = dense_weights_limit
         self._reset_parameters()
 
@@ -410,6 +415,18 @@ class BlockSparseMultiheadAttention(nn.Module):
             pat = pat & p
         return pat, fold
 
+    def _fixed_pattern(self, is_causal: bool) -> Pattern:
+        """The pattern of a call without masks or selection: one object per ``is_causal`` (while
+        ``self.pattern`` stays the same), so that its layout is built once and shared with
+        other modules of the same pattern (:mod:`workbench.layout_memo`)."""
+        source, pattern = self._fixed.get(is_causal, (None, None))
+        if pattern is None or source is not self.pattern:
+            owner = _NO_PATTERN if self.pattern is None else self.pattern
+            pattern = shared(owner, ("unmasked call", is_causal),
+                             lambda: self.build_pattern(1, 1, 1, is_causal=is_causal)[0])
+            self._fixed[is_causal] = (self.pattern, pattern)
+        return pattern
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -454,12 +471,20 @@ class BlockSparseMultiheadAttention(nn.Module):
                 q, k, self.process_group, self.sharding)
         else:
             selection = self.selector.select(q, k) if self.selector is not None else None
-        pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask, is_causal,
-                                           None if selection is None else selection.pattern())
+        layout = None
+        if (attn_mask is None and key_padding_mask is None and selection is None
+                and self.process_group is None):  # the same pattern at every such call
+            pattern, fold = self._fixed_pattern(is_causal), False
+            layout = self._layouts.get(pattern, sq, sk, self.block_size, q.device)
+        else:
+            pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask,
+                                               is_causal,
+                                               None if selection is None else selection.pattern())
         if fold:
             q, k, v = (x.reshape(1, bsz * h, *x.shape[2:]) for x in (q, k, v))
         out = block_sparse_attention(q, k, v, pattern, self.block_size, backend=self.backend,
-                                     ring_chunks=self.ring_chunks, block_order=self.block_order,
+                                     layout=layout, ring_chunks=self.ring_chunks,
+                                     block_order=self.block_order,
                                      dropout_p=self.dropout if self.training else 0.0,
                                      process_group=self.process_group, sharding=self.sharding)
         if selection is not None:
