@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from .triton_sparse import KernelConfig
+from .triton_sparse import FP_FUSION, KernelConfig
 
 __all__ = ["KERNELS", "SHARED_LIMIT", "Resources", "kernel_resources"]
 
@@ -116,7 +116,8 @@ def kernel_resources(kernel: str, config: KernelConfig, head_dim: int = 128, *,
     major, minor = capability
     compiled = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
                               options={"num_warps": config.num_warps,
-                                       "num_stages": config.num_stages})
+                                       "num_stages": config.num_stages,
+                                       "enable_fp_fusion": FP_FUSION})
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:

@@ -321,6 +321,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
         raise NotImplementedError(reason)
 
 
+FP_FUSION = True
+"""Every launch asks for fused multiply-adds explicitly: the speeds recorded are with them (Triton
+3.6's default), and Triton 3.10 turns the default off."""
+
 _PLANS = LayoutCache()
 
 
@@ -409,7 +413,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, problem: Problem, plan: SparsePlan
             h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E,
             HEAD_DIM=d, BLOCK=b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             EVEN_Q=s_q % cfg.block_m == 0, STORE_LSE=need_lse, USE_TMA=_uses_tma(args),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
         )
 
     _launch(sparse_forward, configs, launch, ("forward", str(q.device), d, b, q.dtype))
@@ -450,6 +454,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
             HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
             EVEN_Q=s_q % c.block_m == 0, EVEN_K=lay.k_len % c.block_n == 0,
             USE_TMA=_uses_tma(args), num_warps=c.num_warps, num_stages=c.num_stages,
+            enable_fp_fusion=FP_FUSION,
         )
 
     def launch_dq(c: KernelConfig) -> None:
@@ -460,7 +465,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
             plan.part_start, plan.bits, *strides, *dq.stride()[:3], *scalars,
             HEAD_DIM=d, BLOCK=b, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
             EVEN_Q=s_q % c.block_m == 0, USE_TMA=_uses_tma(args),
-            num_warps=c.num_warps, num_stages=c.num_stages,
+            num_warps=c.num_warps, num_stages=c.num_stages, enable_fp_fusion=FP_FUSION,
         )
 
     key = (str(q.device), d, b, q.dtype)
@@ -480,7 +485,8 @@ def _delta(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:
     n = out.numel() // d
     delta = torch.empty(out.shape[:-1], dtype=torch.float32, device=out.device)
     rows = max(1, 8192 // d)
-    row_dot[(-(-n // rows),)](out, dout, delta, n, HEAD_DIM=d, ROWS=rows, num_warps=4)
+    row_dot[(-(-n // rows),)](out, dout, delta, n, HEAD_DIM=d, ROWS=rows, num_warps=4,
+                              enable_fp_fusion=FP_FUSION)
     return delta if dlse is None else delta - dlse.float()
 
 
