@@ -382,7 +382,9 @@ def _profile_and_baseline_worker(rank, world, path):
             assert one["seq_len"] == 256 // world and one["rank"] == 0 and len(many) == world
             want = (sum(r["tiles"] for r in many) / world / max(r["ms"] for r in many)
                     / (one["tiles"] / one["ms"]))
-            assert one["efficiency"] == pytest.approx(want, rel=1e-3) and one["efficiency"] > 0
+            # the row rounds the efficiency to 4 decimals (small on a loaded machine)
+            assert one["efficiency"] == pytest.approx(want, rel=1e-3, abs=1e-4)
+            assert one["efficiency"] > 0
 
 
 def test_ring_bench_profiles_and_measures_efficiency_against_one_rank():
