@@ -98,10 +98,10 @@ def resolve_backend(name: str, q: Tensor, dropout: bool = False, *,
     """The concrete backend ``name`` means for inputs like ``q`` (validates the name).
 
     ``auto``: ``blockwise`` off CUDA or with attention ``dropout`` (only ``blockwise`` and
-    ``reference`` apply it); on CUDA ``flex``, or ``triton`` when ``layout`` is given, no
-    gradient is needed (``needs_grad``), the kernel takes these inputs (values ``v``, default
-    like ``q``; heads of at most 128, as measured), at least :data:`PARTIAL_HEAVY` of its
-    active tiles are partial and their bit masks fit in :data:`BITS_BUDGET`."""
+    ``reference`` apply it); on CUDA ``flex``, or ``triton`` when ``layout`` is given, the
+    kernel takes these inputs (values ``v``, default like ``q``; heads of at most 128, as
+    measured), at least :data:`PARTIAL_HEAVY` of its active tiles are partial and their bit
+    masks fit in :data:`BITS_BUDGET`."""
     if check_backend(name) != "auto":
         return name
     if not q.is_cuda or dropout or not flex_available():

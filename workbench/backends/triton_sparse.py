@@ -218,9 +218,10 @@ def _tile_classes(lay: BlockLayout) -> tuple[Tensor, Tensor]:
 def _check_bits_fit(partial_tiles: int, block: int, device: torch.device) -> None:
     """A clear error, before allocating, when the bit masks of ``partial_tiles`` tiles would not
     fit in the GPU's free memory."""
-    need = partial_tiles * block * block // 8
-    if device.type == "cuda" and need > torch.cuda.mem_get_info(device)[0]:
-        free = torch.cuda.mem_get_info(device)[0]
+    if device.type != "cuda":
+        return
+    need, free = partial_tiles * block * block // 8, torch.cuda.mem_get_info(device)[0]
+    if need > free:
         raise ValueError(
             f"the triton plan's bit masks for {partial_tiles} partial tiles need "
             f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}; "
@@ -477,8 +478,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
 def _delta(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:
     """float32 ``rowsum(dout * out) - dlse`` ``[B, H, S]`` of contiguous ``out, dout``, in one
     launch that reads them at 16 bits (float32 copies of both would take four times the memory
-    of ``out``: on an H200 at 64K tokens they lifted the backward's peak by 0.75 GiB, and summing
-    them a chunk at a time cost launches that showed at 16K)."""
+    of ``out``; summing them a chunk at a time would cost a launch per chunk)."""
     from ._triton_kernels import row_dot
 
     d = out.shape[-1]
