@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
 all=(tests copy longnet dilated natural-order natural-order-fwdbwd triton-launch triton-features
-     triton-backward fwdbwd structures)
+     triton-backward fwdbwd structures longest)
 two_gpu=(ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
 run() {
@@ -59,6 +59,9 @@ study() {
             run -m workbench bench --study "${p}_structures" --seq-lens 16384 \
                 --families dense causal local random10 dilated --variants ours --reps 3 \
                 --layout-timing 1048576 ;;
+        longest)  # the longest sequence per family (dense and causal: minutes per call)
+            run -m workbench bench-longest --study "$p" --families dense causal dilated local \
+                random10 --start 4194304 --limit 8388608 --max-seconds 300 ;;
         ring2-longest-causal)  # dense causal, both shardings, doubling until out of memory
             ring2 --study gpu2_longest_causal --seq-lens 1048576 --double-until 4194304 \
                 --families causal --shardings contiguous zigzag --reps 1 --warmup 0 \

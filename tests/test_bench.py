@@ -96,3 +96,44 @@ def test_layout_build_time_times_the_kernels_structures_except_for_dilated():
     lay = pat.block_structure(8192, 64)
     assert local["partial_tiles"] == int((lay.active & ~lay.full).sum())
     assert "flex_mask_ms" not in dilated and dilated["build_ms"] > 0
+
+
+def test_longest_search_doubles_until_oom_or_too_slow_and_writes_each_length(monkeypatch):
+    calls = []
+
+    def attempt(family, s, cfg, dev, repeat_below_s):
+        calls.append((family, s))
+        if family == "dense":  # 10 s at 1024 tokens, quadrupling
+            return dict(status="ok", ms=10_000.0 * (s // 1024) ** 2, timed_call="first")
+        return dict(status="oom") if s >= 4096 else dict(status="ok", ms=1.0, timed_call="second")
+
+    monkeypatch.setattr(bench, "_longest_attempt", attempt)
+    monkeypatch.setattr(bench, "_inputs_fit", lambda *a: True)
+    rows = bench.longest_sequence(["dense", "local"], start=1024, limit=1 << 20, device="cpu",
+                                  study="test", max_seconds=100.0)
+    # dense: 10 s, 40 s, then 160 s predicted > 100 s: not run, but its inputs would fit
+    assert calls == [("dense", 1024), ("dense", 2048), ("local", 1024), ("local", 2048),
+                     ("local", 4096)]
+    assert [(r["family"], r["seq_len"], r["status"]) for r in rows] == [
+        ("dense", 1024, "ok"), ("dense", 2048, "ok"), ("dense", 4096, "too_slow"),
+        ("local", 1024, "ok"), ("local", 2048, "ok"), ("local", 4096, "oom")]
+    assert rows[2]["predicted_s"] == 160 and rows[2]["inputs_fit"] is True
+    written = _read("bench_test_longest")
+    assert [r["status"] for r in written] == [r["status"] for r in rows]
+
+
+@pytest.mark.parametrize("family", ["causal", "random10", "dilated"])
+def test_spot_check_measures_the_error_of_sampled_rows(family):
+    import torch
+
+    import workbench as wb
+
+    s, h = 700, 4
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, s, 16, generator=g) for _ in range(3))
+    pattern, _ = bench.family_pattern(family, s, h)
+    out = wb.block_sparse_attention(q, k, v, pattern, 64, backend="reference").float()
+    assert bench.spot_check(pattern, q, k, v, out) < 1e-5
+    wrong = out.clone()
+    wrong[0, h - 1, s - 1] += 0.01  # the last row of the last head is always sampled
+    assert bench.spot_check(pattern, q, k, v, wrong) == pytest.approx(0.01, abs=1e-4)

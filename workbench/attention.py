@@ -17,6 +17,7 @@ from .backends import (
     AttentionDropout,
     Problem,
     check_backend,
+    dense_sdpa,
     resolve_backend,
     run_backend,
 )
@@ -96,8 +97,9 @@ def block_sparse_attention(
             multiple of ``block_size`` needed: padding never changes the result).
         pattern: which (query, key) pairs may attend (:mod:`workbench.patterns`); 1 head or H.
         block_size: tile edge in tokens.
-        backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"`` or ``"reference"``
-            (:mod:`workbench.backends`).
+        backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"``, ``"sdpa"`` (dense or
+            causal patterns only; what ``auto`` picks for them when no log-sum-exp is asked
+            for) or ``"reference"`` (:mod:`workbench.backends`).
         return_lse: also return the log-sum-exp of each query's scores ``[B, H, Sq]`` (float32,
             ``-inf`` for a query that attends nothing).
         scale: score scale, default ``1 / sqrt(D)``.
@@ -136,6 +138,10 @@ def block_sparse_attention(
     check_backend(backend)
     check_positive_int("ring_chunks", ring_chunks)
     block_order = check_block_order(block_order)
+    if backend == "sdpa" and (return_lse or ring_chunks > 1 or process_group is not None):
+        raise ValueError("backend 'sdpa' gives no log-sum-exp, which return_lse, a ring "
+                         "(ring_chunks > 1) and a process group need: use 'auto' or a "
+                         "block-sparse backend")
     if process_group is not None:
         if ring_chunks != 1:
             raise ValueError("ring_chunks simulates a ring on one device; with a process_group "
@@ -145,6 +151,12 @@ def block_sparse_attention(
             backend=backend, scale=scale, return_lse=return_lse, layout=layout,
             block_order=block_order, dropout=_dropout(dropout_p, dropout_seed))
     sq, sk = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dropout = _dropout(dropout_p, dropout_seed)
+    form = sdpa_shortcut(pattern, backend, return_lse=return_lse, ring_chunks=ring_chunks,
+                         dropout=dropout is not None, k_len=sk)
+    if layout is None and form is not None:  # no block layout needed (it is O(S^2 / b^2))
+        return dense_sdpa(q, k, v, form, scale)
     if layout is None:
         layout = pattern.block_structure(sq, block_size, q.device, k_len=sk)
     elif (layout.q_len, layout.k_len, layout.block_size) != (sq, sk, block_size):
@@ -152,15 +164,28 @@ def block_sparse_attention(
             f"layout is for q_len={layout.q_len}, k_len={layout.k_len}, block_size="
             f"{layout.block_size} but the inputs need {sq}, {sk}, {block_size}"
         )
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern),
-                      block_order=block_order, dropout=_dropout(dropout_p, dropout_seed))
-    name = resolve_backend(backend, q, problem.dropout is not None, layout=layout, v=v)
+                      block_order=block_order, dropout=dropout,
+                      dense_form=pattern.dense_form())
+    name = resolve_backend(backend, q, problem.dropout is not None, v=v, problem=problem,
+                           need_lse=return_lse or ring_chunks > 1)
     if ring_chunks > 1:
         out, lse = ring_attention(q, k, v, problem, ring_chunks, name, return_lse)
     else:
         out, lse = run_backend(name, q, k, v, problem, need_lse=return_lse)
     return (out, lse) if return_lse else out
+
+
+def sdpa_shortcut(pattern: Pattern, backend: str, *, return_lse: bool = False,
+                  ring_chunks: int = 1, dropout: bool = False, k_len: int = 1) -> str | None:
+    """``"full"`` or ``"causal"`` when a call of :func:`block_sparse_attention` with these
+    arguments runs on PyTorch's SDPA without building a block layout (``backend`` ``auto`` or
+    ``sdpa``, a dense or causal ``pattern``, no log-sum-exp, ring or attention dropout, at least
+    one key); otherwise ``None``."""
+    if (backend not in ("auto", "sdpa") or return_lse or ring_chunks > 1 or dropout
+            or k_len == 0):
+        return None
+    return pattern.dense_form()
 
 
 def _dropout(p: float, seed: int | None) -> AttentionDropout | None:
@@ -225,8 +250,11 @@ class BlockSparseAttention(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         check_qkv(q, k, v)
         # under a process group each rank builds (and caches) only its own rows of the layout
-        layout = (None if self.process_group is not None
-                  else self.layout(q.shape[2], k.shape[2], q.device))
+        layout = None  # under a process group, and on SDPA for dense or causal patterns
+        if self.process_group is None and sdpa_shortcut(
+                self.pattern, self.backend, return_lse=return_lse,
+                ring_chunks=self.ring_chunks, k_len=k.shape[2]) is None:
+            layout = self.layout(q.shape[2], k.shape[2], q.device)
         return block_sparse_attention(
             q, k, v, self.pattern, self.block_size, backend=self.backend, return_lse=return_lse,
             scale=self.scale, ring_chunks=self.ring_chunks, block_order=self.block_order,

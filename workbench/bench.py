@@ -18,7 +18,8 @@ Pattern families (``--families``), each at sequence length ``S``:
 Variants (``--variants``):
 
 - ``ours``: the package's default way (``dilated_attention`` with the dilation ordering for
-  ``dilated``, ``block_sparse_attention`` with ``backend="auto"`` otherwise);
+  ``dilated``, ``block_sparse_attention`` with ``backend="auto"`` otherwise, which runs
+  ``dense`` and ``causal`` on PyTorch's SDPA kernels: :mod:`workbench.backends.sdpa`);
 - ``flex_natural``: FlexAttention with a ``BlockMask`` of the pattern in natural token order;
 - ``strided_view`` (dilated families): the naive LongNet implementation, each (head group,
   offset)'s kept positions as a strided 5-D view passed straight to SDPA, which runs such
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import patterns as P
-from .attention import BlockSparseAttention
+from .attention import BlockSparseAttention, sdpa_shortcut
 from .dilated import dilated_attention
 from .records import environment, write_csv
 
@@ -221,7 +222,8 @@ def _variant_fn(
         if backend == "triton" and q.device.type != "cuda":
             return None  # compiled on CUDA only (the interpreter is for tests)
         module = BlockSparseAttention(pattern, cfg.block_size, backend=backend)
-        module.layout(seq_len, seq_len, q.device)  # built once, outside the timing
+        if sdpa_shortcut(pattern, backend) is None:  # dense and causal run on SDPA: no layout
+            module.layout(seq_len, seq_len, q.device)  # built once, outside the timing
         return lambda: module(q, k, v)
     if variant == "sdpa_dense":
         causal = family == "causal"
@@ -315,12 +317,19 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
 
 def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int = 1 << 24,
                      heads: int = 16, head_dim: int = 128, block_size: int = 128,
-                     device: str = "cuda", study: str | None = None) -> list[dict]:
+                     device: str = "cuda", study: str | None = None,
+                     max_seconds: float = math.inf, repeat_below_s: float = 10.0) -> list[dict]:
     """Double ``S`` from ``start`` until ``ours`` (forward, bf16) runs out of memory, per family.
 
-    One row per attempted length: ``status`` ``ok`` (with ms of one call and peak memory, inputs
-    included) or ``oom``; the search stops cleanly at the first out-of-memory or at ``limit``.
-    With ``study``, ``data/bench_<study>_longest.csv`` is rewritten after every length.
+    One row per attempted length: ``status`` ``ok`` (``ms`` of one call and ``peak_gib``, the
+    peak memory with the inputs), ``oom``, or ``too_slow``; the search stops cleanly at the
+    first of these or at ``limit``. The first call at a length is timed; when it took under
+    ``repeat_below_s`` a second call is timed instead, leaving compilation out (``timed_call``
+    says which). ``too_slow``: the next length's call would take more than ``max_seconds``
+    (predicted as four times the last one: work grows at most with ``S**2``), so it is not run;
+    the row's ``inputs_fit`` then says whether that length's ``q, k, v`` and output can be
+    allocated at all. With ``study``, ``data/bench_<study>_longest.csv`` is rewritten after
+    every length.
     """
     dev = torch.device(device)
     env = environment(dev)
@@ -328,34 +337,94 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
                       head_dim=head_dim, block_size=block_size, device=device)
     rows = []
     for family in families:
-        s = start
+        s, last_ms = start, None
         while s <= limit:
             row = {**env, "family": family, "seq_len": s, "heads": heads, "head_dim": head_dim,
                    "dtype": "bf16", "block_size": block_size}
-            try:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
-                q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16)
-                           for _ in range(3))
-                pattern, params = family_pattern(family, s, heads)
-                fn = _variant_fn("ours", family, pattern, cfg, s, q, k, v)
-                with torch.no_grad():
-                    fn()
-                    ms = time_fn(fn, 1, 0, dev)
-                row.update(params=params, status="ok", ms=round(ms, 2),
-                           peak_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2))
-            except torch.OutOfMemoryError:
-                row.update(status="oom")
-            finally:
-                q = k = v = fn = None
+            if last_ms is not None and 4 * last_ms / 1e3 > max_seconds:
+                row.update(status="too_slow", predicted_s=round(4 * last_ms / 1e3),
+                           inputs_fit=_inputs_fit(4, heads, s, head_dim, dev))
+            else:
+                row.update(_longest_attempt(family, s, cfg, dev, repeat_below_s))
+                last_ms = row.get("ms")
             rows.append(row)
             print(row, flush=True)
             if study is not None:
                 write_csv(rows, f"bench_{study}_longest", dev)
-            if row["status"] == "oom":
+            if row["status"] != "ok":
                 break
             s *= 2
     return rows
+
+
+def _longest_attempt(family: str, s: int, cfg: BenchConfig, dev: torch.device,
+                     repeat_below_s: float) -> dict:
+    """One length of :func:`longest_sequence`: status, timing and peak memory."""
+    fn = None
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        q, k, v = (torch.randn(1, cfg.heads, s, cfg.head_dim, device=dev, dtype=torch.bfloat16)
+                   for _ in range(3))
+        pattern, params = family_pattern(family, s, cfg.heads)
+        attend = _variant_fn("ours", family, pattern, cfg, s, q, k, v)
+        last: list[Tensor] = []
+
+        def fn() -> None:  # keeps the output of the last call only (the peak stays one call's)
+            last.clear()
+            last.append(attend())
+
+        with torch.no_grad():
+            ms, timed = time_fn(fn, 1, 0, dev), "first"
+            if ms < repeat_below_s * 1e3:
+                ms, timed = time_fn(fn, 1, 0, dev), "second"
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30
+        return dict(params=params, status="ok", ms=round(ms, 2), timed_call=timed,
+                    peak_gib=round(peak, 2),
+                    max_abs_err_rows=spot_check(pattern, q, k, v, last.pop()))
+    except torch.OutOfMemoryError:
+        return dict(status="oom")
+    finally:
+        q = k = v = fn = None
+        torch.cuda.empty_cache()
+
+
+def spot_check(pattern: P.Pattern, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+               rows: int = 8) -> float:
+    """Largest absolute error of ``out`` on a few query rows (the first, the last and some
+    between, of the first and the last head, batch 0) against float32 softmax attention over
+    every key, masked by ``pattern``: a check affordable at any length, where a dense
+    reference is not. Scale ``1 / sqrt(D)``; rows with no allowed key must be zeros."""
+    s, heads = q.shape[2], q.shape[1]
+    idx = torch.linspace(0, s - 1, rows, device=q.device).round().long()
+    keys = torch.arange(k.shape[2], device=q.device)
+    err = 0.0
+    chunks = [(c, min(c + _SPOT_CHUNK, k.shape[2])) for c in range(0, k.shape[2], _SPOT_CHUNK)]
+    for h in sorted({0, heads - 1}):
+        allowed = pattern.allowed(torch.tensor(h, device=q.device), idx[:, None], keys[None, :])
+        qr = q[0, h, idx].float() / math.sqrt(q.shape[-1])
+        scores = torch.cat([qr @ k[0, h, a:b].float().T for a, b in chunks], -1)
+        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        ref = sum(p[:, a:b] @ v[0, h, a:b].float() for a, b in chunks)
+        err = max(err, float((out[0, h, idx].float() - ref).abs().max()))
+    return round(err, 5)
+
+
+_SPOT_CHUNK = 1 << 20  # keys converted to float32 at a time by spot_check
+
+
+def _inputs_fit(tensors: int, heads: int, s: int, head_dim: int, dev: torch.device) -> bool:
+    """Whether ``tensors`` bf16 tensors of ``[1, heads, s, head_dim]`` can be allocated."""
+    held = []
+    try:
+        for _ in range(tensors):
+            held.append(torch.empty(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16))
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        held.clear()
+        torch.cuda.empty_cache()
 
 
 def hilbert_study(grids: Iterable[int], radii: Iterable[int], *, heads: int = 16,

@@ -337,8 +337,9 @@ def dilated_attention(
     check_dilation_pairs(segment_lengths, dilation_rates)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if backend != "gather" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'gather' or one of {BACKENDS}, got {backend!r}")
+    choices = ("gather", *(b for b in BACKENDS if b != "sdpa"))  # sdpa: dense or causal only
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"dilated attention is self-attention: q has {q.shape[2]} positions, k {k.shape[2]}"

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 from . import patterns as P
 from .adaptive import AdaptiveBlockSparseAttention
-from .attention import block_sparse_attention
+from .attention import block_sparse_attention, sdpa_shortcut
 from .backends import check_backend
 from .layout import num_blocks
 from .layout_memo import LayoutMemo, shared
@@ -225,7 +225,8 @@ class BlockSparseMultiheadAttention(nn.Module):
         pattern: a :class:`~workbench.patterns.Pattern` with 1 or ``num_heads`` heads (``None``:
             dense), e.g. ``P.dilated([2048, 4096], [1, 2], num_heads)``.
         block_size: tile edge of the block layout.
-        backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"``, ``"sdpa"`` (dense or
+            causal patterns; ``auto`` picks it for them) or ``"reference"``.
         ring_chunks: ring schedule over this many K/V chunks (1 = one shot).
         block_order: post-pattern tile visit order (``None``, ``"hilbert"``, ``"morton"``); see
             :func:`~workbench.block_sparse_attention`.
@@ -278,8 +279,11 @@ class BlockSparseMultiheadAttention(nn.Module):
                              f"({num_heads})")
         if add_bias_kv or add_zero_attn:
             raise NotImplementedError("add_bias_kv and add_zero_attn are not supported")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if isinstance(dropout, Pattern):  # nn.MultiheadAttention's third argument is dropout
+            raise TypeError("dropout must be a float; pass the pattern by keyword: pattern=...")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if pattern is not None and not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a workbench Pattern or None, got "
                             f"{type(pattern).__name__}")
@@ -475,7 +479,9 @@ class BlockSparseMultiheadAttention(nn.Module):
         if (attn_mask is None and key_padding_mask is None and selection is None
                 and self.process_group is None):  # the same pattern at every such call
             pattern, fold = self._fixed_pattern(is_causal), False
-            layout = self._layouts.get(pattern, sq, sk, self.block_size, q.device)
+            if sdpa_shortcut(pattern, self.backend, ring_chunks=self.ring_chunks,
+                             dropout=self.training and self.dropout > 0, k_len=sk) is None:
+                layout = self._layouts.get(pattern, sq, sk, self.block_size, q.device)
         else:
             pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask,
                                                is_causal,

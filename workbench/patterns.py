@@ -86,6 +86,15 @@ class Pattern:
         """
         raise NotImplementedError
 
+    def dense_form(self) -> str | None:
+        """``"full"`` if this pattern allows every pair, ``"causal"`` if it allows exactly the
+        pairs ``k <= q``, otherwise ``None``: the two patterns PyTorch's own
+        ``scaled_dot_product_attention`` computes without a mask, so ``auto`` hands them to it
+        (:mod:`workbench.backends.sdpa`). Judged from the pattern's structure, not its layout:
+        a pattern that happens to allow every pair at some length (a window longer than the
+        sequence) answers ``None``."""
+        return None
+
     def predicate(self, device: torch.device | str) -> MaskFn:
         """:meth:`allowed` with every tensor it needs already on ``device``.
 
@@ -366,6 +375,14 @@ class _Combination(Pattern):
             return None
         return lambda d: op(fa(d), fb(d))
 
+    def dense_form(self):
+        fa, fb = self.a.dense_form(), self.b.dense_form()
+        if fa == fb:
+            return fa
+        if self.symbol == "|":  # full | anything = full
+            return "full" if "full" in (fa, fb) else None
+        return fb if fa == "full" else fa if fb == "full" else None  # full & x = x
+
     def _period(self):
         pa, pb = self.a._period(), self.b._period()
         return None if pa is None or pb is None else math.lcm(pa, pb)
@@ -466,6 +483,9 @@ class Full(Pattern):
     def allowed(self, h, q, k):
         return torch.ones_like(q + k, dtype=torch.bool)
 
+    def dense_form(self):
+        return "full"
+
     def _offset_rule(self):
         return lambda d: torch.ones_like(d, dtype=torch.bool)
 
@@ -493,6 +513,9 @@ class Band(Pattern):
 
     def allowed(self, h, q, k):
         return self._allows_offset(k - q)
+
+    def dense_form(self):
+        return "causal" if self.lo is None and self.hi == 0 else None
 
     def _allows_offset(self, d: Tensor) -> Tensor:
         return d <= self.hi if self.lo is None else (d >= self.lo) & (d <= self.hi)

@@ -6,7 +6,10 @@
 - ``triton``: our own Triton kernels over the same tile lists (CUDA, float16/bfloat16; forward,
   log-sum-exp and backward); :mod:`~workbench.backends.triton_resources` compiles them offline
   to tell what a launch configuration uses.
-- ``auto``: ``blockwise`` off CUDA and whenever attention dropout is on; on CUDA ``flex``, or
+- ``sdpa``: PyTorch's ``scaled_dot_product_attention`` for problems whose pattern is dense or
+  causal attention (:mod:`~workbench.backends.sdpa`); forward and backward, no log-sum-exp.
+- ``auto``: ``sdpa`` for dense or causal problems when no log-sum-exp is asked for;
+  otherwise ``blockwise`` off CUDA and whenever attention dropout is on; on CUDA ``flex``, or
   ``triton`` on layouts whose tiles are mostly partial (:data:`PARTIAL_HEAVY`).
 """
 
@@ -22,6 +25,7 @@ from .layout_cache import LayoutCache
 from .merge import accumulation_dtype, empty_partial, merge_into_, merge_partials
 from .problem import MaskFn, Problem
 from .reference import reference_attention
+from .sdpa import dense_sdpa, sdpa_attention, sdpa_form
 from .triton_sparse import triton_attention
 from .triton_sparse import unsupported as triton_unsupported
 
@@ -30,6 +34,7 @@ __all__ = [
     "BITS_BUDGET",
     "AttentionDropout",
     "check_backend",
+    "dense_sdpa",
     "MaskFn",
     "PARTIAL_HEAVY",
     "Problem",
@@ -43,10 +48,12 @@ __all__ = [
     "reference_attention",
     "resolve_backend",
     "run_backend",
+    "sdpa_attention",
+    "sdpa_form",
     "triton_attention",
 ]
 
-BACKENDS = ("auto", "blockwise", "flex", "reference", "triton")
+BACKENDS = ("auto", "blockwise", "flex", "reference", "sdpa", "triton")
 
 
 def check_backend(name: str) -> str:
@@ -94,16 +101,23 @@ def plan_bits_bytes(layout: BlockLayout) -> int:
 
 
 def resolve_backend(name: str, q: Tensor, dropout: bool = False, *,
-                    layout: BlockLayout | None = None, v: Tensor | None = None) -> str:
+                    layout: BlockLayout | None = None, v: Tensor | None = None,
+                    problem: Problem | None = None, need_lse: bool = True) -> str:
     """The concrete backend ``name`` means for inputs like ``q`` (validates the name).
 
-    ``auto``: ``blockwise`` off CUDA or with attention ``dropout`` (only ``blockwise`` and
-    ``reference`` apply it); on CUDA ``flex``, or ``triton`` when ``layout`` is given, the
-    kernel takes these inputs (values ``v``, default like ``q``; heads of at most 128, as
-    measured), at least :data:`PARTIAL_HEAVY` of its active tiles are partial and their bit
-    masks fit in :data:`BITS_BUDGET`."""
+    ``auto``: ``sdpa`` when ``problem`` is given, is dense or causal attention
+    (:func:`~workbench.backends.sdpa.sdpa_form`) and no log-sum-exp is needed (``need_lse``
+    False); otherwise ``blockwise`` off CUDA or with attention ``dropout`` (only ``blockwise``
+    and ``reference`` apply it); on CUDA ``flex``, or ``triton`` when ``layout`` (default:
+    ``problem``'s) is given, the kernel takes these inputs (values ``v``, default like ``q``;
+    heads of at most 128, as measured), at least :data:`PARTIAL_HEAVY` of its active tiles are
+    partial and their bit masks fit in :data:`BITS_BUDGET`."""
     if check_backend(name) != "auto":
         return name
+    if problem is not None:
+        if not need_lse and sdpa_form(problem) is not None:
+            return "sdpa"
+        layout = problem.layout if layout is None else layout
     if not q.is_cuda or dropout or not flex_available():
         return "blockwise"
     if (layout is not None and q.shape[-1] <= 128
@@ -119,7 +133,13 @@ def run_backend(
 ) -> tuple[Tensor, Tensor | None]:
     """Compute ``problem`` with backend ``name``; returns ``(out, lse)`` (lse may be None
     when ``need_lse`` is False)."""
-    name = resolve_backend(name, q, problem.dropout is not None, layout=problem.layout, v=v)
+    name = resolve_backend(name, q, problem.dropout is not None, v=v, problem=problem,
+                           need_lse=need_lse)
+    if name == "sdpa":
+        if need_lse:
+            raise ValueError("backend 'sdpa' gives no log-sum-exp (return_lse, a ring or a "
+                             "process group need it): use 'auto' or a block-sparse backend")
+        return sdpa_attention(q, k, v, problem), None
     if name == "flex":
         return flex_attention(q, k, v, problem, need_lse)
     if name == "reference":

@@ -41,6 +41,11 @@ class Problem:
     query position, key position) so every tile and the backward pass regenerate the same
     decisions (:class:`~workbench.backends.dropout.AttentionDropout`); ``blockwise`` and
     ``reference`` apply it, ``flex`` cannot.
+
+    ``dense_form`` is ``"full"`` or ``"causal"`` when the allowed pairs are exactly those of
+    dense or causal attention (``allowed`` says the same; see
+    :meth:`workbench.patterns.Pattern.dense_form`), which lets ``auto`` run the problem on
+    PyTorch's own kernels (:mod:`~workbench.backends.sdpa`); ``None`` claims nothing.
     """
 
     layout: BlockLayout
@@ -51,6 +56,7 @@ class Problem:
     label: str = ""  # what the pattern is, for messages (e.g. its repr)
     block_order: str | None = None
     dropout: AttentionDropout | None = None
+    dense_form: str | None = None
 
     @property
     def num_heads(self) -> int:

@@ -379,7 +379,8 @@ def plot_kernel_resources(df, *, title="", note=""):
 def plot_longest_sequence(df, *, families=None, capacity_gib=None, title="", note=""):
     """The doubling search of ``workbench.bench.longest_sequence``: peak memory (GiB, inputs
     included) and time of one call against ``S``, one line per family; the first length that
-    ran out of memory is marked with a cross at the top of the memory panel.
+    ran out of memory is marked with a cross at the top of the memory panel, one not run
+    because its call would have taken too long (``too_slow``) with a hollow triangle.
 
     ``capacity_gib``: the card's memory, drawn as a dashed line. A ``useful_tflops`` column,
     if present, labels each point of the time panel.
@@ -409,11 +410,19 @@ def plot_longest_sequence(df, *, families=None, capacity_gib=None, title="", not
             if len(r):  # dotted: the doubling that failed
                 mem_ax.plot([r["seq_len"].iloc[-1], x_oom.min()],
                             [r["peak_gib"].iloc[-1], top * 1.04], color=c, ls=":", lw=1.2)
+        slow = df[(df["family"] == fam) & (df["status"] == "too_slow")]
+        if len(slow):  # not run: its one call was predicted to take too long
+            x_slow = slow["seq_len"].to_numpy() * 2.0 ** (0.09 * (i - (len(fams) - 1) / 2))
+            mem_ax.plot(x_slow, [top * 1.04] * len(slow), color=c, marker=">", ms=8, mew=2,
+                        mfc="none", ls="none")
     if capacity_gib:
         mem_ax.axhline(capacity_gib, color="black", ls="--", lw=1.2,
                        label=f"GPU memory ({capacity_gib:g} GiB)")
     mem_ax.plot([], [], color="0.3", marker="x", ms=9, mew=2.5, ls="none",
                 label="out of memory")
+    if (df["status"] == "too_slow").any():
+        mem_ax.plot([], [], color="0.3", marker=">", ms=8, mew=2, mfc="none", ls="none",
+                    label="not run: one call too slow")
     ok_lengths = sorted(df.loc[df["status"] == "ok", "seq_len"].unique()) or lengths
     for ax, lens in ((mem_ax, lengths), (time_ax, ok_lengths)):
         _log_length_axis(ax, lens)

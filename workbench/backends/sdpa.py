@@ -1,0 +1,49 @@
+"""Dense and causal attention on PyTorch's own ``scaled_dot_product_attention``.
+
+A problem whose pattern allows every pair, or exactly the causal pairs, is what PyTorch's fused
+kernels (cuDNN, FlashAttention, memory-efficient; a fused kernel on the CPU) are built for: no
+block-sparse kernel beats them there, and they keep no layout-sized state. ``auto`` hands such
+problems to them whenever neither the log-sum-exp nor our attention dropout is asked for (a ring
+step needs the log-sum-exp to merge, so rings keep the block-sparse backends).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .problem import Problem
+
+__all__ = ["dense_sdpa", "sdpa_attention", "sdpa_form"]
+
+
+def sdpa_form(problem: Problem) -> str | None:
+    """``"full"`` or ``"causal"`` when ``scaled_dot_product_attention`` computes ``problem``
+    exactly (``is_causal`` for the latter), else ``None``.
+
+    Its causal mask is aligned at the top left (local query ``i`` sees local keys ``j <= i``),
+    so a causal problem needs equal query and key offsets. No keys at all, or attention
+    dropout (ours is a hash of positions, not SDPA's random stream), answer ``None``."""
+    if problem.dropout is not None or problem.layout.k_len == 0:
+        return None
+    if problem.dense_form == "causal" and problem.q_offset != problem.k_offset:
+        return None
+    return problem.dense_form
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> Tensor:
+    """``problem`` (one :func:`sdpa_form` accepts) through ``scaled_dot_product_attention``."""
+    form = sdpa_form(problem)
+    if form is None:
+        raise ValueError(
+            f"backend 'sdpa' computes dense or causal attention only, without attention "
+            f"dropout; {problem.label or 'this problem'} is not that (use 'auto')")
+    return dense_sdpa(q, k, v, form, problem.scale)
+
+
+def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float) -> Tensor:
+    """Attention of the whole of ``q`` over the whole of ``k, v``: ``form`` ``"full"``, or
+    ``"causal"`` (local query ``i`` sees keys ``j <= i``). Needs no block layout."""
+    if form not in ("full", "causal"):
+        raise ValueError(f"form must be 'full' or 'causal', got {form!r}")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=form == "causal", scale=scale)
