@@ -14,12 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from .backends import (
+    NO_LSE,
     AttentionDropout,
     Problem,
     check_backend,
     dense_sdpa,
     resolve_backend,
     run_backend,
+    sdpa_serves,
 )
 from .distributed import distributed_ring_attention
 from .layout import BlockLayout
@@ -139,9 +141,7 @@ def block_sparse_attention(
     check_positive_int("ring_chunks", ring_chunks)
     block_order = check_block_order(block_order)
     if backend == "sdpa" and (return_lse or ring_chunks > 1 or process_group is not None):
-        raise ValueError("backend 'sdpa' gives no log-sum-exp, which return_lse, a ring "
-                         "(ring_chunks > 1) and a process group need: use 'auto' or a "
-                         "block-sparse backend")
+        raise ValueError(NO_LSE)
     if process_group is not None:
         if ring_chunks != 1:
             raise ValueError("ring_chunks simulates a ring on one device; with a process_group "
@@ -182,10 +182,9 @@ def sdpa_shortcut(pattern: Pattern, backend: str, *, return_lse: bool = False,
     arguments runs on PyTorch's SDPA without building a block layout (``backend`` ``auto`` or
     ``sdpa``, a dense or causal ``pattern``, no log-sum-exp, ring or attention dropout, at least
     one key); otherwise ``None``."""
-    if (backend not in ("auto", "sdpa") or return_lse or ring_chunks > 1 or dropout
-            or k_len == 0):
+    if backend not in ("auto", "sdpa") or return_lse or ring_chunks > 1:
         return None
-    return pattern.dense_form()
+    return sdpa_serves(pattern.dense_form(), k_len=k_len, dropout=dropout)
 
 
 def _dropout(p: float, seed: int | None) -> AttentionDropout | None:

@@ -341,8 +341,9 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
         while s <= limit:
             row = {**env, "family": family, "seq_len": s, "heads": heads, "head_dim": head_dim,
                    "dtype": "bf16", "block_size": block_size}
-            if last_ms is not None and 4 * last_ms / 1e3 > max_seconds:
-                row.update(status="too_slow", predicted_s=round(4 * last_ms / 1e3),
+            predicted_s = None if last_ms is None else 4 * last_ms / 1e3
+            if predicted_s is not None and predicted_s > max_seconds:
+                row.update(status="too_slow", predicted_s=round(predicted_s),
                            inputs_fit=_inputs_fit(4, heads, s, head_dim, dev))
             else:
                 row.update(_longest_attempt(family, s, cfg, dev, repeat_below_s))

@@ -475,12 +475,12 @@ class BlockSparseMultiheadAttention(nn.Module):
                 q, k, self.process_group, self.sharding)
         else:
             selection = self.selector.select(q, k) if self.selector is not None else None
-        layout = None
+        layout, dropout_p = None, self.dropout if self.training else 0.0
         if (attn_mask is None and key_padding_mask is None and selection is None
                 and self.process_group is None):  # the same pattern at every such call
             pattern, fold = self._fixed_pattern(is_causal), False
             if sdpa_shortcut(pattern, self.backend, ring_chunks=self.ring_chunks,
-                             dropout=self.training and self.dropout > 0, k_len=sk) is None:
+                             dropout=dropout_p > 0, k_len=sk) is None:
                 layout = self._layouts.get(pattern, sq, sk, self.block_size, q.device)
         else:
             pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask,
@@ -491,7 +491,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         out = block_sparse_attention(q, k, v, pattern, self.block_size, backend=self.backend,
                                      layout=layout, ring_chunks=self.ring_chunks,
                                      block_order=self.block_order,
-                                     dropout_p=self.dropout if self.training else 0.0,
+                                     dropout_p=dropout_p,
                                      process_group=self.process_group, sharding=self.sharding)
         if selection is not None:
             out = self.selector.straight_through_gradient(out.reshape(bsz, h, sq, d), selection)

@@ -375,14 +375,6 @@ class _Combination(Pattern):
             return None
         return lambda d: op(fa(d), fb(d))
 
-    def dense_form(self):
-        fa, fb = self.a.dense_form(), self.b.dense_form()
-        if fa == fb:
-            return fa
-        if self.symbol == "|":  # full | anything = full
-            return "full" if "full" in (fa, fb) else None
-        return fb if fa == "full" else fa if fb == "full" else None  # full & x = x
-
     def _period(self):
         pa, pb = self.a._period(), self.b._period()
         return None if pa is None or pb is None else math.lcm(pa, pb)
@@ -416,12 +408,20 @@ class Union(_Combination):
     symbol = "|"
     op = staticmethod(torch.bitwise_or)
 
+    def dense_form(self):
+        fa, fb = self.a.dense_form(), self.b.dense_form()
+        return "full" if "full" in (fa, fb) else fa if fa == fb else None  # full | x = full
+
 
 class Intersection(_Combination):
     """Pairs allowed by both patterns (``a & b``)."""
 
     symbol = "&"
     op = staticmethod(torch.bitwise_and)
+
+    def dense_form(self):
+        fa, fb = self.a.dense_form(), self.b.dense_form()
+        return fb if fa == "full" else fa if fb in ("full", fa) else None  # full & x = x
 
 
 # --------------------------------------------------------------------- primitives

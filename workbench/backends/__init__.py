@@ -25,7 +25,7 @@ from .layout_cache import LayoutCache
 from .merge import accumulation_dtype, empty_partial, merge_into_, merge_partials
 from .problem import MaskFn, Problem
 from .reference import reference_attention
-from .sdpa import dense_sdpa, sdpa_attention, sdpa_form
+from .sdpa import NO_LSE, dense_sdpa, sdpa_attention, sdpa_form, sdpa_serves
 from .triton_sparse import triton_attention
 from .triton_sparse import unsupported as triton_unsupported
 
@@ -50,6 +50,7 @@ __all__ = [
     "run_backend",
     "sdpa_attention",
     "sdpa_form",
+    "sdpa_serves",
     "triton_attention",
 ]
 
@@ -137,8 +138,7 @@ def run_backend(
                            need_lse=need_lse)
     if name == "sdpa":
         if need_lse:
-            raise ValueError("backend 'sdpa' gives no log-sum-exp (return_lse, a ring or a "
-                             "process group need it): use 'auto' or a block-sparse backend")
+            raise ValueError(NO_LSE)
         return sdpa_attention(q, k, v, problem), None
     if name == "flex":
         return flex_attention(q, k, v, problem, need_lse)

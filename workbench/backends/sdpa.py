@@ -14,21 +14,32 @@ from torch import Tensor
 
 from .problem import Problem
 
-__all__ = ["dense_sdpa", "sdpa_attention", "sdpa_form"]
+__all__ = ["NO_LSE", "dense_sdpa", "sdpa_attention", "sdpa_form", "sdpa_serves"]
+
+NO_LSE = ("backend 'sdpa' gives no log-sum-exp, which return_lse, a ring (ring_chunks > 1) "
+          "and a process group need: use 'auto' or a block-sparse backend")
+"""The error of asking ``sdpa`` for what needs the log-sum-exp."""
+
+
+def sdpa_serves(form: str | None, *, k_len: int, dropout: bool, q_offset: int = 0,
+                k_offset: int = 0) -> str | None:
+    """``form`` (a pattern's :meth:`~workbench.patterns.Pattern.dense_form`) when
+    ``scaled_dot_product_attention`` computes it exactly over ``k_len`` keys, else ``None``.
+
+    Its causal mask is aligned at the top left (local query ``i`` sees local keys ``j <= i``),
+    so a causal problem needs equal query and key offsets. No keys at all, or attention
+    ``dropout`` (ours is a hash of positions, not SDPA's random stream), answer ``None``."""
+    if dropout or k_len == 0 or (form == "causal" and q_offset != k_offset):
+        return None
+    return form
 
 
 def sdpa_form(problem: Problem) -> str | None:
     """``"full"`` or ``"causal"`` when ``scaled_dot_product_attention`` computes ``problem``
-    exactly (``is_causal`` for the latter), else ``None``.
-
-    Its causal mask is aligned at the top left (local query ``i`` sees local keys ``j <= i``),
-    so a causal problem needs equal query and key offsets. No keys at all, or attention
-    dropout (ours is a hash of positions, not SDPA's random stream), answer ``None``."""
-    if problem.dropout is not None or problem.layout.k_len == 0:
-        return None
-    if problem.dense_form == "causal" and problem.q_offset != problem.k_offset:
-        return None
-    return problem.dense_form
+    exactly (``is_causal`` for the latter), else ``None`` (see :func:`sdpa_serves`)."""
+    return sdpa_serves(problem.dense_form, k_len=problem.layout.k_len,
+                       dropout=problem.dropout is not None, q_offset=problem.q_offset,
+                       k_offset=problem.k_offset)
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> Tensor:

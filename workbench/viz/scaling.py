@@ -402,9 +402,10 @@ def plot_longest_sequence(df, *, families=None, capacity_gib=None, title="", not
                     time_ax.annotate(f"{tf:.0f} TFLOP/s", (s, ms / 1e3), xytext=(7, -3),
                                      textcoords="offset points", fontsize=7.5, color=c,
                                      va="top")
+        shift = 2.0 ** (0.09 * (i - (len(fams) - 1) / 2))  # markers side by side at a length
         o = oom[oom["family"] == fam]
         if len(o):  # crosses side by side, so that families failing at one length stay visible
-            x_oom = o["seq_len"].to_numpy() * 2.0 ** (0.09 * (i - (len(fams) - 1) / 2))
+            x_oom = o["seq_len"].to_numpy() * shift
             mem_ax.plot(x_oom, [top * 1.04] * len(o), color=c, marker="x", ms=9, mew=2.5,
                         ls="none")
             if len(r):  # dotted: the doubling that failed
@@ -412,7 +413,7 @@ def plot_longest_sequence(df, *, families=None, capacity_gib=None, title="", not
                             [r["peak_gib"].iloc[-1], top * 1.04], color=c, ls=":", lw=1.2)
         slow = df[(df["family"] == fam) & (df["status"] == "too_slow")]
         if len(slow):  # not run: its one call was predicted to take too long
-            x_slow = slow["seq_len"].to_numpy() * 2.0 ** (0.09 * (i - (len(fams) - 1) / 2))
+            x_slow = slow["seq_len"].to_numpy() * shift
             mem_ax.plot(x_slow, [top * 1.04] * len(slow), color=c, marker=">", ms=8, mew=2,
                         mfc="none", ls="none")
     if capacity_gib:
