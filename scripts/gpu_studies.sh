@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
 all=(tests copy longnet dilated natural-order natural-order-fwdbwd triton-launch triton-features
-     triton-backward fwdbwd structures longest)
+     triton-backward fwdbwd structures longest longest-h100-memory)
 two_gpu=(ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
 run() {
@@ -62,6 +62,13 @@ study() {
         longest)  # the longest sequence per family (dense and causal: minutes per call)
             run -m workbench bench-longest --study "$p" --families dense causal dilated local \
                 random10 --start 4194304 --limit 8388608 --max-seconds 300 ;;
+        longest-h100-memory)  # 4M tokens, this GPU capped at an H100 80GB's 79.1 GiB (CUDA's
+            # total; both allocator settings)
+            run -m workbench bench-longest --study "${p}_as_h100" --families local random10 \
+                dilated --start 4194304 --limit 4194304 --memory-gib 79.1
+            PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run -m workbench bench-longest \
+                --study "${p}_as_h100_expandable" --families local random10 dilated \
+                --start 4194304 --limit 4194304 --memory-gib 79.1 ;;
         ring2-longest-causal)  # dense causal, both shardings, doubling until out of memory
             ring2 --study gpu2_longest_causal --seq-lens 1048576 --double-until 4194304 \
                 --families causal --shardings contiguous zigzag --reps 1 --warmup 0 \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from workbench import bench, records
 from workbench.bench import BenchConfig, run_bench
@@ -122,10 +123,64 @@ def test_longest_search_doubles_until_oom_or_too_slow_and_writes_each_length(mon
     assert [r["status"] for r in written] == [r["status"] for r in rows]
 
 
+def test_allocator_fraction_leaves_room_for_memory_held_outside_the_allocator():
+    gib = 2**30
+    # an 80 GiB card emulated on a 140 GiB one that already holds 0.5 GiB of context
+    assert bench.allocator_fraction(80 * gib, 140 * gib, gib // 2) == pytest.approx(79.5 / 140)
+    with pytest.raises(ValueError, match="at most"):
+        bench.allocator_fraction(141 * gib, 140 * gib, 0)
+    with pytest.raises(ValueError, match="nothing for tensors"):
+        bench.allocator_fraction(gib, 140 * gib, 2 * gib)
+
+
+def test_longest_search_records_the_emulated_memory_and_refuses_it_without_a_gpu(monkeypatch):
+    import contextlib
+
+    with pytest.raises(ValueError, match="smaller GPU"):
+        bench.longest_sequence(["dense"], start=1024, limit=1024, device="cpu", memory_gib=8.0)
+    capped = []
+
+    @contextlib.contextmanager
+    def emulated(dev, memory_gib):
+        capped.append(True)
+        yield {"memory_gib": memory_gib, "allocator_cap_gib": memory_gib - 0.5}
+        capped.append(False)
+
+    monkeypatch.setattr(bench, "emulated_memory", emulated)
+    monkeypatch.setattr(bench, "_longest_attempt",
+                        lambda *a: dict(status="oom") if capped[-1] is False else
+                        dict(status="ok", ms=1.0, timed_call="second"))
+    rows = bench.longest_sequence(["local"], start=1024, limit=2048, device="cpu",
+                                  memory_gib=8.0)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and capped == [True, False]
+    assert all(r["memory_gib"] == 8.0 and r["allocator_cap_gib"] == 7.5 for r in rows)
+
+
+def test_failed_allocation_size_is_read_from_the_out_of_memory_message():
+    msg = ("CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has a total capacity of "
+           "139.81 GiB of which 60.12 GiB is free.")
+    assert bench._failed_alloc_gib(msg) == 0.5
+    assert bench._failed_alloc_gib(msg.replace("512.00 MiB", "2.00 GiB")) == 2.0
+    assert bench._failed_alloc_gib("out of memory") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_emulated_memory_caps_the_allocator_and_lifts_the_cap_after():
+    dev = torch.device("cuda")
+    torch.cuda.init()
+    outside = bench._outside_allocator(dev) / 2**30
+    with bench.emulated_memory(dev, outside + 1.0) as cap:
+        assert 0.9 < cap["allocator_cap_gib"] < 1.1
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2 * 2**30, dtype=torch.uint8, device=dev)
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=dev)  # the cap is gone
+    del x
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("family", ["causal", "random10", "dilated"])
 def test_spot_check_measures_the_error_of_sampled_rows(family):
-    import torch
-
     import workbench as wb
 
     s, h = 700, 4

@@ -124,7 +124,7 @@ def _bench_longest(args: argparse.Namespace) -> int:
     from .bench import longest_sequence
 
     longest_sequence(args.families, start=args.start, limit=args.limit, device=args.device,
-                     study=args.study, max_seconds=args.max_seconds)
+                     study=args.study, max_seconds=args.max_seconds, memory_gib=args.memory_gib)
     return 0
 
 
@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     lon.add_argument("--max-seconds", type=float, default=float("inf"),
                      help="do not run a length whose call is predicted to take longer (4x the "
                      "last); its row says whether its inputs would fit")
+    lon.add_argument("--memory-gib", type=float, default=None,
+                     help="search as on a card of this much memory (GiB, its total as CUDA "
+                     "reports it): the allocator is capped so that it and the CUDA context fit")
     lon.add_argument("--device", default="cuda")
     lon.set_defaults(func=_bench_longest)
     cop = sub.add_parser("copy-bandwidth", help="device-to-device copy bandwidth, the memory "

@@ -34,9 +34,12 @@ Variants (``--variants``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
+import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -318,7 +321,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
 def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int = 1 << 24,
                      heads: int = 16, head_dim: int = 128, block_size: int = 128,
                      device: str = "cuda", study: str | None = None,
-                     max_seconds: float = math.inf, repeat_below_s: float = 10.0) -> list[dict]:
+                     max_seconds: float = math.inf, repeat_below_s: float = 10.0,
+                     memory_gib: float | None = None) -> list[dict]:
     """Double ``S`` from ``start`` until ``ours`` (forward, bf16) runs out of memory, per family.
 
     One row per attempted length: ``status`` ``ok`` (``ms`` of one call and ``peak_gib``, the
@@ -328,19 +332,44 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
     says which). ``too_slow``: the next length's call would take more than ``max_seconds``
     (predicted as four times the last one: work grows at most with ``S**2``), so it is not run;
     the row's ``inputs_fit`` then says whether that length's ``q, k, v`` and output can be
-    allocated at all. With ``study``, ``data/bench_<study>_longest.csv`` is rewritten after
-    every length.
+    allocated at all. An ``oom`` row keeps the peaks reached before the failure, the memory
+    allocated and reserved when it failed (``allocated_at_oom_gib``, ``reserved_at_oom_gib``: a
+    difference is free memory stranded in partly used segments) and the size of the allocation
+    that failed (``failed_alloc_gib``); on CUDA every row records the caching allocator's
+    settings (``alloc_conf``, from ``PYTORCH_CUDA_ALLOC_CONF``). With ``study``,
+    ``data/bench_<study>_longest.csv`` is rewritten after every length.
+
+    ``memory_gib`` (a card's total memory as CUDA reports it, like
+    ``torch.cuda.get_device_properties(dev).total_memory``) answers the question for a smaller
+    card on this one: the caching allocator is capped (:func:`emulated_memory`) so that it and
+    what the device already holds outside it fit in ``memory_gib``; a length that runs under
+    the cap runs on a card of that memory with the same software. Each row then carries
+    ``memory_gib`` and ``allocator_cap_gib``; every CUDA row carries ``peak_reserved_gib`` (the
+    allocator's peak, fragmentation included) and ``outside_gib`` (device memory held outside
+    the allocator after the attempt: the CUDA
+    context and loaded kernels), whose sum is what the card had to hold.
     """
     dev = torch.device(device)
-    env = environment(dev)
     cfg = BenchConfig("longest", (start,), tuple(families), ("ours",), heads=heads,
                       head_dim=head_dim, block_size=block_size, device=device)
+    env = environment(dev)
+    if dev.type == "cuda":  # the allocator's settings decide what fits as much as the card
+        env["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    with emulated_memory(dev, memory_gib) as cap:
+        return _longest_search(cfg, start, limit, {**env, **cap}, study,
+                               max_seconds, repeat_below_s)
+
+
+def _longest_search(cfg: BenchConfig, start: int, limit: int, env: dict, study: str | None,
+                    max_seconds: float, repeat_below_s: float) -> list[dict]:
+    """The doubling loop of :func:`longest_sequence`, one family after another."""
+    dev, heads, head_dim = torch.device(cfg.device), cfg.heads, cfg.head_dim
     rows = []
-    for family in families:
+    for family in cfg.families:
         s, last_ms = start, None
         while s <= limit:
             row = {**env, "family": family, "seq_len": s, "heads": heads, "head_dim": head_dim,
-                   "dtype": "bf16", "block_size": block_size}
+                   "dtype": "bf16", "block_size": cfg.block_size}
             predicted_s = None if last_ms is None else 4 * last_ms / 1e3
             if predicted_s is not None and predicted_s > max_seconds:
                 row.update(status="too_slow", predicted_s=round(predicted_s),
@@ -364,7 +393,7 @@ def _longest_attempt(family: str, s: int, cfg: BenchConfig, dev: torch.device,
     fn = None
     try:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.reset_peak_memory_stats(dev)  # allocated and reserved
         q, k, v = (torch.randn(1, cfg.heads, s, cfg.head_dim, device=dev, dtype=torch.bfloat16)
                    for _ in range(3))
         pattern, params = family_pattern(family, s, cfg.heads)
@@ -380,11 +409,17 @@ def _longest_attempt(family: str, s: int, cfg: BenchConfig, dev: torch.device,
             if ms < repeat_below_s * 1e3:
                 ms, timed = time_fn(fn, 1, 0, dev), "second"
         peak = torch.cuda.max_memory_allocated(dev) / 2**30
+        reserved = torch.cuda.max_memory_reserved(dev) / 2**30
         return dict(params=params, status="ok", ms=round(ms, 2), timed_call=timed,
-                    peak_gib=round(peak, 2),
+                    peak_gib=round(peak, 2), peak_reserved_gib=round(reserved, 2),
+                    outside_gib=round(_outside_allocator(dev) / 2**30, 2),
                     max_abs_err_rows=spot_check(pattern, q, k, v, last.pop()))
-    except torch.OutOfMemoryError:
-        return dict(status="oom")
+    except torch.OutOfMemoryError as err:  # its traceback still holds the failing call's tensors
+        return dict(status="oom", failed_alloc_gib=_failed_alloc_gib(str(err)),
+                    allocated_at_oom_gib=round(torch.cuda.memory_allocated(dev) / 2**30, 2),
+                    reserved_at_oom_gib=round(torch.cuda.memory_reserved(dev) / 2**30, 2),
+                    peak_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2),
+                    peak_reserved_gib=round(torch.cuda.max_memory_reserved(dev) / 2**30, 2))
     finally:
         q = k = v = fn = None
         torch.cuda.empty_cache()
@@ -412,6 +447,56 @@ def spot_check(pattern: P.Pattern, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
 
 
 _SPOT_CHUNK = 1 << 20  # keys converted to float32 at a time by spot_check
+
+
+def _failed_alloc_gib(message: str) -> float | None:
+    """The size (GiB) of the allocation an out-of-memory error reports, if it says."""
+    found = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|bytes)", message)
+    if found is None:
+        return None
+    scale = {"GiB": 1, "MiB": 2**-10, "KiB": 2**-20, "bytes": 2**-30}[found.group(2)]
+    return round(float(found.group(1)) * scale, 3)
+
+
+def allocator_fraction(memory_bytes: float, total_bytes: int, outside_bytes: int) -> float:
+    """The share of a ``total_bytes`` device that its caching allocator may reserve so that it
+    and ``outside_bytes`` (memory already held outside the allocator) fit in ``memory_bytes``."""
+    if not 0 < memory_bytes <= total_bytes:
+        raise ValueError(f"cannot emulate {memory_bytes / 2**30:.2f} GiB on a device of "
+                         f"{total_bytes / 2**30:.2f} GiB: it must be positive and at most that")
+    if memory_bytes <= outside_bytes:
+        raise ValueError(f"{memory_bytes / 2**30:.2f} GiB leaves nothing for tensors: "
+                         f"{outside_bytes / 2**30:.2f} GiB are already held outside the allocator")
+    return (memory_bytes - outside_bytes) / total_bytes
+
+
+def _outside_allocator(dev: torch.device) -> int:
+    """Bytes of the device in use but not reserved by this process's caching allocator."""
+    free, total = torch.cuda.mem_get_info(dev)
+    return total - free - torch.cuda.memory_reserved(dev)
+
+
+@contextlib.contextmanager
+def emulated_memory(dev: torch.device, memory_gib: float | None) -> Iterator[dict]:
+    """Within the block, this process's caching allocator on ``dev`` behaves as on a card of
+    ``memory_gib`` GiB: it is capped so that it and what the device holds outside it now (the
+    CUDA context, other processes) fit in ``memory_gib``. Yields ``memory_gib`` and the cap
+    (``allocator_cap_gib``) for a record; ``None`` changes nothing and yields ``{}``."""
+    if memory_gib is None:
+        yield {}
+        return
+    if dev.type != "cuda":
+        raise ValueError(f"memory_gib emulates a smaller GPU; {dev} has no memory cap")
+    torch.cuda.init()
+    torch.cuda.empty_cache()
+    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    fraction = allocator_fraction(memory_gib * 2**30, total, _outside_allocator(dev))
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    try:
+        yield {"memory_gib": memory_gib, "allocator_cap_gib": round(fraction * total / 2**30, 2)}
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
 
 
 def _inputs_fit(tensors: int, heads: int, s: int, head_dim: int, dev: torch.device) -> bool:
