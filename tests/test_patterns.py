@@ -97,6 +97,30 @@ def test_density_counts_pairs(pattern, seq_len, block):
     assert pattern.density(seq_len, block) == pytest.approx(tiles.float().mean().item())
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 24])
+def test_tile_sums_are_exact_whatever_the_chunk(monkeypatch, chunk):
+    from workbench import layout as L
+
+    monkeypatch.setattr(L, "REDUCE_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, 11, 13, generator=g) < 0.4
+    lq, lk = torch.randint(1, 9, (11,), generator=g), torch.randint(1, 9, (13,), generator=g)
+    weighted = (mask.to(torch.int64) * lq[:, None] * lk[None, :]).sum((1, 2))
+    assert torch.equal(L.tile_sum(mask, lq, lk), weighted)
+    assert torch.equal(L.tile_sum(mask), mask.sum((1, 2)))
+    assert torch.equal(L.key_block_counts(mask), mask.sum((0, 1)))
+    # through a layout's statistics and a pair count with no closed form (ragged last block)
+    pattern = P.local_window(20, causal=True) | P.global_tokens(3)
+    seq_len, block = 301, 16
+    tokens = pattern.token_mask(seq_len).expand(1, seq_len, seq_len)
+    assert pattern.allowed_pairs(seq_len, block) == int(tokens.sum())
+    any_, _ = reduce_mask(tokens, block)
+    st_ = pattern.block_structure(seq_len, block).stats()
+    assert st_.active_blocks == int(any_.sum())
+    tiles = any_.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :seq_len, :seq_len]
+    assert st_.density == pytest.approx(tiles.float().mean().item())
+
+
 def test_block_layout_never_builds_seq_squared():
     # 1M tokens: a dense [S, S] bool would need 1 TiB; the layout is (S/128)^2 per head.
     s = 1 << 20

@@ -10,12 +10,14 @@ of it. Positions beyond the length are padding: they never count as allowed pair
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlockLayout", "LayoutStats", "block_extents", "cells_to_tiles", "num_blocks"]
+__all__ = ["BlockLayout", "LayoutStats", "block_extents", "cells_to_tiles", "key_block_counts",
+           "num_blocks", "tile_sum"]
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -29,6 +31,42 @@ def block_extents(length: int, block_size: int, device: torch.device | str = "cp
     first = torch.arange(n, device=device, dtype=torch.int64) * block_size
     last = torch.clamp(first + block_size, max=length) - 1
     return torch.stack([first, last], dim=1)
+
+
+REDUCE_CHUNK = 1 << 24
+"""Tiles reduced per step by :func:`tile_sum` and :func:`key_block_counts` (int64
+temporaries of 128 MiB)."""
+
+
+def _row_chunks(mask: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """``(first row, int64 copy of the rows)`` of bool ``[H, nq, nk]``, a bounded number of
+    query-block rows (:data:`REDUCE_CHUNK` tiles) at a time. PyTorch reduces a bool tensor by
+    first copying all of it to int64, 8 bytes per tile (8 GiB for one layout at 4M tokens in
+    128-token blocks), and freed temporaries of that size split the allocator's cache around
+    whatever is allocated next."""
+    h, nq, nk = mask.shape
+    step = max(1, REDUCE_CHUNK // max(1, h * nk))
+    for r0 in range(0, nq, step):
+        yield r0, mask[:, r0:r0 + step].to(torch.int64)
+
+
+def tile_sum(mask: Tensor, lq: Tensor | None = None, lk: Tensor | None = None) -> Tensor:
+    """Per head, the sum over the tiles ``mask`` selects of ``lq[i] * lk[j]`` (each weight 1
+    when not given): int64 ``[H]`` from bool ``[H, nq, nk]``, reduced in bounded chunks."""
+    out = torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
+    for r0, part in _row_chunks(mask):
+        rows = (part if lk is None else part * lk).sum(-1)  # [H, rows]
+        out += (rows if lq is None else rows * lq[r0:r0 + rows.shape[1]]).sum(-1)
+    return out
+
+
+def key_block_counts(mask: Tensor) -> Tensor:
+    """How many (head, query block) tiles ``mask`` selects in each key block: int64 ``[nk]``
+    from bool ``[H, nq, nk]``, reduced in bounded chunks."""
+    out = torch.zeros(mask.shape[-1], dtype=torch.int64, device=mask.device)
+    for _, part in _row_chunks(mask):
+        out += part.sum((0, 1))
+    return out
 
 
 def cells_to_tiles(
@@ -132,15 +170,13 @@ class BlockLayout:
     def computed_pairs(self) -> Tensor:
         """Per head, the number of (query, key) pairs inside active tiles (int64 ``[H]``)."""
         lq, lk = self.block_lengths()
-        # Sum over tiles of len_q * len_k, done as a row reduction to stay in int64.
-        per_row = (self.active.to(torch.int64) * lk).sum(-1)  # [H, nq]
-        return (per_row * lq).sum(-1)
+        return tile_sum(self.active, lq, lk)
 
     def stats(self) -> LayoutStats:
         """Density and tile counts of this layout (see :class:`LayoutStats`)."""
         h, nq, nk = self.shape
-        active = int(self.active.sum())
-        full = int(self.full.sum())
+        active = int(tile_sum(self.active).sum())
+        full = int(tile_sum(self.full).sum())
         pairs = float(self.computed_pairs().to(torch.float64).sum())
         return LayoutStats(
             q_len=self.q_len,

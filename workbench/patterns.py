@@ -29,7 +29,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .layout import BlockLayout, LayoutStats, block_extents, cells_to_tiles, num_blocks
+from .layout import (
+    BlockLayout,
+    LayoutStats,
+    block_extents,
+    cells_to_tiles,
+    num_blocks,
+    tile_sum,
+)
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 OffsetFn = Callable[[Tensor], Tensor]  # allowed(k - q) for patterns that depend on it alone
@@ -227,9 +234,7 @@ class Pattern:
         if exact is not None:
             return exact
         lay = self.block_structure(seq_len, block_size)
-        lq, lk = lay.block_lengths()
-        area = lq[None, :, None] * lk[None, None, :]
-        total = int((area * lay.full).sum())
+        total = int(tile_sum(lay.full, *lay.block_lengths()).sum())
         partial = (lay.active & ~lay.full).nonzero()
         if partial.numel():
             cnt, _, _ = _evaluate_tiles(self, partial, seq_len, seq_len, block_size)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .backends import Problem, merge_partials, run_backend
 from .backends.layout_cache import LayoutCache
-from .layout import BlockLayout
+from .layout import BlockLayout, tile_sum
 
 __all__ = ["RingPlan", "chunk_bounds", "ring_attention", "ring_plan"]
 
@@ -87,7 +87,7 @@ def ring_plan(layout: BlockLayout, num_chunks: int) -> RingPlan:
     per_pair = torch.zeros(num_chunks, num_chunks, dtype=torch.int64)  # [q chunk, k chunk]
     for i, (q0, q1) in enumerate(qb):
         for j, (k0, k1) in enumerate(kb):
-            per_pair[i, j] = layout.active[:, q0:q1, k0:k1].sum()
+            per_pair[i, j] = tile_sum(layout.active[:, q0:q1, k0:k1]).sum()
     tiles = torch.empty_like(per_pair)
     for p in range(num_chunks):
         for t in range(num_chunks):

@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .layout import BlockLayout, num_blocks
+from .layout import BlockLayout, key_block_counts, num_blocks
 from .patterns import check_positive_int
 from .ring import chunk_bounds
 
@@ -170,15 +170,15 @@ class DistributedPlan:
 def run_tile_rows(run_layouts: Sequence[BlockLayout], sharding: Sharding) -> Tensor:
     """Rows of :attr:`DistributedPlan.run_tiles` (int64 ``[len(run_layouts), runs]``, on the
     layouts' device) from the layouts of some query runs against every key block (each summed
-    over heads and rows in one read: no ``[nq, nk]`` integer copy; then the key blocks are
-    folded into runs)."""
+    over heads and rows a bounded number of rows at a time, :func:`key_block_counts`; then the
+    key blocks are folded into runs)."""
     if not run_layouts:
         raise ValueError("need at least one query run's layout")
     dev = run_layouts[0].active.device
     for lay in run_layouts:  # (a BlockLayout's key blocks follow from k_len and block_size)
         if (lay.k_len, lay.block_size) != (sharding.seq_len, sharding.block_size):
             raise ValueError("layout and sharding disagree on the sequence length or block size")
-    rows = torch.stack([lay.active.sum((0, 1), dtype=torch.int64) for lay in run_layouts])
+    rows = torch.stack([key_block_counts(lay.active) for lay in run_layouts])
     runs = sum(len(p) for p in sharding.pieces)
     return torch.zeros(len(run_layouts), runs, dtype=torch.int64, device=dev).index_add_(
         1, sharding.run_of_block().to(dev), rows)
