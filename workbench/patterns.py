@@ -806,10 +806,8 @@ class RandomBlocks(Pattern):
         c = self.cell
         n = num_blocks(seq_len, c)
         size = torch.clamp(seq_len - torch.arange(n, dtype=torch.int64) * c, max=c)
-        h = torch.arange(self.num_heads)[:, None, None]
-        cells = torch.arange(n)
-        on = self.allowed(h, cells[None, :, None] * c, cells[None, None, :] * c).to(torch.int64)
-        return int((on * size[None, :, None] * size[None, None, :]).sum())
+        on = _hash_grid(self.seed, range(self.num_heads), (0, n), n, self.threshold, "cpu")
+        return int(tile_sum(on, size, size).sum())  # each on cell by its real pairs
 
     def __repr__(self) -> str:
         return f"random_blocks(density={self.p}, seed={self.seed}, cell={self.cell})"
