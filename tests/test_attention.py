@@ -42,6 +42,33 @@ def test_matches_sdpa_forward_and_backward(name, backend, s):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("keeps_masks", [True, False])
+def test_blockwise_evaluates_a_layouts_token_masks_once_within_its_budget(monkeypatch,
+                                                                          keeps_masks):
+    import workbench.backends.blockwise as bw
+
+    if not keeps_masks:
+        monkeypatch.setattr(bw, "MASK_BUDGET", 0)
+    monkeypatch.setattr(bw, "_SCORE_BUDGET", 2 * 64 * 64 * 5)  # 5 tiles a chunk: masks span them
+    evaluated = []
+    real = bw._tile_masks
+    monkeypatch.setattr(bw, "_tile_masks", lambda pr, t: evaluated.append(len(t)) or real(pr, t))
+    pattern = PATTERNS["random"]  # partial tiles, and every row attends itself
+    q, k, v = make_qkv(b=2, h=4, s=1000, d=16)
+    attn = wb.BlockSparseAttention(pattern, 64, backend="blockwise")
+    ref = sdpa_oracle(q, k, v, pattern.token_mask(1000))
+    ref_grads = grads(ref, (q, k, v))
+    for call in range(2):
+        out = attn(q, k, v)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        for a, b in zip(grads(out, (q, k, v)), ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+        if keeps_masks:  # every needing tile's mask, once, at the first call
+            assert len(evaluated) == 1 and evaluated[0] > 5
+        else:  # chunk by chunk, forward and backward, at every call
+            assert len(evaluated) > 4 * (call + 1)
+
+
 @pytest.mark.parametrize("block", [1, 7, 64, 128, 2000])
 def test_any_block_size_gives_the_same_result(block):
     q, k, v = make_qkv(b=1, h=2, s=130, d=8, requires_grad=False)

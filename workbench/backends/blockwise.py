@@ -2,12 +2,14 @@
 
 The tiles of a layout are listed once, sorted by query row, and processed in chunks: scores
 of a chunk are computed with batched matmuls, the token predicate is evaluated only in tiles
-that are not full, and each query row's running maximum, softmax denominator and weighted sum
-are updated with scatter/index-add (the online-softmax recurrence of FlashAttention, applied to
-a list of tiles instead of a loop). Memory is proportional to the chunk, not to ``S x S``.
-With ``problem.block_order`` set (e.g. ``"hilbert"``) the tiles are visited along that curve
-over the block grid instead (:func:`workbench.orderings.block_visit_order`); the result is the
-same up to floating-point summation order.
+that are not full (once per layout object: the tile list and those tiles' token masks are kept
+with the layout, up to :data:`MASK_BUDGET` bytes of masks), and each query row's running
+maximum, softmax denominator and weighted sum are updated with scatter/index-add (the
+online-softmax recurrence of FlashAttention, applied to a list of tiles instead of a loop).
+Memory is proportional to the chunk, not to ``S x S``. With ``problem.block_order`` set (e.g.
+``"hilbert"``) the tiles are visited along that curve over the block grid instead
+(:func:`workbench.orderings.block_visit_order`); the result is the same up to floating-point
+summation order.
 
 The backward pass recomputes each chunk's probabilities from the saved log-sum-exp and also
 propagates gradients that reach the log-sum-exp (used when partial results are merged).
@@ -27,20 +29,34 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..orderings import block_visit_order
+from .layout_cache import LayoutCache
 from .merge import accumulation_dtype
 from .problem import Problem
 
 __all__ = ["blockwise_attention"]
 
 _SCORE_BUDGET = 1 << 23  # score elements materialized per chunk (32 MiB in float32)
+MASK_BUDGET = 1 << 28
+"""Bytes of token masks (one bool per pair of every tile that needs one) a plan keeps, so
+that later calls on the same layout do not evaluate the pattern again; a layout needing more
+evaluates them chunk by chunk at every call instead."""
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """What a layout's tiles are, computed once per layout object (see ``_TILES``)."""
+
+    tiles: Tensor  # int64 [P, 3]: head, query block, key block (in visit order)
+    needs_mask: Tensor  # bool [P]: tile is partial or touches padding
+    mask_start: Tensor  # int64 [P + 1]: index in ``masks`` of each tile's first needed mask
+    masks: Tensor | None  # bool [needed, b, b]: the needing tiles' token masks, in visit order
 
 
 @dataclass(frozen=True)
 class _TilePlan:
     problem: Problem
     num_heads: int
-    tiles: Tensor  # int64 [P, 3]: head, query block, key block (in visit order)
-    needs_mask: Tensor  # bool [P]: tile is partial or touches padding
+    tiles: _Tiles
     chunk: int  # tiles per chunk
     rows_sorted: bool = True  # tiles sorted by (head, query block): rows are contiguous
 
@@ -53,24 +69,60 @@ class _TilePlan:
         return self.problem.layout.active.shape[2]
 
     def chunks(self):
-        for start in range(0, self.tiles.shape[0], self.chunk):
-            t = self.tiles[start : start + self.chunk]
-            yield t, self.needs_mask[start : start + self.chunk], t[:, 0] * self.nq + t[:, 1], (
-                t[:, 0] * self.nk + t[:, 2]
-            )
+        """Per chunk of tiles: the tiles, which need a mask, their masks (``[needed, b, b]``)
+        and their query and key rows."""
+        all_tiles, starts = self.tiles.tiles, self.tiles.mask_start.tolist()
+        for start in range(0, all_tiles.shape[0], self.chunk):
+            end = min(start + self.chunk, all_tiles.shape[0])
+            t, needs = all_tiles[start:end], self.tiles.needs_mask[start:end]
+            if self.tiles.masks is not None:
+                masks = self.tiles.masks[starts[start]:starts[end]]
+            else:
+                masks = _tile_masks(self.problem, t[needs])
+            yield t, needs, masks, t[:, 0] * self.nq + t[:, 1], t[:, 0] * self.nk + t[:, 2]
+
+
+_TILES = LayoutCache()
+
+
+def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Tiles:
+    """The tiles of ``problem``'s layout in visit order, which of them need the token mask, and
+    those masks when they fit :data:`MASK_BUDGET`: built once per layout object."""
+    def build() -> _Tiles:
+        lay = problem.layout.expand_heads(num_heads).to(device)
+        b = lay.block_size
+        tiles = block_visit_order(lay.active, problem.block_order)
+        needs = ~lay.full[tuple(tiles.T)]
+        if lay.q_len % b:
+            needs |= tiles[:, 1] == lay.active.shape[1] - 1
+        if lay.k_len % b:
+            needs |= tiles[:, 2] == lay.active.shape[2] - 1
+        start = F.pad(torch.cumsum(needs, 0), (1, 0))
+        fits = int(start[-1]) * b * b <= MASK_BUDGET
+        return _Tiles(tiles, needs, start, _tile_masks(problem, tiles[needs]) if fits else None)
+
+    key = (str(device), num_heads, problem.label, problem.q_offset, problem.k_offset,
+           problem.block_order)
+    return _TILES.get_or_build(problem.layout, key, build)  # type: ignore[return-value]
 
 
 def _plan(problem: Problem, num_heads: int, batch: int, device: torch.device) -> _TilePlan:
-    lay = problem.layout.expand_heads(num_heads).to(device)
+    chunk = max(1, _SCORE_BUDGET // (batch * problem.layout.block_size ** 2))
+    return _TilePlan(problem, num_heads, _layout_tiles(problem, num_heads, device), chunk,
+                     problem.block_order is None)
+
+
+def _tile_masks(problem: Problem, tiles: Tensor) -> Tensor:
+    """Which pairs of each tile (``[n, 3]`` head, query block, key block) are allowed and real:
+    bool ``[n, b, b]``."""
+    lay = problem.layout
     b = lay.block_size
-    tiles = block_visit_order(lay.active, problem.block_order)
-    needs = ~lay.full[tuple(tiles.T)]
-    if lay.q_len % b:
-        needs |= tiles[:, 1] == lay.active.shape[1] - 1
-    if lay.k_len % b:
-        needs |= tiles[:, 2] == lay.active.shape[2] - 1
-    chunk = max(1, _SCORE_BUDGET // (batch * b * b))
-    return _TilePlan(problem, num_heads, tiles, needs, chunk, problem.block_order is None)
+    off = torch.arange(b, device=tiles.device)
+    qi = tiles[:, 1, None, None] * b + off[None, :, None]
+    ki = tiles[:, 2, None, None] * b + off[None, None, :]
+    ok = (qi < lay.q_len) & (ki < lay.k_len)
+    return ok & problem.allowed(tiles[:, 0, None, None], qi + problem.q_offset,
+                                ki + problem.k_offset)
 
 
 def _to_blocks(x: Tensor, n: int, b: int, dtype: torch.dtype) -> Tensor:
@@ -85,23 +137,15 @@ def _from_blocks(x: Tensor, h: int, s: int) -> Tensor:
     return x.reshape(bsz, h, -1, *rest)[:, :, :s]
 
 
-def _tile_scores(
-    plan: _TilePlan, qb: Tensor, kb: Tensor, t: Tensor, needs: Tensor, rq: Tensor, rk: Tensor
-) -> Tensor:
-    """Scaled, masked scores ``[B, P, b, b]`` of a chunk of tiles."""
-    pr = plan.problem
-    lay = pr.layout
-    b = lay.block_size
-    s = torch.matmul(qb[:, rq], kb[:, rk].transpose(-1, -2)) * pr.scale
+def _tile_scores(qs: Tensor, kb: Tensor, needs: Tensor, masks: Tensor, rq: Tensor,
+                 rk: Tensor) -> Tensor:
+    """Masked scores ``[B, P, b, b]`` of a chunk of tiles from query blocks ``qs`` that are
+    already scaled (scaling them once costs less than scaling every tile's scores); ``masks``
+    are the token masks of the tiles that ``needs`` marks."""
+    s = torch.matmul(qs[:, rq], kb[:, rk].transpose(-1, -2))
     sel = needs.nonzero().squeeze(1)
     if sel.numel():
-        tm = t[sel]
-        off = torch.arange(b, device=t.device)
-        qi = tm[:, 1, None, None] * b + off[None, :, None]
-        ki = tm[:, 2, None, None] * b + off[None, None, :]
-        ok = (qi < lay.q_len) & (ki < lay.k_len)
-        ok = ok & pr.allowed(tm[:, 0, None, None], qi + pr.q_offset, ki + pr.k_offset)
-        s[:, sel] = s[:, sel].masked_fill(~ok, -torch.inf)
+        s[:, sel] = s[:, sel].masked_fill(~masks, -torch.inf)
     return s
 
 
@@ -124,12 +168,13 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
     acc = accumulation_dtype(q.dtype)
     bsz, dv = q.shape[0], v.shape[-1]
     qb, kb, vb = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk), (v, plan.nk)))
+    qs = qb * plan.problem.scale
     rows = h * plan.nq
     m = torch.full((bsz, rows, b), -torch.inf, dtype=acc, device=q.device)
     den = torch.zeros((bsz, rows, b), dtype=acc, device=q.device)
     num = torch.zeros((bsz, rows, b, dv), dtype=acc, device=q.device)
-    for t, needs, rq, rk in plan.chunks():
-        s = _tile_scores(plan, qb, kb, t, needs, rq, rk)
+    for t, needs, masks, rq, rk in plan.chunks():
+        s = _tile_scores(qs, kb, needs, masks, rq, rk)
         if plan.rows_sorted:
             urows, inv = torch.unique_consecutive(rq, return_inverse=True)
         else:  # a curve visit order interleaves query rows
@@ -140,7 +185,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
         m_old = m[:, urows]
         m_new = torch.maximum(m_old, chunk_max)
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        p = torch.exp(s - m_safe[:, inv, :, None])
+        p = s.sub_(m_safe[:, inv, :, None]).exp_()  # in place: the scores are not needed again
         alpha = torch.exp(m_old - m_safe)
         den_c = torch.zeros_like(m_old).index_add_(1, inv, p.sum(-1))
         z = _dropout_scale(plan, t, bsz)
@@ -173,10 +218,10 @@ def _backward(
     lse_r = F.pad(lse.to(acc), (0, plan.nq * b - lay.q_len), value=-torch.inf)
     lse_r = lse_r.reshape(bsz, h * plan.nq, b)
     lse_r = torch.where(torch.isfinite(lse_r), lse_r, torch.zeros_like(lse_r))
+    qs = qb * scale
     dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
-    for t, needs, rq, rk in plan.chunks():
-        s = _tile_scores(plan, qb, kb, t, needs, rq, rk)
-        p = torch.exp(s - lse_r[:, rq, :, None])
+    for t, needs, masks, rq, rk in plan.chunks():
+        p = _tile_scores(qs, kb, needs, masks, rq, rk).sub_(lse_r[:, rq, :, None]).exp_()
         do_t = dob[:, rq]
         z = _dropout_scale(plan, t, bsz)
         pz = p if z is None else p * z.to(acc)
