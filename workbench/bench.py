@@ -345,9 +345,9 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
     what the device already holds outside it fit in ``memory_gib``; a length that runs under
     the cap runs on a card of that memory with the same software. Each row then carries
     ``memory_gib`` and ``allocator_cap_gib``; every CUDA row carries ``peak_reserved_gib`` (the
-    allocator's peak, fragmentation included) and ``outside_gib`` (device memory held outside
-    the allocator after the attempt: the CUDA
-    context and loaded kernels), whose sum is what the card had to hold.
+    allocator's peak, fragmentation and cached free blocks included) and ``outside_gib``
+    (device memory held outside the allocator after the attempt: the CUDA context and loaded
+    kernels), whose sum is the most the card held.
     """
     dev = torch.device(device)
     cfg = BenchConfig("longest", (start,), tuple(families), ("ours",), heads=heads,
