@@ -37,9 +37,10 @@ __all__ = ["blockwise_attention"]
 
 _SCORE_BUDGET = 1 << 23  # score elements materialized per chunk (32 MiB in float32)
 MASK_BUDGET = 1 << 28
-"""Bytes of token masks (one bool per pair of every tile that needs one) a plan keeps, so
-that later calls on the same layout do not evaluate the pattern again; a layout needing more
-evaluates them chunk by chunk at every call instead."""
+"""Bytes of token masks (one bool per pair of every tile that needs one) kept per layout
+object, so that later calls on the same layout do not evaluate the pattern again; a layout
+needing more evaluates them chunk by chunk at every call instead. The masks live as long as
+their layout (a module keeps its last few)."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,14 @@ def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Ti
         if lay.k_len % b:
             needs |= tiles[:, 2] == lay.active.shape[2] - 1
         start = F.pad(torch.cumsum(needs, 0), (1, 0))
-        fits = int(start[-1]) * b * b <= MASK_BUDGET
-        return _Tiles(tiles, needs, start, _tile_masks(problem, tiles[needs]) if fits else None)
+        if int(start[-1]) * b * b > MASK_BUDGET:
+            return _Tiles(tiles, needs, start, None)
+        needing = tiles[needs]
+        masks = torch.empty(needing.shape[0], b, b, dtype=torch.bool, device=device)
+        step = max(1, _SCORE_BUDGET // (b * b))  # the predicate's int64 temporaries stay small
+        for i in range(0, needing.shape[0], step):
+            masks[i:i + step] = _tile_masks(problem, needing[i:i + step])
+        return _Tiles(tiles, needs, start, masks)
 
     key = (str(device), num_heads, problem.label, problem.q_offset, problem.k_offset,
            problem.block_order)
