@@ -408,21 +408,26 @@ def _longest_attempt(family: str, s: int, cfg: BenchConfig, dev: torch.device,
             ms, timed = time_fn(fn, 1, 0, dev), "first"
             if ms < repeat_below_s * 1e3:
                 ms, timed = time_fn(fn, 1, 0, dev), "second"
-        peak = torch.cuda.max_memory_allocated(dev) / 2**30
-        reserved = torch.cuda.max_memory_reserved(dev) / 2**30
         return dict(params=params, status="ok", ms=round(ms, 2), timed_call=timed,
-                    peak_gib=round(peak, 2), peak_reserved_gib=round(reserved, 2),
-                    outside_gib=round(_outside_allocator(dev) / 2**30, 2),
+                    **_peaks_gib(dev), outside_gib=_gib(_outside_allocator(dev)),
                     max_abs_err_rows=spot_check(pattern, q, k, v, last.pop()))
     except torch.OutOfMemoryError as err:  # its traceback still holds the failing call's tensors
         return dict(status="oom", failed_alloc_gib=_failed_alloc_gib(str(err)),
-                    allocated_at_oom_gib=round(torch.cuda.memory_allocated(dev) / 2**30, 2),
-                    reserved_at_oom_gib=round(torch.cuda.memory_reserved(dev) / 2**30, 2),
-                    peak_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2),
-                    peak_reserved_gib=round(torch.cuda.max_memory_reserved(dev) / 2**30, 2))
+                    allocated_at_oom_gib=_gib(torch.cuda.memory_allocated(dev)),
+                    reserved_at_oom_gib=_gib(torch.cuda.memory_reserved(dev)), **_peaks_gib(dev))
     finally:
         q = k = v = fn = None
         torch.cuda.empty_cache()
+
+
+def _gib(nbytes: int) -> float:
+    return round(nbytes / 2**30, 2)
+
+
+def _peaks_gib(dev: torch.device) -> dict:
+    """The allocator's peaks since the last reset: allocated (``peak_gib``) and reserved."""
+    return dict(peak_gib=_gib(torch.cuda.max_memory_allocated(dev)),
+                peak_reserved_gib=_gib(torch.cuda.max_memory_reserved(dev)))
 
 
 def spot_check(pattern: P.Pattern, q: Tensor, k: Tensor, v: Tensor, out: Tensor,

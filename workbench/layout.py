@@ -172,11 +172,14 @@ class BlockLayout:
         lq, lk = self.block_lengths()
         return tile_sum(self.active, lq, lk)
 
+    def tile_counts(self) -> tuple[int, int]:
+        """(active tiles, full tiles), summed over heads."""
+        return int(tile_sum(self.active).sum()), int(tile_sum(self.full).sum())
+
     def stats(self) -> LayoutStats:
         """Density and tile counts of this layout (see :class:`LayoutStats`)."""
         h, nq, nk = self.shape
-        active = int(tile_sum(self.active).sum())
-        full = int(tile_sum(self.full).sum())
+        active, full = self.tile_counts()
         pairs = float(self.computed_pairs().to(torch.float64).sum())
         return LayoutStats(
             q_len=self.q_len,

@@ -49,7 +49,7 @@ class _Tiles:
 
     tiles: Tensor  # int64 [P, 3]: head, query block, key block (in visit order)
     needs_mask: Tensor  # bool [P]: tile is partial or touches padding
-    mask_start: Tensor  # int64 [P + 1]: index in ``masks`` of each tile's first needed mask
+    mask_start: Tensor  # int64 [P + 1] on the CPU: index in ``masks`` of each tile's mask
     masks: Tensor | None  # bool [needed, b, b]: the needing tiles' token masks, in visit order
 
 
@@ -72,12 +72,12 @@ class _TilePlan:
     def chunks(self):
         """Per chunk of tiles: the tiles, which need a mask, their masks (``[needed, b, b]``)
         and their query and key rows."""
-        all_tiles, starts = self.tiles.tiles, self.tiles.mask_start.tolist()
+        all_tiles, starts = self.tiles.tiles, self.tiles.mask_start
         for start in range(0, all_tiles.shape[0], self.chunk):
             end = min(start + self.chunk, all_tiles.shape[0])
             t, needs = all_tiles[start:end], self.tiles.needs_mask[start:end]
             if self.tiles.masks is not None:
-                masks = self.tiles.masks[starts[start]:starts[end]]
+                masks = self.tiles.masks[int(starts[start]):int(starts[end])]
             else:
                 masks = _tile_masks(self.problem, t[needs])
             yield t, needs, masks, t[:, 0] * self.nq + t[:, 1], t[:, 0] * self.nk + t[:, 2]
@@ -98,7 +98,7 @@ def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Ti
             needs |= tiles[:, 1] == lay.active.shape[1] - 1
         if lay.k_len % b:
             needs |= tiles[:, 2] == lay.active.shape[2] - 1
-        start = F.pad(torch.cumsum(needs, 0), (1, 0))
+        start = F.pad(torch.cumsum(needs, 0), (1, 0)).cpu()  # read a chunk at a time
         if int(start[-1]) * b * b > MASK_BUDGET:
             return _Tiles(tiles, needs, start, None)
         needing = tiles[needs]
