@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import workbench.patterns as P
 from workbench.adaptive import (
@@ -142,3 +144,236 @@ def test_fallback_and_always():
         AdaptiveBlockSparseAttention(32, 0.0)
     with pytest.raises(ValueError, match="head_dim"):
         AdaptiveBlockSparseAttention(32, 0.1, trainable=True)
+
+
+# --------------------------------------------------------------------- exact fixed patterns
+S70, B16 = 70, 16
+
+
+def _token_tiles(mask, block_size):
+    """Bool ``[..., nq, nk]``: the tiles of ``block_size`` holding an allowed pair of ``mask``."""
+    sq, sk = mask.shape[-2:]
+    nq, nk = -(-sq // block_size), -(-sk // block_size)
+    m = F.pad(mask, (0, nk * block_size - sk, 0, nq * block_size - sq))
+    return m.unflatten(-1, (nk, block_size)).unflatten(-3, (nq, block_size)).any(-1).any(-2)
+
+
+def _run_mask(sel, b, h, s):
+    """Token mask ``[B, H, S, S]`` of the pattern a selection runs (batch folded as b * H + h)."""
+    m = sel.pattern().token_mask(s)
+    return m.expand(b * h, s, s).reshape(b, h, s, s)
+
+
+def _expected_mask(mod, q, k, used_fallback):
+    """The pattern a call should run, built from the fixed patterns' own token masks and the
+    top-k tiles of :func:`select_blocks`: ``[B, H, S, S]``."""
+    b, h, s = q.shape[:3]
+    if used_fallback:
+        m = mod.fallback.token_mask(s).expand(h, s, s).expand(b, h, s, s)
+    else:
+        chosen = select_blocks(mod.scores(q, k), mod.density, causal=mod.causal)
+        blk = torch.arange(s) // mod.block_size
+        m = chosen[:, :, blk][:, :, :, blk]
+    if mod.always is not None:
+        m = m | mod.always.token_mask(s)
+    if mod.causal:
+        m = m & torch.ones(s, s, dtype=torch.bool).tril()
+    return m
+
+
+def _dense(q, k, v, mask):
+    """Softmax attention restricted to bool ``mask`` (float64; a row allowing nothing is 0)."""
+    s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    some = mask.any(-1, keepdim=True)
+    s = torch.where(some, s.masked_fill(~mask, -torch.inf), torch.zeros_like(s))
+    return (torch.softmax(s, -1) * mask) @ v
+
+
+def _grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad((out * g).sum(), inputs)
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "auto"])
+@pytest.mark.parametrize("how", ["adaptive=False", "min_blocks"])
+def test_fallback_is_the_exact_token_pattern(backend, how):
+    fb = P.local_window(8) & P.causal()
+    kw = {"adaptive": False} if how == "adaptive=False" else {"min_blocks": 6}
+    mod = AdaptiveBlockSparseAttention(B16, 0.3, fallback=fb, backend=backend, **kw)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=2, s=S70, d=8))
+    out, sel = mod(q, k, v, return_selection=True)
+    mask = sel.pattern().token_mask(S70)
+    assert (mask.flatten(1).sum(1) == 532).all()  # sum over q of min(q + 1, 8)
+    assert torch.equal(mask.expand(4, -1, -1), fb.token_mask(S70).expand(4, -1, -1))
+    assert torch.equal(sel.selected, _token_tiles(fb.token_mask(S70), B16).expand(2, 2, -1, -1))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=fb.token_mask(S70))
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    for a, r in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
+def test_always_is_unioned_at_token_level():
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=2, s=S70, d=8))
+    mod = AdaptiveBlockSparseAttention(B16, 0.2, always=P.global_tokens(2), backend="blockwise")
+    out, sel = mod(q, k, v, return_selection=True)
+    chosen = select_blocks(mod.scores(q, k), 0.2)
+    blk = torch.arange(S70) // B16
+    tiles = chosen[:, :, blk][:, :, :, blk]
+    run = _run_mask(sel, 2, 2, S70)
+    glob = torch.zeros(S70, S70, dtype=torch.bool)
+    glob[:, :2] = glob[:2, :] = True  # keys 0-1 for everyone, queries 0-1 see everything
+    assert torch.equal(run, tiles | glob)
+    assert torch.equal(run[:, :, 16:, 2:16], tiles[:, :, 16:, 2:16])  # no whole first tile
+    assert torch.equal(sel.selected, _token_tiles(run, B16))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=tiles | glob)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    for a, r in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
+_FIXED = [
+    P.local_window(8) & P.causal(),
+    P.global_tokens(2),
+    P.local_window(5),
+    P.strided(7),
+    P.causal(),
+    P.random_blocks(0.3, seed=1, cell=8),
+    P.dilated([8, 16], [1, 2], num_heads=2),  # one pattern per head: tiled over the batch
+]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    s=st.integers(1, 80),
+    block=st.sampled_from([4, 8, 16, 32]),
+    density=st.sampled_from([0.1, 0.3, 0.6, 1.0]),
+    causal=st.booleans(),
+    role=st.sampled_from(["fallback", "short", "always", "fallback+always"]),
+    first=st.integers(0, len(_FIXED) - 1),
+    second=st.integers(0, len(_FIXED) - 1),
+)
+def test_run_pattern_is_exact_and_causal(s, block, density, causal, role, first, second):
+    kw: dict = {}
+    if role in ("fallback", "fallback+always"):
+        kw.update(adaptive=False, fallback=_FIXED[first])
+    if role == "short":
+        kw.update(min_blocks=-(-s // block) + 1, fallback=_FIXED[first])
+    if role in ("always", "fallback+always"):
+        kw.update(always=_FIXED[second])
+    mod = AdaptiveBlockSparseAttention(block, density, causal=causal, backend="blockwise", **kw)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=2, s=s, d=4, seed=s))
+    out, sel = mod(q, k, v, return_selection=True)
+    run = _run_mask(sel, 2, 2, s)
+    want = _expected_mask(mod, q, k, used_fallback=role != "always")
+    assert torch.equal(run, want)
+    if causal:
+        assert not run.triu(1).any()
+    assert torch.equal(sel.selected, _token_tiles(run, block))
+    ref = _dense(q, k, v, want)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    for a, r in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
+def test_straight_through_with_a_fallback_that_leaves_rows_empty():
+    # rows 2.. attend nothing: their gate mass is 0, and the output must stay finite (zeros)
+    fb = P.global_tokens(2) & P.local_window(1)
+    kw = dict(head_dim=4, trainable=True, adaptive=False, fallback=fb, backend="blockwise")
+    mod = AdaptiveBlockSparseAttention(8, 0.3, straight_through=True, **kw).double()
+    q, k, v = _qkv(b=1, h=2, s=40, d=4)
+    out = mod(q, k, v)
+    assert torch.isfinite(out).all() and (out[:, :, 2:] == 0).all()
+    grads = torch.autograd.grad((out * out.detach()).sum(), list(mod.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_selection_density_on_a_rectangular_problem():
+    q, _, _ = _qkv(b=1, h=2, s=40, d=8)
+    _, k, _ = _qkv(b=1, h=2, s=56, d=8, seed=1)
+    sel = AdaptiveBlockSparseAttention(16, 0.5).select(q, k)
+    mask = sel.selected[:, :, torch.arange(40) // 16][:, :, :, torch.arange(56) // 16]
+    assert sel.density() == pytest.approx(mask.double().mean().item(), abs=1e-12)
+
+
+# --------------------------------------------------------------------- validation
+_BAD_ARGS = [
+    ({"density": True}, TypeError, "density"),
+    ({"density": "0.5"}, TypeError, "density"),
+    ({"density": 0.0}, ValueError, "density"),
+    ({"density": 1.5}, ValueError, "density"),
+    ({"density": float("nan")}, ValueError, "density"),
+    ({"always": "x"}, TypeError, "always"),
+    ({"fallback": "x", "adaptive": False}, TypeError, "fallback"),
+    ({"ring_chunks": 0}, ValueError, "ring_chunks"),
+    ({"sharding": "bogus"}, ValueError, "sharding"),
+    ({"backend": "x"}, ValueError, "backend"),
+    ({"block_size": 0}, ValueError, "block_size"),
+    ({"min_blocks": 0}, ValueError, "min_blocks"),
+    ({"min_blocks": 2.0}, ValueError, "min_blocks"),
+    ({"min_blocks": True}, ValueError, "min_blocks"),
+    ({"min_blocks": 4}, ValueError, "min_blocks=4 needs a fallback"),
+    ({"adaptive": False}, ValueError, "fallback"),
+    ({"trainable": True}, ValueError, "head_dim"),
+    ({"trainable": True, "head_dim": 0}, ValueError, "head_dim"),
+    ({"trainable": True, "head_dim": 8.0}, ValueError, "head_dim"),
+    ({"causal": 1}, TypeError, "causal"),
+    ({"causal": "yes"}, TypeError, "causal"),
+    ({"adaptive": "no", "fallback": P.causal()}, TypeError, "adaptive"),
+    ({"straight_through": True}, ValueError, "straight_through"),
+    ({"fallback": P.random_blocks(0.5, num_heads=2), "always": P.random_blocks(0.5, num_heads=3),
+      "adaptive": False}, ValueError, "always"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), _BAD_ARGS,
+                         ids=[",".join(f"{k}={v!r}" for k, v in a.items())
+                              for a, _, _ in _BAD_ARGS])
+def test_bad_constructor_arguments_fail_in_init(kwargs, exc, match):
+    kw = {"block_size": 16, "density": 0.3, **kwargs}
+    with pytest.raises(exc, match=match):
+        AdaptiveBlockSparseAttention(kw.pop("block_size"), kw.pop("density"), **kw)
+
+
+def _bad_calls():
+    three = P.random_blocks(0.5, num_heads=3)
+    q, k, v = _qkv(b=1, h=2, s=40, d=8)
+    short = q[:, :, :30]
+    yield "fallback heads", ValueError, "fallback", lambda: AdaptiveBlockSparseAttention(
+        16, 0.3, adaptive=False, fallback=three)(q, k, v)
+    yield "unused fallback heads", ValueError, "fallback", lambda: AdaptiveBlockSparseAttention(
+        16, 0.3, fallback=three).select(q, k)
+    yield "always heads", ValueError, "always", lambda: AdaptiveBlockSparseAttention(
+        16, 0.3, always=three)(q, k, v)
+    yield "gate head_dim", ValueError, "head_dim", lambda: AdaptiveBlockSparseAttention(
+        16, 0.3, head_dim=4, trainable=True).double()(q, k, v)
+    yield "causal lengths", ValueError, "causal", lambda: AdaptiveBlockSparseAttention(
+        16, 0.3, causal=True)(short, k, v)
+    yield "causal lengths (select)", ValueError, "causal", lambda: AdaptiveBlockSparseAttention(
+        16, 0.3, causal=True).select(short, k)
+    yield "select shapes", ValueError, "head_dim", lambda: AdaptiveBlockSparseAttention(
+        16, 0.3).select(q, k[..., :4])
+    yield "topk_budget bool", TypeError, "density", lambda: topk_budget(True, 4)
+    yield "topk_budget str", TypeError, "density", lambda: topk_budget("0.5", 4)
+    yield "topk_budget 0", ValueError, "density", lambda: topk_budget(0, 4)
+    yield "select_blocks 1.5", ValueError, "density", lambda: select_blocks(
+        torch.zeros(3, 3), 1.5)
+    yield "select_blocks None", TypeError, "density", lambda: select_blocks(
+        torch.zeros(3, 3), None)
+
+
+@pytest.mark.parametrize(("name", "exc", "match", "call"), list(_bad_calls()),
+                         ids=[c[0] for c in _bad_calls()])
+def test_bad_calls_fail_clearly(name, exc, match, call):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_cross_attention_without_causal_still_runs():
+    q, _, _ = _qkv(b=1, h=2, s=30, d=8)
+    _, k, v = _qkv(b=1, h=2, s=45, d=8, seed=2)
+    mod = AdaptiveBlockSparseAttention(16, 0.5, always=P.global_tokens(1), backend="blockwise")
+    out, sel = mod(q, k, v, return_selection=True)
+    chosen = select_blocks(mod.scores(q, k), 0.5, keep_diagonal=False)
+    want = chosen[:, :, torch.arange(30) // 16][:, :, :, torch.arange(45) // 16]
+    want[..., 0, :] = want[..., :, 0] = True  # global token 0
+    torch.testing.assert_close(out, _dense(q, k, v, want), rtol=1e-9, atol=1e-11)

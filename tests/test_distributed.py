@@ -238,7 +238,7 @@ def _equivalence_worker(rank, world, path, shardings, names, faults):
 
 def test_world_size_2_equals_single_process_and_faults_are_reported():
     _spawn(_equivalence_worker, 2, ["contiguous", "zigzag"], sorted(_patterns()),
-           ["mismatched_shapes", "bad_shard_lengths", "never_calls"])
+           ["mismatched_shapes", "mismatched_block_size", "bad_shard_lengths", "never_calls"])
 
 
 def test_world_size_3_equals_single_process():
@@ -279,18 +279,21 @@ def _fault(rank, mode):
         q = k = v = _full(0, 1, 2, 32, 4)
     if mode == "bad_shard_lengths":
         q = k = v = _full(0, 1, 2, 16 * (rank + 1), 8)  # 16 + 32 tokens: not a contiguous split
+    block = BLOCK * 2 if rank == 1 and mode == "mismatched_block_size" else BLOCK
     expected = {"never_calls": D.RingTimeoutError, "mismatched_shapes": D.RingPlanError,
-                "bad_shard_lengths": D.RingPlanError,
+                "bad_shard_lengths": D.RingPlanError, "mismatched_block_size": D.RingPlanError,
                 "dies_mid_ring": (D.RingCommunicationError, D.RingTimeoutError)}[mode]
     t0 = time.perf_counter()
     with pytest.raises(expected) as err:
-        D.distributed_ring_attention(q, k, v, P.full(), BLOCK, timeout=2.0)
+        D.distributed_ring_attention(q, k, v, P.full(), block, timeout=2.0)
     assert time.perf_counter() - t0 < 5.0
     assert f"rank {rank}" in str(err.value)
     if mode == "mismatched_shapes":
         assert "head_dim" in str(err.value)
     if mode == "bad_shard_lengths":
         assert "shard_plan" in str(err.value)
+    if mode == "mismatched_block_size":  # every rank learns the cause
+        assert f"block_size: {{0: {BLOCK}, 1: {2 * BLOCK}}}" in str(err.value)
 
 
 def _dies_worker(rank, world, path):

@@ -35,24 +35,28 @@ exactly the block-sparse attention, and each query block's output is multiplied 
 key blocks, so the gate receives the gradient ``<dL/d out, out>`` per row. The hard top-k itself
 has no gradient.
 
-**Fixed-pattern fallback.** ``fallback=pattern`` is used instead of the content when
+**Fixed patterns.** ``fallback=pattern`` is used instead of the content when
 ``adaptive=False`` or the sequence has fewer than ``min_blocks`` key blocks; ``always=pattern``
-is added (union) to every selection (e.g. a local window or global tokens).
+is added (union) to every call's pattern (e.g. a local window or global tokens). Both act at
+token level, exactly as the patterns themselves: the pattern a call runs is ``(content |
+always)``, or ``(fallback | always)``, intersected with ``causal()`` when ``causal=True``
+(a fixed pattern never grants more than its own pairs, whatever tiles they fall in).
+:attr:`Selection.selected` is the set of tiles of that pattern that hold an allowed pair.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import patterns as P
-from .attention import block_sparse_attention, check_qkv
-from .layout import cells_to_tiles, num_blocks
-from .patterns import Pattern, check_positive_int
+from .attention import block_sparse_attention, check_options, check_qkv
+from .layout import block_extents, cells_to_tiles, num_blocks, tile_sum
+from .patterns import Pattern, TiledHeads, check_positive_int
 
 __all__ = [
     "AdaptiveBlockSparseAttention",
@@ -60,10 +64,12 @@ __all__ = [
     "Selection",
     "block_scores",
     "captured_mass",
+    "check_density",
     "distillation_loss",
     "fold_batch",
     "pool_blocks",
     "select_blocks",
+    "tile_batch",
     "topk_budget",
 ]
 
@@ -141,11 +147,26 @@ def block_scores(q: Tensor, k: Tensor, block_size: int, scale: float | None = No
                         ) * scale
 
 
-def topk_budget(density: float, nk: int) -> int:
-    """Key blocks kept per query block for a target density: ``max(1, round(density * nk))``."""
+def check_density(density: object) -> float:
+    """``density`` as a float if it is a number in ``(0, 1]``.
+
+    Raises:
+        TypeError: not an int or float (a bool or a string included).
+        ValueError: outside ``(0, 1]`` (or NaN).
+    """
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density must be a float in (0, 1] (the fraction of key blocks kept), "
+                        f"got {density!r}")
     if not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return min(nk, max(1, round(density * nk)))
+        raise ValueError(f"density must be in (0, 1] (the fraction of key blocks kept), "
+                         f"got {density}")
+    return float(density)
+
+
+def topk_budget(density: float, nk: int) -> int:
+    """Key blocks kept per query block for a target density: ``max(1, round(density * nk))``,
+    at most ``nk``. Raises as :func:`check_density` for a bad ``density``."""
+    return min(nk, max(1, round(check_density(density) * nk)))
 
 
 def _eligible(nq: int, nk: int, causal: bool, device) -> Tensor:
@@ -165,7 +186,8 @@ def select_blocks(
     """Top-k key blocks per query block from block scores ``[..., nq, nk]`` -> bool, same shape.
 
     The diagonal block is always kept when ``keep_diagonal`` (self-attention); with ``causal``
-    blocks ``j > i`` are never selected. Vectorized: one ``topk`` over the last axis.
+    blocks ``j > i`` are never selected. Vectorized: one ``topk`` over the last axis. Raises as
+    :func:`check_density` for a bad ``density``.
     """
     nq, nk = scores.shape[-2:]
     k = topk_budget(density, nk)
@@ -213,27 +235,111 @@ def distillation_loss(gate_scores: Tensor, q: Tensor, k: Tensor, block_size: int
     return F.kl_div(logp.masked_fill(~elig, 0.0), target, reduction="batchmean")
 
 
+def tile_batch(pattern: Pattern, copies: int) -> Pattern:
+    """``pattern`` over ``copies`` batch elements folded into the heads (head ``c * H + h``
+    behaves as head ``h``): a 1-head pattern unchanged (it broadcasts over any number of
+    heads), an ``H``-head one as :class:`~workbench.patterns.TiledHeads` (``copies * H`` heads)."""
+    return pattern if pattern.num_heads == 1 or copies == 1 else TiledHeads(pattern, copies)
+
+
 @dataclass(frozen=True)
 class Selection:
-    """The result of a selection: bool ``selected [B, H, nq, nk]`` and the scores behind it."""
+    """The pattern one call runs, per batch element and head, and the block scores behind it.
 
-    selected: Tensor
+    The pattern is ``chosen | fixed`` (at token level), intersected with ``k <= q`` when
+    ``causal``: see :meth:`pattern`.
+
+    Attributes:
+        scores: block scores ``[B, H, nq, nk]`` at ``block_size``.
+        chosen: bool ``[B, H, nq, nk]``, the tiles chosen from the content
+            (:func:`select_blocks`); ``None`` when the fallback ran instead.
+        fixed: a pattern of 1 or ``H`` heads joined to ``chosen`` at token level (the module's
+            ``always``; without ``chosen``, its fallback, or ``fallback | always``); or ``None``.
+        block_size, q_len, k_len: the tile size and the problem's lengths.
+        causal: intersect with ``k <= q`` (self-attention: ``q_len == k_len``).
+        selected: derived, bool ``[B, H, nq, nk]``: the tiles of :meth:`pattern` holding an
+            allowed pair, i.e. the tiles a block-sparse kernel at ``block_size`` computes.
+
+    Raises:
+        ValueError: neither ``chosen`` nor ``fixed``; ``chosen`` not shaped as ``scores``;
+            ``fixed`` with neither 1 nor ``H`` heads; ``causal`` with ``q_len != k_len``.
+    """
+
     scores: Tensor
+    chosen: Tensor | None
+    fixed: Pattern | None
     block_size: int
     q_len: int
     k_len: int
     causal: bool
+    selected: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.chosen is None and self.fixed is None:
+            raise ValueError("a Selection needs chosen tiles, a fixed pattern, or both")
+        if self.chosen is not None and self.chosen.shape != self.scores.shape:
+            raise ValueError(f"chosen {tuple(self.chosen.shape)} must have the shape of scores "
+                             f"{tuple(self.scores.shape)}")
+        if self.fixed is not None:
+            _check_heads("fixed", self.fixed, self.scores.shape[1])
+        _check_causal_lengths(self.causal, self.q_len, self.k_len)
+        object.__setattr__(self, "selected", self._run_tiles())
+
+    def _run_tiles(self) -> Tensor:
+        """Bool ``[B, H, nq, nk]``: the active tiles of :meth:`pattern` at ``block_size``."""
+        b, h, nq, nk = self.scores.shape
+        if self.fixed is None:  # chosen tiles are whole; a causal diagonal tile holds (q, q)
+            return self.chosen & _eligible(nq, nk, self.causal, self.chosen.device)
+        if self.chosen is None:  # the fixed part alone: one copy serves every batch element
+            pat = self.fixed & P.causal() if self.causal else self.fixed
+            act = self._active(pat)  # [1 or H, nq, nk]
+            return act.expand(h, nq, nk).expand(b, h, nq, nk).contiguous()
+        return self._active(self.pattern()).reshape(b, h, nq, nk)
+
+    def _active(self, pattern: Pattern) -> Tensor:
+        """``pattern``'s active tiles ``[heads, nq, nk]`` on this problem."""
+        return pattern.block_structure(self.q_len, self.block_size, self.scores.device,
+                                       k_len=self.k_len).active
 
     def pattern(self) -> Pattern:
-        """The :class:`BlockSelection` pattern with the batch folded into heads (``B * H``)."""
-        b, h = self.selected.shape[:2]
-        pat: Pattern = BlockSelection(self.selected.reshape(b * h, *self.selected.shape[2:]),
-                                      self.block_size, self.q_len, self.k_len)
+        """The exact token-level pattern of this selection, batch folded into the heads (head
+        ``b * H + h``): ``BlockSelection(chosen) | fixed`` with ``fixed`` repeated over the
+        batch (:func:`tile_batch`), ``& causal()`` when ``causal``. It has ``B * H`` heads, or
+        1 when it is a 1-head ``fixed`` alone (broadcasting over the heads)."""
+        b, h, nq, nk = self.scores.shape
+        parts: list[Pattern] = []
+        if self.chosen is not None:
+            parts.append(BlockSelection(self.chosen.reshape(b * h, nq, nk), self.block_size,
+                                        self.q_len, self.k_len))
+        if self.fixed is not None:
+            parts.append(tile_batch(self.fixed, b))
+        pat = parts[0] if len(parts) == 1 else parts[0] | parts[1]
         return pat & P.causal() if self.causal else pat
 
     def density(self) -> float:
-        """Computed density (area of selected tiles over ``Sq * Sk``), averaged over B and H."""
-        return self.pattern().density(self.q_len, self.block_size)
+        """Computed density: the area of the :attr:`selected` tiles over ``q_len * k_len``,
+        averaged over batch elements and heads."""
+        sel = self.selected.flatten(0, 1)
+        ext_q = block_extents(self.q_len, self.block_size, sel.device)
+        ext_k = block_extents(self.k_len, self.block_size, sel.device)
+        area = tile_sum(sel, ext_q[:, 1] - ext_q[:, 0] + 1, ext_k[:, 1] - ext_k[:, 0] + 1)
+        return float(area.sum()) / (sel.shape[0] * self.q_len * self.k_len)
+
+
+def _check_heads(name: str, pattern: Pattern, heads: int) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``pattern`` has 1 or ``heads`` heads."""
+    if pattern.num_heads not in (1, heads):
+        raise ValueError(f"{name} has {pattern.num_heads} heads but the input has {heads}; "
+                         f"build it with num_heads={heads} (or use a 1-head pattern)")
+
+
+def _check_causal_lengths(causal: bool, q_len: int, k_len: int) -> None:
+    """Raise a ``ValueError`` when ``causal`` and the query and key lengths differ: causal
+    attention here is self-attention (query ``i`` sees keys ``j <= i`` of the same sequence)."""
+    if causal and q_len != k_len:
+        raise ValueError(f"causal=True is causal self-attention: q and k must have the same "
+                         f"length, got {q_len} and {k_len} (use causal=False for "
+                         f"cross-attention)")
 
 
 # --------------------------------------------------------------------- the module
@@ -242,18 +348,35 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
     Args:
         block_size: selection and kernel block size.
-        density: target fraction of key blocks per query block (``k = round(density * nk)``).
-        causal: autoregressive (block-level eligibility plus the token-level ``k <= q``).
-        head_dim: needed only with ``trainable=True`` (the gate's input size).
+        density: target fraction of key blocks per query block (``k = round(density * nk)``),
+            in ``(0, 1]``.
+        causal: autoregressive self-attention (block-level eligibility plus the token-level
+            ``k <= q``); queries and keys must then have the same length.
+        head_dim: the gate's input size, needed only with ``trainable=True``.
         trainable: learn linear maps of pooled Q and K (initialized to the identity).
         straight_through: pass gradient to the gate through the output (see module docs).
-        always: a fixed pattern added to every selection (e.g. ``P.local_window(64)``).
-        fallback: a fixed pattern used when ``adaptive=False`` or fewer than ``min_blocks``
-            key blocks.
+        always: a fixed pattern unioned, at token level, into every call's pattern (e.g.
+            ``P.local_window(64)``).
+        fallback: a fixed pattern run (exactly) instead of the content when ``adaptive=False``
+            or the keys have fewer than ``min_blocks`` blocks; needed then.
+        adaptive, min_blocks: when to use the content (``min_blocks``: a positive int).
         backend, ring_chunks: as for :func:`workbench.block_sparse_attention`.
         process_group, sharding: take this rank's shard of a sequence sharded across the
             group's ranks; the selection is made from gathered block summaries
             (:meth:`select_sharded`) and the attention runs as a distributed ring.
+
+    A fixed pattern has 1 head or as many as the input (then head ``h`` of every batch
+    element follows its head ``h``).
+
+    Raises:
+        TypeError: ``density``, ``always`` or ``fallback`` of the wrong type; a flag
+            (``causal``, ``trainable``, ``straight_through``, ``adaptive``) not a bool.
+        ValueError: ``density`` outside ``(0, 1]``; ``block_size``, ``ring_chunks``,
+            ``min_blocks`` or (when trainable) ``head_dim`` not a positive int; an unknown
+            ``backend`` or ``sharding``; no ``fallback`` where one is needed; ``fallback`` and
+            ``always`` with different numbers of heads (both above 1); ``straight_through``
+            without ``trainable``.
+        NotImplementedError: ``straight_through`` under a ``process_group``.
 
     ``forward(q, k, v, return_selection=False)`` takes ``[B, H, S, D]``.
     """
@@ -277,22 +400,28 @@ class AdaptiveBlockSparseAttention(nn.Module):
         sharding: str = "contiguous",
     ) -> None:
         super().__init__()
-        topk_budget(density, 1)  # validates density
-        check_positive_int("block_size", block_size)
-        if trainable and head_dim is None:
-            raise ValueError("trainable=True needs head_dim (the gate's input size)")
+        density = check_density(density)
+        check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks,
+                      scale=None, block_order=None, sharding=sharding)
+        for name, flag in (("causal", causal), ("trainable", trainable),
+                           ("straight_through", straight_through), ("adaptive", adaptive)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        _check_fixed_patterns(always, fallback, adaptive, min_blocks)
+        if trainable:
+            if head_dim is None:
+                raise ValueError("trainable=True needs head_dim (the gate's input size)")
+            check_positive_int("head_dim", head_dim)
         if straight_through and not trainable:
             raise ValueError("straight_through=True needs trainable=True (a gate to train)")
-        if not adaptive and fallback is None:
-            raise ValueError("adaptive=False needs a fallback pattern")
-        self.block_size, self.density, self.causal = block_size, float(density), causal
+        if process_group is not None and straight_through:
+            raise NotImplementedError("straight_through under a process_group is not supported; "
+                                      "train the gate with distillation_loss instead")
+        self.block_size, self.density, self.causal = block_size, density, causal
         self.straight_through, self.always, self.fallback = straight_through, always, fallback
         self.adaptive, self.min_blocks = adaptive, min_blocks
         self.backend, self.ring_chunks = backend, ring_chunks
         self.process_group, self.sharding = process_group, sharding
-        if process_group is not None and straight_through:
-            raise NotImplementedError("straight_through under a process_group is not supported; "
-                                      "train the gate with distillation_loss instead")
         if trainable:
             self.gate_q = nn.Linear(head_dim, head_dim)
             self.gate_k = nn.Linear(head_dim, head_dim)
@@ -308,13 +437,28 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return self.pooled_scores(pool_blocks(q, self.block_size), pool_blocks(k, self.block_size))
 
     def pooled_scores(self, pq: Tensor, pk: Tensor) -> Tensor:
-        """Block scores from block summaries ``pq [B, H, nq, D]``, ``pk [B, H, nk, D]``."""
+        """Block scores ``[B, H, nq, nk]`` from block summaries ``pq [B, H, nq, D]``,
+        ``pk [B, H, nk, D]``.
+
+        Raises:
+            ValueError: a trainable gate built for another ``head_dim`` than ``D``.
+        """
         if self.gate_q is not None:
+            if pq.shape[-1] != self.gate_q.in_features:
+                raise ValueError(f"the gate was built with head_dim={self.gate_q.in_features} "
+                                 f"but q and k have head_dim {pq.shape[-1]}; build the module "
+                                 f"with head_dim={pq.shape[-1]}")
             pq, pk = self.gate_q(pq), self.gate_k(pk)
         return torch.matmul(pq, pk.transpose(-1, -2)) / math.sqrt(pq.shape[-1])
 
     def select(self, q: Tensor, k: Tensor) -> Selection:
-        """Selected blocks per batch element and head."""
+        """The selection of this call from ``q [B, H, Sq, D]`` and ``k [B, H, Sk, D]``.
+
+        Raises:
+            ValueError, TypeError: q and k not of matching ``[B, H, S, D]`` shapes (as
+                :func:`~workbench.attention.check_qkv`), or as :meth:`select_pooled`.
+        """
+        check_qkv(q, k, k)
         return self.select_pooled(pool_blocks(q, self.block_size), pool_blocks(k, self.block_size),
                                   q.shape[2], k.shape[2])
 
@@ -324,10 +468,12 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
         Every rank pools its own blocks, the block summaries are gathered
         (:func:`workbench.distributed.gather_block_summaries`: ``1 / block_size`` of the
-        sequence), and every rank computes the same global selection from them.
+        sequence), and every rank computes the same global selection from them. Raises as
+        :meth:`select`.
         """
         from .distributed import gather_block_summaries
 
+        check_qkv(q, k, k)
         b = self.block_size
         kw = {"process_group": process_group, "sharding": sharding}
         pq, s = gather_block_summaries(pool_blocks(q, b), q.shape[2], b, **kw)
@@ -335,20 +481,31 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return self.select_pooled(pq, pk, s, s)
 
     def select_pooled(self, pq: Tensor, pk: Tensor, q_len: int, k_len: int) -> Selection:
-        """Selected blocks from block summaries (:func:`pool_blocks` of q and k): what a
-        distributed run gathers instead of the sequence."""
-        b = self.block_size
+        """The selection from block summaries (:func:`pool_blocks` of q and k): what a
+        distributed run gathers instead of the sequence.
+
+        The content chooses the tiles (:func:`select_blocks`) and ``always`` is joined to them,
+        unless ``adaptive=False`` or there are fewer than ``min_blocks`` key blocks: then the
+        fixed part is the fallback (``| always``) alone. See :class:`Selection`.
+
+        Raises:
+            ValueError: a fixed pattern with neither 1 nor ``H`` heads; ``causal`` with
+                ``q_len != k_len``; a gate of another ``head_dim``.
+        """
+        heads = pq.shape[1]
+        for name, pat in (("fallback", self.fallback), ("always", self.always)):
+            if pat is not None:
+                _check_heads(name, pat, heads)
+        _check_causal_lengths(self.causal, q_len, k_len)
         scores = self.pooled_scores(pq, pk)
-        bsz, h, nq, nk = scores.shape
-        if self.adaptive and nk >= self.min_blocks:
-            sel = select_blocks(scores, self.density, causal=self.causal,
-                                keep_diagonal=(q_len == k_len))
+        if self.adaptive and scores.shape[-1] >= self.min_blocks:
+            chosen = select_blocks(scores, self.density, causal=self.causal,
+                                   keep_diagonal=(q_len == k_len))
+            fixed = self.always
         else:
-            lay = self.fallback.block_structure(q_len, b, pq.device, k_len=k_len).active
-            sel = lay.expand(h, nq, nk)[None].expand(bsz, -1, -1, -1).clone()
-        if self.always is not None:
-            sel = sel | self.always.block_structure(q_len, b, pq.device, k_len=k_len).active
-        return Selection(sel, scores, b, q_len, k_len, self.causal)
+            chosen = None
+            fixed = self.fallback if self.always is None else self.fallback | self.always
+        return Selection(scores, chosen, fixed, self.block_size, q_len, k_len, self.causal)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_selection: bool = False):
         check_qkv(q, k, v)
@@ -366,15 +523,49 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
     def straight_through_gradient(self, out: Tensor, sel: Selection) -> Tensor:
         """``out [B, H, Sq, Dv]`` times ``m / stopgrad(m)`` per query block (module docs), so
-        the gate learns through the output; ``out`` unchanged unless ``straight_through``."""
+        the gate learns through the output; ``out`` unchanged unless ``straight_through``.
+
+        ``m`` is the gate's softmax mass on ``sel.selected``; where it is 0 (e.g. a query block
+        with no selected tile, whose output is 0) the factor is 1 and passes no gradient.
+        """
         if not self.straight_through:
             return out
         elig = _eligible(*sel.scores.shape[-2:], self.causal, out.device)
         soft = torch.softmax(sel.scores.masked_fill(~elig, -torch.inf), -1)
         m = (soft * sel.selected).sum(-1)  # [B, H, nq]
-        factor = (m / m.detach()).repeat_interleave(self.block_size, -1)[..., : sel.q_len]
+        held = m.detach()
+        some = held > 0
+        factor = torch.where(some, m / torch.where(some, held, torch.ones_like(held)), 1.0)
+        factor = factor.repeat_interleave(self.block_size, -1)[..., : sel.q_len]
         return out * factor[..., None].to(out.dtype)
 
     def extra_repr(self) -> str:
         return (f"block_size={self.block_size}, density={self.density}, causal={self.causal}, "
-                f"trainable={self.gate_q is not None}, straight_through={self.straight_through}")
+                f"trainable={self.gate_q is not None}, straight_through={self.straight_through}, "
+                f"always={self.always!r}, fallback={self.fallback!r}")
+
+
+def _check_fixed_patterns(always: object, fallback: object, adaptive: bool,
+                          min_blocks: object) -> None:
+    """Validate the module's fixed patterns and when the fallback runs.
+
+    Raises:
+        TypeError: ``always`` or ``fallback`` neither a :class:`Pattern` nor ``None``.
+        ValueError: ``min_blocks`` not a positive int; no ``fallback`` while ``adaptive=False``
+            or ``min_blocks > 1``; ``fallback`` and ``always`` with different head counts
+            (both above 1), which cannot be joined.
+    """
+    for name, pat in (("always", always), ("fallback", fallback)):
+        if pat is not None and not isinstance(pat, Pattern):
+            raise TypeError(f"{name} must be a workbench Pattern (e.g. "
+                            f"workbench.patterns.local_window(64)) or None, got {pat!r}")
+    check_positive_int("min_blocks", min_blocks)
+    if fallback is None and not adaptive:
+        raise ValueError("adaptive=False needs a fallback pattern (what runs instead)")
+    if fallback is None and min_blocks > 1:
+        raise ValueError(f"min_blocks={min_blocks} needs a fallback pattern: it runs when the "
+                         f"keys have fewer than min_blocks blocks (or leave min_blocks=1)")
+    if always is not None and fallback is not None and len(
+            {always.num_heads, fallback.num_heads} - {1}) > 1:
+        raise ValueError(f"always has {always.num_heads} heads and fallback "
+                         f"{fallback.num_heads}; give them the same number of heads (or 1)")

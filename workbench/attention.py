@@ -17,6 +17,7 @@ from .backends import (
     NO_LSE,
     AttentionDropout,
     Problem,
+    accumulation_dtype,
     check_backend,
     dense_sdpa,
     resolve_backend,
@@ -27,10 +28,18 @@ from .distributed import distributed_ring_attention
 from .layout import BlockLayout
 from .layout_memo import LayoutMemo
 from .orderings import check_block_order
-from .patterns import Pattern, check_positive_int
+from .patterns import Pattern, check_positive_int, head_predicate
 from .ring import ring_attention
+from .sharding import SHARDINGS
 
-__all__ = ["BlockSparseAttention", "block_sparse_attention", "check_qkv"]
+__all__ = [
+    "BlockSparseAttention",
+    "block_sparse_attention",
+    "check_layout",
+    "check_options",
+    "check_qkv",
+    "check_scale",
+]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -59,6 +68,28 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+
+
+def check_scale(scale: object) -> None:
+    """Raise a ``TypeError`` unless ``scale`` is a finite real number or None."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise TypeError(f"scale must be a finite float or None (1 / sqrt(head_dim)), got "
+                        f"{scale!r}")
+
+
+def check_options(*, block_size: int, backend: str, ring_chunks: int, scale: float | None,
+                  block_order: str | None, sharding: str) -> str | None:
+    """Validate the options every entry point shares, raising a ``ValueError`` or
+    ``TypeError`` that names the argument; returns ``block_order`` normalized (``None`` for the
+    natural order). Constructors call it so that a bad value fails where it is given."""
+    check_positive_int("block_size", block_size)
+    check_backend(backend)
+    check_positive_int("ring_chunks", ring_chunks)
+    check_scale(scale)
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    return check_block_order(block_order)
 
 
 def _check_pattern(pattern: Pattern, num_heads: int) -> None:
@@ -136,10 +167,10 @@ def block_sparse_attention(
     """
     check_qkv(q, k, v)
     _check_pattern(pattern, q.shape[1])
-    check_positive_int("block_size", block_size)
-    check_backend(backend)
-    check_positive_int("ring_chunks", ring_chunks)
-    block_order = check_block_order(block_order)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
+    block_order = check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks,
+                                scale=scale, block_order=block_order, sharding=sharding)
     if backend == "sdpa" and (return_lse or ring_chunks > 1 or process_group is not None):
         raise ValueError(NO_LSE)
     if process_group is not None:
@@ -155,16 +186,15 @@ def block_sparse_attention(
     dropout = _dropout(dropout_p, dropout_seed)
     form = sdpa_shortcut(pattern, backend, return_lse=return_lse, ring_chunks=ring_chunks,
                          dropout=dropout is not None, k_len=sk)
+    if layout is not None:
+        check_layout(layout, pattern, sq, sk, block_size)
+    if q.numel() == 0:  # no batch or no heads: nothing to attend
+        return _empty_attention(q, k, v, return_lse)
     if layout is None and form is not None:  # no block layout needed (it is O(S^2 / b^2))
         return dense_sdpa(q, k, v, form, scale)
     if layout is None:
         layout = pattern.block_structure(sq, block_size, q.device, k_len=sk)
-    elif (layout.q_len, layout.k_len, layout.block_size) != (sq, sk, block_size):
-        raise ValueError(
-            f"layout is for q_len={layout.q_len}, k_len={layout.k_len}, block_size="
-            f"{layout.block_size} but the inputs need {sq}, {sk}, {block_size}"
-        )
-    problem = Problem(layout, pattern.predicate(q.device), scale, label=repr(pattern),
+    problem = Problem(layout, head_predicate(pattern, q.device), scale, label=repr(pattern),
                       block_order=block_order, dropout=dropout,
                       dense_form=pattern.dense_form())
     name = resolve_backend(backend, q, problem.dropout is not None, v=v, problem=problem,
@@ -174,6 +204,36 @@ def block_sparse_attention(
     else:
         out, lse = run_backend(name, q, k, v, problem, need_lse=return_lse)
     return (out, lse) if return_lse else out
+
+
+def check_layout(layout: BlockLayout, pattern: Pattern, q_len: int, k_len: int,
+                 block_size: int) -> None:
+    """Raise a ``ValueError`` unless ``layout`` is ``pattern``'s block structure for these
+    lengths and block size (a layout built by hand, with no recorded source, is trusted)."""
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout from pattern.block_structure(...), got "
+                        f"{type(layout).__name__}")
+    if (layout.q_len, layout.k_len, layout.block_size) != (q_len, k_len, block_size):
+        raise ValueError(
+            f"layout is for q_len={layout.q_len}, k_len={layout.k_len}, block_size="
+            f"{layout.block_size} but the inputs need {q_len}, {k_len}, {block_size}"
+        )
+    if layout.source is not None and not layout.source.matches(pattern):
+        raise ValueError(
+            f"layout was built for {layout.source.label}, not for the pattern given, "
+            f"{pattern!r}; "
+            f"build it with pattern.block_structure({q_len}, {block_size}, k_len={k_len}) "
+            "or leave layout=None")
+
+
+def _empty_attention(q: Tensor, k: Tensor, v: Tensor, return_lse: bool
+                     ) -> Tensor | tuple[Tensor, Tensor]:
+    """The result for inputs with no batch element or no head: empty tensors of the right
+    shapes, connected to the inputs' autograd graph."""
+    out = torch.matmul(torch.matmul(q, k.transpose(-1, -2)), v)
+    if not return_lse:
+        return out
+    return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
 def sdpa_shortcut(pattern: Pattern, backend: str, *, return_lse: bool = False,
@@ -191,6 +251,9 @@ def _dropout(p: float, seed: int | None) -> AttentionDropout | None:
     """The dropout of a call (None when ``p == 0``); draws a seed when none is given."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**63):
+        raise ValueError(f"dropout_seed must be None or an int in [0, 2**63), got {seed!r}")
     if p == 0.0:
         return None
     if seed is None:
@@ -227,10 +290,10 @@ class BlockSparseAttention(nn.Module):
         sharding: str = "contiguous",
     ) -> None:
         super().__init__()
-        _check_pattern(pattern, pattern.num_heads)
-        check_positive_int("block_size", block_size)
-        check_backend(backend)
-        self.block_order = check_block_order(block_order)
+        _check_pattern(pattern, getattr(pattern, "num_heads", 1))
+        self.block_order = check_options(block_size=block_size, backend=backend,
+                                         ring_chunks=ring_chunks, scale=scale,
+                                         block_order=block_order, sharding=sharding)
         self.pattern = pattern
         self.block_size = block_size
         self.backend = backend

@@ -44,13 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import block_sparse_attention, check_qkv
+from .attention import block_sparse_attention, check_qkv, check_scale
 from .backends import BACKENDS, empty_partial, merge_partials
 from .orderings import dilation_gather
 from .patterns import (
     Dilated,
     KeyMask,
     check_dilation_pairs,
+    check_positive_int,
     dilated,
     dilated_branch,
     head_groups,
@@ -335,6 +336,8 @@ def dilated_attention(
     """
     check_qkv(q, k, v)
     check_dilation_pairs(segment_lengths, dilation_rates)
+    check_positive_int("block_size", block_size)
+    check_scale(scale)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     choices = ("gather", *(b for b in BACKENDS if b != "sdpa"))  # sdpa: dense or causal only

@@ -71,7 +71,7 @@ from .backends import (
 )
 from .backends.dropout import AttentionDropout
 from .layout import BlockLayout, num_blocks
-from .patterns import Dilated, Pattern
+from .patterns import Dilated, Pattern, check_positive_int, head_predicate
 from .sharding import (
     SHARDINGS,
     DistributedPlan,
@@ -295,15 +295,17 @@ def _wait_all(works: Sequence, timeout: float, what: str) -> None:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _exchange_shapes(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None, group,
-                     world: int, rank: int, timeout: float) -> Tensor:
-    """All ranks' ``[B, H, Sq, Sk, D, Dv, dtype, dropout ppm, dropout seed]`` (int64
-    ``[P, 9]``), for validation (and to agree on one dropout seed)."""
+def _exchange_shapes(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None,
+                     block_size: int, sharding: str, group, world: int, rank: int,
+                     timeout: float) -> Tensor:
+    """All ranks' ``[B, H, Sq, Sk, D, Dv, dtype, dropout ppm, dropout seed, block_size,
+    sharding]`` (int64 ``[P, 11]``), for validation (and to agree on one dropout seed)."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"dtype {q.dtype} is not supported by the distributed ring")
     drop = (-1, -1) if dropout is None else (round(dropout.p * 1e6), dropout.seed)
     mine = torch.tensor([q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
-                         _DTYPES.index(q.dtype), *drop], dtype=torch.int64, device=q.device)
+                         _DTYPES.index(q.dtype), *drop, block_size, SHARDINGS.index(sharding)],
+                        dtype=torch.int64, device=q.device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     work = dist.all_gather(everyone, mine, group=group, async_op=True)
     _wait_all([work], timeout, f"rank {rank}: exchanging shard shapes with the other {world - 1} "
@@ -314,11 +316,12 @@ def _exchange_shapes(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout 
 def _check_shapes(meta: Tensor, rank: int) -> int:
     """Raise :class:`RingPlanError` unless ranks agree; return the total sequence length."""
     names = ("batch", "heads", "q shard length", "k shard length", "head_dim", "value dim",
-             "dtype", "dropout probability (ppm)")
-    for col in (0, 1, 4, 5, 6, 7):
+             "dtype", "dropout probability (ppm)", "dropout seed", "block_size", "sharding")
+    for col in (0, 1, 4, 5, 6, 7, 9, 10):
         vals = meta[:, col].tolist()
         if len(set(vals)) > 1:
-            shown = [str(_DTYPES[x]) for x in vals] if col == 6 else vals
+            shown = ([str(_DTYPES[x]) for x in vals] if col == 6
+                     else [SHARDINGS[x] for x in vals] if col == 10 else vals)
             raise RingPlanError(f"rank {rank}: ranks disagree on {names[col]}: "
                                 f"{dict(enumerate(shown))}")
     if not torch.equal(meta[:, 2], meta[:, 3]):
@@ -364,7 +367,7 @@ def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, 
                   ) -> tuple[Problem, ...]:
     """One :class:`Problem` per query run ``(first block, end block)``, from the layout of
     its rows against every key block (positions absolute, as in the whole problem)."""
-    pred, b = pattern.predicate(device), run_layouts[0].block_size
+    pred, b = head_predicate(pattern, device), run_layouts[0].block_size
     return tuple(Problem(lay, pred, scale, q_offset=r[0] * b, label=repr(pattern),
                          block_order=block_order, dropout=dropout)
                  for lay, r in zip(run_layouts, runs))
@@ -620,7 +623,7 @@ def row_layouts(pattern: Pattern, seq_len: int, block_size: int,
         return hit[1]
     lays = [pattern.block_structure(seq_len, block_size, device, rows=r) for r in runs]
     try:
-        ref = weakref.ref(pattern, lambda _, key=key: _ROWS.pop(key, None))
+        ref = weakref.ref(pattern, lambda _, key=key, rows=_ROWS: rows.pop(key, None))
     except TypeError:  # not weakly referenceable: not cached
         return lays
     _ROWS[key] = (ref, lays)
@@ -688,9 +691,13 @@ def distributed_ring_attention(
                            "torch.distributed.init_process_group first (or run under torchrun)")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    check_positive_int("block_size", block_size)
     rank = dist.get_rank(process_group)
     world = dist.get_world_size(process_group)
-    meta = _exchange_shapes(q, k, v, dropout, process_group, world, rank, timeout)
+    meta = _exchange_shapes(q, k, v, dropout, block_size, sharding, process_group, world, rank,
+                            timeout)
     seq_len = _check_shapes(meta, rank)
     if dropout is not None:  # every rank drops the same pairs: rank 0's seed
         dropout = AttentionDropout(dropout.p, int(meta[0, 8]))
@@ -710,6 +717,9 @@ def distributed_ring_attention(
             raise ValueError(f"layout is for {layout.q_len}x{layout.k_len} tokens in blocks of "
                              f"{layout.block_size}; the sharded sequence has {seq_len} tokens in "
                              f"blocks of {block_size}")
+        if layout.source is not None and not layout.source.matches(pattern):
+            raise ValueError(f"layout was built for {layout.source.label}, not for the pattern "
+                             f"given, {pattern!r}; leave layout=None")
         run_layouts = [layout.slice(r, (0, layout.shape[2])) for r in runs]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     plan = _gather_plan(run_layouts, shards, process_group, rank, timeout)

@@ -10,14 +10,16 @@ of it. Positions beyond the length are padding: they never count as allowed pair
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlockLayout", "LayoutStats", "block_extents", "cells_to_tiles", "key_block_counts",
-           "num_blocks", "tile_sum"]
+__all__ = ["BlockLayout", "LayoutSource", "LayoutStats", "block_extents", "cells_to_tiles",
+           "key_block_counts", "num_blocks", "tile_sum"]
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -117,6 +119,39 @@ class LayoutStats:
     full_fraction: float
 
 
+def _gone() -> None:
+    """A weak reference whose object is gone."""
+    return None
+
+
+class LayoutSource:
+    """The pattern a layout was built from, held weakly (a layout never keeps its pattern
+    alive), with the pattern's value key so that it is still recognized once collected."""
+
+    def __init__(self, pattern: Any) -> None:
+        self.label = repr(pattern)
+        key = pattern._key()
+        self.ident = None if key is None else (type(pattern), key)
+        try:
+            self.ref: Callable[[], Any] = weakref.ref(pattern)
+        except TypeError:  # not weakly referenceable: known by its value alone
+            self.ref = _gone
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy knows its pattern by value alone
+        return {"label": self.label, "ident": self.ident}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.label, self.ident, self.ref = state["label"], state["ident"], _gone
+
+    def matches(self, pattern: Any) -> bool:
+        """Whether ``pattern`` is the source or equal to it."""
+        live = self.ref()
+        if live is not None:
+            return live is pattern or live == pattern
+        key = pattern._key()
+        return self.ident is not None and key is not None and self.ident == (type(pattern), key)
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """Block-level structure of an attention pattern on a ``q_len x k_len`` problem.
@@ -127,6 +162,9 @@ class BlockLayout:
         full: bool ``[H, nq, nk]``; every real pair of the tile is allowed (subset of active).
         q_len, k_len: number of real query and key positions.
         block_size: tile edge in tokens.
+        source: the :class:`LayoutSource` of the pattern this layout was built from
+            (``None`` when built by hand); entry points refuse a layout whose source does
+            not match the pattern they are given.
     """
 
     active: Tensor
@@ -134,6 +172,7 @@ class BlockLayout:
     q_len: int
     k_len: int
     block_size: int
+    source: LayoutSource | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.active.dtype != torch.bool or self.full.dtype != torch.bool:
@@ -204,6 +243,7 @@ class BlockLayout:
             q_len=min(q1 * b, self.q_len) - q0 * b,
             k_len=min(k1 * b, self.k_len) - k0 * b,
             block_size=b,
+            source=self.source,
         )
 
     def coarsen(self, factor: int) -> BlockLayout:
@@ -218,7 +258,8 @@ class BlockLayout:
         shape = (h, (nq + pq) // factor, factor, (nk + pk) // factor, factor)
         act = act.reshape(shape).any(4).any(2)
         ful = ful.reshape(shape).all(4).all(2) & act
-        return BlockLayout(act, ful, self.q_len, self.k_len, self.block_size * factor)
+        return BlockLayout(act, ful, self.q_len, self.k_len, self.block_size * factor,
+                           self.source)
 
     def expand_heads(self, num_heads: int) -> BlockLayout:
         """This layout with its head axis broadcast to ``num_heads`` (a view, no copy)."""
@@ -231,10 +272,11 @@ class BlockLayout:
         shape = (num_heads, *self.active.shape[1:])
         return BlockLayout(
             self.active.expand(shape), self.full.expand(shape), self.q_len, self.k_len,
-            self.block_size,
+            self.block_size, self.source,
         )
 
     def to(self, device: torch.device | str) -> BlockLayout:
         return BlockLayout(
-            self.active.to(device), self.full.to(device), self.q_len, self.k_len, self.block_size
+            self.active.to(device), self.full.to(device), self.q_len, self.k_len, self.block_size,
+            self.source,
         )

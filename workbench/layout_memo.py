@@ -5,8 +5,9 @@ layout is built once rather than at every call, and so that what the backends de
 (FlexAttention's ``BlockMask``, the triton plan; kept exactly as long as the layout) is built
 once too. Modules that run the *same pattern object* at the same lengths get the same layout
 object while any of them keeps it: a model whose layers share one pattern holds one layout and
-one ``BlockMask`` for all of them, instead of one per layer. (Equal patterns built separately are
-different objects and get layouts of their own: a pattern defines no value equality.)
+one ``BlockMask`` for all of them, instead of one per layer. A module's own memo is keyed by the
+pattern itself (its value where it has one, see :meth:`~workbench.patterns.Pattern._key`), so
+it survives copying and pickling without confusing two patterns.
 """
 
 from __future__ import annotations
@@ -61,20 +62,24 @@ class LayoutMemo:
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        # each entry keeps its pattern too, so that its id is not reused while the entry lives
-        self._layouts: OrderedDict[tuple, tuple[Pattern, BlockLayout]] = OrderedDict()
+        self._layouts: OrderedDict[tuple, BlockLayout] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._layouts)
 
+    def __getstate__(self) -> dict[str, int]:  # a cache, not state: copies start empty
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["size"])
+
     def get(self, pattern: Pattern, q_len: int, k_len: int, block_size: int,
             device: torch.device | str) -> BlockLayout:
         """The layout of ``pattern`` for these lengths, kept for the next call."""
-        key = (id(pattern), q_len, k_len, block_size, str(torch.device(device)))
+        key = (pattern, q_len, k_len, block_size, str(torch.device(device)))
         if key not in self._layouts:
-            self._layouts[key] = (pattern, shared_layout(pattern, q_len, k_len, block_size,
-                                                         device))
+            self._layouts[key] = shared_layout(pattern, q_len, k_len, block_size, device)
             if len(self._layouts) > self.size:
                 self._layouts.popitem(last=False)
         self._layouts.move_to_end(key)
-        return self._layouts[key][1]
+        return self._layouts[key]

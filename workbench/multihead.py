@@ -10,20 +10,29 @@ Masks keep ``nn.MultiheadAttention``'s polarity: in a **boolean** ``key_padding_
 ``attn_mask``, ``True`` means *ignore this key*. They are turned into patterns and intersected
 with the module's pattern:
 
-- ``key_padding_mask [B, S_k]`` becomes a :class:`~workbench.patterns.KeyMask`. Layouts are per
-  head and shared across the batch, so a per-batch mask folds the batch into the heads: the
-  problem is run as ``[1, B * H, S, D]`` (index ``b * H + h``, the index
-  ``nn.MultiheadAttention`` uses for 3-D masks).
-- ``attn_mask [S_q, S_k]`` or ``[B * H, S_q, S_k]`` becomes a dense-mask pattern. It is an
-  ``S x S`` tensor the caller already holds, so it is meant for short sequences; long sequences
-  should express structure as a pattern instead.
+- ``key_padding_mask [B, S_k]`` (unbatched input: ``[S_k]``) becomes a
+  :class:`~workbench.patterns.KeyMask`. Layouts are per head and shared across the batch, so a
+  per-batch mask folds the batch into the heads: the problem is run as ``[1, B * H, S, D]``
+  (index ``b * H + h``, the index ``nn.MultiheadAttention`` uses for 3-D masks).
+- ``attn_mask [S_q, S_k]`` or ``[B * H, S_q, S_k]`` (unbatched input: ``[H, S_q, S_k]``)
+  becomes a dense-mask pattern. It is an ``S x S`` tensor the caller already holds, so it is
+  meant for short sequences; long sequences should express structure as a pattern instead.
 - Float masks are supported when every entry is ``0`` or ``-inf`` (they are then exactly a boolean
   mask); any other additive float mask raises ``NotImplementedError``.
 - ``is_causal=True`` intersects with :func:`workbench.patterns.causal`. Unlike
   ``nn.MultiheadAttention`` it does not need ``attn_mask`` (if one is given, both apply).
 
+Inputs follow ``nn.MultiheadAttention``'s rules: batched ``[B, S, E]`` (``batch_first=True``)
+or ``[S, B, E]``, or unbatched ``[S, E]`` (``batch_first`` is then ignored); last dimensions
+``embed_dim``, ``kdim``, ``vdim``; one batch size; key and value of one length; one dtype and
+device, those of the parameters (outside autocast); bool or float masks of the shapes above.
+Options are checked at construction.
+
 Differences from ``nn.MultiheadAttention`` (all documented, none silent):
 
+- A bad input raises ``TypeError`` or ``ValueError`` naming the argument, where
+  ``nn.MultiheadAttention`` raises ``AssertionError`` or ``RuntimeError`` (or an error from
+  inside torch).
 - A query with no allowed key outputs zeros (``nn.MultiheadAttention`` gives NaN there).
 - Attention-weight dropout (``dropout > 0``, training mode only, as there) drops the same
   fraction of probabilities with the same ``1 / (1 - p)`` scaling, but its keep decisions come
@@ -34,11 +43,12 @@ Differences from ``nn.MultiheadAttention`` (all documented, none silent):
   dropout is active; FlexAttention cannot drop probabilities). ``need_weights`` returns the
   probabilities before dropout.
 - ``add_bias_kv`` and ``add_zero_attn`` raise ``NotImplementedError``.
-- ``need_weights=True`` returns the dense ``[B, S_q, S_k]`` (or per head ``[B, H, S_q, S_k]``)
-  weights only while ``B * H * S_q * S_k <= dense_weights_limit`` (default ``2**22`` elements,
-  e.g. one batch of 8 heads at 724 tokens); above it the weights come back compact as
-  :class:`BlockSparseWeights` (one ``block x block`` tile of probabilities per active tile, memory
-  proportional to the computed pairs), never as an ``S x S`` tensor.
+- ``need_weights=True`` returns the dense ``[B, S_q, S_k]`` (or per head ``[B, H, S_q, S_k]``;
+  without ``B`` for unbatched input) weights only while ``B * H * S_q * S_k <=
+  dense_weights_limit`` (default ``2**22`` elements, e.g. one batch of 8 heads at 724 tokens);
+  above it the weights come back compact as :class:`BlockSparseWeights` (one ``block x block``
+  tile of probabilities per active tile, memory proportional to the computed pairs), never as an
+  ``S x S`` tensor.
 
 **Content-adaptive sparsity.** ``selector=AdaptiveBlockSparseAttention(...)`` chooses the
 block layout of every forward call from the projected queries and keys (per batch element and
@@ -56,27 +66,26 @@ dict, which keeps ``nn.MultiheadAttention`` checkpoints loadable).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import patterns as P
 from .adaptive import AdaptiveBlockSparseAttention
-from .attention import block_sparse_attention, sdpa_shortcut
-from .backends import check_backend
+from .attention import block_sparse_attention, check_options, sdpa_shortcut
 from .layout import num_blocks
 from .layout_memo import LayoutMemo, shared
-from .orderings import check_block_order
-from .patterns import KeyMask, Pattern, check_positive_int
+from .patterns import KeyMask, Pattern, TiledHeads, check_positive_int, head_predicate
 
 __all__ = [
     "BlockSparseMultiheadAttention",
     "BlockSparseWeights",
     "DenseMask",
-    "TiledHeads",
 ]
 
 _NO_PATTERN = P.full()  # what shares the unmasked patterns of modules built without one
@@ -130,32 +139,6 @@ class DenseMask(Pattern):
         return f"dense_mask({tuple(self.mask.shape)})"
 
 
-class TiledHeads(Pattern):
-    """An ``H``-head pattern repeated ``copies`` times: head ``c * H + h`` behaves as head ``h``.
-
-    Used to fold the batch into the heads (per-batch masks, adaptive layouts).
-    """
-
-    def __init__(self, pattern: Pattern, copies: int) -> None:
-        self.base, self.copies = pattern, copies
-        self.num_heads = pattern.num_heads * copies
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
-
-    def predicate(self, device):
-        f, n = self.base.predicate(device), self.base.num_heads
-        return lambda h, q, k: f(torch.remainder(h, n), q, k)
-
-    def _row_tiles(self, q_len, k_len, block_size, device, rows):
-        a, f = self.base._row_tiles(q_len, k_len, block_size, device, rows)
-        shape = (self.base.num_heads, *a.shape[1:])
-        return a.expand(shape).repeat(self.copies, 1, 1), f.expand(shape).repeat(self.copies, 1, 1)
-
-    def __repr__(self) -> str:
-        return f"tiled({self.base!r}, copies={self.copies})"
-
-
 def _bool_mask(mask: Tensor, name: str) -> Tensor:
     """``nn.MultiheadAttention`` mask -> bool "ignore" mask (True = ignore)."""
     if mask.dtype == torch.bool:
@@ -187,6 +170,7 @@ class BlockSparseWeights:
         batch_folded: whether heads are ``b * H + h``.
         average: whether the caller asked for head-averaged weights (``to_dense`` then averages).
         batch: the batch size ``B`` (to unfold folded heads).
+        unbatched: whether the call was unbatched (``to_dense`` then drops the batch axis).
     """
 
     tiles: Tensor
@@ -198,9 +182,11 @@ class BlockSparseWeights:
     batch_folded: bool
     average: bool
     batch: int = 1
+    unbatched: bool = False
 
     def to_dense(self) -> Tensor:
-        """Dense weights as ``nn.MultiheadAttention`` returns them (small problems only)."""
+        """Dense weights as ``nn.MultiheadAttention`` returns them (small problems only):
+        ``[B, S_q, S_k]``, per head ``[B, H, S_q, S_k]``, without ``B`` when unbatched."""
         b = self.block_size
         nq, nk = num_blocks(self.q_len, b), num_blocks(self.k_len, b)
         bp = self.values.shape[0]
@@ -211,7 +197,8 @@ class BlockSparseWeights:
         out = out[:, :, : self.q_len, : self.k_len]
         if self.batch_folded:
             out = out.reshape(self.batch, self.num_heads // self.batch, self.q_len, self.k_len)
-        return out.mean(1) if self.average else out
+        out = out.mean(1) if self.average else out
+        return out.squeeze(0) if self.unbatched else out
 
 
 # --------------------------------------------------------------------- the module
@@ -235,15 +222,23 @@ class BlockSparseMultiheadAttention(nn.Module):
         process_group, sharding: inputs are this rank's shard of a sequence sharded across the
             group's ranks (:func:`workbench.distributed.shard_plan`); attention runs as a
             distributed ring (:mod:`workbench.distributed`). Self-attention without masks.
+            ``process_group`` is a ``torch.distributed.ProcessGroup`` or ``None``; ``sharding``
+            one of :data:`workbench.distributed.SHARDINGS`.
         sub_layer_norm: MAGNETO/LongNet Sub-LN before the output projection (off by default).
-        dense_weights_limit: largest ``B * H * S_q * S_k`` for which ``need_weights=True``
-            returns dense weights; above it :class:`BlockSparseWeights`.
+        dense_weights_limit: largest ``B * H * S_q * S_k`` (a positive int) for which
+            ``need_weights=True`` returns dense weights; above it :class:`BlockSparseWeights`.
+
+    Raises (at construction): ``ValueError`` or ``TypeError`` naming the argument for a bad
+    option (:func:`workbench.attention.check_options` for ``block_size``, ``backend``,
+    ``ring_chunks``, ``block_order``, ``sharding``); ``NotImplementedError`` for
+    ``add_bias_kv``, ``add_zero_attn``, or a straight-through selector under a process group.
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` returns ``(output, weights or None)``; inputs
-    are ``[B, S, E]`` with ``batch_first=True``, ``[S, B, E]`` otherwise, or unbatched ``[S, E]``.
-    Note that ``need_weights`` defaults to False here (True in ``nn.MultiheadAttention``):
-    weights cost a second pass.
+    are ``[B, S, E]`` with ``batch_first=True``, ``[S, B, E]`` otherwise, or unbatched ``[S, E]``
+    (``batch_first`` is then ignored, as in ``nn.MultiheadAttention``). Note that
+    ``need_weights`` defaults to False here (True in ``nn.MultiheadAttention``): weights cost a
+    second pass.
     """
 
     def __init__(
@@ -272,8 +267,11 @@ class BlockSparseMultiheadAttention(nn.Module):
         dense_weights_limit: int = DENSE_WEIGHTS_LIMIT,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be > 0, got {embed_dim}, {num_heads}")
+        check_positive_int("embed_dim", embed_dim)
+        check_positive_int("num_heads", num_heads)
+        for name, dim in (("kdim", kdim), ("vdim", vdim)):
+            if dim is not None:
+                check_positive_int(name, dim)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
                              f"({num_heads})")
@@ -290,8 +288,14 @@ class BlockSparseMultiheadAttention(nn.Module):
         if pattern is not None and pattern.num_heads not in (1, num_heads):
             raise ValueError(f"pattern has {pattern.num_heads} heads but num_heads={num_heads}; "
                              "build it with num_heads=num_heads or use a 1-head pattern")
-        check_positive_int("block_size", block_size)
-        check_backend(backend)
+        block_order = check_options(block_size=block_size, backend=backend,
+                                    ring_chunks=ring_chunks, scale=None, block_order=block_order,
+                                    sharding=sharding)
+        check_positive_int("dense_weights_limit", dense_weights_limit, maximum=None)
+        if process_group is not None and not (
+                dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
+                            f"got {type(process_group).__name__}")
         if selector is not None:
             if not isinstance(selector, AdaptiveBlockSparseAttention):
                 raise TypeError("selector must be an AdaptiveBlockSparseAttention, got "
@@ -334,7 +338,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.block_size = block_size
         self.backend = backend
         self.ring_chunks = ring_chunks
-        self.block_order = check_block_order(block_order)
+        self.block_order = block_order
         self._layouts = LayoutMemo()  # of calls without masks: see _fixed_pattern
         self._fixed: dict[bool, tuple[Pattern | None, Pattern]] = {}
         self.dense_weights_limit = dense_weights_limit
@@ -443,22 +447,38 @@ class BlockSparseMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | BlockSparseWeights | None]:
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
-            if key_padding_mask is not None and key_padding_mask.dim() == 1:
-                key_padding_mask = key_padding_mask[None]
-        elif query.dim() != 3:
-            raise ValueError(f"query must be [S, E] or 3-D, got {tuple(query.shape)}")
-        same = query is key and key is value
-        if self.batch_first:  # [B, S, E]
-            if not same:
-                query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(
-                    0, 1)
-            else:
-                query = key = value = query.transpose(0, 1)
-        if query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query has embed dim {query.shape[-1]}, expected {self.embed_dim}")
+        """Attention of ``query`` over ``key``/``value``, as ``nn.MultiheadAttention.forward``.
+
+        Args:
+            query: ``[N, L, E]`` with ``batch_first=True``, ``[L, N, E]`` otherwise, or
+                unbatched ``[L, E]`` (``batch_first`` is then ignored).
+            key, value: ``[N, S, kdim]`` / ``[N, S, vdim]`` (or ``[S, N, .]``, or unbatched
+                ``[S, kdim]`` / ``[S, vdim]``), of query's dtype and device, which must be the
+                parameters' (except under autocast).
+            key_padding_mask: ``[N, S]`` (unbatched: ``[S]``), bool (True = ignore) or float
+                (0 / -inf).
+            need_weights: also return the attention probabilities.
+            attn_mask: ``[L, S]`` or ``[N * num_heads, L, S]`` (unbatched:
+                ``[num_heads, L, S]``), bool (True = ignore) or float (0 / -inf).
+            average_attn_weights: average the returned weights over the heads.
+            is_causal: also restrict query ``i`` to keys ``j <= i``.
+
+        Returns:
+            ``(output, weights)``: ``output`` shaped like ``query`` with ``embed_dim`` features;
+            ``weights`` ``None`` unless ``need_weights``, else ``[N, L, S]`` (per head
+            ``[N, num_heads, L, S]``; unbatched ``[L, S]`` / ``[num_heads, L, S]``), or
+            :class:`BlockSparseWeights` above ``dense_weights_limit``.
+
+        Raises:
+            TypeError, ValueError: an input of the wrong type, shape, dtype or device, naming
+                the argument.
+            NotImplementedError: additive float masks other than 0 / -inf; masks or weights
+                under a ``process_group``.
+        """
+        batched = _check_forward_inputs(self, query, key, value, key_padding_mask, attn_mask)
+        if not batched and key_padding_mask is not None:
+            key_padding_mask = key_padding_mask[None]
+        query, key, value = _seq_first(query, key, value, batched, self.batch_first)
         # Now [S, B, E] like nn.MultiheadAttention's internals.
         sq, bsz, _ = query.shape
         sk = key.shape[0]
@@ -502,12 +522,14 @@ class BlockSparseMultiheadAttention(nn.Module):
         if self.sub_ln is not None:
             out = self.sub_ln(out)
         out = self.out_proj(out)
-        if self.batch_first:
-            out = out.transpose(0, 1)
-        if unbatched:
+        if not batched:
             out = out.squeeze(1)
             if isinstance(weights, Tensor):
                 weights = weights.squeeze(0)
+            elif weights is not None:
+                weights = dataclasses.replace(weights, unbatched=True)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
         return out, weights
 
     def _weights(self, q: Tensor, k: Tensor, pattern: Pattern, fold: bool, bsz: int,
@@ -532,6 +554,98 @@ class BlockSparseMultiheadAttention(nn.Module):
                 f"pattern={self.pattern!r}, selector={self.selector is not None}, "
                 f"block_size={self.block_size}, backend={self.backend!r}, "
                 f"ring_chunks={self.ring_chunks}, batch_first={self.batch_first}")
+
+
+def _check_forward_inputs(mha: BlockSparseMultiheadAttention, query: object, key: object,
+                          value: object, key_padding_mask: object, attn_mask: object) -> bool:
+    """Check ``forward``'s tensors by ``nn.MultiheadAttention``'s rules; returns whether the call
+    is batched (``query`` 3-D) rather than unbatched (2-D).
+
+    Raises:
+        TypeError: a non-tensor input or mask; a mask neither bool nor floating; key or value
+            of a dtype other than query's; query of a dtype other than the parameters' (outside
+            autocast).
+        ValueError: query not 2-D or 3-D; key or value of another rank than query; a last
+            dimension other than ``embed_dim`` / ``kdim`` / ``vdim``; key or value of another
+            batch size than query; value of another length than key; a device other than
+            query's or the parameters'; a mask of the wrong shape.
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and not isinstance(m, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
+        if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+            raise TypeError(f"{name} must be a bool (True = ignore) or float (0 / -inf) tensor, "
+                            f"got dtype {m.dtype}")
+    seq = "[N, L, E]" if mha.batch_first else "[L, N, E]"
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must be 2-D (unbatched [L, E]) or 3-D (batched {seq} with "
+                         f"batch_first={mha.batch_first}), got shape {tuple(query.shape)}")
+    batched = query.dim() == 3
+    kind = "batched" if batched else "unbatched"
+    for name, x in (("key", key), ("value", value)):
+        if x.dim() != query.dim():
+            raise ValueError(f"{name} must be {query.dim()}-D like the {kind} query (query, key "
+                             f"and value are all batched or all unbatched), got shape "
+                             f"{tuple(x.shape)}")
+    for name, x, arg, size in (("query", query, "embed_dim", mha.embed_dim),
+                               ("key", key, "kdim", mha.kdim), ("value", value, "vdim", mha.vdim)):
+        if x.shape[-1] != size:
+            raise ValueError(f"{name} has embedding size {x.shape[-1]} (last dimension) but the "
+                             f"module was built with {arg}={size}")
+    b_dim, s_dim = ((0, 1) if mha.batch_first else (1, 0)) if batched else (None, 0)
+    for name, x in (("key", key), ("value", value)):
+        if batched and x.shape[b_dim] != query.shape[b_dim]:
+            raise ValueError(f"{name} has batch size {x.shape[b_dim]} but query has "
+                             f"{query.shape[b_dim]} (dimension {b_dim} with "
+                             f"batch_first={mha.batch_first})")
+        if x.dtype != query.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but query has {query.dtype}; cast them "
+                            "to one dtype")
+        if x.device != query.device:
+            raise ValueError(f"{name} is on {x.device} but query is on {query.device}; move them "
+                             "to one device")
+    if value.shape[s_dim] != key.shape[s_dim]:
+        raise ValueError(f"value has {value.shape[s_dim]} positions but key has "
+                         f"{key.shape[s_dim]} (dimension {s_dim}); they must have the same length")
+    param = mha.out_proj.weight
+    if query.device != param.device:
+        raise ValueError(f"query, key and value are on {query.device} but the module's parameters "
+                         f"are on {param.device}; move one to the other (module.to(device))")
+    autocast = (torch.amp.is_autocast_available(query.device.type)
+                and torch.is_autocast_enabled(query.device.type))
+    if query.dtype != param.dtype and not autocast:
+        raise TypeError(f"query, key and value have dtype {query.dtype} but the module's "
+                        f"parameters have {param.dtype}; cast one to the other (module.to(dtype))")
+    q_len, k_len = query.shape[s_dim], key.shape[s_dim]
+    heads = mha.num_heads * (query.shape[b_dim] if batched else 1)
+    if key_padding_mask is not None:
+        want, text = ((query.shape[b_dim], k_len), "(N, S)") if batched else ((k_len,), "(S,)")
+        if tuple(key_padding_mask.shape) != want:
+            raise ValueError(f"key_padding_mask must have shape {text} = {want} for {kind} "
+                             f"input, got {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None and tuple(attn_mask.shape) not in ((q_len, k_len),
+                                                              (heads, q_len, k_len)):
+        text = "N * num_heads, L, S" if batched else "num_heads, L, S"
+        raise ValueError(f"attn_mask must have shape (L, S) = {(q_len, k_len)} or ({text}) = "
+                         f"{(heads, q_len, k_len)} for {kind} input, got "
+                         f"{tuple(attn_mask.shape)}")
+    return batched
+
+
+def _seq_first(query: Tensor, key: Tensor, value: Tensor, batched: bool,
+               batch_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The inputs as ``[S, B, E]`` views (unbatched ones with ``B = 1``), keeping which of them
+    are the same tensor (self-attention then projects once)."""
+    if batched and not batch_first:
+        return query, key, value
+    views: dict[int, Tensor] = {}
+    for x in (query, key, value):
+        if id(x) not in views:
+            views[id(x)] = x.transpose(0, 1) if batched else x.unsqueeze(1)
+    return views[id(query)], views[id(key)], views[id(value)]
 
 
 def _check_sharded_call(key_padding_mask: Tensor | None, attn_mask: Tensor | None,
@@ -571,7 +685,8 @@ def _compact_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, sc
     s = torch.matmul(qp[:, th, ti], kp[:, th, tj].transpose(-1, -2)) * scale  # [B, N, b, b]
     qpos = ti[:, None, None] * b + torch.arange(b, device=q.device)[None, :, None]
     kpos = tj[:, None, None] * b + torch.arange(b, device=q.device)[None, None, :]
-    ok = pattern.allowed(th[:, None, None], qpos, kpos) & (qpos < sq) & (kpos < sk)
+    allowed = head_predicate(pattern, q.device)
+    ok = allowed(th[:, None, None], qpos, kpos) & (qpos < sq) & (kpos < sk)
     lrow = lp[:, th, ti][..., None]
     p = torch.exp(s - torch.where(torch.isfinite(lrow), lrow, torch.zeros_like(lrow)))
     p = p.masked_fill(~ok, 0.0).to(q.dtype)

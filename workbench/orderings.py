@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .curves import CURVES, _check_shape, _raster_coords, curve_order, hilbert_encode, morton_encode
 from .layout import BlockLayout, num_blocks
-from .patterns import Pattern, _check_int, _refine
+from .patterns import Pattern, _check_int, _refine, head_predicate
 
 __all__ = [
     "BLOCK_ORDERS",
@@ -94,7 +94,7 @@ class _Permuted(Pattern):
         return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
-        p, base = self.perm.to(device), self.base.predicate(device)
+        p, base = self.perm.to(device), head_predicate(self.base, device)
         n, one = p.shape[1], p.shape[0] == 1
 
         def moved(h, q, k):
@@ -189,6 +189,9 @@ class GridNeighborhood(Pattern):
 
             self._pred[key] = allowed
         return self._pred[key]
+
+    def _key(self):
+        return (tuple(self.shape), self.radius, self.order)
 
     def _block_boxes(self, length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
         """Per block, min and max cell coordinate along each axis (int64 ``[n, dims]``)."""

@@ -18,19 +18,24 @@ and column are computed exactly on their own).
 Patterns compose: ``a | b`` allows a pair if either does, ``a & b`` if both do.
 
 A pattern has ``num_heads`` heads; ``num_heads == 1`` means "the same for every head" and
-broadcasts against any number of heads.
+broadcasts against any number of heads (:func:`head_predicate`).
+
+Patterns built from the same arguments are equal and hash alike (``local_window(8) ==
+local_window(8)``); patterns defined by a tensor (key masks, selections) equal only themselves.
+Token arguments are bounded by :data:`MAX_POSITION`: kernels evaluate positions in int32.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
 
 from .layout import (
     BlockLayout,
+    LayoutSource,
     LayoutStats,
     block_extents,
     cells_to_tiles,
@@ -42,7 +47,9 @@ MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 OffsetFn = Callable[[Tensor], Tensor]  # allowed(k - q) for patterns that depend on it alone
 
 __all__ = [
+    "KeyMask",
     "Pattern",
+    "TiledHeads",
     "causal",
     "check_dilation_pairs",
     "check_positive_int",
@@ -54,27 +61,39 @@ __all__ = [
     "global_tokens",
     "hash_cells",
     "head_groups",
+    "head_predicate",
     "local_window",
     "random_blocks",
     "strided",
 ]
 
+MAX_POSITION = (1 << 31) - 1
+"""The largest token position (and token count) a pattern argument may name: kernels evaluate
+positions in int32. A window or a number of global tokens beyond it covers every sequence and
+is taken as unbounded; other lengths beyond it are refused."""
+
 _TILE_EVAL_BUDGET = 1 << 24  # token pairs evaluated per chunk when refining tiles
 _TOKEN_MASK_LIMIT = 1 << 28  # largest H*S*S element count token_mask() will build
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """``value`` if it is a positive int (not a bool); otherwise a ``ValueError`` naming it."""
+def check_positive_int(name: str, value: object, maximum: int | None = MAX_POSITION) -> int:
+    """``value`` if it is a positive int (not a bool) of at most ``maximum``; otherwise a
+    ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+def _check_int(name: str, value: object, minimum: int,
+               maximum: int | None = MAX_POSITION) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum} (positions are int32), got {value}")
     return value
 
 
@@ -92,6 +111,23 @@ class Pattern:
         serves as a FlexAttention ``mask_mod``.
         """
         raise NotImplementedError
+
+    def _key(self) -> Hashable | None:
+        """The values that define this pattern's pairs, or None when only the object itself
+        does (patterns holding tensors). Patterns of one type with equal keys are equal."""
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Pattern) or type(self) is not type(other):
+            return False
+        key = self._key()
+        return key is not None and key == other._key()
+
+    def __hash__(self) -> int:
+        key = self._key()
+        return object.__hash__(self) if key is None else hash((type(self).__name__, key))
 
     def dense_form(self) -> str | None:
         """``"full"`` if this pattern allows every pair, ``"causal"`` if it allows exactly the
@@ -199,7 +235,7 @@ class Pattern:
         any_, all_ = torch.broadcast_tensors(
             *self._row_tiles(seq_len, k_len, block_size, dev, (r0, r1)))
         return BlockLayout(any_, all_, min(r1 * block_size, seq_len) - r0 * block_size, k_len,
-                           block_size)
+                           block_size, LayoutSource(self))
 
     def block_layout(
         self, seq_len: int, block_size: int, device: torch.device | str = "cpu"
@@ -252,6 +288,19 @@ class Pattern:
     def __and__(self, other: Pattern) -> Pattern:
         return Intersection(self, other)
 
+
+
+def head_predicate(pattern: Pattern, device: torch.device | str) -> MaskFn:
+    """``pattern.predicate(device)``, callable with any head index.
+
+    A 1-head pattern is the same for every head: it is asked about head 0 whatever head is
+    asked about, so it broadcasts against any number of heads on every backend. Patterns whose
+    predicate reads only ``k - q`` are returned as they are.
+    """
+    f = pattern.predicate(device)
+    if pattern.num_heads != 1 or pattern._offset_rule() is not None:
+        return f
+    return lambda h, q, k: f(h * 0, q, k)
 
 
 def _combined_heads(a: Pattern, b: Pattern) -> int:
@@ -367,11 +416,15 @@ class _Combination(Pattern):
     def op(x: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _key(self):
+        a, b = self.a._key(), self.b._key()
+        return None if a is None or b is None else (type(self.a), a, type(self.b), b)
+
     def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
-        fa, fb, op = self.a.predicate(device), self.b.predicate(device), self.op
+        fa, fb, op = head_predicate(self.a, device), head_predicate(self.b, device), self.op
         return lambda h, q, k: op(fa(h, q, k), fb(h, q, k))
 
     def _offset_rule(self):
@@ -502,6 +555,9 @@ class Full(Pattern):
     def _count_pairs(self, seq_len):
         return seq_len * seq_len
 
+    def _key(self):
+        return ()
+
     def __repr__(self) -> str:
         return "full()"
 
@@ -509,21 +565,29 @@ class Full(Pattern):
 class Band(Pattern):
     """Pairs whose offset ``k - q`` lies in ``[lo, hi]`` (local windows, causality).
 
-    ``lo=None`` means no lower bound. (No sentinel number stands in for infinity: kernels
+    ``None`` means no bound on that side. (No sentinel number stands in for infinity: kernels
     evaluate positions in int32, where a large constant would silently wrap.)
     """
 
-    def __init__(self, lo: int | None, hi: int, name: str) -> None:
+    def __init__(self, lo: int | None, hi: int | None, name: str) -> None:
         self.lo, self.hi, self.name = lo, hi, name
 
     def allowed(self, h, q, k):
         return self._allows_offset(k - q)
 
     def dense_form(self):
+        if self.lo is None and self.hi is None:
+            return "full"
         return "causal" if self.lo is None and self.hi == 0 else None
 
     def _allows_offset(self, d: Tensor) -> Tensor:
-        return d <= self.hi if self.lo is None else (d >= self.lo) & (d <= self.hi)
+        if self.lo is None and self.hi is None:
+            return d == d
+        if self.lo is None:
+            return d <= self.hi
+        if self.hi is None:
+            return d >= self.lo
+        return (d >= self.lo) & (d <= self.hi)
 
     def _offset_rule(self):
         return self._allows_offset
@@ -531,8 +595,12 @@ class Band(Pattern):
     def _count_pairs(self, seq_len):
         q = torch.arange(seq_len, dtype=torch.int64)
         first = torch.zeros_like(q) if self.lo is None else torch.clamp(q + self.lo, min=0)
-        last = torch.clamp(q + self.hi, max=seq_len - 1)
+        last = (torch.full_like(q, seq_len - 1) if self.hi is None
+                else torch.clamp(q + self.hi, max=seq_len - 1))
         return int(torch.clamp(last - first + 1, min=0).sum())
+
+    def _key(self):
+        return (self.lo, self.hi)
 
     def __repr__(self) -> str:
         return self.name
@@ -554,6 +622,9 @@ class GlobalTokens(Pattern):
     def _count_pairs(self, seq_len):
         rest = max(seq_len - self.n, 0)
         return seq_len * seq_len - rest * rest
+
+    def _key(self):
+        return self.n
 
     def __repr__(self) -> str:
         return f"global_tokens({self.n})"
@@ -577,6 +648,9 @@ class Strided(Pattern):
     def _count_pairs(self, seq_len):
         d = torch.arange(0, seq_len, self.stride, dtype=torch.int64)  # |k - q| multiples
         return int(2 * (seq_len - d).sum() - seq_len)
+
+    def _key(self):
+        return self.stride
 
     def __repr__(self) -> str:
         return f"strided({self.stride})"
@@ -712,6 +786,9 @@ class Dilated(Pattern):
             total += int((kept * kept).sum())
         return total
 
+    def _key(self):
+        return (tuple(self.w), tuple(self.r), tuple(self.s))
+
     def __repr__(self) -> str:
         return self.name
 
@@ -809,6 +886,9 @@ class RandomBlocks(Pattern):
         on = _hash_grid(self.seed, range(self.num_heads), (0, n), n, self.threshold, "cpu")
         return int(tile_sum(on, size, size).sum())  # each on cell by its real pairs
 
+    def _key(self):
+        return (self.p, self.seed, self.cell, self.num_heads)
+
     def __repr__(self) -> str:
         return f"random_blocks(density={self.p}, seed={self.seed}, cell={self.cell})"
 
@@ -835,15 +915,16 @@ def local_window(window: int, causal: bool = False) -> Pattern:
     keys (itself and the ``window - 1`` before it, fewer at the start), the convention of
     Mistral-style sliding-window attention. Non-causal windows see ``2 * window - 1`` keys.
     """
-    _check_int("window", window, 1)
+    _check_int("window", window, 1, None)
     name = f"local_window({window}{', causal=True' if causal else ''})"
-    return Band(-(window - 1), 0 if causal else window - 1, name)
+    reach = window - 1 if window <= MAX_POSITION else None  # beyond: every sequence fits
+    return Band(None if reach is None else -reach, 0 if causal else reach, name)
 
 
 def global_tokens(num_global: int) -> Pattern:
     """The first ``num_global`` tokens attend, and are attended by, every token."""
-    _check_int("num_global", num_global, 1)
-    return GlobalTokens(num_global)
+    _check_int("num_global", num_global, 1, None)
+    return GlobalTokens(min(num_global, MAX_POSITION))
 
 
 def global_local(num_global: int, window: int) -> Pattern:
@@ -860,7 +941,7 @@ def strided(stride: int) -> Pattern:
     Child et al. (2019) pair it with a local window of ``stride`` tokens; that is
     ``strided(l) | local_window(l)`` (add ``& causal()`` for their autoregressive form).
     """
-    _check_int("stride", stride, 1)
+    _check_int("stride", stride, 1, MAX_POSITION)
     return Strided(stride)
 
 
@@ -874,8 +955,8 @@ def random_blocks(density: float, seed: int = 0, *, cell: int = 64, num_heads: i
         raise TypeError(f"density must be a float in (0, 1], got {density!r}")
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    _check_int("seed", seed, 0)
-    _check_int("cell", cell, 1)
+    _check_int("seed", seed, 0, None)
+    _check_int("cell", cell, 1, MAX_POSITION)
     _check_int("num_heads", num_heads, 1)
     return RandomBlocks(float(density), seed, cell, num_heads)
 
@@ -886,7 +967,7 @@ def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequenc
         if isinstance(seq, (int, str)) or not isinstance(seq, Sequence) or len(seq) == 0:
             raise TypeError(f"{name} must be a non-empty list of ints, got {seq!r}")
         for v in seq:
-            _check_int(f"{name} entries", v, 1)
+            _check_int(f"{name} entries", v, 1, MAX_POSITION)
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(
             f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
@@ -1012,3 +1093,33 @@ class KeyMask(Pattern):
 
     def __repr__(self) -> str:
         return f"key_mask({tuple(self.valid.shape)})"
+
+
+class TiledHeads(Pattern):
+    """An ``H``-head pattern repeated ``copies`` times: head ``c * H + h`` behaves as head ``h``.
+
+    Used to fold the batch into the heads (per-batch masks, adaptive layouts).
+    """
+
+    def __init__(self, pattern: Pattern, copies: int) -> None:
+        self.base, self.copies = pattern, copies
+        self.num_heads = pattern.num_heads * copies
+
+    def allowed(self, h, q, k):
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        f, n = self.base.predicate(device), self.base.num_heads
+        return lambda h, q, k: f(torch.remainder(h, n), q, k)
+
+    def _row_tiles(self, q_len, k_len, block_size, device, rows):
+        a, f = self.base._row_tiles(q_len, k_len, block_size, device, rows)
+        shape = (self.base.num_heads, *a.shape[1:])
+        return a.expand(shape).repeat(self.copies, 1, 1), f.expand(shape).repeat(self.copies, 1, 1)
+
+    def _key(self):
+        base = self.base._key()
+        return None if base is None else (type(self.base), base, self.copies)
+
+    def __repr__(self) -> str:
+        return f"tiled({self.base!r}, copies={self.copies})"

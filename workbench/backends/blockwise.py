@@ -169,12 +169,50 @@ def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
     return pr.dropout.scale(bi * plan.num_heads + t[None, :, 0, None, None], qi, ki)
 
 
+class _Values:
+    """The value blocks a chunk's probabilities multiply, exact for non-finite values.
+
+    A matmul multiplies a disallowed pair's zero probability by its key's value, and
+    ``0 * nan`` is NaN: a NaN or infinite value would reach query rows of its tile that may not
+    see it. When ``v`` holds such values (checked once per call), their finite part goes through
+    the matmul and the rest is added pair by pair over the allowed pairs of the tiles whose key
+    block holds one, so a non-finite value reaches exactly the rows allowed to see it.
+    """
+
+    def __init__(self, vb: Tensor) -> None:
+        finite = torch.isfinite(vb)
+        self.clean = vb
+        self.bad_blocks: Tensor | None = None
+        if not bool(finite.all()):  # one host read per call
+            self.clean = torch.where(finite, vb, torch.zeros_like(vb))
+            self.rest = torch.where(finite, torch.zeros_like(vb), vb)
+            self.bad_blocks = (~finite).flatten(2).any(-1).any(0)  # [H * nk]
+
+    def times(self, p: Tensor, rk: Tensor, needs: Tensor, masks: Tensor) -> Tensor:
+        """``p [B, P, b, b] @ values`` of key blocks ``rk``, summed over allowed pairs only."""
+        pv = torch.matmul(p, self.clean[:, rk])
+        if self.bad_blocks is None:
+            return pv
+        hit = self.bad_blocks[rk].nonzero().squeeze(1)
+        if not hit.numel():
+            return pv
+        allowed = torch.ones(p.shape[1:], dtype=torch.bool, device=p.device)
+        allowed[needs.nonzero().squeeze(1)] = masks
+        b, d = p.shape[-1], self.rest.shape[-1]
+        step = max(1, _SCORE_BUDGET // (p.shape[0] * b * b * d))
+        for part in hit.split(step):
+            terms = p[:, part, :, :, None] * self.rest[:, rk[part], None, :, :]
+            pv[:, part] += torch.where(allowed[part, :, :, None], terms, 0.0).sum(-2)
+        return pv
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, Tensor]:
     lay = plan.problem.layout
     b, h = lay.block_size, plan.num_heads
     acc = accumulation_dtype(q.dtype)
     bsz, dv = q.shape[0], v.shape[-1]
     qb, kb, vb = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk), (v, plan.nk)))
+    values = _Values(vb)
     qs = qb * plan.problem.scale
     rows = h * plan.nq
     m = torch.full((bsz, rows, b), -torch.inf, dtype=acc, device=q.device)
@@ -196,12 +234,12 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
         alpha = torch.exp(m_old - m_safe)
         den_c = torch.zeros_like(m_old).index_add_(1, inv, p.sum(-1))
         z = _dropout_scale(plan, t, bsz)
-        pv = torch.matmul(p if z is None else p * z.to(acc), vb[:, rk])
+        pv = values.times(p if z is None else p * z.to(acc), rk, needs, masks)
         num_c = torch.zeros_like(num[:, urows]).index_add_(1, inv, pv)
         den[:, urows] = den[:, urows] * alpha + den_c
         num[:, urows] = num[:, urows] * alpha[..., None] + num_c
         m[:, urows] = m_new
-    nonempty = den > 0
+    nonempty = den != 0  # a NaN denominator (non-finite q or k) keeps its NaN, in lse too
     out = num / torch.where(nonempty, den, torch.ones_like(den))[..., None]
     lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, den, torch.ones_like(den))),
                       torch.full_like(m, -torch.inf))

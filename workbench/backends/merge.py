@@ -4,8 +4,9 @@ If ``(o_i, l_i)`` are the outputs and log-sum-exps of softmax attention over dis
 ``K_i``, then attention over their union is ``sum_i exp(l_i - L) * o_i`` with
 ``L = logsumexp_i(l_i)``: each part is weighted by its share of the softmax denominator. This is
 how the ring schedule combines K/V chunks and how LongNet combines its (segment, dilation)
-branches. Rows where every part is empty (``l_i = -inf``) give zeros and ``L = -inf``, never NaN,
-and gradients flow through both outputs and log-sum-exps.
+branches. Rows where every part is empty (``l_i = -inf``) give zeros and ``L = -inf``, never NaN;
+a part whose log-sum-exp is NaN makes the merged row's NaN too. Gradients flow through both
+outputs and log-sum-exps.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _weighted_sum(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tenso
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(lse - top)  # -inf parts get weight 0
     total = w.sum(0)
-    nonempty = total > 0
+    nonempty = total != 0  # NaN stays NaN: a NaN part makes the merged row NaN
     safe_total = torch.where(nonempty, total, torch.ones_like(total))
     share = (w / safe_total)[..., None]  # each part's share of the denominator, [P, ..., S, 1]
     # One pass per part over the outputs: the products promote to the accumulation dtype inside

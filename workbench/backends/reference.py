@@ -22,8 +22,9 @@ def reference_attention(
 
     ``problem.dropout`` multiplies the probabilities (not the log-sum-exp) by its keep scale.
     Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq])`` (lse float32, float64 for
-    float64 inputs); a query row with no
-    allowed key gives zeros and ``lse = -inf``.
+    float64 inputs); a query row with no allowed key gives zeros and ``lse = -inf``. A NaN or
+    infinite input reaches exactly the rows allowed to see it, with IEEE arithmetic over their
+    allowed pairs (a row whose scores hold a NaN has a NaN output and log-sum-exp).
     """
     mask = problem.dense_mask(q.device)  # [H or 1, Sq, Sk]
     s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * problem.scale
@@ -33,9 +34,20 @@ def reference_attention(
     p = torch.exp(s - lse[..., None]).masked_fill(empty[..., None], 0.0)
     if problem.dropout is not None:
         p = p * _dense_dropout(problem, q.shape[0], p.shape[1], q.device).to(dtype)
-    out = torch.matmul(p, v.to(dtype))
+    out = _weighted_values(p, v.to(dtype), mask)
     lse = lse.masked_fill(empty, -torch.inf)
     return out.to(q.dtype), lse.to(accumulation_dtype(q.dtype))
+
+
+def _weighted_values(p: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """``p @ v`` summed over the allowed pairs only: a non-finite value reaches exactly the
+    query rows allowed to see it (a matmul would also multiply it by the zero probability of
+    a disallowed pair, and ``0 * nan`` is NaN)."""
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return torch.matmul(p, v)
+    terms = p[..., None] * v[..., None, :, :]  # [B, H, Sq, Sk, D]
+    return torch.where(mask[..., None], terms, 0.0).sum(-2)
 
 
 def _dense_dropout(problem: Problem, batch: int, heads: int, device: torch.device) -> Tensor:
