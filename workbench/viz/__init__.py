@@ -1,5 +1,6 @@
 """Visualizers: patterns at token and block level, per head, with one save function."""
 
+from . import style
 from .curves import plot_curve, plot_visit_path
 from .density import plot_density_vs_length, plot_waste_vs_length
 from .dilated import (
@@ -49,4 +50,5 @@ __all__ = [
     "plot_waste_vs_length",
     "ring_explorer",
     "save_figure",
+    "style",
 ]

@@ -1,20 +1,21 @@
 """Pattern heatmaps: token level with the block grid drawn over it, and block level.
 
 Every drawing function takes an optional ``ax`` and returns it, so the same code makes the
-published figures and the panels of interactive explorers. Colours are fixed: allowed pairs
-and full tiles in dark blue, partial tiles in orange, empty tiles in near-white.
+published figures and the panels of interactive explorers. Colours are the tile states of
+:mod:`workbench.viz.style`: allowed pairs and full tiles dark blue, partial tiles orange, empty
+tiles near-white.
 """
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from ..layout import BlockLayout
 from ..patterns import Pattern
+from .style import TILE, TILE_CMAP, TOKEN_CMAP
 
 __all__ = [
     "BLOCK_COLORS",
@@ -26,11 +27,9 @@ __all__ = [
     "plot_token_mask",
 ]
 
-ALLOWED = "#1f3b73"
-PARTIAL = "#f28e2b"
-EMPTY = "#f4f4f4"
-BLOCK_COLORS = ListedColormap([EMPTY, PARTIAL, ALLOWED])  # 0 empty, 1 partial, 2 full
-_TOKEN_CMAP = ListedColormap([EMPTY, ALLOWED])
+ALLOWED, PARTIAL, EMPTY = TILE["allowed"], TILE["partial"], TILE["empty"]
+BLOCK_COLORS = TILE_CMAP  # 0 empty, 1 partial, 2 full
+_TOKEN_CMAP = TOKEN_CMAP
 
 
 SEPARATOR_MAX_TILES = 48  # draw thin lines between tiles when a side has at most this many

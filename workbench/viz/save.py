@@ -12,6 +12,8 @@ from pathlib import Path
 
 import matplotlib
 
+from .style import is_stamped
+
 matplotlib.rcParams["svg.hashsalt"] = "workbench"  # deterministic SVG ids
 matplotlib.rcParams["path.simplify"] = True
 
@@ -32,11 +34,17 @@ def save_figure(
     """Save ``fig`` as ``<figures_dir>/<name>.<fmt>`` for each format; returns the paths.
 
     ``name`` is a stable identifier such as ``"01_pattern_gallery"`` (no extension, no
-    folders). Metadata that changes between runs (dates, software versions) is left out, so
+    folders). A figure marked measured (:func:`~workbench.viz.style.mark_measured`) must carry
+    its provenance (:func:`~workbench.viz.style.stamp`); otherwise ``ValueError``. Metadata
+    that changes between runs (dates, software versions) is left out, so
     the same figure gives the same bytes.
     """
     if not name or "/" in name or "." in name:
         raise ValueError(f"figure name must be a bare stable name like '01_gallery', got {name!r}")
+    if not is_stamped(fig):
+        raise ValueError(f"figure {name!r} shows measured numbers but says nowhere where and when "
+                         "they were measured: call workbench.viz.style.stamp(fig, Provenance(...))"
+                         " before saving it")
     out = figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     paths = []

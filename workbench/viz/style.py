@@ -1,0 +1,215 @@
+"""One visual grammar: the same thing has the same colour in every figure.
+
+Every figure of the workbench takes its colours from the palettes here, and every plot of tidy
+data goes through seaborn with them (:func:`use`). A palette maps the *names* the code and the
+CSVs already use (variant, family, ordering, sharding, tile state) to a colour, so a reader who
+learned "blue is ours" in one figure reads it in the next:
+
+- :data:`TILE` - tile and token states of a block layout (empty, partial, full; allowed token).
+- :data:`VARIANT` - who computes: ``ours`` (what a user gets by default) and each baseline.
+- :data:`FAMILY` - pattern families (dense, causal, local, random, dilated, ...).
+- :data:`ORDERING` - token and block orders (natural/raster, dilation, Morton, Hilbert).
+- :data:`SHARDING` - ring shardings; :func:`rank_colors` gives the ranks' colours.
+
+A figure of *measured* numbers carries where and when they were measured: draw it, then call
+:func:`stamp` with its :class:`Provenance`; :func:`~workbench.viz.save.save_figure` refuses a
+figure marked measured (:func:`mark_measured`) that has no stamp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import matplotlib as mpl
+from matplotlib.colors import ListedColormap
+
+__all__ = [
+    "FAMILY",
+    "ORDERING",
+    "Provenance",
+    "SHARDING",
+    "TILE",
+    "TILE_CMAP",
+    "TOKEN_CMAP",
+    "VARIANT",
+    "VARIANT_LABEL",
+    "color_of",
+    "is_stamped",
+    "mark_measured",
+    "palette",
+    "rank_colors",
+    "stamp",
+    "use",
+]
+
+# Colour-blind-safe base (Okabe-Ito), plus neutrals.
+_BLUE, _ORANGE, _GREEN, _VERMILION = "#0072B2", "#E69F00", "#009E73", "#D55E00"
+_SKY, _PURPLE, _YELLOW, _GREY, _BLACK = "#56B4E9", "#CC79A7", "#F0E442", "#7F7F7F", "#000000"
+_NAVY, _PALE = "#1f3b73", "#f2f2f2"
+
+TILE: dict[str, str] = {
+    "empty": _PALE,     # no allowed pair: never computed
+    "partial": _ORANGE,  # some pairs allowed: computed under the token mask
+    "full": _NAVY,      # every pair allowed: computed without a mask
+    "allowed": _NAVY,   # one allowed (query, key) pair in a token-level view
+}
+"""Tile states of a block layout, and allowed tokens."""
+
+TILE_CMAP = ListedColormap([TILE["empty"], TILE["partial"], TILE["full"]])
+"""``imshow`` colour map of a tile-state grid (0 empty, 1 partial, 2 full)."""
+
+TOKEN_CMAP = ListedColormap([TILE["empty"], TILE["allowed"]])
+"""``imshow`` colour map of a token mask (0 not allowed, 1 allowed)."""
+
+VARIANT: dict[str, str] = {
+    "ours": _BLUE,
+    "triton": _SKY,
+    "blockwise": _GREEN,
+    "flex_natural": _ORANGE,
+    "strided_gather": _VERMILION,
+    "strided_view": _PURPLE,
+    "sdpa_dense": _GREY,
+    "sdpa_masked": _BLACK,
+    "reference": _BLACK,
+}
+"""Who computes: ``ours`` is what ``backend="auto"`` gives; the rest are baselines."""
+
+VARIANT_LABEL: dict[str, str] = {
+    "ours": "ours (auto)",
+    "triton": "ours, Triton kernel",
+    "blockwise": "ours, pure PyTorch",
+    "flex_natural": "FlexAttention, natural order",
+    "strided_gather": "gather + SDPA + scatter",
+    "strided_view": "strided views into SDPA",
+    "sdpa_dense": "dense SDPA",
+    "sdpa_masked": "SDPA + dense mask",
+    "reference": "float64 reference",
+}
+"""Legend text of each variant."""
+
+FAMILY: dict[str, str] = {
+    "dense": _GREY,
+    "causal": _PURPLE,
+    "local": _ORANGE,
+    "global_local": _YELLOW,
+    "strided": _VERMILION,
+    "random": _GREEN,
+    "random10": _GREEN,
+    "dilated": _BLUE,
+    "longnet": _SKY,
+    "adaptive": _BLACK,
+}
+"""Pattern families (names as the benchmarks write them)."""
+
+ORDERING: dict[str, str] = {
+    "natural": _GREY,
+    "raster": _GREY,
+    "dilation": _BLUE,
+    "morton": _ORANGE,
+    "hilbert": _GREEN,
+    "zigzag": _PURPLE,
+}
+"""Token and block orders."""
+
+SHARDING: dict[str, str] = {"contiguous": _GREY, "zigzag": _PURPLE}
+"""Ring shardings."""
+
+_RANKS = (_BLUE, _ORANGE, _GREEN, _VERMILION, _SKY, _PURPLE, _YELLOW, _GREY)
+
+
+def rank_colors(n: int) -> list[str]:
+    """Colours of ranks ``0 .. n-1`` (the same rank has the same colour in every figure)."""
+    return [_RANKS[r % len(_RANKS)] for r in range(n)]
+
+
+def color_of(name: str, palette_: Mapping[str, str], default: str = _GREY) -> str:
+    """The colour ``palette_`` gives ``name``; names such as ``"dilated_causal"`` fall back to
+    their longest known prefix, anything else to ``default``."""
+    if name in palette_:
+        return palette_[name]
+    prefixes = [p for p in palette_ if name.startswith(p)]
+    return palette_[max(prefixes, key=len)] if prefixes else default
+
+
+def palette(names: Iterable[str], palette_: Mapping[str, str]) -> dict[str, str]:
+    """``{name: colour}`` for the given names: what seaborn's ``palette=`` takes."""
+    return {n: color_of(n, palette_) for n in names}
+
+
+def use() -> None:
+    """Apply the workbench look to matplotlib and seaborn (white grid, readable sizes)."""
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.95,
+                  rc={"axes.spines.top": False, "axes.spines.right": False,
+                      "figure.dpi": 110, "savefig.dpi": 110})
+    mpl.rcParams["image.interpolation"] = "nearest"
+
+
+# --------------------------------------------------------------------- provenance
+@dataclass(frozen=True)
+class Provenance:
+    """Where and when numbers were measured: printed on every figure that shows them.
+
+    Attributes:
+        device: e.g. ``"NVIDIA H200"`` or ``"CPU (2 cores)"``.
+        date: ISO date of the measurement (``"2026-11-30"``).
+        dtype: e.g. ``"bf16"``.
+        shape: what was run, e.g. ``"B=1, H=16, D=128"``.
+        software: e.g. ``"torch 2.11, Triton 3.6"`` (optional).
+    """
+
+    device: str
+    date: str
+    dtype: str
+    shape: str
+    software: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("device", "date", "dtype", "shape"):
+            if not str(getattr(self, name)).strip():
+                raise ValueError(f"Provenance.{name} must be given: a measured figure says "
+                                 "where and when it was measured")
+
+    @classmethod
+    def from_rows(cls, df, *, shape: str | None = None) -> Provenance:
+        """The provenance of tidy benchmark rows (columns ``device``, ``date``, ``dtype`` and,
+        when present, ``torch``, ``batch``, ``heads``, ``head_dim``); several values of a
+        column are joined."""
+        def values(col: str) -> str:
+            if col not in df:
+                return ""
+            return ", ".join(str(v) for v in dict.fromkeys(df[col].astype(str)))
+
+        if shape is None:
+            parts = [f"{k}={values(c)}" for k, c in (("B", "batch"), ("H", "heads"),
+                                                     ("D", "head_dim")) if c in df]
+            shape = ", ".join(parts)
+        torch_v = values("torch")
+        return cls(values("device"), values("date"), values("dtype"), shape,
+                   f"torch {torch_v}" if torch_v else "")
+
+    def line(self) -> str:
+        """One line for the bottom of a figure."""
+        parts = [f"measured on {self.device}", self.date, self.dtype, self.shape]
+        return " · ".join([*parts, self.software] if self.software else parts)
+
+
+def mark_measured(fig) -> None:
+    """Mark ``fig`` as showing measured numbers: it can then be saved only once stamped."""
+    fig._workbench_measured = True
+
+
+def stamp(fig, provenance: Provenance) -> None:
+    """Print ``provenance`` at the bottom of ``fig`` (and mark it measured)."""
+    if not isinstance(provenance, Provenance):
+        raise TypeError(f"provenance must be a Provenance, got {type(provenance).__name__}")
+    fig.text(0.01, -0.01, provenance.line(), fontsize=8, color=_GREY, ha="left", va="top")
+    fig._workbench_measured = True
+    fig._workbench_stamp = provenance
+
+
+def is_stamped(fig) -> bool:
+    """Whether ``fig`` may be saved: not measured, or stamped with its provenance."""
+    return not getattr(fig, "_workbench_measured", False) or hasattr(fig, "_workbench_stamp")
