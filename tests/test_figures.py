@@ -1,5 +1,5 @@
-"""The figure pipeline: notebooks declare their outputs, the README lists them, the runner
-checks them."""
+"""The figure pipeline: notebooks declare their outputs, docs/notebooks.md lists them, the
+runner checks them."""
 
 from __future__ import annotations
 
@@ -14,22 +14,24 @@ from workbench.figures import REPO, check_figures, discover, select
 
 def test_every_notebook_declares_figures_and_has_a_parameters_cell():
     specs = discover()
-    assert [s.name[:2] for s in specs][:2] == ["01", "02"]
+    assert [s.name[:2] for s in specs][:3] == ["00", "01", "02"]
     for spec in specs:
         nb = json.loads(spec.path.read_text())
         tags = [c.get("metadata", {}).get("tags", []) for c in nb["cells"]]
         assert any("parameters" in t for t in tags), f"{spec.name} has no parameters cell"
         assert spec.figures, f"{spec.name} declares no figures"
+        prefix = "results_" if spec.name.startswith("results_") else spec.name[:3]
         for fig in spec.figures:
-            assert re.fullmatch(r"\d\d_[a-z0-9_]+\.(png|svg)", fig), fig
-            assert fig.startswith(spec.name[:3]), f"{fig} should be prefixed {spec.name[:3]}"
+            assert re.fullmatch(r"(\d\d|results)_[a-z0-9_]+\.(png|svg)", fig), fig
+            assert fig.startswith(prefix), f"{fig} should be prefixed {prefix}"
 
 
-def test_readme_lists_every_declared_figure():
-    readme = (REPO / "README.md").read_text()
+def test_the_notebooks_page_lists_every_notebook_and_declared_figure():
+    page = (REPO / "docs" / "notebooks.md").read_text()
     for spec in discover():
+        assert f"notebooks/{spec.path.name}" in page, f"docs/notebooks.md misses {spec.path.name}"
         for fig in spec.figures:
-            assert f"figures/{fig}" in readme, f"README does not list figures/{fig}"
+            assert f"figures/{fig}" in page, f"docs/notebooks.md does not list figures/{fig}"
 
 
 def test_committed_figures_exist(monkeypatch):

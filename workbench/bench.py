@@ -3,7 +3,7 @@
 Each measurement is the median of ``reps`` runs after ``warmup`` runs, timed with CUDA events
 on a GPU (``time.perf_counter`` on the CPU), with peak memory from the CUDA allocator. Rows go
 to ``data/bench_<study>.csv`` with the device, torch/Triton versions and date, so notebooks
-can plot them (``notebooks/06_scaling.ipynb``).
+can plot them (``notebooks/results_scaling.ipynb``).
 
 Pattern families (``--families``), each at sequence length ``S``:
 

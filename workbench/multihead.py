@@ -205,10 +205,11 @@ class BlockSparseWeights:
 class BlockSparseMultiheadAttention(nn.Module):
     """Drop-in ``nn.MultiheadAttention`` computing block-sparse attention over a pattern.
 
-    Args (those of ``nn.MultiheadAttention``):
-        embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim,
-        batch_first, device, dtype.
-    Keyword-only (the main variant's choices):
+    ``embed_dim``, ``num_heads``, ``dropout``, ``bias``, ``add_bias_kv``, ``add_zero_attn``,
+    ``kdim``, ``vdim``, ``batch_first``, ``device`` and ``dtype`` are those of
+    ``nn.MultiheadAttention``. The keyword-only arguments are the main variant's choices.
+
+    Args:
         pattern: a :class:`~workbench.patterns.Pattern` with 1 or ``num_heads`` heads (``None``:
             dense), e.g. ``P.dilated([2048, 4096], [1, 2], num_heads)``.
         block_size: tile edge of the block layout.
@@ -219,19 +220,21 @@ class BlockSparseMultiheadAttention(nn.Module):
             :func:`~workbench.block_sparse_attention`.
         selector: an :class:`~workbench.adaptive.AdaptiveBlockSparseAttention` that picks the
             layout from content at every call (instead of ``pattern``).
-        process_group, sharding: inputs are this rank's shard of a sequence sharded across the
-            group's ranks (:func:`workbench.distributed.shard_plan`); attention runs as a
-            distributed ring (:mod:`workbench.distributed`). Self-attention without masks.
-            ``process_group`` is a ``torch.distributed.ProcessGroup`` or ``None``; ``sharding``
-            one of :data:`workbench.distributed.SHARDINGS`.
+        process_group: inputs are this rank's shard of a sequence sharded across the group's
+            ranks (:func:`workbench.distributed.shard_plan`); attention runs as a distributed
+            ring (:mod:`workbench.distributed`). Self-attention without masks. A
+            ``torch.distributed.ProcessGroup`` or ``None``.
+        sharding: how the sequence is sharded, one of :data:`workbench.distributed.SHARDINGS`.
         sub_layer_norm: MAGNETO/LongNet Sub-LN before the output projection (off by default).
         dense_weights_limit: largest ``B * H * S_q * S_k`` (a positive int) for which
             ``need_weights=True`` returns dense weights; above it :class:`BlockSparseWeights`.
 
-    Raises (at construction): ``ValueError`` or ``TypeError`` naming the argument for a bad
-    option (:func:`workbench.attention.check_options` for ``block_size``, ``backend``,
-    ``ring_chunks``, ``block_order``, ``sharding``); ``NotImplementedError`` for
-    ``add_bias_kv``, ``add_zero_attn``, or a straight-through selector under a process group.
+    Raises:
+        ValueError: a bad option, named (:func:`workbench.attention.check_options` for
+            ``block_size``, ``backend``, ``ring_chunks``, ``block_order``, ``sharding``).
+        TypeError: an option of the wrong type, named.
+        NotImplementedError: ``add_bias_kv``, ``add_zero_attn``, or a straight-through selector
+            under a process group.
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` returns ``(output, weights or None)``; inputs

@@ -126,8 +126,12 @@ class Pattern:
         return key is not None and key == other._key()
 
     def __hash__(self) -> int:
-        key = self._key()
-        return object.__hash__(self) if key is None else hash((type(self).__name__, key))
+        cached = self.__dict__.get("_hash")
+        if cached is None:  # a pattern never changes after construction: hash it once
+            key = self._key()
+            cached = object.__hash__(self) if key is None else hash((type(self).__name__, key))
+            self.__dict__["_hash"] = cached
+        return cached
 
     def dense_form(self) -> str | None:
         """``"full"`` if this pattern allows every pair, ``"causal"`` if it allows exactly the

@@ -1,4 +1,9 @@
-"""Space-filling curves drawn: a curve over a grid, and a visit path over a block layout."""
+"""Space-filling curves drawn: a curve over a grid, and a visit path over a block layout.
+
+Both draw a path whose colour runs from pale (first step) to the ordering's own colour
+(:data:`~workbench.viz.style.ORDERING`: natural grey, Morton orange, Hilbert green), with the
+start marked by a circle and the end by a square, so the path can be followed by eye.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.collections import LineCollection
+from matplotlib.colors import LinearSegmentedColormap, to_rgb
 
 from ..curves import grid_decode
 from ..layout import BlockLayout
 from ..orderings import block_visit_order
 from .heatmaps import BLOCK_COLORS
+from .style import ORDERING, color_of
 
-__all__ = ["plot_curve", "plot_visit_path"]
+__all__ = ["ordering_cmap", "plot_curve", "plot_visit_path"]
+
+_START = _END = "#000000"
 
 
 def _axes(ax):
@@ -21,17 +30,33 @@ def _axes(ax):
     return ax
 
 
-def _path(ax, xy: np.ndarray, cmap: str = "viridis", lw: float = 1.6) -> None:
-    """Polyline through ``xy`` ``[N, 2]`` coloured from start (dark) to end (light)."""
+def _ordering_color(name: str | None) -> str:
+    """The colour of an ordering name; ``None`` is natural order, ``"gilbert"`` (the
+    generalized Hilbert curve) takes Hilbert's colour."""
+    name = "natural" if name is None else name
+    return color_of("hilbert" if name == "gilbert" else name, ORDERING)
+
+
+def ordering_cmap(name: str | None) -> LinearSegmentedColormap:
+    """A colour map from pale to the ordering's colour (darkened), for the steps of a path."""
+    rgb = np.array(to_rgb(_ordering_color(name)))
+    pale = 0.82 + 0.18 * rgb
+    dark = 0.55 * rgb
+    return LinearSegmentedColormap.from_list(f"ordering_{name}", [pale, rgb, dark])
+
+
+def _path(ax, xy: np.ndarray, cmap, lw: float = 1.6, marker_size: float = 6.0) -> None:
+    """Polyline through ``xy`` ``[N, 2]`` coloured from the first step (pale) to the last
+    (dark); the start is a circle, the end a square."""
     if len(xy) < 2:
-        ax.plot(xy[:, 0], xy[:, 1], "o", color="k", ms=3)
+        ax.plot(xy[:, 0], xy[:, 1], "o", color=_START, ms=marker_size)
         return
     segs = np.stack([xy[:-1], xy[1:]], axis=1)
-    lc = LineCollection(segs, cmap=cmap, linewidths=lw)
+    lc = LineCollection(segs, cmap=cmap, linewidths=lw, capstyle="round", zorder=2)
     lc.set_array(np.arange(len(segs)))
     ax.add_collection(lc)
-    ax.plot(*xy[0], "o", color="#2ca02c", ms=4, zorder=3)
-    ax.plot(*xy[-1], "s", color="#d62728", ms=4, zorder=3)
+    ax.plot(*xy[0], "o", mfc="none", mec=_START, mew=1.6, ms=marker_size, zorder=4)
+    ax.plot(*xy[-1], "s", mfc="none", mec=_END, mew=1.6, ms=marker_size, zorder=4)
 
 
 def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title: str | None = None,
@@ -39,13 +64,14 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
     """Draw ``curve`` over a 2-D grid (row 0 at the top); jumps on non-power-of-two grids show.
 
     ``numbers`` writes each cell's curve index (default: when the grid has at most 64 cells).
+    The colour runs from pale at the start (circle) to the curve's colour at the end (square).
     """
     ax = _axes(ax)
     h, w = shape
     n = h * w
     rc = grid_decode(torch.arange(n), shape, curve).numpy()
     xy = np.stack([rc[:, 1], rc[:, 0]], axis=1).astype(float)
-    _path(ax, xy)
+    _path(ax, xy, ordering_cmap(curve), lw=2.0, marker_size=9)
     if numbers is None:
         numbers = n <= 64
     if numbers:
@@ -58,22 +84,43 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.grid(False)
     ax.set_title(title if title is not None else f"{curve}, {h} x {w} ({jumps} jumps)", fontsize=9)
     return ax
 
 
 def plot_visit_path(layout: BlockLayout, block_order: str | None = "hilbert", *, head: int = 0,
-                    ax=None, title: str | None = None):
-    """A layout's active tiles with the path a backend walks through them in ``block_order``."""
+                    ax=None, title: str | None = None, numbers: bool | None = None):
+    """A layout's active tiles with the path a backend walks through them in ``block_order``.
+
+    The tiles are drawn pale (orange partial, navy full); the path runs from a circle (first
+    tile) to a square (last tile), its colour from pale to the ordering's colour. ``numbers``
+    writes each tile's step number (default: when at most 64 tiles are active). Block ticks
+    sit on integer block indices.
+    """
     ax = _axes(ax)
     h = 0 if layout.num_heads == 1 else head
     grid = layout.active[h].to(int).numpy() + layout.full[h].to(int).numpy()
-    ax.imshow(grid, cmap=BLOCK_COLORS, vmin=0, vmax=2, interpolation="nearest", alpha=0.45)
+    ax.imshow(grid, cmap=BLOCK_COLORS, vmin=0, vmax=2, interpolation="nearest", alpha=0.35)
     one = BlockLayout(layout.active[h : h + 1], layout.full[h : h + 1], layout.q_len,
                       layout.k_len, layout.block_size)
     tiles = block_visit_order(one, block_order).numpy()
     xy = np.stack([tiles[:, 2], tiles[:, 1]], axis=1).astype(float)
-    _path(ax, xy, lw=1.2)
+    many = len(tiles) > 64
+    if numbers is None:
+        numbers = not many
+    _path(ax, xy, ordering_cmap(block_order), lw=1.2 if many else 2.2,
+          marker_size=15 if numbers else (5 if many else 8))
+    if numbers:
+        for i, (x, y) in enumerate(xy):
+            ax.text(x, y, str(i), fontsize=6.5, ha="center", va="center", zorder=5,
+                    color="#222222", bbox={"boxstyle": "round,pad=0.12", "fc": "white",
+                                           "ec": "none", "alpha": 0.85})
+    nq, nk = grid.shape
+    step = max(1, int(np.ceil(max(nq, nk) / 16)))
+    ax.set_xticks(np.arange(0, nk, step))
+    ax.set_yticks(np.arange(0, nq, step))
+    ax.grid(False)
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
     name = block_order or "natural"

@@ -2,6 +2,8 @@
 
 Rows are plain dicts (or a pandas DataFrame) with one line per (family, length), such as
 those a notebook writes with :func:`workbench.records.write_csv`; the functions here only draw.
+Colours default to :data:`workbench.viz.style.FAMILY`. A notebook that draws the same tidy rows
+with seaborn formats its axes with :func:`length_axis` and :func:`waste_axis`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-__all__ = ["plot_density_vs_length", "plot_waste_vs_length"]
+from .style import FAMILY, color_of
+
+__all__ = ["length_axis", "plot_density_vs_length", "plot_waste_vs_length", "waste_axis"]
+
 
 
 def _records(rows) -> list[Mapping[str, object]]:
@@ -33,11 +38,31 @@ def _series(rows: Iterable[Mapping[str, object]], by: str, x: str, y: str):
 
 
 def _colors(groups, colors: Mapping[object, str] | None) -> dict[object, str]:
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    out = {}
-    for i, g in enumerate(groups):
-        out[g] = (colors or {}).get(g, cycle[i % len(cycle)])
-    return out
+    """``colors`` where given, else the family palette (names matched by prefix)."""
+    return {g: (colors or {}).get(g) or color_of(str(g), FAMILY) for g in groups}
+
+
+def length_axis(ax, xs) -> None:
+    """Log2 x axis with one tick per sequence length in ``xs`` (``512``, ``1K``, ``64K``)."""
+    _log_length_axis(ax, xs)
+
+
+def waste_axis(ax, top: float, *, label: str = "waste = computed / useful pairs") -> None:
+    """Log y axis of a ratio >= 1 whose ticks (``x1``, ``x2``, ``x5``, ``x10``, ...) run past
+    ``top``, the largest value drawn, so every point lies below a labelled tick."""
+    steps = (1, 1.5, 2, 3, 5) if top <= 12 else (1, 2, 5)  # fewer ticks on tall ranges
+    ticks, decade = [], 1
+    while not ticks or ticks[-1] < top:
+        ticks += [decade * t for t in steps]
+        decade *= 10
+    ticks = ticks[: next(i for i, t in enumerate(ticks) if t >= top) + 1]
+    ax.set_yscale("log")
+    ax.set_ylim(0.9, ticks[-1] * 1.15)
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"x{t:g}" for t in ticks])
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.axhline(1.0, color="#888888", lw=0.8, ls=":")
+    ax.set_ylabel(label)
 
 
 def _log_length_axis(ax, xs) -> None:
@@ -110,15 +135,8 @@ def plot_waste_vs_length(
     col = _colors(list(series), colors)
     for g, (xs, ys) in series.items():
         ax.plot(xs, ys, "-o", color=col[g], lw=1.8, ms=4, label=str(g))
-    ax.axhline(1.0, color="#888888", lw=0.8, ls=":")
-    ax.set_yscale("log")
-    top = max([max(ys) for _, ys in series.values()] + [1.0])
-    ticks = [t for t in (1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= top * 1.05]
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([f"x{t:g}" for t in ticks])
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    waste_axis(ax, max([max(ys) for _, ys in series.values()] + [1.0]))
     _log_length_axis(ax, {v for xs, _ in series.values() for v in xs})
-    ax.set_ylabel("waste = computed / useful pairs")
     if title is not None:
         ax.set_title(title, fontsize=11)
     if legend:

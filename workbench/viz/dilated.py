@@ -20,6 +20,7 @@ from ..layout import BlockLayout
 from ..orderings import dilation_gather, dilation_permutation, permuted
 from ..patterns import Pattern, check_dilation_pairs, head_groups
 from .heatmaps import block_legend, plot_block_layout, plot_token_mask
+from .style import ORDERING, TOKEN_CMAP
 
 __all__ = [
     "BRANCH_COLORS",
@@ -47,12 +48,38 @@ def _smooth(ax) -> None:
 
 
 def plot_head_masks(pattern: Pattern, seq_len: int, block_size: int, axes,
-                    titles: Sequence[str] | None = None) -> None:
-    """Token masks of heads ``0, 1, ...`` in ``axes`` (one per head), small-multiple style."""
+                    titles: Sequence[str] | None = None, *, level: str = "token",
+                    zoom: int | None = None) -> None:
+    """Masks of heads ``0, 1, ...`` in ``axes`` (one per head), small-multiple style.
+
+    Args:
+        level: ``"token"`` draws allowed pairs (dark) on the block grid; ``"block"`` draws the
+            tile states of the block layout (full, partial, empty: :data:`~.style.TILE`).
+        zoom: token level only: draw the top-left ``zoom x zoom`` pairs, one cell per pair, so
+            a dilated head's comb of kept pairs stays visible (default: the whole mask, with
+            pixels averaged when the panel is smaller than ``seq_len``).
+    """
+    if level not in ("token", "block"):
+        raise ValueError(f"level must be 'token' or 'block', got {level!r}")
+    if zoom is not None and not 0 < zoom <= seq_len:
+        raise ValueError(f"zoom={zoom} must be in [1, seq_len={seq_len}]")
+    layout = pattern.block_structure(seq_len, block_size) if level == "block" else None
+    masks = pattern.token_mask(seq_len) if zoom is not None else None
     for j, ax in enumerate(axes):
-        plot_token_mask(pattern, seq_len, head=j, block_size=block_size, ax=ax,
-                        title=titles[j] if titles is not None else f"head {j}")
-        _smooth(ax)
+        title = titles[j] if titles is not None else f"head {j}"
+        if level == "block":
+            plot_block_layout(layout, head=j, ax=ax, title=title, annotate=False)
+        elif zoom is not None:
+            m = masks[min(j, masks.shape[0] - 1), :zoom, :zoom].numpy()
+            ax.imshow(m, cmap=TOKEN_CMAP, vmin=0, vmax=1, interpolation="nearest")
+            ax.grid(False)
+            for edge in np.arange(block_size, zoom, block_size) - 0.5:
+                ax.axhline(edge, color="#888888", lw=0.6)
+                ax.axvline(edge, color="#888888", lw=0.6)
+            ax.set_title(title, fontsize=9)
+        else:
+            plot_token_mask(pattern, seq_len, head=j, block_size=block_size, ax=ax, title=title)
+            _smooth(ax)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel("")
@@ -106,6 +133,7 @@ def plot_dilation_strips(
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.0))
     ax.imshow(img, aspect="auto", interpolation="nearest")
+    ax.grid(False)
     for y, xs in bounds:  # segment boundaries of each row's pair
         ax.vlines(xs, y - 0.5, y + 0.5, color="black", lw=1.0,
                   path_effects=[patheffects.withStroke(linewidth=2.6, foreground="white")])
@@ -127,6 +155,8 @@ def plot_dilation_strips(
 def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, head: int,
                             segment: int, dilation: int, offset: int):
     """2 x 2 figure: ``head``'s tokens and tiles in natural order, and after the dilation ordering.
+
+    Each column is framed in its order's colour (:data:`~.style.ORDERING`).
 
     The ordering is :func:`~workbench.orderings.dilation_permutation` for ``(segment, dilation,
     offset)``, which must be that head's pair and offset (the permutation is per head).
@@ -158,6 +188,13 @@ def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, hea
                 f"computed density {st.density:.2%}", transform=ax.transAxes, fontsize=8,
                 color="#333333")
     block_legend(axes[1, 1])
+    for col, order in ((0, "natural"), (1, "dilation")):  # frame each column in its order's colour
+        for ax in axes[:, col]:
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color(ORDERING[order])
+                spine.set_linewidth(2.5)
+            ax.title.set_color(ORDERING[order])
     useful = int(pattern.token_mask(seq_len)[head].sum()) / seq_len**2
     fig.suptitle(f"Same pairs, two token orders (useful density {useful:.2%} for this head)",
                  fontsize=11)

@@ -75,6 +75,7 @@ def plot_token_mask(
     ax = _axes(ax)
     mask = pattern.token_mask(seq_len)[_head_index(head, pattern.num_heads)].numpy()
     ax.imshow(mask, cmap=_TOKEN_CMAP, vmin=0, vmax=1, interpolation="nearest")
+    ax.grid(False)  # the block grid below is the only grid of a mask
     if block_size:
         for edge in np.arange(block_size, seq_len, block_size) - 0.5:
             ax.axhline(edge, color="#888888", lw=0.5)
@@ -105,6 +106,7 @@ def plot_block_layout(
     h = _head_index(head, layout.num_heads)
     grid = layout.active[h].to(int).numpy() + layout.full[h].to(int).numpy()
     ax.imshow(grid, cmap=BLOCK_COLORS, vmin=0, vmax=2, interpolation="nearest")
+    ax.grid(False)  # tile separators, not the theme's grid, mark the tiles
     if separators is None:
         separators = max(grid.shape) <= SEPARATOR_MAX_TILES
     if separators:

@@ -30,6 +30,7 @@ from ..layout import BlockLayout
 from ..ring import RingPlan
 from .dilated import head_layout
 from .heatmaps import ALLOWED, EMPTY, SEPARATOR_MAX_TILES, plot_block_layout
+from .style import rank_colors
 
 __all__ = [
     "RingRegion",
@@ -45,7 +46,7 @@ __all__ = [
     "step_colors",
 ]
 
-RANK_COLORS = plt.get_cmap("tab10").colors
+RANK_COLORS = tuple(rank_colors(8))  # a rank has the same colour in every figure
 ANNOTATE_MAX_RANKS = 12  # write the K/V chunk and tile count in each cell up to this many ranks
 _SCHEDULE_CMAP = ListedColormap([EMPTY, ALLOWED])  # 0 skipped, 1 computed
 _DIMMED = 0.7  # opacity of the white veil over tiles that a step does not compute
@@ -288,7 +289,8 @@ def distributed_tile_steps(layout: BlockLayout, plan: DistributedPlan, *,
 
 def step_colors(world_size: int) -> list[tuple[float, float, float, float]]:
     """One colour per ring step, dark (step 0, the local shard) to light purple: apart from
-    the rank colours (``RANK_COLORS``) and from the pale of skipped tiles."""
+    the rank colours (:func:`~workbench.viz.style.rank_colors`) and from the pale of skipped
+    tiles."""
     cmap = plt.get_cmap("Purples")
     return [cmap(0.95 - 0.55 * d / max(1, world_size - 1)) for d in range(world_size)]
 
