@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
-all=(tests copy longnet dilated natural-order natural-order-fwdbwd triton-launch triton-features
+all=(tests copy fwd longnet dilated natural-order natural-order-fwdbwd triton-launch triton-features
      triton-backward fwdbwd structures longest longest-h100-memory)
 two_gpu=(ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
@@ -30,6 +30,10 @@ study() {
             run -m pytest -o addopts="" -p no:cacheprovider -q -m gpu tests ;;
         copy)  # data/bench_<p>_copy.csv: the roofline's memory side
             run -m workbench copy-bandwidth --study "$p" ;;
+        fwd)  # forward of every family against FlexAttention and dense SDPA
+            run -m workbench bench --study "${p}_fwd" --seq-lens 16384 65536 262144 \
+                --families dense causal local random10 dilated \
+                --variants ours flex_natural sdpa_dense --reps 10 ;;
         longnet)  # LongNet against its naive baselines
             run -m workbench bench --study "${p}_longnet" --seq-lens 16384 65536 262144 \
                 --families longnet --variants ours strided_view strided_gather flex_natural \

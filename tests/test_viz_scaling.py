@@ -70,6 +70,8 @@ def test_vs_length_one_panel_per_family_and_metric_lines_per_variant():
     assert list(_line(local_ms, "ours").get_ydata()) == [1.0, 2.0]
     assert list(_line(local_ms, "flex_natural").get_ydata()) == [3.0, 6.0]
     assert list(_line(dense_ms, "ours").get_ydata()) == [5.0]
+    # ours is drawn above the baselines it may coincide with
+    assert _line(local_ms, "ours").get_zorder() > _line(local_ms, "flex_natural").get_zorder()
     with pytest.raises(StopIteration):  # the oom row is not drawn
         _line(dense_ms, "sdpa_dense")
     assert dense_ms.get_yscale() == "log" and axes[2].get_yscale() == "linear"

@@ -1,7 +1,8 @@
 """Recorded results: tidy CSV files under ``data/`` that carry where and when they were made.
 
 Every row written by :func:`write_csv` gets the columns ``device``, ``torch``, ``date`` (UTC,
-ISO day) unless it already has them, so a number can always be traced to its run.
+ISO day) and ``commit`` (the code that ran) unless it already has them, so a number can always
+be traced to its run.
 ``WORKBENCH_DATA_DIR`` redirects the folder (the tests use a temporary one).
 """
 
@@ -11,12 +12,13 @@ import csv
 import datetime as _dt
 import os
 import platform
+import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-__all__ = ["data_dir", "environment", "read_csv", "write_csv"]
+__all__ = ["code_commit", "data_dir", "environment", "read_csv", "write_csv"]
 
 _REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -27,9 +29,28 @@ def data_dir() -> Path:
     return Path(env) if env else _REPO_DATA
 
 
+def code_commit() -> str:
+    """The commit of the code that runs: ``$WORKBENCH_COMMIT`` when set (a copy of the working
+    tree without its git folder), else git's short hash of this checkout, with ``+changes`` when
+    the package differs from it; ``""`` when neither is known."""
+    env = os.environ.get("WORKBENCH_COMMIT")
+    if env:
+        return env
+    repo = _REPO_DATA.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "workbench"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head.strip() + ("+changes" if dirty.strip() else "")
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Device name, torch version and today's date (UTC) for a record; on CUDA also the Triton
-    version, which compiles the kernels there."""
+    """Device name, torch version, today's date (UTC) and the code's commit
+    (:func:`code_commit`) for a record; on CUDA also the Triton version, which compiles the
+    kernels there."""
     dev = torch.device(device)
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
@@ -39,6 +60,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
         "device": name,
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).date().isoformat(),
+        "commit": code_commit(),
     }
     if dev.type == "cuda":
         try:

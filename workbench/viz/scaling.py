@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import to_hex
 
 from . import style
 from .style import Provenance
@@ -151,8 +152,9 @@ def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
 
     ``df``: benchmark rows (``variant``, ``seq_len``, ``status``, the metrics, ``col``); only
     ``status == "ok"`` is drawn (all rows when there is no ``status``). The column
-    ``peak_over_io`` is computed when asked for and absent. Raises ``ValueError`` when no row
-    is left to draw.
+    ``peak_over_io`` is computed when asked for and absent. ``ours`` is drawn above the
+    baselines, so that it stays visible where it coincides with one (``ours`` is SDPA on dense
+    patterns). Raises ``ValueError`` when no row is left to draw.
     """
     ok = df[df["status"] == "ok"] if "status" in df else df
     if "peak_over_io" in metrics and "peak_over_io" not in ok:
@@ -170,7 +172,11 @@ def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
                     markersize=7, facet_kws={"sharey": "row", "sharex": True,
                                              "margin_titles": False})
     lengths = ok["seq_len"].unique()
+    ours = to_hex(palette[names[0]]) if "ours" in set(ok["variant"]) else None
     for (metric, c), ax in g.axes_dict.items():
+        for line in ax.lines:  # ours on top of the baselines it may coincide with
+            if ours is not None and to_hex(line.get_color()) == ours:
+                line.set_zorder(line.get_zorder() + 1)
         _length_axis(ax, lengths)
         if metric in _LOG_METRICS:
             ax.set_yscale("log")
