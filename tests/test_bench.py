@@ -7,8 +7,8 @@ import csv
 import pytest
 import torch
 
-from workbench import bench, records
-from workbench.bench import BenchConfig, run_bench
+from workbench.lab import bench, records
+from workbench.lab.bench import BenchConfig, run_bench
 
 
 def _read(name: str) -> list[dict[str, str]]:
@@ -74,7 +74,7 @@ class _Cuda:
 
 def test_kernel_config_spaces():
     from workbench.backends.triton_sparse import default_backward_config
-    from workbench.bench import kernel_configs, kernel_source_sha
+    from workbench.lab.bench import kernel_configs, kernel_source_sha
 
     launch, features = kernel_configs("launch"), kernel_configs("features")
     assert len(launch) == 27 and not any(c.use_tma for c in launch)

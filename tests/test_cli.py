@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.__main__ import main
+from workbench.lab.cli import main
 
 _REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 COMMANDS = ("figures", "bench", "bench-hilbert", "bench-adaptive", "bench-longest",
@@ -217,7 +217,7 @@ def test_error_from_the_work_is_one_line(error, capsys, monkeypatch):
     def fail(*args, **kwargs):
         raise error("what went wrong\n  detail on a second line")
 
-    monkeypatch.setattr("workbench.bench.run_bench", fail)
+    monkeypatch.setattr("workbench.lab.bench.run_bench", fail)
     status, err = _exit(BENCH, capsys)
     line = _assert_one_line_error(status, err, "workbench bench: error: ", "what went wrong")
     assert "WORKBENCH_DEBUG=1" in line and "second line" not in line
@@ -227,7 +227,7 @@ def test_debug_lets_the_error_propagate(capsys, monkeypatch):
     def fail(*args, **kwargs):
         raise ValueError("what went wrong")
 
-    monkeypatch.setattr("workbench.bench.run_bench", fail)
+    monkeypatch.setattr("workbench.lab.bench.run_bench", fail)
     monkeypatch.setenv("WORKBENCH_DEBUG", "1")
     with pytest.raises(ValueError, match="what went wrong"):
         main(BENCH)
@@ -237,7 +237,7 @@ def test_a_bug_is_not_disguised(monkeypatch):
     def fail(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr("workbench.bench.run_bench", fail)
+    monkeypatch.setattr("workbench.lab.bench.run_bench", fail)
     with pytest.raises(KeyError):
         main(BENCH)
 
@@ -246,7 +246,7 @@ def test_interrupt_is_one_line_and_status_130(capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("workbench.bench.run_bench", interrupted)
+    monkeypatch.setattr("workbench.lab.bench.run_bench", interrupted)
     try:
         status, err = _exit(BENCH, capsys)
     except KeyboardInterrupt:  # would end the whole test session

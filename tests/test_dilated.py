@@ -161,7 +161,7 @@ def test_head_groups_needs_a_head_per_pair():
 
 @pytest.mark.parametrize("seq_len", [77, 1000, 1024])
 def test_naive_strided_gather_baseline_computes_the_same_output(seq_len):
-    from workbench.bench import strided_gather_dilated
+    from workbench.lab.bench import strided_gather_dilated
 
     q, k, v = make_qkv(b=2, h=5, s=seq_len, d=16, requires_grad=False)
     want = wb.dilated_attention(q, k, v, [64, 128, 256], [1, 2, 4], mode="head_groups")
@@ -169,7 +169,7 @@ def test_naive_strided_gather_baseline_computes_the_same_output(seq_len):
 
 
 def test_naive_strided_view_baseline_computes_the_same_output():
-    from workbench.bench import strided_view_dilated
+    from workbench.lab.bench import strided_view_dilated
 
     q, k, v = make_qkv(b=2, h=7, s=1024, d=16, requires_grad=False)
     want = wb.dilated_attention(q, k, v, [64, 128, 256], [1, 2, 4], mode="head_groups")

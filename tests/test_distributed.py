@@ -319,7 +319,7 @@ def test_a_rank_that_never_joins_times_out():
 
 
 def _longest_worker(rank, world, path):
-    from workbench import ring_bench
+    from workbench.lab import ring_bench
 
     torch.set_num_threads(1)
     if rank == 1:  # this rank "runs out of memory" from 512 tokens on
@@ -341,7 +341,7 @@ def _longest_worker(rank, world, path):
     assert seen[(512, "causal", 1)] == "oom" and seen[(512, "causal", 0)] == "peer_failed"
     assert max(s for s, _, _ in seen) == 512 and (512, "local", 0) not in seen  # stopped there
     if rank == 0:  # the file holds every case, the failed one included
-        from workbench.records import read_csv
+        from workbench.lab.records import read_csv
 
         written = {(int(r["seq_len"]), r["family"], int(r["rank"])): r["status"]
                    for r in read_csv("ring_test_longest")}
@@ -357,8 +357,8 @@ def test_longest_sequence_search_stops_cleanly_when_a_rank_runs_out_of_memory():
 
 
 def _profile_and_baseline_worker(rank, world, path):
-    from workbench import ring_bench
-    from workbench.records import read_csv
+    from workbench.lab import ring_bench
+    from workbench.lab.records import read_csv
 
     torch.set_num_threads(1)
     rows = ring_bench.ring_bench("test_profile", [256], ["random10", "local"], ["contiguous",
@@ -392,7 +392,7 @@ def _profile_and_baseline_worker(rank, world, path):
 
 def test_ring_bench_profiles_and_measures_efficiency_against_one_rank():
     _spawn(_profile_and_baseline_worker, 2)
-    from workbench.ring_bench import ring_bench
+    from workbench.lab.ring_bench import ring_bench
 
     with pytest.raises(ValueError, match="profile"):
         ring_bench("x", [256], ["causal"], profile=-1)
@@ -493,7 +493,7 @@ def test_nccl_ring_matches_single_process_on_every_gpu(backend):
 
 
 def test_ring_plan_runs_every_rank_and_step_on_one_device():
-    from workbench.ring_bench import ring_plan_study
+    from workbench.lab.ring_bench import ring_plan_study
 
     rows = ring_plan_study("test_plan", [1024], ["causal", "local"], world=2, heads=2,
                            head_dim=8, block_size=64, reps=1, device="cpu",

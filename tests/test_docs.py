@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.figures import REPO
+from workbench.lab.figures import REPO
 
 pytest.importorskip("sphinx")
 pytest.importorskip("myst_nb")

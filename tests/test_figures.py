@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from workbench.__main__ import main
-from workbench.figures import REPO, check_figures, discover, select
+from workbench.lab.cli import main
+from workbench.lab.figures import REPO, check_figures, discover, select
 
 
 def test_every_notebook_declares_figures_and_has_a_parameters_cell():
@@ -62,7 +62,7 @@ def test_cli_reports_missing_figures(tmp_path, monkeypatch, capsys):
 def test_unknown_notebook_and_profile_are_reported():
     with pytest.raises(SystemExit, match="available"):
         select(discover(), ["99"])
-    from workbench.figures import _parameters
+    from workbench.lab.figures import _parameters
 
     with pytest.raises(SystemExit, match="no profile"):
         _parameters(discover()[0], "nonexistent", {})

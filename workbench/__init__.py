@@ -6,8 +6,9 @@ independent choices: a **pattern** (:mod:`workbench.patterns`), an **ordering**
 (:mod:`workbench.backends`). :mod:`workbench.distributed` runs the ring across
 ``torch.distributed`` ranks.
 
-``workbench.viz`` (matplotlib) is imported on first use, so processes that only compute (the
-ranks of a distributed run) start faster.
+``workbench.viz`` (matplotlib) and ``workbench.lab`` (benchmarks, records, the figures runner
+and the command line) are imported on first use, so processes that only compute (the ranks of a
+distributed run) start faster.
 """
 
 import importlib
@@ -21,7 +22,6 @@ from . import (
     multihead,
     orderings,
     patterns,
-    records,
     ring,
     sharding,
 )
@@ -49,7 +49,7 @@ __all__ = [
     "multihead",
     "orderings",
     "patterns",
-    "records",
+    "lab",
     "ring",
     "sharding",
     "viz",
@@ -59,6 +59,6 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "viz":
-        return importlib.import_module(".viz", __name__)
+    if name in ("viz", "lab"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

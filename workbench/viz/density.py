@@ -1,7 +1,7 @@
 """Density against sequence length: what a block-sparse kernel computes as problems grow.
 
 Rows are plain dicts (or a pandas DataFrame) with one line per (family, length), such as
-those a notebook writes with :func:`workbench.records.write_csv`; the functions here only draw.
+those a notebook writes with :func:`workbench.lab.records.write_csv`; the functions here only draw.
 Colours default to :data:`workbench.viz.style.FAMILY`. A notebook that draws the same tidy rows
 with seaborn formats its axes with :func:`length_axis` and :func:`waste_axis`.
 """

@@ -1,4 +1,4 @@
-"""Plots of benchmark rows (``workbench.bench``) against sequence length, drawn with seaborn.
+"""Plots of benchmark rows (``workbench.lab.bench``) against sequence length, drawn with seaborn.
 
 Every function takes a tidy ``pandas.DataFrame`` with the columns the benchmarks write
 (``family``, ``variant``, ``pass``, ``seq_len``, ``ms``, ``peak_mib``, ``useful_tflops``,
@@ -235,7 +235,7 @@ def plot_rate_bars(df: pd.DataFrame, *, y: str = "useful_tflops", x: str = "fami
 
 def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str | None = None,
                           title: str = "", provenance: Provenance | None = None) -> Figure:
-    """The longest-sequence search (``workbench.bench.longest_sequence``): peak memory (GiB,
+    """The longest-sequence search (``workbench.lab.bench.longest_sequence``): peak memory (GiB,
     inputs included) and time of one call against ``S``, one colour per family
     (:data:`~workbench.viz.style.FAMILY`). A length that ran out of memory is a cross above
     the memory panel's top, one not run because its call would take too long (``too_slow``) a
@@ -308,7 +308,7 @@ def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
     (KiB), one panel per kernel, against the GPU's limit per program (dashed); green when a
     program fits, red when it cannot launch.
 
-    ``df``: the rows of ``workbench.bench.triton_resource_study`` (``kernel``, ``head_dim``,
+    ``df``: the rows of ``workbench.lab.bench.triton_resource_study`` (``kernel``, ``head_dim``,
     ``space``, ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, ``use_tma``,
     ``shared_bytes``, ``shared_limit``, ``fits``, ``target``, ``device``, ``date``).
     ``provenance``: by default "compiled offline for <target>" on the rows' device and date.

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import patterns as P
-from .attention import BlockSparseAttention, sdpa_shortcut
-from .dilated import dilated_attention
+from .. import patterns as P
+from ..attention import BlockSparseAttention, sdpa_shortcut
+from ..dilated import dilated_attention
 from .records import environment, write_csv
 
 __all__ = ["BenchConfig", "FAMILIES", "VARIANTS", "family_pattern", "run_bench", "time_fn"]
@@ -526,8 +526,8 @@ def hilbert_study(grids: Iterable[int], radii: Iterable[int], *, heads: int = 16
     FlexAttention forward (bf16 on CUDA, fp32 otherwise) with the grid pattern in raster,
     Morton and Hilbert token order, each with natural and Hilbert tile visit order.
     """
-    from .attention import block_sparse_attention
-    from .orderings import grid_neighborhood
+    from ..attention import block_sparse_attention
+    from ..orderings import grid_neighborhood
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -558,8 +558,8 @@ def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: i
                         block_size: int = 128, density: float = 0.1, reps: int = 20,
                         device: str = "cuda") -> list[dict]:
     """Time of the adaptive block selection against the attention it selects for."""
-    from .adaptive import AdaptiveBlockSparseAttention, fold_batch
-    from .attention import block_sparse_attention
+    from ..adaptive import AdaptiveBlockSparseAttention, fold_batch
+    from ..attention import block_sparse_attention
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -606,9 +606,9 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str], he
     and, from it, the block structures the kernels read: FlexAttention's forward ``BlockMask``
     (``flex_mask_ms``) and the triton backend's plan with its bit masks (``triton_plan_ms``).
     Dilated families get no structure: their path runs SDPA on strided views."""
-    from .backends import Problem
-    from .backends.flex import build_block_mask
-    from .backends.triton_sparse import build_plan
+    from ..backends import Problem
+    from ..backends.flex import build_block_mask
+    from ..backends.triton_sparse import build_plan
 
     dev = torch.device(device)
     rows = []
@@ -654,7 +654,7 @@ def kernel_source_sha() -> str:
     import hashlib
     from pathlib import Path
 
-    src = Path(__file__).with_name("backends") / "_triton_kernels.py"
+    src = Path(__file__).resolve().parents[1] / "backends" / "_triton_kernels.py"
     return hashlib.sha256(src.read_bytes()).hexdigest()[:12]
 
 
@@ -666,7 +666,7 @@ def kernel_configs(space: str) -> list[object]:
     program's shared memory by :func:`~workbench.backends.triton_resources.kernel_resources`)."""
     from itertools import product
 
-    from .backends.triton_sparse import BackwardConfig, KernelConfig
+    from ..backends.triton_sparse import BackwardConfig, KernelConfig
 
     if space == "launch":
         return [KernelConfig(m, n, w, st) for m, n, w, st in
@@ -705,8 +705,8 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
     """
     from tqdm.auto import tqdm
 
-    from .backends import Problem
-    from .backends.triton_sparse import build_plan, triton_attention
+    from ..backends import Problem
+    from ..backends.triton_sparse import build_plan, triton_attention
 
     dev = torch.device(device)
     env = {**environment(dev), "kernel_sha": kernel_source_sha(),
@@ -789,8 +789,8 @@ def triton_resource_study(head_dims: Iterable[int] = (64, 128, 256), *,
     import triton
     from tqdm.auto import tqdm
 
-    from .backends.triton_resources import SHARED_LIMIT, kernel_resources
-    from .backends.triton_sparse import KernelConfig, default_backward_config, default_config
+    from ..backends.triton_resources import SHARED_LIMIT, kernel_resources
+    from ..backends.triton_sparse import KernelConfig, default_backward_config, default_config
 
     cuda = torch.device("cuda")  # only named: the defaults are asked for its type
     jobs: list[tuple[str, str, int, object]] = []

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .viz.save import figures_dir
+from ..viz.save import figures_dir
 
 __all__ = ["NotebookSpec", "REPO", "check_figures", "discover", "run_notebooks"]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 BUILD = REPO / "build" / "notebooks"
 

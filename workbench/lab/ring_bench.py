@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from . import distributed as D
-from .attention import block_sparse_attention
+from .. import distributed as D
+from ..attention import block_sparse_attention
 from .bench import _DTYPES, family_pattern, time_fn
 from .records import environment, write_csv
 

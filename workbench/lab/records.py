@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["code_commit", "data_dir", "environment", "read_csv", "write_csv"]
 
-_REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+_REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def data_dir() -> Path:

@@ -1,0 +1,821 @@
+"""Command line: ``python -m workbench figures|bench ...`` (installed as ``workbench`` too).
+
+Examples::
+
+    python -m workbench figures                 # run every notebook, check every figure
+    python -m workbench figures --list          # notebooks and the figures they declare
+    python -m workbench figures --only 02       # one notebook (name prefix)
+    python -m workbench figures --profile smoke # a named parameter set of each notebook
+    python -m workbench figures -p seq_len=1000 # override one parameter (JSON value)
+    python -m workbench figures --check         # only check that declared figures exist
+    python -m workbench figures --save-outputs  # also store the executed notebooks in notebooks/
+
+    python -m workbench bench --study cpu_small --seq-lens 1024 2048     # CPU, small
+    python -m workbench bench --study h100 --seq-lens 16384 65536 \\
+        --variants ours flex_natural sdpa_dense --backward              # a GPU study
+
+    torchrun --standalone --nproc-per-node=2 -m workbench ring-demo     # distributed ring
+    torchrun --standalone --nproc-per-node=2 -m workbench ring-bench --study cpu2 \\
+        --seq-lens 4096 --families causal local --shardings contiguous zigzag
+    python -m workbench ring-plan --study h100 --world 2 --seq-lens 524288   # one GPU
+    python -m workbench copy-bandwidth --study h100                      # roofline memory side
+    python -m workbench bench-triton --study h200 --seq-len 65536   # kernel launch parameters
+    python -m workbench triton-resources                 # kernels compiled offline for an H100/H200
+
+Errors: a value a command cannot use (a length of 0, an unknown family, ``--device cuda`` on a
+machine without a GPU, a GPU-only command on a CPU machine) stops it before any work starts with
+one line on stderr, ``workbench <command>: error: <option>: <what is wrong and what to use>``,
+and exit status 2, as for any other argparse error. A ``ValueError``, ``TypeError``,
+``NotImplementedError``, ``RuntimeError`` or ``OSError`` raised while a command runs is reported
+the same way, as one line with exit status 2; set the environment variable ``WORKBENCH_DEBUG=1``
+to let it propagate with its full traceback instead. Ctrl-C ends a command with one line and
+exit status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import importlib.util
+import json
+import keyword
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+PROG = "workbench"
+DEBUG_ENV = "WORKBENCH_DEBUG"
+_USER_ERRORS = (ValueError, TypeError, NotImplementedError, RuntimeError, OSError)
+"""Errors from the library that :func:`main` reports as one line (a value it cannot use)."""
+
+
+class UsageError(Exception):
+    """A value a command cannot use on this machine or with the other options given; the message
+    names the option and what to use instead."""
+
+
+# ------------------------------------------------------------------------ argument types
+def _shown(text: str) -> str:
+    """``text`` as an error message shows it: bare, or quoted when it is blank."""
+    return text if text.strip() else repr(text)
+
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    """``text`` as an int ``>= minimum``; otherwise an argparse error "<text> is not <what>"."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """``text`` as an int ``>= 1`` (argparse ``type=``)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """``text`` as an int ``>= 0`` (argparse ``type=``)."""
+    return _int_at_least(text, 0, "a non-negative integer")
+
+
+def power_of_two_head_dim(text: str) -> int:
+    """``text`` as a power of two ``>= 16``, a head width the Triton kernels take."""
+    value = _int_at_least(text, 16, "a power of two >= 16 (the Triton kernels' head widths)")
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a power of two >= 16 (the Triton kernels' head widths)")
+    return value
+
+
+def _float(text: str) -> float:
+    """``text`` as a float; NaN when it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def positive_float(text: str) -> float:
+    """``text`` as a finite float ``> 0`` (argparse ``type=``)."""
+    value = _float(text)
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a positive finite number")
+    return value
+
+
+def positive_float_or_inf(text: str) -> float:
+    """``text`` as a float ``> 0``, ``inf`` included (argparse ``type=``)."""
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a positive number (or inf)")
+    return value
+
+
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+_CUDA_DEVICE = re.compile(r"cuda(:[0-9]+)?")
+
+
+def device(text: str) -> str:
+    """``text`` if it names a device the commands run on: ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a device: use cpu, cuda or "
+                                         "cuda:N")
+    return text
+
+
+def cuda_device(text: str) -> str:
+    """``text`` if it names a CUDA device, ``cuda`` or ``cuda:N`` (commands that measure a GPU)."""
+    if not _CUDA_DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a CUDA device; this command "
+                                         "measures a GPU: use cuda or cuda:N")
+    return text
+
+
+_STUDY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def study_name(text: str) -> str:
+    """``text`` if it can name a study's CSV files: letters, digits, ``_`` and ``-``."""
+    if not _STUDY.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{_shown(text)} is not a study name: use letters, digits, '_' and '-' (it names "
+            "the data/ file), e.g. cpu_small")
+    return text
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` as ``(NAME, VALUE)``: the value parsed as JSON, else kept as a string;
+    ``NAME`` must be a Python name (a notebook parameter)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier() or keyword.iskeyword(name):
+        raise argparse.ArgumentTypeError(
+            f"{_shown(text)} is not NAME=VALUE with NAME a notebook parameter, e.g. "
+            "seq_len=1000")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+# ------------------------------------------------------------------------ one-line errors
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr, ``<prog>: error: <message>``
+    with the option first, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
+        if message.startswith("the following arguments are required"):
+            message += f" (see {self.prog} --help)"
+        _exit_with_error(self.prog, message, 2)
+
+
+def _exit_with_error(prog: str, message: str, status: int) -> NoReturn:
+    """Print ``<prog>: error: <message>`` as one line on stderr and exit with ``status``."""
+    text = " ".join(message.split())  # one line, whatever the message's layout
+    print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-blank line of ``err``'s message (its type's name when it has none)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _debug() -> bool:
+    """Whether ``WORKBENCH_DEBUG`` asks for tracebacks (set, and neither empty nor ``0``)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+# ------------------------------------------------------------------------ checks before work
+def _check_device(args: argparse.Namespace) -> None:
+    """``--device`` exists on this machine: CUDA is there when asked for (always, for a command
+    that measures a GPU) and ``cuda:N`` is one of its devices."""
+    import torch
+
+    dev = getattr(args, "device", None)
+    if dev is None or dev == "cpu":
+        return
+    if not torch.cuda.is_available():
+        if args.gpu_only:
+            raise UsageError(f"{args.command} measures a CUDA GPU and this machine has none: "
+                             "run it on a machine with one")
+        raise UsageError(f"--device {dev} needs a CUDA GPU; this machine has none: use "
+                         "--device cpu")
+    index, count = int(dev.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"--device {dev}: this machine has {count} CUDA device(s): use cuda:0"
+                         + (f" to cuda:{count - 1}" if count > 1 else ""))
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    """``--backend nccl`` only where CUDA is."""
+    import torch
+
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        raise UsageError("--backend nccl needs CUDA GPUs; this machine has none: use "
+                         "--backend gloo")
+
+
+def _require_module(module: str, command: str, install: str) -> None:
+    """``module`` can be imported; otherwise what to install."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{command} needs the {module} package, which is not installed: "
+                         f"{install}")
+
+
+def _notebook_parameters(path: Path) -> set[str] | None:
+    """Names assigned in the notebook's ``parameters`` cell; None when it cannot be read."""
+    try:
+        cells = json.loads(path.read_text())["cells"]
+        for cell in cells:
+            if "parameters" in cell.get("metadata", {}).get("tags", []):
+                source = cell["source"]
+                tree = ast.parse(source if isinstance(source, str) else "".join(source))
+                return {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                        for t in node.targets if isinstance(t, ast.Name)} | {
+                    node.target.id for node in ast.walk(tree)
+                    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    except (OSError, KeyError, ValueError, SyntaxError):
+        return None
+    return None
+
+
+def _check_figures(args: argparse.Namespace) -> None:
+    """``--only`` prefixes each match a notebook; when notebooks run: papermill is installed,
+    every chosen notebook has ``--profile``, every ``-p`` name is a parameter of one of them, and
+    ``--save-outputs`` comes with the default parameters."""
+    from .figures import discover, select
+
+    specs = discover()
+    names = ", ".join(s.name for s in specs)
+    for prefix in args.only or []:
+        if not any(s.name.startswith(prefix) for s in specs):
+            raise UsageError(f"--only {prefix}: no notebook name starts with it; notebooks: "
+                             f"{names}")
+    if args.list or args.check:
+        return
+    chosen = select(specs, args.only)
+    overrides = dict(args.param or [])
+    profile = args.profile if args.profile not in (None, "default") else None
+    if args.save_outputs and (overrides or profile):
+        raise UsageError("--save-outputs records the default parameters' outputs: drop "
+                         "--profile and -p, or --save-outputs")
+    if profile is not None:
+        lacking = [s.name for s in chosen if profile not in s.profiles]
+        if lacking:
+            raise UsageError(f"--profile {profile}: no such profile in {', '.join(lacking)}; "
+                             "choose notebooks that have it with --only, or another profile")
+    params = [_notebook_parameters(s.path) for s in chosen]
+    if overrides and None not in params:
+        known = set().union(*params)
+        for name in overrides:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f"did you mean {close[0]}?" if close else "see their parameters cells"
+                raise UsageError(f"-p {name}: no notebook run here has a parameter {name!r}; "
+                                 f"{hint}")
+    _require_module("papermill", "figures (running notebooks)",
+                    "pip install -e '.[notebooks]' (--list and --check need no papermill)")
+
+
+def _check_bench(args: argparse.Namespace) -> None:
+    """Every requested variant runs for at least one requested family on the device (a
+    variant that never applies would leave no rows and no word about it), and every family's
+    pattern builds with ``--heads``."""
+    import torch
+
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cpu = dev == "cpu"
+    if "triton" in args.variants and on_cpu:
+        raise UsageError("--variants triton: our Triton kernels run on CUDA only: drop it, or "
+                         "use --device cuda on a GPU machine")
+    from .bench import DILATED_FAMILIES
+
+    strided = [v for v in args.variants if v in ("strided_view", "strided_gather")]
+    if strided and not set(args.families) & set(DILATED_FAMILIES):
+        raise UsageError(f"--variants {strided[0]} applies to the dilated families only: add "
+                         f"{' or '.join(DILATED_FAMILIES)} to --families, or drop it")
+    if "flex_natural" in args.variants and args.backward and on_cpu:
+        raise UsageError("--variants flex_natural: FlexAttention has no CPU backward: drop "
+                         "--backward or flex_natural, or use --device cuda on a GPU machine")
+    _check_patterns(args.families, args.seq_lens, args.heads)
+
+
+def _check_patterns(families: Sequence[str], seq_lens: Sequence[int], heads: int) -> None:
+    """Every family's pattern can be built at every length with ``heads`` heads (the dilated
+    families need a head per (segment, dilation) pair)."""
+    from .bench import family_pattern
+
+    for family in families:
+        for s in seq_lens:
+            try:
+                family_pattern(family, s, heads)
+            except (ValueError, TypeError) as err:
+                raise UsageError(f"--heads {heads} with --families {family}: {err}") from None
+
+
+def _check_longest(args: argparse.Namespace) -> None:
+    """``--limit`` leaves at least ``--start`` to run."""
+    if args.limit < args.start:
+        raise UsageError(f"--limit {args.limit} is below --start {args.start}: nothing would "
+                         "run; raise --limit or lower --start")
+
+
+def _check_bench_triton(args: argparse.Namespace) -> None:
+    """Triton is installed."""
+    _require_module("triton", "bench-triton", "install a CUDA build of torch (it brings triton)")
+
+
+def _check_triton_resources(args: argparse.Namespace) -> None:
+    """Triton is installed and ``--capability`` is a GPU whose shared memory limit is known."""
+    _require_module("triton", "triton-resources", "pip install triton")
+    from ..backends.triton_resources import SHARED_LIMIT
+
+    if tuple(args.capability) not in SHARED_LIMIT:
+        known = ", ".join(f"{a} {b}" for a, b in SHARED_LIMIT)
+        raise UsageError(f"--capability {args.capability[0]} {args.capability[1]}: no shared "
+                         f"memory limit is known for it; use one of: {known}")
+
+
+def _check_shards(option: str, seq_lens: Sequence[int], world: int, block_size: int,
+                  shardings: Sequence[str], ranks: str) -> None:
+    """Every length (the values of ``option``) splits into whole ``block_size`` blocks over
+    ``world`` ranks under every sharding; ``ranks`` says where the rank count comes from."""
+    from ..sharding import shard_plan
+
+    for s in seq_lens:
+        for kind in shardings:
+            try:
+                shard_plan(s, world, block_size, kind)
+            except (ValueError, TypeError) as err:
+                raise UsageError(f"{option} {s} with --block-size {block_size} and {ranks}: "
+                                 f"{err}") from None
+
+
+def _torchrun_world() -> int:
+    """The number of ranks of the ring the ring commands join: torchrun's ``WORLD_SIZE`` under
+    torchrun (``RANK`` set), else 1."""
+    if "RANK" not in os.environ:
+        return 1
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _check_ring_demo(args: argparse.Namespace) -> None:
+    """``--backend`` can run here; every family's pattern builds with ``--heads``; ``--seq-len``
+    shards over the ranks."""
+    _check_backend(args)
+    world = _torchrun_world()
+    _check_patterns(args.families, [args.seq_len], args.heads)
+    _check_shards("--seq-len", [args.seq_len], world, args.block_size, [args.sharding],
+                  f"{world} rank(s)")
+
+
+def _check_ring_plan(args: argparse.Namespace) -> None:
+    """Every family's pattern builds with ``--heads``; every ``--seq-lens`` value shards over
+    ``--world`` ranks."""
+    _check_patterns(args.families, args.seq_lens, args.heads)
+    _check_shards("--seq-lens", args.seq_lens, args.world, args.block_size, args.shardings,
+                  f"--world {args.world}")
+
+
+def _check_ring_bench(args: argparse.Namespace) -> None:
+    """``--backend`` can run here; every family's pattern builds with ``--heads``; the lengths
+    shard over the ranks (and, with ``--baseline``, divide by their number); ``--double-until``
+    has one start length at or below it."""
+    _check_backend(args)
+    world = _torchrun_world()
+    _check_patterns(args.families, args.seq_lens, args.heads)
+    _check_shards("--seq-lens", args.seq_lens, world, args.block_size, args.shardings,
+                  f"{world} rank(s)")
+    if args.baseline and any(s % world for s in args.seq_lens):
+        raise UsageError(f"--baseline runs S / {world} tokens on one rank: every --seq-lens "
+                         f"value must be a multiple of {world}, got {args.seq_lens}")
+    if args.double_until is None:
+        return
+    if len(args.seq_lens) != 1:
+        raise UsageError(f"--double-until doubles one length: give one --seq-lens value, got "
+                         f"{len(args.seq_lens)}")
+    if args.double_until < args.seq_lens[0]:
+        raise UsageError(f"--double-until {args.double_until} is below --seq-lens "
+                         f"{args.seq_lens[0]}: nothing would run; raise --double-until")
+
+
+# ------------------------------------------------------------------------ the commands
+def _figures(args: argparse.Namespace) -> int:
+    from .figures import check_figures, discover, run_notebooks, select
+
+    specs = select(discover(), args.only)
+    if args.list:
+        for spec in specs:
+            profiles = ", ".join(["default", *spec.profiles])
+            print(f"{spec.name}  (profiles: {profiles})")
+            for fig in spec.figures:
+                print(f"    figures/{fig}")
+            for data in spec.data:
+                print(f"    data/{data}")
+        return 0
+    if args.check:
+        missing = check_figures(specs)
+    else:
+        missing = run_notebooks(specs, profile=args.profile, overrides=dict(args.param or []),
+                                save_outputs=args.save_outputs)
+    if missing:
+        print("declared figures not written:\n  " + "\n  ".join(missing), file=sys.stderr)
+        return 1
+    print(f"ok: {sum(len(s.figures) for s in specs)} figures from {len(specs)} notebooks")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, layout_build_time, run_bench
+    from .records import write_csv
+
+    cfg = BenchConfig(
+        study=args.study, seq_lens=tuple(args.seq_lens), families=tuple(args.families),
+        variants=tuple(args.variants), batch=args.batch, heads=args.heads,
+        head_dim=args.head_dim, dtype=args.dtype, block_size=args.block_size, reps=args.reps,
+        warmup=args.warmup, backward=args.backward, device=args.device or BenchConfig.device,
+    )
+    rows = run_bench(cfg)
+    for r in rows:
+        print(f"{r['seq_len']:>8} {r['family']:>9} {r['variant']:>13} {r['pass']:>8} "
+              f"{r['ms']:>10} ms {r['useful_tflops']:>8} TFLOP/s {r['peak_mib']:>9} MiB "
+              f"{r['status']}")
+    if args.layout_timing:
+        lay = []
+        for s in args.layout_timing:
+            lay += layout_build_time(s, cfg.block_size, cfg.families, cfg.heads, cfg.device)
+        for r in lay:
+            kernels = (f"; flex BlockMask {r['flex_mask_ms']} ms, triton plan "
+                       f"{r['triton_plan_ms']} ms" if "flex_mask_ms" in r else "")
+            print(f"layout {r['family']:>9} S={r['seq_len']} block={r['block_size']}: "
+                  f"{r['build_ms']} ms, {r['layout_mib']} MiB{kernels}")
+        write_csv(lay, f"bench_{cfg.study}_layout", cfg.device)
+    return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        print("  ".join(f"{k}={v}" for k, v in r.items() if k not in ("device", "torch", "date",
+                                                                       "triton")))
+
+
+def _bench_hilbert(args: argparse.Namespace) -> int:
+    from .bench import hilbert_study
+    from .records import write_csv
+
+    rows = hilbert_study(args.grids, args.radii, reps=args.reps, device=args.device)
+    _print_rows(rows)
+    write_csv(rows, "03_hilbert_gpu", args.device)
+    return 0
+
+
+def _bench_adaptive(args: argparse.Namespace) -> int:
+    from .bench import adaptive_cost_study
+    from .records import write_csv
+
+    rows = adaptive_cost_study(args.seq_lens, reps=args.reps, device=args.device)
+    _print_rows(rows)
+    write_csv(rows, "04_selection_cost_gpu", args.device)
+    return 0
+
+
+def _bench_longest(args: argparse.Namespace) -> int:
+    from .bench import longest_sequence
+
+    longest_sequence(args.families, start=args.start, limit=args.limit, device=args.device,
+                     study=args.study, max_seconds=args.max_seconds, memory_gib=args.memory_gib)
+    return 0
+
+
+def _bench_triton(args: argparse.Namespace) -> int:
+    from .bench import kernel_configs, triton_config_study
+
+    name = "configs" if args.space == "launch" else args.space
+    rows = triton_config_study(args.seq_len, args.families, reps=args.reps, device=args.device,
+                               configs=kernel_configs(args.space),
+                               backward=args.space == "backward",
+                               csv_name=f"bench_{args.study}_triton_{name}")
+    _print_rows(rows)
+    return 0
+
+
+def _triton_resources(args: argparse.Namespace) -> int:
+    from .bench import triton_resource_study
+    from .records import write_csv
+
+    rows = triton_resource_study(args.head_dims, capability=tuple(args.capability))
+    for r in rows:
+        print(f"{r['kernel']:>8} d={r['head_dim']:<3} {r['space']:>8} {r['block_m']}x"
+              f"{r['block_n']} w{r['num_warps']} s{r['num_stages']} tma={r['use_tma']!s:<5} "
+              f"{r['shared_bytes'] / 1024:7.1f} KiB {'fits' if r['fits'] else 'TOO BIG'} "
+              f"{r['registers']} regs {r['spill_bytes']} B spilled")
+    write_csv(rows, f"triton_resources_{args.study}", "cpu")
+    return 0
+
+
+def _copy_bandwidth(args: argparse.Namespace) -> int:
+    from .bench import copy_bandwidth
+    from .records import environment, write_csv
+
+    env = environment(args.device)
+    rows = [{**env, **r} for r in copy_bandwidth(args.device, args.mib, args.reps)]
+    print(f"copy bandwidth: {rows[0]['gb_s']} GB/s (read + write)")
+    write_csv(rows, f"bench_{args.study}_copy", args.device)
+    return 0
+
+
+def _ring_demo(a: argparse.Namespace) -> int:
+    from .ring_bench import ring_demo
+
+    rows = ring_demo(a.seq_len, a.heads, a.head_dim, a.block_size, a.families, a.sharding,
+                     a.backend, a.timeout)
+    return 0 if all(r["max_abs_error"] <= r["tolerance"] for r in rows) else 1
+
+
+def _ring_bench(a: argparse.Namespace) -> int:
+    from .ring_bench import ring_bench
+
+    rows = ring_bench(a.study, a.seq_lens, a.families, a.shardings, a.heads, a.head_dim,
+                      a.dtype, a.block_size, a.reps, a.warmup, a.backward, a.backend, a.timeout,
+                      a.double_until, a.profile, a.baseline)
+    if all(r["status"] == "ok" for r in rows):
+        return 0
+    # A case failed: the data-plane group may hold unmatched transfers, which can abort a
+    # normal interpreter exit. Every row is written; end here. A longest-sequence search is
+    # meant to end at its first failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if a.double_until is not None else 1)
+
+
+def _ring_plan(a: argparse.Namespace) -> int:
+    from .ring_bench import ring_plan_study
+
+    rows = ring_plan_study(a.study, a.seq_lens, a.families, a.world, a.shardings, a.heads,
+                           a.head_dim, a.dtype, a.block_size, a.reps, a.device, a.passes)
+    _print_rows(rows)
+    return 0
+
+
+
+# ------------------------------------------------------------------------ the parser
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line parser and each command's own parser, by command name."""
+    from .bench import FAMILIES
+
+    parser = _Parser(prog=PROG, description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _figures_command(sub)
+    _bench_commands(sub, FAMILIES)
+    _ring_commands(sub, FAMILIES)
+    return parser, dict(sub.choices)
+
+
+def _figures_command(sub) -> None:
+    fig = sub.add_parser("figures", help="regenerate figures/ and data/ by running the notebooks")
+    fig.add_argument("--list", action="store_true", help="list notebooks and declared figures")
+    fig.add_argument("--only", nargs="+", metavar="NAME", help="notebook name prefixes to run")
+    fig.add_argument("--profile", default=None, help="named parameter profile (default: none)")
+    fig.add_argument("-p", "--param", action="append", type=_parse_override, metavar="NAME=VALUE",
+                     help="override a notebook parameter (value parsed as JSON)")
+    fig.add_argument("--check", action="store_true",
+                     help="do not run; check that every declared figure exists")
+    fig.add_argument("--save-outputs", action="store_true",
+                     help="replace notebooks/*.ipynb with the executed ones (default parameters)")
+    fig.set_defaults(func=_figures, validate=_check_figures)
+
+
+def _device_arg(p: argparse.ArgumentParser, default: str | None = "cuda", *,
+                gpu_only: bool = False) -> None:
+    """``--device``: cpu, cuda or cuda:N (cuda only, for a command that measures a GPU)."""
+    if gpu_only:
+        p.add_argument("--device", type=cuda_device, default=default, metavar="cuda[:N]",
+                       help=f"the CUDA device to measure (default: {default})")
+    else:
+        p.add_argument("--device", type=device, default=default, metavar="{cpu,cuda,cuda:N}",
+                       help=f"where to run (default: {default or 'cuda if present, else cpu'})")
+    p.set_defaults(gpu_only=gpu_only)
+
+
+def _shape_args(p: argparse.ArgumentParser, *, heads: int = 16, head_dim: int = 128,
+                block_size: int = 128, dtype: bool = True) -> None:
+    """The attention shape options shared by the benchmark commands."""
+    p.add_argument("--heads", type=positive_int, default=heads)
+    p.add_argument("--head-dim", type=positive_int, default=head_dim)
+    if dtype:
+        p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--block-size", type=positive_int, default=block_size)
+
+
+def _reps_arg(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument("--reps", type=positive_int, default=default,
+                   help=f"timed calls; the median is recorded (default: {default})")
+
+
+def _bench_commands(sub, families: tuple[str, ...]) -> None:
+    from .bench import VARIANTS
+
+    ben = sub.add_parser("bench", help="time variants against baselines, write data/bench_*.csv")
+    ben.add_argument("--study", type=study_name, required=True,
+                     help="name of the study (data/bench_<study>.csv)")
+    ben.add_argument("--seq-lens", nargs="+", type=positive_int, required=True, metavar="S")
+    ben.add_argument("--families", nargs="+", default=list(families), choices=families)
+    ben.add_argument("--variants", nargs="+", default=["ours", "sdpa_dense"], choices=VARIANTS)
+    ben.add_argument("--batch", type=positive_int, default=1)
+    _shape_args(ben)
+    _reps_arg(ben, 20)
+    ben.add_argument("--warmup", type=nonnegative_int, default=3)
+    ben.add_argument("--backward", action="store_true", help="time forward+backward")
+    _device_arg(ben, None)
+    ben.add_argument("--layout-timing", nargs="*", type=positive_int, metavar="S",
+                     help="also time building each family's block layout at these lengths")
+    ben.set_defaults(func=_bench, validate=_check_bench)
+
+    hil = sub.add_parser("bench-hilbert", help="2-D neighbourhood attention: token and visit "
+                         "orders on the GPU (data/03_hilbert_gpu.csv)")
+    hil.add_argument("--grids", nargs="+", type=positive_int, default=[128, 256], metavar="G",
+                     help="grid sides (G x G tokens)")
+    hil.add_argument("--radii", nargs="+", type=nonnegative_int, default=[4, 16], metavar="R")
+    _reps_arg(hil, 20)
+    _device_arg(hil)
+    hil.set_defaults(func=_bench_hilbert)
+
+    ada = sub.add_parser("bench-adaptive", help="adaptive selection cost vs attention "
+                         "(data/04_selection_cost_gpu.csv)")
+    ada.add_argument("--seq-lens", nargs="+", type=positive_int, default=[16384, 65536],
+                     metavar="S")
+    _reps_arg(ada, 20)
+    _device_arg(ada)
+    ada.set_defaults(func=_bench_adaptive)
+
+    lon = sub.add_parser("bench-longest", help="longest sequence one GPU runs per family "
+                         "(doubling until out of memory; data/bench_<study>_longest.csv)")
+    lon.add_argument("--study", type=study_name, default="h100")
+    lon.add_argument("--families", nargs="+", default=list(families), choices=families)
+    lon.add_argument("--start", type=positive_int, default=262144)
+    lon.add_argument("--limit", type=positive_int, default=1 << 24)
+    lon.add_argument("--max-seconds", type=positive_float_or_inf, default=math.inf,
+                     help="do not run a length whose call is predicted to take longer (4x the "
+                     "last); its row says whether its inputs would fit")
+    lon.add_argument("--memory-gib", type=positive_float, default=None,
+                     help="search as on a card of this much memory (GiB, its total as CUDA "
+                     "reports it): the allocator is capped so that it and the CUDA context fit")
+    _device_arg(lon, gpu_only=True)
+    lon.set_defaults(func=_bench_longest, validate=_check_longest)
+
+    cop = sub.add_parser("copy-bandwidth", help="device-to-device copy bandwidth, the memory "
+                         "side of the roofline (data/bench_<study>_copy.csv)")
+    cop.add_argument("--study", type=study_name, default="h100")
+    cop.add_argument("--mib", type=positive_int, default=1024)
+    _reps_arg(cop, 20)
+    _device_arg(cop)
+    cop.set_defaults(func=_copy_bandwidth)
+
+    tri = sub.add_parser("bench-triton", help="our Triton kernel under every launch configuration "
+                         "vs FlexAttention and dense SDPA (data/bench_<study>_triton_configs.csv)")
+    tri.add_argument("--study", type=study_name, default="h200")
+    tri.add_argument("--seq-len", type=positive_int, default=65536)
+    tri.add_argument("--families", nargs="+", default=["dense", "random10", "causal", "local"],
+                     choices=families)
+    tri.add_argument("--space", choices=["launch", "features", "backward"], default="launch",
+                     help="launch: tile edges, warps, stages; features: the best of those with "
+                          "and without TMA (data/bench_<study>_triton_features.csv); backward: "
+                          "forward+backward under the backward kernels' launch parameters "
+                          "(data/bench_<study>_triton_backward.csv)")
+    _reps_arg(tri, 20)
+    _device_arg(tri, gpu_only=True)
+    tri.set_defaults(func=_bench_triton, validate=_check_bench_triton)
+
+    res = sub.add_parser("triton-resources", help="our Triton kernels compiled offline for a "
+                         "GPU (no GPU needed): shared memory, registers, spills of every default "
+                         "and swept configuration (data/triton_resources_<study>.csv)")
+    res.add_argument("--study", type=study_name, default="sm90")
+    res.add_argument("--head-dims", nargs="+", type=power_of_two_head_dim, default=[64, 128, 256],
+                     metavar="D", help="head widths: powers of two >= 16")
+    res.add_argument("--capability", nargs=2, type=nonnegative_int, default=[9, 0],
+                     metavar=("MAJOR", "MINOR"), help="compute capability of the target GPU")
+    res.set_defaults(func=_triton_resources, validate=_check_triton_resources)
+
+
+def _ring_commands(sub, families: tuple[str, ...]) -> None:
+    from ..distributed import SHARDINGS
+    from .ring_bench import PASSES
+
+    demo = sub.add_parser("ring-demo", help="distributed ring vs one process, on every rank "
+                          "(run under torchrun)")
+    demo.add_argument("--seq-len", type=positive_int, default=1000)
+    _shape_args(demo, heads=4, head_dim=32, block_size=64, dtype=False)  # float64 check
+    demo.add_argument("--families", nargs="+", default=["causal", "local", "random10", "dilated"],
+                      choices=families)
+    demo.add_argument("--sharding", default="zigzag", choices=SHARDINGS)
+    demo.add_argument("--backend", default=None, choices=["gloo", "nccl"])
+    demo.add_argument("--timeout", type=positive_float, default=120.0, help="seconds before a "
+                      "missing peer is reported")
+    demo.set_defaults(func=_ring_demo, validate=_check_ring_demo)
+
+    rb = sub.add_parser("ring-bench", help="time the distributed ring (run under torchrun); "
+                        "writes data/ring_<study>.csv")
+    rb.add_argument("--study", type=study_name, required=True)
+    rb.add_argument("--seq-lens", nargs="+", type=positive_int, required=True, metavar="S",
+                    help="total sequence lengths (all ranks together)")
+    rb.add_argument("--families", nargs="+", default=["causal", "local"], choices=families)
+    rb.add_argument("--shardings", nargs="+", default=["contiguous"], choices=SHARDINGS)
+    _shape_args(rb)
+    _reps_arg(rb, 10)
+    rb.add_argument("--warmup", type=nonnegative_int, default=2)
+    rb.add_argument("--backward", action="store_true")
+    rb.add_argument("--backend", default=None, choices=["gloo", "nccl"])
+    rb.add_argument("--timeout", type=positive_float, default=600.0, help="seconds before a rank "
+                    "that stopped answering (e.g. out of memory) is reported")
+    rb.add_argument("--double-until", type=positive_int, default=None, metavar="S_MAX",
+                    help="longest-sequence search: double the --seq-lens value until a case "
+                         "fails (out of memory) or S_MAX")
+    rb.add_argument("--baseline", action="store_true",
+                    help="after each case, run rank 0 alone at the per-rank length and record "
+                         "the parallel efficiency")
+    rb.add_argument("--profile", type=nonnegative_int, default=0, metavar="N",
+                    help="profile one more call per case and write its N most expensive "
+                         "operators per rank to data/ring_<study>_profile.csv")
+    rb.set_defaults(func=_ring_bench, validate=_check_ring_bench)
+
+    rp = sub.add_parser("ring-plan", help="per-(rank, step) compute and bytes of a ring, run on "
+                        "one device; writes data/ring_<study>_plan.csv")
+    rp.add_argument("--study", type=study_name, required=True)
+    rp.add_argument("--world", type=positive_int, default=2)
+    rp.add_argument("--seq-lens", nargs="+", type=positive_int, required=True, metavar="S")
+    rp.add_argument("--families", nargs="+", default=["causal", "random10", "local", "dilated"],
+                    choices=families)
+    rp.add_argument("--shardings", nargs="+", default=list(SHARDINGS), choices=SHARDINGS)
+    _shape_args(rp)
+    _reps_arg(rp, 5)
+    _device_arg(rp)
+    rp.add_argument("--passes", nargs="+", default=["fwd"], choices=PASSES,
+                    help="fwd+bwd: each step's forward plus its backward step")
+    rp.set_defaults(func=_ring_plan, validate=_check_ring_plan)
+
+
+# ------------------------------------------------------------------------ entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` names (default: ``sys.argv[1:]``); returns its exit status.
+
+    A value the command cannot use ends it with one line on stderr,
+    ``workbench <command>: error: <message>``, and ``SystemExit(2)``: before any work when the
+    arguments, the other options or this machine say so, else when the work raises one of
+    ``ValueError``, ``TypeError``, ``NotImplementedError``, ``RuntimeError`` or ``OSError``.
+    Ctrl-C ends it with one line and ``SystemExit(130)``. With ``WORKBENCH_DEBUG=1`` an error
+    raised by the work, and the interrupt, propagate with their traceback instead.
+    """
+    prog = PROG
+    try:
+        parser, commands = build_parser()
+        args, extras = parser.parse_known_args(None if argv is None else list(argv))
+        command = commands[args.command]
+        prog = command.prog
+        if extras:
+            command.error(f"unrecognized arguments: {' '.join(extras)} (see {prog} --help)")
+        try:
+            _check_device(args)
+            validate = getattr(args, "validate", None)
+            if validate is not None:
+                validate(args)
+        except UsageError as err:
+            command.error(str(err))
+        return _run(args, prog)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
+        sys.stderr.close()
+        raise SystemExit(0) from None
+
+
+def _run(args: argparse.Namespace, prog: str) -> int:
+    """``args.func(args)``, with the errors :func:`main` reports as one line reported so."""
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        raise
+    except (UsageError, *_USER_ERRORS) as err:
+        if _debug():
+            raise
+        _exit_with_error(prog, f"{_first_line(err)} (set {DEBUG_ENV}=1 for the traceback)", 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
