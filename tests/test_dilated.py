@@ -11,6 +11,7 @@ from conftest import grads, make_qkv
 
 import workbench as wb
 from workbench import patterns as P
+from workbench.backends import gather
 
 CONFIGS = [
     ([64, 128], [1, 2]),
@@ -40,11 +41,11 @@ def gather_chunks(request, monkeypatch):
     copied into one batch) and as it runs at long lengths (a few heads at a time, here one;
     q, k, v read in place through the views, one call per offset)."""
     if request.param != "whole_runs":
-        monkeypatch.setattr(wb.dilated, "GATHER_MIN_BYTES", 0)
-        monkeypatch.setattr(wb.dilated, "GATHER_HEAD_FRACTION", 0.0)
+        monkeypatch.setattr(gather, "GATHER_MIN_BYTES", 0)
+        monkeypatch.setattr(gather, "GATHER_HEAD_FRACTION", 0.0)
     if request.param == "read_in_place":
-        monkeypatch.setattr(wb.dilated, "GATHER_HEAD_FRACTION", 0.5)
-        monkeypatch.setattr(wb.dilated, "IN_PLACE_MIN_BYTES", 0)
+        monkeypatch.setattr(gather, "GATHER_HEAD_FRACTION", 0.5)
+        monkeypatch.setattr(gather, "IN_PLACE_MIN_BYTES", 0)
     return request.param
 
 

@@ -78,18 +78,16 @@ def _check_attention(rank, world, sharding, names, dropout=0.0):
 def _check_inference(rank, world, sharding):
     """Without gradients or a requested log-sum-exp, a rank whose query runs have one partial
     each computes them without one (SDPA for aligned dilated segments): the same output."""
-    import workbench.dilated as dil
-
     s = 128 * world  # shards of 128 tokens (zigzag: two runs of 64): segments inside a run
     q, k, v = (_full(i, 2, 3, s, 8) for i in range(3))
     sh = D.shard_plan(s, world, BLOCK, sharding)
-    asked, plain = [], dil.dilated_pattern_attention
+    asked, plain = [], D.dilated_pattern_attention
 
     def spy(*args, need_lse=True, **kw):
         asked.append(need_lse)
         return plain(*args, need_lse=need_lse, **kw)
 
-    dil.dilated_pattern_attention = spy
+    D.dilated_pattern_attention = spy
     try:
         for pat in (P.dilated([32, 64], [1, 2], num_heads=3), P.local_window(20), P.causal()):
             ref = wb.block_sparse_attention(q, k, v, pat, BLOCK, backend="reference")
@@ -101,7 +99,7 @@ def _check_inference(rank, world, sharding):
                                        msg=f"{pat!r} {sharding} no grad")
             assert out.dtype == q.dtype and stats.pairs_computed >= 1
     finally:
-        dil.dilated_pattern_attention = plain
+        D.dilated_pattern_attention = plain
     # every dilated run took the dilation ordering, and none computed a log-sum-exp
     assert asked == [False] * len(sh.pieces[rank]), (sharding, asked)
 

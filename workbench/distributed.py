@@ -25,9 +25,9 @@ causal work (early ranks' queries see few keys, late ranks' many; zigzag pairs o
 
 **LongNet on a ring.** For a :class:`~workbench.patterns.Dilated` pattern, a rank's own run
 that starts at a multiple of every segment length is computed by the dilation ordering
-(:func:`workbench.dilated.dilated_pattern_attention`), not tile by tile in natural order; with
-contiguous shards and segments no longer than a shard that is all of the work, and nothing is
-sent.
+(:func:`workbench.backends.gather.dilated_pattern_attention`), not tile by tile in natural
+order; with contiguous shards and segments no longer than a shard that is all of the work,
+and nothing is sent.
 
 **Backward.** The backward pass is a ring too: each step receives the K/V shard again,
 recomputes that step's partial result with autograd, and turns the gradient of the merged
@@ -70,6 +70,7 @@ from .backends import (
     run_backend,
 )
 from .backends.dropout import AttentionDropout
+from .backends.gather import dilated_pattern_attention
 from .layout import BlockLayout, num_blocks
 from .patterns import Dilated, Pattern, check_positive_int, head_predicate
 from .sharding import (
@@ -409,7 +410,6 @@ def _run_pair(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, sub: Problem, diag
     pat = setup.pattern
     if (diagonal and isinstance(pat, Dilated) and sub.dropout is None
             and sub.q_offset % math.lcm(*pat.w) == 0):
-        from .dilated import dilated_pattern_attention  # dilated -> attention -> distributed
 
         return dilated_pattern_attention(q, k, v, pat, scale=sub.scale, need_lse=need_lse)
     return run_backend(setup.backend, q, k, v, sub, need_lse=need_lse)

@@ -1,0 +1,283 @@
+"""The dilation ordering as a backend: LongNet's dilated attention computed densely per segment.
+
+For a (segment ``w``, dilation ``r``) pair, the positions a head keeps inside each segment
+(``s, s + r, ...`` from the segment start) are attended densely, segment by segment, and the
+result is put back: no tile is wasted. When every segment is full, the kept positions of a run of
+consecutive heads whose offsets step evenly (LongNet's ``j mod r``) are one strided view of q, k
+and v that SDPA reads in place; otherwise they are gathered by index. The log-sum-exp, when
+asked for, comes from the block-sparse backends on the same dense segments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..orderings import dilation_gather
+from ..patterns import Dilated, KeyMask, Pattern, full, head_predicate
+from ..patterns import causal as causal_band
+from .merge import empty_partial
+from .problem import Problem
+
+__all__ = ["branch_gather", "dilated_pattern_attention", "heads_at_once", "heads_gather"]
+
+
+def _with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, backend: str,
+              scale: float) -> tuple[Tensor, Tensor]:
+    """``pattern``'s attention and log-sum-exp on a block-sparse backend (inputs already valid)."""
+    from . import resolve_backend, run_backend  # the package's dispatch, loaded before this runs
+
+    layout = pattern.block_structure(q.shape[2], block_size, q.device, k_len=k.shape[2])
+    problem = Problem(layout, head_predicate(pattern, q.device), scale, label=repr(pattern),
+                      dense_form=pattern.dense_form())
+    name = resolve_backend(backend, q, v=v, problem=problem, need_lse=True)
+    out, lse = run_backend(name, q, k, v, problem, need_lse=True)
+    return out, lse
+
+
+#: Heads go a few at a time: one call's temporaries (its output, and gathered copies of q, k, v
+#: where slots must be gathered by index or a kernel wants contiguous inputs) hold at most this
+#: fraction of an input's heads (or ``GATHER_MIN_BYTES``, whichever is more).
+GATHER_HEAD_FRACTION = 1 / 8
+GATHER_MIN_BYTES = 64 * 2**20
+#: From this many bytes per head, SDPA reads q, k, v in place through strided views (one call
+#: per run of heads); below it the views are copied into one batch for one call, since launches
+#: then cost more than the copies.
+IN_PLACE_MIN_BYTES = 8 * 2**20
+
+
+def _head_bytes(q: Tensor) -> int:
+    """Bytes of one head of ``q`` (all batches)."""
+    return q[:, :1].numel() * q.element_size()
+
+
+def heads_at_once(q: Tensor) -> int:
+    """How many heads of ``q`` go at a time (see ``GATHER_HEAD_FRACTION``)."""
+    h = q.shape[1]
+    per_head = max(1, _head_bytes(q))
+    return max(1, min(h, max(math.floor(h * GATHER_HEAD_FRACTION), GATHER_MIN_BYTES // per_head)))
+
+
+class _Piece(NamedTuple):
+    """Slots attended by one call: ``gather(x)`` -> ``[B', nseg', L, *rest]`` (q, k, v and the
+    log-sum-exp alike), ``put(dst, src)`` writes a result back; ``key_ok`` [nseg', L] masks
+    padding keys (None: every key is real)."""
+
+    gather: Callable[[Tensor], Tensor]
+    put: Callable[[Tensor, Tensor], None]
+    key_ok: Tensor | None
+
+
+class _Run(NamedTuple):
+    """``count`` consecutive heads from ``head``, head ``head + t`` at offset
+    ``offset + t * step``."""
+
+    head: int
+    count: int
+    offset: int
+    step: int
+
+
+def _head_runs(offsets: list[int]) -> list[_Run]:
+    """The heads as runs of consecutive heads whose offsets grow by a constant step (0 for
+    heads sharing an offset, 1 for LongNet's ``j mod r`` within a branch of ``r`` heads)."""
+    runs, j = [], 0
+    while j < len(offsets):
+        count, step = 1, 0
+        if j + 1 < len(offsets) and offsets[j + 1] >= offsets[j]:
+            step, count = offsets[j + 1] - offsets[j], 2
+            while j + count < len(offsets) and offsets[j + count] - offsets[j + count - 1] == step:
+                count += 1
+        runs.append(_Run(j, count, offsets[j], step))
+        j += count
+    return runs
+
+
+def _run_view(x: Tensor, run: _Run, segment: int, dilation: int) -> Tensor:
+    """The kept positions of a run's heads as one strided view of ``x`` ``[B, H, S, *rest]``:
+    ``[B, count, nseg, L, *rest]``, slot ``i`` of segment ``m`` of head ``head + t`` at position
+    ``m * w + offset + t * step + i * r`` (every segment full). Stepping to the next head moves
+    ``step`` positions further, so one view covers heads with different offsets."""
+    sb, sh, ss, *rest = x.stride()
+    size = (x.shape[0], run.count, x.shape[2] // segment, segment // dilation, *x.shape[3:])
+    stride = (sb, sh + run.step * ss, segment * ss, dilation * ss, *rest)
+    start = x.storage_offset() + run.head * sh + run.offset * ss
+    return x.as_strided(size, stride, start)
+
+
+def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int],
+                    in_place: bool) -> list[_Piece]:
+    """When every slot is a real position, each run of heads (:func:`_head_runs`) keeps a
+    strided view of the sequence (:func:`_run_view`): no index tensors. ``in_place``: one call
+    per run reads q, k, v through that view, and only its output is copied back (no gathered
+    copies at batch 1). Otherwise the views are copied into one batch and attended by one call
+    (fewer launches: better for short sequences, and for kernels that want contiguous
+    inputs)."""
+    runs = _head_runs(offsets)
+
+    def view(x: Tensor, run: _Run) -> Tensor:  # -> [B, c, nseg, L, *rest]
+        return _run_view(x, run, segment, dilation)
+
+    if in_place:
+        def piece(run: _Run) -> _Piece:
+            def gather(x: Tensor) -> Tensor:  # batch and heads as one batch dim
+                return view(x, run).flatten(0, 1)
+
+            def put(dst: Tensor, src: Tensor) -> None:
+                target = view(dst, run)
+                target.copy_(src.reshape(target.shape))
+
+            return _Piece(gather, put, None)
+
+        return [piece(run) for run in runs]
+
+    sizes = [run.count for run in runs]
+    nseg = seq_len // segment
+
+    def gather(x: Tensor) -> Tensor:  # [B, sum(c) * nseg, L, *rest], runs in order
+        return torch.cat([view(x, run) for run in runs], 1).flatten(1, 2)
+
+    def put(dst: Tensor, src: Tensor) -> None:
+        parts = src.unflatten(1, (sum(sizes), nseg)).split(sizes, 1)
+        for run, part in zip(runs, parts):
+            view(dst, run).copy_(part)
+
+    return [_Piece(gather, put, None)]
+
+
+def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int],
+                   device: torch.device, full: bool) -> _Piece:
+    """Slots gathered by index: one ``index_select`` per tensor (whose backward is one
+    ``index_add``). ``full``: every slot is a real position. Otherwise padding slots (a short
+    last segment) read position 0, their keys are masked and they are not put back."""
+    pos, valid = dilation_gather(seq_len, segment, dilation, offsets, device)
+    h, nseg, length = pos.shape
+    hs = h * seq_len
+    # one row per slot into the [B, h * S, *rest] view of the heads
+    rows = (pos + torch.arange(h, device=device)[:, None, None] * seq_len).reshape(-1)
+    key_ok, kept = None, None
+    if not full:
+        kept = valid.reshape(-1).nonzero().squeeze(1)
+        key_ok = valid.reshape(h * nseg, length)
+        # a segment a head keeps nothing of (offset past a short last segment): its padded
+        # queries see one key so nothing is NaN (their outputs are not put back)
+        first = torch.arange(length, device=device) == 0
+        key_ok = key_ok | (~key_ok.any(-1, keepdim=True) & first)
+
+    def gather(x: Tensor) -> Tensor:
+        rest = x.shape[3:]
+        flat = x.reshape(x.shape[0], hs, *rest).index_select(1, rows)
+        return flat.reshape(x.shape[0], -1, length, *rest)
+
+    def put(dst: Tensor, src: Tensor) -> None:
+        rest = dst.shape[3:]
+        src = src.reshape(dst.shape[0], -1, *rest)
+        dst_rows = rows
+        if kept is not None:
+            src, dst_rows = src.index_select(1, kept), rows[kept]
+        dst.view(dst.shape[0], hs, *rest).index_copy_(1, dst_rows, src)
+
+    return _Piece(gather, put, key_ok)
+
+
+def branch_gather(
+    q: Tensor, k: Tensor, v: Tensor, segment: int, dilation: int, offsets: list[int],
+    causal: bool, scale: float, out: Tensor, lse: Tensor | None, block_size: int, chunk: int,
+) -> None:
+    """One (segment, dilation) branch for heads with ``offsets``, by the dilation ordering:
+    dense attention inside each head's kept positions of each segment, written into ``out``
+    (zeros) and ``lse`` (-inf, or None when not needed) in place; only the positions each head
+    keeps are written. ``chunk`` heads go at a time."""
+    h, s = q.shape[1], q.shape[2]
+    length = -(-segment // dilation)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    in_place = lse is None and _head_bytes(q) >= IN_PLACE_MIN_BYTES
+    for a in range(0, h, chunk):
+        sl = slice(a, min(a + chunk, h))
+        offs = offsets[sl]
+        full = s % segment == 0 and all(o + (length - 1) * dilation < segment for o in offs)
+        # Under autograd every view would get a gradient buffer of its base's full size in the
+        # backward, one per offset: the index gather costs one per tensor instead.
+        pieces = (_strided_pieces(s, segment, dilation, offs, in_place) if full and not grad
+                  else [_indexed_piece(s, segment, dilation, offs, q.device, full)])
+        for pc in pieces:
+            _attend_piece(pc, q[:, sl], k[:, sl], v[:, sl], causal, scale, out[:, sl],
+                          None if lse is None else lse[:, sl], block_size)
+
+
+def _attend_piece(pc: _Piece, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                  out: Tensor, lse: Tensor | None, block_size: int) -> None:
+    """Dense attention inside every segment of one piece, put back into ``out`` (and ``lse``)."""
+    qg, kg, vg = pc.gather(q), pc.gather(k), pc.gather(v)
+    length = qg.shape[2]
+    if lse is not None:
+        # SDPA returns no log-sum-exp: FlexAttention (CUDA) or blockwise computes the same
+        # dense segments with it; FlexAttention needs 128-token tiles on CUDA.
+        pat = full() if pc.key_ok is None else KeyMask(pc.key_ok)
+        if causal:
+            pat = pat & causal_band()
+        name = "blockwise" if q.is_cuda and length < 128 else "auto"
+        blk = 128 if q.is_cuda and length >= 128 else min(block_size, length)
+        og, lse_g = _with_lse(qg, kg, vg, pat, blk, name, scale)
+        pc.put(lse, lse_g.to(lse.dtype))
+    else:
+        mask = None
+        if pc.key_ok is not None:
+            mask = pc.key_ok[None, :, None, :]
+            if causal:
+                mask = mask & torch.ones(length, length, dtype=torch.bool,
+                                         device=q.device).tril()
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
+                                            is_causal=causal and mask is None, scale=scale)
+    del qg, kg, vg
+    pc.put(out, og.to(out.dtype))
+
+
+def heads_gather(
+    q: Tensor, k: Tensor, v: Tensor, w: list[int], r: list[int], s: list[int], causal: bool,
+    scale: float, need_lse: bool, block_size: int,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-head (segment ``w``, dilation ``r``, offset ``s``) attention by the dilation ordering:
+    each run of consecutive heads with the same (w, r) is gathered (a few heads at a time),
+    attended densely and put straight back into one preallocated output."""
+    out, lse = empty_partial(q, v.shape[-1], lse=need_lse)  # what a position nobody keeps gets
+    chunk = heads_at_once(q)
+    start = 0
+    for end in range(1, len(w) + 1):
+        if end < len(w) and (w[end], r[end]) == (w[start], r[start]):
+            continue
+        sl = slice(start, end)
+        branch_gather(q[:, sl], k[:, sl], v[:, sl], w[start], r[start], s[sl], causal, scale,
+                       out[:, sl], None if lse is None else lse[:, sl], block_size, chunk)
+        start = end
+    return out, lse
+
+
+def dilated_pattern_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Dilated, *, scale: float | None = None,
+    block_size: int = 64, need_lse: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``block_sparse_attention(q, k, v, pattern, return_lse=True)`` for a LongNet
+    :class:`~workbench.patterns.Dilated` pattern, computed by the dilation ordering.
+    ``need_lse=False`` returns ``(out, None)`` and lets SDPA compute the segments.
+
+    Positions are local: segments start at 0, so on a window of a longer sequence this is the
+    pattern's attention restricted to the window when the window starts at a multiple of every
+    segment length (what the distributed ring checks before using it).
+    """
+    if not isinstance(pattern, Dilated):
+        raise TypeError(f"pattern must be a Dilated pattern, got {type(pattern).__name__}")
+    if q.dim() != 4 or q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k, v must be [B, H, S, D] of one shape (v: any Dv), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] != pattern.num_heads or q.shape[2] != k.shape[2]:
+        raise ValueError(f"need {pattern.num_heads} heads and q, k of one length, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return heads_gather(q, k, v, pattern.w, pattern.r, pattern.s, False, scale, need_lse,
+                         block_size)
