@@ -66,17 +66,14 @@ def check_backend(name: str) -> str:
 
 PARTIAL_HEAVY = 0.5
 """``auto`` picks the ``triton`` kernels on CUDA when at least this share of the layout's
-active tiles are partial. There they read one bit per pair where FlexAttention evaluates the
-token predicate: on an H200 at 64K tokens 8.9x faster forward and 6.1x forward+backward on
-LongNet's pattern in natural order (93% partial; ``data/bench_h200_natural_order.csv``,
-``data/bench_h200_natural_order_fwdbwd.csv``), while on layouts of at most 6% partial tiles
-(random, causal, local windows) the two are within a few percent of each other, forward
-and forward+backward (``data/bench_h200_triton_features.csv``, ``data/bench_h200_fwdbwd.csv``)."""
+active tiles are partial: there they read one bit per pair where FlexAttention evaluates the
+token predicate for every pair; on layouts of few partial tiles the two are close (the
+recorded comparison is in ``notebooks/results_scaling.ipynb``)."""
 
 BITS_BUDGET = 1 << 30
 """``auto`` keeps ``flex`` when the triton plan's bit masks (``block**2 / 8`` bytes per partial
-tile) would take more than this many bytes: LongNet's 16 heads in natural order need 0.9 GiB
-of them at 64K tokens and 134 GiB at 1M, where FlexAttention's block lists take 8 GiB."""
+tile) would take more than this many bytes: they grow with the square of the length, where
+FlexAttention's block lists hold a few integers per tile."""
 
 _PARTIAL = LayoutCache()
 

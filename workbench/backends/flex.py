@@ -125,9 +125,8 @@ def _compiled():
 
 
 def kernel_options(device: torch.device) -> dict[str, object] | None:
-    """FlexAttention kernel options for ``device``: TMA loads on Hopper and newer, measured
-    about 10% faster on an H100 (random 10% and causal masks at 64K,
-    ``data/bench_h100_flex_options.csv``); the defaults elsewhere."""
+    """FlexAttention kernel options for ``device``: TMA loads on Hopper and newer (the faster of
+    the two there), the defaults elsewhere."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
         return {"USE_TMA": True}
     return None

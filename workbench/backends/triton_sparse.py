@@ -9,12 +9,9 @@ tiles and no ``S x S`` object ever exists. Scores go through an online softmax i
 output and the log-sum-exp are written once. Rows with no allowed key give zeros and
 ``lse = -inf``, as every backend does.
 
-On Hopper the tiles move by TMA. Measured on an H200 at 64K tokens (notebook 06, sections 13b
-and 13d): forward 1.09x / 1.10x / 1.02x / 0.985x FlexAttention's rate on random, local, causal
-and dense layouts, and 8.9x faster where most tiles are partial (a bit per pair against
-FlexAttention's per-pair predicate; kernel revision 2aea81d796a3); forward+backward 1.04x /
-1.05x / 1.04x / 0.996x (d5a7972c9c8f, which adds ``row_dot``), and 6.1x on mostly partial
-tiles (2aea81d796a3).
+On Hopper the tiles move by TMA. Where most tiles are partial the kernels read a bit per pair
+where FlexAttention evaluates the predicate per pair; ``notebooks/results_scaling.ipynb`` shows
+the recorded comparison.
 
 Launch parameters: without ``config=`` each kernel tries :func:`default_configs` in order
 until the GPU can hold one; :mod:`~workbench.backends.triton_resources` compiles a
@@ -100,11 +97,11 @@ def default_configs(kernel: str, block: int, device: torch.device, head_dim: int
     given, in the order they are tried: the first that the GPU can hold is used and remembered
     (tile edges clipped to the block; ``capability`` defaults to ``device``'s).
 
-    The forward's first choice is the fastest of the sweeps recorded on an H200
-    (``data/bench_h200_triton_configs.csv``, ``data/bench_h200_triton_features.csv``): 128 x 128
-    tiles, 8 warps, 3 stages, TMA on Hopper and newer (163 KiB of shared memory at head_dim 128,
-    as :func:`~workbench.backends.triton_resources.kernel_resources` reads it; smaller GPUs
-    step down). The backward's is FlashAttention-2's split: 128 accumulated rows (keys for
+    The forward's first choice is the fastest of the recorded launch sweeps
+    (``python -m workbench bench-triton``): 128 x 128 tiles, 8 warps, 3 stages, TMA on Hopper
+    and newer (163 KiB of shared memory at head_dim 128, as
+    :func:`~workbench.backends.triton_resources.kernel_resources` reads it; smaller GPUs step
+    down). The backward's is FlashAttention-2's split: 128 accumulated rows (keys for
     ``dkdv``, queries for ``dq``) against 64 streamed ones, 8 warps, 2 stages (195 KiB). Heads
     wider than 128 start at one stage (two stages of the forward's 64 x 64 tiles need 290
     KiB)."""
