@@ -9,7 +9,8 @@ from __future__ import annotations
 
 project = "workbench"
 author = "the workbench authors"
-extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax"]
+extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax",
+              "sphinx-mathjax-offline"]  # MathJax served with the site: no network needed
 
 root_doc = "docs/index"
 include_patterns = ["docs/**", "notebooks/*.ipynb", "data/README.md", "README.md"]
