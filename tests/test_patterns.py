@@ -343,3 +343,17 @@ def test_hash_cells_is_the_recorded_hash():
     for seed, h, i, j in [(0, 0, 0, 0), (3, 5, 1000, 77), (2**31 - 1, 300, 2**20, 2**21 - 1)]:
         got = P.hash_cells(seed, torch.tensor(h), torch.tensor(i), torch.tensor(j))
         assert int(got) == reference(seed, h, i, j)
+
+
+@pytest.mark.parametrize("cell, block", [(8, 16), (8, 24), (16, 8), (24, 8), (5, 15), (12, 4),
+                                         (7, 10)])
+@pytest.mark.parametrize("seq_len", [96, 101, 7])
+def test_random_tiles_at_block_sizes_that_are_multiples_or_divisors_of_the_cell(cell, block,
+                                                                                seq_len):
+    pattern = P.random_blocks(0.4, seed=2, cell=cell, num_heads=2)
+    any_, all_ = reduce_mask(pattern.token_mask(seq_len), block)
+    nq = -(-seq_len // block)
+    for rows in ((0, nq), (nq // 2, nq), (nq - 1, nq)):
+        lay = pattern.block_structure(seq_len, block, rows=rows)
+        assert torch.equal(lay.active, any_[:, rows[0]:rows[1]])
+        assert torch.equal(lay.full, (all_ & any_)[:, rows[0]:rows[1]])

@@ -79,13 +79,22 @@ def cells_to_tiles(
 
     ``on`` is bool ``[H, ceil(q_len / cell), ceil(k_len / cell)]``. A tile is active if a cell
     it overlaps is on, full if every such cell is on (each overlapping cell holds real pairs of
-    the tile). Uses 2-D prefix sums, so any tile and cell sizes work. With ``rows = (r0, r1)``
+    the tile). When one size is a multiple of the other the cells are grouped or picked; otherwise
+2-D prefix sums count them, so any tile and cell sizes work. With ``rows = (r0, r1)``
     only those query blocks are returned, and ``on`` holds only the cell rows they overlap
     (from the cell of token ``r0 * block_size`` on).
     """
     r0, r1 = (0, num_blocks(q_len, block_size)) if rows is None else rows
     if block_size == cell:  # both are ``on`` itself: layouts are read-only
         return on, on
+    if block_size % cell == 0:  # whole cells per tile: reduce blocks of cells
+        return _merge_cells(on, block_size // cell, r1 - r0, num_blocks(k_len, block_size))
+    if cell % block_size == 0:  # each tile inside one cell: pick it
+        f = cell // block_size
+        qi = (torch.arange(r0, r1, device=on.device) - r0 // f * f) // f
+        ki = torch.arange(num_blocks(k_len, block_size), device=on.device) // f
+        picked = on[:, qi][:, :, ki]
+        return picked, picked
     device = on.device
     pre = torch.nn.functional.pad(on.to(torch.int64).cumsum(1).cumsum(2), (1, 0, 1, 0))
     qe = block_extents(q_len, block_size, device)[r0:r1] // cell - r0 * block_size // cell
@@ -95,6 +104,21 @@ def cells_to_tiles(
     hh = torch.arange(on.shape[0], device=device)[:, None, None]
     cnt = pre[hh, c_r1, c1] - pre[hh, c_r0, c1] - pre[hh, c_r1, c0] + pre[hh, c_r0, c0]
     return cnt > 0, cnt == (c_r1 - c_r0) * (c1 - c0)
+
+
+def _merge_cells(on: Tensor, f: int, nq: int, nk: int) -> tuple[Tensor, Tensor]:
+    """(any, all) over each ``f x f`` group of cells of ``on`` ``[H, <= nq*f, <= nk*f]``: cells
+    past the sequence do not exist, so they count as off for "any" and on for "all"."""
+    pq, pk = nq * f - on.shape[1], nk * f - on.shape[2]
+    h = on.shape[0]
+    if pq or pk:
+        any_src = torch.nn.functional.pad(on, (0, pk, 0, pq), value=False)
+        all_src = torch.nn.functional.pad(on, (0, pk, 0, pq), value=True)
+    else:
+        any_src = all_src = on
+    any_ = any_src.view(h, nq, f, nk, f).any(4).any(2)
+    all_ = all_src.view(h, nq, f, nk, f).all(4).all(2)
+    return any_, all_
 
 
 @dataclass(frozen=True)
