@@ -799,7 +799,8 @@ class Dilated(Pattern):
 
 _HASH_HEAD, _HASH_ROW, _HASH_COL, _HASH_SEED = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
 _HASH_MIX = (0x7FEB352D, 0x846CA68B)
-_GRID_CHUNK = 1 << 18  # cells hashed per step when building a cell grid (stays in cache)
+_GRID_CHUNK = 1 << 18  # cells hashed per step on a CPU when building a cell grid (in cache)
+_GRID_CHUNK_GPU = 1 << 24  # the same on a GPU, where each step is a few kernel launches
 
 
 def _signed32(x: int) -> int:
@@ -841,7 +842,8 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
     cell rows ``i`` in ``rows = (r0, r1)``.
 
     The same hash in int32 (products wrap, which keeps exactly the low 32 bits), a few rows
-    at a time so that the intermediates stay in cache and the memory is the output alone.
+    at a time so that the intermediates stay small (in cache, on a CPU) and the memory is the
+    output alone.
     """
     def lanes(v: Tensor) -> Tensor:  # int64 in [0, 2**32) -> int32 with the same bits
         return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
@@ -849,7 +851,8 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
     col = lanes(torch.arange(cols, device=device) * _HASH_COL & 0xFFFFFFFF)
     first, end = rows
     out = torch.empty(len(heads), end - first, cols, dtype=torch.bool, device=device)
-    step = max(1, _GRID_CHUNK // cols)
+    chunk = _GRID_CHUNK if torch.device(device).type == "cpu" else _GRID_CHUNK_GPU
+    step = max(1, chunk // cols)
     for n, h in enumerate(heads):
         base = (h * _HASH_HEAD + seed * _HASH_SEED) & 0xFFFFFFFF
         for r0 in range(first, end, step):
