@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from . import patterns as P
 from .attention import block_sparse_attention, check_options, check_qkv
 from .layout import block_extents, cells_to_tiles, num_blocks, tile_sum
-from .patterns import Pattern, TiledHeads, check_positive_int
+from .patterns import Pattern, check_density, check_positive_int, tile_batch
 
 __all__ = [
     "AdaptiveBlockSparseAttention",
@@ -64,12 +64,10 @@ __all__ = [
     "Selection",
     "block_scores",
     "captured_mass",
-    "check_density",
     "distillation_loss",
     "fold_batch",
     "pool_blocks",
     "select_blocks",
-    "tile_batch",
     "topk_budget",
 ]
 
@@ -147,26 +145,15 @@ def block_scores(q: Tensor, k: Tensor, block_size: int, scale: float | None = No
                         ) * scale
 
 
-def check_density(density: object) -> float:
-    """``density`` as a float if it is a number in ``(0, 1]``.
-
-    Raises:
-        TypeError: not an int or float (a bool or a string included).
-        ValueError: outside ``(0, 1]`` (or NaN).
-    """
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"density must be a float in (0, 1] (the fraction of key blocks kept), "
-                        f"got {density!r}")
-    if not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be in (0, 1] (the fraction of key blocks kept), "
-                         f"got {density}")
-    return float(density)
+def _check_density(density: object) -> float:
+    """The module's ``density`` as a float; raises as :func:`~workbench.patterns.check_density`."""
+    return check_density(density, meaning="the fraction of key blocks kept")
 
 
 def topk_budget(density: float, nk: int) -> int:
     """Key blocks kept per query block for a target density: ``max(1, round(density * nk))``,
     at most ``nk``. Raises as :func:`check_density` for a bad ``density``."""
-    return min(nk, max(1, round(check_density(density) * nk)))
+    return min(nk, max(1, round(_check_density(density) * nk)))
 
 
 def _eligible(nq: int, nk: int, causal: bool, device) -> Tensor:
@@ -233,13 +220,6 @@ def distillation_loss(gate_scores: Tensor, q: Tensor, k: Tensor, block_size: int
     elig = _eligible(*gate_scores.shape[-2:], causal, gate_scores.device)
     logp = torch.log_softmax(gate_scores.masked_fill(~elig, -torch.inf), -1)
     return F.kl_div(logp.masked_fill(~elig, 0.0), target, reduction="batchmean")
-
-
-def tile_batch(pattern: Pattern, copies: int) -> Pattern:
-    """``pattern`` over ``copies`` batch elements folded into the heads (head ``c * H + h``
-    behaves as head ``h``): a 1-head pattern unchanged (it broadcasts over any number of
-    heads), an ``H``-head one as :class:`~workbench.patterns.TiledHeads` (``copies * H`` heads)."""
-    return pattern if pattern.num_heads == 1 or copies == 1 else TiledHeads(pattern, copies)
 
 
 @dataclass(frozen=True)
@@ -400,7 +380,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
         sharding: str = "contiguous",
     ) -> None:
         super().__init__()
-        density = check_density(density)
+        density = _check_density(density)
         check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks,
                       scale=None, block_order=None, sharding=sharding)
         for name, flag in (("causal", causal), ("trainable", trainable),

@@ -30,12 +30,11 @@ from .layout_memo import LayoutMemo
 from .orderings import check_block_order
 from .patterns import Pattern, check_positive_int, head_predicate
 from .ring import ring_attention
-from .sharding import SHARDINGS
+from .sharding import check_sharding
 
 __all__ = [
     "BlockSparseAttention",
     "block_sparse_attention",
-    "check_layout",
     "check_options",
     "check_qkv",
     "check_scale",
@@ -87,8 +86,7 @@ def check_options(*, block_size: int, backend: str, ring_chunks: int, scale: flo
     check_backend(backend)
     check_positive_int("ring_chunks", ring_chunks)
     check_scale(scale)
-    if sharding not in SHARDINGS:
-        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    check_sharding(sharding)
     return check_block_order(block_order)
 
 
@@ -187,7 +185,10 @@ def block_sparse_attention(
     form = sdpa_shortcut(pattern, backend, return_lse=return_lse, ring_chunks=ring_chunks,
                          dropout=dropout is not None, k_len=sk)
     if layout is not None:
-        check_layout(layout, pattern, sq, sk, block_size)
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout from pattern.block_structure(...), "
+                            f"got {type(layout).__name__}")
+        layout.check(pattern, sq, sk, block_size)
     if q.numel() == 0:  # no batch or no heads: nothing to attend
         return _empty_attention(q, k, v, return_lse)
     if layout is None and form is not None:  # no block layout needed (it is O(S^2 / b^2))
@@ -204,26 +205,6 @@ def block_sparse_attention(
     else:
         out, lse = run_backend(name, q, k, v, problem, need_lse=return_lse)
     return (out, lse) if return_lse else out
-
-
-def check_layout(layout: BlockLayout, pattern: Pattern, q_len: int, k_len: int,
-                 block_size: int) -> None:
-    """Raise a ``ValueError`` unless ``layout`` is ``pattern``'s block structure for these
-    lengths and block size (a layout built by hand, with no recorded source, is trusted)."""
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout from pattern.block_structure(...), got "
-                        f"{type(layout).__name__}")
-    if (layout.q_len, layout.k_len, layout.block_size) != (q_len, k_len, block_size):
-        raise ValueError(
-            f"layout is for q_len={layout.q_len}, k_len={layout.k_len}, block_size="
-            f"{layout.block_size} but the inputs need {q_len}, {k_len}, {block_size}"
-        )
-    if layout.source is not None and not layout.source.matches(pattern):
-        raise ValueError(
-            f"layout was built for {layout.source.label}, not for the pattern given, "
-            f"{pattern!r}; "
-            f"build it with pattern.block_structure({q_len}, {block_size}, k_len={k_len}) "
-            "or leave layout=None")
 
 
 def _empty_attention(q: Tensor, k: Tensor, v: Tensor, return_lse: bool

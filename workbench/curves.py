@@ -37,6 +37,8 @@ import math
 import torch
 from torch import Tensor
 
+from .layout import MAX_POSITION
+
 __all__ = [
     "CURVES",
     "curve_order",
@@ -51,7 +53,6 @@ __all__ = [
 
 CURVES = ("raster", "morton", "hilbert", "gilbert")
 _MAX_BITS = 62
-_MAX_TOKENS = (1 << 31) - 1  # positions are int32 in the kernels
 
 
 def _check_cube(dims: int, bits: int) -> None:
@@ -183,8 +184,8 @@ def _check_shape(shape) -> tuple[int, ...]:
     for s in shape:
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
             raise ValueError(f"grid sizes must be positive ints, got shape {shape!r}")
-    if math.prod(shape) > _MAX_TOKENS:
-        raise ValueError(f"a grid of shape {shape!r} has more than {_MAX_TOKENS} cells, the most "
+    if math.prod(shape) > MAX_POSITION:
+        raise ValueError(f"a grid of shape {shape!r} has more than {MAX_POSITION} cells, the most "
                          "int32 positions can index")
     return shape
 

@@ -77,6 +77,7 @@ from .sharding import (
     SHARDINGS,
     DistributedPlan,
     Sharding,
+    check_sharding,
     distributed_plan,
     run_tile_rows,
     shard_plan,
@@ -410,7 +411,6 @@ def _run_pair(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, sub: Problem, diag
     pat = setup.pattern
     if (diagonal and isinstance(pat, Dilated) and sub.dropout is None
             and sub.q_offset % math.lcm(*pat.w) == 0):
-
         return dilated_pattern_attention(q, k, v, pat, scale=sub.scale, need_lse=need_lse)
     return run_backend(setup.backend, q, k, v, sub, need_lse=need_lse)
 
@@ -691,8 +691,7 @@ def distributed_ring_attention(
                            "torch.distributed.init_process_group first (or run under torchrun)")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if sharding not in SHARDINGS:
-        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    check_sharding(sharding)
     check_positive_int("block_size", block_size)
     rank = dist.get_rank(process_group)
     world = dist.get_world_size(process_group)
@@ -713,13 +712,7 @@ def distributed_ring_attention(
         run_layouts = row_layouts(pattern, seq_len, block_size, runs, q.device)
     else:
         layout = layout(seq_len) if callable(layout) else layout
-        if (layout.q_len, layout.k_len, layout.block_size) != (seq_len, seq_len, block_size):
-            raise ValueError(f"layout is for {layout.q_len}x{layout.k_len} tokens in blocks of "
-                             f"{layout.block_size}; the sharded sequence has {seq_len} tokens in "
-                             f"blocks of {block_size}")
-        if layout.source is not None and not layout.source.matches(pattern):
-            raise ValueError(f"layout was built for {layout.source.label}, not for the pattern "
-                             f"given, {pattern!r}; leave layout=None")
+        layout.check(pattern, seq_len, seq_len, block_size)  # the whole sharded sequence's
         run_layouts = [layout.slice(r, (0, layout.shape[2])) for r in runs]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     plan = _gather_plan(run_layouts, shards, process_group, rank, timeout)

@@ -18,8 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BlockLayout", "LayoutSource", "LayoutStats", "block_extents", "cells_to_tiles",
-           "key_block_counts", "num_blocks", "tile_sum"]
+__all__ = ["MAX_POSITION", "BlockLayout", "LayoutSource", "LayoutStats", "block_extents",
+           "cells_to_tiles", "key_block_counts", "num_blocks", "tile_sum"]
+
+MAX_POSITION = (1 << 31) - 1
+"""The largest token position (and token count) any argument may name: kernels evaluate
+positions in int32."""
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -79,8 +83,9 @@ def cells_to_tiles(
 
     ``on`` is bool ``[H, ceil(q_len / cell), ceil(k_len / cell)]``. A tile is active if a cell
     it overlaps is on, full if every such cell is on (each overlapping cell holds real pairs of
-    the tile). When one size is a multiple of the other the cells are grouped or picked; otherwise
-2-D prefix sums count them, so any tile and cell sizes work. With ``rows = (r0, r1)``
+    the tile). When one size is a multiple of the other the cells are grouped or picked;
+    otherwise 2-D prefix sums count them, so any tile and cell sizes work. With
+    ``rows = (r0, r1)``
     only those query blocks are returned, and ``on`` holds only the cell rows they overlap
     (from the cell of token ``r0 * block_size`` on).
     """
@@ -222,6 +227,19 @@ class BlockLayout:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.active.shape)  # type: ignore[return-value]
+
+    def check(self, pattern: Any, q_len: int, k_len: int, block_size: int) -> None:
+        """Raise a ``ValueError`` unless this is ``pattern``'s block structure for these lengths
+        and block size (a layout built by hand, with no recorded source, is trusted)."""
+        if (self.q_len, self.k_len, self.block_size) != (q_len, k_len, block_size):
+            raise ValueError(
+                f"layout is for q_len={self.q_len}, k_len={self.k_len}, block_size="
+                f"{self.block_size} but the inputs need {q_len}, {k_len}, {block_size}")
+        if self.source is not None and not self.source.matches(pattern):
+            raise ValueError(
+                f"layout was built for {self.source.label}, not for the pattern given, "
+                f"{pattern!r}; build it with pattern.block_structure({q_len}, {block_size}, "
+                f"k_len={k_len}) or leave layout=None")
 
     def block_lengths(self) -> tuple[Tensor, Tensor]:
         """Real token count of every query block and every key block (int64)."""

@@ -80,7 +80,7 @@ from .adaptive import AdaptiveBlockSparseAttention
 from .attention import block_sparse_attention, check_options, sdpa_shortcut
 from .layout import num_blocks
 from .layout_memo import LayoutMemo, shared
-from .patterns import KeyMask, Pattern, TiledHeads, check_positive_int, head_predicate
+from .patterns import KeyMask, Pattern, check_positive_int, head_predicate, tile_batch
 
 __all__ = [
     "BlockSparseMultiheadAttention",
@@ -420,8 +420,8 @@ class BlockSparseMultiheadAttention(nn.Module):
                 parts.append(KeyMask(~ignore))
         if selected is not None:
             pat = selected
-        elif fold and pat.num_heads > 1:
-            pat = TiledHeads(pat, batch)
+        elif fold:
+            pat = tile_batch(pat, batch)
         for p in parts:
             pat = pat & p
         return pat, fold

@@ -22,7 +22,9 @@ broadcasts against any number of heads (:func:`head_predicate`).
 
 Patterns built from the same arguments are equal and hash alike (``local_window(8) ==
 local_window(8)``); patterns defined by a tensor (key masks, selections) equal only themselves.
-Token arguments are bounded by :data:`MAX_POSITION`: kernels evaluate positions in int32.
+Token arguments are bounded by :data:`~workbench.layout.MAX_POSITION` (kernels evaluate
+positions in int32); a window or a number of global tokens beyond it covers every sequence and
+is taken as unbounded.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .layout import (
+    MAX_POSITION,
     BlockLayout,
     LayoutSource,
     LayoutStats,
@@ -51,6 +54,7 @@ __all__ = [
     "Pattern",
     "TiledHeads",
     "causal",
+    "check_density",
     "check_dilation_pairs",
     "check_positive_int",
     "describe",
@@ -65,12 +69,8 @@ __all__ = [
     "local_window",
     "random_blocks",
     "strided",
+    "tile_batch",
 ]
-
-MAX_POSITION = (1 << 31) - 1
-"""The largest token position (and token count) a pattern argument may name: kernels evaluate
-positions in int32. A window or a number of global tokens beyond it covers every sequence and
-is taken as unbounded; other lengths beyond it are refused."""
 
 _TILE_EVAL_BUDGET = 1 << 24  # token pairs evaluated per chunk when refining tiles
 _TOKEN_MASK_LIMIT = 1 << 28  # largest H*S*S element count token_mask() will build
@@ -84,6 +84,21 @@ def check_positive_int(name: str, value: object, maximum: int | None = MAX_POSIT
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def check_density(density: object, name: str = "density", meaning: str = "") -> float:
+    """``density`` as a float if it is a number in ``(0, 1]``.
+
+    Raises:
+        TypeError: not an int or float (a bool or a string included).
+        ValueError: outside ``(0, 1]`` (or NaN).
+    """
+    what = f" ({meaning})" if meaning else ""
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1]{what}, got {density!r}")
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1]{what}, got {density}")
+    return float(density)
 
 
 def _check_int(name: str, value: object, minimum: int,
@@ -948,7 +963,7 @@ def strided(stride: int) -> Pattern:
     Child et al. (2019) pair it with a local window of ``stride`` tokens; that is
     ``strided(l) | local_window(l)`` (add ``& causal()`` for their autoregressive form).
     """
-    _check_int("stride", stride, 1, MAX_POSITION)
+    _check_int("stride", stride, 1)
     return Strided(stride)
 
 
@@ -958,14 +973,11 @@ def random_blocks(density: float, seed: int = 0, *, cell: int = 64, num_heads: i
     ``density`` is the expected fraction of pairs (and of cells); the realized value at a given
     length is reported by :meth:`Pattern.density`. ``num_heads > 1`` draws each head apart.
     """
-    if not isinstance(density, (int, float)) or isinstance(density, bool):
-        raise TypeError(f"density must be a float in (0, 1], got {density!r}")
-    if not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+    density = check_density(density, meaning="the expected fraction of cells on")
     _check_int("seed", seed, 0, None)
-    _check_int("cell", cell, 1, MAX_POSITION)
+    _check_int("cell", cell, 1)
     _check_int("num_heads", num_heads, 1)
-    return RandomBlocks(float(density), seed, cell, num_heads)
+    return RandomBlocks(density, seed, cell, num_heads)
 
 
 def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> None:
@@ -974,7 +986,7 @@ def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequenc
         if isinstance(seq, (int, str)) or not isinstance(seq, Sequence) or len(seq) == 0:
             raise TypeError(f"{name} must be a non-empty list of ints, got {seq!r}")
         for v in seq:
-            _check_int(f"{name} entries", v, 1, MAX_POSITION)
+            _check_int(f"{name} entries", v, 1)
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(
             f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
@@ -1130,3 +1142,10 @@ class TiledHeads(Pattern):
 
     def __repr__(self) -> str:
         return f"tiled({self.base!r}, copies={self.copies})"
+
+
+def tile_batch(pattern: Pattern, copies: int) -> Pattern:
+    """``pattern`` over ``copies`` batch elements folded into the heads (head ``c * H + h``
+    behaves as head ``h``): a 1-head pattern unchanged (it broadcasts over any number of
+    heads), an ``H``-head one as :class:`TiledHeads` (``copies * H`` heads)."""
+    return pattern if pattern.num_heads == 1 or copies == 1 else TiledHeads(pattern, copies)

@@ -20,8 +20,8 @@ from .layout import BlockLayout, key_block_counts, num_blocks
 from .patterns import check_positive_int
 from .ring import chunk_bounds
 
-__all__ = ["SHARDINGS", "DistributedPlan", "Sharding", "distributed_plan", "run_tile_rows",
-           "shard_plan"]
+__all__ = ["SHARDINGS", "DistributedPlan", "Sharding", "check_sharding", "distributed_plan",
+           "run_tile_rows", "shard_plan"]
 
 SHARDINGS = ("contiguous", "zigzag")
 
@@ -92,14 +92,20 @@ class Sharding:
         return torch.cat([p for _, p in sorted(pieces, key=lambda t: t[0])], dim)
 
 
+def check_sharding(kind: object) -> str:
+    """``kind`` if it is one of :data:`SHARDINGS`; otherwise a ``ValueError`` listing them."""
+    if kind not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {kind!r}")
+    return kind
+
+
 def shard_plan(seq_len: int, world_size: int, block_size: int,
                kind: str = "contiguous") -> Sharding:
     """Split ``seq_len`` tokens over ``world_size`` ranks in whole blocks (see module docs)."""
     for name, val in (("seq_len", seq_len), ("world_size", world_size),
                       ("block_size", block_size)):
         check_positive_int(name, val)
-    if kind not in SHARDINGS:
-        raise ValueError(f"sharding must be one of {SHARDINGS}, got {kind!r}")
+    check_sharding(kind)
     nb = num_blocks(seq_len, block_size)
     runs = 2 * world_size if kind == "zigzag" else world_size
     if runs > nb:

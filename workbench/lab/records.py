@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import os
 import platform
 import subprocess
@@ -33,9 +34,12 @@ def code_commit() -> str:
     """The commit of the code that runs: ``$WORKBENCH_COMMIT`` when set (a copy of the working
     tree without its git folder), else git's short hash of this checkout, with ``+changes`` when
     the package differs from it; ``""`` when neither is known."""
-    env = os.environ.get("WORKBENCH_COMMIT")
-    if env:
-        return env
+    return os.environ.get("WORKBENCH_COMMIT") or _git_commit()
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> str:
+    """:func:`code_commit` from git, asked once per process (a benchmark writes every case)."""
     repo = _REPO_DATA.parent
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],

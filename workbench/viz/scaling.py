@@ -144,6 +144,17 @@ def _stamp(fig, df: pd.DataFrame, provenance: Provenance | None) -> None:
     style.stamp(fig, provenance if provenance is not None else Provenance.from_rows(df))
 
 
+def _finish_grid(g: sns.FacetGrid, df: pd.DataFrame, title: str,
+                 provenance: Provenance | None) -> Figure:
+    """A seaborn grid's last touches: a legend without a title, ``title`` above the panels and
+    the stamp of the rows' provenance; returns its figure."""
+    g.legend.set_title("")
+    if title:
+        g.figure.suptitle(title, y=1.02)
+    _stamp(g.figure, df, provenance)
+    return g.figure
+
+
 def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
                    col_order=None, title: str = "", provenance: Provenance | None = None,
                    height: float = 2.7, aspect: float = 1.15) -> Figure:
@@ -183,11 +194,7 @@ def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
         ax.set_title(str(c) if metric == metrics[0] else "")
         ax.set_xlabel("sequence length S")
         ax.set_ylabel(METRIC_LABEL.get(metric, metric))
-    g.legend.set_title("")
-    if title:
-        g.figure.suptitle(title, y=1.02)
-    _stamp(g.figure, df, provenance)
-    return g.figure
+    return _finish_grid(g, df, title, provenance)
 
 
 def plot_rate_bars(df: pd.DataFrame, *, y: str = "useful_tflops", x: str = "family",
@@ -226,11 +233,7 @@ def plot_rate_bars(df: pd.DataFrame, *, y: str = "useful_tflops", x: str = "fami
             ax.set_title(str(key))
         ax.set_xlabel("")
         ax.set_ylabel(METRIC_LABEL.get(y, y))
-    g.legend.set_title("")
-    if title:
-        g.figure.suptitle(title, y=1.02)
-    _stamp(g.figure, df, provenance)
-    return g.figure
+    return _finish_grid(g, df, title, provenance)
 
 
 def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str | None = None,
