@@ -128,7 +128,7 @@ def color_of(name: str, palette_: Mapping[str, str], default: str = _GREY) -> st
     their longest known prefix, anything else to ``default``."""
     if name in palette_:
         return palette_[name]
-    prefixes = [p for p in palette_ if name.startswith(p)]
+    prefixes = [p for p in palette_ if str(name).startswith(p)]
     return palette_[max(prefixes, key=len)] if prefixes else default
 
 
