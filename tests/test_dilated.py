@@ -50,9 +50,12 @@ def gather_chunks(request, monkeypatch):
 
 
 # S = 333: no segment divides it (padded last segments, gathered by index);
-# S = 384 with CONFIGS[0]: every slot is a real position (gathered as strided views)
-@pytest.mark.parametrize("segments, dilations, s", [(*c, 333) for c in CONFIGS]
-                         + [(*CONFIGS[0], 384)])
+# S = 384 with CONFIGS[0] and S = 600 with dilations that do not divide their segments: every
+# slot is a real position (gathered as strided views)
+STRIDED = [(*CONFIGS[0], 384), ([75, 150], [4, 8], 600)]
+
+
+@pytest.mark.parametrize("segments, dilations, s", [(*c, 333) for c in CONFIGS] + STRIDED)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend", ["gather", "blockwise"])
 def test_paper_mode_matches_float64_oracle(segments, dilations, s, causal, backend,
@@ -70,8 +73,7 @@ def test_paper_mode_matches_float64_oracle(segments, dilations, s, causal, backe
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("segments, dilations, s", [(*c, 333) for c in CONFIGS]
-                         + [(*CONFIGS[0], 384)])
+@pytest.mark.parametrize("segments, dilations, s", [(*c, 333) for c in CONFIGS] + STRIDED)
 @pytest.mark.parametrize("causal", [False, True])
 def test_head_groups_is_block_sparse_with_the_pattern(segments, dilations, s, causal,
                                                       gather_chunks):

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import workbench as wb
 from workbench import distributed as D
 from workbench.adaptive import AdaptiveBlockSparseAttention
+from workbench.backends import gather as G
 from workbench.multihead import BlockSparseMultiheadAttention
 
 P = wb.patterns
@@ -81,13 +82,13 @@ def _check_inference(rank, world, sharding):
     s = 128 * world  # shards of 128 tokens (zigzag: two runs of 64): segments inside a run
     q, k, v = (_full(i, 2, 3, s, 8) for i in range(3))
     sh = D.shard_plan(s, world, BLOCK, sharding)
-    asked, plain = [], D.dilated_pattern_attention
+    asked, plain = [], G.dilated_pattern_attention
 
     def spy(*args, need_lse=True, **kw):
         asked.append(need_lse)
         return plain(*args, need_lse=need_lse, **kw)
 
-    D.dilated_pattern_attention = spy
+    G.dilated_pattern_attention = spy
     try:
         for pat in (P.dilated([32, 64], [1, 2], num_heads=3), P.local_window(20), P.causal()):
             ref = wb.block_sparse_attention(q, k, v, pat, BLOCK, backend="reference")
@@ -99,7 +100,7 @@ def _check_inference(rank, world, sharding):
                                        msg=f"{pat!r} {sharding} no grad")
             assert out.dtype == q.dtype and stats.pairs_computed >= 1
     finally:
-        D.dilated_pattern_attention = plain
+        G.dilated_pattern_attention = plain
     # every dilated run took the dilation ordering, and none computed a log-sum-exp
     assert asked == [False] * len(sh.pieces[rank]), (sharding, asked)
 
@@ -121,12 +122,13 @@ def _check_layouts(rank, world, sharding):
             return plain(*args, **kw)
 
         pat.block_structure = spy  # until the ring has run (it reuses these rows)
-        rows = D.row_layouts(pat, S, BLOCK, sh.pieces[rank], "cpu")
+        held = wb.Plan(pat, S, S, BLOCK)
+        rows = held.rows(sh.pieces[rank])
         assert [lay.active.shape[1] for lay in rows] == [b1 - b0 for b0, b1 in sh.pieces[rank]]
         plan = D._gather_plan(rows, sh, dist.group.WORLD, rank, 30.0)
         assert torch.equal(plan.run_tiles, D.distributed_plan(whole, sh).run_tiles)
         with torch.no_grad():
-            out = D.distributed_ring_attention(*mine, pat, BLOCK, sharding=sharding)
+            out = D.distributed_ring_attention(*mine, pat, BLOCK, sharding=sharding, plan=held)
         del pat.block_structure
         assert built == list(sh.pieces[rank]), built  # this rank's rows, never the whole
         with torch.no_grad():
@@ -426,23 +428,17 @@ def test_plan_stops_early_for_short_reach_and_balances_causal_with_zigzag():
     assert imbalance["contiguous"] > 0.5 and imbalance["zigzag"] < 0.02, imbalance
 
 
-def test_row_layouts_are_cached_per_pattern_object_and_released_with_it():
-    import gc
-
+def test_a_plan_builds_only_the_rows_asked_for_and_keeps_them():
     pat = P.random_blocks(0.2, seed=1, cell=16, num_heads=2)
     runs = ((2, 5), (9, 12))
-    lays = D.row_layouts(pat, 1000, 64, runs, "cpu")
-    assert D.row_layouts(pat, 1000, 64, runs, "cpu") is lays  # the next call: no rebuild
+    plan = wb.Plan(pat, 1000, block_size=64)
+    lays = plan.rows(runs)
+    assert plan.rows(runs) is lays and not plan.built  # the next call: no rebuild
     whole = pat.block_structure(1000, 64)
     for lay, (b0, b1) in zip(lays, runs):
         ref = whole.slice((b0, b1), (0, whole.shape[2]))
         assert torch.equal(lay.active, ref.active) and lay.q_len == ref.q_len
-    other = P.random_blocks(0.2, seed=1, cell=16, num_heads=2)  # equal, but another object
-    assert D.row_layouts(other, 1000, 64, runs, "cpu") is not lays
-    held = len(D._ROWS)
-    del pat, other
-    gc.collect()
-    assert len(D._ROWS) == held - 2
+    assert plan.nbytes() == sum(2 * lay.active.numel() for lay in lays)  # two bool maps each
 
 
 def test_needs_an_initialized_process_group():

@@ -137,6 +137,7 @@ def test_flex_visit_order_on_gpu_gives_the_same_output():
 
 def test_block_mask_cache_reuses_a_layout_and_never_outlives_it():
     import gc
+    import weakref
 
     from workbench.backends import flex as F
 
@@ -144,18 +145,17 @@ def test_block_mask_cache_reuses_a_layout_and_never_outlives_it():
     layout = pattern.block_structure(512, 64)
     problem = Problem(layout, pattern.predicate("cpu"), 0.1, label=repr(pattern))
     assert F.cached_block_mask(problem, "cpu") is F.cached_block_mask(problem, "cpu")
-    before = len(F._MASKS)
     sliced = problem.slice((0, 4), (0, 4))  # a ring slices its problem at every call
     mask = F.cached_block_mask(sliced, "cpu")
     assert problem.slice((0, 4), (0, 4)).layout is sliced.layout  # the same slice object
     assert F.cached_block_mask(problem.slice((0, 4), (0, 4)), "cpu") is mask  # built once
-    assert len(F._MASKS) == before + 1
+    masks = [weakref.ref(mask), weakref.ref(F.cached_block_mask(problem, "cpu"))]
     del sliced, mask
     gc.collect()
-    assert len(F._MASKS) == before + 1  # the slice lives as long as its layout
+    assert masks[0]() is not None  # the slice lives as long as its layout
     del problem, layout
     gc.collect()
-    assert len(F._MASKS) == before - 1  # the layout's mask and its slice's went with it
+    assert [m() for m in masks] == [None, None]  # the masks went with the layout
 
 
 def test_many_layers_never_evict_each_others_masks(monkeypatch):

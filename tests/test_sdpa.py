@@ -87,10 +87,15 @@ def test_offset_causal_slices_are_not_sdpas():
     full = B.Problem(lay, P.full().predicate("cpu"), 0.25, dense_form="full")
     assert B.sdpa_form(full.slice((2, 4), (0, 1))) == "full"
     q = torch.zeros(1, 1, 256, 8)
-    assert B.resolve_backend("auto", q, problem=problem, need_lse=False) == "sdpa"
-    assert B.resolve_backend("auto", q, problem=problem, need_lse=True) == "blockwise"
-    assert B.resolve_backend("auto", q, problem=problem.slice((2, 4), (0, 4)),
-                             need_lse=False) == "blockwise"
+
+    def chosen(problem, need_lse):
+        return B.choose("auto", B.Request.of(q, q, q, problem, need_lse)).name
+
+    assert chosen(problem, need_lse=False) == "sdpa"
+    assert chosen(problem, need_lse=True) == "blockwise"
+    assert chosen(problem.slice((2, 4), (0, 4)), need_lse=False) == "blockwise"
+    with pytest.raises(ValueError, match="dense or causal attention only"):
+        B.choose("sdpa", B.Request.of(q[:, :, :128], q, q, problem.slice((2, 4), (0, 4)), False))
 
 
 def test_a_module_with_a_causal_pattern_uses_sdpa(sdpa_calls):

@@ -108,7 +108,7 @@ def test_triton_backend_errors_name_the_fix():
         build_plan(Problem(lay, P.causal().predicate("cpu"), 1.0), "cpu")
     q = torch.randn(1, 2, 64, 32)
     if os.environ.get("TRITON_INTERPRET") != "1":
-        with pytest.raises(NotImplementedError, match="backend='blockwise' on the CPU"):
+        with pytest.raises(NotImplementedError, match="runs on CUDA"):
             wb.block_sparse_attention(q, q, q, P.causal(), 32, backend="triton")
 
 
@@ -138,7 +138,8 @@ def test_kernel_matches_reference_on_the_gpu():
     pat = P.dilated([512, 1024], [1, 4], num_heads=4)
     q, k, v = (torch.randn(1, 4, 2048, 128, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
-    assert B.resolve_backend("auto", q, layout=pat.block_structure(2048, 128, "cuda")) == "triton"
+    lay = pat.block_structure(2048, 128, "cuda")
+    assert B.choose("auto", B.Request(q, k, v, False, _layout=lay)).name == "triton"
     with torch.no_grad():
         out = wb.block_sparse_attention(q, k, v, pat, 128)
     ref = wb.block_sparse_attention(q.double(), k.double(), v.double(), pat, 128,
@@ -148,47 +149,51 @@ def test_kernel_matches_reference_on_the_gpu():
 
 def test_plans_are_cached_per_layout_object_and_dropped_with_it():
     import gc
+    import weakref
 
     from workbench.backends import triton_sparse as T
 
     pat = P.local_window(40) & P.causal()
     lay = pat.block_structure(256, 32)
     prob = Problem(lay, pat.predicate("cpu"), 1.0)
-    before = len(T._PLANS)
     plan = T.cached_plan(prob, torch.device("cpu"))
     assert T.cached_plan(prob, torch.device("cpu")) is plan  # built once
     other = Problem(pat.block_structure(256, 32), pat.predicate("cpu"), 1.0)  # equal, not same
     assert T.cached_plan(other, torch.device("cpu")) is not plan
-    assert len(T._PLANS) == before + 2
-    del prob, lay, other
+    plans = [weakref.ref(plan), weakref.ref(T.cached_plan(other, torch.device("cpu")))]
+    del prob, lay, other, plan
     gc.collect()
-    assert len(T._PLANS) == before  # the plans went with their layouts
+    assert [p() for p in plans] == [None, None]  # the plans went with their layouts
 
 
 def test_auto_picks_triton_only_on_mostly_partial_layouts(monkeypatch):
     import workbench.backends as B
+    from workbench.backends import triton_sparse as T
 
     longnet = P.dilated([256, 512], [1, 4], num_heads=4).block_structure(2048, 64)
     local = (P.local_window(300) & P.causal()).block_structure(2048, 64)
-    assert B.partial_share(longnet) >= B.PARTIAL_HEAVY > B.partial_share(local)
-    assert B._partial_tiles(longnet) is B._partial_tiles(longnet)  # counted once per layout
+    assert T.partial_share(longnet) >= T.PARTIAL_HEAVY > T.partial_share(local)
+    assert T._partial_tiles(longnet) is T._partial_tiles(longnet)  # counted once per layout
     q = torch.randn(1, 4, 2048, 64)
-    assert B.resolve_backend("auto", q, layout=longnet) == "blockwise"  # not on CUDA
+
+    def chosen(layout, dropout=False):
+        return B.choose("auto", B.Request(q, q, q, False, dropout=dropout, _layout=layout)).name
+
+    assert chosen(longnet) == "blockwise"  # not on CUDA
     # on a GPU (faked: the rule, not a kernel, is under test)
-    monkeypatch.setattr(B, "flex_available", lambda: True)
-    monkeypatch.setattr(B, "triton_unsupported", lambda q, v: None)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    assert B.resolve_backend("auto", q, layout=longnet) == "triton"
-    assert B.resolve_backend("auto", q, layout=local) == "flex"
-    assert B.resolve_backend("auto", q, True, layout=longnet) == "blockwise"  # dropout
-    assert B.resolve_backend("auto", q) == "flex"  # no layout to judge
-    monkeypatch.setattr(B, "triton_unsupported", lambda q, v: "head_dim 24")
-    assert B.resolve_backend("auto", q, layout=longnet) == "flex"
-    monkeypatch.setattr(B, "triton_unsupported", lambda q, v: None)
+    monkeypatch.setattr(B.Request, "device_type", property(lambda self: "cuda"))
+    monkeypatch.setattr(T, "unsupported", lambda q, v: None)
+    assert chosen(longnet) == "triton"
+    assert chosen(local) == "flex"
+    assert chosen(longnet, dropout=True) == "blockwise"
+    assert chosen(None) == "flex"  # no layout to judge
+    monkeypatch.setattr(T, "unsupported", lambda q, v: "needs head_dim 24")
+    assert chosen(longnet) == "flex"
+    monkeypatch.setattr(T, "unsupported", lambda q, v: None)
     partial = int((longnet.active & ~longnet.full).sum())
-    assert B.plan_bits_bytes(longnet) == partial * 64 * 64 // 8
-    monkeypatch.setattr(B, "BITS_BUDGET", B.plan_bits_bytes(longnet) - 1)
-    assert B.resolve_backend("auto", q, layout=longnet) == "flex"  # its bit masks too large
+    assert T.plan_bits_bytes(longnet) == partial * 64 * 64 // 8
+    monkeypatch.setattr(T, "BITS_BUDGET", T.plan_bits_bytes(longnet) - 1)
+    assert chosen(longnet) == "flex"  # its bit masks too large
 
 
 def _offline_compiler() -> str | None:

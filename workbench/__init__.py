@@ -3,7 +3,8 @@
 Every variant is softmax attention restricted to a set of (query, key) pairs, seen through four
 independent choices: a **pattern** (:mod:`workbench.patterns`), an **ordering**
 (:mod:`workbench.orderings`), a **schedule** (:mod:`workbench.ring`) and a **backend**
-(:mod:`workbench.backends`). :mod:`workbench.distributed` runs the ring across
+(:mod:`workbench.backends`, a registry). A :class:`Plan` holds a pattern's layout at given
+lengths and what the backends derive from it. :mod:`workbench.distributed` runs the ring across
 ``torch.distributed`` ranks.
 
 ``workbench.viz`` (matplotlib) and ``workbench.lab`` (benchmarks, records, the figures runner
@@ -22,14 +23,16 @@ from . import (
     multihead,
     orderings,
     patterns,
+    plan,
     ring,
     sharding,
 )
 from .adaptive import AdaptiveBlockSparseAttention, BlockSelection
-from .attention import BlockSparseAttention, block_sparse_attention
+from .attention import BlockSparseAttention, block_sparse_attention, explain_backend
 from .dilated import dilated_attention
 from .layout import BlockLayout, LayoutStats
 from .multihead import BlockSparseMultiheadAttention, BlockSparseWeights
+from .plan import Plan, Plans
 
 __all__ = [
     "AdaptiveBlockSparseAttention",
@@ -39,16 +42,20 @@ __all__ = [
     "BlockSparseMultiheadAttention",
     "BlockSparseWeights",
     "LayoutStats",
+    "Plan",
+    "Plans",
     "adaptive",
     "backends",
     "curves",
     "block_sparse_attention",
     "distributed",
     "dilated_attention",
+    "explain_backend",
     "layout",
     "multihead",
     "orderings",
     "patterns",
+    "plan",
     "lab",
     "ring",
     "sharding",

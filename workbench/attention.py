@@ -16,19 +16,20 @@ from torch import Tensor, nn
 from .backends import (
     NO_LSE,
     AttentionDropout,
+    BackendUnsupported,
+    Choice,
     Problem,
+    Request,
     accumulation_dtype,
     check_backend,
-    dense_sdpa,
-    resolve_backend,
-    run_backend,
-    sdpa_serves,
+    choose,
+    get_backend,
 )
 from .distributed import distributed_ring_attention
 from .layout import BlockLayout
-from .layout_memo import LayoutMemo
 from .orderings import check_block_order
 from .patterns import Pattern, check_positive_int, head_predicate
+from .plan import Plan, Plans, check_plans, plan_for
 from .ring import ring_attention
 from .sharding import check_sharding
 
@@ -38,6 +39,8 @@ __all__ = [
     "check_options",
     "check_qkv",
     "check_scale",
+    "dropout_of",
+    "explain_backend",
 ]
 
 
@@ -120,6 +123,7 @@ def block_sparse_attention(
     dropout_seed: int | None = None,
     process_group=None,
     sharding: str = "contiguous",
+    plan: Plan | Plans | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention restricted to ``pattern``, computed tile by tile.
 
@@ -158,6 +162,10 @@ def block_sparse_attention(
             sharding).shard(x, rank)``, and the result is this rank's output shard
             (:mod:`workbench.distributed`). Self-attention only; ``layout`` is the global one.
         sharding: ``"contiguous"`` or ``"zigzag"`` (balances causal work) under a process group.
+        plan: a :class:`~workbench.plan.Plan` of ``pattern`` at these lengths (the global ones
+            under a process group) and ``block_size``, whose layout and what the backends
+            derive from it are built once and kept; or a :class:`~workbench.plan.Plans` that
+            finds or keeps it. Not with ``layout``.
 
     Returns:
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
@@ -169,8 +177,10 @@ def block_sparse_attention(
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     block_order = check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks,
                                 scale=scale, block_order=block_order, sharding=sharding)
-    if backend == "sdpa" and (return_lse or ring_chunks > 1 or process_group is not None):
-        raise ValueError(NO_LSE)
+    if backend == "sdpa" and process_group is not None:
+        raise BackendUnsupported(NO_LSE)
+    if plan is not None and layout is not None:
+        raise ValueError("give a layout or a plan, not both (a plan holds its layout)")
     if process_group is not None:
         if ring_chunks != 1:
             raise ValueError("ring_chunks simulates a ring on one device; with a process_group "
@@ -178,33 +188,74 @@ def block_sparse_attention(
         return distributed_ring_attention(
             q, k, v, pattern, block_size, process_group=process_group, sharding=sharding,
             backend=backend, scale=scale, return_lse=return_lse, layout=layout,
-            block_order=block_order, dropout=_dropout(dropout_p, dropout_seed))
-    sq, sk = q.shape[2], k.shape[2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    dropout = _dropout(dropout_p, dropout_seed)
-    form = sdpa_shortcut(pattern, backend, return_lse=return_lse, ring_chunks=ring_chunks,
-                         dropout=dropout is not None, k_len=sk)
+            block_order=block_order, dropout=dropout_of(dropout_p, dropout_seed), plan=plan)
     if layout is not None:
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout from pattern.block_structure(...), "
                             f"got {type(layout).__name__}")
-        layout.check(pattern, sq, sk, block_size)
+        layout.check(pattern, q.shape[2], k.shape[2], block_size)
+    if plan is not None:
+        held = plan_for(plan, pattern, q.shape[2], k.shape[2], block_size, q.device)
+        layout = lambda: held.layout  # noqa: E731 (built only if a backend needs it)
+    return attend(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
+                  scale=scale, ring_chunks=ring_chunks, block_order=block_order,
+                  dropout=dropout_of(dropout_p, dropout_seed), layout=layout)
+
+
+def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *,
+             need_lse: bool, dropout: bool, layout: BlockLayout | Callable[[], BlockLayout] | None
+             ) -> Request:
+    """The request of one call; its layout is ``layout``, or built on first use."""
+    if isinstance(layout, BlockLayout) or layout is None:
+        given = layout
+
+        def build() -> BlockLayout:
+            return pattern.block_structure(q.shape[2], block_size, q.device, k_len=k.shape[2])
+    else:
+        given, build = None, layout
+    return Request(q, k, v, need_lse, pattern.dense_form(), dropout, pattern,
+                   build_layout=build, _layout=given)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,
+           return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
+           dropout: AttentionDropout | None,
+           layout: BlockLayout | Callable[[], BlockLayout] | None = None
+           ) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`block_sparse_attention` on one device, arguments already checked; ``layout`` may
+    be a function that builds (or looks up) the layout, called only if a backend needs one."""
     if q.numel() == 0:  # no batch or no heads: nothing to attend
         return _empty_attention(q, k, v, return_lse)
-    if layout is None and form is not None:  # no block layout needed (it is O(S^2 / b^2))
-        return dense_sdpa(q, k, v, form, scale)
-    if layout is None:
-        layout = pattern.block_structure(sq, block_size, q.device, k_len=sk)
-    problem = Problem(layout, head_predicate(pattern, q.device), scale, label=repr(pattern),
-                      block_order=block_order, dropout=dropout,
-                      dense_form=pattern.dense_form())
-    name = resolve_backend(backend, q, problem.dropout is not None, v=v, problem=problem,
-                           need_lse=return_lse or ring_chunks > 1)
-    if ring_chunks > 1:
-        out, lse = ring_attention(q, k, v, problem, ring_chunks, name, return_lse)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
+                   dropout=dropout is not None, layout=layout)
+    chosen = get_backend(choose(backend, req).name)
+    if ring_chunks == 1 and chosen.run_pattern is not None:  # needs no block layout
+        out, lse = chosen.run_pattern(q, k, v, pattern, scale, return_lse, block_size)
     else:
-        out, lse = run_backend(name, q, k, v, problem, need_lse=return_lse)
+        problem = Problem(req.layout, head_predicate(pattern, q.device), scale,
+                          label=repr(pattern), block_order=block_order, dropout=dropout,
+                          dense_form=pattern.dense_form(), pattern=pattern)
+        if ring_chunks > 1:
+            out, lse = ring_attention(q, k, v, problem, ring_chunks, backend, return_lse)
+        else:
+            out, lse = chosen.run(q, k, v, problem, return_lse)
     return (out, lse) if return_lse else out
+
+
+def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int = 64, *,
+                    backend: str = "auto", return_lse: bool = False, ring_chunks: int = 1,
+                    dropout_p: float = 0.0) -> Choice:
+    """The backend :func:`block_sparse_attention` would run these arguments on, and why
+    (``ring_chunks > 1``: the ring's steps choose again, each on its slice). Raises as that
+    call would for a backend that cannot run them."""
+    check_qkv(q, k, v)
+    _check_pattern(pattern, q.shape[1])
+    check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks, scale=None,
+                  block_order=None, sharding="contiguous")
+    req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
+                   dropout=dropout_of(dropout_p, 0) is not None, layout=None)
+    return choose(backend, req)
 
 
 def _empty_attention(q: Tensor, k: Tensor, v: Tensor, return_lse: bool
@@ -217,18 +268,7 @@ def _empty_attention(q: Tensor, k: Tensor, v: Tensor, return_lse: bool
     return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
-def sdpa_shortcut(pattern: Pattern, backend: str, *, return_lse: bool = False,
-                  ring_chunks: int = 1, dropout: bool = False, k_len: int = 1) -> str | None:
-    """``"full"`` or ``"causal"`` when a call of :func:`block_sparse_attention` with these
-    arguments runs on PyTorch's SDPA without building a block layout (``backend`` ``auto`` or
-    ``sdpa``, a dense or causal ``pattern``, no log-sum-exp, ring or attention dropout, at least
-    one key); otherwise ``None``."""
-    if backend not in ("auto", "sdpa") or return_lse or ring_chunks > 1:
-        return None
-    return sdpa_serves(pattern.dense_form(), k_len=k_len, dropout=dropout)
-
-
-def _dropout(p: float, seed: int | None) -> AttentionDropout | None:
+def dropout_of(p: float, seed: int | None) -> AttentionDropout | None:
     """The dropout of a call (None when ``p == 0``); draws a seed when none is given."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
@@ -246,8 +286,9 @@ class BlockSparseAttention(nn.Module):
     """Block-sparse (ring) attention over a fixed pattern, as an ``nn.Module``.
 
     Takes ``q, k, v`` ``[B, H, S, D]`` (no projections: see the multi-head module for those) and
-    caches the block layout per (query length, key length, device), shared by modules of one
-    pattern object (:mod:`workbench.layout_memo`). ``block_order="hilbert"``
+    keeps a :class:`~workbench.plan.Plan` per (query length, key length, device) in ``plans``
+    (its own, or one :class:`~workbench.plan.Plans` shared by the layers given it).
+    ``block_order="hilbert"``
     visits the tiles along a Hilbert curve (see :func:`block_sparse_attention`). With a
     ``process_group`` it takes this rank's shard and runs the ring across the group's ranks
     (``sharding``: ``"contiguous"`` or ``"zigzag"``), each rank caching its own rows of the layout.
@@ -269,6 +310,7 @@ class BlockSparseAttention(nn.Module):
         block_order: str | None = None,
         process_group=None,
         sharding: str = "contiguous",
+        plans: Plans | None = None,
     ) -> None:
         super().__init__()
         _check_pattern(pattern, getattr(pattern, "num_heads", 1))
@@ -281,28 +323,30 @@ class BlockSparseAttention(nn.Module):
         self.ring_chunks = ring_chunks
         self.scale = scale
         self.process_group, self.sharding = process_group, sharding
-        self._layouts = LayoutMemo()
+        self.plans = Plans() if plans is None else check_plans(plans)
 
-    def layout(self, q_len: int, k_len: int, device: torch.device) -> BlockLayout:
-        """The block layout for these lengths, kept for the next call (the last 8 kept) and
-        shared with every module of the same pattern object (:mod:`workbench.layout_memo`)."""
-        return self._layouts.get(self.pattern, q_len, k_len, self.block_size, device)
+    def plan(self, q_len: int, k_len: int, device: torch.device | str) -> Plan:
+        """The plan for these lengths, kept in :attr:`plans` for the next call."""
+        return self.plans.get(self.pattern, q_len, k_len, self.block_size, device)
+
+    def layout(self, q_len: int, k_len: int, device: torch.device | str) -> BlockLayout:
+        """The block layout for these lengths (its plan's)."""
+        return self.plan(q_len, k_len, device).layout
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
+        if self.process_group is not None:  # each rank builds (and keeps) its own rows
+            return block_sparse_attention(
+                q, k, v, self.pattern, self.block_size, backend=self.backend,
+                return_lse=return_lse, scale=self.scale, block_order=self.block_order,
+                process_group=self.process_group, sharding=self.sharding, plan=self.plans)
         check_qkv(q, k, v)
-        # under a process group each rank builds (and caches) only its own rows of the layout
-        layout = None  # under a process group, and on SDPA for dense or causal patterns
-        if self.process_group is None and sdpa_shortcut(
-                self.pattern, self.backend, return_lse=return_lse,
-                ring_chunks=self.ring_chunks, k_len=k.shape[2]) is None:
-            layout = self.layout(q.shape[2], k.shape[2], q.device)
-        return block_sparse_attention(
-            q, k, v, self.pattern, self.block_size, backend=self.backend, return_lse=return_lse,
-            scale=self.scale, ring_chunks=self.ring_chunks, block_order=self.block_order,
-            layout=layout, process_group=self.process_group, sharding=self.sharding,
-        )
+        _check_pattern(self.pattern, q.shape[1])
+        return attend(q, k, v, self.pattern, self.block_size, backend=self.backend,
+                      return_lse=bool(return_lse), scale=self.scale, ring_chunks=self.ring_chunks,
+                      block_order=self.block_order, dropout=None,
+                      layout=lambda: self.layout(q.shape[2], k.shape[2], q.device))
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, block_size={self.block_size}, "

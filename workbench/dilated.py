@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .attention import block_sparse_attention, check_qkv, check_scale
-from .backends import BACKENDS, empty_partial, merge_partials
+from .backends import backend_names, empty_partial, merge_partials
 from .backends.gather import branch_gather, dilated_pattern_attention, heads_at_once, heads_gather
 from .patterns import causal as causal_pattern
 from .patterns import (
@@ -91,7 +91,7 @@ def dilated_attention(
     check_scale(scale)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    choices = ("gather", *(b for b in BACKENDS if b != "sdpa"))  # sdpa: dense or causal only
+    choices = tuple(b for b in backend_names() if b != "sdpa")  # sdpa: dense or causal only
     if backend not in choices:
         raise ValueError(f"backend must be one of {choices}, got {backend!r}")
     if q.shape[2] != k.shape[2]:

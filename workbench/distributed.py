@@ -23,11 +23,10 @@ layout. ``"contiguous"`` gives rank ``r`` the ``r``-th run of blocks; ``"zigzag"
 sequence into ``2P`` runs and gives rank ``r`` runs ``r`` and ``2P - 1 - r``, which balances
 causal work (early ranks' queries see few keys, late ranks' many; zigzag pairs one of each).
 
-**LongNet on a ring.** For a :class:`~workbench.patterns.Dilated` pattern, a rank's own run
-that starts at a multiple of every segment length is computed by the dilation ordering
-(:func:`workbench.backends.gather.dilated_pattern_attention`), not tile by tile in natural
-order; with contiguous shards and segments no longer than a shard that is all of the work,
-and nothing is sent.
+**Backends.** Each (query run, K/V run) pair is a sub-problem that the backend registry runs
+(``auto`` chooses per pair): for LongNet's pattern, a rank's own run that starts at a multiple of
+every segment length goes to the dilation ordering (the ``gather`` backend); with contiguous
+shards and segments no longer than a shard that is all of the work, and nothing is sent.
 
 **Backward.** The backward pass is a ring too: each step receives the K/V shard again,
 recomputes that step's partial result with autograd, and turns the gradient of the merged
@@ -51,8 +50,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -64,15 +61,15 @@ from torch import Tensor
 from .backends import (
     Problem,
     accumulation_dtype,
+    check_backend,
     empty_partial,
     merge_into_,
-    resolve_backend,
     run_backend,
 )
 from .backends.dropout import AttentionDropout
-from .backends.gather import dilated_pattern_attention
 from .layout import BlockLayout, num_blocks
-from .patterns import Dilated, Pattern, check_positive_int, head_predicate
+from .patterns import Pattern, check_positive_int, head_predicate
+from .plan import Plan, Plans, plan_for
 from .sharding import (
     SHARDINGS,
     DistributedPlan,
@@ -344,7 +341,6 @@ class _Setup:
     backend: str
     group: object
     timeout: float
-    pattern: Pattern
     need_lse: bool = True  # False: the caller wants no log-sum-exp and no gradients
 
     @property
@@ -371,7 +367,7 @@ def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, 
     its rows against every key block (positions absolute, as in the whole problem)."""
     pred, b = head_predicate(pattern, device), run_layouts[0].block_size
     return tuple(Problem(lay, pred, scale, q_offset=r[0] * b, label=repr(pattern),
-                         block_order=block_order, dropout=dropout)
+                         block_order=block_order, dropout=dropout, pattern=pattern)
                  for lay, r in zip(run_layouts, runs))
 
 
@@ -395,23 +391,17 @@ def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
     for i, j, sub, tiles in _pairs(setup, src):
         qs = q.narrow(2, *qo[i])
         ks, vs = k.narrow(2, *ko[j]), v.narrow(2, *ko[j])
-        o, lse = _run_pair(setup, qs, ks, vs, sub, src == setup.rank and i == j, need_lse)
+        o, lse = _run_pair(setup, qs, ks, vs, sub, need_lse)
         if stats is not None:
             stats.pairs_computed += 1
             stats.tiles_computed += tiles
         yield i, o, lse
 
 
-def _run_pair(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, sub: Problem, diagonal: bool,
+def _run_pair(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, sub: Problem,
               need_lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """``(out, lse)`` of one (query run, K/V run) pair (``lse`` may be None when ``need_lse``
-    is False). A LongNet pattern on a rank's own run that starts at a multiple of every segment
-    is computed by the dilation ordering (dense gathered segments) instead of tile by tile in
-    natural order: same result, far fewer wasted tiles."""
-    pat = setup.pattern
-    if (diagonal and isinstance(pat, Dilated) and sub.dropout is None
-            and sub.q_offset % math.lcm(*pat.w) == 0):
-        return dilated_pattern_attention(q, k, v, pat, scale=sub.scale, need_lse=need_lse)
+    is False), on the call's backend (``auto`` chooses for this pair)."""
     return run_backend(setup.backend, q, k, v, sub, need_lse=need_lse)
 
 
@@ -560,7 +550,7 @@ def _backward_step(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int, out
         qs = q.narrow(2, *qo[i]).detach().requires_grad_(True)
         ks, vs = (x.narrow(2, *ko[j]).detach().requires_grad_(True) for x in (k, v))
         with torch.enable_grad():
-            o, l_c = _run_pair(setup, qs, ks, vs, sub, diagonal=src == r and i == j)
+            o, l_c = _run_pair(setup, qs, ks, vs, sub)
             go, gl = _partial_grads(o, l_c, out.narrow(2, *qo[i]), lse.narrow(2, *qo[i]),
                                     dout.narrow(2, *qo[i]),
                                     None if dlse is None else dlse.narrow(2, *qo[i]))
@@ -605,33 +595,6 @@ class _RingFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------- layouts and plan
-_ROWS: OrderedDict[tuple, tuple[weakref.ref, list[BlockLayout]]] = OrderedDict()
-_ROWS_CACHE_SIZE = 4
-
-
-def row_layouts(pattern: Pattern, seq_len: int, block_size: int,
-                runs: Sequence[tuple[int, int]], device: torch.device | str
-                ) -> list[BlockLayout]:
-    """The layouts of the query runs ``runs`` (``(first block, end block)``) against every key
-    block: what one rank of a ring needs. Cached while the same pattern object comes back
-    (a model calls the ring with one pattern every step); the cache holds the pattern weakly
-    and at most a few entries."""
-    key = (id(pattern), seq_len, block_size, tuple(runs), str(torch.device(device)))
-    hit = _ROWS.get(key)
-    if hit is not None and hit[0]() is pattern:
-        _ROWS.move_to_end(key)
-        return hit[1]
-    lays = [pattern.block_structure(seq_len, block_size, device, rows=r) for r in runs]
-    try:
-        ref = weakref.ref(pattern, lambda _, key=key, rows=_ROWS: rows.pop(key, None))
-    except TypeError:  # not weakly referenceable: not cached
-        return lays
-    _ROWS[key] = (ref, lays)
-    if len(_ROWS) > _ROWS_CACHE_SIZE:
-        _ROWS.popitem(last=False)
-    return lays
-
-
 def _gather_plan(run_layouts: Sequence[BlockLayout], shards: Sharding, group, rank: int,
                  timeout: float) -> DistributedPlan:
     """The :class:`DistributedPlan` from every rank's rows: each reduces its own query runs'
@@ -671,6 +634,7 @@ def distributed_ring_attention(
     dropout: AttentionDropout | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     stats: RingStats | None = None,
+    plan: Plan | Plans | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention over a sequence sharded across the ranks of ``process_group``.
 
@@ -678,9 +642,11 @@ def distributed_ring_attention(
     :func:`shard_plan` (``sharding``) over the ranks of ``process_group`` (``None``: the default
     group); the total length is the sum of the shards. Returns this rank's ``out`` shard (and
     its log-sum-exp). Differentiable in ``q, k, v``. When ``layout`` is omitted each rank builds
-    only its own query rows of the pattern's layout (:func:`row_layouts`, cached per pattern
-    object), so no rank holds the whole ``[H, S/b, S/b]`` map; or give the *global* layout
-    (``pattern.block_structure(S, block_size)``) or a function of ``S`` returning it.
+    only its own query rows of the pattern's layout (:meth:`~workbench.plan.Plan.rows`; kept in
+    ``plan``, a :class:`~workbench.plan.Plan` of the global length or a
+    :class:`~workbench.plan.Plans`, when one is given), so no rank holds the whole
+    ``[H, S/b, S/b]`` map; or give the *global* layout (``pattern.block_structure(S,
+    block_size)``) or a function of ``S`` returning it.
     ``block_order`` and ``dropout`` act as in :func:`workbench.block_sparse_attention`;
     dropout decisions use absolute positions and rank 0's seed, so they match the
     single-process result with that seed. ``stats`` (a :class:`RingStats`) accumulates this
@@ -709,7 +675,9 @@ def distributed_ring_attention(
             "cut the sequence with workbench.distributed.shard_plan(...).shard(x, rank)")
     runs = shards.pieces[rank]
     if layout is None:  # this rank's rows only: 1/P of the global layout
-        run_layouts = row_layouts(pattern, seq_len, block_size, runs, q.device)
+        held = (Plan(pattern, seq_len, seq_len, block_size, q.device) if plan is None else
+                plan_for(plan, pattern, seq_len, seq_len, block_size, q.device))
+        run_layouts = held.rows(runs)
     else:
         layout = layout(seq_len) if callable(layout) else layout
         layout.check(pattern, seq_len, seq_len, block_size)  # the whole sharded sequence's
@@ -720,8 +688,8 @@ def distributed_ring_attention(
     setup = _Setup(rank, plan,
                    _run_problems(run_layouts, runs, pattern, q.device, scale, block_order,
                                  dropout),
-                   resolve_backend(backend, q, dropout is not None), process_group,
-                   float(timeout), pattern, need_lse=return_lse or grad)
+                   check_backend(backend), process_group,
+                   float(timeout), need_lse=return_lse or grad)
     out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats())
     return (out, lse) if return_lse else out
 
@@ -770,8 +738,7 @@ def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int,
         runs = shards.pieces[r]
         problems = _run_problems(rank_layouts(r), runs, pattern, device,
                                  1.0 / math.sqrt(head_dim))
-        setup = _Setup(r, plan, problems, resolve_backend(backend, q), None, DEFAULT_TIMEOUT_S,
-                       pattern)
+        setup = _Setup(r, plan, problems, check_backend(backend), None, DEFAULT_TIMEOUT_S)
         steps = _steps(setup)
         for d in range(world):
             src = (r - d) % world

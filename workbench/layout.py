@@ -10,16 +10,19 @@ of it. Positions beyond the length are padding: they never count as allowed pair
 
 from __future__ import annotations
 
+import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = ["MAX_POSITION", "BlockLayout", "LayoutSource", "LayoutStats", "block_extents",
-           "cells_to_tiles", "key_block_counts", "num_blocks", "tile_sum"]
+           "cells_to_tiles", "held_bytes", "key_block_counts", "num_blocks", "tile_sum"]
+
+T = TypeVar("T")
 
 MAX_POSITION = (1 << 31) - 1
 """The largest token position (and token count) any argument may name: kernels evaluate
@@ -194,6 +197,8 @@ class BlockLayout:
         source: the :class:`LayoutSource` of the pattern this layout was built from
             (``None`` when built by hand); entry points refuse a layout whose source does
             not match the pattern they are given.
+
+    What backends derive from a layout is kept with it (:meth:`derived`).
     """
 
     active: Tensor
@@ -202,6 +207,24 @@ class BlockLayout:
     k_len: int
     block_size: int
     source: LayoutSource | None = field(default=None, compare=False, repr=False)
+    _derived: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:  # derived values are a cache: copies start empty
+        return {k: v for k, v in self.__dict__.items() if k != "_derived"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _derived={})
+
+    def derived(self, key: Hashable, build: Callable[[], T],
+                reuse: Callable[[T], bool] | None = None) -> T:
+        """What a backend derives from this layout under ``key`` (a ``BlockMask``, a kernel
+        plan, a slice): built on first use and kept with the layout, so it lives exactly as
+        long as the layout. A stored value that ``reuse`` rejects is rebuilt. A value should
+        not hold this layout (the cycle would wait for the garbage collector)."""
+        value = self._derived.get(key)
+        if value is None or (reuse is not None and not reuse(value)):
+            value = self._derived[key] = build()
+        return value
 
     def __post_init__(self) -> None:
         if self.active.dtype != torch.bool or self.full.dtype != torch.bool:
@@ -322,3 +345,29 @@ class BlockLayout:
             self.active.to(device), self.full.to(device), self.q_len, self.k_len, self.block_size,
             self.source,
         )
+
+
+_CODE = (types.FunctionType, types.MethodType, types.ModuleType)
+
+
+def held_bytes(objects: Iterable[object]) -> int:
+    """Bytes of the tensor storage reachable from ``objects`` (layouts, what they derived,
+    containers and plain objects), each storage counted once."""
+    seen: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = list(objects)
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or x is None or isinstance(x, (str, bytes, int, float, bool)):
+            continue
+        seen.add(id(x))
+        if isinstance(x, Tensor):
+            st = x.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif hasattr(x, "__dict__") and not isinstance(x, (type, *_CODE)):
+            stack.extend(vars(x).values())
+    return sum(storages.values())

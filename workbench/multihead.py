@@ -77,10 +77,10 @@ from torch import Tensor, nn
 
 from . import patterns as P
 from .adaptive import AdaptiveBlockSparseAttention
-from .attention import block_sparse_attention, check_options, sdpa_shortcut
+from .attention import attend, block_sparse_attention, check_options, dropout_of
 from .layout import num_blocks
-from .layout_memo import LayoutMemo, shared
 from .patterns import KeyMask, Pattern, check_positive_int, head_predicate, tile_batch
+from .plan import Plans, check_plans
 
 __all__ = [
     "BlockSparseMultiheadAttention",
@@ -88,7 +88,6 @@ __all__ = [
     "DenseMask",
 ]
 
-_NO_PATTERN = P.full()  # what shares the unmasked patterns of modules built without one
 
 DENSE_WEIGHTS_LIMIT = 1 << 22
 
@@ -226,6 +225,9 @@ class BlockSparseMultiheadAttention(nn.Module):
             ``torch.distributed.ProcessGroup`` or ``None``.
         sharding: how the sequence is sharded, one of :data:`workbench.distributed.SHARDINGS`.
         sub_layer_norm: MAGNETO/LongNet Sub-LN before the output projection (off by default).
+        plans: where calls without masks keep their :class:`~workbench.plan.Plan` (default: a
+            :class:`~workbench.plan.Plans` of this module's own; give one to several layers
+            to share their layouts).
         dense_weights_limit: largest ``B * H * S_q * S_k`` (a positive int) for which
             ``need_weights=True`` returns dense weights; above it :class:`BlockSparseWeights`.
 
@@ -268,6 +270,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         sharding: str = "contiguous",
         sub_layer_norm: bool = False,
         dense_weights_limit: int = DENSE_WEIGHTS_LIMIT,
+        plans: Plans | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("embed_dim", embed_dim)
@@ -342,7 +345,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.backend = backend
         self.ring_chunks = ring_chunks
         self.block_order = block_order
-        self._layouts = LayoutMemo()  # of calls without masks: see _fixed_pattern
+        self.plans = Plans() if plans is None else check_plans(plans)  # calls without masks
         self._fixed: dict[bool, tuple[Pattern | None, Pattern]] = {}
         self.dense_weights_limit = dense_weights_limit
         self._reset_parameters()
@@ -427,14 +430,11 @@ class BlockSparseMultiheadAttention(nn.Module):
         return pat, fold
 
     def _fixed_pattern(self, is_causal: bool) -> Pattern:
-        """The pattern of a call without masks or selection: one object per ``is_causal`` (while
-        ``self.pattern`` stays the same), so that its layout is built once and shared with
-        other modules of the same pattern (:mod:`workbench.layout_memo`)."""
+        """The pattern of a call without masks or selection, built once per ``is_causal`` (while
+        ``self.pattern`` stays the same); its plans are kept in :attr:`plans`."""
         source, pattern = self._fixed.get(is_causal, (None, None))
         if pattern is None or source is not self.pattern:
-            owner = _NO_PATTERN if self.pattern is None else self.pattern
-            pattern = shared(owner, ("unmasked call", is_causal),
-                             lambda: self.build_pattern(1, 1, 1, is_causal=is_causal)[0])
+            pattern = self.build_pattern(1, 1, 1, is_causal=is_causal)[0]
             self._fixed[is_causal] = (self.pattern, pattern)
         return pattern
 
@@ -498,24 +498,26 @@ class BlockSparseMultiheadAttention(nn.Module):
                 q, k, self.process_group, self.sharding)
         else:
             selection = self.selector.select(q, k) if self.selector is not None else None
-        layout, dropout_p = None, self.dropout if self.training else 0.0
+        dropout_p = self.dropout if self.training else 0.0
         if (attn_mask is None and key_padding_mask is None and selection is None
                 and self.process_group is None):  # the same pattern at every such call
             pattern, fold = self._fixed_pattern(is_causal), False
-            if sdpa_shortcut(pattern, self.backend, ring_chunks=self.ring_chunks,
-                             dropout=dropout_p > 0, k_len=sk) is None:
-                layout = self._layouts.get(pattern, sq, sk, self.block_size, q.device)
+            out = attend(q, k, v, pattern, self.block_size, backend=self.backend,
+                         return_lse=False, scale=None, ring_chunks=self.ring_chunks,
+                         block_order=self.block_order, dropout=dropout_of(dropout_p, None),
+                         layout=lambda: self.plans.get(pattern, sq, sk, self.block_size,
+                                                       q.device).layout)
         else:
             pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask,
                                                is_causal,
                                                None if selection is None else selection.pattern())
-        if fold:
-            q, k, v = (x.reshape(1, bsz * h, *x.shape[2:]) for x in (q, k, v))
-        out = block_sparse_attention(q, k, v, pattern, self.block_size, backend=self.backend,
-                                     layout=layout, ring_chunks=self.ring_chunks,
-                                     block_order=self.block_order,
-                                     dropout_p=dropout_p,
-                                     process_group=self.process_group, sharding=self.sharding)
+            if fold:
+                q, k, v = (x.reshape(1, bsz * h, *x.shape[2:]) for x in (q, k, v))
+            out = block_sparse_attention(q, k, v, pattern, self.block_size, backend=self.backend,
+                                         ring_chunks=self.ring_chunks,
+                                         block_order=self.block_order, dropout_p=dropout_p,
+                                         process_group=self.process_group,
+                                         sharding=self.sharding)
         if selection is not None:
             out = self.selector.straight_through_gradient(out.reshape(bsz, h, sq, d), selection)
         weights = None

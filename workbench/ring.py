@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from .backends import Problem, merge_partials, run_backend
-from .backends.layout_cache import LayoutCache
 from .layout import BlockLayout, tile_sum
 
 __all__ = ["RingPlan", "chunk_bounds", "ring_attention", "ring_plan"]
@@ -71,13 +70,10 @@ class RingPlan:
         return int((~self.computed).sum())
 
 
-_PLANS = LayoutCache()
-
-
 def cached_ring_plan(layout: BlockLayout, num_chunks: int) -> RingPlan:
     """:func:`ring_plan`, built once per layout object (it sums the layout's tiles per chunk
     pair, a device synchronization each, which a module's cached layout need not repeat)."""
-    return _PLANS.get_or_build(layout, num_chunks, lambda: ring_plan(layout, num_chunks))
+    return layout.derived(("ring", num_chunks), lambda: ring_plan(layout, num_chunks))
 
 
 def ring_plan(layout: BlockLayout, num_chunks: int) -> RingPlan:

@@ -29,11 +29,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..orderings import block_visit_order
-from .layout_cache import LayoutCache
 from .merge import accumulation_dtype
 from .problem import Problem
+from .registry import Backend, Capabilities, Request
 
-__all__ = ["blockwise_attention"]
+__all__ = ["BACKEND", "blockwise_attention"]
 
 _SCORE_BUDGET = 1 << 23  # score elements materialized per chunk (32 MiB in float32)
 MASK_BUDGET = 1 << 28
@@ -45,7 +45,7 @@ their layout (a module keeps its last few)."""
 
 @dataclass(frozen=True)
 class _Tiles:
-    """What a layout's tiles are, computed once per layout object (see ``_TILES``)."""
+    """What a layout's tiles are, computed once per layout object (kept with it)."""
 
     tiles: Tensor  # int64 [P, 3]: head, query block, key block (in visit order)
     needs_mask: Tensor  # bool [P]: tile is partial or touches padding
@@ -83,9 +83,6 @@ class _TilePlan:
             yield t, needs, masks, t[:, 0] * self.nq + t[:, 1], t[:, 0] * self.nk + t[:, 2]
 
 
-_TILES = LayoutCache()
-
-
 def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Tiles:
     """The tiles of ``problem``'s layout in visit order, which of them need the token mask, and
     those masks when they fit :data:`MASK_BUDGET`: built once per layout object."""
@@ -110,7 +107,7 @@ def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Ti
 
     key = (str(device), num_heads, problem.label, problem.q_offset, problem.k_offset,
            problem.block_order)
-    return _TILES.get_or_build(problem.layout, key, build)  # type: ignore[return-value]
+    return problem.layout.derived(("blockwise", *key), build)
 
 
 def _plan(problem: Problem, num_heads: int, batch: int, device: torch.device) -> _TilePlan:
@@ -309,3 +306,20 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> tu
     """
     plan = _plan(problem, q.shape[1], q.shape[0], q.device)
     return _BlockwiseFunction.apply(q, k, v, plan)
+
+
+def _prefers(req: Request) -> str:
+    if req.dropout:
+        return "attention dropout is asked for, which blockwise and reference apply"
+    if req.device_type != "cuda":
+        return f"on {req.device_type}: pure PyTorch, with gradients and log-sum-exp"
+    return "no compiled kernel takes this call"
+
+
+BACKEND = Backend(
+    "blockwise",
+    lambda q, k, v, problem, need_lse: blockwise_attention(q, k, v, problem),
+    Capabilities(dropout=True, block_order=True),
+    "pure PyTorch over the active tiles with an online softmax; any device, autograd",
+    prefers=_prefers,
+)

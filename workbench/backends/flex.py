@@ -22,10 +22,10 @@ from torch import Tensor
 
 from ..layout import BlockLayout
 from .indices import sorted_block_indices, visit_rank
-from .layout_cache import LayoutCache
 from .problem import Problem
+from .registry import Backend, Capabilities, Request
 
-__all__ = ["build_block_mask", "flex_attention", "flex_available"]
+__all__ = ["BACKEND", "build_block_mask", "flex_attention", "flex_available"]
 
 
 def flex_available() -> bool:
@@ -52,18 +52,14 @@ def _kernel_layout(layout: BlockLayout) -> BlockLayout:
     return layout.coarsen(KERNEL_TILE // b)
 
 
-_MASKS = LayoutCache()  # a BlockMask at 1M tokens holds ~0.5 GB of indices
-
-
 def cached_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):
-    """:func:`build_block_mask`, reused while the same layout object comes back (a module's
-    cached layout; see :class:`~workbench.backends.layout_cache.LayoutCache`): building one
-    costs milliseconds at long sequences, every call. A mask built for the forward only is
-    rebuilt when a backward needs one."""
-    key = (str(device), problem.label, problem.q_offset, problem.k_offset, problem.block_order)
-    return _MASKS.get_or_build(problem.layout, key,
-                               lambda: build_block_mask(problem, device, backward),
-                               reuse=lambda mask: not backward or mask.q_indices is not None)
+    """:func:`build_block_mask`, kept with the problem's layout (:meth:`BlockLayout.derived`):
+    a plan held across calls builds it once. A mask built for the forward only is rebuilt when
+    a backward needs one."""
+    key = ("flex", str(device), problem.label, problem.q_offset, problem.k_offset,
+           problem.block_order)
+    return problem.layout.derived(key, lambda: build_block_mask(problem, device, backward),
+                                  reuse=lambda mask: not backward or mask.q_indices is not None)
 
 
 def _batched(lists: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -139,18 +135,8 @@ _seen: set[tuple] = set()
 def flex_attention(
     q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``."""
-    if problem.dropout is not None:
-        raise NotImplementedError(
-            "FlexAttention cannot drop attention probabilities (a score_mod acts before the "
-            "softmax); use backend='blockwise' (or 'auto', which picks it) for dropout"
-        )
-    if q.device.type == "cpu" and (need_lse or torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad)):
-        raise NotImplementedError(
-            "FlexAttention on the CPU supports inference only (no gradients, no log-sum-exp); "
-            "use backend='blockwise' for training or return_lse on the CPU"
-        )
+    """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``. Inputs are
+    those :data:`BACKEND` accepts (no dropout; on the CPU no gradients, no log-sum-exp)."""
     key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size,
            problem.label, need_lse)
     if key not in _seen:
@@ -178,3 +164,22 @@ def flex_attention(
         out, lse = res
         return out, lse.float()
     return res, None
+
+
+def _refuses(req: Request) -> str | None:
+    return None if flex_available() else "needs torch.nn.attention.flex_attention (torch 2.5+)"
+
+
+def _prefers(req: Request) -> str | None:
+    if req.device_type != "cuda":
+        return None
+    return "on CUDA: FlexAttention over the exact block lists (full tiles skip the predicate)"
+
+
+BACKEND = Backend(
+    "flex",
+    flex_attention,
+    Capabilities(lse_devices=("cuda",), grad_devices=("cuda",), block_order=True),
+    "FlexAttention with a BlockMask from the exact layout (compiled; CPU: inference only)",
+    refuses=_refuses, prefers=_prefers,
+)

@@ -19,24 +19,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..orderings import dilation_gather
-from ..patterns import Dilated, KeyMask, Pattern, full, head_predicate
+from ..patterns import Dilated, Intersection, KeyMask, Pattern, full, head_predicate
 from ..patterns import causal as causal_band
 from .merge import empty_partial
 from .problem import Problem
+from .registry import Backend, Capabilities, Request, run_backend
 
-__all__ = ["branch_gather", "dilated_pattern_attention", "heads_at_once", "heads_gather"]
+__all__ = ["BACKEND", "branch_gather", "dilated_parts", "dilated_pattern_attention",
+           "heads_at_once", "heads_gather"]
 
 
 def _with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, backend: str,
               scale: float) -> tuple[Tensor, Tensor]:
     """``pattern``'s attention and log-sum-exp on a block-sparse backend (inputs already valid)."""
-    from . import resolve_backend, run_backend  # the package's dispatch, loaded before this runs
-
     layout = pattern.block_structure(q.shape[2], block_size, q.device, k_len=k.shape[2])
     problem = Problem(layout, head_predicate(pattern, q.device), scale, label=repr(pattern),
-                      dense_form=pattern.dense_form())
-    name = resolve_backend(backend, q, v=v, problem=problem, need_lse=True)
-    out, lse = run_backend(name, q, k, v, problem, need_lse=True)
+                      dense_form=pattern.dense_form(), pattern=pattern)
+    out, lse = run_backend(backend, q, k, v, problem, need_lse=True)
     return out, lse
 
 
@@ -104,7 +103,7 @@ def _run_view(x: Tensor, run: _Run, segment: int, dilation: int) -> Tensor:
     ``m * w + offset + t * step + i * r`` (every segment full). Stepping to the next head moves
     ``step`` positions further, so one view covers heads with different offsets."""
     sb, sh, ss, *rest = x.stride()
-    size = (x.shape[0], run.count, x.shape[2] // segment, segment // dilation, *x.shape[3:])
+    size = (x.shape[0], run.count, x.shape[2] // segment, -(-segment // dilation), *x.shape[3:])
     stride = (sb, sh + run.step * ss, segment * ss, dilation * ss, *rest)
     start = x.storage_offset() + run.head * sh + run.offset * ss
     return x.as_strided(size, stride, start)
@@ -258,26 +257,64 @@ def heads_gather(
     return out, lse
 
 
+def dilated_parts(pattern: object) -> tuple[Dilated, bool] | None:
+    """``(dilated, causal)`` when ``pattern`` is a LongNet :class:`~workbench.patterns.Dilated`
+    pattern, or one intersected with causal attention; else None."""
+    if isinstance(pattern, Dilated):
+        return pattern, False
+    if isinstance(pattern, Intersection):
+        for a, b in ((pattern.a, pattern.b), (pattern.b, pattern.a)):
+            if isinstance(a, Dilated) and b.dense_form() == "causal":
+                return a, True
+    return None
+
+
 def dilated_pattern_attention(
-    q: Tensor, k: Tensor, v: Tensor, pattern: Dilated, *, scale: float | None = None,
+    q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float | None = None,
     block_size: int = 64, need_lse: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """``block_sparse_attention(q, k, v, pattern, return_lse=True)`` for a LongNet
-    :class:`~workbench.patterns.Dilated` pattern, computed by the dilation ordering.
-    ``need_lse=False`` returns ``(out, None)`` and lets SDPA compute the segments.
+    """``block_sparse_attention(q, k, v, pattern, return_lse=True)`` for a LongNet pattern
+    (:func:`dilated_parts`), computed by the dilation ordering. ``need_lse=False`` returns
+    ``(out, None)`` and lets SDPA compute the segments.
 
     Positions are local: segments start at 0, so on a window of a longer sequence this is the
     pattern's attention restricted to the window when the window starts at a multiple of every
-    segment length (what the distributed ring checks before using it).
+    segment length.
     """
-    if not isinstance(pattern, Dilated):
-        raise TypeError(f"pattern must be a Dilated pattern, got {type(pattern).__name__}")
+    parts = dilated_parts(pattern)
+    if parts is None:
+        raise TypeError(f"pattern must be a LongNet dilated pattern, got {pattern!r}")
     if q.dim() != 4 or q.shape != k.shape or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"q, k, v must be [B, H, S, D] of one shape (v: any Dv), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[1] != pattern.num_heads or q.shape[2] != k.shape[2]:
-        raise ValueError(f"need {pattern.num_heads} heads and q, k of one length, got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    dil, causal = parts
+    if q.shape[1] != dil.num_heads:
+        raise ValueError(f"need {dil.num_heads} heads, got {tuple(q.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return heads_gather(q, k, v, pattern.w, pattern.r, pattern.s, False, scale, need_lse,
-                         block_size)
+    return heads_gather(q, k, v, dil.w, dil.r, dil.s, causal, scale, need_lse, block_size)
+
+
+def _refuses(req: Request) -> str | None:
+    parts = dilated_parts(req.pattern)
+    if parts is None:
+        return "computes LongNet dilated patterns only (patterns.dilated)"
+    if parts[0].num_heads != req.q.shape[1] or req.q.shape[2] != req.k_len:
+        return "needs self-attention with one pattern head per head"
+    if req.q_offset != req.k_offset or req.q_offset % math.lcm(*parts[0].w):
+        return "needs a window on the diagonal that starts at a multiple of every segment"
+    return None
+
+
+BACKEND = Backend(
+    "gather",
+    lambda q, k, v, problem, need_lse: dilated_pattern_attention(
+        q, k, v, problem.pattern, scale=problem.scale, block_size=problem.layout.block_size,
+        need_lse=need_lse),
+    Capabilities(patterns="LongNet dilated (head groups), optionally causal"),
+    "LongNet's dilation ordering: each segment's kept positions attended densely by SDPA",
+    refuses=_refuses,
+    prefers=lambda req: ("a LongNet dilated pattern: the dilation ordering attends each "
+                         "segment's kept positions densely, wasting no tile"),
+    run_pattern=lambda q, k, v, pattern, scale, need_lse, block_size: dilated_pattern_attention(
+        q, k, v, pattern, scale=scale, block_size=block_size, need_lse=need_lse),
+)

@@ -10,11 +10,8 @@ from torch import Tensor
 
 from ..layout import BlockLayout
 from .dropout import AttentionDropout
-from .layout_cache import LayoutCache
 
 __all__ = ["MaskFn", "Problem"]
-
-_SLICES = LayoutCache()  # views of their layout's tensors: no memory of their own
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``allowed(h, q, k) -> bool``: elementwise over int64 head index and absolute positions.
@@ -46,6 +43,8 @@ class Problem:
     dense or causal attention (``allowed`` says the same; see
     :meth:`workbench.patterns.Pattern.dense_form`), which lets ``auto`` run the problem on
     PyTorch's own kernels (:mod:`~workbench.backends.sdpa`); ``None`` claims nothing.
+    ``pattern`` is the pattern itself where one is known (the ``gather`` backend reads LongNet's
+    segments from it).
     """
 
     layout: BlockLayout
@@ -57,6 +56,7 @@ class Problem:
     block_order: str | None = None
     dropout: AttentionDropout | None = None
     dense_form: str | None = None
+    pattern: object = None  # the Pattern behind ``allowed``, for backends that read its structure
 
     @property
     def num_heads(self) -> int:
@@ -81,8 +81,7 @@ class Problem:
         bounds = (tuple(q_blocks), tuple(k_blocks))
         return replace(
             self,
-            layout=_SLICES.get_or_build(self.layout, bounds,
-                                        lambda: self.layout.slice(*bounds)),
+            layout=self.layout.derived(("slice", bounds), lambda: self.layout.slice(*bounds)),
             q_offset=self.q_offset + q_blocks[0] * b,
             k_offset=self.k_offset + k_blocks[0] * b,
         )

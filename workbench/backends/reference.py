@@ -11,8 +11,9 @@ from torch import Tensor
 
 from .merge import accumulation_dtype
 from .problem import Problem
+from .registry import Backend, Capabilities
 
-__all__ = ["reference_attention"]
+__all__ = ["BACKEND", "reference_attention"]
 
 
 def reference_attention(
@@ -58,3 +59,11 @@ def _dense_dropout(problem: Problem, batch: int, heads: int, device: torch.devic
     qp = torch.arange(lay.q_len, device=device)[:, None] + problem.q_offset
     kp = torch.arange(lay.k_len, device=device)[None, :] + problem.k_offset
     return problem.dropout.scale(hi, qp, kp)
+
+
+BACKEND = Backend(
+    "reference",
+    lambda q, k, v, problem, need_lse: reference_attention(q, k, v, problem),
+    Capabilities(dropout=True),
+    "dense masked softmax in float64: the oracle, for small problems (never chosen by auto)",
+)

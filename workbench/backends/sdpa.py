@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .problem import Problem
+from .registry import Backend, Capabilities, Request
 
-__all__ = ["NO_LSE", "dense_sdpa", "sdpa_attention", "sdpa_form", "sdpa_serves"]
+__all__ = ["BACKEND", "NO_LSE", "dense_sdpa", "sdpa_attention", "sdpa_form", "sdpa_serves"]
 
 NO_LSE = ("backend 'sdpa' gives no log-sum-exp, which return_lse, a ring (ring_chunks > 1) "
           "and a process group need: use 'auto' or a block-sparse backend")
@@ -58,3 +59,27 @@ def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float) -> Tens
     if form not in ("full", "causal"):
         raise ValueError(f"form must be 'full' or 'causal', got {form!r}")
     return F.scaled_dot_product_attention(q, k, v, is_causal=form == "causal", scale=scale)
+
+
+def _refuses(req: Request) -> str | None:
+    if sdpa_serves(req.dense_form, k_len=req.k_len, dropout=req.dropout,
+                   q_offset=req.q_offset, k_offset=req.k_offset) is None:
+        return ("computes dense or causal attention only (causal with query and key windows "
+                "that start together)")
+    return None
+
+
+def _prefers(req: Request) -> str:
+    return (f"the pattern is {req.dense_form} attention, which PyTorch's fused "
+            "scaled_dot_product_attention computes without a block layout")
+
+
+BACKEND = Backend(
+    "sdpa",
+    lambda q, k, v, problem, need_lse: (sdpa_attention(q, k, v, problem), None),
+    Capabilities(lse_devices=(), patterns="dense or causal"),
+    "PyTorch's scaled_dot_product_attention, for dense or causal patterns",
+    refuses=_refuses, prefers=_prefers,
+    run_pattern=lambda q, k, v, pattern, scale, need_lse, block_size: (
+        dense_sdpa(q, k, v, pattern.dense_form(), scale), None),
+)

@@ -43,12 +43,13 @@ from torch.autograd.function import once_differentiable
 
 from ..layout import BlockLayout
 from .indices import sorted_block_indices, visit_rank
-from .layout_cache import LayoutCache
 from .problem import Problem
+from .registry import Backend, Capabilities, Request
 
-__all__ = ["BackwardConfig", "ColumnPlan", "KernelConfig", "SparsePlan", "build_column_plan",
-           "build_plan", "cached_plan", "default_configs", "triton_attention",
-           "triton_available", "unsupported"]
+__all__ = ["BACKEND", "BITS_BUDGET", "PARTIAL_HEAVY", "BackwardConfig", "ColumnPlan",
+           "KernelConfig", "SparsePlan", "build_column_plan",
+           "build_plan", "cached_plan", "default_configs", "partial_share", "plan_bits_bytes",
+           "triton_attention", "triton_available", "unsupported"]
 
 _LOG2E = 1.4426950408889634
 _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
@@ -292,52 +293,84 @@ def build_column_plan(plan: SparsePlan) -> ColumnPlan:
                       p_i.reshape(hl * nk, nq), tile.reshape(hl * nk, nq))
 
 
-def unsupported(q: Tensor, v: Tensor, dropout: bool = False) -> str | None:
-    """Why the triton backend cannot compute attention of ``q`` (and values ``v``), with the
-    fix, or None when it can."""
+def unsupported(q: Tensor, v: Tensor) -> str | None:
+    """Why the triton kernels cannot take ``q`` (and values ``v``), as a phrase after "it", or
+    None when they can (attention dropout is declared in :data:`BACKEND`'s capabilities)."""
     d = q.shape[-1]
     if d < 16 or d & (d - 1) or v.shape[-1] != d:
-        return (f"the triton backend needs a power-of-two head_dim of at least 16 for q, k and "
-                f"v, got {d} and {v.shape[-1]}; use backend='flex'")
-    if dropout:
-        return "the triton backend has no attention dropout; use backend='blockwise' (or 'auto')"
+        return (f"needs a power-of-two head_dim of at least 16 for q, k and v, got {d} and "
+                f"{v.shape[-1]}")
     if q.device.type != "cuda" and not _interpreted():
-        return ("the triton backend runs on CUDA (or under TRITON_INTERPRET=1 for testing); "
-                "use backend='blockwise' on the CPU")
+        return "runs on CUDA (or under TRITON_INTERPRET=1 for testing)"
     if not triton_available(q.device):
-        return ("the triton backend needs the triton package (a CUDA build of torch brings it; "
-                "otherwise pip install triton); or use backend='flex'")
+        return "needs the triton package (a CUDA build of torch brings it)"
     if q.dtype not in (torch.float16, torch.bfloat16) and q.device.type == "cuda":
-        return (f"the triton backend takes float16 or bfloat16 on CUDA, got {q.dtype}; use "
-                "backend='flex' or 'blockwise' for other dtypes")
+        return f"takes float16 or bfloat16 on CUDA, not {q.dtype}"
     return None
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
-    reason = unsupported(q, v, problem.dropout is not None)
+    reason = BACKEND.refusal(Request.of(q, k, v, problem, need_lse=False))
     if reason is not None:
-        raise NotImplementedError(reason)
+        raise NotImplementedError(f"the triton backend {reason}; use backend='auto'")
+
+
+PARTIAL_HEAVY = 0.5
+"""``auto`` picks the triton kernels on CUDA when at least this share of the layout's active
+tiles are partial: there they read one bit per pair where FlexAttention evaluates the token
+predicate for every pair."""
+
+BITS_BUDGET = 1 << 30
+"""``auto`` leaves a layout to FlexAttention when the triton plan's bit masks (``block**2 / 8``
+bytes per partial tile) would take more than this many bytes."""
+
+def _partial_tiles(layout: BlockLayout) -> tuple[int, int]:
+    """(partial tiles, active tiles) of ``layout``, counted once per layout object."""
+    def count() -> tuple[int, int]:
+        active, full = layout.tile_counts()
+        return active - full, active
+
+    return layout.derived("partial tiles", count)
+
+
+def partial_share(layout: BlockLayout) -> float:
+    """Share of ``layout``'s active tiles that are partial (need the token predicate)."""
+    partial, active = _partial_tiles(layout)
+    return partial / active if active else 0.0
+
+
+def plan_bits_bytes(layout: BlockLayout) -> int:
+    """Bytes of the bit masks the triton plan keeps for ``layout``'s partial tiles."""
+    return _partial_tiles(layout)[0] * layout.block_size ** 2 // 8
+
+
+def _prefers(req: Request) -> str | None:
+    lay = req.layout
+    if lay is None or req.device_type != "cuda" or req.q.shape[-1] > 128:
+        return None
+    share = partial_share(lay)
+    if share < PARTIAL_HEAVY or plan_bits_bytes(lay) > BITS_BUDGET:
+        return None
+    return (f"{share:.0%} of the active tiles are partial (at least {PARTIAL_HEAVY:.0%}): the "
+            "triton kernels read one bit per pair there")
 
 
 FP_FUSION = True
 """Every launch asks for fused multiply-adds explicitly: the speeds recorded are with them (Triton
 3.6's default), and Triton 3.10 turns the default off."""
 
-_PLANS = LayoutCache()
-
-
 def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
-    """:func:`build_plan`, reused while the same layout object comes back (a module's cached
-    layout; see :class:`~workbench.backends.layout_cache.LayoutCache`)."""
-    key = (str(device), problem.q_offset, problem.k_offset, problem.block_order, problem.label)
-    return _PLANS.get_or_build(problem.layout, key, lambda: build_plan(problem, device))
+    """:func:`build_plan`, kept with the problem's layout (:meth:`BlockLayout.derived`)."""
+    key = ("triton", str(device), problem.q_offset, problem.k_offset, problem.block_order,
+           problem.label)
+    return problem.layout.derived(key, lambda: build_plan(problem, device))
 
 
 def cached_column_plan(problem: Problem, plan: SparsePlan) -> ColumnPlan:
     """:func:`build_column_plan` of ``plan``, cached beside it (built on the first backward)."""
-    key = ("columns", str(plan.bits.device), problem.q_offset, problem.k_offset,
+    key = ("triton columns", str(plan.bits.device), problem.q_offset, problem.k_offset,
            problem.block_order, problem.label)
-    return _PLANS.get_or_build(problem.layout, key, lambda: build_column_plan(plan))
+    return problem.layout.derived(key, lambda: build_column_plan(plan))
 
 
 def _descriptors(cfg: KernelConfig, *xs: tuple[Tensor, int]) -> tuple[object, ...]:
@@ -537,3 +570,13 @@ def triton_attention(
         out, lse = _TritonAttention.apply(q, k, v, problem, plan, configs, bwd)
         return out, (lse if need_lse else None)
     return _forward(q, k, v, problem, plan, configs, need_lse)
+
+
+BACKEND = Backend(
+    "triton",
+    triton_attention,
+    Capabilities(),
+    "our Triton kernels over the tile lists (CUDA, float16/bfloat16; forward, log-sum-exp, "
+    "backward)",
+    refuses=lambda req: unsupported(req.q, req.v), prefers=_prefers,
+)

@@ -1,0 +1,202 @@
+"""The backends as a registry: each declares what it can compute, and ``auto`` picks from that.
+
+A :class:`Backend` is a name, a ``run`` function over a :class:`~.problem.Problem`, a
+:class:`Capabilities` record and two optional rules: ``refuses`` (why it cannot take a request
+its capabilities do not describe, e.g. a head size) and ``prefers`` (why ``auto`` should pick it).
+``auto`` walks the registry in registration order and takes the first backend that can run the
+request and prefers it. Adding a backend is one module defining a ``Backend`` plus one
+:func:`register` call in :mod:`workbench.backends`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..layout import BlockLayout
+from .problem import Problem
+
+__all__ = ["Backend", "BackendUnsupported", "Capabilities", "Choice", "Request", "backend_names",
+           "choose", "get_backend", "register", "registered", "run_backend"]
+
+ANY_DEVICE = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend computes: on which devices it runs, where it returns the log-sum-exp and
+    gradients, in which dtypes (None: any floating type), whether it applies attention dropout
+    and follows a ``block_order``, and which patterns it takes (in words)."""
+
+    devices: tuple[str, ...] = ANY_DEVICE
+    lse_devices: tuple[str, ...] = ANY_DEVICE
+    grad_devices: tuple[str, ...] = ANY_DEVICE
+    dtypes: tuple[torch.dtype, ...] | None = None
+    dropout: bool = False
+    block_order: bool = False
+    patterns: str = "any"
+
+    def refusal(self, req: Request) -> str | None:
+        """Why these capabilities do not cover ``req`` (phrases after "it"), or None."""
+        dev = req.device_type
+        if dev not in self.devices:
+            return f"runs on {' or '.join(self.devices)}, not {dev}"
+        reasons = []
+        if self.dtypes is not None and req.q.dtype not in self.dtypes:
+            reasons.append(f"takes {', '.join(map(str, self.dtypes))}, not {req.q.dtype}")
+        if req.need_lse and dev not in self.lse_devices:
+            reasons.append(f"gives no log-sum-exp on {dev} (return_lse, a ring and a process "
+                           "group need it)")
+        if req.grad and dev not in self.grad_devices:
+            reasons.append(f"computes no gradients on {dev} (these inputs require grad)")
+        if req.dropout and not self.dropout:
+            reasons.append("has no attention dropout")
+        return " and ".join(reasons) or None
+
+
+@dataclass
+class Request:
+    """What one call asks of a backend. ``layout`` is built on first use (``build_layout``), so
+    a backend that needs none (SDPA on dense or causal attention) never makes one."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    need_lse: bool
+    dense_form: str | None = None
+    dropout: bool = False
+    pattern: object = None
+    q_offset: int = 0
+    k_offset: int = 0
+    build_layout: Callable[[], BlockLayout] | None = None
+    _layout: BlockLayout | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool) -> Request:
+        """The request of computing ``problem`` on these inputs."""
+        return cls(q, k, v, need_lse, problem.dense_form, problem.dropout is not None,
+                   problem.pattern, problem.q_offset, problem.k_offset, _layout=problem.layout)
+
+    @property
+    def layout(self) -> BlockLayout | None:
+        if self._layout is None and self.build_layout is not None:
+            self._layout = self.build_layout()
+        return self._layout
+
+    @property
+    def device_type(self) -> str:
+        return self.q.device.type
+
+    @property
+    def k_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def grad(self) -> bool:
+        return torch.is_grad_enabled() and any(x.requires_grad for x in (self.q, self.k, self.v))
+
+
+Run = Callable[[Tensor, Tensor, Tensor, Problem, bool], tuple[Tensor, "Tensor | None"]]
+RunPattern = Callable[[Tensor, Tensor, Tensor, object, float, bool, int],
+                      tuple[Tensor, "Tensor | None"]]
+Rule = Callable[[Request], "str | None"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named way of computing a :class:`~.problem.Problem`.
+
+    ``run(q, k, v, problem, need_lse) -> (out, lse or None)``; ``refuses(request)``: why it
+    cannot run a request its capabilities cover, or None; ``prefers(request)``: why ``auto``
+    should pick it for a request it can run, or None (``prefers=None``: never picked by
+    ``auto``). ``run_pattern(q, k, v, pattern, scale, need_lse, block_size)``, where given,
+    computes a whole self-contained call straight from the pattern, with no block layout."""
+
+    name: str
+    run: Run
+    capabilities: Capabilities
+    summary: str
+    refuses: Rule | None = None
+    prefers: Rule | None = None
+    run_pattern: RunPattern | None = None
+
+    def refusal(self, req: Request) -> str | None:
+        """Why this backend cannot run ``req`` (a phrase after "it"), or None."""
+        reason = self.capabilities.refusal(req)
+        if reason is None and self.refuses is not None:
+            reason = self.refuses(req)
+        return reason
+
+
+class BackendUnsupported(NotImplementedError, ValueError):
+    """A backend was asked for something it cannot compute (the message says what instead)."""
+
+
+class Choice(NamedTuple):
+    """The backend a call runs on and why."""
+
+    name: str
+    reason: str
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add ``backend`` (``auto`` tries backends in the order they were registered)."""
+    if backend.name in _REGISTRY or backend.name == "auto":
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def registered() -> tuple[Backend, ...]:
+    """Every registered backend, in ``auto``'s order."""
+    return tuple(_REGISTRY.values())
+
+
+def backend_names() -> tuple[str, ...]:
+    """``"auto"`` and every registered backend's name."""
+    return ("auto", *_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name``; a ``ValueError`` listing the names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def choose(name: str, req: Request) -> Choice:
+    """The backend ``name`` means for ``req``, and why.
+
+    ``auto``: the first registered backend that can run ``req`` and prefers it. A named backend
+    that cannot run ``req`` raises :class:`BackendUnsupported` naming the backends that can.
+    """
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.refusal(req)
+        if reason is not None:
+            able = [b.name for b in registered() if b.name != name and b.refusal(req) is None]
+            raise BackendUnsupported(
+                f"backend {name!r} cannot run this call: it {reason}. Use backend='auto'"
+                + (f" or one of {', '.join(map(repr, able))}" if able else ""))
+        return Choice(name, "asked for by name")
+    for backend in registered():
+        if backend.prefers is None or backend.refusal(req) is not None:
+            continue
+        why = backend.prefers(req)
+        if why is not None:
+            return Choice(backend.name, why)
+    raise BackendUnsupported("no registered backend can run this call")  # pragma: no cover
+
+
+def run_backend(name: str, q: Tensor, k: Tensor, v: Tensor, problem: Problem,
+                need_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """Compute ``problem`` on backend ``name`` (``auto`` chooses); ``(out, lse or None)``."""
+    chosen = choose(name, Request.of(q, k, v, problem, need_lse)).name
+    return _REGISTRY[chosen].run(q, k, v, problem, need_lse)

@@ -1,0 +1,147 @@
+"""Plans: a pattern at given lengths, block size and device, with everything derived from it.
+
+A :class:`Plan` builds its :class:`~workbench.layout.BlockLayout` on first use, and the layout
+keeps what each backend derives from it (a FlexAttention ``BlockMask``, a triton plan, a ring's
+slices; :meth:`BlockLayout.derived`), so a plan held across calls builds each of them once and
+:meth:`Plan.nbytes` reports all of it. Modules hold their plans in :class:`Plans`; modules given
+the same ``Plans`` (the layers of a model with one pattern) share them. Nothing is cached
+anywhere else: a plan lives exactly as long as whoever holds it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from .layout import BlockLayout, held_bytes
+from .patterns import Pattern
+
+__all__ = ["Plan", "Plans", "check_plans", "plan_for"]
+
+
+class Plan:
+    """``pattern`` on ``q_len`` queries and ``k_len`` keys (default ``q_len``) in tiles of
+    ``block_size`` on ``device``; its layout is built on first use (:attr:`layout`), or only
+    some query rows of it (:meth:`rows`, what one rank of a distributed ring needs)."""
+
+    def __init__(self, pattern: Pattern, q_len: int, k_len: int | None = None,
+                 block_size: int = 64, device: torch.device | str = "cpu") -> None:
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a workbench Pattern, got {type(pattern).__name__}")
+        self.pattern, self.q_len = pattern, q_len
+        self.k_len = q_len if k_len is None else k_len
+        self.block_size, self.device = block_size, torch.device(device)
+        self._layout: BlockLayout | None = None
+        self._rows: dict[tuple, list[BlockLayout]] = {}
+
+    @property
+    def layout(self) -> BlockLayout:
+        """The exact block layout, built on first use and kept."""
+        if self._layout is None:
+            self._layout = self.pattern.block_structure(self.q_len, self.block_size, self.device,
+                                                        k_len=self.k_len)
+        return self._layout
+
+    @property
+    def built(self) -> bool:
+        """Whether the whole layout has been built."""
+        return self._layout is not None
+
+    def rows(self, runs: Sequence[tuple[int, int]]) -> list[BlockLayout]:
+        """The layouts of the query-block ranges ``runs`` against every key block, built on
+        first use without the other rows (the whole layout's slices, if it is built)."""
+        key = tuple(map(tuple, runs))
+        if key not in self._rows:
+            nk = self.layout.shape[2] if self.built else None
+            self._rows[key] = [
+                self._layout.slice(r, (0, nk)) if self._layout is not None else
+                self.pattern.block_structure(self.q_len, self.block_size, self.device,
+                                             k_len=self.k_len, rows=r) for r in key]
+        return self._rows[key]
+
+    def nbytes(self) -> int:
+        """Bytes of device memory this plan holds: its layouts and everything derived from
+        them (tensors that share storage counted once)."""
+        held = [self._layout] if self._layout is not None else []
+        held += [lay for lays in self._rows.values() for lay in lays]
+        return held_bytes(held)
+
+    def matches(self, pattern: Pattern, q_len: int, k_len: int, block_size: int,
+                device: torch.device) -> bool:
+        return (self.pattern == pattern and (self.q_len, self.k_len, self.block_size) ==
+                (q_len, k_len, block_size) and self.device == device)
+
+    def __repr__(self) -> str:
+        return (f"Plan({self.pattern!r}, q_len={self.q_len}, k_len={self.k_len}, "
+                f"block_size={self.block_size}, device='{self.device}', "
+                f"built={self.built}, nbytes={self.nbytes()})")
+
+
+class Plans:
+    """The plans of the last ``size`` (pattern, lengths, block size, device) a module used, the
+    least recently used dropped first. Copies and pickles start empty (a cache, not state)."""
+
+    def __init__(self, size: int = 8) -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        self.size = size
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __iter__(self):
+        return iter(self._plans.values())
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["size"])
+
+    def get(self, pattern: Pattern, q_len: int, k_len: int, block_size: int,
+            device: torch.device | str) -> Plan:
+        """The plan for these arguments, kept for the next call."""
+        device = torch.device(device)
+        key = (pattern, q_len, k_len, block_size, device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = Plan(pattern, q_len, k_len, block_size, device)
+            if len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def nbytes(self) -> int:
+        """Bytes all these plans hold (:meth:`Plan.nbytes`, shared storage counted once)."""
+        return sum(p.nbytes() for p in self._plans.values())
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+def plan_for(plan: Plan | Plans, pattern: Pattern, q_len: int, k_len: int, block_size: int,
+             device: torch.device | str) -> Plan:
+    """The :class:`Plan` of a call: ``plan`` itself when it was made for these arguments (else a
+    ``ValueError`` naming what differs), or the one ``plan`` (a :class:`Plans`) keeps for them."""
+    device = torch.device(device)
+    if isinstance(plan, Plans):
+        return plan.get(pattern, q_len, k_len, block_size, device)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a workbench Plan or Plans, got {type(plan).__name__}")
+    if not plan.matches(pattern, q_len, k_len, block_size, device):
+        raise ValueError(
+            f"plan is for {plan.pattern!r} at q_len={plan.q_len}, k_len={plan.k_len}, "
+            f"block_size={plan.block_size} on {plan.device}; this call is {pattern!r} at "
+            f"q_len={q_len}, k_len={k_len}, block_size={block_size} on {device}")
+    return plan
+
+
+def check_plans(plans: object) -> Plans:
+    """``plans`` if it is a :class:`Plans`; a ``TypeError`` otherwise."""
+    if not isinstance(plans, Plans):
+        raise TypeError(f"plans must be a workbench Plans, got {type(plans).__name__}")
+    return plans
