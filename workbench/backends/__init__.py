@@ -4,8 +4,8 @@
 - ``blockwise``: pure PyTorch over active tiles with an online softmax; any device, autograd.
 - ``flex``: FlexAttention with a ``BlockMask`` from the exact layout (compiled; CPU: inference).
 - ``triton``: our own Triton kernels over the same tile lists (CUDA, float16/bfloat16; forward,
-  log-sum-exp and backward); :mod:`~workbench.backends.triton_resources` compiles them offline
-  to tell what a launch configuration uses.
+  log-sum-exp and backward); :mod:`workbench.lab.triton_resources` compiles them offline to
+  tell what a launch configuration uses.
 - ``sdpa``: PyTorch's ``scaled_dot_product_attention`` for problems whose pattern is dense or
   causal attention (:mod:`~workbench.backends.sdpa`); forward and backward, no log-sum-exp.
 - ``auto``: ``sdpa`` for dense or causal problems when no log-sum-exp is asked for;
