@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from workbench import patterns as P  # noqa: E402
-from workbench.ring import ring_plan  # noqa: E402
+from workbench.sharding import distributed_plan, shard_plan  # noqa: E402
 from workbench.viz import plot_ring_schedule, plot_ring_step  # noqa: E402
 from workbench.viz.explorers import (  # noqa: E402
     CurveParams,
@@ -181,13 +181,13 @@ def test_ring_step_highlights_exactly_the_computing_ranks(step):
     view = ring_view(RingParams(RING.pattern, ranks=5, step=step))
     assert np.array_equal(view.computing, view.plan.computed[:, step].numpy())
     assert [r.computed for r in view.regions] == view.computing.tolist()
-    assert [r.kv_chunk for r in view.regions] == [(p - step) % 5 for p in range(5)]
+    assert [r.kv_rank for r in view.regions] == [(p - step) % 5 for p in range(5)]
     assert int(view.step_tiles.sum()) == sum(r.tiles for r in view.regions)  # one head
 
 
 def test_every_active_tile_is_computed_at_exactly_one_step():
     layout = P.dilated([64, 128], [1, 4], 4).block_structure(256, 16)
-    plan = ring_plan(layout, 4)
+    plan = distributed_plan(layout, shard_plan(256, 4, 16))
     per_step = torch.stack([ring_step_tiles(layout, plan, t) for t in range(4)])
     assert torch.equal(per_step.sum(0), merged_heads(layout).active[0].to(torch.int64))
     head2 = sum(ring_step_tiles(layout, plan, t, head=2).to(torch.int64) for t in range(4))
@@ -205,7 +205,7 @@ def test_bad_ring_values_keep_the_last_good_view(ranks, step, words):
 
 def test_ring_drawings():
     layout = ring_view(RING).layout
-    plan = ring_plan(layout, 5)
+    plan = distributed_plan(layout, shard_plan(300, 5, 16))
     fig, (a, b) = plt.subplots(1, 2)
     plot_ring_schedule(plan, step=1, ax=a)
     assert f"{plan.skipped} of 25" in a.get_title()

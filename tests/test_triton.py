@@ -211,8 +211,8 @@ def _offline_compiler() -> str | None:
 def test_default_launch_parameters_fit_a_hopper_programs_shared_memory():
     """Compiled for an H100/H200 without one: a configuration that asks for more shared memory
     than a program may have fails at launch, so every first choice must fit."""
-    from workbench.backends.triton_resources import kernel_resources
     from workbench.backends.triton_sparse import KernelConfig, default_configs
+    from workbench.lab.triton_resources import kernel_resources
 
     cuda = torch.device("cuda")  # only named: the defaults are asked for its type
     for d in (128, 256):

@@ -1,5 +1,5 @@
-"""The distributed ring drawn: the schedule grid and the step of every tile match the plan
-(Agg backend: conftest sets ``MPLBACKEND``)."""
+"""The ring drawn: the schedule grid and the step of every tile match the plan (Agg backend:
+conftest sets ``MPLBACKEND``)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,7 @@ from matplotlib.colors import to_rgba
 import workbench as wb
 from workbench.distributed import distributed_plan, shard_plan
 from workbench.viz.heatmaps import ALLOWED, EMPTY
-from workbench.viz.ring import (
-    distributed_schedule_grid,
-    distributed_tile_steps,
-    step_colors,
-)
+from workbench.viz.ring import distributed_tile_steps, step_colors
 
 P = wb.patterns
 S, B, W = 1024, 32, 4
@@ -34,22 +30,24 @@ CASES = [(P.causal(), "contiguous"), (P.causal(), "zigzag"),
 
 
 @pytest.mark.parametrize("pattern,sharding", CASES)
-def test_schedule_grid_matches_plan(pattern, sharding):
+def test_schedule_by_step_matches_plan(pattern, sharding):
     _, plan = _plan(pattern, sharding)
-    kv_from, tiles = distributed_schedule_grid(plan)
+    tiles = plan.tiles_per_step()
     for r in range(W):
         for d in range(W):
             src = (r - d) % W
-            assert int(kv_from[r, d]) == src
+            assert plan.kv_rank(r, d) == src
             assert int(tiles[r, d]) == int(plan.tiles[r, src])
-            assert (int(tiles[r, d]) > 0) == plan.needed(r, src)
+            assert bool(plan.computed[r, d]) == plan.needed(r, src) == (int(tiles[r, d]) > 0)
+            assert sum(t for *_, t in plan.pairs(r, src)) == int(plan.tiles[r, src])
+    assert plan.skipped == int((tiles == 0).sum())
 
 
 @pytest.mark.parametrize("pattern,sharding", CASES)
 def test_drawn_schedule_colours_and_labels(pattern, sharding):
     _, plan = _plan(pattern, sharding)
     fig, ax = plt.subplots()
-    wb.viz.plot_distributed_schedule(plan, ax=ax)
+    wb.viz.plot_ring_schedule(plan, ax=ax)
     image = ax.images[0]
     grid = np.asarray(image.get_array())
     rgba = image.to_rgba(grid)
@@ -115,10 +113,20 @@ def test_tile_steps_rejects_a_mismatched_plan():
         distributed_tile_steps(layout, other)
 
 
-def test_existing_ring_drawings_still_work():
-    layout = P.local_window(64).block_structure(S, B)
-    plan = wb.ring.ring_plan(layout, W)
+@pytest.mark.parametrize("pattern,sharding", CASES)
+def test_step_regions_are_the_pairs_of_runs(pattern, sharding):
+    layout, plan = _plan(pattern, sharding)
+    runs = len(plan.sharding.pieces[0])
+    for d in range(W):
+        regions = wb.viz.ring.ring_step_regions(plan, d)
+        assert len(regions) == W * runs * runs
+        for g in regions:
+            (q0, q1), (k0, k1) = g.q_blocks, g.k_blocks
+            assert g.kv_rank == (g.rank - d) % W
+            assert g.tiles == int(layout.active[:, q0:q1, k0:k1].sum())
     fig, (a, b) = plt.subplots(1, 2)
     wb.viz.plot_ring_schedule(plan, ax=a, step=1)
     wb.viz.plot_ring_step(layout, plan, 1, ax=b)
+    solid = [p for p in b.patches if p.get_edgecolor()[3] > 0 and p.get_linestyle() == "-"]
+    assert len(solid) == sum(g.computed for g in wb.viz.ring.ring_step_regions(plan, 1))
     plt.close(fig)

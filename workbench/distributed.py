@@ -94,7 +94,7 @@ __all__ = [
     "gather_block_summaries",
     "init_ring",
     "shard_plan",
-    "simulated_steps",
+    "step_work",
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -374,11 +374,9 @@ def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, 
 def _pairs(setup: _Setup, src: int):
     """(query run index, K/V run index, sub-problem, active tiles) for every pair of runs that
     holds an active tile (read from the plan, on the host)."""
-    for i, (q0, q1) in enumerate(setup.pieces(setup.rank)):
-        for j, kr in enumerate(setup.pieces(src)):
-            tiles = setup.plan.pair_tiles(setup.rank, i, src, j)
-            if tiles:
-                yield i, j, setup.run_problems[i].slice((0, q1 - q0), kr), tiles
+    for i, j, kr, tiles in setup.plan.pairs(setup.rank, src):
+        q0, q1 = setup.pieces(setup.rank)[i]
+        yield i, j, setup.run_problems[i].slice((0, q1 - q0), kr), tiles
 
 
 def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
@@ -694,73 +692,30 @@ def distributed_ring_attention(
     return (out, lse) if return_lse else out
 
 
-def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int, sharding: str,
-                    heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
-                    backend: str = "auto", backward: bool = False):
-    """Every (rank, step) of a ``world``-rank ring as work on one device, to plan a real run.
+def step_work(pattern: Pattern, plan: DistributedPlan, rank: int,
+              run_layouts: Sequence[BlockLayout], backend: str, scale: float
+              ) -> Callable[..., None]:
+    """What rank ``rank`` of ``plan`` computes at one ring step, with no process group.
 
-    Yields ``(rank, step, kv_from, tiles, kv_bytes, fn)``: ``fn()`` computes what that rank
-    computes at that step on random inputs of the shard shapes (the forward partials; with
-    ``backward`` also the backward step that recomputes them and accumulates their gradients),
-    None when the step is skipped; ``kv_bytes`` is what it receives then (0 at step 0: its own
-    shard).
-
-    While a rank's steps are yielded the device holds what that rank holds in the real ring:
-    its q, k, v shards, the running output and log-sum-exp, the K/V shard of the step, the
-    receive buffer of its next step, its rows of the block layout (and with ``backward`` the
-    upstream gradient and the gradient accumulators), so the device's peak memory during
-    ``fn()`` is that rank's peak, less the communication library's own buffers. Drop each
-    ``fn`` before asking for the next.
+    ``run_layouts``: its query runs' layouts against every key block
+    (:meth:`workbench.plan.Plan.rows`); ``backend``: a backend name (``auto`` chooses per pair,
+    as the ring does). Returns ``work(src, q, k, v, grads=None)``: the
+    partials of this rank's ``q`` shard against the K/V shard ``k, v`` of rank ``src``, each
+    dropped as the ring merges it; with ``grads = (out, lse, dout, dq, dk, dv)`` also the
+    backward step, which recomputes them and adds their gradients to ``dq, dk, dv``.
     """
-    shards = shard_plan(seq_len, world, block_size, sharding)
+    dev = run_layouts[0].active.device
+    setup = _Setup(rank, plan, _run_problems(run_layouts, plan.sharding.pieces[rank], pattern,
+                                             dev, scale),
+                   check_backend(backend), None, DEFAULT_TIMEOUT_S)
 
-    def rank_layouts(r: int) -> list[BlockLayout]:  # built afresh: one rank's rows at a time
-        return [pattern.block_structure(seq_len, block_size, device, rows=run)
-                for run in shards.pieces[r]]
+    def work(src: int, q: Tensor, k: Tensor, v: Tensor,
+             grads: tuple[Tensor, ...] | None = None) -> None:
+        with torch.no_grad():
+            for _ in _partials(setup, q, k, v, src, None):
+                pass
+        if grads is not None:
+            out, lse, dout, dq, dk, dv = grads
+            _backward_step(setup, q, k, v, src, out, lse, dout, None, dq, dk, dv, None)
 
-    plan = _plan_from_rows([run_tile_rows(rank_layouts(r), shards) for r in range(world)], shards)
-    per_step = plan.tiles_per_step()
-    acc = accumulation_dtype(dtype)
-
-    def rand(rank: int) -> Tensor:
-        return torch.randn(1, heads, shards.local_len(rank), head_dim, device=device, dtype=dtype)
-
-    for r in range(world):
-        q, k, v = rand(r), rand(r), rand(r)
-        # the rank's running output and log-sum-exp (a log-sum-exp above any partial's keeps
-        # the merge weights finite: timing only), and with backward the upstream gradient
-        # and the query gradient accumulator
-        rank_state = (q, torch.zeros_like(q), torch.full(q.shape[:3], 60.0, dtype=acc,
-                                                          device=device),
-                      torch.randn_like(q) if backward else None,
-                      torch.zeros_like(q, dtype=acc) if backward else None)
-        own_grads = tuple(torch.zeros_like(x, dtype=acc) for x in (k, v)) if backward else ()
-        runs = shards.pieces[r]
-        problems = _run_problems(rank_layouts(r), runs, pattern, device,
-                                 1.0 / math.sqrt(head_dim))
-        setup = _Setup(r, plan, problems, check_backend(backend), None, DEFAULT_TIMEOUT_S)
-        steps = _steps(setup)
-        for d in range(world):
-            src = (r - d) % world
-            if not plan.needed(r, src):
-                yield r, d, src, 0, 0, None
-                continue
-            held = (k, v) if d == 0 else (rand(src), rand(src))
-            later = [e for e in steps if e > d and plan.needed(r, (r - e) % world)]
-            pending = (rand((r - later[0]) % world), rand((r - later[0]) % world)) if later else ()
-            grads = ((own_grads if d == 0 else
-                      tuple(torch.zeros_like(x, dtype=acc) for x in held)) if backward else ())
-
-            def fn(setup=setup, state=rank_state, held=held, src=src, grads=grads) -> None:
-                q_, out, lse, dout, dq = state
-                with torch.no_grad():
-                    for _ in _partials(setup, q_, held[0], held[1], src, None):
-                        pass  # each partial is dropped before the next, as the ring merges
-                if grads:
-                    _backward_step(setup, q_, held[0], held[1], src, out, lse, dout, None, dq,
-                                   grads[0], grads[1], None)
-
-            nbytes = 2 * held[0].numel() * held[0].element_size() if d else 0
-            yield r, d, src, int(per_step[r, d]), nbytes, fn
-            del fn, held, pending, grads
-        del q, k, v, rank_state, own_grads
+    return work

@@ -1,15 +1,16 @@
-"""Which tokens each rank of a ring holds, and which (query shard, K/V shard) pairs compute.
+"""The ring's plan: which tokens each rank holds, and which (query run, K/V run) pairs compute.
 
-Pure bookkeeping, no processes: :func:`shard_plan` cuts a sequence into whole-block shards
+Pure bookkeeping, no processes. :func:`shard_plan` cuts a sequence into whole-block shards
 (``"contiguous"`` runs, or ``"zigzag"``: rank ``r`` holds runs ``r`` and ``2P - 1 - r`` of
-``2P``, which balances causal work), and :func:`distributed_plan` reduces a global block layout
-to per-(query rank, K/V rank) tile counts: what :mod:`workbench.distributed` executes, what
-notebook 05 draws, and what :func:`workbench.distributed.simulated_steps` times on one device.
+``2P``, which balances causal work); :func:`distributed_plan` reduces a block layout to
+per-(query run, K/V run) tile counts. At step ``d`` rank ``r`` holds the K/V shard of rank
+``(r - d) mod P``. One plan serves the ring across processes (:mod:`workbench.distributed`), the
+ring simulated on one device over contiguous shards (:mod:`workbench.ring`) and the figures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -18,7 +19,6 @@ from torch import Tensor
 
 from .layout import BlockLayout, key_block_counts, num_blocks
 from .patterns import check_positive_int
-from .ring import chunk_bounds
 
 __all__ = ["SHARDINGS", "DistributedPlan", "Sharding", "check_sharding", "distributed_plan",
            "run_tile_rows", "shard_plan"]
@@ -113,7 +113,9 @@ def shard_plan(seq_len: int, world_size: int, block_size: int,
             f"{kind} sharding of {seq_len} tokens over {world_size} ranks needs at least {runs} "
             f"blocks of {block_size} tokens, the sequence has {nb}; use a smaller block_size "
             "or fewer ranks")
-    bounds = chunk_bounds(nb, runs)
+    base, extra = divmod(nb, runs)  # as even as possible, longer runs first
+    edges = [c * base + min(c, extra) for c in range(runs + 1)]
+    bounds = list(zip(edges[:-1], edges[1:]))
     if kind == "zigzag":
         pieces = tuple((bounds[r], bounds[runs - 1 - r]) for r in range(world_size))
     else:
@@ -128,24 +130,40 @@ class DistributedPlan:
     ``run_tiles[m, n]``: active tiles (summed over heads) of query run ``m`` against key run
     ``n`` (global run indices, :meth:`Sharding.run_index`); zero means the pair is skipped.
     ``tiles[r, c]`` sums them per (query rank, K/V rank): zero means rank ``c`` never sends its
-    shard to rank ``r``.
+    shard to rank ``r``. ``kv_sharding`` cuts the keys when their length differs from the
+    queries' (cross-attention, simulated ring only); by default the keys follow ``sharding``.
     """
 
     sharding: Sharding
     run_tiles: Tensor
+    kv_sharding: Sharding | None = None
+
+    @property
+    def kv(self) -> Sharding:
+        """The keys' sharding."""
+        return self.sharding if self.kv_sharding is None else self.kv_sharding
 
     @cached_property
     def tiles(self) -> Tensor:
-        rank = self.sharding.run_rank()
         p = self.world_size
-        rows = torch.zeros(p, rank.numel(), dtype=torch.int64).index_add_(0, rank,
-                                                                             self.run_tiles)
-        return torch.zeros(p, p, dtype=torch.int64).index_add_(1, rank, rows)
+        rows = torch.zeros(p, self.run_tiles.shape[1], dtype=torch.int64).index_add_(
+            0, self.sharding.run_rank(), self.run_tiles)
+        return torch.zeros(p, p, dtype=torch.int64).index_add_(1, self.kv.run_rank(), rows)
 
     def pair_tiles(self, rank: int, run: int, src: int, src_run: int) -> int:
         """Active tiles of rank ``rank``'s ``run``-th query run against ``src``'s ``src_run``."""
-        sh = self.sharding
-        return int(self.run_tiles[sh.run_index(rank, run), sh.run_index(src, src_run)])
+        return int(self.run_tiles[self.sharding.run_index(rank, run),
+                                  self.kv.run_index(src, src_run)])
+
+    def pairs(self, rank: int, src: int) -> Iterator[tuple[int, int, tuple[int, int], int]]:
+        """The pieces rank ``rank`` computes with the K/V shard of rank ``src``: ``(query run,
+        K/V run, K/V run's (first block, end block), active tiles)`` for every pair of their
+        runs (indices within each shard) that holds an active tile."""
+        for i in range(len(self.sharding.pieces[rank])):
+            for j, blocks in enumerate(self.kv.pieces[src]):
+                tiles = self.pair_tiles(rank, i, src, j)
+                if tiles:
+                    yield i, j, blocks, tiles
 
     def needed(self, rank: int, src: int) -> bool:
         """Does ``rank``'s query shard attend to ``src``'s K/V shard?"""
@@ -154,6 +172,10 @@ class DistributedPlan:
     @property
     def world_size(self) -> int:
         return self.sharding.world_size
+
+    def kv_rank(self, rank: int, step: int) -> int:
+        """The rank whose K/V shard rank ``rank`` holds at step ``step``."""
+        return (rank - step) % self.world_size
 
     def last_step(self) -> int:
         """The last ring step any rank needs (0: every rank needs only its own shard)."""
@@ -171,6 +193,16 @@ class DistributedPlan:
         p = self.world_size
         idx = (torch.arange(p)[:, None] - torch.arange(p)[None, :]) % p
         return self.tiles.gather(1, idx)
+
+    @property
+    def computed(self) -> Tensor:
+        """bool ``[P, P]``: rank ``r`` computes at step ``d``."""
+        return self.tiles_per_step() > 0
+
+    @property
+    def skipped(self) -> int:
+        """(rank, step) pairs with nothing to compute."""
+        return int((~self.computed).sum())
 
 
 def run_tile_rows(run_layouts: Sequence[BlockLayout], sharding: Sharding) -> Tensor:
@@ -190,13 +222,17 @@ def run_tile_rows(run_layouts: Sequence[BlockLayout], sharding: Sharding) -> Ten
         1, sharding.run_of_block().to(dev), rows)
 
 
-def distributed_plan(layout: BlockLayout, sharding: Sharding) -> DistributedPlan:
+def distributed_plan(layout: BlockLayout, sharding: Sharding,
+                     kv_sharding: Sharding | None = None) -> DistributedPlan:
     """Reduce the global ``layout`` to per-(query run, K/V run) tile counts (one transfer to
-    the host; every later decision of the ring reads them there, with no device sync)."""
-    if (layout.q_len, layout.k_len, layout.block_size) != (
-            sharding.seq_len, sharding.seq_len, sharding.block_size):
-        raise ValueError("layout and sharding disagree on the sequence length or block size")
+    the host; every later decision of the ring reads them there, with no device sync).
+    ``kv_sharding`` cuts the keys (default: ``sharding``)."""
+    kv = sharding if kv_sharding is None else kv_sharding
+    if (layout.q_len, layout.k_len, layout.block_size, kv.world_size) != (
+            sharding.seq_len, kv.seq_len, sharding.block_size, sharding.world_size):
+        raise ValueError("layout and sharding disagree on the sequence length, block size or "
+                         "number of ranks")
     nk = layout.active.shape[2]
     runs = [r for pieces in sharding.pieces for r in pieces]
-    return DistributedPlan(sharding,
-                           run_tile_rows([layout.slice(r, (0, nk)) for r in runs], sharding).cpu())
+    return DistributedPlan(sharding, run_tile_rows([layout.slice(r, (0, nk)) for r in runs],
+                                                   kv).cpu(), kv_sharding)

@@ -3,7 +3,8 @@ dropout, against a float64 softmax over the dense token mask.
 
 A backend either computes what the oracle computes, or, where its capabilities or rules say it
 cannot (:meth:`workbench.backends.Backend.refusal`; in a ring, for one of the ring's slices),
-raises ``BackendUnsupported`` naming itself. A backend added to the registry is run here without any change to this file.
+raises ``BackendUnsupported`` naming itself. A backend added to the registry is run here
+without any change to this file.
 """
 
 from __future__ import annotations

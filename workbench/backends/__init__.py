@@ -55,6 +55,7 @@ __all__ = [
     "merge_partials",
     "reference_attention",
     "register",
+    "registry",
     "registered",
     "run_backend",
     "sdpa_attention",

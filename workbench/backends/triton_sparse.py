@@ -14,8 +14,8 @@ where FlexAttention evaluates the predicate per pair; ``notebooks/results_scalin
 the recorded comparison.
 
 Launch parameters: without ``config=`` each kernel tries :func:`default_configs` in order
-until the GPU can hold one; :mod:`~workbench.backends.triton_resources` compiles a
-configuration offline and says what it uses.
+until the GPU can hold one; :mod:`workbench.lab.triton_resources` compiles a configuration
+offline and says what it uses.
 
 The backward (FlashAttention-2's split) recomputes the probabilities from the saved log-sum-exp
 in two kernels: one program per key tile walks the query blocks of its *column* of the layout
@@ -46,9 +46,9 @@ from .indices import sorted_block_indices, visit_rank
 from .problem import Problem
 from .registry import Backend, Capabilities, Request
 
-__all__ = ["BACKEND", "BITS_BUDGET", "PARTIAL_HEAVY", "BackwardConfig", "ColumnPlan",
-           "KernelConfig", "SparsePlan", "build_column_plan",
-           "build_plan", "cached_plan", "default_configs", "partial_share", "plan_bits_bytes",
+__all__ = ["BACKEND", "BITS_BUDGET", "KERNELS", "PARTIAL_HEAVY", "BackwardConfig", "ColumnPlan",
+           "KernelConfig", "SparsePlan", "build_column_plan", "build_plan", "cached_plan",
+           "default_configs", "jit_kernel", "partial_share", "plan_bits_bytes",
            "triton_attention", "triton_available", "unsupported"]
 
 _LOG2E = 1.4426950408889634
@@ -78,6 +78,18 @@ def triton_available(device: torch.device | str | None = None) -> bool:
     return torch.device(device).type == "cuda" or _interpreted()
 
 
+KERNELS = ("forward", "dkdv", "dq")
+"""The kernels: the forward, and the backward's ``dkdv`` (a program per key tile) and ``dq``."""
+
+
+def jit_kernel(name: str):
+    """The Triton function of kernel ``name`` (one of :data:`KERNELS`); imports triton."""
+    from . import _triton_kernels as k
+
+    return {"forward": k.sparse_forward, "dkdv": k.sparse_backward_dkdv,
+            "dq": k.sparse_backward_dq}[name]
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch parameters: query and key tile edges (each dividing the layout's block size),
@@ -101,15 +113,15 @@ def default_configs(kernel: str, block: int, device: torch.device, head_dim: int
     The forward's first choice is the fastest of the recorded launch sweeps
     (``python -m workbench bench-triton``): 128 x 128 tiles, 8 warps, 3 stages, TMA on Hopper
     and newer (163 KiB of shared memory at head_dim 128, as
-    :func:`~workbench.backends.triton_resources.kernel_resources` reads it; smaller GPUs step
+    :func:`workbench.lab.triton_resources.kernel_resources` reads it; smaller GPUs step
     down). The backward's is FlashAttention-2's split: 128 accumulated rows (keys for
     ``dkdv``, queries for ``dq``) against 64 streamed ones, 8 warps, 2 stages (195 KiB). Heads
     wider than 128 start at one stage (two stages of the forward's 64 x 64 tiles need 290
     KiB)."""
     if device.type != "cuda":  # the interpreter: small tiles are fast to interpret
         return (KernelConfig(min(block, 32), min(block, 32), 4, 1),)
-    if kernel not in ("forward", "dkdv", "dq"):
-        raise ValueError(f"kernel must be 'forward', 'dkdv' or 'dq', got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     tma = (capability or torch.cuda.get_device_capability(device)) >= (9, 0)
 
     def cfg(m: int, n: int, warps: int, stages: int) -> KernelConfig:
@@ -412,7 +424,7 @@ def _launch(kernel, configs: tuple[KernelConfig, ...], launch, key: tuple) -> No
             raise ValueError(
                 f"{kernel.fn.__name__} with {cfg} needs more than this GPU has ({e}); pass "
                 "smaller tiles, fewer stages (config= / backward_config=); "
-                "workbench.backends.triton_resources.kernel_resources says what one uses"
+                "workbench.lab.triton_resources.kernel_resources says what one uses"
             ) from e
         if len(configs) > 1 and chosen is None:
             _CHOSEN[key] = cfg

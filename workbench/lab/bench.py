@@ -661,7 +661,7 @@ def kernel_configs(space: str) -> list[object]:
     warps, pipeline depth), ``"features"`` (the fastest forward launch parameters of the first
     sweep, each with and without TMA loads) or ``"backward"`` (:class:`BackwardConfig` s: the
     two backward kernels' tile edges, warps, depth and TMA, every one within a Hopper
-    program's shared memory by :func:`~workbench.backends.triton_resources.kernel_resources`)."""
+    program's shared memory by :func:`~workbench.lab.triton_resources.kernel_resources`)."""
     from itertools import product
 
     from ..backends.triton_sparse import BackwardConfig, KernelConfig
@@ -787,8 +787,8 @@ def triton_resource_study(head_dims: Iterable[int] = (64, 128, 256), *,
     import triton
     from tqdm.auto import tqdm
 
-    from ..backends.triton_resources import SHARED_LIMIT, kernel_resources
     from ..backends.triton_sparse import KernelConfig, default_backward_config, default_config
+    from .triton_resources import SHARED_LIMIT, kernel_resources
 
     cuda = torch.device("cuda")  # only named: the defaults are asked for its type
     jobs: list[tuple[str, str, int, object]] = []

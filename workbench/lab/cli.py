@@ -338,7 +338,7 @@ def _check_bench_triton(args: argparse.Namespace) -> None:
 def _check_triton_resources(args: argparse.Namespace) -> None:
     """Triton is installed and ``--capability`` is a GPU whose shared memory limit is known."""
     _require_module("triton", "triton-resources", "pip install triton")
-    from ..backends.triton_resources import SHARED_LIMIT
+    from .triton_resources import SHARED_LIMIT
 
     if tuple(args.capability) not in SHARED_LIMIT:
         known = ", ".join(f"{a} {b}" for a, b in SHARED_LIMIT)

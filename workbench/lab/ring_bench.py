@@ -21,21 +21,26 @@ the compute time and the bytes that step moves, to plan a multi-GPU run
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .. import distributed as D
 from ..attention import block_sparse_attention
+from ..backends import accumulation_dtype, resolve_backend
+from ..layout import BlockLayout
+from ..patterns import Pattern
+from ..sharding import DistributedPlan, run_tile_rows
 from .bench import _DTYPES, family_pattern, time_fn
 from .records import environment, write_csv
 
 __all__ = ["PASSES", "check_on_processes", "parallel_efficiency", "ring_bench", "ring_demo",
-           "ring_plan_study"]
+           "ring_plan_study", "simulated_steps"]
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -356,6 +361,67 @@ def _profile_call(fn: Callable[[], None], dev: torch.device, top: int) -> list[d
     return rows
 
 
+def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int, sharding: str,
+                    heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                    backend: str = "auto", backward: bool = False
+                    ) -> Iterator[tuple[int, int, int, int, int, Callable[[], None] | None]]:
+    """Every (rank, step) of a ``world``-rank ring as work on one device, to plan a real run.
+
+    Yields ``(rank, step, kv_from, tiles, kv_bytes, fn)``: ``fn()`` computes what that rank
+    computes at that step (:func:`workbench.distributed.step_work`) on random inputs of the
+    shard shapes, with ``backward`` also the backward step; None when the step is skipped.
+    ``kv_bytes`` is what the rank receives then (0 at step 0: its own shard).
+
+    While a rank's steps are yielded the device holds what that rank holds in the real ring
+    (its q, k, v shards, running output and log-sum-exp, the step's K/V shard, the receive
+    buffer of its next step, its rows of the layout; with ``backward`` the upstream gradient
+    and the accumulators), so the peak memory during ``fn()`` is that rank's, less the
+    communication library's buffers. Drop each ``fn`` before asking for the next.
+    """
+    shards = D.shard_plan(seq_len, world, block_size, sharding)
+
+    def rank_layouts(r: int) -> list[BlockLayout]:  # built afresh: one rank's rows at a time
+        return [pattern.block_structure(seq_len, block_size, device, rows=run)
+                for run in shards.pieces[r]]
+
+    plan = DistributedPlan(shards, torch.cat([run_tile_rows(rank_layouts(r), shards)
+                                              for r in range(world)]).cpu())
+    per_step = plan.tiles_per_step()
+    acc = accumulation_dtype(dtype)
+
+    def rand(rank: int) -> torch.Tensor:
+        return torch.randn(1, heads, shards.local_len(rank), head_dim, device=device, dtype=dtype)
+
+    for r in range(world):
+        q, k, v = rand(r), rand(r), rand(r)
+        # the running output and log-sum-exp (one above any partial's keeps the merge weights
+        # finite: timing only), the upstream gradient and the query gradient accumulator
+        state = ((torch.zeros_like(q), torch.full(q.shape[:3], 60.0, dtype=acc, device=device),
+                  torch.randn_like(q), torch.zeros_like(q, dtype=acc)) if backward else None)
+        own_grads = tuple(torch.zeros_like(x, dtype=acc) for x in (k, v)) if backward else ()
+        work = D.step_work(pattern, plan, r, rank_layouts(r), resolve_backend(backend, q),
+                           1.0 / math.sqrt(head_dim))
+        for d in range(world):
+            src = plan.kv_rank(r, d)
+            if not plan.needed(r, src):
+                yield r, d, src, 0, 0, None
+                continue
+            held = (k, v) if d == 0 else (rand(src), rand(src))
+            later = [plan.kv_rank(r, e) for e in range(d + 1, world)
+                     if plan.needed(r, plan.kv_rank(r, e))]
+            pending = (rand(later[0]), rand(later[0])) if later else ()
+            grads = None if state is None else (*state, *(
+                own_grads if d == 0 else (torch.zeros_like(x, dtype=acc) for x in held)))
+
+            def fn(work=work, src=src, q=q, held=held, grads=grads) -> None:
+                work(src, q, *held, grads)
+
+            nbytes = 2 * held[0].numel() * held[0].element_size() if d else 0
+            yield r, d, src, int(per_step[r, d]), nbytes, fn
+            del fn, held, pending, grads
+        del q, k, v, state, own_grads, work
+
+
 def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str], world: int,
                     shardings: Sequence[str] = ("contiguous", "zigzag"), heads: int = 16,
                     head_dim: int = 128, dtype: str = "bf16", block_size: int = 128,
@@ -376,7 +442,7 @@ def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str]
     rows = []
     for s, family, sharding, pass_ in tqdm(cases, desc="ring plan", unit="case"):
         pattern, params = family_pattern(family, s, heads)
-        for r, d, src, tiles, nbytes, fn in D.simulated_steps(
+        for r, d, src, tiles, nbytes, fn in simulated_steps(
                 pattern, s, block_size, world, sharding, heads, head_dim, dt, dev,
                 backward=pass_ == "fwd+bwd"):
             ms, peak = 0.0, float("nan")

@@ -18,12 +18,7 @@ from .heatmaps import (
     plot_pattern,
     plot_token_mask,
 )
-from .ring import (
-    plot_distributed_layout,
-    plot_distributed_schedule,
-    plot_ring_schedule,
-    plot_ring_step,
-)
+from .ring import plot_distributed_layout, plot_ring_schedule, plot_ring_step
 from .save import figures_dir, save_figure
 
 __all__ = [
@@ -37,7 +32,6 @@ __all__ = [
     "plot_block_layout",
     "plot_density_vs_length",
     "plot_distributed_layout",
-    "plot_distributed_schedule",
     "plot_dilation_strips",
     "plot_head_masks",
     "plot_heads",

@@ -1,16 +1,11 @@
-"""The ring schedule drawn: which K/V chunk every rank holds at every step, and what it computes.
+"""The ring schedule drawn from its :class:`~workbench.sharding.DistributedPlan`.
 
-:func:`plot_ring_schedule` draws a :class:`~workbench.ring.RingPlan` as a rank x step grid;
-:func:`plot_ring_step` draws the block layout with the tiles computed at one step outlined per
-rank. :func:`ring_step_regions` and :func:`ring_step_tiles` are the data behind the second
-picture, for tests and for explorers.
-
-The distributed ring (:mod:`workbench.distributed`, real processes, zigzag sharding) has its
-own pair: :func:`plot_distributed_schedule` draws a
-:class:`~workbench.distributed.DistributedPlan` as a rank x step grid (the K/V shard each rank
-holds, tiles computed or the step skipped) and :func:`plot_distributed_layout` colours every
-active tile of the layout by the step that computes it; :func:`distributed_schedule_grid` and
-:func:`distributed_tile_steps` are their data.
+:func:`plot_ring_schedule` draws the plan as a rank x step grid (the K/V shard each rank holds,
+tiles computed or the step skipped); :func:`plot_ring_step` draws the block layout with the
+(query run, K/V run) pairs of one step outlined per rank; :func:`plot_distributed_layout`
+colours every active tile by the step that computes it. :func:`ring_step_regions`,
+:func:`ring_step_tiles` and :func:`distributed_tile_steps` are their data, for tests and
+explorers.
 """
 
 from __future__ import annotations
@@ -25,20 +20,17 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from ..distributed import DistributedPlan
 from ..layout import BlockLayout
-from ..ring import RingPlan
+from ..sharding import DistributedPlan
 from .dilated import head_layout
 from .heatmaps import ALLOWED, EMPTY, SEPARATOR_MAX_TILES, plot_block_layout
 from .style import rank_colors
 
 __all__ = [
     "RingRegion",
-    "distributed_schedule_grid",
     "distributed_tile_steps",
     "merged_heads",
     "plot_distributed_layout",
-    "plot_distributed_schedule",
     "plot_ring_schedule",
     "plot_ring_step",
     "ring_step_regions",
@@ -47,22 +39,22 @@ __all__ = [
 ]
 
 RANK_COLORS = tuple(rank_colors(8))  # a rank has the same colour in every figure
-ANNOTATE_MAX_RANKS = 12  # write the K/V chunk and tile count in each cell up to this many ranks
+ANNOTATE_MAX_RANKS = 12  # write the K/V shard and tile count in each cell up to this many ranks
 _SCHEDULE_CMAP = ListedColormap([EMPTY, ALLOWED])  # 0 skipped, 1 computed
 _DIMMED = 0.7  # opacity of the white veil over tiles that a step does not compute
 
 
 @dataclass(frozen=True)
 class RingRegion:
-    """The block range one rank covers at one step of the ring.
+    """One (query run, K/V run) pair a rank covers at one step of the ring.
 
-    ``q_blocks`` is the rank's query chunk, ``k_blocks`` the K/V chunk it holds at that step
-    (both ``[start, stop)`` in blocks); ``tiles`` counts the active tiles inside (all heads) and
-    ``computed`` says whether the rank computes anything at that step.
+    ``q_blocks`` is a run of the rank's queries, ``k_blocks`` a run of the K/V shard of rank
+    ``kv_rank`` that it holds at that step (both ``[start, stop)`` in blocks); ``tiles`` counts
+    the active tiles inside (all heads) and ``computed`` says whether the pair is computed.
     """
 
     rank: int
-    kv_chunk: int
+    kv_rank: int
     q_blocks: tuple[int, int]
     k_blocks: tuple[int, int]
     tiles: int
@@ -72,23 +64,26 @@ class RingRegion:
         return self.tiles > 0
 
 
-def _check_step(plan: RingPlan, step: int) -> int:
+def _check_step(plan: DistributedPlan, step: int) -> int:
+    p = plan.world_size
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int, got {step!r}")
-    if not 0 <= step < plan.num_chunks:
-        raise ValueError(f"step={step} is out of range for a ring of {plan.num_chunks} ranks "
-                         f"(steps 0..{plan.num_chunks - 1})")
+    if not 0 <= step < p:
+        raise ValueError(f"step={step} is out of range for a ring of {p} ranks "
+                         f"(steps 0..{p - 1})")
     return step
 
 
-def ring_step_regions(plan: RingPlan, step: int) -> list[RingRegion]:
-    """One :class:`RingRegion` per rank at ``step``: the (query chunk, K/V chunk) it works on."""
+def ring_step_regions(plan: DistributedPlan, step: int) -> list[RingRegion]:
+    """Every (query run, K/V run) pair of every rank at ``step``, rank by rank."""
     _check_step(plan, step)
     regions = []
-    for rank, q_blocks in enumerate(plan.q_bounds):
-        chunk = plan.kv_chunk(rank, step)
-        regions.append(RingRegion(rank, chunk, q_blocks, plan.k_bounds[chunk],
-                                  int(plan.tiles[rank, step])))
+    for rank, runs in enumerate(plan.sharding.pieces):
+        src = plan.kv_rank(rank, step)
+        for i, q_blocks in enumerate(runs):
+            for j, k_blocks in enumerate(plan.kv.pieces[src]):
+                regions.append(RingRegion(rank, src, q_blocks, k_blocks,
+                                          plan.pair_tiles(rank, i, src, j)))
     return regions
 
 
@@ -104,7 +99,7 @@ def _shown(layout: BlockLayout, head: int | None) -> BlockLayout:
     return merged_heads(layout) if head is None else head_layout(layout, head)
 
 
-def ring_step_tiles(layout: BlockLayout, plan: RingPlan, step: int, *,
+def ring_step_tiles(layout: BlockLayout, plan: DistributedPlan, step: int, *,
                     head: int | None = None) -> Tensor:
     """Bool ``[nq, nk]``: the active tiles computed at ``step`` (of ``head``; all heads if None).
 
@@ -120,49 +115,12 @@ def ring_step_tiles(layout: BlockLayout, plan: RingPlan, step: int, *,
     return out
 
 
-def plot_ring_schedule(plan: RingPlan, *, step: int | None = None, ax=None,
-                       title: str | None = None, annotate: bool | None = None):
-    """Rank x step grid of ``plan``: dark where a rank computes, pale where it skips the step.
-
-    Each cell names the K/V chunk the rank holds and the tiles it computes there (``annotate``,
-    default: up to ``ANNOTATE_MAX_RANKS`` ranks); ``step`` outlines that step's column.
-    """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4, 4))
-    ranks = plan.num_chunks
-    computed = plan.computed.to(torch.int64).numpy()
-    ax.imshow(computed, cmap=_SCHEDULE_CMAP, vmin=0, vmax=1, interpolation="nearest")
-    if annotate is None:
-        annotate = ranks <= ANNOTATE_MAX_RANKS
-    if annotate:
-        for rank in range(ranks):
-            for t in range(ranks):
-                on = bool(computed[rank, t])
-                ax.text(t, rank, f"kv {plan.kv_chunk(rank, t)}\n{int(plan.tiles[rank, t])} tiles",
-                        ha="center", va="center", fontsize=7,
-                        color="white" if on else "#777777")
-    for edge in np.arange(1, ranks) - 0.5:
-        ax.axhline(edge, color="white", lw=1.0)
-        ax.axvline(edge, color="white", lw=1.0)
-    if step is not None:
-        _check_step(plan, step)
-        ax.add_patch(Rectangle((step - 0.5, -0.5), 1, ranks, fill=False, edgecolor="#d62728",
-                               lw=2.5))
-    ax.set_xlabel("step")
-    ax.set_ylabel("rank (query chunk)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title if title is not None else
-                 f"ring of {ranks} ranks: {plan.skipped} of {ranks * ranks} steps skipped",
-                 fontsize=9)
-    return ax
-
-
-def plot_ring_step(layout: BlockLayout, plan: RingPlan, step: int, *, head: int | None = None,
-                   ax=None, title: str | None = None, legend: bool = True):
+def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
+                   head: int | None = None, ax=None, title: str | None = None,
+                   legend: bool = True):
     """The block layout with the tiles computed at ``step`` outlined, one colour per rank.
 
-    Solid outlines are (query chunk, K/V chunk) pairs a rank computes at this step, dashed ones
+    Solid outlines are (query run, K/V run) pairs a rank computes at this step, dashed ones
     pairs it skips (no active tile); tiles outside the computed pairs are veiled. ``head``
     picks one head; by default all heads are merged (:func:`merged_heads`), as the plan's tile
     counts are.
@@ -186,14 +144,14 @@ def plot_ring_step(layout: BlockLayout, plan: RingPlan, step: int, *, head: int 
                                ls="-" if region.computed else "--"))
         ax.text(k0 - 0.3, q0 - 0.3, f"r{region.rank}", color=color, fontsize=7, va="top",
                 fontweight="bold", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 0.5})
-    for edge in [b for b, _ in plan.q_bounds[1:]]:
-        ax.axhline(edge - 0.5, color="#999999", lw=0.6, ls=":")
-    for edge in [b for b, _ in plan.k_bounds[1:]]:
-        ax.axvline(edge - 0.5, color="#999999", lw=0.6, ls=":")
-    tiles = sum(r.tiles for r in regions)
+    for sharding, line in ((plan.sharding, ax.axhline), (plan.kv, ax.axvline)):
+        for b0, _ in (run for runs in sharding.pieces for run in runs):
+            if b0:
+                line(b0 - 0.5, color="#999999", lw=0.6, ls=":")
+    computing = len({r.rank for r in regions if r.computed})
     ax.set_title(title if title is not None else
-                 f"step {step}: {sum(r.computed for r in regions)} of {len(regions)} ranks "
-                 f"compute, {tiles} tiles", fontsize=9)
+                 f"step {step}: {computing} of {plan.world_size} ranks compute, "
+                 f"{sum(r.tiles for r in regions)} tiles", fontsize=9)
     if legend:
         ax.legend(handles=[Patch(facecolor="none", edgecolor="#333333", lw=2.0,
                                  label="rank computes"),
@@ -203,7 +161,6 @@ def plot_ring_step(layout: BlockLayout, plan: RingPlan, step: int, *, head: int 
     return ax
 
 
-# --------------------------------------------------------------------- the distributed ring
 def _compact(n: int) -> str:
     """``1234567`` as ``1.23M``: tile counts that fit in a grid cell."""
     for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -217,30 +174,22 @@ def _shard_label(plan: DistributedPlan, rank: int) -> str:
     return f"rank {rank}\nblocks {runs}"
 
 
-def distributed_schedule_grid(plan: DistributedPlan) -> tuple[Tensor, Tensor]:
-    """The data of :func:`plot_distributed_schedule`: int64 ``[P, P]`` ``kv_from`` (the rank
-    whose K/V shard rank ``r`` holds at step ``d``: ``(r - d) mod P``) and ``tiles`` (the active
-    tiles, summed over heads, it computes there; 0 where the step is skipped, i.e. where
-    ``plan.needed(r, kv_from)`` is false)."""
-    p = plan.world_size
-    kv_from = (torch.arange(p)[:, None] - torch.arange(p)[None, :]) % p
-    return kv_from, plan.tiles_per_step()
+def plot_ring_schedule(plan: DistributedPlan, *, step: int | None = None, ax=None,
+                       title: str | None = None, annotate: bool | None = None,
+                       shard_labels: bool = True):
+    """Rank x step grid of ``plan``: dark where a rank computes, pale where it skips the step
+    (the K/V shard is never sent to it).
 
-
-def plot_distributed_schedule(plan: DistributedPlan, *, ax=None, title: str | None = None,
-                              annotate: bool | None = None, shard_labels: bool = True):
-    """Rank x step grid of a :class:`~workbench.distributed.DistributedPlan`.
-
-    Dark cells are computed (the K/V shard was sent to the rank, or is its own at step 0), pale
-    ones skipped (nothing sent). Each cell names the rank whose K/V shard is held and the
-    tiles computed (``annotate``, default: up to ``ANNOTATE_MAX_RANKS`` ranks); steps after
-    :meth:`~workbench.distributed.DistributedPlan.last_step` are not run at all and are
-    hatched. ``shard_labels`` names each rank's block runs on the y axis.
+    Each cell names the rank whose K/V shard is held and the tiles computed (``annotate``,
+    default: up to ``ANNOTATE_MAX_RANKS`` ranks); steps after
+    :meth:`~workbench.sharding.DistributedPlan.last_step` are not run at all and are hatched.
+    ``step`` outlines that step's column; ``shard_labels`` names each rank's block runs on the
+    y axis.
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
     p = plan.world_size
-    kv_from, tiles = distributed_schedule_grid(plan)
+    tiles = plan.tiles_per_step()
     computed = (tiles > 0).to(torch.int64).numpy()
     ax.imshow(computed, cmap=_SCHEDULE_CMAP, vmin=0, vmax=1, interpolation="nearest")
     if annotate is None:
@@ -250,8 +199,8 @@ def plot_distributed_schedule(plan: DistributedPlan, *, ax=None, title: str | No
         for r in range(p):
             for d in range(p):
                 on = bool(computed[r, d])
-                ax.text(d, r, f"kv r{int(kv_from[r, d])}\n{_compact(int(tiles[r, d]))}"
-                        if on else f"kv r{int(kv_from[r, d])}\nskip",
+                ax.text(d, r, f"kv r{plan.kv_rank(r, d)}\n"
+                        f"{_compact(int(tiles[r, d])) if on else 'skip'}",
                         ha="center", va="center", fontsize=fs,
                         color="white" if on else "#888888")
     last = plan.last_step()
@@ -261,6 +210,10 @@ def plot_distributed_schedule(plan: DistributedPlan, *, ax=None, title: str | No
     for edge in np.arange(1, p) - 0.5:
         ax.axhline(edge, color="white", lw=1.0)
         ax.axvline(edge, color="white", lw=1.0)
+    if step is not None:
+        _check_step(plan, step)
+        ax.add_patch(Rectangle((step - 0.5, -0.5), 1, p, fill=False, edgecolor="#d62728",
+                               lw=2.5))
     ax.set_xticks(range(p))
     ax.set_xlabel("step d (holds K/V of rank r - d)")
     if shard_labels:
@@ -270,7 +223,7 @@ def plot_distributed_schedule(plan: DistributedPlan, *, ax=None, title: str | No
         ax.set_yticks(range(p))
         ax.set_ylabel("rank r (query shard)")
     ax.set_title(title if title is not None else
-                 f"{plan.sharding.kind}, {p} ranks: last step {last}, "
+                 f"{plan.sharding.kind}, {p} ranks: {plan.skipped} of {p * p} steps skipped, "
                  f"{int(plan.shards_sent().sum())} shards sent", fontsize=9)
     return ax
 
@@ -279,10 +232,10 @@ def distributed_tile_steps(layout: BlockLayout, plan: DistributedPlan, *,
                            head: int | None = None) -> Tensor:
     """int64 ``[nq, nk]``: the ring step at which each active tile is computed (by the rank
     owning its query block), -1 for inactive tiles; of ``head``, or of any head if None."""
-    if (layout.q_len, layout.block_size) != (plan.sharding.seq_len, plan.sharding.block_size):
+    if (layout.q_len, layout.k_len, layout.block_size) != (
+            plan.sharding.seq_len, plan.kv.seq_len, plan.sharding.block_size):
         raise ValueError("layout and plan disagree on the sequence length or block size")
-    own = plan.sharding.owner()
-    step = (own[:, None] - own[None, :]) % plan.world_size
+    step = (plan.sharding.owner()[:, None] - plan.kv.owner()[None, :]) % plan.world_size
     active = _shown(layout, head).active[0].cpu()
     return torch.where(active, step, torch.full_like(step, -1))
 
@@ -317,15 +270,18 @@ def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
         for edge in np.arange(1, nk) - 0.5:
             ax.axvline(edge, color="white", lw=0.5)
     width = max(1.0, nk / 30)
-    for r, runs in enumerate(plan.sharding.pieces):
+    edge = -0.5 - 1.3 * width
+    for r in range(p):
         color = RANK_COLORS[r % len(RANK_COLORS)]
-        for b0, b1 in runs:
-            ax.add_patch(Rectangle((-0.5 - 1.3 * width, b0 - 0.5), width, b1 - b0,
-                                   color=color, clip_on=False, lw=0))
-            ax.add_patch(Rectangle((b0 - 0.5, -0.5 - 1.3 * width), b1 - b0, width,
-                                   color=color, clip_on=False, lw=0))
+        for b0, b1 in plan.sharding.pieces[r]:  # query blocks: strip on the left
+            ax.add_patch(Rectangle((edge, b0 - 0.5), width, b1 - b0, color=color,
+                                   clip_on=False, lw=0))
             if b0:
                 ax.axhline(b0 - 0.5, color="#666666", lw=0.6, ls=":")
+        for b0, b1 in plan.kv.pieces[r]:  # key blocks: strip on top
+            ax.add_patch(Rectangle((b0 - 0.5, edge), b1 - b0, width, color=color,
+                                   clip_on=False, lw=0))
+            if b0:
                 ax.axvline(b0 - 0.5, color="#666666", lw=0.6, ls=":")
     ax.set_xlim(-0.5 - 1.4 * width, nk - 0.5)
     ax.set_ylim(nq - 0.5, -0.5 - 1.4 * width)

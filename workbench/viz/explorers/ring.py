@@ -1,11 +1,11 @@
 """Ring stepper: play or step through the ring schedule of a pattern's block layout.
 
 :func:`ring_view` is the stepper without widgets (:class:`RingParams` in; the layout, the
-:class:`~workbench.ring.RingPlan`, the ranks that compute at the step and the tiles they compute
-out); :func:`draw_ring_view` draws it with :func:`~workbench.viz.plot_ring_schedule` and
-:func:`~workbench.viz.plot_ring_step`, the functions static figures use; :func:`ring_explorer`
-binds them to widgets, with a Play button that advances the step.
-"""
+:class:`~workbench.sharding.DistributedPlan` of contiguous shards, the ranks that compute at the
+step and the tiles they compute out); :func:`draw_ring_view` draws it with
+:func:`~workbench.viz.plot_ring_schedule` and :func:`~workbench.viz.plot_ring_step`, the
+functions static figures use; :func:`ring_explorer` binds them to widgets, with a Play button
+that advances the step."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ...layout import BlockLayout, num_blocks
-from ...ring import RingPlan, ring_plan
+from ...sharding import DistributedPlan, distributed_plan, shard_plan
 from ..ring import (
     RingRegion,
     plot_ring_schedule,
@@ -63,7 +63,7 @@ class RingView:
 
     params: RingParams
     layout: BlockLayout
-    plan: RingPlan
+    plan: DistributedPlan
     regions: list[RingRegion]
     computing: np.ndarray
     step_tiles: np.ndarray
@@ -80,7 +80,7 @@ def ring_view(params: RingParams) -> RingView:
     step = check_int("step", params.step, 0, ranks - 1, f"a ring of {ranks} ranks has "
                      f"steps 0..{ranks - 1}")
     layout = pattern.block_structure(p.seq_len, p.block_size)
-    plan = ring_plan(layout, ranks)
+    plan = distributed_plan(layout, shard_plan(p.seq_len, ranks, p.block_size))
     return RingView(params, layout, plan, ring_step_regions(plan, step),
                     plan.computed[:, step].numpy(), ring_step_tiles(layout, plan, step).numpy())
 
@@ -93,21 +93,21 @@ def draw_ring_view(view: RingView, figure: Figure) -> None:
     step = view.params.step
     plot_ring_schedule(view.plan, step=step, ax=axes[0])
     plot_ring_step(view.layout, view.plan, step, ax=axes[1])
-    figure.suptitle(f"{build_pattern(view.params.pattern)!r}: ring of {view.plan.num_chunks} "
+    figure.suptitle(f"{build_pattern(view.params.pattern)!r}: ring of {view.plan.world_size} "
                     f"ranks, step {step}", fontsize=9)
 
 
 def ring_readout_html(view: RingView) -> str:
     """The readout line of a view (HTML)."""
     plan, step = view.plan, view.params.step
-    held = ", ".join(f"r{r.rank}: kv {r.kv_chunk}" for r in view.regions)
+    held = ", ".join(f"r{r.rank}: kv r{r.kv_rank}" for r in view.regions)
     computing = [r.rank for r in view.regions if r.computed]
     tiles = sum(r.tiles for r in view.regions)
     return (
         f"<b>step {step}</b> · K/V held ({held}) · <b>computing</b> "
         f"{', '.join(f'r{r}' for r in computing) or 'none'} · <b>tiles</b> {tiles} this step, "
         f"{int(plan.tiles.sum())} in all · <b>skipped</b> {plan.skipped} of "
-        f"{plan.num_chunks ** 2} (rank, step) pairs"
+        f"{plan.world_size ** 2} (rank, step) pairs"
     )
 
 

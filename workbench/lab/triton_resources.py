@@ -16,9 +16,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from .triton_sparse import FP_FUSION, KernelConfig
+from ..backends.triton_sparse import FP_FUSION, KERNELS, KernelConfig, jit_kernel
 
-__all__ = ["KERNELS", "SHARED_LIMIT", "Resources", "kernel_resources"]
+__all__ = ["SHARED_LIMIT", "Resources", "kernel_resources"]
 
 SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
 """Largest shared memory one program may ask for, in bytes, by compute capability (the opt-in
@@ -29,8 +29,6 @@ _POINTERS = {
     "dkdv": ("Q", "K", "V", "DO", "DK", "DV", "LSE2", "DELTA"),
     "dq": ("Q", "K", "V", "DO", "DQ", "LSE2", "DELTA"),
 }
-KERNELS = tuple(_POINTERS)
-"""The kernels: ``forward``, the backward's ``dkdv`` (a program per key tile) and ``dq``."""
 
 _STATS = ("LSE", "LSE2", "DELTA")  # float32 per query
 _LISTS = ("F_N", "F_I", "P_N", "P_I", "P_START", "P_T", "BITS")  # the plan's int32 tables
@@ -50,16 +48,10 @@ class Resources:
         return self.shared_bytes <= SHARED_LIMIT[capability]
 
 
-def _kernel(name: str):
-    from . import _triton_kernels as k
-
-    return {"forward": k.sparse_forward, "dkdv": k.sparse_backward_dkdv,
-            "dq": k.sparse_backward_dq}[name]
-
-
 def _signature(fn, name: str, dtype: str, cfg: KernelConfig, head_dim: int,
                constants: dict[str, object]) -> dict[str, str]:
-    """Triton's type of every argument of ``fn`` launched as :mod:`triton_sparse` launches it."""
+    """Triton's type of every argument of ``fn`` launched as
+    :mod:`~workbench.backends.triton_sparse` launches it."""
     rows = {"Q": cfg.block_m, "DO": cfg.block_m, "OUT": cfg.block_m,
             "K": cfg.block_n, "V": cfg.block_n}
     sig = {}
@@ -93,16 +85,17 @@ def _aligned(fn, sig: dict[str, str], odd: tuple[str, ...]) -> dict[tuple[int], 
 def kernel_resources(kernel: str, config: KernelConfig, head_dim: int = 128, *,
                      block: int = 128, capability: tuple[int, int] = (9, 0),
                      dtype: str = "bf16", ragged: bool = False) -> Resources:
-    """Compile ``kernel`` (one of :data:`KERNELS`) for a GPU of ``capability`` with ``config``
-    and read what one program uses; ``ragged``: the variant for lengths that are not a multiple
-    of the tiles (masked loads and stores). Takes a few seconds; needs triton, no GPU."""
+    """Compile ``kernel`` (one of :data:`~workbench.backends.triton_sparse.KERNELS`) for a GPU
+    of ``capability`` with ``config`` and read what one program uses; ``ragged``: the variant
+    for lengths that are not a multiple of the tiles (masked loads and stores). Takes a few
+    seconds; needs triton, no GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    fn = _kernel(kernel)
+    fn = jit_kernel(kernel)
     constants: dict[str, object] = {
         "HEAD_DIM": head_dim, "BLOCK": block, "BLOCK_M": config.block_m,
         "BLOCK_N": config.block_n, "EVEN_Q": not ragged, "USE_TMA": config.use_tma}
