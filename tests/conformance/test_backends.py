@@ -80,10 +80,8 @@ def _cases():
                     if op == "ring" and shape == "ragged":
                         continue
                     for device in DEVICES:
-                        slow = backend.name == "flex" and device == "cpu" and op == "forward"
                         yield pytest.param(backend.name, name, shape, op, device,
-                                           id=f"{backend.name}-{name}-{shape}-{op}-{device}",
-                                           marks=[pytest.mark.slow] if slow else [])
+                                           id=f"{backend.name}-{name}-{shape}-{op}-{device}")
 
 
 @pytest.mark.parametrize("backend, name, shape, op, device", list(_cases()))

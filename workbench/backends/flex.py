@@ -36,6 +36,7 @@ def flex_available() -> bool:
     return True
 
 
+CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its CPU kernel compiles for
 KERNEL_TILE = 128  # FlexAttention's Triton kernels on Hopper need sparse blocks of 128k tokens
 
 
@@ -167,7 +168,11 @@ def flex_attention(
 
 
 def _refuses(req: Request) -> str | None:
-    return None if flex_available() else "needs torch.nn.attention.flex_attention (torch 2.5+)"
+    if not flex_available():
+        return "needs torch.nn.attention.flex_attention (torch 2.5+)"
+    if req.device_type == "cpu" and req.q.dtype not in CPU_DTYPES:
+        return f"takes float32, float16 or bfloat16 on the CPU, not {req.q.dtype}"
+    return None
 
 
 def _prefers(req: Request) -> str | None:
