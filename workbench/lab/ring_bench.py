@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from .. import distributed as D
 from ..attention import block_sparse_attention
-from ..backends import accumulation_dtype, resolve_backend
+from ..backends import accumulation_dtype
 from ..layout import BlockLayout
 from ..patterns import Pattern
 from ..sharding import DistributedPlan, run_tile_rows
@@ -399,7 +399,7 @@ def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int,
         state = ((torch.zeros_like(q), torch.full(q.shape[:3], 60.0, dtype=acc, device=device),
                   torch.randn_like(q), torch.zeros_like(q, dtype=acc)) if backward else None)
         own_grads = tuple(torch.zeros_like(x, dtype=acc) for x in (k, v)) if backward else ()
-        work = D.step_work(pattern, plan, r, rank_layouts(r), resolve_backend(backend, q),
+        work = D.step_work(pattern, plan, r, rank_layouts(r), backend,
                            1.0 / math.sqrt(head_dim))
         for d in range(world):
             src = plan.kv_rank(r, d)
