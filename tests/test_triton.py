@@ -182,14 +182,14 @@ def test_auto_picks_triton_only_on_mostly_partial_layouts(monkeypatch):
     assert chosen(longnet) == "blockwise"  # not on CUDA
     # on a GPU (faked: the rule, not a kernel, is under test)
     monkeypatch.setattr(B.Request, "device_type", property(lambda self: "cuda"))
-    monkeypatch.setattr(T, "unsupported", lambda q, v: None)
+    monkeypatch.setattr(T, "unsupported", lambda *args: None)
     assert chosen(longnet) == "triton"
     assert chosen(local) == "flex"
     assert chosen(longnet, dropout=True) == "blockwise"
     assert chosen(None) == "flex"  # no layout to judge
-    monkeypatch.setattr(T, "unsupported", lambda q, v: "needs head_dim 24")
+    monkeypatch.setattr(T, "unsupported", lambda *args: "needs head_dim 24")
     assert chosen(longnet) == "flex"
-    monkeypatch.setattr(T, "unsupported", lambda q, v: None)
+    monkeypatch.setattr(T, "unsupported", lambda *args: None)
     partial = int((longnet.active & ~longnet.full).sum())
     assert T.plan_bits_bytes(longnet) == partial * 64 * 64 // 8
     monkeypatch.setattr(T, "BITS_BUDGET", T.plan_bits_bytes(longnet) - 1)

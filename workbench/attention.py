@@ -214,7 +214,7 @@ def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int,
     else:
         given, build = None, layout
     return Request(q, k, v, need_lse, pattern.dense_form(), dropout, pattern,
-                   build_layout=build, _layout=given)
+                   block_size=block_size, build_layout=build, _layout=given)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,

@@ -25,7 +25,7 @@ from .indices import sorted_block_indices, visit_rank
 from .problem import Problem
 from .registry import Backend, Capabilities, Request
 
-__all__ = ["BACKEND", "build_block_mask", "flex_attention", "flex_available"]
+__all__ = ["BACKEND", "build_block_mask", "flex_attention", "flex_available", "reset_compiled"]
 
 
 def flex_available() -> bool:
@@ -159,7 +159,8 @@ def flex_attention(
             f"(workbench.backends.flex.RECOMPILE_LIMIT = {RECOMPILE_LIMIT}; {len(_seen)} shape "
             "and pattern combinations were announced on stderr). Every new sequence length, "
             "batch or head count, dtype or pattern parameter compiles once. Use fewer distinct "
-            "lengths (pad to a few), raise RECOMPILE_LIMIT, or call torch._dynamo.reset() "
+            "lengths (pad to a few), raise RECOMPILE_LIMIT, or call "
+            "workbench.backends.flex.reset_compiled() "
             "between sweeps") from e
     if need_lse:
         out, lse = res
@@ -172,7 +173,21 @@ def _refuses(req: Request) -> str | None:
         return "needs torch.nn.attention.flex_attention (torch 2.5+)"
     if req.device_type == "cpu" and req.q.dtype not in CPU_DTYPES:
         return f"takes float32, float16 or bfloat16 on the CPU, not {req.q.dtype}"
+    if req.device_type == "cuda" and min(req.q.shape[-1], req.v.shape[-1]) < 16:
+        return (f"needs a head_dim of at least 16 on CUDA, got {req.q.shape[-1]} and "
+                f"{req.v.shape[-1]}")
+    b = req.block_size
+    if req.device_type == "cuda" and b % KERNEL_TILE and KERNEL_TILE % b:
+        return (f"needs a block_size that divides {KERNEL_TILE} or is a multiple of it on CUDA "
+                f"(its kernel's tile), got {b}")
     return None
+
+
+def reset_compiled() -> None:
+    """Forget every compiled FlexAttention kernel (``torch._dynamo.reset()``) and the shapes
+    announced so far: the way to stay under :data:`RECOMPILE_LIMIT` in long sweeps."""
+    torch._dynamo.reset()
+    _seen.clear()
 
 
 def _prefers(req: Request) -> str | None:

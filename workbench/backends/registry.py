@@ -72,6 +72,7 @@ class Request:
     pattern: object = None
     q_offset: int = 0
     k_offset: int = 0
+    block_size: int = 64
     build_layout: Callable[[], BlockLayout] | None = None
     _layout: BlockLayout | None = field(default=None, repr=False)
 
@@ -79,7 +80,8 @@ class Request:
     def of(cls, q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool) -> Request:
         """The request of computing ``problem`` on these inputs."""
         return cls(q, k, v, need_lse, problem.dense_form, problem.dropout is not None,
-                   problem.pattern, problem.q_offset, problem.k_offset, _layout=problem.layout)
+                   problem.pattern, problem.q_offset, problem.k_offset,
+                   problem.layout.block_size, _layout=problem.layout)
 
     @property
     def layout(self) -> BlockLayout | None:

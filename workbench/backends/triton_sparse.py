@@ -246,9 +246,7 @@ def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
     lay = problem.layout.to(device)
     b = lay.block_size
     if b < 32 or b & (b - 1):
-        raise ValueError(
-            f"the triton backend needs a power-of-two block_size of at least 32, got {b}"
-        )
+        raise ValueError(f"the triton backend {_block_refusal(b)}")
     full, partial = _tile_classes(lay)
     rank = visit_rank(lay, problem.block_order)
     f_n, f_i = sorted_block_indices(full, rank)
@@ -305,9 +303,19 @@ def build_column_plan(plan: SparsePlan) -> ColumnPlan:
                       p_i.reshape(hl * nk, nq), tile.reshape(hl * nk, nq))
 
 
-def unsupported(q: Tensor, v: Tensor) -> str | None:
-    """Why the triton kernels cannot take ``q`` (and values ``v``), as a phrase after "it", or
-    None when they can (attention dropout is declared in :data:`BACKEND`'s capabilities)."""
+def _block_refusal(block_size: int) -> str | None:
+    if block_size < 32 or block_size & (block_size - 1):
+        return f"needs a power-of-two block_size of at least 32, got {block_size}"
+    return None
+
+
+def unsupported(q: Tensor, v: Tensor, block_size: int = 64) -> str | None:
+    """Why the triton kernels cannot take ``q`` (and values ``v``) in tiles of ``block_size``,
+    as a phrase after "it", or None when they can (attention dropout is declared in
+    :data:`BACKEND`'s capabilities)."""
+    block = _block_refusal(block_size)
+    if block is not None:
+        return block
     d = q.shape[-1]
     if d < 16 or d & (d - 1) or v.shape[-1] != d:
         return (f"needs a power-of-two head_dim of at least 16 for q, k and v, got {d} and "
@@ -590,5 +598,5 @@ BACKEND = Backend(
     Capabilities(),
     "our Triton kernels over the tile lists (CUDA, float16/bfloat16; forward, log-sum-exp, "
     "backward)",
-    refuses=lambda req: unsupported(req.q, req.v), prefers=_prefers,
+    refuses=lambda req: unsupported(req.q, req.v, req.block_size), prefers=_prefers,
 )
