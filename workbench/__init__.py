@@ -25,11 +25,12 @@ from . import (
     ring,
     sharding,
 )
-from .adaptive import AdaptiveBlockSparseAttention, BlockSelection
+from .adaptive import AdaptiveBlockSparseAttention
 from .attention import BlockSparseAttention, block_sparse_attention
 from .dilated import dilated_attention
 from .layout import BlockLayout, LayoutStats
 from .multihead import BlockSparseMultiheadAttention, BlockSparseWeights
+from .patterns import BlockSelection
 
 __all__ = [
     "AdaptiveBlockSparseAttention",

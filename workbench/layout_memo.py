@@ -6,7 +6,7 @@ layout is built once rather than at every call, and so that what the backends de
 once too. Modules that run the *same pattern object* at the same lengths get the same layout
 object while any of them keeps it: a model whose layers share one pattern holds one layout and
 one ``BlockMask`` for all of them, instead of one per layer. A module's own memo is keyed by the
-pattern itself (its value where it has one, see :meth:`~workbench.patterns.Pattern._key`), so
+pattern itself (its value where it has one, see :meth:`~workbench.patterns.Pattern.key`), so
 it survives copying and pickling without confusing two patterns.
 """
 
