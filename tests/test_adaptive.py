@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 import workbench.patterns as P
 from workbench.adaptive import (
     AdaptiveBlockSparseAttention,
-    BlockSelection,
     distillation_loss,
     fold_batch,
     pool_blocks,
@@ -19,6 +18,7 @@ from workbench.adaptive import (
     topk_budget,
 )
 from workbench.attention import block_sparse_attention
+from workbench.patterns import BlockSelection
 
 DT = torch.float64
 

@@ -7,6 +7,7 @@ import csv
 import pytest
 import torch
 
+from workbench import patterns as P
 from workbench.lab import bench, records
 from workbench.lab.bench import BenchConfig, run_bench
 
@@ -192,3 +193,30 @@ def test_spot_check_measures_the_error_of_sampled_rows(family):
     wrong = out.clone()
     wrong[0, h - 1, s - 1] += 0.01  # the last row of the last head is always sampled
     assert bench.spot_check(pattern, q, k, v, wrong) == pytest.approx(0.01, abs=1e-4)
+
+
+def test_the_recorded_family_names_keep_their_patterns_and_params():
+    # data/*.csv name these cases, and results notebooks compare today's params with theirs
+    longnet = "segments=[2048, 4096, 8192, 16384] dilations=[1, 2, 4, 8] head_groups"
+    assert bench.family_pattern("dense", 4096, 16) == (P.full(), "full")
+    assert bench.family_pattern("causal", 4096, 16) == (P.causal(), "causal")
+    assert bench.family_pattern("random10", 4096, 16) == (
+        P.random_blocks(0.1, seed=0, cell=128), "density=0.1 cell=128 seed=0")
+    assert bench.family_pattern("local", 65536, 16) == (
+        P.local_window(4096, causal=True), "window=4096 causal")
+    assert bench.family_pattern("local", 1024, 16)[1] == "window=256 causal"
+    assert bench.family_pattern("dilated", 65536, 16) == (
+        P.dilated([2048, 4096, 8192, 16384], [1, 2, 4, 8], 16), longnet)
+    assert bench.family_pattern("dilated", 600, 4)[1] == (
+        "segments=[64, 64, 75, 150] dilations=[1, 2, 4, 8] head_groups")
+    assert bench.family_pattern("longnet", 4096, 16)[1] == longnet
+    assert set(bench.longnet_families()) == {"dilated", "longnet"}
+
+
+def test_every_registered_family_is_a_bench_family():
+    assert set(P.FAMILIES) <= set(bench.bench_families())
+    pattern, params = bench.family_pattern("dilated_window", 8192, 4)
+    assert pattern == P.dilated_window(512, 4, causal=True)
+    assert params == "window=512 dilation=4 causal"
+    with pytest.raises(ValueError, match="unknown families"):
+        BenchConfig("x", (64,), families=("nope",))

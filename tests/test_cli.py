@@ -277,6 +277,15 @@ def test_tiny_cpu_bench_writes_its_csv_where_told(tmp_path, capsys):
     assert not (_REPO_DATA / "bench_cli_test.csv").exists()
 
 
+def test_the_bench_runs_every_registered_family(capsys):
+    from workbench.patterns import FAMILIES
+
+    assert main([*BENCH, "--families", *FAMILIES, "random10", "--heads", "4", "--variants",
+                 "ours"]) == 0
+    out = capsys.readouterr().out
+    assert all(f" {name} " in out for name in [*FAMILIES, "random10"])
+
+
 def test_tiny_cpu_ring_plan_runs(tmp_path, capsys):
     assert main(RING_PLAN) == 0
     assert "rank=1" in capsys.readouterr().out

@@ -31,7 +31,7 @@ from workbench.viz.explorers import (  # noqa: E402
     ring_view,
 )
 from workbench.viz.explorers.core import parse_int_list  # noqa: E402
-from workbench.viz.explorers.pattern import FAMILIES, parameters_used  # noqa: E402
+from workbench.viz.explorers.pattern import parameters_used  # noqa: E402
 from workbench.viz.ring import merged_heads, ring_step_regions, ring_step_tiles  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def _reduced_over_tiles(mask: np.ndarray, block: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- pattern explorer
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(P.FAMILIES))
 def test_pattern_view_panels_agree_with_the_pattern(family):
     params = PatternParams(family=family, seq_len=200, block_size=24, causal=family == "local")
     view = pattern_view(params)

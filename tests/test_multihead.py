@@ -12,7 +12,8 @@ from torch import nn
 import workbench.patterns as P
 from workbench.adaptive import AdaptiveBlockSparseAttention
 from workbench.attention import block_sparse_attention as wb_attention
-from workbench.multihead import BlockSparseMultiheadAttention, BlockSparseWeights, DenseMask
+from workbench.multihead import BlockSparseMultiheadAttention, BlockSparseWeights
+from workbench.patterns import DenseMask
 
 DT = torch.float64
 

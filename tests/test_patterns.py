@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import workbench as wb
 from workbench import patterns as P
+from workbench.patterns.random_tiles import _hash_grid
 
 
 def reduce_mask(mask: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +34,7 @@ def primitives(heads: int):
         st.builds(P.local_window, st.integers(1, 40), st.booleans()),
         st.builds(P.global_tokens, st.integers(1, 20)),
         st.builds(P.strided, st.integers(1, 12)),
+        st.builds(P.dilated_window, st.integers(1, 40), st.integers(1, 8), st.booleans()),
         st.builds(lambda d, s, c: P.random_blocks(d, s, cell=c, num_heads=heads),
                   st.floats(0.05, 1.0), st.integers(0, 5), st.integers(1, 16)),
         st.builds(lambda ws, c: P.dilated([w for w, _ in ws], [r for _, r in ws], heads, c),
@@ -249,12 +254,13 @@ def test_coarsen_equals_layout_at_the_larger_block(factor):
 @pytest.mark.parametrize("pattern", [
     P.full(), P.causal(), P.local_window(7), P.local_window(7, causal=True), P.global_tokens(5),
     P.strided(4), P.strided(1), P.random_blocks(0.4, seed=1, cell=6, num_heads=2),
-    P.dilated([16, 24, 50], [1, 3, 7], 5), P.dilated_branch(13, 4, 3),
+    P.dilated([16, 24, 50], [1, 3, 7], 5), P.dilated_branch(13, 4, 3), P.dilated_window(7, 3),
+    P.dilated_window(9, 2, causal=True), P.dilated_window(200, 5),
 ])
 @pytest.mark.parametrize("seq_len", [1, 45, 100])
 def test_closed_form_pair_counts(pattern, seq_len):
     mask = pattern.token_mask(seq_len).expand(pattern.num_heads, seq_len, seq_len)
-    assert pattern._count_pairs(seq_len) == int(mask.sum())
+    assert pattern.count_pairs(seq_len) == int(mask.sum())
 
 
 def rect_mask(pattern, q_len: int, k_len: int) -> torch.Tensor:
@@ -326,7 +332,7 @@ def test_hash_grid_matches_the_token_hash(seed, heads, first, rows, cols, thresh
     i = torch.arange(first, first + rows)[None, :, None]
     j = torch.arange(cols)[None, None, :]
     expect = P.hash_cells(seed, h, i, j) < threshold
-    got = P._hash_grid(seed, heads, (first, first + rows), cols, threshold, torch.device("cpu"))
+    got = _hash_grid(seed, heads, (first, first + rows), cols, threshold, torch.device("cpu"))
     assert torch.equal(got, expect)
 
 
@@ -357,3 +363,156 @@ def test_random_tiles_at_block_sizes_that_are_multiples_or_divisors_of_the_cell(
         lay = pattern.block_structure(seq_len, block, rows=rows)
         assert torch.equal(lay.active, any_[:, rows[0]:rows[1]])
         assert torch.equal(lay.full, (all_ & any_)[:, rows[0]:rows[1]])
+
+
+def test_dilated_window_semantics():
+    m = P.dilated_window(7, 3).token_mask(12)[0]
+    assert m[6].nonzero().flatten().tolist() == [0, 3, 6, 9]  # |i - j| < 7, (i - j) % 3 == 0
+    m = P.dilated_window(7, 3, causal=True).token_mask(12)[0]
+    assert m[6].nonzero().flatten().tolist() == [0, 3, 6]
+    assert P.dilated_window(5, 1) == P.local_window(5)  # the same pairs: equal
+    assert P.dilated_window(6, 2).offset_rule() is not None  # Toeplitz: an analytic layout
+
+
+# --------------------------------------------------------------------- the family registry
+def dense_attention(q, k, v, mask):
+    """Float64 softmax attention over the allowed keys (``mask [H or 1, Sq, Sk]``); a query
+    with no allowed key outputs zeros."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    p = torch.softmax(s.masked_fill(~mask, -math.inf), -1).nan_to_num(0.0)
+    return p @ v.double()
+
+
+@pytest.mark.parametrize("name", list(P.FAMILIES))
+@pytest.mark.parametrize("q_len, k_len, block", [(333, 333, 16), (601, 250, 32), (77, 130, 24)])
+def test_every_family_layout_equals_its_token_mask_reduced(name, q_len, k_len, block):
+    pattern = P.family(name).pattern(q_len, num_heads=4)
+    any_, all_ = reduce_rect(rect_mask(pattern, q_len, k_len), block)
+    lay = pattern.block_structure(q_len, block, k_len=k_len)
+    assert torch.equal(lay.active.expand_as(any_), any_)
+    assert torch.equal(lay.full.expand_as(all_), all_)
+    mask = pattern.token_mask(q_len).expand(pattern.num_heads, q_len, q_len)
+    assert pattern.allowed_pairs(q_len, block) == int(mask.sum())
+
+
+@pytest.mark.parametrize("name", list(P.FAMILIES))
+@pytest.mark.parametrize("backend", ["blockwise", "reference"])
+def test_every_family_attends_as_the_dense_reference(name, backend):
+    s = 301
+    pattern = P.family(name).pattern(s, num_heads=4)
+    q, k, v = make_qkv(b=1, h=4, s=s, d=8, requires_grad=False)
+    out = wb.block_sparse_attention(q, k, v, pattern, 32, backend=backend)
+    torch.testing.assert_close(out, dense_attention(q, k, v, pattern.token_mask(s)))
+
+
+def test_families_are_looked_up_and_registered_by_name(monkeypatch):
+    with pytest.raises(ValueError, match="unknown family 'spiral'; choose from full, causal"):
+        P.family("spiral")
+    with pytest.raises(ValueError, match="already registered"):
+        P.register_family(P.FAMILIES["local"])
+    with pytest.raises(ValueError, match="are not arguments"):
+        P.register_family(P.Family("x", "", P.strided, ("window",), lambda s, h: {}))
+    with pytest.raises(ValueError, match="has no argument"):
+        P.family("local").pattern(1024, window=8, dilation=2)
+    assert P.family("local").pattern(1024, window=8) == P.local_window(8, causal=True)
+    monkeypatch.setattr(P.families, "FAMILIES", dict(P.FAMILIES))  # registered for this test
+    added = P.register_family(P.Family("stripes", "every 3rd offset", P.strided, ("stride",),
+                                       lambda s, h: {"stride": 3}))
+    assert P.family("stripes") is added and added.pattern(10) == P.strided(3)
+
+
+# --------------------------------------------------------------------- a user's own pattern
+class Checker(P.Pattern):
+    """A pattern defined by ``allowed`` alone: a checkerboard of 16-token squares."""
+
+    def allowed(self, h, q, k):
+        return ((q // 16 + k // 16) % 2) == 0
+
+
+@pytest.mark.parametrize("q_len, k_len, block", [(77, 77, 16), (77, 130, 16), (77, 50, 24),
+                                                 (1, 1, 1), (40, 33, 7)])
+def test_a_pattern_defined_by_allowed_alone_has_an_exact_layout(q_len, k_len, block):
+    pattern = Checker()
+    any_, all_ = reduce_rect(rect_mask(pattern, q_len, k_len), block)
+    lay = pattern.block_structure(q_len, block, k_len=k_len)
+    assert torch.equal(lay.active.expand_as(any_), any_)
+    assert torch.equal(lay.full.expand_as(all_), all_)
+    nq = -(-q_len // block)
+    rows = pattern.block_structure(q_len, block, k_len=k_len, rows=(nq // 2, nq))
+    assert torch.equal(rows.active.expand_as(any_[:, nq // 2:]), any_[:, nq // 2:])
+    assert pattern.allowed_pairs(q_len, block) == int(rect_mask(pattern, q_len, q_len).sum())
+    assert pattern != Checker() and pattern == pattern  # no key(): equal only to itself
+
+
+@pytest.mark.parametrize("backend", ["auto", "blockwise", "reference"])
+@pytest.mark.parametrize("k_len", [77, 50])
+def test_a_pattern_defined_by_allowed_alone_attends_as_the_dense_reference(backend, k_len):
+    q, k, v = make_qkv(b=2, h=3, s=77, d=8, sk=k_len, requires_grad=False)
+    out = wb.block_sparse_attention(q, k, v, Checker(), 16, backend=backend)
+    ref = dense_attention(q, k, v, rect_mask(Checker(), 77, k_len))
+    torch.testing.assert_close(out, ref)
+    ring = wb.block_sparse_attention(q, k, v, Checker(), 16, backend=backend, ring_chunks=2)
+    torch.testing.assert_close(ring, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_a_pattern_defined_by_allowed_alone_runs_on_the_gpu_kernels(backend):
+    q, k, v = (x.cuda() for x in make_qkv(b=1, h=2, s=333, d=64, dtype=torch.float32,
+                                          requires_grad=False))
+    out = wb.block_sparse_attention(q, k, v, Checker(), 64, backend=backend)
+    ref = dense_attention(q, k, v, Checker().token_mask(333, "cuda"))
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_patterns_tile_rule_is_used_when_it_has_one():
+    calls = []
+
+    class Rows(P.Pattern):  # at blocks of 8, query block i attends key block i alone
+        def allowed(self, h, q, k):
+            return q // 8 == k // 8
+
+        def tiles(self, q_len, k_len, block_size, device, rows):
+            calls.append(rows)
+            i = torch.arange(*rows)[:, None]
+            j = torch.arange(-(-k_len // block_size))[None, :]
+            return (i == j)[None], (i == j)[None]
+
+    lay = Rows().block_structure(100, 8, rows=(2, 9))
+    assert calls == [(2, 9)]
+    any_, _ = reduce_rect(rect_mask(Rows(), 100, 100), 8)
+    assert torch.equal(lay.active[0], any_[0, 2:9])
+
+    class Wrong(Rows):
+        def tiles(self, q_len, k_len, block_size, device, rows):
+            return torch.ones(1, 3, 3, dtype=torch.bool), torch.ones(1, 3, 3, dtype=torch.bool)
+
+    with pytest.raises(ValueError, match=r"Wrong.tiles must return two bool tensors \[1 or 1, "
+                                         r"13, 13\], got \(1, 3, 3\)"):
+        Wrong().block_structure(100, 8)
+
+
+def test_a_pattern_without_allowed_says_what_to_define():
+    with pytest.raises(NotImplementedError, match="Nothing must define allowed"):
+        type("Nothing", (P.Pattern,), {})().block_structure(64, 16)
+
+
+def test_a_pattern_defined_by_allowed_alone_is_evaluated_in_bounded_chunks(monkeypatch):
+    sizes = []
+
+    class Counted(Checker):
+        def allowed(self, h, q, k):
+            sizes.append(torch.broadcast_shapes(h.shape, q.shape, k.shape).numel())
+            return super().allowed(h, q, k)
+
+    monkeypatch.setattr(P.base, "_TILE_EVAL_BUDGET", 1 << 14)
+    lay = Counted().block_structure(4096, 64, k_len=3000)
+    assert max(sizes) <= 1 << 14 and sum(sizes) >= 4096 * 3000  # every pair, a chunk at a time
+    # checkerboard squares of 16 tokens in tiles of 64: every tile is half on
+    assert bool(lay.active.all()) and not bool(lay.full.any())
+
+
+def test_a_long_pattern_defined_by_allowed_alone_never_builds_seq_squared():
+    lay = Checker().block_structure(8192, 128)  # 64 M pairs, evaluated 16 M at a time
+    assert lay.shape == (1, 64, 64) and bool(lay.active.all()) and not bool(lay.full.any())

@@ -152,3 +152,14 @@ def test_every_figure_can_be_saved(tmp_path, monkeypatch):
     fig = vs.plot_vs_length(pd.DataFrame([_rows("ours", 1024, 1.0)]))
     assert save_figure(fig, "scaling_test")[0].exists()
     plt.close(fig)
+
+
+def test_every_family_has_its_own_colour():
+    # a family registered in workbench.patterns (or named by the bench) is drawn in a colour
+    # of its own, not one borrowed from a name it starts with
+    from workbench.lab.bench import bench_families
+    from workbench.patterns import FAMILIES
+
+    names = [*FAMILIES, *bench_families()]
+    assert set(names) <= set(style.FAMILY), sorted(set(names) - set(style.FAMILY))
+    assert len({style.FAMILY[n] for n in FAMILIES}) == len(FAMILIES)  # one colour each

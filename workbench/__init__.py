@@ -27,11 +27,12 @@ from . import (
     ring,
     sharding,
 )
-from .adaptive import AdaptiveBlockSparseAttention, BlockSelection
+from .adaptive import AdaptiveBlockSparseAttention
 from .attention import BlockSparseAttention, block_sparse_attention, explain_backend
 from .dilated import dilated_attention
 from .layout import BlockLayout, LayoutStats
 from .multihead import BlockSparseMultiheadAttention, BlockSparseWeights
+from .patterns import BlockSelection
 from .plan import Plan, Plans
 
 __all__ = [

@@ -11,10 +11,11 @@ For every batch element and head:
    highest scores. The diagonal block (the query's own block) is always kept; with
    ``causal=True`` blocks in the future are never eligible, so early rows keep
    ``min(k, i + 1)`` blocks and the realized density is at most the target.
-4. **Attention.** The selection becomes a :class:`BlockSelection` pattern with ``B * H`` heads
-   (the batch folded into the heads, since workbench layouts are per head and shared across
-   the batch), and :func:`workbench.block_sparse_attention` computes exact softmax attention
-   restricted to it: the same machinery, backends and ring schedule as every other pattern.
+4. **Attention.** The selection becomes a :class:`~workbench.patterns.BlockSelection` pattern
+   with ``B * H`` heads (the batch folded into the heads, since workbench layouts are per head
+   and shared across the batch), and :func:`workbench.block_sparse_attention` computes exact
+   softmax attention restricted to it: the same machinery, backends and ring schedule as every
+   other pattern.
 
 **What it is closest to.** The selection rule is MoBA's (Lu et al. 2025, arXiv 2502.13189):
 top-k key blocks by a dot product with mean-pooled keys, the current block always included and
@@ -55,12 +56,11 @@ from torch import Tensor, nn
 
 from . import patterns as P
 from .attention import block_sparse_attention, check_options, check_qkv
-from .layout import block_extents, cells_to_tiles, num_blocks, tile_sum
-from .patterns import Pattern, check_density, check_positive_int, tile_batch
+from .layout import block_extents, num_blocks, tile_sum
+from .patterns import BlockSelection, Pattern, check_density, check_positive_int, tile_batch
 
 __all__ = [
     "AdaptiveBlockSparseAttention",
-    "BlockSelection",
     "Selection",
     "block_scores",
     "captured_mass",
@@ -70,54 +70,6 @@ __all__ = [
     "select_blocks",
     "topk_budget",
 ]
-
-
-# --------------------------------------------------------------------- the pattern
-class BlockSelection(Pattern):
-    """Pattern of selected tiles: ``allowed(h, q, k) = selected[h, q // b, k // b]``.
-
-    ``selected`` is bool ``[H, nq, nk]`` at block size ``b`` for a ``q_len x k_len`` problem
-    (``H`` may be ``B * heads`` with the batch folded in). ``causal=True`` intersects with
-    ``k <= q``. The block layout is exact at any kernel block size (cells are reduced over each
-    kernel tile with 2-D prefix sums, as :class:`~workbench.patterns.RandomBlocks` does); it is
-    defined only for the lengths the selection was made for.
-    """
-
-    def __init__(self, selected: Tensor, block_size: int, q_len: int, k_len: int) -> None:
-        if selected.dtype != torch.bool or selected.dim() != 3:
-            raise TypeError(f"selected must be a bool [heads, nq, nk] tensor, got "
-                            f"{selected.dtype} {tuple(selected.shape)}")
-        expect = (num_blocks(q_len, block_size), num_blocks(k_len, block_size))
-        if tuple(selected.shape[1:]) != expect:
-            raise ValueError(f"selected has {tuple(selected.shape[1:])} blocks but q_len={q_len}"
-                             f", k_len={k_len}, block_size={block_size} need {expect}")
-        self.selected, self.cell, self.q_len, self.k_len = selected, block_size, q_len, k_len
-        self.num_heads = selected.shape[0]
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
-
-    def predicate(self, device):
-        sel = self.selected.to(device)
-        c, nq, nk, ql, kl = self.cell, sel.shape[1], sel.shape[2], self.q_len, self.k_len
-        multi = self.num_heads > 1
-
-        def in_selected(h, q, k):
-            hh = h if multi else torch.zeros_like(h)
-            qi = torch.clamp(torch.div(q, c, rounding_mode="floor"), min=0, max=nq - 1)
-            ki = torch.clamp(torch.div(k, c, rounding_mode="floor"), min=0, max=nk - 1)
-            return sel[hh, qi, ki] & (q >= 0) & (q < ql) & (k >= 0) & (k < kl)
-
-        return in_selected
-
-    def _tiles(self, q_len, k_len, block_size, device):
-        if (q_len, k_len) != (self.q_len, self.k_len):
-            raise ValueError(f"this selection is for q_len={self.q_len}, k_len={self.k_len}; "
-                             f"got {q_len}, {k_len}")
-        return cells_to_tiles(self.selected.to(device), self.cell, q_len, k_len, block_size)
-
-    def __repr__(self) -> str:
-        return f"block_selection({tuple(self.selected.shape)}, block={self.cell})"
 
 
 # --------------------------------------------------------------------- selection

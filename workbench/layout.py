@@ -162,7 +162,7 @@ class LayoutSource:
 
     def __init__(self, pattern: Any) -> None:
         self.label = repr(pattern)
-        key = pattern._key()
+        key = pattern.key()
         self.ident = None if key is None else (type(pattern), key)
         try:
             self.ref: Callable[[], Any] = weakref.ref(pattern)
@@ -180,7 +180,7 @@ class LayoutSource:
         live = self.ref()
         if live is not None:
             return live is pattern or live == pattern
-        key = pattern._key()
+        key = pattern.key()
         return self.ident is not None and key is not None and self.ident == (type(pattern), key)
 
 

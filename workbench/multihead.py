@@ -79,63 +79,16 @@ from . import patterns as P
 from .adaptive import AdaptiveBlockSparseAttention
 from .attention import attend, block_sparse_attention, check_options, dropout_of
 from .layout import num_blocks
-from .patterns import KeyMask, Pattern, check_positive_int, head_predicate, tile_batch
+from .patterns import DenseMask, KeyMask, Pattern, check_positive_int, head_predicate, tile_batch
 from .plan import Plans, check_plans
 
 __all__ = [
     "BlockSparseMultiheadAttention",
     "BlockSparseWeights",
-    "DenseMask",
 ]
 
 
 DENSE_WEIGHTS_LIMIT = 1 << 22
-
-
-# --------------------------------------------------------------------- mask patterns
-class DenseMask(Pattern):
-    """Pairs allowed by an explicit bool tensor ``allowed [H, S_q, S_k]`` (``H`` may be 1).
-
-    For short sequences only (the tensor itself is ``S x S``). Positions beyond the tensor are
-    never allowed. The block layout is exact at any block size.
-    """
-
-    def __init__(self, allowed: Tensor) -> None:
-        if allowed.dtype != torch.bool or allowed.dim() != 3:
-            raise TypeError(f"allowed must be a bool [heads, q_len, k_len] tensor, got "
-                            f"{allowed.dtype} {tuple(allowed.shape)}")
-        self.mask = allowed
-        self.num_heads = allowed.shape[0]
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
-
-    def predicate(self, device):
-        m = self.mask.to(device)
-        nq, nk, multi = m.shape[1], m.shape[2], self.num_heads > 1
-
-        def in_mask(h, q, k):
-            hh = h if multi else torch.zeros_like(h)
-            qi = torch.clamp(q, min=0, max=nq - 1)
-            ki = torch.clamp(k, min=0, max=nk - 1)
-            return m[hh, qi, ki] & (q >= 0) & (q < nq) & (k >= 0) & (k < nk)
-
-        return in_mask
-
-    def _tiles(self, q_len, k_len, block_size, device):
-        m = self.mask.to(device)[:, :q_len, :k_len]
-        b = block_size
-        nq, nk = num_blocks(q_len, b), num_blocks(k_len, b)
-        pq, pk = nq * b - m.shape[1], nk * b - m.shape[2]
-        real = F.pad(torch.ones_like(m[:1]), (0, pk, 0, pq))
-        m = F.pad(m, (0, pk, 0, pq))
-        shape = (-1, nq, b, nk, b)
-        any_ = m.reshape(shape).any(4).any(2)
-        all_ = (m | ~real).reshape(shape).all(4).all(2)
-        return any_, all_
-
-    def __repr__(self) -> str:
-        return f"dense_mask({tuple(self.mask.shape)})"
 
 
 def _bool_mask(mask: Tensor, name: str) -> Tensor:

@@ -26,9 +26,9 @@ from collections.abc import Hashable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .curves import CURVES, _check_shape, _raster_coords, curve_order, hilbert_encode, morton_encode
+from .curves import CURVES, _check_shape, curve_order, hilbert_encode, morton_encode
 from .layout import BlockLayout, num_blocks
-from .patterns import Pattern, _check_int, _refine, head_predicate
+from .patterns import GridNeighborhood, Pattern, Permuted, check_positive_int
 
 __all__ = [
     "BLOCK_ORDERS",
@@ -85,33 +85,6 @@ def dilation_permutation(seq_len: int, segment: int, dilation: int, offset: int 
     return torch.argsort(key * seq_len + pos)
 
 
-class _Permuted(Pattern):
-    def __init__(self, base: Pattern, perm: Tensor) -> None:
-        self.base, self.perm = base, perm  # perm: [H or 1, S]
-        self.num_heads = max(base.num_heads, perm.shape[0])
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
-
-    def predicate(self, device):
-        p, base = self.perm.to(device), head_predicate(self.base, device)
-        n, one = p.shape[1], p.shape[0] == 1
-
-        def moved(h, q, k):
-            row = torch.zeros_like(h) if one else h
-            return base(h, p[row, torch.clamp(q, max=n - 1)], p[row, torch.clamp(k, max=n - 1)])
-
-        return moved
-
-    def _tiles(self, q_len, k_len, block_size, device):
-        shape = (self.num_heads, num_blocks(q_len, block_size), num_blocks(k_len, block_size))
-        return _refine(self, torch.ones(shape, dtype=torch.bool, device=device), q_len, k_len,
-                       block_size)
-
-    def __repr__(self) -> str:
-        return f"permuted({self.base!r})"
-
-
 def permuted(pattern: Pattern, perm: Tensor) -> Pattern:
     """``pattern`` seen in the token order ``perm`` (new position i = old position perm[i]).
 
@@ -130,7 +103,7 @@ def permuted(pattern: Pattern, perm: Tensor) -> Pattern:
     if rows.shape[0] > 1 and pattern.num_heads not in (1, rows.shape[0]):
         raise ValueError(f"perm has {rows.shape[0]} rows but the pattern has "
                          f"{pattern.num_heads} heads")
-    return _Permuted(pattern, rows)
+    return Permuted(pattern, rows)
 
 
 # --------------------------------------------------------------------- token grids
@@ -152,96 +125,16 @@ def inverse_permutation(perm: Tensor) -> Tensor:
     return inv
 
 
-class GridNeighborhood(Pattern):
-    """Local attention on a 2-D/3-D token grid, with the tokens laid out in a curve order.
-
-    Token position ``i`` is grid cell ``perm[i]`` (``perm = grid_permutation(shape, order)``);
-    query ``i`` may attend key ``j`` when their cells are within ``radius`` along every axis
-    (Chebyshev distance ``<= radius``: a ``(2r+1)``-wide square/cube window, cut off at the grid
-    border, not shifted inwards as NATTEN does). The pattern is head-independent and is defined
-    for self-attention over exactly ``prod(shape)`` tokens.
-    """
-
-    def __init__(self, shape: Sequence[int], radius: int, order: str = "hilbert") -> None:
-        self.shape = _check_shape(shape)
-        self.radius = _check_int("radius", radius, 0)
-        self.order = order
-        self.perm = grid_permutation(self.shape, order)
-        self.coords = _raster_coords(self.shape)[self.perm]  # [N, dims]: cell of position i
-        self.num_tokens = self.perm.numel()
-        self._pred: dict[str, object] = {}
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
-
-    def predicate(self, device):
-        key = str(torch.device(device))
-        if key not in self._pred:
-            cols = [self.coords[:, i].contiguous().to(device) for i in range(len(self.shape))]
-            n, r = self.num_tokens, self.radius
-
-            def allowed(h, q, k):
-                qc, kc = torch.clamp(q, max=n - 1), torch.clamp(k, max=n - 1)
-                ok = (cols[0][qc] - cols[0][kc]).abs() <= r
-                for c in cols[1:]:
-                    ok = ok & ((c[qc] - c[kc]).abs() <= r)
-                return ok
-
-            self._pred[key] = allowed
-        return self._pred[key]
-
-    def _key(self):
-        return (tuple(self.shape), self.radius, self.order)
-
-    def _block_boxes(self, length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
-        """Per block, min and max cell coordinate along each axis (int64 ``[n, dims]``)."""
-        c = self.coords[:length].to(device)
-        n = num_blocks(length, block_size)
-        pad = n * block_size - length
-        if pad:  # repeat the last real token: min/max over real tokens are unchanged
-            c = torch.cat([c, c[-1:].expand(pad, -1)])
-        c = c.reshape(n, block_size, -1)
-        return c.amin(1), c.amax(1)
-
-    def _tiles(self, q_len, k_len, block_size, device):
-        n = self.num_tokens
-        if q_len > n or k_len > n:
-            raise ValueError(
-                f"grid_neighborhood over a {self.shape} grid has {n} tokens; got q_len={q_len}, "
-                f"k_len={k_len} (use seq_len = {n})"
-            )
-        qlo, qhi = self._block_boxes(q_len, block_size, device)
-        klo, khi = self._block_boxes(k_len, block_size, device)
-        r = self.radius
-        gap = torch.clamp(torch.maximum(klo[None] - qhi[:, None], qlo[:, None] - khi[None]), min=0)
-        span = torch.maximum(khi[None] - qlo[:, None], qhi[:, None] - klo[None])
-        maybe = (gap <= r).all(-1)[None]  # bounding boxes within reach: a necessary condition
-        full = (span <= r).all(-1)[None]  # every pair within reach along every axis: exact
-        undecided = maybe & ~full
-        r_any, r_all = _refine(self, undecided, q_len, k_len, block_size)
-        return full | r_any, full | r_all
-
-    def _count_pairs(self, seq_len):
-        if seq_len != self.num_tokens:
-            return None
-        total = 1
-        for s in self.shape:  # the window is a product over axes, whatever the token order
-            a = torch.arange(s)
-            total *= int(((a[:, None] - a[None, :]).abs() <= self.radius).sum())
-        return total
-
-    def __repr__(self) -> str:
-        return f"grid_neighborhood({self.shape}, radius={self.radius}, order={self.order!r})"
-
-
 def grid_neighborhood(shape: Sequence[int], radius: int, order: str = "hilbert") -> Pattern:
     """Chebyshev-window attention on a 2-D/3-D grid whose tokens sit in ``order`` (see
-    :class:`GridNeighborhood`). Its block layout is exact and costs time proportional to the
-    tiles whose blocks' bounding boxes come within ``radius`` of each other, never ``S^2``.
+    :class:`~workbench.patterns.GridNeighborhood`). Its block layout is exact and costs time
+    proportional to the tiles whose blocks' bounding boxes come within ``radius`` of each
+    other, never ``S^2``.
     """
     if order not in CURVES:
         raise ValueError(f"order must be one of {CURVES}, got {order!r}")
-    return GridNeighborhood(shape, radius, order)
+    shape = _check_shape(shape)
+    return GridNeighborhood(shape, radius, order, grid_permutation(shape, order))
 
 
 # --------------------------------------------------------------------- block visit orders
@@ -340,7 +233,7 @@ def cache_model(tiles: Tensor, capacities: Sequence[int]) -> list[dict[str, floa
     median = float(again.median()) if again.numel() else float("nan")
     rows = []
     for c in capacities:
-        _check_int("capacity", c, 1)
+        check_positive_int("capacity", c, None)
         hits = int(((d >= 0) & (d < c)).sum())
         rows.append({
             "capacity": c, "accesses": d.numel(), "hits": hits,

@@ -5,20 +5,17 @@ on a GPU (``time.perf_counter`` on the CPU), with peak memory from the CUDA allo
 to ``data/bench_<study>.csv`` with the device, torch/Triton versions and date, so notebooks
 can plot them (``notebooks/results_scaling.ipynb``).
 
-Pattern families (``--families``), each at sequence length ``S``:
-
-- ``dense``: every pair; ``causal``: ``j <= i``;
-- ``random10``: BigBird-style random 128-token tiles at 10% density;
-- ``local``: causal sliding window of ``S / 16`` tokens (at least 256);
-- ``dilated``: LongNet head groups, segments ``S/32, S/16, S/8, S/4`` (at least 64 tokens),
-  dilations 1, 2, 4, 8 (the GPU study uses 2048..16384 at 64K);
-- ``longnet``: the same with fixed segments 2048, 4096, 8192, 16384 at every length (the
-  configuration the GPU targets are stated for, at 64K and 256K).
+Pattern families (``--families``): any family of the registry
+(:data:`workbench.patterns.FAMILIES`) at its arguments for sequence length ``S``, e.g. ``local``
+(a causal window of ``S / 16`` tokens), ``dilated`` (LongNet head groups, segments ``S/32 ..
+S/4``) or ``longnet`` (segments 2048 .. 16384 at every length), and the names the recordings in
+``data/`` use for two of them (:data:`RECORDED`): ``dense`` (``full``) and ``random10``
+(``random`` at density 0.1 in 128-token cells). The ``params`` column holds the arguments.
 
 Variants (``--variants``):
 
 - ``ours``: the package's default way (``dilated_attention`` with the dilation ordering for
-  ``dilated``, ``block_sparse_attention`` with ``backend="auto"`` otherwise, which runs
+  the LongNet families, ``block_sparse_attention`` with ``backend="auto"`` otherwise, which runs
   ``dense`` and ``causal`` on PyTorch's SDPA kernels: :mod:`workbench.backends.sdpa`);
 - ``flex_natural``: FlexAttention with a ``BlockMask`` of the pattern in natural token order;
 - ``strided_view`` (dilated families): the naive LongNet implementation, each (head group,
@@ -54,10 +51,15 @@ from ..attention import BlockSparseAttention
 from ..dilated import dilated_attention
 from .records import environment, write_csv
 
-__all__ = ["BenchConfig", "FAMILIES", "VARIANTS", "family_pattern", "run_bench", "time_fn"]
+__all__ = ["BenchConfig", "DEFAULT_FAMILIES", "RECORDED", "VARIANTS", "bench_families",
+           "family_pattern", "longnet_families", "run_bench", "time_fn"]
 
-FAMILIES = ("dense", "causal", "random10", "local", "dilated", "longnet")
-DILATED_FAMILIES = ("dilated", "longnet")
+RECORDED: dict[str, tuple[str, dict]] = {
+    "dense": ("full", {}),
+    "random10": ("random", {"density": 0.1, "cell": 128, "seed": 0}),
+}
+"""Names the recordings in ``data/`` give registry families at fixed arguments."""
+DEFAULT_FAMILIES = ("dense", "causal", "random10", "local", "dilated", "longnet")
 VARIANTS = ("ours", "flex_natural", "triton", "strided_view", "strided_gather", "blockwise",
             "sdpa_dense", "sdpa_masked")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,7 +72,7 @@ class BenchConfig:
 
     study: str
     seq_lens: tuple[int, ...]
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = DEFAULT_FAMILIES
     variants: tuple[str, ...] = ("ours", "sdpa_dense")
     batch: int = 1
     heads: int = 16
@@ -83,9 +85,9 @@ class BenchConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self) -> None:
-        bad = [f for f in self.families if f not in FAMILIES]
+        bad = [f for f in self.families if f not in bench_families()]
         if bad:
-            raise ValueError(f"unknown families {bad}; choose from {FAMILIES}")
+            raise ValueError(f"unknown families {bad}; choose from {bench_families()}")
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
@@ -97,29 +99,42 @@ class BenchConfig:
             raise ValueError("reps must be >= 1 and warmup >= 0")
 
 
-def dilated_params(seq_len: int, family: str = "dilated") -> tuple[list[int], list[int]]:
-    """LongNet (segments, dilations) of a dilated ``family`` at ``seq_len``."""
-    segs = [max(64, seq_len // d) for d in (32, 16, 8, 4)]
-    if seq_len == 65536 or family == "longnet":
-        segs = [2048, 4096, 8192, 16384]
-    return segs, [1, 2, 4, 8]
+def bench_families() -> tuple[str, ...]:
+    """Every family name the bench takes: the :data:`RECORDED` names and the registry's."""
+    return (*RECORDED, *P.FAMILIES)
+
+
+def _case(family: str, seq_len: int, heads: int) -> tuple[P.Family, dict]:
+    """The registry family behind a bench ``family`` name and its arguments at ``seq_len``."""
+    if family not in bench_families():
+        raise ValueError(f"unknown family {family!r}; choose from {bench_families()}")
+    name, fixed = RECORDED.get(family, (family, {}))
+    fam = P.family(name)
+    return fam, fam.arguments(seq_len, heads, **fixed)
+
+
+def longnet_families() -> tuple[str, ...]:
+    """The bench families built by :func:`~workbench.patterns.dilated` (LongNet head groups):
+    ``ours`` runs them with :func:`~workbench.dilated_attention`, and only they have the
+    strided baselines."""
+    return tuple(f for f in bench_families()
+                 if P.family(RECORDED.get(f, (f, {}))[0]).build is P.dilated)
+
+
+def _params(fam: P.Family, args: dict) -> str:
+    """The ``params`` column: the arguments as words (a true flag by its name)."""
+    if fam.build is P.dilated:
+        return (f"segments={list(args['segment_lengths'])} "
+                f"dilations={list(args['dilation_rates'])} head_groups")
+    words = [k if v is True else f"{k}={v}" for k, v in args.items()
+             if v is not False and k != "num_heads"]
+    return " ".join(words) or fam.name
 
 
 def family_pattern(family: str, seq_len: int, heads: int) -> tuple[P.Pattern, str]:
     """The pattern of ``family`` at ``seq_len`` and a short description of its parameters."""
-    if family == "dense":
-        return P.full(), "full"
-    if family == "causal":
-        return P.causal(), "causal"
-    if family == "random10":
-        return P.random_blocks(0.1, seed=0, cell=128), "density=0.1 cell=128 seed=0"
-    if family == "local":
-        w = max(256, seq_len // 16)
-        return P.local_window(w, causal=True), f"window={w} causal"
-    if family in DILATED_FAMILIES:
-        segs, dils = dilated_params(seq_len, family)
-        return P.dilated(segs, dils, heads), f"segments={segs} dilations={dils} head_groups"
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    fam, args = _case(family, seq_len, heads)
+    return fam.build(**args), _params(fam, args)
 
 
 def time_fn(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> float:
@@ -207,14 +222,14 @@ def _variant_fn(
     q: Tensor, k: Tensor, v: Tensor,
 ) -> Callable[[], Tensor] | None:
     """A closure computing the forward output, or None if the variant does not apply."""
-    dilated_family = family in DILATED_FAMILIES
-    if variant == "ours" and dilated_family:
-        segs, dils = dilated_params(seq_len, family)
+    fam, args = _case(family, seq_len, cfg.heads)
+    longnet = fam.build is P.dilated
+    segs, dils = args.get("segment_lengths"), args.get("dilation_rates")
+    if variant == "ours" and longnet:
         return lambda: dilated_attention(q, k, v, segs, dils, mode="head_groups")
     if variant in ("strided_gather", "strided_view"):
-        if not dilated_family:
+        if not longnet:
             return None
-        segs, dils = dilated_params(seq_len, family)
         naive = strided_gather_dilated if variant == "strided_gather" else strided_view_dilated
         return lambda: naive(q, k, v, segs, dils)
     if variant in ("ours", "flex_natural", "blockwise", "triton"):
@@ -618,7 +633,7 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str], he
         row = {"family": family, "params": params, "seq_len": seq_len,
                "block_size": block_size, "build_ms": ms,
                "layout_mib": round(lay.active.numel() * 2 / 2**20, 1)}
-        if family not in DILATED_FAMILIES:
+        if family not in longnet_families():
             prob = Problem(lay, pattern.predicate(dev), 1.0)
             build_block_mask(warm, dev, backward=False)
             build_plan(warm, dev)

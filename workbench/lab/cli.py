@@ -298,12 +298,12 @@ def _check_bench(args: argparse.Namespace) -> None:
     if "triton" in args.variants and on_cpu:
         raise UsageError("--variants triton: our Triton kernels run on CUDA only: drop it, or "
                          "use --device cuda on a GPU machine")
-    from .bench import DILATED_FAMILIES
+    from .bench import longnet_families
 
     strided = [v for v in args.variants if v in ("strided_view", "strided_gather")]
-    if strided and not set(args.families) & set(DILATED_FAMILIES):
+    if strided and not set(args.families) & set(longnet_families()):
         raise UsageError(f"--variants {strided[0]} applies to the dilated families only: add "
-                         f"{' or '.join(DILATED_FAMILIES)} to --families, or drop it")
+                         f"{' or '.join(longnet_families())} to --families, or drop it")
     if "flex_natural" in args.variants and args.backward and on_cpu:
         raise UsageError("--variants flex_natural: FlexAttention has no CPU backward: drop "
                          "--backward or flex_natural, or use --device cuda on a GPU machine")
@@ -574,14 +574,14 @@ def _ring_plan(a: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ the parser
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The command line parser and each command's own parser, by command name."""
-    from .bench import FAMILIES
+    from .bench import bench_families
 
     parser = _Parser(prog=PROG, description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _figures_command(sub)
-    _bench_commands(sub, FAMILIES)
-    _ring_commands(sub, FAMILIES)
+    _bench_commands(sub, bench_families())
+    _ring_commands(sub, bench_families())
     return parser, dict(sub.choices)
 
 
@@ -627,13 +627,13 @@ def _reps_arg(p: argparse.ArgumentParser, default: int) -> None:
 
 
 def _bench_commands(sub, families: tuple[str, ...]) -> None:
-    from .bench import VARIANTS
+    from .bench import DEFAULT_FAMILIES, VARIANTS
 
     ben = sub.add_parser("bench", help="time variants against baselines, write data/bench_*.csv")
     ben.add_argument("--study", type=study_name, required=True,
                      help="name of the study (data/bench_<study>.csv)")
     ben.add_argument("--seq-lens", nargs="+", type=positive_int, required=True, metavar="S")
-    ben.add_argument("--families", nargs="+", default=list(families), choices=families)
+    ben.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=families)
     ben.add_argument("--variants", nargs="+", default=["ours", "sdpa_dense"], choices=VARIANTS)
     ben.add_argument("--batch", type=positive_int, default=1)
     _shape_args(ben)
@@ -665,7 +665,7 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
     lon = sub.add_parser("bench-longest", help="longest sequence one GPU runs per family "
                          "(doubling until out of memory; data/bench_<study>_longest.csv)")
     lon.add_argument("--study", type=study_name, default="h100")
-    lon.add_argument("--families", nargs="+", default=list(families), choices=families)
+    lon.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=families)
     lon.add_argument("--start", type=positive_int, default=262144)
     lon.add_argument("--limit", type=positive_int, default=1 << 24)
     lon.add_argument("--max-seconds", type=positive_float_or_inf, default=math.inf,

@@ -90,17 +90,21 @@ VARIANT_LABEL: dict[str, str] = {
 
 FAMILY: dict[str, str] = {
     "dense": _GREY,
+    "full": _GREY,
     "causal": _PURPLE,
     "local": _ORANGE,
     "global_local": _YELLOW,
     "strided": _VERMILION,
+    "sparse_transformer": "#A6761D",
     "random": _GREEN,
     "random10": _GREEN,
     "dilated": _BLUE,
     "longnet": _SKY,
+    "dilated_window": "#882255",
     "adaptive": _BLACK,
 }
-"""Pattern families (names as the benchmarks write them)."""
+"""Pattern families: every family of :data:`workbench.patterns.FAMILIES`, and the names the
+benchmarks write (``dense`` is ``full``, ``random10`` is ``random``)."""
 
 ORDERING: dict[str, str] = {
     "natural": _GREY,

@@ -26,7 +26,6 @@ from .binding import Explorer
 from .core import check_int, parse_int_list
 
 __all__ = [
-    "FAMILIES",
     "MAX_SEQ_LEN",
     "ORDERINGS",
     "PatternParams",
@@ -44,35 +43,21 @@ __all__ = [
 MAX_SEQ_LEN = 2048  # the token view draws seq_len x seq_len pixels
 FLOPS_PER_PAIR_AND_DIM = 4  # q.k and p.v: one multiply-add (2 FLOPs) per head dimension each
 
-FAMILIES: dict[str, str] = {
-    "local": "local_window(window)",
-    "causal": "causal()",
-    "global_local": "global_local(num_global, window)",
-    "strided": "strided(stride)",
-    "sparse_transformer": "strided(stride) | local_window(stride)",
-    "dilated": "dilated(segments, dilations, num_heads)",
-    "random": "random_blocks(random_density, seed, cell=block_size, num_heads=num_heads)",
-    "full": "full()",
-}
 ORDERINGS = ("natural", "dilation")
 
 _COMMON = frozenset({"family", "ordering", "causal", "seq_len", "block_size", "num_heads", "head",
                      "head_dim"})
-_FAMILY_PARAMETERS: dict[str, frozenset[str]] = {
-    "local": frozenset({"window"}),
-    "causal": frozenset(),
-    "global_local": frozenset({"window", "num_global"}),
-    "strided": frozenset({"stride"}),
-    "sparse_transformer": frozenset({"stride"}),
-    "dilated": frozenset({"segments", "dilations"}),
-    "random": frozenset({"random_density", "seed"}),
-    "full": frozenset(),
-}
+_FIELD_OF = {"segment_lengths": "segments", "dilation_rates": "dilations",
+             "density": "random_density"}  # builder arguments whose field has another name
 
 
 @dataclass(frozen=True)
 class PatternParams:
     """Everything the pattern explorer can change (defaults: notebook 01's).
+
+    ``family`` is a registry name (:data:`workbench.patterns.FAMILIES`); the fields named like
+    its parameters set them, the rest of its arguments are its arguments at ``seq_len``.
+    ``causal`` is the family's own argument where it has one, else ``& causal()``.
 
     ``ordering="dilation"`` shows the pattern in the token order of the dilated fast path for
     the shown head: the dilation permutation of that head's (segment, dilation) pair, at offset
@@ -86,10 +71,12 @@ class PatternParams:
     window: int = 24
     num_global: int = 8
     stride: int = 16
+    dilation: int = 4
     segments: tuple[int, ...] = (64, 128)
     dilations: tuple[int, ...] = (1, 4)
     random_density: float = 0.15
     seed: int = 0
+    cell: int = 32
     num_heads: int = 4
     head: int = 0
     causal: bool = False
@@ -113,11 +100,15 @@ class PatternParams:
 _FIELDS = frozenset(f.name for f in dataclasses.fields(PatternParams))
 
 
+def _knobs(family: str) -> dict[str, str]:
+    """``{builder argument: field}`` of the family's parameters that a field sets."""
+    fields = {a: _FIELD_OF.get(a, a) for a in P.family(family).parameters}
+    return {a: f for a, f in fields.items() if f in _FIELDS}
+
+
 def parameters_used(family: str, ordering: str = "natural") -> frozenset[str]:
     """The parameters that change the picture for ``family`` in ``ordering``."""
-    if family not in _FAMILY_PARAMETERS:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    used = _COMMON | _FAMILY_PARAMETERS[family]
+    used = _COMMON | frozenset(_knobs(family).values())
     return used | {"segments", "dilations"} if ordering == "dilation" else used
 
 
@@ -140,6 +131,10 @@ def check_pattern_params(p: PatternParams) -> None:
                   "fewer global tokens than the sequence (all-global is full attention)")
     if "stride" in used:
         check_int("stride", p.stride, 1, seq_len)
+    if "dilation" in used:
+        check_int("dilation", p.dilation, 1, seq_len)
+    if "cell" in used:
+        check_int("cell", p.cell, 1, seq_len)
     if "random_density" in used and not 0.0 < float(p.random_density) <= 1.0:
         raise ValueError(f"random_density={p.random_density} must be in (0, 1]")
     if "segments" in used:
@@ -157,19 +152,11 @@ def _dilation_order(p: PatternParams) -> torch.Tensor:
 def build_pattern(p: PatternParams) -> Pattern:
     """The pattern ``p`` describes, in its token order (validated first)."""
     check_pattern_params(p)
-    builders = {
-        "local": lambda: P.local_window(p.window),
-        "causal": P.causal,
-        "global_local": lambda: P.global_local(p.num_global, p.window),
-        "strided": lambda: P.strided(p.stride),
-        "sparse_transformer": lambda: P.strided(p.stride) | P.local_window(p.stride),
-        "dilated": lambda: P.dilated(list(p.segments), list(p.dilations), p.num_heads),
-        "random": lambda: P.random_blocks(float(p.random_density), p.seed, cell=p.block_size,
-                                          num_heads=p.num_heads),
-        "full": P.full,
-    }
-    pattern = builders[p.family]()
-    if p.causal:
+    knobs = _knobs(p.family)
+    args = {a: getattr(p, f) for a, f in knobs.items()}
+    args = {a: list(v) if isinstance(v, tuple) else v for a, v in args.items()}
+    pattern = P.family(p.family).pattern(p.seq_len, p.num_heads, **args)
+    if p.causal and "causal" not in knobs:
         pattern = pattern & P.causal()
     if p.ordering == "dilation":
         pattern = permuted(pattern, _dilation_order(p))
@@ -288,7 +275,7 @@ def pattern_controls(p: PatternParams, names: frozenset[str] | None = None) -> d
 
     wide = {"description_width": "initial"}
     make = {
-        "family": lambda: widgets.Dropdown(options=list(FAMILIES), value=p.family,
+        "family": lambda: widgets.Dropdown(options=list(P.FAMILIES), value=p.family,
                                            description="family"),
         "ordering": lambda: widgets.ToggleButtons(options=list(ORDERINGS), value=p.ordering,
                                                   description="ordering", style=wide),
@@ -300,6 +287,7 @@ def pattern_controls(p: PatternParams, names: frozenset[str] | None = None) -> d
         "num_global": lambda: _slider(widgets, p.num_global, 1, 128, description="num_global",
                                       style=wide),
         "stride": lambda: _slider(widgets, p.stride, 1, 128, description="stride"),
+        "dilation": lambda: _slider(widgets, p.dilation, 1, 64, description="dilation"),
         "segments": lambda: widgets.Text(value=", ".join(map(str, p.segments)),
                                          description="segments", continuous_update=False),
         "dilations": lambda: widgets.Text(value=", ".join(map(str, p.dilations)),
@@ -308,6 +296,7 @@ def pattern_controls(p: PatternParams, names: frozenset[str] | None = None) -> d
             value=p.random_density, min=0.01, max=1.0, step=0.01, continuous_update=False,
             description="density"),
         "seed": lambda: widgets.IntText(value=p.seed, description="seed"),
+        "cell": lambda: _slider(widgets, p.cell, 1, 256, description="cell"),
         "num_heads": lambda: _slider(widgets, p.num_heads, 1, 16, description="num_heads",
                                      style=wide),
         "head": lambda: _slider(widgets, p.head, 0, p.num_heads - 1, description="head"),

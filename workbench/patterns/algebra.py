@@ -1,0 +1,114 @@
+"""The pattern algebra: ``a | b`` allows a pair if either pattern does, ``a & b`` if both do.
+
+Tile by tile, the operator applied to the parts' (any, all) is exact unless both parts are
+partial there; only those tiles are evaluated token by token. Two offset-only (Toeplitz)
+patterns combine into one, and periods combine by their least common multiple, so every fast
+path of the parts survives the combination.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import Pattern, evaluate_tiles, head_predicate
+
+
+def _combined_heads(a: Pattern, b: Pattern) -> int:
+    if a.num_heads == b.num_heads or b.num_heads == 1:
+        return a.num_heads
+    if a.num_heads == 1:
+        return b.num_heads
+    raise ValueError(
+        f"cannot combine a {a.num_heads}-head pattern with a {b.num_heads}-head pattern; "
+        "heads must match or one of them must be head-independent (1 head)"
+    )
+
+
+def _materialize(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``x`` broadcast to ``shape`` as a tensor of its own (``x`` itself when it has it)."""
+    return x if tuple(x.shape) == shape else x.expand(shape).contiguous()
+
+
+class _Combination(Pattern):
+    """Two patterns joined elementwise by ``op`` (written ``symbol``)."""
+
+    symbol = ""
+
+    def __init__(self, a: Pattern, b: Pattern) -> None:
+        self.a, self.b = a, b
+        self.num_heads = _combined_heads(a, b)
+
+    @staticmethod
+    def op(x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def key(self):
+        a, b = self.a.key(), self.b.key()
+        return None if a is None or b is None else (type(self.a), a, type(self.b), b)
+
+    def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        fa, fb, op = head_predicate(self.a, device), head_predicate(self.b, device), self.op
+        return lambda h, q, k: op(fa(h, q, k), fb(h, q, k))
+
+    def offset_rule(self):
+        fa, fb, op = self.a.offset_rule(), self.b.offset_rule(), self.op
+        if fa is None or fb is None:
+            return None
+        return lambda d: op(fa(d), fb(d))
+
+    def period(self):
+        pa, pb = self.a.period(), self.b.period()
+        return None if pa is None or pb is None else math.lcm(pa, pb)
+
+    def tiles(self, q_len, k_len, block_size, device, rows):
+        if self.offset_rule() is not None:
+            return super().tiles(q_len, k_len, block_size, device, rows)
+        a_any, a_all = self.a.tiles(q_len, k_len, block_size, device, rows)
+        b_any, b_all = self.b.tiles(q_len, k_len, block_size, device, rows)
+        shape = (self.num_heads, *torch.broadcast_shapes(a_any.shape[1:], b_any.shape[1:]))
+        # "all" implies "any", so any ^ all marks the partial tiles.
+        undecided = _materialize(torch.bitwise_xor(a_any, a_all), shape)
+        undecided &= torch.bitwise_xor(b_any, b_all)
+        idx = undecided.nonzero()
+        any_ = self.op(a_any, b_any, out=undecided)  # the buffer is free once idx is taken
+        all_ = _materialize(self.op(a_all, b_all), shape)
+        if idx.numel():
+            at = idx + torch.tensor([0, rows[0], 0], device=idx.device)  # absolute block rows
+            _, r_any, r_all = evaluate_tiles(self, at, q_len, k_len, block_size)
+            any_[tuple(idx.T)] = r_any
+            all_[tuple(idx.T)] = r_all
+        return any_, all_
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} {self.symbol} {self.b!r})"
+
+
+class Union(_Combination):
+    """Pairs allowed by either pattern (``a | b``)."""
+
+    symbol = "|"
+    op = staticmethod(torch.bitwise_or)
+
+    def dense_form(self):
+        fa, fb = self.a.dense_form(), self.b.dense_form()
+        return "full" if "full" in (fa, fb) else fa if fa == fb else None  # full | x = full
+
+
+class Intersection(_Combination):
+    """Pairs allowed by both patterns (``a & b``)."""
+
+    symbol = "&"
+    op = staticmethod(torch.bitwise_and)
+
+    def dense_form(self):
+        fa, fb = self.a.dense_form(), self.b.dense_form()
+        return fb if fa == "full" else fa if fb in ("full", fa) else None  # full & x = x
+
+
+Pattern._union, Pattern._intersection = Union, Intersection

@@ -1,0 +1,163 @@
+"""Patterns of offsets and of global tokens: full, causal, windows, strides, global tokens.
+
+A :class:`Band` allows the pairs whose offset ``k - q`` lies in a range and is a multiple of a
+stride: full and causal attention, local and dilated windows and Sparse Transformer's strides
+are all bands. Its layout is Toeplitz (:mod:`~workbench.patterns.offsets`) and its pair count a
+sum over the offsets. Token arguments are bounded by :data:`~workbench.layout.MAX_POSITION`
+(kernels evaluate positions in int32); a window or a number of global tokens beyond it covers
+every sequence and is taken as unbounded.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch import Tensor
+
+from ..layout import MAX_POSITION, block_extents
+from .algebra import Union
+from .base import Pattern, _check_int
+
+
+class Band(Pattern):
+    """Pairs whose offset ``d = k - q`` lies in ``[lo, hi]`` and is a multiple of ``stride``.
+
+    ``None`` means no bound on that side. (No sentinel number stands in for infinity: kernels
+    evaluate positions in int32, where a large constant would silently wrap.)
+    """
+
+    def __init__(self, lo: int | None, hi: int | None, name: str, stride: int = 1) -> None:
+        self.lo, self.hi, self.name, self.stride = lo, hi, name, stride
+
+    def allowed(self, h, q, k):
+        return self._allows_offset(k - q)
+
+    def dense_form(self):
+        if self.stride != 1 or self.lo is not None:
+            return None
+        return "full" if self.hi is None else "causal" if self.hi == 0 else None
+
+    def _allows_offset(self, d: Tensor) -> Tensor:
+        tests = [] if self.lo is None else [d >= self.lo]
+        tests += [] if self.hi is None else [d <= self.hi]
+        tests += [] if self.stride == 1 else [torch.remainder(d, self.stride) == 0]
+        return functools.reduce(operator.and_, tests) if tests else d == d
+
+    def offset_rule(self):
+        return self._allows_offset
+
+    def count_pairs(self, seq_len):
+        lo = 1 - seq_len if self.lo is None else max(self.lo, 1 - seq_len)
+        hi = seq_len - 1 if self.hi is None else min(self.hi, seq_len - 1)
+        first = -(-lo // self.stride) * self.stride  # the first multiple of stride >= lo
+        d = torch.arange(first, hi + 1, self.stride, dtype=torch.int64)
+        return int((seq_len - d.abs()).sum())  # S - |d| pairs at offset d
+
+    def key(self):
+        return (self.lo, self.hi, self.stride)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _extents(q_len: int, k_len: int, block_size: int, device,
+             rows: tuple[int, int]) -> tuple[Tensor, ...]:
+    """(q_first, q_last, k_first, k_last) of the query blocks ``rows`` and every key block,
+    broadcast as ``[1, r1 - r0, 1]`` and ``[1, 1, nk]``."""
+    qe = block_extents(q_len, block_size, device)[rows[0]:rows[1]]
+    ke = block_extents(k_len, block_size, device)
+    return qe[None, :, 0, None], qe[None, :, 1, None], ke[None, None, :, 0], ke[None, None, :, 1]
+
+
+class GlobalTokens(Pattern):
+    """The first ``n`` tokens attend everything and are attended by everything."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def allowed(self, h, q, k):
+        return (q < self.n) | (k < self.n)
+
+    def tiles(self, q_len, k_len, block_size, device, rows):
+        qf, ql, kf, kl = _extents(q_len, k_len, block_size, device, rows)
+        return (qf < self.n) | (kf < self.n), (ql < self.n) | (kl < self.n)
+
+    def count_pairs(self, seq_len):
+        rest = max(seq_len - self.n, 0)
+        return seq_len * seq_len - rest * rest
+
+    def key(self):
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"global_tokens({self.n})"
+
+
+# --------------------------------------------------------------------- builders
+def full() -> Pattern:
+    """Dense attention: every query attends every key."""
+    return Band(None, None, "full()")
+
+
+def causal() -> Pattern:
+    """Autoregressive mask: query ``i`` attends key ``j`` iff ``j <= i``."""
+    return Band(None, 0, "causal()")
+
+
+def _window(window: int, stride: int, causal: bool, name: str) -> Pattern:
+    reach = window - 1 if window <= MAX_POSITION else None  # beyond: every sequence fits
+    return Band(None if reach is None else -reach, 0 if causal else reach, name, stride)
+
+
+def local_window(window: int, causal: bool = False) -> Pattern:
+    """Sliding window: query ``i`` attends key ``j`` iff ``|i - j| < window``.
+
+    With ``causal=True`` only ``0 <= i - j < window``: every query sees exactly ``window``
+    keys (itself and the ``window - 1`` before it, fewer at the start), the convention of
+    Mistral-style sliding-window attention. Non-causal windows see ``2 * window - 1`` keys.
+    """
+    _check_int("window", window, 1, None)
+    return _window(window, 1, causal,
+                   f"local_window({window}{', causal=True' if causal else ''})")
+
+
+def dilated_window(window: int, dilation: int, causal: bool = False) -> Pattern:
+    """Dilated sliding window: ``i`` attends ``j`` iff ``|i - j| < window`` and
+    ``(i - j) % dilation == 0``.
+
+    The window reaches as far as ``local_window(window)`` but keeps every ``dilation``-th key:
+    about ``(2 * window - 1) / dilation`` keys per query, ``ceil(window / dilation)`` with
+    ``causal=True`` (``0 <= i - j < window``). ``dilation=1`` is ``local_window``.
+    """
+    _check_int("window", window, 1, None)
+    _check_int("dilation", dilation, 1)
+    return _window(window, dilation, causal, f"dilated_window({window}, {dilation}"
+                                             f"{', causal=True' if causal else ''})")
+
+
+def global_tokens(num_global: int) -> Pattern:
+    """The first ``num_global`` tokens attend, and are attended by, every token."""
+    _check_int("num_global", num_global, 1, None)
+    return GlobalTokens(min(num_global, MAX_POSITION))
+
+
+def global_local(num_global: int, window: int) -> Pattern:
+    """Longformer/BigBird-style: ``global_tokens(num_global) | local_window(window)``.
+
+    ``num_global`` counts tokens (not blocks); combine with ``& causal()`` for decoders.
+    """
+    return Union(global_tokens(num_global), local_window(window))
+
+
+def strided(stride: int) -> Pattern:
+    """Sparse Transformer's strided pattern: ``i`` attends ``j`` iff ``(i - j) % stride == 0``."""
+    _check_int("stride", stride, 1)
+    return Band(None, None, f"strided({stride})", stride)
+
+
+def sparse_transformer(stride: int) -> Pattern:
+    """Child et al. (2019)'s fixed pattern pair: ``strided(stride) | local_window(stride)``
+    (add ``& causal()`` for their autoregressive form)."""
+    return Union(strided(stride), local_window(stride))

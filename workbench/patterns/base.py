@@ -1,0 +1,380 @@
+"""The :class:`Pattern` base class: a token predicate with an exact block layout.
+
+A subclass defines :meth:`Pattern.allowed`; everything else (dense masks, exact block layouts,
+pair counts, every backend) follows from it. Its optional hooks make a layout fast
+(:meth:`~Pattern.tiles`, :meth:`~Pattern.offset_rule`, :meth:`~Pattern.period`), patterns
+comparable (:meth:`~Pattern.key`) and counts closed-form (:meth:`~Pattern.count_pairs`). Tiles
+no rule decides are evaluated token by token in chunks of bounded size
+(:func:`refine_tiles`). The argument checks every builder uses live here too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+
+import torch
+from torch import Tensor
+
+from ..layout import (
+    MAX_POSITION,
+    BlockLayout,
+    LayoutSource,
+    LayoutStats,
+    num_blocks,
+    tile_sum,
+)
+from .offsets import OffsetFn, offset_tiles
+
+MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+_TILE_EVAL_BUDGET = 1 << 24  # token pairs evaluated per chunk when tiles are evaluated
+_TOKEN_MASK_LIMIT = 1 << 28  # largest H*S*S element count token_mask() will build
+
+
+def check_positive_int(name: str, value: object, maximum: int | None = MAX_POSITION) -> int:
+    """``value`` if it is a positive int (not a bool) of at most ``maximum``; otherwise a
+    ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_density(density: object, name: str = "density", meaning: str = "") -> float:
+    """``density`` as a float if it is a number in ``(0, 1]``.
+
+    Raises:
+        TypeError: not an int or float (a bool or a string included).
+        ValueError: outside ``(0, 1]`` (or NaN).
+    """
+    what = f" ({meaning})" if meaning else ""
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1]{what}, got {density!r}")
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1]{what}, got {density}")
+    return float(density)
+
+
+def _check_int(name: str, value: object, minimum: int,
+               maximum: int | None = MAX_POSITION) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum} (positions are int32), got {value}")
+    return value
+
+
+class Pattern:
+    """A set of allowed (head, query, key) triples; subclasses define :meth:`allowed`.
+
+    That alone makes a pattern work everywhere: its block layout is then found by evaluating
+    every tile token by token, ``O(q_len * k_len)`` predicate evaluations in chunks of a fixed
+    number of pairs, so memory stays proportional to the block grid. The optional hooks
+    :meth:`tiles`, :meth:`offset_rule`, :meth:`period`, :meth:`key` and :meth:`count_pairs`
+    are what the built-in patterns use to be fast and comparable.
+    """
+
+    num_heads: int = 1
+    # the classes ``a | b`` and ``a & b`` build, set by .algebra (where they subclass Pattern)
+    _union: type[Pattern]
+    _intersection: type[Pattern]
+
+    # ----------------------------------------------------------------- the hooks
+    def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        """Boolean tensor, broadcast of the inputs: may query ``q`` of head ``h`` attend ``k``.
+
+        ``h``, ``q`` and ``k`` are int64 tensors of absolute head index and token positions, of
+        any broadcastable shapes. Written with elementwise tensor ops only, so the same code
+        builds dense masks and serves as a FlexAttention ``mask_mod``. Required.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define allowed(h, q, k)")
+
+    def tiles(self, q_len: int, k_len: int, block_size: int, device: torch.device,
+              rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The fast tile rule: exact (any, all) bool ``[H, r1 - r0, nk]`` of the query blocks
+        ``rows = (r0, r1)`` against every key block (``H`` may be 1 for every head).
+
+        "any": the tile holds an allowed pair; "all": every real pair of the tile is allowed
+        (padding past ``q_len``/``k_len`` never counts), so "all" implies "any". The results
+        may be views sharing storage; callers treat them as read-only. Override it when the
+        pattern knows its tiles; by default a pattern with an :meth:`offset_rule` is built
+        from it (Toeplitz) and any other has every tile evaluated by :func:`refine_tiles`.
+        """
+        rule = self.offset_rule()
+        if rule is not None:
+            return offset_tiles(rule, q_len, k_len, block_size, device, rows)
+        shape = (self.num_heads, rows[1] - rows[0], num_blocks(k_len, block_size))
+        undecided = torch.ones(shape, dtype=torch.bool, device=device)
+        return refine_tiles(self, undecided, q_len, k_len, block_size, rows[0])
+
+    def offset_rule(self) -> OffsetFn | None:
+        """``allowed`` as a function of ``d = k - q`` alone, if the pattern is one (else None).
+
+        Such a pattern is head-independent and the same along every diagonal.
+        """
+        return None
+
+    def period(self) -> int | None:
+        """A shift ``P`` with ``allowed(h, q + P, k + P) == allowed(h, q, k)`` for all integer
+        ``q, k`` (negative ones included), or None if there is none known.
+
+        Tiles that are shifts of one another by a multiple of ``P`` are then evaluated once.
+        """
+        return None if self.offset_rule() is None else 1
+
+    def key(self) -> Hashable | None:
+        """The values that define this pattern's pairs, or None when only the object itself
+        does (patterns holding tensors). Patterns of one type with equal keys are equal."""
+        return None
+
+    def count_pairs(self, seq_len: int) -> int | None:
+        """Closed-form allowed-pair count at ``seq_len`` (summed over heads), or None if there
+        is none (:meth:`allowed_pairs` then counts from the layout)."""
+        return None
+
+    # ----------------------------------------------------------------- identity
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Pattern) or type(self) is not type(other):
+            return False
+        key = self.key()
+        return key is not None and key == other.key()
+
+    def __hash__(self) -> int:
+        cached = self.__dict__.get("_hash")
+        if cached is None:  # a pattern never changes after construction: hash it once
+            key = self.key()
+            cached = object.__hash__(self) if key is None else hash((type(self).__name__, key))
+            self.__dict__["_hash"] = cached
+        return cached
+
+    def __or__(self, other: Pattern) -> Pattern:
+        return self._union(self, other)
+
+    def __and__(self, other: Pattern) -> Pattern:
+        return self._intersection(self, other)
+
+    # ----------------------------------------------------------------- token level
+    def dense_form(self) -> str | None:
+        """``"full"`` if this pattern allows every pair, ``"causal"`` if it allows exactly the
+        pairs ``k <= q``, otherwise ``None``: the two patterns PyTorch's own
+        ``scaled_dot_product_attention`` computes without a mask, so ``auto`` hands them to it
+        (:mod:`workbench.backends.sdpa`). Judged from the pattern's structure, not its layout:
+        a pattern that happens to allow every pair at some length (a window longer than the
+        sequence) answers ``None``."""
+        return None
+
+    def predicate(self, device: torch.device | str) -> MaskFn:
+        """:meth:`allowed` with every tensor it needs already on ``device``.
+
+        This is what kernels capture (FlexAttention's ``mask_mod``): it creates no tensor when
+        called, so tracing it never breaks the graph.
+        """
+        return self.allowed
+
+    def token_mask(self, seq_len: int, device: torch.device | str = "cpu") -> Tensor:
+        """Dense bool mask ``[H, S, S]`` (``H`` = 1 for head-independent patterns).
+
+        Only for small ``seq_len``: it materializes ``S x S``. Use :meth:`block_layout` or
+        :meth:`block_structure` at long lengths.
+        """
+        _check_int("seq_len", seq_len, 1)
+        if self.num_heads * seq_len * seq_len > _TOKEN_MASK_LIMIT:
+            raise ValueError(
+                f"token_mask(seq_len={seq_len}) would build {self.num_heads} x {seq_len} x "
+                f"{seq_len} booleans; use block_layout(seq_len, block_size) at this length"
+            )
+        pos = torch.arange(seq_len, device=device)
+        h = torch.arange(self.num_heads, device=device)[:, None, None]
+        m = self.allowed(h, pos[None, :, None], pos[None, None, :])
+        return m.expand(self.num_heads, seq_len, seq_len)
+
+    # ----------------------------------------------------------------- block level
+    def block_structure(
+        self,
+        seq_len: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
+        *,
+        k_len: int | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> BlockLayout:
+        """Exact :class:`BlockLayout` (active and full tiles) at ``block_size``.
+
+        ``k_len`` defaults to ``seq_len`` (self-attention); give it for a rectangular problem.
+        ``rows = (first, end)`` builds only those query blocks, against every key block: the
+        layout equals ``block_structure(seq_len, block_size).slice(rows, (0, nk))``, at the
+        memory of its rows alone for the patterns a ring shards (what one rank needs).
+        """
+        _check_int("seq_len", seq_len, 1)
+        _check_int("block_size", block_size, 1)
+        k_len = seq_len if k_len is None else _check_int("k_len", k_len, 1)
+        nq = num_blocks(seq_len, block_size)
+        r0, r1 = (0, nq) if rows is None else rows
+        if not (isinstance(r0, int) and isinstance(r1, int) and 0 <= r0 < r1 <= nq):
+            raise ValueError(f"rows must be (first, end) query blocks with 0 <= first < end <= "
+                             f"{nq}, got {rows!r}")
+        any_, all_ = self.tiles(seq_len, k_len, block_size, torch.device(device), (r0, r1))
+        grid = (r1 - r0, num_blocks(k_len, block_size))
+        if any(t.dtype != torch.bool or t.dim() != 3 or tuple(t.shape[1:]) != grid
+               or t.shape[0] not in (1, self.num_heads) for t in (any_, all_)):
+            raise ValueError(f"{type(self).__name__}.tiles must return two bool tensors "
+                             f"[1 or {self.num_heads}, {grid[0]}, {grid[1]}], got "
+                             f"{tuple(any_.shape)} and {tuple(all_.shape)}")
+        any_, all_ = torch.broadcast_tensors(any_, all_)
+        return BlockLayout(any_, all_, min(r1 * block_size, seq_len) - r0 * block_size, k_len,
+                           block_size, LayoutSource(self))
+
+    def block_layout(
+        self, seq_len: int, block_size: int, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """Bool ``[H, nq, nk]``: which tiles hold at least one allowed pair."""
+        return self.block_structure(seq_len, block_size, device).active
+
+    def stats(self, seq_len: int, block_size: int) -> LayoutStats:
+        """Tile counts and the computed density at this length and block size."""
+        return self.block_structure(seq_len, block_size).stats()
+
+    def density(self, seq_len: int, block_size: int | None = None) -> float:
+        """Fraction of the ``S x S`` (query, key) pairs that are computed, averaged over heads.
+
+        With ``block_size`` this is what a block-sparse kernel computes: the area of the
+        active tiles. With ``block_size=None`` it is the pattern's own (token-level) density:
+        the fraction of pairs allowed, i.e. what a perfect kernel would compute.
+        """
+        if block_size is not None:
+            return self.stats(seq_len, block_size).density
+        return self.allowed_pairs(seq_len) / (self.num_heads * seq_len * seq_len)
+
+    def allowed_pairs(self, seq_len: int, block_size: int = 64) -> int:
+        """Exact number of allowed (head, query, key) triples, summed over heads.
+
+        :meth:`count_pairs` where the pattern has a closed form; otherwise counted from the
+        block layout: full tiles by their area, partial tiles token by token, so the cost is
+        proportional to the number of partial tiles.
+        """
+        _check_int("seq_len", seq_len, 1)
+        exact = self.count_pairs(seq_len)
+        if exact is not None:
+            return exact
+        lay = self.block_structure(seq_len, block_size)
+        total = int(tile_sum(lay.full, *lay.block_lengths()).sum())
+        partial = (lay.active & ~lay.full).nonzero()
+        if partial.numel():
+            cnt, _, _ = evaluate_tiles(self, partial, seq_len, seq_len, block_size)
+            total += int(cnt.sum())
+        return total
+
+
+def head_predicate(pattern: Pattern, device: torch.device | str) -> MaskFn:
+    """``pattern.predicate(device)``, callable with any head index.
+
+    A 1-head pattern is the same for every head: it is asked about head 0 whatever head is
+    asked about, so it broadcasts against any number of heads on every backend. Patterns whose
+    predicate reads only ``k - q`` are returned as they are.
+    """
+    f = pattern.predicate(device)
+    if pattern.num_heads != 1 or pattern.offset_rule() is not None:
+        return f
+    return lambda h, q, k: f(h * 0, q, k)
+
+
+# --------------------------------------------------------------------- tile evaluation
+def _canonical_tiles(
+    pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
+) -> tuple[Tensor, Tensor]:
+    """Distinct tiles among ``tiles`` (int64 ``[N, 3]`` of head, row, column) up to a period.
+
+    A tile with no padding moved by ``m`` blocks along its diagonal, ``m * block_size`` a
+    multiple of :meth:`Pattern.period`, holds the same pairs; each is moved back until its
+    smaller block index is below ``m``. Tiles of the ragged last block row or column stay
+    where they are. Returns (distinct tiles ``[U, 3]``, index into them of every input tile).
+    """
+    period = pattern.period()
+    if period is None or tiles.shape[0] < 2:
+        return tiles, torch.arange(tiles.shape[0], device=tiles.device)
+    m = period // math.gcd(period, block_size)  # blocks per period
+    if m * block_size >= max(q_len, k_len):
+        return tiles, torch.arange(tiles.shape[0], device=tiles.device)
+    h, i, j = tiles.unbind(1)
+    ragged = ((i + 1) * block_size > q_len) | ((j + 1) * block_size > k_len)
+    shift = torch.where(ragged, 0, torch.div(torch.minimum(i, j), m, rounding_mode="floor") * m)
+    key = torch.stack([h, i - shift, j - shift, ragged.to(torch.int64)], 1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    return distinct[:, :3], inverse
+
+
+def evaluate_tiles(
+    pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Evaluate ``pattern`` token by token inside the tiles ``tiles`` (int64 ``[N, 3]`` of
+    head, absolute query block, key block).
+
+    Returns (allowed-pair count, any, all) per tile; padding positions never count, and
+    "all" means every real pair of the tile is allowed. Tiles equal up to the pattern's period
+    are evaluated once (see :func:`_canonical_tiles`); :meth:`Pattern.allowed` is called on
+    at most ``max(_TILE_EVAL_BUDGET, block_size**2)`` pairs at a time.
+    """
+    distinct, inverse = _canonical_tiles(pattern, tiles, q_len, k_len, block_size)
+    b = block_size
+    dev = tiles.device
+    off = torch.arange(b, device=dev)
+    per = max(1, _TILE_EVAL_BUDGET // (b * b))
+    counts = [torch.zeros(0, dtype=torch.int64, device=dev)]
+    anys = [torch.zeros(0, dtype=torch.bool, device=dev)]
+    alls = [anys[0]]
+    for start in range(0, distinct.shape[0], per):
+        t = distinct[start : start + per]
+        h = t[:, 0, None, None]
+        q = t[:, 1, None, None] * b + off[None, :, None]
+        k = t[:, 2, None, None] * b + off[None, None, :]
+        real = (q < q_len) & (k < k_len)
+        m = pattern.allowed(h, q, k) & real
+        counts.append(m.sum((1, 2)))
+        anys.append(m.any(2).any(1))
+        alls.append((m | ~real).all(2).all(1))
+    return torch.cat(counts)[inverse], torch.cat(anys)[inverse], torch.cat(alls)[inverse]
+
+
+def refine_tiles(
+    pattern: Pattern,
+    undecided: Tensor,
+    q_len: int,
+    k_len: int,
+    block_size: int,
+    first_row: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Token-level (any, all) of ``pattern`` on the tiles flagged by bool ``undecided [H, r,
+    nk]`` (query blocks ``first_row ...``), False elsewhere: for a :meth:`Pattern.tiles` rule
+    that decides some tiles itself and leaves the rest to the tokens."""
+    any_ = torch.zeros_like(undecided)
+    all_ = torch.zeros_like(undecided)
+    idx = undecided.nonzero()
+    if idx.numel():
+        at = idx + torch.tensor([0, first_row, 0], device=idx.device)  # absolute block rows
+        _, a, f = evaluate_tiles(pattern, at, q_len, k_len, block_size)
+        any_[tuple(idx.T)] = a
+        all_[tuple(idx.T)] = f
+    return any_, all_
+
+
+def describe(pattern: Pattern, seq_len: int, block_size: int) -> dict[str, float | int | str]:
+    """One-line summary of a pattern at a length and block size (for tables and notebooks)."""
+    st = pattern.stats(seq_len, block_size)
+    useful = pattern.density(seq_len)
+    return {
+        "pattern": repr(pattern),
+        "seq_len": seq_len,
+        "block_size": block_size,
+        "heads": pattern.num_heads,
+        "useful_density": useful,
+        "computed_density": st.density,
+        "block_density": st.block_density,
+        "full_tiles": st.full_fraction,
+        "waste": st.density / useful if useful else math.inf,
+    }

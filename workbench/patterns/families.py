@@ -1,0 +1,136 @@
+"""Pattern families: the one registry of named patterns.
+
+A :class:`Family` is a builder, the builder arguments it exposes and its arguments at a
+sequence length. Tests, benchmarks (``python -m workbench bench --families NAME``), the pattern
+explorer and the figures' palette all read :data:`FAMILIES`, so a family registered with
+:func:`register_family` is tested, benchmarked and drawn without further changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .bands import (
+    causal,
+    dilated_window,
+    full,
+    global_local,
+    local_window,
+    sparse_transformer,
+    strided,
+)
+from .base import Pattern
+from .longnet import dilated
+from .random_tiles import random_blocks
+
+
+@dataclass(frozen=True)
+class Family:
+    """A named pattern builder.
+
+    Attributes:
+        name: the registry key, as command lines and recorded CSVs write it.
+        summary: the pairs it allows, in one line, at its length-scaled arguments.
+        build: the builder, e.g. :func:`~workbench.patterns.local_window`.
+        parameters: the builder arguments the family exposes (an explorer's controls); never
+            ``num_heads``, which :attr:`at_length` is given.
+        at_length: ``(seq_len, num_heads) -> arguments`` of the builder at that length (what
+            benchmarks and tests use).
+    """
+
+    name: str
+    summary: str
+    build: Callable[..., Pattern]
+    parameters: tuple[str, ...]
+    at_length: Callable[[int, int], dict[str, Any]]
+
+    def arguments(self, seq_len: int, num_heads: int = 1, **overrides: Any) -> dict[str, Any]:
+        """The builder's arguments: :attr:`at_length`, then ``overrides``.
+
+        Raises:
+            ValueError: an override the builder does not take.
+        """
+        takes = inspect.signature(self.build).parameters
+        unknown = sorted(set(overrides) - set(takes))
+        if unknown:
+            raise ValueError(f"family {self.name!r} has no argument {unknown}; "
+                             f"{self.build.__name__} takes {list(takes)}")
+        return {**self.at_length(seq_len, num_heads), **overrides}
+
+    def pattern(self, seq_len: int, num_heads: int = 1, **overrides: Any) -> Pattern:
+        """The family's pattern at ``seq_len`` with ``num_heads`` heads (see :meth:`arguments`)."""
+        return self.build(**self.arguments(seq_len, num_heads, **overrides))
+
+
+FAMILIES: dict[str, Family] = {}
+"""Every registered family by name, in registration order."""
+
+
+def register_family(entry: Family) -> Family:
+    """Add ``entry`` to :data:`FAMILIES` and return it.
+
+    Raises:
+        ValueError: the name is taken, or a parameter is ``num_heads`` or not an argument of
+            the builder.
+    """
+    if entry.name in FAMILIES:
+        raise ValueError(f"a family named {entry.name!r} is already registered")
+    takes = inspect.signature(entry.build).parameters
+    bad = [p for p in entry.parameters if p not in takes or p == "num_heads"]
+    if bad:
+        raise ValueError(f"family {entry.name!r}: parameters {bad} are not arguments of "
+                         f"{entry.build.__name__} ({list(takes)})")
+    FAMILIES[entry.name] = entry
+    return entry
+
+
+def family(name: str) -> Family:
+    """The family registered as ``name``; a ``ValueError`` lists the names otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def _window(seq_len: int) -> int:
+    return max(256, seq_len // 16)
+
+
+def _segments(seq_len: int) -> list[int]:
+    return [max(64, seq_len // d) for d in (32, 16, 8, 4)]
+
+
+register_family(Family("full", "every pair (dense attention)", full, (), lambda s, h: {}))
+register_family(Family("causal", "j <= i", causal, (), lambda s, h: {}))
+register_family(Family(
+    "local", "causal sliding window of S/16 tokens (at least 256)", local_window,
+    ("window", "causal"), lambda s, h: {"window": _window(s), "causal": True}))
+register_family(Family(
+    "global_local", "64 global tokens and a sliding window of S/16 tokens (at least 256)",
+    global_local, ("num_global", "window"), lambda s, h: {"num_global": 64, "window": _window(s)}))
+register_family(Family(
+    "strided", "(i - j) % stride == 0, stride sqrt(S)", strided, ("stride",),
+    lambda s, h: {"stride": math.isqrt(s)}))
+register_family(Family(
+    "sparse_transformer", "strided(l) | local_window(l), l = sqrt(S)", sparse_transformer,
+    ("stride",), lambda s, h: {"stride": math.isqrt(s)}))
+register_family(Family(
+    "dilated", "LongNet head groups: segments S/32, S/16, S/8, S/4 (at least 64), dilations "
+    "1, 2, 4, 8", dilated, ("segment_lengths", "dilation_rates"),
+    lambda s, h: {"segment_lengths": _segments(s), "dilation_rates": [1, 2, 4, 8],
+                  "num_heads": h}))
+register_family(Family(
+    "longnet", "LongNet head groups: segments 2048, 4096, 8192, 16384, dilations 1, 2, 4, 8",
+    dilated, (), lambda s, h: {"segment_lengths": [2048, 4096, 8192, 16384],
+                               "dilation_rates": [1, 2, 4, 8], "num_heads": h}))
+register_family(Family(
+    "random", "BigBird-style random 128-token cells at density 0.1", random_blocks,
+    ("density", "seed", "cell"),
+    lambda s, h: {"density": 0.1, "cell": 128, "seed": 0}))
+register_family(Family(
+    "dilated_window", "causal window of S/16 tokens (at least 256) keeping every 4th key",
+    dilated_window, ("window", "dilation", "causal"),
+    lambda s, h: {"window": _window(s), "dilation": 4, "causal": True}))

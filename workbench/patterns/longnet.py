@@ -1,0 +1,238 @@
+"""LongNet dilated attention patterns: segments, dilations and the head offset rule.
+
+Head ``h`` splits the sequence into segments of ``w_h`` tokens and keeps, inside each, the
+positions at offset ``s_h, s_h + r_h, ...`` from the segment start; a query and a key attend when
+both are kept and share a segment. :func:`dilated` assigns (segment, dilation) pairs to head
+groups (LongNet's head-group mode), :func:`dilated_branch` puts one pair on every head (a branch
+of the paper's mode). The layout is analytic: per block, the range of segments it keeps a
+position of, so it costs O(H * nq * nk) and never ``S x S``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..layout import block_extents
+from .bands import causal as causal_band
+from .base import Pattern, _check_int
+
+
+def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], length: int,
+                   block_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per (segment ``w``, dilation ``r``, offset ``s``) triple and block: first and last
+    segment holding a kept position, or empty.
+
+    Returns (lo, hi, all_seg), each int64 ``[T, n]``. A block holding no kept position has
+    ``lo = length`` (above every segment index) and ``hi = -1``, so two blocks share a
+    segment exactly when ``lo_a <= hi_b`` and ``lo_b <= hi_a``. ``all_seg`` is the segment
+    index when every position of the block is kept and lies in that one segment, else -1.
+    """
+    ext = block_extents(length, block_size, device)
+    a, e = ext[None, :, 0], ext[None, :, 1]  # first and last position of each block
+    w = torch.tensor(w_, device=device)[:, None]
+    r = torch.tensor(r_, device=device)[:, None]
+    s = torch.tensor(s_, device=device)[:, None]
+    # First kept position >= a: in a's segment if one is left there, else the next.
+    m = a // w
+    t = a - m * w
+    u = s + r * torch.div(torch.clamp(t - s, min=0) + r - 1, r, rounding_mode="floor")
+    seg_len = torch.clamp(length - m * w, max=w)
+    first = torch.where(u < seg_len, m * w + u, (m + 1) * w + s)
+    # Last kept position <= e: in e's segment if its offset reaches s, else the previous.
+    m2 = e // w
+    t2 = e - m2 * w
+    last_here = m2 * w + s + r * torch.div(t2 - s, r, rounding_mode="floor")
+    last_prev = (m2 - 1) * w + s + r * torch.div(w - 1 - s, r, rounding_mode="floor")
+    last = torch.where(t2 >= s, last_here, last_prev)
+    nonempty = first <= e
+    lo = torch.where(nonempty, first // w, length)
+    hi = torch.where(nonempty, last // w, -1)
+    one_segment = (a // w) == (e // w)
+    all_kept = (r == 1) | ((a == e) & (torch.remainder(a - m * w, r) == s))
+    all_seg = torch.where(one_segment & all_kept & nonempty, m, torch.full_like(m, -1))
+    return lo, hi, all_seg
+
+
+def _segment_tiles(q: Tensor, k: Tensor, any_out: Tensor, all_out: Tensor) -> None:
+    """One head's dilated tiles from per-block (lo, hi, all_seg) rows ``[3, n]`` of q and k.
+
+    Active: the blocks' kept-segment ranges overlap. Full: both blocks are wholly kept in one
+    and the same segment (``all_seg`` of k uses -2 for "no", so it never equals q's -1).
+    Query blocks with the same (lo, hi, all_seg) have the same row: each distinct row is
+    computed once and the rows are gathered into the outputs.
+    """
+    starts = torch.ones_like(q[0], dtype=torch.bool)
+    starts[1:] = (q[:, 1:] != q[:, :-1]).any(0)  # equal neighbouring rows are computed once
+    inverse = starts.cumsum(0) - 1
+    (qlo, qhi, qall), (klo, khi, kall) = q[:, starts, None], k[:, None, :]
+    torch.index_select((qlo <= khi) & (klo <= qhi), 0, inverse, out=any_out)
+    torch.index_select(qall == kall, 0, inverse, out=all_out)
+
+
+class Dilated(Pattern):
+    """LongNet dilated attention with one (segment, dilation, offset) triple per head.
+
+    Head ``h`` splits the sequence into segments ``[m*w, (m+1)*w)`` (the last one is the
+    remainder when ``w`` does not divide the length) and, inside each segment, keeps the
+    positions whose offset from the segment start is ``s, s + r, s + 2r, ...`` (``w_h, r_h,
+    s_h``). Query and key attend when both are kept and lie in the same segment.
+    """
+
+    def __init__(self, segments: Sequence[int], dilations: Sequence[int], offsets: Sequence[int],
+                 name: str) -> None:
+        self.w, self.r, self.s = list(segments), list(dilations), list(offsets)
+        self.num_heads = len(self.w)
+        self.name = name
+        self._tables: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per device
+
+    def allowed(self, h, q, k):
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        # the per-head tables are copied to a device once: a copy from the host waits for
+        # every kernel queued there, and a ring builds a predicate on every call
+        key = str(torch.device(device))
+        if key not in self._tables:
+            self._tables[key] = tuple(torch.tensor(x, device=device)
+                                      for x in (self.w, self.r, self.s))
+        tw, tr, ts = self._tables[key]
+
+        def kept_pair(h, q, k):
+            w, r, s = tw[h], tr[h], ts[h]
+            qo, ko = torch.remainder(q, w), torch.remainder(k, w)
+            seg_q = torch.div(q, w, rounding_mode="floor")
+            same_segment = seg_q == torch.div(k, w, rounding_mode="floor")
+            return same_segment & (torch.remainder(qo, r) == s) & (torch.remainder(ko, r) == s)
+
+        return kept_pair
+
+    def period(self):
+        return math.lcm(*self.w)
+
+    def tiles(self, q_len, k_len, block_size, device, rows):
+        # Heads with the same block-level view (the same triple, or offsets that no block of
+        # these rows can tell apart) share one computation: done once, copied to the others.
+        triples = list(zip(self.w, self.r, self.s))
+        distinct = list(dict.fromkeys(triples))
+        w, r, s = (list(x) for x in zip(*distinct))
+        q = torch.stack(_kept_segments(w, r, s, q_len, block_size, device), 1)  # [T, 3, nq]
+        q = q[:, :, rows[0]:rows[1]].contiguous()
+        k = torch.stack(_kept_segments(w, r, s, k_len, block_size, device), 1)  # [T, 3, nk]
+        k[:, 2] = torch.where(k[:, 2] < 0, -2, k[:, 2])  # "not all kept" never matches q's -1
+        views: list[int] = []  # per distinct triple: the first triple with the same view
+        for t in range(len(distinct)):
+            views.append(next(u for u in range(t + 1) if u == t or (
+                torch.equal(q[u], q[t]) and torch.equal(k[u], k[t]))))
+        src_of = [views[distinct.index(x)] for x in triples]
+        h = len(triples)
+        shape = (h if len(set(views)) > 1 else 1, q.shape[2], k.shape[2])
+        any_ = torch.empty(shape, dtype=torch.bool, device=device)
+        all_ = torch.empty_like(any_)
+        head_of: dict[int, int] = {}  # distinct view -> first head holding it
+        for i in range(shape[0]):
+            src = head_of.setdefault(src_of[i], i)
+            if src < i:
+                any_[i].copy_(any_[src])
+                all_[i].copy_(all_[src])
+            else:
+                _segment_tiles(q[src_of[i]], k[src_of[i]], any_[i], all_[i])
+        return any_.expand(h, *shape[1:]), all_.expand(h, *shape[1:])
+
+    def count_pairs(self, seq_len):
+        total = 0
+        for w, r, s in zip(self.w, self.r, self.s):
+            starts = torch.arange(0, seq_len, w, dtype=torch.int64)
+            lengths = torch.clamp(seq_len - starts, max=w)
+            kept = torch.clamp(torch.div(lengths - s + r - 1, r, rounding_mode="floor"), min=0)
+            total += int((kept * kept).sum())
+        return total
+
+    def key(self):
+        return (tuple(self.w), tuple(self.r), tuple(self.s))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> None:
+    """Validate LongNet (segment, dilation) lists; raise naming the offending argument."""
+    for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(seq, (int, str)) or not isinstance(seq, Sequence) or len(seq) == 0:
+            raise TypeError(f"{name} must be a non-empty list of ints, got {seq!r}")
+        for v in seq:
+            _check_int(f"{name} entries", v, 1)
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
+            f"({len(dilation_rates)} values) must have the same length: one dilation per segment"
+        )
+    for w, r in zip(segment_lengths, dilation_rates):
+        if r > w:
+            raise ValueError(
+                f"dilation rate {r} is larger than its segment length {w}: a segment would keep "
+                "at most one position; use a dilation <= segment length"
+            )
+
+
+def head_groups(num_heads: int, num_groups: int) -> list[int]:
+    """Group index of every head when ``num_heads`` are split as evenly as possible.
+
+    Groups are contiguous; the first ``num_heads % num_groups`` groups get one extra head.
+    """
+    _check_int("num_heads", num_heads, 1)
+    if num_heads < num_groups:
+        raise ValueError(
+            f"num_heads={num_heads} is smaller than the number of (segment, dilation) pairs "
+            f"({num_groups}); head-group mode needs at least one head per pair"
+        )
+    base, extra = divmod(num_heads, num_groups)
+    sizes = [base + (1 if g < extra else 0) for g in range(num_groups)]
+    return [g for g, n in enumerate(sizes) for _ in range(n)]
+
+
+def dilated(
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    num_heads: int,
+    causal: bool = False,
+) -> Pattern:
+    """LongNet dilated attention in head-group mode: one (segment, dilation) pair per head group.
+
+    Heads are split into ``len(segment_lengths)`` contiguous groups as evenly as possible (the
+    first ``num_heads % k`` groups get one extra head); group ``g`` uses segment
+    ``w_g = segment_lengths[g]`` and dilation ``r_g = dilation_rates[g]``. Head ``j`` keeps the
+    positions at offset ``j mod r_g`` from each segment start (the paper's head-offset rule,
+    applied to the absolute head index), then ``s + r_g, s + 2 r_g, ...`` inside the segment.
+    Segments tile the sequence from position 0; the last is the remainder when ``w_g`` does not
+    divide the length (equivalently: the sequence is padded to a multiple of ``w_g`` with keys
+    nobody attends). A position a head does not keep attends nothing in that head (its output
+    is zero).
+    """
+    check_dilation_pairs(segment_lengths, dilation_rates)
+    group = head_groups(num_heads, len(segment_lengths))
+    w = [segment_lengths[g] for g in group]
+    r = [dilation_rates[g] for g in group]
+    s = [j % r[j] for j in range(num_heads)]
+    name = f"dilated({list(segment_lengths)}, {list(dilation_rates)}, num_heads={num_heads})"
+    pat: Pattern = Dilated(w, r, s, name)
+    return pat & causal_band() if causal else pat
+
+
+def dilated_branch(segment_length: int, dilation_rate: int, num_heads: int) -> Pattern:
+    """One LongNet (segment, dilation) branch on every head; head ``j`` takes offset ``j mod r``.
+
+    The paper's attention is the log-sum-exp merge of these branches (see
+    :func:`workbench.dilated_attention` with ``mode="paper"``).
+    """
+    check_dilation_pairs([segment_length], [dilation_rate])
+    _check_int("num_heads", num_heads, 1)
+    r = dilation_rate
+    name = f"dilated_branch({segment_length}, {r}, num_heads={num_heads})"
+    return Dilated([segment_length] * num_heads, [r] * num_heads,
+                   [j % r for j in range(num_heads)], name)
+
+

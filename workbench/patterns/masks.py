@@ -1,0 +1,182 @@
+"""Patterns defined by tensors: key padding, explicit masks, selected tiles, batch copies.
+
+These hold data rather than arguments, so they are equal only to themselves (except
+:class:`TiledHeads` of a pattern that has a value). Their layouts are exact reductions of
+the tensor over each tile, at any block size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import cells_to_tiles, num_blocks
+from .base import Pattern
+
+
+class KeyMask(Pattern):
+    """Keys allowed per head by a boolean vector ``valid [H, S_k]`` (key padding); keys past
+    the vector are never allowed."""
+
+    def __init__(self, valid: torch.Tensor) -> None:
+        if valid.dtype != torch.bool or valid.dim() != 2:
+            raise TypeError(f"valid must be a bool [heads, keys] tensor, got {valid.dtype} "
+                            f"{tuple(valid.shape)}")
+        self.valid = valid
+        self.num_heads = valid.shape[0]
+
+    def allowed(self, h, q, k):
+        return self.predicate(k.device)(h, q, k)
+
+    def predicate(self, device):
+        v = self.valid.to(device)
+        n, multi_head = v.shape[1], self.num_heads > 1
+
+        def valid_key(h, q, k):
+            hh = h if multi_head else torch.zeros_like(h)
+            return v[hh, torch.clamp(k, max=n - 1)] & (k < n) & (q >= 0)
+
+        return valid_key
+
+    def tiles(self, q_len, k_len, block_size, device, rows):
+        nk = num_blocks(k_len, block_size)
+        v = self.valid.to(device)[:, :k_len]
+        vb = F.pad(v, (0, nk * block_size - v.shape[1])).view(-1, nk, block_size)
+        pad = (torch.arange(nk * block_size, device=device) >= k_len).view(nk, block_size)
+        shape = (self.num_heads, rows[1] - rows[0], nk)
+        return vb.any(-1)[:, None].expand(shape), (vb | pad).all(-1)[:, None].expand(shape)
+
+    def __repr__(self) -> str:
+        return f"key_mask({tuple(self.valid.shape)})"
+
+
+class DenseMask(Pattern):
+    """Pairs allowed by an explicit bool tensor ``allowed [H, S_q, S_k]`` (``H`` may be 1).
+
+    For short sequences only (the tensor itself is ``S x S``). Positions beyond the tensor are
+    never allowed. The block layout is exact at any block size.
+    """
+
+    def __init__(self, allowed: torch.Tensor) -> None:
+        if allowed.dtype != torch.bool or allowed.dim() != 3:
+            raise TypeError(f"allowed must be a bool [heads, q_len, k_len] tensor, got "
+                            f"{allowed.dtype} {tuple(allowed.shape)}")
+        self.mask = allowed
+        self.num_heads = allowed.shape[0]
+
+    def allowed(self, h, q, k):
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        m = self.mask.to(device)
+        nq, nk, multi = m.shape[1], m.shape[2], self.num_heads > 1
+
+        def in_mask(h, q, k):
+            hh = h if multi else torch.zeros_like(h)
+            qi = torch.clamp(q, min=0, max=nq - 1)
+            ki = torch.clamp(k, min=0, max=nk - 1)
+            return m[hh, qi, ki] & (q >= 0) & (q < nq) & (k >= 0) & (k < nk)
+
+        return in_mask
+
+    def tiles(self, q_len, k_len, block_size, device, rows):
+        b = block_size
+        r, nk = rows[1] - rows[0], num_blocks(k_len, b)
+        q0, q1 = rows[0] * b, min(rows[1] * b, q_len)
+        src = self.mask[:, q0:q1, :k_len].to(device)
+        m = torch.zeros(self.num_heads, r * b, nk * b, dtype=torch.bool, device=device)
+        m[:, : src.shape[1], : src.shape[2]] = src
+        real = torch.zeros(1, r * b, nk * b, dtype=torch.bool, device=device)
+        real[:, : q1 - q0, :k_len] = True
+        shape = (-1, r, b, nk, b)
+        return m.view(shape).any(4).any(2), (m | ~real).view(shape).all(4).all(2)
+
+    def __repr__(self) -> str:
+        return f"dense_mask({tuple(self.mask.shape)})"
+
+
+class BlockSelection(Pattern):
+    """Pattern of selected tiles: ``allowed(h, q, k) = selected[h, q // b, k // b]``.
+
+    ``selected`` is bool ``[H, nq, nk]`` at block size ``b`` for a ``q_len x k_len`` problem
+    (``H`` may be ``B * heads`` with the batch folded in). The block layout is exact at any
+    kernel block size (cells are reduced over each kernel tile, as
+    :class:`~workbench.patterns.random_tiles.RandomBlocks` does); it is defined only for the
+    lengths the selection was made for.
+    """
+
+    def __init__(self, selected: torch.Tensor, block_size: int, q_len: int, k_len: int) -> None:
+        if selected.dtype != torch.bool or selected.dim() != 3:
+            raise TypeError(f"selected must be a bool [heads, nq, nk] tensor, got "
+                            f"{selected.dtype} {tuple(selected.shape)}")
+        expect = (num_blocks(q_len, block_size), num_blocks(k_len, block_size))
+        if tuple(selected.shape[1:]) != expect:
+            raise ValueError(f"selected has {tuple(selected.shape[1:])} blocks but q_len={q_len}"
+                             f", k_len={k_len}, block_size={block_size} need {expect}")
+        self.selected, self.cell, self.q_len, self.k_len = selected, block_size, q_len, k_len
+        self.num_heads = selected.shape[0]
+
+    def allowed(self, h, q, k):
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        sel = self.selected.to(device)
+        c, nq, nk, ql, kl = self.cell, sel.shape[1], sel.shape[2], self.q_len, self.k_len
+        multi = self.num_heads > 1
+
+        def in_selected(h, q, k):
+            hh = h if multi else torch.zeros_like(h)
+            qi = torch.clamp(torch.div(q, c, rounding_mode="floor"), min=0, max=nq - 1)
+            ki = torch.clamp(torch.div(k, c, rounding_mode="floor"), min=0, max=nk - 1)
+            return sel[hh, qi, ki] & (q >= 0) & (q < ql) & (k >= 0) & (k < kl)
+
+        return in_selected
+
+    def tiles(self, q_len, k_len, block_size, device, rows):
+        if (q_len, k_len) != (self.q_len, self.k_len):
+            raise ValueError(f"this selection is for q_len={self.q_len}, k_len={self.k_len}; "
+                             f"got {q_len}, {k_len}")
+        c = self.cell
+        cells = self.selected[:, rows[0] * block_size // c:
+                              (min(rows[1] * block_size, q_len) - 1) // c + 1]
+        return cells_to_tiles(cells.to(device), c, q_len, k_len, block_size, rows)
+
+    def __repr__(self) -> str:
+        return f"block_selection({tuple(self.selected.shape)}, block={self.cell})"
+
+
+class TiledHeads(Pattern):
+    """An ``H``-head pattern repeated ``copies`` times: head ``c * H + h`` behaves as head ``h``.
+
+    Used to fold the batch into the heads (per-batch masks, adaptive layouts).
+    """
+
+    def __init__(self, pattern: Pattern, copies: int) -> None:
+        self.base, self.copies = pattern, copies
+        self.num_heads = pattern.num_heads * copies
+
+    def allowed(self, h, q, k):
+        return self.predicate(q.device)(h, q, k)
+
+    def predicate(self, device):
+        f, n = self.base.predicate(device), self.base.num_heads
+        return lambda h, q, k: f(torch.remainder(h, n), q, k)
+
+    def tiles(self, q_len, k_len, block_size, device, rows):
+        a, f = self.base.tiles(q_len, k_len, block_size, device, rows)
+        shape = (self.base.num_heads, *a.shape[1:])
+        return a.expand(shape).repeat(self.copies, 1, 1), f.expand(shape).repeat(self.copies, 1, 1)
+
+    def key(self):
+        base = self.base.key()
+        return None if base is None else (type(self.base), base, self.copies)
+
+    def __repr__(self) -> str:
+        return f"tiled({self.base!r}, copies={self.copies})"
+
+
+def tile_batch(pattern: Pattern, copies: int) -> Pattern:
+    """``pattern`` over ``copies`` batch elements folded into the heads (head ``c * H + h``
+    behaves as head ``h``): a 1-head pattern unchanged (it broadcasts over any number of
+    heads), an ``H``-head one as :class:`TiledHeads` (``copies * H`` heads)."""
+    return pattern if pattern.num_heads == 1 or copies == 1 else TiledHeads(pattern, copies)
