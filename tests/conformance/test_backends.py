@@ -19,7 +19,7 @@ from workbench.backends import BackendUnsupported, Request, flex, get_backend, r
 from workbench.orderings import grid_neighborhood, permuted
 
 P = wb.patterns
-H = 3
+H = 4  # LongNet families split heads into 4 groups
 BLOCK = {"cpu": 16, "cuda": 32}  # the triton kernels take blocks of 32 or more
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPE = {"cpu": torch.float64, "cuda": torch.float16}
@@ -31,25 +31,20 @@ def _perm(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(5))
 
 
-# name -> (pattern built for H heads, whether it is defined on rectangular problems)
-PATTERNS = {
-    "full": lambda: P.full(),
-    "causal": lambda: P.causal(),
-    "local": lambda: P.local_window(9),
+# every registered family at this suite's lengths, and what users build from them
+PATTERNS = {name: (lambda f=f: f.pattern(96, H)) for name, f in P.FAMILIES.items()}
+PATTERNS.update({
     "local_causal": lambda: P.local_window(9, causal=True),
-    "global_local": lambda: P.global_local(3, 8),
-    "strided": lambda: P.strided(5),
     "union": lambda: P.strided(7) | P.local_window(4),
     "intersection": lambda: P.local_window(20) & P.causal(),
-    "dilated": lambda: P.dilated([16, 32], [1, 2], H),
+    "dilated_small": lambda: P.dilated([16, 32], [1, 2], H),
     "dilated_causal": lambda: P.dilated([16, 32], [1, 2], H, causal=True),
     "dilated_odd": lambda: P.dilated([7, 11], [3, 4], H),  # 77 = 7 x 11: strided views
-    "random": lambda: P.random_blocks(0.3, seed=2, cell=16, num_heads=H),
     "one_head_broadcast": lambda: P.random_blocks(0.3, seed=3, cell=8),
     "permuted": lambda: permuted(P.local_window(6), _perm(96)),
     "grid_hilbert": lambda: grid_neighborhood((8, 12), 1),
     "key_mask": lambda: P.KeyMask((torch.arange(96) % 7 != 3)[None]),
-}
+})
 SHAPES = {"square": (77, 77), "ragged": (45, 70)}
 OPERATIONS = ("forward", "backward", "lse", "ring", "dropout")
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..orderings import dilation_gather
-from ..patterns import Dilated, Intersection, KeyMask, Pattern, full, head_predicate
+from ..patterns import Dilated, KeyMask, Pattern, full, head_predicate
 from ..patterns import causal as causal_band
+from ..patterns.algebra import Intersection
 from .merge import empty_partial
 from .problem import Problem
 from .registry import Backend, Capabilities, Request, run_backend
