@@ -105,11 +105,14 @@ def test_figures_checks_the_project_it_is_given_or_finds(tmp_path, monkeypatch, 
 
 
 def error(argv: list[str], capsys) -> str:
-    """The one line ``main(argv)`` ends with on stderr (it must end with status 2)."""
+    """The one line ``main(argv)`` ends with on stderr, before any work (nothing on stdout),
+    with status 2."""
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    out, err = capsys.readouterr()
+    assert not out, out
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     return lines[0]
 
