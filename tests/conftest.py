@@ -13,6 +13,8 @@ import torch.nn.functional as F
 _OUT = tempfile.mkdtemp(prefix="workbench-test-")
 os.environ.setdefault("WORKBENCH_FIGURES_DIR", os.path.join(_OUT, "figures"))
 os.environ.setdefault("WORKBENCH_DATA_DIR", os.path.join(_OUT, "data"))
+# The project is this checkout, wherever pytest is started from.
+os.environ.setdefault("WORKBENCH_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.lab.figures import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("sphinx")
 pytest.importorskip("myst_nb")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from workbench.lab.cli import main
-from workbench.lab.figures import REPO, check_figures, discover, select
+from workbench.lab.figures import check_figures, discover, select
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_notebook_declares_figures_and_has_a_parameters_cell():
@@ -60,7 +63,7 @@ def test_cli_reports_missing_figures(tmp_path, monkeypatch, capsys):
 
 
 def test_unknown_notebook_and_profile_are_reported():
-    with pytest.raises(SystemExit, match="available"):
+    with pytest.raises(ValueError, match="available"):
         select(discover(), ["99"])
     from workbench.lab.figures import _parameters
 

@@ -9,6 +9,12 @@ Examples::
     python -m workbench figures -p seq_len=1000 # override one parameter (JSON value)
     python -m workbench figures --check         # only check that declared figures exist
     python -m workbench figures --save-outputs  # also store the executed notebooks in notebooks/
+    python -m workbench figures --root PATH     # the project whose notebooks run
+
+``figures`` and the commands that record rows work on a project: a folder with
+``pyproject.toml`` and ``notebooks/``, by default ``$WORKBENCH_ROOT`` or the nearest one at or
+above the working directory (:mod:`workbench.project`). Figures go to its ``figures/``, rows to
+its ``data/``; an installed package never writes into its own folder.
 
     python -m workbench bench --study cpu_small --seq-lens 1024 2048     # CPU, small
     python -m workbench bench --study h100 --seq-lens 16384 65536 \\
@@ -216,6 +222,20 @@ def _check_device(args: argparse.Namespace) -> None:
                          + (f" to cuda:{count - 1}" if count > 1 else ""))
 
 
+def _check_data_dir(args: argparse.Namespace) -> None:
+    """A command that records rows has a folder to write them to (the project's ``data/``, or
+    ``$WORKBENCH_DATA_DIR``) before its work starts."""
+    if args.command in ("figures", "ring-demo"):  # figures finds its project itself
+        return
+    from ..project import ProjectNotFoundError, data_dir
+
+    try:
+        data_dir()
+    except ProjectNotFoundError as err:
+        raise UsageError(f"{args.command} writes its rows to a project's data/ and found none: "
+                         f"{err}, or WORKBENCH_DATA_DIR=PATH for the CSV files alone") from None
+
+
 def _check_backend(args: argparse.Namespace) -> None:
     """``--backend nccl`` only where CUDA is."""
     import torch
@@ -250,12 +270,23 @@ def _notebook_parameters(path: Path) -> set[str] | None:
 
 
 def _check_figures(args: argparse.Namespace) -> None:
-    """``--only`` prefixes each match a notebook; when notebooks run: papermill is installed,
-    every chosen notebook has ``--profile``, every ``-p`` name is a parameter of one of them, and
-    ``--save-outputs`` comes with the default parameters."""
+    """The project is found (``--root``, ``$WORKBENCH_ROOT`` or the working directory) and has
+    notebooks; ``--only`` prefixes each match a notebook; when notebooks run: papermill is
+    installed, every chosen notebook has ``--profile``, every ``-p`` name is a parameter of one of
+    them, and ``--save-outputs`` comes with the default parameters. ``args.root`` becomes the
+    project's resolved path."""
+    from ..project import ProjectNotFoundError, find_root
     from .figures import discover, select
 
-    specs = discover()
+    try:
+        args.root = find_root(args.root)
+    except ProjectNotFoundError as err:
+        raise UsageError(f"--root {args.root}: {err}" if args.root else
+                         f"{err}, or pass --root PATH") from None
+    specs = discover(args.root)
+    if not specs:
+        raise UsageError(f"{args.root / 'notebooks'} holds no notebook (*.ipynb): nothing to "
+                         "run or check; use --root to name another project")
     names = ", ".join(s.name for s in specs)
     for prefix in args.only or []:
         if not any(s.name.startswith(prefix) for s in specs):
@@ -416,7 +447,7 @@ def _check_ring_bench(args: argparse.Namespace) -> None:
 def _figures(args: argparse.Namespace) -> int:
     from .figures import check_figures, discover, run_notebooks, select
 
-    specs = select(discover(), args.only)
+    specs = select(discover(args.root), args.only)
     if args.list:
         for spec in specs:
             profiles = ", ".join(["default", *spec.profiles])
@@ -427,10 +458,10 @@ def _figures(args: argparse.Namespace) -> int:
                 print(f"    data/{data}")
         return 0
     if args.check:
-        missing = check_figures(specs)
+        missing = check_figures(specs, root=args.root)
     else:
         missing = run_notebooks(specs, profile=args.profile, overrides=dict(args.param or []),
-                                save_outputs=args.save_outputs)
+                                save_outputs=args.save_outputs, root=args.root)
     if missing:
         print("declared figures not written:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 1
@@ -587,6 +618,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def _figures_command(sub) -> None:
     fig = sub.add_parser("figures", help="regenerate figures/ and data/ by running the notebooks")
+    fig.add_argument("--root", type=Path, default=None, metavar="PATH",
+                     help="the project (a folder with pyproject.toml and notebooks/; default: "
+                          "$WORKBENCH_ROOT, else the nearest one at or above the working "
+                          "directory)")
     fig.add_argument("--list", action="store_true", help="list notebooks and declared figures")
     fig.add_argument("--only", nargs="+", metavar="NAME", help="notebook name prefixes to run")
     fig.add_argument("--profile", default=None, help="named parameter profile (default: none)")
@@ -789,6 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.error(f"unrecognized arguments: {' '.join(extras)} (see {prog} --help)")
         try:
             _check_device(args)
+            _check_data_dir(args)
             validate = getattr(args, "validate", None)
             if validate is not None:
                 validate(args)

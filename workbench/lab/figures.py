@@ -8,25 +8,26 @@ Each notebook in ``notebooks/`` declares, in its metadata under ``"workbench"``:
 
 ``run_notebooks`` executes notebooks into ``build/notebooks/`` (ignored by git) with their
 default parameters, or a named profile, or explicit overrides, then checks that every declared
-figure was written during the run. Nothing here is notebook-specific.
+figure was written during the run. Nothing here is notebook-specific. Every folder is the
+project's (:mod:`workbench.project`): ``root`` when a function is given one, else the project
+found from ``$WORKBENCH_ROOT`` or the working directory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..viz.save import figures_dir
+from ..project import ROOT_ENV, figures_dir, find_root, notebooks_dir
 
-__all__ = ["NotebookSpec", "REPO", "check_figures", "discover", "run_notebooks"]
-
-REPO = Path(__file__).resolve().parents[2]
-NOTEBOOKS = REPO / "notebooks"
-BUILD = REPO / "build" / "notebooks"
+__all__ = ["NotebookSpec", "check_figures", "discover", "run_notebooks", "select"]
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,11 @@ class NotebookSpec:
         return self.path.stem
 
 
-def discover(folder: Path = NOTEBOOKS) -> list[NotebookSpec]:
-    """Every ``*.ipynb`` in ``folder`` (sorted by name) with its declared outputs."""
+def discover(root: Path | None = None) -> list[NotebookSpec]:
+    """Every ``*.ipynb`` in the project's ``notebooks/`` (sorted by name) with its declared
+    outputs; raises ``ProjectNotFoundError`` (an ``OSError``) outside a project."""
     specs = []
-    for path in sorted(folder.glob("*.ipynb")):
+    for path in sorted(notebooks_dir(root).glob("*.ipynb")):
         meta = json.loads(path.read_text()).get("metadata", {}).get("workbench", {})
         specs.append(NotebookSpec(path, list(meta.get("figures", [])), list(meta.get("data", [])),
                                   dict(meta.get("profiles", {}))))
@@ -54,22 +56,22 @@ def discover(folder: Path = NOTEBOOKS) -> list[NotebookSpec]:
 
 
 def select(specs: list[NotebookSpec], only: list[str] | None) -> list[NotebookSpec]:
-    """Notebooks whose name starts with one of ``only`` (all when ``only`` is empty)."""
-    if not only:
-        return specs
-    chosen = [s for s in specs if any(s.name.startswith(o) for o in only)]
+    """Notebooks whose name starts with one of ``only`` (all when ``only`` is empty); raises
+    ``ValueError`` when that is none, so that a run of nothing never reads as a success."""
+    chosen = [s for s in specs if not only or any(s.name.startswith(o) for o in only)]
     if not chosen:
-        names = ", ".join(s.name for s in specs)
-        raise SystemExit(f"no notebook matches {only}; available: {names}")
+        names = ", ".join(s.name for s in specs) or "none"
+        raise ValueError(f"no notebook matches {' '.join(only or ['*'])}; available: {names}")
     return chosen
 
 
-def check_figures(specs: list[NotebookSpec], since: float | None = None) -> list[str]:
+def check_figures(specs: list[NotebookSpec], since: float | None = None,
+                  root: Path | None = None) -> list[str]:
     """Declared figures that are missing (or older than ``since``); empty when all are there."""
     missing = []
     for spec in specs:
         for fig in spec.figures:
-            path = figures_dir() / fig
+            path = figures_dir(root) / fig
             if not path.exists() or (since is not None and path.stat().st_mtime < since):
                 missing.append(f"{spec.name}: {path}")
     return missing
@@ -95,11 +97,14 @@ def run_notebooks(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     save_outputs: bool = False,
+    root: Path | None = None,
 ) -> list[str]:
     """Execute ``specs`` with papermill; returns the declared figures that were not written.
 
-    With ``save_outputs`` (default parameters only) the executed notebooks replace the ones in
-    ``notebooks/``, so the committed notebooks carry the outputs nbval checks.
+    The kernels run in the notebooks' folder with ``$WORKBENCH_ROOT`` set to the project, so
+    what they save lands in the same project. With ``save_outputs`` (default parameters only)
+    the executed notebooks replace the ones in ``notebooks/``, so the committed notebooks carry
+    the outputs nbval checks.
     """
     if save_outputs and (overrides or (profile and profile != "default")):
         raise SystemExit("--save-outputs records the default parameters' outputs only; "
@@ -107,19 +112,36 @@ def run_notebooks(
     import papermill as pm
     from tqdm.auto import tqdm
 
-    BUILD.mkdir(parents=True, exist_ok=True)
+    root = find_root(root)
+    build = root / "build" / "notebooks"
+    build.mkdir(parents=True, exist_ok=True)
     start = time.time() - 1.0
     bar = tqdm(specs, desc="notebooks", unit="nb", disable=not progress)
-    for spec in bar:
-        bar.set_postfix_str(spec.name)
-        pm.execute_notebook(
-            str(spec.path),
-            str(BUILD / spec.path.name),
-            parameters=_parameters(spec, profile, overrides or {}),
-            cwd=str(spec.path.parent),
-            kernel_name="python3",
-            progress_bar=False,
-        )
-        if save_outputs:
-            shutil.copyfile(BUILD / spec.path.name, spec.path)
-    return check_figures(specs, since=start)
+    with _environ(ROOT_ENV, str(root)):
+        for spec in bar:
+            bar.set_postfix_str(spec.name)
+            pm.execute_notebook(
+                str(spec.path),
+                str(build / spec.path.name),
+                parameters=_parameters(spec, profile, overrides or {}),
+                cwd=str(spec.path.parent),
+                kernel_name="python3",
+                progress_bar=False,
+            )
+            if save_outputs:
+                shutil.copyfile(build / spec.path.name, spec.path)
+    return check_figures(specs, since=start, root=root)
+
+
+@contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` inside the block (kernels inherit it)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -1,9 +1,11 @@
-"""Recorded results: tidy CSV files under ``data/`` that carry where and when they were made.
+"""Recorded results: tidy CSV files in the project's ``data/`` that carry where and when they
+were made.
 
 Every row written by :func:`write_csv` gets the columns ``device``, ``torch``, ``date`` (UTC,
 ISO day) and ``commit`` (the code that ran) unless it already has them, so a number can always
 be traced to its run.
-``WORKBENCH_DATA_DIR`` redirects the folder (the tests use a temporary one).
+The folder is :func:`workbench.project.data_dir`: the project's ``data/``, or
+``$WORKBENCH_DATA_DIR`` (the tests use a temporary one).
 """
 
 from __future__ import annotations
@@ -19,28 +21,25 @@ from pathlib import Path
 
 import torch
 
+from ..project import data_dir, source_checkout
+
 __all__ = ["code_commit", "data_dir", "environment", "read_csv", "write_csv"]
-
-_REPO_DATA = Path(__file__).resolve().parents[2] / "data"
-
-
-def data_dir() -> Path:
-    """Where data files go: ``$WORKBENCH_DATA_DIR`` or the repository's ``data/``."""
-    env = os.environ.get("WORKBENCH_DATA_DIR")
-    return Path(env) if env else _REPO_DATA
 
 
 def code_commit() -> str:
     """The commit of the code that runs: ``$WORKBENCH_COMMIT`` when set (a copy of the working
-    tree without its git folder), else git's short hash of this checkout, with ``+changes`` when
-    the package differs from it; ``""`` when neither is known."""
+    tree without its git folder), else git's short hash of the checkout the package is imported
+    from, with ``+changes`` when the package differs from it; ``""`` when neither is known (an
+    installed wheel)."""
     return os.environ.get("WORKBENCH_COMMIT") or _git_commit()
 
 
 @functools.lru_cache(maxsize=1)
 def _git_commit() -> str:
     """:func:`code_commit` from git, asked once per process (a benchmark writes every case)."""
-    repo = _REPO_DATA.parent
+    repo = source_checkout()
+    if repo is None:
+        return ""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10, check=True).stdout

@@ -1,32 +1,24 @@
 """One way to write figures: stable names, deterministic bytes, one folder.
 
-Figures go to ``figures/`` of the repository by default. The environment variable
-``WORKBENCH_FIGURES_DIR`` redirects them (the test suite points it at a temporary folder so
-that running the notebooks under nbval never rewrites the committed figures).
+Figures go to the project's ``figures/`` (:func:`workbench.project.figures_dir`: the project
+found from the working directory, or ``$WORKBENCH_ROOT``); ``$WORKBENCH_FIGURES_DIR`` redirects
+them (the test suite points it at a temporary folder so that running the notebooks under nbval
+never rewrites the committed figures).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 
+from ..project import figures_dir
 from .style import is_stamped
 
 matplotlib.rcParams["svg.hashsalt"] = "workbench"  # deterministic SVG ids
 matplotlib.rcParams["path.simplify"] = True
 
 __all__ = ["figures_dir", "save_figure"]
-
-_REPO_FIGURES = Path(__file__).resolve().parents[2] / "figures"
-
-
-def figures_dir() -> Path:
-    """Where figures are written: ``$WORKBENCH_FIGURES_DIR`` or the repository's ``figures/``."""
-    env = os.environ.get("WORKBENCH_FIGURES_DIR")
-    return Path(env) if env else _REPO_FIGURES
-
 
 def save_figure(
     fig, name: str, *, formats: tuple[str, ...] = ("png",), dpi: int = 110
