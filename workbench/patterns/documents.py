@@ -93,13 +93,24 @@ class Documents(Pattern):
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         qf, ql, kf, kl = _extents(q_len, k_len, block_size, device, rows)
-        doc, last = self.doc.to(device), self.total - 1
-        qa, qb, ka, kb = (doc[torch.clamp(p, max=last)] for p in (qf, ql, kf, kl))
-        # documents are contiguous: a block holds documents qa..qb (of its positions < total)
-        any_ = (qf <= last) & (kf <= last) & (qa <= kb) & (ka <= qb)
-        all_ = (ql <= last) & (kl <= last) & (qa == qb) & (ka == kb) & (qa == ka)
+        doc, last, n = self.doc.to(device).long(), self.total - 1, len(self.lengths)
+
+        def documents(first: Tensor, end: Tensor, alone: int) -> tuple[Tensor, Tensor, Tensor]:
+            """Per block: its first and last document (``n`` and -1 when it holds none), and
+            its one document if all of it is in one (else ``alone``)."""
+            a, b = doc[torch.clamp(first, max=last)], doc[torch.clamp(end, max=last)]
+            a, b = torch.where(first > last, n, a), torch.where(first > last, -1, b)
+            return a, b, torch.where((a == b) & (end <= last), a, alone)
+
+        # documents are contiguous: a block holds documents a..b (of its positions < total);
+        # per-block vectors first, so each tile costs a few integer comparisons
+        qa, qb, q_one = documents(qf, ql, -1)
+        ka, kb, k_one = documents(kf, kl, -2)
+        any_ = (qa <= kb) & (ka <= qb)
+        all_ = q_one == k_one
         if self.causal:
-            any_, all_ = any_ & (kf <= ql), all_ & (kl <= qf)
+            any_ &= kf <= ql
+            all_ &= kl <= qf
         return any_, all_
 
     def count_pairs(self, seq_len):
