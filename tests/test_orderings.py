@@ -54,8 +54,9 @@ def test_neighborhood_layout_is_exact(shape, radius, order, block):
     assert pat.allowed_pairs(s) == int(mask.sum())
 
 
-def test_neighborhood_predicate_creates_no_tensors():
-    pat = ORD.grid_neighborhood((8, 8), 2, "hilbert")
+@pytest.mark.parametrize("options", [{}, {"dilation": 2, "border": "shift"}])
+def test_neighborhood_predicate_creates_no_tensors(options):
+    pat = ORD.grid_neighborhood((8, 8), 1, "hilbert", **options)
     fn = pat.predicate("cpu")
     q = torch.arange(64)[:, None]
     k = torch.arange(64)[None, :]
