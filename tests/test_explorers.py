@@ -80,6 +80,13 @@ def test_dilation_ordering_makes_a_dilated_head_dense():
     assert natural.head_computed_density > 3 * ordered.head_computed_density
 
 
+def test_the_prefix_and_causal_controls_set_the_new_families():
+    assert pattern_view(PatternParams(family="prefix_lm", prefix=40)).pattern == P.prefix_lm(40)
+    assert "prefix" in parameters_used("prefix_lm") and "prefix" not in parameters_used("local")
+    docs = pattern_view(PatternParams(family="documents", seq_len=200, causal=True)).pattern
+    assert docs == P.family("documents").pattern(200) and docs.causal
+
+
 def test_parameters_used_follow_the_family():
     assert "window" in parameters_used("local") and "window" not in parameters_used("dilated")
     assert "segments" in parameters_used("local", "dilation")
@@ -99,6 +106,7 @@ def test_parameters_used_follow_the_family():
     ({"head": 4}, "head=4"),
     ({"family": "global_local", "num_global": 256}, "num_global=256"),
     ({"family": "random", "random_density": 0.0}, "random_density"),
+    ({"family": "prefix_lm", "prefix": 300}, "prefix=300"),
     ({"family": "spiral"}, "unknown family"),
 ])
 def test_bad_pattern_values_give_a_message_and_keep_the_last_good_view(bad, words):

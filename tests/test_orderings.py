@@ -54,8 +54,9 @@ def test_neighborhood_layout_is_exact(shape, radius, order, block):
     assert pat.allowed_pairs(s) == int(mask.sum())
 
 
-def test_neighborhood_predicate_creates_no_tensors():
-    pat = ORD.grid_neighborhood((8, 8), 2, "hilbert")
+@pytest.mark.parametrize("options", [{}, {"dilation": 2, "border": "shift"}])
+def test_neighborhood_predicate_creates_no_tensors(options):
+    pat = ORD.grid_neighborhood((8, 8), 1, "hilbert", **options)
     fn = pat.predicate("cpu")
     q = torch.arange(64)[:, None]
     k = torch.arange(64)[None, :]
@@ -101,6 +102,94 @@ def test_neighborhood_attention_matches_oracle():
     out = wb.block_sparse_attention(q, k, v, pat, block_size=16, backend="blockwise")
     ref = wb.block_sparse_attention(q, k, v, pat, block_size=16, backend="reference")
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def natten_axis(n, c, radius, dilation, border):
+    """Brute force, one axis: the key coordinates of a query at ``c``, NATTEN's definition."""
+    sub = [x for x in range(n) if x % dilation == c % dilation]  # the query's dilated sub-grid
+    if border == "cut":
+        return {x for x in sub if abs(x - c) <= radius * dilation}
+    k, t = 2 * radius + 1, sub.index(c)
+    start = min(max(t - radius, 0), len(sub) - k)  # centred, shifted inwards at the border
+    return set(sub[start:start + k])
+
+
+def natten_mask(shape, radius, dilation, border, order):
+    """Brute force: the dense mask, query cell by query cell, in the token order ``order``."""
+    cells = [tuple(int(x) for x in torch.unravel_index(torch.tensor(p), shape))
+             for p in ORD.grid_permutation(shape, order).tolist()]
+    m = torch.zeros(1, len(cells), len(cells), dtype=torch.bool)
+    for i, qc in enumerate(cells):
+        window = [natten_axis(n, c, radius, dilation, border) for n, c in zip(shape, qc)]
+        for j, kc in enumerate(cells):
+            m[0, i, j] = all(c in w for c, w in zip(kc, window))
+    return m
+
+
+@pytest.mark.parametrize("border", ["shift", "cut"])
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("radius", [0, 1, 2])
+@pytest.mark.parametrize("shape, order", [((7, 9), "raster"), ((9, 7), "hilbert"),
+                                          ((11, 5), "gilbert"), ((8, 13), "morton"),
+                                          ((5, 3, 6), "hilbert")])
+def test_neighborhood_is_natten_s_definition(shape, order, radius, dilation, border):
+    kernel = 2 * radius + 1
+    if border == "shift" and kernel * dilation > min(shape):
+        with pytest.raises(ValueError, match=r"border='shift' needs .* window spans"):
+            P.grid_neighborhood(shape, radius, order, dilation=dilation, border=border)
+        return
+    pat = P.grid_neighborhood(shape, radius, order, dilation=dilation, border=border)
+    s = math.prod(shape)
+    mask = natten_mask(shape, radius, dilation, border, order)
+    assert torch.equal(pat.token_mask(s), mask)
+    if border == "shift":  # a fixed-size window: every query sees exactly prod(kernel) keys
+        assert mask[0].sum(1).tolist() == [kernel ** len(shape)] * s
+    for block in (5, 16):
+        any_, all_ = reduce_mask(mask, block)
+        lay = pat.block_structure(s, block)
+        assert torch.equal(lay.active, any_) and torch.equal(lay.full, all_ & any_)
+    assert pat.allowed_pairs(s) == int(mask.sum())
+
+
+def test_neighborhood_radius_and_dilation_per_axis():
+    shape = (6, 11)
+    pat = P.grid_neighborhood(shape, (0, 2), "raster", dilation=(2, 1), border="shift")
+    cells = [divmod(p, 11) for p in range(66)]
+    expect = torch.tensor([[kr == qr and kc in natten_axis(11, qc, 2, 1, "shift")
+                            for kr, kc in cells] for qr, qc in cells])
+    assert torch.equal(pat.token_mask(66)[0], expect)
+    assert repr(pat) == ("grid_neighborhood((6, 11), radius=(0, 2), order='raster', "
+                         "dilation=(2, 1), border='shift')")
+    assert ORD.grid_neighborhood is P.grid_neighborhood  # the orderings name is kept
+    assert pat == P.grid_neighborhood(shape, [0, 2], "raster", dilation=[2, 1], border="shift")
+    assert pat != P.grid_neighborhood(shape, (0, 2), "raster", dilation=(2, 1))
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "reference"])
+def test_shifted_dilated_neighborhood_attends_as_sdpa(backend):
+    shape, radius, dilation = (9, 7), 1, 2
+    pat = P.grid_neighborhood(shape, radius, "hilbert", dilation=dilation, border="shift")
+    mask = natten_mask(shape, radius, dilation, "shift", "hilbert")
+    q, k, v = make_qkv(b=1, h=2, s=63, d=8)
+    out = wb.block_sparse_attention(q, k, v, pat, 16, backend=backend, ring_chunks=3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref)
+    for g, w in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"border": "wrap"}, "border must be one of"),
+    ({"dilation": 0}, "dilation must be >= 1"),
+    ({"dilation": (1, 2, 3)}, "dilation must be an int or one int per axis"),
+    ({"radius": (1,)}, "radius must be an int or one int per axis"),
+    ({"radius": 3, "border": "shift"}, r"axis 0 has 5 cells but the window spans 7 x 1 = 7"),
+    ({"dilation": (1, 3), "border": "shift"}, r"axis 1 has 8 cells .* 3 x 3 = 9"),
+])
+def test_neighborhood_options_raise_naming_them(kwargs, match):
+    args = {"radius": 1, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        P.grid_neighborhood((5, 8), args.pop("radius"), "raster", **args)
 
 
 # --------------------------------------------------------------------- block visit orders

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_qkv
+from conftest import grads, make_qkv, sdpa_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +35,9 @@ def primitives(heads: int):
         st.builds(P.global_tokens, st.integers(1, 20)),
         st.builds(P.strided, st.integers(1, 12)),
         st.builds(P.dilated_window, st.integers(1, 40), st.integers(1, 8), st.booleans()),
+        st.builds(P.prefix_lm, st.integers(1, 100)),
+        st.builds(P.documents, st.lists(st.integers(1, 30), min_size=1, max_size=6),
+                  st.booleans()),
         st.builds(lambda d, s, c: P.random_blocks(d, s, cell=c, num_heads=heads),
                   st.floats(0.05, 1.0), st.integers(0, 5), st.integers(1, 16)),
         st.builds(lambda ws, c: P.dilated([w for w, _ in ws], [r for _, r in ws], heads, c),
@@ -255,7 +258,9 @@ def test_coarsen_equals_layout_at_the_larger_block(factor):
     P.full(), P.causal(), P.local_window(7), P.local_window(7, causal=True), P.global_tokens(5),
     P.strided(4), P.strided(1), P.random_blocks(0.4, seed=1, cell=6, num_heads=2),
     P.dilated([16, 24, 50], [1, 3, 7], 5), P.dilated_branch(13, 4, 3), P.dilated_window(7, 3),
-    P.dilated_window(9, 2, causal=True), P.dilated_window(200, 5),
+    P.dilated_window(9, 2, causal=True), P.dilated_window(200, 5), P.prefix_lm(1),
+    P.prefix_lm(13), P.prefix_lm(500), P.documents([7, 1, 30, 2]),
+    P.documents([7, 1, 30, 2], causal=True), P.documents([3] * 50, causal=True),
 ])
 @pytest.mark.parametrize("seq_len", [1, 45, 100])
 def test_closed_form_pair_counts(pattern, seq_len):
@@ -372,6 +377,119 @@ def test_dilated_window_semantics():
     assert m[6].nonzero().flatten().tolist() == [0, 3, 6]
     assert P.dilated_window(5, 1) == P.local_window(5)  # the same pairs: equal
     assert P.dilated_window(6, 2).offset_rule() is not None  # Toeplitz: an analytic layout
+
+
+# --------------------------------------------------------------------- packed documents, prefix LM
+def documents_mask(lengths, causal, q_len, k_len):
+    """Brute force: the dense mask of packed documents, position by position."""
+    doc = [d for d, n in enumerate(lengths) for _ in range(n)]
+    m = torch.zeros(1, q_len, k_len, dtype=torch.bool)
+    for i in range(min(q_len, len(doc))):
+        for j in range(min(k_len, len(doc))):
+            m[0, i, j] = doc[i] == doc[j] and (j <= i or not causal)
+    return m
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths, q_len, k_len", [
+    ([7, 20, 1, 13, 20], 61, 61),  # every position in a document
+    ([7, 20, 1, 13], 61, 61),      # positions 41.. are padding
+    ([30, 2, 29], 45, 70),         # rectangular, keys past the documents
+])
+def test_documents_are_the_brute_force_mask(lengths, causal, q_len, k_len):
+    pattern = P.documents(lengths, causal)
+    expect = documents_mask(lengths, causal, q_len, k_len)
+    assert torch.equal(rect_mask(pattern, q_len, k_len), expect)
+    for block in (1, 4, 7, 16):
+        any_, all_ = reduce_rect(expect, block)
+        lay = pattern.block_structure(q_len, block, k_len=k_len)
+        assert torch.equal(lay.active, any_) and torch.equal(lay.full, all_)
+    assert pattern.allowed_pairs(q_len) == int(documents_mask(lengths, causal, q_len, q_len).sum())
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    assert P.Documents.from_cu_seqlens(cu, causal) == pattern
+
+
+@pytest.mark.parametrize("backend, ring", [("blockwise", 1), ("blockwise", 3), ("reference", 1),
+                                           ("auto", 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_documents_attend_as_sdpa_and_padding_gets_nothing(backend, ring, causal):
+    lengths, s, total = [7, 20, 1, 13], 61, 41
+    q, k, v = make_qkv(b=2, h=3, s=s, d=8)
+    out = wb.block_sparse_attention(q, k, v, P.documents(lengths, causal), 16, backend=backend,
+                                    ring_chunks=ring)
+    real = [x[:, :, :total] for x in (q, k, v)]
+    ref = sdpa_oracle(*real, documents_mask(lengths, causal, total, total))
+    torch.testing.assert_close(out[:, :, :total], ref)
+    assert not out[:, :, total:].any()  # padding attends nothing
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, real, dout[:, :, :total])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g[:, :, :total], w[:, :, :total])
+        assert not g[:, :, total:].any()
+
+
+def test_packed_documents_at_long_lengths_are_decided_per_tile(monkeypatch):
+    def no_tokens(*args, **kwargs):
+        raise AssertionError("a tile was evaluated token by token")
+
+    monkeypatch.setattr(P.base, "evaluate_tiles", no_tokens)
+    lengths = [4096 * (1 + i % 7) + 13 * i for i in range(64)]
+    s = sum(lengths)  # about 1M tokens
+    for pattern in (P.documents(lengths, causal=True), P.prefix_lm(100_003)):
+        lay = pattern.block_structure(s, 256, rows=(1000, 1100))  # any rows, no tokens
+        assert lay.shape == (1, 100, -(-s // 256))
+        assert pattern.density(s, 256) >= pattern.density(s) > 0  # counted in closed form
+    n = torch.tensor(lengths)
+    assert P.documents(lengths, causal=True).allowed_pairs(s) == int((n * (n + 1) // 2).sum())
+
+
+def test_prefix_lm_is_bidirectional_over_the_prefix_and_causal_after():
+    s, prefix = 53, 11
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    expect = ((j <= i) | ((i < prefix) & (j < prefix)))[None]
+    pattern = P.prefix_lm(prefix)
+    assert torch.equal(pattern.token_mask(s), expect)
+    assert pattern.token_mask(s)[0, 3, 10] and not pattern.token_mask(s)[0, 3, 11]
+    assert torch.equal(P.prefix_lm(1).token_mask(s), P.causal().token_mask(s))
+    assert P.prefix_lm(1).dense_form() == "causal" and pattern.dense_form() is None
+    q, k, v = make_qkv(b=1, h=2, s=s, d=8)
+    for backend in ("blockwise", "reference"):
+        out = wb.block_sparse_attention(q, k, v, pattern, 8, backend=backend)
+        ref = sdpa_oracle(q, k, v, expect)
+        torch.testing.assert_close(out, ref)
+        for g, w in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: P.documents([]), ValueError, "lengths must be a non-empty"),
+    (lambda: P.documents(5), ValueError, "lengths must be a non-empty"),
+    (lambda: P.documents([3, 0, 2]), ValueError, r"lengths\[1\] must be a positive int"),
+    (lambda: P.documents([3, -2]), ValueError, r"lengths\[1\]"),
+    (lambda: P.documents([3, 2.0]), TypeError, r"lengths\[1\] must be an int"),
+    (lambda: P.documents(torch.tensor([3.0, 2.0])), TypeError, r"lengths\[0\]"),
+    (lambda: P.documents([True]), TypeError, r"lengths\[0\]"),
+    (lambda: P.documents([2**30, 2**30]), ValueError, "more than"),
+    (lambda: P.Documents.from_cu_seqlens([0]), ValueError, "cu_seqlens must start at 0"),
+    (lambda: P.Documents.from_cu_seqlens([1, 4]), ValueError, "cu_seqlens must start at 0"),
+    (lambda: P.Documents.from_cu_seqlens([0, 4, 4, 9]), ValueError, "increase strictly"),
+    (lambda: P.Documents.from_cu_seqlens(torch.tensor([0.0, 4.0])), TypeError, "cu_seqlens"),
+    (lambda: P.prefix_lm(0), ValueError, "prefix"),
+    (lambda: P.prefix_lm(2.5), TypeError, "prefix"),
+])
+def test_bad_document_and_prefix_arguments_raise_naming_them(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_documents_and_prefix_lm_are_equal_by_value():
+    assert P.documents([3, 4], causal=True) == P.documents((3, 4), True)
+    assert P.documents([3, 4]) != P.documents([3, 4], causal=True)
+    assert P.documents(torch.tensor([3, 4])) == P.documents([3, 4])
+    assert P.prefix_lm(5) == P.prefix_lm(5) != P.prefix_lm(6)
+    assert repr(P.documents([3, 4], causal=True)) == "documents([3, 4], causal=True)"
+    assert "64 documents" in repr(P.documents([2] * 64))
 
 
 # --------------------------------------------------------------------- the family registry

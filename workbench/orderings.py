@@ -8,9 +8,10 @@ path; :func:`dilation_permutation` and :func:`permuted` let one look at the reor
 
 Token grids (images, video) are orderings too: :func:`grid_permutation` lays the cells of a 2-D
 or 3-D grid out in ``raster``, ``morton`` or ``hilbert`` order (:mod:`workbench.curves` states
-the curves and the rule for grids that are not powers of two), and :func:`grid_neighborhood` is
-the local (Chebyshev-window) attention of such a grid seen in that order, with an exact block
-layout. A curve keeps 2-D neighbours close in 1-D, so the window's pairs gather into fewer tiles.
+the curves and the rule for grids that are not powers of two), and :func:`grid_neighborhood`
+(defined in :mod:`workbench.patterns.grid`) is the neighbourhood attention of such a grid seen
+in that order, with an exact block layout. A curve keeps 2-D neighbours close in 1-D, so the
+window's pairs gather into fewer tiles.
 
 Blocks have an order as well: :func:`block_visit_order` lists the active tiles of any layout
 along a curve over the (query block, key block) grid (the *post-pattern* order: the pattern and
@@ -26,9 +27,9 @@ from collections.abc import Hashable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .curves import CURVES, _check_shape, curve_order, hilbert_encode, morton_encode
+from .curves import CURVES, curve_order, hilbert_encode, morton_encode
 from .layout import BlockLayout, num_blocks
-from .patterns import GridNeighborhood, Pattern, Permuted, check_positive_int
+from .patterns import Pattern, Permuted, check_positive_int, grid_neighborhood
 
 __all__ = [
     "BLOCK_ORDERS",
@@ -123,18 +124,6 @@ def inverse_permutation(perm: Tensor) -> Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), dtype=torch.int64, device=perm.device)
     return inv
-
-
-def grid_neighborhood(shape: Sequence[int], radius: int, order: str = "hilbert") -> Pattern:
-    """Chebyshev-window attention on a 2-D/3-D grid whose tokens sit in ``order`` (see
-    :class:`~workbench.patterns.GridNeighborhood`). Its block layout is exact and costs time
-    proportional to the tiles whose blocks' bounding boxes come within ``radius`` of each
-    other, never ``S^2``.
-    """
-    if order not in CURVES:
-        raise ValueError(f"order must be one of {CURVES}, got {order!r}")
-    shape = _check_shape(shape)
-    return GridNeighborhood(shape, radius, order, grid_permutation(shape, order))
 
 
 # --------------------------------------------------------------------- block visit orders

@@ -43,6 +43,8 @@ PATTERNS.update({
     "one_head_broadcast": lambda: P.random_blocks(0.3, seed=3, cell=8),
     "permuted": lambda: permuted(P.local_window(6), _perm(96)),
     "grid_hilbert": lambda: grid_neighborhood((8, 12), 1),
+    "grid_shift_dilated": lambda: grid_neighborhood((8, 12), 1, dilation=2, border="shift"),
+    "documents_padded": lambda: P.documents([30, 1, 17, 9]),  # 57..: padding attends nothing
     "key_mask": lambda: P.KeyMask((torch.arange(96) % 7 != 3)[None]),
 })
 SHAPES = {"square": (77, 77), "ragged": (45, 70)}

@@ -23,10 +23,11 @@ comparable: :meth:`~Pattern.tiles` (an exact rule per tile), :meth:`~Pattern.off
 predicate of ``k - q`` alone: a Toeplitz layout), :meth:`~Pattern.period`,
 :meth:`~Pattern.key` (equality by value) and :meth:`~Pattern.count_pairs`.
 
-Modules: ``base`` (the class and its hooks), ``algebra`` (``|``, ``&``), ``offsets`` (Toeplitz
-layouts), ``bands`` (full, causal, windows, strides, global tokens), ``longnet`` (dilated),
-``random_tiles``, ``masks`` (tensor-defined patterns), ``grid`` (permuted patterns and grid
-neighbourhoods) and ``families`` (the registry of named families, :data:`FAMILIES`).
+Modules: ``base`` (the class and its hooks), ``algebra`` (``|``, ``&``), ``offsets``
+(Toeplitz layouts), ``bands`` (full, causal, windows, strides, global tokens, prefix LM),
+``documents`` (packed variable-length sequences), ``longnet`` (dilated), ``random_tiles``,
+``masks`` (tensor-defined patterns), ``grid`` (permuted patterns and grid neighbourhoods) and
+``families`` (the registry of named families, :data:`FAMILIES`).
 """
 
 from .bands import (
@@ -36,6 +37,7 @@ from .bands import (
     global_local,
     global_tokens,
     local_window,
+    prefix_lm,
     sparse_transformer,
     strided,
 )
@@ -47,8 +49,9 @@ from .base import (
     head_predicate,
     refine_tiles,
 )
+from .documents import Documents, documents
 from .families import FAMILIES, Family, family, register_family
-from .grid import GridNeighborhood, Permuted
+from .grid import GridNeighborhood, Permuted, grid_neighborhood
 from .longnet import Dilated, check_dilation_pairs, dilated, dilated_branch, head_groups
 from .masks import BlockSelection, DenseMask, KeyMask, TiledHeads, tile_batch
 from .random_tiles import hash_cells, random_blocks
@@ -58,6 +61,7 @@ __all__ = [
     "BlockSelection",
     "DenseMask",
     "Dilated",
+    "Documents",
     "Family",
     "GridNeighborhood",
     "KeyMask",
@@ -72,14 +76,17 @@ __all__ = [
     "dilated",
     "dilated_branch",
     "dilated_window",
+    "documents",
     "family",
     "full",
     "global_local",
     "global_tokens",
+    "grid_neighborhood",
     "hash_cells",
     "head_groups",
     "head_predicate",
     "local_window",
+    "prefix_lm",
     "random_blocks",
     "refine_tiles",
     "register_family",

@@ -1,4 +1,5 @@
-"""Patterns of offsets and of global tokens: full, causal, windows, strides, global tokens.
+"""Patterns of offsets and of global tokens: full, causal, windows, strides, global tokens,
+prefix LM.
 
 A :class:`Band` allows the pairs whose offset ``k - q`` lies in a range and is a multiple of a
 stride: full and causal attention, local and dilated windows and Sparse Transformer's strides
@@ -95,6 +96,35 @@ class GlobalTokens(Pattern):
         return f"global_tokens({self.n})"
 
 
+class PrefixLM(Pattern):
+    """Causal attention whose first ``prefix`` tokens also attend each other bidirectionally:
+    ``j <= i or j < prefix``."""
+
+    def __init__(self, prefix: int) -> None:
+        self.prefix = prefix
+
+    def allowed(self, h, q, k):
+        return (k <= q) | (k < self.prefix)
+
+    def dense_form(self):
+        return "causal" if self.prefix == 1 else None
+
+    def tiles(self, q_len, k_len, block_size, device, rows):
+        qf, ql, kf, kl = _extents(q_len, k_len, block_size, device, rows)
+        last = self.prefix - 1  # query q sees exactly the keys k <= max(q, prefix - 1)
+        return kf <= torch.clamp(ql, min=last), kl <= torch.clamp(qf, min=last)
+
+    def count_pairs(self, seq_len):
+        p = min(self.prefix, seq_len)
+        return seq_len * (seq_len + 1) // 2 + p * (p - 1) // 2
+
+    def key(self):
+        return self.prefix
+
+    def __repr__(self) -> str:
+        return f"prefix_lm({self.prefix})"
+
+
 # --------------------------------------------------------------------- builders
 def full() -> Pattern:
     """Dense attention: every query attends every key."""
@@ -141,6 +171,14 @@ def global_tokens(num_global: int) -> Pattern:
     """The first ``num_global`` tokens attend, and are attended by, every token."""
     _check_int("num_global", num_global, 1, None)
     return GlobalTokens(min(num_global, MAX_POSITION))
+
+
+def prefix_lm(prefix: int) -> Pattern:
+    """Prefix LM (T5/UniLM-style): the first ``prefix`` tokens attend each other in both
+    directions, every later token attends causally (itself, everything before it, and so the
+    whole prefix). ``prefix_lm(1)`` is ``causal()``."""
+    _check_int("prefix", prefix, 1, None)
+    return PrefixLM(min(prefix, MAX_POSITION))
 
 
 def global_local(num_global: int, window: int) -> Pattern:

@@ -9,6 +9,7 @@ explorer and the figures' palette all read :data:`FAMILIES`, so a family registe
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from .bands import (
     full,
     global_local,
     local_window,
+    prefix_lm,
     sparse_transformer,
     strided,
 )
 from .base import Pattern
+from .documents import documents
 from .longnet import dilated
 from .random_tiles import random_blocks
 
@@ -99,6 +102,18 @@ def _window(seq_len: int) -> int:
     return max(256, seq_len // 16)
 
 
+def _documents(seq_len: int) -> list[int]:
+    """Document lengths covering ``seq_len``: 5, 2, 8, 1, 3, 7, 4, 2 units of S/32 (at least 1
+    token), repeated, the last one cut to fit."""
+    unit, lengths = max(1, seq_len // 32), []
+    for units in itertools.cycle((5, 2, 8, 1, 3, 7, 4, 2)):
+        left = seq_len - sum(lengths)
+        if left == 0:
+            return lengths
+        lengths.append(min(units * unit, left))
+    raise AssertionError  # unreachable: the cycle is endless
+
+
 def _segments(seq_len: int) -> list[int]:
     return [max(64, seq_len // d) for d in (32, 16, 8, 4)]
 
@@ -134,3 +149,9 @@ register_family(Family(
     "dilated_window", "causal window of S/16 tokens (at least 256) keeping every 4th key",
     dilated_window, ("window", "dilation", "causal"),
     lambda s, h: {"window": _window(s), "dilation": 4, "causal": True}))
+register_family(Family(
+    "documents", "packed documents of 5, 2, 8, 1, 3, 7, 4, 2 x S/32 tokens, causal inside each",
+    documents, ("causal",), lambda s, h: {"lengths": _documents(s), "causal": True}))
+register_family(Family(
+    "prefix_lm", "bidirectional over the first S/4 tokens, causal after", prefix_lm, ("prefix",),
+    lambda s, h: {"prefix": max(1, s // 4)}))

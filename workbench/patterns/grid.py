@@ -1,10 +1,10 @@
 """Patterns seen in another token order: a permuted pattern, and grid neighbourhoods.
 
 :class:`Permuted` is any pattern with its tokens reordered (for inspection at small lengths:
-every tile is evaluated). :class:`GridNeighborhood` is local attention on a 2-D/3-D grid whose
-cells are laid out along a curve; its layout is exact from per-block bounding boxes. Their
-builders, which pick the orders, are :func:`workbench.orderings.permuted` and
-:func:`workbench.orderings.grid_neighborhood`.
+every tile is evaluated; built by :func:`workbench.orderings.permuted`).
+:func:`grid_neighborhood` is neighbourhood attention on a 2-D/3-D grid whose cells are laid out
+along a curve (:mod:`workbench.curves`), with NATTEN's dilation and border rules; its layout is
+exact from per-block bounding boxes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..curves import CURVES, _check_shape, curve_order
 from ..layout import num_blocks
 from .base import MaskFn, Pattern, _check_int, head_predicate, refine_tiles
+
+BORDERS = ("cut", "shift")
 
 
 class Permuted(Pattern):
@@ -43,22 +46,47 @@ class Permuted(Pattern):
         return f"permuted({self.base!r})"
 
 
+def _axis_window(n: int, radius: int, dilation: int, border: str) -> tuple[Tensor, Tensor]:
+    """First and last key coordinate of the window of every query coordinate ``0 .. n-1`` of
+    one axis (int64 ``[n]`` each; both in the query's residue class mod ``dilation``)."""
+    c, r, d = torch.arange(n), radius, dilation
+    if border == "cut":
+        return c - d * torch.clamp(c // d, max=r), c + d * torch.clamp((n - 1 - c) // d, max=r)
+    cells = (n - 1 - c % d) // d + 1  # cells of the query's dilated sub-grid
+    first = torch.minimum(torch.clamp(c // d - r, min=0), cells - (2 * r + 1))
+    lo = c % d + d * first
+    return lo, lo + 2 * r * d
+
+
 class GridNeighborhood(Pattern):
-    """Local attention on a 2-D/3-D token grid, with the tokens laid out in a curve order.
+    """Neighbourhood attention on a 2-D/3-D token grid whose tokens sit in a curve order.
 
     Token position ``i`` is grid cell ``perm[i]`` (a raster index of grid ``shape``, in
-    ``order``); query ``i`` may attend key ``j`` when their cells are within ``radius`` along
-    every axis (Chebyshev distance ``<= radius``: a ``(2r+1)``-wide square/cube window, cut off
-    at the grid border, not shifted inwards as NATTEN does). The pattern is head-independent
-    and is defined for self-attention over exactly ``prod(shape)`` tokens.
+    ``order``). Along an axis of ``n`` cells with radius ``r`` (a window of ``k = 2r + 1``
+    cells, NATTEN's ``kernel_size``) and dilation ``d``, the window of a query at coordinate
+    ``c`` is the coordinates ``c' = c (mod d)`` of an interval:
+
+    * ``border="cut"``: ``|c' - c| <= r * d``, centred on the query and cut off at the grid
+      border (queries near it see fewer keys);
+    * ``border="shift"``: ``k`` consecutive cells of the query's dilated sub-grid (cells
+      ``c mod d, c mod d + d, ...``), centred on the query where they fit and shifted inwards
+      at the border, so every query sees exactly ``k`` keys per axis (NATTEN's definition;
+      the sub-grid must hold ``k`` cells: ``k * d <= n``).
+
+    Query ``i`` may attend key ``j`` when ``j``'s cell is in ``i``'s window along every axis.
+    Head-independent; defined for self-attention over exactly ``prod(shape)`` tokens.
     """
 
-    def __init__(self, shape: Sequence[int], radius: int, order: str, perm: Tensor) -> None:
-        self.shape = tuple(shape)
-        self.radius = _check_int("radius", radius, 0)
-        self.order, self.perm = order, perm
+    def __init__(self, shape: Sequence[int], radius: tuple[int, ...], dilation: tuple[int, ...],
+                 border: str, order: str, perm: Tensor) -> None:
+        self.shape, self.radius, self.dilation = tuple(shape), radius, dilation
+        self.border, self.order, self.perm = border, order, perm
         self.coords = torch.stack(torch.unravel_index(perm, self.shape), -1)  # [N, dims]
         self.num_tokens = perm.numel()
+        windows = [_axis_window(*a, border) for a in zip(self.shape, radius, dilation)]
+        # per token and axis, the first and last key coordinate of its window: [N, dims] each
+        self.lo, self.hi = (torch.stack([w[s][c] for w, c in zip(windows, self.coords.T)], -1)
+                            for s in (0, 1))
         self._pred: dict[str, MaskFn] = {}
 
     def allowed(self, h, q, k):
@@ -67,25 +95,34 @@ class GridNeighborhood(Pattern):
     def predicate(self, device):
         key = str(torch.device(device))
         if key not in self._pred:
-            cols = [self.coords[:, i].contiguous().to(device) for i in range(len(self.shape))]
-            n, r = self.num_tokens, self.radius
+            def columns(t: Tensor) -> list[Tensor]:
+                return [t[:, a].contiguous().to(device) for a in range(t.shape[1])]
+
+            axes = list(zip(columns(self.coords), columns(self.lo), columns(self.hi),
+                            self.dilation))
+            n = self.num_tokens
 
             def allowed(h, q, k):
                 qc, kc = torch.clamp(q, max=n - 1), torch.clamp(k, max=n - 1)
-                ok = (cols[0][qc] - cols[0][kc]).abs() <= r
-                for c in cols[1:]:
-                    ok = ok & ((c[qc] - c[kc]).abs() <= r)
+                ok = None
+                for c, lo, hi, d in axes:
+                    ck = c[kc]
+                    inside = (ck >= lo[qc]) & (ck <= hi[qc])
+                    if d > 1:
+                        inside = inside & (torch.remainder(ck - c[qc], d) == 0)
+                    ok = inside if ok is None else ok & inside
                 return ok
 
             self._pred[key] = allowed
         return self._pred[key]
 
     def key(self):
-        return (self.shape, self.radius, self.order)
+        return (self.shape, self.radius, self.dilation, self.border, self.order)
 
-    def _block_boxes(self, length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
-        """Per block, min and max cell coordinate along each axis (int64 ``[n, dims]``)."""
-        c = self.coords[:length].to(device)
+    def _block_range(self, table: Tensor, length: int, block_size: int,
+                     device) -> tuple[Tensor, Tensor]:
+        """Per block, min and max of each column of a per-token table (``[n, columns]``)."""
+        c = table[:length].to(device)
         n = num_blocks(length, block_size)
         pad = n * block_size - length
         if pad:  # repeat the last real token: min/max over real tokens are unchanged
@@ -100,24 +137,82 @@ class GridNeighborhood(Pattern):
                 f"grid_neighborhood over a {self.shape} grid has {n} tokens; got q_len={q_len}, "
                 f"k_len={k_len} (use seq_len = {n})"
             )
-        qlo, qhi = (b[rows[0]:rows[1]] for b in self._block_boxes(q_len, block_size, device))
-        klo, khi = self._block_boxes(k_len, block_size, device)
-        r = self.radius
-        gap = torch.clamp(torch.maximum(klo[None] - qhi[:, None], qlo[:, None] - khi[None]), min=0)
-        span = torch.maximum(khi[None] - qlo[:, None], qhi[:, None] - klo[None])
-        maybe = (gap <= r).all(-1)[None]  # bounding boxes within reach: a necessary condition
-        full = (span <= r).all(-1)[None]  # every pair within reach along every axis: exact
-        r_any, r_all = refine_tiles(self, maybe & ~full, q_len, k_len, block_size, rows[0])
-        return full | r_any, full | r_all
+        dil = torch.tensor(self.dilation)
+        # per token: coordinates, window bounds, residues mod the dilation
+        table = torch.cat([self.coords, self.lo, self.hi, self.coords % dil], -1)
+        qmin, qmax = (b[rows[0]:rows[1], None] for b in self._block_range(table, q_len,
+                                                                          block_size, device))
+        kmin, kmax = (b[None] for b in self._block_range(table, k_len, block_size, device))
+        c, lo, hi, res = (slice(i * len(self.shape), (i + 1) * len(self.shape)) for i in range(4))
+        # a key box inside every query's window interval (necessary for "any"), inside all of
+        # them and of one residue with the queries (sufficient for "all")
+        maybe = ((kmin[..., c] <= qmax[..., hi]) & (kmax[..., c] >= qmin[..., lo])).all(-1)
+        full = ((kmin[..., c] >= qmax[..., lo]) & (kmax[..., c] <= qmin[..., hi])
+                & (qmin[..., res] == qmax[..., res]) & (kmin[..., res] == kmax[..., res])
+                & (qmin[..., res] == kmin[..., res])).all(-1)
+        r_any, r_all = refine_tiles(self, (maybe & ~full)[None], q_len, k_len, block_size, rows[0])
+        return full[None] | r_any, full[None] | r_all
 
     def count_pairs(self, seq_len):
         if seq_len != self.num_tokens:
             return None
         total = 1
-        for s in self.shape:  # the window is a product over axes, whatever the token order
-            a = torch.arange(s)
-            total *= int(((a[:, None] - a[None, :]).abs() <= self.radius).sum())
+        for n, r, d in zip(self.shape, self.radius, self.dilation):  # whatever the token order
+            lo, hi = _axis_window(n, r, d, self.border)
+            total *= int(((hi - lo) // d + 1).sum())  # pairs along this axis
         return total
 
     def __repr__(self) -> str:
-        return f"grid_neighborhood({self.shape}, radius={self.radius}, order={self.order!r})"
+        one = lambda t: t[0] if len(set(t)) == 1 else t  # noqa: E731
+        extra = "" if set(self.dilation) == {1} else f", dilation={one(self.dilation)}"
+        extra += "" if self.border == "cut" else f", border={self.border!r}"
+        return (f"grid_neighborhood({self.shape}, radius={one(self.radius)}, "
+                f"order={self.order!r}{extra})")
+
+
+def _per_axis(name: str, value: int | Sequence[int], dims: int, minimum: int) -> tuple[int, ...]:
+    values = value if isinstance(value, (tuple, list)) else (value,) * dims
+    if len(values) != dims:
+        raise ValueError(f"{name} must be an int or one int per axis ({dims}), got {value!r}")
+    return tuple(_check_int(name, v, minimum) for v in values)
+
+
+def grid_neighborhood(
+    shape: Sequence[int], radius: int | Sequence[int], order: str = "hilbert", *,
+    dilation: int | Sequence[int] = 1, border: str = "cut",
+) -> Pattern:
+    """Neighbourhood attention on a 2-D/3-D grid of ``prod(shape)`` tokens laid out in ``order``.
+
+    Args:
+        shape: the grid, ``(rows, cols)`` or ``(depth, rows, cols)``.
+        radius: window radius per axis (an int for all): ``2 * radius + 1`` cells, NATTEN's
+            ``kernel_size``.
+        order: token order, one of :data:`~workbench.curves.CURVES` (``"raster"`` is row-major).
+        dilation: keep every ``dilation``-th cell along each axis, those of the query's residue.
+        border: ``"cut"`` (the window is cut off at the grid border) or ``"shift"`` (it is
+            shifted inwards: every query sees exactly ``prod(2 * radius + 1)`` keys).
+
+    Returns:
+        a :class:`GridNeighborhood` (its exact semantics there). Its block layout is exact and
+        costs time proportional to the tiles whose blocks' bounding boxes reach each other's
+        windows, never ``S^2``.
+
+    Raises:
+        ValueError: an unknown ``order`` or ``border``, a bad shape, radius or dilation, or with
+            ``border="shift"`` a window ``(2 * radius + 1) * dilation`` wider than its axis.
+    """
+    if order not in CURVES:
+        raise ValueError(f"order must be one of {CURVES}, got {order!r}")
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+    shape = _check_shape(shape)
+    radius = _per_axis("radius", radius, len(shape), 0)
+    dilation = _per_axis("dilation", dilation, len(shape), 1)
+    for axis, (n, r, d) in enumerate(zip(shape, radius, dilation)):
+        if border == "shift" and (2 * r + 1) * d > n:
+            raise ValueError(
+                f"border='shift' needs (2 * radius + 1) * dilation <= the grid size along "
+                f"every axis; axis {axis} has {n} cells but the window spans "
+                f"{2 * r + 1} x {d} = {(2 * r + 1) * d} (use a smaller radius or dilation, "
+                f"or border='cut')")
+    return GridNeighborhood(shape, radius, dilation, border, order, curve_order(shape, order))

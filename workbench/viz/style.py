@@ -101,6 +101,8 @@ FAMILY: dict[str, str] = {
     "dilated": _BLUE,
     "longnet": _SKY,
     "dilated_window": "#882255",
+    "documents": "#44AA99",
+    "prefix_lm": "#332288",
     "adaptive": _BLACK,
 }
 """Pattern families: every family of :data:`workbench.patterns.FAMILIES`, and the names the

@@ -77,6 +77,7 @@ class PatternParams:
     random_density: float = 0.15
     seed: int = 0
     cell: int = 32
+    prefix: int = 64
     num_heads: int = 4
     head: int = 0
     causal: bool = False
@@ -135,6 +136,8 @@ def check_pattern_params(p: PatternParams) -> None:
         check_int("dilation", p.dilation, 1, seq_len)
     if "cell" in used:
         check_int("cell", p.cell, 1, seq_len)
+    if "prefix" in used:
+        check_int("prefix", p.prefix, 1, seq_len)
     if "random_density" in used and not 0.0 < float(p.random_density) <= 1.0:
         raise ValueError(f"random_density={p.random_density} must be in (0, 1]")
     if "segments" in used:
@@ -297,6 +300,7 @@ def pattern_controls(p: PatternParams, names: frozenset[str] | None = None) -> d
             description="density"),
         "seed": lambda: widgets.IntText(value=p.seed, description="seed"),
         "cell": lambda: _slider(widgets, p.cell, 1, 256, description="cell"),
+        "prefix": lambda: _slider(widgets, p.prefix, 1, 1024, description="prefix"),
         "num_heads": lambda: _slider(widgets, p.num_heads, 1, 16, description="num_heads",
                                      style=wide),
         "head": lambda: _slider(widgets, p.head, 0, p.num_heads - 1, description="head"),
