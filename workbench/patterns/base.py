@@ -187,14 +187,13 @@ class Pattern:
 
         It equals :meth:`allowed` (``b`` is ignored); a 1-head pattern ignores ``h`` as well,
         an ``H``-head one indexes its heads by it. It serves ``create_block_mask`` and
-        eager or ``torch.compile``-d ``flex_attention``. ``device``: where the tensors the
-        predicate reads (tables, masks) are placed once (:meth:`predicate`), what a compiled
-        kernel should capture; ``None`` follows the device of the positions at each call.
-        Positions past the sequence are the caller's to mask (``create_block_mask`` never
-        asks about them; :meth:`block_mask` masks them).
+        eager or ``torch.compile``-d ``flex_attention`` on ``device`` (``None``: PyTorch's
+        default device), where the tensors it reads (tables, masks) are placed once
+        (:meth:`predicate`), so tracing it creates none. Positions past the sequence are the
+        caller's to mask (``create_block_mask`` never asks about them; :meth:`block_mask`
+        masks them).
         """
-        f = self.allowed if device is None else self.predicate(device)
-        f = _any_head(self, f)
+        f = _any_head(self, self.predicate(_device(device)))
 
         def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return f(h, q_idx, kv_idx)
@@ -212,8 +211,8 @@ class Pattern:
         Args:
             seq_len: query length (and key length unless ``k_len`` is given).
             block_size: the mask's ``BLOCK_SIZE`` (FlexAttention's CUDA kernels want 128).
-            device: where the mask and the predicate's tensors live (``None``: the CPU, with a
-                predicate that follows its inputs, so ``.to(device)`` moves the whole mask).
+            device: where the mask and the tensors of its ``mask_mod`` live (``None``:
+                PyTorch's default device); build it where it runs.
             k_len: key length for a rectangular problem.
 
         Returns:
@@ -222,10 +221,9 @@ class Pattern:
         """
         from ..blockmask import block_mask_from_layout
 
-        lay = self.block_structure(seq_len, block_size, "cpu" if device is None else device,
-                                   k_len=k_len)
-        f = self.allowed if device is None else self.predicate(device)
-        return block_mask_from_layout(lay, _any_head(self, f))
+        device = _device(device)
+        lay = self.block_structure(seq_len, block_size, device, k_len=k_len)
+        return block_mask_from_layout(lay, _any_head(self, self.predicate(device)))
 
     def token_mask(self, seq_len: int, device: torch.device | str = "cpu") -> Tensor:
         """Dense bool mask ``[H, S, S]`` (``H`` = 1 for head-independent patterns).
@@ -329,6 +327,11 @@ def head_predicate(pattern: Pattern, device: torch.device | str) -> MaskFn:
     predicate reads only ``k - q`` are returned as they are.
     """
     return _any_head(pattern, pattern.predicate(device))
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    """``device``, PyTorch's default device for ``None``."""
+    return torch.get_default_device() if device is None else torch.device(device)
 
 
 def _any_head(pattern: Pattern, f: MaskFn) -> MaskFn:
