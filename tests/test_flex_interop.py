@@ -256,6 +256,15 @@ def test_a_patterns_block_mask_has_the_tiles_create_block_mask_finds(name, s, bl
     assert visit.any()
 
 
+def test_a_block_masks_mask_function_is_false_on_padding_and_never_asks_about_it():
+    # compiled kernels evaluate the mask function on the padding of the last tiles too
+    s, padded = 300, 384
+    pattern = PATTERNS["document"](s)  # its document ids hold exactly s positions
+    grid = create_mask(pattern.block_mask(s, 128).mask_mod, 1, 1, padded, padded, device="cpu")
+    pad = padded - s
+    assert torch.equal(grid[0], torch.nn.functional.pad(pattern.token_mask(s), (0, pad, 0, pad)))
+
+
 def test_a_block_mask_never_evaluates_the_token_grid():
     asked = []
 
@@ -275,7 +284,7 @@ def test_a_block_mask_never_evaluates_the_token_grid():
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_eager_flex_attention_with_a_patterns_block_mask_is_sdpa(name):
-    s = 300  # eager FlexAttention reads only the mask function: the padding it masks
+    s = 300  # eager FlexAttention reads the mask function alone, on every real pair
     pattern = PATTERNS[name](s)
     q, k, v = make_qkv(b=1, h=4, s=s, d=16, dtype=torch.float32, requires_grad=False)
     with warnings.catch_warnings():
