@@ -4,11 +4,11 @@ The mask is :func:`workbench.blockmask.block_mask_from_layout` of the problem's 
 tiles skip the mask function, partial tiles go through the pattern's token predicate, and the
 ``S x S`` mask is never evaluated. It is kept with the layout (:func:`cached_block_mask`). A
 ``block_order`` ("hilbert", "morton") sorts each query block's key blocks along the curve.
-``flex_attention`` is compiled once per process (``dynamic=False``). Python numbers inside a pattern (a window, a segment length) are baked into
-the kernel, so each new shape or new pattern parameters compile once; every such compile is
-announced on stderr, and calls run with Dynamo told to raise, not to fall back to slow eager
-attention, if its recompile limit is reached (:data:`RECOMPILE_LIMIT` distinct compiles).
-On the CPU, FlexAttention supports inference only:
+``flex_attention`` is compiled once per process (``dynamic=False``). Python numbers inside a
+pattern (a window, a segment length) are baked into the kernel, so each new shape or new pattern
+parameters compile once; every such compile is announced on stderr, and calls run with Dynamo
+told to raise, not to fall back to slow eager attention, if its recompile limit is reached
+(:data:`RECOMPILE_LIMIT` distinct compiles). On the CPU, FlexAttention supports inference only:
 no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
 """
 

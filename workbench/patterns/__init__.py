@@ -30,7 +30,8 @@ kv_idx)`` and ``pattern.block_mask(seq_len)`` its ``BlockMask`` from the exact l
 Modules: ``base`` (the class and its hooks), ``algebra`` (``|``, ``&``), ``offsets`` (Toeplitz
 layouts), ``bands`` (full, causal, windows, strides, global tokens), ``longnet`` (dilated),
 ``random_tiles``, ``masks`` (tensor-defined patterns), ``mask_mods`` (FlexAttention mask
-functions), ``grid`` (permuted patterns and grid neighbourhoods) and ``families`` (the registry of named families, :data:`FAMILIES`).
+functions), ``grid`` (permuted patterns and grid neighbourhoods) and ``families`` (the
+registry of named families, :data:`FAMILIES`).
 """
 
 from .bands import (
