@@ -312,14 +312,16 @@ def test_compiled_flex_attention_with_a_patterns_block_mask_is_sdpa(name):
 def test_compiled_flex_attention_on_cuda_trains_as_sdpa(name, device):
     s = 1000
     pattern = PATTERNS[name](s)
-    mask = pattern.block_mask(s, 128, device=device)
-    mask = mask.to("cuda") if device is None else mask
-    q, k, v = (x.cuda() for x in make_qkv(b=1, h=4, s=s, d=64, dtype=torch.float32))
     if name == "document":  # its document ids must be where the kernel runs
         pattern = P.from_mask_mod(document_causal(document_ids(s, seed=2).cuda()))
-        mask = pattern.block_mask(s, 128, device="cuda")
+    q, k, v = (x.cuda() for x in make_qkv(b=1, h=4, s=s, d=64, dtype=torch.float32))
+    with torch.device("cuda"):  # device=None: PyTorch's default device
+        mask = pattern.block_mask(s, 128, device=device)
+    assert mask.kv_indices.is_cuda
     out = torch.compile(flex_attention)(q, k, v, block_mask=mask)
     ref = sdpa_oracle(q, k, v, pattern.token_mask(s, "cuda"))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)),
+                    torch.autograd.grad((ref * g).sum(), (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
