@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import Tensor
 
+from ..blockmask import block_mask_from_layout
 from ..layout import (
     MAX_POSITION,
     BlockLayout,
@@ -219,8 +220,6 @@ class Pattern:
             ``BlockMask`` of ``seq_lengths=(seq_len, k_len)``, batch 1 and ``H`` heads (1 for a
             head-independent pattern; both broadcast in ``flex_attention``).
         """
-        from ..blockmask import block_mask_from_layout
-
         device = _device(device)
         lay = self.block_structure(seq_len, block_size, device, k_len=k_len)
         return block_mask_from_layout(lay, _any_head(self, self.predicate(device)))
@@ -373,8 +372,8 @@ def evaluate_tiles(
     """Evaluate ``pattern`` token by token inside the tiles ``tiles`` (int64 ``[N, 3]`` of
     head, absolute query block, key block).
 
-    Returns (allowed-pair count, any, all) per tile; padding positions never count, and
-    "all" means every real pair of the tile is allowed. Tiles equal up to the pattern's period
+    Returns (allowed-pair count, any, all) per tile; padding positions never count (nor are
+    they asked about), and "all" means every real pair of the tile is allowed. Tiles equal up to the pattern's period
     are evaluated once (see :func:`_canonical_tiles`); :meth:`Pattern.allowed` is called on
     at most ``max(_TILE_EVAL_BUDGET, block_size**2)`` pairs at a time.
     """

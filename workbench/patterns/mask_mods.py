@@ -57,7 +57,8 @@ def from_mask_mod(fn: FlexMaskMod, num_heads: int = 1, name: str | None = None) 
     """A pattern from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
 
     Args:
-        fn: the mask function; called with batch index 0 and only real positions.
+        fn: the mask function; called with batch index 0 and only real positions, on the
+            device of the call (tensors it reads, such as document ids, must be there).
         num_heads: 1 if ``fn`` is the same for every head (it then broadcasts over any head
             count), else the number of heads ``fn`` distinguishes (``h < num_heads``).
         name: what the pattern's repr calls ``fn`` (default: its ``__name__``).
