@@ -177,7 +177,7 @@ def test_many_layers_never_evict_each_others_masks(monkeypatch):
 
 
 def test_block_indices_sorted_in_chunks_equal_one_sort():
-    from workbench.backends.indices import sorted_block_indices
+    from workbench.blockmask import sorted_block_indices
 
     g = torch.Generator().manual_seed(3)
     sel = torch.rand(3, 37, 29, generator=g) < 0.3

@@ -644,7 +644,8 @@ def _compact_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, sc
     qpos = ti[:, None, None] * b + torch.arange(b, device=q.device)[None, :, None]
     kpos = tj[:, None, None] * b + torch.arange(b, device=q.device)[None, None, :]
     allowed = head_predicate(pattern, q.device)
-    ok = allowed(th[:, None, None], qpos, kpos) & (qpos < sq) & (kpos < sk)
+    ok = (allowed(th[:, None, None], qpos.clamp(max=sq - 1), kpos.clamp(max=sk - 1))
+          & (qpos < sq) & (kpos < sk))
     lrow = lp[:, th, ti][..., None]
     p = torch.exp(s - torch.where(torch.isfinite(lrow), lrow, torch.zeros_like(lrow)))
     p = p.masked_fill(~ok, 0.0).to(q.dtype)

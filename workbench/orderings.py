@@ -45,6 +45,7 @@ __all__ = [
     "inverse_permutation",
     "permuted",
     "reuse_distances",
+    "visit_rank",
 ]
 
 BLOCK_ORDERS = (None, "natural", "hilbert", "morton")
@@ -156,6 +157,17 @@ def block_visit_order(layout: BlockLayout | Tensor, block_order: str | None = "h
     encode = hilbert_encode if order == "hilbert" else morton_encode
     key = encode(tiles[:, 1:], bits) + tiles[:, 0] * (1 << (2 * bits))
     return tiles[torch.argsort(key)]
+
+
+def visit_rank(layout: BlockLayout, block_order: str | None) -> Tensor | None:
+    """Position of every active tile in the ``block_order`` visit: int64 ``[H, nq, nk]``
+    (:func:`block_visit_order`; None for the natural order)."""
+    if check_block_order(block_order) is None:
+        return None
+    tiles = block_visit_order(layout, block_order)
+    rank = torch.zeros(layout.shape, dtype=torch.int64, device=tiles.device)
+    rank[tuple(tiles.T)] = torch.arange(tiles.shape[0], device=tiles.device)
+    return rank
 
 
 def block_accesses(tiles: Tensor) -> list[tuple[str, int, int]]:

@@ -125,8 +125,9 @@ def _tile_masks(problem: Problem, tiles: Tensor) -> Tensor:
     qi = tiles[:, 1, None, None] * b + off[None, :, None]
     ki = tiles[:, 2, None, None] * b + off[None, None, :]
     ok = (qi < lay.q_len) & (ki < lay.k_len)
-    return ok & problem.allowed(tiles[:, 0, None, None], qi + problem.q_offset,
-                                ki + problem.k_offset)
+    return ok & problem.allowed(tiles[:, 0, None, None],
+                                qi.clamp(max=lay.q_len - 1) + problem.q_offset,
+                                ki.clamp(max=lay.k_len - 1) + problem.k_offset)
 
 
 def _to_blocks(x: Tensor, n: int, b: int, dtype: torch.dtype) -> Tensor:

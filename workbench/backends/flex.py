@@ -1,14 +1,14 @@
 """FlexAttention backend: a ``BlockMask`` built straight from the exact block layout.
 
-Full tiles go into FlexAttention's ``full_kv_*`` lists (the kernel skips the mask function
-there), partial tiles into ``kv_*`` with the pattern's token predicate as ``mask_mod``; the
-``S x S`` mask is never evaluated. A ``block_order`` ("hilbert", "morton") sorts each query
-block's key blocks along the curve. ``flex_attention`` is compiled once per process
-(``dynamic=False``). Python numbers inside a pattern (a window, a segment length) are baked into
-the kernel, so each new shape or new pattern parameters compile once; every such compile is
-announced on stderr, and calls run with Dynamo told to raise, not to fall back to slow eager
-attention, if its recompile limit is reached (:data:`RECOMPILE_LIMIT` distinct compiles).
-On the CPU, FlexAttention supports inference only:
+The mask is :func:`workbench.blockmask.block_mask_from_layout` of the problem's layout: full
+tiles skip the mask function, partial tiles go through the pattern's token predicate, and the
+``S x S`` mask is never evaluated. It is kept with the layout (:func:`cached_block_mask`). A
+``block_order`` ("hilbert", "morton") sorts each query block's key blocks along the curve.
+``flex_attention`` is compiled once per process (``dynamic=False``). Python numbers inside a
+pattern (a window, a segment length) are baked into the kernel, so each new shape or new pattern
+parameters compile once; every such compile is announced on stderr, and calls run with Dynamo
+told to raise, not to fall back to slow eager attention, if its recompile limit is reached
+(:data:`RECOMPILE_LIMIT` distinct compiles). On the CPU, FlexAttention supports inference only:
 no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
 """
 
@@ -20,8 +20,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from ..blockmask import block_mask_from_layout
 from ..layout import BlockLayout
-from .indices import sorted_block_indices, visit_rank
+from ..orderings import visit_rank
 from .problem import Problem
 from .registry import Backend, Capabilities, Request
 
@@ -63,55 +64,22 @@ def cached_block_mask(problem: Problem, device: torch.device | str, backward: bo
                                   reuse=lambda mask: not backward or mask.q_indices is not None)
 
 
-def _batched(lists: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """A ``BlockMask``'s leading batch axis (of size 1: every batch element shares it)."""
-    return lists[0][None], lists[1][None]
-
-
 def build_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):
-    """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation).
-
-    Both block lists are sorted here from the layout, chunk by chunk: the key-major ones the
-    forward reads, and (``backward=True``) the query-major ones only the backward reads.
-    (FlexAttention's ``from_kv_blocks`` would derive the latter through a dense ``[H, nk, nq]``
-    int32 copy and an int64 sort, the largest temporaries of a mask at long lengths.)"""
-    from torch.nn.attention.flex_attention import BlockMask
-
+    """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation):
+    :func:`~workbench.blockmask.block_mask_from_layout` of its layout on ``device`` (merged
+    into the kernel's tiles on CUDA), its offsets and its visit order. ``backward=False``
+    leaves out the query-major lists only a backward reads."""
     lay = _kernel_layout(problem.layout.to(device))
-    b = lay.block_size
-    full = lay.full.clone()
-    if lay.q_len % b:
-        full[:, -1, :] = False  # padded tiles must go through the mask
-    if lay.k_len % b:
-        full[:, :, -1] = False
-    partial = lay.active & ~full
-    # A post-pattern visit order reorders each query block's key blocks (FlexAttention's grid
-    # fixes the order of query blocks itself).
-    rank = visit_rank(lay, problem.block_order)
-    kv_n, kv_i = _batched(sorted_block_indices(partial, rank))
-    f_n, f_i = _batched(sorted_block_indices(full, rank))
-    allowed, q_len, k_len = problem.allowed, lay.q_len, lay.k_len
     # Offsets as tensors: the compiled kernel takes them as inputs, so the slices of a ring (same
     # shape, other offsets) reuse one compilation instead of specializing on each offset. Filled
     # on the device: copying a Python number to the GPU (torch.tensor(x, device=...)) waits for
     # every kernel already queued, so the GPU would idle while the next mask is being built.
-    q_off = torch.full((), problem.q_offset, dtype=torch.int64, device=device)
-    k_off = torch.full((), problem.k_offset, dtype=torch.int64, device=device)
-
-    def mask_mod(bi, h, qi, ki):
-        return (qi < q_len) & (ki < k_len) & allowed(h, qi + q_off, ki + k_off)
-
-    # query-major lists: every query block of a key block, in increasing order (as
-    # FlexAttention's own transpose gives them)
-    q_n, q_i = (_batched(sorted_block_indices(partial.transpose(1, 2))) if backward
-                else (None, None))
-    fq_n, fq_i = (_batched(sorted_block_indices(full.transpose(1, 2))) if backward
-                  else (None, None))
-    return BlockMask(
-        seq_lengths=(q_len, k_len), kv_num_blocks=kv_n, kv_indices=kv_i,
-        full_kv_num_blocks=f_n, full_kv_indices=f_i, q_num_blocks=q_n, q_indices=q_i,
-        full_q_num_blocks=fq_n, full_q_indices=fq_i, BLOCK_SIZE=(b, b), mask_mod=mask_mod,
-    )
+    q_off, k_off = (torch.full((), x, dtype=torch.int64, device=device)
+                    for x in (problem.q_offset, problem.k_offset))
+    # A post-pattern visit order reorders each query block's key blocks (FlexAttention's grid
+    # fixes the order of query blocks itself).
+    return block_mask_from_layout(lay, problem.allowed, q_offset=q_off, k_offset=k_off,
+                                  rank=visit_rank(lay, problem.block_order), backward=backward)
 
 
 @lru_cache(maxsize=1)

@@ -41,8 +41,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..blockmask import sorted_block_indices
 from ..layout import BlockLayout
-from .indices import sorted_block_indices, visit_rank
+from ..orderings import visit_rank
 from .problem import Problem
 from .registry import Backend, Capabilities, Request
 
@@ -210,7 +211,8 @@ def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
         qi = t[:, 1, None, None] * b + ar[None, :, None]
         ki = t[:, 2, None, None] * b + ar[None, None, :]
         ok = (qi < lay.q_len) & (ki < lay.k_len)
-        ok = ok & problem.allowed(h, qi + problem.q_offset, ki + problem.k_offset)
+        ok = ok & problem.allowed(h, qi.clamp(max=lay.q_len - 1) + problem.q_offset,
+                                  ki.clamp(max=lay.k_len - 1) + problem.k_offset)
         out[t0:t0 + t.shape[0]] = _pack_bits(ok.expand(t.shape[0], b, b))
     return out
 

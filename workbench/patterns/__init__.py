@@ -23,11 +23,15 @@ comparable: :meth:`~Pattern.tiles` (an exact rule per tile), :meth:`~Pattern.off
 predicate of ``k - q`` alone: a Toeplitz layout), :meth:`~Pattern.period`,
 :meth:`~Pattern.key` (equality by value) and :meth:`~Pattern.count_pairs`.
 
+**FlexAttention, both ways.** ``pattern.mask_mod()`` is FlexAttention's ``mask_mod(b, h, q_idx,
+kv_idx)`` and ``pattern.block_mask(seq_len)`` its ``BlockMask`` from the exact layout;
+:func:`from_mask_mod` makes a pattern of any ``mask_mod``.
+
 Modules: ``base`` (the class and its hooks), ``algebra`` (``|``, ``&``), ``offsets``
 (Toeplitz layouts), ``bands`` (full, causal, windows, strides, global tokens, prefix LM),
 ``documents`` (packed variable-length sequences), ``longnet`` (dilated), ``random_tiles``,
-``masks`` (tensor-defined patterns), ``grid`` (permuted patterns and grid neighbourhoods) and
-``families`` (the registry of named families, :data:`FAMILIES`).
+``masks`` (tensor-defined patterns), ``mask_mods`` (FlexAttention mask functions), ``grid``
+(permuted patterns and grid neighbourhoods) and ``families`` (the registry, :data:`FAMILIES`).
 """
 
 from .bands import (
@@ -53,6 +57,7 @@ from .documents import Documents, documents
 from .families import FAMILIES, Family, family, register_family
 from .grid import GridNeighborhood, Permuted, grid_neighborhood
 from .longnet import Dilated, check_dilation_pairs, dilated, dilated_branch, head_groups
+from .mask_mods import MaskModPattern, from_mask_mod
 from .masks import BlockSelection, DenseMask, KeyMask, TiledHeads, tile_batch
 from .random_tiles import hash_cells, random_blocks
 
@@ -65,6 +70,7 @@ __all__ = [
     "Family",
     "GridNeighborhood",
     "KeyMask",
+    "MaskModPattern",
     "Pattern",
     "Permuted",
     "TiledHeads",
@@ -78,6 +84,7 @@ __all__ = [
     "dilated_window",
     "documents",
     "family",
+    "from_mask_mod",
     "full",
     "global_local",
     "global_tokens",

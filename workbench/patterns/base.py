@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import Tensor
 
+from ..blockmask import block_mask_from_layout
 from ..layout import (
     MAX_POSITION,
     BlockLayout,
@@ -27,6 +28,8 @@ from ..layout import (
 from .offsets import OffsetFn, offset_tiles
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+FlexMaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool``."""
 
 _TILE_EVAL_BUDGET = 1 << 24  # token pairs evaluated per chunk when tiles are evaluated
 _TOKEN_MASK_LIMIT = 1 << 28  # largest H*S*S element count token_mask() will build
@@ -87,9 +90,12 @@ class Pattern:
     def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         """Boolean tensor, broadcast of the inputs: may query ``q`` of head ``h`` attend ``k``.
 
-        ``h``, ``q`` and ``k`` are int64 tensors of absolute head index and token positions, of
-        any broadcastable shapes. Written with elementwise tensor ops only, so the same code
-        builds dense masks and serves as a FlexAttention ``mask_mod``. Required.
+        ``h``, ``q`` and ``k`` are integer tensors of absolute head index and token positions,
+        of any broadcastable shapes. Every caller asks only about real positions
+        (``0 <= q < q_len``, ``0 <= k < k_len``: padding is clamped into the sequence and
+        masked by the caller), so a predicate may index tensors of the sequence's length.
+        Written with elementwise tensor ops only, so the same code builds dense masks and
+        serves as a FlexAttention ``mask_mod`` (:meth:`mask_mod`). Required.
         """
         raise NotImplementedError(f"{type(self).__name__} must define allowed(h, q, k)")
 
@@ -176,6 +182,47 @@ class Pattern:
         called, so tracing it never breaks the graph.
         """
         return self.allowed
+
+    def mask_mod(self, device: torch.device | str | None = None) -> FlexMaskMod:
+        """This pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
+
+        It equals :meth:`allowed` (``b`` is ignored); a 1-head pattern ignores ``h`` as well,
+        an ``H``-head one indexes its heads by it. It serves ``create_block_mask`` and
+        eager or ``torch.compile``-d ``flex_attention`` on ``device`` (``None``: PyTorch's
+        default device), where the tensors it reads (tables, masks) are placed once
+        (:meth:`predicate`), so tracing it creates none. Positions past the sequence are the
+        caller's to mask (``create_block_mask`` never asks about them; :meth:`block_mask`
+        masks them).
+        """
+        f = _any_head(self, self.predicate(_device(device)))
+
+        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return f(h, q_idx, kv_idx)
+
+        return mask_mod
+
+    def block_mask(self, seq_len: int, block_size: int = 128,
+                   device: torch.device | str | None = None, k_len: int | None = None):
+        """A FlexAttention ``BlockMask`` of this pattern, built from its exact block layout.
+
+        Full tiles of :meth:`block_structure` become FlexAttention's full blocks (no
+        ``mask_mod`` there), partial tiles its partial blocks, decided by :meth:`mask_mod`;
+        the ``S x S`` grid is never evaluated (:func:`workbench.blockmask.block_mask_from_layout`).
+
+        Args:
+            seq_len: query length (and key length unless ``k_len`` is given).
+            block_size: the mask's ``BLOCK_SIZE`` (FlexAttention's CUDA kernels want 128).
+            device: where the mask and the tensors of its ``mask_mod`` live (``None``:
+                PyTorch's default device); build it where it runs.
+            k_len: key length for a rectangular problem.
+
+        Returns:
+            ``BlockMask`` of ``seq_lengths=(seq_len, k_len)``, batch 1 and ``H`` heads (1 for a
+            head-independent pattern; both broadcast in ``flex_attention``).
+        """
+        device = _device(device)
+        lay = self.block_structure(seq_len, block_size, device, k_len=k_len)
+        return block_mask_from_layout(lay, _any_head(self, self.predicate(device)))
 
     def token_mask(self, seq_len: int, device: torch.device | str = "cpu") -> Tensor:
         """Dense bool mask ``[H, S, S]`` (``H`` = 1 for head-independent patterns).
@@ -278,7 +325,17 @@ def head_predicate(pattern: Pattern, device: torch.device | str) -> MaskFn:
     asked about, so it broadcasts against any number of heads on every backend. Patterns whose
     predicate reads only ``k - q`` are returned as they are.
     """
-    f = pattern.predicate(device)
+    return _any_head(pattern, pattern.predicate(device))
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    """``device``, PyTorch's default device for ``None``."""
+    return torch.get_default_device() if device is None else torch.device(device)
+
+
+def _any_head(pattern: Pattern, f: MaskFn) -> MaskFn:
+    """``f`` (one of ``pattern``'s predicates), asked about head 0 whatever head is asked
+    about when ``pattern`` is one head that may read ``h``."""
     if pattern.num_heads != 1 or pattern.offset_rule() is not None:
         return f
     return lambda h, q, k: f(h * 0, q, k)
@@ -315,8 +372,8 @@ def evaluate_tiles(
     """Evaluate ``pattern`` token by token inside the tiles ``tiles`` (int64 ``[N, 3]`` of
     head, absolute query block, key block).
 
-    Returns (allowed-pair count, any, all) per tile; padding positions never count, and
-    "all" means every real pair of the tile is allowed. Tiles equal up to the pattern's period
+    Returns (allowed-pair count, any, all) per tile; padding positions never count (nor are
+    they asked about), and "all" means every real pair of the tile is allowed. Tiles equal up to the pattern's period
     are evaluated once (see :func:`_canonical_tiles`); :meth:`Pattern.allowed` is called on
     at most ``max(_TILE_EVAL_BUDGET, block_size**2)`` pairs at a time.
     """
@@ -334,7 +391,7 @@ def evaluate_tiles(
         q = t[:, 1, None, None] * b + off[None, :, None]
         k = t[:, 2, None, None] * b + off[None, None, :]
         real = (q < q_len) & (k < k_len)
-        m = pattern.allowed(h, q, k) & real
+        m = pattern.allowed(h, q.clamp(max=q_len - 1), k.clamp(max=k_len - 1)) & real
         counts.append(m.sum((1, 2)))
         anys.append(m.any(2).any(1))
         alls.append((m | ~real).all(2).all(1))

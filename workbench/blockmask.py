@@ -1,0 +1,133 @@
+"""Block layouts as tile lists: per-row sorted block indices and FlexAttention's ``BlockMask``.
+
+Tile-list kernels (FlexAttention, the triton backend) read a layout as, for each (head, query
+block), the number of selected key blocks and their indices. :func:`block_mask_from_layout`
+turns an exact :class:`~workbench.layout.BlockLayout` into a FlexAttention ``BlockMask``: full
+tiles become its full blocks (the kernel skips ``mask_mod`` there), partial tiles its partial
+blocks, decided by the token predicate. The ``S x S`` grid is never evaluated. This is the one
+conversion: :meth:`workbench.patterns.Pattern.block_mask` and the ``flex`` backend both use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .layout import BlockLayout
+
+__all__ = ["SORT_CHUNK", "block_mask_from_layout", "sorted_block_indices"]
+
+SORT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
+"""Tiles placed per step, by device type: on a CPU small steps keep the temporaries in cache;
+on a GPU large ones keep the number of kernel launches down (others use the GPU's)."""
+
+
+def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
+                         chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """(count ``[H, nq]``, column indices ``[H, nq, nk]`` with selected ones first), int32.
+
+    Selected columns come in increasing order, then the others in increasing order; or the
+    selected ones by ``rank`` (int64 ``[H, nq, nk]``, the position of each tile in a visit
+    order) when given. Natural order needs no sort: a column's place is the number of selected
+    (or unselected) columns left of it, one running sum per row. A visit order is sorted. Either
+    way rows go ``chunk`` tiles at a time into the int32 result, so the int64 temporaries stay
+    small whatever the length (at 4M tokens in 128-token blocks one head's whole sort would
+    take 8 GiB); ``chunk`` defaults to :data:`SORT_CHUNK` of the device.
+    """
+    if chunk is None:
+        chunk = SORT_CHUNK.get(sel.device.type, SORT_CHUNK["cuda"])
+    nk = sel.shape[-1]
+    out = torch.empty(sel.shape, dtype=torch.int32, device=sel.device)
+    count = torch.empty(sel.shape[:-1], dtype=torch.int32, device=sel.device)
+    flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, nk), count.view(-1)
+    ranks = None if rank is None else rank.reshape(flat.shape)
+    cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
+    step = max(1, chunk // max(1, nk))  # rows (of every head) per step
+    for r0 in range(0, flat.shape[0], step):
+        part = flat[r0:r0 + step]
+        if ranks is None:
+            taken = part.to(torch.int32)
+            upto = torch.cumsum(taken, -1, dtype=torch.int32)
+            left = upto - taken  # selected columns left of c
+            n = upto[:, -1:]
+            place = torch.where(part, left, n + cols - left)
+            out_rows[r0:r0 + step].scatter_(-1, place.to(torch.int64), cols.expand_as(place))
+            counts[r0:r0 + step] = n[:, 0]
+        else:
+            out_rows[r0:r0 + step] = torch.argsort(
+                torch.where(part, ranks[r0:r0 + step], torch.iinfo(torch.int64).max), dim=-1)
+            counts[r0:r0 + step] = part.sum(-1, dtype=torch.int32)
+    return count, out
+
+
+def _batched(lists: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """A ``BlockMask``'s leading batch axis (of size 1: every batch element shares it)."""
+    return lists[0][None], lists[1][None]
+
+
+def block_mask_from_layout(
+    layout: BlockLayout,
+    allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
+    *,
+    q_offset: int | Tensor = 0,
+    k_offset: int | Tensor = 0,
+    rank: Tensor | None = None,
+    backward: bool = True,
+):
+    """A FlexAttention ``BlockMask`` with exactly ``layout``'s tiles, on ``layout``'s device.
+
+    Args:
+        layout: the exact tiles; its ``block_size`` is the mask's ``BLOCK_SIZE``, its head
+            count the mask's (1 broadcasts over every head).
+        allowed: the token predicate ``allowed(h, q, k)`` over absolute positions (a
+            :meth:`~workbench.patterns.Pattern.predicate`), with its tensors on the layout's
+            device; it decides the pairs of partial tiles and is only ever asked about real
+            positions (``q_offset <= q < q_offset + q_len``, likewise ``k``).
+        q_offset, k_offset: absolute position of the first query and key (a ring's slice):
+            ints, or int64 0-dim tensors on the layout's device, which a compiled kernel takes
+            as inputs, so masks that differ only in them share one compilation.
+        rank: int64 ``[H, nq, nk]`` position of every tile in a visit order
+            (:func:`workbench.orderings.visit_rank`): each query block's key blocks are listed
+            in that order. ``None``: increasing key block.
+        backward: also build the query-major lists only the backward pass reads.
+
+    Returns:
+        ``BlockMask`` with ``seq_lengths=(q_len, k_len)``; its ``mask_mod(b, h, q_idx, kv_idx)``
+        is False on padding. Tiles of the ragged last block row and column are listed as
+        partial, so padding always goes through the mask function.
+
+    Both block lists are sorted from the layout a bounded number of tiles at a time
+    (:func:`sorted_block_indices`); FlexAttention's ``from_kv_blocks`` would derive the
+    query-major ones through a dense ``[H, nk, nq]`` int32 copy and an int64 sort, the largest
+    temporaries of a mask at long lengths.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, q_len, k_len = layout.block_size, layout.q_len, layout.k_len
+    full = layout.full.clone()
+    if q_len % b:
+        full[:, -1, :] = False  # padded tiles must go through the mask
+    if k_len % b:
+        full[:, :, -1] = False
+    partial = layout.active & ~full
+    kv_n, kv_i = _batched(sorted_block_indices(partial, rank))
+    f_n, f_i = _batched(sorted_block_indices(full, rank))
+    # query-major lists: every query block of a key block, in increasing order (as
+    # FlexAttention's own transpose gives them)
+    q_n, q_i = (_batched(sorted_block_indices(partial.transpose(1, 2))) if backward
+                else (None, None))
+    fq_n, fq_i = (_batched(sorted_block_indices(full.transpose(1, 2))) if backward
+                  else (None, None))
+
+    def mask_mod(bi, h, qi, ki):
+        q_in = torch.clamp(qi, max=q_len - 1) + q_offset  # padding asks about a real position
+        k_in = torch.clamp(ki, max=k_len - 1) + k_offset
+        return (qi < q_len) & (ki < k_len) & allowed(h, q_in, k_in)
+
+    return BlockMask(
+        seq_lengths=(q_len, k_len), kv_num_blocks=kv_n, kv_indices=kv_i,
+        full_kv_num_blocks=f_n, full_kv_indices=f_i, q_num_blocks=q_n, q_indices=q_i,
+        full_q_num_blocks=fq_n, full_q_indices=fq_i, BLOCK_SIZE=(b, b), mask_mod=mask_mod,
+    )

@@ -1,0 +1,75 @@
+"""Patterns from FlexAttention mask functions, ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+
+The way back is :meth:`Pattern.mask_mod`; together they let a mask written for FlexAttention
+run on every workbench backend and compose with every workbench pattern.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+
+from .base import FlexMaskMod, Pattern, check_positive_int
+
+
+class MaskModPattern(Pattern):
+    """The pairs a FlexAttention ``mask_mod`` allows, asked with batch index 0.
+
+    ``allowed(h, q, k)`` is ``fn(0, h, q, k)`` (``b`` a zero tensor of ``h``'s shape): only
+    real positions are asked about, so ``fn`` may index tensors of the sequence's length
+    (document ids). It has no tile rule, so its exact layout evaluates every tile token by
+    token: ``O(tiles x block_size**2)`` predicate evaluations, a bounded number of pairs per
+    call, memory proportional to the block grid. Equal only to itself (``fn`` may read
+    tensors that change).
+    """
+
+    def __init__(self, fn: FlexMaskMod, num_heads: int = 1, name: str | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn must be a mask_mod(b, h, q_idx, kv_idx), got {fn!r}")
+        try:
+            inspect.signature(fn).bind(0, 0, 0, 0)
+        except TypeError:
+            raise TypeError(f"fn must take four arguments (b, h, q_idx, kv_idx) like a "
+                            f"FlexAttention mask_mod, got {fn!r}") from None
+        except ValueError:  # no signature to check (a builtin)
+            pass
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+        self.fn = fn
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        out = self.fn(torch.zeros_like(h), h, q, k)
+        if not isinstance(out, Tensor) or out.dtype != torch.bool:
+            raise TypeError(f"mask_mod {self.name} must return a bool tensor, got "
+                            f"{getattr(out, 'dtype', type(out).__name__)}")
+        return out
+
+    def __repr__(self) -> str:
+        heads = f", num_heads={self.num_heads}" if self.num_heads != 1 else ""
+        return f"from_mask_mod({self.name}{heads})"
+
+
+def from_mask_mod(fn: FlexMaskMod, num_heads: int = 1, name: str | None = None) -> Pattern:
+    """A pattern from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
+
+    Args:
+        fn: the mask function; called with batch index 0 and only real positions, on the
+            device of the call (tensors it reads, such as document ids, must be there).
+        num_heads: 1 if ``fn`` is the same for every head (it then broadcasts over any head
+            count), else the number of heads ``fn`` distinguishes (``h < num_heads``).
+        name: what the pattern's repr calls ``fn`` (default: its ``__name__``).
+
+    Returns:
+        A :class:`MaskModPattern`: it runs on every backend and composes with ``|`` and ``&``.
+        Its layout costs ``O(tiles x block_size**2)`` predicate evaluations, in chunks of
+        bounded size; a built-in pattern, where one fits, has a closed-form layout.
+
+    Raises:
+        TypeError: ``fn`` is not callable with four arguments, or ``name`` is not a string.
+        ValueError: ``num_heads`` is not a positive int.
+    """
+    return MaskModPattern(fn, num_heads, name)
