@@ -116,8 +116,8 @@ def hilbert_encode(coords: Tensor, bits: int) -> Tensor:
 
     John Skilling's curve ("Programming the Hilbert curve", AIP Conf. Proc. 707, 2004): it
     starts at the origin and first steps along ``c0``; in 2-D it equals the textbook
-    ``xy2d(n, x=c0, y=c1)``. Skilling's axes-to-transpose step (undo the per-level reflections and exchanges, then
-    Gray-encode) followed by bit interleaving; vectorized with ``torch.where``.
+    ``xy2d(n, x=c0, y=c1)``. Computed by Skilling's axes-to-transpose step (undo the per-level
+    reflections and exchanges, then Gray-encode) and bit interleaving.
     """
     x = [c.clone() for c in _coords(coords, bits)]
     n = len(x)

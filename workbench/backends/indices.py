@@ -12,8 +12,7 @@ from ..layout import BlockLayout
 __all__ = ["sorted_block_indices", "visit_rank"]
 
 SORT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
-"""Tiles placed per step, by device type: on a CPU small steps keep the temporaries in cache;
-on a GPU large ones keep the number of kernel launches down (others use the GPU's)."""
+"""Tiles placed per step, by device type (other devices use the ``cuda`` value)."""
 
 
 def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
@@ -25,8 +24,7 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
     order) when given. Natural order needs no sort: a column's place is the number of selected
     (or unselected) columns left of it, one running sum per row. A visit order is sorted. Either
     way rows go ``chunk`` tiles at a time into the int32 result, so the int64 temporaries stay
-    small whatever the length (at 4M tokens in 128-token blocks one head's whole sort would
-    take 8 GiB); ``chunk`` defaults to :data:`SORT_CHUNK` of the device.
+    small whatever the length; ``chunk`` defaults to :data:`SORT_CHUNK` of the device.
     """
     if chunk is None:
         chunk = SORT_CHUNK.get(sel.device.type, SORT_CHUNK["cuda"])
