@@ -544,7 +544,8 @@ def triton_attention(
     """Our Triton kernels over ``problem`` for ``q, k, v`` ``[B, H, S, D]``.
 
     Returns ``(out [B, H, Sq, D], lse float32 [B, H, Sq] or None)``, differentiable in ``q, k,
-    v`` (through ``lse`` too) when any of them requires grad. ``config`` / ``backward_config``
+    v`` (through ``lse`` too) when any of them requires grad; a row with no allowed key gives
+    zeros and ``lse = -inf``. ``config`` / ``backward_config``
     fix the launch parameters (default: the first of :func:`default_configs` the GPU can hold);
     ``plan`` a prebuilt :func:`build_plan`.
 
