@@ -2,14 +2,10 @@
 
 Every variant is softmax attention restricted to a set of (query, key) pairs, seen through four
 independent choices: a **pattern** (:mod:`workbench.patterns`), an **ordering**
-(:mod:`workbench.orderings`), a **schedule** (the ring's plan, :mod:`workbench.sharding`, run on
-one device by :mod:`workbench.ring` or across ``torch.distributed`` ranks by
-:mod:`workbench.distributed`) and a **backend** (:mod:`workbench.backends`, a registry). A
-:class:`Plan` holds a pattern's layout at given lengths and what the backends derive from it.
-
-``workbench.viz`` (matplotlib) and ``workbench.lab`` (benchmarks, records, the figures runner
-and the command line) are imported on first use, so processes that only compute (the ranks of a
-distributed run) start faster.
+(:mod:`workbench.orderings`), a **schedule** (:mod:`workbench.sharding`, run by
+:mod:`workbench.ring` on one device or by :mod:`workbench.distributed` across ranks) and a
+**backend** (:mod:`workbench.backends`). A :class:`Plan` holds what they derive from a pattern at
+given lengths. ``workbench.viz`` and ``workbench.lab`` are imported on first use.
 """
 
 import importlib

@@ -1,48 +1,11 @@
-"""Content-adaptive block sparsity: a pattern chosen from the queries and keys themselves.
+"""Content-adaptive block sparsity: tiles chosen from the queries and keys themselves.
 
-For every batch element and head:
-
-1. **Block summaries.** Queries and keys are mean-pooled over blocks of ``block_size`` tokens
-   (the last block averages only its real tokens), optionally through a small learned
-   projection (the *gate*).
-2. **Block scores.** ``score[i, j] = pooled_q[i] . pooled_k[j] * scale``: one ``nq x nk``
-   matrix, ``O((S / b)^2 * D)`` work per head, vectorized over batch and heads.
-3. **Top-k.** Each query block keeps the ``k = max(1, round(density * nk))`` key blocks with the
-   highest scores. The diagonal block (the query's own block) is always kept; with
-   ``causal=True`` blocks in the future are never eligible, so early rows keep
-   ``min(k, i + 1)`` blocks and the realized density is at most the target.
-4. **Attention.** The selection becomes a :class:`~workbench.patterns.BlockSelection` pattern
-   with ``B * H`` heads (the batch folded into the heads, since workbench layouts are per head
-   and shared across the batch), and :func:`workbench.block_sparse_attention` computes exact
-   softmax attention restricted to it: the same machinery, backends and ring schedule as every
-   other pattern.
-
-**What it is closest to.** The selection rule is MoBA's (Lu et al. 2025, arXiv 2502.13189):
-top-k key blocks by a dot product with mean-pooled keys, the current block always included and
-causality respected. It differs in pooling the *queries* too (one decision per query block, not
-per query token, as MInference's block-sparse heads and SeerAttention do), which is what makes
-the result a block layout. The trainable gate follows SeerAttention (Gao et al. 2024, arXiv
-2410.13276): learned linear maps of pooled Q and K, trainable by self-distillation against the
-block-pooled true attention (:func:`distillation_loss`); unlike SeerAttention the untrained gate
-starts as the identity, i.e. as the parameter-free MoBA-style score. It does not have NSA's
-compressed and sliding-window branches or learned branch gates (Yuan et al. 2025, arXiv
-2502.11089), nor Quest's min/max key bounds (Tang et al. 2024, arXiv 2406.10774), which score
-pages for a single decode query.
-
-**Training the gate.** Two ways: ``distillation_loss`` (SeerAttention's), and
-``straight_through=True`` in :class:`AdaptiveBlockSparseAttention`: the forward output is
-exactly the block-sparse attention, and each query block's output is multiplied by
-``m / stopgrad(m)`` (equal to 1), where ``m`` is the softmax mass the gate puts on the selected
-key blocks, so the gate receives the gradient ``<dL/d out, out>`` per row. The hard top-k itself
-has no gradient.
-
-**Fixed patterns.** ``fallback=pattern`` is used instead of the content when
-``adaptive=False`` or the sequence has fewer than ``min_blocks`` key blocks; ``always=pattern``
-is added (union) to every call's pattern (e.g. a local window or global tokens). Both act at
-token level, exactly as the patterns themselves: the pattern a call runs is ``(content |
-always)``, or ``(fallback | always)``, intersected with ``causal()`` when ``causal=True``
-(a fixed pattern never grants more than its own pairs, whatever tiles they fall in).
-:attr:`Selection.selected` is the set of tiles of that pattern that hold an allowed pair.
+Per batch element and head, queries and keys are mean-pooled over blocks (optionally through a
+learned linear *gate*), every (query block, key block) pair is scored, and each query block keeps
+its top ``k = max(1, round(density * nk))`` key blocks, always with its own block and, when
+causal, never a future one. The selection is a :class:`~workbench.patterns.BlockSelection` with
+the batch folded into the heads, so :func:`workbench.block_sparse_attention` computes exact
+attention over it. How it relates to MoBA, SeerAttention, NSA and Quest: ``docs/reference.md``.
 """
 
 from __future__ import annotations
@@ -286,7 +249,9 @@ class AdaptiveBlockSparseAttention(nn.Module):
             ``k <= q``); queries and keys must then have the same length.
         head_dim: the gate's input size, needed only with ``trainable=True``.
         trainable: learn linear maps of pooled Q and K (initialized to the identity).
-        straight_through: pass gradient to the gate through the output (see module docs).
+        straight_through: train the gate through the output: each query block's output is
+            multiplied by ``m / stopgrad(m)`` (equal to 1), ``m`` the gate's softmax mass on
+            the selected key blocks; the hard top-k itself has no gradient.
         always: a fixed pattern unioned, at token level, into every call's pattern (e.g.
             ``P.local_window(64)``).
         fallback: a fixed pattern run (exactly) instead of the content when ``adaptive=False``
@@ -454,7 +419,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return (out, sel) if return_selection else out
 
     def straight_through_gradient(self, out: Tensor, sel: Selection) -> Tensor:
-        """``out [B, H, Sq, Dv]`` times ``m / stopgrad(m)`` per query block (module docs), so
+        """``out [B, H, Sq, Dv]`` times ``m / stopgrad(m)`` per query block, so
         the gate learns through the output; ``out`` unchanged unless ``straight_through``.
 
         ``m`` is the gate's softmax mass on ``sel.selected``; where it is 0 (e.g. a query block

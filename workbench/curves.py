@@ -1,32 +1,11 @@
-"""Space-filling curves over 2-D and 3-D grids: Hilbert, Morton (Z-order) and raster.
+"""Space-filling curves over 2-D and 3-D grids: Hilbert, Morton (Z-order), gilbert and raster.
 
-Two levels:
-
-- **Cube level** (:func:`hilbert_encode`, :func:`hilbert_decode`, :func:`morton_encode`,
-  :func:`morton_decode`): the classic curves on a ``2**bits`` square or cube, index <->
-  coordinates, vectorized over any batch shape in int64 and exact (``dims * bits <= 62``).
-  Coordinates are a trailing axis ``(c0, c1)`` or ``(c0, c1, c2)``, ``c0`` being the slowest
-  axis of the grid (the row of a 2-D grid). In each group of ``dims`` index bits the bit of
-  ``c0`` is the most significant. The Hilbert curve is John Skilling's formulation
-  ("Programming the Hilbert curve", AIP Conf. Proc. 707, 2004): it starts at the origin and,
-  in 2-D, ends at ``(2**bits - 1, 0)``; its first step moves along ``c0``. In 2-D it equals the
-  textbook ``xy2d(n, x, y)`` (Wikipedia, "Hilbert curve") with ``x = c0, y = c1``.
-- **Grid level** (:func:`curve_order`, :func:`curve_rank`, :func:`grid_encode`,
-  :func:`grid_decode`): any grid shape, not only powers of two. **Rule:** the curve runs on the
-  enclosing power-of-two square/cube (side ``2**ceil(log2(max(shape)))``) and the cells inside
-  the grid keep their curve order; a cell's index is its *rank* among the kept cells, so the map
-  is a bijection onto ``[0, prod(shape))``. On power-of-two squares/cubes consecutive Hilbert
-  indices are always grid neighbours; on other grids the curve jumps where it leaves and
-  re-enters the grid (a generalized curve such as "gilbert" would avoid the jumps; not
-  implemented here for ``"hilbert"``; use ``"gilbert"``). ``"raster"`` is row-major order, for
-  comparison.
-- ``"gilbert"`` (2-D only): the *generalized* Hilbert curve for any rectangle (J. Červený's
-  "gilbert" construction: split the rectangle along its long side, or into three parts, so
-  that every part has an even number of steps where possible), written here from the
-  construction's description. It starts at ``(0, 0)`` and runs along the long side. Every step
-  goes to an edge-neighbour, except at most one diagonal step, which occurs only when the long
-  side is odd and the short side even (tested on every grid up to 25 x 25). On a power-of-two
-  square it is ``"hilbert"`` with the two axes exchanged (tested).
+Cube level (:func:`hilbert_encode`, :func:`morton_encode` and their inverses): the classic curves
+on a ``2**bits`` square or cube, vectorized and exact in int64 (``dims * bits <= 62``);
+coordinates are a trailing axis ``(c0, c1[, c2])``, ``c0`` the slowest (a 2-D grid's row). Grid
+level (:func:`curve_order`, :func:`grid_encode`, ...): any shape; the curve runs on the enclosing
+power-of-two square or cube and a cell's index is its rank among the grid's cells, so
+non-power-of-two grids may jump. ``"gilbert"`` (2-D) covers any rectangle without jumps.
 """
 
 from __future__ import annotations
@@ -107,7 +86,8 @@ def _deinterleave(d: Tensor, dims: int, bits: int) -> list[Tensor]:
 
 
 def morton_encode(coords: Tensor, bits: int) -> Tensor:
-    """Z-order index of integer ``coords`` ``[..., dims]`` in a ``2**bits`` square/cube."""
+    """Z-order index of integer ``coords`` ``[..., dims]`` in a ``2**bits`` square/cube: in each
+    group of ``dims`` index bits, the bit of ``c0`` is the most significant."""
     return _interleave(_coords(coords, bits), bits)
 
 
@@ -134,8 +114,10 @@ def _invert_or_exchange(x: list[Tensor], i: int, q: int) -> None:
 def hilbert_encode(coords: Tensor, bits: int) -> Tensor:
     """Hilbert index of integer ``coords`` ``[..., dims]`` in a ``2**bits`` square/cube.
 
-    Skilling's axes-to-transpose step (undo the per-level reflections and exchanges, then
-    Gray-encode) followed by bit interleaving; vectorized with ``torch.where``.
+    John Skilling's curve ("Programming the Hilbert curve", AIP Conf. Proc. 707, 2004): it
+    starts at the origin and first steps along ``c0``; in 2-D it equals the textbook
+    ``xy2d(n, x=c0, y=c1)``. Computed by Skilling's axes-to-transpose step (undo the per-level
+    reflections and exchanges, then Gray-encode) and bit interleaving.
     """
     x = [c.clone() for c in _coords(coords, bits)]
     n = len(x)
@@ -206,7 +188,11 @@ def _sign(v: int) -> int:
 
 
 def _gilbert_cells(height: int, width: int) -> list[int]:
-    """Raster indices of a ``height x width`` grid along the generalized Hilbert curve."""
+    """Raster indices of a ``height x width`` grid along the generalized Hilbert curve, written
+    from the description of J. Červený's "gilbert" construction: it starts at ``(0, 0)``, runs
+    along the long side, and every step goes to an edge-neighbour except at most one diagonal
+    step (long side odd, short side even). On a power-of-two square it is ``"hilbert"`` with
+    the axes exchanged."""
     out: list[int] = []
 
     def fill(r: int, c: int, ar: int, ac: int, br: int, bc: int) -> None:

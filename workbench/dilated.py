@@ -1,36 +1,9 @@
-"""LongNet dilated attention (Ding et al. 2023, arXiv 2307.02486), in two modes.
+"""LongNet dilated attention (Ding et al. 2023, arXiv 2307.02486), in its two modes.
 
-**Segments and dilation.** A (segment ``w``, dilation ``r``) pair splits the sequence into
-segments ``[m*w, (m+1)*w)`` from position 0; the last segment is the remainder when ``w`` does
-not divide the length (equivalently: the sequence is padded to a multiple of ``w`` with keys
-nobody attends and queries whose output is dropped). Inside a segment a head with offset ``s``
-keeps the positions at ``s, s + r, s + 2r, ...`` from the segment start; kept queries attend
-kept keys of the same segment (and only earlier ones when ``causal``).
-
-**Offsets.** Head ``j`` uses offset ``j mod r`` (the paper's rule, on the absolute head index).
-
-``mode="paper"`` — LongNet exactly: every head uses every pair ``i``; the branch outputs
-``O_i`` are combined as ``sum_i a_i O_i`` with ``a_i`` proportional to branch ``i``'s softmax
-denominator, i.e. a log-sum-exp merge. This equals one softmax over the union of the branches'
-keys in which a key kept by several branches counts once per branch. Gradients flow through
-the weights (torchscale's official code detaches them; fkodom's ``dilated-attention-pytorch``
-instead divides each branch's output by its sum over the sequence and averages the branches,
-which is not the paper's weighting). A position no branch keeps outputs zeros.
-
-``mode="head_groups"`` — as common implementations do: heads are split into
-``len(segment_lengths)`` contiguous, as-even-as-possible groups (the first ``H mod k`` groups
-get an extra head; fkodom and torchscale require divisibility), group ``g`` uses pair ``g``
-only, head ``j`` uses offset ``j mod r_g`` (fkodom uses the group index, torchscale splits each
-branch's heads into ``r`` contiguous offset groups). Its result is exactly
-``block_sparse_attention(q, k, v, patterns.dilated(...))``; positions a head does not keep
-output zeros.
-
-**Backends.** Both modes are :func:`~workbench.block_sparse_attention` over LongNet's patterns
-(:func:`~workbench.patterns.dilated`, :func:`~workbench.patterns.dilated_branch`), so any backend
-computes them; ``"gather"`` (the default, and what ``auto`` picks) is the dilation ordering:
-each head's kept positions are attended densely segment by segment and put back, wasting no
-tile. Block-sparse backends (``"blockwise"``, ``"flex"``, ``"triton"``, ``"reference"``) compute
-the same patterns tile by tile in natural token order.
+Both modes are :func:`~workbench.block_sparse_attention` over LongNet's patterns
+(:func:`~workbench.patterns.dilated`, :func:`~workbench.patterns.dilated_branch`), so every
+backend computes them. The default backend, ``"gather"``, is the dilation ordering: each head's
+kept positions are attended densely, segment by segment, and put back, wasting no tile.
 """
 
 from __future__ import annotations
@@ -68,17 +41,40 @@ def dilated_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """LongNet dilated self-attention of ``q, k, v`` ``[B, H, S, D]`` (see the module docstring).
+    """LongNet dilated self-attention of ``q, k, v`` ``[B, H, S, D]``.
+
+    Pair ``(w, r)`` cuts the sequence into segments ``[m*w, (m+1)*w)`` from position 0 (the last
+    one shorter when ``w`` does not divide ``S``). Inside a segment a head with offset ``s``
+    keeps positions ``s, s + r, s + 2r, ...`` from the segment start; kept queries attend kept
+    keys of the same segment (earlier ones only, when ``causal``). Head ``j`` uses offset
+    ``j mod r``, on the absolute head index. A position no pair keeps outputs zeros.
+
+    - ``mode="paper"``: every head runs every pair; branch outputs are merged by log-sum-exp
+      (weights proportional to each branch's softmax denominator, with gradients through them):
+      one softmax over the union of the branches' keys, a key kept by several branches counted
+      once per branch.
+    - ``mode="head_groups"``: heads are split into ``len(segment_lengths)`` contiguous groups
+      as evenly as possible (the first ``H mod k`` get one extra head) and group ``g`` runs pair
+      ``g`` only: exactly ``block_sparse_attention(q, k, v, patterns.dilated(...))``.
 
     Args:
         segment_lengths, dilation_rates: one dilation per segment length, ``r_i <= w_i``.
-        mode: ``"paper"`` (every head, every pair, log-sum-exp merge) or ``"head_groups"``.
+        mode: ``"paper"`` or ``"head_groups"``.
         causal: keys after the query are masked inside each segment.
         backend: ``"gather"`` (dilation ordering, dense per segment; default) or any backend
             of :mod:`workbench.backends` (block-sparse ones work in natural order).
         block_size: tile size for block-sparse backends (and for the log-sum-exp path).
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, H, S]`` of the merged softmax.
+
+    Returns:
+        ``out [B, H, S, Dv]`` in ``q``'s dtype, or ``(out, lse)`` with ``return_lse``.
+
+    Raises:
+        ValueError: mismatched shapes or devices, ``q`` and ``k`` of different lengths (this is
+            self-attention), an unknown ``mode`` or ``backend``, bad pairs, ``block_size`` or
+            ``scale``.
+        TypeError: inputs that are not floating-point tensors of one dtype.
     """
     check_qkv(q, k, v)
     check_dilation_pairs(segment_lengths, dilation_rates)

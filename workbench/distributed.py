@@ -1,49 +1,11 @@
 """The ring over real processes: sequence-sharded block-sparse attention with ``torch.distributed``.
 
-Each rank holds one shard of the sequence (its queries, keys, values and output); the whole
-sequence is never gathered anywhere. The schedule is the ring's: at step ``d`` (``0 .. P-1``)
-rank ``r`` attends its queries to the K/V shard of rank ``r - d`` (mod ``P``), and partial
-results are merged by log-sum-exp (:func:`~workbench.backends.merge_partials`), exactly as the
-simulated :func:`~workbench.ring.ring_attention` does on one device.
-
-**Only what is needed moves.** Each rank builds the block layout of its own query rows,
-reduces it to tile counts per K/V shard, and the ranks exchange those counts (a few integers
-each): then every rank knows, identically, which (query shard, K/V shard) pairs hold an active
-tile. A shard is sent
-at step ``d`` straight from its owner to rank ``owner + d`` only if that rank's queries attend to
-it, so a local window, a causal band or small dilated segments stop the ring early: nothing is
-sent that nobody needs, and steps where no rank needs anything are skipped. When every pair is
-needed each rank sends ``P - 1`` shards, the classic ring's volume. Sends and receives are
-asynchronous (``batch_isend_irecv``); the transfer for step ``d + 1`` runs while step ``d``
-computes.
-
-**Sharding** (:mod:`workbench.sharding`). Shards are whole blocks (the last rank's may end in
-a partial block), so every (query shard, K/V shard) pair is a block-aligned slice of the global
-layout. ``"contiguous"`` gives rank ``r`` the ``r``-th run of blocks; ``"zigzag"`` cuts the
-sequence into ``2P`` runs and gives rank ``r`` runs ``r`` and ``2P - 1 - r``, which balances
-causal work (early ranks' queries see few keys, late ranks' many; zigzag pairs one of each).
-
-**Backends.** Each (query run, K/V run) pair is a sub-problem that the backend registry runs
-(``auto`` chooses per pair): for LongNet's pattern, a rank's own run that starts at a multiple of
-every segment length goes to the dilation ordering (the ``gather`` backend); with contiguous
-shards and segments no longer than a shard that is all of the work, and nothing is sent.
-
-**Backward.** The backward pass is a ring too: each step receives the K/V shard again,
-recomputes that step's partial result with autograd, and turns the gradient of the merged
-output into gradients of the partial (``dO_c = w_c dO``, ``dl_c = w_c (<dO, o_c> - <dO, O>) +
-w_c dL``, with ``w_c = exp(l_c - L)``); the K/V gradients travel back to their owner. Compute is
-one partial forward plus its backward per step (FlashAttention's recomputation, per shard).
-
-**Memory per rank.** Its q, k, v and output shards; at most two received K/V shards in flight
-(keys and values sent as two messages from their own tensors, never packed into a copy); one
-partial result being merged into the output in place, a slice at a time
-(:func:`~workbench.backends.merge.merge_into_`); and its rows of the block layout,
-``O(S^2 / (P block^2))`` per head that differs (a global layout passed as ``layout=`` is held
-whole).
-
-**Faults.** Every wait has a deadline (``timeout``): a rank that died or never joined ends the
-others with :class:`RingTimeoutError` naming the peer, the step and the deadline, never a hang.
-Shapes, dtypes and shard lengths are checked across ranks before any K/V moves.
+Each rank holds one shard of the sequence (:mod:`workbench.sharding`); the whole sequence is never
+gathered. At step ``d`` rank ``r`` attends its queries to the K/V shard of rank ``(r - d) mod P``,
+sent straight from its owner only when an active tile needs it (the ranks first exchange tile
+counts per shard), and partials merge by log-sum-exp. The backward pass is a ring too: K/V shards
+travel again and their gradients return to their owner. Every wait has a deadline
+(:class:`RingTimeoutError`), never a hang. The schedule in full: ``docs/reference.md``.
 """
 
 from __future__ import annotations
@@ -563,7 +525,8 @@ def _backward_step(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int, out
 
 def _partial_grads(o: Tensor, l_c: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                    dlse: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Gradients of one partial ``(o_c, l_c)`` from those of the merged ``(out, lse)``."""
+    """Gradients of one partial ``(o_c, l_c)`` from those of the merged ``(out, lse)``:
+    ``dO_c = w_c dO`` and ``dl_c = w_c (<dO, o_c> - <dO, O> + dL)``, ``w_c = exp(l_c - L)``."""
     acc = accumulation_dtype(o.dtype)
     top = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(acc)
     w = torch.where(torch.isfinite(l_c), torch.exp(l_c.to(acc) - top), torch.zeros_like(top))
@@ -636,19 +599,37 @@ def distributed_ring_attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention over a sequence sharded across the ranks of ``process_group``.
 
-    Every rank calls it with its own shard ``q, k, v`` ``[B, H, S_r, D]``, as laid out by
-    :func:`shard_plan` (``sharding``) over the ranks of ``process_group`` (``None``: the default
-    group); the total length is the sum of the shards. Returns this rank's ``out`` shard (and
-    its log-sum-exp). Differentiable in ``q, k, v``. When ``layout`` is omitted each rank builds
-    only its own query rows of the pattern's layout (:meth:`~workbench.plan.Plan.rows`; kept in
-    ``plan``, a :class:`~workbench.plan.Plan` of the global length or a
-    :class:`~workbench.plan.Plans`, when one is given), so no rank holds the whole
-    ``[H, S/b, S/b]`` map; or give the *global* layout (``pattern.block_structure(S,
-    block_size)``) or a function of ``S`` returning it.
-    ``block_order`` and ``dropout`` act as in :func:`workbench.block_sparse_attention`;
-    dropout decisions use absolute positions and rank 0's seed, so they match the
-    single-process result with that seed. ``stats`` (a :class:`RingStats`) accumulates this
-    rank's counters. See the module docs for the schedule.
+    Every rank calls it with its own shard, cut by :func:`shard_plan` (``sharding``), and gets
+    its own output shard; the total length is the sum of the shards. Per rank, memory holds its
+    shards, at most two received K/V shards in flight, one partial being merged, and its own
+    query rows of the block layout (unless ``layout`` gives the global one).
+
+    Args:
+        q, k, v: this rank's shards ``[B, H, S_r, D]`` (``v``: any ``Dv``); self-attention.
+        pattern, block_size, backend, scale, block_order: as for
+            :func:`workbench.block_sparse_attention` (``auto`` chooses per pair of runs).
+        process_group: the ring's ranks (``None``: the default group).
+        sharding: ``"contiguous"`` or ``"zigzag"``, the same on every rank.
+        return_lse: also return this rank's log-sum-exp ``[B, H, S_r]``.
+        layout: the *global* layout (``pattern.block_structure(S, block_size)``) or a function
+            of ``S`` returning it; default: each rank builds only its own rows.
+        dropout: attention dropout; decisions use absolute positions and rank 0's seed, so
+            they match the single-process result with that seed.
+        timeout: seconds any wait may take.
+        stats: a :class:`RingStats` that accumulates this rank's counters.
+        plan: a :class:`~workbench.plan.Plan` of the global length, or
+            :class:`~workbench.plan.Plans`, that keeps this rank's rows between calls.
+
+    Returns:
+        ``out [B, H, S_r, Dv]``, or ``(out, lse)``; differentiable in ``q, k, v``.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
+        ValueError: a bad ``timeout``, ``sharding`` or ``block_size``.
+        TypeError: a dtype other than float16, bfloat16, float32 or float64.
+        RingPlanError: ranks disagree on shapes, dtypes or settings, or the shard lengths are
+            not the ``sharding``'s.
+        RingTimeoutError, RingCommunicationError: a peer stopped answering or a transfer failed.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call "

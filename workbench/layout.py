@@ -43,16 +43,13 @@ def block_extents(length: int, block_size: int, device: torch.device | str = "cp
 
 
 REDUCE_CHUNK = 1 << 24
-"""Tiles reduced per step by :func:`tile_sum` and :func:`key_block_counts` (int64
-temporaries of 128 MiB)."""
+"""Tiles reduced per step by :func:`tile_sum` and :func:`key_block_counts`."""
 
 
 def _row_chunks(mask: Tensor) -> Iterator[tuple[int, Tensor]]:
     """``(first row, int64 copy of the rows)`` of bool ``[H, nq, nk]``, a bounded number of
-    query-block rows (:data:`REDUCE_CHUNK` tiles) at a time. PyTorch reduces a bool tensor by
-    first copying all of it to int64, 8 bytes per tile (8 GiB for one layout at 4M tokens in
-    128-token blocks), and freed temporaries of that size split the allocator's cache around
-    whatever is allocated next."""
+    query-block rows (:data:`REDUCE_CHUNK` tiles) at a time: PyTorch reduces a bool tensor
+    through an int64 copy of all of it."""
     h, nq, nk = mask.shape
     step = max(1, REDUCE_CHUNK // max(1, h * nk))
     for r0 in range(0, nq, step):

@@ -1,22 +1,11 @@
-"""Orderings: permutations of tokens that change where a pattern's pairs fall in memory.
+"""Orderings: permutations of tokens, and of tiles, that change where a pattern's pairs fall.
 
-A dilated pattern in natural token order scatters each head's kept positions over every tile
-of its segment; reordering the tokens of each segment so that the kept ones are contiguous
-(the *dilation ordering*) turns the pattern into dense diagonal blocks that any dense kernel
-computes without waste. :func:`dilation_gather` gives the index map used by the fast dilated
-path; :func:`dilation_permutation` and :func:`permuted` let one look at the reordered pattern.
-
-Token grids (images, video) are orderings too: :func:`grid_permutation` lays the cells of a 2-D
-or 3-D grid out in ``raster``, ``morton`` or ``hilbert`` order (:mod:`workbench.curves` states
-the curves and the rule for grids that are not powers of two), and :func:`grid_neighborhood`
-(defined in :mod:`workbench.patterns.grid`) is the neighbourhood attention of such a grid seen
-in that order, with an exact block layout. A curve keeps 2-D neighbours close in 1-D, so the
-window's pairs gather into fewer tiles.
-
-Blocks have an order as well: :func:`block_visit_order` lists the active tiles of any layout
-along a curve over the (query block, key block) grid (the *post-pattern* order: the pattern and
-the result do not change, only the order in which tiles are computed), and
-:func:`cache_model` says how well an LRU cache of blocks serves a visit order.
+The *dilation ordering* (:func:`dilation_gather`, :func:`dilation_permutation`) puts each head's
+kept positions of a LongNet segment next to each other, so the dilated pattern becomes dense
+blocks. Grid orderings (:func:`grid_permutation`, :func:`grid_neighborhood`) lay a 2-D or 3-D
+grid's tokens along a curve of :mod:`workbench.curves`, gathering a local window's pairs into
+fewer tiles. Block visit orders (:func:`block_visit_order`, :func:`cache_model`) change only the
+order in which the active tiles are computed, never the result's set of pairs.
 """
 
 from __future__ import annotations

@@ -39,7 +39,12 @@ def ring_attention(
     q: Tensor, k: Tensor, v: Tensor, problem: Problem, num_chunks: int, backend: str,
     need_lse: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(out, lse)`` of ``problem`` by the ring over ``num_chunks`` simulated ranks."""
+    """``(out [B, H, Sq, Dv], lse [B, H, Sq])`` of ``problem`` for ``q, k, v`` ``[B, H, S, D]``,
+    by the ring over ``num_chunks`` simulated ranks (``lse`` is always returned).
+
+    Raises:
+        ValueError: ``num_chunks`` not a positive int, or more chunks than blocks.
+    """
     plan = _plan(problem.layout, num_chunks)
     b = problem.layout.block_size
     outs, lses = [], []

@@ -101,7 +101,13 @@ def check_sharding(kind: object) -> str:
 
 def shard_plan(seq_len: int, world_size: int, block_size: int,
                kind: str = "contiguous") -> Sharding:
-    """Split ``seq_len`` tokens over ``world_size`` ranks in whole blocks (see module docs)."""
+    """Split ``seq_len`` tokens over ``world_size`` ranks in whole blocks, as evenly as possible
+    (longer runs first): ``"contiguous"`` gives rank ``r`` the ``r``-th of ``P`` runs,
+    ``"zigzag"`` runs ``r`` and ``2P - 1 - r`` of ``2P``.
+
+    Raises:
+        ValueError: a non-positive argument, an unknown ``kind``, or fewer blocks than runs.
+    """
     for name, val in (("seq_len", seq_len), ("world_size", world_size),
                       ("block_size", block_size)):
         check_positive_int(name, val)

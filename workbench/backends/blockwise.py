@@ -1,22 +1,11 @@
 """Pure-PyTorch block-sparse attention: visits only active tiles, with an online softmax.
 
-The tiles of a layout are listed once, sorted by query row, and processed in chunks: scores
-of a chunk are computed with batched matmuls, the token predicate is evaluated only in tiles
-that are not full (once per layout object: the tile list and those tiles' token masks are kept
-with the layout, up to :data:`MASK_BUDGET` bytes of masks), and each query row's running
-maximum, softmax denominator and weighted sum are updated with scatter/index-add (the
-online-softmax recurrence of FlashAttention, applied to a list of tiles instead of a loop).
-Memory is proportional to the chunk, not to ``S x S``. With ``problem.block_order`` set (e.g.
-``"hilbert"``) the tiles are visited along that curve over the block grid instead
-(:func:`workbench.orderings.block_visit_order`); the result is the same up to floating-point
-summation order.
-
-The backward pass recomputes each chunk's probabilities from the saved log-sum-exp and also
-propagates gradients that reach the log-sum-exp (used when partial results are merged).
-Attention-weight dropout (``problem.dropout``) scales each tile's probabilities in the
-numerator and in the backward pass by a keep mask regenerated from a hash
-(:mod:`workbench.backends.dropout`). Runs on any device and dtype; accumulation is float32
-(float64 for float64 inputs).
+The layout's tiles are listed once (kept with the layout, with the token masks of the tiles
+that need one, up to :data:`MASK_BUDGET` bytes) and processed in chunks: batched matmuls give a
+chunk's scores, and each query row's running maximum, denominator and weighted sum are updated
+by scatter and index-add, FlashAttention's recurrence over a list of tiles. Memory is
+proportional to a chunk, never ``S x S``. The backward recomputes each chunk from the saved
+log-sum-exp and also takes the gradient that reaches the log-sum-exp.
 """
 
 from __future__ import annotations
@@ -35,12 +24,10 @@ from .registry import Backend, Capabilities, Request
 
 __all__ = ["BACKEND", "blockwise_attention"]
 
-_SCORE_BUDGET = 1 << 23  # score elements materialized per chunk (32 MiB in float32)
+_SCORE_BUDGET = 1 << 23  # score elements materialized per chunk
 MASK_BUDGET = 1 << 28
-"""Bytes of token masks (one bool per pair of every tile that needs one) kept per layout
-object, so that later calls on the same layout do not evaluate the pattern again; a layout
-needing more evaluates them chunk by chunk at every call instead. The masks live as long as
-their layout (a module keeps its last few)."""
+"""Bytes of tile token masks kept with a layout; a layout needing more evaluates them chunk by
+chunk at every call."""
 
 
 @dataclass(frozen=True)
@@ -299,11 +286,12 @@ class _BlockwiseFunction(torch.autograd.Function):
 
 
 def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> tuple[Tensor, Tensor]:
-    """Block-sparse attention of ``q, k, v`` ``[B, H, S, D]`` over ``problem``'s active tiles.
+    """Block-sparse attention of ``q, k, v`` ``[B, H, S, D]`` over ``problem``'s active tiles,
+    visited in ``problem.block_order``; any device and dtype.
 
-    Returns ``(out [B, H, Sq, Dv], lse [B, H, Sq])`` (lse float32, float64 for float64
-    inputs); differentiable in q, k, v
-    (including through ``lse``).
+    Returns ``(out [B, H, Sq, Dv], lse [B, H, Sq])``: ``out`` in ``q``'s dtype, ``lse`` and
+    all accumulation float32 (float64 for float64 inputs); differentiable in ``q, k, v``,
+    through ``lse`` too. ``problem.dropout`` scales each tile's probabilities by its hash.
     """
     plan = _plan(problem, q.shape[1], q.shape[0], q.device)
     return _BlockwiseFunction.apply(q, k, v, plan)

@@ -1,17 +1,10 @@
 """Attention-weight dropout that every tile can recompute: a hash, not a stored mask.
 
-``nn.MultiheadAttention`` drops attention *probabilities*: ``out = (P * Z) V`` with
-``Z = keep / (1 - p)``, while the softmax denominator is left alone. A block-sparse backend
-never holds ``P`` whole, so the keep decision of pair (batch, head, query, key) is a
-deterministic hash of those four indices and a seed: the forward and the backward pass (and the
-chunks of a ring schedule, which see absolute positions) regenerate exactly the same ``Z`` tile by
-tile, and no ``S x S`` mask is ever stored. Batch and head enter as one index ``b * H + h``, so
-folding the batch into the heads (as the multi-head module does for per-batch masks) keeps the
-same mask.
-
-In the online softmax only the numerator changes (``num += (p * Z) v``); the backward pass uses
-``dV = (P * Z)^T dO``, ``dP = (dO V^T) * Z`` and the usual ``dS = P * (dP - rowsum(dO * O))``,
-which still holds because ``O = (P * Z) V``.
+As in ``nn.MultiheadAttention``, probabilities are dropped after the softmax: ``out = (P * Z) V``
+with ``Z = keep / (1 - p)``, the denominator untouched. Pair (batch and head, query, key) is kept
+by a hash of those indices and a seed, so every tile, the backward pass and a ring's chunks
+regenerate the same ``Z`` and no ``S x S`` mask exists; batch and head enter as ``b * H + h``, so
+folding the batch into the heads keeps the mask. The backward scales ``dV`` and ``dP`` by ``Z``.
 """
 
 from __future__ import annotations

@@ -40,14 +40,12 @@ def _with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int
     return out, lse
 
 
-#: Heads go a few at a time: one call's temporaries (its output, and gathered copies of q, k, v
-#: where slots must be gathered by index or a kernel wants contiguous inputs) hold at most this
-#: fraction of an input's heads (or ``GATHER_MIN_BYTES``, whichever is more).
+#: Share of an input's heads whose temporaries one call holds (at least ``GATHER_MIN_BYTES``).
 GATHER_HEAD_FRACTION = 1 / 8
+#: Bytes of heads one call may always take, however small ``GATHER_HEAD_FRACTION`` makes it.
 GATHER_MIN_BYTES = 64 * 2**20
-#: From this many bytes per head, SDPA reads q, k, v in place through strided views (one call
-#: per run of heads); below it the views are copied into one batch for one call, since launches
-#: then cost more than the copies.
+#: Bytes per head from which SDPA reads q, k, v in place (one call per run of heads); below it
+#: the strided views are copied into one batch for one call.
 IN_PLACE_MIN_BYTES = 8 * 2**20
 
 

@@ -1,33 +1,11 @@
 """Triton backend: our own block-sparse flash-attention kernels, forward and backward.
 
-One program per (batch x head, query tile). The query tile stays in registers while the program
-walks the key blocks of its row of the exact layout, in two lists built once per layout: *full*
-tiles (every pair allowed: no mask at all) and *partial* tiles, whose allowed pairs come from a
-packed bit mask (one bit per pair, ``block**2 / 8`` bytes per partial tile) evaluated from the
-pattern's token predicate when the plan is built, so memory stays proportional to the active
-tiles and no ``S x S`` object ever exists. Scores go through an online softmax in base 2; the
-output and the log-sum-exp are written once. Rows with no allowed key give zeros and
-``lse = -inf``, as every backend does.
-
-On Hopper the tiles move by TMA. Where most tiles are partial the kernels read a bit per pair
-where FlexAttention evaluates the predicate per pair; ``notebooks/results_scaling.ipynb`` shows
-the recorded comparison.
-
-Launch parameters: without ``config=`` each kernel tries :func:`default_configs` in order
-until the GPU can hold one; :mod:`workbench.lab.triton_resources` compiles a configuration
-offline and says what it uses.
-
-The backward (FlashAttention-2's split) recomputes the probabilities from the saved log-sum-exp
-in two kernels: one program per key tile walks the query blocks of its *column* of the layout
-(lists built on the first backward, reading the forward's bit masks transposed) and writes
-``dk`` and ``dv``; one program per query tile walks its row, as the forward does, and writes
-``dq``. A gradient reaching the log-sum-exp (a ring's merge sends one) enters as
-``delta - dlse``; ``delta = rowsum(dO * O)`` is one small kernel (:func:`_delta`).
-``python -m workbench bench-triton --space backward`` sweeps the two kernels' launch
-parameters.
-
-On a machine without CUDA the same kernels run under Triton's interpreter when
-``TRITON_INTERPRET=1`` is set before Triton is imported (slow; the tests use it).
+One program per (batch x head, query tile) walks its row of the layout in two lists: *full*
+tiles, read without a mask, and *partial* tiles, read through a packed bit mask of the token
+predicate (``block**2 / 8`` bytes per partial tile, built with the plan), so memory stays
+proportional to the active tiles. The backward is FlashAttention-2's split: ``dk, dv`` by key
+tile over the layout's columns, ``dq`` by query tile over its rows. Without CUDA the kernels run
+under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is imported).
 """
 
 from __future__ import annotations
@@ -108,17 +86,14 @@ class KernelConfig:
 def default_configs(kernel: str, block: int, device: torch.device, head_dim: int = 128,
                     capability: tuple[int, int] | None = None) -> tuple[KernelConfig, ...]:
     """Launch parameters of ``kernel`` (``"forward"``, ``"dkdv"`` or ``"dq"``) when none are
-    given, in the order they are tried: the first that the GPU can hold is used and remembered
-    (tile edges clipped to the block; ``capability`` defaults to ``device``'s).
+    given, in the order they are tried: the first the GPU can hold is used and remembered (tile
+    edges clipped to ``block``; ``capability`` defaults to ``device``'s). TMA from compute
+    capability 9.0; heads wider than 128 start at one stage. Off CUDA (the interpreter): one
+    small configuration. Why these values: ``docs/reference.md``.
 
-    The forward's first choice is the fastest of the recorded launch sweeps
-    (``python -m workbench bench-triton``): 128 x 128 tiles, 8 warps, 3 stages, TMA on Hopper
-    and newer (163 KiB of shared memory at head_dim 128, as
-    :func:`workbench.lab.triton_resources.kernel_resources` reads it; smaller GPUs step
-    down). The backward's is FlashAttention-2's split: 128 accumulated rows (keys for
-    ``dkdv``, queries for ``dq``) against 64 streamed ones, 8 warps, 2 stages (195 KiB). Heads
-    wider than 128 start at one stage (two stages of the forward's 64 x 64 tiles need 290
-    KiB)."""
+    Raises:
+        ValueError: an unknown ``kernel`` (on CUDA).
+    """
     if device.type != "cuda":  # the interpreter: small tiles are fast to interpret
         return (KernelConfig(min(block, 32), min(block, 32), 4, 1),)
     if kernel not in KERNELS:
@@ -188,8 +163,8 @@ class SparsePlan:
 def _pack_bits(allowed: Tensor) -> Tensor:
     """bool ``[t, b, b]`` -> int32 ``[t, b, b // 32]``: bit ``c % 32`` of word ``c // 32``.
 
-    Packed a byte at a time (eight uint8 shifts, a tenth of the work of int64 words); the bytes
-    read as int32 words on a little-endian machine, which is every machine torch runs on."""
+    Packed a byte at a time; the bytes read as int32 words on a little-endian machine, which is
+    every machine torch runs on."""
     t, b, _ = allowed.shape
     x = allowed.contiguous().view(torch.uint8).reshape(t, b, b // 8, 8)
     byte = x[..., 0].clone()
@@ -244,7 +219,12 @@ def _check_bits_fit(partial_tiles: int, block: int, device: torch.device) -> Non
 
 def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
     """The kernel's lists for ``problem`` (see :class:`SparsePlan`); ``problem.block_order``
-    orders each row's key blocks along its curve."""
+    orders each row's key blocks along its curve.
+
+    Raises:
+        ValueError: a block size that is not a power of two >= 32, or bit masks larger than
+            the GPU's free memory.
+    """
     lay = problem.layout.to(device)
     b = lay.block_size
     if b < 32 or b & (b - 1):
@@ -339,8 +319,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
 
 PARTIAL_HEAVY = 0.5
 """``auto`` picks the triton kernels on CUDA when at least this share of the layout's active
-tiles are partial: there they read one bit per pair where FlexAttention evaluates the token
-predicate for every pair."""
+tiles are partial."""
 
 BITS_BUDGET = 1 << 30
 """``auto`` leaves a layout to FlexAttention when the triton plan's bit masks (``block**2 / 8``
@@ -378,8 +357,7 @@ def _prefers(req: Request) -> str | None:
 
 
 FP_FUSION = True
-"""Every launch asks for fused multiply-adds explicitly: the speeds recorded are with them (Triton
-3.6's default), and Triton 3.10 turns the default off."""
+"""Every launch asks for fused multiply-adds explicitly (Triton's default differs by version)."""
 
 def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
     """:func:`build_plan`, kept with the problem's layout (:meth:`BlockLayout.derived`)."""
@@ -529,8 +507,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
 
 def _delta(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:
     """float32 ``rowsum(dout * out) - dlse`` ``[B, H, S]`` of contiguous ``out, dout``, in one
-    launch that reads them at 16 bits (float32 copies of both would take four times the memory
-    of ``out``; summing them a chunk at a time would cost a launch per chunk)."""
+    launch that reads them in their own dtype (no float32 copies)."""
     from ._triton_kernels import row_dot
 
     d = out.shape[-1]
@@ -566,10 +543,18 @@ def triton_attention(
     config: KernelConfig | None = None, plan: SparsePlan | None = None,
     backward_config: BackwardConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Our Triton kernels over ``problem``; returns ``(out, lse float32 or None)``,
-    differentiable in ``q, k, v`` (through ``lse`` too) when any of them requires grad.
-    ``config`` / ``backward_config`` fix the launch parameters (default: the first of
-    :func:`default_configs` that the GPU can hold)."""
+    """Our Triton kernels over ``problem`` for ``q, k, v`` ``[B, H, S, D]``.
+
+    Returns ``(out [B, H, Sq, D], lse float32 [B, H, Sq] or None)``, differentiable in ``q, k,
+    v`` (through ``lse`` too) when any of them requires grad; a row with no allowed key gives
+    zeros and ``lse = -inf``. ``config`` / ``backward_config``
+    fix the launch parameters (default: the first of :func:`default_configs` the GPU can hold);
+    ``plan`` a prebuilt :func:`build_plan`.
+
+    Raises:
+        NotImplementedError: inputs the kernels do not take (:func:`unsupported` says why).
+        ValueError: a layout of other heads, or kernel tiles that do not divide the block.
+    """
     _check_inputs(q, k, v, problem)
     plan = cached_plan(problem, q.device) if plan is None else plan
     lay = plan.layout

@@ -1,6 +1,5 @@
-"""The lab: benchmarks, the distributed-ring benchmarks, the Triton kernels' offline resource
-counts, recorded results, the figures runner and the command line (``python -m workbench``). It
-stands on the attention code; nothing in the attention code imports it."""
+"""The lab: benchmarks, the ring's tools, the Triton kernels' resource counts, records, the
+figures runner and the command line (``python -m workbench``). Nothing outside it imports it."""
 
 from . import records
 

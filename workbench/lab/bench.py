@@ -1,32 +1,11 @@
-"""Benchmark harness: time variants against baselines on the same inputs, write tidy CSV.
+"""Benchmark harness: variants against baselines on the same inputs, in one process, as tidy CSV.
 
-Each measurement is the median of ``reps`` runs after ``warmup`` runs, timed with CUDA events
-on a GPU (``time.perf_counter`` on the CPU), with peak memory from the CUDA allocator. Rows go
-to ``data/bench_<study>.csv`` with the device, torch/Triton versions and date, so notebooks
-can plot them (``notebooks/results_scaling.ipynb``).
-
-Pattern families (``--families``): any family of the registry
-(:data:`workbench.patterns.FAMILIES`) at its arguments for sequence length ``S``, e.g. ``local``
-(a causal window of ``S / 16`` tokens), ``dilated`` (LongNet head groups, segments ``S/32 ..
-S/4``) or ``longnet`` (segments 2048 .. 16384 at every length), and the names the recordings in
-``data/`` use for two of them (:data:`RECORDED`): ``dense`` (``full``) and ``random10``
-(``random`` at density 0.1 in 128-token cells). The ``params`` column holds the arguments.
-
-Variants (``--variants``):
-
-- ``ours``: the package's default way (``dilated_attention`` with the dilation ordering for
-  the LongNet families, ``block_sparse_attention`` with ``backend="auto"`` otherwise, which runs
-  ``dense`` and ``causal`` on PyTorch's SDPA kernels: :mod:`workbench.backends.sdpa`);
-- ``flex_natural``: FlexAttention with a ``BlockMask`` of the pattern in natural token order;
-- ``strided_view`` (dilated families): the naive LongNet implementation, each (head group,
-  offset)'s kept positions as a strided 5-D view passed straight to SDPA, which runs such
-  inputs in its math kernel (:func:`strided_view_dilated`);
-- ``strided_gather`` (dilated families): a stronger baseline, a strided slice per (head group,
-  offset) copied into one contiguous SDPA call (flash) and copied back
-  (:func:`strided_gather_dilated`);
-- ``triton``: ``block_sparse_attention`` with our Triton kernels (CUDA);
-- ``blockwise``: the pure-PyTorch backend; ``sdpa_dense``: dense SDPA with no mask (the cost
-  of ignoring sparsity); ``sdpa_masked``: SDPA with the dense boolean mask (small S only).
+Each time is the median of ``reps`` calls after ``warmup`` (CUDA events on a GPU,
+``time.perf_counter`` on the CPU); peak memory is the CUDA allocator's, above the inputs. Rows go
+to ``data/bench_<study>.csv`` with the device, versions and date. Families are the registry's
+(:data:`workbench.patterns.FAMILIES`) and the fixed-argument names of :data:`RECORDED`; variants
+(:data:`VARIANTS`) are ``ours`` (what ``backend="auto"`` runs) and the baselines of
+``docs/results.md``.
 """
 
 from __future__ import annotations
@@ -58,10 +37,11 @@ RECORDED: dict[str, tuple[str, dict]] = {
     "dense": ("full", {}),
     "random10": ("random", {"density": 0.1, "cell": 128, "seed": 0}),
 }
-"""Names the recordings in ``data/`` give registry families at fixed arguments."""
+"""Bench names of registry families at fixed arguments: ``dense`` and ``random10``."""
 DEFAULT_FAMILIES = ("dense", "causal", "random10", "local", "dilated", "longnet")
 VARIANTS = ("ours", "flex_natural", "triton", "strided_view", "strided_gather", "blockwise",
             "sdpa_dense", "sdpa_masked")
+"""Ways to compute a family's attention: ``ours`` and the baselines (``docs/results.md``)."""
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MASKED_SDPA_LIMIT = 1 << 30  # largest H*S*S the dense-mask baseline may build
 
@@ -336,31 +316,15 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
                      device: str = "cuda", study: str | None = None,
                      max_seconds: float = math.inf, repeat_below_s: float = 10.0,
                      memory_gib: float | None = None) -> list[dict]:
-    """Double ``S`` from ``start`` until ``ours`` (forward, bf16) runs out of memory, per family.
+    """Double ``S`` from ``start`` until ``ours`` (forward, bf16) fails, per family.
 
-    One row per attempted length: ``status`` ``ok`` (``ms`` of one call and ``peak_gib``, the
-    peak memory with the inputs), ``oom``, or ``too_slow``; the search stops cleanly at the
-    first of these or at ``limit``. The first call at a length is timed; when it took under
-    ``repeat_below_s`` a second call is timed instead, leaving compilation out (``timed_call``
-    says which). ``too_slow``: the next length's call would take more than ``max_seconds``
-    (predicted as four times the last one: work grows at most with ``S**2``), so it is not run;
-    the row's ``inputs_fit`` then says whether that length's ``q, k, v`` and output can be
-    allocated at all. An ``oom`` row keeps the peaks reached before the failure, the memory
-    allocated and reserved when it failed (``allocated_at_oom_gib``, ``reserved_at_oom_gib``: a
-    difference is free memory stranded in partly used segments) and the size of the allocation
-    that failed (``failed_alloc_gib``); on CUDA every row records the caching allocator's
-    settings (``alloc_conf``, from ``PYTORCH_CUDA_ALLOC_CONF``). With ``study``,
-    ``data/bench_<study>_longest.csv`` is rewritten after every length.
-
-    ``memory_gib`` (a card's total memory as CUDA reports it, like
-    ``torch.cuda.get_device_properties(dev).total_memory``) answers the question for a smaller
-    card on this one: the caching allocator is capped (:func:`emulated_memory`) so that it and
-    what the device already holds outside it fit in ``memory_gib``; a length that runs under
-    the cap runs on a card of that memory with the same software. Each row then carries
-    ``memory_gib`` and ``allocator_cap_gib``; every CUDA row carries ``peak_reserved_gib`` (the
-    allocator's peak, fragmentation and cached free blocks included) and ``outside_gib``
-    (device memory held outside the allocator after the attempt: the CUDA context and loaded
-    kernels), whose sum is the most the card held.
+    One row per attempted length, ``status`` ``ok``, ``oom`` or ``too_slow`` (the call,
+    predicted at four times the last, would take over ``max_seconds``: not run); a family stops
+    at its first failure or past ``limit``. The first call is timed, or the second when the
+    first took under ``repeat_below_s`` (leaving compilation out). ``memory_gib`` caps the
+    caching allocator as on a card of that total memory (:func:`emulated_memory`). With
+    ``study``, ``data/bench_<study>_longest.csv`` is rewritten after every length; its columns
+    are in ``data/README.md``.
     """
     dev = torch.device(device)
     cfg = BenchConfig("longest", (start,), tuple(families), ("ours",), heads=heads,
@@ -662,8 +626,8 @@ def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 20) -> lis
 
 
 def kernel_source_sha() -> str:
-    """First 12 hex digits of the SHA-256 of the Triton kernels' source: which revision of the
-    kernel a recorded row measured."""
+    """First 12 hex digits of the SHA-256 of the Triton kernels' source: the kernel revision a
+    row ran."""
     import hashlib
     from pathlib import Path
 
@@ -673,8 +637,8 @@ def kernel_source_sha() -> str:
 
 def kernel_configs(space: str) -> list[object]:
     """Launch configurations of our Triton kernels to sweep: ``"launch"`` (forward tile edges,
-    warps, pipeline depth), ``"features"`` (the fastest forward launch parameters of the first
-    sweep, each with and without TMA loads) or ``"backward"`` (:class:`BackwardConfig` s: the
+    warps, pipeline depth), ``"features"`` (four forward launch shapes, each with and without
+    TMA loads) or ``"backward"`` (:class:`BackwardConfig` s: the
     two backward kernels' tile edges, warps, depth and TMA, every one within a Hopper
     program's shared memory by :func:`~workbench.lab.triton_resources.kernel_resources`)."""
     from itertools import product
@@ -703,18 +667,16 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
                         device: str = "cuda", configs: Iterable[object] | None = None,
                         backward: bool = False, progress: bool = True,
                         csv_name: str | None = None) -> list[dict]:
-    """Our Triton kernels under each launch configuration (default: :func:`kernel_configs`
-    ``("launch")``, or ``("backward")`` with ``backward``) against FlexAttention (natural order,
-    the package's mask) and dense SDPA, bf16, on the same inputs in one run: the forward, or
-    with ``backward`` the forward (default launch parameters) and the backward under each
-    :class:`~workbench.backends.triton_sparse.BackwardConfig`.
+    """Our Triton kernels under each launch configuration against FlexAttention (natural
+    order) and dense SDPA, bf16, on the same inputs in one run: the forward, or with
+    ``backward`` the backward kernels under each
+    :class:`~workbench.backends.triton_sparse.BackwardConfig` (default ``configs``:
+    :func:`kernel_configs` of ``"launch"`` or ``"backward"``).
 
-    Each row: one (family, variant, configuration) with its median ms, useful TFLOP/s (the
-    backward counted as 2.5 forwards), the ratio to dense SDPA's useful rate (``vs_dense``: 1.0
-    means time fell in proportion to density) and, for our kernels, the largest difference from
-    FlexAttention's output (forward) or its query gradient (``backward``). With ``csv_name``
-    the rows so far are written to ``data/<csv_name>.csv`` after every case, so a sweep cut
-    short keeps what it finished.
+    One row per (family, variant, configuration): median ``ms``, ``useful_tflops`` (a backward
+    counts 2.5 forwards), ``vs_dense`` (over dense SDPA's useful rate) and, for our kernels,
+    ``max_abs_diff_vs_flex`` (the output, or the query gradient). With ``csv_name`` the rows so
+    far are written to ``data/<csv_name>.csv`` after every case.
     """
     from tqdm.auto import tqdm
 

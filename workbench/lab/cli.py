@@ -1,41 +1,10 @@
-"""Command line: ``python -m workbench figures|bench ...`` (installed as ``workbench`` too).
+"""Command line: python -m workbench COMMAND (installed as workbench too).
 
-Examples::
-
-    python -m workbench figures                 # run every notebook, check every figure
-    python -m workbench figures --list          # notebooks and the figures they declare
-    python -m workbench figures --only 02       # one notebook (name prefix)
-    python -m workbench figures --profile smoke # a named parameter set of each notebook
-    python -m workbench figures -p seq_len=1000 # override one parameter (JSON value)
-    python -m workbench figures --check         # only check that declared figures exist
-    python -m workbench figures --save-outputs  # also store the executed notebooks in notebooks/
-    python -m workbench figures --root PATH     # the project whose notebooks run
-
-``figures`` and the commands that record rows work on a project: a folder with
-``pyproject.toml`` and ``notebooks/``, by default ``$WORKBENCH_ROOT`` or the nearest one at or
-above the working directory (:mod:`workbench.project`). Figures go to its ``figures/``, rows to
-its ``data/``; an installed package never writes into its own folder.
-
-    python -m workbench bench --study cpu_small --seq-lens 1024 2048     # CPU, small
-    python -m workbench bench --study h100 --seq-lens 16384 65536 \\
-        --variants ours flex_natural sdpa_dense --backward              # a GPU study
-
-    torchrun --standalone --nproc-per-node=2 -m workbench ring-demo     # distributed ring
-    torchrun --standalone --nproc-per-node=2 -m workbench ring-bench --study cpu2 \\
-        --seq-lens 4096 --families causal local --shardings contiguous zigzag
-    python -m workbench ring-plan --study h100 --world 2 --seq-lens 524288   # one GPU
-    python -m workbench copy-bandwidth --study h100                      # roofline memory side
-    python -m workbench bench-triton --study h200 --seq-len 65536   # kernel launch parameters
-    python -m workbench triton-resources                 # kernels compiled offline for an H100/H200
-
-Errors: a value a command cannot use (a length of 0, an unknown family, ``--device cuda`` on a
-machine without a GPU, a GPU-only command on a CPU machine) stops it before any work starts with
-one line on stderr, ``workbench <command>: error: <option>: <what is wrong and what to use>``,
-and exit status 2, as for any other argparse error. A ``ValueError``, ``TypeError``,
-``NotImplementedError``, ``RuntimeError`` or ``OSError`` raised while a command runs is reported
-the same way, as one line with exit status 2; set the environment variable ``WORKBENCH_DEBUG=1``
-to let it propagate with its full traceback instead. Ctrl-C ends a command with one line and
-exit status 130.
+figures reruns the notebooks; bench*, copy-bandwidth and triton-resources measure and write CSV
+under data/; ring-* run the distributed ring (under torchrun). A value a command cannot use ends
+it before any work with one line on stderr, "workbench COMMAND: error: OPTION: what to use", and
+status 2; so does an error raised while it runs (WORKBENCH_DEBUG=1 shows its traceback). Ctrl-C
+ends a command with status 130.
 """
 
 from __future__ import annotations
@@ -603,11 +572,14 @@ def _ring_plan(a: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------ the parser
+_EPILOG = "`python -m workbench COMMAND --help` lists a command's options."
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The command line parser and each command's own parser, by command name."""
     from .bench import bench_families
 
-    parser = _Parser(prog=PROG, description=__doc__,
+    parser = _Parser(prog=PROG, description=__doc__, epilog=_EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _figures_command(sub)
@@ -617,11 +589,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def _figures_command(sub) -> None:
-    fig = sub.add_parser("figures", help="regenerate figures/ and data/ by running the notebooks")
+    fig = sub.add_parser("figures", help="rerun the notebooks, which write figures/ and data/")
     fig.add_argument("--root", type=Path, default=None, metavar="PATH",
-                     help="the project (a folder with pyproject.toml and notebooks/; default: "
-                          "$WORKBENCH_ROOT, else the nearest one at or above the working "
-                          "directory)")
+                     help="the project (default: $WORKBENCH_ROOT, else the nearest folder with "
+                          "pyproject.toml and notebooks/ at or above the working directory)")
     fig.add_argument("--list", action="store_true", help="list notebooks and declared figures")
     fig.add_argument("--only", nargs="+", metavar="NAME", help="notebook name prefixes to run")
     fig.add_argument("--profile", default=None, help="named parameter profile (default: none)")
@@ -656,6 +627,20 @@ def _shape_args(p: argparse.ArgumentParser, *, heads: int = 16, head_dim: int = 
     p.add_argument("--block-size", type=positive_int, default=block_size)
 
 
+def _study_arg(p: argparse.ArgumentParser, output: str, default: str | None = None) -> None:
+    """``--study``: the name in the output file ``data/<output>.csv``."""
+    p.add_argument("--study", type=study_name, required=default is None, default=default,
+                   help=f"writes data/{output}.csv" + (f" (default: {default})" if default else ""))
+
+
+def _families_arg(p: argparse.ArgumentParser, families: tuple[str, ...],
+                  default: Sequence[str]) -> None:
+    """``--families``: pattern families by name, one of ``families`` each."""
+    p.add_argument("--families", nargs="+", default=list(default), choices=families,
+                   metavar="NAME", help=f"from: {', '.join(families)} (default: "
+                   f"{' '.join(default)})")
+
+
 def _reps_arg(p: argparse.ArgumentParser, default: int) -> None:
     p.add_argument("--reps", type=positive_int, default=default,
                    help=f"timed calls; the median is recorded (default: {default})")
@@ -664,12 +649,13 @@ def _reps_arg(p: argparse.ArgumentParser, default: int) -> None:
 def _bench_commands(sub, families: tuple[str, ...]) -> None:
     from .bench import DEFAULT_FAMILIES, VARIANTS
 
-    ben = sub.add_parser("bench", help="time variants against baselines, write data/bench_*.csv")
-    ben.add_argument("--study", type=study_name, required=True,
-                     help="name of the study (data/bench_<study>.csv)")
+    ben = sub.add_parser("bench", help="time variants against baselines per family and length")
+    _study_arg(ben, "bench_<study>")
     ben.add_argument("--seq-lens", nargs="+", type=positive_int, required=True, metavar="S")
-    ben.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=families)
-    ben.add_argument("--variants", nargs="+", default=["ours", "sdpa_dense"], choices=VARIANTS)
+    _families_arg(ben, families, DEFAULT_FAMILIES)
+    ben.add_argument("--variants", nargs="+", default=["ours", "sdpa_dense"], choices=VARIANTS,
+                     metavar="NAME", help=f"from: {', '.join(VARIANTS)} (default: ours "
+                     "sdpa_dense; ours is what backend='auto' runs)")
     ben.add_argument("--batch", type=positive_int, default=1)
     _shape_args(ben)
     _reps_arg(ben, 20)
@@ -680,8 +666,8 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
                      help="also time building each family's block layout at these lengths")
     ben.set_defaults(func=_bench, validate=_check_bench)
 
-    hil = sub.add_parser("bench-hilbert", help="2-D neighbourhood attention: token and visit "
-                         "orders on the GPU (data/03_hilbert_gpu.csv)")
+    hil = sub.add_parser("bench-hilbert", help="2-D neighbourhood attention per token and visit "
+                         "order; writes data/03_hilbert_gpu.csv")
     hil.add_argument("--grids", nargs="+", type=positive_int, default=[128, 256], metavar="G",
                      help="grid sides (G x G tokens)")
     hil.add_argument("--radii", nargs="+", type=nonnegative_int, default=[4, 16], metavar="R")
@@ -689,56 +675,48 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
     _device_arg(hil)
     hil.set_defaults(func=_bench_hilbert)
 
-    ada = sub.add_parser("bench-adaptive", help="adaptive selection cost vs attention "
-                         "(data/04_selection_cost_gpu.csv)")
+    ada = sub.add_parser("bench-adaptive", help="adaptive selection's cost against its attention; "
+                         "writes data/04_selection_cost_gpu.csv")
     ada.add_argument("--seq-lens", nargs="+", type=positive_int, default=[16384, 65536],
                      metavar="S")
     _reps_arg(ada, 20)
     _device_arg(ada)
     ada.set_defaults(func=_bench_adaptive)
 
-    lon = sub.add_parser("bench-longest", help="longest sequence one GPU runs per family "
-                         "(doubling until out of memory; data/bench_<study>_longest.csv)")
-    lon.add_argument("--study", type=study_name, default="h100")
-    lon.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=families)
+    lon = sub.add_parser("bench-longest", help="the longest sequence one GPU runs, per family")
+    _study_arg(lon, "bench_<study>_longest", "h100")
+    _families_arg(lon, families, DEFAULT_FAMILIES)
     lon.add_argument("--start", type=positive_int, default=262144)
     lon.add_argument("--limit", type=positive_int, default=1 << 24)
     lon.add_argument("--max-seconds", type=positive_float_or_inf, default=math.inf,
-                     help="do not run a length whose call is predicted to take longer (4x the "
-                     "last); its row says whether its inputs would fit")
+                     help="skip a length predicted (4x the last) to take longer")
     lon.add_argument("--memory-gib", type=positive_float, default=None,
-                     help="search as on a card of this much memory (GiB, its total as CUDA "
-                     "reports it): the allocator is capped so that it and the CUDA context fit")
+                     help="search as on a card of this much memory (GiB, as CUDA reports it)")
     _device_arg(lon, gpu_only=True)
     lon.set_defaults(func=_bench_longest, validate=_check_longest)
 
-    cop = sub.add_parser("copy-bandwidth", help="device-to-device copy bandwidth, the memory "
-                         "side of the roofline (data/bench_<study>_copy.csv)")
-    cop.add_argument("--study", type=study_name, default="h100")
+    cop = sub.add_parser("copy-bandwidth", help="device copy bandwidth (the roofline's memory "
+                         "side)")
+    _study_arg(cop, "bench_<study>_copy", "h100")
     cop.add_argument("--mib", type=positive_int, default=1024)
     _reps_arg(cop, 20)
     _device_arg(cop)
     cop.set_defaults(func=_copy_bandwidth)
 
-    tri = sub.add_parser("bench-triton", help="our Triton kernel under every launch configuration "
-                         "vs FlexAttention and dense SDPA (data/bench_<study>_triton_configs.csv)")
-    tri.add_argument("--study", type=study_name, default="h200")
+    tri = sub.add_parser("bench-triton", help="our Triton kernels under each launch configuration")
+    _study_arg(tri, "bench_<study>_triton_*", "h200")
     tri.add_argument("--seq-len", type=positive_int, default=65536)
-    tri.add_argument("--families", nargs="+", default=["dense", "random10", "causal", "local"],
-                     choices=families)
+    _families_arg(tri, families, ["dense", "random10", "causal", "local"])
     tri.add_argument("--space", choices=["launch", "features", "backward"], default="launch",
-                     help="launch: tile edges, warps, stages; features: the best of those with "
-                          "and without TMA (data/bench_<study>_triton_features.csv); backward: "
-                          "forward+backward under the backward kernels' launch parameters "
-                          "(data/bench_<study>_triton_backward.csv)")
+                     help="launch: tile edges, warps, stages; features: with and without TMA; "
+                          "backward: the backward kernels' parameters")
     _reps_arg(tri, 20)
     _device_arg(tri, gpu_only=True)
     tri.set_defaults(func=_bench_triton, validate=_check_bench_triton)
 
-    res = sub.add_parser("triton-resources", help="our Triton kernels compiled offline for a "
-                         "GPU (no GPU needed): shared memory, registers, spills of every default "
-                         "and swept configuration (data/triton_resources_<study>.csv)")
-    res.add_argument("--study", type=study_name, default="sm90")
+    res = sub.add_parser("triton-resources", help="shared memory and registers of our Triton "
+                         "kernels, compiled offline (no GPU needed)")
+    _study_arg(res, "triton_resources_<study>", "sm90")
     res.add_argument("--head-dims", nargs="+", type=power_of_two_head_dim, default=[64, 128, 256],
                      metavar="D", help="head widths: powers of two >= 16")
     res.add_argument("--capability", nargs=2, type=nonnegative_int, default=[9, 0],
@@ -750,50 +728,44 @@ def _ring_commands(sub, families: tuple[str, ...]) -> None:
     from ..distributed import SHARDINGS
     from .ring_bench import PASSES
 
-    demo = sub.add_parser("ring-demo", help="distributed ring vs one process, on every rank "
-                          "(run under torchrun)")
+    demo = sub.add_parser("ring-demo", help="check the distributed ring against one process "
+                          "(torchrun)")
     demo.add_argument("--seq-len", type=positive_int, default=1000)
     _shape_args(demo, heads=4, head_dim=32, block_size=64, dtype=False)  # float64 check
-    demo.add_argument("--families", nargs="+", default=["causal", "local", "random10", "dilated"],
-                      choices=families)
+    _families_arg(demo, families, ["causal", "local", "random10", "dilated"])
     demo.add_argument("--sharding", default="zigzag", choices=SHARDINGS)
     demo.add_argument("--backend", default=None, choices=["gloo", "nccl"])
     demo.add_argument("--timeout", type=positive_float, default=120.0, help="seconds before a "
-                      "missing peer is reported")
+                      "silent rank is reported")
     demo.set_defaults(func=_ring_demo, validate=_check_ring_demo)
 
-    rb = sub.add_parser("ring-bench", help="time the distributed ring (run under torchrun); "
-                        "writes data/ring_<study>.csv")
-    rb.add_argument("--study", type=study_name, required=True)
+    rb = sub.add_parser("ring-bench", help="time the distributed ring (torchrun)")
+    _study_arg(rb, "ring_<study>")
     rb.add_argument("--seq-lens", nargs="+", type=positive_int, required=True, metavar="S",
                     help="total sequence lengths (all ranks together)")
-    rb.add_argument("--families", nargs="+", default=["causal", "local"], choices=families)
+    _families_arg(rb, families, ["causal", "local"])
     rb.add_argument("--shardings", nargs="+", default=["contiguous"], choices=SHARDINGS)
     _shape_args(rb)
     _reps_arg(rb, 10)
     rb.add_argument("--warmup", type=nonnegative_int, default=2)
     rb.add_argument("--backward", action="store_true")
     rb.add_argument("--backend", default=None, choices=["gloo", "nccl"])
-    rb.add_argument("--timeout", type=positive_float, default=600.0, help="seconds before a rank "
-                    "that stopped answering (e.g. out of memory) is reported")
+    rb.add_argument("--timeout", type=positive_float, default=600.0, help="seconds before a "
+                    "silent rank is reported")
     rb.add_argument("--double-until", type=positive_int, default=None, metavar="S_MAX",
-                    help="longest-sequence search: double the --seq-lens value until a case "
-                         "fails (out of memory) or S_MAX")
+                    help="double the --seq-lens value until a case fails or S_MAX")
     rb.add_argument("--baseline", action="store_true",
-                    help="after each case, run rank 0 alone at the per-rank length and record "
-                         "the parallel efficiency")
+                    help="also run rank 0 alone at the per-rank length (parallel efficiency)")
     rb.add_argument("--profile", type=nonnegative_int, default=0, metavar="N",
-                    help="profile one more call per case and write its N most expensive "
-                         "operators per rank to data/ring_<study>_profile.csv")
+                    help="profile one call per case: its N costliest operators per rank, to "
+                         "data/ring_<study>_profile.csv")
     rb.set_defaults(func=_ring_bench, validate=_check_ring_bench)
 
-    rp = sub.add_parser("ring-plan", help="per-(rank, step) compute and bytes of a ring, run on "
-                        "one device; writes data/ring_<study>_plan.csv")
-    rp.add_argument("--study", type=study_name, required=True)
+    rp = sub.add_parser("ring-plan", help="each (rank, step) of a ring, run on one device")
+    _study_arg(rp, "ring_<study>_plan")
     rp.add_argument("--world", type=positive_int, default=2)
     rp.add_argument("--seq-lens", nargs="+", type=positive_int, required=True, metavar="S")
-    rp.add_argument("--families", nargs="+", default=["causal", "random10", "local", "dilated"],
-                    choices=families)
+    _families_arg(rp, families, ["causal", "random10", "local", "dilated"])
     rp.add_argument("--shardings", nargs="+", default=list(SHARDINGS), choices=SHARDINGS)
     _shape_args(rp)
     _reps_arg(rp, 5)

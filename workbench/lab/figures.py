@@ -1,16 +1,10 @@
 """The figure pipeline: run the notebooks with papermill and check what they declare.
 
-Each notebook in ``notebooks/`` declares, in its metadata under ``"workbench"``::
-
-    {"figures": ["01_pattern_gallery.png", ...],   # files it writes under figures/
-     "data": ["..."],                               # files it writes under data/ (optional)
-     "profiles": {"smoke": {"seq_len": 256}}}       # named parameter sets (optional)
-
-``run_notebooks`` executes notebooks into ``build/notebooks/`` (ignored by git) with their
-default parameters, or a named profile, or explicit overrides, then checks that every declared
-figure was written during the run. Nothing here is notebook-specific. Every folder is the
-project's (:mod:`workbench.project`): ``root`` when a function is given one, else the project
-found from ``$WORKBENCH_ROOT`` or the working directory.
+A notebook declares, in its metadata under ``"workbench"``, the files it writes under
+``figures/`` (``"figures"``) and ``data/`` (``"data"``) and named parameter sets
+(``"profiles"``). :func:`run_notebooks` executes notebooks into ``build/notebooks/`` with their
+default parameters, a profile or overrides, then checks that every declared figure was written.
+Every folder is the project's (:mod:`workbench.project`).
 """
 
 from __future__ import annotations

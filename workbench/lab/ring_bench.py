@@ -1,21 +1,9 @@
-"""The distributed ring from the command line: a demo, a benchmark, and a one-GPU plan.
+"""The distributed ring from the command line: a demo, a benchmark, and a one-device plan.
 
-Under ``torchrun`` (one process per GPU, or CPU processes with gloo)::
-
-    torchrun --standalone --nproc-per-node=2 -m workbench ring-demo
-    torchrun --standalone --nproc-per-node=2 -m workbench ring-bench --study cpu2 \\
-        --seq-lens 4096 8192 --families causal local --shardings contiguous zigzag
-
-``ring-demo`` checks every rank's output and gradients against the single-process result
-(small sizes: every rank builds the full tensors from one seed to compare) and prints what each
-rank computed and sent. ``ring-bench`` times forward (``--backward``: forward+backward) with
-each rank generating only its own shard, and rank 0 writes one row per (rank, case) to
-``data/ring_<study>.csv`` with the device names, world size, torch/NCCL versions and date.
-
-``python -m workbench ring-plan`` needs no second GPU: it runs, on one device, each (rank,
-step) of a ``--world``-rank ring as that rank would (same shards, same sub-problems) and records
-the compute time and the bytes that step moves, to plan a multi-GPU run
-(``data/ring_<study>_plan.csv``).
+:func:`ring_demo` (under ``torchrun``) checks every rank's output and gradients against one
+process; :func:`ring_bench` times the ring, each rank generating only its own shard, and rank 0
+writes one row per (rank, case) to ``data/ring_<study>.csv``; :func:`ring_plan_study` runs each
+(rank, step) of a ring on one device, as that rank would, to plan a multi-GPU run.
 """
 
 from __future__ import annotations

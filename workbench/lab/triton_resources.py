@@ -1,11 +1,10 @@
 """What a launch configuration of our Triton kernels costs on a GPU, read from an offline
 compile: shared memory per program, registers per thread and bytes spilled to local memory.
 
-Triton compiles for a named target without a GPU present (its wheel ships NVIDIA's assembler
-and ``cuobjdump``), so a configuration can be checked on any machine before it is launched: a
-program asking for more shared memory than the GPU has fails at launch ("out of resources"),
-and spills make a kernel slow. The numbers come from the Triton installed here; another Triton
-version can lay the same kernel out differently.
+Triton compiles for a named target without a GPU (its wheel ships NVIDIA's assembler and
+``cuobjdump``), so a configuration is checked on any machine before it is launched: a program
+asking for more shared memory than the GPU has fails at launch. The numbers are those of the
+Triton installed here.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ __all__ = ["SHARED_LIMIT", "Resources", "kernel_resources"]
 
 SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
 """Largest shared memory one program may ask for, in bytes, by compute capability (the opt-in
-maximum per block of NVIDIA's tables: A100, consumer Ampere and Ada, H100/H200)."""
+maximum per block of NVIDIA's tables)."""
 
 _POINTERS = {
     "forward": ("Q", "K", "V", "OUT", "LSE"),

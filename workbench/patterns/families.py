@@ -36,7 +36,7 @@ class Family:
     """A named pattern builder.
 
     Attributes:
-        name: the registry key, as command lines and recorded CSVs write it.
+        name: the registry key, as command lines and CSV files name it.
         summary: the pairs it allows, in one line, at its length-scaled arguments.
         build: the builder, e.g. :func:`~workbench.patterns.local_window`.
         parameters: the builder arguments the family exposes (an explorer's controls); never

@@ -2,13 +2,10 @@
 
 Every function takes a tidy ``pandas.DataFrame`` with the columns the benchmarks write
 (``family``, ``variant``, ``pass``, ``seq_len``, ``ms``, ``peak_mib``, ``useful_tflops``,
-``device``, ``date``, ``dtype``, ...), draws it in the palettes of :mod:`workbench.viz.style`
-(variants in :data:`~workbench.viz.style.VARIANT`, families in
-:data:`~workbench.viz.style.FAMILY`), stamps the figure with the rows' provenance
-(:meth:`~workbench.viz.style.Provenance.from_rows`, or ``provenance=``) and returns it; saving is
-left to :func:`workbench.viz.save_figure`.
-
-Notation: ``S`` sequence length, ``B`` batch, ``H`` heads, ``D`` head size.
+``device``, ``date``, ``dtype``, ...), draws it in the palettes of :mod:`workbench.viz.style`,
+stamps it with the rows' provenance (:meth:`~workbench.viz.style.Provenance.from_rows`, or
+``provenance=``) and returns the figure. ``S`` is the sequence length, ``B`` the batch, ``H``
+the heads, ``D`` the head size.
 """
 
 from __future__ import annotations

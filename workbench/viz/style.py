@@ -1,19 +1,11 @@
 """One visual grammar: the same thing has the same colour in every figure.
 
-Every figure of the workbench takes its colours from the palettes here, and every plot of tidy
-data goes through seaborn with them (:func:`use`). A palette maps the *names* the code and the
-CSVs already use (variant, family, ordering, sharding, tile state) to a colour, so a reader who
-learned "blue is ours" in one figure reads it in the next:
-
-- :data:`TILE` - tile and token states of a block layout (empty, partial, full; allowed token).
-- :data:`VARIANT` - who computes: ``ours`` (what a user gets by default) and each baseline.
-- :data:`FAMILY` - pattern families (dense, causal, local, random, dilated, ...).
-- :data:`ORDERING` - token and block orders (natural/raster, dilation, Morton, Hilbert).
-- :data:`SHARDING` - ring shardings; :func:`rank_colors` gives the ranks' colours.
-
-A figure of *measured* numbers carries where and when they were measured: draw it, then call
-:func:`stamp` with its :class:`Provenance`; :func:`~workbench.viz.save.save_figure` refuses a
-figure marked measured (:func:`mark_measured`) that has no stamp.
+Palettes map the names the code and the CSVs use to colours, so "blue is ours" holds in every
+figure: :data:`TILE` (tile and token states), :data:`VARIANT` (who computes), :data:`FAMILY`
+(pattern families), :data:`ORDERING`, :data:`SHARDING` and :func:`rank_colors`; :func:`use` makes
+them seaborn's defaults. A figure of measured numbers says where and when they were measured
+(:func:`stamp` with a :class:`Provenance`): :func:`~workbench.viz.save_figure` refuses a figure
+marked measured (:func:`mark_measured`) without one.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """Interactive explorers for JupyterLab, each a pure function with a thin widget layer.
 
-Every explorer has a pure part, testable without a browser: parameters (a dataclass) in, a
-view (the pattern or plan, the arrays its figure shows, the readout numbers) out, and a drawing
-function built on the static figures' own functions. The widget layer
-(:class:`~.binding.Explorer`, ipywidgets and ipympl) binds controls to them and redraws one
-figure in place; a bad value shows a message and keeps the last good picture.
-
-- :func:`pattern_explorer`: a pattern family, token view beside block view, with density,
-  FLOPs against dense attention and layout memory.
-- :func:`curve_explorer`: Hilbert / Morton / gilbert / raster curves over a grid.
-- :func:`ring_explorer`: play or step through the ring schedule of a layout.
+Each explorer is a pure ``compute(params) -> view`` (a parameter dataclass in; the pattern or
+plan, the arrays its figure shows and the readout out), testable without a browser, and a
+drawing function built on the static figures' own. :class:`~.binding.Explorer` binds widgets to
+them and redraws one figure in place; a bad value shows a message and keeps the last good
+picture. :func:`pattern_explorer`, :func:`curve_explorer` and :func:`ring_explorer` build them.
 """
 
 from .binding import Explorer

@@ -1,13 +1,9 @@
 """The widget layer: controls bound to an explorer's pure function, one figure redrawn in place.
 
-Nothing here decides what is drawn. :class:`Explorer` reads its controls into a dict, hands it
-to the explorer's ``compute`` function through :func:`~.core.advance`, and on success redraws
-its one figure (an ipympl canvas, whatever the notebook's matplotlib backend) with
-``draw(view, figure)`` and ``figure.canvas.draw_idle()``: no new figure, no flicker. A refused
-value shows its message above the figure, which keeps the last good picture.
-
-ipywidgets and ipympl are imported only when an explorer is built, so ``workbench.viz``
-imports without them.
+Nothing here decides what is drawn. :class:`Explorer` reads its controls into a dict, hands it to
+the explorer's ``compute`` through :func:`~.core.advance` and, on success, redraws its one figure
+(an ipympl canvas) with ``draw(view, figure)``: no new figure, no flicker. A refused value shows
+its message above the figure. ipywidgets and ipympl are imported only when an explorer is built.
 """
 
 from __future__ import annotations
