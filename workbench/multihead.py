@@ -80,7 +80,7 @@ from .adaptive import AdaptiveBlockSparseAttention
 from .attention import attend, block_sparse_attention, check_options, dropout_of
 from .layout import num_blocks
 from .patterns import DenseMask, KeyMask, Pattern, check_positive_int, head_predicate, tile_batch
-from .plan import Plans, check_plans
+from .plan import LastCall, Plans, check_plans
 
 __all__ = [
     "BlockSparseMultiheadAttention",
@@ -180,7 +180,9 @@ class BlockSparseMultiheadAttention(nn.Module):
         sub_layer_norm: MAGNETO/LongNet Sub-LN before the output projection (off by default).
         plans: where calls without masks keep their :class:`~workbench.plan.Plan` (default: a
             :class:`~workbench.plan.Plans` of this module's own; give one to several layers
-            to share their layouts).
+            to share their layouts). Such a call also keeps its prepared backend
+            (:class:`~workbench.plan.LastCall`): the next one like it launches the kernel
+            straight away, and a CUDA graph can capture it.
         dense_weights_limit: largest ``B * H * S_q * S_k`` (a positive int) for which
             ``need_weights=True`` returns dense weights; above it :class:`BlockSparseWeights`.
 
@@ -299,6 +301,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.ring_chunks = ring_chunks
         self.block_order = block_order
         self.plans = Plans() if plans is None else check_plans(plans)  # calls without masks
+        self.last_call = LastCall()  # the backend prepared for the last call without masks
         self._fixed: dict[bool, tuple[Pattern | None, Pattern]] = {}
         self.dense_weights_limit = dense_weights_limit
         self._reset_parameters()
@@ -459,7 +462,7 @@ class BlockSparseMultiheadAttention(nn.Module):
                          return_lse=False, scale=None, ring_chunks=self.ring_chunks,
                          block_order=self.block_order, dropout=dropout_of(dropout_p, None),
                          layout=lambda: self.plans.get(pattern, sq, sk, self.block_size,
-                                                       q.device).layout)
+                                                       q.device).layout, last=self.last_call)
         else:
             pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask,
                                                is_causal,

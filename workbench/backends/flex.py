@@ -23,9 +23,10 @@ from torch import Tensor
 from ..layout import BlockLayout
 from .indices import sorted_block_indices, visit_rank
 from .problem import Problem
-from .registry import Backend, Capabilities, Request
+from .registry import Backend, Capabilities, Request, Runner
 
-__all__ = ["BACKEND", "build_block_mask", "flex_attention", "flex_available", "reset_compiled"]
+__all__ = ["BACKEND", "build_block_mask", "flex_attention", "flex_available", "prepare_flex",
+           "reset_compiled"]
 
 
 def flex_available() -> bool:
@@ -116,9 +117,13 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
 
 @lru_cache(maxsize=1)
 def _compiled():
+    """The compiled kernel, and the Dynamo settings every call runs under (raise, do not fall
+    back to eager attention, at :data:`RECOMPILE_LIMIT` compiles)."""
     from torch.nn.attention.flex_attention import flex_attention as fa
 
-    return torch.compile(fa, dynamic=False, fullgraph=True)  # a graph break is an error
+    limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                        fail_on_recompile_limit_hit=True)
+    return torch.compile(fa, dynamic=False, fullgraph=True), limits  # a graph break is an error
 
 
 def kernel_options(device: torch.device) -> dict[str, object] | None:
@@ -133,11 +138,10 @@ RECOMPILE_LIMIT = 64
 _seen: set[tuple] = set()
 
 
-def flex_attention(
-    q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``. Inputs are
-    those :data:`BACKEND` accepts (no dropout; on the CPU no gradients, no log-sum-exp)."""
+def prepare_flex(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool) -> Runner:
+    """Compiled FlexAttention over ``problem`` with its ``BlockMask`` and kernel options ready:
+    ``runner(q, k, v) -> (out, lse or None)``. Inputs are those :data:`BACKEND` accepts (no
+    dropout; on the CPU no gradients, no log-sum-exp)."""
     key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size,
            problem.label, need_lse)
     if key not in _seen:
@@ -148,24 +152,33 @@ def flex_attention(
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                             or v.requires_grad)
     mask = cached_block_mask(problem, q.device, backward)
-    try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
-                                        fail_on_recompile_limit_hit=True):
-            res = _compiled()(q, k, v, block_mask=mask, scale=problem.scale,
-                              return_lse=need_lse, kernel_options=kernel_options(q.device))
-    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-        raise RuntimeError(
-            f"FlexAttention reached its recompile limit in this process "
-            f"(workbench.backends.flex.RECOMPILE_LIMIT = {RECOMPILE_LIMIT}; {len(_seen)} shape "
-            "and pattern combinations were announced on stderr). Every new sequence length, "
-            "batch or head count, dtype or pattern parameter compiles once. Use fewer distinct "
-            "lengths (pad to a few), raise RECOMPILE_LIMIT, or call "
-            "workbench.backends.flex.reset_compiled() "
-            "between sweeps") from e
-    if need_lse:
-        out, lse = res
-        return out, lse.float()
-    return res, None
+    compiled, limits = _compiled()
+    scale, options = problem.scale, kernel_options(q.device)
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        try:
+            with limits:
+                res = compiled(q, k, v, block_mask=mask, scale=scale, return_lse=need_lse,
+                               kernel_options=options)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise RuntimeError(
+                f"FlexAttention reached its recompile limit in this process "
+                f"(workbench.backends.flex.RECOMPILE_LIMIT = {RECOMPILE_LIMIT}; {len(_seen)} "
+                "shape and pattern combinations were announced on stderr). Every new sequence "
+                "length, batch or head count, dtype or pattern parameter compiles once. Use "
+                "fewer distinct lengths (pad to a few), raise RECOMPILE_LIMIT, or call "
+                "workbench.backends.flex.reset_compiled() between sweeps") from e
+        return (res[0], res[1].float()) if need_lse else (res, None)
+
+    return run
+
+
+def flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``
+    (:func:`prepare_flex`, run once)."""
+    return prepare_flex(q, k, v, problem, need_lse)(q, k, v)
 
 
 def _refuses(req: Request) -> str | None:
@@ -201,5 +214,5 @@ BACKEND = Backend(
     flex_attention,
     Capabilities(lse_devices=("cuda",), grad_devices=("cuda",), block_order=True),
     "FlexAttention with a BlockMask from the exact layout (compiled; CPU: inference only)",
-    refuses=_refuses, prefers=_prefers,
+    refuses=_refuses, prefers=_prefers, prepare=prepare_flex,
 )

@@ -24,10 +24,10 @@ from ..patterns import causal as causal_band
 from ..patterns.algebra import Intersection
 from .merge import empty_partial
 from .problem import Problem
-from .registry import Backend, Capabilities, Request, run_backend
+from .registry import Backend, Capabilities, Request, Runner, run_backend
 
 __all__ = ["BACKEND", "branch_gather", "dilated_parts", "dilated_pattern_attention",
-           "heads_at_once", "heads_gather"]
+           "heads_at_once", "heads_gather", "prepare_dilated"]
 
 
 def _with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, backend: str,
@@ -270,6 +270,26 @@ def dilated_parts(pattern: object) -> tuple[Dilated, bool] | None:
     return None
 
 
+def prepare_dilated(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float | None = None,
+    block_size: int = 64, need_lse: bool = True,
+) -> Runner:
+    """:func:`dilated_pattern_attention` of these inputs with the pattern's segments, dilations
+    and offsets read: ``runner(q, k, v) -> (out, lse or None)``."""
+    parts = dilated_parts(pattern)
+    if parts is None:
+        raise TypeError(f"pattern must be a LongNet dilated pattern, got {pattern!r}")
+    if q.dim() != 4 or q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k, v must be [B, H, S, D] of one shape (v: any Dv), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    dil, causal = parts
+    if q.shape[1] != dil.num_heads:
+        raise ValueError(f"need {dil.num_heads} heads, got {tuple(q.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    w, r, s = dil.w, dil.r, dil.s
+    return lambda q, k, v: heads_gather(q, k, v, w, r, s, causal, scale, need_lse, block_size)
+
+
 def dilated_pattern_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float | None = None,
     block_size: int = 64, need_lse: bool = True,
@@ -282,17 +302,8 @@ def dilated_pattern_attention(
     pattern's attention restricted to the window when the window starts at a multiple of every
     segment length.
     """
-    parts = dilated_parts(pattern)
-    if parts is None:
-        raise TypeError(f"pattern must be a LongNet dilated pattern, got {pattern!r}")
-    if q.dim() != 4 or q.shape != k.shape or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q, k, v must be [B, H, S, D] of one shape (v: any Dv), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    dil, causal = parts
-    if q.shape[1] != dil.num_heads:
-        raise ValueError(f"need {dil.num_heads} heads, got {tuple(q.shape)}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return heads_gather(q, k, v, dil.w, dil.r, dil.s, causal, scale, need_lse, block_size)
+    return prepare_dilated(q, k, v, pattern, scale=scale, block_size=block_size,
+                           need_lse=need_lse)(q, k, v)
 
 
 def _refuses(req: Request) -> str | None:
@@ -316,6 +327,6 @@ BACKEND = Backend(
     refuses=_refuses,
     prefers=lambda req: ("a LongNet dilated pattern: the dilation ordering attends each "
                          "segment's kept positions densely, wasting no tile"),
-    run_pattern=lambda q, k, v, pattern, scale, need_lse, block_size: dilated_pattern_attention(
+    prepare_pattern=lambda q, k, v, pattern, scale, need_lse, block_size: prepare_dilated(
         q, k, v, pattern, scale=scale, block_size=block_size, need_lse=need_lse),
 )
