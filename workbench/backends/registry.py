@@ -23,7 +23,8 @@ from ..layout import BlockLayout
 from .problem import Problem
 
 __all__ = ["Backend", "BackendUnsupported", "Capabilities", "Choice", "Request", "Runner",
-           "backend_names", "choose", "get_backend", "register", "registered", "run_backend"]
+           "backend_names", "choose", "get_backend", "prepare_backend", "register", "registered",
+           "run_backend"]
 
 ANY_DEVICE = ("cpu", "cuda")
 
@@ -212,6 +213,13 @@ def choose(name: str, req: Request) -> Choice:
         if why is not None:
             return Choice(backend.name, why)
     raise BackendUnsupported("no registered backend can run this call")  # pragma: no cover
+
+
+def prepare_backend(name: str, q: Tensor, k: Tensor, v: Tensor, problem: Problem,
+                    need_lse: bool) -> Runner:
+    """``problem`` on backend ``name`` (``auto`` chooses), prepared (:meth:`Backend.runner`)."""
+    chosen = choose(name, Request.of(q, k, v, problem, need_lse)).name
+    return _REGISTRY[chosen].runner(q, k, v, problem, need_lse)
 
 
 def run_backend(name: str, q: Tensor, k: Tensor, v: Tensor, problem: Problem,
