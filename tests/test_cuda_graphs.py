@@ -90,7 +90,7 @@ def test_a_repeated_call_never_waits_for_the_gpu():
     q, k, v = _inputs((1, 4, 1000, 64), torch.bfloat16, 0)
     x = torch.randn(1, 1000, 256, device="cuda", dtype=torch.bfloat16)
     pattern = PATTERNS["random"](4)
-    plan = wb.Plan(pattern, 1000, block_size=128, device="cuda")
+    plan = wb.Plan(pattern, 1000, block_size=128, device=q.device)
     module = wb.BlockSparseAttention(PATTERNS["local_global"](4), 128)
     mha = wb.BlockSparseMultiheadAttention(256, 4, pattern=PATTERNS["local_global"](4),
                                            block_size=128, batch_first=True, device="cuda",

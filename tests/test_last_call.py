@@ -14,7 +14,7 @@ from conftest import grads, make_qkv, sdpa_oracle
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import workbench as wb
-from workbench import attention
+from workbench import attention, dilated
 from workbench.plan import LastCall
 
 P = wb.patterns
@@ -39,6 +39,7 @@ def _counts(monkeypatch) -> collections.Counter:
     count(P.Pattern, "block_structure", "layout")
     count(attention, "choose", "choose")
     count(attention, "prepare", "prepare")
+    count(dilated, "prepare", "prepare")
     count(wb.Plans, "get", "plans")
     for cls in {type(PATTERN), type(PATTERN.a), type(PATTERN.b)}:
         count(cls, "key", "key")

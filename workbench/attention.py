@@ -37,6 +37,7 @@ from .sharding import check_sharding
 __all__ = [
     "BlockSparseAttention",
     "block_sparse_attention",
+    "call_key",
     "check_options",
     "check_qkv",
     "check_scale",
@@ -248,6 +249,13 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, 
     return chosen.runner(q, k, v, problem, return_lse)
 
 
+def call_key(q: Tensor, k: Tensor, v: Tensor, *options: object) -> tuple:
+    """What a kept runner must have been prepared for to serve a call: the inputs' shapes,
+    dtype, device and grad mode, and ``options`` (compared with ``==``; a pattern by ``id``)."""
+    return (q.shape, k.shape, v.shape, q.dtype, q.device, torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad), *options)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,
            return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
            dropout: AttentionDropout | None,
@@ -262,9 +270,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
                       scale=scale, ring_chunks=ring_chunks, block_order=block_order,
                       dropout=dropout, layout=layout)
     else:
-        key = (q.shape, k.shape, v.shape, q.dtype, q.device, torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad), id(pattern), block_size,
-            backend, return_lse, scale, ring_chunks, block_order, dropout)
+        key = call_key(q, k, v, id(pattern), block_size, backend, return_lse, scale,
+                       ring_chunks, block_order, dropout)
         run = last.get(key, pattern, lambda: prepare(
             q, k, v, pattern, block_size, backend=backend, return_lse=return_lse, scale=scale,
             ring_chunks=ring_chunks, block_order=block_order, dropout=dropout, layout=layout))

@@ -35,15 +35,15 @@ the same patterns tile by tile in natural token order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from .attention import BlockSparseAttention, block_sparse_attention, check_qkv, check_scale
+from .attention import call_key, check_qkv, check_scale, prepare
 from .backends import check_backend, merge_partials
-from .patterns import Pattern, check_dilation_pairs, check_positive_int, dilated, dilated_branch
 from .patterns import causal as causal_pattern
-from .plan import LastCall
+from .patterns import check_dilation_pairs, check_positive_int, dilated, dilated_branch
+from .plan import LastCall, Plans
 
 __all__ = ["DilatedAttention", "dilated_attention"]
 
@@ -76,26 +76,23 @@ def dilated_attention(
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, H, S]`` of the merged softmax.
 
-    Each call builds its patterns and chooses its backend again; :class:`DilatedAttention`
-    keeps both for the calls that repeat one.
+    Each call builds its patterns and prepares its backends again; :class:`DilatedAttention`
+    keeps them for the calls that repeat one.
     """
     check_qkv(q, k, v)
     _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
     _check_self_attention(q, k)
-    patterns = _patterns(segment_lengths, dilation_rates, q.shape[1], mode, causal)
-    lse = return_lse or len(patterns) > 1
-    return _merge([block_sparse_attention(q, k, v, p, block_size, backend=backend,
-                                          return_lse=lse, scale=scale) for p in patterns],
-                  return_lse)
+    return _prepare(q, k, v, segment_lengths, dilation_rates, mode, causal, backend, block_size,
+                    scale, bool(return_lse), None)(q, k, v)
 
 
 class DilatedAttention(nn.Module):
     """:func:`dilated_attention` as an ``nn.Module`` over ``q, k, v`` ``[B, H, S, D]``.
 
-    Its patterns are built once per head count, each run by a
-    :class:`~workbench.BlockSparseAttention` that keeps its plans and its last call, so a call
-    that repeats the last one (same shapes, dtype, device and grad mode) launches the kernels
-    straight away. The options are those of :func:`dilated_attention`, checked here.
+    It keeps its patterns' plans (:class:`~workbench.plan.Plans`) and the backends prepared
+    for its last call (:class:`~workbench.plan.LastCall`), so a call that repeats the last one
+    (same shapes, dtype, device, grad mode and attributes) launches the kernels straight away.
+    The options are those of :func:`dilated_attention`, checked here.
 
     Example::
 
@@ -108,27 +105,25 @@ class DilatedAttention(nn.Module):
                  block_size: int = 64, scale: float | None = None) -> None:
         super().__init__()
         _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
-        self.segment_lengths, self.dilation_rates = list(segment_lengths), list(dilation_rates)
+        self.segment_lengths, self.dilation_rates = tuple(segment_lengths), tuple(dilation_rates)
         self.mode, self.causal, self.backend = mode, bool(causal), backend
         self.block_size, self.scale = block_size, scale
-        self.last_call = LastCall()  # the branches of the last head count and options
+        self.plans, self.last_call = Plans(), LastCall()
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
                 ) -> Tensor | tuple[Tensor, Tensor]:
         check_qkv(q, k, v)
         _check_self_attention(q, k)
-        key = (q.shape[1], tuple(self.segment_lengths), tuple(self.dilation_rates), self.mode,
-               self.causal, self.backend, self.block_size, self.scale)
-        branches = self.last_call.get(key, None, lambda: [
-            BlockSparseAttention(p, self.block_size, backend=self.backend, scale=self.scale)
-            for p in _patterns(self.segment_lengths, self.dilation_rates, q.shape[1],
-                               self.mode, self.causal)])
-        lse = bool(return_lse) or len(branches) > 1
-        return _merge([m(q, k, v, return_lse=lse) for m in branches], bool(return_lse))
+        options = (self.segment_lengths, self.dilation_rates, self.mode, self.causal,
+                   self.backend, self.block_size, self.scale, bool(return_lse))
+        run = self.last_call.get(call_key(q, k, v, *options), None,
+                                 lambda: _prepare(q, k, v, *options, self.plans))
+        return run(q, k, v)
 
     def extra_repr(self) -> str:
-        return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
-                f"mode={self.mode!r}, causal={self.causal}, backend={self.backend!r}")
+        return (f"segment_lengths={list(self.segment_lengths)}, "
+                f"dilation_rates={list(self.dilation_rates)}, mode={self.mode!r}, "
+                f"causal={self.causal}, backend={self.backend!r}")
 
 
 def _check_options(segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str,
@@ -148,19 +143,31 @@ def _check_self_attention(q: Tensor, k: Tensor) -> None:
         )
 
 
-def _patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int], num_heads: int,
-              mode: str, causal: bool) -> list[Pattern]:
-    """What a call attends: LongNet's head-group pattern, or one branch per pair (paper)."""
+def _prepare(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
+             dilation_rates: Sequence[int], mode: str, causal: bool, backend: str,
+             block_size: int, scale: float | None, return_lse: bool, plans: Plans | None
+             ) -> Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
+    """The call, prepared (arguments already checked): LongNet's head-group pattern, or one
+    branch per pair merged by log-sum-exp (paper), each on its backend (layouts from ``plans``
+    where given); returns ``run(q, k, v)`` for inputs like these."""
+    h, s = q.shape[1], q.shape[2]
     if mode == "head_groups":
-        return [dilated(segment_lengths, dilation_rates, num_heads, causal=causal)]
-    branches = [dilated_branch(w, r, num_heads) for w, r in zip(segment_lengths, dilation_rates)]
-    return [b & causal_pattern() for b in branches] if causal else branches
+        patterns = [dilated(segment_lengths, dilation_rates, h, causal=causal)]
+    else:
+        patterns = [dilated_branch(w, r, h) for w, r in zip(segment_lengths, dilation_rates)]
+        patterns = [p & causal_pattern() for p in patterns] if causal else patterns
+    lse = return_lse or len(patterns) > 1
+    runs = [prepare(q, k, v, p, block_size, backend=backend, return_lse=lse, scale=scale,
+                    ring_chunks=1, block_order=None, dropout=None,
+                    layout=None if plans is None else
+                    (lambda p=p: plans.get(p, s, s, block_size, q.device).layout))
+            for p in patterns]
+    if len(runs) == 1:
+        run = runs[0]
+        return run if return_lse else lambda q, k, v: run(q, k, v)[0]
 
+    def merged(q: Tensor, k: Tensor, v: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        out, lse = merge_partials(*zip(*(run(q, k, v) for run in runs)))
+        return (out, lse) if return_lse else out
 
-def _merge(results: list, return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
-    """One branch's result as it is (asked with ``return_lse``), or the branches' ``(out,
-    lse)`` merged by log-sum-exp."""
-    if len(results) == 1:
-        return results[0]
-    out, lse = merge_partials([r[0] for r in results], [r[1] for r in results])
-    return (out, lse) if return_lse else out
+    return merged

@@ -6,8 +6,9 @@ there), partial tiles into ``kv_*`` with the pattern's token predicate as ``mask
 block's key blocks along the curve. ``flex_attention`` is compiled once per process
 (``dynamic=False``). Python numbers inside a pattern (a window, a segment length) are baked into
 the kernel, so each new shape or new pattern parameters compile once; every such compile is
-announced on stderr, and calls run with Dynamo told to raise, not to fall back to slow eager
-attention, if its recompile limit is reached (:data:`RECOMPILE_LIMIT` distinct compiles).
+announced on stderr, and a call that compiles runs with Dynamo told to raise, not to fall back
+to slow eager attention, if its recompile limit is reached (:data:`RECOMPILE_LIMIT` distinct
+compiles); a prepared call that repeats one (:func:`prepare_flex`) runs the kernel as it is.
 On the CPU, FlexAttention supports inference only:
 no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
 """
@@ -15,6 +16,7 @@ no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -117,8 +119,8 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
 
 @lru_cache(maxsize=1)
 def _compiled():
-    """The compiled kernel, and the Dynamo settings every call runs under (raise, do not fall
-    back to eager attention, at :data:`RECOMPILE_LIMIT` compiles)."""
+    """The compiled kernel, and the Dynamo settings a call that may compile runs under (raise,
+    do not fall back to eager attention, at :data:`RECOMPILE_LIMIT` compiles)."""
     from torch.nn.attention.flex_attention import flex_attention as fa
 
     limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
@@ -152,25 +154,44 @@ def prepare_flex(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bo
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                             or v.requires_grad)
     mask = cached_block_mask(problem, q.device, backward)
-    compiled, limits = _compiled()
+    compiled, _ = _compiled()
     scale, options = problem.scale, kernel_options(q.device)
 
+    def call(q: Tensor, k: Tensor, v: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return compiled(q, k, v, block_mask=mask, scale=scale, return_lse=need_lse,
+                        kernel_options=options)
+
+    compiled_once = False
+
     def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
-        try:
-            with limits:
-                res = compiled(q, k, v, block_mask=mask, scale=scale, return_lse=need_lse,
-                               kernel_options=options)
-        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-            raise RuntimeError(
-                f"FlexAttention reached its recompile limit in this process "
-                f"(workbench.backends.flex.RECOMPILE_LIMIT = {RECOMPILE_LIMIT}; {len(_seen)} "
-                "shape and pattern combinations were announced on stderr). Every new sequence "
-                "length, batch or head count, dtype or pattern parameter compiles once. Use "
-                "fewer distinct lengths (pad to a few), raise RECOMPILE_LIMIT, or call "
-                "workbench.backends.flex.reset_compiled() between sweeps") from e
+        nonlocal compiled_once
+        res = None
+        if compiled_once:  # Dynamo's guards pass and nothing compiles: no limit to raise
+            try:
+                res = call(q, k, v)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                pass  # inputs of other strides compiled past Dynamo's own limit: raise it
+        if res is None:
+            res, compiled_once = _within_limit(call, q, k, v), True
         return (res[0], res[1].float()) if need_lse else (res, None)
 
     return run
+
+
+def _within_limit(call: Callable[[Tensor, Tensor, Tensor], object], q: Tensor, k: Tensor,
+                  v: Tensor):
+    """``call(q, k, v)``, compiling if need be, with up to :data:`RECOMPILE_LIMIT` compiles."""
+    try:
+        with _compiled()[1]:
+            return call(q, k, v)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise RuntimeError(
+            f"FlexAttention reached its recompile limit in this process "
+            f"(workbench.backends.flex.RECOMPILE_LIMIT = {RECOMPILE_LIMIT}; {len(_seen)} "
+            "shape and pattern combinations were announced on stderr). Every new sequence "
+            "length, batch or head count, dtype or pattern parameter compiles once. Use "
+            "fewer distinct lengths (pad to a few), raise RECOMPILE_LIMIT, or call "
+            "workbench.backends.flex.reset_compiled() between sweeps") from e
 
 
 def flex_attention(
