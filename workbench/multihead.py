@@ -322,11 +322,11 @@ class BlockSparseMultiheadAttention(nn.Module):
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         e = self.embed_dim
         b = self.in_proj_bias
+        if self._qkv_same_embed_dim and query is key and key is value:  # one fused projection
+            return F.linear(query, self.in_proj_weight, b).chunk(3, dim=-1)
         bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
-            if query is key and key is value:  # self-attention: one fused projection
-                return F.linear(query, w, b).chunk(3, dim=-1)
             return F.linear(query, w[:e], bq), F.linear(key, w[e : 2 * e], bk), F.linear(
                 value, w[2 * e :], bv)
         return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
