@@ -207,6 +207,14 @@ def test_dilated_attention_module_equals_the_function_at_every_head_count():
             for _ in range(2):
                 got = attn(q, k, v, return_lse=True)
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    q, k, v = make_qkv(b=1, h=4, s=100, d=8)  # training: index gathers kept across calls
+    want = wb.dilated_attention(q, k, v, [32, 64], [1, 2], causal=True, block_size=B)
+    attn = wb.DilatedAttention([32, 64], [1, 2], causal=True, block_size=B)
+    attn(q, k, v)
+    got = attn(q, k, v)
+    assert torch.equal(got, want)
+    for a, b in zip(grads(got, (q, k, v)), grads(want, (q, k, v))):
+        assert torch.equal(a, b)
     with pytest.raises(ValueError, match="mode"):
         wb.DilatedAttention([32], [1], mode="lognet")
     with pytest.raises(ValueError, match="self-attention"):
@@ -253,3 +261,38 @@ def test_copies_and_pickles_start_without_a_runner():
         assert other.last_call.runner is None
         assert torch.equal(other(q, k, v), out)
     assert isinstance(pickle.loads(pickle.dumps(LastCall())), LastCall)
+
+
+def test_a_prepared_flex_call_compiles_within_the_limit_and_repeats_without_it(monkeypatch):
+    """The first call of a FlexAttention runner may compile: it runs under RECOMPILE_LIMIT. A
+    repeated one runs the compiled kernel as it is; should it compile past Dynamo's own limit
+    (inputs of other strides), it is run again under RECOMPILE_LIMIT, and past that the error
+    says what to do."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from workbench.backends import Problem, flex
+
+    limits_seen: list[int] = []
+    fail = {"default": False, "raised": False}
+
+    def fake(q, k, v, **kw):
+        limit = torch._dynamo.config.recompile_limit
+        limits_seen.append(limit)
+        if (fail["default"] and limit != flex.RECOMPILE_LIMIT) or fail["raised"]:
+            raise FailOnRecompileLimitHit("limit")
+        return q
+
+    monkeypatch.setattr(flex, "_compiled", lambda: (fake, torch._dynamo.config.patch(
+        recompile_limit=flex.RECOMPILE_LIMIT)))
+    q, k, v = make_qkv(b=1, h=2, s=64, d=16, dtype=torch.float32, requires_grad=False)
+    problem = Problem(PATTERN.block_structure(64, B), PATTERN.allowed, 0.25, label="p")
+    run = flex.prepare_flex(q, k, v, problem, need_lse=False)
+    assert run(q, k, v)[0] is q and run(q, k, v)[0] is q
+    default = torch._dynamo.config.recompile_limit
+    assert limits_seen == [flex.RECOMPILE_LIMIT, default]
+    fail["default"] = True
+    assert run(q, k, v)[0] is q
+    assert limits_seen[2:] == [default, flex.RECOMPILE_LIMIT]
+    fail["raised"] = True
+    with pytest.raises(RuntimeError, match="reset_compiled"):
+        run(q, k, v)

@@ -225,5 +225,4 @@ def prepare_backend(name: str, q: Tensor, k: Tensor, v: Tensor, problem: Problem
 def run_backend(name: str, q: Tensor, k: Tensor, v: Tensor, problem: Problem,
                 need_lse: bool) -> tuple[Tensor, Tensor | None]:
     """Compute ``problem`` on backend ``name`` (``auto`` chooses); ``(out, lse or None)``."""
-    chosen = choose(name, Request.of(q, k, v, problem, need_lse)).name
-    return _REGISTRY[chosen].run(q, k, v, problem, need_lse)
+    return prepare_backend(name, q, k, v, problem, need_lse)(q, k, v)
