@@ -65,7 +65,7 @@ study() {
                 --layout-timing 1048576 ;;
         overhead)  # data/overhead_<p>.csv: per-call time of every entry point vs its kernel
             run -m workbench bench-overhead --study "$p" --seq-lens 512 1024 2048 4096 8192 \
-                --reps 200 ;;
+                --reps 100 ;;
         longest)  # the longest sequence per family (dense and causal: minutes per call)
             run -m workbench bench-longest --study "$p" --families dense causal dilated local \
                 random10 --start 4194304 --limit 8388608 --max-seconds 300 ;;

@@ -6,10 +6,10 @@ same block structure: FlexAttention (compiled) on the very ``BlockMask`` the cal
 the ``blockwise`` kernel function on the CPU, the ``gather`` backend's prepared function for
 LongNet, each wrapped in the same projections for the multi-head module. Calls alternate
 between the two; each is timed from a synchronized device to its return (``*_host_us``, and
-the calling thread's CPU time ``*_cpu_us``, which a loaded machine does not inflate) and to the
+the calling thread's CPU time ``*_cpu_us``, which other processes inflate less) and to the
 device's end (``*_us``); the medians are kept, and ``overhead_us`` and ``cpu_overhead_us`` are
-ours minus the kernel's. Rows go to
-``data/overhead_<study>.csv`` with the device, versions, date and commit (:mod:`.records`).
+ours minus the kernel's. Rows go to ``data/overhead_<study>.csv`` with the device, versions,
+date and commit (:mod:`.records`).
 
 Entry points (:data:`ENTRY_POINTS`): ``function`` (:func:`~workbench.block_sparse_attention`
 with ``plan=``), ``module`` (:class:`~workbench.BlockSparseAttention`), ``multihead``
@@ -54,8 +54,6 @@ DEFAULTS = {
 """Shapes per device type when none are given: the GPU's as the other studies, the CPU's small."""
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 Call = Callable[[], object]
-
-
 Kernel = Callable[[Tensor, Tensor, Tensor], object]
 
 
