@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
 all=(tests copy fwd longnet dilated natural-order natural-order-fwdbwd triton-launch triton-features
-     triton-backward fwdbwd structures longest longest-h100-memory)
+     triton-backward fwdbwd structures overhead longest longest-h100-memory)
 two_gpu=(ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
 run() {
@@ -63,6 +63,9 @@ study() {
             run -m workbench bench --study "${p}_structures" --seq-lens 16384 \
                 --families dense causal local random10 dilated --variants ours --reps 3 \
                 --layout-timing 1048576 ;;
+        overhead)  # data/overhead_<p>.csv: per-call time of every entry point vs its kernel
+            run -m workbench bench-overhead --study "$p" --seq-lens 512 1024 2048 4096 8192 \
+                --reps 100 ;;
         longest)  # the longest sequence per family (dense and causal: minutes per call)
             run -m workbench bench-longest --study "$p" --families dense causal dilated local \
                 random10 --start 4194304 --limit 8388608 --max-seconds 300 ;;

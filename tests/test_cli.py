@@ -16,8 +16,8 @@ from workbench.lab.cli import main
 
 _REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 COMMANDS = ("figures", "bench", "bench-hilbert", "bench-adaptive", "bench-longest",
-            "copy-bandwidth", "bench-triton", "triton-resources", "ring-demo", "ring-bench",
-            "ring-plan")
+            "copy-bandwidth", "bench-triton", "bench-overhead", "triton-resources", "ring-demo",
+            "ring-bench", "ring-plan")
 
 # Tiny invocations (cheap even if a check were missing); a bad case appends an option, whose
 # value replaces the one given here.
@@ -37,6 +37,9 @@ LONGEST = ["bench-longest", "--study", "cli_test", "--families", "causal", "--st
 COPY = ["copy-bandwidth", "--study", "cli_test", "--mib", "1", "--reps", "1"]
 TRITON = ["bench-triton", "--study", "cli_test", "--seq-len", "256", "--families", "causal",
           "--space", "features", "--reps", "1"]
+OVERHEAD = ["bench-overhead", "--study", "cli_test", "--seq-lens", "128", "--entry-points",
+            "module", "dilated_head_groups", "--heads", "4", "--head-dim", "16", "--reps", "2",
+            "--warmup", "0", "--device", "cpu"]
 RESOURCES = ["triton-resources", "--study", "cli_test", "--head-dims", "16"]
 RING_DEMO = ["ring-demo", "--seq-len", "256", "--families", "causal", "--heads", "1",
              "--head-dim", "16", "--block-size", "64", "--backend", "gloo", "--timeout", "5"]
@@ -46,8 +49,8 @@ def bad(*argv: str, names: str, gpu: bool = False, world: int | None = None):
     """A bad invocation whose one-line error must contain ``names``; ``gpu``: run it as on a
     machine with one CUDA device; ``world``: as a rank of a torchrun job of that many ranks."""
     shown = list(argv)
-    for base in (BENCH, HILBERT, ADAPTIVE, LONGEST, COPY, TRITON, RESOURCES, RING_PLAN,
-                 RING_BENCH, RING_DEMO):
+    for base in (BENCH, HILBERT, ADAPTIVE, LONGEST, COPY, TRITON, OVERHEAD, RESOURCES,
+                 RING_PLAN, RING_BENCH, RING_DEMO):
         if shown[:len(base)] == base:
             shown = [base[0], "<tiny>", *shown[len(base):]]
     return pytest.param(list(argv), names, gpu, world, id=" ".join(shown))
@@ -118,6 +121,13 @@ BAD = [
     bad(*TRITON, "--seq-len", "0", names="--seq-len"),
     bad(*TRITON, "--space", "nope", names="--space"),
     bad(*TRITON, "--families", "nope", names="--families"),
+    # bench-overhead
+    bad("bench-overhead", names="--study"),
+    bad(*OVERHEAD, "--seq-lens", "0", names="--seq-lens"),
+    bad(*OVERHEAD, "--entry-points", "nope", names="--entry-points"),
+    bad(*OVERHEAD, "--dtype", "fp8", names="--dtype"),
+    bad(*OVERHEAD, "--device", "cuda", names="--device cuda"),
+    bad(*OVERHEAD, "--heads", "1", names="--heads 1"),
     # triton-resources
     bad(*RESOURCES, "--head-dims", "0", names="--head-dims"),
     bad(*RESOURCES, "--head-dims", "48", names="--head-dims"),
@@ -284,6 +294,18 @@ def test_the_bench_runs_every_registered_family(capsys):
                  "ours"]) == 0
     out = capsys.readouterr().out
     assert all(f" {name} " in out for name in [*FAMILIES, "random10"])
+
+
+def test_tiny_cpu_overhead_study_writes_its_csv(tmp_path, capsys):
+    from workbench.lab.records import read_csv
+
+    assert main(OVERHEAD) == 0
+    assert "dilated_head_groups" in capsys.readouterr().out
+    rows = read_csv("overhead_cli_test")
+    assert [r["entry_point"] for r in rows] == ["module", "dilated_head_groups"]
+    assert {"device", "torch", "date", "commit", "ours_us", "kernel_us", "overhead_us",
+            "cpu_overhead_us", "backend"} <= set(rows[0])
+    assert [r["backend"] for r in rows] == ["blockwise", "gather"]
 
 
 def test_tiny_cpu_ring_plan_runs(tmp_path, capsys):

@@ -25,7 +25,7 @@ from . import (
 )
 from .adaptive import AdaptiveBlockSparseAttention
 from .attention import BlockSparseAttention, block_sparse_attention, explain_backend
-from .dilated import dilated_attention
+from .dilated import DilatedAttention, dilated_attention
 from .layout import BlockLayout, LayoutStats
 from .multihead import BlockSparseMultiheadAttention, BlockSparseWeights
 from .patterns import BlockSelection
@@ -38,6 +38,7 @@ __all__ = [
     "BlockSparseAttention",
     "BlockSparseMultiheadAttention",
     "BlockSparseWeights",
+    "DilatedAttention",
     "LayoutStats",
     "Plan",
     "Plans",

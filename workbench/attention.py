@@ -20,6 +20,7 @@ from .backends import (
     Choice,
     Problem,
     Request,
+    Runner,
     accumulation_dtype,
     check_backend,
     choose,
@@ -29,18 +30,20 @@ from .distributed import distributed_ring_attention
 from .layout import BlockLayout
 from .orderings import check_block_order
 from .patterns import Pattern, check_positive_int, head_predicate
-from .plan import Plan, Plans, check_plans, plan_for
+from .plan import LastCall, Plan, Plans, check_plans, plan_for
 from .ring import ring_attention
 from .sharding import check_sharding
 
 __all__ = [
     "BlockSparseAttention",
     "block_sparse_attention",
+    "call_key",
     "check_options",
     "check_qkv",
     "check_scale",
     "dropout_of",
     "explain_backend",
+    "prepare",
 ]
 
 
@@ -194,12 +197,16 @@ def block_sparse_attention(
             raise TypeError(f"layout must be a BlockLayout from pattern.block_structure(...), "
                             f"got {type(layout).__name__}")
         layout.check(pattern, q.shape[2], k.shape[2], block_size)
-    if plan is not None:
+    if isinstance(plan, Plans):  # looked up only when the call is not the last one again
+        layout = lambda: plan.get(pattern, q.shape[2], k.shape[2], block_size,  # noqa: E731
+                                  q.device).layout
+    elif plan is not None:
         held = plan_for(plan, pattern, q.shape[2], k.shape[2], block_size, q.device)
         layout = lambda: held.layout  # noqa: E731 (built only if a backend needs it)
     return attend(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
                   scale=scale, ring_chunks=ring_chunks, block_order=block_order,
-                  dropout=dropout_of(dropout_p, dropout_seed), layout=layout)
+                  dropout=dropout_of(dropout_p, dropout_seed), layout=layout,
+                  last=None if plan is None else plan.last_call)
 
 
 def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *,
@@ -217,29 +224,58 @@ def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int,
                    block_size=block_size, build_layout=build, _layout=given)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,
-           return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
-           dropout: AttentionDropout | None,
-           layout: BlockLayout | Callable[[], BlockLayout] | None = None
-           ) -> Tensor | tuple[Tensor, Tensor]:
-    """:func:`block_sparse_attention` on one device, arguments already checked; ``layout`` may
-    be a function that builds (or looks up) the layout, called only if a backend needs one."""
+def prepare(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,
+            return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
+            dropout: AttentionDropout | None,
+            layout: BlockLayout | Callable[[], BlockLayout] | None = None) -> Runner:
+    """The dispatch of :func:`block_sparse_attention` on one device, arguments already checked:
+    chooses the backend and prepares it (layout, mask, plan, scale), returning ``runner(q, k,
+    v) -> (out, lse or None)`` for inputs of these shapes, dtype, device and grad mode.
+    ``layout`` may be a function that builds (or looks up) the layout, called only if the
+    backend needs one."""
     if q.numel() == 0:  # no batch or no heads: nothing to attend
-        return _empty_attention(q, k, v, return_lse)
+        return _empty_attention
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
                    dropout=dropout is not None, layout=layout)
     chosen = get_backend(choose(backend, req).name)
-    if ring_chunks == 1 and chosen.run_pattern is not None:  # needs no block layout
-        out, lse = chosen.run_pattern(q, k, v, pattern, scale, return_lse, block_size)
+    if ring_chunks == 1 and chosen.prepare_pattern is not None:  # needs no block layout
+        return chosen.prepare_pattern(q, k, v, pattern, scale, return_lse, block_size)
+    problem = Problem(req.layout, head_predicate(pattern, q.device), scale,
+                      label=repr(pattern), block_order=block_order, dropout=dropout,
+                      dense_form=pattern.dense_form(), pattern=pattern)
+    if ring_chunks > 1:
+        return lambda q, k, v: ring_attention(q, k, v, problem, ring_chunks, backend, return_lse)
+    return chosen.runner(q, k, v, problem, return_lse)
+
+
+def call_key(q: Tensor, k: Tensor, v: Tensor, *options: object) -> tuple:
+    """What a kept runner must have been prepared for to serve a call: the inputs' shapes,
+    dtype, device and grad mode, and ``options`` (compared with ``==``; a pattern by ``id``)."""
+    return (q.shape, k.shape, v.shape, q.dtype, q.device, torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad), *options)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,
+           return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
+           dropout: AttentionDropout | None,
+           layout: BlockLayout | Callable[[], BlockLayout] | None = None,
+           last: LastCall | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`block_sparse_attention` on one device, arguments already checked: the runner of
+    :func:`prepare`, taken from ``last`` when this call repeats the one it was kept for (same
+    shapes, dtype, device, grad mode, pattern object and options), else prepared (and kept
+    there)."""
+    if last is None:
+        run = prepare(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
+                      scale=scale, ring_chunks=ring_chunks, block_order=block_order,
+                      dropout=dropout, layout=layout)
     else:
-        problem = Problem(req.layout, head_predicate(pattern, q.device), scale,
-                          label=repr(pattern), block_order=block_order, dropout=dropout,
-                          dense_form=pattern.dense_form(), pattern=pattern)
-        if ring_chunks > 1:
-            out, lse = ring_attention(q, k, v, problem, ring_chunks, backend, return_lse)
-        else:
-            out, lse = chosen.run(q, k, v, problem, return_lse)
+        key = call_key(q, k, v, id(pattern), block_size, backend, return_lse, scale,
+                       ring_chunks, block_order, dropout)
+        run = last.get(key, pattern, lambda: prepare(
+            q, k, v, pattern, block_size, backend=backend, return_lse=return_lse, scale=scale,
+            ring_chunks=ring_chunks, block_order=block_order, dropout=dropout, layout=layout))
+    out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
 
 
@@ -258,13 +294,10 @@ def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_siz
     return choose(backend, req)
 
 
-def _empty_attention(q: Tensor, k: Tensor, v: Tensor, return_lse: bool
-                     ) -> Tensor | tuple[Tensor, Tensor]:
+def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """The result for inputs with no batch element or no head: empty tensors of the right
     shapes, connected to the inputs' autograd graph."""
     out = torch.matmul(torch.matmul(q, k.transpose(-1, -2)), v)
-    if not return_lse:
-        return out
     return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
@@ -287,8 +320,10 @@ class BlockSparseAttention(nn.Module):
 
     Takes ``q, k, v`` ``[B, H, S, D]`` (no projections: see the multi-head module for those) and
     keeps a :class:`~workbench.plan.Plan` per (query length, key length, device) in ``plans``
-    (its own, or one :class:`~workbench.plan.Plans` shared by the layers given it).
-    ``block_order="hilbert"``
+    (its own, or one :class:`~workbench.plan.Plans` shared by the layers given it), and the
+    backend prepared for its last call (:class:`~workbench.plan.LastCall`): a call that repeats
+    it (same shapes, dtype, device, grad mode and attributes) launches the kernel straight away,
+    which also lets a CUDA graph capture it. ``block_order="hilbert"``
     visits the tiles along a Hilbert curve (see :func:`block_sparse_attention`). With a
     ``process_group`` it takes this rank's shard and runs the ring across the group's ranks
     (``sharding``: ``"contiguous"`` or ``"zigzag"``), each rank caching its own rows of the layout.
@@ -324,6 +359,7 @@ class BlockSparseAttention(nn.Module):
         self.scale = scale
         self.process_group, self.sharding = process_group, sharding
         self.plans = Plans() if plans is None else check_plans(plans)
+        self.last_call = LastCall()
 
     def plan(self, q_len: int, k_len: int, device: torch.device | str) -> Plan:
         """The plan for these lengths, kept in :attr:`plans` for the next call."""
@@ -346,7 +382,8 @@ class BlockSparseAttention(nn.Module):
         return attend(q, k, v, self.pattern, self.block_size, backend=self.backend,
                       return_lse=bool(return_lse), scale=self.scale, ring_chunks=self.ring_chunks,
                       block_order=self.block_order, dropout=None,
-                      layout=lambda: self.layout(q.shape[2], k.shape[2], q.device))
+                      layout=lambda: self.layout(q.shape[2], k.shape[2], q.device),
+                      last=self.last_call)
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, block_size={self.block_size}, "

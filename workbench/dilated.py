@@ -8,21 +8,17 @@ kept positions are attended densely, segment by segment, and put back, wasting n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from .attention import block_sparse_attention, check_qkv, check_scale
+from .attention import call_key, check_qkv, check_scale, prepare
 from .backends import check_backend, merge_partials
 from .patterns import causal as causal_pattern
-from .patterns import (
-    check_dilation_pairs,
-    check_positive_int,
-    dilated,
-    dilated_branch,
-)
+from .patterns import check_dilation_pairs, check_positive_int, dilated, dilated_branch
+from .plan import LastCall, Plans
 
-__all__ = ["dilated_attention"]
+__all__ = ["DilatedAttention", "dilated_attention"]
 
 MODES = ("paper", "head_groups")
 
@@ -67,6 +63,9 @@ def dilated_attention(
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, H, S]`` of the merged softmax.
 
+    Each call builds its patterns and prepares its backends again; :class:`DilatedAttention`
+    keeps them for the calls that repeat one.
+
     Returns:
         ``out [B, H, S, Dv]`` in ``q``'s dtype, or ``(out, lse)`` with ``return_lse``.
 
@@ -77,33 +76,94 @@ def dilated_attention(
         TypeError: inputs that are not floating-point tensors of one dtype.
     """
     check_qkv(q, k, v)
+    _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
+    _check_self_attention(q, k)
+    return _prepare(q, k, v, segment_lengths, dilation_rates, mode, causal, backend, block_size,
+                    scale, bool(return_lse), None)(q, k, v)
+
+
+class DilatedAttention(nn.Module):
+    """:func:`dilated_attention` as an ``nn.Module`` over ``q, k, v`` ``[B, H, S, D]``.
+
+    It keeps its patterns' plans (:class:`~workbench.plan.Plans`) and the backends prepared
+    for its last call (:class:`~workbench.plan.LastCall`), so a call that repeats the last one
+    (same shapes, dtype, device, grad mode and attributes) launches the kernels straight away.
+    The options are those of :func:`dilated_attention`, checked here.
+
+    Example::
+
+        attn = wb.DilatedAttention([2048, 4096], [1, 2], mode="paper", causal=True)
+        out = attn(q, k, v)
+    """
+
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
+                 mode: str = "paper", causal: bool = False, backend: str = "gather",
+                 block_size: int = 64, scale: float | None = None) -> None:
+        super().__init__()
+        _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
+        self.segment_lengths, self.dilation_rates = tuple(segment_lengths), tuple(dilation_rates)
+        self.mode, self.causal, self.backend = mode, bool(causal), backend
+        self.block_size, self.scale = block_size, scale
+        self.plans, self.last_call = Plans(), LastCall()
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor]:
+        check_qkv(q, k, v)
+        _check_self_attention(q, k)
+        options = (self.segment_lengths, self.dilation_rates, self.mode, self.causal,
+                   self.backend, self.block_size, self.scale, bool(return_lse))
+        run = self.last_call.get(call_key(q, k, v, *options), None,
+                                 lambda: _prepare(q, k, v, *options, self.plans))
+        return run(q, k, v)
+
+    def extra_repr(self) -> str:
+        return (f"segment_lengths={list(self.segment_lengths)}, "
+                f"dilation_rates={list(self.dilation_rates)}, mode={self.mode!r}, "
+                f"causal={self.causal}, backend={self.backend!r}")
+
+
+def _check_options(segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str,
+                   backend: str, block_size: int, scale: float | None) -> None:
     check_dilation_pairs(segment_lengths, dilation_rates)
     check_positive_int("block_size", block_size)
     check_scale(scale)
     check_backend(backend)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_self_attention(q: Tensor, k: Tensor) -> None:
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"dilated attention is self-attention: q has {q.shape[2]} positions, k {k.shape[2]}"
         )
-    h = q.shape[1]
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
+             dilation_rates: Sequence[int], mode: str, causal: bool, backend: str,
+             block_size: int, scale: float | None, return_lse: bool, plans: Plans | None
+             ) -> Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
+    """The call, prepared (arguments already checked): LongNet's head-group pattern, or one
+    branch per pair merged by log-sum-exp (paper), each on its backend (layouts from ``plans``
+    where given); returns ``run(q, k, v)`` for inputs like these."""
+    h, s = q.shape[1], q.shape[2]
     if mode == "head_groups":
-        pattern = dilated(segment_lengths, dilation_rates, h, causal=causal)
-        return block_sparse_attention(q, k, v, pattern, block_size, backend=backend,
-                                      return_lse=return_lse, scale=scale)
-    # paper mode: every head runs every branch; branches merge by log-sum-exp
-    pairs = list(zip(segment_lengths, dilation_rates))
-    need_lse = return_lse or len(pairs) > 1
-    outs, lses = [], []
-    for w, r in pairs:
-        branch = dilated_branch(w, r, h)
-        res = block_sparse_attention(q, k, v, branch & causal_pattern() if causal else branch,
-                                     block_size, backend=backend, return_lse=need_lse,
-                                     scale=scale)
-        if not need_lse:
-            return res
-        outs.append(res[0])
-        lses.append(res[1])
-    out, lse = merge_partials(outs, lses)
-    return (out, lse) if return_lse else out
+        patterns = [dilated(segment_lengths, dilation_rates, h, causal=causal)]
+    else:
+        patterns = [dilated_branch(w, r, h) for w, r in zip(segment_lengths, dilation_rates)]
+        patterns = [p & causal_pattern() for p in patterns] if causal else patterns
+    lse = return_lse or len(patterns) > 1
+    runs = [prepare(q, k, v, p, block_size, backend=backend, return_lse=lse, scale=scale,
+                    ring_chunks=1, block_order=None, dropout=None,
+                    layout=None if plans is None else
+                    (lambda p=p: plans.get(p, s, s, block_size, q.device).layout))
+            for p in patterns]
+    if len(runs) == 1:
+        run = runs[0]
+        return run if return_lse else lambda q, k, v: run(q, k, v)[0]
+
+    def merged(q: Tensor, k: Tensor, v: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        out, lse = merge_partials(*zip(*(run(q, k, v) for run in runs)))
+        return (out, lse) if return_lse else out
+
+    return merged

@@ -80,7 +80,7 @@ from .adaptive import AdaptiveBlockSparseAttention
 from .attention import attend, block_sparse_attention, check_options, dropout_of
 from .layout import num_blocks
 from .patterns import DenseMask, KeyMask, Pattern, check_positive_int, head_predicate, tile_batch
-from .plan import Plans, check_plans
+from .plan import LastCall, Plans, check_plans
 
 __all__ = [
     "BlockSparseMultiheadAttention",
@@ -180,7 +180,9 @@ class BlockSparseMultiheadAttention(nn.Module):
         sub_layer_norm: MAGNETO/LongNet Sub-LN before the output projection (off by default).
         plans: where calls without masks keep their :class:`~workbench.plan.Plan` (default: a
             :class:`~workbench.plan.Plans` of this module's own; give one to several layers
-            to share their layouts).
+            to share their layouts). Such a call also keeps its prepared backend
+            (:class:`~workbench.plan.LastCall`): the next one like it launches the kernel
+            straight away, and a CUDA graph can capture it.
         dense_weights_limit: largest ``B * H * S_q * S_k`` (a positive int) for which
             ``need_weights=True`` returns dense weights; above it :class:`BlockSparseWeights`.
 
@@ -299,6 +301,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.ring_chunks = ring_chunks
         self.block_order = block_order
         self.plans = Plans() if plans is None else check_plans(plans)  # calls without masks
+        self.last_call = LastCall()  # the backend prepared for the last call without masks
         self._fixed: dict[bool, tuple[Pattern | None, Pattern]] = {}
         self.dense_weights_limit = dense_weights_limit
         self._reset_parameters()
@@ -319,11 +322,11 @@ class BlockSparseMultiheadAttention(nn.Module):
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         e = self.embed_dim
         b = self.in_proj_bias
+        if self._qkv_same_embed_dim and query is key and key is value:  # one fused projection
+            return F.linear(query, self.in_proj_weight, b).chunk(3, dim=-1)
         bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
-            if query is key and key is value:  # self-attention: one fused projection
-                return F.linear(query, w, b).chunk(3, dim=-1)
             return F.linear(query, w[:e], bq), F.linear(key, w[e : 2 * e], bk), F.linear(
                 value, w[2 * e :], bv)
         return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
@@ -459,7 +462,7 @@ class BlockSparseMultiheadAttention(nn.Module):
                          return_lse=False, scale=None, ring_chunks=self.ring_chunks,
                          block_order=self.block_order, dropout=dropout_of(dropout_p, None),
                          layout=lambda: self.plans.get(pattern, sq, sk, self.block_size,
-                                                       q.device).layout)
+                                                       q.device).layout, last=self.last_call)
         else:
             pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask,
                                                is_causal,
@@ -537,50 +540,54 @@ def _check_forward_inputs(mha: BlockSparseMultiheadAttention, query: object, key
         if m is not None and m.dtype != torch.bool and not m.is_floating_point():
             raise TypeError(f"{name} must be a bool (True = ignore) or float (0 / -inf) tensor, "
                             f"got dtype {m.dtype}")
-    seq = "[N, L, E]" if mha.batch_first else "[L, N, E]"
-    if query.dim() not in (2, 3):
+    ndim, qshape, kshape, vshape = query.dim(), query.shape, key.shape, value.shape
+    if ndim not in (2, 3):
+        seq = "[N, L, E]" if mha.batch_first else "[L, N, E]"
         raise ValueError(f"query must be 2-D (unbatched [L, E]) or 3-D (batched {seq} with "
-                         f"batch_first={mha.batch_first}), got shape {tuple(query.shape)}")
-    batched = query.dim() == 3
+                         f"batch_first={mha.batch_first}), got shape {tuple(qshape)}")
+    batched = ndim == 3
     kind = "batched" if batched else "unbatched"
-    for name, x in (("key", key), ("value", value)):
-        if x.dim() != query.dim():
-            raise ValueError(f"{name} must be {query.dim()}-D like the {kind} query (query, key "
-                             f"and value are all batched or all unbatched), got shape "
-                             f"{tuple(x.shape)}")
-    for name, x, arg, size in (("query", query, "embed_dim", mha.embed_dim),
-                               ("key", key, "kdim", mha.kdim), ("value", value, "vdim", mha.vdim)):
-        if x.shape[-1] != size:
-            raise ValueError(f"{name} has embedding size {x.shape[-1]} (last dimension) but the "
+    for name, shape in (("key", kshape), ("value", vshape)):
+        if len(shape) != ndim:
+            raise ValueError(f"{name} must be {ndim}-D like the {kind} query (query, key and "
+                             f"value are all batched or all unbatched), got shape "
+                             f"{tuple(shape)}")
+    for name, shape, arg, size in (("query", qshape, "embed_dim", mha.embed_dim),
+                                   ("key", kshape, "kdim", mha.kdim),
+                                   ("value", vshape, "vdim", mha.vdim)):
+        if shape[-1] != size:
+            raise ValueError(f"{name} has embedding size {shape[-1]} (last dimension) but the "
                              f"module was built with {arg}={size}")
     b_dim, s_dim = ((0, 1) if mha.batch_first else (1, 0)) if batched else (None, 0)
+    dtype, device = query.dtype, query.device
     for name, x in (("key", key), ("value", value)):
-        if batched and x.shape[b_dim] != query.shape[b_dim]:
+        if batched and x.shape[b_dim] != qshape[b_dim]:
             raise ValueError(f"{name} has batch size {x.shape[b_dim]} but query has "
-                             f"{query.shape[b_dim]} (dimension {b_dim} with "
+                             f"{qshape[b_dim]} (dimension {b_dim} with "
                              f"batch_first={mha.batch_first})")
-        if x.dtype != query.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but query has {query.dtype}; cast them "
+        if x.dtype != dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but query has {dtype}; cast them "
                             "to one dtype")
-        if x.device != query.device:
-            raise ValueError(f"{name} is on {x.device} but query is on {query.device}; move them "
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but query is on {device}; move them "
                              "to one device")
-    if value.shape[s_dim] != key.shape[s_dim]:
-        raise ValueError(f"value has {value.shape[s_dim]} positions but key has "
-                         f"{key.shape[s_dim]} (dimension {s_dim}); they must have the same length")
+    if vshape[s_dim] != kshape[s_dim]:
+        raise ValueError(f"value has {vshape[s_dim]} positions but key has "
+                         f"{kshape[s_dim]} (dimension {s_dim}); they must have the same length")
     param = mha.out_proj.weight
-    if query.device != param.device:
-        raise ValueError(f"query, key and value are on {query.device} but the module's parameters "
+    if device != param.device:
+        raise ValueError(f"query, key and value are on {device} but the module's parameters "
                          f"are on {param.device}; move one to the other (module.to(device))")
-    autocast = (torch.amp.is_autocast_available(query.device.type)
-                and torch.is_autocast_enabled(query.device.type))
-    if query.dtype != param.dtype and not autocast:
-        raise TypeError(f"query, key and value have dtype {query.dtype} but the module's "
+    if dtype != param.dtype and not (torch.amp.is_autocast_available(device.type)
+                                     and torch.is_autocast_enabled(device.type)):
+        raise TypeError(f"query, key and value have dtype {dtype} but the module's "
                         f"parameters have {param.dtype}; cast one to the other (module.to(dtype))")
-    q_len, k_len = query.shape[s_dim], key.shape[s_dim]
-    heads = mha.num_heads * (query.shape[b_dim] if batched else 1)
+    if key_padding_mask is None and attn_mask is None:
+        return batched
+    q_len, k_len = qshape[s_dim], kshape[s_dim]
+    heads = mha.num_heads * (qshape[b_dim] if batched else 1)
     if key_padding_mask is not None:
-        want, text = ((query.shape[b_dim], k_len), "(N, S)") if batched else ((k_len,), "(S,)")
+        want, text = ((qshape[b_dim], k_len), "(N, S)") if batched else ((k_len,), "(S,)")
         if tuple(key_padding_mask.shape) != want:
             raise ValueError(f"key_padding_mask must have shape {text} = {want} for {kind} "
                              f"input, got {tuple(key_padding_mask.shape)}")
@@ -599,11 +606,11 @@ def _seq_first(query: Tensor, key: Tensor, value: Tensor, batched: bool,
     are the same tensor (self-attention then projects once)."""
     if batched and not batch_first:
         return query, key, value
-    views: dict[int, Tensor] = {}
-    for x in (query, key, value):
-        if id(x) not in views:
-            views[id(x)] = x.transpose(0, 1) if batched else x.unsqueeze(1)
-    return views[id(query)], views[id(key)], views[id(value)]
+    q = query.transpose(0, 1) if batched else query.unsqueeze(1)
+    k = q if key is query else key.transpose(0, 1) if batched else key.unsqueeze(1)
+    if value is query or value is key:
+        return q, k, q if value is query else k
+    return q, k, value.transpose(0, 1) if batched else value.unsqueeze(1)
 
 
 def _check_sharded_call(key_padding_mask: Tensor | None, attn_mask: Tensor | None,

@@ -11,14 +11,43 @@ anywhere else: a plan lives exactly as long as whoever holds it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 
 from .layout import BlockLayout, held_bytes
 from .patterns import Pattern
 
-__all__ = ["Plan", "Plans", "check_plans", "plan_for"]
+__all__ = ["LastCall", "Plan", "Plans", "check_plans", "plan_for"]
+
+
+class LastCall:
+    """The runner prepared for the last call made through its holder (a :class:`Plan`, a
+    :class:`Plans` or a module), under the key of that call's arguments.
+
+    :meth:`get` returns it when the key is equal, else builds, keeps and returns a new one. The
+    key names the pattern by ``id``; the record holds the pattern itself, so that id cannot be
+    taken by another object while the runner is kept. Copies and pickles start empty.
+    """
+
+    __slots__ = ("key", "pattern", "runner")
+
+    def __init__(self) -> None:
+        self.key: Hashable = None
+        self.pattern: Pattern | None = None
+        self.runner: Any = None
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return LastCall, ()
+
+    def get(self, key: Hashable, pattern: Pattern, build: Callable[[], Any]) -> Any:
+        """The kept runner if ``key`` equals the last call's, else ``build()`` (then kept)."""
+        if key == self.key:
+            return self.runner
+        runner = build()
+        self.key, self.pattern, self.runner = key, pattern, runner
+        return runner
 
 
 class Plan:
@@ -35,6 +64,7 @@ class Plan:
         self.block_size, self.device = block_size, torch.device(device)
         self._layout: BlockLayout | None = None
         self._rows: dict[tuple, list[BlockLayout]] = {}
+        self.last_call = LastCall()
 
     @property
     def layout(self) -> BlockLayout:
@@ -88,6 +118,7 @@ class Plans:
             raise ValueError(f"size must be a positive int, got {size!r}")
         self.size = size
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self.last_call = LastCall()
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -121,6 +152,7 @@ class Plans:
 
     def clear(self) -> None:
         self._plans.clear()
+        self.last_call = LastCall()
 
 
 def plan_for(plan: Plan | Plans, pattern: Pattern, q_len: int, k_len: int, block_size: int,

@@ -20,9 +20,9 @@ from torch.autograd.function import once_differentiable
 from ..orderings import block_visit_order
 from .merge import accumulation_dtype
 from .problem import Problem
-from .registry import Backend, Capabilities, Request
+from .registry import Backend, Capabilities, Request, Runner
 
-__all__ = ["BACKEND", "blockwise_attention"]
+__all__ = ["BACKEND", "blockwise_attention", "prepare_blockwise"]
 
 _SCORE_BUDGET = 1 << 23  # score elements materialized per chunk
 MASK_BUDGET = 1 << 28
@@ -285,6 +285,14 @@ class _BlockwiseFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+def prepare_blockwise(q: Tensor, k: Tensor, v: Tensor, problem: Problem,
+                      need_lse: bool = True) -> Runner:
+    """:func:`blockwise_attention` with the tile plan of these inputs ready:
+    ``runner(q, k, v) -> (out, lse)`` (the log-sum-exp comes whatever ``need_lse``)."""
+    plan = _plan(problem, q.shape[1], q.shape[0], q.device)
+    return lambda q, k, v: _BlockwiseFunction.apply(q, k, v, plan)
+
+
 def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> tuple[Tensor, Tensor]:
     """Block-sparse attention of ``q, k, v`` ``[B, H, S, D]`` over ``problem``'s active tiles,
     visited in ``problem.block_order``; any device and dtype.
@@ -293,8 +301,7 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> tu
     all accumulation float32 (float64 for float64 inputs); differentiable in ``q, k, v``,
     through ``lse`` too. ``problem.dropout`` scales each tile's probabilities by its hash.
     """
-    plan = _plan(problem, q.shape[1], q.shape[0], q.device)
-    return _BlockwiseFunction.apply(q, k, v, plan)
+    return prepare_blockwise(q, k, v, problem)(q, k, v)
 
 
 def _prefers(req: Request) -> str:
@@ -310,5 +317,5 @@ BACKEND = Backend(
     lambda q, k, v, problem, need_lse: blockwise_attention(q, k, v, problem),
     Capabilities(dropout=True, block_order=True),
     "pure PyTorch over the active tiles with an online softmax; any device, autograd",
-    prefers=_prefers,
+    prefers=_prefers, prepare=prepare_blockwise,
 )

@@ -6,15 +6,17 @@ tiles skip the mask function, partial tiles go through the pattern's token predi
 ``block_order`` ("hilbert", "morton") sorts each query block's key blocks along the curve.
 ``flex_attention`` is compiled once per process (``dynamic=False``). Python numbers inside a
 pattern (a window, a segment length) are baked into the kernel, so each new shape or new pattern
-parameters compile once; every such compile is announced on stderr, and calls run with Dynamo
-told to raise, not to fall back to slow eager attention, if its recompile limit is reached
-(:data:`RECOMPILE_LIMIT` distinct compiles). On the CPU, FlexAttention supports inference only:
+parameters compile once; every such compile is announced on stderr, and a call that compiles runs
+with Dynamo told to raise, not to fall back to slow eager attention, if its recompile limit is
+reached (:data:`RECOMPILE_LIMIT` distinct compiles); a prepared call that repeats one
+(:func:`prepare_flex`) runs the kernel as it is. On the CPU, FlexAttention supports inference only:
 no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -24,9 +26,10 @@ from ..blockmask import block_mask_from_layout
 from ..layout import BlockLayout
 from ..orderings import visit_rank
 from .problem import Problem
-from .registry import Backend, Capabilities, Request
+from .registry import Backend, Capabilities, Request, Runner
 
-__all__ = ["BACKEND", "build_block_mask", "flex_attention", "flex_available", "reset_compiled"]
+__all__ = ["BACKEND", "build_block_mask", "flex_attention", "flex_available", "prepare_flex",
+           "reset_compiled"]
 
 
 def flex_available() -> bool:
@@ -84,9 +87,13 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
 
 @lru_cache(maxsize=1)
 def _compiled():
+    """The compiled kernel, and the Dynamo settings a call that may compile runs under (raise,
+    do not fall back to eager attention, at :data:`RECOMPILE_LIMIT` compiles)."""
     from torch.nn.attention.flex_attention import flex_attention as fa
 
-    return torch.compile(fa, dynamic=False, fullgraph=True)  # a graph break is an error
+    limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                        fail_on_recompile_limit_hit=True)
+    return torch.compile(fa, dynamic=False, fullgraph=True), limits  # a graph break is an error
 
 
 def kernel_options(device: torch.device) -> dict[str, object] | None:
@@ -101,11 +108,10 @@ RECOMPILE_LIMIT = 64
 _seen: set[tuple] = set()
 
 
-def flex_attention(
-    q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``. Inputs are
-    those :data:`BACKEND` accepts (no dropout; on the CPU no gradients, no log-sum-exp)."""
+def prepare_flex(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool) -> Runner:
+    """Compiled FlexAttention over ``problem`` with its ``BlockMask`` and kernel options ready:
+    ``runner(q, k, v) -> (out, lse or None)``. Inputs are those :data:`BACKEND` accepts (no
+    dropout; on the CPU no gradients, no log-sum-exp)."""
     key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size,
            problem.label, need_lse)
     if key not in _seen:
@@ -116,24 +122,52 @@ def flex_attention(
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                             or v.requires_grad)
     mask = cached_block_mask(problem, q.device, backward)
+    compiled, _ = _compiled()
+    scale, options = problem.scale, kernel_options(q.device)
+
+    def call(q: Tensor, k: Tensor, v: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return compiled(q, k, v, block_mask=mask, scale=scale, return_lse=need_lse,
+                        kernel_options=options)
+
+    compiled_once = False
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        nonlocal compiled_once
+        res = None
+        if compiled_once:  # Dynamo's guards pass and nothing compiles: no limit to raise
+            try:
+                res = call(q, k, v)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                pass  # inputs of other strides compiled past Dynamo's own limit: raise it
+        if res is None:
+            res, compiled_once = _within_limit(call, q, k, v), True
+        return (res[0], res[1].float()) if need_lse else (res, None)
+
+    return run
+
+
+def _within_limit(call: Callable[[Tensor, Tensor, Tensor], object], q: Tensor, k: Tensor,
+                  v: Tensor):
+    """``call(q, k, v)``, compiling if need be, with up to :data:`RECOMPILE_LIMIT` compiles."""
     try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
-                                        fail_on_recompile_limit_hit=True):
-            res = _compiled()(q, k, v, block_mask=mask, scale=problem.scale,
-                              return_lse=need_lse, kernel_options=kernel_options(q.device))
+        with _compiled()[1]:
+            return call(q, k, v)
     except torch._dynamo.exc.FailOnRecompileLimitHit as e:
         raise RuntimeError(
             f"FlexAttention reached its recompile limit in this process "
-            f"(workbench.backends.flex.RECOMPILE_LIMIT = {RECOMPILE_LIMIT}; {len(_seen)} shape "
-            "and pattern combinations were announced on stderr). Every new sequence length, "
-            "batch or head count, dtype or pattern parameter compiles once. Use fewer distinct "
-            "lengths (pad to a few), raise RECOMPILE_LIMIT, or call "
-            "workbench.backends.flex.reset_compiled() "
-            "between sweeps") from e
-    if need_lse:
-        out, lse = res
-        return out, lse.float()
-    return res, None
+            f"(workbench.backends.flex.RECOMPILE_LIMIT = {RECOMPILE_LIMIT}; {len(_seen)} "
+            "shape and pattern combinations were announced on stderr). Every new sequence "
+            "length, batch or head count, dtype or pattern parameter compiles once. Use "
+            "fewer distinct lengths (pad to a few), raise RECOMPILE_LIMIT, or call "
+            "workbench.backends.flex.reset_compiled() between sweeps") from e
+
+
+def flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``
+    (:func:`prepare_flex`, run once)."""
+    return prepare_flex(q, k, v, problem, need_lse)(q, k, v)
 
 
 def _refuses(req: Request) -> str | None:
@@ -169,5 +203,5 @@ BACKEND = Backend(
     flex_attention,
     Capabilities(lse_devices=("cuda",), grad_devices=("cuda",), block_order=True),
     "FlexAttention with a BlockMask from the exact layout (compiled; CPU: inference only)",
-    refuses=_refuses, prefers=_prefers,
+    refuses=_refuses, prefers=_prefers, prepare=prepare_flex,
 )

@@ -24,20 +24,20 @@ from ..patterns import causal as causal_band
 from ..patterns.algebra import Intersection
 from .merge import empty_partial
 from .problem import Problem
-from .registry import Backend, Capabilities, Request, run_backend
+from .registry import Backend, Capabilities, Request, Runner, prepare_backend
 
 __all__ = ["BACKEND", "branch_gather", "dilated_parts", "dilated_pattern_attention",
-           "heads_at_once", "heads_gather"]
+           "heads_at_once", "heads_gather", "prepare_dilated"]
 
 
 def _with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, backend: str,
-              scale: float) -> tuple[Tensor, Tensor]:
-    """``pattern``'s attention and log-sum-exp on a block-sparse backend (inputs already valid)."""
+              scale: float) -> Runner:
+    """``pattern``'s attention and log-sum-exp on a block-sparse backend, prepared for inputs
+    like these (already valid)."""
     layout = pattern.block_structure(q.shape[2], block_size, q.device, k_len=k.shape[2])
     problem = Problem(layout, head_predicate(pattern, q.device), scale, label=repr(pattern),
                       dense_form=pattern.dense_form(), pattern=pattern)
-    out, lse = run_backend(backend, q, k, v, problem, need_lse=True)
-    return out, lse
+    return prepare_backend(backend, q, k, v, problem, need_lse=True)
 
 
 #: Share of an input's heads whose temporaries one call holds (at least ``GATHER_MIN_BYTES``).
@@ -186,11 +186,12 @@ def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int]
 def branch_gather(
     q: Tensor, k: Tensor, v: Tensor, segment: int, dilation: int, offsets: list[int],
     causal: bool, scale: float, out: Tensor, lse: Tensor | None, block_size: int, chunk: int,
+    kept: dict,
 ) -> None:
     """One (segment, dilation) branch for heads with ``offsets``, by the dilation ordering:
     dense attention inside each head's kept positions of each segment, written into ``out``
     (zeros) and ``lse`` (-inf, or None when not needed) in place; only the positions each head
-    keeps are written. ``chunk`` heads go at a time."""
+    keeps are written. ``chunk`` heads go at a time; ``kept`` as for :func:`heads_gather`."""
     h, s = q.shape[1], q.shape[2]
     length = -(-segment // dilation)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -201,48 +202,58 @@ def branch_gather(
         full = s % segment == 0 and all(o + (length - 1) * dilation < segment for o in offs)
         # Under autograd every view would get a gradient buffer of its base's full size in the
         # backward, one per offset: the index gather costs one per tensor instead.
-        pieces = (_strided_pieces(s, segment, dilation, offs, in_place) if full and not grad
-                  else [_indexed_piece(s, segment, dilation, offs, q.device, full)])
-        for pc in pieces:
+        key = ("pieces", s, segment, dilation, tuple(offs), grad, in_place)
+        if key not in kept:
+            kept[key] = (_strided_pieces(s, segment, dilation, offs, in_place) if full and not grad
+                         else [_indexed_piece(s, segment, dilation, offs, q.device, full)])
+        for pc in kept[key]:
             _attend_piece(pc, q[:, sl], k[:, sl], v[:, sl], causal, scale, out[:, sl],
-                          None if lse is None else lse[:, sl], block_size)
+                          None if lse is None else lse[:, sl], block_size, kept)
 
 
 def _attend_piece(pc: _Piece, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                  out: Tensor, lse: Tensor | None, block_size: int) -> None:
-    """Dense attention inside every segment of one piece, put back into ``out`` (and ``lse``)."""
+                  out: Tensor, lse: Tensor | None, block_size: int, kept: dict) -> None:
+    """Dense attention inside every segment of one piece, put back into ``out`` (and ``lse``).
+    What it derives from the piece's shapes and key mask is kept in ``kept``."""
     qg, kg, vg = pc.gather(q), pc.gather(k), pc.gather(v)
     length = qg.shape[2]
+    mask_id = None if pc.key_ok is None else id(pc.key_ok)  # kept alive by its piece in kept
     if lse is not None:
         # SDPA returns no log-sum-exp: FlexAttention (CUDA) or blockwise computes the same
         # dense segments with it; FlexAttention needs 128-token tiles on CUDA.
-        pat = full() if pc.key_ok is None else KeyMask(pc.key_ok)
-        if causal:
-            pat = pat & causal_band()
-        name = "blockwise" if q.is_cuda and length < 128 else "auto"
-        blk = 128 if q.is_cuda and length >= 128 else min(block_size, length)
-        og, lse_g = _with_lse(qg, kg, vg, pat, blk, name, scale)
+        key = ("lse", mask_id, causal, qg.shape, kg.shape, vg.shape)
+        if key not in kept:
+            pat = full() if pc.key_ok is None else KeyMask(pc.key_ok)
+            name = "blockwise" if q.is_cuda and length < 128 else "auto"
+            blk = 128 if q.is_cuda and length >= 128 else min(block_size, length)
+            kept[key] = _with_lse(qg, kg, vg, pat & causal_band() if causal else pat, blk, name,
+                                  scale)
+        og, lse_g = kept[key](qg, kg, vg)
         pc.put(lse, lse_g.to(lse.dtype))
     else:
-        mask = None
-        if pc.key_ok is not None:
-            mask = pc.key_ok[None, :, None, :]
-            if causal:
+        key = ("mask", mask_id, causal)
+        if key not in kept:
+            mask = None if pc.key_ok is None else pc.key_ok[None, :, None, :]
+            if mask is not None and causal:
                 mask = mask & torch.ones(length, length, dtype=torch.bool,
                                          device=q.device).tril()
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
-                                            is_causal=causal and mask is None, scale=scale)
+            kept[key] = mask
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=kept[key],
+                                            is_causal=causal and kept[key] is None, scale=scale)
     del qg, kg, vg
     pc.put(out, og.to(out.dtype))
 
 
 def heads_gather(
     q: Tensor, k: Tensor, v: Tensor, w: list[int], r: list[int], s: list[int], causal: bool,
-    scale: float, need_lse: bool, block_size: int,
+    scale: float, need_lse: bool, block_size: int, kept: dict | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-head (segment ``w``, dilation ``r``, offset ``s``) attention by the dilation ordering:
     each run of consecutive heads with the same (w, r) is gathered (a few heads at a time),
-    attended densely and put straight back into one preallocated output."""
+    attended densely and put straight back into one preallocated output. ``kept``: where the
+    index tensors, masks and prepared backends of these shapes are kept across calls (a call
+    with other shapes, dtype, device or grad mode needs its own)."""
+    kept = {} if kept is None else kept
     out, lse = empty_partial(q, v.shape[-1], lse=need_lse)  # what a position nobody keeps gets
     chunk = heads_at_once(q)
     start = 0
@@ -251,7 +262,7 @@ def heads_gather(
             continue
         sl = slice(start, end)
         branch_gather(q[:, sl], k[:, sl], v[:, sl], w[start], r[start], s[sl], causal, scale,
-                       out[:, sl], None if lse is None else lse[:, sl], block_size, chunk)
+                      out[:, sl], None if lse is None else lse[:, sl], block_size, chunk, kept)
         start = end
     return out, lse
 
@@ -268,6 +279,27 @@ def dilated_parts(pattern: object) -> tuple[Dilated, bool] | None:
     return None
 
 
+def prepare_dilated(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float | None = None,
+    block_size: int = 64, need_lse: bool = True,
+) -> Runner:
+    """:func:`dilated_pattern_attention` of these inputs with the pattern's segments, dilations
+    and offsets read: ``runner(q, k, v) -> (out, lse or None)``."""
+    parts = dilated_parts(pattern)
+    if parts is None:
+        raise TypeError(f"pattern must be a LongNet dilated pattern, got {pattern!r}")
+    if q.dim() != 4 or q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k, v must be [B, H, S, D] of one shape (v: any Dv), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    dil, causal = parts
+    if q.shape[1] != dil.num_heads:
+        raise ValueError(f"need {dil.num_heads} heads, got {tuple(q.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    w, r, s, kept = dil.w, dil.r, dil.s, {}
+    return lambda q, k, v: heads_gather(q, k, v, w, r, s, causal, scale, need_lse, block_size,
+                                        kept)
+
+
 def dilated_pattern_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float | None = None,
     block_size: int = 64, need_lse: bool = True,
@@ -280,17 +312,8 @@ def dilated_pattern_attention(
     pattern's attention restricted to the window when the window starts at a multiple of every
     segment length.
     """
-    parts = dilated_parts(pattern)
-    if parts is None:
-        raise TypeError(f"pattern must be a LongNet dilated pattern, got {pattern!r}")
-    if q.dim() != 4 or q.shape != k.shape or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q, k, v must be [B, H, S, D] of one shape (v: any Dv), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    dil, causal = parts
-    if q.shape[1] != dil.num_heads:
-        raise ValueError(f"need {dil.num_heads} heads, got {tuple(q.shape)}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return heads_gather(q, k, v, dil.w, dil.r, dil.s, causal, scale, need_lse, block_size)
+    return prepare_dilated(q, k, v, pattern, scale=scale, block_size=block_size,
+                           need_lse=need_lse)(q, k, v)
 
 
 def _refuses(req: Request) -> str | None:
@@ -314,6 +337,6 @@ BACKEND = Backend(
     refuses=_refuses,
     prefers=lambda req: ("a LongNet dilated pattern: the dilation ordering attends each "
                          "segment's kept positions densely, wasting no tile"),
-    run_pattern=lambda q, k, v, pattern, scale, need_lse, block_size: dilated_pattern_attention(
+    prepare_pattern=lambda q, k, v, pattern, scale, need_lse, block_size: prepare_dilated(
         q, k, v, pattern, scale=scale, block_size=block_size, need_lse=need_lse),
 )

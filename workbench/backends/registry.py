@@ -3,6 +3,8 @@
 A :class:`Backend` is a name, a ``run`` function over a :class:`~.problem.Problem`, a
 :class:`Capabilities` record and two optional rules: ``refuses`` (why it cannot take a request
 its capabilities do not describe, e.g. a head size) and ``prefers`` (why ``auto`` should pick it).
+:meth:`Backend.runner` prepares a call once (its mask, plan and launch options) and returns a
+:data:`Runner` that a caller keeps for the calls that repeat it.
 ``auto`` walks the registry in registration order and takes the first backend that can run the
 request and prefers it. Adding a backend is one module defining a ``Backend`` plus one
 :func:`register` call in :mod:`workbench.backends`.
@@ -20,8 +22,9 @@ from torch import Tensor
 from ..layout import BlockLayout
 from .problem import Problem
 
-__all__ = ["Backend", "BackendUnsupported", "Capabilities", "Choice", "Request", "backend_names",
-           "choose", "get_backend", "register", "registered", "run_backend"]
+__all__ = ["Backend", "BackendUnsupported", "Capabilities", "Choice", "Request", "Runner",
+           "backend_names", "choose", "get_backend", "prepare_backend", "register", "registered",
+           "run_backend"]
 
 ANY_DEVICE = ("cpu", "cuda")
 
@@ -103,8 +106,11 @@ class Request:
 
 
 Run = Callable[[Tensor, Tensor, Tensor, Problem, bool], tuple[Tensor, "Tensor | None"]]
-RunPattern = Callable[[Tensor, Tensor, Tensor, object, float, bool, int],
-                      tuple[Tensor, "Tensor | None"]]
+Runner = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, "Tensor | None"]]
+"""``runner(q, k, v) -> (out, lse or None)``: one call prepared, for inputs of the shapes, dtype,
+device and grad mode it was prepared with."""
+Prepare = Callable[[Tensor, Tensor, Tensor, Problem, bool], Runner]
+PreparePattern = Callable[[Tensor, Tensor, Tensor, object, float, bool, int], Runner]
 Rule = Callable[[Request], "str | None"]
 
 
@@ -115,8 +121,10 @@ class Backend:
     ``run(q, k, v, problem, need_lse) -> (out, lse or None)``; ``refuses(request)``: why it
     cannot run a request its capabilities cover, or None; ``prefers(request)``: why ``auto``
     should pick it for a request it can run, or None (``prefers=None``: never picked by
-    ``auto``). ``run_pattern(q, k, v, pattern, scale, need_lse, block_size)``, where given,
-    computes a whole self-contained call straight from the pattern, with no block layout."""
+    ``auto``). ``prepare(q, k, v, problem, need_lse)``, where given, does once what ``run``
+    does before its kernel and returns the :data:`Runner` (``run`` is then that runner's first
+    call). ``prepare_pattern(q, k, v, pattern, scale, need_lse, block_size)``, where given,
+    prepares a whole self-contained call straight from the pattern, with no block layout."""
 
     name: str
     run: Run
@@ -124,7 +132,8 @@ class Backend:
     summary: str
     refuses: Rule | None = None
     prefers: Rule | None = None
-    run_pattern: RunPattern | None = None
+    prepare: Prepare | None = None
+    prepare_pattern: PreparePattern | None = None
 
     def refusal(self, req: Request) -> str | None:
         """Why this backend cannot run ``req`` (a phrase after "it"), or None."""
@@ -132,6 +141,15 @@ class Backend:
         if reason is None and self.refuses is not None:
             reason = self.refuses(req)
         return reason
+
+    def runner(self, q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
+               ) -> Runner:
+        """``problem`` on these inputs, prepared: ``runner(q, k, v)`` computes ``run(q, k, v,
+        problem, need_lse)`` for inputs of these shapes, dtype, device and grad mode."""
+        if self.prepare is not None:
+            return self.prepare(q, k, v, problem, need_lse)
+        run = self.run
+        return lambda q, k, v: run(q, k, v, problem, need_lse)
 
 
 class BackendUnsupported(NotImplementedError, ValueError):
@@ -197,8 +215,14 @@ def choose(name: str, req: Request) -> Choice:
     raise BackendUnsupported("no registered backend can run this call")  # pragma: no cover
 
 
+def prepare_backend(name: str, q: Tensor, k: Tensor, v: Tensor, problem: Problem,
+                    need_lse: bool) -> Runner:
+    """``problem`` on backend ``name`` (``auto`` chooses), prepared (:meth:`Backend.runner`)."""
+    chosen = choose(name, Request.of(q, k, v, problem, need_lse)).name
+    return _REGISTRY[chosen].runner(q, k, v, problem, need_lse)
+
+
 def run_backend(name: str, q: Tensor, k: Tensor, v: Tensor, problem: Problem,
                 need_lse: bool) -> tuple[Tensor, Tensor | None]:
     """Compute ``problem`` on backend ``name`` (``auto`` chooses); ``(out, lse or None)``."""
-    chosen = choose(name, Request.of(q, k, v, problem, need_lse)).name
-    return _REGISTRY[chosen].run(q, k, v, problem, need_lse)
+    return prepare_backend(name, q, k, v, problem, need_lse)(q, k, v)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .problem import Problem
-from .registry import Backend, Capabilities, Request
+from .registry import Backend, Capabilities, Request, Runner
 
 __all__ = ["BACKEND", "NO_LSE", "dense_sdpa", "sdpa_attention", "sdpa_form", "sdpa_serves"]
 
@@ -61,6 +61,10 @@ def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float) -> Tens
     return F.scaled_dot_product_attention(q, k, v, is_causal=form == "causal", scale=scale)
 
 
+def _runner(form: str, scale: float) -> Runner:
+    return lambda q, k, v: (dense_sdpa(q, k, v, form, scale), None)
+
+
 def _refuses(req: Request) -> str | None:
     if sdpa_serves(req.dense_form, k_len=req.k_len, dropout=req.dropout,
                    q_offset=req.q_offset, k_offset=req.k_offset) is None:
@@ -80,6 +84,6 @@ BACKEND = Backend(
     Capabilities(lse_devices=(), patterns="dense or causal"),
     "PyTorch's scaled_dot_product_attention, for dense or causal patterns",
     refuses=_refuses, prefers=_prefers,
-    run_pattern=lambda q, k, v, pattern, scale, need_lse, block_size: (
-        dense_sdpa(q, k, v, pattern.dense_form(), scale), None),
+    prepare_pattern=lambda q, k, v, pattern, scale, need_lse, block_size: _runner(
+        pattern.dense_form(), scale),
 )

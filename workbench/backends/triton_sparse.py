@@ -23,12 +23,12 @@ from ..blockmask import sorted_block_indices
 from ..layout import BlockLayout
 from ..orderings import visit_rank
 from .problem import Problem
-from .registry import Backend, Capabilities, Request
+from .registry import Backend, Capabilities, Request, Runner
 
 __all__ = ["BACKEND", "BITS_BUDGET", "KERNELS", "PARTIAL_HEAVY", "BackwardConfig", "ColumnPlan",
            "KernelConfig", "SparsePlan", "build_column_plan", "build_plan", "cached_plan",
            "default_configs", "jit_kernel", "partial_share", "plan_bits_bytes",
-           "triton_attention", "triton_available", "unsupported"]
+           "prepare_triton", "triton_attention", "triton_available", "unsupported"]
 
 _LOG2E = 1.4426950408889634
 _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
@@ -538,18 +538,15 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def triton_attention(
+def prepare_triton(
     q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool,
     config: KernelConfig | None = None, plan: SparsePlan | None = None,
     backward_config: BackwardConfig | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Our Triton kernels over ``problem`` for ``q, k, v`` ``[B, H, S, D]``.
-
-    Returns ``(out [B, H, Sq, D], lse float32 [B, H, Sq] or None)``, differentiable in ``q, k,
-    v`` (through ``lse`` too) when any of them requires grad; a row with no allowed key gives
-    zeros and ``lse = -inf``. ``config`` / ``backward_config``
-    fix the launch parameters (default: the first of :func:`default_configs` the GPU can hold);
-    ``plan`` a prebuilt :func:`build_plan`.
+) -> Runner:
+    """Our Triton kernels over ``problem`` with their plan and launch parameters ready:
+    ``runner(q, k, v) -> (out, lse float32 or None)``, differentiable in ``q, k, v`` (through
+    ``lse`` too) when these inputs require grad. ``config`` / ``backward_config`` fix the
+    launch parameters (default: the first of :func:`default_configs` that the GPU can hold).
 
     Raises:
         NotImplementedError: inputs the kernels do not take (:func:`unsupported` says why).
@@ -563,20 +560,34 @@ def triton_attention(
         raise ValueError(f"layout has {hl} heads, q has {h}")
     b = lay.block_size
     configs = (config,) if config else default_configs("forward", b, q.device, d)
-    for c in configs:
-        _check_tiles(c, b)
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bwd = None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         if backward_config is None:
             bwd = (default_configs("dkdv", b, q.device, d), default_configs("dq", b, q.device, d))
         else:
             bwd = ((backward_config.dkdv,), (backward_config.dq,))
-        for c in (*bwd[0], *bwd[1]):
-            _check_tiles(c, b)
+    for c in (*configs, *(() if bwd is None else (*bwd[0], *bwd[1]))):
+        _check_tiles(c, b)
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if bwd is None:
+            return _forward(q, k, v, problem, plan, configs, need_lse)
         out, lse = _TritonAttention.apply(q, k, v, problem, plan, configs, bwd)
         return out, (lse if need_lse else None)
-    return _forward(q, k, v, problem, plan, configs, need_lse)
+
+    return run
+
+
+def triton_attention(
+    q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool,
+    config: KernelConfig | None = None, plan: SparsePlan | None = None,
+    backward_config: BackwardConfig | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Our Triton kernels over ``problem``; returns ``(out, lse float32 or None)``
+    (:func:`prepare_triton`, run once)."""
+    return prepare_triton(q, k, v, problem, need_lse, config, plan, backward_config)(q, k, v)
 
 
 BACKEND = Backend(
@@ -586,4 +597,5 @@ BACKEND = Backend(
     "our Triton kernels over the tile lists (CUDA, float16/bfloat16; forward, log-sum-exp, "
     "backward)",
     refuses=lambda req: unsupported(req.q, req.v, req.block_size), prefers=_prefers,
+    prepare=prepare_triton,
 )

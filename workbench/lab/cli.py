@@ -323,6 +323,28 @@ def _check_patterns(families: Sequence[str], seq_lens: Sequence[int], heads: int
                 raise UsageError(f"--heads {heads} with --families {family}: {err}") from None
 
 
+def _overhead_shape(args: argparse.Namespace) -> dict:
+    """``bench-overhead``'s device, lengths and heads: those given, else its defaults for the
+    device (CUDA when present)."""
+    import torch
+
+    from .overhead import DEFAULTS
+
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = DEFAULTS["cuda" if dev.startswith("cuda") else "cpu"]
+    return {"device": dev, "seq_lens": args.seq_lens or list(shape["seq_lens"]),
+            "heads": args.heads or shape["heads"]}
+
+
+def _check_overhead(args: argparse.Namespace) -> None:
+    """The entry points' patterns build at every length with ``--heads`` (LongNet's pairs need a
+    head each)."""
+    shape = _overhead_shape(args)
+    families = ["random10"] + (["dilated"] if any(e.startswith("dilated")
+                                                  for e in args.entry_points) else [])
+    _check_patterns(families, shape["seq_lens"], shape["heads"])
+
+
 def _check_longest(args: argparse.Namespace) -> None:
     """``--limit`` leaves at least ``--start`` to run."""
     if args.limit < args.start:
@@ -509,6 +531,19 @@ def _bench_triton(args: argparse.Namespace) -> int:
                                backward=args.space == "backward",
                                csv_name=f"bench_{args.study}_triton_{name}")
     _print_rows(rows)
+    return 0
+
+
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from .overhead import overhead_study
+
+    rows = overhead_study(args.study, **_overhead_shape(args), entry_points=args.entry_points,
+                          head_dim=args.head_dim, dtype=args.dtype, block_size=args.block_size,
+                          reps=args.reps, warmup=args.warmup)
+    for r in rows:
+        print(f"{r['seq_len']:>6} {r['entry_point']:>19} {r['backend']:>9}  ours {r['ours_us']:>9} "
+              f"us  kernel {r['kernel_us']:>9} us  overhead {r['overhead_us']:>8} us "
+              f"(CPU time {r['cpu_overhead_us']:>8} us)")
     return 0
 
 
@@ -713,6 +748,28 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
     _reps_arg(tri, 20)
     _device_arg(tri, gpu_only=True)
     tri.set_defaults(func=_bench_triton, validate=_check_bench_triton)
+
+    from .overhead import ENTRY_POINTS
+
+    ovh = sub.add_parser("bench-overhead", help="per-call time of every entry point against the "
+                         "kernel it launches")
+    _study_arg(ovh, "overhead_<study>")
+    ovh.add_argument("--seq-lens", nargs="+", type=positive_int, default=None, metavar="S",
+                     help="default: 512 to 8192 on CUDA, 256 to 1024 on the CPU")
+    ovh.add_argument("--entry-points", nargs="+", default=list(ENTRY_POINTS),
+                     choices=ENTRY_POINTS)
+    ovh.add_argument("--heads", type=positive_int, default=None,
+                     help="default: 16 on CUDA, 4 on the CPU")
+    ovh.add_argument("--head-dim", type=positive_int, default=None,
+                     help="default: 128 on CUDA, 32 on the CPU")
+    ovh.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                     help="default: bf16 on CUDA, fp32 on the CPU")
+    ovh.add_argument("--block-size", type=positive_int, default=None,
+                     help="default: 128 on CUDA, 64 on the CPU")
+    _reps_arg(ovh, 200)
+    ovh.add_argument("--warmup", type=nonnegative_int, default=20)
+    _device_arg(ovh, None)
+    ovh.set_defaults(func=_bench_overhead, validate=_check_overhead)
 
     res = sub.add_parser("triton-resources", help="shared memory and registers of our Triton "
                          "kernels, compiled offline (no GPU needed)")
