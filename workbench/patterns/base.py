@@ -374,8 +374,9 @@ def evaluate_tiles(
 
     Returns (allowed-pair count, any, all) per tile; padding positions never count (nor are
     they asked about), and "all" means every real pair of the tile is allowed. Tiles equal up
-    to the pattern's period are evaluated once (see :func:`_canonical_tiles`); :meth:`Pattern.allowed` is called on
-    at most ``max(_TILE_EVAL_BUDGET, block_size**2)`` pairs at a time.
+    to the pattern's period are evaluated once (see :func:`_canonical_tiles`);
+    :meth:`Pattern.allowed` is called on at most ``max(_TILE_EVAL_BUDGET, block_size**2)`` pairs
+    at a time.
     """
     distinct, inverse = _canonical_tiles(pattern, tiles, q_len, k_len, block_size)
     b = block_size
