@@ -9,7 +9,9 @@ the kernel, so each new shape or new pattern parameters compile once; every such
 announced on stderr, and calls run with Dynamo told to raise, not to fall back to slow eager
 attention, if its recompile limit is reached (:data:`RECOMPILE_LIMIT` distinct compiles).
 On the CPU, FlexAttention supports inference only:
-no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
+no gradients and no log-sum-exp (use the ``blockwise`` backend there for those). A
+``problem.score_mod`` becomes FlexAttention's ``score_mod``, called at absolute positions (the
+problem's offsets added, as tensors, like the mask's).
 """
 
 from __future__ import annotations
@@ -138,8 +140,9 @@ def flex_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``. Inputs are
     those :data:`BACKEND` accepts (no dropout; on the CPU no gradients, no log-sum-exp)."""
+    mod = problem.score_mod
     key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size,
-           problem.label, need_lse)
+           problem.label, need_lse, getattr(mod, "__qualname__", type(mod).__qualname__))
     if key not in _seen:
         _seen.add(key)
         print(f"[workbench] compiling FlexAttention for {problem.label or 'a pattern'} at "
@@ -151,7 +154,8 @@ def flex_attention(
     try:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
                                         fail_on_recompile_limit_hit=True):
-            res = _compiled()(q, k, v, block_mask=mask, scale=problem.scale,
+            res = _compiled()(q, k, v, score_mod=_offset_score_mod(problem, q.device), block_mask=mask,
+                              scale=problem.scale,
                               return_lse=need_lse, kernel_options=kernel_options(q.device))
     except torch._dynamo.exc.FailOnRecompileLimitHit as e:
         raise RuntimeError(
@@ -166,6 +170,22 @@ def flex_attention(
         out, lse = res
         return out, lse.float()
     return res, None
+
+
+def _offset_score_mod(problem: Problem, device: torch.device):
+    """``problem.score_mod`` at absolute positions, in FlexAttention's form (None without one);
+    padding positions are clamped to the last real one, so a mod may index tensors by them."""
+    user = problem.score_mod
+    if user is None:
+        return None
+    q_last, k_last = problem.layout.q_len - 1, problem.layout.k_len - 1
+    q_off = torch.full((), problem.q_offset, dtype=torch.int64, device=device)
+    k_off = torch.full((), problem.k_offset, dtype=torch.int64, device=device)
+
+    def score_mod(score, b, h, qi, ki):
+        return user(score, b, h, qi.clamp(max=q_last) + q_off, ki.clamp(max=k_last) + k_off)
+
+    return score_mod
 
 
 def _refuses(req: Request) -> str | None:
@@ -199,7 +219,8 @@ def _prefers(req: Request) -> str | None:
 BACKEND = Backend(
     "flex",
     flex_attention,
-    Capabilities(lse_devices=("cuda",), grad_devices=("cuda",), block_order=True),
+    Capabilities(lse_devices=("cuda",), grad_devices=("cuda",), block_order=True,
+                 score_mod=True),
     "FlexAttention with a BlockMask from the exact layout (compiled; CPU: inference only)",
     refuses=_refuses, prefers=_prefers,
 )

@@ -29,8 +29,9 @@ ANY_DEVICE = ("cpu", "cuda")
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend computes: on which devices it runs, where it returns the log-sum-exp and
-    gradients, in which dtypes (None: any floating type), whether it applies attention dropout
-    and follows a ``block_order``, and which patterns it takes (in words)."""
+    gradients, in which dtypes (None: any floating type), whether it applies attention dropout,
+    follows a ``block_order`` and applies a ``score_mod``, and which patterns it takes (in
+    words)."""
 
     devices: tuple[str, ...] = ANY_DEVICE
     lse_devices: tuple[str, ...] = ANY_DEVICE
@@ -38,6 +39,7 @@ class Capabilities:
     dtypes: tuple[torch.dtype, ...] | None = None
     dropout: bool = False
     block_order: bool = False
+    score_mod: bool = False
     patterns: str = "any"
 
     def refusal(self, req: Request) -> str | None:
@@ -55,6 +57,9 @@ class Capabilities:
             reasons.append(f"computes no gradients on {dev} (these inputs require grad)")
         if req.dropout and not self.dropout:
             reasons.append("has no attention dropout")
+        if req.score_mod and not self.score_mod:
+            able = [b.name for b in registered() if b.capabilities.score_mod]
+            reasons.append(f"applies no score_mod (backends that do: {', '.join(able)})")
         return " and ".join(reasons) or None
 
 
@@ -75,13 +80,15 @@ class Request:
     block_size: int = 64
     build_layout: Callable[[], BlockLayout] | None = None
     _layout: BlockLayout | None = field(default=None, repr=False)
+    score_mod: bool = False
 
     @classmethod
     def of(cls, q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool) -> Request:
         """The request of computing ``problem`` on these inputs."""
         return cls(q, k, v, need_lse, problem.dense_form, problem.dropout is not None,
                    problem.pattern, problem.q_offset, problem.k_offset,
-                   problem.layout.block_size, _layout=problem.layout)
+                   problem.layout.block_size, _layout=problem.layout,
+                   score_mod=problem.score_mod is not None)
 
     @property
     def layout(self) -> BlockLayout | None:
