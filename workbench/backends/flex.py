@@ -145,8 +145,10 @@ def flex_attention(
            problem.label, need_lse, getattr(mod, "__qualname__", type(mod).__qualname__))
     if key not in _seen:
         _seen.add(key)
-        print(f"[workbench] compiling FlexAttention for {problem.label or 'a pattern'} at "
-              f"q{tuple(q.shape)} {q.dtype} on {q.device.type} (once per shape and pattern)",
+        with_mod = "" if mod is None else f" with score_mod {key[-1]}"
+        print(f"[workbench] compiling FlexAttention for {problem.label or 'a pattern'}"
+              f"{with_mod} at q{tuple(q.shape)} {q.dtype} on {q.device.type} (once per shape "
+              "and pattern)",
               file=sys.stderr)
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                             or v.requires_grad)
@@ -154,9 +156,9 @@ def flex_attention(
     try:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
                                         fail_on_recompile_limit_hit=True):
-            res = _compiled()(q, k, v, score_mod=_offset_score_mod(problem, q.device), block_mask=mask,
-                              scale=problem.scale,
-                              return_lse=need_lse, kernel_options=kernel_options(q.device))
+            res = _compiled()(q, k, v, score_mod=_offset_score_mod(problem, q.device),
+                              block_mask=mask, scale=problem.scale, return_lse=need_lse,
+                              kernel_options=kernel_options(q.device))
     except torch._dynamo.exc.FailOnRecompileLimitHit as e:
         raise RuntimeError(
             f"FlexAttention reached its recompile limit in this process "
