@@ -51,10 +51,11 @@ def modded(score_mod: ScoreMod, s: Tensor, b: Tensor, h: Tensor, q: Tensor, k: T
         raise TypeError(f"score_mod must return a floating-point tensor, got "
                         f"{getattr(out, 'dtype', type(out).__name__)}")
     if out.shape != s.shape:
-        if torch.broadcast_shapes(out.shape, s.shape) != s.shape:
+        try:
+            out = out.expand(s.shape)
+        except RuntimeError:
             raise ValueError(f"score_mod must be elementwise: scores {tuple(s.shape)} came back "
-                             f"as {tuple(out.shape)}")
-        out = out.expand(s.shape)
+                             f"as {tuple(out.shape)}") from None
     return out.to(s.dtype)
 
 
