@@ -25,6 +25,7 @@ from . import (
     patterns,
     plan,
     ring,
+    score_mods,
     sharding,
 )
 from .adaptive import AdaptiveBlockSparseAttention
@@ -59,6 +60,7 @@ __all__ = [
     "plan",
     "lab",
     "ring",
+    "score_mods",
     "sharding",
     "viz",
 ]
