@@ -215,7 +215,7 @@ def block_sparse_attention(
 
 def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *,
              need_lse: bool, dropout: bool, layout: BlockLayout | Callable[[], BlockLayout] | None,
-             score_mod: bool = False) -> Request:
+             score_mod: ScoreMod | None = None) -> Request:
     """The request of one call; its layout is ``layout``, or built on first use."""
     if isinstance(layout, BlockLayout) or layout is None:
         given = layout
@@ -239,7 +239,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
         return _empty_attention(q, k, v, return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
-                   dropout=dropout is not None, layout=layout, score_mod=score_mod is not None)
+                   dropout=dropout is not None, layout=layout, score_mod=score_mod)
     chosen = get_backend(choose(backend, req).name)
     if ring_chunks == 1 and chosen.run_pattern is not None:  # needs no block layout
         out, lse = chosen.run_pattern(q, k, v, pattern, scale, return_lse, block_size)
@@ -266,7 +266,7 @@ def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_siz
                   block_order=None, sharding="contiguous")
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
                    dropout=dropout_of(dropout_p, 0) is not None, layout=None,
-                   score_mod=check_score_mod(score_mod) is not None)
+                   score_mod=check_score_mod(score_mod))
     return choose(backend, req)
 
 

@@ -107,7 +107,7 @@ def test_backend_matches_the_oracle_or_refuses(backend, name, shape, op, device)
               dropout_p=0.3 if op == "dropout" else 0.0, dropout_seed=7, score_mod=mod)
     req = Request(q, k, v, need_lse=op in ("lse", "ring", "score_mod"),
                   dense_form=pattern.dense_form(), dropout=op == "dropout", pattern=pattern,
-                  block_size=block, score_mod=mod is not None,
+                  block_size=block, score_mod=mod,
                   build_layout=lambda: pattern.block_structure(sq, block, device, k_len=sk))
     refusal = get_backend(backend).refusal(req)
     if refusal is not None:

@@ -150,8 +150,7 @@ def flex_attention(
               f"{with_mod} at q{tuple(q.shape)} {q.dtype} on {q.device.type} (once per shape "
               "and pattern)",
               file=sys.stderr)
-    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                            or v.requires_grad)
+    backward = Request(q, k, v, need_lse, score_mod=mod).grad
     mask = cached_block_mask(problem, q.device, backward)
     try:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
+from ..score_mods import ScoreMod, reads
 from .problem import Problem
 
 __all__ = ["Backend", "BackendUnsupported", "Capabilities", "Choice", "Request", "backend_names",
@@ -57,7 +58,7 @@ class Capabilities:
             reasons.append(f"computes no gradients on {dev} (these inputs require grad)")
         if req.dropout and not self.dropout:
             reasons.append("has no attention dropout")
-        if req.score_mod and not self.score_mod:
+        if req.score_mod is not None and not self.score_mod:
             able = [b.name for b in registered() if b.capabilities.score_mod]
             reasons.append(f"applies no score_mod (backends that do: {', '.join(able)})")
         return " and ".join(reasons) or None
@@ -66,7 +67,8 @@ class Capabilities:
 @dataclass
 class Request:
     """What one call asks of a backend. ``layout`` is built on first use (``build_layout``), so
-    a backend that needs none (SDPA on dense or causal attention) never makes one."""
+    a backend that needs none (SDPA on dense or causal attention) never makes one.
+    ``score_mod`` is the call's score mod, if any (its tensors count towards ``grad``)."""
 
     q: Tensor
     k: Tensor
@@ -80,7 +82,7 @@ class Request:
     block_size: int = 64
     build_layout: Callable[[], BlockLayout] | None = None
     _layout: BlockLayout | None = field(default=None, repr=False)
-    score_mod: bool = False
+    score_mod: ScoreMod | None = None
 
     @classmethod
     def of(cls, q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool) -> Request:
@@ -88,7 +90,7 @@ class Request:
         return cls(q, k, v, need_lse, problem.dense_form, problem.dropout is not None,
                    problem.pattern, problem.q_offset, problem.k_offset,
                    problem.layout.block_size, _layout=problem.layout,
-                   score_mod=problem.score_mod is not None)
+                   score_mod=problem.score_mod)
 
     @property
     def layout(self) -> BlockLayout | None:
@@ -106,7 +108,10 @@ class Request:
 
     @property
     def grad(self) -> bool:
-        return torch.is_grad_enabled() and any(x.requires_grad for x in (self.q, self.k, self.v))
+        """Whether the call is differentiated: in q, k, v or the tensors the score mod reads."""
+        return torch.is_grad_enabled() and (
+            any(x.requires_grad for x in (self.q, self.k, self.v))
+            or (self.score_mod is not None and bool(reads(self.score_mod))))
 
 
 Run = Callable[[Tensor, Tensor, Tensor, Problem, bool], tuple[Tensor, "Tensor | None"]]
