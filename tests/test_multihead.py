@@ -188,9 +188,6 @@ def test_sub_layer_norm_and_errors():
     with pytest.raises(ValueError, match="block_size"):
         BlockSparseMultiheadAttention(8, 2, block_size=32,
                                       selector=AdaptiveBlockSparseAttention(64))
-    with pytest.raises(NotImplementedError, match="additive"):
-        m.eval()(torch.randn(1, 9, 16), torch.randn(1, 9, 16), torch.randn(1, 9, 16),
-                 attn_mask=torch.full((9, 9), 0.5))
     with pytest.raises(ValueError, match="key_padding_mask"):
         m(torch.randn(1, 9, 16), torch.randn(1, 9, 16), torch.randn(1, 9, 16),
           key_padding_mask=torch.zeros(1, 8, dtype=torch.bool))

@@ -21,6 +21,7 @@ from . import (
     patterns,
     plan,
     ring,
+    score_mods,
     sharding,
 )
 from .adaptive import AdaptiveBlockSparseAttention
@@ -56,6 +57,7 @@ __all__ = [
     "plan",
     "lab",
     "ring",
+    "score_mods",
     "sharding",
     "viz",
 ]

@@ -32,6 +32,7 @@ from .orderings import check_block_order
 from .patterns import Pattern, check_positive_int, head_predicate
 from .plan import LastCall, Plan, Plans, check_plans, plan_for
 from .ring import ring_attention
+from .score_mods import ScoreMod, check_score_mod
 from .sharding import check_sharding
 
 __all__ = [
@@ -127,6 +128,7 @@ def block_sparse_attention(
     process_group=None,
     sharding: str = "contiguous",
     plan: Plan | Plans | None = None,
+    score_mod: ScoreMod | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention restricted to ``pattern``, computed tile by tile.
 
@@ -169,6 +171,11 @@ def block_sparse_attention(
             under a process group) and ``block_size``, whose layout and what the backends
             derive from it are built once and kept; or a :class:`~workbench.plan.Plans` that
             finds or keeps it. Not with ``layout``.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's form;
+            :mod:`workbench.score_mods`) applied to each computed scaled score before the mask
+            and softmax, at absolute positions; only on the computed tiles. Needs
+            ``blockwise``, ``flex`` or ``reference`` (``auto`` picks one); not with a
+            process group.
 
     Returns:
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
@@ -180,11 +187,15 @@ def block_sparse_attention(
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     block_order = check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks,
                                 scale=scale, block_order=block_order, sharding=sharding)
+    check_score_mod(score_mod)
     if backend == "sdpa" and process_group is not None:
         raise BackendUnsupported(NO_LSE)
     if plan is not None and layout is not None:
         raise ValueError("give a layout or a plan, not both (a plan holds its layout)")
     if process_group is not None:
+        if score_mod is not None:
+            raise NotImplementedError("score_mod is not supported under a process_group; use "
+                                      "ring_chunks to run the ring on one device")
         if ring_chunks != 1:
             raise ValueError("ring_chunks simulates a ring on one device; with a process_group "
                              "the ring runs over its ranks: leave ring_chunks=1")
@@ -205,13 +216,13 @@ def block_sparse_attention(
         layout = lambda: held.layout  # noqa: E731 (built only if a backend needs it)
     return attend(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
                   scale=scale, ring_chunks=ring_chunks, block_order=block_order,
-                  dropout=dropout_of(dropout_p, dropout_seed), layout=layout,
+                  dropout=dropout_of(dropout_p, dropout_seed), layout=layout, score_mod=score_mod,
                   last=None if plan is None else plan.last_call)
 
 
 def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *,
-             need_lse: bool, dropout: bool, layout: BlockLayout | Callable[[], BlockLayout] | None
-             ) -> Request:
+             need_lse: bool, dropout: bool, layout: BlockLayout | Callable[[], BlockLayout] | None,
+             score_mod: ScoreMod | None = None) -> Request:
     """The request of one call; its layout is ``layout``, or built on first use."""
     if isinstance(layout, BlockLayout) or layout is None:
         given = layout
@@ -221,13 +232,14 @@ def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int,
     else:
         given, build = None, layout
     return Request(q, k, v, need_lse, pattern.dense_form(), dropout, pattern,
-                   block_size=block_size, build_layout=build, _layout=given)
+                   block_size=block_size, build_layout=build, _layout=given, score_mod=score_mod)
 
 
 def prepare(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,
             return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
             dropout: AttentionDropout | None,
-            layout: BlockLayout | Callable[[], BlockLayout] | None = None) -> Runner:
+            layout: BlockLayout | Callable[[], BlockLayout] | None = None,
+            score_mod: ScoreMod | None = None) -> Runner:
     """The dispatch of :func:`block_sparse_attention` on one device, arguments already checked:
     chooses the backend and prepares it (layout, mask, plan, scale), returning ``runner(q, k,
     v) -> (out, lse or None)`` for inputs of these shapes, dtype, device and grad mode.
@@ -237,13 +249,13 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, 
         return _empty_attention
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
-                   dropout=dropout is not None, layout=layout)
+                   dropout=dropout is not None, layout=layout, score_mod=score_mod)
     chosen = get_backend(choose(backend, req).name)
     if ring_chunks == 1 and chosen.prepare_pattern is not None:  # needs no block layout
         return chosen.prepare_pattern(q, k, v, pattern, scale, return_lse, block_size)
     problem = Problem(req.layout, head_predicate(pattern, q.device), scale,
                       label=repr(pattern), block_order=block_order, dropout=dropout,
-                      dense_form=pattern.dense_form(), pattern=pattern)
+                      dense_form=pattern.dense_form(), pattern=pattern, score_mod=score_mod)
     if ring_chunks > 1:
         return lambda q, k, v: ring_attention(q, k, v, problem, ring_chunks, backend, return_lse)
     return chosen.runner(q, k, v, problem, return_lse)
@@ -260,6 +272,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
            return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
            dropout: AttentionDropout | None,
            layout: BlockLayout | Callable[[], BlockLayout] | None = None,
+           score_mod: ScoreMod | None = None,
            last: LastCall | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`block_sparse_attention` on one device, arguments already checked: the runner of
     :func:`prepare`, taken from ``last`` when this call repeats the one it was kept for (same
@@ -268,20 +281,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
     if last is None:
         run = prepare(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
                       scale=scale, ring_chunks=ring_chunks, block_order=block_order,
-                      dropout=dropout, layout=layout)
+                      dropout=dropout, layout=layout, score_mod=score_mod)
     else:
         key = call_key(q, k, v, id(pattern), block_size, backend, return_lse, scale,
-                       ring_chunks, block_order, dropout)
+                       ring_chunks, block_order, dropout, id(score_mod),
+                       score_mod is not None and torch.is_grad_enabled())
         run = last.get(key, pattern, lambda: prepare(
             q, k, v, pattern, block_size, backend=backend, return_lse=return_lse, scale=scale,
-            ring_chunks=ring_chunks, block_order=block_order, dropout=dropout, layout=layout))
+            ring_chunks=ring_chunks, block_order=block_order, dropout=dropout, layout=layout,
+            score_mod=score_mod))
     out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
 
 
 def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int = 64, *,
                     backend: str = "auto", return_lse: bool = False, ring_chunks: int = 1,
-                    dropout_p: float = 0.0) -> Choice:
+                    dropout_p: float = 0.0, score_mod: ScoreMod | None = None) -> Choice:
     """The backend :func:`block_sparse_attention` would run these arguments on, and why
     (``ring_chunks > 1``: the ring's steps choose again, each on its slice). Raises as that
     call would for a backend that cannot run them."""
@@ -290,7 +305,8 @@ def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_siz
     check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks, scale=None,
                   block_order=None, sharding="contiguous")
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
-                   dropout=dropout_of(dropout_p, 0) is not None, layout=None)
+                   dropout=dropout_of(dropout_p, 0) is not None, layout=None,
+                   score_mod=check_score_mod(score_mod))
     return choose(backend, req)
 
 
@@ -323,8 +339,10 @@ class BlockSparseAttention(nn.Module):
     (its own, or one :class:`~workbench.plan.Plans` shared by the layers given it), and the
     backend prepared for its last call (:class:`~workbench.plan.LastCall`): a call that repeats
     it (same shapes, dtype, device, grad mode and attributes) launches the kernel straight away,
-    which also lets a CUDA graph capture it. ``block_order="hilbert"``
-    visits the tiles along a Hilbert curve (see :func:`block_sparse_attention`). With a
+    which also lets a CUDA graph capture it. ``block_order="hilbert"`` visits the tiles along a
+    Hilbert curve and ``score_mod`` changes the scores (see :func:`block_sparse_attention`; an
+    ``nn.Module`` score mod, such as :class:`~workbench.score_mods.RelativePositionBias`, is a
+    sub-module). With a
     ``process_group`` it takes this rank's shard and runs the ring across the group's ranks
     (``sharding``: ``"contiguous"`` or ``"zigzag"``), each rank caching its own rows of the layout.
 
@@ -346,9 +364,13 @@ class BlockSparseAttention(nn.Module):
         process_group=None,
         sharding: str = "contiguous",
         plans: Plans | None = None,
+        score_mod: ScoreMod | None = None,
     ) -> None:
         super().__init__()
         _check_pattern(pattern, getattr(pattern, "num_heads", 1))
+        self.score_mod = check_score_mod(score_mod)
+        if score_mod is not None and process_group is not None:
+            raise NotImplementedError("score_mod is not supported under a process_group")
         self.block_order = check_options(block_size=block_size, backend=backend,
                                          ring_chunks=ring_chunks, scale=scale,
                                          block_order=block_order, sharding=sharding)
@@ -376,14 +398,15 @@ class BlockSparseAttention(nn.Module):
             return block_sparse_attention(
                 q, k, v, self.pattern, self.block_size, backend=self.backend,
                 return_lse=return_lse, scale=self.scale, block_order=self.block_order,
-                process_group=self.process_group, sharding=self.sharding, plan=self.plans)
+                process_group=self.process_group, sharding=self.sharding, plan=self.plans,
+                score_mod=self.score_mod)
         check_qkv(q, k, v)
         _check_pattern(self.pattern, q.shape[1])
         return attend(q, k, v, self.pattern, self.block_size, backend=self.backend,
                       return_lse=bool(return_lse), scale=self.scale, ring_chunks=self.ring_chunks,
                       block_order=self.block_order, dropout=None,
                       layout=lambda: self.layout(q.shape[2], k.shape[2], q.device),
-                      last=self.last_call)
+                      score_mod=self.score_mod, last=self.last_call)
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, block_size={self.block_size}, "

@@ -17,8 +17,11 @@ with the module's pattern:
 - ``attn_mask [S_q, S_k]`` or ``[B * H, S_q, S_k]`` (unbatched input: ``[H, S_q, S_k]``)
   becomes a dense-mask pattern. It is an ``S x S`` tensor the caller already holds, so it is
   meant for short sequences; long sequences should express structure as a pattern instead.
-- Float masks are supported when every entry is ``0`` or ``-inf`` (they are then exactly a boolean
-  mask); any other additive float mask raises ``NotImplementedError``.
+- A **float** mask is added to the scores, as in ``nn.MultiheadAttention``: its ``-inf``
+  entries become the boolean mask above (their tiles are skipped), and its other values, when
+  any is non-zero (or the mask requires grad), an additive bias applied as a ``score_mod``
+  (:mod:`workbench.score_mods`) that indexes the mask on the computed tiles only. Gradients reach
+  a float mask that requires them.
 - ``is_causal=True`` intersects with :func:`workbench.patterns.causal`. Unlike
   ``nn.MultiheadAttention`` it does not need ``attn_mask`` (if one is given, both apply).
 
@@ -81,6 +84,7 @@ from .attention import attend, block_sparse_attention, check_options, dropout_of
 from .layout import num_blocks
 from .patterns import DenseMask, KeyMask, Pattern, check_positive_int, head_predicate, tile_batch
 from .plan import LastCall, Plans, check_plans
+from .score_mods import ScoreMod, check_score_mod, modded
 
 __all__ = [
     "BlockSparseMultiheadAttention",
@@ -92,18 +96,44 @@ DENSE_WEIGHTS_LIMIT = 1 << 22
 
 
 def _bool_mask(mask: Tensor, name: str) -> Tensor:
-    """``nn.MultiheadAttention`` mask -> bool "ignore" mask (True = ignore)."""
+    """``nn.MultiheadAttention`` mask -> bool "ignore" mask (True = ignore): a float mask's
+    ``-inf`` entries."""
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point():
-        ninf = torch.isneginf(mask)
-        if bool(((mask == 0) | ninf).all()):
-            return ninf
-        raise NotImplementedError(
-            f"{name}: additive float masks with values other than 0 and -inf are not supported "
-            "by the block-sparse backends; pass a boolean mask (True = ignore) or a pattern"
-        )
+        return torch.isneginf(mask)
     raise TypeError(f"{name} must be a bool or float tensor, got {mask.dtype}")
+
+
+def _bias(mask: Tensor | None) -> Tensor | None:
+    """The additive part of a float mask (``-inf`` entries set to 0), or None when it adds
+    nothing (a bool mask, or one of only 0 and ``-inf`` that requires no grad)."""
+    if mask is None or not mask.is_floating_point():
+        return None
+    bias = mask.masked_fill(torch.isneginf(mask), 0.0)
+    return bias if mask.requires_grad or bool((bias != 0).any()) else None
+
+
+def _call_score_mod(user: ScoreMod | None, attn_bias: Tensor | None, pad_bias: Tensor | None,
+                    heads: int, fold: bool) -> ScoreMod | None:
+    """The score mod of one call, in the indices of the problem it runs: ``user`` (the
+    module's) sees the batch element and head even when the batch is folded into the heads
+    (``h = b * heads + head``), then the additive masks ``attn_bias`` ``[Sq, Sk]`` or ``[B *
+    heads, Sq, Sk]`` and ``pad_bias`` ``[B, Sk]`` are added."""
+    if user is None and attn_bias is None and pad_bias is None:
+        return None
+    per_head = attn_bias is not None and attn_bias.dim() == 3
+
+    def module_score_mod(s: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        if fold:
+            b, h = h // heads, h % heads
+        if user is not None:
+            s = user(s, b, h, q, k)
+        if attn_bias is not None:
+            s = s + (attn_bias[b * heads + h, q, k] if per_head else attn_bias[q, k])
+        return s if pad_bias is None else s + pad_bias[b, k]
+
+    return module_score_mod
 
 
 # --------------------------------------------------------------------- compact weights
@@ -185,13 +215,18 @@ class BlockSparseMultiheadAttention(nn.Module):
             straight away, and a CUDA graph can capture it.
         dense_weights_limit: largest ``B * H * S_q * S_k`` (a positive int) for which
             ``need_weights=True`` returns dense weights; above it :class:`BlockSparseWeights`.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` applied to the scaled
+            scores before any mask (:func:`~workbench.block_sparse_attention`); an
+            ``nn.Module`` one (e.g. :class:`~workbench.score_mods.RelativePositionBias`) is a
+            sub-module whose parameters train with the rest (its state-dict keys are new).
+            Not with a process group.
 
     Raises:
         ValueError: a bad option, named (:func:`workbench.attention.check_options` for
             ``block_size``, ``backend``, ``ring_chunks``, ``block_order``, ``sharding``).
         TypeError: an option of the wrong type, named.
         NotImplementedError: ``add_bias_kv``, ``add_zero_attn``, or a straight-through selector
-            under a process group.
+            or a ``score_mod`` under a process group.
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` returns ``(output, weights or None)``; inputs
@@ -226,6 +261,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         sub_layer_norm: bool = False,
         dense_weights_limit: int = DENSE_WEIGHTS_LIMIT,
         plans: Plans | None = None,
+        score_mod: ScoreMod | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("embed_dim", embed_dim)
@@ -296,6 +332,9 @@ class BlockSparseMultiheadAttention(nn.Module):
         if process_group is not None and selector is not None and selector.straight_through:
             raise NotImplementedError("a straight-through selector under a process_group is not "
                                       "supported; train the gate with distillation_loss")
+        if process_group is not None and score_mod is not None:
+            raise NotImplementedError("score_mod is not supported under a process_group")
+        self.score_mod = check_score_mod(score_mod)
         self.block_size = block_size
         self.backend = backend
         self.ring_chunks = ring_chunks
@@ -415,10 +454,10 @@ class BlockSparseMultiheadAttention(nn.Module):
                 ``[S, kdim]`` / ``[S, vdim]``), of query's dtype and device, which must be the
                 parameters' (except under autocast).
             key_padding_mask: ``[N, S]`` (unbatched: ``[S]``), bool (True = ignore) or float
-                (0 / -inf).
+                (added to the scores).
             need_weights: also return the attention probabilities.
             attn_mask: ``[L, S]`` or ``[N * num_heads, L, S]`` (unbatched:
-                ``[num_heads, L, S]``), bool (True = ignore) or float (0 / -inf).
+                ``[num_heads, L, S]``), bool (True = ignore) or float (added to the scores).
             average_attn_weights: average the returned weights over the heads.
             is_causal: also restrict query ``i`` to keys ``j <= i``.
 
@@ -431,8 +470,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         Raises:
             TypeError, ValueError: an input of the wrong type, shape, dtype or device, naming
                 the argument.
-            NotImplementedError: additive float masks other than 0 / -inf; masks or weights
-                under a ``process_group``.
+            NotImplementedError: masks or weights under a ``process_group``.
         """
         batched = _check_forward_inputs(self, query, key, value, key_padding_mask, attn_mask)
         if not batched and key_padding_mask is not None:
@@ -462,23 +500,27 @@ class BlockSparseMultiheadAttention(nn.Module):
                          return_lse=False, scale=None, ring_chunks=self.ring_chunks,
                          block_order=self.block_order, dropout=dropout_of(dropout_p, None),
                          layout=lambda: self.plans.get(pattern, sq, sk, self.block_size,
-                                                       q.device).layout, last=self.last_call)
+                                                       q.device).layout,
+                         score_mod=self.score_mod, last=self.last_call)
+            score_mod = self.score_mod
         else:
             pattern, fold = self.build_pattern(bsz, sq, sk, key_padding_mask, attn_mask,
                                                is_causal,
                                                None if selection is None else selection.pattern())
             if fold:
                 q, k, v = (x.reshape(1, bsz * h, *x.shape[2:]) for x in (q, k, v))
+            score_mod = _call_score_mod(self.score_mod, _bias(attn_mask),
+                                        _bias(key_padding_mask), h, fold)
             out = block_sparse_attention(q, k, v, pattern, self.block_size, backend=self.backend,
                                          ring_chunks=self.ring_chunks,
                                          block_order=self.block_order, dropout_p=dropout_p,
                                          process_group=self.process_group,
-                                         sharding=self.sharding)
+                                         sharding=self.sharding, score_mod=score_mod)
         if selection is not None:
             out = self.selector.straight_through_gradient(out.reshape(bsz, h, sq, d), selection)
         weights = None
         if need_weights:
-            weights = self._weights(q, k, pattern, fold, bsz, average_attn_weights)
+            weights = self._weights(q, k, pattern, fold, bsz, average_attn_weights, score_mod)
         out = out.reshape(bsz, h, sq, d).permute(2, 0, 1, 3).reshape(sq, bsz, h * d)
         if self.sub_ln is not None:
             out = self.sub_ln(out)
@@ -494,7 +536,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         return out, weights
 
     def _weights(self, q: Tensor, k: Tensor, pattern: Pattern, fold: bool, bsz: int,
-                 average: bool) -> Tensor | BlockSparseWeights:
+                 average: bool, score_mod: ScoreMod | None) -> Tensor | BlockSparseWeights:
         """Attention probabilities: dense when small, :class:`BlockSparseWeights` otherwise."""
         hh, sq, sk = q.shape[1], q.shape[2], k.shape[2]
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -502,13 +544,18 @@ class BlockSparseMultiheadAttention(nn.Module):
             mask = pattern.token_mask(sq, q.device)[:, :, :sk] if sq == sk else _mask_rect(
                 pattern, sq, sk, q.device)
             s = torch.matmul(q, k.transpose(-1, -2)) * scale
+            if score_mod is not None:
+                ar = lambda n: torch.arange(n, device=q.device)  # noqa: E731
+                s = modded(score_mod, s, ar(q.shape[0])[:, None, None, None],
+                           ar(hh)[None, :, None, None], ar(sq)[:, None], ar(sk))
             s = s.masked_fill(~mask, -torch.inf)
-            empty = ~mask.any(-1, keepdim=True)
-            p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(~mask, 0.0)
+            empty = (s == -torch.inf).all(-1, keepdim=True)
+            p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(~mask | empty, 0.0)
             if fold:
                 p = p.reshape(bsz, self.num_heads, sq, sk)
             return p.mean(1) if average else p
-        return _compact_weights(q, k, pattern, self.block_size, scale, fold, average, bsz)
+        return _compact_weights(q, k, pattern, self.block_size, scale, fold, average, bsz,
+                                score_mod)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
@@ -538,8 +585,8 @@ def _check_forward_inputs(mha: BlockSparseMultiheadAttention, query: object, key
         if m is not None and not isinstance(m, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
         if m is not None and m.dtype != torch.bool and not m.is_floating_point():
-            raise TypeError(f"{name} must be a bool (True = ignore) or float (0 / -inf) tensor, "
-                            f"got dtype {m.dtype}")
+            raise TypeError(f"{name} must be a bool (True = ignore) or float (added to the "
+                            f"scores) tensor, got dtype {m.dtype}")
     ndim, qshape, kshape, vshape = query.dim(), query.shape, key.shape, value.shape
     if ndim not in (2, 3):
         seq = "[N, L, E]" if mha.batch_first else "[L, N, E]"
@@ -633,14 +680,15 @@ def _mask_rect(pattern: Pattern, sq: int, sk: int, device) -> Tensor:
 
 
 def _compact_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, scale: float,
-                     fold: bool, average: bool, batch: int) -> BlockSparseWeights:
+                     fold: bool, average: bool, batch: int,
+                     score_mod: ScoreMod | None = None) -> BlockSparseWeights:
     """Probabilities of every active tile, normalized by each row's exact log-sum-exp."""
     bsz, hh, sq, d = q.shape
     sk = k.shape[2]
     b = block_size
     lay = pattern.block_structure(sq, b, q.device, k_len=sk).expand_heads(hh)
     _, lse = block_sparse_attention(q, k, k[..., :1], pattern, b, return_lse=True,
-                                    layout=lay, backend="blockwise")
+                                    layout=lay, backend="blockwise", score_mod=score_mod)
     tiles = lay.active.nonzero()
     nq, nk = lay.active.shape[1:]
     qp = F.pad(q, (0, 0, 0, nq * b - sq)).reshape(bsz, hh, nq, b, d)
@@ -650,6 +698,9 @@ def _compact_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, sc
     s = torch.matmul(qp[:, th, ti], kp[:, th, tj].transpose(-1, -2)) * scale  # [B, N, b, b]
     qpos = ti[:, None, None] * b + torch.arange(b, device=q.device)[None, :, None]
     kpos = tj[:, None, None] * b + torch.arange(b, device=q.device)[None, None, :]
+    if score_mod is not None:
+        s = modded(score_mod, s, torch.arange(bsz, device=q.device)[:, None, None, None],
+                   th[:, None, None], qpos.clamp(max=sq - 1), kpos.clamp(max=sk - 1))
     allowed = head_predicate(pattern, q.device)
     ok = (allowed(th[:, None, None], qpos.clamp(max=sq - 1), kpos.clamp(max=sk - 1))
           & (qpos < sq) & (kpos < sk))

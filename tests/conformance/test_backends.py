@@ -1,5 +1,5 @@
 """Every registered backend x every kind of pattern x forward / backward / log-sum-exp / ring /
-dropout, against a float64 softmax over the dense token mask.
+dropout / score mod, against a float64 softmax over the dense token mask.
 
 A backend either computes what the oracle computes, or, where its capabilities or rules say it
 cannot (:meth:`workbench.backends.Backend.refusal`; in a ring, for one of the ring's slices),
@@ -17,6 +17,7 @@ import torch
 import workbench as wb
 from workbench.backends import BackendUnsupported, Request, flex, get_backend, registered
 from workbench.orderings import grid_neighborhood, permuted
+from workbench.score_mods import alibi, soft_cap
 
 P = wb.patterns
 H = 4  # LongNet families split heads into 4 groups
@@ -48,12 +49,17 @@ PATTERNS.update({
     "key_mask": lambda: P.KeyMask((torch.arange(96) % 7 != 3)[None]),
 })
 SHAPES = {"square": (77, 77), "ragged": (45, 70)}
-OPERATIONS = ("forward", "backward", "lse", "ring", "dropout")
+OPERATIONS = ("forward", "backward", "lse", "ring", "dropout", "score_mod")
 
 
-def oracle(q, k, v, pattern, dropout=None):
-    """(out, lse) of a float64 softmax over the pattern's dense token mask; rows that attend
-    nothing give zeros and -inf."""
+def score_mod(s, b, h, q, k):
+    """What the score_mod operation applies: ALiBi by head and position, then a soft cap."""
+    return soft_cap(2.0)(alibi(H)(s, b, h, q, k), b, h, q, k)
+
+
+def oracle(q, k, v, pattern, mod=None):
+    """(out, lse) of a float64 softmax over the pattern's dense token mask (the scores changed
+    by ``mod`` first); rows that attend nothing give zeros and -inf."""
     device, dtype = q.device, q.dtype
     q, k, v = (x.to("cpu", torch.float64) for x in (q, k, v))  # differentiable copies
     sq, sk = q.shape[2], k.shape[2]
@@ -61,6 +67,9 @@ def oracle(q, k, v, pattern, dropout=None):
     mask = pattern.allowed(h * (pattern.num_heads > 1), torch.arange(sq)[None, :, None],
                            torch.arange(sk)[None, None, :]).expand(H, sq, sk)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mod is not None:
+        s = mod(s, torch.arange(q.shape[0])[:, None, None, None], h[None],
+                torch.arange(sq)[:, None], torch.arange(sk)[None, :])
     s = s.masked_fill(~mask, -math.inf)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])
@@ -92,13 +101,15 @@ def test_backend_matches_the_oracle_or_refuses(backend, name, shape, op, device)
     block = BLOCK[device]
     if backend == "flex" and len(flex._seen) >= flex.RECOMPILE_LIMIT // 2:
         flex.reset_compiled()  # this suite compiles more shapes than one process may keep
-    grad = op == "backward"
+    grad = op in ("backward", "score_mod")  # a score mod: out, lse and gradients
+    mod = score_mod if op == "score_mod" else None
     q, k, v = _inputs(device, sq, sk, grad)
-    kw = dict(backend=backend, return_lse=op == "lse", ring_chunks=3 if op == "ring" else 1,
-              dropout_p=0.3 if op == "dropout" else 0.0, dropout_seed=7)
-    req = Request(q, k, v, need_lse=op in ("lse", "ring"), dense_form=pattern.dense_form(),
-                  dropout=op == "dropout", pattern=pattern,
-                  block_size=block,
+    kw = dict(backend=backend, return_lse=op in ("lse", "score_mod"),
+              ring_chunks=3 if op == "ring" else 1,
+              dropout_p=0.3 if op == "dropout" else 0.0, dropout_seed=7, score_mod=mod)
+    req = Request(q, k, v, need_lse=op in ("lse", "ring", "score_mod"),
+                  dense_form=pattern.dense_form(), dropout=op == "dropout", pattern=pattern,
+                  block_size=block, score_mod=mod,
                   build_layout=lambda: pattern.block_structure(sq, block, device, k_len=sk))
     refusal = get_backend(backend).refusal(req)
     if refusal is not None:
@@ -110,11 +121,11 @@ def test_backend_matches_the_oracle_or_refuses(backend, name, shape, op, device)
     except BackendUnsupported as e:  # a ring's slices are requests of their own
         assert op == "ring" and f"backend '{backend}' cannot" in str(e), e
         return
-    out, lse = res if op == "lse" else (res, None)
+    out, lse = res if kw["return_lse"] else (res, None)
     if op == "dropout":  # the oracle of a hashed dropout mask is the dense reference's
         ref = wb.block_sparse_attention(q, k, v, pattern, block, **{**kw, "backend": "reference"})
     else:
-        ref, ref_lse = oracle(q, k, v, pattern)
+        ref, ref_lse = oracle(q, k, v, pattern, mod)
     tol = TOL[device]
     torch.testing.assert_close(out, ref.to(out.dtype), atol=tol, rtol=tol)
     if lse is not None:

@@ -81,13 +81,14 @@ def check_backend(name: object) -> str:
 def describe_backends() -> list[dict[str, object]]:
     """One row per registered backend, in ``auto``'s order: its name, summary and
     capabilities (devices, where it gives the log-sum-exp and gradients, dtypes, dropout, block
-    order, patterns) and whether ``auto`` ever picks it."""
+    order, score mods, patterns) and whether ``auto`` ever picks it."""
     rows = []
     for b in registered():
         c = b.capabilities
         rows.append({"backend": b.name, "summary": b.summary, "devices": c.devices,
                      "log-sum-exp": c.lse_devices, "gradients": c.grad_devices,
                      "dtypes": "any" if c.dtypes is None else c.dtypes, "dropout": c.dropout,
-                     "block_order": c.block_order, "patterns": c.patterns,
+                     "block_order": c.block_order, "score_mod": c.score_mod,
+                     "patterns": c.patterns,
                      "auto": b.prefers is not None})
     return rows

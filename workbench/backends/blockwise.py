@@ -6,10 +6,15 @@ chunk's scores, and each query row's running maximum, denominator and weighted s
 by scatter and index-add, FlashAttention's recurrence over a list of tiles. Memory is
 proportional to a chunk, never ``S x S``. The backward recomputes each chunk from the saved
 log-sum-exp and also takes the gradient that reaches the log-sum-exp.
+A ``problem.score_mod`` is applied to each chunk's scaled scores before the mask, at the tiles'
+absolute positions (padding calls it at the last real position); the backward evaluates it again
+under autograd, chunk by chunk, for the gradient of the scores and of the tensors it reads
+(:func:`workbench.score_mods.reads`, inputs of the autograd function).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..orderings import block_visit_order
+from ..score_mods import missed_reads, modded, reads
 from .merge import accumulation_dtype
 from .problem import Problem
 from .registry import Backend, Capabilities, Request, Runner
@@ -130,15 +136,33 @@ def _from_blocks(x: Tensor, h: int, s: int) -> Tensor:
 
 
 def _tile_scores(qs: Tensor, kb: Tensor, needs: Tensor, masks: Tensor, rq: Tensor,
-                 rk: Tensor) -> Tensor:
+                 rk: Tensor, mod: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Masked scores ``[B, P, b, b]`` of a chunk of tiles from query blocks ``qs`` that are
-    already scaled (scaling them once costs less than scaling every tile's scores); ``masks``
-    are the token masks of the tiles that ``needs`` marks."""
+    already scaled (scaling them once costs less than scaling every tile's scores), changed by
+    ``mod`` before the mask; ``masks`` are the token masks of the tiles that ``needs`` marks."""
     s = torch.matmul(qs[:, rq], kb[:, rk].transpose(-1, -2))
+    if mod is not None:
+        s = mod(s)
     sel = needs.nonzero().squeeze(1)
     if sel.numel():
         s[:, sel] = s[:, sel].masked_fill(~masks, -torch.inf)
     return s
+
+
+def _positions(problem: Problem, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Absolute query ``[P, b, 1]`` and key ``[P, 1, b]`` positions of tiles ``t``; padding
+    takes the last real position (its pairs are masked)."""
+    lay = problem.layout
+    off = torch.arange(lay.block_size, device=t.device)
+    qi = (t[:, 1, None, None] * lay.block_size + off[None, :, None]).clamp_(max=lay.q_len - 1)
+    ki = (t[:, 2, None, None] * lay.block_size + off[None, None, :]).clamp_(max=lay.k_len - 1)
+    return qi + problem.q_offset, ki + problem.k_offset
+
+
+def _score_mod(problem: Problem, s: Tensor, t: Tensor) -> Tensor:
+    """``problem.score_mod`` on the scores ``s [B, P, b, b]`` of tiles ``t``."""
+    bi = torch.arange(s.shape[0], device=t.device)[:, None, None, None]
+    return modded(problem.score_mod, s, bi, t[:, 0, None, None], *_positions(problem, t))
 
 
 def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
@@ -146,12 +170,8 @@ def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
     pr = plan.problem
     if pr.dropout is None:
         return None
-    b = pr.layout.block_size
-    off = torch.arange(b, device=t.device)
-    qi = t[:, 1, None, None] * b + off[None, :, None] + pr.q_offset
-    ki = t[:, 2, None, None] * b + off[None, None, :] + pr.k_offset
     bi = torch.arange(batch, device=t.device)[:, None, None, None]
-    return pr.dropout.scale(bi * plan.num_heads + t[None, :, 0, None, None], qi, ki)
+    return pr.dropout.scale(bi * plan.num_heads + t[None, :, 0, None, None], *_positions(pr, t))
 
 
 class _Values:
@@ -203,8 +223,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
     m = torch.full((bsz, rows, b), -torch.inf, dtype=acc, device=q.device)
     den = torch.zeros((bsz, rows, b), dtype=acc, device=q.device)
     num = torch.zeros((bsz, rows, b, dv), dtype=acc, device=q.device)
+    has_mod = plan.problem.score_mod is not None
     for t, needs, masks, rq, rk in plan.chunks():
-        s = _tile_scores(qs, kb, needs, masks, rq, rk)
+        mod = (lambda s, t=t: _score_mod(plan.problem, s, t)) if has_mod else None
+        s = _tile_scores(qs, kb, needs, masks, rq, rk, mod)
         if plan.rows_sorted:
             urows, inv = torch.unique_consecutive(rq, return_inverse=True)
         else:  # a curve visit order interleaves query rows
@@ -233,8 +255,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
 
 def _backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
-    plan: _TilePlan,
-) -> tuple[Tensor, Tensor, Tensor]:
+    plan: _TilePlan, read: tuple[Tensor, ...] = (),
+) -> tuple[Tensor, ...]:
+    """``dq, dk, dv`` and the gradients of ``read`` (the tensors the score mod reads)."""
     lay = plan.problem.layout
     b, h, scale = lay.block_size, plan.num_heads, plan.problem.scale
     acc = accumulation_dtype(q.dtype)
@@ -250,8 +273,10 @@ def _backward(
     lse_r = torch.where(torch.isfinite(lse_r), lse_r, torch.zeros_like(lse_r))
     qs = qb * scale
     dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
+    mod = None if plan.problem.score_mod is None else _ModGrad(plan.problem, read)
     for t, needs, masks, rq, rk in plan.chunks():
-        p = _tile_scores(qs, kb, needs, masks, rq, rk).sub_(lse_r[:, rq, :, None]).exp_()
+        p = _tile_scores(qs, kb, needs, masks, rq, rk, mod and mod.at(t))
+        p = p.sub_(lse_r[:, rq, :, None]).exp_()
         do_t = dob[:, rq]
         z = _dropout_scale(plan, t, bsz)
         pz = p if z is None else p * z.to(acc)
@@ -259,30 +284,69 @@ def _backward(
         dp = torch.matmul(do_t, vb[:, rk].transpose(-1, -2))
         if z is not None:
             dp = dp * z.to(acc)
-        ds = p * (dp - delta[:, rq, :, None]) * scale
+        ds = p * (dp - delta[:, rq, :, None])
+        if mod is not None:
+            ds = mod.backward(ds)
+        ds = ds * scale
         dq.index_add_(1, rq, torch.matmul(ds, kb[:, rk]))
         dk.index_add_(1, rk, torch.matmul(ds.transpose(-1, -2), qb[:, rq]))
     return (
         _from_blocks(dq, h, lay.q_len).to(q.dtype),
         _from_blocks(dk, h, lay.k_len).to(k.dtype),
         _from_blocks(dv, h, lay.k_len).to(v.dtype),
+        *(() if mod is None else mod.grads),
     )
+
+
+class _ModGrad:
+    """A chunk's score mod evaluated again under autograd, to take its gradient with respect to
+    the scores and to the tensors it reads (``grads``, summed over the chunks)."""
+
+    def __init__(self, problem: Problem, read: tuple[Tensor, ...]) -> None:
+        self.problem, self.read = problem, read
+        self.grads: list[Tensor | None] = [None] * len(read)
+        self.checked = False
+
+    def at(self, t: Tensor) -> Callable[[Tensor], Tensor]:
+        def mod(s: Tensor) -> Tensor:
+            with torch.enable_grad():
+                self.raw = s.requires_grad_()
+                self.out = _score_mod(self.problem, s, t)
+            if not self.checked and self.out.requires_grad:
+                self.checked = True
+                if missed_reads(self.out, (self.raw, *self.read)):
+                    raise ValueError(
+                        "score_mod reads a tensor that requires grad where workbench cannot find "
+                        "it (its gradient would be lost): keep it in the function's closure, in "
+                        "a global, or make the score_mod an nn.Module holding it")
+            return self.out.detach().clone()  # masked in place; the graph keeps its own
+        return mod
+
+    def backward(self, ds: Tensor) -> Tensor:
+        """The gradient of the raw scores from ``ds``, that of the modified ones."""
+        if not self.out.requires_grad:  # a mod that ignores the score and reads nothing
+            return torch.zeros_like(ds)
+        got = torch.autograd.grad(self.out, (self.raw, *self.read), ds, allow_unused=True)
+        for i, g in enumerate(got[1:]):
+            if g is not None:
+                self.grads[i] = g if self.grads[i] is None else self.grads[i] + g
+        return torch.zeros_like(ds) if got[0] is None else got[0]
 
 
 class _BlockwiseFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan):  # type: ignore[override]
+    def forward(ctx, q, k, v, plan, *read):  # type: ignore[override]
         out, lse = _forward(q, k, v, plan)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
+        ctx.plan, ctx.read = plan, read  # what the score mod reads: the closure holds them
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.plan)
-        return dq, dk, dv, None
+        dq, dk, dv, *dread = _backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.read)
+        return dq, dk, dv, None, *dread
 
 
 def prepare_blockwise(q: Tensor, k: Tensor, v: Tensor, problem: Problem,
@@ -290,7 +354,15 @@ def prepare_blockwise(q: Tensor, k: Tensor, v: Tensor, problem: Problem,
     """:func:`blockwise_attention` with the tile plan of these inputs ready:
     ``runner(q, k, v) -> (out, lse)`` (the log-sum-exp comes whatever ``need_lse``)."""
     plan = _plan(problem, q.shape[1], q.shape[0], q.device)
-    return lambda q, k, v: _BlockwiseFunction.apply(q, k, v, plan)
+    mod = problem.score_mod
+    if mod is None:
+        return lambda q, k, v: _BlockwiseFunction.apply(q, k, v, plan)
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        read = reads(mod) if torch.is_grad_enabled() else ()
+        return _BlockwiseFunction.apply(q, k, v, plan, *read)
+
+    return run
 
 
 def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> tuple[Tensor, Tensor]:
@@ -299,7 +371,12 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> tu
 
     Returns ``(out [B, H, Sq, Dv], lse [B, H, Sq])``: ``out`` in ``q``'s dtype, ``lse`` and
     all accumulation float32 (float64 for float64 inputs); differentiable in ``q, k, v``,
-    through ``lse`` too. ``problem.dropout`` scales each tile's probabilities by its hash.
+    through ``lse`` too, and in the tensors the score mod reads. ``problem.dropout`` scales
+    each tile's probabilities by its hash.
+
+    Raises:
+        ValueError: in the backward pass, a score mod that reads a tensor requiring grad
+            outside what :func:`workbench.score_mods.reads` finds.
     """
     return prepare_blockwise(q, k, v, problem)(q, k, v)
 
@@ -315,7 +392,7 @@ def _prefers(req: Request) -> str:
 BACKEND = Backend(
     "blockwise",
     lambda q, k, v, problem, need_lse: blockwise_attention(q, k, v, problem),
-    Capabilities(dropout=True, block_order=True),
+    Capabilities(dropout=True, block_order=True, score_mod=True),
     "pure PyTorch over the active tiles with an online softmax; any device, autograd",
     prefers=_prefers, prepare=prepare_blockwise,
 )

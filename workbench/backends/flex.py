@@ -10,7 +10,9 @@ parameters compile once; every such compile is announced on stderr, and a call t
 with Dynamo told to raise, not to fall back to slow eager attention, if its recompile limit is
 reached (:data:`RECOMPILE_LIMIT` distinct compiles); a prepared call that repeats one
 (:func:`prepare_flex`) runs the kernel as it is. On the CPU, FlexAttention supports inference only:
-no gradients and no log-sum-exp (use the ``blockwise`` backend there for those).
+no gradients and no log-sum-exp (use the ``blockwise`` backend there for those). A
+``problem.score_mod`` becomes FlexAttention's ``score_mod``, called at absolute positions (the
+problem's offsets added, as tensors, like the mask's).
 """
 
 from __future__ import annotations
@@ -112,22 +114,25 @@ def prepare_flex(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bo
     """Compiled FlexAttention over ``problem`` with its ``BlockMask`` and kernel options ready:
     ``runner(q, k, v) -> (out, lse or None)``. Inputs are those :data:`BACKEND` accepts (no
     dropout; on the CPU no gradients, no log-sum-exp)."""
+    mod = problem.score_mod
     key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size,
-           problem.label, need_lse)
+           problem.label, need_lse, getattr(mod, "__qualname__", type(mod).__qualname__))
     if key not in _seen:
         _seen.add(key)
-        print(f"[workbench] compiling FlexAttention for {problem.label or 'a pattern'} at "
-              f"q{tuple(q.shape)} {q.dtype} on {q.device.type} (once per shape and pattern)",
+        with_mod = "" if mod is None else f" with score_mod {key[-1]}"
+        print(f"[workbench] compiling FlexAttention for {problem.label or 'a pattern'}"
+              f"{with_mod} at q{tuple(q.shape)} {q.dtype} on {q.device.type} (once per shape "
+              "and pattern)",
               file=sys.stderr)
-    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                            or v.requires_grad)
+    backward = Request(q, k, v, need_lse, score_mod=mod).grad
     mask = cached_block_mask(problem, q.device, backward)
     compiled, _ = _compiled()
     scale, options = problem.scale, kernel_options(q.device)
+    score_mod = _offset_score_mod(problem, q.device)
 
     def call(q: Tensor, k: Tensor, v: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        return compiled(q, k, v, block_mask=mask, scale=scale, return_lse=need_lse,
-                        kernel_options=options)
+        return compiled(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
+                        return_lse=need_lse, kernel_options=options)
 
     compiled_once = False
 
@@ -170,6 +175,22 @@ def flex_attention(
     return prepare_flex(q, k, v, problem, need_lse)(q, k, v)
 
 
+def _offset_score_mod(problem: Problem, device: torch.device):
+    """``problem.score_mod`` at absolute positions, in FlexAttention's form (None without one);
+    padding positions are clamped to the last real one, so a mod may index tensors by them."""
+    user = problem.score_mod
+    if user is None:
+        return None
+    q_last, k_last = problem.layout.q_len - 1, problem.layout.k_len - 1
+    q_off = torch.full((), problem.q_offset, dtype=torch.int64, device=device)
+    k_off = torch.full((), problem.k_offset, dtype=torch.int64, device=device)
+
+    def score_mod(score, b, h, qi, ki):
+        return user(score, b, h, qi.clamp(max=q_last) + q_off, ki.clamp(max=k_last) + k_off)
+
+    return score_mod
+
+
 def _refuses(req: Request) -> str | None:
     if not flex_available():
         return "needs torch.nn.attention.flex_attention (torch 2.5+)"
@@ -201,7 +222,8 @@ def _prefers(req: Request) -> str | None:
 BACKEND = Backend(
     "flex",
     flex_attention,
-    Capabilities(lse_devices=("cuda",), grad_devices=("cuda",), block_order=True),
+    Capabilities(lse_devices=("cuda",), grad_devices=("cuda",), block_order=True,
+                 score_mod=True),
     "FlexAttention with a BlockMask from the exact layout (compiled; CPU: inference only)",
     refuses=_refuses, prefers=_prefers, prepare=prepare_flex,
 )

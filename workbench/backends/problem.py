@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
+from ..score_mods import ScoreMod
 from .dropout import AttentionDropout
 
 __all__ = ["MaskFn", "Problem"]
@@ -45,6 +46,10 @@ class Problem:
     PyTorch's own kernels (:mod:`~workbench.backends.sdpa`); ``None`` claims nothing.
     ``pattern`` is the pattern itself where one is known (the ``gather`` backend reads LongNet's
     segments from it).
+
+    ``score_mod(score, b, h, q, k)`` (:mod:`workbench.score_mods`), when given, changes each
+    scaled score of a computed pair before the mask and the softmax; ``q`` and ``k`` are absolute
+    positions as above. ``blockwise``, ``flex`` and ``reference`` apply it.
     """
 
     layout: BlockLayout
@@ -57,6 +62,7 @@ class Problem:
     dropout: AttentionDropout | None = None
     dense_form: str | None = None
     pattern: object = None  # the Pattern behind ``allowed``, for backends that read its structure
+    score_mod: ScoreMod | None = None
 
     @property
     def num_heads(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..score_mods import modded
 from .merge import accumulation_dtype
 from .problem import Problem
 from .registry import Backend, Capabilities
@@ -21,7 +22,9 @@ def reference_attention(
 ) -> tuple[Tensor, Tensor]:
     """Dense attention restricted to ``problem``'s allowed pairs, computed in ``dtype``.
 
-    ``problem.dropout`` multiplies the probabilities (not the log-sum-exp) by its keep scale.
+    ``problem.score_mod`` changes the scaled scores before the mask (a query whose scores it
+    all sets to ``-inf`` attends nothing); ``problem.dropout`` multiplies the probabilities (not
+    the log-sum-exp) by its keep scale.
     Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq])`` (lse float32, float64 for
     float64 inputs); a query row with no allowed key gives zeros and ``lse = -inf``. A NaN or
     infinite input reaches exactly the rows allowed to see it, with IEEE arithmetic over their
@@ -30,6 +33,9 @@ def reference_attention(
     mask = problem.dense_mask(q.device)  # [H or 1, Sq, Sk]
     s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * problem.scale
     empty = ~mask.any(-1)  # rows with no allowed key
+    if problem.score_mod is not None:
+        s = _dense_score_mod(problem, s)
+        empty = empty | (s.masked_fill(~mask, -torch.inf) == -torch.inf).all(-1)
     s = s.masked_fill(~mask, -torch.inf).masked_fill(empty[..., None], 0.0)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).masked_fill(empty[..., None], 0.0)
@@ -51,6 +57,15 @@ def _weighted_values(p: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask[..., None], terms, 0.0).sum(-2)
 
 
+def _dense_score_mod(problem: Problem, s: Tensor) -> Tensor:
+    """``problem.score_mod`` on the whole ``[B, H, Sq, Sk]`` grid of scores ``s``."""
+    batch, heads, sq, sk = s.shape
+    ar = lambda n: torch.arange(n, device=s.device)  # noqa: E731
+    return modded(problem.score_mod, s, ar(batch)[:, None, None, None],
+                  ar(heads)[None, :, None, None], ar(sq)[:, None] + problem.q_offset,
+                  ar(sk)[None, :] + problem.k_offset)
+
+
 def _dense_dropout(problem: Problem, batch: int, heads: int, device: torch.device) -> Tensor:
     """The dropout keep scale on the whole ``[B, H, Sq, Sk]`` grid."""
     lay = problem.layout
@@ -64,6 +79,6 @@ def _dense_dropout(problem: Problem, batch: int, heads: int, device: torch.devic
 BACKEND = Backend(
     "reference",
     lambda q, k, v, problem, need_lse: reference_attention(q, k, v, problem),
-    Capabilities(dropout=True),
+    Capabilities(dropout=True, score_mod=True),
     "dense masked softmax in float64: the oracle, for small problems (never chosen by auto)",
 )

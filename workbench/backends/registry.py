@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
+from ..score_mods import ScoreMod, reads
 from .problem import Problem
 
 __all__ = ["Backend", "BackendUnsupported", "Capabilities", "Choice", "Request", "Runner",
@@ -32,8 +33,9 @@ ANY_DEVICE = ("cpu", "cuda")
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend computes: on which devices it runs, where it returns the log-sum-exp and
-    gradients, in which dtypes (None: any floating type), whether it applies attention dropout
-    and follows a ``block_order``, and which patterns it takes (in words)."""
+    gradients, in which dtypes (None: any floating type), whether it applies attention dropout,
+    follows a ``block_order`` and applies a ``score_mod``, and which patterns it takes (in
+    words)."""
 
     devices: tuple[str, ...] = ANY_DEVICE
     lse_devices: tuple[str, ...] = ANY_DEVICE
@@ -41,6 +43,7 @@ class Capabilities:
     dtypes: tuple[torch.dtype, ...] | None = None
     dropout: bool = False
     block_order: bool = False
+    score_mod: bool = False
     patterns: str = "any"
 
     def refusal(self, req: Request) -> str | None:
@@ -58,13 +61,17 @@ class Capabilities:
             reasons.append(f"computes no gradients on {dev} (these inputs require grad)")
         if req.dropout and not self.dropout:
             reasons.append("has no attention dropout")
+        if req.score_mod is not None and not self.score_mod:
+            able = [b.name for b in registered() if b.capabilities.score_mod]
+            reasons.append(f"applies no score_mod (backends that do: {', '.join(able)})")
         return " and ".join(reasons) or None
 
 
 @dataclass
 class Request:
     """What one call asks of a backend. ``layout`` is built on first use (``build_layout``), so
-    a backend that needs none (SDPA on dense or causal attention) never makes one."""
+    a backend that needs none (SDPA on dense or causal attention) never makes one.
+    ``score_mod`` is the call's score mod, if any (its tensors count towards ``grad``)."""
 
     q: Tensor
     k: Tensor
@@ -78,13 +85,15 @@ class Request:
     block_size: int = 64
     build_layout: Callable[[], BlockLayout] | None = None
     _layout: BlockLayout | None = field(default=None, repr=False)
+    score_mod: ScoreMod | None = None
 
     @classmethod
     def of(cls, q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool) -> Request:
         """The request of computing ``problem`` on these inputs."""
         return cls(q, k, v, need_lse, problem.dense_form, problem.dropout is not None,
                    problem.pattern, problem.q_offset, problem.k_offset,
-                   problem.layout.block_size, _layout=problem.layout)
+                   problem.layout.block_size, _layout=problem.layout,
+                   score_mod=problem.score_mod)
 
     @property
     def layout(self) -> BlockLayout | None:
@@ -102,7 +111,10 @@ class Request:
 
     @property
     def grad(self) -> bool:
-        return torch.is_grad_enabled() and any(x.requires_grad for x in (self.q, self.k, self.v))
+        """Whether the call is differentiated: in q, k, v or the tensors the score mod reads."""
+        return torch.is_grad_enabled() and (
+            any(x.requires_grad for x in (self.q, self.k, self.v))
+            or (self.score_mod is not None and bool(reads(self.score_mod))))
 
 
 Run = Callable[[Tensor, Tensor, Tensor, Problem, bool], tuple[Tensor, "Tensor | None"]]
