@@ -29,7 +29,7 @@ from .distributed import distributed_ring_attention
 from .layout import BlockLayout
 from .orderings import check_block_order
 from .patterns import Pattern, check_positive_int, head_predicate
-from .plan import Plan, Plans, check_plans, plan_for
+from .plan import Plan, Plans, check_plans, check_q_offset, plan_for, query_window_layout
 from .ring import ring_attention
 from .sharding import check_sharding
 
@@ -40,6 +40,7 @@ __all__ = [
     "check_qkv",
     "check_scale",
     "dropout_of",
+    "expand_kv_heads",
     "explain_backend",
 ]
 
@@ -70,6 +71,22 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+
+
+def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``k, v`` with ``H_kv`` heads repeated to q's ``H`` (grouped-query attention: query head
+    ``h`` reads key/value head ``h // (H / H_kv)``); unchanged when the heads already match or
+    the shapes are not ``[B, heads, S, D]`` (:func:`check_qkv` says what is wrong)."""
+    if not all(isinstance(x, Tensor) and x.dim() == 4 for x in (q, k, v)):
+        return k, v
+    h, hk = q.shape[1], k.shape[1]
+    if hk == h and v.shape[1] == h:
+        return k, v
+    if hk != v.shape[1] or hk == 0 or h % hk:
+        raise ValueError(
+            f"k and v must have q's {h} heads or one divisor of it (grouped-query attention), "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    return k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
 
 
 def check_scale(scale: object) -> None:
@@ -124,12 +141,15 @@ def block_sparse_attention(
     process_group=None,
     sharding: str = "contiguous",
     plan: Plan | Plans | None = None,
+    q_offset: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention restricted to ``pattern``, computed tile by tile.
 
     Args:
-        q, k, v: ``[B, H, Sq, D]``, ``[B, H, Sk, D]``, ``[B, H, Sk, Dv]``; any length (no
-            multiple of ``block_size`` needed: padding never changes the result).
+        q, k, v: ``[B, H, Sq, D]``, ``[B, H_kv, Sk, D]``, ``[B, H_kv, Sk, Dv]``; any length
+            (no multiple of ``block_size`` needed: padding never changes the result).
+            ``H_kv`` divides ``H`` (grouped-query attention): query head ``h`` attends with
+            key/value head ``h // (H / H_kv)``; the pattern's heads are the query heads.
         pattern: which (query, key) pairs may attend (:mod:`workbench.patterns`); 1 head or H.
         block_size: tile edge in tokens.
         backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"``, ``"sdpa"`` (dense or
@@ -166,13 +186,21 @@ def block_sparse_attention(
             under a process group) and ``block_size``, whose layout and what the backends
             derive from it are built once and kept; or a :class:`~workbench.plan.Plans` that
             finds or keeps it. Not with ``layout``.
+        q_offset: the queries are positions ``q_offset, ..., q_offset + Sq - 1`` of the
+            sequence whose positions ``0, ..., Sk - 1`` are the keys: the pattern is applied
+            at those positions (a decoder with a KV cache passes ``Sk - Sq``; a chunk of a long
+            prefill passes its start). Any offset, not only multiples of ``block_size``; one
+            device only (no ``process_group``); a plan made with the same ``q_offset``, not a
+            ``layout``.
 
     Returns:
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
         outputs zeros.
     """
+    k, v = expand_kv_heads(q, k, v)
     check_qkv(q, k, v)
     _check_pattern(pattern, q.shape[1])
+    check_q_offset(q_offset)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     block_order = check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks,
@@ -181,6 +209,9 @@ def block_sparse_attention(
         raise BackendUnsupported(NO_LSE)
     if plan is not None and layout is not None:
         raise ValueError("give a layout or a plan, not both (a plan holds its layout)")
+    if q_offset and (process_group is not None or layout is not None):
+        raise ValueError("q_offset works on one device and with a plan, not with a "
+                         "process_group or a layout: give plan=wb.Plan(..., q_offset=...)")
     if process_group is not None:
         if ring_chunks != 1:
             raise ValueError("ring_chunks simulates a ring on one device; with a process_group "
@@ -195,32 +226,33 @@ def block_sparse_attention(
                             f"got {type(layout).__name__}")
         layout.check(pattern, q.shape[2], k.shape[2], block_size)
     if plan is not None:
-        held = plan_for(plan, pattern, q.shape[2], k.shape[2], block_size, q.device)
+        held = plan_for(plan, pattern, q.shape[2], k.shape[2], block_size, q.device, q_offset)
         layout = lambda: held.layout  # noqa: E731 (built only if a backend needs it)
     return attend(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
                   scale=scale, ring_chunks=ring_chunks, block_order=block_order,
-                  dropout=dropout_of(dropout_p, dropout_seed), layout=layout)
+                  dropout=dropout_of(dropout_p, dropout_seed), layout=layout, q_offset=q_offset)
 
 
 def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *,
-             need_lse: bool, dropout: bool, layout: BlockLayout | Callable[[], BlockLayout] | None
-             ) -> Request:
+             need_lse: bool, dropout: bool, layout: BlockLayout | Callable[[], BlockLayout] | None,
+             q_offset: int = 0) -> Request:
     """The request of one call; its layout is ``layout``, or built on first use."""
     if isinstance(layout, BlockLayout) or layout is None:
         given = layout
 
         def build() -> BlockLayout:
-            return pattern.block_structure(q.shape[2], block_size, q.device, k_len=k.shape[2])
+            return query_window_layout(pattern, q.shape[2], k.shape[2], block_size, q.device,
+                                       q_offset)
     else:
         given, build = None, layout
-    return Request(q, k, v, need_lse, pattern.dense_form(), dropout, pattern,
+    return Request(q, k, v, need_lse, pattern.dense_form(), dropout, pattern, q_offset=q_offset,
                    block_size=block_size, build_layout=build, _layout=given)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,
            return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
            dropout: AttentionDropout | None,
-           layout: BlockLayout | Callable[[], BlockLayout] | None = None
+           layout: BlockLayout | Callable[[], BlockLayout] | None = None, q_offset: int = 0
            ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`block_sparse_attention` on one device, arguments already checked; ``layout`` may
     be a function that builds (or looks up) the layout, called only if a backend needs one."""
@@ -228,14 +260,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
         return _empty_attention(q, k, v, return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
-                   dropout=dropout is not None, layout=layout)
+                   dropout=dropout is not None, layout=layout, q_offset=q_offset)
     chosen = get_backend(choose(backend, req).name)
-    if ring_chunks == 1 and chosen.run_pattern is not None:  # needs no block layout
+    if ring_chunks == 1 and q_offset == 0 and chosen.run_pattern is not None:  # no layout
         out, lse = chosen.run_pattern(q, k, v, pattern, scale, return_lse, block_size)
     else:
         problem = Problem(req.layout, head_predicate(pattern, q.device), scale,
-                          label=repr(pattern), block_order=block_order, dropout=dropout,
-                          dense_form=pattern.dense_form(), pattern=pattern)
+                          q_offset=q_offset, label=repr(pattern), block_order=block_order,
+                          dropout=dropout, dense_form=pattern.dense_form(), pattern=pattern)
         if ring_chunks > 1:
             out, lse = ring_attention(q, k, v, problem, ring_chunks, backend, return_lse)
         else:
@@ -245,16 +277,18 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
 
 def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int = 64, *,
                     backend: str = "auto", return_lse: bool = False, ring_chunks: int = 1,
-                    dropout_p: float = 0.0) -> Choice:
+                    dropout_p: float = 0.0, q_offset: int = 0) -> Choice:
     """The backend :func:`block_sparse_attention` would run these arguments on, and why
     (``ring_chunks > 1``: the ring's steps choose again, each on its slice). Raises as that
     call would for a backend that cannot run them."""
+    k, v = expand_kv_heads(q, k, v)
     check_qkv(q, k, v)
     _check_pattern(pattern, q.shape[1])
     check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks, scale=None,
                   block_order=None, sharding="contiguous")
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
-                   dropout=dropout_of(dropout_p, 0) is not None, layout=None)
+                   dropout=dropout_of(dropout_p, 0) is not None, layout=None,
+                   q_offset=check_q_offset(q_offset))
     return choose(backend, req)
 
 
