@@ -42,7 +42,7 @@ from ..backends import check_backend
 from ..patterns import Pattern, check_positive_int
 from ..plan import Plans
 
-__all__ = ["NAME", "attention_forward", "use_pattern"]
+__all__ = ["NAME", "MaskStructure", "attention_forward", "mask_structure", "use_pattern"]
 
 NAME = "workbench"
 """The ``attn_implementation`` this module registers."""
@@ -53,13 +53,14 @@ PatternSpec = Pattern | Mapping[int, "Pattern | None"] | Callable[[int | None], 
 
 
 @dataclass
-class _Structure:
-    """What a transformers mask says: causal or not, where the queries sit, the real keys."""
+class MaskStructure:
+    """What a transformers mask says (:func:`mask_structure`): causal or not, the position of
+    the first query, and which keys are real."""
 
     causal: bool
     q_offset: int
     keys: Tensor | None  # bool [B, Sk]; None: every key of every batch element is real
-    patterns: dict = field(default_factory=dict)  # a layer's pattern -> the pattern to run
+    _runs: dict = field(default_factory=dict, repr=False, compare=False)  # pattern -> run
 
 
 @dataclass
@@ -71,7 +72,7 @@ class _Settings:
     backend: str = "auto"
     plans: Plans | None = None
     _layers: dict = field(default_factory=dict)
-    _last: tuple | None = None  # (mask ref, shape, _Structure) of the last mask
+    _last: tuple | None = None  # (mask ref, shape, MaskStructure) of the last mask
 
     def __getstate__(self) -> dict:  # what it derived is a cache: copies start without it
         return {**self.__dict__, "_layers": {}, "_last": None}
@@ -80,12 +81,12 @@ class _Settings:
         """Layer ``layer_idx``'s pattern (full attention where the spec names none)."""
         if layer_idx not in self._layers:
             spec = self.spec
-            if isinstance(spec, Mapping):
-                pat = spec.get(layer_idx)
-            elif callable(spec) and not isinstance(spec, Pattern):
-                pat = spec(layer_idx)
-            else:
+            if spec is None or isinstance(spec, Pattern):
                 pat = spec
+            elif isinstance(spec, Mapping):
+                pat = spec.get(layer_idx)
+            else:
+                pat = spec(layer_idx)
             if pat is not None and not isinstance(pat, Pattern):
                 raise TypeError(f"the pattern of layer {layer_idx} must be a workbench Pattern "
                                 f"or None, got {type(pat).__name__}")
@@ -93,7 +94,7 @@ class _Settings:
         return self._layers[layer_idx]
 
     def structure(self, mask: Tensor | None, causal: bool, batch: int, heads: int, q_len: int,
-                  k_len: int) -> _Structure:
+                  k_len: int) -> MaskStructure:
         """:func:`mask_structure` of ``mask``, kept while the same mask comes back (every layer
         of one forward pass receives the same one)."""
         shape = (causal, batch, heads, q_len, k_len)
@@ -172,7 +173,7 @@ def _allowed(mask: Tensor, batch: int, heads: int, q_len: int, k_len: int) -> Te
 
 
 def mask_structure(mask: Tensor | None, causal: bool, batch: int, heads: int, q_len: int,
-                   k_len: int) -> _Structure:
+                   k_len: int) -> MaskStructure:
     """Read a transformers attention mask as (causal or not, query offset, real keys).
 
     ``mask``: None (no padding: causal over the last ``Sq`` of ``Sk`` positions when
@@ -184,7 +185,7 @@ def mask_structure(mask: Tensor | None, causal: bool, batch: int, heads: int, q_
         ValueError: a mask that is neither causal nor bidirectional over per-batch real keys.
     """
     if mask is None:
-        return _Structure(causal, k_len - q_len if causal else 0, None)
+        return MaskStructure(causal, k_len - q_len if causal else 0, None)
     allowed = _allowed(mask, batch, heads, q_len, k_len)
     dev = allowed.device
     keys = allowed.any(1)  # [B, Sk]: a key nobody may see is padding
@@ -197,9 +198,9 @@ def mask_structure(mask: Tensor | None, causal: bool, batch: int, heads: int, q_
     is_full = torch.equal(allowed, keys[:, None, :].expand_as(allowed))
     real = None if bool(keys.all()) else keys
     if is_causal and (causal or not is_full):
-        return _Structure(True, shift, real)
+        return MaskStructure(True, shift, real)
     if is_full:
-        return _Structure(False, max(k_len - q_len, 0) if causal else 0, real)
+        return MaskStructure(False, max(k_len - q_len, 0) if causal else 0, real)
     raise ValueError(
         "attention_mask is neither causal nor bidirectional with key padding (a sliding "
         "window, chunked or packed sequences, a prefix): give that structure as the pattern "
@@ -207,17 +208,17 @@ def mask_structure(mask: Tensor | None, causal: bool, batch: int, heads: int, q_
         "mask")
 
 
-def _layer_pattern(pattern: Pattern, st: _Structure, batch: int, heads: int) -> Pattern:
+def _layer_pattern(pattern: Pattern, st: MaskStructure, batch: int, heads: int) -> Pattern:
     """The pattern a layer runs: its own, within the mask's causal band and real keys; with
     padding, over the batch folded into the heads (head ``b * H + h``)."""
-    if pattern not in st.patterns:
+    if pattern not in st._runs:
         run = pattern
         if st.causal and pattern.dense_form() != "causal":
             run = run & P.causal()
         if st.keys is not None:
             run = P.tile_batch(run, batch) & P.KeyMask(st.keys.repeat_interleave(heads, 0))
-        st.patterns[pattern] = run
-    return st.patterns[pattern]
+        st._runs[pattern] = run
+    return st._runs[pattern]
 
 
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
