@@ -1,6 +1,6 @@
 """Imports flow one way: no cycles; nothing in the attention code imports the lab (benchmarks,
-records, figures runner, command line); importing workbench loads neither the lab nor
-matplotlib."""
+records, figures runner, command line); importing workbench loads neither the lab, matplotlib
+nor the libraries of its integrations (transformers)."""
 
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ def test_no_attention_module_imports_the_lab():
         assert not bad, f"workbench/{rel} imports {sorted(bad)}"
 
 
-def test_importing_workbench_loads_neither_the_lab_nor_matplotlib():
+def test_importing_workbench_loads_neither_the_lab_nor_matplotlib_nor_transformers():
     code = ("import sys, workbench; print(sorted(m for m in sys.modules "
-            "if m.startswith(('workbench.lab', 'matplotlib', 'seaborn'))))")
+            "if m.startswith(('workbench.lab', 'matplotlib', 'seaborn', 'transformers', "
+            "'workbench.integrations.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]", out

@@ -78,12 +78,13 @@ def test_auto_keeps_block_sparse_backends_where_sdpa_cannot_serve(kwargs, sdpa_c
         torch.testing.assert_close(res, ref, atol=1e-10, rtol=1e-10)
 
 
-def test_offset_causal_slices_are_not_sdpas():
+def test_offset_causal_slices_are_sdpas_only_when_their_windows_start_or_end_together():
     lay = P.causal().block_structure(256, 64, "cpu")
     problem = B.Problem(lay, P.causal().predicate("cpu"), 0.25, dense_form="causal")
     assert B.sdpa_form(problem) == "causal"
-    assert B.sdpa_form(problem.slice((2, 4), (0, 4))) is None  # offsets 128 vs 0
-    assert B.sdpa_form(problem.slice((2, 4), (2, 4))) == "causal"
+    assert B.sdpa_form(problem.slice((2, 4), (0, 3))) is None  # offsets 128 vs 0, 64 ahead
+    assert B.sdpa_form(problem.slice((2, 4), (2, 4))) == "causal"  # start together
+    assert B.sdpa_form(problem.slice((2, 4), (0, 4))) == "causal"  # end together
     full = B.Problem(lay, P.full().predicate("cpu"), 0.25, dense_form="full")
     assert B.sdpa_form(full.slice((2, 4), (0, 1))) == "full"
     q = torch.zeros(1, 1, 256, 8)
@@ -93,9 +94,12 @@ def test_offset_causal_slices_are_not_sdpas():
 
     assert chosen(problem, need_lse=False) == "sdpa"
     assert chosen(problem, need_lse=True) == "blockwise"
-    assert chosen(problem.slice((2, 4), (0, 4)), need_lse=False) == "blockwise"
+    ahead, kv = problem.slice((2, 4), (0, 3)), q[:, :, :192]
+    assert B.choose("auto", B.Request.of(q[:, :, :128], kv, kv, ahead, False)).name == "blockwise"
     with pytest.raises(ValueError, match="dense or causal attention only"):
-        B.choose("sdpa", B.Request.of(q[:, :, :128], q, q, problem.slice((2, 4), (0, 4)), False))
+        B.choose("sdpa", B.Request.of(q[:, :, :128], kv, kv, ahead, False))
+    ending = problem.slice((2, 4), (0, 4))  # the last 128 of 256 positions: lower right
+    assert B.choose("sdpa", B.Request.of(q[:, :, :128], q, q, ending, False)).name == "sdpa"
 
 
 def test_a_module_with_a_causal_pattern_uses_sdpa(sdpa_calls):

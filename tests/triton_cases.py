@@ -126,6 +126,26 @@ def check_public_api(device, dtype, tol=2e-5):
         raise AssertionError("no error for head_dim 24")
 
 
+def check_query_offsets(device, dtype, tol=2e-5):
+    """Queries at an offset (one decoded token, a chunk starting inside a block), forward and
+    backward, through ``block_sparse_attention`` with grouped-query key/value heads."""
+    pat = (P.local_window(48) | P.global_tokens(4)) & P.causal()
+    for sq, sk, off in ((1, 150, 149), (37, 150, 100)):
+        q, k, v = _inputs(1, 2, sq, sk, 32, dtype, device, seed=sq)
+        k, v = k[:, :1], v[:, :1]
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref_xs = [x.double().requires_grad_() for x in (q, k, v)]
+        out = wb.block_sparse_attention(*xs, pat, 32, backend="triton", q_offset=off)
+        ref = wb.block_sparse_attention(*ref_xs, pat, 32, backend="reference", q_offset=off)
+        err = (out.double() - ref).abs().max().item()
+        assert err < tol, f"q_offset={off}: out differs by {err}"
+        got = torch.autograd.grad(out.double().square().sum(), xs)
+        want = torch.autograd.grad(ref.square().sum(), ref_xs)
+        for a, b in zip(got, want):
+            err = (a.double() - b).abs().max().item()
+            assert err < tol * 10, f"q_offset={off}: a gradient differs by {err}"
+
+
 def check_row_dot(device: str, dtype) -> None:
     """The backward's ``delta``: rows not a multiple of a program's, and a log-sum-exp gradient."""
     from workbench.backends.triton_sparse import _delta
@@ -149,6 +169,7 @@ def run_all(device: str = "cpu", dtype=torch.float32, tol: float = 2e-5) -> None
     for case in GRAD_CASES:
         check_grad_case(*case, device=device, dtype=dtype, tol=tol * 5)
     check_public_api(device, dtype, tol)
+    check_query_offsets(device, dtype, tol)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,15 @@ from .distributed import distributed_ring_attention
 from .layout import BlockLayout
 from .orderings import check_block_order
 from .patterns import Pattern, check_positive_int, head_predicate
-from .plan import LastCall, Plan, Plans, check_plans, plan_for
+from .plan import (
+    LastCall,
+    Plan,
+    Plans,
+    check_plans,
+    check_q_offset,
+    plan_for,
+    query_window_layout,
+)
 from .ring import ring_attention
 from .score_mods import ScoreMod, check_score_mod
 from .sharding import check_sharding
@@ -43,6 +51,7 @@ __all__ = [
     "check_qkv",
     "check_scale",
     "dropout_of",
+    "expand_kv_heads",
     "explain_backend",
     "prepare",
 ]
@@ -74,6 +83,22 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+
+
+def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``k, v`` with ``H_kv`` heads repeated to q's ``H`` (grouped-query attention: query head
+    ``h`` reads key/value head ``h // (H / H_kv)``); unchanged when the heads already match or
+    the shapes are not ``[B, heads, S, D]`` (:func:`check_qkv` says what is wrong)."""
+    if not all(isinstance(x, Tensor) and x.dim() == 4 for x in (q, k, v)):
+        return k, v
+    h, hk = q.shape[1], k.shape[1]
+    if hk == h and v.shape[1] == h:
+        return k, v
+    if hk != v.shape[1] or hk == 0 or h % hk:
+        raise ValueError(
+            f"k and v must have q's {h} heads or one divisor of it (grouped-query attention), "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    return k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
 
 
 def check_scale(scale: object) -> None:
@@ -129,12 +154,15 @@ def block_sparse_attention(
     sharding: str = "contiguous",
     plan: Plan | Plans | None = None,
     score_mod: ScoreMod | None = None,
+    q_offset: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention restricted to ``pattern``, computed tile by tile.
 
     Args:
-        q, k, v: ``[B, H, Sq, D]``, ``[B, H, Sk, D]``, ``[B, H, Sk, Dv]``; any length (no
-            multiple of ``block_size`` needed: padding never changes the result).
+        q, k, v: ``[B, H, Sq, D]``, ``[B, H_kv, Sk, D]``, ``[B, H_kv, Sk, Dv]``; any length
+            (no multiple of ``block_size`` needed: padding never changes the result).
+            ``H_kv`` divides ``H`` (grouped-query attention): query head ``h`` attends with
+            key/value head ``h // (H / H_kv)``; the pattern's heads are the query heads.
         pattern: which (query, key) pairs may attend (:mod:`workbench.patterns`); 1 head or H.
         block_size: tile edge in tokens.
         backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"``, ``"sdpa"`` (dense or
@@ -176,13 +204,21 @@ def block_sparse_attention(
             and softmax, at absolute positions; only on the computed tiles. Needs
             ``blockwise``, ``flex`` or ``reference`` (``auto`` picks one); not with a
             process group.
+        q_offset: the queries are positions ``q_offset, ..., q_offset + Sq - 1`` of the
+            sequence whose positions ``0, ..., Sk - 1`` are the keys: the pattern is applied
+            at those positions (a decoder with a KV cache passes ``Sk - Sq``; a chunk of a long
+            prefill passes its start). Any offset, not only multiples of ``block_size``; one
+            device only (no ``process_group``); a plan made with the same ``q_offset``, not a
+            ``layout``.
 
     Returns:
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
         outputs zeros.
     """
+    k, v = expand_kv_heads(q, k, v)
     check_qkv(q, k, v)
     _check_pattern(pattern, q.shape[1])
+    check_q_offset(q_offset)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     block_order = check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks,
@@ -192,6 +228,9 @@ def block_sparse_attention(
         raise BackendUnsupported(NO_LSE)
     if plan is not None and layout is not None:
         raise ValueError("give a layout or a plan, not both (a plan holds its layout)")
+    if q_offset and (process_group is not None or layout is not None):
+        raise ValueError("q_offset works on one device and with a plan, not with a "
+                         "process_group or a layout: give plan=wb.Plan(..., q_offset=...)")
     if process_group is not None:
         if score_mod is not None:
             raise NotImplementedError("score_mod is not supported under a process_group; use "
@@ -210,28 +249,29 @@ def block_sparse_attention(
         layout.check(pattern, q.shape[2], k.shape[2], block_size)
     if isinstance(plan, Plans):  # looked up only when the call is not the last one again
         layout = lambda: plan.get(pattern, q.shape[2], k.shape[2], block_size,  # noqa: E731
-                                  q.device).layout
+                                  q.device, q_offset).layout
     elif plan is not None:
-        held = plan_for(plan, pattern, q.shape[2], k.shape[2], block_size, q.device)
+        held = plan_for(plan, pattern, q.shape[2], k.shape[2], block_size, q.device, q_offset)
         layout = lambda: held.layout  # noqa: E731 (built only if a backend needs it)
     return attend(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
                   scale=scale, ring_chunks=ring_chunks, block_order=block_order,
                   dropout=dropout_of(dropout_p, dropout_seed), layout=layout, score_mod=score_mod,
-                  last=None if plan is None else plan.last_call)
+                  q_offset=q_offset, last=None if plan is None else plan.last_call)
 
 
 def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *,
              need_lse: bool, dropout: bool, layout: BlockLayout | Callable[[], BlockLayout] | None,
-             score_mod: ScoreMod | None = None) -> Request:
+             score_mod: ScoreMod | None = None, q_offset: int = 0) -> Request:
     """The request of one call; its layout is ``layout``, or built on first use."""
     if isinstance(layout, BlockLayout) or layout is None:
         given = layout
 
         def build() -> BlockLayout:
-            return pattern.block_structure(q.shape[2], block_size, q.device, k_len=k.shape[2])
+            return query_window_layout(pattern, q.shape[2], k.shape[2], block_size, q.device,
+                                       q_offset)
     else:
         given, build = None, layout
-    return Request(q, k, v, need_lse, pattern.dense_form(), dropout, pattern,
+    return Request(q, k, v, need_lse, pattern.dense_form(), dropout, pattern, q_offset=q_offset,
                    block_size=block_size, build_layout=build, _layout=given, score_mod=score_mod)
 
 
@@ -239,21 +279,22 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, 
             return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
             dropout: AttentionDropout | None,
             layout: BlockLayout | Callable[[], BlockLayout] | None = None,
-            score_mod: ScoreMod | None = None) -> Runner:
+            score_mod: ScoreMod | None = None, q_offset: int = 0) -> Runner:
     """The dispatch of :func:`block_sparse_attention` on one device, arguments already checked:
     chooses the backend and prepares it (layout, mask, plan, scale), returning ``runner(q, k,
     v) -> (out, lse or None)`` for inputs of these shapes, dtype, device and grad mode.
     ``layout`` may be a function that builds (or looks up) the layout, called only if the
-    backend needs one."""
+    backend needs one; ``q_offset`` is the position of the first query."""
     if q.numel() == 0:  # no batch or no heads: nothing to attend
         return _empty_attention
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
-                   dropout=dropout is not None, layout=layout, score_mod=score_mod)
+                   dropout=dropout is not None, layout=layout, score_mod=score_mod,
+                   q_offset=q_offset)
     chosen = get_backend(choose(backend, req).name)
-    if ring_chunks == 1 and chosen.prepare_pattern is not None:  # needs no block layout
+    if ring_chunks == 1 and q_offset == 0 and chosen.prepare_pattern is not None:  # no layout
         return chosen.prepare_pattern(q, k, v, pattern, scale, return_lse, block_size)
-    problem = Problem(req.layout, head_predicate(pattern, q.device), scale,
+    problem = Problem(req.layout, head_predicate(pattern, q.device), scale, q_offset=q_offset,
                       label=repr(pattern), block_order=block_order, dropout=dropout,
                       dense_form=pattern.dense_form(), pattern=pattern, score_mod=score_mod)
     if ring_chunks > 1:
@@ -272,7 +313,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
            return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
            dropout: AttentionDropout | None,
            layout: BlockLayout | Callable[[], BlockLayout] | None = None,
-           score_mod: ScoreMod | None = None,
+           score_mod: ScoreMod | None = None, q_offset: int = 0,
            last: LastCall | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`block_sparse_attention` on one device, arguments already checked: the runner of
     :func:`prepare`, taken from ``last`` when this call repeats the one it was kept for (same
@@ -281,32 +322,34 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
     if last is None:
         run = prepare(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
                       scale=scale, ring_chunks=ring_chunks, block_order=block_order,
-                      dropout=dropout, layout=layout, score_mod=score_mod)
+                      dropout=dropout, layout=layout, score_mod=score_mod, q_offset=q_offset)
     else:
         key = call_key(q, k, v, id(pattern), block_size, backend, return_lse, scale,
                        ring_chunks, block_order, dropout, id(score_mod),
-                       score_mod is not None and torch.is_grad_enabled())
+                       score_mod is not None and torch.is_grad_enabled(), q_offset)
         run = last.get(key, pattern, lambda: prepare(
             q, k, v, pattern, block_size, backend=backend, return_lse=return_lse, scale=scale,
             ring_chunks=ring_chunks, block_order=block_order, dropout=dropout, layout=layout,
-            score_mod=score_mod))
+            score_mod=score_mod, q_offset=q_offset))
     out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
 
 
 def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int = 64, *,
                     backend: str = "auto", return_lse: bool = False, ring_chunks: int = 1,
-                    dropout_p: float = 0.0, score_mod: ScoreMod | None = None) -> Choice:
+                    dropout_p: float = 0.0, score_mod: ScoreMod | None = None,
+                    q_offset: int = 0) -> Choice:
     """The backend :func:`block_sparse_attention` would run these arguments on, and why
     (``ring_chunks > 1``: the ring's steps choose again, each on its slice). Raises as that
     call would for a backend that cannot run them."""
+    k, v = expand_kv_heads(q, k, v)
     check_qkv(q, k, v)
     _check_pattern(pattern, q.shape[1])
     check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks, scale=None,
                   block_order=None, sharding="contiguous")
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
                    dropout=dropout_of(dropout_p, 0) is not None, layout=None,
-                   score_mod=check_score_mod(score_mod))
+                   score_mod=check_score_mod(score_mod), q_offset=check_q_offset(q_offset))
     return choose(backend, req)
 
 

@@ -308,6 +308,29 @@ class BlockLayout:
             source=self.source,
         )
 
+    def query_window(self, start: int, q_len: int) -> BlockLayout:
+        """The layout of the ``q_len`` queries from local position ``start`` on, in tiles that
+        begin at ``start`` (which need not be a multiple of the block size).
+
+        A tile that begins inside a block overlaps two of this layout's query rows: it is
+        active where either of them is and full only where both are. That may mark a tile
+        active that holds no allowed pair, never the reverse, so the result stays exact: the
+        partial tiles are decided by the pattern's predicate at the queries' true positions.
+        """
+        b, n = self.block_size, num_blocks(q_len, self.block_size)
+        if not (0 <= start and 0 < q_len and start + q_len <= self.q_len):
+            raise ValueError(f"the query window [{start}, {start + q_len}) must lie in the "
+                             f"layout's {self.q_len} queries")
+        first, shift = divmod(start, b)
+        act, ful = self.active[:, first:first + n + 1], self.full[:, first:first + n + 1]
+        if shift:
+            pad = (0, 0, 0, n + 1 - act.shape[1])  # a row past the end: no pair, no obstacle
+            act = torch.nn.functional.pad(act, pad, value=False)
+            ful = torch.nn.functional.pad(ful, pad, value=True)
+            act = act[:, :n] | act[:, 1:]
+            ful = ful[:, :n] & ful[:, 1:] & act
+        return BlockLayout(act[:, :n], ful[:, :n], q_len, self.k_len, b, self.source)
+
     def coarsen(self, factor: int) -> BlockLayout:
         """The same layout with tiles ``factor`` times larger (any / all over sub-tiles)."""
         if factor == 1:

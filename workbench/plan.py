@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from .layout import BlockLayout, held_bytes
+from .layout import BlockLayout, held_bytes, num_blocks
 from .patterns import Pattern
 
-__all__ = ["LastCall", "Plan", "Plans", "check_plans", "plan_for"]
+__all__ = ["LastCall", "Plan", "Plans", "check_plans", "check_q_offset", "plan_for",
+           "query_window_layout"]
 
 
 class LastCall:
@@ -50,18 +51,47 @@ class LastCall:
         return runner
 
 
+def check_q_offset(q_offset: object) -> int:
+    """``q_offset`` if it is an int ``>= 0`` (not a bool); a ``TypeError`` or ``ValueError``
+    naming it otherwise."""
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int):
+        raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__} "
+                        f"({q_offset!r})")
+    if q_offset < 0:
+        raise ValueError(f"q_offset must be >= 0 (the position of the first query), got "
+                         f"{q_offset}")
+    return q_offset
+
+
+def query_window_layout(pattern: Pattern, q_len: int, k_len: int, block_size: int,
+                        device: torch.device | str = "cpu", q_offset: int = 0) -> BlockLayout:
+    """``pattern``'s exact layout for ``q_len`` queries at positions ``q_offset, ...,
+    q_offset + q_len - 1`` against keys ``0, ..., k_len - 1`` (what a decoder with a KV cache
+    attends), built from the rows of the whole problem that hold those queries
+    (:meth:`~workbench.layout.BlockLayout.query_window`)."""
+    if check_q_offset(q_offset) == 0:
+        return pattern.block_structure(q_len, block_size, device, k_len=k_len)
+    first, end = q_offset // block_size, num_blocks(q_offset + q_len, block_size)
+    rows = pattern.block_structure(q_offset + q_len, block_size, device, k_len=k_len,
+                                   rows=(first, end))
+    return rows.query_window(q_offset - first * block_size, q_len)
+
+
 class Plan:
     """``pattern`` on ``q_len`` queries and ``k_len`` keys (default ``q_len``) in tiles of
-    ``block_size`` on ``device``; its layout is built on first use (:attr:`layout`), or only
-    some query rows of it (:meth:`rows`, what one rank of a distributed ring needs)."""
+    ``block_size`` on ``device``, the queries at positions ``q_offset, ...`` (keys from 0);
+    its layout is built on first use (:attr:`layout`), or only some query rows of it
+    (:meth:`rows`, what one rank of a distributed ring needs)."""
 
     def __init__(self, pattern: Pattern, q_len: int, k_len: int | None = None,
-                 block_size: int = 64, device: torch.device | str = "cpu") -> None:
+                 block_size: int = 64, device: torch.device | str = "cpu", *,
+                 q_offset: int = 0) -> None:
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a workbench Pattern, got {type(pattern).__name__}")
         self.pattern, self.q_len = pattern, q_len
         self.k_len = q_len if k_len is None else k_len
         self.block_size, self.device = block_size, torch.device(device)
+        self.q_offset = check_q_offset(q_offset)
         self._layout: BlockLayout | None = None
         self._rows: dict[tuple, list[BlockLayout]] = {}
         self.last_call = LastCall()
@@ -70,8 +100,8 @@ class Plan:
     def layout(self) -> BlockLayout:
         """The exact block layout, built on first use and kept."""
         if self._layout is None:
-            self._layout = self.pattern.block_structure(self.q_len, self.block_size, self.device,
-                                                        k_len=self.k_len)
+            self._layout = query_window_layout(self.pattern, self.q_len, self.k_len,
+                                               self.block_size, self.device, self.q_offset)
         return self._layout
 
     @property
@@ -84,7 +114,7 @@ class Plan:
         first use without the other rows (the whole layout's slices, if it is built)."""
         key = tuple(map(tuple, runs))
         if key not in self._rows:
-            nk = self.layout.shape[2] if self.built else None
+            nk = self.layout.shape[2] if self.built or self.q_offset else None
             self._rows[key] = [
                 self._layout.slice(r, (0, nk)) if self._layout is not None else
                 self.pattern.block_structure(self.q_len, self.block_size, self.device,
@@ -99,12 +129,14 @@ class Plan:
         return held_bytes(held)
 
     def matches(self, pattern: Pattern, q_len: int, k_len: int, block_size: int,
-                device: torch.device) -> bool:
-        return (self.pattern == pattern and (self.q_len, self.k_len, self.block_size) ==
-                (q_len, k_len, block_size) and self.device == device)
+                device: torch.device, q_offset: int = 0) -> bool:
+        return (self.pattern == pattern and (self.q_len, self.k_len, self.block_size,
+                                             self.q_offset) ==
+                (q_len, k_len, block_size, q_offset) and self.device == device)
 
     def __repr__(self) -> str:
-        return (f"Plan({self.pattern!r}, q_len={self.q_len}, k_len={self.k_len}, "
+        offset = f", q_offset={self.q_offset}" if self.q_offset else ""
+        return (f"Plan({self.pattern!r}, q_len={self.q_len}, k_len={self.k_len}{offset}, "
                 f"block_size={self.block_size}, device='{self.device}', "
                 f"built={self.built}, nbytes={self.nbytes()})")
 
@@ -133,13 +165,14 @@ class Plans:
         self.__init__(state["size"])
 
     def get(self, pattern: Pattern, q_len: int, k_len: int, block_size: int,
-            device: torch.device | str) -> Plan:
+            device: torch.device | str, q_offset: int = 0) -> Plan:
         """The plan for these arguments, kept for the next call."""
         device = torch.device(device)
-        key = (pattern, q_len, k_len, block_size, device)
+        key = (pattern, q_len, k_len, block_size, device, q_offset)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = Plan(pattern, q_len, k_len, block_size, device)
+            plan = self._plans[key] = Plan(pattern, q_len, k_len, block_size, device,
+                                           q_offset=q_offset)
             if len(self._plans) > self.size:
                 self._plans.popitem(last=False)
         else:
@@ -156,19 +189,20 @@ class Plans:
 
 
 def plan_for(plan: Plan | Plans, pattern: Pattern, q_len: int, k_len: int, block_size: int,
-             device: torch.device | str) -> Plan:
+             device: torch.device | str, q_offset: int = 0) -> Plan:
     """The :class:`Plan` of a call: ``plan`` itself when it was made for these arguments (else a
     ``ValueError`` naming what differs), or the one ``plan`` (a :class:`Plans`) keeps for them."""
     device = torch.device(device)
     if isinstance(plan, Plans):
-        return plan.get(pattern, q_len, k_len, block_size, device)
+        return plan.get(pattern, q_len, k_len, block_size, device, q_offset)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a workbench Plan or Plans, got {type(plan).__name__}")
-    if not plan.matches(pattern, q_len, k_len, block_size, device):
+    if not plan.matches(pattern, q_len, k_len, block_size, device, q_offset):
         raise ValueError(
             f"plan is for {plan.pattern!r} at q_len={plan.q_len}, k_len={plan.k_len}, "
-            f"block_size={plan.block_size} on {plan.device}; this call is {pattern!r} at "
-            f"q_len={q_len}, k_len={k_len}, block_size={block_size} on {device}")
+            f"q_offset={plan.q_offset}, block_size={plan.block_size} on {plan.device}; this "
+            f"call is {pattern!r} at q_len={q_len}, k_len={k_len}, q_offset={q_offset}, "
+            f"block_size={block_size} on {device}")
     return plan
 
 

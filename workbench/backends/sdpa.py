@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from .problem import Problem
 from .registry import Backend, Capabilities, Request, Runner
@@ -22,15 +23,20 @@ NO_LSE = ("backend 'sdpa' gives no log-sum-exp, which return_lse, a ring (ring_c
 """The error of asking ``sdpa`` for what needs the log-sum-exp."""
 
 
-def sdpa_serves(form: str | None, *, k_len: int, dropout: bool, q_offset: int = 0,
-                k_offset: int = 0) -> str | None:
+def sdpa_serves(form: str | None, *, q_len: int, k_len: int, dropout: bool,
+                q_offset: int = 0, k_offset: int = 0) -> str | None:
     """``form`` (a pattern's :meth:`~workbench.patterns.Pattern.dense_form`) when
-    ``scaled_dot_product_attention`` computes it exactly over ``k_len`` keys, else ``None``.
+    ``scaled_dot_product_attention`` computes it exactly for ``q_len`` queries over ``k_len``
+    keys, else ``None``.
 
-    Its causal mask is aligned at the top left (local query ``i`` sees local keys ``j <= i``),
-    so a causal problem needs equal query and key offsets. No keys at all, or attention
-    ``dropout`` (ours is a hash of positions, not SDPA's random stream), answer ``None``."""
-    if dropout or k_len == 0 or (form == "causal" and q_offset != k_offset):
+    Its causal masks are aligned at the top left (``is_causal``: local query ``i`` sees local
+    keys ``j <= i``) or at the bottom right (``causal_lower_right``: the queries are the last
+    ``q_len`` positions of the keys, as in decoding with a KV cache), so a causal problem needs
+    its query window to start with the key window or to end with it. No keys at all, or
+    attention ``dropout`` (ours is a hash of positions, not SDPA's random stream), answer
+    ``None``."""
+    aligned = q_offset - k_offset in (0, k_len - q_len)
+    if dropout or k_len == 0 or (form == "causal" and not aligned):
         return None
     return form
 
@@ -38,9 +44,9 @@ def sdpa_serves(form: str | None, *, k_len: int, dropout: bool, q_offset: int = 
 def sdpa_form(problem: Problem) -> str | None:
     """``"full"`` or ``"causal"`` when ``scaled_dot_product_attention`` computes ``problem``
     exactly (``is_causal`` for the latter), else ``None`` (see :func:`sdpa_serves`)."""
-    return sdpa_serves(problem.dense_form, k_len=problem.layout.k_len,
-                       dropout=problem.dropout is not None, q_offset=problem.q_offset,
-                       k_offset=problem.k_offset)
+    return sdpa_serves(problem.dense_form, q_len=problem.layout.q_len,
+                       k_len=problem.layout.k_len, dropout=problem.dropout is not None,
+                       q_offset=problem.q_offset, k_offset=problem.k_offset)
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> Tensor:
@@ -50,15 +56,23 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> Tensor:
         raise ValueError(
             f"backend 'sdpa' computes dense or causal attention only, without attention "
             f"dropout; {problem.label or 'this problem'} is not that (use 'auto')")
-    return dense_sdpa(q, k, v, form, problem.scale)
+    return dense_sdpa(q, k, v, form, problem.scale, problem.q_offset - problem.k_offset)
 
 
-def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float) -> Tensor:
+def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float, shift: int = 0
+               ) -> Tensor:
     """Attention of the whole of ``q`` over the whole of ``k, v``: ``form`` ``"full"``, or
-    ``"causal"`` (local query ``i`` sees keys ``j <= i``). Needs no block layout."""
+    ``"causal"`` (local query ``i`` sees keys ``j <= i + shift``; ``shift`` is 0 or
+    ``Sk - Sq``, the queries being the last of the keys' positions). Needs no block layout."""
     if form not in ("full", "causal"):
         raise ValueError(f"form must be 'full' or 'causal', got {form!r}")
-    return F.scaled_dot_product_attention(q, k, v, is_causal=form == "causal", scale=scale)
+    sq, sk = q.shape[2], k.shape[2]
+    if form == "full" or shift == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=form == "causal", scale=scale)
+    if shift != sk - sq:
+        raise ValueError(f"a causal shift must be 0 or Sk - Sq = {sk - sq}, got {shift}")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk),
+                                          scale=scale)
 
 
 def _runner(form: str, scale: float) -> Runner:
@@ -66,10 +80,10 @@ def _runner(form: str, scale: float) -> Runner:
 
 
 def _refuses(req: Request) -> str | None:
-    if sdpa_serves(req.dense_form, k_len=req.k_len, dropout=req.dropout,
+    if sdpa_serves(req.dense_form, q_len=req.q.shape[2], k_len=req.k_len, dropout=req.dropout,
                    q_offset=req.q_offset, k_offset=req.k_offset) is None:
         return ("computes dense or causal attention only (causal with query and key windows "
-                "that start together)")
+                "that start or end together)")
     return None
 
 
