@@ -282,8 +282,7 @@ def test_a_prepared_flex_call_compiles_within_the_limit_and_repeats_without_it(m
             raise FailOnRecompileLimitHit("limit")
         return q
 
-    monkeypatch.setattr(flex, "_compiled", lambda: (fake, torch._dynamo.config.patch(
-        recompile_limit=flex.RECOMPILE_LIMIT)))
+    monkeypatch.setattr(flex, "_compiled", lambda: fake)
     q, k, v = make_qkv(b=1, h=2, s=64, d=16, dtype=torch.float32, requires_grad=False)
     problem = Problem(PATTERN.block_structure(64, B), PATTERN.allowed, 0.25, label="p")
     run = flex.prepare_flex(q, k, v, problem, need_lse=False)

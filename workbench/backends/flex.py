@@ -89,13 +89,10 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
 
 @lru_cache(maxsize=1)
 def _compiled():
-    """The compiled kernel, and the Dynamo settings a call that may compile runs under (raise,
-    do not fall back to eager attention, at :data:`RECOMPILE_LIMIT` compiles)."""
+    """The compiled kernel (one per process; a graph break is an error)."""
     from torch.nn.attention.flex_attention import flex_attention as fa
 
-    limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
-                                        fail_on_recompile_limit_hit=True)
-    return torch.compile(fa, dynamic=False, fullgraph=True), limits  # a graph break is an error
+    return torch.compile(fa, dynamic=False, fullgraph=True)
 
 
 def kernel_options(device: torch.device) -> dict[str, object] | None:
@@ -126,7 +123,7 @@ def prepare_flex(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bo
               file=sys.stderr)
     backward = Request(q, k, v, need_lse, score_mod=mod).grad
     mask = cached_block_mask(problem, q.device, backward)
-    compiled, _ = _compiled()
+    compiled = _compiled()
     scale, options = problem.scale, kernel_options(q.device)
     score_mod = _offset_score_mod(problem, q.device)
 
@@ -155,7 +152,8 @@ def _within_limit(call: Callable[[Tensor, Tensor, Tensor], object], q: Tensor, k
                   v: Tensor):
     """``call(q, k, v)``, compiling if need be, with up to :data:`RECOMPILE_LIMIT` compiles."""
     try:
-        with _compiled()[1]:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                        fail_on_recompile_limit_hit=True):
             return call(q, k, v)
     except torch._dynamo.exc.FailOnRecompileLimitHit as e:
         raise RuntimeError(

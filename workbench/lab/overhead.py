@@ -66,7 +66,7 @@ def _kernel(pattern: P.Pattern, plan: Plan, q: Tensor, k: Tensor, v: Tensor) -> 
                       dense_form=pattern.dense_form(), pattern=pattern)
     if backend == "flex":
         mask = flex_backend.cached_block_mask(problem, q.device, backward=False)
-        compiled, _ = flex_backend._compiled()
+        compiled = flex_backend._compiled()
         options = flex_backend.kernel_options(q.device)
         return backend, lambda q, k, v: compiled(q, k, v, block_mask=mask, scale=scale,
                                                  kernel_options=options)
