@@ -14,6 +14,7 @@ from conftest import make_qkv
 
 import workbench as wb
 from workbench.multihead import BlockSparseMultiheadAttention
+from workbench.plan import plan_for
 
 P = wb.patterns
 
@@ -116,3 +117,15 @@ def test_multihead_layers_given_one_plans_build_one_layout_per_form(monkeypatch)
     b = m(x, x, x, need_weights=False, is_causal=True, key_padding_mask=pad)[0]
     torch.testing.assert_close(a, b)
     assert len(built) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_plan_on_cuda_serves_tensors_on_the_current_cuda_device():
+    pattern = P.local_window(8)
+    q = torch.randn(1, 2, 40, 16, device="cuda")
+    plan = wb.Plan(pattern, 40, block_size=16, device="cuda")
+    out = wb.block_sparse_attention(q, q, q, pattern, 16, plan=plan)
+    ref = wb.block_sparse_attention(q, q, q, pattern, 16)
+    torch.testing.assert_close(out, ref)
+    assert plan_for(plan, pattern, 40, 40, 16, q.device) is plan

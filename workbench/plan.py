@@ -51,6 +51,16 @@ class LastCall:
         return runner
 
 
+def _device(device: torch.device | str) -> torch.device:
+    """``device`` with its index: ``"cuda"`` is the current CUDA device, as tensors say."""
+    device = torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        module = getattr(torch, device.type, None)
+        if module is not None and hasattr(module, "current_device") and module.is_available():
+            return torch.device(device.type, module.current_device())
+    return device
+
+
 def check_q_offset(q_offset: object) -> int:
     """``q_offset`` if it is an int ``>= 0`` (not a bool); a ``TypeError`` or ``ValueError``
     naming it otherwise."""
@@ -90,7 +100,7 @@ class Plan:
             raise TypeError(f"pattern must be a workbench Pattern, got {type(pattern).__name__}")
         self.pattern, self.q_len = pattern, q_len
         self.k_len = q_len if k_len is None else k_len
-        self.block_size, self.device = block_size, torch.device(device)
+        self.block_size, self.device = block_size, _device(device)
         self.q_offset = check_q_offset(q_offset)
         self._layout: BlockLayout | None = None
         self._rows: dict[tuple, list[BlockLayout]] = {}
@@ -167,7 +177,7 @@ class Plans:
     def get(self, pattern: Pattern, q_len: int, k_len: int, block_size: int,
             device: torch.device | str, q_offset: int = 0) -> Plan:
         """The plan for these arguments, kept for the next call."""
-        device = torch.device(device)
+        device = _device(device)
         key = (pattern, q_len, k_len, block_size, device, q_offset)
         plan = self._plans.get(key)
         if plan is None:
@@ -192,7 +202,7 @@ def plan_for(plan: Plan | Plans, pattern: Pattern, q_len: int, k_len: int, block
              device: torch.device | str, q_offset: int = 0) -> Plan:
     """The :class:`Plan` of a call: ``plan`` itself when it was made for these arguments (else a
     ``ValueError`` naming what differs), or the one ``plan`` (a :class:`Plans`) keeps for them."""
-    device = torch.device(device)
+    device = _device(device)
     if isinstance(plan, Plans):
         return plan.get(pattern, q_len, k_len, block_size, device, q_offset)
     if not isinstance(plan, Plan):

@@ -284,7 +284,7 @@ def _check_figures(args: argparse.Namespace) -> None:
                 raise UsageError(f"-p {name}: no notebook run here has a parameter {name!r}; "
                                  f"{hint}")
     _require_module("papermill", "figures (running notebooks)",
-                    "pip install -e '.[notebooks]' (--list and --check need no papermill)")
+                    "pip install 'workbench[notebooks]' (--list and --check need no papermill)")
 
 
 def _check_bench(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from .core import ExplorerState, ViewT, advance
 
 __all__ = ["Explorer", "figure_canvas", "message_html"]
 
-INSTALL_HINT = "the explorers need ipywidgets and ipympl: pip install -e '.[notebooks]'"
+INSTALL_HINT = "the explorers need ipywidgets and ipympl: pip install 'workbench[notebooks]'"
 
 
 def _widgets():
