@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from .layout import BlockLayout, held_bytes, num_blocks
-from .patterns import Pattern
+from .patterns import Pattern, check_int
 
-__all__ = ["LastCall", "Plan", "Plans", "check_plans", "check_q_offset", "plan_for",
-           "query_window_layout"]
+__all__ = ["LastCall", "Plan", "Plans", "canonical_device", "check_plans", "check_q_offset",
+           "plan_for", "query_window_layout"]
 
 
 class LastCall:
@@ -51,8 +51,9 @@ class LastCall:
         return runner
 
 
-def _device(device: torch.device | str) -> torch.device:
-    """``device`` with its index: ``"cuda"`` is the current CUDA device, as tensors say."""
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index, as a tensor on it reports it: ``"cuda"`` is the current CUDA
+    device (when one is available)."""
     device = torch.device(device)
     if device.index is None and device.type not in ("cpu", "meta"):
         module = getattr(torch, device.type, None)
@@ -62,15 +63,9 @@ def _device(device: torch.device | str) -> torch.device:
 
 
 def check_q_offset(q_offset: object) -> int:
-    """``q_offset`` if it is an int ``>= 0`` (not a bool); a ``TypeError`` or ``ValueError``
-    naming it otherwise."""
-    if isinstance(q_offset, bool) or not isinstance(q_offset, int):
-        raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__} "
-                        f"({q_offset!r})")
-    if q_offset < 0:
-        raise ValueError(f"q_offset must be >= 0 (the position of the first query), got "
-                         f"{q_offset}")
-    return q_offset
+    """``q_offset`` if it is an int ``>= 0`` (not a bool) within int32 positions; a
+    ``TypeError`` or ``ValueError`` naming it otherwise."""
+    return check_int("q_offset", q_offset, 0)
 
 
 def query_window_layout(pattern: Pattern, q_len: int, k_len: int, block_size: int,
@@ -100,7 +95,7 @@ class Plan:
             raise TypeError(f"pattern must be a workbench Pattern, got {type(pattern).__name__}")
         self.pattern, self.q_len = pattern, q_len
         self.k_len = q_len if k_len is None else k_len
-        self.block_size, self.device = block_size, _device(device)
+        self.block_size, self.device = block_size, canonical_device(device)
         self.q_offset = check_q_offset(q_offset)
         self._layout: BlockLayout | None = None
         self._rows: dict[tuple, list[BlockLayout]] = {}
@@ -177,7 +172,7 @@ class Plans:
     def get(self, pattern: Pattern, q_len: int, k_len: int, block_size: int,
             device: torch.device | str, q_offset: int = 0) -> Plan:
         """The plan for these arguments, kept for the next call."""
-        device = _device(device)
+        device = canonical_device(device)
         key = (pattern, q_len, k_len, block_size, device, q_offset)
         plan = self._plans.get(key)
         if plan is None:
@@ -202,7 +197,7 @@ def plan_for(plan: Plan | Plans, pattern: Pattern, q_len: int, k_len: int, block
              device: torch.device | str, q_offset: int = 0) -> Plan:
     """The :class:`Plan` of a call: ``plan`` itself when it was made for these arguments (else a
     ``ValueError`` naming what differs), or the one ``plan`` (a :class:`Plans`) keeps for them."""
-    device = _device(device)
+    device = canonical_device(device)
     if isinstance(plan, Plans):
         return plan.get(pattern, q_len, k_len, block_size, device, q_offset)
     if not isinstance(plan, Plan):

@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import patterns as P
 from ..attention import BlockSparseAttention
 from ..dilated import dilated_attention
+from ..plan import canonical_device
 from .records import environment, write_csv
 
 __all__ = ["BenchConfig", "DEFAULT_FAMILIES", "RECORDED", "VARIANTS", "bench_families",
@@ -471,7 +472,7 @@ def emulated_memory(dev: torch.device, memory_gib: float | None) -> Iterator[dic
         raise ValueError(f"memory_gib emulates a smaller GPU; {dev} has no memory cap")
     torch.cuda.init()
     torch.cuda.empty_cache()
-    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    dev = canonical_device(dev)
     total = torch.cuda.get_device_properties(dev).total_memory
     fraction = allocator_fraction(memory_gib * 2**30, total, _outside_allocator(dev))
     torch.cuda.set_per_process_memory_fraction(fraction, dev)

@@ -24,6 +24,7 @@ from .bands import (
 from .base import (
     Pattern,
     check_density,
+    check_int,
     check_positive_int,
     describe,
     head_predicate,
@@ -53,6 +54,7 @@ __all__ = [
     "causal",
     "check_density",
     "check_dilation_pairs",
+    "check_int",
     "check_positive_int",
     "describe",
     "dilated",

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..layout import MAX_POSITION, block_extents
 from .algebra import Union
-from .base import Pattern, _check_int
+from .base import Pattern, check_int
 
 
 class Band(Pattern):
@@ -148,7 +148,7 @@ def local_window(window: int, causal: bool = False) -> Pattern:
     keys (itself and the ``window - 1`` before it, fewer at the start), the convention of
     Mistral-style sliding-window attention. Non-causal windows see ``2 * window - 1`` keys.
     """
-    _check_int("window", window, 1, None)
+    check_int("window", window, 1, None)
     return _window(window, 1, causal,
                    f"local_window({window}{', causal=True' if causal else ''})")
 
@@ -161,15 +161,15 @@ def dilated_window(window: int, dilation: int, causal: bool = False) -> Pattern:
     about ``(2 * window - 1) / dilation`` keys per query, ``ceil(window / dilation)`` with
     ``causal=True`` (``0 <= i - j < window``). ``dilation=1`` is ``local_window``.
     """
-    _check_int("window", window, 1, None)
-    _check_int("dilation", dilation, 1)
+    check_int("window", window, 1, None)
+    check_int("dilation", dilation, 1)
     return _window(window, dilation, causal, f"dilated_window({window}, {dilation}"
                                              f"{', causal=True' if causal else ''})")
 
 
 def global_tokens(num_global: int) -> Pattern:
     """The first ``num_global`` tokens attend, and are attended by, every token."""
-    _check_int("num_global", num_global, 1, None)
+    check_int("num_global", num_global, 1, None)
     return GlobalTokens(min(num_global, MAX_POSITION))
 
 
@@ -177,7 +177,7 @@ def prefix_lm(prefix: int) -> Pattern:
     """Prefix LM (T5/UniLM-style): the first ``prefix`` tokens attend each other in both
     directions, every later token attends causally (itself, everything before it, and so the
     whole prefix). ``prefix_lm(1)`` is ``causal()``."""
-    _check_int("prefix", prefix, 1, None)
+    check_int("prefix", prefix, 1, None)
     return PrefixLM(min(prefix, MAX_POSITION))
 
 
@@ -191,7 +191,7 @@ def global_local(num_global: int, window: int) -> Pattern:
 
 def strided(stride: int) -> Pattern:
     """Sparse Transformer's strided pattern: ``i`` attends ``j`` iff ``(i - j) % stride == 0``."""
-    _check_int("stride", stride, 1)
+    check_int("stride", stride, 1)
     return Band(None, None, f"strided({stride})", stride)
 
 

@@ -60,8 +60,10 @@ def check_density(density: object, name: str = "density", meaning: str = "") -> 
     return float(density)
 
 
-def _check_int(name: str, value: object, minimum: int,
-               maximum: int | None = MAX_POSITION) -> int:
+def check_int(name: str, value: object, minimum: int,
+              maximum: int | None = MAX_POSITION) -> int:
+    """``value`` if it is an int (not a bool) in ``[minimum, maximum]``; otherwise a
+    ``TypeError`` or ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
@@ -230,7 +232,7 @@ class Pattern:
         Only for small ``seq_len``: it materializes ``S x S``. Use :meth:`block_layout` or
         :meth:`block_structure` at long lengths.
         """
-        _check_int("seq_len", seq_len, 1)
+        check_int("seq_len", seq_len, 1)
         if self.num_heads * seq_len * seq_len > _TOKEN_MASK_LIMIT:
             raise ValueError(
                 f"token_mask(seq_len={seq_len}) would build {self.num_heads} x {seq_len} x "
@@ -258,9 +260,9 @@ class Pattern:
         layout equals ``block_structure(seq_len, block_size).slice(rows, (0, nk))``, at the
         memory of its rows alone for the patterns a ring shards (what one rank needs).
         """
-        _check_int("seq_len", seq_len, 1)
-        _check_int("block_size", block_size, 1)
-        k_len = seq_len if k_len is None else _check_int("k_len", k_len, 1)
+        check_int("seq_len", seq_len, 1)
+        check_int("block_size", block_size, 1)
+        k_len = seq_len if k_len is None else check_int("k_len", k_len, 1)
         nq = num_blocks(seq_len, block_size)
         r0, r1 = (0, nq) if rows is None else rows
         if not (isinstance(r0, int) and isinstance(r1, int) and 0 <= r0 < r1 <= nq):
@@ -305,7 +307,7 @@ class Pattern:
         block layout: full tiles by their area, partial tiles token by token, so the cost is
         proportional to the number of partial tiles.
         """
-        _check_int("seq_len", seq_len, 1)
+        check_int("seq_len", seq_len, 1)
         exact = self.count_pairs(seq_len)
         if exact is not None:
             return exact

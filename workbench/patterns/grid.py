@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..curves import CURVES, _check_shape, curve_order
 from ..layout import num_blocks
-from .base import MaskFn, Pattern, _check_int, head_predicate, refine_tiles
+from .base import MaskFn, Pattern, check_int, head_predicate, refine_tiles
 
 BORDERS = ("cut", "shift")
 
@@ -174,7 +174,7 @@ def _per_axis(name: str, value: int | Sequence[int], dims: int, minimum: int) ->
     values = value if isinstance(value, (tuple, list)) else (value,) * dims
     if len(values) != dims:
         raise ValueError(f"{name} must be an int or one int per axis ({dims}), got {value!r}")
-    return tuple(_check_int(name, v, minimum) for v in values)
+    return tuple(check_int(name, v, minimum) for v in values)
 
 
 def grid_neighborhood(

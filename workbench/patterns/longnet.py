@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..layout import block_extents
 from .bands import causal as causal_band
-from .base import Pattern, _check_int
+from .base import Pattern, check_int
 
 
 def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], length: int,
@@ -164,7 +164,7 @@ def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequenc
         if isinstance(seq, (int, str)) or not isinstance(seq, Sequence) or len(seq) == 0:
             raise TypeError(f"{name} must be a non-empty list of ints, got {seq!r}")
         for v in seq:
-            _check_int(f"{name} entries", v, 1)
+            check_int(f"{name} entries", v, 1)
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(
             f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
@@ -183,7 +183,7 @@ def head_groups(num_heads: int, num_groups: int) -> list[int]:
 
     Groups are contiguous; the first ``num_heads % num_groups`` groups get one extra head.
     """
-    _check_int("num_heads", num_heads, 1)
+    check_int("num_heads", num_heads, 1)
     if num_heads < num_groups:
         raise ValueError(
             f"num_heads={num_heads} is smaller than the number of (segment, dilation) pairs "
@@ -229,7 +229,7 @@ def dilated_branch(segment_length: int, dilation_rate: int, num_heads: int) -> P
     :func:`workbench.dilated_attention` with ``mode="paper"``).
     """
     check_dilation_pairs([segment_length], [dilation_rate])
-    _check_int("num_heads", num_heads, 1)
+    check_int("num_heads", num_heads, 1)
     r = dilation_rate
     name = f"dilated_branch({segment_length}, {r}, num_heads={num_heads})"
     return Dilated([segment_length] * num_heads, [r] * num_heads,

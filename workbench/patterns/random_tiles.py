@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..layout import cells_to_tiles, num_blocks, tile_sum
-from .base import Pattern, _check_int, check_density
+from .base import Pattern, check_density, check_int
 
 _HASH_HEAD, _HASH_ROW, _HASH_COL, _HASH_SEED = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
 _HASH_MIX = (0x7FEB352D, 0x846CA68B)
@@ -126,9 +126,9 @@ def random_blocks(density: float, seed: int = 0, *, cell: int = 64, num_heads: i
     length is reported by :meth:`Pattern.density`. ``num_heads > 1`` draws each head apart.
     """
     density = check_density(density, meaning="the expected fraction of cells on")
-    _check_int("seed", seed, 0, None)
-    _check_int("cell", cell, 1)
-    _check_int("num_heads", num_heads, 1)
+    check_int("seed", seed, 0, None)
+    check_int("cell", cell, 1)
+    check_int("num_heads", num_heads, 1)
     return RandomBlocks(density, seed, cell, num_heads)
 
 
