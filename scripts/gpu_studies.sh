@@ -10,8 +10,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
-all=(tests copy fwd longnet dilated natural-order natural-order-fwdbwd triton-launch triton-features
-     triton-backward fwdbwd structures hilbert adaptive overhead longest longest-h100-memory)
+all=(tests copy fwd longnet longnet-grad longnet-fwdbwd memory dilated natural-order natural-order-fwdbwd triton-launch triton-features
+     triton-backward fwdbwd structures hilbert adaptive overhead longest longest-fwdbwd
+     longest-h100-memory)
 two_gpu=(ring2-eff ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
 run() {
@@ -34,10 +35,21 @@ study() {
             run -m workbench bench --study "${p}_fwd" --seq-lens 16384 65536 262144 \
                 --families dense causal local random10 dilated \
                 --variants ours flex_natural sdpa_dense --reps 10 ;;
-        longnet)  # LongNet against its naive baselines
+        longnet)  # LongNet against its naive baselines, and its paper mode
             run -m workbench bench --study "${p}_longnet" --seq-lens 16384 65536 262144 \
-                --families longnet --variants ours strided_view strided_gather flex_natural \
-                sdpa_dense --reps 20 ;;
+                --families longnet --variants ours strided_view strided_gather paper \
+                flex_natural sdpa_dense --reps 10 ;;
+        longnet-grad)  # the same forward, inputs requiring grad (the graph is kept, not used)
+            run -m workbench bench --study "${p}_longnet_grad" --seq-lens 65536 262144 \
+                --families longnet --variants ours strided_gather paper --grad-forward \
+                --reps 10 ;;
+        longnet-fwdbwd)  # forward+backward: time and peak memory against the plain gather
+            run -m workbench bench --study "${p}_longnet_fwdbwd" --seq-lens 65536 262144 \
+                --families longnet --variants ours strided_gather paper --backward --reps 10 ;;
+        memory)  # forward+backward peak memory of every family at 256K, first call included
+            run -m workbench bench --study "${p}_memory" --seq-lens 262144 \
+                --families dense causal local random10 dilated longnet --variants ours \
+                --backward --reps 3 --warmup 1 ;;
         dilated)
             run -m workbench bench --study "${p}_dilated" --seq-lens 16384 65536 262144 \
                 --families dilated --variants ours sdpa_dense --reps 10 ;;
@@ -73,6 +85,9 @@ study() {
         longest)  # the longest sequence per family (dense and causal: minutes per call)
             run -m workbench bench-longest --study "$p" --families dense causal dilated local \
                 random10 --start 4194304 --limit 8388608 --max-seconds 300 ;;
+        longest-fwdbwd)  # forward+backward at 2M and 4M tokens, window and LongNet's patterns
+            run -m workbench bench-longest --study "${p}_fwdbwd" --families local dilated \
+                --start 2097152 --limit 4194304 --backward ;;
         longest-h100-memory)  # 4M tokens, this GPU capped at an H100 80GB's 79.1 GiB (CUDA's
             # total; both allocator settings)
             run -m workbench bench-longest --study "${p}_as_h100" --families local random10 \
