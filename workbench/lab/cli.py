@@ -276,7 +276,7 @@ def _check_bench(args: argparse.Namespace) -> None:
                          "use --device cuda on a GPU machine")
     from .bench import longnet_families
 
-    strided = [v for v in args.variants if v in ("strided_view", "strided_gather")]
+    strided = [v for v in args.variants if v in ("strided_view", "strided_gather", "paper")]
     if strided and not set(args.families) & set(longnet_families()):
         raise UsageError(f"--variants {strided[0]} applies to the dilated families only: add "
                          f"{' or '.join(longnet_families())} to --families, or drop it")
@@ -439,7 +439,8 @@ def _bench(args: argparse.Namespace) -> int:
         study=args.study, seq_lens=tuple(args.seq_lens), families=tuple(args.families),
         variants=tuple(args.variants), batch=args.batch, heads=args.heads,
         head_dim=args.head_dim, dtype=args.dtype, block_size=args.block_size, reps=args.reps,
-        warmup=args.warmup, backward=args.backward, device=args.device or BenchConfig.device,
+        warmup=args.warmup, backward=args.backward, grad_forward=args.grad_forward,
+        device=args.device or BenchConfig.device,
     )
     rows = run_bench(cfg)
     for r in rows:
@@ -492,6 +493,7 @@ def _bench_longest(args: argparse.Namespace) -> int:
     from .bench import longest_sequence
 
     longest_sequence(args.families, start=args.start, limit=args.limit, device=args.device,
+                     backward=args.backward,
                      study=args.study, max_seconds=args.max_seconds, memory_gib=args.memory_gib)
     return 0
 
@@ -680,7 +682,10 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
     _shape_args(ben)
     _reps_arg(ben, 20)
     ben.add_argument("--warmup", type=nonnegative_int, default=3)
-    ben.add_argument("--backward", action="store_true", help="time forward+backward")
+    passes = ben.add_mutually_exclusive_group()
+    passes.add_argument("--backward", action="store_true", help="time forward+backward")
+    passes.add_argument("--grad-forward", action="store_true",
+                        help="time the forward of inputs that require grad")
     _device_arg(ben, None)
     ben.add_argument("--layout-timing", nargs="*", type=positive_int, metavar="S",
                      help="also time building each family's block layout at these lengths")
@@ -709,6 +714,8 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
     lon.add_argument("--limit", type=positive_int, default=1 << 24)
     lon.add_argument("--max-seconds", type=positive_float_or_inf, default=math.inf,
                      help="skip a length predicted (4x the last) to take longer")
+    lon.add_argument("--backward", action="store_true",
+                     help="forward+backward (default: forward)")
     lon.add_argument("--memory-gib", type=positive_float, default=None,
                      help="search as on a card of this much memory (GiB, as CUDA reports it)")
     _device_arg(lon, gpu_only=True)
