@@ -301,12 +301,7 @@ class _Setup:
         return self.plan.sharding.pieces[rank]
 
     def local_offsets(self, rank: int) -> list[tuple[int, int]]:
-        """(start, length) of each run inside rank ``rank``'s shard tensor."""
-        out, at = [], 0
-        for s, e in self.plan.sharding.token_ranges(rank):
-            out.append((at, e - s))
-            at += e - s
-        return out
+        return self.plan.sharding.local_offsets(rank)
 
 
 def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, int]],
