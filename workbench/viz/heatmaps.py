@@ -1,9 +1,7 @@
 """Pattern heatmaps: token level with the block grid drawn over it, and block level.
 
-Every drawing function takes an optional ``ax`` and returns it, so the same code makes the
-published figures and the panels of interactive explorers. Colours are the tile states of
-:mod:`workbench.viz.style`: allowed pairs and full tiles dark blue, partial tiles orange, empty
-tiles near-white.
+Every drawing function takes an optional ``ax`` and returns it (figures and explorer panels
+alike); colours are the tile states of :mod:`workbench.viz.style`.
 """
 
 from __future__ import annotations
