@@ -22,17 +22,8 @@ from .attention import block_sparse_attention, check_options, check_qkv
 from .layout import block_extents, num_blocks, tile_sum
 from .patterns import BlockSelection, Pattern, check_density, check_positive_int, tile_batch
 
-__all__ = [
-    "AdaptiveBlockSparseAttention",
-    "Selection",
-    "block_scores",
-    "captured_mass",
-    "distillation_loss",
-    "fold_batch",
-    "pool_blocks",
-    "select_blocks",
-    "topk_budget",
-]
+__all__ = ["AdaptiveBlockSparseAttention", "Selection", "block_scores", "captured_mass",
+           "distillation_loss", "fold_batch", "pool_blocks", "select_blocks", "topk_budget"]
 
 
 # --------------------------------------------------------------------- selection

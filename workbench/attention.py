@@ -43,18 +43,9 @@ from .ring import ring_attention
 from .score_mods import ScoreMod, check_score_mod
 from .sharding import check_sharding
 
-__all__ = [
-    "BlockSparseAttention",
-    "block_sparse_attention",
-    "call_key",
-    "check_options",
-    "check_qkv",
-    "check_scale",
-    "dropout_of",
-    "expand_kv_heads",
-    "explain_backend",
-    "prepare",
-]
+__all__ = ["BlockSparseAttention", "block_sparse_attention", "call_key", "check_options",
+           "check_qkv", "check_scale", "dropout_of", "expand_kv_heads", "explain_backend",
+           "prepare"]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

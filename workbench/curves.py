@@ -18,17 +18,8 @@ from torch import Tensor
 
 from .layout import MAX_POSITION
 
-__all__ = [
-    "CURVES",
-    "curve_order",
-    "curve_rank",
-    "grid_decode",
-    "grid_encode",
-    "hilbert_decode",
-    "hilbert_encode",
-    "morton_decode",
-    "morton_encode",
-]
+__all__ = ["CURVES", "curve_order", "curve_rank", "grid_decode", "grid_encode", "hilbert_decode",
+           "hilbert_encode", "morton_decode", "morton_encode"]
 
 CURVES = ("raster", "morton", "hilbert", "gilbert")
 _MAX_BITS = 62

@@ -42,22 +42,10 @@ from .sharding import (
     shard_plan,
 )
 
-__all__ = [
-    "SHARDINGS",
-    "barrier",
-    "RingCommunicationError",
-    "RingPlanError",
-    "RingStats",
-    "RingTimeoutError",
-    "DistributedPlan",
-    "Sharding",
-    "distributed_plan",
-    "distributed_ring_attention",
-    "gather_block_summaries",
-    "init_ring",
-    "shard_plan",
-    "step_work",
-]
+__all__ = ["SHARDINGS", "barrier", "RingCommunicationError", "RingPlanError", "RingStats",
+           "RingTimeoutError", "DistributedPlan", "Sharding", "distributed_plan",
+           "distributed_ring_attention", "gather_block_summaries", "init_ring", "shard_plan",
+           "step_work"]
 
 DEFAULT_TIMEOUT_S = 300.0
 

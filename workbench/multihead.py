@@ -28,10 +28,7 @@ from .patterns import DenseMask, KeyMask, Pattern, check_positive_int, head_pred
 from .plan import LastCall, Plans, check_plans
 from .score_mods import ScoreMod, check_score_mod, modded
 
-__all__ = [
-    "BlockSparseMultiheadAttention",
-    "BlockSparseWeights",
-]
+__all__ = ["BlockSparseMultiheadAttention", "BlockSparseWeights"]
 
 
 DENSE_WEIGHTS_LIMIT = 1 << 22

@@ -17,22 +17,9 @@ from .curves import CURVES, curve_order, hilbert_encode, morton_encode
 from .layout import BlockLayout, num_blocks
 from .patterns import Pattern, Permuted, check_positive_int, grid_neighborhood
 
-__all__ = [
-    "BLOCK_ORDERS",
-    "CURVES",
-    "block_accesses",
-    "block_visit_order",
-    "cache_model",
-    "check_block_order",
-    "dilation_gather",
-    "dilation_permutation",
-    "grid_neighborhood",
-    "grid_permutation",
-    "inverse_permutation",
-    "permuted",
-    "reuse_distances",
-    "visit_rank",
-]
+__all__ = ["BLOCK_ORDERS", "CURVES", "block_accesses", "block_visit_order", "cache_model",
+           "check_block_order", "dilation_gather", "dilation_permutation", "grid_neighborhood",
+           "grid_permutation", "inverse_permutation", "permuted", "reuse_distances", "visit_rank"]
 
 BLOCK_ORDERS = (None, "natural", "hilbert", "morton")
 

@@ -22,13 +22,8 @@ from ..patterns import Pattern, check_dilation_pairs, head_groups
 from .heatmaps import block_legend, plot_block_layout, plot_token_mask
 from .style import ORDERING, TOKEN_CMAP
 
-__all__ = [
-    "BRANCH_COLORS",
-    "head_layout",
-    "plot_dilation_strips",
-    "plot_head_masks",
-    "plot_natural_vs_ordered",
-]
+__all__ = ["BRANCH_COLORS", "head_layout", "plot_dilation_strips", "plot_head_masks",
+           "plot_natural_vs_ordered"]
 
 BRANCH_COLORS = ["#1f3b73", "#2a9d8f", "#e76f51", "#8e5ea2", "#c9a227", "#6c757d"]
 

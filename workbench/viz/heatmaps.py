@@ -15,14 +15,8 @@ from ..layout import BlockLayout
 from ..patterns import Pattern
 from .style import TILE, TILE_CMAP, TOKEN_CMAP
 
-__all__ = [
-    "BLOCK_COLORS",
-    "block_legend",
-    "figure_legend",
-    "plot_block_layout",
-    "plot_pattern",
-    "plot_token_mask",
-]
+__all__ = ["BLOCK_COLORS", "block_legend", "figure_legend", "plot_block_layout", "plot_pattern",
+           "plot_token_mask"]
 
 ALLOWED, PARTIAL, EMPTY = TILE["allowed"], TILE["partial"], TILE["empty"]
 BLOCK_COLORS = TILE_CMAP  # 0 empty, 1 partial, 2 full

@@ -24,17 +24,9 @@ from .dilated import head_layout
 from .heatmaps import ALLOWED, EMPTY, SEPARATOR_MAX_TILES, plot_block_layout
 from .style import rank_colors
 
-__all__ = [
-    "RingRegion",
-    "distributed_tile_steps",
-    "merged_heads",
-    "plot_distributed_layout",
-    "plot_ring_schedule",
-    "plot_ring_step",
-    "ring_step_regions",
-    "ring_step_tiles",
-    "step_colors",
-]
+__all__ = ["RingRegion", "distributed_tile_steps", "merged_heads", "plot_distributed_layout",
+           "plot_ring_schedule", "plot_ring_step", "ring_step_regions", "ring_step_tiles",
+           "step_colors"]
 
 RANK_COLORS = tuple(rank_colors(8))  # a rank has the same colour in every figure
 ANNOTATE_MAX_RANKS = 12  # write the K/V shard and tile count in each cell up to this many ranks

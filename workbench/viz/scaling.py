@@ -21,18 +21,9 @@ from .style import Provenance
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = [
-    "DTYPE_BYTES",
-    "METRIC_LABEL",
-    "VARIANT_MARKER",
-    "environment_note",
-    "length_label",
-    "peak_over_io",
-    "plot_kernel_resources",
-    "plot_longest_sequence",
-    "plot_rate_bars",
-    "plot_vs_length",
-]
+__all__ = ["DTYPE_BYTES", "METRIC_LABEL", "VARIANT_MARKER", "environment_note", "length_label",
+           "peak_over_io", "plot_kernel_resources", "plot_longest_sequence", "plot_rate_bars",
+           "plot_vs_length"]
 
 #: bytes per element of the ``dtype`` names the benchmark writes.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}

@@ -16,24 +16,9 @@ from dataclasses import dataclass
 import matplotlib as mpl
 from matplotlib.colors import ListedColormap
 
-__all__ = [
-    "FAMILY",
-    "ORDERING",
-    "Provenance",
-    "SHARDING",
-    "TILE",
-    "TILE_CMAP",
-    "TOKEN_CMAP",
-    "VARIANT",
-    "VARIANT_LABEL",
-    "color_of",
-    "is_stamped",
-    "mark_measured",
-    "palette",
-    "rank_colors",
-    "stamp",
-    "use",
-]
+__all__ = ["FAMILY", "ORDERING", "Provenance", "SHARDING", "TILE", "TILE_CMAP", "TOKEN_CMAP",
+           "VARIANT", "VARIANT_LABEL", "color_of", "is_stamped", "mark_measured", "palette",
+           "rank_colors", "stamp", "use"]
 
 # Colour-blind-safe base (Okabe-Ito), plus neutrals.
 _BLUE, _ORANGE, _GREEN, _VERMILION = "#0072B2", "#E69F00", "#009E73", "#D55E00"

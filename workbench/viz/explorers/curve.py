@@ -20,15 +20,8 @@ from ..curves import plot_curve
 from .binding import Explorer
 from .core import check_int
 
-__all__ = [
-    "CurveParams",
-    "CurveView",
-    "curve_explorer",
-    "curve_readout_html",
-    "curve_view",
-    "draw_curve_view",
-    "plot_curve_blocks",
-]
+__all__ = ["CurveParams", "CurveView", "curve_explorer", "curve_readout_html", "curve_view",
+           "draw_curve_view", "plot_curve_blocks"]
 
 MAX_GRID_SIDE = 64
 NUMBERS_MAX_CELLS = 256  # cell numbers are written up to this many cells

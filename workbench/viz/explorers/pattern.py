@@ -23,20 +23,9 @@ from ..heatmaps import block_legend, plot_block_layout, plot_token_mask
 from .binding import Explorer
 from .core import check_int, parse_int_list
 
-__all__ = [
-    "MAX_SEQ_LEN",
-    "ORDERINGS",
-    "PatternParams",
-    "PatternReadout",
-    "PatternView",
-    "build_pattern",
-    "check_pattern_params",
-    "draw_pattern_view",
-    "parameters_used",
-    "pattern_explorer",
-    "pattern_readout_html",
-    "pattern_view",
-]
+__all__ = ["MAX_SEQ_LEN", "ORDERINGS", "PatternParams", "PatternReadout", "PatternView",
+           "build_pattern", "check_pattern_params", "draw_pattern_view", "parameters_used",
+           "pattern_explorer", "pattern_readout_html", "pattern_view"]
 
 MAX_SEQ_LEN = 2048  # the token view draws seq_len x seq_len pixels
 FLOPS_PER_PAIR_AND_DIM = 4  # q.k and p.v: one multiply-add (2 FLOPs) per head dimension each
