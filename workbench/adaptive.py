@@ -69,13 +69,8 @@ def _eligible(nq: int, nk: int, causal: bool, device) -> Tensor:
     return j <= i if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
 
 
-def select_blocks(
-    scores: Tensor,
-    density: float,
-    *,
-    causal: bool = False,
-    keep_diagonal: bool = True,
-) -> Tensor:
+def select_blocks(scores: Tensor, density: float, *, causal: bool = False,
+                  keep_diagonal: bool = True) -> Tensor:
     """Top-k key blocks per query block from block scores ``[..., nq, nk]`` -> bool, same shape.
 
     The diagonal block is always kept when ``keep_diagonal``; with ``causal`` blocks ``j > i``

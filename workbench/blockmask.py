@@ -62,15 +62,9 @@ def _batched(lists: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return lists[0][None], lists[1][None]
 
 
-def block_mask_from_layout(
-    layout: BlockLayout,
-    allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
-    *,
-    q_offset: int | Tensor = 0,
-    k_offset: int | Tensor = 0,
-    rank: Tensor | None = None,
-    backward: bool = True,
-):
+def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
+                           *, q_offset: int | Tensor = 0, k_offset: int | Tensor = 0,
+                           rank: Tensor | None = None, backward: bool = True):
     """A FlexAttention ``BlockMask`` with exactly ``layout``'s tiles, on ``layout``'s device.
 
     Args:

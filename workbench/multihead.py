@@ -291,16 +291,10 @@ class BlockSparseMultiheadAttention(nn.Module):
         return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
                 F.linear(value, self.v_proj_weight, bv))
 
-    def build_pattern(
-        self,
-        batch: int,
-        q_len: int,
-        k_len: int,
-        key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        selected: Pattern | None = None,
-    ) -> tuple[Pattern, bool]:
+    def build_pattern(self, batch: int, q_len: int, k_len: int,
+                      key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
+                      is_causal: bool = False,
+                      selected: Pattern | None = None) -> tuple[Pattern, bool]:
         """The pattern a forward call runs, and whether the batch is folded into the heads.
         Masks are shaped as ``forward`` checks them; ``selected`` (``batch * num_heads`` heads,
         an adaptive selection) replaces the module's pattern and always folds the batch."""

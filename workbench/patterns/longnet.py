@@ -191,12 +191,8 @@ def head_groups(num_heads: int, num_groups: int) -> list[int]:
     return [g for g, n in enumerate(sizes) for _ in range(n)]
 
 
-def dilated(
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    num_heads: int,
-    causal: bool = False,
-) -> Pattern:
+def dilated(segment_lengths: Sequence[int], dilation_rates: Sequence[int], num_heads: int,
+            causal: bool = False) -> Pattern:
     """LongNet dilated attention in head-group mode: one (segment, dilation) pair per head group.
 
     Heads are split into ``len(segment_lengths)`` contiguous groups as evenly as possible (the

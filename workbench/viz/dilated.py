@@ -88,16 +88,9 @@ def _kept(seq_len: int, w: int, r: int, offset: int) -> np.ndarray:
     return kept
 
 
-def plot_dilation_strips(
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    num_heads: int,
-    seq_len: int,
-    *,
-    mode: str = "head_groups",
-    ax=None,
-    title: str | None = None,
-):
+def plot_dilation_strips(segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                         num_heads: int, seq_len: int, *, mode: str = "head_groups", ax=None,
+                         title: str | None = None):
     """One strip per head (``mode="head_groups"``) or per (head, branch) (``"paper"``).
 
     A coloured cell is a position the head keeps for that (segment, dilation) pair; the colour

@@ -50,15 +50,8 @@ def _tile_separators(ax, nq: int, nk: int, color: str = "white", lw: float = 0.8
         ax.axvline(edge, color=color, lw=lw)
 
 
-def plot_token_mask(
-    pattern: Pattern,
-    seq_len: int,
-    *,
-    head: int = 0,
-    block_size: int | None = None,
-    ax=None,
-    title: str | None = None,
-):
+def plot_token_mask(pattern: Pattern, seq_len: int, *, head: int = 0, block_size: int | None = None,
+                    ax=None, title: str | None = None):
     """Token-level mask of ``pattern`` (rows = queries, columns = keys) for one head.
 
     With ``block_size`` the block grid is drawn over it. Only for small ``seq_len``.
@@ -79,15 +72,8 @@ def plot_token_mask(
     return ax
 
 
-def plot_block_layout(
-    layout: BlockLayout,
-    *,
-    head: int = 0,
-    ax=None,
-    title: str | None = None,
-    separators: bool | None = None,
-    annotate: bool = True,
-):
+def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str | None = None,
+                      separators: bool | None = None, annotate: bool = True):
     """Block-level layout of one head: full, partial (needs the token mask) and empty tiles.
 
     ``separators`` draws thin lines between tiles (default: when a side has at most
