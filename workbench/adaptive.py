@@ -3,9 +3,8 @@
 Per batch element and head, queries and keys are mean-pooled over blocks (optionally through a
 learned linear *gate*), every (query block, key block) pair is scored, and each query block keeps
 its top ``k = max(1, round(density * nk))`` key blocks, always with its own block and, when
-causal, never a future one. The selection is a :class:`~workbench.patterns.BlockSelection` with
-the batch folded into the heads, so :func:`workbench.block_sparse_attention` computes exact
-attention over it. How it relates to MoBA, SeerAttention, NSA and Quest: ``docs/reference.md``.
+causal, never a future one: a :class:`~workbench.patterns.BlockSelection`, batch folded into the
+heads, over which attention is exact.
 """
 
 from __future__ import annotations

@@ -118,11 +118,9 @@ def gather_block_summaries(x: Tensor, local_len: int, block_size: int, *, proces
 # --------------------------------------------------------------------- statistics
 @dataclass
 class RingStats:
-    """What one rank did in its forward passes, accumulated over the calls given this object;
-    ``backward`` holds the same counters for backward passes. ``bytes_*`` count K/V shards (and
-    their gradients); ``wait_s`` is host time blocked on transfers, :meth:`gpu_wait_ms` the
-    CUDA stream's (communication not hidden behind compute); ``per_step_tiles`` the tiles
-    computed at each step this rank took part in."""
+    """What one rank did in its forward passes, accumulated over the calls given this object
+    (``backward``: the same for backward passes). ``bytes_*`` count K/V shards and gradients;
+    ``wait_s`` is host time blocked on transfers, :meth:`gpu_wait_ms` the CUDA stream's."""
 
     steps: int = 0
     pairs_computed: int = 0

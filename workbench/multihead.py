@@ -1,12 +1,10 @@
 """The multi-head module: block-sparse (ring, dilated) attention as an ``nn.MultiheadAttention``.
 
 :class:`BlockSparseMultiheadAttention` takes ``nn.MultiheadAttention``'s constructor, parameter
-names, forward signature and masks (boolean: True = ignore; float: added to the scores), so an
-existing state dict loads into it; with ``pattern=None`` it computes what that module computes,
-forward and backward. Masks become patterns intersected with the module's pattern (a per-batch
-mask folds the batch into the heads, index ``b * H + h``); a float mask's finite values become a
-``score_mod``. Its differences from ``nn.MultiheadAttention`` are listed on the class and in
-docs/reference.md ("Multi-head module").
+names, forward signature and masks, so a state dict loads into it; with ``pattern=None`` it
+computes what that module computes. Masks become patterns intersected with the module's (a
+per-batch mask folds the batch into the heads, ``b * H + h``); a float mask's finite values
+become a ``score_mod``.
 """
 
 from __future__ import annotations
