@@ -39,7 +39,7 @@ TOKEN_CMAP = ListedColormap([TILE["empty"], TILE["allowed"]])
 
 VARIANT: dict[str, str] = {
     "ours": _BLUE, "triton": _SKY, "blockwise": _GREEN, "flex_natural": _ORANGE,
-    "strided_gather": _VERMILION, "strided_view": _PURPLE, "sdpa_dense": _GREY,
+    "strided_gather": _VERMILION, "strided_view": _PURPLE, "paper": _GREEN, "sdpa_dense": _GREY,
     "sdpa_masked": _BLACK, "reference": _BLACK,
 }
 """Who computes: ``ours`` is what ``backend="auto"`` gives; the rest are baselines."""
@@ -47,7 +47,8 @@ VARIANT: dict[str, str] = {
 VARIANT_LABEL: dict[str, str] = {
     "ours": "ours (auto)", "triton": "ours, Triton kernel", "blockwise": "ours, pure PyTorch",
     "flex_natural": "FlexAttention, natural order", "strided_gather": "gather + SDPA + scatter",
-    "strided_view": "strided views into SDPA", "sdpa_dense": "dense SDPA",
+    "strided_view": "strided views into SDPA",
+    "paper": "ours, paper mode (every pair on every head)", "sdpa_dense": "dense SDPA",
     "sdpa_masked": "SDPA + dense mask", "reference": "float64 reference",
 }
 """Legend text of each variant."""
