@@ -453,6 +453,8 @@ def prepare_dilated(
         spec = _Fused(branches, causal, scale, kernel, kept)
 
         def fused(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+            # the kernels read rows of D contiguous elements through the strided views
+            q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
             out, lse = _DilationOrdered.apply(q, k, v, spec)
             return out, lse if need_lse else None
 
