@@ -44,7 +44,7 @@ def _with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int
 
 
 #: Share of an input's heads whose temporaries one call holds (at least ``GATHER_MIN_BYTES``).
-GATHER_HEAD_FRACTION = 1 / 8
+GATHER_HEAD_FRACTION = 1 / 16
 #: Bytes of heads one call may always take, however small ``GATHER_HEAD_FRACTION`` makes it.
 GATHER_MIN_BYTES = 64 * 2**20
 #: Bytes per head from which SDPA reads q, k, v in place (one call per run of heads); below it

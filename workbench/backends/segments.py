@@ -1,8 +1,8 @@
-"""Dense attention over a batch of equal segments on PyTorch's fused flash kernel, forward and
-backward, with the log-sum-exp.
+"""Dense attention over a batch of equal segments on PyTorch's fused kernels (cuDNN's or flash
+attention), forward and backward, with the log-sum-exp.
 
 The dilation ordering (:mod:`~workbench.backends.gather`) hands these kernels strided views of
-q, k and v, one segment per batch row. Flash attention's backward reads ``out`` only through
+q, k and v, one segment per batch row. These backwards read ``out`` only through
 ``rowsum(dout * out)`` and ``lse`` only to rebuild the probabilities, so given the output and
 log-sum-exp of a softmax merged over several key sets it returns each key set's exact share of
 that softmax's gradient: LongNet's branches are merged without a backward through the merge.
@@ -60,14 +60,32 @@ def _cuda_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         scale=scale)
 
 
+def _cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
+                   ) -> tuple[Tensor, Tensor, Any]:
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = \
+        _aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                  scale=scale)
+    return out, lse.squeeze(-1), (seed, offset, cum_q, cum_k, max_q, max_k)
+
+
+def _cudnn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    state: Any, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    seed, offset, cum_q, cum_k, max_q, max_k = state
+    return _aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, cum_q, cum_k, max_q, max_k,
+        0.0, causal, scale=scale)
+
+
 _CPU = SegmentKernel(_cpu_forward, _cpu_backward)
 _CUDA = SegmentKernel(_cuda_forward, _cuda_backward)
+_CUDNN = SegmentKernel(_cudnn_forward, _cudnn_backward)
 
 
 def segment_kernel(q: Tensor, k: Tensor, v: Tensor) -> SegmentKernel | None:
     """The fused kernel for inputs like ``q, k, v`` (one dtype, one head size ``D``), or None
-    where PyTorch has none: on CUDA it needs float16/bfloat16, ``D`` a multiple of 8 up to 256,
-    an sm80+ GPU and flash SDPA enabled; on the CPU any floating dtype."""
+    where PyTorch has none: on CUDA it needs float16/bfloat16, ``D`` a multiple of 8 up to 256
+    and an sm80+ GPU: cuDNN's on sm90+ up to ``D`` = 128, else flash attention (each only where
+    its SDPA backend is enabled); on the CPU flash attention for any floating dtype."""
     d = q.shape[-1]
     if not q.dtype == k.dtype == v.dtype or k.shape[-1] != d or v.shape[-1] != d:
         return None
@@ -75,6 +93,9 @@ def segment_kernel(q: Tensor, k: Tensor, v: Tensor) -> SegmentKernel | None:
         return _CPU if q.dtype.is_floating_point else None
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return None
-    if d % 8 or d > 256 or not torch.backends.cuda.flash_sdp_enabled():
+    major = torch.cuda.get_device_capability(q.device)[0]
+    if d % 8 or d > 256 or major < 8:
         return None
-    return _CUDA if torch.cuda.get_device_capability(q.device)[0] >= 8 else None
+    if major >= 9 and d <= 128 and torch.backends.cuda.cudnn_sdp_enabled():
+        return _CUDNN
+    return _CUDA if torch.backends.cuda.flash_sdp_enabled() else None
