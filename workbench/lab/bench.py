@@ -600,10 +600,11 @@ def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
         for cell in sizes:
             for h in counts:
                 over = {**RECORDED.get(family, (family, {}))[1],
-                        **({} if cell is None else {"cell": cell}),
-                        **({"num_heads": h} if "num_heads" in takes else {})}
+                        **({} if cell is None else {"cell": cell})}
                 try:
                     args = fam.arguments(seq_len, h, **over)
+                    if "num_heads" in takes:  # random tiles draw each head apart
+                        args["num_heads"] = h
                     pattern = fam.build(**args)
                 except ValueError:  # e.g. fewer heads than LongNet's head groups
                     continue
