@@ -32,6 +32,7 @@ __all__ = [
     "length_label",
     "peak_over_io",
     "plot_kernel_resources",
+    "plot_layout_build",
     "plot_longest_sequence",
     "plot_rate_bars",
     "plot_vs_length",
@@ -353,5 +354,51 @@ def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
             shape="head_dim " + ", ".join(str(d) for d in dict.fromkeys(rows["head_dim"])),
             software=", ".join(dict.fromkeys(rows["compiled_by"].astype(str)))
             if "compiled_by" in rows else "")
+    _stamp(g.figure, rows, provenance)
+    return g.figure
+
+
+def plot_layout_build(df: pd.DataFrame, *, title: str = "",
+                      provenance: Provenance | None = None) -> Figure:
+    """Time to build each case's layout and kernel structure (``total_ms``, log axis): one
+    column per family, random tiles' one per cell size, one marker colour per head count, one
+    panel per device with its target (``target_ms``, dashed). Cases not run (``total_ms``
+    empty) are left out.
+
+    ``df``: rows of :func:`workbench.lab.bench.layout_build_time` with a ``target_ms`` column
+    (``family``, ``cell``, ``heads``, ``total_ms``, ``device``, ``date``; ``seq_len`` and
+    ``block_size`` go into the stamp).
+    Raises ``ValueError`` when no case has a time.
+    """
+    rows = df.dropna(subset=["total_ms"])
+    if rows.empty:
+        raise ValueError("plot_layout_build: no case with a total_ms to draw")
+    cell = pd.to_numeric(rows["cell"], errors="coerce")
+    rows = rows.assign(case=[f if c != c else f"{f}\ncell {int(c)}"
+                             for f, c in zip(rows["family"], cell)])
+    order = list(dict.fromkeys(rows["case"]))
+    heads = sorted(rows["heads"].astype(int).unique())
+    g = sns.catplot(data=rows.assign(heads=rows["heads"].astype(int)), x="case", y="total_ms",
+                    hue="heads", hue_order=heads, col="device", kind="point", order=order,
+                    linestyle="none", dodge=0.5, markers="o", errorbar=None,
+                    palette="viridis", height=3.4, aspect=max(2.0, len(order) / 4.5))
+    for device, ax in g.axes_dict.items():
+        target = float(rows.loc[rows["device"] == device, "target_ms"].iloc[0])
+        ax.axhline(target, color="black", ls="--", lw=1.2)
+        ax.annotate(f"target {target:.0f} ms", (len(order) - 0.5, target), xytext=(0, 3),
+                    textcoords="offset points", fontsize=8, ha="right")
+        ax.set_yscale("log")
+        ax.set_xlabel("")
+        ax.set_ylabel("layout + structure (ms)")
+        ax.set_title(str(device))
+        ax.tick_params(axis="x", labelrotation=90)
+    g.legend.set_title("heads")
+    if title:
+        g.figure.suptitle(title, y=1.02)
+    if provenance is None:  # layouts have no dtype: bool maps and int32 block lists
+        shape = ", ".join(f"{k}={', '.join(map(str, dict.fromkeys(rows[c])))}"
+                          for k, c in (("S", "seq_len"), ("block", "block_size")) if c in rows)
+        provenance = Provenance.from_rows(rows.assign(dtype="bool layouts, int32 lists"),
+                                          shape=shape or f"H={', '.join(map(str, heads))}")
     _stamp(g.figure, rows, provenance)
     return g.figure
