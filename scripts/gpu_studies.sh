@@ -10,9 +10,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
-all=(tests copy fwd longnet dilated natural-order natural-order-fwdbwd triton-launch triton-features
-     triton-backward fwdbwd structures layouts overhead longest longest-h100-memory)
-two_gpu=(ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
+all=(tests copy fwd longnet longnet-grad longnet-fwdbwd memory dilated natural-order natural-order-fwdbwd triton-launch triton-features
+     triton-backward fwdbwd structures layouts hilbert adaptive overhead longest longest-fwdbwd
+     longest-h100-memory)
+two_gpu=(ring2-eff ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
 run() {
     echo "[gpu-studies] $*"
@@ -34,10 +35,21 @@ study() {
             run -m workbench bench --study "${p}_fwd" --seq-lens 16384 65536 262144 \
                 --families dense causal local random10 dilated \
                 --variants ours flex_natural sdpa_dense --reps 10 ;;
-        longnet)  # LongNet against its naive baselines
+        longnet)  # LongNet against its naive baselines, and its paper mode
             run -m workbench bench --study "${p}_longnet" --seq-lens 16384 65536 262144 \
-                --families longnet --variants ours strided_view strided_gather flex_natural \
-                sdpa_dense --reps 20 ;;
+                --families longnet --variants ours strided_view strided_gather paper \
+                flex_natural sdpa_dense --reps 10 ;;
+        longnet-grad)  # the same forward, inputs requiring grad (the graph is kept, not used)
+            run -m workbench bench --study "${p}_longnet_grad" --seq-lens 65536 262144 \
+                --families longnet --variants ours strided_gather paper --grad-forward \
+                --reps 10 ;;
+        longnet-fwdbwd)  # forward+backward: time and peak memory against the plain gather
+            run -m workbench bench --study "${p}_longnet_fwdbwd" --seq-lens 65536 262144 \
+                --families longnet --variants ours strided_gather paper --backward --reps 10 ;;
+        memory)  # forward+backward peak memory of every family at 256K, first call included
+            run -m workbench bench --study "${p}_memory" --seq-lens 262144 \
+                --families dense causal local random10 dilated longnet --variants ours \
+                --backward --reps 3 --warmup 1 ;;
         dilated)
             run -m workbench bench --study "${p}_dilated" --seq-lens 16384 65536 262144 \
                 --families dilated --variants ours sdpa_dense --reps 10 ;;
@@ -63,6 +75,10 @@ study() {
             run -m workbench bench --study "${p}_structures" --seq-lens 16384 \
                 --families dense causal local random10 dilated --variants ours --reps 3 \
                 --layout-timing 1048576 ;;
+        hilbert)  # data/03_hilbert_gpu.csv: 2-D neighbourhood attention per token / visit order
+            run -m workbench bench-hilbert --grids 128 256 --radii 4 16 --reps 10 ;;
+        adaptive)  # data/04_selection_cost_gpu.csv: adaptive selection against its attention
+            run -m workbench bench-adaptive --seq-lens 16384 65536 --reps 10 ;;
         layouts)  # data/layouts_1m_<p>.csv: every family's layout and kernel structures at
             # 1M tokens, block 128, per head count and random tiles' cell size
             run -m workbench bench --study "1m_${p}" --families full causal local global_local \
@@ -75,6 +91,9 @@ study() {
         longest)  # the longest sequence per family (dense and causal: minutes per call)
             run -m workbench bench-longest --study "$p" --families dense causal dilated local \
                 random10 --start 4194304 --limit 8388608 --max-seconds 300 ;;
+        longest-fwdbwd)  # forward+backward at 2M and 4M tokens, window and LongNet's patterns
+            run -m workbench bench-longest --study "${p}_fwdbwd" --families local dilated \
+                --start 2097152 --limit 4194304 --backward ;;
         longest-h100-memory)  # 4M tokens, this GPU capped at an H100 80GB's 79.1 GiB (CUDA's
             # total; both allocator settings)
             run -m workbench bench-longest --study "${p}_as_h100" --families local random10 \
@@ -82,14 +101,19 @@ study() {
             PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run -m workbench bench-longest \
                 --study "${p}_as_h100_expandable" --families local random10 dilated \
                 --start 4194304 --limit 4194304 --memory-gib 79.1 ;;
+        ring2-eff)  # data/ring_gpu2_eff.csv (+ _profile): every family and sharding at 512K
+            # against one GPU at 256K
+            ring2 --study gpu2_eff --seq-lens 524288 --families causal random10 local dilated \
+                --shardings contiguous zigzag --timeout 120 --reps 8 --warmup 1 --profile 12 \
+                --baseline ;;
         ring2-longest-causal)  # dense causal, both shardings, doubling until out of memory
             ring2 --study gpu2_longest_causal --seq-lens 1048576 --double-until 4194304 \
                 --families causal --shardings contiguous zigzag --reps 1 --warmup 0 \
                 --timeout 600 ;;
-        ring2-longest-dilated)  # each rank builds only its own layout rows
+        ring2-longest-dilated)  # dilated, contiguous shards, doubling until out of memory
             ring2 --study gpu2_longest_dilated --seq-lens 1048576 --double-until 16777216 \
                 --families dilated --shardings contiguous --reps 1 --warmup 0 --timeout 120 ;;
-        ring2-eff-dilated)  # zigzag dilated after the per-query-run log-sum-exp decision
+        ring2-eff-dilated)  # dilated alone, both shardings, against one GPU at 256K
             ring2 --study gpu2_eff_dilated --seq-lens 524288 --families dilated \
                 --shardings contiguous zigzag --reps 8 --warmup 1 --baseline --timeout 120 ;;
         *)

@@ -20,9 +20,10 @@ CONFIGS = [
 ]
 
 
-def paper_oracle(q, k, v, segments, dilations, causal):
+def paper_oracle(q, k, v, segments, dilations, causal, with_lse=False):
     """LongNet in float64: one softmax over every branch's keys, a key counted once per branch
-    that keeps the pair (so each branch weighs by its softmax denominator)."""
+    that keeps the pair (so each branch weighs by its softmax denominator); with its
+    log-sum-exp when asked."""
     h, s, d = q.shape[1], q.shape[2], q.shape[3]
     mult = torch.zeros(h, s, s, dtype=torch.float64)
     for w, r in zip(segments, dilations):
@@ -32,6 +33,9 @@ def paper_oracle(q, k, v, segments, dilations, causal):
     scores = q @ k.transpose(-1, -2) / math.sqrt(d) + torch.log(mult)
     empty = (mult == 0).all(-1)[..., None]
     p = torch.softmax(scores.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    if with_lse:
+        lse = torch.logsumexp(scores.masked_fill(empty, 0.0), -1)
+        return p @ v, lse.masked_fill(empty[..., 0], -torch.inf)
     return p @ v
 
 
@@ -105,6 +109,59 @@ def test_head_groups_lse_matches_block_sparse(s, gather_chunks):
                                        return_lse=True)
     torch.testing.assert_close(o1, o2, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(l1, l2, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["paper", "head_groups"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("segments, dilations, s", STRIDED)
+def test_fused_kernel_path_is_exact_through_out_and_lse(mode, causal, segments, dilations, s,
+                                                        gather_chunks, monkeypatch):
+    """Full segments run the fused kernel on strided views (checked), paper mode merged inside
+    it; gradients flow through the output and the log-sum-exp."""
+    calls = []
+    apply = gather._DilationOrdered.apply
+    monkeypatch.setattr(gather._DilationOrdered, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    q, k, v = make_qkv(b=1 if causal else 2, h=4, s=s, d=8)  # batch 1: views, not copies
+    out, lse = wb.dilated_attention(q, k, v, segments, dilations, mode=mode, causal=causal,
+                                    return_lse=True)
+    # at S = 600 head 3 of the paper's (75, 4) branch runs past its segments: gathered by index
+    assert bool(calls) == (mode == "head_groups" or s == 384)
+    if mode == "paper":
+        want, want_lse = paper_oracle(q, k, v, segments, dilations, causal, with_lse=True)
+    else:
+        pattern = P.dilated(segments, dilations, 4)
+        want, want_lse = wb.block_sparse_attention(
+            q, k, v, pattern & P.causal() if causal else pattern, 16, backend="reference",
+            return_lse=True)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    kept = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[kept], want_lse[kept], atol=1e-10, rtol=1e-10)
+    assert torch.all(lse[~kept] == -torch.inf)
+    gen = torch.Generator().manual_seed(3)
+    g_out, g_lse = torch.randn(out.shape, generator=gen), torch.randn(lse.shape, generator=gen)
+
+    def loss(o, m):
+        return (o * g_out).sum() + (m.masked_fill(~kept, 0.0) * g_lse).sum()
+
+    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+    for a, b in zip(got, torch.autograd.grad(loss(want, want_lse), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_fused_kernel_path_in_low_precision(dtype, tol):
+    q, k, v = make_qkv(b=1, h=4, s=384, d=16)
+    low = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    for mode in ("paper", "head_groups"):
+        want = wb.dilated_attention(q, k, v, [64, 128], [1, 2], mode=mode)
+        out = wb.dilated_attention(*low, [64, 128], [1, 2], mode=mode)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+        g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=want.dtype)
+        got = torch.autograd.grad(out, low, g.to(dtype))
+        for a, b in zip(got, torch.autograd.grad(want, (q, k, v), g)):
+            torch.testing.assert_close(a.double(), b, atol=2 * tol, rtol=2 * tol)
 
 
 def test_modes_differ_and_single_pair_modes_agree():
@@ -195,3 +252,37 @@ def test_gather_path_with_lse_on_gpu_matches_float64_cpu(mode):
     torch.testing.assert_close(lse.cpu().double(), want_lse.double(), rtol=1e-3, atol=1e-3)
     for a, b in zip(torch.autograd.grad(out, (qc, kc, vc), dout.float().cuda()), g):
         torch.testing.assert_close(a.cpu().double(), b, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["paper", "head_groups"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_kernel_on_gpu_matches_float64_cpu(mode, causal, monkeypatch):
+    """bf16 on CUDA runs flash attention on strided views (checked), forward and backward,
+    gradients through out and lse."""
+    calls = []
+    apply = gather._DilationOrdered.apply
+    monkeypatch.setattr(gather._DilationOrdered, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    q, k, v = make_qkv(b=2, h=8, s=2048, d=64)
+    segs, dils = [256, 512, 1024, 2048], [1, 2, 4, 8]
+    want, want_lse = wb.dilated_attention(q, k, v, segs, dils, mode=mode, causal=causal,
+                                          return_lse=True)
+    gen = torch.Generator().manual_seed(1)
+    g_out = torch.randn(want.shape, generator=gen, dtype=want.dtype)
+    g_lse = torch.randn(want_lse.shape, generator=gen, dtype=want_lse.dtype)
+    kept = torch.isfinite(want_lse)
+
+    def loss(o, m, dev):
+        return (o.double() * g_out.to(dev)).sum() + (
+            m.double().masked_fill(~kept.to(dev), 0.0) * g_lse.to(dev)).sum()
+
+    ref = torch.autograd.grad(loss(want, want_lse, "cpu"), (q, k, v))
+    low = [x.detach().to("cuda", torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    out, lse = wb.dilated_attention(*low, segs, dils, mode=mode, causal=causal, return_lse=True)
+    assert calls and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.cpu().double(), want, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(lse.cpu().double()[kept], want_lse[kept], rtol=1e-2, atol=1e-2)
+    for a, b in zip(torch.autograd.grad(loss(out, lse, "cuda"), low), ref):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=5e-2, atol=5e-2)

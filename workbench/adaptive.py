@@ -87,10 +87,8 @@ def select_blocks(
 ) -> Tensor:
     """Top-k key blocks per query block from block scores ``[..., nq, nk]`` -> bool, same shape.
 
-    The diagonal block is always kept when ``keep_diagonal`` (self-attention); with ``causal``
-    blocks ``j > i`` are never selected. Vectorized: one ``topk`` over the last axis. Raises as
-    :func:`check_density` for a bad ``density``.
-    """
+    The diagonal block is always kept when ``keep_diagonal``; with ``causal`` blocks ``j > i``
+    never are. Raises as :func:`check_density` for a bad ``density``."""
     nq, nk = scores.shape[-2:]
     k = topk_budget(density, nk)
     elig = _eligible(nq, nk, causal, scores.device)
@@ -105,11 +103,8 @@ def select_blocks(
 
 
 def captured_mass(q: Tensor, k: Tensor, allowed: Tensor, scale: float | None = None) -> Tensor:
-    """Fraction of the true (dense) softmax mass inside ``allowed``, per query row.
-
-    ``allowed`` is a bool mask broadcastable to ``[..., Sq, Sk]``; returns ``[..., Sq]``.
-    Dense: for measurement at small sizes only.
-    """
+    """Fraction of the dense softmax mass inside ``allowed`` (bool, broadcastable to
+    ``[..., Sq, Sk]``) per query row: ``[..., Sq]``. Dense: small sizes only."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, -1)
     return (p * allowed).sum(-1)
@@ -117,11 +112,8 @@ def captured_mass(q: Tensor, k: Tensor, allowed: Tensor, scale: float | None = N
 
 def distillation_loss(gate_scores: Tensor, q: Tensor, k: Tensor, block_size: int,
                       causal: bool = False) -> Tensor:
-    """SeerAttention-style self-distillation: KL(true block mass || softmax of gate scores).
-
-    The target is the dense softmax attention summed over each tile and averaged over the
-    query block's rows (computed without gradient, dense: small sizes).
-    """
+    """SeerAttention-style self-distillation: KL(true block mass || softmax of gate scores),
+    the target being dense attention summed per tile, averaged over its rows (small sizes)."""
     with torch.no_grad():
         s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if causal:
@@ -139,21 +131,14 @@ def distillation_loss(gate_scores: Tensor, q: Tensor, k: Tensor, block_size: int
 
 @dataclass(frozen=True)
 class Selection:
-    """The pattern one call runs, per batch element and head, and the block scores behind it.
-
-    The pattern is ``chosen | fixed`` (at token level), intersected with ``k <= q`` when
-    ``causal``: see :meth:`pattern`.
+    """The pattern one call runs, ``chosen | fixed`` at token level (``& causal``): see
+    :meth:`pattern`; and the block scores behind it.
 
     Attributes:
         scores: block scores ``[B, H, nq, nk]`` at ``block_size``.
-        chosen: bool ``[B, H, nq, nk]``, the tiles chosen from the content
-            (:func:`select_blocks`); ``None`` when the fallback ran instead.
-        fixed: a pattern of 1 or ``H`` heads joined to ``chosen`` at token level (the module's
-            ``always``; without ``chosen``, its fallback, or ``fallback | always``); or ``None``.
-        block_size, q_len, k_len: the tile size and the problem's lengths.
-        causal: intersect with ``k <= q`` (self-attention: ``q_len == k_len``).
-        selected: derived, bool ``[B, H, nq, nk]``: the tiles of :meth:`pattern` holding an
-            allowed pair, i.e. the tiles a block-sparse kernel at ``block_size`` computes.
+        chosen: bool ``[B, H, nq, nk]`` tiles chosen from the content, or ``None`` (fallback).
+        fixed: a pattern of 1 or ``H`` heads (``always``, or the fallback), or ``None``.
+        selected: derived, bool ``[B, H, nq, nk]``: the tiles a kernel computes.
 
     Raises:
         ValueError: neither ``chosen`` nor ``fixed``; ``chosen`` not shaped as ``scores``;
@@ -197,10 +182,8 @@ class Selection:
                                        k_len=self.k_len).active
 
     def pattern(self) -> Pattern:
-        """The exact token-level pattern of this selection, batch folded into the heads (head
-        ``b * H + h``): ``BlockSelection(chosen) | fixed`` with ``fixed`` repeated over the
-        batch (:func:`tile_batch`), ``& causal()`` when ``causal``. It has ``B * H`` heads, or
-        1 when it is a 1-head ``fixed`` alone (broadcasting over the heads)."""
+        """The exact token-level pattern, batch folded into the heads (``b * H + h``):
+        ``BlockSelection(chosen) | tile_batch(fixed)``, ``& causal()`` when ``causal``."""
         b, h, nq, nk = self.scores.shape
         parts: list[Pattern] = []
         if self.chosen is not None:
@@ -212,8 +195,7 @@ class Selection:
         return pat & P.causal() if self.causal else pat
 
     def density(self) -> float:
-        """Computed density: the area of the :attr:`selected` tiles over ``q_len * k_len``,
-        averaged over batch elements and heads."""
+        """The area of the :attr:`selected` tiles over ``q_len * k_len``, averaged."""
         sel = self.selected.flatten(0, 1)
         ext_q = block_extents(self.q_len, self.block_size, sel.device)
         ext_k = block_extents(self.k_len, self.block_size, sel.device)
@@ -229,8 +211,7 @@ def _check_heads(name: str, pattern: Pattern, heads: int) -> None:
 
 
 def _check_causal_lengths(causal: bool, q_len: int, k_len: int) -> None:
-    """Raise a ``ValueError`` when ``causal`` and the query and key lengths differ: causal
-    attention here is self-attention (query ``i`` sees keys ``j <= i`` of the same sequence)."""
+    """Raise a ``ValueError`` when ``causal`` (self-attention) and the lengths differ."""
     if causal and q_len != k_len:
         raise ValueError(f"causal=True is causal self-attention: q and k must have the same "
                          f"length, got {q_len} and {k_len} (use causal=False for "
@@ -243,36 +224,24 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
     Args:
         block_size: selection and kernel block size.
-        density: target fraction of key blocks per query block (``k = round(density * nk)``),
-            in ``(0, 1]``.
-        causal: autoregressive self-attention (block-level eligibility plus the token-level
-            ``k <= q``); queries and keys must then have the same length.
+        density: fraction of key blocks kept per query block, in ``(0, 1]``.
+        causal: autoregressive self-attention (queries and keys of one length).
         head_dim: the gate's input size, needed only with ``trainable=True``.
         trainable: learn linear maps of pooled Q and K (initialized to the identity).
-        straight_through: train the gate through the output: each query block's output is
-            multiplied by ``m / stopgrad(m)`` (equal to 1), ``m`` the gate's softmax mass on
-            the selected key blocks; the hard top-k itself has no gradient.
-        always: a fixed pattern unioned, at token level, into every call's pattern (e.g.
-            ``P.local_window(64)``).
-        fallback: a fixed pattern run (exactly) instead of the content when ``adaptive=False``
-            or the keys have fewer than ``min_blocks`` blocks; needed then.
-        adaptive, min_blocks: when to use the content (``min_blocks``: a positive int).
+        straight_through: train the gate through the output, scaled per query block by
+            ``m / stopgrad(m)`` (equal to 1), ``m`` the gate's softmax mass on the selection.
+        always: a fixed pattern joined into every call's pattern (e.g. ``P.local_window(64)``).
+        fallback: the fixed pattern run instead when ``adaptive=False`` or the keys have fewer
+            than ``min_blocks`` blocks (needed then).
         backend, ring_chunks: as for :func:`workbench.block_sparse_attention`.
-        process_group, sharding: take this rank's shard of a sequence sharded across the
-            group's ranks; the selection is made from gathered block summaries
-            (:meth:`select_sharded`) and the attention runs as a distributed ring.
+        process_group, sharding: inputs are this rank's shard; the selection is made from
+            gathered block summaries (:meth:`select_sharded`), the attention runs as a ring.
 
-    A fixed pattern has 1 head or as many as the input (then head ``h`` of every batch
-    element follows its head ``h``).
+    Fixed patterns have 1 head or as many as the input.
 
     Raises:
-        TypeError: ``density``, ``always`` or ``fallback`` of the wrong type; a flag
-            (``causal``, ``trainable``, ``straight_through``, ``adaptive``) not a bool.
-        ValueError: ``density`` outside ``(0, 1]``; ``block_size``, ``ring_chunks``,
-            ``min_blocks`` or (when trainable) ``head_dim`` not a positive int; an unknown
-            ``backend`` or ``sharding``; no ``fallback`` where one is needed; ``fallback`` and
-            ``always`` with different numbers of heads (both above 1); ``straight_through``
-            without ``trainable``.
+        TypeError, ValueError: a bad option, named (``fallback`` missing where needed,
+            ``straight_through`` without ``trainable``, mismatched pattern heads).
         NotImplementedError: ``straight_through`` under a ``process_group``.
 
     ``forward(q, k, v, return_selection=False)`` takes ``[B, H, S, D]``.
@@ -334,12 +303,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return self.pooled_scores(pool_blocks(q, self.block_size), pool_blocks(k, self.block_size))
 
     def pooled_scores(self, pq: Tensor, pk: Tensor) -> Tensor:
-        """Block scores ``[B, H, nq, nk]`` from block summaries ``pq [B, H, nq, D]``,
-        ``pk [B, H, nk, D]``.
-
-        Raises:
-            ValueError: a trainable gate built for another ``head_dim`` than ``D``.
-        """
+        """Block scores ``[B, H, nq, nk]`` from summaries ``pq [B, H, nq, D]``, ``pk [B, H, nk,
+        D]``; raises ``ValueError`` when a trainable gate was built for another ``D``."""
         if self.gate_q is not None:
             if pq.shape[-1] != self.gate_q.in_features:
                 raise ValueError(f"the gate was built with head_dim={self.gate_q.in_features} "
@@ -349,25 +314,17 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return torch.matmul(pq, pk.transpose(-1, -2)) / math.sqrt(pq.shape[-1])
 
     def select(self, q: Tensor, k: Tensor) -> Selection:
-        """The selection of this call from ``q [B, H, Sq, D]`` and ``k [B, H, Sk, D]``.
-
-        Raises:
-            ValueError, TypeError: q and k not of matching ``[B, H, S, D]`` shapes (as
-                :func:`~workbench.attention.check_qkv`), or as :meth:`select_pooled`.
-        """
+        """The selection of this call from ``q [B, H, Sq, D]`` and ``k [B, H, Sk, D]``; raises
+        as :func:`~workbench.attention.check_qkv` and :meth:`select_pooled`."""
         check_qkv(q, k, k)
         return self.select_pooled(pool_blocks(q, self.block_size), pool_blocks(k, self.block_size),
                                   q.shape[2], k.shape[2])
 
     def select_sharded(self, q: Tensor, k: Tensor, process_group, sharding: str = "contiguous"
                        ) -> Selection:
-        """The selection of the whole sequence, from this rank's shard of a sharded sequence.
-
-        Every rank pools its own blocks, the block summaries are gathered
-        (:func:`workbench.distributed.gather_block_summaries`: ``1 / block_size`` of the
-        sequence), and every rank computes the same global selection from them. Raises as
-        :meth:`select`.
-        """
+        """The selection of the whole sequence from this rank's shard: every rank gathers all
+        block summaries (:func:`workbench.distributed.gather_block_summaries`) and computes the
+        same selection. Raises as :meth:`select`."""
         from .distributed import gather_block_summaries
 
         check_qkv(q, k, k)
@@ -378,17 +335,9 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return self.select_pooled(pq, pk, s, s)
 
     def select_pooled(self, pq: Tensor, pk: Tensor, q_len: int, k_len: int) -> Selection:
-        """The selection from block summaries (:func:`pool_blocks` of q and k): what a
-        distributed run gathers instead of the sequence.
-
-        The content chooses the tiles (:func:`select_blocks`) and ``always`` is joined to them,
-        unless ``adaptive=False`` or there are fewer than ``min_blocks`` key blocks: then the
-        fixed part is the fallback (``| always``) alone. See :class:`Selection`.
-
-        Raises:
-            ValueError: a fixed pattern with neither 1 nor ``H`` heads; ``causal`` with
-                ``q_len != k_len``; a gate of another ``head_dim``.
-        """
+        """The selection from block summaries (:func:`pool_blocks` of q and k): top-k tiles
+        (:func:`select_blocks`) ``| always``, or, when the content is not used, ``fallback |
+        always``. Raises ``ValueError``: fixed pattern heads, causal lengths, gate width."""
         heads = pq.shape[1]
         for name, pat in (("fallback", self.fallback), ("always", self.always)):
             if pat is not None:
@@ -419,12 +368,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return (out, sel) if return_selection else out
 
     def straight_through_gradient(self, out: Tensor, sel: Selection) -> Tensor:
-        """``out [B, H, Sq, Dv]`` times ``m / stopgrad(m)`` per query block, so
-        the gate learns through the output; ``out`` unchanged unless ``straight_through``.
-
-        ``m`` is the gate's softmax mass on ``sel.selected``; where it is 0 (e.g. a query block
-        with no selected tile, whose output is 0) the factor is 1 and passes no gradient.
-        """
+        """``out [B, H, Sq, Dv]`` times ``m / stopgrad(m)`` per query block (1 where ``m``, the
+        gate's softmax mass on ``sel.selected``, is 0); unchanged unless ``straight_through``."""
         if not self.straight_through:
             return out
         elig = _eligible(*sel.scores.shape[-2:], self.causal, out.device)
@@ -444,14 +389,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
 def _check_fixed_patterns(always: object, fallback: object, adaptive: bool,
                           min_blocks: object) -> None:
-    """Validate the module's fixed patterns and when the fallback runs.
-
-    Raises:
-        TypeError: ``always`` or ``fallback`` neither a :class:`Pattern` nor ``None``.
-        ValueError: ``min_blocks`` not a positive int; no ``fallback`` while ``adaptive=False``
-            or ``min_blocks > 1``; ``fallback`` and ``always`` with different head counts
-            (both above 1), which cannot be joined.
-    """
+    """Validate the module's fixed patterns and when the fallback runs (raises as the class)."""
     for name, pat in (("always", always), ("fallback", fallback)):
         if pat is not None and not isinstance(pat, Pattern):
             raise TypeError(f"{name} must be a workbench Pattern (e.g. "

@@ -174,42 +174,27 @@ def block_sparse_attention(
         ring_chunks: run the ring schedule over this many K/V chunks (1 = one shot).
         layout: a precomputed ``pattern.block_structure(Sq, block_size, k_len=Sk)`` to reuse
             (under a ``process_group``: the global one, or a function of the global length).
-        block_order: order in which the active tiles are visited: ``None`` (natural: by head,
-            query block, key block), ``"hilbert"`` or ``"morton"`` (along that curve over the
-            block grid: the *post-pattern* ordering). The pattern and the result do not change;
-            outputs equal the natural order's up to floating-point summation order (not
-            bitwise). ``blockwise`` follows it; ``flex`` sorts each query block's key blocks
-            along it (its kernel fixes the order of query blocks); ``reference`` has no tiles.
-        dropout_p: attention-weight dropout probability (as ``nn.MultiheadAttention``'s): each
-            probability is zeroed with this probability and the rest scaled by
-            ``1 / (1 - p)``; the log-sum-exp is unaffected. Applied whenever ``> 0`` (the
-            caller decides training vs eval). Needs ``blockwise`` or ``reference``
-            (``"auto"`` picks ``blockwise``).
-        dropout_seed: seed of the keep decisions (a hash of batch-head, query and key
-            positions: the same seed gives the same mask); ``None`` draws one from torch's
-            default generator, so ``torch.manual_seed`` makes runs repeatable. Under a
-            ``process_group`` every rank uses rank 0's seed.
-        process_group: run the ring across the ranks of this ``torch.distributed`` group (e.g.
-            ``torch.distributed.group.WORLD``): ``q, k, v`` are then this rank's shard of the
-            sequence, cut by ``workbench.distributed.shard_plan(S, world, block_size,
-            sharding).shard(x, rank)``, and the result is this rank's output shard
-            (:mod:`workbench.distributed`). Self-attention only; ``layout`` is the global one.
+        block_order: tile visit order: ``None`` (natural), ``"hilbert"`` or ``"morton"`` (along
+            that curve over the block grid: the *post-pattern* ordering); the result is the
+            same up to floating-point summation order.
+        dropout_p: attention-weight dropout (``nn.MultiheadAttention``'s: zeroed with this
+            probability, the rest scaled by ``1 / (1 - p)``; the lse is unaffected), applied
+            whenever ``> 0``; on ``blockwise`` or ``reference``.
+        dropout_seed: seed of the keep decisions (a hash of batch-head, query and key);
+            ``None`` draws one from torch's generator; rank 0's under a process group.
+        process_group: run the ring over this ``torch.distributed`` group: ``q, k, v`` are this
+            rank's shard (``workbench.distributed.shard_plan(S, world, block_size,
+            sharding).shard(x, rank)``) and so is the result. Self-attention only.
         sharding: ``"contiguous"`` or ``"zigzag"`` (balances causal work) under a process group.
-        plan: a :class:`~workbench.plan.Plan` of ``pattern`` at these lengths (the global ones
-            under a process group) and ``block_size``, whose layout and what the backends
-            derive from it are built once and kept; or a :class:`~workbench.plan.Plans` that
-            finds or keeps it. Not with ``layout``.
-        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's form;
-            :mod:`workbench.score_mods`) applied to each computed scaled score before the mask
-            and softmax, at absolute positions; only on the computed tiles. Needs
-            ``blockwise``, ``flex`` or ``reference`` (``auto`` picks one); not with a
-            process group.
-        q_offset: the queries are positions ``q_offset, ..., q_offset + Sq - 1`` of the
-            sequence whose positions ``0, ..., Sk - 1`` are the keys: the pattern is applied
-            at those positions (a decoder with a KV cache passes ``Sk - Sq``; a chunk of a long
-            prefill passes its start). Any offset, not only multiples of ``block_size``; one
-            device only (no ``process_group``); a plan made with the same ``q_offset``, not a
-            ``layout``.
+        plan: a :class:`~workbench.plan.Plan` of these lengths (global ones under a process
+            group) that keeps the layout and what backends derive from it, or a
+            :class:`~workbench.plan.Plans` that finds it. Not with ``layout``.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's form)
+            applied to the computed scaled scores at absolute positions, before the mask; on
+            ``blockwise``, ``flex`` or ``reference``; not with a process group.
+        q_offset: the queries are positions ``q_offset ...`` of the keys' sequence (a decoder
+            with a KV cache passes ``Sk - Sq``); one device only, with a plan of the same
+            ``q_offset`` rather than a ``layout``.
 
     Returns:
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
@@ -281,10 +266,8 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, 
             layout: BlockLayout | Callable[[], BlockLayout] | None = None,
             score_mod: ScoreMod | None = None, q_offset: int = 0) -> Runner:
     """The dispatch of :func:`block_sparse_attention` on one device, arguments already checked:
-    chooses the backend and prepares it (layout, mask, plan, scale), returning ``runner(q, k,
-    v) -> (out, lse or None)`` for inputs of these shapes, dtype, device and grad mode.
-    ``layout`` may be a function that builds (or looks up) the layout, called only if the
-    backend needs one; ``q_offset`` is the position of the first query."""
+    the chosen backend prepared, as ``runner(q, k, v) -> (out, lse or None)`` for inputs like
+    these. ``layout`` may be a function, called only if the backend needs a layout."""
     if q.numel() == 0:  # no batch or no heads: nothing to attend
         return _empty_attention
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -316,9 +299,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
            score_mod: ScoreMod | None = None, q_offset: int = 0,
            last: LastCall | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`block_sparse_attention` on one device, arguments already checked: the runner of
-    :func:`prepare`, taken from ``last`` when this call repeats the one it was kept for (same
-    shapes, dtype, device, grad mode, pattern object and options), else prepared (and kept
-    there)."""
+    :func:`prepare`, taken from ``last`` when this call repeats the one it was kept for (else
+    prepared and kept there)."""
     if last is None:
         run = prepare(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
                       scale=scale, ring_chunks=ring_chunks, block_order=block_order,
@@ -377,17 +359,12 @@ def dropout_of(p: float, seed: int | None) -> AttentionDropout | None:
 class BlockSparseAttention(nn.Module):
     """Block-sparse (ring) attention over a fixed pattern, as an ``nn.Module``.
 
-    Takes ``q, k, v`` ``[B, H, S, D]`` (no projections: see the multi-head module for those) and
-    keeps a :class:`~workbench.plan.Plan` per (query length, key length, device) in ``plans``
-    (its own, or one :class:`~workbench.plan.Plans` shared by the layers given it), and the
-    backend prepared for its last call (:class:`~workbench.plan.LastCall`): a call that repeats
-    it (same shapes, dtype, device, grad mode and attributes) launches the kernel straight away,
-    which also lets a CUDA graph capture it. ``block_order="hilbert"`` visits the tiles along a
-    Hilbert curve and ``score_mod`` changes the scores (see :func:`block_sparse_attention`; an
-    ``nn.Module`` score mod, such as :class:`~workbench.score_mods.RelativePositionBias`, is a
-    sub-module). With a
-    ``process_group`` it takes this rank's shard and runs the ring across the group's ranks
-    (``sharding``: ``"contiguous"`` or ``"zigzag"``), each rank caching its own rows of the layout.
+    Takes ``q, k, v`` ``[B, H, S, D]`` (no projections) and the options of
+    :func:`block_sparse_attention`. Keeps a :class:`~workbench.plan.Plan` per (lengths, device)
+    in ``plans`` (its own, or a :class:`~workbench.plan.Plans` shared between layers) and the
+    backend prepared for its last call (:class:`~workbench.plan.LastCall`), so a repeated call
+    launches the kernel straight away (and a CUDA graph can capture it). An ``nn.Module``
+    ``score_mod`` is a sub-module.
 
     Example::
 

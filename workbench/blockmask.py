@@ -28,13 +28,10 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
                          chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """(count ``[H, nq]``, column indices ``[H, nq, nk]`` with selected ones first), int32.
 
-    Selected columns come in increasing order, then the others in increasing order; or the
-    selected ones by ``rank`` (int64 ``[H, nq, nk]``, the position of each tile in a visit
-    order) when given. Natural order needs no sort: a column's place is the number of selected
-    (or unselected) columns left of it, one running sum per row. A visit order is sorted. Either
-    way rows go ``chunk`` tiles at a time into the int32 result, so the int64 temporaries stay
-    small whatever the length (at 4M tokens in 128-token blocks one head's whole sort would
-    take 8 GiB); ``chunk`` defaults to :data:`SORT_CHUNK` of the device.
+    Selected columns come in increasing order (or by ``rank``, int64 ``[H, nq, nk]``: each
+    tile's place in a visit order), then the others in increasing order. Rows go ``chunk``
+    tiles at a time (default :data:`SORT_CHUNK` of the device), so the int64 temporaries stay
+    small whatever the length.
     """
     if chunk is None:
         chunk = SORT_CHUNK.get(sel.device.type, SORT_CHUNK["cuda"])
@@ -86,22 +83,18 @@ def block_mask_from_layout(
             device; it decides the pairs of partial tiles and is only ever asked about real
             positions (``q_offset <= q < q_offset + q_len``, likewise ``k``).
         q_offset, k_offset: absolute position of the first query and key (a ring's slice):
-            ints, or int64 0-dim tensors on the layout's device, which a compiled kernel takes
-            as inputs, so masks that differ only in them share one compilation.
-        rank: int64 ``[H, nq, nk]`` position of every tile in a visit order
-            (:func:`workbench.orderings.visit_rank`): each query block's key blocks are listed
-            in that order. ``None``: increasing key block.
+            ints, or int64 0-dim tensors on the layout's device (kernel inputs, so masks that
+            differ only in them share one compilation).
+        rank: int64 ``[H, nq, nk]`` place of every tile in a visit order
+            (:func:`workbench.orderings.visit_rank`); ``None``: increasing key block.
         backward: also build the query-major lists only the backward pass reads.
 
     Returns:
-        ``BlockMask`` with ``seq_lengths=(q_len, k_len)``; its ``mask_mod(b, h, q_idx, kv_idx)``
-        is False on padding. Tiles of the ragged last block row and column are listed as
-        partial, so padding always goes through the mask function.
+        ``BlockMask`` with ``seq_lengths=(q_len, k_len)`` whose ``mask_mod`` is False on padding
+        (ragged last tiles are listed as partial).
 
-    Both block lists are sorted from the layout a bounded number of tiles at a time
-    (:func:`sorted_block_indices`); FlexAttention's ``from_kv_blocks`` would derive the
-    query-major ones through a dense ``[H, nk, nq]`` int32 copy and an int64 sort, the largest
-    temporaries of a mask at long lengths.
+    NOTE: both block lists come from :func:`sorted_block_indices`, not ``from_kv_blocks``,
+    whose dense ``[H, nk, nq]`` copy and int64 sort dominate a mask's memory at long lengths.
     """
     from torch.nn.attention.flex_attention import BlockMask
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .attention import call_key, check_qkv, check_scale, prepare
 from .backends import check_backend, merge_partials
+from .backends.gather import prepare_dilated
 from .patterns import causal as causal_pattern
 from .patterns import check_dilation_pairs, check_positive_int, dilated, dilated_branch
 from .plan import LastCall, Plans
@@ -152,6 +153,10 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
     else:
         patterns = [dilated_branch(w, r, h) for w, r in zip(segment_lengths, dilation_rates)]
         patterns = [p & causal_pattern() for p in patterns] if causal else patterns
+    if backend == "gather" and len(patterns) > 1:  # every branch in one pass, merged inside
+        run = prepare_dilated(q, k, v, patterns, scale=scale, block_size=block_size,
+                              need_lse=return_lse)
+        return run if return_lse else lambda q, k, v: run(q, k, v)[0]
     lse = return_lse or len(patterns) > 1
     runs = [prepare(q, k, v, p, block_size, backend=backend, return_lse=lse, scale=scale,
                     ring_chunks=1, block_order=None, dropout=None,

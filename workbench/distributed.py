@@ -77,13 +77,9 @@ class RingPlanError(ValueError):
 def init_ring(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
               init_method: str | None = None, rank: int | None = None,
               world_size: int | None = None) -> None:
-    """``torch.distributed.init_process_group`` with a deadline that reads well.
-
-    ``backend`` defaults to NCCL when CUDA is available, else gloo; ``init_method`` defaults to
-    ``env://`` (what ``torchrun`` sets up). If not every rank joins within ``timeout`` seconds,
-    raises :class:`RingTimeoutError` instead of waiting forever. ``timeout`` also becomes the
-    process group's own deadline for its collectives.
-    """
+    """``torch.distributed.init_process_group`` (NCCL when CUDA is available, else gloo;
+    ``env://`` by default, as under ``torchrun``) whose ``timeout`` (seconds, also the group's
+    deadline for collectives) ends in a :class:`RingTimeoutError` when a rank never joins."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     kw = {} if rank is None else {"rank": rank, "world_size": world_size}
     try:
@@ -108,13 +104,9 @@ def barrier(timeout: float = DEFAULT_TIMEOUT_S, process_group=None) -> None:
 def gather_block_summaries(x: Tensor, local_len: int, block_size: int, *, process_group=None,
                            sharding: str = "contiguous", timeout: float = DEFAULT_TIMEOUT_S
                            ) -> tuple[Tensor, int]:
-    """Every rank's per-block summaries, in global block order; and the global length.
-
-    ``x [B, H, n_r, D]`` holds one row per block of this rank's shard (``local_len`` tokens, in
-    shard order), e.g. :func:`workbench.adaptive.pool_blocks` of its queries. Returns
-    ``[B, H, num_blocks(S), D]`` on every rank: ``1 / block_size`` of the sequence's size, which
-    is what content-adaptive selection needs, never the sequence itself.
-    """
+    """Every rank's per-block summaries in global block order ``[B, H, num_blocks(S), D]``, and
+    the global length ``S``, from ``x [B, H, n_r, D]``: one row per block of this rank's shard
+    of ``local_len`` tokens (e.g. :func:`workbench.adaptive.pool_blocks` of its queries)."""
     rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     lens = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
     mine = torch.tensor([local_len], dtype=torch.int64, device=x.device)
@@ -138,15 +130,11 @@ def gather_block_summaries(x: Tensor, local_len: int, block_size: int, *, proces
 # --------------------------------------------------------------------- statistics
 @dataclass
 class RingStats:
-    """What one rank did in its forward passes (accumulated over calls given the same object);
-    ``backward`` holds the same counters for the backward passes once one has run.
-
-    ``bytes_sent``/``bytes_received`` count K/V shards (and, backward, their gradients);
-    ``wait_s`` is host time blocked on transfers. On CUDA the wait is stream-ordered (the host
-    hardly blocks), so :meth:`gpu_wait_ms` gives the time the compute stream sat waiting for
-    transfers: CUDA events around each wait, i.e. communication not hidden behind compute.
-    ``per_step_tiles`` lists the tiles computed at each step this rank took part in.
-    """
+    """What one rank did in its forward passes, accumulated over the calls given this object;
+    ``backward`` holds the same counters for backward passes. ``bytes_*`` count K/V shards (and
+    their gradients); ``wait_s`` is host time blocked on transfers, :meth:`gpu_wait_ms` the
+    CUDA stream's (communication not hidden behind compute); ``per_step_tiles`` the tiles
+    computed at each step this rank took part in."""
 
     steps: int = 0
     pairs_computed: int = 0
@@ -351,18 +339,11 @@ def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
     for i, j, sub, tiles in _pairs(setup, src):
         qs = q.narrow(2, *qo[i])
         ks, vs = k.narrow(2, *ko[j]), v.narrow(2, *ko[j])
-        o, lse = _run_pair(setup, qs, ks, vs, sub, need_lse)
+        o, lse = run_backend(setup.backend, qs, ks, vs, sub, need_lse=need_lse)
         if stats is not None:
             stats.pairs_computed += 1
             stats.tiles_computed += tiles
         yield i, o, lse
-
-
-def _run_pair(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, sub: Problem,
-              need_lse: bool = True) -> tuple[Tensor, Tensor | None]:
-    """``(out, lse)`` of one (query run, K/V run) pair (``lse`` may be None when ``need_lse``
-    is False), on the call's backend (``auto`` chooses for this pair)."""
-    return run_backend(setup.backend, q, k, v, sub, need_lse=need_lse)
 
 
 def _steps(setup: _Setup) -> list[int]:
@@ -510,7 +491,7 @@ def _backward_step(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int, out
         qs = q.narrow(2, *qo[i]).detach().requires_grad_(True)
         ks, vs = (x.narrow(2, *ko[j]).detach().requires_grad_(True) for x in (k, v))
         with torch.enable_grad():
-            o, l_c = _run_pair(setup, qs, ks, vs, sub)
+            o, l_c = run_backend(setup.backend, qs, ks, vs, sub, need_lse=True)
             go, gl = _partial_grads(o, l_c, out.narrow(2, *qo[i]), lse.narrow(2, *qo[i]),
                                     dout.narrow(2, *qo[i]),
                                     None if dlse is None else dlse.narrow(2, *qo[i]))
@@ -562,19 +543,13 @@ def _gather_plan(run_layouts: Sequence[BlockLayout], shards: Sharding, group, ra
     layouts to tile counts per key run, and the ranks exchange those small rows."""
     mine = run_tile_rows(run_layouts, shards)  # [runs of this rank, all runs]
     world = shards.world_size
-    if world == 1:
-        return _plan_from_rows([mine], shards)
-    everyone = [torch.empty_like(mine) for _ in range(world)]
-    work = dist.all_gather(everyone, mine, group=group, async_op=True)
-    _wait_all([work], timeout, f"rank {rank}: exchanging the block plan with the other "
-              f"{world - 1} ranks")
-    return _plan_from_rows(everyone, shards)
-
-
-def _plan_from_rows(rows: Sequence[Tensor], shards: Sharding) -> DistributedPlan:
-    """The plan from every rank's :func:`run_tile_rows`, in rank order (runs are numbered
-    rank by rank)."""
-    return DistributedPlan(shards, torch.cat(list(rows)).cpu())
+    everyone = [mine]
+    if world > 1:  # runs are numbered rank by rank
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        work = dist.all_gather(everyone, mine, group=group, async_op=True)
+        _wait_all([work], timeout, f"rank {rank}: exchanging the block plan with the other "
+                  f"{world - 1} ranks")
+    return DistributedPlan(shards, torch.cat(everyone).cpu())
 
 
 # --------------------------------------------------------------------- entry point
@@ -600,9 +575,8 @@ def distributed_ring_attention(
     """Block-sparse attention over a sequence sharded across the ranks of ``process_group``.
 
     Every rank calls it with its own shard, cut by :func:`shard_plan` (``sharding``), and gets
-    its own output shard; the total length is the sum of the shards. Per rank, memory holds its
-    shards, at most two received K/V shards in flight, one partial being merged, and its own
-    query rows of the block layout (unless ``layout`` gives the global one).
+    its own output shard. Per rank, memory holds its shards, at most two received K/V shards,
+    one partial being merged, and its own query rows of the block layout.
 
     Args:
         q, k, v: this rank's shards ``[B, H, S_r, D]`` (``v``: any ``Dv``); self-attention.
@@ -611,14 +585,12 @@ def distributed_ring_attention(
         process_group: the ring's ranks (``None``: the default group).
         sharding: ``"contiguous"`` or ``"zigzag"``, the same on every rank.
         return_lse: also return this rank's log-sum-exp ``[B, H, S_r]``.
-        layout: the *global* layout (``pattern.block_structure(S, block_size)``) or a function
-            of ``S`` returning it; default: each rank builds only its own rows.
-        dropout: attention dropout; decisions use absolute positions and rank 0's seed, so
-            they match the single-process result with that seed.
-        timeout: seconds any wait may take.
-        stats: a :class:`RingStats` that accumulates this rank's counters.
-        plan: a :class:`~workbench.plan.Plan` of the global length, or
-            :class:`~workbench.plan.Plans`, that keeps this rank's rows between calls.
+        layout: the *global* layout, or a function of ``S`` returning it (default: each rank
+            builds only its own rows).
+        dropout: attention dropout with rank 0's seed (as one process with that seed).
+        timeout: seconds any wait may take; stats: a :class:`RingStats` to accumulate into.
+        plan: a :class:`~workbench.plan.Plan` or :class:`~workbench.plan.Plans` of the global
+            length that keeps this rank's rows between calls.
 
     Returns:
         ``out [B, H, S_r, Dv]``, or ``(out, lse)``; differentiable in ``q, k, v``.
@@ -679,11 +651,9 @@ def step_work(pattern: Pattern, plan: DistributedPlan, rank: int,
     """What rank ``rank`` of ``plan`` computes at one ring step, with no process group.
 
     ``run_layouts``: its query runs' layouts against every key block
-    (:meth:`workbench.plan.Plan.rows`); ``backend``: a backend name (``auto`` chooses per pair,
-    as the ring does). Returns ``work(src, q, k, v, grads=None)``: the
-    partials of this rank's ``q`` shard against the K/V shard ``k, v`` of rank ``src``, each
-    dropped as the ring merges it; with ``grads = (out, lse, dout, dq, dk, dv)`` also the
-    backward step, which recomputes them and adds their gradients to ``dq, dk, dv``.
+    (:meth:`workbench.plan.Plan.rows`). Returns ``work(src, q, k, v, grads=None)``: the partials
+    of this rank's ``q`` against the K/V shard of rank ``src``; with ``grads = (out, lse, dout,
+    dq, dk, dv)`` also the backward step, adding the gradients to ``dq, dk, dv``.
     """
     dev = run_layouts[0].active.device
     setup = _Setup(rank, plan, _run_problems(run_layouts, plan.sharding.pieces[rank], pattern,

@@ -1,70 +1,12 @@
 """The multi-head module: block-sparse (ring, dilated) attention as an ``nn.MultiheadAttention``.
 
-:class:`BlockSparseMultiheadAttention` has the constructor, parameter names, forward signature
-and return value of :class:`torch.nn.MultiheadAttention` in its common uses, so a model can load
-an existing state dict into it (``load_state_dict(mha.state_dict())``) and then be made sparse
-by giving it a pattern. With ``pattern=None`` (dense) it computes what ``nn.MultiheadAttention``
-computes, forward and backward (tested).
-
-Masks keep ``nn.MultiheadAttention``'s polarity: in a **boolean** ``key_padding_mask`` or
-``attn_mask``, ``True`` means *ignore this key*. They are turned into patterns and intersected
-with the module's pattern:
-
-- ``key_padding_mask [B, S_k]`` (unbatched input: ``[S_k]``) becomes a
-  :class:`~workbench.patterns.KeyMask`. Layouts are per head and shared across the batch, so a
-  per-batch mask folds the batch into the heads: the problem is run as ``[1, B * H, S, D]``
-  (index ``b * H + h``, the index ``nn.MultiheadAttention`` uses for 3-D masks).
-- ``attn_mask [S_q, S_k]`` or ``[B * H, S_q, S_k]`` (unbatched input: ``[H, S_q, S_k]``)
-  becomes a dense-mask pattern. It is an ``S x S`` tensor the caller already holds, so it is
-  meant for short sequences; long sequences should express structure as a pattern instead.
-- A **float** mask is added to the scores, as in ``nn.MultiheadAttention``: its ``-inf``
-  entries become the boolean mask above (their tiles are skipped), and its other values, when
-  any is non-zero (or the mask requires grad), an additive bias applied as a ``score_mod``
-  (:mod:`workbench.score_mods`) that indexes the mask on the computed tiles only. Gradients reach
-  a float mask that requires them.
-- ``is_causal=True`` intersects with :func:`workbench.patterns.causal`. Unlike
-  ``nn.MultiheadAttention`` it does not need ``attn_mask`` (if one is given, both apply).
-
-Inputs follow ``nn.MultiheadAttention``'s rules: batched ``[B, S, E]`` (``batch_first=True``)
-or ``[S, B, E]``, or unbatched ``[S, E]`` (``batch_first`` is then ignored); last dimensions
-``embed_dim``, ``kdim``, ``vdim``; one batch size; key and value of one length; one dtype and
-device, those of the parameters (outside autocast); bool or float masks of the shapes above.
-Options are checked at construction.
-
-Differences from ``nn.MultiheadAttention`` (all documented, none silent):
-
-- A bad input raises ``TypeError`` or ``ValueError`` naming the argument, where
-  ``nn.MultiheadAttention`` raises ``AssertionError`` or ``RuntimeError`` (or an error from
-  inside torch).
-- A query with no allowed key outputs zeros (``nn.MultiheadAttention`` gives NaN there).
-- Attention-weight dropout (``dropout > 0``, training mode only, as there) drops the same
-  fraction of probabilities with the same ``1 / (1 - p)`` scaling, but its keep decisions come
-  from a hash of (batch-head, query, key) seeded from torch's default generator
-  (:mod:`workbench.backends.dropout`), not from ``torch.nn.functional.dropout``'s random stream:
-  the same ``torch.manual_seed`` gives repeatable runs, not the very same mask as
-  ``nn.MultiheadAttention``. It runs on the ``blockwise`` backend (``"auto"`` picks it while
-  dropout is active; FlexAttention cannot drop probabilities). ``need_weights`` returns the
-  probabilities before dropout.
-- ``add_bias_kv`` and ``add_zero_attn`` raise ``NotImplementedError``.
-- ``need_weights=True`` returns the dense ``[B, S_q, S_k]`` (or per head ``[B, H, S_q, S_k]``;
-  without ``B`` for unbatched input) weights only while ``B * H * S_q * S_k <=
-  dense_weights_limit`` (default ``2**22`` elements, e.g. one batch of 8 heads at 724 tokens);
-  above it the weights come back compact as :class:`BlockSparseWeights` (one ``block x block``
-  tile of probabilities per active tile, memory proportional to the computed pairs), never as an
-  ``S x S`` tensor.
-
-**Content-adaptive sparsity.** ``selector=AdaptiveBlockSparseAttention(...)`` chooses the
-block layout of every forward call from the projected queries and keys (per batch element and
-head; :mod:`workbench.adaptive`), instead of a fixed ``pattern`` (give one or the other). Masks,
-``is_causal``, dropout and ``need_weights`` apply to it as to a fixed pattern; the selector's own
-``backend`` and ``ring_chunks`` are ignored in favour of the module's, and its trainable gate
-(``trainable=True``) is a sub-module, so its parameters train with the rest (load an
-``nn.MultiheadAttention`` state dict with ``strict=False`` then: the gate's keys are new).
-
-**Sub-layer norm.** ``sub_layer_norm=True`` inserts a ``LayerNorm(embed_dim)`` between the
-attention output and the output projection: the "Sub-LN" of MAGNETO (Wang et al. 2022, arXiv
-2210.06423) that LongNet's layers use. It is off by default (and then absent from the state
-dict, which keeps ``nn.MultiheadAttention`` checkpoints loadable).
+:class:`BlockSparseMultiheadAttention` takes ``nn.MultiheadAttention``'s constructor, parameter
+names, forward signature and masks (boolean: True = ignore; float: added to the scores), so an
+existing state dict loads into it; with ``pattern=None`` it computes what that module computes,
+forward and backward. Masks become patterns intersected with the module's pattern (a per-batch
+mask folds the batch into the heads, index ``b * H + h``); a float mask's finite values become a
+``score_mod``. Its differences from ``nn.MultiheadAttention`` are listed on the class and in
+docs/reference.md ("Multi-head module").
 """
 
 from __future__ import annotations
@@ -143,16 +85,11 @@ class BlockSparseWeights:
     long lengths).
 
     Attributes:
-        tiles: int64 ``[N, 3]``: (head, query block, key block) of every active tile; ``head``
-            indexes the ``heads`` axis below (``b * H + h`` when the batch was folded in, see
-            ``batch_folded``).
+        tiles: int64 ``[N, 3]``: (head, query block, key block) of every active tile; with
+            ``batch_folded`` the head is ``b * H + h`` and ``num_heads`` is ``B * H``.
         values: ``[B', N, block, block]`` probabilities inside each tile (zero on disallowed and
-            padding pairs). ``B'`` is the batch, or 1 when the batch was folded into the heads.
-        q_len, k_len, block_size, num_heads: the problem; ``num_heads`` is ``B * H`` when folded.
-        batch_folded: whether heads are ``b * H + h``.
-        average: whether the caller asked for head-averaged weights (``to_dense`` then averages).
-        batch: the batch size ``B`` (to unfold folded heads).
-        unbatched: whether the call was unbatched (``to_dense`` then drops the batch axis).
+            padding pairs); ``B'`` is the batch, or 1 when folded.
+        average, unbatched: how ``to_dense`` returns them (head-averaged; without the batch).
     """
 
     tiles: Tensor
@@ -187,53 +124,39 @@ class BlockSparseWeights:
 class BlockSparseMultiheadAttention(nn.Module):
     """Drop-in ``nn.MultiheadAttention`` computing block-sparse attention over a pattern.
 
-    ``embed_dim``, ``num_heads``, ``dropout``, ``bias``, ``add_bias_kv``, ``add_zero_attn``,
-    ``kdim``, ``vdim``, ``batch_first``, ``device`` and ``dtype`` are those of
-    ``nn.MultiheadAttention``. The keyword-only arguments are the main variant's choices.
+    The positional arguments and ``device``, ``dtype`` are ``nn.MultiheadAttention``'s.
 
     Args:
         pattern: a :class:`~workbench.patterns.Pattern` with 1 or ``num_heads`` heads (``None``:
             dense), e.g. ``P.dilated([2048, 4096], [1, 2], num_heads)``.
-        block_size: tile edge of the block layout.
-        backend: ``"auto"``, ``"blockwise"``, ``"flex"``, ``"triton"``, ``"sdpa"`` (dense or
-            causal patterns; ``auto`` picks it for them) or ``"reference"``.
-        ring_chunks: ring schedule over this many K/V chunks (1 = one shot).
-        block_order: post-pattern tile visit order (``None``, ``"hilbert"``, ``"morton"``); see
+        block_size, backend, ring_chunks, block_order: as in
             :func:`~workbench.block_sparse_attention`.
         selector: an :class:`~workbench.adaptive.AdaptiveBlockSparseAttention` that picks the
-            layout from content at every call (instead of ``pattern``).
-        process_group: inputs are this rank's shard of a sequence sharded across the group's
-            ranks (:func:`workbench.distributed.shard_plan`); attention runs as a distributed
-            ring (:mod:`workbench.distributed`). Self-attention without masks. A
-            ``torch.distributed.ProcessGroup`` or ``None``.
-        sharding: how the sequence is sharded, one of :data:`workbench.distributed.SHARDINGS`.
-        sub_layer_norm: MAGNETO/LongNet Sub-LN before the output projection (off by default).
-        plans: where calls without masks keep their :class:`~workbench.plan.Plan` (default: a
-            :class:`~workbench.plan.Plans` of this module's own; give one to several layers
-            to share their layouts). Such a call also keeps its prepared backend
-            (:class:`~workbench.plan.LastCall`): the next one like it launches the kernel
-            straight away, and a CUDA graph can capture it.
-        dense_weights_limit: largest ``B * H * S_q * S_k`` (a positive int) for which
-            ``need_weights=True`` returns dense weights; above it :class:`BlockSparseWeights`.
+            layout from the projected q, k at every call (instead of ``pattern``); its gate is a
+            sub-module, its own ``backend`` and ``ring_chunks`` give way to the module's.
+        process_group, sharding: inputs are this rank's shard of a sequence sharded over the
+            group (:mod:`workbench.distributed`); self-attention without masks or weights.
+        sub_layer_norm: MAGNETO's Sub-LN (arXiv 2210.06423, used by LongNet): a ``LayerNorm``
+            before the output projection (off, and absent from the state dict, by default).
+        plans: where calls without masks keep their :class:`~workbench.plan.Plan` (default:
+            the module's own :class:`~workbench.plan.Plans`; share one between layers).
+        dense_weights_limit: largest ``B * H * S_q * S_k`` for which ``need_weights=True``
+            returns dense weights; above it :class:`BlockSparseWeights`.
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` applied to the scaled
-            scores before any mask (:func:`~workbench.block_sparse_attention`); an
-            ``nn.Module`` one (e.g. :class:`~workbench.score_mods.RelativePositionBias`) is a
-            sub-module whose parameters train with the rest (its state-dict keys are new).
-            Not with a process group.
+            scores before any mask; an ``nn.Module`` one is a sub-module. Not with a process
+            group.
 
     Raises:
-        ValueError: a bad option, named (:func:`workbench.attention.check_options` for
-            ``block_size``, ``backend``, ``ring_chunks``, ``block_order``, ``sharding``).
-        TypeError: an option of the wrong type, named.
+        ValueError, TypeError: a bad option, named.
         NotImplementedError: ``add_bias_kv``, ``add_zero_attn``, or a straight-through selector
             or a ``score_mod`` under a process group.
 
-    ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
-    average_attn_weights=True, is_causal=False)`` returns ``(output, weights or None)``; inputs
-    are ``[B, S, E]`` with ``batch_first=True``, ``[S, B, E]`` otherwise, or unbatched ``[S, E]``
-    (``batch_first`` is then ignored, as in ``nn.MultiheadAttention``). Note that
-    ``need_weights`` defaults to False here (True in ``nn.MultiheadAttention``): weights cost a
-    second pass.
+    NOTE, departures from ``nn.MultiheadAttention``: bad inputs raise ``TypeError`` /
+    ``ValueError`` naming the argument; a query with no allowed key outputs zeros (not NaN);
+    ``need_weights`` defaults to False; ``is_causal`` needs no ``attn_mask``; dropout keeps
+    probabilities by a hash of (batch-head, query, key) seeded from torch's generator
+    (:mod:`workbench.backends.dropout`, on the ``blockwise`` backend), so a seed repeats a run
+    but not ``F.dropout``'s mask.
     """
 
     def __init__(
@@ -382,10 +305,8 @@ class BlockSparseMultiheadAttention(nn.Module):
         selected: Pattern | None = None,
     ) -> tuple[Pattern, bool]:
         """The pattern a forward call runs, and whether the batch is folded into the heads.
-
-        ``selected``: a per-batch pattern with ``batch * num_heads`` heads (an adaptive
-        selection) used instead of the module's pattern; it always folds the batch.
-        """
+        Masks are shaped as ``forward`` checks them; ``selected`` (``batch * num_heads`` heads,
+        an adaptive selection) replaces the module's pattern and always folds the batch."""
         h = self.num_heads
         pat: Pattern = self.pattern if self.pattern is not None else P.full()
         parts: list[Pattern] = []
@@ -396,11 +317,6 @@ class BlockSparseMultiheadAttention(nn.Module):
             ignore = _bool_mask(attn_mask, "attn_mask")
             if ignore.dim() == 2:
                 ignore = ignore[None]
-            if ignore.dim() != 3 or tuple(ignore.shape[1:]) != (q_len, k_len) or ignore.shape[
-                    0] not in (1, batch * h):
-                raise ValueError(
-                    f"attn_mask must be [{q_len}, {k_len}] or [{batch * h}, {q_len}, {k_len}] "
-                    f"(batch * num_heads first), got {tuple(attn_mask.shape)}")
             if ignore.shape[0] > 1 and batch > 1:
                 fold = True
             parts.append(DenseMask(~ignore))
@@ -408,9 +324,6 @@ class BlockSparseMultiheadAttention(nn.Module):
             ignore = _bool_mask(key_padding_mask, "key_padding_mask")
             if ignore.dim() == 1:
                 ignore = ignore[None]
-            if tuple(ignore.shape) != (batch, k_len):
-                raise ValueError(f"key_padding_mask must be [{batch}, {k_len}] (batch, keys), "
-                                 f"got {tuple(key_padding_mask.shape)}")
             if batch > 1:
                 fold = True
                 parts.append(KeyMask((~ignore).repeat_interleave(h, 0)))
@@ -449,28 +362,23 @@ class BlockSparseMultiheadAttention(nn.Module):
 
         Args:
             query: ``[N, L, E]`` with ``batch_first=True``, ``[L, N, E]`` otherwise, or
-                unbatched ``[L, E]`` (``batch_first`` is then ignored).
-            key, value: ``[N, S, kdim]`` / ``[N, S, vdim]`` (or ``[S, N, .]``, or unbatched
-                ``[S, kdim]`` / ``[S, vdim]``), of query's dtype and device, which must be the
-                parameters' (except under autocast).
-            key_padding_mask: ``[N, S]`` (unbatched: ``[S]``), bool (True = ignore) or float
-                (added to the scores).
-            need_weights: also return the attention probabilities.
-            attn_mask: ``[L, S]`` or ``[N * num_heads, L, S]`` (unbatched:
-                ``[num_heads, L, S]``), bool (True = ignore) or float (added to the scores).
-            average_attn_weights: average the returned weights over the heads.
+                unbatched ``[L, E]``.
+            key, value: ``[N, S, kdim]`` / ``[N, S, vdim]`` (laid out like query), of query's
+                dtype and device, which must be the parameters' (except under autocast).
+            key_padding_mask: ``[N, S]`` (unbatched ``[S]``); attn_mask: ``[L, S]`` or
+                ``[N * num_heads, L, S]`` (unbatched ``[num_heads, L, S]``); each bool (True =
+                ignore) or float (added to the scores).
             is_causal: also restrict query ``i`` to keys ``j <= i``.
 
         Returns:
-            ``(output, weights)``: ``output`` shaped like ``query`` with ``embed_dim`` features;
+            ``(output, weights)``: ``output`` like ``query`` with ``embed_dim`` features;
             ``weights`` ``None`` unless ``need_weights``, else ``[N, L, S]`` (per head
-            ``[N, num_heads, L, S]``; unbatched ``[L, S]`` / ``[num_heads, L, S]``), or
-            :class:`BlockSparseWeights` above ``dense_weights_limit``.
+            ``[N, num_heads, L, S]``, unbatched without ``N``), or :class:`BlockSparseWeights`
+            above ``dense_weights_limit``.
 
         Raises:
-            TypeError, ValueError: an input of the wrong type, shape, dtype or device, naming
-                the argument.
-            NotImplementedError: masks or weights under a ``process_group``.
+            TypeError, ValueError: a bad input, named. NotImplementedError: masks or weights
+                under a ``process_group``.
         """
         batched = _check_forward_inputs(self, query, key, value, key_padding_mask, attn_mask)
         if not batched and key_padding_mask is not None:
@@ -566,18 +474,9 @@ class BlockSparseMultiheadAttention(nn.Module):
 
 def _check_forward_inputs(mha: BlockSparseMultiheadAttention, query: object, key: object,
                           value: object, key_padding_mask: object, attn_mask: object) -> bool:
-    """Check ``forward``'s tensors by ``nn.MultiheadAttention``'s rules; returns whether the call
-    is batched (``query`` 3-D) rather than unbatched (2-D).
-
-    Raises:
-        TypeError: a non-tensor input or mask; a mask neither bool nor floating; key or value
-            of a dtype other than query's; query of a dtype other than the parameters' (outside
-            autocast).
-        ValueError: query not 2-D or 3-D; key or value of another rank than query; a last
-            dimension other than ``embed_dim`` / ``kdim`` / ``vdim``; key or value of another
-            batch size than query; value of another length than key; a device other than
-            query's or the parameters'; a mask of the wrong shape.
-    """
+    """Check ``forward``'s tensors by ``nn.MultiheadAttention``'s rules (ranks, last dimensions,
+    batch sizes, lengths, dtypes, devices, mask shapes); returns whether the call is batched.
+    Raises ``TypeError`` (types, dtypes) or ``ValueError`` (the rest), naming the argument."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

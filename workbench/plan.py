@@ -1,11 +1,9 @@
 """Plans: a pattern at given lengths, block size and device, with everything derived from it.
 
-A :class:`Plan` builds its :class:`~workbench.layout.BlockLayout` on first use, and the layout
-keeps what each backend derives from it (a FlexAttention ``BlockMask``, a triton plan, a ring's
-slices; :meth:`BlockLayout.derived`), so a plan held across calls builds each of them once and
-:meth:`Plan.nbytes` reports all of it. Modules hold their plans in :class:`Plans`; modules given
-the same ``Plans`` (the layers of a model with one pattern) share them. Nothing is cached
-anywhere else: a plan lives exactly as long as whoever holds it.
+A :class:`Plan` builds its :class:`~workbench.layout.BlockLayout` on first use; the layout keeps
+what each backend derives from it (:meth:`BlockLayout.derived`), so a plan held across calls
+builds each once. Modules hold plans in :class:`Plans`, which layers may share. Nothing is
+cached anywhere else: a plan lives exactly as long as whoever holds it.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """Score modifications: functions that change each attention score before the softmax.
 
-A score mod has FlexAttention's signature ``score_mod(score, b, h, q, k) -> score``: ``score``
-is the scaled score ``q·k / sqrt(d)`` of query position ``q`` and key position ``k`` in batch
-element ``b`` and head ``h`` (positions absolute, int64). It must be elementwise: every backend
-calls it on broadcastable tensors (a tile of scores, a dense grid, or FlexAttention's scalars),
-never on an ``S x S`` grid it would not compute anyway, and pads only with positions inside the
-sequence. It runs before the pattern's mask; returning ``-inf`` drops a pair.
-
-Gradients reach the tensors a score mod reads: those of an ``nn.Module`` (its parameters), of a
-closure's cells, of ``functools.partial`` arguments, of a bound method's object and of the
-globals its code names (:func:`reads`). A tensor reached otherwise raises when the ``blockwise``
-backend differentiates it, rather than getting no gradient.
-
-Built-ins: :func:`alibi` (ALiBi's per-head linear bias), :func:`soft_cap` (``cap * tanh(s /
-cap)``) and :class:`RelativePositionBias` (a learned bias per head and clipped or bucketed
-distance).
+A score mod has FlexAttention's signature ``score_mod(score, b, h, q, k) -> score``: the scaled
+score of query ``q`` and key ``k`` (absolute int64 positions) in batch element ``b`` and head
+``h``. It must be elementwise (backends call it on broadcastable tiles, grids or scalars, only at
+positions inside the sequence) and runs before the pattern's mask; ``-inf`` drops a pair.
+Gradients reach the tensors it reads as :func:`reads` finds them (a module's parameters,
+closure cells, ``partial`` arguments, a bound method's object, named globals); ``blockwise``
+raises on any other tensor that requires grad, rather than give it none.
 """
 
 from __future__ import annotations

@@ -4,30 +4,33 @@ For a (segment ``w``, dilation ``r``) pair, the positions a head keeps inside ea
 (``s, s + r, ...`` from the segment start) are attended densely, segment by segment, and the
 result is put back: no tile is wasted. When every segment is full, the kept positions of a run of
 consecutive heads whose offsets step evenly (LongNet's ``j mod r``) are one strided view of q, k
-and v that SDPA reads in place; otherwise they are gathered by index. The log-sum-exp, when
-asked for, comes from the block-sparse backends on the same dense segments.
+and v that PyTorch's fused flash kernel reads in place, forward and backward, with its
+log-sum-exp (:mod:`~workbench.backends.segments`); several pairs on the same heads (LongNet's
+paper mode) are merged inside that one pass. Otherwise the kept positions are gathered by index.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..orderings import dilation_gather
 from ..patterns import Dilated, KeyMask, Pattern, full, head_predicate
 from ..patterns import causal as causal_band
 from ..patterns.algebra import Intersection
-from .merge import empty_partial
+from .merge import accumulation_dtype, empty_partial, merge_into_, merge_partials
 from .problem import Problem
 from .registry import Backend, Capabilities, Request, Runner, prepare_backend
+from .segments import SegmentKernel, segment_kernel
 
 __all__ = ["BACKEND", "branch_gather", "dilated_parts", "dilated_pattern_attention",
-           "heads_at_once", "heads_gather", "prepare_dilated"]
+           "heads_at_once", "prepare_dilated"]
 
 
 def _with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, backend: str,
@@ -63,11 +66,12 @@ def heads_at_once(q: Tensor) -> int:
 
 class _Piece(NamedTuple):
     """Slots attended by one call: ``gather(x)`` -> ``[B', nseg', L, *rest]`` (q, k, v and the
-    log-sum-exp alike), ``put(dst, src)`` writes a result back; ``key_ok`` [nseg', L] masks
-    padding keys (None: every key is real)."""
+    log-sum-exp alike), ``put(dst, src)`` writes a result back (strided pieces:
+    ``put(dst, src, add=True)`` adds it); ``key_ok`` [nseg', L] masks padding keys (None: every
+    key is real)."""
 
     gather: Callable[[Tensor], Tensor]
-    put: Callable[[Tensor, Tensor], None]
+    put: Callable[..., None]
     key_ok: Tensor | None
 
 
@@ -126,9 +130,10 @@ def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int
             def gather(x: Tensor) -> Tensor:  # batch and heads as one batch dim
                 return view(x, run).flatten(0, 1)
 
-            def put(dst: Tensor, src: Tensor) -> None:
+            def put(dst: Tensor, src: Tensor, add: bool = False) -> None:
                 target = view(dst, run)
-                target.copy_(src.reshape(target.shape))
+                src = src.reshape(target.shape)
+                target.add_(src) if add else target.copy_(src)
 
             return _Piece(gather, put, None)
 
@@ -140,10 +145,11 @@ def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int
     def gather(x: Tensor) -> Tensor:  # [B, sum(c) * nseg, L, *rest], runs in order
         return torch.cat([view(x, run) for run in runs], 1).flatten(1, 2)
 
-    def put(dst: Tensor, src: Tensor) -> None:
+    def put(dst: Tensor, src: Tensor, add: bool = False) -> None:
         parts = src.unflatten(1, (sum(sizes), nseg)).split(sizes, 1)
         for run, part in zip(runs, parts):
-            view(dst, run).copy_(part)
+            target = view(dst, run)
+            target.add_(part) if add else target.copy_(part)
 
     return [_Piece(gather, put, None)]
 
@@ -244,27 +250,156 @@ def _attend_piece(pc: _Piece, q: Tensor, k: Tensor, v: Tensor, causal: bool, sca
     pc.put(out, og.to(out.dtype))
 
 
-def heads_gather(
-    q: Tensor, k: Tensor, v: Tensor, w: list[int], r: list[int], s: list[int], causal: bool,
-    scale: float, need_lse: bool, block_size: int, kept: dict | None = None,
+class _Branch(NamedTuple):
+    """Heads ``[start, stop)`` attend pair (``segment``, ``dilation``), head ``start + j`` at
+    offset ``offsets[j]``."""
+
+    start: int
+    stop: int
+    segment: int
+    dilation: int
+    offsets: tuple[int, ...]
+
+    def fills(self, seq_len: int) -> bool:
+        """Whether every slot is a real position (full segments, no offset runs past one)."""
+        last = (-(-self.segment // self.dilation) - 1) * self.dilation
+        return seq_len % self.segment == 0 and all(o + last < self.segment for o in self.offsets)
+
+
+def _branches(dil: Dilated) -> list[_Branch]:
+    """A LongNet pattern's runs of consecutive heads that share a (segment, dilation) pair."""
+    w, r, s = dil.w, dil.r, dil.s
+    runs, start = [], 0
+    for end in range(1, len(w) + 1):
+        if end == len(w) or (w[end], r[end]) != (w[start], r[start]):
+            runs.append(_Branch(start, end, w[start], r[start], tuple(s[start:end])))
+            start = end
+    return runs
+
+
+def _generic(
+    q: Tensor, k: Tensor, v: Tensor, branches: list[_Branch], causal: bool, scale: float,
+    need_lse: bool, block_size: int, kept: dict,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-head (segment ``w``, dilation ``r``, offset ``s``) attention by the dilation ordering:
-    each run of consecutive heads with the same (w, r) is gathered (a few heads at a time),
-    attended densely and put straight back into one preallocated output. ``kept``: where the
-    index tensors, masks and prepared backends of these shapes are kept across calls (a call
-    with other shapes, dtype, device or grad mode needs its own)."""
-    kept = {} if kept is None else kept
+    """Branches over disjoint heads, each gathered (a few heads at a time), attended by SDPA (or
+    a block-sparse backend for the log-sum-exp) under autograd and put back into one
+    preallocated output: for padded segments and inputs no fused kernel takes."""
     out, lse = empty_partial(q, v.shape[-1], lse=need_lse)  # what a position nobody keeps gets
     chunk = heads_at_once(q)
-    start = 0
-    for end in range(1, len(w) + 1):
-        if end < len(w) and (w[end], r[end]) == (w[start], r[start]):
-            continue
-        sl = slice(start, end)
-        branch_gather(q[:, sl], k[:, sl], v[:, sl], w[start], r[start], s[sl], causal, scale,
-                      out[:, sl], None if lse is None else lse[:, sl], block_size, chunk, kept)
-        start = end
+    for br in branches:
+        sl = slice(br.start, br.stop)
+        branch_gather(q[:, sl], k[:, sl], v[:, sl], br.segment, br.dilation, list(br.offsets),
+                      causal, scale, out[:, sl], None if lse is None else lse[:, sl],
+                      block_size, chunk, kept)
     return out, lse
+
+
+def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, kept: dict
+                  ) -> Iterator[tuple[slice, _Piece]]:
+    """``(heads, piece)`` over every branch a few heads at a time, in one fixed order (the
+    backward walks the forward's pieces again); pieces are kept in ``kept``."""
+    s, chunk = q.shape[2], heads_at_once(q)
+    for br in branches:
+        for a in range(br.start, br.stop, chunk):
+            b = min(a + chunk, br.stop)
+            offs = br.offsets[a - br.start:b - br.start]
+            key = ("strided", s, br.segment, br.dilation, offs, in_place)
+            if key not in kept:
+                kept[key] = _strided_pieces(s, br.segment, br.dilation, list(offs), in_place)
+            for pc in kept[key]:
+                yield slice(a, b), pc
+
+
+def _overlap(branches: list[_Branch]) -> bool:
+    """Whether some head runs more than one branch (their results are merged)."""
+    heads = [h for br in branches for h in range(br.start, br.stop)]
+    return len(heads) != len(set(heads))
+
+
+class _Fused(NamedTuple):
+    branches: list[_Branch]
+    causal: bool
+    scale: float
+    kernel: SegmentKernel
+    kept: dict
+
+
+class _DilationOrdered(torch.autograd.Function):
+    """Every branch's segments on the fused kernel through strided views, merged by
+    log-sum-exp where branches share heads; differentiable through out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec):  # type: ignore[override]
+        in_place, merged = _head_bytes(q) >= IN_PLACE_MIN_BYTES, _overlap(spec.branches)
+        acc = accumulation_dtype(q.dtype)
+        out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=acc if merged else q.dtype)
+        lse = torch.full(q.shape[:3], -torch.inf, dtype=acc, device=q.device)
+        states = []
+        for sl, pc in _fused_pieces(q, spec.branches, in_place, spec.kept):
+            o, m, state = spec.kernel.forward(pc.gather(q[:, sl]), pc.gather(k[:, sl]),
+                                              pc.gather(v[:, sl]), spec.causal, spec.scale)
+            states.append(state)
+            if not merged:
+                pc.put(out[:, sl], o)
+                pc.put(lse[:, sl], m)
+                continue
+            o_acc, m_acc = pc.gather(out[:, sl]), pc.gather(lse[:, sl])
+            merge_into_(o_acc, m_acc, o, m)
+            if o_acc.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+                pc.put(out[:, sl], o_acc)  # gathered as a copy: written back
+                pc.put(lse[:, sl], m_acc)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.states, ctx.in_place, ctx.merged = spec, states, in_place, merged
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        spec = ctx.spec
+        dtype = accumulation_dtype(q.dtype) if ctx.merged else q.dtype
+        grads = [torch.zeros(x.shape, dtype=dtype, device=x.device) for x in (q, k, v)]
+        if dout is not None and dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        pieces = _fused_pieces(q, spec.branches, ctx.in_place, spec.kept)
+        for (sl, pc), state in zip(pieces, ctx.states):
+            qg, kg, vg = pc.gather(q[:, sl]), pc.gather(k[:, sl]), pc.gather(v[:, sl])
+            og, mg = pc.gather(out[:, sl]), pc.gather(lse[:, sl]).contiguous()
+            parts = []
+            if dout is not None:
+                parts.append(spec.kernel.backward(pc.gather(dout[:, sl]), qg, kg, vg, og, mg,
+                                                  state, spec.causal, spec.scale))
+            if dlse is not None:
+                parts.append(_lse_grads(spec, pc.gather(dlse[:, sl]), qg, kg, vg, og, mg, state))
+            for part in parts:
+                for g, d in zip(grads, part):
+                    pc.put(g[:, sl], d, add=True)
+        return (*(g.to(q.dtype) for g in grads), None)
+
+
+def _lse_grads(spec: _Fused, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+               lse: Tensor, state: object) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients a log-sum-exp gradient ``dlse`` sends into one piece's q and k:
+    ``scale * dlse * (P k)`` for q (the kernel's forward with k as the values, reweighted from
+    its own log-sum-exp to ``lse``) and ``scale * P^T (dlse * q)`` for k (the backward's value
+    gradient for that upstream gradient)."""
+    pk, own, _ = spec.kernel.forward(q, k, k, spec.causal, spec.scale)
+    weight = (dlse.to(own.dtype) * torch.exp(own - lse)).unsqueeze(-1) * spec.scale
+    dq = pk * weight
+    upstream = (dlse.unsqueeze(-1) * q).to(q.dtype)
+    *_, pq = spec.kernel.backward(upstream, q, k, v, out, lse, state, spec.causal, spec.scale)
+    return dq, pq * spec.scale, torch.zeros_like(v)
+
+
+def _merged_generic(q: Tensor, k: Tensor, v: Tensor, branches: list[_Branch], causal: bool,
+                    scale: float, need_lse: bool, block_size: int, kept: dict
+                    ) -> tuple[Tensor, Tensor | None]:
+    """Branches that share heads, one at a time on :func:`_generic`, merged by log-sum-exp."""
+    parts = [_generic(q, k, v, [br], causal, scale, True, block_size, kept) for br in branches]
+    out, lse = merge_partials(*zip(*parts))
+    return out, lse if need_lse else None
 
 
 def dilated_parts(pattern: object) -> tuple[Dilated, bool] | None:
@@ -280,24 +415,50 @@ def dilated_parts(pattern: object) -> tuple[Dilated, bool] | None:
 
 
 def prepare_dilated(
-    q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float | None = None,
-    block_size: int = 64, need_lse: bool = True,
+    q: Tensor, k: Tensor, v: Tensor, patterns: Pattern | Sequence[Pattern], *,
+    scale: float | None = None, block_size: int = 64, need_lse: bool = True,
 ) -> Runner:
-    """:func:`dilated_pattern_attention` of these inputs with the pattern's segments, dilations
-    and offsets read: ``runner(q, k, v) -> (out, lse or None)``."""
-    parts = dilated_parts(pattern)
-    if parts is None:
-        raise TypeError(f"pattern must be a LongNet dilated pattern, got {pattern!r}")
+    """:func:`dilated_pattern_attention` of these inputs, prepared: ``runner(q, k, v) -> (out,
+    lse or None)``, differentiable through both.
+
+    Several LongNet patterns (all causal or none) give one softmax over the union of their
+    keys, a key kept by several patterns counted once per pattern (LongNet's paper mode).
+    Where every segment is full and PyTorch has a fused kernel for the inputs
+    (:func:`~workbench.backends.segments.segment_kernel`), the kernel reads q, k, v through
+    strided views and its backward takes the merged output; otherwise the kept positions are
+    gathered under autograd.
+
+    Raises:
+        TypeError: a pattern that is not LongNet's.
+        ValueError: inputs that are not ``[B, H, S, D]`` of one shape, or heads other than the
+            patterns'; patterns that are causal and not causal.
+    """
+    patterns = [patterns] if isinstance(patterns, Pattern) else list(patterns)
+    parts = [dilated_parts(p) for p in patterns]
+    bad = [p for p, part in zip(patterns, parts) if part is None]
+    if bad or not patterns:
+        raise TypeError(f"patterns must be LongNet dilated patterns, got {bad or patterns!r}")
     if q.dim() != 4 or q.shape != k.shape or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"q, k, v must be [B, H, S, D] of one shape (v: any Dv), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    dil, causal = parts
-    if q.shape[1] != dil.num_heads:
-        raise ValueError(f"need {dil.num_heads} heads, got {tuple(q.shape)}")
+    if any(dil.num_heads != q.shape[1] for dil, _ in parts):
+        raise ValueError(f"need {parts[0][0].num_heads} heads, got {tuple(q.shape)}")
+    if len({causal for _, causal in parts}) > 1:
+        raise ValueError("the patterns must all be causal or all not")
+    causal = parts[0][1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    w, r, s, kept = dil.w, dil.r, dil.s, {}
-    return lambda q, k, v: heads_gather(q, k, v, w, r, s, causal, scale, need_lse, block_size,
-                                        kept)
+    branches = [br for dil, _ in parts for br in _branches(dil)]
+    kernel, kept = segment_kernel(q, k, v), {}
+    if kernel is not None and all(br.fills(q.shape[2]) for br in branches):
+        spec = _Fused(branches, causal, scale, kernel, kept)
+
+        def fused(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+            out, lse = _DilationOrdered.apply(q, k, v, spec)
+            return out, lse if need_lse else None
+
+        return fused
+    generic = _merged_generic if _overlap(branches) else _generic
+    return lambda q, k, v: generic(q, k, v, branches, causal, scale, need_lse, block_size, kept)
 
 
 def dilated_pattern_attention(
@@ -306,7 +467,7 @@ def dilated_pattern_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """``block_sparse_attention(q, k, v, pattern, return_lse=True)`` for a LongNet pattern
     (:func:`dilated_parts`), computed by the dilation ordering. ``need_lse=False`` returns
-    ``(out, None)`` and lets SDPA compute the segments.
+    ``(out, None)``.
 
     Positions are local: segments start at 0, so on a window of a longer sequence this is the
     pattern's attention restricted to the window when the window starts at a multiple of every

@@ -15,15 +15,12 @@ Notation: ``B`` batch, ``H`` query heads, ``H_kv`` key/value heads, ``Sq`` queri
 transformers hands the function ``query [B, H, Sq, D]``, ``key, value [B, H_kv, Sk, D]`` (after
 its KV cache) and a mask; it returns ``[B, Sq, H, D]``, as transformers' ``sdpa`` does.
 
-What a layer computes: the pairs its pattern allows *and* the model's own mask allows. The mask
-must be what transformers builds for self-attention: causal (queries are positions
-``q_offset .. q_offset + Sq - 1`` of the keys, read from the mask itself: ``Sk - Sq`` with a
-growing cache) or bidirectional, and, per batch element, which keys are padding. Any other mask
-(a sliding window, per-head masks, biases) raises a ``ValueError``: express it as the pattern.
-Positions are indices into the keys as the cache holds them (with left padding, the padding
-counts). NOTE: transformers' ``sdpa`` gives a query that may see no key (a padded query under a
-causal mask) zeros, as every backend here does; its additive float masks give such a query the
-mean of all values instead, so outputs at padded positions may differ there.
+A layer computes the pairs its pattern *and* the model's mask allow. The mask must be what
+transformers builds for self-attention: causal (query offset read from the mask) or
+bidirectional, with per-batch key padding; any other mask raises a ``ValueError`` (express it
+as the pattern). Positions index the keys as the cache holds them. NOTE: a query that may see no
+key outputs zeros, as with transformers' boolean ``sdpa`` masks (its float masks give the mean
+of all values there).
 """
 
 from __future__ import annotations
@@ -114,17 +111,12 @@ def use_pattern(model: nn.Module, pattern: PatternSpec | None = None, *, block_s
 
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through
-            ``AttentionInterface`` (most current models); switched to
-            ``attn_implementation="workbench"``.
+            ``AttentionInterface``; switched to ``attn_implementation="workbench"``.
         pattern: one :class:`~workbench.patterns.Pattern` for every layer; a ``{layer_idx:
-            pattern}`` dict (layers it does not name, and modules without a ``layer_idx``, keep
-            full attention); a function ``layer_idx -> pattern or None`` (called once per
-            layer; ``layer_idx`` is the module's ``layer_idx``, or None); or None (full
-            attention: the model computes what its ``sdpa`` computes). A pattern has 1 head or
-            the model's query heads. It only removes pairs: a causal model stays causal.
-        block_size: tile edge in tokens.
-        backend: as :func:`~workbench.block_sparse_attention` (``"auto"`` picks PyTorch's SDPA
-            for full and causal layers, ``blockwise`` on the CPU and under dropout).
+            pattern}`` dict (other layers keep full attention); a function ``layer_idx ->
+            pattern or None`` (called once per layer); or None (full attention). A pattern has 1
+            head or the model's query heads; it only removes pairs (a causal model stays causal).
+        block_size, backend: as :func:`~workbench.block_sparse_attention`.
 
     Raises:
         TypeError, ValueError: a pattern, block size or backend of the wrong kind, named.

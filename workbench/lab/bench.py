@@ -43,8 +43,8 @@ RECORDED: dict[str, tuple[str, dict]] = {
 }
 """Bench names of registry families at fixed arguments: ``dense`` and ``random10``."""
 DEFAULT_FAMILIES = ("dense", "causal", "random10", "local", "dilated", "longnet")
-VARIANTS = ("ours", "flex_natural", "triton", "strided_view", "strided_gather", "blockwise",
-            "sdpa_dense", "sdpa_masked")
+VARIANTS = ("ours", "flex_natural", "triton", "strided_view", "strided_gather", "paper",
+            "blockwise", "sdpa_dense", "sdpa_masked")
 """Ways to compute a family's attention: ``ours`` and the baselines (``docs/results.md``)."""
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MASKED_SDPA_LIMIT = 1 << 30  # largest H*S*S the dense-mask baseline may build
@@ -66,6 +66,7 @@ class BenchConfig:
     reps: int = 20
     warmup: int = 3
     backward: bool = False
+    grad_forward: bool = False
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self) -> None:
@@ -81,6 +82,13 @@ class BenchConfig:
             raise ValueError(f"seq_lens must be positive lengths, got {self.seq_lens}")
         if self.reps < 1 or self.warmup < 0:
             raise ValueError("reps must be >= 1 and warmup >= 0")
+        if self.backward and self.grad_forward:
+            raise ValueError("backward and grad_forward exclude each other")
+
+    @property
+    def pass_name(self) -> str:
+        """``fwd``, ``fwd (grad)`` (forward of inputs that require grad) or ``fwd+bwd``."""
+        return "fwd+bwd" if self.backward else "fwd (grad)" if self.grad_forward else "fwd"
 
 
 def bench_families() -> tuple[str, ...]:
@@ -209,9 +217,10 @@ def _variant_fn(
     fam, args = _case(family, seq_len, cfg.heads)
     longnet = fam.build is P.dilated
     segs, dils = args.get("segment_lengths"), args.get("dilation_rates")
-    if variant == "ours" and longnet:
-        return lambda: dilated_attention(q, k, v, segs, dils, mode="head_groups")
-    if variant in ("strided_gather", "strided_view"):
+    if variant in ("ours", "paper") and longnet:
+        mode = "head_groups" if variant == "ours" else "paper"
+        return lambda: dilated_attention(q, k, v, segs, dils, mode=mode)
+    if variant in ("strided_gather", "strided_view", "paper"):
         if not longnet:
             return None
         naive = strided_gather_dilated if variant == "strided_gather" else strided_view_dilated
@@ -251,23 +260,32 @@ def _fwd_bwd_step(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
 
 
 def _measure(fn: Callable[[], Tensor], cfg: BenchConfig, inputs: tuple[Tensor, ...],
-             device: torch.device) -> tuple[float, float]:
-    """(median ms, peak MiB above the inputs) of ``fn`` (forward, or forward+backward)."""
+             device: torch.device) -> dict:
+    """``ms`` (median), ``peak_mib`` (above what stays allocated between calls) and, on CUDA,
+    the allocator's whole peak over the timed calls and over the first call
+    (``peak_total_mib``, ``first_peak_total_mib``) of ``fn``: forward, forward of inputs that
+    require grad, or forward+backward."""
     if cfg.backward:
         step = _fwd_bwd_step(fn, inputs)
     else:
         def step():
-            with torch.no_grad():
+            with torch.set_grad_enabled(cfg.grad_forward):
                 fn()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     step()  # compile / first-call costs stay out of the timing and the memory peak
+    first = torch.cuda.max_memory_allocated(device) if cuda else 0
     base = 0
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     ms = time_fn(step, cfg.reps, cfg.warmup, device)
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else 0
-    return ms, peak
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    return {"ms": ms, "peak_mib": (peak - base) / 2**20, "peak_total_mib": peak / 2**20,
+            "first_peak_total_mib": first / 2**20}
 
 
 def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) -> list[dict]:
@@ -283,32 +301,37 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
     for seq_len, family, variant in tqdm(jobs, desc=f"bench {cfg.study}", disable=not progress):
         shape = (cfg.batch, cfg.heads, seq_len, cfg.head_dim)
         q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen)
-                   .requires_grad_(cfg.backward) for _ in range(3))
+                   .requires_grad_(cfg.backward or cfg.grad_forward) for _ in range(3))
         pattern, params = family_pattern(family, seq_len, cfg.heads)
         useful = pattern.density(seq_len)
         computed = pattern.density(seq_len, cfg.block_size)
         row = {"study": cfg.study, **env, "dtype": cfg.dtype, "batch": cfg.batch,
                "heads": cfg.heads, "head_dim": cfg.head_dim, "seq_len": seq_len,
                "family": family, "params": params, "variant": variant,
-               "pass": "fwd+bwd" if cfg.backward else "fwd", "block_size": cfg.block_size,
+               "pass": cfg.pass_name, "block_size": cfg.block_size,
                "useful_density": round(useful, 6), "computed_density": round(computed, 6),
                "reps": cfg.reps}
         fn = _variant_fn(variant, family, pattern, cfg, seq_len, q, k, v)
         if fn is None:
             continue
         try:
-            ms, peak = _measure(fn, cfg, (q, k, v), device)
-            status = "ok"
+            measured, status = _measure(fn, cfg, (q, k, v), device), "ok"
         except torch.OutOfMemoryError:
-            ms, peak, status = math.nan, math.nan, "oom"
+            measured, status = {"ms": math.nan, "peak_mib": math.nan}, "oom"
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        ms = measured["ms"]
         useful_flops = 4 * cfg.batch * cfg.heads * seq_len * seq_len * cfg.head_dim * useful
         if cfg.backward:
             useful_flops *= 3.5  # backward does 2.5x the forward's matmul work
-        row.update(status=status, ms=round(ms, 4), peak_mib=round(peak, 1),
-                   useful_tflops=round(useful_flops / ms / 1e9, 2) if status == "ok" else "")
+        rate = status == "ok" and variant != "paper"  # paper mode runs every pair on every head
+        # q, k, v and out; with the backward also their gradients and the upstream gradient
+        required = (8 if cfg.backward else 4) * q.numel() * q.element_size() / 2**20
+        row.update(status=status, **{k: round(x, 4 if k == "ms" else 1)
+                                     for k, x in measured.items()},
+                   required_mib=round(required, 1),
+                   useful_tflops=round(useful_flops / ms / 1e9, 2) if rate else "")
         rows.append(row)
         if write:  # after every case: a sweep cut short keeps every finished case
             write_csv(rows, f"bench_{cfg.study}", device)
@@ -319,8 +342,9 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
                      heads: int = 16, head_dim: int = 128, block_size: int = 128,
                      device: str = "cuda", study: str | None = None,
                      max_seconds: float = math.inf, repeat_below_s: float = 10.0,
-                     memory_gib: float | None = None) -> list[dict]:
-    """Double ``S`` from ``start`` until ``ours`` (forward, bf16) fails, per family.
+                     memory_gib: float | None = None, backward: bool = False) -> list[dict]:
+    """Double ``S`` from ``start`` until ``ours`` (forward, or forward+backward; bf16) fails,
+    per family.
 
     One row per attempted length, ``status`` ``ok``, ``oom`` or ``too_slow`` (the call,
     predicted at four times the last, would take over ``max_seconds``: not run); a family stops
@@ -332,7 +356,7 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
     """
     dev = torch.device(device)
     cfg = BenchConfig("longest", (start,), tuple(families), ("ours",), heads=heads,
-                      head_dim=head_dim, block_size=block_size, device=device)
+                      head_dim=head_dim, block_size=block_size, device=device, backward=backward)
     env = environment(dev)
     if dev.type == "cuda":  # the allocator's settings decide what fits as much as the card
         env["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
@@ -350,7 +374,7 @@ def _longest_search(cfg: BenchConfig, start: int, limit: int, env: dict, study: 
         s, last_ms = start, None
         while s <= limit:
             row = {**env, "family": family, "seq_len": s, "heads": heads, "head_dim": head_dim,
-                   "dtype": "bf16", "block_size": cfg.block_size}
+                   "dtype": "bf16", "block_size": cfg.block_size, "pass": cfg.pass_name}
             predicted_s = None if last_ms is None else 4 * last_ms / 1e3
             if predicted_s is not None and predicted_s > max_seconds:
                 row.update(status="too_slow", predicted_s=round(predicted_s),
@@ -376,28 +400,34 @@ def _longest_attempt(family: str, s: int, cfg: BenchConfig, dev: torch.device,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)  # allocated and reserved
         q, k, v = (torch.randn(1, cfg.heads, s, cfg.head_dim, device=dev, dtype=torch.bfloat16)
-                   for _ in range(3))
+                   .requires_grad_(cfg.backward) for _ in range(3))
         pattern, params = family_pattern(family, s, cfg.heads)
         attend = _variant_fn("ours", family, pattern, cfg, s, q, k, v)
         last: list[Tensor] = []
+        upstream = torch.randn_like(q) if cfg.backward else None  # the gradient of out
 
         def fn() -> None:  # keeps the output of the last call only (the peak stays one call's)
             last.clear()
-            last.append(attend())
+            out = attend()
+            if upstream is not None:
+                torch.autograd.grad(out, (q, k, v), upstream)
+            last.append(out.detach())
 
-        with torch.no_grad():
+        with torch.set_grad_enabled(cfg.backward):
             ms, timed = time_fn(fn, 1, 0, dev), "first"
             if ms < repeat_below_s * 1e3:
                 ms, timed = time_fn(fn, 1, 0, dev), "second"
+        err = spot_check(pattern, q.detach(), k.detach(), v.detach(), last.pop())
         return dict(params=params, status="ok", ms=round(ms, 2), timed_call=timed,
                     **_peaks_gib(dev), outside_gib=_gib(_outside_allocator(dev)),
-                    max_abs_err_rows=spot_check(pattern, q, k, v, last.pop()))
+                    required_gib=_gib((8 if cfg.backward else 4) * q.numel() * 2),
+                    max_abs_err_rows=err)
     except torch.OutOfMemoryError as err:  # its traceback still holds the failing call's tensors
         return dict(status="oom", failed_alloc_gib=_failed_alloc_gib(str(err)),
                     allocated_at_oom_gib=_gib(torch.cuda.memory_allocated(dev)),
                     reserved_at_oom_gib=_gib(torch.cuda.memory_reserved(dev)), **_peaks_gib(dev))
     finally:
-        q = k = v = fn = None
+        q = k = v = fn = upstream = None
         torch.cuda.empty_cache()
 
 
@@ -612,6 +642,48 @@ def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
     return cases
 
 
+def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size: int,
+                 dev: torch.device, reps: int, max_gib: float) -> tuple[dict, dict]:
+    """One case of :func:`layout_build_time`: the medians of ``reps`` builds of the layout and,
+    with ``structures``, of the ``BlockMask`` and the triton plan from it (after a warm-up at
+    4096 tokens); and the columns ``layout_mib``, ``partial_tiles``, ``status``."""
+    from ..backends import Problem
+    from ..backends.flex import build_block_mask
+    from ..backends.triton_sparse import build_plan
+
+    warm = Problem(pattern.block_structure(min(seq_len, 4096), block_size, dev),
+                   pattern.predicate(dev), 1.0)
+    times: dict[str, list[float]] = {"build_ms": [], "flex_mask_ms": [], "triton_plan_ms": []}
+    extra: dict = {"partial_tiles": None, "status": "ok"}
+    for _ in range(reps):
+        lay, ms = _timed_ms(lambda: pattern.block_structure(seq_len, block_size, dev), dev)
+        times["build_ms"].append(ms)
+        extra["layout_mib"] = round(lay.active.numel() * 2 / 2**20, 1)
+        if structures:
+            prob = Problem(lay, pattern.predicate(dev), 1.0)
+            if not times["flex_mask_ms"]:
+                build_block_mask(warm, dev, backward=False)
+            times["flex_mask_ms"].append(
+                _timed_ms(lambda p=prob: build_block_mask(p, dev, False), dev)[1])
+            extra["partial_tiles"] = partial = int((lay.active & ~lay.full).sum())
+            bits = partial * block_size**2 / 8 / 2**30
+            if bits > max_gib:
+                extra["status"] = f"no triton plan: its bit masks need {bits:.0f} GiB"
+            else:
+                try:
+                    if not times["triton_plan_ms"]:
+                        build_plan(warm, dev)
+                    times["triton_plan_ms"].append(
+                        _timed_ms(lambda p=prob: build_plan(p, dev), dev)[1])
+                except (ValueError, torch.OutOfMemoryError) as err:
+                    extra["status"] = f"no triton plan: {str(err).split(';')[0]}"
+            del prob
+        del lay
+        gc.collect()  # the next build starts without this one's memory
+    med = {k: round(statistics.median(v), 2) for k, v in times.items() if v}
+    return med, extra
+
+
 def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
                       heads: int | Iterable[int], device: str, *, cells: Iterable[int] = (),
                       reps: int = 1, max_seconds: float = math.inf,
@@ -632,14 +704,9 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     A case is not run (``status`` says why) when it is predicted to take more than
     ``max_seconds`` per build (the last case run of its family, scaled by heads x cells), or
     its layout and index lists (2 bytes a tile, and 8 more with structures) would exceed
-    ``max_gib``; a triton plan whose
-    bit masks would exceed ``max_gib`` is left out alone.
+    ``max_gib``; a triton plan whose bit masks would exceed ``max_gib`` is left out alone.
     """
     from tqdm.auto import tqdm
-
-    from ..backends import Problem
-    from ..backends.flex import build_block_mask
-    from ..backends.triton_sparse import build_plan
 
     dev = torch.device(device)
     on_cuda = dev.type == "cuda"
@@ -663,43 +730,13 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
         if gib > max_gib:
             rows.append({**row, "status": f"too_large: needs {gib:.1f} GiB"})
             continue
-        small = pattern.block_structure(min(seq_len, 4096), block_size, dev)  # warm up kernels
-        warm = Problem(small, pattern.predicate(dev), 1.0)
-        times: dict[str, list[float]] = {"build_ms": [], "flex_mask_ms": [],
-                                         "triton_plan_ms": []}
-        status, partial = "ok", None
-        for _ in range(reps):
-            lay, ms = _timed_ms(lambda p=pattern: p.block_structure(seq_len, block_size, dev),
-                                dev)
-            times["build_ms"].append(ms)
-            row["layout_mib"] = round(lay.active.numel() * 2 / 2**20, 1)
-            if family not in longnet_families():
-                prob = Problem(lay, pattern.predicate(dev), 1.0)
-                if not times["flex_mask_ms"]:
-                    build_block_mask(warm, dev, backward=False)
-                _, ms = _timed_ms(lambda p=prob: build_block_mask(p, dev, False), dev)
-                times["flex_mask_ms"].append(ms)
-                partial = int((lay.active & ~lay.full).sum())
-                bits = partial * block_size**2 / 8 / 2**30
-                if bits > max_gib:
-                    status = f"no triton plan: its bit masks need {bits:.0f} GiB"
-                else:
-                    try:
-                        if not times["triton_plan_ms"]:
-                            build_plan(warm, dev)
-                        _, ms = _timed_ms(lambda p=prob: build_plan(p, dev), dev)
-                        times["triton_plan_ms"].append(ms)
-                    except (ValueError, torch.OutOfMemoryError) as err:
-                        status = f"no triton plan: {str(err).split(';')[0]}"
-                del prob
-            del lay
-            gc.collect()  # the next build starts without this one's memory
-        med = {k: round(statistics.median(v), 2) for k, v in times.items() if v}
+        med, extra = _time_layout(pattern, family not in longnet_families(), seq_len,
+                                  block_size, dev, reps, max_gib)
         total = med["build_ms"] + max(med.get("flex_mask_ms", 0.0),
                                       med.get("triton_plan_ms", 0.0) if on_cuda else 0.0)
         last[family] = (total, work)
-        rows.append({**row, **med, "partial_tiles": partial, "total_ms": round(total, 2),
-                     "meets_target": total <= target, "status": status})
+        rows.append({**row, **med, "total_ms": round(total, 2),
+                     "meets_target": total <= target, **extra})
     return rows
 
 

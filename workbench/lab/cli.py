@@ -19,7 +19,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -70,60 +70,45 @@ def power_of_two_head_dim(text: str) -> int:
     return value
 
 
-def _float(text: str) -> float:
-    """``text`` as a float; NaN when it is not a number."""
+def _positive(text: str, inf: bool) -> float:
+    """``text`` as a float ``> 0``, finite unless ``inf``; otherwise an argparse error."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        return math.nan
+        value = math.nan
+    if not (0 < value < math.inf or (inf and value == math.inf)):
+        what = "a positive number (or inf)" if inf else "a positive finite number"
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
+    return value
 
 
 def positive_float(text: str) -> float:
     """``text`` as a finite float ``> 0`` (argparse ``type=``)."""
-    value = _float(text)
-    if not (0 < value < math.inf):
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a positive finite number")
-    return value
+    return _positive(text, inf=False)
 
 
 def positive_float_or_inf(text: str) -> float:
     """``text`` as a float ``> 0``, ``inf`` included (argparse ``type=``)."""
-    value = _float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a positive number (or inf)")
-    return value
+    return _positive(text, inf=True)
 
 
-_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
-_CUDA_DEVICE = re.compile(r"cuda(:[0-9]+)?")
+def _matching(regex: str, what: str) -> Callable[[str], str]:
+    """An argparse ``type=`` that takes a text matching ``regex`` whole, else "is not <what>"."""
+    pattern = re.compile(regex)
+
+    def check(text: str) -> str:
+        if not pattern.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
+        return text
+
+    return check
 
 
-def device(text: str) -> str:
-    """``text`` if it names a device the commands run on: ``cpu``, ``cuda`` or ``cuda:N``."""
-    if not _DEVICE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a device: use cpu, cuda or "
-                                         "cuda:N")
-    return text
-
-
-def cuda_device(text: str) -> str:
-    """``text`` if it names a CUDA device, ``cuda`` or ``cuda:N`` (commands that measure a GPU)."""
-    if not _CUDA_DEVICE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a CUDA device; this command "
-                                         "measures a GPU: use cuda or cuda:N")
-    return text
-
-
-_STUDY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-def study_name(text: str) -> str:
-    """``text`` if it can name a study's CSV files: letters, digits, ``_`` and ``-``."""
-    if not _STUDY.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"{_shown(text)} is not a study name: use letters, digits, '_' and '-' (it names "
-            "the data/ file), e.g. cpu_small")
-    return text
+device = _matching(r"cpu|cuda(:[0-9]+)?", "a device: use cpu, cuda or cuda:N")
+cuda_device = _matching(r"cuda(:[0-9]+)?",
+                        "a CUDA device; this command measures a GPU: use cuda or cuda:N")
+study_name = _matching(r"[A-Za-z0-9][A-Za-z0-9_-]*", "a study name: use letters, digits, '_' "
+                       "and '-' (it names the data/ file), e.g. cpu_small")
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -203,15 +188,6 @@ def _check_data_dir(args: argparse.Namespace) -> None:
     except ProjectNotFoundError as err:
         raise UsageError(f"{args.command} writes its rows to a project's data/ and found none: "
                          f"{err}, or WORKBENCH_DATA_DIR=PATH for the CSV files alone") from None
-
-
-def _check_backend(args: argparse.Namespace) -> None:
-    """``--backend nccl`` only where CUDA is."""
-    import torch
-
-    if args.backend == "nccl" and not torch.cuda.is_available():
-        raise UsageError("--backend nccl needs CUDA GPUs; this machine has none: use "
-                         "--backend gloo")
 
 
 def _require_module(module: str, command: str, install: str) -> None:
@@ -300,7 +276,7 @@ def _check_bench(args: argparse.Namespace) -> None:
                          "use --device cuda on a GPU machine")
     from .bench import longnet_families
 
-    strided = [v for v in args.variants if v in ("strided_view", "strided_gather")]
+    strided = [v for v in args.variants if v in ("strided_view", "strided_gather", "paper")]
     if strided and not set(args.families) & set(longnet_families()):
         raise UsageError(f"--variants {strided[0]} applies to the dilated families only: add "
                          f"{' or '.join(longnet_families())} to --families, or drop it")
@@ -397,33 +373,28 @@ def _torchrun_world() -> int:
         return 1
 
 
-def _check_ring_demo(args: argparse.Namespace) -> None:
-    """``--backend`` can run here; every family's pattern builds with ``--heads``; ``--seq-len``
-    shards over the ranks."""
-    _check_backend(args)
-    world = _torchrun_world()
-    _check_patterns(args.families, [args.seq_len], args.heads)
-    _check_shards("--seq-len", [args.seq_len], world, args.block_size, [args.sharding],
-                  f"{world} rank(s)")
+def _check_ring(args: argparse.Namespace) -> int:
+    """Every family's pattern builds with ``--heads`` and every length shards over the ranks
+    (``--world``, else torchrun's), whose number it returns; ``--backend`` can run here."""
+    import torch
 
-
-def _check_ring_plan(args: argparse.Namespace) -> None:
-    """Every family's pattern builds with ``--heads``; every ``--seq-lens`` value shards over
-    ``--world`` ranks."""
-    _check_patterns(args.families, args.seq_lens, args.heads)
-    _check_shards("--seq-lens", args.seq_lens, args.world, args.block_size, args.shardings,
-                  f"--world {args.world}")
+    if getattr(args, "backend", None) == "nccl" and not torch.cuda.is_available():
+        raise UsageError("--backend nccl needs CUDA GPUs; this machine has none: use "
+                         "--backend gloo")
+    option, seq_lens = (("--seq-len", [args.seq_len]) if hasattr(args, "seq_len")
+                        else ("--seq-lens", args.seq_lens))
+    world = getattr(args, "world", None) or _torchrun_world()
+    _check_patterns(args.families, seq_lens, args.heads)
+    _check_shards(option, seq_lens, world, args.block_size,
+                  getattr(args, "shardings", None) or [args.sharding],
+                  f"--world {world}" if hasattr(args, "world") else f"{world} rank(s)")
+    return world
 
 
 def _check_ring_bench(args: argparse.Namespace) -> None:
-    """``--backend`` can run here; every family's pattern builds with ``--heads``; the lengths
-    shard over the ranks (and, with ``--baseline``, divide by their number); ``--double-until``
-    has one start length at or below it."""
-    _check_backend(args)
-    world = _torchrun_world()
-    _check_patterns(args.families, args.seq_lens, args.heads)
-    _check_shards("--seq-lens", args.seq_lens, world, args.block_size, args.shardings,
-                  f"{world} rank(s)")
+    """:func:`_check_ring`; with ``--baseline`` the lengths divide by the number of ranks;
+    ``--double-until`` has one start length at or below it."""
+    world = _check_ring(args)
     if args.baseline and any(s % world for s in args.seq_lens):
         raise UsageError(f"--baseline runs S / {world} tokens on one rank: every --seq-lens "
                          f"value must be a multiple of {world}, got {args.seq_lens}")
@@ -473,7 +444,8 @@ def _bench(args: argparse.Namespace) -> int:
             study=args.study, seq_lens=tuple(args.seq_lens), families=tuple(args.families),
             variants=tuple(args.variants), batch=args.batch, heads=args.heads,
             head_dim=args.head_dim, dtype=args.dtype, block_size=args.block_size,
-            reps=args.reps, warmup=args.warmup, backward=args.backward, device=device,
+            reps=args.reps, warmup=args.warmup, backward=args.backward,
+            grad_forward=args.grad_forward, device=device,
         )
         for r in run_bench(cfg):
             print(f"{r['seq_len']:>8} {r['family']:>9} {r['variant']:>13} {r['pass']:>8} "
@@ -504,30 +476,34 @@ def _print_rows(rows: list[dict]) -> None:
                                                                        "triton")))
 
 
-def _bench_hilbert(args: argparse.Namespace) -> int:
-    from .bench import hilbert_study
+def _print_and_write(rows: list[dict], name: str, device: str) -> int:
     from .records import write_csv
 
-    rows = hilbert_study(args.grids, args.radii, reps=args.reps, device=args.device)
     _print_rows(rows)
-    write_csv(rows, "03_hilbert_gpu", args.device)
+    write_csv(rows, name, device)
     return 0
+
+
+def _bench_hilbert(args: argparse.Namespace) -> int:
+    from .bench import hilbert_study
+
+    return _print_and_write(hilbert_study(args.grids, args.radii, reps=args.reps,
+                                          device=args.device), "03_hilbert_gpu", args.device)
 
 
 def _bench_adaptive(args: argparse.Namespace) -> int:
     from .bench import adaptive_cost_study
-    from .records import write_csv
 
-    rows = adaptive_cost_study(args.seq_lens, reps=args.reps, device=args.device)
-    _print_rows(rows)
-    write_csv(rows, "04_selection_cost_gpu", args.device)
-    return 0
+    return _print_and_write(adaptive_cost_study(args.seq_lens, reps=args.reps,
+                                                device=args.device),
+                            "04_selection_cost_gpu", args.device)
 
 
 def _bench_longest(args: argparse.Namespace) -> int:
     from .bench import longest_sequence
 
     longest_sequence(args.families, start=args.start, limit=args.limit, device=args.device,
+                     backward=args.backward,
                      study=args.study, max_seconds=args.max_seconds, memory_gib=args.memory_gib)
     return 0
 
@@ -686,6 +662,17 @@ def _families_arg(p: argparse.ArgumentParser, families: tuple[str, ...],
                    f"{' '.join(default)})")
 
 
+def _transport_args(p: argparse.ArgumentParser, timeout: float) -> None:
+    """``--backend`` and ``--timeout`` of the commands that join a process group."""
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
+    p.add_argument("--timeout", type=positive_float, default=timeout,
+                   help="seconds before a silent rank is reported")
+
+
+def _seq_lens_arg(p: argparse.ArgumentParser, **kw) -> None:
+    p.add_argument("--seq-lens", nargs="+", type=positive_int, metavar="S", **kw)
+
+
 def _reps_arg(p: argparse.ArgumentParser, default: int) -> None:
     p.add_argument("--reps", type=positive_int, default=default,
                    help=f"timed calls; the median is recorded (default: {default})")
@@ -696,8 +683,7 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
 
     ben = sub.add_parser("bench", help="time variants against baselines per family and length")
     _study_arg(ben, "bench_<study>")
-    ben.add_argument("--seq-lens", nargs="+", type=positive_int, metavar="S",
-                     help="lengths to time attention at (leave out to time layouts alone)")
+    _seq_lens_arg(ben, help="lengths to time attention at (leave out to time layouts alone)")
     _families_arg(ben, families, DEFAULT_FAMILIES)
     ben.add_argument("--variants", nargs="+", default=["ours", "sdpa_dense"], choices=VARIANTS,
                      metavar="NAME", help=f"from: {', '.join(VARIANTS)} (default: ours "
@@ -706,7 +692,10 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
     _shape_args(ben)
     _reps_arg(ben, 20)
     ben.add_argument("--warmup", type=nonnegative_int, default=3)
-    ben.add_argument("--backward", action="store_true", help="time forward+backward")
+    passes = ben.add_mutually_exclusive_group()
+    passes.add_argument("--backward", action="store_true", help="time forward+backward")
+    passes.add_argument("--grad-forward", action="store_true",
+                        help="time the forward of inputs that require grad")
     _device_arg(ben, None)
     ben.add_argument("--layout-timing", nargs="*", type=positive_int, metavar="S",
                      help="time building each family's block layout and kernel structures at "
@@ -734,8 +723,7 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
 
     ada = sub.add_parser("bench-adaptive", help="adaptive selection's cost against its attention; "
                          "writes data/04_selection_cost_gpu.csv")
-    ada.add_argument("--seq-lens", nargs="+", type=positive_int, default=[16384, 65536],
-                     metavar="S")
+    _seq_lens_arg(ada, default=[16384, 65536])
     _reps_arg(ada, 20)
     _device_arg(ada)
     ada.set_defaults(func=_bench_adaptive)
@@ -747,6 +735,8 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
     lon.add_argument("--limit", type=positive_int, default=1 << 24)
     lon.add_argument("--max-seconds", type=positive_float_or_inf, default=math.inf,
                      help="skip a length predicted (4x the last) to take longer")
+    lon.add_argument("--backward", action="store_true",
+                     help="forward+backward (default: forward)")
     lon.add_argument("--memory-gib", type=positive_float, default=None,
                      help="search as on a card of this much memory (GiB, as CUDA reports it)")
     _device_arg(lon, gpu_only=True)
@@ -776,8 +766,7 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
     ovh = sub.add_parser("bench-overhead", help="per-call time of every entry point against the "
                          "kernel it launches")
     _study_arg(ovh, "overhead_<study>")
-    ovh.add_argument("--seq-lens", nargs="+", type=positive_int, default=None, metavar="S",
-                     help="default: 512 to 8192 on CUDA, 256 to 1024 on the CPU")
+    _seq_lens_arg(ovh, default=None, help="default: 512 to 8192 on CUDA, 256 to 1024 on the CPU")
     ovh.add_argument("--entry-points", nargs="+", default=list(ENTRY_POINTS),
                      choices=ENTRY_POINTS)
     ovh.add_argument("--heads", type=positive_int, default=None,
@@ -813,24 +802,19 @@ def _ring_commands(sub, families: tuple[str, ...]) -> None:
     _shape_args(demo, heads=4, head_dim=32, block_size=64, dtype=False)  # float64 check
     _families_arg(demo, families, ["causal", "local", "random10", "dilated"])
     demo.add_argument("--sharding", default="zigzag", choices=SHARDINGS)
-    demo.add_argument("--backend", default=None, choices=["gloo", "nccl"])
-    demo.add_argument("--timeout", type=positive_float, default=120.0, help="seconds before a "
-                      "silent rank is reported")
-    demo.set_defaults(func=_ring_demo, validate=_check_ring_demo)
+    _transport_args(demo, timeout=120.0)
+    demo.set_defaults(func=_ring_demo, validate=_check_ring)
 
     rb = sub.add_parser("ring-bench", help="time the distributed ring (torchrun)")
     _study_arg(rb, "ring_<study>")
-    rb.add_argument("--seq-lens", nargs="+", type=positive_int, required=True, metavar="S",
-                    help="total sequence lengths (all ranks together)")
+    _seq_lens_arg(rb, required=True, help="total sequence lengths (all ranks together)")
     _families_arg(rb, families, ["causal", "local"])
     rb.add_argument("--shardings", nargs="+", default=["contiguous"], choices=SHARDINGS)
     _shape_args(rb)
     _reps_arg(rb, 10)
     rb.add_argument("--warmup", type=nonnegative_int, default=2)
     rb.add_argument("--backward", action="store_true")
-    rb.add_argument("--backend", default=None, choices=["gloo", "nccl"])
-    rb.add_argument("--timeout", type=positive_float, default=600.0, help="seconds before a "
-                    "silent rank is reported")
+    _transport_args(rb, timeout=600.0)
     rb.add_argument("--double-until", type=positive_int, default=None, metavar="S_MAX",
                     help="double the --seq-lens value until a case fails or S_MAX")
     rb.add_argument("--baseline", action="store_true",
@@ -843,7 +827,7 @@ def _ring_commands(sub, families: tuple[str, ...]) -> None:
     rp = sub.add_parser("ring-plan", help="each (rank, step) of a ring, run on one device")
     _study_arg(rp, "ring_<study>_plan")
     rp.add_argument("--world", type=positive_int, default=2)
-    rp.add_argument("--seq-lens", nargs="+", type=positive_int, required=True, metavar="S")
+    _seq_lens_arg(rp, required=True)
     _families_arg(rp, families, ["causal", "random10", "local", "dilated"])
     rp.add_argument("--shardings", nargs="+", default=list(SHARDINGS), choices=SHARDINGS)
     _shape_args(rp)
@@ -851,7 +835,7 @@ def _ring_commands(sub, families: tuple[str, ...]) -> None:
     _device_arg(rp)
     rp.add_argument("--passes", nargs="+", default=["fwd"], choices=PASSES,
                     help="fwd+bwd: each step's forward plus its backward step")
-    rp.set_defaults(func=_ring_plan, validate=_check_ring_plan)
+    rp.set_defaults(func=_ring_plan, validate=_check_ring)
 
 
 # ------------------------------------------------------------------------ entry point

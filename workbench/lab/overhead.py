@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import patterns as P
 from ..attention import BlockSparseAttention, block_sparse_attention, explain_backend
-from ..backends import Problem, blockwise_attention, merge_partials
+from ..backends import Problem, blockwise_attention
 from ..backends import flex as flex_backend
 from ..backends.gather import prepare_dilated
 from ..dilated import DilatedAttention, dilated_attention
@@ -102,11 +102,11 @@ def _cases(entry: str, s: int, block_size: int, q: Tensor, k: Tensor, v: Tensor
             run = prepare_dilated(q, k, v, P.dilated(w, r, heads), need_lse=False,
                                   block_size=block_size)
             return "dilated", params, "gather", lambda: attn(q, k, v), lambda: run(q, k, v)
-        runs = [prepare_dilated(q, k, v, P.dilated_branch(wi, ri, heads), need_lse=True,
-                                block_size=block_size) for wi, ri in zip(w, r)]
+        merged = prepare_dilated(q, k, v, [P.dilated_branch(wi, ri, heads)
+                                           for wi, ri in zip(w, r)], need_lse=False)
 
         def branches() -> Tensor:
-            return merge_partials(*zip(*(run(q, k, v) for run in runs)))[0]
+            return merged(q, k, v)[0]
 
         paper = DilatedAttention(w, r, mode="paper", block_size=block_size)
         ours = ((lambda: paper(q, k, v)) if entry == "dilated_paper" else

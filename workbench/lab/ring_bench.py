@@ -8,7 +8,6 @@ writes one row per (rank, case) to ``data/ring_<study>.csv``; :func:`ring_plan_s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -27,8 +26,8 @@ from ..sharding import DistributedPlan, run_tile_rows
 from .bench import _DTYPES, family_pattern, time_fn
 from .records import environment, write_csv
 
-__all__ = ["PASSES", "check_on_processes", "parallel_efficiency", "ring_bench", "ring_demo",
-           "ring_plan_study", "simulated_steps"]
+__all__ = ["PASSES", "parallel_efficiency", "ring_bench", "ring_demo", "ring_plan_study",
+           "simulated_steps"]
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -122,36 +121,6 @@ def ring_demo(seq_len: int = 1000, heads: int = 4, head_dim: int = 32, block_siz
     return rows
 
 
-def _check_worker(rank: int, world: int, folder: str, kwargs: dict) -> None:
-    torch.set_num_threads(1)
-    D.init_ring("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
-                timeout=kwargs["timeout"])
-    rows = _equivalence_rows(torch.device("cpu"), **kwargs)
-    dist.destroy_process_group()
-    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-        json.dump(rows, f)
-
-
-def check_on_processes(world: int = 2, seq_len: int = 1000, heads: int = 4, head_dim: int = 32,
-                       block_size: int = 64,
-                       families: Sequence[str] = ("causal", "local", "random10", "dilated"),
-                       sharding: str = "zigzag", timeout: float = 120.0) -> list[dict]:
-    """Spawn ``world`` CPU processes (gloo, file rendezvous: no ports), run the ring on each and
-    compare with the single-process result; one row per (family, rank), float64."""
-    import torch.multiprocessing as mp
-
-    kwargs = {"seq_len": seq_len, "heads": heads, "head_dim": head_dim,
-              "block_size": block_size, "families": list(families), "sharding": sharding,
-              "timeout": timeout}
-    with tempfile.TemporaryDirectory(prefix="workbench-ring-") as folder:
-        mp.spawn(_check_worker, args=(world, folder, kwargs), nprocs=world)
-        rows = []
-        for r in range(world):
-            with open(os.path.join(folder, f"rank{r}.json")) as f:
-                rows += json.load(f)
-    return rows
-
-
 def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                shardings: Sequence[str] = ("contiguous",), heads: int = 16, head_dim: int = 128,
                dtype: str = "bf16", block_size: int = 128, reps: int = 10, warmup: int = 2,
@@ -160,21 +129,12 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                init: tuple[str, int, int] | None = None) -> list[dict]:
     """Time the distributed ring per (total length, family, sharding); rank 0 writes the CSV.
 
-    ``baseline``: after each case, rank 0 alone (a one-rank group) runs the same family at the
-    per-rank length ``S / P``, and its row (``world_size`` 1) carries the parallel efficiency
-    ``E = (W(S) / (P T_P)) / (W(S/P) / T_1)``: tiles computed per ms and GPU at ``S`` over
-    ``P`` ranks against one rank at ``S / P``, with ``T_P`` the slowest rank.
-
-    ``profile``: after timing a case, run one more call under ``torch.profiler`` and write its
-    ``profile`` most expensive operators per rank (self time on the device, on the CPU without
-    one) to ``data/ring_<study>_profile.csv``, with the call's wall time under the profiler.
-
-    ``double_until``: a longest-sequence search instead: from ``seq_lens[0]``, double the length
-    until a case fails or the length passes ``double_until``. A rank that runs out of memory
-    records ``oom``; its peers time out in the ring (``timeout``) and record ``peer_failed``.
-    Ranks agree on every case's outcome over a separate gloo group, and the sweep ends at the
-    first failure (the data-plane group may hold unmatched transfers then), so it always stops
-    cleanly with every row written.
+    ``baseline``: after each case rank 0 alone runs the per-rank length ``S / P``; its row
+    carries the :func:`parallel_efficiency`. ``profile``: the ``profile`` costliest operators
+    of one more call per rank go to ``data/ring_<study>_profile.csv``. ``double_until``: double
+    ``seq_lens[0]`` until a case fails (``oom``, or ``peer_failed`` on the ranks that timed out
+    waiting) or passes it. Ranks agree on outcomes over a gloo group and stop at the first
+    failure, every row written.
     """
     if isinstance(profile, bool) or not isinstance(profile, int) or profile < 0:
         raise ValueError(f"profile must be a number of operators >= 0, got {profile!r}")
@@ -356,15 +316,11 @@ def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int,
     """Every (rank, step) of a ``world``-rank ring as work on one device, to plan a real run.
 
     Yields ``(rank, step, kv_from, tiles, kv_bytes, fn)``: ``fn()`` computes what that rank
-    computes at that step (:func:`workbench.distributed.step_work`) on random inputs of the
-    shard shapes, with ``backward`` also the backward step; None when the step is skipped.
-    ``kv_bytes`` is what the rank receives then (0 at step 0: its own shard).
-
-    While a rank's steps are yielded the device holds what that rank holds in the real ring
-    (its q, k, v shards, running output and log-sum-exp, the step's K/V shard, the receive
-    buffer of its next step, its rows of the layout; with ``backward`` the upstream gradient
-    and the accumulators), so the peak memory during ``fn()`` is that rank's, less the
-    communication library's buffers. Drop each ``fn`` before asking for the next.
+    computes at that step (:func:`workbench.distributed.step_work`; with ``backward`` also the
+    backward step), None when skipped; ``kv_bytes`` is what the rank receives then. While a
+    rank's steps run, the device holds what that rank holds in the real ring, so the peak
+    memory during ``fn()`` is that rank's (less the transport's buffers). Drop each ``fn``
+    before asking for the next.
     """
     shards = D.shard_plan(seq_len, world, block_size, sharding)
 

@@ -46,12 +46,8 @@ def check_positive_int(name: str, value: object, maximum: int | None = MAX_POSIT
 
 
 def check_density(density: object, name: str = "density", meaning: str = "") -> float:
-    """``density`` as a float if it is a number in ``(0, 1]``.
-
-    Raises:
-        TypeError: not an int or float (a bool or a string included).
-        ValueError: outside ``(0, 1]`` (or NaN).
-    """
+    """``density`` as a float if it is a number in ``(0, 1]``; otherwise a ``TypeError`` (not
+    an int or float, bools included) or ``ValueError`` (outside, or NaN) naming it."""
     what = f" ({meaning})" if meaning else ""
     if isinstance(density, bool) or not isinstance(density, (int, float)):
         raise TypeError(f"{name} must be a float in (0, 1]{what}, got {density!r}")
@@ -76,11 +72,9 @@ def check_int(name: str, value: object, minimum: int,
 class Pattern:
     """A set of allowed (head, query, key) triples; subclasses define :meth:`allowed`.
 
-    That alone makes a pattern work everywhere: its block layout is then found by evaluating
-    every tile token by token, ``O(q_len * k_len)`` predicate evaluations in chunks of a fixed
-    number of pairs, so memory stays proportional to the block grid. The optional hooks
-    :meth:`tiles`, :meth:`offset_rule`, :meth:`period`, :meth:`key` and :meth:`count_pairs`
-    are what the built-in patterns use to be fast and comparable.
+    That alone makes a pattern work everywhere (its layout then evaluates every tile token by
+    token, in chunks); the optional hooks :meth:`tiles`, :meth:`offset_rule`, :meth:`period`,
+    :meth:`key` and :meth:`count_pairs` make it fast and comparable.
     """
 
     num_heads: int = 1
@@ -90,27 +84,22 @@ class Pattern:
 
     # ----------------------------------------------------------------- the hooks
     def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        """Boolean tensor, broadcast of the inputs: may query ``q`` of head ``h`` attend ``k``.
+        """Bool tensor, the broadcast of the inputs: may query ``q`` of head ``h`` attend ``k``.
 
-        ``h``, ``q`` and ``k`` are integer tensors of absolute head index and token positions,
-        of any broadcastable shapes. Every caller asks only about real positions
-        (``0 <= q < q_len``, ``0 <= k < k_len``: padding is clamped into the sequence and
-        masked by the caller), so a predicate may index tensors of the sequence's length.
-        Written with elementwise tensor ops only, so the same code builds dense masks and
-        serves as a FlexAttention ``mask_mod`` (:meth:`mask_mod`). Required.
+        ``h``, ``q``, ``k``: integer tensors (head, absolute positions) of broadcastable shapes,
+        only ever real positions (callers clamp and mask padding). Elementwise tensor ops only,
+        so it also serves as a FlexAttention ``mask_mod``. Required.
         """
         raise NotImplementedError(f"{type(self).__name__} must define allowed(h, q, k)")
 
     def tiles(self, q_len: int, k_len: int, block_size: int, device: torch.device,
               rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """The fast tile rule: exact (any, all) bool ``[H, r1 - r0, nk]`` of the query blocks
-        ``rows = (r0, r1)`` against every key block (``H`` may be 1 for every head).
+        """The fast tile rule: exact (any, all) bool ``[H or 1, r1 - r0, nk]`` of the query
+        blocks ``rows = (r0, r1)`` against every key block (read-only; may be views).
 
-        "any": the tile holds an allowed pair; "all": every real pair of the tile is allowed
-        (padding past ``q_len``/``k_len`` never counts), so "all" implies "any". The results
-        may be views sharing storage; callers treat them as read-only. Override it when the
-        pattern knows its tiles; by default a pattern with an :meth:`offset_rule` is built
-        from it (Toeplitz) and any other has every tile evaluated by :func:`refine_tiles`.
+        "any": the tile holds an allowed pair; "all": every real pair of it is allowed (padding
+        never counts). Default: from :meth:`offset_rule` when there is one, else every tile
+        evaluated by :func:`refine_tiles`.
         """
         rule = self.offset_rule()
         if rule is not None:
@@ -120,18 +109,12 @@ class Pattern:
         return refine_tiles(self, undecided, q_len, k_len, block_size, rows[0])
 
     def offset_rule(self) -> OffsetFn | None:
-        """``allowed`` as a function of ``d = k - q`` alone, if the pattern is one (else None).
-
-        Such a pattern is head-independent and the same along every diagonal.
-        """
+        """``allowed`` as a function of ``d = k - q`` alone (head-independent), else None."""
         return None
 
     def period(self) -> int | None:
         """A shift ``P`` with ``allowed(h, q + P, k + P) == allowed(h, q, k)`` for all integer
-        ``q, k`` (negative ones included), or None if there is none known.
-
-        Tiles that are shifts of one another by a multiple of ``P`` are then evaluated once.
-        """
+        ``q, k``, or None; tiles shifted by multiples of ``P`` are then evaluated once."""
         return None if self.offset_rule() is None else 1
 
     def key(self) -> Hashable | None:
@@ -169,32 +152,20 @@ class Pattern:
 
     # ----------------------------------------------------------------- token level
     def dense_form(self) -> str | None:
-        """``"full"`` if this pattern allows every pair, ``"causal"`` if it allows exactly the
-        pairs ``k <= q``, otherwise ``None``: the two patterns PyTorch's own
-        ``scaled_dot_product_attention`` computes without a mask, so ``auto`` hands them to it
-        (:mod:`workbench.backends.sdpa`). Judged from the pattern's structure, not its layout:
-        a pattern that happens to allow every pair at some length (a window longer than the
-        sequence) answers ``None``."""
+        """``"full"`` if this pattern allows every pair, ``"causal"`` if exactly ``k <= q``, else
+        ``None`` (judged from its structure, not a layout): what SDPA computes without a mask,
+        so ``auto`` hands those to it (:mod:`workbench.backends.sdpa`)."""
         return None
 
     def predicate(self, device: torch.device | str) -> MaskFn:
-        """:meth:`allowed` with every tensor it needs already on ``device``.
-
-        This is what kernels capture (FlexAttention's ``mask_mod``): it creates no tensor when
-        called, so tracing it never breaks the graph.
-        """
+        """:meth:`allowed` with every tensor it needs already on ``device`` (it creates none
+        when called, so kernels can trace it)."""
         return self.allowed
 
     def mask_mod(self, device: torch.device | str | None = None) -> FlexMaskMod:
-        """This pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
-
-        It equals :meth:`allowed` (``b`` is ignored); a 1-head pattern ignores ``h`` as well,
-        an ``H``-head one indexes its heads by it. It serves ``create_block_mask`` and
-        eager or ``torch.compile``-d ``flex_attention`` on ``device`` (``None``: PyTorch's
-        default device), where the tensors it reads (tables, masks) are placed once
-        (:meth:`predicate`), so tracing it creates none. Positions past the sequence are the
-        caller's to mask (``create_block_mask`` never asks about them; :meth:`block_mask`
-        masks them).
+        """This pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` on
+        ``device`` (``None``: PyTorch's default): :meth:`allowed`, ignoring ``b`` (and ``h`` for
+        a 1-head pattern). Positions past the sequence are the caller's to mask.
         """
         f = _any_head(self, self.predicate(_device(device)))
 
@@ -205,33 +176,24 @@ class Pattern:
 
     def block_mask(self, seq_len: int, block_size: int = 128,
                    device: torch.device | str | None = None, k_len: int | None = None):
-        """A FlexAttention ``BlockMask`` of this pattern, built from its exact block layout.
-
-        Full tiles of :meth:`block_structure` become FlexAttention's full blocks (no
-        ``mask_mod`` there), partial tiles its partial blocks, decided by :meth:`mask_mod`;
-        the ``S x S`` grid is never evaluated (:func:`workbench.blockmask.block_mask_from_layout`).
+        """A FlexAttention ``BlockMask`` from the exact block layout (full tiles become full
+        blocks, partial ones are decided by :meth:`mask_mod`; ``S x S`` is never evaluated).
 
         Args:
             seq_len: query length (and key length unless ``k_len`` is given).
             block_size: the mask's ``BLOCK_SIZE`` (FlexAttention's CUDA kernels want 128).
-            device: where the mask and the tensors of its ``mask_mod`` live (``None``:
-                PyTorch's default device); build it where it runs.
-            k_len: key length for a rectangular problem.
+            device: where the mask and its tensors live (``None``: PyTorch's default).
 
         Returns:
-            ``BlockMask`` of ``seq_lengths=(seq_len, k_len)``, batch 1 and ``H`` heads (1 for a
-            head-independent pattern; both broadcast in ``flex_attention``).
+            ``BlockMask`` of ``seq_lengths=(seq_len, k_len)``, batch 1 and ``H`` (or 1) heads.
         """
         device = _device(device)
         lay = self.block_structure(seq_len, block_size, device, k_len=k_len)
         return block_mask_from_layout(lay, _any_head(self, self.predicate(device)))
 
     def token_mask(self, seq_len: int, device: torch.device | str = "cpu") -> Tensor:
-        """Dense bool mask ``[H, S, S]`` (``H`` = 1 for head-independent patterns).
-
-        Only for small ``seq_len``: it materializes ``S x S``. Use :meth:`block_layout` or
-        :meth:`block_structure` at long lengths.
-        """
+        """Dense bool mask ``[H, S, S]`` (``H`` = 1 for head-independent patterns); small
+        ``seq_len`` only (``ValueError`` past a size limit: use :meth:`block_structure`)."""
         check_int("seq_len", seq_len, 1)
         if self.num_heads * seq_len * seq_len > _TOKEN_MASK_LIMIT:
             raise ValueError(
@@ -255,10 +217,9 @@ class Pattern:
     ) -> BlockLayout:
         """Exact :class:`BlockLayout` (active and full tiles) at ``block_size``.
 
-        ``k_len`` defaults to ``seq_len`` (self-attention); give it for a rectangular problem.
-        ``rows = (first, end)`` builds only those query blocks, against every key block: the
-        layout equals ``block_structure(seq_len, block_size).slice(rows, (0, nk))``, at the
-        memory of its rows alone for the patterns a ring shards (what one rank needs).
+        ``k_len`` defaults to ``seq_len``. ``rows = (first, end)`` builds only those query
+        blocks against every key block: ``block_structure(...).slice(rows, (0, nk))``, in the
+        memory of those rows (what one rank of a ring needs).
         """
         check_int("seq_len", seq_len, 1)
         check_int("block_size", block_size, 1)
@@ -290,23 +251,15 @@ class Pattern:
         return self.block_structure(seq_len, block_size).stats()
 
     def density(self, seq_len: int, block_size: int | None = None) -> float:
-        """Fraction of the ``S x S`` (query, key) pairs that are computed, averaged over heads.
-
-        With ``block_size`` this is what a block-sparse kernel computes: the area of the
-        active tiles. With ``block_size=None`` it is the pattern's own (token-level) density:
-        the fraction of pairs allowed, i.e. what a perfect kernel would compute.
-        """
+        """Fraction of the ``S x S`` pairs computed, averaged over heads: the area of the active
+        tiles at ``block_size``, or with ``None`` the fraction of pairs allowed."""
         if block_size is not None:
             return self.stats(seq_len, block_size).density
         return self.allowed_pairs(seq_len) / (self.num_heads * seq_len * seq_len)
 
     def allowed_pairs(self, seq_len: int, block_size: int = 64) -> int:
-        """Exact number of allowed (head, query, key) triples, summed over heads.
-
-        :meth:`count_pairs` where the pattern has a closed form; otherwise counted from the
-        block layout: full tiles by their area, partial tiles token by token, so the cost is
-        proportional to the number of partial tiles.
-        """
+        """Exact number of allowed (head, query, key) triples, summed over heads:
+        :meth:`count_pairs`, else full tiles by area plus partial tiles token by token."""
         check_int("seq_len", seq_len, 1)
         exact = self.count_pairs(seq_len)
         if exact is not None:
@@ -321,12 +274,8 @@ class Pattern:
 
 
 def head_predicate(pattern: Pattern, device: torch.device | str) -> MaskFn:
-    """``pattern.predicate(device)``, callable with any head index.
-
-    A 1-head pattern is the same for every head: it is asked about head 0 whatever head is
-    asked about, so it broadcasts against any number of heads on every backend. Patterns whose
-    predicate reads only ``k - q`` are returned as they are.
-    """
+    """``pattern.predicate(device)``, callable with any head index (a 1-head pattern is asked
+    about head 0, so it broadcasts over any number of heads)."""
     return _any_head(pattern, pattern.predicate(device))
 
 
@@ -347,12 +296,9 @@ def _any_head(pattern: Pattern, f: MaskFn) -> MaskFn:
 def _canonical_tiles(
     pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
 ) -> tuple[Tensor, Tensor]:
-    """Distinct tiles among ``tiles`` (int64 ``[N, 3]`` of head, row, column) up to a period.
-
-    A tile with no padding moved by ``m`` blocks along its diagonal, ``m * block_size`` a
-    multiple of :meth:`Pattern.period`, holds the same pairs; each is moved back until its
-    smaller block index is below ``m``. Tiles of the ragged last block row or column stay
-    where they are. Returns (distinct tiles ``[U, 3]``, index into them of every input tile).
+    """Distinct tiles among ``tiles`` (int64 ``[N, 3]`` of head, row, column) up to the
+    pattern's period: unpadded tiles are moved back along their diagonal by multiples of a
+    period's blocks. Returns (distinct tiles ``[U, 3]``, index of every input tile in them).
     """
     period = pattern.period()
     if period is None or tiles.shape[0] < 2:
@@ -374,11 +320,8 @@ def evaluate_tiles(
     """Evaluate ``pattern`` token by token inside the tiles ``tiles`` (int64 ``[N, 3]`` of
     head, absolute query block, key block).
 
-    Returns (allowed-pair count, any, all) per tile; padding positions never count (nor are
-    they asked about), and "all" means every real pair of the tile is allowed. Tiles equal up
-    to the pattern's period are evaluated once (see :func:`_canonical_tiles`);
-    :meth:`Pattern.allowed` is called on at most ``max(_TILE_EVAL_BUDGET, block_size**2)`` pairs
-    at a time.
+    Returns (allowed-pair count, any, all) per tile, padding never counted; tiles equal up to
+    the period are evaluated once, in chunks of a bounded number of pairs.
     """
     distinct, inverse = _canonical_tiles(pattern, tiles, q_len, k_len, block_size)
     b = block_size

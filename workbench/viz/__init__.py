@@ -2,7 +2,6 @@
 
 from . import style
 from .curves import plot_curve, plot_visit_path
-from .density import plot_density_vs_length, plot_waste_vs_length
 from .dilated import (
     head_layout,
     plot_dilation_strips,
@@ -14,7 +13,6 @@ from .heatmaps import (
     block_legend,
     figure_legend,
     plot_block_layout,
-    plot_heads,
     plot_pattern,
     plot_token_mask,
 )
@@ -30,18 +28,15 @@ __all__ = [
     "pattern_explorer",
     "plot_curve",
     "plot_block_layout",
-    "plot_density_vs_length",
     "plot_distributed_layout",
     "plot_dilation_strips",
     "plot_head_masks",
-    "plot_heads",
     "plot_natural_vs_ordered",
     "plot_pattern",
     "plot_ring_schedule",
     "plot_ring_step",
     "plot_token_mask",
     "plot_visit_path",
-    "plot_waste_vs_length",
     "ring_explorer",
     "save_figure",
     "style",

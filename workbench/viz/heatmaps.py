@@ -22,7 +22,6 @@ __all__ = [
     "block_legend",
     "figure_legend",
     "plot_block_layout",
-    "plot_heads",
     "plot_pattern",
     "plot_token_mask",
 ]
@@ -164,38 +163,4 @@ def plot_pattern(pattern: Pattern, seq_len: int, block_size: int, *, head: int =
     plot_block_layout(pattern.block_structure(seq_len, block_size), head=head, ax=axes[1])
     block_legend(axes[1])
     fig.suptitle(repr(pattern), fontsize=10)
-    return fig
-
-
-def plot_heads(
-    pattern: Pattern,
-    seq_len: int,
-    block_size: int,
-    *,
-    heads: list[int] | None = None,
-    level: str = "token",
-    ncols: int = 4,
-):
-    """Small multiples, one panel per head, at ``level`` ``"token"`` or ``"block"``."""
-    if level not in ("token", "block"):
-        raise ValueError(f"level must be 'token' or 'block', got {level!r}")
-    heads = list(range(pattern.num_heads)) if heads is None else heads
-    nrows = -(-len(heads) // ncols)
-    fig, axes = plt.subplots(nrows, min(ncols, len(heads)), figsize=(2.6 * min(ncols, len(heads)),
-                                                                    2.6 * nrows), squeeze=False)
-    layout = pattern.block_structure(seq_len, block_size) if level == "block" else None
-    for ax, h in zip(axes.flat, heads):
-        if level == "token":
-            plot_token_mask(pattern, seq_len, head=h, block_size=block_size, ax=ax,
-                            title=f"head {h}")
-        else:
-            plot_block_layout(layout, head=h, ax=ax, title=f"head {h}", annotate=False)
-        ax.set_xlabel("")
-        ax.set_ylabel("")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in list(axes.flat)[len(heads):]:
-        ax.axis("off")
-    fig.suptitle(f"{pattern!r}: per-head {level} view", fontsize=10)
-    fig.tight_layout()
     return fig

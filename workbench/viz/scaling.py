@@ -49,6 +49,7 @@ VARIANT_MARKER = {
     "flex_natural": "s",
     "strided_gather": "P",
     "strided_view": "X",
+    "paper": "h",
     "sdpa_dense": "D",
     "sdpa_masked": "v",
     "reference": "d",

@@ -130,14 +130,9 @@ def check_pattern_params(p: PatternParams) -> None:
     if "num_global" in used:
         check_int("num_global", p.num_global, 1, seq_len - 1,
                   "fewer global tokens than the sequence (all-global is full attention)")
-    if "stride" in used:
-        check_int("stride", p.stride, 1, seq_len)
-    if "dilation" in used:
-        check_int("dilation", p.dilation, 1, seq_len)
-    if "cell" in used:
-        check_int("cell", p.cell, 1, seq_len)
-    if "prefix" in used:
-        check_int("prefix", p.prefix, 1, seq_len)
+    for name in ("stride", "dilation", "cell", "prefix"):
+        if name in used:
+            check_int(name, getattr(p, name), 1, seq_len)
     if "random_density" in used and not 0.0 < float(p.random_density) <= 1.0:
         raise ValueError(f"random_density={p.random_density} must be in (0, 1]")
     if "segments" in used:
