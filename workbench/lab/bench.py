@@ -702,7 +702,8 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     ``meets_target`` compares it with :data:`LAYOUT_TARGET_MS` of the device.
 
     A case is not run (``status`` says why) when it is predicted to take more than
-    ``max_seconds`` per build (the last case run of its family, scaled by heads x cells), or
+    ``max_seconds`` (from the last case run of its family: the layout scaled by heads x cells,
+    the structures by heads), or
     its layout and index lists (2 bytes a tile, and 8 more with structures) would exceed
     ``max_gib``; a triton plan whose bit masks would exceed ``max_gib`` is left out alone.
     """
@@ -714,16 +715,19 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     counts = [heads] if isinstance(heads, int) else list(heads)
     cases = _layout_cases(seq_len, families, counts, list(cells))
     tiles = num_blocks(seq_len, block_size) ** 2
-    last: dict[str, tuple[float, float]] = {}  # family -> (ms, work) of its last case run
+    last: dict[str, tuple[float, float, int, float]] = {}  # its last case run, per family
     rows = []
     for family, pattern, params, cell in tqdm(cases, desc="layouts", unit="case",
                                               disable=not progress):
         row = {"family": family, "params": params, "heads": pattern.num_heads, "cell": cell,
                "seq_len": seq_len, "block_size": block_size}
-        work = pattern.num_heads * (1.0 if cell is None else (seq_len / cell) ** 2)
+        h, cells = pattern.num_heads, 1.0 if cell is None else (seq_len / cell) ** 2
         per_tile = 2 if family in longnet_families() else 10  # bools, then int32 lists
-        gib = pattern.num_heads * tiles * per_tile / 2**30
-        predicted = last[family][0] * work / last[family][1] / 1e3 if family in last else 0.0
+        gib = h * tiles * per_tile / 2**30
+        predicted = 0.0
+        if family in last:  # a layout scales with heads x cells, its structures with heads
+            build, rest, h0, c0 = last[family]
+            predicted = (build * h * cells / (h0 * c0) + rest * h / h0) / 1e3
         if predicted > max_seconds:
             rows.append({**row, "status": f"too_slow: predicted {predicted:.0f} s a build"})
             continue
@@ -734,7 +738,7 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
                                   block_size, dev, reps, max_gib)
         total = med["build_ms"] + max(med.get("flex_mask_ms", 0.0),
                                       med.get("triton_plan_ms", 0.0) if on_cuda else 0.0)
-        last[family] = (total, work)
+        last[family] = (med["build_ms"], total - med["build_ms"], h, cells)
         rows.append({**row, **med, "total_ms": round(total, 2),
                      "meets_target": total <= target, **extra})
     return rows
