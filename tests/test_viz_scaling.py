@@ -162,15 +162,15 @@ def test_layout_build_one_point_per_timed_case_and_the_target_per_device():
          "total_ms": 5.0, "target_ms": 100.0}])
     fig = vs.plot_layout_build(df)
     cpu, gpu = fig.axes[:2]
-    assert [t.get_text() for t in cpu.get_xticklabels()] == ["causal", "random\ncell 64"]
+    assert [t.get_text() for t in cpu.get_yticklabels()] == ["causal", "random cell 64"]
 
     def points(ax):
-        return sorted(float(y) for ln in ax.lines[:-1] for y in ln.get_ydata() if y == y)
+        return sorted(float(x) for c in ax.collections for x, _ in c.get_offsets())
 
     assert points(cpu) == [500.0, 1500.0, 9000.0]
     assert points(gpu) == [5.0]
-    assert cpu.lines[-1].get_ydata()[0] == 2000.0 and gpu.lines[-1].get_ydata()[0] == 100.0
-    assert cpu.get_yscale() == "log" and "cpu, gpu" in fig._workbench_stamp.line()
+    assert cpu.lines[-1].get_xdata()[0] == 2000.0 and gpu.lines[-1].get_xdata()[0] == 100.0
+    assert cpu.get_xscale() == "log" and "cpu, gpu" in fig._workbench_stamp.line()
     plt.close(fig)
     with pytest.raises(ValueError, match="no case"):
         vs.plot_layout_build(df[df["total_ms"].isna()])

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_hex
+from matplotlib.lines import Line2D
 
 from . import style
 from .style import Provenance
@@ -362,7 +363,7 @@ def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
 def plot_layout_build(df: pd.DataFrame, *, title: str = "",
                       provenance: Provenance | None = None) -> Figure:
     """Time to build each case's layout and kernel structure (``total_ms``, log axis): one
-    column per family, random tiles' one per cell size, one marker colour per head count, one
+    row per family, random tiles' one per cell size, one marker colour per head count, one
     panel per device with its target (``target_ms``, dashed). Cases not run (``total_ms``
     empty) are left out.
 
@@ -375,25 +376,27 @@ def plot_layout_build(df: pd.DataFrame, *, title: str = "",
     if rows.empty:
         raise ValueError("plot_layout_build: no case with a total_ms to draw")
     cell = pd.to_numeric(rows["cell"], errors="coerce")
-    rows = rows.assign(case=[f if c != c else f"{f}\ncell {int(c)}"
+    rows = rows.assign(case=[f if c != c else f"{f} cell {int(c)}"
                              for f, c in zip(rows["family"], cell)])
     order = list(dict.fromkeys(rows["case"]))
     heads = sorted(rows["heads"].astype(int).unique())
-    g = sns.catplot(data=rows.assign(heads=rows["heads"].astype(int)), x="case", y="total_ms",
-                    hue="heads", hue_order=heads, col="device", kind="point", order=order,
-                    linestyle="none", dodge=0.5, markers="o", errorbar=None,
-                    palette="viridis", height=3.4, aspect=max(2.0, len(order) / 4.5))
+    colors = dict(zip(heads, sns.color_palette("viridis", len(heads))))
+    g = sns.catplot(data=rows.assign(heads=rows["heads"].astype(int)), x="total_ms", y="case",
+                    hue="heads", hue_order=heads, col="device", kind="strip", order=order,
+                    orient="h", jitter=False, dodge=True, size=7, palette=colors, legend=False,
+                    height=0.32 * len(order) + 1.2, aspect=6.0 / (0.32 * len(order) + 1.2))
+    g.add_legend(legend_data={str(h): Line2D([], [], marker="o", ls="", color=c, markersize=7)
+                              for h, c in colors.items()}, title="heads")
     for device, ax in g.axes_dict.items():
         target = float(rows.loc[rows["device"] == device, "target_ms"].iloc[0])
-        ax.axhline(target, color="black", ls="--", lw=1.2)
-        ax.annotate(f"target {target:.0f} ms", (len(order) - 0.5, target), xytext=(0, 3),
-                    textcoords="offset points", fontsize=8, ha="right")
-        ax.set_yscale("log")
-        ax.set_xlabel("")
-        ax.set_ylabel("layout + structure (ms)")
+        ax.axvline(target, color="black", ls="--", lw=1.2)
+        ax.annotate(f"target {target:.0f} ms", (target, -0.5), xytext=(3, 0),
+                    textcoords="offset points", fontsize=8, va="top")
+        ax.set_xscale("log")
+        ax.set_ylabel("")
+        ax.set_xlabel("layout + kernel structure (ms)")
         ax.set_title(str(device))
-        ax.tick_params(axis="x", labelrotation=90)
-    g.legend.set_title("heads")
+        ax.grid(axis="x", which="both", alpha=0.3)
     if title:
         g.figure.suptitle(title, y=1.02)
     if provenance is None:  # layouts have no dtype: bool maps and int32 block lists
