@@ -164,6 +164,14 @@ def test_fused_kernel_path_in_low_precision(dtype, tol):
             torch.testing.assert_close(a.double(), b, atol=2 * tol, rtol=2 * tol)
 
 
+def test_fused_kernel_path_takes_inputs_of_any_strides():
+    q, k, v = make_qkv(b=1, h=4, s=384, d=8, requires_grad=False)
+    want = wb.dilated_attention(q, k, v, [64, 128], [1, 2], mode="paper")
+    odd = [x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in (q, k, v)]
+    assert odd[0].stride(-1) != 1
+    torch.testing.assert_close(wb.dilated_attention(*odd, [64, 128], [1, 2], mode="paper"), want)
+
+
 def test_modes_differ_and_single_pair_modes_agree():
     q, k, v = make_qkv(b=1, h=4, s=256, d=8, requires_grad=False)
     a = wb.dilated_attention(q, k, v, [64, 128], [1, 2], mode="paper")

@@ -32,35 +32,11 @@ from .multihead import BlockSparseMultiheadAttention, BlockSparseWeights
 from .patterns import BlockSelection
 from .plan import Plan, Plans
 
-__all__ = [
-    "AdaptiveBlockSparseAttention",
-    "BlockLayout",
-    "BlockSelection",
-    "BlockSparseAttention",
-    "BlockSparseMultiheadAttention",
-    "BlockSparseWeights",
-    "DilatedAttention",
-    "LayoutStats",
-    "Plan",
-    "Plans",
-    "adaptive",
-    "backends",
-    "curves",
-    "block_sparse_attention",
-    "distributed",
-    "dilated_attention",
-    "explain_backend",
-    "layout",
-    "multihead",
-    "orderings",
-    "patterns",
-    "plan",
-    "lab",
-    "ring",
-    "score_mods",
-    "sharding",
-    "viz",
-]
+__all__ = ["AdaptiveBlockSparseAttention", "BlockLayout", "BlockSelection", "BlockSparseAttention",
+           "BlockSparseMultiheadAttention", "BlockSparseWeights", "DilatedAttention", "LayoutStats",
+           "Plan", "Plans", "adaptive", "backends", "curves", "block_sparse_attention",
+           "distributed", "dilated_attention", "explain_backend", "layout", "multihead",
+           "orderings", "patterns", "plan", "lab", "ring", "score_mods", "sharding", "viz"]
 
 __version__ = "0.1.0"
 

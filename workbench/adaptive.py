@@ -3,9 +3,8 @@
 Per batch element and head, queries and keys are mean-pooled over blocks (optionally through a
 learned linear *gate*), every (query block, key block) pair is scored, and each query block keeps
 its top ``k = max(1, round(density * nk))`` key blocks, always with its own block and, when
-causal, never a future one. The selection is a :class:`~workbench.patterns.BlockSelection` with
-the batch folded into the heads, so :func:`workbench.block_sparse_attention` computes exact
-attention over it. How it relates to MoBA, SeerAttention, NSA and Quest: ``docs/reference.md``.
+causal, never a future one: a :class:`~workbench.patterns.BlockSelection`, batch folded into the
+heads, over which attention is exact.
 """
 
 from __future__ import annotations
@@ -22,17 +21,8 @@ from .attention import block_sparse_attention, check_options, check_qkv
 from .layout import block_extents, num_blocks, tile_sum
 from .patterns import BlockSelection, Pattern, check_density, check_positive_int, tile_batch
 
-__all__ = [
-    "AdaptiveBlockSparseAttention",
-    "Selection",
-    "block_scores",
-    "captured_mass",
-    "distillation_loss",
-    "fold_batch",
-    "pool_blocks",
-    "select_blocks",
-    "topk_budget",
-]
+__all__ = ["AdaptiveBlockSparseAttention", "Selection", "block_scores", "captured_mass",
+           "distillation_loss", "fold_batch", "pool_blocks", "select_blocks", "topk_budget"]
 
 
 # --------------------------------------------------------------------- selection
@@ -78,13 +68,8 @@ def _eligible(nq: int, nk: int, causal: bool, device) -> Tensor:
     return j <= i if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
 
 
-def select_blocks(
-    scores: Tensor,
-    density: float,
-    *,
-    causal: bool = False,
-    keep_diagonal: bool = True,
-) -> Tensor:
+def select_blocks(scores: Tensor, density: float, *, causal: bool = False,
+                  keep_diagonal: bool = True) -> Tensor:
     """Top-k key blocks per query block from block scores ``[..., nq, nk]`` -> bool, same shape.
 
     The diagonal block is always kept when ``keep_diagonal``; with ``causal`` blocks ``j > i``

@@ -43,18 +43,9 @@ from .ring import ring_attention
 from .score_mods import ScoreMod, check_score_mod
 from .sharding import check_sharding
 
-__all__ = [
-    "BlockSparseAttention",
-    "block_sparse_attention",
-    "call_key",
-    "check_options",
-    "check_qkv",
-    "check_scale",
-    "dropout_of",
-    "expand_kv_heads",
-    "explain_backend",
-    "prepare",
-]
+__all__ = ["BlockSparseAttention", "block_sparse_attention", "call_key", "check_options",
+           "check_qkv", "check_scale", "dropout_of", "expand_kv_heads", "explain_backend",
+           "prepare"]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -360,11 +351,10 @@ class BlockSparseAttention(nn.Module):
     """Block-sparse (ring) attention over a fixed pattern, as an ``nn.Module``.
 
     Takes ``q, k, v`` ``[B, H, S, D]`` (no projections) and the options of
-    :func:`block_sparse_attention`. Keeps a :class:`~workbench.plan.Plan` per (lengths, device)
-    in ``plans`` (its own, or a :class:`~workbench.plan.Plans` shared between layers) and the
-    backend prepared for its last call (:class:`~workbench.plan.LastCall`), so a repeated call
-    launches the kernel straight away (and a CUDA graph can capture it). An ``nn.Module``
-    ``score_mod`` is a sub-module.
+    :func:`block_sparse_attention`. Keeps its plans in ``plans`` (its own, or a
+    :class:`~workbench.plan.Plans` shared between layers) and the backend prepared for its last
+    call, so a repeated call launches the kernel straight away. An ``nn.Module`` ``score_mod`` is
+    a sub-module.
 
     Example::
 

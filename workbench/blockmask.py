@@ -1,11 +1,9 @@
 """Block layouts as tile lists: per-row sorted block indices and FlexAttention's ``BlockMask``.
 
-Tile-list kernels (FlexAttention, the triton backend) read a layout as, for each (head, query
-block), the number of selected key blocks and their indices. :func:`block_mask_from_layout`
-turns an exact :class:`~workbench.layout.BlockLayout` into a FlexAttention ``BlockMask``: full
-tiles become its full blocks (the kernel skips ``mask_mod`` there), partial tiles its partial
-blocks, decided by the token predicate. The ``S x S`` grid is never evaluated. This is the one
-conversion: :meth:`workbench.patterns.Pattern.block_mask` and the ``flex`` backend both use it.
+Tile-list kernels read a layout as, per (head, query block), the count and indices of its key
+blocks. :func:`block_mask_from_layout` is the one conversion of an exact
+:class:`~workbench.layout.BlockLayout` into a ``BlockMask`` (full tiles become full blocks,
+partial ones partial blocks); the ``S x S`` grid is never evaluated.
 """
 
 from __future__ import annotations
@@ -64,15 +62,9 @@ def _batched(lists: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return lists[0][None], lists[1][None]
 
 
-def block_mask_from_layout(
-    layout: BlockLayout,
-    allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
-    *,
-    q_offset: int | Tensor = 0,
-    k_offset: int | Tensor = 0,
-    rank: Tensor | None = None,
-    backward: bool = True,
-):
+def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
+                           *, q_offset: int | Tensor = 0, k_offset: int | Tensor = 0,
+                           rank: Tensor | None = None, backward: bool = True):
     """A FlexAttention ``BlockMask`` with exactly ``layout``'s tiles, on ``layout``'s device.
 
     Args:

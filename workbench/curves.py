@@ -18,17 +18,8 @@ from torch import Tensor
 
 from .layout import MAX_POSITION
 
-__all__ = [
-    "CURVES",
-    "curve_order",
-    "curve_rank",
-    "grid_decode",
-    "grid_encode",
-    "hilbert_decode",
-    "hilbert_encode",
-    "morton_decode",
-    "morton_encode",
-]
+__all__ = ["CURVES", "curve_order", "curve_rank", "grid_decode", "grid_encode", "hilbert_decode",
+           "hilbert_encode", "morton_decode", "morton_encode"]
 
 CURVES = ("raster", "morton", "hilbert", "gilbert")
 _MAX_BITS = 62
@@ -43,11 +34,15 @@ def _check_cube(dims: int, bits: int) -> None:
         raise ValueError(f"dims * bits = {dims * bits} exceeds {_MAX_BITS}: index not int64-exact")
 
 
+def _int64(x: Tensor, name: str) -> Tensor:
+    x = torch.as_tensor(x)
+    if x.is_floating_point() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    return x.to(torch.int64)
+
+
 def _coords(coords: Tensor, bits: int) -> list[Tensor]:
-    c = torch.as_tensor(coords)
-    if c.is_floating_point() or c.dtype == torch.bool:
-        raise TypeError(f"coords must be an integer tensor, got {c.dtype}")
-    c = c.to(torch.int64)
+    c = _int64(coords, "coords")
     _check_cube(c.shape[-1] if c.dim() else 0, bits)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"coords must lie in [0, {1 << bits}) for bits={bits}")
@@ -55,15 +50,10 @@ def _coords(coords: Tensor, bits: int) -> list[Tensor]:
 
 
 def _index(index: Tensor, dims: int, bits: int) -> Tensor:
-    d = torch.as_tensor(index)
-    if d.is_floating_point() or d.dtype == torch.bool:
-        raise TypeError(f"index must be an integer tensor, got {d.dtype}")
+    d = _int64(index, "index")
     _check_cube(dims, bits)
-    d = d.to(torch.int64)
     if d.numel() and (int(d.min()) < 0 or int(d.max()) >= (1 << (dims * bits))):
-        raise ValueError(
-            f"index must lie in [0, {1 << (dims * bits)}) for dims={dims}, bits={bits}"
-        )
+        raise ValueError(f"index must lie in [0, {1 << dims * bits}) for dims={dims}, bits={bits}")
     return d
 
 
@@ -97,11 +87,8 @@ def morton_decode(index: Tensor, dims: int, bits: int) -> Tensor:
 
 
 def _invert_or_exchange(x: list[Tensor], i: int, q: int) -> None:
-    """Skilling's per-level step on bit ``q`` of axis ``i``, in place (its own inverse).
-
-    Where axis ``i`` has the bit set, the low bits of axis 0 are inverted; elsewhere the low
-    bits of axes 0 and ``i`` are exchanged.
-    """
+    """Skilling's per-level step on bit ``q`` of axis ``i``, in place (its own inverse): where
+    axis ``i`` has the bit, axis 0's low bits are inverted, elsewhere axes 0 and ``i`` swap them."""
     p = q - 1
     hit = (x[i] & q) != 0
     t = (x[0] ^ x[i]) & p
@@ -116,8 +103,7 @@ def hilbert_encode(coords: Tensor, bits: int) -> Tensor:
 
     John Skilling's curve ("Programming the Hilbert curve", AIP Conf. Proc. 707, 2004): it
     starts at the origin and first steps along ``c0``; in 2-D it equals the textbook
-    ``xy2d(n, x=c0, y=c1)``. Computed by Skilling's axes-to-transpose step (undo the per-level
-    reflections and exchanges, then Gray-encode) and bit interleaving.
+    ``xy2d(n, x=c0, y=c1)``.
     """
     x = [c.clone() for c in _coords(coords, bits)]
     n = len(x)
@@ -188,11 +174,9 @@ def _sign(v: int) -> int:
 
 
 def _gilbert_cells(height: int, width: int) -> list[int]:
-    """Raster indices of a ``height x width`` grid along the generalized Hilbert curve, written
-    from the description of J. Červený's "gilbert" construction: it starts at ``(0, 0)``, runs
-    along the long side, and every step goes to an edge-neighbour except at most one diagonal
-    step (long side odd, short side even). On a power-of-two square it is ``"hilbert"`` with
-    the axes exchanged."""
+    """Raster indices of a ``height x width`` grid along J. Červený's generalized Hilbert curve
+    ("gilbert"): from ``(0, 0)`` along the long side, edge-neighbour steps but at most one
+    diagonal one (long side odd, short side even)."""
     out: list[int] = []
 
     def fill(r: int, c: int, ar: int, ac: int, br: int, bc: int) -> None:
@@ -251,11 +235,8 @@ def _rank(shape: tuple[int, ...], curve: str) -> Tensor:
 
 
 def curve_order(shape, curve: str = "hilbert") -> Tensor:
-    """Row-major flat indices of the cells of grid ``shape`` in ``curve`` order (int64 ``[N]``).
-
-    ``curve_order(shape)[i]`` is the raster index of the ``i``-th cell along the curve: as a
-    token permutation, new position ``i`` holds raster token ``order[i]``.
-    """
+    """Row-major flat indices of the cells of grid ``shape`` in ``curve`` order (int64 ``[N]``):
+    as a token permutation, new position ``i`` holds raster token ``order[i]``."""
     return _order(_check_shape(shape), _check_curve(curve)).clone()
 
 
@@ -287,8 +268,4 @@ def grid_decode(index: Tensor, shape, curve: str = "hilbert") -> Tensor:
     if d.numel() and (int(d.min()) < 0 or int(d.max()) >= n):
         raise ValueError(f"index must lie in [0, {n}) for grid {shape}")
     flat = _order(shape, _check_curve(curve)).to(d.device)[d]
-    out = []
-    for s in reversed(shape):
-        out.append(flat % s)
-        flat = flat // s
-    return torch.stack(out[::-1], dim=-1)
+    return torch.stack(torch.unravel_index(flat, shape), dim=-1)

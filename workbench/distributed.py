@@ -42,22 +42,10 @@ from .sharding import (
     shard_plan,
 )
 
-__all__ = [
-    "SHARDINGS",
-    "barrier",
-    "RingCommunicationError",
-    "RingPlanError",
-    "RingStats",
-    "RingTimeoutError",
-    "DistributedPlan",
-    "Sharding",
-    "distributed_plan",
-    "distributed_ring_attention",
-    "gather_block_summaries",
-    "init_ring",
-    "shard_plan",
-    "step_work",
-]
+__all__ = ["SHARDINGS", "barrier", "RingCommunicationError", "RingPlanError", "RingStats",
+           "RingTimeoutError", "DistributedPlan", "Sharding", "distributed_plan",
+           "distributed_ring_attention", "gather_block_summaries", "init_ring", "shard_plan",
+           "step_work"]
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -130,11 +118,9 @@ def gather_block_summaries(x: Tensor, local_len: int, block_size: int, *, proces
 # --------------------------------------------------------------------- statistics
 @dataclass
 class RingStats:
-    """What one rank did in its forward passes, accumulated over the calls given this object;
-    ``backward`` holds the same counters for backward passes. ``bytes_*`` count K/V shards (and
-    their gradients); ``wait_s`` is host time blocked on transfers, :meth:`gpu_wait_ms` the
-    CUDA stream's (communication not hidden behind compute); ``per_step_tiles`` the tiles
-    computed at each step this rank took part in."""
+    """What one rank did in its forward passes, accumulated over the calls given this object
+    (``backward``: the same for backward passes). ``bytes_*`` count K/V shards and gradients;
+    ``wait_s`` is host time blocked on transfers, :meth:`gpu_wait_ms` the CUDA stream's."""
 
     steps: int = 0
     pairs_computed: int = 0
@@ -301,12 +287,7 @@ class _Setup:
         return self.plan.sharding.pieces[rank]
 
     def local_offsets(self, rank: int) -> list[tuple[int, int]]:
-        """(start, length) of each run inside rank ``rank``'s shard tensor."""
-        out, at = [], 0
-        for s, e in self.plan.sharding.token_ranges(rank):
-            out.append((at, e - s))
-            at += e - s
-        return out
+        return self.plan.sharding.local_offsets(rank)
 
 
 def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, int]],

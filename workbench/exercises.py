@@ -1,9 +1,7 @@
 """Self-checking exercises for the lessons in ``notebooks/``.
 
-A lesson's exercise cell leaves the answer as ``None`` (``answer = None  # your code``) and
-calls :func:`check`. Unanswered, the check says so and lets the notebook run on (so the lessons
-run top to bottom under papermill and nbval); a wrong answer fails with a hint; a right one
-says so. Solutions sit in a collapsed ``<details>`` block under each exercise.
+An exercise cell leaves ``answer = None`` and calls :func:`check`: unanswered, it says so and
+lets the notebook run on; a wrong answer fails with a hint; a right one says so.
 """
 
 from __future__ import annotations

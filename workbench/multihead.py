@@ -1,12 +1,10 @@
 """The multi-head module: block-sparse (ring, dilated) attention as an ``nn.MultiheadAttention``.
 
 :class:`BlockSparseMultiheadAttention` takes ``nn.MultiheadAttention``'s constructor, parameter
-names, forward signature and masks (boolean: True = ignore; float: added to the scores), so an
-existing state dict loads into it; with ``pattern=None`` it computes what that module computes,
-forward and backward. Masks become patterns intersected with the module's pattern (a per-batch
-mask folds the batch into the heads, index ``b * H + h``); a float mask's finite values become a
-``score_mod``. Its differences from ``nn.MultiheadAttention`` are listed on the class and in
-docs/reference.md ("Multi-head module").
+names, forward signature and masks, so a state dict loads into it; with ``pattern=None`` it
+computes what that module computes. Masks become patterns intersected with the module's (a
+per-batch mask folds the batch into the heads, ``b * H + h``); a float mask's finite values
+become a ``score_mod``.
 """
 
 from __future__ import annotations
@@ -28,10 +26,7 @@ from .patterns import DenseMask, KeyMask, Pattern, check_positive_int, head_pred
 from .plan import LastCall, Plans, check_plans
 from .score_mods import ScoreMod, check_score_mod, modded
 
-__all__ = [
-    "BlockSparseMultiheadAttention",
-    "BlockSparseWeights",
-]
+__all__ = ["BlockSparseMultiheadAttention", "BlockSparseWeights"]
 
 
 DENSE_WEIGHTS_LIMIT = 1 << 22
@@ -294,16 +289,10 @@ class BlockSparseMultiheadAttention(nn.Module):
         return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
                 F.linear(value, self.v_proj_weight, bv))
 
-    def build_pattern(
-        self,
-        batch: int,
-        q_len: int,
-        k_len: int,
-        key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        selected: Pattern | None = None,
-    ) -> tuple[Pattern, bool]:
+    def build_pattern(self, batch: int, q_len: int, k_len: int,
+                      key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
+                      is_causal: bool = False,
+                      selected: Pattern | None = None) -> tuple[Pattern, bool]:
         """The pattern a forward call runs, and whether the batch is folded into the heads.
         Masks are shaped as ``forward`` checks them; ``selected`` (``batch * num_heads`` heads,
         an adaptive selection) replaces the module's pattern and always folds the batch."""

@@ -1,11 +1,8 @@
 """Orderings: permutations of tokens, and of tiles, that change where a pattern's pairs fall.
 
-The *dilation ordering* (:func:`dilation_gather`, :func:`dilation_permutation`) puts each head's
-kept positions of a LongNet segment next to each other, so the dilated pattern becomes dense
-blocks. Grid orderings (:func:`grid_permutation`, :func:`grid_neighborhood`) lay a 2-D or 3-D
-grid's tokens along a curve of :mod:`workbench.curves`, gathering a local window's pairs into
-fewer tiles. Block visit orders (:func:`block_visit_order`, :func:`cache_model`) change only the
-order in which the active tiles are computed, never the result's set of pairs.
+The dilation ordering puts each head's kept positions of a LongNet segment side by side (dense
+blocks); grid orderings lay a grid's tokens along a curve of :mod:`workbench.curves`; block visit
+orders change only the order in which active tiles are computed, never the set of pairs.
 """
 
 from __future__ import annotations
@@ -20,22 +17,9 @@ from .curves import CURVES, curve_order, hilbert_encode, morton_encode
 from .layout import BlockLayout, num_blocks
 from .patterns import Pattern, Permuted, check_positive_int, grid_neighborhood
 
-__all__ = [
-    "BLOCK_ORDERS",
-    "CURVES",
-    "block_accesses",
-    "block_visit_order",
-    "cache_model",
-    "check_block_order",
-    "dilation_gather",
-    "dilation_permutation",
-    "grid_neighborhood",
-    "grid_permutation",
-    "inverse_permutation",
-    "permuted",
-    "reuse_distances",
-    "visit_rank",
-]
+__all__ = ["BLOCK_ORDERS", "CURVES", "block_accesses", "block_visit_order", "cache_model",
+           "check_block_order", "dilation_gather", "dilation_permutation", "grid_neighborhood",
+           "grid_permutation", "inverse_permutation", "permuted", "reuse_distances", "visit_rank"]
 
 BLOCK_ORDERS = (None, "natural", "hilbert", "morton")
 
@@ -65,10 +49,8 @@ def dilation_gather(
 
 
 def dilation_permutation(seq_len: int, segment: int, dilation: int, offset: int = 0) -> Tensor:
-    """Token order that puts, in every segment, the kept positions first (then the rest).
-
-    ``x[perm]`` is the reordered sequence: new position ``i`` holds old position ``perm[i]``.
-    """
+    """Token order putting, in every segment, the kept positions first: ``x[perm]`` holds old
+    position ``perm[i]`` at new position ``i``."""
     pos = torch.arange(seq_len)
     inner = pos % segment
     kept = (inner % dilation) == (offset % dilation)
@@ -99,12 +81,8 @@ def permuted(pattern: Pattern, perm: Tensor) -> Pattern:
 
 # --------------------------------------------------------------------- token grids
 def grid_permutation(shape: Sequence[int], order: str = "hilbert") -> Tensor:
-    """Token order of a 2-D/3-D grid: new position ``i`` holds raster (row-major) token ``perm[i]``.
-
-    ``order`` is ``"raster"`` (the identity), ``"morton"`` or ``"hilbert"``; see
-    :mod:`workbench.curves` for the curves and the rule on non-power-of-two grids.
-    ``x[..., perm, :]`` reorders a raster-ordered sequence; :func:`inverse_permutation` undoes it.
-    """
+    """Token order of a 2-D/3-D grid along curve ``order`` (:data:`CURVES`): new position ``i``
+    holds raster token ``perm[i]``; :func:`inverse_permutation` undoes it."""
     return curve_order(shape, order)
 
 
@@ -120,21 +98,17 @@ def inverse_permutation(perm: Tensor) -> Tensor:
 def check_block_order(block_order: str | None) -> str | None:
     """Validate a ``block_order`` argument; returns None for the natural order."""
     if block_order not in BLOCK_ORDERS:
-        raise ValueError(
-            f"block_order must be one of {BLOCK_ORDERS} (None = natural row-major visit), got "
-            f"{block_order!r}"
-        )
+        raise ValueError(f"block_order must be one of {BLOCK_ORDERS} (None = natural row-major "
+                         f"visit), got {block_order!r}")
     return None if block_order == "natural" else block_order
 
 
 def block_visit_order(layout: BlockLayout | Tensor, block_order: str | None = "hilbert") -> Tensor:
     """The active tiles of ``layout`` in visit order: int64 ``[P, 3]`` (head, q-block, k-block).
 
-    ``None``/``"natural"``: sorted by (head, query block, key block), what the blockwise backend
-    does by default. ``"hilbert"``/``"morton"``: head by head, the tiles follow the curve over the
-    ``nq x nk`` block grid (run on the enclosing power-of-two square; see
-    :mod:`workbench.curves`), so consecutive tiles share a query or key block or sit close.
-    Only the order changes: the set of tiles is the pattern's.
+    ``None``/``"natural"``: sorted by (head, query block, key block). ``"hilbert"``/``"morton"``:
+    head by head, along the curve over the ``nq x nk`` block grid (on the enclosing power-of-two
+    square), so consecutive tiles share a query or key block or sit close.
     """
     order = check_block_order(block_order)
     active = layout.active if isinstance(layout, BlockLayout) else layout
@@ -160,11 +134,8 @@ def visit_rank(layout: BlockLayout, block_order: str | None) -> Tensor | None:
 
 
 def block_accesses(tiles: Tensor) -> list[tuple[str, int, int]]:
-    """The blocks a visit touches, in order: per tile ``("q", h, qb)`` then ``("kv", h, kb)``.
-
-    A "q" entry stands for the query block with its running output; a "kv" entry for the key
-    and value blocks together (they are always read together).
-    """
+    """The blocks a visit touches, in order: per tile ``("q", h, qb)`` (the query block and its
+    running output) then ``("kv", h, kb)`` (key and value blocks, read together)."""
     out: list[tuple[str, int, int]] = []
     for h, qb, kb in tiles.tolist():
         out.append(("q", h, qb))
@@ -176,8 +147,8 @@ def reuse_distances(accesses: Iterable[Hashable]) -> Tensor:
     """LRU stack distance of every access: the number of *distinct* other blocks touched since
     this block's previous access (int64 ``[N]``; ``-1`` for a first touch, a cold miss).
 
-    An LRU cache of ``C`` blocks hits exactly the accesses with ``0 <= distance < C``.
-    Computed with a Fenwick tree over access times (``O(N log N)``).
+    An LRU cache of ``C`` blocks hits exactly the accesses with ``0 <= distance < C``. A Fenwick
+    tree over access times makes it ``O(N log N)``.
     """
     acc = list(accesses)
     n = len(acc)
@@ -211,12 +182,9 @@ def reuse_distances(accesses: Iterable[Hashable]) -> Tensor:
 
 
 def cache_model(tiles: Tensor, capacities: Sequence[int]) -> list[dict[str, float]]:
-    """LRU cache model of a tile visit order (see :func:`block_accesses`).
-
-    For each capacity ``C`` (in blocks) returns a row with ``capacity``, ``accesses``,
-    ``hits``, ``hit_rate``, ``cold_misses``, and the visit's ``mean_reuse_distance`` and
-    ``median_reuse_distance`` over re-accesses (the same on every row).
-    """
+    """LRU cache model of a tile visit order (:func:`block_accesses`): per capacity ``C`` (blocks)
+    a row of ``capacity``, ``accesses``, ``hits``, ``hit_rate``, ``cold_misses`` and the visit's
+    ``mean_reuse_distance`` and ``median_reuse_distance`` over re-accesses (on every row)."""
     d = reuse_distances(block_accesses(tiles))
     again = d[d >= 0].to(torch.float64)
     mean = float(again.mean()) if again.numel() else float("nan")
@@ -225,10 +193,8 @@ def cache_model(tiles: Tensor, capacities: Sequence[int]) -> list[dict[str, floa
     for c in capacities:
         check_positive_int("capacity", c, None)
         hits = int(((d >= 0) & (d < c)).sum())
-        rows.append({
-            "capacity": c, "accesses": d.numel(), "hits": hits,
-            "hit_rate": hits / d.numel() if d.numel() else float("nan"),
-            "cold_misses": int((d < 0).sum()), "mean_reuse_distance": mean,
-            "median_reuse_distance": median,
-        })
+        rows.append({"capacity": c, "accesses": d.numel(), "hits": hits,
+                     "hit_rate": hits / d.numel() if d.numel() else float("nan"),
+                     "cold_misses": int((d < 0).sum()), "mean_reuse_distance": mean,
+                     "median_reuse_distance": median})
     return rows

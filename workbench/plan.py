@@ -25,9 +25,8 @@ class LastCall:
     """The runner prepared for the last call made through its holder (a :class:`Plan`, a
     :class:`Plans` or a module), under the key of that call's arguments.
 
-    :meth:`get` returns it when the key is equal, else builds, keeps and returns a new one. The
-    key names the pattern by ``id``; the record holds the pattern itself, so that id cannot be
-    taken by another object while the runner is kept. Copies and pickles start empty.
+    :meth:`get` returns it when the key is equal, else builds and keeps a new one. The key names
+    the pattern by ``id``, and the pattern is held so its id stays its own. Copies start empty.
     """
 
     __slots__ = ("key", "pattern", "runner")

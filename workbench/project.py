@@ -1,11 +1,8 @@
 """Where a project's notebooks, figures and data live.
 
-A project is a folder holding ``pyproject.toml`` and ``notebooks/``: a checkout of this
-repository, or any folder laid out like one. Its root is, first found: the folder a caller names,
-``$WORKBENCH_ROOT``, or the nearest project at or above the current working directory. It is
-never the installed package's own folder, so an installed wheel writes into the project it is
-run from. ``$WORKBENCH_FIGURES_DIR`` and ``$WORKBENCH_DATA_DIR`` redirect figures and data alone
-(the tests point them at a temporary folder).
+A project is a folder holding ``pyproject.toml`` and ``notebooks/`` (:func:`find_root`), never
+the installed package's own folder. ``$WORKBENCH_FIGURES_DIR`` and ``$WORKBENCH_DATA_DIR``
+redirect figures and data alone.
 """
 
 from __future__ import annotations

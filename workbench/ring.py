@@ -1,11 +1,9 @@
 """The ring simulated on one device: the distributed ring's plan over contiguous shards.
 
-``ring_attention`` cuts queries and keys into ``P`` contiguous shards of whole blocks
-(:func:`~workbench.sharding.shard_plan`) and runs their
-:class:`~workbench.sharding.DistributedPlan` rank by rank: at step ``d`` rank ``r`` attends its
-queries to the K/V shard of rank ``(r - d) mod P``, pairs with no active tile are skipped, and
-the partials are merged exactly (:func:`~workbench.backends.merge_partials`), so the output
-equals the one-shot computation.
+``ring_attention`` cuts queries and keys into ``P`` contiguous shards of whole blocks and runs
+their :class:`~workbench.sharding.DistributedPlan` rank by rank: at step ``d`` rank ``r`` attends
+to the K/V shard of rank ``(r - d) mod P``, skips pairs with no active tile, and merges the
+partials exactly, so the output equals the one-shot computation.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """The ring's plan: which tokens each rank holds, and which (query run, K/V run) pairs compute.
 
-Pure bookkeeping, no processes. :func:`shard_plan` cuts a sequence into whole-block shards
-(``"contiguous"`` runs, or ``"zigzag"``: rank ``r`` holds runs ``r`` and ``2P - 1 - r`` of
-``2P``, which balances causal work); :func:`distributed_plan` reduces a block layout to
-per-(query run, K/V run) tile counts. At step ``d`` rank ``r`` holds the K/V shard of rank
-``(r - d) mod P``. One plan serves the ring across processes (:mod:`workbench.distributed`), the
-ring simulated on one device over contiguous shards (:mod:`workbench.ring`) and the figures.
+Pure bookkeeping, no processes: :func:`shard_plan` cuts a sequence into whole-block shards,
+:func:`distributed_plan` reduces a block layout to per-(query run, K/V run) tile counts. At step
+``d`` rank ``r`` holds the K/V shard of rank ``(r - d) mod P``.
 """
 
 from __future__ import annotations
@@ -28,11 +25,8 @@ SHARDINGS = ("contiguous", "zigzag")
 
 @dataclass(frozen=True)
 class Sharding:
-    """Which block runs of a ``seq_len``-token sequence each of ``world_size`` ranks holds.
-
-    ``pieces[r]`` lists rank ``r``'s runs as ``(first block, end block)``; its shard is their
-    tokens concatenated in that order.
-    """
+    """Which block runs of a sequence each rank holds: ``pieces[r]`` lists rank ``r``'s runs as
+    ``(first block, end block)``; its shard is their tokens concatenated in that order."""
 
     seq_len: int
     block_size: int
@@ -47,6 +41,14 @@ class Sharding:
         """Rank ``rank``'s ``(start, end)`` token ranges, in shard order."""
         b = self.block_size
         return [(b0 * b, min(b1 * b, self.seq_len)) for b0, b1 in self.pieces[rank]]
+
+    def local_offsets(self, rank: int) -> list[tuple[int, int]]:
+        """(start, length) of each run inside rank ``rank``'s shard tensor."""
+        out, at = [], 0
+        for s, e in self.token_ranges(rank):
+            out.append((at, e - s))
+            at += e - s
+        return out
 
     def local_len(self, rank: int) -> int:
         """Tokens rank ``rank`` holds."""
@@ -83,12 +85,8 @@ class Sharding:
         """Reassemble every rank's shard into the full sequence (single-process use)."""
         if len(shards) != self.world_size:
             raise ValueError(f"need {self.world_size} shards, got {len(shards)}")
-        pieces: list[tuple[int, Tensor]] = []
-        for r, x in enumerate(shards):
-            at = 0
-            for s, e in self.token_ranges(r):
-                pieces.append((s, x.narrow(dim, at, e - s)))
-                at += e - s
+        pieces = [(s, x.narrow(dim, at, n)) for r, x in enumerate(shards)
+                  for (s, _), (at, n) in zip(self.token_ranges(r), self.local_offsets(r))]
         return torch.cat([p for _, p in sorted(pieces, key=lambda t: t[0])], dim)
 
 
@@ -131,13 +129,10 @@ def shard_plan(seq_len: int, world_size: int, block_size: int,
 
 @dataclass(frozen=True)
 class DistributedPlan:
-    """Which (query run, K/V run) pairs compute, from the global layout.
-
-    ``run_tiles[m, n]``: active tiles (summed over heads) of query run ``m`` against key run
-    ``n`` (global run indices, :meth:`Sharding.run_index`); zero means the pair is skipped.
-    ``tiles[r, c]`` sums them per (query rank, K/V rank): zero means rank ``c`` never sends its
-    shard to rank ``r``. ``kv_sharding`` cuts the keys when their length differs from the
-    queries' (cross-attention, simulated ring only); by default the keys follow ``sharding``.
+    """Which (query run, K/V run) pairs compute: ``run_tiles[m, n]``, active tiles (all heads)
+    of query run ``m`` against key run ``n`` (global run indices), zero for a skipped pair;
+    ``tiles[r, c]`` sums them per (query rank, K/V rank). ``kv_sharding`` cuts the keys when their
+    length differs (cross-attention, simulated ring only); by default they follow ``sharding``.
     """
 
     sharding: Sharding
@@ -213,9 +208,7 @@ class DistributedPlan:
 
 def run_tile_rows(run_layouts: Sequence[BlockLayout], sharding: Sharding) -> Tensor:
     """Rows of :attr:`DistributedPlan.run_tiles` (int64 ``[len(run_layouts), runs]``, on the
-    layouts' device) from the layouts of some query runs against every key block (each summed
-    over heads and rows a bounded number of rows at a time, :func:`key_block_counts`; then the
-    key blocks are folded into runs)."""
+    layouts' device) from the layouts of some query runs against every key block."""
     if not run_layouts:
         raise ValueError("need at least one query run's layout")
     dev = run_layouts[0].active.device

@@ -31,40 +31,12 @@ from .registry import (
 from .sdpa import NO_LSE, dense_sdpa, sdpa_attention, sdpa_form, sdpa_serves
 from .triton_sparse import triton_attention
 
-__all__ = [
-    "AttentionDropout",
-    "Backend",
-    "BackendUnsupported",
-    "Capabilities",
-    "Choice",
-    "MaskFn",
-    "NO_LSE",
-    "Problem",
-    "Request",
-    "Runner",
-    "accumulation_dtype",
-    "backend_names",
-    "blockwise_attention",
-    "check_backend",
-    "choose",
-    "dense_sdpa",
-    "describe_backends",
-    "empty_partial",
-    "flex_attention",
-    "flex_available",
-    "get_backend",
-    "merge_into_",
-    "merge_partials",
-    "reference_attention",
-    "register",
-    "registry",
-    "registered",
-    "run_backend",
-    "sdpa_attention",
-    "sdpa_form",
-    "sdpa_serves",
-    "triton_attention",
-]
+__all__ = ["AttentionDropout", "Backend", "BackendUnsupported", "Capabilities", "Choice", "MaskFn",
+           "NO_LSE", "Problem", "Request", "Runner", "accumulation_dtype", "backend_names",
+           "blockwise_attention", "check_backend", "choose", "dense_sdpa", "describe_backends",
+           "empty_partial", "flex_attention", "flex_available", "get_backend", "merge_into_",
+           "merge_partials", "reference_attention", "register", "registry", "registered",
+           "run_backend", "sdpa_attention", "sdpa_form", "sdpa_serves", "triton_attention"]
 
 for _module in (sdpa, gather, triton_sparse, flex, blockwise, reference):
     register(_module.BACKEND)

@@ -2,14 +2,11 @@
 
 The layout's tiles are listed once (kept with the layout, with the token masks of the tiles
 that need one, up to :data:`MASK_BUDGET` bytes) and processed in chunks: batched matmuls give a
-chunk's scores, and each query row's running maximum, denominator and weighted sum are updated
-by scatter and index-add, FlashAttention's recurrence over a list of tiles. Memory is
-proportional to a chunk, never ``S x S``. The backward recomputes each chunk from the saved
-log-sum-exp and also takes the gradient that reaches the log-sum-exp.
-A ``problem.score_mod`` is applied to each chunk's scaled scores before the mask, at the tiles'
-absolute positions (padding calls it at the last real position); the backward evaluates it again
-under autograd, chunk by chunk, for the gradient of the scores and of the tensors it reads
-(:func:`workbench.score_mods.reads`, inputs of the autograd function).
+chunk's scores, and scatter and index-add update each query row's running maximum, denominator
+and weighted sum (FlashAttention's recurrence over a list of tiles). Memory is proportional to a
+chunk, never ``S x S``. The backward recomputes each chunk from the saved log-sum-exp. A
+``problem.score_mod`` applies to each chunk's scaled scores before the mask, at absolute
+positions (padding at the last real one); the backward re-evaluates it under autograd.
 """
 
 from __future__ import annotations
@@ -177,11 +174,9 @@ def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
 class _Values:
     """The value blocks a chunk's probabilities multiply, exact for non-finite values.
 
-    A matmul multiplies a disallowed pair's zero probability by its key's value, and
-    ``0 * nan`` is NaN: a NaN or infinite value would reach query rows of its tile that may not
-    see it. When ``v`` holds such values (checked once per call), their finite part goes through
-    the matmul and the rest is added pair by pair over the allowed pairs of the tiles whose key
-    block holds one, so a non-finite value reaches exactly the rows allowed to see it.
+    ``0 * nan`` is NaN, so a matmul would carry a non-finite value to rows of its tile that may
+    not see it: when ``v`` holds one, its finite part goes through the matmul and the rest is
+    added pair by pair over the allowed pairs of the tiles whose key block holds one.
     """
 
     def __init__(self, vb: Tensor) -> None:

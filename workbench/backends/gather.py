@@ -317,6 +317,9 @@ def _overlap(branches: list[_Branch]) -> bool:
 
 
 class _Fused(NamedTuple):
+    """What :class:`_DilationOrdered` runs: the branches, their options, the kernel, and where
+    the strided pieces are kept across calls."""
+
     branches: list[_Branch]
     causal: bool
     scale: float
@@ -375,12 +378,13 @@ class _DilationOrdered(torch.autograd.Function):
                 parts.append(_lse_grads(spec, pc.gather(dlse[:, sl]), qg, kg, vg, og, mg, state))
             for part in parts:
                 for g, d in zip(grads, part):
-                    pc.put(g[:, sl], d, add=True)
+                    if d is not None:
+                        pc.put(g[:, sl], d, add=True)
         return (*(g.to(q.dtype) for g in grads), None)
 
 
 def _lse_grads(spec: _Fused, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-               lse: Tensor, state: object) -> tuple[Tensor, Tensor, Tensor]:
+               lse: Tensor, state: object) -> tuple[Tensor, Tensor, None]:
     """The gradients a log-sum-exp gradient ``dlse`` sends into one piece's q and k:
     ``scale * dlse * (P k)`` for q (the kernel's forward with k as the values, reweighted from
     its own log-sum-exp to ``lse``) and ``scale * P^T (dlse * q)`` for k (the backward's value
@@ -390,7 +394,7 @@ def _lse_grads(spec: _Fused, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     dq = pk * weight
     upstream = (dlse.unsqueeze(-1) * q).to(q.dtype)
     *_, pq = spec.kernel.backward(upstream, q, k, v, out, lse, state, spec.causal, spec.scale)
-    return dq, pq * spec.scale, torch.zeros_like(v)
+    return dq, pq * spec.scale, None
 
 
 def _merged_generic(q: Tensor, k: Tensor, v: Tensor, branches: list[_Branch], causal: bool,
@@ -453,6 +457,8 @@ def prepare_dilated(
         spec = _Fused(branches, causal, scale, kernel, kept)
 
         def fused(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+            # the kernels read rows of D contiguous elements through the strided views
+            q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
             out, lse = _DilationOrdered.apply(q, k, v, spec)
             return out, lse if need_lse else None
 

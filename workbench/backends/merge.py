@@ -79,10 +79,8 @@ _MERGE_CHUNK = 1 << 24  # elements of an output merged at a time by merge_into_
 def merge_into_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     """In place: ``(acc_out, acc_lse)`` becomes the merge of itself and ``(out, lse)``.
 
-    The arithmetic is :func:`merge_partials`' (float32, or float64), done a slice of the sequence
-    at a time, so the temporaries stay small however long the sequence; ``acc_out`` keeps its
-    dtype (each merge rounds to it once). No autograd: for forward passes that manage their own
-    backward (the distributed ring).
+    :func:`merge_partials`' arithmetic, a slice of the sequence at a time (small temporaries);
+    ``acc_out`` keeps its dtype. No autograd: for forward passes with their own backward.
     """
     rows = max(1, _MERGE_CHUNK // max(1, acc_out[..., 0, :].numel()))
     for start in range(0, acc_out.shape[-2], rows):

@@ -28,28 +28,15 @@ class Problem:
     pairs inside partial tiles. Positions are absolute: local query ``i`` is position
     ``q_offset + i`` (a ring schedule works on slices of a longer sequence).
 
-    ``block_order`` is the order in which a backend visits the active tiles: ``None`` (natural:
-    by head, query block, key block) or a curve name (``"hilbert"``, ``"morton"``; see
-    :func:`workbench.orderings.block_visit_order`). It never changes which pairs are computed,
-    only the floating-point summation order. The ``blockwise`` backend follows it; ``flex`` sorts
-    each query block's key blocks along it (its kernel fixes the order of query blocks);
-    ``reference`` has no tiles.
-
-    ``dropout`` drops attention probabilities (training), decided by a hash of (batch and head,
-    query position, key position) so every tile and the backward pass regenerate the same
-    decisions (:class:`~workbench.backends.dropout.AttentionDropout`); ``blockwise`` and
-    ``reference`` apply it, ``flex`` cannot.
-
-    ``dense_form`` is ``"full"`` or ``"causal"`` when the allowed pairs are exactly those of
-    dense or causal attention (``allowed`` says the same; see
-    :meth:`workbench.patterns.Pattern.dense_form`), which lets ``auto`` run the problem on
-    PyTorch's own kernels (:mod:`~workbench.backends.sdpa`); ``None`` claims nothing.
-    ``pattern`` is the pattern itself where one is known (the ``gather`` backend reads LongNet's
-    segments from it).
-
-    ``score_mod(score, b, h, q, k)`` (:mod:`workbench.score_mods`), when given, changes each
-    scaled score of a computed pair before the mask and the softmax; ``q`` and ``k`` are absolute
-    positions as above. ``blockwise``, ``flex`` and ``reference`` apply it.
+    ``block_order``: the order in which a backend visits the active tiles, ``None`` (natural) or
+    a curve name (:func:`workbench.orderings.block_visit_order`); it changes only the summation
+    order. ``dropout``: :class:`~workbench.backends.dropout.AttentionDropout`, a hash of (batch
+    and head, query, key) every tile regenerates. ``dense_form``: ``"full"`` or ``"causal"`` when
+    the allowed pairs are exactly dense or causal attention's (:meth:`Pattern.dense_form
+    <workbench.patterns.Pattern.dense_form>`), which lets ``auto`` run PyTorch's own kernels;
+    ``None`` claims nothing. ``pattern``: the pattern where one is known (``gather`` reads
+    LongNet's segments from it). ``score_mod(score, b, h, q, k)``: changes each scaled score of
+    a computed pair before the mask and softmax, at absolute positions.
     """
 
     layout: BlockLayout
@@ -78,11 +65,8 @@ class Problem:
         return m.expand(lay.num_heads, lay.q_len, lay.k_len)
 
     def slice(self, q_blocks: tuple[int, int], k_blocks: tuple[int, int]) -> Problem:
-        """The sub-problem of query blocks ``[q0, q1)`` against key blocks ``[k0, k1)``.
-
-        The same slice of the same layout is the same layout object at every call (a ring
-        slices its problem every call), so what a backend derives from it (a ``BlockMask``, a
-        kernel plan) is built once and lives as long as the whole layout."""
+        """The sub-problem of query blocks ``[q0, q1)`` against key blocks ``[k0, k1)``; the same
+        slice is the same layout object at every call, so what backends derive from it is kept."""
         b = self.layout.block_size
         bounds = (tuple(q_blocks), tuple(k_blocks))
         return replace(

@@ -1,13 +1,9 @@
 """The backends as a registry: each declares what it can compute, and ``auto`` picks from that.
 
 A :class:`Backend` is a name, a ``run`` function over a :class:`~.problem.Problem`, a
-:class:`Capabilities` record and two optional rules: ``refuses`` (why it cannot take a request
-its capabilities do not describe, e.g. a head size) and ``prefers`` (why ``auto`` should pick it).
-:meth:`Backend.runner` prepares a call once (its mask, plan and launch options) and returns a
-:data:`Runner` that a caller keeps for the calls that repeat it.
-``auto`` walks the registry in registration order and takes the first backend that can run the
-request and prefers it. Adding a backend is one module defining a ``Backend`` plus one
-:func:`register` call in :mod:`workbench.backends`.
+:class:`Capabilities` record and two optional rules, ``refuses`` and ``prefers``. ``auto`` takes
+the first registered backend that can run the request and prefers it. Adding a backend is one
+module defining a ``Backend`` plus one :func:`register` call in :mod:`workbench.backends`.
 """
 
 from __future__ import annotations
@@ -132,11 +128,10 @@ class Backend:
 
     ``run(q, k, v, problem, need_lse) -> (out, lse or None)``; ``refuses(request)``: why it
     cannot run a request its capabilities cover, or None; ``prefers(request)``: why ``auto``
-    should pick it for a request it can run, or None (``prefers=None``: never picked by
-    ``auto``). ``prepare(q, k, v, problem, need_lse)``, where given, does once what ``run``
-    does before its kernel and returns the :data:`Runner` (``run`` is then that runner's first
-    call). ``prepare_pattern(q, k, v, pattern, scale, need_lse, block_size)``, where given,
-    prepares a whole self-contained call straight from the pattern, with no block layout."""
+    should pick it, or None (``prefers=None``: never picked by ``auto``). ``prepare(q, k, v,
+    problem, need_lse)`` does once what ``run`` does before its kernel and returns the
+    :data:`Runner`; ``prepare_pattern(q, k, v, pattern, scale, need_lse, block_size)`` prepares a
+    call straight from the pattern, with no block layout (both optional)."""
 
     name: str
     run: Run
@@ -204,11 +199,8 @@ def get_backend(name: str) -> Backend:
 
 
 def choose(name: str, req: Request) -> Choice:
-    """The backend ``name`` means for ``req``, and why.
-
-    ``auto``: the first registered backend that can run ``req`` and prefers it. A named backend
-    that cannot run ``req`` raises :class:`BackendUnsupported` naming the backends that can.
-    """
+    """The backend ``name`` means for ``req``, and why; a named backend that cannot run ``req``
+    raises :class:`BackendUnsupported` naming the backends that can."""
     if name != "auto":
         backend = get_backend(name)
         reason = backend.refusal(req)

@@ -1,10 +1,8 @@
 """Dense and causal attention on PyTorch's own ``scaled_dot_product_attention``.
 
 A problem whose pattern allows every pair, or exactly the causal pairs, is what PyTorch's fused
-kernels (cuDNN, FlashAttention, memory-efficient; a fused kernel on the CPU) are built for: no
-block-sparse kernel beats them there, and they keep no layout-sized state. ``auto`` hands such
-problems to them whenever neither the log-sum-exp nor our attention dropout is asked for (a ring
-step needs the log-sum-exp to merge, so rings keep the block-sparse backends).
+kernels are built for; ``auto`` hands such problems to them whenever neither the log-sum-exp nor
+our attention dropout is asked for.
 """
 
 from __future__ import annotations
@@ -29,12 +27,9 @@ def sdpa_serves(form: str | None, *, q_len: int, k_len: int, dropout: bool,
     ``scaled_dot_product_attention`` computes it exactly for ``q_len`` queries over ``k_len``
     keys, else ``None``.
 
-    Its causal masks are aligned at the top left (``is_causal``: local query ``i`` sees local
-    keys ``j <= i``) or at the bottom right (``causal_lower_right``: the queries are the last
-    ``q_len`` positions of the keys, as in decoding with a KV cache), so a causal problem needs
-    its query window to start with the key window or to end with it. No keys at all, or
-    attention ``dropout`` (ours is a hash of positions, not SDPA's random stream), answer
-    ``None``."""
+    Its causal masks align at the top left (``is_causal``) or the bottom right
+    (``causal_lower_right``), so a causal problem's query window must start or end with the key
+    window. No keys, or attention ``dropout`` (ours is a hash), answer ``None``."""
     aligned = q_offset - k_offset in (0, k_len - q_len)
     if dropout or k_len == 0 or (form == "causal" and not aligned):
         return None

@@ -11,16 +11,11 @@ whose attention goes through that interface runs on :func:`~workbench.block_spar
     hf.use_pattern(model, wb.patterns.local_window(256, causal=True), block_size=64)
     hf.use_pattern(model, {0: P.full(), 5: P.dilated([512, 1024], [1, 2], 8)})  # per layer
 
-Notation: ``B`` batch, ``H`` query heads, ``H_kv`` key/value heads, ``Sq`` queries, ``Sk`` keys.
-transformers hands the function ``query [B, H, Sq, D]``, ``key, value [B, H_kv, Sk, D]`` (after
-its KV cache) and a mask; it returns ``[B, Sq, H, D]``, as transformers' ``sdpa`` does.
-
 A layer computes the pairs its pattern *and* the model's mask allow. The mask must be what
-transformers builds for self-attention: causal (query offset read from the mask) or
-bidirectional, with per-batch key padding; any other mask raises a ``ValueError`` (express it
-as the pattern). Positions index the keys as the cache holds them. NOTE: a query that may see no
-key outputs zeros, as with transformers' boolean ``sdpa`` masks (its float masks give the mean
-of all values there).
+transformers builds for self-attention: causal or bidirectional, with per-batch key padding; any
+other mask raises a ``ValueError`` (express it as the pattern). Positions index the keys as the
+cache holds them. NOTE: a query that may see no key outputs zeros, as with transformers' boolean
+``sdpa`` masks.
 """
 
 from __future__ import annotations

@@ -503,8 +503,8 @@ def _bench_longest(args: argparse.Namespace) -> int:
     from .bench import longest_sequence
 
     longest_sequence(args.families, start=args.start, limit=args.limit, device=args.device,
-                     backward=args.backward,
-                     study=args.study, max_seconds=args.max_seconds, memory_gib=args.memory_gib)
+                     backward=args.backward, study=args.study, max_seconds=args.max_seconds,
+                     memory_gib=args.memory_gib)
     return 0
 
 
@@ -589,7 +589,6 @@ def _ring_plan(a: argparse.Namespace) -> int:
                            a.head_dim, a.dtype, a.block_size, a.reps, a.device, a.passes)
     _print_rows(rows)
     return 0
-
 
 
 # ------------------------------------------------------------------------ the parser

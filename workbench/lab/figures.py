@@ -2,9 +2,7 @@
 
 A notebook declares, in its metadata under ``"workbench"``, the files it writes under
 ``figures/`` (``"figures"``) and ``data/`` (``"data"``) and named parameter sets
-(``"profiles"``). :func:`run_notebooks` executes notebooks into ``build/notebooks/`` with their
-default parameters, a profile or overrides, then checks that every declared figure was written.
-Every folder is the project's (:mod:`workbench.project`).
+(``"profiles"``); :func:`run_notebooks` runs them and checks every declared figure was written.
 """
 
 from __future__ import annotations
@@ -75,31 +73,20 @@ def _parameters(spec: NotebookSpec, profile: str | None, overrides: dict[str, An
     params: dict[str, Any] = {}
     if profile and profile != "default":
         if profile not in spec.profiles:
-            raise SystemExit(
-                f"{spec.name} has no profile {profile!r}; it has: "
-                f"{', '.join(['default', *spec.profiles]) or 'default'}"
-            )
+            raise SystemExit(f"{spec.name} has no profile {profile!r}; it has: "
+                             f"{', '.join(['default', *spec.profiles])}")
         params.update(spec.profiles[profile])
     params.update(overrides)
     return params
 
 
-def run_notebooks(
-    specs: list[NotebookSpec],
-    *,
-    profile: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    progress: bool = True,
-    save_outputs: bool = False,
-    root: Path | None = None,
-) -> list[str]:
-    """Execute ``specs`` with papermill; returns the declared figures that were not written.
-
-    The kernels run in the notebooks' folder with ``$WORKBENCH_ROOT`` set to the project, so
-    what they save lands in the same project. With ``save_outputs`` (default parameters only)
-    the executed notebooks replace the ones in ``notebooks/``, so the committed notebooks carry
-    the outputs nbval checks.
-    """
+def run_notebooks(specs: list[NotebookSpec], *, profile: str | None = None,
+                  overrides: dict[str, Any] | None = None, progress: bool = True,
+                  save_outputs: bool = False, root: Path | None = None) -> list[str]:
+    """Execute ``specs`` with papermill into ``build/notebooks/`` (kernels in the notebooks'
+    folder, ``$WORKBENCH_ROOT`` set to the project); returns the declared figures that were not
+    written. ``save_outputs`` (default parameters only): the executed notebooks replace those in
+    ``notebooks/``."""
     if save_outputs and (overrides or (profile and profile != "default")):
         raise SystemExit("--save-outputs records the default parameters' outputs only; "
                          "drop --profile/-p")
@@ -114,14 +101,10 @@ def run_notebooks(
     with _environ(ROOT_ENV, str(root)):
         for spec in bar:
             bar.set_postfix_str(spec.name)
-            pm.execute_notebook(
-                str(spec.path),
-                str(build / spec.path.name),
-                parameters=_parameters(spec, profile, overrides or {}),
-                cwd=str(spec.path.parent),
-                kernel_name="python3",
-                progress_bar=False,
-            )
+            pm.execute_notebook(str(spec.path), str(build / spec.path.name),
+                                parameters=_parameters(spec, profile, overrides or {}),
+                                cwd=str(spec.path.parent), kernel_name="python3",
+                                progress_bar=False)
             if save_outputs:
                 shutil.copyfile(build / spec.path.name, spec.path)
     return check_figures(specs, since=start, root=root)

@@ -1,22 +1,12 @@
 """Per-call overhead: the wall time of each public entry point against the kernel it launches.
 
-Every entry point is called again and again with the same inputs, as a model's layers call
-them, so each call after the first repeats the last one. Against it runs the kernel alone on the
-same block structure: FlexAttention (compiled) on the very ``BlockMask`` the call uses on CUDA,
-the ``blockwise`` kernel function on the CPU, the ``gather`` backend's prepared function for
-LongNet, each wrapped in the same projections for the multi-head module. Calls alternate
-between the two; each is timed from a synchronized device to its return (``*_host_us``, and
-the calling thread's CPU time ``*_cpu_us``, which other processes inflate less) and to the
-device's end (``*_us``); the medians are kept, and ``overhead_us`` and ``cpu_overhead_us`` are
-ours minus the kernel's. Rows go to ``data/overhead_<study>.csv`` with the device, versions,
-date and commit (:mod:`.records`).
-
-Entry points (:data:`ENTRY_POINTS`): ``function`` (:func:`~workbench.block_sparse_attention`
-with ``plan=``), ``module`` (:class:`~workbench.BlockSparseAttention`), ``multihead``
-(:class:`~workbench.BlockSparseMultiheadAttention`, self-attention), ``dilated_head_groups`` and
-``dilated_paper`` (:class:`~workbench.DilatedAttention`) and ``dilated_function``
-(:func:`~workbench.dilated_attention`, which keeps nothing between calls). The block-sparse ones
-run the ``random10`` family, the dilated ones the ``dilated`` family's LongNet pairs.
+Each entry point (:data:`ENTRY_POINTS`) is called repeatedly with the same inputs, as a model's
+layers call it, alternating with the kernel alone on the same block structure (FlexAttention on
+the call's ``BlockMask`` on CUDA, the ``blockwise`` kernel on the CPU, the ``gather`` backend's
+prepared function for LongNet; the multi-head module's projections around it). Each call is
+timed to its return (``*_host_us``; the thread's CPU time ``*_cpu_us``) and to the device's end
+(``*_us``); medians are kept, ``overhead_us`` and ``cpu_overhead_us`` are ours minus the
+kernel's. The block-sparse entry points run ``random10``, the dilated ones ``dilated``.
 """
 
 from __future__ import annotations

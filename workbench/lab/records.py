@@ -1,11 +1,5 @@
-"""Recorded results: tidy CSV files in the project's ``data/`` that carry where and when they
-were made.
-
-Every row written by :func:`write_csv` gets the columns ``device``, ``torch``, ``date`` (UTC,
-ISO day) and ``commit`` (the code that ran) unless it already has them, so a number can always
-be traced to its run.
-The folder is :func:`workbench.project.data_dir`: the project's ``data/``, or
-``$WORKBENCH_DATA_DIR`` (the tests use a temporary one).
+"""Recorded results: tidy CSV files in the project's ``data/`` (or ``$WORKBENCH_DATA_DIR``)
+whose every row carries ``device``, ``torch``, ``date`` (UTC) and ``commit`` (the code that ran).
 """
 
 from __future__ import annotations
@@ -27,10 +21,8 @@ __all__ = ["code_commit", "data_dir", "environment", "read_csv", "write_csv"]
 
 
 def code_commit() -> str:
-    """The commit of the code that runs: ``$WORKBENCH_COMMIT`` when set (a copy of the working
-    tree without its git folder), else git's short hash of the checkout the package is imported
-    from, with ``+changes`` when the package differs from it; ``""`` when neither is known (an
-    installed wheel)."""
+    """The commit of the code that runs: ``$WORKBENCH_COMMIT`` when set, else git's short hash of
+    the checkout imported from (``+changes`` when the package differs), else ``""``."""
     return os.environ.get("WORKBENCH_COMMIT") or _git_commit()
 
 
@@ -59,12 +51,8 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
         name = torch.cuda.get_device_name(dev)
     else:
         name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    env = {
-        "device": name,
-        "torch": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).date().isoformat(),
-        "commit": code_commit(),
-    }
+    env = {"device": name, "torch": torch.__version__,
+           "date": _dt.datetime.now(_dt.timezone.utc).date().isoformat(), "commit": code_commit()}
     if dev.type == "cuda":
         try:
             import triton
@@ -77,9 +65,8 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
 
 def write_csv(rows: Iterable[Mapping[str, object]], name: str,
               device: torch.device | str = "cpu") -> Path:
-    """Write ``rows`` to ``data/<name>.csv`` with run metadata. The columns are every key of
-    every row, in order of first appearance (a failed case may have fewer keys than the rest:
-    its missing cells stay empty)."""
+    """Write ``rows`` to ``data/<name>.csv`` with run metadata; the columns are every row's keys,
+    in order of first appearance (missing cells stay empty)."""
     if not name or "/" in name or name.endswith(".csv"):
         raise ValueError(f"data name must be a bare stable name like '01_density', got {name!r}")
     rows = [dict(r) for r in rows]

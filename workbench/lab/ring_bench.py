@@ -1,9 +1,8 @@
 """The distributed ring from the command line: a demo, a benchmark, and a one-device plan.
 
-:func:`ring_demo` (under ``torchrun``) checks every rank's output and gradients against one
-process; :func:`ring_bench` times the ring, each rank generating only its own shard, and rank 0
-writes one row per (rank, case) to ``data/ring_<study>.csv``; :func:`ring_plan_study` runs each
-(rank, step) of a ring on one device, as that rank would, to plan a multi-GPU run.
+:func:`ring_demo` (under ``torchrun``) checks every rank against one process, :func:`ring_bench`
+times the ring (rank 0 writes ``data/ring_<study>.csv``), :func:`ring_plan_study` runs each
+(rank, step) of a ring on one device to plan a multi-GPU run.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
 """What a launch configuration of our Triton kernels costs on a GPU, read from an offline
-compile: shared memory per program, registers per thread and bytes spilled to local memory.
-
-Triton compiles for a named target without a GPU (its wheel ships NVIDIA's assembler and
-``cuobjdump``), so a configuration is checked on any machine before it is launched: a program
-asking for more shared memory than the GPU has fails at launch. The numbers are those of the
-Triton installed here.
+compile (no GPU needed): shared memory per program, registers and spilled bytes per thread.
 """
 
 from __future__ import annotations
@@ -53,23 +48,17 @@ def _signature(fn, name: str, dtype: str, cfg: KernelConfig, head_dim: int,
     :mod:`~workbench.backends.triton_sparse` launches it."""
     rows = {"Q": cfg.block_m, "DO": cfg.block_m, "OUT": cfg.block_m,
             "K": cfg.block_n, "V": cfg.block_n}
-    sig = {}
-    for arg in fn.arg_names:
+    def kind(arg: str) -> str:
         if arg in constants:
-            sig[arg] = "constexpr"
-        elif arg in _STATS:
-            sig[arg] = "*fp32"
-        elif arg in _LISTS:
-            sig[arg] = "*i32"
-        elif arg in _POINTERS[name] and cfg.use_tma and arg in rows:
-            sig[arg] = f"tensordesc<{dtype}[1,1,{rows[arg]},{head_dim}]>"
-        elif arg in _POINTERS[name]:
-            sig[arg] = f"*{dtype}"
-        elif arg in _FLOATS:
-            sig[arg] = "fp32"
-        else:
-            sig[arg] = "i32"
-    return sig
+            return "constexpr"
+        if arg in _STATS or arg in _LISTS:
+            return "*fp32" if arg in _STATS else "*i32"
+        if arg in _POINTERS[name]:
+            return (f"tensordesc<{dtype}[1,1,{rows[arg]},{head_dim}]>"
+                    if cfg.use_tma and arg in rows else f"*{dtype}")
+        return "fp32" if arg in _FLOATS else "i32"
+
+    return {arg: kind(arg) for arg in fn.arg_names}
 
 
 def _aligned(fn, sig: dict[str, str], odd: tuple[str, ...]) -> dict[tuple[int], list]:

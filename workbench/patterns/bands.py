@@ -2,11 +2,9 @@
 prefix LM.
 
 A :class:`Band` allows the pairs whose offset ``k - q`` lies in a range and is a multiple of a
-stride: full and causal attention, local and dilated windows and Sparse Transformer's strides
-are all bands. Its layout is Toeplitz (:mod:`~workbench.patterns.offsets`) and its pair count a
-sum over the offsets. Token arguments are bounded by :data:`~workbench.layout.MAX_POSITION`
-(kernels evaluate positions in int32); a window or a number of global tokens beyond it covers
-every sequence and is taken as unbounded.
+stride (full, causal, local and dilated windows, Sparse Transformer's strides); its layout is
+Toeplitz. A window or a number of global tokens beyond :data:`~workbench.layout.MAX_POSITION`
+covers every sequence and is taken as unbounded.
 """
 
 from __future__ import annotations

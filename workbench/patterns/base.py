@@ -206,15 +206,9 @@ class Pattern:
         return m.expand(self.num_heads, seq_len, seq_len)
 
     # ----------------------------------------------------------------- block level
-    def block_structure(
-        self,
-        seq_len: int,
-        block_size: int,
-        device: torch.device | str = "cpu",
-        *,
-        k_len: int | None = None,
-        rows: tuple[int, int] | None = None,
-    ) -> BlockLayout:
+    def block_structure(self, seq_len: int, block_size: int, device: torch.device | str = "cpu", *,
+                        k_len: int | None = None,
+                        rows: tuple[int, int] | None = None) -> BlockLayout:
         """Exact :class:`BlockLayout` (active and full tiles) at ``block_size``.
 
         ``k_len`` defaults to ``seq_len``. ``rows = (first, end)`` builds only those query
@@ -344,14 +338,8 @@ def evaluate_tiles(
     return torch.cat(counts)[inverse], torch.cat(anys)[inverse], torch.cat(alls)[inverse]
 
 
-def refine_tiles(
-    pattern: Pattern,
-    undecided: Tensor,
-    q_len: int,
-    k_len: int,
-    block_size: int,
-    first_row: int = 0,
-) -> tuple[Tensor, Tensor]:
+def refine_tiles(pattern: Pattern, undecided: Tensor, q_len: int, k_len: int, block_size: int,
+                 first_row: int = 0) -> tuple[Tensor, Tensor]:
     """Token-level (any, all) of ``pattern`` on the tiles flagged by bool ``undecided [H, r,
     nk]`` (query blocks ``first_row ...``), False elsewhere: for a :meth:`Pattern.tiles` rule
     that decides some tiles itself and leaves the rest to the tokens."""

@@ -33,11 +33,9 @@ class Documents(Pattern):
     """Packed documents: query ``i`` attends key ``j`` iff both lie in the same document (and
     ``j <= i`` with ``causal=True``).
 
-    Positions at or past ``total = sum(lengths)`` belong to no document: they attend nothing
-    and nothing attends them (padding: their output rows are zeros, their ``lse`` is
-    ``-inf``), so the pattern is defined at every length. Head-independent. Its layout is
-    decided per tile from the documents of the tile's first and last positions, and its pair
-    count is closed-form: neither evaluates tokens.
+    Positions at or past ``sum(lengths)`` belong to no document: they attend nothing and nothing
+    attends them (zero output, ``lse = -inf``). Head-independent; layout and pair count are
+    closed-form.
 
     Args:
         lengths: the documents' lengths in tokens, positive ints in packing order.

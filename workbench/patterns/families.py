@@ -1,9 +1,8 @@
 """Pattern families: the one registry of named patterns.
 
 A :class:`Family` is a builder, the builder arguments it exposes and its arguments at a
-sequence length. Tests, benchmarks (``python -m workbench bench --families NAME``), the pattern
-explorer and the figures' palette all read :data:`FAMILIES`, so a family registered with
-:func:`register_family` is tested, benchmarked and drawn without further changes.
+sequence length. Tests, benchmarks, the pattern explorer and the figures all read
+:data:`FAMILIES`: a family added with :func:`register_family` needs no other change.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Patterns seen in another token order: a permuted pattern, and grid neighbourhoods.
 
-:class:`Permuted` is any pattern with its tokens reordered (for inspection at small lengths:
-every tile is evaluated; built by :func:`workbench.orderings.permuted`).
-:func:`grid_neighborhood` is neighbourhood attention on a 2-D/3-D grid whose cells are laid out
-along a curve (:mod:`workbench.curves`), with NATTEN's dilation and border rules; its layout is
-exact from per-block bounding boxes.
+:class:`Permuted` is any pattern with its tokens reordered (every tile evaluated: small lengths);
+:func:`grid_neighborhood` is NATTEN-style neighbourhood attention on a grid laid out along a
+curve, its layout exact from per-block bounding boxes.
 """
 
 from __future__ import annotations
@@ -193,9 +191,7 @@ def grid_neighborhood(
             shifted inwards: every query sees exactly ``prod(2 * radius + 1)`` keys).
 
     Returns:
-        a :class:`GridNeighborhood` (its exact semantics there). Its block layout is exact and
-        costs time proportional to the tiles whose blocks' bounding boxes reach each other's
-        windows, never ``S^2``.
+        a :class:`GridNeighborhood` (its exact semantics there).
 
     Raises:
         ValueError: an unknown ``order`` or ``border``, a bad shape, radius or dilation, or with

@@ -1,11 +1,8 @@
 """LongNet dilated attention patterns: segments, dilations and the head offset rule.
 
-Head ``h`` splits the sequence into segments of ``w_h`` tokens and keeps, inside each, the
-positions at offset ``s_h, s_h + r_h, ...`` from the segment start; a query and a key attend when
-both are kept and share a segment. :func:`dilated` assigns (segment, dilation) pairs to head
-groups (LongNet's head-group mode), :func:`dilated_branch` puts one pair on every head (a branch
-of the paper's mode). The layout is analytic: per block, the range of segments it keeps a
-position of, so it costs O(H * nq * nk) and never ``S x S``.
+:func:`dilated` assigns (segment, dilation) pairs to head groups (LongNet's head-group mode),
+:func:`dilated_branch` puts one pair on every head (a branch of the paper's mode). The layout is
+analytic (per block, the range of segments it keeps a position of): O(H * nq * nk), never S x S.
 """
 
 from __future__ import annotations
@@ -194,12 +191,8 @@ def head_groups(num_heads: int, num_groups: int) -> list[int]:
     return [g for g, n in enumerate(sizes) for _ in range(n)]
 
 
-def dilated(
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    num_heads: int,
-    causal: bool = False,
-) -> Pattern:
+def dilated(segment_lengths: Sequence[int], dilation_rates: Sequence[int], num_heads: int,
+            causal: bool = False) -> Pattern:
     """LongNet dilated attention in head-group mode: one (segment, dilation) pair per head group.
 
     Heads are split into ``len(segment_lengths)`` contiguous groups as evenly as possible (the
@@ -224,10 +217,7 @@ def dilated(
 
 def dilated_branch(segment_length: int, dilation_rate: int, num_heads: int) -> Pattern:
     """One LongNet (segment, dilation) branch on every head; head ``j`` takes offset ``j mod r``.
-
-    The paper's attention is the log-sum-exp merge of these branches (see
-    :func:`workbench.dilated_attention` with ``mode="paper"``).
-    """
+    The paper's attention merges these branches (:func:`workbench.dilated_attention`)."""
     check_dilation_pairs([segment_length], [dilation_rate])
     check_int("num_heads", num_heads, 1)
     r = dilation_rate

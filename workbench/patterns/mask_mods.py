@@ -17,11 +17,8 @@ from .base import FlexMaskMod, Pattern, check_positive_int
 class MaskModPattern(Pattern):
     """The pairs a FlexAttention ``mask_mod`` allows, asked with batch index 0.
 
-    ``allowed(h, q, k)`` is ``fn(0, h, q, k)`` (``b`` a zero tensor of ``h``'s shape): only
-    real positions are asked about, so ``fn`` may index tensors of the sequence's length
-    (document ids). It has no tile rule, so its exact layout evaluates every tile token by
-    token: ``O(tiles x block_size**2)`` predicate evaluations, a bounded number of pairs per
-    call, memory proportional to the block grid. Equal only to itself (``fn`` may read
+    ``allowed(h, q, k)`` is ``fn(0, h, q, k)``, asked only about real positions. No tile rule:
+    its exact layout evaluates every tile token by token. Equal only to itself (``fn`` may read
     tensors that change).
     """
 
@@ -64,9 +61,8 @@ def from_mask_mod(fn: FlexMaskMod, num_heads: int = 1, name: str | None = None) 
         name: what the pattern's repr calls ``fn`` (default: its ``__name__``).
 
     Returns:
-        A :class:`MaskModPattern`: it runs on every backend and composes with ``|`` and ``&``.
-        Its layout costs ``O(tiles x block_size**2)`` predicate evaluations, in chunks of
-        bounded size; a built-in pattern, where one fits, has a closed-form layout.
+        A :class:`MaskModPattern`: it runs on every backend and composes with ``|`` and ``&``;
+        its layout costs ``O(tiles x block_size**2)`` predicate evaluations.
 
     Raises:
         TypeError: ``fn`` is not callable with four arguments, or ``name`` is not a string.

@@ -99,10 +99,8 @@ class BlockSelection(Pattern):
     """Pattern of selected tiles: ``allowed(h, q, k) = selected[h, q // b, k // b]``.
 
     ``selected`` is bool ``[H, nq, nk]`` at block size ``b`` for a ``q_len x k_len`` problem
-    (``H`` may be ``B * heads`` with the batch folded in). The block layout is exact at any
-    kernel block size (cells are reduced over each kernel tile, as
-    :class:`~workbench.patterns.random_tiles.RandomBlocks` does); it is defined only for the
-    lengths the selection was made for.
+    (``H`` may be ``B * heads``, the batch folded in); its layout is exact at any kernel block
+    size, for the lengths the selection was made for.
     """
 
     def __init__(self, selected: torch.Tensor, block_size: int, q_len: int, k_len: int) -> None:

@@ -19,25 +19,8 @@ from .heatmaps import (
 from .ring import plot_distributed_layout, plot_ring_schedule, plot_ring_step
 from .save import figures_dir, save_figure
 
-__all__ = [
-    "block_legend",
-    "curve_explorer",
-    "figure_legend",
-    "figures_dir",
-    "head_layout",
-    "pattern_explorer",
-    "plot_curve",
-    "plot_block_layout",
-    "plot_distributed_layout",
-    "plot_dilation_strips",
-    "plot_head_masks",
-    "plot_natural_vs_ordered",
-    "plot_pattern",
-    "plot_ring_schedule",
-    "plot_ring_step",
-    "plot_token_mask",
-    "plot_visit_path",
-    "ring_explorer",
-    "save_figure",
-    "style",
-]
+__all__ = ["block_legend", "curve_explorer", "figure_legend", "figures_dir", "head_layout",
+           "pattern_explorer", "plot_curve", "plot_block_layout", "plot_distributed_layout",
+           "plot_dilation_strips", "plot_head_masks", "plot_natural_vs_ordered", "plot_pattern",
+           "plot_ring_schedule", "plot_ring_step", "plot_token_mask", "plot_visit_path",
+           "ring_explorer", "save_figure", "style"]

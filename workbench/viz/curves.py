@@ -1,8 +1,7 @@
 """Space-filling curves drawn: a curve over a grid, and a visit path over a block layout.
 
-Both draw a path whose colour runs from pale (first step) to the ordering's own colour
-(:data:`~workbench.viz.style.ORDERING`: natural grey, Morton orange, Hilbert green), with the
-start marked by a circle and the end by a square, so the path can be followed by eye.
+Both draw a path coloured from pale to the ordering's colour (:data:`.style.ORDERING`), from a
+circle (start) to a square (end).
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
     """Draw ``curve`` over a 2-D grid (row 0 at the top); jumps on non-power-of-two grids show.
 
     ``numbers`` writes each cell's curve index (default: when the grid has at most 64 cells).
-    The colour runs from pale at the start (circle) to the curve's colour at the end (square).
     """
     ax = _axes(ax)
     h, w = shape
@@ -93,10 +91,8 @@ def plot_visit_path(layout: BlockLayout, block_order: str | None = "hilbert", *,
                     ax=None, title: str | None = None, numbers: bool | None = None):
     """A layout's active tiles with the path a backend walks through them in ``block_order``.
 
-    The tiles are drawn pale (orange partial, navy full); the path runs from a circle (first
-    tile) to a square (last tile), its colour from pale to the ordering's colour. ``numbers``
-    writes each tile's step number (default: when at most 64 tiles are active). Block ticks
-    sit on integer block indices.
+    The tiles are drawn pale; ``numbers`` writes each tile's step number (default: when at most
+    64 tiles are active).
     """
     ax = _axes(ax)
     h = 0 if layout.num_heads == 1 else head

@@ -22,13 +22,8 @@ from ..patterns import Pattern, check_dilation_pairs, head_groups
 from .heatmaps import block_legend, plot_block_layout, plot_token_mask
 from .style import ORDERING, TOKEN_CMAP
 
-__all__ = [
-    "BRANCH_COLORS",
-    "head_layout",
-    "plot_dilation_strips",
-    "plot_head_masks",
-    "plot_natural_vs_ordered",
-]
+__all__ = ["BRANCH_COLORS", "head_layout", "plot_dilation_strips", "plot_head_masks",
+           "plot_natural_vs_ordered"]
 
 BRANCH_COLORS = ["#1f3b73", "#2a9d8f", "#e76f51", "#8e5ea2", "#c9a227", "#6c757d"]
 
@@ -93,16 +88,9 @@ def _kept(seq_len: int, w: int, r: int, offset: int) -> np.ndarray:
     return kept
 
 
-def plot_dilation_strips(
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    num_heads: int,
-    seq_len: int,
-    *,
-    mode: str = "head_groups",
-    ax=None,
-    title: str | None = None,
-):
+def plot_dilation_strips(segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                         num_heads: int, seq_len: int, *, mode: str = "head_groups", ax=None,
+                         title: str | None = None):
     """One strip per head (``mode="head_groups"``) or per (head, branch) (``"paper"``).
 
     A coloured cell is a position the head keeps for that (segment, dilation) pair; the colour

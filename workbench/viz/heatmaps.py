@@ -1,9 +1,7 @@
 """Pattern heatmaps: token level with the block grid drawn over it, and block level.
 
-Every drawing function takes an optional ``ax`` and returns it, so the same code makes the
-published figures and the panels of interactive explorers. Colours are the tile states of
-:mod:`workbench.viz.style`: allowed pairs and full tiles dark blue, partial tiles orange, empty
-tiles near-white.
+Every drawing function takes an optional ``ax`` and returns it (figures and explorer panels
+alike); colours are the tile states of :mod:`workbench.viz.style`.
 """
 
 from __future__ import annotations
@@ -17,14 +15,8 @@ from ..layout import BlockLayout
 from ..patterns import Pattern
 from .style import TILE, TILE_CMAP, TOKEN_CMAP
 
-__all__ = [
-    "BLOCK_COLORS",
-    "block_legend",
-    "figure_legend",
-    "plot_block_layout",
-    "plot_pattern",
-    "plot_token_mask",
-]
+__all__ = ["BLOCK_COLORS", "block_legend", "figure_legend", "plot_block_layout", "plot_pattern",
+           "plot_token_mask"]
 
 ALLOWED, PARTIAL, EMPTY = TILE["allowed"], TILE["partial"], TILE["empty"]
 BLOCK_COLORS = TILE_CMAP  # 0 empty, 1 partial, 2 full
@@ -58,15 +50,8 @@ def _tile_separators(ax, nq: int, nk: int, color: str = "white", lw: float = 0.8
         ax.axvline(edge, color=color, lw=lw)
 
 
-def plot_token_mask(
-    pattern: Pattern,
-    seq_len: int,
-    *,
-    head: int = 0,
-    block_size: int | None = None,
-    ax=None,
-    title: str | None = None,
-):
+def plot_token_mask(pattern: Pattern, seq_len: int, *, head: int = 0, block_size: int | None = None,
+                    ax=None, title: str | None = None):
     """Token-level mask of ``pattern`` (rows = queries, columns = keys) for one head.
 
     With ``block_size`` the block grid is drawn over it. Only for small ``seq_len``.
@@ -87,15 +72,8 @@ def plot_token_mask(
     return ax
 
 
-def plot_block_layout(
-    layout: BlockLayout,
-    *,
-    head: int = 0,
-    ax=None,
-    title: str | None = None,
-    separators: bool | None = None,
-    annotate: bool = True,
-):
+def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str | None = None,
+                      separators: bool | None = None, annotate: bool = True):
     """Block-level layout of one head: full, partial (needs the token mask) and empty tiles.
 
     ``separators`` draws thin lines between tiles (default: when a side has at most

@@ -1,11 +1,9 @@
 """The ring schedule drawn from its :class:`~workbench.sharding.DistributedPlan`.
 
-:func:`plot_ring_schedule` draws the plan as a rank x step grid (the K/V shard each rank holds,
-tiles computed or the step skipped); :func:`plot_ring_step` draws the block layout with the
-(query run, K/V run) pairs of one step outlined per rank; :func:`plot_distributed_layout`
-colours every active tile by the step that computes it. :func:`ring_step_regions`,
-:func:`ring_step_tiles` and :func:`distributed_tile_steps` are their data, for tests and
-explorers.
+:func:`plot_ring_schedule` draws the plan as a rank x step grid, :func:`plot_ring_step` the
+layout with one step's (query run, K/V run) pairs outlined per rank, :func:`plot_distributed_layout`
+every active tile coloured by its step; ``ring_step_regions``, ``ring_step_tiles`` and
+``distributed_tile_steps`` are their data.
 """
 
 from __future__ import annotations
@@ -26,17 +24,9 @@ from .dilated import head_layout
 from .heatmaps import ALLOWED, EMPTY, SEPARATOR_MAX_TILES, plot_block_layout
 from .style import rank_colors
 
-__all__ = [
-    "RingRegion",
-    "distributed_tile_steps",
-    "merged_heads",
-    "plot_distributed_layout",
-    "plot_ring_schedule",
-    "plot_ring_step",
-    "ring_step_regions",
-    "ring_step_tiles",
-    "step_colors",
-]
+__all__ = ["RingRegion", "distributed_tile_steps", "merged_heads", "plot_distributed_layout",
+           "plot_ring_schedule", "plot_ring_step", "ring_step_regions", "ring_step_tiles",
+           "step_colors"]
 
 RANK_COLORS = tuple(rank_colors(8))  # a rank has the same colour in every figure
 ANNOTATE_MAX_RANKS = 12  # write the K/V shard and tile count in each cell up to this many ranks
@@ -46,12 +36,9 @@ _DIMMED = 0.7  # opacity of the white veil over tiles that a step does not compu
 
 @dataclass(frozen=True)
 class RingRegion:
-    """One (query run, K/V run) pair a rank covers at one step of the ring.
-
-    ``q_blocks`` is a run of the rank's queries, ``k_blocks`` a run of the K/V shard of rank
-    ``kv_rank`` that it holds at that step (both ``[start, stop)`` in blocks); ``tiles`` counts
-    the active tiles inside (all heads) and ``computed`` says whether the pair is computed.
-    """
+    """One (query run, K/V run) pair a rank covers at one ring step: ``q_blocks`` of its queries,
+    ``k_blocks`` of the K/V shard of ``kv_rank`` (``[start, stop)`` blocks); ``tiles`` counts its
+    active tiles (all heads)."""
 
     rank: int
     kv_rank: int
@@ -101,11 +88,8 @@ def _shown(layout: BlockLayout, head: int | None) -> BlockLayout:
 
 def ring_step_tiles(layout: BlockLayout, plan: DistributedPlan, step: int, *,
                     head: int | None = None) -> Tensor:
-    """Bool ``[nq, nk]``: the active tiles computed at ``step`` (of ``head``; all heads if None).
-
-    Every active tile is computed at exactly one step, so these masks summed over the steps
-    give the active tiles.
-    """
+    """Bool ``[nq, nk]``: the active tiles computed at ``step`` (of ``head``; all heads if None);
+    every active tile is computed at exactly one step."""
     active = _shown(layout, head).active[0]
     out = torch.zeros_like(active)
     for region in ring_step_regions(plan, step):
@@ -120,10 +104,8 @@ def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
                    legend: bool = True):
     """The block layout with the tiles computed at ``step`` outlined, one colour per rank.
 
-    Solid outlines are (query run, K/V run) pairs a rank computes at this step, dashed ones
-    pairs it skips (no active tile); tiles outside the computed pairs are veiled. ``head``
-    picks one head; by default all heads are merged (:func:`merged_heads`), as the plan's tile
-    counts are.
+    Solid outlines are pairs a rank computes, dashed ones pairs it skips; other tiles are
+    veiled. ``head`` picks one head; by default all heads are merged (:func:`merged_heads`).
     """
     shown = _shown(layout, head)
     ax = plot_block_layout(shown, ax=ax, annotate=False, title="")
@@ -177,14 +159,10 @@ def _shard_label(plan: DistributedPlan, rank: int) -> str:
 def plot_ring_schedule(plan: DistributedPlan, *, step: int | None = None, ax=None,
                        title: str | None = None, annotate: bool | None = None,
                        shard_labels: bool = True):
-    """Rank x step grid of ``plan``: dark where a rank computes, pale where it skips the step
-    (the K/V shard is never sent to it).
-
-    Each cell names the rank whose K/V shard is held and the tiles computed (``annotate``,
-    default: up to ``ANNOTATE_MAX_RANKS`` ranks); steps after
-    :meth:`~workbench.sharding.DistributedPlan.last_step` are not run at all and are hatched.
-    ``step`` outlines that step's column; ``shard_labels`` names each rank's block runs on the
-    y axis.
+    """Rank x step grid of ``plan``: dark where a rank computes, pale where it skips the step;
+    steps after the plan's ``last_step()`` are hatched. ``annotate`` (default: up to
+    ``ANNOTATE_MAX_RANKS`` ranks) names the K/V shard held and the tiles computed in each cell;
+    ``step`` outlines that column; ``shard_labels`` names each rank's block runs.
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
@@ -253,9 +231,8 @@ def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
                             legend: bool = True):
     """The block layout with each active tile coloured by the step that computes it.
 
-    The rank computing a tile is the owner of its query block: the strip left of the layout
-    gives each query block's rank, the strip above each key block's (rank colours as in
-    :func:`plot_ring_step`); dotted lines separate the shards' runs.
+    Strips left and above give the rank of each query block (which computes the tile) and of
+    each key block; dotted lines separate the shards' runs.
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4.5))

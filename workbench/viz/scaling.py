@@ -1,11 +1,8 @@
 """Plots of benchmark rows (``workbench.lab.bench``) against sequence length, drawn with seaborn.
 
-Every function takes a tidy ``pandas.DataFrame`` with the columns the benchmarks write
-(``family``, ``variant``, ``pass``, ``seq_len``, ``ms``, ``peak_mib``, ``useful_tflops``,
-``device``, ``date``, ``dtype``, ...), draws it in the palettes of :mod:`workbench.viz.style`,
-stamps it with the rows' provenance (:meth:`~workbench.viz.style.Provenance.from_rows`, or
-``provenance=``) and returns the figure. ``S`` is the sequence length, ``B`` the batch, ``H``
-the heads, ``D`` the head size.
+Every function takes a tidy ``pandas.DataFrame`` of the rows the benchmarks write, draws it in
+the palettes of :mod:`workbench.viz.style`, stamps it with the rows' provenance
+(:meth:`~workbench.viz.style.Provenance.from_rows`, or ``provenance=``) and returns the figure.
 """
 
 from __future__ import annotations
@@ -25,19 +22,9 @@ from .style import Provenance
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = [
-    "DTYPE_BYTES",
-    "METRIC_LABEL",
-    "VARIANT_MARKER",
-    "environment_note",
-    "length_label",
-    "peak_over_io",
-    "plot_kernel_resources",
-    "plot_layout_build",
-    "plot_longest_sequence",
-    "plot_rate_bars",
-    "plot_vs_length",
-]
+__all__ = ["DTYPE_BYTES", "METRIC_LABEL", "VARIANT_MARKER", "environment_note", "length_label",
+           "peak_over_io", "plot_kernel_resources", "plot_layout_build", "plot_longest_sequence",
+           "plot_rate_bars", "plot_vs_length"]
 
 #: bytes per element of the ``dtype`` names the benchmark writes.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -89,13 +76,9 @@ def length_label(s: int) -> str:
 
 
 def peak_over_io(df: pd.DataFrame) -> pd.Series:
-    """Peak memory *including* the inputs over the bytes of ``q + k + v + out``, per row.
-
-    ``peak_mib`` is the allocator peak above the inputs (what ``run_bench`` records), so the
-    ratio is ``(3 * io + peak_mib) / (4 * io)`` with ``io`` one ``[B, H, S, D]`` tensor in MiB
-    (columns ``batch``, ``heads``, ``seq_len``, ``head_dim``, ``dtype``). 1.0 means nothing
-    beyond the output.
-    """
+    """Peak memory *including* the inputs over the bytes of ``q + k + v + out``, per row:
+    ``(3 * io + peak_mib) / (4 * io)``, ``io`` one ``[B, H, S, D]`` tensor in MiB (``peak_mib``
+    is the peak above the inputs). 1.0 means nothing beyond the output."""
     io_mib = (df["batch"] * df["heads"] * df["seq_len"] * df["head_dim"]
               * df["dtype"].map(DTYPE_BYTES) / 2**20)
     return (3 * io_mib + df["peak_mib"]) / (4 * io_mib)
@@ -161,11 +144,9 @@ def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
     """Measured columns against ``S``: one panel column per ``col`` value (a family), one
     panel row per metric of ``metrics`` (``ms`` and memory on log axes), one line per variant.
 
-    ``df``: benchmark rows (``variant``, ``seq_len``, ``status``, the metrics, ``col``); only
-    ``status == "ok"`` is drawn (all rows when there is no ``status``). The column
-    ``peak_over_io`` is computed when asked for and absent. ``ours`` is drawn above the
-    baselines, so that it stays visible where it coincides with one (``ours`` is SDPA on dense
-    patterns). Raises ``ValueError`` when no row is left to draw.
+    Only ``status == "ok"`` rows are drawn (all without ``status``); ``peak_over_io`` is computed
+    when asked for and absent; ``ours`` is drawn above the baselines it may coincide with.
+    Raises ``ValueError`` when no row is left to draw.
     """
     ok = df[df["status"] == "ok"] if "status" in df else df
     if "peak_over_io" in metrics and "peak_over_io" not in ok:

@@ -1,11 +1,9 @@
 """One visual grammar: the same thing has the same colour in every figure.
 
-Palettes map the names the code and the CSVs use to colours, so "blue is ours" holds in every
-figure: :data:`TILE` (tile and token states), :data:`VARIANT` (who computes), :data:`FAMILY`
-(pattern families), :data:`ORDERING`, :data:`SHARDING` and :func:`rank_colors`; :func:`use` makes
-them seaborn's defaults. A figure of measured numbers says where and when they were measured
-(:func:`stamp` with a :class:`Provenance`): :func:`~workbench.viz.save_figure` refuses a figure
-marked measured (:func:`mark_measured`) without one.
+Palettes map the names the code and the CSVs use to colours; :func:`use` makes them seaborn's
+defaults. A figure of measured numbers says where and when they were measured (:func:`stamp`
+with a :class:`Provenance`): :func:`~workbench.viz.save_figure` refuses a figure marked measured
+(:func:`mark_measured`) without one.
 """
 
 from __future__ import annotations
@@ -16,24 +14,9 @@ from dataclasses import dataclass
 import matplotlib as mpl
 from matplotlib.colors import ListedColormap
 
-__all__ = [
-    "FAMILY",
-    "ORDERING",
-    "Provenance",
-    "SHARDING",
-    "TILE",
-    "TILE_CMAP",
-    "TOKEN_CMAP",
-    "VARIANT",
-    "VARIANT_LABEL",
-    "color_of",
-    "is_stamped",
-    "mark_measured",
-    "palette",
-    "rank_colors",
-    "stamp",
-    "use",
-]
+__all__ = ["FAMILY", "ORDERING", "Provenance", "SHARDING", "TILE", "TILE_CMAP", "TOKEN_CMAP",
+           "VARIANT", "VARIANT_LABEL", "color_of", "is_stamped", "mark_measured", "palette",
+           "rank_colors", "stamp", "use"]
 
 # Colour-blind-safe base (Okabe-Ito), plus neutrals.
 _BLUE, _ORANGE, _GREEN, _VERMILION = "#0072B2", "#E69F00", "#009E73", "#D55E00"
@@ -55,61 +38,32 @@ TOKEN_CMAP = ListedColormap([TILE["empty"], TILE["allowed"]])
 """``imshow`` colour map of a token mask (0 not allowed, 1 allowed)."""
 
 VARIANT: dict[str, str] = {
-    "ours": _BLUE,
-    "triton": _SKY,
-    "blockwise": _GREEN,
-    "flex_natural": _ORANGE,
-    "strided_gather": _VERMILION,
-    "strided_view": _PURPLE,
-    "paper": _GREEN,
-    "sdpa_dense": _GREY,
-    "sdpa_masked": _BLACK,
-    "reference": _BLACK,
+    "ours": _BLUE, "triton": _SKY, "blockwise": _GREEN, "flex_natural": _ORANGE,
+    "strided_gather": _VERMILION, "strided_view": _PURPLE, "paper": _GREEN, "sdpa_dense": _GREY,
+    "sdpa_masked": _BLACK, "reference": _BLACK,
 }
 """Who computes: ``ours`` is what ``backend="auto"`` gives; the rest are baselines."""
 
 VARIANT_LABEL: dict[str, str] = {
-    "ours": "ours (auto)",
-    "triton": "ours, Triton kernel",
-    "blockwise": "ours, pure PyTorch",
-    "flex_natural": "FlexAttention, natural order",
-    "strided_gather": "gather + SDPA + scatter",
+    "ours": "ours (auto)", "triton": "ours, Triton kernel", "blockwise": "ours, pure PyTorch",
+    "flex_natural": "FlexAttention, natural order", "strided_gather": "gather + SDPA + scatter",
     "strided_view": "strided views into SDPA",
-    "paper": "ours, paper mode (every pair on every head)",
-    "sdpa_dense": "dense SDPA",
-    "sdpa_masked": "SDPA + dense mask",
-    "reference": "float64 reference",
+    "paper": "ours, paper mode (every pair on every head)", "sdpa_dense": "dense SDPA",
+    "sdpa_masked": "SDPA + dense mask", "reference": "float64 reference",
 }
 """Legend text of each variant."""
 
 FAMILY: dict[str, str] = {
-    "dense": _GREY,
-    "full": _GREY,
-    "causal": _PURPLE,
-    "local": _ORANGE,
-    "global_local": _YELLOW,
-    "strided": _VERMILION,
-    "sparse_transformer": "#A6761D",
-    "random": _GREEN,
-    "random10": _GREEN,
-    "dilated": _BLUE,
-    "longnet": _SKY,
-    "dilated_window": "#882255",
-    "documents": "#44AA99",
-    "prefix_lm": "#332288",
-    "adaptive": _BLACK,
+    "dense": _GREY, "full": _GREY, "causal": _PURPLE, "local": _ORANGE, "global_local": _YELLOW,
+    "strided": _VERMILION, "sparse_transformer": "#A6761D", "random": _GREEN, "random10": _GREEN,
+    "dilated": _BLUE, "longnet": _SKY, "dilated_window": "#882255", "documents": "#44AA99",
+    "prefix_lm": "#332288", "adaptive": _BLACK,
 }
 """Pattern families: every family of :data:`workbench.patterns.FAMILIES`, and the names the
 benchmarks write (``dense`` is ``full``, ``random10`` is ``random``)."""
 
-ORDERING: dict[str, str] = {
-    "natural": _GREY,
-    "raster": _GREY,
-    "dilation": _BLUE,
-    "morton": _ORANGE,
-    "hilbert": _GREEN,
-    "zigzag": _PURPLE,
-}
+ORDERING: dict[str, str] = {"natural": _GREY, "raster": _GREY, "dilation": _BLUE,
+                            "morton": _ORANGE, "hilbert": _GREEN, "zigzag": _PURPLE}
 """Token and block orders."""
 
 SHARDING: dict[str, str] = {"contiguous": _GREY, "zigzag": _PURPLE}

@@ -79,18 +79,11 @@ class Explorer(Generic[ViewT]):
             ``<name>-figure``, ``<name>-<control>``), for styling and browser tests.
     """
 
-    def __init__(
-        self,
-        *,
-        controls: Mapping[str, Any],
-        compute: Callable[[dict[str, Any]], ViewT],
-        draw: Callable[[ViewT, Figure], None],
-        readout: Callable[[ViewT], str],
-        figsize: tuple[float, float],
-        adjust: Callable[[Mapping[str, Any]], None] | None = None,
-        header: tuple[Any, ...] = (),
-        name: str = "wb-explorer",
-    ) -> None:
+    def __init__(self, *, controls: Mapping[str, Any], compute: Callable[[dict[str, Any]], ViewT],
+                 draw: Callable[[ViewT, Figure], None], readout: Callable[[ViewT], str],
+                 figsize: tuple[float, float],
+                 adjust: Callable[[Mapping[str, Any]], None] | None = None,
+                 header: tuple[Any, ...] = (), name: str = "wb-explorer") -> None:
         widgets = _widgets()
         self.controls = dict(controls)
         self.state: ExplorerState[ViewT] = ExplorerState()

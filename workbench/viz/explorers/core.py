@@ -1,10 +1,8 @@
 """What every explorer shares, free of widgets: parameters in, a view out, bad values refused.
 
-An explorer is a pure function ``compute(params) -> view`` (the pattern, the arrays its
-figure shows and the numbers of its readout) plus a drawing function. :func:`advance` applies
-new parameters to an :class:`ExplorerState`: a good value replaces the view, a bad one (the
-function raises ``ValueError`` or ``TypeError``) leaves the last good view in place and keeps
-the error as a message for the widget area.
+An explorer is a pure function ``compute(params) -> view`` plus a drawing function;
+:func:`advance` keeps the last good view when new parameters raise ``ValueError`` or
+``TypeError``, with the error as the widget area's message.
 """
 
 from __future__ import annotations
@@ -21,11 +19,8 @@ ViewT = TypeVar("ViewT")
 
 @dataclass(frozen=True)
 class ExplorerState(Generic[ViewT]):
-    """The view an explorer shows and, when the latest parameters were refused, why.
-
-    ``view`` is the last good view (None before the first one); ``message`` is empty when the
-    latest parameters gave ``view``.
-    """
+    """The last good view (None before the first) and, when the latest parameters were refused,
+    why (``message``, empty otherwise)."""
 
     view: ViewT | None = None
     message: str = ""

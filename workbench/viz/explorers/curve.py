@@ -1,11 +1,8 @@
 """Curve explorer: a Hilbert, Morton, gilbert or raster curve over a grid, and its blocks.
 
-:func:`curve_view` is the explorer without widgets (:class:`CurveParams` in, the path and the
-block numbers out); :func:`draw_curve_view` draws the curve with
-:func:`~workbench.viz.plot_curve`, the function of notebook 03's figure, beside the blocks of
-consecutive cells (:func:`plot_curve_blocks`); :func:`curve_explorer` binds them to widgets.
-The readout says how compact a block of ``block`` consecutive cells is in this order, the
-reason a curve order helps block-sparse attention on 2-D data.
+:func:`curve_view` is the explorer without widgets, :func:`draw_curve_view` draws the curve
+(:func:`~workbench.viz.plot_curve`) beside its blocks, :func:`curve_explorer` binds them to
+widgets. The readout says how compact a block of consecutive cells is in this order.
 """
 
 from __future__ import annotations
@@ -23,15 +20,8 @@ from ..curves import plot_curve
 from .binding import Explorer
 from .core import check_int
 
-__all__ = [
-    "CurveParams",
-    "CurveView",
-    "curve_explorer",
-    "curve_readout_html",
-    "curve_view",
-    "draw_curve_view",
-    "plot_curve_blocks",
-]
+__all__ = ["CurveParams", "CurveView", "curve_explorer", "curve_readout_html", "curve_view",
+           "draw_curve_view", "plot_curve_blocks"]
 
 MAX_GRID_SIDE = 64
 NUMBERS_MAX_CELLS = 256  # cell numbers are written up to this many cells
@@ -53,13 +43,10 @@ class CurveParams:
 
 @dataclass(frozen=True)
 class CurveView:
-    """The curve over the grid and its blocks.
-
-    ``path`` is int64 ``[rows * cols, 2]``: the (row, column) of the cells in curve order;
-    ``block_ids`` is int64 ``[rows, cols]``: the block (``curve index // block``) of each cell.
-    ``jumps`` counts steps to a cell that is not an edge-neighbour; ``block_box`` is the mean
-    bounding box (rows, columns) of a block, ``raster_block_box`` the same in raster order.
-    """
+    """The curve over the grid and its blocks: ``path``, int64 ``[rows * cols, 2]``, the cells
+    in curve order; ``block_ids``, int64 ``[rows, cols]``, each cell's ``curve index // block``;
+    ``jumps``, steps to a non-neighbour; ``block_box``, a block's mean bounding box (rows,
+    columns), ``raster_block_box`` the same in raster order."""
 
     params: CurveParams
     path: np.ndarray
@@ -97,15 +84,10 @@ def curve_view(params: CurveParams) -> CurveView:
     block_ids[path[:, 0], path[:, 1]] = np.arange(cells) // params.block
     steps = np.abs(np.diff(path, axis=0)).sum(1)
     raster = grid_decode(torch.arange(cells), shape, "raster").numpy()
-    return CurveView(
-        params=params,
-        path=path,
-        block_ids=block_ids,
-        jumps=int((steps > 1).sum()),
-        longest_step=int(steps.max()) if len(steps) else 0,
-        block_box=_mean_block_box(path, params.block),
-        raster_block_box=_mean_block_box(raster, params.block),
-    )
+    return CurveView(params, path, block_ids, jumps=int((steps > 1).sum()),
+                     longest_step=int(steps.max()) if len(steps) else 0,
+                     block_box=_mean_block_box(path, params.block),
+                     raster_block_box=_mean_block_box(raster, params.block))
 
 
 def plot_curve_blocks(block_ids: np.ndarray, *, ax, title: str | None = None):
@@ -136,11 +118,9 @@ def curve_readout_html(view: CurveView) -> str:
     """The readout line of a view (HTML)."""
     p = view.params
     (br, bc), (rr, rc) = view.block_box, view.raster_block_box
-    return (
-        f"<b>{p.rows * p.cols} cells</b>, each visited once · <b>jumps</b> {view.jumps} "
-        f"(longest step {view.longest_step} cells) · <b>a block of {p.block} cells</b> spans "
-        f"{br:.1f} x {bc:.1f} cells on average (raster order: {rr:.1f} x {rc:.1f})"
-    )
+    return (f"<b>{p.rows * p.cols} cells</b>, each visited once · <b>jumps</b> {view.jumps} "
+            f"(longest step {view.longest_step} cells) · <b>a block of {p.block} cells</b> spans "
+            f"{br:.1f} x {bc:.1f} cells on average (raster order: {rr:.1f} x {rc:.1f})")
 
 
 def curve_explorer(**params: Any) -> Explorer[CurveView]:
@@ -159,12 +139,7 @@ def curve_explorer(**params: Any) -> Explorer[CurveView]:
                                    description="block (cells)", style=wide),
         "numbers": widgets.Checkbox(value=p.numbers, description="cell numbers"),
     }
-    return Explorer(
-        controls=controls,
-        compute=lambda values: curve_view(CurveParams(**values)),
-        draw=draw_curve_view,
-        readout=curve_readout_html,
-        figsize=(8.0, 4.0),
-        name="wb-curve",
-    )
+    return Explorer(controls=controls, compute=lambda values: curve_view(CurveParams(**values)),
+                    draw=draw_curve_view, readout=curve_readout_html, figsize=(8.0, 4.0),
+                    name="wb-curve")
 

@@ -1,9 +1,7 @@
 """Pattern explorer: one pattern family at a time, token view beside block view, live numbers.
 
-:func:`pattern_view` is the explorer without widgets: :class:`PatternParams` in, the pattern,
-its layout, the arrays the two panels show and the readout numbers out. :func:`draw_pattern_view`
-draws a view with the same functions as the static figures (:func:`~workbench.viz.plot_token_mask`,
-:func:`~workbench.viz.plot_block_layout`); :func:`pattern_explorer` binds both to widgets.
+:func:`pattern_view` is the explorer without widgets, :func:`draw_pattern_view` draws a view with
+the static figures' functions, :func:`pattern_explorer` binds both to widgets.
 """
 
 from __future__ import annotations
@@ -25,20 +23,9 @@ from ..heatmaps import block_legend, plot_block_layout, plot_token_mask
 from .binding import Explorer
 from .core import check_int, parse_int_list
 
-__all__ = [
-    "MAX_SEQ_LEN",
-    "ORDERINGS",
-    "PatternParams",
-    "PatternReadout",
-    "PatternView",
-    "build_pattern",
-    "check_pattern_params",
-    "draw_pattern_view",
-    "parameters_used",
-    "pattern_explorer",
-    "pattern_readout_html",
-    "pattern_view",
-]
+__all__ = ["MAX_SEQ_LEN", "ORDERINGS", "PatternParams", "PatternReadout", "PatternView",
+           "build_pattern", "check_pattern_params", "draw_pattern_view", "parameters_used",
+           "pattern_explorer", "pattern_readout_html", "pattern_view"]
 
 MAX_SEQ_LEN = 2048  # the token view draws seq_len x seq_len pixels
 FLOPS_PER_PAIR_AND_DIM = 4  # q.k and p.v: one multiply-add (2 FLOPs) per head dimension each
@@ -56,13 +43,10 @@ class PatternParams:
     """Everything the pattern explorer can change (defaults: notebook 01's).
 
     ``family`` is a registry name (:data:`workbench.patterns.FAMILIES`); the fields named like
-    its parameters set them, the rest of its arguments are its arguments at ``seq_len``.
-    ``causal`` is the family's own argument where it has one, else ``& causal()``.
-
-    ``ordering="dilation"`` shows the pattern in the token order of the dilated fast path for
-    the shown head: the dilation permutation of that head's (segment, dilation) pair, at offset
-    ``head mod dilation`` (it is defined for every family, most telling for ``dilated``).
-    ``head_dim`` only scales the FLOP counts.
+    its parameters set them. ``causal`` is the family's own argument where it has one, else
+    ``& causal()``. ``ordering="dilation"`` shows the pattern in the dilation order of the shown
+    head's (segment, dilation) pair, at offset ``head mod dilation``. ``head_dim`` only scales
+    the FLOP counts.
     """
 
     family: str = "local"
@@ -163,12 +147,9 @@ def build_pattern(p: PatternParams) -> Pattern:
 
 @dataclass(frozen=True)
 class PatternReadout:
-    """The numbers beside the picture (densities are fractions of the ``S x S`` pairs).
-
-    ``useful_density``/``computed_density`` are over all heads, the ``head_*`` ones over the
-    shown head; FLOPs are one forward pass of one sequence over ``num_heads`` heads; memory is
-    the layout's two bool maps (active, full) against a dense token mask.
-    """
+    """The numbers beside the picture: densities (fractions of the ``S x S`` pairs) over all
+    heads and, ``head_*``, the shown head; FLOPs of one forward pass over ``num_heads`` heads;
+    the layout's two bool maps' bytes against a dense token mask's."""
 
     useful_density: float
     computed_density: float
@@ -185,11 +166,8 @@ class PatternReadout:
 
 @dataclass(frozen=True)
 class PatternView:
-    """What the explorer shows for one set of parameters.
-
-    ``token_mask`` is bool ``[S, S]`` and ``block_grid`` int ``[nq, nk]`` (0 skipped, 1 partial,
-    2 full), both of the shown head: the arrays the two panels draw.
-    """
+    """What the explorer shows: ``token_mask``, bool ``[S, S]``, and ``block_grid``, int
+    ``[nq, nk]`` (0 skipped, 1 partial, 2 full), of the shown head."""
 
     params: PatternParams
     pattern: Pattern
@@ -205,18 +183,14 @@ def _readout(p: PatternParams, masks: torch.Tensor, layout: BlockLayout, h: int)
     heads_per_layout_head = p.num_heads if layout.num_heads == 1 else 1
     flops_per_pair = FLOPS_PER_PAIR_AND_DIM * p.head_dim
     return PatternReadout(
-        useful_density=float(masks.float().mean()),
-        computed_density=layout.stats().density,
+        useful_density=float(masks.float().mean()), computed_density=layout.stats().density,
         head_useful_density=float(masks[h].float().mean()),
         head_computed_density=float(pairs[h]) / seq_len**2,
-        active_tiles=int(layout.active[h].sum()),
-        full_tiles=int(layout.full[h].sum()),
+        active_tiles=int(layout.active[h].sum()), full_tiles=int(layout.full[h].sum()),
         total_tiles=layout.active[h].numel(),
         computed_flops=float(pairs.sum()) * heads_per_layout_head * flops_per_pair,
         dense_flops=float(seq_len**2 * p.num_heads * flops_per_pair),
-        layout_bytes=2 * layout.active.numel(),
-        token_mask_bytes=masks.numel(),
-    )
+        layout_bytes=2 * layout.active.numel(), token_mask_bytes=masks.numel())
 
 
 def pattern_view(params: PatternParams) -> PatternView:
@@ -239,15 +213,13 @@ def _bytes(n: int) -> str:
 def pattern_readout_html(view: PatternView) -> str:
     """The readout line of a view (HTML)."""
     r, p = view.readout, view.params
-    return (
-        f"<b>density</b> useful {r.useful_density:.2%}, computed {r.computed_density:.2%} "
-        f"(head {p.head}: {r.head_useful_density:.2%} / {r.head_computed_density:.2%}) · "
-        f"<b>tiles</b> {r.active_tiles} of {r.total_tiles} active, {r.full_tiles} full · "
-        f"<b>FLOPs</b> {r.computed_flops / 1e6:,.1f} M computed vs {r.dense_flops / 1e6:,.1f} M "
-        f"dense ({r.computed_flops / r.dense_flops:.2%}; {p.num_heads} heads, d={p.head_dim}) · "
-        f"<b>layout memory</b> {_bytes(r.layout_bytes)} (token mask: "
-        f"{_bytes(r.token_mask_bytes)})"
-    )
+    return (f"<b>density</b> useful {r.useful_density:.2%}, computed {r.computed_density:.2%} "
+            f"(head {p.head}: {r.head_useful_density:.2%} / {r.head_computed_density:.2%}) · "
+            f"<b>tiles</b> {r.active_tiles} of {r.total_tiles} active, {r.full_tiles} full · "
+            f"<b>FLOPs</b> {r.computed_flops / 1e6:,.1f} M computed vs {r.dense_flops / 1e6:,.1f}"
+            f" M dense ({r.computed_flops / r.dense_flops:.2%}; {p.num_heads} heads, "
+            f"d={p.head_dim}) · <b>layout memory</b> {_bytes(r.layout_bytes)} (token mask: "
+            f"{_bytes(r.token_mask_bytes)})")
 
 
 def draw_pattern_view(view: PatternView, figure: Figure) -> None:
@@ -316,20 +288,9 @@ def enable_used_controls(controls: Mapping[str, Any]) -> None:
 
 
 def pattern_explorer(**params: Any) -> Explorer[PatternView]:
-    """The pattern explorer widget, started at ``PatternParams(**params)``.
-
-    Display it (last expression of a cell, or ``display(...)``) in JupyterLab. Its readout
-    gives useful and computed density, tile counts, FLOPs against dense attention and the
-    layout's memory; a bad value shows a message and keeps the last good picture.
-    """
-    start = PatternParams.from_values(params)
-    controls = pattern_controls(start)
-    return Explorer(
-        controls=controls,
-        compute=lambda values: pattern_view(PatternParams.from_values(values)),
-        draw=draw_pattern_view,
-        readout=pattern_readout_html,
-        figsize=(9.0, 4.6),
-        adjust=enable_used_controls,
-        name="wb-pattern",
-    )
+    """The pattern explorer widget, started at ``PatternParams(**params)``; a bad value shows a
+    message and keeps the last good picture."""
+    return Explorer(controls=pattern_controls(PatternParams.from_values(params)),
+                    compute=lambda values: pattern_view(PatternParams.from_values(values)),
+                    draw=draw_pattern_view, readout=pattern_readout_html, figsize=(9.0, 4.6),
+                    adjust=enable_used_controls, name="wb-pattern")

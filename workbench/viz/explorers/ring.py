@@ -1,11 +1,7 @@
 """Ring stepper: play or step through the ring schedule of a pattern's block layout.
 
-:func:`ring_view` is the stepper without widgets (:class:`RingParams` in; the layout, the
-:class:`~workbench.sharding.DistributedPlan` of contiguous shards, the ranks that compute at the
-step and the tiles they compute out); :func:`draw_ring_view` draws it with
-:func:`~workbench.viz.plot_ring_schedule` and :func:`~workbench.viz.plot_ring_step`, the
-functions static figures use; :func:`ring_explorer` binds them to widgets, with a Play button
-that advances the step."""
+:func:`ring_view` is the stepper without widgets, :func:`draw_ring_view` draws a view with the
+static figures' functions, :func:`ring_explorer` binds them to widgets with a Play button."""
 
 from __future__ import annotations
 
@@ -54,12 +50,8 @@ class RingParams:
 
 @dataclass(frozen=True)
 class RingView:
-    """One step of the ring.
-
-    ``computing`` is bool ``[ranks]``: the ranks that compute at ``step`` (the plan's
-    ``computed[:, step]``); ``step_tiles`` is bool ``[nq, nk]``: the tiles they compute, heads
-    merged (:func:`~workbench.viz.ring.ring_step_tiles`).
-    """
+    """One step of the ring: ``computing``, bool ``[ranks]``, the ranks that compute at ``step``;
+    ``step_tiles``, bool ``[nq, nk]``, the tiles they compute (heads merged)."""
 
     params: RingParams
     layout: BlockLayout
@@ -103,12 +95,10 @@ def ring_readout_html(view: RingView) -> str:
     held = ", ".join(f"r{r.rank}: kv r{r.kv_rank}" for r in view.regions)
     computing = [r.rank for r in view.regions if r.computed]
     tiles = sum(r.tiles for r in view.regions)
-    return (
-        f"<b>step {step}</b> · K/V held ({held}) · <b>computing</b> "
-        f"{', '.join(f'r{r}' for r in computing) or 'none'} · <b>tiles</b> {tiles} this step, "
-        f"{int(plan.tiles.sum())} in all · <b>skipped</b> {plan.skipped} of "
-        f"{plan.world_size ** 2} (rank, step) pairs"
-    )
+    return (f"<b>step {step}</b> · K/V held ({held}) · <b>computing</b> "
+            f"{', '.join(f'r{r}' for r in computing) or 'none'} · <b>tiles</b> {tiles} this step, "
+            f"{int(plan.tiles.sum())} in all · <b>skipped</b> {plan.skipped} of "
+            f"{plan.world_size ** 2} (rank, step) pairs")
 
 
 def _params(values: Mapping[str, Any], base: PatternParams) -> RingParams:
@@ -119,10 +109,8 @@ def _params(values: Mapping[str, Any], base: PatternParams) -> RingParams:
 
 
 def ring_explorer(ranks: int = 4, step: int = 0, **pattern: Any) -> Explorer[RingView]:
-    """The ring stepper widget: a pattern, the number of ranks, and Play / a step slider.
-
-    ``pattern`` holds :class:`PatternParams` fields (family, seq_len, block_size, window, ...).
-    """
+    """The ring stepper widget: a pattern (:class:`PatternParams` fields in ``pattern``), the
+    number of ranks, and Play / a step slider."""
     import ipywidgets as widgets
 
     start = dataclasses.replace(_default_pattern(), **pattern)
@@ -139,13 +127,7 @@ def ring_explorer(ranks: int = 4, step: int = 0, **pattern: Any) -> Explorer[Rin
         last = max(0, ctrls["ranks"].value - 1)
         ctrls["step"].max = play.max = last
 
-    return Explorer(
-        controls=controls,
-        compute=lambda values: ring_view(_params(values, start)),
-        draw=draw_ring_view,
-        readout=ring_readout_html,
-        figsize=(9.0, 4.6),
-        adjust=follow_ranks,
-        header=(widgets.HBox([play, widgets.Label("play / pause steps through the ring")]),),
-        name="wb-ring",
-    )
+    return Explorer(controls=controls, compute=lambda values: ring_view(_params(values, start)),
+                    draw=draw_ring_view, readout=ring_readout_html, figsize=(9.0, 4.6),
+                    adjust=follow_ranks, name="wb-ring", header=(widgets.HBox(
+                        [play, widgets.Label("play / pause steps through the ring")]),))
