@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
 all=(tests copy fwd longnet longnet-grad longnet-fwdbwd memory dilated natural-order natural-order-fwdbwd triton-launch triton-features
-     triton-backward fwdbwd structures hilbert adaptive overhead longest longest-fwdbwd
+     triton-backward fwdbwd structures layouts hilbert adaptive overhead longest longest-fwdbwd
      longest-h100-memory)
 two_gpu=(ring2-eff ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
@@ -79,6 +79,12 @@ study() {
             run -m workbench bench-hilbert --grids 128 256 --radii 4 16 --reps 10 ;;
         adaptive)  # data/04_selection_cost_gpu.csv: adaptive selection against its attention
             run -m workbench bench-adaptive --seq-lens 16384 65536 --reps 10 ;;
+        layouts)  # data/layouts_1m_<p>.csv: every family's layout and kernel structures at
+            # 1M tokens, block 128, per head count and random tiles' cell size
+            run -m workbench bench --study "1m_${p}" --families full causal local global_local \
+                strided sparse_transformer dilated longnet random dilated_window documents \
+                prefix_lm --layout-timing 1048576 --layout-heads 1 8 16 32 \
+                --layout-cells 16 32 64 128 256 --reps 5 --layout-max-seconds 30 ;;
         overhead)  # data/overhead_<p>.csv: per-call time of every entry point vs its kernel
             run -m workbench bench-overhead --study "$p" --seq-lens 512 1024 2048 4096 8192 \
                 --reps 100 ;;

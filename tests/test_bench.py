@@ -100,6 +100,42 @@ def test_layout_build_time_times_the_kernels_structures_except_for_dilated():
     assert "flex_mask_ms" not in dilated and dilated["build_ms"] > 0
 
 
+def test_layout_sweep_has_a_row_per_head_count_and_cell_each_family_takes():
+    rows = bench.layout_build_time(8191, 128, ["local", "random", "dilated"], [1, 4, 8], "cpu",
+                                   cells=[32, 128], reps=2)
+    assert [(r["family"], r["heads"], r["cell"]) for r in rows] == [
+        ("local", 1, None),  # one layout head serves every head; no cell argument
+        ("random", 1, 128), ("random", 4, 128), ("random", 8, 128),
+        ("random", 1, 32), ("random", 4, 32), ("random", 8, 32),
+        ("dilated", 4, None), ("dilated", 8, None)]  # one head per pair: 1 head is refused
+    for r in rows:
+        assert r["status"] == "ok" and r["seq_len"] == 8191 and r["block_size"] == 128
+        assert r["build_ms"] > 0 and isinstance(r["meets_target"], bool)
+        structures = r["family"] != "dilated"
+        assert ("flex_mask_ms" in r) == ("triton_plan_ms" in r) == structures
+        # on the CPU the total is the layout and the BlockMask (the triton plan runs on CUDA)
+        assert r["total_ms"] == pytest.approx(r["build_ms"] + r.get("flex_mask_ms", 0.0))
+        assert r["meets_target"] == (r["total_ms"] <= bench.LAYOUT_TARGET_MS["cpu"])
+    random32 = rows[5]
+    lay = P.random_blocks(0.1, 0, cell=32, num_heads=4).block_structure(8191, 128)
+    assert random32["partial_tiles"] == int((lay.active & ~lay.full).sum())
+    assert random32["params"] == "density=0.1 cell=32 seed=0"
+
+
+def test_layout_sweep_skips_cases_predicted_too_slow_or_too_large():
+    slow = bench.layout_build_time(4096, 64, ["random"], [1, 2], "cpu", cells=[64, 16],
+                                   max_seconds=1e-9)
+    assert [r["status"].split(":")[0] for r in slow] == ["ok", "too_slow", "too_slow",
+                                                         "too_slow"]
+    assert "build_ms" not in slow[1]
+    big = bench.layout_build_time(4096, 64, ["causal", "dilated"], [4], "cpu", max_gib=1e-6)
+    assert [r["status"].split(":")[0] for r in big] == ["too_large", "too_large"]
+    no_bits = bench.layout_build_time(4096, 64, ["random"], [1], "cpu", cells=[16],
+                                      max_gib=1e-3)
+    assert no_bits[0]["status"].startswith("no triton plan") and "flex_mask_ms" in no_bits[0]
+    assert "triton_plan_ms" not in no_bits[0]
+
+
 def test_longest_search_doubles_until_oom_or_too_slow_and_writes_each_length(monkeypatch):
     calls = []
 

@@ -94,6 +94,9 @@ BAD = [
     bad(*BENCH, "--variants", "flex_natural", "--backward", names="--variants flex_natural"),
     bad(*BENCH, "--families", "dilated", "--heads", "3", names="--heads 3"),
     bad(*BENCH, "--layout-timing", "0", names="--layout-timing"),
+    bad("bench", "--study", "cli_test", "--device", "cpu", names="--layout-timing"),
+    bad(*BENCH, "--layout-timing", "64", "--layout-cells", "0", names="--layout-cells"),
+    bad(*BENCH, "--layout-timing", "64", "--layout-max-gib", "0", names="--layout-max-gib"),
     bad(*BENCH, "--bogus", "1", names="--bogus"),
     # bench-hilbert, bench-adaptive
     bad(*HILBERT, names="--device cuda"),
@@ -285,6 +288,20 @@ def test_tiny_cpu_bench_writes_its_csv_where_told(tmp_path, capsys):
     assert "sdpa_dense" in capsys.readouterr().out
     assert (tmp_path / "data" / "bench_cli_test.csv").is_file()
     assert not (_REPO_DATA / "bench_cli_test.csv").exists()
+
+
+def test_a_bench_without_lengths_times_layouts_alone(tmp_path, capsys):
+    from workbench.lab.records import read_csv
+
+    assert main(["bench", "--study", "cli_test", "--device", "cpu", "--families", "random",
+                 "causal", "--layout-timing", "300", "--layout-heads", "1", "2",
+                 "--layout-cells", "16", "64", "--block-size", "32", "--reps", "1"]) == 0
+    assert "layout    random heads=2 cell=16 S=300" in capsys.readouterr().out
+    rows = read_csv("layouts_cli_test")
+    assert [(r["family"], r["heads"], r["cell"]) for r in rows] == [
+        ("random", "1", "64"), ("random", "2", "64"), ("random", "1", "16"),
+        ("random", "2", "16"), ("causal", "1", "")]
+    assert not (tmp_path / "data" / "bench_cli_test.csv").exists()
 
 
 def test_the_bench_runs_every_registered_family(capsys):

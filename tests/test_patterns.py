@@ -356,6 +356,25 @@ def test_hash_cells_is_the_recorded_hash():
         assert int(got) == reference(seed, h, i, j)
 
 
+@pytest.mark.parametrize("cell, block", [(1, 2), (2, 8), (3, 9), (1, 16), (4, 16), (7, 7),
+                                         (16, 4), (6, 4)])
+@pytest.mark.parametrize("seq_len", [101, 61])
+def test_random_tiles_built_in_bands_equal_the_token_mask(monkeypatch, cell, block, seq_len):
+    # Bands of a tile row or two, hashed a few cells at a time: every band edge and hash step
+    # lands inside the grid, on odd lengths whose last tile and cell are short.
+    from workbench.patterns import random_tiles
+
+    monkeypatch.setitem(random_tiles._BAND_CELLS, "cpu", 64)
+    monkeypatch.setitem(random_tiles._HASH_STEP, "cpu", 5)
+    pattern = P.random_blocks(0.35, seed=4, cell=cell, num_heads=3)
+    any_, all_ = reduce_mask(pattern.token_mask(seq_len), block)
+    nq = -(-seq_len // block)
+    for rows in ((0, nq), (1, nq), (nq - 1, nq)):
+        lay = pattern.block_structure(seq_len, block, rows=rows)
+        assert torch.equal(lay.active, any_[:, rows[0]:rows[1]])
+        assert torch.equal(lay.full, (all_ & any_)[:, rows[0]:rows[1]])
+
+
 @pytest.mark.parametrize("cell, block", [(8, 16), (8, 24), (16, 8), (24, 8), (5, 15), (12, 4),
                                          (7, 10)])
 @pytest.mark.parametrize("seq_len", [96, 101, 7])

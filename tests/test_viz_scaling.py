@@ -147,6 +147,35 @@ def test_kernel_resources_one_bar_per_configuration_coloured_by_fit():
     plt.close(fig)
 
 
+def test_layout_build_one_point_per_timed_case_and_the_target_per_device():
+    base = {"date": "2026-01-02", "torch": "2.13"}
+    df = pd.DataFrame([
+        {**base, "device": "cpu", "family": "causal", "cell": None, "heads": 1,
+         "total_ms": 500.0, "target_ms": 2000.0},
+        {**base, "device": "cpu", "family": "random", "cell": 64, "heads": 1,
+         "total_ms": 1500.0, "target_ms": 2000.0},
+        {**base, "device": "cpu", "family": "random", "cell": 64, "heads": 8,
+         "total_ms": 9000.0, "target_ms": 2000.0},
+        {**base, "device": "cpu", "family": "random", "cell": 16, "heads": 8,
+         "total_ms": None, "target_ms": 2000.0},  # not run: not drawn
+        {**base, "device": "gpu", "family": "causal", "cell": None, "heads": 1,
+         "total_ms": 5.0, "target_ms": 100.0}])
+    fig = vs.plot_layout_build(df)
+    cpu, gpu = fig.axes[:2]
+    assert [t.get_text() for t in cpu.get_yticklabels()] == ["causal", "random cell 64"]
+
+    def points(ax):
+        return sorted(float(x) for c in ax.collections for x, _ in c.get_offsets())
+
+    assert points(cpu) == [500.0, 1500.0, 9000.0]
+    assert points(gpu) == [5.0]
+    assert cpu.lines[-1].get_xdata()[0] == 2000.0 and gpu.lines[-1].get_xdata()[0] == 100.0
+    assert cpu.get_xscale() == "log" and "cpu, gpu" in fig._workbench_stamp.line()
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no case"):
+        vs.plot_layout_build(df[df["total_ms"].isna()])
+
+
 def test_every_figure_can_be_saved(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_FIGURES_DIR", str(tmp_path))
     fig = vs.plot_vs_length(pd.DataFrame([_rows("ours", 1024, 1.0)]))

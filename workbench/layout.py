@@ -111,19 +111,34 @@ def cells_to_tiles(
     return cnt > 0, cnt == (c_r1 - c_r0) * (c1 - c0)
 
 
+_WORDS = {2: (torch.int16, 0x0101), 4: (torch.int32, 0x01010101),
+          8: (torch.int64, 0x0101010101010101)}
+"""A run of 2, 4 or 8 bools read as one integer, and its value when every one is True."""
+
+
 def _merge_cells(on: Tensor, f: int, nq: int, nk: int) -> tuple[Tensor, Tensor]:
     """(any, all) over each ``f x f`` group of cells of ``on`` ``[H, <= nq*f, <= nk*f]``: cells
-    past the sequence do not exist, so they count as off for "any" and on for "all"."""
+    past the sequence do not exist, so they count as off for "any" and on for "all".
+
+    The ``f`` cell rows of a tile row are combined elementwise, then each run of ``f`` columns
+    is read as one integer (its bytes are the bools) where ``f`` is 2, 4 or 8."""
     pq, pk = nq * f - on.shape[1], nk * f - on.shape[2]
     h = on.shape[0]
-    if pq or pk:
-        any_src = torch.nn.functional.pad(on, (0, pk, 0, pq), value=False)
-        all_src = torch.nn.functional.pad(on, (0, pk, 0, pq), value=True)
-    else:
-        any_src = all_src = on
-    any_ = any_src.view(h, nq, f, nk, f).any(4).any(2)
-    all_ = all_src.view(h, nq, f, nk, f).all(4).all(2)
-    return any_, all_
+    out = []
+    for fill, combine in ((False, torch.Tensor.bitwise_or_), (True, torch.Tensor.bitwise_and_)):
+        src = torch.nn.functional.pad(on, (0, pk, 0, pq), value=fill) if pq or pk else on
+        src = src.view(h, nq, f, nk * f)
+        rows = src[:, :, 0].clone(memory_format=torch.contiguous_format)
+        for i in range(1, f):
+            combine(rows, src[:, :, i])
+        if f in _WORDS:
+            word, ones = _WORDS[f]
+            runs = rows.view(word)
+            out.append(runs == ones if fill else runs != 0)
+        else:
+            runs = rows.view(h, nq, nk, f)
+            out.append(runs.all(3) if fill else runs.any(3))
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import inspect
 import math
 import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 
 import torch
@@ -28,11 +29,13 @@ from torch import Tensor
 from .. import patterns as P
 from ..attention import BlockSparseAttention
 from ..dilated import dilated_attention
+from ..layout import num_blocks
 from ..plan import canonical_device
 from .records import environment, write_csv
 
-__all__ = ["BenchConfig", "DEFAULT_FAMILIES", "RECORDED", "VARIANTS", "bench_families",
-           "family_pattern", "longnet_families", "run_bench", "time_fn"]
+__all__ = ["BenchConfig", "DEFAULT_FAMILIES", "LAYOUT_TARGET_MS", "RECORDED", "VARIANTS",
+           "bench_families", "family_pattern", "layout_build_time", "longnet_families",
+           "run_bench", "time_fn"]
 
 RECORDED: dict[str, tuple[str, dict]] = {
     "dense": ("full", {}),
@@ -608,37 +611,136 @@ def _timed_ms(fn: Callable[[], object], dev: torch.device) -> tuple[object, floa
     return out, round((time.perf_counter() - t0) * 1e3, 2)
 
 
-def layout_build_time(seq_len: int, block_size: int, families: Iterable[str], heads: int,
-                      device: str) -> list[dict]:
-    """Milliseconds to build each family's exact block layout at ``seq_len`` (never ``S x S``)
-    and, from it, the block structures the kernels read: FlexAttention's forward ``BlockMask``
-    (``flex_mask_ms``) and the triton backend's plan with its bit masks (``triton_plan_ms``).
-    Dilated families get no structure: their path runs SDPA on strided views."""
+LAYOUT_TARGET_MS = {"cpu": 2000.0, "cuda": 100.0}
+"""What :func:`layout_build_time`'s ``meets_target`` holds a layout and its kernel structures
+to, in milliseconds, by device type."""
+
+
+def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
+                  cells: Sequence[int]) -> list[tuple[str, P.Pattern, str, int | None]]:
+    """(family, pattern, params, cell) of every case :func:`layout_build_time` times, cheapest
+    first within a family (larger cells, then fewer heads); head counts a builder refuses are
+    left out."""
+    cases = []
+    for family in dict.fromkeys(families):
+        fam, _ = _case(family, seq_len, 1)
+        takes = inspect.signature(fam.build).parameters
+        counts = sorted(set(heads)) if "num_heads" in takes else [1]
+        sizes = sorted(set(cells), reverse=True) if cells and "cell" in takes else [None]
+        for cell in sizes:
+            for h in counts:
+                over = {**RECORDED.get(family, (family, {}))[1],
+                        **({} if cell is None else {"cell": cell})}
+                try:
+                    args = fam.arguments(seq_len, h, **over)
+                    if "num_heads" in takes:  # random tiles draw each head apart
+                        args["num_heads"] = h
+                    pattern = fam.build(**args)
+                except ValueError:  # e.g. fewer heads than LongNet's head groups
+                    continue
+                cases.append((family, pattern, _params(fam, args), cell))
+    return cases
+
+
+def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size: int,
+                 dev: torch.device, reps: int, max_gib: float) -> tuple[dict, dict]:
+    """One case of :func:`layout_build_time`: the medians of ``reps`` builds of the layout and,
+    with ``structures``, of the ``BlockMask`` and the triton plan from it (after a warm-up at
+    4096 tokens); and the columns ``layout_mib``, ``partial_tiles``, ``status``."""
     from ..backends import Problem
     from ..backends.flex import build_block_mask
     from ..backends.triton_sparse import build_plan
 
-    dev = torch.device(device)
-    rows = []
-    for family in families:
-        pattern, params = family_pattern(family, seq_len, heads)
-        small = pattern.block_structure(min(seq_len, 4096), block_size, dev)  # warm up kernels
-        warm = Problem(small, pattern.predicate(dev), 1.0)
-        lay, ms = _timed_ms(lambda p=pattern: p.block_structure(seq_len, block_size, dev), dev)
-        row = {"family": family, "params": params, "seq_len": seq_len,
-               "block_size": block_size, "build_ms": ms,
-               "layout_mib": round(lay.active.numel() * 2 / 2**20, 1)}
-        if family not in longnet_families():
+    warm = Problem(pattern.block_structure(min(seq_len, 4096), block_size, dev),
+                   pattern.predicate(dev), 1.0)
+    times: dict[str, list[float]] = {"build_ms": [], "flex_mask_ms": [], "triton_plan_ms": []}
+    extra: dict = {"partial_tiles": None, "status": "ok"}
+    for _ in range(reps):
+        lay, ms = _timed_ms(lambda: pattern.block_structure(seq_len, block_size, dev), dev)
+        times["build_ms"].append(ms)
+        extra["layout_mib"] = round(lay.active.numel() * 2 / 2**20, 1)
+        if structures:
             prob = Problem(lay, pattern.predicate(dev), 1.0)
-            build_block_mask(warm, dev, backward=False)
-            build_plan(warm, dev)
-            _, row["flex_mask_ms"] = _timed_ms(lambda p=prob: build_block_mask(p, dev, False), dev)
-            plan, row["triton_plan_ms"] = _timed_ms(lambda p=prob: build_plan(p, dev), dev)
-            row["partial_tiles"] = int(plan.part_count.sum())
-            del prob, plan
-        rows.append(row)
+            if not times["flex_mask_ms"]:
+                build_block_mask(warm, dev, backward=False)
+            times["flex_mask_ms"].append(
+                _timed_ms(lambda p=prob: build_block_mask(p, dev, False), dev)[1])
+            extra["partial_tiles"] = partial = int((lay.active & ~lay.full).sum())
+            bits = partial * block_size**2 / 8 / 2**30
+            if bits > max_gib:
+                extra["status"] = f"no triton plan: its bit masks need {bits:.0f} GiB"
+            else:
+                try:
+                    if not times["triton_plan_ms"]:
+                        build_plan(warm, dev)
+                    times["triton_plan_ms"].append(
+                        _timed_ms(lambda p=prob: build_plan(p, dev), dev)[1])
+                except (ValueError, torch.OutOfMemoryError) as err:
+                    extra["status"] = f"no triton plan: {str(err).split(';')[0]}"
+            del prob
         del lay
-        gc.collect()  # the next family's timing starts without this one's memory
+        gc.collect()  # the next build starts without this one's memory
+    med = {k: round(statistics.median(v), 2) for k, v in times.items() if v}
+    return med, extra
+
+
+def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
+                      heads: int | Iterable[int], device: str, *, cells: Iterable[int] = (),
+                      reps: int = 1, max_seconds: float = math.inf,
+                      max_gib: float = math.inf, progress: bool = False) -> list[dict]:
+    """Milliseconds to build each family's exact block layout at ``seq_len`` (never ``S x S``)
+    and, from it, the block structures the kernels read: FlexAttention's forward ``BlockMask``
+    (``flex_mask_ms``) and the triton backend's plan with its bit masks (``triton_plan_ms``),
+    each the median of ``reps`` builds. Dilated families get no structure: their path runs SDPA
+    on strided views.
+
+    One row per family, head count and cell size: every count in ``heads`` for a family whose
+    builder takes ``num_heads`` (counts it refuses are left out), 1 for the others (one layout
+    head serves every head); every size in ``cells`` for a family whose builder takes ``cell``
+    (else its own, ``cell`` empty). ``total_ms`` is the layout plus the slower structure of a
+    kernel that runs on the device (the triton plan counts on CUDA only, where its kernels run);
+    ``meets_target`` compares it with :data:`LAYOUT_TARGET_MS` of the device.
+
+    A case is not run (``status`` says why) when it is predicted to take more than
+    ``max_seconds`` (from the last case run of its family: the layout scaled by heads x cells,
+    the structures by heads), or
+    its layout and index lists (2 bytes a tile, and 8 more with structures) would exceed
+    ``max_gib``; a triton plan whose bit masks would exceed ``max_gib`` is left out alone.
+    """
+    from tqdm.auto import tqdm
+
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+    target = LAYOUT_TARGET_MS["cuda" if on_cuda else "cpu"]
+    counts = [heads] if isinstance(heads, int) else list(heads)
+    cases = _layout_cases(seq_len, families, counts, list(cells))
+    tiles = num_blocks(seq_len, block_size) ** 2
+    last: dict[str, tuple[float, float, int, float]] = {}  # its last case run, per family
+    rows = []
+    for family, pattern, params, cell in tqdm(cases, desc="layouts", unit="case",
+                                              disable=not progress):
+        row = {"family": family, "params": params, "heads": pattern.num_heads, "cell": cell,
+               "seq_len": seq_len, "block_size": block_size}
+        h, cells = pattern.num_heads, 1.0 if cell is None else (seq_len / cell) ** 2
+        per_tile = 2 if family in longnet_families() else 10  # bools, then int32 lists
+        gib = h * tiles * per_tile / 2**30
+        predicted = 0.0
+        if family in last:  # a layout scales with heads x cells, its structures with heads
+            build, rest, h0, c0 = last[family]
+            predicted = (build * h * cells / (h0 * c0) + rest * h / h0) / 1e3
+        if predicted > max_seconds:
+            rows.append({**row, "status": f"too_slow: predicted {predicted:.0f} s a build"})
+            continue
+        if gib > max_gib:
+            rows.append({**row, "status": f"too_large: needs {gib:.1f} GiB"})
+            continue
+        med, extra = _time_layout(pattern, family not in longnet_families(), seq_len,
+                                  block_size, dev, reps, max_gib)
+        total = med["build_ms"] + max(med.get("flex_mask_ms", 0.0),
+                                      med.get("triton_plan_ms", 0.0) if on_cuda else 0.0)
+        last[family] = (med["build_ms"], total - med["build_ms"], h, cells)
+        rows.append({**row, **med, "total_ms": round(total, 2),
+                     "meets_target": total <= target, **extra})
     return rows
 
 

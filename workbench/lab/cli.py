@@ -283,7 +283,10 @@ def _check_bench(args: argparse.Namespace) -> None:
     if "flex_natural" in args.variants and args.backward and on_cpu:
         raise UsageError("--variants flex_natural: FlexAttention has no CPU backward: drop "
                          "--backward or flex_natural, or use --device cuda on a GPU machine")
-    _check_patterns(args.families, args.seq_lens, args.heads)
+    if not args.seq_lens and not args.layout_timing:
+        raise UsageError("bench needs --seq-lens (attention timings), --layout-timing (layout "
+                         "build timings) or both")
+    _check_patterns(args.families, args.seq_lens or (), args.heads)
 
 
 def _check_patterns(families: Sequence[str], seq_lens: Sequence[int], heads: int) -> None:
@@ -435,28 +438,35 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, layout_build_time, run_bench
     from .records import write_csv
 
-    cfg = BenchConfig(
-        study=args.study, seq_lens=tuple(args.seq_lens), families=tuple(args.families),
-        variants=tuple(args.variants), batch=args.batch, heads=args.heads,
-        head_dim=args.head_dim, dtype=args.dtype, block_size=args.block_size, reps=args.reps,
-        warmup=args.warmup, backward=args.backward, grad_forward=args.grad_forward,
-        device=args.device or BenchConfig.device,
-    )
-    rows = run_bench(cfg)
-    for r in rows:
-        print(f"{r['seq_len']:>8} {r['family']:>9} {r['variant']:>13} {r['pass']:>8} "
-              f"{r['ms']:>10} ms {r['useful_tflops']:>8} TFLOP/s {r['peak_mib']:>9} MiB "
-              f"{r['status']}")
+    device = args.device or BenchConfig.device
+    if args.seq_lens:
+        cfg = BenchConfig(
+            study=args.study, seq_lens=tuple(args.seq_lens), families=tuple(args.families),
+            variants=tuple(args.variants), batch=args.batch, heads=args.heads,
+            head_dim=args.head_dim, dtype=args.dtype, block_size=args.block_size,
+            reps=args.reps, warmup=args.warmup, backward=args.backward,
+            grad_forward=args.grad_forward, device=device,
+        )
+        for r in run_bench(cfg):
+            print(f"{r['seq_len']:>8} {r['family']:>9} {r['variant']:>13} {r['pass']:>8} "
+                  f"{r['ms']:>10} ms {r['useful_tflops']:>8} TFLOP/s {r['peak_mib']:>9} MiB "
+                  f"{r['status']}")
     if args.layout_timing:
         lay = []
         for s in args.layout_timing:
-            lay += layout_build_time(s, cfg.block_size, cfg.families, cfg.heads, cfg.device)
+            lay += layout_build_time(
+                s, args.block_size, args.families, args.layout_heads or [args.heads], device,
+                cells=args.layout_cells or (), reps=args.reps,
+                max_seconds=args.layout_max_seconds, max_gib=args.layout_max_gib,
+                progress=True)
         for r in lay:
-            kernels = (f"; flex BlockMask {r['flex_mask_ms']} ms, triton plan "
-                       f"{r['triton_plan_ms']} ms" if "flex_mask_ms" in r else "")
-            print(f"layout {r['family']:>9} S={r['seq_len']} block={r['block_size']}: "
-                  f"{r['build_ms']} ms, {r['layout_mib']} MiB{kernels}")
-        write_csv(lay, f"bench_{cfg.study}_layout", cfg.device)
+            cell = "" if r["cell"] is None else f" cell={r['cell']}"
+            took = (f": layout {r['build_ms']} ms, flex BlockMask {r.get('flex_mask_ms')} ms, "
+                    f"triton plan {r.get('triton_plan_ms')} ms" if "build_ms" in r else "")
+            print(f"layout {r['family']:>9} heads={r['heads']}{cell} S={r['seq_len']} "
+                  f"block={r['block_size']}{took} [{r['status']}]")
+        write_csv(lay, f"bench_{args.study}_layout" if args.seq_lens else f"layouts_{args.study}",
+                  device)
     return 0
 
 
@@ -672,7 +682,7 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
 
     ben = sub.add_parser("bench", help="time variants against baselines per family and length")
     _study_arg(ben, "bench_<study>")
-    _seq_lens_arg(ben, required=True)
+    _seq_lens_arg(ben, help="lengths to time attention at (leave out to time layouts alone)")
     _families_arg(ben, families, DEFAULT_FAMILIES)
     ben.add_argument("--variants", nargs="+", default=["ours", "sdpa_dense"], choices=VARIANTS,
                      metavar="NAME", help=f"from: {', '.join(VARIANTS)} (default: ours "
@@ -687,7 +697,18 @@ def _bench_commands(sub, families: tuple[str, ...]) -> None:
                         help="time the forward of inputs that require grad")
     _device_arg(ben, None)
     ben.add_argument("--layout-timing", nargs="*", type=positive_int, metavar="S",
-                     help="also time building each family's block layout at these lengths")
+                     help="time building each family's block layout and kernel structures at "
+                     "these lengths (the median of --reps); writes data/bench_<study>_layout.csv, "
+                     "or data/layouts_<study>.csv without --seq-lens")
+    ben.add_argument("--layout-heads", nargs="+", type=positive_int, metavar="H",
+                     help="head counts of the layout timing (default: --heads)")
+    ben.add_argument("--layout-cells", nargs="+", type=positive_int, metavar="C",
+                     help="cell sizes of the layout timing, for families with a cell argument "
+                     "(default: their own)")
+    ben.add_argument("--layout-max-seconds", type=positive_float_or_inf, default=math.inf,
+                     help="skip a layout case predicted to take longer per build")
+    ben.add_argument("--layout-max-gib", type=positive_float_or_inf, default=math.inf,
+                     help="skip a layout case (or a triton plan) that would need more memory")
     ben.set_defaults(func=_bench, validate=_check_bench)
 
     hil = sub.add_parser("bench-hilbert", help="2-D neighbourhood attention per token and visit "

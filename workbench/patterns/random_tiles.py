@@ -2,8 +2,8 @@
 
 A cell of ``cell x cell`` tokens is on when a deterministic 24-bit hash of (seed, head, cell row,
 cell column) falls below ``density * 2**24``, so a pattern does not depend on the sequence length
-or on the block size a kernel later uses. Layouts hash the cell grid a few rows at a time in
-int32 and reduce it to tiles exactly (:func:`~workbench.layout.cells_to_tiles`).
+or on the block size a kernel later uses. Layouts hash the cell grid a band of rows at a time in
+int32 and reduce each band to tiles exactly (:func:`~workbench.layout.cells_to_tiles`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from .base import Pattern, check_density, check_int
 
 _HASH_HEAD, _HASH_ROW, _HASH_COL, _HASH_SEED = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
 _HASH_MIX = (0x7FEB352D, 0x846CA68B)
-_GRID_CHUNK = 1 << 18  # cells hashed per step on a CPU when building a cell grid (in cache)
-_GRID_CHUNK_GPU = 1 << 24  # the same on a GPU, where each step is a few kernel launches
+_HASH_STEP = {"cpu": 1 << 18, "cuda": 1 << 24}
+"""Cells hashed per step, by device type: on a CPU a step's two int32 buffers stay in cache; on
+a GPU a large step keeps the number of kernel launches down (others use the GPU's)."""
+_BAND_CELLS = {"cpu": 1 << 22, "cuda": 1 << 28}
+"""Cells per band of tile rows a layout hashes and reduces at once: the cell grid (``f**2``
+times the tiles when ``f`` cells fit along a tile) is never held whole."""
 
 
 def _signed32(x: int) -> int:
@@ -60,25 +64,37 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
     """Bool ``[len(heads), r1 - r0, cols]``: ``hash_cells(seed, h, i, j) < threshold`` for the
     cell rows ``i`` in ``rows = (r0, r1)``.
 
-    The same hash in int32 (products wrap, which keeps exactly the low 32 bits), a few rows
-    at a time so that the intermediates stay small (in cache, on a CPU) and the memory is the
-    output alone.
+    The same hash in int32 (products wrap, which keeps exactly the low 32 bits), in place on
+    two buffers of :data:`_HASH_STEP` cells, whole cell rows at a time. The final test reads
+    the top 24 bits as unsigned: ``(y >>> 8) < t`` is ``y < 256 t`` on unsigned 32-bit ``y``,
+    which is a signed comparison once the sign bit is flipped.
     """
     def lanes(v: Tensor) -> Tensor:  # int64 in [0, 2**32) -> int32 with the same bits
         return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
 
-    col = lanes(torch.arange(cols, device=device) * _HASH_COL & 0xFFFFFFFF)
     first, end = rows
     out = torch.empty(len(heads), end - first, cols, dtype=torch.bool, device=device)
-    chunk = _GRID_CHUNK if torch.device(device).type == "cpu" else _GRID_CHUNK_GPU
-    step = max(1, chunk // cols)
+    if threshold <= 0 or threshold >= 1 << 24:  # no cell, or every cell
+        return out.fill_(threshold > 0)
+    col = lanes(torch.arange(cols, device=device) * _HASH_COL & 0xFFFFFFFF)
+    step = max(1, _HASH_STEP.get(torch.device(device).type, _HASH_STEP["cuda"]) // cols)
+    x = torch.empty(min(step, end - first), cols, dtype=torch.int32, device=device)
+    t = torch.empty_like(x)
+    sign, muls = -(1 << 31), [_signed32(m) for m in _HASH_MIX]
+    below = threshold * 256 - 1 + sign  # y < 256 t  <=>  (y ^ sign) <= 256 t - 1 - 2**31
     for n, h in enumerate(heads):
         base = (h * _HASH_HEAD + seed * _HASH_SEED) & 0xFFFFFFFF
         for r0 in range(first, end, step):
             r = torch.arange(r0, min(r0 + step, end), device=device)
-            row = lanes((r * _HASH_ROW + base) & 0xFFFFFFFF)
-            torch.lt(_mix32(row[:, None] + col[None, :]), threshold,
-                     out=out[n, r0 - first : r0 - first + step])
+            xs, ts = x[:len(r)], t[:len(r)]
+            torch.add(lanes((r * _HASH_ROW + base) & 0xFFFFFFFF)[:, None], col, out=xs)
+            for mul in (*muls, None):  # x ^= x >>> 16, then x *= mul (_mix32, in place)
+                torch.bitwise_right_shift(xs, 16, out=ts).bitwise_and_(0xFFFF)
+                xs.bitwise_xor_(ts)
+                if mul is not None:
+                    xs.mul_(mul)
+            # compared in place as int32 0/1, then cast: faster than comparing into bools
+            out[n, r0 - first:r0 - first + len(r)] = xs.bitwise_xor_(sign).le_(below)
     return out
 
 
@@ -100,10 +116,30 @@ class RandomBlocks(Pattern):
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         c, b = self.cell, block_size
+        nkc = num_blocks(k_len, c)
+        # tile rows per band: each band's cell rows are hashed, then reduced to its tiles
+        band = max(1, _BAND_CELLS.get(device.type, _BAND_CELLS["cuda"])
+                   // (self.num_heads * nkc * -(-b // c)))
+        if band >= rows[1] - rows[0]:
+            return self._band(q_len, k_len, b, device, rows)
+        shape = (self.num_heads, rows[1] - rows[0], num_blocks(k_len, b))
+        any_ = torch.empty(shape, dtype=torch.bool, device=device)
+        all_ = torch.empty_like(any_)
+        for r0 in range(rows[0], rows[1], band):
+            r1 = min(r0 + band, rows[1])
+            a, f = self._band(q_len, k_len, b, device, (r0, r1))
+            any_[:, r0 - rows[0]:r1 - rows[0]] = a
+            all_[:, r0 - rows[0]:r1 - rows[0]] = f
+        return any_, all_
+
+    def _band(self, q_len: int, k_len: int, b: int, device: torch.device,
+              rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """:meth:`tiles` of the query blocks ``rows`` at once."""
+        c = self.cell
         cells = (rows[0] * b // c, (min(rows[1] * b, q_len) - 1) // c + 1)  # their cell rows
         on = _hash_grid(self.seed, range(self.num_heads), cells, num_blocks(k_len, c),
                         self.threshold, device)
-        return cells_to_tiles(on, c, q_len, k_len, block_size, rows)
+        return cells_to_tiles(on, c, q_len, k_len, b, rows)
 
     def count_pairs(self, seq_len):
         c = self.cell

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_hex
+from matplotlib.lines import Line2D
 
 from . import style
 from .style import Provenance
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["DTYPE_BYTES", "METRIC_LABEL", "VARIANT_MARKER", "environment_note", "length_label",
-           "peak_over_io", "plot_kernel_resources", "plot_longest_sequence", "plot_rate_bars",
-           "plot_vs_length"]
+           "peak_over_io", "plot_kernel_resources", "plot_layout_build", "plot_longest_sequence",
+           "plot_rate_bars", "plot_vs_length"]
 
 #: bytes per element of the ``dtype`` names the benchmark writes.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -336,5 +337,53 @@ def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
             shape="head_dim " + ", ".join(str(d) for d in dict.fromkeys(rows["head_dim"])),
             software=", ".join(dict.fromkeys(rows["compiled_by"].astype(str)))
             if "compiled_by" in rows else "")
+    _stamp(g.figure, rows, provenance)
+    return g.figure
+
+
+def plot_layout_build(df: pd.DataFrame, *, title: str = "",
+                      provenance: Provenance | None = None) -> Figure:
+    """Time to build each case's layout and kernel structure (``total_ms``, log axis): one
+    row per family, random tiles' one per cell size, one marker colour per head count, one
+    panel per device with its target (``target_ms``, dashed). Cases not run (``total_ms``
+    empty) are left out.
+
+    ``df``: rows of :func:`workbench.lab.bench.layout_build_time` with a ``target_ms`` column
+    (``family``, ``cell``, ``heads``, ``total_ms``, ``device``, ``date``; ``seq_len`` and
+    ``block_size`` go into the stamp).
+    Raises ``ValueError`` when no case has a time.
+    """
+    rows = df.dropna(subset=["total_ms"])
+    if rows.empty:
+        raise ValueError("plot_layout_build: no case with a total_ms to draw")
+    cell = pd.to_numeric(rows["cell"], errors="coerce")
+    rows = rows.assign(case=[f if c != c else f"{f} cell {int(c)}"
+                             for f, c in zip(rows["family"], cell)])
+    order = list(dict.fromkeys(rows["case"]))
+    heads = sorted(rows["heads"].astype(int).unique())
+    colors = dict(zip(heads, sns.color_palette("viridis", len(heads))))
+    g = sns.catplot(data=rows.assign(heads=rows["heads"].astype(int)), x="total_ms", y="case",
+                    hue="heads", hue_order=heads, col="device", kind="strip", order=order,
+                    orient="h", jitter=False, dodge=True, size=7, palette=colors, legend=False,
+                    height=0.32 * len(order) + 1.2, aspect=6.0 / (0.32 * len(order) + 1.2))
+    g.add_legend(legend_data={str(h): Line2D([], [], marker="o", ls="", color=c, markersize=7)
+                              for h, c in colors.items()}, title="heads")
+    for device, ax in g.axes_dict.items():
+        target = float(rows.loc[rows["device"] == device, "target_ms"].iloc[0])
+        ax.axvline(target, color="black", ls="--", lw=1.2)
+        ax.annotate(f"target {target:.0f} ms", (target, -0.5), xytext=(3, 0),
+                    textcoords="offset points", fontsize=8, va="top")
+        ax.set_xscale("log")
+        ax.set_ylabel("")
+        ax.set_xlabel("layout + kernel structure (ms)")
+        ax.set_title(str(device))
+        ax.grid(axis="x", which="both", alpha=0.3)
+    if title:
+        g.figure.suptitle(title, y=1.02)
+    if provenance is None:  # layouts have no dtype: bool maps and int32 block lists
+        shape = ", ".join(f"{k}={', '.join(map(str, dict.fromkeys(rows[c])))}"
+                          for k, c in (("S", "seq_len"), ("block", "block_size")) if c in rows)
+        provenance = Provenance.from_rows(rows.assign(dtype="bool layouts, int32 lists"),
+                                          shape=shape or f"H={', '.join(map(str, heads))}")
     _stamp(g.figure, rows, provenance)
     return g.figure
