@@ -4,8 +4,8 @@ For a (segment ``w``, dilation ``r``) pair, the positions a head keeps inside ea
 (``s, s + r, ...`` from the segment start) are attended densely, segment by segment, and the
 result is put back: no tile is wasted. When every segment is full, the kept positions of a run of
 consecutive heads whose offsets step evenly (LongNet's ``j mod r``) are one strided view of q, k
-and v that PyTorch's fused flash kernel reads in place, forward and backward, with its
-log-sum-exp (:mod:`~workbench.backends.segments`); several pairs on the same heads (LongNet's
+and v that one of PyTorch's fused attention kernels reads in place, forward and backward, with
+its log-sum-exp (:mod:`~workbench.backends.segments`); several pairs on the same heads (LongNet's
 paper mode) are merged inside that one pass. Otherwise the kept positions are gathered by index.
 """
 
@@ -47,9 +47,16 @@ def _with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int
 GATHER_HEAD_FRACTION = 1 / 16
 #: Bytes of heads one call may always take, however small ``GATHER_HEAD_FRACTION`` makes it.
 GATHER_MIN_BYTES = 64 * 2**20
-#: Bytes per head from which SDPA reads q, k, v in place (one call per run of heads); below it
-#: the strided views are copied into one batch for one call.
+#: Bytes per head from which the kernel reads q, k, v in place (one call per run of heads);
+#: below it the strided views are copied into one batch for one call.
 IN_PLACE_MIN_BYTES = 8 * 2**20
+
+
+def _fills(seq_len: int, segment: int, dilation: int, offsets: Sequence[int]) -> bool:
+    """Whether every slot of heads at ``offsets`` is a real position: full segments, and no
+    offset whose last slot runs past its segment."""
+    last = (-(-segment // dilation) - 1) * dilation
+    return seq_len % segment == 0 and all(o + last < segment for o in offsets)
 
 
 def _head_bytes(q: Tensor) -> int:
@@ -197,15 +204,16 @@ def branch_gather(
     """One (segment, dilation) branch for heads with ``offsets``, by the dilation ordering:
     dense attention inside each head's kept positions of each segment, written into ``out``
     (zeros) and ``lse`` (-inf, or None when not needed) in place; only the positions each head
-    keeps are written. ``chunk`` heads go at a time; ``kept`` as for :func:`heads_gather`."""
+    keeps are written. ``chunk`` heads go at a time; ``kept`` keeps the index tensors, masks and
+    prepared backends of these shapes across calls (other shapes, dtype, device or grad mode
+    need their own)."""
     h, s = q.shape[1], q.shape[2]
-    length = -(-segment // dilation)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     in_place = lse is None and _head_bytes(q) >= IN_PLACE_MIN_BYTES
     for a in range(0, h, chunk):
         sl = slice(a, min(a + chunk, h))
         offs = offsets[sl]
-        full = s % segment == 0 and all(o + (length - 1) * dilation < segment for o in offs)
+        full = _fills(s, segment, dilation, offs)
         # Under autograd every view would get a gradient buffer of its base's full size in the
         # backward, one per offset: the index gather costs one per tensor instead.
         key = ("pieces", s, segment, dilation, tuple(offs), grad, in_place)
@@ -261,9 +269,8 @@ class _Branch(NamedTuple):
     offsets: tuple[int, ...]
 
     def fills(self, seq_len: int) -> bool:
-        """Whether every slot is a real position (full segments, no offset runs past one)."""
-        last = (-(-self.segment // self.dilation) - 1) * self.dilation
-        return seq_len % self.segment == 0 and all(o + last < self.segment for o in self.offsets)
+        """Whether every slot is a real position (:func:`_fills`)."""
+        return _fills(seq_len, self.segment, self.dilation, self.offsets)
 
 
 def _branches(dil: Dilated) -> list[_Branch]:
@@ -317,14 +324,16 @@ def _overlap(branches: list[_Branch]) -> bool:
 
 
 class _Fused(NamedTuple):
-    """What :class:`_DilationOrdered` runs: the branches, their options, the kernel, and where
-    the strided pieces are kept across calls."""
+    """What :class:`_DilationOrdered` runs: the branches, their options, the kernel, where
+    the strided pieces are kept across calls, and whether branches share heads (:func:`_overlap`:
+    their results are merged)."""
 
     branches: list[_Branch]
     causal: bool
     scale: float
     kernel: SegmentKernel
     kept: dict
+    merged: bool
 
 
 class _DilationOrdered(torch.autograd.Function):
@@ -333,7 +342,7 @@ class _DilationOrdered(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, spec):  # type: ignore[override]
-        in_place, merged = _head_bytes(q) >= IN_PLACE_MIN_BYTES, _overlap(spec.branches)
+        in_place, merged = _head_bytes(q) >= IN_PLACE_MIN_BYTES, spec.merged
         acc = accumulation_dtype(q.dtype)
         out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=acc if merged else q.dtype)
         lse = torch.full(q.shape[:3], -torch.inf, dtype=acc, device=q.device)
@@ -353,7 +362,7 @@ class _DilationOrdered(torch.autograd.Function):
                 pc.put(lse[:, sl], m_acc)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.states, ctx.in_place, ctx.merged = spec, states, in_place, merged
+        ctx.spec, ctx.states, ctx.in_place = spec, states, in_place
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -362,7 +371,7 @@ class _DilationOrdered(torch.autograd.Function):
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         spec = ctx.spec
-        dtype = accumulation_dtype(q.dtype) if ctx.merged else q.dtype
+        dtype = accumulation_dtype(q.dtype) if spec.merged else q.dtype
         grads = [torch.zeros(x.shape, dtype=dtype, device=x.device) for x in (q, k, v)]
         if dout is not None and dout.stride(-1) != 1:
             dout = dout.contiguous()
@@ -452,9 +461,9 @@ def prepare_dilated(
     causal = parts[0][1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     branches = [br for dil, _ in parts for br in _branches(dil)]
-    kernel, kept = segment_kernel(q, k, v), {}
+    kernel, kept, merged = segment_kernel(q, k, v), {}, _overlap(branches)
     if kernel is not None and all(br.fills(q.shape[2]) for br in branches):
-        spec = _Fused(branches, causal, scale, kernel, kept)
+        spec = _Fused(branches, causal, scale, kernel, kept, merged)
 
         def fused(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
             # the kernels read rows of D contiguous elements through the strided views
@@ -463,7 +472,7 @@ def prepare_dilated(
             return out, lse if need_lse else None
 
         return fused
-    generic = _merged_generic if _overlap(branches) else _generic
+    generic = _merged_generic if merged else _generic
     return lambda q, k, v: generic(q, k, v, branches, causal, scale, need_lse, block_size, kept)
 
 

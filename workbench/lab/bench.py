@@ -245,6 +245,12 @@ def _variant_fn(
     raise ValueError(variant)
 
 
+def _required_bytes(q: Tensor, backward: bool) -> int:
+    """Bytes of the tensors a pass over inputs like ``q`` must hold: q, k, v and out; with the
+    backward also their gradients and the upstream gradient."""
+    return (8 if backward else 4) * q.numel() * q.element_size()
+
+
 def _fwd_bwd_step(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
                   grad: Tensor | None = None) -> Callable[[], Tensor]:
     """A closure running ``fn`` and its backward into ``inputs`` with output gradient ``grad``
@@ -326,8 +332,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
         if cfg.backward:
             useful_flops *= 3.5  # backward does 2.5x the forward's matmul work
         rate = status == "ok" and variant != "paper"  # paper mode runs every pair on every head
-        # q, k, v and out; with the backward also their gradients and the upstream gradient
-        required = (8 if cfg.backward else 4) * q.numel() * q.element_size() / 2**20
+        required = _required_bytes(q, cfg.backward) / 2**20
         row.update(status=status, **{k: round(x, 4 if k == "ms" else 1)
                                      for k, x in measured.items()},
                    required_mib=round(required, 1),
@@ -420,7 +425,7 @@ def _longest_attempt(family: str, s: int, cfg: BenchConfig, dev: torch.device,
         err = spot_check(pattern, q.detach(), k.detach(), v.detach(), last.pop())
         return dict(params=params, status="ok", ms=round(ms, 2), timed_call=timed,
                     **_peaks_gib(dev), outside_gib=_gib(_outside_allocator(dev)),
-                    required_gib=_gib((8 if cfg.backward else 4) * q.numel() * 2),
+                    required_gib=_gib(_required_bytes(q, cfg.backward)),
                     max_abs_err_rows=err)
     except torch.OutOfMemoryError as err:  # its traceback still holds the failing call's tensors
         return dict(status="oom", failed_alloc_gib=_failed_alloc_gib(str(err)),
@@ -691,8 +696,8 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     """Milliseconds to build each family's exact block layout at ``seq_len`` (never ``S x S``)
     and, from it, the block structures the kernels read: FlexAttention's forward ``BlockMask``
     (``flex_mask_ms``) and the triton backend's plan with its bit masks (``triton_plan_ms``),
-    each the median of ``reps`` builds. Dilated families get no structure: their path runs SDPA
-    on strided views.
+    each the median of ``reps`` builds. Dilated families get no structure: their path runs the
+    fused kernels on strided views.
 
     One row per family, head count and cell size: every count in ``heads`` for a family whose
     builder takes ``num_heads`` (counts it refuses are left out), 1 for the others (one layout
@@ -716,29 +721,30 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     cases = _layout_cases(seq_len, families, counts, list(cells))
     tiles = num_blocks(seq_len, block_size) ** 2
     last: dict[str, tuple[float, float, int, float]] = {}  # its last case run, per family
+    longnet = set(longnet_families())
     rows = []
     for family, pattern, params, cell in tqdm(cases, desc="layouts", unit="case",
                                               disable=not progress):
         row = {"family": family, "params": params, "heads": pattern.num_heads, "cell": cell,
                "seq_len": seq_len, "block_size": block_size}
-        h, cells = pattern.num_heads, 1.0 if cell is None else (seq_len / cell) ** 2
-        per_tile = 2 if family in longnet_families() else 10  # bools, then int32 lists
+        h, cell_count = pattern.num_heads, 1.0 if cell is None else (seq_len / cell) ** 2
+        per_tile = 2 if family in longnet else 10  # bools, then int32 lists
         gib = h * tiles * per_tile / 2**30
         predicted = 0.0
         if family in last:  # a layout scales with heads x cells, its structures with heads
             build, rest, h0, c0 = last[family]
-            predicted = (build * h * cells / (h0 * c0) + rest * h / h0) / 1e3
+            predicted = (build * h * cell_count / (h0 * c0) + rest * h / h0) / 1e3
         if predicted > max_seconds:
             rows.append({**row, "status": f"too_slow: predicted {predicted:.0f} s a build"})
             continue
         if gib > max_gib:
             rows.append({**row, "status": f"too_large: needs {gib:.1f} GiB"})
             continue
-        med, extra = _time_layout(pattern, family not in longnet_families(), seq_len,
+        med, extra = _time_layout(pattern, family not in longnet, seq_len,
                                   block_size, dev, reps, max_gib)
         total = med["build_ms"] + max(med.get("flex_mask_ms", 0.0),
                                       med.get("triton_plan_ms", 0.0) if on_cuda else 0.0)
-        last[family] = (med["build_ms"], total - med["build_ms"], h, cells)
+        last[family] = (med["build_ms"], total - med["build_ms"], h, cell_count)
         rows.append({**row, **med, "total_ms": round(total, 2),
                      "meets_target": total <= target, **extra})
     return rows
