@@ -74,7 +74,7 @@ def heads_at_once(q: Tensor) -> int:
 class _Piece(NamedTuple):
     """Slots attended by one call: ``gather(x)`` -> ``[B', nseg', L, *rest]`` (q, k, v and the
     log-sum-exp alike), ``put(dst, src)`` writes a result back (strided pieces:
-    ``put(dst, src, add=True)`` adds it, ``put(dst, src, weight=w)`` adds ``src * w``);
+    ``put(dst, src, add=True)`` adds it; ``weight=w`` puts or adds ``src * w``);
     ``key_ok`` [nseg', L] masks padding keys (None: every key is real)."""
 
     gather: Callable[[Tensor], Tensor]
@@ -165,14 +165,13 @@ def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int
 
 
 def _write(target: Tensor, src: Tensor, add: bool, weight: Tensor | None) -> None:
-    """``target`` becomes ``src``; with ``add`` it adds ``src``; with a ``weight`` it adds
-    ``src * weight``."""
-    if weight is not None:
-        target.addcmul_(src, weight)
+    """``target`` becomes ``src`` (times ``weight``), or with ``add`` adds it."""
+    if weight is None:
+        target.add_(src) if add else target.copy_(src)
     elif add:
-        target.add_(src)
+        target.addcmul_(src, weight)
     else:
-        target.copy_(src)
+        torch.mul(src, weight, out=target)
 
 
 def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int],
@@ -316,23 +315,27 @@ def _generic(
 
 
 def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, kept: dict
-                  ) -> Iterator[tuple[slice, list[tuple[slice, _Piece]]]]:
-    """Every branch's pieces a few heads at a time: ``(heads, [(piece_heads, piece), ...])``,
-    ``piece_heads`` relative to ``heads``, in one fixed order (the backward walks the forward's
-    pieces again); pieces are kept in ``kept``."""
+                  ) -> Iterator[tuple[slice, list[tuple[slice, _Piece]], int]]:
+    """Every branch's pieces a few heads at a time: ``(heads, [(piece_heads, piece), ...],
+    covering)``, ``piece_heads`` relative to ``heads``, in one fixed order (the backward walks
+    the forward's pieces again); pieces are kept in ``kept``. A branch that keeps every position
+    of these heads (dilation 1) goes first: its ``covering`` pieces write every position once."""
     s, h, chunk = q.shape[2], q.shape[1], heads_at_once(q)
     for start in range(0, h, chunk):
-        stop, group = min(start + chunk, h), []
-        for br in branches:
-            a, b = max(start, br.start), min(stop, br.stop)
-            if a >= b:
-                continue
+        stop = min(start + chunk, h)
+        spans = [(br, max(start, br.start), min(stop, br.stop)) for br in branches]
+        spans = [(br, a, b) for br, a, b in spans if a < b]
+        spans.sort(key=lambda span: (span[0].dilation, span[1], span[2]) != (1, start, stop))
+        group, covering = [], 0
+        for n, (br, a, b) in enumerate(spans):
             offs = br.offsets[a - br.start:b - br.start]
             key = ("strided", s, br.segment, br.dilation, offs, in_place)
             if key not in kept:
                 kept[key] = _strided_pieces(s, br.segment, br.dilation, list(offs), in_place)
             group += [(slice(a - start, b - start), pc) for pc in kept[key]]
-        yield slice(start, stop), group
+            if n == 0 and (br.dilation, a, b) == (1, start, stop):
+                covering = len(group)
+        yield slice(start, stop), group, covering
 
 
 def _overlap(branches: list[_Branch]) -> bool:
@@ -367,7 +370,7 @@ class _DilationOrdered(torch.autograd.Function):
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         lse = torch.full(q.shape[:3], -torch.inf, dtype=acc, device=q.device)
         states = []
-        for heads, group in _fused_pieces(q, spec.branches, in_place, spec.kept):
+        for heads, group, covering in _fused_pieces(q, spec.branches, in_place, spec.kept):
             qh, kh, vh, oh, lh = q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse[:, heads]
             parts = []
             for sl, pc in group:
@@ -381,10 +384,10 @@ class _DilationOrdered(torch.autograd.Function):
                     pc.put(oh[:, sl], o)
                     pc.put(lh[:, sl], m)
             if parts:
-                total = torch.zeros(oh.shape, dtype=acc, device=q.device)
-                for sl, pc, o, m in parts:
+                total = _sums(oh.shape, acc, q.device, covering)
+                for n, (sl, pc, o, m) in enumerate(parts):
                     share = torch.exp(m - pc.gather(lh[:, sl])).unsqueeze(-1)
-                    pc.put(total[:, sl], o, weight=share)
+                    pc.put(total[:, sl], o, add=n >= covering, weight=share)
                 oh.copy_(total)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.states, ctx.in_place = spec, states, in_place
@@ -396,16 +399,19 @@ class _DilationOrdered(torch.autograd.Function):
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         spec, states = ctx.spec, iter(ctx.states)
-        grads = [torch.zeros_like(x) for x in (q, k, v)]
+        # every head chunk's sums are copied in when merged; otherwise unkept positions get 0
+        grads = [(torch.empty_like if spec.merged else torch.zeros_like)(x) for x in (q, k, v)]
         if dout is not None and dout.stride(-1) != 1:
             dout = dout.contiguous()
         acc = accumulation_dtype(q.dtype)
-        for heads, group in _fused_pieces(q, spec.branches, ctx.in_place, spec.kept):
+        pieces = _fused_pieces(q, spec.branches, ctx.in_place, spec.kept)
+        for heads, group, covering in pieces:
+            covering = covering if dout is not None else 0  # lse gradients leave v's unset
             qh, kh, vh, oh, lh = q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse[:, heads]
             # merged branches add several gradients per position: summed in the accumulation dtype
-            sums = [torch.zeros(g[:, heads].shape, dtype=acc, device=g.device)
+            sums = [_sums(g[:, heads].shape, acc, g.device, covering)
                     for g in grads] if spec.merged else [g[:, heads] for g in grads]
-            for sl, pc in group:
+            for n, (sl, pc) in enumerate(group):
                 state = next(states)
                 qg, kg, vg = pc.gather(qh[:, sl]), pc.gather(kh[:, sl]), pc.gather(vh[:, sl])
                 og, mg = pc.gather(oh[:, sl]), pc.gather(lh[:, sl]).contiguous()
@@ -416,14 +422,20 @@ class _DilationOrdered(torch.autograd.Function):
                 if dlse is not None:
                     parts.append(_lse_grads(spec, pc.gather(dlse[:, heads][:, sl]), qg, kg, vg,
                                             og, mg, state))
-                for part in parts:
+                for first, part in zip((n < covering, False), parts):  # dout's part first
                     for g, d in zip(sums, part):
                         if d is not None:
-                            pc.put(g[:, sl], d, add=True)
+                            pc.put(g[:, sl], d, add=not first)
             if spec.merged:
                 for g, total in zip(grads, sums):
                     g[:, heads].copy_(total)
         return (*grads, None)
+
+
+def _sums(shape: torch.Size, dtype: torch.dtype, device: torch.device, covering: int) -> Tensor:
+    """Where a head chunk's merged results are summed: zeros, or left unset when ``covering``
+    pieces write every position first."""
+    return (torch.empty if covering else torch.zeros)(shape, dtype=dtype, device=device)
 
 
 def _lse_grads(spec: _Fused, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
