@@ -10,6 +10,7 @@ under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is importe
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch.autograd.function import once_differentiable
 from ..blockmask import sorted_block_indices
 from ..layout import BlockLayout
 from ..orderings import visit_rank
+from ..patterns import Pattern
 from .problem import Problem
 from .registry import Backend, Capabilities, Request, Runner
 
@@ -161,37 +163,54 @@ class SparsePlan:
 
 
 def _pack_bits(allowed: Tensor) -> Tensor:
-    """bool ``[t, b, b]`` -> int32 ``[t, b, b // 32]``: bit ``c % 32`` of word ``c // 32``.
+    """bool ``[t, r, c]`` -> int32 ``[t, r, c // 32]``: bit ``j % 32`` of word ``j // 32``.
 
     Packed a byte at a time; the bytes read as int32 words on a little-endian machine, which is
     every machine torch runs on."""
-    t, b, _ = allowed.shape
-    x = allowed.contiguous().view(torch.uint8).reshape(t, b, b // 8, 8)
+    t, r, c = allowed.shape
+    x = allowed.contiguous().view(torch.uint8).reshape(t, r, c // 8, 8)
     byte = x[..., 0].clone()
     for i in range(1, 8):
         byte |= x[..., i] << i
     return byte.view(torch.int32)
 
 
+def _grain(problem: Problem, block: int) -> int:
+    """The side of the aligned squares of local positions on which ``problem.allowed`` is
+    constant: the pattern's :meth:`~workbench.patterns.Pattern.grain`, reduced to divide
+    ``block`` and both offsets (1 when no pattern is known)."""
+    g = problem.pattern.grain() if isinstance(problem.pattern, Pattern) else 1
+    return math.gcd(g, block, problem.q_offset, problem.k_offset)
+
+
 def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
     """Bit masks of the allowed pairs of ``tiles`` ``[t, 3]`` (layout head, query block, key
-    block): the token predicate evaluated tile by tile, padding never allowed."""
+    block): the token predicate evaluated tile by tile, padding never allowed. On a grain ``g
+    >= 32`` (:func:`_grain`) it is evaluated once per ``g x g`` square, whose words are then
+    all ones or all zeros (padding cleared after)."""
     b, dev = lay.block_size, tiles.device
     out = torch.zeros(max(1, tiles.shape[0]), b, b // 32, dtype=torch.int32, device=dev)
-    ar = torch.arange(b, device=dev)
+    g = _grain(problem, b)
+    g = g if g >= 32 else 1
+    n, ar = b // g, torch.arange(b, device=dev)
     step = max(1, _BITS_BUDGET // (b * b))
     for t0 in range(0, tiles.shape[0], step):
         t = tiles[t0:t0 + step]
         h = t[:, 0, None, None]
         qi = t[:, 1, None, None] * b + ar[None, :, None]
         ki = t[:, 2, None, None] * b + ar[None, None, :]
-        ok = (qi < lay.q_len) & (ki < lay.k_len)
-        ok = ok & problem.allowed(h, qi.clamp(max=lay.q_len - 1) + problem.q_offset,
-                                  ki.clamp(max=lay.k_len - 1) + problem.k_offset)
-        out[t0:t0 + t.shape[0]] = _pack_bits(ok.expand(t.shape[0], b, b))
+        ok = problem.allowed(h, qi[:, ::g].clamp(max=lay.q_len - 1) + problem.q_offset,
+                             ki[..., ::g].clamp(max=lay.k_len - 1) + problem.k_offset)
+        q_real, k_real = qi < lay.q_len, ki < lay.k_len
+        if g == 1:
+            bits = _pack_bits(ok & q_real & k_real)
+        else:  # a word per 32 keys of one square: -1 or 0, then padding cleared bit by bit
+            words = -ok.to(torch.int32).expand(t.shape[0], n, n)
+            words = words[:, :, None, :, None].expand(-1, n, g, n, g // 32)
+            bits = (words.reshape(-1, b, b // 32) & _pack_bits(k_real.expand(t.shape[0], 1, b))
+                    & -q_real.to(torch.int32))
+        out[t0:t0 + t.shape[0]] = bits
     return out
-
-
 def _tile_classes(lay: BlockLayout) -> tuple[Tensor, Tensor]:
     """(full, partial) bool ``[Hl, nq, nk]``: tiles read without a mask and tiles read through
     their bit mask. The short last key block is always partial (its padding is off)."""

@@ -2,8 +2,8 @@
 
 Tile by tile, the operator applied to the parts' (any, all) is exact unless both parts are
 partial there; only those tiles are evaluated token by token. Two offset-only (Toeplitz)
-patterns combine into one, and periods combine by their least common multiple, so every fast
-path of the parts survives the combination.
+patterns combine into one, periods combine by their least common multiple and grains by their
+greatest common divisor, so every fast path of the parts survives the combination.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class _Combination(Pattern):
     def period(self):
         pa, pb = self.a.period(), self.b.period()
         return None if pa is None or pb is None else math.lcm(pa, pb)
+
+    def grain(self):
+        return math.gcd(self.a.grain(), self.b.grain())
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         if self.offset_rule() is not None:

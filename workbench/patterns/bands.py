@@ -83,6 +83,9 @@ class GlobalTokens(Pattern):
         qf, ql, kf, kl = _extents(q_len, k_len, block_size, device, rows)
         return (qf < self.n) | (kf < self.n), (ql < self.n) | (kl < self.n)
 
+    def grain(self):
+        return self.n
+
     def count_pairs(self, seq_len):
         rest = max(seq_len - self.n, 0)
         return seq_len * seq_len - rest * rest

@@ -2,9 +2,9 @@
 
 A subclass defines :meth:`Pattern.allowed`; everything else (dense masks, exact block layouts,
 pair counts, every backend) follows from it. Its optional hooks make a layout fast
-(:meth:`~Pattern.tiles`, :meth:`~Pattern.offset_rule`, :meth:`~Pattern.period`), patterns
-comparable (:meth:`~Pattern.key`) and counts closed-form (:meth:`~Pattern.count_pairs`). Tiles
-no rule decides are evaluated token by token in chunks of bounded size
+(:meth:`~Pattern.tiles`, :meth:`~Pattern.offset_rule`, :meth:`~Pattern.period`), kernels' bit
+masks cheap (:meth:`~Pattern.grain`), patterns comparable (:meth:`~Pattern.key`) and counts
+closed-form (:meth:`~Pattern.count_pairs`). Tiles no rule decides are evaluated token by token in chunks of bounded size
 (:func:`refine_tiles`). The argument checks every builder uses live here too.
 """
 
@@ -74,7 +74,7 @@ class Pattern:
 
     That alone makes a pattern work everywhere (its layout then evaluates every tile token by
     token, in chunks); the optional hooks :meth:`tiles`, :meth:`offset_rule`, :meth:`period`,
-    :meth:`key` and :meth:`count_pairs` make it fast and comparable.
+    :meth:`grain`, :meth:`key` and :meth:`count_pairs` make it fast and comparable.
     """
 
     num_heads: int = 1
@@ -116,6 +116,13 @@ class Pattern:
         """A shift ``P`` with ``allowed(h, q + P, k + P) == allowed(h, q, k)`` for all integer
         ``q, k``, or None; tiles shifted by multiples of ``P`` are then evaluated once."""
         return None if self.offset_rule() is None else 1
+
+    def grain(self) -> int:
+        """A side ``g`` such that ``allowed`` is constant on every aligned square of ``g x g``
+        positions: equal for all real ``q, k`` with the same ``(q // g, k // g)`` (per head).
+        Masks may then be evaluated once per square. Default 1 (no claim); unions and
+        intersections take the gcd of their parts."""
+        return 1
 
     def key(self) -> Hashable | None:
         """The values that define this pattern's pairs, or None when only the object itself

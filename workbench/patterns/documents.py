@@ -8,6 +8,7 @@ block-diagonal; ``causal=True`` makes every block lower-triangular.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -115,6 +116,9 @@ class Documents(Pattern):
         cu = self.cu_seqlens
         n = torch.clamp(torch.clamp(cu[1:], max=seq_len) - cu[:-1], min=0)  # inside seq_len
         return int((n * (n + 1) // 2).sum() if self.causal else (n * n).sum())
+
+    def grain(self):
+        return 1 if self.causal else math.gcd(*self.lengths)
 
     def key(self):
         return (self.lengths, self.causal)

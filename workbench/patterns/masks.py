@@ -139,6 +139,9 @@ class BlockSelection(Pattern):
                               (min(rows[1] * block_size, q_len) - 1) // c + 1]
         return cells_to_tiles(cells.to(device), c, q_len, k_len, block_size, rows)
 
+    def grain(self):
+        return self.cell
+
     def __repr__(self) -> str:
         return f"block_selection({tuple(self.selected.shape)}, block={self.cell})"
 
@@ -164,6 +167,9 @@ class TiledHeads(Pattern):
         a, f = self.base.tiles(q_len, k_len, block_size, device, rows)
         shape = (self.base.num_heads, *a.shape[1:])
         return a.expand(shape).repeat(self.copies, 1, 1), f.expand(shape).repeat(self.copies, 1, 1)
+
+    def grain(self):
+        return self.base.grain()
 
     def key(self):
         base = self.base.key()

@@ -148,6 +148,9 @@ class RandomBlocks(Pattern):
         on = _hash_grid(self.seed, range(self.num_heads), (0, n), n, self.threshold, "cpu")
         return int(tile_sum(on, size, size).sum())  # each on cell by its real pairs
 
+    def grain(self):
+        return self.cell
+
     def key(self):
         return (self.p, self.seed, self.cell, self.num_heads)
 
