@@ -80,6 +80,24 @@ def test_a_range_of_query_rows_equals_those_rows_of_the_token_mask(pattern, seq_
     assert torch.equal(lay.full.expand_as(all_[:, r0:r1]), (all_ & any_)[:, r0:r1])
 
 
+@settings(max_examples=150, deadline=None)
+@given(pattern=patterns_strategy(), seq_len=st.integers(1, 90))
+def test_a_pattern_is_constant_on_the_aligned_squares_of_its_grain(pattern, seq_len):
+    first = torch.arange(seq_len) // pattern.grain() * pattern.grain()  # each square's corner
+    m = pattern.token_mask(seq_len)
+    assert torch.equal(m, m[:, first][:, :, first])
+
+
+def test_grains_of_the_families_and_of_their_combinations():
+    rb = P.random_blocks(0.5, cell=48, num_heads=2)
+    sel = P.BlockSelection(torch.rand(2, 4, 4) < 0.5, 32, 100, 100)
+    assert (rb.grain(), sel.grain(), P.global_tokens(40).grain()) == (48, 32, 40)
+    assert (P.documents([64, 96]).grain(), P.documents([64, 96], causal=True).grain()) == (32, 1)
+    assert (rb | P.random_blocks(0.5, cell=64)).grain() == 16 and (rb & sel).grain() == 16
+    assert (rb & P.causal()).grain() == 1 and P.tile_batch(rb, 3).grain() == 48
+    assert P.Permuted(rb, torch.randperm(100)[None]).grain() == 1  # a new order: no squares
+
+
 def test_query_rows_must_be_a_range_of_blocks():
     for rows in [(0, 0), (-1, 2), (3, 2), (0, 5), (1.0, 2)]:
         with pytest.raises(ValueError, match="rows must be"):

@@ -14,6 +14,7 @@ import torch
 import workbench as wb
 from workbench.backends import Problem
 from workbench.backends.triton_sparse import _pack_bits, build_column_plan, build_plan
+from workbench.layout import BlockLayout
 
 P = wb.patterns
 
@@ -62,6 +63,38 @@ def test_plan_bits_are_the_token_mask_of_the_partial_tiles():
         assert n_full + n_part == int(lay.active[0, i].sum())
         seen += n_part
     assert plan.bits.shape[0] == seen  # one mask per partial tile, nothing for full ones
+
+
+@pytest.mark.parametrize("cell, block, q_len, k_len, offsets, order, side", [
+    (32, 64, 333, 333, (0, 0), None, 32),
+    (64, 128, 1000, 1000, (0, 0), None, 64),
+    (64, 128, 1000, 333, (96, 64), "hilbert", 32),  # a query offset on 32, not on the cell
+    (128, 64, 333, 1000, (0, 128), None, 64),  # each tile inside one cell
+    (256, 128, 1000, 1000, (256, 64), "hilbert", 64),  # a key offset off the tiles
+    (64, 128, 1000, 1000, (16, 0), None, 1),  # offset off the word grid: token by token
+])
+def test_plan_bits_on_a_grain_equal_the_token_predicates(cell, block, q_len, k_len, offsets,
+                                                         order, side):
+    pat = P.random_blocks(0.4, 3, cell=cell, num_heads=3) | P.random_blocks(0.2, cell=2 * cell)
+    nq, nk = -(-q_len // block), -(-k_len // block)
+    lay = BlockLayout(torch.ones(3, nq, nk, dtype=torch.bool),
+                      torch.zeros(3, nq, nk, dtype=torch.bool), q_len, k_len, block)
+    asked = []
+
+    def allowed(h, q, k):  # the pattern's predicate, noting how many queries a tile asks about
+        asked.append(q.shape[1])
+        return P.head_predicate(pat, "cpu")(h, q, k)
+
+    def bits(pattern):
+        problem = Problem(lay, allowed, 1.0, *offsets, block_order=order, pattern=pattern)
+        return build_plan(problem, "cpu").bits
+
+    fast = bits(pat)
+    assert set(asked) == {block // side}  # one question per square of the side expected
+    asked.clear()
+    assert torch.equal(fast, bits(None)) and set(asked) == {block}
+    words = fast.reshape(fast.shape[0], -1)  # every tile, so tiles of mixed squares too
+    assert cell >= block or bool(((words == 0).any(1) & (words == -1).any(1)).any())
 
 
 def test_column_plan_lists_each_key_blocks_tiles_with_their_bit_masks():

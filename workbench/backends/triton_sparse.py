@@ -188,14 +188,16 @@ def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
     block): the token predicate evaluated tile by tile, padding never allowed. On a grain ``g
     >= 32`` (:func:`_grain`) it is evaluated once per ``g x g`` square, whose words are then
     all ones or all zeros (padding cleared after)."""
-    b, dev = lay.block_size, tiles.device
-    out = torch.zeros(max(1, tiles.shape[0]), b, b // 32, dtype=torch.int32, device=dev)
+    b, dev, w = lay.block_size, tiles.device, lay.block_size // 32
+    alloc = torch.empty if tiles.shape[0] else torch.zeros  # every tile's rows are written
+    out = alloc(max(1, tiles.shape[0]), b, w, dtype=torch.int32, device=dev)
     g = _grain(problem, b)
     g = g if g >= 32 else 1
     n, ar = b // g, torch.arange(b, device=dev)
     step = max(1, _BITS_BUDGET // (b * b))
     for t0 in range(0, tiles.shape[0], step):
         t = tiles[t0:t0 + step]
+        o, m = out[t0:t0 + t.shape[0]], t.shape[0]
         h = t[:, 0, None, None]
         qi = t[:, 1, None, None] * b + ar[None, :, None]
         ki = t[:, 2, None, None] * b + ar[None, None, :]
@@ -203,13 +205,15 @@ def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
                              ki[..., ::g].clamp(max=lay.k_len - 1) + problem.k_offset)
         q_real, k_real = qi < lay.q_len, ki < lay.k_len
         if g == 1:
-            bits = _pack_bits(ok & q_real & k_real)
-        else:  # a word per 32 keys of one square: -1 or 0, then padding cleared bit by bit
-            words = -ok.to(torch.int32).expand(t.shape[0], n, n)
-            words = words[:, :, None, :, None].expand(-1, n, g, n, g // 32)
-            bits = (words.reshape(-1, b, b // 32) & _pack_bits(k_real.expand(t.shape[0], 1, b))
-                    & -q_real.to(torch.int32))
-        out[t0:t0 + t.shape[0]] = bits
+            o.copy_(_pack_bits(ok & q_real & k_real))
+            continue
+        # each square's 32-key words are -1 or 0: cleared past k_len bit by bit, then copied
+        # to the square's g rows, then the rows past q_len cleared
+        words = -ok.to(torch.int32).expand(m, n, n)[..., None].expand(m, n, n, g // 32)
+        keys = _pack_bits(k_real.expand(m, 1, b))
+        o.view(m, n, g, w).copy_((words.reshape(m, n, w) & keys)[:, :, None])
+        if lay.q_len % b:
+            o.masked_fill_(~q_real, 0)
     return out
 def _tile_classes(lay: BlockLayout) -> tuple[Tensor, Tensor]:
     """(full, partial) bool ``[Hl, nq, nk]``: tiles read without a mask and tiles read through

@@ -4,8 +4,9 @@ A subclass defines :meth:`Pattern.allowed`; everything else (dense masks, exact 
 pair counts, every backend) follows from it. Its optional hooks make a layout fast
 (:meth:`~Pattern.tiles`, :meth:`~Pattern.offset_rule`, :meth:`~Pattern.period`), kernels' bit
 masks cheap (:meth:`~Pattern.grain`), patterns comparable (:meth:`~Pattern.key`) and counts
-closed-form (:meth:`~Pattern.count_pairs`). Tiles no rule decides are evaluated token by token in chunks of bounded size
-(:func:`refine_tiles`). The argument checks every builder uses live here too.
+closed-form (:meth:`~Pattern.count_pairs`). Tiles no rule decides are evaluated token by token
+in chunks of bounded size (:func:`refine_tiles`). The argument checks every builder uses live
+here too.
 """
 
 from __future__ import annotations
