@@ -1,9 +1,5 @@
-"""Curve explorer: a Hilbert, Morton, gilbert or raster curve over a grid, and its blocks.
-
-:func:`curve_view` is the explorer without widgets, :func:`draw_curve_view` draws the curve
-(:func:`~workbench.viz.plot_curve`) beside its blocks, :func:`curve_explorer` binds them to
-widgets. The readout says how compact a block of consecutive cells is in this order.
-"""
+"""Curve explorer: a Hilbert, Morton, gilbert or raster curve over a grid beside its blocks of
+consecutive cells, and how compact such a block is in this order."""
 
 from __future__ import annotations
 
@@ -17,7 +13,8 @@ from matplotlib.figure import Figure
 
 from ...curves import CURVES, grid_decode
 from ..curves import plot_curve
-from .binding import Explorer
+from ..style import no_ticks, set_title
+from .binding import Explorer, int_slider, panels, widgets
 from .core import check_int
 
 __all__ = ["CurveParams", "CurveView", "curve_explorer", "curve_readout_html", "curve_view",
@@ -94,18 +91,14 @@ def plot_curve_blocks(block_ids: np.ndarray, *, ax, title: str | None = None):
     """Cells coloured by block (consecutive cells in curve order), row 0 at the top."""
     ax.imshow(block_ids % _BLOCK_COLORS.N, cmap=_BLOCK_COLORS, vmin=0, vmax=_BLOCK_COLORS.N - 1,
               interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title if title is not None else f"{int(block_ids.max()) + 1} blocks",
-                 fontsize=9)
+    no_ticks(ax)
+    set_title(ax, title, f"{int(block_ids.max()) + 1} blocks")
     return ax
 
 
 def draw_curve_view(view: CurveView, figure: Figure) -> None:
     """The curve beside its blocks, in ``figure`` (its axes are reused)."""
-    axes = figure.axes or list(figure.subplots(1, 2))
-    for ax in axes:
-        ax.clear()
+    axes = panels(figure)
     p = view.params
     shape = (p.rows, p.cols)
     plot_curve(shape, p.curve, ax=axes[0],
@@ -125,19 +118,14 @@ def curve_readout_html(view: CurveView) -> str:
 
 def curve_explorer(**params: Any) -> Explorer[CurveView]:
     """The curve explorer widget, started at ``CurveParams(**params)``."""
-    import ipywidgets as widgets
-
     p = CurveParams(**params)
-    wide = {"description_width": "initial"}
     controls = {
-        "curve": widgets.ToggleButtons(options=list(CURVES), value=p.curve, description="curve"),
-        "rows": widgets.IntSlider(value=p.rows, min=1, max=MAX_GRID_SIDE, description="rows",
-                                  continuous_update=False),
-        "cols": widgets.IntSlider(value=p.cols, min=1, max=MAX_GRID_SIDE, description="cols",
-                                  continuous_update=False),
-        "block": widgets.IntSlider(value=p.block, min=1, max=MAX_GRID_SIDE, continuous_update=False,
-                                   description="block (cells)", style=wide),
-        "numbers": widgets.Checkbox(value=p.numbers, description="cell numbers"),
+        "curve": widgets().ToggleButtons(options=list(CURVES), value=p.curve, description="curve"),
+        "rows": int_slider(p.rows, 1, MAX_GRID_SIDE, "rows"),
+        "cols": int_slider(p.cols, 1, MAX_GRID_SIDE, "cols"),
+        "block": int_slider(p.block, 1, MAX_GRID_SIDE, "block (cells)",
+                            style={"description_width": "initial"}),
+        "numbers": widgets().Checkbox(value=p.numbers, description="cell numbers"),
     }
     return Explorer(controls=controls, compute=lambda values: curve_view(CurveParams(**values)),
                     draw=draw_curve_view, readout=curve_readout_html, figsize=(8.0, 4.0),
