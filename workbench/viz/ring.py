@@ -91,13 +91,7 @@ def ring_step_tiles(layout: BlockLayout, plan: DistributedPlan, step: int, *,
                     head: int | None = None) -> Tensor:
     """Bool ``[nq, nk]``: the active tiles computed at ``step`` (of ``head``; all heads if None);
     every active tile is computed at exactly one step."""
-    active = _shown(layout, head).active[0]
-    out = torch.zeros_like(active)
-    for region in ring_step_regions(plan, step):
-        if region.computed:
-            (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
-            out[q0:q1, k0:k1] = active[q0:q1, k0:k1]
-    return out
+    return distributed_tile_steps(layout, plan, head=head) == _check_step(plan, step)
 
 
 def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
