@@ -15,7 +15,7 @@ from ..curves import grid_decode
 from ..layout import BlockLayout
 from ..orderings import block_visit_order
 from .heatmaps import head_layout, tile_grid
-from .style import ORDERING, TILE_CMAP, color_of, new_axes, no_ticks, set_title
+from .style import ORDERING, TILE_CMAP, color_of, new_axes, set_title
 
 __all__ = ["ordering_cmap", "plot_curve", "plot_visit_path"]
 
@@ -68,7 +68,8 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_aspect("equal")
-    no_ticks(ax)
+    ax.set_xticks([])
+    ax.set_yticks([])
     ax.grid(False)
     set_title(ax, title, f"{curve}, {h} x {w} ({jumps} jumps)")
     return ax

@@ -13,7 +13,7 @@ from matplotlib.colors import to_rgb
 from ..orderings import dilation_gather, dilation_permutation, permuted
 from ..patterns import Pattern, check_dilation_pairs, head_groups
 from .heatmaps import block_legend, draw_mask, head_layout, plot_block_layout, plot_token_mask
-from .style import ORDERING, no_ticks, set_title
+from .style import ORDERING, set_title
 
 __all__ = ["BRANCH_COLORS", "plot_dilation_strips", "plot_head_masks", "plot_natural_vs_ordered"]
 
@@ -56,7 +56,8 @@ def plot_head_masks(pattern: Pattern, seq_len: int, block_size: int, axes,
         else:
             plot_token_mask(pattern, seq_len, head=j, block_size=block_size, ax=ax, title=title)
             _smooth(ax)
-        no_ticks(ax)
+        ax.set_xticks([])
+        ax.set_yticks([])
         ax.set_xlabel("")
         ax.set_ylabel("")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from ..layout import BlockLayout
 from ..patterns import Pattern
@@ -16,7 +17,6 @@ from .style import (
     TILE_CMAP,
     TOKEN_CMAP,
     grid_lines,
-    integer_ticks,
     new_axes,
     set_title,
     tile_handles,
@@ -77,25 +77,22 @@ def plot_token_mask(pattern: Pattern, seq_len: int, *, head: int = 0, block_size
 
 
 def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str | None = None,
-                      separators: bool | None = None, annotate: bool = True):
-    """Block-level layout of one head: full, partial (needs the token mask) and empty tiles.
-
-    ``separators`` draws thin lines between tiles (default: when a side has at most
-    ``SEPARATOR_MAX_TILES`` tiles); ``annotate`` writes the computed density under the axes.
-    """
+                      annotate: bool = True):
+    """Block-level layout of one head: full, partial (needs the token mask) and empty tiles,
+    with lines between tiles up to ``SEPARATOR_MAX_TILES`` a side; ``annotate`` writes the
+    computed density under the axes."""
     ax = new_axes(ax)
     grid = tile_grid(layout, head)
     ax.imshow(grid, cmap=TILE_CMAP, vmin=0, vmax=2, interpolation="nearest")
     ax.grid(False)  # tile separators, not the theme's grid, mark the tiles
-    if separators is None:
-        separators = max(grid.shape) <= SEPARATOR_MAX_TILES
-    if separators:
+    if max(grid.shape) <= SEPARATOR_MAX_TILES:
         tile_separators(ax, *grid.shape)
     frac = int((grid > 0).sum()) / grid.size
     set_title(ax, title, f"blocks of {layout.block_size}, head {head}: {frac:.1%} of tiles")
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
-    integer_ticks(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if annotate:
         ax.text(0.02, -0.22, f"computed density {layout.stats().density:.1%} (all heads)",
                 transform=ax.transAxes, fontsize=7, color="#555555")
@@ -108,14 +105,12 @@ def block_legend(ax) -> None:
               loc="upper right", fontsize=7, frameon=True)
 
 
-def figure_legend(fig, *, ncol: int = 3, fontsize: float = 10, y: float = 0.0):
-    """One legend for a whole figure of token and block panels, centred below the axes.
-
-    Leave room for it with ``fig.tight_layout(rect=(0, 0.03, 1, 1))`` (or similar).
-    """
+def figure_legend(fig, *, fontsize: float = 10):
+    """One legend for a whole figure of token and block panels, centred below the axes (leave
+    room for it, e.g. ``fig.tight_layout(rect=(0, 0.03, 1, 1))``)."""
     handles = tile_handles("allowed pair / full tile", "partial tile (computed, then masked)",
                            "not allowed / skipped tile")
-    return fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, y), ncol=ncol,
+    return fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=3,
                       fontsize=fontsize, frameon=False)
 
 

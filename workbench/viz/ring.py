@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from ..layout import BlockLayout
@@ -19,7 +20,6 @@ from ..sharding import DistributedPlan
 from .heatmaps import SEPARATOR_MAX_TILES, head_layout, plot_block_layout
 from .style import (
     TILE,
-    integer_ticks,
     new_axes,
     rank_colors,
     set_title,
@@ -95,8 +95,7 @@ def ring_step_tiles(layout: BlockLayout, plan: DistributedPlan, step: int, *,
 
 
 def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
-                   head: int | None = None, ax=None, title: str | None = None,
-                   legend: bool = True):
+                   head: int | None = None, ax=None, title: str | None = None):
     """The block layout with the tiles computed at ``step`` outlined, one colour per rank.
 
     Solid outlines are pairs a rank computes, dashed ones pairs it skips; other tiles are
@@ -129,12 +128,9 @@ def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
     computing = len({r.rank for r in regions if r.computed})
     set_title(ax, title, f"step {step}: {computing} of {plan.world_size} ranks compute, "
               f"{sum(r.tiles for r in regions)} tiles")
-    if legend:
-        ax.legend(handles=[Patch(facecolor="none", edgecolor="#333333", lw=2.0,
-                                 label="rank computes"),
-                           Patch(facecolor="none", edgecolor="#333333", ls="--",
-                                 label="rank skips")],
-                  loc="upper right", fontsize=7, frameon=True)
+    ax.legend(handles=[Patch(facecolor="none", edgecolor="#333333", lw=2.0, label="rank computes"),
+                       Patch(facecolor="none", edgecolor="#333333", ls="--", label="rank skips")],
+              loc="upper right", fontsize=7, frameon=True)
     return ax
 
 
@@ -152,21 +148,18 @@ def _shard_label(plan: DistributedPlan, rank: int) -> str:
 
 
 def plot_ring_schedule(plan: DistributedPlan, *, step: int | None = None, ax=None,
-                       title: str | None = None, annotate: bool | None = None,
-                       shard_labels: bool = True):
+                       title: str | None = None, shard_labels: bool = True):
     """Rank x step grid of ``plan``: dark where a rank computes, pale where it skips the step;
-    steps after the plan's ``last_step()`` are hatched. ``annotate`` (default: up to
-    ``ANNOTATE_MAX_RANKS`` ranks) names the K/V shard held and the tiles computed in each cell;
-    ``step`` outlines that column; ``shard_labels`` names each rank's block runs.
+    steps after the plan's ``last_step()`` are hatched. Up to ``ANNOTATE_MAX_RANKS`` ranks each
+    cell names the K/V shard held and the tiles computed; ``step`` outlines that column;
+    ``shard_labels`` names each rank's block runs.
     """
     ax = new_axes(ax)
     p = plan.world_size
     tiles = plan.tiles_per_step()
     computed = (tiles > 0).to(torch.int64).numpy()
     ax.imshow(computed, cmap=_SCHEDULE_CMAP, vmin=0, vmax=1, interpolation="nearest")
-    if annotate is None:
-        annotate = p <= ANNOTATE_MAX_RANKS
-    if annotate:
+    if p <= ANNOTATE_MAX_RANKS:
         fs = 7 if p <= 4 else 6 if p <= 8 else 5
         for r in range(p):
             for d in range(p):
@@ -248,7 +241,8 @@ def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
                 ax.axvline(b0 - 0.5, color="#666666", lw=0.6, ls=":")
     ax.set_xlim(-0.5 - 1.4 * width, nk - 0.5)
     ax.set_ylim(nq - 0.5, -0.5 - 1.4 * width)
-    integer_ticks(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("key block (strip: rank holding it)")
     ax.set_ylabel("query block (strip: rank computing it)")
     set_title(ax, title, f"{plan.sharding.kind} sharding over {p} ranks: tile colour = ring step")

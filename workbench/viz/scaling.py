@@ -109,8 +109,8 @@ def _ordered(values, column: str) -> list:
 
 
 def _labelled(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], dict[str, str], dict]:
-    """``df`` with a ``who`` column (legend text of each variant), the legend order, the
-    palette and the markers keyed by that text."""
+    """``df`` with a ``who`` column (each variant's legend text), and the legend order, palette
+    and markers keyed by it."""
     order = _in_order(df["variant"], style.VARIANT)
     label = {v: style.VARIANT_LABEL.get(v, v) for v in order}
     out = df.assign(who=df["variant"].map(label))
@@ -141,11 +141,9 @@ def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
                    col_order=None, title: str = "", provenance: Provenance | None = None,
                    height: float = 2.7, aspect: float = 1.15) -> Figure:
     """Measured columns against ``S``: one panel column per ``col`` value (a family), one
-    panel row per metric of ``metrics`` (``ms`` and memory on log axes), one line per variant.
-
-    Only ``status == "ok"`` rows are drawn (all without ``status``); ``peak_over_io`` is computed
-    when asked for and absent; ``ours`` is drawn above the baselines it may coincide with.
-    Raises ``ValueError`` when no row is left to draw.
+    panel row per metric of ``metrics`` (``ms`` and memory on log axes), one line per variant,
+    ``ours`` on top. Only ``status == "ok"`` rows are drawn; ``peak_over_io`` is computed when
+    absent. Raises ``ValueError`` when no row is left to draw.
     """
     ok = df[df["status"] == "ok"] if "status" in df else df
     if "peak_over_io" in metrics and "peak_over_io" not in ok:
@@ -179,26 +177,20 @@ def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
 
 
 def plot_rate_bars(df: pd.DataFrame, *, y: str = "useful_tflops", x: str = "family",
-                   col: str | None = None, hue: str = "variant", reference=None,
+                   col: str | None = None, reference=None,
                    fmt: str = "{:.0f}", log: bool = False, title: str = "",
                    provenance: Provenance | None = None, height: float = 3.4,
                    aspect: float = 1.3) -> Figure:
-    """Grouped bars of ``y`` (useful TFLOP/s by default) per ``x`` value, one bar per ``hue``
-    value (a variant, coloured by :data:`~workbench.viz.style.VARIANT`), one panel per
-    ``col`` value; each bar is labelled with ``fmt`` of its height.
+    """Grouped bars of ``y`` (useful TFLOP/s by default) per ``x`` value, one bar per variant
+    (coloured by :data:`~workbench.viz.style.VARIANT`), one panel per ``col`` value; each bar
+    is labelled with ``fmt`` of its height.
 
     ``reference``: mapping ``col value -> y`` (``None`` key when ``col`` is ``None``), e.g.
     dense SDPA's rate, drawn as a dashed black line. A variant a group lacks gets no bar.
     """
-    ok = df[df["status"] == "ok"] if "status" in df else df
-    if hue == "variant":
-        ok, names, palette, _ = _labelled(ok)
-        hue = "who"
-    else:
-        names = list(dict.fromkeys(ok[hue]))
-        palette = style.palette(names, style.VARIANT)
+    ok, names, palette, _ = _labelled(df[df["status"] == "ok"] if "status" in df else df)
     kw = {"col": col, "col_order": _ordered(ok[col], col)} if col else {}
-    g = sns.catplot(data=ok, x=x, y=y, hue=hue, kind="bar", hue_order=names, palette=palette,
+    g = sns.catplot(data=ok, x=x, y=y, hue="who", kind="bar", hue_order=names, palette=palette,
                     errorbar=None, height=height, aspect=aspect, order=_ordered(ok[x], x),
                     saturation=1, edgecolor="white", sharey=True, **kw)
     for key, ax in (g.axes_dict.items() if col else [(None, g.ax)]):
@@ -218,13 +210,10 @@ def plot_rate_bars(df: pd.DataFrame, *, y: str = "useful_tflops", x: str = "fami
 def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str | None = None,
                           title: str = "", provenance: Provenance | None = None) -> Figure:
     """The longest-sequence search (``workbench.lab.bench.longest_sequence``): peak memory (GiB,
-    inputs included) and time of one call against ``S``, one colour per family
-    (:data:`~workbench.viz.style.FAMILY`). A length that ran out of memory is a cross above
-    the memory panel's top, one not run because its call would take too long (``too_slow``) a
-    hollow triangle.
-
-    ``capacity_gib``: ``{label: GiB}`` of memory limits drawn as dashed lines (or one number).
-    ``style_col``: a column whose values (e.g. the memory cap) get their own line style.
+    inputs included) and time of one call against ``S``, one colour per family; a cross above
+    the memory panel where a length ran out of memory, a hollow triangle where it was
+    ``too_slow`` to run. ``capacity_gib``: ``{label: GiB}`` of memory limits drawn dashed (or one
+    number); ``style_col``: a column whose values (e.g. the memory cap) get their own markers.
     """
     fams = _ordered(df["family"], "family")
     palette = style.palette(fams, style.FAMILY)
@@ -249,21 +238,21 @@ def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str
         top = max(caps.values())
     else:
         top = float(ok["peak_gib"].max())
-    for status, marker, fill in (("oom", "x", None), ("too_slow", ">", "none")):
+    handles, labels = mem_ax.get_legend_handles_labels()
+    for status, marker, fill, text in (("oom", "x", None, "out of memory"),
+                                       ("too_slow", ">", "none", "not run: one call too slow")):
         bad = df[df["status"] == status]
+        if bad.empty:
+            continue
         for i, fam in enumerate(fams):
             b = bad[bad["family"] == fam]
             if len(b):  # side by side, so that families failing at one length stay visible
                 shift = 2.0 ** (0.08 * (i - (len(fams) - 1) / 2))
                 mem_ax.scatter(b["seq_len"] * shift, [top * 1.06] * len(b), marker=marker, s=70,
                                color=palette[fam], facecolors=fill, linewidths=2, zorder=4)
-    handles, labels = mem_ax.get_legend_handles_labels()
-    for status, marker, text in (("oom", "x", "out of memory"),
-                                 ("too_slow", ">", "not run: one call too slow")):
-        if (df["status"] == status).any():
-            handles.append(plt.Line2D([], [], color="0.3", marker=marker, ls="none",
-                                      mfc="none", mew=2, ms=8))
-            labels.append(text)
+        handles.append(Line2D([], [], color="0.3", marker=marker, ls="none", mfc="none", mew=2,
+                              ms=8))
+        labels.append(text)
     mem_ax.get_legend().remove()
     time_ax.legend(handles, labels, fontsize=8.5, loc="upper left", bbox_to_anchor=(1.02, 1),
                    frameon=False)
@@ -285,14 +274,10 @@ def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str
 
 def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
                           provenance: Provenance | None = None) -> Figure:
-    """Shared memory per program of each compiled kernel configuration as horizontal bars
-    (KiB), one panel per kernel, against the GPU's limit per program (dashed); green when a
-    program fits, red when it cannot launch.
-
-    ``df``: the rows of ``workbench.lab.bench.triton_resource_study`` (``kernel``, ``head_dim``,
-    ``space``, ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, ``use_tma``,
-    ``shared_bytes``, ``shared_limit``, ``fits``, ``target``, ``device``, ``date``).
-    ``provenance``: by default "compiled offline for <target>" on the rows' device and date.
+    """Shared memory per program (KiB) of each compiled kernel configuration as horizontal
+    bars, one panel per kernel, against the GPU's limit (dashed); green when a program fits, red
+    when it cannot launch. ``df``: rows of ``workbench.lab.bench.triton_resource_study``; the
+    default provenance says "compiled offline" for their ``target``.
     """
     fits = df["fits"].astype(str) == "True"
     tma = np.where(df["use_tma"].astype(str) == "True", ", TMA", "")
@@ -334,15 +319,11 @@ def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
 
 def plot_layout_build(df: pd.DataFrame, *, title: str = "",
                       provenance: Provenance | None = None) -> Figure:
-    """Time to build each case's layout and kernel structure (``total_ms``, log axis): one
-    row per family, random tiles' one per cell size, one marker colour per head count, one
-    panel per device with its target (``target_ms``, dashed). Cases not run (``total_ms``
-    empty) are left out.
-
-    ``df``: rows of :func:`workbench.lab.bench.layout_build_time` with a ``target_ms`` column
-    (``family``, ``cell``, ``heads``, ``total_ms``, ``device``, ``date``; ``seq_len`` and
-    ``block_size`` go into the stamp).
-    Raises ``ValueError`` when no case has a time.
+    """Time to build each case's layout and kernel structure (``total_ms``, log axis): one row
+    per family (random tiles: per cell size), one colour per head count, one panel per device
+    with its ``target_ms`` dashed. ``df``: rows of :func:`workbench.lab.bench.layout_build_time`
+    with a ``target_ms`` column; cases not run are left out. Raises ``ValueError`` when no case
+    has a time.
     """
     rows = df.dropna(subset=["total_ms"])
     if rows.empty:

@@ -17,7 +17,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 
 __all__ = ["FAMILY", "ORDERING", "Provenance", "SHARDING", "TILE", "TILE_CMAP", "TOKEN_CMAP",
            "VARIANT", "VARIANT_LABEL", "color_of", "is_stamped", "mark_measured", "palette",
@@ -197,17 +196,6 @@ def tile_separators(ax, nq: int, nk: int, *, color: str = "white", lw: float = 0
     """Thin lines between the cells of an ``nq x nk`` image, so that equal neighbours stay
     countable."""
     grid_lines(ax, np.arange(1, nq) - 0.5, np.arange(1, nk) - 0.5, color=color, lw=lw)
-
-
-def integer_ticks(ax) -> None:
-    """Whole-number ticks on both axes (block and tile indices)."""
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def no_ticks(ax) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
 
 
 def tile_handles(full: str, partial: str, empty: str) -> list[Patch]:

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from ...curves import CURVES, grid_decode
 from ..curves import plot_curve
-from ..style import no_ticks, set_title
+from ..style import set_title
 from .binding import Explorer, int_slider, panels, widgets
 from .core import check_int
 
@@ -91,7 +91,8 @@ def plot_curve_blocks(block_ids: np.ndarray, *, ax, title: str | None = None):
     """Cells coloured by block (consecutive cells in curve order), row 0 at the top."""
     ax.imshow(block_ids % _BLOCK_COLORS.N, cmap=_BLOCK_COLORS, vmin=0, vmax=_BLOCK_COLORS.N - 1,
               interpolation="nearest")
-    no_ticks(ax)
+    ax.set_xticks([])
+    ax.set_yticks([])
     set_title(ax, title, f"{int(block_ids.max()) + 1} blocks")
     return ax
 
