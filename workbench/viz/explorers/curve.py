@@ -54,15 +54,6 @@ class CurveView:
     raster_block_box: tuple[float, float]
 
 
-def _check(p: CurveParams) -> None:
-    if p.curve not in CURVES:
-        raise ValueError(f"curve must be one of {', '.join(CURVES)}, got {p.curve!r}")
-    check_int("rows", p.rows, 1, MAX_GRID_SIDE)
-    check_int("cols", p.cols, 1, MAX_GRID_SIDE)
-    check_int("block", p.block, 1, p.rows * p.cols,
-              f"a block holds at most the grid's {p.rows * p.cols} cells")
-
-
 def _mean_block_box(path: np.ndarray, block: int) -> tuple[float, float]:
     """Mean bounding box (rows, columns) of each run of ``block`` consecutive cells of ``path``."""
     boxes = [path[i : i + block].max(0) - path[i : i + block].min(0) + 1
@@ -73,9 +64,13 @@ def _mean_block_box(path: np.ndarray, block: int) -> tuple[float, float]:
 
 def curve_view(params: CurveParams) -> CurveView:
     """The explorer's pure function: grid and curve to path, blocks and locality numbers."""
-    _check(params)
+    if params.curve not in CURVES:
+        raise ValueError(f"curve must be one of {', '.join(CURVES)}, got {params.curve!r}")
+    check_int("rows", params.rows, 1, MAX_GRID_SIDE)
+    check_int("cols", params.cols, 1, MAX_GRID_SIDE)
     shape = (params.rows, params.cols)
     cells = params.rows * params.cols
+    check_int("block", params.block, 1, cells, f"a block holds at most the grid's {cells} cells")
     path = grid_decode(torch.arange(cells), shape, params.curve).numpy()
     block_ids = np.empty(shape, dtype=np.int64)
     block_ids[path[:, 0], path[:, 1]] = np.arange(cells) // params.block
