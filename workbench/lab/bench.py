@@ -357,34 +357,28 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
     env = environment(dev)
     if dev.type == "cuda":  # the allocator's settings decide what fits as much as the card
         env["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    rows: list[dict] = []
     with emulated_memory(dev, memory_gib) as cap:
-        return _longest_search(cfg, start, limit, {**env, **cap}, study,
-                               max_seconds, repeat_below_s)
-
-
-def _longest_search(cfg: BenchConfig, start: int, limit: int, env: dict, study: str | None,
-                    max_seconds: float, repeat_below_s: float) -> list[dict]:
-    dev, heads, head_dim = torch.device(cfg.device), cfg.heads, cfg.head_dim
-    rows = []
-    for family in cfg.families:
-        s, last_ms = start, None
-        while s <= limit:
-            row = {**env, "family": family, "seq_len": s, "heads": heads, "head_dim": head_dim,
-                   "dtype": "bf16", "block_size": cfg.block_size, "pass": cfg.pass_name}
-            predicted_s = None if last_ms is None else 4 * last_ms / 1e3
-            if predicted_s is not None and predicted_s > max_seconds:
-                row.update(status="too_slow", predicted_s=round(predicted_s),
-                           inputs_fit=_inputs_fit(4, heads, s, head_dim, dev))
-            else:
-                row.update(_longest_attempt(family, s, cfg, dev, repeat_below_s))
-                last_ms = row.get("ms")
-            rows.append(row)
-            print(row, flush=True)
-            if study is not None:
-                write_csv(rows, f"bench_{study}_longest", dev)
-            if row["status"] != "ok":
-                break
-            s *= 2
+        for family in cfg.families:
+            s, last_ms = start, None
+            while s <= limit:
+                row = {**env, **cap, "family": family, "seq_len": s, "heads": heads,
+                       "head_dim": head_dim, "dtype": "bf16", "block_size": block_size,
+                       "pass": cfg.pass_name}
+                predicted_s = None if last_ms is None else 4 * last_ms / 1e3
+                if predicted_s is not None and predicted_s > max_seconds:
+                    row.update(status="too_slow", predicted_s=round(predicted_s),
+                               inputs_fit=_inputs_fit(4, heads, s, head_dim, dev))
+                else:
+                    row.update(_longest_attempt(family, s, cfg, dev, repeat_below_s))
+                    last_ms = row.get("ms")
+                rows.append(row)
+                print(row, flush=True)
+                if study is not None:
+                    write_csv(rows, f"bench_{study}_longest", dev)
+                if row["status"] != "ok":
+                    break
+                s *= 2
     return rows
 
 

@@ -213,10 +213,9 @@ def _notebook_parameters(path: Path) -> set[str] | None:
 
 
 def _check_figures(args: argparse.Namespace) -> None:
-    """The project is found and has notebooks; ``--only`` prefixes each match one; when
-    notebooks run: papermill is installed, every chosen notebook has ``--profile``, every ``-p``
-    name is a parameter of one of them, and ``--save-outputs`` comes with the default
-    parameters. ``args.root`` becomes the project's resolved path."""
+    """The project has notebooks, each ``--only`` prefix matches one, and a run has papermill,
+    ``--profile`` in every chosen notebook, each ``-p`` name among their parameters and, with
+    ``--save-outputs``, the default parameters. ``args.root`` becomes the project's path."""
     from ..project import ProjectNotFoundError, find_root
     from .figures import discover, select
 
@@ -261,9 +260,8 @@ def _check_figures(args: argparse.Namespace) -> None:
 
 
 def _check_bench(args: argparse.Namespace) -> None:
-    """Every requested variant runs for at least one requested family on the device (a
-    variant that never applies would leave no rows and no word about it), and every family's
-    pattern builds with ``--heads``."""
+    """Every variant runs for a requested family on the device (else it would leave no rows
+    and no word about it) and every family's pattern builds with ``--heads``."""
     on_cpu = args.device == "cpu"
     if "triton" in args.variants and on_cpu:
         raise UsageError("--variants triton: our Triton kernels run on CUDA only: drop it, or "
@@ -285,8 +283,7 @@ def _check_bench(args: argparse.Namespace) -> None:
 
 
 def _check_patterns(families: Sequence[str], seq_lens: Sequence[int], heads: int) -> None:
-    """Every family's pattern can be built at every length with ``heads`` heads (the dilated
-    families need a head per (segment, dilation) pair)."""
+    """Every family's pattern builds at every length with ``heads`` heads."""
     for family in families:
         for s in seq_lens:
             try:
@@ -320,17 +317,6 @@ def _check_triton_resources(args: argparse.Namespace) -> None:
                          f"memory limit is known for it; use one of: {known}")
 
 
-def _torchrun_world() -> int:
-    """The ranks of the ring a ring command joins: torchrun's ``WORLD_SIZE`` under torchrun
-    (``RANK`` set), else 1."""
-    if "RANK" not in os.environ:
-        return 1
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def _check_ring(args: argparse.Namespace) -> int:
     """Every family's pattern builds with ``--heads`` and every length splits into whole blocks
     over the ranks (``--world``, else torchrun's) under every sharding; ``--backend`` can run
@@ -342,7 +328,9 @@ def _check_ring(args: argparse.Namespace) -> int:
                          "--backend gloo")
     option, seq_lens = (("--seq-len", [args.seq_len]) if hasattr(args, "seq_len")
                         else ("--seq-lens", args.seq_lens))
-    world = getattr(args, "world", None) or _torchrun_world()
+    under_torchrun = "RANK" in os.environ and os.environ.get("WORLD_SIZE", "").isdigit()
+    world = getattr(args, "world", None) or max(1, int(os.environ["WORLD_SIZE"])
+                                                if under_torchrun else 1)
     ranks = f"--world {world}" if hasattr(args, "world") else f"{world} rank(s)"
     _check_patterns(args.families, seq_lens, args.heads)
     for s in seq_lens:
@@ -501,10 +489,10 @@ def _ring_bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ the parser
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its help line, what it runs, its options (flags, space-separated, to
-    argparse settings over :data:`_OPTIONS`' for the same flags) and the checks before work:
-    ``check``, the module it ``needs`` (with how to install it), ``gpu_only`` (it measures a
-    GPU) and ``writes`` (it needs a ``data/`` folder)."""
+    """A subcommand: its help line, what it runs, its options (space-separated flags to
+    argparse settings, over :data:`_OPTIONS`' for the same flags) and its checks before work:
+    ``check``, the module it ``needs`` and how to install it, whether it measures a GPU
+    (``gpu_only``) and writes to ``data/``."""
 
     help: str
     run: Callable[[argparse.Namespace], int]

@@ -55,19 +55,10 @@ def _gather_rows(rows: list[dict], group=None) -> list[dict]:
     return [r for part in everyone for r in (part or [])]
 
 
-def _env(device: torch.device) -> dict[str, object]:
-    env: dict[str, object] = {**environment(device),
-                              "world_size": dist.get_world_size(),
-                              "backend": dist.get_backend()}
-    if device.type == "cuda":
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    return env
-
-
 def _equivalence_rows(dev: torch.device, seq_len: int, heads: int, head_dim: int,
                       block_size: int, families: Sequence[str], sharding: str,
                       timeout: float) -> list[dict]:
-    """This rank's check of the ring against one process, per family (forward and gradients)."""
+    """This rank's error against one process, per family (output and gradients)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.float64 if dev.type == "cpu" else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -160,7 +151,9 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                          f"value must be a multiple of {world}, got {list(seq_lens)}")
     run = _Settings(heads, head_dim, DTYPES[dtype] if dev.type == "cuda" else torch.float32,
                     block_size, reps, warmup, backward, timeout, dev)
-    env = _env(dev)
+    env = {**environment(dev), "world_size": world, "backend": dist.get_backend()}
+    if dev.type == "cuda":
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     rows: list[dict] = []
     profiles: list[dict] = []
     failed = False
@@ -318,15 +311,10 @@ def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int,
                     heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
                     backend: str = "auto", backward: bool = False
                     ) -> Iterator[tuple[int, int, int, int, int, Callable[[], None] | None]]:
-    """Every (rank, step) of a ``world``-rank ring as work on one device, to plan a real run.
-
-    Yields ``(rank, step, kv_from, tiles, kv_bytes, fn)``: ``fn()`` computes what that rank
-    computes at that step (:func:`workbench.distributed.step_work`; with ``backward`` also the
-    backward step), None when skipped; ``kv_bytes`` is what the rank receives then. While a
-    rank's steps run, the device holds what that rank holds in the real ring, so the peak
-    memory during ``fn()`` is that rank's (less the transport's buffers). Drop each ``fn``
-    before asking for the next.
-    """
+    """Every (rank, step) of a ``world``-rank ring as work on one device: yields ``(rank, step,
+    kv_from, tiles, kv_bytes, fn)``, ``fn()`` what that rank computes then (with ``backward``
+    its backward step too; None when skipped) while the device holds what the rank holds, so
+    the peak during ``fn()`` is the rank's. Drop each ``fn`` before asking for the next."""
     shards = D.shard_plan(seq_len, world, block_size, sharding)
 
     def rank_layouts(r: int) -> list[BlockLayout]:  # built afresh: one rank's rows at a time
