@@ -510,7 +510,7 @@ _OPTIONS: dict[str, dict] = {
     "--families": dict(nargs="+", metavar="NAME"),
     "--heads": dict(type=positive_int, default=16),
     "--head-dim": dict(type=positive_int, default=128),
-    "--dtype": dict(default="bf16", choices=["bf16", "fp16", "fp32"]),
+    "--dtype": dict(default="bf16", choices=list(bench.DTYPES)),
     "--block-size": dict(type=positive_int, default=128),
     "--reps": dict(type=positive_int, default=20,
                    help="timed calls; the median is recorded (default: %(default)s)"),
