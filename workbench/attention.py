@@ -30,13 +30,12 @@ from .backends import (
 from .distributed import distributed_ring_attention
 from .layout import BlockLayout
 from .orderings import check_block_order
-from .patterns import Pattern, check_positive_int, head_predicate
+from .patterns import Pattern, check_int, check_positive_int, head_predicate
 from .plan import (
     LastCall,
     Plan,
     Plans,
     check_plans,
-    check_q_offset,
     plan_for,
     query_window_layout,
 )
@@ -226,7 +225,7 @@ def block_sparse_attention(
     k, v = expand_kv_heads(q, k, v)
     check_qkv(q, k, v)
     check_pattern(pattern, q.shape[1])
-    check_q_offset(q_offset)
+    check_int("q_offset", q_offset, 0)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     block_order = check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks,
@@ -346,7 +345,7 @@ def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_siz
                   block_order=None, sharding="contiguous", score_mod=score_mod)
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
                    dropout=dropout_of(dropout_p, 0) is not None, layout=None,
-                   score_mod=score_mod, q_offset=check_q_offset(q_offset))
+                   score_mod=score_mod, q_offset=check_int("q_offset", q_offset, 0))
     return choose(backend, req)
 
 
