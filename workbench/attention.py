@@ -49,11 +49,13 @@ __all__ = ["BlockSparseAttention", "block_sparse_attention", "call_key", "check_
 
 
 def check_tensors(named: dict[str, object]) -> None:
-    """Raise naming the argument unless every value of ``named`` is a tensor with the first
-    one's dtype (else a ``TypeError``) and device (else a ``ValueError``)."""
+    """Raise naming the argument unless every value of ``named`` is a floating-point tensor
+    with the first one's dtype (else a ``TypeError``) and device (else a ``ValueError``)."""
     for name, x in named.items():
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     (first, x0), *rest = named.items()
     for name, x in rest:
         if x.dtype != x0.dtype:
@@ -84,8 +86,6 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(
                 f"{name} must be [batch, heads, seq, head_dim] (4-D), got shape {tuple(x.shape)}"
             )
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"{name} has an empty sequence or head dimension: {tuple(x.shape)}")
     check_sizes({"q": q, "k": k, "v": v}, {"batch size": 0, "head count": 1})

@@ -222,20 +222,15 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.dropout = float(dropout)
         self.batch_first = batch_first
-        if self._qkv_same_embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **fk))
-            self.register_parameter("q_proj_weight", None)
-            self.register_parameter("k_proj_weight", None)
-            self.register_parameter("v_proj_weight", None)
-        else:
-            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **fk))
-            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **fk))
-            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **fk))
-            self.register_parameter("in_proj_weight", None)
-        if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **fk))
-        else:
-            self.register_parameter("in_proj_bias", None)
+        def param(*shape: int, used: bool = True) -> nn.Parameter | None:
+            return nn.Parameter(torch.empty(*shape, **fk)) if used else None
+
+        same = self._qkv_same_embed_dim  # nn.MultiheadAttention's parameters, in its order
+        self.register_parameter("in_proj_weight", param(3 * embed_dim, embed_dim, used=same))
+        for name, dim in (("q_proj_weight", embed_dim), ("k_proj_weight", self.kdim),
+                          ("v_proj_weight", self.vdim)):
+            self.register_parameter(name, param(embed_dim, dim, used=not same))
+        self.register_parameter("in_proj_bias", param(3 * embed_dim, used=bias))
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.sub_ln = nn.LayerNorm(embed_dim, **fk) if sub_layer_norm else None
         self.pattern = pattern
@@ -256,13 +251,10 @@ class BlockSparseMultiheadAttention(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        # The initialization nn.MultiheadAttention uses.
-        if self._qkv_same_embed_dim:
-            nn.init.xavier_uniform_(self.in_proj_weight)
-        else:
-            nn.init.xavier_uniform_(self.q_proj_weight)
-            nn.init.xavier_uniform_(self.k_proj_weight)
-            nn.init.xavier_uniform_(self.v_proj_weight)
+        # The initialization nn.MultiheadAttention uses, in its order.
+        for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            if w is not None:
+                nn.init.xavier_uniform_(w)
         if self.in_proj_bias is not None:
             nn.init.constant_(self.in_proj_bias, 0.0)
             nn.init.constant_(self.out_proj.bias, 0.0)
