@@ -125,33 +125,28 @@ class BlockSparseMultiheadAttention(nn.Module):
     Args:
         pattern: a :class:`~workbench.patterns.Pattern` with 1 or ``num_heads`` heads (``None``:
             dense), e.g. ``P.dilated([2048, 4096], [1, 2], num_heads)``.
-        block_size, backend, ring_chunks, block_order: as in
-            :func:`~workbench.block_sparse_attention`.
+        block_size, backend, ring_chunks, block_order, score_mod: as in
+            :func:`~workbench.block_sparse_attention` (``score_mod`` applies before any mask).
         selector: an :class:`~workbench.adaptive.AdaptiveBlockSparseAttention` that picks the
-            layout from the projected q, k at every call (instead of ``pattern``); its gate is a
-            sub-module, its own ``backend`` and ``ring_chunks`` give way to the module's.
-        process_group, sharding: inputs are this rank's shard of a sequence sharded over the
-            group (:mod:`workbench.distributed`); self-attention without masks or weights.
+            layout from the projected q, k at every call, instead of ``pattern``; its own
+            ``backend`` and ``ring_chunks`` give way to the module's.
+        process_group, sharding: inputs are this rank's shard (:mod:`workbench.distributed`);
+            self-attention without masks or weights.
         sub_layer_norm: MAGNETO's Sub-LN (arXiv 2210.06423, used by LongNet): a ``LayerNorm``
-            before the output projection (off, and absent from the state dict, by default).
-        plans: where calls without masks keep their :class:`~workbench.plan.Plan` (default:
-            the module's own :class:`~workbench.plan.Plans`; share one between layers).
+            before the output projection.
+        plans: where calls without masks keep their plans (default: the module's own
+            :class:`~workbench.plan.Plans`; share one between layers).
         dense_weights_limit: largest ``B * H * S_q * S_k`` for which ``need_weights=True``
             returns dense weights; above it :class:`BlockSparseWeights`.
-        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` applied to the scaled
-            scores before any mask; an ``nn.Module`` one is a sub-module. Not with a process
-            group.
 
     Raises:
         ValueError, TypeError: a bad option, named.
         NotImplementedError: ``add_bias_kv``, ``add_zero_attn``, or a straight-through selector
             or a ``score_mod`` under a process group.
 
-    NOTE, departures from ``nn.MultiheadAttention``: bad inputs raise ``TypeError`` /
-    ``ValueError`` naming the argument; a query with no allowed key outputs zeros (not NaN);
-    ``need_weights`` defaults to False; ``is_causal`` needs no ``attn_mask``; dropout keeps
-    probabilities by a hash of (batch-head, query, key) seeded from torch's generator
-    (:mod:`workbench.backends.dropout`, on the ``blockwise`` backend), so a seed repeats a run
+    NOTE, departures from ``nn.MultiheadAttention``: a query with no allowed key outputs zeros
+    (not NaN); ``need_weights`` defaults to False; ``is_causal`` needs no ``attn_mask``; dropout
+    is workbench's hashed dropout (:mod:`workbench.backends.dropout`), so a seed repeats a run
     but not ``F.dropout``'s mask.
     """
 
