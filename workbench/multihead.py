@@ -275,28 +275,17 @@ class BlockSparseMultiheadAttention(nn.Module):
         """The pattern a forward call runs, and whether the batch is folded into the heads.
         Masks are shaped as ``forward`` checks them; ``selected`` (``batch * num_heads`` heads,
         an adaptive selection) replaces the module's pattern and always folds the batch."""
-        h = self.num_heads
-        pat: Pattern = self.pattern if self.pattern is not None else P.full()
-        parts: list[Pattern] = []
+        parts: list[Pattern] = [P.causal()] if is_causal else []
         fold = selected is not None
-        if is_causal:
-            parts.append(P.causal())
         if attn_mask is not None:
-            ignore = _ignored(attn_mask)
-            if ignore.dim() == 2:
-                ignore = ignore[None]
-            if ignore.shape[0] > 1 and batch > 1:
-                fold = True
-            parts.append(DenseMask(~ignore))
+            keep = ~_ignored(attn_mask).reshape(-1, q_len, k_len)
+            fold = fold or (keep.shape[0] > 1 and batch > 1)
+            parts.append(DenseMask(keep))
         if key_padding_mask is not None:
-            ignore = _ignored(key_padding_mask)
-            if ignore.dim() == 1:
-                ignore = ignore[None]
-            if batch > 1:
-                fold = True
-                parts.append(KeyMask((~ignore).repeat_interleave(h, 0)))
-            else:
-                parts.append(KeyMask(~ignore))
+            keep = ~_ignored(key_padding_mask).reshape(-1, k_len)
+            fold = fold or batch > 1
+            parts.append(KeyMask(keep.repeat_interleave(self.num_heads, 0) if batch > 1 else keep))
+        pat: Pattern = self.pattern if self.pattern is not None else P.full()
         if selected is not None:
             pat = selected
         elif fold:
