@@ -43,9 +43,9 @@ from .ring import ring_attention
 from .score_mods import ScoreMod, check_score_mod
 from .sharding import check_sharding
 
-__all__ = ["BlockSparseAttention", "block_sparse_attention", "call_key", "check_options",
-           "check_pattern", "check_qkv", "check_scale", "check_sizes", "check_tensors",
-           "dropout_of", "expand_kv_heads", "explain_backend", "prepare"]
+__all__ = ["BlockSparseAttention", "block_sparse_attention", "call_key", "check_dropout",
+           "check_options", "check_pattern", "check_qkv", "check_scale", "check_sizes",
+           "check_tensors", "dropout_of", "expand_kv_heads", "explain_backend", "prepare"]
 
 
 def check_tensors(named: dict[str, object]) -> None:
@@ -356,10 +356,16 @@ def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
+def check_dropout(p: object, name: str = "dropout_p") -> float:
+    """``p`` as a float if it is a probability in ``[0, 1)``; a ``ValueError`` naming it else."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
 def dropout_of(p: float, seed: int | None) -> AttentionDropout | None:
     """The dropout of a call (None when ``p == 0``); draws a seed when none is given."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
+    check_dropout(p)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed < 2**63):
         raise ValueError(f"dropout_seed must be None or an int in [0, 2**63), got {seed!r}")

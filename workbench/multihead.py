@@ -21,6 +21,7 @@ from .adaptive import AdaptiveBlockSparseAttention
 from .attention import (
     attend,
     block_sparse_attention,
+    check_dropout,
     check_options,
     check_pattern,
     check_sizes,
@@ -33,9 +34,6 @@ from .plan import LastCall, Plans, check_plans
 from .score_mods import ScoreMod, modded
 
 __all__ = ["BlockSparseMultiheadAttention", "BlockSparseWeights"]
-
-
-DENSE_WEIGHTS_LIMIT = 1 << 22
 
 
 def _ignored(mask: Tensor) -> Tensor:
@@ -173,7 +171,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         process_group=None,
         sharding: str = "contiguous",
         sub_layer_norm: bool = False,
-        dense_weights_limit: int = DENSE_WEIGHTS_LIMIT,
+        dense_weights_limit: int = 1 << 22,
         plans: Plans | None = None,
         score_mod: ScoreMod | None = None,
     ) -> None:
@@ -190,9 +188,6 @@ class BlockSparseMultiheadAttention(nn.Module):
             raise NotImplementedError("add_bias_kv and add_zero_attn are not supported")
         if isinstance(dropout, Pattern):  # nn.MultiheadAttention's third argument is dropout
             raise TypeError("dropout must be a float; pass the pattern by keyword: pattern=...")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-                or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if pattern is not None:
             check_pattern(pattern, num_heads)
         block_order = check_options(block_size=block_size, backend=backend,
@@ -215,7 +210,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.vdim = embed_dim if vdim is None else vdim
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.head_dim = embed_dim // num_heads
-        self.dropout = float(dropout)
+        self.dropout = check_dropout(dropout, "dropout")
         self.batch_first = batch_first
         def param(*shape: int, used: bool = True) -> nn.Parameter | None:
             return nn.Parameter(torch.empty(*shape, **fk)) if used else None
