@@ -32,31 +32,35 @@ def _signed32(x: int) -> int:
     return x - (1 << 32) if x >= 1 << 31 else x
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """The hash's 32-bit finalizer, returning its top 24 bits.
+_MULS = tuple(_signed32(m) for m in _HASH_MIX)
 
-    ``x`` is either int64 holding values in ``[0, 2**32)`` or int32 holding the same bits
-    (two's complement, where products wrap); both give the same result.
+
+def _mix32(x: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """The hash's 32-bit finalizer of ``x``: int64 holding values in ``[0, 2**32)``, or int32
+    holding the same bits (two's complement, where products wrap); both end with the same bits.
+
+    With ``scratch`` (``x``'s shape and dtype) ``x`` is mixed in place and the shifted copies
+    live in ``scratch``: no allocation. Without, nothing is written in place, so the hash can
+    be traced inside a compiled ``mask_mod``.
     """
-    wide = x.dtype == torch.int64
-    for mul in _HASH_MIX:
-        x = x ^ ((x >> 16) & 0xFFFF)
-        x = x * _signed32(mul)
-        x = x & 0xFFFFFFFF if wide else x
-    x = x ^ ((x >> 16) & 0xFFFF)
-    return (x >> 8) & 0xFFFFFF
+    into = None if scratch is None else x
+    for mul in (*_MULS, None):  # x ^= x >>> 16, then x *= mul
+        t = torch.bitwise_and(torch.bitwise_right_shift(x, 16, out=scratch), 0xFFFF, out=scratch)
+        x = torch.bitwise_xor(x, t, out=into)
+        if mul is not None:
+            x = torch.mul(x, mul, out=into)
+            if x.dtype == torch.int64:
+                x = torch.bitwise_and(x, 0xFFFFFFFF, out=into)
+    return x
 
 
 def hash_cells(seed: int, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
     """Deterministic 24-bit hash of (seed, head, cell row, cell column), elementwise: the
     random-tile patterns keep a cell below a threshold, attention dropout keeps a (query, key)
-    pair at or above one.
-
-    Computed in int64 whatever the index dtype (kernels pass int32), keeping the low 32 bits.
-    """
+    pair at or above one. Computed in int64 whatever the index dtype."""
     h, i, j = h.to(torch.int64), i.to(torch.int64), j.to(torch.int64)
     x = (h * _HASH_HEAD + i * _HASH_ROW + j * _HASH_COL + seed * _HASH_SEED) & 0xFFFFFFFF
-    return _mix32(x)
+    return _mix32(x) >> 8
 
 
 def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int,
@@ -64,10 +68,9 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
     """Bool ``[len(heads), r1 - r0, cols]``: ``hash_cells(seed, h, i, j) < threshold`` for the
     cell rows ``i`` in ``rows = (r0, r1)``.
 
-    The same hash in int32 (products wrap, which keeps exactly the low 32 bits), in place on
-    two buffers of :data:`_HASH_STEP` cells, whole cell rows at a time. The final test reads
-    the top 24 bits as unsigned: ``(y >>> 8) < t`` is ``y < 256 t`` on unsigned 32-bit ``y``,
-    which is a signed comparison once the sign bit is flipped.
+    The hash runs in int32 on two buffers of :data:`_HASH_STEP` cells. The final test reads the
+    top 24 bits as unsigned: ``(y >>> 8) < t`` is ``y < 256 t`` on unsigned 32-bit ``y``, a
+    signed comparison once the sign bit is flipped.
     """
     def lanes(v: Tensor) -> Tensor:  # int64 in [0, 2**32) -> int32 with the same bits
         return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
@@ -80,19 +83,15 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
     step = max(1, _HASH_STEP.get(torch.device(device).type, _HASH_STEP["cuda"]) // cols)
     x = torch.empty(min(step, end - first), cols, dtype=torch.int32, device=device)
     t = torch.empty_like(x)
-    sign, muls = -(1 << 31), [_signed32(m) for m in _HASH_MIX]
+    sign = -(1 << 31)
     below = threshold * 256 - 1 + sign  # y < 256 t  <=>  (y ^ sign) <= 256 t - 1 - 2**31
     for n, h in enumerate(heads):
         base = (h * _HASH_HEAD + seed * _HASH_SEED) & 0xFFFFFFFF
         for r0 in range(first, end, step):
             r = torch.arange(r0, min(r0 + step, end), device=device)
-            xs, ts = x[:len(r)], t[:len(r)]
+            xs = x[:len(r)]
             torch.add(lanes((r * _HASH_ROW + base) & 0xFFFFFFFF)[:, None], col, out=xs)
-            for mul in (*muls, None):  # x ^= x >>> 16, then x *= mul (_mix32, in place)
-                torch.bitwise_right_shift(xs, 16, out=ts).bitwise_and_(0xFFFF)
-                xs.bitwise_xor_(ts)
-                if mul is not None:
-                    xs.mul_(mul)
+            _mix32(xs, t[:len(r)])
             # compared in place as int32 0/1, then cast: faster than comparing into bools
             out[n, r0 - first:r0 - first + len(r)] = xs.bitwise_xor_(sign).le_(below)
     return out
