@@ -49,9 +49,6 @@ class _Combination(Pattern):
         a, b = self.a.key(), self.b.key()
         return None if a is None or b is None else (type(self.a), a, type(self.b), b)
 
-    def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return self.predicate(q.device)(h, q, k)
-
     def predicate(self, device):
         fa, fb, op = head_predicate(self.a, device), head_predicate(self.b, device), self.op
         return lambda h, q, k: op(fa(h, q, k), fb(h, q, k))

@@ -15,18 +15,7 @@ from torch import Tensor
 
 from ..layout import MAX_POSITION
 from .bands import _extents
-from .base import Pattern, check_positive_int
-
-
-def _int_list(name: str, values: object, what: str) -> list[int]:
-    """``values`` (a sequence, 1-D tensor or array of ints) as a non-empty list of ints."""
-    items = values.tolist() if hasattr(values, "tolist") else values
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
-        raise ValueError(f"{name} must be a non-empty sequence of {what}, got {values!r}")
-    for i, v in enumerate(items):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name}[{i}] must be an int ({what}), got {v!r}")
-    return list(items)
+from .base import Pattern, check_ints
 
 
 class Documents(Pattern):
@@ -43,13 +32,11 @@ class Documents(Pattern):
 
     Raises:
         ValueError: ``lengths`` empty, not positive, or summing past ``MAX_POSITION``.
-        TypeError: a length that is not an int.
+        TypeError: ``lengths`` not a sequence, or a length that is not an int.
     """
 
     def __init__(self, lengths: Sequence[int] | Tensor, causal: bool = False) -> None:
-        lengths = _int_list("lengths", lengths, "document lengths")
-        for i, n in enumerate(lengths):
-            check_positive_int(f"lengths[{i}]", n)
+        lengths = check_ints("lengths", lengths, 1)
         self.lengths, self.causal = tuple(lengths), bool(causal)
         self.total = sum(lengths)
         if self.total > MAX_POSITION:
@@ -69,15 +56,12 @@ class Documents(Pattern):
             ValueError: fewer than two offsets, a first offset other than 0, or offsets that
                 do not increase strictly (an empty document).
         """
-        cu = _int_list("cu_seqlens", cu_seqlens, "cumulative offsets")
+        cu = check_ints("cu_seqlens", cu_seqlens, 0)
         lengths = [b - a for a, b in itertools.pairwise(cu)]
         if len(cu) < 2 or cu[0] != 0 or any(n <= 0 for n in lengths):
             raise ValueError(f"cu_seqlens must start at 0 and increase strictly (document d is "
                              f"[cu[d], cu[d + 1]), at least one), got {cu}")
         return cls(lengths, causal)
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         doc, last, causal = self.doc.to(device), self.total - 1, self.causal

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..curves import CURVES, _check_shape, curve_order
 from ..layout import num_blocks
-from .base import MaskFn, Pattern, check_int, head_predicate, refine_tiles
+from .base import MaskFn, Pattern, check_int, check_ints, head_predicate, refine_tiles
 
 BORDERS = ("cut", "shift")
 
@@ -26,9 +26,6 @@ class Permuted(Pattern):
     def __init__(self, base: Pattern, perm: Tensor) -> None:
         self.base, self.perm = base, perm
         self.num_heads = max(base.num_heads, perm.shape[0])
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         p, base = self.perm.to(device), head_predicate(self.base, device)
@@ -86,9 +83,6 @@ class GridNeighborhood(Pattern):
         self.lo, self.hi = (torch.stack([w[s][c] for w, c in zip(windows, self.coords.T)], -1)
                             for s in (0, 1))
         self._pred: dict[str, MaskFn] = {}
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         key = str(torch.device(device))
@@ -169,10 +163,11 @@ class GridNeighborhood(Pattern):
 
 
 def _per_axis(name: str, value: int | Sequence[int], dims: int, minimum: int) -> tuple[int, ...]:
-    values = value if isinstance(value, (tuple, list)) else (value,) * dims
-    if len(values) != dims:
+    if not isinstance(value, (tuple, list)):
+        return (check_int(name, value, minimum),) * dims
+    if len(value) != dims:
         raise ValueError(f"{name} must be an int or one int per axis ({dims}), got {value!r}")
-    return tuple(check_int(name, v, minimum) for v in values)
+    return tuple(check_ints(name, value, minimum))
 
 
 def grid_neighborhood(

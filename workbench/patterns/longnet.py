@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..layout import block_extents
 from .bands import causal as causal_band
-from .base import Pattern, check_int
+from .base import Pattern, check_int, check_ints
 
 
 def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], length: int,
@@ -86,9 +86,6 @@ class Dilated(Pattern):
         self.name = name
         self._tables: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per device
 
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
-
     def predicate(self, device):
         # the per-head tables are copied to a device once: a copy from the host waits for
         # every kernel queued there, and a ring builds a predicate on every call
@@ -157,11 +154,8 @@ class Dilated(Pattern):
 
 def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> None:
     """Validate LongNet (segment, dilation) lists; raise naming the offending argument."""
-    for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
-        if isinstance(seq, (int, str)) or not isinstance(seq, Sequence) or len(seq) == 0:
-            raise TypeError(f"{name} must be a non-empty list of ints, got {seq!r}")
-        for v in seq:
-            check_int(f"{name} entries", v, 1)
+    check_ints("segment_lengths", segment_lengths, 1)
+    check_ints("dilation_rates", dilation_rates, 1)
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(
             f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "

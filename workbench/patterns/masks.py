@@ -25,9 +25,6 @@ class KeyMask(Pattern):
         self.valid = valid
         self.num_heads = valid.shape[0]
 
-    def allowed(self, h, q, k):
-        return self.predicate(k.device)(h, q, k)
-
     def predicate(self, device):
         v = self.valid.to(device)
         n, multi_head = v.shape[1], self.num_heads > 1
@@ -63,9 +60,6 @@ class DenseMask(Pattern):
                             f"{allowed.dtype} {tuple(allowed.shape)}")
         self.mask = allowed
         self.num_heads = allowed.shape[0]
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         m = self.mask.to(device)
@@ -114,9 +108,6 @@ class BlockSelection(Pattern):
         self.selected, self.cell, self.q_len, self.k_len = selected, block_size, q_len, k_len
         self.num_heads = selected.shape[0]
 
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
-
     def predicate(self, device):
         sel = self.selected.to(device)
         c, nq, nk, ql, kl = self.cell, sel.shape[1], sel.shape[2], self.q_len, self.k_len
@@ -152,9 +143,6 @@ class TiledHeads(Pattern):
     def __init__(self, pattern: Pattern, copies: int) -> None:
         self.base, self.copies = pattern, copies
         self.num_heads = pattern.num_heads * copies
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         f, n = self.base.predicate(device), self.base.num_heads
