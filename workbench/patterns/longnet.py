@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..layout import block_extents
+from ..layout import block_extents, block_lengths
 from .bands import causal as causal_band
 from .base import Pattern, check_int, check_ints
 
@@ -139,8 +139,7 @@ class Dilated(Pattern):
     def count_pairs(self, seq_len):
         total = 0
         for w, r, s in zip(self.w, self.r, self.s):
-            starts = torch.arange(0, seq_len, w, dtype=torch.int64)
-            lengths = torch.clamp(seq_len - starts, max=w)
+            lengths = block_lengths(seq_len, w)
             kept = torch.clamp(torch.div(lengths - s + r - 1, r, rounding_mode="floor"), min=0)
             total += int((kept * kept).sum())
         return total

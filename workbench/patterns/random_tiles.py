@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..layout import cells_to_tiles, num_blocks, tile_sum
+from ..layout import block_lengths, cells_to_tiles, num_blocks, tile_sum
 from .base import Pattern, check_density, check_int
 
 _HASH_HEAD, _HASH_ROW, _HASH_COL, _HASH_SEED = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
@@ -143,7 +143,7 @@ class RandomBlocks(Pattern):
     def count_pairs(self, seq_len):
         c = self.cell
         n = num_blocks(seq_len, c)
-        size = torch.clamp(seq_len - torch.arange(n, dtype=torch.int64) * c, max=c)
+        size = block_lengths(seq_len, c)
         on = _hash_grid(self.seed, range(self.num_heads), (0, n), n, self.threshold, "cpu")
         return int(tile_sum(on, size, size).sum())  # each on cell by its real pairs
 
