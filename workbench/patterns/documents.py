@@ -1,9 +1,4 @@
-"""Packed sequences: documents laid end to end, each attending only to itself.
-
-Document ``d`` holds positions ``[cu[d], cu[d + 1])``, where ``cu`` are the cumulative offsets
-of the document lengths (FlashAttention's ``cu_seqlens``, ``cu[0] = 0``). The pattern is
-block-diagonal; ``causal=True`` makes every block lower-triangular.
-"""
+"""Packed sequences: documents laid end to end, each attending only to itself."""
 
 from __future__ import annotations
 
@@ -19,16 +14,9 @@ from .base import Pattern, check_ints
 
 
 class Documents(Pattern):
-    """Packed documents: query ``i`` attends key ``j`` iff both lie in the same document (and
-    ``j <= i`` with ``causal=True``).
-
-    Positions at or past ``sum(lengths)`` belong to no document: they attend nothing and nothing
-    attends them (zero output, ``lse = -inf``). Head-independent; layout and pair count are
-    closed-form.
-
-    Args:
-        lengths: the documents' lengths in tokens, positive ints in packing order.
-        causal: causal attention inside each document.
+    """Packed documents of ``lengths`` tokens: query ``i`` attends key ``j`` iff both lie in the
+    same document (and ``j <= i`` with ``causal=True``). Positions at or past ``sum(lengths)``
+    belong to no document: they attend nothing and nothing attends them.
 
     Raises:
         ValueError: ``lengths`` empty, not positive, or summing past ``MAX_POSITION``.
@@ -49,13 +37,8 @@ class Documents(Pattern):
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Sequence[int] | Tensor,
                         causal: bool = False) -> Documents:
-        """The documents of FlashAttention-style cumulative offsets ``cu_seqlens`` (``[0,
-        l0, l0 + l1, ...]``: document ``d`` is ``[cu[d], cu[d + 1])``).
-
-        Raises:
-            ValueError: fewer than two offsets, a first offset other than 0, or offsets that
-                do not increase strictly (an empty document).
-        """
+        """The documents of FlashAttention's cumulative offsets ``cu_seqlens`` (document ``d``
+        is ``[cu[d], cu[d + 1])``); a ``ValueError`` unless they start at 0 and increase."""
         cu = check_ints("cu_seqlens", cu_seqlens, 0)
         lengths = [b - a for a, b in itertools.pairwise(cu)]
         if len(cu) < 2 or cu[0] != 0 or any(n <= 0 for n in lengths):
@@ -78,8 +61,8 @@ class Documents(Pattern):
         doc, last, n = self.doc.to(device).long(), self.total - 1, len(self.lengths)
 
         def documents(first: Tensor, end: Tensor, alone: int) -> tuple[Tensor, Tensor, Tensor]:
-            """Per block: its first and last document (``n`` and -1 when it holds none), and
-            its one document if all of it is in one (else ``alone``)."""
+            """Per block: first and last document (``n`` and -1 for none), and its one
+            document if all of it is in one (else ``alone``)."""
             a, b = doc[torch.clamp(first, max=last)], doc[torch.clamp(end, max=last)]
             a, b = torch.where(first > last, n, a), torch.where(first > last, -1, b)
             return a, b, torch.where((a == b) & (end <= last), a, alone)
@@ -112,7 +95,6 @@ class Documents(Pattern):
 
 
 def documents(lengths: Sequence[int] | Tensor, causal: bool = False) -> Pattern:
-    """Packed variable-length sequences: block-diagonal attention over documents of
-    ``lengths`` tokens laid end to end, causal inside each with ``causal=True`` (see
-    :class:`Documents`; ``Documents.from_cu_seqlens(cu)`` takes cumulative offsets instead)."""
+    """Packed variable-length sequences: :class:`Documents` (``Documents.from_cu_seqlens(cu)``
+    takes cumulative offsets instead)."""
     return Documents(lengths, causal)

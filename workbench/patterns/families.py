@@ -1,8 +1,5 @@
-"""Pattern families: the one registry of named patterns.
-
-A :class:`Family` is a builder, the builder arguments it exposes and its arguments at a
-sequence length. Tests, benchmarks, the pattern explorer and the figures all read
-:data:`FAMILIES`: a family added with :func:`register_family` needs no other change.
+"""Pattern families: the one registry of named patterns (:data:`FAMILIES`), which tests,
+benchmarks, the pattern explorer and the figures all read.
 """
 
 from __future__ import annotations
@@ -36,12 +33,10 @@ class Family:
 
     Attributes:
         name: the registry key, as command lines and CSV files name it.
-        summary: the pairs it allows, in one line, at its length-scaled arguments.
+        summary: the pairs it allows, in one line.
         build: the builder, e.g. :func:`~workbench.patterns.local_window`.
-        parameters: the builder arguments the family exposes (an explorer's controls); never
-            ``num_heads``, which :attr:`at_length` is given.
-        at_length: ``(seq_len, num_heads) -> arguments`` of the builder at that length (what
-            benchmarks and tests use).
+        parameters: the builder arguments an explorer exposes (never ``num_heads``).
+        at_length: ``(seq_len, num_heads) -> arguments`` of the builder at that length.
     """
 
     name: str
@@ -51,11 +46,8 @@ class Family:
     at_length: Callable[[int, int], dict[str, Any]]
 
     def arguments(self, seq_len: int, num_heads: int = 1, **overrides: Any) -> dict[str, Any]:
-        """The builder's arguments: :attr:`at_length`, then ``overrides``.
-
-        Raises:
-            ValueError: an override the builder does not take.
-        """
+        """The builder's arguments: :attr:`at_length`, then ``overrides`` (a ``ValueError``
+        for one the builder does not take)."""
         takes = inspect.signature(self.build).parameters
         unknown = sorted(set(overrides) - set(takes))
         if unknown:
@@ -68,17 +60,12 @@ class Family:
         return self.build(**self.arguments(seq_len, num_heads, **overrides))
 
 
-FAMILIES: dict[str, Family] = {}
-"""Every registered family by name, in registration order."""
+FAMILIES: dict[str, Family] = {}  # by name, in registration order
 
 
 def register_family(entry: Family) -> Family:
-    """Add ``entry`` to :data:`FAMILIES` and return it.
-
-    Raises:
-        ValueError: the name is taken, or a parameter is ``num_heads`` or not an argument of
-            the builder.
-    """
+    """Add ``entry`` to :data:`FAMILIES` and return it; a ``ValueError`` when the name is
+    taken or a parameter is ``num_heads`` or not an argument of the builder."""
     if entry.name in FAMILIES:
         raise ValueError(f"a family named {entry.name!r} is already registered")
     takes = inspect.signature(entry.build).parameters

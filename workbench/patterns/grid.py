@@ -1,8 +1,5 @@
-"""Patterns seen in another token order: a permuted pattern, and grid neighbourhoods.
-
-:class:`Permuted` is any pattern with its tokens reordered (every tile evaluated: small lengths);
-:func:`grid_neighborhood` is NATTEN-style neighbourhood attention on a grid laid out along a
-curve, its layout exact from per-block bounding boxes.
+"""Patterns seen in another token order: any pattern permuted (every tile evaluated), and
+NATTEN-style neighbourhoods on a grid laid out along a curve (layout from per-block boxes).
 """
 
 from __future__ import annotations
@@ -42,8 +39,8 @@ class Permuted(Pattern):
 
 
 def _axis_window(n: int, radius: int, dilation: int, border: str) -> tuple[Tensor, Tensor]:
-    """First and last key coordinate of the window of every query coordinate ``0 .. n-1`` of
-    one axis (int64 ``[n]`` each; both in the query's residue class mod ``dilation``)."""
+    """First and last key coordinate (int64 ``[n]`` each, in the query's residue mod
+    ``dilation``) of the window of every query coordinate of one axis of ``n`` cells."""
     c, r, d = torch.arange(n), radius, dilation
     if border == "cut":
         return c - d * torch.clamp(c // d, max=r), c + d * torch.clamp((n - 1 - c) // d, max=r)
@@ -113,7 +110,7 @@ class GridNeighborhood(Pattern):
 
     def _block_range(self, table: Tensor, length: int, block_size: int,
                      device) -> tuple[Tensor, Tensor]:
-        """Per block, min and max of each column of a per-token table (``[n, columns]``)."""
+        """Per block, min and max of each column of a per-token ``table [n, columns]``."""
         c = table[:length].to(device)
         n = num_blocks(length, block_size)
         pad = n * block_size - length
@@ -174,19 +171,10 @@ def grid_neighborhood(
     shape: Sequence[int], radius: int | Sequence[int], order: str = "hilbert", *,
     dilation: int | Sequence[int] = 1, border: str = "cut",
 ) -> Pattern:
-    """Neighbourhood attention on a 2-D/3-D grid of ``prod(shape)`` tokens laid out in ``order``.
-
-    Args:
-        shape: the grid, ``(rows, cols)`` or ``(depth, rows, cols)``.
-        radius: window radius per axis (an int for all): ``2 * radius + 1`` cells, NATTEN's
-            ``kernel_size``.
-        order: token order, one of :data:`~workbench.curves.CURVES` (``"raster"`` is row-major).
-        dilation: keep every ``dilation``-th cell along each axis, those of the query's residue.
-        border: ``"cut"`` (the window is cut off at the grid border) or ``"shift"`` (it is
-            shifted inwards: every query sees exactly ``prod(2 * radius + 1)`` keys).
-
-    Returns:
-        a :class:`GridNeighborhood` (its exact semantics there).
+    """Neighbourhood attention on a 2-D/3-D grid of ``prod(shape)`` tokens laid out in ``order``
+    (one of :data:`~workbench.curves.CURVES`): a :class:`GridNeighborhood` (its semantics
+    there); ``radius`` and ``dilation`` are an int or one per axis, ``border`` is ``"cut"`` or
+    ``"shift"``.
 
     Raises:
         ValueError: an unknown ``order`` or ``border``, a bad shape, radius or dilation, or with

@@ -1,8 +1,5 @@
 """Patterns defined by tensors: key padding, explicit masks, selected tiles, batch copies.
-
-These hold data rather than arguments, so they are equal only to themselves (except
-:class:`TiledHeads` of a pattern that has a value). Their layouts are exact reductions of
-the tensor over each tile, at any block size.
+They are equal only to themselves; their layouts reduce the tensor over each tile exactly.
 """
 
 from __future__ import annotations
@@ -48,11 +45,8 @@ class KeyMask(Pattern):
 
 
 class DenseMask(Pattern):
-    """Pairs allowed by an explicit bool tensor ``allowed [H, S_q, S_k]`` (``H`` may be 1).
-
-    For short sequences only (the tensor itself is ``S x S``). Positions beyond the tensor are
-    never allowed. The block layout is exact at any block size.
-    """
+    """Pairs allowed by an explicit bool tensor ``allowed [H or 1, S_q, S_k]``; positions
+    beyond it are never allowed."""
 
     def __init__(self, allowed: torch.Tensor) -> None:
         if allowed.dtype != torch.bool or allowed.dim() != 3:
@@ -90,12 +84,8 @@ class DenseMask(Pattern):
 
 
 class BlockSelection(Pattern):
-    """Pattern of selected tiles: ``allowed(h, q, k) = selected[h, q // b, k // b]``.
-
-    ``selected`` is bool ``[H, nq, nk]`` at block size ``b`` for a ``q_len x k_len`` problem
-    (``H`` may be ``B * heads``, the batch folded in); its layout is exact at any kernel block
-    size, for the lengths the selection was made for.
-    """
+    """Selected tiles: ``allowed(h, q, k) = selected[h, q // b, k // b]``, ``selected`` bool
+    ``[H, nq, nk]`` at block size ``b`` for a ``q_len x k_len`` problem (and only for it)."""
 
     def __init__(self, selected: torch.Tensor, block_size: int, q_len: int, k_len: int) -> None:
         if selected.dtype != torch.bool or selected.dim() != 3:
@@ -135,10 +125,8 @@ class BlockSelection(Pattern):
 
 
 class TiledHeads(Pattern):
-    """An ``H``-head pattern repeated ``copies`` times: head ``c * H + h`` behaves as head ``h``.
-
-    Used to fold the batch into the heads (per-batch masks, adaptive layouts).
-    """
+    """An ``H``-head pattern repeated ``copies`` times: head ``c * H + h`` behaves as head
+    ``h`` (the batch folded into the heads)."""
 
     def __init__(self, pattern: Pattern, copies: int) -> None:
         self.base, self.copies = pattern, copies
@@ -162,7 +150,6 @@ class TiledHeads(Pattern):
 
 
 def tile_batch(pattern: Pattern, copies: int) -> Pattern:
-    """``pattern`` over ``copies`` batch elements folded into the heads (head ``c * H + h``
-    behaves as head ``h``): a 1-head pattern unchanged (it broadcasts over any number of
-    heads), an ``H``-head one as :class:`TiledHeads` (``copies * H`` heads)."""
+    """``pattern`` over ``copies`` batch elements folded into the heads: a 1-head pattern
+    unchanged (it broadcasts), an ``H``-head one as :class:`TiledHeads`."""
     return pattern if pattern.num_heads == 1 or copies == 1 else TiledHeads(pattern, copies)
