@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..curves import CURVES, _check_shape, curve_order
+from ..curves import _check_curve, _check_shape, curve_order
 from ..layout import num_blocks
 from .base import MaskFn, Pattern, check_int, check_ints, head_predicate, refine_tiles
 
@@ -180,8 +180,7 @@ def grid_neighborhood(
         ValueError: an unknown ``order`` or ``border``, a bad shape, radius or dilation, or with
             ``border="shift"`` a window ``(2 * radius + 1) * dilation`` wider than its axis.
     """
-    if order not in CURVES:
-        raise ValueError(f"order must be one of {CURVES}, got {order!r}")
+    _check_curve(order, "order")
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
     shape = _check_shape(shape)
