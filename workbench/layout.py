@@ -10,7 +10,7 @@ from __future__ import annotations
 import types
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -224,18 +224,13 @@ class BlockLayout:
         if self.active.dtype != torch.bool or self.full.dtype != torch.bool:
             raise TypeError("BlockLayout.active and .full must be bool tensors")
         if self.active.shape != self.full.shape or self.active.dim() != 3:
-            raise ValueError(
-                f"BlockLayout.active {tuple(self.active.shape)} and .full "
-                f"{tuple(self.full.shape)} must both be [H, nq, nk]"
-            )
+            raise ValueError(f"BlockLayout.active {tuple(self.active.shape)} and .full "
+                             f"{tuple(self.full.shape)} must both be [H, nq, nk]")
         expect = (num_blocks(self.q_len, self.block_size), num_blocks(self.k_len, self.block_size))
         if tuple(self.active.shape[1:]) != expect:
-            raise ValueError(
-                f"BlockLayout of shape {tuple(self.active.shape)} does not match "
-                f"q_len={self.q_len}, "
-                f"k_len={self.k_len}, block_size={self.block_size} (expected [H, {expect[0]}, "
-                f"{expect[1]}])"
-            )
+            raise ValueError(f"BlockLayout of shape {tuple(self.active.shape)} does not match "
+                             f"q_len={self.q_len}, k_len={self.k_len}, block_size="
+                             f"{self.block_size} (expected [H, {expect[0]}, {expect[1]}])")
 
     @property
     def num_heads(self) -> int:
@@ -294,14 +289,9 @@ class BlockLayout:
         """The sub-layout of query blocks ``[q0, q1)`` and key blocks ``[k0, k1)``."""
         (q0, q1), (k0, k1) = q_blocks, k_blocks
         b = self.block_size
-        return BlockLayout(
-            active=self.active[:, q0:q1, k0:k1],
-            full=self.full[:, q0:q1, k0:k1],
-            q_len=min(q1 * b, self.q_len) - q0 * b,
-            k_len=min(k1 * b, self.k_len) - k0 * b,
-            block_size=b,
-            source=self.source,
-        )
+        return replace(self, active=self.active[:, q0:q1, k0:k1], full=self.full[:, q0:q1, k0:k1],
+                       q_len=min(q1 * b, self.q_len) - q0 * b,
+                       k_len=min(k1 * b, self.k_len) - k0 * b)
 
     def query_window(self, start: int, q_len: int) -> BlockLayout:
         """The layout of the ``q_len`` queries from local position ``start`` on, in tiles that
@@ -319,7 +309,7 @@ class BlockLayout:
             ful = torch.nn.functional.pad(ful, pad, value=True)
             act = act[:, :n] | act[:, 1:]
             ful = ful[:, :n] & ful[:, 1:] & act
-        return BlockLayout(act[:, :n], ful[:, :n], q_len, self.k_len, b, self.source)
+        return replace(self, active=act[:, :n], full=ful[:, :n], q_len=q_len)
 
     def coarsen(self, factor: int) -> BlockLayout:
         """The same layout with tiles ``factor`` times larger (any / all over sub-tiles)."""
@@ -333,28 +323,20 @@ class BlockLayout:
         shape = (h, (nq + pq) // factor, factor, (nk + pk) // factor, factor)
         act = act.reshape(shape).any(4).any(2)
         ful = ful.reshape(shape).all(4).all(2) & act
-        return BlockLayout(act, ful, self.q_len, self.k_len, self.block_size * factor,
-                           self.source)
+        return replace(self, active=act, full=ful, block_size=self.block_size * factor)
 
     def expand_heads(self, num_heads: int) -> BlockLayout:
         """This layout with its head axis broadcast to ``num_heads`` (a view, no copy)."""
         if self.num_heads == num_heads:
             return self
         if self.num_heads != 1:
-            raise ValueError(
-                f"cannot broadcast a {self.num_heads}-head layout to {num_heads} heads"
-            )
+            raise ValueError(f"cannot broadcast a {self.num_heads}-head layout to {num_heads} "
+                             "heads")
         shape = (num_heads, *self.active.shape[1:])
-        return BlockLayout(
-            self.active.expand(shape), self.full.expand(shape), self.q_len, self.k_len,
-            self.block_size, self.source,
-        )
+        return replace(self, active=self.active.expand(shape), full=self.full.expand(shape))
 
     def to(self, device: torch.device | str) -> BlockLayout:
-        return BlockLayout(
-            self.active.to(device), self.full.to(device), self.q_len, self.k_len, self.block_size,
-            self.source,
-        )
+        return replace(self, active=self.active.to(device), full=self.full.to(device))
 
 
 _CODE = (types.FunctionType, types.MethodType, types.ModuleType)

@@ -31,8 +31,8 @@ class Documents(Pattern):
             raise ValueError(f"the documents hold {self.total} tokens, more than the "
                              f"{MAX_POSITION} positions kernels can index")
         self.cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)])
-        counts = torch.tensor(lengths)
-        self.doc = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), counts)
+        self.doc = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32),
+                                           torch.tensor(lengths))
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Sequence[int] | Tensor,

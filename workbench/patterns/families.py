@@ -91,13 +91,10 @@ def _window(seq_len: int) -> int:
 def _documents(seq_len: int) -> list[int]:
     """Document lengths covering ``seq_len``: 5, 2, 8, 1, 3, 7, 4, 2 units of S/32 (at least 1
     token), repeated, the last one cut to fit."""
-    unit, lengths = max(1, seq_len // 32), []
-    for units in itertools.cycle((5, 2, 8, 1, 3, 7, 4, 2)):
-        left = seq_len - sum(lengths)
-        if left == 0:
-            return lengths
-        lengths.append(min(units * unit, left))
-    raise AssertionError  # unreachable: the cycle is endless
+    unit, lengths, units = max(1, seq_len // 32), [], itertools.cycle((5, 2, 8, 1, 3, 7, 4, 2))
+    while (left := seq_len - sum(lengths)) > 0:
+        lengths.append(min(next(units) * unit, left))
+    return lengths
 
 
 def _segments(seq_len: int) -> list[int]:

@@ -68,16 +68,10 @@ class DenseMask(Pattern):
         return in_mask
 
     def tiles(self, q_len, k_len, block_size, device, rows):
-        b = block_size
-        r, nk = rows[1] - rows[0], num_blocks(k_len, b)
-        q0, q1 = rows[0] * b, min(rows[1] * b, q_len)
-        src = self.mask[:, q0:q1, :k_len].to(device)
-        m = torch.zeros(self.num_heads, r * b, nk * b, dtype=torch.bool, device=device)
-        m[:, : src.shape[1], : src.shape[2]] = src
-        real = torch.zeros(1, r * b, nk * b, dtype=torch.bool, device=device)
-        real[:, : q1 - q0, :k_len] = True
-        shape = (-1, r, b, nk, b)
-        return m.view(shape).any(4).any(2), (m | ~real).view(shape).all(4).all(2)
+        q0, q1 = rows[0] * block_size, min(rows[1] * block_size, q_len)
+        m = self.mask[:, q0:q1, :k_len].to(device)
+        m = F.pad(m, (0, k_len - m.shape[2], 0, q1 - q0 - m.shape[1]))  # past it: never allowed
+        return cells_to_tiles(m, 1, q_len, k_len, block_size, rows)  # cells of one token
 
     def __repr__(self) -> str:
         return f"dense_mask({tuple(self.mask.shape)})"
