@@ -47,7 +47,6 @@ def block_scores(q: Tensor, k: Tensor, block_size: int, scale: float | None = No
 
 
 def _check_density(density: object) -> float:
-    """The module's ``density`` as a float; raises as :func:`~workbench.patterns.check_density`."""
     return check_density(density, meaning="the fraction of key blocks kept")
 
 
@@ -202,8 +201,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
         causal: autoregressive self-attention (queries and keys of one length).
         head_dim: the gate's input size, needed only with ``trainable=True``.
         trainable: learn linear maps of pooled Q and K (initialized to the identity).
-        straight_through: train the gate through the output, scaled per query block by
-            ``m / stopgrad(m)`` (equal to 1), ``m`` the gate's softmax mass on the selection.
+        straight_through: train the gate through the output (:meth:`straight_through_gradient`).
         always: a fixed pattern (1 or ``H`` heads) joined into every call's pattern.
         fallback: the fixed pattern run instead when ``adaptive=False`` or the keys have fewer
             than ``min_blocks`` blocks (needed then).

@@ -100,12 +100,9 @@ def _invert_or_exchange(x: list[Tensor], i: int, q: int) -> None:
 
 
 def hilbert_encode(coords: Tensor, bits: int) -> Tensor:
-    """Hilbert index of integer ``coords`` ``[..., dims]`` in a ``2**bits`` square/cube.
-
-    John Skilling's curve ("Programming the Hilbert curve", AIP Conf. Proc. 707, 2004): it
-    starts at the origin and first steps along ``c0``; in 2-D it equals the textbook
-    ``xy2d(n, x=c0, y=c1)``.
-    """
+    """Hilbert index of integer ``coords`` ``[..., dims]`` in a ``2**bits`` square/cube: John
+    Skilling's curve (AIP Conf. Proc. 707, 2004), from the origin along ``c0`` first (in 2-D the
+    textbook ``xy2d(n, x=c0, y=c1)``)."""
     x = [c.clone() for c in _coords(coords, bits)]
     n = len(x)
     if bits == 0:

@@ -83,9 +83,8 @@ def cells_to_tiles(
 ) -> tuple[Tensor, Tensor]:
     """Exact (any, all) tiles of ``block_size`` from bool ``on [H, ceil(q_len / cell),
     ceil(k_len / cell)]``, a grid of ``cell x cell`` cells: active if a cell the tile overlaps
-    is on, full if all are. With ``rows = (r0, r1)`` only those query blocks, and ``on`` holds
-    only the cell rows they overlap (from the cell of token ``r0 * block_size`` on).
-    """
+    is on, full if all are. With ``rows = (r0, r1)``, ``on`` holds only the cell rows those
+    query blocks overlap."""
     r0, r1 = (0, num_blocks(q_len, block_size)) if rows is None else rows
     if block_size == cell:  # both are ``on`` itself: layouts are read-only
         return on, on

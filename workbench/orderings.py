@@ -161,9 +161,9 @@ def reuse_distances(accesses: Iterable[Hashable]) -> Tensor:
 
 
 def cache_model(tiles: Tensor, capacities: Sequence[int]) -> list[dict[str, float]]:
-    """LRU cache model of a tile visit order (:func:`block_accesses`): per capacity ``C`` (blocks)
-    a row of ``capacity``, ``accesses``, ``hits``, ``hit_rate``, ``cold_misses`` and the visit's
-    ``mean_reuse_distance`` and ``median_reuse_distance`` over re-accesses (on every row)."""
+    """LRU cache model of a tile visit order (:func:`block_accesses`): per capacity (blocks) a row
+    of ``capacity``, ``accesses``, ``hits``, ``hit_rate``, ``cold_misses`` and the visit's
+    ``mean_reuse_distance`` and ``median_reuse_distance`` over re-accesses."""
     d = reuse_distances(block_accesses(tiles))
     again = d[d >= 0].to(torch.float64)
     mean = float(again.mean()) if again.numel() else float("nan")

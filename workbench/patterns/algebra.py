@@ -1,9 +1,7 @@
 """The pattern algebra: ``a | b`` allows a pair if either pattern does, ``a & b`` if both do.
 
-Tile by tile, the operator applied to the parts' (any, all) is exact unless both parts are
-partial there; only those tiles are evaluated token by token. Two offset-only (Toeplitz)
-patterns combine into one, and periods combine by their least common multiple, so every fast
-path of the parts survives the combination.
+The operator on the parts' (any, all) decides every tile but those where both are partial,
+which are evaluated token by token; offset rules and periods combine, so fast paths survive.
 """
 
 from __future__ import annotations

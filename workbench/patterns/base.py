@@ -90,12 +90,9 @@ class Pattern:
 
     # ----------------------------------------------------------------- the hooks
     def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        """Bool tensor, the broadcast of the inputs: may query ``q`` of head ``h`` attend ``k``.
-
-        ``h``, ``q``, ``k``: integer tensors (head, absolute positions) of broadcastable shapes,
-        only ever real positions (callers clamp and mask padding). Elementwise tensor ops only,
-        so it also serves as a FlexAttention ``mask_mod``. Default: :meth:`predicate` on the
-        device of ``q``.
+        """Bool, the broadcast of integer tensors ``h``, ``q``, ``k`` (head, real absolute
+        positions): may query ``q`` of head ``h`` attend ``k``. Elementwise tensor ops only (it
+        serves as a FlexAttention ``mask_mod``). Default: :meth:`predicate` on ``q``'s device.
         """
         if type(self).predicate is Pattern.predicate:
             raise NotImplementedError(f"{type(self).__name__} must define allowed(h, q, k)")

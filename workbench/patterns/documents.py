@@ -67,8 +67,7 @@ class Documents(Pattern):
             a, b = torch.where(first > last, n, a), torch.where(first > last, -1, b)
             return a, b, torch.where((a == b) & (end <= last), a, alone)
 
-        # documents are contiguous: a block holds documents a..b (of its positions < total);
-        # per-block vectors first, so each tile costs a few integer comparisons
+        # documents are contiguous: a block holds documents a..b (of its positions < total)
         qa, qb, q_one = documents(qf, ql, -1)
         ka, kb, k_one = documents(kf, kl, -2)
         any_ = (qa <= kb) & (ka <= qb)

@@ -51,12 +51,11 @@ def _axis_window(n: int, radius: int, dilation: int, border: str) -> tuple[Tenso
 
 
 class GridNeighborhood(Pattern):
-    """Neighbourhood attention on a 2-D/3-D token grid whose tokens sit in a curve order.
+    """Neighbourhood attention on a 2-D/3-D grid, token ``i`` at raster cell ``perm[i]``.
 
-    Token position ``i`` is grid cell ``perm[i]`` (a raster index of grid ``shape``, in
-    ``order``). Along an axis of ``n`` cells with radius ``r`` (a window of ``k = 2r + 1``
-    cells, NATTEN's ``kernel_size``) and dilation ``d``, the window of a query at coordinate
-    ``c`` is the coordinates ``c' = c (mod d)`` of an interval:
+    Along an axis of ``n`` cells with radius ``r`` (a window of ``k = 2r + 1`` cells, NATTEN's
+    ``kernel_size``) and dilation ``d``, the window of a query at coordinate ``c`` is the
+    coordinates ``c' = c (mod d)`` of an interval:
 
     * ``border="cut"``: ``|c' - c| <= r * d``, centred on the query and cut off at the grid
       border (queries near it see fewer keys);
@@ -65,8 +64,8 @@ class GridNeighborhood(Pattern):
       at the border, so every query sees exactly ``k`` keys per axis (NATTEN's definition;
       the sub-grid must hold ``k`` cells: ``k * d <= n``).
 
-    Query ``i`` may attend key ``j`` when ``j``'s cell is in ``i``'s window along every axis.
-    Head-independent; defined for self-attention over exactly ``prod(shape)`` tokens.
+    Query ``i`` attends key ``j`` when ``j``'s cell is in ``i``'s window along every axis
+    (self-attention over exactly ``prod(shape)`` tokens, every head alike).
     """
 
     def __init__(self, shape: Sequence[int], radius: tuple[int, ...], dilation: tuple[int, ...],

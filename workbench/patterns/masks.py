@@ -11,14 +11,18 @@ from ..layout import cells_to_tiles, num_blocks
 from .base import Pattern
 
 
+def _check_bool(name: str, t: torch.Tensor, axes: tuple[str, ...]) -> None:
+    if t.dtype != torch.bool or t.dim() != len(axes):
+        raise TypeError(f"{name} must be a bool [{', '.join(axes)}] tensor, got {t.dtype} "
+                        f"{tuple(t.shape)}")
+
+
 class KeyMask(Pattern):
     """Keys allowed per head by a boolean vector ``valid [H, S_k]`` (key padding); keys past
     the vector are never allowed."""
 
     def __init__(self, valid: torch.Tensor) -> None:
-        if valid.dtype != torch.bool or valid.dim() != 2:
-            raise TypeError(f"valid must be a bool [heads, keys] tensor, got {valid.dtype} "
-                            f"{tuple(valid.shape)}")
+        _check_bool("valid", valid, ("heads", "keys"))
         self.valid = valid
         self.num_heads = valid.shape[0]
 
@@ -49,9 +53,7 @@ class DenseMask(Pattern):
     beyond it are never allowed."""
 
     def __init__(self, allowed: torch.Tensor) -> None:
-        if allowed.dtype != torch.bool or allowed.dim() != 3:
-            raise TypeError(f"allowed must be a bool [heads, q_len, k_len] tensor, got "
-                            f"{allowed.dtype} {tuple(allowed.shape)}")
+        _check_bool("allowed", allowed, ("heads", "q_len", "k_len"))
         self.mask = allowed
         self.num_heads = allowed.shape[0]
 
@@ -82,9 +84,7 @@ class BlockSelection(Pattern):
     ``[H, nq, nk]`` at block size ``b`` for a ``q_len x k_len`` problem (and only for it)."""
 
     def __init__(self, selected: torch.Tensor, block_size: int, q_len: int, k_len: int) -> None:
-        if selected.dtype != torch.bool or selected.dim() != 3:
-            raise TypeError(f"selected must be a bool [heads, nq, nk] tensor, got "
-                            f"{selected.dtype} {tuple(selected.shape)}")
+        _check_bool("selected", selected, ("heads", "nq", "nk"))
         expect = (num_blocks(q_len, block_size), num_blocks(k_len, block_size))
         if tuple(selected.shape[1:]) != expect:
             raise ValueError(f"selected has {tuple(selected.shape[1:])} blocks but q_len={q_len}"

@@ -1,9 +1,5 @@
-"""BigBird-style random tiles and the hash that draws them.
-
-A cell of ``cell x cell`` tokens is on when a deterministic 24-bit hash of (seed, head, cell row,
-cell column) falls below ``density * 2**24``, so a pattern does not depend on the sequence length
-or on the block size a kernel later uses. Layouts hash the cell grid a band of rows at a time in
-int32 and reduce each band to tiles exactly (:func:`~workbench.layout.cells_to_tiles`).
+"""BigBird-style random tiles and the hash that draws them: layouts hash the cell grid a band
+of rows at a time in int32 and reduce each band to tiles exactly.
 """
 
 from __future__ import annotations
@@ -18,12 +14,10 @@ from .base import Pattern, check_density, check_int
 
 _HASH_HEAD, _HASH_ROW, _HASH_COL, _HASH_SEED = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
 _HASH_MIX = (0x7FEB352D, 0x846CA68B)
+# cells hashed per step (a CPU's two int32 buffers stay in cache; a GPU's launches stay few),
+# and per band of tile rows hashed and reduced at once (the cell grid is never held whole)
 _HASH_STEP = {"cpu": 1 << 18, "cuda": 1 << 24}
-"""Cells hashed per step, by device type: on a CPU a step's two int32 buffers stay in cache; on
-a GPU a large step keeps the number of kernel launches down (others use the GPU's)."""
 _BAND_CELLS = {"cpu": 1 << 22, "cuda": 1 << 28}
-"""Cells per band of tile rows a layout hashes and reduces at once: the cell grid (``f**2``
-times the tiles when ``f`` cells fit along a tile) is never held whole."""
 
 
 def _signed32(x: int) -> int:
@@ -36,13 +30,10 @@ _MULS = tuple(_signed32(m) for m in _HASH_MIX)
 
 
 def _mix32(x: Tensor, scratch: Tensor | None = None) -> Tensor:
-    """The hash's 32-bit finalizer of ``x``: int64 holding values in ``[0, 2**32)``, or int32
-    holding the same bits (two's complement, where products wrap); both end with the same bits.
-
-    With ``scratch`` (``x``'s shape and dtype) ``x`` is mixed in place and the shifted copies
-    live in ``scratch``: no allocation. Without, nothing is written in place, so the hash can
-    be traced inside a compiled ``mask_mod``.
-    """
+    """The hash's 32-bit finalizer of ``x``, int64 in ``[0, 2**32)`` or int32 of the same bits
+    (products wrap); both end with the same bits. With ``scratch`` (``x``'s shape and dtype)
+    ``x`` is mixed in place, allocating nothing; without, nothing is written in place (so a
+    compiled ``mask_mod`` can trace it)."""
     into = None if scratch is None else x
     for mul in (*_MULS, None):  # x ^= x >>> 16, then x *= mul
         t = torch.bitwise_and(torch.bitwise_right_shift(x, 16, out=scratch), 0xFFFF, out=scratch)
@@ -66,12 +57,8 @@ def hash_cells(seed: int, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
 def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int,
                threshold: int, device: torch.device) -> Tensor:
     """Bool ``[len(heads), r1 - r0, cols]``: ``hash_cells(seed, h, i, j) < threshold`` for the
-    cell rows ``i`` in ``rows = (r0, r1)``.
-
-    The hash runs in int32 on two buffers of :data:`_HASH_STEP` cells. The final test reads the
-    top 24 bits as unsigned: ``(y >>> 8) < t`` is ``y < 256 t`` on unsigned 32-bit ``y``, a
-    signed comparison once the sign bit is flipped.
-    """
+    cell rows ``i`` in ``rows = (r0, r1)``, hashed in int32 on two buffers of ``_HASH_STEP``
+    cells; ``(y >>> 8) < t`` is ``y < 256 t`` on unsigned ``y``, signed once the sign flips."""
     def lanes(v: Tensor) -> Tensor:  # int64 in [0, 2**32) -> int32 with the same bits
         return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
 
@@ -98,11 +85,9 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
 
 
 class RandomBlocks(Pattern):
-    """BigBird-style random tiles: each ``cell x cell`` tile is on with probability ``density``.
-
-    The choice is a deterministic hash of (seed, head, tile row, tile column), so it does not
-    depend on the sequence length or on the block size a kernel later uses.
-    """
+    """BigBird-style random cells: each ``cell x cell`` cell is on when :func:`hash_cells` of
+    (seed, head, cell row, cell column) is below ``density * 2**24``, whatever the length or
+    the block size."""
 
     def __init__(self, density: float, seed: int, cell: int, num_heads: int) -> None:
         self.p, self.seed, self.cell, self.num_heads = density, seed, cell, num_heads
@@ -155,11 +140,8 @@ class RandomBlocks(Pattern):
 
 
 def random_blocks(density: float, seed: int = 0, *, cell: int = 64, num_heads: int = 1) -> Pattern:
-    """BigBird-style random tiles of ``cell x cell`` tokens, each on with probability ``density``.
-
-    ``density`` is the expected fraction of pairs (and of cells); the realized value at a given
-    length is reported by :meth:`Pattern.density`. ``num_heads > 1`` draws each head apart.
-    """
+    """BigBird-style random cells of ``cell x cell`` tokens, each on with probability
+    ``density`` (the expected fraction of pairs); ``num_heads > 1`` draws each head apart."""
     density = check_density(density, meaning="the expected fraction of cells on")
     check_int("seed", seed, 0, None)
     check_int("cell", cell, 1)
