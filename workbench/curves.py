@@ -174,8 +174,8 @@ def _sign(v: int) -> int:
 
 def _gilbert_cells(height: int, width: int) -> list[int]:
     """Raster indices of a ``height x width`` grid along J. Červený's generalized Hilbert curve
-    ("gilbert"): from ``(0, 0)`` along the long side, edge-neighbour steps but at most one
-    diagonal one (long side odd, short side even)."""
+    ("gilbert"), from ``(0, 0)`` along the long side; every step to an edge neighbour but at
+    most one diagonal (long side odd, short side even)."""
     out: list[int] = []
 
     def fill(r: int, c: int, ar: int, ac: int, br: int, bc: int) -> None:

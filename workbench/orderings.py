@@ -116,8 +116,8 @@ def visit_rank(layout: BlockLayout, block_order: str | None) -> Tensor | None:
 
 
 def block_accesses(tiles: Tensor) -> list[tuple[str, int, int]]:
-    """The blocks a visit touches, in order: per tile ``("q", h, qb)`` (the query block and its
-    running output) then ``("kv", h, kb)`` (key and value blocks, read together)."""
+    """The blocks a visit touches, in order: per tile ``("q", h, qb)`` (queries and running
+    output), then ``("kv", h, kb)``."""
     out: list[tuple[str, int, int]] = []
     for h, qb, kb in tiles.tolist():
         out.append(("q", h, qb))
