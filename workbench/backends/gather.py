@@ -24,7 +24,7 @@ from ..orderings import dilation_gather
 from ..patterns import Dilated, KeyMask, Pattern, full, head_predicate
 from ..patterns import causal as causal_band
 from ..patterns.algebra import Intersection
-from .merge import accumulation_dtype, empty_partial, merge_into_, merge_partials
+from .merge import accumulation_dtype, empty_partial, merge_partials
 from .problem import Problem
 from .registry import Backend, Capabilities, Request, Runner, prepare_backend
 from .segments import SegmentKernel, segment_kernel
@@ -74,8 +74,8 @@ def heads_at_once(q: Tensor) -> int:
 class _Piece(NamedTuple):
     """Slots attended by one call: ``gather(x)`` -> ``[B', nseg', L, *rest]`` (q, k, v and the
     log-sum-exp alike), ``put(dst, src)`` writes a result back (strided pieces:
-    ``put(dst, src, add=True)`` adds it); ``key_ok`` [nseg', L] masks padding keys (None: every
-    key is real)."""
+    ``put(dst, src, add=True)`` adds it; ``weight=w`` puts or adds ``src * w``);
+    ``key_ok`` [nseg', L] masks padding keys (None: every key is real)."""
 
     gather: Callable[[Tensor], Tensor]
     put: Callable[..., None]
@@ -137,10 +137,12 @@ def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int
             def gather(x: Tensor) -> Tensor:  # batch and heads as one batch dim
                 return view(x, run).flatten(0, 1)
 
-            def put(dst: Tensor, src: Tensor, add: bool = False) -> None:
+            def put(dst: Tensor, src: Tensor, add: bool = False,
+                    weight: Tensor | None = None) -> None:
                 target = view(dst, run)
-                src = src.reshape(target.shape)
-                target.add_(src) if add else target.copy_(src)
+                if weight is not None:
+                    weight = weight.reshape(*target.shape[:-1], 1)
+                _write(target, src.reshape(target.shape), add, weight)
 
             return _Piece(gather, put, None)
 
@@ -152,13 +154,24 @@ def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int
     def gather(x: Tensor) -> Tensor:  # [B, sum(c) * nseg, L, *rest], runs in order
         return torch.cat([view(x, run) for run in runs], 1).flatten(1, 2)
 
-    def put(dst: Tensor, src: Tensor, add: bool = False) -> None:
+    def put(dst: Tensor, src: Tensor, add: bool = False, weight: Tensor | None = None) -> None:
         parts = src.unflatten(1, (sum(sizes), nseg)).split(sizes, 1)
-        for run, part in zip(runs, parts):
-            target = view(dst, run)
-            target.add_(part) if add else target.copy_(part)
+        weights = [None] * len(runs) if weight is None else (
+            weight.unflatten(1, (sum(sizes), nseg)).split(sizes, 1))
+        for run, part, w in zip(runs, parts, weights):
+            _write(view(dst, run), part, add, w)
 
     return [_Piece(gather, put, None)]
+
+
+def _write(target: Tensor, src: Tensor, add: bool, weight: Tensor | None) -> None:
+    """``target`` becomes ``src`` (times ``weight``), or with ``add`` adds it."""
+    if weight is None:
+        target.add_(src) if add else target.copy_(src)
+    elif add:
+        target.addcmul_(src, weight)
+    else:
+        torch.mul(src, weight, out=target)
 
 
 def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int],
@@ -302,19 +315,27 @@ def _generic(
 
 
 def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, kept: dict
-                  ) -> Iterator[tuple[slice, _Piece]]:
-    """``(heads, piece)`` over every branch a few heads at a time, in one fixed order (the
-    backward walks the forward's pieces again); pieces are kept in ``kept``."""
-    s, chunk = q.shape[2], heads_at_once(q)
-    for br in branches:
-        for a in range(br.start, br.stop, chunk):
-            b = min(a + chunk, br.stop)
+                  ) -> Iterator[tuple[slice, list[tuple[slice, _Piece]], int]]:
+    """Every branch's pieces a few heads at a time: ``(heads, [(piece_heads, piece), ...],
+    covering)``, ``piece_heads`` relative to ``heads``, in one fixed order (the backward walks
+    the forward's pieces again); pieces are kept in ``kept``. A branch that keeps every position
+    of these heads (dilation 1) goes first: its ``covering`` pieces write every position once."""
+    s, h, chunk = q.shape[2], q.shape[1], heads_at_once(q)
+    for start in range(0, h, chunk):
+        stop = min(start + chunk, h)
+        spans = [(br, max(start, br.start), min(stop, br.stop)) for br in branches]
+        spans = [(br, a, b) for br, a, b in spans if a < b]
+        spans.sort(key=lambda span: (span[0].dilation, span[1], span[2]) != (1, start, stop))
+        group, covering = [], 0
+        for n, (br, a, b) in enumerate(spans):
             offs = br.offsets[a - br.start:b - br.start]
             key = ("strided", s, br.segment, br.dilation, offs, in_place)
             if key not in kept:
                 kept[key] = _strided_pieces(s, br.segment, br.dilation, list(offs), in_place)
-            for pc in kept[key]:
-                yield slice(a, b), pc
+            group += [(slice(a - start, b - start), pc) for pc in kept[key]]
+            if n == 0 and (br.dilation, a, b) == (1, start, stop):
+                covering = len(group)
+        yield slice(start, stop), group, covering
 
 
 def _overlap(branches: list[_Branch]) -> bool:
@@ -338,29 +359,36 @@ class _Fused(NamedTuple):
 
 class _DilationOrdered(torch.autograd.Function):
     """Every branch's segments on the fused kernel through strided views, merged by
-    log-sum-exp where branches share heads; differentiable through out and lse."""
+    log-sum-exp where branches share heads; differentiable through out and lse.
+
+    Merging goes a few heads at a time: the pieces' log-sum-exps are combined first, then each
+    piece's output is added once with its share of the softmax, in the accumulation dtype."""
 
     @staticmethod
     def forward(ctx, q, k, v, spec):  # type: ignore[override]
-        in_place, merged = _head_bytes(q) >= IN_PLACE_MIN_BYTES, spec.merged
-        acc = accumulation_dtype(q.dtype)
-        out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=acc if merged else q.dtype)
+        in_place, acc = _head_bytes(q) >= IN_PLACE_MIN_BYTES, accumulation_dtype(q.dtype)
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
         lse = torch.full(q.shape[:3], -torch.inf, dtype=acc, device=q.device)
         states = []
-        for sl, pc in _fused_pieces(q, spec.branches, in_place, spec.kept):
-            o, m, state = spec.kernel.forward(pc.gather(q[:, sl]), pc.gather(k[:, sl]),
-                                              pc.gather(v[:, sl]), spec.causal, spec.scale)
-            states.append(state)
-            if not merged:
-                pc.put(out[:, sl], o)
-                pc.put(lse[:, sl], m)
-                continue
-            o_acc, m_acc = pc.gather(out[:, sl]), pc.gather(lse[:, sl])
-            merge_into_(o_acc, m_acc, o, m)
-            if o_acc.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
-                pc.put(out[:, sl], o_acc)  # gathered as a copy: written back
-                pc.put(lse[:, sl], m_acc)
-        out = out.to(q.dtype)
+        for heads, group, covering in _fused_pieces(q, spec.branches, in_place, spec.kept):
+            qh, kh, vh, oh, lh = q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse[:, heads]
+            parts = []
+            for sl, pc in group:
+                o, m, state = spec.kernel.forward(pc.gather(qh[:, sl]), pc.gather(kh[:, sl]),
+                                                  pc.gather(vh[:, sl]), spec.causal, spec.scale)
+                states.append(state)
+                if spec.merged:
+                    pc.put(lh[:, sl], torch.logaddexp(pc.gather(lh[:, sl]), m))
+                    parts.append((sl, pc, o, m))
+                else:
+                    pc.put(oh[:, sl], o)
+                    pc.put(lh[:, sl], m)
+            if parts:
+                total = _sums(oh.shape, acc, q.device, covering)
+                for n, (sl, pc, o, m) in enumerate(parts):
+                    share = torch.exp(m - pc.gather(lh[:, sl])).unsqueeze(-1)
+                    pc.put(total[:, sl], o, add=n >= covering, weight=share)
+                oh.copy_(total)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.states, ctx.in_place = spec, states, in_place
         ctx.set_materialize_grads(False)
@@ -370,26 +398,44 @@ class _DilationOrdered(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        spec = ctx.spec
-        dtype = accumulation_dtype(q.dtype) if spec.merged else q.dtype
-        grads = [torch.zeros(x.shape, dtype=dtype, device=x.device) for x in (q, k, v)]
+        spec, states = ctx.spec, iter(ctx.states)
+        # every head chunk's sums are copied in when merged; otherwise unkept positions get 0
+        grads = [(torch.empty_like if spec.merged else torch.zeros_like)(x) for x in (q, k, v)]
         if dout is not None and dout.stride(-1) != 1:
             dout = dout.contiguous()
+        acc = accumulation_dtype(q.dtype)
         pieces = _fused_pieces(q, spec.branches, ctx.in_place, spec.kept)
-        for (sl, pc), state in zip(pieces, ctx.states):
-            qg, kg, vg = pc.gather(q[:, sl]), pc.gather(k[:, sl]), pc.gather(v[:, sl])
-            og, mg = pc.gather(out[:, sl]), pc.gather(lse[:, sl]).contiguous()
-            parts = []
-            if dout is not None:
-                parts.append(spec.kernel.backward(pc.gather(dout[:, sl]), qg, kg, vg, og, mg,
-                                                  state, spec.causal, spec.scale))
-            if dlse is not None:
-                parts.append(_lse_grads(spec, pc.gather(dlse[:, sl]), qg, kg, vg, og, mg, state))
-            for part in parts:
-                for g, d in zip(grads, part):
-                    if d is not None:
-                        pc.put(g[:, sl], d, add=True)
-        return (*(g.to(q.dtype) for g in grads), None)
+        for heads, group, covering in pieces:
+            covering = covering if dout is not None else 0  # lse gradients leave v's unset
+            qh, kh, vh, oh, lh = q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse[:, heads]
+            # merged branches add several gradients per position: summed in the accumulation dtype
+            sums = [_sums(g[:, heads].shape, acc, g.device, covering)
+                    for g in grads] if spec.merged else [g[:, heads] for g in grads]
+            for n, (sl, pc) in enumerate(group):
+                state = next(states)
+                qg, kg, vg = pc.gather(qh[:, sl]), pc.gather(kh[:, sl]), pc.gather(vh[:, sl])
+                og, mg = pc.gather(oh[:, sl]), pc.gather(lh[:, sl]).contiguous()
+                parts = []
+                if dout is not None:
+                    parts.append(spec.kernel.backward(pc.gather(dout[:, heads][:, sl]), qg, kg,
+                                                      vg, og, mg, state, spec.causal, spec.scale))
+                if dlse is not None:
+                    parts.append(_lse_grads(spec, pc.gather(dlse[:, heads][:, sl]), qg, kg, vg,
+                                            og, mg, state))
+                for first, part in zip((n < covering, False), parts):  # dout's part first
+                    for g, d in zip(sums, part):
+                        if d is not None:
+                            pc.put(g[:, sl], d, add=not first)
+            if spec.merged:
+                for g, total in zip(grads, sums):
+                    g[:, heads].copy_(total)
+        return (*grads, None)
+
+
+def _sums(shape: torch.Size, dtype: torch.dtype, device: torch.device, covering: int) -> Tensor:
+    """Where a head chunk's merged results are summed: zeros, or left unset when ``covering``
+    pieces write every position first."""
+    return (torch.empty if covering else torch.zeros)(shape, dtype=dtype, device=device)
 
 
 def _lse_grads(spec: _Fused, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
