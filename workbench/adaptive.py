@@ -142,7 +142,6 @@ class Selection:
         object.__setattr__(self, "selected", self._run_tiles())
 
     def _run_tiles(self) -> Tensor:
-        """Bool ``[B, H, nq, nk]``: the active tiles of :meth:`pattern` at ``block_size``."""
         b, h, nq, nk = self.scores.shape
         if self.fixed is None:  # chosen tiles are whole; a causal diagonal tile holds (q, q)
             return self.chosen & _eligible(nq, nk, self.causal, self.chosen.device)

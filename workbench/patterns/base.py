@@ -120,8 +120,7 @@ class Pattern:
         return None if self.offset_rule() is None else 1
 
     def key(self) -> Hashable | None:
-        """The values that define this pattern's pairs (patterns of one type with equal keys
-        are equal), or None when only the object itself does (patterns holding tensors)."""
+        """The values that define this pattern's pairs (equal keys, equal patterns), or None."""
         return None
 
     def count_pairs(self, seq_len: int) -> int | None:
@@ -181,8 +180,7 @@ class Pattern:
         return block_mask_from_layout(lay, head_predicate(self, device))
 
     def token_mask(self, seq_len: int, device: torch.device | str = "cpu") -> Tensor:
-        """Dense bool mask ``[H, S, S]`` (``H`` = 1 for head-independent patterns); a
-        ``ValueError`` past a size limit."""
+        """Dense bool mask ``[H or 1, S, S]``; a ``ValueError`` past a size limit."""
         check_int("seq_len", seq_len, 1)
         if self.num_heads * seq_len * seq_len > _TOKEN_MASK_LIMIT:
             raise ValueError(
@@ -314,8 +312,7 @@ def evaluate_tiles(
 def refine_tiles(pattern: Pattern, undecided: Tensor, q_len: int, k_len: int, block_size: int,
                  first_row: int = 0) -> tuple[Tensor, Tensor]:
     """Token-level (any, all) of ``pattern`` on the tiles flagged by bool ``undecided [H, r,
-    nk]`` (query blocks ``first_row ...``), False elsewhere: for a :meth:`Pattern.tiles` rule
-    that decides some tiles itself and leaves the rest to the tokens."""
+    nk]`` (query blocks ``first_row ...``), False elsewhere."""
     any_ = torch.zeros_like(undecided)
     all_ = torch.zeros_like(undecided)
     idx = undecided.nonzero()
