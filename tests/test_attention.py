@@ -201,7 +201,7 @@ def _call(**over):
 @pytest.mark.parametrize("over, exc, match", [
     (dict(q=torch.randn(2, 32, 8, dtype=torch.float64)), ValueError, "q must be"),
     (dict(k=torch.randn(1, 2, 32, 4, dtype=torch.float64)), ValueError, "head_dim"),
-    (dict(v=torch.randn(1, 2, 31, 8, dtype=torch.float64)), ValueError, "same length"),
+    (dict(v=torch.randn(1, 2, 31, 8, dtype=torch.float64)), ValueError, "v has length 31"),
     (dict(v=torch.randn(1, 2, 32, 8, dtype=torch.float32)), TypeError, "dtype"),
     (dict(q=torch.ones(1, 2, 32, 8, dtype=torch.int64)), TypeError, "floating"),
     (dict(k=torch.randn(1, 3, 32, 8, dtype=torch.float64)), ValueError, "heads"),

@@ -208,6 +208,7 @@ BAD_MODULE_ARGS = [
     ({"backend": "x"}, ValueError, "backend"),
     ({"block_order": "spiral"}, ValueError, "block_order"),
     ({"block_size": 0}, ValueError, "block_size"),
+    ({"process_group": object()}, TypeError, "process_group"),
 ]
 
 

@@ -67,5 +67,5 @@ def test_unknown_notebook_and_profile_are_reported():
         select(discover(), ["99"])
     from workbench.lab.figures import _parameters
 
-    with pytest.raises(SystemExit, match="no profile"):
+    with pytest.raises(ValueError, match="no profile"):
         _parameters(discover()[0], "nonexistent", {})

@@ -501,8 +501,8 @@ def test_prefix_lm_is_bidirectional_over_the_prefix_and_causal_after():
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda: P.documents([]), ValueError, "lengths must be a non-empty"),
-    (lambda: P.documents(5), ValueError, "lengths must be a non-empty"),
-    (lambda: P.documents([3, 0, 2]), ValueError, r"lengths\[1\] must be a positive int"),
+    (lambda: P.documents(5), TypeError, "lengths must be a sequence of ints"),
+    (lambda: P.documents([3, 0, 2]), ValueError, r"lengths\[1\] must be >= 1"),
     (lambda: P.documents([3, -2]), ValueError, r"lengths\[1\]"),
     (lambda: P.documents([3, 2.0]), TypeError, r"lengths\[1\] must be an int"),
     (lambda: P.documents(torch.tensor([3.0, 2.0])), TypeError, r"lengths\[0\]"),

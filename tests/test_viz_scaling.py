@@ -48,11 +48,6 @@ def test_peak_over_io_counts_the_inputs():
     assert list(vs.peak_over_io(df)) == [1.0, 1.25]
 
 
-def test_environment_note_lists_each_value_once():
-    df = pd.DataFrame([_rows("a", 1, 1.0), _rows("b", 2, 1.0)])
-    assert vs.environment_note(df) == "NVIDIA X · torch 2.11 · 2026-01-02"
-
-
 def test_vs_length_one_panel_per_family_and_metric_lines_per_variant():
     df = pd.DataFrame([
         _rows("ours", 1024, 1.0, 0.25, family="local"),

@@ -1,10 +1,7 @@
-"""Content-adaptive block sparsity: tiles chosen from the queries and keys themselves.
-
-Per batch element and head, queries and keys are mean-pooled over blocks (optionally through a
-learned linear *gate*), every (query block, key block) pair is scored, and each query block keeps
-its top ``k = max(1, round(density * nk))`` key blocks, always with its own block and, when
-causal, never a future one: a :class:`~workbench.patterns.BlockSelection`, batch folded into the
-heads, over which attention is exact.
+"""Content-adaptive block sparsity: per batch element and head, each query block keeps the
+``max(1, round(density * nk))`` key blocks whose mean-pooled keys (optionally through a learned
+linear gate) score highest against its pooled queries, always its own block and, when causal,
+never a future one; attention over that :class:`~workbench.patterns.BlockSelection` is exact.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from torch import Tensor, nn
 
 from . import patterns as P
 from .attention import block_sparse_attention, check_options, check_qkv
-from .layout import block_extents, num_blocks, tile_sum
+from .layout import block_lengths, num_blocks, tile_sum
 from .patterns import BlockSelection, Pattern, check_density, check_positive_int, tile_batch
 
 __all__ = ["AdaptiveBlockSparseAttention", "Selection", "block_scores", "captured_mass",
@@ -38,9 +35,8 @@ def pool_blocks(x: Tensor, block_size: int) -> Tensor:
     n = num_blocks(s, block_size)
     # Pad only a short last block: padding copies the whole tensor, and pooling is memory-bound.
     xp = x if s == n * block_size else F.pad(x, (0, 0, 0, n * block_size - s))
-    xp = xp.unflatten(-2, (n, block_size))
-    counts = torch.clamp(s - torch.arange(n, device=x.device) * block_size, max=block_size)
-    return xp.sum(-2) / counts.to(x.dtype)[:, None]
+    counts = block_lengths(s, block_size, x.device).to(x.dtype)
+    return xp.unflatten(-2, (n, block_size)).sum(-2) / counts[:, None]
 
 
 def block_scores(q: Tensor, k: Tensor, block_size: int, scale: float | None = None) -> Tensor:
@@ -51,13 +47,11 @@ def block_scores(q: Tensor, k: Tensor, block_size: int, scale: float | None = No
 
 
 def _check_density(density: object) -> float:
-    """The module's ``density`` as a float; raises as :func:`~workbench.patterns.check_density`."""
     return check_density(density, meaning="the fraction of key blocks kept")
 
 
 def topk_budget(density: float, nk: int) -> int:
-    """Key blocks kept per query block for a target density: ``max(1, round(density * nk))``,
-    at most ``nk``. Raises as :func:`check_density` for a bad ``density``."""
+    """Key blocks kept per query block: ``max(1, round(density * nk))``, at most ``nk``."""
     return min(nk, max(1, round(_check_density(density) * nk)))
 
 
@@ -70,10 +64,8 @@ def _eligible(nq: int, nk: int, causal: bool, device) -> Tensor:
 
 def select_blocks(scores: Tensor, density: float, *, causal: bool = False,
                   keep_diagonal: bool = True) -> Tensor:
-    """Top-k key blocks per query block from block scores ``[..., nq, nk]`` -> bool, same shape.
-
-    The diagonal block is always kept when ``keep_diagonal``; with ``causal`` blocks ``j > i``
-    never are. Raises as :func:`check_density` for a bad ``density``."""
+    """Bool, the shape of ``scores [..., nq, nk]``: the :func:`topk_budget` best key blocks per
+    query block, the diagonal always when ``keep_diagonal``, never ``j > i`` when ``causal``."""
     nq, nk = scores.shape[-2:]
     k = topk_budget(density, nk)
     elig = _eligible(nq, nk, causal, scores.device)
@@ -116,8 +108,7 @@ def distillation_loss(gate_scores: Tensor, q: Tensor, k: Tensor, block_size: int
 
 @dataclass(frozen=True)
 class Selection:
-    """The pattern one call runs, ``chosen | fixed`` at token level (``& causal``): see
-    :meth:`pattern`; and the block scores behind it.
+    """The pattern one call runs (:meth:`pattern`) and the block scores behind it.
 
     Attributes:
         scores: block scores ``[B, H, nq, nk]`` at ``block_size``.
@@ -126,8 +117,8 @@ class Selection:
         selected: derived, bool ``[B, H, nq, nk]``: the tiles a kernel computes.
 
     Raises:
-        ValueError: neither ``chosen`` nor ``fixed``; ``chosen`` not shaped as ``scores``;
-            ``fixed`` with neither 1 nor ``H`` heads; ``causal`` with ``q_len != k_len``.
+        ValueError: neither ``chosen`` nor ``fixed``, or they disagree with ``scores``;
+            ``causal`` with ``q_len != k_len``.
     """
 
     scores: Tensor
@@ -151,7 +142,6 @@ class Selection:
         object.__setattr__(self, "selected", self._run_tiles())
 
     def _run_tiles(self) -> Tensor:
-        """Bool ``[B, H, nq, nk]``: the active tiles of :meth:`pattern` at ``block_size``."""
         b, h, nq, nk = self.scores.shape
         if self.fixed is None:  # chosen tiles are whole; a causal diagonal tile holds (q, q)
             return self.chosen & _eligible(nq, nk, self.causal, self.chosen.device)
@@ -162,7 +152,6 @@ class Selection:
         return self._active(self.pattern()).reshape(b, h, nq, nk)
 
     def _active(self, pattern: Pattern) -> Tensor:
-        """``pattern``'s active tiles ``[heads, nq, nk]`` on this problem."""
         return pattern.block_structure(self.q_len, self.block_size, self.scores.device,
                                        k_len=self.k_len).active
 
@@ -181,22 +170,19 @@ class Selection:
 
     def density(self) -> float:
         """The area of the :attr:`selected` tiles over ``q_len * k_len``, averaged."""
-        sel = self.selected.flatten(0, 1)
-        ext_q = block_extents(self.q_len, self.block_size, sel.device)
-        ext_k = block_extents(self.k_len, self.block_size, sel.device)
-        area = tile_sum(sel, ext_q[:, 1] - ext_q[:, 0] + 1, ext_k[:, 1] - ext_k[:, 0] + 1)
+        sel, b = self.selected.flatten(0, 1), self.block_size
+        area = tile_sum(sel, block_lengths(self.q_len, b, sel.device),
+                        block_lengths(self.k_len, b, sel.device))
         return float(area.sum()) / (sel.shape[0] * self.q_len * self.k_len)
 
 
 def _check_heads(name: str, pattern: Pattern, heads: int) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless ``pattern`` has 1 or ``heads`` heads."""
     if pattern.num_heads not in (1, heads):
         raise ValueError(f"{name} has {pattern.num_heads} heads but the input has {heads}; "
                          f"build it with num_heads={heads} (or use a 1-head pattern)")
 
 
 def _check_causal_lengths(causal: bool, q_len: int, k_len: int) -> None:
-    """Raise a ``ValueError`` when ``causal`` (self-attention) and the lengths differ."""
     if causal and q_len != k_len:
         raise ValueError(f"causal=True is causal self-attention: q and k must have the same "
                          f"length, got {q_len} and {k_len} (use causal=False for "
@@ -205,7 +191,8 @@ def _check_causal_lengths(causal: bool, q_len: int, k_len: int) -> None:
 
 # --------------------------------------------------------------------- the module
 class AdaptiveBlockSparseAttention(nn.Module):
-    """Block-sparse attention over a block layout selected from q/k content, per batch and head.
+    """Block-sparse attention over tiles selected from q/k content, per batch and head;
+    ``forward(q, k, v, return_selection=False)`` takes ``[B, H, S, D]``.
 
     Args:
         block_size: selection and kernel block size.
@@ -213,23 +200,17 @@ class AdaptiveBlockSparseAttention(nn.Module):
         causal: autoregressive self-attention (queries and keys of one length).
         head_dim: the gate's input size, needed only with ``trainable=True``.
         trainable: learn linear maps of pooled Q and K (initialized to the identity).
-        straight_through: train the gate through the output, scaled per query block by
-            ``m / stopgrad(m)`` (equal to 1), ``m`` the gate's softmax mass on the selection.
-        always: a fixed pattern joined into every call's pattern (e.g. ``P.local_window(64)``).
+        straight_through: train the gate through the output (:meth:`straight_through_gradient`).
+        always: a fixed pattern (1 or ``H`` heads) joined into every call's pattern.
         fallback: the fixed pattern run instead when ``adaptive=False`` or the keys have fewer
             than ``min_blocks`` blocks (needed then).
         backend, ring_chunks: as for :func:`workbench.block_sparse_attention`.
         process_group, sharding: inputs are this rank's shard; the selection is made from
             gathered block summaries (:meth:`select_sharded`), the attention runs as a ring.
 
-    Fixed patterns have 1 head or as many as the input.
-
     Raises:
-        TypeError, ValueError: a bad option, named (``fallback`` missing where needed,
-            ``straight_through`` without ``trainable``, mismatched pattern heads).
+        TypeError, ValueError: a bad option, named.
         NotImplementedError: ``straight_through`` under a ``process_group``.
-
-    ``forward(q, k, v, return_selection=False)`` takes ``[B, H, S, D]``.
     """
 
     def __init__(
@@ -289,7 +270,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
     def pooled_scores(self, pq: Tensor, pk: Tensor) -> Tensor:
         """Block scores ``[B, H, nq, nk]`` from summaries ``pq [B, H, nq, D]``, ``pk [B, H, nk,
-        D]``; raises ``ValueError`` when a trainable gate was built for another ``D``."""
+        D]``; a ``ValueError`` when a trainable gate was built for another ``D``."""
         if self.gate_q is not None:
             if pq.shape[-1] != self.gate_q.in_features:
                 raise ValueError(f"the gate was built with head_dim={self.gate_q.in_features} "
@@ -299,8 +280,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return torch.matmul(pq, pk.transpose(-1, -2)) / math.sqrt(pq.shape[-1])
 
     def select(self, q: Tensor, k: Tensor) -> Selection:
-        """The selection of this call from ``q [B, H, Sq, D]`` and ``k [B, H, Sk, D]``; raises
-        as :func:`~workbench.attention.check_qkv` and :meth:`select_pooled`."""
+        """The selection of this call from ``q [B, H, Sq, D]`` and ``k [B, H, Sk, D]``."""
         check_qkv(q, k, k)
         return self.select_pooled(pool_blocks(q, self.block_size), pool_blocks(k, self.block_size),
                                   q.shape[2], k.shape[2])
@@ -308,8 +288,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
     def select_sharded(self, q: Tensor, k: Tensor, process_group, sharding: str = "contiguous"
                        ) -> Selection:
         """The selection of the whole sequence from this rank's shard: every rank gathers all
-        block summaries (:func:`workbench.distributed.gather_block_summaries`) and computes the
-        same selection. Raises as :meth:`select`."""
+        block summaries and computes the same selection."""
         from .distributed import gather_block_summaries
 
         check_qkv(q, k, k)
@@ -321,8 +300,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
     def select_pooled(self, pq: Tensor, pk: Tensor, q_len: int, k_len: int) -> Selection:
         """The selection from block summaries (:func:`pool_blocks` of q and k): top-k tiles
-        (:func:`select_blocks`) ``| always``, or, when the content is not used, ``fallback |
-        always``. Raises ``ValueError``: fixed pattern heads, causal lengths, gate width."""
+        ``| always``, or, when the content is not used, ``fallback | always``."""
         heads = pq.shape[1]
         for name, pat in (("fallback", self.fallback), ("always", self.always)):
             if pat is not None:
@@ -374,7 +352,6 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
 def _check_fixed_patterns(always: object, fallback: object, adaptive: bool,
                           min_blocks: object) -> None:
-    """Validate the module's fixed patterns and when the fallback runs (raises as the class)."""
     for name, pat in (("always", always), ("fallback", fallback)):
         if pat is not None and not isinstance(pat, Pattern):
             raise TypeError(f"{name} must be a workbench Pattern (e.g. "

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .backends import (
@@ -29,13 +30,12 @@ from .backends import (
 from .distributed import distributed_ring_attention
 from .layout import BlockLayout
 from .orderings import check_block_order
-from .patterns import Pattern, check_positive_int, head_predicate
+from .patterns import Pattern, check_int, check_positive_int, head_predicate
 from .plan import (
     LastCall,
     Plan,
     Plans,
     check_plans,
-    check_q_offset,
     plan_for,
     query_window_layout,
 )
@@ -43,37 +43,54 @@ from .ring import ring_attention
 from .score_mods import ScoreMod, check_score_mod
 from .sharding import check_sharding
 
-__all__ = ["BlockSparseAttention", "block_sparse_attention", "call_key", "check_options",
-           "check_qkv", "check_scale", "dropout_of", "expand_kv_heads", "explain_backend",
-           "prepare"]
+__all__ = ["BlockSparseAttention", "block_sparse_attention", "call_key", "check_dropout",
+           "check_options", "check_pattern", "check_qkv", "check_scale", "check_sizes",
+           "check_tensors", "dropout_of", "expand_kv_heads", "explain_backend", "prepare"]
+
+
+def check_tensors(named: dict[str, object]) -> None:
+    """Raise naming the argument unless every value of ``named`` is a floating-point tensor
+    with the first one's dtype (else a ``TypeError``) and device (else a ``ValueError``)."""
+    for name, x in named.items():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    (first, x0), *rest = named.items()
+    for name, x in rest:
+        if x.dtype != x0.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {first} has {x0.dtype}; cast them "
+                            "to one dtype")
+        if x.device != x0.device:
+            raise ValueError(f"{name} is on {x.device} but {first} is on {x0.device}; move them "
+                             "to one device")
+
+
+def check_sizes(named: dict[str, Tensor], sizes: dict[str, int], note: str = "") -> None:
+    """Raise a ``ValueError`` naming the tensor and the size unless every tensor of ``named``
+    has the first one's size along each dimension of ``sizes`` (``{"batch size": 0}``);
+    ``note`` ends the message's parenthesis."""
+    (first, x0), *rest = named.items()
+    for name, x in rest:
+        for label, d in sizes.items():
+            if x.shape[d] != x0.shape[d]:
+                raise ValueError(f"{name} has {label} {x.shape[d]} but {first} has "
+                                 f"{x0.shape[d]} (dimension {d}{note})")
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     """Validate ``[B, H, S, D]`` query/key/value tensors; raise naming the argument."""
+    check_tensors({"q": q, "k": k, "v": v})
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(
                 f"{name} must be [batch, heads, seq, head_dim] (4-D), got shape {tuple(x.shape)}"
             )
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"{name} has an empty sequence or head dimension: {tuple(x.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]) or not (q.shape[1] == k.shape[1] == v.shape[1]):
-        raise ValueError(
-            "q, k, v must share batch and heads: got q "
-            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+    check_sizes({"q": q, "k": k, "v": v}, {"batch size": 0, "head count": 1})
+    check_sizes({"k": k, "v": v}, {"length": 2})
+    check_sizes({"q": q, "k": k}, {"head_dim": 3})
 
 
 def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,19 +118,35 @@ def check_scale(scale: object) -> None:
 
 
 def check_options(*, block_size: int, backend: str, ring_chunks: int, scale: float | None,
-                  block_order: str | None, sharding: str) -> str | None:
-    """Validate the options every entry point shares, raising a ``ValueError`` or
-    ``TypeError`` that names the argument; returns ``block_order`` normalized (``None`` for the
-    natural order). Constructors call it so that a bad value fails where it is given."""
+                  block_order: str | None, sharding: str, process_group: object = None,
+                  score_mod: object = None) -> str | None:
+    """Validate the options every entry point shares, raising an error that names the argument;
+    returns ``block_order`` normalized (``None`` for the natural order). Constructors call it so
+    that a bad value fails where it is given."""
     check_positive_int("block_size", block_size)
     check_backend(backend)
     check_positive_int("ring_chunks", ring_chunks)
     check_scale(scale)
     check_sharding(sharding)
+    check_score_mod(score_mod)
+    if process_group is not None:
+        if score_mod is not None:
+            raise NotImplementedError("score_mod is not supported under a process_group; use "
+                                      "ring_chunks to run the ring on one device")
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
+                            f"got {type(process_group).__name__}")
+        if ring_chunks != 1:
+            raise ValueError("ring_chunks simulates a ring on one device; with a process_group "
+                             "the ring runs over its ranks: leave ring_chunks=1")
+        if backend == "sdpa":
+            raise BackendUnsupported(NO_LSE)
     return check_block_order(block_order)
 
 
-def _check_pattern(pattern: Pattern, num_heads: int) -> None:
+def check_pattern(pattern: object, num_heads: int) -> None:
+    """Raise unless ``pattern`` is a :class:`~workbench.patterns.Pattern` of 1 or
+    ``num_heads`` heads."""
     if not isinstance(pattern, Pattern):
         raise TypeError(
             f"pattern must be a workbench Pattern (e.g. wb.patterns.local_window(128)), "
@@ -121,8 +154,8 @@ def _check_pattern(pattern: Pattern, num_heads: int) -> None:
         )
     if pattern.num_heads not in (1, num_heads):
         raise ValueError(
-            f"pattern has {pattern.num_heads} heads but q has {num_heads}; build the pattern with "
-            f"num_heads={num_heads} (or use a head-independent pattern)"
+            f"pattern has {pattern.num_heads} heads but the attention has {num_heads}; build the "
+            f"pattern with num_heads={num_heads} (or use a head-independent pattern)"
         )
 
 
@@ -165,17 +198,15 @@ def block_sparse_attention(
         ring_chunks: run the ring schedule over this many K/V chunks (1 = one shot).
         layout: a precomputed ``pattern.block_structure(Sq, block_size, k_len=Sk)`` to reuse
             (under a ``process_group``: the global one, or a function of the global length).
-        block_order: tile visit order: ``None`` (natural), ``"hilbert"`` or ``"morton"`` (along
-            that curve over the block grid: the *post-pattern* ordering); the result is the
-            same up to floating-point summation order.
-        dropout_p: attention-weight dropout (``nn.MultiheadAttention``'s: zeroed with this
-            probability, the rest scaled by ``1 / (1 - p)``; the lse is unaffected), applied
-            whenever ``> 0``; on ``blockwise`` or ``reference``.
+        block_order: tile visit order: ``None`` (natural), ``"hilbert"`` or ``"morton"`` (the
+            *post-pattern* ordering; the same result up to summation order).
+        dropout_p: attention-weight dropout as ``nn.MultiheadAttention``'s (the lse is
+            unaffected); on ``blockwise`` or ``reference``.
         dropout_seed: seed of the keep decisions (a hash of batch-head, query and key);
             ``None`` draws one from torch's generator; rank 0's under a process group.
-        process_group: run the ring over this ``torch.distributed`` group: ``q, k, v`` are this
-            rank's shard (``workbench.distributed.shard_plan(S, world, block_size,
-            sharding).shard(x, rank)``) and so is the result. Self-attention only.
+        process_group: run the ring over this ``torch.distributed`` group; ``q, k, v`` and the
+            result are this rank's shard (:func:`~workbench.distributed.shard_plan`).
+            Self-attention only.
         sharding: ``"contiguous"`` or ``"zigzag"`` (balances causal work) under a process group.
         plan: a :class:`~workbench.plan.Plan` of these lengths (global ones under a process
             group) that keeps the layout and what backends derive from it, or a
@@ -193,27 +224,19 @@ def block_sparse_attention(
     """
     k, v = expand_kv_heads(q, k, v)
     check_qkv(q, k, v)
-    _check_pattern(pattern, q.shape[1])
-    check_q_offset(q_offset)
+    check_pattern(pattern, q.shape[1])
+    check_int("q_offset", q_offset, 0)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     block_order = check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks,
-                                scale=scale, block_order=block_order, sharding=sharding)
-    check_score_mod(score_mod)
-    if backend == "sdpa" and process_group is not None:
-        raise BackendUnsupported(NO_LSE)
+                                scale=scale, block_order=block_order, sharding=sharding,
+                                process_group=process_group, score_mod=score_mod)
     if plan is not None and layout is not None:
         raise ValueError("give a layout or a plan, not both (a plan holds its layout)")
     if q_offset and (process_group is not None or layout is not None):
         raise ValueError("q_offset works on one device and with a plan, not with a "
                          "process_group or a layout: give plan=wb.Plan(..., q_offset=...)")
     if process_group is not None:
-        if score_mod is not None:
-            raise NotImplementedError("score_mod is not supported under a process_group; use "
-                                      "ring_chunks to run the ring on one device")
-        if ring_chunks != 1:
-            raise ValueError("ring_chunks simulates a ring on one device; with a process_group "
-                             "the ring runs over its ranks: leave ring_chunks=1")
         return distributed_ring_attention(
             q, k, v, pattern, block_size, process_group=process_group, sharding=sharding,
             backend=backend, scale=scale, return_lse=return_lse, layout=layout,
@@ -292,18 +315,18 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *
     """:func:`block_sparse_attention` on one device, arguments already checked: the runner of
     :func:`prepare`, taken from ``last`` when this call repeats the one it was kept for (else
     prepared and kept there)."""
+    def build() -> Runner:
+        return prepare(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
+                       scale=scale, ring_chunks=ring_chunks, block_order=block_order,
+                       dropout=dropout, layout=layout, score_mod=score_mod, q_offset=q_offset)
+
     if last is None:
-        run = prepare(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
-                      scale=scale, ring_chunks=ring_chunks, block_order=block_order,
-                      dropout=dropout, layout=layout, score_mod=score_mod, q_offset=q_offset)
+        run = build()
     else:
         key = call_key(q, k, v, id(pattern), block_size, backend, return_lse, scale,
                        ring_chunks, block_order, dropout, id(score_mod),
                        score_mod is not None and torch.is_grad_enabled(), q_offset)
-        run = last.get(key, pattern, lambda: prepare(
-            q, k, v, pattern, block_size, backend=backend, return_lse=return_lse, scale=scale,
-            ring_chunks=ring_chunks, block_order=block_order, dropout=dropout, layout=layout,
-            score_mod=score_mod, q_offset=q_offset))
+        run = last.get(key, pattern, build)
     out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
 
@@ -317,12 +340,12 @@ def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_siz
     call would for a backend that cannot run them."""
     k, v = expand_kv_heads(q, k, v)
     check_qkv(q, k, v)
-    _check_pattern(pattern, q.shape[1])
+    check_pattern(pattern, q.shape[1])
     check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks, scale=None,
-                  block_order=None, sharding="contiguous")
+                  block_order=None, sharding="contiguous", score_mod=score_mod)
     req = _request(q, k, v, pattern, block_size, need_lse=return_lse or ring_chunks > 1,
                    dropout=dropout_of(dropout_p, 0) is not None, layout=None,
-                   score_mod=check_score_mod(score_mod), q_offset=check_q_offset(q_offset))
+                   score_mod=score_mod, q_offset=check_int("q_offset", q_offset, 0))
     return choose(backend, req)
 
 
@@ -333,10 +356,16 @@ def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
+def check_dropout(p: object, name: str = "dropout_p") -> float:
+    """``p`` as a float if it is a probability in ``[0, 1)``; a ``ValueError`` naming it else."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
 def dropout_of(p: float, seed: int | None) -> AttentionDropout | None:
     """The dropout of a call (None when ``p == 0``); draws a seed when none is given."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
+    check_dropout(p)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed < 2**63):
         raise ValueError(f"dropout_seed must be None or an int in [0, 2**63), got {seed!r}")
@@ -355,11 +384,6 @@ class BlockSparseAttention(nn.Module):
     :class:`~workbench.plan.Plans` shared between layers) and the backend prepared for its last
     call, so a repeated call launches the kernel straight away. An ``nn.Module`` ``score_mod`` is
     a sub-module.
-
-    Example::
-
-        attn = wb.BlockSparseAttention(wb.patterns.local_window(256, causal=True), block_size=64)
-        out = attn(q, k, v)
     """
 
     def __init__(
@@ -377,13 +401,12 @@ class BlockSparseAttention(nn.Module):
         score_mod: ScoreMod | None = None,
     ) -> None:
         super().__init__()
-        _check_pattern(pattern, getattr(pattern, "num_heads", 1))
-        self.score_mod = check_score_mod(score_mod)
-        if score_mod is not None and process_group is not None:
-            raise NotImplementedError("score_mod is not supported under a process_group")
+        check_pattern(pattern, getattr(pattern, "num_heads", 1))
         self.block_order = check_options(block_size=block_size, backend=backend,
                                          ring_chunks=ring_chunks, scale=scale,
-                                         block_order=block_order, sharding=sharding)
+                                         block_order=block_order, sharding=sharding,
+                                         process_group=process_group, score_mod=score_mod)
+        self.score_mod = score_mod
         self.pattern = pattern
         self.block_size = block_size
         self.backend = backend
@@ -411,7 +434,7 @@ class BlockSparseAttention(nn.Module):
                 process_group=self.process_group, sharding=self.sharding, plan=self.plans,
                 score_mod=self.score_mod)
         check_qkv(q, k, v)
-        _check_pattern(self.pattern, q.shape[1])
+        check_pattern(self.pattern, q.shape[1])
         return attend(q, k, v, self.pattern, self.block_size, backend=self.backend,
                       return_lse=bool(return_lse), scale=self.scale, ring_chunks=self.ring_chunks,
                       block_order=self.block_order, dropout=None,

@@ -1,11 +1,8 @@
 """Space-filling curves over 2-D and 3-D grids: Hilbert, Morton (Z-order), gilbert and raster.
 
-Cube level (:func:`hilbert_encode`, :func:`morton_encode` and their inverses): the classic curves
-on a ``2**bits`` square or cube, vectorized and exact in int64 (``dims * bits <= 62``);
-coordinates are a trailing axis ``(c0, c1[, c2])``, ``c0`` the slowest (a 2-D grid's row). Grid
-level (:func:`curve_order`, :func:`grid_encode`, ...): any shape; the curve runs on the enclosing
-power-of-two square or cube and a cell's index is its rank among the grid's cells, so
-non-power-of-two grids may jump. ``"gilbert"`` (2-D) covers any rectangle without jumps.
+The ``*_encode``/``*_decode`` pairs work on a ``2**bits`` square or cube (coordinates a trailing
+axis ``(c0, c1[, c2])``, ``c0`` the slowest); grid functions take any shape, ranking its cells
+along the curve of the enclosing cube (it may jump; ``"gilbert"``, 2-D, never does).
 """
 
 from __future__ import annotations
@@ -41,20 +38,24 @@ def _int64(x: Tensor, name: str) -> Tensor:
     return x.to(torch.int64)
 
 
+def _in_range(x: Tensor, end: int | Tensor, message: str) -> Tensor:
+    """``x``, else a ``ValueError(message)`` unless every entry is in ``[0, end)``."""
+    if x.numel() and (bool((x < 0).any()) or bool((x >= end).any())):
+        raise ValueError(message)
+    return x
+
+
 def _coords(coords: Tensor, bits: int) -> list[Tensor]:
     c = _int64(coords, "coords")
     _check_cube(c.shape[-1] if c.dim() else 0, bits)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
-        raise ValueError(f"coords must lie in [0, {1 << bits}) for bits={bits}")
+    _in_range(c, 1 << bits, f"coords must lie in [0, {1 << bits}) for bits={bits}")
     return [c[..., i] for i in range(c.shape[-1])]
 
 
 def _index(index: Tensor, dims: int, bits: int) -> Tensor:
-    d = _int64(index, "index")
     _check_cube(dims, bits)
-    if d.numel() and (int(d.min()) < 0 or int(d.max()) >= (1 << (dims * bits))):
-        raise ValueError(f"index must lie in [0, {1 << dims * bits}) for dims={dims}, bits={bits}")
-    return d
+    return _in_range(_int64(index, "index"), 1 << (dims * bits),
+                     f"index must lie in [0, {1 << dims * bits}) for dims={dims}, bits={bits}")
 
 
 def _interleave(xs: list[Tensor], bits: int) -> Tensor:
@@ -99,12 +100,9 @@ def _invert_or_exchange(x: list[Tensor], i: int, q: int) -> None:
 
 
 def hilbert_encode(coords: Tensor, bits: int) -> Tensor:
-    """Hilbert index of integer ``coords`` ``[..., dims]`` in a ``2**bits`` square/cube.
-
-    John Skilling's curve ("Programming the Hilbert curve", AIP Conf. Proc. 707, 2004): it
-    starts at the origin and first steps along ``c0``; in 2-D it equals the textbook
-    ``xy2d(n, x=c0, y=c1)``.
-    """
+    """Hilbert index of integer ``coords`` ``[..., dims]`` in a ``2**bits`` square/cube: John
+    Skilling's curve (AIP Conf. Proc. 707, 2004), from the origin along ``c0`` first (in 2-D the
+    textbook ``xy2d(n, x=c0, y=c1)``)."""
     x = [c.clone() for c in _coords(coords, bits)]
     n = len(x)
     if bits == 0:
@@ -158,9 +156,10 @@ def _check_shape(shape) -> tuple[int, ...]:
     return shape
 
 
-def _check_curve(curve: str) -> str:
+def _check_curve(curve: str, name: str = "curve") -> str:
+    """``curve`` if it is one of :data:`CURVES`, else a ``ValueError`` naming ``name``."""
     if curve not in CURVES:
-        raise ValueError(f"curve must be one of {CURVES}, got {curve!r}")
+        raise ValueError(f"{name} must be one of {CURVES}, got {curve!r}")
     return curve
 
 
@@ -175,8 +174,8 @@ def _sign(v: int) -> int:
 
 def _gilbert_cells(height: int, width: int) -> list[int]:
     """Raster indices of a ``height x width`` grid along J. Červený's generalized Hilbert curve
-    ("gilbert"): from ``(0, 0)`` along the long side, edge-neighbour steps but at most one
-    diagonal one (long side odd, short side even)."""
+    ("gilbert"), from ``(0, 0)`` along the long side; every step to an edge neighbour but at
+    most one diagonal (long side odd, short side even)."""
     out: list[int] = []
 
     def fill(r: int, c: int, ar: int, ac: int, br: int, bc: int) -> None:
@@ -248,12 +247,11 @@ def curve_rank(shape, curve: str = "hilbert") -> Tensor:
 def grid_encode(coords: Tensor, shape, curve: str = "hilbert") -> Tensor:
     """Curve index (rank among the grid's cells) of integer ``coords`` ``[..., len(shape)]``."""
     shape = _check_shape(shape)
-    c = torch.as_tensor(coords).to(torch.int64)
+    c = _int64(coords, "coords")
     if c.shape[-1:] != (len(shape),):
         raise ValueError(f"coords must end in an axis of {len(shape)}, got {tuple(c.shape)}")
     lim = torch.tensor(shape, dtype=torch.int64, device=c.device)
-    if c.numel() and (bool((c < 0).any()) or bool((c >= lim).any())):
-        raise ValueError(f"coords must lie inside the grid {shape}")
+    _in_range(c, lim, f"coords must lie inside the grid {shape}")
     flat = torch.zeros(c.shape[:-1], dtype=torch.int64, device=c.device)
     for i, s in enumerate(shape):
         flat = flat * s + c[..., i]
@@ -263,9 +261,7 @@ def grid_encode(coords: Tensor, shape, curve: str = "hilbert") -> Tensor:
 def grid_decode(index: Tensor, shape, curve: str = "hilbert") -> Tensor:
     """Inverse of :func:`grid_encode`: int64 coordinates ``[..., len(shape)]``."""
     shape = _check_shape(shape)
-    d = torch.as_tensor(index).to(torch.int64)
     n = math.prod(shape)
-    if d.numel() and (int(d.min()) < 0 or int(d.max()) >= n):
-        raise ValueError(f"index must lie in [0, {n}) for grid {shape}")
+    d = _in_range(_int64(index, "index"), n, f"index must lie in [0, {n}) for grid {shape}")
     flat = _order(shape, _check_curve(curve)).to(d.device)[d]
     return torch.stack(torch.unravel_index(flat, shape), dim=-1)

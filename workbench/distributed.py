@@ -95,22 +95,18 @@ def gather_block_summaries(x: Tensor, local_len: int, block_size: int, *, proces
     """Every rank's per-block summaries in global block order ``[B, H, num_blocks(S), D]``, and
     the global length ``S``, from ``x [B, H, n_r, D]``: one row per block of this rank's shard
     of ``local_len`` tokens (e.g. :func:`workbench.adaptive.pool_blocks` of its queries)."""
-    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-    lens = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+    rank = dist.get_rank(process_group)
     mine = torch.tensor([local_len], dtype=torch.int64, device=x.device)
-    work = dist.all_gather(lens, mine, group=process_group, async_op=True)
-    _wait_all([work], timeout, f"rank {rank}: exchanging shard lengths")
-    seq_len = int(sum(int(t) for t in lens))
-    shards = shard_plan(seq_len, world, block_size, sharding)
+    lens = [int(t) for t in _all_gather(mine, process_group, timeout,
+                                        f"rank {rank}: exchanging shard lengths")]
+    shards = _check_shard_lengths(lens, block_size, sharding, rank)
     counts = [sum(b1 - b0 for b0, b1 in runs) for runs in shards.pieces]
-    if x.shape[2] != counts[rank] or [int(t) for t in lens] != [
-            shards.local_len(r) for r in range(world)]:
-        raise RingPlanError(f"rank {rank}: block summaries or shard lengths do not match the "
-                            f"{sharding} sharding of {seq_len} tokens in blocks of {block_size}")
+    if x.shape[2] != counts[rank]:
+        raise RingPlanError(f"rank {rank}: {x.shape[2]} block summaries, the {sharding} "
+                            f"sharding gives this rank {counts[rank]} blocks")
     padded = torch.nn.functional.pad(x, (0, 0, 0, max(counts) - x.shape[2])).contiguous()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    work = dist.all_gather(parts, padded, group=process_group, async_op=True)
-    _wait_all([work], timeout, f"rank {rank}: gathering block summaries")
+    parts = _all_gather(padded, process_group, timeout, f"rank {rank}: gathering block summaries")
+    seq_len = shards.seq_len
     by_block = Sharding(num_blocks(seq_len, block_size), 1, sharding, shards.pieces)
     return by_block.unshard([p[:, :, :c] for p, c in zip(parts, counts)]), seq_len
 
@@ -226,30 +222,44 @@ def _wait_all(works: Sequence, timeout: float, what: str) -> None:
                                    "have died or never joined")
 
 
+def _all_gather(x: Tensor, group, timeout: float, what: str) -> list[Tensor]:
+    """Every rank's ``x`` (all of one shape), in rank order, waited for with a deadline."""
+    everyone = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    _wait_all([dist.all_gather(everyone, x, group=group, async_op=True)], timeout, what)
+    return everyone
+
+
+def _check_shard_lengths(lens: list[int], block_size: int, sharding: str, rank: int
+                         ) -> Sharding:
+    """The sharding of ``sum(lens)`` tokens; a :class:`RingPlanError` unless it gives rank
+    ``r`` exactly ``lens[r]`` tokens."""
+    seq_len = sum(lens)
+    shards = shard_plan(seq_len, len(lens), block_size, sharding)
+    expected = [shards.local_len(r) for r in range(len(lens))]
+    if lens != expected:
+        raise RingPlanError(
+            f"rank {rank}: shard lengths {lens} do not match the {sharding} sharding of "
+            f"{seq_len} tokens in blocks of {block_size}, which needs {expected}; cut the "
+            "sequence with workbench.distributed.shard_plan(...).shard(x, rank)")
+    return shards
+
+
 # --------------------------------------------------------------------- validation
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _exchange_shapes(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None,
-                     block_size: int, sharding: str, group, world: int, rank: int,
-                     timeout: float) -> Tensor:
-    """All ranks' ``[B, H, Sq, Sk, D, Dv, dtype, dropout ppm, dropout seed, block_size,
-    sharding]`` (int64 ``[P, 11]``), for validation (and to agree on one dropout seed)."""
+def _agree(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None, block_size: int,
+           sharding: str, group, rank: int, timeout: float) -> tuple[Sharding, int | None]:
+    """The sharding every rank's shapes and settings agree on, and rank 0's dropout seed;
+    raises :class:`RingPlanError` naming what differs (``TypeError``: an unsupported dtype)."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"dtype {q.dtype} is not supported by the distributed ring")
     drop = (-1, -1) if dropout is None else (round(dropout.p * 1e6), dropout.seed)
     mine = torch.tensor([q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
                          _DTYPES.index(q.dtype), *drop, block_size, SHARDINGS.index(sharding)],
                         dtype=torch.int64, device=q.device)
-    everyone = [torch.empty_like(mine) for _ in range(world)]
-    work = dist.all_gather(everyone, mine, group=group, async_op=True)
-    _wait_all([work], timeout, f"rank {rank}: exchanging shard shapes with the other {world - 1} "
-              "ranks")
-    return torch.stack(everyone).cpu()
-
-
-def _check_shapes(meta: Tensor, rank: int) -> int:
-    """Raise :class:`RingPlanError` unless ranks agree; return the total sequence length."""
+    meta = torch.stack(_all_gather(mine, group, timeout, f"rank {rank}: exchanging shard shapes "
+                                   "with the other ranks")).cpu()
     names = ("batch", "heads", "q shard length", "k shard length", "head_dim", "value dim",
              "dtype", "dropout probability (ppm)", "dropout seed", "block_size", "sharding")
     for col in (0, 1, 4, 5, 6, 7, 9, 10):
@@ -263,7 +273,8 @@ def _check_shapes(meta: Tensor, rank: int) -> int:
         raise RingPlanError(f"rank {rank}: every rank's q and k/v shards must have the same "
                             f"length (self-attention), got q {meta[:, 2].tolist()} and k "
                             f"{meta[:, 3].tolist()}")
-    return int(meta[:, 2].sum())
+    shards = _check_shard_lengths(meta[:, 2].tolist(), block_size, sharding, rank)
+    return shards, None if dropout is None else int(meta[0, 8])
 
 
 # --------------------------------------------------------------------- compute
@@ -282,9 +293,6 @@ class _Setup:
     @property
     def world(self) -> int:
         return self.plan.world_size
-
-    def pieces(self, rank: int) -> tuple[tuple[int, int], ...]:
-        return self.plan.sharding.pieces[rank]
 
     def local_offsets(self, rank: int) -> list[tuple[int, int]]:
         return self.plan.sharding.local_offsets(rank)
@@ -306,7 +314,7 @@ def _pairs(setup: _Setup, src: int):
     """(query run index, K/V run index, sub-problem, active tiles) for every pair of runs that
     holds an active tile (read from the plan, on the host)."""
     for i, j, kr, tiles in setup.plan.pairs(setup.rank, src):
-        q0, q1 = setup.pieces(setup.rank)[i]
+        q0, q1 = setup.plan.sharding.pieces[setup.rank][i]
         yield i, j, setup.run_problems[i].slice((0, q1 - q0), kr), tiles
 
 
@@ -523,13 +531,8 @@ def _gather_plan(run_layouts: Sequence[BlockLayout], shards: Sharding, group, ra
     """The :class:`DistributedPlan` from every rank's rows: each reduces its own query runs'
     layouts to tile counts per key run, and the ranks exchange those small rows."""
     mine = run_tile_rows(run_layouts, shards)  # [runs of this rank, all runs]
-    world = shards.world_size
-    everyone = [mine]
-    if world > 1:  # runs are numbered rank by rank
-        everyone = [torch.empty_like(mine) for _ in range(world)]
-        work = dist.all_gather(everyone, mine, group=group, async_op=True)
-        _wait_all([work], timeout, f"rank {rank}: exchanging the block plan with the other "
-                  f"{world - 1} ranks")
+    everyone = [mine] if shards.world_size == 1 else _all_gather(  # runs numbered rank by rank
+        mine, group, timeout, f"rank {rank}: exchanging the block plan with the other ranks")
     return DistributedPlan(shards, torch.cat(everyone).cpu())
 
 
@@ -561,11 +564,10 @@ def distributed_ring_attention(
 
     Args:
         q, k, v: this rank's shards ``[B, H, S_r, D]`` (``v``: any ``Dv``); self-attention.
-        pattern, block_size, backend, scale, block_order: as for
+        pattern, block_size, backend, scale, block_order, return_lse: as for
             :func:`workbench.block_sparse_attention` (``auto`` chooses per pair of runs).
         process_group: the ring's ranks (``None``: the default group).
         sharding: ``"contiguous"`` or ``"zigzag"``, the same on every rank.
-        return_lse: also return this rank's log-sum-exp ``[B, H, S_r]``.
         layout: the *global* layout, or a function of ``S`` returning it (default: each rank
             builds only its own rows).
         dropout: attention dropout with rank 0's seed (as one process with that seed).
@@ -580,8 +582,8 @@ def distributed_ring_attention(
         RuntimeError: ``torch.distributed`` is not initialized.
         ValueError: a bad ``timeout``, ``sharding`` or ``block_size``.
         TypeError: a dtype other than float16, bfloat16, float32 or float64.
-        RingPlanError: ranks disagree on shapes, dtypes or settings, or the shard lengths are
-            not the ``sharding``'s.
+        RingPlanError: ranks disagree on shapes or settings, or shard lengths that are not the
+            ``sharding``'s.
         RingTimeoutError, RingCommunicationError: a peer stopped answering or a transfer failed.
     """
     if not dist.is_available() or not dist.is_initialized():
@@ -592,20 +594,10 @@ def distributed_ring_attention(
     check_sharding(sharding)
     check_positive_int("block_size", block_size)
     rank = dist.get_rank(process_group)
-    world = dist.get_world_size(process_group)
-    meta = _exchange_shapes(q, k, v, dropout, block_size, sharding, process_group, world, rank,
-                            timeout)
-    seq_len = _check_shapes(meta, rank)
+    shards, seed = _agree(q, k, v, dropout, block_size, sharding, process_group, rank, timeout)
     if dropout is not None:  # every rank drops the same pairs: rank 0's seed
-        dropout = AttentionDropout(dropout.p, int(meta[0, 8]))
-    shards = shard_plan(seq_len, world, block_size, sharding)
-    expected = [shards.local_len(r) for r in range(world)]
-    if meta[:, 2].tolist() != expected:
-        raise RingPlanError(
-            f"rank {rank}: shard lengths {meta[:, 2].tolist()} do not match the {sharding} "
-            f"sharding of {seq_len} tokens in blocks of {block_size}, which needs {expected}; "
-            "cut the sequence with workbench.distributed.shard_plan(...).shard(x, rank)")
-    runs = shards.pieces[rank]
+        dropout = AttentionDropout(dropout.p, seed)
+    seq_len, runs = shards.seq_len, shards.pieces[rank]
     if layout is None:  # this rank's rows only: 1/P of the global layout
         held = (Plan(pattern, seq_len, seq_len, block_size, q.device) if plan is None else
                 plan_for(plan, pattern, seq_len, seq_len, block_size, q.device))

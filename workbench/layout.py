@@ -1,11 +1,8 @@
 """Block layouts: which (query block, key block) tiles an attention pattern touches.
 
-A :class:`BlockLayout` is the block-level view of a pattern on a concrete problem: for each
-head, query block ``i`` and key block ``j`` it says whether the tile holds any allowed
-(query, key) pair (``active``) and whether *every* real pair in the tile is allowed (``full``,
-so a kernel may skip evaluating the token predicate there). Blocks are ``block_size`` tokens;
-the last query/key block may be shorter than ``block_size`` when the length is not a multiple
-of it. Positions beyond the length are padding: they never count as allowed pairs.
+Per head and tile, ``active``: the tile holds an allowed (query, key) pair; ``full``: every real
+pair of it is allowed (a kernel skips the token predicate there). The last block may be short;
+positions past the length are padding and never count as allowed pairs.
 """
 
 from __future__ import annotations
@@ -13,24 +10,24 @@ from __future__ import annotations
 import types
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = ["MAX_POSITION", "BlockLayout", "LayoutSource", "LayoutStats", "block_extents",
-           "cells_to_tiles", "held_bytes", "key_block_counts", "num_blocks", "tile_sum"]
+           "block_lengths", "cells_to_tiles", "held_bytes", "key_block_counts", "num_blocks",
+           "tile_sum"]
 
 T = TypeVar("T")
 
 MAX_POSITION = (1 << 31) - 1
-"""The largest token position (and token count) any argument may name: kernels evaluate
-positions in int32."""
+"""The largest token position (and token count) an argument may name: kernels use int32."""
 
 
 def num_blocks(length: int, block_size: int) -> int:
-    """Number of blocks of ``block_size`` tokens needed to cover ``length`` tokens."""
+    """Blocks of ``block_size`` tokens covering ``length`` tokens."""
     return -(-length // block_size)
 
 
@@ -42,14 +39,19 @@ def block_extents(length: int, block_size: int, device: torch.device | str = "cp
     return torch.stack([first, last], dim=1)
 
 
+def block_lengths(length: int, block_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """Real token count of every block: int64 ``[n]``, ``block_size`` but for a short last."""
+    first = torch.arange(num_blocks(length, block_size), device=device, dtype=torch.int64)
+    return torch.clamp(length - first * block_size, max=block_size)
+
+
 REDUCE_CHUNK = 1 << 24
 """Tiles reduced per step by :func:`tile_sum` and :func:`key_block_counts`."""
 
 
 def _row_chunks(mask: Tensor) -> Iterator[tuple[int, Tensor]]:
-    """``(first row, int64 copy of the rows)`` of bool ``[H, nq, nk]``, a bounded number of
-    query-block rows (:data:`REDUCE_CHUNK` tiles) at a time: PyTorch reduces a bool tensor
-    through an int64 copy of all of it."""
+    """``(first row, int64 copy of the rows)`` of bool ``[H, nq, nk]``, :data:`REDUCE_CHUNK`
+    tiles at a time (PyTorch reduces a bool tensor through an int64 copy of all of it)."""
     h, nq, nk = mask.shape
     step = max(1, REDUCE_CHUNK // max(1, h * nk))
     for r0 in range(0, nq, step):
@@ -79,16 +81,10 @@ def cells_to_tiles(
     on: Tensor, cell: int, q_len: int, k_len: int, block_size: int,
     rows: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Exact (any, all) tiles of ``block_size`` from a grid of ``cell x cell`` on/off cells.
-
-    ``on`` is bool ``[H, ceil(q_len / cell), ceil(k_len / cell)]``. A tile is active if a cell
-    it overlaps is on, full if every such cell is on (each overlapping cell holds real pairs of
-    the tile). When one size is a multiple of the other the cells are grouped or picked;
-    otherwise 2-D prefix sums count them, so any tile and cell sizes work. With
-    ``rows = (r0, r1)``
-    only those query blocks are returned, and ``on`` holds only the cell rows they overlap
-    (from the cell of token ``r0 * block_size`` on).
-    """
+    """Exact (any, all) tiles of ``block_size`` from bool ``on [H, ceil(q_len / cell),
+    ceil(k_len / cell)]``, a grid of ``cell x cell`` cells: active if a cell the tile overlaps
+    is on, full if all are. With ``rows = (r0, r1)``, ``on`` holds only the cell rows those
+    query blocks overlap."""
     r0, r1 = (0, num_blocks(q_len, block_size)) if rows is None else rows
     if block_size == cell:  # both are ``on`` itself: layouts are read-only
         return on, on
@@ -117,11 +113,8 @@ _WORDS = {2: (torch.int16, 0x0101), 4: (torch.int32, 0x01010101),
 
 
 def _merge_cells(on: Tensor, f: int, nq: int, nk: int) -> tuple[Tensor, Tensor]:
-    """(any, all) over each ``f x f`` group of cells of ``on`` ``[H, <= nq*f, <= nk*f]``: cells
-    past the sequence do not exist, so they count as off for "any" and on for "all".
-
-    The ``f`` cell rows of a tile row are combined elementwise, then each run of ``f`` columns
-    is read as one integer (its bytes are the bools) where ``f`` is 2, 4 or 8."""
+    """(any, all) over each ``f x f`` group of cells of ``on [H, <= nq*f, <= nk*f]`` (missing
+    cells are off for "any", on for "all"); runs of 2, 4 or 8 bools are read as one integer."""
     pq, pk = nq * f - on.shape[1], nk * f - on.shape[2]
     h = on.shape[0]
     out = []
@@ -143,13 +136,9 @@ def _merge_cells(on: Tensor, f: int, nq: int, nk: int) -> tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class LayoutStats:
-    """What a block layout costs and what it keeps, averaged over heads.
-
-    ``density`` is the fraction of the ``q_len x k_len`` (query, key) pairs a block-sparse
-    kernel computes with this layout (the area of the active tiles). ``block_density`` is the
-    fraction of tiles that are active; ``full_fraction`` the fraction of active tiles that need
-    no token-level mask.
-    """
+    """What a block layout costs, averaged over heads: ``density``, the fraction of the
+    ``q_len x k_len`` pairs its active tiles cover; ``block_density``, the fraction of tiles
+    active; ``full_fraction``, the fraction of active tiles that are full."""
 
     q_len: int
     k_len: int
@@ -163,14 +152,13 @@ class LayoutStats:
     full_fraction: float
 
 
-def _gone() -> None:
-    """A weak reference whose object is gone."""
+def _gone() -> None:  # a weak reference whose object is gone
     return None
 
 
 class LayoutSource:
-    """The pattern a layout was built from, held weakly (a layout never keeps its pattern
-    alive), with the pattern's value key so that it is still recognized once collected."""
+    """The pattern a layout was built from, held weakly, and its value key (which still
+    recognizes it once collected)."""
 
     def __init__(self, pattern: Any) -> None:
         self.label = repr(pattern)
@@ -201,16 +189,10 @@ class BlockLayout:
     """Block-level structure of an attention pattern on a ``q_len x k_len`` problem.
 
     Attributes:
-        active: bool ``[H, nq, nk]``; tile has at least one allowed pair. ``H`` is 1 for a
-            pattern that is the same for every head (it broadcasts).
-        full: bool ``[H, nq, nk]``; every real pair of the tile is allowed (subset of active).
-        q_len, k_len: number of real query and key positions.
-        block_size: tile edge in tokens.
-        source: the :class:`LayoutSource` of the pattern this layout was built from
-            (``None`` when built by hand); entry points refuse a layout whose source does
-            not match the pattern they are given.
-
-    What backends derive from a layout is kept with it (:meth:`derived`).
+        active: bool ``[H or 1, nq, nk]``: the tile holds an allowed pair.
+        full: bool, the same shape: every real pair of the tile is allowed (subset of active).
+        q_len, k_len, block_size: real query and key positions, tile edge in tokens.
+        source: the pattern it was built from (``None`` when built by hand).
     """
 
     active: Tensor
@@ -229,10 +211,9 @@ class BlockLayout:
 
     def derived(self, key: Hashable, build: Callable[[], T],
                 reuse: Callable[[T], bool] | None = None) -> T:
-        """What a backend derives from this layout under ``key`` (a ``BlockMask``, a kernel
-        plan, a slice): built on first use and kept with the layout, so it lives exactly as
-        long as the layout. A stored value that ``reuse`` rejects is rebuilt. A value should
-        not hold this layout (the cycle would wait for the garbage collector)."""
+        """What a backend derives from this layout under ``key``, built on first use (and again
+        when ``reuse`` rejects it) and kept as long as the layout; it should not hold the
+        layout."""
         value = self._derived.get(key)
         if value is None or (reuse is not None and not reuse(value)):
             value = self._derived[key] = build()
@@ -242,18 +223,13 @@ class BlockLayout:
         if self.active.dtype != torch.bool or self.full.dtype != torch.bool:
             raise TypeError("BlockLayout.active and .full must be bool tensors")
         if self.active.shape != self.full.shape or self.active.dim() != 3:
-            raise ValueError(
-                f"BlockLayout.active {tuple(self.active.shape)} and .full "
-                f"{tuple(self.full.shape)} must both be [H, nq, nk]"
-            )
+            raise ValueError(f"BlockLayout.active {tuple(self.active.shape)} and .full "
+                             f"{tuple(self.full.shape)} must both be [H, nq, nk]")
         expect = (num_blocks(self.q_len, self.block_size), num_blocks(self.k_len, self.block_size))
         if tuple(self.active.shape[1:]) != expect:
-            raise ValueError(
-                f"BlockLayout of shape {tuple(self.active.shape)} does not match "
-                f"q_len={self.q_len}, "
-                f"k_len={self.k_len}, block_size={self.block_size} (expected [H, {expect[0]}, "
-                f"{expect[1]}])"
-            )
+            raise ValueError(f"BlockLayout of shape {tuple(self.active.shape)} does not match "
+                             f"q_len={self.q_len}, k_len={self.k_len}, block_size="
+                             f"{self.block_size} (expected [H, {expect[0]}, {expect[1]}])")
 
     @property
     def num_heads(self) -> int:
@@ -264,8 +240,8 @@ class BlockLayout:
         return tuple(self.active.shape)  # type: ignore[return-value]
 
     def check(self, pattern: Any, q_len: int, k_len: int, block_size: int) -> None:
-        """Raise a ``ValueError`` unless this is ``pattern``'s block structure for these lengths
-        and block size (a layout built by hand, with no recorded source, is trusted)."""
+        """A ``ValueError`` unless this is ``pattern``'s layout for these lengths and block size
+        (one built by hand is trusted)."""
         if (self.q_len, self.k_len, self.block_size) != (q_len, k_len, block_size):
             raise ValueError(
                 f"layout is for q_len={self.q_len}, k_len={self.k_len}, block_size="
@@ -278,10 +254,8 @@ class BlockLayout:
 
     def block_lengths(self) -> tuple[Tensor, Tensor]:
         """Real token count of every query block and every key block (int64)."""
-        dev = self.active.device
-        q = block_extents(self.q_len, self.block_size, dev)
-        k = block_extents(self.k_len, self.block_size, dev)
-        return q[:, 1] - q[:, 0] + 1, k[:, 1] - k[:, 0] + 1
+        dev, b = self.active.device, self.block_size
+        return block_lengths(self.q_len, b, dev), block_lengths(self.k_len, b, dev)
 
     def computed_pairs(self) -> Tensor:
         """Per head, the number of (query, key) pairs inside active tiles (int64 ``[H]``)."""
@@ -314,24 +288,14 @@ class BlockLayout:
         """The sub-layout of query blocks ``[q0, q1)`` and key blocks ``[k0, k1)``."""
         (q0, q1), (k0, k1) = q_blocks, k_blocks
         b = self.block_size
-        return BlockLayout(
-            active=self.active[:, q0:q1, k0:k1],
-            full=self.full[:, q0:q1, k0:k1],
-            q_len=min(q1 * b, self.q_len) - q0 * b,
-            k_len=min(k1 * b, self.k_len) - k0 * b,
-            block_size=b,
-            source=self.source,
-        )
+        return replace(self, active=self.active[:, q0:q1, k0:k1], full=self.full[:, q0:q1, k0:k1],
+                       q_len=min(q1 * b, self.q_len) - q0 * b,
+                       k_len=min(k1 * b, self.k_len) - k0 * b)
 
     def query_window(self, start: int, q_len: int) -> BlockLayout:
         """The layout of the ``q_len`` queries from local position ``start`` on, in tiles that
-        begin at ``start`` (which need not be a multiple of the block size).
-
-        A tile that begins inside a block overlaps two of this layout's query rows: it is
-        active where either of them is and full only where both are. That may mark a tile
-        active that holds no allowed pair, never the reverse, so the result stays exact: the
-        partial tiles are decided by the pattern's predicate at the queries' true positions.
-        """
+        begin at ``start`` (any position): a tile overlapping two query rows is active where
+        either is and full where both are (active may over-cover, never under)."""
         b, n = self.block_size, num_blocks(q_len, self.block_size)
         if not (0 <= start and 0 < q_len and start + q_len <= self.q_len):
             raise ValueError(f"the query window [{start}, {start + q_len}) must lie in the "
@@ -344,7 +308,7 @@ class BlockLayout:
             ful = torch.nn.functional.pad(ful, pad, value=True)
             act = act[:, :n] | act[:, 1:]
             ful = ful[:, :n] & ful[:, 1:] & act
-        return BlockLayout(act[:, :n], ful[:, :n], q_len, self.k_len, b, self.source)
+        return replace(self, active=act[:, :n], full=ful[:, :n], q_len=q_len)
 
     def coarsen(self, factor: int) -> BlockLayout:
         """The same layout with tiles ``factor`` times larger (any / all over sub-tiles)."""
@@ -358,28 +322,20 @@ class BlockLayout:
         shape = (h, (nq + pq) // factor, factor, (nk + pk) // factor, factor)
         act = act.reshape(shape).any(4).any(2)
         ful = ful.reshape(shape).all(4).all(2) & act
-        return BlockLayout(act, ful, self.q_len, self.k_len, self.block_size * factor,
-                           self.source)
+        return replace(self, active=act, full=ful, block_size=self.block_size * factor)
 
     def expand_heads(self, num_heads: int) -> BlockLayout:
         """This layout with its head axis broadcast to ``num_heads`` (a view, no copy)."""
         if self.num_heads == num_heads:
             return self
         if self.num_heads != 1:
-            raise ValueError(
-                f"cannot broadcast a {self.num_heads}-head layout to {num_heads} heads"
-            )
+            raise ValueError(f"cannot broadcast a {self.num_heads}-head layout to {num_heads} "
+                             "heads")
         shape = (num_heads, *self.active.shape[1:])
-        return BlockLayout(
-            self.active.expand(shape), self.full.expand(shape), self.q_len, self.k_len,
-            self.block_size, self.source,
-        )
+        return replace(self, active=self.active.expand(shape), full=self.full.expand(shape))
 
     def to(self, device: torch.device | str) -> BlockLayout:
-        return BlockLayout(
-            self.active.to(device), self.full.to(device), self.q_len, self.k_len, self.block_size,
-            self.source,
-        )
+        return replace(self, active=self.active.to(device), full=self.full.to(device))
 
 
 _CODE = (types.FunctionType, types.MethodType, types.ModuleType)

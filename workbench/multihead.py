@@ -9,37 +9,36 @@ become a ``score_mod``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import patterns as P
 from .adaptive import AdaptiveBlockSparseAttention
-from .attention import attend, block_sparse_attention, check_options, dropout_of
+from .attention import (
+    attend,
+    block_sparse_attention,
+    check_dropout,
+    check_options,
+    check_pattern,
+    check_sizes,
+    check_tensors,
+    dropout_of,
+)
 from .layout import num_blocks
 from .patterns import DenseMask, KeyMask, Pattern, check_positive_int, head_predicate, tile_batch
 from .plan import LastCall, Plans, check_plans
-from .score_mods import ScoreMod, check_score_mod, modded
+from .score_mods import ScoreMod, modded
 
 __all__ = ["BlockSparseMultiheadAttention", "BlockSparseWeights"]
 
 
-DENSE_WEIGHTS_LIMIT = 1 << 22
-
-
-def _bool_mask(mask: Tensor, name: str) -> Tensor:
-    """``nn.MultiheadAttention`` mask -> bool "ignore" mask (True = ignore): a float mask's
-    ``-inf`` entries."""
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.is_floating_point():
-        return torch.isneginf(mask)
-    raise TypeError(f"{name} must be a bool or float tensor, got {mask.dtype}")
+def _ignored(mask: Tensor) -> Tensor:
+    """An ``nn.MultiheadAttention`` mask as bool (True = ignore): a float mask's ``-inf``."""
+    return mask if mask.dtype == torch.bool else torch.isneginf(mask)
 
 
 def _bias(mask: Tensor | None) -> Tensor | None:
@@ -124,33 +123,28 @@ class BlockSparseMultiheadAttention(nn.Module):
     Args:
         pattern: a :class:`~workbench.patterns.Pattern` with 1 or ``num_heads`` heads (``None``:
             dense), e.g. ``P.dilated([2048, 4096], [1, 2], num_heads)``.
-        block_size, backend, ring_chunks, block_order: as in
-            :func:`~workbench.block_sparse_attention`.
+        block_size, backend, ring_chunks, block_order, score_mod: as in
+            :func:`~workbench.block_sparse_attention` (``score_mod`` applies before any mask).
         selector: an :class:`~workbench.adaptive.AdaptiveBlockSparseAttention` that picks the
-            layout from the projected q, k at every call (instead of ``pattern``); its gate is a
-            sub-module, its own ``backend`` and ``ring_chunks`` give way to the module's.
-        process_group, sharding: inputs are this rank's shard of a sequence sharded over the
-            group (:mod:`workbench.distributed`); self-attention without masks or weights.
+            layout from the projected q, k at every call, instead of ``pattern``; its own
+            ``backend`` and ``ring_chunks`` give way to the module's.
+        process_group, sharding: inputs are this rank's shard (:mod:`workbench.distributed`);
+            self-attention without masks or weights.
         sub_layer_norm: MAGNETO's Sub-LN (arXiv 2210.06423, used by LongNet): a ``LayerNorm``
-            before the output projection (off, and absent from the state dict, by default).
-        plans: where calls without masks keep their :class:`~workbench.plan.Plan` (default:
-            the module's own :class:`~workbench.plan.Plans`; share one between layers).
+            before the output projection.
+        plans: where calls without masks keep their plans (default: the module's own
+            :class:`~workbench.plan.Plans`; share one between layers).
         dense_weights_limit: largest ``B * H * S_q * S_k`` for which ``need_weights=True``
             returns dense weights; above it :class:`BlockSparseWeights`.
-        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` applied to the scaled
-            scores before any mask; an ``nn.Module`` one is a sub-module. Not with a process
-            group.
 
     Raises:
         ValueError, TypeError: a bad option, named.
         NotImplementedError: ``add_bias_kv``, ``add_zero_attn``, or a straight-through selector
             or a ``score_mod`` under a process group.
 
-    NOTE, departures from ``nn.MultiheadAttention``: bad inputs raise ``TypeError`` /
-    ``ValueError`` naming the argument; a query with no allowed key outputs zeros (not NaN);
-    ``need_weights`` defaults to False; ``is_causal`` needs no ``attn_mask``; dropout keeps
-    probabilities by a hash of (batch-head, query, key) seeded from torch's generator
-    (:mod:`workbench.backends.dropout`, on the ``blockwise`` backend), so a seed repeats a run
+    NOTE, departures from ``nn.MultiheadAttention``: a query with no allowed key outputs zeros
+    (not NaN); ``need_weights`` defaults to False; ``is_causal`` needs no ``attn_mask``; dropout
+    is workbench's hashed dropout (:mod:`workbench.backends.dropout`), so a seed repeats a run
     but not ``F.dropout``'s mask.
     """
 
@@ -177,7 +171,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         process_group=None,
         sharding: str = "contiguous",
         sub_layer_norm: bool = False,
-        dense_weights_limit: int = DENSE_WEIGHTS_LIMIT,
+        dense_weights_limit: int = 1 << 22,
         plans: Plans | None = None,
         score_mod: ScoreMod | None = None,
     ) -> None:
@@ -194,23 +188,13 @@ class BlockSparseMultiheadAttention(nn.Module):
             raise NotImplementedError("add_bias_kv and add_zero_attn are not supported")
         if isinstance(dropout, Pattern):  # nn.MultiheadAttention's third argument is dropout
             raise TypeError("dropout must be a float; pass the pattern by keyword: pattern=...")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-                or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if pattern is not None and not isinstance(pattern, Pattern):
-            raise TypeError(f"pattern must be a workbench Pattern or None, got "
-                            f"{type(pattern).__name__}")
-        if pattern is not None and pattern.num_heads not in (1, num_heads):
-            raise ValueError(f"pattern has {pattern.num_heads} heads but num_heads={num_heads}; "
-                             "build it with num_heads=num_heads or use a 1-head pattern")
+        if pattern is not None:
+            check_pattern(pattern, num_heads)
         block_order = check_options(block_size=block_size, backend=backend,
                                     ring_chunks=ring_chunks, scale=None, block_order=block_order,
-                                    sharding=sharding)
+                                    sharding=sharding, process_group=process_group,
+                                    score_mod=score_mod)
         check_positive_int("dense_weights_limit", dense_weights_limit, maximum=None)
-        if process_group is not None and not (
-                dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
-                            f"got {type(process_group).__name__}")
         if selector is not None:
             if not isinstance(selector, AdaptiveBlockSparseAttention):
                 raise TypeError("selector must be an AdaptiveBlockSparseAttention, got "
@@ -226,22 +210,17 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.vdim = embed_dim if vdim is None else vdim
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.head_dim = embed_dim // num_heads
-        self.dropout = float(dropout)
+        self.dropout = check_dropout(dropout, "dropout")
         self.batch_first = batch_first
-        if self._qkv_same_embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **fk))
-            self.register_parameter("q_proj_weight", None)
-            self.register_parameter("k_proj_weight", None)
-            self.register_parameter("v_proj_weight", None)
-        else:
-            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **fk))
-            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **fk))
-            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **fk))
-            self.register_parameter("in_proj_weight", None)
-        if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **fk))
-        else:
-            self.register_parameter("in_proj_bias", None)
+        def param(*shape: int, used: bool = True) -> nn.Parameter | None:
+            return nn.Parameter(torch.empty(*shape, **fk)) if used else None
+
+        same = self._qkv_same_embed_dim  # nn.MultiheadAttention's parameters, in its order
+        self.register_parameter("in_proj_weight", param(3 * embed_dim, embed_dim, used=same))
+        for name, dim in (("q_proj_weight", embed_dim), ("k_proj_weight", self.kdim),
+                          ("v_proj_weight", self.vdim)):
+            self.register_parameter(name, param(embed_dim, dim, used=not same))
+        self.register_parameter("in_proj_bias", param(3 * embed_dim, used=bias))
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.sub_ln = nn.LayerNorm(embed_dim, **fk) if sub_layer_norm else None
         self.pattern = pattern
@@ -250,9 +229,7 @@ class BlockSparseMultiheadAttention(nn.Module):
         if process_group is not None and selector is not None and selector.straight_through:
             raise NotImplementedError("a straight-through selector under a process_group is not "
                                       "supported; train the gate with distillation_loss")
-        if process_group is not None and score_mod is not None:
-            raise NotImplementedError("score_mod is not supported under a process_group")
-        self.score_mod = check_score_mod(score_mod)
+        self.score_mod = score_mod
         self.block_size = block_size
         self.backend = backend
         self.ring_chunks = ring_chunks
@@ -264,13 +241,10 @@ class BlockSparseMultiheadAttention(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        # The initialization nn.MultiheadAttention uses.
-        if self._qkv_same_embed_dim:
-            nn.init.xavier_uniform_(self.in_proj_weight)
-        else:
-            nn.init.xavier_uniform_(self.q_proj_weight)
-            nn.init.xavier_uniform_(self.k_proj_weight)
-            nn.init.xavier_uniform_(self.v_proj_weight)
+        # The initialization nn.MultiheadAttention uses, in its order.
+        for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            if w is not None:
+                nn.init.xavier_uniform_(w)
         if self.in_proj_bias is not None:
             nn.init.constant_(self.in_proj_bias, 0.0)
             nn.init.constant_(self.out_proj.bias, 0.0)
@@ -296,28 +270,17 @@ class BlockSparseMultiheadAttention(nn.Module):
         """The pattern a forward call runs, and whether the batch is folded into the heads.
         Masks are shaped as ``forward`` checks them; ``selected`` (``batch * num_heads`` heads,
         an adaptive selection) replaces the module's pattern and always folds the batch."""
-        h = self.num_heads
-        pat: Pattern = self.pattern if self.pattern is not None else P.full()
-        parts: list[Pattern] = []
+        parts: list[Pattern] = [P.causal()] if is_causal else []
         fold = selected is not None
-        if is_causal:
-            parts.append(P.causal())
         if attn_mask is not None:
-            ignore = _bool_mask(attn_mask, "attn_mask")
-            if ignore.dim() == 2:
-                ignore = ignore[None]
-            if ignore.shape[0] > 1 and batch > 1:
-                fold = True
-            parts.append(DenseMask(~ignore))
+            keep = ~_ignored(attn_mask).reshape(-1, q_len, k_len)
+            fold = fold or (keep.shape[0] > 1 and batch > 1)
+            parts.append(DenseMask(keep))
         if key_padding_mask is not None:
-            ignore = _bool_mask(key_padding_mask, "key_padding_mask")
-            if ignore.dim() == 1:
-                ignore = ignore[None]
-            if batch > 1:
-                fold = True
-                parts.append(KeyMask((~ignore).repeat_interleave(h, 0)))
-            else:
-                parts.append(KeyMask(~ignore))
+            keep = ~_ignored(key_padding_mask).reshape(-1, k_len)
+            fold = fold or batch > 1
+            parts.append(KeyMask(keep.repeat_interleave(self.num_heads, 0) if batch > 1 else keep))
+        pat: Pattern = self.pattern if self.pattern is not None else P.full()
         if selected is not None:
             pat = selected
         elif fold:
@@ -384,7 +347,11 @@ class BlockSparseMultiheadAttention(nn.Module):
 
         q, k, v = heads(q, sq), heads(k, sk), heads(v, sk)
         if self.process_group is not None:
-            _check_sharded_call(key_padding_mask, attn_mask, need_weights)
+            if key_padding_mask is not None or attn_mask is not None or need_weights:
+                raise NotImplementedError(
+                    "key_padding_mask, attn_mask and need_weights=True are not supported under "
+                    "a process_group (they are whole-sequence tensors); express a mask as a "
+                    "pattern, e.g. patterns.KeyMask or patterns.causal()")
             selection = None if self.selector is None else self.selector.select_sharded(
                 q, k, self.process_group, self.sharding)
         else:
@@ -417,42 +384,19 @@ class BlockSparseMultiheadAttention(nn.Module):
             out = self.selector.straight_through_gradient(out.reshape(bsz, h, sq, d), selection)
         weights = None
         if need_weights:
-            weights = self._weights(q, k, pattern, fold, bsz, average_attn_weights, score_mod)
+            weights = _tile_weights(q, k, pattern, self.block_size, fold, average_attn_weights,
+                                    bsz, not batched, score_mod)
+            if q.shape[0] * q.shape[1] * sq * sk <= self.dense_weights_limit:
+                weights = weights.to_dense()
         out = out.reshape(bsz, h, sq, d).permute(2, 0, 1, 3).reshape(sq, bsz, h * d)
         if self.sub_ln is not None:
             out = self.sub_ln(out)
         out = self.out_proj(out)
         if not batched:
             out = out.squeeze(1)
-            if isinstance(weights, Tensor):
-                weights = weights.squeeze(0)
-            elif weights is not None:
-                weights = dataclasses.replace(weights, unbatched=True)
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
-
-    def _weights(self, q: Tensor, k: Tensor, pattern: Pattern, fold: bool, bsz: int,
-                 average: bool, score_mod: ScoreMod | None) -> Tensor | BlockSparseWeights:
-        """Attention probabilities: dense when small, :class:`BlockSparseWeights` otherwise."""
-        hh, sq, sk = q.shape[1], q.shape[2], k.shape[2]
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        if q.shape[0] * hh * sq * sk <= self.dense_weights_limit:
-            mask = pattern.token_mask(sq, q.device)[:, :, :sk] if sq == sk else _mask_rect(
-                pattern, sq, sk, q.device)
-            s = torch.matmul(q, k.transpose(-1, -2)) * scale
-            if score_mod is not None:
-                ar = lambda n: torch.arange(n, device=q.device)  # noqa: E731
-                s = modded(score_mod, s, ar(q.shape[0])[:, None, None, None],
-                           ar(hh)[None, :, None, None], ar(sq)[:, None], ar(sk))
-            s = s.masked_fill(~mask, -torch.inf)
-            empty = (s == -torch.inf).all(-1, keepdim=True)
-            p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(~mask | empty, 0.0)
-            if fold:
-                p = p.reshape(bsz, self.num_heads, sq, sk)
-            return p.mean(1) if average else p
-        return _compact_weights(q, k, pattern, self.block_size, scale, fold, average, bsz,
-                                score_mod)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
@@ -466,50 +410,34 @@ def _check_forward_inputs(mha: BlockSparseMultiheadAttention, query: object, key
     """Check ``forward``'s tensors by ``nn.MultiheadAttention``'s rules (ranks, last dimensions,
     batch sizes, lengths, dtypes, devices, mask shapes); returns whether the call is batched.
     Raises ``TypeError`` (types, dtypes) or ``ValueError`` (the rest), naming the argument."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    named = {"query": query, "key": key, "value": value}
+    check_tensors(named)
     for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-        if m is not None and not isinstance(m, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
-        if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+        if m is not None and not (isinstance(m, Tensor) and (m.dtype == torch.bool
+                                                             or m.is_floating_point())):
             raise TypeError(f"{name} must be a bool (True = ignore) or float (added to the "
-                            f"scores) tensor, got dtype {m.dtype}")
-    ndim, qshape, kshape, vshape = query.dim(), query.shape, key.shape, value.shape
+                            f"scores) tensor or None, got {getattr(m, 'dtype', type(m).__name__)}")
+    ndim, qshape, kshape = query.dim(), query.shape, key.shape
     if ndim not in (2, 3):
         seq = "[N, L, E]" if mha.batch_first else "[L, N, E]"
         raise ValueError(f"query must be 2-D (unbatched [L, E]) or 3-D (batched {seq} with "
                          f"batch_first={mha.batch_first}), got shape {tuple(qshape)}")
     batched = ndim == 3
     kind = "batched" if batched else "unbatched"
-    for name, shape in (("key", kshape), ("value", vshape)):
-        if len(shape) != ndim:
+    for (name, x), arg, size in zip(named.items(), ("embed_dim", "kdim", "vdim"),
+                                    (mha.embed_dim, mha.kdim, mha.vdim)):
+        if x.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D like the {kind} query (query, key and "
                              f"value are all batched or all unbatched), got shape "
-                             f"{tuple(shape)}")
-    for name, shape, arg, size in (("query", qshape, "embed_dim", mha.embed_dim),
-                                   ("key", kshape, "kdim", mha.kdim),
-                                   ("value", vshape, "vdim", mha.vdim)):
-        if shape[-1] != size:
-            raise ValueError(f"{name} has embedding size {shape[-1]} (last dimension) but the "
+                             f"{tuple(x.shape)}")
+        if x.shape[-1] != size:
+            raise ValueError(f"{name} has embedding size {x.shape[-1]} (last dimension) but the "
                              f"module was built with {arg}={size}")
     b_dim, s_dim = ((0, 1) if mha.batch_first else (1, 0)) if batched else (None, 0)
-    dtype, device = query.dtype, query.device
-    for name, x in (("key", key), ("value", value)):
-        if batched and x.shape[b_dim] != qshape[b_dim]:
-            raise ValueError(f"{name} has batch size {x.shape[b_dim]} but query has "
-                             f"{qshape[b_dim]} (dimension {b_dim} with "
-                             f"batch_first={mha.batch_first})")
-        if x.dtype != dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but query has {dtype}; cast them "
-                            "to one dtype")
-        if x.device != device:
-            raise ValueError(f"{name} is on {x.device} but query is on {device}; move them "
-                             "to one device")
-    if vshape[s_dim] != kshape[s_dim]:
-        raise ValueError(f"value has {vshape[s_dim]} positions but key has "
-                         f"{kshape[s_dim]} (dimension {s_dim}); they must have the same length")
-    param = mha.out_proj.weight
+    if batched:
+        check_sizes(named, {"batch size": b_dim}, f" with batch_first={mha.batch_first}")
+    check_sizes({"key": key, "value": value}, {"length": s_dim})
+    param, dtype, device = mha.out_proj.weight, query.dtype, query.device
     if device != param.device:
         raise ValueError(f"query, key and value are on {device} but the module's parameters "
                          f"are on {param.device}; move one to the other (module.to(device))")
@@ -517,8 +445,6 @@ def _check_forward_inputs(mha: BlockSparseMultiheadAttention, query: object, key
                                      and torch.is_autocast_enabled(device.type)):
         raise TypeError(f"query, key and value have dtype {dtype} but the module's "
                         f"parameters have {param.dtype}; cast one to the other (module.to(dtype))")
-    if key_padding_mask is None and attn_mask is None:
-        return batched
     q_len, k_len = qshape[s_dim], kshape[s_dim]
     heads = mha.num_heads * (qshape[b_dim] if batched else 1)
     if key_padding_mask is not None:
@@ -548,32 +474,12 @@ def _seq_first(query: Tensor, key: Tensor, value: Tensor, batched: bool,
     return q, k, value.transpose(0, 1) if batched else value.unsqueeze(1)
 
 
-def _check_sharded_call(key_padding_mask: Tensor | None, attn_mask: Tensor | None,
-                        need_weights: bool) -> None:
-    """Under a process group masks and weights would need the whole sequence: refuse them."""
-    if key_padding_mask is not None or attn_mask is not None:
-        raise NotImplementedError(
-            "key_padding_mask and attn_mask are not supported under a process_group (they are "
-            "whole-sequence tensors); express the structure as a pattern, e.g. "
-            "patterns.KeyMask or patterns.causal()")
-    if need_weights:
-        raise NotImplementedError("need_weights=True is not supported under a process_group")
-
-
-def _mask_rect(pattern: Pattern, sq: int, sk: int, device) -> Tensor:
-    hh = torch.arange(pattern.num_heads, device=device)[:, None, None]
-    qq = torch.arange(sq, device=device)[None, :, None]
-    kk = torch.arange(sk, device=device)[None, None, :]
-    return pattern.allowed(hh, qq, kk).expand(pattern.num_heads, sq, sk)
-
-
-def _compact_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, scale: float,
-                     fold: bool, average: bool, batch: int,
-                     score_mod: ScoreMod | None = None) -> BlockSparseWeights:
+def _tile_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, fold: bool,
+                  average: bool, batch: int, unbatched: bool,
+                  score_mod: ScoreMod | None) -> BlockSparseWeights:
     """Probabilities of every active tile, normalized by each row's exact log-sum-exp."""
     bsz, hh, sq, d = q.shape
-    sk = k.shape[2]
-    b = block_size
+    sk, b, scale = k.shape[2], block_size, 1.0 / math.sqrt(d)
     lay = pattern.block_structure(sq, b, q.device, k_len=sk).expand_heads(hh)
     _, lse = block_sparse_attention(q, k, k[..., :1], pattern, b, return_lse=True,
                                     layout=lay, backend="blockwise", score_mod=score_mod)
@@ -595,4 +501,4 @@ def _compact_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, sc
     lrow = lp[:, th, ti][..., None]
     p = torch.exp(s - torch.where(torch.isfinite(lrow), lrow, torch.zeros_like(lrow)))
     p = p.masked_fill(~ok, 0.0).to(q.dtype)
-    return BlockSparseWeights(tiles, p, sq, sk, b, hh, fold, average, batch)
+    return BlockSparseWeights(tiles, p, sq, sk, b, hh, fold, average, batch, unbatched)

@@ -1,8 +1,5 @@
-"""Orderings: permutations of tokens, and of tiles, that change where a pattern's pairs fall.
-
-The dilation ordering puts each head's kept positions of a LongNet segment side by side (dense
-blocks); grid orderings lay a grid's tokens along a curve of :mod:`workbench.curves`; block visit
-orders change only the order in which active tiles are computed, never the set of pairs.
+"""Orderings: permutations of tokens (dilation grouping, grid curves), which move a pattern's
+pairs, and visit orders of tiles, which change only the order active tiles are computed in.
 """
 
 from __future__ import annotations
@@ -28,15 +25,9 @@ def dilation_gather(
     seq_len: int, segment: int, dilation: int, offsets: Sequence[int] | Tensor,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
-    """Positions each head keeps, segment by segment, padded to a common length.
-
-    Head ``h`` keeps, in segment ``m``, positions ``m * segment + offsets[h] + j * dilation``
-    for ``j = 0, 1, ...`` while inside the segment and the sequence.
-
-    Returns:
-        ``(pos, valid)``, both ``[H, num_segments, L]`` with ``L = ceil(segment / dilation)``;
-        ``pos`` is int64 and clamped into ``[0, seq_len)`` where ``valid`` is False.
-    """
+    """``(pos, valid)``, ``[H, num_segments, ceil(segment / dilation)]``: the positions ``m *
+    segment + offsets[h] + j * dilation`` head ``h`` keeps in segment ``m`` (int64, 0 where
+    not ``valid``: outside the segment or the sequence)."""
     off = torch.as_tensor(offsets, dtype=torch.int64, device=device)[:, None, None]
     nseg = num_blocks(seq_len, segment)
     length = num_blocks(segment, dilation)
@@ -59,13 +50,8 @@ def dilation_permutation(seq_len: int, segment: int, dilation: int, offset: int 
 
 
 def permuted(pattern: Pattern, perm: Tensor) -> Pattern:
-    """``pattern`` seen in the token order ``perm`` (new position i = old position perm[i]).
-
-    ``perm`` is ``[S]`` (one order for every head) or ``[H, S]`` (one per head, e.g. each
-    head's dilation ordering; ``H`` must match the pattern's heads unless the pattern has one).
-    Its block layout is found by evaluating every tile (cost ``O(S^2)``): for inspection at
-    small lengths, not for kernels.
-    """
+    """``pattern`` seen in the token order ``perm`` ``[S]`` or ``[H, S]`` (one per head; new
+    position i = old position perm[i]); its layout evaluates every tile: small lengths only."""
     perm = torch.as_tensor(perm, dtype=torch.int64)
     rows = perm[None] if perm.dim() == 1 else perm
     n = rows.shape[-1] if rows.dim() == 2 else 0
@@ -104,12 +90,8 @@ def check_block_order(block_order: str | None) -> str | None:
 
 
 def block_visit_order(layout: BlockLayout | Tensor, block_order: str | None = "hilbert") -> Tensor:
-    """The active tiles of ``layout`` in visit order: int64 ``[P, 3]`` (head, q-block, k-block).
-
-    ``None``/``"natural"``: sorted by (head, query block, key block). ``"hilbert"``/``"morton"``:
-    head by head, along the curve over the ``nq x nk`` block grid (on the enclosing power-of-two
-    square), so consecutive tiles share a query or key block or sit close.
-    """
+    """The active tiles of ``layout`` in visit order: int64 ``[P, 3]`` (head, q-block, k-block),
+    row-major for ``None``/``"natural"``, else head by head along the curve over the blocks."""
     order = check_block_order(block_order)
     active = layout.active if isinstance(layout, BlockLayout) else layout
     tiles = active.nonzero()
@@ -134,8 +116,8 @@ def visit_rank(layout: BlockLayout, block_order: str | None) -> Tensor | None:
 
 
 def block_accesses(tiles: Tensor) -> list[tuple[str, int, int]]:
-    """The blocks a visit touches, in order: per tile ``("q", h, qb)`` (the query block and its
-    running output) then ``("kv", h, kb)`` (key and value blocks, read together)."""
+    """The blocks a visit touches, in order: per tile ``("q", h, qb)`` (queries and running
+    output), then ``("kv", h, kb)``."""
     out: list[tuple[str, int, int]] = []
     for h, qb, kb in tiles.tolist():
         out.append(("q", h, qb))
@@ -144,12 +126,9 @@ def block_accesses(tiles: Tensor) -> list[tuple[str, int, int]]:
 
 
 def reuse_distances(accesses: Iterable[Hashable]) -> Tensor:
-    """LRU stack distance of every access: the number of *distinct* other blocks touched since
-    this block's previous access (int64 ``[N]``; ``-1`` for a first touch, a cold miss).
-
-    An LRU cache of ``C`` blocks hits exactly the accesses with ``0 <= distance < C``. A Fenwick
-    tree over access times makes it ``O(N log N)``.
-    """
+    """LRU stack distance of every access: the number of distinct other blocks touched since
+    this block's previous access (int64 ``[N]``; -1 for a first touch). A cache of ``C`` blocks
+    hits exactly the accesses with ``0 <= distance < C``. A Fenwick tree over access times."""
     acc = list(accesses)
     n = len(acc)
     tree = [0] * (n + 1)
@@ -182,9 +161,9 @@ def reuse_distances(accesses: Iterable[Hashable]) -> Tensor:
 
 
 def cache_model(tiles: Tensor, capacities: Sequence[int]) -> list[dict[str, float]]:
-    """LRU cache model of a tile visit order (:func:`block_accesses`): per capacity ``C`` (blocks)
-    a row of ``capacity``, ``accesses``, ``hits``, ``hit_rate``, ``cold_misses`` and the visit's
-    ``mean_reuse_distance`` and ``median_reuse_distance`` over re-accesses (on every row)."""
+    """LRU cache model of a tile visit order (:func:`block_accesses`): per capacity (blocks) a row
+    of ``capacity``, ``accesses``, ``hits``, ``hit_rate``, ``cold_misses`` and the visit's
+    ``mean_reuse_distance`` and ``median_reuse_distance`` over re-accesses."""
     d = reuse_distances(block_accesses(tiles))
     again = d[d >= 0].to(torch.float64)
     mean = float(again.mean()) if again.numel() else float("nan")

@@ -17,8 +17,8 @@ import torch
 from .layout import BlockLayout, held_bytes, num_blocks
 from .patterns import Pattern, check_int
 
-__all__ = ["LastCall", "Plan", "Plans", "canonical_device", "check_plans", "check_q_offset",
-           "plan_for", "query_window_layout"]
+__all__ = ["LastCall", "Plan", "Plans", "canonical_device", "check_plans", "plan_for",
+           "query_window_layout"]
 
 
 class LastCall:
@@ -59,19 +59,13 @@ def canonical_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def check_q_offset(q_offset: object) -> int:
-    """``q_offset`` if it is an int ``>= 0`` (not a bool) within int32 positions; a
-    ``TypeError`` or ``ValueError`` naming it otherwise."""
-    return check_int("q_offset", q_offset, 0)
-
-
 def query_window_layout(pattern: Pattern, q_len: int, k_len: int, block_size: int,
                         device: torch.device | str = "cpu", q_offset: int = 0) -> BlockLayout:
     """``pattern``'s exact layout for ``q_len`` queries at positions ``q_offset, ...,
     q_offset + q_len - 1`` against keys ``0, ..., k_len - 1`` (what a decoder with a KV cache
     attends), built from the rows of the whole problem that hold those queries
     (:meth:`~workbench.layout.BlockLayout.query_window`)."""
-    if check_q_offset(q_offset) == 0:
+    if check_int("q_offset", q_offset, 0) == 0:
         return pattern.block_structure(q_len, block_size, device, k_len=k_len)
     first, end = q_offset // block_size, num_blocks(q_offset + q_len, block_size)
     rows = pattern.block_structure(q_offset + q_len, block_size, device, k_len=k_len,
@@ -93,7 +87,7 @@ class Plan:
         self.pattern, self.q_len = pattern, q_len
         self.k_len = q_len if k_len is None else k_len
         self.block_size, self.device = block_size, canonical_device(device)
-        self.q_offset = check_q_offset(q_offset)
+        self.q_offset = check_int("q_offset", q_offset, 0)
         self._layout: BlockLayout | None = None
         self._rows: dict[tuple, list[BlockLayout]] = {}
         self.last_call = LastCall()
@@ -129,12 +123,6 @@ class Plan:
         held = [self._layout] if self._layout is not None else []
         held += [lay for lays in self._rows.values() for lay in lays]
         return held_bytes(held)
-
-    def matches(self, pattern: Pattern, q_len: int, k_len: int, block_size: int,
-                device: torch.device, q_offset: int = 0) -> bool:
-        return (self.pattern == pattern and (self.q_len, self.k_len, self.block_size,
-                                             self.q_offset) ==
-                (q_len, k_len, block_size, q_offset) and self.device == device)
 
     def __repr__(self) -> str:
         offset = f", q_offset={self.q_offset}" if self.q_offset else ""
@@ -185,10 +173,6 @@ class Plans:
         """Bytes all these plans hold (:meth:`Plan.nbytes`, shared storage counted once)."""
         return sum(p.nbytes() for p in self._plans.values())
 
-    def clear(self) -> None:
-        self._plans.clear()
-        self.last_call = LastCall()
-
 
 def plan_for(plan: Plan | Plans, pattern: Pattern, q_len: int, k_len: int, block_size: int,
              device: torch.device | str, q_offset: int = 0) -> Plan:
@@ -199,7 +183,8 @@ def plan_for(plan: Plan | Plans, pattern: Pattern, q_len: int, k_len: int, block
         return plan.get(pattern, q_len, k_len, block_size, device, q_offset)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a workbench Plan or Plans, got {type(plan).__name__}")
-    if not plan.matches(pattern, q_len, k_len, block_size, device, q_offset):
+    if plan.pattern != pattern or (plan.q_len, plan.k_len, plan.block_size, plan.q_offset,
+                                   plan.device) != (q_len, k_len, block_size, q_offset, device):
         raise ValueError(
             f"plan is for {plan.pattern!r} at q_len={plan.q_len}, k_len={plan.k_len}, "
             f"q_offset={plan.q_offset}, block_size={plan.block_size} on {plan.device}; this "

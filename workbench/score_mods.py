@@ -127,9 +127,14 @@ def alibi_slopes(num_heads: int) -> list[float]:
     otherwise those of the largest power of two ``p < n``, then every other slope of ``2p``
     heads (``2 ** (-4 (2 j + 1) / p)``) for the remaining heads (Press et al., 2022)."""
     check_positive_int("num_heads", num_heads)
+    return _slopes(torch.arange(num_heads, dtype=torch.float64), num_heads).tolist()
+
+
+def _slopes(h: Tensor, num_heads: int) -> Tensor:
+    """:func:`alibi_slopes` of the heads ``h`` (computed, not looked up: any device, compiles)."""
     p = 1 << (num_heads.bit_length() - 1)
-    return [2.0 ** (-8.0 * (h + 1) / p) if h < p else 2.0 ** (-4.0 * (2 * (h - p) + 1) / p)
-            for h in range(num_heads)]
+    return torch.where(h < p, torch.exp2(-8.0 * (h + 1) / p),
+                       torch.exp2(-4.0 * (2 * (h - p) + 1) / p))
 
 
 def alibi(num_heads: int, *, symmetric: bool = False) -> ScoreMod:
@@ -137,14 +142,10 @@ def alibi(num_heads: int, *, symmetric: bool = False) -> ScoreMod:
     how far a key lies before its query (meant with causal patterns; keys after the query get a
     bonus). ``symmetric=True``: ``score - m_h * |k - q|`` for bidirectional attention."""
     check_positive_int("num_heads", num_heads)
-    p = 1 << (num_heads.bit_length() - 1)
 
     def alibi_bias(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        # the slope from the head index (no table: works on any device and under compile)
-        slope = torch.where(h < p, torch.exp2(-8.0 * (h + 1) / p),
-                            torch.exp2(-4.0 * (2 * (h - p) + 1) / p))
         d = k - q
-        return score + slope * (-d.abs() if symmetric else d)
+        return score + _slopes(h, num_heads) * (-d.abs() if symmetric else d)
 
     return alibi_bias
 

@@ -157,9 +157,8 @@ class DistributedPlan:
                                   self.kv.run_index(src, src_run)])
 
     def pairs(self, rank: int, src: int) -> Iterator[tuple[int, int, tuple[int, int], int]]:
-        """The pieces rank ``rank`` computes with the K/V shard of rank ``src``: ``(query run,
-        K/V run, K/V run's (first block, end block), active tiles)`` for every pair of their
-        runs (indices within each shard) that holds an active tile."""
+        """``(query run, K/V run, K/V run's (first block, end block), active tiles)`` for every
+        pair of runs of ``rank`` and ``src`` (indices within each shard) with an active tile."""
         for i in range(len(self.sharding.pieces[rank])):
             for j, blocks in enumerate(self.kv.pieces[src]):
                 tiles = self.pair_tiles(rank, i, src, j)

@@ -2,20 +2,12 @@
 
 Importing this module registers ``"workbench"`` with transformers' ``AttentionInterface`` (and,
 for the masks, the boolean masks transformers builds for its own ``"sdpa"``), so that any model
-whose attention goes through that interface runs on :func:`~workbench.block_sparse_attention`::
-
-    import workbench as wb
-    from workbench.integrations import hf
-
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="workbench")
-    hf.use_pattern(model, wb.patterns.local_window(256, causal=True), block_size=64)
-    hf.use_pattern(model, {0: P.full(), 5: P.dilated([512, 1024], [1, 2], 8)})  # per layer
-
-A layer computes the pairs its pattern *and* the model's mask allow. The mask must be what
-transformers builds for self-attention: causal or bidirectional, with per-batch key padding; any
-other mask raises a ``ValueError`` (express it as the pattern). Positions index the keys as the
-cache holds them. NOTE: a query that may see no key outputs zeros, as with transformers' boolean
-``sdpa`` masks.
+whose attention goes through that interface runs on :func:`~workbench.block_sparse_attention`
+over the patterns :func:`use_pattern` gives it. A layer computes the pairs its pattern *and* the
+model's mask allow. The mask must be what transformers builds for self-attention: causal or
+bidirectional, with per-batch key padding; any other mask raises a ``ValueError`` (express it as
+the pattern). Positions index the keys as the cache holds them. NOTE: a query that may see no
+key outputs zeros, as with transformers' boolean ``sdpa`` masks.
 """
 
 from __future__ import annotations
@@ -118,18 +110,15 @@ def use_pattern(model: nn.Module, pattern: PatternSpec | None = None, *, block_s
     """
     check_positive_int("block_size", block_size)
     check_backend(backend)
-    if isinstance(pattern, Mapping):
-        for layer_idx, pat in pattern.items():
-            if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
-                raise TypeError(f"the keys of a pattern dict must be layer indices (ints), got "
-                                f"{layer_idx!r}")
-            if pat is not None and not isinstance(pat, Pattern):
-                raise TypeError(f"pattern[{layer_idx}] must be a workbench Pattern or None, got "
-                                f"{type(pat).__name__}")
-    elif not (pattern is None or isinstance(pattern, Pattern) or callable(pattern)):
+    if not (pattern is None or isinstance(pattern, (Pattern, Mapping)) or callable(pattern)):
         raise TypeError(f"pattern must be a workbench Pattern, a {{layer_idx: pattern}} dict, a "
                         f"function of layer_idx or None, got {type(pattern).__name__}")
     settings = _Settings(pattern, block_size, backend, Plans())
+    for layer_idx in pattern if isinstance(pattern, Mapping) else ():
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+            raise TypeError(f"the keys of a pattern dict must be layer indices (ints), got "
+                            f"{layer_idx!r}")
+        settings.pattern(layer_idx)  # raises now for a value that is not a pattern
     model.set_attn_implementation(NAME)
     if model.config._attn_implementation != NAME:
         raise ValueError(f"{type(model).__name__} does not dispatch its attention through "

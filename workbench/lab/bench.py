@@ -1,11 +1,7 @@
-"""Benchmark harness: variants against baselines on the same inputs, in one process, as tidy CSV.
+"""Benchmarks: variants against baselines on the same inputs, in one process, as tidy CSV rows.
 
-Each time is the median of ``reps`` calls after ``warmup`` (CUDA events on a GPU,
-``time.perf_counter`` on the CPU); peak memory is the CUDA allocator's, above the inputs. Rows go
-to ``data/bench_<study>.csv`` with the device, versions and date. Families are the registry's
-(:data:`workbench.patterns.FAMILIES`) and the fixed-argument names of :data:`RECORDED`; variants
-(:data:`VARIANTS`) are ``ours`` (what ``backend="auto"`` runs) and the baselines of
-``docs/results.md``.
+A time is the median of ``reps`` calls after ``warmup`` (:func:`time_fn`); peak memory is the
+CUDA allocator's. Families are the registry's and the fixed-argument names of :data:`RECORDED`.
 """
 
 from __future__ import annotations
@@ -33,9 +29,9 @@ from ..layout import num_blocks
 from ..plan import canonical_device
 from .records import environment, write_csv
 
-__all__ = ["BenchConfig", "DEFAULT_FAMILIES", "LAYOUT_TARGET_MS", "RECORDED", "VARIANTS",
-           "bench_families", "family_pattern", "layout_build_time", "longnet_families",
-           "run_bench", "time_fn"]
+__all__ = ["BenchConfig", "DEFAULT_FAMILIES", "DTYPES", "LAYOUT_TARGET_MS", "RECORDED",
+           "VARIANTS", "bench_families", "family_pattern", "layout_build_time",
+           "longnet_families", "run_bench", "time_and_peak", "time_fn"]
 
 RECORDED: dict[str, tuple[str, dict]] = {
     "dense": ("full", {}),
@@ -45,8 +41,8 @@ RECORDED: dict[str, tuple[str, dict]] = {
 DEFAULT_FAMILIES = ("dense", "causal", "random10", "local", "dilated", "longnet")
 VARIANTS = ("ours", "flex_natural", "triton", "strided_view", "strided_gather", "paper",
             "blockwise", "sdpa_dense", "sdpa_masked")
-"""Ways to compute a family's attention: ``ours`` and the baselines (``docs/results.md``)."""
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""Ways to compute a family's attention: ``ours`` (``backend="auto"``) and the baselines."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MASKED_SDPA_LIMIT = 1 << 30  # largest H*S*S the dense-mask baseline may build
 
 
@@ -76,8 +72,8 @@ class BenchConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not self.seq_lens or min(self.seq_lens) < 1:
             raise ValueError(f"seq_lens must be positive lengths, got {self.seq_lens}")
         if self.reps < 1 or self.warmup < 0:
@@ -106,9 +102,8 @@ def _case(family: str, seq_len: int, heads: int) -> tuple[P.Family, dict]:
 
 
 def longnet_families() -> tuple[str, ...]:
-    """The bench families built by :func:`~workbench.patterns.dilated` (LongNet head groups):
-    ``ours`` runs them with :func:`~workbench.dilated_attention`, and only they have the
-    strided baselines."""
+    """The families built by :func:`~workbench.patterns.dilated`, which ``ours`` runs with
+    :func:`~workbench.dilated_attention` and which alone have the strided baselines."""
     return tuple(f for f in bench_families()
                  if P.family(RECORDED.get(f, (f, {}))[0]).build is P.dilated)
 
@@ -130,7 +125,8 @@ def family_pattern(family: str, seq_len: int, heads: int) -> tuple[P.Pattern, st
 
 
 def time_fn(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
+    """Median milliseconds of ``reps`` calls of ``fn`` after ``warmup`` (CUDA events on a GPU,
+    ``time.perf_counter`` on the CPU)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -152,6 +148,19 @@ def time_fn(fn: Callable[[], object], reps: int, warmup: int, device: torch.devi
     return statistics.median(times)
 
 
+def time_and_peak(fn: Callable[[], object], reps: int, warmup: int,
+                  device: torch.device) -> tuple[float, int, int]:
+    """:func:`time_fn` of ``fn``, the bytes allocated before its calls and the allocator's peak
+    during them (both 0 off CUDA)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+    ms = time_fn(fn, reps, warmup, device)
+    return ms, base, torch.cuda.max_memory_allocated(device) if cuda else 0
+
+
 def _group_offset_heads(num_heads: int, segments: list[int],
                         dilations: list[int]) -> Iterator[tuple[int, int, int, list[int]]]:
     """``(w, r, offset, heads)`` for each head group and offset of LongNet's head-group mode:
@@ -165,11 +174,9 @@ def _group_offset_heads(num_heads: int, segments: list[int],
 
 def strided_view_dilated(q: Tensor, k: Tensor, v: Tensor, segments: list[int],
                          dilations: list[int]) -> Tensor:
-    """The naive LongNet implementation: per (head group, offset), the kept positions of every
-    segment as a strided view ``[B, h, n, w/r, D]`` of q, k and v passed straight to SDPA (a 5-D,
-    non-contiguous input, which PyTorch computes in its math kernel), the result written back
-    through the same view of the output. Head-group mode; needs ``S`` a multiple of every
-    segment."""
+    """Naive LongNet (head-group mode): per (head group, offset), a strided 5-D view
+    ``[B, h, n, w/r, D]`` of q, k and v straight into SDPA (its math kernel), written back
+    through the same view. Needs ``S`` a multiple of every segment."""
     bsz, h, s, d = q.shape
     if any(s % w for w in segments):
         raise ValueError(f"strided_view needs the length {s} to be a multiple of every segment "
@@ -187,10 +194,9 @@ def strided_view_dilated(q: Tensor, k: Tensor, v: Tensor, segments: list[int],
 
 def strided_gather_dilated(q: Tensor, k: Tensor, v: Tensor, segments: list[int],
                            dilations: list[int]) -> Tensor:
-    """A stronger LongNet baseline than :func:`strided_view_dilated`: per (head group, offset),
-    a strided slice of every segment copied into one contiguous batch, one (flash) SDPA call,
-    the result copied back (head-group mode, same output as
-    ``dilated_attention(..., mode="head_groups")``). Lengths are padded to each segment."""
+    """LongNet head-group mode as ``dilated_attention(..., mode="head_groups")``: per (head
+    group, offset), a strided slice of every segment copied into one contiguous batch, one SDPA
+    call, the result copied back. Lengths are padded to each segment."""
     bsz, h, s, d = q.shape
     out = torch.zeros_like(q)
     for w, r, off, hs in _group_offset_heads(h, segments, dilations):
@@ -254,8 +260,7 @@ def _required_bytes(q: Tensor, backward: bool) -> int:
 def _fwd_bwd_step(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
                   grad: Tensor | None = None) -> Callable[[], Tensor]:
     """A closure running ``fn`` and its backward into ``inputs`` with output gradient ``grad``
-    (default: random, of the output's shape, drawn at the first call); returns the first
-    input's gradient."""
+    (default: random, drawn at the first call); returns the first input's gradient."""
     def step() -> Tensor:
         nonlocal grad
         out = fn()
@@ -267,29 +272,19 @@ def _fwd_bwd_step(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
 
 def _measure(fn: Callable[[], Tensor], cfg: BenchConfig, inputs: tuple[Tensor, ...],
              device: torch.device) -> dict:
-    """``ms`` (median), ``peak_mib`` (above what stays allocated between calls) and, on CUDA,
-    the allocator's whole peak over the timed calls and over the first call
-    (``peak_total_mib``, ``first_peak_total_mib``) of ``fn``: forward, forward of inputs that
-    require grad, or forward+backward."""
+    """``ms``, ``peak_mib`` (above what stays allocated between calls), and the allocator's
+    whole peak over the timed calls and over the first call (``peak_total_mib``,
+    ``first_peak_total_mib``) of ``fn``'s pass: forward, forward of inputs that require grad,
+    or forward+backward."""
     if cfg.backward:
         step = _fwd_bwd_step(fn, inputs)
     else:
         def step():
             with torch.set_grad_enabled(cfg.grad_forward):
                 fn()
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    step()  # compile / first-call costs stay out of the timing and the memory peak
-    first = torch.cuda.max_memory_allocated(device) if cuda else 0
-    base = 0
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    ms = time_fn(step, cfg.reps, cfg.warmup, device)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    # the first call (compilation, first-call costs) stays out of the timing and the peak
+    first = time_and_peak(step, 1, 0, device)[2]
+    ms, base, peak = time_and_peak(step, cfg.reps, cfg.warmup, device)
     return {"ms": ms, "peak_mib": (peak - base) / 2**20, "peak_total_mib": peak / 2**20,
             "first_peak_total_mib": first / 2**20}
 
@@ -299,7 +294,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
     from tqdm.auto import tqdm
 
     device = torch.device(cfg.device)
-    dtype = _DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     env = environment(device)
     jobs = [(s, f, v) for s in cfg.seq_lens for f in cfg.families for v in cfg.variants]
     rows: list[dict] = []
@@ -348,16 +343,13 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
                      device: str = "cuda", study: str | None = None,
                      max_seconds: float = math.inf, repeat_below_s: float = 10.0,
                      memory_gib: float | None = None, backward: bool = False) -> list[dict]:
-    """Double ``S`` from ``start`` until ``ours`` (forward, or forward+backward; bf16) fails,
-    per family.
+    """Per family, double ``S`` from ``start`` until ``ours`` (bf16, forward or
+    forward+backward) fails or passes ``limit``; one row per length, ``status`` ``ok``, ``oom``
+    or ``too_slow`` (predicted at 4x the last call to exceed ``max_seconds``: not run).
 
-    One row per attempted length, ``status`` ``ok``, ``oom`` or ``too_slow`` (the call,
-    predicted at four times the last, would take over ``max_seconds``: not run); a family stops
-    at its first failure or past ``limit``. The first call is timed, or the second when the
-    first took under ``repeat_below_s`` (leaving compilation out). ``memory_gib`` caps the
-    caching allocator as on a card of that total memory (:func:`emulated_memory`). With
-    ``study``, ``data/bench_<study>_longest.csv`` is rewritten after every length; its columns
-    are in ``data/README.md``.
+    The first call is timed, or the second when the first took under ``repeat_below_s``.
+    ``memory_gib``: as on a card of that memory (:func:`emulated_memory`). With ``study`` the
+    rows go to ``data/bench_<study>_longest.csv`` after every length.
     """
     dev = torch.device(device)
     cfg = BenchConfig("longest", (start,), tuple(families), ("ours",), heads=heads,
@@ -365,41 +357,33 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
     env = environment(dev)
     if dev.type == "cuda":  # the allocator's settings decide what fits as much as the card
         env["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    rows: list[dict] = []
     with emulated_memory(dev, memory_gib) as cap:
-        return _longest_search(cfg, start, limit, {**env, **cap}, study,
-                               max_seconds, repeat_below_s)
-
-
-def _longest_search(cfg: BenchConfig, start: int, limit: int, env: dict, study: str | None,
-                    max_seconds: float, repeat_below_s: float) -> list[dict]:
-    """The doubling loop of :func:`longest_sequence`, one family after another."""
-    dev, heads, head_dim = torch.device(cfg.device), cfg.heads, cfg.head_dim
-    rows = []
-    for family in cfg.families:
-        s, last_ms = start, None
-        while s <= limit:
-            row = {**env, "family": family, "seq_len": s, "heads": heads, "head_dim": head_dim,
-                   "dtype": "bf16", "block_size": cfg.block_size, "pass": cfg.pass_name}
-            predicted_s = None if last_ms is None else 4 * last_ms / 1e3
-            if predicted_s is not None and predicted_s > max_seconds:
-                row.update(status="too_slow", predicted_s=round(predicted_s),
-                           inputs_fit=_inputs_fit(4, heads, s, head_dim, dev))
-            else:
-                row.update(_longest_attempt(family, s, cfg, dev, repeat_below_s))
-                last_ms = row.get("ms")
-            rows.append(row)
-            print(row, flush=True)
-            if study is not None:
-                write_csv(rows, f"bench_{study}_longest", dev)
-            if row["status"] != "ok":
-                break
-            s *= 2
+        for family in cfg.families:
+            s, last_ms = start, None
+            while s <= limit:
+                row = {**env, **cap, "family": family, "seq_len": s, "heads": heads,
+                       "head_dim": head_dim, "dtype": "bf16", "block_size": block_size,
+                       "pass": cfg.pass_name}
+                predicted_s = None if last_ms is None else 4 * last_ms / 1e3
+                if predicted_s is not None and predicted_s > max_seconds:
+                    row.update(status="too_slow", predicted_s=round(predicted_s),
+                               inputs_fit=_inputs_fit(4, heads, s, head_dim, dev))
+                else:
+                    row.update(_longest_attempt(family, s, cfg, dev, repeat_below_s))
+                    last_ms = row.get("ms")
+                rows.append(row)
+                print(row, flush=True)
+                if study is not None:
+                    write_csv(rows, f"bench_{study}_longest", dev)
+                if row["status"] != "ok":
+                    break
+                s *= 2
     return rows
 
 
 def _longest_attempt(family: str, s: int, cfg: BenchConfig, dev: torch.device,
                      repeat_below_s: float) -> dict:
-    """One length of :func:`longest_sequence`: status, timing and peak memory."""
     fn = None
     try:
         torch.cuda.empty_cache()
@@ -448,10 +432,9 @@ def _peaks_gib(dev: torch.device) -> dict:
 
 def spot_check(pattern: P.Pattern, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                rows: int = 8) -> float:
-    """Largest absolute error of ``out`` on a few query rows (the first, the last and some
-    between, of the first and the last head, batch 0) against float32 softmax attention over
-    every key, masked by ``pattern``: a check affordable at any length, where a dense
-    reference is not. Scale ``1 / sqrt(D)``; rows with no allowed key must be zeros."""
+    """Largest absolute error of ``out`` on ``rows`` query rows (first to last, of the first
+    and the last head, batch 0) against float32 attention over every key masked by
+    ``pattern`` (scale ``1 / sqrt(D)``; a row with no key is zeros): affordable at any length."""
     s, heads = q.shape[2], q.shape[1]
     idx = torch.linspace(0, s - 1, rows, device=q.device).round().long()
     keys = torch.arange(k.shape[2], device=q.device)
@@ -480,8 +463,9 @@ def _failed_alloc_gib(message: str) -> float | None:
 
 
 def allocator_fraction(memory_bytes: float, total_bytes: int, outside_bytes: int) -> float:
-    """The share of a ``total_bytes`` device that its caching allocator may reserve so that it
-    and ``outside_bytes`` (memory already held outside the allocator) fit in ``memory_bytes``."""
+    """The share of a ``total_bytes`` device its caching allocator may reserve so that it and
+    ``outside_bytes`` (held outside the allocator) fit in ``memory_bytes``; raises ValueError
+    when none can."""
     if not 0 < memory_bytes <= total_bytes:
         raise ValueError(f"cannot emulate {memory_bytes / 2**30:.2f} GiB on a device of "
                          f"{total_bytes / 2**30:.2f} GiB: it must be positive and at most that")
@@ -499,10 +483,9 @@ def _outside_allocator(dev: torch.device) -> int:
 
 @contextlib.contextmanager
 def emulated_memory(dev: torch.device, memory_gib: float | None) -> Iterator[dict]:
-    """Within the block, this process's caching allocator on ``dev`` behaves as on a card of
-    ``memory_gib`` GiB: it is capped so that it and what the device holds outside it now (the
-    CUDA context, other processes) fit in ``memory_gib``. Yields ``memory_gib`` and the cap
-    (``allocator_cap_gib``) for a record; ``None`` changes nothing and yields ``{}``."""
+    """Within the block, cap this process's caching allocator on ``dev`` so that it and what
+    the device holds outside it fit in ``memory_gib`` GiB. Yields the columns ``memory_gib``
+    and ``allocator_cap_gib``; ``None`` changes nothing and yields ``{}``."""
     if memory_gib is None:
         yield {}
         return
@@ -537,11 +520,8 @@ def _inputs_fit(tensors: int, heads: int, s: int, head_dim: int, dev: torch.devi
 def hilbert_study(grids: Iterable[int], radii: Iterable[int], *, heads: int = 16,
                   head_dim: int = 128, block_size: int = 128, reps: int = 20,
                   device: str = "cuda") -> list[dict]:
-    """2-D neighbourhood attention on ``g x g`` grids: token order x block visit order.
-
-    FlexAttention forward (bf16 on CUDA, fp32 otherwise) with the grid pattern in raster,
-    Morton and Hilbert token order, each with natural and Hilbert tile visit order.
-    """
+    """FlexAttention forward (bf16 on CUDA, else fp32) of 2-D neighbourhood attention on
+    ``g x g`` grids, per token order (raster, Morton, Hilbert) and tile visit order."""
     from ..attention import block_sparse_attention
     from ..orderings import grid_neighborhood
 
@@ -617,15 +597,13 @@ def _timed_ms(fn: Callable[[], object], dev: torch.device) -> tuple[object, floa
 
 
 LAYOUT_TARGET_MS = {"cpu": 2000.0, "cuda": 100.0}
-"""What :func:`layout_build_time`'s ``meets_target`` holds a layout and its kernel structures
-to, in milliseconds, by device type."""
+"""Milliseconds :func:`layout_build_time` allows a layout and its structures, by device type."""
 
 
 def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
                   cells: Sequence[int]) -> list[tuple[str, P.Pattern, str, int | None]]:
     """(family, pattern, params, cell) of every case :func:`layout_build_time` times, cheapest
-    first within a family (larger cells, then fewer heads); head counts a builder refuses are
-    left out."""
+    first within a family; head counts a builder refuses are left out."""
     cases = []
     for family in dict.fromkeys(families):
         fam, _ = _case(family, seq_len, 1)
@@ -649,9 +627,8 @@ def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
 
 def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size: int,
                  dev: torch.device, reps: int, max_gib: float) -> tuple[dict, dict]:
-    """One case of :func:`layout_build_time`: the medians of ``reps`` builds of the layout and,
-    with ``structures``, of the ``BlockMask`` and the triton plan from it (after a warm-up at
-    4096 tokens); and the columns ``layout_mib``, ``partial_tiles``, ``status``."""
+    """One case of :func:`layout_build_time`: its median times and the columns ``layout_mib``,
+    ``partial_tiles`` and ``status``."""
     from ..backends import Problem
     from ..backends.flex import build_block_mask
     from ..backends.triton_sparse import build_plan
@@ -693,24 +670,15 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
                       heads: int | Iterable[int], device: str, *, cells: Iterable[int] = (),
                       reps: int = 1, max_seconds: float = math.inf,
                       max_gib: float = math.inf, progress: bool = False) -> list[dict]:
-    """Milliseconds to build each family's exact block layout at ``seq_len`` (never ``S x S``)
-    and, from it, the block structures the kernels read: FlexAttention's forward ``BlockMask``
-    (``flex_mask_ms``) and the triton backend's plan with its bit masks (``triton_plan_ms``),
-    each the median of ``reps`` builds. Dilated families get no structure: their path runs the
-    fused kernels on strided views.
+    """Median milliseconds of ``reps`` builds of each family's block layout at ``seq_len``
+    (``build_ms``) and of the structures kernels read from it: the forward ``BlockMask``
+    (``flex_mask_ms``) and the triton plan (``triton_plan_ms``); dilated families get none.
 
-    One row per family, head count and cell size: every count in ``heads`` for a family whose
-    builder takes ``num_heads`` (counts it refuses are left out), 1 for the others (one layout
-    head serves every head); every size in ``cells`` for a family whose builder takes ``cell``
-    (else its own, ``cell`` empty). ``total_ms`` is the layout plus the slower structure of a
-    kernel that runs on the device (the triton plan counts on CUDA only, where its kernels run);
-    ``meets_target`` compares it with :data:`LAYOUT_TARGET_MS` of the device.
-
-    A case is not run (``status`` says why) when it is predicted to take more than
-    ``max_seconds`` (from the last case run of its family: the layout scaled by heads x cells,
-    the structures by heads), or
-    its layout and index lists (2 bytes a tile, and 8 more with structures) would exceed
-    ``max_gib``; a triton plan whose bit masks would exceed ``max_gib`` is left out alone.
+    One row per family, head count in ``heads`` (1 for a builder without ``num_heads``) and
+    size in ``cells`` (for a builder with ``cell``). ``total_ms``: the layout plus the slower
+    structure a kernel on the device reads; ``meets_target``: against :data:`LAYOUT_TARGET_MS`.
+    A case predicted (from its family's last) to exceed ``max_seconds``, or whose layout and
+    lists would exceed ``max_gib``, is not run; ``status`` says why.
     """
     from tqdm.auto import tqdm
 
@@ -751,11 +719,8 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
 
 
 def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 20) -> list[dict]:
-    """Device-to-device copy bandwidth: ``dst.copy_(src)`` of ``mib`` MiB, median of ``reps``.
-
-    ``gb_s`` counts the bytes read plus the bytes written (2 x ``mib``), the traffic a kernel
-    that reads q, k, v once and writes the output once must also move: the memory side of the
-    roofline floor."""
+    """Median time of ``dst.copy_(src)`` of ``mib`` MiB on ``device``; ``gb_s`` counts the
+    bytes read and written (2 x ``mib``): the memory side of the roofline."""
     dev = torch.device(device)
     src = torch.empty(mib * 2**20, dtype=torch.uint8, device=dev).random_(0, 255)
     dst = torch.empty_like(src)
@@ -765,8 +730,7 @@ def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 20) -> lis
 
 
 def kernel_source_sha() -> str:
-    """First 12 hex digits of the SHA-256 of the Triton kernels' source: the kernel revision a
-    row ran."""
+    """The first 12 hex digits of the SHA-256 of the Triton kernels' source."""
     import hashlib
     from pathlib import Path
 
@@ -775,11 +739,9 @@ def kernel_source_sha() -> str:
 
 
 def kernel_configs(space: str) -> list[object]:
-    """Launch configurations of our Triton kernels to sweep: ``"launch"`` (forward tile edges,
-    warps, pipeline depth), ``"features"`` (four forward launch shapes, each with and without
-    TMA loads) or ``"backward"`` (:class:`BackwardConfig` s: the
-    two backward kernels' tile edges, warps, depth and TMA, every one within a Hopper
-    program's shared memory by :func:`~workbench.lab.triton_resources.kernel_resources`)."""
+    """Triton launch configurations to sweep: ``"launch"`` (forward tile edges, warps, stages),
+    ``"features"`` (four forward shapes with and without TMA) or ``"backward"``
+    (``BackwardConfig`` s that fit a Hopper program's shared memory)."""
     from itertools import product
 
     from ..backends.triton_sparse import BackwardConfig, KernelConfig
@@ -806,16 +768,12 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
                         device: str = "cuda", configs: Iterable[object] | None = None,
                         backward: bool = False, progress: bool = True,
                         csv_name: str | None = None) -> list[dict]:
-    """Our Triton kernels under each launch configuration against FlexAttention (natural
-    order) and dense SDPA, bf16, on the same inputs in one run: the forward, or with
-    ``backward`` the backward kernels under each
-    :class:`~workbench.backends.triton_sparse.BackwardConfig` (default ``configs``:
-    :func:`kernel_configs` of ``"launch"`` or ``"backward"``).
+    """Our Triton kernels (forward, or with ``backward`` the backward kernels) under each of
+    ``configs`` (default :func:`kernel_configs`) against FlexAttention and dense SDPA, bf16.
 
-    One row per (family, variant, configuration): median ``ms``, ``useful_tflops`` (a backward
-    counts 2.5 forwards), ``vs_dense`` (over dense SDPA's useful rate) and, for our kernels,
-    ``max_abs_diff_vs_flex`` (the output, or the query gradient). With ``csv_name`` the rows so
-    far are written to ``data/<csv_name>.csv`` after every case.
+    One row per (family, variant, configuration): ``ms``, ``useful_tflops`` (a backward counts
+    2.5 forwards), ``vs_dense`` and, for ours, ``max_abs_diff_vs_flex`` (output, or query
+    gradient). With ``csv_name`` the rows go to ``data/<csv_name>.csv`` after every case.
     """
     from tqdm.auto import tqdm
 
@@ -896,10 +854,8 @@ def triton_resource_study(head_dims: Iterable[int] = (64, 128, 256), *,
                           capability: tuple[int, int] = (9, 0),
                           progress: bool = True) -> list[dict]:
     """Shared memory, registers and spills of our Triton kernels compiled offline for a GPU of
-    ``capability`` (no GPU needed): at head_dim 128 every configuration of the ``features`` and
-    ``backward`` sweeps, at each of ``head_dims`` the defaults' first choices, and
-    (``too_large``) shapes that do not fit a Hopper program. Each row says whether a program
-    fits the GPU's shared memory (``fits``) and which configuration it is."""
+    ``capability``: the ``features`` and ``backward`` sweeps at head_dim 128, the defaults at
+    each of ``head_dims``, and shapes too large for a Hopper program; ``fits`` per row."""
     import triton
     from tqdm.auto import tqdm
 

@@ -13,6 +13,7 @@ import argparse
 import ast
 import difflib
 import importlib.util
+import inspect
 import json
 import keyword
 import math
@@ -20,8 +21,14 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+import torch
+
+from . import bench, overhead, ring_bench
+from .records import environment, write_csv
 
 PROG = "workbench"
 DEBUG_ENV = "WORKBENCH_DEBUG"
@@ -30,8 +37,8 @@ _USER_ERRORS = (ValueError, TypeError, NotImplementedError, RuntimeError, OSErro
 
 
 class UsageError(Exception):
-    """A value a command cannot use on this machine or with the other options given; the message
-    names the option and what to use instead."""
+    """A value a command cannot use here or with the other options; the message names the
+    option and what to use instead."""
 
 
 # ------------------------------------------------------------------------ argument types
@@ -52,21 +59,19 @@ def _int_at_least(text: str, minimum: int, what: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    """``text`` as an int ``>= 1`` (argparse ``type=``)."""
     return _int_at_least(text, 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
-    """``text`` as an int ``>= 0`` (argparse ``type=``)."""
     return _int_at_least(text, 0, "a non-negative integer")
 
 
 def power_of_two_head_dim(text: str) -> int:
     """``text`` as a power of two ``>= 16``, a head width the Triton kernels take."""
-    value = _int_at_least(text, 16, "a power of two >= 16 (the Triton kernels' head widths)")
+    what = "a power of two >= 16 (the Triton kernels' head widths)"
+    value = _int_at_least(text, 16, what)
     if value & (value - 1):
-        raise argparse.ArgumentTypeError(
-            f"{value} is not a power of two >= 16 (the Triton kernels' head widths)")
+        raise argparse.ArgumentTypeError(f"{value} is not {what}")
     return value
 
 
@@ -83,12 +88,10 @@ def _positive(text: str, inf: bool) -> float:
 
 
 def positive_float(text: str) -> float:
-    """``text`` as a finite float ``> 0`` (argparse ``type=``)."""
     return _positive(text, inf=False)
 
 
 def positive_float_or_inf(text: str) -> float:
-    """``text`` as a float ``> 0``, ``inf`` included (argparse ``type=``)."""
     return _positive(text, inf=True)
 
 
@@ -156,16 +159,14 @@ def _debug() -> bool:
 
 
 # ------------------------------------------------------------------------ checks before work
-def _check_device(args: argparse.Namespace) -> None:
+def _check_device(args: argparse.Namespace, gpu_only: bool) -> None:
     """``--device`` exists on this machine: CUDA is there when asked for (always, for a command
     that measures a GPU) and ``cuda:N`` is one of its devices."""
-    import torch
-
-    dev = getattr(args, "device", None)
-    if dev is None or dev == "cpu":
+    dev = getattr(args, "device", "cpu")
+    if dev == "cpu":
         return
     if not torch.cuda.is_available():
-        if args.gpu_only:
+        if gpu_only:
             raise UsageError(f"{args.command} measures a CUDA GPU and this machine has none: "
                              "run it on a machine with one")
         raise UsageError(f"--device {dev} needs a CUDA GPU; this machine has none: use "
@@ -176,17 +177,15 @@ def _check_device(args: argparse.Namespace) -> None:
                          + (f" to cuda:{count - 1}" if count > 1 else ""))
 
 
-def _check_data_dir(args: argparse.Namespace) -> None:
+def _check_data_dir(command: str) -> None:
     """A command that records rows has a folder to write them to (the project's ``data/``, or
     ``$WORKBENCH_DATA_DIR``) before its work starts."""
-    if args.command in ("figures", "ring-demo"):  # figures finds its project itself
-        return
     from ..project import ProjectNotFoundError, data_dir
 
     try:
         data_dir()
     except ProjectNotFoundError as err:
-        raise UsageError(f"{args.command} writes its rows to a project's data/ and found none: "
+        raise UsageError(f"{command} writes its rows to a project's data/ and found none: "
                          f"{err}, or WORKBENCH_DATA_DIR=PATH for the CSV files alone") from None
 
 
@@ -200,8 +199,7 @@ def _require_module(module: str, command: str, install: str) -> None:
 def _notebook_parameters(path: Path) -> set[str] | None:
     """Names assigned in the notebook's ``parameters`` cell; None when it cannot be read."""
     try:
-        cells = json.loads(path.read_text())["cells"]
-        for cell in cells:
+        for cell in json.loads(path.read_text())["cells"]:
             if "parameters" in cell.get("metadata", {}).get("tags", []):
                 source = cell["source"]
                 tree = ast.parse(source if isinstance(source, str) else "".join(source))
@@ -215,11 +213,9 @@ def _notebook_parameters(path: Path) -> set[str] | None:
 
 
 def _check_figures(args: argparse.Namespace) -> None:
-    """The project is found (``--root``, ``$WORKBENCH_ROOT`` or the working directory) and has
-    notebooks; ``--only`` prefixes each match a notebook; when notebooks run: papermill is
-    installed, every chosen notebook has ``--profile``, every ``-p`` name is a parameter of one of
-    them, and ``--save-outputs`` comes with the default parameters. ``args.root`` becomes the
-    project's resolved path."""
+    """The project has notebooks, each ``--only`` prefix matches one, and a run has papermill,
+    ``--profile`` in every chosen notebook, each ``-p`` name among their parameters and, with
+    ``--save-outputs``, the default parameters. ``args.root`` becomes the project's path."""
     from ..project import ProjectNotFoundError, find_root
     from .figures import discover, select
 
@@ -264,22 +260,19 @@ def _check_figures(args: argparse.Namespace) -> None:
 
 
 def _check_bench(args: argparse.Namespace) -> None:
-    """Every requested variant runs for at least one requested family on the device (a
-    variant that never applies would leave no rows and no word about it), and every family's
-    pattern builds with ``--heads``."""
-    import torch
-
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_cpu = dev == "cpu"
+    """Every variant runs for a requested family on the device (else it would leave no rows
+    and no word about it) and every family's pattern builds with ``--heads``."""
+    on_cpu = args.device == "cpu"
     if "triton" in args.variants and on_cpu:
         raise UsageError("--variants triton: our Triton kernels run on CUDA only: drop it, or "
                          "use --device cuda on a GPU machine")
-    from .bench import longnet_families
-
+    longnet = bench.longnet_families()
     strided = [v for v in args.variants if v in ("strided_view", "strided_gather", "paper")]
-    if strided and not set(args.families) & set(longnet_families()):
+    if strided and not set(args.families) & set(longnet):
         raise UsageError(f"--variants {strided[0]} applies to the dilated families only: add "
-                         f"{' or '.join(longnet_families())} to --families, or drop it")
+                         f"{' or '.join(longnet)} to --families, or drop it")
+    if args.backward and args.grad_forward:
+        raise UsageError("--grad-forward times a forward alone: drop it or --backward")
     if "flex_natural" in args.variants and args.backward and on_cpu:
         raise UsageError("--variants flex_natural: FlexAttention has no CPU backward: drop "
                          "--backward or flex_natural, or use --device cuda on a GPU machine")
@@ -290,55 +283,32 @@ def _check_bench(args: argparse.Namespace) -> None:
 
 
 def _check_patterns(families: Sequence[str], seq_lens: Sequence[int], heads: int) -> None:
-    """Every family's pattern can be built at every length with ``heads`` heads (the dilated
-    families need a head per (segment, dilation) pair)."""
-    from .bench import family_pattern
-
+    """Every family's pattern builds at every length with ``heads`` heads."""
     for family in families:
         for s in seq_lens:
             try:
-                family_pattern(family, s, heads)
+                bench.family_pattern(family, s, heads)
             except (ValueError, TypeError) as err:
                 raise UsageError(f"--heads {heads} with --families {family}: {err}") from None
 
 
-def _overhead_shape(args: argparse.Namespace) -> dict:
-    """``bench-overhead``'s device, lengths and heads: those given, else its defaults for the
-    device (CUDA when present)."""
-    import torch
-
-    from .overhead import DEFAULTS
-
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    shape = DEFAULTS["cuda" if dev.startswith("cuda") else "cpu"]
-    return {"device": dev, "seq_lens": args.seq_lens or list(shape["seq_lens"]),
-            "heads": args.heads or shape["heads"]}
-
-
 def _check_overhead(args: argparse.Namespace) -> None:
-    """The entry points' patterns build at every length with ``--heads`` (LongNet's pairs need a
-    head each)."""
-    shape = _overhead_shape(args)
-    families = ["random10"] + (["dilated"] if any(e.startswith("dilated")
-                                                  for e in args.entry_points) else [])
-    _check_patterns(families, shape["seq_lens"], shape["heads"])
+    """The entry points' patterns build at every length with ``--heads`` (defaults of the
+    device's type where left out)."""
+    shape = overhead.DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
+    dilated = any(e.startswith("dilated") for e in args.entry_points)
+    _check_patterns(["random10"] + ["dilated"] * dilated, args.seq_lens or shape["seq_lens"],
+                    args.heads or shape["heads"])
 
 
 def _check_longest(args: argparse.Namespace) -> None:
-    """``--limit`` leaves at least ``--start`` to run."""
     if args.limit < args.start:
         raise UsageError(f"--limit {args.limit} is below --start {args.start}: nothing would "
                          "run; raise --limit or lower --start")
 
 
-def _check_bench_triton(args: argparse.Namespace) -> None:
-    """Triton is installed."""
-    _require_module("triton", "bench-triton", "install a CUDA build of torch (it brings triton)")
-
-
 def _check_triton_resources(args: argparse.Namespace) -> None:
-    """Triton is installed and ``--capability`` is a GPU whose shared memory limit is known."""
-    _require_module("triton", "triton-resources", "pip install triton")
+    """``--capability`` is a GPU whose shared memory limit is known."""
     from .triton_resources import SHARED_LIMIT
 
     if tuple(args.capability) not in SHARED_LIMIT:
@@ -347,47 +317,29 @@ def _check_triton_resources(args: argparse.Namespace) -> None:
                          f"memory limit is known for it; use one of: {known}")
 
 
-def _check_shards(option: str, seq_lens: Sequence[int], world: int, block_size: int,
-                  shardings: Sequence[str], ranks: str) -> None:
-    """Every length (the values of ``option``) splits into whole ``block_size`` blocks over
-    ``world`` ranks under every sharding; ``ranks`` says where the rank count comes from."""
-    from ..sharding import shard_plan
-
-    for s in seq_lens:
-        for kind in shardings:
-            try:
-                shard_plan(s, world, block_size, kind)
-            except (ValueError, TypeError) as err:
-                raise UsageError(f"{option} {s} with --block-size {block_size} and {ranks}: "
-                                 f"{err}") from None
-
-
-def _torchrun_world() -> int:
-    """The number of ranks of the ring the ring commands join: torchrun's ``WORLD_SIZE`` under
-    torchrun (``RANK`` set), else 1."""
-    if "RANK" not in os.environ:
-        return 1
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def _check_ring(args: argparse.Namespace) -> int:
-    """Every family's pattern builds with ``--heads`` and every length shards over the ranks
-    (``--world``, else torchrun's), whose number it returns; ``--backend`` can run here."""
-    import torch
+    """Every family's pattern builds with ``--heads`` and every length splits into whole blocks
+    over the ranks (``--world``, else torchrun's) under every sharding; ``--backend`` can run
+    here. Returns the number of ranks."""
+    from ..sharding import shard_plan
 
     if getattr(args, "backend", None) == "nccl" and not torch.cuda.is_available():
         raise UsageError("--backend nccl needs CUDA GPUs; this machine has none: use "
                          "--backend gloo")
     option, seq_lens = (("--seq-len", [args.seq_len]) if hasattr(args, "seq_len")
                         else ("--seq-lens", args.seq_lens))
-    world = getattr(args, "world", None) or _torchrun_world()
+    under_torchrun = "RANK" in os.environ and os.environ.get("WORLD_SIZE", "").isdigit()
+    world = getattr(args, "world", None) or max(1, int(os.environ["WORLD_SIZE"])
+                                                if under_torchrun else 1)
+    ranks = f"--world {world}" if hasattr(args, "world") else f"{world} rank(s)"
     _check_patterns(args.families, seq_lens, args.heads)
-    _check_shards(option, seq_lens, world, args.block_size,
-                  getattr(args, "shardings", None) or [args.sharding],
-                  f"--world {world}" if hasattr(args, "world") else f"{world} rank(s)")
+    for s in seq_lens:
+        for kind in getattr(args, "shardings", None) or [args.sharding]:
+            try:
+                shard_plan(s, world, args.block_size, kind)
+            except (ValueError, TypeError) as err:
+                raise UsageError(f"{option} {s} with --block-size {args.block_size} and "
+                                 f"{ranks}: {err}") from None
     return world
 
 
@@ -409,14 +361,36 @@ def _check_ring_bench(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------ the commands
+def _call(fn: Callable[..., Any], args: argparse.Namespace, **given: object) -> Any:
+    """``fn`` called with ``given`` and every option whose name is one of its parameters (a
+    list as a tuple)."""
+    taken = inspect.signature(fn).parameters
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+               if k in taken}
+    return fn(**{**options, **given})
+
+
+def _print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        print("  ".join(f"{k}={v}" for k, v in r.items()
+                        if k not in ("device", "torch", "date", "triton")))
+
+
+def _shown_and_written(rows: list[dict], name: str | None = None, dev: str = "cpu") -> int:
+    """Print ``rows`` and, given a ``name``, write them to ``data/<name>.csv``; returns 0."""
+    _print_rows(rows)
+    if name is not None:
+        write_csv(rows, name, dev)
+    return 0
+
+
 def _figures(args: argparse.Namespace) -> int:
     from .figures import check_figures, discover, run_notebooks, select
 
     specs = select(discover(args.root), args.only)
     if args.list:
         for spec in specs:
-            profiles = ", ".join(["default", *spec.profiles])
-            print(f"{spec.name}  (profiles: {profiles})")
+            print(f"{spec.name}  (profiles: {', '.join(['default', *spec.profiles])})")
             for fig in spec.figures:
                 print(f"    figures/{fig}")
             for data in spec.data:
@@ -435,98 +409,42 @@ def _figures(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, layout_build_time, run_bench
-    from .records import write_csv
-
-    device = args.device or BenchConfig.device
     if args.seq_lens:
-        cfg = BenchConfig(
-            study=args.study, seq_lens=tuple(args.seq_lens), families=tuple(args.families),
-            variants=tuple(args.variants), batch=args.batch, heads=args.heads,
-            head_dim=args.head_dim, dtype=args.dtype, block_size=args.block_size,
-            reps=args.reps, warmup=args.warmup, backward=args.backward,
-            grad_forward=args.grad_forward, device=device,
-        )
-        for r in run_bench(cfg):
+        for r in bench.run_bench(_call(bench.BenchConfig, args)):
             print(f"{r['seq_len']:>8} {r['family']:>9} {r['variant']:>13} {r['pass']:>8} "
                   f"{r['ms']:>10} ms {r['useful_tflops']:>8} TFLOP/s {r['peak_mib']:>9} MiB "
                   f"{r['status']}")
     if args.layout_timing:
-        lay = []
-        for s in args.layout_timing:
-            lay += layout_build_time(
-                s, args.block_size, args.families, args.layout_heads or [args.heads], device,
-                cells=args.layout_cells or (), reps=args.reps,
-                max_seconds=args.layout_max_seconds, max_gib=args.layout_max_gib,
-                progress=True)
-        for r in lay:
+        rows = [row for s in args.layout_timing for row in bench.layout_build_time(
+            s, args.block_size, args.families, args.layout_heads or [args.heads], args.device,
+            cells=args.layout_cells or (), reps=args.reps, max_seconds=args.layout_max_seconds,
+            max_gib=args.layout_max_gib, progress=True)]
+        for r in rows:
             cell = "" if r["cell"] is None else f" cell={r['cell']}"
             took = (f": layout {r['build_ms']} ms, flex BlockMask {r.get('flex_mask_ms')} ms, "
                     f"triton plan {r.get('triton_plan_ms')} ms" if "build_ms" in r else "")
             print(f"layout {r['family']:>9} heads={r['heads']}{cell} S={r['seq_len']} "
                   f"block={r['block_size']}{took} [{r['status']}]")
-        write_csv(lay, f"bench_{args.study}_layout" if args.seq_lens else f"layouts_{args.study}",
-                  device)
+        write_csv(rows, f"bench_{args.study}_layout" if args.seq_lens else f"layouts_{args.study}",
+                  args.device)
     return 0
-
-
-def _print_rows(rows: list[dict]) -> None:
-    for r in rows:
-        print("  ".join(f"{k}={v}" for k, v in r.items() if k not in ("device", "torch", "date",
-                                                                       "triton")))
-
-
-def _print_and_write(rows: list[dict], name: str, device: str) -> int:
-    from .records import write_csv
-
-    _print_rows(rows)
-    write_csv(rows, name, device)
-    return 0
-
-
-def _bench_hilbert(args: argparse.Namespace) -> int:
-    from .bench import hilbert_study
-
-    return _print_and_write(hilbert_study(args.grids, args.radii, reps=args.reps,
-                                          device=args.device), "03_hilbert_gpu", args.device)
-
-
-def _bench_adaptive(args: argparse.Namespace) -> int:
-    from .bench import adaptive_cost_study
-
-    return _print_and_write(adaptive_cost_study(args.seq_lens, reps=args.reps,
-                                                device=args.device),
-                            "04_selection_cost_gpu", args.device)
 
 
 def _bench_longest(args: argparse.Namespace) -> int:
-    from .bench import longest_sequence
-
-    longest_sequence(args.families, start=args.start, limit=args.limit, device=args.device,
-                     backward=args.backward, study=args.study, max_seconds=args.max_seconds,
-                     memory_gib=args.memory_gib)
+    _call(bench.longest_sequence, args)  # prints and writes each length as it goes
     return 0
 
 
 def _bench_triton(args: argparse.Namespace) -> int:
-    from .bench import kernel_configs, triton_config_study
-
     name = "configs" if args.space == "launch" else args.space
-    rows = triton_config_study(args.seq_len, args.families, reps=args.reps, device=args.device,
-                               configs=kernel_configs(args.space),
-                               backward=args.space == "backward",
-                               csv_name=f"bench_{args.study}_triton_{name}")
-    _print_rows(rows)
+    _print_rows(_call(bench.triton_config_study, args, configs=bench.kernel_configs(args.space),
+                      backward=args.space == "backward",
+                      csv_name=f"bench_{args.study}_triton_{name}"))
     return 0
 
 
 def _bench_overhead(args: argparse.Namespace) -> int:
-    from .overhead import overhead_study
-
-    rows = overhead_study(args.study, **_overhead_shape(args), entry_points=args.entry_points,
-                          head_dim=args.head_dim, dtype=args.dtype, block_size=args.block_size,
-                          reps=args.reps, warmup=args.warmup)
-    for r in rows:
+    for r in _call(overhead.overhead_study, args):
         print(f"{r['seq_len']:>6} {r['entry_point']:>19} {r['backend']:>9}  ours {r['ours_us']:>9} "
               f"us  kernel {r['kernel_us']:>9} us  overhead {r['overhead_us']:>8} us "
               f"(CPU time {r['cpu_overhead_us']:>8} us)")
@@ -534,10 +452,7 @@ def _bench_overhead(args: argparse.Namespace) -> int:
 
 
 def _triton_resources(args: argparse.Namespace) -> int:
-    from .bench import triton_resource_study
-    from .records import write_csv
-
-    rows = triton_resource_study(args.head_dims, capability=tuple(args.capability))
+    rows = _call(bench.triton_resource_study, args)
     for r in rows:
         print(f"{r['kernel']:>8} d={r['head_dim']:<3} {r['space']:>8} {r['block_m']}x"
               f"{r['block_n']} w{r['num_warps']} s{r['num_stages']} tma={r['use_tma']!s:<5} "
@@ -548,293 +463,248 @@ def _triton_resources(args: argparse.Namespace) -> int:
 
 
 def _copy_bandwidth(args: argparse.Namespace) -> int:
-    from .bench import copy_bandwidth
-    from .records import environment, write_csv
-
     env = environment(args.device)
-    rows = [{**env, **r} for r in copy_bandwidth(args.device, args.mib, args.reps)]
+    rows = [{**env, **r} for r in _call(bench.copy_bandwidth, args)]
     print(f"copy bandwidth: {rows[0]['gb_s']} GB/s (read + write)")
     write_csv(rows, f"bench_{args.study}_copy", args.device)
     return 0
 
 
-def _ring_demo(a: argparse.Namespace) -> int:
-    from .ring_bench import ring_demo
-
-    rows = ring_demo(a.seq_len, a.heads, a.head_dim, a.block_size, a.families, a.sharding,
-                     a.backend, a.timeout)
+def _ring_demo(args: argparse.Namespace) -> int:
+    rows = _call(ring_bench.ring_demo, args)
     return 0 if all(r["max_abs_error"] <= r["tolerance"] for r in rows) else 1
 
 
-def _ring_bench(a: argparse.Namespace) -> int:
-    from .ring_bench import ring_bench
-
-    rows = ring_bench(a.study, a.seq_lens, a.families, a.shardings, a.heads, a.head_dim,
-                      a.dtype, a.block_size, a.reps, a.warmup, a.backward, a.backend, a.timeout,
-                      a.double_until, a.profile, a.baseline)
-    if all(r["status"] == "ok" for r in rows):
+def _ring_bench(args: argparse.Namespace) -> int:
+    if all(r["status"] == "ok" for r in _call(ring_bench.ring_bench, args)):
         return 0
     # A case failed: the data-plane group may hold unmatched transfers, which can abort a
     # normal interpreter exit. Every row is written; end here. A longest-sequence search is
     # meant to end at its first failure.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0 if a.double_until is not None else 1)
-
-
-def _ring_plan(a: argparse.Namespace) -> int:
-    from .ring_bench import ring_plan_study
-
-    rows = ring_plan_study(a.study, a.seq_lens, a.families, a.world, a.shardings, a.heads,
-                           a.head_dim, a.dtype, a.block_size, a.reps, a.device, a.passes)
-    _print_rows(rows)
-    return 0
+    os._exit(0 if args.double_until is not None else 1)
 
 
 # ------------------------------------------------------------------------ the parser
-_EPILOG = "`python -m workbench COMMAND --help` lists a command's options."
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help line, what it runs, its options (space-separated flags to
+    argparse settings, over :data:`_OPTIONS`' for the same flags) and its checks before work:
+    ``check``, the module it ``needs`` and how to install it, whether it measures a GPU
+    (``gpu_only``) and writes to ``data/``."""
+
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    options: dict[str, dict] = field(default_factory=dict)
+    check: Callable[[argparse.Namespace], object] | None = None
+    needs: tuple[str, str] | None = None
+    gpu_only: bool = False
+    writes: bool = True
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The command line parser and each command's own parser, by command name."""
-    from .bench import bench_families
+_OPTIONS: dict[str, dict] = {
+    "--study": dict(type=study_name, required=True),
+    "--seq-lens": dict(nargs="+", type=positive_int, metavar="S"),
+    "--seq-len": dict(type=positive_int),
+    "--families": dict(nargs="+", metavar="NAME"),
+    "--heads": dict(type=positive_int, default=16),
+    "--head-dim": dict(type=positive_int, default=128),
+    "--dtype": dict(default="bf16", choices=list(bench.DTYPES)),
+    "--block-size": dict(type=positive_int, default=128),
+    "--reps": dict(type=positive_int, default=20,
+                   help="timed calls; the median is recorded (default: %(default)s)"),
+    "--warmup": dict(type=nonnegative_int),
+    "--backward": dict(action="store_true", help="time forward+backward (default: forward)"),
+    "--device": dict(type=device, default="cuda", metavar="{cpu,cuda,cuda:N}",
+                     help="where to run (default: %(default)s)"),
+    "--backend": dict(default=None, choices=["gloo", "nccl"]),
+    "--timeout": dict(type=positive_float, help="seconds before a silent rank is reported"),
+}
+"""Every option two commands share, declared once; a command's entry overrides its settings."""
+_SHAPE = {"--heads": {}, "--head-dim": {}, "--dtype": {}, "--block-size": {}}
+_ANY_DEVICE = {"default": None, "help": "where to run (default: cuda if present, else cpu)"}
+_GPU = {"type": cuda_device, "metavar": "cuda[:N]", "help": "the CUDA device to measure "
+        "(default: %(default)s)"}
 
-    parser = _Parser(prog=PROG, description=__doc__, epilog=_EPILOG,
+
+def _study(output: str, default: str | None = None) -> dict:
+    """``--study``: the name in the output file ``data/<output>.csv``."""
+    return dict(required=default is None, default=default,
+                help=f"writes data/{output}.csv" + (f" (default: {default})" if default else ""))
+
+
+def _families(default: Sequence[str]) -> dict:
+    names = bench.bench_families()
+    return dict(default=list(default), choices=names,
+                help=f"from: {', '.join(names)} (default: {' '.join(default)})")
+
+
+def _commands() -> dict[str, Command]:
+    from ..distributed import SHARDINGS
+
+    return {
+        "figures": Command("rerun the notebooks, which write figures/ and data/", _figures, {
+            "--root": dict(type=Path, default=None, metavar="PATH",
+                           help="the project (default: $WORKBENCH_ROOT, else the nearest folder "
+                                "with pyproject.toml and notebooks/ at or above the working "
+                                "directory)"),
+            "--list": dict(action="store_true", help="list notebooks and declared figures"),
+            "--only": dict(nargs="+", metavar="NAME", help="notebook name prefixes to run"),
+            "--profile": dict(default=None, help="named parameter profile (default: none)"),
+            "-p --param": dict(action="append", type=_parse_override, metavar="NAME=VALUE",
+                               help="override a notebook parameter (value parsed as JSON)"),
+            "--check": dict(action="store_true",
+                            help="do not run; check that every declared figure exists"),
+            "--save-outputs": dict(action="store_true", help="replace notebooks/*.ipynb with "
+                                   "the executed ones (default parameters)"),
+        }, _check_figures, writes=False),
+        "bench": Command("time variants against baselines per family and length", _bench, {
+            "--study": _study("bench_<study>"),
+            "--seq-lens": dict(help="lengths to time attention at (leave out to time layouts "
+                                    "alone)"),
+            "--families": _families(bench.DEFAULT_FAMILIES),
+            "--variants": dict(nargs="+", default=["ours", "sdpa_dense"], choices=bench.VARIANTS,
+                               metavar="NAME", help=f"from: {', '.join(bench.VARIANTS)} "
+                               "(default: ours sdpa_dense; ours is what backend='auto' runs)"),
+            "--batch": dict(type=positive_int, default=1), **_SHAPE, "--reps": {},
+            "--warmup": dict(default=3), "--backward": {},
+            "--grad-forward": dict(action="store_true",
+                                   help="time the forward of inputs that require grad"),
+            "--device": _ANY_DEVICE,
+            "--layout-timing": dict(nargs="*", type=positive_int, metavar="S", help="time "
+                                    "building each family's block layout and kernel structures "
+                                    "at these lengths (the median of --reps); writes "
+                                    "data/bench_<study>_layout.csv, or data/layouts_<study>.csv "
+                                    "without --seq-lens"),
+            "--layout-heads": dict(nargs="+", type=positive_int, metavar="H",
+                                   help="head counts of the layout timing (default: --heads)"),
+            "--layout-cells": dict(nargs="+", type=positive_int, metavar="C", help="cell sizes "
+                                   "of the layout timing, for families with a cell argument "
+                                   "(default: their own)"),
+            "--layout-max-seconds": dict(type=positive_float_or_inf, default=math.inf,
+                                         help="skip a layout case predicted to take longer "
+                                              "per build"),
+            "--layout-max-gib": dict(type=positive_float_or_inf, default=math.inf,
+                                     help="skip a layout case (or a triton plan) that would "
+                                          "need more memory"),
+        }, _check_bench),
+        "bench-hilbert": Command(
+            "2-D neighbourhood attention per token and visit order; writes "
+            "data/03_hilbert_gpu.csv",
+            lambda a: _shown_and_written(_call(bench.hilbert_study, a), "03_hilbert_gpu",
+                                         a.device), {
+                "--grids": dict(nargs="+", type=positive_int, default=[128, 256], metavar="G",
+                                help="grid sides (G x G tokens)"),
+                "--radii": dict(nargs="+", type=nonnegative_int, default=[4, 16], metavar="R"),
+                "--reps": {}, "--device": {}}),
+        "bench-adaptive": Command(
+            "adaptive selection's cost against its attention; writes "
+            "data/04_selection_cost_gpu.csv",
+            lambda a: _shown_and_written(_call(bench.adaptive_cost_study, a),
+                                         "04_selection_cost_gpu", a.device),
+            {"--seq-lens": dict(default=[16384, 65536]), "--reps": {}, "--device": {}}),
+        "bench-longest": Command(
+            "the longest sequence one GPU runs, per family",
+            _bench_longest, {
+                "--study": _study("bench_<study>_longest", "h100"),
+                "--families": _families(bench.DEFAULT_FAMILIES),
+                "--start": dict(type=positive_int, default=262144),
+                "--limit": dict(type=positive_int, default=1 << 24),
+                "--max-seconds": dict(type=positive_float_or_inf, default=math.inf,
+                                      help="skip a length predicted (4x the last) to take "
+                                           "longer"),
+                "--backward": {},
+                "--memory-gib": dict(type=positive_float, default=None, help="search as on a "
+                                     "card of this much memory (GiB, as CUDA reports it)"),
+                "--device": _GPU}, _check_longest, gpu_only=True),
+        "copy-bandwidth": Command(
+            "device copy bandwidth (the roofline's memory side)", _copy_bandwidth, {
+                "--study": _study("bench_<study>_copy", "h100"),
+                "--mib": dict(type=positive_int, default=1024), "--reps": {}, "--device": {}}),
+        "bench-triton": Command(
+            "our Triton kernels under each launch configuration", _bench_triton, {
+                "--study": _study("bench_<study>_triton_*", "h200"),
+                "--seq-len": dict(default=65536),
+                "--families": _families(["dense", "random10", "causal", "local"]),
+                "--space": dict(choices=["launch", "features", "backward"], default="launch",
+                                help="launch: tile edges, warps, stages; features: with and "
+                                     "without TMA; backward: the backward kernels' parameters"),
+                "--reps": {}, "--device": _GPU},
+            needs=("triton", "install a CUDA build of torch (it brings triton)"), gpu_only=True),
+        "bench-overhead": Command(
+            "per-call time of every entry point against the kernel it launches", _bench_overhead, {
+                "--study": _study("overhead_<study>"),
+                "--seq-lens": dict(help="default: 512 to 8192 on CUDA, 256 to 1024 on the CPU"),
+                "--entry-points": dict(nargs="+", default=list(overhead.ENTRY_POINTS),
+                                       choices=overhead.ENTRY_POINTS),
+                "--heads": dict(default=None, help="default: 16 on CUDA, 4 on the CPU"),
+                "--head-dim": dict(default=None, help="default: 128 on CUDA, 32 on the CPU"),
+                "--dtype": dict(default=None, help="default: bf16 on CUDA, fp32 on the CPU"),
+                "--block-size": dict(default=None, help="default: 128 on CUDA, 64 on the CPU"),
+                "--reps": dict(default=200), "--warmup": dict(default=20),
+                "--device": _ANY_DEVICE}, _check_overhead),
+        "triton-resources": Command(
+            "shared memory and registers of our Triton kernels, compiled offline (no GPU "
+            "needed)", _triton_resources, {
+                "--study": _study("triton_resources_<study>", "sm90"),
+                "--head-dims": dict(nargs="+", type=power_of_two_head_dim, default=[64, 128, 256],
+                                    metavar="D", help="head widths: powers of two >= 16"),
+                "--capability": dict(nargs=2, type=nonnegative_int, default=[9, 0],
+                                     metavar=("MAJOR", "MINOR"),
+                                     help="compute capability of the target GPU"),
+            }, _check_triton_resources, needs=("triton", "pip install triton")),
+        "ring-demo": Command(
+            "check the distributed ring against one process (torchrun)", _ring_demo, {
+                "--seq-len": dict(default=1000),
+                "--heads": dict(default=4), "--head-dim": dict(default=32),  # float64 check
+                "--block-size": dict(default=64),
+                "--families": _families(["causal", "local", "random10", "dilated"]),
+                "--sharding": dict(default="zigzag", choices=SHARDINGS),
+                "--backend": {}, "--timeout": dict(default=120.0)}, _check_ring, writes=False),
+        "ring-bench": Command("time the distributed ring (torchrun)", _ring_bench, {
+            "--study": _study("ring_<study>"),
+            "--seq-lens": dict(required=True, help="total sequence lengths (all ranks together)"),
+            "--families": _families(["causal", "local"]),
+            "--shardings": dict(nargs="+", default=["contiguous"], choices=SHARDINGS),
+            **_SHAPE, "--reps": dict(default=10), "--warmup": dict(default=2),
+            "--backward": {}, "--backend": {}, "--timeout": dict(default=600.0),
+            "--double-until": dict(type=positive_int, default=None, metavar="S_MAX",
+                                   help="double the --seq-lens value until a case fails or "
+                                        "S_MAX"),
+            "--baseline": dict(action="store_true", help="also run rank 0 alone at the per-rank "
+                               "length (parallel efficiency)"),
+            "--profile": dict(type=nonnegative_int, default=0, metavar="N", help="profile one "
+                              "call per case: its N costliest operators per rank, to "
+                              "data/ring_<study>_profile.csv"),
+        }, _check_ring_bench),
+        "ring-plan": Command(
+            "each (rank, step) of a ring, run on one device",
+            lambda a: _shown_and_written(_call(ring_bench.ring_plan_study, a)), {
+                "--study": _study("ring_<study>_plan"),
+                "--world": dict(type=positive_int, default=2),
+                "--seq-lens": dict(required=True),
+                "--families": _families(["causal", "random10", "local", "dilated"]),
+                "--shardings": dict(nargs="+", default=list(SHARDINGS), choices=SHARDINGS),
+                **_SHAPE, "--reps": dict(default=5), "--device": {},
+                "--passes": dict(nargs="+", default=["fwd"], choices=ring_bench.PASSES,
+                                 help="fwd+bwd: each step's forward plus its backward step"),
+            }, _check_ring),
+    }
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    """The command line parser and the commands it parses, by name."""
+    parser = _Parser(prog=PROG, description=__doc__,
+                     epilog="`python -m workbench COMMAND --help` lists a command's options.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _figures_command(sub)
-    _bench_commands(sub, bench_families())
-    _ring_commands(sub, bench_families())
-    return parser, dict(sub.choices)
-
-
-def _figures_command(sub) -> None:
-    fig = sub.add_parser("figures", help="rerun the notebooks, which write figures/ and data/")
-    fig.add_argument("--root", type=Path, default=None, metavar="PATH",
-                     help="the project (default: $WORKBENCH_ROOT, else the nearest folder with "
-                          "pyproject.toml and notebooks/ at or above the working directory)")
-    fig.add_argument("--list", action="store_true", help="list notebooks and declared figures")
-    fig.add_argument("--only", nargs="+", metavar="NAME", help="notebook name prefixes to run")
-    fig.add_argument("--profile", default=None, help="named parameter profile (default: none)")
-    fig.add_argument("-p", "--param", action="append", type=_parse_override, metavar="NAME=VALUE",
-                     help="override a notebook parameter (value parsed as JSON)")
-    fig.add_argument("--check", action="store_true",
-                     help="do not run; check that every declared figure exists")
-    fig.add_argument("--save-outputs", action="store_true",
-                     help="replace notebooks/*.ipynb with the executed ones (default parameters)")
-    fig.set_defaults(func=_figures, validate=_check_figures)
-
-
-def _device_arg(p: argparse.ArgumentParser, default: str | None = "cuda", *,
-                gpu_only: bool = False) -> None:
-    """``--device``: cpu, cuda or cuda:N (cuda only, for a command that measures a GPU)."""
-    if gpu_only:
-        p.add_argument("--device", type=cuda_device, default=default, metavar="cuda[:N]",
-                       help=f"the CUDA device to measure (default: {default})")
-    else:
-        p.add_argument("--device", type=device, default=default, metavar="{cpu,cuda,cuda:N}",
-                       help=f"where to run (default: {default or 'cuda if present, else cpu'})")
-    p.set_defaults(gpu_only=gpu_only)
-
-
-def _shape_args(p: argparse.ArgumentParser, *, heads: int = 16, head_dim: int = 128,
-                block_size: int = 128, dtype: bool = True) -> None:
-    """The attention shape options shared by the benchmark commands."""
-    p.add_argument("--heads", type=positive_int, default=heads)
-    p.add_argument("--head-dim", type=positive_int, default=head_dim)
-    if dtype:
-        p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--block-size", type=positive_int, default=block_size)
-
-
-def _study_arg(p: argparse.ArgumentParser, output: str, default: str | None = None) -> None:
-    """``--study``: the name in the output file ``data/<output>.csv``."""
-    p.add_argument("--study", type=study_name, required=default is None, default=default,
-                   help=f"writes data/{output}.csv" + (f" (default: {default})" if default else ""))
-
-
-def _families_arg(p: argparse.ArgumentParser, families: tuple[str, ...],
-                  default: Sequence[str]) -> None:
-    """``--families``: pattern families by name, one of ``families`` each."""
-    p.add_argument("--families", nargs="+", default=list(default), choices=families,
-                   metavar="NAME", help=f"from: {', '.join(families)} (default: "
-                   f"{' '.join(default)})")
-
-
-def _transport_args(p: argparse.ArgumentParser, timeout: float) -> None:
-    """``--backend`` and ``--timeout`` of the commands that join a process group."""
-    p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
-    p.add_argument("--timeout", type=positive_float, default=timeout,
-                   help="seconds before a silent rank is reported")
-
-
-def _seq_lens_arg(p: argparse.ArgumentParser, **kw) -> None:
-    p.add_argument("--seq-lens", nargs="+", type=positive_int, metavar="S", **kw)
-
-
-def _reps_arg(p: argparse.ArgumentParser, default: int) -> None:
-    p.add_argument("--reps", type=positive_int, default=default,
-                   help=f"timed calls; the median is recorded (default: {default})")
-
-
-def _bench_commands(sub, families: tuple[str, ...]) -> None:
-    from .bench import DEFAULT_FAMILIES, VARIANTS
-
-    ben = sub.add_parser("bench", help="time variants against baselines per family and length")
-    _study_arg(ben, "bench_<study>")
-    _seq_lens_arg(ben, help="lengths to time attention at (leave out to time layouts alone)")
-    _families_arg(ben, families, DEFAULT_FAMILIES)
-    ben.add_argument("--variants", nargs="+", default=["ours", "sdpa_dense"], choices=VARIANTS,
-                     metavar="NAME", help=f"from: {', '.join(VARIANTS)} (default: ours "
-                     "sdpa_dense; ours is what backend='auto' runs)")
-    ben.add_argument("--batch", type=positive_int, default=1)
-    _shape_args(ben)
-    _reps_arg(ben, 20)
-    ben.add_argument("--warmup", type=nonnegative_int, default=3)
-    passes = ben.add_mutually_exclusive_group()
-    passes.add_argument("--backward", action="store_true", help="time forward+backward")
-    passes.add_argument("--grad-forward", action="store_true",
-                        help="time the forward of inputs that require grad")
-    _device_arg(ben, None)
-    ben.add_argument("--layout-timing", nargs="*", type=positive_int, metavar="S",
-                     help="time building each family's block layout and kernel structures at "
-                     "these lengths (the median of --reps); writes data/bench_<study>_layout.csv, "
-                     "or data/layouts_<study>.csv without --seq-lens")
-    ben.add_argument("--layout-heads", nargs="+", type=positive_int, metavar="H",
-                     help="head counts of the layout timing (default: --heads)")
-    ben.add_argument("--layout-cells", nargs="+", type=positive_int, metavar="C",
-                     help="cell sizes of the layout timing, for families with a cell argument "
-                     "(default: their own)")
-    ben.add_argument("--layout-max-seconds", type=positive_float_or_inf, default=math.inf,
-                     help="skip a layout case predicted to take longer per build")
-    ben.add_argument("--layout-max-gib", type=positive_float_or_inf, default=math.inf,
-                     help="skip a layout case (or a triton plan) that would need more memory")
-    ben.set_defaults(func=_bench, validate=_check_bench)
-
-    hil = sub.add_parser("bench-hilbert", help="2-D neighbourhood attention per token and visit "
-                         "order; writes data/03_hilbert_gpu.csv")
-    hil.add_argument("--grids", nargs="+", type=positive_int, default=[128, 256], metavar="G",
-                     help="grid sides (G x G tokens)")
-    hil.add_argument("--radii", nargs="+", type=nonnegative_int, default=[4, 16], metavar="R")
-    _reps_arg(hil, 20)
-    _device_arg(hil)
-    hil.set_defaults(func=_bench_hilbert)
-
-    ada = sub.add_parser("bench-adaptive", help="adaptive selection's cost against its attention; "
-                         "writes data/04_selection_cost_gpu.csv")
-    _seq_lens_arg(ada, default=[16384, 65536])
-    _reps_arg(ada, 20)
-    _device_arg(ada)
-    ada.set_defaults(func=_bench_adaptive)
-
-    lon = sub.add_parser("bench-longest", help="the longest sequence one GPU runs, per family")
-    _study_arg(lon, "bench_<study>_longest", "h100")
-    _families_arg(lon, families, DEFAULT_FAMILIES)
-    lon.add_argument("--start", type=positive_int, default=262144)
-    lon.add_argument("--limit", type=positive_int, default=1 << 24)
-    lon.add_argument("--max-seconds", type=positive_float_or_inf, default=math.inf,
-                     help="skip a length predicted (4x the last) to take longer")
-    lon.add_argument("--backward", action="store_true",
-                     help="forward+backward (default: forward)")
-    lon.add_argument("--memory-gib", type=positive_float, default=None,
-                     help="search as on a card of this much memory (GiB, as CUDA reports it)")
-    _device_arg(lon, gpu_only=True)
-    lon.set_defaults(func=_bench_longest, validate=_check_longest)
-
-    cop = sub.add_parser("copy-bandwidth", help="device copy bandwidth (the roofline's memory "
-                         "side)")
-    _study_arg(cop, "bench_<study>_copy", "h100")
-    cop.add_argument("--mib", type=positive_int, default=1024)
-    _reps_arg(cop, 20)
-    _device_arg(cop)
-    cop.set_defaults(func=_copy_bandwidth)
-
-    tri = sub.add_parser("bench-triton", help="our Triton kernels under each launch configuration")
-    _study_arg(tri, "bench_<study>_triton_*", "h200")
-    tri.add_argument("--seq-len", type=positive_int, default=65536)
-    _families_arg(tri, families, ["dense", "random10", "causal", "local"])
-    tri.add_argument("--space", choices=["launch", "features", "backward"], default="launch",
-                     help="launch: tile edges, warps, stages; features: with and without TMA; "
-                          "backward: the backward kernels' parameters")
-    _reps_arg(tri, 20)
-    _device_arg(tri, gpu_only=True)
-    tri.set_defaults(func=_bench_triton, validate=_check_bench_triton)
-
-    from .overhead import ENTRY_POINTS
-
-    ovh = sub.add_parser("bench-overhead", help="per-call time of every entry point against the "
-                         "kernel it launches")
-    _study_arg(ovh, "overhead_<study>")
-    _seq_lens_arg(ovh, default=None, help="default: 512 to 8192 on CUDA, 256 to 1024 on the CPU")
-    ovh.add_argument("--entry-points", nargs="+", default=list(ENTRY_POINTS),
-                     choices=ENTRY_POINTS)
-    ovh.add_argument("--heads", type=positive_int, default=None,
-                     help="default: 16 on CUDA, 4 on the CPU")
-    ovh.add_argument("--head-dim", type=positive_int, default=None,
-                     help="default: 128 on CUDA, 32 on the CPU")
-    ovh.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                     help="default: bf16 on CUDA, fp32 on the CPU")
-    ovh.add_argument("--block-size", type=positive_int, default=None,
-                     help="default: 128 on CUDA, 64 on the CPU")
-    _reps_arg(ovh, 200)
-    ovh.add_argument("--warmup", type=nonnegative_int, default=20)
-    _device_arg(ovh, None)
-    ovh.set_defaults(func=_bench_overhead, validate=_check_overhead)
-
-    res = sub.add_parser("triton-resources", help="shared memory and registers of our Triton "
-                         "kernels, compiled offline (no GPU needed)")
-    _study_arg(res, "triton_resources_<study>", "sm90")
-    res.add_argument("--head-dims", nargs="+", type=power_of_two_head_dim, default=[64, 128, 256],
-                     metavar="D", help="head widths: powers of two >= 16")
-    res.add_argument("--capability", nargs=2, type=nonnegative_int, default=[9, 0],
-                     metavar=("MAJOR", "MINOR"), help="compute capability of the target GPU")
-    res.set_defaults(func=_triton_resources, validate=_check_triton_resources)
-
-
-def _ring_commands(sub, families: tuple[str, ...]) -> None:
-    from ..distributed import SHARDINGS
-    from .ring_bench import PASSES
-
-    demo = sub.add_parser("ring-demo", help="check the distributed ring against one process "
-                          "(torchrun)")
-    demo.add_argument("--seq-len", type=positive_int, default=1000)
-    _shape_args(demo, heads=4, head_dim=32, block_size=64, dtype=False)  # float64 check
-    _families_arg(demo, families, ["causal", "local", "random10", "dilated"])
-    demo.add_argument("--sharding", default="zigzag", choices=SHARDINGS)
-    _transport_args(demo, timeout=120.0)
-    demo.set_defaults(func=_ring_demo, validate=_check_ring)
-
-    rb = sub.add_parser("ring-bench", help="time the distributed ring (torchrun)")
-    _study_arg(rb, "ring_<study>")
-    _seq_lens_arg(rb, required=True, help="total sequence lengths (all ranks together)")
-    _families_arg(rb, families, ["causal", "local"])
-    rb.add_argument("--shardings", nargs="+", default=["contiguous"], choices=SHARDINGS)
-    _shape_args(rb)
-    _reps_arg(rb, 10)
-    rb.add_argument("--warmup", type=nonnegative_int, default=2)
-    rb.add_argument("--backward", action="store_true")
-    _transport_args(rb, timeout=600.0)
-    rb.add_argument("--double-until", type=positive_int, default=None, metavar="S_MAX",
-                    help="double the --seq-lens value until a case fails or S_MAX")
-    rb.add_argument("--baseline", action="store_true",
-                    help="also run rank 0 alone at the per-rank length (parallel efficiency)")
-    rb.add_argument("--profile", type=nonnegative_int, default=0, metavar="N",
-                    help="profile one call per case: its N costliest operators per rank, to "
-                         "data/ring_<study>_profile.csv")
-    rb.set_defaults(func=_ring_bench, validate=_check_ring_bench)
-
-    rp = sub.add_parser("ring-plan", help="each (rank, step) of a ring, run on one device")
-    _study_arg(rp, "ring_<study>_plan")
-    rp.add_argument("--world", type=positive_int, default=2)
-    _seq_lens_arg(rp, required=True)
-    _families_arg(rp, families, ["causal", "random10", "local", "dilated"])
-    rp.add_argument("--shardings", nargs="+", default=list(SHARDINGS), choices=SHARDINGS)
-    _shape_args(rp)
-    _reps_arg(rp, 5)
-    _device_arg(rp)
-    rp.add_argument("--passes", nargs="+", default=["fwd"], choices=PASSES,
-                    help="fwd+bwd: each step's forward plus its backward step")
-    rp.set_defaults(func=_ring_plan, validate=_check_ring)
+    commands = _commands()
+    for name, command in commands.items():
+        p = sub.add_parser(name, help=command.help)
+        for flags, settings in command.options.items():
+            p.add_argument(*flags.split(), **{**_OPTIONS.get(flags, {}), **settings})
+    return parser, commands
 
 
 # ------------------------------------------------------------------------ entry point
@@ -844,27 +714,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     A value the command cannot use ends it with one line on stderr,
     ``workbench <command>: error: <message>``, and ``SystemExit(2)``: before any work when the
     arguments, the other options or this machine say so, else when the work raises one of
-    ``ValueError``, ``TypeError``, ``NotImplementedError``, ``RuntimeError`` or ``OSError``.
-    Ctrl-C ends it with one line and ``SystemExit(130)``. With ``WORKBENCH_DEBUG=1`` an error
-    raised by the work, and the interrupt, propagate with their traceback instead.
+    :data:`_USER_ERRORS`. Ctrl-C ends it with one line and ``SystemExit(130)``. With
+    ``WORKBENCH_DEBUG=1`` an error raised by the work, and the interrupt, propagate with their
+    traceback instead.
     """
     prog = PROG
     try:
         parser, commands = build_parser()
         args, extras = parser.parse_known_args(None if argv is None else list(argv))
         command = commands[args.command]
-        prog = command.prog
+        prog = f"{PROG} {args.command}"
         if extras:
-            command.error(f"unrecognized arguments: {' '.join(extras)} (see {prog} --help)")
+            _exit_with_error(prog, f"unrecognized arguments: {' '.join(extras)} "
+                             f"(see {prog} --help)", 2)
+        if getattr(args, "device", "") is None:
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            _check_device(args)
-            _check_data_dir(args)
-            validate = getattr(args, "validate", None)
-            if validate is not None:
-                validate(args)
+            _check_device(args, command.gpu_only)
+            if command.writes:
+                _check_data_dir(args.command)
+            if command.check is not None:
+                command.check(args)
+            if command.needs is not None:
+                _require_module(command.needs[0], args.command, command.needs[1])
         except UsageError as err:
-            command.error(str(err))
-        return _run(args, prog)
+            _exit_with_error(prog, str(err), 2)
+        return _run(command.run, args, prog)
     except KeyboardInterrupt:
         if _debug():
             raise
@@ -875,10 +750,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(0) from None
 
 
-def _run(args: argparse.Namespace, prog: str) -> int:
-    """``args.func(args)``, with the errors :func:`main` reports as one line reported so."""
+def _run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """``run(args)``, with the errors :func:`main` reports as one line reported so."""
     try:
-        return args.func(args)
+        return run(args)
     except BrokenPipeError:
         raise
     except (UsageError, *_USER_ERRORS) as err:

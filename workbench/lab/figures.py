@@ -11,11 +11,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from ..project import ROOT_ENV, figures_dir, find_root, notebooks_dir
 
@@ -70,10 +69,12 @@ def check_figures(specs: list[NotebookSpec], since: float | None = None,
 
 
 def _parameters(spec: NotebookSpec, profile: str | None, overrides: dict[str, Any]) -> dict:
+    """The profile's parameters with ``overrides`` over them; raises ValueError for a profile
+    the notebook lacks."""
     params: dict[str, Any] = {}
     if profile and profile != "default":
         if profile not in spec.profiles:
-            raise SystemExit(f"{spec.name} has no profile {profile!r}; it has: "
+            raise ValueError(f"{spec.name} has no profile {profile!r}; it has: "
                              f"{', '.join(['default', *spec.profiles])}")
         params.update(spec.profiles[profile])
     params.update(overrides)
@@ -85,11 +86,11 @@ def run_notebooks(specs: list[NotebookSpec], *, profile: str | None = None,
                   save_outputs: bool = False, root: Path | None = None) -> list[str]:
     """Execute ``specs`` with papermill into ``build/notebooks/`` (kernels in the notebooks'
     folder, ``$WORKBENCH_ROOT`` set to the project); returns the declared figures that were not
-    written. ``save_outputs`` (default parameters only): the executed notebooks replace those in
-    ``notebooks/``."""
+    written. ``save_outputs`` (default parameters only, else ValueError): the executed
+    notebooks replace those in ``notebooks/``."""
     if save_outputs and (overrides or (profile and profile != "default")):
-        raise SystemExit("--save-outputs records the default parameters' outputs only; "
-                         "drop --profile/-p")
+        raise ValueError("save_outputs records the default parameters' outputs only; drop the "
+                         "profile and the overrides")
     import papermill as pm
     from tqdm.auto import tqdm
 
@@ -98,7 +99,7 @@ def run_notebooks(specs: list[NotebookSpec], *, profile: str | None = None,
     build.mkdir(parents=True, exist_ok=True)
     start = time.time() - 1.0
     bar = tqdm(specs, desc="notebooks", unit="nb", disable=not progress)
-    with _environ(ROOT_ENV, str(root)):
+    with mock.patch.dict(os.environ, {ROOT_ENV: str(root)}):  # the kernels inherit it
         for spec in bar:
             bar.set_postfix_str(spec.name)
             pm.execute_notebook(str(spec.path), str(build / spec.path.name),
@@ -109,16 +110,3 @@ def run_notebooks(specs: list[NotebookSpec], *, profile: str | None = None,
                 shutil.copyfile(build / spec.path.name, spec.path)
     return check_figures(specs, since=start, root=root)
 
-
-@contextmanager
-def _environ(name: str, value: str) -> Iterator[None]:
-    """The environment variable ``name`` set to ``value`` inside the block (kernels inherit it)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old

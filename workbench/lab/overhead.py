@@ -1,12 +1,8 @@
-"""Per-call overhead: the wall time of each public entry point against the kernel it launches.
-
-Each entry point (:data:`ENTRY_POINTS`) is called repeatedly with the same inputs, as a model's
-layers call it, alternating with the kernel alone on the same block structure (FlexAttention on
-the call's ``BlockMask`` on CUDA, the ``blockwise`` kernel on the CPU, the ``gather`` backend's
-prepared function for LongNet; the multi-head module's projections around it). Each call is
-timed to its return (``*_host_us``; the thread's CPU time ``*_cpu_us``) and to the device's end
-(``*_us``); medians are kept, ``overhead_us`` and ``cpu_overhead_us`` are ours minus the
-kernel's. The block-sparse entry points run ``random10``, the dilated ones ``dilated``.
+"""Per-call overhead: each public entry point (:data:`ENTRY_POINTS`), called repeatedly on the
+same inputs, against the kernel it launches alone on the same block structure (the call's
+``BlockMask`` on CUDA, ``blockwise`` on the CPU, the ``gather`` backend's prepared function for
+LongNet; the multi-head module's projections around it). The block-sparse entry points run
+``random10``, the dilated ones ``dilated``.
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ from ..dilated import DilatedAttention, dilated_attention
 from ..multihead import BlockSparseMultiheadAttention
 from ..patterns import head_predicate
 from ..plan import Plan, Plans
-from .bench import family_pattern
+from .bench import DTYPES, family_pattern
 from .records import environment, write_csv
 
 __all__ = ["DEFAULTS", "ENTRY_POINTS", "overhead_study"]
@@ -41,15 +37,14 @@ DEFAULTS = {
     "cpu": {"seq_lens": (256, 512, 1024), "heads": 4, "head_dim": 32, "dtype": "fp32",
             "block_size": 64},
 }
-"""Shapes per device type when none are given: the GPU's as the other studies, the CPU's small."""
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""Shapes per device type when none are given."""
 Call = Callable[[], object]
 Kernel = Callable[[Tensor, Tensor, Tensor], object]
 
 
 def _kernel(pattern: P.Pattern, plan: Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[str, Kernel]:
-    """The backend ``auto`` runs for inputs like these and that backend's kernel alone on the
-    plan's layout (the very ``BlockMask`` a call through the plan uses, for FlexAttention)."""
+    """The backend ``auto`` runs for inputs like these and its kernel alone on the plan's
+    layout (for FlexAttention the very ``BlockMask`` a call through the plan uses)."""
     backend = explain_backend(q, k, v, pattern, plan.block_size).name
     scale = q.shape[-1] ** -0.5
     problem = Problem(plan.layout, head_predicate(pattern, q.device), scale, label=repr(pattern),
@@ -66,8 +61,8 @@ def _kernel(pattern: P.Pattern, plan: Plan, q: Tensor, k: Tensor, v: Tensor) -> 
 
 
 def _multihead(mha: BlockSparseMultiheadAttention, x: Tensor, kernel: Kernel) -> Call:
-    """The module's self-attention forward (batch first, no masks) around ``kernel`` alone:
-    its projections and views, with the attention between them called directly."""
+    """The module's self-attention forward (batch first, no masks) with ``kernel`` called
+    directly between its projections."""
     b, s, e = x.shape
     h, d = mha.num_heads, mha.head_dim
 
@@ -121,30 +116,25 @@ def _cases(entry: str, s: int, block_size: int, q: Tensor, k: Tensor, v: Tensor
     return "random10", params, backend, ours, lambda: kernel(q, k, v)
 
 
-def _timed(fn: Call, sync: Callable[[], None]) -> tuple[float, float, float]:
-    """µs from a synchronized device until ``fn`` returns (wall, and CPU time of this thread)
-    and until the device is done."""
-    sync()
-    t0, c0 = time.perf_counter(), time.thread_time()
-    fn()
-    t1, c1 = time.perf_counter(), time.thread_time()
-    sync()
-    return (t1 - t0) * 1e6, (c1 - c0) * 1e6, (time.perf_counter() - t0) * 1e6
-
-
 def _median_pair(ours: Call, kernel: Call, reps: int, warmup: int,
                  sync: Callable[[], None]) -> dict[str, float]:
-    """Median µs of ``ours`` and ``kernel``, their calls alternating: ``*_us`` until the device
-    is done, ``*_host_us`` until the call returns, ``*_cpu_us`` the calling thread's CPU time
-    until then (what other processes on the machine do not change)."""
+    """Median µs of ``ours`` and ``kernel``, their calls alternating, each from a synchronized
+    device: ``*_us`` until the device is done, ``*_host_us`` until the call returns,
+    ``*_cpu_us`` the calling thread's CPU time until then."""
     for _ in range(warmup):
         ours()
         kernel()
     times: dict[str, list[float]] = {}
     for _ in range(reps):
         for name, fn in (("ours", ours), ("kernel", kernel)):
-            for kind, t in zip(("host_us", "cpu_us", "us"), _timed(fn, sync)):
-                times.setdefault(f"{name}_{kind}", []).append(t)
+            sync()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            t1, c1 = time.perf_counter(), time.thread_time()
+            sync()
+            for kind, t in (("host_us", t1 - t0), ("cpu_us", c1 - c0),
+                            ("us", time.perf_counter() - t0)):
+                times.setdefault(f"{name}_{kind}", []).append(t * 1e6)
     return {key: round(statistics.median(val), 1) for key, val in times.items()}
 
 
@@ -153,9 +143,10 @@ def overhead_study(study: str, seq_lens: Iterable[int] | None = None, *,
                    heads: int | None = None, head_dim: int | None = None,
                    dtype: str | None = None, block_size: int | None = None, batch: int = 1,
                    reps: int = 200, warmup: int = 20, write: bool = True) -> list[dict]:
-    """Time every entry point against its kernel at every length (forward, no grad); returns
-    the rows and, with ``write``, writes ``data/overhead_<study>.csv`` after every case.
-    Shapes left out come from :data:`DEFAULTS` for the device's type."""
+    """Time every entry point against its kernel at every length (forward, no grad), shapes
+    left out from :data:`DEFAULTS`; with ``write`` the rows go to
+    ``data/overhead_<study>.csv`` after every case. ``overhead_us`` and ``cpu_overhead_us``
+    are ours minus the kernel's."""
     dev = torch.device(device)
     shape = DEFAULTS["cuda" if dev.type == "cuda" else "cpu"]
     seq_lens = tuple(seq_lens or shape["seq_lens"])
@@ -169,7 +160,7 @@ def overhead_study(study: str, seq_lens: Iterable[int] | None = None, *,
     gen = torch.Generator(device=dev).manual_seed(0)
     rows: list[dict] = []
     for s in seq_lens:
-        q, k, v = (torch.randn(batch, heads, s, head_dim, device=dev, dtype=_DTYPES[dtype],
+        q, k, v = (torch.randn(batch, heads, s, head_dim, device=dev, dtype=DTYPES[dtype],
                                generator=gen) for _ in range(3))
         flex_backend.reset_compiled()  # each length's few compiles stay under Dynamo's limit
         for entry in entry_points:

@@ -1,17 +1,16 @@
-"""The distributed ring from the command line: a demo, a benchmark, and a one-device plan.
-
-:func:`ring_demo` (under ``torchrun``) checks every rank against one process, :func:`ring_bench`
-times the ring (rank 0 writes ``data/ring_<study>.csv``), :func:`ring_plan_study` runs each
-(rank, step) of a ring on one device to plan a multi-GPU run.
-"""
+"""The distributed ring's tools: :func:`ring_demo` (under ``torchrun``) checks every rank against
+one process, :func:`ring_bench` times the ring, :func:`ring_plan_study` runs each (rank, step)
+of a ring on one device to plan a multi-GPU run."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,7 +21,7 @@ from ..backends import accumulation_dtype
 from ..layout import BlockLayout
 from ..patterns import Pattern
 from ..sharding import DistributedPlan, run_tile_rows
-from .bench import _DTYPES, family_pattern, time_fn
+from .bench import DTYPES, family_pattern, time_and_peak
 from .records import environment, write_csv
 
 __all__ = ["PASSES", "parallel_efficiency", "ring_bench", "ring_demo", "ring_plan_study",
@@ -56,19 +55,10 @@ def _gather_rows(rows: list[dict], group=None) -> list[dict]:
     return [r for part in everyone for r in (part or [])]
 
 
-def _env(device: torch.device) -> dict[str, object]:
-    env: dict[str, object] = {**environment(device),
-                              "world_size": dist.get_world_size(),
-                              "backend": dist.get_backend()}
-    if device.type == "cuda":
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    return env
-
-
 def _equivalence_rows(dev: torch.device, seq_len: int, heads: int, head_dim: int,
                       block_size: int, families: Sequence[str], sharding: str,
                       timeout: float) -> list[dict]:
-    """This rank's check of the ring against one process, per family (forward and gradients)."""
+    """This rank's error against one process, per family (output and gradients)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.float64 if dev.type == "cpu" else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -120,20 +110,35 @@ def ring_demo(seq_len: int = 1000, heads: int = 4, head_dim: int = 32, block_siz
     return rows
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What every case of a :func:`ring_bench` sweep shares."""
+
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    block_size: int
+    reps: int
+    warmup: int
+    backward: bool
+    timeout: float
+    device: torch.device
+
+
 def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                shardings: Sequence[str] = ("contiguous",), heads: int = 16, head_dim: int = 128,
                dtype: str = "bf16", block_size: int = 128, reps: int = 10, warmup: int = 2,
                backward: bool = False, backend: str | None = None, timeout: float = 600.0,
                double_until: int | None = None, profile: int = 0, baseline: bool = False,
                init: tuple[str, int, int] | None = None) -> list[dict]:
-    """Time the distributed ring per (total length, family, sharding); rank 0 writes the CSV.
+    """Time the distributed ring per (total length, family, sharding); rank 0 writes
+    ``data/ring_<study>.csv`` after every case.
 
-    ``baseline``: after each case rank 0 alone runs the per-rank length ``S / P``; its row
-    carries the :func:`parallel_efficiency`. ``profile``: the ``profile`` costliest operators
-    of one more call per rank go to ``data/ring_<study>_profile.csv``. ``double_until``: double
-    ``seq_lens[0]`` until a case fails (``oom``, or ``peer_failed`` on the ranks that timed out
-    waiting) or passes it. Ranks agree on outcomes over a gloo group and stop at the first
-    failure, every row written.
+    ``baseline``: after each case rank 0 alone runs ``S / P`` tokens; its row carries the
+    :func:`parallel_efficiency`. ``profile``: the costliest operators of one more call per rank
+    go to ``data/ring_<study>_profile.csv``. ``double_until``: double ``seq_lens[0]`` until a
+    case fails (``oom``, or ``peer_failed`` on the ranks that timed out waiting) or passes it.
+    Ranks agree on outcomes over a gloo group and stop at the first failure.
     """
     if isinstance(profile, bool) or not isinstance(profile, int) or profile < 0:
         raise ValueError(f"profile must be a number of operators >= 0, got {profile!r}")
@@ -144,48 +149,47 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     if baseline and any(n % world for n in seq_lens):
         raise ValueError(f"baseline runs S / {world} tokens on one rank: every --seq-lens "
                          f"value must be a multiple of {world}, got {list(seq_lens)}")
-    dt = _DTYPES[dtype] if dev.type == "cuda" else torch.float32
+    run = _Settings(heads, head_dim, DTYPES[dtype] if dev.type == "cuda" else torch.float32,
+                    block_size, reps, warmup, backward, timeout, dev)
+    env = {**environment(dev), "world_size": world, "backend": dist.get_backend()}
+    if dev.type == "cuda":
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     rows: list[dict] = []
     profiles: list[dict] = []
     failed = False
     for s in _lengths(seq_lens, double_until):
-        for family in families:
-            for sharding in shardings:
-                if failed:
-                    break
-                pattern, params = family_pattern(family, s, heads)
-                row = {"study": study, "family": family, "params": params, "sharding": sharding,
-                       "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim,
-                       "dtype": dtype, "block_size": block_size,
-                       "pass": "fwd+bwd" if backward else "fwd"}
-                result = _time_ring(pattern, s, sharding, heads, head_dim, dt, block_size,
-                                    reps, warmup, backward, dev, timeout, profile)
-                ops = [{**row, **op} for op in result.pop("profile", [])]
-                row.update(result)
-                case_rows = _gather_rows([row], control)  # every rank's row of this case
-                rows += [{**_env(dev), **r} for r in case_rows]
-                if profile:
-                    profiles += [{**_env(dev), **r} for r in _gather_rows(ops, control)]
-                outcomes = [r["status"] for r in case_rows]
-                failed = any(o != "ok" for o in outcomes)
-                note = ""
-                if solo is not None and not failed:
-                    base = _baseline_row(row, case_rows, s // world, heads, head_dim, dt,
-                                         block_size, reps, warmup, backward, dev, timeout,
-                                         solo) if rank == 0 else None
-                    D.barrier(timeout, control)
-                    if base is not None:
-                        rows.append({**_env(dev), **base})
-                        note = f"  1 rank at S/{world}: {base.get('ms', float('nan')):.2f} ms, " \
-                               f"efficiency {base.get('efficiency', float('nan')):.3f}"
-                if rank == 0:
-                    print(f"{s:>9} {family:>9} {sharding:>10} {'/'.join(outcomes):>12} "
-                          f"{row.get('ms', float('nan')):>10.2f} ms  rank-0 peak "
-                          f"{row.get('peak_mib', 0):>9.0f} MiB{note}", flush=True)
-                    # after every case: a sweep cut short keeps every finished case
-                    path = write_csv(rows, f"ring_{study}", dev)
-                    if profiles:
-                        write_csv(profiles, f"ring_{study}_profile", dev)
+        for family, sharding in itertools.product(families, shardings):
+            if failed:
+                break
+            pattern, params = family_pattern(family, s, heads)
+            row = {"study": study, "family": family, "params": params, "sharding": sharding,
+                   "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim,
+                   "dtype": dtype, "block_size": block_size,
+                   "pass": "fwd+bwd" if backward else "fwd"}
+            result = _time_ring(run, pattern, s, sharding, profile)
+            ops = [{**row, **op} for op in result.pop("profile", [])]
+            row.update(result)
+            case_rows = _gather_rows([row], control)  # every rank's row of this case
+            rows += [{**env, **r} for r in case_rows]
+            if profile:
+                profiles += [{**env, **r} for r in _gather_rows(ops, control)]
+            outcomes = [r["status"] for r in case_rows]
+            failed = any(o != "ok" for o in outcomes)
+            note = ""
+            if solo is not None and not failed:
+                base = _baseline_row(run, row, case_rows, s // world, solo) if rank == 0 else None
+                D.barrier(timeout, control)
+                if base is not None:
+                    rows.append({**env, **base})
+                    note = (f"  1 rank at S/{world}: {base.get('ms', math.nan):.2f} ms, "
+                            f"efficiency {base.get('efficiency', math.nan):.3f}")
+            if rank == 0:
+                print(f"{s:>9} {family:>9} {sharding:>10} {'/'.join(outcomes):>12} "
+                      f"{row.get('ms', math.nan):>10.2f} ms  rank-0 peak "
+                      f"{row.get('peak_mib', 0):>9.0f} MiB{note}", flush=True)
+                path = write_csv(rows, f"ring_{study}", dev)
+                if profiles:
+                    write_csv(profiles, f"ring_{study}_profile", dev)
         if failed:
             break
     if rank == 0 and rows:
@@ -202,14 +206,13 @@ def parallel_efficiency(tiles_many, ms_many, world: int, tiles_one, ms_one):
     return tiles_many / (world * ms_many) / (tiles_one / ms_one)
 
 
-def _baseline_row(row: dict, case_rows: list[dict], seq_len: int, heads, head_dim, dtype,
-                  block_size, reps, warmup, backward, dev, timeout, solo) -> dict:
+def _baseline_row(run: _Settings, row: dict, case_rows: list[dict], seq_len: int,
+                  solo: dist.ProcessGroup) -> dict:
     """Rank 0 alone at ``seq_len`` (the per-rank length of the case ``case_rows``), with the
     case's parallel efficiency."""
-    pattern, params = family_pattern(row["family"], seq_len, heads)
+    pattern, params = family_pattern(row["family"], seq_len, run.heads)
     base = {**row, "params": params, "seq_len": seq_len, "rank": 0, "world_size": 1,
-            **_time_ring(pattern, seq_len, row["sharding"], heads, head_dim, dtype, block_size,
-                         reps, warmup, backward, dev, timeout, group=solo)}
+            **_time_ring(run, pattern, seq_len, row["sharding"], group=solo)}
     if base["status"] == "ok" and base["tiles"]:
         e = parallel_efficiency(sum(r["tiles"] for r in case_rows),
                                 max(r["ms"] for r in case_rows), len(case_rows),
@@ -218,7 +221,7 @@ def _baseline_row(row: dict, case_rows: list[dict], seq_len: int, heads, head_di
     return base
 
 
-def _lengths(seq_lens: Sequence[int], double_until: int | None):
+def _lengths(seq_lens: Sequence[int], double_until: int | None) -> Iterator[int]:
     """The lengths of a sweep, or the doubling sequence of a longest-sequence search."""
     if double_until is None:
         yield from seq_lens
@@ -229,42 +232,37 @@ def _lengths(seq_lens: Sequence[int], double_until: int | None):
         s *= 2
 
 
-def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, reps, warmup,
-               backward, dev, timeout, profile: int = 0, group=None) -> dict[str, object]:
+def _time_ring(run: _Settings, pattern: Pattern, seq_len: int, sharding: str, profile: int = 0,
+               group: dist.ProcessGroup | None = None) -> dict[str, object]:
     """One case on this rank of ``group`` (None: every rank): ``status`` ok (with times,
     memory and counters, and ``profile``: the rows of :func:`_profile_call` when asked for),
     ``oom`` or ``peer_failed`` (another rank failed and this one timed out waiting for it)."""
+    dev, backward = run.device, run.backward
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    local = D.shard_plan(seq_len, world, block_size, sharding).local_len(rank)
+    local = D.shard_plan(seq_len, world, run.block_size, sharding).local_len(rank)
+    kw = dict(sharding=sharding, timeout=run.timeout, process_group=group)
     q = k = v = None
 
     def step(stats: D.RingStats | None = None) -> None:
         with torch.set_grad_enabled(backward):
-            out = D.distributed_ring_attention(q, k, v, pattern, block_size, stats=stats, **kw)
+            out = D.distributed_ring_attention(q, k, v, pattern, run.block_size, stats=stats,
+                                               **kw)
             if backward:
                 out.backward(torch.ones_like(out))
 
+    def timed() -> None:
+        D.barrier(run.timeout, group)
+        step()
+
     try:
-        # each rank builds its own rows of the layout in the first call (cached for the rest)
-        kw = dict(sharding=sharding, timeout=timeout, process_group=group)
         g = torch.Generator(device=dev).manual_seed(rank)
-        q, k, v = (torch.randn(1, heads, local, head_dim, generator=g, device=dev, dtype=dtype)
-                   .requires_grad_(backward) for _ in range(3))
-        step()  # compilation and first-call costs stay out of the timing and the counters
+        q, k, v = (torch.randn(1, run.heads, local, run.head_dim, generator=g, device=dev,
+                               dtype=run.dtype).requires_grad_(backward) for _ in range(3))
+        step()  # compilation, first-call costs and this rank's layout rows stay out
         stats = D.RingStats()
-        D.barrier(timeout, group)
+        D.barrier(run.timeout, group)
         step(stats)  # the counters (bytes, steps, waits) of one warm call
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-
-        def timed() -> None:
-            D.barrier(timeout, group)
-            step()
-
-        ms = time_fn(timed, reps, warmup, dev)
-        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else 0
+        ms, base, peak = time_and_peak(timed, run.reps, run.warmup, dev)
         ops = _profile_call(timed, dev, profile) if profile else []
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom", "local_len": local}
@@ -274,7 +272,8 @@ def _time_ring(pattern, seq_len, sharding, heads, head_dim, dtype, block_size, r
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     back = stats.backward or D.RingStats()
-    return {"status": "ok", "local_len": local, "ms": round(ms, 3), "peak_mib": round(peak, 1),
+    return {"status": "ok", "local_len": local, "ms": round(ms, 3),
+            "peak_mib": round((peak - base) / 2**20, 1),
             "inputs_mib": round(3 * q.numel() * q.element_size() / 2**20, 1),
             "steps": stats.steps, "tiles": stats.tiles_computed,
             "pairs_skipped": stats.pairs_skipped, "bytes_sent": stats.bytes_sent,
@@ -312,15 +311,10 @@ def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int,
                     heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
                     backend: str = "auto", backward: bool = False
                     ) -> Iterator[tuple[int, int, int, int, int, Callable[[], None] | None]]:
-    """Every (rank, step) of a ``world``-rank ring as work on one device, to plan a real run.
-
-    Yields ``(rank, step, kv_from, tiles, kv_bytes, fn)``: ``fn()`` computes what that rank
-    computes at that step (:func:`workbench.distributed.step_work`; with ``backward`` also the
-    backward step), None when skipped; ``kv_bytes`` is what the rank receives then. While a
-    rank's steps run, the device holds what that rank holds in the real ring, so the peak
-    memory during ``fn()`` is that rank's (less the transport's buffers). Drop each ``fn``
-    before asking for the next.
-    """
+    """Every (rank, step) of a ``world``-rank ring as work on one device: yields ``(rank, step,
+    kv_from, tiles, kv_bytes, fn)``, ``fn()`` what that rank computes then (with ``backward``
+    its backward step too; None when skipped) while the device holds what the rank holds, so
+    the peak during ``fn()`` is the rank's. Drop each ``fn`` before asking for the next."""
     shards = D.shard_plan(seq_len, world, block_size, sharding)
 
     def rank_layouts(r: int) -> list[BlockLayout]:  # built afresh: one rank's rows at a time
@@ -379,7 +373,7 @@ def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str]
     if not passes or bad:
         raise ValueError(f"passes must be drawn from {PASSES}, got {list(passes)!r}")
     dev = torch.device(device)
-    dt = _DTYPES[dtype] if dev.type == "cuda" else torch.float32
+    dt = DTYPES[dtype] if dev.type == "cuda" else torch.float32
     env = environment(dev)
     cases = [(s, f, sh, p) for s in seq_lens for f in families for sh in shardings for p in passes]
     rows = []
@@ -388,14 +382,10 @@ def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str]
         for r, d, src, tiles, nbytes, fn in simulated_steps(
                 pattern, s, block_size, world, sharding, heads, head_dim, dt, dev,
                 backward=pass_ == "fwd+bwd"):
-            ms, peak = 0.0, float("nan")
+            ms, peak = 0.0, math.nan
             if fn is not None:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                    torch.cuda.reset_peak_memory_stats(dev)
-                ms = time_fn(fn, reps, 1, dev)
-                if dev.type == "cuda":
-                    peak = torch.cuda.max_memory_allocated(dev) / 2**20
+                ms, _, held = time_and_peak(fn, reps, 1, dev)
+                peak = held / 2**20 if dev.type == "cuda" else math.nan
             del fn  # the step's buffers go before the next step's are made
             rows.append({**env, "study": study, "family": family, "params": params,
                          "sharding": sharding, "seq_len": s, "world": world, "rank": r,

@@ -15,8 +15,7 @@ from ..backends.triton_sparse import FP_FUSION, KERNELS, KernelConfig, jit_kerne
 __all__ = ["SHARED_LIMIT", "Resources", "kernel_resources"]
 
 SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
-"""Largest shared memory one program may ask for, in bytes, by compute capability (the opt-in
-maximum per block of NVIDIA's tables)."""
+"""The opt-in shared memory maximum of one program, in bytes, by compute capability."""
 
 _POINTERS = {
     "forward": ("Q", "K", "V", "OUT", "LSE"),
@@ -44,8 +43,7 @@ class Resources:
 
 def _signature(fn, name: str, dtype: str, cfg: KernelConfig, head_dim: int,
                constants: dict[str, object]) -> dict[str, str]:
-    """Triton's type of every argument of ``fn`` launched as
-    :mod:`~workbench.backends.triton_sparse` launches it."""
+    """Triton's type of every argument of ``fn`` as ``triton_sparse`` launches it."""
     rows = {"Q": cfg.block_m, "DO": cfg.block_m, "OUT": cfg.block_m,
             "K": cfg.block_n, "V": cfg.block_n}
     def kind(arg: str) -> str:
@@ -62,10 +60,9 @@ def _signature(fn, name: str, dtype: str, cfg: KernelConfig, head_dim: int,
 
 
 def _aligned(fn, sig: dict[str, str], odd: tuple[str, ...]) -> dict[tuple[int], list]:
-    """The specialization Triton's launcher gives the arguments of a typical launch (tensors
-    16-byte aligned, strides and block counts multiples of 16): divisibility by 16 for every
-    pointer and integer except the layout's head count and the ``odd`` ones. It changes the
-    layout of the pipelined buffers, so it changes their shared memory."""
+    """Divisibility by 16, as Triton's launcher specializes a typical launch, for every pointer
+    and integer but the layout's head count and the ``odd`` ones (it changes the shared
+    memory of the pipelined buffers)."""
     return {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
             if (sig[arg].startswith("*") or sig[arg] == "i32") and arg not in ("HL", *odd)}
 
@@ -73,10 +70,9 @@ def _aligned(fn, sig: dict[str, str], odd: tuple[str, ...]) -> dict[tuple[int], 
 def kernel_resources(kernel: str, config: KernelConfig, head_dim: int = 128, *,
                      block: int = 128, capability: tuple[int, int] = (9, 0),
                      dtype: str = "bf16", ragged: bool = False) -> Resources:
-    """Compile ``kernel`` (one of :data:`~workbench.backends.triton_sparse.KERNELS`) for a GPU
-    of ``capability`` with ``config`` and read what one program uses; ``ragged``: the variant
-    for lengths that are not a multiple of the tiles (masked loads and stores). Takes a few
-    seconds; needs triton, no GPU."""
+    """Compile ``kernel`` (one of ``triton_sparse.KERNELS``) with ``config`` for a GPU of
+    ``capability`` (needs triton, no GPU) and read what one program uses; ``ragged``: the
+    variant for lengths that are not a multiple of the tiles."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -1,13 +1,8 @@
 """Attention patterns: which (query, key) pairs may attend, per head.
 
-A :class:`Pattern` is a vectorized predicate ``allowed(h, q, k)`` over int64 head and position
-tensors (``True`` = may attend, as SDPA's boolean mask and FlexAttention's ``mask_mod``) with an
-*exact* block layout (:meth:`Pattern.block_structure`) in memory ``O((S / block)**2)``, never
-``S**2``. ``a | b`` and ``a & b`` compose; one head broadcasts over all. Defining ``allowed``
-alone makes a pattern that runs on every backend; the optional hooks of :mod:`.base` make its
-layout fast. :data:`FAMILIES` is the registry of named families (:mod:`.families`).
-``pattern.mask_mod()`` and ``pattern.block_mask(seq_len)`` hand a pattern to FlexAttention;
-:func:`from_mask_mod` makes a pattern of any FlexAttention ``mask_mod``.
+A :class:`Pattern` is a vectorized predicate ``allowed(h, q, k)`` (``True`` = may attend, as in
+SDPA's boolean mask) with an exact block layout built in memory ``O((S / block)**2)``, never
+``S**2``. ``a | b`` and ``a & b`` compose; a 1-head pattern broadcasts over every head.
 """
 
 from .bands import (

@@ -1,9 +1,8 @@
 """The pattern algebra: ``a | b`` allows a pair if either pattern does, ``a & b`` if both do.
 
-Tile by tile, the operator applied to the parts' (any, all) is exact unless both parts are
-partial there; only those tiles are evaluated token by token. Two offset-only (Toeplitz)
-patterns combine into one, periods combine by their least common multiple and grains by their
-greatest common divisor, so every fast path of the parts survives the combination.
+The operator on the parts' (any, all) decides every tile but those where both are partial,
+which are evaluated token by token; offset rules, periods (lcm) and grains (gcd) combine, so
+fast paths survive.
 """
 
 from __future__ import annotations
@@ -48,9 +47,6 @@ class _Combination(Pattern):
     def key(self):
         a, b = self.a.key(), self.b.key()
         return None if a is None or b is None else (type(self.a), a, type(self.b), b)
-
-    def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         fa, fb, op = head_predicate(self.a, device), head_predicate(self.b, device), self.op

@@ -1,10 +1,5 @@
-"""Patterns of offsets and of global tokens: full, causal, windows, strides, global tokens,
-prefix LM.
-
-A :class:`Band` allows the pairs whose offset ``k - q`` lies in a range and is a multiple of a
-stride (full, causal, local and dilated windows, Sparse Transformer's strides); its layout is
-Toeplitz. A window or a number of global tokens beyond :data:`~workbench.layout.MAX_POSITION`
-covers every sequence and is taken as unbounded.
+"""Patterns of offsets (full, causal, windows, strides: a :class:`Band`, Toeplitz layout),
+global tokens and prefix LM. A window or a token count past ``MAX_POSITION`` is unbounded.
 """
 
 from __future__ import annotations
@@ -21,11 +16,8 @@ from .base import Pattern, check_int
 
 
 class Band(Pattern):
-    """Pairs whose offset ``d = k - q`` lies in ``[lo, hi]`` and is a multiple of ``stride``.
-
-    ``None`` means no bound on that side. (No sentinel number stands in for infinity: kernels
-    evaluate positions in int32, where a large constant would silently wrap.)
-    """
+    """Pairs whose offset ``d = k - q`` lies in ``[lo, hi]`` (``None``: unbounded, as a large
+    number would wrap in int32) and is a multiple of ``stride``."""
 
     def __init__(self, lo: int | None, hi: int | None, name: str, stride: int = 1) -> None:
         self.lo, self.hi, self.name, self.stride = lo, hi, name, stride
@@ -143,25 +135,16 @@ def _window(window: int, stride: int, causal: bool, name: str) -> Pattern:
 
 
 def local_window(window: int, causal: bool = False) -> Pattern:
-    """Sliding window: query ``i`` attends key ``j`` iff ``|i - j| < window``.
-
-    With ``causal=True`` only ``0 <= i - j < window``: every query sees exactly ``window``
-    keys (itself and the ``window - 1`` before it, fewer at the start), the convention of
-    Mistral-style sliding-window attention. Non-causal windows see ``2 * window - 1`` keys.
-    """
+    """Sliding window: query ``i`` attends key ``j`` iff ``|i - j| < window`` (``2 * window -
+    1`` keys); with ``causal=True`` iff ``0 <= i - j < window`` (Mistral's ``window`` keys)."""
     check_int("window", window, 1, None)
     return _window(window, 1, causal,
                    f"local_window({window}{', causal=True' if causal else ''})")
 
 
 def dilated_window(window: int, dilation: int, causal: bool = False) -> Pattern:
-    """Dilated sliding window: ``i`` attends ``j`` iff ``|i - j| < window`` and
-    ``(i - j) % dilation == 0``.
-
-    The window reaches as far as ``local_window(window)`` but keeps every ``dilation``-th key:
-    about ``(2 * window - 1) / dilation`` keys per query, ``ceil(window / dilation)`` with
-    ``causal=True`` (``0 <= i - j < window``). ``dilation=1`` is ``local_window``.
-    """
+    """``local_window(window, causal)`` keeping every ``dilation``-th key: ``i`` attends ``j``
+    iff also ``(i - j) % dilation == 0``."""
     check_int("window", window, 1, None)
     check_int("dilation", dilation, 1)
     return _window(window, dilation, causal, f"dilated_window({window}, {dilation}"
@@ -175,18 +158,14 @@ def global_tokens(num_global: int) -> Pattern:
 
 
 def prefix_lm(prefix: int) -> Pattern:
-    """Prefix LM (T5/UniLM-style): the first ``prefix`` tokens attend each other in both
-    directions, every later token attends causally (itself, everything before it, and so the
-    whole prefix). ``prefix_lm(1)`` is ``causal()``."""
+    """Prefix LM (T5/UniLM-style): causal, and the first ``prefix`` tokens also attend each
+    other in both directions. ``prefix_lm(1)`` is ``causal()``."""
     check_int("prefix", prefix, 1, None)
     return PrefixLM(min(prefix, MAX_POSITION))
 
 
 def global_local(num_global: int, window: int) -> Pattern:
-    """Longformer/BigBird-style: ``global_tokens(num_global) | local_window(window)``.
-
-    ``num_global`` counts tokens (not blocks); combine with ``& causal()`` for decoders.
-    """
+    """Longformer/BigBird-style: ``global_tokens(num_global) | local_window(window)``."""
     return Union(global_tokens(num_global), local_window(window))
 
 

@@ -1,18 +1,11 @@
-"""The :class:`Pattern` base class: a token predicate with an exact block layout.
-
-A subclass defines :meth:`Pattern.allowed`; everything else (dense masks, exact block layouts,
-pair counts, every backend) follows from it. Its optional hooks make a layout fast
-(:meth:`~Pattern.tiles`, :meth:`~Pattern.offset_rule`, :meth:`~Pattern.period`), kernels' bit
-masks cheap (:meth:`~Pattern.grain`), patterns comparable (:meth:`~Pattern.key`) and counts
-closed-form (:meth:`~Pattern.count_pairs`). Tiles no rule decides are evaluated token by token
-in chunks of bounded size (:func:`refine_tiles`). The argument checks every builder uses live
-here too.
+"""The :class:`Pattern` base class: a token predicate with an exact block layout, the
+token-by-token evaluation of tiles no rule decides, and the argument checks every builder uses.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,8 +30,7 @@ _TOKEN_MASK_LIMIT = 1 << 28  # largest H*S*S element count token_mask() will bui
 
 
 def check_positive_int(name: str, value: object, maximum: int | None = MAX_POSITION) -> int:
-    """``value`` if it is a positive int (not a bool) of at most ``maximum``; otherwise a
-    ``ValueError`` naming it."""
+    """``value`` if it is an int (not a bool) in ``[1, maximum]``, else a ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if maximum is not None and value > maximum:
@@ -47,8 +39,8 @@ def check_positive_int(name: str, value: object, maximum: int | None = MAX_POSIT
 
 
 def check_density(density: object, name: str = "density", meaning: str = "") -> float:
-    """``density`` as a float if it is a number in ``(0, 1]``; otherwise a ``TypeError`` (not
-    an int or float, bools included) or ``ValueError`` (outside, or NaN) naming it."""
+    """``density`` as a float in ``(0, 1]``, else a ``TypeError`` (not a number, or a bool) or
+    ``ValueError`` (outside, or NaN) naming it."""
     what = f" ({meaning})" if meaning else ""
     if isinstance(density, bool) or not isinstance(density, (int, float)):
         raise TypeError(f"{name} must be a float in (0, 1]{what}, got {density!r}")
@@ -59,8 +51,8 @@ def check_density(density: object, name: str = "density", meaning: str = "") -> 
 
 def check_int(name: str, value: object, minimum: int,
               maximum: int | None = MAX_POSITION) -> int:
-    """``value`` if it is an int (not a bool) in ``[minimum, maximum]``; otherwise a
-    ``TypeError`` or ``ValueError`` naming it."""
+    """``value`` if it is an int (not a bool) in ``[minimum, maximum]``, else a ``TypeError``
+    or ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
@@ -70,12 +62,25 @@ def check_int(name: str, value: object, minimum: int,
     return value
 
 
-class Pattern:
-    """A set of allowed (head, query, key) triples; subclasses define :meth:`allowed`.
+def check_ints(name: str, values: object, minimum: int) -> list[int]:
+    """``values`` (a sequence, 1-D tensor or array) as a list of ints ``>= minimum``, else a
+    ``TypeError`` (not a sequence, an entry not an int) or ``ValueError`` (empty, an entry too
+    small) naming the entry."""
+    items = values.tolist() if hasattr(values, "tolist") else values
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
+    if not items:
+        raise ValueError(f"{name} must be a non-empty sequence of ints, got {values!r}")
+    return [check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(items)]
 
-    That alone makes a pattern work everywhere (its layout then evaluates every tile token by
-    token, in chunks); the optional hooks :meth:`tiles`, :meth:`offset_rule`, :meth:`period`,
-    :meth:`grain`, :meth:`key` and :meth:`count_pairs` make it fast and comparable.
+
+class Pattern:
+    """A set of allowed (head, query, key) triples.
+
+    A subclass defines :meth:`allowed` (or :meth:`predicate`, when it reads tensors that must be
+    on the device of the call); that alone makes it run everywhere, its layout evaluated tile by
+    tile. The optional hooks :meth:`tiles`, :meth:`offset_rule`, :meth:`period`, :meth:`grain`,
+    :meth:`key` and :meth:`count_pairs` make it fast and comparable.
     """
 
     num_heads: int = 1
@@ -85,22 +90,19 @@ class Pattern:
 
     # ----------------------------------------------------------------- the hooks
     def allowed(self, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        """Bool tensor, the broadcast of the inputs: may query ``q`` of head ``h`` attend ``k``.
-
-        ``h``, ``q``, ``k``: integer tensors (head, absolute positions) of broadcastable shapes,
-        only ever real positions (callers clamp and mask padding). Elementwise tensor ops only,
-        so it also serves as a FlexAttention ``mask_mod``. Required.
+        """Bool, the broadcast of integer tensors ``h``, ``q``, ``k`` (head, real absolute
+        positions): may query ``q`` of head ``h`` attend ``k``. Elementwise tensor ops only (it
+        serves as a FlexAttention ``mask_mod``). Default: :meth:`predicate` on ``q``'s device.
         """
-        raise NotImplementedError(f"{type(self).__name__} must define allowed(h, q, k)")
+        if type(self).predicate is Pattern.predicate:
+            raise NotImplementedError(f"{type(self).__name__} must define allowed(h, q, k)")
+        return self.predicate(q.device)(h, q, k)
 
     def tiles(self, q_len: int, k_len: int, block_size: int, device: torch.device,
               rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """The fast tile rule: exact (any, all) bool ``[H or 1, r1 - r0, nk]`` of the query
-        blocks ``rows = (r0, r1)`` against every key block (read-only; may be views).
-
-        "any": the tile holds an allowed pair; "all": every real pair of it is allowed (padding
-        never counts). Default: from :meth:`offset_rule` when there is one, else every tile
-        evaluated by :func:`refine_tiles`.
+        """Exact (any, all) bool ``[H or 1, r1 - r0, nk]`` of the query blocks ``rows = (r0,
+        r1)`` against every key block (read-only; may be views): the tile holds an allowed pair;
+        every real pair of it is allowed. Default: :meth:`offset_rule`'s, else token by token.
         """
         rule = self.offset_rule()
         if rule is not None:
@@ -114,25 +116,21 @@ class Pattern:
         return None
 
     def period(self) -> int | None:
-        """A shift ``P`` with ``allowed(h, q + P, k + P) == allowed(h, q, k)`` for all integer
-        ``q, k``, or None; tiles shifted by multiples of ``P`` are then evaluated once."""
+        """A shift ``P`` with ``allowed(h, q + P, k + P) == allowed(h, q, k)``, or None."""
         return None if self.offset_rule() is None else 1
 
     def grain(self) -> int:
-        """A side ``g`` such that ``allowed`` is constant on every aligned square of ``g x g``
-        positions: equal for all real ``q, k`` with the same ``(q // g, k // g)`` (per head).
-        Masks may then be evaluated once per square. Default 1 (no claim); unions and
-        intersections take the gcd of their parts."""
+        """A side ``g`` with ``allowed`` constant on aligned ``g x g`` squares: equal for all
+        real ``q, k`` of the same ``(q // g, k // g)`` per head, so masks may be evaluated once
+        per square. Default 1 (no claim); unions and intersections take their parts' gcd."""
         return 1
 
     def key(self) -> Hashable | None:
-        """The values that define this pattern's pairs, or None when only the object itself
-        does (patterns holding tensors). Patterns of one type with equal keys are equal."""
+        """The values that define this pattern's pairs (equal keys, equal patterns), or None."""
         return None
 
     def count_pairs(self, seq_len: int) -> int | None:
-        """Closed-form allowed-pair count at ``seq_len`` (summed over heads), or None if there
-        is none (:meth:`allowed_pairs` then counts from the layout)."""
+        """Closed-form allowed-pair count at ``seq_len`` (summed over heads), or None."""
         return None
 
     # ----------------------------------------------------------------- identity
@@ -161,21 +159,18 @@ class Pattern:
     # ----------------------------------------------------------------- token level
     def dense_form(self) -> str | None:
         """``"full"`` if this pattern allows every pair, ``"causal"`` if exactly ``k <= q``, else
-        ``None`` (judged from its structure, not a layout): what SDPA computes without a mask,
-        so ``auto`` hands those to it (:mod:`workbench.backends.sdpa`)."""
+        ``None``, judged from its structure: what SDPA computes without a mask."""
         return None
 
     def predicate(self, device: torch.device | str) -> MaskFn:
-        """:meth:`allowed` with every tensor it needs already on ``device`` (it creates none
+        """:meth:`allowed` with every tensor it reads already on ``device`` (it creates none
         when called, so kernels can trace it)."""
         return self.allowed
 
     def mask_mod(self, device: torch.device | str | None = None) -> FlexMaskMod:
-        """This pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` on
-        ``device`` (``None``: PyTorch's default): :meth:`allowed`, ignoring ``b`` (and ``h`` for
-        a 1-head pattern). Positions past the sequence are the caller's to mask.
-        """
-        f = _any_head(self, self.predicate(_device(device)))
+        """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of this pattern on ``device``
+        (``None``: the default), ignoring ``b`` (and ``h`` for a 1-head pattern)."""
+        f = head_predicate(self, _device(device))
 
         def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return f(h, q_idx, kv_idx)
@@ -184,24 +179,14 @@ class Pattern:
 
     def block_mask(self, seq_len: int, block_size: int = 128,
                    device: torch.device | str | None = None, k_len: int | None = None):
-        """A FlexAttention ``BlockMask`` from the exact block layout (full tiles become full
-        blocks, partial ones are decided by :meth:`mask_mod`; ``S x S`` is never evaluated).
-
-        Args:
-            seq_len: query length (and key length unless ``k_len`` is given).
-            block_size: the mask's ``BLOCK_SIZE`` (FlexAttention's CUDA kernels want 128).
-            device: where the mask and its tensors live (``None``: PyTorch's default).
-
-        Returns:
-            ``BlockMask`` of ``seq_lengths=(seq_len, k_len)``, batch 1 and ``H`` (or 1) heads.
-        """
+        """FlexAttention's ``BlockMask`` of ``seq_lengths=(seq_len, k_len or seq_len)``, batch 1
+        and ``H`` (or 1) heads, from the exact layout (full tiles skip :meth:`mask_mod`)."""
         device = _device(device)
         lay = self.block_structure(seq_len, block_size, device, k_len=k_len)
-        return block_mask_from_layout(lay, _any_head(self, self.predicate(device)))
+        return block_mask_from_layout(lay, head_predicate(self, device))
 
     def token_mask(self, seq_len: int, device: torch.device | str = "cpu") -> Tensor:
-        """Dense bool mask ``[H, S, S]`` (``H`` = 1 for head-independent patterns); small
-        ``seq_len`` only (``ValueError`` past a size limit: use :meth:`block_structure`)."""
+        """Dense bool mask ``[H or 1, S, S]``; a ``ValueError`` past a size limit."""
         check_int("seq_len", seq_len, 1)
         if self.num_heads * seq_len * seq_len > _TOKEN_MASK_LIMIT:
             raise ValueError(
@@ -217,12 +202,8 @@ class Pattern:
     def block_structure(self, seq_len: int, block_size: int, device: torch.device | str = "cpu", *,
                         k_len: int | None = None,
                         rows: tuple[int, int] | None = None) -> BlockLayout:
-        """Exact :class:`BlockLayout` (active and full tiles) at ``block_size``.
-
-        ``k_len`` defaults to ``seq_len``. ``rows = (first, end)`` builds only those query
-        blocks against every key block: ``block_structure(...).slice(rows, (0, nk))``, in the
-        memory of those rows (what one rank of a ring needs).
-        """
+        """Exact :class:`BlockLayout` at ``block_size`` (``k_len`` defaults to ``seq_len``);
+        ``rows = (first, end)`` builds only those query blocks, in the memory of those rows."""
         check_int("seq_len", seq_len, 1)
         check_int("block_size", block_size, 1)
         k_len = seq_len if k_len is None else check_int("k_len", k_len, 1)
@@ -260,8 +241,7 @@ class Pattern:
         return self.allowed_pairs(seq_len) / (self.num_heads * seq_len * seq_len)
 
     def allowed_pairs(self, seq_len: int, block_size: int = 64) -> int:
-        """Exact number of allowed (head, query, key) triples, summed over heads:
-        :meth:`count_pairs`, else full tiles by area plus partial tiles token by token."""
+        """Exact number of allowed (head, query, key) triples, summed over heads."""
         check_int("seq_len", seq_len, 1)
         exact = self.count_pairs(seq_len)
         if exact is not None:
@@ -278,30 +258,23 @@ class Pattern:
 def head_predicate(pattern: Pattern, device: torch.device | str) -> MaskFn:
     """``pattern.predicate(device)``, callable with any head index (a 1-head pattern is asked
     about head 0, so it broadcasts over any number of heads)."""
-    return _any_head(pattern, pattern.predicate(device))
-
-
-def _device(device: torch.device | str | None) -> torch.device:
-    """``device``, PyTorch's default device for ``None``."""
-    return torch.get_default_device() if device is None else torch.device(device)
-
-
-def _any_head(pattern: Pattern, f: MaskFn) -> MaskFn:
-    """``f`` (one of ``pattern``'s predicates), asked about head 0 whatever head is asked
-    about when ``pattern`` is one head that may read ``h``."""
+    f = pattern.predicate(device)
     if pattern.num_heads != 1 or pattern.offset_rule() is not None:
         return f
     return lambda h, q, k: f(h * 0, q, k)
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    return torch.get_default_device() if device is None else torch.device(device)
 
 
 # --------------------------------------------------------------------- tile evaluation
 def _canonical_tiles(
     pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
 ) -> tuple[Tensor, Tensor]:
-    """Distinct tiles among ``tiles`` (int64 ``[N, 3]`` of head, row, column) up to the
-    pattern's period: unpadded tiles are moved back along their diagonal by multiples of a
-    period's blocks. Returns (distinct tiles ``[U, 3]``, index of every input tile in them).
-    """
+    """(distinct tiles ``[U, 3]``, index of every tile in them) of ``tiles`` (int64 ``[N, 3]``
+    of head, row, column) up to the pattern's period: unpadded tiles move back along their
+    diagonal by multiples of a period's blocks."""
     period = pattern.period()
     if period is None or tiles.shape[0] < 2:
         return tiles, torch.arange(tiles.shape[0], device=tiles.device)
@@ -319,12 +292,8 @@ def _canonical_tiles(
 def evaluate_tiles(
     pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Evaluate ``pattern`` token by token inside the tiles ``tiles`` (int64 ``[N, 3]`` of
-    head, absolute query block, key block).
-
-    Returns (allowed-pair count, any, all) per tile, padding never counted; tiles equal up to
-    the period are evaluated once, in chunks of a bounded number of pairs.
-    """
+    """(allowed-pair count, any, all) of every tile of ``tiles`` (int64 ``[N, 3]`` of head,
+    absolute query block, key block), token by token in bounded chunks, padding never counted."""
     distinct, inverse = _canonical_tiles(pattern, tiles, q_len, k_len, block_size)
     b = block_size
     dev = tiles.device
@@ -349,8 +318,7 @@ def evaluate_tiles(
 def refine_tiles(pattern: Pattern, undecided: Tensor, q_len: int, k_len: int, block_size: int,
                  first_row: int = 0) -> tuple[Tensor, Tensor]:
     """Token-level (any, all) of ``pattern`` on the tiles flagged by bool ``undecided [H, r,
-    nk]`` (query blocks ``first_row ...``), False elsewhere: for a :meth:`Pattern.tiles` rule
-    that decides some tiles itself and leaves the rest to the tokens."""
+    nk]`` (query blocks ``first_row ...``), False elsewhere."""
     any_ = torch.zeros_like(undecided)
     all_ = torch.zeros_like(undecided)
     idx = undecided.nonzero()

@@ -1,9 +1,4 @@
-"""Packed sequences: documents laid end to end, each attending only to itself.
-
-Document ``d`` holds positions ``[cu[d], cu[d + 1])``, where ``cu`` are the cumulative offsets
-of the document lengths (FlashAttention's ``cu_seqlens``, ``cu[0] = 0``). The pattern is
-block-diagonal; ``causal=True`` makes every block lower-triangular.
-"""
+"""Packed sequences: documents laid end to end, each attending only to itself."""
 
 from __future__ import annotations
 
@@ -16,69 +11,41 @@ from torch import Tensor
 
 from ..layout import MAX_POSITION
 from .bands import _extents
-from .base import Pattern, check_positive_int
-
-
-def _int_list(name: str, values: object, what: str) -> list[int]:
-    """``values`` (a sequence, 1-D tensor or array of ints) as a non-empty list of ints."""
-    items = values.tolist() if hasattr(values, "tolist") else values
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
-        raise ValueError(f"{name} must be a non-empty sequence of {what}, got {values!r}")
-    for i, v in enumerate(items):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name}[{i}] must be an int ({what}), got {v!r}")
-    return list(items)
+from .base import Pattern, check_ints
 
 
 class Documents(Pattern):
-    """Packed documents: query ``i`` attends key ``j`` iff both lie in the same document (and
-    ``j <= i`` with ``causal=True``).
-
-    Positions at or past ``sum(lengths)`` belong to no document: they attend nothing and nothing
-    attends them (zero output, ``lse = -inf``). Head-independent; layout and pair count are
-    closed-form.
-
-    Args:
-        lengths: the documents' lengths in tokens, positive ints in packing order.
-        causal: causal attention inside each document.
+    """Packed documents of ``lengths`` tokens: query ``i`` attends key ``j`` iff both lie in the
+    same document (and ``j <= i`` with ``causal=True``). Positions at or past ``sum(lengths)``
+    belong to no document: they attend nothing and nothing attends them.
 
     Raises:
         ValueError: ``lengths`` empty, not positive, or summing past ``MAX_POSITION``.
-        TypeError: a length that is not an int.
+        TypeError: ``lengths`` not a sequence, or a length that is not an int.
     """
 
     def __init__(self, lengths: Sequence[int] | Tensor, causal: bool = False) -> None:
-        lengths = _int_list("lengths", lengths, "document lengths")
-        for i, n in enumerate(lengths):
-            check_positive_int(f"lengths[{i}]", n)
+        lengths = check_ints("lengths", lengths, 1)
         self.lengths, self.causal = tuple(lengths), bool(causal)
         self.total = sum(lengths)
         if self.total > MAX_POSITION:
             raise ValueError(f"the documents hold {self.total} tokens, more than the "
                              f"{MAX_POSITION} positions kernels can index")
         self.cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)])
-        counts = torch.tensor(lengths)
-        self.doc = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), counts)
+        self.doc = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32),
+                                           torch.tensor(lengths))
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Sequence[int] | Tensor,
                         causal: bool = False) -> Documents:
-        """The documents of FlashAttention-style cumulative offsets ``cu_seqlens`` (``[0,
-        l0, l0 + l1, ...]``: document ``d`` is ``[cu[d], cu[d + 1])``).
-
-        Raises:
-            ValueError: fewer than two offsets, a first offset other than 0, or offsets that
-                do not increase strictly (an empty document).
-        """
-        cu = _int_list("cu_seqlens", cu_seqlens, "cumulative offsets")
+        """The documents of FlashAttention's cumulative offsets ``cu_seqlens`` (document ``d``
+        is ``[cu[d], cu[d + 1])``); a ``ValueError`` unless they start at 0 and increase."""
+        cu = check_ints("cu_seqlens", cu_seqlens, 0)
         lengths = [b - a for a, b in itertools.pairwise(cu)]
         if len(cu) < 2 or cu[0] != 0 or any(n <= 0 for n in lengths):
             raise ValueError(f"cu_seqlens must start at 0 and increase strictly (document d is "
                              f"[cu[d], cu[d + 1]), at least one), got {cu}")
         return cls(lengths, causal)
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         doc, last, causal = self.doc.to(device), self.total - 1, self.causal
@@ -95,14 +62,13 @@ class Documents(Pattern):
         doc, last, n = self.doc.to(device).long(), self.total - 1, len(self.lengths)
 
         def documents(first: Tensor, end: Tensor, alone: int) -> tuple[Tensor, Tensor, Tensor]:
-            """Per block: its first and last document (``n`` and -1 when it holds none), and
-            its one document if all of it is in one (else ``alone``)."""
+            """Per block: first and last document (``n`` and -1 for none), and its one
+            document if all of it is in one (else ``alone``)."""
             a, b = doc[torch.clamp(first, max=last)], doc[torch.clamp(end, max=last)]
             a, b = torch.where(first > last, n, a), torch.where(first > last, -1, b)
             return a, b, torch.where((a == b) & (end <= last), a, alone)
 
-        # documents are contiguous: a block holds documents a..b (of its positions < total);
-        # per-block vectors first, so each tile costs a few integer comparisons
+        # documents are contiguous: a block holds documents a..b (of its positions < total)
         qa, qb, q_one = documents(qf, ql, -1)
         ka, kb, k_one = documents(kf, kl, -2)
         any_ = (qa <= kb) & (ka <= qb)
@@ -132,7 +98,6 @@ class Documents(Pattern):
 
 
 def documents(lengths: Sequence[int] | Tensor, causal: bool = False) -> Pattern:
-    """Packed variable-length sequences: block-diagonal attention over documents of
-    ``lengths`` tokens laid end to end, causal inside each with ``causal=True`` (see
-    :class:`Documents`; ``Documents.from_cu_seqlens(cu)`` takes cumulative offsets instead)."""
+    """Packed variable-length sequences: :class:`Documents` (``Documents.from_cu_seqlens(cu)``
+    takes cumulative offsets instead)."""
     return Documents(lengths, causal)

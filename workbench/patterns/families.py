@@ -1,8 +1,5 @@
-"""Pattern families: the one registry of named patterns.
-
-A :class:`Family` is a builder, the builder arguments it exposes and its arguments at a
-sequence length. Tests, benchmarks, the pattern explorer and the figures all read
-:data:`FAMILIES`: a family added with :func:`register_family` needs no other change.
+"""Pattern families: the one registry of named patterns (:data:`FAMILIES`), which tests,
+benchmarks, the pattern explorer and the figures all read.
 """
 
 from __future__ import annotations
@@ -36,12 +33,10 @@ class Family:
 
     Attributes:
         name: the registry key, as command lines and CSV files name it.
-        summary: the pairs it allows, in one line, at its length-scaled arguments.
+        summary: the pairs it allows, in one line.
         build: the builder, e.g. :func:`~workbench.patterns.local_window`.
-        parameters: the builder arguments the family exposes (an explorer's controls); never
-            ``num_heads``, which :attr:`at_length` is given.
-        at_length: ``(seq_len, num_heads) -> arguments`` of the builder at that length (what
-            benchmarks and tests use).
+        parameters: the builder arguments an explorer exposes (never ``num_heads``).
+        at_length: ``(seq_len, num_heads) -> arguments`` of the builder at that length.
     """
 
     name: str
@@ -51,11 +46,8 @@ class Family:
     at_length: Callable[[int, int], dict[str, Any]]
 
     def arguments(self, seq_len: int, num_heads: int = 1, **overrides: Any) -> dict[str, Any]:
-        """The builder's arguments: :attr:`at_length`, then ``overrides``.
-
-        Raises:
-            ValueError: an override the builder does not take.
-        """
+        """The builder's arguments: :attr:`at_length`, then ``overrides`` (a ``ValueError``
+        for one the builder does not take)."""
         takes = inspect.signature(self.build).parameters
         unknown = sorted(set(overrides) - set(takes))
         if unknown:
@@ -68,17 +60,12 @@ class Family:
         return self.build(**self.arguments(seq_len, num_heads, **overrides))
 
 
-FAMILIES: dict[str, Family] = {}
-"""Every registered family by name, in registration order."""
+FAMILIES: dict[str, Family] = {}  # by name, in registration order
 
 
 def register_family(entry: Family) -> Family:
-    """Add ``entry`` to :data:`FAMILIES` and return it.
-
-    Raises:
-        ValueError: the name is taken, or a parameter is ``num_heads`` or not an argument of
-            the builder.
-    """
+    """Add ``entry`` to :data:`FAMILIES` and return it; a ``ValueError`` when the name is
+    taken or a parameter is ``num_heads`` or not an argument of the builder."""
     if entry.name in FAMILIES:
         raise ValueError(f"a family named {entry.name!r} is already registered")
     takes = inspect.signature(entry.build).parameters
@@ -104,13 +91,10 @@ def _window(seq_len: int) -> int:
 def _documents(seq_len: int) -> list[int]:
     """Document lengths covering ``seq_len``: 5, 2, 8, 1, 3, 7, 4, 2 units of S/32 (at least 1
     token), repeated, the last one cut to fit."""
-    unit, lengths = max(1, seq_len // 32), []
-    for units in itertools.cycle((5, 2, 8, 1, 3, 7, 4, 2)):
-        left = seq_len - sum(lengths)
-        if left == 0:
-            return lengths
-        lengths.append(min(units * unit, left))
-    raise AssertionError  # unreachable: the cycle is endless
+    unit, lengths, units = max(1, seq_len // 32), [], itertools.cycle((5, 2, 8, 1, 3, 7, 4, 2))
+    while (left := seq_len - sum(lengths)) > 0:
+        lengths.append(min(next(units) * unit, left))
+    return lengths
 
 
 def _segments(seq_len: int) -> list[int]:

@@ -1,8 +1,5 @@
-"""Patterns seen in another token order: a permuted pattern, and grid neighbourhoods.
-
-:class:`Permuted` is any pattern with its tokens reordered (every tile evaluated: small lengths);
-:func:`grid_neighborhood` is NATTEN-style neighbourhood attention on a grid laid out along a
-curve, its layout exact from per-block bounding boxes.
+"""Patterns seen in another token order: any pattern permuted (every tile evaluated), and
+NATTEN-style neighbourhoods on a grid laid out along a curve (layout from per-block boxes).
 """
 
 from __future__ import annotations
@@ -12,9 +9,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..curves import CURVES, _check_shape, curve_order
+from ..curves import _check_curve, _check_shape, curve_order
 from ..layout import num_blocks
-from .base import MaskFn, Pattern, check_int, head_predicate, refine_tiles
+from .base import MaskFn, Pattern, check_int, check_ints, head_predicate, refine_tiles
 
 BORDERS = ("cut", "shift")
 
@@ -26,9 +23,6 @@ class Permuted(Pattern):
     def __init__(self, base: Pattern, perm: Tensor) -> None:
         self.base, self.perm = base, perm
         self.num_heads = max(base.num_heads, perm.shape[0])
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         p, base = self.perm.to(device), head_predicate(self.base, device)
@@ -45,8 +39,8 @@ class Permuted(Pattern):
 
 
 def _axis_window(n: int, radius: int, dilation: int, border: str) -> tuple[Tensor, Tensor]:
-    """First and last key coordinate of the window of every query coordinate ``0 .. n-1`` of
-    one axis (int64 ``[n]`` each; both in the query's residue class mod ``dilation``)."""
+    """First and last key coordinate (int64 ``[n]`` each, in the query's residue mod
+    ``dilation``) of the window of every query coordinate of one axis of ``n`` cells."""
     c, r, d = torch.arange(n), radius, dilation
     if border == "cut":
         return c - d * torch.clamp(c // d, max=r), c + d * torch.clamp((n - 1 - c) // d, max=r)
@@ -57,12 +51,11 @@ def _axis_window(n: int, radius: int, dilation: int, border: str) -> tuple[Tenso
 
 
 class GridNeighborhood(Pattern):
-    """Neighbourhood attention on a 2-D/3-D token grid whose tokens sit in a curve order.
+    """Neighbourhood attention on a 2-D/3-D grid, token ``i`` at raster cell ``perm[i]``.
 
-    Token position ``i`` is grid cell ``perm[i]`` (a raster index of grid ``shape``, in
-    ``order``). Along an axis of ``n`` cells with radius ``r`` (a window of ``k = 2r + 1``
-    cells, NATTEN's ``kernel_size``) and dilation ``d``, the window of a query at coordinate
-    ``c`` is the coordinates ``c' = c (mod d)`` of an interval:
+    Along an axis of ``n`` cells with radius ``r`` (a window of ``k = 2r + 1`` cells, NATTEN's
+    ``kernel_size``) and dilation ``d``, the window of a query at coordinate ``c`` is the
+    coordinates ``c' = c (mod d)`` of an interval:
 
     * ``border="cut"``: ``|c' - c| <= r * d``, centred on the query and cut off at the grid
       border (queries near it see fewer keys);
@@ -71,8 +64,8 @@ class GridNeighborhood(Pattern):
       at the border, so every query sees exactly ``k`` keys per axis (NATTEN's definition;
       the sub-grid must hold ``k`` cells: ``k * d <= n``).
 
-    Query ``i`` may attend key ``j`` when ``j``'s cell is in ``i``'s window along every axis.
-    Head-independent; defined for self-attention over exactly ``prod(shape)`` tokens.
+    Query ``i`` attends key ``j`` when ``j``'s cell is in ``i``'s window along every axis
+    (self-attention over exactly ``prod(shape)`` tokens, every head alike).
     """
 
     def __init__(self, shape: Sequence[int], radius: tuple[int, ...], dilation: tuple[int, ...],
@@ -86,9 +79,6 @@ class GridNeighborhood(Pattern):
         self.lo, self.hi = (torch.stack([w[s][c] for w, c in zip(windows, self.coords.T)], -1)
                             for s in (0, 1))
         self._pred: dict[str, MaskFn] = {}
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         key = str(torch.device(device))
@@ -119,7 +109,7 @@ class GridNeighborhood(Pattern):
 
     def _block_range(self, table: Tensor, length: int, block_size: int,
                      device) -> tuple[Tensor, Tensor]:
-        """Per block, min and max of each column of a per-token table (``[n, columns]``)."""
+        """Per block, min and max of each column of a per-token ``table [n, columns]``."""
         c = table[:length].to(device)
         n = num_blocks(length, block_size)
         pad = n * block_size - length
@@ -169,36 +159,27 @@ class GridNeighborhood(Pattern):
 
 
 def _per_axis(name: str, value: int | Sequence[int], dims: int, minimum: int) -> tuple[int, ...]:
-    values = value if isinstance(value, (tuple, list)) else (value,) * dims
-    if len(values) != dims:
+    if not isinstance(value, (tuple, list)):
+        return (check_int(name, value, minimum),) * dims
+    if len(value) != dims:
         raise ValueError(f"{name} must be an int or one int per axis ({dims}), got {value!r}")
-    return tuple(check_int(name, v, minimum) for v in values)
+    return tuple(check_ints(name, value, minimum))
 
 
 def grid_neighborhood(
     shape: Sequence[int], radius: int | Sequence[int], order: str = "hilbert", *,
     dilation: int | Sequence[int] = 1, border: str = "cut",
 ) -> Pattern:
-    """Neighbourhood attention on a 2-D/3-D grid of ``prod(shape)`` tokens laid out in ``order``.
-
-    Args:
-        shape: the grid, ``(rows, cols)`` or ``(depth, rows, cols)``.
-        radius: window radius per axis (an int for all): ``2 * radius + 1`` cells, NATTEN's
-            ``kernel_size``.
-        order: token order, one of :data:`~workbench.curves.CURVES` (``"raster"`` is row-major).
-        dilation: keep every ``dilation``-th cell along each axis, those of the query's residue.
-        border: ``"cut"`` (the window is cut off at the grid border) or ``"shift"`` (it is
-            shifted inwards: every query sees exactly ``prod(2 * radius + 1)`` keys).
-
-    Returns:
-        a :class:`GridNeighborhood` (its exact semantics there).
+    """Neighbourhood attention on a 2-D/3-D grid of ``prod(shape)`` tokens laid out in ``order``
+    (one of :data:`~workbench.curves.CURVES`): a :class:`GridNeighborhood` (its semantics
+    there); ``radius`` and ``dilation`` are an int or one per axis, ``border`` is ``"cut"`` or
+    ``"shift"``.
 
     Raises:
         ValueError: an unknown ``order`` or ``border``, a bad shape, radius or dilation, or with
             ``border="shift"`` a window ``(2 * radius + 1) * dilation`` wider than its axis.
     """
-    if order not in CURVES:
-        raise ValueError(f"order must be one of {CURVES}, got {order!r}")
+    _check_curve(order, "order")
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
     shape = _check_shape(shape)

@@ -1,8 +1,6 @@
-"""LongNet dilated attention patterns: segments, dilations and the head offset rule.
-
-:func:`dilated` assigns (segment, dilation) pairs to head groups (LongNet's head-group mode),
-:func:`dilated_branch` puts one pair on every head (a branch of the paper's mode). The layout is
-analytic (per block, the range of segments it keeps a position of): O(H * nq * nk), never S x S.
+"""LongNet dilated attention patterns: (segment, dilation) pairs on head groups
+(:func:`dilated`) or one pair on every head (:func:`dilated_branch`, a branch of the paper's
+mode); the layout is analytic, from the range of segments each block keeps a position of.
 """
 
 from __future__ import annotations
@@ -13,20 +11,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..layout import block_extents
+from ..layout import block_extents, block_lengths
 from .bands import causal as causal_band
-from .base import Pattern, check_int
+from .base import Pattern, check_int, check_ints
 
 
 def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], length: int,
                    block_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per (segment ``w``, dilation ``r``, offset ``s``) triple and block: first and last
-    segment holding a kept position, or empty.
-
-    Returns (lo, hi, all_seg), each int64 ``[T, n]``. A block holding no kept position has
-    ``lo = length`` (above every segment index) and ``hi = -1``, so two blocks share a
-    segment exactly when ``lo_a <= hi_b`` and ``lo_b <= hi_a``. ``all_seg`` is the segment
-    index when every position of the block is kept and lies in that one segment, else -1.
+    """(lo, hi, all_seg), int64 ``[T, n]`` per (segment ``w``, dilation ``r``, offset ``s``)
+    triple and block: the first and last segment holding a kept position of it (``length`` and
+    -1 for none, so two blocks share a segment iff ``lo_a <= hi_b`` and ``lo_b <= hi_a``), and
+    the segment when every position of the block is kept and in that one segment, else -1.
     """
     ext = block_extents(length, block_size, device)
     a, e = ext[None, :, 0], ext[None, :, 1]  # first and last position of each block
@@ -55,12 +50,9 @@ def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], leng
 
 
 def _segment_tiles(q: Tensor, k: Tensor, any_out: Tensor, all_out: Tensor) -> None:
-    """One head's dilated tiles from per-block (lo, hi, all_seg) rows ``[3, n]`` of q and k.
-
-    Active: the blocks' kept-segment ranges overlap. Full: both blocks are wholly kept in one
-    and the same segment (``all_seg`` of k uses -2 for "no", so it never equals q's -1).
-    Query blocks with the same (lo, hi, all_seg) have the same row: each distinct row is
-    computed once and the rows are gathered into the outputs.
+    """One head's tiles into ``any_out``, ``all_out`` from per-block (lo, hi, all_seg) rows
+    ``[3, n]`` of q and k (k's all_seg -2 for "no"): active where the segment ranges overlap,
+    full where both blocks are wholly kept in one segment. Equal query rows are computed once.
     """
     starts = torch.ones_like(q[0], dtype=torch.bool)
     starts[1:] = (q[:, 1:] != q[:, :-1]).any(0)  # equal neighbouring rows are computed once
@@ -85,9 +77,6 @@ class Dilated(Pattern):
         self.num_heads = len(self.w)
         self.name = name
         self._tables: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per device
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         # the per-head tables are copied to a device once: a copy from the host waits for
@@ -142,8 +131,7 @@ class Dilated(Pattern):
     def count_pairs(self, seq_len):
         total = 0
         for w, r, s in zip(self.w, self.r, self.s):
-            starts = torch.arange(0, seq_len, w, dtype=torch.int64)
-            lengths = torch.clamp(seq_len - starts, max=w)
+            lengths = block_lengths(seq_len, w)
             kept = torch.clamp(torch.div(lengths - s + r - 1, r, rounding_mode="floor"), min=0)
             total += int((kept * kept).sum())
         return total
@@ -157,11 +145,8 @@ class Dilated(Pattern):
 
 def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> None:
     """Validate LongNet (segment, dilation) lists; raise naming the offending argument."""
-    for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
-        if isinstance(seq, (int, str)) or not isinstance(seq, Sequence) or len(seq) == 0:
-            raise TypeError(f"{name} must be a non-empty list of ints, got {seq!r}")
-        for v in seq:
-            check_int(f"{name} entries", v, 1)
+    check_ints("segment_lengths", segment_lengths, 1)
+    check_ints("dilation_rates", dilation_rates, 1)
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(
             f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
@@ -176,10 +161,8 @@ def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequenc
 
 
 def head_groups(num_heads: int, num_groups: int) -> list[int]:
-    """Group index of every head when ``num_heads`` are split as evenly as possible.
-
-    Groups are contiguous; the first ``num_heads % num_groups`` groups get one extra head.
-    """
+    """Group index of every head when ``num_heads`` are split into contiguous groups, the
+    first ``num_heads % num_groups`` of them one head larger."""
     check_int("num_heads", num_heads, 1)
     if num_heads < num_groups:
         raise ValueError(

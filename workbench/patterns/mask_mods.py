@@ -1,8 +1,5 @@
-"""Patterns from FlexAttention mask functions, ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
-
-The way back is :meth:`Pattern.mask_mod`; together they let a mask written for FlexAttention
-run on every workbench backend and compose with every workbench pattern.
-"""
+"""Patterns from FlexAttention mask functions, ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (the
+way back is :meth:`Pattern.mask_mod`)."""
 
 from __future__ import annotations
 
@@ -15,11 +12,8 @@ from .base import FlexMaskMod, Pattern, check_positive_int
 
 
 class MaskModPattern(Pattern):
-    """The pairs a FlexAttention ``mask_mod`` allows, asked with batch index 0.
-
-    ``allowed(h, q, k)`` is ``fn(0, h, q, k)``, asked only about real positions. No tile rule:
-    its exact layout evaluates every tile token by token. Equal only to itself (``fn`` may read
-    tensors that change).
+    """The pairs a FlexAttention ``mask_mod`` allows: ``allowed(h, q, k)`` is ``fn(0, h, q, k)``.
+    Its layout evaluates every tile; equal only to itself (``fn`` may read changing tensors).
     """
 
     def __init__(self, fn: FlexMaskMod, num_heads: int = 1, name: str | None = None) -> None:
@@ -51,18 +45,14 @@ class MaskModPattern(Pattern):
 
 
 def from_mask_mod(fn: FlexMaskMod, num_heads: int = 1, name: str | None = None) -> Pattern:
-    """A pattern from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
+    """A :class:`MaskModPattern` from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``.
 
     Args:
         fn: the mask function; called with batch index 0 and only real positions, on the
-            device of the call (tensors it reads, such as document ids, must be there).
-        num_heads: 1 if ``fn`` is the same for every head (it then broadcasts over any head
-            count), else the number of heads ``fn`` distinguishes (``h < num_heads``).
+            device of the call (tensors it reads must be there).
+        num_heads: 1 if ``fn`` is the same for every head (it then broadcasts), else the number
+            of heads ``fn`` distinguishes.
         name: what the pattern's repr calls ``fn`` (default: its ``__name__``).
-
-    Returns:
-        A :class:`MaskModPattern`: it runs on every backend and composes with ``|`` and ``&``;
-        its layout costs ``O(tiles x block_size**2)`` predicate evaluations.
 
     Raises:
         TypeError: ``fn`` is not callable with four arguments, or ``name`` is not a string.

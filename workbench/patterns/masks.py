@@ -1,8 +1,5 @@
 """Patterns defined by tensors: key padding, explicit masks, selected tiles, batch copies.
-
-These hold data rather than arguments, so they are equal only to themselves (except
-:class:`TiledHeads` of a pattern that has a value). Their layouts are exact reductions of
-the tensor over each tile, at any block size.
+They are equal only to themselves; their layouts reduce the tensor over each tile exactly.
 """
 
 from __future__ import annotations
@@ -14,19 +11,20 @@ from ..layout import cells_to_tiles, num_blocks
 from .base import Pattern
 
 
+def _check_bool(name: str, t: torch.Tensor, axes: tuple[str, ...]) -> None:
+    if t.dtype != torch.bool or t.dim() != len(axes):
+        raise TypeError(f"{name} must be a bool [{', '.join(axes)}] tensor, got {t.dtype} "
+                        f"{tuple(t.shape)}")
+
+
 class KeyMask(Pattern):
     """Keys allowed per head by a boolean vector ``valid [H, S_k]`` (key padding); keys past
     the vector are never allowed."""
 
     def __init__(self, valid: torch.Tensor) -> None:
-        if valid.dtype != torch.bool or valid.dim() != 2:
-            raise TypeError(f"valid must be a bool [heads, keys] tensor, got {valid.dtype} "
-                            f"{tuple(valid.shape)}")
+        _check_bool("valid", valid, ("heads", "keys"))
         self.valid = valid
         self.num_heads = valid.shape[0]
-
-    def allowed(self, h, q, k):
-        return self.predicate(k.device)(h, q, k)
 
     def predicate(self, device):
         v = self.valid.to(device)
@@ -51,21 +49,13 @@ class KeyMask(Pattern):
 
 
 class DenseMask(Pattern):
-    """Pairs allowed by an explicit bool tensor ``allowed [H, S_q, S_k]`` (``H`` may be 1).
-
-    For short sequences only (the tensor itself is ``S x S``). Positions beyond the tensor are
-    never allowed. The block layout is exact at any block size.
-    """
+    """Pairs allowed by an explicit bool tensor ``allowed [H or 1, S_q, S_k]``; positions
+    beyond it are never allowed."""
 
     def __init__(self, allowed: torch.Tensor) -> None:
-        if allowed.dtype != torch.bool or allowed.dim() != 3:
-            raise TypeError(f"allowed must be a bool [heads, q_len, k_len] tensor, got "
-                            f"{allowed.dtype} {tuple(allowed.shape)}")
+        _check_bool("allowed", allowed, ("heads", "q_len", "k_len"))
         self.mask = allowed
         self.num_heads = allowed.shape[0]
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         m = self.mask.to(device)
@@ -80,42 +70,27 @@ class DenseMask(Pattern):
         return in_mask
 
     def tiles(self, q_len, k_len, block_size, device, rows):
-        b = block_size
-        r, nk = rows[1] - rows[0], num_blocks(k_len, b)
-        q0, q1 = rows[0] * b, min(rows[1] * b, q_len)
-        src = self.mask[:, q0:q1, :k_len].to(device)
-        m = torch.zeros(self.num_heads, r * b, nk * b, dtype=torch.bool, device=device)
-        m[:, : src.shape[1], : src.shape[2]] = src
-        real = torch.zeros(1, r * b, nk * b, dtype=torch.bool, device=device)
-        real[:, : q1 - q0, :k_len] = True
-        shape = (-1, r, b, nk, b)
-        return m.view(shape).any(4).any(2), (m | ~real).view(shape).all(4).all(2)
+        q0, q1 = rows[0] * block_size, min(rows[1] * block_size, q_len)
+        m = self.mask[:, q0:q1, :k_len].to(device)
+        m = F.pad(m, (0, k_len - m.shape[2], 0, q1 - q0 - m.shape[1]))  # past it: never allowed
+        return cells_to_tiles(m, 1, q_len, k_len, block_size, rows)  # cells of one token
 
     def __repr__(self) -> str:
         return f"dense_mask({tuple(self.mask.shape)})"
 
 
 class BlockSelection(Pattern):
-    """Pattern of selected tiles: ``allowed(h, q, k) = selected[h, q // b, k // b]``.
-
-    ``selected`` is bool ``[H, nq, nk]`` at block size ``b`` for a ``q_len x k_len`` problem
-    (``H`` may be ``B * heads``, the batch folded in); its layout is exact at any kernel block
-    size, for the lengths the selection was made for.
-    """
+    """Selected tiles: ``allowed(h, q, k) = selected[h, q // b, k // b]``, ``selected`` bool
+    ``[H, nq, nk]`` at block size ``b`` for a ``q_len x k_len`` problem (and only for it)."""
 
     def __init__(self, selected: torch.Tensor, block_size: int, q_len: int, k_len: int) -> None:
-        if selected.dtype != torch.bool or selected.dim() != 3:
-            raise TypeError(f"selected must be a bool [heads, nq, nk] tensor, got "
-                            f"{selected.dtype} {tuple(selected.shape)}")
+        _check_bool("selected", selected, ("heads", "nq", "nk"))
         expect = (num_blocks(q_len, block_size), num_blocks(k_len, block_size))
         if tuple(selected.shape[1:]) != expect:
             raise ValueError(f"selected has {tuple(selected.shape[1:])} blocks but q_len={q_len}"
                              f", k_len={k_len}, block_size={block_size} need {expect}")
         self.selected, self.cell, self.q_len, self.k_len = selected, block_size, q_len, k_len
         self.num_heads = selected.shape[0]
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         sel = self.selected.to(device)
@@ -147,17 +122,12 @@ class BlockSelection(Pattern):
 
 
 class TiledHeads(Pattern):
-    """An ``H``-head pattern repeated ``copies`` times: head ``c * H + h`` behaves as head ``h``.
-
-    Used to fold the batch into the heads (per-batch masks, adaptive layouts).
-    """
+    """An ``H``-head pattern repeated ``copies`` times: head ``c * H + h`` behaves as head
+    ``h`` (the batch folded into the heads)."""
 
     def __init__(self, pattern: Pattern, copies: int) -> None:
         self.base, self.copies = pattern, copies
         self.num_heads = pattern.num_heads * copies
-
-    def allowed(self, h, q, k):
-        return self.predicate(q.device)(h, q, k)
 
     def predicate(self, device):
         f, n = self.base.predicate(device), self.base.num_heads
@@ -180,7 +150,6 @@ class TiledHeads(Pattern):
 
 
 def tile_batch(pattern: Pattern, copies: int) -> Pattern:
-    """``pattern`` over ``copies`` batch elements folded into the heads (head ``c * H + h``
-    behaves as head ``h``): a 1-head pattern unchanged (it broadcasts over any number of
-    heads), an ``H``-head one as :class:`TiledHeads` (``copies * H`` heads)."""
+    """``pattern`` over ``copies`` batch elements folded into the heads: a 1-head pattern
+    unchanged (it broadcasts), an ``H``-head one as :class:`TiledHeads`."""
     return pattern if pattern.num_heads == 1 or copies == 1 else TiledHeads(pattern, copies)

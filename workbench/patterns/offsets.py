@@ -1,9 +1,8 @@
 """Toeplitz layouts: the tiles of a pattern that depends on the offset ``k - q`` alone.
 
-The offsets inside a tile are every integer from ``k_first - q_last`` to ``k_last - q_first``,
-so a prefix count of the rule over all offsets decides any tile in O(1). With uniform blocks a
-tile's status depends only on its block diagonal ``j - i``: the layout is built from one value
-per diagonal, and the ragged last block row and column are computed exactly on their own.
+A tile holds every offset from ``k_first - q_last`` to ``k_last - q_first``, so a prefix count of
+the rule decides it in O(1); uniform tiles depend only on their block diagonal, and the ragged
+last block row and column are computed on their own.
 """
 
 from __future__ import annotations

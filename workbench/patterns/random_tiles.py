@@ -1,9 +1,5 @@
-"""BigBird-style random tiles and the hash that draws them.
-
-A cell of ``cell x cell`` tokens is on when a deterministic 24-bit hash of (seed, head, cell row,
-cell column) falls below ``density * 2**24``, so a pattern does not depend on the sequence length
-or on the block size a kernel later uses. Layouts hash the cell grid a band of rows at a time in
-int32 and reduce each band to tiles exactly (:func:`~workbench.layout.cells_to_tiles`).
+"""BigBird-style random tiles and the hash that draws them: layouts hash the cell grid a band
+of rows at a time in int32 and reduce each band to tiles exactly.
 """
 
 from __future__ import annotations
@@ -13,17 +9,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..layout import cells_to_tiles, num_blocks, tile_sum
+from ..layout import block_lengths, cells_to_tiles, num_blocks, tile_sum
 from .base import Pattern, check_density, check_int
 
 _HASH_HEAD, _HASH_ROW, _HASH_COL, _HASH_SEED = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
 _HASH_MIX = (0x7FEB352D, 0x846CA68B)
+# cells hashed per step (a CPU's two int32 buffers stay in cache; a GPU's launches stay few),
+# and per band of tile rows hashed and reduced at once (the cell grid is never held whole)
 _HASH_STEP = {"cpu": 1 << 18, "cuda": 1 << 24}
-"""Cells hashed per step, by device type: on a CPU a step's two int32 buffers stay in cache; on
-a GPU a large step keeps the number of kernel launches down (others use the GPU's)."""
 _BAND_CELLS = {"cpu": 1 << 22, "cuda": 1 << 28}
-"""Cells per band of tile rows a layout hashes and reduces at once: the cell grid (``f**2``
-times the tiles when ``f`` cells fit along a tile) is never held whole."""
 
 
 def _signed32(x: int) -> int:
@@ -32,43 +26,39 @@ def _signed32(x: int) -> int:
     return x - (1 << 32) if x >= 1 << 31 else x
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """The hash's 32-bit finalizer, returning its top 24 bits.
+_MULS = tuple(_signed32(m) for m in _HASH_MIX)
 
-    ``x`` is either int64 holding values in ``[0, 2**32)`` or int32 holding the same bits
-    (two's complement, where products wrap); both give the same result.
-    """
-    wide = x.dtype == torch.int64
-    for mul in _HASH_MIX:
-        x = x ^ ((x >> 16) & 0xFFFF)
-        x = x * _signed32(mul)
-        x = x & 0xFFFFFFFF if wide else x
-    x = x ^ ((x >> 16) & 0xFFFF)
-    return (x >> 8) & 0xFFFFFF
+
+def _mix32(x: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """The hash's 32-bit finalizer of ``x``, int64 in ``[0, 2**32)`` or int32 of the same bits
+    (products wrap); both end with the same bits. With ``scratch`` (``x``'s shape and dtype)
+    ``x`` is mixed in place, allocating nothing; without, nothing is written in place (so a
+    compiled ``mask_mod`` can trace it)."""
+    into = None if scratch is None else x
+    for mul in (*_MULS, None):  # x ^= x >>> 16, then x *= mul
+        t = torch.bitwise_and(torch.bitwise_right_shift(x, 16, out=scratch), 0xFFFF, out=scratch)
+        x = torch.bitwise_xor(x, t, out=into)
+        if mul is not None:
+            x = torch.mul(x, mul, out=into)
+            if x.dtype == torch.int64:
+                x = torch.bitwise_and(x, 0xFFFFFFFF, out=into)
+    return x
 
 
 def hash_cells(seed: int, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
     """Deterministic 24-bit hash of (seed, head, cell row, cell column), elementwise: the
     random-tile patterns keep a cell below a threshold, attention dropout keeps a (query, key)
-    pair at or above one.
-
-    Computed in int64 whatever the index dtype (kernels pass int32), keeping the low 32 bits.
-    """
+    pair at or above one. Computed in int64 whatever the index dtype."""
     h, i, j = h.to(torch.int64), i.to(torch.int64), j.to(torch.int64)
     x = (h * _HASH_HEAD + i * _HASH_ROW + j * _HASH_COL + seed * _HASH_SEED) & 0xFFFFFFFF
-    return _mix32(x)
+    return _mix32(x) >> 8
 
 
 def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int,
                threshold: int, device: torch.device) -> Tensor:
     """Bool ``[len(heads), r1 - r0, cols]``: ``hash_cells(seed, h, i, j) < threshold`` for the
-    cell rows ``i`` in ``rows = (r0, r1)``.
-
-    The same hash in int32 (products wrap, which keeps exactly the low 32 bits), in place on
-    two buffers of :data:`_HASH_STEP` cells, whole cell rows at a time. The final test reads
-    the top 24 bits as unsigned: ``(y >>> 8) < t`` is ``y < 256 t`` on unsigned 32-bit ``y``,
-    which is a signed comparison once the sign bit is flipped.
-    """
+    cell rows ``i`` in ``rows = (r0, r1)``, hashed in int32 on two buffers of ``_HASH_STEP``
+    cells; ``(y >>> 8) < t`` is ``y < 256 t`` on unsigned ``y``, signed once the sign flips."""
     def lanes(v: Tensor) -> Tensor:  # int64 in [0, 2**32) -> int32 with the same bits
         return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
 
@@ -80,30 +70,24 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
     step = max(1, _HASH_STEP.get(torch.device(device).type, _HASH_STEP["cuda"]) // cols)
     x = torch.empty(min(step, end - first), cols, dtype=torch.int32, device=device)
     t = torch.empty_like(x)
-    sign, muls = -(1 << 31), [_signed32(m) for m in _HASH_MIX]
+    sign = -(1 << 31)
     below = threshold * 256 - 1 + sign  # y < 256 t  <=>  (y ^ sign) <= 256 t - 1 - 2**31
     for n, h in enumerate(heads):
         base = (h * _HASH_HEAD + seed * _HASH_SEED) & 0xFFFFFFFF
         for r0 in range(first, end, step):
             r = torch.arange(r0, min(r0 + step, end), device=device)
-            xs, ts = x[:len(r)], t[:len(r)]
+            xs = x[:len(r)]
             torch.add(lanes((r * _HASH_ROW + base) & 0xFFFFFFFF)[:, None], col, out=xs)
-            for mul in (*muls, None):  # x ^= x >>> 16, then x *= mul (_mix32, in place)
-                torch.bitwise_right_shift(xs, 16, out=ts).bitwise_and_(0xFFFF)
-                xs.bitwise_xor_(ts)
-                if mul is not None:
-                    xs.mul_(mul)
+            _mix32(xs, t[:len(r)])
             # compared in place as int32 0/1, then cast: faster than comparing into bools
             out[n, r0 - first:r0 - first + len(r)] = xs.bitwise_xor_(sign).le_(below)
     return out
 
 
 class RandomBlocks(Pattern):
-    """BigBird-style random tiles: each ``cell x cell`` tile is on with probability ``density``.
-
-    The choice is a deterministic hash of (seed, head, tile row, tile column), so it does not
-    depend on the sequence length or on the block size a kernel later uses.
-    """
+    """BigBird-style random cells: each ``cell x cell`` cell is on when :func:`hash_cells` of
+    (seed, head, cell row, cell column) is below ``density * 2**24``, whatever the length or
+    the block size."""
 
     def __init__(self, density: float, seed: int, cell: int, num_heads: int) -> None:
         self.p, self.seed, self.cell, self.num_heads = density, seed, cell, num_heads
@@ -144,7 +128,7 @@ class RandomBlocks(Pattern):
     def count_pairs(self, seq_len):
         c = self.cell
         n = num_blocks(seq_len, c)
-        size = torch.clamp(seq_len - torch.arange(n, dtype=torch.int64) * c, max=c)
+        size = block_lengths(seq_len, c)
         on = _hash_grid(self.seed, range(self.num_heads), (0, n), n, self.threshold, "cpu")
         return int(tile_sum(on, size, size).sum())  # each on cell by its real pairs
 
@@ -159,11 +143,8 @@ class RandomBlocks(Pattern):
 
 
 def random_blocks(density: float, seed: int = 0, *, cell: int = 64, num_heads: int = 1) -> Pattern:
-    """BigBird-style random tiles of ``cell x cell`` tokens, each on with probability ``density``.
-
-    ``density`` is the expected fraction of pairs (and of cells); the realized value at a given
-    length is reported by :meth:`Pattern.density`. ``num_heads > 1`` draws each head apart.
-    """
+    """BigBird-style random cells of ``cell x cell`` tokens, each on with probability
+    ``density`` (the expected fraction of pairs); ``num_heads > 1`` draws each head apart."""
     density = check_density(density, meaning="the expected fraction of cells on")
     check_int("seed", seed, 0, None)
     check_int("cell", cell, 1)

@@ -2,16 +2,12 @@
 
 from . import style
 from .curves import plot_curve, plot_visit_path
-from .dilated import (
-    head_layout,
-    plot_dilation_strips,
-    plot_head_masks,
-    plot_natural_vs_ordered,
-)
+from .dilated import plot_dilation_strips, plot_head_masks, plot_natural_vs_ordered
 from .explorers import curve_explorer, pattern_explorer, ring_explorer
 from .heatmaps import (
     block_legend,
     figure_legend,
+    head_layout,
     plot_block_layout,
     plot_pattern,
     plot_token_mask,

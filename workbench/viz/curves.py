@@ -6,7 +6,6 @@ circle (start) to a square (end).
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.collections import LineCollection
@@ -15,30 +14,19 @@ from matplotlib.colors import LinearSegmentedColormap, to_rgb
 from ..curves import grid_decode
 from ..layout import BlockLayout
 from ..orderings import block_visit_order
-from .heatmaps import BLOCK_COLORS
-from .style import ORDERING, color_of
+from .heatmaps import head_layout, tile_grid
+from .style import ORDERING, TILE_CMAP, color_of, new_axes, set_title
 
 __all__ = ["ordering_cmap", "plot_curve", "plot_visit_path"]
 
 _START = _END = "#000000"
 
 
-def _axes(ax):
-    if ax is None:
-        _, ax = plt.subplots(figsize=(3.5, 3.5))
-    return ax
-
-
-def _ordering_color(name: str | None) -> str:
-    """The colour of an ordering name; ``None`` is natural order, ``"gilbert"`` (the
-    generalized Hilbert curve) takes Hilbert's colour."""
-    name = "natural" if name is None else name
-    return color_of("hilbert" if name == "gilbert" else name, ORDERING)
-
-
 def ordering_cmap(name: str | None) -> LinearSegmentedColormap:
-    """A colour map from pale to the ordering's colour (darkened), for the steps of a path."""
-    rgb = np.array(to_rgb(_ordering_color(name)))
+    """A colour map from pale to the colour of ordering ``name`` (darkened), for the steps of a
+    path; ``None`` is natural order, ``"gilbert"`` takes Hilbert's colour."""
+    name = "natural" if name is None else name
+    rgb = np.array(to_rgb(color_of("hilbert" if name == "gilbert" else name, ORDERING)))
     pale = 0.82 + 0.18 * rgb
     dark = 0.55 * rgb
     return LinearSegmentedColormap.from_list(f"ordering_{name}", [pale, rgb, dark])
@@ -64,7 +52,7 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
 
     ``numbers`` writes each cell's curve index (default: when the grid has at most 64 cells).
     """
-    ax = _axes(ax)
+    ax = new_axes(ax, 3.5)
     h, w = shape
     n = h * w
     rc = grid_decode(torch.arange(n), shape, curve).numpy()
@@ -83,7 +71,7 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
-    ax.set_title(title if title is not None else f"{curve}, {h} x {w} ({jumps} jumps)", fontsize=9)
+    set_title(ax, title, f"{curve}, {h} x {w} ({jumps} jumps)")
     return ax
 
 
@@ -94,12 +82,10 @@ def plot_visit_path(layout: BlockLayout, block_order: str | None = "hilbert", *,
     The tiles are drawn pale; ``numbers`` writes each tile's step number (default: when at most
     64 tiles are active).
     """
-    ax = _axes(ax)
-    h = 0 if layout.num_heads == 1 else head
-    grid = layout.active[h].to(int).numpy() + layout.full[h].to(int).numpy()
-    ax.imshow(grid, cmap=BLOCK_COLORS, vmin=0, vmax=2, interpolation="nearest", alpha=0.35)
-    one = BlockLayout(layout.active[h : h + 1], layout.full[h : h + 1], layout.q_len,
-                      layout.k_len, layout.block_size)
+    ax = new_axes(ax, 3.5)
+    one = head_layout(layout, head)
+    grid = tile_grid(one)
+    ax.imshow(grid, cmap=TILE_CMAP, vmin=0, vmax=2, interpolation="nearest", alpha=0.35)
     tiles = block_visit_order(one, block_order).numpy()
     xy = np.stack([tiles[:, 2], tiles[:, 1]], axis=1).astype(float)
     many = len(tiles) > 64
@@ -119,6 +105,5 @@ def plot_visit_path(layout: BlockLayout, block_order: str | None = "hilbert", *,
     ax.grid(False)
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
-    name = block_order or "natural"
-    ax.set_title(title if title is not None else f"visit order: {name}", fontsize=9)
+    set_title(ax, title, f"visit order: {block_order or 'natural'}")
     return ax

@@ -1,10 +1,5 @@
-"""Drawings for LongNet dilated attention: kept positions per head, and the dilation ordering.
-
-:func:`plot_dilation_strips` draws, for every head (head-group mode) or every (head, branch)
-pair (paper mode), which positions of the sequence the head keeps, segment by segment.
-:func:`plot_natural_vs_ordered` shows one head's pattern in natural token order beside the same
-pattern after the dilation ordering, at token and at block level.
-"""
+"""Drawings for LongNet dilated attention: the positions each head keeps, per-head masks, and
+one head's pattern before and after the dilation ordering."""
 
 from __future__ import annotations
 
@@ -14,25 +9,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import patheffects
 from matplotlib.colors import to_rgb
-from matplotlib.ticker import MaxNLocator
 
-from ..layout import BlockLayout
 from ..orderings import dilation_gather, dilation_permutation, permuted
 from ..patterns import Pattern, check_dilation_pairs, head_groups
-from .heatmaps import block_legend, plot_block_layout, plot_token_mask
-from .style import ORDERING, TOKEN_CMAP
+from .heatmaps import block_legend, draw_mask, head_layout, plot_block_layout, plot_token_mask
+from .style import ORDERING, set_title
 
-__all__ = ["BRANCH_COLORS", "head_layout", "plot_dilation_strips", "plot_head_masks",
-           "plot_natural_vs_ordered"]
+__all__ = ["BRANCH_COLORS", "plot_dilation_strips", "plot_head_masks", "plot_natural_vs_ordered"]
 
 BRANCH_COLORS = ["#1f3b73", "#2a9d8f", "#e76f51", "#8e5ea2", "#c9a227", "#6c757d"]
-
-
-def head_layout(layout: BlockLayout, head: int) -> BlockLayout:
-    """The one-head :class:`BlockLayout` of ``head`` (its stats are that head's alone)."""
-    h = min(head, layout.num_heads - 1)
-    return BlockLayout(layout.active[h : h + 1], layout.full[h : h + 1], layout.q_len,
-                       layout.k_len, layout.block_size)
 
 
 def _smooth(ax) -> None:
@@ -65,12 +50,8 @@ def plot_head_masks(pattern: Pattern, seq_len: int, block_size: int, axes,
         if level == "block":
             plot_block_layout(layout, head=j, ax=ax, title=title, annotate=False)
         elif zoom is not None:
-            m = masks[min(j, masks.shape[0] - 1), :zoom, :zoom].numpy()
-            ax.imshow(m, cmap=TOKEN_CMAP, vmin=0, vmax=1, interpolation="nearest")
-            ax.grid(False)
-            for edge in np.arange(block_size, zoom, block_size) - 0.5:
-                ax.axhline(edge, color="#888888", lw=0.6)
-                ax.axvline(edge, color="#888888", lw=0.6)
+            draw_mask(ax, masks[min(j, masks.shape[0] - 1), :zoom, :zoom].numpy(), block_size,
+                      lw=0.6)
             ax.set_title(title, fontsize=9)
         else:
             plot_token_mask(pattern, seq_len, head=j, block_size=block_size, ax=ax, title=title)
@@ -79,13 +60,6 @@ def plot_head_masks(pattern: Pattern, seq_len: int, block_size: int, axes,
         ax.set_yticks([])
         ax.set_xlabel("")
         ax.set_ylabel("")
-
-
-def _kept(seq_len: int, w: int, r: int, offset: int) -> np.ndarray:
-    pos, valid = dilation_gather(seq_len, w, r, [offset])
-    kept = np.zeros(seq_len, dtype=bool)
-    kept[pos[valid].numpy()] = True
-    return kept
 
 
 def plot_dilation_strips(segment_lengths: Sequence[int], dilation_rates: Sequence[int],
@@ -114,7 +88,9 @@ def plot_dilation_strips(segment_lengths: Sequence[int], dilation_rates: Sequenc
         base = np.array(to_rgb(BRANCH_COLORS[i % len(BRANCH_COLORS)]))
         seg_id = np.arange(seq_len) // w
         shade = np.where(seg_id % 2 == 0, 0.96, 0.90)[:, None] * np.ones(3)
-        kept = _kept(seq_len, w, r, s)
+        pos, valid = dilation_gather(seq_len, w, r, [s])
+        kept = np.zeros(seq_len, dtype=bool)
+        kept[pos[valid].numpy()] = True
         img[y] = np.where(kept[:, None], base, shade)
         labels.append(f"head {j}: w={w}, r={r}, s={s}")
         bounds.append((y, np.arange(w, seq_len, w) - 0.5))
@@ -134,20 +110,18 @@ def plot_dilation_strips(segment_lengths: Sequence[int], dilation_rates: Sequenc
     else:
         for y in range(1, len(rows)):
             ax.axhline(y - 0.5, color="white", lw=0.6)
-    ax.set_title(title if title is not None else
-                 f"kept positions per {'head' if mode == 'head_groups' else '(head, branch)'} "
-                 f"({mode} mode); black ticks = segment boundaries", fontsize=9)
+    unit = "head" if mode == "head_groups" else "(head, branch)"
+    set_title(ax, title, f"kept positions per {unit} ({mode} mode); black ticks = segment "
+              "boundaries")
     return ax
 
 
 def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, head: int,
                             segment: int, dilation: int, offset: int):
-    """2 x 2 figure: ``head``'s tokens and tiles in natural order, and after the dilation ordering.
+    """2 x 2 figure: ``head``'s tokens and tiles in natural order, and after the dilation ordering
+    (:func:`~workbench.orderings.dilation_permutation` of ``(segment, dilation, offset)``, which
+    must be that head's pair and offset); each column framed in its order's colour.
 
-    Each column is framed in its order's colour (:data:`~.style.ORDERING`).
-
-    The ordering is :func:`~workbench.orderings.dilation_permutation` for ``(segment, dilation,
-    offset)``, which must be that head's pair and offset (the permutation is per head).
     Returns ``(fig, natural_layout, ordered_layout)``, both one-head layouts.
     """
     perm = dilation_permutation(seq_len, segment, dilation, offset)
@@ -169,8 +143,6 @@ def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, hea
     _smooth(axes[0, 0])
     _smooth(axes[0, 1])
     for ax, lay in ((axes[1, 0], nat), (axes[1, 1], ordl)):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         st = lay.stats()
         ax.text(0.02, -0.2, f"{st.active_blocks} active tiles, {st.full_blocks} full; "
                 f"computed density {st.density:.2%}", transform=ax.transAxes, fontsize=8,

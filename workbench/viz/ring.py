@@ -1,10 +1,7 @@
-"""The ring schedule drawn from its :class:`~workbench.sharding.DistributedPlan`.
-
-:func:`plot_ring_schedule` draws the plan as a rank x step grid, :func:`plot_ring_step` the
-layout with one step's (query run, K/V run) pairs outlined per rank, :func:`plot_distributed_layout`
-every active tile coloured by its step; ``ring_step_regions``, ``ring_step_tiles`` and
-``distributed_tile_steps`` are their data.
-"""
+"""The ring schedule drawn from its :class:`~workbench.sharding.DistributedPlan`: as a rank x step
+grid, as one step's (query run, K/V run) pairs outlined on the layout, and as every active tile
+coloured by its step; ``ring_step_regions``, ``ring_step_tiles`` and ``distributed_tile_steps``
+are their data."""
 
 from __future__ import annotations
 
@@ -20,17 +17,21 @@ from torch import Tensor
 
 from ..layout import BlockLayout
 from ..sharding import DistributedPlan
-from .dilated import head_layout
-from .heatmaps import ALLOWED, EMPTY, SEPARATOR_MAX_TILES, plot_block_layout
-from .style import rank_colors
+from .heatmaps import SEPARATOR_MAX_TILES, head_layout, plot_block_layout
+from .style import (
+    TILE,
+    new_axes,
+    rank_colors,
+    set_title,
+    tile_separators,
+)
 
 __all__ = ["RingRegion", "distributed_tile_steps", "merged_heads", "plot_distributed_layout",
            "plot_ring_schedule", "plot_ring_step", "ring_step_regions", "ring_step_tiles",
            "step_colors"]
 
-RANK_COLORS = tuple(rank_colors(8))  # a rank has the same colour in every figure
 ANNOTATE_MAX_RANKS = 12  # write the K/V shard and tile count in each cell up to this many ranks
-_SCHEDULE_CMAP = ListedColormap([EMPTY, ALLOWED])  # 0 skipped, 1 computed
+_SCHEDULE_CMAP = ListedColormap([TILE["empty"], TILE["allowed"]])  # 0 skipped, 1 computed
 _DIMMED = 0.7  # opacity of the white veil over tiles that a step does not compute
 
 
@@ -90,18 +91,11 @@ def ring_step_tiles(layout: BlockLayout, plan: DistributedPlan, step: int, *,
                     head: int | None = None) -> Tensor:
     """Bool ``[nq, nk]``: the active tiles computed at ``step`` (of ``head``; all heads if None);
     every active tile is computed at exactly one step."""
-    active = _shown(layout, head).active[0]
-    out = torch.zeros_like(active)
-    for region in ring_step_regions(plan, step):
-        if region.computed:
-            (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
-            out[q0:q1, k0:k1] = active[q0:q1, k0:k1]
-    return out
+    return distributed_tile_steps(layout, plan, head=head) == _check_step(plan, step)
 
 
 def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
-                   head: int | None = None, ax=None, title: str | None = None,
-                   legend: bool = True):
+                   head: int | None = None, ax=None, title: str | None = None):
     """The block layout with the tiles computed at ``step`` outlined, one colour per rank.
 
     Solid outlines are pairs a rank computes, dashed ones pairs it skips; other tiles are
@@ -118,9 +112,10 @@ def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
             (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
             veil[q0:q1, k0:k1, 3] = 0.0
     ax.imshow(veil, interpolation="nearest")
+    colors = rank_colors(plan.world_size)
     for region in regions:
         (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
-        color = RANK_COLORS[region.rank % len(RANK_COLORS)]
+        color = colors[region.rank]
         ax.add_patch(Rectangle((k0 - 0.5, q0 - 0.5), k1 - k0, q1 - q0, fill=False,
                                edgecolor=color, lw=2.2 if region.computed else 1.0,
                                ls="-" if region.computed else "--"))
@@ -131,15 +126,11 @@ def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
             if b0:
                 line(b0 - 0.5, color="#999999", lw=0.6, ls=":")
     computing = len({r.rank for r in regions if r.computed})
-    ax.set_title(title if title is not None else
-                 f"step {step}: {computing} of {plan.world_size} ranks compute, "
-                 f"{sum(r.tiles for r in regions)} tiles", fontsize=9)
-    if legend:
-        ax.legend(handles=[Patch(facecolor="none", edgecolor="#333333", lw=2.0,
-                                 label="rank computes"),
-                           Patch(facecolor="none", edgecolor="#333333", ls="--",
-                                 label="rank skips")],
-                  loc="upper right", fontsize=7, frameon=True)
+    set_title(ax, title, f"step {step}: {computing} of {plan.world_size} ranks compute, "
+              f"{sum(r.tiles for r in regions)} tiles")
+    ax.legend(handles=[Patch(facecolor="none", edgecolor="#333333", lw=2.0, label="rank computes"),
+                       Patch(facecolor="none", edgecolor="#333333", ls="--", label="rank skips")],
+              loc="upper right", fontsize=7, frameon=True)
     return ax
 
 
@@ -157,22 +148,18 @@ def _shard_label(plan: DistributedPlan, rank: int) -> str:
 
 
 def plot_ring_schedule(plan: DistributedPlan, *, step: int | None = None, ax=None,
-                       title: str | None = None, annotate: bool | None = None,
-                       shard_labels: bool = True):
+                       title: str | None = None, shard_labels: bool = True):
     """Rank x step grid of ``plan``: dark where a rank computes, pale where it skips the step;
-    steps after the plan's ``last_step()`` are hatched. ``annotate`` (default: up to
-    ``ANNOTATE_MAX_RANKS`` ranks) names the K/V shard held and the tiles computed in each cell;
-    ``step`` outlines that column; ``shard_labels`` names each rank's block runs.
+    steps after the plan's ``last_step()`` are hatched. Up to ``ANNOTATE_MAX_RANKS`` ranks each
+    cell names the K/V shard held and the tiles computed; ``step`` outlines that column;
+    ``shard_labels`` names each rank's block runs.
     """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4, 4))
+    ax = new_axes(ax)
     p = plan.world_size
     tiles = plan.tiles_per_step()
     computed = (tiles > 0).to(torch.int64).numpy()
     ax.imshow(computed, cmap=_SCHEDULE_CMAP, vmin=0, vmax=1, interpolation="nearest")
-    if annotate is None:
-        annotate = p <= ANNOTATE_MAX_RANKS
-    if annotate:
+    if p <= ANNOTATE_MAX_RANKS:
         fs = 7 if p <= 4 else 6 if p <= 8 else 5
         for r in range(p):
             for d in range(p):
@@ -185,9 +172,7 @@ def plot_ring_schedule(plan: DistributedPlan, *, step: int | None = None, ax=Non
     if last < p - 1:
         ax.add_patch(Rectangle((last + 0.5, -0.5), p - 1 - last, p, fill=False, hatch="///",
                                edgecolor="#bbbbbb", lw=0))
-    for edge in np.arange(1, p) - 0.5:
-        ax.axhline(edge, color="white", lw=1.0)
-        ax.axvline(edge, color="white", lw=1.0)
+    tile_separators(ax, p, p, lw=1.0)
     if step is not None:
         _check_step(plan, step)
         ax.add_patch(Rectangle((step - 0.5, -0.5), 1, p, fill=False, edgecolor="#d62728",
@@ -200,9 +185,8 @@ def plot_ring_schedule(plan: DistributedPlan, *, step: int | None = None, ax=Non
     else:
         ax.set_yticks(range(p))
         ax.set_ylabel("rank r (query shard)")
-    ax.set_title(title if title is not None else
-                 f"{plan.sharding.kind}, {p} ranks: {plan.skipped} of {p * p} steps skipped, "
-                 f"{int(plan.shards_sent().sum())} shards sent", fontsize=9)
+    set_title(ax, title, f"{plan.sharding.kind}, {p} ranks: {plan.skipped} of {p * p} steps "
+              f"skipped, {int(plan.shards_sent().sum())} shards sent")
     return ax
 
 
@@ -234,22 +218,17 @@ def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
     Strips left and above give the rank of each query block (which computes the tile) and of
     each key block; dotted lines separate the shards' runs.
     """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax = new_axes(ax, 4.5)
     steps = distributed_tile_steps(layout, plan, head=head)
     p = plan.world_size
     nq, nk = steps.shape
-    colors = ListedColormap([EMPTY, *step_colors(p)])
+    colors = ListedColormap([TILE["empty"], *step_colors(p)])
     ax.imshow(steps.numpy() + 1, cmap=colors, vmin=0, vmax=p, interpolation="nearest")
     if max(nq, nk) <= SEPARATOR_MAX_TILES:
-        for edge in np.arange(1, nq) - 0.5:
-            ax.axhline(edge, color="white", lw=0.5)
-        for edge in np.arange(1, nk) - 0.5:
-            ax.axvline(edge, color="white", lw=0.5)
+        tile_separators(ax, nq, nk, lw=0.5)
     width = max(1.0, nk / 30)
     edge = -0.5 - 1.3 * width
-    for r in range(p):
-        color = RANK_COLORS[r % len(RANK_COLORS)]
+    for r, color in enumerate(rank_colors(p)):
         for b0, b1 in plan.sharding.pieces[r]:  # query blocks: strip on the left
             ax.add_patch(Rectangle((edge, b0 - 0.5), width, b1 - b0, color=color,
                                    clip_on=False, lw=0))
@@ -266,13 +245,10 @@ def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("key block (strip: rank holding it)")
     ax.set_ylabel("query block (strip: rank computing it)")
-    ax.set_title(title if title is not None else
-                 f"{plan.sharding.kind} sharding over {p} ranks: tile colour = ring step",
-                 fontsize=9)
+    set_title(ax, title, f"{plan.sharding.kind} sharding over {p} ranks: tile colour = ring step")
     if legend:
         handles = [Patch(color=c, label=f"step {d}") for d, c in enumerate(step_colors(p))]
-        handles += [Patch(color=RANK_COLORS[r % len(RANK_COLORS)], label=f"rank {r}")
-                    for r in range(p)]
+        handles += [Patch(color=c, label=f"rank {r}") for r, c in enumerate(rank_colors(p))]
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7,
                   frameon=False)
     return ax

@@ -1,10 +1,5 @@
-"""One way to write figures: stable names, deterministic bytes, one folder.
-
-Figures go to the project's ``figures/`` (:func:`workbench.project.figures_dir`: the project
-found from the working directory, or ``$WORKBENCH_ROOT``); ``$WORKBENCH_FIGURES_DIR`` redirects
-them (the test suite points it at a temporary folder so that running the notebooks under nbval
-never rewrites the committed figures).
-"""
+"""One way to write figures: stable names, deterministic bytes, one folder: the project's
+``figures/`` (:func:`workbench.project.figures_dir`), or ``$WORKBENCH_FIGURES_DIR``."""
 
 from __future__ import annotations
 
@@ -26,10 +21,10 @@ def save_figure(
     """Save ``fig`` as ``<figures_dir>/<name>.<fmt>`` for each format; returns the paths.
 
     ``name`` is a stable identifier such as ``"01_pattern_gallery"`` (no extension, no
-    folders). A figure marked measured (:func:`~workbench.viz.style.mark_measured`) must carry
-    its provenance (:func:`~workbench.viz.style.stamp`); otherwise ``ValueError``. Metadata
-    that changes between runs (dates, software versions) is left out, so
-    the same figure gives the same bytes.
+    folders). Metadata that changes between runs is left out: the same figure gives the same
+    bytes. Raises ``ValueError`` for a figure marked measured
+    (:func:`~workbench.viz.style.mark_measured`) without its provenance
+    (:func:`~workbench.viz.style.stamp`).
     """
     if not name or "/" in name or "." in name:
         raise ValueError(f"figure name must be a bare stable name like '01_gallery', got {name!r}")

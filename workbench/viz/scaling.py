@@ -1,12 +1,14 @@
-"""Plots of benchmark rows (``workbench.lab.bench``) against sequence length, drawn with seaborn.
+"""Plots against sequence length, drawn with seaborn: benchmark rows (``workbench.lab.bench``)
+and the axes of density-against-length figures.
 
-Every function takes a tidy ``pandas.DataFrame`` of the rows the benchmarks write, draws it in
-the palettes of :mod:`workbench.viz.style`, stamps it with the rows' provenance
+Every ``plot_*`` function takes a tidy ``pandas.DataFrame`` of the rows the benchmarks write,
+draws it in the palettes of :mod:`workbench.viz.style`, stamps it with the rows' provenance
 (:meth:`~workbench.viz.style.Provenance.from_rows`, or ``provenance=``) and returns the figure.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
@@ -15,54 +17,31 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_hex
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
 from . import style
-from .style import Provenance
+from .style import Provenance, distinct
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["DTYPE_BYTES", "METRIC_LABEL", "VARIANT_MARKER", "environment_note", "length_label",
+__all__ = ["DTYPE_BYTES", "METRIC_LABEL", "VARIANT_MARKER", "length_axis", "length_label",
            "peak_over_io", "plot_kernel_resources", "plot_layout_build", "plot_longest_sequence",
-           "plot_rate_bars", "plot_vs_length"]
+           "plot_rate_bars", "plot_vs_length", "waste_axis"]
 
 #: bytes per element of the ``dtype`` names the benchmark writes.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 #: marker of each variant (colours and legend text come from :mod:`workbench.viz.style`).
-VARIANT_MARKER = {
-    "ours": "o",
-    "triton": "*",
-    "blockwise": "^",
-    "flex_natural": "s",
-    "strided_gather": "P",
-    "strided_view": "X",
-    "paper": "h",
-    "sdpa_dense": "D",
-    "sdpa_masked": "v",
-    "reference": "d",
-}
+VARIANT_MARKER = {"ours": "o", "triton": "*", "blockwise": "^", "flex_natural": "s",
+                  "strided_gather": "P", "strided_view": "X", "paper": "h", "sdpa_dense": "D",
+                  "sdpa_masked": "v", "reference": "d"}
 
 #: axis label of each measured column.
-METRIC_LABEL = {
-    "ms": "time (ms)",
-    "peak_mib": "peak MiB above the inputs",
-    "useful_tflops": "useful TFLOP/s",
-    "peak_over_io": "peak / (q + k + v + out)",
-    "peak_gib": "peak GiB (inputs included)",
-}
+METRIC_LABEL = {"ms": "time (ms)", "peak_mib": "peak MiB above the inputs",
+                "useful_tflops": "useful TFLOP/s", "peak_over_io": "peak / (q + k + v + out)",
+                "peak_gib": "peak GiB (inputs included)"}
 _LOG_METRICS = {"ms", "peak_mib", "peak_gib"}
-
-
-def environment_note(df) -> str:
-    """``device · torch X · date`` of the rows (each distinct value listed once)."""
-    parts = []
-    for col, prefix in (("device", ""), ("torch", "torch "), ("date", "")):
-        if col in df:
-            vals = sorted({str(v) for v in df[col].dropna()})
-            if vals:
-                parts.append(prefix + ", ".join(vals))
-    return " · ".join(parts)
 
 
 def length_label(s: int) -> str:
@@ -75,6 +54,39 @@ def length_label(s: int) -> str:
     return str(s)
 
 
+def length_axis(ax, lengths: Iterable[int], *, margin: float | None = None) -> None:
+    """Log2 x axis with one tick per sequence length (``512``, ``1K``, ``64K``); ``margin``
+    pads the limits by that factor, else the axis is labelled and gridded for a lone panel."""
+    lengths = sorted({int(s) for s in lengths})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([length_label(s) for s in lengths])
+    ax.minorticks_off()
+    if margin is None:
+        ax.set_xlabel("sequence length S (tokens)")
+        ax.grid(True, which="major", color="#dddddd", lw=0.6)
+    elif lengths:
+        ax.set_xlim(min(lengths) / margin, max(lengths) * margin)
+
+
+def waste_axis(ax, top: float, *, label: str = "waste = computed / useful pairs") -> None:
+    """Log y axis of a ratio >= 1 whose ticks (``x1``, ``x2``, ``x5``, ``x10``, ...) run past
+    ``top``, the largest value drawn, so every point lies below a labelled tick."""
+    steps = (1, 1.5, 2, 3, 5) if top <= 12 else (1, 2, 5)  # fewer ticks on tall ranges
+    ticks, decade = [], 1
+    while not ticks or ticks[-1] < top:
+        ticks += [decade * t for t in steps]
+        decade *= 10
+    ticks = ticks[: next(i for i, t in enumerate(ticks) if t >= top) + 1]
+    ax.set_yscale("log")
+    ax.set_ylim(0.9, ticks[-1] * 1.15)
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"x{t:g}" for t in ticks])
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.axhline(1.0, color="#888888", lw=0.8, ls=":")
+    ax.set_ylabel(label)
+
+
 def peak_over_io(df: pd.DataFrame) -> pd.Series:
     """Peak memory *including* the inputs over the bytes of ``q + k + v + out``, per row:
     ``(3 * io + peak_mib) / (4 * io)``, ``io`` one ``[B, H, S, D]`` tensor in MiB (``peak_mib``
@@ -84,17 +96,22 @@ def peak_over_io(df: pd.DataFrame) -> pd.Series:
     return (3 * io_mib + df["peak_mib"]) / (4 * io_mib)
 
 
-def _variant_order(names) -> list[str]:
-    """Variants in the palette's order (``ours`` first), unknown ones after."""
-    present = list(dict.fromkeys(names))
-    known = [v for v in style.VARIANT if v in present]
-    return known + [v for v in present if v not in known]
+def _in_order(values, known: Iterable[str] = ()) -> list:
+    """Distinct ``values``: those in ``known`` in its order, then the rest as first seen."""
+    seen = list(dict.fromkeys(values))
+    first = [k for k in known if k in seen]
+    return first + [v for v in seen if v not in first]
+
+
+def _ordered(values, column: str) -> list:
+    """Distinct ``values``; families in :data:`~workbench.viz.style.FAMILY`'s order."""
+    return _in_order(values, style.FAMILY if column == "family" else ())
 
 
 def _labelled(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], dict[str, str], dict]:
-    """``df`` with a ``who`` column (legend text of each variant), the legend order, the
-    palette and the markers keyed by that text."""
-    order = _variant_order(df["variant"])
+    """``df`` with a ``who`` column (each variant's legend text), and the legend order, palette
+    and markers keyed by it."""
+    order = _in_order(df["variant"], style.VARIANT)
     label = {v: style.VARIANT_LABEL.get(v, v) for v in order}
     out = df.assign(who=df["variant"].map(label))
     names = [label[v] for v in order]
@@ -103,50 +120,30 @@ def _labelled(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], dict[str, str]
     return out, names, palette, markers
 
 
-def _ordered(values, column: str) -> list:
-    """Distinct ``values`` in first-seen order; families in :data:`~workbench.viz.style.FAMILY`'s
-    order (dense, causal, local, ..., dilated, longnet)."""
-    seen = list(dict.fromkeys(values))
-    if column != "family":
-        return seen
-    known = [f for f in style.FAMILY if f in seen]
-    return known + [f for f in seen if f not in known]
-
-
-def _length_axis(ax, lengths) -> None:
-    lengths = sorted({int(s) for s in lengths})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths)
-    ax.set_xticklabels([length_label(s) for s in lengths])
-    ax.minorticks_off()
-    if lengths:
-        ax.set_xlim(min(lengths) / 1.4, max(lengths) * 1.4)
-
-
-def _stamp(fig, df: pd.DataFrame, provenance: Provenance | None) -> None:
-    style.stamp(fig, provenance if provenance is not None else Provenance.from_rows(df))
-
-
-def _finish_grid(g: sns.FacetGrid, df: pd.DataFrame, title: str,
-                 provenance: Provenance | None) -> Figure:
-    """A seaborn grid's last touches: a legend without a title, ``title`` above the panels and
-    the stamp of the rows' provenance; returns its figure."""
-    g.legend.set_title("")
+def _finish(fig: Figure, df: pd.DataFrame, title: str, provenance: Provenance | None,
+            y: float = 1.02) -> Figure:
+    """``title`` above the panels and the stamp of the rows' provenance; returns ``fig``."""
     if title:
-        g.figure.suptitle(title, y=1.02)
-    _stamp(g.figure, df, provenance)
-    return g.figure
+        fig.suptitle(title, y=y)
+    style.stamp(fig, provenance if provenance is not None else Provenance.from_rows(df))
+    return fig
+
+
+def _label_bars(ax, fmt: str, fontsize: float, padding: float) -> None:
+    """Each bar of ``ax`` labelled with ``fmt`` of its length (none where it has none)."""
+    for container in ax.containers:
+        ax.bar_label(container, labels=[fmt.format(v) if np.isfinite(v) and v > 0 else ""
+                                        for v in container.datavalues], fontsize=fontsize,
+                     padding=padding)
 
 
 def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
                    col_order=None, title: str = "", provenance: Provenance | None = None,
                    height: float = 2.7, aspect: float = 1.15) -> Figure:
     """Measured columns against ``S``: one panel column per ``col`` value (a family), one
-    panel row per metric of ``metrics`` (``ms`` and memory on log axes), one line per variant.
-
-    Only ``status == "ok"`` rows are drawn (all without ``status``); ``peak_over_io`` is computed
-    when asked for and absent; ``ours`` is drawn above the baselines it may coincide with.
-    Raises ``ValueError`` when no row is left to draw.
+    panel row per metric of ``metrics`` (``ms`` and memory on log axes), one line per variant,
+    ``ours`` on top. Only ``status == "ok"`` rows are drawn; ``peak_over_io`` is computed when
+    absent. Raises ``ValueError`` when no row is left to draw.
     """
     ok = df[df["status"] == "ok"] if "status" in df else df
     if "peak_over_io" in metrics and "peak_over_io" not in ok:
@@ -169,43 +166,35 @@ def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
         for line in ax.lines:  # ours on top of the baselines it may coincide with
             if ours is not None and to_hex(line.get_color()) == ours:
                 line.set_zorder(line.get_zorder() + 1)
-        _length_axis(ax, lengths)
+        length_axis(ax, lengths, margin=1.4)
         if metric in _LOG_METRICS:
             ax.set_yscale("log")
         ax.set_title(str(c) if metric == metrics[0] else "")
         ax.set_xlabel("sequence length S")
         ax.set_ylabel(METRIC_LABEL.get(metric, metric))
-    return _finish_grid(g, df, title, provenance)
+    g.legend.set_title("")
+    return _finish(g.figure, df, title, provenance)
 
 
 def plot_rate_bars(df: pd.DataFrame, *, y: str = "useful_tflops", x: str = "family",
-                   col: str | None = None, hue: str = "variant", reference=None,
+                   col: str | None = None, reference=None,
                    fmt: str = "{:.0f}", log: bool = False, title: str = "",
                    provenance: Provenance | None = None, height: float = 3.4,
                    aspect: float = 1.3) -> Figure:
-    """Grouped bars of ``y`` (useful TFLOP/s by default) per ``x`` value, one bar per ``hue``
-    value (a variant, coloured by :data:`~workbench.viz.style.VARIANT`), one panel per
-    ``col`` value; each bar is labelled with ``fmt`` of its height.
+    """Grouped bars of ``y`` (useful TFLOP/s by default) per ``x`` value, one bar per variant
+    (coloured by :data:`~workbench.viz.style.VARIANT`), one panel per ``col`` value; each bar
+    is labelled with ``fmt`` of its height.
 
     ``reference``: mapping ``col value -> y`` (``None`` key when ``col`` is ``None``), e.g.
     dense SDPA's rate, drawn as a dashed black line. A variant a group lacks gets no bar.
     """
-    ok = df[df["status"] == "ok"] if "status" in df else df
-    if hue == "variant":
-        ok, names, palette, _ = _labelled(ok)
-        hue = "who"
-    else:
-        names = list(dict.fromkeys(ok[hue]))
-        palette = style.palette(names, style.VARIANT)
+    ok, names, palette, _ = _labelled(df[df["status"] == "ok"] if "status" in df else df)
     kw = {"col": col, "col_order": _ordered(ok[col], col)} if col else {}
-    g = sns.catplot(data=ok, x=x, y=y, hue=hue, kind="bar", hue_order=names, palette=palette,
+    g = sns.catplot(data=ok, x=x, y=y, hue="who", kind="bar", hue_order=names, palette=palette,
                     errorbar=None, height=height, aspect=aspect, order=_ordered(ok[x], x),
                     saturation=1, edgecolor="white", sharey=True, **kw)
     for key, ax in (g.axes_dict.items() if col else [(None, g.ax)]):
-        for container in ax.containers:
-            ax.bar_label(container, labels=[fmt.format(v) if np.isfinite(v) and v > 0 else ""
-                                            for v in container.datavalues], fontsize=7.5,
-                         padding=1.5)
+        _label_bars(ax, fmt, fontsize=7.5, padding=1.5)
         if reference is not None and key in reference:
             ax.axhline(reference[key], color="black", ls="--", lw=1.2)
         if log:
@@ -214,19 +203,17 @@ def plot_rate_bars(df: pd.DataFrame, *, y: str = "useful_tflops", x: str = "fami
             ax.set_title(str(key))
         ax.set_xlabel("")
         ax.set_ylabel(METRIC_LABEL.get(y, y))
-    return _finish_grid(g, df, title, provenance)
+    g.legend.set_title("")
+    return _finish(g.figure, df, title, provenance)
 
 
 def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str | None = None,
                           title: str = "", provenance: Provenance | None = None) -> Figure:
     """The longest-sequence search (``workbench.lab.bench.longest_sequence``): peak memory (GiB,
-    inputs included) and time of one call against ``S``, one colour per family
-    (:data:`~workbench.viz.style.FAMILY`). A length that ran out of memory is a cross above
-    the memory panel's top, one not run because its call would take too long (``too_slow``) a
-    hollow triangle.
-
-    ``capacity_gib``: ``{label: GiB}`` of memory limits drawn as dashed lines (or one number).
-    ``style_col``: a column whose values (e.g. the memory cap) get their own line style.
+    inputs included) and time of one call against ``S``, one colour per family; a cross above
+    the memory panel where a length ran out of memory, a hollow triangle where it was
+    ``too_slow`` to run. ``capacity_gib``: ``{label: GiB}`` of memory limits drawn dashed (or one
+    number); ``style_col``: a column whose values (e.g. the memory cap) get their own markers.
     """
     fams = _ordered(df["family"], "family")
     palette = style.palette(fams, style.FAMILY)
@@ -251,27 +238,27 @@ def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str
         top = max(caps.values())
     else:
         top = float(ok["peak_gib"].max())
-    for status, marker, fill in (("oom", "x", None), ("too_slow", ">", "none")):
+    handles, labels = mem_ax.get_legend_handles_labels()
+    for status, marker, fill, text in (("oom", "x", None, "out of memory"),
+                                       ("too_slow", ">", "none", "not run: one call too slow")):
         bad = df[df["status"] == status]
+        if bad.empty:
+            continue
         for i, fam in enumerate(fams):
             b = bad[bad["family"] == fam]
             if len(b):  # side by side, so that families failing at one length stay visible
                 shift = 2.0 ** (0.08 * (i - (len(fams) - 1) / 2))
                 mem_ax.scatter(b["seq_len"] * shift, [top * 1.06] * len(b), marker=marker, s=70,
                                color=palette[fam], facecolors=fill, linewidths=2, zorder=4)
-    handles, labels = mem_ax.get_legend_handles_labels()
-    for status, marker, text in (("oom", "x", "out of memory"),
-                                 ("too_slow", ">", "not run: one call too slow")):
-        if (df["status"] == status).any():
-            handles.append(plt.Line2D([], [], color="0.3", marker=marker, ls="none",
-                                      mfc="none", mew=2, ms=8))
-            labels.append(text)
+        handles.append(Line2D([], [], color="0.3", marker=marker, ls="none", mfc="none", mew=2,
+                              ms=8))
+        labels.append(text)
     mem_ax.get_legend().remove()
     time_ax.legend(handles, labels, fontsize=8.5, loc="upper left", bbox_to_anchor=(1.02, 1),
                    frameon=False)
     mem_ax.set_ylim(0, top * 1.14)
     for ax in (mem_ax, time_ax):
-        _length_axis(ax, df["seq_len"])
+        length_axis(ax, df["seq_len"], margin=1.4)
         ax.set_xlabel("sequence length S")
     time_ax.set_xlim(*mem_ax.get_xlim())
     time_ax.set_yscale("log")
@@ -282,20 +269,15 @@ def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _stamp(fig, df, provenance)
-    return fig
+    return _finish(fig, df, "", provenance)
 
 
 def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
                           provenance: Provenance | None = None) -> Figure:
-    """Shared memory per program of each compiled kernel configuration as horizontal bars
-    (KiB), one panel per kernel, against the GPU's limit per program (dashed); green when a
-    program fits, red when it cannot launch.
-
-    ``df``: the rows of ``workbench.lab.bench.triton_resource_study`` (``kernel``, ``head_dim``,
-    ``space``, ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, ``use_tma``,
-    ``shared_bytes``, ``shared_limit``, ``fits``, ``target``, ``device``, ``date``).
-    ``provenance``: by default "compiled offline for <target>" on the rows' device and date.
+    """Shared memory per program (KiB) of each compiled kernel configuration as horizontal
+    bars, one panel per kernel, against the GPU's limit (dashed); green when a program fits, red
+    when it cannot launch. ``df``: rows of ``workbench.lab.bench.triton_resource_study``; the
+    default provenance says "compiled offline" for their ``target``.
     """
     fits = df["fits"].astype(str) == "True"
     tma = np.where(df["use_tma"].astype(str) == "True", ", TMA", "")
@@ -317,9 +299,7 @@ def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
         ax.axvline(limit, color="black", ls="--", lw=1.2)
         ax.annotate(f"limit {limit:.0f}", (limit, 0), xytext=(3, 0), textcoords="offset points",
                     fontsize=7.5, va="center")
-        for container in ax.containers:
-            ax.bar_label(container, labels=[f"{v:.0f}" if np.isfinite(v) else ""
-                                            for v in container.datavalues], fontsize=7, padding=2)
+        _label_bars(ax, "{:.0f}", fontsize=7, padding=2)
         ax.set_xlim(0, max(limit, float(rows.loc[rows["kernel"] == kernel, "kib"].max())) * 1.2)
         ax.set_title(kernel)
         ax.set_xlabel("shared memory per program (KiB)")
@@ -327,31 +307,23 @@ def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
         ax.tick_params(axis="y", labelsize=7.5)
     g.legend.set_title("")
     g.tight_layout(w_pad=1.0)  # room for each panel's own configuration labels
-    if title:
-        g.figure.suptitle(title, y=1.03)
     if provenance is None:
-        target = ", ".join(dict.fromkeys(rows["target"].astype(str)))
+        devices = distinct(sorted({str(v) for v in rows["device"].dropna()}))
         provenance = Provenance(
-            device=f"{target} (compiled offline on {environment_note(rows[['device']])})",
-            date=", ".join(dict.fromkeys(rows["date"].astype(str))), dtype="bf16",
-            shape="head_dim " + ", ".join(str(d) for d in dict.fromkeys(rows["head_dim"])),
-            software=", ".join(dict.fromkeys(rows["compiled_by"].astype(str)))
-            if "compiled_by" in rows else "")
-    _stamp(g.figure, rows, provenance)
-    return g.figure
+            device=f"{distinct(rows['target'])} (compiled offline on {devices})",
+            date=distinct(rows["date"]), dtype="bf16",
+            shape=f"head_dim {distinct(rows['head_dim'])}",
+            software=distinct(rows["compiled_by"]) if "compiled_by" in rows else "")
+    return _finish(g.figure, rows, title, provenance, y=1.03)
 
 
 def plot_layout_build(df: pd.DataFrame, *, title: str = "",
                       provenance: Provenance | None = None) -> Figure:
-    """Time to build each case's layout and kernel structure (``total_ms``, log axis): one
-    row per family, random tiles' one per cell size, one marker colour per head count, one
-    panel per device with its target (``target_ms``, dashed). Cases not run (``total_ms``
-    empty) are left out.
-
-    ``df``: rows of :func:`workbench.lab.bench.layout_build_time` with a ``target_ms`` column
-    (``family``, ``cell``, ``heads``, ``total_ms``, ``device``, ``date``; ``seq_len`` and
-    ``block_size`` go into the stamp).
-    Raises ``ValueError`` when no case has a time.
+    """Time to build each case's layout and kernel structure (``total_ms``, log axis): one row
+    per family (random tiles: per cell size), one colour per head count, one panel per device
+    with its ``target_ms`` dashed. ``df``: rows of :func:`workbench.lab.bench.layout_build_time`
+    with a ``target_ms`` column; cases not run are left out. Raises ``ValueError`` when no case
+    has a time.
     """
     rows = df.dropna(subset=["total_ms"])
     if rows.empty:
@@ -378,12 +350,9 @@ def plot_layout_build(df: pd.DataFrame, *, title: str = "",
         ax.set_xlabel("layout + kernel structure (ms)")
         ax.set_title(str(device))
         ax.grid(axis="x", which="both", alpha=0.3)
-    if title:
-        g.figure.suptitle(title, y=1.02)
     if provenance is None:  # layouts have no dtype: bool maps and int32 block lists
-        shape = ", ".join(f"{k}={', '.join(map(str, dict.fromkeys(rows[c])))}"
+        shape = ", ".join(f"{k}={distinct(rows[c])}"
                           for k, c in (("S", "seq_len"), ("block", "block_size")) if c in rows)
         provenance = Provenance.from_rows(rows.assign(dtype="bool layouts, int32 lists"),
-                                          shape=shape or f"H={', '.join(map(str, heads))}")
-    _stamp(g.figure, rows, provenance)
-    return g.figure
+                                          shape=shape or f"H={distinct(heads)}")
+    return _finish(g.figure, rows, title, provenance)

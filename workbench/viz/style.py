@@ -1,8 +1,9 @@
 """One visual grammar: the same thing has the same colour in every figure.
 
 Palettes map the names the code and the CSVs use to colours; :func:`use` makes them seaborn's
-defaults. A figure of measured numbers says where and when they were measured (:func:`stamp`
-with a :class:`Provenance`): :func:`~workbench.viz.save_figure` refuses a figure marked measured
+defaults; the axes helpers at the end are the drawing steps every figure shares. A figure of
+measured numbers says where and when they were measured (:func:`stamp` with a
+:class:`Provenance`): :func:`~workbench.viz.save_figure` refuses a figure marked measured
 (:func:`mark_measured`) without one.
 """
 
@@ -12,7 +13,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
 
 __all__ = ["FAMILY", "ORDERING", "Provenance", "SHARDING", "TILE", "TILE_CMAP", "TOKEN_CMAP",
            "VARIANT", "VARIANT_LABEL", "color_of", "is_stamped", "mark_measured", "palette",
@@ -86,6 +90,11 @@ def color_of(name: str, palette_: Mapping[str, str], default: str = _GREY) -> st
     return palette_[max(prefixes, key=len)] if prefixes else default
 
 
+def distinct(values: Iterable[object]) -> str:
+    """The distinct ``values`` as text, in first-seen order, joined by commas."""
+    return ", ".join(dict.fromkeys(str(v) for v in values))
+
+
 def palette(names: Iterable[str], palette_: Mapping[str, str]) -> dict[str, str]:
     """``{name: colour}`` for the given names: what seaborn's ``palette=`` takes."""
     return {n: color_of(n, palette_) for n in names}
@@ -104,15 +113,9 @@ def use() -> None:
 # --------------------------------------------------------------------- provenance
 @dataclass(frozen=True)
 class Provenance:
-    """Where and when numbers were measured: printed on every figure that shows them.
-
-    Attributes:
-        device: e.g. ``"NVIDIA H200"`` or ``"CPU (2 cores)"``.
-        date: ISO date of the measurement (``"2026-11-30"``).
-        dtype: e.g. ``"bf16"``.
-        shape: what was run, e.g. ``"B=1, H=16, D=128"``.
-        software: e.g. ``"torch 2.11, Triton 3.6"`` (optional).
-    """
+    """Where and when numbers were measured (``device``, ISO ``date``, ``dtype``, ``shape``
+    such as ``"B=1, H=16, D=128"``, optional ``software``): printed on every figure that shows
+    them."""
 
     device: str
     date: str
@@ -132,9 +135,7 @@ class Provenance:
         when present, ``torch``, ``batch``, ``heads``, ``head_dim``); several values of a
         column are joined."""
         def values(col: str) -> str:
-            if col not in df:
-                return ""
-            return ", ".join(str(v) for v in dict.fromkeys(df[col].astype(str)))
+            return distinct(df[col]) if col in df else ""
 
         if shape is None:
             parts = [f"{k}={values(c)}" for k, c in (("B", "batch"), ("H", "heads"),
@@ -167,3 +168,37 @@ def stamp(fig, provenance: Provenance) -> None:
 def is_stamped(fig) -> bool:
     """Whether ``fig`` may be saved: not measured, or stamped with its provenance."""
     return not getattr(fig, "_workbench_measured", False) or hasattr(fig, "_workbench_stamp")
+
+
+# --------------------------------------------------------------------- axes helpers
+def new_axes(ax, size: float = 4.0):
+    """``ax``, or the axes of a new ``size x size`` inch figure when ``ax`` is None."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(size, size))
+    return ax
+
+
+def set_title(ax, title: str | None, default: str, fontsize: float = 9) -> None:
+    """``title``, or ``default`` when ``title`` is None (``""`` leaves the axes untitled)."""
+    ax.set_title(default if title is None else title, fontsize=fontsize)
+
+
+def grid_lines(ax, rows: Iterable[float], cols: Iterable[float] | None = None, *,
+               color: str = "white", lw: float = 0.8) -> None:
+    """Horizontal lines at ``rows`` and vertical ones at ``cols`` (default: ``rows``)."""
+    for y in rows:
+        ax.axhline(y, color=color, lw=lw)
+    for x in rows if cols is None else cols:
+        ax.axvline(x, color=color, lw=lw)
+
+
+def tile_separators(ax, nq: int, nk: int, *, color: str = "white", lw: float = 0.8) -> None:
+    """Thin lines between the cells of an ``nq x nk`` image, so that equal neighbours stay
+    countable."""
+    grid_lines(ax, np.arange(1, nq) - 0.5, np.arange(1, nk) - 0.5, color=color, lw=lw)
+
+
+def tile_handles(full: str, partial: str, empty: str) -> list[Patch]:
+    """Legend patches of the three tile states, labelled ``full``, ``partial`` and ``empty``."""
+    return [Patch(color=TILE["full"], label=full), Patch(color=TILE["partial"], label=partial),
+            Patch(facecolor=TILE["empty"], edgecolor="#bbbbbb", label=empty)]

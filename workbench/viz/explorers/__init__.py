@@ -1,11 +1,6 @@
-"""Interactive explorers for JupyterLab, each a pure function with a thin widget layer.
-
-Each explorer is a pure ``compute(params) -> view`` (a parameter dataclass in; the pattern or
-plan, the arrays its figure shows and the readout out), testable without a browser, and a
-drawing function built on the static figures' own. :class:`~.binding.Explorer` binds widgets to
-them and redraws one figure in place; a bad value shows a message and keeps the last good
-picture. :func:`pattern_explorer`, :func:`curve_explorer` and :func:`ring_explorer` build them.
-"""
+"""Interactive explorers for JupyterLab: each a pure ``compute(params) -> view``, testable
+without a browser, a drawing function built on the static figures' own, and widgets bound to
+both by :class:`~.binding.Explorer`."""
 
 from .binding import Explorer
 from .core import ExplorerState, advance

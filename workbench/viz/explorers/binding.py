@@ -1,10 +1,5 @@
-"""The widget layer: controls bound to an explorer's pure function, one figure redrawn in place.
-
-Nothing here decides what is drawn. :class:`Explorer` reads its controls into a dict, hands it to
-the explorer's ``compute`` through :func:`~.core.advance` and, on success, redraws its one figure
-(an ipympl canvas) with ``draw(view, figure)``: no new figure, no flicker. A refused value shows
-its message above the figure. ipywidgets and ipympl are imported only when an explorer is built.
-"""
+"""The widget layer: controls bound to an explorer's pure function, one figure (an ipympl
+canvas) redrawn in place. ipywidgets and ipympl are imported only when an explorer is built."""
 
 from __future__ import annotations
 
@@ -17,12 +12,13 @@ from matplotlib.figure import Figure
 
 from .core import ExplorerState, ViewT, advance
 
-__all__ = ["Explorer", "figure_canvas", "message_html"]
+__all__ = ["Explorer", "figure_canvas", "int_slider", "message_html", "panels"]
 
 INSTALL_HINT = "the explorers need ipywidgets and ipympl: pip install 'workbench[notebooks]'"
 
 
-def _widgets():
+def widgets():
+    """The ipywidgets module, or an ``ImportError`` that says how to install it."""
     try:
         import ipywidgets
     except ImportError as err:  # pragma: no cover - the notebooks extra installs it
@@ -30,12 +26,23 @@ def _widgets():
     return ipywidgets
 
 
-def figure_canvas(figsize: tuple[float, float]) -> tuple[Figure, Any]:
-    """A figure drawn on its own ipympl canvas widget, outside pyplot's list of figures.
+def int_slider(value: int, lo: int, hi: int, description: str, **kwargs: Any):
+    """An ``IntSlider`` over ``[lo, max(hi, value)]`` that updates when released."""
+    return widgets().IntSlider(value=value, min=lo, max=max(hi, value), description=description,
+                               continuous_update=False, **kwargs)
 
-    The canvas works whatever ``%matplotlib`` backend the notebook uses, and ``plt.show()`` in
-    later cells never shows this figure again.
-    """
+
+def panels(figure: Figure) -> list:
+    """The two side-by-side axes of an explorer's figure (made on the first draw), cleared."""
+    axes = figure.axes or list(figure.subplots(1, 2))
+    for ax in axes:
+        ax.clear()
+    return axes
+
+
+def figure_canvas(figsize: tuple[float, float]) -> tuple[Figure, Any]:
+    """A figure drawn on its own ipympl canvas widget, outside pyplot's list of figures: it works
+    whatever ``%matplotlib`` backend the notebook uses, and ``plt.show()`` never shows it again."""
     try:
         from ipympl.backend_nbagg import Canvas, FigureManager
     except ImportError as err:  # pragma: no cover - the notebooks extra installs it
@@ -65,13 +72,9 @@ class Explorer(Generic[ViewT]):
     """Controls, a message line, a readout and one figure, bound to ``compute`` and ``draw``.
 
     Args:
-        controls: value widgets by name; their values, by the same names, are what
-            ``compute`` receives.
-        compute: the explorer's pure function (raises ``ValueError``/``TypeError`` on bad
-            values).
-        draw: draws a view into the figure (clearing and reusing its axes).
-        readout: the HTML readout of a view.
-        figsize: size of the one figure, in inches.
+        controls: value widgets by name; ``compute`` receives their values by the same names
+            (and raises ``ValueError``/``TypeError`` on bad ones).
+        draw: draws a view into the figure, reusing its axes; ``readout``: a view's HTML line.
         adjust: called with the controls before each update (e.g. to bound a slider by
             another control's value); changes it makes do not trigger extra updates.
         header: widgets shown above the controls (e.g. a Play button), not read as values.
@@ -84,23 +87,23 @@ class Explorer(Generic[ViewT]):
                  figsize: tuple[float, float],
                  adjust: Callable[[Mapping[str, Any]], None] | None = None,
                  header: tuple[Any, ...] = (), name: str = "wb-explorer") -> None:
-        widgets = _widgets()
+        ipywidgets = widgets()
         self.controls = dict(controls)
         self.state: ExplorerState[ViewT] = ExplorerState()
         self._compute, self._draw, self._readout, self._adjust = compute, draw, readout, adjust
         self._adjusting = False
         self.figure, self.canvas = figure_canvas(figsize)
-        self.message = widgets.HTML()
-        self.readout = widgets.HTML()
+        self.message = ipywidgets.HTML()
+        self.readout = ipywidgets.HTML()
         for part, widget in (("message", self.message), ("readout", self.readout),
                              ("figure", self.canvas)):
             widget.add_class(f"{name}-{part}")
         for key, control in self.controls.items():
             control.add_class(f"{name}-{key}")
             control.observe(self._on_change, names="value")
-        boxes = widgets.GridBox(list(self.controls.values()),
-                                layout=widgets.Layout(grid_template_columns="repeat(3, 1fr)"))
-        self.widget = widgets.VBox([*header, boxes, self.message, self.readout, self.canvas])
+        boxes = ipywidgets.GridBox(list(self.controls.values()),
+                                   layout=ipywidgets.Layout(grid_template_columns="repeat(3, 1fr)"))
+        self.widget = ipywidgets.VBox([*header, boxes, self.message, self.readout, self.canvas])
         self.widget.add_class(name)
         self._on_change(None)
 

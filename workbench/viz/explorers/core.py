@@ -1,9 +1,5 @@
-"""What every explorer shares, free of widgets: parameters in, a view out, bad values refused.
-
-An explorer is a pure function ``compute(params) -> view`` plus a drawing function;
-:func:`advance` keeps the last good view when new parameters raise ``ValueError`` or
-``TypeError``, with the error as the widget area's message.
-"""
+"""What every explorer shares, free of widgets: parameters in, a view out, bad values refused
+with a readable message while the last good view is kept."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Curve explorer: a Hilbert, Morton, gilbert or raster curve over a grid, and its blocks.
-
-:func:`curve_view` is the explorer without widgets, :func:`draw_curve_view` draws the curve
-(:func:`~workbench.viz.plot_curve`) beside its blocks, :func:`curve_explorer` binds them to
-widgets. The readout says how compact a block of consecutive cells is in this order.
-"""
+"""Curve explorer: a Hilbert, Morton, gilbert or raster curve over a grid beside its blocks of
+consecutive cells, and how compact such a block is in this order."""
 
 from __future__ import annotations
 
@@ -17,7 +13,8 @@ from matplotlib.figure import Figure
 
 from ...curves import CURVES, grid_decode
 from ..curves import plot_curve
-from .binding import Explorer
+from ..style import set_title
+from .binding import Explorer, int_slider, panels, widgets
 from .core import check_int
 
 __all__ = ["CurveParams", "CurveView", "curve_explorer", "curve_readout_html", "curve_view",
@@ -57,15 +54,6 @@ class CurveView:
     raster_block_box: tuple[float, float]
 
 
-def _check(p: CurveParams) -> None:
-    if p.curve not in CURVES:
-        raise ValueError(f"curve must be one of {', '.join(CURVES)}, got {p.curve!r}")
-    check_int("rows", p.rows, 1, MAX_GRID_SIDE)
-    check_int("cols", p.cols, 1, MAX_GRID_SIDE)
-    check_int("block", p.block, 1, p.rows * p.cols,
-              f"a block holds at most the grid's {p.rows * p.cols} cells")
-
-
 def _mean_block_box(path: np.ndarray, block: int) -> tuple[float, float]:
     """Mean bounding box (rows, columns) of each run of ``block`` consecutive cells of ``path``."""
     boxes = [path[i : i + block].max(0) - path[i : i + block].min(0) + 1
@@ -76,9 +64,13 @@ def _mean_block_box(path: np.ndarray, block: int) -> tuple[float, float]:
 
 def curve_view(params: CurveParams) -> CurveView:
     """The explorer's pure function: grid and curve to path, blocks and locality numbers."""
-    _check(params)
+    if params.curve not in CURVES:
+        raise ValueError(f"curve must be one of {', '.join(CURVES)}, got {params.curve!r}")
+    check_int("rows", params.rows, 1, MAX_GRID_SIDE)
+    check_int("cols", params.cols, 1, MAX_GRID_SIDE)
     shape = (params.rows, params.cols)
     cells = params.rows * params.cols
+    check_int("block", params.block, 1, cells, f"a block holds at most the grid's {cells} cells")
     path = grid_decode(torch.arange(cells), shape, params.curve).numpy()
     block_ids = np.empty(shape, dtype=np.int64)
     block_ids[path[:, 0], path[:, 1]] = np.arange(cells) // params.block
@@ -96,16 +88,13 @@ def plot_curve_blocks(block_ids: np.ndarray, *, ax, title: str | None = None):
               interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title if title is not None else f"{int(block_ids.max()) + 1} blocks",
-                 fontsize=9)
+    set_title(ax, title, f"{int(block_ids.max()) + 1} blocks")
     return ax
 
 
 def draw_curve_view(view: CurveView, figure: Figure) -> None:
     """The curve beside its blocks, in ``figure`` (its axes are reused)."""
-    axes = figure.axes or list(figure.subplots(1, 2))
-    for ax in axes:
-        ax.clear()
+    axes = panels(figure)
     p = view.params
     shape = (p.rows, p.cols)
     plot_curve(shape, p.curve, ax=axes[0],
@@ -125,19 +114,14 @@ def curve_readout_html(view: CurveView) -> str:
 
 def curve_explorer(**params: Any) -> Explorer[CurveView]:
     """The curve explorer widget, started at ``CurveParams(**params)``."""
-    import ipywidgets as widgets
-
     p = CurveParams(**params)
-    wide = {"description_width": "initial"}
     controls = {
-        "curve": widgets.ToggleButtons(options=list(CURVES), value=p.curve, description="curve"),
-        "rows": widgets.IntSlider(value=p.rows, min=1, max=MAX_GRID_SIDE, description="rows",
-                                  continuous_update=False),
-        "cols": widgets.IntSlider(value=p.cols, min=1, max=MAX_GRID_SIDE, description="cols",
-                                  continuous_update=False),
-        "block": widgets.IntSlider(value=p.block, min=1, max=MAX_GRID_SIDE, continuous_update=False,
-                                   description="block (cells)", style=wide),
-        "numbers": widgets.Checkbox(value=p.numbers, description="cell numbers"),
+        "curve": widgets().ToggleButtons(options=list(CURVES), value=p.curve, description="curve"),
+        "rows": int_slider(p.rows, 1, MAX_GRID_SIDE, "rows"),
+        "cols": int_slider(p.cols, 1, MAX_GRID_SIDE, "cols"),
+        "block": int_slider(p.block, 1, MAX_GRID_SIDE, "block (cells)",
+                            style={"description_width": "initial"}),
+        "numbers": widgets().Checkbox(value=p.numbers, description="cell numbers"),
     }
     return Explorer(controls=controls, compute=lambda values: curve_view(CurveParams(**values)),
                     draw=draw_curve_view, readout=curve_readout_html, figsize=(8.0, 4.0),

@@ -1,8 +1,4 @@
-"""Pattern explorer: one pattern family at a time, token view beside block view, live numbers.
-
-:func:`pattern_view` is the explorer without widgets, :func:`draw_pattern_view` draws a view with
-the static figures' functions, :func:`pattern_explorer` binds both to widgets.
-"""
+"""Pattern explorer: one pattern family at a time, token view beside block view, live numbers."""
 
 from __future__ import annotations
 
@@ -19,8 +15,8 @@ from ... import patterns as P
 from ...layout import BlockLayout
 from ...orderings import dilation_permutation, permuted
 from ...patterns import Pattern
-from ..heatmaps import block_legend, plot_block_layout, plot_token_mask
-from .binding import Explorer
+from ..heatmaps import block_legend, plot_block_layout, plot_token_mask, tile_grid
+from .binding import Explorer, int_slider, panels, widgets
 from .core import check_int, parse_int_list
 
 __all__ = ["MAX_SEQ_LEN", "ORDERINGS", "PatternParams", "PatternReadout", "PatternView",
@@ -82,13 +78,13 @@ class PatternParams:
         return cls(**fixed)
 
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(PatternParams))
+PATTERN_FIELDS = frozenset(f.name for f in dataclasses.fields(PatternParams))
 
 
 def _knobs(family: str) -> dict[str, str]:
     """``{builder argument: field}`` of the family's parameters that a field sets."""
     fields = {a: _FIELD_OF.get(a, a) for a in P.family(family).parameters}
-    return {a: f for a, f in fields.items() if f in _FIELDS}
+    return {a: f for a, f in fields.items() if f in PATTERN_FIELDS}
 
 
 def parameters_used(family: str, ordering: str = "natural") -> frozenset[str]:
@@ -199,8 +195,7 @@ def pattern_view(params: PatternParams) -> PatternView:
     layout = pattern.block_structure(params.seq_len, params.block_size)
     masks = pattern.token_mask(params.seq_len)
     h = params.head if pattern.num_heads > 1 else 0
-    grid = layout.active[h].to(torch.int64) + layout.full[h].to(torch.int64)
-    return PatternView(params, pattern, layout, masks[h].numpy(), grid.numpy(),
+    return PatternView(params, pattern, layout, masks[h].numpy(), tile_grid(layout, h),
                        _readout(params, masks, layout, h))
 
 
@@ -224,9 +219,7 @@ def pattern_readout_html(view: PatternView) -> str:
 
 def draw_pattern_view(view: PatternView, figure: Figure) -> None:
     """Token view beside block view of the shown head, in ``figure`` (its axes are reused)."""
-    axes = figure.axes or list(figure.subplots(1, 2))
-    for ax in axes:
-        ax.clear()
+    axes = panels(figure)
     p = view.params
     plot_token_mask(view.pattern, p.seq_len, head=p.head, block_size=p.block_size, ax=axes[0])
     plot_block_layout(view.layout, head=p.head, ax=axes[1])
@@ -234,44 +227,34 @@ def draw_pattern_view(view: PatternView, figure: Figure) -> None:
     figure.suptitle(repr(view.pattern), fontsize=9)
 
 
-def _slider(widgets, value: int, lo: int, hi: int, **kwargs: Any):
-    return widgets.IntSlider(value=value, min=lo, max=max(hi, value), continuous_update=False,
-                             **kwargs)
-
-
 def pattern_controls(p: PatternParams, names: frozenset[str] | None = None) -> dict[str, Any]:
     """Widgets for the fields of ``p`` (all, or those in ``names``), keyed by field name."""
-    import ipywidgets as widgets
-
-    wide = {"description_width": "initial"}
+    w, wide = widgets(), {"description_width": "initial"}
     make = {
-        "family": lambda: widgets.Dropdown(options=list(P.FAMILIES), value=p.family,
-                                           description="family"),
-        "ordering": lambda: widgets.ToggleButtons(options=list(ORDERINGS), value=p.ordering,
-                                                  description="ordering", style=wide),
-        "causal": lambda: widgets.Checkbox(value=p.causal, description="& causal()"),
-        "seq_len": lambda: _slider(widgets, p.seq_len, 16, 1024, step=16, description="seq_len"),
-        "block_size": lambda: widgets.IntText(value=p.block_size, description="block_size",
-                                              style=wide),
-        "window": lambda: _slider(widgets, p.window, 1, 512, description="window"),
-        "num_global": lambda: _slider(widgets, p.num_global, 1, 128, description="num_global",
-                                      style=wide),
-        "stride": lambda: _slider(widgets, p.stride, 1, 128, description="stride"),
-        "dilation": lambda: _slider(widgets, p.dilation, 1, 64, description="dilation"),
-        "segments": lambda: widgets.Text(value=", ".join(map(str, p.segments)),
-                                         description="segments", continuous_update=False),
-        "dilations": lambda: widgets.Text(value=", ".join(map(str, p.dilations)),
-                                          description="dilations", continuous_update=False),
-        "random_density": lambda: widgets.FloatSlider(
+        "family": lambda: w.Dropdown(options=list(P.FAMILIES), value=p.family,
+                                     description="family"),
+        "ordering": lambda: w.ToggleButtons(options=list(ORDERINGS), value=p.ordering,
+                                            description="ordering", style=wide),
+        "causal": lambda: w.Checkbox(value=p.causal, description="& causal()"),
+        "seq_len": lambda: int_slider(p.seq_len, 16, 1024, "seq_len", step=16),
+        "block_size": lambda: w.IntText(value=p.block_size, description="block_size", style=wide),
+        "window": lambda: int_slider(p.window, 1, 512, "window"),
+        "num_global": lambda: int_slider(p.num_global, 1, 128, "num_global", style=wide),
+        "stride": lambda: int_slider(p.stride, 1, 128, "stride"),
+        "dilation": lambda: int_slider(p.dilation, 1, 64, "dilation"),
+        "segments": lambda: w.Text(value=", ".join(map(str, p.segments)),
+                                   description="segments", continuous_update=False),
+        "dilations": lambda: w.Text(value=", ".join(map(str, p.dilations)),
+                                    description="dilations", continuous_update=False),
+        "random_density": lambda: w.FloatSlider(
             value=p.random_density, min=0.01, max=1.0, step=0.01, continuous_update=False,
             description="density"),
-        "seed": lambda: widgets.IntText(value=p.seed, description="seed"),
-        "cell": lambda: _slider(widgets, p.cell, 1, 256, description="cell"),
-        "prefix": lambda: _slider(widgets, p.prefix, 1, 1024, description="prefix"),
-        "num_heads": lambda: _slider(widgets, p.num_heads, 1, 16, description="num_heads",
-                                     style=wide),
-        "head": lambda: _slider(widgets, p.head, 0, p.num_heads - 1, description="head"),
-        "head_dim": lambda: widgets.IntText(value=p.head_dim, description="head_dim", style=wide),
+        "seed": lambda: w.IntText(value=p.seed, description="seed"),
+        "cell": lambda: int_slider(p.cell, 1, 256, "cell"),
+        "prefix": lambda: int_slider(p.prefix, 1, 1024, "prefix"),
+        "num_heads": lambda: int_slider(p.num_heads, 1, 16, "num_heads", style=wide),
+        "head": lambda: int_slider(p.head, 0, p.num_heads - 1, "head"),
+        "head_dim": lambda: w.IntText(value=p.head_dim, description="head_dim", style=wide),
     }
     return {name: build() for name, build in make.items() if names is None or name in names}
 
@@ -282,7 +265,7 @@ def enable_used_controls(controls: Mapping[str, Any]) -> None:
     ordering = controls["ordering"].value if "ordering" in controls else "natural"
     used = parameters_used(family, ordering)
     for name, control in controls.items():
-        control.disabled = name in _FIELDS and name not in used
+        control.disabled = name in PATTERN_FIELDS and name not in used
     if "head" in controls and "num_heads" in controls:
         controls["head"].max = max(0, controls["num_heads"].value - 1)
 

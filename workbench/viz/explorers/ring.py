@@ -1,7 +1,4 @@
-"""Ring stepper: play or step through the ring schedule of a pattern's block layout.
-
-:func:`ring_view` is the stepper without widgets, :func:`draw_ring_view` draws a view with the
-static figures' functions, :func:`ring_explorer` binds them to widgets with a Play button."""
+"""Ring stepper: play or step through the ring schedule of a pattern's block layout."""
 
 from __future__ import annotations
 
@@ -22,9 +19,15 @@ from ..ring import (
     ring_step_regions,
     ring_step_tiles,
 )
-from .binding import Explorer
+from .binding import Explorer, int_slider, panels, widgets
 from .core import check_int
-from .pattern import PatternParams, build_pattern, enable_used_controls, pattern_controls
+from .pattern import (
+    PATTERN_FIELDS,
+    PatternParams,
+    build_pattern,
+    enable_used_controls,
+    pattern_controls,
+)
 
 __all__ = ["RingParams", "RingView", "draw_ring_view", "ring_explorer", "ring_readout_html",
            "ring_view"]
@@ -32,7 +35,6 @@ __all__ = ["RingParams", "RingView", "draw_ring_view", "ring_explorer", "ring_re
 RING_PATTERN_CONTROLS = frozenset({"family", "causal", "seq_len", "block_size", "window",
                                    "num_global", "stride"})
 PLAY_INTERVAL_MS = 1200
-_PATTERN_FIELDS = frozenset(f.name for f in dataclasses.fields(PatternParams))
 
 
 def _default_pattern() -> PatternParams:
@@ -79,9 +81,7 @@ def ring_view(params: RingParams) -> RingView:
 
 def draw_ring_view(view: RingView, figure: Figure) -> None:
     """Schedule beside the layout at the step, in ``figure`` (its axes are reused)."""
-    axes = figure.axes or list(figure.subplots(1, 2))
-    for ax in axes:
-        ax.clear()
+    axes = panels(figure)
     step = view.params.step
     plot_ring_schedule(view.plan, step=step, ax=axes[0])
     plot_ring_step(view.layout, view.plan, step, ax=axes[1])
@@ -103,7 +103,7 @@ def ring_readout_html(view: RingView) -> str:
 
 def _params(values: Mapping[str, Any], base: PatternParams) -> RingParams:
     """Ring parameters from control values; pattern fields without a control keep ``base``'s."""
-    pattern = {k: v for k, v in values.items() if k in _PATTERN_FIELDS}
+    pattern = {k: v for k, v in values.items() if k in PATTERN_FIELDS}
     return RingParams(PatternParams.from_values({**dataclasses.asdict(base), **pattern}),
                       ranks=values["ranks"], step=values["step"])
 
@@ -111,16 +111,14 @@ def _params(values: Mapping[str, Any], base: PatternParams) -> RingParams:
 def ring_explorer(ranks: int = 4, step: int = 0, **pattern: Any) -> Explorer[RingView]:
     """The ring stepper widget: a pattern (:class:`PatternParams` fields in ``pattern``), the
     number of ranks, and Play / a step slider."""
-    import ipywidgets as widgets
-
+    w = widgets()
     start = dataclasses.replace(_default_pattern(), **pattern)
     controls = pattern_controls(start, RING_PATTERN_CONTROLS)
-    controls["ranks"] = widgets.IntSlider(value=ranks, min=1, max=max(16, ranks),
-                                          description="ranks", continuous_update=False)
-    controls["step"] = widgets.IntSlider(value=step, min=0, max=ranks - 1, description="step")
-    play = widgets.Play(value=step, min=0, max=ranks - 1, interval=PLAY_INTERVAL_MS,
-                        description="play the ring")
-    widgets.jslink((play, "value"), (controls["step"], "value"))
+    controls["ranks"] = int_slider(ranks, 1, 16, "ranks")
+    controls["step"] = w.IntSlider(value=step, min=0, max=ranks - 1, description="step")
+    play = w.Play(value=step, min=0, max=ranks - 1, interval=PLAY_INTERVAL_MS,
+                  description="play the ring")
+    w.jslink((play, "value"), (controls["step"], "value"))
 
     def follow_ranks(ctrls: Mapping[str, Any]) -> None:
         enable_used_controls(ctrls)
@@ -129,5 +127,5 @@ def ring_explorer(ranks: int = 4, step: int = 0, **pattern: Any) -> Explorer[Rin
 
     return Explorer(controls=controls, compute=lambda values: ring_view(_params(values, start)),
                     draw=draw_ring_view, readout=ring_readout_html, figsize=(9.0, 4.6),
-                    adjust=follow_ranks, name="wb-ring", header=(widgets.HBox(
-                        [play, widgets.Label("play / pause steps through the ring")]),))
+                    adjust=follow_ranks, name="wb-ring", header=(w.HBox(
+                        [play, w.Label("play / pause steps through the ring")]),))
