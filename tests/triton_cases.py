@@ -44,7 +44,7 @@ def check_case(name, pattern, sq, sk, block, heads, config, device, dtype, d=32,
     q, k, v = _inputs(2, heads, sq, sk, d, dtype, device, seed=len(name))
     k = k * (1 + grow * torch.arange(sk, device=device, dtype=dtype) / sk)[:, None]
     lay = pattern.block_structure(sq, block, device, k_len=sk)
-    prob = Problem(lay, pattern.predicate(device), d ** -0.5)
+    prob = Problem(lay, pattern.predicate(device), d ** -0.5, pattern=pattern)
     out, lse = triton_attention(q, k, v, prob, True, config=config)
     ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), prob)
     err = (out.double() - ref).abs().max().item()
@@ -78,7 +78,7 @@ def check_grad_case(name, pattern, sq, sk, block, heads, config, device, dtype, 
     sends back) against the float64 reference's autograd."""
     q, k, v = _inputs(1, heads, sq, sk, d, dtype, device, seed=len(name) + 1)
     lay = pattern.block_structure(sq, block, device, k_len=sk)
-    prob = Problem(lay, pattern.predicate(device), d ** -0.5)
+    prob = Problem(lay, pattern.predicate(device), d ** -0.5, pattern=pattern)
     g = torch.Generator().manual_seed(5)
     w_out = torch.randn(q.shape, generator=g).to(device)
     w_lse = torch.randn(q.shape[:3], generator=g).to(device)
