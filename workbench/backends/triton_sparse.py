@@ -215,6 +215,8 @@ def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
         if lay.q_len % b:
             o.masked_fill_(~q_real, 0)
     return out
+
+
 def _tile_classes(lay: BlockLayout) -> tuple[Tensor, Tensor]:
     """(full, partial) bool ``[Hl, nq, nk]``: tiles read without a mask and tiles read through
     their bit mask. The short last key block is always partial (its padding is off)."""
