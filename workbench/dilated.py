@@ -90,11 +90,6 @@ class DilatedAttention(nn.Module):
     for its last call (:class:`~workbench.plan.LastCall`), so a call that repeats the last one
     (same shapes, dtype, device, grad mode and attributes) launches the kernels straight away.
     The options are those of :func:`dilated_attention`, checked here.
-
-    Example::
-
-        attn = wb.DilatedAttention([2048, 4096], [1, 2], mode="paper", causal=True)
-        out = attn(q, k, v)
     """
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
@@ -145,30 +140,25 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
              block_size: int, scale: float | None, return_lse: bool, plans: Plans | None
              ) -> Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
     """The call, prepared (arguments already checked): LongNet's head-group pattern, or one
-    branch per pair merged by log-sum-exp (paper), each on its backend (layouts from ``plans``
-    where given); returns ``run(q, k, v)`` for inputs like these."""
+    branch per pair merged by log-sum-exp (paper), on ``backend`` (``"gather"``: every branch
+    in one pass, merged inside; others: layouts from ``plans`` where given); returns
+    ``run(q, k, v)`` for inputs like these."""
     h, s = q.shape[1], q.shape[2]
     if mode == "head_groups":
         patterns = [dilated(segment_lengths, dilation_rates, h, causal=causal)]
     else:
         patterns = [dilated_branch(w, r, h) for w, r in zip(segment_lengths, dilation_rates)]
         patterns = [p & causal_pattern() for p in patterns] if causal else patterns
-    if backend == "gather" and len(patterns) > 1:  # every branch in one pass, merged inside
+    if backend == "gather":
         run = prepare_dilated(q, k, v, patterns, scale=scale, block_size=block_size,
                               need_lse=return_lse)
-        return run if return_lse else lambda q, k, v: run(q, k, v)[0]
-    lse = return_lse or len(patterns) > 1
-    runs = [prepare(q, k, v, p, block_size, backend=backend, return_lse=lse, scale=scale,
-                    ring_chunks=1, block_order=None, dropout=None,
-                    layout=None if plans is None else
-                    (lambda p=p: plans.get(p, s, s, block_size, q.device).layout))
-            for p in patterns]
-    if len(runs) == 1:
-        run = runs[0]
-        return run if return_lse else lambda q, k, v: run(q, k, v)[0]
-
-    def merged(q: Tensor, k: Tensor, v: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        out, lse = merge_partials(*zip(*(run(q, k, v) for run in runs)))
-        return (out, lse) if return_lse else out
-
-    return merged
+    else:
+        runs = [prepare(q, k, v, p, block_size, backend=backend,
+                        return_lse=return_lse or len(patterns) > 1, scale=scale, ring_chunks=1,
+                        block_order=None, dropout=None,
+                        layout=None if plans is None else
+                        (lambda p=p: plans.get(p, s, s, block_size, q.device).layout))
+                for p in patterns]
+        run = runs[0] if len(runs) == 1 else (
+            lambda q, k, v: merge_partials(*zip(*(r(q, k, v) for r in runs))))
+    return run if return_lse else lambda q, k, v: run(q, k, v)[0]

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends import Problem, merge_partials, run_backend
+from .backends import Problem, empty_partial, merge_partials, run_backend
 from .layout import BlockLayout
 from .patterns import check_positive_int
 from .sharding import DistributedPlan, distributed_plan, shard_plan
 
 __all__ = ["ring_attention"]
+
 
 def _plan(layout: BlockLayout, num_chunks: int) -> DistributedPlan:
     """The plan of ``layout`` over ``num_chunks`` contiguous shards, built once per layout
@@ -48,19 +49,12 @@ def ring_attention(
     outs, lses = [], []
     for r, ((q0, q1),) in enumerate(plan.sharding.pieces):
         qs = q[:, :, q0 * b : q1 * b]
-        parts_o, parts_l = [], []
-        for d in range(num_chunks):
-            for _, _, (k0, k1), _ in plan.pairs(r, plan.kv_rank(r, d)):
-                o, lse = run_backend(backend, qs, k[:, :, k0 * b : k1 * b],
-                                     v[:, :, k0 * b : k1 * b],
-                                     problem.slice((q0, q1), (k0, k1)), need_lse=True)
-                parts_o.append(o)
-                parts_l.append(lse)
-        if not parts_o:  # this rank's queries attend nothing
-            shape = (*qs.shape[:-1], v.shape[-1])
-            parts_o.append(torch.zeros(shape, dtype=q.dtype, device=q.device))
-            parts_l.append(torch.full(qs.shape[:-1], -torch.inf, device=q.device))
-        o, lse = merge_partials(parts_o, parts_l)
+        parts = [run_backend(backend, qs, k[:, :, k0 * b : k1 * b], v[:, :, k0 * b : k1 * b],
+                             problem.slice((q0, q1), (k0, k1)), need_lse=True)
+                 for d in range(num_chunks)
+                 for _, _, (k0, k1), _ in plan.pairs(r, plan.kv_rank(r, d))]
+        # a rank whose queries attend nothing gets zeros and a log-sum-exp of -inf
+        o, lse = merge_partials(*zip(*(parts or [empty_partial(qs, v.shape[-1])])))
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

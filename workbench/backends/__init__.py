@@ -1,8 +1,7 @@
 """Backends: what computes the tiles of a :class:`~workbench.backends.problem.Problem`.
 
 Each backend is a :class:`~workbench.backends.registry.Backend` in one module, registered below
-in ``auto``'s order of preference; ``auto`` takes the first that can run a call and prefers it
-(:func:`choose` says which and why). :func:`describe_backends` lists them with what they can do.
+in ``auto``'s order of preference (:func:`choose` says which runs a call and why).
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 from . import blockwise, flex, gather, reference, registry, sdpa, triton_sparse
 from .blockwise import blockwise_attention
 from .dropout import AttentionDropout
-from .flex import flex_attention, flex_available
+from .flex import flex_attention
 from .merge import accumulation_dtype, empty_partial, merge_into_, merge_partials
 from .problem import MaskFn, Problem
 from .reference import reference_attention
@@ -28,15 +27,15 @@ from .registry import (
     registered,
     run_backend,
 )
-from .sdpa import NO_LSE, dense_sdpa, sdpa_attention, sdpa_form, sdpa_serves
+from .sdpa import NO_LSE, sdpa_form
 from .triton_sparse import triton_attention
 
 __all__ = ["AttentionDropout", "Backend", "BackendUnsupported", "Capabilities", "Choice", "MaskFn",
            "NO_LSE", "Problem", "Request", "Runner", "accumulation_dtype", "backend_names",
-           "blockwise_attention", "check_backend", "choose", "dense_sdpa", "describe_backends",
-           "empty_partial", "flex_attention", "flex_available", "get_backend", "merge_into_",
-           "merge_partials", "reference_attention", "register", "registry", "registered",
-           "run_backend", "sdpa_attention", "sdpa_form", "sdpa_serves", "triton_attention"]
+           "blockwise_attention", "check_backend", "choose", "describe_backends",
+           "empty_partial", "flex_attention", "get_backend", "merge_into_", "merge_partials",
+           "reference_attention", "register", "registry", "registered", "run_backend",
+           "sdpa_form", "triton_attention"]
 
 for _module in (sdpa, gather, triton_sparse, flex, blockwise, reference):
     register(_module.BACKEND)
