@@ -6,6 +6,8 @@ in ``auto``'s order of preference (:func:`choose` says which runs a call and why
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from . import blockwise, flex, gather, reference, registry, sdpa, triton_sparse
 from .blockwise import blockwise_attention
 from .dropout import AttentionDropout
@@ -50,16 +52,7 @@ def check_backend(name: object) -> str:
 
 
 def describe_backends() -> list[dict[str, object]]:
-    """One row per registered backend, in ``auto``'s order: its name, summary and
-    capabilities (devices, where it gives the log-sum-exp and gradients, dtypes, dropout, block
-    order, score mods, patterns) and whether ``auto`` ever picks it."""
-    rows = []
-    for b in registered():
-        c = b.capabilities
-        rows.append({"backend": b.name, "summary": b.summary, "devices": c.devices,
-                     "log-sum-exp": c.lse_devices, "gradients": c.grad_devices,
-                     "dtypes": "any" if c.dtypes is None else c.dtypes, "dropout": c.dropout,
-                     "block_order": c.block_order, "score_mod": c.score_mod,
-                     "patterns": c.patterns,
-                     "auto": b.prefers is not None})
-    return rows
+    """One row per registered backend, in ``auto``'s order: its name, summary, the fields of its
+    :class:`Capabilities` and whether ``auto`` ever picks it."""
+    return [{"backend": b.name, "summary": b.summary, **asdict(b.capabilities),
+             "auto": b.prefers is not None} for b in registered()]

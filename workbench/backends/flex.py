@@ -1,18 +1,12 @@
 """FlexAttention backend: a ``BlockMask`` built straight from the exact block layout.
 
-The mask is :func:`workbench.blockmask.block_mask_from_layout` of the problem's layout: full
-tiles skip the mask function, partial tiles go through the pattern's token predicate, and the
-``S x S`` mask is never evaluated. It is kept with the layout (:func:`cached_block_mask`). A
-``block_order`` ("hilbert", "morton") sorts each query block's key blocks along the curve.
-``flex_attention`` is compiled once per process (``dynamic=False``). Python numbers inside a
-pattern (a window, a segment length) are baked into the kernel, so each new shape or new pattern
-parameters compile once; every such compile is announced on stderr, and a call that compiles runs
-with Dynamo told to raise, not to fall back to slow eager attention, if its recompile limit is
-reached (:data:`RECOMPILE_LIMIT` distinct compiles); a prepared call that repeats one
-(:func:`prepare_flex`) runs the kernel as it is. On the CPU, FlexAttention supports inference only:
-no gradients and no log-sum-exp (use the ``blockwise`` backend there for those). A
-``problem.score_mod`` becomes FlexAttention's ``score_mod``, called at absolute positions (the
-problem's offsets added, as tensors, like the mask's).
+Full tiles skip the mask function, partial tiles go through the pattern's token predicate; the
+``S x S`` mask is never evaluated, and the mask is kept with the layout. A ``block_order`` sorts
+each query block's key blocks along the curve; a ``score_mod`` is called at absolute positions.
+``flex_attention`` is compiled once per process; each new shape or pattern parameter compiles
+once (announced on stderr), up to :data:`RECOMPILE_LIMIT` compiles, past which it raises rather
+than fall back to eager attention. On the CPU it supports inference only (no gradients, no
+log-sum-exp).
 """
 
 from __future__ import annotations
@@ -30,16 +24,7 @@ from ..orderings import visit_rank
 from .problem import Problem
 from .registry import Backend, Capabilities, Request, Runner
 
-__all__ = ["BACKEND", "build_block_mask", "flex_attention", "flex_available", "prepare_flex",
-           "reset_compiled"]
-
-
-def flex_available() -> bool:
-    try:
-        from torch.nn.attention import flex_attention as _  # noqa: F401
-    except ImportError:  # pragma: no cover - torch too old
-        return False
-    return True
+__all__ = ["BACKEND", "build_block_mask", "flex_attention", "prepare_flex", "reset_compiled"]
 
 
 CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its CPU kernel compiles for
@@ -75,16 +60,19 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
     into the kernel's tiles on CUDA), its offsets and its visit order. ``backward=False``
     leaves out the query-major lists only a backward reads."""
     lay = _kernel_layout(problem.layout.to(device))
-    # Offsets as tensors: the compiled kernel takes them as inputs, so the slices of a ring (same
-    # shape, other offsets) reuse one compilation instead of specializing on each offset. Filled
-    # on the device: copying a Python number to the GPU (torch.tensor(x, device=...)) waits for
-    # every kernel already queued, so the GPU would idle while the next mask is being built.
-    q_off, k_off = (torch.full((), x, dtype=torch.int64, device=device)
-                    for x in (problem.q_offset, problem.k_offset))
+    q_off, k_off = _offsets(problem, device)
     # A post-pattern visit order reorders each query block's key blocks (FlexAttention's grid
     # fixes the order of query blocks itself).
     return block_mask_from_layout(lay, problem.allowed, q_offset=q_off, k_offset=k_off,
                                   rank=visit_rank(lay, problem.block_order), backward=backward)
+
+
+def _offsets(problem: Problem, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """The problem's offsets as tensors: the compiled kernel takes them as inputs, so a ring's
+    slices (same shape, other offsets) share one compilation. Filled on the device: copying a
+    Python number to the GPU waits for every kernel already queued."""
+    return tuple(torch.full((), x, dtype=torch.int64, device=device)  # type: ignore[return-value]
+                 for x in (problem.q_offset, problem.k_offset))
 
 
 @lru_cache(maxsize=1)
@@ -180,8 +168,7 @@ def _offset_score_mod(problem: Problem, device: torch.device):
     if user is None:
         return None
     q_last, k_last = problem.layout.q_len - 1, problem.layout.k_len - 1
-    q_off = torch.full((), problem.q_offset, dtype=torch.int64, device=device)
-    k_off = torch.full((), problem.k_offset, dtype=torch.int64, device=device)
+    q_off, k_off = _offsets(problem, device)
 
     def score_mod(score, b, h, qi, ki):
         return user(score, b, h, qi.clamp(max=q_last) + q_off, ki.clamp(max=k_last) + k_off)
@@ -190,8 +177,6 @@ def _offset_score_mod(problem: Problem, device: torch.device):
 
 
 def _refuses(req: Request) -> str | None:
-    if not flex_available():
-        return "needs torch.nn.attention.flex_attention (torch 2.5+)"
     if req.device_type == "cpu" and req.q.dtype not in CPU_DTYPES:
         return f"takes float32, float16 or bfloat16 on the CPU, not {req.q.dtype}"
     if req.device_type == "cuda" and min(req.q.shape[-1], req.v.shape[-1]) < 16:

@@ -55,14 +55,18 @@ class Problem:
     def num_heads(self) -> int:
         return self.layout.num_heads
 
+    def positions(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """Absolute query ``[q_len, 1]`` and key ``[1, k_len]`` positions."""
+        lay = self.layout
+        return (torch.arange(lay.q_len, device=device)[:, None] + self.q_offset,
+                torch.arange(lay.k_len, device=device)[None, :] + self.k_offset)
+
     def dense_mask(self, device: torch.device | str) -> Tensor:
         """Bool ``[H, q_len, k_len]`` of allowed pairs (small problems only)."""
         lay = self.layout
         h = torch.arange(lay.num_heads, device=device)[:, None, None]
-        q = torch.arange(lay.q_len, device=device)[None, :, None] + self.q_offset
-        k = torch.arange(lay.k_len, device=device)[None, None, :] + self.k_offset
-        m = self.allowed(h, q, k)
-        return m.expand(lay.num_heads, lay.q_len, lay.k_len)
+        return self.allowed(h, *self.positions(device)).expand(lay.num_heads, lay.q_len,
+                                                                lay.k_len)
 
     def slice(self, q_blocks: tuple[int, int], k_blocks: tuple[int, int]) -> Problem:
         """The sub-problem of query blocks ``[q0, q1)`` against key blocks ``[k0, k1)``; the same

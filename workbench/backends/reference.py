@@ -59,21 +59,16 @@ def _weighted_values(p: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 def _dense_score_mod(problem: Problem, s: Tensor) -> Tensor:
     """``problem.score_mod`` on the whole ``[B, H, Sq, Sk]`` grid of scores ``s``."""
-    batch, heads, sq, sk = s.shape
-    ar = lambda n: torch.arange(n, device=s.device)  # noqa: E731
-    return modded(problem.score_mod, s, ar(batch)[:, None, None, None],
-                  ar(heads)[None, :, None, None], ar(sq)[:, None] + problem.q_offset,
-                  ar(sk)[None, :] + problem.k_offset)
+    b, h = (torch.arange(n, device=s.device) for n in s.shape[:2])
+    return modded(problem.score_mod, s, b[:, None, None, None], h[None, :, None, None],
+                  *problem.positions(s.device))
 
 
 def _dense_dropout(problem: Problem, batch: int, heads: int, device: torch.device) -> Tensor:
     """The dropout keep scale on the whole ``[B, H, Sq, Sk]`` grid."""
-    lay = problem.layout
     b, h = torch.arange(batch, device=device), torch.arange(heads, device=device)
     hi = (b[:, None] * heads + h[None, :])[..., None, None]
-    qp = torch.arange(lay.q_len, device=device)[:, None] + problem.q_offset
-    kp = torch.arange(lay.k_len, device=device)[None, :] + problem.k_offset
-    return problem.dropout.scale(hi, qp, kp)
+    return problem.dropout.scale(hi, *problem.positions(device))
 
 
 BACKEND = Backend(

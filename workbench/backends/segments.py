@@ -1,11 +1,10 @@
 """Dense attention over a batch of equal segments on PyTorch's fused kernels (cuDNN's or flash
-attention), forward and backward, with the log-sum-exp.
+attention), forward and backward, with the log-sum-exp, for strided views of q, k and v.
 
-The dilation ordering (:mod:`~workbench.backends.gather`) hands these kernels strided views of
-q, k and v, one segment per batch row. These backwards read ``out`` only through
-``rowsum(dout * out)`` and ``lse`` only to rebuild the probabilities, so given the output and
-log-sum-exp of a softmax merged over several key sets it returns each key set's exact share of
-that softmax's gradient: LongNet's branches are merged without a backward through the merge.
+These backwards read ``out`` only through ``rowsum(dout * out)`` and ``lse`` only to rebuild the
+probabilities: given the output and log-sum-exp of a softmax merged over several key sets they
+return each set's exact share of its gradient, so LongNet's branches need no backward through
+the merge.
 """
 
 from __future__ import annotations
