@@ -1,10 +1,6 @@
-"""LongNet dilated attention (Ding et al. 2023, arXiv 2307.02486), in its two modes.
-
-Both modes are :func:`~workbench.block_sparse_attention` over LongNet's patterns
-(:func:`~workbench.patterns.dilated`, :func:`~workbench.patterns.dilated_branch`), so every
-backend computes them. The default backend, ``"gather"``, is the dilation ordering: each head's
-kept positions are attended densely, segment by segment, and put back, wasting no tile.
-"""
+"""LongNet dilated attention (Ding et al. 2023, arXiv 2307.02486), in its two modes: attention
+over LongNet's patterns (:func:`~workbench.patterns.dilated`, ``dilated_branch``) on any backend,
+by default ``"gather"``, the dilation ordering that wastes no tile."""
 
 from __future__ import annotations
 
@@ -64,9 +60,6 @@ def dilated_attention(
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, H, S]`` of the merged softmax.
 
-    Each call builds its patterns and prepares its backends again; :class:`DilatedAttention`
-    keeps them for the calls that repeat one.
-
     Returns:
         ``out [B, H, S, Dv]`` in ``q``'s dtype, or ``(out, lse)`` with ``return_lse``.
 
@@ -76,20 +69,16 @@ def dilated_attention(
             ``scale``.
         TypeError: inputs that are not floating-point tensors of one dtype.
     """
-    check_qkv(q, k, v)
+    _check_inputs(q, k, v)
     _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
-    _check_self_attention(q, k)
     return _prepare(q, k, v, segment_lengths, dilation_rates, mode, causal, backend, block_size,
                     scale, bool(return_lse), None)(q, k, v)
 
 
 class DilatedAttention(nn.Module):
-    """:func:`dilated_attention` as an ``nn.Module`` over ``q, k, v`` ``[B, H, S, D]``.
-
-    It keeps its patterns' plans (:class:`~workbench.plan.Plans`) and the backends prepared
-    for its last call (:class:`~workbench.plan.LastCall`), so a call that repeats the last one
-    (same shapes, dtype, device, grad mode and attributes) launches the kernels straight away.
-    The options are those of :func:`dilated_attention`, checked here.
+    """:func:`dilated_attention` as an ``nn.Module`` over ``q, k, v`` ``[B, H, S, D]``, its
+    options checked here. It keeps its plans and the backends prepared for its last call, so a
+    call that repeats it (shapes, dtype, device, grad mode, attributes) runs the kernels at once.
     """
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
@@ -104,8 +93,7 @@ class DilatedAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
                 ) -> Tensor | tuple[Tensor, Tensor]:
-        check_qkv(q, k, v)
-        _check_self_attention(q, k)
+        _check_inputs(q, k, v)
         options = (self.segment_lengths, self.dilation_rates, self.mode, self.causal,
                    self.backend, self.block_size, self.scale, bool(return_lse))
         run = self.last_call.get(call_key(q, k, v, *options), None,
@@ -128,7 +116,8 @@ def _check_options(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def _check_self_attention(q: Tensor, k: Tensor) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    check_qkv(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"dilated attention is self-attention: q has {q.shape[2]} positions, k {k.shape[2]}"

@@ -1,9 +1,6 @@
-"""The ring simulated on one device: the distributed ring's plan over contiguous shards.
-
-``ring_attention`` cuts queries and keys into ``P`` contiguous shards of whole blocks and runs
-their :class:`~workbench.sharding.DistributedPlan` rank by rank: at step ``d`` rank ``r`` attends
-to the K/V shard of rank ``(r - d) mod P``, skips pairs with no active tile, and merges the
-partials exactly, so the output equals the one-shot computation.
+"""The ring simulated on one device: the distributed ring's plan over ``P`` contiguous shards,
+rank by rank. At step ``d`` rank ``r`` attends to the K/V shard of rank ``(r - d) mod P``, skips
+pairs with no active tile, and merges the partials exactly by log-sum-exp.
 """
 
 from __future__ import annotations

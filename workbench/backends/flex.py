@@ -1,12 +1,9 @@
-"""FlexAttention backend: a ``BlockMask`` built straight from the exact block layout.
+"""FlexAttention backend: a ``BlockMask`` built straight from the exact block layout (full tiles
+skip the mask function; the ``S x S`` mask is never evaluated), kept with the layout.
 
-Full tiles skip the mask function, partial tiles go through the pattern's token predicate; the
-``S x S`` mask is never evaluated, and the mask is kept with the layout. A ``block_order`` sorts
-each query block's key blocks along the curve; a ``score_mod`` is called at absolute positions.
-``flex_attention`` is compiled once per process; each new shape or pattern parameter compiles
-once (announced on stderr), up to :data:`RECOMPILE_LIMIT` compiles, past which it raises rather
-than fall back to eager attention. On the CPU it supports inference only (no gradients, no
-log-sum-exp).
+Each new shape or pattern parameter compiles once (announced on stderr), up to
+:data:`RECOMPILE_LIMIT` compiles, past which it raises rather than fall back to eager attention.
+On the CPU FlexAttention supports inference only (no gradients, no log-sum-exp).
 """
 
 from __future__ import annotations
@@ -31,16 +28,21 @@ CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its CPU kern
 KERNEL_TILE = 128  # FlexAttention's Triton kernels on Hopper need sparse blocks of 128k tokens
 
 
+def _tile_refusal(block_size: int) -> str | None:
+    """Why ``block_size`` cannot be used on CUDA, where it is merged into the kernel's tiles."""
+    if block_size % KERNEL_TILE and KERNEL_TILE % block_size:
+        return (f"needs a block_size that divides {KERNEL_TILE} or is a multiple of it on CUDA "
+                f"(its kernel's tile), got {block_size}")
+    return None
+
+
 def _kernel_layout(layout: BlockLayout) -> BlockLayout:
     """On CUDA, tiles smaller than the kernel's are merged into 128-token tiles."""
     b = layout.block_size
     if layout.active.device.type != "cuda" or b % KERNEL_TILE == 0:
         return layout
-    if KERNEL_TILE % b:
-        raise ValueError(
-            f"block_size={b} cannot be used with the flex backend on CUDA: use a divisor of "
-            f"{KERNEL_TILE} (it is merged into {KERNEL_TILE}-token tiles) or a multiple of it"
-        )
+    if _tile_refusal(b):
+        raise ValueError(f"the flex backend {_tile_refusal(b)}")
     return layout.coarsen(KERNEL_TILE // b)
 
 
@@ -55,10 +57,8 @@ def cached_block_mask(problem: Problem, device: torch.device | str, backward: bo
 
 
 def build_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):
-    """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation):
-    :func:`~workbench.blockmask.block_mask_from_layout` of its layout on ``device`` (merged
-    into the kernel's tiles on CUDA), its offsets and its visit order. ``backward=False``
-    leaves out the query-major lists only a backward reads."""
+    """A FlexAttention ``BlockMask`` equivalent to ``problem``, on ``device`` (tiles merged into
+    the kernel's on CUDA); ``backward=False`` leaves out the lists only a backward reads."""
     lay = _kernel_layout(problem.layout.to(device))
     q_off, k_off = _offsets(problem, device)
     # A post-pattern visit order reorders each query block's key blocks (FlexAttention's grid
@@ -84,8 +84,7 @@ def _compiled():
 
 
 def kernel_options(device: torch.device) -> dict[str, object] | None:
-    """FlexAttention kernel options for ``device``: TMA loads on Hopper and newer (the faster of
-    the two there), the defaults elsewhere."""
+    """FlexAttention kernel options for ``device``: TMA loads on Hopper and newer."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
         return {"USE_TMA": True}
     return None
@@ -96,9 +95,8 @@ _seen: set[tuple] = set()
 
 
 def prepare_flex(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool) -> Runner:
-    """Compiled FlexAttention over ``problem`` with its ``BlockMask`` and kernel options ready:
-    ``runner(q, k, v) -> (out, lse or None)``. Inputs are those :data:`BACKEND` accepts (no
-    dropout; on the CPU no gradients, no log-sum-exp)."""
+    """Compiled FlexAttention over ``problem``, its ``BlockMask`` ready: ``runner(q, k, v) ->
+    (out, lse or None)`` for inputs :data:`BACKEND` accepts."""
     mod = problem.score_mod
     key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size,
            problem.label, need_lse, getattr(mod, "__qualname__", type(mod).__qualname__))
@@ -156,8 +154,7 @@ def _within_limit(call: Callable[[Tensor, Tensor, Tensor], object], q: Tensor, k
 def flex_attention(
     q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``
-    (:func:`prepare_flex`, run once)."""
+    """:func:`prepare_flex`, run once: ``(out, lse or None)``."""
     return prepare_flex(q, k, v, problem, need_lse)(q, k, v)
 
 
@@ -182,11 +179,7 @@ def _refuses(req: Request) -> str | None:
     if req.device_type == "cuda" and min(req.q.shape[-1], req.v.shape[-1]) < 16:
         return (f"needs a head_dim of at least 16 on CUDA, got {req.q.shape[-1]} and "
                 f"{req.v.shape[-1]}")
-    b = req.block_size
-    if req.device_type == "cuda" and b % KERNEL_TILE and KERNEL_TILE % b:
-        return (f"needs a block_size that divides {KERNEL_TILE} or is a multiple of it on CUDA "
-                f"(its kernel's tile), got {b}")
-    return None
+    return _tile_refusal(req.block_size) if req.device_type == "cuda" else None
 
 
 def reset_compiled() -> None:

@@ -305,15 +305,9 @@ def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, kept: dict
         yield slice(start, stop), group, covering
 
 
-def _overlap(branches: list[_Branch]) -> bool:
-    """Whether some head runs more than one branch (their results are merged)."""
-    heads = [h for br in branches for h in range(br.start, br.stop)]
-    return len(heads) != len(set(heads))
-
-
 class _Fused(NamedTuple):
     """What :class:`_DilationOrdered` runs; ``kept`` holds the strided pieces across calls,
-    ``merged``: branches share heads (:func:`_overlap`)."""
+    ``merged``: some head runs several branches (their results are merged)."""
 
     branches: list[_Branch]
     causal: bool
@@ -418,15 +412,6 @@ def _lse_grads(spec: _Fused, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     return dq, pq * spec.scale, None
 
 
-def _merged_generic(q: Tensor, k: Tensor, v: Tensor, branches: list[_Branch], causal: bool,
-                    scale: float, need_lse: bool, block_size: int, kept: dict
-                    ) -> tuple[Tensor, Tensor | None]:
-    """Branches that share heads, one at a time on :func:`_generic`, merged by log-sum-exp."""
-    parts = [_generic(q, k, v, [br], causal, scale, True, block_size, kept) for br in branches]
-    out, lse = merge_partials(*zip(*parts))
-    return out, lse if need_lse else None
-
-
 def dilated_parts(pattern: object) -> tuple[Dilated, bool] | None:
     """``(dilated, causal)`` when ``pattern`` is a LongNet :class:`~workbench.patterns.Dilated`
     pattern, or one intersected with causal attention; else None."""
@@ -444,14 +429,9 @@ def prepare_dilated(
     scale: float | None = None, block_size: int = 64, need_lse: bool = True,
 ) -> Runner:
     """:func:`dilated_pattern_attention` of these inputs, prepared: ``runner(q, k, v) -> (out,
-    lse or None)``, differentiable through both.
-
-    Several LongNet patterns (all causal or none) give one softmax over the union of their
-    keys, a key kept by several patterns counted once per pattern (LongNet's paper mode).
-    Where every segment is full and PyTorch has a fused kernel for the inputs
-    (:func:`~workbench.backends.segments.segment_kernel`), the kernel reads q, k, v through
-    strided views and its backward takes the merged output; otherwise the kept positions are
-    gathered under autograd.
+    lse or None)``, differentiable through both. Several LongNet patterns (all causal or none)
+    give one softmax over the union of their keys, a key kept by several patterns counted once
+    per pattern (LongNet's paper mode).
 
     Raises:
         TypeError: a pattern that is not LongNet's.
@@ -473,7 +453,8 @@ def prepare_dilated(
     causal = parts[0][1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     branches = [br for dil, _ in parts for br in _branches(dil)]
-    kernel, kept, merged = segment_kernel(q, k, v), {}, _overlap(branches)
+    heads = [h for br in branches for h in range(br.start, br.stop)]
+    kernel, kept, merged = segment_kernel(q, k, v), {}, len(heads) != len(set(heads))
     fills = all(_fills(q.shape[2], br.segment, br.dilation, br.offsets) for br in branches)
     if kernel is not None and fills:
         spec = _Fused(branches, causal, scale, kernel, kept, merged)
@@ -485,8 +466,18 @@ def prepare_dilated(
             return out, lse if need_lse else None
 
         return fused
-    generic = _merged_generic if merged else _generic
-    return lambda q, k, v: generic(q, k, v, branches, causal, scale, need_lse, block_size, kept)
+    if not merged:
+        return lambda q, k, v: _generic(q, k, v, branches, causal, scale, need_lse, block_size,
+                                        kept)
+
+    def merged_generic(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        # branches that share heads, one at a time, merged by log-sum-exp
+        parts = [_generic(q, k, v, [br], causal, scale, True, block_size, kept)
+                 for br in branches]
+        out, lse = merge_partials(*zip(*parts))
+        return out, lse if need_lse else None
+
+    return merged_generic
 
 
 def dilated_pattern_attention(
@@ -494,13 +485,9 @@ def dilated_pattern_attention(
     block_size: int = 64, need_lse: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """``block_sparse_attention(q, k, v, pattern, return_lse=True)`` for a LongNet pattern
-    (:func:`dilated_parts`), computed by the dilation ordering. ``need_lse=False`` returns
-    ``(out, None)``.
-
-    Positions are local: segments start at 0, so on a window of a longer sequence this is the
-    pattern's attention restricted to the window when the window starts at a multiple of every
-    segment length.
-    """
+    (:func:`dilated_parts`) by the dilation ordering (``need_lse=False``: ``(out, None)``).
+    Segments start at local position 0: on a window of a longer sequence this is the pattern's
+    attention when the window starts at a multiple of every segment length."""
     return prepare_dilated(q, k, v, pattern, scale=scale, block_size=block_size,
                            need_lse=need_lse)(q, k, v)
 

@@ -51,10 +51,6 @@ class Problem:
     pattern: object = None  # the Pattern behind ``allowed``, for backends that read its structure
     score_mod: ScoreMod | None = None
 
-    @property
-    def num_heads(self) -> int:
-        return self.layout.num_heads
-
     def positions(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
         """Absolute query ``[q_len, 1]`` and key ``[1, k_len]`` positions."""
         lay = self.layout

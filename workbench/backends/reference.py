@@ -1,8 +1,5 @@
-"""The oracle: dense masked softmax attention, by default in float64.
-
-It evaluates the token predicate on the whole ``q_len x k_len`` grid, so it is for small
-problems only; every other backend is tested against it.
-"""
+"""The oracle: dense masked softmax attention in float64 over the whole ``q_len x k_len`` grid
+(small problems only); every other backend is tested against it."""
 
 from __future__ import annotations
 

@@ -24,10 +24,8 @@ ANY_DEVICE = ("cpu", "cuda")
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend computes: on which devices it runs, where it returns the log-sum-exp and
-    gradients, in which dtypes (None: any floating type), whether it applies attention dropout,
-    follows a ``block_order`` and applies a ``score_mod``, and which patterns it takes (in
-    words)."""
+    """What a backend computes: devices it runs on, where it gives the log-sum-exp and gradients,
+    dtypes (None: any floating type), dropout, ``block_order``, ``score_mod``, patterns (words)."""
 
     devices: tuple[str, ...] = ANY_DEVICE
     lse_devices: tuple[str, ...] = ANY_DEVICE
@@ -61,9 +59,8 @@ class Capabilities:
 
 @dataclass
 class Request:
-    """What one call asks of a backend. ``layout`` is built on first use (``build_layout``), so
-    a backend that needs none (SDPA on dense or causal attention) never makes one.
-    ``score_mod`` is the call's score mod, if any (its tensors count towards ``grad``)."""
+    """What one call asks of a backend; ``layout`` is built on first use (``build_layout``), so
+    a backend that needs none never makes one."""
 
     q: Tensor
     k: Tensor

@@ -81,10 +81,10 @@ _CUDNN = SegmentKernel(_cudnn_forward, _cudnn_backward)
 
 
 def segment_kernel(q: Tensor, k: Tensor, v: Tensor) -> SegmentKernel | None:
-    """The fused kernel for inputs like ``q, k, v`` (one dtype, one head size ``D``), or None
-    where PyTorch has none: on CUDA it needs float16/bfloat16, ``D`` a multiple of 8 up to 256
-    and an sm80+ GPU: cuDNN's on sm90+ up to ``D`` = 128, else flash attention (each only where
-    its SDPA backend is enabled); on the CPU flash attention for any floating dtype."""
+    """The fused kernel for inputs like ``q, k, v`` (one dtype, one head size ``D``), or None:
+    on CUDA (float16/bfloat16, ``D`` a multiple of 8 up to 256, sm80+) cuDNN's on sm90+ up to
+    ``D`` = 128, else flash attention, each where its SDPA backend is enabled; on the CPU flash
+    attention."""
     d = q.shape[-1]
     if not q.dtype == k.dtype == v.dtype or k.shape[-1] != d or v.shape[-1] != d:
         return None
