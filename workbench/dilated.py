@@ -52,7 +52,6 @@ def dilated_attention(
 
     Args:
         segment_lengths, dilation_rates: one dilation per segment length, ``r_i <= w_i``.
-        mode: ``"paper"`` or ``"head_groups"``.
         causal: keys after the query are masked inside each segment.
         backend: ``"gather"`` (dilation ordering, dense per segment; default) or any backend
             of :mod:`workbench.backends` (block-sparse ones work in natural order).
@@ -64,9 +63,8 @@ def dilated_attention(
         ``out [B, H, S, Dv]`` in ``q``'s dtype, or ``(out, lse)`` with ``return_lse``.
 
     Raises:
-        ValueError: mismatched shapes or devices, ``q`` and ``k`` of different lengths (this is
-            self-attention), an unknown ``mode`` or ``backend``, bad pairs, ``block_size`` or
-            ``scale``.
+        ValueError: mismatched shapes or devices, ``q`` and ``k`` of different lengths, an
+            unknown ``mode`` or ``backend``, bad pairs, ``block_size`` or ``scale``.
         TypeError: inputs that are not floating-point tensors of one dtype.
     """
     _check_inputs(q, k, v)
@@ -128,10 +126,8 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
              dilation_rates: Sequence[int], mode: str, causal: bool, backend: str,
              block_size: int, scale: float | None, return_lse: bool, plans: Plans | None
              ) -> Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
-    """The call, prepared (arguments already checked): LongNet's head-group pattern, or one
-    branch per pair merged by log-sum-exp (paper), on ``backend`` (``"gather"``: every branch
-    in one pass, merged inside; others: layouts from ``plans`` where given); returns
-    ``run(q, k, v)`` for inputs like these."""
+    """``run(q, k, v)`` for inputs like these (arguments checked): LongNet's head-group pattern,
+    or one branch per pair merged by log-sum-exp (``"gather"``: all in one pass, merged inside)."""
     h, s = q.shape[1], q.shape[2]
     if mode == "head_groups":
         patterns = [dilated(segment_lengths, dilation_rates, h, causal=causal)]

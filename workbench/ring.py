@@ -9,26 +9,10 @@ import torch
 from torch import Tensor
 
 from .backends import Problem, empty_partial, merge_partials, run_backend
-from .layout import BlockLayout
 from .patterns import check_positive_int
-from .sharding import DistributedPlan, distributed_plan, shard_plan
+from .sharding import distributed_plan, shard_plan
 
 __all__ = ["ring_attention"]
-
-
-def _plan(layout: BlockLayout, num_chunks: int) -> DistributedPlan:
-    """The plan of ``layout`` over ``num_chunks`` contiguous shards, built once per layout
-    object (a module's cached layout keeps it)."""
-    check_positive_int("ring_chunks", num_chunks)
-    blocks = min(layout.active.shape[1:])
-    if num_chunks > blocks:
-        raise ValueError(
-            f"ring_chunks={num_chunks} exceeds the {blocks} blocks of the sequence; use at "
-            "most one chunk per block (or a smaller block_size)")
-    b = layout.block_size
-    return layout.derived(("ring", num_chunks), lambda: distributed_plan(
-        layout, shard_plan(layout.q_len, num_chunks, b),
-        shard_plan(layout.k_len, num_chunks, b)))
 
 
 def ring_attention(
@@ -36,13 +20,18 @@ def ring_attention(
     need_lse: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """``(out [B, H, Sq, Dv], lse [B, H, Sq])`` of ``problem`` for ``q, k, v`` ``[B, H, S, D]``,
-    by the ring over ``num_chunks`` simulated ranks (``lse`` is always returned).
-
-    Raises:
-        ValueError: ``num_chunks`` not a positive int, or more chunks than blocks.
-    """
-    plan = _plan(problem.layout, num_chunks)
-    b = problem.layout.block_size
+    by the ring over ``num_chunks`` simulated ranks (``lse`` is always returned). Raises
+    ``ValueError`` for ``num_chunks`` not a positive int, or more chunks than blocks."""
+    layout, b = problem.layout, problem.layout.block_size
+    check_positive_int("ring_chunks", num_chunks)
+    blocks = min(layout.active.shape[1:])
+    if num_chunks > blocks:
+        raise ValueError(
+            f"ring_chunks={num_chunks} exceeds the {blocks} blocks of the sequence; use at "
+            "most one chunk per block (or a smaller block_size)")
+    # built once per layout object (a module's cached layout keeps it)
+    plan = layout.derived(("ring", num_chunks), lambda: distributed_plan(
+        layout, shard_plan(layout.q_len, num_chunks, b), shard_plan(layout.k_len, num_chunks, b)))
     outs, lses = [], []
     for r, ((q0, q1),) in enumerate(plan.sharding.pieces):
         qs = q[:, :, q0 * b : q1 * b]

@@ -27,8 +27,7 @@ __all__ = ["BACKEND", "blockwise_attention", "prepare_blockwise"]
 
 _SCORE_BUDGET = 1 << 23  # score elements materialized per chunk
 MASK_BUDGET = 1 << 28
-"""Bytes of tile token masks kept with a layout; a layout needing more evaluates them chunk by
-chunk at every call."""
+"""Bytes of tile token masks kept with a layout; beyond it they are evaluated at every call."""
 
 
 @dataclass(frozen=True)
@@ -164,12 +163,9 @@ def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
 
 
 class _Values:
-    """The value blocks a chunk's probabilities multiply, exact for non-finite values.
-
-    ``0 * nan`` is NaN, so a matmul would carry a non-finite value to rows of its tile that may
-    not see it: when ``v`` holds one, its finite part goes through the matmul and the rest is
-    added pair by pair over the allowed pairs of the tiles whose key block holds one.
-    """
+    """The value blocks a chunk's probabilities multiply, exact for non-finite values (a matmul
+    would carry them to disallowed rows, as ``0 * nan`` is NaN): the finite part goes through
+    the matmul, the rest is added pair by pair over allowed pairs."""
 
     def __init__(self, vb: Tensor) -> None:
         finite = torch.isfinite(vb)

@@ -1,10 +1,8 @@
 """Log-sum-exp merging of partial attention results.
 
 If ``(o_i, l_i)`` are the outputs and log-sum-exps of softmax attention over disjoint key sets,
-attention over their union is ``sum_i exp(l_i - L) * o_i`` with ``L = logsumexp_i(l_i)``: each
-part weighted by its share of the softmax denominator. The ring merges its K/V chunks and LongNet
-its branches this way. Rows where every part is empty (``l_i = -inf``) give zeros and
-``L = -inf``, never NaN; a NaN log-sum-exp stays NaN. Gradients flow through outputs and lses.
+attention over their union is ``sum_i exp(l_i - L) * o_i`` with ``L = logsumexp_i(l_i)``. Rows
+where every part is empty (``l_i = -inf``) give zeros and ``L = -inf``; a NaN stays NaN.
 """
 
 from __future__ import annotations

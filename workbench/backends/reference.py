@@ -19,13 +19,10 @@ def reference_attention(
 ) -> tuple[Tensor, Tensor]:
     """Dense attention restricted to ``problem``'s allowed pairs, computed in ``dtype``.
 
-    ``problem.score_mod`` changes the scaled scores before the mask (a query whose scores it
-    all sets to ``-inf`` attends nothing); ``problem.dropout`` multiplies the probabilities (not
-    the log-sum-exp) by its keep scale.
-    Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq])`` (lse float32, float64 for
-    float64 inputs); a query row with no allowed key gives zeros and ``lse = -inf``. A NaN or
-    infinite input reaches exactly the rows allowed to see it, with IEEE arithmetic over their
-    allowed pairs (a row whose scores hold a NaN has a NaN output and log-sum-exp).
+    Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq])`` (lse in the accumulation
+    dtype); a row with no allowed key (or whose scores the score mod all sets to ``-inf``) gives
+    zeros and ``lse = -inf``. Dropout scales the probabilities, not the log-sum-exp. A NaN or
+    infinite input reaches exactly the rows allowed to see it, with IEEE arithmetic.
     """
     mask = problem.dense_mask(q.device)  # [H or 1, Sq, Sk]
     s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * problem.scale

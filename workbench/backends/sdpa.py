@@ -21,13 +21,10 @@ NO_LSE = ("backend 'sdpa' gives no log-sum-exp, which return_lse, a ring (ring_c
 
 def sdpa_serves(form: str | None, *, q_len: int, k_len: int, dropout: bool,
                 q_offset: int = 0, k_offset: int = 0) -> str | None:
-    """``form`` (a pattern's :meth:`~workbench.patterns.Pattern.dense_form`) when
-    ``scaled_dot_product_attention`` computes it exactly for ``q_len`` queries over ``k_len``
-    keys, else ``None``.
-
-    Its causal masks align at the top left (``is_causal``) or the bottom right
-    (``causal_lower_right``), so a causal problem's query window must start or end with the key
-    window. No keys, or attention ``dropout`` (ours is a hash), answer ``None``."""
+    """``form`` (a pattern's ``dense_form``) when ``scaled_dot_product_attention`` computes it
+    exactly for ``q_len`` queries over ``k_len`` keys, else ``None``: its causal masks align top
+    left or bottom right, so a causal query window must start or end with the key window; no
+    keys or attention ``dropout`` (ours is a hash) answer ``None``."""
     aligned = q_offset - k_offset in (0, k_len - q_len)
     if dropout or k_len == 0 or (form == "causal" and not aligned):
         return None
@@ -55,9 +52,8 @@ def _run(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
 
 def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float, shift: int = 0
                ) -> Tensor:
-    """Attention of the whole of ``q`` over the whole of ``k, v``: ``form`` ``"full"``, or
-    ``"causal"`` (local query ``i`` sees keys ``j <= i + shift``; ``shift`` is 0 or
-    ``Sk - Sq``, the queries being the last of the keys' positions). Needs no block layout."""
+    """Attention of all of ``q`` over all of ``k, v``: ``form`` ``"full"``, or ``"causal"``
+    (local query ``i`` sees keys ``j <= i + shift``; ``shift`` is 0 or ``Sk - Sq``)."""
     if form not in ("full", "causal"):
         raise ValueError(f"form must be 'full' or 'causal', got {form!r}")
     sq, sk = q.shape[2], k.shape[2]
