@@ -1,10 +1,6 @@
-"""LongNet dilated attention (Ding et al. 2023, arXiv 2307.02486), in its two modes.
-
-Both modes are :func:`~workbench.block_sparse_attention` over LongNet's patterns
-(:func:`~workbench.patterns.dilated`, :func:`~workbench.patterns.dilated_branch`), so every
-backend computes them. The default backend, ``"gather"``, is the dilation ordering: each head's
-kept positions are attended densely, segment by segment, and put back, wasting no tile.
-"""
+"""LongNet dilated attention (Ding et al. 2023, arXiv 2307.02486), in its two modes: attention
+over LongNet's patterns (:func:`~workbench.patterns.dilated`, ``dilated_branch``) on any backend,
+by default ``"gather"``, the dilation ordering that wastes no tile."""
 
 from __future__ import annotations
 
@@ -56,7 +52,6 @@ def dilated_attention(
 
     Args:
         segment_lengths, dilation_rates: one dilation per segment length, ``r_i <= w_i``.
-        mode: ``"paper"`` or ``"head_groups"``.
         causal: keys after the query are masked inside each segment.
         backend: ``"gather"`` (dilation ordering, dense per segment; default) or any backend
             of :mod:`workbench.backends` (block-sparse ones work in natural order).
@@ -64,37 +59,24 @@ def dilated_attention(
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, H, S]`` of the merged softmax.
 
-    Each call builds its patterns and prepares its backends again; :class:`DilatedAttention`
-    keeps them for the calls that repeat one.
-
     Returns:
         ``out [B, H, S, Dv]`` in ``q``'s dtype, or ``(out, lse)`` with ``return_lse``.
 
     Raises:
-        ValueError: mismatched shapes or devices, ``q`` and ``k`` of different lengths (this is
-            self-attention), an unknown ``mode`` or ``backend``, bad pairs, ``block_size`` or
-            ``scale``.
+        ValueError: mismatched shapes or devices, ``q`` and ``k`` of different lengths, an
+            unknown ``mode`` or ``backend``, bad pairs, ``block_size`` or ``scale``.
         TypeError: inputs that are not floating-point tensors of one dtype.
     """
-    check_qkv(q, k, v)
+    _check_inputs(q, k, v)
     _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
-    _check_self_attention(q, k)
     return _prepare(q, k, v, segment_lengths, dilation_rates, mode, causal, backend, block_size,
                     scale, bool(return_lse), None)(q, k, v)
 
 
 class DilatedAttention(nn.Module):
-    """:func:`dilated_attention` as an ``nn.Module`` over ``q, k, v`` ``[B, H, S, D]``.
-
-    It keeps its patterns' plans (:class:`~workbench.plan.Plans`) and the backends prepared
-    for its last call (:class:`~workbench.plan.LastCall`), so a call that repeats the last one
-    (same shapes, dtype, device, grad mode and attributes) launches the kernels straight away.
-    The options are those of :func:`dilated_attention`, checked here.
-
-    Example::
-
-        attn = wb.DilatedAttention([2048, 4096], [1, 2], mode="paper", causal=True)
-        out = attn(q, k, v)
+    """:func:`dilated_attention` as an ``nn.Module`` over ``q, k, v`` ``[B, H, S, D]``, its
+    options checked here. It keeps its plans and the backends prepared for its last call, so a
+    call that repeats it (shapes, dtype, device, grad mode, attributes) runs the kernels at once.
     """
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
@@ -109,8 +91,7 @@ class DilatedAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
                 ) -> Tensor | tuple[Tensor, Tensor]:
-        check_qkv(q, k, v)
-        _check_self_attention(q, k)
+        _check_inputs(q, k, v)
         options = (self.segment_lengths, self.dilation_rates, self.mode, self.causal,
                    self.backend, self.block_size, self.scale, bool(return_lse))
         run = self.last_call.get(call_key(q, k, v, *options), None,
@@ -133,7 +114,8 @@ def _check_options(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def _check_self_attention(q: Tensor, k: Tensor) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    check_qkv(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"dilated attention is self-attention: q has {q.shape[2]} positions, k {k.shape[2]}"
@@ -144,31 +126,24 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
              dilation_rates: Sequence[int], mode: str, causal: bool, backend: str,
              block_size: int, scale: float | None, return_lse: bool, plans: Plans | None
              ) -> Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
-    """The call, prepared (arguments already checked): LongNet's head-group pattern, or one
-    branch per pair merged by log-sum-exp (paper), each on its backend (layouts from ``plans``
-    where given); returns ``run(q, k, v)`` for inputs like these."""
+    """``run(q, k, v)`` for inputs like these (arguments checked): LongNet's head-group pattern,
+    or one branch per pair merged by log-sum-exp (``"gather"``: all in one pass, merged inside)."""
     h, s = q.shape[1], q.shape[2]
     if mode == "head_groups":
         patterns = [dilated(segment_lengths, dilation_rates, h, causal=causal)]
     else:
         patterns = [dilated_branch(w, r, h) for w, r in zip(segment_lengths, dilation_rates)]
         patterns = [p & causal_pattern() for p in patterns] if causal else patterns
-    if backend == "gather" and len(patterns) > 1:  # every branch in one pass, merged inside
+    if backend == "gather":
         run = prepare_dilated(q, k, v, patterns, scale=scale, block_size=block_size,
                               need_lse=return_lse)
-        return run if return_lse else lambda q, k, v: run(q, k, v)[0]
-    lse = return_lse or len(patterns) > 1
-    runs = [prepare(q, k, v, p, block_size, backend=backend, return_lse=lse, scale=scale,
-                    ring_chunks=1, block_order=None, dropout=None,
-                    layout=None if plans is None else
-                    (lambda p=p: plans.get(p, s, s, block_size, q.device).layout))
-            for p in patterns]
-    if len(runs) == 1:
-        run = runs[0]
-        return run if return_lse else lambda q, k, v: run(q, k, v)[0]
-
-    def merged(q: Tensor, k: Tensor, v: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        out, lse = merge_partials(*zip(*(run(q, k, v) for run in runs)))
-        return (out, lse) if return_lse else out
-
-    return merged
+    else:
+        runs = [prepare(q, k, v, p, block_size, backend=backend,
+                        return_lse=return_lse or len(patterns) > 1, scale=scale, ring_chunks=1,
+                        block_order=None, dropout=None,
+                        layout=None if plans is None else
+                        (lambda p=p: plans.get(p, s, s, block_size, q.device).layout))
+                for p in patterns]
+        run = runs[0] if len(runs) == 1 else (
+            lambda q, k, v: merge_partials(*zip(*(r(q, k, v) for r in runs))))
+    return run if return_lse else lambda q, k, v: run(q, k, v)[0]

@@ -1,16 +1,17 @@
 """Backends: what computes the tiles of a :class:`~workbench.backends.problem.Problem`.
 
 Each backend is a :class:`~workbench.backends.registry.Backend` in one module, registered below
-in ``auto``'s order of preference; ``auto`` takes the first that can run a call and prefers it
-(:func:`choose` says which and why). :func:`describe_backends` lists them with what they can do.
+in ``auto``'s order of preference (:func:`choose` says which runs a call and why).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from . import blockwise, flex, gather, reference, registry, sdpa, triton_sparse
 from .blockwise import blockwise_attention
 from .dropout import AttentionDropout
-from .flex import flex_attention, flex_available
+from .flex import flex_attention
 from .merge import accumulation_dtype, empty_partial, merge_into_, merge_partials
 from .problem import MaskFn, Problem
 from .reference import reference_attention
@@ -28,15 +29,15 @@ from .registry import (
     registered,
     run_backend,
 )
-from .sdpa import NO_LSE, dense_sdpa, sdpa_attention, sdpa_form, sdpa_serves
+from .sdpa import NO_LSE, sdpa_form
 from .triton_sparse import triton_attention
 
 __all__ = ["AttentionDropout", "Backend", "BackendUnsupported", "Capabilities", "Choice", "MaskFn",
            "NO_LSE", "Problem", "Request", "Runner", "accumulation_dtype", "backend_names",
-           "blockwise_attention", "check_backend", "choose", "dense_sdpa", "describe_backends",
-           "empty_partial", "flex_attention", "flex_available", "get_backend", "merge_into_",
-           "merge_partials", "reference_attention", "register", "registry", "registered",
-           "run_backend", "sdpa_attention", "sdpa_form", "sdpa_serves", "triton_attention"]
+           "blockwise_attention", "check_backend", "choose", "describe_backends",
+           "empty_partial", "flex_attention", "get_backend", "merge_into_", "merge_partials",
+           "reference_attention", "register", "registry", "registered", "run_backend",
+           "sdpa_form", "triton_attention"]
 
 for _module in (sdpa, gather, triton_sparse, flex, blockwise, reference):
     register(_module.BACKEND)
@@ -51,16 +52,7 @@ def check_backend(name: object) -> str:
 
 
 def describe_backends() -> list[dict[str, object]]:
-    """One row per registered backend, in ``auto``'s order: its name, summary and
-    capabilities (devices, where it gives the log-sum-exp and gradients, dtypes, dropout, block
-    order, score mods, patterns) and whether ``auto`` ever picks it."""
-    rows = []
-    for b in registered():
-        c = b.capabilities
-        rows.append({"backend": b.name, "summary": b.summary, "devices": c.devices,
-                     "log-sum-exp": c.lse_devices, "gradients": c.grad_devices,
-                     "dtypes": "any" if c.dtypes is None else c.dtypes, "dropout": c.dropout,
-                     "block_order": c.block_order, "score_mod": c.score_mod,
-                     "patterns": c.patterns,
-                     "auto": b.prefers is not None})
-    return rows
+    """One row per registered backend, in ``auto``'s order: its name, summary, the fields of its
+    :class:`Capabilities` and whether ``auto`` ever picks it."""
+    return [{"backend": b.name, "summary": b.summary, **asdict(b.capabilities),
+             "auto": b.prefers is not None} for b in registered()]

@@ -1,12 +1,10 @@
 """Pure-PyTorch block-sparse attention: visits only active tiles, with an online softmax.
 
-The layout's tiles are listed once (kept with the layout, with the token masks of the tiles
-that need one, up to :data:`MASK_BUDGET` bytes) and processed in chunks: batched matmuls give a
-chunk's scores, and scatter and index-add update each query row's running maximum, denominator
-and weighted sum (FlashAttention's recurrence over a list of tiles). Memory is proportional to a
-chunk, never ``S x S``. The backward recomputes each chunk from the saved log-sum-exp. A
-``problem.score_mod`` applies to each chunk's scaled scores before the mask, at absolute
-positions (padding at the last real one); the backward re-evaluates it under autograd.
+The layout's tiles (and the token masks of those that need one, up to :data:`MASK_BUDGET` bytes)
+are listed once, kept with the layout, and processed in chunks: batched matmuls give a chunk's
+scores, scatter and index-add update each query row's running maximum, denominator and weighted
+sum. Memory is proportional to a chunk, never ``S x S``; the backward recomputes each chunk from
+the saved log-sum-exp. A score mod applies to each chunk's scaled scores before the mask.
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ __all__ = ["BACKEND", "blockwise_attention", "prepare_blockwise"]
 
 _SCORE_BUDGET = 1 << 23  # score elements materialized per chunk
 MASK_BUDGET = 1 << 28
-"""Bytes of tile token masks kept with a layout; a layout needing more evaluates them chunk by
-chunk at every call."""
+"""Bytes of tile token masks kept with a layout; beyond it they are evaluated at every call."""
 
 
 @dataclass(frozen=True)
@@ -100,12 +97,6 @@ def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Ti
     return problem.layout.derived(("blockwise", *key), build)
 
 
-def _plan(problem: Problem, num_heads: int, batch: int, device: torch.device) -> _TilePlan:
-    chunk = max(1, _SCORE_BUDGET // (batch * problem.layout.block_size ** 2))
-    return _TilePlan(problem, num_heads, _layout_tiles(problem, num_heads, device), chunk,
-                     problem.block_order is None)
-
-
 def _tile_masks(problem: Problem, tiles: Tensor) -> Tensor:
     """Which pairs of each tile (``[n, 3]`` head, query block, key block) are allowed and real:
     bool ``[n, b, b]``."""
@@ -172,12 +163,9 @@ def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
 
 
 class _Values:
-    """The value blocks a chunk's probabilities multiply, exact for non-finite values.
-
-    ``0 * nan`` is NaN, so a matmul would carry a non-finite value to rows of its tile that may
-    not see it: when ``v`` holds one, its finite part goes through the matmul and the rest is
-    added pair by pair over the allowed pairs of the tiles whose key block holds one.
-    """
+    """The value blocks a chunk's probabilities multiply, exact for non-finite values (a matmul
+    would carry them to disallowed rows, as ``0 * nan`` is NaN): the finite part goes through
+    the matmul, the rest is added pair by pair over allowed pairs."""
 
     def __init__(self, vb: Tensor) -> None:
         finite = torch.isfinite(vb)
@@ -242,9 +230,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
         num[:, urows] = num[:, urows] * alpha[..., None] + num_c
         m[:, urows] = m_new
     nonempty = den != 0  # a NaN denominator (non-finite q or k) keeps its NaN, in lse too
-    out = num / torch.where(nonempty, den, torch.ones_like(den))[..., None]
-    lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, den, torch.ones_like(den))),
-                      torch.full_like(m, -torch.inf))
+    safe_den = torch.where(nonempty, den, torch.ones_like(den))
+    out = num / safe_den[..., None]
+    lse = torch.where(nonempty, m + torch.log(safe_den), torch.full_like(m, -torch.inf))
     return _from_blocks(out, h, lay.q_len).to(q.dtype), _from_blocks(lse, h, lay.q_len)
 
 
@@ -348,7 +336,9 @@ def prepare_blockwise(q: Tensor, k: Tensor, v: Tensor, problem: Problem,
                       need_lse: bool = True) -> Runner:
     """:func:`blockwise_attention` with the tile plan of these inputs ready:
     ``runner(q, k, v) -> (out, lse)`` (the log-sum-exp comes whatever ``need_lse``)."""
-    plan = _plan(problem, q.shape[1], q.shape[0], q.device)
+    chunk = max(1, _SCORE_BUDGET // (q.shape[0] * problem.layout.block_size ** 2))
+    plan = _TilePlan(problem, q.shape[1], _layout_tiles(problem, q.shape[1], q.device), chunk,
+                     problem.block_order is None)
     mod = problem.score_mod
     if mod is None:
         return lambda q, k, v: _BlockwiseFunction.apply(q, k, v, plan)
@@ -364,14 +354,10 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> tu
     """Block-sparse attention of ``q, k, v`` ``[B, H, S, D]`` over ``problem``'s active tiles,
     visited in ``problem.block_order``; any device and dtype.
 
-    Returns ``(out [B, H, Sq, Dv], lse [B, H, Sq])``: ``out`` in ``q``'s dtype, ``lse`` and
-    all accumulation float32 (float64 for float64 inputs); differentiable in ``q, k, v``,
-    through ``lse`` too, and in the tensors the score mod reads. ``problem.dropout`` scales
-    each tile's probabilities by its hash.
-
-    Raises:
-        ValueError: in the backward pass, a score mod that reads a tensor requiring grad
-            outside what :func:`workbench.score_mods.reads` finds.
+    Returns ``(out [B, H, Sq, Dv], lse [B, H, Sq])``: ``out`` in ``q``'s dtype, ``lse`` in the
+    accumulation dtype; differentiable in ``q, k, v`` (through ``lse`` too) and in the tensors
+    the score mod reads. Raises ``ValueError`` in the backward for a score mod that reads a
+    tensor requiring grad outside what :func:`workbench.score_mods.reads` finds.
     """
     return prepare_blockwise(q, k, v, problem)(q, k, v)
 

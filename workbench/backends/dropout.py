@@ -1,10 +1,8 @@
 """Attention-weight dropout that every tile can recompute: a hash, not a stored mask.
 
-As in ``nn.MultiheadAttention``, probabilities are dropped after the softmax: ``out = (P * Z) V``
-with ``Z = keep / (1 - p)``, the denominator untouched. Pair (batch and head, query, key) is kept
-by a hash of those indices and a seed, so every tile, the backward pass and a ring's chunks
-regenerate the same ``Z`` and no ``S x S`` mask exists; batch and head enter as ``b * H + h``, so
-folding the batch into the heads keeps the mask. The backward scales ``dV`` and ``dP`` by ``Z``.
+As in ``nn.MultiheadAttention``, ``out = (P * Z) V`` with ``Z = keep / (1 - p)`` after the
+softmax. Pair (``b * H + h``, query, key) is kept by a hash of those indices and a seed, so every
+tile, the backward and a ring's chunks regenerate the same ``Z``, and no ``S x S`` mask exists.
 """
 
 from __future__ import annotations
@@ -32,10 +30,8 @@ class AttentionDropout:
             raise ValueError(f"dropout probability must be in [0, 1), got {self.p}")
 
     def scale(self, head_index: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        """``Z``: ``0`` for dropped pairs, ``1 / (1 - p)`` for kept ones (float32, broadcast).
-
-        ``head_index`` is ``batch * num_heads + head``; ``q`` and ``k`` are absolute positions.
-        """
+        """``Z``: ``0`` for dropped pairs, ``1 / (1 - p)`` for kept ones (float32, broadcast);
+        ``head_index`` is ``batch * num_heads + head``, ``q`` and ``k`` absolute positions."""
         threshold = int(round(self.p * (1 << _HASH_BITS)))
         keep = hash_cells(self.seed, head_index, q, k) >= threshold
         return keep.float() / (1.0 - self.p)

@@ -1,18 +1,9 @@
-"""FlexAttention backend: a ``BlockMask`` built straight from the exact block layout.
+"""FlexAttention backend: a ``BlockMask`` built straight from the exact block layout (full tiles
+skip the mask function; the ``S x S`` mask is never evaluated), kept with the layout.
 
-The mask is :func:`workbench.blockmask.block_mask_from_layout` of the problem's layout: full
-tiles skip the mask function, partial tiles go through the pattern's token predicate, and the
-``S x S`` mask is never evaluated. It is kept with the layout (:func:`cached_block_mask`). A
-``block_order`` ("hilbert", "morton") sorts each query block's key blocks along the curve.
-``flex_attention`` is compiled once per process (``dynamic=False``). Python numbers inside a
-pattern (a window, a segment length) are baked into the kernel, so each new shape or new pattern
-parameters compile once; every such compile is announced on stderr, and a call that compiles runs
-with Dynamo told to raise, not to fall back to slow eager attention, if its recompile limit is
-reached (:data:`RECOMPILE_LIMIT` distinct compiles); a prepared call that repeats one
-(:func:`prepare_flex`) runs the kernel as it is. On the CPU, FlexAttention supports inference only:
-no gradients and no log-sum-exp (use the ``blockwise`` backend there for those). A
-``problem.score_mod`` becomes FlexAttention's ``score_mod``, called at absolute positions (the
-problem's offsets added, as tensors, like the mask's).
+Each new shape or pattern parameter compiles once (announced on stderr), up to
+:data:`RECOMPILE_LIMIT` compiles, past which it raises rather than fall back to eager attention.
+On the CPU FlexAttention supports inference only (no gradients, no log-sum-exp).
 """
 
 from __future__ import annotations
@@ -30,20 +21,19 @@ from ..orderings import visit_rank
 from .problem import Problem
 from .registry import Backend, Capabilities, Request, Runner
 
-__all__ = ["BACKEND", "build_block_mask", "flex_attention", "flex_available", "prepare_flex",
-           "reset_compiled"]
-
-
-def flex_available() -> bool:
-    try:
-        from torch.nn.attention import flex_attention as _  # noqa: F401
-    except ImportError:  # pragma: no cover - torch too old
-        return False
-    return True
+__all__ = ["BACKEND", "build_block_mask", "flex_attention", "prepare_flex", "reset_compiled"]
 
 
 CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its CPU kernel compiles for
 KERNEL_TILE = 128  # FlexAttention's Triton kernels on Hopper need sparse blocks of 128k tokens
+
+
+def _tile_refusal(block_size: int) -> str | None:
+    """Why ``block_size`` cannot be used on CUDA, where it is merged into the kernel's tiles."""
+    if block_size % KERNEL_TILE and KERNEL_TILE % block_size:
+        return (f"needs a block_size that divides {KERNEL_TILE} or is a multiple of it on CUDA "
+                f"(its kernel's tile), got {block_size}")
+    return None
 
 
 def _kernel_layout(layout: BlockLayout) -> BlockLayout:
@@ -51,11 +41,8 @@ def _kernel_layout(layout: BlockLayout) -> BlockLayout:
     b = layout.block_size
     if layout.active.device.type != "cuda" or b % KERNEL_TILE == 0:
         return layout
-    if KERNEL_TILE % b:
-        raise ValueError(
-            f"block_size={b} cannot be used with the flex backend on CUDA: use a divisor of "
-            f"{KERNEL_TILE} (it is merged into {KERNEL_TILE}-token tiles) or a multiple of it"
-        )
+    if _tile_refusal(b):
+        raise ValueError(f"the flex backend {_tile_refusal(b)}")
     return layout.coarsen(KERNEL_TILE // b)
 
 
@@ -70,21 +57,22 @@ def cached_block_mask(problem: Problem, device: torch.device | str, backward: bo
 
 
 def build_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):
-    """A FlexAttention ``BlockMask`` equivalent to ``problem`` (no ``S x S`` evaluation):
-    :func:`~workbench.blockmask.block_mask_from_layout` of its layout on ``device`` (merged
-    into the kernel's tiles on CUDA), its offsets and its visit order. ``backward=False``
-    leaves out the query-major lists only a backward reads."""
+    """A FlexAttention ``BlockMask`` equivalent to ``problem``, on ``device`` (tiles merged into
+    the kernel's on CUDA); ``backward=False`` leaves out the lists only a backward reads."""
     lay = _kernel_layout(problem.layout.to(device))
-    # Offsets as tensors: the compiled kernel takes them as inputs, so the slices of a ring (same
-    # shape, other offsets) reuse one compilation instead of specializing on each offset. Filled
-    # on the device: copying a Python number to the GPU (torch.tensor(x, device=...)) waits for
-    # every kernel already queued, so the GPU would idle while the next mask is being built.
-    q_off, k_off = (torch.full((), x, dtype=torch.int64, device=device)
-                    for x in (problem.q_offset, problem.k_offset))
+    q_off, k_off = _offsets(problem, device)
     # A post-pattern visit order reorders each query block's key blocks (FlexAttention's grid
     # fixes the order of query blocks itself).
     return block_mask_from_layout(lay, problem.allowed, q_offset=q_off, k_offset=k_off,
                                   rank=visit_rank(lay, problem.block_order), backward=backward)
+
+
+def _offsets(problem: Problem, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """The problem's offsets as tensors: the compiled kernel takes them as inputs, so a ring's
+    slices (same shape, other offsets) share one compilation. Filled on the device: copying a
+    Python number to the GPU waits for every kernel already queued."""
+    return tuple(torch.full((), x, dtype=torch.int64, device=device)  # type: ignore[return-value]
+                 for x in (problem.q_offset, problem.k_offset))
 
 
 @lru_cache(maxsize=1)
@@ -96,8 +84,7 @@ def _compiled():
 
 
 def kernel_options(device: torch.device) -> dict[str, object] | None:
-    """FlexAttention kernel options for ``device``: TMA loads on Hopper and newer (the faster of
-    the two there), the defaults elsewhere."""
+    """FlexAttention kernel options for ``device``: TMA loads on Hopper and newer."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
         return {"USE_TMA": True}
     return None
@@ -108,9 +95,8 @@ _seen: set[tuple] = set()
 
 
 def prepare_flex(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool) -> Runner:
-    """Compiled FlexAttention over ``problem`` with its ``BlockMask`` and kernel options ready:
-    ``runner(q, k, v) -> (out, lse or None)``. Inputs are those :data:`BACKEND` accepts (no
-    dropout; on the CPU no gradients, no log-sum-exp)."""
+    """Compiled FlexAttention over ``problem``, its ``BlockMask`` ready: ``runner(q, k, v) ->
+    (out, lse or None)`` for inputs :data:`BACKEND` accepts."""
     mod = problem.score_mod
     key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, problem.layout.block_size,
            problem.label, need_lse, getattr(mod, "__qualname__", type(mod).__qualname__))
@@ -168,8 +154,7 @@ def _within_limit(call: Callable[[Tensor, Tensor, Tensor], object], q: Tensor, k
 def flex_attention(
     q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Compiled FlexAttention over ``problem``; returns ``(out, lse or None)``
-    (:func:`prepare_flex`, run once)."""
+    """:func:`prepare_flex`, run once: ``(out, lse or None)``."""
     return prepare_flex(q, k, v, problem, need_lse)(q, k, v)
 
 
@@ -180,8 +165,7 @@ def _offset_score_mod(problem: Problem, device: torch.device):
     if user is None:
         return None
     q_last, k_last = problem.layout.q_len - 1, problem.layout.k_len - 1
-    q_off = torch.full((), problem.q_offset, dtype=torch.int64, device=device)
-    k_off = torch.full((), problem.k_offset, dtype=torch.int64, device=device)
+    q_off, k_off = _offsets(problem, device)
 
     def score_mod(score, b, h, qi, ki):
         return user(score, b, h, qi.clamp(max=q_last) + q_off, ki.clamp(max=k_last) + k_off)
@@ -190,18 +174,12 @@ def _offset_score_mod(problem: Problem, device: torch.device):
 
 
 def _refuses(req: Request) -> str | None:
-    if not flex_available():
-        return "needs torch.nn.attention.flex_attention (torch 2.5+)"
     if req.device_type == "cpu" and req.q.dtype not in CPU_DTYPES:
         return f"takes float32, float16 or bfloat16 on the CPU, not {req.q.dtype}"
     if req.device_type == "cuda" and min(req.q.shape[-1], req.v.shape[-1]) < 16:
         return (f"needs a head_dim of at least 16 on CUDA, got {req.q.shape[-1]} and "
                 f"{req.v.shape[-1]}")
-    b = req.block_size
-    if req.device_type == "cuda" and b % KERNEL_TILE and KERNEL_TILE % b:
-        return (f"needs a block_size that divides {KERNEL_TILE} or is a multiple of it on CUDA "
-                f"(its kernel's tile), got {b}")
-    return None
+    return _tile_refusal(req.block_size) if req.device_type == "cuda" else None
 
 
 def reset_compiled() -> None:

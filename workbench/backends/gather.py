@@ -1,12 +1,11 @@
 """The dilation ordering as a backend: LongNet's dilated attention computed densely per segment.
 
-For a (segment ``w``, dilation ``r``) pair, the positions a head keeps inside each segment
-(``s, s + r, ...`` from the segment start) are attended densely, segment by segment, and the
-result is put back: no tile is wasted. When every segment is full, the kept positions of a run of
-consecutive heads whose offsets step evenly (LongNet's ``j mod r``) are one strided view of q, k
-and v that one of PyTorch's fused attention kernels reads in place, forward and backward, with
-its log-sum-exp (:mod:`~workbench.backends.segments`); several pairs on the same heads (LongNet's
-paper mode) are merged inside that one pass. Otherwise the kept positions are gathered by index.
+The positions a head keeps inside each segment of a (segment ``w``, dilation ``r``) pair are
+attended densely and put back: no tile is wasted. When every segment is full, a run of heads whose
+offsets step evenly (LongNet's ``j mod r``) is one strided view of q, k and v that a fused kernel
+(:mod:`~workbench.backends.segments`) reads in place, forward and backward, with its log-sum-exp;
+pairs on the same heads (paper mode) are merged in that pass. Otherwise positions are gathered by
+index.
 """
 
 from __future__ import annotations
@@ -29,19 +28,8 @@ from .problem import Problem
 from .registry import Backend, Capabilities, Request, Runner, prepare_backend
 from .segments import SegmentKernel, segment_kernel
 
-__all__ = ["BACKEND", "branch_gather", "dilated_parts", "dilated_pattern_attention",
-           "heads_at_once", "prepare_dilated"]
-
-
-def _with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, backend: str,
-              scale: float) -> Runner:
-    """``pattern``'s attention and log-sum-exp on a block-sparse backend, prepared for inputs
-    like these (already valid)."""
-    layout = pattern.block_structure(q.shape[2], block_size, q.device, k_len=k.shape[2])
-    problem = Problem(layout, head_predicate(pattern, q.device), scale, label=repr(pattern),
-                      dense_form=pattern.dense_form(), pattern=pattern)
-    return prepare_backend(backend, q, k, v, problem, need_lse=True)
-
+__all__ = ["BACKEND", "dilated_parts", "dilated_pattern_attention", "heads_at_once",
+           "prepare_dilated"]
 
 #: Share of an input's heads whose temporaries one call holds (at least ``GATHER_MIN_BYTES``).
 GATHER_HEAD_FRACTION = 1 / 16
@@ -72,10 +60,9 @@ def heads_at_once(q: Tensor) -> int:
 
 
 class _Piece(NamedTuple):
-    """Slots attended by one call: ``gather(x)`` -> ``[B', nseg', L, *rest]`` (q, k, v and the
-    log-sum-exp alike), ``put(dst, src)`` writes a result back (strided pieces:
-    ``put(dst, src, add=True)`` adds it; ``weight=w`` puts or adds ``src * w``);
-    ``key_ok`` [nseg', L] masks padding keys (None: every key is real)."""
+    """Slots attended by one call: ``gather(x)`` -> ``[B', nseg', L, *rest]`` (q, k, v, lse),
+    ``put(dst, src)`` writes a result back (strided pieces also ``add=True``, ``weight=w``:
+    adds, or puts ``src * w``); ``key_ok`` [nseg', L] masks padding keys (None: all real)."""
 
     gather: Callable[[Tensor], Tensor]
     put: Callable[..., None]
@@ -121,12 +108,9 @@ def _run_view(x: Tensor, run: _Run, segment: int, dilation: int) -> Tensor:
 
 def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int],
                     in_place: bool) -> list[_Piece]:
-    """When every slot is a real position, each run of heads (:func:`_head_runs`) keeps a
-    strided view of the sequence (:func:`_run_view`): no index tensors. ``in_place``: one call
-    per run reads q, k, v through that view, and only its output is copied back (no gathered
-    copies at batch 1). Otherwise the views are copied into one batch and attended by one call
-    (fewer launches: better for short sequences, and for kernels that want contiguous
-    inputs)."""
+    """Pieces of strided views (:func:`_run_view`, every slot real): ``in_place``, one call per
+    run of heads reads q, k, v through its view; else the views are copied into one batch for
+    one call (fewer launches)."""
     runs = _head_runs(offsets)
 
     def view(x: Tensor, run: _Run) -> Tensor:  # -> [B, c, nseg, L, *rest]
@@ -209,52 +193,25 @@ def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int]
     return _Piece(gather, put, key_ok)
 
 
-def branch_gather(
-    q: Tensor, k: Tensor, v: Tensor, segment: int, dilation: int, offsets: list[int],
-    causal: bool, scale: float, out: Tensor, lse: Tensor | None, block_size: int, chunk: int,
-    kept: dict,
-) -> None:
-    """One (segment, dilation) branch for heads with ``offsets``, by the dilation ordering:
-    dense attention inside each head's kept positions of each segment, written into ``out``
-    (zeros) and ``lse`` (-inf, or None when not needed) in place; only the positions each head
-    keeps are written. ``chunk`` heads go at a time; ``kept`` keeps the index tensors, masks and
-    prepared backends of these shapes across calls (other shapes, dtype, device or grad mode
-    need their own)."""
-    h, s = q.shape[1], q.shape[2]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    in_place = lse is None and _head_bytes(q) >= IN_PLACE_MIN_BYTES
-    for a in range(0, h, chunk):
-        sl = slice(a, min(a + chunk, h))
-        offs = offsets[sl]
-        full = _fills(s, segment, dilation, offs)
-        # Under autograd every view would get a gradient buffer of its base's full size in the
-        # backward, one per offset: the index gather costs one per tensor instead.
-        key = ("pieces", s, segment, dilation, tuple(offs), grad, in_place)
-        if key not in kept:
-            kept[key] = (_strided_pieces(s, segment, dilation, offs, in_place) if full and not grad
-                         else [_indexed_piece(s, segment, dilation, offs, q.device, full)])
-        for pc in kept[key]:
-            _attend_piece(pc, q[:, sl], k[:, sl], v[:, sl], causal, scale, out[:, sl],
-                          None if lse is None else lse[:, sl], block_size, kept)
-
-
 def _attend_piece(pc: _Piece, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
                   out: Tensor, lse: Tensor | None, block_size: int, kept: dict) -> None:
     """Dense attention inside every segment of one piece, put back into ``out`` (and ``lse``).
-    What it derives from the piece's shapes and key mask is kept in ``kept``."""
+    What it derives from the piece's shapes and key mask is kept in ``kept``; the log-sum-exp
+    comes from FlexAttention (CUDA, 128-token tiles) or blockwise."""
     qg, kg, vg = pc.gather(q), pc.gather(k), pc.gather(v)
     length = qg.shape[2]
     mask_id = None if pc.key_ok is None else id(pc.key_ok)  # kept alive by its piece in kept
     if lse is not None:
-        # SDPA returns no log-sum-exp: FlexAttention (CUDA) or blockwise computes the same
-        # dense segments with it; FlexAttention needs 128-token tiles on CUDA.
         key = ("lse", mask_id, causal, qg.shape, kg.shape, vg.shape)
         if key not in kept:
             pat = full() if pc.key_ok is None else KeyMask(pc.key_ok)
+            pat = pat & causal_band() if causal else pat
             name = "blockwise" if q.is_cuda and length < 128 else "auto"
             blk = 128 if q.is_cuda and length >= 128 else min(block_size, length)
-            kept[key] = _with_lse(qg, kg, vg, pat & causal_band() if causal else pat, blk, name,
-                                  scale)
+            layout = pat.block_structure(length, blk, q.device, k_len=kg.shape[2])
+            problem = Problem(layout, head_predicate(pat, q.device), scale, label=repr(pat),
+                              dense_form=pat.dense_form(), pattern=pat)
+            kept[key] = prepare_backend(name, qg, kg, vg, problem, need_lse=True)
         og, lse_g = kept[key](qg, kg, vg)
         pc.put(lse, lse_g.to(lse.dtype))
     else:
@@ -281,10 +238,6 @@ class _Branch(NamedTuple):
     dilation: int
     offsets: tuple[int, ...]
 
-    def fills(self, seq_len: int) -> bool:
-        """Whether every slot is a real position (:func:`_fills`)."""
-        return _fills(seq_len, self.segment, self.dilation, self.offsets)
-
 
 def _branches(dil: Dilated) -> list[_Branch]:
     """A LongNet pattern's runs of consecutive heads that share a (segment, dilation) pair."""
@@ -301,16 +254,30 @@ def _generic(
     q: Tensor, k: Tensor, v: Tensor, branches: list[_Branch], causal: bool, scale: float,
     need_lse: bool, block_size: int, kept: dict,
 ) -> tuple[Tensor, Tensor | None]:
-    """Branches over disjoint heads, each gathered (a few heads at a time), attended by SDPA (or
-    a block-sparse backend for the log-sum-exp) under autograd and put back into one
-    preallocated output: for padded segments and inputs no fused kernel takes."""
+    """Branches over disjoint heads, a few heads at a time: the kept positions gathered, attended
+    by SDPA (or a block-sparse backend for the log-sum-exp) under autograd and put back into one
+    output; for padded segments and inputs no fused kernel takes. ``kept`` keeps the index
+    tensors, masks and prepared backends of these inputs' shapes, dtype, device and grad mode."""
     out, lse = empty_partial(q, v.shape[-1], lse=need_lse)  # what a position nobody keeps gets
-    chunk = heads_at_once(q)
+    s, chunk = q.shape[2], heads_at_once(q)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    in_place = not need_lse and _head_bytes(q) >= IN_PLACE_MIN_BYTES
     for br in branches:
-        sl = slice(br.start, br.stop)
-        branch_gather(q[:, sl], k[:, sl], v[:, sl], br.segment, br.dilation, list(br.offsets),
-                      causal, scale, out[:, sl], None if lse is None else lse[:, sl],
-                      block_size, chunk, kept)
+        for a in range(br.start, br.stop, chunk):
+            sl = slice(a, min(a + chunk, br.stop))
+            offs = br.offsets[a - br.start:sl.stop - br.start]
+            full = _fills(s, br.segment, br.dilation, offs)
+            # Under autograd every view would get a gradient buffer of its base's full size in
+            # the backward, one per offset: the index gather costs one per tensor instead.
+            key = ("pieces", s, br.segment, br.dilation, offs, grad, in_place)
+            if key not in kept:
+                kept[key] = (
+                    _strided_pieces(s, br.segment, br.dilation, list(offs), in_place)
+                    if full and not grad
+                    else [_indexed_piece(s, br.segment, br.dilation, list(offs), q.device, full)])
+            for pc in kept[key]:
+                _attend_piece(pc, q[:, sl], k[:, sl], v[:, sl], causal, scale, out[:, sl],
+                              None if lse is None else lse[:, sl], block_size, kept)
     return out, lse
 
 
@@ -338,16 +305,9 @@ def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, kept: dict
         yield slice(start, stop), group, covering
 
 
-def _overlap(branches: list[_Branch]) -> bool:
-    """Whether some head runs more than one branch (their results are merged)."""
-    heads = [h for br in branches for h in range(br.start, br.stop)]
-    return len(heads) != len(set(heads))
-
-
 class _Fused(NamedTuple):
-    """What :class:`_DilationOrdered` runs: the branches, their options, the kernel, where
-    the strided pieces are kept across calls, and whether branches share heads (:func:`_overlap`:
-    their results are merged)."""
+    """What :class:`_DilationOrdered` runs; ``kept`` holds the strided pieces across calls,
+    ``merged``: some head runs several branches (their results are merged)."""
 
     branches: list[_Branch]
     causal: bool
@@ -452,15 +412,6 @@ def _lse_grads(spec: _Fused, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     return dq, pq * spec.scale, None
 
 
-def _merged_generic(q: Tensor, k: Tensor, v: Tensor, branches: list[_Branch], causal: bool,
-                    scale: float, need_lse: bool, block_size: int, kept: dict
-                    ) -> tuple[Tensor, Tensor | None]:
-    """Branches that share heads, one at a time on :func:`_generic`, merged by log-sum-exp."""
-    parts = [_generic(q, k, v, [br], causal, scale, True, block_size, kept) for br in branches]
-    out, lse = merge_partials(*zip(*parts))
-    return out, lse if need_lse else None
-
-
 def dilated_parts(pattern: object) -> tuple[Dilated, bool] | None:
     """``(dilated, causal)`` when ``pattern`` is a LongNet :class:`~workbench.patterns.Dilated`
     pattern, or one intersected with causal attention; else None."""
@@ -478,14 +429,9 @@ def prepare_dilated(
     scale: float | None = None, block_size: int = 64, need_lse: bool = True,
 ) -> Runner:
     """:func:`dilated_pattern_attention` of these inputs, prepared: ``runner(q, k, v) -> (out,
-    lse or None)``, differentiable through both.
-
-    Several LongNet patterns (all causal or none) give one softmax over the union of their
-    keys, a key kept by several patterns counted once per pattern (LongNet's paper mode).
-    Where every segment is full and PyTorch has a fused kernel for the inputs
-    (:func:`~workbench.backends.segments.segment_kernel`), the kernel reads q, k, v through
-    strided views and its backward takes the merged output; otherwise the kept positions are
-    gathered under autograd.
+    lse or None)``, differentiable through both. Several LongNet patterns (all causal or none)
+    give one softmax over the union of their keys, a key kept by several patterns counted once
+    per pattern (LongNet's paper mode).
 
     Raises:
         TypeError: a pattern that is not LongNet's.
@@ -507,8 +453,10 @@ def prepare_dilated(
     causal = parts[0][1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     branches = [br for dil, _ in parts for br in _branches(dil)]
-    kernel, kept, merged = segment_kernel(q, k, v), {}, _overlap(branches)
-    if kernel is not None and all(br.fills(q.shape[2]) for br in branches):
+    heads = [h for br in branches for h in range(br.start, br.stop)]
+    kernel, kept, merged = segment_kernel(q, k, v), {}, len(heads) != len(set(heads))
+    fills = all(_fills(q.shape[2], br.segment, br.dilation, br.offsets) for br in branches)
+    if kernel is not None and fills:
         spec = _Fused(branches, causal, scale, kernel, kept, merged)
 
         def fused(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -518,8 +466,18 @@ def prepare_dilated(
             return out, lse if need_lse else None
 
         return fused
-    generic = _merged_generic if merged else _generic
-    return lambda q, k, v: generic(q, k, v, branches, causal, scale, need_lse, block_size, kept)
+    if not merged:
+        return lambda q, k, v: _generic(q, k, v, branches, causal, scale, need_lse, block_size,
+                                        kept)
+
+    def merged_generic(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        # branches that share heads, one at a time, merged by log-sum-exp
+        parts = [_generic(q, k, v, [br], causal, scale, True, block_size, kept)
+                 for br in branches]
+        out, lse = merge_partials(*zip(*parts))
+        return out, lse if need_lse else None
+
+    return merged_generic
 
 
 def dilated_pattern_attention(
@@ -527,13 +485,9 @@ def dilated_pattern_attention(
     block_size: int = 64, need_lse: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """``block_sparse_attention(q, k, v, pattern, return_lse=True)`` for a LongNet pattern
-    (:func:`dilated_parts`), computed by the dilation ordering. ``need_lse=False`` returns
-    ``(out, None)``.
-
-    Positions are local: segments start at 0, so on a window of a longer sequence this is the
-    pattern's attention restricted to the window when the window starts at a multiple of every
-    segment length.
-    """
+    (:func:`dilated_parts`) by the dilation ordering (``need_lse=False``: ``(out, None)``).
+    Segments start at local position 0: on a window of a longer sequence this is the pattern's
+    attention when the window starts at a multiple of every segment length."""
     return prepare_dilated(q, k, v, pattern, scale=scale, block_size=block_size,
                            need_lse=need_lse)(q, k, v)
 

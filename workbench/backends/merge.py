@@ -1,10 +1,8 @@
 """Log-sum-exp merging of partial attention results.
 
 If ``(o_i, l_i)`` are the outputs and log-sum-exps of softmax attention over disjoint key sets,
-attention over their union is ``sum_i exp(l_i - L) * o_i`` with ``L = logsumexp_i(l_i)``: each
-part weighted by its share of the softmax denominator. The ring merges its K/V chunks and LongNet
-its branches this way. Rows where every part is empty (``l_i = -inf``) give zeros and
-``L = -inf``, never NaN; a NaN log-sum-exp stays NaN. Gradients flow through outputs and lses.
+attention over their union is ``sum_i exp(l_i - L) * o_i`` with ``L = logsumexp_i(l_i)``. Rows
+where every part is empty (``l_i = -inf``) give zeros and ``L = -inf``; a NaN stays NaN.
 """
 
 from __future__ import annotations
@@ -35,11 +33,8 @@ def empty_partial(q: Tensor, dv: int, *, lse: bool = True) -> tuple[Tensor, Tens
 
 
 def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Merge partial results ``outs[i]`` ``[..., S, D]`` with log-sum-exps ``lses[i]`` ``[..., S]``.
-
-    Returns ``(out, lse)``: ``out`` in the dtype of ``outs[0]``, ``lse`` in float32 (float64 if
-    any input log-sum-exp is float64).
-    """
+    """Merge partial results ``outs[i]`` ``[..., S, D]`` with log-sum-exps ``lses[i]`` ``[..., S]``:
+    ``(out in outs[0]'s dtype, lse float32)`` (float64 if any input log-sum-exp is)."""
     if len(outs) != len(lses) or not outs:
         raise ValueError("merge_partials needs one log-sum-exp per partial output (at least one)")
     if len(outs) == 1:
@@ -77,11 +72,8 @@ _MERGE_CHUNK = 1 << 24  # elements of an output merged at a time by merge_into_
 
 
 def merge_into_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
-    """In place: ``(acc_out, acc_lse)`` becomes the merge of itself and ``(out, lse)``.
-
-    :func:`merge_partials`' arithmetic, a slice of the sequence at a time (small temporaries);
-    ``acc_out`` keeps its dtype. No autograd: for forward passes with their own backward.
-    """
+    """In place: ``(acc_out, acc_lse)`` becomes the merge of itself and ``(out, lse)``, a slice
+    of the sequence at a time (small temporaries); ``acc_out`` keeps its dtype. No autograd."""
     rows = max(1, _MERGE_CHUNK // max(1, acc_out[..., 0, :].numel()))
     for start in range(0, acc_out.shape[-2], rows):
         sl = slice(start, start + rows)

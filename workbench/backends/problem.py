@@ -25,18 +25,12 @@ class Problem:
     """Attention of ``q_len`` queries over ``k_len`` keys restricted to ``allowed`` pairs.
 
     ``layout`` says which tiles hold allowed pairs (and which are full); ``allowed`` decides
-    pairs inside partial tiles. Positions are absolute: local query ``i`` is position
-    ``q_offset + i`` (a ring schedule works on slices of a longer sequence).
-
-    ``block_order``: the order in which a backend visits the active tiles, ``None`` (natural) or
-    a curve name (:func:`workbench.orderings.block_visit_order`); it changes only the summation
-    order. ``dropout``: :class:`~workbench.backends.dropout.AttentionDropout`, a hash of (batch
-    and head, query, key) every tile regenerates. ``dense_form``: ``"full"`` or ``"causal"`` when
-    the allowed pairs are exactly dense or causal attention's (:meth:`Pattern.dense_form
-    <workbench.patterns.Pattern.dense_form>`), which lets ``auto`` run PyTorch's own kernels;
-    ``None`` claims nothing. ``pattern``: the pattern where one is known (``gather`` reads
-    LongNet's segments from it). ``score_mod(score, b, h, q, k)``: changes each scaled score of
-    a computed pair before the mask and softmax, at absolute positions.
+    pairs inside partial tiles. Positions are absolute: local query ``i`` is ``q_offset + i``.
+    ``block_order``: the tiles' visit order, ``None`` or a curve name (only the summation order
+    changes). ``dropout``: a hash every tile regenerates. ``dense_form``: ``"full"`` or
+    ``"causal"`` when the allowed pairs are exactly those (``auto`` then runs PyTorch's kernels).
+    ``pattern``: the pattern, where known. ``score_mod(score, b, h, q, k)``: changes each scaled
+    score of a computed pair before the mask, at absolute positions.
     """
 
     layout: BlockLayout
@@ -51,18 +45,18 @@ class Problem:
     pattern: object = None  # the Pattern behind ``allowed``, for backends that read its structure
     score_mod: ScoreMod | None = None
 
-    @property
-    def num_heads(self) -> int:
-        return self.layout.num_heads
+    def positions(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """Absolute query ``[q_len, 1]`` and key ``[1, k_len]`` positions."""
+        lay = self.layout
+        return (torch.arange(lay.q_len, device=device)[:, None] + self.q_offset,
+                torch.arange(lay.k_len, device=device)[None, :] + self.k_offset)
 
     def dense_mask(self, device: torch.device | str) -> Tensor:
         """Bool ``[H, q_len, k_len]`` of allowed pairs (small problems only)."""
         lay = self.layout
         h = torch.arange(lay.num_heads, device=device)[:, None, None]
-        q = torch.arange(lay.q_len, device=device)[None, :, None] + self.q_offset
-        k = torch.arange(lay.k_len, device=device)[None, None, :] + self.k_offset
-        m = self.allowed(h, q, k)
-        return m.expand(lay.num_heads, lay.q_len, lay.k_len)
+        return self.allowed(h, *self.positions(device)).expand(lay.num_heads, lay.q_len,
+                                                                lay.k_len)
 
     def slice(self, q_blocks: tuple[int, int], k_blocks: tuple[int, int]) -> Problem:
         """The sub-problem of query blocks ``[q0, q1)`` against key blocks ``[k0, k1)``; the same

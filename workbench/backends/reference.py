@@ -1,8 +1,5 @@
-"""The oracle: dense masked softmax attention, by default in float64.
-
-It evaluates the token predicate on the whole ``q_len x k_len`` grid, so it is for small
-problems only; every other backend is tested against it.
-"""
+"""The oracle: dense masked softmax attention in float64 over the whole ``q_len x k_len`` grid
+(small problems only); every other backend is tested against it."""
 
 from __future__ import annotations
 
@@ -22,13 +19,10 @@ def reference_attention(
 ) -> tuple[Tensor, Tensor]:
     """Dense attention restricted to ``problem``'s allowed pairs, computed in ``dtype``.
 
-    ``problem.score_mod`` changes the scaled scores before the mask (a query whose scores it
-    all sets to ``-inf`` attends nothing); ``problem.dropout`` multiplies the probabilities (not
-    the log-sum-exp) by its keep scale.
-    Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq])`` (lse float32, float64 for
-    float64 inputs); a query row with no allowed key gives zeros and ``lse = -inf``. A NaN or
-    infinite input reaches exactly the rows allowed to see it, with IEEE arithmetic over their
-    allowed pairs (a row whose scores hold a NaN has a NaN output and log-sum-exp).
+    Returns ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq])`` (lse in the accumulation
+    dtype); a row with no allowed key (or whose scores the score mod all sets to ``-inf``) gives
+    zeros and ``lse = -inf``. Dropout scales the probabilities, not the log-sum-exp. A NaN or
+    infinite input reaches exactly the rows allowed to see it, with IEEE arithmetic.
     """
     mask = problem.dense_mask(q.device)  # [H or 1, Sq, Sk]
     s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * problem.scale
@@ -59,21 +53,16 @@ def _weighted_values(p: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 def _dense_score_mod(problem: Problem, s: Tensor) -> Tensor:
     """``problem.score_mod`` on the whole ``[B, H, Sq, Sk]`` grid of scores ``s``."""
-    batch, heads, sq, sk = s.shape
-    ar = lambda n: torch.arange(n, device=s.device)  # noqa: E731
-    return modded(problem.score_mod, s, ar(batch)[:, None, None, None],
-                  ar(heads)[None, :, None, None], ar(sq)[:, None] + problem.q_offset,
-                  ar(sk)[None, :] + problem.k_offset)
+    b, h = (torch.arange(n, device=s.device) for n in s.shape[:2])
+    return modded(problem.score_mod, s, b[:, None, None, None], h[None, :, None, None],
+                  *problem.positions(s.device))
 
 
 def _dense_dropout(problem: Problem, batch: int, heads: int, device: torch.device) -> Tensor:
     """The dropout keep scale on the whole ``[B, H, Sq, Sk]`` grid."""
-    lay = problem.layout
     b, h = torch.arange(batch, device=device), torch.arange(heads, device=device)
     hi = (b[:, None] * heads + h[None, :])[..., None, None]
-    qp = torch.arange(lay.q_len, device=device)[:, None] + problem.q_offset
-    kp = torch.arange(lay.k_len, device=device)[None, :] + problem.k_offset
-    return problem.dropout.scale(hi, qp, kp)
+    return problem.dropout.scale(hi, *problem.positions(device))
 
 
 BACKEND = Backend(

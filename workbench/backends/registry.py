@@ -1,10 +1,6 @@
-"""The backends as a registry: each declares what it can compute, and ``auto`` picks from that.
-
-A :class:`Backend` is a name, a ``run`` function over a :class:`~.problem.Problem`, a
-:class:`Capabilities` record and two optional rules, ``refuses`` and ``prefers``. ``auto`` takes
-the first registered backend that can run the request and prefers it. Adding a backend is one
-module defining a ``Backend`` plus one :func:`register` call in :mod:`workbench.backends`.
-"""
+"""The backends as a registry: each declares what it can compute (:class:`Capabilities`, and
+optional ``refuses`` and ``prefers`` rules); ``auto`` takes the first registered backend that can
+run the request and prefers it."""
 
 from __future__ import annotations
 
@@ -28,10 +24,8 @@ ANY_DEVICE = ("cpu", "cuda")
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend computes: on which devices it runs, where it returns the log-sum-exp and
-    gradients, in which dtypes (None: any floating type), whether it applies attention dropout,
-    follows a ``block_order`` and applies a ``score_mod``, and which patterns it takes (in
-    words)."""
+    """What a backend computes: devices it runs on, where it gives the log-sum-exp and gradients,
+    dtypes (None: any floating type), dropout, ``block_order``, ``score_mod``, patterns (words)."""
 
     devices: tuple[str, ...] = ANY_DEVICE
     lse_devices: tuple[str, ...] = ANY_DEVICE
@@ -65,9 +59,8 @@ class Capabilities:
 
 @dataclass
 class Request:
-    """What one call asks of a backend. ``layout`` is built on first use (``build_layout``), so
-    a backend that needs none (SDPA on dense or causal attention) never makes one.
-    ``score_mod`` is the call's score mod, if any (its tensors count towards ``grad``)."""
+    """What one call asks of a backend; ``layout`` is built on first use (``build_layout``), so
+    a backend that needs none never makes one."""
 
     q: Tensor
     k: Tensor
@@ -128,10 +121,9 @@ class Backend:
 
     ``run(q, k, v, problem, need_lse) -> (out, lse or None)``; ``refuses(request)``: why it
     cannot run a request its capabilities cover, or None; ``prefers(request)``: why ``auto``
-    should pick it, or None (``prefers=None``: never picked by ``auto``). ``prepare(q, k, v,
-    problem, need_lse)`` does once what ``run`` does before its kernel and returns the
-    :data:`Runner`; ``prepare_pattern(q, k, v, pattern, scale, need_lse, block_size)`` prepares a
-    call straight from the pattern, with no block layout (both optional)."""
+    should pick it, or None (``prefers=None``: never picked by ``auto``). Optional: ``prepare``
+    (``run``'s arguments) and ``prepare_pattern`` (the pattern, no layout) return a
+    :data:`Runner`."""
 
     name: str
     run: Run
@@ -151,8 +143,7 @@ class Backend:
 
     def runner(self, q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
                ) -> Runner:
-        """``problem`` on these inputs, prepared: ``runner(q, k, v)`` computes ``run(q, k, v,
-        problem, need_lse)`` for inputs of these shapes, dtype, device and grad mode."""
+        """``run(q, k, v, problem, need_lse)`` prepared for inputs like these."""
         if self.prepare is not None:
             return self.prepare(q, k, v, problem, need_lse)
         run = self.run

@@ -1,9 +1,6 @@
-"""Dense and causal attention on PyTorch's own ``scaled_dot_product_attention``.
-
-A problem whose pattern allows every pair, or exactly the causal pairs, is what PyTorch's fused
-kernels are built for; ``auto`` hands such problems to them whenever neither the log-sum-exp nor
-our attention dropout is asked for.
-"""
+"""Dense and causal attention on PyTorch's own ``scaled_dot_product_attention``: ``auto`` hands
+it patterns that allow every pair or exactly the causal pairs, when neither the log-sum-exp nor
+attention dropout is asked for."""
 
 from __future__ import annotations
 
@@ -11,10 +8,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
+from ..patterns import Pattern
 from .problem import Problem
 from .registry import Backend, Capabilities, Request, Runner
 
-__all__ = ["BACKEND", "NO_LSE", "dense_sdpa", "sdpa_attention", "sdpa_form", "sdpa_serves"]
+__all__ = ["BACKEND", "NO_LSE", "dense_sdpa", "sdpa_form", "sdpa_serves"]
 
 NO_LSE = ("backend 'sdpa' gives no log-sum-exp, which return_lse, a ring (ring_chunks > 1) "
           "and a process group need: use 'auto' or a block-sparse backend")
@@ -23,13 +21,10 @@ NO_LSE = ("backend 'sdpa' gives no log-sum-exp, which return_lse, a ring (ring_c
 
 def sdpa_serves(form: str | None, *, q_len: int, k_len: int, dropout: bool,
                 q_offset: int = 0, k_offset: int = 0) -> str | None:
-    """``form`` (a pattern's :meth:`~workbench.patterns.Pattern.dense_form`) when
-    ``scaled_dot_product_attention`` computes it exactly for ``q_len`` queries over ``k_len``
-    keys, else ``None``.
-
-    Its causal masks align at the top left (``is_causal``) or the bottom right
-    (``causal_lower_right``), so a causal problem's query window must start or end with the key
-    window. No keys, or attention ``dropout`` (ours is a hash), answer ``None``."""
+    """``form`` (a pattern's ``dense_form``) when ``scaled_dot_product_attention`` computes it
+    exactly for ``q_len`` queries over ``k_len`` keys, else ``None``: its causal masks align top
+    left or bottom right, so a causal query window must start or end with the key window; no
+    keys or attention ``dropout`` (ours is a hash) answer ``None``."""
     aligned = q_offset - k_offset in (0, k_len - q_len)
     if dropout or k_len == 0 or (form == "causal" and not aligned):
         return None
@@ -44,21 +39,21 @@ def sdpa_form(problem: Problem) -> str | None:
                        q_offset=problem.q_offset, k_offset=problem.k_offset)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> Tensor:
+def _run(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
+         ) -> tuple[Tensor, None]:
     """``problem`` (one :func:`sdpa_form` accepts) through ``scaled_dot_product_attention``."""
     form = sdpa_form(problem)
     if form is None:
         raise ValueError(
             f"backend 'sdpa' computes dense or causal attention only, without attention "
             f"dropout; {problem.label or 'this problem'} is not that (use 'auto')")
-    return dense_sdpa(q, k, v, form, problem.scale, problem.q_offset - problem.k_offset)
+    return dense_sdpa(q, k, v, form, problem.scale, problem.q_offset - problem.k_offset), None
 
 
 def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float, shift: int = 0
                ) -> Tensor:
-    """Attention of the whole of ``q`` over the whole of ``k, v``: ``form`` ``"full"``, or
-    ``"causal"`` (local query ``i`` sees keys ``j <= i + shift``; ``shift`` is 0 or
-    ``Sk - Sq``, the queries being the last of the keys' positions). Needs no block layout."""
+    """Attention of all of ``q`` over all of ``k, v``: ``form`` ``"full"``, or ``"causal"``
+    (local query ``i`` sees keys ``j <= i + shift``; ``shift`` is 0 or ``Sk - Sq``)."""
     if form not in ("full", "causal"):
         raise ValueError(f"form must be 'full' or 'causal', got {form!r}")
     sq, sk = q.shape[2], k.shape[2]
@@ -70,7 +65,9 @@ def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float, shift: 
                                           scale=scale)
 
 
-def _runner(form: str, scale: float) -> Runner:
+def _prepare_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,
+                     need_lse: bool, block_size: int) -> Runner:
+    form = pattern.dense_form()
     return lambda q, k, v: (dense_sdpa(q, k, v, form, scale), None)
 
 
@@ -89,10 +86,9 @@ def _prefers(req: Request) -> str:
 
 BACKEND = Backend(
     "sdpa",
-    lambda q, k, v, problem, need_lse: (sdpa_attention(q, k, v, problem), None),
+    _run,
     Capabilities(lse_devices=(), patterns="dense or causal"),
     "PyTorch's scaled_dot_product_attention, for dense or causal patterns",
     refuses=_refuses, prefers=_prefers,
-    prepare_pattern=lambda q, k, v, pattern, scale, need_lse, block_size: _runner(
-        pattern.dense_form(), scale),
+    prepare_pattern=_prepare_pattern,
 )

@@ -1,11 +1,10 @@
 """Dense attention over a batch of equal segments on PyTorch's fused kernels (cuDNN's or flash
-attention), forward and backward, with the log-sum-exp.
+attention), forward and backward, with the log-sum-exp, for strided views of q, k and v.
 
-The dilation ordering (:mod:`~workbench.backends.gather`) hands these kernels strided views of
-q, k and v, one segment per batch row. These backwards read ``out`` only through
-``rowsum(dout * out)`` and ``lse`` only to rebuild the probabilities, so given the output and
-log-sum-exp of a softmax merged over several key sets it returns each key set's exact share of
-that softmax's gradient: LongNet's branches are merged without a backward through the merge.
+These backwards read ``out`` only through ``rowsum(dout * out)`` and ``lse`` only to rebuild the
+probabilities: given the output and log-sum-exp of a softmax merged over several key sets they
+return each set's exact share of its gradient, so LongNet's branches need no backward through
+the merge.
 """
 
 from __future__ import annotations
@@ -82,10 +81,10 @@ _CUDNN = SegmentKernel(_cudnn_forward, _cudnn_backward)
 
 
 def segment_kernel(q: Tensor, k: Tensor, v: Tensor) -> SegmentKernel | None:
-    """The fused kernel for inputs like ``q, k, v`` (one dtype, one head size ``D``), or None
-    where PyTorch has none: on CUDA it needs float16/bfloat16, ``D`` a multiple of 8 up to 256
-    and an sm80+ GPU: cuDNN's on sm90+ up to ``D`` = 128, else flash attention (each only where
-    its SDPA backend is enabled); on the CPU flash attention for any floating dtype."""
+    """The fused kernel for inputs like ``q, k, v`` (one dtype, one head size ``D``), or None:
+    on CUDA (float16/bfloat16, ``D`` a multiple of 8 up to 256, sm80+) cuDNN's on sm90+ up to
+    ``D`` = 128, else flash attention, each where its SDPA backend is enabled; on the CPU flash
+    attention."""
     d = q.shape[-1]
     if not q.dtype == k.dtype == v.dtype or k.shape[-1] != d or v.shape[-1] != d:
         return None
