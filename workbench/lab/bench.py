@@ -634,7 +634,7 @@ def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size:
     from ..backends.triton_sparse import build_plan
 
     warm = Problem(pattern.block_structure(min(seq_len, 4096), block_size, dev),
-                   pattern.predicate(dev), 1.0)
+                   pattern.predicate(dev), 1.0, pattern=pattern)
     times: dict[str, list[float]] = {"build_ms": [], "flex_mask_ms": [], "triton_plan_ms": []}
     extra: dict = {"partial_tiles": None, "status": "ok"}
     for _ in range(reps):
@@ -642,7 +642,7 @@ def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size:
         times["build_ms"].append(ms)
         extra["layout_mib"] = round(lay.active.numel() * 2 / 2**20, 1)
         if structures:
-            prob = Problem(lay, pattern.predicate(dev), 1.0)
+            prob = Problem(lay, pattern.predicate(dev), 1.0, pattern=pattern)
             if not times["flex_mask_ms"]:
                 build_block_mask(warm, dev, backward=False)
             times["flex_mask_ms"].append(
@@ -808,7 +808,7 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
         if family not in case:  # the pattern, its density and the kernel's plan, once a family
             pattern, params = family_pattern(family, seq_len, heads)
             lay = pattern.block_structure(seq_len, block_size, dev)
-            prob = Problem(lay, pattern.predicate(dev), head_dim ** -0.5)
+            prob = Problem(lay, pattern.predicate(dev), head_dim ** -0.5, pattern=pattern)
             case[family] = (pattern, params, pattern.density(seq_len), prob, build_plan(prob, dev))
         pattern, params, useful, prob, plan = case[family]
         row = {**env, "seq_len": seq_len, "family": family, "params": params,
