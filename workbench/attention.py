@@ -295,7 +295,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, 
                       label=repr(pattern), block_order=block_order, dropout=dropout,
                       dense_form=pattern.dense_form(), pattern=pattern, score_mod=score_mod)
     if ring_chunks > 1:
-        return lambda q, k, v: ring_attention(q, k, v, problem, ring_chunks, backend, return_lse)
+        return lambda q, k, v: ring_attention(q, k, v, problem, ring_chunks, backend)
     return chosen.runner(q, k, v, problem, return_lse)
 
 

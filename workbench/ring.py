@@ -17,10 +17,9 @@ __all__ = ["ring_attention"]
 
 def ring_attention(
     q: Tensor, k: Tensor, v: Tensor, problem: Problem, num_chunks: int, backend: str,
-    need_lse: bool,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor]:
     """``(out [B, H, Sq, Dv], lse [B, H, Sq])`` of ``problem`` for ``q, k, v`` ``[B, H, S, D]``,
-    by the ring over ``num_chunks`` simulated ranks (``lse`` is always returned). Raises
+    by the ring over ``num_chunks`` simulated ranks (the merge needs ``lse``). Raises
     ``ValueError`` for ``num_chunks`` not a positive int, or more chunks than blocks."""
     layout, b = problem.layout, problem.layout.block_size
     check_positive_int("ring_chunks", num_chunks)
