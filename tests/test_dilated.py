@@ -309,3 +309,19 @@ def test_fused_kernel_on_gpu_matches_float64_cpu(mode, causal, monkeypatch):
     torch.testing.assert_close(lse.cpu().double()[kept], want_lse[kept], rtol=1e-2, atol=1e-2)
     for a, b in zip(torch.autograd.grad(loss(out, lse, "cuda"), low), ref):
         torch.testing.assert_close(a.cpu().double(), b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("mode", ["paper", "head_groups"])
+def test_auto_runs_the_one_pass_dilation_ordering(mode, monkeypatch):
+    """``backend="auto"`` picks the dilation ordering for LongNet's patterns: the same one pass
+    as ``"gather"``, bit for bit."""
+    calls = []
+    apply = gather._DilationOrdered.apply
+    monkeypatch.setattr(gather._DilationOrdered, "apply", lambda *a: calls.append(1) or apply(*a))
+    q, k, v = make_qkv(b=1, h=4, s=384, d=8)
+    auto = wb.dilated_attention(q, k, v, [64, 128], [1, 2], mode=mode, backend="auto",
+                                return_lse=True)
+    assert calls == [1]
+    want = wb.dilated_attention(q, k, v, [64, 128], [1, 2], mode=mode, return_lse=True)
+    for a, b in zip(auto, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -127,14 +127,15 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
              block_size: int, scale: float | None, return_lse: bool, plans: Plans | None
              ) -> Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
     """``run(q, k, v)`` for inputs like these (arguments checked): LongNet's head-group pattern,
-    or one branch per pair merged by log-sum-exp (``"gather"``: all in one pass, merged inside)."""
+    or one branch per pair merged by log-sum-exp (``"gather"`` and ``"auto"``: all in one pass,
+    merged inside)."""
     h, s = q.shape[1], q.shape[2]
     if mode == "head_groups":
         patterns = [dilated(segment_lengths, dilation_rates, h, causal=causal)]
     else:
         patterns = [dilated_branch(w, r, h) for w, r in zip(segment_lengths, dilation_rates)]
         patterns = [p & causal_pattern() for p in patterns] if causal else patterns
-    if backend == "gather":
+    if backend in ("gather", "auto"):  # auto takes the dilation ordering for LongNet's patterns
         run = prepare_dilated(q, k, v, patterns, scale=scale, block_size=block_size,
                               need_lse=return_lse)
     else:
