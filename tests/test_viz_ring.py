@@ -11,8 +11,8 @@ from matplotlib.colors import to_rgba
 
 import workbench as wb
 from workbench.distributed import distributed_plan, shard_plan
-from workbench.viz.heatmaps import ALLOWED, EMPTY
 from workbench.viz.ring import distributed_tile_steps, step_colors
+from workbench.viz.style import TILE
 
 P = wb.patterns
 S, B, W = 1024, 32, 4
@@ -58,7 +58,7 @@ def test_drawn_schedule_colours_and_labels(pattern, sharding):
             src = (r - d) % W
             need = plan.needed(r, src)
             assert bool(grid[r, d]) == need
-            assert np.allclose(rgba[r, d], to_rgba(ALLOWED if need else EMPTY))
+            assert np.allclose(rgba[r, d], to_rgba(TILE["allowed"] if need else TILE["empty"]))
             label = texts[(d, r)]
             assert label.startswith(f"kv r{src}\n")
             assert label.endswith(str(int(plan.tiles[r, src])) if need else "skip")
@@ -97,7 +97,7 @@ def test_drawn_layout_colours_are_the_steps():
     image = ax.images[0]
     rgba = image.to_rgba(np.asarray(image.get_array()))
     steps = distributed_tile_steps(layout, plan).numpy()
-    colors = [to_rgba(EMPTY), *step_colors(W)]
+    colors = [to_rgba(TILE["empty"]), *step_colors(W)]
     for i in range(steps.shape[0]):
         for j in range(steps.shape[1]):
             assert np.allclose(rgba[i, j], colors[steps[i, j] + 1])

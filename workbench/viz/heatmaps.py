@@ -13,7 +13,6 @@ from matplotlib.ticker import MaxNLocator
 from ..layout import BlockLayout
 from ..patterns import Pattern
 from .style import (
-    TILE,
     TILE_CMAP,
     TOKEN_CMAP,
     grid_lines,
@@ -26,7 +25,6 @@ from .style import (
 __all__ = ["block_legend", "figure_legend", "head_layout", "plot_block_layout",
            "plot_pattern", "plot_token_mask", "tile_grid"]
 
-ALLOWED, PARTIAL, EMPTY = TILE["allowed"], TILE["partial"], TILE["empty"]
 SEPARATOR_MAX_TILES = 48  # draw thin lines between tiles when a side has at most this many
 
 
