@@ -42,6 +42,23 @@ def test_length_label():
         ["1000", "16K", "1M", "6M"]
 
 
+@pytest.mark.parametrize("top, ticks", [(0.5, [1]), (7.0, [1, 1.5, 2, 3, 5, 10]),
+                                         (40.0, [1, 2, 5, 10, 20, 50])])
+def test_waste_axis_ticks_run_just_past_top(top, ticks):
+    ax = plt.figure().gca()
+    vs.waste_axis(ax, top)
+    assert list(ax.get_yticks()) == ticks
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"x{t:g}" for t in ticks]
+    plt.close("all")
+
+
+@pytest.mark.parametrize("top", [math.inf, math.nan])
+def test_waste_axis_refuses_a_top_that_is_not_finite(top):
+    with pytest.raises(ValueError, match="top must be"):
+        vs.waste_axis(plt.figure().gca(), top)
+    plt.close("all")
+
+
 def test_peak_over_io_counts_the_inputs():
     # one [1, 2, 1024, 64] bf16 tensor is 0.25 MiB: 3 inputs + 0.25 MiB output = 1.0x
     df = pd.DataFrame([_rows("a", 1024, 1.0, 0.25), _rows("b", 1024, 1.0, 0.5)])

@@ -8,6 +8,7 @@ draws it in the palettes of :mod:`workbench.viz.style`, stamps it with the rows'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -71,7 +72,10 @@ def length_axis(ax, lengths: Iterable[int], *, margin: float | None = None) -> N
 
 def waste_axis(ax, top: float, *, label: str = "waste = computed / useful pairs") -> None:
     """Log y axis of a ratio >= 1 whose ticks (``x1``, ``x2``, ``x5``, ``x10``, ...) run past
-    ``top``, the largest value drawn, so every point lies below a labelled tick."""
+    ``top``, the largest value drawn, so every point lies below a labelled tick. Raises
+    ``ValueError`` when ``top`` is not a finite number."""
+    if not math.isfinite(top):
+        raise ValueError(f"top must be the largest finite ratio drawn, got {top!r}")
     steps = (1, 1.5, 2, 3, 5) if top <= 12 else (1, 2, 5)  # fewer ticks on tall ranges
     ticks, decade = [], 1
     while not ticks or ticks[-1] < top:
