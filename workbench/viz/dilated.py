@@ -12,7 +12,14 @@ from matplotlib.colors import to_rgb
 
 from ..orderings import dilation_gather, dilation_permutation, permuted
 from ..patterns import Pattern, check_dilation_pairs, head_groups
-from .heatmaps import block_legend, draw_mask, head_layout, plot_block_layout, plot_token_mask
+from .heatmaps import (
+    _head_index,
+    block_legend,
+    draw_mask,
+    head_layout,
+    plot_block_layout,
+    plot_token_mask,
+)
 from .style import ORDERING, set_title
 
 __all__ = ["BRANCH_COLORS", "plot_dilation_strips", "plot_head_masks", "plot_natural_vs_ordered"]
@@ -50,8 +57,8 @@ def plot_head_masks(pattern: Pattern, seq_len: int, block_size: int, axes,
         if level == "block":
             plot_block_layout(layout, head=j, ax=ax, title=title, annotate=False)
         elif zoom is not None:
-            draw_mask(ax, masks[min(j, masks.shape[0] - 1), :zoom, :zoom].numpy(), block_size,
-                      lw=0.6)
+            draw_mask(ax, masks[_head_index(j, masks.shape[0]), :zoom, :zoom].numpy(),
+                      block_size, lw=0.6)
             ax.set_title(title, fontsize=9)
         else:
             plot_token_mask(pattern, seq_len, head=j, block_size=block_size, ax=ax, title=title)
