@@ -31,3 +31,14 @@ def test_zoomed_head_masks_draw_each_heads_pairs():
     for ax, mask in zip(axes, masks):
         assert np.array_equal(ax.images[0].get_array(), mask)
     plt.close("all")
+
+
+@pytest.mark.parametrize("pattern, head", [(P.local_window(8), 1),
+                                           (P.dilated([32, 64], [1, 2], 2), 1)])
+def test_natural_vs_ordered_gives_the_heads_useful_density(pattern, head):
+    fig, nat, ordered = wb.viz.plot_natural_vs_ordered(pattern, S, B, head, 32, 2, 1)
+    mask = pattern.token_mask(S)[min(head, pattern.num_heads - 1)]
+    assert f"useful density {float(mask.double().mean()):.2%}" in fig._suptitle.get_text()
+    assert nat.num_heads == ordered.num_heads == 1
+    assert int(nat.active.sum()) > 0
+    plt.close("all")

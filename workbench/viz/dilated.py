@@ -162,7 +162,8 @@ def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, hea
                 spine.set_color(ORDERING[order])
                 spine.set_linewidth(2.5)
             ax.title.set_color(ORDERING[order])
-    useful = int(pattern.token_mask(seq_len)[head].sum()) / seq_len**2
+    mask = pattern.token_mask(seq_len)[_head_index(head, pattern.num_heads)]
+    useful = int(mask.sum()) / seq_len**2
     fig.suptitle(f"Same pairs, two token orders (useful density {useful:.2%} for this head)",
                  fontsize=11)
     fig.tight_layout()
