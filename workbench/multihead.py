@@ -492,12 +492,11 @@ def _tile_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, fold:
     s = torch.matmul(qp[:, th, ti], kp[:, th, tj].transpose(-1, -2)) * scale  # [B, N, b, b]
     qpos = ti[:, None, None] * b + torch.arange(b, device=q.device)[None, :, None]
     kpos = tj[:, None, None] * b + torch.arange(b, device=q.device)[None, None, :]
+    qi, ki = qpos.clamp(max=sq - 1), kpos.clamp(max=sk - 1)  # padding asks about real positions
     if score_mod is not None:
         s = modded(score_mod, s, torch.arange(bsz, device=q.device)[:, None, None, None],
-                   th[:, None, None], qpos.clamp(max=sq - 1), kpos.clamp(max=sk - 1))
-    allowed = head_predicate(pattern, q.device)
-    ok = (allowed(th[:, None, None], qpos.clamp(max=sq - 1), kpos.clamp(max=sk - 1))
-          & (qpos < sq) & (kpos < sk))
+                   th[:, None, None], qi, ki)
+    ok = head_predicate(pattern, q.device)(th[:, None, None], qi, ki) & (qpos < sq) & (kpos < sk)
     lrow = lp[:, th, ti][..., None]
     p = torch.exp(s - torch.where(torch.isfinite(lrow), lrow, torch.zeros_like(lrow)))
     p = p.masked_fill(~ok, 0.0).to(q.dtype)
