@@ -204,6 +204,9 @@ class BlockSparseMultiheadAttention(nn.Module):
             if selector.block_size != block_size:
                 raise ValueError(f"selector.block_size ({selector.block_size}) must equal "
                                  f"block_size ({block_size}): the selection is a block layout")
+            if process_group is not None and selector.straight_through:
+                raise NotImplementedError("a straight-through selector under a process_group is "
+                                          "not supported; train the gate with distillation_loss")
         fk = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.kdim = embed_dim if kdim is None else kdim
@@ -226,9 +229,6 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.pattern = pattern
         self.selector = selector
         self.process_group, self.sharding = process_group, sharding
-        if process_group is not None and selector is not None and selector.straight_through:
-            raise NotImplementedError("a straight-through selector under a process_group is not "
-                                      "supported; train the gate with distillation_loss")
         self.score_mod = score_mod
         self.block_size = block_size
         self.backend = backend
