@@ -92,13 +92,14 @@ def bench_families() -> tuple[str, ...]:
     return (*RECORDED, *P.FAMILIES)
 
 
-def _case(family: str, seq_len: int, heads: int) -> tuple[P.Family, dict]:
-    """The registry family behind a bench ``family`` name and its arguments at ``seq_len``."""
+def _case(family: str, seq_len: int, heads: int, **overrides: object) -> tuple[P.Family, dict]:
+    """The registry family behind a bench ``family`` name and its arguments at ``seq_len``
+    (``overrides`` over a :data:`RECORDED` name's fixed ones)."""
     if family not in bench_families():
         raise ValueError(f"unknown family {family!r}; choose from {bench_families()}")
     name, fixed = RECORDED.get(family, (family, {}))
     fam = P.family(name)
-    return fam, fam.arguments(seq_len, heads, **fixed)
+    return fam, fam.arguments(seq_len, heads, **{**fixed, **overrides})
 
 
 def longnet_families() -> tuple[str, ...]:
@@ -612,10 +613,8 @@ def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
         sizes = sorted(set(cells), reverse=True) if cells and "cell" in takes else [None]
         for cell in sizes:
             for h in counts:
-                over = {**RECORDED.get(family, (family, {}))[1],
-                        **({} if cell is None else {"cell": cell})}
                 try:
-                    args = fam.arguments(seq_len, h, **over)
+                    _, args = _case(family, seq_len, h, **({} if cell is None else {"cell": cell}))
                     if "num_heads" in takes:  # random tiles draw each head apart
                         args["num_heads"] = h
                     pattern = fam.build(**args)
