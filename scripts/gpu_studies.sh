@@ -10,9 +10,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
-all=(tests copy fwd longnet longnet-grad longnet-fwdbwd memory dilated natural-order natural-order-fwdbwd triton-launch triton-features
-     triton-backward fwdbwd structures layouts hilbert adaptive overhead longest longest-fwdbwd
-     longest-h100-memory)
+all=(tests copy fwd longnet longnet-grad longnet-fwdbwd memory dilated natural-order
+     natural-order-fwdbwd triton-launch triton-features triton-backward fwdbwd structures layouts
+     hilbert adaptive overhead longest longest-fwdbwd longest-h100-memory)
 two_gpu=(ring2-eff ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
 run() {

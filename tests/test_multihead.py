@@ -188,6 +188,13 @@ def test_sub_layer_norm_and_errors():
     with pytest.raises(ValueError, match="block_size"):
         BlockSparseMultiheadAttention(8, 2, block_size=32,
                                       selector=AdaptiveBlockSparseAttention(64))
+    group = torch.distributed.ProcessGroup(0, 1)  # construction sends nothing through it
+    BlockSparseMultiheadAttention(8, 2, process_group=group,
+                                  selector=AdaptiveBlockSparseAttention(64))
+    with pytest.raises(NotImplementedError, match="straight-through"):
+        BlockSparseMultiheadAttention(8, 2, process_group=group,
+                                      selector=AdaptiveBlockSparseAttention(
+                                          64, head_dim=4, trainable=True, straight_through=True))
     with pytest.raises(ValueError, match="key_padding_mask"):
         m(torch.randn(1, 9, 16), torch.randn(1, 9, 16), torch.randn(1, 9, 16),
           key_padding_mask=torch.zeros(1, 8, dtype=torch.bool))

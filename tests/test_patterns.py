@@ -520,6 +520,18 @@ def test_bad_document_and_prefix_arguments_raise_naming_them(call, error, match)
         call()
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda: P.KeyMask([[True, False]]), r"valid must be a bool \[heads, keys\] tensor, got list"),
+    (lambda: P.KeyMask(torch.ones(4, dtype=torch.bool)), r"valid .* got torch.bool \(4,\)"),
+    (lambda: P.DenseMask(torch.ones(1, 3, 3)), r"allowed .* got torch.float32 \(1, 3, 3\)"),
+    (lambda: P.DenseMask(None), "allowed must be a bool .* got NoneType"),
+    (lambda: P.BlockSelection((1, 2), 32, 64, 64), "selected must be a bool .* got tuple"),
+])
+def test_masks_that_are_not_bool_tensors_of_their_dims_raise_naming_them(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
 def test_documents_and_prefix_lm_are_equal_by_value():
     assert P.documents([3, 4], causal=True) == P.documents((3, 4), True)
     assert P.documents([3, 4]) != P.documents([3, 4], causal=True)

@@ -204,6 +204,9 @@ class BlockSparseMultiheadAttention(nn.Module):
             if selector.block_size != block_size:
                 raise ValueError(f"selector.block_size ({selector.block_size}) must equal "
                                  f"block_size ({block_size}): the selection is a block layout")
+            if process_group is not None and selector.straight_through:
+                raise NotImplementedError("a straight-through selector under a process_group is "
+                                          "not supported; train the gate with distillation_loss")
         fk = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.kdim = embed_dim if kdim is None else kdim
@@ -226,9 +229,6 @@ class BlockSparseMultiheadAttention(nn.Module):
         self.pattern = pattern
         self.selector = selector
         self.process_group, self.sharding = process_group, sharding
-        if process_group is not None and selector is not None and selector.straight_through:
-            raise NotImplementedError("a straight-through selector under a process_group is not "
-                                      "supported; train the gate with distillation_loss")
         self.score_mod = score_mod
         self.block_size = block_size
         self.backend = backend
@@ -492,12 +492,11 @@ def _tile_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, fold:
     s = torch.matmul(qp[:, th, ti], kp[:, th, tj].transpose(-1, -2)) * scale  # [B, N, b, b]
     qpos = ti[:, None, None] * b + torch.arange(b, device=q.device)[None, :, None]
     kpos = tj[:, None, None] * b + torch.arange(b, device=q.device)[None, None, :]
+    qi, ki = qpos.clamp(max=sq - 1), kpos.clamp(max=sk - 1)  # padding asks about real positions
     if score_mod is not None:
         s = modded(score_mod, s, torch.arange(bsz, device=q.device)[:, None, None, None],
-                   th[:, None, None], qpos.clamp(max=sq - 1), kpos.clamp(max=sk - 1))
-    allowed = head_predicate(pattern, q.device)
-    ok = (allowed(th[:, None, None], qpos.clamp(max=sq - 1), kpos.clamp(max=sk - 1))
-          & (qpos < sq) & (kpos < sk))
+                   th[:, None, None], qi, ki)
+    ok = head_predicate(pattern, q.device)(th[:, None, None], qi, ki) & (qpos < sq) & (kpos < sk)
     lrow = lp[:, th, ti][..., None]
     p = torch.exp(s - torch.where(torch.isfinite(lrow), lrow, torch.zeros_like(lrow)))
     p = p.masked_fill(~ok, 0.0).to(q.dtype)

@@ -41,8 +41,9 @@ def _kernel_layout(layout: BlockLayout) -> BlockLayout:
     b = layout.block_size
     if layout.active.device.type != "cuda" or b % KERNEL_TILE == 0:
         return layout
-    if _tile_refusal(b):
-        raise ValueError(f"the flex backend {_tile_refusal(b)}")
+    reason = _tile_refusal(b)
+    if reason:
+        raise ValueError(f"the flex backend {reason}")
     return layout.coarsen(KERNEL_TILE // b)
 
 

@@ -266,11 +266,11 @@ def _generic(
         for a in range(br.start, br.stop, chunk):
             sl = slice(a, min(a + chunk, br.stop))
             offs = br.offsets[a - br.start:sl.stop - br.start]
-            full = _fills(s, br.segment, br.dilation, offs)
             # Under autograd every view would get a gradient buffer of its base's full size in
             # the backward, one per offset: the index gather costs one per tensor instead.
             key = ("pieces", s, br.segment, br.dilation, offs, grad, in_place)
             if key not in kept:
+                full = _fills(s, br.segment, br.dilation, offs)
                 kept[key] = (
                     _strided_pieces(s, br.segment, br.dilation, list(offs), in_place)
                     if full and not grad

@@ -118,7 +118,7 @@ def use_pattern(model: nn.Module, pattern: PatternSpec | None = None, *, block_s
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
             raise TypeError(f"the keys of a pattern dict must be layer indices (ints), got "
                             f"{layer_idx!r}")
-        settings.pattern(layer_idx)  # raises now for a value that is not a pattern
+        settings.pattern(layer_idx)  # a value that is not a pattern raises here, not in forward
     model.set_attn_implementation(NAME)
     if model.config._attn_implementation != NAME:
         raise ValueError(f"{type(model).__name__} does not dispatch its attention through "

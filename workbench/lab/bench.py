@@ -92,13 +92,14 @@ def bench_families() -> tuple[str, ...]:
     return (*RECORDED, *P.FAMILIES)
 
 
-def _case(family: str, seq_len: int, heads: int) -> tuple[P.Family, dict]:
-    """The registry family behind a bench ``family`` name and its arguments at ``seq_len``."""
+def _case(family: str, seq_len: int, heads: int, **overrides: object) -> tuple[P.Family, dict]:
+    """The registry family behind a bench ``family`` name and its arguments at ``seq_len``
+    (``overrides`` over a :data:`RECORDED` name's fixed ones)."""
     if family not in bench_families():
         raise ValueError(f"unknown family {family!r}; choose from {bench_families()}")
     name, fixed = RECORDED.get(family, (family, {}))
     fam = P.family(name)
-    return fam, fam.arguments(seq_len, heads, **fixed)
+    return fam, fam.arguments(seq_len, heads, **{**fixed, **overrides})
 
 
 def longnet_families() -> tuple[str, ...]:
@@ -612,10 +613,8 @@ def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
         sizes = sorted(set(cells), reverse=True) if cells and "cell" in takes else [None]
         for cell in sizes:
             for h in counts:
-                over = {**RECORDED.get(family, (family, {}))[1],
-                        **({} if cell is None else {"cell": cell})}
                 try:
-                    args = fam.arguments(seq_len, h, **over)
+                    _, args = _case(family, seq_len, h, **({} if cell is None else {"cell": cell}))
                     if "num_heads" in takes:  # random tiles draw each head apart
                         args["num_heads"] = h
                     pattern = fam.build(**args)
@@ -633,32 +632,37 @@ def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size:
     from ..backends.flex import build_block_mask
     from ..backends.triton_sparse import build_plan
 
-    warm = Problem(pattern.block_structure(min(seq_len, 4096), block_size, dev),
-                   pattern.predicate(dev), 1.0, pattern=pattern)
+    predicate = pattern.predicate(dev)
+    warm = Problem(pattern.block_structure(min(seq_len, 4096), block_size, dev), predicate, 1.0,
+                   pattern=pattern)
     times: dict[str, list[float]] = {"build_ms": [], "flex_mask_ms": [], "triton_plan_ms": []}
     extra: dict = {"partial_tiles": None, "status": "ok"}
-    for _ in range(reps):
+    plan = structures  # whether the triton plan is timed: not once it cannot fit or has failed
+    for rep in range(reps):
         lay, ms = _timed_ms(lambda: pattern.block_structure(seq_len, block_size, dev), dev)
         times["build_ms"].append(ms)
-        extra["layout_mib"] = round(lay.active.numel() * 2 / 2**20, 1)
-        if structures:
-            prob = Problem(lay, pattern.predicate(dev), 1.0, pattern=pattern)
-            if not times["flex_mask_ms"]:
+        if rep == 0:  # every build is the same layout: count it once, warm the kernels once
+            extra["layout_mib"] = round(lay.active.numel() * 2 / 2**20, 1)
+            if structures:
+                extra["partial_tiles"] = partial = int((lay.active & ~lay.full).sum())
+                bits = partial * block_size**2 / 8 / 2**30
+                if bits > max_gib:
+                    extra["status"] = f"no triton plan: its bit masks need {bits:.0f} GiB"
+                    plan = False
                 build_block_mask(warm, dev, backward=False)
+        if structures:
+            prob = Problem(lay, predicate, 1.0, pattern=pattern)
             times["flex_mask_ms"].append(
                 _timed_ms(lambda p=prob: build_block_mask(p, dev, False), dev)[1])
-            extra["partial_tiles"] = partial = int((lay.active & ~lay.full).sum())
-            bits = partial * block_size**2 / 8 / 2**30
-            if bits > max_gib:
-                extra["status"] = f"no triton plan: its bit masks need {bits:.0f} GiB"
-            else:
+            if plan:
                 try:
-                    if not times["triton_plan_ms"]:
+                    if rep == 0:
                         build_plan(warm, dev)
                     times["triton_plan_ms"].append(
                         _timed_ms(lambda p=prob: build_plan(p, dev), dev)[1])
                 except (ValueError, torch.OutOfMemoryError) as err:
                     extra["status"] = f"no triton plan: {str(err).split(';')[0]}"
+                    plan = False
             del prob
         del lay
         gc.collect()  # the next build starts without this one's memory

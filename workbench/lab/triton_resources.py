@@ -46,14 +46,18 @@ def _signature(fn, name: str, dtype: str, cfg: KernelConfig, head_dim: int,
     """Triton's type of every argument of ``fn`` as ``triton_sparse`` launches it."""
     rows = {"Q": cfg.block_m, "DO": cfg.block_m, "OUT": cfg.block_m,
             "K": cfg.block_n, "V": cfg.block_n}
+
     def kind(arg: str) -> str:
         if arg in constants:
             return "constexpr"
-        if arg in _STATS or arg in _LISTS:
-            return "*fp32" if arg in _STATS else "*i32"
+        if arg in _STATS:
+            return "*fp32"
+        if arg in _LISTS:
+            return "*i32"
+        if arg in _POINTERS[name] and cfg.use_tma and arg in rows:
+            return f"tensordesc<{dtype}[1,1,{rows[arg]},{head_dim}]>"
         if arg in _POINTERS[name]:
-            return (f"tensordesc<{dtype}[1,1,{rows[arg]},{head_dim}]>"
-                    if cfg.use_tma and arg in rows else f"*{dtype}")
+            return f"*{dtype}"
         return "fp32" if arg in _FLOATS else "i32"
 
     return {arg: kind(arg) for arg in fn.arg_names}

@@ -11,7 +11,11 @@ from ..layout import cells_to_tiles, num_blocks
 from .base import Pattern
 
 
-def _check_bool(name: str, t: torch.Tensor, axes: tuple[str, ...]) -> None:
+def _check_bool(name: str, t: object, axes: tuple[str, ...]) -> None:
+    """A ``TypeError`` naming ``name`` unless ``t`` is a bool tensor with one dim per axis."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a bool [{', '.join(axes)}] tensor, got "
+                        f"{type(t).__name__}")
     if t.dtype != torch.bool or t.dim() != len(axes):
         raise TypeError(f"{name} must be a bool [{', '.join(axes)}] tensor, got {t.dtype} "
                         f"{tuple(t.shape)}")
