@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import patterns as P
-from .attention import block_sparse_attention, check_options, check_qkv
+from .attention import block_sparse_attention, check_options, check_pattern, check_qkv
+from .distributed import gather_block_summaries
 from .layout import block_lengths, num_blocks, tile_sum
 from .patterns import BlockSelection, Pattern, check_density, check_positive_int, tile_batch
 
@@ -137,8 +138,11 @@ class Selection:
             raise ValueError(f"chosen {tuple(self.chosen.shape)} must have the shape of scores "
                              f"{tuple(self.scores.shape)}")
         if self.fixed is not None:
-            _check_heads("fixed", self.fixed, self.scores.shape[1])
-        _check_causal_lengths(self.causal, self.q_len, self.k_len)
+            check_pattern(self.fixed, self.scores.shape[1], "fixed")
+        if self.causal and self.q_len != self.k_len:
+            raise ValueError(f"causal=True is causal self-attention: q and k must have the same "
+                             f"length, got {self.q_len} and {self.k_len} (use causal=False for "
+                             f"cross-attention)")
         object.__setattr__(self, "selected", self._run_tiles())
 
     def _run_tiles(self) -> Tensor:
@@ -176,19 +180,6 @@ class Selection:
         return float(area.sum()) / (sel.shape[0] * self.q_len * self.k_len)
 
 
-def _check_heads(name: str, pattern: Pattern, heads: int) -> None:
-    if pattern.num_heads not in (1, heads):
-        raise ValueError(f"{name} has {pattern.num_heads} heads but the input has {heads}; "
-                         f"build it with num_heads={heads} (or use a 1-head pattern)")
-
-
-def _check_causal_lengths(causal: bool, q_len: int, k_len: int) -> None:
-    if causal and q_len != k_len:
-        raise ValueError(f"causal=True is causal self-attention: q and k must have the same "
-                         f"length, got {q_len} and {k_len} (use causal=False for "
-                         f"cross-attention)")
-
-
 # --------------------------------------------------------------------- the module
 class AdaptiveBlockSparseAttention(nn.Module):
     """Block-sparse attention over tiles selected from q/k content, per batch and head;
@@ -206,7 +197,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
             than ``min_blocks`` blocks (needed then).
         backend, ring_chunks: as for :func:`workbench.block_sparse_attention`.
         process_group, sharding: inputs are this rank's shard; the selection is made from
-            gathered block summaries (:meth:`select_sharded`), the attention runs as a ring.
+            gathered block summaries (:meth:`select`), the attention runs as a ring.
 
     Raises:
         TypeError, ValueError: a bad option, named.
@@ -239,7 +230,19 @@ class AdaptiveBlockSparseAttention(nn.Module):
                            ("straight_through", straight_through), ("adaptive", adaptive)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
-        _check_fixed_patterns(always, fallback, adaptive, min_blocks)
+        for name, pat in (("always", always), ("fallback", fallback)):
+            if pat is not None:
+                check_pattern(pat, name=name)
+        check_positive_int("min_blocks", min_blocks)
+        if fallback is None and not adaptive:
+            raise ValueError("adaptive=False needs a fallback pattern (what runs instead)")
+        if fallback is None and min_blocks > 1:
+            raise ValueError(f"min_blocks={min_blocks} needs a fallback pattern: it runs when the "
+                             f"keys have fewer than min_blocks blocks (or leave min_blocks=1)")
+        if always is not None and fallback is not None and len(
+                {always.num_heads, fallback.num_heads} - {1}) > 1:
+            raise ValueError(f"always has {always.num_heads} heads and fallback "
+                             f"{fallback.num_heads}; give them the same number of heads (or 1)")
         if trainable:
             if head_dim is None:
                 raise ValueError("trainable=True needs head_dim (the gate's input size)")
@@ -254,15 +257,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
         self.adaptive, self.min_blocks = adaptive, min_blocks
         self.backend, self.ring_chunks = backend, ring_chunks
         self.process_group, self.sharding = process_group, sharding
-        if trainable:
-            self.gate_q = nn.Linear(head_dim, head_dim)
-            self.gate_k = nn.Linear(head_dim, head_dim)
-            with torch.no_grad():
-                for lin in (self.gate_q, self.gate_k):
-                    lin.weight.copy_(torch.eye(head_dim))
-                    lin.bias.zero_()
-        else:
-            self.gate_q = self.gate_k = None
+        self.gate_q = _identity(head_dim) if trainable else None
+        self.gate_k = _identity(head_dim) if trainable else None
 
     def scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Block scores ``[B, H, nq, nk]`` (through the gate when trainable)."""
@@ -279,33 +275,27 @@ class AdaptiveBlockSparseAttention(nn.Module):
             pq, pk = self.gate_q(pq), self.gate_k(pk)
         return torch.matmul(pq, pk.transpose(-1, -2)) / math.sqrt(pq.shape[-1])
 
-    def select(self, q: Tensor, k: Tensor) -> Selection:
-        """The selection of this call from ``q [B, H, Sq, D]`` and ``k [B, H, Sk, D]``."""
-        check_qkv(q, k, k)
-        return self.select_pooled(pool_blocks(q, self.block_size), pool_blocks(k, self.block_size),
-                                  q.shape[2], k.shape[2])
-
-    def select_sharded(self, q: Tensor, k: Tensor, process_group, sharding: str = "contiguous"
-                       ) -> Selection:
-        """The selection of the whole sequence from this rank's shard: every rank gathers all
-        block summaries and computes the same selection."""
-        from .distributed import gather_block_summaries
-
+    def select(self, q: Tensor, k: Tensor, process_group=None, sharding: str = "contiguous"
+               ) -> Selection:
+        """The selection of this call from ``q [B, H, Sq, D]`` and ``k [B, H, Sk, D]``; under a
+        ``process_group`` they are this rank's shard, and every rank gathers all block summaries
+        and computes the same selection of the whole sequence."""
         check_qkv(q, k, k)
         b = self.block_size
+        pq, pk = pool_blocks(q, b), pool_blocks(k, b)
+        if process_group is None:
+            return self.select_pooled(pq, pk, q.shape[2], k.shape[2])
         kw = {"process_group": process_group, "sharding": sharding}
-        pq, s = gather_block_summaries(pool_blocks(q, b), q.shape[2], b, **kw)
-        pk, _ = gather_block_summaries(pool_blocks(k, b), k.shape[2], b, **kw)
+        pq, s = gather_block_summaries(pq, q.shape[2], b, **kw)
+        pk, _ = gather_block_summaries(pk, k.shape[2], b, **kw)
         return self.select_pooled(pq, pk, s, s)
 
     def select_pooled(self, pq: Tensor, pk: Tensor, q_len: int, k_len: int) -> Selection:
         """The selection from block summaries (:func:`pool_blocks` of q and k): top-k tiles
         ``| always``, or, when the content is not used, ``fallback | always``."""
-        heads = pq.shape[1]
         for name, pat in (("fallback", self.fallback), ("always", self.always)):
             if pat is not None:
-                _check_heads(name, pat, heads)
-        _check_causal_lengths(self.causal, q_len, k_len)
+                check_pattern(pat, pq.shape[1], name)
         scores = self.pooled_scores(pq, pk)
         if self.adaptive and scores.shape[-1] >= self.min_blocks:
             chosen = select_blocks(scores, self.density, causal=self.causal,
@@ -319,10 +309,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_selection: bool = False):
         check_qkv(q, k, v)
         bsz, h, sq, d = q.shape
-        if self.process_group is None:
-            sel = self.select(q, k)
-        else:
-            sel = self.select_sharded(q, k, self.process_group, self.sharding)
+        sel = self.select(q, k, self.process_group, self.sharding)
         out = block_sparse_attention(
             fold_batch(q), fold_batch(k), fold_batch(v), sel.pattern(), self.block_size,
             backend=self.backend, ring_chunks=self.ring_chunks, process_group=self.process_group,
@@ -350,19 +337,9 @@ class AdaptiveBlockSparseAttention(nn.Module):
                 f"always={self.always!r}, fallback={self.fallback!r}")
 
 
-def _check_fixed_patterns(always: object, fallback: object, adaptive: bool,
-                          min_blocks: object) -> None:
-    for name, pat in (("always", always), ("fallback", fallback)):
-        if pat is not None and not isinstance(pat, Pattern):
-            raise TypeError(f"{name} must be a workbench Pattern (e.g. "
-                            f"workbench.patterns.local_window(64)) or None, got {pat!r}")
-    check_positive_int("min_blocks", min_blocks)
-    if fallback is None and not adaptive:
-        raise ValueError("adaptive=False needs a fallback pattern (what runs instead)")
-    if fallback is None and min_blocks > 1:
-        raise ValueError(f"min_blocks={min_blocks} needs a fallback pattern: it runs when the "
-                         f"keys have fewer than min_blocks blocks (or leave min_blocks=1)")
-    if always is not None and fallback is not None and len(
-            {always.num_heads, fallback.num_heads} - {1}) > 1:
-        raise ValueError(f"always has {always.num_heads} heads and fallback "
-                         f"{fallback.num_heads}; give them the same number of heads (or 1)")
+def _identity(dim: int) -> nn.Linear:
+    """A ``dim x dim`` linear map that starts as the identity."""
+    lin = nn.Linear(dim, dim)
+    nn.init.eye_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin

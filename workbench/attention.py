@@ -144,19 +144,15 @@ def check_options(*, block_size: int, backend: str, ring_chunks: int, scale: flo
     return check_block_order(block_order)
 
 
-def check_pattern(pattern: object, num_heads: int) -> None:
-    """Raise unless ``pattern`` is a :class:`~workbench.patterns.Pattern` of 1 or
-    ``num_heads`` heads."""
+def check_pattern(pattern: object, num_heads: int | None = None, name: str = "pattern") -> None:
+    """Raise naming ``name`` unless ``pattern`` is a :class:`~workbench.patterns.Pattern` (of 1
+    or ``num_heads`` heads, when given)."""
     if not isinstance(pattern, Pattern):
-        raise TypeError(
-            f"pattern must be a workbench Pattern (e.g. wb.patterns.local_window(128)), "
-            f"got {type(pattern).__name__}"
-        )
-    if pattern.num_heads not in (1, num_heads):
-        raise ValueError(
-            f"pattern has {pattern.num_heads} heads but the attention has {num_heads}; build the "
-            f"pattern with num_heads={num_heads} (or use a head-independent pattern)"
-        )
+        raise TypeError(f"{name} must be a workbench Pattern (e.g. wb.patterns.local_window(128)), "
+                        f"got {type(pattern).__name__}")
+    if num_heads is not None and pattern.num_heads not in (1, num_heads):
+        raise ValueError(f"{name} has {pattern.num_heads} heads but the attention has {num_heads}; "
+                         f"build it with num_heads={num_heads} (or use a head-independent pattern)")
 
 
 def block_sparse_attention(
@@ -241,47 +237,44 @@ def block_sparse_attention(
             q, k, v, pattern, block_size, process_group=process_group, sharding=sharding,
             backend=backend, scale=scale, return_lse=return_lse, layout=layout,
             block_order=block_order, dropout=dropout_of(dropout_p, dropout_seed), plan=plan)
-    if layout is not None:
-        if not isinstance(layout, BlockLayout):
-            raise TypeError(f"layout must be a BlockLayout from pattern.block_structure(...), "
-                            f"got {type(layout).__name__}")
+    build = None  # the layout, built only if a backend needs it
+    if isinstance(layout, BlockLayout):
         layout.check(pattern, q.shape[2], k.shape[2], block_size)
-    if isinstance(plan, Plans):  # looked up only when the call is not the last one again
-        layout = lambda: plan.get(pattern, q.shape[2], k.shape[2], block_size,  # noqa: E731
-                                  q.device, q_offset).layout
+        build = lambda: layout  # noqa: E731
+    elif layout is not None:
+        raise TypeError(f"layout must be a BlockLayout from pattern.block_structure(...), "
+                        f"got {type(layout).__name__}")
+    elif isinstance(plan, Plans):  # looked up only when the call is not the last one again
+        build = lambda: plan.get(pattern, q.shape[2], k.shape[2], block_size,  # noqa: E731
+                                 q.device, q_offset).layout
     elif plan is not None:
         held = plan_for(plan, pattern, q.shape[2], k.shape[2], block_size, q.device, q_offset)
-        layout = lambda: held.layout  # noqa: E731 (built only if a backend needs it)
+        build = lambda: held.layout  # noqa: E731
     return attend(q, k, v, pattern, block_size, backend=backend, return_lse=return_lse,
                   scale=scale, ring_chunks=ring_chunks, block_order=block_order,
-                  dropout=dropout_of(dropout_p, dropout_seed), layout=layout, score_mod=score_mod,
+                  dropout=dropout_of(dropout_p, dropout_seed), layout=build, score_mod=score_mod,
                   q_offset=q_offset, last=None if plan is None else plan.last_call)
 
 
 def _request(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *,
-             need_lse: bool, dropout: bool, layout: BlockLayout | Callable[[], BlockLayout] | None,
+             need_lse: bool, dropout: bool, layout: Callable[[], BlockLayout] | None,
              score_mod: ScoreMod | None = None, q_offset: int = 0) -> Request:
-    """The request of one call; its layout is ``layout``, or built on first use."""
-    if isinstance(layout, BlockLayout) or layout is None:
-        given = layout
+    """The request of one call; its layout is ``layout()``, or the pattern's, built on first use."""
+    def build() -> BlockLayout:
+        return query_window_layout(pattern, q.shape[2], k.shape[2], block_size, q.device,
+                                   q_offset)
 
-        def build() -> BlockLayout:
-            return query_window_layout(pattern, q.shape[2], k.shape[2], block_size, q.device,
-                                       q_offset)
-    else:
-        given, build = None, layout
     return Request(q, k, v, need_lse, pattern.dense_form(), dropout, pattern, q_offset=q_offset,
-                   block_size=block_size, build_layout=build, _layout=given, score_mod=score_mod)
+                   block_size=block_size, build_layout=layout or build, score_mod=score_mod)
 
 
 def prepare(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,
             return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
-            dropout: AttentionDropout | None,
-            layout: BlockLayout | Callable[[], BlockLayout] | None = None,
+            dropout: AttentionDropout | None, layout: Callable[[], BlockLayout] | None = None,
             score_mod: ScoreMod | None = None, q_offset: int = 0) -> Runner:
     """The dispatch of :func:`block_sparse_attention` on one device, arguments already checked:
     the chosen backend prepared, as ``runner(q, k, v) -> (out, lse or None)`` for inputs like
-    these. ``layout`` may be a function, called only if the backend needs a layout."""
+    these. ``layout()`` is called only if the backend needs a layout."""
     if q.numel() == 0:  # no batch or no heads: nothing to attend
         return _empty_attention
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -308,8 +301,7 @@ def call_key(q: Tensor, k: Tensor, v: Tensor, *options: object) -> tuple:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, *, backend: str,
            return_lse: bool, scale: float | None, ring_chunks: int, block_order: str | None,
-           dropout: AttentionDropout | None,
-           layout: BlockLayout | Callable[[], BlockLayout] | None = None,
+           dropout: AttentionDropout | None, layout: Callable[[], BlockLayout] | None = None,
            score_mod: ScoreMod | None = None, q_offset: int = 0,
            last: LastCall | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`block_sparse_attention` on one device, arguments already checked: the runner of
@@ -401,17 +393,13 @@ class BlockSparseAttention(nn.Module):
         score_mod: ScoreMod | None = None,
     ) -> None:
         super().__init__()
-        check_pattern(pattern, getattr(pattern, "num_heads", 1))
+        check_pattern(pattern)
         self.block_order = check_options(block_size=block_size, backend=backend,
                                          ring_chunks=ring_chunks, scale=scale,
                                          block_order=block_order, sharding=sharding,
                                          process_group=process_group, score_mod=score_mod)
-        self.score_mod = score_mod
-        self.pattern = pattern
-        self.block_size = block_size
-        self.backend = backend
-        self.ring_chunks = ring_chunks
-        self.scale = scale
+        self.pattern, self.block_size, self.backend = pattern, block_size, backend
+        self.ring_chunks, self.scale, self.score_mod = ring_chunks, scale, score_mod
         self.process_group, self.sharding = process_group, sharding
         self.plans = Plans() if plans is None else check_plans(plans)
         self.last_call = LastCall()

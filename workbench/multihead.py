@@ -352,7 +352,7 @@ class BlockSparseMultiheadAttention(nn.Module):
                     "key_padding_mask, attn_mask and need_weights=True are not supported under "
                     "a process_group (they are whole-sequence tensors); express a mask as a "
                     "pattern, e.g. patterns.KeyMask or patterns.causal()")
-            selection = None if self.selector is None else self.selector.select_sharded(
+            selection = None if self.selector is None else self.selector.select(
                 q, k, self.process_group, self.sharding)
         else:
             selection = self.selector.select(q, k) if self.selector is not None else None
