@@ -16,7 +16,7 @@ from torch import Tensor
 from .layout import MAX_POSITION
 
 __all__ = ["CURVES", "curve_order", "curve_rank", "grid_decode", "grid_encode", "hilbert_decode",
-           "hilbert_encode", "morton_decode", "morton_encode"]
+           "hilbert_encode", "inverse_permutation", "morton_decode", "morton_encode"]
 
 CURVES = ("raster", "morton", "hilbert", "gilbert")
 _MAX_BITS = 62
@@ -163,11 +163,6 @@ def _check_curve(curve: str, name: str = "curve") -> str:
     return curve
 
 
-def _raster_coords(shape: tuple[int, ...]) -> Tensor:
-    axes = [torch.arange(s, dtype=torch.int64) for s in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
-
-
 def _sign(v: int) -> int:
     return (v > 0) - (v < 0)
 
@@ -220,17 +215,23 @@ def _order(shape: tuple[int, ...], curve: str) -> Tensor:
             raise ValueError(f"curve 'gilbert' is defined for 2-D grids only, got shape {shape}")
         return torch.tensor(_gilbert_cells(*shape), dtype=torch.int64)
     bits = max(1, math.ceil(math.log2(max(shape))))
-    c = _raster_coords(shape)
+    axes = [torch.arange(s, dtype=torch.int64) for s in shape]
+    c = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
     key = hilbert_encode(c, bits) if curve == "hilbert" else morton_encode(c, bits)
     return torch.argsort(key)  # keys are distinct: the order is unique
 
 
+def inverse_permutation(perm: Tensor) -> Tensor:
+    """``inv`` with ``inv[perm[i]] = i``, so ``x[perm][inv] == x`` (int64)."""
+    perm = torch.as_tensor(perm, dtype=torch.int64)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), dtype=torch.int64, device=perm.device)
+    return inv
+
+
 @functools.lru_cache(maxsize=32)
 def _rank(shape: tuple[int, ...], curve: str) -> Tensor:
-    order = _order(shape, curve)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), dtype=torch.int64)
-    return rank
+    return inverse_permutation(_order(shape, curve))
 
 
 def curve_order(shape, curve: str = "hilbert") -> Tensor:

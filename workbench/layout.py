@@ -89,7 +89,8 @@ def cells_to_tiles(
     if block_size == cell:  # both are ``on`` itself: layouts are read-only
         return on, on
     if block_size % cell == 0:  # whole cells per tile: reduce blocks of cells
-        return _merge_cells(on, block_size // cell, r1 - r0, num_blocks(k_len, block_size))
+        f, nk = block_size // cell, num_blocks(k_len, block_size)
+        return _reduce_cells(on, f, r1 - r0, nk, False), _reduce_cells(on, f, r1 - r0, nk, True)
     if cell % block_size == 0:  # each tile inside one cell: pick it
         f = cell // block_size
         qi = (torch.arange(r0, r1, device=on.device) - r0 // f * f) // f
@@ -112,26 +113,23 @@ _WORDS = {2: (torch.int16, 0x0101), 4: (torch.int32, 0x01010101),
 """A run of 2, 4 or 8 bools read as one integer, and its value when every one is True."""
 
 
-def _merge_cells(on: Tensor, f: int, nq: int, nk: int) -> tuple[Tensor, Tensor]:
-    """(any, all) over each ``f x f`` group of cells of ``on [H, <= nq*f, <= nk*f]`` (missing
-    cells are off for "any", on for "all"); runs of 2, 4 or 8 bools are read as one integer."""
-    pq, pk = nq * f - on.shape[1], nk * f - on.shape[2]
-    h = on.shape[0]
-    out = []
-    for fill, combine in ((False, torch.Tensor.bitwise_or_), (True, torch.Tensor.bitwise_and_)):
-        src = torch.nn.functional.pad(on, (0, pk, 0, pq), value=fill) if pq or pk else on
-        src = src.view(h, nq, f, nk * f)
-        rows = src[:, :, 0].clone(memory_format=torch.contiguous_format)
-        for i in range(1, f):
-            combine(rows, src[:, :, i])
-        if f in _WORDS:
-            word, ones = _WORDS[f]
-            runs = rows.view(word)
-            out.append(runs == ones if fill else runs != 0)
-        else:
-            runs = rows.view(h, nq, nk, f)
-            out.append(runs.all(3) if fill else runs.any(3))
-    return out[0], out[1]
+def _reduce_cells(on: Tensor, f: int, nq: int, nk: int, every: bool) -> Tensor:
+    """Over each ``f x f`` group of cells of bool ``on [H, <= nq*f, <= nk*f]``: whether every
+    cell is on (``every``; a missing cell counts as on) or any is (a missing cell counts as off).
+    Runs of 2, 4 or 8 bools are read as one integer."""
+    h, pq, pk = on.shape[0], nq * f - on.shape[1], nk * f - on.shape[2]
+    src = torch.nn.functional.pad(on, (0, pk, 0, pq), value=every) if pq or pk else on
+    src = src.reshape(h, nq, f, nk * f)
+    rows = src[:, :, 0].clone(memory_format=torch.contiguous_format)
+    combine = torch.Tensor.bitwise_and_ if every else torch.Tensor.bitwise_or_
+    for i in range(1, f):
+        combine(rows, src[:, :, i])
+    if f in _WORDS:
+        word, ones = _WORDS[f]
+        runs = rows.view(word)
+        return runs == ones if every else runs != 0
+    runs = rows.view(h, nq, nk, f)
+    return runs.all(3) if every else runs.any(3)
 
 
 @dataclass(frozen=True)
@@ -271,18 +269,11 @@ class BlockLayout:
         h, nq, nk = self.shape
         active, full = self.tile_counts()
         pairs = float(self.computed_pairs().to(torch.float64).sum())
-        return LayoutStats(
-            q_len=self.q_len,
-            k_len=self.k_len,
-            block_size=self.block_size,
-            num_heads=h,
-            active_blocks=active,
-            full_blocks=full,
-            total_blocks=h * nq * nk,
-            density=pairs / (h * self.q_len * self.k_len),
-            block_density=active / (h * nq * nk),
-            full_fraction=full / active if active else 0.0,
-        )
+        return LayoutStats(self.q_len, self.k_len, self.block_size, num_heads=h,
+                           active_blocks=active, full_blocks=full, total_blocks=h * nq * nk,
+                           density=pairs / (h * self.q_len * self.k_len),
+                           block_density=active / (h * nq * nk),
+                           full_fraction=full / active if active else 0.0)
 
     def slice(self, q_blocks: tuple[int, int], k_blocks: tuple[int, int]) -> BlockLayout:
         """The sub-layout of query blocks ``[q0, q1)`` and key blocks ``[k0, k1)``."""
@@ -314,14 +305,9 @@ class BlockLayout:
         """The same layout with tiles ``factor`` times larger (any / all over sub-tiles)."""
         if factor == 1:
             return self
-        h, nq, nk = self.shape
-        pq, pk = -nq % factor, -nk % factor
-        # Sub-tiles past the end hold no real pair: never active, and no obstacle to "full".
-        act = torch.nn.functional.pad(self.active, (0, pk, 0, pq), value=False)
-        ful = torch.nn.functional.pad(self.full, (0, pk, 0, pq), value=True)
-        shape = (h, (nq + pq) // factor, factor, (nk + pk) // factor, factor)
-        act = act.reshape(shape).any(4).any(2)
-        ful = ful.reshape(shape).all(4).all(2) & act
+        nq, nk = num_blocks(self.shape[1], factor), num_blocks(self.shape[2], factor)
+        act = _reduce_cells(self.active, factor, nq, nk, every=False)
+        ful = _reduce_cells(self.full, factor, nq, nk, every=True) & act
         return replace(self, active=act, full=ful, block_size=self.block_size * factor)
 
     def expand_heads(self, num_heads: int) -> BlockLayout:

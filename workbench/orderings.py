@@ -10,7 +10,7 @@ from collections.abc import Hashable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .curves import CURVES, curve_order, hilbert_encode, morton_encode
+from .curves import CURVES, curve_order, hilbert_encode, inverse_permutation, morton_encode
 from .layout import BlockLayout, num_blocks
 from .patterns import Pattern, Permuted, check_positive_int, grid_neighborhood
 
@@ -72,14 +72,6 @@ def grid_permutation(shape: Sequence[int], order: str = "hilbert") -> Tensor:
     return curve_order(shape, order)
 
 
-def inverse_permutation(perm: Tensor) -> Tensor:
-    """``inv`` with ``inv[perm[i]] = i``, so ``x[perm][inv] == x`` (int64)."""
-    perm = torch.as_tensor(perm, dtype=torch.int64)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), dtype=torch.int64, device=perm.device)
-    return inv
-
-
 # --------------------------------------------------------------------- block visit orders
 def check_block_order(block_order: str | None) -> str | None:
     """Validate a ``block_order`` argument; returns None for the natural order."""
@@ -118,11 +110,7 @@ def visit_rank(layout: BlockLayout, block_order: str | None) -> Tensor | None:
 def block_accesses(tiles: Tensor) -> list[tuple[str, int, int]]:
     """The blocks a visit touches, in order: per tile ``("q", h, qb)`` (queries and running
     output), then ``("kv", h, kb)``."""
-    out: list[tuple[str, int, int]] = []
-    for h, qb, kb in tiles.tolist():
-        out.append(("q", h, qb))
-        out.append(("kv", h, kb))
-    return out
+    return [touch for h, qb, kb in tiles.tolist() for touch in (("q", h, qb), ("kv", h, kb))]
 
 
 def reuse_distances(accesses: Iterable[Hashable]) -> Tensor:

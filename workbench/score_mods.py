@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -59,39 +60,32 @@ def _found(x: object, seen: set[int], depth: int) -> Iterator[Tensor]:
     seen.add(id(x))
     if isinstance(x, Tensor):
         yield x
-    elif isinstance(x, nn.Module):
+        return
+    if isinstance(x, nn.Module):
         yield from x.parameters()
         yield from x.buffers()
-    elif isinstance(x, functools.partial):
-        for y in (x.func, *x.args, *x.keywords.values()):
-            yield from _found(y, seen, depth + 1)
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            yield from _found(y, seen, depth + 1)
-    elif isinstance(x, dict):
-        for y in x.values():
-            yield from _found(y, seen, depth + 1)
+        return
+    if isinstance(x, functools.partial):
+        inner = (x.func, *x.args, *x.keywords.values())
+    elif isinstance(x, (list, tuple, dict)):
+        inner = x.values() if isinstance(x, dict) else x
     elif hasattr(x, "__func__") and hasattr(x, "__self__"):  # a bound method
-        yield from _found(x.__self__, seen, depth + 1)
-        yield from _found(x.__func__, seen, depth + 1)
+        inner = (x.__self__, x.__func__)
     elif hasattr(x, "__code__"):  # a Python function: its cells, defaults, named globals
-        cells = [c.cell_contents for c in x.__closure__ or () if _filled(c)]
+        cells = [c.cell_contents for c in x.__closure__ or () if c != _EMPTY_CELL]
         names = [x.__globals__[n] for n in x.__code__.co_names if n in x.__globals__]
-        for y in (*cells, *(x.__defaults__ or ()), *names):
-            if isinstance(y, (Tensor, nn.Module, functools.partial, list, tuple, dict)) \
-                    or callable(y) and hasattr(y, "__code__"):
-                yield from _found(y, seen, depth + 1)
+        inner = [y for y in (*cells, *(x.__defaults__ or ()), *names)
+                 if isinstance(y, (Tensor, nn.Module, functools.partial, list, tuple, dict))
+                 or callable(y) and hasattr(y, "__code__")]
     elif callable(x) and hasattr(x, "__dict__"):  # an object with __call__: its attributes
-        for y in vars(x).values():
-            yield from _found(y, seen, depth + 1)
+        inner = vars(x).values()
+    else:
+        return
+    for y in inner:
+        yield from _found(y, seen, depth + 1)
 
 
-def _filled(cell) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 (an empty cell raises)
-    except ValueError:
-        return False
-    return True
+_EMPTY_CELL = types.CellType()  # a closure cell equals it only while unfilled
 
 
 def reads(score_mod: ScoreMod) -> tuple[Tensor, ...]:
