@@ -57,10 +57,10 @@ def topk_budget(density: float, nk: int) -> int:
 
 
 def _eligible(nq: int, nk: int, causal: bool, device) -> Tensor:
-    """Bool ``[nq, nk]``: blocks a query block may select (block-level causality)."""
-    i = torch.arange(nq, device=device)[:, None]
-    j = torch.arange(nk, device=device)[None, :]
-    return j <= i if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
+    """Bool ``[nq, nk]``: the keys (or key blocks) ``j`` query ``i`` may attend: ``j <= i`` when
+    ``causal``, else all."""
+    every = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    return every.tril() if causal else every
 
 
 def select_blocks(scores: Tensor, density: float, *, causal: bool = False,
@@ -94,10 +94,7 @@ def distillation_loss(gate_scores: Tensor, q: Tensor, k: Tensor, block_size: int
     the target being dense attention summed per tile, averaged over its rows (small sizes)."""
     with torch.no_grad():
         s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        if causal:
-            sq, sk = s.shape[-2:]
-            s = s.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu(1),
-                              -torch.inf)
+        s = s.masked_fill(~_eligible(*s.shape[-2:], causal, s.device), -torch.inf)
         p = torch.softmax(s, -1)
         nk = gate_scores.shape[-1]
         pk = F.pad(p, (0, nk * block_size - p.shape[-1])).unflatten(-1, (nk, block_size)).sum(-1)
@@ -152,7 +149,7 @@ class Selection:
         if self.chosen is None:  # the fixed part alone: one copy serves every batch element
             pat = self.fixed & P.causal() if self.causal else self.fixed
             act = self._active(pat)  # [1 or H, nq, nk]
-            return act.expand(h, nq, nk).expand(b, h, nq, nk).contiguous()
+            return act.expand(b, h, nq, nk).contiguous()
         return self._active(self.pattern()).reshape(b, h, nq, nk)
 
     def _active(self, pattern: Pattern) -> Tensor:

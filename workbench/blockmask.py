@@ -57,11 +57,6 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
     return count, out
 
 
-def _batched(lists: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """A ``BlockMask``'s leading batch axis (of size 1: every batch element shares it)."""
-    return lists[0][None], lists[1][None]
-
-
 def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
                            *, q_offset: int | Tensor = 0, k_offset: int | Tensor = 0,
                            rank: Tensor | None = None, backward: bool = True):
@@ -97,14 +92,17 @@ def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tenso
     if k_len % b:
         full[:, :, -1] = False
     partial = layout.active & ~full
-    kv_n, kv_i = _batched(sorted_block_indices(partial, rank))
-    f_n, f_i = _batched(sorted_block_indices(full, rank))
+
+    def lists(tiles: Tensor, rank: Tensor | None = None) -> list[Tensor]:
+        """With a batch axis of 1: every batch element shares them."""
+        return [x[None] for x in sorted_block_indices(tiles, rank)]
+
+    kv_n, kv_i = lists(partial, rank)
+    f_n, f_i = lists(full, rank)
     # query-major lists: every query block of a key block, in increasing order (as
     # FlexAttention's own transpose gives them)
-    q_n, q_i = (_batched(sorted_block_indices(partial.transpose(1, 2))) if backward
-                else (None, None))
-    fq_n, fq_i = (_batched(sorted_block_indices(full.transpose(1, 2))) if backward
-                  else (None, None))
+    q_n, q_i, fq_n, fq_i = ([*lists(partial.transpose(1, 2)), *lists(full.transpose(1, 2))]
+                            if backward else [None] * 4)
 
     def mask_mod(bi, h, qi, ki):
         q_in = torch.clamp(qi, max=q_len - 1) + q_offset  # padding asks about a real position

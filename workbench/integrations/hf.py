@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from .. import patterns as P
-from ..attention import block_sparse_attention
+from ..attention import block_sparse_attention, check_pattern
 from ..backends import check_backend
 from ..patterns import Pattern, check_positive_int
 from ..plan import Plans
@@ -226,11 +226,10 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='{NAME}' does not apply {name}; use 'eager'")
     settings: _Settings = getattr(module, _ATTR, None) or _Settings(None)  # full attention
-    pattern = settings.pattern(getattr(module, "layer_idx", None))
+    layer_idx = getattr(module, "layer_idx", None)
+    pattern = settings.pattern(layer_idx)
     b, h, sq, _ = query.shape
-    if pattern.num_heads not in (1, h):
-        raise ValueError(f"the pattern of layer {getattr(module, 'layer_idx', None)} has "
-                         f"{pattern.num_heads} heads; the model has {h} query heads")
+    check_pattern(pattern, h, f"the pattern of layer {layer_idx}")
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     if attention_mask is None and causal and 1 < sq < key.shape[2]:
         # transformers' sdpa: a static cache at prefill, its slots after the queries unused
