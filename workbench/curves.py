@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .layout import MAX_POSITION
 
-__all__ = ["CURVES", "curve_order", "curve_rank", "grid_decode", "grid_encode", "hilbert_decode",
+__all__ = ["CURVES", "curve_order", "grid_decode", "grid_encode", "hilbert_decode",
            "hilbert_encode", "inverse_permutation", "morton_decode", "morton_encode"]
 
 CURVES = ("raster", "morton", "hilbert", "gilbert")
@@ -238,11 +238,6 @@ def curve_order(shape, curve: str = "hilbert") -> Tensor:
     """Row-major flat indices of the cells of grid ``shape`` in ``curve`` order (int64 ``[N]``):
     as a token permutation, new position ``i`` holds raster token ``order[i]``."""
     return _order(_check_shape(shape), _check_curve(curve)).clone()
-
-
-def curve_rank(shape, curve: str = "hilbert") -> Tensor:
-    """Inverse of :func:`curve_order`: the curve index of every raster cell (int64 ``[N]``)."""
-    return _rank(_check_shape(shape), _check_curve(curve)).clone()
 
 
 def grid_encode(coords: Tensor, shape, curve: str = "hilbert") -> Tensor:

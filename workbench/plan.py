@@ -178,11 +178,11 @@ def plan_for(plan: Plan | Plans, pattern: Pattern, q_len: int, k_len: int, block
              device: torch.device | str, q_offset: int = 0) -> Plan:
     """The :class:`Plan` of a call: ``plan`` itself when it was made for these arguments (else a
     ``ValueError`` naming what differs), or the one ``plan`` (a :class:`Plans`) keeps for them."""
-    device = canonical_device(device)
     if isinstance(plan, Plans):
         return plan.get(pattern, q_len, k_len, block_size, device, q_offset)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a workbench Plan or Plans, got {type(plan).__name__}")
+    device = canonical_device(device)
     if plan.pattern != pattern or (plan.q_len, plan.k_len, plan.block_size, plan.q_offset,
                                    plan.device) != (q_len, k_len, block_size, q_offset, device):
         raise ValueError(
