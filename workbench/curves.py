@@ -103,42 +103,29 @@ def hilbert_encode(coords: Tensor, bits: int) -> Tensor:
     """Hilbert index of integer ``coords`` ``[..., dims]`` in a ``2**bits`` square/cube: John
     Skilling's curve (AIP Conf. Proc. 707, 2004), from the origin along ``c0`` first (in 2-D the
     textbook ``xy2d(n, x=c0, y=c1)``)."""
-    x = [c.clone() for c in _coords(coords, bits)]
+    x = _coords(coords, bits)
     n = len(x)
-    if bits == 0:
-        return torch.zeros_like(x[0])
-    q = 1 << (bits - 1)
-    while q > 1:
+    for q in (1 << b for b in range(bits - 1, 0, -1)):
         for i in range(n):
             _invert_or_exchange(x, i, q)
-        q >>= 1
     for i in range(1, n):
         x[i] = x[i] ^ x[i - 1]
     t = torch.zeros_like(x[0])
-    q = 1 << (bits - 1)
-    while q > 1:
+    for q in (1 << b for b in range(bits - 1, 0, -1)):
         t = torch.where((x[n - 1] & q) != 0, t ^ (q - 1), t)
-        q >>= 1
-    x = [xi ^ t for xi in x]
-    return _interleave(x, bits)
+    return _interleave([xi ^ t for xi in x], bits)
 
 
 def hilbert_decode(index: Tensor, dims: int, bits: int) -> Tensor:
     """Inverse of :func:`hilbert_encode`: int64 coordinates ``[..., dims]``."""
-    d = _index(index, dims, bits)
-    x = _deinterleave(d, dims, bits)
-    n = dims
-    if bits == 0:
-        return torch.stack(x, dim=-1)
-    t = x[n - 1] >> 1
-    for i in range(n - 1, 0, -1):
+    x = _deinterleave(_index(index, dims, bits), dims, bits)
+    t = x[dims - 1] >> 1
+    for i in range(dims - 1, 0, -1):
         x[i] = x[i] ^ x[i - 1]
     x[0] = x[0] ^ t
-    q = 2
-    while q != (1 << bits):
-        for i in range(n - 1, -1, -1):
+    for q in (1 << b for b in range(1, bits)):
+        for i in range(dims - 1, -1, -1):
             _invert_or_exchange(x, i, q)
-        q <<= 1
     return torch.stack(x, dim=-1)
 
 
