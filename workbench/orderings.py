@@ -29,10 +29,8 @@ def dilation_gather(
     segment + offsets[h] + j * dilation`` head ``h`` keeps in segment ``m`` (int64, 0 where
     not ``valid``: outside the segment or the sequence)."""
     off = torch.as_tensor(offsets, dtype=torch.int64, device=device)[:, None, None]
-    nseg = num_blocks(seq_len, segment)
-    length = num_blocks(segment, dilation)
-    m = torch.arange(nseg, device=device)[None, :, None]
-    j = torch.arange(length, device=device)[None, None, :]
+    m = torch.arange(num_blocks(seq_len, segment), device=device)[None, :, None]
+    j = torch.arange(num_blocks(segment, dilation), device=device)[None, None, :]
     inner = off + j * dilation
     pos = m * segment + inner
     valid = (inner < segment) & (pos < seq_len)
