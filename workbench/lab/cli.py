@@ -47,71 +47,37 @@ def _shown(text: str) -> str:
     return text if text.strip() else repr(text)
 
 
-def _int_at_least(text: str, minimum: int, what: str) -> int:
-    """``text`` as an int ``>= minimum``; otherwise an argparse error "<text> is not <what>"."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
-    return value
+def _arg_type(convert: Callable[[str], Any], accept: Callable[[Any], object],
+              what: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``convert(text)`` when it converts and ``accept`` takes the value,
+    else the error "<text> is not <what>"."""
 
-
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
-
-
-def nonnegative_int(text: str) -> int:
-    return _int_at_least(text, 0, "a non-negative integer")
-
-
-def power_of_two_head_dim(text: str) -> int:
-    """``text`` as a power of two ``>= 16``, a head width the Triton kernels take."""
-    what = "a power of two >= 16 (the Triton kernels' head widths)"
-    value = _int_at_least(text, 16, what)
-    if value & (value - 1):
-        raise argparse.ArgumentTypeError(f"{value} is not {what}")
-    return value
-
-
-def _positive(text: str, inf: bool) -> float:
-    """``text`` as a float ``> 0``, finite unless ``inf``; otherwise an argparse error."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (0 < value < math.inf or (inf and value == math.inf)):
-        what = "a positive number (or inf)" if inf else "a positive finite number"
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    return _positive(text, inf=False)
-
-
-def positive_float_or_inf(text: str) -> float:
-    return _positive(text, inf=True)
-
-
-def _matching(regex: str, what: str) -> Callable[[str], str]:
-    """An argparse ``type=`` that takes a text matching ``regex`` whole, else "is not <what>"."""
-    pattern = re.compile(regex)
-
-    def check(text: str) -> str:
-        if not pattern.fullmatch(text):
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
-        return text
+        return value
 
-    return check
+    return parse
 
 
-device = _matching(r"cpu|cuda(:[0-9]+)?", "a device: use cpu, cuda or cuda:N")
-cuda_device = _matching(r"cuda(:[0-9]+)?",
+positive_int = _arg_type(int, lambda n: n > 0, "a positive integer")
+nonnegative_int = _arg_type(int, lambda n: n >= 0, "a non-negative integer")
+power_of_two_head_dim = _arg_type(int, lambda n: n >= 16 and not n & (n - 1),
+                                  "a power of two >= 16 (the Triton kernels' head widths)")
+positive_float = _arg_type(float, lambda x: 0 < x < math.inf, "a positive finite number")
+positive_float_or_inf = _arg_type(float, lambda x: 0 < x <= math.inf,
+                                  "a positive number (or inf)")
+device = _arg_type(str, re.compile(r"cpu|cuda(:[0-9]+)?").fullmatch,
+                   "a device: use cpu, cuda or cuda:N")
+cuda_device = _arg_type(str, re.compile(r"cuda(:[0-9]+)?").fullmatch,
                         "a CUDA device; this command measures a GPU: use cuda or cuda:N")
-study_name = _matching(r"[A-Za-z0-9][A-Za-z0-9_-]*", "a study name: use letters, digits, '_' "
-                       "and '-' (it names the data/ file), e.g. cpu_small")
+study_name = _arg_type(str, re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*").fullmatch,
+                       "a study name: use letters, digits, '_' and '-' (it names the data/ "
+                       "file), e.g. cpu_small")
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -130,32 +96,20 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 # ------------------------------------------------------------------------ one-line errors
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr, ``<prog>: error: <message>``
-    with the option first, and exit status 2."""
+    """An ``ArgumentParser`` whose errors are :func:`_exit_with_error`'s, the option first."""
 
     def error(self, message: str) -> NoReturn:
         message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
         if message.startswith("the following arguments are required"):
             message += f" (see {self.prog} --help)"
-        _exit_with_error(self.prog, message, 2)
+        _exit_with_error(self.prog, message)
 
 
-def _exit_with_error(prog: str, message: str, status: int) -> NoReturn:
-    """Print ``<prog>: error: <message>`` as one line on stderr and exit with ``status``."""
+def _exit_with_error(prog: str, message: str) -> NoReturn:
+    """Print ``<prog>: error: <message>`` as one line on stderr and exit with status 2."""
     text = " ".join(message.split())  # one line, whatever the message's layout
     print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
-    raise SystemExit(status)
-
-
-def _first_line(err: BaseException) -> str:
-    """The first non-blank line of ``err``'s message (its type's name when it has none)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def _debug() -> bool:
-    """Whether ``WORKBENCH_DEBUG`` asks for tracebacks (set, and neither empty nor ``0``)."""
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    raise SystemExit(2)
 
 
 # ------------------------------------------------------------------------ checks before work
@@ -199,17 +153,15 @@ def _require_module(module: str, command: str, install: str) -> None:
 def _notebook_parameters(path: Path) -> set[str] | None:
     """Names assigned in the notebook's ``parameters`` cell; None when it cannot be read."""
     try:
-        for cell in json.loads(path.read_text())["cells"]:
-            if "parameters" in cell.get("metadata", {}).get("tags", []):
-                source = cell["source"]
-                tree = ast.parse(source if isinstance(source, str) else "".join(source))
-                return {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                        for t in node.targets if isinstance(t, ast.Name)} | {
-                    node.target.id for node in ast.walk(tree)
-                    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
-    except (OSError, KeyError, ValueError, SyntaxError):
+        cells = json.loads(path.read_text())["cells"]
+        tree = ast.parse(next("".join(cell["source"]) for cell in cells
+                              if "parameters" in cell.get("metadata", {}).get("tags", [])))
+    except (OSError, KeyError, ValueError, SyntaxError, StopIteration):
         return None
-    return None
+    nodes = list(ast.walk(tree))
+    targets = [t for node in nodes if isinstance(node, ast.Assign) for t in node.targets]
+    targets += [node.target for node in nodes if isinstance(node, ast.AnnAssign)]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
 
 
 def _check_figures(args: argparse.Namespace) -> None:
@@ -709,16 +661,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
 # ------------------------------------------------------------------------ entry point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command ``argv`` names (default: ``sys.argv[1:]``); returns its exit status.
-
-    A value the command cannot use ends it with one line on stderr,
-    ``workbench <command>: error: <message>``, and ``SystemExit(2)``: before any work when the
-    arguments, the other options or this machine say so, else when the work raises one of
-    :data:`_USER_ERRORS`. Ctrl-C ends it with one line and ``SystemExit(130)``. With
-    ``WORKBENCH_DEBUG=1`` an error raised by the work, and the interrupt, propagate with their
-    traceback instead.
-    """
+    """Run the command ``argv`` names (default: ``sys.argv[1:]``); returns its exit status or
+    ends with one line on stderr as the module's docstring says."""
     prog = PROG
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         parser, commands = build_parser()
         args, extras = parser.parse_known_args(None if argv is None else list(argv))
@@ -726,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = f"{PROG} {args.command}"
         if extras:
             _exit_with_error(prog, f"unrecognized arguments: {' '.join(extras)} "
-                             f"(see {prog} --help)", 2)
+                             f"(see {prog} --help)")
         if getattr(args, "device", "") is None:
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -738,28 +684,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             if command.needs is not None:
                 _require_module(command.needs[0], args.command, command.needs[1])
         except UsageError as err:
-            _exit_with_error(prog, str(err), 2)
-        return _run(command.run, args, prog)
+            _exit_with_error(prog, str(err))
+        try:
+            return command.run(args)
+        except BrokenPipeError:
+            raise
+        except (UsageError, *_USER_ERRORS) as err:
+            if debug:
+                raise
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            first = lines[0] if lines else type(err).__name__
+            _exit_with_error(prog, f"{first} (set {DEBUG_ENV}=1 for the traceback)")
     except KeyboardInterrupt:
-        if _debug():
+        if debug:
             raise
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
         sys.stderr.close()
         raise SystemExit(0) from None
-
-
-def _run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
-    """``run(args)``, with the errors :func:`main` reports as one line reported so."""
-    try:
-        return run(args)
-    except BrokenPipeError:
-        raise
-    except (UsageError, *_USER_ERRORS) as err:
-        if _debug():
-            raise
-        _exit_with_error(prog, f"{_first_line(err)} (set {DEBUG_ENV}=1 for the traceback)", 2)
 
 
 if __name__ == "__main__":
