@@ -322,15 +322,12 @@ def _call(fn: Callable[..., Any], args: argparse.Namespace, **given: object) -> 
     return fn(**{**options, **given})
 
 
-def _print_rows(rows: list[dict]) -> None:
+def _shown_and_written(rows: list[dict], name: str | None = None, dev: str = "cpu") -> int:
+    """Print ``rows`` (``key=value``, less the environment) and, given a ``name``, write them
+    to ``data/<name>.csv``; returns 0."""
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items()
                         if k not in ("device", "torch", "date", "triton")))
-
-
-def _shown_and_written(rows: list[dict], name: str | None = None, dev: str = "cpu") -> int:
-    """Print ``rows`` and, given a ``name``, write them to ``data/<name>.csv``; returns 0."""
-    _print_rows(rows)
     if name is not None:
         write_csv(rows, name, dev)
     return 0
@@ -389,10 +386,9 @@ def _bench_longest(args: argparse.Namespace) -> int:
 
 def _bench_triton(args: argparse.Namespace) -> int:
     name = "configs" if args.space == "launch" else args.space
-    _print_rows(_call(bench.triton_config_study, args, configs=bench.kernel_configs(args.space),
-                      backward=args.space == "backward",
-                      csv_name=f"bench_{args.study}_triton_{name}"))
-    return 0
+    return _shown_and_written(_call(
+        bench.triton_config_study, args, configs=bench.kernel_configs(args.space),
+        backward=args.space == "backward", csv_name=f"bench_{args.study}_triton_{name}"))
 
 
 def _bench_overhead(args: argparse.Namespace) -> int:

@@ -1,9 +1,7 @@
-"""Per-call overhead: each public entry point (:data:`ENTRY_POINTS`), called repeatedly on the
-same inputs, against the kernel it launches alone on the same block structure (the call's
-``BlockMask`` on CUDA, ``blockwise`` on the CPU, the ``gather`` backend's prepared function for
-LongNet; the multi-head module's projections around it). The block-sparse entry points run
-``random10``, the dilated ones ``dilated``.
-"""
+"""Per-call overhead: each public entry point (:data:`ENTRY_POINTS`) called repeatedly on the
+same inputs, against the kernel it launches called alone on the same block structure (with the
+multi-head module's projections around it). The block-sparse entry points run ``random10``, the
+dilated ones ``dilated``."""
 
 from __future__ import annotations
 
@@ -89,14 +87,10 @@ def _cases(entry: str, s: int, block_size: int, q: Tensor, k: Tensor, v: Tensor
             return "dilated", params, "gather", lambda: attn(q, k, v), lambda: run(q, k, v)
         merged = prepare_dilated(q, k, v, [P.dilated_branch(wi, ri, heads)
                                            for wi, ri in zip(w, r)], need_lse=False)
-
-        def branches() -> Tensor:
-            return merged(q, k, v)[0]
-
         paper = DilatedAttention(w, r, mode="paper", block_size=block_size)
         ours = ((lambda: paper(q, k, v)) if entry == "dilated_paper" else
                 (lambda: dilated_attention(q, k, v, w, r, block_size=block_size)))
-        return "dilated", f"{params} paper", "gather", ours, branches
+        return "dilated", f"{params} paper", "gather", ours, lambda: merged(q, k, v)[0]
     pattern, params = family_pattern("random10", s, heads)
     plans = Plans()  # one layout, one BlockMask: the kernel's and every entry point's
     plan = plans.get(pattern, s, s, block_size, q.device)

@@ -4,6 +4,7 @@ of a ring on one device to plan a multi-GPU run."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -19,13 +20,12 @@ from .. import distributed as D
 from ..attention import block_sparse_attention
 from ..backends import accumulation_dtype
 from ..layout import BlockLayout
-from ..patterns import Pattern
+from ..patterns import Pattern, check_int
 from ..sharding import DistributedPlan, run_tile_rows
 from .bench import DTYPES, family_pattern, time_and_peak
 from .records import environment, write_csv
 
-__all__ = ["PASSES", "parallel_efficiency", "ring_bench", "ring_demo", "ring_plan_study",
-           "simulated_steps"]
+__all__ = ["PASSES", "ring_bench", "ring_demo", "ring_plan_study", "simulated_steps"]
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -34,14 +34,10 @@ def _start(backend: str | None, timeout: float,
            init: tuple[str, int, int] | None = None) -> torch.device:
     """Join the process group torchrun describes (or ``init`` = (init_method, rank, world), or a
     one-rank group), and pick this rank's device."""
-    if init is not None:
-        D.init_ring(backend, timeout=timeout, init_method=init[0], rank=init[1],
-                    world_size=init[2])
-    elif "RANK" in os.environ:
-        D.init_ring(backend, timeout=timeout)
-    else:  # plain `python -m workbench ...`: a group of one
-        path = os.path.join(tempfile.mkdtemp(prefix="workbench-ring-"), "rendezvous")
-        D.init_ring(backend, timeout=timeout, init_method=f"file://{path}", rank=0, world_size=1)
+    if init is None and "RANK" not in os.environ:  # plain `python -m workbench ...`
+        init = (f"file://{tempfile.mkdtemp(prefix='workbench-ring-')}/rendezvous", 0, 1)
+    method, rank, world = init or (None, None, None)  # None: torchrun's env://
+    D.init_ring(backend, timeout=timeout, init_method=method, rank=rank, world_size=world)
     if dist.get_backend() == "nccl":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
@@ -135,13 +131,12 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     ``data/ring_<study>.csv`` after every case.
 
     ``baseline``: after each case rank 0 alone runs ``S / P`` tokens; its row carries the
-    :func:`parallel_efficiency`. ``profile``: the costliest operators of one more call per rank
+    parallel efficiency. ``profile``: the costliest operators of one more call per rank
     go to ``data/ring_<study>_profile.csv``. ``double_until``: double ``seq_lens[0]`` until a
     case fails (``oom``, or ``peer_failed`` on the ranks that timed out waiting) or passes it.
     Ranks agree on outcomes over a gloo group and stop at the first failure.
     """
-    if isinstance(profile, bool) or not isinstance(profile, int) or profile < 0:
-        raise ValueError(f"profile must be a number of operators >= 0, got {profile!r}")
+    check_int("profile", profile, 0, None)
     dev = _start(backend, timeout, init)
     rank, world = dist.get_rank(), dist.get_world_size()
     control = dist.new_group(backend="gloo")  # outcomes and rows, even if NCCL is stuck
@@ -157,39 +152,37 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     rows: list[dict] = []
     profiles: list[dict] = []
     failed = False
-    for s in _lengths(seq_lens, double_until):
-        for family, sharding in itertools.product(families, shardings):
-            if failed:
-                break
-            pattern, params = family_pattern(family, s, heads)
-            row = {"study": study, "family": family, "params": params, "sharding": sharding,
-                   "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim,
-                   "dtype": dtype, "block_size": block_size,
-                   "pass": "fwd+bwd" if backward else "fwd"}
-            result = _time_ring(run, pattern, s, sharding, profile)
-            ops = [{**row, **op} for op in result.pop("profile", [])]
-            row.update(result)
-            case_rows = _gather_rows([row], control)  # every rank's row of this case
-            rows += [{**env, **r} for r in case_rows]
-            if profile:
-                profiles += [{**env, **r} for r in _gather_rows(ops, control)]
-            outcomes = [r["status"] for r in case_rows]
-            failed = any(o != "ok" for o in outcomes)
-            note = ""
-            if solo is not None and not failed:
-                base = _baseline_row(run, row, case_rows, s // world, solo) if rank == 0 else None
-                D.barrier(timeout, control)
-                if base is not None:
-                    rows.append({**env, **base})
-                    note = (f"  1 rank at S/{world}: {base.get('ms', math.nan):.2f} ms, "
-                            f"efficiency {base.get('efficiency', math.nan):.3f}")
-            if rank == 0:
-                print(f"{s:>9} {family:>9} {sharding:>10} {'/'.join(outcomes):>12} "
-                      f"{row.get('ms', math.nan):>10.2f} ms  rank-0 peak "
-                      f"{row.get('peak_mib', 0):>9.0f} MiB{note}", flush=True)
-                path = write_csv(rows, f"ring_{study}", dev)
-                if profiles:
-                    write_csv(profiles, f"ring_{study}_profile", dev)
+    if double_until is not None:  # a longest-sequence search
+        seq_lens = [seq_lens[0] << i for i in range((double_until // seq_lens[0]).bit_length())]
+    for s, family, sharding in itertools.product(seq_lens, families, shardings):
+        pattern, params = family_pattern(family, s, heads)
+        row = {"study": study, "family": family, "params": params, "sharding": sharding,
+               "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim, "dtype": dtype,
+               "block_size": block_size, "pass": "fwd+bwd" if backward else "fwd"}
+        result = _time_ring(run, pattern, s, sharding, profile)
+        ops = [{**row, **op} for op in result.pop("profile", [])]
+        row.update(result)
+        case_rows = _gather_rows([row], control)  # every rank's row of this case
+        rows += [{**env, **r} for r in case_rows]
+        if profile:
+            profiles += [{**env, **r} for r in _gather_rows(ops, control)]
+        outcomes = [r["status"] for r in case_rows]
+        failed = any(o != "ok" for o in outcomes)
+        note = ""
+        if solo is not None and not failed:
+            base = _baseline_row(run, row, case_rows, s // world, solo) if rank == 0 else None
+            D.barrier(timeout, control)
+            if base is not None:
+                rows.append({**env, **base})
+                note = (f"  1 rank at S/{world}: {base.get('ms', math.nan):.2f} ms, "
+                        f"efficiency {base.get('efficiency', math.nan):.3f}")
+        if rank == 0:
+            print(f"{s:>9} {family:>9} {sharding:>10} {'/'.join(outcomes):>12} "
+                  f"{row.get('ms', math.nan):>10.2f} ms  rank-0 peak "
+                  f"{row.get('peak_mib', 0):>9.0f} MiB{note}", flush=True)
+            path = write_csv(rows, f"ring_{study}", dev)
+            if profiles:
+                write_csv(profiles, f"ring_{study}_profile", dev)
         if failed:
             break
     if rank == 0 and rows:
@@ -199,37 +192,18 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     return rows
 
 
-def parallel_efficiency(tiles_many, ms_many, world: int, tiles_one, ms_one):
-    """``E = (W_P / (P T_P)) / (W_1 / T_1)``: tiles computed per ms and device by ``world``
-    ranks (``tiles_many`` in all, ``ms_many`` for the slowest rank) against one rank
-    (``tiles_one`` in ``ms_one``); 1 is perfect scaling. Numbers or arrays (elementwise)."""
-    return tiles_many / (world * ms_many) / (tiles_one / ms_one)
-
-
 def _baseline_row(run: _Settings, row: dict, case_rows: list[dict], seq_len: int,
                   solo: dist.ProcessGroup) -> dict:
     """Rank 0 alone at ``seq_len`` (the per-rank length of the case ``case_rows``), with the
-    case's parallel efficiency."""
+    case's parallel efficiency ``E = (W_P / (P T_P)) / (W_1 / T_1)``: tiles computed per ms and
+    device by the ``P`` ranks (the slowest rank's time) against one rank; 1 is perfect scaling."""
     pattern, params = family_pattern(row["family"], seq_len, run.heads)
     base = {**row, "params": params, "seq_len": seq_len, "rank": 0, "world_size": 1,
             **_time_ring(run, pattern, seq_len, row["sharding"], group=solo)}
     if base["status"] == "ok" and base["tiles"]:
-        e = parallel_efficiency(sum(r["tiles"] for r in case_rows),
-                                max(r["ms"] for r in case_rows), len(case_rows),
-                                base["tiles"], base["ms"])
-        base["efficiency"] = round(e, 4)
+        many = sum(r["tiles"] for r in case_rows) / len(case_rows) / max(r["ms"] for r in case_rows)
+        base["efficiency"] = round(many / (base["tiles"] / base["ms"]), 4)
     return base
-
-
-def _lengths(seq_lens: Sequence[int], double_until: int | None) -> Iterator[int]:
-    """The lengths of a sweep, or the doubling sequence of a longest-sequence search."""
-    if double_until is None:
-        yield from seq_lens
-        return
-    s = seq_lens[0]
-    while s <= double_until:
-        yield s
-        s *= 2
 
 
 def _time_ring(run: _Settings, pattern: Pattern, seq_len: int, sharding: str, profile: int = 0,
@@ -349,10 +323,7 @@ def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int,
             pending = (rand(later[0]), rand(later[0])) if later else ()
             grads = None if state is None else (*state, *(
                 own_grads if d == 0 else (torch.zeros_like(x, dtype=acc) for x in held)))
-
-            def fn(work=work, src=src, q=q, held=held, grads=grads) -> None:
-                work(src, q, *held, grads)
-
+            fn = functools.partial(work, src, q, *held, grads)
             nbytes = 2 * held[0].numel() * held[0].element_size() if d else 0
             yield r, d, src, int(per_step[r, d]), nbytes, fn
             del fn, held, pending, grads
