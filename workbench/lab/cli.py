@@ -180,11 +180,10 @@ def _check_figures(args: argparse.Namespace) -> None:
     if not specs:
         raise UsageError(f"{args.root / 'notebooks'} holds no notebook (*.ipynb): nothing to "
                          "run or check; use --root to name another project")
-    names = ", ".join(s.name for s in specs)
     for prefix in args.only or []:
         if not any(s.name.startswith(prefix) for s in specs):
             raise UsageError(f"--only {prefix}: no notebook name starts with it; notebooks: "
-                             f"{names}")
+                             f"{', '.join(s.name for s in specs)}")
     if args.list or args.check:
         return
     chosen = select(specs, args.only)
@@ -494,9 +493,8 @@ def _commands() -> dict[str, Command]:
     return {
         "figures": Command("rerun the notebooks, which write figures/ and data/", _figures, {
             "--root": dict(type=Path, default=None, metavar="PATH",
-                           help="the project (default: $WORKBENCH_ROOT, else the nearest folder "
-                                "with pyproject.toml and notebooks/ at or above the working "
-                                "directory)"),
+                           help="the project (default: $WORKBENCH_ROOT, else the nearest one "
+                                "at or above the working directory)"),
             "--list": dict(action="store_true", help="list notebooks and declared figures"),
             "--only": dict(nargs="+", metavar="NAME", help="notebook name prefixes to run"),
             "--profile": dict(default=None, help="named parameter profile (default: none)"),
@@ -521,21 +519,17 @@ def _commands() -> dict[str, Command]:
                                    help="time the forward of inputs that require grad"),
             "--device": _ANY_DEVICE,
             "--layout-timing": dict(nargs="*", type=positive_int, metavar="S", help="time "
-                                    "building each family's block layout and kernel structures "
-                                    "at these lengths (the median of --reps); writes "
-                                    "data/bench_<study>_layout.csv, or data/layouts_<study>.csv "
-                                    "without --seq-lens"),
+                                    "building the layouts and kernel structures at these lengths"
+                                    "; writes data/bench_<study>_layout.csv (without --seq-lens "
+                                    "data/layouts_<study>.csv)"),
             "--layout-heads": dict(nargs="+", type=positive_int, metavar="H",
                                    help="head counts of the layout timing (default: --heads)"),
             "--layout-cells": dict(nargs="+", type=positive_int, metavar="C", help="cell sizes "
-                                   "of the layout timing, for families with a cell argument "
-                                   "(default: their own)"),
+                                   "of the layout timing (default: each family's own)"),
             "--layout-max-seconds": dict(type=positive_float_or_inf, default=math.inf,
-                                         help="skip a layout case predicted to take longer "
-                                              "per build"),
+                                         help="skip a case predicted to take longer per build"),
             "--layout-max-gib": dict(type=positive_float_or_inf, default=math.inf,
-                                     help="skip a layout case (or a triton plan) that would "
-                                          "need more memory"),
+                                     help="skip a case (or a triton plan) needing more memory"),
         }, _check_bench),
         "bench-hilbert": Command(
             "2-D neighbourhood attention per token and visit order; writes "
@@ -553,15 +547,13 @@ def _commands() -> dict[str, Command]:
                                          "04_selection_cost_gpu", a.device),
             {"--seq-lens": dict(default=[16384, 65536]), "--reps": {}, "--device": {}}),
         "bench-longest": Command(
-            "the longest sequence one GPU runs, per family",
-            _bench_longest, {
+            "the longest sequence one GPU runs, per family", _bench_longest, {
                 "--study": _study("bench_<study>_longest", "h100"),
                 "--families": _families(bench.DEFAULT_FAMILIES),
                 "--start": dict(type=positive_int, default=262144),
                 "--limit": dict(type=positive_int, default=1 << 24),
                 "--max-seconds": dict(type=positive_float_or_inf, default=math.inf,
-                                      help="skip a length predicted (4x the last) to take "
-                                           "longer"),
+                                      help="skip a length predicted to take longer"),
                 "--backward": {},
                 "--memory-gib": dict(type=positive_float, default=None, help="search as on a "
                                      "card of this much memory (GiB, as CUDA reports it)"),
@@ -618,8 +610,7 @@ def _commands() -> dict[str, Command]:
             **_SHAPE, "--reps": dict(default=10), "--warmup": dict(default=2),
             "--backward": {}, "--backend": {}, "--timeout": dict(default=600.0),
             "--double-until": dict(type=positive_int, default=None, metavar="S_MAX",
-                                   help="double the --seq-lens value until a case fails or "
-                                        "S_MAX"),
+                                   help="double the one --seq-lens value up to S_MAX or a failure"),
             "--baseline": dict(action="store_true", help="also run rank 0 alone at the per-rank "
                                "length (parallel efficiency)"),
             "--profile": dict(type=nonnegative_int, default=0, metavar="N", help="profile one "
@@ -699,7 +690,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
         sys.stderr.close()
         raise SystemExit(0) from None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -51,17 +51,20 @@ def _gather_rows(rows: list[dict], group=None) -> list[dict]:
     return [r for part in everyone for r in (part or [])]
 
 
-def _equivalence_rows(dev: torch.device, seq_len: int, heads: int, head_dim: int,
-                      block_size: int, families: Sequence[str], sharding: str,
-                      timeout: float) -> list[dict]:
-    """This rank's error against one process, per family (output and gradients)."""
+def ring_demo(seq_len: int = 1000, heads: int = 4, head_dim: int = 32, block_size: int = 64,
+              families: Sequence[str] = ("causal", "local", "random10", "dilated"),
+              sharding: str = "zigzag", backend: str | None = None,
+              timeout: float = 120.0) -> list[dict]:
+    """Check every rank's output and gradients against one process (rank 0 prints the error
+    and the ring's work per family and rank); returns every rank's rows."""
+    dev = _start(backend, timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.float64 if dev.type == "cpu" else torch.float32
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=g, dtype=dtype).to(dev)
                for _ in range(3))
     sh = D.shard_plan(seq_len, world, block_size, sharding)
-    rows = []
+    local_rows = []
     for family in families:
         pattern, params = family_pattern(family, seq_len, heads)
         full = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -75,23 +78,13 @@ def _equivalence_rows(dev: torch.device, seq_len: int, heads: int, head_dim: int
         out.backward(sh.shard(grad, rank))
         pairs = [(out, ref)] + [(m.grad, f.grad) for m, f in zip(mine, full)]
         err = max(float((a - sh.shard(b, rank)).abs().max().detach()) for a, b in pairs)
-        rows.append({"family": family, "params": params, "sharding": sharding, "world": world,
-                     "rank": rank, "local_len": sh.local_len(rank), "max_abs_error": err,
-                     "tolerance": 1e-9 if dtype == torch.float64 else 1e-3,
-                     **stats.as_dict(), "bwd_bytes_sent": stats.backward.bytes_sent})
-    return rows
-
-
-def ring_demo(seq_len: int = 1000, heads: int = 4, head_dim: int = 32, block_size: int = 64,
-              families: Sequence[str] = ("causal", "local", "random10", "dilated"),
-              sharding: str = "zigzag", backend: str | None = None,
-              timeout: float = 120.0) -> list[dict]:
-    """Check the ring against one process on every rank and report its work (rank 0 prints)."""
-    dev = _start(backend, timeout)
-    rows = _gather_rows(_equivalence_rows(dev, seq_len, heads, head_dim, block_size, families,
-                                          sharding, timeout))
-    if dist.get_rank() == 0:
-        print(f"ring demo: {dist.get_world_size()} ranks ({dist.get_backend()}), S={seq_len}, "
+        local_rows.append({"family": family, "params": params, "sharding": sharding,
+                          "world": world, "rank": rank, "local_len": sh.local_len(rank),
+                          "max_abs_error": err, "tolerance": 1e-9 if dev.type == "cpu" else 1e-3,
+                          **stats.as_dict(), "bwd_bytes_sent": stats.backward.bytes_sent})
+    rows = _gather_rows(local_rows)
+    if rank == 0:
+        print(f"ring demo: {world} ranks ({dist.get_backend()}), S={seq_len}, "
               f"{heads} heads x {head_dim}, block {block_size}, {sharding} sharding")
         print(f"{'family':>9} {'rank':>4} {'max|err|':>9} {'steps':>5} {'pairs':>5} "
               f"{'skipped':>7} {'tiles':>6} {'fwd KiB sent':>12} {'bwd KiB sent':>12}")
@@ -214,13 +207,12 @@ def _time_ring(run: _Settings, pattern: Pattern, seq_len: int, sharding: str, pr
     dev, backward = run.device, run.backward
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     local = D.shard_plan(seq_len, world, run.block_size, sharding).local_len(rank)
-    kw = dict(sharding=sharding, timeout=run.timeout, process_group=group)
-    q = k = v = None
 
     def step(stats: D.RingStats | None = None) -> None:
         with torch.set_grad_enabled(backward):
             out = D.distributed_ring_attention(q, k, v, pattern, run.block_size, stats=stats,
-                                               **kw)
+                                               sharding=sharding, timeout=run.timeout,
+                                               process_group=group)
             if backward:
                 out.backward(torch.ones_like(out))
 
