@@ -42,15 +42,10 @@ class UsageError(Exception):
 
 
 # ------------------------------------------------------------------------ argument types
-def _shown(text: str) -> str:
-    """``text`` as an error message shows it: bare, or quoted when it is blank."""
-    return text if text.strip() else repr(text)
-
-
 def _arg_type(convert: Callable[[str], Any], accept: Callable[[Any], object],
               what: str) -> Callable[[str], Any]:
-    """An argparse ``type=``: ``convert(text)`` when it converts and ``accept`` takes the value,
-    else the error "<text> is not <what>"."""
+    """An argparse ``type=``: ``convert(text)`` when it converts (to other than None) and
+    ``accept`` takes the value, else the error "<text> is not <what>" (blank text quoted)."""
 
     def parse(text: str) -> Any:
         try:
@@ -58,7 +53,8 @@ def _arg_type(convert: Callable[[str], Any], accept: Callable[[Any], object],
         except ValueError:
             value = None
         if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
+            shown = text if text.strip() else repr(text)
+            raise argparse.ArgumentTypeError(f"{shown} is not {what}")
         return value
 
     return parse
@@ -80,18 +76,20 @@ study_name = _arg_type(str, re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*").fullmatch,
                        "file), e.g. cpu_small")
 
 
-def _parse_override(text: str) -> tuple[str, object]:
-    """``NAME=VALUE`` as ``(NAME, VALUE)``: the value parsed as JSON, else kept as a string;
-    ``NAME`` must be a Python name (a notebook parameter)."""
+def _parse_override(text: str) -> tuple[str, object] | None:
+    """``NAME=VALUE`` as ``(NAME, VALUE)``, the value parsed as JSON (else kept as a string);
+    None unless ``NAME`` is a Python name (a notebook parameter)."""
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier() or keyword.iskeyword(name):
-        raise argparse.ArgumentTypeError(
-            f"{_shown(text)} is not NAME=VALUE with NAME a notebook parameter, e.g. "
-            "seq_len=1000")
+        return None
     try:
         return name, json.loads(value)
     except json.JSONDecodeError:
         return name, value
+
+
+notebook_override = _arg_type(_parse_override, bool, "NAME=VALUE with NAME a notebook "
+                              "parameter, e.g. seq_len=1000")
 
 
 # ------------------------------------------------------------------------ one-line errors
@@ -470,7 +468,6 @@ _OPTIONS: dict[str, dict] = {
 }
 """Every option two commands share, declared once; a command's entry overrides its settings."""
 _SHAPE = {"--heads": {}, "--head-dim": {}, "--dtype": {}, "--block-size": {}}
-_ANY_DEVICE = {"default": None, "help": "where to run (default: cuda if present, else cpu)"}
 _GPU = {"type": cuda_device, "metavar": "cuda[:N]", "help": "the CUDA device to measure "
         "(default: %(default)s)"}
 
@@ -490,6 +487,7 @@ def _families(default: Sequence[str]) -> dict:
 def _commands() -> dict[str, Command]:
     from ..distributed import SHARDINGS
 
+    any_device = dict(default="cuda" if torch.cuda.is_available() else "cpu")
     return {
         "figures": Command("rerun the notebooks, which write figures/ and data/", _figures, {
             "--root": dict(type=Path, default=None, metavar="PATH",
@@ -498,7 +496,7 @@ def _commands() -> dict[str, Command]:
             "--list": dict(action="store_true", help="list notebooks and declared figures"),
             "--only": dict(nargs="+", metavar="NAME", help="notebook name prefixes to run"),
             "--profile": dict(default=None, help="named parameter profile (default: none)"),
-            "-p --param": dict(action="append", type=_parse_override, metavar="NAME=VALUE",
+            "-p --param": dict(action="append", type=notebook_override, metavar="NAME=VALUE",
                                help="override a notebook parameter (value parsed as JSON)"),
             "--check": dict(action="store_true",
                             help="do not run; check that every declared figure exists"),
@@ -517,7 +515,7 @@ def _commands() -> dict[str, Command]:
             "--warmup": dict(default=3), "--backward": {},
             "--grad-forward": dict(action="store_true",
                                    help="time the forward of inputs that require grad"),
-            "--device": _ANY_DEVICE,
+            "--device": any_device,
             "--layout-timing": dict(nargs="*", type=positive_int, metavar="S", help="time "
                                     "building the layouts and kernel structures at these lengths"
                                     "; writes data/bench_<study>_layout.csv (without --seq-lens "
@@ -583,7 +581,7 @@ def _commands() -> dict[str, Command]:
                 "--dtype": dict(default=None, help="default: bf16 on CUDA, fp32 on the CPU"),
                 "--block-size": dict(default=None, help="default: 128 on CUDA, 64 on the CPU"),
                 "--reps": dict(default=200), "--warmup": dict(default=20),
-                "--device": _ANY_DEVICE}, _check_overhead),
+                "--device": any_device}, _check_overhead),
         "triton-resources": Command(
             "shared memory and registers of our Triton kernels, compiled offline (no GPU "
             "needed)", _triton_resources, {
@@ -660,8 +658,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extras:
             _exit_with_error(prog, f"unrecognized arguments: {' '.join(extras)} "
                              f"(see {prog} --help)")
-        if getattr(args, "device", "") is None:
-            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             _check_device(args, command.gpu_only)
             if command.writes:

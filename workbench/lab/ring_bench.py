@@ -11,7 +11,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -99,21 +98,6 @@ def ring_demo(seq_len: int = 1000, heads: int = 4, head_dim: int = 32, block_siz
     return rows
 
 
-@dataclass(frozen=True)
-class _Settings:
-    """What every case of a :func:`ring_bench` sweep shares."""
-
-    heads: int
-    head_dim: int
-    dtype: torch.dtype
-    block_size: int
-    reps: int
-    warmup: int
-    backward: bool
-    timeout: float
-    device: torch.device
-
-
 def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                shardings: Sequence[str] = ("contiguous",), heads: int = 16, head_dim: int = 128,
                dtype: str = "bf16", block_size: int = 128, reps: int = 10, warmup: int = 2,
@@ -137,8 +121,10 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     if baseline and any(n % world for n in seq_lens):
         raise ValueError(f"baseline runs S / {world} tokens on one rank: every --seq-lens "
                          f"value must be a multiple of {world}, got {list(seq_lens)}")
-    run = _Settings(heads, head_dim, DTYPES[dtype] if dev.type == "cuda" else torch.float32,
-                    block_size, reps, warmup, backward, timeout, dev)
+    time_case = functools.partial(  # one case on this rank, with what every case shares
+        _time_ring, heads=heads, head_dim=head_dim, block_size=block_size, reps=reps,
+        warmup=warmup, backward=backward, timeout=timeout, device=dev,
+        dtype=DTYPES[dtype] if dev.type == "cuda" else torch.float32)
     env = {**environment(dev), "world_size": world, "backend": dist.get_backend()}
     if dev.type == "cuda":
         env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
@@ -152,7 +138,7 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
         row = {"study": study, "family": family, "params": params, "sharding": sharding,
                "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim, "dtype": dtype,
                "block_size": block_size, "pass": "fwd+bwd" if backward else "fwd"}
-        result = _time_ring(run, pattern, s, sharding, profile)
+        result = time_case(pattern, s, sharding, profile=profile)
         ops = [{**row, **op} for op in result.pop("profile", [])]
         row.update(result)
         case_rows = _gather_rows([row], control)  # every rank's row of this case
@@ -163,7 +149,7 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
         failed = any(o != "ok" for o in outcomes)
         note = ""
         if solo is not None and not failed:
-            base = _baseline_row(run, row, case_rows, s // world, solo) if rank == 0 else None
+            base = _baseline_row(time_case, row, case_rows, s // world, solo) if rank == 0 else None
             D.barrier(timeout, control)
             if base is not None:
                 rows.append({**env, **base})
@@ -185,57 +171,58 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     return rows
 
 
-def _baseline_row(run: _Settings, row: dict, case_rows: list[dict], seq_len: int,
+def _baseline_row(time_case: Callable[..., dict], row: dict, case_rows: list[dict], seq_len: int,
                   solo: dist.ProcessGroup) -> dict:
     """Rank 0 alone at ``seq_len`` (the per-rank length of the case ``case_rows``), with the
     case's parallel efficiency ``E = (W_P / (P T_P)) / (W_1 / T_1)``: tiles computed per ms and
     device by the ``P`` ranks (the slowest rank's time) against one rank; 1 is perfect scaling."""
-    pattern, params = family_pattern(row["family"], seq_len, run.heads)
+    pattern, params = family_pattern(row["family"], seq_len, row["heads"])
     base = {**row, "params": params, "seq_len": seq_len, "rank": 0, "world_size": 1,
-            **_time_ring(run, pattern, seq_len, row["sharding"], group=solo)}
+            **time_case(pattern, seq_len, row["sharding"], group=solo)}
     if base["status"] == "ok" and base["tiles"]:
         many = sum(r["tiles"] for r in case_rows) / len(case_rows) / max(r["ms"] for r in case_rows)
         base["efficiency"] = round(many / (base["tiles"] / base["ms"]), 4)
     return base
 
 
-def _time_ring(run: _Settings, pattern: Pattern, seq_len: int, sharding: str, profile: int = 0,
+def _time_ring(pattern: Pattern, seq_len: int, sharding: str, *, heads: int, head_dim: int,
+               dtype: torch.dtype, block_size: int, reps: int, warmup: int, backward: bool,
+               timeout: float, device: torch.device, profile: int = 0,
                group: dist.ProcessGroup | None = None) -> dict[str, object]:
     """One case on this rank of ``group`` (None: every rank): ``status`` ok (with times,
     memory and counters, and ``profile``: the rows of :func:`_profile_call` when asked for),
     ``oom`` or ``peer_failed`` (another rank failed and this one timed out waiting for it)."""
-    dev, backward = run.device, run.backward
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    local = D.shard_plan(seq_len, world, run.block_size, sharding).local_len(rank)
+    local = D.shard_plan(seq_len, world, block_size, sharding).local_len(rank)
 
     def step(stats: D.RingStats | None = None) -> None:
         with torch.set_grad_enabled(backward):
-            out = D.distributed_ring_attention(q, k, v, pattern, run.block_size, stats=stats,
-                                               sharding=sharding, timeout=run.timeout,
+            out = D.distributed_ring_attention(q, k, v, pattern, block_size, stats=stats,
+                                               sharding=sharding, timeout=timeout,
                                                process_group=group)
             if backward:
                 out.backward(torch.ones_like(out))
 
     def timed() -> None:
-        D.barrier(run.timeout, group)
+        D.barrier(timeout, group)
         step()
 
     try:
-        g = torch.Generator(device=dev).manual_seed(rank)
-        q, k, v = (torch.randn(1, run.heads, local, run.head_dim, generator=g, device=dev,
-                               dtype=run.dtype).requires_grad_(backward) for _ in range(3))
+        g = torch.Generator(device=device).manual_seed(rank)
+        q, k, v = (torch.randn(1, heads, local, head_dim, generator=g, device=device,
+                               dtype=dtype).requires_grad_(backward) for _ in range(3))
         step()  # compilation, first-call costs and this rank's layout rows stay out
         stats = D.RingStats()
-        D.barrier(run.timeout, group)
+        D.barrier(timeout, group)
         step(stats)  # the counters (bytes, steps, waits) of one warm call
-        ms, base, peak = time_and_peak(timed, run.reps, run.warmup, dev)
-        ops = _profile_call(timed, dev, profile) if profile else []
+        ms, base, peak = time_and_peak(timed, reps, warmup, device)
+        ops = _profile_call(timed, device, profile) if profile else []
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom", "local_len": local}
     except (D.RingTimeoutError, D.RingCommunicationError):
         return {"status": "peer_failed", "local_len": local}
     finally:
-        if dev.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     back = stats.backward or D.RingStats()
     return {"status": "ok", "local_len": local, "ms": round(ms, 3),
@@ -338,7 +325,7 @@ def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str]
     dev = torch.device(device)
     dt = DTYPES[dtype] if dev.type == "cuda" else torch.float32
     env = environment(dev)
-    cases = [(s, f, sh, p) for s in seq_lens for f in families for sh in shardings for p in passes]
+    cases = list(itertools.product(seq_lens, families, shardings, passes))
     rows = []
     for s, family, sharding, pass_ in tqdm(cases, desc="ring plan", unit="case"):
         pattern, params = family_pattern(family, s, heads)
