@@ -95,18 +95,15 @@ def _cases(entry: str, s: int, block_size: int, q: Tensor, k: Tensor, v: Tensor
     plans = Plans()  # one layout, one BlockMask: the kernel's and every entry point's
     plan = plans.get(pattern, s, s, block_size, q.device)
     backend, kernel = _kernel(pattern, plan, q, k, v)
-    if entry == "function":
-        ours: Call = lambda: block_sparse_attention(q, k, v, pattern, block_size,  # noqa: E731
-                                                    plan=plan)
-    elif entry == "module":
-        module = BlockSparseAttention(pattern, block_size, plans=plans)
-        ours = lambda: module(q, k, v)  # noqa: E731
-    else:
+    if entry == "multihead":
         mha = BlockSparseMultiheadAttention(heads * head_dim, heads, pattern=pattern,
                                             block_size=block_size, batch_first=True,
                                             device=q.device, dtype=q.dtype, plans=plans)
         x = q.transpose(1, 2).reshape(q.shape[0], s, heads * head_dim)
         return "random10", params, backend, lambda: mha(x, x, x)[0], _multihead(mha, x, kernel)
+    module = BlockSparseAttention(pattern, block_size, plans=plans)
+    ours = ((lambda: module(q, k, v)) if entry == "module" else
+            (lambda: block_sparse_attention(q, k, v, pattern, block_size, plan=plan)))
     return "random10", params, backend, ours, lambda: kernel(q, k, v)
 
 

@@ -249,15 +249,12 @@ def _profile_call(fn: Callable[[], None], dev: torch.device, top: int) -> list[d
         if cuda:
             torch.cuda.synchronize(dev)
         wall = time.perf_counter() - t0
-    ops = prof.key_averages()
     by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = [{"op": "(call)", "calls": 1, "wall_ms": round(wall * 1e3, 3)}]
-    for e in sorted(ops, key=lambda e: getattr(e, by), reverse=True)[:top]:
-        rows.append({"op": e.key, "calls": e.count,
-                     "self_device_ms": round(e.self_device_time_total / 1e3, 3),
-                     "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
-                     "cpu_total_ms": round(e.cpu_time_total / 1e3, 3)})
-    return rows
+    costliest = sorted(prof.key_averages(), key=lambda e: getattr(e, by), reverse=True)[:top]
+    return [{"op": "(call)", "calls": 1, "wall_ms": round(wall * 1e3, 3)}] + [
+        {"op": e.key, "calls": e.count, "self_device_ms": round(e.self_device_time_total / 1e3, 3),
+         "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+         "cpu_total_ms": round(e.cpu_time_total / 1e3, 3)} for e in costliest]
 
 
 def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int, sharding: str,
