@@ -94,8 +94,9 @@ def _cases(entry: str, s: int, block_size: int, q: Tensor, k: Tensor, v: Tensor
             return merged(q, k, v)[0]
 
         paper = DilatedAttention(w, r, mode="paper", block_size=block_size)
+        plans = Plans()
         ours = ((lambda: paper(q, k, v)) if entry == "dilated_paper" else
-                (lambda: dilated_attention(q, k, v, w, r, block_size=block_size)))
+                (lambda: dilated_attention(q, k, v, w, r, block_size=block_size, plan=plans)))
         return "dilated", f"{params} paper", "gather", ours, branches
     pattern, params = family_pattern("random10", s, heads)
     plans = Plans()  # one layout, one BlockMask: the kernel's and every entry point's
