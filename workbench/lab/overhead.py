@@ -88,8 +88,9 @@ def _cases(entry: str, s: int, block_size: int, q: Tensor, k: Tensor, v: Tensor
         merged = prepare_dilated(q, k, v, [P.dilated_branch(wi, ri, heads)
                                            for wi, ri in zip(w, r)], need_lse=False)
         paper = DilatedAttention(w, r, mode="paper", block_size=block_size)
+        plans = Plans()
         ours = ((lambda: paper(q, k, v)) if entry == "dilated_paper" else
-                (lambda: dilated_attention(q, k, v, w, r, block_size=block_size)))
+                (lambda: dilated_attention(q, k, v, w, r, block_size=block_size, plan=plans)))
         return "dilated", f"{params} paper", "gather", ours, lambda: merged(q, k, v)[0]
     pattern, params = family_pattern("random10", s, heads)
     plans = Plans()  # one layout, one BlockMask: the kernel's and every entry point's
