@@ -90,11 +90,7 @@ _EMPTY_CELL = types.CellType()  # a closure cell equals it only while unfilled
 
 def reads(score_mod: ScoreMod) -> tuple[Tensor, ...]:
     """The tensors ``score_mod`` reads that require gradients (see the module's docs)."""
-    out: dict[int, Tensor] = {}
-    for t in _found(score_mod, set(), 0):
-        if t.requires_grad:
-            out.setdefault(id(t), t)
-    return tuple(out.values())
+    return tuple({id(t): t for t in _found(score_mod, set(), 0) if t.requires_grad}.values())
 
 
 def missed_reads(out: Tensor, known: tuple[Tensor, ...]) -> bool:
