@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import patterns as P
 from ..attention import block_sparse_attention, check_pattern
@@ -247,9 +248,4 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 
 
 AttentionInterface.register(NAME, attention_forward)
-try:  # the boolean masks transformers builds for its own sdpa (transformers >= 5)
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-except ImportError:  # pragma: no cover - an older transformers builds 4-D masks for all
-    pass
-else:
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # the boolean masks transformers' sdpa gets
