@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
+from itertools import product
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,9 @@ VARIANTS = ("ours", "flex_natural", "triton", "strided_view", "strided_gather", 
             "blockwise", "sdpa_dense", "sdpa_masked")
 """Ways to compute a family's attention: ``ours`` (``backend="auto"``) and the baselines."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_BACKEND = {"ours": "auto", "flex_natural": "flex", "blockwise": "blockwise", "triton": "triton"}
 _MASKED_SDPA_LIMIT = 1 << 30  # largest H*S*S the dense-mask baseline may build
+_SPOT_CHUNK = 1 << 20  # keys converted to float32 at a time by spot_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,23 +133,29 @@ def time_fn(fn: Callable[[], object], reps: int, warmup: int, device: torch.devi
     ``time.perf_counter`` on the CPU)."""
     for _ in range(warmup):
         fn()
+    if device.type != "cuda":
+        return statistics.median(_timed_ms(fn, device)[1] for _ in range(reps))
+    torch.cuda.synchronize(device)
     times = []
-    if device.type == "cuda":
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
         torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _timed_ms(fn: Callable[[], object], dev: torch.device) -> tuple[object, float]:
+    """``fn()`` and the wall milliseconds it took (synchronized on CUDA)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return out, (time.perf_counter() - t0) * 1e3
 
 
 def time_and_peak(fn: Callable[[], object], reps: int, warmup: int,
@@ -232,9 +241,8 @@ def _variant_fn(
             return None
         naive = strided_gather_dilated if variant == "strided_gather" else strided_view_dilated
         return lambda: naive(q, k, v, segs, dils)
-    if variant in ("ours", "flex_natural", "blockwise", "triton"):
-        backend = {"ours": "auto", "flex_natural": "flex", "blockwise": "blockwise",
-                   "triton": "triton"}[variant]
+    if variant in _BACKEND:
+        backend = _BACKEND[variant]
         if backend == "flex" and q.device.type == "cpu" and cfg.backward:
             return None  # FlexAttention has no CPU backward
         if backend == "triton" and q.device.type != "cuda":
@@ -250,6 +258,13 @@ def _variant_fn(
         mask = pattern.token_mask(seq_len, q.device)[None]
         return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     raise ValueError(variant)
+
+
+def _useful_flops(shape: Sequence[int], density: float, backward: bool) -> float:
+    """Matmul FLOPs of attention over ``density`` of the pairs of inputs of ``shape``
+    ``[B, H, S, D]``; a backward does 2.5 times a forward's."""
+    bsz, heads, s, d = shape
+    return 4.0 * bsz * heads * s * s * d * density * (3.5 if backward else 1.0)
 
 
 def _required_bytes(q: Tensor, backward: bool) -> int:
@@ -295,45 +310,38 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
     from tqdm.auto import tqdm
 
     device = torch.device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
     env = environment(device)
     jobs = [(s, f, v) for s in cfg.seq_lens for f in cfg.families for v in cfg.variants]
     rows: list[dict] = []
     gen = torch.Generator(device=device).manual_seed(0)
     for seq_len, family, variant in tqdm(jobs, desc=f"bench {cfg.study}", disable=not progress):
         shape = (cfg.batch, cfg.heads, seq_len, cfg.head_dim)
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen)
+        q, k, v = (torch.randn(shape, device=device, dtype=DTYPES[cfg.dtype], generator=gen)
                    .requires_grad_(cfg.backward or cfg.grad_forward) for _ in range(3))
         pattern, params = family_pattern(family, seq_len, cfg.heads)
+        fn = _variant_fn(variant, family, pattern, cfg, seq_len, q, k, v)
+        if fn is None:
+            continue
         useful = pattern.density(seq_len)
-        computed = pattern.density(seq_len, cfg.block_size)
         row = {"study": cfg.study, **env, "dtype": cfg.dtype, "batch": cfg.batch,
                "heads": cfg.heads, "head_dim": cfg.head_dim, "seq_len": seq_len,
                "family": family, "params": params, "variant": variant,
                "pass": cfg.pass_name, "block_size": cfg.block_size,
-               "useful_density": round(useful, 6), "computed_density": round(computed, 6),
+               "useful_density": round(useful, 6),
+               "computed_density": round(pattern.density(seq_len, cfg.block_size), 6),
                "reps": cfg.reps}
-        fn = _variant_fn(variant, family, pattern, cfg, seq_len, q, k, v)
-        if fn is None:
-            continue
         try:
-            measured, status = _measure(fn, cfg, (q, k, v), device), "ok"
+            measured, row["status"] = _measure(fn, cfg, (q, k, v), device), "ok"
         except torch.OutOfMemoryError:
-            measured, status = {"ms": math.nan, "peak_mib": math.nan}, "oom"
+            measured, row["status"] = {"ms": math.nan, "peak_mib": math.nan}, "oom"
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        ms = measured["ms"]
-        useful_flops = 4 * cfg.batch * cfg.heads * seq_len * seq_len * cfg.head_dim * useful
-        if cfg.backward:
-            useful_flops *= 3.5  # backward does 2.5x the forward's matmul work
-        rate = status == "ok" and variant != "paper"  # paper mode runs every pair on every head
-        required = _required_bytes(q, cfg.backward) / 2**20
-        row.update(status=status, **{k: round(x, 4 if k == "ms" else 1)
-                                     for k, x in measured.items()},
-                   required_mib=round(required, 1),
-                   useful_tflops=round(useful_flops / ms / 1e9, 2) if rate else "")
-        rows.append(row)
+        rate = row["status"] == "ok" and variant != "paper"  # paper runs every pair on every head
+        flops = _useful_flops(q.shape, useful, cfg.backward)
+        rows.append({**row, **{k: round(x, 4 if k == "ms" else 1) for k, x in measured.items()},
+                     "required_mib": round(_required_bytes(q, cfg.backward) / 2**20, 1),
+                     "useful_tflops": round(flops / measured["ms"] / 1e9, 2) if rate else ""})
         if write:  # after every case: a sweep cut short keeps every finished case
             write_csv(rows, f"bench_{cfg.study}", device)
     return rows
@@ -451,9 +459,6 @@ def spot_check(pattern: P.Pattern, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     return round(err, 5)
 
 
-_SPOT_CHUNK = 1 << 20  # keys converted to float32 at a time by spot_check
-
-
 def _failed_alloc_gib(message: str) -> float | None:
     """The size (GiB) of the allocation an out-of-memory error reports, if it says."""
     found = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|bytes)", message)
@@ -506,15 +511,14 @@ def emulated_memory(dev: torch.device, memory_gib: float | None) -> Iterator[dic
 
 def _inputs_fit(tensors: int, heads: int, s: int, head_dim: int, dev: torch.device) -> bool:
     """Whether ``tensors`` bf16 tensors of ``[1, heads, s, head_dim]`` can be allocated."""
-    held = []
     try:
-        for _ in range(tensors):
-            held.append(torch.empty(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16))
+        held = [torch.empty(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16)
+                for _ in range(tensors)]
+        del held  # freed before the cache is emptied
         return True
     except torch.OutOfMemoryError:
         return False
     finally:
-        held.clear()
         torch.cuda.empty_cache()
 
 
@@ -527,28 +531,26 @@ def hilbert_study(grids: Iterable[int], radii: Iterable[int], *, heads: int = 16
     from ..orderings import grid_neighborhood
 
     dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     env = environment(dev)
     rows = []
-    for g in grids:
-        shape = (1, heads, g * g, head_dim)
-        q, k, v = (torch.randn(shape, device=dev, dtype=dtype) for _ in range(3))
-        for r in radii:
-            for token_order in ("raster", "morton", "hilbert"):
-                pattern = grid_neighborhood((g, g), r, token_order)
-                lay = pattern.block_structure(g * g, block_size, dev)
-                for block_order in (None, "hilbert"):
-                    def fn(p=pattern, lay=lay, bo=block_order, q=q, k=k, v=v):
-                        with torch.no_grad():
-                            return block_sparse_attention(q, k, v, p, block_size, backend="flex",
-                                                          layout=lay, block_order=bo)
-                    fn()
-                    rows.append({**env, "grid": f"{g}x{g}", "radius": r,
-                                 "block_size": block_size, "token_order": token_order,
-                                 "block_order": block_order or "natural", "backend": "flex",
-                                 "computed_density": round(lay.stats().density, 5),
-                                 "ms": round(time_fn(fn, reps, 3, dev), 4)})
+    for g, r, token_order in product(grids, radii, ("raster", "morton", "hilbert")):
+        q, k, v = _study_inputs((1, heads, g * g, head_dim), dev)
+        pattern = grid_neighborhood((g, g), r, token_order)
+        lay = pattern.block_structure(g * g, block_size, dev)
+        for block_order in (None, "hilbert"):
+            fn = partial(block_sparse_attention, q, k, v, pattern, block_size, backend="flex",
+                         layout=lay, block_order=block_order)
+            rows.append({**env, "grid": f"{g}x{g}", "radius": r, "block_size": block_size,
+                         "token_order": token_order, "block_order": block_order or "natural",
+                         "backend": "flex", "computed_density": round(lay.stats().density, 5),
+                         "ms": round(time_fn(fn, reps, 3, dev), 4)})
     return rows
+
+
+def _study_inputs(shape: tuple[int, ...], dev: torch.device) -> list[Tensor]:
+    """Random q, k and v of ``shape`` that need no gradient: bf16 on CUDA, else float32."""
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return [torch.randn(shape, device=dev, dtype=dtype) for _ in range(3)]
 
 
 def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: int = 128,
@@ -559,24 +561,20 @@ def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: i
     from ..attention import block_sparse_attention
 
     dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     env = environment(dev)
     rows = []
     for s in seq_lens:
-        q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=dtype) for _ in range(3))
+        q, k, v = _study_inputs((1, heads, s, head_dim), dev)
         attn = AdaptiveBlockSparseAttention(block_size, density).to(dev)
         with torch.no_grad():
             sel = attn.select(q, k)
             pattern = sel.pattern()
             lay = pattern.block_structure(s, block_size, dev)
             qf, kf, vf = fold_batch(q), fold_batch(k), fold_batch(v)
-            calls = {
-                "select": partial(attn.select, q, k),
-                "attention": partial(block_sparse_attention, qf, kf, vf, pattern, block_size,
-                                     layout=lay),
-                "end_to_end": partial(attn, q, k, v),
-            }
-            select_ms, attend_ms, total_ms = (time_fn(f, reps, 3, dev) for f in calls.values())
+            select_ms, attend_ms, total_ms = (time_fn(f, reps, 3, dev) for f in (
+                partial(attn.select, q, k),
+                partial(block_sparse_attention, qf, kf, vf, pattern, block_size, layout=lay),
+                partial(attn, q, k, v)))
         rows.append({**env, "seq_len": s, "heads": heads, "head_dim": head_dim,
                      "block_size": block_size, "density": density,
                      "selected_density": round(float(sel.selected.float().mean()), 5),
@@ -584,17 +582,6 @@ def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: i
                      "end_to_end_ms": round(total_ms, 4),
                      "select_fraction": round(select_ms / attend_ms, 4)})
     return rows
-
-
-def _timed_ms(fn: Callable[[], object], dev: torch.device) -> tuple[object, float]:
-    """``fn()`` and the wall milliseconds it took (synchronized on CUDA)."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    out = fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return out, round((time.perf_counter() - t0) * 1e3, 2)
 
 
 LAYOUT_TARGET_MS = {"cpu": 2000.0, "cuda": 100.0}
@@ -632,42 +619,34 @@ def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size:
     from ..backends.flex import build_block_mask
     from ..backends.triton_sparse import build_plan
 
-    predicate = pattern.predicate(dev)
-    warm = Problem(pattern.block_structure(min(seq_len, 4096), block_size, dev), predicate, 1.0,
-                   pattern=pattern)
-    times: dict[str, list[float]] = {"build_ms": [], "flex_mask_ms": [], "triton_plan_ms": []}
-    extra: dict = {"partial_tiles": None, "status": "ok"}
-    plan = structures  # whether the triton plan is timed: not once it cannot fit or has failed
-    for rep in range(reps):
+    times: dict[str, list[float]] = {"build_ms": []}
+    for _ in range(reps):  # every build is the same layout: the last one is kept
+        lay = None  # each build starts without the last one's memory
+        gc.collect()
         lay, ms = _timed_ms(lambda: pattern.block_structure(seq_len, block_size, dev), dev)
         times["build_ms"].append(ms)
-        if rep == 0:  # every build is the same layout: count it once, warm the kernels once
-            extra["layout_mib"] = round(lay.active.numel() * 2 / 2**20, 1)
-            if structures:
-                extra["partial_tiles"] = partial = int((lay.active & ~lay.full).sum())
-                bits = partial * block_size**2 / 8 / 2**30
-                if bits > max_gib:
-                    extra["status"] = f"no triton plan: its bit masks need {bits:.0f} GiB"
-                    plan = False
-                build_block_mask(warm, dev, backward=False)
-        if structures:
-            prob = Problem(lay, predicate, 1.0, pattern=pattern)
-            times["flex_mask_ms"].append(
-                _timed_ms(lambda p=prob: build_block_mask(p, dev, False), dev)[1])
-            if plan:
-                try:
-                    if rep == 0:
-                        build_plan(warm, dev)
-                    times["triton_plan_ms"].append(
-                        _timed_ms(lambda p=prob: build_plan(p, dev), dev)[1])
-                except (ValueError, torch.OutOfMemoryError) as err:
-                    extra["status"] = f"no triton plan: {str(err).split(';')[0]}"
-                    plan = False
-            del prob
-        del lay
-        gc.collect()  # the next build starts without this one's memory
-    med = {k: round(statistics.median(v), 2) for k, v in times.items() if v}
-    return med, extra
+    extra: dict = {"partial_tiles": None, "status": "ok",
+                   "layout_mib": round(lay.active.numel() * 2 / 2**20, 1)}
+    if structures:
+        predicate = pattern.predicate(dev)
+        prob = Problem(lay, predicate, 1.0, pattern=pattern)
+        warm = Problem(pattern.block_structure(min(seq_len, 4096), block_size, dev), predicate,
+                       1.0, pattern=pattern)  # compiles what the timed calls run
+        build_block_mask(warm, dev, backward=False)
+        times["flex_mask_ms"] = [_timed_ms(lambda: build_block_mask(prob, dev, False), dev)[1]
+                                 for _ in range(reps)]
+        extra["partial_tiles"] = partial = int((lay.active & ~lay.full).sum())
+        bits = partial * block_size**2 / 8 / 2**30
+        if bits > max_gib:
+            extra["status"] = f"no triton plan: its bit masks need {bits:.0f} GiB"
+        else:
+            try:
+                build_plan(warm, dev)
+                times["triton_plan_ms"] = [_timed_ms(lambda: build_plan(prob, dev), dev)[1]
+                                           for _ in range(reps)]
+            except (ValueError, torch.OutOfMemoryError) as err:
+                extra["status"] = f"no triton plan: {str(err).split(';')[0]}"
+    return {k: round(statistics.median(v), 2) for k, v in times.items()}, extra
 
 
 def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
@@ -706,11 +685,10 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
         if family in last:  # a layout scales with heads x cells, its structures with heads
             build, rest, h0, c0 = last[family]
             predicted = (build * h * cell_count / (h0 * c0) + rest * h / h0) / 1e3
-        if predicted > max_seconds:
-            rows.append({**row, "status": f"too_slow: predicted {predicted:.0f} s a build"})
-            continue
-        if gib > max_gib:
-            rows.append({**row, "status": f"too_large: needs {gib:.1f} GiB"})
+        skip = (f"too_slow: predicted {predicted:.0f} s a build" if predicted > max_seconds
+                else f"too_large: needs {gib:.1f} GiB" if gib > max_gib else None)
+        if skip:
+            rows.append({**row, "status": skip})
             continue
         med, extra = _time_layout(pattern, family not in longnet, seq_len,
                                   block_size, dev, reps, max_gib)
@@ -746,8 +724,6 @@ def kernel_configs(space: str) -> list[object]:
     """Triton launch configurations to sweep: ``"launch"`` (forward tile edges, warps, stages),
     ``"features"`` (four forward shapes with and without TMA) or ``"backward"``
     (``BackwardConfig`` s that fit a Hopper program's shared memory)."""
-    from itertools import product
-
     from ..backends.triton_sparse import BackwardConfig, KernelConfig
 
     if space == "launch":
@@ -787,42 +763,39 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
     dev = torch.device(device)
     env = {**environment(dev), "kernel_sha": kernel_source_sha(),
            "pass": "fwd+bwd" if backward else "fwd"}
-    if configs is None:
-        configs = kernel_configs("backward" if backward else "launch")
-    configs = list(configs)
+    configs = list(kernel_configs("backward" if backward else "launch") if configs is None
+                   else configs)
     gen = torch.Generator(device=dev).manual_seed(0)
     shape = (1, heads, seq_len, head_dim)
     q, k, v = (torch.randn(shape, device=dev, dtype=torch.bfloat16, generator=gen)
                .requires_grad_(backward) for _ in range(3))
     grad = torch.randn(shape, device=dev, dtype=torch.bfloat16, generator=gen)
-    dense_flops = 4.0 * heads * seq_len * seq_len * head_dim * (3.5 if backward else 1.0)
+    dense_flops = _useful_flops(shape, 1.0, backward)
 
-    def timed(fn: Callable[[], Tensor]) -> tuple[Callable[[], Tensor], float]:
+    def timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
+        """The output (or the query gradient) of ``fn``'s pass and its median time."""
         step = _fwd_bwd_step(fn, (q, k, v), grad) if backward else fn
         with torch.set_grad_enabled(backward):
-            return step, time_fn(step, reps, 3, dev)
+            ms = time_fn(step, reps, 3, dev)
+            return step().detach(), ms
 
-    _, sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+    sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v))[1]
     dense_rate = dense_flops / sdpa_ms / 1e9
     rows = [{**env, "seq_len": seq_len, "family": "dense", "variant": "sdpa_dense",
              "ms": round(sdpa_ms, 4), "useful_tflops": round(dense_rate, 1), "vs_dense": 1.0}]
     jobs = [(f, c) for f in families for c in [None, *configs]]
-    ref, case = {}, {}
     for family, cfg in tqdm(jobs, desc="triton configs", disable=not progress):
-        if family not in case:  # the pattern, its density and the kernel's plan, once a family
+        if cfg is None:  # a family's first job: its plan, and FlexAttention's as the reference
             pattern, params = family_pattern(family, seq_len, heads)
             lay = pattern.block_structure(seq_len, block_size, dev)
             prob = Problem(lay, pattern.predicate(dev), head_dim ** -0.5, pattern=pattern)
-            case[family] = (pattern, params, pattern.density(seq_len), prob, build_plan(prob, dev))
-        pattern, params, useful, prob, plan = case[family]
+            plan, useful = build_plan(prob, dev), pattern.density(seq_len)
         row = {**env, "seq_len": seq_len, "family": family, "params": params,
                "useful_density": round(useful, 6), "block_size": block_size}
         if cfg is None:
             module = BlockSparseAttention(pattern, block_size, backend="flex")
             module.layout(seq_len, seq_len, dev)
-            step, ms = timed(lambda m=module: m(q, k, v))
-            with torch.set_grad_enabled(backward):
-                ref[family] = step().detach()
+            ref, ms = timed(lambda m=module: m(q, k, v))
             row.update(variant="flex_natural")
         else:
             fwd, bwd = (None, cfg) if backward else (cfg, None)
@@ -834,22 +807,19 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
             if backward:  # one column per field of each kernel's configuration
                 settings = {f"{kernel}_{key}": value for kernel, fields in settings.items()
                             for key, value in fields.items()}
+            row.update(variant="triton", **settings)
             try:
-                step, ms = timed(fn)
-                with torch.set_grad_enabled(backward):
-                    diff = (step().float() - ref[family].float()).abs().max().item()
+                out, ms = timed(fn)
+                row.update(max_abs_diff_vs_flex=round(
+                    (out.float() - ref.float()).abs().max().item(), 5))
             except Exception as e:  # a launch configuration the compiler rejects
-                rows.append({**row, "variant": "triton", **settings,
-                             "status": type(e).__name__})
-                if csv_name:
-                    write_csv(rows, csv_name, dev)
-                continue
-            row.update(variant="triton", **settings, max_abs_diff_vs_flex=round(diff, 5))
-        tflops = dense_flops * useful / ms / 1e9
-        row.update(status="ok", ms=round(ms, 4), useful_tflops=round(tflops, 1),
-                   vs_dense=round(tflops / dense_rate, 3))
+                row.update(status=type(e).__name__)
+        if "status" not in row:
+            tflops = dense_flops * useful / ms / 1e9
+            row.update(status="ok", ms=round(ms, 4), useful_tflops=round(tflops, 1),
+                       vs_dense=round(tflops / dense_rate, 3))
         rows.append(row)
-        if csv_name:
+        if csv_name:  # after every case: a sweep cut short keeps every finished case
             write_csv(rows, csv_name, dev)
     return rows
 
