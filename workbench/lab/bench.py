@@ -274,16 +274,10 @@ def _required_bytes(q: Tensor, backward: bool) -> int:
 
 
 def _fwd_bwd_step(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
-                  grad: Tensor | None = None) -> Callable[[], Tensor]:
-    """A closure running ``fn`` and its backward into ``inputs`` with output gradient ``grad``
-    (default: random, drawn at the first call); returns the first input's gradient."""
-    def step() -> Tensor:
-        nonlocal grad
-        out = fn()
-        if grad is None:
-            grad = torch.randn_like(out)
-        return torch.autograd.grad(out, inputs, grad)[0]
-    return step
+                  grad: Tensor) -> Callable[[], Tensor]:
+    """A closure running ``fn`` and its backward into ``inputs`` with output gradient ``grad``;
+    returns the first input's gradient."""
+    return lambda: torch.autograd.grad(fn(), inputs, grad)[0]
 
 
 def _measure(fn: Callable[[], Tensor], cfg: BenchConfig, inputs: tuple[Tensor, ...],
@@ -292,15 +286,11 @@ def _measure(fn: Callable[[], Tensor], cfg: BenchConfig, inputs: tuple[Tensor, .
     whole peak over the timed calls and over the first call (``peak_total_mib``,
     ``first_peak_total_mib``) of ``fn``'s pass: forward, forward of inputs that require grad,
     or forward+backward."""
-    if cfg.backward:
-        step = _fwd_bwd_step(fn, inputs)
-    else:
-        def step():
-            with torch.set_grad_enabled(cfg.grad_forward):
-                fn()
-    # the first call (compilation, first-call costs) stays out of the timing and the peak
-    first = time_and_peak(step, 1, 0, device)[2]
-    ms, base, peak = time_and_peak(step, cfg.reps, cfg.warmup, device)
+    step = _fwd_bwd_step(fn, inputs, torch.randn_like(inputs[0])) if cfg.backward else fn
+    with torch.set_grad_enabled(cfg.backward or cfg.grad_forward):
+        # the first call (compilation, first-call costs) stays out of the timing and the peak
+        first = time_and_peak(step, 1, 0, device)[2]
+        ms, base, peak = time_and_peak(step, cfg.reps, cfg.warmup, device)
     return {"ms": ms, "peak_mib": (peak - base) / 2**20, "peak_total_mib": peak / 2**20,
             "first_peak_total_mib": first / 2**20}
 
@@ -531,26 +521,23 @@ def hilbert_study(grids: Iterable[int], radii: Iterable[int], *, heads: int = 16
     from ..orderings import grid_neighborhood
 
     dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     env = environment(dev)
     rows = []
-    for g, r, token_order in product(grids, radii, ("raster", "morton", "hilbert")):
-        q, k, v = _study_inputs((1, heads, g * g, head_dim), dev)
-        pattern = grid_neighborhood((g, g), r, token_order)
-        lay = pattern.block_structure(g * g, block_size, dev)
-        for block_order in (None, "hilbert"):
-            fn = partial(block_sparse_attention, q, k, v, pattern, block_size, backend="flex",
-                         layout=lay, block_order=block_order)
-            rows.append({**env, "grid": f"{g}x{g}", "radius": r, "block_size": block_size,
-                         "token_order": token_order, "block_order": block_order or "natural",
-                         "backend": "flex", "computed_density": round(lay.stats().density, 5),
-                         "ms": round(time_fn(fn, reps, 3, dev), 4)})
+    for g in grids:
+        q, k, v = (torch.randn(1, heads, g * g, head_dim, device=dev, dtype=dtype)
+                   for _ in range(3))
+        for r, token_order in product(radii, ("raster", "morton", "hilbert")):
+            pattern = grid_neighborhood((g, g), r, token_order)
+            lay = pattern.block_structure(g * g, block_size, dev)
+            for block_order in (None, "hilbert"):
+                fn = partial(block_sparse_attention, q, k, v, pattern, block_size,
+                             backend="flex", layout=lay, block_order=block_order)
+                rows.append({**env, "grid": f"{g}x{g}", "radius": r, "block_size": block_size,
+                             "token_order": token_order, "block_order": block_order or "natural",
+                             "backend": "flex", "computed_density": round(lay.stats().density, 5),
+                             "ms": round(time_fn(fn, reps, 3, dev), 4)})
     return rows
-
-
-def _study_inputs(shape: tuple[int, ...], dev: torch.device) -> list[Tensor]:
-    """Random q, k and v of ``shape`` that need no gradient: bf16 on CUDA, else float32."""
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return [torch.randn(shape, device=dev, dtype=dtype) for _ in range(3)]
 
 
 def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: int = 128,
@@ -561,10 +548,11 @@ def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: i
     from ..attention import block_sparse_attention
 
     dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     env = environment(dev)
     rows = []
     for s in seq_lens:
-        q, k, v = _study_inputs((1, heads, s, head_dim), dev)
+        q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=dtype) for _ in range(3))
         attn = AdaptiveBlockSparseAttention(block_size, density).to(dev)
         with torch.no_grad():
             sel = attn.select(q, k)
@@ -598,16 +586,15 @@ def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
         takes = inspect.signature(fam.build).parameters
         counts = sorted(set(heads)) if "num_heads" in takes else [1]
         sizes = sorted(set(cells), reverse=True) if cells and "cell" in takes else [None]
-        for cell in sizes:
-            for h in counts:
-                try:
-                    _, args = _case(family, seq_len, h, **({} if cell is None else {"cell": cell}))
-                    if "num_heads" in takes:  # random tiles draw each head apart
-                        args["num_heads"] = h
-                    pattern = fam.build(**args)
-                except ValueError:  # e.g. fewer heads than LongNet's head groups
-                    continue
-                cases.append((family, pattern, _params(fam, args), cell))
+        for cell, h in product(sizes, counts):
+            try:
+                _, args = _case(family, seq_len, h, **({} if cell is None else {"cell": cell}))
+                if "num_heads" in takes:  # random tiles draw each head apart
+                    args["num_heads"] = h
+                pattern = fam.build(**args)
+            except ValueError:  # e.g. fewer heads than LongNet's head groups
+                continue
+            cases.append((family, pattern, _params(fam, args), cell))
     return cases
 
 
@@ -833,19 +820,16 @@ def triton_resource_study(head_dims: Iterable[int] = (64, 128, 256), *,
     import triton
     from tqdm.auto import tqdm
 
-    from ..backends.triton_sparse import KernelConfig, default_backward_config, default_config
+    from ..backends.triton_sparse import KERNELS, KernelConfig, default_configs
     from .triton_resources import SHARED_LIMIT, kernel_resources
 
     cuda = torch.device("cuda")  # only named: the defaults are asked for its type
-    jobs: list[tuple[str, str, int, object]] = []
-    for d in head_dims:
-        bwd = default_backward_config(128, cuda, d, capability)
-        jobs += [("default", "forward", d, default_config(128, cuda, d, capability)),
-                 ("default", "dkdv", d, bwd.dkdv), ("default", "dq", d, bwd.dq)]
-    swept = kernel_configs("backward")
+    jobs = [("default", kernel, d, default_configs(kernel, 128, cuda, d, capability)[0])
+            for d in head_dims for kernel in KERNELS]
     jobs += [("features", "forward", 128, c) for c in kernel_configs("features")]
-    jobs += [("backward", "dkdv", 128, c) for c in dict.fromkeys(b.dkdv for b in swept)]
-    jobs += [("backward", "dq", 128, c) for c in dict.fromkeys(b.dq for b in swept)]
+    swept = kernel_configs("backward")
+    jobs += [("backward", kernel, 128, c) for kernel in ("dkdv", "dq")
+             for c in dict.fromkeys(getattr(b, kernel) for b in swept)]
     # shapes a Hopper program cannot hold: two stages of 256-wide heads
     jobs += [("too_large", "forward", 256, KernelConfig(64, 64, 4, 2, True)),
              ("too_large", "dkdv", 256, KernelConfig(64, 128, 8, 2, True)),
