@@ -772,18 +772,17 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
              "ms": round(sdpa_ms, 4), "useful_tflops": round(dense_rate, 1), "vs_dense": 1.0}]
     jobs = [(f, c) for f in families for c in [None, *configs]]
     for family, cfg in tqdm(jobs, desc="triton configs", disable=not progress):
-        if cfg is None:  # a family's first job: its plan, and FlexAttention's as the reference
+        if cfg is None:  # a family's first job: its plan, and FlexAttention's output as reference
             pattern, params = family_pattern(family, seq_len, heads)
-            lay = pattern.block_structure(seq_len, block_size, dev)
-            prob = Problem(lay, pattern.predicate(dev), head_dim ** -0.5, pattern=pattern)
+            prob = Problem(pattern.block_structure(seq_len, block_size, dev),
+                           pattern.predicate(dev), head_dim ** -0.5, pattern=pattern)
             plan, useful = build_plan(prob, dev), pattern.density(seq_len)
-        row = {**env, "seq_len": seq_len, "family": family, "params": params,
-               "useful_density": round(useful, 6), "block_size": block_size}
-        if cfg is None:
+            case = {**env, "seq_len": seq_len, "family": family, "params": params,
+                    "useful_density": round(useful, 6), "block_size": block_size}
             module = BlockSparseAttention(pattern, block_size, backend="flex")
             module.layout(seq_len, seq_len, dev)
             ref, ms = timed(lambda m=module: m(q, k, v))
-            row.update(variant="flex_natural")
+            row = {**case, "variant": "flex_natural"}
         else:
             fwd, bwd = (None, cfg) if backward else (cfg, None)
 
@@ -794,13 +793,13 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
             if backward:  # one column per field of each kernel's configuration
                 settings = {f"{kernel}_{key}": value for kernel, fields in settings.items()
                             for key, value in fields.items()}
-            row.update(variant="triton", **settings)
+            row = {**case, "variant": "triton", **settings}
             try:
                 out, ms = timed(fn)
-                row.update(max_abs_diff_vs_flex=round(
-                    (out.float() - ref.float()).abs().max().item(), 5))
+                diff = (out.float() - ref.float()).abs().max().item()
+                row["max_abs_diff_vs_flex"] = round(diff, 5)
             except Exception as e:  # a launch configuration the compiler rejects
-                row.update(status=type(e).__name__)
+                row["status"] = type(e).__name__
         if "status" not in row:
             tflops = dense_flops * useful / ms / 1e9
             row.update(status="ok", ms=round(ms, 4), useful_tflops=round(tflops, 1),
