@@ -69,12 +69,10 @@ class BenchConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self) -> None:
-        bad = [f for f in self.families if f not in bench_families()]
-        if bad:
-            raise ValueError(f"unknown families {bad}; choose from {bench_families()}")
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad:
-            raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
+        for name, known in (("families", bench_families()), ("variants", VARIANTS)):
+            bad = [x for x in getattr(self, name) if x not in known]
+            if bad:
+                raise ValueError(f"unknown {name} {bad}; choose from {known}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not self.seq_lens or min(self.seq_lens) < 1:
@@ -359,18 +357,17 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
     rows: list[dict] = []
     with emulated_memory(dev, memory_gib) as cap:
         for family in cfg.families:
-            s, last_ms = start, None
+            s, predicted_s = start, 0.0
             while s <= limit:
                 row = {**env, **cap, "family": family, "seq_len": s, "heads": heads,
                        "head_dim": head_dim, "dtype": "bf16", "block_size": block_size,
                        "pass": cfg.pass_name}
-                predicted_s = None if last_ms is None else 4 * last_ms / 1e3
-                if predicted_s is not None and predicted_s > max_seconds:
+                if predicted_s > max_seconds:
                     row.update(status="too_slow", predicted_s=round(predicted_s),
                                inputs_fit=_inputs_fit(4, heads, s, head_dim, dev))
                 else:
                     row.update(_longest_attempt(family, s, cfg, dev, repeat_below_s))
-                    last_ms = row.get("ms")
+                    predicted_s = 4 * row.get("ms", 0.0) / 1e3  # twice the length: 4x the pairs
                 rows.append(row)
                 print(row, flush=True)
                 if study is not None:
@@ -438,13 +435,13 @@ def spot_check(pattern: P.Pattern, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     idx = torch.linspace(0, s - 1, rows, device=q.device).round().long()
     keys = torch.arange(k.shape[2], device=q.device)
     err = 0.0
-    chunks = [(c, min(c + _SPOT_CHUNK, k.shape[2])) for c in range(0, k.shape[2], _SPOT_CHUNK)]
     for h in sorted({0, heads - 1}):
         allowed = pattern.allowed(torch.tensor(h, device=q.device), idx[:, None], keys[None, :])
         qr = q[0, h, idx].float() / math.sqrt(q.shape[-1])
-        scores = torch.cat([qr @ k[0, h, a:b].float().T for a, b in chunks], -1)
+        scores = torch.cat([qr @ kc.float().T for kc in k[0, h].split(_SPOT_CHUNK)], -1)
         p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-        ref = sum(p[:, a:b] @ v[0, h, a:b].float() for a, b in chunks)
+        ref = sum(pc @ vc.float() for pc, vc in zip(p.split(_SPOT_CHUNK, -1),
+                                                    v[0, h].split(_SPOT_CHUNK)))
         err = max(err, float((out[0, h, idx].float() - ref).abs().max()))
     return round(err, 5)
 
