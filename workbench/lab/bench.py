@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import inspect
 import math
 import os
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from itertools import product
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -160,13 +162,12 @@ def time_and_peak(fn: Callable[[], object], reps: int, warmup: int,
                   device: torch.device) -> tuple[float, int, int]:
     """:func:`time_fn` of ``fn``, the bytes allocated before its calls and the allocator's peak
     during them (both 0 off CUDA)."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device) if cuda else 0
-    ms = time_fn(fn, reps, warmup, device)
-    return ms, base, torch.cuda.max_memory_allocated(device) if cuda else 0
+    if device.type != "cuda":
+        return time_fn(fn, reps, warmup, device), 0, 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    return time_fn(fn, reps, warmup, device), base, torch.cuda.max_memory_allocated(device)
 
 
 def _group_offset_heads(num_heads: int, segments: list[int],
@@ -223,11 +224,10 @@ def strided_gather_dilated(q: Tensor, k: Tensor, v: Tensor, segments: list[int],
     return out
 
 
-def _variant_fn(
-    variant: str, family: str, pattern: P.Pattern, cfg: BenchConfig, seq_len: int,
-    q: Tensor, k: Tensor, v: Tensor,
-) -> Callable[[], Tensor] | None:
+def _variant_fn(variant: str, family: str, pattern: P.Pattern, cfg: BenchConfig, q: Tensor,
+                k: Tensor, v: Tensor) -> Callable[[], Tensor] | None:
     """A closure computing the forward output, or None if the variant does not apply."""
+    seq_len = q.shape[2]
     fam, args = _case(family, seq_len, cfg.heads)
     longnet = fam.build is P.dilated
     segs, dils = args.get("segment_lengths"), args.get("dilation_rates")
@@ -307,7 +307,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
         q, k, v = (torch.randn(shape, device=device, dtype=DTYPES[cfg.dtype], generator=gen)
                    .requires_grad_(cfg.backward or cfg.grad_forward) for _ in range(3))
         pattern, params = family_pattern(family, seq_len, cfg.heads)
-        fn = _variant_fn(variant, family, pattern, cfg, seq_len, q, k, v)
+        fn = _variant_fn(variant, family, pattern, cfg, q, k, v)
         if fn is None:
             continue
         useful = pattern.density(seq_len)
@@ -387,7 +387,7 @@ def _longest_attempt(family: str, s: int, cfg: BenchConfig, dev: torch.device,
         q, k, v = (torch.randn(1, cfg.heads, s, cfg.head_dim, device=dev, dtype=torch.bfloat16)
                    .requires_grad_(cfg.backward) for _ in range(3))
         pattern, params = family_pattern(family, s, cfg.heads)
-        attend = _variant_fn("ours", family, pattern, cfg, s, q, k, v)
+        attend = _variant_fn("ours", family, pattern, cfg, q, k, v)
         last: list[Tensor] = []
         upstream = torch.randn_like(q) if cfg.backward else None  # the gradient of out
 
@@ -697,9 +697,6 @@ def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 20) -> lis
 
 def kernel_source_sha() -> str:
     """The first 12 hex digits of the SHA-256 of the Triton kernels' source."""
-    import hashlib
-    from pathlib import Path
-
     src = Path(__file__).resolve().parents[1] / "backends" / "_triton_kernels.py"
     return hashlib.sha256(src.read_bytes()).hexdigest()[:12]
 
