@@ -43,9 +43,8 @@ def _git_commit() -> str:
 
 
 def environment(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Device name, torch version, today's date (UTC) and the code's commit
-    (:func:`code_commit`) for a record; on CUDA also the Triton version, which compiles the
-    kernels there."""
+    """Device name, torch version, today's date (UTC) and the code's commit (:func:`code_commit`)
+    for a record; on CUDA also the version of Triton, which compiles the kernels there."""
     dev = torch.device(device)
     name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
