@@ -1,11 +1,9 @@
 """The ring over real processes: sequence-sharded block-sparse attention with ``torch.distributed``.
 
-Each rank holds one shard of the sequence (:mod:`workbench.sharding`); the whole sequence is never
-gathered. At step ``d`` rank ``r`` attends its queries to the K/V shard of rank ``(r - d) mod P``,
-sent straight from its owner only when an active tile needs it (the ranks first exchange tile
-counts per shard), and partials merge by log-sum-exp. The backward pass is a ring too: K/V shards
-travel again and their gradients return to their owner. Every wait has a deadline
-(:class:`RingTimeoutError`), never a hang. The schedule in full: ``docs/reference.md``.
+Each rank holds one shard of the sequence (:mod:`workbench.sharding`), never the whole. At step
+``d`` rank ``r`` attends its queries to the K/V shard of rank ``(r - d) mod P``, sent only when an
+active tile needs it; partials merge by log-sum-exp, the backward pass is a ring too, and every
+wait has a deadline (:class:`RingTimeoutError`). The schedule in full: ``docs/reference.md``.
 """
 
 from __future__ import annotations
