@@ -364,25 +364,30 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
     # and there are no gradients or requested log-sum-exp, the partials are computed without
     # one (e.g. SDPA for dilated segments; a zigzag shard's two runs are written apart).
     need_lse = setup.need_lse or bool((active.sum(1) > 1).any())
-    out, lse = empty_partial(q, v.shape[-1], lse=need_lse)
+    # a shard of one run adopts its first partial; the runs of a zigzag shard share one output
+    out, lse = empty_partial(q, v.shape[-1], lse=need_lse) if len(runs) > 1 else (None, None)
     started = [False] * len(runs)
     ring = _Ring(setup, q.device, stats)
     for _, src, held in _kv_ring(ring, setup, k.contiguous(), v.contiguous()):
         if held is None:
             continue
         for i, o, l_c in _partials(setup, q, held[0], held[1], src, stats, need_lse):
-            o_run = out.narrow(2, *runs[i])
-            lse_run = None if lse is None else lse.narrow(2, *runs[i])
-            if started[i]:  # merged in place, a slice at a time: no full-size temporaries
-                merge_into_(o_run, lse_run, o, l_c)
+            l_c = l_c if need_lse else None  # (a backend may return one it was not asked for)
+            if out is None:
+                out, lse = o, None if l_c is None else l_c.to(accumulation_dtype(l_c.dtype))
+            elif started[i]:  # merged in place, a slice at a time: no full-size temporaries
+                merge_into_(out.narrow(2, *runs[i]),
+                            None if lse is None else lse.narrow(2, *runs[i]), o, l_c)
             else:
-                o_run.copy_(o)
-                if lse_run is not None:  # (a backend may return one it was not asked for)
-                    lse_run.copy_(l_c)
-                started[i] = True
+                out.narrow(2, *runs[i]).copy_(o)
+                if lse is not None:
+                    lse.narrow(2, *runs[i]).copy_(l_c)
+            started[i] = True
             del o, l_c
         del held
-    return out, lse
+    if out is None:  # nothing attended
+        return empty_partial(q, v.shape[-1], lse=need_lse)
+    return out.to(q.dtype), lse
 
 
 def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
