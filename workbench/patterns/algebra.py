@@ -8,6 +8,7 @@ fast paths survive.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -34,15 +35,12 @@ def _materialize(x: Tensor, shape: tuple[int, ...]) -> Tensor:
 class _Combination(Pattern):
     """Two patterns joined elementwise by ``op`` (written ``symbol``)."""
 
-    symbol = ""
+    symbol: str
+    op: Callable[..., Tensor]  # elementwise on bool tensors, with out=
 
     def __init__(self, a: Pattern, b: Pattern) -> None:
         self.a, self.b = a, b
         self.num_heads = _combined_heads(a, b)
-
-    @staticmethod
-    def op(x: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
 
     def key(self):
         a, b = self.a.key(), self.b.key()

@@ -1,6 +1,5 @@
-"""The :class:`Pattern` base class: a token predicate with an exact block layout, the
-token-by-token evaluation of tiles no rule decides, and the argument checks every builder uses.
-"""
+"""The :class:`Pattern` base class (a token predicate with an exact block layout), the token by
+token evaluation of tiles no rule decides, and the argument checks every builder uses."""
 
 from __future__ import annotations
 
@@ -33,19 +32,17 @@ def check_positive_int(name: str, value: object, maximum: int | None = MAX_POSIT
     """``value`` if it is an int (not a bool) in ``[1, maximum]``, else a ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
+    return check_int(name, value, 1, maximum)
 
 
-def check_density(density: object, name: str = "density", meaning: str = "") -> float:
+def check_density(density: object, meaning: str = "") -> float:
     """``density`` as a float in ``(0, 1]``, else a ``TypeError`` (not a number, or a bool) or
     ``ValueError`` (outside, or NaN) naming it."""
     what = f" ({meaning})" if meaning else ""
     if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1]{what}, got {density!r}")
+        raise TypeError(f"density must be a float in (0, 1]{what}, got {density!r}")
     if not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1]{what}, got {density}")
+        raise ValueError(f"density must be in (0, 1]{what}, got {density}")
     return float(density)
 
 
@@ -137,7 +134,7 @@ class Pattern:
     def __eq__(self, other: object) -> bool:
         if self is other:
             return True
-        if not isinstance(other, Pattern) or type(self) is not type(other):
+        if type(self) is not type(other):
             return False
         key = self.key()
         return key is not None and key == other.key()
@@ -171,11 +168,7 @@ class Pattern:
         """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of this pattern on ``device``
         (``None``: the default), ignoring ``b`` (and ``h`` for a 1-head pattern)."""
         f = head_predicate(self, _device(device))
-
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return f(h, q_idx, kv_idx)
-
-        return mask_mod
+        return lambda b, h, q_idx, kv_idx: f(h, q_idx, kv_idx)
 
     def block_mask(self, seq_len: int, block_size: int = 128,
                    device: torch.device | str | None = None, k_len: int | None = None):
@@ -223,9 +216,8 @@ class Pattern:
         return BlockLayout(any_, all_, min(r1 * block_size, seq_len) - r0 * block_size, k_len,
                            block_size, LayoutSource(self))
 
-    def block_layout(
-        self, seq_len: int, block_size: int, device: torch.device | str = "cpu"
-    ) -> Tensor:
+    def block_layout(self, seq_len: int, block_size: int,
+                     device: torch.device | str = "cpu") -> Tensor:
         """Bool ``[H, nq, nk]``: which tiles hold at least one allowed pair."""
         return self.block_structure(seq_len, block_size, device).active
 
@@ -276,10 +268,8 @@ def _canonical_tiles(
     of head, row, column) up to the pattern's period: unpadded tiles move back along their
     diagonal by multiples of a period's blocks."""
     period = pattern.period()
-    if period is None or tiles.shape[0] < 2:
-        return tiles, torch.arange(tiles.shape[0], device=tiles.device)
-    m = period // math.gcd(period, block_size)  # blocks per period
-    if m * block_size >= max(q_len, k_len):
+    m = None if period is None else period // math.gcd(period, block_size)  # blocks per period
+    if m is None or tiles.shape[0] < 2 or m * block_size >= max(q_len, k_len):
         return tiles, torch.arange(tiles.shape[0], device=tiles.device)
     h, i, j = tiles.unbind(1)
     ragged = ((i + 1) * block_size > q_len) | ((j + 1) * block_size > k_len)

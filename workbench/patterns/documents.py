@@ -90,10 +90,9 @@ class Documents(Pattern):
         return (self.lengths, self.causal)
 
     def __repr__(self) -> str:
-        shown = list(self.lengths)
-        text = str(shown) if len(shown) <= 6 else (
-            f"[{', '.join(map(str, shown[:4]))}, ... {len(shown)} documents, "
-            f"{self.total} tokens]")
+        n = len(self.lengths)
+        text = str(list(self.lengths)) if n <= 6 else (
+            f"[{', '.join(map(str, self.lengths[:4]))}, ... {n} documents, {self.total} tokens]")
         return f"documents({text}{', causal=True' if self.causal else ''})"
 
 

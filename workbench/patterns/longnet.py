@@ -55,7 +55,7 @@ def _segment_tiles(q: Tensor, k: Tensor, any_out: Tensor, all_out: Tensor) -> No
     full where both blocks are wholly kept in one segment. Equal query rows are computed once.
     """
     starts = torch.ones_like(q[0], dtype=torch.bool)
-    starts[1:] = (q[:, 1:] != q[:, :-1]).any(0)  # equal neighbouring rows are computed once
+    starts[1:] = (q[:, 1:] != q[:, :-1]).any(0)
     inverse = starts.cumsum(0) - 1
     (qlo, qhi, qall), (klo, khi, kall) = q[:, starts, None], k[:, None, :]
     torch.index_select((qlo <= khi) & (klo <= qhi), 0, inverse, out=any_out)
@@ -63,17 +63,18 @@ def _segment_tiles(q: Tensor, k: Tensor, any_out: Tensor, all_out: Tensor) -> No
 
 
 class Dilated(Pattern):
-    """LongNet dilated attention with one (segment, dilation, offset) triple per head.
+    """LongNet dilated attention with one (segment, dilation) pair per head.
 
     Head ``h`` splits the sequence into segments ``[m*w, (m+1)*w)`` (the last one is the
     remainder when ``w`` does not divide the length) and, inside each segment, keeps the
-    positions whose offset from the segment start is ``s, s + r, s + 2r, ...`` (``w_h, r_h,
-    s_h``). Query and key attend when both are kept and lie in the same segment.
+    positions whose offset from the segment start is ``s, s + r, s + 2r, ...`` (``w_h, r_h``
+    and the head offset ``s_h = h mod r_h``). Query and key attend when both are kept and lie
+    in the same segment.
     """
 
-    def __init__(self, segments: Sequence[int], dilations: Sequence[int], offsets: Sequence[int],
-                 name: str) -> None:
-        self.w, self.r, self.s = list(segments), list(dilations), list(offsets)
+    def __init__(self, segments: Sequence[int], dilations: Sequence[int], name: str) -> None:
+        self.w, self.r = list(segments), list(dilations)
+        self.s = [h % r for h, r in enumerate(self.r)]
         self.num_heads = len(self.w)
         self.name = name
         self._tables: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per device
@@ -109,10 +110,11 @@ class Dilated(Pattern):
         q = q[:, :, rows[0]:rows[1]].contiguous()
         k = torch.stack(_kept_segments(w, r, s, k_len, block_size, device), 1)  # [T, 3, nk]
         k[:, 2] = torch.where(k[:, 2] < 0, -2, k[:, 2])  # "not all kept" never matches q's -1
-        views: list[int] = []  # per distinct triple: the first triple with the same view
-        for t in range(len(distinct)):
-            views.append(next(u for u in range(t + 1) if u == t or (
-                torch.equal(q[u], q[t]) and torch.equal(k[u], k[t]))))
+        def same_view(u: int, t: int) -> bool:
+            return torch.equal(q[u], q[t]) and torch.equal(k[u], k[t])
+
+        # per distinct triple: the first triple with the same view
+        views = [next(u for u in range(t + 1) if same_view(u, t)) for t in range(len(distinct))]
         src_of = [views[distinct.index(x)] for x in triples]
         h = len(triples)
         shape = (h if len(set(views)) > 1 else 1, q.shape[2], k.shape[2])
@@ -170,8 +172,7 @@ def head_groups(num_heads: int, num_groups: int) -> list[int]:
             f"({num_groups}); head-group mode needs at least one head per pair"
         )
     base, extra = divmod(num_heads, num_groups)
-    sizes = [base + (1 if g < extra else 0) for g in range(num_groups)]
-    return [g for g, n in enumerate(sizes) for _ in range(n)]
+    return [g for g in range(num_groups) for _ in range(base + (g < extra))]
 
 
 def dilated(segment_lengths: Sequence[int], dilation_rates: Sequence[int], num_heads: int,
@@ -190,11 +191,8 @@ def dilated(segment_lengths: Sequence[int], dilation_rates: Sequence[int], num_h
     """
     check_dilation_pairs(segment_lengths, dilation_rates)
     group = head_groups(num_heads, len(segment_lengths))
-    w = [segment_lengths[g] for g in group]
-    r = [dilation_rates[g] for g in group]
-    s = [j % r[j] for j in range(num_heads)]
     name = f"dilated({list(segment_lengths)}, {list(dilation_rates)}, num_heads={num_heads})"
-    pat: Pattern = Dilated(w, r, s, name)
+    pat = Dilated([segment_lengths[g] for g in group], [dilation_rates[g] for g in group], name)
     return pat & causal_band() if causal else pat
 
 
@@ -203,9 +201,7 @@ def dilated_branch(segment_length: int, dilation_rate: int, num_heads: int) -> P
     The paper's attention merges these branches (:func:`workbench.dilated_attention`)."""
     check_dilation_pairs([segment_length], [dilation_rate])
     check_int("num_heads", num_heads, 1)
-    r = dilation_rate
-    name = f"dilated_branch({segment_length}, {r}, num_heads={num_heads})"
-    return Dilated([segment_length] * num_heads, [r] * num_heads,
-                   [j % r for j in range(num_heads)], name)
+    name = f"dilated_branch({segment_length}, {dilation_rate}, num_heads={num_heads})"
+    return Dilated([segment_length] * num_heads, [dilation_rate] * num_heads, name)
 
 

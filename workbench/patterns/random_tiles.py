@@ -20,10 +20,9 @@ _HASH_STEP = {"cpu": 1 << 18, "cuda": 1 << 24}
 _BAND_CELLS = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
-def _signed32(x: int) -> int:
-    """The int32 (two's complement) value with the same low 32 bits as ``x``."""
-    x &= 0xFFFFFFFF
-    return x - (1 << 32) if x >= 1 << 31 else x
+def _signed32(x: int | Tensor) -> int | Tensor:
+    """The int32 (two's complement) value of ``x`` in ``[0, 2**32)``, an int or int64 tensor."""
+    return x - (x >= 1 << 31) * (1 << 32)
 
 
 _MULS = tuple(_signed32(m) for m in _HASH_MIX)
@@ -59,14 +58,11 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
     """Bool ``[len(heads), r1 - r0, cols]``: ``hash_cells(seed, h, i, j) < threshold`` for the
     cell rows ``i`` in ``rows = (r0, r1)``, hashed in int32 on two buffers of ``_HASH_STEP``
     cells; ``(y >>> 8) < t`` is ``y < 256 t`` on unsigned ``y``, signed once the sign flips."""
-    def lanes(v: Tensor) -> Tensor:  # int64 in [0, 2**32) -> int32 with the same bits
-        return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
-
     first, end = rows
     out = torch.empty(len(heads), end - first, cols, dtype=torch.bool, device=device)
     if threshold <= 0 or threshold >= 1 << 24:  # no cell, or every cell
         return out.fill_(threshold > 0)
-    col = lanes(torch.arange(cols, device=device) * _HASH_COL & 0xFFFFFFFF)
+    col = _signed32(torch.arange(cols, device=device) * _HASH_COL & 0xFFFFFFFF).to(torch.int32)
     step = max(1, _HASH_STEP.get(torch.device(device).type, _HASH_STEP["cuda"]) // cols)
     x = torch.empty(min(step, end - first), cols, dtype=torch.int32, device=device)
     t = torch.empty_like(x)
@@ -77,7 +73,8 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
         for r0 in range(first, end, step):
             r = torch.arange(r0, min(r0 + step, end), device=device)
             xs = x[:len(r)]
-            torch.add(lanes((r * _HASH_ROW + base) & 0xFFFFFFFF)[:, None], col, out=xs)
+            row = _signed32((r * _HASH_ROW + base) & 0xFFFFFFFF).to(torch.int32)
+            torch.add(row[:, None], col, out=xs)
             _mix32(xs, t[:len(r)])
             # compared in place as int32 0/1, then cast: faster than comparing into bools
             out[n, r0 - first:r0 - first + len(r)] = xs.bitwise_xor_(sign).le_(below)
