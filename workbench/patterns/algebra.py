@@ -21,10 +21,8 @@ def _combined_heads(a: Pattern, b: Pattern) -> int:
         return a.num_heads
     if a.num_heads == 1:
         return b.num_heads
-    raise ValueError(
-        f"cannot combine a {a.num_heads}-head pattern with a {b.num_heads}-head pattern; "
-        "heads must match or one of them must be head-independent (1 head)"
-    )
+    raise ValueError(f"cannot combine a {a.num_heads}-head pattern with a {b.num_heads}-head "
+                     "pattern; heads must match or one of them must be head-independent (1 head)")
 
 
 def _materialize(x: Tensor, shape: tuple[int, ...]) -> Tensor:

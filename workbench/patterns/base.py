@@ -182,10 +182,9 @@ class Pattern:
         """Dense bool mask ``[H or 1, S, S]``; a ``ValueError`` past a size limit."""
         check_int("seq_len", seq_len, 1)
         if self.num_heads * seq_len * seq_len > _TOKEN_MASK_LIMIT:
-            raise ValueError(
-                f"token_mask(seq_len={seq_len}) would build {self.num_heads} x {seq_len} x "
-                f"{seq_len} booleans; use block_layout(seq_len, block_size) at this length"
-            )
+            raise ValueError(f"token_mask(seq_len={seq_len}) would build {self.num_heads} x "
+                             f"{seq_len} x {seq_len} booleans; use block_layout(seq_len, "
+                             "block_size) at this length")
         pos = torch.arange(seq_len, device=device)
         h = torch.arange(self.num_heads, device=device)[:, None, None]
         m = self.allowed(h, pos[None, :, None], pos[None, None, :])

@@ -83,11 +83,9 @@ class GridNeighborhood(Pattern):
     def predicate(self, device):
         key = str(torch.device(device))
         if key not in self._pred:
-            def columns(t: Tensor) -> list[Tensor]:
-                return [t[:, a].contiguous().to(device) for a in range(t.shape[1])]
-
-            axes = list(zip(columns(self.coords), columns(self.lo), columns(self.hi),
-                            self.dilation))
+            # per axis: every token's coordinate and window bounds (on device), the dilation
+            tables = (t.T.contiguous().to(device) for t in (self.coords, self.lo, self.hi))
+            axes = list(zip(*tables, self.dilation))
             n = self.num_tokens
 
             def allowed(h, q, k):
@@ -121,10 +119,8 @@ class GridNeighborhood(Pattern):
     def tiles(self, q_len, k_len, block_size, device, rows):
         n = self.num_tokens
         if q_len > n or k_len > n:
-            raise ValueError(
-                f"grid_neighborhood over a {self.shape} grid has {n} tokens; got q_len={q_len}, "
-                f"k_len={k_len} (use seq_len = {n})"
-            )
+            raise ValueError(f"grid_neighborhood over a {self.shape} grid has {n} tokens; got "
+                             f"q_len={q_len}, k_len={k_len} (use seq_len = {n})")
         dil = torch.tensor(self.dilation)
         # per token: coordinates, window bounds, residues mod the dilation
         table = torch.cat([self.coords, self.lo, self.hi, self.coords % dil], -1)
@@ -187,9 +183,8 @@ def grid_neighborhood(
     dilation = _per_axis("dilation", dilation, len(shape), 1)
     for axis, (n, r, d) in enumerate(zip(shape, radius, dilation)):
         if border == "shift" and (2 * r + 1) * d > n:
-            raise ValueError(
-                f"border='shift' needs (2 * radius + 1) * dilation <= the grid size along "
-                f"every axis; axis {axis} has {n} cells but the window spans "
-                f"{2 * r + 1} x {d} = {(2 * r + 1) * d} (use a smaller radius or dilation, "
-                f"or border='cut')")
+            raise ValueError(f"border='shift' needs (2 * radius + 1) * dilation <= the grid size "
+                             f"along every axis; axis {axis} has {n} cells but the window spans "
+                             f"{2 * r + 1} x {d} = {(2 * r + 1) * d} (use a smaller radius or "
+                             "dilation, or border='cut')")
     return GridNeighborhood(shape, radius, dilation, border, order, curve_order(shape, order))

@@ -110,24 +110,21 @@ class Dilated(Pattern):
         q = q[:, :, rows[0]:rows[1]].contiguous()
         k = torch.stack(_kept_segments(w, r, s, k_len, block_size, device), 1)  # [T, 3, nk]
         k[:, 2] = torch.where(k[:, 2] < 0, -2, k[:, 2])  # "not all kept" never matches q's -1
-        def same_view(u: int, t: int) -> bool:
-            return torch.equal(q[u], q[t]) and torch.equal(k[u], k[t])
-
-        # per distinct triple: the first triple with the same view
-        views = [next(u for u in range(t + 1) if same_view(u, t)) for t in range(len(distinct))]
-        src_of = [views[distinct.index(x)] for x in triples]
+        views = torch.unique(torch.cat([q.flatten(1), k.flatten(1)], 1), dim=0,
+                             return_inverse=True)[1].tolist()  # per distinct triple
+        view_of = [views[distinct.index(x)] for x in triples]  # per head
         h = len(triples)
         shape = (h if len(set(views)) > 1 else 1, q.shape[2], k.shape[2])
         any_ = torch.empty(shape, dtype=torch.bool, device=device)
         all_ = torch.empty_like(any_)
-        head_of: dict[int, int] = {}  # distinct view -> first head holding it
-        for i in range(shape[0]):
-            src = head_of.setdefault(src_of[i], i)
-            if src < i:
-                any_[i].copy_(any_[src])
-                all_[i].copy_(all_[src])
+        for i, v in enumerate(view_of[:shape[0]]):
+            first = view_of.index(v)  # the first head with this view
+            if first < i:
+                any_[i].copy_(any_[first])
+                all_[i].copy_(all_[first])
             else:
-                _segment_tiles(q[src_of[i]], k[src_of[i]], any_[i], all_[i])
+                t = views.index(v)  # a distinct triple with this view
+                _segment_tiles(q[t], k[t], any_[i], all_[i])
         return any_.expand(h, *shape[1:]), all_.expand(h, *shape[1:])
 
     def count_pairs(self, seq_len):
@@ -150,16 +147,14 @@ def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequenc
     check_ints("segment_lengths", segment_lengths, 1)
     check_ints("dilation_rates", dilation_rates, 1)
     if len(segment_lengths) != len(dilation_rates):
-        raise ValueError(
-            f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
-            f"({len(dilation_rates)} values) must have the same length: one dilation per segment"
-        )
+        raise ValueError(f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
+                         f"({len(dilation_rates)} values) must have the same length: one "
+                         "dilation per segment")
     for w, r in zip(segment_lengths, dilation_rates):
         if r > w:
-            raise ValueError(
-                f"dilation rate {r} is larger than its segment length {w}: a segment would keep "
-                "at most one position; use a dilation <= segment length"
-            )
+            raise ValueError(f"dilation rate {r} is larger than its segment length {w}: a "
+                             "segment would keep at most one position; use a dilation <= "
+                             "segment length")
 
 
 def head_groups(num_heads: int, num_groups: int) -> list[int]:
@@ -167,10 +162,9 @@ def head_groups(num_heads: int, num_groups: int) -> list[int]:
     first ``num_heads % num_groups`` of them one head larger."""
     check_int("num_heads", num_heads, 1)
     if num_heads < num_groups:
-        raise ValueError(
-            f"num_heads={num_heads} is smaller than the number of (segment, dilation) pairs "
-            f"({num_groups}); head-group mode needs at least one head per pair"
-        )
+        raise ValueError(f"num_heads={num_heads} is smaller than the number of (segment, "
+                         f"dilation) pairs ({num_groups}); head-group mode needs at least one "
+                         "head per pair")
     base, extra = divmod(num_heads, num_groups)
     return [g for g in range(num_groups) for _ in range(base + (g < extra))]
 
