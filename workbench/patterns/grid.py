@@ -51,21 +51,15 @@ def _axis_window(n: int, radius: int, dilation: int, border: str) -> tuple[Tenso
 
 
 class GridNeighborhood(Pattern):
-    """Neighbourhood attention on a 2-D/3-D grid, token ``i`` at raster cell ``perm[i]``.
-
-    Along an axis of ``n`` cells with radius ``r`` (a window of ``k = 2r + 1`` cells, NATTEN's
-    ``kernel_size``) and dilation ``d``, the window of a query at coordinate ``c`` is the
-    coordinates ``c' = c (mod d)`` of an interval:
-
-    * ``border="cut"``: ``|c' - c| <= r * d``, centred on the query and cut off at the grid
-      border (queries near it see fewer keys);
-    * ``border="shift"``: ``k`` consecutive cells of the query's dilated sub-grid (cells
-      ``c mod d, c mod d + d, ...``), centred on the query where they fit and shifted inwards
-      at the border, so every query sees exactly ``k`` keys per axis (NATTEN's definition;
-      the sub-grid must hold ``k`` cells: ``k * d <= n``).
-
-    Query ``i`` attends key ``j`` when ``j``'s cell is in ``i``'s window along every axis
+    """Neighbourhood attention on a 2-D/3-D grid, token ``i`` at raster cell ``perm[i]``: query
+    ``i`` attends key ``j`` when ``j``'s cell is in ``i``'s window along every axis
     (self-attention over exactly ``prod(shape)`` tokens, every head alike).
+
+    Along an axis of ``n`` cells with radius ``r`` and dilation ``d``, a query at ``c`` sees the
+    cells ``c' = c (mod d)`` of a window of ``k = 2r + 1`` of them (NATTEN's ``kernel_size``):
+    with ``border="cut"`` ``|c' - c| <= r * d``, cut off at the grid border; with ``"shift"``
+    ``k`` consecutive cells of the query's dilated sub-grid, centred where they fit and shifted
+    inwards at the border, so every query sees exactly ``k`` (NATTEN's; needs ``k * d <= n``).
     """
 
     def __init__(self, shape: Sequence[int], radius: tuple[int, ...], dilation: tuple[int, ...],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layout import cells_to_tiles, num_blocks
+from ..layout import MAX_POSITION, cells_to_tiles, num_blocks
 from .base import MaskFn, Pattern
 
 
@@ -42,14 +42,8 @@ class KeyMask(Pattern):
         self.num_heads = valid.shape[0]
 
     def predicate(self, device):
-        v = self.valid.to(device)
-        n, multi_head = v.shape[1], self.num_heads > 1
-
-        def valid_key(h, q, k):
-            hh = h if multi_head else torch.zeros_like(h)
-            return v[hh, torch.clamp(k, max=n - 1)] & (k < n) & (q >= 0)
-
-        return valid_key
+        v = self.valid.to(device)[:, None]  # one row, for every query (positions < MAX_POSITION)
+        return _lookup(v, 1, MAX_POSITION, v.shape[2])
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         nk = num_blocks(k_len, block_size)
