@@ -1,9 +1,6 @@
 """The pattern algebra: ``a | b`` allows a pair if either pattern does, ``a & b`` if both do.
-
-The operator on the parts' (any, all) decides every tile but those where both are partial,
-which are evaluated token by token; offset rules, periods (lcm) and grains (gcd) combine, so
-fast paths survive.
-"""
+The operator on the parts' (any, all) decides every tile but those where both are partial (then
+token by token); offset rules, periods (lcm) and grains (gcd) combine, so fast paths survive."""
 
 from __future__ import annotations
 
@@ -14,15 +11,6 @@ import torch
 from torch import Tensor
 
 from .base import Pattern, evaluate_tiles, head_predicate
-
-
-def _combined_heads(a: Pattern, b: Pattern) -> int:
-    if a.num_heads == b.num_heads or b.num_heads == 1:
-        return a.num_heads
-    if a.num_heads == 1:
-        return b.num_heads
-    raise ValueError(f"cannot combine a {a.num_heads}-head pattern with a {b.num_heads}-head "
-                     "pattern; heads must match or one of them must be head-independent (1 head)")
 
 
 def _materialize(x: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -37,8 +25,12 @@ class _Combination(Pattern):
     op: Callable[..., Tensor]  # elementwise on bool tensors, with out=
 
     def __init__(self, a: Pattern, b: Pattern) -> None:
+        if a.num_heads != b.num_heads and 1 not in (a.num_heads, b.num_heads):
+            raise ValueError(f"cannot combine a {a.num_heads}-head pattern with a {b.num_heads}-"
+                             "head pattern; heads must match or one of them must be "
+                             "head-independent (1 head)")
         self.a, self.b = a, b
-        self.num_heads = _combined_heads(a, b)
+        self.num_heads = max(a.num_heads, b.num_heads)  # a 1-head part broadcasts
 
     def key(self):
         a, b = self.a.key(), self.b.key()

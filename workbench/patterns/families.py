@@ -1,6 +1,5 @@
 """Pattern families: the one registry of named patterns (:data:`FAMILIES`), which tests,
-benchmarks, the pattern explorer and the figures all read.
-"""
+benchmarks, the pattern explorer and the figures all read."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """Patterns seen in another token order: any pattern permuted (every tile evaluated), and
-NATTEN-style neighbourhoods on a grid laid out along a curve (layout from per-block boxes).
-"""
+NATTEN-style neighbourhoods on a grid laid out along a curve (layout from per-block boxes)."""
 
 from __future__ import annotations
 

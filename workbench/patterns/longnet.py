@@ -1,7 +1,6 @@
 """LongNet dilated attention patterns: (segment, dilation) pairs on head groups
 (:func:`dilated`) or one pair on every head (:func:`dilated_branch`, a branch of the paper's
-mode); the layout is analytic, from the range of segments each block keeps a position of.
-"""
+mode); the layout is analytic, from the range of segments each block keeps a position of."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], leng
     """(lo, hi, all_seg), int64 ``[T, n]`` per (segment ``w``, dilation ``r``, offset ``s``)
     triple and block: the first and last segment holding a kept position of it (``length`` and
     -1 for none, so two blocks share a segment iff ``lo_a <= hi_b`` and ``lo_b <= hi_a``), and
-    the segment when every position of the block is kept and in that one segment, else -1.
-    """
+    the segment when every position of the block is kept and in that one segment, else -1."""
     ext = block_extents(length, block_size, device)
     a, e = ext[None, :, 0], ext[None, :, 1]  # first and last position of each block
     w = torch.tensor(w_, device=device)[:, None]
@@ -52,8 +50,7 @@ def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], leng
 def _segment_tiles(q: Tensor, k: Tensor, any_out: Tensor, all_out: Tensor) -> None:
     """One head's tiles into ``any_out``, ``all_out`` from per-block (lo, hi, all_seg) rows
     ``[3, n]`` of q and k (k's all_seg -2 for "no"): active where the segment ranges overlap,
-    full where both blocks are wholly kept in one segment. Equal query rows are computed once.
-    """
+    full where both blocks are wholly kept in one segment. Equal query rows are computed once."""
     starts = torch.ones_like(q[0], dtype=torch.bool)
     starts[1:] = (q[:, 1:] != q[:, :-1]).any(0)
     inverse = starts.cumsum(0) - 1
@@ -63,14 +60,10 @@ def _segment_tiles(q: Tensor, k: Tensor, any_out: Tensor, all_out: Tensor) -> No
 
 
 class Dilated(Pattern):
-    """LongNet dilated attention with one (segment, dilation) pair per head.
-
-    Head ``h`` splits the sequence into segments ``[m*w, (m+1)*w)`` (the last one is the
-    remainder when ``w`` does not divide the length) and, inside each segment, keeps the
-    positions whose offset from the segment start is ``s, s + r, s + 2r, ...`` (``w_h, r_h``
-    and the head offset ``s_h = h mod r_h``). Query and key attend when both are kept and lie
-    in the same segment.
-    """
+    """LongNet dilated attention, one (segment ``w``, dilation ``r``) pair per head: head ``h``
+    keeps the positions at offsets ``s, s + r, s + 2r, ...`` (``s = h mod r``) from the start of
+    each segment ``[m*w, (m+1)*w)`` (the last one the remainder); query and key attend when both
+    are kept and lie in the same segment."""
 
     def __init__(self, segments: Sequence[int], dilations: Sequence[int], name: str) -> None:
         self.w, self.r = list(segments), list(dilations)

@@ -1,6 +1,5 @@
 """Patterns defined by tensors: key padding, explicit masks, selected tiles, batch copies.
-They are equal only to themselves; their layouts reduce the tensor over each tile exactly.
-"""
+They are equal only to themselves; their layouts reduce the tensor over each tile exactly."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """BigBird-style random tiles and the hash that draws them: layouts hash the cell grid a band
-of rows at a time in int32 and reduce each band to tiles exactly.
-"""
+of rows at a time in int32 and reduce each band to tiles exactly."""
 
 from __future__ import annotations
 
@@ -108,9 +107,8 @@ class RandomBlocks(Pattern):
         all_ = torch.empty_like(any_)
         for r0 in range(rows[0], rows[1], band):
             r1 = min(r0 + band, rows[1])
-            a, f = self._band(q_len, k_len, b, device, (r0, r1))
-            any_[:, r0 - rows[0]:r1 - rows[0]] = a
-            all_[:, r0 - rows[0]:r1 - rows[0]] = f
+            span = slice(r0 - rows[0], r1 - rows[0])
+            any_[:, span], all_[:, span] = self._band(q_len, k_len, b, device, (r0, r1))
         return any_, all_
 
     def _band(self, q_len: int, k_len: int, b: int, device: torch.device,
