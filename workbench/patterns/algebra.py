@@ -65,11 +65,9 @@ class _Combination(Pattern):
         idx = undecided.nonzero()
         any_ = self.op(a_any, b_any, out=undecided)  # the buffer is free once idx is taken
         all_ = _materialize(self.op(a_all, b_all), shape)
-        if idx.numel():
-            at = idx + torch.tensor([0, rows[0], 0], device=idx.device)  # absolute block rows
-            _, r_any, r_all = evaluate_tiles(self, at, q_len, k_len, block_size)
-            any_[tuple(idx.T)] = r_any
-            all_[tuple(idx.T)] = r_all
+        at = idx + torch.tensor([0, rows[0], 0], device=idx.device)  # absolute block rows
+        where = tuple(idx.T)
+        _, any_[where], all_[where] = evaluate_tiles(self, at, q_len, k_len, block_size)
         return any_, all_
 
     def __repr__(self) -> str:

@@ -64,8 +64,7 @@ def check_int(name: str, value: object, minimum: int,
 
 def check_ints(name: str, values: object, minimum: int) -> list[int]:
     """``values`` (a sequence, 1-D tensor or array) as a list of ints ``>= minimum``, else a
-    ``TypeError`` (not a sequence, an entry not an int) or ``ValueError`` (empty, an entry too
-    small) naming the entry."""
+    ``TypeError`` or ``ValueError`` naming it (or the entry at fault)."""
     items = values.tolist() if hasattr(values, "tolist") else values
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
@@ -239,12 +238,9 @@ class Pattern:
         if exact is not None:
             return exact
         lay = self.block_structure(seq_len, block_size)
-        total = int(tile_sum(lay.full, *lay.block_lengths()).sum())
         partial = (lay.active & ~lay.full).nonzero()
-        if partial.numel():
-            cnt, _, _ = evaluate_tiles(self, partial, seq_len, seq_len, block_size)
-            total += int(cnt.sum())
-        return total
+        counts, _, _ = evaluate_tiles(self, partial, seq_len, seq_len, block_size)
+        return int(tile_sum(lay.full, *lay.block_lengths()).sum()) + int(counts.sum())
 
 
 def head_predicate(pattern: Pattern, device: torch.device | str) -> MaskFn:
@@ -274,10 +270,8 @@ def _toeplitz(diag: Tensor, nq: int, nk: int, rows: tuple[int, int]) -> Tensor:
     return hankel.flip(0)
 
 
-def offset_tiles(
-    rule: OffsetFn, q_len: int, k_len: int, block_size: int, device: torch.device,
-    rows: tuple[int, int],
-) -> tuple[Tensor, Tensor]:
+def offset_tiles(rule: OffsetFn, q_len: int, k_len: int, block_size: int, device: torch.device,
+                 rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Exact (any, all) ``[1, r1 - r0, nk]`` (query block rows ``rows = (r0, r1)``) of a
     pattern allowing ``(q, k)`` iff ``rule(k - q)``."""
     b = block_size
@@ -302,9 +296,8 @@ def offset_tiles(
 
 
 # --------------------------------------------------------------------- tile evaluation
-def _canonical_tiles(
-    pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
-) -> tuple[Tensor, Tensor]:
+def _canonical_tiles(pattern: Pattern, tiles: Tensor, q_len: int, k_len: int,
+                     block_size: int) -> tuple[Tensor, Tensor]:
     """(distinct tiles ``[U, 3]``, index of every tile in them) of ``tiles`` (int64 ``[N, 3]``
     of head, row, column) up to the pattern's period: unpadded tiles move back along their
     diagonal by multiples of a period's blocks."""
@@ -320,9 +313,8 @@ def _canonical_tiles(
     return distinct[:, :3], inverse
 
 
-def evaluate_tiles(
-    pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def evaluate_tiles(pattern: Pattern, tiles: Tensor, q_len: int, k_len: int,
+                   block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(allowed-pair count, any, all) of every tile of ``tiles`` (int64 ``[N, 3]`` of head,
     absolute query block, key block), token by token in bounded chunks, padding never counted."""
     distinct, inverse = _canonical_tiles(pattern, tiles, q_len, k_len, block_size)
@@ -353,11 +345,9 @@ def refine_tiles(pattern: Pattern, undecided: Tensor, q_len: int, k_len: int, bl
     any_ = torch.zeros_like(undecided)
     all_ = torch.zeros_like(undecided)
     idx = undecided.nonzero()
-    if idx.numel():
-        at = idx + torch.tensor([0, first_row, 0], device=idx.device)  # absolute block rows
-        _, a, f = evaluate_tiles(pattern, at, q_len, k_len, block_size)
-        any_[tuple(idx.T)] = a
-        all_[tuple(idx.T)] = f
+    at = idx + torch.tensor([0, first_row, 0], device=idx.device)  # absolute block rows
+    where = tuple(idx.T)
+    _, any_[where], all_[where] = evaluate_tiles(pattern, at, q_len, k_len, block_size)
     return any_, all_
 
 
@@ -365,14 +355,7 @@ def describe(pattern: Pattern, seq_len: int, block_size: int) -> dict[str, float
     """One-line summary of a pattern at a length and block size (for tables and notebooks)."""
     st = pattern.stats(seq_len, block_size)
     useful = pattern.density(seq_len)
-    return {
-        "pattern": repr(pattern),
-        "seq_len": seq_len,
-        "block_size": block_size,
-        "heads": pattern.num_heads,
-        "useful_density": useful,
-        "computed_density": st.density,
-        "block_density": st.block_density,
-        "full_tiles": st.full_fraction,
-        "waste": st.density / useful if useful else math.inf,
-    }
+    return {"pattern": repr(pattern), "seq_len": seq_len, "block_size": block_size,
+            "heads": pattern.num_heads, "useful_density": useful, "computed_density": st.density,
+            "block_density": st.block_density, "full_tiles": st.full_fraction,
+            "waste": st.density / useful if useful else math.inf}

@@ -23,9 +23,7 @@ def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], leng
     the segment when every position of the block is kept and in that one segment, else -1."""
     ext = block_extents(length, block_size, device)
     a, e = ext[None, :, 0], ext[None, :, 1]  # first and last position of each block
-    w = torch.tensor(w_, device=device)[:, None]
-    r = torch.tensor(r_, device=device)[:, None]
-    s = torch.tensor(s_, device=device)[:, None]
+    w, r, s = (torch.tensor(x, device=device)[:, None] for x in (w_, r_, s_))
     # First kept position >= a: in a's segment if one is left there, else the next.
     m = a // w
     t = a - m * w

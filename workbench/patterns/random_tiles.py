@@ -96,10 +96,9 @@ class RandomBlocks(Pattern):
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         c, b = self.cell, block_size
-        nkc = num_blocks(k_len, c)
         # tile rows per band: each band's cell rows are hashed, then reduced to its tiles
         band = max(1, _BAND_CELLS.get(device.type, _BAND_CELLS["cuda"])
-                   // (self.num_heads * nkc * -(-b // c)))
+                   // (self.num_heads * num_blocks(k_len, c) * -(-b // c)))
         if band >= rows[1] - rows[0]:
             return self._band(q_len, k_len, b, device, rows)
         shape = (self.num_heads, rows[1] - rows[0], num_blocks(k_len, b))
