@@ -309,6 +309,9 @@ def test_cache_model_rows():
     assert rows[-1]["hits"] == acc - rows[-1]["cold_misses"]
     with pytest.raises(ValueError, match="capacity"):
         ORD.cache_model(ORD.block_visit_order(lay), [0])
+    (one,) = ORD.cache_model(torch.tensor([[0, 0, 1]]), [4])  # two blocks, each touched once
+    assert (one["accesses"], one["hits"], one["cold_misses"]) == (2, 0, 2)
+    assert math.isnan(one["mean_reuse_distance"]) and math.isnan(one["median_reuse_distance"])
 
 
 @pytest.mark.slow

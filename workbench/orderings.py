@@ -151,9 +151,8 @@ def cache_model(tiles: Tensor, capacities: Sequence[int]) -> list[dict[str, floa
     of ``capacity``, ``accesses``, ``hits``, ``hit_rate``, ``cold_misses`` and the visit's
     ``mean_reuse_distance`` and ``median_reuse_distance`` over re-accesses."""
     d = reuse_distances(block_accesses(tiles))
-    again = d[d >= 0].to(torch.float64)
-    mean = float(again.mean()) if again.numel() else float("nan")
-    median = float(again.median()) if again.numel() else float("nan")
+    again = d[d >= 0].to(torch.float64)  # none: mean and median are nan
+    mean, median = float(again.mean()), float(again.median())
     rows = []
     for c in capacities:
         check_positive_int("capacity", c, None)
