@@ -30,7 +30,7 @@ from .registry import Backend, Capabilities, Request, Runner
 __all__ = ["BACKEND", "BITS_BUDGET", "KERNELS", "PARTIAL_HEAVY", "BackwardConfig", "ColumnPlan",
            "KernelConfig", "SparsePlan", "build_column_plan", "build_plan", "cached_plan",
            "default_configs", "jit_kernel", "partial_share", "plan_bits_bytes",
-           "prepare_triton", "triton_attention", "triton_available", "unsupported"]
+           "prepare_triton", "triton_attention", "unsupported"]
 
 _LOG2E = 1.4426950408889634
 _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
@@ -41,22 +41,12 @@ def _interpreted() -> bool:
 
 
 @lru_cache(maxsize=1)
-def _triton_ok() -> bool:
+def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
-
-
-def triton_available(device: torch.device | str | None = None) -> bool:
-    """Triton is importable and can run on ``device`` (default: anywhere it could): CUDA, or any
-    device under the interpreter (``TRITON_INTERPRET=1``)."""
-    if not _triton_ok():
-        return False
-    if device is None:
-        return torch.cuda.is_available() or _interpreted()
-    return torch.device(device).type == "cuda" or _interpreted()
 
 
 KERNELS = ("forward", "dkdv", "dq")
@@ -262,13 +252,9 @@ def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
     p_n, p_i = p_n.reshape(hl * nq), p_i.reshape(hl * nq, nk)
     start = torch.cumsum(p_n, 0, dtype=torch.int64) - p_n
     # every partial tile in the order the kernel reads them: row by row, the sorted list
-    if rank is None:  # key blocks increasing: row-major order
-        tiles = partial.nonzero()
-    else:
-        cols = torch.arange(nk, device=lay.active.device)
-        valid = cols[None, :] < p_n[:, None]
-        row = torch.arange(hl * nq, device=lay.active.device)[:, None].expand(-1, nk)[valid]
-        tiles = torch.stack([row // nq, row % nq, p_i[valid].to(torch.int64)], 1)
+    valid = torch.arange(nk, device=lay.active.device)[None, :] < p_n[:, None]
+    row = torch.arange(hl * nq, device=lay.active.device)[:, None].expand(-1, nk)[valid]
+    tiles = torch.stack([row // nq, row % nq, p_i[valid].to(torch.int64)], 1)
     _check_bits_fit(tiles.shape[0], b, lay.active.device)
     bits = _partial_bits(problem, lay, tiles)
     return SparsePlan(lay, f_n.reshape(-1), f_i.reshape(hl * nq, nk), p_n, p_i,
@@ -329,17 +315,11 @@ def unsupported(q: Tensor, v: Tensor, block_size: int = 64) -> str | None:
                 f"{v.shape[-1]}")
     if q.device.type != "cuda" and not _interpreted():
         return "runs on CUDA (or under TRITON_INTERPRET=1 for testing)"
-    if not triton_available(q.device):
+    if not _triton_importable():
         return "needs the triton package (a CUDA build of torch brings it)"
     if q.dtype not in (torch.float16, torch.bfloat16) and q.device.type == "cuda":
         return f"takes float16 or bfloat16 on CUDA, not {q.dtype}"
     return None
-
-
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
-    reason = BACKEND.refusal(Request.of(q, k, v, problem, need_lse=False))
-    if reason is not None:
-        raise NotImplementedError(f"the triton backend {reason}; use backend='auto'")
 
 
 PARTIAL_HEAVY = 0.5
@@ -384,18 +364,14 @@ def _prefers(req: Request) -> str | None:
 FP_FUSION = True
 """Every launch asks for fused multiply-adds explicitly (Triton's default differs by version)."""
 
+def _plan_key(problem: Problem, device: torch.device) -> tuple:
+    return (str(device), problem.q_offset, problem.k_offset, problem.block_order, problem.label)
+
+
 def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
     """:func:`build_plan`, kept with the problem's layout (:meth:`BlockLayout.derived`)."""
-    key = ("triton", str(device), problem.q_offset, problem.k_offset, problem.block_order,
-           problem.label)
-    return problem.layout.derived(key, lambda: build_plan(problem, device))
-
-
-def cached_column_plan(problem: Problem, plan: SparsePlan) -> ColumnPlan:
-    """:func:`build_column_plan` of ``plan``, cached beside it (built on the first backward)."""
-    key = ("triton columns", str(plan.bits.device), problem.q_offset, problem.k_offset,
-           problem.block_order, problem.label)
-    return problem.layout.derived(key, lambda: build_column_plan(plan))
+    return problem.layout.derived(("triton", *_plan_key(problem, device)),
+                                  lambda: build_plan(problem, device))
 
 
 def _descriptors(cfg: KernelConfig, *xs: tuple[Tensor, int]) -> tuple[object, ...]:
@@ -411,11 +387,6 @@ def _descriptors(cfg: KernelConfig, *xs: tuple[Tensor, int]) -> tuple[object, ..
 
 def _uses_tma(args: tuple[object, ...]) -> bool:
     return not isinstance(args[0], Tensor)
-
-
-def _check_tiles(cfg: KernelConfig, block: int) -> None:
-    if block % cfg.block_m or block % cfg.block_n:
-        raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must divide block {block}")
 
 
 _CHOSEN: dict[tuple, KernelConfig] = {}  # the configuration a default chain settled on
@@ -492,7 +463,8 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     delta = _delta(out, dout, dlse)
     lse2 = torch.where(torch.isfinite(lse), lse * _LOG2E, torch.full_like(lse, torch.inf))
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-    cols = cached_column_plan(problem, plan)
+    cols = problem.layout.derived(  # built on the first backward, kept beside the plan
+        ("triton columns", *_plan_key(problem, plan.bits.device)), lambda: build_column_plan(plan))
     from ._triton_kernels import sparse_backward_dkdv, sparse_backward_dq
 
     scalars = (h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E, problem.scale)
@@ -577,7 +549,10 @@ def prepare_triton(
         NotImplementedError: inputs the kernels do not take (:func:`unsupported` says why).
         ValueError: a layout of other heads, or kernel tiles that do not divide the block.
     """
-    _check_inputs(q, k, v, problem)
+    req = Request.of(q, k, v, problem, need_lse)
+    reason = BACKEND.refusal(req)
+    if reason is not None:
+        raise NotImplementedError(f"the triton backend {reason}; use backend='auto'")
     plan = cached_plan(problem, q.device) if plan is None else plan
     lay = plan.layout
     hl, h, d = lay.num_heads, q.shape[1], q.shape[-1]
@@ -586,13 +561,12 @@ def prepare_triton(
     b = lay.block_size
     configs = (config,) if config else default_configs("forward", b, q.device, d)
     bwd = None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        if backward_config is None:
-            bwd = (default_configs("dkdv", b, q.device, d), default_configs("dq", b, q.device, d))
-        else:
-            bwd = ((backward_config.dkdv,), (backward_config.dq,))
+    if req.grad:
+        bwd = ((default_configs("dkdv", b, q.device, d), default_configs("dq", b, q.device, d))
+               if backward_config is None else ((backward_config.dkdv,), (backward_config.dq,)))
     for c in (*configs, *(() if bwd is None else (*bwd[0], *bwd[1]))):
-        _check_tiles(c, b)
+        if b % c.block_m or b % c.block_n:
+            raise ValueError(f"kernel tiles {c.block_m}x{c.block_n} must divide block {b}")
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
