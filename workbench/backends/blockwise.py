@@ -100,15 +100,8 @@ def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Ti
 def _tile_masks(problem: Problem, tiles: Tensor) -> Tensor:
     """Which pairs of each tile (``[n, 3]`` head, query block, key block) are allowed and real:
     bool ``[n, b, b]``."""
-    lay = problem.layout
-    b = lay.block_size
-    off = torch.arange(b, device=tiles.device)
-    qi = tiles[:, 1, None, None] * b + off[None, :, None]
-    ki = tiles[:, 2, None, None] * b + off[None, None, :]
-    ok = (qi < lay.q_len) & (ki < lay.k_len)
-    return ok & problem.allowed(tiles[:, 0, None, None],
-                                qi.clamp(max=lay.q_len - 1) + problem.q_offset,
-                                ki.clamp(max=lay.k_len - 1) + problem.k_offset)
+    qi, ki, real = _positions(problem, tiles)
+    return real & problem.allowed(tiles[:, 0, None, None], qi, ki)
 
 
 def _to_blocks(x: Tensor, n: int, b: int, dtype: torch.dtype) -> Tensor:
@@ -137,20 +130,21 @@ def _tile_scores(qs: Tensor, kb: Tensor, needs: Tensor, masks: Tensor, rq: Tenso
     return s
 
 
-def _positions(problem: Problem, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Absolute query ``[P, b, 1]`` and key ``[P, 1, b]`` positions of tiles ``t``; padding
-    takes the last real position (its pairs are masked)."""
+def _positions(problem: Problem, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Absolute query ``[P, b, 1]`` and key ``[P, 1, b]`` positions of tiles ``t``, padding
+    taking the last real position, and which pairs are real (bool ``[P, b, b]``)."""
     lay = problem.layout
     off = torch.arange(lay.block_size, device=t.device)
-    qi = (t[:, 1, None, None] * lay.block_size + off[None, :, None]).clamp_(max=lay.q_len - 1)
-    ki = (t[:, 2, None, None] * lay.block_size + off[None, None, :]).clamp_(max=lay.k_len - 1)
-    return qi + problem.q_offset, ki + problem.k_offset
+    qi = t[:, 1, None, None] * lay.block_size + off[None, :, None]
+    ki = t[:, 2, None, None] * lay.block_size + off[None, None, :]
+    return (qi.clamp(max=lay.q_len - 1) + problem.q_offset,
+            ki.clamp(max=lay.k_len - 1) + problem.k_offset, (qi < lay.q_len) & (ki < lay.k_len))
 
 
 def _score_mod(problem: Problem, s: Tensor, t: Tensor) -> Tensor:
     """``problem.score_mod`` on the scores ``s [B, P, b, b]`` of tiles ``t``."""
     bi = torch.arange(s.shape[0], device=t.device)[:, None, None, None]
-    return modded(problem.score_mod, s, bi, t[:, 0, None, None], *_positions(problem, t))
+    return modded(problem.score_mod, s, bi, t[:, 0, None, None], *_positions(problem, t)[:2])
 
 
 def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
@@ -159,7 +153,8 @@ def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
     if pr.dropout is None:
         return None
     bi = torch.arange(batch, device=t.device)[:, None, None, None]
-    return pr.dropout.scale(bi * plan.num_heads + t[None, :, 0, None, None], *_positions(pr, t))
+    return pr.dropout.scale(bi * plan.num_heads + t[None, :, 0, None, None],
+                            *_positions(pr, t)[:2])
 
 
 class _Values:
@@ -250,9 +245,9 @@ def _backward(
     if dlse is not None:
         delta = delta - dlse.to(acc)
     bsz = q.shape[0]
-    delta = F.pad(delta, (0, plan.nq * b - lay.q_len)).reshape(bsz, h * plan.nq, b)
-    lse_r = F.pad(lse.to(acc), (0, plan.nq * b - lay.q_len), value=-torch.inf)
-    lse_r = lse_r.reshape(bsz, h * plan.nq, b)
+    pad = (0, plan.nq * b - lay.q_len)
+    delta = F.pad(delta, pad).reshape(bsz, h * plan.nq, b)
+    lse_r = F.pad(lse.to(acc), pad).reshape(bsz, h * plan.nq, b)  # padding rows: 0, like -inf
     lse_r = torch.where(torch.isfinite(lse_r), lse_r, torch.zeros_like(lse_r))
     qs = qb * scale
     dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
@@ -340,11 +335,9 @@ def prepare_blockwise(q: Tensor, k: Tensor, v: Tensor, problem: Problem,
     plan = _TilePlan(problem, q.shape[1], _layout_tiles(problem, q.shape[1], q.device), chunk,
                      problem.block_order is None)
     mod = problem.score_mod
-    if mod is None:
-        return lambda q, k, v: _BlockwiseFunction.apply(q, k, v, plan)
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        read = reads(mod) if torch.is_grad_enabled() else ()
+        read = reads(mod) if mod is not None and torch.is_grad_enabled() else ()
         return _BlockwiseFunction.apply(q, k, v, plan, *read)
 
     return run

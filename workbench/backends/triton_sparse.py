@@ -2,19 +2,18 @@
 
 One program per (batch x head, query tile) walks its row of the layout in two lists: *full*
 tiles, read without a mask, and *partial* tiles, read through a packed bit mask of the token
-predicate (``block**2 / 8`` bytes per partial tile, built with the plan), so memory stays
-proportional to the active tiles. The backward is FlashAttention-2's split: ``dk, dv`` by key
-tile over the layout's columns, ``dq`` by query tile over its rows. Without CUDA the kernels run
-under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is imported).
+predicate (``block**2 / 8`` bytes each). The backward is FlashAttention-2's split: ``dk, dv``
+by key tile over the layout's columns, ``dq`` by query tile over its rows. Without CUDA the
+kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is imported).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -38,15 +37,6 @@ _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit m
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 KERNELS = ("forward", "dkdv", "dq")
@@ -306,8 +296,7 @@ def unsupported(q: Tensor, v: Tensor, block_size: int = 64) -> str | None:
     """Why the triton kernels cannot take ``q`` (and values ``v``) in tiles of ``block_size``,
     as a phrase after "it", or None when they can (attention dropout is declared in
     :data:`BACKEND`'s capabilities)."""
-    block = _block_refusal(block_size)
-    if block is not None:
+    if (block := _block_refusal(block_size)) is not None:
         return block
     d = q.shape[-1]
     if d < 16 or d & (d - 1) or v.shape[-1] != d:
@@ -315,7 +304,7 @@ def unsupported(q: Tensor, v: Tensor, block_size: int = 64) -> str | None:
                 f"{v.shape[-1]}")
     if q.device.type != "cuda" and not _interpreted():
         return "runs on CUDA (or under TRITON_INTERPRET=1 for testing)"
-    if not _triton_importable():
+    if importlib.util.find_spec("triton") is None:
         return "needs the triton package (a CUDA build of torch brings it)"
     if q.dtype not in (torch.float16, torch.bfloat16) and q.device.type == "cuda":
         return f"takes float16 or bfloat16 on CUDA, not {q.dtype}"
@@ -330,24 +319,22 @@ BITS_BUDGET = 1 << 30
 """``auto`` leaves a layout to FlexAttention when the triton plan's bit masks (``block**2 / 8``
 bytes per partial tile) would take more than this many bytes."""
 
-def _partial_tiles(layout: BlockLayout) -> tuple[int, int]:
-    """(partial tiles, active tiles) of ``layout``, counted once per layout object."""
-    def count() -> tuple[int, int]:
-        active, full = layout.tile_counts()
-        return active - full, active
 
-    return layout.derived("partial tiles", count)
+def _tile_counts(layout: BlockLayout) -> tuple[int, int]:
+    """(active tiles, full tiles) of ``layout``, counted once per layout object."""
+    return layout.derived("tile counts", layout.tile_counts)
 
 
 def partial_share(layout: BlockLayout) -> float:
     """Share of ``layout``'s active tiles that are partial (need the token predicate)."""
-    partial, active = _partial_tiles(layout)
-    return partial / active if active else 0.0
+    active, full = _tile_counts(layout)
+    return (active - full) / active if active else 0.0
 
 
 def plan_bits_bytes(layout: BlockLayout) -> int:
     """Bytes of the bit masks the triton plan keeps for ``layout``'s partial tiles."""
-    return _partial_tiles(layout)[0] * layout.block_size ** 2 // 8
+    active, full = _tile_counts(layout)
+    return (active - full) * layout.block_size ** 2 // 8
 
 
 def _prefers(req: Request) -> str | None:
@@ -363,6 +350,7 @@ def _prefers(req: Request) -> str | None:
 
 FP_FUSION = True
 """Every launch asks for fused multiply-adds explicitly (Triton's default differs by version)."""
+
 
 def _plan_key(problem: Problem, device: torch.device) -> tuple:
     return (str(device), problem.q_offset, problem.k_offset, problem.block_order, problem.label)
