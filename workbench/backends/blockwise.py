@@ -46,7 +46,6 @@ class _TilePlan:
     num_heads: int
     tiles: _Tiles
     chunk: int  # tiles per chunk
-    rows_sorted: bool = True  # tiles sorted by (head, query block): rows are contiguous
 
     @property
     def nq(self) -> int:
@@ -92,9 +91,7 @@ def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Ti
             masks[i:i + step] = _tile_masks(problem, needing[i:i + step])
         return _Tiles(tiles, needs, start, masks)
 
-    key = (str(device), num_heads, problem.label, problem.q_offset, problem.k_offset,
-           problem.block_order)
-    return problem.layout.derived(("blockwise", *key), build)
+    return problem.derived(("blockwise", num_heads), device, build)
 
 
 def _tile_masks(problem: Problem, tiles: Tensor) -> Tensor:
@@ -205,7 +202,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
     for t, needs, masks, rq, rk in plan.chunks():
         mod = (lambda s, t=t: _score_mod(plan.problem, s, t)) if has_mod else None
         s = _tile_scores(qs, kb, needs, masks, rq, rk, mod)
-        if plan.rows_sorted:
+        if plan.problem.block_order is None:  # tiles by (head, query block): rows contiguous
             urows, inv = torch.unique_consecutive(rq, return_inverse=True)
         else:  # a curve visit order interleaves query rows
             urows, inv = torch.unique(rq, return_inverse=True)
@@ -332,8 +329,7 @@ def prepare_blockwise(q: Tensor, k: Tensor, v: Tensor, problem: Problem,
     """:func:`blockwise_attention` with the tile plan of these inputs ready:
     ``runner(q, k, v) -> (out, lse)`` (the log-sum-exp comes whatever ``need_lse``)."""
     chunk = max(1, _SCORE_BUDGET // (q.shape[0] * problem.layout.block_size ** 2))
-    plan = _TilePlan(problem, q.shape[1], _layout_tiles(problem, q.shape[1], q.device), chunk,
-                     problem.block_order is None)
+    plan = _TilePlan(problem, q.shape[1], _layout_tiles(problem, q.shape[1], q.device), chunk)
     mod = problem.score_mod
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

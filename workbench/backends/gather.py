@@ -162,9 +162,10 @@ def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int]
     hs = h * seq_len
     # one row per slot into the [B, h * S, *rest] view of the heads
     rows = (pos + torch.arange(h, device=device)[:, None, None] * seq_len).reshape(-1)
-    key_ok, kept = None, None
+    key_ok, kept, put_rows = None, None, rows
     if not full:
         kept = valid.reshape(-1).nonzero().squeeze(1)
+        put_rows = rows[kept]
         key_ok = valid.reshape(h * nseg, length)
         # a segment a head keeps nothing of (offset past a short last segment): its padded
         # queries see one key so nothing is NaN (their outputs are not put back)
@@ -179,10 +180,9 @@ def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int]
     def put(dst: Tensor, src: Tensor) -> None:
         rest = dst.shape[3:]
         src = src.reshape(dst.shape[0], -1, *rest)
-        dst_rows = rows
         if kept is not None:
-            src, dst_rows = src.index_select(1, kept), rows[kept]
-        dst.view(dst.shape[0], hs, *rest).index_copy_(1, dst_rows, src)
+            src = src.index_select(1, kept)
+        dst.view(dst.shape[0], hs, *rest).index_copy_(1, put_rows, src)
 
     return _Piece(gather, put, key_ok)
 

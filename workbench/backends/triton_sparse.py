@@ -352,14 +352,9 @@ FP_FUSION = True
 """Every launch asks for fused multiply-adds explicitly (Triton's default differs by version)."""
 
 
-def _plan_key(problem: Problem, device: torch.device) -> tuple:
-    return (str(device), problem.q_offset, problem.k_offset, problem.block_order, problem.label)
-
-
 def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
     """:func:`build_plan`, kept with the problem's layout (:meth:`BlockLayout.derived`)."""
-    return problem.layout.derived(("triton", *_plan_key(problem, device)),
-                                  lambda: build_plan(problem, device))
+    return problem.derived("triton", device, lambda: build_plan(problem, device))
 
 
 def _descriptors(cfg: KernelConfig, *xs: tuple[Tensor, int]) -> tuple[object, ...]:
@@ -451,8 +446,8 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     delta = _delta(out, dout, dlse)
     lse2 = torch.where(torch.isfinite(lse), lse * _LOG2E, torch.full_like(lse, torch.inf))
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-    cols = problem.layout.derived(  # built on the first backward, kept beside the plan
-        ("triton columns", *_plan_key(problem, plan.bits.device)), lambda: build_column_plan(plan))
+    cols = problem.derived("triton columns", plan.bits.device,  # on the first backward
+                           lambda: build_column_plan(plan))
     from ._triton_kernels import sparse_backward_dkdv, sparse_backward_dq
 
     scalars = (h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E, problem.scale)
