@@ -236,8 +236,8 @@ def _backward(
     lay = plan.problem.layout
     b, h, scale = lay.block_size, plan.num_heads, plan.problem.scale
     acc = accumulation_dtype(q.dtype)
-    qb, kb, vb = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk), (v, plan.nk)))
-    dob = _to_blocks(dout, plan.nq, b, acc)
+    qb, kb, vb, dob = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk),
+                                                             (v, plan.nk), (dout, plan.nq)))
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(acc)

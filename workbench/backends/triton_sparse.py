@@ -294,8 +294,7 @@ def _block_refusal(block_size: int) -> str | None:
 
 def unsupported(q: Tensor, v: Tensor, block_size: int = 64) -> str | None:
     """Why the triton kernels cannot take ``q`` (and values ``v``) in tiles of ``block_size``,
-    as a phrase after "it", or None when they can (attention dropout is declared in
-    :data:`BACKEND`'s capabilities)."""
+    as a phrase after "it", or None when they can."""
     if (block := _block_refusal(block_size)) is not None:
         return block
     d = q.shape[-1]
