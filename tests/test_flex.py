@@ -200,34 +200,6 @@ def test_block_indices_sorted_in_chunks_equal_one_sort():
                 assert bool((r[h, i][cols.long()].diff() > 0).all())
 
 
-def test_narrow_block_lists_are_the_whole_lists_first_columns():
-    """``width``: each row's first columns of the whole lists (all of its selected ones), in
-    chunks or not, natural or visit order; a narrow ``BlockMask`` holds the same tiles."""
-    from workbench.blockmask import block_mask_from_layout, sorted_block_indices
-
-    g = torch.Generator().manual_seed(5)
-    sel = torch.rand(2, 23, 41, generator=g) < 0.2
-    rank = torch.randperm(2 * 23 * 41, generator=g).view(2, 23, 41)
-    width = int(sel.sum(-1).max())
-    assert width < 41
-    for r in (None, rank):
-        n, whole = sorted_block_indices(sel, r)
-        for chunk in (1, 41 * 3, 1 << 30):
-            m, cut = sorted_block_indices(sel, r, chunk=chunk, width=width)
-            assert cut.shape == (2, 23, width) and cut.is_contiguous()
-            assert torch.equal(m, n) and torch.equal(cut, whole[..., :width]), (chunk, r is None)
-    pattern = P.random_blocks(0.3, seed=1, cell=32, num_heads=2) | P.local_window(40)
-    layout = pattern.block_structure(333, 32)
-    wide = block_mask_from_layout(layout, pattern.predicate("cpu"))
-    thin = block_mask_from_layout(layout, pattern.predicate("cpu"), narrow=True)
-    for name in ("kv", "full_kv", "q", "full_q"):
-        n, idx = getattr(wide, f"{name}_num_blocks"), getattr(wide, f"{name}_indices")
-        assert torch.equal(getattr(thin, f"{name}_num_blocks"), n)
-        narrow = getattr(thin, f"{name}_indices")
-        assert narrow.shape[-1] == max(1, int(n.max())) < idx.shape[-1]
-        assert torch.equal(narrow, idx[..., :narrow.shape[-1]])
-
-
 def test_a_forward_only_mask_leaves_out_the_backward_lists_and_is_upgraded_when_needed():
     from workbench.backends import flex as F
 

@@ -63,8 +63,7 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
     # A post-pattern visit order reorders each query block's key blocks (FlexAttention's grid
     # fixes the order of query blocks itself).
     return block_mask_from_layout(lay, problem.allowed, q_offset=q_off, k_offset=k_off,
-                                  rank=visit_rank(lay, problem.block_order), backward=backward,
-                                  narrow=lay.active.device.type == "cuda")
+                                  rank=visit_rank(lay, problem.block_order), backward=backward)
 
 
 def _offsets(problem: Problem, device: torch.device | str) -> tuple[Tensor, Tensor]:
