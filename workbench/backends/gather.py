@@ -142,6 +142,35 @@ def _strided_piece(runs: list[_Run], segment: int, dilation: int, nseg: int,
     return _Piece(gather, put, None)
 
 
+def _packed_piece(seq_len: int, spans: list[tuple[_Branch, int, int]], start: int,
+                  device: torch.device) -> _Piece:
+    """One piece for branches on disjoint heads whose segments keep equally many slots (every
+    segment full): the kept positions of heads ``[a, b)`` of each span, counted from head
+    ``start``, gathered by one index into one batch of segments and put back by one index."""
+    rows = []
+    for br, a, b in spans:
+        pos, _ = dilation_gather(seq_len, br.segment, br.dilation,
+                                 br.offsets[a - br.start:b - br.start], device)
+        heads = torch.arange(a - start, b - start, device=device)[:, None, None]
+        rows.append((pos + heads * seq_len).reshape(-1))
+    index, length = torch.cat(rows), pos.shape[-1]
+
+    def gather(x: Tensor) -> Tensor:  # [B, h, S, *rest] -> [B, segments, L, *rest]
+        rest = x.shape[3:]
+        flat = x.reshape(x.shape[0], -1, *rest).index_select(1, index)
+        return flat.view(x.shape[0], -1, length, *rest)
+
+    def put(dst: Tensor, src: Tensor, add: bool = False, weight: Tensor | None = None) -> None:
+        rest = dst.shape[3:]
+        src = src.reshape(dst.shape[0], -1, *rest).to(dst.dtype)
+        if weight is not None:
+            src = src * weight.reshape(*src.shape[:2], *(1,) * len(rest))
+        flat = dst.view(dst.shape[0], -1, *rest)  # our own buffers: heads of a contiguous one
+        (flat.index_add_ if add else flat.index_copy_)(1, index, src)
+
+    return _Piece(gather, put, None)
+
+
 def _write(target: Tensor, src: Tensor, add: bool, weight: Tensor | None) -> None:
     """``target`` becomes ``src`` (times ``weight``), or with ``add`` adds it."""
     if weight is None:
@@ -275,17 +304,29 @@ def _generic(
     return out, lse
 
 
-def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, kept: dict
+def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, merged: bool, kept: dict
                   ) -> Iterator[tuple[slice, list[tuple[slice, _Piece]], int]]:
     """Every branch's pieces a few heads at a time: ``(heads, [(piece_heads, piece), ...],
     covering)``, ``piece_heads`` relative to ``heads``, in one fixed order (the backward walks
-    the forward's pieces again); pieces are kept in ``kept``. A branch that keeps every position
-    of these heads (dilation 1) goes first: its ``covering`` pieces write every position once."""
+    the forward's pieces again); pieces are kept in ``kept``. Copied (not ``in_place``) and not
+    ``merged``, the branches whose segments keep equally many slots share one packed piece.
+    Otherwise a branch that keeps every position of these heads (dilation 1) goes first: its
+    ``covering`` pieces write every position once."""
     s, h, chunk = q.shape[2], q.shape[1], heads_at_once(q)
     for start in range(0, h, chunk):
         stop = min(start + chunk, h)
         spans = [(br, max(start, br.start), min(stop, br.stop)) for br in branches]
         spans = [(br, a, b) for br, a, b in spans if a < b]
+        if not (in_place or merged):
+            key = ("packed", s, start, stop)
+            if key not in kept:
+                by_slots: dict[int, list] = {}
+                for span in spans:
+                    by_slots.setdefault(-(-span[0].segment // span[0].dilation), []).append(span)
+                kept[key] = [_packed_piece(s, group, start, q.device)
+                             for group in by_slots.values()]
+            yield slice(start, stop), [(slice(0, stop - start), pc) for pc in kept[key]], 0
+            continue
         spans.sort(key=lambda span: (span[0].dilation, span[1], span[2]) != (1, start, stop))
         group, covering = [], 0
         for n, (br, a, b) in enumerate(spans):
@@ -324,7 +365,8 @@ class _DilationOrdered(torch.autograd.Function):
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         lse = torch.full(q.shape[:3], -torch.inf, dtype=acc, device=q.device)
         states = []
-        for heads, group, covering in _fused_pieces(q, spec.branches, in_place, spec.kept):
+        for heads, group, covering in _fused_pieces(q, spec.branches, in_place, spec.merged,
+                                                    spec.kept):
             qh, kh, vh, oh, lh = q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse[:, heads]
             parts = []
             for sl, pc in group:
@@ -358,7 +400,7 @@ class _DilationOrdered(torch.autograd.Function):
         if dout is not None and dout.stride(-1) != 1:
             dout = dout.contiguous()
         acc = accumulation_dtype(q.dtype)
-        pieces = _fused_pieces(q, spec.branches, ctx.in_place, spec.kept)
+        pieces = _fused_pieces(q, spec.branches, ctx.in_place, spec.merged, spec.kept)
         for heads, group, covering in pieces:
             covering = covering if dout is not None else 0  # lse gradients leave v's unset
             qh, kh, vh, oh, lh = q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse[:, heads]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import inspect
 import math
 import os
@@ -17,6 +18,8 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
+from itertools import product
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,9 @@ VARIANTS = ("ours", "flex_natural", "triton", "strided_view", "strided_gather", 
             "blockwise", "sdpa_dense", "sdpa_masked")
 """Ways to compute a family's attention: ``ours`` (``backend="auto"``) and the baselines."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_BACKEND = {"ours": "auto", "flex_natural": "flex", "blockwise": "blockwise", "triton": "triton"}
 _MASKED_SDPA_LIMIT = 1 << 30  # largest H*S*S the dense-mask baseline may build
+_SPOT_CHUNK = 1 << 20  # keys converted to float32 at a time by spot_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +71,10 @@ class BenchConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self) -> None:
-        bad = [f for f in self.families if f not in bench_families()]
-        if bad:
-            raise ValueError(f"unknown families {bad}; choose from {bench_families()}")
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad:
-            raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
+        for name, known in (("families", bench_families()), ("variants", VARIANTS)):
+            bad = [x for x in getattr(self, name) if x not in known]
+            if bad:
+                raise ValueError(f"unknown {name} {bad}; choose from {known}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not self.seq_lens or min(self.seq_lens) < 1:
@@ -130,36 +133,41 @@ def time_fn(fn: Callable[[], object], reps: int, warmup: int, device: torch.devi
     ``time.perf_counter`` on the CPU)."""
     for _ in range(warmup):
         fn()
+    if device.type != "cuda":
+        return statistics.median(_timed_ms(fn, device)[1] for _ in range(reps))
+    torch.cuda.synchronize(device)
     times = []
-    if device.type == "cuda":
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
         torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _timed_ms(fn: Callable[[], object], dev: torch.device) -> tuple[object, float]:
+    """``fn()`` and the wall milliseconds it took (synchronized on CUDA)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return out, (time.perf_counter() - t0) * 1e3
 
 
 def time_and_peak(fn: Callable[[], object], reps: int, warmup: int,
                   device: torch.device) -> tuple[float, int, int]:
     """:func:`time_fn` of ``fn``, the bytes allocated before its calls and the allocator's peak
     during them (both 0 off CUDA)."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device) if cuda else 0
-    ms = time_fn(fn, reps, warmup, device)
-    return ms, base, torch.cuda.max_memory_allocated(device) if cuda else 0
+    if device.type != "cuda":
+        return time_fn(fn, reps, warmup, device), 0, 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    return time_fn(fn, reps, warmup, device), base, torch.cuda.max_memory_allocated(device)
 
 
 def _group_offset_heads(num_heads: int, segments: list[int],
@@ -216,11 +224,10 @@ def strided_gather_dilated(q: Tensor, k: Tensor, v: Tensor, segments: list[int],
     return out
 
 
-def _variant_fn(
-    variant: str, family: str, pattern: P.Pattern, cfg: BenchConfig, seq_len: int,
-    q: Tensor, k: Tensor, v: Tensor,
-) -> Callable[[], Tensor] | None:
+def _variant_fn(variant: str, family: str, pattern: P.Pattern, cfg: BenchConfig, q: Tensor,
+                k: Tensor, v: Tensor) -> Callable[[], Tensor] | None:
     """A closure computing the forward output, or None if the variant does not apply."""
+    seq_len = q.shape[2]
     fam, args = _case(family, seq_len, cfg.heads)
     longnet = fam.build is P.dilated
     segs, dils = args.get("segment_lengths"), args.get("dilation_rates")
@@ -232,9 +239,8 @@ def _variant_fn(
             return None
         naive = strided_gather_dilated if variant == "strided_gather" else strided_view_dilated
         return lambda: naive(q, k, v, segs, dils)
-    if variant in ("ours", "flex_natural", "blockwise", "triton"):
-        backend = {"ours": "auto", "flex_natural": "flex", "blockwise": "blockwise",
-                   "triton": "triton"}[variant]
+    if variant in _BACKEND:
+        backend = _BACKEND[variant]
         if backend == "flex" and q.device.type == "cpu" and cfg.backward:
             return None  # FlexAttention has no CPU backward
         if backend == "triton" and q.device.type != "cuda":
@@ -252,6 +258,13 @@ def _variant_fn(
     raise ValueError(variant)
 
 
+def _useful_flops(shape: Sequence[int], density: float, backward: bool) -> float:
+    """Matmul FLOPs of attention over ``density`` of the pairs of inputs of ``shape``
+    ``[B, H, S, D]``; a backward does 2.5 times a forward's."""
+    bsz, heads, s, d = shape
+    return 4.0 * bsz * heads * s * s * d * density * (3.5 if backward else 1.0)
+
+
 def _required_bytes(q: Tensor, backward: bool) -> int:
     """Bytes of the tensors a pass over inputs like ``q`` must hold: q, k, v and out; with the
     backward also their gradients and the upstream gradient."""
@@ -259,16 +272,10 @@ def _required_bytes(q: Tensor, backward: bool) -> int:
 
 
 def _fwd_bwd_step(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
-                  grad: Tensor | None = None) -> Callable[[], Tensor]:
-    """A closure running ``fn`` and its backward into ``inputs`` with output gradient ``grad``
-    (default: random, drawn at the first call); returns the first input's gradient."""
-    def step() -> Tensor:
-        nonlocal grad
-        out = fn()
-        if grad is None:
-            grad = torch.randn_like(out)
-        return torch.autograd.grad(out, inputs, grad)[0]
-    return step
+                  grad: Tensor) -> Callable[[], Tensor]:
+    """A closure running ``fn`` and its backward into ``inputs`` with output gradient ``grad``;
+    returns the first input's gradient."""
+    return lambda: torch.autograd.grad(fn(), inputs, grad)[0]
 
 
 def _measure(fn: Callable[[], Tensor], cfg: BenchConfig, inputs: tuple[Tensor, ...],
@@ -277,15 +284,11 @@ def _measure(fn: Callable[[], Tensor], cfg: BenchConfig, inputs: tuple[Tensor, .
     whole peak over the timed calls and over the first call (``peak_total_mib``,
     ``first_peak_total_mib``) of ``fn``'s pass: forward, forward of inputs that require grad,
     or forward+backward."""
-    if cfg.backward:
-        step = _fwd_bwd_step(fn, inputs)
-    else:
-        def step():
-            with torch.set_grad_enabled(cfg.grad_forward):
-                fn()
-    # the first call (compilation, first-call costs) stays out of the timing and the peak
-    first = time_and_peak(step, 1, 0, device)[2]
-    ms, base, peak = time_and_peak(step, cfg.reps, cfg.warmup, device)
+    step = _fwd_bwd_step(fn, inputs, torch.randn_like(inputs[0])) if cfg.backward else fn
+    with torch.set_grad_enabled(cfg.backward or cfg.grad_forward):
+        # the first call (compilation, first-call costs) stays out of the timing and the peak
+        first = time_and_peak(step, 1, 0, device)[2]
+        ms, base, peak = time_and_peak(step, cfg.reps, cfg.warmup, device)
     return {"ms": ms, "peak_mib": (peak - base) / 2**20, "peak_total_mib": peak / 2**20,
             "first_peak_total_mib": first / 2**20}
 
@@ -295,45 +298,38 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, write: bool = True) ->
     from tqdm.auto import tqdm
 
     device = torch.device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
     env = environment(device)
     jobs = [(s, f, v) for s in cfg.seq_lens for f in cfg.families for v in cfg.variants]
     rows: list[dict] = []
     gen = torch.Generator(device=device).manual_seed(0)
     for seq_len, family, variant in tqdm(jobs, desc=f"bench {cfg.study}", disable=not progress):
         shape = (cfg.batch, cfg.heads, seq_len, cfg.head_dim)
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen)
+        q, k, v = (torch.randn(shape, device=device, dtype=DTYPES[cfg.dtype], generator=gen)
                    .requires_grad_(cfg.backward or cfg.grad_forward) for _ in range(3))
         pattern, params = family_pattern(family, seq_len, cfg.heads)
+        fn = _variant_fn(variant, family, pattern, cfg, q, k, v)
+        if fn is None:
+            continue
         useful = pattern.density(seq_len)
-        computed = pattern.density(seq_len, cfg.block_size)
         row = {"study": cfg.study, **env, "dtype": cfg.dtype, "batch": cfg.batch,
                "heads": cfg.heads, "head_dim": cfg.head_dim, "seq_len": seq_len,
                "family": family, "params": params, "variant": variant,
                "pass": cfg.pass_name, "block_size": cfg.block_size,
-               "useful_density": round(useful, 6), "computed_density": round(computed, 6),
+               "useful_density": round(useful, 6),
+               "computed_density": round(pattern.density(seq_len, cfg.block_size), 6),
                "reps": cfg.reps}
-        fn = _variant_fn(variant, family, pattern, cfg, seq_len, q, k, v)
-        if fn is None:
-            continue
         try:
-            measured, status = _measure(fn, cfg, (q, k, v), device), "ok"
+            measured, row["status"] = _measure(fn, cfg, (q, k, v), device), "ok"
         except torch.OutOfMemoryError:
-            measured, status = {"ms": math.nan, "peak_mib": math.nan}, "oom"
+            measured, row["status"] = {"ms": math.nan, "peak_mib": math.nan}, "oom"
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        ms = measured["ms"]
-        useful_flops = 4 * cfg.batch * cfg.heads * seq_len * seq_len * cfg.head_dim * useful
-        if cfg.backward:
-            useful_flops *= 3.5  # backward does 2.5x the forward's matmul work
-        rate = status == "ok" and variant != "paper"  # paper mode runs every pair on every head
-        required = _required_bytes(q, cfg.backward) / 2**20
-        row.update(status=status, **{k: round(x, 4 if k == "ms" else 1)
-                                     for k, x in measured.items()},
-                   required_mib=round(required, 1),
-                   useful_tflops=round(useful_flops / ms / 1e9, 2) if rate else "")
-        rows.append(row)
+        rate = row["status"] == "ok" and variant != "paper"  # paper runs every pair on every head
+        flops = _useful_flops(q.shape, useful, cfg.backward)
+        rows.append({**row, **{k: round(x, 4 if k == "ms" else 1) for k, x in measured.items()},
+                     "required_mib": round(_required_bytes(q, cfg.backward) / 2**20, 1),
+                     "useful_tflops": round(flops / measured["ms"] / 1e9, 2) if rate else ""})
         if write:  # after every case: a sweep cut short keeps every finished case
             write_csv(rows, f"bench_{cfg.study}", device)
     return rows
@@ -361,18 +357,17 @@ def longest_sequence(families: Iterable[str], *, start: int = 262144, limit: int
     rows: list[dict] = []
     with emulated_memory(dev, memory_gib) as cap:
         for family in cfg.families:
-            s, last_ms = start, None
+            s, predicted_s = start, 0.0
             while s <= limit:
                 row = {**env, **cap, "family": family, "seq_len": s, "heads": heads,
                        "head_dim": head_dim, "dtype": "bf16", "block_size": block_size,
                        "pass": cfg.pass_name}
-                predicted_s = None if last_ms is None else 4 * last_ms / 1e3
-                if predicted_s is not None and predicted_s > max_seconds:
+                if predicted_s > max_seconds:
                     row.update(status="too_slow", predicted_s=round(predicted_s),
                                inputs_fit=_inputs_fit(4, heads, s, head_dim, dev))
                 else:
                     row.update(_longest_attempt(family, s, cfg, dev, repeat_below_s))
-                    last_ms = row.get("ms")
+                    predicted_s = 4 * row.get("ms", 0.0) / 1e3  # twice the length: 4x the pairs
                 rows.append(row)
                 print(row, flush=True)
                 if study is not None:
@@ -392,7 +387,7 @@ def _longest_attempt(family: str, s: int, cfg: BenchConfig, dev: torch.device,
         q, k, v = (torch.randn(1, cfg.heads, s, cfg.head_dim, device=dev, dtype=torch.bfloat16)
                    .requires_grad_(cfg.backward) for _ in range(3))
         pattern, params = family_pattern(family, s, cfg.heads)
-        attend = _variant_fn("ours", family, pattern, cfg, s, q, k, v)
+        attend = _variant_fn("ours", family, pattern, cfg, q, k, v)
         last: list[Tensor] = []
         upstream = torch.randn_like(q) if cfg.backward else None  # the gradient of out
 
@@ -440,18 +435,15 @@ def spot_check(pattern: P.Pattern, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     idx = torch.linspace(0, s - 1, rows, device=q.device).round().long()
     keys = torch.arange(k.shape[2], device=q.device)
     err = 0.0
-    chunks = [(c, min(c + _SPOT_CHUNK, k.shape[2])) for c in range(0, k.shape[2], _SPOT_CHUNK)]
     for h in sorted({0, heads - 1}):
         allowed = pattern.allowed(torch.tensor(h, device=q.device), idx[:, None], keys[None, :])
         qr = q[0, h, idx].float() / math.sqrt(q.shape[-1])
-        scores = torch.cat([qr @ k[0, h, a:b].float().T for a, b in chunks], -1)
+        scores = torch.cat([qr @ kc.float().T for kc in k[0, h].split(_SPOT_CHUNK)], -1)
         p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-        ref = sum(p[:, a:b] @ v[0, h, a:b].float() for a, b in chunks)
+        ref = sum(pc @ vc.float() for pc, vc in zip(p.split(_SPOT_CHUNK, -1),
+                                                    v[0, h].split(_SPOT_CHUNK)))
         err = max(err, float((out[0, h, idx].float() - ref).abs().max()))
     return round(err, 5)
-
-
-_SPOT_CHUNK = 1 << 20  # keys converted to float32 at a time by spot_check
 
 
 def _failed_alloc_gib(message: str) -> float | None:
@@ -506,15 +498,14 @@ def emulated_memory(dev: torch.device, memory_gib: float | None) -> Iterator[dic
 
 def _inputs_fit(tensors: int, heads: int, s: int, head_dim: int, dev: torch.device) -> bool:
     """Whether ``tensors`` bf16 tensors of ``[1, heads, s, head_dim]`` can be allocated."""
-    held = []
     try:
-        for _ in range(tensors):
-            held.append(torch.empty(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16))
+        held = [torch.empty(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16)
+                for _ in range(tensors)]
+        del held  # freed before the cache is emptied
         return True
     except torch.OutOfMemoryError:
         return False
     finally:
-        held.clear()
         torch.cuda.empty_cache()
 
 
@@ -531,23 +522,18 @@ def hilbert_study(grids: Iterable[int], radii: Iterable[int], *, heads: int = 16
     env = environment(dev)
     rows = []
     for g in grids:
-        shape = (1, heads, g * g, head_dim)
-        q, k, v = (torch.randn(shape, device=dev, dtype=dtype) for _ in range(3))
-        for r in radii:
-            for token_order in ("raster", "morton", "hilbert"):
-                pattern = grid_neighborhood((g, g), r, token_order)
-                lay = pattern.block_structure(g * g, block_size, dev)
-                for block_order in (None, "hilbert"):
-                    def fn(p=pattern, lay=lay, bo=block_order, q=q, k=k, v=v):
-                        with torch.no_grad():
-                            return block_sparse_attention(q, k, v, p, block_size, backend="flex",
-                                                          layout=lay, block_order=bo)
-                    fn()
-                    rows.append({**env, "grid": f"{g}x{g}", "radius": r,
-                                 "block_size": block_size, "token_order": token_order,
-                                 "block_order": block_order or "natural", "backend": "flex",
-                                 "computed_density": round(lay.stats().density, 5),
-                                 "ms": round(time_fn(fn, reps, 3, dev), 4)})
+        q, k, v = (torch.randn(1, heads, g * g, head_dim, device=dev, dtype=dtype)
+                   for _ in range(3))
+        for r, token_order in product(radii, ("raster", "morton", "hilbert")):
+            pattern = grid_neighborhood((g, g), r, token_order)
+            lay = pattern.block_structure(g * g, block_size, dev)
+            for block_order in (None, "hilbert"):
+                fn = partial(block_sparse_attention, q, k, v, pattern, block_size,
+                             backend="flex", layout=lay, block_order=block_order)
+                rows.append({**env, "grid": f"{g}x{g}", "radius": r, "block_size": block_size,
+                             "token_order": token_order, "block_order": block_order or "natural",
+                             "backend": "flex", "computed_density": round(lay.stats().density, 5),
+                             "ms": round(time_fn(fn, reps, 3, dev), 4)})
     return rows
 
 
@@ -570,13 +556,10 @@ def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: i
             pattern = sel.pattern()
             lay = pattern.block_structure(s, block_size, dev)
             qf, kf, vf = fold_batch(q), fold_batch(k), fold_batch(v)
-            calls = {
-                "select": partial(attn.select, q, k),
-                "attention": partial(block_sparse_attention, qf, kf, vf, pattern, block_size,
-                                     layout=lay),
-                "end_to_end": partial(attn, q, k, v),
-            }
-            select_ms, attend_ms, total_ms = (time_fn(f, reps, 3, dev) for f in calls.values())
+            select_ms, attend_ms, total_ms = (time_fn(f, reps, 3, dev) for f in (
+                partial(attn.select, q, k),
+                partial(block_sparse_attention, qf, kf, vf, pattern, block_size, layout=lay),
+                partial(attn, q, k, v)))
         rows.append({**env, "seq_len": s, "heads": heads, "head_dim": head_dim,
                      "block_size": block_size, "density": density,
                      "selected_density": round(float(sel.selected.float().mean()), 5),
@@ -584,17 +567,6 @@ def adaptive_cost_study(seq_lens: Iterable[int], *, heads: int = 16, head_dim: i
                      "end_to_end_ms": round(total_ms, 4),
                      "select_fraction": round(select_ms / attend_ms, 4)})
     return rows
-
-
-def _timed_ms(fn: Callable[[], object], dev: torch.device) -> tuple[object, float]:
-    """``fn()`` and the wall milliseconds it took (synchronized on CUDA)."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    out = fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return out, round((time.perf_counter() - t0) * 1e3, 2)
 
 
 LAYOUT_TARGET_MS = {"cpu": 2000.0, "cuda": 100.0}
@@ -611,16 +583,15 @@ def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
         takes = inspect.signature(fam.build).parameters
         counts = sorted(set(heads)) if "num_heads" in takes else [1]
         sizes = sorted(set(cells), reverse=True) if cells and "cell" in takes else [None]
-        for cell in sizes:
-            for h in counts:
-                try:
-                    _, args = _case(family, seq_len, h, **({} if cell is None else {"cell": cell}))
-                    if "num_heads" in takes:  # random tiles draw each head apart
-                        args["num_heads"] = h
-                    pattern = fam.build(**args)
-                except ValueError:  # e.g. fewer heads than LongNet's head groups
-                    continue
-                cases.append((family, pattern, _params(fam, args), cell))
+        for cell, h in product(sizes, counts):
+            try:
+                _, args = _case(family, seq_len, h, **({} if cell is None else {"cell": cell}))
+                if "num_heads" in takes:  # random tiles draw each head apart
+                    args["num_heads"] = h
+                pattern = fam.build(**args)
+            except ValueError:  # e.g. fewer heads than LongNet's head groups
+                continue
+            cases.append((family, pattern, _params(fam, args), cell))
     return cases
 
 
@@ -632,42 +603,34 @@ def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size:
     from ..backends.flex import build_block_mask
     from ..backends.triton_sparse import build_plan
 
-    predicate = pattern.predicate(dev)
-    warm = Problem(pattern.block_structure(min(seq_len, 4096), block_size, dev), predicate, 1.0,
-                   pattern=pattern)
-    times: dict[str, list[float]] = {"build_ms": [], "flex_mask_ms": [], "triton_plan_ms": []}
-    extra: dict = {"partial_tiles": None, "status": "ok"}
-    plan = structures  # whether the triton plan is timed: not once it cannot fit or has failed
-    for rep in range(reps):
+    small = pattern.block_structure(min(seq_len, 4096), block_size, dev)  # first-call costs
+    times: dict[str, list[float]] = {"build_ms": []}
+    for _ in range(reps):  # every build is the same layout: the last one is kept
+        lay = None  # each build starts without the last one's memory
+        gc.collect()
         lay, ms = _timed_ms(lambda: pattern.block_structure(seq_len, block_size, dev), dev)
         times["build_ms"].append(ms)
-        if rep == 0:  # every build is the same layout: count it once, warm the kernels once
-            extra["layout_mib"] = round(lay.active.numel() * 2 / 2**20, 1)
-            if structures:
-                extra["partial_tiles"] = partial = int((lay.active & ~lay.full).sum())
-                bits = partial * block_size**2 / 8 / 2**30
-                if bits > max_gib:
-                    extra["status"] = f"no triton plan: its bit masks need {bits:.0f} GiB"
-                    plan = False
-                build_block_mask(warm, dev, backward=False)
-        if structures:
-            prob = Problem(lay, predicate, 1.0, pattern=pattern)
-            times["flex_mask_ms"].append(
-                _timed_ms(lambda p=prob: build_block_mask(p, dev, False), dev)[1])
-            if plan:
-                try:
-                    if rep == 0:
-                        build_plan(warm, dev)
-                    times["triton_plan_ms"].append(
-                        _timed_ms(lambda p=prob: build_plan(p, dev), dev)[1])
-                except (ValueError, torch.OutOfMemoryError) as err:
-                    extra["status"] = f"no triton plan: {str(err).split(';')[0]}"
-                    plan = False
-            del prob
-        del lay
-        gc.collect()  # the next build starts without this one's memory
-    med = {k: round(statistics.median(v), 2) for k, v in times.items() if v}
-    return med, extra
+    extra: dict = {"partial_tiles": None, "status": "ok",
+                   "layout_mib": round(lay.active.numel() * 2 / 2**20, 1)}
+    if structures:
+        predicate = pattern.predicate(dev)
+        prob = Problem(lay, predicate, 1.0, pattern=pattern)
+        warm = Problem(small, predicate, 1.0, pattern=pattern)  # compiles what the timed calls run
+        build_block_mask(warm, dev, backward=False)
+        times["flex_mask_ms"] = [_timed_ms(lambda: build_block_mask(prob, dev, False), dev)[1]
+                                 for _ in range(reps)]
+        extra["partial_tiles"] = partial = int((lay.active & ~lay.full).sum())
+        bits = partial * block_size**2 / 8 / 2**30
+        if bits > max_gib:
+            extra["status"] = f"no triton plan: its bit masks need {bits:.0f} GiB"
+        else:
+            try:
+                build_plan(warm, dev)
+                times["triton_plan_ms"] = [_timed_ms(lambda: build_plan(prob, dev), dev)[1]
+                                           for _ in range(reps)]
+            except (ValueError, torch.OutOfMemoryError) as err:
+                extra["status"] = f"no triton plan: {str(err).split(';')[0]}"
+    return {k: round(statistics.median(v), 2) for k, v in times.items()}, extra
 
 
 def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
@@ -706,11 +669,10 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
         if family in last:  # a layout scales with heads x cells, its structures with heads
             build, rest, h0, c0 = last[family]
             predicted = (build * h * cell_count / (h0 * c0) + rest * h / h0) / 1e3
-        if predicted > max_seconds:
-            rows.append({**row, "status": f"too_slow: predicted {predicted:.0f} s a build"})
-            continue
-        if gib > max_gib:
-            rows.append({**row, "status": f"too_large: needs {gib:.1f} GiB"})
+        skip = (f"too_slow: predicted {predicted:.0f} s a build" if predicted > max_seconds
+                else f"too_large: needs {gib:.1f} GiB" if gib > max_gib else None)
+        if skip:
+            rows.append({**row, "status": skip})
             continue
         med, extra = _time_layout(pattern, family not in longnet, seq_len,
                                   block_size, dev, reps, max_gib)
@@ -735,9 +697,6 @@ def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 20) -> lis
 
 def kernel_source_sha() -> str:
     """The first 12 hex digits of the SHA-256 of the Triton kernels' source."""
-    import hashlib
-    from pathlib import Path
-
     src = Path(__file__).resolve().parents[1] / "backends" / "_triton_kernels.py"
     return hashlib.sha256(src.read_bytes()).hexdigest()[:12]
 
@@ -746,8 +705,6 @@ def kernel_configs(space: str) -> list[object]:
     """Triton launch configurations to sweep: ``"launch"`` (forward tile edges, warps, stages),
     ``"features"`` (four forward shapes with and without TMA) or ``"backward"``
     (``BackwardConfig`` s that fit a Hopper program's shared memory)."""
-    from itertools import product
-
     from ..backends.triton_sparse import BackwardConfig, KernelConfig
 
     if space == "launch":
@@ -787,43 +744,39 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
     dev = torch.device(device)
     env = {**environment(dev), "kernel_sha": kernel_source_sha(),
            "pass": "fwd+bwd" if backward else "fwd"}
-    if configs is None:
-        configs = kernel_configs("backward" if backward else "launch")
-    configs = list(configs)
+    configs = list(kernel_configs("backward" if backward else "launch") if configs is None
+                   else configs)
     gen = torch.Generator(device=dev).manual_seed(0)
     shape = (1, heads, seq_len, head_dim)
     q, k, v = (torch.randn(shape, device=dev, dtype=torch.bfloat16, generator=gen)
                .requires_grad_(backward) for _ in range(3))
     grad = torch.randn(shape, device=dev, dtype=torch.bfloat16, generator=gen)
-    dense_flops = 4.0 * heads * seq_len * seq_len * head_dim * (3.5 if backward else 1.0)
+    dense_flops = _useful_flops(shape, 1.0, backward)
 
-    def timed(fn: Callable[[], Tensor]) -> tuple[Callable[[], Tensor], float]:
+    def timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
+        """The output (or the query gradient) of ``fn``'s pass and its median time."""
         step = _fwd_bwd_step(fn, (q, k, v), grad) if backward else fn
         with torch.set_grad_enabled(backward):
-            return step, time_fn(step, reps, 3, dev)
+            ms = time_fn(step, reps, 3, dev)
+            return step().detach(), ms
 
-    _, sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+    sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v))[1]
     dense_rate = dense_flops / sdpa_ms / 1e9
     rows = [{**env, "seq_len": seq_len, "family": "dense", "variant": "sdpa_dense",
              "ms": round(sdpa_ms, 4), "useful_tflops": round(dense_rate, 1), "vs_dense": 1.0}]
     jobs = [(f, c) for f in families for c in [None, *configs]]
-    ref, case = {}, {}
     for family, cfg in tqdm(jobs, desc="triton configs", disable=not progress):
-        if family not in case:  # the pattern, its density and the kernel's plan, once a family
+        if cfg is None:  # a family's first job: its plan, and FlexAttention's output as reference
             pattern, params = family_pattern(family, seq_len, heads)
-            lay = pattern.block_structure(seq_len, block_size, dev)
-            prob = Problem(lay, pattern.predicate(dev), head_dim ** -0.5, pattern=pattern)
-            case[family] = (pattern, params, pattern.density(seq_len), prob, build_plan(prob, dev))
-        pattern, params, useful, prob, plan = case[family]
-        row = {**env, "seq_len": seq_len, "family": family, "params": params,
-               "useful_density": round(useful, 6), "block_size": block_size}
-        if cfg is None:
+            prob = Problem(pattern.block_structure(seq_len, block_size, dev),
+                           pattern.predicate(dev), head_dim ** -0.5, pattern=pattern)
+            plan, useful = build_plan(prob, dev), pattern.density(seq_len)
+            case = {**env, "seq_len": seq_len, "family": family, "params": params,
+                    "useful_density": round(useful, 6), "block_size": block_size}
             module = BlockSparseAttention(pattern, block_size, backend="flex")
             module.layout(seq_len, seq_len, dev)
-            step, ms = timed(lambda m=module: m(q, k, v))
-            with torch.set_grad_enabled(backward):
-                ref[family] = step().detach()
-            row.update(variant="flex_natural")
+            ref, ms = timed(lambda m=module: m(q, k, v))
+            row = {**case, "variant": "flex_natural"}
         else:
             fwd, bwd = (None, cfg) if backward else (cfg, None)
 
@@ -834,22 +787,19 @@ def triton_config_study(seq_len: int, families: Iterable[str], *, heads: int = 1
             if backward:  # one column per field of each kernel's configuration
                 settings = {f"{kernel}_{key}": value for kernel, fields in settings.items()
                             for key, value in fields.items()}
+            row = {**case, "variant": "triton", **settings}
             try:
-                step, ms = timed(fn)
-                with torch.set_grad_enabled(backward):
-                    diff = (step().float() - ref[family].float()).abs().max().item()
+                out, ms = timed(fn)
+                diff = (out.float() - ref.float()).abs().max().item()
+                row["max_abs_diff_vs_flex"] = round(diff, 5)
             except Exception as e:  # a launch configuration the compiler rejects
-                rows.append({**row, "variant": "triton", **settings,
-                             "status": type(e).__name__})
-                if csv_name:
-                    write_csv(rows, csv_name, dev)
-                continue
-            row.update(variant="triton", **settings, max_abs_diff_vs_flex=round(diff, 5))
-        tflops = dense_flops * useful / ms / 1e9
-        row.update(status="ok", ms=round(ms, 4), useful_tflops=round(tflops, 1),
-                   vs_dense=round(tflops / dense_rate, 3))
+                row["status"] = type(e).__name__
+        if "status" not in row:
+            tflops = dense_flops * useful / ms / 1e9
+            row.update(status="ok", ms=round(ms, 4), useful_tflops=round(tflops, 1),
+                       vs_dense=round(tflops / dense_rate, 3))
         rows.append(row)
-        if csv_name:
+        if csv_name:  # after every case: a sweep cut short keeps every finished case
             write_csv(rows, csv_name, dev)
     return rows
 
@@ -863,19 +813,16 @@ def triton_resource_study(head_dims: Iterable[int] = (64, 128, 256), *,
     import triton
     from tqdm.auto import tqdm
 
-    from ..backends.triton_sparse import KernelConfig, default_backward_config, default_config
+    from ..backends.triton_sparse import KERNELS, KernelConfig, default_configs
     from .triton_resources import SHARED_LIMIT, kernel_resources
 
     cuda = torch.device("cuda")  # only named: the defaults are asked for its type
-    jobs: list[tuple[str, str, int, object]] = []
-    for d in head_dims:
-        bwd = default_backward_config(128, cuda, d, capability)
-        jobs += [("default", "forward", d, default_config(128, cuda, d, capability)),
-                 ("default", "dkdv", d, bwd.dkdv), ("default", "dq", d, bwd.dq)]
-    swept = kernel_configs("backward")
+    jobs = [("default", kernel, d, default_configs(kernel, 128, cuda, d, capability)[0])
+            for d in head_dims for kernel in KERNELS]
     jobs += [("features", "forward", 128, c) for c in kernel_configs("features")]
-    jobs += [("backward", "dkdv", 128, c) for c in dict.fromkeys(b.dkdv for b in swept)]
-    jobs += [("backward", "dq", 128, c) for c in dict.fromkeys(b.dq for b in swept)]
+    swept = kernel_configs("backward")
+    jobs += [("backward", kernel, 128, c) for kernel in ("dkdv", "dq")
+             for c in dict.fromkeys(getattr(b, kernel) for b in swept)]
     # shapes a Hopper program cannot hold: two stages of 256-wide heads
     jobs += [("too_large", "forward", 256, KernelConfig(64, 64, 4, 2, True)),
              ("too_large", "dkdv", 256, KernelConfig(64, 128, 8, 2, True)),

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -26,9 +26,9 @@ class NotebookSpec:
     """A notebook and what it promises to produce."""
 
     path: Path
-    figures: list[str] = field(default_factory=list)
-    data: list[str] = field(default_factory=list)
-    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    figures: list[str]
+    data: list[str]
+    profiles: dict[str, dict[str, Any]]
 
     @property
     def name(self) -> str:
@@ -71,14 +71,12 @@ def check_figures(specs: list[NotebookSpec], since: float | None = None,
 def _parameters(spec: NotebookSpec, profile: str | None, overrides: dict[str, Any]) -> dict:
     """The profile's parameters with ``overrides`` over them; raises ValueError for a profile
     the notebook lacks."""
-    params: dict[str, Any] = {}
-    if profile and profile != "default":
-        if profile not in spec.profiles:
-            raise ValueError(f"{spec.name} has no profile {profile!r}; it has: "
-                             f"{', '.join(['default', *spec.profiles])}")
-        params.update(spec.profiles[profile])
-    params.update(overrides)
-    return params
+    if profile in (None, "", "default"):
+        return dict(overrides)
+    if profile not in spec.profiles:
+        raise ValueError(f"{spec.name} has no profile {profile!r}; it has: "
+                         f"{', '.join(['default', *spec.profiles])}")
+    return {**spec.profiles[profile], **overrides}
 
 
 def run_notebooks(specs: list[NotebookSpec], *, profile: str | None = None,

@@ -43,14 +43,11 @@ def _git_commit() -> str:
 
 
 def environment(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Device name, torch version, today's date (UTC) and the code's commit
-    (:func:`code_commit`) for a record; on CUDA also the Triton version, which compiles the
-    kernels there."""
+    """Device name, torch version, today's date (UTC) and the code's commit (:func:`code_commit`)
+    for a record; on CUDA also the version of Triton, which compiles the kernels there."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-    else:
-        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     env = {"device": name, "torch": torch.__version__,
            "date": _dt.datetime.now(_dt.timezone.utc).date().isoformat(), "commit": code_commit()}
     if dev.type == "cuda":
@@ -69,13 +66,10 @@ def write_csv(rows: Iterable[Mapping[str, object]], name: str,
     in order of first appearance (missing cells stay empty)."""
     if not name or "/" in name or name.endswith(".csv"):
         raise ValueError(f"data name must be a bare stable name like '01_density', got {name!r}")
-    rows = [dict(r) for r in rows]
+    meta = environment(device)  # after each row's own columns, where it has none of its own
+    rows = [{**r, **{k: v for k, v in meta.items() if k not in r}} for r in rows]
     if not rows:
         raise ValueError(f"no rows to write to {name}.csv")
-    meta = environment(device)
-    for r in rows:
-        for key, val in meta.items():
-            r.setdefault(key, val)
     path = data_dir() / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:

@@ -23,9 +23,9 @@ _POINTERS = {
     "dq": ("Q", "K", "V", "DO", "DQ", "LSE2", "DELTA"),
 }
 
-_STATS = ("LSE", "LSE2", "DELTA")  # float32 per query
-_LISTS = ("F_N", "F_I", "P_N", "P_I", "P_START", "P_T", "BITS")  # the plan's int32 tables
-_FLOATS = ("qk_scale", "sm_scale")
+_TYPES = {**dict.fromkeys(("LSE", "LSE2", "DELTA"), "*fp32"),  # float32 per query
+          **dict.fromkeys(("F_N", "F_I", "P_N", "P_I", "P_START", "P_T", "BITS"), "*i32"),  # plan
+          **dict.fromkeys(("qk_scale", "sm_scale"), "fp32")}
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,13 @@ def _signature(fn, name: str, dtype: str, cfg: KernelConfig, head_dim: int,
     def kind(arg: str) -> str:
         if arg in constants:
             return "constexpr"
-        if arg in _STATS:
-            return "*fp32"
-        if arg in _LISTS:
-            return "*i32"
-        if arg in _POINTERS[name] and cfg.use_tma and arg in rows:
+        if arg in _TYPES:
+            return _TYPES[arg]
+        if arg not in _POINTERS[name]:
+            return "i32"
+        if cfg.use_tma and arg in rows:
             return f"tensordesc<{dtype}[1,1,{rows[arg]},{head_dim}]>"
-        if arg in _POINTERS[name]:
-            return f"*{dtype}"
-        return "fp32" if arg in _FLOATS else "i32"
+        return f"*{dtype}"
 
     return {arg: kind(arg) for arg in fn.arg_names}
 
