@@ -98,12 +98,6 @@ def default_configs(kernel: str, block: int, device: torch.device, head_dim: int
     return tuple(dict.fromkeys(chain))
 
 
-def default_config(block: int, device: torch.device, head_dim: int = 128,
-                   capability: tuple[int, int] | None = None) -> KernelConfig:
-    """The forward's first choice of :func:`default_configs`."""
-    return default_configs("forward", block, device, head_dim, capability)[0]
-
-
 @dataclass(frozen=True)
 class BackwardConfig:
     """Launch parameters of the two backward kernels: ``dkdv`` (a program per ``block_n`` keys,
