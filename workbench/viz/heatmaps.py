@@ -25,9 +25,6 @@ from .style import (
 __all__ = ["block_legend", "figure_legend", "head_layout", "plot_block_layout",
            "plot_pattern", "plot_token_mask", "tile_grid"]
 
-SEPARATOR_MAX_TILES = 48  # draw thin lines between tiles when a side has at most this many
-
-
 def _head_index(head: int, num_heads: int) -> int:
     """Index into a ``[H, ...]`` tensor: head-independent patterns (H = 1) broadcast."""
     if num_heads == 1:
@@ -76,15 +73,13 @@ def plot_token_mask(pattern: Pattern, seq_len: int, *, head: int = 0, block_size
 
 def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str | None = None,
                       annotate: bool = True):
-    """Block-level layout of one head: full, partial (needs the token mask) and empty tiles,
-    with lines between tiles up to ``SEPARATOR_MAX_TILES`` a side; ``annotate`` writes the
-    computed density under the axes."""
+    """Block-level layout of one head: full, partial (needs the token mask) and empty tiles;
+    ``annotate`` writes the computed density under the axes."""
     ax = new_axes(ax)
     grid = tile_grid(layout, head)
     ax.imshow(grid, cmap=TILE_CMAP, vmin=0, vmax=2, interpolation="nearest")
     ax.grid(False)  # tile separators, not the theme's grid, mark the tiles
-    if max(grid.shape) <= SEPARATOR_MAX_TILES:
-        tile_separators(ax, *grid.shape)
+    tile_separators(ax, *grid.shape)
     frac = int((grid > 0).sum()) / grid.size
     set_title(ax, title, f"blocks of {layout.block_size}, head {head}: {frac:.1%} of tiles")
     ax.set_xlabel("key block")

@@ -1,7 +1,5 @@
-"""The ring schedule drawn from its :class:`~workbench.sharding.DistributedPlan`: as a rank x step
-grid, as one step's (query run, K/V run) pairs outlined on the layout, and as every active tile
-coloured by its step; ``ring_step_regions``, ``ring_step_tiles`` and ``distributed_tile_steps``
-are their data."""
+"""The ring schedule of a :class:`~workbench.sharding.DistributedPlan` drawn: a rank x step grid,
+one step's pairs of runs outlined on the layout, and every active tile coloured by its step."""
 
 from __future__ import annotations
 
@@ -17,21 +15,14 @@ from torch import Tensor
 
 from ..layout import BlockLayout
 from ..sharding import DistributedPlan
-from .heatmaps import SEPARATOR_MAX_TILES, head_layout, plot_block_layout
-from .style import (
-    TILE,
-    new_axes,
-    rank_colors,
-    set_title,
-    tile_separators,
-)
+from .heatmaps import head_layout, plot_block_layout
+from .style import TILE, TOKEN_CMAP, new_axes, rank_colors, set_title, tile_separators
 
 __all__ = ["RingRegion", "distributed_tile_steps", "merged_heads", "plot_distributed_layout",
            "plot_ring_schedule", "plot_ring_step", "ring_step_regions", "ring_step_tiles",
            "step_colors"]
 
 ANNOTATE_MAX_RANKS = 12  # write the K/V shard and tile count in each cell up to this many ranks
-_SCHEDULE_CMAP = ListedColormap([TILE["empty"], TILE["allowed"]])  # 0 skipped, 1 computed
 _DIMMED = 0.7  # opacity of the white veil over tiles that a step does not compute
 
 
@@ -94,6 +85,14 @@ def ring_step_tiles(layout: BlockLayout, plan: DistributedPlan, step: int, *,
     return distributed_tile_steps(layout, plan, head=head) == _check_step(plan, step)
 
 
+def _shard_lines(ax, plan: DistributedPlan, color: str) -> None:
+    """Dotted lines where a query run (rows) or a K/V run (columns) of the shards starts."""
+    for sharding, line in ((plan.sharding, ax.axhline), (plan.kv, ax.axvline)):
+        for b0, _ in (run for runs in sharding.pieces for run in runs):
+            if b0:
+                line(b0 - 0.5, color=color, lw=0.6, ls=":")
+
+
 def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
                    head: int | None = None, ax=None, title: str | None = None):
     """The block layout with the tiles computed at ``step`` outlined, one colour per rank.
@@ -121,10 +120,7 @@ def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
                                ls="-" if region.computed else "--"))
         ax.text(k0 - 0.3, q0 - 0.3, f"r{region.rank}", color=color, fontsize=7, va="top",
                 fontweight="bold", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 0.5})
-    for sharding, line in ((plan.sharding, ax.axhline), (plan.kv, ax.axvline)):
-        for b0, _ in (run for runs in sharding.pieces for run in runs):
-            if b0:
-                line(b0 - 0.5, color="#999999", lw=0.6, ls=":")
+    _shard_lines(ax, plan, "#999999")
     computing = len({r.rank for r in regions if r.computed})
     set_title(ax, title, f"step {step}: {computing} of {plan.world_size} ranks compute, "
               f"{sum(r.tiles for r in regions)} tiles")
@@ -158,7 +154,7 @@ def plot_ring_schedule(plan: DistributedPlan, *, step: int | None = None, ax=Non
     p = plan.world_size
     tiles = plan.tiles_per_step()
     computed = (tiles > 0).to(torch.int64).numpy()
-    ax.imshow(computed, cmap=_SCHEDULE_CMAP, vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(computed, cmap=TOKEN_CMAP, vmin=0, vmax=1, interpolation="nearest")
     if p <= ANNOTATE_MAX_RANKS:
         fs = 7 if p <= 4 else 6 if p <= 8 else 5
         for r in range(p):
@@ -224,21 +220,17 @@ def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
     nq, nk = steps.shape
     colors = ListedColormap([TILE["empty"], *step_colors(p)])
     ax.imshow(steps.numpy() + 1, cmap=colors, vmin=0, vmax=p, interpolation="nearest")
-    if max(nq, nk) <= SEPARATOR_MAX_TILES:
-        tile_separators(ax, nq, nk, lw=0.5)
+    tile_separators(ax, nq, nk, lw=0.5)
     width = max(1.0, nk / 30)
     edge = -0.5 - 1.3 * width
     for r, color in enumerate(rank_colors(p)):
         for b0, b1 in plan.sharding.pieces[r]:  # query blocks: strip on the left
             ax.add_patch(Rectangle((edge, b0 - 0.5), width, b1 - b0, color=color,
                                    clip_on=False, lw=0))
-            if b0:
-                ax.axhline(b0 - 0.5, color="#666666", lw=0.6, ls=":")
         for b0, b1 in plan.kv.pieces[r]:  # key blocks: strip on top
             ax.add_patch(Rectangle((b0 - 0.5, edge), b1 - b0, width, color=color,
                                    clip_on=False, lw=0))
-            if b0:
-                ax.axvline(b0 - 0.5, color="#666666", lw=0.6, ls=":")
+    _shard_lines(ax, plan, "#666666")
     ax.set_xlim(-0.5 - 1.4 * width, nk - 0.5)
     ax.set_ylim(nq - 0.5, -0.5 - 1.4 * width)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
