@@ -1,8 +1,5 @@
-"""Space-filling curves drawn: a curve over a grid, and a visit path over a block layout.
-
-Both draw a path coloured from pale to the ordering's colour (:data:`.style.ORDERING`), from a
-circle (start) to a square (end).
-"""
+"""Space-filling curves drawn: a curve over a grid, and a visit path over a block layout, each a
+path from pale to its ordering's colour (:data:`.style.ORDERING`), circle to square."""
 
 from __future__ import annotations
 
@@ -19,8 +16,6 @@ from .style import ORDERING, TILE_CMAP, color_of, new_axes, set_title
 
 __all__ = ["ordering_cmap", "plot_curve", "plot_visit_path"]
 
-_START = _END = "#000000"
-
 
 def ordering_cmap(name: str | None) -> LinearSegmentedColormap:
     """A colour map from pale to the colour of ordering ``name`` (darkened), for the steps of a
@@ -36,14 +31,14 @@ def _path(ax, xy: np.ndarray, cmap, lw: float = 1.6, marker_size: float = 6.0) -
     """Polyline through ``xy`` ``[N, 2]`` coloured from the first step (pale) to the last
     (dark); the start is a circle, the end a square."""
     if len(xy) < 2:
-        ax.plot(xy[:, 0], xy[:, 1], "o", color=_START, ms=marker_size)
+        ax.plot(xy[:, 0], xy[:, 1], "o", color="black", ms=marker_size)
         return
     segs = np.stack([xy[:-1], xy[1:]], axis=1)
     lc = LineCollection(segs, cmap=cmap, linewidths=lw, capstyle="round", zorder=2)
     lc.set_array(np.arange(len(segs)))
     ax.add_collection(lc)
-    ax.plot(*xy[0], "o", mfc="none", mec=_START, mew=1.6, ms=marker_size, zorder=4)
-    ax.plot(*xy[-1], "s", mfc="none", mec=_END, mew=1.6, ms=marker_size, zorder=4)
+    ax.plot(*xy[0], "o", mfc="none", mec="black", mew=1.6, ms=marker_size, zorder=4)
+    ax.plot(*xy[-1], "s", mfc="none", mec="black", mew=1.6, ms=marker_size, zorder=4)
 
 
 def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title: str | None = None,
@@ -68,8 +63,7 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
     ax.grid(False)
     set_title(ax, title, f"{curve}, {h} x {w} ({jumps} jumps)")
     return ax
