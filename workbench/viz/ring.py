@@ -19,8 +19,7 @@ from .heatmaps import head_layout, plot_block_layout
 from .style import TILE, TOKEN_CMAP, new_axes, rank_colors, set_title, tile_separators
 
 __all__ = ["RingRegion", "distributed_tile_steps", "merged_heads", "plot_distributed_layout",
-           "plot_ring_schedule", "plot_ring_step", "ring_step_regions", "ring_step_tiles",
-           "step_colors"]
+           "plot_ring_schedule", "plot_ring_step", "ring_step_regions", "step_colors"]
 
 ANNOTATE_MAX_RANKS = 12  # write the K/V shard and tile count in each cell up to this many ranks
 _DIMMED = 0.7  # opacity of the white veil over tiles that a step does not compute
@@ -76,13 +75,6 @@ def merged_heads(layout: BlockLayout) -> BlockLayout:
 
 def _shown(layout: BlockLayout, head: int | None) -> BlockLayout:
     return merged_heads(layout) if head is None else head_layout(layout, head)
-
-
-def ring_step_tiles(layout: BlockLayout, plan: DistributedPlan, step: int, *,
-                    head: int | None = None) -> Tensor:
-    """Bool ``[nq, nk]``: the active tiles computed at ``step`` (of ``head``; all heads if None);
-    every active tile is computed at exactly one step."""
-    return distributed_tile_steps(layout, plan, head=head) == _check_step(plan, step)
 
 
 def _shard_lines(ax, plan: DistributedPlan, color: str) -> None:
