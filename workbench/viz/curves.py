@@ -60,10 +60,7 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
             ax.text(x + 0.12, y - 0.12, str(i), fontsize=6, color="#555555")
     steps = np.abs(np.diff(rc, axis=0)).sum(1)
     jumps = int((steps > 1).sum())
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
-    ax.set_aspect("equal")
-    ax.set(xticks=[], yticks=[])
+    ax.set(xlim=(-0.5, w - 0.5), ylim=(h - 0.5, -0.5), aspect="equal", xticks=[], yticks=[])
     ax.grid(False)
     set_title(ax, title, f"{curve}, {h} x {w} ({jumps} jumps)")
     return ax
@@ -94,10 +91,8 @@ def plot_visit_path(layout: BlockLayout, block_order: str | None = "hilbert", *,
                                            "ec": "none", "alpha": 0.85})
     nq, nk = grid.shape
     step = max(1, int(np.ceil(max(nq, nk) / 16)))
-    ax.set_xticks(np.arange(0, nk, step))
-    ax.set_yticks(np.arange(0, nq, step))
+    ax.set(xticks=np.arange(0, nk, step), yticks=np.arange(0, nq, step), xlabel="key block",
+           ylabel="query block")
     ax.grid(False)
-    ax.set_xlabel("key block")
-    ax.set_ylabel("query block")
     set_title(ax, title, f"visit order: {block_order or 'natural'}")
     return ax

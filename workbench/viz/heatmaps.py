@@ -66,8 +66,7 @@ def plot_token_mask(pattern: Pattern, seq_len: int, *, head: int = 0, block_size
     mask = pattern.token_mask(seq_len)[_head_index(head, pattern.num_heads)].numpy()
     draw_mask(ax, mask, block_size)
     set_title(ax, title, f"tokens, head {head}: {mask.mean():.1%} allowed")
-    ax.set_xlabel("key position")
-    ax.set_ylabel("query position")
+    ax.set(xlabel="key position", ylabel="query position")
     return ax
 
 
@@ -82,8 +81,7 @@ def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str
     tile_separators(ax, *grid.shape)
     frac = int((grid > 0).sum()) / grid.size
     set_title(ax, title, f"blocks of {layout.block_size}, head {head}: {frac:.1%} of tiles")
-    ax.set_xlabel("key block")
-    ax.set_ylabel("query block")
+    ax.set(xlabel="key block", ylabel="query block")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if annotate:

@@ -98,20 +98,18 @@ def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
     veil = np.ones((nq, nk, 4))
     veil[..., 3] = _DIMMED
     regions = ring_step_regions(plan, step)
-    for region in regions:
-        if region.computed:
-            (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
-            veil[q0:q1, k0:k1, 3] = 0.0
-    ax.imshow(veil, interpolation="nearest")
     colors = rank_colors(plan.world_size)
     for region in regions:
         (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
+        if region.computed:
+            veil[q0:q1, k0:k1, 3] = 0.0
         color = colors[region.rank]
         ax.add_patch(Rectangle((k0 - 0.5, q0 - 0.5), k1 - k0, q1 - q0, fill=False,
                                edgecolor=color, lw=2.2 if region.computed else 1.0,
                                ls="-" if region.computed else "--"))
         ax.text(k0 - 0.3, q0 - 0.3, f"r{region.rank}", color=color, fontsize=7, va="top",
                 fontweight="bold", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 0.5})
+    ax.imshow(veil, interpolation="nearest")
     _shard_lines(ax, plan, "#999999")
     computing = len({r.rank for r in regions if r.computed})
     set_title(ax, title, f"step {step}: {computing} of {plan.world_size} ranks compute, "
@@ -223,12 +221,11 @@ def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
             ax.add_patch(Rectangle((b0 - 0.5, edge), b1 - b0, width, color=color,
                                    clip_on=False, lw=0))
     _shard_lines(ax, plan, "#666666")
-    ax.set_xlim(-0.5 - 1.4 * width, nk - 0.5)
-    ax.set_ylim(nq - 0.5, -0.5 - 1.4 * width)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("key block (strip: rank holding it)")
-    ax.set_ylabel("query block (strip: rank computing it)")
+    ax.set(xlim=(-0.5 - 1.4 * width, nk - 0.5), ylim=(nq - 0.5, -0.5 - 1.4 * width),
+           xlabel="key block (strip: rank holding it)",
+           ylabel="query block (strip: rank computing it)")
     set_title(ax, title, f"{plan.sharding.kind} sharding over {p} ranks: tile colour = ring step")
     if legend:
         handles = [Patch(color=c, label=f"step {d}") for d, c in enumerate(step_colors(p))]
