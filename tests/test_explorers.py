@@ -32,7 +32,8 @@ from workbench.viz.explorers import (  # noqa: E402
 )
 from workbench.viz.explorers.core import parse_int_list  # noqa: E402
 from workbench.viz.explorers.pattern import parameters_used  # noqa: E402
-from workbench.viz.ring import distributed_tile_steps, merged_heads, ring_step_regions  # noqa: E402
+from workbench.viz.heatmaps import head_layout  # noqa: E402
+from workbench.viz.ring import distributed_tile_steps, ring_step_regions  # noqa: E402
 
 
 def _reduced_over_tiles(mask: np.ndarray, block: int) -> np.ndarray:
@@ -197,7 +198,7 @@ def test_every_active_tile_is_computed_at_exactly_one_step():
     layout = P.dilated([64, 128], [1, 4], 4).block_structure(256, 16)
     plan = distributed_plan(layout, shard_plan(256, 4, 16))
     per_step = torch.stack([distributed_tile_steps(layout, plan) == t for t in range(4)])
-    assert torch.equal(per_step.sum(0), merged_heads(layout).active[0].to(torch.int64))
+    assert torch.equal(per_step.sum(0), head_layout(layout, None).active[0].to(torch.int64))
     head2 = torch.stack([distributed_tile_steps(layout, plan, head=2) == t for t in range(4)])
     assert torch.equal(head2.sum(0), layout.active[2].to(torch.int64))
 

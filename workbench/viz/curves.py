@@ -43,10 +43,8 @@ def _path(ax, xy: np.ndarray, cmap, lw: float = 1.6, marker_size: float = 6.0) -
 
 def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title: str | None = None,
                numbers: bool | None = None):
-    """Draw ``curve`` over a 2-D grid (row 0 at the top); jumps on non-power-of-two grids show.
-
-    ``numbers`` writes each cell's curve index (default: when the grid has at most 64 cells).
-    """
+    """Draw ``curve`` over a 2-D grid (row 0 at the top; jumps on non-power-of-two grids show);
+    ``numbers`` writes each cell's curve index (default: when the grid has at most 64 cells)."""
     ax = new_axes(ax, 3.5)
     h, w = shape
     n = h * w
@@ -68,11 +66,8 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
 
 def plot_visit_path(layout: BlockLayout, block_order: str | None = "hilbert", *, head: int = 0,
                     ax=None, title: str | None = None, numbers: bool | None = None):
-    """A layout's active tiles with the path a backend walks through them in ``block_order``.
-
-    The tiles are drawn pale; ``numbers`` writes each tile's step number (default: when at most
-    64 tiles are active).
-    """
+    """A layout's active tiles, drawn pale, with the path a backend walks through them in
+    ``block_order``; ``numbers`` writes each tile's step (default: up to 64 active tiles)."""
     ax = new_axes(ax, 3.5)
     one = head_layout(layout, head)
     grid = tile_grid(one)

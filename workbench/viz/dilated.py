@@ -69,12 +69,9 @@ def plot_head_masks(pattern: Pattern, seq_len: int, block_size: int, axes,
 def plot_dilation_strips(segment_lengths: Sequence[int], dilation_rates: Sequence[int],
                          num_heads: int, seq_len: int, *, mode: str = "head_groups", ax=None,
                          title: str | None = None):
-    """One strip per head (``mode="head_groups"``) or per (head, branch) (``"paper"``).
-
-    A coloured cell is a position the head keeps for that (segment, dilation) pair; the colour
-    is the pair's, and faint vertical bands alternate with the segments of that pair. Row labels
-    give the pair and the head's offset ``j mod r``.
-    """
+    """One strip per head (``mode="head_groups"``) or per (head, branch) (``"paper"``): a cell in
+    the pair's colour is a position the head keeps for that (segment, dilation) pair, faint bands
+    alternate with its segments; row labels give the pair and the head's offset ``j mod r``."""
     check_dilation_pairs(segment_lengths, dilation_rates)
     if mode not in ("head_groups", "paper"):
         raise ValueError(f"mode must be 'head_groups' or 'paper', got {mode!r}")
@@ -116,10 +113,8 @@ def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, hea
                             segment: int, dilation: int, offset: int):
     """2 x 2 figure: ``head``'s tokens and tiles in natural order, and after the dilation ordering
     (:func:`~workbench.orderings.dilation_permutation` of ``(segment, dilation, offset)``, which
-    must be that head's pair and offset); each column framed in its order's colour.
-
-    Returns ``(fig, natural_layout, ordered_layout)``, both one-head layouts.
-    """
+    must be that head's pair and offset); each column framed in its order's colour. Returns
+    ``(fig, natural_layout, ordered_layout)``, both one-head layouts."""
     ordered = permuted(pattern, dilation_permutation(seq_len, segment, dilation, offset))
     cap = f"head {head}: w={segment}, r={dilation}, offset {offset}"
     fig, axes = plt.subplots(2, 2, figsize=(8.6, 8.8))

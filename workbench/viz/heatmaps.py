@@ -1,8 +1,5 @@
-"""Pattern heatmaps: token level with the block grid drawn over it, and block level.
-
-Every drawing function takes an optional ``ax`` and returns it; colours are the tile states of
-:mod:`workbench.viz.style`.
-"""
+"""Pattern heatmaps, token level with the block grid drawn over it and block level, in the tile
+colours of :mod:`workbench.viz.style`; every drawing function takes an optional ``ax``."""
 
 from __future__ import annotations
 
@@ -25,6 +22,7 @@ from .style import (
 __all__ = ["block_legend", "figure_legend", "head_layout", "plot_block_layout",
            "plot_pattern", "plot_token_mask", "tile_grid"]
 
+
 def _head_index(head: int, num_heads: int) -> int:
     """Index into a ``[H, ...]`` tensor: head-independent patterns (H = 1) broadcast."""
     if num_heads == 1:
@@ -35,11 +33,15 @@ def _head_index(head: int, num_heads: int) -> int:
     return head
 
 
-def head_layout(layout: BlockLayout, head: int) -> BlockLayout:
-    """The one-head :class:`BlockLayout` of ``head`` (its stats are that head's alone)."""
-    h = _head_index(head, layout.num_heads)
-    return BlockLayout(layout.active[h : h + 1], layout.full[h : h + 1], layout.q_len,
-                       layout.k_len, layout.block_size)
+def head_layout(layout: BlockLayout, head: int | None) -> BlockLayout:
+    """The one-head :class:`BlockLayout` of ``head`` (its stats are that head's alone); ``None``
+    merges all heads: a tile is active if any head's is, full if every head's is."""
+    if head is None:
+        active, full = layout.active.any(0, keepdim=True), layout.full.all(0, keepdim=True)
+    else:
+        h = _head_index(head, layout.num_heads)
+        active, full = layout.active[h : h + 1], layout.full[h : h + 1]
+    return BlockLayout(active, full, layout.q_len, layout.k_len, layout.block_size)
 
 
 def tile_grid(layout: BlockLayout, head: int = 0) -> np.ndarray:
@@ -58,10 +60,8 @@ def draw_mask(ax, mask: np.ndarray, block_size: int | None, lw: float = 0.5) -> 
 
 def plot_token_mask(pattern: Pattern, seq_len: int, *, head: int = 0, block_size: int | None = None,
                     ax=None, title: str | None = None):
-    """Token-level mask of ``pattern`` (rows = queries, columns = keys) for one head.
-
-    With ``block_size`` the block grid is drawn over it. Only for small ``seq_len``.
-    """
+    """Token-level mask of ``pattern`` (rows = queries, columns = keys) for one head, with the
+    grid of ``block_size`` blocks drawn over it when given. Only for small ``seq_len``."""
     ax = new_axes(ax)
     mask = pattern.token_mask(seq_len)[_head_index(head, pattern.num_heads)].numpy()
     draw_mask(ax, mask, block_size)

@@ -18,7 +18,7 @@ from ..sharding import DistributedPlan
 from .heatmaps import head_layout, plot_block_layout
 from .style import TILE, TOKEN_CMAP, new_axes, rank_colors, set_title, tile_separators
 
-__all__ = ["RingRegion", "distributed_tile_steps", "merged_heads", "plot_distributed_layout",
+__all__ = ["RingRegion", "distributed_tile_steps", "plot_distributed_layout",
            "plot_ring_schedule", "plot_ring_step", "ring_step_regions", "step_colors"]
 
 ANNOTATE_MAX_RANKS = 12  # write the K/V shard and tile count in each cell up to this many ranks
@@ -65,18 +65,6 @@ def ring_step_regions(plan: DistributedPlan, step: int) -> list[RingRegion]:
     return regions
 
 
-def merged_heads(layout: BlockLayout) -> BlockLayout:
-    """A one-head view of all heads: a tile is active if any head's is, full if every head's is."""
-    if layout.num_heads == 1:
-        return layout
-    return BlockLayout(layout.active.any(0, keepdim=True), layout.full.all(0, keepdim=True),
-                       layout.q_len, layout.k_len, layout.block_size)
-
-
-def _shown(layout: BlockLayout, head: int | None) -> BlockLayout:
-    return merged_heads(layout) if head is None else head_layout(layout, head)
-
-
 def _shard_lines(ax, plan: DistributedPlan, color: str) -> None:
     """Dotted lines where a query run (rows) or a K/V run (columns) of the shards starts."""
     for sharding, line in ((plan.sharding, ax.axhline), (plan.kv, ax.axvline)):
@@ -87,12 +75,10 @@ def _shard_lines(ax, plan: DistributedPlan, color: str) -> None:
 
 def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
                    head: int | None = None, ax=None, title: str | None = None):
-    """The block layout with the tiles computed at ``step`` outlined, one colour per rank.
-
-    Solid outlines are pairs a rank computes, dashed ones pairs it skips; other tiles are
-    veiled. ``head`` picks one head; by default all heads are merged (:func:`merged_heads`).
-    """
-    shown = _shown(layout, head)
+    """The block layout with each rank's pairs of runs at ``step`` outlined in its colour, solid
+    where it computes and dashed where it skips; other tiles are veiled. ``head`` picks one
+    head; by default all heads are merged (:func:`~.heatmaps.head_layout`)."""
+    shown = head_layout(layout, head)
     ax = plot_block_layout(shown, ax=ax, annotate=False, title="")
     nq, nk = shown.active.shape[1:]
     veil = np.ones((nq, nk, 4))
@@ -184,7 +170,7 @@ def distributed_tile_steps(layout: BlockLayout, plan: DistributedPlan, *,
             plan.sharding.seq_len, plan.kv.seq_len, plan.sharding.block_size):
         raise ValueError("layout and plan disagree on the sequence length or block size")
     step = (plan.sharding.owner()[:, None] - plan.kv.owner()[None, :]) % plan.world_size
-    active = _shown(layout, head).active[0].cpu()
+    active = head_layout(layout, head).active[0].cpu()
     return torch.where(active, step, torch.full_like(step, -1))
 
 
@@ -199,11 +185,9 @@ def step_colors(world_size: int) -> list[tuple[float, float, float, float]]:
 def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
                             head: int | None = None, ax=None, title: str | None = None,
                             legend: bool = True):
-    """The block layout with each active tile coloured by the step that computes it.
-
-    Strips left and above give the rank of each query block (which computes the tile) and of
-    each key block; dotted lines separate the shards' runs.
-    """
+    """The block layout with each active tile coloured by the step that computes it; strips
+    left and above give the rank of each query block (which computes the tile) and of each key
+    block, dotted lines separate the shards' runs."""
     ax = new_axes(ax, 4.5)
     steps = distributed_tile_steps(layout, plan, head=head)
     p = plan.world_size

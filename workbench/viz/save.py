@@ -10,14 +10,12 @@ import matplotlib
 from ..project import figures_dir
 
 matplotlib.rcParams["svg.hashsalt"] = "workbench"  # deterministic SVG ids
-matplotlib.rcParams["path.simplify"] = True
 
 __all__ = ["figures_dir", "save_figure"]
 
 
-def save_figure(
-    fig, name: str, *, formats: tuple[str, ...] = ("png",), dpi: int = 110
-) -> list[Path]:
+def save_figure(fig, name: str, *, formats: tuple[str, ...] = ("png",),
+                dpi: int = 110) -> list[Path]:
     """Save ``fig`` as ``<figures_dir>/<name>.<fmt>`` for each format; returns the paths.
 
     ``name`` is a stable identifier such as ``"01_pattern_gallery"`` (no extension, no

@@ -243,12 +243,11 @@ def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str
         bad = df[df["status"] == status]
         if bad.empty:
             continue
-        for i, fam in enumerate(fams):
+        for i, fam in enumerate(fams):  # side by side: families failing at one length stay visible
             b = bad[bad["family"] == fam]
-            if len(b):  # side by side, so that families failing at one length stay visible
-                shift = 2.0 ** (0.08 * (i - (len(fams) - 1) / 2))
-                mem_ax.scatter(b["seq_len"] * shift, [top * 1.06] * len(b), marker=marker, s=70,
-                               color=palette[fam], facecolors=fill, linewidths=2, zorder=4)
+            shift = 2.0 ** (0.08 * (i - (len(fams) - 1) / 2))
+            mem_ax.scatter(b["seq_len"] * shift, [top * 1.06] * len(b), marker=marker, s=70,
+                           color=palette[fam], facecolors=fill, linewidths=2, zorder=4)
         handles.append(Line2D([], [], color="0.3", marker=marker, ls="none", mfc="none", mew=2,
                               ms=8))
         labels.append(text)
