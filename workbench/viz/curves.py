@@ -22,9 +22,8 @@ def ordering_cmap(name: str | None) -> LinearSegmentedColormap:
     path; ``None`` is natural order, ``"gilbert"`` takes Hilbert's colour."""
     name = "natural" if name is None else name
     rgb = np.array(to_rgb(color_of("hilbert" if name == "gilbert" else name, ORDERING)))
-    pale = 0.82 + 0.18 * rgb
-    dark = 0.55 * rgb
-    return LinearSegmentedColormap.from_list(f"ordering_{name}", [pale, rgb, dark])
+    pale_to_dark = [0.82 + 0.18 * rgb, rgb, 0.55 * rgb]
+    return LinearSegmentedColormap.from_list(f"ordering_{name}", pale_to_dark)
 
 
 def _path(ax, xy: np.ndarray, cmap, lw: float = 1.6, marker_size: float = 6.0) -> None:
@@ -51,9 +50,7 @@ def plot_curve(shape: tuple[int, int], curve: str = "hilbert", *, ax=None, title
     rc = grid_decode(torch.arange(n), shape, curve).numpy()
     xy = np.stack([rc[:, 1], rc[:, 0]], axis=1).astype(float)
     _path(ax, xy, ordering_cmap(curve), lw=2.0, marker_size=9)
-    if numbers is None:
-        numbers = n <= 64
-    if numbers:
+    if numbers or (numbers is None and n <= 64):
         for i, (x, y) in enumerate(xy):
             ax.text(x + 0.12, y - 0.12, str(i), fontsize=6, color="#555555")
     steps = np.abs(np.diff(rc, axis=0)).sum(1)

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from ..layout import BlockLayout
 from ..patterns import Pattern
-from .style import (
-    TILE_CMAP,
-    TOKEN_CMAP,
-    grid_lines,
-    new_axes,
-    set_title,
-    tile_handles,
-    tile_separators,
-)
+from .style import TILE, TILE_CMAP, TOKEN_CMAP, grid_lines, new_axes, set_title, tile_separators
 
 __all__ = ["block_legend", "figure_legend", "head_layout", "plot_block_layout",
            "plot_pattern", "plot_token_mask", "tile_grid"]
@@ -79,8 +72,8 @@ def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str
     ax.imshow(grid, cmap=TILE_CMAP, vmin=0, vmax=2, interpolation="nearest")
     ax.grid(False)  # tile separators, not the theme's grid, mark the tiles
     tile_separators(ax, *grid.shape)
-    frac = int((grid > 0).sum()) / grid.size
-    set_title(ax, title, f"blocks of {layout.block_size}, head {head}: {frac:.1%} of tiles")
+    set_title(ax, title, f"blocks of {layout.block_size}, head {head}: "
+              f"{(grid > 0).mean():.1%} of tiles")
     ax.set(xlabel="key block", ylabel="query block")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -90,17 +83,23 @@ def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str
     return ax
 
 
+def _tile_handles(full: str, partial: str, empty: str) -> list[Patch]:
+    """Legend patches of the three tile states, labelled ``full``, ``partial`` and ``empty``."""
+    return [Patch(color=TILE["full"], label=full), Patch(color=TILE["partial"], label=partial),
+            Patch(facecolor=TILE["empty"], edgecolor="#bbbbbb", label=empty)]
+
+
 def block_legend(ax) -> None:
     """Legend for full / partial / empty tiles."""
-    ax.legend(handles=tile_handles("full tile", "partial tile", "skipped tile"),
+    ax.legend(handles=_tile_handles("full tile", "partial tile", "skipped tile"),
               loc="upper right", fontsize=7, frameon=True)
 
 
 def figure_legend(fig, *, fontsize: float = 10):
     """One legend for a whole figure of token and block panels, centred below the axes (leave
     room for it, e.g. ``fig.tight_layout(rect=(0, 0.03, 1, 1))``)."""
-    handles = tile_handles("allowed pair / full tile", "partial tile (computed, then masked)",
-                           "not allowed / skipped tile")
+    handles = _tile_handles("allowed pair / full tile", "partial tile (computed, then masked)",
+                            "not allowed / skipped tile")
     return fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=3,
                       fontsize=fontsize, frameon=False)
 
@@ -108,9 +107,8 @@ def figure_legend(fig, *, fontsize: float = 10):
 def plot_pattern(pattern: Pattern, seq_len: int, block_size: int, *, head: int = 0, axes=None):
     """Token view (with block grid) beside block view of one head; returns the figure."""
     if axes is None:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    else:
-        fig = axes[0].figure
+        _, axes = plt.subplots(1, 2, figsize=(8, 4))
+    fig = axes[0].figure
     plot_token_mask(pattern, seq_len, head=head, block_size=block_size, ax=axes[0])
     plot_block_layout(pattern.block_structure(seq_len, block_size), head=head, ax=axes[1])
     block_legend(axes[1])

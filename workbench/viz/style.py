@@ -11,7 +11,6 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
 
 __all__ = ["FAMILY", "ORDERING", "Provenance", "SHARDING", "TILE", "TILE_CMAP", "TOKEN_CMAP",
            "VARIANT", "VARIANT_LABEL", "color_of", "palette", "rank_colors", "stamp", "use"]
@@ -45,8 +44,8 @@ VARIANT: dict[str, str] = {
 VARIANT_LABEL: dict[str, str] = {
     "ours": "ours (auto)", "triton": "ours, Triton kernel", "blockwise": "ours, pure PyTorch",
     "flex_natural": "FlexAttention, natural order", "strided_gather": "gather + SDPA + scatter",
-    "strided_view": "strided views into SDPA",
-    "paper": "ours, paper mode (every pair on every head)", "sdpa_dense": "dense SDPA",
+    "strided_view": "strided views into SDPA", "sdpa_dense": "dense SDPA",
+    "paper": "ours, paper mode (every pair on every head)",
     "sdpa_masked": "SDPA + dense mask", "reference": "float64 reference",
 }
 """Legend text of each variant."""
@@ -134,9 +133,8 @@ class Provenance:
             return distinct(df[col]) if col in df else ""
 
         if shape is None:
-            parts = [f"{k}={values(c)}" for k, c in (("B", "batch"), ("H", "heads"),
-                                                     ("D", "head_dim")) if c in df]
-            shape = ", ".join(parts)
+            shape = ", ".join(f"{k}={values(c)}" for k, c in (("B", "batch"), ("H", "heads"),
+                                                              ("D", "head_dim")) if c in df)
         torch_v = values("torch")
         return cls(values("device"), values("date"), values("dtype"), shape,
                    f"torch {torch_v}" if torch_v else "")
@@ -182,9 +180,3 @@ def tile_separators(ax, nq: int, nk: int, *, lw: float = 0.8) -> None:
     countable; none when a side has more than ``SEPARATOR_MAX_TILES`` cells."""
     if max(nq, nk) <= SEPARATOR_MAX_TILES:
         grid_lines(ax, np.arange(1, nq) - 0.5, np.arange(1, nk) - 0.5, lw=lw)
-
-
-def tile_handles(full: str, partial: str, empty: str) -> list[Patch]:
-    """Legend patches of the three tile states, labelled ``full``, ``partial`` and ``empty``."""
-    return [Patch(color=TILE["full"], label=full), Patch(color=TILE["partial"], label=partial),
-            Patch(facecolor=TILE["empty"], edgecolor="#bbbbbb", label=empty)]

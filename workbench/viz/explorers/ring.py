@@ -14,13 +14,7 @@ from ...sharding import DistributedPlan, distributed_plan, shard_plan
 from ..ring import RingRegion, plot_ring_schedule, plot_ring_step, ring_step_regions
 from .binding import Explorer, int_slider, panels, widgets
 from .core import check_int
-from .pattern import (
-    PATTERN_FIELDS,
-    PatternParams,
-    build_pattern,
-    enable_used_controls,
-    pattern_controls,
-)
+from .pattern import PatternParams, build_pattern, enable_used_controls, pattern_controls
 
 __all__ = ["RingParams", "RingView", "draw_ring_view", "ring_explorer", "ring_readout_html",
            "ring_view"]
@@ -90,7 +84,7 @@ def ring_readout_html(view: RingView) -> str:
 
 def _params(values: Mapping[str, Any], base: PatternParams) -> RingParams:
     """Ring parameters from control values; pattern fields without a control keep ``base``'s."""
-    pattern = {k: v for k, v in values.items() if k in PATTERN_FIELDS}
+    pattern = {k: v for k, v in values.items() if k not in ("ranks", "step")}
     return RingParams(PatternParams.from_values({**dataclasses.asdict(base), **pattern}),
                       ranks=values["ranks"], step=values["step"])
 
