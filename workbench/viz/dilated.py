@@ -139,8 +139,7 @@ def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, hea
                 spine.set_color(ORDERING[order])
                 spine.set_linewidth(2.5)
             ax.title.set_color(ORDERING[order])
-    axes[0, 1].set_xlabel("key position (reordered)")
-    axes[0, 1].set_ylabel("query position (reordered)")
+    axes[0, 1].set(xlabel="key position (reordered)", ylabel="query position (reordered)")
     block_legend(axes[1, 1])
     mask = pattern.token_mask(seq_len)[_head_index(head, pattern.num_heads)]
     useful = int(mask.sum()) / seq_len**2

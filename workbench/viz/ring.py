@@ -42,14 +42,13 @@ class RingRegion:
         return self.tiles > 0
 
 
-def _check_step(plan: DistributedPlan, step: int) -> int:
+def _check_step(plan: DistributedPlan, step: int) -> None:
     p = plan.world_size
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int, got {step!r}")
     if not 0 <= step < p:
         raise ValueError(f"step={step} is out of range for a ring of {p} ranks "
                          f"(steps 0..{p - 1})")
-    return step
 
 
 def ring_step_regions(plan: DistributedPlan, step: int) -> list[RingRegion]:
@@ -175,9 +174,8 @@ def distributed_tile_steps(layout: BlockLayout, plan: DistributedPlan, *,
 
 
 def step_colors(world_size: int) -> list[tuple[float, float, float, float]]:
-    """One colour per ring step, dark (step 0, the local shard) to light purple: apart from
-    the rank colours (:func:`~workbench.viz.style.rank_colors`) and from the pale of skipped
-    tiles."""
+    """One colour per ring step, dark (step 0, the local shard) to light purple: apart from the
+    rank colours (:func:`~workbench.viz.style.rank_colors`) and the pale of skipped tiles."""
     cmap = plt.get_cmap("Purples")
     return [cmap(0.95 - 0.55 * d / max(1, world_size - 1)) for d in range(world_size)]
 
