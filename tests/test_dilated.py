@@ -325,3 +325,27 @@ def test_auto_runs_the_one_pass_dilation_ordering(mode, monkeypatch):
     want = wb.dilated_attention(q, k, v, [64, 128], [1, 2], mode=mode, return_lse=True)
     for a, b in zip(auto, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_function_with_plans_prepares_once_and_matches(monkeypatch):
+    """A ``Plans`` the caller keeps: a repeated call runs the kept runner (prepared once), a
+    call that differs prepares again; results equal the call without it, bit for bit."""
+    prepared = []
+    prepare = gather.prepare_dilated
+    monkeypatch.setattr("workbench.dilated.prepare_dilated",
+                        lambda *a, **kw: prepared.append(1) or prepare(*a, **kw))
+    q, k, v = make_qkv(b=1, h=4, s=384, d=8, requires_grad=False)
+    plans = wb.Plans()
+    args = ([64, 128], [1, 2])
+    want = wb.dilated_attention(q, k, v, *args)
+    for _ in range(3):
+        torch.testing.assert_close(wb.dilated_attention(q, k, v, *args, plan=plans), want,
+                                   atol=0, rtol=0)
+    assert len(prepared) == 1 + 1
+    other = wb.dilated_attention(q, k, v, *args, mode="head_groups", plan=plans)
+    torch.testing.assert_close(other, wb.dilated_attention(q, k, v, *args, mode="head_groups"))
+    assert len(prepared) == 2 + 2
+    with pytest.raises(ValueError, match="mode"):
+        wb.dilated_attention(q, k, v, *args, mode="longnet", plan=plans)
+    with pytest.raises(TypeError, match="Plans"):
+        wb.dilated_attention(q, k, v, *args, plan=wb.Plan(P.full(), 384))

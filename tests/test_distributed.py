@@ -245,12 +245,17 @@ def test_world_size_3_equals_single_process():
     _spawn(_equivalence_worker, 3, ["contiguous", "zigzag"], ["causal", "dilated", "local"], [])
 
 
-def _uneven_steps_worker(rank, world, path):
+def _uneven_steps_worker(rank, world, path, steps):
     _init(rank, world, path)
     batches = _record_batches()
     for sharding in ("contiguous", "zigzag"):
         _check_attention(rank, world, sharding, ["global_local"])
     _check_transfer_order(batches, rank, world)
+    sh, stats = D.shard_plan(S, world, BLOCK), D.RingStats()
+    q, k, v = (sh.shard(_full(i, 1, 3, S, 8), rank).requires_grad_() for i in range(3))
+    D.distributed_ring_attention(q, k, v, _patterns()["global_local"], BLOCK,
+                                 stats=stats).sum().backward()
+    assert stats.steps == stats.backward.steps == len(steps[rank]), (stats, steps[rank])
     dist.destroy_process_group()
 
 
@@ -263,7 +268,7 @@ def test_world_size_4_with_ranks_on_different_steps():
     steps = [[d for d in range(4) if d == 0 or plan.needed(r, (r - d) % 4)
               or plan.needed((r + d) % 4, r)] for r in range(4)]
     assert len({tuple(x) for x in steps}) > 2, steps
-    _spawn(_uneven_steps_worker, 4)
+    _spawn(_uneven_steps_worker, 4, steps)  # each rank counts exactly its own steps
 
 
 # ----------------------------------------------------------------------------- faults

@@ -13,7 +13,7 @@ from .backends import check_backend, merge_partials
 from .backends.gather import prepare_dilated
 from .patterns import causal as causal_pattern
 from .patterns import check_dilation_pairs, check_positive_int, dilated, dilated_branch
-from .plan import LastCall, Plans
+from .plan import Plans, check_plans
 
 __all__ = ["DilatedAttention", "dilated_attention"]
 
@@ -33,6 +33,7 @@ def dilated_attention(
     block_size: int = 64,
     scale: float | None = None,
     return_lse: bool = False,
+    plan: Plans | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LongNet dilated self-attention of ``q, k, v`` ``[B, H, S, D]``.
 
@@ -58,6 +59,9 @@ def dilated_attention(
         block_size: tile size for block-sparse backends (and for the log-sum-exp path).
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, H, S]`` of the merged softmax.
+        plan: a :class:`~workbench.plan.Plans` the caller keeps across calls: it holds what
+            this call prepares, so a call that repeats the last one made through it (shapes,
+            dtype, device, grad mode, options) runs the kernels at once.
 
     Returns:
         ``out [B, H, S, Dv]`` in ``q``'s dtype, or ``(out, lse)`` with ``return_lse``.
@@ -65,12 +69,16 @@ def dilated_attention(
     Raises:
         ValueError: mismatched shapes or devices, ``q`` and ``k`` of different lengths, an
             unknown ``mode`` or ``backend``, bad pairs, ``block_size`` or ``scale``.
-        TypeError: inputs that are not floating-point tensors of one dtype.
+        TypeError: inputs that are not floating-point tensors of one dtype; a ``plan`` that is
+            not a ``Plans``.
     """
     _check_inputs(q, k, v)
-    _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
-    return _prepare(q, k, v, segment_lengths, dilation_rates, mode, causal, backend, block_size,
-                    scale, bool(return_lse), None)(q, k, v)
+    options = (tuple(segment_lengths), tuple(dilation_rates), mode, bool(causal), backend,
+               block_size, scale, bool(return_lse))
+    if plan is None:
+        _check_options(*options[:3], *options[4:7])
+        return _prepare(q, k, v, *options, None)(q, k, v)
+    return _run(q, k, v, options, check_plans(plan))
 
 
 class DilatedAttention(nn.Module):
@@ -87,21 +95,30 @@ class DilatedAttention(nn.Module):
         self.segment_lengths, self.dilation_rates = tuple(segment_lengths), tuple(dilation_rates)
         self.mode, self.causal, self.backend = mode, bool(causal), backend
         self.block_size, self.scale = block_size, scale
-        self.plans, self.last_call = Plans(), LastCall()
+        self.plans = Plans()
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
                 ) -> Tensor | tuple[Tensor, Tensor]:
         _check_inputs(q, k, v)
         options = (self.segment_lengths, self.dilation_rates, self.mode, self.causal,
                    self.backend, self.block_size, self.scale, bool(return_lse))
-        run = self.last_call.get(call_key(q, k, v, *options), None,
-                                 lambda: _prepare(q, k, v, *options, self.plans))
-        return run(q, k, v)
+        return _run(q, k, v, options, self.plans)
 
     def extra_repr(self) -> str:
         return (f"segment_lengths={list(self.segment_lengths)}, "
                 f"dilation_rates={list(self.dilation_rates)}, mode={self.mode!r}, "
                 f"causal={self.causal}, backend={self.backend!r}")
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, options: tuple, plans: Plans
+         ) -> Tensor | tuple[Tensor, Tensor]:
+    """The call with ``options`` (:func:`_prepare`'s, in order) through the runner ``plans``
+    keeps for the last call, prepared (options checked) when this call differs from it."""
+    def build() -> Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
+        _check_options(*options[:3], *options[4:7])
+        return _prepare(q, k, v, *options, plans)
+
+    return plans.last_call.get(call_key(q, k, v, *options), None, build)(q, k, v)
 
 
 def _check_options(segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str,

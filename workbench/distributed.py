@@ -1,11 +1,9 @@
 """The ring over real processes: sequence-sharded block-sparse attention with ``torch.distributed``.
 
-Each rank holds one shard of the sequence (:mod:`workbench.sharding`); the whole sequence is never
-gathered. At step ``d`` rank ``r`` attends its queries to the K/V shard of rank ``(r - d) mod P``,
-sent straight from its owner only when an active tile needs it (the ranks first exchange tile
-counts per shard), and partials merge by log-sum-exp. The backward pass is a ring too: K/V shards
-travel again and their gradients return to their owner. Every wait has a deadline
-(:class:`RingTimeoutError`), never a hang. The schedule in full: ``docs/reference.md``.
+Each rank holds one shard of the sequence (:mod:`workbench.sharding`), never the whole. At step
+``d`` rank ``r`` attends its queries to the K/V shard of rank ``(r - d) mod P``, sent only when an
+active tile needs it; partials merge by log-sum-exp, the backward pass is a ring too, and every
+wait has a deadline (:class:`RingTimeoutError`). The schedule in full: ``docs/reference.md``.
 """
 
 from __future__ import annotations
@@ -125,8 +123,6 @@ class RingStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     wait_s: float = 0.0
-    compute_s: float = 0.0
-    per_step_tiles: list[int] = field(default_factory=list)
     backward: RingStats | None = None
     wait_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(
         default_factory=list, repr=False)
@@ -140,8 +136,7 @@ class RingStats:
 
     def as_dict(self) -> dict[str, float | int]:
         """The scalar counters (forward)."""
-        skip = ("per_step_tiles", "backward", "wait_events")
-        return {k: v for k, v in self.__dict__.items() if k not in skip}
+        return {k: v for k, v in self.__dict__.items() if k not in ("backward", "wait_events")}
 
 
 # --------------------------------------------------------------------- communication
@@ -151,10 +146,8 @@ class _Transfer:
 
     works: list
     recv: list[Tensor] | None
-    peer_in: int | None
-    peer_out: int | None
-    step: int
-    sent: Sequence[Tensor] | None = None  # held until the transfer is waited for
+    where: str  # the ring step and its peers, for errors
+    sent: Sequence[Tensor] | None  # held until the transfer is waited for
 
 
 class _Ring:
@@ -167,36 +160,33 @@ class _Ring:
     def _global(self, r: int) -> int:
         return dist.get_global_rank(self.group, r) if self.group is not None else r
 
-    def post(self, step: int, send: Sequence[Tensor] | None, send_to: int | None,
+    def post(self, step: int, send: Sequence[Tensor] | None, send_to: int,
              recv_like: Sequence[tuple[tuple[int, ...], torch.dtype]] | None,
-             recv_from: int | None) -> _Transfer:
+             recv_from: int) -> _Transfer:
         """Post the sends of ``send`` to ``send_to`` and receives of tensors shaped like
         ``recv_like`` from ``recv_from`` (each side optional) as one batch."""
-        ops = []
-        bufs = None
-        if send is not None and send_to is not None:
+        ops, bufs, peers = [], None, []
+        if send is not None:
+            peers.append(f"to rank {send_to}")
             for x in send:
                 ops.append(dist.P2POp(dist.isend, x, self._global(send_to), self.group))
                 self.stats.bytes_sent += x.numel() * x.element_size()
-        if recv_like is not None and recv_from is not None:
+        if recv_like is not None:
+            peers.insert(0, f"from rank {recv_from}")
             bufs = [torch.empty(shape, dtype=dt, device=self.device) for shape, dt in recv_like]
             for b in bufs:
                 ops.append(dist.P2POp(dist.irecv, b, self._global(recv_from), self.group))
                 self.stats.bytes_received += b.numel() * b.element_size()
         works = dist.batch_isend_irecv(ops) if ops else []
-        return _Transfer(works, bufs, recv_from, send_to, step,
-                         send if send_to is not None else None)
+        return _Transfer(works, bufs, f"ring step {step} ({', '.join(peers)})", send)
 
     def wait(self, tr: _Transfer, what: str) -> list[Tensor] | None:
         t0 = time.perf_counter()
-        peers = ", ".join(f"{d} rank {p}" for d, p in (("from", tr.peer_in), ("to", tr.peer_out))
-                          if p is not None)
         events = None
         if self.device.type == "cuda" and tr.works:
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
-        _wait_all(tr.works, self.timeout, f"rank {self.rank}: {what} at ring step {tr.step} "
-                  f"({peers})")
+        _wait_all(tr.works, self.timeout, f"rank {self.rank}: {what} at {tr.where}")
         if events is not None:
             events[1].record()  # fires once the stream has the transfer: e1 - e0 = exposed wait
             self.stats.wait_events.append(events)
@@ -249,9 +239,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _agree(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None, block_size: int,
-           sharding: str, group, rank: int, timeout: float) -> tuple[Sharding, int | None]:
-    """The sharding every rank's shapes and settings agree on, and rank 0's dropout seed;
-    raises :class:`RingPlanError` naming what differs (``TypeError``: an unsupported dtype)."""
+           sharding: str, group, rank: int, timeout: float
+           ) -> tuple[Sharding, AttentionDropout | None]:
+    """The sharding every rank's shapes and settings agree on, and the dropout with rank 0's
+    seed; raises :class:`RingPlanError` naming what differs (``TypeError``: a bad dtype)."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"dtype {q.dtype} is not supported by the distributed ring")
     drop = (-1, -1) if dropout is None else (round(dropout.p * 1e6), dropout.seed)
@@ -274,7 +265,7 @@ def _agree(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None, bl
                             f"length (self-attention), got q {meta[:, 2].tolist()} and k "
                             f"{meta[:, 3].tolist()}")
     shards = _check_shard_lengths(meta[:, 2].tolist(), block_size, sharding, rank)
-    return shards, None if dropout is None else int(meta[0, 8])
+    return shards, None if dropout is None else AttentionDropout(dropout.p, int(meta[0, 8]))
 
 
 # --------------------------------------------------------------------- compute
@@ -286,16 +277,9 @@ class _Setup:
     plan: DistributedPlan
     run_problems: tuple[Problem, ...]  # per query run of this rank: its rows, every key block
     backend: str
-    group: object
-    timeout: float
+    group: object = None
+    timeout: float = DEFAULT_TIMEOUT_S
     need_lse: bool = True  # False: the caller wants no log-sum-exp and no gradients
-
-    @property
-    def world(self) -> int:
-        return self.plan.world_size
-
-    def local_offsets(self, rank: int) -> list[tuple[int, int]]:
-        return self.plan.sharding.local_offsets(rank)
 
 
 def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, int]],
@@ -310,12 +294,19 @@ def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, 
                  for lay, r in zip(run_layouts, runs))
 
 
-def _pairs(setup: _Setup, src: int):
-    """(query run index, K/V run index, sub-problem, active tiles) for every pair of runs that
-    holds an active tile (read from the plan, on the host)."""
-    for i, j, kr, tiles in setup.plan.pairs(setup.rank, src):
-        q0, q1 = setup.plan.sharding.pieces[setup.rank][i]
-        yield i, j, setup.run_problems[i].slice((0, q1 - q0), kr), tiles
+def _pairs(setup: _Setup, src: int, stats: RingStats | None
+           ) -> Iterator[tuple[int, tuple[int, int], tuple[int, int], Problem]]:
+    """``(query run, its (start, length) in this rank's shard, the K/V run's in the shard of
+    src, their sub-problem)`` for every pair of runs with an active tile (read from the plan,
+    on the host), counted into ``stats``."""
+    sh = setup.plan.sharding
+    qo, ko = sh.local_offsets(setup.rank), sh.local_offsets(src)
+    for i, j, k_blocks, tiles in setup.plan.pairs(setup.rank, src):
+        if stats is not None:
+            stats.pairs_computed += 1
+            stats.tiles_computed += tiles
+        q0, q1 = sh.pieces[setup.rank][i]
+        yield i, qo[i], ko[j], setup.run_problems[i].slice((0, q1 - q0), k_blocks)
 
 
 def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
@@ -324,108 +315,88 @@ def _partials(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int,
     """This rank's partials ``(run, out, lse)`` against the K/V shard of ``src``, one pair of
     runs at a time (merge each before asking for the next: one partial is alive at a time).
     ``lse`` may be None when ``need_lse`` is False."""
-    qo, ko = setup.local_offsets(setup.rank), setup.local_offsets(src)
-    for i, j, sub, tiles in _pairs(setup, src):
-        qs = q.narrow(2, *qo[i])
-        ks, vs = k.narrow(2, *ko[j]), v.narrow(2, *ko[j])
-        o, lse = run_backend(setup.backend, qs, ks, vs, sub, need_lse=need_lse)
-        if stats is not None:
-            stats.pairs_computed += 1
-            stats.tiles_computed += tiles
+    for i, qo, ko, sub in _pairs(setup, src, stats):
+        o, lse = run_backend(setup.backend, q.narrow(2, *qo), k.narrow(2, *ko), v.narrow(2, *ko),
+                             sub, need_lse=need_lse)
         yield i, o, lse
-
-
-def _steps(setup: _Setup) -> list[int]:
-    """Ring steps in which this rank sends or receives (step 0, the local shard, always)."""
-    p, r, plan = setup.world, setup.rank, setup.plan
-    return [0] + [d for d in range(1, plan.last_step() + 1)
-                  if plan.needed(r, (r - d) % p) or plan.needed((r + d) % p, r)]
 
 
 def _post_kv(ring: _Ring, setup: _Setup, step: int, k: Tensor, v: Tensor) -> _Transfer:
     """Post step ``step``'s K/V transfers: own shard to ``r + step``, shard of ``r - step`` in
     (keys and values as two messages: no concatenated copy of either)."""
-    p, r, plan = setup.world, setup.rank, setup.plan
+    p, r, plan = setup.plan.world_size, setup.rank, setup.plan
     dst, src = (r + step) % p, (r - step) % p
-    n = setup.plan.sharding.local_len(src)
+    n = plan.sharding.local_len(src)
     like = [((*x.shape[:2], n, x.shape[3]), x.dtype) for x in (k, v)]
     return ring.post(step, (k, v) if plan.needed(dst, r) else None, dst,
                      like if plan.needed(r, src) else None, src)
 
 
+def _kv_ring(ring: _Ring, setup: _Setup, k: Tensor, v: Tensor
+             ) -> Iterator[tuple[int, int, list[Tensor] | None]]:
+    """``(step, src, the K/V shard of src)`` for every step up to the last any rank needs (the
+    shard is None when this rank needs none). Each step's transfers are posted once the
+    previous step's have arrived, so they travel while it computes, and every rank posts them
+    in one global step order."""
+    last, p, r = setup.plan.last_step(), setup.plan.world_size, setup.rank
+    pending = _post_kv(ring, setup, 1, k, v) if last else None
+    ring.stats.steps += 1  # step 0, then each step in which this rank sends or receives
+    yield 0, r, [k, v]
+    for step in range(1, last + 1):
+        if pending.works:
+            ring.stats.steps += 1
+        held = ring.wait(pending, "receiving a K/V shard")
+        pending = _post_kv(ring, setup, step + 1, k, v) if step < last else None
+        yield step, (r - step) % p, held
+        del held  # at most two received shards are alive: this one's and the next
+
+
 def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingStats
                   ) -> tuple[Tensor, Tensor | None]:
-    ring = _Ring(setup, q.device, stats)
-    k, v, p = k.contiguous(), v.contiguous(), setup.world
-    # running (out, lse) per query run: each partial is merged into it as soon as it exists, so
-    # one partial is alive besides the running results, whatever the world size. With one run
-    # the first partial becomes the running result; with several (zigzag) each run's result is
-    # a slice of one preallocated output, so nothing is concatenated at the end.
-    runs = setup.local_offsets(setup.rank)
-    acc: list[tuple[Tensor, Tensor | None] | None] = [None for _ in runs]
-    whole = None
-    steps = _steps(setup)
-    stats.steps += len(steps)
-    sh = setup.plan.sharding
-    pairs = setup.plan.run_tiles[[sh.run_index(setup.rank, i) for i in range(len(runs))]] > 0
-    stats.pairs_skipped += int((~pairs).sum())
+    """This rank's ``(out, lse)``. Each partial is merged into its query run's slice of the
+    output as soon as it exists: one partial is alive besides the result, whatever the world
+    size; rows that attend nothing keep zeros and a log-sum-exp of -inf."""
+    sh, rank = setup.plan.sharding, setup.rank
+    runs = sh.local_offsets(rank)
+    active = setup.plan.run_tiles[[sh.run_index(rank, i) for i in range(len(runs))]] > 0
+    stats.pairs_skipped += int((~active).sum())
     # A query run with one partial has nothing to merge: when no run of this rank has more,
     # and there are no gradients or requested log-sum-exp, the partials are computed without
     # one (e.g. SDPA for dilated segments; a zigzag shard's two runs are written apart).
-    need_lse = setup.need_lse or bool((pairs.sum(1) > 1).any())
-    if len(runs) > 1:
-        whole = empty_partial(q, v.shape[-1], lse=need_lse)
-    pending = _post_kv(ring, setup, steps[1], k, v) if len(steps) > 1 else None
-    for n, step in enumerate(steps):
-        if step == 0:
-            held: list[Tensor] | None = [k, v]
-        else:
-            held = ring.wait(pending, "receiving a K/V shard")
-            pending = _post_kv(ring, setup, steps[n + 1], k, v) if n + 1 < len(steps) else None
-        src = (setup.rank - step) % p
+    need_lse = setup.need_lse or bool((active.sum(1) > 1).any())
+    # a shard of one run adopts its first partial; the runs of a zigzag shard share one output
+    out, lse = empty_partial(q, v.shape[-1], lse=need_lse) if len(runs) > 1 else (None, None)
+    started = [False] * len(runs)
+    ring = _Ring(setup, q.device, stats)
+    for _, src, held in _kv_ring(ring, setup, k.contiguous(), v.contiguous()):
         if held is None:
-            stats.per_step_tiles.append(0)
             continue
-        t0 = time.perf_counter()
-        before = stats.tiles_computed
-        for i, o, lse in _partials(setup, q, held[0], held[1], src, stats, need_lse):
-            lse = lse if need_lse else None  # (a backend may return one anyway)
-            if acc[i] is None and whole is None:  # the first partial becomes the result
-                acc[i] = (o, None if lse is None else lse.to(accumulation_dtype(lse.dtype)))
-            elif acc[i] is None:  # the first partial of a run is copied into its slice
-                acc[i] = (whole[0].narrow(2, *runs[i]),
-                          None if lse is None else whole[1].narrow(2, *runs[i]))
-                acc[i][0].copy_(o)
+        for i, o, l_c in _partials(setup, q, held[0], held[1], src, stats, need_lse):
+            l_c = l_c if need_lse else None  # (a backend may return one it was not asked for)
+            if out is None:
+                out, lse = o, None if l_c is None else l_c.to(accumulation_dtype(l_c.dtype))
+            elif started[i]:  # merged in place, a slice at a time: no full-size temporaries
+                merge_into_(out.narrow(2, *runs[i]),
+                            None if lse is None else lse.narrow(2, *runs[i]), o, l_c)
+            else:
+                out.narrow(2, *runs[i]).copy_(o)
                 if lse is not None:
-                    acc[i][1].copy_(lse)
-            else:  # merged in place, a slice at a time: no full-size temporaries
-                merge_into_(acc[i][0], acc[i][1], o, lse)
-            del o, lse
+                    lse.narrow(2, *runs[i]).copy_(l_c)
+            started[i] = True
+            del o, l_c
         del held
-        stats.compute_s += time.perf_counter() - t0
-        stats.per_step_tiles.append(stats.tiles_computed - before)
-    if whole is not None:  # runs that attend nothing keep zeros and -inf
-        return whole
-    if acc[0] is None:
+    if out is None:  # nothing attended
         return empty_partial(q, v.shape[-1], lse=need_lse)
-    return acc[0][0].to(q.dtype), acc[0][1]
+    return out.to(q.dtype), lse
 
 
 def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    dout: Tensor, dlse: Tensor | None, stats: RingStats
                    ) -> tuple[Tensor, Tensor, Tensor]:
     ring = _Ring(setup, q.device, stats)
-    k, v, p, r = k.contiguous(), v.contiguous(), setup.world, setup.rank
-    acc = accumulation_dtype(q.dtype)
+    p, r, acc = setup.plan.world_size, setup.rank, accumulation_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)
     dk_own, dv_own = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
-    # Every rank posts its transfers in one global order (K/V of step d + 1, then the gradients
-    # of step d, for d = 0, 1, ...): NCCL runs a rank's batches in order, so two ranks that
-    # posted shared transfers in different orders would wait for each other forever. Steps in
-    # which this rank has nothing to do post nothing.
-    last = setup.plan.last_step()
-    stats.steps += len(_steps(setup))
-    pending = _post_kv(ring, setup, 1, k, v) if last else None
     like = [(tuple(x.shape), acc) for x in (k, v)]
     returning: _Transfer | None = None  # the gradient exchange of the last step that had one
 
@@ -435,28 +406,21 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
             dk_own.add_(got[0])
             dv_own.add_(got[1])
 
-    for step in range(last + 1):
-        src, dst = (r - step) % p, (r + step) % p
-        if step == 0:
-            held: list[Tensor] | None = [k, v]
-        else:
-            held = ring.wait(pending, "receiving a K/V shard")
-            pending = _post_kv(ring, setup, step + 1, k, v) if step < last else None
+    # NCCL runs a rank's batches in order, so every rank posts in one global order (K/V of step
+    # d + 1, then the gradients of step d) and a step's gradient exchange is ONE batch (a receive
+    # posted apart from its send would wait for a peer doing the same): those of the shard of
+    # ``src`` go back to it, those of our own K/V come back from ``dst``. The previous exchange
+    # is taken once this one is posted: at most two steps' gradient buffers are alive.
+    for step, src, held in _kv_ring(ring, setup, k.contiguous(), v.contiguous()):
+        dst = (r + step) % p
         grads = None
         if held is not None:
-            t0 = time.perf_counter()
             g_k, g_v = ((dk_own, dv_own) if step == 0 else
-                        tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in held))
+                        tuple(torch.zeros_like(x, dtype=acc) for x in held))
             _backward_step(setup, q, held[0], held[1], src, out, lse, dout, dlse, dq, g_k, g_v,
                            stats)
-            stats.compute_s += time.perf_counter() - t0
             grads = (g_k, g_v) if step else None
             del held
-        # the gradients of the shard of ``src`` go back to it, and those of our own K/V come
-        # back from ``dst``, in ONE batch: NCCL runs a rank's batches in order, so a receive
-        # posted on its own before the send would wait for a peer doing the same (deadlock).
-        # The previous step's exchange is taken once this one is posted: at most two steps'
-        # gradient buffers are alive, however many ranks.
         back = step > 0 and setup.plan.needed(dst, r)
         if grads is not None or back:
             posted = ring.post(step, grads, src, like if back else None, dst)
@@ -474,23 +438,17 @@ def _backward_step(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int, out
     """One backward ring step: recompute this rank's partials against the K/V shard of ``src``
     and accumulate their gradients into ``dq`` (this rank's queries) and ``dk, dv`` (that
     shard's keys and values)."""
-    r = setup.rank
-    qo, ko = setup.local_offsets(r), setup.local_offsets(src)
-    for i, j, sub, tiles in _pairs(setup, src):
-        qs = q.narrow(2, *qo[i]).detach().requires_grad_(True)
-        ks, vs = (x.narrow(2, *ko[j]).detach().requires_grad_(True) for x in (k, v))
+    for _, qo, ko, sub in _pairs(setup, src, stats):
+        qs = q.narrow(2, *qo).detach().requires_grad_(True)
+        ks, vs = (x.narrow(2, *ko).detach().requires_grad_(True) for x in (k, v))
         with torch.enable_grad():
             o, l_c = run_backend(setup.backend, qs, ks, vs, sub, need_lse=True)
-            go, gl = _partial_grads(o, l_c, out.narrow(2, *qo[i]), lse.narrow(2, *qo[i]),
-                                    dout.narrow(2, *qo[i]),
-                                    None if dlse is None else dlse.narrow(2, *qo[i]))
+            go, gl = _partial_grads(o, l_c, *(None if x is None else x.narrow(2, *qo)
+                                              for x in (out, lse, dout, dlse)))
             g_q, g_ks, g_vs = torch.autograd.grad((o, l_c), (qs, ks, vs), (go, gl))
-        dq.narrow(2, *qo[i]).add_(g_q)
-        dk.narrow(2, *ko[j]).add_(g_ks)
-        dv.narrow(2, *ko[j]).add_(g_vs)
-        if stats is not None:
-            stats.pairs_computed += 1
-            stats.tiles_computed += tiles
+        dq.narrow(2, *qo).add_(g_q)
+        dk.narrow(2, *ko).add_(g_ks)
+        dv.narrow(2, *ko).add_(g_vs)
 
 
 def _partial_grads(o: Tensor, l_c: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
@@ -518,8 +476,7 @@ class _RingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        if ctx.stats.backward is None:
-            ctx.stats.backward = RingStats()
+        ctx.stats.backward = ctx.stats.backward or RingStats()
         dq, dk, dv = _ring_backward(ctx.setup, q, k, v, out, lse, dout, dlse,
                                     ctx.stats.backward)
         return dq, dk, dv, None, None
@@ -594,9 +551,8 @@ def distributed_ring_attention(
     check_sharding(sharding)
     check_positive_int("block_size", block_size)
     rank = dist.get_rank(process_group)
-    shards, seed = _agree(q, k, v, dropout, block_size, sharding, process_group, rank, timeout)
-    if dropout is not None:  # every rank drops the same pairs: rank 0's seed
-        dropout = AttentionDropout(dropout.p, seed)
+    shards, dropout = _agree(q, k, v, dropout, block_size, sharding, process_group, rank,
+                             timeout)  # every rank drops the same pairs: rank 0's seed
     seq_len, runs = shards.seq_len, shards.pieces[rank]
     if layout is None:  # this rank's rows only: 1/P of the global layout
         held = (Plan(pattern, seq_len, seq_len, block_size, q.device) if plan is None else
@@ -609,11 +565,9 @@ def distributed_ring_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     plan = _gather_plan(run_layouts, shards, process_group, rank, timeout)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    setup = _Setup(rank, plan,
-                   _run_problems(run_layouts, runs, pattern, q.device, scale, block_order,
-                                 dropout),
-                   check_backend(backend), process_group,
-                   float(timeout), need_lse=return_lse or grad)
+    problems = _run_problems(run_layouts, runs, pattern, q.device, scale, block_order, dropout)
+    setup = _Setup(rank, plan, problems, check_backend(backend), process_group, float(timeout),
+                   need_lse=return_lse or grad)
     out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats())
     return (out, lse) if return_lse else out
 
@@ -621,17 +575,14 @@ def distributed_ring_attention(
 def step_work(pattern: Pattern, plan: DistributedPlan, rank: int,
               run_layouts: Sequence[BlockLayout], backend: str, scale: float
               ) -> Callable[..., None]:
-    """What rank ``rank`` of ``plan`` computes at one ring step, with no process group.
-
-    ``run_layouts``: its query runs' layouts against every key block
-    (:meth:`workbench.plan.Plan.rows`). Returns ``work(src, q, k, v, grads=None)``: the partials
-    of this rank's ``q`` against the K/V shard of rank ``src``; with ``grads = (out, lse, dout,
-    dq, dk, dv)`` also the backward step, adding the gradients to ``dq, dk, dv``.
-    """
-    dev = run_layouts[0].active.device
+    """What rank ``rank`` of ``plan`` computes at one ring step, with no process group:
+    ``work(src, q, k, v, grads=None)`` computes the partials of its ``q`` against the K/V shard
+    of rank ``src`` and, given ``grads = (out, lse, dout, dq, dk, dv)``, the backward step,
+    adding into ``dq, dk, dv``. ``run_layouts``: its query runs' rows
+    (:meth:`~workbench.plan.Plan.rows`)."""
     setup = _Setup(rank, plan, _run_problems(run_layouts, plan.sharding.pieces[rank], pattern,
-                                             dev, scale),
-                   check_backend(backend), None, DEFAULT_TIMEOUT_S)
+                                             run_layouts[0].active.device, scale),
+                   check_backend(backend))
 
     def work(src: int, q: Tensor, k: Tensor, v: Tensor,
              grads: tuple[Tensor, ...] | None = None) -> None:

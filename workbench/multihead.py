@@ -251,17 +251,12 @@ class BlockSparseMultiheadAttention(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        e = self.embed_dim
-        b = self.in_proj_bias
         if self._qkv_same_embed_dim and query is key and key is value:  # one fused projection
-            return F.linear(query, self.in_proj_weight, b).chunk(3, dim=-1)
-        bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
-        if self._qkv_same_embed_dim:
-            w = self.in_proj_weight
-            return F.linear(query, w[:e], bq), F.linear(key, w[e : 2 * e], bk), F.linear(
-                value, w[2 * e :], bv)
-        return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
-                F.linear(value, self.v_proj_weight, bv))
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        weights = (self.in_proj_weight.chunk(3) if self._qkv_same_embed_dim else
+                   (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight))
+        biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
 
     def build_pattern(self, batch: int, q_len: int, k_len: int,
                       key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
@@ -336,26 +331,20 @@ class BlockSparseMultiheadAttention(nn.Module):
         if not batched and key_padding_mask is not None:
             key_padding_mask = key_padding_mask[None]
         query, key, value = _seq_first(query, key, value, batched, self.batch_first)
-        # Now [S, B, E] like nn.MultiheadAttention's internals.
-        sq, bsz, _ = query.shape
-        sk = key.shape[0]
-        q, k, v = self._project(query, key, value)
+        (sq, bsz, _), sk = query.shape, key.shape[0]  # [S, B, E] like nn.MultiheadAttention's
         h, d = self.num_heads, self.head_dim
-
-        def heads(x: Tensor, s: int) -> Tensor:  # [S, B, E] -> [B, H, S, d]
-            return x.reshape(s, bsz, h, d).permute(1, 2, 0, 3)
-
-        q, k, v = heads(q, sq), heads(k, sk), heads(v, sk)
-        if self.process_group is not None:
-            if key_padding_mask is not None or attn_mask is not None or need_weights:
-                raise NotImplementedError(
-                    "key_padding_mask, attn_mask and need_weights=True are not supported under "
-                    "a process_group (they are whole-sequence tensors); express a mask as a "
-                    "pattern, e.g. patterns.KeyMask or patterns.causal()")
-            selection = None if self.selector is None else self.selector.select_sharded(
-                q, k, self.process_group, self.sharding)
-        else:
-            selection = self.selector.select(q, k) if self.selector is not None else None
+        q, k, v = (x.reshape(x.shape[0], bsz, h, d).permute(1, 2, 0, 3)  # [B, H, S, d]
+                   for x in self._project(query, key, value))
+        if self.process_group is not None and (key_padding_mask is not None
+                                               or attn_mask is not None or need_weights):
+            raise NotImplementedError(
+                "key_padding_mask, attn_mask and need_weights=True are not supported under a "
+                "process_group (they are whole-sequence tensors); express a mask as a pattern, "
+                "e.g. patterns.KeyMask or patterns.causal()")
+        selection = None
+        if self.selector is not None:
+            selection = (self.selector.select(q, k) if self.process_group is None else
+                         self.selector.select_sharded(q, k, self.process_group, self.sharding))
         dropout_p = self.dropout if self.training else 0.0
         if (attn_mask is None and key_padding_mask is None and selection is None
                 and self.process_group is None):  # the same pattern at every such call
@@ -467,11 +456,10 @@ def _seq_first(query: Tensor, key: Tensor, value: Tensor, batched: bool,
     are the same tensor (self-attention then projects once)."""
     if batched and not batch_first:
         return query, key, value
-    q = query.transpose(0, 1) if batched else query.unsqueeze(1)
-    k = q if key is query else key.transpose(0, 1) if batched else key.unsqueeze(1)
-    if value is query or value is key:
-        return q, k, q if value is query else k
-    return q, k, value.transpose(0, 1) if batched else value.unsqueeze(1)
+    views: dict[int, Tensor] = {}
+    for x in (query, key, value):
+        views.setdefault(id(x), x.transpose(0, 1) if batched else x.unsqueeze(1))
+    return views[id(query)], views[id(key)], views[id(value)]
 
 
 def _tile_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, fold: bool,

@@ -42,120 +42,72 @@ class UsageError(Exception):
 
 
 # ------------------------------------------------------------------------ argument types
-def _shown(text: str) -> str:
-    """``text`` as an error message shows it: bare, or quoted when it is blank."""
-    return text if text.strip() else repr(text)
+def _arg_type(convert: Callable[[str], Any], accept: Callable[[Any], object],
+              what: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``convert(text)`` when it converts (to other than None) and
+    ``accept`` takes the value, else the error "<text> is not <what>" (blank text quoted)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            shown = text if text.strip() else repr(text)
+            raise argparse.ArgumentTypeError(f"{shown} is not {what}")
+        return value
+
+    return parse
 
 
-def _int_at_least(text: str, minimum: int, what: str) -> int:
-    """``text`` as an int ``>= minimum``; otherwise an argparse error "<text> is not <what>"."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
-
-
-def nonnegative_int(text: str) -> int:
-    return _int_at_least(text, 0, "a non-negative integer")
-
-
-def power_of_two_head_dim(text: str) -> int:
-    """``text`` as a power of two ``>= 16``, a head width the Triton kernels take."""
-    what = "a power of two >= 16 (the Triton kernels' head widths)"
-    value = _int_at_least(text, 16, what)
-    if value & (value - 1):
-        raise argparse.ArgumentTypeError(f"{value} is not {what}")
-    return value
-
-
-def _positive(text: str, inf: bool) -> float:
-    """``text`` as a float ``> 0``, finite unless ``inf``; otherwise an argparse error."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (0 < value < math.inf or (inf and value == math.inf)):
-        what = "a positive number (or inf)" if inf else "a positive finite number"
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    return _positive(text, inf=False)
-
-
-def positive_float_or_inf(text: str) -> float:
-    return _positive(text, inf=True)
-
-
-def _matching(regex: str, what: str) -> Callable[[str], str]:
-    """An argparse ``type=`` that takes a text matching ``regex`` whole, else "is not <what>"."""
-    pattern = re.compile(regex)
-
-    def check(text: str) -> str:
-        if not pattern.fullmatch(text):
-            raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}")
-        return text
-
-    return check
-
-
-device = _matching(r"cpu|cuda(:[0-9]+)?", "a device: use cpu, cuda or cuda:N")
-cuda_device = _matching(r"cuda(:[0-9]+)?",
+positive_int = _arg_type(int, lambda n: n > 0, "a positive integer")
+nonnegative_int = _arg_type(int, lambda n: n >= 0, "a non-negative integer")
+power_of_two_head_dim = _arg_type(int, lambda n: n >= 16 and not n & (n - 1),
+                                  "a power of two >= 16 (the Triton kernels' head widths)")
+positive_float = _arg_type(float, lambda x: 0 < x < math.inf, "a positive finite number")
+positive_float_or_inf = _arg_type(float, lambda x: 0 < x <= math.inf,
+                                  "a positive number (or inf)")
+device = _arg_type(str, re.compile(r"cpu|cuda(:[0-9]+)?").fullmatch,
+                   "a device: use cpu, cuda or cuda:N")
+cuda_device = _arg_type(str, re.compile(r"cuda(:[0-9]+)?").fullmatch,
                         "a CUDA device; this command measures a GPU: use cuda or cuda:N")
-study_name = _matching(r"[A-Za-z0-9][A-Za-z0-9_-]*", "a study name: use letters, digits, '_' "
-                       "and '-' (it names the data/ file), e.g. cpu_small")
+study_name = _arg_type(str, re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*").fullmatch,
+                       "a study name: use letters, digits, '_' and '-' (it names the data/ "
+                       "file), e.g. cpu_small")
 
 
-def _parse_override(text: str) -> tuple[str, object]:
-    """``NAME=VALUE`` as ``(NAME, VALUE)``: the value parsed as JSON, else kept as a string;
-    ``NAME`` must be a Python name (a notebook parameter)."""
+def _parse_override(text: str) -> tuple[str, object] | None:
+    """``NAME=VALUE`` as ``(NAME, VALUE)``, the value parsed as JSON (else kept as a string);
+    None unless ``NAME`` is a Python name (a notebook parameter)."""
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier() or keyword.iskeyword(name):
-        raise argparse.ArgumentTypeError(
-            f"{_shown(text)} is not NAME=VALUE with NAME a notebook parameter, e.g. "
-            "seq_len=1000")
+        return None
     try:
         return name, json.loads(value)
     except json.JSONDecodeError:
         return name, value
 
 
+notebook_override = _arg_type(_parse_override, bool, "NAME=VALUE with NAME a notebook "
+                              "parameter, e.g. seq_len=1000")
+
+
 # ------------------------------------------------------------------------ one-line errors
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr, ``<prog>: error: <message>``
-    with the option first, and exit status 2."""
+    """An ``ArgumentParser`` whose errors are :func:`_exit_with_error`'s, the option first."""
 
     def error(self, message: str) -> NoReturn:
         message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
         if message.startswith("the following arguments are required"):
             message += f" (see {self.prog} --help)"
-        _exit_with_error(self.prog, message, 2)
+        _exit_with_error(self.prog, message)
 
 
-def _exit_with_error(prog: str, message: str, status: int) -> NoReturn:
-    """Print ``<prog>: error: <message>`` as one line on stderr and exit with ``status``."""
+def _exit_with_error(prog: str, message: str) -> NoReturn:
+    """Print ``<prog>: error: <message>`` as one line on stderr and exit with status 2."""
     text = " ".join(message.split())  # one line, whatever the message's layout
     print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
-    raise SystemExit(status)
-
-
-def _first_line(err: BaseException) -> str:
-    """The first non-blank line of ``err``'s message (its type's name when it has none)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def _debug() -> bool:
-    """Whether ``WORKBENCH_DEBUG`` asks for tracebacks (set, and neither empty nor ``0``)."""
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    raise SystemExit(2)
 
 
 # ------------------------------------------------------------------------ checks before work
@@ -199,17 +151,15 @@ def _require_module(module: str, command: str, install: str) -> None:
 def _notebook_parameters(path: Path) -> set[str] | None:
     """Names assigned in the notebook's ``parameters`` cell; None when it cannot be read."""
     try:
-        for cell in json.loads(path.read_text())["cells"]:
-            if "parameters" in cell.get("metadata", {}).get("tags", []):
-                source = cell["source"]
-                tree = ast.parse(source if isinstance(source, str) else "".join(source))
-                return {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                        for t in node.targets if isinstance(t, ast.Name)} | {
-                    node.target.id for node in ast.walk(tree)
-                    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
-    except (OSError, KeyError, ValueError, SyntaxError):
+        cells = json.loads(path.read_text())["cells"]
+        tree = ast.parse(next("".join(cell["source"]) for cell in cells
+                              if "parameters" in cell.get("metadata", {}).get("tags", [])))
+    except (OSError, KeyError, ValueError, SyntaxError, StopIteration):
         return None
-    return None
+    nodes = list(ast.walk(tree))
+    targets = [t for node in nodes if isinstance(node, ast.Assign) for t in node.targets]
+    targets += [node.target for node in nodes if isinstance(node, ast.AnnAssign)]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
 
 
 def _check_figures(args: argparse.Namespace) -> None:
@@ -228,11 +178,10 @@ def _check_figures(args: argparse.Namespace) -> None:
     if not specs:
         raise UsageError(f"{args.root / 'notebooks'} holds no notebook (*.ipynb): nothing to "
                          "run or check; use --root to name another project")
-    names = ", ".join(s.name for s in specs)
     for prefix in args.only or []:
         if not any(s.name.startswith(prefix) for s in specs):
             raise UsageError(f"--only {prefix}: no notebook name starts with it; notebooks: "
-                             f"{names}")
+                             f"{', '.join(s.name for s in specs)}")
     if args.list or args.check:
         return
     chosen = select(specs, args.only)
@@ -370,15 +319,12 @@ def _call(fn: Callable[..., Any], args: argparse.Namespace, **given: object) -> 
     return fn(**{**options, **given})
 
 
-def _print_rows(rows: list[dict]) -> None:
+def _shown_and_written(rows: list[dict], name: str | None = None, dev: str = "cpu") -> int:
+    """Print ``rows`` (``key=value``, less the environment) and, given a ``name``, write them
+    to ``data/<name>.csv``; returns 0."""
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items()
                         if k not in ("device", "torch", "date", "triton")))
-
-
-def _shown_and_written(rows: list[dict], name: str | None = None, dev: str = "cpu") -> int:
-    """Print ``rows`` and, given a ``name``, write them to ``data/<name>.csv``; returns 0."""
-    _print_rows(rows)
     if name is not None:
         write_csv(rows, name, dev)
     return 0
@@ -437,10 +383,9 @@ def _bench_longest(args: argparse.Namespace) -> int:
 
 def _bench_triton(args: argparse.Namespace) -> int:
     name = "configs" if args.space == "launch" else args.space
-    _print_rows(_call(bench.triton_config_study, args, configs=bench.kernel_configs(args.space),
-                      backward=args.space == "backward",
-                      csv_name=f"bench_{args.study}_triton_{name}"))
-    return 0
+    return _shown_and_written(_call(
+        bench.triton_config_study, args, configs=bench.kernel_configs(args.space),
+        backward=args.space == "backward", csv_name=f"bench_{args.study}_triton_{name}"))
 
 
 def _bench_overhead(args: argparse.Namespace) -> int:
@@ -523,7 +468,6 @@ _OPTIONS: dict[str, dict] = {
 }
 """Every option two commands share, declared once; a command's entry overrides its settings."""
 _SHAPE = {"--heads": {}, "--head-dim": {}, "--dtype": {}, "--block-size": {}}
-_ANY_DEVICE = {"default": None, "help": "where to run (default: cuda if present, else cpu)"}
 _GPU = {"type": cuda_device, "metavar": "cuda[:N]", "help": "the CUDA device to measure "
         "(default: %(default)s)"}
 
@@ -543,16 +487,16 @@ def _families(default: Sequence[str]) -> dict:
 def _commands() -> dict[str, Command]:
     from ..distributed import SHARDINGS
 
+    any_device = dict(default="cuda" if torch.cuda.is_available() else "cpu")
     return {
         "figures": Command("rerun the notebooks, which write figures/ and data/", _figures, {
             "--root": dict(type=Path, default=None, metavar="PATH",
-                           help="the project (default: $WORKBENCH_ROOT, else the nearest folder "
-                                "with pyproject.toml and notebooks/ at or above the working "
-                                "directory)"),
+                           help="the project (default: $WORKBENCH_ROOT, else the nearest one "
+                                "at or above the working directory)"),
             "--list": dict(action="store_true", help="list notebooks and declared figures"),
             "--only": dict(nargs="+", metavar="NAME", help="notebook name prefixes to run"),
             "--profile": dict(default=None, help="named parameter profile (default: none)"),
-            "-p --param": dict(action="append", type=_parse_override, metavar="NAME=VALUE",
+            "-p --param": dict(action="append", type=notebook_override, metavar="NAME=VALUE",
                                help="override a notebook parameter (value parsed as JSON)"),
             "--check": dict(action="store_true",
                             help="do not run; check that every declared figure exists"),
@@ -571,23 +515,19 @@ def _commands() -> dict[str, Command]:
             "--warmup": dict(default=3), "--backward": {},
             "--grad-forward": dict(action="store_true",
                                    help="time the forward of inputs that require grad"),
-            "--device": _ANY_DEVICE,
+            "--device": any_device,
             "--layout-timing": dict(nargs="*", type=positive_int, metavar="S", help="time "
-                                    "building each family's block layout and kernel structures "
-                                    "at these lengths (the median of --reps); writes "
-                                    "data/bench_<study>_layout.csv, or data/layouts_<study>.csv "
-                                    "without --seq-lens"),
+                                    "building the layouts and kernel structures at these lengths"
+                                    "; writes data/bench_<study>_layout.csv (without --seq-lens "
+                                    "data/layouts_<study>.csv)"),
             "--layout-heads": dict(nargs="+", type=positive_int, metavar="H",
                                    help="head counts of the layout timing (default: --heads)"),
             "--layout-cells": dict(nargs="+", type=positive_int, metavar="C", help="cell sizes "
-                                   "of the layout timing, for families with a cell argument "
-                                   "(default: their own)"),
+                                   "of the layout timing (default: each family's own)"),
             "--layout-max-seconds": dict(type=positive_float_or_inf, default=math.inf,
-                                         help="skip a layout case predicted to take longer "
-                                              "per build"),
+                                         help="skip a case predicted to take longer per build"),
             "--layout-max-gib": dict(type=positive_float_or_inf, default=math.inf,
-                                     help="skip a layout case (or a triton plan) that would "
-                                          "need more memory"),
+                                     help="skip a case (or a triton plan) needing more memory"),
         }, _check_bench),
         "bench-hilbert": Command(
             "2-D neighbourhood attention per token and visit order; writes "
@@ -605,15 +545,13 @@ def _commands() -> dict[str, Command]:
                                          "04_selection_cost_gpu", a.device),
             {"--seq-lens": dict(default=[16384, 65536]), "--reps": {}, "--device": {}}),
         "bench-longest": Command(
-            "the longest sequence one GPU runs, per family",
-            _bench_longest, {
+            "the longest sequence one GPU runs, per family", _bench_longest, {
                 "--study": _study("bench_<study>_longest", "h100"),
                 "--families": _families(bench.DEFAULT_FAMILIES),
                 "--start": dict(type=positive_int, default=262144),
                 "--limit": dict(type=positive_int, default=1 << 24),
                 "--max-seconds": dict(type=positive_float_or_inf, default=math.inf,
-                                      help="skip a length predicted (4x the last) to take "
-                                           "longer"),
+                                      help="skip a length predicted to take longer"),
                 "--backward": {},
                 "--memory-gib": dict(type=positive_float, default=None, help="search as on a "
                                      "card of this much memory (GiB, as CUDA reports it)"),
@@ -643,7 +581,7 @@ def _commands() -> dict[str, Command]:
                 "--dtype": dict(default=None, help="default: bf16 on CUDA, fp32 on the CPU"),
                 "--block-size": dict(default=None, help="default: 128 on CUDA, 64 on the CPU"),
                 "--reps": dict(default=200), "--warmup": dict(default=20),
-                "--device": _ANY_DEVICE}, _check_overhead),
+                "--device": any_device}, _check_overhead),
         "triton-resources": Command(
             "shared memory and registers of our Triton kernels, compiled offline (no GPU "
             "needed)", _triton_resources, {
@@ -670,8 +608,7 @@ def _commands() -> dict[str, Command]:
             **_SHAPE, "--reps": dict(default=10), "--warmup": dict(default=2),
             "--backward": {}, "--backend": {}, "--timeout": dict(default=600.0),
             "--double-until": dict(type=positive_int, default=None, metavar="S_MAX",
-                                   help="double the --seq-lens value until a case fails or "
-                                        "S_MAX"),
+                                   help="double the one --seq-lens value up to S_MAX or a failure"),
             "--baseline": dict(action="store_true", help="also run rank 0 alone at the per-rank "
                                "length (parallel efficiency)"),
             "--profile": dict(type=nonnegative_int, default=0, metavar="N", help="profile one "
@@ -709,16 +646,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
 # ------------------------------------------------------------------------ entry point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command ``argv`` names (default: ``sys.argv[1:]``); returns its exit status.
-
-    A value the command cannot use ends it with one line on stderr,
-    ``workbench <command>: error: <message>``, and ``SystemExit(2)``: before any work when the
-    arguments, the other options or this machine say so, else when the work raises one of
-    :data:`_USER_ERRORS`. Ctrl-C ends it with one line and ``SystemExit(130)``. With
-    ``WORKBENCH_DEBUG=1`` an error raised by the work, and the interrupt, propagate with their
-    traceback instead.
-    """
+    """Run the command ``argv`` names (default: ``sys.argv[1:]``); returns its exit status or
+    ends with one line on stderr as the module's docstring says."""
     prog = PROG
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         parser, commands = build_parser()
         args, extras = parser.parse_known_args(None if argv is None else list(argv))
@@ -726,9 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = f"{PROG} {args.command}"
         if extras:
             _exit_with_error(prog, f"unrecognized arguments: {' '.join(extras)} "
-                             f"(see {prog} --help)", 2)
-        if getattr(args, "device", "") is None:
-            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+                             f"(see {prog} --help)")
         try:
             _check_device(args, command.gpu_only)
             if command.writes:
@@ -738,29 +667,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             if command.needs is not None:
                 _require_module(command.needs[0], args.command, command.needs[1])
         except UsageError as err:
-            _exit_with_error(prog, str(err), 2)
-        return _run(command.run, args, prog)
+            _exit_with_error(prog, str(err))
+        try:
+            return command.run(args)
+        except BrokenPipeError:
+            raise
+        except (UsageError, *_USER_ERRORS) as err:
+            if debug:
+                raise
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            first = lines[0] if lines else type(err).__name__
+            _exit_with_error(prog, f"{first} (set {DEBUG_ENV}=1 for the traceback)")
     except KeyboardInterrupt:
-        if _debug():
+        if debug:
             raise
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
         sys.stderr.close()
         raise SystemExit(0) from None
-
-
-def _run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
-    """``run(args)``, with the errors :func:`main` reports as one line reported so."""
-    try:
-        return run(args)
-    except BrokenPipeError:
-        raise
-    except (UsageError, *_USER_ERRORS) as err:
-        if _debug():
-            raise
-        _exit_with_error(prog, f"{_first_line(err)} (set {DEBUG_ENV}=1 for the traceback)", 2)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

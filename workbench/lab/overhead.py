@@ -1,9 +1,7 @@
-"""Per-call overhead: each public entry point (:data:`ENTRY_POINTS`), called repeatedly on the
-same inputs, against the kernel it launches alone on the same block structure (the call's
-``BlockMask`` on CUDA, ``blockwise`` on the CPU, the ``gather`` backend's prepared function for
-LongNet; the multi-head module's projections around it). The block-sparse entry points run
-``random10``, the dilated ones ``dilated``.
-"""
+"""Per-call overhead: each public entry point (:data:`ENTRY_POINTS`) called repeatedly on the
+same inputs, against the kernel it launches called alone on the same block structure (with the
+multi-head module's projections around it). The block-sparse entry points run ``random10``, the
+dilated ones ``dilated``."""
 
 from __future__ import annotations
 
@@ -89,30 +87,24 @@ def _cases(entry: str, s: int, block_size: int, q: Tensor, k: Tensor, v: Tensor
             return "dilated", params, "gather", lambda: attn(q, k, v), lambda: run(q, k, v)
         merged = prepare_dilated(q, k, v, [P.dilated_branch(wi, ri, heads)
                                            for wi, ri in zip(w, r)], need_lse=False)
-
-        def branches() -> Tensor:
-            return merged(q, k, v)[0]
-
         paper = DilatedAttention(w, r, mode="paper", block_size=block_size)
+        plans = Plans()
         ours = ((lambda: paper(q, k, v)) if entry == "dilated_paper" else
-                (lambda: dilated_attention(q, k, v, w, r, block_size=block_size)))
-        return "dilated", f"{params} paper", "gather", ours, branches
+                (lambda: dilated_attention(q, k, v, w, r, block_size=block_size, plan=plans)))
+        return "dilated", f"{params} paper", "gather", ours, lambda: merged(q, k, v)[0]
     pattern, params = family_pattern("random10", s, heads)
     plans = Plans()  # one layout, one BlockMask: the kernel's and every entry point's
     plan = plans.get(pattern, s, s, block_size, q.device)
     backend, kernel = _kernel(pattern, plan, q, k, v)
-    if entry == "function":
-        ours: Call = lambda: block_sparse_attention(q, k, v, pattern, block_size,  # noqa: E731
-                                                    plan=plan)
-    elif entry == "module":
-        module = BlockSparseAttention(pattern, block_size, plans=plans)
-        ours = lambda: module(q, k, v)  # noqa: E731
-    else:
+    if entry == "multihead":
         mha = BlockSparseMultiheadAttention(heads * head_dim, heads, pattern=pattern,
                                             block_size=block_size, batch_first=True,
                                             device=q.device, dtype=q.dtype, plans=plans)
         x = q.transpose(1, 2).reshape(q.shape[0], s, heads * head_dim)
         return "random10", params, backend, lambda: mha(x, x, x)[0], _multihead(mha, x, kernel)
+    module = BlockSparseAttention(pattern, block_size, plans=plans)
+    ours = ((lambda: module(q, k, v)) if entry == "module" else
+            (lambda: block_sparse_attention(q, k, v, pattern, block_size, plan=plan)))
     return "random10", params, backend, ours, lambda: kernel(q, k, v)
 
 

@@ -4,13 +4,13 @@ of a ring on one device to plan a multi-GPU run."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,13 +19,12 @@ from .. import distributed as D
 from ..attention import block_sparse_attention
 from ..backends import accumulation_dtype
 from ..layout import BlockLayout
-from ..patterns import Pattern
+from ..patterns import Pattern, check_int
 from ..sharding import DistributedPlan, run_tile_rows
 from .bench import DTYPES, family_pattern, time_and_peak
 from .records import environment, write_csv
 
-__all__ = ["PASSES", "parallel_efficiency", "ring_bench", "ring_demo", "ring_plan_study",
-           "simulated_steps"]
+__all__ = ["PASSES", "ring_bench", "ring_demo", "ring_plan_study", "simulated_steps"]
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -34,14 +33,10 @@ def _start(backend: str | None, timeout: float,
            init: tuple[str, int, int] | None = None) -> torch.device:
     """Join the process group torchrun describes (or ``init`` = (init_method, rank, world), or a
     one-rank group), and pick this rank's device."""
-    if init is not None:
-        D.init_ring(backend, timeout=timeout, init_method=init[0], rank=init[1],
-                    world_size=init[2])
-    elif "RANK" in os.environ:
-        D.init_ring(backend, timeout=timeout)
-    else:  # plain `python -m workbench ...`: a group of one
-        path = os.path.join(tempfile.mkdtemp(prefix="workbench-ring-"), "rendezvous")
-        D.init_ring(backend, timeout=timeout, init_method=f"file://{path}", rank=0, world_size=1)
+    if init is None and "RANK" not in os.environ:  # plain `python -m workbench ...`
+        init = (f"file://{tempfile.mkdtemp(prefix='workbench-ring-')}/rendezvous", 0, 1)
+    method, rank, world = init or (None, None, None)  # None: torchrun's env://
+    D.init_ring(backend, timeout=timeout, init_method=method, rank=rank, world_size=world)
     if dist.get_backend() == "nccl":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
@@ -55,17 +50,20 @@ def _gather_rows(rows: list[dict], group=None) -> list[dict]:
     return [r for part in everyone for r in (part or [])]
 
 
-def _equivalence_rows(dev: torch.device, seq_len: int, heads: int, head_dim: int,
-                      block_size: int, families: Sequence[str], sharding: str,
-                      timeout: float) -> list[dict]:
-    """This rank's error against one process, per family (output and gradients)."""
+def ring_demo(seq_len: int = 1000, heads: int = 4, head_dim: int = 32, block_size: int = 64,
+              families: Sequence[str] = ("causal", "local", "random10", "dilated"),
+              sharding: str = "zigzag", backend: str | None = None,
+              timeout: float = 120.0) -> list[dict]:
+    """Check every rank's output and gradients against one process (rank 0 prints the error
+    and the ring's work per family and rank); returns every rank's rows."""
+    dev = _start(backend, timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.float64 if dev.type == "cpu" else torch.float32
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=g, dtype=dtype).to(dev)
                for _ in range(3))
     sh = D.shard_plan(seq_len, world, block_size, sharding)
-    rows = []
+    local_rows = []
     for family in families:
         pattern, params = family_pattern(family, seq_len, heads)
         full = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -79,23 +77,13 @@ def _equivalence_rows(dev: torch.device, seq_len: int, heads: int, head_dim: int
         out.backward(sh.shard(grad, rank))
         pairs = [(out, ref)] + [(m.grad, f.grad) for m, f in zip(mine, full)]
         err = max(float((a - sh.shard(b, rank)).abs().max().detach()) for a, b in pairs)
-        rows.append({"family": family, "params": params, "sharding": sharding, "world": world,
-                     "rank": rank, "local_len": sh.local_len(rank), "max_abs_error": err,
-                     "tolerance": 1e-9 if dtype == torch.float64 else 1e-3,
-                     **stats.as_dict(), "bwd_bytes_sent": stats.backward.bytes_sent})
-    return rows
-
-
-def ring_demo(seq_len: int = 1000, heads: int = 4, head_dim: int = 32, block_size: int = 64,
-              families: Sequence[str] = ("causal", "local", "random10", "dilated"),
-              sharding: str = "zigzag", backend: str | None = None,
-              timeout: float = 120.0) -> list[dict]:
-    """Check the ring against one process on every rank and report its work (rank 0 prints)."""
-    dev = _start(backend, timeout)
-    rows = _gather_rows(_equivalence_rows(dev, seq_len, heads, head_dim, block_size, families,
-                                          sharding, timeout))
-    if dist.get_rank() == 0:
-        print(f"ring demo: {dist.get_world_size()} ranks ({dist.get_backend()}), S={seq_len}, "
+        local_rows.append({"family": family, "params": params, "sharding": sharding,
+                          "world": world, "rank": rank, "local_len": sh.local_len(rank),
+                          "max_abs_error": err, "tolerance": 1e-9 if dev.type == "cpu" else 1e-3,
+                          **stats.as_dict(), "bwd_bytes_sent": stats.backward.bytes_sent})
+    rows = _gather_rows(local_rows)
+    if rank == 0:
+        print(f"ring demo: {world} ranks ({dist.get_backend()}), S={seq_len}, "
               f"{heads} heads x {head_dim}, block {block_size}, {sharding} sharding")
         print(f"{'family':>9} {'rank':>4} {'max|err|':>9} {'steps':>5} {'pairs':>5} "
               f"{'skipped':>7} {'tiles':>6} {'fwd KiB sent':>12} {'bwd KiB sent':>12}")
@@ -110,21 +98,6 @@ def ring_demo(seq_len: int = 1000, heads: int = 4, head_dim: int = 32, block_siz
     return rows
 
 
-@dataclass(frozen=True)
-class _Settings:
-    """What every case of a :func:`ring_bench` sweep shares."""
-
-    heads: int
-    head_dim: int
-    dtype: torch.dtype
-    block_size: int
-    reps: int
-    warmup: int
-    backward: bool
-    timeout: float
-    device: torch.device
-
-
 def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
                shardings: Sequence[str] = ("contiguous",), heads: int = 16, head_dim: int = 128,
                dtype: str = "bf16", block_size: int = 128, reps: int = 10, warmup: int = 2,
@@ -135,13 +108,12 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     ``data/ring_<study>.csv`` after every case.
 
     ``baseline``: after each case rank 0 alone runs ``S / P`` tokens; its row carries the
-    :func:`parallel_efficiency`. ``profile``: the costliest operators of one more call per rank
+    parallel efficiency. ``profile``: the costliest operators of one more call per rank
     go to ``data/ring_<study>_profile.csv``. ``double_until``: double ``seq_lens[0]`` until a
     case fails (``oom``, or ``peer_failed`` on the ranks that timed out waiting) or passes it.
     Ranks agree on outcomes over a gloo group and stop at the first failure.
     """
-    if isinstance(profile, bool) or not isinstance(profile, int) or profile < 0:
-        raise ValueError(f"profile must be a number of operators >= 0, got {profile!r}")
+    check_int("profile", profile, 0, None)
     dev = _start(backend, timeout, init)
     rank, world = dist.get_rank(), dist.get_world_size()
     control = dist.new_group(backend="gloo")  # outcomes and rows, even if NCCL is stuck
@@ -149,47 +121,47 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     if baseline and any(n % world for n in seq_lens):
         raise ValueError(f"baseline runs S / {world} tokens on one rank: every --seq-lens "
                          f"value must be a multiple of {world}, got {list(seq_lens)}")
-    run = _Settings(heads, head_dim, DTYPES[dtype] if dev.type == "cuda" else torch.float32,
-                    block_size, reps, warmup, backward, timeout, dev)
+    time_case = functools.partial(  # one case on this rank, with what every case shares
+        _time_ring, heads=heads, head_dim=head_dim, block_size=block_size, reps=reps,
+        warmup=warmup, backward=backward, timeout=timeout, device=dev,
+        dtype=DTYPES[dtype] if dev.type == "cuda" else torch.float32)
     env = {**environment(dev), "world_size": world, "backend": dist.get_backend()}
     if dev.type == "cuda":
         env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     rows: list[dict] = []
     profiles: list[dict] = []
     failed = False
-    for s in _lengths(seq_lens, double_until):
-        for family, sharding in itertools.product(families, shardings):
-            if failed:
-                break
-            pattern, params = family_pattern(family, s, heads)
-            row = {"study": study, "family": family, "params": params, "sharding": sharding,
-                   "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim,
-                   "dtype": dtype, "block_size": block_size,
-                   "pass": "fwd+bwd" if backward else "fwd"}
-            result = _time_ring(run, pattern, s, sharding, profile)
-            ops = [{**row, **op} for op in result.pop("profile", [])]
-            row.update(result)
-            case_rows = _gather_rows([row], control)  # every rank's row of this case
-            rows += [{**env, **r} for r in case_rows]
-            if profile:
-                profiles += [{**env, **r} for r in _gather_rows(ops, control)]
-            outcomes = [r["status"] for r in case_rows]
-            failed = any(o != "ok" for o in outcomes)
-            note = ""
-            if solo is not None and not failed:
-                base = _baseline_row(run, row, case_rows, s // world, solo) if rank == 0 else None
-                D.barrier(timeout, control)
-                if base is not None:
-                    rows.append({**env, **base})
-                    note = (f"  1 rank at S/{world}: {base.get('ms', math.nan):.2f} ms, "
-                            f"efficiency {base.get('efficiency', math.nan):.3f}")
-            if rank == 0:
-                print(f"{s:>9} {family:>9} {sharding:>10} {'/'.join(outcomes):>12} "
-                      f"{row.get('ms', math.nan):>10.2f} ms  rank-0 peak "
-                      f"{row.get('peak_mib', 0):>9.0f} MiB{note}", flush=True)
-                path = write_csv(rows, f"ring_{study}", dev)
-                if profiles:
-                    write_csv(profiles, f"ring_{study}_profile", dev)
+    if double_until is not None:  # a longest-sequence search
+        seq_lens = [seq_lens[0] << i for i in range((double_until // seq_lens[0]).bit_length())]
+    for s, family, sharding in itertools.product(seq_lens, families, shardings):
+        pattern, params = family_pattern(family, s, heads)
+        row = {"study": study, "family": family, "params": params, "sharding": sharding,
+               "seq_len": s, "rank": rank, "heads": heads, "head_dim": head_dim, "dtype": dtype,
+               "block_size": block_size, "pass": "fwd+bwd" if backward else "fwd"}
+        result = time_case(pattern, s, sharding, profile=profile)
+        ops = [{**row, **op} for op in result.pop("profile", [])]
+        row.update(result)
+        case_rows = _gather_rows([row], control)  # every rank's row of this case
+        rows += [{**env, **r} for r in case_rows]
+        if profile:
+            profiles += [{**env, **r} for r in _gather_rows(ops, control)]
+        outcomes = [r["status"] for r in case_rows]
+        failed = any(o != "ok" for o in outcomes)
+        note = ""
+        if solo is not None and not failed:
+            base = _baseline_row(time_case, row, case_rows, s // world, solo) if rank == 0 else None
+            D.barrier(timeout, control)
+            if base is not None:
+                rows.append({**env, **base})
+                note = (f"  1 rank at S/{world}: {base.get('ms', math.nan):.2f} ms, "
+                        f"efficiency {base.get('efficiency', math.nan):.3f}")
+        if rank == 0:
+            print(f"{s:>9} {family:>9} {sharding:>10} {'/'.join(outcomes):>12} "
+                  f"{row.get('ms', math.nan):>10.2f} ms  rank-0 peak "
+                  f"{row.get('peak_mib', 0):>9.0f} MiB{note}", flush=True)
+            path = write_csv(rows, f"ring_{study}", dev)
+            if profiles:
+                write_csv(profiles, f"ring_{study}_profile", dev)
         if failed:
             break
     if rank == 0 and rows:
@@ -199,77 +171,58 @@ def ring_bench(study: str, seq_lens: Sequence[int], families: Sequence[str],
     return rows
 
 
-def parallel_efficiency(tiles_many, ms_many, world: int, tiles_one, ms_one):
-    """``E = (W_P / (P T_P)) / (W_1 / T_1)``: tiles computed per ms and device by ``world``
-    ranks (``tiles_many`` in all, ``ms_many`` for the slowest rank) against one rank
-    (``tiles_one`` in ``ms_one``); 1 is perfect scaling. Numbers or arrays (elementwise)."""
-    return tiles_many / (world * ms_many) / (tiles_one / ms_one)
-
-
-def _baseline_row(run: _Settings, row: dict, case_rows: list[dict], seq_len: int,
+def _baseline_row(time_case: Callable[..., dict], row: dict, case_rows: list[dict], seq_len: int,
                   solo: dist.ProcessGroup) -> dict:
     """Rank 0 alone at ``seq_len`` (the per-rank length of the case ``case_rows``), with the
-    case's parallel efficiency."""
-    pattern, params = family_pattern(row["family"], seq_len, run.heads)
+    case's parallel efficiency ``E = (W_P / (P T_P)) / (W_1 / T_1)``: tiles computed per ms and
+    device by the ``P`` ranks (the slowest rank's time) against one rank; 1 is perfect scaling."""
+    pattern, params = family_pattern(row["family"], seq_len, row["heads"])
     base = {**row, "params": params, "seq_len": seq_len, "rank": 0, "world_size": 1,
-            **_time_ring(run, pattern, seq_len, row["sharding"], group=solo)}
+            **time_case(pattern, seq_len, row["sharding"], group=solo)}
     if base["status"] == "ok" and base["tiles"]:
-        e = parallel_efficiency(sum(r["tiles"] for r in case_rows),
-                                max(r["ms"] for r in case_rows), len(case_rows),
-                                base["tiles"], base["ms"])
-        base["efficiency"] = round(e, 4)
+        many = sum(r["tiles"] for r in case_rows) / len(case_rows) / max(r["ms"] for r in case_rows)
+        base["efficiency"] = round(many / (base["tiles"] / base["ms"]), 4)
     return base
 
 
-def _lengths(seq_lens: Sequence[int], double_until: int | None) -> Iterator[int]:
-    """The lengths of a sweep, or the doubling sequence of a longest-sequence search."""
-    if double_until is None:
-        yield from seq_lens
-        return
-    s = seq_lens[0]
-    while s <= double_until:
-        yield s
-        s *= 2
-
-
-def _time_ring(run: _Settings, pattern: Pattern, seq_len: int, sharding: str, profile: int = 0,
+def _time_ring(pattern: Pattern, seq_len: int, sharding: str, *, heads: int, head_dim: int,
+               dtype: torch.dtype, block_size: int, reps: int, warmup: int, backward: bool,
+               timeout: float, device: torch.device, profile: int = 0,
                group: dist.ProcessGroup | None = None) -> dict[str, object]:
     """One case on this rank of ``group`` (None: every rank): ``status`` ok (with times,
     memory and counters, and ``profile``: the rows of :func:`_profile_call` when asked for),
     ``oom`` or ``peer_failed`` (another rank failed and this one timed out waiting for it)."""
-    dev, backward = run.device, run.backward
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    local = D.shard_plan(seq_len, world, run.block_size, sharding).local_len(rank)
-    kw = dict(sharding=sharding, timeout=run.timeout, process_group=group)
-    q = k = v = None
+    local = D.shard_plan(seq_len, world, block_size, sharding).local_len(rank)
 
     def step(stats: D.RingStats | None = None) -> None:
         with torch.set_grad_enabled(backward):
-            out = D.distributed_ring_attention(q, k, v, pattern, run.block_size, stats=stats,
-                                               **kw)
+            out = D.distributed_ring_attention(q, k, v, pattern, block_size, stats=stats,
+                                               sharding=sharding, timeout=timeout,
+                                               process_group=group)
             if backward:
                 out.backward(torch.ones_like(out))
 
     def timed() -> None:
-        D.barrier(run.timeout, group)
+        D.barrier(timeout, group)
         step()
 
     try:
-        g = torch.Generator(device=dev).manual_seed(rank)
-        q, k, v = (torch.randn(1, run.heads, local, run.head_dim, generator=g, device=dev,
-                               dtype=run.dtype).requires_grad_(backward) for _ in range(3))
+        g = torch.Generator(device=device).manual_seed(rank)
+        q, k, v = (torch.randn(1, heads, local, head_dim, generator=g, device=device,
+                               dtype=dtype).requires_grad_(backward) for _ in range(3))
         step()  # compilation, first-call costs and this rank's layout rows stay out
         stats = D.RingStats()
-        D.barrier(run.timeout, group)
+        D.barrier(timeout, group)
         step(stats)  # the counters (bytes, steps, waits) of one warm call
-        ms, base, peak = time_and_peak(timed, run.reps, run.warmup, dev)
-        ops = _profile_call(timed, dev, profile) if profile else []
+        ms, base, peak = time_and_peak(timed, reps, warmup, device)
+        ops = _profile_call(timed, device, profile) if profile else []
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom", "local_len": local}
     except (D.RingTimeoutError, D.RingCommunicationError):
         return {"status": "peer_failed", "local_len": local}
     finally:
-        if dev.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     back = stats.backward or D.RingStats()
     return {"status": "ok", "local_len": local, "ms": round(ms, 3),
@@ -296,15 +249,12 @@ def _profile_call(fn: Callable[[], None], dev: torch.device, top: int) -> list[d
         if cuda:
             torch.cuda.synchronize(dev)
         wall = time.perf_counter() - t0
-    ops = prof.key_averages()
     by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = [{"op": "(call)", "calls": 1, "wall_ms": round(wall * 1e3, 3)}]
-    for e in sorted(ops, key=lambda e: getattr(e, by), reverse=True)[:top]:
-        rows.append({"op": e.key, "calls": e.count,
-                     "self_device_ms": round(e.self_device_time_total / 1e3, 3),
-                     "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
-                     "cpu_total_ms": round(e.cpu_time_total / 1e3, 3)})
-    return rows
+    costliest = sorted(prof.key_averages(), key=lambda e: getattr(e, by), reverse=True)[:top]
+    return [{"op": "(call)", "calls": 1, "wall_ms": round(wall * 1e3, 3)}] + [
+        {"op": e.key, "calls": e.count, "self_device_ms": round(e.self_device_time_total / 1e3, 3),
+         "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+         "cpu_total_ms": round(e.cpu_time_total / 1e3, 3)} for e in costliest]
 
 
 def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int, sharding: str,
@@ -349,10 +299,7 @@ def simulated_steps(pattern: Pattern, seq_len: int, block_size: int, world: int,
             pending = (rand(later[0]), rand(later[0])) if later else ()
             grads = None if state is None else (*state, *(
                 own_grads if d == 0 else (torch.zeros_like(x, dtype=acc) for x in held)))
-
-            def fn(work=work, src=src, q=q, held=held, grads=grads) -> None:
-                work(src, q, *held, grads)
-
+            fn = functools.partial(work, src, q, *held, grads)
             nbytes = 2 * held[0].numel() * held[0].element_size() if d else 0
             yield r, d, src, int(per_step[r, d]), nbytes, fn
             del fn, held, pending, grads
@@ -375,7 +322,7 @@ def ring_plan_study(study: str, seq_lens: Sequence[int], families: Sequence[str]
     dev = torch.device(device)
     dt = DTYPES[dtype] if dev.type == "cuda" else torch.float32
     env = environment(dev)
-    cases = [(s, f, sh, p) for s in seq_lens for f in families for sh in shardings for p in passes]
+    cases = list(itertools.product(seq_lens, families, shardings, passes))
     rows = []
     for s, family, sharding, pass_ in tqdm(cases, desc="ring plan", unit="case"):
         pattern, params = family_pattern(family, s, heads)

@@ -2,8 +2,7 @@
 
 A :class:`Pattern` is a vectorized predicate ``allowed(h, q, k)`` (``True`` = may attend, as in
 SDPA's boolean mask) with an exact block layout built in memory ``O((S / block)**2)``, never
-``S**2``. ``a | b`` and ``a & b`` compose; a 1-head pattern broadcasts over every head.
-"""
+``S**2``. ``a | b`` and ``a & b`` compose; a 1-head pattern broadcasts over every head."""
 
 from .bands import (
     causal,

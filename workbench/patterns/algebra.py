@@ -1,29 +1,16 @@
 """The pattern algebra: ``a | b`` allows a pair if either pattern does, ``a & b`` if both do.
-
-The operator on the parts' (any, all) decides every tile but those where both are partial,
-which are evaluated token by token; offset rules, periods (lcm) and grains (gcd) combine, so
-fast paths survive.
-"""
+The operator on the parts' (any, all) decides every tile but those where both are partial (then
+token by token); offset rules, periods (lcm) and grains (gcd) combine, so fast paths survive."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .base import Pattern, evaluate_tiles, head_predicate
-
-
-def _combined_heads(a: Pattern, b: Pattern) -> int:
-    if a.num_heads == b.num_heads or b.num_heads == 1:
-        return a.num_heads
-    if a.num_heads == 1:
-        return b.num_heads
-    raise ValueError(
-        f"cannot combine a {a.num_heads}-head pattern with a {b.num_heads}-head pattern; "
-        "heads must match or one of them must be head-independent (1 head)"
-    )
 
 
 def _materialize(x: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -34,15 +21,16 @@ def _materialize(x: Tensor, shape: tuple[int, ...]) -> Tensor:
 class _Combination(Pattern):
     """Two patterns joined elementwise by ``op`` (written ``symbol``)."""
 
-    symbol = ""
+    symbol: str
+    op: Callable[..., Tensor]  # elementwise on bool tensors, with out=
 
     def __init__(self, a: Pattern, b: Pattern) -> None:
+        if a.num_heads != b.num_heads and 1 not in (a.num_heads, b.num_heads):
+            raise ValueError(f"cannot combine a {a.num_heads}-head pattern with a {b.num_heads}-"
+                             "head pattern; heads must match or one of them must be "
+                             "head-independent (1 head)")
         self.a, self.b = a, b
-        self.num_heads = _combined_heads(a, b)
-
-    @staticmethod
-    def op(x: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
+        self.num_heads = max(a.num_heads, b.num_heads)  # a 1-head part broadcasts
 
     def key(self):
         a, b = self.a.key(), self.b.key()
@@ -77,11 +65,9 @@ class _Combination(Pattern):
         idx = undecided.nonzero()
         any_ = self.op(a_any, b_any, out=undecided)  # the buffer is free once idx is taken
         all_ = _materialize(self.op(a_all, b_all), shape)
-        if idx.numel():
-            at = idx + torch.tensor([0, rows[0], 0], device=idx.device)  # absolute block rows
-            _, r_any, r_all = evaluate_tiles(self, at, q_len, k_len, block_size)
-            any_[tuple(idx.T)] = r_any
-            all_[tuple(idx.T)] = r_all
+        at = idx + torch.tensor([0, rows[0], 0], device=idx.device)  # absolute block rows
+        where = tuple(idx.T)
+        _, any_[where], all_[where] = evaluate_tiles(self, at, q_len, k_len, block_size)
         return any_, all_
 
     def __repr__(self) -> str:

@@ -129,26 +129,25 @@ def causal() -> Pattern:
     return Band(None, 0, "causal()")
 
 
-def _window(window: int, stride: int, causal: bool, name: str) -> Pattern:
+def _window(call: str, window: int, stride: int, causal: bool) -> Pattern:
+    """The band of a window (``call``: the builder's name and leading arguments)."""
+    check_int("window", window, 1, None)
     reach = window - 1 if window <= MAX_POSITION else None  # beyond: every sequence fits
+    name = f"{call}{', causal=True' if causal else ''})"
     return Band(None if reach is None else -reach, 0 if causal else reach, name, stride)
 
 
 def local_window(window: int, causal: bool = False) -> Pattern:
     """Sliding window: query ``i`` attends key ``j`` iff ``|i - j| < window`` (``2 * window -
     1`` keys); with ``causal=True`` iff ``0 <= i - j < window`` (Mistral's ``window`` keys)."""
-    check_int("window", window, 1, None)
-    return _window(window, 1, causal,
-                   f"local_window({window}{', causal=True' if causal else ''})")
+    return _window(f"local_window({window}", window, 1, causal)
 
 
 def dilated_window(window: int, dilation: int, causal: bool = False) -> Pattern:
     """``local_window(window, causal)`` keeping every ``dilation``-th key: ``i`` attends ``j``
     iff also ``(i - j) % dilation == 0``."""
-    check_int("window", window, 1, None)
     check_int("dilation", dilation, 1)
-    return _window(window, dilation, causal, f"dilated_window({window}, {dilation}"
-                                             f"{', causal=True' if causal else ''})")
+    return _window(f"dilated_window({window}, {dilation}", window, dilation, causal)
 
 
 def global_tokens(num_global: int) -> Pattern:

@@ -1,6 +1,6 @@
-"""The :class:`Pattern` base class: a token predicate with an exact block layout, the
-token-by-token evaluation of tiles no rule decides, and the argument checks every builder uses.
-"""
+"""The :class:`Pattern` base class (a token predicate with an exact block layout), the layouts
+of its default hooks (Toeplitz for an offset rule, else tile by tile, token by token) and the
+argument checks every builder uses."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ from ..layout import (
     BlockLayout,
     LayoutSource,
     LayoutStats,
+    block_extents,
     num_blocks,
     tile_sum,
 )
-from .offsets import OffsetFn, offset_tiles
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 FlexMaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool``."""
+OffsetFn = Callable[[Tensor], Tensor]
+"""``allowed(k - q)``, elementwise over int64 offsets, for patterns that depend on it alone."""
 
 _TILE_EVAL_BUDGET = 1 << 24  # token pairs evaluated per chunk when tiles are evaluated
 _TOKEN_MASK_LIMIT = 1 << 28  # largest H*S*S element count token_mask() will build
@@ -33,19 +35,17 @@ def check_positive_int(name: str, value: object, maximum: int | None = MAX_POSIT
     """``value`` if it is an int (not a bool) in ``[1, maximum]``, else a ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
+    return check_int(name, value, 1, maximum)
 
 
-def check_density(density: object, name: str = "density", meaning: str = "") -> float:
+def check_density(density: object, meaning: str = "") -> float:
     """``density`` as a float in ``(0, 1]``, else a ``TypeError`` (not a number, or a bool) or
     ``ValueError`` (outside, or NaN) naming it."""
     what = f" ({meaning})" if meaning else ""
     if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1]{what}, got {density!r}")
+        raise TypeError(f"density must be a float in (0, 1]{what}, got {density!r}")
     if not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1]{what}, got {density}")
+        raise ValueError(f"density must be in (0, 1]{what}, got {density}")
     return float(density)
 
 
@@ -64,8 +64,7 @@ def check_int(name: str, value: object, minimum: int,
 
 def check_ints(name: str, values: object, minimum: int) -> list[int]:
     """``values`` (a sequence, 1-D tensor or array) as a list of ints ``>= minimum``, else a
-    ``TypeError`` (not a sequence, an entry not an int) or ``ValueError`` (empty, an entry too
-    small) naming the entry."""
+    ``TypeError`` or ``ValueError`` naming it (or the entry at fault)."""
     items = values.tolist() if hasattr(values, "tolist") else values
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
@@ -135,12 +134,10 @@ class Pattern:
 
     # ----------------------------------------------------------------- identity
     def __eq__(self, other: object) -> bool:
-        if self is other:
-            return True
-        if not isinstance(other, Pattern) or type(self) is not type(other):
+        if type(self) is not type(other):
             return False
         key = self.key()
-        return key is not None and key == other.key()
+        return self is other or (key is not None and key == other.key())
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
@@ -171,11 +168,7 @@ class Pattern:
         """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of this pattern on ``device``
         (``None``: the default), ignoring ``b`` (and ``h`` for a 1-head pattern)."""
         f = head_predicate(self, _device(device))
-
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return f(h, q_idx, kv_idx)
-
-        return mask_mod
+        return lambda b, h, q_idx, kv_idx: f(h, q_idx, kv_idx)
 
     def block_mask(self, seq_len: int, block_size: int = 128,
                    device: torch.device | str | None = None, k_len: int | None = None):
@@ -189,10 +182,9 @@ class Pattern:
         """Dense bool mask ``[H or 1, S, S]``; a ``ValueError`` past a size limit."""
         check_int("seq_len", seq_len, 1)
         if self.num_heads * seq_len * seq_len > _TOKEN_MASK_LIMIT:
-            raise ValueError(
-                f"token_mask(seq_len={seq_len}) would build {self.num_heads} x {seq_len} x "
-                f"{seq_len} booleans; use block_layout(seq_len, block_size) at this length"
-            )
+            raise ValueError(f"token_mask(seq_len={seq_len}) would build {self.num_heads} x "
+                             f"{seq_len} x {seq_len} booleans; use block_layout(seq_len, "
+                             "block_size) at this length")
         pos = torch.arange(seq_len, device=device)
         h = torch.arange(self.num_heads, device=device)[:, None, None]
         m = self.allowed(h, pos[None, :, None], pos[None, None, :])
@@ -223,9 +215,8 @@ class Pattern:
         return BlockLayout(any_, all_, min(r1 * block_size, seq_len) - r0 * block_size, k_len,
                            block_size, LayoutSource(self))
 
-    def block_layout(
-        self, seq_len: int, block_size: int, device: torch.device | str = "cpu"
-    ) -> Tensor:
+    def block_layout(self, seq_len: int, block_size: int,
+                     device: torch.device | str = "cpu") -> Tensor:
         """Bool ``[H, nq, nk]``: which tiles hold at least one allowed pair."""
         return self.block_structure(seq_len, block_size, device).active
 
@@ -247,12 +238,9 @@ class Pattern:
         if exact is not None:
             return exact
         lay = self.block_structure(seq_len, block_size)
-        total = int(tile_sum(lay.full, *lay.block_lengths()).sum())
         partial = (lay.active & ~lay.full).nonzero()
-        if partial.numel():
-            cnt, _, _ = evaluate_tiles(self, partial, seq_len, seq_len, block_size)
-            total += int(cnt.sum())
-        return total
+        counts, _, _ = evaluate_tiles(self, partial, seq_len, seq_len, block_size)
+        return int(tile_sum(lay.full, *lay.block_lengths()).sum()) + int(counts.sum())
 
 
 def head_predicate(pattern: Pattern, device: torch.device | str) -> MaskFn:
@@ -268,18 +256,54 @@ def _device(device: torch.device | str | None) -> torch.device:
     return torch.get_default_device() if device is None else torch.device(device)
 
 
+# --------------------------------------------------------------------- offset rules
+# A tile holds every offset from ``k_first - q_last`` to ``k_last - q_first``, so a prefix count
+# of the rule decides it in O(1); uniform tiles depend only on their block diagonal (a Toeplitz
+# layout), and the ragged last block row and column are computed on their own.
+def _toeplitz(diag: Tensor, nq: int, nk: int, rows: tuple[int, int]) -> Tensor:
+    """Rows ``[r0, r1)`` of the ``[nq, nk]`` matrix whose entry ``(i, j)`` is
+    ``diag[j - i + nq - 1]`` (one copy, of those rows)."""
+    r0, r1 = rows
+    diag = diag.contiguous()
+    # entry (i, j) = diag[nq - r1 + i + j]: rows nq - r1 ... nq - 1 - r0, flipped
+    hankel = diag.as_strided((r1 - r0, nk), (1, 1), diag.storage_offset() + nq - r1)
+    return hankel.flip(0)
+
+
+def offset_tiles(rule: OffsetFn, q_len: int, k_len: int, block_size: int, device: torch.device,
+                 rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Exact (any, all) ``[1, r1 - r0, nk]`` (query block rows ``rows = (r0, r1)``) of a
+    pattern allowing ``(q, k)`` iff ``rule(k - q)``."""
+    b = block_size
+    nq, nk = num_blocks(q_len, b), num_blocks(k_len, b)
+    d_first = 1 - nq * b  # the smallest offset any (padded) tile reaches
+    ok = rule(torch.arange(d_first, nk * b, device=device))
+    count = torch.nn.functional.pad(ok.to(torch.int64).cumsum(0), (1, 0))
+
+    def status(d_min: Tensor, d_max: Tensor) -> tuple[Tensor, Tensor]:
+        n = count[d_max - d_first + 1] - count[d_min - d_first]
+        return n > 0, n == d_max - d_min + 1
+
+    diag = torch.arange(1 - nq, nk, device=device) * b
+    any_d, all_d = status(diag - (b - 1), diag + (b - 1))
+    any_, all_ = _toeplitz(any_d, nq, nk, rows), _toeplitz(all_d, nq, nk, rows)
+    qe = block_extents(q_len, b, device)[rows[0]:rows[1]]
+    ke = block_extents(k_len, b, device)
+    if rows[1] == nq:  # the ragged last block row
+        any_[-1], all_[-1] = status(ke[:, 0] - qe[-1, 1], ke[:, 1] - qe[-1, 0])
+    any_[:, -1], all_[:, -1] = status(ke[-1, 0] - qe[:, 1], ke[-1, 1] - qe[:, 0])
+    return any_[None], all_[None]
+
+
 # --------------------------------------------------------------------- tile evaluation
-def _canonical_tiles(
-    pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
-) -> tuple[Tensor, Tensor]:
+def _canonical_tiles(pattern: Pattern, tiles: Tensor, q_len: int, k_len: int,
+                     block_size: int) -> tuple[Tensor, Tensor]:
     """(distinct tiles ``[U, 3]``, index of every tile in them) of ``tiles`` (int64 ``[N, 3]``
     of head, row, column) up to the pattern's period: unpadded tiles move back along their
     diagonal by multiples of a period's blocks."""
     period = pattern.period()
-    if period is None or tiles.shape[0] < 2:
-        return tiles, torch.arange(tiles.shape[0], device=tiles.device)
-    m = period // math.gcd(period, block_size)  # blocks per period
-    if m * block_size >= max(q_len, k_len):
+    m = None if period is None else period // math.gcd(period, block_size)  # blocks per period
+    if m is None or tiles.shape[0] < 2 or m * block_size >= max(q_len, k_len):
         return tiles, torch.arange(tiles.shape[0], device=tiles.device)
     h, i, j = tiles.unbind(1)
     ragged = ((i + 1) * block_size > q_len) | ((j + 1) * block_size > k_len)
@@ -289,9 +313,8 @@ def _canonical_tiles(
     return distinct[:, :3], inverse
 
 
-def evaluate_tiles(
-    pattern: Pattern, tiles: Tensor, q_len: int, k_len: int, block_size: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def evaluate_tiles(pattern: Pattern, tiles: Tensor, q_len: int, k_len: int,
+                   block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(allowed-pair count, any, all) of every tile of ``tiles`` (int64 ``[N, 3]`` of head,
     absolute query block, key block), token by token in bounded chunks, padding never counted."""
     distinct, inverse = _canonical_tiles(pattern, tiles, q_len, k_len, block_size)
@@ -322,11 +345,9 @@ def refine_tiles(pattern: Pattern, undecided: Tensor, q_len: int, k_len: int, bl
     any_ = torch.zeros_like(undecided)
     all_ = torch.zeros_like(undecided)
     idx = undecided.nonzero()
-    if idx.numel():
-        at = idx + torch.tensor([0, first_row, 0], device=idx.device)  # absolute block rows
-        _, a, f = evaluate_tiles(pattern, at, q_len, k_len, block_size)
-        any_[tuple(idx.T)] = a
-        all_[tuple(idx.T)] = f
+    at = idx + torch.tensor([0, first_row, 0], device=idx.device)  # absolute block rows
+    where = tuple(idx.T)
+    _, any_[where], all_[where] = evaluate_tiles(pattern, at, q_len, k_len, block_size)
     return any_, all_
 
 
@@ -334,14 +355,7 @@ def describe(pattern: Pattern, seq_len: int, block_size: int) -> dict[str, float
     """One-line summary of a pattern at a length and block size (for tables and notebooks)."""
     st = pattern.stats(seq_len, block_size)
     useful = pattern.density(seq_len)
-    return {
-        "pattern": repr(pattern),
-        "seq_len": seq_len,
-        "block_size": block_size,
-        "heads": pattern.num_heads,
-        "useful_density": useful,
-        "computed_density": st.density,
-        "block_density": st.block_density,
-        "full_tiles": st.full_fraction,
-        "waste": st.density / useful if useful else math.inf,
-    }
+    return {"pattern": repr(pattern), "seq_len": seq_len, "block_size": block_size,
+            "heads": pattern.num_heads, "useful_density": useful, "computed_density": st.density,
+            "block_density": st.block_density, "full_tiles": st.full_fraction,
+            "waste": st.density / useful if useful else math.inf}

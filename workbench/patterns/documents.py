@@ -62,13 +62,12 @@ class Documents(Pattern):
         doc, last, n = self.doc.to(device).long(), self.total - 1, len(self.lengths)
 
         def documents(first: Tensor, end: Tensor, alone: int) -> tuple[Tensor, Tensor, Tensor]:
-            """Per block: first and last document (``n`` and -1 for none), and its one
-            document if all of it is in one (else ``alone``)."""
+            """Per block: documents are contiguous, so it holds documents ``a..b`` (``n`` and -1
+            for none); and its one document if all of it is in one (else ``alone``)."""
             a, b = doc[torch.clamp(first, max=last)], doc[torch.clamp(end, max=last)]
             a, b = torch.where(first > last, n, a), torch.where(first > last, -1, b)
             return a, b, torch.where((a == b) & (end <= last), a, alone)
 
-        # documents are contiguous: a block holds documents a..b (of its positions < total)
         qa, qb, q_one = documents(qf, ql, -1)
         ka, kb, k_one = documents(kf, kl, -2)
         any_ = (qa <= kb) & (ka <= qb)
@@ -90,10 +89,9 @@ class Documents(Pattern):
         return (self.lengths, self.causal)
 
     def __repr__(self) -> str:
-        shown = list(self.lengths)
-        text = str(shown) if len(shown) <= 6 else (
-            f"[{', '.join(map(str, shown[:4]))}, ... {len(shown)} documents, "
-            f"{self.total} tokens]")
+        n = len(self.lengths)
+        text = str(list(self.lengths)) if n <= 6 else (
+            f"[{', '.join(map(str, self.lengths[:4]))}, ... {n} documents, {self.total} tokens]")
         return f"documents({text}{', causal=True' if self.causal else ''})"
 
 

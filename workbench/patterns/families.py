@@ -1,6 +1,5 @@
 """Pattern families: the one registry of named patterns (:data:`FAMILIES`), which tests,
-benchmarks, the pattern explorer and the figures all read.
-"""
+benchmarks, the pattern explorer and the figures all read."""
 
 from __future__ import annotations
 
@@ -97,44 +96,33 @@ def _documents(seq_len: int) -> list[int]:
     return lengths
 
 
-def _segments(seq_len: int) -> list[int]:
-    return [max(64, seq_len // d) for d in (32, 16, 8, 4)]
-
-
-register_family(Family("full", "every pair (dense attention)", full, (), lambda s, h: {}))
-register_family(Family("causal", "j <= i", causal, (), lambda s, h: {}))
-register_family(Family(
-    "local", "causal sliding window of S/16 tokens (at least 256)", local_window,
-    ("window", "causal"), lambda s, h: {"window": _window(s), "causal": True}))
-register_family(Family(
-    "global_local", "64 global tokens and a sliding window of S/16 tokens (at least 256)",
-    global_local, ("num_global", "window"), lambda s, h: {"num_global": 64, "window": _window(s)}))
-register_family(Family(
-    "strided", "(i - j) % stride == 0, stride sqrt(S)", strided, ("stride",),
-    lambda s, h: {"stride": math.isqrt(s)}))
-register_family(Family(
-    "sparse_transformer", "strided(l) | local_window(l), l = sqrt(S)", sparse_transformer,
-    ("stride",), lambda s, h: {"stride": math.isqrt(s)}))
-register_family(Family(
-    "dilated", "LongNet head groups: segments S/32, S/16, S/8, S/4 (at least 64), dilations "
-    "1, 2, 4, 8", dilated, ("segment_lengths", "dilation_rates"),
-    lambda s, h: {"segment_lengths": _segments(s), "dilation_rates": [1, 2, 4, 8],
-                  "num_heads": h}))
-register_family(Family(
-    "longnet", "LongNet head groups: segments 2048, 4096, 8192, 16384, dilations 1, 2, 4, 8",
-    dilated, (), lambda s, h: {"segment_lengths": [2048, 4096, 8192, 16384],
-                               "dilation_rates": [1, 2, 4, 8], "num_heads": h}))
-register_family(Family(
-    "random", "BigBird-style random 128-token cells at density 0.1", random_blocks,
-    ("density", "seed", "cell"),
-    lambda s, h: {"density": 0.1, "cell": 128, "seed": 0}))
-register_family(Family(
-    "dilated_window", "causal window of S/16 tokens (at least 256) keeping every 4th key",
-    dilated_window, ("window", "dilation", "causal"),
-    lambda s, h: {"window": _window(s), "dilation": 4, "causal": True}))
-register_family(Family(
-    "documents", "packed documents of 5, 2, 8, 1, 3, 7, 4, 2 x S/32 tokens, causal inside each",
-    documents, ("causal",), lambda s, h: {"lengths": _documents(s), "causal": True}))
-register_family(Family(
-    "prefix_lm", "bidirectional over the first S/4 tokens, causal after", prefix_lm, ("prefix",),
-    lambda s, h: {"prefix": max(1, s // 4)}))
+for _entry in (
+    Family("full", "every pair (dense attention)", full, (), lambda s, h: {}),
+    Family("causal", "j <= i", causal, (), lambda s, h: {}),
+    Family("local", "causal sliding window of S/16 tokens (at least 256)", local_window,
+           ("window", "causal"), lambda s, h: {"window": _window(s), "causal": True}),
+    Family("global_local", "64 global tokens and a sliding window of S/16 tokens (at least 256)",
+           global_local, ("num_global", "window"),
+           lambda s, h: {"num_global": 64, "window": _window(s)}),
+    Family("strided", "(i - j) % stride == 0, stride sqrt(S)", strided, ("stride",),
+           lambda s, h: {"stride": math.isqrt(s)}),
+    Family("sparse_transformer", "strided(l) | local_window(l), l = sqrt(S)", sparse_transformer,
+           ("stride",), lambda s, h: {"stride": math.isqrt(s)}),
+    Family("dilated", "LongNet head groups: segments S/32, S/16, S/8, S/4 (at least 64), "
+           "dilations 1, 2, 4, 8", dilated, ("segment_lengths", "dilation_rates"),
+           lambda s, h: {"segment_lengths": [max(64, s // d) for d in (32, 16, 8, 4)],
+                         "dilation_rates": [1, 2, 4, 8], "num_heads": h}),
+    Family("longnet", "LongNet head groups: segments 2048, 4096, 8192, 16384, dilations 1, 2, 4, "
+           "8", dilated, (), lambda s, h: {"segment_lengths": [2048, 4096, 8192, 16384],
+                                           "dilation_rates": [1, 2, 4, 8], "num_heads": h}),
+    Family("random", "BigBird-style random 128-token cells at density 0.1", random_blocks,
+           ("density", "seed", "cell"), lambda s, h: {"density": 0.1, "cell": 128, "seed": 0}),
+    Family("dilated_window", "causal window of S/16 tokens (at least 256) keeping every 4th key",
+           dilated_window, ("window", "dilation", "causal"),
+           lambda s, h: {"window": _window(s), "dilation": 4, "causal": True}),
+    Family("documents", "packed documents of 5, 2, 8, 1, 3, 7, 4, 2 x S/32 tokens, causal inside "
+           "each", documents, ("causal",), lambda s, h: {"lengths": _documents(s), "causal": True}),
+    Family("prefix_lm", "bidirectional over the first S/4 tokens, causal after", prefix_lm,
+           ("prefix",), lambda s, h: {"prefix": max(1, s // 4)}),
+):
+    register_family(_entry)

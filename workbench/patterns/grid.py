@@ -1,6 +1,5 @@
 """Patterns seen in another token order: any pattern permuted (every tile evaluated), and
-NATTEN-style neighbourhoods on a grid laid out along a curve (layout from per-block boxes).
-"""
+NATTEN-style neighbourhoods on a grid laid out along a curve (layout from per-block boxes)."""
 
 from __future__ import annotations
 
@@ -51,21 +50,15 @@ def _axis_window(n: int, radius: int, dilation: int, border: str) -> tuple[Tenso
 
 
 class GridNeighborhood(Pattern):
-    """Neighbourhood attention on a 2-D/3-D grid, token ``i`` at raster cell ``perm[i]``.
-
-    Along an axis of ``n`` cells with radius ``r`` (a window of ``k = 2r + 1`` cells, NATTEN's
-    ``kernel_size``) and dilation ``d``, the window of a query at coordinate ``c`` is the
-    coordinates ``c' = c (mod d)`` of an interval:
-
-    * ``border="cut"``: ``|c' - c| <= r * d``, centred on the query and cut off at the grid
-      border (queries near it see fewer keys);
-    * ``border="shift"``: ``k`` consecutive cells of the query's dilated sub-grid (cells
-      ``c mod d, c mod d + d, ...``), centred on the query where they fit and shifted inwards
-      at the border, so every query sees exactly ``k`` keys per axis (NATTEN's definition;
-      the sub-grid must hold ``k`` cells: ``k * d <= n``).
-
-    Query ``i`` attends key ``j`` when ``j``'s cell is in ``i``'s window along every axis
+    """Neighbourhood attention on a 2-D/3-D grid, token ``i`` at raster cell ``perm[i]``: query
+    ``i`` attends key ``j`` when ``j``'s cell is in ``i``'s window along every axis
     (self-attention over exactly ``prod(shape)`` tokens, every head alike).
+
+    Along an axis of ``n`` cells with radius ``r`` and dilation ``d``, a query at ``c`` sees the
+    cells ``c' = c (mod d)`` of a window of ``k = 2r + 1`` of them (NATTEN's ``kernel_size``):
+    with ``border="cut"`` ``|c' - c| <= r * d``, cut off at the grid border; with ``"shift"``
+    ``k`` consecutive cells of the query's dilated sub-grid, centred where they fit and shifted
+    inwards at the border, so every query sees exactly ``k`` (NATTEN's; needs ``k * d <= n``).
     """
 
     def __init__(self, shape: Sequence[int], radius: tuple[int, ...], dilation: tuple[int, ...],
@@ -83,11 +76,9 @@ class GridNeighborhood(Pattern):
     def predicate(self, device):
         key = str(torch.device(device))
         if key not in self._pred:
-            def columns(t: Tensor) -> list[Tensor]:
-                return [t[:, a].contiguous().to(device) for a in range(t.shape[1])]
-
-            axes = list(zip(columns(self.coords), columns(self.lo), columns(self.hi),
-                            self.dilation))
+            # per axis: every token's coordinate and window bounds (on device), the dilation
+            tables = (t.T.contiguous().to(device) for t in (self.coords, self.lo, self.hi))
+            axes = list(zip(*tables, self.dilation))
             n = self.num_tokens
 
             def allowed(h, q, k):
@@ -121,10 +112,8 @@ class GridNeighborhood(Pattern):
     def tiles(self, q_len, k_len, block_size, device, rows):
         n = self.num_tokens
         if q_len > n or k_len > n:
-            raise ValueError(
-                f"grid_neighborhood over a {self.shape} grid has {n} tokens; got q_len={q_len}, "
-                f"k_len={k_len} (use seq_len = {n})"
-            )
+            raise ValueError(f"grid_neighborhood over a {self.shape} grid has {n} tokens; got "
+                             f"q_len={q_len}, k_len={k_len} (use seq_len = {n})")
         dil = torch.tensor(self.dilation)
         # per token: coordinates, window bounds, residues mod the dilation
         table = torch.cat([self.coords, self.lo, self.hi, self.coords % dil], -1)
@@ -187,9 +176,8 @@ def grid_neighborhood(
     dilation = _per_axis("dilation", dilation, len(shape), 1)
     for axis, (n, r, d) in enumerate(zip(shape, radius, dilation)):
         if border == "shift" and (2 * r + 1) * d > n:
-            raise ValueError(
-                f"border='shift' needs (2 * radius + 1) * dilation <= the grid size along "
-                f"every axis; axis {axis} has {n} cells but the window spans "
-                f"{2 * r + 1} x {d} = {(2 * r + 1) * d} (use a smaller radius or dilation, "
-                f"or border='cut')")
+            raise ValueError(f"border='shift' needs (2 * radius + 1) * dilation <= the grid size "
+                             f"along every axis; axis {axis} has {n} cells but the window spans "
+                             f"{2 * r + 1} x {d} = {(2 * r + 1) * d} (use a smaller radius or "
+                             "dilation, or border='cut')")
     return GridNeighborhood(shape, radius, dilation, border, order, curve_order(shape, order))

@@ -1,7 +1,6 @@
 """LongNet dilated attention patterns: (segment, dilation) pairs on head groups
 (:func:`dilated`) or one pair on every head (:func:`dilated_branch`, a branch of the paper's
-mode); the layout is analytic, from the range of segments each block keeps a position of.
-"""
+mode); the layout is analytic, from the range of segments each block keeps a position of."""
 
 from __future__ import annotations
 
@@ -21,13 +20,10 @@ def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], leng
     """(lo, hi, all_seg), int64 ``[T, n]`` per (segment ``w``, dilation ``r``, offset ``s``)
     triple and block: the first and last segment holding a kept position of it (``length`` and
     -1 for none, so two blocks share a segment iff ``lo_a <= hi_b`` and ``lo_b <= hi_a``), and
-    the segment when every position of the block is kept and in that one segment, else -1.
-    """
+    the segment when every position of the block is kept and in that one segment, else -1."""
     ext = block_extents(length, block_size, device)
     a, e = ext[None, :, 0], ext[None, :, 1]  # first and last position of each block
-    w = torch.tensor(w_, device=device)[:, None]
-    r = torch.tensor(r_, device=device)[:, None]
-    s = torch.tensor(s_, device=device)[:, None]
+    w, r, s = (torch.tensor(x, device=device)[:, None] for x in (w_, r_, s_))
     # First kept position >= a: in a's segment if one is left there, else the next.
     m = a // w
     t = a - m * w
@@ -52,10 +48,9 @@ def _kept_segments(w_: Sequence[int], r_: Sequence[int], s_: Sequence[int], leng
 def _segment_tiles(q: Tensor, k: Tensor, any_out: Tensor, all_out: Tensor) -> None:
     """One head's tiles into ``any_out``, ``all_out`` from per-block (lo, hi, all_seg) rows
     ``[3, n]`` of q and k (k's all_seg -2 for "no"): active where the segment ranges overlap,
-    full where both blocks are wholly kept in one segment. Equal query rows are computed once.
-    """
+    full where both blocks are wholly kept in one segment. Equal query rows are computed once."""
     starts = torch.ones_like(q[0], dtype=torch.bool)
-    starts[1:] = (q[:, 1:] != q[:, :-1]).any(0)  # equal neighbouring rows are computed once
+    starts[1:] = (q[:, 1:] != q[:, :-1]).any(0)
     inverse = starts.cumsum(0) - 1
     (qlo, qhi, qall), (klo, khi, kall) = q[:, starts, None], k[:, None, :]
     torch.index_select((qlo <= khi) & (klo <= qhi), 0, inverse, out=any_out)
@@ -63,17 +58,14 @@ def _segment_tiles(q: Tensor, k: Tensor, any_out: Tensor, all_out: Tensor) -> No
 
 
 class Dilated(Pattern):
-    """LongNet dilated attention with one (segment, dilation, offset) triple per head.
+    """LongNet dilated attention, one (segment ``w``, dilation ``r``) pair per head: head ``h``
+    keeps the positions at offsets ``s, s + r, s + 2r, ...`` (``s = h mod r``) from the start of
+    each segment ``[m*w, (m+1)*w)`` (the last one the remainder); query and key attend when both
+    are kept and lie in the same segment."""
 
-    Head ``h`` splits the sequence into segments ``[m*w, (m+1)*w)`` (the last one is the
-    remainder when ``w`` does not divide the length) and, inside each segment, keeps the
-    positions whose offset from the segment start is ``s, s + r, s + 2r, ...`` (``w_h, r_h,
-    s_h``). Query and key attend when both are kept and lie in the same segment.
-    """
-
-    def __init__(self, segments: Sequence[int], dilations: Sequence[int], offsets: Sequence[int],
-                 name: str) -> None:
-        self.w, self.r, self.s = list(segments), list(dilations), list(offsets)
+    def __init__(self, segments: Sequence[int], dilations: Sequence[int], name: str) -> None:
+        self.w, self.r = list(segments), list(dilations)
+        self.s = [h % r for h, r in enumerate(self.r)]
         self.num_heads = len(self.w)
         self.name = name
         self._tables: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per device
@@ -109,23 +101,21 @@ class Dilated(Pattern):
         q = q[:, :, rows[0]:rows[1]].contiguous()
         k = torch.stack(_kept_segments(w, r, s, k_len, block_size, device), 1)  # [T, 3, nk]
         k[:, 2] = torch.where(k[:, 2] < 0, -2, k[:, 2])  # "not all kept" never matches q's -1
-        views: list[int] = []  # per distinct triple: the first triple with the same view
-        for t in range(len(distinct)):
-            views.append(next(u for u in range(t + 1) if u == t or (
-                torch.equal(q[u], q[t]) and torch.equal(k[u], k[t]))))
-        src_of = [views[distinct.index(x)] for x in triples]
+        views = torch.unique(torch.cat([q.flatten(1), k.flatten(1)], 1), dim=0,
+                             return_inverse=True)[1].tolist()  # per distinct triple
+        view_of = [views[distinct.index(x)] for x in triples]  # per head
         h = len(triples)
         shape = (h if len(set(views)) > 1 else 1, q.shape[2], k.shape[2])
         any_ = torch.empty(shape, dtype=torch.bool, device=device)
         all_ = torch.empty_like(any_)
-        head_of: dict[int, int] = {}  # distinct view -> first head holding it
-        for i in range(shape[0]):
-            src = head_of.setdefault(src_of[i], i)
-            if src < i:
-                any_[i].copy_(any_[src])
-                all_[i].copy_(all_[src])
+        for i, v in enumerate(view_of[:shape[0]]):
+            first = view_of.index(v)  # the first head with this view
+            if first < i:
+                any_[i].copy_(any_[first])
+                all_[i].copy_(all_[first])
             else:
-                _segment_tiles(q[src_of[i]], k[src_of[i]], any_[i], all_[i])
+                t = views.index(v)  # a distinct triple with this view
+                _segment_tiles(q[t], k[t], any_[i], all_[i])
         return any_.expand(h, *shape[1:]), all_.expand(h, *shape[1:])
 
     def count_pairs(self, seq_len):
@@ -148,16 +138,14 @@ def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequenc
     check_ints("segment_lengths", segment_lengths, 1)
     check_ints("dilation_rates", dilation_rates, 1)
     if len(segment_lengths) != len(dilation_rates):
-        raise ValueError(
-            f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
-            f"({len(dilation_rates)} values) must have the same length: one dilation per segment"
-        )
+        raise ValueError(f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
+                         f"({len(dilation_rates)} values) must have the same length: one "
+                         "dilation per segment")
     for w, r in zip(segment_lengths, dilation_rates):
         if r > w:
-            raise ValueError(
-                f"dilation rate {r} is larger than its segment length {w}: a segment would keep "
-                "at most one position; use a dilation <= segment length"
-            )
+            raise ValueError(f"dilation rate {r} is larger than its segment length {w}: a "
+                             "segment would keep at most one position; use a dilation <= "
+                             "segment length")
 
 
 def head_groups(num_heads: int, num_groups: int) -> list[int]:
@@ -165,13 +153,11 @@ def head_groups(num_heads: int, num_groups: int) -> list[int]:
     first ``num_heads % num_groups`` of them one head larger."""
     check_int("num_heads", num_heads, 1)
     if num_heads < num_groups:
-        raise ValueError(
-            f"num_heads={num_heads} is smaller than the number of (segment, dilation) pairs "
-            f"({num_groups}); head-group mode needs at least one head per pair"
-        )
+        raise ValueError(f"num_heads={num_heads} is smaller than the number of (segment, "
+                         f"dilation) pairs ({num_groups}); head-group mode needs at least one "
+                         "head per pair")
     base, extra = divmod(num_heads, num_groups)
-    sizes = [base + (1 if g < extra else 0) for g in range(num_groups)]
-    return [g for g, n in enumerate(sizes) for _ in range(n)]
+    return [g for g in range(num_groups) for _ in range(base + (g < extra))]
 
 
 def dilated(segment_lengths: Sequence[int], dilation_rates: Sequence[int], num_heads: int,
@@ -190,11 +176,8 @@ def dilated(segment_lengths: Sequence[int], dilation_rates: Sequence[int], num_h
     """
     check_dilation_pairs(segment_lengths, dilation_rates)
     group = head_groups(num_heads, len(segment_lengths))
-    w = [segment_lengths[g] for g in group]
-    r = [dilation_rates[g] for g in group]
-    s = [j % r[j] for j in range(num_heads)]
     name = f"dilated({list(segment_lengths)}, {list(dilation_rates)}, num_heads={num_heads})"
-    pat: Pattern = Dilated(w, r, s, name)
+    pat = Dilated([segment_lengths[g] for g in group], [dilation_rates[g] for g in group], name)
     return pat & causal_band() if causal else pat
 
 
@@ -203,9 +186,7 @@ def dilated_branch(segment_length: int, dilation_rate: int, num_heads: int) -> P
     The paper's attention merges these branches (:func:`workbench.dilated_attention`)."""
     check_dilation_pairs([segment_length], [dilation_rate])
     check_int("num_heads", num_heads, 1)
-    r = dilation_rate
-    name = f"dilated_branch({segment_length}, {r}, num_heads={num_heads})"
-    return Dilated([segment_length] * num_heads, [r] * num_heads,
-                   [j % r for j in range(num_heads)], name)
+    name = f"dilated_branch({segment_length}, {dilation_rate}, num_heads={num_heads})"
+    return Dilated([segment_length] * num_heads, [dilation_rate] * num_heads, name)
 
 

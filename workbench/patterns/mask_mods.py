@@ -13,8 +13,7 @@ from .base import FlexMaskMod, Pattern, check_positive_int
 
 class MaskModPattern(Pattern):
     """The pairs a FlexAttention ``mask_mod`` allows: ``allowed(h, q, k)`` is ``fn(0, h, q, k)``.
-    Its layout evaluates every tile; equal only to itself (``fn`` may read changing tensors).
-    """
+    Its layout evaluates every tile; equal only to itself (``fn`` may read changing tensors)."""
 
     def __init__(self, fn: FlexMaskMod, num_heads: int = 1, name: str | None = None) -> None:
         if not callable(fn):

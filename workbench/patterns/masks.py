@@ -1,24 +1,34 @@
 """Patterns defined by tensors: key padding, explicit masks, selected tiles, batch copies.
-They are equal only to themselves; their layouts reduce the tensor over each tile exactly.
-"""
+They are equal only to themselves; their layouts reduce the tensor over each tile exactly."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..layout import cells_to_tiles, num_blocks
-from .base import Pattern
+from ..layout import MAX_POSITION, cells_to_tiles, num_blocks
+from .base import MaskFn, Pattern
 
 
 def _check_bool(name: str, t: object, axes: tuple[str, ...]) -> None:
     """A ``TypeError`` naming ``name`` unless ``t`` is a bool tensor with one dim per axis."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a bool [{', '.join(axes)}] tensor, got "
-                        f"{type(t).__name__}")
-    if t.dtype != torch.bool or t.dim() != len(axes):
-        raise TypeError(f"{name} must be a bool [{', '.join(axes)}] tensor, got {t.dtype} "
-                        f"{tuple(t.shape)}")
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or t.dim() != len(axes):
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a bool [{', '.join(axes)}] tensor, got {got}")
+
+
+def _lookup(table: torch.Tensor, cell: int, q_len: int, k_len: int) -> MaskFn:
+    """``table[h, q // cell, k // cell]`` (``table`` bool ``[H or 1, nq, nk]``, head 0 when
+    ``H`` is 1), False outside ``[0, q_len) x [0, k_len)``."""
+    nq, nk, multi = table.shape[1], table.shape[2], table.shape[0] > 1
+
+    def in_table(h, q, k):
+        hh = h if multi else torch.zeros_like(h)
+        qi = torch.clamp(torch.div(q, cell, rounding_mode="floor"), min=0, max=nq - 1)
+        ki = torch.clamp(torch.div(k, cell, rounding_mode="floor"), min=0, max=nk - 1)
+        return table[hh, qi, ki] & (q >= 0) & (q < q_len) & (k >= 0) & (k < k_len)
+
+    return in_table
 
 
 class KeyMask(Pattern):
@@ -31,14 +41,8 @@ class KeyMask(Pattern):
         self.num_heads = valid.shape[0]
 
     def predicate(self, device):
-        v = self.valid.to(device)
-        n, multi_head = v.shape[1], self.num_heads > 1
-
-        def valid_key(h, q, k):
-            hh = h if multi_head else torch.zeros_like(h)
-            return v[hh, torch.clamp(k, max=n - 1)] & (k < n) & (q >= 0)
-
-        return valid_key
+        v = self.valid.to(device)[:, None]  # one row, for every query (positions < MAX_POSITION)
+        return _lookup(v, 1, MAX_POSITION, v.shape[2])
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         nk = num_blocks(k_len, block_size)
@@ -62,16 +66,7 @@ class DenseMask(Pattern):
         self.num_heads = allowed.shape[0]
 
     def predicate(self, device):
-        m = self.mask.to(device)
-        nq, nk, multi = m.shape[1], m.shape[2], self.num_heads > 1
-
-        def in_mask(h, q, k):
-            hh = h if multi else torch.zeros_like(h)
-            qi = torch.clamp(q, min=0, max=nq - 1)
-            ki = torch.clamp(k, min=0, max=nk - 1)
-            return m[hh, qi, ki] & (q >= 0) & (q < nq) & (k >= 0) & (k < nk)
-
-        return in_mask
+        return _lookup(self.mask.to(device), 1, self.mask.shape[1], self.mask.shape[2])
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         q0, q1 = rows[0] * block_size, min(rows[1] * block_size, q_len)
@@ -97,17 +92,7 @@ class BlockSelection(Pattern):
         self.num_heads = selected.shape[0]
 
     def predicate(self, device):
-        sel = self.selected.to(device)
-        c, nq, nk, ql, kl = self.cell, sel.shape[1], sel.shape[2], self.q_len, self.k_len
-        multi = self.num_heads > 1
-
-        def in_selected(h, q, k):
-            hh = h if multi else torch.zeros_like(h)
-            qi = torch.clamp(torch.div(q, c, rounding_mode="floor"), min=0, max=nq - 1)
-            ki = torch.clamp(torch.div(k, c, rounding_mode="floor"), min=0, max=nk - 1)
-            return sel[hh, qi, ki] & (q >= 0) & (q < ql) & (k >= 0) & (k < kl)
-
-        return in_selected
+        return _lookup(self.selected.to(device), self.cell, self.q_len, self.k_len)
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         if (q_len, k_len) != (self.q_len, self.k_len):

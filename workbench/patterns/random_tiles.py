@@ -1,6 +1,5 @@
 """BigBird-style random tiles and the hash that draws them: layouts hash the cell grid a band
-of rows at a time in int32 and reduce each band to tiles exactly.
-"""
+of rows at a time in int32 and reduce each band to tiles exactly."""
 
 from __future__ import annotations
 
@@ -20,10 +19,9 @@ _HASH_STEP = {"cpu": 1 << 18, "cuda": 1 << 24}
 _BAND_CELLS = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
-def _signed32(x: int) -> int:
-    """The int32 (two's complement) value with the same low 32 bits as ``x``."""
-    x &= 0xFFFFFFFF
-    return x - (1 << 32) if x >= 1 << 31 else x
+def _signed32(x: int | Tensor) -> int | Tensor:
+    """The int32 (two's complement) value of ``x`` in ``[0, 2**32)``, an int or int64 tensor."""
+    return x - (x >= 1 << 31) * (1 << 32)
 
 
 _MULS = tuple(_signed32(m) for m in _HASH_MIX)
@@ -59,14 +57,11 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
     """Bool ``[len(heads), r1 - r0, cols]``: ``hash_cells(seed, h, i, j) < threshold`` for the
     cell rows ``i`` in ``rows = (r0, r1)``, hashed in int32 on two buffers of ``_HASH_STEP``
     cells; ``(y >>> 8) < t`` is ``y < 256 t`` on unsigned ``y``, signed once the sign flips."""
-    def lanes(v: Tensor) -> Tensor:  # int64 in [0, 2**32) -> int32 with the same bits
-        return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
-
     first, end = rows
     out = torch.empty(len(heads), end - first, cols, dtype=torch.bool, device=device)
     if threshold <= 0 or threshold >= 1 << 24:  # no cell, or every cell
         return out.fill_(threshold > 0)
-    col = lanes(torch.arange(cols, device=device) * _HASH_COL & 0xFFFFFFFF)
+    col = _signed32(torch.arange(cols, device=device) * _HASH_COL & 0xFFFFFFFF).to(torch.int32)
     step = max(1, _HASH_STEP.get(torch.device(device).type, _HASH_STEP["cuda"]) // cols)
     x = torch.empty(min(step, end - first), cols, dtype=torch.int32, device=device)
     t = torch.empty_like(x)
@@ -77,7 +72,8 @@ def _hash_grid(seed: int, heads: Sequence[int], rows: tuple[int, int], cols: int
         for r0 in range(first, end, step):
             r = torch.arange(r0, min(r0 + step, end), device=device)
             xs = x[:len(r)]
-            torch.add(lanes((r * _HASH_ROW + base) & 0xFFFFFFFF)[:, None], col, out=xs)
+            row = _signed32((r * _HASH_ROW + base) & 0xFFFFFFFF).to(torch.int32)
+            torch.add(row[:, None], col, out=xs)
             _mix32(xs, t[:len(r)])
             # compared in place as int32 0/1, then cast: faster than comparing into bools
             out[n, r0 - first:r0 - first + len(r)] = xs.bitwise_xor_(sign).le_(below)
@@ -100,10 +96,9 @@ class RandomBlocks(Pattern):
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         c, b = self.cell, block_size
-        nkc = num_blocks(k_len, c)
         # tile rows per band: each band's cell rows are hashed, then reduced to its tiles
         band = max(1, _BAND_CELLS.get(device.type, _BAND_CELLS["cuda"])
-                   // (self.num_heads * nkc * -(-b // c)))
+                   // (self.num_heads * num_blocks(k_len, c) * -(-b // c)))
         if band >= rows[1] - rows[0]:
             return self._band(q_len, k_len, b, device, rows)
         shape = (self.num_heads, rows[1] - rows[0], num_blocks(k_len, b))
@@ -111,9 +106,8 @@ class RandomBlocks(Pattern):
         all_ = torch.empty_like(any_)
         for r0 in range(rows[0], rows[1], band):
             r1 = min(r0 + band, rows[1])
-            a, f = self._band(q_len, k_len, b, device, (r0, r1))
-            any_[:, r0 - rows[0]:r1 - rows[0]] = a
-            all_[:, r0 - rows[0]:r1 - rows[0]] = f
+            span = slice(r0 - rows[0], r1 - rows[0])
+            any_[:, span], all_[:, span] = self._band(q_len, k_len, b, device, (r0, r1))
         return any_, all_
 
     def _band(self, q_len: int, k_len: int, b: int, device: torch.device,
