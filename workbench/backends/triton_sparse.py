@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -297,11 +298,17 @@ def unsupported(q: Tensor, v: Tensor, block_size: int = 64) -> str | None:
                 f"{v.shape[-1]}")
     if q.device.type != "cuda" and not _interpreted():
         return "runs on CUDA (or under TRITON_INTERPRET=1 for testing)"
-    if importlib.util.find_spec("triton") is None:
+    if not _has_triton():
         return "needs the triton package (a CUDA build of torch brings it)"
     if q.dtype not in (torch.float16, torch.bfloat16) and q.device.type == "cuda":
         return f"takes float16 or bfloat16 on CUDA, not {q.dtype}"
     return None
+
+
+@cache
+def _has_triton() -> bool:
+    """Whether the triton package is installed (looked up once)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 PARTIAL_HEAVY = 0.5
