@@ -32,7 +32,8 @@ from workbench.viz.explorers import (  # noqa: E402
 )
 from workbench.viz.explorers.core import parse_int_list  # noqa: E402
 from workbench.viz.explorers.pattern import parameters_used  # noqa: E402
-from workbench.viz.ring import merged_heads, ring_step_regions, ring_step_tiles  # noqa: E402
+from workbench.viz.heatmaps import head_layout  # noqa: E402
+from workbench.viz.ring import distributed_tile_steps, ring_step_regions  # noqa: E402
 
 
 def _reduced_over_tiles(mask: np.ndarray, block: int) -> np.ndarray:
@@ -187,19 +188,19 @@ RING = RingParams(PatternParams(family="global_local", causal=True, seq_len=300,
 @pytest.mark.parametrize("step", range(5))
 def test_ring_step_highlights_exactly_the_computing_ranks(step):
     view = ring_view(RingParams(RING.pattern, ranks=5, step=step))
-    assert np.array_equal(view.computing, view.plan.computed[:, step].numpy())
-    assert [r.computed for r in view.regions] == view.computing.tolist()
+    assert [r.computed for r in view.regions] == view.plan.computed[:, step].tolist()
     assert [r.kv_rank for r in view.regions] == [(p - step) % 5 for p in range(5)]
-    assert int(view.step_tiles.sum()) == sum(r.tiles for r in view.regions)  # one head
+    step_tiles = distributed_tile_steps(view.layout, view.plan) == step
+    assert int(step_tiles.sum()) == sum(r.tiles for r in view.regions)  # one head
 
 
 def test_every_active_tile_is_computed_at_exactly_one_step():
     layout = P.dilated([64, 128], [1, 4], 4).block_structure(256, 16)
     plan = distributed_plan(layout, shard_plan(256, 4, 16))
-    per_step = torch.stack([ring_step_tiles(layout, plan, t) for t in range(4)])
-    assert torch.equal(per_step.sum(0), merged_heads(layout).active[0].to(torch.int64))
-    head2 = sum(ring_step_tiles(layout, plan, t, head=2).to(torch.int64) for t in range(4))
-    assert torch.equal(head2, layout.active[2].to(torch.int64))
+    per_step = torch.stack([distributed_tile_steps(layout, plan) == t for t in range(4)])
+    assert torch.equal(per_step.sum(0), head_layout(layout, None).active[0].to(torch.int64))
+    head2 = torch.stack([distributed_tile_steps(layout, plan, head=2) == t for t in range(4)])
+    assert torch.equal(head2.sum(0), layout.active[2].to(torch.int64))
 
 
 @pytest.mark.parametrize("ranks, step, words", [

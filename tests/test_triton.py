@@ -206,7 +206,7 @@ def test_auto_picks_triton_only_on_mostly_partial_layouts(monkeypatch):
     longnet = P.dilated([256, 512], [1, 4], num_heads=4).block_structure(2048, 64)
     local = (P.local_window(300) & P.causal()).block_structure(2048, 64)
     assert T.partial_share(longnet) >= T.PARTIAL_HEAVY > T.partial_share(local)
-    assert T._partial_tiles(longnet) is T._partial_tiles(longnet)  # counted once per layout
+    assert T._tile_counts(longnet) is T._tile_counts(longnet)  # counted once per layout
     q = torch.randn(1, 4, 2048, 64)
 
     def chosen(layout, dropout=False):

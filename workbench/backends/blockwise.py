@@ -46,7 +46,6 @@ class _TilePlan:
     num_heads: int
     tiles: _Tiles
     chunk: int  # tiles per chunk
-    rows_sorted: bool = True  # tiles sorted by (head, query block): rows are contiguous
 
     @property
     def nq(self) -> int:
@@ -92,23 +91,14 @@ def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Ti
             masks[i:i + step] = _tile_masks(problem, needing[i:i + step])
         return _Tiles(tiles, needs, start, masks)
 
-    key = (str(device), num_heads, problem.label, problem.q_offset, problem.k_offset,
-           problem.block_order)
-    return problem.layout.derived(("blockwise", *key), build)
+    return problem.derived(("blockwise", num_heads), device, build)
 
 
 def _tile_masks(problem: Problem, tiles: Tensor) -> Tensor:
     """Which pairs of each tile (``[n, 3]`` head, query block, key block) are allowed and real:
     bool ``[n, b, b]``."""
-    lay = problem.layout
-    b = lay.block_size
-    off = torch.arange(b, device=tiles.device)
-    qi = tiles[:, 1, None, None] * b + off[None, :, None]
-    ki = tiles[:, 2, None, None] * b + off[None, None, :]
-    ok = (qi < lay.q_len) & (ki < lay.k_len)
-    return ok & problem.allowed(tiles[:, 0, None, None],
-                                qi.clamp(max=lay.q_len - 1) + problem.q_offset,
-                                ki.clamp(max=lay.k_len - 1) + problem.k_offset)
+    qi, ki, real = _positions(problem, tiles)
+    return real & problem.allowed(tiles[:, 0, None, None], qi, ki)
 
 
 def _to_blocks(x: Tensor, n: int, b: int, dtype: torch.dtype) -> Tensor:
@@ -137,20 +127,21 @@ def _tile_scores(qs: Tensor, kb: Tensor, needs: Tensor, masks: Tensor, rq: Tenso
     return s
 
 
-def _positions(problem: Problem, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Absolute query ``[P, b, 1]`` and key ``[P, 1, b]`` positions of tiles ``t``; padding
-    takes the last real position (its pairs are masked)."""
+def _positions(problem: Problem, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Absolute query ``[P, b, 1]`` and key ``[P, 1, b]`` positions of tiles ``t``, padding
+    taking the last real position, and which pairs are real (bool ``[P, b, b]``)."""
     lay = problem.layout
     off = torch.arange(lay.block_size, device=t.device)
-    qi = (t[:, 1, None, None] * lay.block_size + off[None, :, None]).clamp_(max=lay.q_len - 1)
-    ki = (t[:, 2, None, None] * lay.block_size + off[None, None, :]).clamp_(max=lay.k_len - 1)
-    return qi + problem.q_offset, ki + problem.k_offset
+    qi = t[:, 1, None, None] * lay.block_size + off[None, :, None]
+    ki = t[:, 2, None, None] * lay.block_size + off[None, None, :]
+    return (qi.clamp(max=lay.q_len - 1) + problem.q_offset,
+            ki.clamp(max=lay.k_len - 1) + problem.k_offset, (qi < lay.q_len) & (ki < lay.k_len))
 
 
 def _score_mod(problem: Problem, s: Tensor, t: Tensor) -> Tensor:
     """``problem.score_mod`` on the scores ``s [B, P, b, b]`` of tiles ``t``."""
     bi = torch.arange(s.shape[0], device=t.device)[:, None, None, None]
-    return modded(problem.score_mod, s, bi, t[:, 0, None, None], *_positions(problem, t))
+    return modded(problem.score_mod, s, bi, t[:, 0, None, None], *_positions(problem, t)[:2])
 
 
 def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
@@ -159,7 +150,8 @@ def _dropout_scale(plan: _TilePlan, t: Tensor, batch: int) -> Tensor | None:
     if pr.dropout is None:
         return None
     bi = torch.arange(batch, device=t.device)[:, None, None, None]
-    return pr.dropout.scale(bi * plan.num_heads + t[None, :, 0, None, None], *_positions(pr, t))
+    return pr.dropout.scale(bi * plan.num_heads + t[None, :, 0, None, None],
+                            *_positions(pr, t)[:2])
 
 
 class _Values:
@@ -210,7 +202,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _TilePlan) -> tuple[Tensor, 
     for t, needs, masks, rq, rk in plan.chunks():
         mod = (lambda s, t=t: _score_mod(plan.problem, s, t)) if has_mod else None
         s = _tile_scores(qs, kb, needs, masks, rq, rk, mod)
-        if plan.rows_sorted:
+        if plan.problem.block_order is None:  # tiles by (head, query block): rows contiguous
             urows, inv = torch.unique_consecutive(rq, return_inverse=True)
         else:  # a curve visit order interleaves query rows
             urows, inv = torch.unique(rq, return_inverse=True)
@@ -244,15 +236,15 @@ def _backward(
     lay = plan.problem.layout
     b, h, scale = lay.block_size, plan.num_heads, plan.problem.scale
     acc = accumulation_dtype(q.dtype)
-    qb, kb, vb = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk), (v, plan.nk)))
-    dob = _to_blocks(dout, plan.nq, b, acc)
+    qb, kb, vb, dob = (_to_blocks(x, n, b, acc) for x, n in ((q, plan.nq), (k, plan.nk),
+                                                             (v, plan.nk), (dout, plan.nq)))
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(acc)
     bsz = q.shape[0]
-    delta = F.pad(delta, (0, plan.nq * b - lay.q_len)).reshape(bsz, h * plan.nq, b)
-    lse_r = F.pad(lse.to(acc), (0, plan.nq * b - lay.q_len), value=-torch.inf)
-    lse_r = lse_r.reshape(bsz, h * plan.nq, b)
+    pad = (0, plan.nq * b - lay.q_len)
+    delta = F.pad(delta, pad).reshape(bsz, h * plan.nq, b)
+    lse_r = F.pad(lse.to(acc), pad).reshape(bsz, h * plan.nq, b)  # padding rows: 0, like -inf
     lse_r = torch.where(torch.isfinite(lse_r), lse_r, torch.zeros_like(lse_r))
     qs = qb * scale
     dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
@@ -337,14 +329,11 @@ def prepare_blockwise(q: Tensor, k: Tensor, v: Tensor, problem: Problem,
     """:func:`blockwise_attention` with the tile plan of these inputs ready:
     ``runner(q, k, v) -> (out, lse)`` (the log-sum-exp comes whatever ``need_lse``)."""
     chunk = max(1, _SCORE_BUDGET // (q.shape[0] * problem.layout.block_size ** 2))
-    plan = _TilePlan(problem, q.shape[1], _layout_tiles(problem, q.shape[1], q.device), chunk,
-                     problem.block_order is None)
+    plan = _TilePlan(problem, q.shape[1], _layout_tiles(problem, q.shape[1], q.device), chunk)
     mod = problem.score_mod
-    if mod is None:
-        return lambda q, k, v: _BlockwiseFunction.apply(q, k, v, plan)
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        read = reads(mod) if torch.is_grad_enabled() else ()
+        read = reads(mod) if mod is not None and torch.is_grad_enabled() else ()
         return _BlockwiseFunction.apply(q, k, v, plan, *read)
 
     return run

@@ -51,10 +51,8 @@ def cached_block_mask(problem: Problem, device: torch.device | str, backward: bo
     """:func:`build_block_mask`, kept with the problem's layout (:meth:`BlockLayout.derived`):
     a plan held across calls builds it once. A mask built for the forward only is rebuilt when
     a backward needs one."""
-    key = ("flex", str(device), problem.label, problem.q_offset, problem.k_offset,
-           problem.block_order)
-    return problem.layout.derived(key, lambda: build_block_mask(problem, device, backward),
-                                  reuse=lambda mask: not backward or mask.q_indices is not None)
+    return problem.derived("flex", device, lambda: build_block_mask(problem, device, backward),
+                           reuse=lambda mask: not backward or mask.q_indices is not None)
 
 
 def build_block_mask(problem: Problem, device: torch.device | str, backward: bool = True):

@@ -112,40 +112,34 @@ def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int
     run of heads reads q, k, v through its view; else the views are copied into one batch for
     one call (fewer launches)."""
     runs = _head_runs(offsets)
+    return ([_strided_piece([run], segment, dilation, seq_len // segment, True) for run in runs]
+            if in_place else [_strided_piece(runs, segment, dilation, seq_len // segment, False)])
+
+
+def _strided_piece(runs: list[_Run], segment: int, dilation: int, nseg: int,
+                   in_place: bool) -> _Piece:
+    """One piece over ``runs``: ``in_place`` (one run), its view with batch and heads as one
+    batch dim, ``[B * c, nseg, L, *rest]``; else the runs' views copied in order, ``[B, sum(c) *
+    nseg, L, *rest]``."""
+    sizes = [run.count for run in runs]
 
     def view(x: Tensor, run: _Run) -> Tensor:  # -> [B, c, nseg, L, *rest]
         return _run_view(x, run, segment, dilation)
 
-    if in_place:
-        def piece(run: _Run) -> _Piece:
-            def gather(x: Tensor) -> Tensor:  # batch and heads as one batch dim
-                return view(x, run).flatten(0, 1)
-
-            def put(dst: Tensor, src: Tensor, add: bool = False,
-                    weight: Tensor | None = None) -> None:
-                target = view(dst, run)
-                if weight is not None:
-                    weight = weight.reshape(*target.shape[:-1], 1)
-                _write(target, src.reshape(target.shape), add, weight)
-
-            return _Piece(gather, put, None)
-
-        return [piece(run) for run in runs]
-
-    sizes = [run.count for run in runs]
-    nseg = seq_len // segment
-
-    def gather(x: Tensor) -> Tensor:  # [B, sum(c) * nseg, L, *rest], runs in order
+    def gather(x: Tensor) -> Tensor:
+        if in_place:
+            return view(x, runs[0]).flatten(0, 1)
         return torch.cat([view(x, run) for run in runs], 1).flatten(1, 2)
 
+    def split(src: Tensor) -> tuple[Tensor, ...]:  # per run, [B, c, nseg, L, *rest]
+        return src.reshape(-1, sum(sizes), nseg, *src.shape[2:]).split(sizes, 1)
+
     def put(dst: Tensor, src: Tensor, add: bool = False, weight: Tensor | None = None) -> None:
-        parts = src.unflatten(1, (sum(sizes), nseg)).split(sizes, 1)
-        weights = [None] * len(runs) if weight is None else (
-            weight.unflatten(1, (sum(sizes), nseg)).split(sizes, 1))
-        for run, part, w in zip(runs, parts, weights):
+        weights = [None] * len(runs) if weight is None else split(weight)
+        for run, part, w in zip(runs, split(src), weights):
             _write(view(dst, run), part, add, w)
 
-    return [_Piece(gather, put, None)]
+    return _Piece(gather, put, None)
 
 
 def _packed_piece(seq_len: int, spans: list[tuple[_Branch, int, int]], start: int,
@@ -197,9 +191,10 @@ def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int]
     hs = h * seq_len
     # one row per slot into the [B, h * S, *rest] view of the heads
     rows = (pos + torch.arange(h, device=device)[:, None, None] * seq_len).reshape(-1)
-    key_ok, kept = None, None
+    key_ok, kept, put_rows = None, None, rows
     if not full:
         kept = valid.reshape(-1).nonzero().squeeze(1)
+        put_rows = rows[kept]
         key_ok = valid.reshape(h * nseg, length)
         # a segment a head keeps nothing of (offset past a short last segment): its padded
         # queries see one key so nothing is NaN (their outputs are not put back)
@@ -214,10 +209,9 @@ def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int]
     def put(dst: Tensor, src: Tensor) -> None:
         rest = dst.shape[3:]
         src = src.reshape(dst.shape[0], -1, *rest)
-        dst_rows = rows
         if kept is not None:
-            src, dst_rows = src.index_select(1, kept), rows[kept]
-        dst.view(dst.shape[0], hs, *rest).index_copy_(1, dst_rows, src)
+            src = src.index_select(1, kept)
+        dst.view(dst.shape[0], hs, *rest).index_copy_(1, put_rows, src)
 
     return _Piece(gather, put, key_ok)
 

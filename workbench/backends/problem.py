@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -13,6 +14,8 @@ from ..score_mods import ScoreMod
 from .dropout import AttentionDropout
 
 __all__ = ["MaskFn", "Problem"]
+
+T = TypeVar("T")
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``allowed(h, q, k) -> bool``: elementwise over int64 head index and absolute positions.
@@ -57,6 +60,13 @@ class Problem:
         h = torch.arange(lay.num_heads, device=device)[:, None, None]
         return self.allowed(h, *self.positions(device)).expand(lay.num_heads, lay.q_len,
                                                                 lay.k_len)
+
+    def derived(self, name: Hashable, device: torch.device | str, build: Callable[[], T],
+                reuse: Callable[[T], bool] | None = None) -> T:
+        """What a backend derives from this problem on ``device``, kept with its layout
+        (:meth:`BlockLayout.derived`) under ``name`` and what else tells problems apart."""
+        key = (name, str(device), self.label, self.q_offset, self.k_offset, self.block_order)
+        return self.layout.derived(key, build, reuse)
 
     def slice(self, q_blocks: tuple[int, int], k_blocks: tuple[int, int]) -> Problem:
         """The sub-problem of query blocks ``[q0, q1)`` against key blocks ``[k0, k1)``; the same

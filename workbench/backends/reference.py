@@ -44,8 +44,7 @@ def _weighted_values(p: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """``p @ v`` summed over the allowed pairs only: a non-finite value reaches exactly the
     query rows allowed to see it (a matmul would also multiply it by the zero probability of
     a disallowed pair, and ``0 * nan`` is NaN)."""
-    finite = torch.isfinite(v)
-    if bool(finite.all()):
+    if bool(torch.isfinite(v).all()):
         return torch.matmul(p, v)
     terms = p[..., None] * v[..., None, :, :]  # [B, H, Sq, Sk, D]
     return torch.where(mask[..., None], terms, 0.0).sum(-2)

@@ -53,16 +53,12 @@ def _run(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
 def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float, shift: int = 0
                ) -> Tensor:
     """Attention of all of ``q`` over all of ``k, v``: ``form`` ``"full"``, or ``"causal"``
-    (local query ``i`` sees keys ``j <= i + shift``; ``shift`` is 0 or ``Sk - Sq``)."""
-    if form not in ("full", "causal"):
-        raise ValueError(f"form must be 'full' or 'causal', got {form!r}")
-    sq, sk = q.shape[2], k.shape[2]
-    if form == "full" or shift == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=form == "causal", scale=scale)
-    if shift != sk - sq:
-        raise ValueError(f"a causal shift must be 0 or Sk - Sq = {sk - sq}, got {shift}")
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk),
-                                          scale=scale)
+    (local query ``i`` sees keys ``j <= i + shift``; ``shift`` is 0 or ``Sk - Sq``, as
+    :func:`sdpa_serves` ensures)."""
+    if form == "causal" and shift:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=form == "causal", scale=scale)
 
 
 def _prepare_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,

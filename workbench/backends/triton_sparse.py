@@ -2,19 +2,19 @@
 
 One program per (batch x head, query tile) walks its row of the layout in two lists: *full*
 tiles, read without a mask, and *partial* tiles, read through a packed bit mask of the token
-predicate (``block**2 / 8`` bytes per partial tile, built with the plan), so memory stays
-proportional to the active tiles. The backward is FlashAttention-2's split: ``dk, dv`` by key
-tile over the layout's columns, ``dq`` by query tile over its rows. Without CUDA the kernels run
-under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is imported).
+predicate (``block**2 / 8`` bytes each). The backward is FlashAttention-2's split: ``dk, dv``
+by key tile over the layout's columns, ``dq`` by query tile over its rows. Without CUDA the
+kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is imported).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ from .registry import Backend, Capabilities, Request, Runner
 __all__ = ["BACKEND", "BITS_BUDGET", "KERNELS", "PARTIAL_HEAVY", "BackwardConfig", "ColumnPlan",
            "KernelConfig", "SparsePlan", "build_column_plan", "build_plan", "cached_plan",
            "default_configs", "jit_kernel", "partial_share", "plan_bits_bytes",
-           "prepare_triton", "triton_attention", "triton_available", "unsupported"]
+           "prepare_triton", "triton_attention", "unsupported"]
 
 _LOG2E = 1.4426950408889634
 _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
@@ -38,25 +38,6 @@ _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit m
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@lru_cache(maxsize=1)
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def triton_available(device: torch.device | str | None = None) -> bool:
-    """Triton is importable and can run on ``device`` (default: anywhere it could): CUDA, or any
-    device under the interpreter (``TRITON_INTERPRET=1``)."""
-    if not _triton_ok():
-        return False
-    if device is None:
-        return torch.cuda.is_available() or _interpreted()
-    return torch.device(device).type == "cuda" or _interpreted()
 
 
 KERNELS = ("forward", "dkdv", "dq")
@@ -116,12 +97,6 @@ def default_configs(kernel: str, block: int, device: torch.device, head_dim: int
         first = cfg(64, 128, 8, 2) if kernel == "dkdv" else cfg(128, 64, 8, 2)
         chain = (first, cfg(64, 64, 4, 2), cfg(64, 64, 4, 1), cfg(32, 32, 4, 1))
     return tuple(dict.fromkeys(chain))
-
-
-def default_config(block: int, device: torch.device, head_dim: int = 128,
-                   capability: tuple[int, int] | None = None) -> KernelConfig:
-    """The forward's first choice of :func:`default_configs`."""
-    return default_configs("forward", block, device, head_dim, capability)[0]
 
 
 @dataclass(frozen=True)
@@ -262,13 +237,9 @@ def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
     p_n, p_i = p_n.reshape(hl * nq), p_i.reshape(hl * nq, nk)
     start = torch.cumsum(p_n, 0, dtype=torch.int64) - p_n
     # every partial tile in the order the kernel reads them: row by row, the sorted list
-    if rank is None:  # key blocks increasing: row-major order
-        tiles = partial.nonzero()
-    else:
-        cols = torch.arange(nk, device=lay.active.device)
-        valid = cols[None, :] < p_n[:, None]
-        row = torch.arange(hl * nq, device=lay.active.device)[:, None].expand(-1, nk)[valid]
-        tiles = torch.stack([row // nq, row % nq, p_i[valid].to(torch.int64)], 1)
+    valid = torch.arange(nk, device=lay.active.device)[None, :] < p_n[:, None]
+    row = torch.arange(hl * nq, device=lay.active.device)[:, None].expand(-1, nk)[valid]
+    tiles = torch.stack([row // nq, row % nq, p_i[valid].to(torch.int64)], 1)
     _check_bits_fit(tiles.shape[0], b, lay.active.device)
     bits = _partial_bits(problem, lay, tiles)
     return SparsePlan(lay, f_n.reshape(-1), f_i.reshape(hl * nq, nk), p_n, p_i,
@@ -318,10 +289,8 @@ def _block_refusal(block_size: int) -> str | None:
 
 def unsupported(q: Tensor, v: Tensor, block_size: int = 64) -> str | None:
     """Why the triton kernels cannot take ``q`` (and values ``v``) in tiles of ``block_size``,
-    as a phrase after "it", or None when they can (attention dropout is declared in
-    :data:`BACKEND`'s capabilities)."""
-    block = _block_refusal(block_size)
-    if block is not None:
+    as a phrase after "it", or None when they can."""
+    if (block := _block_refusal(block_size)) is not None:
         return block
     d = q.shape[-1]
     if d < 16 or d & (d - 1) or v.shape[-1] != d:
@@ -329,17 +298,17 @@ def unsupported(q: Tensor, v: Tensor, block_size: int = 64) -> str | None:
                 f"{v.shape[-1]}")
     if q.device.type != "cuda" and not _interpreted():
         return "runs on CUDA (or under TRITON_INTERPRET=1 for testing)"
-    if not triton_available(q.device):
+    if not _has_triton():
         return "needs the triton package (a CUDA build of torch brings it)"
     if q.dtype not in (torch.float16, torch.bfloat16) and q.device.type == "cuda":
         return f"takes float16 or bfloat16 on CUDA, not {q.dtype}"
     return None
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, problem: Problem) -> None:
-    reason = BACKEND.refusal(Request.of(q, k, v, problem, need_lse=False))
-    if reason is not None:
-        raise NotImplementedError(f"the triton backend {reason}; use backend='auto'")
+@cache
+def _has_triton() -> bool:
+    """Whether the triton package is installed (looked up once)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 PARTIAL_HEAVY = 0.5
@@ -350,24 +319,22 @@ BITS_BUDGET = 1 << 30
 """``auto`` leaves a layout to FlexAttention when the triton plan's bit masks (``block**2 / 8``
 bytes per partial tile) would take more than this many bytes."""
 
-def _partial_tiles(layout: BlockLayout) -> tuple[int, int]:
-    """(partial tiles, active tiles) of ``layout``, counted once per layout object."""
-    def count() -> tuple[int, int]:
-        active, full = layout.tile_counts()
-        return active - full, active
 
-    return layout.derived("partial tiles", count)
+def _tile_counts(layout: BlockLayout) -> tuple[int, int]:
+    """(active tiles, full tiles) of ``layout``, counted once per layout object."""
+    return layout.derived("tile counts", layout.tile_counts)
 
 
 def partial_share(layout: BlockLayout) -> float:
     """Share of ``layout``'s active tiles that are partial (need the token predicate)."""
-    partial, active = _partial_tiles(layout)
-    return partial / active if active else 0.0
+    active, full = _tile_counts(layout)
+    return (active - full) / active if active else 0.0
 
 
 def plan_bits_bytes(layout: BlockLayout) -> int:
     """Bytes of the bit masks the triton plan keeps for ``layout``'s partial tiles."""
-    return _partial_tiles(layout)[0] * layout.block_size ** 2 // 8
+    active, full = _tile_counts(layout)
+    return (active - full) * layout.block_size ** 2 // 8
 
 
 def _prefers(req: Request) -> str | None:
@@ -384,18 +351,10 @@ def _prefers(req: Request) -> str | None:
 FP_FUSION = True
 """Every launch asks for fused multiply-adds explicitly (Triton's default differs by version)."""
 
+
 def cached_plan(problem: Problem, device: torch.device) -> SparsePlan:
     """:func:`build_plan`, kept with the problem's layout (:meth:`BlockLayout.derived`)."""
-    key = ("triton", str(device), problem.q_offset, problem.k_offset, problem.block_order,
-           problem.label)
-    return problem.layout.derived(key, lambda: build_plan(problem, device))
-
-
-def cached_column_plan(problem: Problem, plan: SparsePlan) -> ColumnPlan:
-    """:func:`build_column_plan` of ``plan``, cached beside it (built on the first backward)."""
-    key = ("triton columns", str(plan.bits.device), problem.q_offset, problem.k_offset,
-           problem.block_order, problem.label)
-    return problem.layout.derived(key, lambda: build_column_plan(plan))
+    return problem.derived("triton", device, lambda: build_plan(problem, device))
 
 
 def _descriptors(cfg: KernelConfig, *xs: tuple[Tensor, int]) -> tuple[object, ...]:
@@ -411,11 +370,6 @@ def _descriptors(cfg: KernelConfig, *xs: tuple[Tensor, int]) -> tuple[object, ..
 
 def _uses_tma(args: tuple[object, ...]) -> bool:
     return not isinstance(args[0], Tensor)
-
-
-def _check_tiles(cfg: KernelConfig, block: int) -> None:
-    if block % cfg.block_m or block % cfg.block_n:
-        raise ValueError(f"kernel tiles {cfg.block_m}x{cfg.block_n} must divide block {block}")
 
 
 _CHOSEN: dict[tuple, KernelConfig] = {}  # the configuration a default chain settled on
@@ -492,7 +446,8 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
     delta = _delta(out, dout, dlse)
     lse2 = torch.where(torch.isfinite(lse), lse * _LOG2E, torch.full_like(lse, torch.inf))
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-    cols = cached_column_plan(problem, plan)
+    cols = problem.derived("triton columns", plan.bits.device,  # on the first backward
+                           lambda: build_column_plan(plan))
     from ._triton_kernels import sparse_backward_dkdv, sparse_backward_dq
 
     scalars = (h, hl, nq, nk, s_q, lay.k_len, problem.scale * _LOG2E, problem.scale)
@@ -577,7 +532,10 @@ def prepare_triton(
         NotImplementedError: inputs the kernels do not take (:func:`unsupported` says why).
         ValueError: a layout of other heads, or kernel tiles that do not divide the block.
     """
-    _check_inputs(q, k, v, problem)
+    req = Request.of(q, k, v, problem, need_lse)
+    reason = BACKEND.refusal(req)
+    if reason is not None:
+        raise NotImplementedError(f"the triton backend {reason}; use backend='auto'")
     plan = cached_plan(problem, q.device) if plan is None else plan
     lay = plan.layout
     hl, h, d = lay.num_heads, q.shape[1], q.shape[-1]
@@ -586,13 +544,12 @@ def prepare_triton(
     b = lay.block_size
     configs = (config,) if config else default_configs("forward", b, q.device, d)
     bwd = None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        if backward_config is None:
-            bwd = (default_configs("dkdv", b, q.device, d), default_configs("dq", b, q.device, d))
-        else:
-            bwd = ((backward_config.dkdv,), (backward_config.dq,))
+    if req.grad:
+        bwd = ((default_configs("dkdv", b, q.device, d), default_configs("dq", b, q.device, d))
+               if backward_config is None else ((backward_config.dkdv,), (backward_config.dq,)))
     for c in (*configs, *(() if bwd is None else (*bwd[0], *bwd[1]))):
-        _check_tiles(c, b)
+        if b % c.block_m or b % c.block_n:
+            raise ValueError(f"kernel tiles {c.block_m}x{c.block_n} must divide block {b}")
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:

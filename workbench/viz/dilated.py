@@ -63,21 +63,15 @@ def plot_head_masks(pattern: Pattern, seq_len: int, block_size: int, axes,
         else:
             plot_token_mask(pattern, seq_len, head=j, block_size=block_size, ax=ax, title=title)
             _smooth(ax)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel("")
-        ax.set_ylabel("")
+        ax.set(xticks=[], yticks=[], xlabel="", ylabel="")
 
 
 def plot_dilation_strips(segment_lengths: Sequence[int], dilation_rates: Sequence[int],
                          num_heads: int, seq_len: int, *, mode: str = "head_groups", ax=None,
                          title: str | None = None):
-    """One strip per head (``mode="head_groups"``) or per (head, branch) (``"paper"``).
-
-    A coloured cell is a position the head keeps for that (segment, dilation) pair; the colour
-    is the pair's, and faint vertical bands alternate with the segments of that pair. Row labels
-    give the pair and the head's offset ``j mod r``.
-    """
+    """One strip per head (``mode="head_groups"``) or per (head, branch) (``"paper"``): a cell in
+    the pair's colour is a position the head keeps for that (segment, dilation) pair, faint bands
+    alternate with its segments; row labels give the pair and the head's offset ``j mod r``."""
     check_dilation_pairs(segment_lengths, dilation_rates)
     if mode not in ("head_groups", "paper"):
         raise ValueError(f"mode must be 'head_groups' or 'paper', got {mode!r}")
@@ -87,36 +81,28 @@ def plot_dilation_strips(segment_lengths: Sequence[int], dilation_rates: Sequenc
         rows = [(j, group[j]) for j in range(num_heads)]
     else:
         rows = [(j, i) for j in range(num_heads) for i in range(len(pairs))]
-    img = np.ones((len(rows), seq_len, 3))
-    labels, bounds = [], []
-    for y, (j, i) in enumerate(rows):
-        w, r = pairs[i]
-        s = j % r
-        base = np.array(to_rgb(BRANCH_COLORS[i % len(BRANCH_COLORS)]))
-        seg_id = np.arange(seq_len) // w
-        shade = np.where(seg_id % 2 == 0, 0.96, 0.90)[:, None] * np.ones(3)
-        pos, valid = dilation_gather(seq_len, w, r, [s])
-        kept = np.zeros(seq_len, dtype=bool)
-        kept[pos[valid].numpy()] = True
-        img[y] = np.where(kept[:, None], base, shade)
-        labels.append(f"head {j}: w={w}, r={r}, s={s}")
-        bounds.append((y, np.arange(w, seq_len, w) - 0.5))
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.0))
+    img = np.ones((len(rows), seq_len, 3))
+    labels = []
+    for y, (j, i) in enumerate(rows):
+        w, r = pairs[i]
+        pos, valid = dilation_gather(seq_len, w, r, [j % r])
+        kept = np.zeros((seq_len, 1), dtype=bool)
+        kept[pos[valid].numpy()] = True
+        shade = np.where(np.arange(seq_len)[:, None] // w % 2 == 0, 0.96, 0.90)
+        img[y] = np.where(kept, to_rgb(BRANCH_COLORS[i % len(BRANCH_COLORS)]), shade)
+        labels.append(f"head {j}: w={w}, r={r}, s={j % r}")
+        ax.vlines(np.arange(w, seq_len, w) - 0.5, y - 0.5, y + 0.5, color="black", lw=1.0,
+                  path_effects=[patheffects.withStroke(linewidth=2.6, foreground="white")])
     ax.imshow(img, aspect="auto", interpolation="nearest")
     ax.grid(False)
-    for y, xs in bounds:  # segment boundaries of each row's pair
-        ax.vlines(xs, y - 0.5, y + 0.5, color="black", lw=1.0,
-                  path_effects=[patheffects.withStroke(linewidth=2.6, foreground="white")])
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xlabel("token position")
-    if mode == "paper":
-        for y in range(len(pairs), len(rows), len(pairs)):
-            ax.axhline(y - 0.5, color="black", lw=0.8)
-    else:
-        for y in range(1, len(rows)):
-            ax.axhline(y - 0.5, color="white", lw=0.6)
+    step, color, lw = (len(pairs), "black", 0.8) if mode == "paper" else (1, "white", 0.6)
+    for y in range(step, len(rows), step):  # between heads
+        ax.axhline(y - 0.5, color=color, lw=lw)
     unit = "head" if mode == "head_groups" else "(head, branch)"
     set_title(ax, title, f"kept positions per {unit} ({mode} mode); black ticks = segment "
               "boundaries")
@@ -127,45 +113,38 @@ def plot_natural_vs_ordered(pattern: Pattern, seq_len: int, block_size: int, hea
                             segment: int, dilation: int, offset: int):
     """2 x 2 figure: ``head``'s tokens and tiles in natural order, and after the dilation ordering
     (:func:`~workbench.orderings.dilation_permutation` of ``(segment, dilation, offset)``, which
-    must be that head's pair and offset); each column framed in its order's colour.
-
-    Returns ``(fig, natural_layout, ordered_layout)``, both one-head layouts.
-    """
-    perm = dilation_permutation(seq_len, segment, dilation, offset)
-    ordered = permuted(pattern, perm)
-    nat = head_layout(pattern.block_structure(seq_len, block_size), head)
-    ordl = head_layout(ordered.block_structure(seq_len, block_size), head)
-    fig, axes = plt.subplots(2, 2, figsize=(8.6, 8.8))
+    must be that head's pair and offset); each column framed in its order's colour. Returns
+    ``(fig, natural_layout, ordered_layout)``, both one-head layouts."""
+    ordered = permuted(pattern, dilation_permutation(seq_len, segment, dilation, offset))
     cap = f"head {head}: w={segment}, r={dilation}, offset {offset}"
-    plot_token_mask(pattern, seq_len, head=head, block_size=block_size, ax=axes[0, 0],
-                    title=f"natural order: tokens ({cap})")
-    plot_token_mask(ordered, seq_len, head=head, block_size=block_size, ax=axes[0, 1],
-                    title="dilation order: kept tokens first in each segment")
-    axes[0, 1].set_xlabel("key position (reordered)")
-    axes[0, 1].set_ylabel("query position (reordered)")
-    plot_block_layout(nat, ax=axes[1, 0], title=f"natural order: tiles of {block_size}",
-                      annotate=False)
-    plot_block_layout(ordl, ax=axes[1, 1], title=f"dilation order: tiles of {block_size}",
-                      annotate=False)
-    _smooth(axes[0, 0])
-    _smooth(axes[0, 1])
-    for ax, lay in ((axes[1, 0], nat), (axes[1, 1], ordl)):
+    fig, axes = plt.subplots(2, 2, figsize=(8.6, 8.8))
+    layouts = []
+    for (top, bottom), pat, order, tokens in (
+            (axes[:, 0], pattern, "natural", f"tokens ({cap})"),
+            (axes[:, 1], ordered, "dilation", "kept tokens first in each segment")):
+        lay = head_layout(pat.block_structure(seq_len, block_size), head)
+        layouts.append(lay)
+        plot_token_mask(pat, seq_len, head=head, block_size=block_size, ax=top,
+                        title=f"{order} order: {tokens}")
+        _smooth(top)
+        plot_block_layout(lay, ax=bottom, title=f"{order} order: tiles of {block_size}",
+                          annotate=False)
         st = lay.stats()
-        ax.text(0.02, -0.2, f"{st.active_blocks} active tiles, {st.full_blocks} full; "
-                f"computed density {st.density:.2%}", transform=ax.transAxes, fontsize=8,
-                color="#333333")
-    block_legend(axes[1, 1])
-    for col, order in ((0, "natural"), (1, "dilation")):  # frame each column in its order's colour
-        for ax in axes[:, col]:
+        bottom.text(0.02, -0.2, f"{st.active_blocks} active tiles, {st.full_blocks} full; "
+                    f"computed density {st.density:.2%}", transform=bottom.transAxes,
+                    fontsize=8, color="#333333")
+        for ax in (top, bottom):  # the column framed in its order's colour
             for spine in ax.spines.values():
                 spine.set_visible(True)
                 spine.set_color(ORDERING[order])
                 spine.set_linewidth(2.5)
             ax.title.set_color(ORDERING[order])
+    axes[0, 1].set(xlabel="key position (reordered)", ylabel="query position (reordered)")
+    block_legend(axes[1, 1])
     mask = pattern.token_mask(seq_len)[_head_index(head, pattern.num_heads)]
     useful = int(mask.sum()) / seq_len**2
     fig.suptitle(f"Same pairs, two token orders (useful density {useful:.2%} for this head)",
                  fontsize=11)
     fig.tight_layout()
-    return fig, nat, ordl
+    return fig, *layouts
 

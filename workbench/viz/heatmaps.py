@@ -1,31 +1,19 @@
-"""Pattern heatmaps: token level with the block grid drawn over it, and block level.
-
-Every drawing function takes an optional ``ax`` and returns it; colours are the tile states of
-:mod:`workbench.viz.style`.
-"""
+"""Pattern heatmaps, token level with the block grid drawn over it and block level, in the tile
+colours of :mod:`workbench.viz.style`; every drawing function takes an optional ``ax``."""
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from ..layout import BlockLayout
 from ..patterns import Pattern
-from .style import (
-    TILE_CMAP,
-    TOKEN_CMAP,
-    grid_lines,
-    new_axes,
-    set_title,
-    tile_handles,
-    tile_separators,
-)
+from .style import TILE, TILE_CMAP, TOKEN_CMAP, grid_lines, new_axes, set_title, tile_separators
 
 __all__ = ["block_legend", "figure_legend", "head_layout", "plot_block_layout",
            "plot_pattern", "plot_token_mask", "tile_grid"]
-
-SEPARATOR_MAX_TILES = 48  # draw thin lines between tiles when a side has at most this many
 
 
 def _head_index(head: int, num_heads: int) -> int:
@@ -38,11 +26,15 @@ def _head_index(head: int, num_heads: int) -> int:
     return head
 
 
-def head_layout(layout: BlockLayout, head: int) -> BlockLayout:
-    """The one-head :class:`BlockLayout` of ``head`` (its stats are that head's alone)."""
-    h = _head_index(head, layout.num_heads)
-    return BlockLayout(layout.active[h : h + 1], layout.full[h : h + 1], layout.q_len,
-                       layout.k_len, layout.block_size)
+def head_layout(layout: BlockLayout, head: int | None) -> BlockLayout:
+    """The one-head :class:`BlockLayout` of ``head`` (its stats are that head's alone); ``None``
+    merges all heads: a tile is active if any head's is, full if every head's is."""
+    if head is None:
+        active, full = layout.active.any(0, keepdim=True), layout.full.all(0, keepdim=True)
+    else:
+        h = _head_index(head, layout.num_heads)
+        active, full = layout.active[h : h + 1], layout.full[h : h + 1]
+    return BlockLayout(active, full, layout.q_len, layout.k_len, layout.block_size)
 
 
 def tile_grid(layout: BlockLayout, head: int = 0) -> np.ndarray:
@@ -61,34 +53,28 @@ def draw_mask(ax, mask: np.ndarray, block_size: int | None, lw: float = 0.5) -> 
 
 def plot_token_mask(pattern: Pattern, seq_len: int, *, head: int = 0, block_size: int | None = None,
                     ax=None, title: str | None = None):
-    """Token-level mask of ``pattern`` (rows = queries, columns = keys) for one head.
-
-    With ``block_size`` the block grid is drawn over it. Only for small ``seq_len``.
-    """
+    """Token-level mask of ``pattern`` (rows = queries, columns = keys) for one head, with the
+    grid of ``block_size`` blocks drawn over it when given. Only for small ``seq_len``."""
     ax = new_axes(ax)
     mask = pattern.token_mask(seq_len)[_head_index(head, pattern.num_heads)].numpy()
     draw_mask(ax, mask, block_size)
     set_title(ax, title, f"tokens, head {head}: {mask.mean():.1%} allowed")
-    ax.set_xlabel("key position")
-    ax.set_ylabel("query position")
+    ax.set(xlabel="key position", ylabel="query position")
     return ax
 
 
 def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str | None = None,
                       annotate: bool = True):
-    """Block-level layout of one head: full, partial (needs the token mask) and empty tiles,
-    with lines between tiles up to ``SEPARATOR_MAX_TILES`` a side; ``annotate`` writes the
-    computed density under the axes."""
+    """Block-level layout of one head: full, partial (needs the token mask) and empty tiles;
+    ``annotate`` writes the computed density under the axes."""
     ax = new_axes(ax)
     grid = tile_grid(layout, head)
     ax.imshow(grid, cmap=TILE_CMAP, vmin=0, vmax=2, interpolation="nearest")
     ax.grid(False)  # tile separators, not the theme's grid, mark the tiles
-    if max(grid.shape) <= SEPARATOR_MAX_TILES:
-        tile_separators(ax, *grid.shape)
-    frac = int((grid > 0).sum()) / grid.size
-    set_title(ax, title, f"blocks of {layout.block_size}, head {head}: {frac:.1%} of tiles")
-    ax.set_xlabel("key block")
-    ax.set_ylabel("query block")
+    tile_separators(ax, *grid.shape)
+    set_title(ax, title, f"blocks of {layout.block_size}, head {head}: "
+              f"{(grid > 0).mean():.1%} of tiles")
+    ax.set(xlabel="key block", ylabel="query block")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if annotate:
@@ -97,17 +83,23 @@ def plot_block_layout(layout: BlockLayout, *, head: int = 0, ax=None, title: str
     return ax
 
 
+def _tile_handles(full: str, partial: str, empty: str) -> list[Patch]:
+    """Legend patches of the three tile states, labelled ``full``, ``partial`` and ``empty``."""
+    return [Patch(color=TILE["full"], label=full), Patch(color=TILE["partial"], label=partial),
+            Patch(facecolor=TILE["empty"], edgecolor="#bbbbbb", label=empty)]
+
+
 def block_legend(ax) -> None:
     """Legend for full / partial / empty tiles."""
-    ax.legend(handles=tile_handles("full tile", "partial tile", "skipped tile"),
+    ax.legend(handles=_tile_handles("full tile", "partial tile", "skipped tile"),
               loc="upper right", fontsize=7, frameon=True)
 
 
 def figure_legend(fig, *, fontsize: float = 10):
     """One legend for a whole figure of token and block panels, centred below the axes (leave
     room for it, e.g. ``fig.tight_layout(rect=(0, 0.03, 1, 1))``)."""
-    handles = tile_handles("allowed pair / full tile", "partial tile (computed, then masked)",
-                           "not allowed / skipped tile")
+    handles = _tile_handles("allowed pair / full tile", "partial tile (computed, then masked)",
+                            "not allowed / skipped tile")
     return fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=3,
                       fontsize=fontsize, frameon=False)
 
@@ -115,9 +107,8 @@ def figure_legend(fig, *, fontsize: float = 10):
 def plot_pattern(pattern: Pattern, seq_len: int, block_size: int, *, head: int = 0, axes=None):
     """Token view (with block grid) beside block view of one head; returns the figure."""
     if axes is None:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    else:
-        fig = axes[0].figure
+        _, axes = plt.subplots(1, 2, figsize=(8, 4))
+    fig = axes[0].figure
     plot_token_mask(pattern, seq_len, head=head, block_size=block_size, ax=axes[0])
     plot_block_layout(pattern.block_structure(seq_len, block_size), head=head, ax=axes[1])
     block_legend(axes[1])

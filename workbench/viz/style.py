@@ -1,11 +1,6 @@
-"""One visual grammar: the same thing has the same colour in every figure.
-
-Palettes map the names the code and the CSVs use to colours; :func:`use` makes them seaborn's
-defaults; the axes helpers at the end are the drawing steps every figure shares. A figure of
-measured numbers says where and when they were measured (:func:`stamp` with a
-:class:`Provenance`): :func:`~workbench.viz.save_figure` refuses a figure marked measured
-(:func:`mark_measured`) without one.
-"""
+"""One visual grammar: palettes that give the same thing the same colour in every figure,
+seaborn's theme (:func:`use`), the provenance stamp of measured figures (:func:`stamp`), and the
+axes helpers every figure shares."""
 
 from __future__ import annotations
 
@@ -16,11 +11,9 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
 
 __all__ = ["FAMILY", "ORDERING", "Provenance", "SHARDING", "TILE", "TILE_CMAP", "TOKEN_CMAP",
-           "VARIANT", "VARIANT_LABEL", "color_of", "is_stamped", "mark_measured", "palette",
-           "rank_colors", "stamp", "use"]
+           "VARIANT", "VARIANT_LABEL", "color_of", "palette", "rank_colors", "stamp", "use"]
 
 # Colour-blind-safe base (Okabe-Ito), plus neutrals.
 _BLUE, _ORANGE, _GREEN, _VERMILION = "#0072B2", "#E69F00", "#009E73", "#D55E00"
@@ -51,8 +44,8 @@ VARIANT: dict[str, str] = {
 VARIANT_LABEL: dict[str, str] = {
     "ours": "ours (auto)", "triton": "ours, Triton kernel", "blockwise": "ours, pure PyTorch",
     "flex_natural": "FlexAttention, natural order", "strided_gather": "gather + SDPA + scatter",
-    "strided_view": "strided views into SDPA",
-    "paper": "ours, paper mode (every pair on every head)", "sdpa_dense": "dense SDPA",
+    "strided_view": "strided views into SDPA", "sdpa_dense": "dense SDPA",
+    "paper": "ours, paper mode (every pair on every head)",
     "sdpa_masked": "SDPA + dense mask", "reference": "float64 reference",
 }
 """Legend text of each variant."""
@@ -72,6 +65,8 @@ ORDERING: dict[str, str] = {"natural": _GREY, "raster": _GREY, "dilation": _BLUE
 
 SHARDING: dict[str, str] = {"contiguous": _GREY, "zigzag": _PURPLE}
 """Ring shardings."""
+
+SEPARATOR_MAX_TILES = 48  # tile_separators draws lines up to this many tiles a side
 
 _RANKS = (_BLUE, _ORANGE, _GREEN, _VERMILION, _SKY, _PURPLE, _YELLOW, _GREY)
 
@@ -138,9 +133,8 @@ class Provenance:
             return distinct(df[col]) if col in df else ""
 
         if shape is None:
-            parts = [f"{k}={values(c)}" for k, c in (("B", "batch"), ("H", "heads"),
-                                                     ("D", "head_dim")) if c in df]
-            shape = ", ".join(parts)
+            shape = ", ".join(f"{k}={values(c)}" for k, c in (("B", "batch"), ("H", "heads"),
+                                                              ("D", "head_dim")) if c in df)
         torch_v = values("torch")
         return cls(values("device"), values("date"), values("dtype"), shape,
                    f"torch {torch_v}" if torch_v else "")
@@ -151,23 +145,12 @@ class Provenance:
         return " · ".join([*parts, self.software] if self.software else parts)
 
 
-def mark_measured(fig) -> None:
-    """Mark ``fig`` as showing measured numbers: it can then be saved only once stamped."""
-    fig._workbench_measured = True
-
-
 def stamp(fig, provenance: Provenance) -> None:
-    """Print ``provenance`` at the bottom of ``fig`` (and mark it measured)."""
+    """Print ``provenance`` at the bottom of ``fig`` (kept as ``fig._workbench_stamp``)."""
     if not isinstance(provenance, Provenance):
         raise TypeError(f"provenance must be a Provenance, got {type(provenance).__name__}")
     fig.text(0.01, -0.01, provenance.line(), fontsize=8, color=_GREY, ha="left", va="top")
-    fig._workbench_measured = True
     fig._workbench_stamp = provenance
-
-
-def is_stamped(fig) -> bool:
-    """Whether ``fig`` may be saved: not measured, or stamped with its provenance."""
-    return not getattr(fig, "_workbench_measured", False) or hasattr(fig, "_workbench_stamp")
 
 
 # --------------------------------------------------------------------- axes helpers
@@ -192,13 +175,8 @@ def grid_lines(ax, rows: Iterable[float], cols: Iterable[float] | None = None, *
         ax.axvline(x, color=color, lw=lw)
 
 
-def tile_separators(ax, nq: int, nk: int, *, color: str = "white", lw: float = 0.8) -> None:
-    """Thin lines between the cells of an ``nq x nk`` image, so that equal neighbours stay
-    countable."""
-    grid_lines(ax, np.arange(1, nq) - 0.5, np.arange(1, nk) - 0.5, color=color, lw=lw)
-
-
-def tile_handles(full: str, partial: str, empty: str) -> list[Patch]:
-    """Legend patches of the three tile states, labelled ``full``, ``partial`` and ``empty``."""
-    return [Patch(color=TILE["full"], label=full), Patch(color=TILE["partial"], label=partial),
-            Patch(facecolor=TILE["empty"], edgecolor="#bbbbbb", label=empty)]
+def tile_separators(ax, nq: int, nk: int, *, lw: float = 0.8) -> None:
+    """White lines between the cells of an ``nq x nk`` image, so that equal neighbours stay
+    countable; none when a side has more than ``SEPARATOR_MAX_TILES`` cells."""
+    if max(nq, nk) <= SEPARATOR_MAX_TILES:
+        grid_lines(ax, np.arange(1, nq) - 0.5, np.arange(1, nk) - 0.5, lw=lw)

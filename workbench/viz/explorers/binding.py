@@ -18,10 +18,11 @@ INSTALL_HINT = "the explorers need ipywidgets and ipympl: pip install 'workbench
 
 
 def widgets():
-    """The ipywidgets module, or an ``ImportError`` that says how to install it."""
+    """The ipywidgets module, or an ``ImportError`` that says how to install it and ipympl."""
     try:
+        import ipympl  # noqa: F401  (the explorers' figure canvas)
         import ipywidgets
-    except ImportError as err:  # pragma: no cover - the notebooks extra installs it
+    except ImportError as err:  # pragma: no cover - the notebooks extra installs them
         raise ImportError(INSTALL_HINT) from err
     return ipywidgets
 
@@ -43,10 +44,9 @@ def panels(figure: Figure) -> list:
 def figure_canvas(figsize: tuple[float, float]) -> tuple[Figure, Any]:
     """A figure drawn on its own ipympl canvas widget, outside pyplot's list of figures: it works
     whatever ``%matplotlib`` backend the notebook uses, and ``plt.show()`` never shows it again."""
-    try:
-        from ipympl.backend_nbagg import Canvas, FigureManager
-    except ImportError as err:  # pragma: no cover - the notebooks extra installs it
-        raise ImportError(INSTALL_HINT) from err
+    widgets()  # or an ImportError that says how to install ipympl
+    from ipympl.backend_nbagg import Canvas, FigureManager
+
     figure = Figure(figsize=figsize, layout="constrained")
     canvas = Canvas(figure)
     with warnings.catch_warnings():  # ipympl's toolbar passes traitlets an argument it drops

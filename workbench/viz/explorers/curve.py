@@ -96,8 +96,7 @@ def draw_curve_view(view: CurveView, figure: Figure) -> None:
     """The curve beside its blocks, in ``figure`` (its axes are reused)."""
     axes = panels(figure)
     p = view.params
-    shape = (p.rows, p.cols)
-    plot_curve(shape, p.curve, ax=axes[0],
+    plot_curve((p.rows, p.cols), p.curve, ax=axes[0],
                numbers=p.numbers and p.rows * p.cols <= NUMBERS_MAX_CELLS)
     plot_curve_blocks(view.block_ids, ax=axes[1],
                       title=f"blocks of {p.block} consecutive cells ({p.curve} order)")

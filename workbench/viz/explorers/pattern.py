@@ -15,7 +15,7 @@ from ... import patterns as P
 from ...layout import BlockLayout
 from ...orderings import dilation_permutation, permuted
 from ...patterns import Pattern
-from ..heatmaps import block_legend, plot_block_layout, plot_token_mask, tile_grid
+from ..heatmaps import plot_pattern, tile_grid
 from .binding import Explorer, int_slider, panels, widgets
 from .core import check_int, parse_int_list
 
@@ -219,12 +219,8 @@ def pattern_readout_html(view: PatternView) -> str:
 
 def draw_pattern_view(view: PatternView, figure: Figure) -> None:
     """Token view beside block view of the shown head, in ``figure`` (its axes are reused)."""
-    axes = panels(figure)
     p = view.params
-    plot_token_mask(view.pattern, p.seq_len, head=p.head, block_size=p.block_size, ax=axes[0])
-    plot_block_layout(view.layout, head=p.head, ax=axes[1])
-    block_legend(axes[1])
-    figure.suptitle(repr(view.pattern), fontsize=9)
+    plot_pattern(view.pattern, p.seq_len, p.block_size, head=p.head, axes=panels(figure))
 
 
 def pattern_controls(p: PatternParams, names: frozenset[str] | None = None) -> dict[str, Any]:

@@ -4,30 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from matplotlib.figure import Figure
 
 from ...layout import BlockLayout, num_blocks
 from ...sharding import DistributedPlan, distributed_plan, shard_plan
-from ..ring import (
-    RingRegion,
-    plot_ring_schedule,
-    plot_ring_step,
-    ring_step_regions,
-    ring_step_tiles,
-)
+from ..ring import RingRegion, plot_ring_schedule, plot_ring_step, ring_step_regions
 from .binding import Explorer, int_slider, panels, widgets
 from .core import check_int
-from .pattern import (
-    PATTERN_FIELDS,
-    PatternParams,
-    build_pattern,
-    enable_used_controls,
-    pattern_controls,
-)
+from .pattern import PatternParams, build_pattern, enable_used_controls, pattern_controls
 
 __all__ = ["RingParams", "RingView", "draw_ring_view", "ring_explorer", "ring_readout_html",
            "ring_view"]
@@ -35,32 +22,27 @@ __all__ = ["RingParams", "RingView", "draw_ring_view", "ring_explorer", "ring_re
 RING_PATTERN_CONTROLS = frozenset({"family", "causal", "seq_len", "block_size", "window",
                                    "num_global", "stride"})
 PLAY_INTERVAL_MS = 1200
-
-
-def _default_pattern() -> PatternParams:
-    return PatternParams(family="local", seq_len=256, block_size=16, window=48)
+DEFAULT_PATTERN = PatternParams(family="local", seq_len=256, block_size=16, window=48)
 
 
 @dataclass(frozen=True)
 class RingParams:
     """A pattern (:class:`PatternParams`), the number of ranks of the ring, and the step shown."""
 
-    pattern: PatternParams = field(default_factory=_default_pattern)
+    pattern: PatternParams = DEFAULT_PATTERN
     ranks: int = 4
     step: int = 0
 
 
 @dataclass(frozen=True)
 class RingView:
-    """One step of the ring: ``computing``, bool ``[ranks]``, the ranks that compute at ``step``;
-    ``step_tiles``, bool ``[nq, nk]``, the tiles they compute (heads merged)."""
+    """One step of the ring: the pattern's layout, its plan, and each rank's pairs of runs at
+    ``step`` (:func:`~workbench.viz.ring.ring_step_regions`)."""
 
     params: RingParams
     layout: BlockLayout
     plan: DistributedPlan
     regions: list[RingRegion]
-    computing: np.ndarray
-    step_tiles: np.ndarray
 
 
 def ring_view(params: RingParams) -> RingView:
@@ -75,8 +57,7 @@ def ring_view(params: RingParams) -> RingView:
                      f"steps 0..{ranks - 1}")
     layout = pattern.block_structure(p.seq_len, p.block_size)
     plan = distributed_plan(layout, shard_plan(p.seq_len, ranks, p.block_size))
-    return RingView(params, layout, plan, ring_step_regions(plan, step),
-                    plan.computed[:, step].numpy(), ring_step_tiles(layout, plan, step).numpy())
+    return RingView(params, layout, plan, ring_step_regions(plan, step))
 
 
 def draw_ring_view(view: RingView, figure: Figure) -> None:
@@ -103,7 +84,7 @@ def ring_readout_html(view: RingView) -> str:
 
 def _params(values: Mapping[str, Any], base: PatternParams) -> RingParams:
     """Ring parameters from control values; pattern fields without a control keep ``base``'s."""
-    pattern = {k: v for k, v in values.items() if k in PATTERN_FIELDS}
+    pattern = {k: v for k, v in values.items() if k not in ("ranks", "step")}
     return RingParams(PatternParams.from_values({**dataclasses.asdict(base), **pattern}),
                       ranks=values["ranks"], step=values["step"])
 
@@ -112,7 +93,7 @@ def ring_explorer(ranks: int = 4, step: int = 0, **pattern: Any) -> Explorer[Rin
     """The ring stepper widget: a pattern (:class:`PatternParams` fields in ``pattern``), the
     number of ranks, and Play / a step slider."""
     w = widgets()
-    start = dataclasses.replace(_default_pattern(), **pattern)
+    start = dataclasses.replace(DEFAULT_PATTERN, **pattern)
     controls = pattern_controls(start, RING_PATTERN_CONTROLS)
     controls["ranks"] = int_slider(ranks, 1, 16, "ranks")
     controls["step"] = w.IntSlider(value=step, min=0, max=ranks - 1, description="step")
