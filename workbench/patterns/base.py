@@ -134,10 +134,12 @@ class Pattern:
 
     # ----------------------------------------------------------------- identity
     def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
         if type(self) is not type(other):
             return False
         key = self.key()
-        return self is other or (key is not None and key == other.key())
+        return key is not None and key == other.key()
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
