@@ -101,8 +101,12 @@ class Dilated(Pattern):
         q = q[:, :, rows[0]:rows[1]].contiguous()
         k = torch.stack(_kept_segments(w, r, s, k_len, block_size, device), 1)  # [T, 3, nk]
         k[:, 2] = torch.where(k[:, 2] < 0, -2, k[:, 2])  # "not all kept" never matches q's -1
-        views = torch.unique(torch.cat([q.flatten(1), k.flatten(1)], 1), dim=0,
-                             return_inverse=True)[1].tolist()  # per distinct triple
+        # per distinct triple: the first triple whose block tables are the same (compared
+        # pairwise: a few triples, each table a row per block)
+        views: list[int] = []
+        for t in range(len(distinct)):
+            views.append(next(u for u in range(t + 1) if u == t or (
+                torch.equal(q[u], q[t]) and torch.equal(k[u], k[t]))))
         view_of = [views[distinct.index(x)] for x in triples]  # per head
         h = len(triples)
         shape = (h if len(set(views)) > 1 else 1, q.shape[2], k.shape[2])
@@ -114,8 +118,7 @@ class Dilated(Pattern):
                 any_[i].copy_(any_[first])
                 all_[i].copy_(all_[first])
             else:
-                t = views.index(v)  # a distinct triple with this view
-                _segment_tiles(q[t], k[t], any_[i], all_[i])
+                _segment_tiles(q[v], k[v], any_[i], all_[i])
         return any_.expand(h, *shape[1:]), all_.expand(h, *shape[1:])
 
     def count_pairs(self, seq_len):
