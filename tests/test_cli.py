@@ -91,6 +91,8 @@ BAD = [
     bad(*BENCH, "--study", "a/b", names="--study"),
     bad(*BENCH, "--variants", "triton", names="--variants triton"),
     bad(*BENCH, "--variants", "strided_view", names="--variants strided_view"),
+    bad("bench", "--study", "cli_test", "--seq-lens", "1000", "--families", "dilated",
+        "--variants", "strided_view", "--device", "cpu", names="--variants strided_view"),
     bad(*BENCH, "--variants", "flex_natural", "--backward", names="--variants flex_natural"),
     bad(*BENCH, "--families", "dilated", "--heads", "3", names="--heads 3"),
     bad(*BENCH, "--layout-timing", "0", names="--layout-timing"),

@@ -220,6 +220,14 @@ def _check_bench(args: argparse.Namespace) -> None:
     if strided and not set(args.families) & set(longnet):
         raise UsageError(f"--variants {strided[0]} applies to the dilated families only: add "
                          f"{' or '.join(longnet)} to --families, or drop it")
+    if "strided_view" in args.variants:  # a view of every segment needs whole segments
+        for family in sorted(set(args.families) & set(longnet)):
+            for s in args.seq_lens or ():
+                segments = sorted(set(bench.family_pattern(family, s, args.heads)[0].w))
+                if any(s % w for w in segments):
+                    raise UsageError(f"--variants strided_view needs lengths that are multiples "
+                                     f"of every segment of {family} ({segments} at {s}): drop "
+                                     "strided_view or that length")
     if args.backward and args.grad_forward:
         raise UsageError("--grad-forward times a forward alone: drop it or --backward")
     if "flex_natural" in args.variants and args.backward and on_cpu:
