@@ -684,3 +684,20 @@ def test_a_pattern_defined_by_allowed_alone_is_evaluated_in_bounded_chunks(monke
 def test_a_long_pattern_defined_by_allowed_alone_never_builds_seq_squared():
     lay = Checker().block_structure(8192, 128)  # 64 M pairs, evaluated 16 M at a time
     assert lay.shape == (1, 64, 64) and bool(lay.active.all()) and not bool(lay.full.any())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_table_patterns_answer_int32_and_int64_positions_alike(dtype):
+    """Compiled masks ask with int32 positions: the key and dense tables read the same pairs
+    (and nothing past their ends) as with int64."""
+    g = torch.Generator().manual_seed(4)
+    valid = torch.rand(2, 37, generator=g) < 0.6
+    dense = torch.rand(1, 29, 37, generator=g) < 0.5
+    h = torch.arange(2)[:, None, None]
+    q, k = torch.arange(31)[None, :, None], torch.arange(40)[None, None, :]
+    want_key = valid[:, None, :].expand(2, 31, 37)
+    want_dense = F.pad(dense.expand(2, 29, 37), (0, 3, 0, 2))
+    for pattern, want in ((P.KeyMask(valid), F.pad(want_key, (0, 3))),
+                          (P.DenseMask(dense), want_dense)):
+        got = pattern.predicate("cpu")(h, q.to(dtype), k.to(dtype))
+        assert torch.equal(got, want), repr(pattern)
