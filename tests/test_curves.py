@@ -152,6 +152,9 @@ def test_errors_name_the_argument():
         C.curve_order((4, 4), "peano")
     with pytest.raises(ValueError, match="shape"):
         C.curve_order((4,), "hilbert")
+    for not_a_shape in (16, "44"):
+        with pytest.raises(TypeError, match="shape must be a tuple"):
+            C.curve_order(not_a_shape, "hilbert")
     with pytest.raises(ValueError, match="coords"):
         C.hilbert_encode(torch.tensor([[4, 0]]), 2)
     with pytest.raises(ValueError, match="index"):

@@ -131,6 +131,8 @@ def hilbert_decode(index: Tensor, dims: int, bits: int) -> Tensor:
 
 # ------------------------------------------------------------------ grids of any size
 def _check_shape(shape) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a tuple of 2 or 3 grid sizes, got {shape!r}")
     shape = tuple(shape)
     if len(shape) not in (2, 3):
         raise ValueError(f"shape must be a 2-D or 3-D grid shape, got {shape!r}")
