@@ -4,8 +4,9 @@ The positions a head keeps inside each segment of a (segment ``w``, dilation ``r
 attended densely and put back: no tile is wasted. When every segment is full, a run of heads whose
 offsets step evenly (LongNet's ``j mod r``) is one strided view of q, k and v that a fused kernel
 (:mod:`~workbench.backends.segments`) reads in place, forward and backward, with its log-sum-exp;
-pairs on the same heads (paper mode) are merged in that pass. Otherwise positions are gathered by
-index.
+pairs on the same heads (paper mode) are merged in that pass. Small inputs are copied instead, to
+launch less: in head groups, the branches whose segments keep equally many slots by one index into
+one batch. Otherwise positions are gathered by index.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ GATHER_HEAD_FRACTION = 1 / 16
 #: Bytes of heads one call may always take, however small ``GATHER_HEAD_FRACTION`` makes it.
 GATHER_MIN_BYTES = 64 * 2**20
 #: Bytes per head from which the kernel reads q, k, v in place (one call per run of heads);
-#: below it the strided views are copied into one batch for one call.
+#: below it the kept slots are copied into one batch for one call.
 IN_PLACE_MIN_BYTES = 8 * 2**20
 
 
