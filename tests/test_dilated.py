@@ -349,3 +349,27 @@ def test_function_with_plans_prepares_once_and_matches(monkeypatch):
         wb.dilated_attention(q, k, v, *args, mode="longnet", plan=plans)
     with pytest.raises(TypeError, match="Plans"):
         wb.dilated_attention(q, k, v, *args, plan=wb.Plan(P.full(), 384))
+
+
+def test_head_groups_pack_branches_of_equal_slots_into_one_kernel_call(monkeypatch):
+    """Copied (small) head groups: branches whose segments keep equally many slots share one
+    kernel call (segments 64 and 128 at dilations 1 and 2 both keep 64), others get their own."""
+    calls = []
+
+    def counted(kernel):
+        def forward(q, *rest):
+            calls.append(q.shape[-2])
+            return kernel.forward(q, *rest)
+        return gather.SegmentKernel(forward, kernel.backward)
+
+    real = gather.segment_kernel
+    monkeypatch.setattr(gather, "segment_kernel", lambda *a: counted(real(*a)))
+    q, k, v = make_qkv(b=1, h=6, s=384, d=8, requires_grad=False)
+    for segments, dilations, slots in (([64, 128], [1, 2], [64]),
+                                       ([64, 128, 192], [1, 2, 2], [64, 96])):
+        calls.clear()
+        out = wb.dilated_attention(q, k, v, segments, dilations, mode="head_groups")
+        assert sorted(calls) == slots
+        want = wb.block_sparse_attention(q, k, v, P.dilated(segments, dilations, 6), 16,
+                                         backend="reference")
+        torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
