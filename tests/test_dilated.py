@@ -227,13 +227,15 @@ def test_knobs_change_the_output(kw, a, b, mode):
     (dict(backend="fast"), ValueError, "backend"),
     (dict(segment_lengths=[0], dilation_rates=[1]), ValueError, "segment_lengths"),
     (dict(segments=[8]), TypeError, "segments"),
+    (dict(segment_lengths=32), TypeError, "segment_lengths"),
 ])
-def test_bad_arguments(kw, exc, match):
+@pytest.mark.parametrize("plan", [None, "plans"])
+def test_bad_arguments(kw, exc, match, plan):
     q, k, v = make_qkv(b=1, h=2, s=64, d=8, requires_grad=False)
     args = dict(segment_lengths=[32], dilation_rates=[1])
     args.update(kw)
     with pytest.raises(exc, match=match):
-        wb.dilated_attention(q, k, v, **args)
+        wb.dilated_attention(q, k, v, **args, plan=None if plan is None else wb.Plans())
 
 
 def test_head_groups_needs_a_head_per_pair():

@@ -73,10 +73,9 @@ def dilated_attention(
             not a ``Plans``.
     """
     _check_inputs(q, k, v)
-    options = (tuple(segment_lengths), tuple(dilation_rates), mode, bool(causal), backend,
-               block_size, scale, bool(return_lse))
+    w, r = _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
+    options = (w, r, mode, bool(causal), backend, block_size, scale, bool(return_lse))
     if plan is None:
-        _check_options(*options[:3], *options[4:7])
         return _prepare(q, k, v, *options, None)(q, k, v)
     return _run(q, k, v, options, check_plans(plan))
 
@@ -91,8 +90,8 @@ class DilatedAttention(nn.Module):
                  mode: str = "paper", causal: bool = False, backend: str = "gather",
                  block_size: int = 64, scale: float | None = None) -> None:
         super().__init__()
-        _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
-        self.segment_lengths, self.dilation_rates = tuple(segment_lengths), tuple(dilation_rates)
+        self.segment_lengths, self.dilation_rates = _check_options(
+            segment_lengths, dilation_rates, mode, backend, block_size, scale)
         self.mode, self.causal, self.backend = mode, bool(causal), backend
         self.block_size, self.scale = block_size, scale
         self.plans = Plans()
@@ -122,13 +121,16 @@ def _run(q: Tensor, k: Tensor, v: Tensor, options: tuple, plans: Plans
 
 
 def _check_options(segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str,
-                   backend: str, block_size: int, scale: float | None) -> None:
-    check_dilation_pairs(segment_lengths, dilation_rates)
+                   backend: str, block_size: int, scale: float | None
+                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (segment, dilation) lists as tuples of ints, once every option is checked."""
+    w, r = check_dilation_pairs(segment_lengths, dilation_rates)
     check_positive_int("block_size", block_size)
     check_scale(scale)
     check_backend(backend)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return tuple(w), tuple(r)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:

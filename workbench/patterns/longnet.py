@@ -136,10 +136,12 @@ class Dilated(Pattern):
         return self.name
 
 
-def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> None:
-    """Validate LongNet (segment, dilation) lists; raise naming the offending argument."""
-    check_ints("segment_lengths", segment_lengths, 1)
-    check_ints("dilation_rates", dilation_rates, 1)
+def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
+                         ) -> tuple[list[int], list[int]]:
+    """LongNet (segment, dilation) lists as lists of ints; raise naming the offending
+    argument."""
+    segment_lengths = check_ints("segment_lengths", segment_lengths, 1)
+    dilation_rates = check_ints("dilation_rates", dilation_rates, 1)
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(f"segment_lengths ({len(segment_lengths)} values) and dilation_rates "
                          f"({len(dilation_rates)} values) must have the same length: one "
@@ -149,6 +151,7 @@ def check_dilation_pairs(segment_lengths: Sequence[int], dilation_rates: Sequenc
             raise ValueError(f"dilation rate {r} is larger than its segment length {w}: a "
                              "segment would keep at most one position; use a dilation <= "
                              "segment length")
+    return segment_lengths, dilation_rates
 
 
 def head_groups(num_heads: int, num_groups: int) -> list[int]:
