@@ -143,23 +143,33 @@ def _strided_piece(runs: list[_Run], segment: int, dilation: int, nseg: int,
     return _Piece(gather, put, None)
 
 
+def _slot_rows(seq_len: int, segment: int, dilation: int, offsets: Sequence[int],
+               first_head: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(rows, valid)`` ``[h, nseg, L]``: the row of every kept slot of heads ``first_head,
+    ...`` (at ``offsets``) in the ``[B, heads * S, *rest]`` view of the heads, and which slots
+    are real positions (:func:`~workbench.orderings.dilation_gather`; padding reads row 0 of its
+    head)."""
+    pos, valid = dilation_gather(seq_len, segment, dilation, offsets, device)
+    heads = torch.arange(first_head, first_head + len(offsets), device=device)
+    return pos + heads[:, None, None] * seq_len, valid
+
+
+def _gather_rows(x: Tensor, rows: Tensor, length: int) -> Tensor:
+    """``x`` ``[B, h, S, *rest]`` at ``rows`` of its ``[B, h * S, *rest]`` view, as segments of
+    ``length`` slots: ``[B, rows / length, length, *rest]`` (one ``index_select``)."""
+    rest = x.shape[3:]
+    flat = x.reshape(x.shape[0], -1, *rest).index_select(1, rows)
+    return flat.view(x.shape[0], -1, length, *rest)
+
+
 def _packed_piece(seq_len: int, spans: list[tuple[_Branch, int, int]], start: int,
                   device: torch.device) -> _Piece:
     """One piece for branches on disjoint heads whose segments keep equally many slots (every
     segment full): the kept positions of heads ``[a, b)`` of each span, counted from head
     ``start``, gathered by one index into one batch of segments and put back by one index."""
-    rows = []
-    for br, a, b in spans:
-        pos, _ = dilation_gather(seq_len, br.segment, br.dilation,
-                                 br.offsets[a - br.start:b - br.start], device)
-        heads = torch.arange(a - start, b - start, device=device)[:, None, None]
-        rows.append((pos + heads * seq_len).reshape(-1))
-    index, length = torch.cat(rows), pos.shape[-1]
-
-    def gather(x: Tensor) -> Tensor:  # [B, h, S, *rest] -> [B, segments, L, *rest]
-        rest = x.shape[3:]
-        flat = x.reshape(x.shape[0], -1, *rest).index_select(1, index)
-        return flat.view(x.shape[0], -1, length, *rest)
+    rows = [_slot_rows(seq_len, br.segment, br.dilation, br.offsets[a - br.start:b - br.start],
+                       a - start, device)[0] for br, a, b in spans]
+    index, length = torch.cat([r.reshape(-1) for r in rows]), rows[0].shape[-1]
 
     def put(dst: Tensor, src: Tensor, add: bool = False, weight: Tensor | None = None) -> None:
         rest = dst.shape[3:]
@@ -169,7 +179,7 @@ def _packed_piece(seq_len: int, spans: list[tuple[_Branch, int, int]], start: in
         flat = dst.view(dst.shape[0], -1, *rest)  # our own buffers: heads of a contiguous one
         (flat.index_add_ if add else flat.index_copy_)(1, index, src)
 
-    return _Piece(gather, put, None)
+    return _Piece(lambda x: _gather_rows(x, index, length), put, None)
 
 
 def _write(target: Tensor, src: Tensor, add: bool, weight: Tensor | None) -> None:
@@ -187,11 +197,9 @@ def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int]
     """Slots gathered by index: one ``index_select`` per tensor (whose backward is one
     ``index_add``). ``full``: every slot is a real position. Otherwise padding slots (a short
     last segment) read position 0, their keys are masked and they are not put back."""
-    pos, valid = dilation_gather(seq_len, segment, dilation, offsets, device)
-    h, nseg, length = pos.shape
-    hs = h * seq_len
-    # one row per slot into the [B, h * S, *rest] view of the heads
-    rows = (pos + torch.arange(h, device=device)[:, None, None] * seq_len).reshape(-1)
+    rows, valid = _slot_rows(seq_len, segment, dilation, offsets, 0, device)
+    h, nseg, length = rows.shape
+    rows = rows.reshape(-1)
     key_ok, kept, put_rows = None, None, rows
     if not full:
         kept = valid.reshape(-1).nonzero().squeeze(1)
@@ -202,19 +210,14 @@ def _indexed_piece(seq_len: int, segment: int, dilation: int, offsets: list[int]
         first = torch.arange(length, device=device) == 0
         key_ok = key_ok | (~key_ok.any(-1, keepdim=True) & first)
 
-    def gather(x: Tensor) -> Tensor:
-        rest = x.shape[3:]
-        flat = x.reshape(x.shape[0], hs, *rest).index_select(1, rows)
-        return flat.reshape(x.shape[0], -1, length, *rest)
-
     def put(dst: Tensor, src: Tensor) -> None:
         rest = dst.shape[3:]
         src = src.reshape(dst.shape[0], -1, *rest)
         if kept is not None:
             src = src.index_select(1, kept)
-        dst.view(dst.shape[0], hs, *rest).index_copy_(1, put_rows, src)
+        dst.view(dst.shape[0], -1, *rest).index_copy_(1, put_rows, src)
 
-    return _Piece(gather, put, key_ok)
+    return _Piece(lambda x: _gather_rows(x, rows, length), put, key_ok)
 
 
 def _attend_piece(pc: _Piece, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
