@@ -349,7 +349,7 @@ def test_function_with_plans_prepares_once_and_matches(monkeypatch):
     assert len(prepared) == 2 + 2
     with pytest.raises(ValueError, match="mode"):
         wb.dilated_attention(q, k, v, *args, mode="longnet", plan=plans)
-    with pytest.raises(TypeError, match="Plans"):
+    with pytest.raises(TypeError, match="plan must be a workbench Plans, got Plan"):
         wb.dilated_attention(q, k, v, *args, plan=wb.Plan(P.full(), 384))
 
 

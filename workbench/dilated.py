@@ -77,7 +77,7 @@ def dilated_attention(
     options = (w, r, mode, bool(causal), backend, block_size, scale, bool(return_lse))
     if plan is None:
         return _prepare(q, k, v, *options, None)(q, k, v)
-    return _run(q, k, v, options, check_plans(plan))
+    return _run(q, k, v, options, check_plans(plan, "plan"))
 
 
 class DilatedAttention(nn.Module):

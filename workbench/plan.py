@@ -193,8 +193,8 @@ def plan_for(plan: Plan | Plans, pattern: Pattern, q_len: int, k_len: int, block
     return plan
 
 
-def check_plans(plans: object) -> Plans:
-    """``plans`` if it is a :class:`Plans`; a ``TypeError`` otherwise."""
+def check_plans(plans: object, name: str = "plans") -> Plans:
+    """``plans`` if it is a :class:`Plans`; a ``TypeError`` naming ``name`` otherwise."""
     if not isinstance(plans, Plans):
-        raise TypeError(f"plans must be a workbench Plans, got {type(plans).__name__}")
+        raise TypeError(f"{name} must be a workbench Plans, got {type(plans).__name__}")
     return plans
