@@ -353,9 +353,11 @@ def test_function_with_plans_prepares_once_and_matches(monkeypatch):
         wb.dilated_attention(q, k, v, *args, plan=wb.Plan(P.full(), 384))
 
 
-def test_head_groups_pack_branches_of_equal_slots_into_one_kernel_call(monkeypatch):
-    """Copied (small) head groups: branches whose segments keep equally many slots share one
-    kernel call (segments 64 and 128 at dilations 1 and 2 both keep 64), others get their own."""
+@pytest.mark.parametrize("mode", ["paper", "head_groups"])
+def test_copied_branches_of_equal_slots_share_one_kernel_call(mode, monkeypatch):
+    """Copied (small) inputs: branches whose segments keep equally many slots share one kernel
+    call (segments 64 and 128 at dilations 1 and 2 both keep 64), others get their own; in
+    paper mode a position then repeats inside one call and is merged across calls."""
     calls = []
 
     def counted(kernel):
@@ -366,12 +368,36 @@ def test_head_groups_pack_branches_of_equal_slots_into_one_kernel_call(monkeypat
 
     real = gather.segment_kernel
     monkeypatch.setattr(gather, "segment_kernel", lambda *a: counted(real(*a)))
-    q, k, v = make_qkv(b=1, h=6, s=384, d=8, requires_grad=False)
+    q, k, v = make_qkv(b=1, h=6, s=384, d=8)
     for segments, dilations, slots in (([64, 128], [1, 2], [64]),
                                        ([64, 128, 192], [1, 2, 2], [64, 96])):
         calls.clear()
-        out = wb.dilated_attention(q, k, v, segments, dilations, mode="head_groups")
+        out, lse = wb.dilated_attention(q, k, v, segments, dilations, mode=mode,
+                                        return_lse=True)
         assert sorted(calls) == slots
-        want = wb.block_sparse_attention(q, k, v, P.dilated(segments, dilations, 6), 16,
-                                         backend="reference")
+        if mode == "paper":
+            want, want_lse = paper_oracle(q, k, v, segments, dilations, False, with_lse=True)
+        else:
+            want, want_lse = wb.block_sparse_attention(
+                q, k, v, P.dilated(segments, dilations, 6), 16, backend="reference",
+                return_lse=True)
+        kept = torch.isfinite(want_lse)
         torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(lse[kept], want_lse[kept], atol=1e-10, rtol=1e-10)
+        loss = (out * out).sum() + lse.masked_fill(~kept, 0.0).sum()
+        ref_loss = (want * want).sum() + want_lse.masked_fill(~kept, 0.0).sum()
+        for g, h in zip(torch.autograd.grad(loss, (q, k, v)),
+                        torch.autograd.grad(ref_loss, (q, k, v))):
+            torch.testing.assert_close(g, h, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("gather_chunks", ["whole_runs", "read_in_place"], indirect=True)
+def test_paper_mode_merges_logits_far_apart(gather_chunks):
+    """Logits so large that a merge shifted by any log-sum-exp but the largest overflows."""
+    q, k, v = make_qkv(b=1, h=2, s=384, d=8, requires_grad=False)
+    q = q * 2000.0
+    out, lse = wb.dilated_attention(q, k, v, [64, 128], [1, 2], mode="paper", return_lse=True)
+    want, want_lse = paper_oracle(q, k, v, [64, 128], [1, 2], False, with_lse=True)
+    assert (want_lse.amax() - want_lse.amin()) > 1000
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, want_lse, atol=1e-10, rtol=1e-10)

@@ -5,8 +5,8 @@ attended densely and put back: no tile is wasted. When every segment is full, a 
 offsets step evenly (LongNet's ``j mod r``) is one strided view of q, k and v that a fused kernel
 (:mod:`~workbench.backends.segments`) reads in place, forward and backward, with its log-sum-exp;
 pairs on the same heads (paper mode) are merged in that pass. Small inputs are copied instead, to
-launch less: in head groups, the branches whose segments keep equally many slots by one index into
-one batch. Otherwise positions are gathered by index.
+launch less: the branches whose segments keep equally many slots by one index into one batch.
+Otherwise positions are gathered by index.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def heads_at_once(q: Tensor) -> int:
 
 class _Piece(NamedTuple):
     """Slots attended by one call: ``gather(x)`` -> ``[B', nseg', L, *rest]`` (q, k, v, lse),
-    ``put(dst, src)`` writes a result back (strided pieces also ``add=True``, ``weight=w``:
-    adds, or puts ``src * w``); ``key_ok`` [nseg', L] masks padding keys (None: all real)."""
+    ``put(dst, src)`` writes a result back (strided and packed pieces also ``how="add"`` or
+    ``"amax"`` and ``weight=w``: put ``src * w``, add it, or keep the larger); ``key_ok``
+    [nseg', L] masks padding keys (None: all real)."""
 
     gather: Callable[[Tensor], Tensor]
     put: Callable[..., None]
@@ -135,10 +136,10 @@ def _strided_piece(runs: list[_Run], segment: int, dilation: int, nseg: int,
     def split(src: Tensor) -> tuple[Tensor, ...]:  # per run, [B, c, nseg, L, *rest]
         return src.reshape(-1, sum(sizes), nseg, *src.shape[2:]).split(sizes, 1)
 
-    def put(dst: Tensor, src: Tensor, add: bool = False, weight: Tensor | None = None) -> None:
+    def put(dst: Tensor, src: Tensor, how: str = "copy", weight: Tensor | None = None) -> None:
         weights = [None] * len(runs) if weight is None else split(weight)
         for run, part, w in zip(runs, split(src), weights):
-            _write(view(dst, run), part, add, w)
+            _write(view(dst, run), part, how, w)
 
     return _Piece(gather, put, None)
 
@@ -166,27 +167,36 @@ def _packed_piece(seq_len: int, spans: list[tuple[_Branch, int, int]], start: in
                   device: torch.device) -> _Piece:
     """One piece for branches on disjoint heads whose segments keep equally many slots (every
     segment full): the kept positions of heads ``[a, b)`` of each span, counted from head
-    ``start``, gathered by one index into one batch of segments and put back by one index."""
+    ``start``, gathered by one index into one batch of segments and put back by one index. A
+    position may repeat (heads running several branches): ``put`` then needs ``how="add"`` or
+    ``"amax"``."""
     rows = [_slot_rows(seq_len, br.segment, br.dilation, br.offsets[a - br.start:b - br.start],
                        a - start, device)[0] for br, a, b in spans]
     index, length = torch.cat([r.reshape(-1) for r in rows]), rows[0].shape[-1]
 
-    def put(dst: Tensor, src: Tensor, add: bool = False, weight: Tensor | None = None) -> None:
+    def put(dst: Tensor, src: Tensor, how: str = "copy", weight: Tensor | None = None) -> None:
         rest = dst.shape[3:]
         src = src.reshape(dst.shape[0], -1, *rest).to(dst.dtype)
         if weight is not None:
             src = src * weight.reshape(*src.shape[:2], *(1,) * len(rest))
         flat = dst.view(dst.shape[0], -1, *rest)  # our own buffers: heads of a contiguous one
-        (flat.index_add_ if add else flat.index_copy_)(1, index, src)
+        if how == "amax":
+            flat.scatter_reduce_(1, index.view(1, -1, *(1,) * len(rest)).expand_as(src), src,
+                                 "amax")
+        else:
+            (flat.index_add_ if how == "add" else flat.index_copy_)(1, index, src)
 
     return _Piece(lambda x: _gather_rows(x, index, length), put, None)
 
 
-def _write(target: Tensor, src: Tensor, add: bool, weight: Tensor | None) -> None:
-    """``target`` becomes ``src`` (times ``weight``), or with ``add`` adds it."""
-    if weight is None:
-        target.add_(src) if add else target.copy_(src)
-    elif add:
+def _write(target: Tensor, src: Tensor, how: str, weight: Tensor | None) -> None:
+    """``target`` becomes ``src`` (times ``weight``), or adds it (``how="add"``), or the larger of
+    the two (``"amax"``)."""
+    if how == "amax":
+        torch.maximum(target, src, out=target)
+    elif weight is None:
+        target.add_(src) if how == "add" else target.copy_(src)
+    elif how == "add":
         target.addcmul_(src, weight)
     else:
         torch.mul(src, weight, out=target)
@@ -308,20 +318,20 @@ def _generic(
     return out, lse
 
 
-def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, merged: bool, kept: dict
+def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, kept: dict
                   ) -> Iterator[tuple[slice, list[tuple[slice, _Piece]], int]]:
     """Every branch's pieces a few heads at a time: ``(heads, [(piece_heads, piece), ...],
     covering)``, ``piece_heads`` relative to ``heads``, in one fixed order (the backward walks
-    the forward's pieces again); pieces are kept in ``kept``. Copied (not ``in_place``) and not
-    ``merged``, the branches whose segments keep equally many slots share one packed piece.
-    Otherwise a branch that keeps every position of these heads (dilation 1) goes first: its
-    ``covering`` pieces write every position once."""
+    the forward's pieces again); pieces are kept in ``kept``. Copied (not ``in_place``), the
+    branches whose segments keep equally many slots share one packed piece. Otherwise a branch
+    that keeps every position of these heads (dilation 1) goes first: its ``covering`` pieces
+    write every position once."""
     s, h, chunk = q.shape[2], q.shape[1], heads_at_once(q)
     for start in range(0, h, chunk):
         stop = min(start + chunk, h)
         spans = [(br, max(start, br.start), min(stop, br.stop)) for br in branches]
         spans = [(br, a, b) for br, a, b in spans if a < b]
-        if not (in_place or merged):
+        if not in_place:
             key = ("packed", s, start, stop)
             if key not in kept:
                 by_slots: dict[int, list] = {}
@@ -335,9 +345,9 @@ def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, merged: bo
         group, covering = [], 0
         for n, (br, a, b) in enumerate(spans):
             offs = br.offsets[a - br.start:b - br.start]
-            key = ("strided", s, br.segment, br.dilation, offs, in_place)
+            key = ("strided", s, br.segment, br.dilation, offs)
             if key not in kept:
-                kept[key] = _strided_pieces(s, br.segment, br.dilation, list(offs), in_place)
+                kept[key] = _strided_pieces(s, br.segment, br.dilation, list(offs), True)
             group += [(slice(a - start, b - start), pc) for pc in kept[key]]
             if n == 0 and (br.dilation, a, b) == (1, start, stop):
                 covering = len(group)
@@ -369,8 +379,7 @@ class _DilationOrdered(torch.autograd.Function):
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         lse = torch.full(q.shape[:3], -torch.inf, dtype=acc, device=q.device)
         states = []
-        for heads, group, covering in _fused_pieces(q, spec.branches, in_place, spec.merged,
-                                                    spec.kept):
+        for heads, group, covering in _fused_pieces(q, spec.branches, in_place, spec.kept):
             qh, kh, vh, oh, lh = q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse[:, heads]
             parts = []
             for sl, pc in group:
@@ -378,16 +387,16 @@ class _DilationOrdered(torch.autograd.Function):
                                                   pc.gather(vh[:, sl]), spec.causal, spec.scale)
                 states.append(state)
                 if spec.merged:
-                    pc.put(lh[:, sl], torch.logaddexp(pc.gather(lh[:, sl]), m))
                     parts.append((sl, pc, o, m))
                 else:
                     pc.put(oh[:, sl], o)
                     pc.put(lh[:, sl], m)
             if parts:
+                _merge_lse(parts, lh)
                 total = _sums(oh.shape, acc, q.device, covering)
                 for n, (sl, pc, o, m) in enumerate(parts):
                     share = torch.exp(m - pc.gather(lh[:, sl])).unsqueeze(-1)
-                    pc.put(total[:, sl], o, add=n >= covering, weight=share)
+                    pc.put(total[:, sl], o, "add" if n >= covering else "copy", share)
                 oh.copy_(total)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.states, ctx.in_place = spec, states, in_place
@@ -404,7 +413,7 @@ class _DilationOrdered(torch.autograd.Function):
         if dout is not None and dout.stride(-1) != 1:
             dout = dout.contiguous()
         acc = accumulation_dtype(q.dtype)
-        pieces = _fused_pieces(q, spec.branches, ctx.in_place, spec.merged, spec.kept)
+        pieces = _fused_pieces(q, spec.branches, ctx.in_place, spec.kept)
         for heads, group, covering in pieces:
             covering = covering if dout is not None else 0  # lse gradients leave v's unset
             qh, kh, vh, oh, lh = q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse[:, heads]
@@ -425,11 +434,23 @@ class _DilationOrdered(torch.autograd.Function):
                 for first, part in zip((n < covering, False), parts):  # dout's part first
                     for g, d in zip(sums, part):
                         if d is not None:
-                            pc.put(g[:, sl], d, add=not first)
+                            pc.put(g[:, sl], d, "copy" if first else "add")
             if spec.merged:
                 for g, total in zip(grads, sums):
                     g[:, heads].copy_(total)
         return (*grads, None)
+
+
+def _merge_lse(parts: list[tuple[slice, _Piece, Tensor, Tensor]], lse: Tensor) -> None:
+    """``lse`` (``-inf`` on entry) becomes, at every slot of the ``(heads, piece, out, m)``
+    parts, the log-sum-exp of the ``m`` the parts give it, a position a piece repeats included:
+    the largest first, then the sum of the exponentials above it."""
+    for sl, pc, _, m in parts:
+        pc.put(lse[:, sl], m, "amax")
+    sums = torch.zeros_like(lse)
+    for sl, pc, _, m in parts:
+        pc.put(sums[:, sl], torch.exp(m - pc.gather(lse[:, sl])), "add")
+    lse.add_(sums.log_())  # -inf where no part writes
 
 
 def _sums(shape: torch.Size, dtype: torch.dtype, device: torch.device, covering: int) -> Tensor:
