@@ -108,40 +108,24 @@ def _run_view(x: Tensor, run: _Run, segment: int, dilation: int) -> Tensor:
     return x.as_strided(size, stride, start)
 
 
-def _strided_pieces(seq_len: int, segment: int, dilation: int, offsets: list[int],
-                    in_place: bool) -> list[_Piece]:
-    """Pieces of strided views (:func:`_run_view`, every slot real): ``in_place``, one call per
-    run of heads reads q, k, v through its view; else the views are copied into one batch for
-    one call (fewer launches)."""
-    runs = _head_runs(offsets)
-    return ([_strided_piece([run], segment, dilation, seq_len // segment, True) for run in runs]
-            if in_place else [_strided_piece(runs, segment, dilation, seq_len // segment, False)])
+def _strided_pieces(segment: int, dilation: int, offsets: list[int]) -> list[_Piece]:
+    """One piece per run of heads (:func:`_head_runs`, every slot real): the kernel reads q, k,
+    v in place through the run's view (:func:`_run_view`), batch and heads as one batch dim,
+    ``[B * count, nseg, L, *rest]``."""
+    return [_strided_piece(run, segment, dilation) for run in _head_runs(offsets)]
 
 
-def _strided_piece(runs: list[_Run], segment: int, dilation: int, nseg: int,
-                   in_place: bool) -> _Piece:
-    """One piece over ``runs``: ``in_place`` (one run), its view with batch and heads as one
-    batch dim, ``[B * c, nseg, L, *rest]``; else the runs' views copied in order, ``[B, sum(c) *
-    nseg, L, *rest]``."""
-    sizes = [run.count for run in runs]
-
-    def view(x: Tensor, run: _Run) -> Tensor:  # -> [B, c, nseg, L, *rest]
+def _strided_piece(run: _Run, segment: int, dilation: int) -> _Piece:
+    """The piece of one run of heads (:func:`_strided_pieces`)."""
+    def view(x: Tensor) -> Tensor:  # -> [B, count, nseg, L, *rest]
         return _run_view(x, run, segment, dilation)
 
-    def gather(x: Tensor) -> Tensor:
-        if in_place:
-            return view(x, runs[0]).flatten(0, 1)
-        return torch.cat([view(x, run) for run in runs], 1).flatten(1, 2)
-
-    def split(src: Tensor) -> tuple[Tensor, ...]:  # per run, [B, c, nseg, L, *rest]
-        return src.reshape(-1, sum(sizes), nseg, *src.shape[2:]).split(sizes, 1)
-
     def put(dst: Tensor, src: Tensor, how: str = "copy", weight: Tensor | None = None) -> None:
-        weights = [None] * len(runs) if weight is None else split(weight)
-        for run, part, w in zip(runs, split(src), weights):
-            _write(view(dst, run), part, how, w)
+        target = view(dst)
+        w = None if weight is None else weight.reshape(*target.shape[:4], 1)
+        _write(target, src.reshape(target.shape), how, w)
 
-    return _Piece(gather, put, None)
+    return _Piece(lambda x: view(x).flatten(0, 1), put, None)
 
 
 def _slot_rows(seq_len: int, segment: int, dilation: int, offsets: Sequence[int],
@@ -309,8 +293,8 @@ def _generic(
             if key not in kept:
                 full = _fills(s, br.segment, br.dilation, offs)
                 kept[key] = (
-                    _strided_pieces(s, br.segment, br.dilation, list(offs), in_place)
-                    if full and not grad
+                    _strided_pieces(br.segment, br.dilation, list(offs))
+                    if full and in_place and not grad
                     else [_indexed_piece(s, br.segment, br.dilation, list(offs), q.device, full)])
             for pc in kept[key]:
                 _attend_piece(pc, q[:, sl], k[:, sl], v[:, sl], causal, scale, out[:, sl],
@@ -347,7 +331,7 @@ def _fused_pieces(q: Tensor, branches: list[_Branch], in_place: bool, kept: dict
             offs = br.offsets[a - br.start:b - br.start]
             key = ("strided", s, br.segment, br.dilation, offs)
             if key not in kept:
-                kept[key] = _strided_pieces(s, br.segment, br.dilation, list(offs), True)
+                kept[key] = _strided_pieces(br.segment, br.dilation, list(offs))
             group += [(slice(a - start, b - start), pc) for pc in kept[key]]
             if n == 0 and (br.dilation, a, b) == (1, start, stop):
                 covering = len(group)
