@@ -160,9 +160,10 @@ def _packed_piece(seq_len: int, spans: list[tuple[_Branch, int, int]], start: in
 
     def put(dst: Tensor, src: Tensor, how: str = "copy", weight: Tensor | None = None) -> None:
         rest = dst.shape[3:]
-        src = src.reshape(dst.shape[0], -1, *rest).to(dst.dtype)
-        if weight is not None:
+        src = src.reshape(dst.shape[0], -1, *rest)
+        if weight is not None:  # one pass: the product takes the weight's wider dtype
             src = src * weight.reshape(*src.shape[:2], *(1,) * len(rest))
+        src = src.to(dst.dtype)
         flat = dst.view(dst.shape[0], -1, *rest)  # our own buffers: heads of a contiguous one
         if how == "amax":
             flat.scatter_reduce_(1, index.view(1, -1, *(1,) * len(rest)).expand_as(src), src,
@@ -376,7 +377,7 @@ class _DilationOrdered(torch.autograd.Function):
                     pc.put(oh[:, sl], o)
                     pc.put(lh[:, sl], m)
             if parts:
-                _merge_lse(parts, lh)
+                _merge_lse(parts, lh, repeats=not in_place)
                 total = _sums(oh.shape, acc, q.device, covering)
                 for n, (sl, pc, o, m) in enumerate(parts):
                     share = torch.exp(m - pc.gather(lh[:, sl])).unsqueeze(-1)
@@ -425,10 +426,16 @@ class _DilationOrdered(torch.autograd.Function):
         return (*grads, None)
 
 
-def _merge_lse(parts: list[tuple[slice, _Piece, Tensor, Tensor]], lse: Tensor) -> None:
+def _merge_lse(parts: list[tuple[slice, _Piece, Tensor, Tensor]], lse: Tensor,
+               repeats: bool) -> None:
     """``lse`` (``-inf`` on entry) becomes, at every slot of the ``(heads, piece, out, m)``
-    parts, the log-sum-exp of the ``m`` the parts give it, a position a piece repeats included:
-    the largest first, then the sum of the exponentials above it."""
+    parts, the log-sum-exp of the ``m`` the parts give it: one part after another, or, where a
+    piece ``repeats`` a position (a packed piece of several branches), the largest first, then
+    the sum of the exponentials above it."""
+    if not repeats:
+        for sl, pc, _, m in parts:
+            pc.put(lse[:, sl], torch.logaddexp(pc.gather(lse[:, sl]), m))
+        return
     for sl, pc, _, m in parts:
         pc.put(lse[:, sl], m, "amax")
     sums = torch.zeros_like(lse)
