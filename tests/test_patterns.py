@@ -407,6 +407,21 @@ def test_random_tiles_at_block_sizes_that_are_multiples_or_divisors_of_the_cell(
         assert torch.equal(lay.full, (all_ & any_)[:, rows[0]:rows[1]])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cell, block", [(8, 16), (16, 128), (32, 64), (64, 64), (3, 9)])
+@pytest.mark.parametrize("seq_len", [101, 1000])
+def test_random_tiles_on_the_gpu_equal_the_token_mask(cell, block, seq_len):
+    """On CUDA, blocks of 2-8 cells a side take the Triton kernel, the others PyTorch's path."""
+    pattern = P.random_blocks(0.2, seed=2**33 + 1, cell=cell, num_heads=3)
+    any_, all_ = reduce_mask(pattern.token_mask(seq_len), block)
+    nq = -(-seq_len // block)
+    for rows in ((0, nq), (nq // 2, nq)):
+        lay = pattern.block_structure(seq_len, block, "cuda", rows=rows)
+        assert torch.equal(lay.active.cpu(), any_[:, rows[0]:rows[1]])
+        assert torch.equal(lay.full.cpu(), (all_ & any_)[:, rows[0]:rows[1]])
+
+
 def test_dilated_window_semantics():
     m = P.dilated_window(7, 3).token_mask(12)[0]
     assert m[6].nonzero().flatten().tolist() == [0, 3, 6, 9]  # |i - j| < 7, (i - j) % 3 == 0

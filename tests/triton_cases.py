@@ -160,7 +160,25 @@ def check_row_dot(device: str, dtype) -> None:
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+def check_random_tiles(device: str) -> None:
+    """Random tiles' layout kernel against the cell grid hashed by PyTorch and reduced: ragged
+    lengths, several heads, a seed past 32 bits, query rows from the middle, every cell on and
+    almost none."""
+    cpu = torch.device("cpu")
+    for density, seed, cell, block, q_len, k_len, heads, rows in [
+            (0.3, 1, 32, 64, 1000, 777, 3, (0, 16)),
+            (0.1, 2**40 + 5, 16, 128, 513, 2000, 1, (1, 4)),
+            (0.9, 7, 8, 64, 640, 640, 2, (0, 10)), (1.0, 0, 16, 32, 100, 100, 1, (0, 4)),
+            (1e-6, 3, 16, 32, 100, 100, 1, (2, 4))]:
+        pat = P.random_blocks(density, seed, cell=cell, num_heads=heads)
+        got = pat._kernel_tiles(q_len, k_len, block, torch.device(device), rows)
+        want = pat.tiles(q_len, k_len, block, cpu, rows)
+        for g, w in zip(got, want):
+            assert torch.equal(g.cpu(), w.expand_as(g)), (density, seed, cell, block, rows)
+
+
 def run_all(device: str = "cpu", dtype=torch.float32, tol: float = 2e-5) -> None:
+    check_random_tiles(device)
     check_row_dot(device, dtype)
     for case in CASES:
         check_case(*case, device=device, dtype=dtype, tol=tol)

@@ -3,6 +3,8 @@ of rows at a time in int32 and reduce each band to tiles exactly."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +19,13 @@ _HASH_MIX = (0x7FEB352D, 0x846CA68B)
 # and per band of tile rows hashed and reduced at once (the cell grid is never held whole)
 _HASH_STEP = {"cpu": 1 << 18, "cuda": 1 << 24}
 _BAND_CELLS = {"cpu": 1 << 22, "cuda": 1 << 28}
+_KERNEL_MAX_CELLS = 8  # cells per tile edge the CUDA kernel takes (it unrolls their hashes)
+
+
+@functools.cache
+def _triton() -> bool:
+    """Whether Triton can be imported (the CUDA kernel of random tiles' layouts)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _signed32(x: int | Tensor) -> int | Tensor:
@@ -96,6 +105,8 @@ class RandomBlocks(Pattern):
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         c, b = self.cell, block_size
+        if device.type == "cuda" and b % c == 0 and 1 < b // c <= _KERNEL_MAX_CELLS and _triton():
+            return self._kernel_tiles(q_len, k_len, b, device, rows)
         # tile rows per band: each band's cell rows are hashed, then reduced to its tiles
         band = max(1, _BAND_CELLS.get(device.type, _BAND_CELLS["cuda"])
                    // (self.num_heads * num_blocks(k_len, c) * -(-b // c)))
@@ -109,6 +120,19 @@ class RandomBlocks(Pattern):
             span = slice(r0 - rows[0], r1 - rows[0])
             any_[:, span], all_[:, span] = self._band(q_len, k_len, b, device, (r0, r1))
         return any_, all_
+
+    def _kernel_tiles(self, q_len: int, k_len: int, b: int, device: torch.device,
+                      rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """:meth:`tiles` by the Triton kernel (``b`` a multiple of the cell), every tile's cells
+        hashed in registers."""
+        from ._random_kernel import random_tiles
+
+        c = self.cell
+        bases = [_signed32((h * _HASH_HEAD + self.seed * _HASH_SEED) & 0xFFFFFFFF)
+                 for h in range(self.num_heads)]
+        return random_tiles(torch.tensor(bases, dtype=torch.int32, device=device), rows,
+                            num_blocks(k_len, b), num_blocks(q_len, c), num_blocks(k_len, c),
+                            self.threshold, b // c)
 
     def _band(self, q_len: int, k_len: int, b: int, device: torch.device,
               rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
