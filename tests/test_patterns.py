@@ -409,10 +409,12 @@ def test_random_tiles_at_block_sizes_that_are_multiples_or_divisors_of_the_cell(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("cell, block", [(8, 16), (16, 128), (32, 64), (64, 64), (3, 9)])
+@pytest.mark.parametrize("cell, block", [(8, 16), (16, 128), (32, 64), (64, 64), (256, 64),
+                                         (3, 9), (6, 4)])
 @pytest.mark.parametrize("seq_len", [101, 1000])
 def test_random_tiles_on_the_gpu_equal_the_token_mask(cell, block, seq_len):
-    """On CUDA, blocks of 2-8 cells a side take the Triton kernel, the others PyTorch's path."""
+    """On CUDA, blocks of 1-8 cells a side or a divisor of one take the Triton kernel, the
+    others PyTorch's path."""
     pattern = P.random_blocks(0.2, seed=2**33 + 1, cell=cell, num_heads=3)
     any_, all_ = reduce_mask(pattern.token_mask(seq_len), block)
     nq = -(-seq_len // block)

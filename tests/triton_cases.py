@@ -163,13 +163,14 @@ def check_row_dot(device: str, dtype) -> None:
 def check_random_tiles(device: str) -> None:
     """Random tiles' layout kernel against the cell grid hashed by PyTorch and reduced: ragged
     lengths, several heads, a seed past 32 bits, query rows from the middle, every cell on and
-    almost none."""
+    almost none, cells of a block and of several."""
     cpu = torch.device("cpu")
     for density, seed, cell, block, q_len, k_len, heads, rows in [
             (0.3, 1, 32, 64, 1000, 777, 3, (0, 16)),
             (0.1, 2**40 + 5, 16, 128, 513, 2000, 1, (1, 4)),
             (0.9, 7, 8, 64, 640, 640, 2, (0, 10)), (1.0, 0, 16, 32, 100, 100, 1, (0, 4)),
-            (1e-6, 3, 16, 32, 100, 100, 1, (2, 4))]:
+            (1e-6, 3, 16, 32, 100, 100, 1, (2, 4)), (0.4, 5, 64, 64, 300, 333, 2, (1, 5)),
+            (0.4, 6, 128, 32, 300, 333, 2, (3, 10))]:
         pat = P.random_blocks(density, seed, cell=cell, num_heads=heads)
         got = pat._kernel_tiles(q_len, k_len, block, torch.device(device), rows)
         want = pat.tiles(q_len, k_len, block, cpu, rows)

@@ -24,10 +24,11 @@ def _mix32(x):
 
 @triton.jit
 def _tiles_kernel(ANY, ALL, BASES, first_row, n_rows, nk, cells_q, cells_k, threshold,
-                  F: tl.constexpr, BLOCK_J: tl.constexpr):
+                  F: tl.constexpr, SPLIT: tl.constexpr, BLOCK_J: tl.constexpr):
     """Tile row ``first_row + program_id(0)`` of head ``program_id(2)``, ``BLOCK_J`` tile
     columns from ``program_id(1) * BLOCK_J``: a tile is active if one of its ``F x F`` cells is
-    on, full if every real one is (a cell past the grid counts as on)."""
+    on, full if every real one is (a cell past the grid counts as on). With ``SPLIT`` tiles a
+    cell edge (``F`` 1) a tile takes its cell's state, and ``ALL`` is not written."""
     i = tl.program_id(0)
     h = tl.program_id(2)
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -35,28 +36,30 @@ def _tiles_kernel(ANY, ALL, BASES, first_row, n_rows, nk, cells_q, cells_k, thre
     any_ = tl.zeros([BLOCK_J], dtype=tl.int1)
     all_ = tl.full([BLOCK_J], 1, dtype=tl.int1)
     for a in tl.static_range(F):
-        ci = (first_row + i) * F + a
+        ci = (first_row + i) // SPLIT * F + a
         row = base + ci.to(tl.uint32) * 0x85EBCA77
         for b in tl.static_range(F):
-            cj = j * F + b
+            cj = j // SPLIT * F + b
             on = (_mix32(row + cj.to(tl.uint32) * 0xC2B2AE3D) >> 8).to(tl.int32) < threshold
             real = (ci < cells_q) & (cj < cells_k)
             any_ = any_ | (on & real)
             all_ = all_ & (on | ~real)
     at = (h * n_rows + i).to(tl.int64) * nk + j
     tl.store(ANY + at, any_, mask=j < nk)
-    tl.store(ALL + at, all_, mask=j < nk)
+    if F > 1:
+        tl.store(ALL + at, all_, mask=j < nk)
 
 
 def random_tiles(bases: Tensor, rows: tuple[int, int], nk: int, cells_q: int, cells_k: int,
-                 threshold: int, f: int) -> tuple[Tensor, Tensor]:
-    """Bool ``(any, all)`` ``[len(bases), r1 - r0, nk]`` of tiles of ``f x f`` cells, cell
-    ``(i, j)`` of head ``n`` on when ``hash(bases[n] + i * ROW + j * COL) < threshold``;
-    ``bases`` int32 (the bits of each head's uint32 offset), on the device it runs on."""
+                 threshold: int, f: int, split: int = 1) -> tuple[Tensor, Tensor]:
+    """Bool ``(any, all)`` ``[len(bases), r1 - r0, nk]`` of tiles of ``f x f`` cells (or, ``f``
+    1, of a ``split``-th of a cell edge: then one tensor, ``all`` is ``any``), cell ``(i, j)``
+    of head ``n`` on when ``hash(bases[n] + i * ROW + j * COL) < threshold``; ``bases`` int32
+    (the bits of each head's uint32 offset), on the device it runs on."""
     n_rows = rows[1] - rows[0]
     any_ = torch.empty(len(bases), n_rows, nk, dtype=torch.bool, device=bases.device)
-    all_ = torch.empty_like(any_)
+    all_ = torch.empty_like(any_) if f > 1 else any_
     grid = (n_rows, triton.cdiv(nk, _BLOCK_J), len(bases))
     _tiles_kernel[grid](any_, all_, bases, rows[0], n_rows, nk, cells_q, cells_k, threshold,
-                        F=f, BLOCK_J=_BLOCK_J)
+                        F=f, SPLIT=split, BLOCK_J=_BLOCK_J)
     return any_, all_

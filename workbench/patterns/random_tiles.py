@@ -105,7 +105,8 @@ class RandomBlocks(Pattern):
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         c, b = self.cell, block_size
-        if device.type == "cuda" and b % c == 0 and 1 < b // c <= _KERNEL_MAX_CELLS and _triton():
+        kernel = (b % c == 0 and b // c <= _KERNEL_MAX_CELLS) or c % b == 0
+        if device.type == "cuda" and kernel and _triton():
             return self._kernel_tiles(q_len, k_len, b, device, rows)
         # tile rows per band: each band's cell rows are hashed, then reduced to its tiles
         band = max(1, _BAND_CELLS.get(device.type, _BAND_CELLS["cuda"])
@@ -123,8 +124,8 @@ class RandomBlocks(Pattern):
 
     def _kernel_tiles(self, q_len: int, k_len: int, b: int, device: torch.device,
                       rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """:meth:`tiles` by the Triton kernel (``b`` a multiple of the cell), every tile's cells
-        hashed in registers."""
+        """:meth:`tiles` by the Triton kernel (``b`` a multiple of the cell or a divisor), every
+        tile's cells hashed in registers."""
         from ._random_kernel import random_tiles
 
         c = self.cell
@@ -132,7 +133,7 @@ class RandomBlocks(Pattern):
                  for h in range(self.num_heads)]
         return random_tiles(torch.tensor(bases, dtype=torch.int32, device=device), rows,
                             num_blocks(k_len, b), num_blocks(q_len, c), num_blocks(k_len, c),
-                            self.threshold, b // c)
+                            self.threshold, max(1, b // c), max(1, c // b))
 
     def _band(self, q_len: int, k_len: int, b: int, device: torch.device,
               rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
