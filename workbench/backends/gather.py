@@ -62,9 +62,9 @@ def heads_at_once(q: Tensor) -> int:
 
 class _Piece(NamedTuple):
     """Slots attended by one call: ``gather(x)`` -> ``[B', nseg', L, *rest]`` (q, k, v, lse),
-    ``put(dst, src)`` writes a result back (strided and packed pieces also ``how="add"`` or
-    ``"amax"`` and ``weight=w``: put ``src * w``, add it, or keep the larger); ``key_ok``
-    [nseg', L] masks padding keys (None: all real)."""
+    ``put(dst, src)`` writes a result back (strided and packed pieces also ``how="add"`` and
+    ``weight=w``: put ``src * w`` or add it; packed ones also ``how="amax"``: keep the larger);
+    ``key_ok`` [nseg', L] masks padding keys (None: all real)."""
 
     gather: Callable[[Tensor], Tensor]
     put: Callable[..., None]
@@ -175,11 +175,8 @@ def _packed_piece(seq_len: int, spans: list[tuple[_Branch, int, int]], start: in
 
 
 def _write(target: Tensor, src: Tensor, how: str, weight: Tensor | None) -> None:
-    """``target`` becomes ``src`` (times ``weight``), or adds it (``how="add"``), or the larger of
-    the two (``"amax"``)."""
-    if how == "amax":
-        torch.maximum(target, src, out=target)
-    elif weight is None:
+    """``target`` becomes ``src`` (times ``weight``), or with ``how="add"`` adds it."""
+    if weight is None:
         target.add_(src) if how == "add" else target.copy_(src)
     elif how == "add":
         target.addcmul_(src, weight)
