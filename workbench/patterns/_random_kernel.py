@@ -13,17 +13,18 @@ _BLOCK_J = 128  # tile columns per program
 
 
 @triton.jit
-def _mix32(x):
+def _mix32(x, MIX0: tl.constexpr, MIX1: tl.constexpr):
     """The hash's 32-bit finalizer on uint32 (``random_tiles._mix32``)."""
     x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
+    x = x * MIX0
     x = x ^ (x >> 16)
-    x = x * 0x846CA68B
+    x = x * MIX1
     return x ^ (x >> 16)
 
 
 @triton.jit
 def _tiles_kernel(ANY, ALL, BASES, first_row, n_rows, nk, cells_q, cells_k, threshold,
+                  ROW: tl.constexpr, COL: tl.constexpr, MIX0: tl.constexpr, MIX1: tl.constexpr,
                   F: tl.constexpr, SPLIT: tl.constexpr, BLOCK_J: tl.constexpr):
     """Tile row ``first_row + program_id(0)`` of head ``program_id(2)``, ``BLOCK_J`` tile
     columns from ``program_id(1) * BLOCK_J``: a tile is active if one of its ``F x F`` cells is
@@ -37,10 +38,11 @@ def _tiles_kernel(ANY, ALL, BASES, first_row, n_rows, nk, cells_q, cells_k, thre
     all_ = tl.full([BLOCK_J], 1, dtype=tl.int1)
     for a in tl.static_range(F):
         ci = (first_row + i) // SPLIT * F + a
-        row = base + ci.to(tl.uint32) * 0x85EBCA77
+        row = base + ci.to(tl.uint32) * ROW
         for b in tl.static_range(F):
             cj = j // SPLIT * F + b
-            on = (_mix32(row + cj.to(tl.uint32) * 0xC2B2AE3D) >> 8).to(tl.int32) < threshold
+            x = _mix32(row + cj.to(tl.uint32) * COL, MIX0, MIX1)
+            on = (x >> 8).to(tl.int32) < threshold
             real = (ci < cells_q) & (cj < cells_k)
             any_ = any_ | (on & real)
             all_ = all_ & (on | ~real)
@@ -51,15 +53,17 @@ def _tiles_kernel(ANY, ALL, BASES, first_row, n_rows, nk, cells_q, cells_k, thre
 
 
 def random_tiles(bases: Tensor, rows: tuple[int, int], nk: int, cells_q: int, cells_k: int,
-                 threshold: int, f: int, split: int = 1) -> tuple[Tensor, Tensor]:
+                 threshold: int, f: int, split: int, hash_constants: tuple[int, int, int, int]
+                 ) -> tuple[Tensor, Tensor]:
     """Bool ``(any, all)`` ``[len(bases), r1 - r0, nk]`` of tiles of ``f x f`` cells (or, ``f``
     1, of a ``split``-th of a cell edge: then one tensor, ``all`` is ``any``), cell ``(i, j)``
-    of head ``n`` on when ``hash(bases[n] + i * ROW + j * COL) < threshold``; ``bases`` int32
-    (the bits of each head's uint32 offset), on the device it runs on."""
+    of head ``n`` on when ``mix(bases[n] + i * row + j * col) >> 8 < threshold`` in uint32,
+    ``hash_constants = (row, col, *mix)``; ``bases`` int32 (the bits of each head's uint32
+    offset), on the device it runs on."""
     n_rows = rows[1] - rows[0]
     any_ = torch.empty(len(bases), n_rows, nk, dtype=torch.bool, device=bases.device)
     all_ = torch.empty_like(any_) if f > 1 else any_
     grid = (n_rows, triton.cdiv(nk, _BLOCK_J), len(bases))
     _tiles_kernel[grid](any_, all_, bases, rows[0], n_rows, nk, cells_q, cells_k, threshold,
-                        F=f, SPLIT=split, BLOCK_J=_BLOCK_J)
+                        *hash_constants, F=f, SPLIT=split, BLOCK_J=_BLOCK_J)
     return any_, all_

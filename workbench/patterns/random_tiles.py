@@ -133,7 +133,8 @@ class RandomBlocks(Pattern):
                  for h in range(self.num_heads)]
         return random_tiles(torch.tensor(bases, dtype=torch.int32, device=device), rows,
                             num_blocks(k_len, b), num_blocks(q_len, c), num_blocks(k_len, c),
-                            self.threshold, max(1, b // c), max(1, c // b))
+                            self.threshold, max(1, b // c), max(1, c // b),
+                            (_HASH_ROW, _HASH_COL, *_HASH_MIX))
 
     def _band(self, q_len: int, k_len: int, b: int, device: torch.device,
               rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
