@@ -3,8 +3,6 @@ of rows at a time in int32 and reduce each band to tiles exactly."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -20,12 +18,6 @@ _HASH_MIX = (0x7FEB352D, 0x846CA68B)
 _HASH_STEP = {"cpu": 1 << 18, "cuda": 1 << 24}
 _BAND_CELLS = {"cpu": 1 << 22, "cuda": 1 << 28}
 _KERNEL_MAX_CELLS = 8  # cells per tile edge the CUDA kernel takes (it unrolls their hashes)
-
-
-@functools.cache
-def _triton() -> bool:
-    """Whether Triton can be imported (the CUDA kernel of random tiles' layouts)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def _signed32(x: int | Tensor) -> int | Tensor:
@@ -105,9 +97,12 @@ class RandomBlocks(Pattern):
 
     def tiles(self, q_len, k_len, block_size, device, rows):
         c, b = self.cell, block_size
-        kernel = (b % c == 0 and b // c <= _KERNEL_MAX_CELLS) or c % b == 0
-        if device.type == "cuda" and kernel and _triton():
-            return self._kernel_tiles(q_len, k_len, b, device, rows)
+        if device.type == "cuda" and ((b % c == 0 and b // c <= _KERNEL_MAX_CELLS) or c % b == 0):
+            try:
+                return self._kernel_tiles(q_len, k_len, b, device, rows)
+            except ModuleNotFoundError as err:  # no Triton: PyTorch's path below
+                if err.name != "triton":
+                    raise
         # tile rows per band: each band's cell rows are hashed, then reduced to its tiles
         band = max(1, _BAND_CELLS.get(device.type, _BAND_CELLS["cuda"])
                    // (self.num_heads * num_blocks(k_len, c) * -(-b // c)))
