@@ -200,6 +200,69 @@ def test_block_indices_sorted_in_chunks_equal_one_sort():
                 assert bool((r[h, i][cols.long()].diff() > 0).all())
 
 
+def test_narrow_block_lists_are_the_first_columns_of_the_whole_ones():
+    """``width``: each row's first columns of the whole lists, in chunks or not, natural or
+    visit order; a narrow mask cuts each direction's two lists to one width, the longest row
+    (or column) of active tiles."""
+    from workbench.blockmask import block_mask_from_layout, sorted_block_indices
+
+    g = torch.Generator().manual_seed(5)
+    sel = torch.rand(2, 23, 41, generator=g) < 0.2
+    rank = torch.randperm(2 * 23 * 41, generator=g).view(2, 23, 41)
+    width = int(sel.sum(-1).max())
+    assert width < 41
+    for r in (None, rank):
+        n, whole = sorted_block_indices(sel, r)
+        for chunk in (1, 41 * 3, 1 << 30):
+            m, cut = sorted_block_indices(sel, r, chunk=chunk, width=width)
+            assert cut.shape == (2, 23, width) and cut.is_contiguous()
+            assert torch.equal(m, n) and torch.equal(cut, whole[..., :width]), (chunk, r is None)
+    pattern = P.random_blocks(0.3, seed=1, cell=32, num_heads=2) | P.local_window(40)
+    layout = pattern.block_structure(333, 32)
+    wide = block_mask_from_layout(layout, pattern.predicate("cpu"))
+    thin = block_mask_from_layout(layout, pattern.predicate("cpu"), narrow=True)
+    widths = {"kv": int(layout.active.sum(-1).max()), "q": int(layout.active.sum(-2).max())}
+    assert widths["kv"] < layout.shape[2] and widths["q"] < layout.shape[1]
+    for name in ("kv", "full_kv", "q", "full_q"):
+        n, idx = getattr(wide, f"{name}_num_blocks"), getattr(wide, f"{name}_indices")
+        assert torch.equal(getattr(thin, f"{name}_num_blocks"), n)
+        narrow = getattr(thin, f"{name}_indices")
+        assert narrow.shape[-1] == widths[name.removeprefix("full_")], name
+        assert torch.equal(narrow, idx[..., :narrow.shape[-1]]), name
+
+
+NARROW_PATTERNS = {  # several heads, rows much shorter than the grid, full and partial tiles
+    "random": P.random_blocks(0.1, seed=4, cell=128, num_heads=4) | P.local_window(1),
+    "dilated_causal": GPU_PATTERNS["dilated_causal"],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(NARROW_PATTERNS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_on_narrow_lists_on_gpu(name, dtype, monkeypatch):
+    from workbench.backends import flex as F
+
+    monkeypatch.setattr(F, "NARROW_MIN_BYTES", 0)  # every mask narrow
+    pattern, s = NARROW_PATTERNS[name], 4096
+    mask = F.build_block_mask(Problem(pattern.block_structure(s, 128, "cuda"),
+                                      pattern.predicate("cuda"), 0.1), "cuda")
+    assert mask.kv_indices.shape[-1] == mask.full_kv_indices.shape[-1] < s // 128
+    assert name != "random" or int(mask.full_kv_num_blocks.max()) > 0
+    q, k, v = (x.cuda() for x in make_qkv(b=1, h=4, s=s, d=64, dtype=dtype))
+    out, lse = wb.block_sparse_attention(q, k, v, pattern, 128, backend="flex", return_lse=True)
+    ref, rlse = wb.block_sparse_attention(*(x.double() for x in (q, k, v)), pattern, 128,
+                                          backend="reference", return_lse=True)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), rlse, atol=tol, rtol=tol)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a.double(), b, atol=10 * tol, rtol=10 * tol)
+
+
 def test_a_forward_only_mask_leaves_out_the_backward_lists_and_is_upgraded_when_needed():
     from workbench.backends import flex as F
 

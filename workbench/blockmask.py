@@ -22,21 +22,24 @@ SORT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
 on a GPU large ones keep the number of kernel launches down (others use the GPU's)."""
 
 
-def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
-                         chunk: int | None = None) -> tuple[Tensor, Tensor]:
-    """(count ``[H, nq]``, column indices ``[H, nq, nk]`` with selected ones first), int32.
+def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | None = None,
+                         width: int | None = None) -> tuple[Tensor, Tensor]:
+    """(count ``[H, nq]``, column indices ``[H, nq, width]`` with selected ones first), int32.
 
     Selected columns come in increasing order (or by ``rank``, int64 ``[H, nq, nk]``: each
-    tile's place in a visit order), then the others in increasing order. Rows go ``chunk``
-    tiles at a time (default :data:`SORT_CHUNK` of the device), so the int64 temporaries stay
-    small whatever the length.
+    tile's place in a visit order), then the others in increasing order. ``width`` (default
+    ``nk``, at least every row's count) keeps a row's first columns only: enough for a reader
+    that stops at the count. Rows go ``chunk`` tiles at a time (default :data:`SORT_CHUNK` of
+    the device), so the int64 temporaries stay small whatever the length.
     """
     if chunk is None:
         chunk = SORT_CHUNK.get(sel.device.type, SORT_CHUNK["cuda"])
     nk = sel.shape[-1]
-    out = torch.empty(sel.shape, dtype=torch.int32, device=sel.device)
+    width = nk if width is None else width
+    spare = int(width < nk)  # a column the cut-off ones are thrown into, then dropped
+    out = torch.empty(*sel.shape[:-1], width + spare, dtype=torch.int32, device=sel.device)
     count = torch.empty(sel.shape[:-1], dtype=torch.int32, device=sel.device)
-    flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, nk), count.view(-1)
+    flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, width + spare), count.view(-1)
     ranks = None if rank is None else rank.reshape(flat.shape)
     cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
     step = max(1, chunk // max(1, nk))  # rows (of every head) per step
@@ -47,19 +50,21 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None,
             upto = torch.cumsum(taken, -1, dtype=torch.int32)
             left = upto - taken  # selected columns left of c
             n = upto[:, -1:]
-            place = torch.where(part, left, n + cols - left)
+            place = torch.where(part, left, torch.clamp(n + cols - left, max=width))
             out_rows[r0:r0 + step].scatter_(-1, place.to(torch.int64), cols.expand_as(place))
             counts[r0:r0 + step] = n[:, 0]
         else:
-            out_rows[r0:r0 + step] = torch.argsort(
+            order = torch.argsort(
                 torch.where(part, ranks[r0:r0 + step], torch.iinfo(torch.int64).max), dim=-1)
+            out_rows[r0:r0 + step, :width] = order[:, :width]
             counts[r0:r0 + step] = part.sum(-1, dtype=torch.int32)
-    return count, out
+    return count, out[..., :width].contiguous() if spare else out
 
 
 def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
                            *, q_offset: int | Tensor = 0, k_offset: int | Tensor = 0,
-                           rank: Tensor | None = None, backward: bool = True):
+                           rank: Tensor | None = None, backward: bool = True,
+                           narrow: bool = False):
     """A FlexAttention ``BlockMask`` with exactly ``layout``'s tiles, on ``layout``'s device.
 
     Args:
@@ -75,6 +80,10 @@ def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tenso
         rank: int64 ``[H, nq, nk]`` place of every tile in a visit order
             (:func:`workbench.orderings.visit_rank`); ``None``: increasing key block.
         backward: also build the query-major lists only the backward pass reads.
+        narrow: cut the key-major lists to the longest row of active tiles and the query-major
+            ones to the longest column (one host-device sync): enough for FlexAttention's CUDA
+            kernels, which stop at a row's count; ``to_dense`` and the CPU kernel need every
+            column.
 
     Returns:
         ``BlockMask`` with ``seq_lengths=(q_len, k_len)`` whose ``mask_mod`` is False on padding
@@ -93,16 +102,21 @@ def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tenso
         full[:, :, -1] = False
     partial = layout.active & ~full
 
-    def lists(tiles: Tensor, rank: Tensor | None = None) -> list[Tensor]:
-        """With a batch axis of 1: every batch element shares them."""
-        return [x[None] for x in sorted_block_indices(tiles, rank)]
+    # the full and partial lists of one direction keep one width: the kernels read both by
+    # the strides of one
+    rows, cols = (torch.stack([layout.active.sum(d).amax() for d in (-1, -2)]).clamp(min=1)
+                  .tolist() if narrow else (None, None))
 
-    kv_n, kv_i = lists(partial, rank)
-    f_n, f_i = lists(full, rank)
+    def lists(tiles: Tensor, width: int | None, rank: Tensor | None = None) -> list[Tensor]:
+        """With a batch axis of 1: every batch element shares them."""
+        return [x[None] for x in sorted_block_indices(tiles, rank, width=width)]
+
+    kv_n, kv_i = lists(partial, rows, rank)
+    f_n, f_i = lists(full, rows, rank)
     # query-major lists: every query block of a key block, in increasing order (as
     # FlexAttention's own transpose gives them)
-    q_n, q_i, fq_n, fq_i = ([*lists(partial.transpose(1, 2)), *lists(full.transpose(1, 2))]
-                            if backward else [None] * 4)
+    q_n, q_i, fq_n, fq_i = ([*lists(partial.transpose(1, 2), cols),
+                             *lists(full.transpose(1, 2), cols)] if backward else [None] * 4)
 
     def mask_mod(bi, h, qi, ki):
         q_in = torch.clamp(qi, max=q_len - 1) + q_offset  # padding asks about a real position

@@ -26,6 +26,9 @@ __all__ = ["BACKEND", "build_block_mask", "flex_attention", "prepare_flex", "res
 
 CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its CPU kernel compiles for
 KERNEL_TILE = 128  # FlexAttention's Triton kernels on Hopper need sparse blocks of 128k tokens
+NARROW_MIN_BYTES = 64 << 20
+"""On CUDA, block lists whose full width would take this many bytes each are cut to their
+longest row (:func:`~workbench.blockmask.block_mask_from_layout`'s ``narrow``)."""
 
 
 def _tile_refusal(block_size: int) -> str | None:
@@ -62,8 +65,10 @@ def build_block_mask(problem: Problem, device: torch.device | str, backward: boo
     q_off, k_off = _offsets(problem, device)
     # A post-pattern visit order reorders each query block's key blocks (FlexAttention's grid
     # fixes the order of query blocks itself).
+    narrow = lay.active.is_cuda and lay.active.numel() * 4 >= NARROW_MIN_BYTES
     return block_mask_from_layout(lay, problem.allowed, q_offset=q_off, k_offset=k_off,
-                                  rank=visit_rank(lay, problem.block_order), backward=backward)
+                                  rank=visit_rank(lay, problem.block_order), backward=backward,
+                                  narrow=narrow)
 
 
 def _offsets(problem: Problem, device: torch.device | str) -> tuple[Tensor, Tensor]:
