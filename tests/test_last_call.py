@@ -171,6 +171,15 @@ def test_every_argument_is_still_checked_after_a_kept_call():
         module(q, k.float(), v)
     with pytest.raises(ValueError, match="heads"):
         wb.BlockSparseAttention(P.dilated([32], [2], 2), B)(q[:, :1], k[:, :1], v[:, :1])
+    plans, segments = wb.Plans(), [32, 64]
+    wb.dilated_attention(q, k, v, segments, [1, 2], plan=plans)
+    with pytest.raises(ValueError, match="dilation"):
+        wb.dilated_attention(q, k, v, segments, [1, 128], plan=plans)
+    with pytest.raises(ValueError, match="mode"):
+        wb.dilated_attention(q, k, v, segments, [1, 2], mode="groups", plan=plans)
+    segments[1] = 16  # the list the kept call was made with, changed: prepared again
+    torch.testing.assert_close(wb.dilated_attention(q, k, v, segments, [1, 2], plan=plans),
+                               wb.dilated_attention(q, k, v, [32, 16], [1, 2]))
 
 
 def test_multihead_dropout_and_masks_take_the_full_path(monkeypatch):

@@ -80,6 +80,8 @@ def check_sizes(named: dict[str, Tensor], sizes: dict[str, int], note: str = "")
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     """Validate ``[B, H, S, D]`` query/key/value tensors; raise naming the argument."""
+    if _plain_qkv(q, k, v):
+        return
     check_tensors({"q": q, "k": k, "v": v})
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
@@ -91,6 +93,19 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     check_sizes({"q": q, "k": k, "v": v}, {"batch size": 0, "head count": 1})
     check_sizes({"k": k, "v": v}, {"length": 2})
     check_sizes({"q": q, "k": k}, {"head_dim": 3})
+
+
+def _plain_qkv(q: object, k: object, v: object) -> bool:
+    """Whether ``q, k, v`` pass :func:`check_qkv`, decided in one expression (the common case
+    of every call; the full check then names what is wrong)."""
+    try:
+        (b, h, s, d), (bk, hk, sk, dk), (bv, hv, sv, dv) = q.shape, k.shape, v.shape
+        return (type(q) is type(k) is type(v) is Tensor and q.dtype == k.dtype == v.dtype
+                and q.is_floating_point() and q.device == k.device == v.device
+                and b == bk == bv and h == hk == hv and sk == sv and d == dk
+                and min(s, d, sk, dv) > 0)
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -73,11 +73,13 @@ def dilated_attention(
             not a ``Plans``.
     """
     _check_inputs(q, k, v)
-    w, r = _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
-    options = (w, r, mode, bool(causal), backend, block_size, scale, bool(return_lse))
     if plan is None:
-        return _prepare(q, k, v, *options, None)(q, k, v)
-    return _run(q, k, v, options, check_plans(plan, "plan"))
+        w, r = _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
+        return _prepare(q, k, v, w, r, mode, bool(causal), backend, block_size, scale,
+                        bool(return_lse), None)(q, k, v)
+    pairs = tuple(map(_frozen, (segment_lengths, dilation_rates)))  # checked when prepared
+    return _run(q, k, v, (*pairs, mode, bool(causal), backend, block_size, scale,
+                          bool(return_lse)), check_plans(plan, "plan"))
 
 
 class DilatedAttention(nn.Module):
@@ -114,10 +116,19 @@ def _run(q: Tensor, k: Tensor, v: Tensor, options: tuple, plans: Plans
     """The call with ``options`` (:func:`_prepare`'s, in order) through the runner ``plans``
     keeps for the last call, prepared (options checked) when this call differs from it."""
     def build() -> Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
-        _check_options(*options[:3], *options[4:7])
-        return _prepare(q, k, v, *options, plans)
+        w, r = _check_options(*options[:3], *options[4:7])
+        return _prepare(q, k, v, w, r, *options[2:], plans)
 
     return plans.last_call.get(call_key(q, k, v, *options), None, build)(q, k, v)
+
+
+def _frozen(values: object) -> object:
+    """``values`` as a tuple, when iterable (a later change to a list cannot match a kept
+    call); anything else as it is, for :func:`_check_options` to refuse."""
+    try:
+        return tuple(values)  # type: ignore[call-overload]
+    except TypeError:
+        return values
 
 
 def _check_options(segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str,

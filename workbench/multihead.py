@@ -397,6 +397,8 @@ def _check_forward_inputs(mha: BlockSparseMultiheadAttention, query: object, key
     """Check ``forward``'s tensors by ``nn.MultiheadAttention``'s rules (ranks, last dimensions,
     batch sizes, lengths, dtypes, devices, mask shapes); returns whether the call is batched.
     Raises ``TypeError`` (types, dtypes) or ``ValueError`` (the rest), naming the argument."""
+    if key_padding_mask is None and attn_mask is None and _plain_inputs(mha, query, key, value):
+        return True
     named = {"query": query, "key": key, "value": value}
     check_tensors(named)
     for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
@@ -446,6 +448,24 @@ def _check_forward_inputs(mha: BlockSparseMultiheadAttention, query: object, key
                          f"{(heads, q_len, k_len)} for {kind} input, got "
                          f"{tuple(attn_mask.shape)}")
     return batched
+
+
+def _plain_inputs(mha: BlockSparseMultiheadAttention, query: object, key: object,
+                  value: object) -> bool:
+    """Whether batched inputs of the parameters' dtype and device pass
+    :func:`_check_forward_inputs` (the common case, decided in one expression; the full check
+    names what is wrong)."""
+    try:
+        (q, k, v), param = (query.shape, key.shape, value.shape), mha.out_proj.weight
+        n = 0 if mha.batch_first else 1
+        return (type(query) is type(key) is type(value) is Tensor and len(q) == len(k) == len(v)
+                == 3 and query.dtype == key.dtype == value.dtype == param.dtype
+                and query.is_floating_point()
+                and query.device == key.device == value.device == param.device
+                and (q[2], k[2], v[2]) == (mha.embed_dim, mha.kdim, mha.vdim)
+                and q[n] == k[n] == v[n] and k[1 - n] == v[1 - n])
+    except AttributeError:
+        return False
 
 
 def _seq_first(query: Tensor, key: Tensor, value: Tensor, batched: bool,

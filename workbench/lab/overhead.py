@@ -5,6 +5,7 @@ dilated ones ``dilated``."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -44,7 +45,7 @@ def _kernel(pattern: P.Pattern, plan: Plan, q: Tensor, k: Tensor, v: Tensor) -> 
     """The backend ``auto`` runs for inputs like these and its kernel alone on the plan's
     layout (for FlexAttention the very ``BlockMask`` a call through the plan uses)."""
     backend = explain_backend(q, k, v, pattern, plan.block_size).name
-    scale = q.shape[-1] ** -0.5
+    scale = 1.0 / math.sqrt(q.shape[-1])  # as the entry points compute it: one compiled graph
     problem = Problem(plan.layout, head_predicate(pattern, q.device), scale, label=repr(pattern),
                       dense_form=pattern.dense_form(), pattern=pattern)
     if backend == "flex":
