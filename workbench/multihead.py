@@ -474,10 +474,13 @@ def _seq_first(query: Tensor, key: Tensor, value: Tensor, batched: bool,
     are the same tensor (self-attention then projects once)."""
     if batched and not batch_first:
         return query, key, value
-    views: dict[int, Tensor] = {}
-    for x in (query, key, value):
-        views.setdefault(id(x), x.transpose(0, 1) if batched else x.unsqueeze(1))
-    return views[id(query)], views[id(key)], views[id(value)]
+
+    def view(x: Tensor) -> Tensor:
+        return x.transpose(0, 1) if batched else x.unsqueeze(1)
+
+    q = view(query)
+    k = q if key is query else view(key)
+    return q, k, q if value is query else k if value is key else view(value)
 
 
 def _tile_weights(q: Tensor, k: Tensor, pattern: Pattern, block_size: int, fold: bool,
