@@ -113,7 +113,9 @@ def _median_pair(ours: Call, kernel: Call, reps: int, warmup: int,
                  sync: Callable[[], None]) -> dict[str, float]:
     """Median µs of ``ours`` and ``kernel``, their calls alternating, each from a synchronized
     device: ``*_us`` until the device is done, ``*_host_us`` until the call returns,
-    ``*_cpu_us`` the calling thread's CPU time until then."""
+    ``*_cpu_us`` the calling thread's CPU time until then; ``overhead_us`` and
+    ``cpu_overhead_us`` the median of each pair's difference (ours minus the kernel's call
+    right after it), which a slow drift of the machine's speed leaves out."""
     for _ in range(warmup):
         ours()
         kernel()
@@ -128,7 +130,11 @@ def _median_pair(ours: Call, kernel: Call, reps: int, warmup: int,
             for kind, t in (("host_us", t1 - t0), ("cpu_us", c1 - c0),
                             ("us", time.perf_counter() - t0)):
                 times.setdefault(f"{name}_{kind}", []).append(t * 1e6)
-    return {key: round(statistics.median(val), 1) for key, val in times.items()}
+    pairs = {"overhead_us": "us", "cpu_overhead_us": "cpu_us"}
+    return {**{key: round(statistics.median(val), 1) for key, val in times.items()},
+            **{name: round(statistics.median(a - b for a, b in zip(
+                times[f"ours_{kind}"], times[f"kernel_{kind}"])), 1)
+               for name, kind in pairs.items()}}
 
 
 def overhead_study(study: str, seq_lens: Iterable[int] | None = None, *,
@@ -138,8 +144,7 @@ def overhead_study(study: str, seq_lens: Iterable[int] | None = None, *,
                    reps: int = 200, warmup: int = 20, write: bool = True) -> list[dict]:
     """Time every entry point against its kernel at every length (forward, no grad), shapes
     left out from :data:`DEFAULTS`; with ``write`` the rows go to
-    ``data/overhead_<study>.csv`` after every case. ``overhead_us`` and ``cpu_overhead_us``
-    are ours minus the kernel's."""
+    ``data/overhead_<study>.csv`` after every case (columns of :func:`_median_pair`)."""
     dev = torch.device(device)
     shape = DEFAULTS["cuda" if dev.type == "cuda" else "cpu"]
     seq_lens = tuple(seq_lens or shape["seq_lens"])
@@ -164,8 +169,7 @@ def overhead_study(study: str, seq_lens: Iterable[int] | None = None, *,
                    "heads": heads, "head_dim": head_dim, "dtype": dtype,
                    "block_size": block_size, "family": family, "params": params,
                    "backend": backend, "threads": torch.get_num_threads(), "reps": reps,
-                   **times, "overhead_us": round(times["ours_us"] - times["kernel_us"], 1),
-                   "cpu_overhead_us": round(times["ours_cpu_us"] - times["kernel_cpu_us"], 1)}
+                   **times}
             rows.append(row)
             if write:
                 write_csv(rows, f"overhead_{study}", dev)
