@@ -111,17 +111,18 @@ def _cases(entry: str, s: int, block_size: int, q: Tensor, k: Tensor, v: Tensor
 
 def _median_pair(ours: Call, kernel: Call, reps: int, warmup: int,
                  sync: Callable[[], None]) -> dict[str, float]:
-    """Median µs of ``ours`` and ``kernel``, their calls alternating, each from a synchronized
+    """Median µs of ``ours`` and ``kernel``, called in pairs, each call from a synchronized
     device: ``*_us`` until the device is done, ``*_host_us`` until the call returns,
-    ``*_cpu_us`` the calling thread's CPU time until then; ``overhead_us`` and
-    ``cpu_overhead_us`` the median of each pair's difference (ours minus the kernel's call
-    right after it), which a slow drift of the machine's speed leaves out."""
+    ``*_cpu_us`` the calling thread's CPU time until then. ``overhead_us`` and
+    ``cpu_overhead_us`` compare the calls of one pair (which a slow drift of the machine's
+    speed leaves out): the mean of the median difference when ours goes first and when the
+    kernel does (the first call of a pair may find colder caches)."""
     for _ in range(warmup):
         ours()
         kernel()
     times: dict[str, list[float]] = {}
-    for _ in range(reps):
-        for name, fn in (("ours", ours), ("kernel", kernel)):
+    for rep in range(reps):
+        for name, fn in (("ours", ours), ("kernel", kernel))[::1 - 2 * (rep % 2)]:
             sync()
             t0, c0 = time.perf_counter(), time.thread_time()
             fn()
@@ -130,11 +131,14 @@ def _median_pair(ours: Call, kernel: Call, reps: int, warmup: int,
             for kind, t in (("host_us", t1 - t0), ("cpu_us", c1 - c0),
                             ("us", time.perf_counter() - t0)):
                 times.setdefault(f"{name}_{kind}", []).append(t * 1e6)
-    pairs = {"overhead_us": "us", "cpu_overhead_us": "cpu_us"}
+
+    def paired(kind: str) -> float:
+        diffs = [a - b for a, b in zip(times[f"ours_{kind}"], times[f"kernel_{kind}"])]
+        halves = [statistics.median(d) for d in (diffs[0::2], diffs[1::2]) if d]
+        return round(statistics.mean(halves), 1)
+
     return {**{key: round(statistics.median(val), 1) for key, val in times.items()},
-            **{name: round(statistics.median(a - b for a, b in zip(
-                times[f"ours_{kind}"], times[f"kernel_{kind}"])), 1)
-               for name, kind in pairs.items()}}
+            "overhead_us": paired("us"), "cpu_overhead_us": paired("cpu_us")}
 
 
 def overhead_study(study: str, seq_lens: Iterable[int] | None = None, *,
