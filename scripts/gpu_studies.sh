@@ -91,9 +91,9 @@ study() {
         longest)  # the longest sequence per family (dense and causal: minutes per call)
             run -m workbench bench-longest --study "$p" --families dense causal dilated local \
                 random10 --start 4194304 --limit 8388608 --max-seconds 300 ;;
-        longest-fwdbwd)  # forward+backward at 2M and 4M tokens, window and LongNet's patterns
+        longest-fwdbwd)  # forward+backward at 4M tokens, window and LongNet's patterns
             run -m workbench bench-longest --study "${p}_fwdbwd" --families local dilated \
-                --start 2097152 --limit 4194304 --backward ;;
+                --start 4194304 --limit 4194304 --backward ;;
         longest-h100-memory)  # 4M tokens, this GPU capped at an H100 80GB's 79.1 GiB (CUDA's
             # total; both allocator settings)
             run -m workbench bench-longest --study "${p}_as_h100" --families local random10 \
