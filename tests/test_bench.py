@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 
 import pytest
 import torch
@@ -134,6 +135,24 @@ def test_layout_sweep_skips_cases_predicted_too_slow_or_too_large():
                                       max_gib=1e-3)
     assert no_bits[0]["status"].startswith("no triton plan") and "flex_mask_ms" in no_bits[0]
     assert "triton_plan_ms" not in no_bits[0]
+
+
+def test_layout_sweep_leaves_out_a_triton_plan_predicted_too_slow(monkeypatch):
+    from workbench.backends import triton_sparse
+
+    build = triton_sparse.build_plan
+
+    def slow(*args):  # 50 ms more per plan
+        time.sleep(0.05)
+        return build(*args)
+
+    monkeypatch.setattr(triton_sparse, "build_plan", slow)
+    first, second = bench.layout_build_time(4096, 64, ["random"], [1, 2], "cpu", cells=[64],
+                                            max_seconds=0.08)
+    assert first["status"] == "ok" and first["triton_plan_ms"] >= 50
+    assert second["status"].startswith("no triton plan: predicted 0.1")  # 2 heads: 0.1 s
+    assert second["build_ms"] > 0 and second["flex_mask_ms"] > 0
+    assert "triton_plan_ms" not in second
 
 
 def test_longest_search_doubles_until_oom_or_too_slow_and_writes_each_length(monkeypatch):

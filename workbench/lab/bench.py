@@ -596,9 +596,10 @@ def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
 
 
 def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size: int,
-                 dev: torch.device, reps: int, max_gib: float) -> tuple[dict, dict]:
+                 dev: torch.device, reps: int, max_gib: float,
+                 plan_skip: str | None = None) -> tuple[dict, dict]:
     """One case of :func:`layout_build_time`: its median times and the columns ``layout_mib``,
-    ``partial_tiles`` and ``status``."""
+    ``partial_tiles`` and ``status`` (``plan_skip``: why the triton plan is not built)."""
     from ..backends import Problem
     from ..backends.flex import build_block_mask
     from ..backends.triton_sparse import build_plan
@@ -621,10 +622,12 @@ def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size:
                                  for _ in range(reps)]
         extra["partial_tiles"] = partial = int((lay.active & ~lay.full).sum())
         bits = partial * block_size**2 / 8 / 2**30
-        if bits > max_gib:
-            extra["status"] = f"no triton plan: its bit masks need {bits:.0f} GiB"
+        if plan_skip or bits > max_gib:
+            extra["status"] = f"no triton plan: {plan_skip or f'its bit masks need {bits:.0f} GiB'}"
         else:
             try:
+                if dev.type == "cuda":  # the plan's memory check: free memory, none cached
+                    torch.cuda.empty_cache()
                 build_plan(warm, dev)
                 times["triton_plan_ms"] = [_timed_ms(lambda: build_plan(prob, dev), dev)[1]
                                            for _ in range(reps)]
@@ -644,8 +647,9 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     One row per family, head count in ``heads`` (1 for a builder without ``num_heads``) and
     size in ``cells`` (for a builder with ``cell``). ``total_ms``: the layout plus the slower
     structure a kernel on the device reads; ``meets_target``: against :data:`LAYOUT_TARGET_MS`.
-    A case predicted (from its family's last) to exceed ``max_seconds``, or whose layout and
-    lists would exceed ``max_gib``, is not run; ``status`` says why.
+    A case whose layout and ``BlockMask`` are predicted (from its family's last) to exceed
+    ``max_seconds``, or whose layout and lists would exceed ``max_gib``, is not run, and a
+    triton plan predicted so is not built; ``status`` says why.
     """
     from tqdm.auto import tqdm
 
@@ -655,7 +659,8 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     counts = [heads] if isinstance(heads, int) else list(heads)
     cases = _layout_cases(seq_len, families, counts, list(cells))
     tiles = num_blocks(seq_len, block_size) ** 2
-    last: dict[str, tuple[float, float, int, float]] = {}  # its last case run, per family
+    last: dict[str, tuple[dict, int, float]] = {}  # its last case run, per family
+    plan_ms: dict[str, float] = {}  # its last triton plan's ms per head, per family
     longnet = set(longnet_families())
     rows = []
     for family, pattern, params, cell in tqdm(cases, desc="layouts", unit="case",
@@ -665,20 +670,27 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
         h, cell_count = pattern.num_heads, 1.0 if cell is None else (seq_len / cell) ** 2
         per_tile = 2 if family in longnet else 10  # bools, then int32 lists
         gib = h * tiles * per_tile / 2**30
-        predicted = 0.0
-        if family in last:  # a layout scales with heads x cells, its structures with heads
-            build, rest, h0, c0 = last[family]
-            predicted = (build * h * cell_count / (h0 * c0) + rest * h / h0) / 1e3
-        skip = (f"too_slow: predicted {predicted:.0f} s a build" if predicted > max_seconds
+        # a layout scales with heads x cells, its structures with heads (seconds)
+        predicted = {"layout": 0.0, "plan": plan_ms.get(family, 0.0) * h / 1e3}
+        if family in last:
+            med, h0, c0 = last[family]
+            predicted["layout"] = (med["build_ms"] * h * cell_count / (h0 * c0)
+                                   + med.get("flex_mask_ms", 0.0) * h / h0) / 1e3
+        skip = (f"too_slow: predicted {predicted['layout']:.0f} s a build"
+                if predicted["layout"] > max_seconds
                 else f"too_large: needs {gib:.1f} GiB" if gib > max_gib else None)
         if skip:
             rows.append({**row, "status": skip})
             continue
+        plan_skip = (f"predicted {predicted['plan']:.2g} s a build"
+                     if predicted["plan"] > max_seconds else None)
         med, extra = _time_layout(pattern, family not in longnet, seq_len,
-                                  block_size, dev, reps, max_gib)
+                                  block_size, dev, reps, max_gib, plan_skip)
         total = med["build_ms"] + max(med.get("flex_mask_ms", 0.0),
                                       med.get("triton_plan_ms", 0.0) if on_cuda else 0.0)
-        last[family] = (med["build_ms"], total - med["build_ms"], h, cell_count)
+        last[family] = (med, h, cell_count)
+        if "triton_plan_ms" in med:
+            plan_ms[family] = med["triton_plan_ms"] / h
         rows.append({**row, **med, "total_ms": round(total, 2),
                      "meets_target": total <= target, **extra})
     return rows
