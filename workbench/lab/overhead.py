@@ -103,10 +103,12 @@ def _cases(entry: str, s: int, block_size: int, q: Tensor, k: Tensor, v: Tensor
                                             device=q.device, dtype=q.dtype, plans=plans)
         x = q.transpose(1, 2).reshape(q.shape[0], s, heads * head_dim)
         return "random10", params, backend, lambda: mha(x, x, x)[0], _multihead(mha, x, kernel)
-    module = BlockSparseAttention(pattern, block_size, plans=plans)
-    ours = ((lambda: module(q, k, v)) if entry == "module" else
-            (lambda: block_sparse_attention(q, k, v, pattern, block_size, plan=plan)))
-    return "random10", params, backend, ours, lambda: kernel(q, k, v)
+    if entry == "module":
+        module = BlockSparseAttention(pattern, block_size, plans=plans)
+        return "random10", params, backend, lambda: module(q, k, v), lambda: kernel(q, k, v)
+    return ("random10", params, backend,
+            lambda: block_sparse_attention(q, k, v, pattern, block_size, plan=plan),
+            lambda: kernel(q, k, v))
 
 
 def _median_pair(ours: Call, kernel: Call, reps: int, warmup: int,
