@@ -26,9 +26,10 @@ __all__ = ["BACKEND", "build_block_mask", "flex_attention", "prepare_flex", "res
 
 CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its CPU kernel compiles for
 KERNEL_TILE = 128  # FlexAttention's Triton kernels on Hopper need sparse blocks of 128k tokens
-NARROW_MIN_BYTES = 64 << 20
+NARROW_MIN_BYTES = 1 << 30
 """On CUDA, block lists whose full width would take this many bytes each are cut to their
-longest row (:func:`~workbench.blockmask.block_mask_from_layout`'s ``narrow``)."""
+longest row (:func:`~workbench.blockmask.block_mask_from_layout`'s ``narrow``): where they
+are this large the memory matters more than the pass that finds the row."""
 
 
 def _tile_refusal(block_size: int) -> str | None:
