@@ -217,18 +217,22 @@ def test_narrow_block_lists_are_the_first_columns_of_the_whole_ones():
             m, cut = sorted_block_indices(sel, r, chunk=chunk, width=width)
             assert cut.shape == (2, 23, width) and cut.is_contiguous()
             assert torch.equal(m, n) and torch.equal(cut, whole[..., :width]), (chunk, r is None)
+    from workbench.orderings import visit_rank
+
     pattern = P.random_blocks(0.3, seed=1, cell=32, num_heads=2) | P.local_window(40)
     layout = pattern.block_structure(333, 32)
-    wide = block_mask_from_layout(layout, pattern.predicate("cpu"))
-    thin = block_mask_from_layout(layout, pattern.predicate("cpu"), narrow=True)
     widths = {"kv": int(layout.active.sum(-1).max()), "q": int(layout.active.sum(-2).max())}
     assert widths["kv"] < layout.shape[2] and widths["q"] < layout.shape[1]
-    for name in ("kv", "full_kv", "q", "full_q"):
-        n, idx = getattr(wide, f"{name}_num_blocks"), getattr(wide, f"{name}_indices")
-        assert torch.equal(getattr(thin, f"{name}_num_blocks"), n)
-        narrow = getattr(thin, f"{name}_indices")
-        assert narrow.shape[-1] == widths[name.removeprefix("full_")], name
-        assert torch.equal(narrow, idx[..., :narrow.shape[-1]]), name
+    for order in (None, "hilbert"):
+        rank = visit_rank(layout, order)
+        wide = block_mask_from_layout(layout, pattern.predicate("cpu"), rank=rank)
+        thin = block_mask_from_layout(layout, pattern.predicate("cpu"), rank=rank, narrow=True)
+        for name in ("kv", "full_kv", "q", "full_q"):
+            n, idx = getattr(wide, f"{name}_num_blocks"), getattr(wide, f"{name}_indices")
+            assert torch.equal(getattr(thin, f"{name}_num_blocks"), n)
+            narrow = getattr(thin, f"{name}_indices")
+            assert narrow.shape[-1] == widths[name.removeprefix("full_")], (order, name)
+            assert torch.equal(narrow, idx[..., :narrow.shape[-1]]), (order, name)
 
 
 NARROW_PATTERNS = {  # several heads, rows much shorter than the grid, full and partial tiles
