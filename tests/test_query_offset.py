@@ -157,6 +157,20 @@ def test_grouped_query_heads_match_repeated_heads(heads_kv, backend):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+def test_the_module_takes_grouped_query_heads_as_the_function_does():
+    pattern = P.dilated([16, 32], [1, 2], H)
+    module = wb.BlockSparseAttention(pattern, 16)
+    for heads_kv in (2, H, 1):  # a kept call, then others
+        q, k, v = _inputs("cpu", 70, 70, heads_kv, grad=True)
+        out = module(q, k, v)
+        torch.testing.assert_close(out, dense_reference(q, k, v, pattern, 0), atol=1e-10,
+                                   rtol=1e-10)
+        assert torch.autograd.grad(out.sum(), k)[0].shape == k.shape
+    q3, k3, v3 = _inputs("cpu", 70, 70, heads_kv=3)
+    with pytest.raises(ValueError, match="grouped-query"):
+        module(q3, k3, v3)
+
+
 def test_offsets_in_a_ring_a_plan_and_with_dropout():
     pattern = P.local_window(20, causal=True) | P.global_tokens(3)
     q, k, v = _inputs("cpu", 37, 150, grad=False)

@@ -386,7 +386,8 @@ def dropout_of(p: float, seed: int | None) -> AttentionDropout | None:
 class BlockSparseAttention(nn.Module):
     """Block-sparse (ring) attention over a fixed pattern, as an ``nn.Module``.
 
-    Takes ``q, k, v`` ``[B, H, S, D]`` (no projections) and the options of
+    Takes ``q, k, v`` ``[B, H, S, D]`` (``k, v`` may have fewer heads: grouped-query
+    attention; no projections) and the options of
     :func:`block_sparse_attention`. Keeps its plans in ``plans`` (its own, or a
     :class:`~workbench.plan.Plans` shared between layers) and the backend prepared for its last
     call, so a repeated call launches the kernel straight away. An ``nn.Module`` ``score_mod`` is
@@ -436,7 +437,9 @@ class BlockSparseAttention(nn.Module):
                 return_lse=return_lse, scale=self.scale, block_order=self.block_order,
                 process_group=self.process_group, sharding=self.sharding, plan=self.plans,
                 score_mod=self.score_mod)
-        check_qkv(q, k, v)
+        if not _plain_qkv(q, k, v):  # grouped-query k, v (or inputs the checks refuse)
+            k, v = expand_kv_heads(q, k, v)
+            check_qkv(q, k, v)
         check_pattern(self.pattern, q.shape[1])
         return attend(q, k, v, self.pattern, self.block_size, backend=self.backend,
                       return_lse=bool(return_lse), scale=self.scale, ring_chunks=self.ring_chunks,
