@@ -171,6 +171,29 @@ def test_the_module_takes_grouped_query_heads_as_the_function_does():
         module(q3, k3, v3)
 
 
+def test_the_module_takes_query_offsets_as_the_function_does():
+    """A decode step after another: each offset gets its own layout and runner, and a bad
+    offset raises as in the function."""
+    pattern = P.local_window(20, causal=True) | P.global_tokens(3)
+    module = wb.BlockSparseAttention(pattern, 16, ring_chunks=1)
+    for sq, sk, off in ((37, 150, 113), (37, 150, 113), (1, 151, 150), (37, 150, 0)):
+        q, k, v = _inputs("cpu", sq, sk, grad=True)
+        out = module(q, k, v, q_offset=off)
+        ref = dense_reference(q, k, v, pattern, off)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)),
+                        torch.autograd.grad(ref.sum(), (q, k, v))):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    assert module.plan(37, 150, "cpu", 113).q_offset == 113
+    for bad, err in ((-1, ValueError), (True, TypeError), (2.0, TypeError)):
+        with pytest.raises(err, match="q_offset"):
+            module(q, k, v, q_offset=bad)
+    ring = wb.BlockSparseAttention(pattern, 16, ring_chunks=2)
+    q, k, v = _inputs("cpu", 37, 150)
+    torch.testing.assert_close(ring(q, k, v, q_offset=100), dense_reference(q, k, v, pattern,
+                                                                            100))
+
+
 def test_offsets_in_a_ring_a_plan_and_with_dropout():
     pattern = P.local_window(20, causal=True) | P.global_tokens(3)
     q, k, v = _inputs("cpu", 37, 150, grad=False)

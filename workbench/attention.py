@@ -420,32 +420,39 @@ class BlockSparseAttention(nn.Module):
         self.plans = Plans() if plans is None else check_plans(plans)
         self.last_call = LastCall()
 
-    def plan(self, q_len: int, k_len: int, device: torch.device | str) -> Plan:
-        """The plan for these lengths, kept in :attr:`plans` for the next call."""
-        return self.plans.get(self.pattern, q_len, k_len, self.block_size, device)
+    def plan(self, q_len: int, k_len: int, device: torch.device | str,
+             q_offset: int = 0) -> Plan:
+        """The plan for these lengths (and first query position), kept in :attr:`plans` for
+        the next call."""
+        return self.plans.get(self.pattern, q_len, k_len, self.block_size, device, q_offset)
 
-    def layout(self, q_len: int, k_len: int, device: torch.device | str) -> BlockLayout:
+    def layout(self, q_len: int, k_len: int, device: torch.device | str,
+               q_offset: int = 0) -> BlockLayout:
         """The block layout for these lengths (its plan's)."""
-        return self.plan(q_len, k_len, device).layout
+        return self.plan(q_len, k_len, device, q_offset).layout
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
+        self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False, q_offset: int = 0
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attention of ``q`` over ``k, v`` as :func:`block_sparse_attention` computes it with
+        this module's options; ``q_offset`` is the position of the first query (a decoder
+        with a KV cache passes ``Sk - Sq``)."""
         if self.process_group is not None:  # each rank builds (and keeps) its own rows
             return block_sparse_attention(
                 q, k, v, self.pattern, self.block_size, backend=self.backend,
                 return_lse=return_lse, scale=self.scale, block_order=self.block_order,
                 process_group=self.process_group, sharding=self.sharding, plan=self.plans,
-                score_mod=self.score_mod)
+                score_mod=self.score_mod, q_offset=q_offset)
         if not _plain_qkv(q, k, v):  # grouped-query k, v (or inputs the checks refuse)
             k, v = expand_kv_heads(q, k, v)
             check_qkv(q, k, v)
         check_pattern(self.pattern, q.shape[1])
+        q_offset = check_int("q_offset", q_offset, 0)
         return attend(q, k, v, self.pattern, self.block_size, backend=self.backend,
                       return_lse=bool(return_lse), scale=self.scale, ring_chunks=self.ring_chunks,
                       block_order=self.block_order, dropout=None,
-                      layout=lambda: self.layout(q.shape[2], k.shape[2], q.device),
-                      score_mod=self.score_mod, last=self.last_call)
+                      layout=lambda: self.layout(q.shape[2], k.shape[2], q.device, q_offset),
+                      score_mod=self.score_mod, q_offset=q_offset, last=self.last_call)
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, block_size={self.block_size}, "
