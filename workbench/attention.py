@@ -45,7 +45,8 @@ from .sharding import check_sharding
 
 __all__ = ["BlockSparseAttention", "block_sparse_attention", "call_key", "check_dropout",
            "check_options", "check_pattern", "check_qkv", "check_scale", "check_sizes",
-           "check_tensors", "dropout_of", "expand_kv_heads", "explain_backend", "prepare"]
+           "check_tensors", "checked_kv", "dropout_of", "expand_kv_heads", "explain_backend",
+           "prepare"]
 
 
 def check_tensors(named: dict[str, object]) -> None:
@@ -106,6 +107,15 @@ def _plain_qkv(q: object, k: object, v: object) -> bool:
                 and min(s, d, sk, dv) > 0)
     except (AttributeError, TypeError, ValueError):
         return False
+
+
+def checked_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``k, v`` with grouped-query heads repeated to q's (:func:`expand_kv_heads`), once
+    ``q, k, v`` pass :func:`check_qkv`; the common call is decided by one expression."""
+    if not _plain_qkv(q, k, v):  # grouped-query k, v, or inputs the checks refuse
+        k, v = expand_kv_heads(q, k, v)
+        check_qkv(q, k, v)
+    return k, v
 
 
 def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -233,8 +243,7 @@ def block_sparse_attention(
         ``out [B, H, Sq, Dv]`` in q's dtype, or ``(out, lse)``. A query with no allowed key
         outputs zeros.
     """
-    k, v = expand_kv_heads(q, k, v)
-    check_qkv(q, k, v)
+    k, v = checked_kv(q, k, v)
     check_pattern(pattern, q.shape[1])
     check_int("q_offset", q_offset, 0)
     if not isinstance(return_lse, bool):
@@ -345,8 +354,7 @@ def explain_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_siz
     """The backend :func:`block_sparse_attention` would run these arguments on, and why
     (``ring_chunks > 1``: the ring's steps choose again, each on its slice). Raises as that
     call would for a backend that cannot run them."""
-    k, v = expand_kv_heads(q, k, v)
-    check_qkv(q, k, v)
+    k, v = checked_kv(q, k, v)
     check_pattern(pattern, q.shape[1])
     check_options(block_size=block_size, backend=backend, ring_chunks=ring_chunks, scale=None,
                   block_order=None, sharding="contiguous", score_mod=score_mod)
@@ -443,9 +451,7 @@ class BlockSparseAttention(nn.Module):
                 return_lse=return_lse, scale=self.scale, block_order=self.block_order,
                 process_group=self.process_group, sharding=self.sharding, plan=self.plans,
                 score_mod=self.score_mod, q_offset=q_offset)
-        if not _plain_qkv(q, k, v):  # grouped-query k, v (or inputs the checks refuse)
-            k, v = expand_kv_heads(q, k, v)
-            check_qkv(q, k, v)
+        k, v = checked_kv(q, k, v)
         check_pattern(self.pattern, q.shape[1])
         q_offset = check_int("q_offset", q_offset, 0)
         return attend(q, k, v, self.pattern, self.block_size, backend=self.backend,
