@@ -217,6 +217,11 @@ def test_narrow_block_lists_are_the_first_columns_of_the_whole_ones():
             m, cut = sorted_block_indices(sel, r, chunk=chunk, width=width)
             assert cut.shape == (2, 23, width) and cut.is_contiguous()
             assert torch.equal(m, n) and torch.equal(cut, whole[..., :width]), (chunk, r is None)
+        with pytest.raises(ValueError, match="would cut rows"):
+            sorted_block_indices(sel, r, width=width - 1)
+    for bad in (-1, 42, 2.5, True):
+        with pytest.raises(ValueError, match="width must be"):
+            sorted_block_indices(sel, width=bad)
     from workbench.orderings import visit_rank
 
     pattern = P.random_blocks(0.3, seed=1, cell=32, num_heads=2) | P.local_window(40)

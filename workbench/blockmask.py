@@ -31,11 +31,17 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     ``nk``, at least every row's count) keeps a row's first columns only: enough for a reader
     that stops at the count. Rows go ``chunk`` tiles at a time (default :data:`SORT_CHUNK` of
     the device), so the int64 temporaries stay small whatever the length.
+
+    Raises:
+        ValueError: a ``width`` outside ``[0, nk]``, or shorter than a row's count (checked
+            after the sort: one host-device sync).
     """
     if chunk is None:
         chunk = SORT_CHUNK.get(sel.device.type, SORT_CHUNK["cuda"])
     nk = sel.shape[-1]
     width = nk if width is None else width
+    if isinstance(width, bool) or not isinstance(width, int) or not 0 <= width <= nk:
+        raise ValueError(f"width must be an int in [0, {nk}] (the columns), got {width!r}")
     spare = int(width < nk)  # a column the cut-off ones are thrown into, then dropped
     out = torch.empty(*sel.shape[:-1], width + spare, dtype=torch.int32, device=sel.device)
     count = torch.empty(sel.shape[:-1], dtype=torch.int32, device=sel.device)
@@ -58,6 +64,10 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
                 torch.where(part, ranks[r0:r0 + step], torch.iinfo(torch.int64).max), dim=-1)
             out_rows[r0:r0 + step, :width] = order[:, :width]
             counts[r0:r0 + step] = part.sum(-1, dtype=torch.int32)
+    longest = int(count.max()) if spare and count.numel() else 0
+    if longest > width:
+        raise ValueError(f"width={width} would cut rows of {longest} selected columns: give at "
+                         "least the longest row's count")
     return count, out[..., :width].contiguous() if spare else out
 
 
