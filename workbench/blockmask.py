@@ -42,13 +42,15 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     width = nk if width is None else width
     if isinstance(width, bool) or not isinstance(width, int) or not 0 <= width <= nk:
         raise ValueError(f"width must be an int in [0, {nk}] (the columns), got {width!r}")
-    spare = int(width < nk)  # a column the cut-off ones are thrown into, then dropped
-    out = torch.empty(*sel.shape[:-1], width + spare, dtype=torch.int32, device=sel.device)
+    out = torch.empty(*sel.shape[:-1], width, dtype=torch.int32, device=sel.device)
     count = torch.empty(sel.shape[:-1], dtype=torch.int32, device=sel.device)
-    flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, width + spare), count.view(-1)
+    flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, width), count.view(-1)
     ranks = None if rank is None else rank.reshape(flat.shape)
     cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
     step = max(1, chunk // max(1, nk))  # rows (of every head) per step
+    # cut rows are placed whole in a chunk-sized buffer, then their first columns copied
+    whole = (None if width == nk or ranks is not None else
+             torch.empty(min(step, flat.shape[0]), nk, dtype=torch.int32, device=sel.device))
     for r0 in range(0, flat.shape[0], step):
         part = flat[r0:r0 + step]
         if ranks is None:
@@ -56,19 +58,22 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
             upto = torch.cumsum(taken, -1, dtype=torch.int32)
             left = upto - taken  # selected columns left of c
             n = upto[:, -1:]
-            place = torch.where(part, left, torch.clamp(n + cols - left, max=width))
-            out_rows[r0:r0 + step].scatter_(-1, place.to(torch.int64), cols.expand_as(place))
+            place = torch.where(part, left, n + cols - left).to(torch.int64)
+            dest = out_rows[r0:r0 + step] if whole is None else whole[:len(part)]
+            dest.scatter_(-1, place, cols.expand_as(place))
+            if whole is not None:
+                out_rows[r0:r0 + step] = dest[:, :width]
             counts[r0:r0 + step] = n[:, 0]
         else:
             order = torch.argsort(
                 torch.where(part, ranks[r0:r0 + step], torch.iinfo(torch.int64).max), dim=-1)
-            out_rows[r0:r0 + step, :width] = order[:, :width]
+            out_rows[r0:r0 + step] = order[:, :width]
             counts[r0:r0 + step] = part.sum(-1, dtype=torch.int32)
-    longest = int(count.max()) if spare and count.numel() else 0
+    longest = int(count.max()) if width < nk and count.numel() else 0
     if longest > width:
         raise ValueError(f"width={width} would cut rows of {longest} selected columns: give at "
                          "least the longest row's count")
-    return count, out[..., :width].contiguous() if spare else out
+    return count, out
 
 
 def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
