@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import patterns as P
 from ..attention import BlockSparseAttention
-from ..dilated import dilated_attention
+from ..dilated import DilatedAttention
 from ..layout import num_blocks
 from ..plan import canonical_device
 from .records import environment, write_csv
@@ -232,8 +232,9 @@ def _variant_fn(variant: str, family: str, pattern: P.Pattern, cfg: BenchConfig,
     longnet = fam.build is P.dilated
     segs, dils = args.get("segment_lengths"), args.get("dilation_rates")
     if variant in ("ours", "paper") and longnet:
-        mode = "head_groups" if variant == "ours" else "paper"
-        return lambda: dilated_attention(q, k, v, segs, dils, mode=mode)
+        # the module, as a model holds it (its plans kept across calls)
+        dil = DilatedAttention(segs, dils, mode="head_groups" if variant == "ours" else "paper")
+        return lambda: dil(q, k, v)
     if variant in ("strided_gather", "strided_view", "paper"):
         if not longnet:
             return None
