@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .layout import BlockLayout
 
-__all__ = ["SORT_CHUNK", "block_mask_from_layout", "sorted_block_indices"]
+__all__ = ["SORT_CHUNK", "block_mask_from_layout", "empty_lists", "sorted_block_indices"]
 
 SORT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
 """Tiles placed per step, by device type: on a CPU small steps keep the temporaries in cache;
@@ -23,14 +23,17 @@ on a GPU large ones keep the number of kernel launches down (others use the GPU'
 
 
 def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | None = None,
-                         width: int | None = None) -> tuple[Tensor, Tensor]:
+                         width: int | None = None, out: tuple[Tensor, Tensor] | None = None
+                         ) -> tuple[Tensor, Tensor]:
     """(count ``[H, nq]``, column indices ``[H, nq, width]`` with selected ones first), int32.
 
     Selected columns come in increasing order (or by ``rank``, int64 ``[H, nq, nk]``: each
     tile's place in a visit order), then the others in increasing order. ``width`` (default
     ``nk``, at least every row's count) keeps a row's first columns only: enough for a reader
     that stops at the count. Rows go ``chunk`` tiles at a time (default :data:`SORT_CHUNK` of
-    the device), so the int64 temporaries stay small whatever the length.
+    the device), so the int64 temporaries stay small whatever the length. ``out``: the
+    (count, indices) tensors to fill and return, allocated by the caller (before any
+    temporary, they take no place among the temporaries' freed memory).
 
     Raises:
         ValueError: a ``width`` outside ``[0, nk]``, or shorter than a row's count (checked
@@ -42,8 +45,7 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     width = nk if width is None else width
     if isinstance(width, bool) or not isinstance(width, int) or not 0 <= width <= nk:
         raise ValueError(f"width must be an int in [0, {nk}] (the columns), got {width!r}")
-    out = torch.empty(*sel.shape[:-1], width, dtype=torch.int32, device=sel.device)
-    count = torch.empty(sel.shape[:-1], dtype=torch.int32, device=sel.device)
+    count, out = out if out is not None else empty_lists(sel.shape[:-1], width, sel.device)
     flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, width), count.view(-1)
     ranks = None if rank is None else rank.reshape(flat.shape)
     cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
@@ -74,6 +76,14 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
         raise ValueError(f"width={width} would cut rows of {longest} selected columns: give at "
                          "least the longest row's count")
     return count, out
+
+
+def empty_lists(rows: tuple[int, ...], width: int, device: torch.device
+                ) -> tuple[Tensor, Tensor]:
+    """Uninitialized int32 (count ``rows``, indices ``[*rows, width]``) for
+    :func:`sorted_block_indices`'s ``out``."""
+    return (torch.empty(rows, dtype=torch.int32, device=device),
+            torch.empty(*rows, width, dtype=torch.int32, device=device))
 
 
 def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
@@ -110,28 +120,37 @@ def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tenso
     from torch.nn.attention.flex_attention import BlockMask
 
     b, q_len, k_len = layout.block_size, layout.q_len, layout.k_len
-    full = layout.full.clone()
-    if q_len % b:
-        full[:, -1, :] = False  # padded tiles must go through the mask
-    if k_len % b:
-        full[:, :, -1] = False
-    partial = layout.active & ~full
-
+    heads, nq, nk = layout.active.shape
     # the full and partial lists of one direction keep one width: the kernels read both by
     # the strides of one
     rows, cols = (torch.stack([layout.active.sum(d).amax() for d in (-1, -2)]).clamp(min=1)
-                  .tolist() if narrow else (None, None))
+                  .tolist() if narrow else (nk, nq))
+    # every list is allocated before the temporaries that fill it: lists placed among the
+    # temporaries' freed memory would keep it reserved
+    dev = layout.active.device
+    kv = [empty_lists((heads, nq), rows, dev) for _ in range(2)]
+    qm = [empty_lists((heads, nk), cols, dev) for _ in range(2 if backward else 0)]
+    full = layout.full
+    if q_len % b or k_len % b:  # padded tiles must go through the mask
+        full = full.clone()
+        if q_len % b:
+            full[:, -1, :] = False
+        if k_len % b:
+            full[:, :, -1] = False
+    partial = layout.active ^ full  # full tiles are active ones
 
-    def lists(tiles: Tensor, width: int | None, rank: Tensor | None = None) -> list[Tensor]:
+    def lists(tiles: Tensor, into: tuple[Tensor, Tensor], rank: Tensor | None = None
+              ) -> list[Tensor]:
         """With a batch axis of 1: every batch element shares them."""
-        return [x[None] for x in sorted_block_indices(tiles, rank, width=width)]
+        width = into[1].shape[-1]
+        return [x[None] for x in sorted_block_indices(tiles, rank, width=width, out=into)]
 
-    kv_n, kv_i = lists(partial, rows, rank)
-    f_n, f_i = lists(full, rows, rank)
+    kv_n, kv_i = lists(partial, kv[0], rank)
+    f_n, f_i = lists(full, kv[1], rank)
     # query-major lists: every query block of a key block, in increasing order (as
     # FlexAttention's own transpose gives them)
-    q_n, q_i, fq_n, fq_i = ([*lists(partial.transpose(1, 2), cols),
-                             *lists(full.transpose(1, 2), cols)] if backward else [None] * 4)
+    q_n, q_i, fq_n, fq_i = ([*lists(partial.transpose(1, 2), qm[0]),
+                             *lists(full.transpose(1, 2), qm[1])] if backward else [None] * 4)
 
     def mask_mod(bi, h, qi, ki):
         q_in = torch.clamp(qi, max=q_len - 1) + q_offset  # padding asks about a real position
