@@ -306,6 +306,25 @@ def test_a_bench_without_lengths_times_layouts_alone(tmp_path, capsys):
     assert not (tmp_path / "data" / "bench_cli_test.csv").exists()
 
 
+def test_an_interrupted_layout_sweep_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    from workbench.lab import bench
+    from workbench.lab.records import read_csv
+
+    timed = bench._time_layout
+
+    def second_case_fails(pattern, *args):
+        if pattern.num_heads == 2:
+            raise KeyboardInterrupt
+        return timed(pattern, *args)
+
+    monkeypatch.setattr(bench, "_time_layout", second_case_fails)
+    with pytest.raises(SystemExit):  # the command line's exit on an interruption
+        main(["bench", "--study", "cli_test", "--device", "cpu", "--families", "random",
+              "--layout-timing", "300", "--layout-heads", "1", "2", "--layout-cells", "64",
+              "--block-size", "32", "--reps", "1"])
+    assert [(r["heads"], r["status"]) for r in read_csv("layouts_cli_test")] == [("1", "ok")]
+
+
 def test_the_bench_runs_every_registered_family(capsys):
     from workbench.patterns import FAMILIES
 

@@ -640,7 +640,8 @@ def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size:
 def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
                       heads: int | Iterable[int], device: str, *, cells: Iterable[int] = (),
                       reps: int = 1, max_seconds: float = math.inf,
-                      max_gib: float = math.inf, progress: bool = False) -> list[dict]:
+                      max_gib: float = math.inf, progress: bool = False,
+                      on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Median milliseconds of ``reps`` builds of each family's block layout at ``seq_len``
     (``build_ms``) and of the structures kernels read from it: the forward ``BlockMask``
     (``flex_mask_ms``) and the triton plan (``triton_plan_ms``); dilated families get none.
@@ -650,7 +651,8 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     structure a kernel on the device reads; ``meets_target``: against :data:`LAYOUT_TARGET_MS`.
     A case whose layout and ``BlockMask`` are predicted (from its family's last) to exceed
     ``max_seconds``, or whose layout and lists would exceed ``max_gib``, is not run, and a
-    triton plan predicted so is not built; ``status`` says why.
+    triton plan predicted so is not built; ``status`` says why. ``on_row`` is given each row
+    as soon as it is measured (a caller that records them loses none to an interruption).
     """
     from tqdm.auto import tqdm
 
@@ -682,6 +684,8 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
                 else f"too_large: needs {gib:.1f} GiB" if gib > max_gib else None)
         if skip:
             rows.append({**row, "status": skip})
+            if on_row:
+                on_row(rows[-1])
             continue
         plan_skip = (f"predicted {predicted['plan']:.2g} s a build"
                      if predicted["plan"] > max_seconds else None)
@@ -694,6 +698,8 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
             plan_ms[family] = med["triton_plan_ms"] / h
         rows.append({**row, **med, "total_ms": round(total, 2),
                      "meets_target": total <= target, **extra})
+        if on_row:
+            on_row(rows[-1])
     return rows
 
 

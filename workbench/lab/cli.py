@@ -369,18 +369,26 @@ def _bench(args: argparse.Namespace) -> int:
                   f"{r['ms']:>10} ms {r['useful_tflops']:>8} TFLOP/s {r['peak_mib']:>9} MiB "
                   f"{r['status']}")
     if args.layout_timing:
-        rows = [row for s in args.layout_timing for row in bench.layout_build_time(
-            s, args.block_size, args.families, args.layout_heads or [args.heads], args.device,
-            cells=args.layout_cells or (), reps=args.reps, max_seconds=args.layout_max_seconds,
-            max_gib=args.layout_max_gib, progress=True)]
-        for r in rows:
+        from tqdm.auto import tqdm
+
+        name = f"bench_{args.study}_layout" if args.seq_lens else f"layouts_{args.study}"
+        rows: list[dict] = []
+
+        def record(r: dict) -> None:  # the file is written again after every case
+            rows.append(r)
+            write_csv(rows, name, args.device)
             cell = "" if r["cell"] is None else f" cell={r['cell']}"
             took = (f": layout {r['build_ms']} ms, flex BlockMask {r.get('flex_mask_ms')} ms, "
                     f"triton plan {r.get('triton_plan_ms')} ms" if "build_ms" in r else "")
-            print(f"layout {r['family']:>9} heads={r['heads']}{cell} S={r['seq_len']} "
-                  f"block={r['block_size']}{took} [{r['status']}]")
-        write_csv(rows, f"bench_{args.study}_layout" if args.seq_lens else f"layouts_{args.study}",
-                  args.device)
+            tqdm.write(f"layout {r['family']:>9} heads={r['heads']}{cell} S={r['seq_len']} "
+                       f"block={r['block_size']}{took} [{r['status']}]")
+
+        for s in args.layout_timing:
+            bench.layout_build_time(
+                s, args.block_size, args.families, args.layout_heads or [args.heads],
+                args.device, cells=args.layout_cells or (), reps=args.reps,
+                max_seconds=args.layout_max_seconds, max_gib=args.layout_max_gib,
+                progress=True, on_row=record)
     return 0
 
 
