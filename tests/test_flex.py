@@ -200,6 +200,26 @@ def test_block_indices_sorted_in_chunks_equal_one_sort():
                 assert bool((r[h, i][cols.long()].diff() > 0).all())
 
 
+def test_block_indices_of_an_empty_grid_are_every_column_in_order():
+    """The shortcut for a grid with nothing selected gives what the sort gives: no count, the
+    columns in increasing order (cut to ``width``), into the caller's tensors."""
+    from workbench.blockmask import empty_lists, sorted_block_indices
+
+    sel = torch.zeros(2, 5, 7, dtype=torch.bool)
+    rank = torch.randperm(70).view(2, 5, 7)
+    one = sel.clone()
+    one[1, 4, 3] = True  # one selected tile: the sorting path
+    _, sorted_idx = sorted_block_indices(one)
+    for r in (None, rank):
+        for width in (None, 3):
+            into = empty_lists((2, 5), 7 if width is None else width, sel.device)
+            n, idx = sorted_block_indices(sel, r, width=width, out=into)
+            assert n is into[0] and idx is into[1]
+            assert not n.any() and torch.equal(idx, torch.arange(idx.shape[-1]).int()
+                                               .expand(2, 5, -1))
+            assert torch.equal(idx[0], sorted_idx[0][..., :idx.shape[-1]])
+
+
 def test_narrow_block_lists_are_the_first_columns_of_the_whole_ones():
     """``width``: each row's first columns of the whole lists, in chunks or not, natural or
     visit order; a narrow mask cuts each direction's two lists to one width, the longest row

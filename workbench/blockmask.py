@@ -46,9 +46,11 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     if isinstance(width, bool) or not isinstance(width, int) or not 0 <= width <= nk:
         raise ValueError(f"width must be an int in [0, {nk}] (the columns), got {width!r}")
     count, out = out if out is not None else empty_lists(sel.shape[:-1], width, sel.device)
+    cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
+    if not sel.any():  # one pass and one sync: a grid with nothing selected needs no sort
+        return count.zero_(), out.copy_(cols[:width].expand_as(out))
     flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, width), count.view(-1)
     ranks = None if rank is None else rank.reshape(flat.shape)
-    cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
     step = max(1, chunk // max(1, nk))  # rows (of every head) per step
     # cut rows are placed whole in a chunk-sized buffer, then their first columns copied
     whole = (None if width == nk or ranks is not None else
