@@ -59,6 +59,30 @@ def gather_chunks(request, monkeypatch):
 STRIDED = [(*CONFIGS[0], 384), ([75, 150], [4, 8], 600)]
 
 
+@pytest.mark.parametrize("heads_kv", [1, 2])
+@pytest.mark.parametrize("mode", ["paper", "head_groups"])
+def test_grouped_query_heads_match_repeated_heads(heads_kv, mode, gather_chunks):
+    """Query head h reads key/value head h // (H / H_kv), in the function and the module,
+    forward and backward, against the float64 oracle (paper) or the block-sparse pattern."""
+    segments, dilations = CONFIGS[0]
+    q, _, _ = make_qkv(b=2, h=4, s=333, d=8)
+    _, k, v = make_qkv(b=2, h=heads_kv, s=333, d=8, seed=1)
+    module = wb.DilatedAttention(segments, dilations, mode=mode)
+    ks, vs = (x.repeat_interleave(4 // heads_kv, dim=1) for x in (k, v))
+    ref = (paper_oracle(q, ks, vs, segments, dilations, False) if mode == "paper" else
+           wb.block_sparse_attention(q, ks, vs, P.dilated(segments, dilations, 4), 32,
+                                     backend="reference"))
+    theirs = grads(ref, (q, k, v))
+    for out in (wb.dilated_attention(q, k, v, segments, dilations, mode=mode), module(q, k, v)):
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        for a, b in zip(grads(out, (q, k, v)), theirs):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    _, k3, v3 = make_qkv(b=2, h=3, s=333, d=8)
+    with pytest.raises(ValueError, match="grouped-query"):
+        module(q, k3, v3)
+
+
 @pytest.mark.parametrize("segments, dilations, s", [(*c, 333) for c in CONFIGS] + STRIDED)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend", ["gather", "blockwise"])

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from .attention import call_key, check_qkv, check_scale, prepare
+from .attention import call_key, check_scale, checked_kv, prepare
 from .backends import check_backend, merge_partials
 from .backends.gather import prepare_dilated
 from .patterns import causal as causal_pattern
@@ -35,7 +35,9 @@ def dilated_attention(
     return_lse: bool = False,
     plan: Plans | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """LongNet dilated self-attention of ``q, k, v`` ``[B, H, S, D]``.
+    """LongNet dilated self-attention of ``q, k, v`` ``[B, H, S, D]`` (``k, v`` may have a
+    divisor of ``H`` heads: grouped-query attention, query head ``h`` reading key/value head
+    ``h // (H / H_kv)``).
 
     Pair ``(w, r)`` cuts the sequence into segments ``[m*w, (m+1)*w)`` from position 0 (the last
     one shorter when ``w`` does not divide ``S``). Inside a segment a head with offset ``s``
@@ -72,7 +74,7 @@ def dilated_attention(
         TypeError: inputs that are not floating-point tensors of one dtype; a ``plan`` that is
             not a ``Plans``.
     """
-    _check_inputs(q, k, v)
+    k, v = _checked_inputs(q, k, v)
     if plan is None:
         w, r = _check_options(segment_lengths, dilation_rates, mode, backend, block_size, scale)
         return _prepare(q, k, v, w, r, mode, bool(causal), backend, block_size, scale,
@@ -100,7 +102,7 @@ class DilatedAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False
                 ) -> Tensor | tuple[Tensor, Tensor]:
-        _check_inputs(q, k, v)
+        k, v = _checked_inputs(q, k, v)
         options = (self.segment_lengths, self.dilation_rates, self.mode, self.causal,
                    self.backend, self.block_size, self.scale, bool(return_lse))
         return _run(q, k, v, options, self.plans)
@@ -144,12 +146,14 @@ def _check_options(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
     return tuple(w), tuple(r)
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    check_qkv(q, k, v)
+def _checked_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``k, v`` with grouped-query heads repeated to q's, once q, k, v are checked."""
+    k, v = checked_kv(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"dilated attention is self-attention: q has {q.shape[2]} positions, k {k.shape[2]}"
         )
+    return k, v
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
