@@ -157,6 +157,37 @@ def test_grouped_query_heads_match_repeated_heads(heads_kv, backend):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", pytest.param("flex", marks=pytest.mark.slow)])
+def test_backends_that_read_grouped_heads_get_them_unrepeated(backend, monkeypatch):
+    """sdpa and flex read grouped-query k, v as they are (with repeating made to fail, they
+    still match the float64 reference, sdpa forward and backward, flex's CPU kernel forward);
+    a backend that cannot is given them repeated."""
+    from workbench.backends import registry
+
+    def no_repeat(*args):
+        raise AssertionError("k, v were repeated")
+
+    monkeypatch.setattr(registry, "expand_kv_heads", no_repeat)
+    pattern = P.causal() if backend == "sdpa" else P.local_window(20, causal=True)
+    q, k, v = _inputs("cpu", 37, 37, heads_kv=2, grad=backend == "sdpa")
+    if backend == "flex":  # its CPU kernel: float32, inference
+        q, k, v = (x.float() for x in (q, k, v))
+    with torch.set_grad_enabled(backend == "sdpa"):
+        out = wb.block_sparse_attention(q, k, v, pattern, 16, backend=backend)
+    ref = dense_reference(q, k, v, pattern, 0)
+    tol = 1e-9 if backend == "sdpa" else 1e-5
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    if backend == "sdpa":
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2),
+                        dtype=torch.float64)
+        mine = torch.autograd.grad((out * w).sum(), (q, k, v))
+        theirs = torch.autograd.grad((ref * w).sum(), (q, k, v))
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    with pytest.raises(AssertionError, match="repeated"), torch.no_grad():
+        wb.block_sparse_attention(q, k, v, pattern, 16, backend="blockwise")
+
+
 def test_the_module_takes_grouped_query_heads_as_the_function_does():
     pattern = P.dilated([16, 32], [1, 2], H)
     module = wb.BlockSparseAttention(pattern, 16)

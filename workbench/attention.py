@@ -25,7 +25,10 @@ from .backends import (
     accumulation_dtype,
     check_backend,
     choose,
+    expand_kv_heads,
     get_backend,
+    grouped_runner,
+    kv_group,
 )
 from .distributed import distributed_ring_attention
 from .layout import BlockLayout
@@ -110,28 +113,17 @@ def _plain_qkv(q: object, k: object, v: object) -> bool:
 
 
 def checked_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """``k, v`` with grouped-query heads repeated to q's (:func:`expand_kv_heads`), once
-    ``q, k, v`` pass :func:`check_qkv`; the common call is decided by one expression."""
+    """``k, v`` as given, once ``q, k, v`` pass :func:`check_qkv` with ``k, v`` of q's heads
+    or of a divisor of them (grouped-query attention, :func:`~workbench.backends.kv_group`;
+    a backend that cannot read them so is given their heads repeated). The common call is
+    decided by one expression."""
     if not _plain_qkv(q, k, v):  # grouped-query k, v, or inputs the checks refuse
-        k, v = expand_kv_heads(q, k, v)
-        check_qkv(q, k, v)
+        if kv_group(q, k, v) == 1:
+            check_qkv(q, k, v)
+        else:  # checked as the same tensors with q's heads (views, nothing copied)
+            check_qkv(q, *(x[:, :1].expand(x.shape[0], q.shape[1], *x.shape[2:])
+                           for x in (k, v)))
     return k, v
-
-
-def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """``k, v`` with ``H_kv`` heads repeated to q's ``H`` (grouped-query attention: query head
-    ``h`` reads key/value head ``h // (H / H_kv)``); unchanged when the heads already match or
-    the shapes are not ``[B, heads, S, D]`` (:func:`check_qkv` says what is wrong)."""
-    if not all(isinstance(x, Tensor) and x.dim() == 4 for x in (q, k, v)):
-        return k, v
-    h, hk = q.shape[1], k.shape[1]
-    if hk == h and v.shape[1] == h:
-        return k, v
-    if hk != v.shape[1] or hk == 0 or h % hk:
-        raise ValueError(
-            f"k and v must have q's {h} heads or one divisor of it (grouped-query attention), "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    return k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
 
 
 def check_scale(scale: object) -> None:
@@ -256,9 +248,9 @@ def block_sparse_attention(
     if q_offset and (process_group is not None or layout is not None):
         raise ValueError("q_offset works on one device and with a plan, not with a "
                          "process_group or a layout: give plan=wb.Plan(..., q_offset=...)")
-    if process_group is not None:
+    if process_group is not None:  # the ring sends whole heads: grouped ones repeated first
         return distributed_ring_attention(
-            q, k, v, pattern, block_size, process_group=process_group, sharding=sharding,
+            q, *expand_kv_heads(q, k, v), pattern, block_size, process_group=process_group, sharding=sharding,
             backend=backend, scale=scale, return_lse=return_lse, layout=layout,
             block_order=block_order, dropout=dropout_of(dropout_p, dropout_seed), plan=plan)
     build = None  # the layout, built only if a backend needs it
@@ -306,8 +298,11 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, block_size: int, 
                    dropout=dropout is not None, layout=layout, score_mod=score_mod,
                    q_offset=q_offset)
     chosen = get_backend(choose(backend, req).name)
-    if ring_chunks == 1 and q_offset == 0 and chosen.prepare_pattern is not None:  # no layout
-        return chosen.prepare_pattern(q, k, v, pattern, scale, return_lse, block_size)
+    prep = chosen.prepare_pattern
+    if ring_chunks == 1 and q_offset == 0 and prep is not None:  # no layout
+        return grouped_runner(lambda q, k, v: prep(q, k, v, pattern, scale, return_lse,
+                                                   block_size),
+                              q, k, v, chosen.capabilities.grouped_kv)
     problem = Problem(req.layout, head_predicate(pattern, q.device), scale, q_offset=q_offset,
                       label=repr(pattern), block_order=block_order, dropout=dropout,
                       dense_form=pattern.dense_form(), pattern=pattern, score_mod=score_mod)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from .attention import call_key, check_scale, checked_kv, prepare
-from .backends import check_backend, merge_partials
+from .backends import check_backend, expand_kv_heads, merge_partials
 from .backends.gather import prepare_dilated
 from .patterns import causal as causal_pattern
 from .patterns import check_dilation_pairs, check_positive_int, dilated, dilated_branch
@@ -148,7 +148,7 @@ def _check_options(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
 
 def _checked_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """``k, v`` with grouped-query heads repeated to q's, once q, k, v are checked."""
-    k, v = checked_kv(q, k, v)
+    k, v = expand_kv_heads(q, *checked_kv(q, k, v))
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"dilated attention is self-attention: q has {q.shape[2]} positions, k {k.shape[2]}"

@@ -24,7 +24,10 @@ from .registry import (
     Runner,
     backend_names,
     choose,
+    expand_kv_heads,
     get_backend,
+    grouped_runner,
+    kv_group,
     register,
     registered,
     run_backend,
@@ -35,7 +38,8 @@ from .triton_sparse import triton_attention
 __all__ = ["AttentionDropout", "Backend", "BackendUnsupported", "Capabilities", "Choice", "MaskFn",
            "NO_LSE", "Problem", "Request", "Runner", "accumulation_dtype", "backend_names",
            "blockwise_attention", "check_backend", "choose", "describe_backends",
-           "empty_partial", "flex_attention", "get_backend", "merge_into_", "merge_partials",
+           "empty_partial", "expand_kv_heads", "flex_attention", "get_backend", "grouped_runner",
+           "kv_group", "merge_into_", "merge_partials",
            "reference_attention", "register", "registry", "registered", "run_backend",
            "sdpa_form", "triton_attention"]
 

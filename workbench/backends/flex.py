@@ -117,10 +117,11 @@ def prepare_flex(q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bo
     compiled = _compiled()
     scale, options = problem.scale, kernel_options(q.device)
     score_mod = _offset_score_mod(problem, q.device)
+    gqa = k.shape[1] != q.shape[1]  # grouped-query k, v, read as they are
 
     def call(q: Tensor, k: Tensor, v: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return compiled(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
-                        return_lse=need_lse, kernel_options=options)
+                        enable_gqa=gqa, return_lse=need_lse, kernel_options=options)
 
     compiled_once = False
 
@@ -204,7 +205,7 @@ BACKEND = Backend(
     "flex",
     flex_attention,
     Capabilities(lse_devices=("cuda",), grad_devices=("cuda",), block_order=True,
-                 score_mod=True),
+                 score_mod=True, grouped_kv=True),
     "FlexAttention with a BlockMask from the exact layout (compiled; CPU: inference only)",
     refuses=_refuses, prefers=_prefers, prepare=prepare_flex,
 )

@@ -16,8 +16,8 @@ from ..score_mods import ScoreMod, reads
 from .problem import Problem
 
 __all__ = ["Backend", "BackendUnsupported", "Capabilities", "Choice", "Request", "Runner",
-           "backend_names", "choose", "get_backend", "prepare_backend", "register", "registered",
-           "run_backend"]
+           "backend_names", "choose", "expand_kv_heads", "get_backend", "grouped_runner",
+           "kv_group", "prepare_backend", "register", "registered", "run_backend"]
 
 ANY_DEVICE = ("cpu", "cuda")
 
@@ -25,7 +25,9 @@ ANY_DEVICE = ("cpu", "cuda")
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend computes: devices it runs on, where it gives the log-sum-exp and gradients,
-    dtypes (None: any floating type), dropout, ``block_order``, ``score_mod``, patterns (words)."""
+    dtypes (None: any floating type), dropout, ``block_order``, ``score_mod``, patterns (words),
+    and ``grouped_kv``: it reads ``k, v`` of fewer heads than ``q`` as they are (the others are
+    given them with their heads repeated)."""
 
     devices: tuple[str, ...] = ANY_DEVICE
     lse_devices: tuple[str, ...] = ANY_DEVICE
@@ -35,6 +37,7 @@ class Capabilities:
     block_order: bool = False
     score_mod: bool = False
     patterns: str = "any"
+    grouped_kv: bool = False
 
     def refusal(self, req: Request) -> str | None:
         """Why these capabilities do not cover ``req`` (phrases after "it"), or None."""
@@ -144,10 +147,52 @@ class Backend:
     def runner(self, q: Tensor, k: Tensor, v: Tensor, problem: Problem, need_lse: bool
                ) -> Runner:
         """``run(q, k, v, problem, need_lse)`` prepared for inputs like these."""
-        if self.prepare is not None:
-            return self.prepare(q, k, v, problem, need_lse)
-        run = self.run
-        return lambda q, k, v: run(q, k, v, problem, need_lse)
+        def runner(q: Tensor, k: Tensor, v: Tensor) -> Runner:
+            if self.prepare is not None:
+                return self.prepare(q, k, v, problem, need_lse)
+            run = self.run
+            return lambda q, k, v: run(q, k, v, problem, need_lse)
+
+        return grouped_runner(runner, q, k, v, self.capabilities.grouped_kv)
+
+
+def kv_group(q: Tensor, k: Tensor, v: Tensor) -> int:
+    """How many query heads read each key/value head (1 unless ``k, v`` are grouped-query
+    ``[B, H_kv, S, D]`` with ``H_kv`` dividing q's ``H``; 1 too for tensors not of 4 dims,
+    which :func:`~workbench.attention.check_qkv` refuses).
+
+    Raises:
+        ValueError: ``k`` and ``v`` of different head counts, or one that does not divide H.
+    """
+    if not all(isinstance(x, Tensor) and x.dim() == 4 for x in (q, k, v)):
+        return 1
+    h, hk = q.shape[1], k.shape[1]
+    if hk == h and v.shape[1] == h:
+        return 1
+    if hk != v.shape[1] or hk == 0 or h % hk:
+        raise ValueError(
+            f"k and v must have q's {h} heads or one divisor of it (grouped-query attention), "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    return h // hk
+
+
+def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``k, v`` with each head repeated for the query heads that read it (:func:`kv_group`);
+    unchanged when the heads already match. Raises as :func:`kv_group` does."""
+    group = kv_group(q, k, v)
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+def grouped_runner(prepare: Callable[[Tensor, Tensor, Tensor], Runner], q: Tensor, k: Tensor,
+                   v: Tensor, native: bool) -> Runner:
+    """``prepare(q, k, v)``; for ``k, v`` of fewer heads than ``q`` and a backend that does not
+    read them ``native``-ly, prepared for and run on their heads repeated (every call)."""
+    if native or k.shape[1] == q.shape[1]:
+        return prepare(q, k, v)
+    inner = prepare(q, *expand_kv_heads(q, k, v))
+    return lambda q, k, v: inner(q, *expand_kv_heads(q, k, v))
 
 
 class BackendUnsupported(NotImplementedError, ValueError):

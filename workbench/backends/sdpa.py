@@ -54,11 +54,14 @@ def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, form: str, scale: float, shift: 
                ) -> Tensor:
     """Attention of all of ``q`` over all of ``k, v``: ``form`` ``"full"``, or ``"causal"``
     (local query ``i`` sees keys ``j <= i + shift``; ``shift`` is 0 or ``Sk - Sq``, as
-    :func:`sdpa_serves` ensures)."""
+    :func:`sdpa_serves` ensures). ``k, v`` may have a divisor of q's heads (grouped-query)."""
+    gqa = k.shape[1] != q.shape[1]
     if form == "causal" and shift:
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=form == "causal", scale=scale)
+            q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale,
+            enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=form == "causal", scale=scale,
+                                          enable_gqa=gqa)
 
 
 def _prepare_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,
@@ -83,7 +86,7 @@ def _prefers(req: Request) -> str:
 BACKEND = Backend(
     "sdpa",
     _run,
-    Capabilities(lse_devices=(), patterns="dense or causal"),
+    Capabilities(lse_devices=(), patterns="dense or causal", grouped_kv=True),
     "PyTorch's scaled_dot_product_attention, for dense or causal patterns",
     refuses=_refuses, prefers=_prefers,
     prepare_pattern=_prepare_pattern,
