@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
 all=(tests copy fwd longnet longnet-grad longnet-fwdbwd memory dilated natural-order
-     natural-order-fwdbwd triton-launch triton-features triton-backward fwdbwd structures layouts
+     natural-order-fwdbwd triton-launch triton-features triton-backward fwdbwd layouts
      hilbert adaptive overhead longest longest-fwdbwd longest-h100-memory)
 two_gpu=(ring2-eff ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
@@ -71,14 +71,6 @@ study() {
             run -m workbench bench --study "${p}_fwdbwd" --seq-lens 16384 65536 \
                 --families dense causal local random10 --variants ours triton flex_natural \
                 sdpa_dense --backward --reps 10 ;;
-        structures)  # layouts, BlockMasks and triton plans at 1M tokens (and a short run)
-            run -m workbench bench --study "${p}_structures" --seq-lens 16384 \
-                --families dense causal local random10 dilated --variants ours --reps 3 \
-                --layout-timing 1048576 ;;
-        hilbert)  # data/03_hilbert_gpu.csv: 2-D neighbourhood attention per token / visit order
-            run -m workbench bench-hilbert --grids 128 256 --radii 4 16 --reps 10 ;;
-        adaptive)  # data/04_selection_cost_gpu.csv: adaptive selection against its attention
-            run -m workbench bench-adaptive --seq-lens 16384 65536 --reps 10 ;;
         layouts)  # data/layouts_1m_<p>.csv: every family's layout and kernel structures at
             # 1M tokens, block 128, per head count and random tiles' cell size
             run -m workbench bench --study "1m_${p}" --families full causal local global_local \
