@@ -250,8 +250,8 @@ def block_sparse_attention(
                          "process_group or a layout: give plan=wb.Plan(..., q_offset=...)")
     if process_group is not None:  # the ring sends whole heads: grouped ones repeated first
         return distributed_ring_attention(
-            q, *expand_kv_heads(q, k, v), pattern, block_size, process_group=process_group, sharding=sharding,
-            backend=backend, scale=scale, return_lse=return_lse, layout=layout,
+            q, *expand_kv_heads(q, k, v), pattern, block_size, process_group=process_group,
+            sharding=sharding, backend=backend, scale=scale, return_lse=return_lse, layout=layout,
             block_order=block_order, dropout=dropout_of(dropout_p, dropout_seed), plan=plan)
     build = None  # the layout, built only if a backend needs it
     if isinstance(layout, BlockLayout):
