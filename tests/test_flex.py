@@ -220,6 +220,23 @@ def test_block_indices_of_an_empty_grid_are_every_column_in_order():
             assert torch.equal(idx[0], sorted_idx[0][..., :idx.shape[-1]])
 
 
+def test_block_indices_refuse_an_out_that_does_not_fit():
+    from workbench.blockmask import empty_lists, sorted_block_indices
+
+    sel = torch.rand(2, 5, 7, generator=torch.Generator().manual_seed(1)) < 0.3
+    n, idx = sorted_block_indices(sel)
+    count, into = empty_lists((2, 5), 7, sel.device)
+    assert sorted_block_indices(sel, out=(count, into))[1] is into and torch.equal(into, idx)
+    for bad in ("x", (count,), (count.long(), into), (count, into[..., :3].contiguous()[:1]),
+                (count, into.transpose(1, 2).contiguous().transpose(1, 2))):
+        with pytest.raises(ValueError, match="out must be"):
+            sorted_block_indices(sel, out=bad)
+    with pytest.raises(ValueError, match="differs from out's width"):
+        sorted_block_indices(sel, width=3, out=(count, into))
+    with pytest.raises(ValueError, match="width must be"):
+        sorted_block_indices(sel, out=empty_lists((2, 5), 8, sel.device))
+
+
 def test_narrow_block_lists_are_the_first_columns_of_the_whole_ones():
     """``width``: each row's first columns of the whole lists, in chunks or not, natural or
     visit order; a narrow mask cuts each direction's two lists to one width, the longest row

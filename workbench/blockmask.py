@@ -32,16 +32,20 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     ``nk``, at least every row's count) keeps a row's first columns only: enough for a reader
     that stops at the count. Rows go ``chunk`` tiles at a time (default :data:`SORT_CHUNK` of
     the device), so the int64 temporaries stay small whatever the length. ``out``: the
-    (count, indices) tensors to fill and return, allocated by the caller (before any
-    temporary, they take no place among the temporaries' freed memory).
+    (count, indices) tensors to fill and return (:func:`empty_lists`), allocated by the caller
+    (before any temporary, they take no place among the temporaries' freed memory); their
+    last size is the width.
 
     Raises:
         ValueError: a ``width`` outside ``[0, nk]``, or shorter than a row's count (checked
-            after the sort: one host-device sync).
+            after the sort: one host-device sync); an ``out`` that is not int32 tensors of
+            these shapes on ``sel``'s device, or of another width than ``width``.
     """
     if chunk is None:
         chunk = SORT_CHUNK.get(sel.device.type, SORT_CHUNK["cuda"])
     nk = sel.shape[-1]
+    if out is not None:
+        width = _check_out(out, sel, width)
     width = nk if width is None else width
     if isinstance(width, bool) or not isinstance(width, int) or not 0 <= width <= nk:
         raise ValueError(f"width must be an int in [0, {nk}] (the columns), got {width!r}")
@@ -78,6 +82,31 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
         raise ValueError(f"width={width} would cut rows of {longest} selected columns: give at "
                          "least the longest row's count")
     return count, out
+
+
+def _check_out(out: object, sel: Tensor, width: int | None) -> int:
+    """The width of ``out``, :func:`sorted_block_indices`'s (count, indices) for ``sel``."""
+    rows = tuple(sel.shape[:-1])
+
+    def fits(x: object, dims: int) -> bool:
+        return (isinstance(x, Tensor) and x.dtype == torch.int32 and x.device == sel.device
+                and x.dim() == dims and tuple(x.shape[:len(rows)]) == rows and x.is_contiguous())
+
+    if not (isinstance(out, tuple) and len(out) == 2 and fits(out[0], len(rows))
+            and fits(out[1], len(rows) + 1)):
+        got = [_described(x) for x in out] if isinstance(out, tuple) else _described(out)
+        raise ValueError(f"out must be (count, indices): contiguous int32 tensors of shapes "
+                         f"{list(rows)} and {list(rows)} + [width] on {sel.device}, got {got}")
+    if width is not None and width != out[1].shape[-1]:
+        raise ValueError(f"width={width!r} differs from out's width {out[1].shape[-1]}")
+    return out[1].shape[-1]
+
+
+def _described(x: object) -> str:
+    """A tensor's shape, dtype and device, or another object's type."""
+    if isinstance(x, Tensor):
+        return f"{list(x.shape)} {x.dtype} on {x.device}"
+    return type(x).__name__
 
 
 def empty_lists(rows: tuple[int, ...], width: int, device: torch.device
@@ -144,8 +173,7 @@ def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tenso
     def lists(tiles: Tensor, into: tuple[Tensor, Tensor], rank: Tensor | None = None
               ) -> list[Tensor]:
         """With a batch axis of 1: every batch element shares them."""
-        width = into[1].shape[-1]
-        return [x[None] for x in sorted_block_indices(tiles, rank, width=width, out=into)]
+        return [x[None] for x in sorted_block_indices(tiles, rank, out=into)]
 
     kv_n, kv_i = lists(partial, kv[0], rank)
     f_n, f_i = lists(full, kv[1], rank)
