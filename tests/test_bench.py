@@ -115,12 +115,28 @@ def test_layout_sweep_has_a_row_per_head_count_and_cell_each_family_takes():
         structures = r["family"] != "dilated"
         assert ("flex_mask_ms" in r) == ("triton_plan_ms" in r) == structures
         # on the CPU the total is the layout and the BlockMask (the triton plan runs on CUDA)
+        assert r["auto_reads"] == ("BlockMask" if structures else None)
         assert r["total_ms"] == pytest.approx(r["build_ms"] + r.get("flex_mask_ms", 0.0))
         assert r["meets_target"] == (r["total_ms"] <= bench.LAYOUT_TARGET_MS["cpu"])
     random32 = rows[5]
     lay = P.random_blocks(0.1, 0, cell=32, num_heads=4).block_structure(8191, 128)
     assert random32["partial_tiles"] == int((lay.active & ~lay.full).sum())
     assert random32["params"] == "density=0.1 cell=32 seed=0"
+
+
+def test_the_sweep_counts_the_structure_auto_reads(monkeypatch):
+    """On CUDA a layout of mostly partial tiles is read through the triton plan, unless its bit
+    masks exceed the budget; everything else, and everything on the CPU, through a BlockMask."""
+    from workbench.backends import triton_sparse as T
+
+    partial = P.dilated([256, 512], [1, 4], num_heads=4).block_structure(2048, 64)
+    mostly_full = (P.local_window(300) & P.causal()).block_structure(2048, 64)
+    assert T.partial_share(partial) >= T.PARTIAL_HEAVY > T.partial_share(mostly_full)
+    assert bench.auto_structure(partial, "cuda") == "triton plan"
+    assert bench.auto_structure(partial, "cpu") == "BlockMask"
+    assert bench.auto_structure(mostly_full, "cuda") == "BlockMask"
+    monkeypatch.setattr(T, "BITS_BUDGET", T.plan_bits_bytes(partial) - 1)
+    assert bench.auto_structure(partial, "cuda") == "BlockMask"
 
 
 def test_layout_sweep_skips_cases_predicted_too_slow_or_too_large():

@@ -29,8 +29,8 @@ from .registry import Backend, Capabilities, Request, Runner
 
 __all__ = ["BACKEND", "BITS_BUDGET", "KERNELS", "PARTIAL_HEAVY", "BackwardConfig", "ColumnPlan",
            "KernelConfig", "SparsePlan", "build_column_plan", "build_plan", "cached_plan",
-           "default_configs", "jit_kernel", "partial_share", "plan_bits_bytes",
-           "prepare_triton", "triton_attention", "unsupported"]
+           "default_configs", "jit_kernel", "partial_share", "plan_bits_bytes", "prepare_triton",
+           "suits_layout", "triton_attention", "unsupported"]
 
 _LOG2E = 1.4426950408889634
 _BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
@@ -337,15 +337,22 @@ def plan_bits_bytes(layout: BlockLayout) -> int:
     return (active - full) * layout.block_size ** 2 // 8
 
 
+def suits_layout(layout: BlockLayout) -> str | None:
+    """Why ``auto`` would run the triton kernels on ``layout`` on CUDA (at least
+    :data:`PARTIAL_HEAVY` of its active tiles partial, their bit masks within
+    :data:`BITS_BUDGET`), or None when it leaves the layout to FlexAttention."""
+    share = partial_share(layout)
+    if share < PARTIAL_HEAVY or plan_bits_bytes(layout) > BITS_BUDGET:
+        return None
+    return (f"{share:.0%} of the active tiles are partial (at least {PARTIAL_HEAVY:.0%}): the "
+            "triton kernels read one bit per pair there")
+
+
 def _prefers(req: Request) -> str | None:
     lay = req.layout
     if lay is None or req.device_type != "cuda" or req.q.shape[-1] > 128:
         return None
-    share = partial_share(lay)
-    if share < PARTIAL_HEAVY or plan_bits_bytes(lay) > BITS_BUDGET:
-        return None
-    return (f"{share:.0%} of the active tiles are partial (at least {PARTIAL_HEAVY:.0%}): the "
-            "triton kernels read one bit per pair there")
+    return suits_layout(lay)
 
 
 FP_FUSION = True

@@ -28,12 +28,12 @@ from torch import Tensor
 from .. import patterns as P
 from ..attention import BlockSparseAttention
 from ..dilated import DilatedAttention
-from ..layout import num_blocks
+from ..layout import BlockLayout, num_blocks
 from ..plan import canonical_device
 from .records import environment, write_csv
 
 __all__ = ["BenchConfig", "DEFAULT_FAMILIES", "DTYPES", "LAYOUT_TARGET_MS", "RECORDED",
-           "VARIANTS", "bench_families", "family_pattern", "layout_build_time",
+           "VARIANTS", "auto_structure", "bench_families", "family_pattern", "layout_build_time",
            "longnet_families", "run_bench", "time_and_peak", "time_fn"]
 
 RECORDED: dict[str, tuple[str, dict]] = {
@@ -596,11 +596,22 @@ def _layout_cases(seq_len: int, families: Iterable[str], heads: Sequence[int],
     return cases
 
 
+def auto_structure(layout: BlockLayout, device_type: str) -> str:
+    """``"triton plan"`` or ``"BlockMask"``: the structure that the kernel ``backend="auto"``
+    runs on ``layout`` reads on this device type (the triton kernels on CUDA where
+    :func:`~workbench.backends.triton_sparse.suits_layout`; else FlexAttention)."""
+    from ..backends.triton_sparse import suits_layout
+
+    suits = device_type == "cuda" and suits_layout(layout) is not None
+    return "triton plan" if suits else "BlockMask"
+
+
 def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size: int,
                  dev: torch.device, reps: int, max_gib: float,
                  plan_skip: str | None = None) -> tuple[dict, dict]:
     """One case of :func:`layout_build_time`: its median times and the columns ``layout_mib``,
-    ``partial_tiles`` and ``status`` (``plan_skip``: why the triton plan is not built)."""
+    ``partial_tiles``, ``auto_reads`` and ``status`` (``plan_skip``: why the triton plan is not
+    built; never skipped where ``auto`` reads it)."""
     from ..backends import Problem
     from ..backends.flex import build_block_mask
     from ..backends.triton_sparse import build_plan
@@ -612,9 +623,11 @@ def _time_layout(pattern: P.Pattern, structures: bool, seq_len: int, block_size:
         gc.collect()
         lay, ms = _timed_ms(lambda: pattern.block_structure(seq_len, block_size, dev), dev)
         times["build_ms"].append(ms)
-    extra: dict = {"partial_tiles": None, "status": "ok",
+    extra: dict = {"partial_tiles": None, "auto_reads": None, "status": "ok",
                    "layout_mib": round(lay.active.numel() * 2 / 2**20, 1)}
     if structures:
+        extra["auto_reads"] = auto_structure(lay, dev.type)
+        plan_skip = None if extra["auto_reads"] == "triton plan" else plan_skip
         predicate = pattern.predicate(dev)
         prob = Problem(lay, predicate, 1.0, pattern=pattern)
         warm = Problem(small, predicate, 1.0, pattern=pattern)  # compiles what the timed calls run
@@ -647,8 +660,11 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     (``flex_mask_ms``) and the triton plan (``triton_plan_ms``); dilated families get none.
 
     One row per family, head count in ``heads`` (1 for a builder without ``num_heads``) and
-    size in ``cells`` (for a builder with ``cell``). ``total_ms``: the layout plus the slower
-    structure a kernel on the device reads; ``meets_target``: against :data:`LAYOUT_TARGET_MS`.
+    size in ``cells`` (for a builder with ``cell``). ``auto_reads``: the structure of the
+    kernel ``backend="auto"`` runs on the layout there (on CUDA the triton plan where
+    :func:`~workbench.backends.triton_sparse.suits_layout`, else the ``BlockMask``; on the CPU
+    the ``BlockMask`` of its one compiled kernel). ``total_ms``: the layout plus that structure;
+    ``meets_target``: against :data:`LAYOUT_TARGET_MS`.
     A case whose layout and ``BlockMask`` are predicted (from its family's last) to exceed
     ``max_seconds``, or whose layout and lists would exceed ``max_gib``, is not run, and a
     triton plan predicted so is not built; ``status`` says why. ``on_row`` is given each row
@@ -657,8 +673,7 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
-    on_cuda = dev.type == "cuda"
-    target = LAYOUT_TARGET_MS["cuda" if on_cuda else "cpu"]
+    target = LAYOUT_TARGET_MS["cuda" if dev.type == "cuda" else "cpu"]
     counts = [heads] if isinstance(heads, int) else list(heads)
     cases = _layout_cases(seq_len, families, counts, list(cells))
     tiles = num_blocks(seq_len, block_size) ** 2
@@ -691,8 +706,8 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
                      if predicted["plan"] > max_seconds else None)
         med, extra = _time_layout(pattern, family not in longnet, seq_len,
                                   block_size, dev, reps, max_gib, plan_skip)
-        total = med["build_ms"] + max(med.get("flex_mask_ms", 0.0),
-                                      med.get("triton_plan_ms", 0.0) if on_cuda else 0.0)
+        reads = {"BlockMask": "flex_mask_ms", "triton plan": "triton_plan_ms"}
+        total = med["build_ms"] + med.get(reads.get(extra["auto_reads"], ""), 0.0)
         last[family] = (med, h, cell_count)
         if "triton_plan_ms" in med:
             plan_ms[family] = med["triton_plan_ms"] / h
