@@ -157,10 +157,16 @@ def test_grouped_query_heads_match_repeated_heads(heads_kv, backend):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", pytest.param("flex", marks=pytest.mark.slow)])
-def test_backends_that_read_grouped_heads_get_them_unrepeated(backend, monkeypatch):
-    """sdpa and flex read grouped-query k, v as they are (with repeating made to fail, they
-    still match the float64 reference, sdpa forward and backward, flex's CPU kernel forward);
+CUDA_ONLY = [pytest.mark.gpu,
+             pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("backend, device", [
+    ("sdpa", "cpu"), pytest.param("flex", "cpu", marks=pytest.mark.slow),
+    pytest.param("sdpa", "cuda", marks=CUDA_ONLY), pytest.param("flex", "cuda", marks=CUDA_ONLY)])
+def test_backends_that_read_grouped_heads_get_them_unrepeated(backend, device, monkeypatch):
+    """sdpa and flex read grouped-query k, v as they are: with repeating made to fail, they
+    still match the float64 reference, forward and backward (flex's CPU kernel: forward only);
     a backend that cannot is given them repeated."""
     from workbench.backends import registry
 
@@ -169,23 +175,24 @@ def test_backends_that_read_grouped_heads_get_them_unrepeated(backend, monkeypat
 
     monkeypatch.setattr(registry, "expand_kv_heads", no_repeat)
     pattern = P.causal() if backend == "sdpa" else P.local_window(20, causal=True)
-    q, k, v = _inputs("cpu", 37, 37, heads_kv=2, grad=backend == "sdpa")
-    if backend == "flex":  # its CPU kernel: float32, inference
+    grad = backend == "sdpa" or device == "cuda"
+    q, k, v = _inputs(device, 37, 37, heads_kv=2, grad=grad)
+    if (backend, device) == ("flex", "cpu"):  # its CPU kernel: float32, inference
         q, k, v = (x.float() for x in (q, k, v))
-    with torch.set_grad_enabled(backend == "sdpa"):
-        out = wb.block_sparse_attention(q, k, v, pattern, 16, backend=backend)
+    with torch.set_grad_enabled(grad):
+        out = wb.block_sparse_attention(q, k, v, pattern, BLOCK[device], backend=backend)
     ref = dense_reference(q, k, v, pattern, 0)
-    tol = 1e-9 if backend == "sdpa" else 1e-5
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    if backend == "sdpa":
+    tol = {"cpu": 1e-9 if backend == "sdpa" else 1e-5, "cuda": TOL["cuda"]}[device]
+    torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
+    if grad:
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2),
                         dtype=torch.float64)
-        mine = torch.autograd.grad((out * w).sum(), (q, k, v))
+        mine = torch.autograd.grad((out * w.to(out)).sum(), (q, k, v))
         theirs = torch.autograd.grad((ref * w).sum(), (q, k, v))
         for a, b in zip(mine, theirs):
-            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+            torch.testing.assert_close(a.double().cpu(), b.double().cpu(), atol=tol, rtol=tol)
     with pytest.raises(AssertionError, match="repeated"), torch.no_grad():
-        wb.block_sparse_attention(q, k, v, pattern, 16, backend="blockwise")
+        wb.block_sparse_attention(q, k, v, pattern, BLOCK[device], backend="blockwise")
 
 
 def test_the_module_takes_grouped_query_heads_as_the_function_does():
