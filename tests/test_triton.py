@@ -71,7 +71,10 @@ def test_plan_bits_are_the_token_mask_of_the_partial_tiles():
     (64, 128, 1000, 333, (96, 64), "hilbert", 32),  # a query offset on 32, not on the cell
     (128, 64, 333, 1000, (0, 128), None, 64),  # each tile inside one cell
     (256, 128, 1000, 1000, (256, 64), "hilbert", 64),  # a key offset off the tiles
-    (64, 128, 1000, 1000, (16, 0), None, 1),  # offset off the word grid: token by token
+    (64, 128, 1000, 1000, (16, 0), None, 16),  # an offset off the word grid: squares of 16
+    (8, 64, 333, 333, (0, 0), "hilbert", 8),  # cells narrower than a word: bytes
+    (4, 64, 333, 333, (0, 0), None, 4),  # narrower than a byte: answers spread, then packed
+    (64, 128, 1000, 1000, (3, 0), None, 1),  # an odd offset: token by token
 ])
 def test_plan_bits_on_a_grain_equal_the_token_predicates(cell, block, q_len, k_len, offsets,
                                                          order, side):

@@ -160,14 +160,14 @@ def _grain(problem: Problem, block: int) -> int:
 
 def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
     """Bit masks of the allowed pairs of ``tiles`` ``[t, 3]`` (layout head, query block, key
-    block): the token predicate evaluated tile by tile, padding never allowed. On a grain ``g
-    >= 32`` (:func:`_grain`) it is evaluated once per ``g x g`` square, whose words are then
-    all ones or all zeros (padding cleared after)."""
+    block): the token predicate evaluated once per ``g x g`` square of its grain ``g``
+    (:func:`_grain`), padding never allowed. From ``g >= 8`` each square's bytes are all ones
+    or all zeros (padding cleared after); below, each answer is spread over its square's pairs
+    before they are packed."""
     b, dev, w = lay.block_size, tiles.device, lay.block_size // 32
     alloc = torch.empty if tiles.shape[0] else torch.zeros  # every tile's rows are written
     out = alloc(max(1, tiles.shape[0]), b, w, dtype=torch.int32, device=dev)
     g = _grain(problem, b)
-    g = g if g >= 32 else 1
     n, ar = b // g, torch.arange(b, device=dev)
     step = max(1, _BITS_BUDGET // (b * b))
     for t0 in range(0, tiles.shape[0], step):
@@ -179,14 +179,18 @@ def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
         ok = problem.allowed(h, qi[:, ::g].clamp(max=lay.q_len - 1) + problem.q_offset,
                              ki[..., ::g].clamp(max=lay.k_len - 1) + problem.k_offset)
         q_real, k_real = qi < lay.q_len, ki < lay.k_len
-        if g == 1:
+        if g < 8:
+            if g > 1:  # (the predicate's answer may broadcast)
+                ok = ok.expand(m, n, n)[:, :, None, :, None].expand(m, n, g, n, g)
+                ok = ok.reshape(m, b, b)
             o.copy_(_pack_bits(ok & q_real & k_real))
             continue
-        # each square's 32-key words are -1 or 0: cleared past k_len bit by bit, then copied
-        # to the square's g rows, then the rows past q_len cleared
-        words = -ok.to(torch.int32).expand(m, n, n)[..., None].expand(m, n, n, g // 32)
+        # each square's bytes are 0xFF or 0: a square row's words, cleared past k_len bit by
+        # bit, are copied to its g rows, then the rows past q_len cleared
+        byte = -ok.to(torch.int8).expand(m, n, n)[..., None].expand(m, n, n, g // 8)
+        words = byte.reshape(m, n, b // 8).contiguous().view(torch.int32)
         keys = _pack_bits(k_real.expand(m, 1, b))
-        o.view(m, n, g, w).copy_((words.reshape(m, n, w) & keys)[:, :, None])
+        o.view(m, n, g, w).copy_((words & keys)[:, :, None])
         if lay.q_len % b:
             o.masked_fill_(~q_real, 0)
     return out
