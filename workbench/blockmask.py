@@ -56,19 +56,25 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, width), count.view(-1)
     ranks = None if rank is None else rank.reshape(flat.shape)
     step = max(1, chunk // max(1, nk))  # rows (of every head) per step
-    # cut rows are placed whole in a chunk-sized buffer, then their first columns copied
+    rows = min(step, flat.shape[0])
+    # one step's places, in two buffers used by every step (fresh temporaries would cost a
+    # CPU its page faults each step); cut rows are placed whole in a third, then their first
+    # columns copied
+    place, other = (torch.empty(rows if ranks is None else 0, nk, dtype=torch.int64,
+                                device=sel.device) for _ in range(2))
     whole = (None if width == nk or ranks is not None else
-             torch.empty(min(step, flat.shape[0]), nk, dtype=torch.int32, device=sel.device))
+             torch.empty(rows, nk, dtype=torch.int32, device=sel.device))
     for r0 in range(0, flat.shape[0], step):
         part = flat[r0:r0 + step]
         if ranks is None:
-            taken = part.to(torch.int32)
-            upto = torch.cumsum(taken, -1, dtype=torch.int32)
-            left = upto - taken  # selected columns left of c
-            n = upto[:, -1:]
-            place = torch.where(part, left, n + cols - left).to(torch.int64)
-            dest = out_rows[r0:r0 + step] if whole is None else whole[:len(part)]
-            dest.scatter_(-1, place, cols.expand_as(place))
+            m = len(part)
+            upto = torch.cumsum(part, -1, dtype=torch.int64, out=place[:m])  # selected up to c
+            n = upto[:, -1:].clone()
+            # a selected column goes to its rank among the selected, another after them all
+            others = torch.sub(cols, upto, out=other[:m]).add_(n)
+            at = torch.where(part, upto.sub_(1), others, out=upto)
+            dest = out_rows[r0:r0 + step] if whole is None else whole[:m]
+            dest.scatter_(-1, at, cols.expand_as(at))
             if whole is not None:
                 out_rows[r0:r0 + step] = dest[:, :width]
             counts[r0:r0 + step] = n[:, 0]
