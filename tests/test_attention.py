@@ -49,7 +49,7 @@ def test_blockwise_evaluates_a_layouts_token_masks_once_within_its_budget(monkey
 
     if not keeps_masks:
         monkeypatch.setattr(bw, "MASK_BUDGET", 0)
-    monkeypatch.setattr(bw, "_SCORE_BUDGET", 2 * 64 * 64 * 5)  # 5 tiles a chunk: masks span them
+    monkeypatch.setitem(bw._SCORE_BUDGET, "cpu", 2 * 64 * 64 * 5)  # 5 tiles a chunk, masks span
     evaluated = []
     real = bw._tile_masks
     monkeypatch.setattr(bw, "_tile_masks", lambda pr, t: evaluated.append(len(t)) or real(pr, t))

@@ -248,7 +248,7 @@ def test_post_pattern_order_small_chunks(monkeypatch):
     """Curve order interleaves query rows inside a chunk and across chunks."""
     import workbench.backends.blockwise as bw
 
-    monkeypatch.setattr(bw, "_SCORE_BUDGET", 16 * 16 * 3)  # 3 tiles per chunk
+    monkeypatch.setitem(bw._SCORE_BUDGET, "cpu", 16 * 16 * 3)  # 3 tiles per chunk
     pattern = ORD.grid_neighborhood((8, 12), 3, "raster")
     q, k, v = make_qkv(b=1, h=1, s=96, d=8)
     o0 = wb.block_sparse_attention(q, k, v, pattern, 16, backend="reference")

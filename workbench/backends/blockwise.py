@@ -25,7 +25,14 @@ from .registry import Backend, Capabilities, Request, Runner
 
 __all__ = ["BACKEND", "blockwise_attention", "prepare_blockwise"]
 
-_SCORE_BUDGET = 1 << 23  # score elements materialized per chunk
+_SCORE_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 23}
+"""Score elements materialized per chunk, by device type (others use the GPU's): on a CPU a
+chunk small enough to be served from memory already mapped (a larger one is mapped afresh,
+page by page, every chunk); on a GPU large ones keep the launches few."""
+
+
+def _score_budget(device: torch.device) -> int:
+    return _SCORE_BUDGET.get(device.type, _SCORE_BUDGET["cuda"])
 MASK_BUDGET = 1 << 28
 """Bytes of tile token masks kept with a layout; beyond it they are evaluated at every call."""
 
@@ -86,7 +93,7 @@ def _layout_tiles(problem: Problem, num_heads: int, device: torch.device) -> _Ti
             return _Tiles(tiles, needs, start, None)
         needing = tiles[needs]
         masks = torch.empty(needing.shape[0], b, b, dtype=torch.bool, device=device)
-        step = max(1, _SCORE_BUDGET // (b * b))  # the predicate's int64 temporaries stay small
+        step = max(1, _score_budget(device) // (b * b))  # small int64 temporaries
         for i in range(0, needing.shape[0], step):
             masks[i:i + step] = _tile_masks(problem, needing[i:i + step])
         return _Tiles(tiles, needs, start, masks)
@@ -179,7 +186,7 @@ class _Values:
         allowed = torch.ones(p.shape[1:], dtype=torch.bool, device=p.device)
         allowed[needs.nonzero().squeeze(1)] = masks
         b, d = p.shape[-1], self.rest.shape[-1]
-        step = max(1, _SCORE_BUDGET // (p.shape[0] * b * b * d))
+        step = max(1, _score_budget(p.device) // (p.shape[0] * b * b * d))
         for part in hit.split(step):
             terms = p[:, part, :, :, None] * self.rest[:, rk[part], None, :, :]
             pv[:, part] += torch.where(allowed[part, :, :, None], terms, 0.0).sum(-2)
@@ -328,7 +335,7 @@ def prepare_blockwise(q: Tensor, k: Tensor, v: Tensor, problem: Problem,
                       need_lse: bool = True) -> Runner:
     """:func:`blockwise_attention` with the tile plan of these inputs ready:
     ``runner(q, k, v) -> (out, lse)`` (the log-sum-exp comes whatever ``need_lse``)."""
-    chunk = max(1, _SCORE_BUDGET // (q.shape[0] * problem.layout.block_size ** 2))
+    chunk = max(1, _score_budget(q.device) // (q.shape[0] * problem.layout.block_size ** 2))
     plan = _TilePlan(problem, q.shape[1], _layout_tiles(problem, q.shape[1], q.device), chunk)
     mod = problem.score_mod
 
