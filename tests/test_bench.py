@@ -139,6 +139,22 @@ def test_the_sweep_counts_the_structure_auto_reads(monkeypatch):
     assert bench.auto_structure(partial, "cuda") == "BlockMask"
 
 
+def test_a_sweep_without_the_structure_auto_reads_gives_no_total(monkeypatch):
+    """Where auto would read the triton plan and the plan cannot be built, the case has no
+    total (never the layout alone) and does not meet the target."""
+    from workbench.backends import triton_sparse as T
+
+    def no_plan(*args, **kwargs):
+        raise ValueError("the triton plan's bit masks need too much")
+
+    monkeypatch.setattr(bench, "auto_structure", lambda layout, device_type: "triton plan")
+    monkeypatch.setattr(T, "build_plan", no_plan)
+    [row] = bench.layout_build_time(4096, 128, ["local"], 1, "cpu")
+    assert row["auto_reads"] == "triton plan" and "triton_plan_ms" not in row
+    assert row["status"].startswith("no triton plan: the triton plan's bit masks")
+    assert row["total_ms"] is None and row["meets_target"] is False
+
+
 def test_layout_sweep_skips_cases_predicted_too_slow_or_too_large():
     slow = bench.layout_build_time(4096, 64, ["random"], [1, 2], "cpu", cells=[64, 16],
                                    max_seconds=1e-9)

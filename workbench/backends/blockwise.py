@@ -29,12 +29,13 @@ _SCORE_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 23}
 """Score elements materialized per chunk, by device type (others use the GPU's): on a CPU a
 chunk small enough to be served from memory already mapped (a larger one is mapped afresh,
 page by page, every chunk); on a GPU large ones keep the launches few."""
+MASK_BUDGET = 1 << 28
+"""Bytes of tile token masks kept with a layout; beyond it they are evaluated at every call."""
 
 
 def _score_budget(device: torch.device) -> int:
+    """:data:`_SCORE_BUDGET` of ``device``'s type."""
     return _SCORE_BUDGET.get(device.type, _SCORE_BUDGET["cuda"])
-MASK_BUDGET = 1 << 28
-"""Bytes of tile token masks kept with a layout; beyond it they are evaluated at every call."""
 
 
 @dataclass(frozen=True)

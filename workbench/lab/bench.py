@@ -663,8 +663,8 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
     size in ``cells`` (for a builder with ``cell``). ``auto_reads``: the structure of the
     kernel ``backend="auto"`` runs on the layout there (on CUDA the triton plan where
     :func:`~workbench.backends.triton_sparse.suits_layout`, else the ``BlockMask``; on the CPU
-    the ``BlockMask`` of its one compiled kernel). ``total_ms``: the layout plus that structure;
-    ``meets_target``: against :data:`LAYOUT_TARGET_MS`.
+    the ``BlockMask`` of its one compiled kernel). ``total_ms``: the layout plus that structure
+    (None when it could not be built); ``meets_target``: against :data:`LAYOUT_TARGET_MS`.
     A case whose layout and ``BlockMask`` are predicted (from its family's last) to exceed
     ``max_seconds``, or whose layout and lists would exceed ``max_gib``, is not run, and a
     triton plan predicted so is not built; ``status`` says why. ``on_row`` is given each row
@@ -706,13 +706,16 @@ def layout_build_time(seq_len: int, block_size: int, families: Iterable[str],
                      if predicted["plan"] > max_seconds else None)
         med, extra = _time_layout(pattern, family not in longnet, seq_len,
                                   block_size, dev, reps, max_gib, plan_skip)
-        reads = {"BlockMask": "flex_mask_ms", "triton plan": "triton_plan_ms"}
-        total = med["build_ms"] + med.get(reads.get(extra["auto_reads"], ""), 0.0)
+        # no structure for a dilated family; none timed (its build failed): no total
+        read = {"BlockMask": "flex_mask_ms", "triton plan": "triton_plan_ms"}.get(
+            extra["auto_reads"])
+        structure = 0.0 if read is None else med.get(read)
+        total = None if structure is None else med["build_ms"] + structure
         last[family] = (med, h, cell_count)
         if "triton_plan_ms" in med:
             plan_ms[family] = med["triton_plan_ms"] / h
-        rows.append({**row, **med, "total_ms": round(total, 2),
-                     "meets_target": total <= target, **extra})
+        rows.append({**row, **med, "total_ms": None if total is None else round(total, 2),
+                     "meets_target": total is not None and total <= target, **extra})
         if on_row:
             on_row(rows[-1])
     return rows
