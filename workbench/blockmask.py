@@ -51,7 +51,8 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
         raise ValueError(f"width must be an int in [0, {nk}] (the columns), got {width!r}")
     count, out = out if out is not None else empty_lists(sel.shape[:-1], width, sel.device)
     cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
-    if not sel.any():  # one pass and one sync: a grid with nothing selected needs no sort
+    if sel.device.type == "cpu" and not sel.any():  # nothing selected: no sort (on a GPU,
+        # asking would wait for it)
         return count.zero_(), out.copy_(cols[:width].expand_as(out))
     flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, width), count.view(-1)
     ranks = None if rank is None else rank.reshape(flat.shape)
