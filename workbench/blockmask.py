@@ -61,19 +61,20 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     # one step's places, in two buffers used by every step (fresh temporaries would cost a
     # CPU its page faults each step); cut rows are placed whole in a third, then their first
     # columns copied
-    place, other = (torch.empty(rows if ranks is None else 0, nk, dtype=torch.int64,
-                                device=sel.device) for _ in range(2))
+    upto_buf, other = (torch.empty(rows if ranks is None else 0, nk, dtype=torch.int32,
+                                   device=sel.device) for _ in range(2))
+    place = torch.empty_like(upto_buf, dtype=torch.int64)  # what scatter_ takes
     whole = (None if width == nk or ranks is not None else
              torch.empty(rows, nk, dtype=torch.int32, device=sel.device))
     for r0 in range(0, flat.shape[0], step):
         part = flat[r0:r0 + step]
         if ranks is None:
             m = len(part)
-            upto = torch.cumsum(part, -1, dtype=torch.int64, out=place[:m])  # selected up to c
+            upto = torch.cumsum(part, -1, dtype=torch.int32, out=upto_buf[:m])  # selected <= c
             n = upto[:, -1:].clone()
             # a selected column goes to its rank among the selected, another after them all
             others = torch.sub(cols, upto, out=other[:m]).add_(n)
-            at = torch.where(part, upto.sub_(1), others, out=upto)
+            at = place[:m].copy_(torch.where(part, upto.sub_(1), others, out=upto))
             dest = out_rows[r0:r0 + step] if whole is None else whole[:m]
             dest.scatter_(-1, at, cols.expand_as(at))
             if whole is not None:
