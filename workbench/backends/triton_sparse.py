@@ -33,7 +33,7 @@ __all__ = ["BACKEND", "BITS_BUDGET", "KERNELS", "PARTIAL_HEAVY", "BackwardConfig
            "suits_layout", "triton_attention", "unsupported"]
 
 _LOG2E = 1.4426950408889634
-_BITS_BUDGET = 1 << 24  # pairs evaluated per step when the partial tiles' bit masks are built
+_BITS_BUDGET = 1 << 24  # bytes of temporaries per step when the partial tiles' bit masks are built
 
 
 def _interpreted() -> bool:
@@ -169,7 +169,8 @@ def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
     out = alloc(max(1, tiles.shape[0]), b, w, dtype=torch.int32, device=dev)
     g = _grain(problem, b)
     n, ar = b // g, torch.arange(b, device=dev)
-    step = max(1, _BITS_BUDGET // (b * b))
+    # a tile's largest temporary: its pairs below a grain of 8, its squares' row bytes from 8
+    step = max(1, _BITS_BUDGET // (b * b if g < 8 else n * b))
     for t0 in range(0, tiles.shape[0], step):
         t = tiles[t0:t0 + step]
         o, m = out[t0:t0 + t.shape[0]], t.shape[0]
