@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import make_qkv
@@ -261,11 +263,18 @@ def test_narrow_block_lists_are_the_first_columns_of_the_whole_ones():
             sorted_block_indices(sel, width=bad)
     from workbench.orderings import visit_rank
 
-    pattern = P.random_blocks(0.3, seed=1, cell=32, num_heads=2) | P.local_window(40)
-    layout = pattern.block_structure(333, 32)
-    widths = {"kv": int(layout.active.sum(-1).max()), "q": int(layout.active.sum(-2).max())}
-    assert widths["kv"] < layout.shape[2] and widths["q"] < layout.shape[1]
-    for order in (None, "hilbert"):
+    # partial and full tiles; full ones only (an empty grid is not sorted), then ragged (the
+    # last row and column partial); partial ones only
+    cells = P.random_blocks(0.3, seed=2, cell=32, num_heads=2)
+    cases = [(P.random_blocks(0.3, seed=1, cell=32, num_heads=2) | P.local_window(40), 333),
+             (cells, 320), (cells, 333), (P.local_window(5), 320)]
+    only_full, only_partial = (p.block_structure(n, 32) for p, n in (cases[1], cases[3]))
+    assert not (only_full.active ^ only_full.full).any() and not only_partial.full.any()
+    for (pattern, length), order in itertools.product(cases, (None, "hilbert")):
+        layout = pattern.block_structure(length, 32)
+        widths = {"kv": int(layout.active.sum(-1).max()), "q": int(layout.active.sum(-2).max())}
+        if pattern is cases[0][0]:
+            assert widths["kv"] < layout.shape[2] and widths["q"] < layout.shape[1]
         rank = visit_rank(layout, order)
         wide = block_mask_from_layout(layout, pattern.predicate("cpu"), rank=rank)
         thin = block_mask_from_layout(layout, pattern.predicate("cpu"), rank=rank, narrow=True)

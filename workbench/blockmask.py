@@ -23,8 +23,8 @@ on a GPU large ones keep the number of kernel launches down (others use the GPU'
 
 
 def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | None = None,
-                         width: int | None = None, out: tuple[Tensor, Tensor] | None = None
-                         ) -> tuple[Tensor, Tensor]:
+                         width: int | None = None, out: tuple[Tensor, Tensor] | None = None,
+                         selected: bool | None = None) -> tuple[Tensor, Tensor]:
     """(count ``[H, nq]``, column indices ``[H, nq, width]`` with selected ones first), int32.
 
     Selected columns come in increasing order (or by ``rank``, int64 ``[H, nq, nk]``: each
@@ -34,7 +34,9 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     the device), so the int64 temporaries stay small whatever the length. ``out``: the
     (count, indices) tensors to fill and return (:func:`empty_lists`), allocated by the caller
     (before any temporary, they take no place among the temporaries' freed memory); their
-    last size is the width.
+    last size is the width. ``selected``: whether ``sel`` has a selected tile, where the caller
+    knows (``False`` skips the sort); ``None`` asks on a CPU and assumes so on a GPU, where
+    asking would wait for it.
 
     Raises:
         ValueError: a ``width`` outside ``[0, nk]``, or shorter than a row's count (checked
@@ -51,8 +53,9 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
         raise ValueError(f"width must be an int in [0, {nk}] (the columns), got {width!r}")
     count, out = out if out is not None else empty_lists(sel.shape[:-1], width, sel.device)
     cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
-    if sel.device.type == "cpu" and not sel.any():  # nothing selected: no sort (on a GPU,
-        # asking would wait for it)
+    if selected is None and sel.device.type == "cpu":
+        selected = bool(sel.any())
+    if selected is False:
         return count.zero_(), out.copy_(cols[:width].expand_as(out))
     flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, width), count.view(-1)
     ranks = None if rank is None else rank.reshape(flat.shape)
@@ -125,6 +128,18 @@ def empty_lists(rows: tuple[int, ...], width: int, device: torch.device
             torch.empty(*rows, width, dtype=torch.int32, device=device))
 
 
+def _list_extents(layout: BlockLayout) -> tuple[int, int, bool, bool]:
+    """(longest row, longest column of active tiles, at least 1; whether any tile is partial,
+    whether any is full), read in one host-device sync; no temporary of the grid's size
+    (ragged last tiles count as partial)."""
+    b, active = layout.block_size, layout.active
+    nq, nk = active.shape[1] - bool(layout.q_len % b), active.shape[2] - bool(layout.k_len % b)
+    n_active, n_full = active.sum(), layout.full[:, :nq, :nk].sum()
+    row, col = (active.sum(d).amax().clamp(min=1) for d in (-1, -2))
+    rows, cols, partial, full = torch.stack([row, col, n_active > n_full, n_full > 0]).tolist()
+    return rows, cols, bool(partial), bool(full)
+
+
 def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tensor, Tensor], Tensor],
                            *, q_offset: int | Tensor = 0, k_offset: int | Tensor = 0,
                            rank: Tensor | None = None, backward: bool = True,
@@ -162,8 +177,10 @@ def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tenso
     heads, nq, nk = layout.active.shape
     # the full and partial lists of one direction keep one width: the kernels read both by
     # the strides of one
-    rows, cols = (torch.stack([layout.active.sum(d).amax() for d in (-1, -2)]).clamp(min=1)
-                  .tolist() if narrow else (nk, nq))
+    # (and, in the same sync, whether there are partial and full tiles: an empty grid is not
+    # sorted)
+    rows, cols, has_partial, has_full = (_list_extents(layout) if narrow else
+                                         (nk, nq, None, None))
     # every list is allocated before the temporaries that fill it: lists placed among the
     # temporaries' freed memory would keep it reserved
     dev = layout.active.device
@@ -178,17 +195,18 @@ def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tenso
             full[:, :, -1] = False
     partial = layout.active ^ full  # full tiles are active ones
 
-    def lists(tiles: Tensor, into: tuple[Tensor, Tensor], rank: Tensor | None = None
-              ) -> list[Tensor]:
+    def lists(tiles: Tensor, into: tuple[Tensor, Tensor], selected: bool | None,
+              rank: Tensor | None = None) -> list[Tensor]:
         """With a batch axis of 1: every batch element shares them."""
-        return [x[None] for x in sorted_block_indices(tiles, rank, out=into)]
+        return [x[None] for x in sorted_block_indices(tiles, rank, out=into, selected=selected)]
 
-    kv_n, kv_i = lists(partial, kv[0], rank)
-    f_n, f_i = lists(full, kv[1], rank)
+    kv_n, kv_i = lists(partial, kv[0], has_partial, rank)
+    f_n, f_i = lists(full, kv[1], has_full, rank)
     # query-major lists: every query block of a key block, in increasing order (as
     # FlexAttention's own transpose gives them)
-    q_n, q_i, fq_n, fq_i = ([*lists(partial.transpose(1, 2), qm[0]),
-                             *lists(full.transpose(1, 2), qm[1])] if backward else [None] * 4)
+    q_n, q_i, fq_n, fq_i = ([*lists(partial.transpose(1, 2), qm[0], has_partial),
+                             *lists(full.transpose(1, 2), qm[1], has_full)]
+                            if backward else [None] * 4)
 
     def mask_mod(bi, h, qi, ki):
         q_in = torch.clamp(qi, max=q_len - 1) + q_offset  # padding asks about a real position
