@@ -300,6 +300,12 @@ def test_a_plan_whose_bit_masks_cannot_fit_says_so_before_allocating(monkeypatch
     with pytest.raises(ValueError, match=r"need 2.0 GiB, more than the 1.0 GiB free.*flex"):
         T._check_bits_fit(2**20, 128, torch.device("cuda"))
     T._check_bits_fit(2**20, 128, torch.device("cpu"))  # the CPU is not asked
+    # what the allocator holds unused counts as free: it releases it before it fails
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2**30)
+    T._check_bits_fit(2**20, 128, torch.device("cuda"))  # 2 GiB of 3 GiB
+    with pytest.raises(ValueError, match=r"need 4.0 GiB, more than the 3.0 GiB free"):
+        T._check_bits_fit(2**21, 128, torch.device("cuda"))
 
 
 def test_no_jitted_function_returns_from_inside_a_branch():

@@ -209,10 +209,12 @@ def _tile_classes(lay: BlockLayout) -> tuple[Tensor, Tensor]:
 
 def _check_bits_fit(partial_tiles: int, block: int, device: torch.device) -> None:
     """A clear error, before allocating, when the bit masks of ``partial_tiles`` tiles would not
-    fit in the GPU's free memory."""
+    fit in the GPU's free memory (the device's, and what this process's allocator holds unused:
+    it releases that before it fails)."""
     if device.type != "cuda":
         return
-    need, free = partial_tiles * block * block // 8, torch.cuda.mem_get_info(device)[0]
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    need, free = partial_tiles * block * block // 8, torch.cuda.mem_get_info(device)[0] + cached
     if need > free:
         raise ValueError(
             f"the triton plan's bit masks for {partial_tiles} partial tiles need "
