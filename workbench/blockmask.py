@@ -175,10 +175,8 @@ def block_mask_from_layout(layout: BlockLayout, allowed: Callable[[Tensor, Tenso
 
     b, q_len, k_len = layout.block_size, layout.q_len, layout.k_len
     heads, nq, nk = layout.active.shape
-    # the full and partial lists of one direction keep one width: the kernels read both by
-    # the strides of one
-    # (and, in the same sync, whether there are partial and full tiles: an empty grid is not
-    # sorted)
+    # the full and partial lists of one direction keep one width, as the kernels read both by
+    # the strides of one; the same sync tells which grids are empty (those are not sorted)
     rows, cols, has_partial, has_full = (_list_extents(layout) if narrow else
                                          (nk, nq, None, None))
     # every list is allocated before the temporaries that fill it: lists placed among the
