@@ -178,8 +178,38 @@ def check_random_tiles(device: str) -> None:
             assert torch.equal(g.cpu(), w.expand_as(g)), (density, seed, cell, block, rows)
 
 
+def check_row_lists(device: str) -> None:
+    """The block lists' row kernel against a stable sort (selected columns first): rows longer
+    than a step, empty and full rows, a transposed grid, lists cut to the longest row; on CUDA
+    also through ``sorted_block_indices`` with the kernel switched on."""
+    from workbench import blockmask
+    from workbench._row_lists_kernel import row_lists
+
+    g = torch.Generator().manual_seed(3)
+    grids = [torch.rand(2, 7, 1500, generator=g) < 0.3,
+             (torch.rand(3, 40, 33, generator=g) < 0.5).transpose(1, 2)]
+    grids[0][0, 1], grids[0][1, 2] = False, True
+    for sel in grids:
+        sel = sel.to(device)
+        count = sel.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        for width in (sel.shape[-1], int(count.max())):
+            got = blockmask.empty_lists(sel.shape[:-1], width, sel.device)
+            row_lists(sel, *got)
+            assert torch.equal(got[0], count) and torch.equal(got[1], order[..., :width])
+            if sel.is_cuda:
+                blockmask.ROW_KERNEL = True
+                try:
+                    by_rows = blockmask.sorted_block_indices(sel, width=width)
+                finally:
+                    blockmask.ROW_KERNEL = False
+                by_steps = blockmask.sorted_block_indices(sel, width=width)
+                assert all(torch.equal(a, b) for a, b in zip(by_rows, by_steps))
+
+
 def run_all(device: str = "cpu", dtype=torch.float32, tol: float = 2e-5) -> None:
     check_random_tiles(device)
+    check_row_lists(device)
     check_row_dot(device, dtype)
     for case in CASES:
         check_case(*case, device=device, dtype=dtype, tol=tol)

@@ -17,6 +17,11 @@ from .layout import BlockLayout
 
 __all__ = ["SORT_CHUNK", "block_mask_from_layout", "empty_lists", "sorted_block_indices"]
 
+ROW_KERNEL = False
+"""On CUDA, grids without a visit order are sorted by one Triton program per row
+(:mod:`workbench._row_lists_kernel`, where Triton is installed) rather than by PyTorch's
+chunked passes."""
+
 SORT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
 """Tiles placed per step, by device type: on a CPU small steps keep the temporaries in cache;
 on a GPU large ones keep the number of kernel launches down (others use the GPU's)."""
@@ -31,7 +36,8 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     tile's place in a visit order), then the others in increasing order. ``width`` (default
     ``nk``, at least every row's count) keeps a row's first columns only: enough for a reader
     that stops at the count. Rows go ``chunk`` tiles at a time (default :data:`SORT_CHUNK` of
-    the device), so the int64 temporaries stay small whatever the length. ``out``: the
+    the device), so the int64 temporaries stay small whatever the length (or, with
+    :data:`ROW_KERNEL`, one Triton program a row). ``out``: the
     (count, indices) tensors to fill and return (:func:`empty_lists`), allocated by the caller
     (before any temporary, they take no place among the temporaries' freed memory); their
     last size is the width. ``selected``: whether ``sel`` has a selected tile, where the caller
@@ -52,11 +58,40 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     if isinstance(width, bool) or not isinstance(width, int) or not 0 <= width <= nk:
         raise ValueError(f"width must be an int in [0, {nk}] (the columns), got {width!r}")
     count, out = out if out is not None else empty_lists(sel.shape[:-1], width, sel.device)
-    cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
     if selected is None and sel.device.type == "cpu":
         selected = bool(sel.any())
     if selected is False:
-        return count.zero_(), out.copy_(cols[:width].expand_as(out))
+        cols = torch.arange(width, device=sel.device, dtype=torch.int32)
+        return count.zero_(), out.copy_(cols.expand_as(out))
+    by_rows = ROW_KERNEL and rank is None and sel.is_cuda and sel.dim() == 3
+    if by_rows and (kernel := _row_kernel()) is not None:
+        kernel(sel, count, out)
+    else:
+        _sort_steps(sel, rank, chunk, count, out)
+    longest = int(count.max()) if width < nk and count.numel() else 0
+    if longest > width:
+        raise ValueError(f"width={width} would cut rows of {longest} selected columns: give at "
+                         "least the longest row's count")
+    return count, out
+
+
+def _row_kernel() -> Callable[[Tensor, Tensor, Tensor], None] | None:
+    """:func:`workbench._row_lists_kernel.row_lists`, or None where Triton is not installed."""
+    try:
+        from ._row_lists_kernel import row_lists
+    except ModuleNotFoundError as err:
+        if err.name != "triton":
+            raise
+        return None
+    return row_lists
+
+
+def _sort_steps(sel: Tensor, rank: Tensor | None, chunk: int, count: Tensor, out: Tensor
+                ) -> None:
+    """:func:`sorted_block_indices`'s lists written into ``count`` and ``out`` by PyTorch, rows
+    of every head ``chunk`` tiles at a time."""
+    nk, width = sel.shape[-1], out.shape[-1]
+    cols = torch.arange(nk, device=sel.device, dtype=torch.int32)
     flat, out_rows, counts = sel.reshape(-1, nk), out.view(-1, width), count.view(-1)
     ranks = None if rank is None else rank.reshape(flat.shape)
     step = max(1, chunk // max(1, nk))  # rows (of every head) per step
@@ -88,11 +123,6 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
                 torch.where(part, ranks[r0:r0 + step], torch.iinfo(torch.int64).max), dim=-1)
             out_rows[r0:r0 + step] = order[:, :width]
             counts[r0:r0 + step] = part.sum(-1, dtype=torch.int32)
-    longest = int(count.max()) if width < nk and count.numel() else 0
-    if longest > width:
-        raise ValueError(f"width={width} would cut rows of {longest} selected columns: give at "
-                         "least the longest row's count")
-    return count, out
 
 
 def _check_out(out: object, sel: Tensor, width: int | None) -> int:
