@@ -174,12 +174,13 @@ def _partial_bits(problem: Problem, lay: BlockLayout, tiles: Tensor) -> Tensor:
     for t0 in range(0, tiles.shape[0], step):
         t = tiles[t0:t0 + step]
         o, m = out[t0:t0 + t.shape[0]], t.shape[0]
-        h = t[:, 0, None, None]
-        qi = t[:, 1, None, None] * b + ar[None, :, None]
-        ki = t[:, 2, None, None] * b + ar[None, None, :]
-        ok = problem.allowed(h, qi[:, ::g].clamp(max=lay.q_len - 1) + problem.q_offset,
-                             ki[..., ::g].clamp(max=lay.k_len - 1) + problem.k_offset)
-        q_real, k_real = qi < lay.q_len, ki < lay.k_len
+        h, q0, k0 = t[:, 0, None, None], t[:, 1, None, None] * b, t[:, 2, None, None] * b
+        # one position per square asked; a tile's real rows and columns kept as bools
+        ok = problem.allowed(h, (q0 + ar[None, ::g, None]).clamp(max=lay.q_len - 1)
+                             + problem.q_offset,
+                             (k0 + ar[None, None, ::g]).clamp(max=lay.k_len - 1)
+                             + problem.k_offset)
+        q_real, k_real = ar[None, :, None] < lay.q_len - q0, ar[None, None, :] < lay.k_len - k0
         if g < 8:
             if g > 1:  # (the predicate's answer may broadcast)
                 ok = ok.expand(m, n, n)[:, :, None, :, None].expand(m, n, g, n, g)
