@@ -18,9 +18,9 @@ from .layout import BlockLayout
 __all__ = ["SORT_CHUNK", "block_mask_from_layout", "empty_lists", "sorted_block_indices"]
 
 ROW_KERNEL = False
-"""On CUDA, grids without a visit order are sorted by one Triton program per row
+"""When True, on CUDA, grids without a visit order are sorted by one Triton program per row
 (:mod:`workbench._row_lists_kernel`, where Triton is installed) rather than by PyTorch's
-chunked passes."""
+chunked passes (the default)."""
 
 SORT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
 """Tiles placed per step, by device type: on a CPU small steps keep the temporaries in cache;
