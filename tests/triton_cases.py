@@ -198,13 +198,14 @@ def check_row_lists(device: str) -> None:
             row_lists(sel, *got)
             assert torch.equal(got[0], count) and torch.equal(got[1], order[..., :width])
             if sel.is_cuda:
-                blockmask.ROW_KERNEL = True
+                switch, by = blockmask.ROW_KERNEL, {}
                 try:
-                    by_rows = blockmask.sorted_block_indices(sel, width=width)
+                    for on in (True, False):
+                        blockmask.ROW_KERNEL = on
+                        by[on] = blockmask.sorted_block_indices(sel, width=width)
                 finally:
-                    blockmask.ROW_KERNEL = False
-                by_steps = blockmask.sorted_block_indices(sel, width=width)
-                assert all(torch.equal(a, b) for a, b in zip(by_rows, by_steps))
+                    blockmask.ROW_KERNEL = switch
+                assert all(torch.equal(a, b) for a, b in zip(by[True], by[False]))
 
 
 def run_all(device: str = "cpu", dtype=torch.float32, tol: float = 2e-5) -> None:

@@ -17,10 +17,10 @@ from .layout import BlockLayout
 
 __all__ = ["SORT_CHUNK", "block_mask_from_layout", "empty_lists", "sorted_block_indices"]
 
-ROW_KERNEL = False
-"""When True, on CUDA, grids without a visit order are sorted by one Triton program per row
-(:mod:`workbench._row_lists_kernel`, where Triton is installed) rather than by PyTorch's
-chunked passes (the default)."""
+ROW_KERNEL = True
+"""On CUDA, where Triton is installed, grids without a visit order are listed by one pass of a
+Triton kernel (:mod:`workbench._row_lists_kernel`, a program per few rows); False, or
+elsewhere: by PyTorch's chunked passes."""
 
 SORT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}
 """Tiles placed per step, by device type: on a CPU small steps keep the temporaries in cache;
@@ -37,7 +37,7 @@ def sorted_block_indices(sel: Tensor, rank: Tensor | None = None, chunk: int | N
     ``nk``, at least every row's count) keeps a row's first columns only: enough for a reader
     that stops at the count. Rows go ``chunk`` tiles at a time (default :data:`SORT_CHUNK` of
     the device), so the int64 temporaries stay small whatever the length (or, with
-    :data:`ROW_KERNEL`, one Triton program a row). ``out``: the
+    :data:`ROW_KERNEL`, one Triton pass). ``out``: the
     (count, indices) tensors to fill and return (:func:`empty_lists`), allocated by the caller
     (before any temporary, they take no place among the temporaries' freed memory); their
     last size is the width. ``selected``: whether ``sel`` has a selected tile, where the caller

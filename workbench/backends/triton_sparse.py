@@ -243,12 +243,12 @@ def build_plan(problem: Problem, device: torch.device | str) -> SparsePlan:
     p_n, p_i = sorted_block_indices(partial, rank)
     hl, nq, nk = lay.shape
     p_n, p_i = p_n.reshape(hl * nq), p_i.reshape(hl * nq, nk)
+    _check_bits_fit(int(p_n.sum(dtype=torch.int64)), b, lay.active.device)  # before the lists
     start = torch.cumsum(p_n, 0, dtype=torch.int64) - p_n
     # every partial tile in the order the kernel reads them: row by row, the sorted list
     valid = torch.arange(nk, device=lay.active.device)[None, :] < p_n[:, None]
     row = torch.arange(hl * nq, device=lay.active.device)[:, None].expand(-1, nk)[valid]
     tiles = torch.stack([row // nq, row % nq, p_i[valid].to(torch.int64)], 1)
-    _check_bits_fit(tiles.shape[0], b, lay.active.device)
     bits = _partial_bits(problem, lay, tiles)
     return SparsePlan(lay, f_n.reshape(-1), f_i.reshape(hl * nq, nk), p_n, p_i,
                       start.to(torch.int32), bits)
