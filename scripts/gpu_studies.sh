@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 p=${STUDY:-h200}
-all=(tests copy fwd longnet longnet-grad longnet-fwdbwd memory dilated natural-order
+all=(tests copy fwd longnet longnet-grad longnet-fwdbwd memory memory-triton dilated natural-order
      natural-order-fwdbwd triton-launch triton-features triton-backward fwdbwd layouts
      hilbert adaptive overhead longest longest-fwdbwd longest-h100-memory)
 two_gpu=(ring2-eff ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
@@ -50,6 +50,9 @@ study() {
             run -m workbench bench --study "${p}_memory" --seq-lens 262144 \
                 --families dense causal local random10 dilated longnet --variants ours \
                 --backward --reps 3 --warmup 1 ;;
+        memory-triton)  # the same for dense and causal on our kernels rather than SDPA
+            run -m workbench bench --study "${p}_memory_triton" --seq-lens 262144 \
+                --families dense causal --variants triton --backward --reps 3 --warmup 1 ;;
         dilated)
             run -m workbench bench --study "${p}_dilated" --seq-lens 16384 65536 262144 \
                 --families dilated --variants ours sdpa_dense --reps 10 ;;
