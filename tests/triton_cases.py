@@ -180,14 +180,16 @@ def check_random_tiles(device: str) -> None:
 
 def check_row_lists(device: str) -> None:
     """The block lists' row kernel against a stable sort (selected columns first): rows longer
-    than a step, empty and full rows, a transposed grid, lists cut to the longest row; on CUDA
+    than a step, empty and full rows, transposed grids (read a few rows a program, the last
+    few ragged), lists cut to the longest row; on CUDA
     also through ``sorted_block_indices`` with the kernel switched on."""
     from workbench import blockmask
     from workbench._row_lists_kernel import row_lists
 
     g = torch.Generator().manual_seed(3)
     grids = [torch.rand(2, 7, 1500, generator=g) < 0.3,
-             (torch.rand(3, 40, 33, generator=g) < 0.5).transpose(1, 2)]
+             (torch.rand(3, 40, 33, generator=g) < 0.5).transpose(1, 2),
+             (torch.rand(2, 70, 130, generator=g) < 0.4).transpose(1, 2)]
     grids[0][0, 1], grids[0][1, 2] = False, True
     for sel in grids:
         sel = sel.to(device)
