@@ -50,9 +50,9 @@ study() {
             run -m workbench bench --study "${p}_memory" --seq-lens 262144 \
                 --families dense causal local random10 dilated longnet --variants ours \
                 --backward --reps 3 --warmup 1 ;;
-        memory-triton)  # the same for dense and causal on our kernels rather than SDPA
+        memory-triton)  # dense and causal on our kernels, beside auto's SDPA in the same run
             run -m workbench bench --study "${p}_memory_triton" --seq-lens 262144 \
-                --families dense causal --variants triton --backward --reps 3 --warmup 1 ;;
+                --families dense causal --variants ours triton --backward --reps 3 --warmup 1 ;;
         dilated)
             run -m workbench bench --study "${p}_dilated" --seq-lens 16384 65536 262144 \
                 --families dilated --variants ours sdpa_dense --reps 10 ;;
