@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import types
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch.multiprocessing as mp
 
 import workbench as wb
 from workbench import distributed as D
+from workbench import score_mods
 from workbench.adaptive import AdaptiveBlockSparseAttention
 from workbench.backends import gather as G
 from workbench.multihead import BlockSparseMultiheadAttention
@@ -243,6 +245,75 @@ def test_world_size_2_equals_single_process_and_faults_are_reported():
 
 def test_world_size_3_equals_single_process():
     _spawn(_equivalence_worker, 3, ["contiguous", "zigzag"], ["causal", "dilated", "local"], [])
+
+
+def _score_mod_worker(rank, world, path):
+    """Score mods that read no trainable tensor give every rank the single-process forward,
+    log-sum-exp and gradients; one that reads a trainable tensor (found by ``reads`` or only by
+    its result) is refused while gradients are on and runs under ``no_grad``; ranks that
+    disagree on having one are told so."""
+    _init(rank, world, path)
+    q, k, v = (_full(i, 2, 3, S, 8) for i in range(3))
+    frozen = _full(9, 3)
+    mods = {"alibi": score_mods.alibi(3), "soft_cap": score_mods.soft_cap(1.5),
+            "closure": lambda s, b, h, qi, ki: s + frozen[h] * (qi >= ki)}
+    pat = _patterns()["random"]
+    for sharding in ("contiguous", "zigzag"):
+        sh = D.shard_plan(S, world, BLOCK, sharding)
+        for name, mod in mods.items():
+            full = [x.clone().requires_grad_() for x in (q, k, v)]
+            ref, ref_lse = wb.block_sparse_attention(*full, pat, BLOCK, return_lse=True,
+                                                     score_mod=mod)
+            g, g_lse = _full(5, *ref.shape), _full(6, *ref_lse.shape)
+            torch.autograd.backward((ref, ref_lse), (g, g_lse))
+            mine = [sh.shard(x, rank).clone().requires_grad_() for x in (q, k, v)]
+            out, lse = wb.block_sparse_attention(*mine, pat, BLOCK, return_lse=True,
+                                                 sharding=sharding, score_mod=mod,
+                                                 process_group=dist.group.WORLD)
+            torch.autograd.backward((out, lse), (sh.shard(g, rank), sh.shard(g_lse, rank)))
+            torch.testing.assert_close(out, sh.shard(ref, rank), msg=f"{name} {sharding} out")
+            torch.testing.assert_close(lse, sh.shard(ref_lse, rank), msg=f"{name} {sharding}")
+            for a, b, what in zip(mine, full, "qkv"):
+                torch.testing.assert_close(a.grad, sh.shard(b.grad, rank),
+                                           msg=f"{name} {sharding} d{what}")
+    sh = D.shard_plan(S, world, BLOCK)
+    mine = [sh.shard(x, rank) for x in (q, k, v)]
+    slopes = torch.linspace(0.1, 0.3, 3, dtype=torch.float64, requires_grad=True)
+    holder = types.SimpleNamespace(slopes=slopes)  # out of reads()' sight
+    for mod in (lambda s, b, h, qi, ki: s + slopes[h] * (ki - qi),
+                lambda s, b, h, qi, ki: s + holder.slopes[h] * (ki - qi)):
+        with pytest.raises(NotImplementedError, match="require grad"):
+            wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=mod,
+                                      process_group=dist.group.WORLD)
+        with torch.no_grad():
+            ref = wb.block_sparse_attention(q, k, v, pat, BLOCK, score_mod=mod)
+            out = wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=mod,
+                                            process_group=dist.group.WORLD)
+        torch.testing.assert_close(out, sh.shard(ref, rank))
+    # the multi-head module, its input projections trained across the ranks
+    x = _full(7, 2, S, 12)
+    kw = dict(block_size=BLOCK, batch_first=True, dtype=torch.float64,
+              pattern=P.local_window(24, causal=True), score_mod=score_mods.alibi(3))
+    torch.manual_seed(0)
+    single = BlockSparseMultiheadAttention(12, 3, **kw)
+    multi = BlockSparseMultiheadAttention(12, 3, process_group=dist.group.WORLD, **kw)
+    multi.load_state_dict(single.state_dict())
+    xf = x.clone().requires_grad_()
+    ref, _ = single(xf, xf, xf)
+    (ref * _full(8, *ref.shape)).sum().backward()
+    xs = sh.shard(x, rank, dim=1).clone().requires_grad_()
+    out, _ = multi(xs, xs, xs)
+    (out * sh.shard(_full(8, *ref.shape), rank, dim=1)).sum().backward()
+    torch.testing.assert_close(out, sh.shard(ref, rank, dim=1))
+    torch.testing.assert_close(xs.grad, sh.shard(xf.grad, rank, dim=1))
+    with pytest.raises(D.RingPlanError, match="score_mod"):
+        wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=mods["alibi"] if rank else None,
+                                  process_group=dist.group.WORLD)
+    dist.destroy_process_group()
+
+
+def test_score_mods_on_the_distributed_ring():
+    _spawn(_score_mod_worker, 2)
 
 
 def _uneven_steps_worker(rank, world, path, steps):

@@ -190,10 +190,6 @@ def test_bad_score_mods_raise_naming_the_argument():
         with pytest.raises(TypeError, match="floating-point"):
             wb.block_sparse_attention(q, k, v, P.full(), 8, backend=backend,
                                       score_mod=lambda s, b, h, q, k: q - k)
-    with pytest.raises(NotImplementedError, match="process_group"):
-        wb.block_sparse_attention(q, k, v, P.full(), 8, score_mod=alibi(2), process_group=object())
-    with pytest.raises(NotImplementedError, match="process_group"):
-        wb.BlockSparseAttention(P.full(), score_mod=alibi(2), process_group=object())
 
 
 # --------------------------------------------------------------------- the built-ins

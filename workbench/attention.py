@@ -147,9 +147,6 @@ def check_options(*, block_size: int, backend: str, ring_chunks: int, scale: flo
     check_sharding(sharding)
     check_score_mod(score_mod)
     if process_group is not None:
-        if score_mod is not None:
-            raise NotImplementedError("score_mod is not supported under a process_group; use "
-                                      "ring_chunks to run the ring on one device")
         if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
             raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
                             f"got {type(process_group).__name__}")
@@ -226,7 +223,8 @@ def block_sparse_attention(
             :class:`~workbench.plan.Plans` that finds it. Not with ``layout``.
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's form)
             applied to the computed scaled scores at absolute positions, before the mask; on
-            ``blockwise``, ``flex`` or ``reference``; not with a process group.
+            ``blockwise``, ``flex`` or ``reference``; under a process group, with gradients
+            on, one that reads no tensor requiring grad (else ``NotImplementedError``).
         q_offset: the queries are positions ``q_offset ...`` of the keys' sequence (a decoder
             with a KV cache passes ``Sk - Sq``); one device only, with a plan of the same
             ``q_offset`` rather than a ``layout``.
@@ -252,7 +250,8 @@ def block_sparse_attention(
         return distributed_ring_attention(
             q, *expand_kv_heads(q, k, v), pattern, block_size, process_group=process_group,
             sharding=sharding, backend=backend, scale=scale, return_lse=return_lse, layout=layout,
-            block_order=block_order, dropout=dropout_of(dropout_p, dropout_seed), plan=plan)
+            block_order=block_order, dropout=dropout_of(dropout_p, dropout_seed), plan=plan,
+            score_mod=score_mod)
     build = None  # the layout, built only if a backend needs it
     if isinstance(layout, BlockLayout):
         layout.check(pattern, q.shape[2], k.shape[2], block_size)

@@ -30,6 +30,7 @@ from .backends.dropout import AttentionDropout
 from .layout import BlockLayout, num_blocks
 from .patterns import Pattern, check_positive_int, head_predicate
 from .plan import Plan, Plans, plan_for
+from .score_mods import ScoreMod, reads
 from .sharding import (
     SHARDINGS,
     DistributedPlan,
@@ -239,7 +240,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _agree(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None, block_size: int,
-           sharding: str, group, rank: int, timeout: float
+           sharding: str, group, rank: int, timeout: float, score_mod: bool = False
            ) -> tuple[Sharding, AttentionDropout | None]:
     """The sharding every rank's shapes and settings agree on, and the dropout with rank 0's
     seed; raises :class:`RingPlanError` naming what differs (``TypeError``: a bad dtype)."""
@@ -247,13 +248,15 @@ def _agree(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None, bl
         raise TypeError(f"dtype {q.dtype} is not supported by the distributed ring")
     drop = (-1, -1) if dropout is None else (round(dropout.p * 1e6), dropout.seed)
     mine = torch.tensor([q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
-                         _DTYPES.index(q.dtype), *drop, block_size, SHARDINGS.index(sharding)],
+                         _DTYPES.index(q.dtype), *drop, block_size, SHARDINGS.index(sharding),
+                         int(score_mod)],
                         dtype=torch.int64, device=q.device)
     meta = torch.stack(_all_gather(mine, group, timeout, f"rank {rank}: exchanging shard shapes "
                                    "with the other ranks")).cpu()
     names = ("batch", "heads", "q shard length", "k shard length", "head_dim", "value dim",
-             "dtype", "dropout probability (ppm)", "dropout seed", "block_size", "sharding")
-    for col in (0, 1, 4, 5, 6, 7, 9, 10):
+             "dtype", "dropout probability (ppm)", "dropout seed", "block_size", "sharding",
+             "whether a score_mod is given")
+    for col in (0, 1, 4, 5, 6, 7, 9, 10, 11):
         vals = meta[:, col].tolist()
         if len(set(vals)) > 1:
             shown = ([str(_DTYPES[x]) for x in vals] if col == 6
@@ -284,14 +287,34 @@ class _Setup:
 
 def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, int]],
                   pattern: Pattern, device: torch.device | str, scale: float,
-                  block_order: str | None = None, dropout: AttentionDropout | None = None
-                  ) -> tuple[Problem, ...]:
+                  block_order: str | None = None, dropout: AttentionDropout | None = None,
+                  score_mod: ScoreMod | None = None) -> tuple[Problem, ...]:
     """One :class:`Problem` per query run ``(first block, end block)``, from the layout of
     its rows against every key block (positions absolute, as in the whole problem)."""
     pred, b = head_predicate(pattern, device), run_layouts[0].block_size
     return tuple(Problem(lay, pred, scale, q_offset=r[0] * b, label=repr(pattern),
-                         block_order=block_order, dropout=dropout, pattern=pattern)
+                         block_order=block_order, dropout=dropout, pattern=pattern,
+                         score_mod=score_mod)
                  for lay, r in zip(run_layouts, runs))
+
+
+def _check_frozen(score_mod: ScoreMod | None, q: Tensor) -> None:
+    """Raise when gradients are on and ``score_mod`` reads a tensor that requires one: the
+    ring's backward returns gradients for q, k and v only. Besides the tensors
+    :func:`~workbench.score_mods.reads` finds, one call on scalars tells whether its result
+    requires grad."""
+    if score_mod is None or not torch.is_grad_enabled():
+        return
+    held = [tuple(t.shape) for t in reads(score_mod)]
+    if not held:
+        z = torch.zeros((), dtype=torch.int64, device=q.device)
+        probe = score_mod(torch.zeros((), dtype=q.dtype, device=q.device), z, z, z, z)
+        held = ["?"] if isinstance(probe, Tensor) and probe.requires_grad else []
+    if held:
+        raise NotImplementedError(
+            f"score_mod reads tensors that require grad (shapes {held}), which the distributed "
+            "ring's backward would give none: freeze them (requires_grad_(False)), call under "
+            "torch.no_grad(), or run the ring on one device (ring_chunks)")
 
 
 def _pairs(setup: _Setup, src: int, stats: RingStats | None
@@ -512,6 +535,7 @@ def distributed_ring_attention(
     timeout: float = DEFAULT_TIMEOUT_S,
     stats: RingStats | None = None,
     plan: Plan | Plans | None = None,
+    score_mod: ScoreMod | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention over a sequence sharded across the ranks of ``process_group``.
 
@@ -531,6 +555,9 @@ def distributed_ring_attention(
         timeout: seconds any wait may take; stats: a :class:`RingStats` to accumulate into.
         plan: a :class:`~workbench.plan.Plan` or :class:`~workbench.plan.Plans` of the global
             length that keeps this rank's rows between calls.
+        score_mod: as for :func:`workbench.block_sparse_attention`, at absolute positions, the
+            same function on every rank; with gradients on, it may read no tensor that
+            requires grad.
 
     Returns:
         ``out [B, H, S_r, Dv]``, or ``(out, lse)``; differentiable in ``q, k, v``.
@@ -541,6 +568,8 @@ def distributed_ring_attention(
         TypeError: a dtype other than float16, bfloat16, float32 or float64.
         RingPlanError: ranks disagree on shapes or settings, or shard lengths that are not the
             ``sharding``'s.
+        NotImplementedError: a ``score_mod`` reading a tensor that requires grad, with
+            gradients on.
         RingTimeoutError, RingCommunicationError: a peer stopped answering or a transfer failed.
     """
     if not dist.is_available() or not dist.is_initialized():
@@ -550,9 +579,10 @@ def distributed_ring_attention(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     check_sharding(sharding)
     check_positive_int("block_size", block_size)
+    _check_frozen(score_mod, q)
     rank = dist.get_rank(process_group)
     shards, dropout = _agree(q, k, v, dropout, block_size, sharding, process_group, rank,
-                             timeout)  # every rank drops the same pairs: rank 0's seed
+                             timeout, score_mod is not None)  # dropout: rank 0's seed
     seq_len, runs = shards.seq_len, shards.pieces[rank]
     if layout is None:  # this rank's rows only: 1/P of the global layout
         held = (Plan(pattern, seq_len, seq_len, block_size, q.device) if plan is None else
@@ -565,7 +595,8 @@ def distributed_ring_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     plan = _gather_plan(run_layouts, shards, process_group, rank, timeout)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    problems = _run_problems(run_layouts, runs, pattern, q.device, scale, block_order, dropout)
+    problems = _run_problems(run_layouts, runs, pattern, q.device, scale, block_order, dropout,
+                             score_mod)
     setup = _Setup(rank, plan, problems, check_backend(backend), process_group, float(timeout),
                    need_lse=return_lse or grad)
     out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats())

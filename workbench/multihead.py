@@ -140,7 +140,7 @@ class BlockSparseMultiheadAttention(nn.Module):
     Raises:
         ValueError, TypeError: a bad option, named.
         NotImplementedError: ``add_bias_kv``, ``add_zero_attn``, or a straight-through selector
-            or a ``score_mod`` under a process group.
+            under a process group.
 
     NOTE, departures from ``nn.MultiheadAttention``: a query with no allowed key outputs zeros
     (not NaN); ``need_weights`` defaults to False; ``is_causal`` needs no ``attn_mask``; dropout
@@ -325,7 +325,8 @@ class BlockSparseMultiheadAttention(nn.Module):
 
         Raises:
             TypeError, ValueError: a bad input, named. NotImplementedError: masks or weights
-                under a ``process_group``.
+                under a ``process_group``, or a ``score_mod`` there that reads a tensor
+                requiring grad while gradients are on.
         """
         batched = _check_forward_inputs(self, query, key, value, key_padding_mask, attn_mask)
         if not batched and key_padding_mask is not None:
