@@ -248,10 +248,10 @@ def test_world_size_3_equals_single_process():
 
 
 def _score_mod_worker(rank, world, path):
-    """Score mods that read no trainable tensor give every rank the single-process forward,
-    log-sum-exp and gradients; one that reads a trainable tensor (found by ``reads`` or only by
-    its result) is refused while gradients are on and runs under ``no_grad``; ranks that
-    disagree on having one are told so."""
+    """Score mods give every rank the single-process forward, log-sum-exp and gradients, and
+    the tensors they read that require grad their share of the gradient (summed over the ranks:
+    the whole sequence's); one such tensor that ``reads`` cannot find is refused while
+    gradients are on; ranks that disagree on having a mod are told so."""
     _init(rank, world, path)
     q, k, v = (_full(i, 2, 3, S, 8) for i in range(3))
     frozen = _full(9, 3)
@@ -276,20 +276,33 @@ def _score_mod_worker(rank, world, path):
             for a, b, what in zip(mine, full, "qkv"):
                 torch.testing.assert_close(a.grad, sh.shard(b.grad, rank),
                                            msg=f"{name} {sharding} d{what}")
+    # trainable tensors a mod reads: each rank gets its queries' share of their gradient
     sh = D.shard_plan(S, world, BLOCK)
     mine = [sh.shard(x, rank) for x in (q, k, v)]
     slopes = torch.linspace(0.1, 0.3, 3, dtype=torch.float64, requires_grad=True)
+    bias = score_mods.RelativePositionBias(3, 12, dtype=torch.float64)
+    torch.nn.init.normal_(bias.bias, generator=torch.Generator().manual_seed(3))
+    for mod, trained in ((lambda s, b, h, qi, ki: s + slopes[h] * (ki - qi), slopes),
+                         (bias, bias.bias)):
+        ref = wb.block_sparse_attention(q, k, v, pat, BLOCK, score_mod=mod)
+        g = _full(5, *ref.shape)
+        (whole,) = torch.autograd.grad(ref, trained, g)
+        out = wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=mod,
+                                        process_group=dist.group.WORLD)
+        (share,) = torch.autograd.grad(out, trained, sh.shard(g, rank))
+        torch.testing.assert_close(out, sh.shard(ref, rank).detach())
+        dist.all_reduce(share)
+        torch.testing.assert_close(share, whole)
     holder = types.SimpleNamespace(slopes=slopes)  # out of reads()' sight
-    for mod in (lambda s, b, h, qi, ki: s + slopes[h] * (ki - qi),
-                lambda s, b, h, qi, ki: s + holder.slopes[h] * (ki - qi)):
-        with pytest.raises(NotImplementedError, match="require grad"):
-            wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=mod,
-                                      process_group=dist.group.WORLD)
-        with torch.no_grad():
-            ref = wb.block_sparse_attention(q, k, v, pat, BLOCK, score_mod=mod)
-            out = wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=mod,
-                                            process_group=dist.group.WORLD)
-        torch.testing.assert_close(out, sh.shard(ref, rank))
+    hidden = lambda s, b, h, qi, ki: s + holder.slopes[h] * (ki - qi)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="cannot find it"):
+        wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=hidden,
+                                  process_group=dist.group.WORLD)
+    with torch.no_grad():  # no gradient wanted: nothing to find
+        ref = wb.block_sparse_attention(q, k, v, pat, BLOCK, score_mod=hidden)
+        out = wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=hidden,
+                                        process_group=dist.group.WORLD)
+    torch.testing.assert_close(out, sh.shard(ref, rank))
     # the multi-head module, its input projections trained across the ranks
     x = _full(7, 2, S, 12)
     kw = dict(block_size=BLOCK, batch_first=True, dtype=torch.float64,

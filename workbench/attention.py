@@ -223,8 +223,8 @@ def block_sparse_attention(
             :class:`~workbench.plan.Plans` that finds it. Not with ``layout``.
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's form)
             applied to the computed scaled scores at absolute positions, before the mask; on
-            ``blockwise``, ``flex`` or ``reference``; under a process group, with gradients
-            on, one that reads no tensor requiring grad (else ``NotImplementedError``).
+            ``blockwise``, ``flex`` or ``reference`` (under a process group: see
+            :func:`~workbench.distributed.distributed_ring_attention`).
         q_offset: the queries are positions ``q_offset ...`` of the keys' sequence (a decoder
             with a KV cache passes ``Sk - Sq``); one device only, with a plan of the same
             ``q_offset`` rather than a ``layout``.

@@ -283,6 +283,7 @@ class _Setup:
     group: object = None
     timeout: float = DEFAULT_TIMEOUT_S
     need_lse: bool = True  # False: the caller wants no log-sum-exp and no gradients
+    mod_tensors: tuple[Tensor, ...] = ()  # what the score mod reads that requires grad
 
 
 def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, int]],
@@ -298,23 +299,23 @@ def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, 
                  for lay, r in zip(run_layouts, runs))
 
 
-def _check_frozen(score_mod: ScoreMod | None, q: Tensor) -> None:
-    """Raise when gradients are on and ``score_mod`` reads a tensor that requires one: the
-    ring's backward returns gradients for q, k and v only. Besides the tensors
-    :func:`~workbench.score_mods.reads` finds, one call on scalars tells whether its result
-    requires grad."""
+def _mod_tensors(score_mod: ScoreMod | None, q: Tensor) -> tuple[Tensor, ...]:
+    """The tensors ``score_mod`` reads that require grad, while gradients are on
+    (:func:`~workbench.score_mods.reads`); raises when it reads one that ``reads`` cannot find,
+    as one call on scalars tells: the ring's backward could give that one no gradient."""
     if score_mod is None or not torch.is_grad_enabled():
-        return
-    held = [tuple(t.shape) for t in reads(score_mod)]
-    if not held:
+        return ()
+    found = reads(score_mod)
+    if not found:
         z = torch.zeros((), dtype=torch.int64, device=q.device)
         probe = score_mod(torch.zeros((), dtype=q.dtype, device=q.device), z, z, z, z)
-        held = ["?"] if isinstance(probe, Tensor) and probe.requires_grad else []
-    if held:
-        raise NotImplementedError(
-            f"score_mod reads tensors that require grad (shapes {held}), which the distributed "
-            "ring's backward would give none: freeze them (requires_grad_(False)), call under "
-            "torch.no_grad(), or run the ring on one device (ring_chunks)")
+        if isinstance(probe, Tensor) and probe.requires_grad:
+            raise NotImplementedError(
+                "score_mod reads a tensor that requires grad where workbench.score_mods.reads "
+                "cannot find it, so the distributed ring could not give it a gradient: keep it "
+                "in an nn.Module, a closure cell, a default, a functools.partial or a global, "
+                "or freeze it (requires_grad_(False))")
+    return found
 
 
 def _pairs(setup: _Setup, src: int, stats: RingStats | None
@@ -415,10 +416,13 @@ def _ring_forward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, stats: RingSta
 
 def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    dout: Tensor, dlse: Tensor | None, stats: RingStats
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """``(dq, dk, dv)`` of this rank's shards, and the gradients of ``setup.mod_tensors`` from
+    this rank's queries (their sum over the ranks is the whole sequence's)."""
     ring = _Ring(setup, q.device, stats)
     p, r, acc = setup.plan.world_size, setup.rank, accumulation_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)
+    d_mod = [torch.zeros_like(t) for t in setup.mod_tensors]
     dk_own, dv_own = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
     like = [(tuple(x.shape), acc) for x in (k, v)]
     returning: _Transfer | None = None  # the gradient exchange of the last step that had one
@@ -441,7 +445,7 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
             g_k, g_v = ((dk_own, dv_own) if step == 0 else
                         tuple(torch.zeros_like(x, dtype=acc) for x in held))
             _backward_step(setup, q, held[0], held[1], src, out, lse, dout, dlse, dq, g_k, g_v,
-                           stats)
+                           d_mod, stats)
             grads = (g_k, g_v) if step else None
             del held
         back = step > 0 and setup.plan.needed(dst, r)
@@ -452,15 +456,15 @@ def _ring_backward(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
             returning = posted
     if returning is not None:
         take(returning)
-    return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
+    return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), d_mod
 
 
 def _backward_step(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int, out: Tensor,
                    lse: Tensor, dout: Tensor, dlse: Tensor | None, dq: Tensor, dk: Tensor,
-                   dv: Tensor, stats: RingStats | None) -> None:
+                   dv: Tensor, d_mod: list[Tensor], stats: RingStats | None) -> None:
     """One backward ring step: recompute this rank's partials against the K/V shard of ``src``
-    and accumulate their gradients into ``dq`` (this rank's queries) and ``dk, dv`` (that
-    shard's keys and values)."""
+    and accumulate their gradients into ``dq`` (this rank's queries), ``dk, dv`` (that
+    shard's keys and values) and ``d_mod`` (the score mod's ``setup.mod_tensors``)."""
     for _, qo, ko, sub in _pairs(setup, src, stats):
         qs = q.narrow(2, *qo).detach().requires_grad_(True)
         ks, vs = (x.narrow(2, *ko).detach().requires_grad_(True) for x in (k, v))
@@ -468,7 +472,11 @@ def _backward_step(setup: _Setup, q: Tensor, k: Tensor, v: Tensor, src: int, out
             o, l_c = run_backend(setup.backend, qs, ks, vs, sub, need_lse=True)
             go, gl = _partial_grads(o, l_c, *(None if x is None else x.narrow(2, *qo)
                                               for x in (out, lse, dout, dlse)))
-            g_q, g_ks, g_vs = torch.autograd.grad((o, l_c), (qs, ks, vs), (go, gl))
+            g_q, g_ks, g_vs, *g_mod = torch.autograd.grad(
+                (o, l_c), (qs, ks, vs, *setup.mod_tensors), (go, gl), allow_unused=True)
+        for into, g in zip(d_mod, g_mod):
+            if g is not None:
+                into.add_(g)
         dq.narrow(2, *qo).add_(g_q)
         dk.narrow(2, *ko).add_(g_ks)
         dv.narrow(2, *ko).add_(g_vs)
@@ -490,7 +498,7 @@ def _partial_grads(o: Tensor, l_c: Tensor, out: Tensor, lse: Tensor, dout: Tenso
 
 class _RingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, setup, stats):  # type: ignore[override]
+    def forward(ctx, q, k, v, setup, stats, *mod_tensors):  # type: ignore[override]
         out, lse = _ring_forward(setup, q, k, v, stats)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.setup, ctx.stats = setup, stats
@@ -500,9 +508,9 @@ class _RingFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         ctx.stats.backward = ctx.stats.backward or RingStats()
-        dq, dk, dv = _ring_backward(ctx.setup, q, k, v, out, lse, dout, dlse,
-                                    ctx.stats.backward)
-        return dq, dk, dv, None, None
+        dq, dk, dv, d_mod = _ring_backward(ctx.setup, q, k, v, out, lse, dout, dlse,
+                                           ctx.stats.backward)
+        return dq, dk, dv, None, None, *d_mod
 
 
 # --------------------------------------------------------------------- layouts and plan
@@ -556,8 +564,9 @@ def distributed_ring_attention(
         plan: a :class:`~workbench.plan.Plan` or :class:`~workbench.plan.Plans` of the global
             length that keeps this rank's rows between calls.
         score_mod: as for :func:`workbench.block_sparse_attention`, at absolute positions, the
-            same function on every rank; with gradients on, it may read no tensor that
-            requires grad.
+            same function on every rank. The tensors it reads that require grad get this
+            rank's share of their gradient (sum them over the ranks, as for any parameter of a
+            sequence-parallel model).
 
     Returns:
         ``out [B, H, S_r, Dv]``, or ``(out, lse)``; differentiable in ``q, k, v``.
@@ -568,8 +577,8 @@ def distributed_ring_attention(
         TypeError: a dtype other than float16, bfloat16, float32 or float64.
         RingPlanError: ranks disagree on shapes or settings, or shard lengths that are not the
             ``sharding``'s.
-        NotImplementedError: a ``score_mod`` reading a tensor that requires grad, with
-            gradients on.
+        NotImplementedError: a ``score_mod`` reading a tensor that requires grad where
+            :func:`~workbench.score_mods.reads` cannot find it, with gradients on.
         RingTimeoutError, RingCommunicationError: a peer stopped answering or a transfer failed.
     """
     if not dist.is_available() or not dist.is_initialized():
@@ -579,7 +588,7 @@ def distributed_ring_attention(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     check_sharding(sharding)
     check_positive_int("block_size", block_size)
-    _check_frozen(score_mod, q)
+    mod_tensors = _mod_tensors(score_mod, q)
     rank = dist.get_rank(process_group)
     shards, dropout = _agree(q, k, v, dropout, block_size, sharding, process_group, rank,
                              timeout, score_mod is not None)  # dropout: rank 0's seed
@@ -594,12 +603,13 @@ def distributed_ring_attention(
         run_layouts = [layout.slice(r, (0, layout.shape[2])) for r in runs]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     plan = _gather_plan(run_layouts, shards, process_group, rank, timeout)
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *mod_tensors))
     problems = _run_problems(run_layouts, runs, pattern, q.device, scale, block_order, dropout,
                              score_mod)
     setup = _Setup(rank, plan, problems, check_backend(backend), process_group, float(timeout),
-                   need_lse=return_lse or grad)
-    out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats())
+                   need_lse=return_lse or grad, mod_tensors=mod_tensors)
+    out, lse = _RingFunction.apply(q, k, v, setup, stats if stats is not None else RingStats(),
+                                   *mod_tensors)
     return (out, lse) if return_lse else out
 
 
@@ -622,6 +632,6 @@ def step_work(pattern: Pattern, plan: DistributedPlan, rank: int,
                 pass
         if grads is not None:
             out, lse, dout, dq, dk, dv = grads
-            _backward_step(setup, q, k, v, src, out, lse, dout, None, dq, dk, dv, None)
+            _backward_step(setup, q, k, v, src, out, lse, dout, None, dq, dk, dv, [], None)
 
     return work

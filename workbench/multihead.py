@@ -325,8 +325,7 @@ class BlockSparseMultiheadAttention(nn.Module):
 
         Raises:
             TypeError, ValueError: a bad input, named. NotImplementedError: masks or weights
-                under a ``process_group``, or a ``score_mod`` there that reads a tensor
-                requiring grad while gradients are on.
+                under a ``process_group``.
         """
         batched = _check_forward_inputs(self, query, key, value, key_padding_mask, attn_mask)
         if not batched and key_padding_mask is not None:
