@@ -142,27 +142,33 @@ def _check_layouts(rank, world, sharding):
 
 def _check_modules(rank, world, sharding):
     """The multi-head module (fixed and adaptive) on shards equals it on the whole sequence."""
+    for selector in (None, AdaptiveBlockSparseAttention(BLOCK, 0.3, causal=True)):
+        _check_module(rank, world, sharding, selector=selector,
+                      pattern=None if selector else P.local_window(24, causal=True))
+
+
+def _check_module(rank, world, sharding, **options):
+    """The multi-head module of ``options`` on this rank's shard: the whole sequence's output
+    and input gradient, and (summed over the ranks) its input projection's gradient."""
     x = _full(7, 2, S, 12)
     sh = D.shard_plan(S, world, BLOCK, sharding)
-    for selector in (None, AdaptiveBlockSparseAttention(BLOCK, 0.3, causal=True)):
-        kw = dict(block_size=BLOCK, batch_first=True, dtype=torch.float64, selector=selector,
-                  pattern=None if selector else P.local_window(24, causal=True))
-        torch.manual_seed(0)
-        single = BlockSparseMultiheadAttention(12, 3, **kw)
-        multi = BlockSparseMultiheadAttention(12, 3, process_group=dist.group.WORLD,
-                                              sharding=sharding, **kw)
-        multi.load_state_dict(single.state_dict())
-        xf = x.clone().requires_grad_()
-        ref, _ = single(xf, xf, xf)
-        (ref * _full(8, *ref.shape)).sum().backward()
-        xs = sh.shard(x, rank, dim=1).clone().requires_grad_()
-        out, _ = multi(xs, xs, xs)
-        (out * sh.shard(_full(8, *ref.shape), rank, dim=1)).sum().backward()
-        torch.testing.assert_close(out, sh.shard(ref, rank, dim=1))
-        torch.testing.assert_close(xs.grad, sh.shard(xf.grad, rank, dim=1))
-        w_grad = multi.in_proj_weight.grad.clone()
-        dist.all_reduce(w_grad)  # parameter gradients: the sum over ranks
-        torch.testing.assert_close(w_grad, single.in_proj_weight.grad)
+    kw = dict(block_size=BLOCK, batch_first=True, dtype=torch.float64, **options)
+    torch.manual_seed(0)
+    single = BlockSparseMultiheadAttention(12, 3, **kw)
+    multi = BlockSparseMultiheadAttention(12, 3, process_group=dist.group.WORLD,
+                                          sharding=sharding, **kw)
+    multi.load_state_dict(single.state_dict())
+    xf = x.clone().requires_grad_()
+    ref, _ = single(xf, xf, xf)
+    (ref * _full(8, *ref.shape)).sum().backward()
+    xs = sh.shard(x, rank, dim=1).clone().requires_grad_()
+    out, _ = multi(xs, xs, xs)
+    (out * sh.shard(_full(8, *ref.shape), rank, dim=1)).sum().backward()
+    torch.testing.assert_close(out, sh.shard(ref, rank, dim=1))
+    torch.testing.assert_close(xs.grad, sh.shard(xf.grad, rank, dim=1))
+    w_grad = multi.in_proj_weight.grad.clone()
+    dist.all_reduce(w_grad)  # parameter gradients: the sum over ranks
+    torch.testing.assert_close(w_grad, single.in_proj_weight.grad)
 
 
 def _record_batches() -> list[list[tuple[str, int]]]:
@@ -303,22 +309,8 @@ def _score_mod_worker(rank, world, path):
         out = wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=hidden,
                                         process_group=dist.group.WORLD)
     torch.testing.assert_close(out, sh.shard(ref, rank))
-    # the multi-head module, its input projections trained across the ranks
-    x = _full(7, 2, S, 12)
-    kw = dict(block_size=BLOCK, batch_first=True, dtype=torch.float64,
-              pattern=P.local_window(24, causal=True), score_mod=score_mods.alibi(3))
-    torch.manual_seed(0)
-    single = BlockSparseMultiheadAttention(12, 3, **kw)
-    multi = BlockSparseMultiheadAttention(12, 3, process_group=dist.group.WORLD, **kw)
-    multi.load_state_dict(single.state_dict())
-    xf = x.clone().requires_grad_()
-    ref, _ = single(xf, xf, xf)
-    (ref * _full(8, *ref.shape)).sum().backward()
-    xs = sh.shard(x, rank, dim=1).clone().requires_grad_()
-    out, _ = multi(xs, xs, xs)
-    (out * sh.shard(_full(8, *ref.shape), rank, dim=1)).sum().backward()
-    torch.testing.assert_close(out, sh.shard(ref, rank, dim=1))
-    torch.testing.assert_close(xs.grad, sh.shard(xf.grad, rank, dim=1))
+    _check_module(rank, world, "zigzag", pattern=P.local_window(24, causal=True),
+                  score_mod=score_mods.alibi(3))
     with pytest.raises(D.RingPlanError, match="score_mod"):
         wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=mods["alibi"] if rank else None,
                                   process_group=dist.group.WORLD)
