@@ -12,6 +12,7 @@ key outputs zeros, as with transformers' boolean ``sdpa`` masks.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ..attention import block_sparse_attention, check_pattern
 from ..backends import check_backend
 from ..patterns import Pattern, check_positive_int
 from ..plan import Plans
+from ..score_mods import soft_cap
 
 __all__ = ["NAME", "MaskStructure", "attention_forward", "mask_structure", "use_pattern"]
 
@@ -220,12 +222,14 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         ``(out [B, Sq, H, Dv], None)``: no attention weights.
 
     Raises:
-        ValueError: a mask this cannot follow exactly, or a score modifier (``softcap``,
-            ``position_bias``, attention sinks) it does not apply.
+        ValueError: a mask this cannot follow exactly, or a score modifier it does not apply
+            (``position_bias``, attention sinks; a ``softcap`` is applied, as
+            :func:`~workbench.score_mods.soft_cap`).
     """
-    for name in ("softcap", "position_bias", "s_aux", "sinks"):
+    for name in ("position_bias", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='{NAME}' does not apply {name}; use 'eager'")
+    softcap = kwargs.get("softcap")
     settings: _Settings = getattr(module, _ATTR, None) or _Settings(None)  # full attention
     layer_idx = getattr(module, "layer_idx", None)
     pattern = settings.pattern(layer_idx)
@@ -243,8 +247,15 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     out = block_sparse_attention(
         query, key, value, run, settings.block_size, backend=settings.backend, scale=scaling,
         dropout_p=float(dropout) if module.training else 0.0, q_offset=st.q_offset,
-        plan=settings.plans)
+        plan=settings.plans, score_mod=None if softcap is None else _soft_cap(float(softcap)))
     return out.reshape(b, h, sq, -1).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _soft_cap(cap: float) -> Callable[..., Tensor]:
+    """One :func:`~workbench.score_mods.soft_cap` per cap: a layer's repeated calls pass the
+    same function, so what is kept for the last call serves them."""
+    return soft_cap(cap)
 
 
 AttentionInterface.register(NAME, attention_forward)
