@@ -299,11 +299,13 @@ def _score_mod_worker(rank, world, path):
         torch.testing.assert_close(out, sh.shard(ref, rank).detach())
         dist.all_reduce(share)
         torch.testing.assert_close(share, whole)
-    holder = types.SimpleNamespace(slopes=slopes)  # out of reads()' sight
-    hidden = lambda s, b, h, qi, ki: s + holder.slopes[h] * (ki - qi)  # noqa: E731
-    with pytest.raises(NotImplementedError, match="cannot find it"):
-        wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=hidden,
-                                  process_group=dist.group.WORLD)
+    holder = types.SimpleNamespace(slopes=slopes.detach().clone().requires_grad_())
+    hidden = lambda s, b, h, qi, ki: s + holder.slopes[h] * (ki - qi)  # noqa: E731  (unseen)
+    beside = lambda s, b, h, qi, ki: hidden(s, b, h, qi, ki) + slopes[h]  # noqa: E731
+    for mod in (hidden, beside):  # alone, and beside a tensor reads() finds
+        with pytest.raises(NotImplementedError, match="cannot find it"):
+            wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=mod,
+                                      process_group=dist.group.WORLD)
     with torch.no_grad():  # no gradient wanted: nothing to find
         ref = wb.block_sparse_attention(q, k, v, pat, BLOCK, score_mod=hidden)
         out = wb.block_sparse_attention(*mine, pat, BLOCK, score_mod=hidden,

@@ -30,7 +30,7 @@ from .backends.dropout import AttentionDropout
 from .layout import BlockLayout, num_blocks
 from .patterns import Pattern, check_positive_int, head_predicate
 from .plan import Plan, Plans, plan_for
-from .score_mods import ScoreMod, reads
+from .score_mods import ScoreMod, missed_reads, reads
 from .sharding import (
     SHARDINGS,
     DistributedPlan,
@@ -302,19 +302,19 @@ def _run_problems(run_layouts: Sequence[BlockLayout], runs: Sequence[tuple[int, 
 def _mod_tensors(score_mod: ScoreMod | None, q: Tensor) -> tuple[Tensor, ...]:
     """The tensors ``score_mod`` reads that require grad, while gradients are on
     (:func:`~workbench.score_mods.reads`); raises when it reads one that ``reads`` cannot find,
-    as one call on scalars tells: the ring's backward could give that one no gradient."""
+    as the graph of one call on scalars tells: the ring's backward could give that one no
+    gradient."""
     if score_mod is None or not torch.is_grad_enabled():
         return ()
     found = reads(score_mod)
-    if not found:
-        z = torch.zeros((), dtype=torch.int64, device=q.device)
-        probe = score_mod(torch.zeros((), dtype=q.dtype, device=q.device), z, z, z, z)
-        if isinstance(probe, Tensor) and probe.requires_grad:
-            raise NotImplementedError(
-                "score_mod reads a tensor that requires grad where workbench.score_mods.reads "
-                "cannot find it, so the distributed ring could not give it a gradient: keep it "
-                "in an nn.Module, a closure cell, a default, a functools.partial or a global, "
-                "or freeze it (requires_grad_(False))")
+    z = torch.zeros((), dtype=torch.int64, device=q.device)
+    probe = score_mod(torch.zeros((), dtype=q.dtype, device=q.device), z, z, z, z)
+    if isinstance(probe, Tensor) and probe.requires_grad and missed_reads(probe, found):
+        raise NotImplementedError(
+            "score_mod reads a tensor that requires grad where workbench.score_mods.reads "
+            "cannot find it, so the distributed ring could not give it a gradient: keep it in "
+            "an nn.Module, a closure cell, a default, a functools.partial or a global, or "
+            "freeze it (requires_grad_(False))")
     return found
 
 
