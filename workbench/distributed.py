@@ -240,7 +240,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _agree(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None, block_size: int,
-           sharding: str, group, rank: int, timeout: float, score_mod: bool = False
+           sharding: str, group, rank: int, timeout: float, has_score_mod: bool = False
            ) -> tuple[Sharding, AttentionDropout | None]:
     """The sharding every rank's shapes and settings agree on, and the dropout with rank 0's
     seed; raises :class:`RingPlanError` naming what differs (``TypeError``: a bad dtype)."""
@@ -249,7 +249,7 @@ def _agree(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None, bl
     drop = (-1, -1) if dropout is None else (round(dropout.p * 1e6), dropout.seed)
     mine = torch.tensor([q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
                          _DTYPES.index(q.dtype), *drop, block_size, SHARDINGS.index(sharding),
-                         int(score_mod)],
+                         int(has_score_mod)],
                         dtype=torch.int64, device=q.device)
     meta = torch.stack(_all_gather(mine, group, timeout, f"rank {rank}: exchanging shard shapes "
                                    "with the other ranks")).cpu()

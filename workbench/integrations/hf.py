@@ -247,12 +247,12 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     out = block_sparse_attention(
         query, key, value, run, settings.block_size, backend=settings.backend, scale=scaling,
         dropout_p=float(dropout) if module.training else 0.0, q_offset=st.q_offset,
-        plan=settings.plans, score_mod=None if softcap is None else _soft_cap(float(softcap)))
+        plan=settings.plans, score_mod=None if softcap is None else _soft_cap(softcap))
     return out.reshape(b, h, sq, -1).transpose(1, 2).contiguous(), None
 
 
 @functools.cache
-def _soft_cap(cap: float) -> Callable[..., Tensor]:
+def _soft_cap(cap: object) -> Callable[..., Tensor]:
     """One :func:`~workbench.score_mods.soft_cap` per cap: a layer's repeated calls pass the
     same function, so what is kept for the last call serves them."""
     return soft_cap(cap)
