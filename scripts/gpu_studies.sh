@@ -12,7 +12,7 @@ py=${PYTHON:-python3}
 p=${STUDY:-h200}
 all=(tests copy fwd longnet longnet-grad longnet-fwdbwd memory memory-triton dilated natural-order
      natural-order-fwdbwd triton-launch triton-features triton-backward fwdbwd layouts
-     hilbert adaptive overhead longest longest-fwdbwd longest-h100-memory)
+     hilbert adaptive overhead longest longest-sparse longest-fwdbwd longest-h100-memory)
 two_gpu=(ring2-eff ring2-longest-causal ring2-longest-dilated ring2-eff-dilated)
 
 run() {
@@ -83,9 +83,12 @@ study() {
         overhead)  # data/overhead_<p>.csv: per-call time of every entry point vs its kernel
             run -m workbench bench-overhead --study "$p" --seq-lens 512 1024 2048 4096 8192 \
                 --reps 100 ;;
-        longest)  # the longest sequence per family (dense and causal: minutes per call)
-            run -m workbench bench-longest --study "$p" --families dense causal dilated local \
-                random10 --start 4194304 --limit 8388608 --max-seconds 300 ;;
+        longest)  # the longest sequence of dense and causal SDPA (minutes per call)
+            run -m workbench bench-longest --study "$p" --families dense causal \
+                --start 4194304 --limit 8388608 --max-seconds 300 ;;
+        longest-sparse)  # the same for the sparse families
+            run -m workbench bench-longest --study "${p}_sparse" --families dilated longnet \
+                local random10 --start 4194304 --limit 8388608 --max-seconds 60 ;;
         longest-fwdbwd)  # forward+backward at 4M tokens, window and LongNet's patterns
             run -m workbench bench-longest --study "${p}_fwdbwd" --families local dilated \
                 --start 4194304 --limit 4194304 --backward ;;
