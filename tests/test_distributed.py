@@ -558,6 +558,31 @@ def _nccl_worker(rank, world, path, backend):
             for a, f, n in zip(mine, full, "qkv"):
                 torch.testing.assert_close(a.grad, sh.shard(f.grad, rank).float(), rtol=5e-3,
                                            atol=5e-3, msg=f"{what}: d{n}")
+    # a trainable score mod: the same, and its parameters' gradient summed over the ranks
+    bias = score_mods.RelativePositionBias(4, 256, num_buckets=32)
+    torch.nn.init.normal_(bias.bias, generator=torch.Generator().manual_seed(3))
+    bias = bias.cuda()
+    pat = P.local_window(700, causal=True)
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = wb.block_sparse_attention(*full, pat, b, score_mod=bias, backend="reference")
+    ref.backward(g)
+    whole = bias.bias.grad.clone()
+    for sharding in shardings:
+        bias.bias.grad = None
+        sh = D.shard_plan(s, world, b, sharding)
+        mine = [sh.shard(x, rank).float().requires_grad_() for x in (q, k, v)]
+        out = wb.block_sparse_attention(*mine, pat, b, score_mod=bias, sharding=sharding,
+                                        process_group=dist.group.WORLD, backend=backend)
+        out.backward(sh.shard(g, rank).float())
+        what = f"{backend} {sharding} score_mod"
+        torch.testing.assert_close(out, sh.shard(ref, rank).float(), rtol=2e-3, atol=2e-3,
+                                   msg=f"{what}: out")
+        for a, f, n in zip(mine, full, "qkv"):
+            torch.testing.assert_close(a.grad, sh.shard(f.grad, rank).float(), rtol=5e-3,
+                                       atol=5e-3, msg=f"{what}: d{n}")
+        share = bias.bias.grad.clone()
+        dist.all_reduce(share)
+        torch.testing.assert_close(share, whole, rtol=5e-3, atol=5e-3, msg=f"{what}: d bias")
     dist.destroy_process_group()
 
 
