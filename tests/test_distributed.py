@@ -533,56 +533,43 @@ def test_needs_an_initialized_process_group():
 # ----------------------------------------------------------------------------- GPU (NCCL)
 def _nccl_worker(rank, world, path, backend):
     """Forward and gradients of each rank's shard equal a float64 dense reference, through
-    NCCL. The upstream gradient is drawn from a seeded CPU generator: each process's own CUDA
-    generator differs, and a different gradient per rank would fail (as it once did) for a
-    reason that is not the ring's."""
+    NCCL, with and without a trainable score mod. The upstream gradient is drawn from a seeded
+    CPU generator: each process's own CUDA generator differs, and a different gradient per rank
+    would fail for a reason that is not the ring's."""
     D.init_ring("nccl", init_method=f"file://{path}", rank=rank, world_size=world, timeout=120)
     torch.cuda.set_device(rank)
     s, b = 4096 + 200, 128
     q, k, v = (_full(i, 1, 4, s, 64).cuda() for i in range(3))
     g = _full(5, 1, 4, s, 64).cuda()
     shardings = ("zigzag",) if backend == "flex" else D.SHARDINGS  # flex: compiles are slow
-    for pat in (P.causal(), P.random_blocks(0.2, seed=0, cell=128), P.local_window(300)):
+    bias = score_mods.RelativePositionBias(4, 256, num_buckets=32)
+    torch.nn.init.normal_(bias.bias, generator=torch.Generator().manual_seed(3))
+    bias = bias.cuda()  # a trainable score mod: its gradient, summed over the ranks, too
+    cases = [(P.causal(), None), (P.random_blocks(0.2, seed=0, cell=128), None),
+             (P.local_window(300), None), (P.local_window(700, causal=True), bias)]
+    for pat, mod in cases:
         full = [x.clone().requires_grad_() for x in (q, k, v)]
-        ref = wb.block_sparse_attention(*full, pat, b, backend="reference")
+        ref = wb.block_sparse_attention(*full, pat, b, score_mod=mod, backend="reference")
         ref.backward(g)
+        whole = bias.bias.grad
         for sharding in shardings:
+            bias.bias.grad = None
             sh = D.shard_plan(s, world, b, sharding)
             mine = [sh.shard(x, rank).float().requires_grad_() for x in (q, k, v)]
-            out = wb.block_sparse_attention(*mine, pat, b, process_group=dist.group.WORLD,
-                                            sharding=sharding, backend=backend)
+            out = wb.block_sparse_attention(*mine, pat, b, score_mod=mod, sharding=sharding,
+                                            process_group=dist.group.WORLD, backend=backend)
             out.backward(sh.shard(g, rank).float())
-            what = f"{backend} {sharding} {pat!r}"
+            what = f"{backend} {sharding} {pat!r} score_mod={mod is not None}"
             torch.testing.assert_close(out, sh.shard(ref, rank).float(), rtol=2e-3, atol=2e-3,
                                        msg=f"{what}: out")
             for a, f, n in zip(mine, full, "qkv"):
                 torch.testing.assert_close(a.grad, sh.shard(f.grad, rank).float(), rtol=5e-3,
                                            atol=5e-3, msg=f"{what}: d{n}")
-    # a trainable score mod: the same, and its parameters' gradient summed over the ranks
-    bias = score_mods.RelativePositionBias(4, 256, num_buckets=32)
-    torch.nn.init.normal_(bias.bias, generator=torch.Generator().manual_seed(3))
-    bias = bias.cuda()
-    pat = P.local_window(700, causal=True)
-    full = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = wb.block_sparse_attention(*full, pat, b, score_mod=bias, backend="reference")
-    ref.backward(g)
-    whole = bias.bias.grad.clone()
-    for sharding in shardings:
-        bias.bias.grad = None
-        sh = D.shard_plan(s, world, b, sharding)
-        mine = [sh.shard(x, rank).float().requires_grad_() for x in (q, k, v)]
-        out = wb.block_sparse_attention(*mine, pat, b, score_mod=bias, sharding=sharding,
-                                        process_group=dist.group.WORLD, backend=backend)
-        out.backward(sh.shard(g, rank).float())
-        what = f"{backend} {sharding} score_mod"
-        torch.testing.assert_close(out, sh.shard(ref, rank).float(), rtol=2e-3, atol=2e-3,
-                                   msg=f"{what}: out")
-        for a, f, n in zip(mine, full, "qkv"):
-            torch.testing.assert_close(a.grad, sh.shard(f.grad, rank).float(), rtol=5e-3,
-                                       atol=5e-3, msg=f"{what}: d{n}")
-        share = bias.bias.grad.clone()
-        dist.all_reduce(share)
-        torch.testing.assert_close(share, whole, rtol=5e-3, atol=5e-3, msg=f"{what}: d bias")
+            if mod is not None:
+                share = bias.bias.grad.clone()
+                dist.all_reduce(share)
+                torch.testing.assert_close(share, whole, rtol=5e-3, atol=5e-3,
+                                           msg=f"{what}: d bias")
     dist.destroy_process_group()
 
 
