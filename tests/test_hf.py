@@ -311,6 +311,7 @@ def test_bad_settings_raise_naming_the_argument():
     for modifier in ("position_bias", "sinks"):
         with pytest.raises(ValueError, match=modifier):
             hf.attention_forward(layer, q, q, q, None, **{modifier: torch.zeros(1)})
-    for cap in (-1.0, True):
+    hf.attention_forward(layer, q, q, q, None, softcap=1.0)  # kept: True must not reuse it
+    for cap in (-1.0, True, [1.0]):
         with pytest.raises(ValueError, match="cap must be a positive finite number"):
             hf.attention_forward(layer, q, q, q, None, softcap=cap)

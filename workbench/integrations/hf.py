@@ -12,7 +12,6 @@ key outputs zeros, as with transformers' boolean ``sdpa`` masks.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -251,11 +250,15 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     return out.reshape(b, h, sq, -1).transpose(1, 2).contiguous(), None
 
 
-@functools.cache
+_SOFT_CAPS: dict[float, Callable[..., Tensor]] = {}
+
+
 def _soft_cap(cap: object) -> Callable[..., Tensor]:
-    """One :func:`~workbench.score_mods.soft_cap` per cap: a layer's repeated calls pass the
-    same function, so what is kept for the last call serves them."""
-    return soft_cap(cap)
+    """One :func:`~workbench.score_mods.soft_cap` per cap value: a layer's repeated calls pass
+    the same function, so what is kept for the last call serves them. Every cap is checked by
+    ``soft_cap`` first (``True`` is refused, not taken as the cap 1.0 it hashes like)."""
+    mod = soft_cap(cap)
+    return _SOFT_CAPS.setdefault(float(cap), mod)
 
 
 AttentionInterface.register(NAME, attention_forward)
